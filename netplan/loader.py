@@ -1,0 +1,67 @@
+"""Reading topology files: YAML text -> a validated, frozen `Topology`, or a `TopologyError`.
+
+This is one of the two places in netplan that touches the filesystem (the CLI is the other). Every
+problem becomes an issue naming the field path and its YAML line; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from netplan.errors import TopologyError
+from netplan.topology import Topology
+from netplan.yamlpos import FieldIssue, YamlSyntaxError, field_issues, parse
+
+__all__ = ["load_topology", "parse_topology"]
+
+
+def parse_topology(text: str, source: str | None = None) -> Topology:
+    """Validate one YAML document as a topology; `source` names it in error messages."""
+    try:
+        doc = parse(text)
+    except YamlSyntaxError as exc:
+        raise TopologyError(
+            [FieldIssue(path=(), message=f"YAML syntax error: {exc.message}", line=exc.line)],
+            source,
+        ) from exc
+    if not isinstance(doc.data, dict):
+        kind = "empty" if doc.data is None else type(doc.data).__name__
+        raise TopologyError(
+            [
+                FieldIssue(
+                    path=(),
+                    message=f"expected a mapping at the top, got {kind}",
+                    line=doc.line_of(()),
+                )
+            ],
+            source,
+        )
+    try:
+        return Topology.model_validate(doc.data)
+    except ValidationError as exc:
+        raise TopologyError(field_issues(exc, doc), source) from exc
+    except TopologyError as exc:
+        located = [
+            FieldIssue(path=i.path, message=i.message, line=doc.line_of(i.path)) for i in exc.issues
+        ]
+        raise TopologyError(located, source) from exc
+    except (TypeError, ValueError, RecursionError) as exc:
+        # Defensive: the YAML parser can build shapes pydantic refuses in unexpected ways
+        # (e.g. unhashable keys); the user still gets a message, never a traceback.
+        raise TopologyError(
+            [FieldIssue(path=(), message=f"cannot read document: {exc}", line=None)], source
+        ) from exc
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and validate a topology file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TopologyError(
+            [FieldIssue(path=(), message=f"cannot read file: {exc}", line=None)], str(p)
+        ) from exc
+    return parse_topology(text, source=str(p))

@@ -1,0 +1,324 @@
+"""The topology model: sites, links, datasets, models, workloads and TCP transfer settings.
+
+Frozen pydantic v2 models with units in the field names; unknown keys are errors. Cross-references
+(ids that must exist, duplicates, a link's egress map naming its own ends) are checked once the
+whole document has parsed, and reported as `TopologyError` issues with field paths; the loader
+(`netplan.loader`) attaches YAML line numbers.
+`netplan schema` prints `Topology.model_json_schema()`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from functools import cached_property
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from netplan.errors import TopologyError
+from netplan.yamlpos import FieldIssue
+
+__all__ = [
+    "DEFAULT_MATHIS_CONSTANT",
+    "DEFAULT_MSS_BYTES",
+    "DEFAULT_STREAMS",
+    "DEFAULT_WINDOW_BYTES",
+    "Dataset",
+    "Link",
+    "Model",
+    "Site",
+    "SiteKind",
+    "Tier",
+    "Topology",
+    "TransferSettings",
+    "Workload",
+    "WorkloadKind",
+]
+
+SiteKind = Literal["onprem", "cloud", "edge"]
+Tier = Literal["raw", "curated", "approved"]
+WorkloadKind = Literal[
+    "pretraining", "fine_tuning", "inference", "batch_inference", "embedding", "evaluation"
+]
+
+# Ids appear in paths, tables and error messages: keep them to one printable token.
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+NonNegative = Annotated[float, Field(ge=0)]
+
+# Defaults for the TCP model, each from somewhere a reader can check:
+# 16 streams = rclone's defaults (--transfers 4 x --multi-thread-streams 4); aws-cli uses 10.
+DEFAULT_STREAMS = 16
+# Linux's default net.ipv4.tcp_rmem max is 6 MiB; with tcp_adv_win_scale=1 half of it is advertised.
+DEFAULT_WINDOW_BYTES = 3 * 1024 * 1024
+# Ethernet MTU 1500 minus 20 bytes IPv4 and 20 bytes TCP header.
+DEFAULT_MSS_BYTES = 1460
+# Mathis, Semke, Mahdavi, Ott 1997, "The macroscopic behavior of the TCP congestion avoidance
+# algorithm": rate = MSS * C / (RTT * sqrt(p)); C = sqrt(3/2) for periodic loss, no delayed ACKs.
+DEFAULT_MATHIS_CONSTANT = math.sqrt(1.5)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class TransferSettings(_Frozen):
+    """How a bulk transfer uses TCP: N parallel streams, each with this window and MSS."""
+
+    streams: int = Field(
+        default=DEFAULT_STREAMS, ge=1, le=4096, description="parallel TCP streams (N)"
+    )
+    window_bytes: int = Field(
+        default=DEFAULT_WINDOW_BYTES, ge=1024, description="per-stream receive window in bytes"
+    )
+    mss_bytes: int = Field(
+        default=DEFAULT_MSS_BYTES, ge=64, le=65495, description="TCP maximum segment"
+    )
+    mathis_constant: float = Field(
+        default=DEFAULT_MATHIS_CONSTANT,
+        gt=0,
+        le=10,
+        description="C in Mathis et al. MSS*C/(RTT*sqrt(p))",
+    )
+
+
+def _gpu_table_default() -> dict[str, Any]:
+    return {}
+
+
+class Site(_Frozen):
+    id: Id
+    kind: SiteKind
+    region: Id
+    failure_domain: Id | None = Field(default=None, description="default: the site id")
+    gpus: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=_gpu_table_default, description="GPU type -> count available"
+    )
+    gpu_hour_usd: dict[str, NonNegative] = Field(
+        default_factory=_gpu_table_default, description="GPU type -> price per GPU-hour (USD)"
+    )
+    storage_tb: NonNegative | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _failure_domain_defaults_to_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("failure_domain") is None and "id" in data:
+            data = {**data, "failure_domain": data["id"]}
+        return data
+
+    def gpu_count(self, gpu: str) -> int:
+        return self.gpus.get(gpu, 0)
+
+
+def _check_egress(value: Any) -> Any:
+    """One clear message instead of pydantic's per-union-member pair."""
+
+    def ok(x: Any) -> bool:
+        return (
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+        )
+
+    if ok(value):
+        return value
+    if isinstance(value, dict) and all(isinstance(k, str) and ok(v) for k, v in value.items()):
+        return value
+    raise ValueError("must be a number >= 0 or a map of site id -> number >= 0")
+
+
+EgressPrice = Annotated[float | dict[str, float], BeforeValidator(_check_egress)]
+
+
+class Link(_Frozen):
+    between: tuple[Id, Id]
+    bandwidth_gbps: float = Field(gt=0)
+    rtt_ms: NonNegative
+    jitter_ms: NonNegative = 0.0
+    loss_pct: float = Field(default=0.0, ge=0, lt=100)
+    egress_usd_per_gb: EgressPrice = Field(
+        default=0.0,
+        description="USD per GB leaving a site over this link: one number for both directions, "
+        "or a map site id -> price of data leaving that site",
+    )
+
+    def egress_from(self, site: str) -> float:
+        """Price per GB of data leaving `site` over this link."""
+        if isinstance(self.egress_usd_per_gb, dict):
+            return float(self.egress_usd_per_gb.get(site, 0.0))
+        return float(self.egress_usd_per_gb)
+
+
+class Dataset(_Frozen):
+    id: Id
+    site: Id
+    size_gb: NonNegative
+    tier: Tier
+    residency: tuple[Id, ...] = Field(
+        default=(), description="regions it may be stored or processed in"
+    )
+    active_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="share a job actually reads"
+    )
+
+    def allowed_in(self, region: str) -> bool:
+        return not self.residency or region in self.residency
+
+
+class Model(_Frozen):
+    id: Id
+    site: Id
+    size_gb: NonNegative
+
+
+class Workload(_Frozen):
+    id: Id
+    kind: WorkloadKind
+    model: Id | None = Field(default=None, description="required for inference")
+    datasets: tuple[Id, ...] = ()
+    gpu: Id = Field(description="GPU type")
+    gpus: int = Field(ge=1, description="GPU count (per replica for inference)")
+    hours: float = Field(gt=0, description="wall-clock hours at that GPU count")
+    deadline_hours: float | None = Field(default=None, gt=0)
+    clients: tuple[Id, ...] = Field(
+        default=(), description="inference: sites where requests originate"
+    )
+    latency_budget_ms: float | None = Field(default=None, gt=0, description="inference: p99 budget")
+
+
+def _duplicates(ids: Sequence[str]) -> Iterator[tuple[int, str]]:
+    seen: set[str] = set()
+    for index, item in enumerate(ids):
+        if item in seen:
+            yield index, item
+        seen.add(item)
+
+
+class Topology(_Frozen):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    transfer: TransferSettings = TransferSettings()
+    sites: tuple[Site, ...] = Field(min_length=1)
+    links: tuple[Link, ...] = ()
+    datasets: tuple[Dataset, ...] = ()
+    models: tuple[Model, ...] = ()
+    workloads: tuple[Workload, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Topology:
+        issues = list(_reference_issues(self))
+        if issues:
+            # Not a ValueError on purpose: pydantic lets it through with our field paths intact.
+            raise TopologyError(issues)
+        return self
+
+    # Lookups (cached: the model is frozen, so they never go stale).
+    @cached_property
+    def site_by_id(self) -> dict[str, Site]:
+        return {s.id: s for s in self.sites}
+
+    @cached_property
+    def dataset_by_id(self) -> dict[str, Dataset]:
+        return {d.id: d for d in self.datasets}
+
+    @cached_property
+    def model_by_id(self) -> dict[str, Model]:
+        return {m.id: m for m in self.models}
+
+    def site(self, site_id: str) -> Site:
+        return self.site_by_id[site_id]
+
+    def dataset(self, dataset_id: str) -> Dataset:
+        return self.dataset_by_id[dataset_id]
+
+    def model(self, model_id: str) -> Model:
+        return self.model_by_id[model_id]
+
+
+def _reference_issues(topo: Topology) -> Iterator[FieldIssue]:
+    def issue(path: tuple[str | int, ...], message: str) -> FieldIssue:
+        return FieldIssue(path=path, message=message, line=None)
+
+    for section, items in (
+        ("sites", topo.sites),
+        ("datasets", topo.datasets),
+        ("models", topo.models),
+        ("workloads", topo.workloads),
+    ):
+        for index, dup in _duplicates([item.id for item in items]):
+            yield issue((section, index, "id"), f"duplicate id {dup!r}")
+
+    sites = {s.id for s in topo.sites}
+    for i, site in enumerate(topo.sites):
+        for gpu in site.gpus:
+            if gpu not in site.gpu_hour_usd:
+                yield issue(
+                    ("sites", i, "gpu_hour_usd"),
+                    f"no price for GPU type {gpu!r} listed in gpus",
+                )
+
+    pairs: dict[frozenset[str], int] = {}
+    for i, link in enumerate(topo.links):
+        a, b = link.between
+        for j, end in enumerate(link.between):
+            if end not in sites:
+                yield issue(("links", i, "between", j), f"unknown site {end!r}")
+        if a == b:
+            yield issue(("links", i, "between"), f"a link from site {a!r} to itself")
+            continue
+        pair = frozenset((a, b))
+        if pair in pairs:
+            yield issue(
+                ("links", i, "between"),
+                f"duplicate link between {a!r} and {b!r} (also links[{pairs[pair]}])",
+            )
+        pairs.setdefault(pair, i)
+        if isinstance(link.egress_usd_per_gb, dict):
+            for key in link.egress_usd_per_gb:
+                if key not in link.between:
+                    yield issue(
+                        ("links", i, "egress_usd_per_gb", key),
+                        f"site {key!r} is not an end of this link ({a}, {b})",
+                    )
+
+    for i, ds in enumerate(topo.datasets):
+        if ds.site not in sites:
+            yield issue(("datasets", i, "site"), f"unknown site {ds.site!r}")
+        elif not ds.allowed_in(topo.site_by_id[ds.site].region):
+            region = topo.site_by_id[ds.site].region
+            yield issue(
+                ("datasets", i, "residency"),
+                f"stored at {ds.site} in region {region}, outside its own residency "
+                f"[{', '.join(ds.residency)}]",
+            )
+    for i, model in enumerate(topo.models):
+        if model.site not in sites:
+            yield issue(("models", i, "site"), f"unknown site {model.site!r}")
+
+    datasets = {d.id for d in topo.datasets}
+    models = {m.id for m in topo.models}
+    for i, wl in enumerate(topo.workloads):
+        if wl.model is not None and wl.model not in models:
+            yield issue(("workloads", i, "model"), f"unknown model {wl.model!r}")
+        for j, ds_id in enumerate(wl.datasets):
+            if ds_id not in datasets:
+                yield issue(("workloads", i, "datasets", j), f"unknown dataset {ds_id!r}")
+        for j, dup in _duplicates(wl.datasets):
+            yield issue(("workloads", i, "datasets", j), f"dataset {dup!r} listed twice")
+        for j, client in enumerate(wl.clients):
+            if client not in sites:
+                yield issue(("workloads", i, "clients", j), f"unknown site {client!r}")
+        if wl.kind == "inference":
+            if wl.model is None:
+                yield issue(("workloads", i, "model"), "an inference workload needs a model")
+            if not wl.clients:
+                yield issue(
+                    ("workloads", i, "clients"), "an inference workload needs at least one client"
+                )
+            if wl.latency_budget_ms is None:
+                yield issue(
+                    ("workloads", i, "latency_budget_ms"),
+                    "an inference workload needs a latency budget",
+                )
+        else:
+            for field in ("clients", "latency_budget_ms"):
+                if getattr(wl, field):
+                    yield issue(("workloads", i, field), f"only inference workloads take {field}")

@@ -1,0 +1,135 @@
+"""The TCP model against hand-computed values, and widest-path relaying."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from netplan import Network, PlanError, Topology, TransferSettings, link_throughput
+from netplan.topology import Link
+
+
+def _link(**kw: object) -> Link:
+    return Link.model_validate({"between": ["a", "b"], **kw})
+
+
+def test_capacity_limited_link() -> None:
+    # 16 streams x 3 MiB / 10 ms = 40.3 Gbit/s of window, no loss: the 1 Gbit/s port binds.
+    tp = link_throughput(_link(bandwidth_gbps=1, rtt_ms=10), TransferSettings())
+    assert tp.limited_by == "capacity"
+    assert tp.effective_gbps == 1.0
+    assert tp.window_gbps == pytest.approx(16 * 3 * 1024 * 1024 * 8 / 0.010 / 1e9)
+    assert tp.loss_gbps == math.inf
+
+
+def test_window_limited_link() -> None:
+    # One stream with a 64 KiB window over 50 ms: 65536 * 8 / 0.05 = 10.49 Mbit/s.
+    settings = TransferSettings(streams=1, window_bytes=65536)
+    tp = link_throughput(_link(bandwidth_gbps=10, rtt_ms=50), settings)
+    assert tp.limited_by == "window"
+    assert tp.effective_gbps == pytest.approx(0.01048576)
+
+
+def test_loss_limited_link() -> None:
+    # Mathis: 4 x 1460 B x 8 x sqrt(1.5) / (0.1 s x sqrt(0.01)) = 5.72 Mbit/s, below the
+    # 4 x 3 MiB / 100 ms = 1.0 Gbit/s window bound.
+    settings = TransferSettings(streams=4)
+    tp = link_throughput(_link(bandwidth_gbps=10, rtt_ms=100, loss_pct=1), settings)
+    assert tp.limited_by == "loss"
+    assert tp.effective_gbps == pytest.approx(0.0057220, rel=1e-4)
+    assert tp.window_gbps == pytest.approx(1.00663296)
+
+
+def test_more_streams_raise_a_window_limited_link() -> None:
+    link = _link(bandwidth_gbps=100, rtt_ms=100)
+    one = link_throughput(link, TransferSettings(streams=1)).effective_gbps
+    eight = link_throughput(link, TransferSettings(streams=8)).effective_gbps
+    assert eight == pytest.approx(8 * one)
+
+
+def _triangle(direct_loss_pct: float, relay_region: str = "eu") -> Topology:
+    return Topology.model_validate(
+        {
+            "name": "triangle",
+            "sites": [
+                {"id": "a", "kind": "onprem", "region": "eu"},
+                {"id": "b", "kind": "cloud", "region": "us"},
+                {"id": "r", "kind": "cloud", "region": relay_region},
+            ],
+            "links": [
+                {
+                    "between": ["a", "b"],
+                    "bandwidth_gbps": 10,
+                    "rtt_ms": 70,
+                    "loss_pct": direct_loss_pct,
+                    "egress_usd_per_gb": 0.02,
+                },
+                {
+                    "between": ["a", "r"],
+                    "bandwidth_gbps": 10,
+                    "rtt_ms": 10,
+                    "egress_usd_per_gb": {"a": 0.01},
+                },
+                {
+                    "between": ["r", "b"],
+                    "bandwidth_gbps": 10,
+                    "rtt_ms": 75,
+                    "egress_usd_per_gb": {"r": 0.05, "b": 0.09},
+                },
+            ],
+        }
+    )
+
+
+def test_relay_beats_a_degraded_direct_link() -> None:
+    net = Network(_triangle(direct_loss_pct=2))
+    path = net.widest_path("a", "b")
+    assert path is not None
+    assert path.sites == ("a", "r", "b")
+    # The r-b hop binds: 16 x 3 MiB / 75 ms (window), far above the lossy direct link.
+    assert path.bottleneck_gbps == pytest.approx(16 * 3 * 1024 * 1024 * 8 / 0.075 / 1e9)
+    assert path.limited_by == "window"
+    direct = net.link("a", "b")
+    assert direct is not None
+    assert direct.limited_by == "loss"
+    assert path.bottleneck_gbps > 100 * direct.effective_gbps
+    # Egress: leave a towards r (0.01) + leave r towards b (0.05), per GB.
+    assert path.egress_usd(1000) == pytest.approx(60.0)
+    assert path.transfer_seconds(1000) == pytest.approx(8000 / path.bottleneck_gbps + 0.085)
+
+
+def test_healthy_direct_link_is_not_relayed() -> None:
+    net = Network(_triangle(direct_loss_pct=0))
+    path = net.widest_path("a", "b")
+    assert path is not None
+    assert path.sites == ("a", "b")
+    # The reverse direction pays b's price for leaving over the direct link.
+    back = net.widest_path("b", "a")
+    assert back is not None
+    assert back.egress_usd_per_gb == pytest.approx(0.02)
+
+
+def test_region_confined_paths_avoid_relays_outside_the_regions() -> None:
+    net = Network(_triangle(direct_loss_pct=2, relay_region="apac"))
+    relayed = net.widest_path("a", "b")
+    assert relayed is not None
+    assert relayed.sites == ("a", "r", "b")
+    confined = net.widest_path("a", "b", regions=frozenset({"eu", "us"}))
+    assert confined is not None
+    assert confined.sites == ("a", "b")
+    assert net.widest_path("a", "b", regions=frozenset({"eu"})) is None
+
+
+def test_latency_path_minimises_rtt_plus_jitter() -> None:
+    net = Network(_triangle(direct_loss_pct=2))
+    lat = net.latency_path("a", "b")
+    assert lat is not None
+    assert lat.sites == ("a", "b")
+    assert lat.p99_ms == 70
+
+
+def test_unknown_site_is_a_plan_error() -> None:
+    net = Network(_triangle(direct_loss_pct=0))
+    with pytest.raises(PlanError, match="unknown site 'zz'"):
+        net.widest_path("a", "zz")
