@@ -11,30 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from netplan._sections import LatencyComponents
+
 __all__ = ["DEFAULT_COMPONENTS", "BudgetComponent", "LatencyBudget", "LatencyComponents",
            "break_down_budget"]
-
-
-@dataclass(frozen=True)
-class LatencyComponents:
-    """Per-request costs besides the network path; each default says where it comes from."""
-
-    # A stub-resolver / node-local cache hit; a cold recursive lookup is 10-50 ms, so raise this
-    # for clients that do not keep a resolver cache.
-    dns_ms: float = 1.0
-    # TLS 1.3 full handshake: 1 RTT (RFC 8446 section 2). Use 0 for pooled keep-alive
-    # connections, 2 for TLS 1.2 (RFC 5246), +1 when the TCP handshake is counted too.
-    tls_handshake_rtts: float = 1.0
-    # One L7 load-balancer / API-gateway hop (Envoy-class proxies add well under 1 ms at p50,
-    # about 1 ms at p99).
-    request_routing_ms: float = 1.0
-    # Online feature-store read at p99 (Redis-backed stores such as Feast's online store
-    # serve single-digit milliseconds).
-    feature_lookup_ms: float = 5.0
-    # Forward pass of a small ranking/embedding model on a GPU; set it per workload.
-    model_execution_ms: float = 20.0
-    # Encode + decode of a few-KB JSON/protobuf request and response.
-    serialization_ms: float = 1.0
 
 
 DEFAULT_COMPONENTS = LatencyComponents()

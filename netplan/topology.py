@@ -16,6 +16,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from netplan._sections import (
+    CheckpointReplication,
+    LatencyComponents,
+    SyncRule,
+    SyncWindow,
+    VectorIndex,
+    section_issues,
+)
 from netplan.errors import TopologyError
 from netplan.yamlpos import FieldIssue
 
@@ -98,6 +106,9 @@ class Site(_Frozen):
         default_factory=_gpu_table_default, description="GPU type -> price per GPU-hour (USD)"
     )
     storage_tb: NonNegative | None = None
+    storage_usd_per_gb_month: NonNegative | None = Field(
+        default=None, description="default: netplan._sections.DEFAULT_STORAGE_USD_PER_GB_MONTH"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -182,6 +193,9 @@ class Workload(_Frozen):
         default=(), description="inference: sites where requests originate"
     )
     latency_budget_ms: float | None = Field(default=None, gt=0, description="inference: p99 budget")
+    latency_components: LatencyComponents | None = Field(
+        default=None, description="inference: overrides the topology's latency_components"
+    )
 
 
 def _duplicates(ids: Sequence[str]) -> Iterator[tuple[int, str]]:
@@ -201,10 +215,15 @@ class Topology(_Frozen):
     datasets: tuple[Dataset, ...] = ()
     models: tuple[Model, ...] = ()
     workloads: tuple[Workload, ...] = ()
+    vector_indexes: tuple[VectorIndex, ...] = ()
+    sync_rules: tuple[SyncRule, ...] = ()
+    checkpoint_replication: tuple[CheckpointReplication, ...] = ()
+    sync_window: SyncWindow = SyncWindow()
+    latency_components: LatencyComponents = LatencyComponents()
 
     @model_validator(mode="after")
     def _check_references(self) -> Topology:
-        issues = list(_reference_issues(self))
+        issues = [*_reference_issues(self), *section_issues(self)]
         if issues:
             # Not a ValueError on purpose: pydantic lets it through with our field paths intact.
             raise TopologyError(issues)
