@@ -1,0 +1,106 @@
+"""The plan file: built from sync rules, round-trips through JSON, rejects other versions."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from netplan import Network, PlanError, parse_topology
+from netplan._plan import SCHEMA_VERSION, Plan, build_plan
+from netplan._sync import plan_sync
+from transferd._classes import TrafficClass
+
+TOPO = textwrap.dedent("""\
+    name: three-sites
+    sites:
+      - {id: onprem, kind: onprem, region: eu}
+      - {id: cloud, kind: cloud, region: eu, gpus: {h100: 8}, gpu_hour_usd: {h100: 4.0}}
+      - {id: edge, kind: edge, region: eu}
+    links:
+      - {between: [onprem, cloud], bandwidth_gbps: 10, rtt_ms: 5}
+      - {between: [cloud, edge], bandwidth_gbps: 1, rtt_ms: 20}
+    datasets:
+      - {id: corpus-raw, site: onprem, size_gb: 900, tier: raw}
+      - {id: corpus-approved, site: onprem, size_gb: 100, tier: approved}
+    models:
+      - {id: m, site: cloud, size_gb: 16}
+    workloads:
+      - {id: tune, kind: fine_tuning, model: m, datasets: [corpus-approved], gpu: h100, gpus: 8,
+         hours: 4}
+      - {id: serve-edge, kind: batch_inference, model: m, datasets: [corpus-approved],
+         gpu: h100, gpus: 1, hours: 1}
+    sync_rules:
+      - {id: approved-out, tier: approved, to: consumers, change_fraction_per_day: 0.5}
+    checkpoint_replication:
+      - {workload: tune, every_hours: 1, copies_min: 2, retain: 3}
+""")
+
+
+def _plan() -> Plan:
+    topo = parse_topology(TOPO)
+    net = Network(topo)
+    return build_plan(topo, net, plan_sync(topo, net, {"tune": ["cloud"], "serve-edge": ["edge"]}))
+
+
+def test_plan_lists_sync_entries_checkpoints_and_link_policies_per_site() -> None:
+    plan = _plan()
+    assert plan.schema_version == SCHEMA_VERSION
+    onprem = plan.site("onprem")
+    assert sorted((e.destination, e.path_prefix, e.via) for e in onprem.sync) == [
+        ("cloud", "datasets/corpus-approved/", ()),
+        ("edge", "datasets/corpus-approved/", ("cloud",)),
+    ]
+    assert all(e.traffic_class is TrafficClass.SYNC for e in onprem.sync)
+    assert not any("corpus-raw" in e.path_prefix for s in plan.sites for e in s.sync)
+    [ck] = plan.site("cloud").checkpoints
+    assert ck.path_prefix == "checkpoints/tune/"
+    assert ck.retain == 3
+    # no egress price anywhere: the wider link (10 Gbit/s to onprem) wins the second domain
+    assert ck.targets == ("onprem",)
+    # weights follow each link's daily volume: cloud -> edge relays sync only, cloud -> onprem
+    # carries only checkpoints (16 GB x 24 per day)
+    policies = {p.peer: p for p in plan.site("cloud").links}
+    assert set(policies) == {"onprem", "edge"}
+    assert policies["edge"].class_weights == {TrafficClass.CHECKPOINT: 1, TrafficClass.SYNC: 100}
+    assert policies["onprem"].class_weights == {TrafficClass.CHECKPOINT: 100,
+                                                TrafficClass.SYNC: 1}
+    assert policies["edge"].rate_caps_mbps[TrafficClass.SYNC] == 500.0  # 1 Gbit/s x 0.5 share
+    assert plan.site("edge").sync == ()
+
+
+def test_plan_round_trips_through_json_text() -> None:
+    plan = _plan()
+    text = plan.to_json_text()
+    data = json.loads(text)
+    assert data["schema_version"] == 1
+    assert data["sites"][0]["sync"][0]["traffic_class"] == "sync"
+    assert Plan.from_json(text) == plan
+    assert Plan.from_json(data) == plan
+
+
+def test_other_schema_versions_and_bad_fields_are_plan_errors() -> None:
+    data = _plan().to_json()
+    with pytest.raises(PlanError, match=r"schema_version: 2 is not supported"):
+        Plan.from_json({**data, "schema_version": 2})
+    bad = json.loads(json.dumps(data))
+    bad["sites"][0]["sync"][0]["traffic_class"] = "bulk"
+    with pytest.raises(PlanError, match=r"sites\[0\]\.sync\[0\]\.traffic_class: Input should be"):
+        Plan.from_json(bad)
+    with pytest.raises(PlanError, match="not JSON"):
+        Plan.from_json("{nope")
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c,
+                                                                         max_size=3),
+                    max_leaves=12))
+def test_any_json_value_is_a_plan_or_a_plan_error(value: object) -> None:
+    doc = {"schema_version": 1, "topology": "t", "sites": value}
+    try:
+        Plan.from_json(json.dumps(doc))
+    except PlanError:
+        pass
