@@ -8,13 +8,17 @@ minus that sum, and the largest component is what to attack first.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from netplan._sections import LatencyComponents
+from netplan.network import Network
+from netplan.topology import Topology
 
 __all__ = ["DEFAULT_COMPONENTS", "BudgetComponent", "LatencyBudget", "LatencyComponents",
-           "break_down_budget"]
+           "break_down_budget", "latency_budgets"]
 
 
 DEFAULT_COMPONENTS = LatencyComponents()
@@ -85,3 +89,35 @@ def break_down_budget(
         BudgetComponent("network_rtt_p99", rtt_ms + jitter_p99_ms),
     )
     return LatencyBudget(workload, client, serving_site, budget_ms, parts)
+
+
+def latency_budgets(topo: Topology, network: Network,
+                    serving_sites: Mapping[str, Sequence[str]]) -> tuple[LatencyBudget, ...]:
+    """One breakdown per inference workload, for its worst client: each client is served by the
+    nearest (lowest RTT + jitter) of the workload's serving sites (from the placement decision;
+    the model's site when the workload has none)."""
+    out = []
+    for wl in topo.workloads:
+        if wl.kind != "inference" or wl.latency_budget_ms is None:
+            continue
+        sites = list(serving_sites.get(wl.id, ()))
+        if not sites and wl.model is not None:
+            sites = [topo.model(wl.model).site]
+        comps = wl.latency_components or topo.latency_components
+        worst: tuple[float, str, str, float, float] | None = None
+        for client in wl.clients:
+            best: tuple[float, str, float, float] | None = None
+            for site in sites:
+                path = network.latency_path(client, site)
+                if path is not None and (best is None or path.p99_ms < best[0]):
+                    best = (path.p99_ms, site, path.rtt_ms, path.jitter_ms)
+            if best is None:
+                best = (math.inf, sites[0] if sites else "", math.inf, 0.0)
+            if worst is None or best[0] > worst[0]:
+                worst = (best[0], client, best[1], best[2], best[3])
+        if worst is None:
+            continue
+        _, client, site, rtt, jitter = worst
+        out.append(break_down_budget(wl.id, wl.latency_budget_ms, rtt, jitter, comps,
+                                     client=client, serving_site=site or None))
+    return tuple(out)

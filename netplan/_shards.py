@@ -34,7 +34,12 @@ from typing import Any, Protocol
 
 import numpy as np
 from scipy import sparse
-from scipy.optimize import LinearConstraint, milp
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse.csgraph import dijkstra
+
+from netplan._sections import DEFAULT_STORAGE_USD_PER_GB_MONTH
+from netplan.network import Network
+from netplan.topology import Site, Topology
 
 __all__ = [
     "DAYS_PER_MONTH",
@@ -50,7 +55,11 @@ __all__ = [
     "VectorIndexSpec",
     "diagnose",
     "evaluate",
+    "index_specs",
+    "replica_sites",
     "replicate_shards",
+    "shard_network",
+    "shard_replication",
     "solve_greedy",
     "solve_milp",
 ]
@@ -440,8 +449,6 @@ class _Builder:
         options: dict[str, Any] = {"mip_rel_gap": mip_rel_gap, "presolve": True}
         if time_limit_s is not None:
             options["time_limit"] = time_limit_s
-        from scipy.optimize import Bounds
-
         res = milp(
             c=np.asarray(self.cost),
             integrality=np.asarray(self.integral),
@@ -743,3 +750,85 @@ def replicate_shards(
             latencies=lat, cost=cost, greedy_cost=greedy_cost,
             solve_seconds=t1 - t0, greedy_seconds=t2 - t1))
     return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
+# From a topology: sites, network matrices and index specs.
+
+
+def _free_storage_gb(topo: Topology, site: Site) -> float:
+    """storage_tb minus the datasets and models already stored there (no storage_tb: no limit)."""
+    if site.storage_tb is None:
+        return math.inf
+    used = sum(d.size_gb for d in topo.datasets if d.site == site.id)
+    used += sum(m.size_gb for m in topo.models if m.site == site.id)
+    return max(0.0, site.storage_tb * 1000.0 - used)
+
+
+def replica_sites(topo: Topology) -> tuple[ReplicaSite, ...]:
+    return tuple(
+        ReplicaSite(
+            id=s.id,
+            failure_domain=s.failure_domain or s.id,
+            storage_usd_per_gb_month=(s.storage_usd_per_gb_month
+                                      if s.storage_usd_per_gb_month is not None
+                                      else DEFAULT_STORAGE_USD_PER_GB_MONTH),
+            storage_free_gb=_free_storage_gb(topo, s),
+        )
+        for s in topo.sites
+    )
+
+
+def index_specs(topo: Topology) -> tuple[VectorIndexSpec, ...]:
+    return tuple(
+        VectorIndexSpec(
+            id=ix.id, primary=ix.site, shard_gb=ix.shard_sizes(),
+            update_gb_per_day=ix.update_gb_per_day, queries=tuple(ix.queries.items()),
+            latency_budget_ms=ix.latency_budget_ms, search_ms=ix.search_ms,
+            replicas_min=ix.replicas_min, fanout=None if ix.fanout == "all" else ix.fanout,
+            response_kb_per_query=ix.response_kb_per_query)
+        for ix in topo.vector_indexes
+    )
+
+
+def shard_network(network: Network, specs: Sequence[VectorIndexSpec]) -> ShardNetwork:
+    """Matrices for the rows the solvers read: latency from every querying site (min-latency
+    path, RTT + jitter, as `Network.latency_path`; scipy's C Dijkstra so thousands of sources
+    stay fast), and egress along the widest path from every primary (and, when query egress is
+    modelled, from every site). Entries no solver reads are left at inf latency / 0 USD."""
+    ids = tuple(s.id for s in network.topology.sites)
+    idx = {s: i for i, s in enumerate(ids)}
+    n = len(ids)
+    rows, cols, weights = [], [], []
+    for link in network.topology.links:
+        a, b = idx[link.between[0]], idx[link.between[1]]
+        w = (link.rtt_ms + link.jitter_ms) or 1e-12  # csgraph drops explicit zero weights
+        rows += [a, b]
+        cols += [b, a]
+        weights += [w, w]
+    graph = sparse.csr_matrix((weights, (rows, cols)), shape=(n, n))
+    sources = sorted({idx[q] for spec in specs for q, _ in spec.queries}
+                     | {idx[spec.primary] for spec in specs})
+    latency = np.full((n, n), math.inf)
+    np.fill_diagonal(latency, 0.0)
+    if sources:
+        dist = dijkstra(graph, directed=False, indices=sources)
+        latency[sources, :] = dist
+        latency[:, sources] = dist.T
+    egress = np.zeros((n, n))
+    senders = ({idx[spec.primary] for spec in specs}
+               if not any(spec.response_kb_per_query > 0 for spec in specs) else set(range(n)))
+    for i in sorted(senders):
+        for target, path in network.widest_paths_from(ids[i]).items():
+            egress[i, idx[target]] = path.egress_usd_per_gb
+    return ShardNetwork(ids, latency, egress)
+
+
+def shard_replication(topo: Topology, network: Network, *, decompose: bool = False,
+                      time_limit_s: float | None = None) -> tuple[ShardReplication, ...]:
+    """`replicate_shards` for every index in the topology."""
+    specs = index_specs(topo)
+    if not specs:
+        return ()
+    return replicate_shards(specs, replica_sites(topo), shard_network(network, specs),
+                            decompose=decompose, time_limit_s=time_limit_s)

@@ -43,3 +43,40 @@ def test_components_always_sum_to_the_total(rtt: float, jitter: float, tls_rtts:
     assert sum(b.to_json()["components_ms"].values()) == pytest.approx(b.total_ms, abs=0.01)
     assert b.total_ms + b.headroom_ms == pytest.approx(budget)
     assert all(c.ms <= b.largest.ms for c in b.components)
+
+
+def test_topology_budgets_use_the_worst_clients_path_and_per_workload_components() -> None:
+    from netplan import Network, parse_topology
+    from netplan._budgets import latency_budgets
+
+    topo = parse_topology("""\
+name: budgets
+latency_components: {feature_lookup_ms: 8}
+sites:
+  - {id: cloud, kind: cloud, region: eu, gpus: {l4: 4}, gpu_hour_usd: {l4: 0.8}}
+  - {id: edge-a, kind: edge, region: eu}
+  - {id: edge-b, kind: edge, region: eu}
+links:
+  - {between: [cloud, edge-a], bandwidth_gbps: 10, rtt_ms: 12, jitter_ms: 2}
+  - {between: [edge-a, edge-b], bandwidth_gbps: 10, rtt_ms: 10, jitter_ms: 3}
+models:
+  - {id: m, site: cloud, size_gb: 4}
+workloads:
+  - {id: chat, kind: inference, model: m, gpu: l4, gpus: 1, hours: 24,
+     clients: [edge-a, edge-b], latency_budget_ms: 100}
+  - {id: rank, kind: inference, model: m, gpu: l4, gpus: 1, hours: 24, clients: [edge-b],
+     latency_budget_ms: 100, latency_components: {tls_handshake_rtts: 0, model_execution_ms: 5}}
+""")
+    [chat, rank] = latency_budgets(topo, Network(topo), {"chat": ["cloud"], "rank": ["edge-a"]})
+    # chat: edge-b is worst, 22 ms RTT + 5 ms jitter over edge-b -> edge-a -> cloud
+    assert (chat.client, chat.serving_site) == ("edge-b", "cloud")
+    parts = {c.name: c.ms for c in chat.components}
+    assert parts["network_rtt_p99"] == pytest.approx(27.0)
+    assert parts["tls_handshake"] == pytest.approx(22.0)
+    assert parts["feature_lookup"] == 8.0  # the topology-level override
+    assert chat.total_ms == pytest.approx(1 + 22 + 1 + 8 + 20 + 1 + 27)
+    # rank is served at edge-a: its own components, no handshake
+    assert rank.serving_site == "edge-a"
+    assert {c.name: c.ms for c in rank.components}["tls_handshake"] == 0.0
+    assert rank.largest.name == "network_rtt_p99"
+    assert rank.total_ms == pytest.approx(1 + 0 + 1 + 5 + 5 + 1 + 13)

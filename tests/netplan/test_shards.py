@@ -232,3 +232,83 @@ def test_shared_storage_couples_indexes_in_the_monolithic_milp() -> None:
     decomposed = solve_milp([small, big], sites, net, decompose=True)
     assert decomposed == {"small": (("fra", "sgp"),), "big": (("fra", "sin"),)}
     assert np.isfinite(net.latency_p99_ms).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# From a topology file: path latency, default storage price, storage_tb, validation with lines.
+
+TOPO = """\
+name: shards
+sites:
+  - {id: fra, kind: cloud, region: eu, storage_usd_per_gb_month: 0.1}
+  - {id: ams, kind: cloud, region: eu}
+  - {id: nyc, kind: cloud, region: us, storage_tb: 0.025}
+  - {id: bos, kind: edge, region: us, storage_usd_per_gb_month: 0.05}
+links:
+  - {between: [fra, ams], bandwidth_gbps: 100, rtt_ms: 8, jitter_ms: 1, egress_usd_per_gb: 0.02}
+  - {between: [ams, nyc], bandwidth_gbps: 100, rtt_ms: 75, jitter_ms: 3, egress_usd_per_gb: 0.05}
+  - {between: [nyc, bos], bandwidth_gbps: 10, rtt_ms: 6, jitter_ms: 2}
+vector_indexes:
+  - id: docs
+    site: fra
+    shards: 2
+    shard_gb: 20
+    update_gb_per_day: 10
+    queries: {fra: 200, bos: 50}
+    latency_budget_ms: 40
+    search_ms: 15
+"""
+
+
+def test_topology_indexes_use_path_latency_storage_limits_and_default_prices() -> None:
+    from netplan import Network, parse_topology
+    from netplan._sections import DEFAULT_STORAGE_USD_PER_GB_MONTH
+    from netplan._shards import shard_replication
+
+    topo = parse_topology(TOPO)
+    [result] = shard_replication(topo, Network(topo))
+    assert result.feasible, result.reason
+    # bos is 83+4 ms from fra: a replica must sit at nyc (8 ms + 15 ms search) or bos itself;
+    # nyc has room for only one shard (25 GB) and costs the default 0.08, bos 0.05: bos holds both
+    assert [p.sites for p in result.shards] == [("bos", "fra"), ("bos", "fra")]
+    p99 = {q.site: q.p99_ms for q in result.latencies}
+    assert p99 == {"fra": 15.0, "bos": 15.0}
+    assert result.cost is not None
+    # sync fra -> ams -> nyc -> bos: 0.02 + 0.05 + 0 per GB, 5 GB per shard per day
+    assert result.cost.sync_egress_usd_per_day == pytest.approx(2 * 5 * 0.07)
+    assert result.cost.storage_usd_per_day == pytest.approx(40 * (0.1 + 0.05) / DAYS_PER_MONTH)
+    assert DEFAULT_STORAGE_USD_PER_GB_MONTH == 0.08
+
+
+def test_a_tight_budget_names_the_far_querying_site_and_shard() -> None:
+    from netplan import Network, parse_topology
+    from netplan._shards import shard_replication
+
+    topo = parse_topology(TOPO.replace("storage_usd_per_gb_month: 0.05", "storage_tb: 0")
+                          .replace("latency_budget_ms: 40", "latency_budget_ms: 20"))
+    [result] = shard_replication(topo, Network(topo))
+    assert not result.feasible
+    # bos can hold nothing now; the nearest holder, nyc, gives 8 ms + 15 ms search = 23 ms
+    assert "querying site bos misses the budget for shard 0 by 3.0 ms (best p99 23.0 ms, " \
+           "from nyc)" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("    shards: 2\n", ""), "vector_indexes[0]: shards is required when shard_gb is one size"
+                                  " (line 12)"),
+        (("queries: {fra: 200, bos: 50}", "queries: {fra: 200, lax: 50}"),
+         "vector_indexes[0].queries.lax: unknown site 'lax' (line 17)"),
+        (("    search_ms: 15\n", "    search_ms: 15\n    fanout: [0, 5]\n"),
+         "vector_indexes[0].fanout[1]: shard 5 does not exist (the index has 2 shards) (line 20)"),
+        (("latency_budget_ms: 40", "latency_budget_ms: -1"),
+         "vector_indexes[0].latency_budget_ms: must be > 0 (line 18)"),
+    ],
+)
+def test_vector_index_errors_name_the_field_and_line(edit: tuple[str, str], message: str) -> None:
+    from netplan import TopologyError, parse_topology
+
+    with pytest.raises(TopologyError) as info:
+        parse_topology(TOPO.replace(*edit))
+    assert message in str(info.value)
