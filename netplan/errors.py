@@ -27,7 +27,14 @@ class TopologyError(NetplanError):
 
     def __str__(self) -> str:
         prefix = f"{self.source}: " if self.source else ""
-        return "\n".join(prefix + str(issue) for issue in self.issues)
+        return "\n".join(prefix + _issue_text(issue) for issue in self.issues)
+
+
+def _issue_text(issue: FieldIssue) -> str:
+    if issue.path:
+        return str(issue)
+    # A problem with the document as a whole has no field path to name.
+    return issue.message + (f" (line {issue.line})" if issue.line is not None else "")
 
 
 class PlanError(NetplanError):

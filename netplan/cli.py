@@ -1,0 +1,216 @@
+"""The `netplan` command line: `analyze` (rich tables or --json) and `schema`.
+
+The only place (with the loader) that does I/O; it turns NetplanError into text on stderr and an
+exit code (2: the topology or the arguments are wrong; 1: --strict and a workload is infeasible).
+The report is rendered section by section (`SECTIONS`): a new section is one more renderer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+import click
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from netplan.decisions import Option, hours, money
+from netplan.errors import Infeasible, NetplanError, TopologyError
+from netplan.loader import load_topology
+from netplan.report import Report, analyze
+from netplan.topology import Topology, TransferSettings
+
+__all__ = ["SECTIONS", "main"]
+
+# Beyond this many links the terminal report shows only links on chosen paths (--json has all).
+_LINK_TABLE_LIMIT = 60
+_ALTERNATIVES_SHOWN = 5
+
+
+def _gbps(x: float) -> str:
+    if x == float("inf"):
+        return "-"
+    return f"{x:,.2f}" if x >= 0.1 else f"{x * 1000:,.1f} M"
+
+
+def _render_header(report: Report, console: Console, show_all_links: bool) -> None:
+    s = report.settings
+    console.print(
+        f"[bold]netplan analyze[/bold]: {report.topology}  "
+        f"(TCP model: {s.streams} streams x {s.window_bytes / 1024 / 1024:g} MiB window, "
+        f"MSS {s.mss_bytes} B, Mathis C {s.mathis_constant:.3f})"
+    )
+
+
+def _used_links(report: Report) -> set[frozenset[str]]:
+    used: set[frozenset[str]] = set()
+    for decision in report.decisions:
+        if decision.option:
+            for m in decision.option.movements:
+                used.update(frozenset(pair) for pair in zip(m.path, m.path[1:], strict=False))
+    return used
+
+
+def _render_links(report: Report, console: Console, show_all_links: bool) -> None:
+    links = report.links
+    title = "Links: effective bulk throughput (Gbit/s; M = Mbit/s)"
+    if len(links) > _LINK_TABLE_LIMIT and not show_all_links:
+        used = _used_links(report)
+        links = tuple(link for link in links if frozenset(link.between) in used)
+        title += f" - {len(links)} of {len(report.links)} links on chosen paths (--all-links)"
+    table = Table(title=title, title_justify="left")
+    for col in ("between", "capacity", "rtt ms", "loss %", "window bound", "loss bound"):
+        table.add_column(col, justify="left" if col == "between" else "right")
+    table.add_column("effective", justify="right", style="bold")
+    table.add_column("limited by")
+    for link in links:
+        table.add_row(
+            " - ".join(link.between),
+            _gbps(link.capacity_gbps),
+            f"{link.rtt_ms:g}",
+            f"{link.loss_pct:g}",
+            _gbps(link.window_gbps),
+            _gbps(link.loss_gbps),
+            _gbps(link.effective_gbps),
+            link.limited_by,
+        )
+    console.print(table)
+
+
+def _where(option: Option | None) -> str:
+    return ", ".join(option.sites) if option else "-"
+
+
+def _render_decisions(report: Report, console: Console, show_all_links: bool) -> None:
+    table = Table(title="Decisions", title_justify="left")
+    for col in ("workload", "kind", "action", "site(s)", "path"):
+        table.add_column(col)
+    for col in ("moves", "transfer", "egress", "compute", "total", "done in"):
+        table.add_column(col, justify="right")
+    for d in report.decisions:
+        o = d.option
+        action = Text(d.action, style="bold green" if d.feasible else "bold red")
+        if o is None:
+            table.add_row(d.workload, d.kind, action, "-", "-", "-", "-", "-", "-", "-", "-")
+            continue
+        table.add_row(
+            d.workload,
+            d.kind,
+            action,
+            _where(o),
+            " -> ".join(o.path),
+            f"{o.transfer_gb:,.0f} GB",
+            hours(o.transfer_seconds / 3600),
+            money(o.egress_usd),
+            money(o.compute_usd),
+            money(o.total_usd),
+            hours(o.completion_hours),
+        )
+    console.print(table)
+    for d in report.decisions:
+        style = "green" if d.feasible else "red"
+        console.print(Text.assemble((f"{d.workload}: ", f"bold {style}"), d.reason))
+
+
+def _render_alternatives(report: Report, console: Console, show_all_links: bool) -> None:
+    for d in report.decisions:
+        if not d.alternatives:
+            continue
+        ranked = sorted(d.alternatives, key=lambda o: (not o.feasible, o.total_usd))
+        shown = ranked[:_ALTERNATIVES_SHOWN]
+        more = len(ranked) - len(shown)
+        title = f"Options that lost: {d.workload}" + (f" ({more} more in --json)" if more else "")
+        table = Table(title=title, title_justify="left", show_lines=False)
+        table.add_column("action")
+        table.add_column("site")
+        table.add_column("total", justify="right")
+        table.add_column("done in", justify="right")
+        table.add_column("rejected because", overflow="fold")
+        for alt in shown:
+            # A site without the GPU type has no compute price: a total there would mislead.
+            priced = alt.feasible or alt.compute_usd > 0
+            table.add_row(
+                alt.action,
+                _where(alt),
+                money(alt.total_usd) if priced else "-",
+                hours(alt.completion_hours),
+                alt.rejected_because or "",
+            )
+        console.print(table)
+
+
+Section = Callable[[Report, Console, bool], None]
+SECTIONS: list[Section] = [_render_header, _render_links, _render_decisions, _render_alternatives]
+
+
+def _fail(exc: NetplanError, code: int) -> None:
+    click.echo(str(exc), err=True)
+    sys.exit(code)
+
+
+@click.group()
+def cli() -> None:
+    """Plan where AI work runs and what crosses the network."""
+
+
+@cli.command("analyze")
+@click.argument("topology_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--streams", type=click.IntRange(1, 4096), help="Parallel TCP streams (N).")
+@click.option("--window-bytes", type=click.IntRange(1024), help="Per-stream TCP window, bytes.")
+@click.option("--mss-bytes", type=click.IntRange(64, 65495), help="TCP maximum segment, bytes.")
+@click.option("--all-links", is_flag=True, help="List every link, however many.")
+@click.option("--strict", is_flag=True, help="Exit 1 if any workload is infeasible.")
+def analyze_command(
+    topology_file: str,
+    as_json: bool,
+    streams: int | None,
+    window_bytes: int | None,
+    mss_bytes: int | None,
+    all_links: bool,
+    strict: bool,
+) -> None:
+    """Decide where each workload runs and what moves, with reasons.
+
+    TCP settings come from the topology's `transfer:` section; the flags override them.
+    """
+    try:
+        topology: Topology = load_topology(topology_file)
+    except TopologyError as exc:
+        _fail(exc, 2)
+    overrides = {
+        k: v
+        for k, v in (("streams", streams), ("window_bytes", window_bytes), ("mss_bytes", mss_bytes))
+        if v is not None
+    }
+    try:
+        settings = TransferSettings.model_validate({**topology.transfer.model_dump(), **overrides})
+        report = analyze(topology, settings)
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    except NetplanError as exc:
+        _fail(exc, 2)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        console = Console(width=None if sys.stdout.isatty() else 160)
+        for section in SECTIONS:
+            section(report, console, all_links)
+    if strict:
+        try:
+            report.require_feasible()
+        except Infeasible as exc:
+            _fail(exc, 1)
+
+
+@cli.command("schema")
+def schema_command() -> None:
+    """Print the topology format's JSON Schema."""
+    click.echo(json.dumps(Topology.model_json_schema(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="netplan")

@@ -1,0 +1,265 @@
+"""Decision records and the per-site evaluation that gravity and placement share.
+
+An `Option` is one way to run a workload (where, what moves, along which paths, at what cost, and
+whether it is feasible, with the binding constraints if not). A `Decision` is the chosen option,
+the reason in words, and every option that lost with why. Constraint texts are written once, here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from netplan.network import LimitingFactor, Network
+from netplan.topology import Dataset, Model, Site, Topology, Workload, WorkloadKind
+
+__all__ = [
+    "Action",
+    "ClientLatency",
+    "Decision",
+    "Movement",
+    "Option",
+    "evaluate_site",
+    "money",
+]
+
+Action = Literal["in_place", "move_compute", "move_data", "stage_subset", "replicate_model", "none"]
+
+# Ties "within 5 %" go to the earlier completion (issue 2).
+COST_TIE_FRACTION = 0.05
+
+
+def money(usd: float) -> str:
+    return f"${usd:,.0f}" if abs(usd) >= 100 else f"${usd:,.2f}"
+
+
+def hours(h: float) -> str:
+    return f"{h:,.1f} h" if h >= 0.1 else f"{h * 60:,.1f} min"
+
+
+@dataclass(frozen=True)
+class Movement:
+    """One artifact (dataset or model) travelling from its site to where the work runs."""
+
+    kind: Literal["dataset", "model"]
+    id: str
+    source: str
+    target: str
+    size_gb: float  # what actually moves (a staged subset is smaller than the dataset)
+    path: tuple[str, ...]
+    seconds: float
+    egress_usd: float
+    bottleneck_gbps: float
+    limited_by: LimitingFactor | None
+
+
+@dataclass(frozen=True)
+class ClientLatency:
+    """Inference: a client site, the replica that serves it and its p99 latency (RTT + jitter)."""
+
+    client: str
+    site: str | None
+    p99_ms: float | None
+    path: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Option:
+    action: Action
+    sites: tuple[str, ...]
+    feasible: bool
+    violations: tuple[str, ...]  # binding constraints, empty when feasible
+    movements: tuple[Movement, ...]
+    compute_usd: float
+    hours: float  # compute wall-clock
+    rejected_because: str | None = None
+    clients: tuple[ClientLatency, ...] = ()
+
+    @property
+    def transfer_gb(self) -> float:
+        return sum(m.size_gb for m in self.movements)
+
+    @property
+    def transfer_seconds(self) -> float:
+        # Movements run one after another: they may share links, so adding is the safe estimate.
+        return sum(m.seconds for m in self.movements)
+
+    @property
+    def egress_usd(self) -> float:
+        return sum(m.egress_usd for m in self.movements)
+
+    @property
+    def total_usd(self) -> float:
+        return self.egress_usd + self.compute_usd
+
+    @property
+    def completion_hours(self) -> float:
+        return self.transfer_seconds / 3600 + self.hours
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        """The path of the largest movement (what the data or model travels through)."""
+        if not self.movements:
+            return self.sites[:1]
+        return max(self.movements, key=lambda m: m.size_gb).path
+
+    @property
+    def site(self) -> str | None:
+        return self.sites[0] if self.sites else None
+
+    @property
+    def worst_client(self) -> ClientLatency | None:
+        served = [c for c in self.clients if c.p99_ms is not None]
+        return max(served, key=lambda c: c.p99_ms or 0.0) if served else None
+
+    def where(self) -> str:
+        return f"{self.action} at {', '.join(self.sites)}" if self.sites else self.action
+
+
+@dataclass(frozen=True)
+class Decision:
+    workload: str
+    kind: WorkloadKind
+    option: Option | None  # None when no option is feasible
+    reason: str
+    alternatives: tuple[Option, ...]
+
+    @property
+    def feasible(self) -> bool:
+        return self.option is not None
+
+    @property
+    def action(self) -> Action:
+        return self.option.action if self.option else "none"
+
+    @property
+    def constraints(self) -> tuple[str, ...]:
+        """The binding constraints of an infeasible decision, one per distinct cause."""
+        return _distinct(v for alt in self.alternatives for v in alt.violations)
+
+
+def _distinct(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def summarize(messages: Sequence[str], limit: int = 6) -> str:
+    shown = list(messages[:limit])
+    if len(messages) > limit:
+        shown.append(f"and {len(messages) - limit} more")
+    return "; ".join(shown)
+
+
+def gpu_violation(site: Site, workload: Workload) -> str | None:
+    have = site.gpu_count(workload.gpu)
+    if have == 0:
+        return f"no {workload.gpu} GPUs at {site.id}"
+    if have < workload.gpus:
+        return f"only {have} {workload.gpu} GPUs at {site.id}, needs {workload.gpus}"
+    return None
+
+
+def evaluate_site(
+    topology: Topology,
+    network: Network,
+    workload: Workload,
+    site: Site,
+    action: Action,
+    *,
+    subset: bool = False,
+    check_gpus: bool = True,
+) -> Option:
+    """Run `workload` at `site`: move the model and every dataset not already there (only each
+    dataset's `active_fraction` when `subset`), and check GPUs, residency (relay hops included),
+    raw tier, storage and the deadline."""
+    violations: list[str] = []
+    movements: list[Movement] = []
+    if check_gpus and (gpu := gpu_violation(site, workload)):
+        violations.append(gpu)
+
+    datasets: list[Dataset] = [topology.dataset(d) for d in workload.datasets]
+    model: Model | None = topology.model(workload.model) if workload.model else None
+    for ds in datasets:
+        if not ds.allowed_in(site.region):
+            violations.append(
+                f"dataset {ds.id} may not be processed in {site.region} "
+                f"(residency: {', '.join(ds.residency)})"
+            )
+            continue
+        if ds.site == site.id:
+            continue
+        if ds.tier == "raw":
+            violations.append(f"raw-tier dataset {ds.id} cannot leave {ds.site}")
+            continue
+        regions = frozenset(ds.residency) if ds.residency else None
+        size_gb = ds.size_gb * ds.active_fraction if subset else ds.size_gb
+        moved = _move(network, "dataset", ds.id, ds.site, site.id, size_gb, regions)
+        if isinstance(moved, Movement):
+            movements.append(moved)
+        elif regions is not None and network.widest_path(ds.site, site.id) is not None:
+            violations.append(
+                f"no path from {ds.site} to {site.id} stays within dataset {ds.id}'s residency "
+                f"({', '.join(ds.residency)})"
+            )
+        else:
+            violations.append(f"no network path from {ds.site} to {site.id}")
+    if model is not None and model.site != site.id:
+        moved = _move(network, "model", model.id, model.site, site.id, model.size_gb, None)
+        if isinstance(moved, Movement):
+            movements.append(moved)
+        else:
+            violations.append(f"no network path from {model.site} to {site.id}")
+
+    incoming_gb = sum(m.size_gb for m in movements)
+    if site.storage_tb is not None and incoming_gb > site.storage_tb * 1000:
+        violations.append(
+            f"{site.id} has {site.storage_tb:g} TB of storage, needs {incoming_gb / 1000:,.1f} TB"
+        )
+
+    price = site.gpu_hour_usd.get(workload.gpu, 0.0)
+    option = Option(
+        action=action,
+        sites=(site.id,),
+        feasible=False,
+        violations=(),
+        movements=tuple(movements),
+        compute_usd=workload.gpus * workload.hours * price,
+        hours=workload.hours,
+    )
+    deadline = workload.deadline_hours
+    if not violations and deadline is not None and option.completion_hours > deadline:
+        violations.append(deadline_violation(option, deadline))
+    return replace(option, feasible=not violations, violations=tuple(violations))
+
+
+def deadline_violation(option: Option, deadline_hours: float) -> str:
+    return (
+        f"deadline {deadline_hours:g} h missed: {hours(option.completion_hours)} "
+        f"(transfer {hours(option.transfer_seconds / 3600)} + compute {hours(option.hours)})"
+    )
+
+
+def _move(
+    network: Network,
+    kind: Literal["dataset", "model"],
+    artifact: str,
+    source: str,
+    target: str,
+    size_gb: float,
+    regions: frozenset[str] | None,
+) -> Movement | None:
+    path = network.widest_path(source, target, regions)
+    if path is None:
+        return None
+    return Movement(
+        kind=kind,
+        id=artifact,
+        source=source,
+        target=target,
+        size_gb=size_gb,
+        path=path.sites,
+        seconds=path.transfer_seconds(size_gb),
+        egress_usd=path.egress_usd(size_gb),
+        bottleneck_gbps=path.bottleneck_gbps,
+        limited_by=path.limited_by,
+    )

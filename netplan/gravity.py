@@ -1,0 +1,159 @@
+"""Data gravity: for a training-style workload, move the data, move the compute, or stage a subset.
+
+Theory of operation.
+- Candidate sites: every site with GPUs of the workload's type, plus the sites holding its data
+  and model (so an infeasible workload can say why running next to the data fails too).
+- At each candidate the options are: `in_place` (nothing moves), `move_compute` (the site holds
+  the largest dataset; the model and any other dataset move there), `move_data` (the datasets move
+  to the GPUs), and `stage_subset` (like those, but only each moved dataset's `active_fraction`).
+- Feasible: the GPU type and count exist at the site; every dataset's residency admits the site
+  and every relay hop; raw-tier data never leaves its site; incoming data fits `storage_tb`; the
+  deadline holds (transfer time + compute hours).
+- Objective: least total cost (egress + GPU-hours at the site's price). Options within 5 % of the
+  cheapest are a tie, won by the earliest completion. Every losing option says why it lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from netplan.decisions import (
+    COST_TIE_FRACTION,
+    Action,
+    Decision,
+    Option,
+    evaluate_site,
+    hours,
+    money,
+    summarize,
+)
+from netplan.network import Network
+from netplan.topology import Site, Topology, Workload
+
+__all__ = ["decide_gravity"]
+
+
+def _candidate_sites(topology: Topology, workload: Workload) -> list[Site]:
+    anchors = {topology.dataset(d).site for d in workload.datasets}
+    if workload.model:
+        anchors.add(topology.model(workload.model).site)
+    return [s for s in topology.sites if s.gpu_count(workload.gpu) > 0 or s.id in anchors]
+
+
+def _options(topology: Topology, network: Network, workload: Workload) -> list[Option]:
+    datasets = [topology.dataset(d) for d in workload.datasets]
+    largest = max(datasets, key=lambda d: d.size_gb) if datasets else None
+    model_site = topology.model(workload.model).site if workload.model else None
+    options: list[Option] = []
+    for site in _candidate_sites(topology, workload):
+        moving = [d for d in datasets if d.site != site.id]
+        action: Action
+        if not moving and (model_site is None or model_site == site.id):
+            action = "in_place"
+        elif largest is None or largest.site == site.id:
+            action = "move_compute"
+        else:
+            action = "move_data"
+        options.append(evaluate_site(topology, network, workload, site, action))
+        if any(d.active_fraction < 1.0 for d in moving):
+            options.append(
+                evaluate_site(topology, network, workload, site, "stage_subset", subset=True)
+            )
+    return options
+
+
+def _moves_phrase(option: Option) -> str:
+    if not option.movements:
+        return "nothing moves"
+    parts = []
+    for m in sorted(option.movements, key=lambda m: -m.size_gb):
+        via = " -> ".join(m.path)
+        parts.append(f"{m.kind} {m.id} ({m.size_gb:,.0f} GB via {via}, {hours(m.seconds / 3600)})")
+    return "moves " + ", ".join(parts)
+
+
+def _cost_phrase(option: Option) -> str:
+    return (
+        f"{money(option.total_usd)} (egress {money(option.egress_usd)} + compute "
+        f"{money(option.compute_usd)}), done in {hours(option.completion_hours)}"
+    )
+
+
+def choose(options: list[Option]) -> tuple[Option | None, Option | None]:
+    """(chosen, cheapest) among feasible options: least cost, 5 % ties to the earlier finish."""
+    feasible = [o for o in options if o.feasible]
+    if not feasible:
+        return None, None
+    cheapest = min(feasible, key=lambda o: (o.total_usd, o.completion_hours))
+    limit = cheapest.total_usd * (1 + COST_TIE_FRACTION) + 1e-9
+    near = [o for o in feasible if o.total_usd <= limit]
+    chosen = min(near, key=lambda o: (o.completion_hours, o.total_usd))
+    return chosen, cheapest
+
+
+def rejection(option: Option, chosen: Option | None) -> str:
+    if not option.feasible:
+        return summarize(option.violations)
+    assert chosen is not None  # a feasible option exists, so one was chosen
+    if option.total_usd <= chosen.total_usd * (1 + COST_TIE_FRACTION) + 1e-9:
+        return (
+            f"within 5% of the chosen cost ({money(option.total_usd)} vs "
+            f"{money(chosen.total_usd)}) but finishes later "
+            f"({hours(option.completion_hours)} vs {hours(chosen.completion_hours)})"
+        )
+    return (
+        f"costs {money(option.total_usd - chosen.total_usd)} more "
+        f"({money(option.total_usd)} vs {money(chosen.total_usd)})"
+    )
+
+
+def decide_gravity(topology: Topology, network: Network, workload: Workload) -> Decision:
+    """Choose where a non-inference workload runs and what moves."""
+    options = _options(topology, network, workload)
+    chosen, cheapest = choose(options)
+    alternatives = tuple(
+        replace(o, rejected_because=rejection(o, chosen)) for o in options if o is not chosen
+    )
+    if chosen is None or cheapest is None:
+        causes = list(dict.fromkeys(v for o in options for v in o.violations))
+        if not causes:
+            causes = [f"no site has {workload.gpu} GPUs"]
+        return Decision(
+            workload=workload.id,
+            kind=workload.kind,
+            option=None,
+            reason="infeasible: " + summarize(causes),
+            alternatives=alternatives,
+        )
+
+    reason = f"{chosen.where()}: {_moves_phrase(chosen)}; least total cost {_cost_phrase(chosen)}"
+    if chosen is not cheapest:
+        reason = (
+            f"{chosen.where()}: {_moves_phrase(chosen)}; {_cost_phrase(chosen)}, within 5% of "
+            f"the cheapest ({cheapest.where()}, {money(cheapest.total_usd)}) and finishes "
+            f"{hours(cheapest.completion_hours - chosen.completion_hours)} earlier"
+        )
+    # Name what kept cheaper options out: that is the binding constraint on this decision.
+    # (Only sites that price the GPU type: a site without those GPUs is not "cheaper".)
+    priced = {s.id for s in topology.sites if workload.gpu in s.gpu_hour_usd}
+    cheaper_blocked = sorted(
+        (
+            o
+            for o in options
+            if not o.feasible and o.total_usd < chosen.total_usd and o.sites[0] in priced
+        ),
+        key=lambda o: o.total_usd,
+    )
+    if cheaper_blocked:
+        best = cheaper_blocked[0]
+        reason += (
+            f"; cheaper {best.where()} ({money(best.total_usd)}) ruled out: "
+            f"{summarize(best.violations, limit=3)}"
+        )
+    return Decision(
+        workload=workload.id,
+        kind=workload.kind,
+        option=chosen,
+        reason=reason,
+        alternatives=alternatives,
+    )

@@ -1,0 +1,235 @@
+"""Inference placement: the fewest model-replica sites so every client meets its latency budget.
+
+Theory of operation.
+- A client's latency to a site is its min-latency path's RTT + jitter (our p99 estimate).
+- A site can host a replica if it has the GPU type and count, its datasets may be there (residency,
+  raw tier, relay hops) and the model can reach it. It covers the clients within the budget.
+- Objective: a minimum set cover of the clients, then the least cost (GPU-hours + shipping the
+  model and data). Sites with the same coverage collapse to their cheapest member; the cover is an
+  exact 0/1 program solved with `scipy.optimize.milp` (HiGHS), cost scaled below one site.
+- If some client is out of every site's reach, say which and by how many milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from netplan.decisions import (
+    ClientLatency,
+    Decision,
+    Option,
+    deadline_violation,
+    evaluate_site,
+    hours,
+    money,
+    summarize,
+)
+from netplan.errors import PlanError
+from netplan.network import Network
+from netplan.topology import Topology, Workload
+
+__all__ = ["decide_placement"]
+
+_EPS_MS = 1e-9
+
+
+def _client_latencies(
+    network: Network, workload: Workload, sites: tuple[str, ...]
+) -> tuple[ClientLatency, ...]:
+    """Each client served by its nearest site among `sites`."""
+    out = []
+    for client in workload.clients:
+        paths = network.latency_paths_from(client)
+        best = min((paths[s] for s in sites if s in paths), key=lambda p: p.p99_ms, default=None)
+        if best is None:
+            out.append(ClientLatency(client=client, site=None, p99_ms=None, path=()))
+        else:
+            out.append(
+                ClientLatency(
+                    client=client, site=best.sites[-1], p99_ms=best.p99_ms, path=best.sites
+                )
+            )
+    return tuple(out)
+
+
+def _min_cover(classes: list[tuple[frozenset[str], Option]], clients: tuple[str, ...]) -> list[int]:
+    """Indices of the fewest classes covering all clients, cheapest among equally few."""
+    n = len(classes)
+    a = np.zeros((len(clients), n))
+    for j, (covered, _) in enumerate(classes):
+        for i, client in enumerate(clients):
+            if client in covered:
+                a[i, j] = 1.0
+    costs = np.array([opt.total_usd for _, opt in classes])
+    # Count dominates: the whole cost term sums to < 1, one site's weight.
+    objective = 1.0 + costs / (costs.sum() + 1.0)
+    result = milp(
+        objective,
+        constraints=LinearConstraint(a, lb=np.ones(len(clients)), ub=np.full(len(clients), np.inf)),
+        integrality=np.ones(n),
+        bounds=Bounds(0, 1),
+    )
+    if not result.success or result.x is None:
+        raise PlanError(f"set cover solver failed: {result.message}")
+    return [j for j in range(n) if result.x[j] > 0.5]
+
+
+def _miss_phrase(c: ClientLatency, budget_ms: float) -> str:
+    if c.p99_ms is None or c.site is None:
+        return f"client {c.client} cannot reach the site"
+    return (
+        f"client {c.client} misses the {budget_ms:g} ms budget by {c.p99_ms - budget_ms:,.1f} ms "
+        f"({c.p99_ms:,.1f} ms p99 to {c.site})"
+    )
+
+
+def decide_placement(topology: Topology, network: Network, workload: Workload) -> Decision:
+    """Choose the replica sites for an inference workload."""
+    assert workload.latency_budget_ms is not None
+    assert workload.model is not None
+    budget = workload.latency_budget_ms
+    model = topology.model(workload.model)
+    candidates = [s for s in topology.sites if s.gpu_count(workload.gpu) > 0]
+    singles: list[Option] = []
+    for site in candidates:
+        option = evaluate_site(topology, network, workload, site, "replicate_model")
+        if not option.movements:
+            option = replace(option, action="in_place")
+        singles.append(replace(option, clients=_client_latencies(network, workload, (site.id,))))
+
+    def covered(option: Option) -> frozenset[str]:
+        return frozenset(
+            c.client
+            for c in option.clients
+            if c.p99_ms is not None and c.p99_ms <= budget + _EPS_MS
+        )
+
+    viable = [o for o in singles if o.feasible]
+    by_coverage: dict[frozenset[str], Option] = {}
+    for option in viable:
+        cover = covered(option)
+        if not cover:
+            continue
+        kept = by_coverage.get(cover)
+        if kept is None or option.total_usd < kept.total_usd:
+            by_coverage[cover] = option
+
+    reachable = frozenset().union(*by_coverage) if by_coverage else frozenset()
+    missing = [c for c in workload.clients if c not in reachable]
+    chosen: Option | None = None
+    causes: list[str] = []
+    if not candidates:
+        causes.append(f"no site has {workload.gpu} GPUs")
+    elif not viable:
+        causes.extend(dict.fromkeys(v for o in singles for v in o.violations))
+    elif missing:
+        for client in missing:
+            nearest = min(
+                (
+                    c
+                    for o in viable
+                    for c in o.clients
+                    if c.client == client and c.p99_ms is not None
+                ),
+                key=lambda c: c.p99_ms or 0.0,
+                default=ClientLatency(client=client, site=None, p99_ms=None, path=()),
+            )
+            if nearest.site is None:
+                causes.append(f"client {client} cannot reach any site with {workload.gpu} GPUs")
+            else:
+                causes.append(_miss_phrase(nearest, budget))
+    else:
+        classes = list(by_coverage.items())
+        picked = [classes[j][1] for j in _min_cover(classes, workload.clients)]
+        order = {s.id: i for i, s in enumerate(topology.sites)}
+        picked.sort(key=lambda o: order[o.sites[0]])
+        sites = tuple(o.sites[0] for o in picked)
+        movements = tuple(m for o in picked for m in o.movements)
+        combined = Option(
+            action="in_place" if sites == (model.site,) and not movements else "replicate_model",
+            sites=sites,
+            feasible=True,
+            violations=(),
+            movements=movements,
+            compute_usd=sum(o.compute_usd for o in picked),
+            hours=workload.hours,
+            clients=_client_latencies(network, workload, sites),
+        )
+        deadline = workload.deadline_hours
+        if deadline is not None and combined.completion_hours > deadline:
+            causes.append(deadline_violation(combined, deadline))
+        else:
+            chosen = combined
+
+    n_clients = len(workload.clients)
+    alternatives = []
+    for option in singles:
+        if chosen is not None and option.sites[0] in chosen.sites:
+            continue
+        if not option.feasible:
+            why = summarize(option.violations)
+        else:
+            misses = [c for c in option.clients if c.p99_ms is None or c.p99_ms > budget + _EPS_MS]
+            if misses:
+                farthest = max(misses, key=lambda c: float("inf") if c.p99_ms is None else c.p99_ms)
+                why = (
+                    f"covers {n_clients - len(misses)} of {n_clients} clients: "
+                    f"{_miss_phrase(farthest, budget)}"
+                )
+            elif chosen is not None:
+                why = (
+                    f"costs {money(option.total_usd - chosen.total_usd)} more "
+                    f"({money(option.total_usd)} vs {money(chosen.total_usd)})"
+                )
+            else:
+                why = summarize(causes)
+        alternatives.append(replace(option, rejected_because=why))
+
+    if chosen is None:
+        return Decision(
+            workload=workload.id,
+            kind=workload.kind,
+            option=None,
+            reason="infeasible: " + summarize(causes),
+            alternatives=tuple(alternatives),
+        )
+
+    worst = chosen.worst_client
+    assert worst is not None
+    assert worst.p99_ms is not None
+    count = len(chosen.sites)
+    reason = (
+        f"{count} replica{'s' if count > 1 else ''} at {', '.join(chosen.sites)}: every client "
+        f"within the {budget:g} ms p99 budget (worst: {worst.client} {worst.p99_ms:,.1f} ms to "
+        f"{worst.site})"
+    )
+    shipped = [m for m in chosen.movements if m.kind == "model"]
+    if shipped:
+        reason += (
+            f"; ships model {model.id} ({model.size_gb:,.0f} GB) to {len(shipped)} site"
+            f"{'s' if len(shipped) > 1 else ''} for {money(sum(m.egress_usd for m in shipped))} "
+            f"in {hours(sum(m.seconds for m in shipped) / 3600)}"
+        )
+    else:
+        reason += f"; model {model.id} is already there"
+    reason += f"; compute {money(chosen.compute_usd)}"
+    if count > 1:
+        best_single = max(
+            (o for o in singles if o.feasible), key=lambda o: (len(covered(o)), -o.total_usd)
+        )
+        misses = [c for c in best_single.clients if c.client not in covered(best_single)]
+        worst_miss = max(misses, key=lambda c: float("inf") if c.p99_ms is None else c.p99_ms)
+        reason += (
+            f"; no single site covers all {n_clients} clients (best: {best_single.sites[0]} "
+            f"covers {len(covered(best_single))}; {_miss_phrase(worst_miss, budget)})"
+        )
+    return Decision(
+        workload=workload.id,
+        kind=workload.kind,
+        option=chosen,
+        reason=reason,
+        alternatives=tuple(alternatives),
+    )
