@@ -1,4 +1,4 @@
-"""The `netplan` command line: `analyze` (rich tables or --json) and `schema`.
+"""The `netplan` command line: `analyze` (rich tables or --json), `plan` and `schema`.
 
 The only place (with the loader) that does I/O; it turns NetplanError into text on stderr and an
 exit code (2: the topology or the arguments are wrong; 1: --strict and a workload is infeasible).
@@ -17,9 +17,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from netplan._plan import build_plan
+from netplan._shards import ShardPlacement
 from netplan.decisions import Option, hours, money
 from netplan.errors import Infeasible, NetplanError, TopologyError
 from netplan.loader import load_topology
+from netplan.network import Network
 from netplan.report import Report, analyze
 from netplan.topology import Topology, TransferSettings
 
@@ -142,8 +145,107 @@ def _render_alternatives(report: Report, console: Console, show_all_links: bool)
         console.print(table)
 
 
+def _shard_groups(shards: tuple[ShardPlacement, ...]) -> list[tuple[str, str]]:
+    """Consecutive shards with the same replica sites collapse into one row ("0-63")."""
+    rows: list[tuple[str, str]] = []
+    start = 0
+    for i in range(1, len(shards) + 1):
+        if i == len(shards) or shards[i].sites != shards[start].sites:
+            label = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            rows.append((label, ", ".join(shards[start].sites)))
+            start = i
+    return rows
+
+
+def _render_shards(report: Report, console: Console, show_all_links: bool) -> None:
+    for r in report.shard_replication:
+        style = "green" if r.feasible else "red"
+        console.print(Text.assemble((f"Vector index {r.index}: ", f"bold {style}"), r.reason))
+        if not r.feasible:
+            continue
+        table = Table(title=f"{r.index}: shard replicas", title_justify="left")
+        table.add_column("shards")
+        table.add_column("sites")
+        for label, sites in _shard_groups(r.shards):
+            table.add_row(label, sites)
+        console.print(table)
+        lat = Table(title=f"{r.index}: querying sites", title_justify="left")
+        for col in ("querying site", "p99 ms", "headroom ms", "worst shard"):
+            lat.add_column(col, justify="left" if col == "querying site" else "right")
+        for q in r.latencies:
+            lat.add_row(q.site, f"{q.p99_ms:.1f}", f"{q.headroom_ms:.1f}", str(q.worst_shard))
+        console.print(lat)
+        if r.cost is not None:
+            gap = r.gap
+            console.print(
+                f"  cost per day: storage {money(r.cost.storage_usd_per_day)} + sync egress "
+                f"{money(r.cost.sync_egress_usd_per_day)} + query egress "
+                f"{money(r.cost.query_egress_usd_per_day)} = "
+                f"[bold]{money(r.cost.total_usd_per_day)}[/bold] ({r.solver}); greedy "
+                f"{money(r.greedy_objective_usd_per_day or 0.0)}"
+                + (f", gap {gap:.2%}" if gap is not None else ", greedy found no placement")
+            )
+
+
+def _render_sync(report: Report, console: Console, show_all_links: bool) -> None:
+    plan = report.sync_plan
+    if plan is None or not (plan.transfers or plan.checkpoints or plan.notes):
+        return
+    table = Table(title="Sync plan: daily transfers", title_justify="left")
+    for col in ("rule", "dataset", "from", "to", "path", "GB/day", "class"):
+        table.add_column(col, justify="right" if col == "GB/day" else "left")
+    for t in (*plan.transfers, *(m for c in plan.checkpoints for m in c.transfers)):
+        table.add_row(t.rule, t.dataset, t.source, t.destination, " -> ".join(t.path),
+                      f"{t.gb_per_day:,.1f}", t.traffic_class.value)
+    console.print(table)
+    links = Table(title=f"Sync plan: link load in the {plan.window_hours:g} h window at "
+                  f"{plan.bulk_share:.0%} bulk share", title_justify="left")
+    for col in ("link", "sync GB/day", "checkpoint GB/day", "effective", "capacity GB",
+                "load GB", "shortfall GB"):
+        links.add_column(col, justify="left" if col == "link" else "right")
+    for load in plan.links:
+        short = Text(f"{load.shortfall_gb:,.0f}", style="bold red") if load.flagged else "-"
+        links.add_row(f"{load.sender} -> {load.receiver}", f"{load.sync_gb_per_day:,.1f}",
+                      f"{load.checkpoint_gb_per_day:,.1f}", _gbps(load.effective_gbps),
+                      f"{load.capacity_gb:,.0f}", f"{load.load_gb:,.0f}", short)
+    console.print(links)
+    for c in plan.checkpoints:
+        console.print(f"checkpoints of {c.workload}: every {c.every_hours:g} h from {c.source} "
+                      f"to {', '.join(c.targets) or '-'}, keep {c.retain}")
+    for note in plan.notes:
+        console.print(Text(note, style="yellow"))
+
+
+def _render_budgets(report: Report, console: Console, show_all_links: bool) -> None:
+    if not report.latency_budgets:
+        return
+    names = [c.name for c in report.latency_budgets[0].components]
+    table = Table(title="Latency budgets (ms, worst client)", title_justify="left")
+    table.add_column("workload")
+    table.add_column("client -> site")
+    for name in names:
+        table.add_column(name.replace("_", " "), justify="right")
+    for col in ("total", "budget", "headroom"):
+        table.add_column(col, justify="right")
+    table.add_column("largest")
+    for b in report.latency_budgets:
+        head = Text(f"{b.headroom_ms:.1f}", style="green" if b.fits else "bold red")
+        table.add_row(b.workload, f"{b.client} -> {b.serving_site}",
+                      *(f"{c.ms:.1f}" for c in b.components), f"{b.total_ms:.1f}",
+                      f"{b.budget_ms:g}", head, b.largest.name)
+    console.print(table)
+
+
 Section = Callable[[Report, Console, bool], None]
-SECTIONS: list[Section] = [_render_header, _render_links, _render_decisions, _render_alternatives]
+SECTIONS: list[Section] = [
+    _render_header,
+    _render_links,
+    _render_decisions,
+    _render_alternatives,
+    _render_shards,
+    _render_sync,
+    _render_budgets,
+]
 
 
 def _fail(exc: NetplanError, code: int) -> None:
@@ -204,6 +306,34 @@ def analyze_command(
             report.require_feasible()
         except Infeasible as exc:
             _fail(exc, 1)
+
+
+@cli.command("plan")
+@click.argument("topology_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=str),
+              required=True, help="Where to write the plan JSON (- for stdout).")
+def plan_command(topology_file: str, output: str) -> None:
+    """Write the versioned plan (plan.json) that each site's transferd executes."""
+    try:
+        topology = load_topology(topology_file)
+        report = analyze(topology)
+        assert report.sync_plan is not None
+        plan = build_plan(topology, Network(topology), report.sync_plan)
+    except NetplanError as exc:
+        _fail(exc, 2)
+    text = plan.to_json_text()
+    if output == "-":
+        click.echo(text, nl=False)
+        return
+    try:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        click.echo(f"cannot write {output}: {exc}", err=True)
+        sys.exit(2)
+    entries = sum(len(s.sync) + len(s.checkpoints) for s in plan.sites)
+    click.echo(f"wrote {output}: {len(plan.sites)} sites, {entries} sync/checkpoint entries "
+               f"(schema_version {plan.schema_version})")
 
 
 @cli.command("schema")

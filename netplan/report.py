@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from netplan._budgets import LatencyBudget, latency_budgets
+from netplan._shards import ShardReplication, shard_replication
+from netplan._sync import SyncPlan, plan_sync
 from netplan.decisions import Decision, Option
 from netplan.errors import Infeasible
 from netplan.gravity import decide_gravity
@@ -18,7 +21,7 @@ from netplan.network import LinkThroughput, Network
 from netplan.placement import decide_placement
 from netplan.topology import Topology, TransferSettings
 
-__all__ = ["SCHEMA_VERSION", "Report", "analyze"]
+__all__ = ["SCHEMA_VERSION", "Report", "analyze", "workload_sites"]
 
 SCHEMA_VERSION = 1
 
@@ -29,6 +32,9 @@ class Report:
     settings: TransferSettings
     links: tuple[LinkThroughput, ...]
     decisions: tuple[Decision, ...]
+    shard_replication: tuple[ShardReplication, ...] = ()
+    sync_plan: SyncPlan | None = None
+    latency_budgets: tuple[LatencyBudget, ...] = ()
 
     def infeasible(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if not d.feasible)
@@ -45,6 +51,9 @@ class Report:
             "transfer": self.settings.model_dump(),
             "decisions": [_decision_json(d) for d in self.decisions],
             "links": [_link_json(link) for link in self.links],
+            "shard_replication": [r.to_json() for r in self.shard_replication],
+            "sync_plan": self.sync_plan.to_json() if self.sync_plan else None,
+            "latency_budgets": [b.to_json() for b in self.latency_budgets],
         }
 
 
@@ -57,12 +66,21 @@ def analyze(topology: Topology, settings: TransferSettings | None = None) -> Rep
         else decide_gravity(topology, network, w)
         for w in topology.workloads
     )
+    running_at = workload_sites(decisions)
     return Report(
         topology=topology.name,
         settings=network.settings,
         links=network.links,
         decisions=decisions,
+        shard_replication=shard_replication(topology, network),
+        sync_plan=plan_sync(topology, network, running_at),
+        latency_budgets=latency_budgets(topology, network, running_at),
     )
+
+
+def workload_sites(decisions: tuple[Decision, ...]) -> dict[str, tuple[str, ...]]:
+    """Workload id -> the sites it runs at, for the feasible decisions."""
+    return {d.workload: d.option.sites for d in decisions if d.feasible and d.option}
 
 
 def _finite(x: float) -> float | None:

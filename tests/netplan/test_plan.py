@@ -104,3 +104,73 @@ def test_any_json_value_is_a_plan_or_a_plan_error(value: object) -> None:
         Plan.from_json(json.dumps(doc))
     except PlanError:
         pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI: `netplan plan FILE -o plan.json` and the report keys of `netplan analyze --json`.
+
+EXAMPLE = "topologies/onprem-data-cloud-burst-edge.yaml"
+
+
+def test_netplan_plan_writes_a_plan_that_loads_back(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from netplan.cli import cli
+
+    out = Path(str(tmp_path)) / "plan.json"
+    result = CliRunner().invoke(cli, ["plan", EXAMPLE, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "schema_version 1" in result.output
+    plan = Plan.from_json(out.read_text())
+    onprem = plan.site("onprem-fra")
+    assert {(e.dataset, e.destination) for e in onprem.sync} == {
+        ("claims-curated", "aws-euc1"), ("claims-curated", "edge-lyon"),
+        ("claims-curated", "edge-munich")}
+    [ck] = plan.site("aws-euc1").checkpoints
+    assert (ck.workload, ck.targets, ck.retain) == ("finetune-claims", ("onprem-fra",), 3)
+    assert not any(e.dataset == "claims-raw" for s in plan.sites for e in s.sync)
+
+
+def test_analyze_json_carries_shard_replication_sync_plan_and_latency_budgets() -> None:
+    from click.testing import CliRunner
+
+    from netplan.cli import cli
+
+    result = CliRunner().invoke(cli, ["analyze", EXAMPLE, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    [ix] = report["shard_replication"]
+    assert {"index", "solver", "objective_usd_per_day", "greedy_objective_usd_per_day", "shards",
+            "p99_ms", "feasible", "reason"} <= set(ix)
+    assert ix["index"] == "claims-docs"
+    assert ix["feasible"] is True
+    # Lyon is 12 ms p99 from Frankfurt + 6 ms search > 15 ms: every shard gets a Lyon copy
+    assert all(s["sites"] == ["edge-lyon", "onprem-fra"] for s in ix["shards"])
+    assert ix["p99_ms"] == {"edge-lyon": 6.0, "edge-munich": 13.0, "aws-euc1": 8.0}
+    assert ix["objective_usd_per_day"] <= ix["greedy_objective_usd_per_day"]
+    links = {tuple(link["between"]): link for link in report["sync_plan"]["links"]}
+    assert links["onprem-fra", "edge-lyon"]["sync_gb_per_day"] == 800.0
+    assert links["onprem-fra", "edge-lyon"]["flagged"] is False
+    [budget] = report["latency_budgets"]
+    assert budget["workload"] == "branch-assistant"
+    assert budget["total_ms"] == pytest.approx(sum(budget["components_ms"].values()), abs=0.01)
+
+
+def test_a_sync_rule_moving_raw_data_fails_the_cli_with_the_line(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from netplan.cli import cli
+
+    text = Path(EXAMPLE).read_text().replace(
+        "sync_rules:\n", "sync_rules:\n  - {id: leak, datasets: [claims-raw], to: [aws-euc1]}\n")
+    at = text.splitlines().index("sync_rules:") + 2  # 1-based line of the inserted rule
+    bad = Path(str(tmp_path)) / "bad.yaml"
+    bad.write_text(text)
+    result = CliRunner().invoke(cli, ["plan", str(bad), "-o", str(Path(str(tmp_path)) / "p")])
+    assert result.exit_code == 2
+    assert (f"sync_rules[0].datasets[0]: dataset 'claims-raw' is raw-tier: raw data never "
+            f"leaves its site (line {at})") in result.output
