@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,6 +43,7 @@ from netplan.topology import Site, Topology
 
 __all__ = [
     "DAYS_PER_MONTH",
+    "MilpStats",
     "SOLVERS",
     "CostBreakdown",
     "QueryingSiteLatency",
@@ -438,7 +439,9 @@ class _Builder:
         self.row_lb.append(lo)
         self.row_ub.append(hi)
 
-    def solve(self, time_limit_s: float | None, mip_rel_gap: float) -> np.ndarray | None:
+    def solve(self, time_limit_s: float | None, mip_rel_gap: float
+              ) -> tuple[np.ndarray | None, bool]:
+        """The solution (None if none was found) and whether the time limit cut the search."""
         n = len(self.cost)
         a = sparse.csr_matrix(
             (np.concatenate(self.vals) if self.vals else np.zeros(0),
@@ -457,9 +460,10 @@ class _Builder:
             if self.row_lb else [],
             options=options,
         )
-        if res.x is None or res.status not in (0, 1):  # 1 = time limit with a feasible point
-            return None
-        return np.asarray(res.x)
+        timed_out = res.status == 1
+        if res.x is None or res.status not in (0, 1):  # 1 = time limit (best point found)
+            return None, timed_out
+        return np.asarray(res.x), timed_out
 
 
 def _add_index(b: _Builder, geo: _Geometry, arrays: _SiteArrays, network: ShardNetwork,
@@ -530,6 +534,37 @@ def _add_capacity(b: _Builder, arrays: _SiteArrays, terms: dict[int, list[tuple[
         b.add_row(cols, vals, -math.inf, float(free_gb[s]))
 
 
+def _shard_classes(spec: VectorIndexSpec) -> list[list[int]]:
+    """Shards with the same size and the same fanout membership are interchangeable."""
+    fan = set(spec.fanout_shards())
+    classes: dict[tuple[float, bool], list[int]] = {}
+    for k, gb in enumerate(spec.shard_gb):
+        classes.setdefault((gb, k in fan), []).append(k)
+    return list(classes.values())
+
+
+def _representatives(spec: VectorIndexSpec, classes: list[list[int]]) -> VectorIndexSpec:
+    reps = [c[0] for c in classes]
+    fan = set(spec.fanout_shards())
+    return replace(
+        spec,
+        shard_gb=tuple(spec.shard_gb[k] for k in reps),
+        update_gb_per_day=spec.update_gb_per_shard_day() * len(reps),  # same GB per shard
+        fanout=tuple(i for i, k in enumerate(reps) if k in fan),
+    )
+
+
+@dataclass
+class MilpStats:
+    """What the exact solver did, for benchmarks and reports."""
+
+    problems: int = 0
+    binaries: int = 0
+    constraints: int = 0
+    reduced_indexes: int = 0  # indexes solved as one representative per identical-shard class
+    timed_out: int = 0
+
+
 def solve_milp(
     indexes: Sequence[VectorIndexSpec],
     sites: Sequence[ReplicaSite],
@@ -537,24 +572,48 @@ def solve_milp(
     *,
     decompose: bool = False,
     prune: bool = True,
+    reduce_identical_shards: bool = True,
     time_limit_s: float | None = None,
     mip_rel_gap: float = 1e-7,
+    stats: MilpStats | None = None,
 ) -> dict[str, tuple[tuple[str, ...], ...] | None]:
     """Exact placement. Monolithic (storage shared by all indexes in one MILP) unless `decompose`:
-    then one MILP per index in order, each seeing the storage the earlier ones left."""
+    then one MILP per index in order, each seeing the storage the earlier ones left.
+
+    Identical-shard reduction (exact): when no candidate site's storage can bind (its free GB is
+    at least everything the problem could put there), shards are independent, and shards of equal
+    size and fanout membership have the same optimum; one representative per class is solved.
+    """
     arrays = _site_arrays(sites, network)
+    stats = stats if stats is not None else MilpStats()
     out: dict[str, tuple[tuple[str, ...], ...] | None] = {}
     groups = [[spec] for spec in indexes] if decompose else [list(indexes)]
     free = arrays.free_gb.copy()
     for group in groups:
+        geos = [_geometry(spec, sites, network, arrays, prune) for spec in group]
+        potential = np.zeros(len(free))
+        for geo in geos:
+            potential[geo.candidates] += sum(geo.spec.shard_gb)
         b = _Builder()
         terms: dict[int, list[tuple[int, float]]] = {}
         decoders = []
-        for spec in group:
-            geo = _geometry(spec, sites, network, arrays, prune)
-            decoders.append((spec, _add_index(b, geo, arrays, network, terms)))
+        for spec, geo in zip(group, geos, strict=True):
+            classes = _shard_classes(spec)
+            bindable = bool(np.any(potential[geo.candidates] > free[geo.candidates] + 1e-9))
+            if reduce_identical_shards and not bindable and len(classes) < spec.shards:
+                reduced = _representatives(spec, classes)
+                decode = _add_index(b, _geometry(reduced, sites, network, arrays, prune), arrays,
+                                    network, terms)
+                decoders.append((spec, _expand(decode, classes, spec.shards)))
+                stats.reduced_indexes += 1
+            else:
+                decoders.append((spec, _add_index(b, geo, arrays, network, terms)))
         _add_capacity(b, arrays, terms, free)
-        sol = b.solve(time_limit_s, mip_rel_gap)
+        stats.problems += 1
+        stats.binaries += sum(b.integral)
+        stats.constraints += len(b.row_lb)
+        sol, timed_out = b.solve(time_limit_s, mip_rel_gap)
+        stats.timed_out += int(timed_out)
         for spec, decode in decoders:
             if sol is None:
                 out[spec.id] = None
@@ -565,6 +624,19 @@ def solve_milp(
                     free[s] -= spec.shard_gb[k]
             out[spec.id] = tuple(tuple(network.site_ids[s] for s in p) for p in placement)
     return out
+
+
+def _expand(decode: Callable[[np.ndarray], list[list[int]]], classes: list[list[int]],
+            shards: int) -> Callable[[np.ndarray], list[list[int]]]:
+    def full(sol: np.ndarray) -> list[list[int]]:
+        reps = decode(sol)
+        placement: list[list[int]] = [[] for _ in range(shards)]
+        for rep, members in zip(reps, classes, strict=True):
+            for k in members:
+                placement[k] = list(rep)
+        return placement
+
+    return full
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,17 +782,23 @@ def replicate_shards(
 ) -> tuple[ShardReplication, ...]:
     """Solve exactly and greedily, and report each index's placement, p99s, costs and gap."""
     t0 = time.perf_counter()
-    exact = solve_milp(indexes, sites, network, decompose=decompose, time_limit_s=time_limit_s)
+    stats = MilpStats()
+    exact = solve_milp(indexes, sites, network, decompose=decompose, time_limit_s=time_limit_s,
+                       stats=stats)
     if not decompose and len(indexes) > 1 and any(v is None for v in exact.values()):
         # one infeasible index makes the joint MILP infeasible: solve per index so the others
         # still get their placement and the failing one its own diagnosis
         decompose = True
-        exact = solve_milp(indexes, sites, network, decompose=True, time_limit_s=time_limit_s)
+        stats = MilpStats()
+        exact = solve_milp(indexes, sites, network, decompose=True, time_limit_s=time_limit_s,
+                           stats=stats)
     t1 = time.perf_counter()
     greedy = solve_greedy(indexes, sites, network)
     t2 = time.perf_counter()
     arrays = _site_arrays(sites, network)
     solver = "milp-per-index" if decompose else "milp"
+    if stats.timed_out:
+        solver += " (time limit: best found, not proven optimal)"
     out = []
     for spec in indexes:
         geo = _geometry(spec, sites, network, arrays, prune=False)
