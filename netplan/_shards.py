@@ -658,11 +658,12 @@ def solve_greedy(
     out: dict[str, tuple[tuple[str, ...], ...] | None] = {}
     for spec in indexes:
         geo = _geometry(spec, sites, network, arrays, prune)
-        cand = [int(s) for s in geo.candidates if arrays.known[s]]
+        cand = np.array([int(s) for s in geo.candidates if arrays.known[s]], dtype=np.int64)
+        fits_c = geo.fits[:, cand]
         fanout = set(spec.fanout_shards())
         placement: list[list[int]] | None = []
         for k in range(spec.shards):
-            chosen = _greedy_shard(geo, k, k in fanout, cand, arrays, free)
+            chosen = _greedy_shard(geo, k, k in fanout, cand, fits_c, arrays, free)
             if chosen is None:
                 placement = None
                 break
@@ -677,39 +678,41 @@ def solve_greedy(
     return out
 
 
-def _greedy_shard(geo: _Geometry, k: int, queried: bool, cand: list[int], arrays: _SiteArrays,
-                  free: np.ndarray) -> list[int] | None:
+def _greedy_shard(geo: _Geometry, k: int, queried: bool, cand: np.ndarray, fits_c: np.ndarray,
+                  arrays: _SiteArrays, free: np.ndarray) -> list[int] | None:
     gb = geo.spec.shard_gb[k]
-    cost = geo.replica_cost[k]
     if free[geo.primary] < gb - 1e-9:
         return None
+    cost_c = geo.replica_cost[k, cand]
+    usable = (free[cand] >= gb - 1e-9) & (cand != geo.primary)
+    picked = np.zeros(len(cand), dtype=bool)
     chosen = [geo.primary]
     n_q = len(geo.queriers) if queried else 0
     covered = geo.fits[:, geo.primary].copy() if n_q else np.ones(0, dtype=bool)
-    while n_q and not covered.all():
-        best: tuple[float, int] | None = None
-        for s in cand:
-            if s in chosen or free[s] < gb - 1e-9:
-                continue
-            gain = int(np.count_nonzero(geo.fits[:, s] & ~covered))
-            if gain == 0:
-                continue
-            score = gain / cost[s] if cost[s] > 0 else math.inf
-            if best is None or score > best[0]:
-                best = (score, s)
-        if best is None:
-            return None
-        chosen.append(best[1])
-        covered |= geo.fits[:, best[1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        while n_q and not covered.all():
+            gain = (fits_c & ~covered[:, None]).sum(axis=0)
+            valid = usable & ~picked & (gain > 0)
+            if not valid.any():
+                return None
+            score = np.where(cost_c > 0, gain / cost_c, np.inf)
+            score[~valid] = -1.0
+            j = int(np.argmax(score))  # first best: lowest site index on ties
+            picked[j] = True
+            chosen.append(int(cand[j]))
+            covered |= fits_c[:, j]
+    domain_c = arrays.domain[cand]
     domains = {int(arrays.domain[s]) for s in chosen}
     while len(domains) < geo.spec.replicas_min:
-        options = [s for s in cand if s not in chosen and int(arrays.domain[s]) not in domains
-                   and free[s] >= gb - 1e-9]
-        if not options:
+        options = usable & ~picked & ~np.isin(domain_c, list(domains))
+        if not options.any():
             return None
-        s = min(options, key=lambda s: (cost[s], s))
-        chosen.append(s)
-        domains.add(int(arrays.domain[s]))
+        idx = np.flatnonzero(options)
+        j = int(idx[np.lexsort((cand[idx], cost_c[idx]))[0]])
+        picked[j] = True
+        chosen.append(int(cand[j]))
+        domains.add(int(domain_c[j]))
+    cost = geo.replica_cost[k]
     for s in sorted(chosen[1:], key=lambda s: -cost[s]):
         rest = [r for r in chosen if r != s]
         if len({int(arrays.domain[r]) for r in rest}) < geo.spec.replicas_min:
