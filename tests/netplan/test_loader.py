@@ -174,9 +174,7 @@ def test_inference_without_budget() -> None:
     text = VALID.replace("    latency_budget_ms: 100\n", "")
     line = _line(text, "- id: serve")
     message = _error(text)
-    assert (
-        "workloads[1].latency_budget_ms: an inference workload needs a latency budget" in message
-    )
+    assert "workloads[1].latency_budget_ms: an inference workload needs a latency budget" in message
     assert f"(line {line})" in message
 
 
