@@ -98,6 +98,11 @@ class Site(_Frozen):
         default_factory=_gpu_table_default, description="GPU type -> price per GPU-hour (USD)"
     )
     storage_tb: NonNegative | None = None
+    relay: bool = Field(
+        default=True,
+        description="may forward other sites' traffic (a path may pass through it); "
+        "false for e.g. a point of presence that only originates requests",
+    )
 
     @model_validator(mode="before")
     @classmethod

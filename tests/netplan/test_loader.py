@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from netplan import Topology, TopologyError, load_topology, parse_topology
+from netplan.cli import cli
 from netplan.report import analyze
 
 REPO = Path(__file__).resolve().parents[2]
@@ -248,12 +250,16 @@ def test_cli_reports_topology_errors_with_exit_2_and_no_traceback(tmp_path: Path
     assert done.returncode == 2
     assert f"links[0].rtt_ms: must be >= 0 (line {_line(text, 'rtt_ms')})" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cli_reports_yaml_syntax_errors_with_exit_2(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
-    broken.write_text("name: [x\n")
-    done = _run_cli("analyze", str(broken))
-    assert done.returncode == 2
-    assert "YAML syntax error" in done.stderr
-    assert "Traceback" not in done.stderr
+    broken.write_text("name: x\nsites: [\n  {id: a\n")
+    done = CliRunner().invoke(cli, ["analyze", str(broken)])
+    assert done.exit_code == 2
+    assert f"{broken}: YAML syntax error" in done.stderr
+    assert "(line 3)" in done.stderr
+    assert done.exception is None or isinstance(done.exception, SystemExit)
 
 
 # -- fuzzing -------------------------------------------------------------------------------------
