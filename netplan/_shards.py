@@ -880,6 +880,7 @@ def shard_network(network: Network, specs: Sequence[VectorIndexSpec]) -> ShardNe
     ids = tuple(s.id for s in network.topology.sites)
     idx = {s: i for i, s in enumerate(ids)}
     n = len(ids)
+    relay = np.array([site.relay for site in network.topology.sites], dtype=bool)
     rows, cols, weights = [], [], []
     for link in network.topology.links:
         a, b = idx[link.between[0]], idx[link.between[1]]
@@ -887,15 +888,29 @@ def shard_network(network: Network, specs: Sequence[VectorIndexSpec]) -> ShardNe
         rows += [a, b]
         cols += [b, a]
         weights += [w, w]
-    graph = sparse.csr_matrix((weights, (rows, cols)), shape=(n, n))
+    rows_a, cols_a, w_a = np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64), \
+        np.array(weights)
+    # Directed: a site with `relay: false` has no outgoing hops (it ends paths, never forwards).
+    out_ok = relay[rows_a] if len(rows_a) else np.zeros(0, dtype=bool)
+    graph = sparse.csr_matrix((w_a[out_ok], (rows_a[out_ok], cols_a[out_ok])), shape=(n, n))
     sources = sorted({idx[q] for spec in specs for q, _ in spec.queries}
                      | {idx[spec.primary] for spec in specs})
     latency = np.full((n, n), math.inf)
     np.fill_diagonal(latency, 0.0)
-    if sources:
-        dist = dijkstra(graph, directed=False, indices=sources)
-        latency[sources, :] = dist
-        latency[:, sources] = dist.T
+    # A non-relay source still sends its own requests: its row is min over its direct
+    # neighbours v of w(s, v) + dist(v, .) in the directed graph.
+    first_hops = {s: [(int(c), float(w)) for r, c, w in zip(rows_a, cols_a, w_a, strict=True)
+                      if r == s] for s in sources if not relay[s]}
+    needed = sorted(set(sources) | {v for hops in first_hops.values() for v, _ in hops})
+    if needed:
+        dist = dict(zip(needed, dijkstra(graph, directed=True, indices=needed), strict=True))
+        for s in sources:
+            row = dist[s].copy()
+            for v, w in first_hops.get(s, ()):
+                row = np.minimum(row, w + dist[v])
+            row[s] = 0.0
+            latency[s, :] = row
+            latency[:, s] = row
     egress = np.zeros((n, n))
     senders = ({idx[spec.primary] for spec in specs}
                if not any(spec.response_kb_per_query > 0 for spec in specs) else set(range(n)))

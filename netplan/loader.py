@@ -22,8 +22,10 @@ def parse_topology(text: str, source: str | None = None) -> Topology:
     try:
         doc = parse(text)
     except YamlSyntaxError as exc:
+        # The parser reports end-of-stream problems one line past the text; point at the last.
+        line = min(exc.line, max(1, len(text.splitlines()))) if exc.line is not None else None
         raise TopologyError(
-            [FieldIssue(path=(), message=f"YAML syntax error: {exc.message}", line=exc.line)],
+            [FieldIssue(path=(), message=f"YAML syntax error: {exc.message}", line=line)],
             source,
         ) from exc
     if not isinstance(doc.data, dict):

@@ -14,7 +14,8 @@ Theory of operation.
 - Relays forward chunks as they arrive (pipelined), so a transfer takes size / bottleneck plus one
   path RTT to start; egress is the sum over hops of the price of leaving each hop's sending site.
 - Paths for requests are min-latency paths over RTT + jitter (p99 approximated as RTT + jitter).
-Every path query may be confined to a set of regions (data residency covers relay hops too).
+Every path query may be confined to a set of regions (data residency covers relay hops too), and
+a site with `relay: false` ends paths but never forwards them.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class Network:
             link_throughput(link, self.settings) for link in topology.links
         )
         self._region = {s.id: s.region for s in topology.sites}
+        self._relays = frozenset(s.id for s in topology.sites if s.relay)
         self.graph: nx.Graph = nx.Graph()
         self.graph.add_nodes_from((s.id, {"region": s.region}) for s in topology.sites)
         self._adjacency: dict[str, list[_Hop]] = {s.id: [] for s in topology.sites}
@@ -211,6 +213,8 @@ class Network:
             if node in done:
                 continue
             done.add(node)
+            if node != source and node not in self._relays:
+                continue
             for hop in self._adjacency[node]:
                 nxt = hop.to
                 if nxt in done or not self._allowed(nxt, regions):
@@ -262,6 +266,8 @@ class Network:
             return {}
 
         def weight(u: str, v: str, attrs: dict[str, float]) -> float | None:
+            if u != source and u not in self._relays:
+                return None
             return attrs["latency_ms"] if self._allowed(v, regions) else None
 
         _, routes = nx.single_source_dijkstra(self.graph, source, weight=weight)

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-
 from netplan.decisions import (
     ClientLatency,
     Decision,
@@ -57,6 +54,14 @@ def _client_latencies(
 
 def _min_cover(classes: list[tuple[frozenset[str], Option]], clients: tuple[str, ...]) -> list[int]:
     """Indices of the fewest classes covering all clients, cheapest among equally few."""
+    everyone = frozenset(clients)
+    whole = [j for j, (covered, _) in enumerate(classes) if covered >= everyone]
+    if whole:  # one site is enough: no solver needed
+        return [min(whole, key=lambda j: classes[j][1].total_usd)]
+    # Imported here: scipy.optimize takes a second to import and most plans never need it.
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
     n = len(classes)
     a = np.zeros((len(clients), n))
     for j, (covered, _) in enumerate(classes):

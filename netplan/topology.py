@@ -109,6 +109,11 @@ class Site(_Frozen):
     storage_usd_per_gb_month: NonNegative | None = Field(
         default=None, description="default: netplan._sections.DEFAULT_STORAGE_USD_PER_GB_MONTH"
     )
+    relay: bool = Field(
+        default=True,
+        description="may forward other sites' traffic (a path may pass through it); "
+        "false for e.g. a point of presence that only originates requests",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -133,3 +133,26 @@ def test_unknown_site_is_a_plan_error() -> None:
     net = Network(_triangle(direct_loss_pct=0))
     with pytest.raises(PlanError, match="unknown site 'zz'"):
         net.widest_path("a", "zz")
+
+
+def test_a_site_that_does_not_relay_ends_paths_but_never_forwards() -> None:
+    doc = _triangle(direct_loss_pct=2).model_dump()
+    doc["sites"][2]["relay"] = False
+    net = Network(Topology.model_validate(doc))
+    direct = net.widest_path("a", "b")
+    assert direct is not None
+    assert direct.sites == ("a", "b")
+    # It is still a destination in its own right.
+    to_r = net.widest_path("a", "r")
+    assert to_r is not None
+    assert to_r.sites == ("a", "r")
+
+
+def test_transfer_settings_from_the_topology_apply() -> None:
+    doc = _triangle(direct_loss_pct=0).model_dump()
+    doc["transfer"] = {"streams": 1, "window_bytes": 65536}
+    net = Network(Topology.model_validate(doc))
+    tp = net.link("a", "r")
+    assert tp is not None
+    assert tp.limited_by == "window"
+    assert tp.effective_gbps == pytest.approx(65536 * 8 / 0.010 / 1e9)

@@ -313,3 +313,35 @@ def test_vector_index_errors_name_the_field_and_line(edit: tuple[str, str], mess
     with pytest.raises(TopologyError) as info:
         parse_topology(TOPO.replace(*edit))
     assert message in str(info.value)
+
+
+def test_query_latency_matrix_matches_the_network_models_paths_and_relay_rule() -> None:
+    from netplan import Network, parse_topology
+    from netplan._shards import index_specs, shard_network
+
+    topo = parse_topology("""\
+name: relay
+sites:
+  - {id: fra, kind: cloud, region: eu}
+  - {id: pop, kind: edge, region: eu, relay: false}
+  - {id: sgp, kind: cloud, region: ap}
+  - {id: bom, kind: cloud, region: ap}
+links:
+  - {between: [fra, pop], bandwidth_gbps: 10, rtt_ms: 1, jitter_ms: 0.5}
+  - {between: [pop, sgp], bandwidth_gbps: 10, rtt_ms: 1}
+  - {between: [fra, sgp], bandwidth_gbps: 10, rtt_ms: 160, jitter_ms: 4}
+  - {between: [sgp, bom], bandwidth_gbps: 10, rtt_ms: 30, jitter_ms: 2}
+vector_indexes:
+  - {id: ix, site: fra, shards: 1, shard_gb: 1, queries: {sgp: 1, pop: 1, bom: 1},
+     latency_budget_ms: 50, search_ms: 5}
+""")
+    network = Network(topo)
+    net = shard_network(network, index_specs(topo))
+    for q in ("sgp", "pop", "bom", "fra"):
+        for s in ("fra", "pop", "sgp", "bom"):
+            path = network.latency_path(q, s)
+            expected = 0.0 if q == s else (math.inf if path is None else path.p99_ms)
+            assert net.latency_p99_ms[net.index[q], net.index[s]] == pytest.approx(expected), (q, s)
+    # pop does not forward: sgp -> fra is the 164 ms direct link, not 2.5 ms via pop
+    assert net.latency_p99_ms[net.index["sgp"], net.index["fra"]] == pytest.approx(164.0)
+    assert net.latency_p99_ms[net.index["pop"], net.index["bom"]] == pytest.approx(33.0)
