@@ -563,6 +563,9 @@ class MilpStats:
     constraints: int = 0
     reduced_indexes: int = 0  # indexes solved as one representative per identical-shard class
     timed_out: int = 0
+    # Every index solved alone against the full storage, and the union fitted the storage:
+    # that is the joint optimum (a relaxation's optimum that is feasible for the joint problem).
+    split_certified: bool = False
 
 
 def solve_milp(
@@ -573,6 +576,7 @@ def solve_milp(
     decompose: bool = False,
     prune: bool = True,
     reduce_identical_shards: bool = True,
+    split_when_uncoupled: bool = True,
     time_limit_s: float | None = None,
     mip_rel_gap: float = 1e-7,
     stats: MilpStats | None = None,
@@ -583,9 +587,30 @@ def solve_milp(
     Identical-shard reduction (exact): when no candidate site's storage can bind (its free GB is
     at least everything the problem could put there), shards are independent, and shards of equal
     size and fanout membership have the same optimum; one representative per class is solved.
+
+    Split certificate (exact, `split_when_uncoupled`): storage is the only thing coupling indexes.
+    Each index is first solved alone against the full storage (a relaxation of the joint
+    problem); if the union of those optima fits every site's storage, it is the joint optimum and
+    the monolithic MILP is never built. Otherwise the monolithic (or sequential) MILP runs.
     """
     arrays = _site_arrays(sites, network)
     stats = stats if stats is not None else MilpStats()
+    if split_when_uncoupled and len(indexes) > 1:
+        alone: dict[str, tuple[tuple[str, ...], ...] | None] = {}
+        used = np.zeros(len(arrays.free_gb))
+        for spec in indexes:
+            one = solve_milp([spec], sites, network, prune=prune,
+                             reduce_identical_shards=reduce_identical_shards,
+                             split_when_uncoupled=False, time_limit_s=time_limit_s,
+                             mip_rel_gap=mip_rel_gap, stats=stats)
+            alone.update(one)
+            for k, holders in enumerate(one[spec.id] or ()):
+                for holder in holders:
+                    used[network.index[holder]] += spec.shard_gb[k]
+        if (all(v is not None for v in alone.values()) and stats.timed_out == 0
+                and bool(np.all(used <= arrays.free_gb + 1e-9))):
+            stats.split_certified = True
+            return alone
     out: dict[str, tuple[tuple[str, ...], ...] | None] = {}
     groups = [[spec] for spec in indexes] if decompose else [list(indexes)]
     free = arrays.free_gb.copy()
@@ -662,8 +687,16 @@ def solve_greedy(
         fits_c = geo.fits[:, cand]
         fanout = set(spec.fanout_shards())
         placement: list[list[int]] | None = []
+        # The greedy is deterministic in (size, queried, which candidates still have room, the
+        # primary's room): identical shards that meet the same storage repeat its answer.
+        memo: dict[tuple[float, bool, bytes, bool], list[int] | None] = {}
         for k in range(spec.shards):
-            chosen = _greedy_shard(geo, k, k in fanout, cand, fits_c, arrays, free)
+            gb = spec.shard_gb[k]
+            key = (gb, k in fanout, (free[cand] >= gb - 1e-9).tobytes(),
+                   bool(free[geo.primary] >= gb - 1e-9))
+            if key not in memo:
+                memo[key] = _greedy_shard(geo, k, k in fanout, cand, fits_c, arrays, free)
+            chosen = memo[key]
             if chosen is None:
                 placement = None
                 break

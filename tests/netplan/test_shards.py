@@ -345,3 +345,24 @@ vector_indexes:
     # pop does not forward: sgp -> fra is the 164 ms direct link, not 2.5 ms via pop
     assert net.latency_p99_ms[net.index["sgp"], net.index["fra"]] == pytest.approx(164.0)
     assert net.latency_p99_ms[net.index["pop"], net.index["bom"]] == pytest.approx(33.0)
+
+
+def test_split_certificate_skips_the_joint_milp_only_when_storage_does_not_couple() -> None:
+    from netplan._shards import MilpStats
+
+    lat = {("fra", "sgp"): 160.0, ("fra", "sin"): 162.0, ("sgp", "sin"): 2.0}
+    egress = {("fra", "sgp"): 0.02, ("fra", "sin"): 0.09, ("sgp", "sin"): 0.0}
+    net = _net(["fra", "sgp", "sin"], lat, egress)
+    specs = [_index(id="a", shard_gb=(10.0,), queries=(("sgp", 1.0),)),
+             _index(id="b", shard_gb=(10.0,), queries=(("sgp", 1.0),))]
+    roomy = [ReplicaSite("fra", "fra", 0.02), ReplicaSite("sgp", "sgp", 0.02, 20.0),
+             ReplicaSite("sin", "sin", 0.02)]
+    tight = [roomy[0], ReplicaSite("sgp", "sgp", 0.02, 10.0), roomy[2]]
+    for sites, certified in ((roomy, True), (tight, False)):
+        stats = MilpStats()
+        split = solve_milp(specs, sites, net, stats=stats)
+        joint = solve_milp(specs, sites, net, split_when_uncoupled=False)
+        assert stats.split_certified is certified
+        total = [sum(evaluate(spec, placed[spec.id] or (), net, sites)[0].total_usd_per_day
+                     for spec in specs) for placed in (split, joint)]
+        assert total[0] == pytest.approx(total[1])
