@@ -8,6 +8,13 @@ cannot finish (with a certificate when the per-index optima jointly fit the stor
 greedy heuristic; prints the gap between them.
 
     PYTHONPATH=. /work/venv/bin/python benchmarks/netplan_shards_scale.py
+
+Measured on the 2-core shared dev box (seed 7), defaults:
+    matrices 10.6 s; monolithic MILP 143.8 s wall (5,114,048 binaries, 946,002 rows; HiGHS hit
+    its 60 s limit without a proof, so it does NOT finish); per-index MILPs 9.3 s (100 problems,
+    79,907 binaries after the exact identical-shard reduction), and the union of per-index optima
+    fits every site's storage, so it is the joint optimum: $681.91/day; greedy 3.8 s,
+    $685.39/day; gap 0.51 %.
 """
 
 from __future__ import annotations
