@@ -28,3 +28,29 @@ __all__ = [
     "load_topology",
     "parse_topology",
 ]
+
+# Shard replication, sync rules, latency budgets and the plan file (kept as one block so the
+# two halves of the planner merge cleanly).
+from netplan._budgets import LatencyBudget, break_down_budget, latency_budgets  # noqa: E402
+from netplan._plan import SCHEMA_VERSION as PLAN_SCHEMA_VERSION  # noqa: E402
+from netplan._plan import Plan, SitePlan, build_plan  # noqa: E402
+from netplan._sections import SyncRule, VectorIndex  # noqa: E402
+from netplan._shards import ShardReplication, replicate_shards, shard_replication  # noqa: E402
+from netplan._sync import SyncPlan, plan_sync  # noqa: E402
+
+__all__ += [
+    "PLAN_SCHEMA_VERSION",
+    "LatencyBudget",
+    "Plan",
+    "ShardReplication",
+    "SitePlan",
+    "SyncPlan",
+    "SyncRule",
+    "VectorIndex",
+    "break_down_budget",
+    "build_plan",
+    "latency_budgets",
+    "plan_sync",
+    "replicate_shards",
+    "shard_replication",
+]

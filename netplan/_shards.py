@@ -33,9 +33,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
-from scipy import sparse
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse.csgraph import dijkstra
 
 from netplan._sections import DEFAULT_STORAGE_USD_PER_GB_MONTH
 from netplan.network import Network
@@ -442,6 +439,10 @@ class _Builder:
     def solve(self, time_limit_s: float | None, mip_rel_gap: float
               ) -> tuple[np.ndarray | None, bool]:
         """The solution (None if none was found) and whether the time limit cut the search."""
+        # Imported here: scipy.optimize takes a second to import and most plans never need it.
+        from scipy import sparse
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
         n = len(self.cost)
         a = sparse.csr_matrix(
             (np.concatenate(self.vals) if self.vals else np.zeros(0),
@@ -910,6 +911,9 @@ def shard_network(network: Network, specs: Sequence[VectorIndexSpec]) -> ShardNe
     path, RTT + jitter, as `Network.latency_path`; scipy's C Dijkstra so thousands of sources
     stay fast), and egress along the widest path from every primary (and, when query egress is
     modelled, from every site). Entries no solver reads are left at inf latency / 0 USD."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import dijkstra
+
     ids = tuple(s.id for s in network.topology.sites)
     idx = {s: i for i, s in enumerate(ids)}
     n = len(ids)
