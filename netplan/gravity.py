@@ -15,14 +15,14 @@ Theory of operation.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from netplan.decisions import (
     COST_TIE_FRACTION,
     Action,
     Decision,
     Option,
+    amended,
     evaluate_site,
+    gpu_violation,
     hours,
     money,
     summarize,
@@ -55,7 +55,8 @@ def _options(topology: Topology, network: Network, workload: Workload) -> list[O
         else:
             action = "move_data"
         options.append(evaluate_site(topology, network, workload, site, action))
-        if any(d.active_fraction < 1.0 for d in moving):
+        # A site short of GPUs fails either way: a staged variant would only repeat that.
+        if any(d.active_fraction < 1.0 for d in moving) and gpu_violation(site, workload) is None:
             options.append(
                 evaluate_site(topology, network, workload, site, "stage_subset", subset=True)
             )
@@ -112,7 +113,7 @@ def decide_gravity(topology: Topology, network: Network, workload: Workload) -> 
     options = _options(topology, network, workload)
     chosen, cheapest = choose(options)
     alternatives = tuple(
-        replace(o, rejected_because=rejection(o, chosen)) for o in options if o is not chosen
+        amended(o, rejected_because=rejection(o, chosen)) for o in options if o is not chosen
     )
     if chosen is None or cheapest is None:
         causes = list(dict.fromkeys(v for o in options for v in o.violations))

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from netplan.errors import TopologyError
 from netplan.topology import Topology
-from netplan.yamlpos import FieldIssue, YamlSyntaxError, field_issues, parse
+from netplan.yamlpos import FieldIssue, YamlSyntaxError, field_issues, load_data, parse
 
 __all__ = ["load_topology", "parse_topology"]
 
@@ -20,7 +20,7 @@ __all__ = ["load_topology", "parse_topology"]
 def parse_topology(text: str, source: str | None = None) -> Topology:
     """Validate one YAML document as a topology; `source` names it in error messages."""
     try:
-        doc = parse(text)
+        data = load_data(text)
     except YamlSyntaxError as exc:
         # The parser reports end-of-stream problems one line past the text; point at the last.
         line = min(exc.line, max(1, len(text.splitlines()))) if exc.line is not None else None
@@ -28,23 +28,19 @@ def parse_topology(text: str, source: str | None = None) -> Topology:
             [FieldIssue(path=(), message=f"YAML syntax error: {exc.message}", line=line)],
             source,
         ) from exc
-    if not isinstance(doc.data, dict):
-        kind = "empty" if doc.data is None else type(doc.data).__name__
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else type(data).__name__
         raise TopologyError(
-            [
-                FieldIssue(
-                    path=(),
-                    message=f"expected a mapping at the top, got {kind}",
-                    line=doc.line_of(()),
-                )
-            ],
+            [FieldIssue(path=(), message=f"expected a mapping at the top, got {kind}", line=1)],
             source,
         )
     try:
-        return Topology.model_validate(doc.data)
+        return Topology.model_validate(data)
     except ValidationError as exc:
-        raise TopologyError(field_issues(exc, doc), source) from exc
+        # Only now pay for a second parse that records where every node is.
+        raise TopologyError(field_issues(exc, parse(text)), source) from exc
     except TopologyError as exc:
+        doc = parse(text)
         located = [
             FieldIssue(path=i.path, message=i.message, line=doc.line_of(i.path)) for i in exc.issues
         ]

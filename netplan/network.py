@@ -21,10 +21,10 @@ a site with `relay: false` ends paths but never forwards them.
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import networkx as nx
 
@@ -129,19 +129,64 @@ class LatencyPath:
 Regions = frozenset[str] | None
 
 
-@dataclass(frozen=True)
-class _Hop:
-    to: str
-    gbps: float
-    rtt_ms: float
-    egress_usd_per_gb: float
-    link: LinkThroughput
+PathT = TypeVar("PathT")
+
+_UNREACHED = -2
+_ROOT = -1
+
+
+class _PathTree(Mapping[str, PathT], Generic[PathT]):
+    """A single-source search result (parent per site, by index); a target's path object is
+    built on demand, because 1,000 path objects per source cost more than the search."""
+
+    def __init__(
+        self,
+        ids: list[str],
+        index: dict[str, int],
+        parent: list[int],
+        build: Callable[[int], PathT],
+    ) -> None:
+        self._ids = ids
+        self._index = index
+        self.parent = parent
+        self._build = build
+        self._built: dict[int, PathT] = {}
+
+    def __getitem__(self, target: str) -> PathT:
+        i = self._index.get(target)
+        if i is None or self.parent[i] == _UNREACHED:
+            raise KeyError(target)
+        path = self._built.get(i)
+        if path is None:
+            path = self._built[i] = self._build(i)
+        return path
+
+    def __contains__(self, target: object) -> bool:
+        i = self._index.get(target) if isinstance(target, str) else None
+        return i is not None and self.parent[i] != _UNREACHED
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._ids[i] for i, p in enumerate(self.parent) if p != _UNREACHED)
+
+    def __len__(self) -> int:
+        return sum(1 for p in self.parent if p != _UNREACHED)
+
+    def chain(self, i: int) -> list[int]:
+        """Site indices from the source to `i`."""
+        out = [i]
+        while (i := self.parent[i]) != _ROOT:
+            out.append(i)
+        out.reverse()
+        return out
 
 
 class Network:
     """Per-link throughput and cached path queries over one topology and one set of TCP settings.
 
-    Pure: built from frozen inputs, answers are deterministic; the caches only save work.
+    The networkx graph (`graph`) carries the model: sites with their region and relay flag, links
+    with effective throughput, RTT, jitter and per-direction egress price. Path searches run over
+    an integer-indexed adjacency list derived from it, because on large estates they run hundreds
+    of times. Pure: built from frozen inputs, answers are deterministic; caches only save work.
     """
 
     def __init__(self, topology: Topology, settings: TransferSettings | None = None) -> None:
@@ -150,138 +195,192 @@ class Network:
         self.links: tuple[LinkThroughput, ...] = tuple(
             link_throughput(link, self.settings) for link in topology.links
         )
-        self._region = {s.id: s.region for s in topology.sites}
-        self._relays = frozenset(s.id for s in topology.sites if s.relay)
         self.graph: nx.Graph = nx.Graph()
-        self.graph.add_nodes_from((s.id, {"region": s.region}) for s in topology.sites)
-        self._adjacency: dict[str, list[_Hop]] = {s.id: [] for s in topology.sites}
-        self._by_pair: dict[frozenset[str], LinkThroughput] = {}
-        for link, tp in zip(topology.links, self.links, strict=True):
+        self.graph.add_nodes_from(
+            (s.id, {"region": s.region, "relay": s.relay}) for s in topology.sites
+        )
+        for number, (link, tp) in enumerate(zip(topology.links, self.links, strict=True)):
             a, b = link.between
             self.graph.add_edge(
                 a,
                 b,
+                number=number,
+                throughput=tp,
                 effective_gbps=tp.effective_gbps,
                 rtt_ms=link.rtt_ms,
                 jitter_ms=link.jitter_ms,
                 latency_ms=link.rtt_ms + link.jitter_ms,
+                egress_usd_per_gb={a: link.egress_from(a), b: link.egress_from(b)},
             )
-            for here, there in ((a, b), (b, a)):
-                hop = _Hop(there, tp.effective_gbps, link.rtt_ms, link.egress_from(here), tp)
-                self._adjacency[here].append(hop)
-            self._by_pair[frozenset((a, b))] = tp
-        self._widest: dict[tuple[str, Regions], dict[str, WidestPath]] = {}
-        self._latency: dict[tuple[str, Regions], dict[str, LatencyPath]] = {}
+        self._ids: list[str] = list(self.graph.nodes)
+        self._index = {site: i for i, site in enumerate(self._ids)}
+        self._regions: list[str] = [self.graph.nodes[s]["region"] for s in self._ids]
+        self._relay = [bool(self.graph.nodes[s]["relay"]) for s in self._ids]
+        # Per site: (neighbour, effective Gbit/s, egress $/GB leaving this site, rtt, rtt+jitter,
+        # link number).
+        self._adjacency: list[list[tuple[int, float, float, float, float, int]]] = [
+            [
+                (
+                    self._index[v],
+                    e["effective_gbps"],
+                    e["egress_usd_per_gb"][u],
+                    e["rtt_ms"],
+                    e["latency_ms"],
+                    e["number"],
+                )
+                for v, e in self.graph.adj[u].items()
+            ]
+            for u in self._ids
+        ]
+        self._masks: dict[Regions, list[bool]] = {}
+        self._widest: dict[tuple[str, Regions], _PathTree[WidestPath]] = {}
+        self._latency: dict[tuple[str, Regions], _PathTree[LatencyPath]] = {}
 
     # -- links ---------------------------------------------------------------------------------
     def link(self, a: str, b: str) -> LinkThroughput | None:
         """The direct link between two sites, if there is one."""
         self._require(a, b)
-        return self._by_pair.get(frozenset((a, b)))
+        edge = self.graph.get_edge_data(a, b)
+        return None if edge is None else edge["throughput"]
 
     # -- bulk paths ----------------------------------------------------------------------------
     def widest_path(self, source: str, target: str, regions: Regions = None) -> WidestPath | None:
         """The widest path from `source` to `target` through sites in `regions` (None: anywhere);
         None when there is no such path."""
-        self._require(source, target)
-        return self.widest_paths_from(source, regions).get(target)
+        tree = self.widest_paths_from(source, regions)
+        self._require(target)
+        return tree.get(target)
 
-    def widest_paths_from(self, source: str, regions: Regions = None) -> dict[str, WidestPath]:
+    def widest_paths_from(self, source: str, regions: Regions = None) -> Mapping[str, WidestPath]:
         """Widest paths from `source` to every reachable site (only through `regions`)."""
-        self._require(source)
         key = (source, regions)
-        cached = self._widest.get(key)
-        if cached is None:
-            cached = self._widest[key] = self._single_source_widest(source, regions)
-        return cached
+        tree = self._widest.get(key)
+        if tree is None:
+            self._require(source)
+            tree = self._widest[key] = self._single_source_widest(source, regions)
+        return tree
 
-    def _allowed(self, site: str, regions: Regions) -> bool:
-        return regions is None or self._region[site] in regions
+    def _mask(self, regions: Regions) -> list[bool]:
+        mask = self._masks.get(regions)
+        if mask is None:
+            mask = self._masks[regions] = [
+                regions is None or region in regions for region in self._regions
+            ]
+        return mask
 
-    def _single_source_widest(self, source: str, regions: Regions) -> dict[str, WidestPath]:
-        if not self._allowed(source, regions):
-            return {}
-        # Label: (bottleneck, egress per GB, rtt). Order: wider, then cheaper, then shorter.
-        # Dijkstra is exact for the bottleneck; the cost/RTT tie-breaks are greedy.
-        best: dict[str, tuple[float, float, float]] = {source: (math.inf, 0.0, 0.0)}
-        parent: dict[str, tuple[str, _Hop] | None] = {source: None}
-        done: set[str] = set()
-        counter = itertools.count()
-        heap: list[tuple[float, float, float, int, str]] = [(-math.inf, 0.0, 0.0, 0, source)]
-        while heap:
-            neg_b, cost, rtt, _, node = heapq.heappop(heap)
-            if node in done:
-                continue
-            done.add(node)
-            if node != source and node not in self._relays:
-                continue
-            for hop in self._adjacency[node]:
-                nxt = hop.to
-                if nxt in done or not self._allowed(nxt, regions):
+    def _single_source_widest(self, source: str, regions: Regions) -> _PathTree[WidestPath]:
+        # Label per site: (bottleneck, egress per GB, rtt). Order: wider, then cheaper, then
+        # shorter. Dijkstra is exact for the bottleneck; the cost/RTT tie-breaks are greedy.
+        n = len(self._ids)
+        s = self._index[source]
+        allowed, relay, adjacency = self._mask(regions), self._relay, self._adjacency
+        width = [0.0] * n
+        cost = [0.0] * n
+        rtt = [0.0] * n
+        parent = [_UNREACHED] * n
+        via = [-1] * n
+        if allowed[s]:
+            width[s] = math.inf
+            parent[s] = _ROOT
+            done = bytearray(n)
+            heap: list[tuple[float, float, float, int]] = [(-math.inf, 0.0, 0.0, s)]
+            pop, push = heapq.heappop, heapq.heappush
+            while heap:
+                neg_w, c, r, u = pop(heap)
+                if done[u]:
                     continue
-                label = (min(-neg_b, hop.gbps), cost + hop.egress_usd_per_gb, rtt + hop.rtt_ms)
-                old = best.get(nxt)
-                if old is None or (-label[0], label[1], label[2]) < (-old[0], old[1], old[2]):
-                    best[nxt] = label
-                    parent[nxt] = (node, hop)
-                    heapq.heappush(heap, (-label[0], label[1], label[2], next(counter), nxt))
-        paths: dict[str, WidestPath] = {}
-        for target, (bottleneck, egress, rtt) in best.items():
-            sites: list[str] = [target]
-            narrowest: _Hop | None = None
-            step = parent[target]
-            while step is not None:
-                prev, hop = step
-                if narrowest is None or hop.gbps < narrowest.gbps:
-                    narrowest = hop
-                sites.append(prev)
-                step = parent[prev]
-            sites.reverse()
-            paths[target] = WidestPath(
-                sites=tuple(sites),
-                bottleneck_gbps=bottleneck,
-                limited_by=narrowest.link.limited_by if narrowest else None,
-                bottleneck_link=narrowest.link.between if narrowest else None,
-                rtt_ms=rtt,
-                egress_usd_per_gb=egress,
+                done[u] = 1
+                if u != s and not relay[u]:
+                    continue
+                w = -neg_w
+                for v, gbps, egress, hop_rtt, _lat, number in adjacency[u]:
+                    if done[v] or not allowed[v]:
+                        continue
+                    b = gbps if gbps < w else w
+                    nc = c + egress
+                    nr = r + hop_rtt
+                    if parent[v] == _UNREACHED or (-b, nc, nr) < (-width[v], cost[v], rtt[v]):
+                        width[v], cost[v], rtt[v] = b, nc, nr
+                        parent[v], via[v] = u, number
+                        push(heap, (-b, nc, nr, v))
+
+        def build(i: int) -> WidestPath:
+            chain = tree.chain(i)
+            narrowest: LinkThroughput | None = None
+            for j in chain[1:]:
+                tp = self.links[via[j]]
+                if narrowest is None or tp.effective_gbps < narrowest.effective_gbps:
+                    narrowest = tp
+            return WidestPath(
+                sites=tuple(self._ids[j] for j in chain),
+                bottleneck_gbps=width[i],
+                limited_by=narrowest.limited_by if narrowest else None,
+                bottleneck_link=narrowest.between if narrowest else None,
+                rtt_ms=rtt[i],
+                egress_usd_per_gb=cost[i],
             )
-        return paths
+
+        tree: _PathTree[WidestPath] = _PathTree(self._ids, self._index, parent, build)
+        return tree
 
     # -- request paths -------------------------------------------------------------------------
     def latency_path(self, source: str, target: str, regions: Regions = None) -> LatencyPath | None:
         """The min-latency (RTT + jitter) path between two sites, or None if unreachable."""
-        self._require(source, target)
-        return self.latency_paths_from(source, regions).get(target)
+        tree = self.latency_paths_from(source, regions)
+        self._require(target)
+        return tree.get(target)
 
-    def latency_paths_from(self, source: str, regions: Regions = None) -> dict[str, LatencyPath]:
-        self._require(source)
+    def latency_paths_from(self, source: str, regions: Regions = None) -> Mapping[str, LatencyPath]:
+        """Min-latency paths from `source` to every reachable site (only through `regions`)."""
         key = (source, regions)
-        cached = self._latency.get(key)
-        if cached is None:
-            cached = self._latency[key] = self._single_source_latency(source, regions)
-        return cached
+        tree = self._latency.get(key)
+        if tree is None:
+            self._require(source)
+            tree = self._latency[key] = self._single_source_latency(source, regions)
+        return tree
 
-    def _single_source_latency(self, source: str, regions: Regions) -> dict[str, LatencyPath]:
-        if not self._allowed(source, regions):
-            return {}
+    def _single_source_latency(self, source: str, regions: Regions) -> _PathTree[LatencyPath]:
+        n = len(self._ids)
+        s = self._index[source]
+        allowed, relay, adjacency = self._mask(regions), self._relay, self._adjacency
+        dist = [math.inf] * n
+        parent = [_UNREACHED] * n
+        via = [-1] * n
+        if allowed[s]:
+            dist[s] = 0.0
+            parent[s] = _ROOT
+            done = bytearray(n)
+            heap: list[tuple[float, int]] = [(0.0, s)]
+            pop, push = heapq.heappop, heapq.heappush
+            while heap:
+                d, u = pop(heap)
+                if done[u]:
+                    continue
+                done[u] = 1
+                if u != s and not relay[u]:
+                    continue
+                for v, _gbps, _egress, _rtt, lat, number in adjacency[u]:
+                    if done[v] or not allowed[v]:
+                        continue
+                    nd = d + lat
+                    if nd < dist[v]:
+                        dist[v] = nd
+                        parent[v], via[v] = u, number
+                        push(heap, (nd, v))
 
-        def weight(u: str, v: str, attrs: dict[str, float]) -> float | None:
-            if u != source and u not in self._relays:
-                return None
-            return attrs["latency_ms"] if self._allowed(v, regions) else None
+        def build(i: int) -> LatencyPath:
+            chain = tree.chain(i)
+            hops = [self.links[via[j]] for j in chain[1:]]
+            return LatencyPath(
+                sites=tuple(self._ids[j] for j in chain),
+                rtt_ms=sum(h.rtt_ms for h in hops),
+                jitter_ms=sum(h.jitter_ms for h in hops),
+            )
 
-        _, routes = nx.single_source_dijkstra(self.graph, source, weight=weight)
-        out: dict[str, LatencyPath] = {}
-        for target, route in routes.items():
-            rtt = jitter = 0.0
-            for u, v in itertools.pairwise(route):
-                edge = self.graph.edges[u, v]
-                rtt += edge["rtt_ms"]
-                jitter += edge["jitter_ms"]
-            out[target] = LatencyPath(sites=tuple(route), rtt_ms=rtt, jitter_ms=jitter)
-        return out
+        tree: _PathTree[LatencyPath] = _PathTree(self._ids, self._index, parent, build)
+        return tree
 
     def _require(self, *sites: str) -> None:
         for site in sites:
-            if site not in self._adjacency:
+            if site not in self._index:
                 raise PlanError(f"unknown site {site!r}")

@@ -12,12 +12,11 @@ Theory of operation.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from netplan.decisions import (
     ClientLatency,
     Decision,
     Option,
+    amended,
     deadline_violation,
     evaluate_site,
     hours,
@@ -102,8 +101,8 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
     for site in candidates:
         option = evaluate_site(topology, network, workload, site, "replicate_model")
         if not option.movements:
-            option = replace(option, action="in_place")
-        singles.append(replace(option, clients=_client_latencies(network, workload, (site.id,))))
+            option = amended(option, action="in_place")
+        singles.append(amended(option, clients=_client_latencies(network, workload, (site.id,))))
 
     def covered(option: Option) -> frozenset[str]:
         return frozenset(
@@ -191,7 +190,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
                 )
             else:
                 why = summarize(causes)
-        alternatives.append(replace(option, rejected_because=why))
+        alternatives.append(amended(option, rejected_because=why))
 
     if chosen is None:
         return Decision(

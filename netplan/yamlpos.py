@@ -15,7 +15,18 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-__all__ = ["FieldIssue", "YamlDocument", "YamlSyntaxError", "field_issues", "format_path", "parse"]
+__all__ = [
+    "FieldIssue",
+    "YamlDocument",
+    "YamlSyntaxError",
+    "field_issues",
+    "format_path",
+    "load_data",
+    "parse",
+]
+
+# libyaml's loader when PyYAML has it (about 4x faster on large files); same safe semantics.
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 Path = tuple[str | int, ...]
 
@@ -62,17 +73,30 @@ def _walk(node: yaml.Node, path: Path, lines: dict[Path, int]) -> None:
             _walk(item, (*path, index), lines)
 
 
+def _syntax_error(exc: yaml.YAMLError) -> YamlSyntaxError:
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        return YamlSyntaxError(str(exc.problem or exc.context or "invalid YAML"), line)
+    return YamlSyntaxError(str(exc), None)
+
+
+def load_data(text: str) -> Any:
+    """Parse one YAML document (safe loader) without recording positions: the fast path for
+    documents that turn out valid; call `parse` for line numbers when something is wrong."""
+    try:
+        return yaml.load(text, Loader=_SafeLoader)
+    except yaml.YAMLError as exc:
+        raise _syntax_error(exc) from exc
+
+
 def parse(text: str) -> YamlDocument:
     """Parse one YAML document (safe loader) and record the line of every node."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
-        raise YamlSyntaxError(str(exc.problem or exc.context or "invalid YAML"), line) from exc
+        node = yaml.compose(text, Loader=_SafeLoader)
+        data = yaml.load(text, Loader=_SafeLoader)
     except yaml.YAMLError as exc:
-        raise YamlSyntaxError(str(exc), None) from exc
+        raise _syntax_error(exc) from exc
     lines: dict[Path, int] = {}
     if node is not None:
         _walk(node, (), lines)
