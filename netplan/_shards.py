@@ -237,6 +237,11 @@ class ShardReplication:
             },
             "feasible": self.feasible,
             "reason": self.reason,
+            "misses": [{"querying_site": m.querying_site, "shard": m.shard,
+                        "best_p99_ms": _round(m.best_p99_ms if math.isfinite(m.best_p99_ms)
+                                              else None),
+                        "miss_ms": _round(m.miss_ms if math.isfinite(m.miss_ms) else None),
+                        "best_site": m.best_site} for m in self.misses],
         }
 
 
@@ -849,7 +854,9 @@ def replicate_shards(
             misses = _misses(geo, arrays, network)
             out.append(ShardReplication(
                 index=spec.id, solver=solver, feasible=False,
-                reason=diagnose(spec, sites, network), misses=misses, greedy_cost=greedy_cost,
+                reason=(f"the MILP hit its {time_limit_s:g} s time limit without a placement"
+                        if stats.timed_out and not misses else diagnose(spec, sites, network)),
+                misses=misses, greedy_cost=greedy_cost,
                 solve_seconds=t1 - t0, greedy_seconds=t2 - t1))
             continue
         placement = [[network.index[s] for s in p] for p in e]

@@ -86,7 +86,11 @@ def test_no_placement_names_the_querying_site_the_shard_and_the_miss() -> None:
     assert result.reason == ("querying site sgp misses the budget for shard 0 by 120.0 ms "
                              "(best p99 170.0 ms, from fra)")
     assert result.misses[0].miss_ms == pytest.approx(120.0)
-    assert result.to_json()["shards"] == []
+    out = result.to_json()
+    assert out["shards"] == []
+    assert out["feasible"] is False
+    assert out["misses"] == [{"querying_site": "sgp", "shard": 0, "best_p99_ms": 170.0,
+                              "miss_ms": 120.0, "best_site": "fra"}]
 
 
 def test_too_few_failure_domains_is_explained() -> None:
