@@ -67,6 +67,7 @@ class BudgetMiss:
 
     item: ScheduledItem[object]
     at: float
+    kind: str  # arrived_late | queue_ahead | rate_cap | expired_in_queue (a metric label)
     reason: str
 
 
@@ -142,19 +143,19 @@ class ClassScheduler(Generic[P]):
             self._bulk[traffic_class].append(item)
         return item
 
-    def _miss(self, item: ScheduledItem[P], now: float, reason: str) -> None:
+    def _miss(self, item: ScheduledItem[P], now: float, kind: str, reason: str) -> None:
         if item.miss_reason is not None:
             return
         item.late = True
         item.miss_reason = reason
-        self._misses.append(BudgetMiss(item, now, reason))  # type: ignore[arg-type]
+        self._misses.append(BudgetMiss(item, now, kind, reason))  # type: ignore[arg-type]
 
     def _check_feasible(self, item: ScheduledItem[P], now: float) -> None:
         if item.deadline is None:
             return
         budget = item.deadline - now
         if budget <= 0:
-            self._miss(item, now, f"arrived {_ms(-budget)} after its deadline")
+            self._miss(item, now, "arrived_late", f"arrived {_ms(-budget)} after its deadline")
             return
         # Control goes first, then interactive items due no later than this one (EDF order).
         ahead = sum(i.size_bytes for i in self._control) + sum(
@@ -173,6 +174,7 @@ class ClassScheduler(Generic[P]):
             self._miss(
                 item,
                 now,
+                "queue_ahead" if bottleneck != " under the rate cap" else "rate_cap",
                 f"needs ~{_ms(needed)} ({ahead} bytes queued ahead, {item.size_bytes} bytes"
                 f"{bottleneck}) but its deadline is in {_ms(budget)}",
             )
@@ -182,7 +184,12 @@ class ClassScheduler(Generic[P]):
         self._now = max(self._now, now)
         for key, _, item in self._interactive:
             if key <= now and item.miss_reason is None:
-                self._miss(item, now, f"still queued {_ms(now - key)} after its deadline")
+                self._miss(
+                    item,
+                    now,
+                    "expired_in_queue",
+                    f"still queued {_ms(now - key)} after its deadline",
+                )
 
     # -- output -------------------------------------------------------------------------------
 
@@ -230,6 +237,7 @@ class ClassScheduler(Generic[P]):
                 self._miss(
                     head,
                     now,
+                    "rate_cap",
                     f"rate cap holds it until {_ms(release - now)} from now, "
                     f"past its deadline in {_ms(key - now)}",
                 )

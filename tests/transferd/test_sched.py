@@ -152,6 +152,7 @@ def test_budget_miss_reports_queue_ahead_and_item_is_still_sent_flagged_late() -
     misses = sched.pop_budget_misses()
     assert len(misses) == 1
     assert misses[0].item.payload == "late"
+    assert misses[0].kind == "queue_ahead"
     assert misses[0].reason == (
         "needs ~41.0 ms (36864 bytes queued ahead, 4096 bytes at 1000000 B/s)"
         " but its deadline is in 40.0 ms"
@@ -184,6 +185,7 @@ def test_item_still_queued_at_its_deadline_is_reported_when_the_timer_fires() ->
     misses = sched.pop_budget_misses()
     assert [m.item.payload for m in misses] == ["second"]
     assert "needs ~40.0 ms" in misses[0].reason
+    assert misses[0].kind == "rate_cap"
     # An item with a feasible deadline that then waits past it is reported by the timer.
     sched2: ClassScheduler[str] = ClassScheduler(0.0)
     sched2.enqueue(IA, 100, "waits", 0.0, deadline=0.05)
