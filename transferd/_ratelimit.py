@@ -37,10 +37,14 @@ class RateCap:
             raise ValueError(f"burst_bytes must be > 0, got {self.burst_bytes}")
 
     @classmethod
-    def from_rate(cls, rate_bytes_per_s: float, burst_s: float = 0.05) -> RateCap:
-        # 50 ms of burst by default: enough to keep a pipe busy between timer ticks, small enough
-        # that a 10 s window measures the rate and not the burst.
-        return cls(rate_bytes_per_s, max(rate_bytes_per_s * burst_s, 1.0))
+    def from_rate(
+        cls, rate_bytes_per_s: float, burst_s: float = 0.05, min_burst_bytes: float = 16 << 20
+    ) -> RateCap:
+        # 50 ms of burst keeps a fast pipe busy between timer ticks. The floor of two default
+        # chunks (2 x 8 MiB) matters when buckets nest: a class whose own bucket is full while it
+        # waits for the total bucket (or its turn) would otherwise lose tokens and fall short of
+        # its cap.
+        return cls(rate_bytes_per_s, max(rate_bytes_per_s * burst_s, min_burst_bytes))
 
 
 class TokenBucket:

@@ -6,10 +6,12 @@ Theory of operation (sans-I/O; every call takes `now`, `next_deadline()` says wh
   `BudgetMiss` with the reason (arrived after its deadline; the bytes queued ahead of it at the
   expected service rate; its rate cap holds it past the deadline; still queued at the deadline).
   It is flagged `late` and still sent: a miss is reported, never a silent drop.
-- checkpoint and sync share what is left by weight (default 3:1) with deficit round robin by
-  bytes (Shreedhar & Varghese 1995): each visit adds weight * quantum bytes of credit; a class
-  sends while its head chunk fits its credit. An idle or rate-capped class is skipped and its
-  credit reset, so the scheduler is work-conserving: sync gets everything when checkpoint is idle.
+- checkpoint and sync share what is left by weight (default 3:1) with start-time fair queueing
+  by bytes (Goyal, Vin & Cheng 1996): a class's next chunk starts at virtual time
+  max(V, its last finish tag) and finishes size/weight later; the eligible class with the
+  smallest start tag goes next and V moves to that start. A class that was idle or held by its
+  cap restarts at V, with no credit banked, and a capped class goes as soon as its bucket lets
+  it (no tokens overflow while it waits its turn). Work-conserving: a class alone gets everything.
 - rate caps (`PeerRateLimiter`) gate every class but control. A class held by its own cap lets the
   others pass; a total cap is offered to the higher class first.
 """
@@ -84,7 +86,6 @@ class ClassScheduler(Generic[P]):
         *,
         bulk_weights: Mapping[TrafficClass, float] | None = None,
         limiter: PeerRateLimiter | None = None,
-        quantum_bytes: int = 1 << 20,
         service_rate_bytes_per_s: float | None = None,
     ) -> None:
         weights = dict(DEFAULT_BULK_WEIGHTS if bulk_weights is None else bulk_weights)
@@ -93,28 +94,23 @@ class ClassScheduler(Generic[P]):
                 raise ValueError(f"bulk_weights: {cls} is not a bulk class")
             if not weight > 0:
                 raise ValueError(f"bulk_weights.{cls}: must be > 0, got {weight}")
-        if quantum_bytes <= 0:
-            raise ValueError(f"quantum_bytes must be > 0, got {quantum_bytes}")
         self.bulk_weights = {cls: float(weights.get(cls, 1.0)) for cls in BULK_CLASSES}
         self.limiter = limiter
         # Expected rate at which this peer drains interactive bytes (the link or the class cap);
         # None = unknown: only deadlines already passed count as misses.
         self.service_rate_bytes_per_s = service_rate_bytes_per_s
-        least = min(self.bulk_weights.values())
-        self._quantum = {
-            cls: quantum_bytes * weight / least for cls, weight in self.bulk_weights.items()
-        }
         self._seq = itertools.count()
         self._control: deque[ScheduledItem[P]] = deque()
         self._interactive: list[tuple[float, int, ScheduledItem[P]]] = []
         self._interactive_bytes = 0
         self._bulk: dict[TrafficClass, deque[ScheduledItem[P]]] = {c: deque() for c in BULK_CLASSES}
-        self._deficit = {cls: 0.0 for cls in BULK_CLASSES}
-        self._rr = 0
-        self._visit_open = False
+        self._finish_tag = {cls: 0.0 for cls in BULK_CLASSES}
+        self._virtual_time = 0.0
         self._blocked_until: dict[TrafficClass, float] = {}
         self._misses: list[BudgetMiss] = []
         self._now = now
+        # Set by `dequeue` when it answered None because the item is another class's to take.
+        self.handoff: TrafficClass | None = None
 
     # -- input --------------------------------------------------------------------------------
 
@@ -194,11 +190,18 @@ class ClassScheduler(Generic[P]):
     # -- output -------------------------------------------------------------------------------
 
     def dequeue(
-        self, now: float, classes: Collection[TrafficClass] | None = None
+        self,
+        now: float,
+        classes: Collection[TrafficClass] | None = None,
+        ready: Collection[TrafficClass] | None = None,
     ) -> ScheduledItem[P] | None:
         """The next item allowed to go at `now` (charged to the caps), or None.
 
-        `classes` restricts the answer to the classes the caller's connection pool carries.
+        `classes` restricts the answer to the classes the caller's connection pool carries;
+        `ready` names the other bulk classes whose pools have a worker waiting right now (default:
+        all). When the weights say a ready class other than the caller's goes next, the answer is
+        None and that class's worker gets the item when it asks; a class with no worker waiting
+        is passed over, so a busy pool never idles the others.
         """
         self._now = max(self._now, now)
         self.handle_timer(now)
@@ -210,9 +213,14 @@ class ClassScheduler(Generic[P]):
                 self.limiter.charge(TrafficClass.CONTROL, item.size_bytes, now)
         if item is None and TrafficClass.INTERACTIVE in wanted:
             item = self._dequeue_interactive(now)
+        self.handoff = None
+        takers = wanted | set(_PRIORITY if ready is None else ready)
         if item is None and wanted.intersection(BULK_CLASSES):
-            if not self._higher_class_wants_total(now):
-                item = self._dequeue_bulk(now, wanted)
+            higher = self._higher_class_wants_total(now, takers)
+            if higher is not None:
+                self.handoff = higher
+            else:
+                item = self._dequeue_bulk(now, wanted, takers)
         if item is not None:
             item.sent_at = now
             self._blocked_until.pop(item.traffic_class, None)
@@ -248,63 +256,48 @@ class ClassScheduler(Generic[P]):
             self.limiter.consume(TrafficClass.INTERACTIVE, head.size_bytes, now)
         return head
 
-    def _higher_class_wants_total(self, now: float) -> bool:
-        """True when a queued control/interactive item could use the total cap's tokens now."""
+    def _higher_class_wants_total(
+        self, now: float, takers: Collection[TrafficClass]
+    ) -> TrafficClass | None:
+        """The higher class whose queued item (and waiting worker) could use the total cap's
+        tokens now, if any: bulk must leave them to it."""
         if self.limiter is None or self.limiter.total_bucket is None:
-            return False
-        if self._control:
-            return True
-        if self._interactive:
+            return None
+        if self._control and TrafficClass.CONTROL in takers:
+            return TrafficClass.CONTROL
+        if self._interactive and TrafficClass.INTERACTIVE in takers:
             head = self._interactive[0][2]
             own = self.limiter.class_buckets.get(TrafficClass.INTERACTIVE)
-            return own is None or own.can_consume(head.size_bytes, now)
-        return False
+            if own is None or own.can_consume(head.size_bytes, now):
+                return TrafficClass.INTERACTIVE
+        return None
 
     def _dequeue_bulk(
-        self, now: float, wanted: Collection[TrafficClass]
+        self, now: float, wanted: Collection[TrafficClass], takers: Collection[TrafficClass]
     ) -> ScheduledItem[P] | None:
-        order = list(BULK_CLASSES)
-        eligible = {
+        eligible = [
             c
-            for c in order
-            if c in wanted and self._bulk[c] and self._allowed(c, self._bulk[c][0].size_bytes, now)
-        }
-        for cls in order:
-            if not self._bulk[cls]:
-                self._deficit[cls] = 0.0
+            for c in BULK_CLASSES
+            if c in takers and self._bulk[c] and self._allowed(c, self._bulk[c][0].size_bytes, now)
+        ]
         if not eligible:
             return None
-        # Each full round adds at least the smallest quantum to every eligible class's credit, so
-        # the head of some class fits within this many visits.
-        largest = max(self._bulk[c][0].size_bytes for c in eligible)
-        visits = len(order) * (2 + int(largest / min(self._quantum.values())))
-        for _ in range(visits):
-            cls = order[self._rr]
-            if cls not in eligible:
-                if not self._bulk[cls]:
-                    self._deficit[cls] = 0.0
-                self._advance()
-                continue
-            if not self._visit_open:
-                self._deficit[cls] += self._quantum[cls]
-                self._visit_open = True
-            queue = self._bulk[cls]
-            head = queue[0]
-            if head.size_bytes <= self._deficit[cls]:
-                queue.popleft()
-                self._deficit[cls] -= head.size_bytes
-                if not queue:
-                    self._deficit[cls] = 0.0
-                    self._advance()
-                if self.limiter is not None:
-                    self.limiter.consume(cls, head.size_bytes, now)
-                return head
-            self._advance()
-        raise AssertionError("deficit round robin did not converge")  # unreachable by the bound
+        cls = min(eligible, key=self._start_tag)  # ties: checkpoint before sync (BULK_CLASSES)
+        if cls not in wanted:
+            # Its turn, but another pool carries it: that pool's next call picks the same class,
+            # as nothing changed in between.
+            self.handoff = cls
+            return None
+        head = self._bulk[cls].popleft()
+        start = self._start_tag(cls)
+        self._virtual_time = start
+        self._finish_tag[cls] = start + head.size_bytes / self.bulk_weights[cls]
+        if self.limiter is not None:
+            self.limiter.consume(cls, head.size_bytes, now)
+        return head
 
-    def _advance(self) -> None:
-        self._rr = (self._rr + 1) % len(BULK_CLASSES)
-        self._visit_open = False
+    def _start_tag(self, cls: TrafficClass) -> float:
+        return max(self._virtual_time, self._finish_tag[cls])
 
     def next_deadline(self) -> float | None:
         """When to call `dequeue`/`handle_timer` again if nothing else happens (None: never)."""
@@ -355,6 +348,7 @@ class SchedulerPump(Generic[P]):
         self.scheduler = scheduler
         self.on_budget_miss = on_budget_miss
         self._changed = asyncio.Condition()
+        self._waiting: dict[TrafficClass, int] = dict.fromkeys(TrafficClass, 0)
 
     @staticmethod
     def now() -> float:
@@ -380,19 +374,32 @@ class SchedulerPump(Generic[P]):
         return item
 
     async def get(self, classes: Collection[TrafficClass] | None = None) -> ScheduledItem[P]:
+        mine = tuple(TrafficClass if classes is None else classes)
         async with self._changed:
-            while True:
-                now = self.now()
-                item = self.scheduler.dequeue(now, classes)
-                self._report()
-                if item is not None:
-                    # Another worker may be able to take the next item right away.
-                    self._changed.notify_all()
-                    return item
-                wake = self.scheduler.next_deadline()
-                delay = None if wake is None else max(wake - now, 0.0)
-                try:
-                    async with asyncio.timeout(delay):
-                        await self._changed.wait()
-                except TimeoutError:
-                    pass
+            for cls in mine:
+                self._waiting[cls] += 1
+            try:
+                return await self._get(mine)
+            finally:
+                for cls in mine:
+                    self._waiting[cls] -= 1
+
+    async def _get(self, classes: tuple[TrafficClass, ...]) -> ScheduledItem[P]:
+        while True:
+            now = self.now()
+            ready = [cls for cls, waiting in self._waiting.items() if waiting]
+            item = self.scheduler.dequeue(now, classes, ready)
+            self._report()
+            if item is not None:
+                # Another worker may be able to take the next item right away.
+                self._changed.notify_all()
+                return item
+            if self.scheduler.handoff is not None:
+                self._changed.notify_all()  # the next item is another pool's waiting worker's
+            wake = self.scheduler.next_deadline()
+            delay = None if wake is None else max(wake - now, 0.0)
+            try:
+                async with asyncio.timeout(delay):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass

@@ -26,8 +26,8 @@ def _saturate(bucket: TokenBucket, chunk: int, seconds: float) -> int:
 
 @pytest.mark.parametrize("chunk", [1500, 64 * 1024, 8 << 20])
 def test_token_bucket_rate_holds_within_one_percent_over_ten_seconds(chunk: int) -> None:
-    # 8 MiB chunks are larger than the 2.5 MB burst: they go out in debt and the rate still holds.
-    cap = RateCap.from_rate(50 * MB)
+    # 8 MiB chunks are larger than a 1 MB burst: they go out in debt and the rate still holds.
+    cap = RateCap(50 * MB, 1 * MB)
     sent = _saturate(TokenBucket(cap, now=0.0), chunk, seconds=10.0)
     expected = 50 * MB * 10 + cap.burst_bytes
     assert abs(sent - expected) <= 0.01 * expected + chunk
@@ -77,9 +77,10 @@ def test_peer_limiter_holds_class_caps_under_the_total_cap() -> None:
         assert limiter.consume(cls, size, now)
         sent[cls] += size
     total = sum(sent.values())
-    assert abs(total - 100 * MB * horizon) <= 0.01 * 100 * MB * horizon + 2 * (1 << 20)
+    burst = 16 << 20  # RateCap.from_rate's floor: each bucket starts full
+    assert abs(total - (100 * MB * horizon + burst)) <= 0.01 * 100 * MB * horizon
     for cls in (TrafficClass.CHECKPOINT, TrafficClass.SYNC):
-        assert sent[cls] <= 60 * MB * horizon * 1.01
+        assert sent[cls] <= (60 * MB * horizon + burst) * 1.01
     assert sent[TrafficClass.INTERACTIVE] > 0
 
 
