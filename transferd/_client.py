@@ -41,6 +41,11 @@ class ChunkBody(payload.Payload):
         return bytes(self._value).decode(encoding, errors)
 
     async def write(self, writer: Any) -> None:
+        # Flush the headers on their own first: on Python < 3.12.9 aiohttp coalesces headers
+        # and body with b"".join, a full copy of every chunk.
+        send_headers = getattr(writer, "send_headers", None)
+        if send_headers is not None:
+            send_headers()
         await writer.write(self._value)
 
 

@@ -196,7 +196,7 @@ class Receiver:
         self,
         upload: str,
         digest: str,
-        body: bytes,
+        body: bytes | memoryview,
         declared_body_blake3: str,
         encoding: str,
         raw_length: int,

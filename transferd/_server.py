@@ -121,19 +121,20 @@ def build_app(daemon: Daemon) -> web.Application:
         locations = daemon.receiver.locations(
             upload, auth.site, digest, raw_length, request.query.get("at", "")
         )
-        body = await request.read()
-        await asyncio.to_thread(
-            daemon.receiver.verify_and_write,
-            upload,
-            digest,
-            body,
-            auth.body_blake3,
-            encoding,
-            raw_length,
-            locations,
-        )
+        async with daemon.receive_buffers.body(request, MAX_CHUNK_BYTES) as body:
+            wire = len(body)
+            await asyncio.to_thread(
+                daemon.receiver.verify_and_write,
+                upload,
+                digest,
+                body,
+                auth.body_blake3,
+                encoding,
+                raw_length,
+                locations,
+            )
         daemon.journal.record_received(upload, locations, digest)
-        daemon.metrics.bytes_received.labels(auth.site).inc(len(body))
+        daemon.metrics.bytes_received.labels(auth.site).inc(wire)
         daemon.metrics.chunks_received.labels(auth.site).inc()
         return web.Response(status=204)
 

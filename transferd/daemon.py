@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from transferd._auth import NonceGuard
+from transferd._buffers import BufferPool
 from transferd._checkpoints import ready_steps
 from transferd._client import PeerLink
 from transferd._journal import JobState, Journal
@@ -73,6 +74,8 @@ class Daemon:
         self.clock = clock
         self._sock = sock
         self.metrics = Metrics()
+        # Room for every stream of two peers' bulk classes, each with one body in hand.
+        self.receive_buffers = BufferPool(config.chunk_size, count=max(4, 2 * config.streams))
         self.port: int | None = None
         self._commit_locks: dict[str, asyncio.Lock] = {}
         state = config.state_path
