@@ -1,4 +1,4 @@
-"""The transferd error tree: every failure the daemon, its client or its CLI reports is one of these.
+"""The transferd error tree: every failure the daemon, its client or its CLI reports.
 
 Errors carry structured fields (`field`, `line`, `path`, `peer`, `status`); only the CLI turns them
 into text and exit codes. Foreign exceptions (aiohttp, OSError, zstd, pyarrow, cryptography) are
@@ -39,7 +39,7 @@ class TransferdError(Exception):
 
 
 class ConfigError(TransferdError):
-    """The site config (or keys_dir) is invalid; `issues` holds one `field: message (line N)` each."""
+    """The site config (or keys_dir) is invalid; `issues`: one `field: message (line N)` each."""
 
     kind = "config"
     http_status = 500
@@ -83,7 +83,7 @@ class IntegrityError(TransferdError):
 
 
 class PolicyViolation(TransferdError):
-    """A transfer breaks site policy: raw-tier data leaving its site, or a path escaping data_dir."""
+    """A transfer breaks policy: raw-tier data leaving its site, or a path escaping data_dir."""
 
     kind = "policy"
     http_status = 403
