@@ -25,14 +25,20 @@ import os
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import quote, urlencode
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
+from transferd._auth import NonceGuard, authenticate, sign_headers
+from transferd._chunker import blake3_hex
 from transferd._classes import TrafficClass
+from transferd._client import ChunkBody
+from transferd._keys import Keyring
 from transferd._sched import BudgetMiss, ClassScheduler, SchedulerPump
 from transferd.errors import (
     AuthError,
@@ -45,6 +51,7 @@ from transferd.errors import (
 
 __all__ = [
     "MESSAGE_CLASSES",
+    "HmacPeerAuth",
     "InboxMessage",
     "MessageMetrics",
     "MessageReceipt",
@@ -76,6 +83,67 @@ class PeerAuth(Protocol):
     def verify(self, headers: Mapping[str, str], method: str, path_qs: str, body: bytes) -> str:
         """The authenticated source site of a request; raises AuthError otherwise."""
         ...
+
+
+LocalAuth = Callable[[Mapping[str, str], str, str, bytes], None]
+"""Checks a local API request (headers, method, path_qs, body); raises AuthError."""
+
+
+class HmacPeerAuth:
+    """`PeerAuth` with the daemon's request signatures (transferd._auth): HMAC-SHA256 over
+    method, path, body blake3, timestamp, nonce and both site ids, with the pair secret."""
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        guard: NonceGuard,
+        peers: Collection[str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.keyring = keyring
+        self.guard = guard
+        self.peers = set(peers)
+        self.clock = clock
+
+    def sign(self, peer: str, method: str, path_qs: str, body: bytes) -> Mapping[str, str]:
+        return sign_headers(
+            self.keyring.secret_for(peer),
+            method=method,
+            path_qs=path_qs,
+            body_blake3=blake3_hex(body),
+            src=self.keyring.site,
+            dst=peer,
+            now=self.clock(),
+        )
+
+    def _check(self, headers: Mapping[str, str], method: str, path_qs: str, body: bytes) -> str:
+        auth = authenticate(
+            headers,
+            method=method,
+            path_qs=path_qs,
+            keyring=self.keyring,
+            guard=self.guard,
+            now=self.clock(),
+        )
+        if blake3_hex(body) != auth.body_blake3:
+            raise AuthError("request body does not match its signed blake3", status=401)
+        return auth.site
+
+    def verify(self, headers: Mapping[str, str], method: str, path_qs: str, body: bytes) -> str:
+        site = self._check(headers, method, path_qs, body)
+        if site not in self.peers:
+            raise AuthError(f"site {site!r} is not a peer of this site", status=403)
+        return site
+
+    def verify_local(
+        self, headers: Mapping[str, str], method: str, path_qs: str, body: bytes
+    ) -> None:
+        """The local API answers only this site's own CLI (signed with the site's own secret)."""
+        if self._check(headers, method, path_qs, body) != self.keyring.site:
+            raise AuthError("the local API only answers this site's own CLI", status=403)
+
+    def sign_local(self, method: str, path_qs: str, body: bytes) -> Mapping[str, str]:
+        return self.sign(self.keyring.site, method, path_qs, body)
 
 
 @dataclass(frozen=True)
@@ -285,6 +353,7 @@ class MessageService:
         request_timeout_s: float = 30.0,
         attempts: int = 3,
         clock: Callable[[], float] = time.time,
+        session_for: Callable[[str, TrafficClass], aiohttp.ClientSession] | None = None,
     ) -> None:
         self.site = site
         self.peers = {name: url.rstrip("/") for name, url in peers.items()}
@@ -297,6 +366,8 @@ class MessageService:
         self.request_timeout_s = request_timeout_s
         self.attempts = attempts
         self.clock = clock
+        # The daemon's own per-(peer, class) pools when given; else this service opens its own.
+        self.session_for = session_for
         self._pumps: dict[str, SchedulerPump[Any]] = dict(pumps or {})
         self._sessions: dict[tuple[str, TrafficClass], aiohttp.ClientSession] = {}
         self._hook_queue: asyncio.Queue[InboxMessage] = asyncio.Queue()
@@ -324,6 +395,8 @@ class MessageService:
         for peer in self.peers:
             self.pump(peer)
             for cls in MESSAGE_CLASSES:
+                if self.session_for is not None:
+                    continue
                 self._sessions[(peer, cls)] = aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(limit=self.workers[cls]),
                     timeout=aiohttp.ClientTimeout(total=self.request_timeout_s),
@@ -348,7 +421,7 @@ class MessageService:
             if not runner.cancelled() and runner.exception() is not None:
                 raise TransportError("message workers failed") from runner.exception()
         for session in self._sessions.values():
-            await session.close()
+            await session.close()  # only the pools this service opened itself
         self._sessions.clear()
 
     async def __aenter__(self) -> MessageService:
@@ -421,12 +494,15 @@ class MessageService:
 
     async def _send_worker(self, peer: str, traffic_class: TrafficClass) -> None:
         pump = self.pump(peer)
-        session = self._sessions[(peer, traffic_class)]
         while True:
             item = await pump.get([traffic_class])
             message = item.payload
             if not isinstance(message, _Outgoing):
                 raise ProtocolError(f"{traffic_class.value} queue holds a non-message item")
+            if self.session_for is not None:
+                session = self.session_for(peer, traffic_class)
+            else:
+                session = self._sessions[(peer, traffic_class)]
             try:
                 receipt = await self._deliver(session, message)
             except TransferdError as exc:
@@ -452,7 +528,7 @@ class MessageService:
             signed = dict(headers)
             signed.update(self.auth.sign(message.peer, "POST", PEER_ROUTE, message.body))
             try:
-                async with session.post(url, data=message.body, headers=signed) as resp:
+                async with session.post(url, data=ChunkBody(message.body), headers=signed) as resp:
                     answer = await resp.json(content_type=None)
                     if resp.status != 200:
                         raise error_from_json(resp.status, answer)
@@ -584,9 +660,17 @@ def _error_response(exc: TransferdError) -> web.Response:
 SERVICE_KEY: web.AppKey[MessageService] = web.AppKey("transferd_messages", MessageService)
 
 
-def add_message_routes(app: web.Application, service: MessageService) -> None:
-    """Mount the three message routes and tie the service's lifetime to the app's."""
+def add_message_routes(
+    app: web.Application, service: MessageService, local_auth: LocalAuth | None = None
+) -> None:
+    """Mount the three message routes and tie the service's lifetime to the app's.
+    `local_auth` guards the two local routes (the daemon's CLI signatures); None leaves them open
+    to whoever can reach the listener (tests, or a listener on a private socket)."""
     app[SERVICE_KEY] = service
+
+    def check_local(request: web.Request, body: bytes) -> None:
+        if local_auth is not None:
+            local_auth(request.headers, request.method, request.raw_path, body)
 
     async def lifespan(_app: web.Application) -> Any:
         await service.start()
@@ -607,6 +691,7 @@ def add_message_routes(app: web.Application, service: MessageService) -> None:
             return _error_response(ProtocolError(f"message exceeds {MAX_MESSAGE_BYTES} bytes"))
         body = await request.read()
         try:
+            check_local(request, body)
             receipt = await service.send(
                 request.match_info["peer"], body, traffic_class, deadline_ms, wait=wait
             )
@@ -617,7 +702,7 @@ def add_message_routes(app: web.Application, service: MessageService) -> None:
     async def receive_message(request: web.Request) -> web.Response:
         body = await request.read()
         try:
-            source = service.auth.verify(request.headers, request.method, request.path_qs, body)
+            source = service.auth.verify(request.headers, request.method, request.raw_path, body)
             answer = await service.receive(source, request.headers, body)
         except AuthError as exc:
             log.warning("message_refused reason=%s", json.dumps(exc.message))
@@ -634,6 +719,10 @@ def add_message_routes(app: web.Application, service: MessageService) -> None:
             return _error_response(ProtocolError(f"bad query: {exc}"))
         # Bound the long-poll: a proxy or client timeout is usually about a minute.
         wait_s = min(max(wait_ms, 0.0), 60_000.0) / 1000.0
+        try:
+            check_local(request, b"")
+        except TransferdError as exc:
+            return _error_response(exc)
         messages = await service.inbox.get(wait_s, max(1, min(max_messages, 10_000)))
         return web.json_response({"messages": [m.to_json() for m in messages]})
 
@@ -645,14 +734,35 @@ def add_message_routes(app: web.Application, service: MessageService) -> None:
 # -- Python client --------------------------------------------------------------------------------
 
 
-async def _request_json(
-    session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
-) -> tuple[int, Any]:
+LocalSigner = Callable[[str, str, bytes], Mapping[str, str]]
+"""Headers for a local API request (method, path_qs, body), e.g. `HmacPeerAuth.sign_local`."""
+
+
+async def _local_call(
+    daemon_url: str,
+    method: str,
+    path_qs: str,
+    body: bytes,
+    session: aiohttp.ClientSession | None,
+    sign: LocalSigner | None,
+) -> Any:
+    headers = dict(sign(method, path_qs, body)) if sign is not None else {}
+    url = daemon_url.rstrip("/") + path_qs
+    owned = session is None
+    client = session or aiohttp.ClientSession()
     try:
-        async with session.request(method, url, **kwargs) as resp:
-            return resp.status, await resp.json(content_type=None)
+        async with client.request(
+            method, URL(url, encoded=True), data=ChunkBody(body) if body else None, headers=headers
+        ) as resp:
+            status, answer = resp.status, await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
         raise TransportError(f"{method} {url}: {exc!r}") from exc
+    finally:
+        if owned:
+            await client.close()
+    if status not in (200, 202):
+        raise error_from_json(status, answer)
+    return answer
 
 
 async def send_message(
@@ -664,24 +774,14 @@ async def send_message(
     deadline_ms: float | None = None,
     wait: bool = True,
     session: aiohttp.ClientSession | None = None,
-    headers: Mapping[str, str] | None = None,
+    sign: LocalSigner | None = None,
 ) -> MessageReceipt:
     """Ask the local daemon at `daemon_url` to deliver `body` to `peer`."""
-    params = {"class": traffic_class.value, "wait": "1" if wait else "0"}
+    query = {"class": traffic_class.value, "wait": "1" if wait else "0"}
     if deadline_ms is not None:
-        params["deadline_ms"] = f"{deadline_ms:g}"
-    url = f"{daemon_url.rstrip('/')}/v1/messages/{peer}"
-    owned = session is None
-    client = session or aiohttp.ClientSession()
-    try:
-        status, answer = await _request_json(
-            client, "POST", url, params=params, data=body, headers=dict(headers or {})
-        )
-    finally:
-        if owned:
-            await client.close()
-    if status not in (200, 202):
-        raise error_from_json(status, answer)
+        query["deadline_ms"] = f"{deadline_ms:g}"
+    path_qs = f"/v1/messages/{quote(peer, safe='')}?{urlencode(query)}"
+    answer = await _local_call(daemon_url, "POST", path_qs, body, session, sign)
     return MessageReceipt.from_json(answer)
 
 
@@ -691,25 +791,11 @@ async def read_inbox(
     wait_ms: float = 0.0,
     max_messages: int = 100,
     session: aiohttp.ClientSession | None = None,
-    headers: Mapping[str, str] | None = None,
+    sign: LocalSigner | None = None,
 ) -> list[InboxMessage]:
     """Take up to `max_messages` from the local daemon's inbox, waiting up to `wait_ms`."""
-    url = f"{daemon_url.rstrip('/')}/v1/inbox"
-    owned = session is None
-    client = session or aiohttp.ClientSession()
-    try:
-        status, answer = await _request_json(
-            client,
-            "GET",
-            url,
-            params={"wait_ms": f"{wait_ms:g}", "max": str(max_messages)},
-            headers=dict(headers or {}),
-        )
-    finally:
-        if owned:
-            await client.close()
-    if status != 200:
-        raise error_from_json(status, answer)
+    path_qs = "/v1/inbox?" + urlencode({"wait_ms": f"{wait_ms:g}", "max": str(max_messages)})
+    answer = await _local_call(daemon_url, "GET", path_qs, b"", session, sign)
     if not isinstance(answer, dict) or not isinstance(answer.get("messages"), list):
         raise ProtocolError("inbox answer has no message list")
     return [InboxMessage.from_json(item) for item in answer["messages"]]

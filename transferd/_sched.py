@@ -320,6 +320,32 @@ class ClassScheduler(Generic[P]):
             return bool(self._interactive)
         return bool(self._bulk[cls])
 
+    def discard(self, item: ScheduledItem[P]) -> bool:
+        """Take a queued item back (its sender gave up); False when it is no longer queued."""
+        cls = item.traffic_class
+        if cls is TrafficClass.INTERACTIVE:
+            for i, (_, _, queued) in enumerate(self._interactive):
+                if queued is item:
+                    self._interactive.pop(i)
+                    heapq.heapify(self._interactive)
+                    self._interactive_bytes -= item.size_bytes
+                    return True
+            return False
+        queue = self._control if cls is TrafficClass.CONTROL else self._bulk[cls]
+        try:
+            queue.remove(item)
+        except ValueError:
+            return False
+        return True
+
+    def discard_newest(self, cls: TrafficClass) -> bool:
+        """Take back the most recently queued bulk or control item of `cls`, if any."""
+        queue = self._control if cls is TrafficClass.CONTROL else self._bulk.get(cls)
+        if not queue:
+            return False
+        queue.pop()
+        return True
+
     def pop_budget_misses(self) -> list[BudgetMiss]:
         misses, self._misses = self._misses, []
         return misses

@@ -2,11 +2,11 @@
 
 A job (path, destination) runs open -> for each batch of chunks: hash, ask have/want, PUT the
 wanted ones -> signed manifest -> commit. Hashing of the next batch overlaps the uploads of the
-previous one; uploads run in parallel, bounded by a semaphore of `streams` (the bulk loop is a
-thin adapter: a later traffic-class scheduler can replace the semaphore without touching the
-rest). Policy is checked before a byte is read. Jobs survive SIGKILL: the journal keeps them
-and a restarted daemon re-opens the same upload id, so the receiver's answer to have/want says
-exactly which chunks are still missing.
+previous one; each chunk PUT is admitted by the peer's `BulkGate` for the job's class (the
+class scheduler's weights and rate caps, and the adaptive stream count). Policy is checked
+before a byte is read. Jobs survive SIGKILL: the journal keeps them and a restarted daemon
+re-opens the same upload id, so the receiver's answer to have/want says exactly which chunks
+are still missing.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from transferd._manifest import ChunkRef, FileEntry, HaveRequest, Manifest, Uplo
 from transferd._metrics import Metrics
 from transferd._policy import Tier, check_may_leave_site, normalize_rel_path
 from transferd._storage import FsspecStorage, LocalStorage, Source
+from transferd._streams import PeerTraffic
 from transferd.errors import (
     IntegrityError,
     PolicyViolation,
@@ -78,6 +79,7 @@ class Sender:
         compression: str | int,
         streams: int,
         clock: Callable[[], float],
+        traffic: dict[str, PeerTraffic],
         retry_budget_s: float = 300.0,
         max_jobs: int = 4,
     ) -> None:
@@ -90,6 +92,7 @@ class Sender:
         self.chunk_size = chunk_size
         self.streams = streams
         self.clock = clock
+        self.traffic = traffic
         self.retry_budget_s = retry_budget_s
         self.max_jobs = max_jobs
         self.compression = {
@@ -311,8 +314,8 @@ class Sender:
                 first = idxs[0]
                 used.add(first)
                 locations = [(index, refs[i].offset) for i in idxs]
-                await pump.slots.acquire()
-                tg.create_task(pump.put(digest, locations, views[first], windows[first]))
+                await pump.gate.acquire(refs[first].length)
+                pump.spawn(tg, digest, locations, views[first], windows[first])
             for i, w in enumerate(windows):
                 if i not in used and w is not None:
                     w.close()
@@ -356,8 +359,8 @@ class Sender:
                         if window is not None:
                             window.close()
                         raise IntegrityError("source file changed while being sent")
-                    await pump.slots.acquire()
-                    tg.create_task(pump.put(digest, [(f, off)], view, window))
+                    await pump.gate.acquire(n)
+                    pump.spawn(tg, digest, [(f, off)], view, window)
         raise IntegrityError(f"{link.peer} still rejects the upload after {COMMIT_ROUNDS} rounds")
 
     async def _control(
@@ -458,9 +461,10 @@ class _Interrupted(Exception):
 
 
 class _ChunkPump:
-    """Parallel chunk PUTs of one job: a semaphore of `streams` slots bounds memory and
-    connections; each PUT is retried on transport errors (resume after the receiver comes back)
-    and on integrity errors (a chunk damaged in flight is sent again, and counted)."""
+    """Parallel chunk PUTs of one job: the peer's gate for the job's class admits each one (it
+    bounds memory and connections, paces by caps and weights, adapts the stream count); each PUT
+    is retried on transport errors (resume after the receiver comes back) and on integrity
+    errors (a chunk damaged in flight is sent again, and counted)."""
 
     def __init__(
         self, sender: Sender, job: Job, link: PeerLink, bulk: TrafficClass, upload: str
@@ -470,8 +474,36 @@ class _ChunkPump:
         self.link = link
         self.bulk = bulk
         self.upload = upload
-        self.slots = asyncio.Semaphore(sender.streams)
+        self.gate = sender.traffic[link.peer].gates[bulk]
         self.inflight = 0
+
+    def spawn(
+        self,
+        tg: asyncio.TaskGroup,
+        digest: str,
+        locations: list[tuple[int, int]],
+        view: memoryview,
+        window: FileWindow | None,
+    ) -> None:
+        """Run `put` in `tg` with the gate slot just acquired; a task cancelled before it ever
+        ran (a sibling failed) hands its slot back, since `put`'s own cleanup never ran."""
+        began = False
+
+        async def run() -> None:
+            nonlocal began
+            began = True
+            await self.put(digest, locations, view, window)
+
+        def settle(_task: asyncio.Task[None]) -> None:
+            if not began:
+                if window is not None:
+                    try:
+                        window.close()
+                    except BufferError:
+                        pass
+                self.gate.release(0, 0)
+
+        tg.create_task(run()).add_done_callback(settle)
 
     async def put(
         self,
@@ -484,6 +516,13 @@ class _ChunkPump:
         peer = self.link.peer
         where = ",".join(f"{f}:{off}" for f, off in locations)
         path = f"/v1/uploads/{self.upload}/chunks/{digest}?at={where}"
+        acked, errors = 0, 0  # for the stream controller: retries and integrity failures
+
+        def count_retry() -> None:
+            nonlocal errors
+            errors += 1
+            self._count_retry()
+
         try:
             for attempt in range(1, MAX_CHUNK_ATTEMPTS + 1):
                 encoded = await asyncio.to_thread(s.encode, peer, view)
@@ -512,9 +551,10 @@ class _ChunkPump:
                             accept=(200, 204),
                         ),
                         budget_s=s.retry_budget_s,
-                        on_retry=lambda: self._count_retry(),
+                        on_retry=count_retry,
                     )
                 except IntegrityError:
+                    errors += 1
                     s.metrics.integrity_failures.labels(peer, "sender").inc()
                     s.journal.add_job_counters(
                         self.job.id, integrity_failures=1, retries=1, bytes_on_wire=wire
@@ -531,6 +571,7 @@ class _ChunkPump:
                 elapsed = time.perf_counter() - t0
                 s.compression[peer].observe_link(wire * max(1, concurrent), elapsed)
                 break
+            acked = wire
             s.metrics.bytes_sent.labels(peer).inc(wire)
             s.metrics.chunks_sent.labels(peer).inc()
             s.metrics.compression_in.labels(peer).inc(encoded.raw_length)
@@ -553,7 +594,7 @@ class _ChunkPump:
                     window.close()
                 except BufferError:
                     pass  # the transport still holds the buffer; the mapping goes with it
-            self.slots.release()
+            self.gate.release(acked, errors)
 
     def _count_retry(self) -> None:
         self.sender.metrics.retries.labels(self.link.peer).inc()

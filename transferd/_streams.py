@@ -16,23 +16,35 @@ goodput per window and:
 - discards the first window after every change, while new streams ramp up;
 - stays within `min_streams..max_streams` (1..32).
 Every change is kept as a `StreamChange` with its reason, for a log line and a metric.
-`StreamPool` is the thin asyncio adapter that runs that many concurrent sends per bulk class.
+`StreamPool` (runs the sends) and `BulkGate` (admits sends the caller runs) are the thin asyncio
+adapters; `PeerTraffic` bundles a peer's scheduler and gates for the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from transferd._classes import TrafficClass
-from transferd._sched import ScheduledItem, SchedulerPump
+from transferd._classes import BULK_CLASSES, TrafficClass
+from transferd._ratelimit import PeerRateLimiter, RateCap
+from transferd._sched import ClassScheduler, ScheduledItem, SchedulerPump
 from transferd.errors import TransferdError
 
-__all__ = ["StreamChange", "StreamController", "StreamPool"]
+__all__ = [
+    "BulkGate",
+    "PeerTraffic",
+    "StreamChange",
+    "StreamController",
+    "StreamMetrics",
+    "StreamPool",
+]
+
+log = logging.getLogger("transferd.streams")
 
 P = TypeVar("P")
 
@@ -262,3 +274,182 @@ class StreamPool(Generic[P]):
         if self.controller.target_streams != before:
             async with self._target_changed:
                 self._target_changed.notify_all()
+
+
+class StreamMetrics:
+    """Stream-count changes per (peer, class): ints always, Prometheus counters given a registry."""
+
+    def __init__(self, registry: Any = None) -> None:
+        self.changes: dict[tuple[str, str, str], int] = {}
+        self.target: dict[tuple[str, str], int] = {}
+        self._changes_counter: Any = None
+        self._target_gauge: Any = None
+        if registry is not None:
+            from prometheus_client import Counter, Gauge
+
+            self._changes_counter = Counter(
+                "transferd_stream_changes",
+                "Changes of the parallel-stream target, by direction",
+                ["peer", "class", "direction"],
+                registry=registry,
+            )
+            self._target_gauge = Gauge(
+                "transferd_streams_target",
+                "Parallel chunk uploads the stream controller allows",
+                ["peer", "class"],
+                registry=registry,
+            )
+
+    def set_target(self, peer: str, cls: TrafficClass, streams: int) -> None:
+        self.target[(peer, cls.value)] = streams
+        if self._target_gauge is not None:
+            self._target_gauge.labels(peer, cls.value).set(streams)
+
+    def record(self, peer: str, cls: TrafficClass, change: StreamChange) -> None:
+        direction = "up" if change.to_streams > change.from_streams else "down"
+        key = (peer, cls.value, direction)
+        self.changes[key] = self.changes.get(key, 0) + 1
+        if self._changes_counter is not None:
+            self._changes_counter.labels(peer, cls.value, direction).inc()
+        self.set_target(peer, cls, change.to_streams)
+        log.info(
+            "streams.change",
+            extra={
+                "fields": {
+                    "peer": peer,
+                    "class": cls.value,
+                    "from": change.from_streams,
+                    "to": change.to_streams,
+                    "goodput_mbit_s": round(change.goodput_bytes_per_s * 8 / 1e6, 1),
+                    "reason": change.reason,
+                }
+            },
+        )
+
+
+class BulkGate:
+    """Admission of chunk uploads for one (peer, bulk class), for senders that own their upload
+    tasks: `await acquire(n)` returns once a stream is free (in flight < the controller's target)
+    and the peer's scheduler releases n bytes of this class (rate caps, weights); `release(acked,
+    errors)` ends the upload and feeds the controller. Synchronous release, so it is safe in
+    `finally` blocks of cancelled tasks."""
+
+    def __init__(
+        self,
+        peer: str,
+        pump: SchedulerPump[None],
+        traffic_class: TrafficClass,
+        controller: StreamController,
+        metrics: StreamMetrics | None = None,
+    ) -> None:
+        self.peer = peer
+        self.pump = pump
+        self.traffic_class = traffic_class
+        self.controller = controller
+        self.metrics = metrics
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        if metrics is not None:
+            metrics.set_target(peer, traffic_class, controller.target_streams)
+
+    async def acquire(self, size_bytes: int) -> None:
+        if self.in_flight >= self.controller.target_streams or self._waiters:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter  # the releaser counted us in already
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._release_slot()
+                elif waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+        else:
+            self.in_flight += 1
+        item = None
+        try:
+            item = await self.pump.put(self.traffic_class, size_bytes, None)
+            await self.pump.get([self.traffic_class])
+        except BaseException:
+            # Given up before sending: take one marker back so the queue stays balanced (any
+            # marker will do: they are interchangeable).
+            scheduler = self.pump.scheduler
+            if item is not None and not scheduler.discard(item):
+                scheduler.discard_newest(self.traffic_class)
+            self._release_slot()
+            raise
+
+    def release(self, acked_bytes: int, errors: int = 0) -> None:
+        self.controller.on_sample(self.pump.now(), acked_bytes, errors)
+        for change in self.controller.pop_changes():
+            if self.metrics is not None:
+                self.metrics.record(self.peer, self.traffic_class, change)
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        self.in_flight -= 1
+        while self._waiters and self.in_flight < self.controller.target_streams:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
+
+
+@dataclass
+class PeerTraffic:
+    """What the daemon schedules toward one peer: its scheduler (behind a pump shared by the
+    message service and the bulk path) and one `BulkGate` per bulk class."""
+
+    peer: str
+    pump: SchedulerPump[Any]
+    gates: dict[TrafficClass, BulkGate]
+
+    @classmethod
+    def build(
+        cls,
+        peer: str,
+        *,
+        now: float | None = None,
+        bulk_weights: Mapping[TrafficClass, float] | None = None,
+        class_caps: Mapping[TrafficClass, RateCap] | None = None,
+        total_cap: RateCap | None = None,
+        initial_streams: int = 2,
+        min_streams: int = 1,
+        max_streams: int = 32,
+        adaptive: bool = True,
+        metrics: StreamMetrics | None = None,
+    ) -> PeerTraffic:
+        if now is None:
+            now = asyncio.get_running_loop().time()
+        limiter = None
+        if class_caps or total_cap is not None:
+            limiter = PeerRateLimiter(now, class_caps=class_caps, total_cap=total_cap)
+        interactive_rate = None
+        if limiter is not None:
+            rate = limiter.rate_bytes_per_s(TrafficClass.INTERACTIVE)
+            interactive_rate = None if math.isinf(rate) else rate
+        scheduler: ClassScheduler[Any] = ClassScheduler(
+            now,
+            bulk_weights=bulk_weights,
+            limiter=limiter,
+            service_rate_bytes_per_s=interactive_rate,
+        )
+        pump: SchedulerPump[Any] = SchedulerPump(scheduler)
+        gates = {}
+        for bulk in BULK_CLASSES:
+            if adaptive:
+                controller = StreamController(
+                    now,
+                    initial_streams=initial_streams,
+                    min_streams=min_streams,
+                    max_streams=max_streams,
+                )
+            else:  # a fixed count: bounds pinned to it
+                controller = StreamController(
+                    now,
+                    initial_streams=initial_streams,
+                    min_streams=initial_streams,
+                    max_streams=initial_streams,
+                )
+            gates[bulk] = BulkGate(peer, pump, bulk, controller, metrics)
+        return cls(peer, pump, gates)

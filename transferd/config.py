@@ -19,8 +19,10 @@ from transferd.errors import ConfigError
 __all__ = [
     "CheckpointSettings",
     "PeerConfig",
+    "RateCaps",
     "SiteConfig",
     "TlsConfig",
+    "TrafficSettings",
     "WatchSettings",
     "load_config",
     "parse_config",
@@ -40,8 +42,21 @@ class TlsConfig(_Frozen):
     ca: str | None = None  # peers' CA bundle; None uses the system store
 
 
+_Mbps = Annotated[float, Field(gt=0)]
+
+
+class RateCaps(_Frozen):
+    """Token-bucket caps toward one peer, in Mbit/s; absent = uncapped. Control is never held."""
+
+    total_mbit_s: _Mbps | None = None
+    interactive_mbit_s: _Mbps | None = None
+    checkpoint_mbit_s: _Mbps | None = None
+    sync_mbit_s: _Mbps | None = None
+
+
 class PeerConfig(_Frozen):
     url: str
+    rate_caps: RateCaps = Field(default_factory=RateCaps)
 
     @field_validator("url")
     @classmethod
@@ -64,6 +79,28 @@ class WatchSettings(_Frozen):
     poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
 
 
+class BulkWeights(_Frozen):
+    checkpoint: Annotated[float, Field(gt=0)] = 3.0  # issue 4: checkpoint 3 : sync 1
+    sync: Annotated[float, Field(gt=0)] = 1.0
+
+
+class TrafficSettings(_Frozen):
+    """Traffic classes: how bulk classes share a link, adaptive streams, interactive messages."""
+
+    weights: BulkWeights = Field(default_factory=BulkWeights)
+    adaptive_streams: bool = True  # False: exactly `streams` parallel uploads per peer and class
+    streams_min: Annotated[int, Field(ge=1, le=64)] = 1
+    streams_max: Annotated[int, Field(ge=1, le=64)] = 32  # GridFTP/FTS3-style upper bound
+    message_deadline_ms: Annotated[float, Field(ge=0)] = 1000.0  # when a sender names none
+    inbox_hook: list[str] | None = None  # argv run per received message (body on stdin)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TrafficSettings:
+        if self.streams_min > self.streams_max:
+            raise ValueError("streams_min must be <= streams_max")
+        return self
+
+
 class SiteConfig(_Frozen):
     site: str
     listen: str
@@ -75,10 +112,12 @@ class SiteConfig(_Frozen):
     tls: TlsConfig | None = None
     chunk_size: Annotated[int, Field(ge=64 * 1024, le=256 * MiB)] = 8 * MiB
     compression: Literal["auto", "off"] | Annotated[int, Field(ge=1, le=22)] = "auto"
-    streams: Annotated[int, Field(ge=1, le=64)] = 4  # parallel chunk uploads per peer and class
+    # Parallel chunk uploads per peer and bulk class at start; adapts within traffic.streams_*.
+    streams: Annotated[int, Field(ge=1, le=64)] = 4
     auth_window_s: Annotated[float, Field(gt=0)] = 300.0  # accepted clock skew / replay window
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
+    traffic: TrafficSettings = Field(default_factory=TrafficSettings)
     # Where the file lives; set by load_config, not by the YAML.
     base_dir: str = Field(default=".", exclude=True)
 
@@ -112,6 +151,10 @@ class SiteConfig(_Frozen):
         for target in self.checkpoints.targets:
             if target not in self.peers:
                 raise ValueError(f"checkpoints.targets: {target!r} is not one of peers")
+        if self.traffic.adaptive_streams and not (
+            self.traffic.streams_min <= self.streams <= self.traffic.streams_max
+        ):
+            raise ValueError("streams: must lie within traffic.streams_min..streams_max")
         if self.state_dir is None and not self.data_dir_is_local:
             raise ValueError("state_dir: required when data_dir is not a local path")
         return self

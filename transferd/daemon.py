@@ -22,15 +22,19 @@ from aiohttp import web
 from transferd._auth import NonceGuard
 from transferd._buffers import BufferPool
 from transferd._checkpoints import ready_steps
+from transferd._classes import TrafficClass
 from transferd._client import PeerLink
 from transferd._journal import JobState, Journal
 from transferd._keys import Keyring
+from transferd._messages import HmacPeerAuth, MessageMetrics, MessageService, add_message_routes
 from transferd._metrics import Metrics
+from transferd._ratelimit import RateCap
 from transferd._receiver import Receiver
 from transferd._sender import Sender
 from transferd._server import build_app
 from transferd._storage import open_storage
-from transferd.config import SiteConfig
+from transferd._streams import PeerTraffic, StreamMetrics
+from transferd.config import PeerConfig, SiteConfig
 from transferd.errors import ConfigError, TransferdError
 
 __all__ = ["Daemon"]
@@ -60,6 +64,35 @@ def server_ssl_context(config: SiteConfig) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"tls: cannot load certificate or key: {exc}") from exc
     return ctx
+
+
+def _peer_traffic(
+    peer: str, pc: PeerConfig, config: SiteConfig, metrics: StreamMetrics
+) -> PeerTraffic:
+    caps = pc.rate_caps
+    per_class = {
+        TrafficClass.INTERACTIVE: caps.interactive_mbit_s,
+        TrafficClass.CHECKPOINT: caps.checkpoint_mbit_s,
+        TrafficClass.SYNC: caps.sync_mbit_s,
+    }
+    t = config.traffic
+    return PeerTraffic.build(
+        peer,
+        now=time.monotonic(),  # the event loop's clock (loop.time) on the default and uvloop
+        bulk_weights={
+            TrafficClass.CHECKPOINT: t.weights.checkpoint,
+            TrafficClass.SYNC: t.weights.sync,
+        },
+        class_caps={
+            cls: RateCap.from_rate(mbit * 1e6 / 8) for cls, mbit in per_class.items() if mbit
+        },
+        total_cap=RateCap.from_rate(caps.total_mbit_s * 1e6 / 8) if caps.total_mbit_s else None,
+        initial_streams=config.streams,
+        min_streams=t.streams_min,
+        max_streams=t.streams_max,
+        adaptive=t.adaptive_streams,
+        metrics=metrics,
+    )
 
 
 class Daemon:
@@ -98,13 +131,20 @@ class Daemon:
             config.checkpoints.retention,
         )
         ssl_ctx = client_ssl_context(config)
+        traffic = config.traffic
+        self.stream_metrics = StreamMetrics(self.metrics.registry)
+        self.traffic = {
+            peer: _peer_traffic(peer, pc, config, self.stream_metrics)
+            for peer, pc in config.peers.items()
+        }
+        max_streams = traffic.streams_max if traffic.adaptive_streams else config.streams
         self.links = {
             peer: PeerLink(
                 site=config.site,
                 peer=peer,
                 url=pc.url,
                 keyring=self.keyring,
-                streams=config.streams,
+                streams=max(config.streams, max_streams),
                 clock=clock,
                 ssl_context=ssl_ctx,
             )
@@ -121,6 +161,19 @@ class Daemon:
             compression=config.compression,
             streams=config.streams,
             clock=clock,
+            traffic=self.traffic,
+        )
+        self.auth = HmacPeerAuth(self.keyring, self.guard, list(config.peers), clock)
+        self.messages = MessageService(
+            config.site,
+            {peer: pc.url for peer, pc in config.peers.items()},
+            self.auth,
+            pumps={peer: t.pump for peer, t in self.traffic.items()},
+            metrics=MessageMetrics(self.metrics.registry),
+            hook_command=traffic.inbox_hook,
+            default_deadline_ms=traffic.message_deadline_ms,
+            clock=clock,
+            session_for=lambda peer, cls: self.links[peer].session(cls),
         )
         self._collect_garbage()
 
@@ -167,6 +220,10 @@ class Daemon:
                 "chunks_skipped": m.value("transferd_chunks_skipped_total", peer=peer),
                 "retries": m.value("transferd_retries_total", peer=peer),
                 "link_Bps": self.sender.compression[peer].link_Bps,
+                "streams": {
+                    cls.value: gate.controller.target_streams
+                    for cls, gate in self.traffic[peer].gates.items()
+                },
             }
         return {"site": self.config.site, "listen": self.url, "jobs": jobs, "peers": peers}
 
@@ -174,6 +231,7 @@ class Daemon:
         self, stop: asyncio.Event, ready: Callable[[Daemon], None] | None = None
     ) -> None:
         app = build_app(self)
+        add_message_routes(app, self.messages, local_auth=self.auth.verify_local)
         runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
         )

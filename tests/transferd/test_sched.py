@@ -245,3 +245,15 @@ def test_separate_pools_still_share_by_weight_through_handoff() -> None:
     # A class whose pool has no worker waiting is passed over: checkpoint alone takes the link.
     taken = [sched.dequeue(0.0, classes=[CP], ready=[CP]) for _ in range(10)]
     assert all(item is not None and item.traffic_class is CP for item in taken)
+
+
+def test_discarded_items_leave_the_queues() -> None:
+    sched: ClassScheduler[str] = ClassScheduler(0.0)
+    keep = sched.enqueue(SY, 10, "keep", 0.0)
+    gone = sched.enqueue(SY, 10, "gone", 0.0)
+    msg = sched.enqueue(IA, 10, "msg", 0.0, deadline=1.0)
+    assert sched.discard(gone)
+    assert sched.discard(msg)
+    assert not sched.discard(msg)
+    assert sched.queued_bytes(IA) == 0
+    assert _drain(sched, 0.0) == [keep]
