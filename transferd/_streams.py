@@ -16,8 +16,8 @@ goodput per window and:
 - discards the first window after every change, while new streams ramp up;
 - stays within `min_streams..max_streams` (1..32).
 Every change is kept as a `StreamChange` with its reason, for a log line and a metric.
-`StreamPool` (runs the sends) and `BulkGate` (admits sends the caller runs) are the thin asyncio
-adapters; `PeerTraffic` bundles a peer's scheduler and gates for the daemon.
+`BulkGate` is the thin asyncio adapter that admits each chunk upload; `PeerTraffic` bundles a
+peer's scheduler and gates for the daemon.
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ import asyncio
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from transferd._classes import BULK_CLASSES, TrafficClass
 from transferd._ratelimit import PeerRateLimiter, RateCap
-from transferd._sched import ClassScheduler, ScheduledItem, SchedulerPump
-from transferd.errors import TransferdError
+from transferd._sched import ClassScheduler, SchedulerPump
 
 __all__ = [
     "BulkGate",
@@ -41,12 +40,9 @@ __all__ = [
     "StreamChange",
     "StreamController",
     "StreamMetrics",
-    "StreamPool",
 ]
 
 log = logging.getLogger("transferd.streams")
-
-P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -208,74 +204,6 @@ class StreamController:
         )
 
 
-class StreamPool(Generic[P]):
-    """The asyncio adapter for one (peer, bulk class): up to `controller.target_streams` sends
-    in flight, each taking the next item the peer's scheduler releases for this class (so rate
-    caps and weights pace it), feeding acknowledged bytes and errors back to the controller.
-    Memory stays flat: at most `target_streams` chunks are in flight per class.
-
-    `send(item)` performs one request and returns the bytes acknowledged; a `TransferdError`
-    from it counts as an error and goes to `on_failure` (the daemon retries or fails the job).
-    """
-
-    def __init__(
-        self,
-        pump: SchedulerPump[P],
-        traffic_class: TrafficClass,
-        controller: StreamController,
-        send: Callable[[ScheduledItem[P]], Awaitable[int]],
-        *,
-        on_failure: Callable[[ScheduledItem[P], TransferdError], Awaitable[None]] | None = None,
-        on_change: Callable[[StreamChange], None] | None = None,
-        clock: Callable[[], float] | None = None,
-    ) -> None:
-        self.pump = pump
-        self.traffic_class = traffic_class
-        self.controller = controller
-        self.send = send
-        self.on_failure = on_failure
-        self.on_change = on_change
-        self.clock = clock or pump.now
-        self.in_flight = 0
-        self.bytes_acked = 0
-        self.errors = 0
-        self._target_changed = asyncio.Condition()
-
-    async def run(self) -> None:
-        """Run until cancelled (the daemon owns this task in its TaskGroup)."""
-        async with asyncio.TaskGroup() as tg:
-            for index in range(self.controller.max_streams):
-                tg.create_task(self._worker(index))
-
-    async def _worker(self, index: int) -> None:
-        while True:
-            async with self._target_changed:
-                await self._target_changed.wait_for(lambda: index < self.controller.target_streams)
-            item = await self.pump.get([self.traffic_class])
-            self.in_flight += 1
-            try:
-                acked, errors = await self.send(item), 0
-            except TransferdError as exc:
-                acked, errors = 0, 1
-                if self.on_failure is not None:
-                    await self.on_failure(item, exc)
-            finally:
-                self.in_flight -= 1
-            self.bytes_acked += acked
-            self.errors += errors
-            await self._sample(acked, errors)
-
-    async def _sample(self, acked: int, errors: int) -> None:
-        before = self.controller.target_streams
-        self.controller.on_sample(self.clock(), acked, errors)
-        for change in self.controller.pop_changes():
-            if self.on_change is not None:
-                self.on_change(change)
-        if self.controller.target_streams != before:
-            async with self._target_changed:
-                self._target_changed.notify_all()
-
-
 class StreamMetrics:
     """Stream-count changes per (peer, class): ints always, Prometheus counters given a registry."""
 
@@ -341,8 +269,10 @@ class BulkGate:
         traffic_class: TrafficClass,
         controller: StreamController,
         metrics: StreamMetrics | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.peer = peer
+        self.clock = clock or pump.now  # the controller's clock (tests pass a fake one)
         self.pump = pump
         self.traffic_class = traffic_class
         self.controller = controller
@@ -380,7 +310,7 @@ class BulkGate:
             raise
 
     def release(self, acked_bytes: int, errors: int = 0) -> None:
-        self.controller.on_sample(self.pump.now(), acked_bytes, errors)
+        self.controller.on_sample(self.clock(), acked_bytes, errors)
         for change in self.controller.pop_changes():
             if self.metrics is not None:
                 self.metrics.record(self.peer, self.traffic_class, change)

@@ -1,4 +1,4 @@
-"""The transferd command line: serve, send, status, keygen.
+"""The transferd command line: serve, send, status, message, inbox, keygen.
 
 Only this module turns errors into text and exit codes: 0 ok, 1 transfer failed, 2 bad config
 or usage, 3 policy violation, 4 authentication refused, 5 daemon unreachable.
@@ -24,6 +24,7 @@ from transferd.errors import (
     AuthError,
     ConfigError,
     PolicyViolation,
+    ProtocolError,
     TransferdError,
     TransportError,
 )
@@ -288,6 +289,101 @@ def status(config_path: str, as_json: bool) -> None:
             (j["error"] or "")[:60],
         )
     console.print(jobs)
+
+
+@main.command()
+@click.argument("peer")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--data", help="the message text (default: read the body from stdin)")
+@click.option("--file", "file_path", type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--class",
+    "class_name",
+    type=click.Choice(["interactive", "control"]),
+    default="interactive",
+    show_default=True,
+)
+@click.option("--deadline-ms", type=click.FloatRange(min=0), help="latency budget (ms)")
+@click.option("--json", "as_json", is_flag=True, help="print the receipt as one JSON object")
+def message(
+    peer: str,
+    config_path: str,
+    data: str | None,
+    file_path: str | None,
+    class_name: str,
+    deadline_ms: float | None,
+    as_json: bool,
+) -> None:
+    """Deliver a small object to PEER's inbox through the local daemon, with a deadline."""
+    from urllib.parse import quote, urlencode
+
+    from transferd._messages import MessageReceipt
+
+    config = _config(config_path)
+    if data is not None and file_path is not None:
+        click.echo("transferd: usage error: give --data or --file, not both", err=True)
+        sys.exit(EXIT_CONFIG)
+    if data is not None:
+        body = data.encode()
+    elif file_path is not None:
+        body = Path(file_path).read_bytes()
+    else:
+        body = sys.stdin.buffer.read()
+    query = {"class": class_name}
+    if deadline_ms is not None:
+        query["deadline_ms"] = f"{deadline_ms:g}"
+    path_qs = f"/v1/messages/{quote(peer, safe='')}?{urlencode(query)}"
+
+    async def run() -> MessageReceipt:
+        link = _local_link(config)
+        try:
+            _, answer = await link.call(TrafficClass(class_name), "POST", path_qs, body=body)
+        finally:
+            await link.close()
+        return MessageReceipt.from_json(answer)
+
+    try:
+        receipt = _run(run())
+    except TransferdError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(receipt.to_json()))
+    else:
+        click.echo(
+            f"delivered {len(body)} bytes to {receipt.peer} in {receipt.latency_ms or 0:.1f} ms"
+            + (" (late)" if receipt.late else "")
+        )
+    if receipt.budget_miss:
+        click.echo(f"transferd: budget miss: {receipt.budget_miss}", err=True)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--wait-ms", type=click.FloatRange(min=0, max=60_000), default=0.0)
+@click.option("--max", "max_messages", type=click.IntRange(min=1, max=10_000), default=100)
+def inbox(config_path: str, wait_ms: float, max_messages: int) -> None:
+    """Take messages from the local daemon's inbox: one JSON object per line."""
+    from transferd._messages import InboxMessage
+
+    config = _config(config_path)
+
+    async def run() -> list[InboxMessage]:
+        link = _local_link(config)
+        path_qs = f"/v1/inbox?wait_ms={wait_ms:g}&max={max_messages}"
+        try:
+            _, answer = await link.call(TrafficClass.INTERACTIVE, "GET", path_qs)
+        finally:
+            await link.close()
+        if not isinstance(answer, dict) or not isinstance(answer.get("messages"), list):
+            raise ProtocolError("inbox answer has no message list")
+        return [InboxMessage.from_json(m) for m in answer["messages"]]
+
+    try:
+        messages = _run(run())
+    except TransferdError as exc:
+        _fail(exc)
+    for m in messages:
+        click.echo(json.dumps(m.to_json()))
 
 
 def _size(n: float) -> str:

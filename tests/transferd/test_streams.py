@@ -8,13 +8,16 @@ seeded measurement noise.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from dataclasses import dataclass
 
 import pytest
 
-from transferd._streams import StreamController
+from transferd._classes import TrafficClass
+from transferd._sched import ClassScheduler, SchedulerPump
+from transferd._streams import BulkGate, PeerTraffic, StreamController
 
 GBIT = 125_000_000  # bytes/s
 
@@ -134,3 +137,55 @@ def test_idle_windows_change_nothing() -> None:
 def test_rejects_bounds_that_do_not_nest() -> None:
     with pytest.raises(ValueError, match="min_streams"):
         StreamController(0.0, initial_streams=40, max_streams=32)
+
+
+async def _settle() -> None:
+    for _ in range(20):  # let woken tasks run; no time passes on the scheduler's clock
+        await asyncio.sleep(0)
+
+
+async def test_bulk_gate_admits_at_most_target_streams_and_shrinks_on_errors() -> None:
+    clock = [0.0]
+    pump: SchedulerPump[None] = SchedulerPump(ClassScheduler(0.0))
+    controller = StreamController(0.0, initial_streams=4, max_streams=8)
+    gate = BulkGate("B", pump, TrafficClass.CHECKPOINT, controller, clock=lambda: clock[0])
+    tasks = [asyncio.create_task(gate.acquire(1 << 20)) for _ in range(10)]
+    await _settle()
+    assert sum(t.done() for t in tasks) == 4
+    assert gate.in_flight == 4
+    gate.release(1 << 20)
+    await _settle()
+    assert sum(t.done() for t in tasks) == 5
+    assert gate.in_flight == 4
+    # A window full of errors halves the target: releases then admit nobody until below it.
+    clock[0] = 1.0  # the controller's window closes with this release
+    gate.release(0, errors=3)
+    assert gate.controller.target_streams == 2
+    await _settle()
+    assert gate.in_flight == 3
+    assert sum(t.done() for t in tasks) == 5
+    gate.release(1 << 20)
+    gate.release(1 << 20)
+    await _settle()
+    assert gate.in_flight == 2
+    assert sum(t.done() for t in tasks) == 6
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_cancelled_acquire_leaves_no_slot_and_no_queued_marker() -> None:
+    traffic = PeerTraffic.build("B", initial_streams=1, max_streams=1)
+    gate = traffic.gates[TrafficClass.SYNC]
+    await gate.acquire(100)
+    waiting = asyncio.create_task(gate.acquire(100))
+    await _settle()
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert gate.in_flight == 1
+    gate.release(100)
+    assert gate.in_flight == 0
+    assert len(traffic.pump.scheduler) == 0
+    async with asyncio.timeout(5):  # the slot is free again
+        await gate.acquire(100)
+    assert gate.in_flight == 1
