@@ -23,7 +23,7 @@ from transferd._journal import Journal
 from transferd._keys import Keyring
 from transferd._manifest import HaveRequest, Manifest, SignedManifest, UploadIntent
 from transferd._metrics import Metrics
-from transferd._policy import Tier, tier_of
+from transferd._policy import Tier, normalize_rel_path, tier_of
 from transferd._storage import FsspecStorage, LocalStorage, Staging
 from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, StorageError
 
@@ -67,6 +67,14 @@ class Receiver:
             raise PolicyViolation(
                 f"upload is addressed to {intent.dest_site!r}, this is {self.site!r}"
             )
+        try:
+            paths = [intent.root] + [f"{intent.root}/{f.path}" for f in intent.files if f.path]
+            for path in paths:
+                if normalize_rel_path(path) != path:
+                    raise PolicyViolation(f"path is not in normal form: {path!r}", path=path)
+        except PolicyViolation:
+            self.metrics.policy_refusals.labels("receiver").inc()
+            raise
         if tier_of(intent.root) is Tier.RAW:
             self.metrics.policy_refusals.labels("receiver").inc()
             raise PolicyViolation(

@@ -165,13 +165,14 @@ class Sender:
             log.info(
                 "job.started", extra={"fields": {"job": job.id, "path": job.path, "dest": job.dest}}
             )
-            await self._replicate(job)
+            try:
+                await self._replicate(job)
+            except BaseExceptionGroup as group:
+                # Errors from the upload task group: report the first of the package's own.
+                raise _first_error(group) from group
         except _Interrupted:
             # Stopping: chunks already acknowledged are journaled; the job resumes on restart.
             log.info("job.interrupted", extra={"fields": {"job": job.id}})
-            self._running.discard(job.id)
-            slots.release()
-            self._idle.set()
             return
         except TransferdError as exc:
             outcome = "failed"
@@ -451,6 +452,17 @@ async def retrying(
             on_retry()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first TransferdError (or _Interrupted) inside a (nested) exception group; anything
+    else (CancelledError, a bug) propagates as it is."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_error(exc)
+        if isinstance(exc, TransferdError | _Interrupted):
+            return exc
+    raise group
 
 
 class _Interrupted(Exception):
