@@ -31,10 +31,11 @@ off-alignment stops the walk and goes to the trailer). A chunk stored at, or mma
 8-aligned address therefore keeps every Arrow buffer 8-aligned at the receiver, as the IPC format
 requires for zero-copy reads.
 
-Parquet: row-group and column-chunk offsets come from the footer metadata (pyarrow). Units are row
-groups (a row group over the cap is split at its column-chunk starts), packed by the same rule; the
-4-byte leading magic rides with the first row group, page indexes, bloom filters and the footer form
-the TRAILER. Parquet chunks are decoded, never mapped, so their spans carry no alignment promise.
+Parquet: row-group and column-chunk offsets come from the footer's FileMetaData, read by a small
+bounded Thrift decoder below (pyarrow's can abort the process on a bad footer). Units are row groups
+(a row group over the cap is split at its column-chunk starts), packed by the same rule; the 4-byte
+leading magic rides with the first row group; page indexes, bloom filters and the footer form the
+TRAILER. Parquet chunks are decoded, never mapped, so their spans carry no alignment promise.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
 __all__ = [
     "DEFAULT_MAX_CHUNK_FACTOR",
@@ -340,33 +340,253 @@ def _parquet_row_group_extents(
     """Per row group: sorted column-chunk start offsets and the end of its last column chunk.
 
     None unless row groups and their column chunks lie in file order, without overlap, between the
-    leading magic and the footer: anything else is not a layout we can cut safely.
+    leading magic and the footer, with their data in this file: anything else is not a layout we
+    can cut safely.
     """
+    footer = buf.slice(footer_start, buf.size - _PARQUET_TAIL_BYTES - footer_start).to_pybytes()
     try:
-        metadata = pq.ParquetFile(pa.BufferReader(buf)).metadata
-        extents: list[tuple[list[int], int]] = []
-        previous_end = len(PARQUET_MAGIC)
-        for group_index in range(metadata.num_row_groups):
-            row_group = metadata.row_group(group_index)
-            chunks: list[tuple[int, int]] = []
-            for column_index in range(row_group.num_columns):
-                column = row_group.column(column_index)
-                start = column.data_page_offset
-                if column.has_dictionary_page and column.dictionary_page_offset:
-                    start = min(start, column.dictionary_page_offset)
-                chunks.append((start, start + column.total_compressed_size))
-            chunks.sort()
-            for start, end in chunks:
-                if start < previous_end or end <= start:
-                    return None
-                previous_end = end
-            if chunks:
-                extents.append(([start for start, _ in chunks], chunks[-1][1]))
-    except _PYARROW_ERRORS:
+        row_groups = _read_parquet_row_groups(footer)
+    except _ThriftError:
         return None
+    extents: list[tuple[list[int], int]] = []
+    previous_end = len(PARQUET_MAGIC)
+    for columns in row_groups:
+        chunks = sorted(columns)
+        for start, end in chunks:
+            if start < previous_end or end <= start:
+                return None
+            previous_end = end
+        if chunks:
+            extents.append(([start for start, _ in chunks], chunks[-1][1]))
     if previous_end > footer_start:
         return None
     return extents
+
+
+# Parquet's footer is a Thrift compact-protocol FileMetaData (parquet-format, parquet.thrift). We
+# read the few offsets we need ourselves: pyarrow 26's RowGroupMetaData.column() aborts the whole
+# process (std::terminate, uncatchable) on some corrupt footers, and spans must survive any bytes.
+# Compact protocol: https://github.com/apache/thrift/blob/master/doc/specs/thrift-compact-protocol.md
+_CT_BOOL_TRUE, _CT_BOOL_FALSE, _CT_BYTE, _CT_I16, _CT_I32, _CT_I64 = 1, 2, 3, 4, 5, 6
+_CT_DOUBLE, _CT_BINARY, _CT_LIST, _CT_SET, _CT_MAP, _CT_STRUCT, _CT_UUID = 7, 8, 9, 10, 11, 12, 13
+_CT_INTEGERS = (_CT_I16, _CT_I32, _CT_I64)
+_THRIFT_MAX_DEPTH = 64  # parquet-cpp's own Thrift container depth limit is of this order
+# parquet.thrift field ids.
+_FILE_META_ROW_GROUPS = 4
+_ROW_GROUP_COLUMNS = 1
+_COLUMN_CHUNK_FILE_PATH, _COLUMN_CHUNK_META = 1, 3
+_COLUMN_META_COMPRESSED_SIZE, _COLUMN_META_DATA_PAGE = 7, 9
+_COLUMN_META_INDEX_PAGE, _COLUMN_META_DICTIONARY_PAGE = 10, 11
+
+
+class _ThriftError(Exception):
+    """Footer bytes that do not decode as the Parquet metadata we need."""
+
+
+# The decoder works on (footer bytes, position) with plain functions: a footer holds tens of fields
+# per column chunk and a wide file has 10^4-10^5 column chunks, so per-field overhead dominates.
+# Reading past the end raises IndexError, which `_read_parquet_row_groups` turns into _ThriftError.
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, position
+        shift += 7
+        if shift > 63:
+            raise _ThriftError("varint longer than 10 bytes")
+
+
+def _skip_varint(data: bytes, position: int) -> int:
+    while data[position] & 0x80:
+        position += 1
+    return position + 1
+
+
+def _integer(data: bytes, position: int, compact_type: int) -> tuple[int, int]:
+    if compact_type not in _CT_INTEGERS:
+        raise _ThriftError(f"expected an integer, found compact type {compact_type}")
+    value, position = _varint(data, position)
+    return (value >> 1) ^ -(value & 1), position  # zigzag
+
+
+def _field_header(data: bytes, position: int, field_id: int) -> tuple[int, int, int]:
+    """(field id, compact type, position after the header); compact type 0 is the stop byte."""
+    header = data[position]
+    position += 1
+    if header == 0:
+        return 0, 0, position
+    delta = header >> 4
+    if delta:
+        return field_id + delta, header & 0x0F, position
+    field_id, position = _integer(data, position, _CT_I16)
+    return field_id, header & 0x0F, position
+
+
+def _list_header(data: bytes, position: int, compact_type: int) -> tuple[int, int, int]:
+    """(element count, element type, position) of a list or set."""
+    if compact_type not in (_CT_LIST, _CT_SET):
+        raise _ThriftError(f"expected a list, found compact type {compact_type}")
+    header = data[position]
+    position += 1
+    count = header >> 4
+    if count == 15:
+        count, position = _varint(data, position)
+    return count, header & 0x0F, position
+
+
+def _skip(data: bytes, position: int, compact_type: int, depth: int, element: bool = False) -> int:
+    """Position after one value. A bool field keeps its value in the type nibble; an element
+    of a list, set or map has a byte of its own."""
+    if compact_type in _CT_INTEGERS:
+        return _skip_varint(data, position)
+    if compact_type == _CT_BINARY:
+        length, position = _varint(data, position)
+        return position + length
+    if depth > _THRIFT_MAX_DEPTH:
+        raise _ThriftError("nesting deeper than any Parquet footer")
+    if compact_type == _CT_STRUCT:
+        while True:
+            header = data[position]
+            position += 1
+            if header == 0:
+                return position
+            if not header & 0xF0:  # field id in long form
+                position = _skip_varint(data, position)
+            field_type = header & 0x0F
+            # Integers, strings and bools inline: they are most fields (statistics, histograms).
+            if field_type in _CT_INTEGERS:
+                while data[position] & 0x80:
+                    position += 1
+                position += 1
+            elif field_type == _CT_BINARY:
+                length, position = _varint(data, position)
+                position += length
+            elif field_type not in (_CT_BOOL_TRUE, _CT_BOOL_FALSE):
+                position = _skip(data, position, field_type, depth + 1)
+    if compact_type in (_CT_LIST, _CT_SET):
+        count, element_type, position = _list_header(data, position, compact_type)
+        if position + count > len(data):  # every element takes at least one byte
+            raise _ThriftError("list longer than the footer")
+        if element_type in _CT_INTEGERS:
+            for _ in range(count):
+                while data[position] & 0x80:
+                    position += 1
+                position += 1
+            return position
+        for _ in range(count):
+            position = _skip(data, position, element_type, depth + 1, element=True)
+        return position
+    if compact_type in (_CT_BOOL_TRUE, _CT_BOOL_FALSE):
+        return position + 1 if element else position
+    if compact_type == _CT_BYTE:
+        return position + 1
+    if compact_type == _CT_DOUBLE:
+        return position + 8
+    if compact_type == _CT_UUID:
+        return position + 16
+    if compact_type == _CT_MAP:
+        count, position = _varint(data, position)
+        if count:
+            types = data[position]
+            position += 1
+            if position + 2 * count > len(data):
+                raise _ThriftError("map longer than the footer")
+            for _ in range(count):
+                position = _skip(data, position, types >> 4, depth + 1, element=True)
+                position = _skip(data, position, types & 0x0F, depth + 1, element=True)
+        return position
+    raise _ThriftError(f"unknown compact type {compact_type}")
+
+
+def _read_parquet_row_groups(footer: bytes) -> list[list[tuple[int, int]]]:
+    """[(start, end) of each column chunk] per row group, from a FileMetaData footer."""
+    try:
+        return _read_file_metadata(footer)
+    except (IndexError, RecursionError) as exc:
+        raise _ThriftError(f"footer ends inside a value: {exc}") from exc
+
+
+def _read_file_metadata(data: bytes) -> list[list[tuple[int, int]]]:
+    row_groups: list[list[tuple[int, int]]] = []
+    position = field_id = 0
+    while True:
+        field_id, field_type, position = _field_header(data, position, field_id)
+        if not field_type:
+            return row_groups
+        if field_id != _FILE_META_ROW_GROUPS:
+            position = _skip(data, position, field_type, 1)
+            continue
+        count, element_type, position = _list_header(data, position, field_type)
+        if element_type != _CT_STRUCT:
+            raise _ThriftError("row_groups is not a list of structs")
+        for _ in range(count):
+            columns, position = _read_row_group(data, position)
+            row_groups.append(columns)
+
+
+def _read_row_group(data: bytes, position: int) -> tuple[list[tuple[int, int]], int]:
+    columns: list[tuple[int, int]] = []
+    field_id = 0
+    while True:
+        field_id, field_type, position = _field_header(data, position, field_id)
+        if not field_type:
+            return columns, position
+        if field_id != _ROW_GROUP_COLUMNS:
+            position = _skip(data, position, field_type, 2)
+            continue
+        count, element_type, position = _list_header(data, position, field_type)
+        if element_type != _CT_STRUCT:
+            raise _ThriftError("columns is not a list of structs")
+        for _ in range(count):
+            column, position = _read_column_chunk(data, position)
+            columns.append(column)
+
+
+_COLUMN_OFFSET_FIELDS = (
+    _COLUMN_META_COMPRESSED_SIZE,
+    _COLUMN_META_DATA_PAGE,
+    _COLUMN_META_INDEX_PAGE,
+    _COLUMN_META_DICTIONARY_PAGE,
+)
+
+
+def _read_column_chunk(data: bytes, position: int) -> tuple[tuple[int, int], int]:
+    """(start, end) of one ColumnChunk's pages (first page + total_compressed_size), position."""
+    offsets: dict[int, int] = {}
+    field_id = 0
+    while True:
+        field_id, field_type, position = _field_header(data, position, field_id)
+        if not field_type:
+            break
+        if field_id == _COLUMN_CHUNK_FILE_PATH:
+            raise _ThriftError("column chunk stored in another file")
+        if field_id != _COLUMN_CHUNK_META:
+            position = _skip(data, position, field_type, 3)
+            continue
+        if field_type != _CT_STRUCT:
+            raise _ThriftError("column metadata is not a struct")
+        meta_id = 0
+        while True:
+            meta_id, meta_type, position = _field_header(data, position, meta_id)
+            if not meta_type:
+                break
+            if meta_id in _COLUMN_OFFSET_FIELDS:
+                offsets[meta_id], position = _integer(data, position, meta_type)
+            else:
+                position = _skip(data, position, meta_type, 4)
+    if _COLUMN_META_DATA_PAGE not in offsets or _COLUMN_META_COMPRESSED_SIZE not in offsets:
+        raise _ThriftError("column chunk without plaintext page offsets (encrypted?)")
+    start = offsets[_COLUMN_META_DATA_PAGE]
+    # Writers put the dictionary (and the rare index) page first; 0 means "none" for some writers.
+    for page in (_COLUMN_META_DICTIONARY_PAGE, _COLUMN_META_INDEX_PAGE):
+        if offsets.get(page, 0) > 0:
+            start = min(start, offsets[page])
+    return (start, start + offsets[_COLUMN_META_COMPRESSED_SIZE]), position
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +678,9 @@ def _chunk_buffer(chunk: memoryview | bytes | bytearray | pa.Buffer) -> pa.Buffe
 
 
 def _starts_with_file_magic(buf: pa.Buffer) -> bool:
-    return buf.slice(0, len(ARROW_FILE_MAGIC)).to_pybytes() == ARROW_FILE_MAGIC
+    return buf.size >= len(ARROW_FILE_MAGIC) and (
+        buf.slice(0, len(ARROW_FILE_MAGIC)).to_pybytes() == ARROW_FILE_MAGIC
+    )
 
 
 def _first_dictionary_field(schema: pa.Schema) -> str | None:
