@@ -6,6 +6,11 @@ receiver opens a record-batch chunk with `open_record_batch_chunk` and gets batc
 buffers point into the chunk's own memory. Bytes that are not Arrow IPC or Parquet give None, and
 the caller falls back to fixed-size chunks.
 
+Use: the sender's chunker calls ``chunk_layout(memoryview(mapped_file), chunk_size)`` (None: fixed
+chunks) and may record each span's kind in the manifest; the receiver reads the schema from the
+HEADER chunk with `read_chunk_schema`, opens RECORD_BATCHES chunks with `open_record_batch_chunk`,
+and wraps ArrowChunkError into its own IntegrityError / ProtocolError.
+
 Theory of operation
 -------------------
 Arrow IPC (columnar format spec, "Serialization and Interprocess Communication"): a stream is a

@@ -227,6 +227,57 @@ def test_appending_a_batch_leaves_every_earlier_span_byte_identical(fmt: LayoutF
         )
 
 
+@pytest.mark.parametrize("fmt", ARROW_FORMATS)
+def test_file_still_being_written_keeps_earlier_spans_and_puts_partial_message_in_trailer(
+    fmt: LayoutFormat,
+) -> None:
+    batches = _batches([37, 80, 5, 64, 64, 200, 13, 90, 90, 11, 150, 70])
+    complete = _ipc_bytes(batches, fmt)
+    whole = _one_batch_per_span(complete)
+    assert whole is not None
+    last_batch = whole.spans[-2]
+    growing = complete[: last_batch.offset + last_batch.length // 2]
+
+    layout = _one_batch_per_span(growing)
+
+    assert layout is not None
+    _assert_exact_cover(layout.offsets_and_lengths(), len(growing), aligned=True)
+    assert layout.spans[:-1] == whole.spans[:-2]
+    assert layout.spans[-1] == Span(
+        last_batch.offset, len(growing) - last_batch.offset, SpanKind.TRAILER
+    )
+
+
+def test_spans_over_an_mmap_release_it_so_the_caller_can_close_it(tmp_path: Path) -> None:
+    good = _SAMPLES[LayoutFormat.ARROW_FILE]
+    for name, data in [("good", good), ("corrupt", good[:100] + b"\xff" * 64 + good[164:])]:
+        (tmp_path / name).write_bytes(data)
+        with open(tmp_path / name, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            view = memoryview(mapped)
+            spans = record_batch_spans(view, 1024)
+            view.release()
+            mapped.close()  # BufferError if a pyarrow buffer still exported the mapping
+        assert spans is None or sum(length for _, length in spans) == len(data)
+
+
+def test_compressed_ipc_bodies_open_correctly_though_necessarily_copied() -> None:
+    batches = _batches([200, 300])
+    sink = io.BytesIO()
+    options = ipc.IpcWriteOptions(compression="zstd")
+    with ipc.new_stream(sink, batches[0].schema, options=options) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    data = sink.getvalue()
+    layout = _one_batch_per_span(data)
+    assert layout is not None
+
+    _, reopened = _reconstruct(data, layout.spans)
+
+    assert [b.num_rows for b in reopened] == [200, 300]
+    assert all(got.equals(want) for got, want in zip(reopened, batches, strict=True))
+
+
 def _parquet_bytes(tables: list[pa.Table], **options: object) -> bytes:
     sink = io.BytesIO()
     with pq.ParquetWriter(sink, tables[0].schema, **options) as writer:  # type: ignore[arg-type]
