@@ -280,7 +280,7 @@ def test_compressed_ipc_bodies_open_correctly_though_necessarily_copied() -> Non
 
 def _parquet_bytes(tables: list[pa.Table], **options: object) -> bytes:
     sink = io.BytesIO()
-    with pq.ParquetWriter(sink, tables[0].schema, **options) as writer:  # type: ignore[arg-type]
+    with pq.ParquetWriter(sink, tables[0].schema, **options) as writer:
         for table in tables:
             writer.write_table(table)
     return sink.getvalue()
