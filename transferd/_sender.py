@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from transferd._chunker import FileWindow, SourceFile, blake3_hex, fixed_spans
+from transferd._chunker import FileWindow, SourceFile, blake3_hex, chunk_spans, fixed_spans
 from transferd._classes import TrafficClass
 from transferd._client import PeerLink
 from transferd._codec import CompressionPolicy, Encoded, zstd_compress
@@ -59,6 +59,7 @@ class _FileState:
     member: str
     source: Source
     chunks: list[tuple[str, int, int]] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
     hasher: blake3.blake3 = field(
         default_factory=lambda: blake3.blake3(max_threads=blake3.blake3.AUTO)
     )
@@ -218,8 +219,6 @@ class Sender:
             kind="file" if kind == "file" else "folder",
             files=[{"path": m, "size": s} for m, s in members],  # type: ignore[misc]
         )
-        n_chunks = sum(len(fixed_spans(s, self.chunk_size)) for _, s in members)
-        self.journal.update_job(job.id, bytes_logical=sum(s for _, s in members), chunks=n_chunks)
         _, opened = await self._control(link, "POST", "/v1/uploads", intent.model_dump(mode="json"))
         if opened.get("committed"):
             return
@@ -228,11 +227,14 @@ class Sender:
         try:
             for member, _size in members:
                 member_rel = f"{rel}/{member}" if member else rel
-                files.append(
-                    _FileState(
-                        member, await asyncio.to_thread(self.storage.open_source, member_rel)
-                    )
-                )
+                source = await asyncio.to_thread(self.storage.open_source, member_rel)
+                files.append(_FileState(member, source))
+                files[-1].spans = await asyncio.to_thread(self._spans, source)
+            self.journal.update_job(
+                job.id,
+                bytes_logical=sum(s for _, s in members),
+                chunks=sum(len(f.spans) for f in files),
+            )
             pump = _ChunkPump(self, job, link, bulk, upload)
             async with asyncio.TaskGroup() as tg:
                 for index, state in enumerate(files):
@@ -268,7 +270,7 @@ class Sender:
     ) -> bool:
         """Hash the file batch by batch, offer each batch, start PUTs of the wanted chunks.
         Returns False when the daemon began stopping (in-flight PUTs still complete)."""
-        spans = fixed_spans(state.source.size, self.chunk_size)
+        spans = state.spans
         for start in range(0, len(spans), HAVE_BATCH):
             if self._stopping:
                 return False
@@ -373,6 +375,11 @@ class Sender:
         if not isinstance(answer, dict):
             raise ProtocolError(f"{link.peer} answered {path} without a JSON object")
         return status, answer
+
+    def _spans(self, source: Source) -> list[tuple[int, int]]:
+        if isinstance(source, SourceFile):
+            return chunk_spans(source, self.chunk_size)
+        return fixed_spans(source.size, self.chunk_size)
 
     def encode(self, peer: str, view: memoryview) -> Encoded:
         """Thread: the body to send for a chunk (zstd when the policy says it pays)."""

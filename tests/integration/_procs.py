@@ -6,10 +6,13 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -63,6 +66,22 @@ async def metric(url: str, name: str, **labels: str) -> float | None:
 
 
 async def wait_until_serving(url: str, timeout_s: float = 20.0) -> None:
+    await poll_until(
+        lambda: metric(url, "transferd_retries_total"), lambda v: v is not None, timeout_s
+    )
+
+
+async def poll_until(
+    probe: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    timeout_s: float,
+    every_s: float = 0.05,
+) -> T:
+    """Probe another process until `done(value)`; TimeoutError after timeout_s."""
     async with asyncio.timeout(timeout_s):
-        while await metric(url, "transferd_retries_total") is None:
-            await asyncio.sleep(0.05)
+        for _ in range(int(timeout_s / every_s) + 1):
+            value = await probe()
+            if done(value):
+                return value
+            await asyncio.sleep(every_s)
+    raise TimeoutError

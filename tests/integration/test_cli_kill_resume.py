@@ -4,7 +4,6 @@ re-sending fewer than 2 chunks + 5 % of the file."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration._data import file_blake3, write_random
-from tests.integration._procs import cli, metric, start_daemon, wait_until_serving
+from tests.integration._procs import cli, metric, poll_until, start_daemon, wait_until_serving
 from transferd.testing import LinkProxy, free_port, write_site_configs
 
 CHUNK = 256 * 1024
@@ -87,32 +86,34 @@ async def test_sigkill_mid_transfer_resumes_resending_at_most_in_flight_chunks(
                 "send", "approved/m.bin", "--config", str(configs["A"]), "--to", "B"
             )
             assert code == 0, err
-            async with asyncio.timeout(30):
-                while (
-                    await metric(url["B"], "transferd_chunks_received_total", peer="A") or 0
-                ) < N_CHUNKS // 3:
-                    await asyncio.sleep(0.02)
+            await poll_until(
+                lambda: metric(url["B"], "transferd_chunks_received_total", peer="A"),
+                lambda n: (n or 0) >= N_CHUNKS // 3,
+                timeout_s=30,
+                every_s=0.02,
+            )
             before = await metric(url["B"], "transferd_chunks_received_total", peer="A")
             procs[victim].kill()
             procs[victim].wait(timeout=10)
             procs[victim] = start_daemon(configs[victim], logs[victim])
             await wait_until_serving(url[victim])
             dst = tmp_path / "site-B" / "approved" / "m.bin"
-            async with asyncio.timeout(40):
-                while True:
-                    code, out, _ = await cli("status", "--config", str(configs["A"]), "--json")
-                    jobs = json.loads(out)["jobs"] if code == 0 else []
-                    if jobs and jobs[0]["state"] in ("committed", "failed"):
-                        break
-                    await asyncio.sleep(0.2)
-            job = jobs[0]
+
+            async def jobs() -> list[dict]:
+                code, out, _ = await cli("status", "--config", str(configs["A"]), "--json")
+                return list(json.loads(out)["jobs"]) if code == 0 else []
+
+            [job] = await poll_until(
+                jobs, lambda js: bool(js) and js[0]["state"] in ("committed", "failed"), 40, 0.2
+            )
             assert job["state"] == "committed", job["error"]
             assert file_blake3(dst) == digest
             limit = N_CHUNKS + 2 + 0.05 * N_CHUNKS
             if victim == "A":
                 # The receiver ran throughout: it counts every chunk that crossed the wire.
                 received = await metric(url["B"], "transferd_chunks_received_total", peer="A")
-                assert before is not None and received is not None
+                assert before is not None
+                assert received is not None
                 assert received < limit
             else:
                 # The sender ran throughout: its journal counts every chunk it had to send.
