@@ -274,6 +274,13 @@ class Journal:
         except sqlite3.Error as exc:
             raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
 
+    def chunks_of(self, path: str) -> list[tuple[int, int, str]]:
+        """(offset, length, hash) of a committed file's chunks, in file order."""
+        rows = self._exec(
+            "SELECT offset, length, hash FROM chunk_index WHERE path = ? ORDER BY offset", (path,)
+        ).fetchall()
+        return [(int(o), int(n), str(h)) for o, n, h in rows]
+
     def unindex_prefix(self, prefix: str) -> None:
         self._exec(
             "DELETE FROM chunk_index WHERE path = ? OR substr(path, 1, ?) = ?",

@@ -12,10 +12,13 @@ at any moment answers the resumed sender's `have` with exactly what it still lac
 from __future__ import annotations
 
 import logging
+import mmap
 from dataclasses import dataclass
 
 import blake3
+import pyarrow as pa
 
+from transferd._arrow_chunks import ArrowChunkError, open_record_batch_chunk, read_chunk_schema
 from transferd._checkpoints import is_step_root, update_run
 from transferd._chunker import SourceFile
 from transferd._codec import decode_body
@@ -23,7 +26,7 @@ from transferd._journal import Journal
 from transferd._keys import Keyring
 from transferd._manifest import HaveRequest, Manifest, SignedManifest, UploadIntent
 from transferd._metrics import Metrics
-from transferd._policy import Tier, tier_of
+from transferd._policy import Tier, normalize_rel_path, tier_of
 from transferd._storage import FsspecStorage, LocalStorage, Staging
 from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, StorageError
 
@@ -67,6 +70,14 @@ class Receiver:
             raise PolicyViolation(
                 f"upload is addressed to {intent.dest_site!r}, this is {self.site!r}"
             )
+        try:
+            paths = [intent.root] + [f"{intent.root}/{f.path}" for f in intent.files if f.path]
+            for path in paths:
+                if normalize_rel_path(path) != path:
+                    raise PolicyViolation(f"path is not in normal form: {path!r}", path=path)
+        except PolicyViolation:
+            self.metrics.policy_refusals.labels("receiver").inc()
+            raise
         if tier_of(intent.root) is Tier.RAW:
             self.metrics.policy_refusals.labels("receiver").inc()
             raise PolicyViolation(
@@ -285,6 +296,35 @@ class Receiver:
         if is_step_root(manifest.root):
             run = manifest.root.rsplit("/", 1)[0]
             update_run(self.storage, run, self.retention, self.journal.unindex_prefix)
+
+    def record_batches(self, rel: str) -> list[pa.RecordBatch]:
+        """Open a committed Arrow IPC file chunk by chunk, zero-copy: the returned batches'
+        buffers live in a read-only mapping of the committed file (kept alive by the batches).
+        The first chunk carries the schema; the last may be the footer."""
+        if not isinstance(self.storage, LocalStorage):
+            raise StorageError("record batches open zero-copy only from a local data_dir")
+        spans = self.journal.chunks_of(rel)
+        if not spans:
+            raise StorageError(f"{rel} was not replicated to this site", path=rel)
+        try:
+            with open(self.storage.path(rel), "rb") as fh:
+                mapping = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise StorageError(f"opening {rel}: {exc.strerror}", path=rel) from exc
+        whole = memoryview(mapping)
+        try:
+            schema = read_chunk_schema(whole[: spans[0][1]])
+            batches: list[pa.RecordBatch] = []
+            for i, (off, n, _digest) in enumerate(spans[1:], start=1):
+                try:
+                    batches += open_record_batch_chunk(whole[off : off + n], schema)
+                except ArrowChunkError:
+                    if i == len(spans) - 1:
+                        break  # the trailer: end-of-stream marker and footer
+                    raise
+        except ArrowChunkError as exc:
+            raise IntegrityError(f"{rel}: not record-batch chunks: {exc}", path=rel) from exc
+        return batches
 
     def fail(self, upload: str, now: float) -> None:
         staging = self._staging.pop(upload, None)

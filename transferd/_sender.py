@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from transferd._chunker import FileWindow, SourceFile, blake3_hex, fixed_spans
+from transferd._chunker import FileWindow, SourceFile, blake3_hex, chunk_spans, fixed_spans
 from transferd._classes import TrafficClass
 from transferd._client import PeerLink
 from transferd._codec import CompressionPolicy, Encoded, zstd_compress
@@ -60,6 +60,7 @@ class _FileState:
     member: str
     source: Source
     chunks: list[tuple[str, int, int]] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
     hasher: blake3.blake3 = field(
         default_factory=lambda: blake3.blake3(max_threads=blake3.blake3.AUTO)
     )
@@ -168,13 +169,14 @@ class Sender:
             log.info(
                 "job.started", extra={"fields": {"job": job.id, "path": job.path, "dest": job.dest}}
             )
-            await self._replicate(job)
+            try:
+                await self._replicate(job)
+            except BaseExceptionGroup as group:
+                # Errors from the upload task group: report the first of the package's own.
+                raise _first_error(group) from group
         except _Interrupted:
             # Stopping: chunks already acknowledged are journaled; the job resumes on restart.
             log.info("job.interrupted", extra={"fields": {"job": job.id}})
-            self._running.discard(job.id)
-            slots.release()
-            self._idle.set()
             return
         except TransferdError as exc:
             outcome = "failed"
@@ -220,8 +222,6 @@ class Sender:
             kind="file" if kind == "file" else "folder",
             files=[{"path": m, "size": s} for m, s in members],  # type: ignore[misc]
         )
-        n_chunks = sum(len(fixed_spans(s, self.chunk_size)) for _, s in members)
-        self.journal.update_job(job.id, bytes_logical=sum(s for _, s in members), chunks=n_chunks)
         _, opened = await self._control(link, "POST", "/v1/uploads", intent.model_dump(mode="json"))
         if opened.get("committed"):
             return
@@ -230,11 +230,14 @@ class Sender:
         try:
             for member, _size in members:
                 member_rel = f"{rel}/{member}" if member else rel
-                files.append(
-                    _FileState(
-                        member, await asyncio.to_thread(self.storage.open_source, member_rel)
-                    )
-                )
+                source = await asyncio.to_thread(self.storage.open_source, member_rel)
+                files.append(_FileState(member, source))
+                files[-1].spans = await asyncio.to_thread(self._spans, source)
+            self.journal.update_job(
+                job.id,
+                bytes_logical=sum(s for _, s in members),
+                chunks=sum(len(f.spans) for f in files),
+            )
             pump = _ChunkPump(self, job, link, bulk, upload)
             async with asyncio.TaskGroup() as tg:
                 for index, state in enumerate(files):
@@ -270,7 +273,7 @@ class Sender:
     ) -> bool:
         """Hash the file batch by batch, offer each batch, start PUTs of the wanted chunks.
         Returns False when the daemon began stopping (in-flight PUTs still complete)."""
-        spans = fixed_spans(state.source.size, self.chunk_size)
+        spans = state.spans
         for start in range(0, len(spans), HAVE_BATCH):
             if self._stopping:
                 return False
@@ -376,6 +379,11 @@ class Sender:
             raise ProtocolError(f"{link.peer} answered {path} without a JSON object")
         return status, answer
 
+    def _spans(self, source: Source) -> list[tuple[int, int]]:
+        if isinstance(source, SourceFile):
+            return chunk_spans(source, self.chunk_size)
+        return fixed_spans(source.size, self.chunk_size)
+
     def encode(self, peer: str, view: memoryview) -> Encoded:
         """Thread: the body to send for a chunk (zstd when the policy says it pays)."""
         policy = self.compression[peer]
@@ -454,6 +462,17 @@ async def retrying(
             on_retry()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first TransferdError (or _Interrupted) inside a (nested) exception group; anything
+    else (CancelledError, a bug) propagates as it is."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_error(exc)
+        if isinstance(exc, TransferdError | _Interrupted):
+            return exc
+    raise group
 
 
 class _Interrupted(Exception):

@@ -115,21 +115,25 @@ async def running_daemon(
 
 @contextlib.asynccontextmanager
 async def loopback_pair(
-    root: Path, *, a_peer_url: str | None = None, **overrides: Any
+    root: Path, *, proxy: LinkProxy | None = None, **overrides: Any
 ) -> AsyncIterator[tuple[Daemon, Daemon]]:
     """Sites A and B on 127.0.0.1, peers of each other. `overrides` go into both configs
-    (or per site: `A={...}`); `a_peer_url` makes A reach B through, e.g., a LinkProxy."""
+    (or per site: `A={...}`); with `proxy`, A reaches B through that LinkProxy."""
     socks = {"A": bound_socket(), "B": bound_socket()}
     ports = {site: s.getsockname()[1] for site, s in socks.items()}
-    paths = write_site_configs(
-        root, ports, peer_urls={"B": a_peer_url} if a_peer_url else None, **overrides
-    )
-    async with running_daemon(load_config(paths["A"]), socks["A"]) as a:
-        async with running_daemon(load_config(paths["B"]), socks["B"]) as b:
-            yield a, b
+    async with contextlib.AsyncExitStack() as stack:
+        peer_urls = None
+        if proxy is not None:
+            proxy.target_port = ports["B"]
+            await stack.enter_async_context(proxy)
+            peer_urls = {"B": proxy.url}
+        paths = write_site_configs(root, ports, peer_urls=peer_urls, **overrides)
+        a = await stack.enter_async_context(running_daemon(load_config(paths["A"]), socks["A"]))
+        b = await stack.enter_async_context(running_daemon(load_config(paths["B"]), socks["B"]))
+        yield a, b
 
 
-async def wait_for_jobs(daemon: Daemon, ids: list[str], timeout_s: float = 60.0) -> list[Any]:
+async def wait_for_jobs(daemon: Daemon, ids: list[str], timeout_s: float = 20.0) -> list[Any]:
     """Until every job is committed or failed (bounded by timeout_s)."""
     async with asyncio.timeout(timeout_s):
         while True:
@@ -145,7 +149,7 @@ class LinkProxy:
     bytes per second), and optionally flipping one bit at byte `flip_at` of the client -> server
     stream of the first connection that gets that far."""
 
-    target_port: int
+    target_port: int = 0
     rate_Bps: float | None = None
     flip_at: int | None = None
     flipped: int = 0
