@@ -58,6 +58,7 @@ __all__ = [
     "MessageService",
     "PeerAuth",
     "add_message_routes",
+    "local_signer",
     "read_inbox",
     "send_message",
 ]
@@ -87,6 +88,8 @@ class PeerAuth(Protocol):
 
 LocalAuth = Callable[[Mapping[str, str], str, str, bytes], None]
 """Checks a local API request (headers, method, path_qs, body); raises AuthError."""
+LocalSigner = Callable[[str, str, bytes], Mapping[str, str]]
+"""Headers for a local API request (method, path_qs, body), e.g. `local_signer(keyring)`."""
 
 
 class HmacPeerAuth:
@@ -144,6 +147,24 @@ class HmacPeerAuth:
 
     def sign_local(self, method: str, path_qs: str, body: bytes) -> Mapping[str, str]:
         return self.sign(self.keyring.site, method, path_qs, body)
+
+
+def local_signer(keyring: Keyring, clock: Callable[[], float] = time.time) -> LocalSigner:
+    """Signs requests to this site's own daemon (what its CLI does), for `send_message` and
+    `read_inbox`: `local_signer(Keyring.load(keys_dir, site, []))`."""
+
+    def sign(method: str, path_qs: str, body: bytes) -> Mapping[str, str]:
+        return sign_headers(
+            keyring.secret_for(keyring.site),
+            method=method,
+            path_qs=path_qs,
+            body_blake3=blake3_hex(body),
+            src=keyring.site,
+            dst=keyring.site,
+            now=clock(),
+        )
+
+    return sign
 
 
 @dataclass(frozen=True)
@@ -732,10 +753,6 @@ def add_message_routes(
 
 
 # -- Python client --------------------------------------------------------------------------------
-
-
-LocalSigner = Callable[[str, str, bytes], Mapping[str, str]]
-"""Headers for a local API request (method, path_qs, body), e.g. `HmacPeerAuth.sign_local`."""
 
 
 async def _local_call(
