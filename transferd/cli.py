@@ -261,7 +261,15 @@ def status(config_path: str, as_json: bool) -> None:
     console = Console()
     console.print(f"site [bold]{state['site']}[/] at {state['listen']}")
     peers = Table(
-        "peer", "url", "sent", "received", "chunks sent", "skipped", "retries", "link MB/s"
+        "peer",
+        "url",
+        "sent",
+        "received",
+        "chunks sent",
+        "skipped",
+        "retries",
+        "link MB/s",
+        "streams",
     )
     for name, p in state["peers"].items():
         rate = p["link_Bps"]
@@ -274,6 +282,7 @@ def status(config_path: str, as_json: bool) -> None:
             str(int(p["chunks_skipped"])),
             str(int(p["retries"])),
             f"{rate / 1e6:.0f}" if rate else "-",
+            " ".join(f"{cls}={n}" for cls, n in p.get("streams", {}).items()),
         )
     console.print(peers)
     jobs = Table("job", "path", "to", "state", "done", "wire", "skipped", "error")

@@ -8,6 +8,8 @@ import pytest
 
 from transferd._classes import TrafficClass
 from transferd._ratelimit import PeerRateLimiter, RateCap, TokenBucket
+from transferd.config import parse_config
+from transferd.errors import ConfigError
 
 MB = 1_000_000
 
@@ -111,3 +113,45 @@ def test_uncapped_limiter_always_passes() -> None:
 def test_rate_cap_rejects_non_positive_values(rate: float, burst: float) -> None:
     with pytest.raises(ValueError, match="must be > 0"):
         RateCap(rate, burst)
+
+
+SITE_YAML = """\
+site: A
+listen: 127.0.0.1:7701
+data_dir: ./site-a
+keys_dir: ./keys
+peers:
+  B:
+    url: http://127.0.0.1:7702
+    rate_caps:
+      total_mbit_s: 1000
+      sync_mbit_s: {sync}
+traffic:
+  weights: {{checkpoint: 5, sync: 1}}
+  streams_min: {streams_min}
+  streams_max: 16
+"""
+
+
+def test_site_config_carries_rate_caps_and_weights() -> None:
+    config = parse_config(SITE_YAML.format(sync=100, streams_min=2))
+    caps = config.peers["B"].rate_caps
+    assert caps.total_mbit_s == 1000
+    assert caps.sync_mbit_s == 100
+    assert caps.checkpoint_mbit_s is None
+    assert config.traffic.weights.checkpoint == 5
+    assert config.traffic.streams_max == 16
+
+
+def test_bad_rate_cap_names_the_field_and_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(SITE_YAML.format(sync=-5, streams_min=2))
+    [issue] = info.value.issues
+    assert issue.startswith("peers.B.rate_caps.sync_mbit_s:")
+    assert "(line 10)" in issue
+
+
+def test_stream_bounds_must_nest() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(SITE_YAML.format(sync=100, streams_min=20))
+    assert any("streams_min must be <= streams_max" in issue for issue in info.value.issues)
