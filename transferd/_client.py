@@ -65,8 +65,11 @@ class PeerLink:
         streams: int,
         clock: Callable[[], float],
         ssl_context: ssl.SSLContext | None = None,
+        shared_pool: bool = False,
     ) -> None:
         self.site, self.peer, self.url = site, peer, url
+        # Benchmark baseline only: every class on one pool, so small messages queue behind bulk.
+        self.shared_pool = shared_pool
         self.keyring = keyring
         self.streams = streams
         self.clock = clock
@@ -74,6 +77,8 @@ class PeerLink:
         self._sessions: dict[TrafficClass, aiohttp.ClientSession] = {}
 
     def session(self, traffic_class: TrafficClass) -> aiohttp.ClientSession:
+        if self.shared_pool:
+            traffic_class = TrafficClass.CHECKPOINT
         session = self._sessions.get(traffic_class)
         if session is None or session.closed:
             bulk = traffic_class in (TrafficClass.CHECKPOINT, TrafficClass.SYNC)

@@ -93,6 +93,8 @@ class TrafficSettings(_Frozen):
     streams_max: Annotated[int, Field(ge=1, le=64)] = 32  # GridFTP/FTS3-style upper bound
     message_deadline_ms: Annotated[float, Field(ge=0)] = 1000.0  # when a sender names none
     inbox_hook: list[str] | None = None  # argv run per received message (body on stdin)
+    # Benchmark baseline: all classes share one connection pool per peer (no class isolation).
+    shared_pool: bool = False
 
     @model_validator(mode="after")
     def _bounds(self) -> TrafficSettings:

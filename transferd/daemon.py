@@ -147,6 +147,7 @@ class Daemon:
                 streams=max(config.streams, max_streams),
                 clock=clock,
                 ssl_context=ssl_ctx,
+                shared_pool=traffic.shared_pool,
             )
             for peer, pc in config.peers.items()
         }

@@ -154,3 +154,27 @@ def test_decoders_only_raise_package_errors(data: object) -> None:
             decode(data)
         except TransferdError:
             pass
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_each_class_has_its_own_pool_unless_the_baseline_shares_one(shared: bool) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from transferd._client import PeerLink
+    from transferd._keys import Keyring
+
+    keyring = Keyring(site="A", signing_key=Ed25519PrivateKey.generate())
+    link = PeerLink(
+        site="A",
+        peer="B",
+        url="http://127.0.0.1:1",
+        keyring=keyring,
+        streams=4,
+        clock=lambda: 0.0,
+        shared_pool=shared,
+    )
+    try:
+        pools = {id(link.session(cls)) for cls in TrafficClass}
+        assert len(pools) == (1 if shared else 4)
+    finally:
+        await link.close()
