@@ -463,12 +463,16 @@ class MessageService:
     def _record_miss(self, message: _Outgoing, kind: str, reason: str) -> None:
         self.metrics.budget_miss(message.peer, kind)
         log.warning(
-            "budget_miss peer=%s class=%s id=%s kind=%s reason=%s",
-            message.peer,
-            message.traffic_class.value,
-            message.id,
-            kind,
-            json.dumps(reason),
+            "message.budget_miss",
+            extra={
+                "fields": {
+                    "peer": message.peer,
+                    "class": message.traffic_class.value,
+                    "id": message.id,
+                    "kind": kind,
+                    "reason": reason,
+                }
+            },
         )
 
     async def send(
@@ -609,10 +613,14 @@ class MessageService:
             self.metrics.count("received_late", source, traffic_class)
             assert deadline is not None
             log.warning(
-                "message_late from=%s id=%s late_ms=%.1f",
-                source,
-                message_id,
-                (received_at - deadline) * 1000,
+                "message.late",
+                extra={
+                    "fields": {
+                        "from": source,
+                        "id": message_id,
+                        "late_ms": round((received_at - deadline) * 1000, 1),
+                    }
+                },
             )
         answer = {"id": message_id, "late": late, "received_at": received_at}
         self._seen[key] = answer
@@ -647,15 +655,21 @@ class MessageService:
                         await proc.wait()
                 ok = proc.returncode == 0
             except (OSError, TimeoutError) as exc:
-                log.warning("message_hook_failed id=%s error=%r", message.id, exc)
+                log.warning(
+                    "message.hook_failed", extra={"fields": {"id": message.id, "error": repr(exc)}}
+                )
                 ok = False
             if not ok:
                 # The consumer's hook failed: keep the message where a reader can still get it.
-                log.warning("message_hook_failed id=%s kept_in_inbox=1", message.id)
+                log.warning(
+                    "message.hook_failed", extra={"fields": {"id": message.id, "kept_in_inbox": 1}}
+                )
                 try:
                     await self.inbox.put(message)
                 except StorageError as exc:
-                    log.error("message_lost id=%s reason=%s", message.id, json.dumps(str(exc)))
+                    log.error(
+                        "message.lost", extra={"fields": {"id": message.id, "reason": str(exc)}}
+                    )
 
 
 def _chain(
@@ -726,7 +740,7 @@ def add_message_routes(
             source = service.auth.verify(request.headers, request.method, request.raw_path, body)
             answer = await service.receive(source, request.headers, body)
         except AuthError as exc:
-            log.warning("message_refused reason=%s", json.dumps(exc.message))
+            log.warning("message.refused", extra={"fields": {"reason": exc.message}})
             return _error_response(exc)
         except TransferdError as exc:
             return _error_response(exc)
