@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import threading
 from dataclasses import dataclass
 
 import blake3
@@ -42,6 +43,44 @@ class CommitOutcome:
     want: list[tuple[int, int]]  # (file index, offset) to send again when not committed
 
 
+class _HashCursor:
+    """The whole-file blake3 of a staged file, fed in file order while chunks arrive: the chunk
+    at the cursor is hashed from memory; chunks written ahead of it are read back (from the page
+    cache) when the cursor reaches them. A rewrite behind the cursor invalidates it."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.valid = True
+        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.ahead: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def advance(
+        self, offset: int, length: int, data: bytes | memoryview, staging: Staging, index: int
+    ) -> None:
+        with self.lock:
+            if not self.valid:
+                return
+            if offset > self.offset:
+                self.ahead[offset] = length
+                return
+            if offset < self.offset:
+                self.valid = False
+                return
+            self.hasher.update(data)
+            self.offset += length
+            while self.offset in self.ahead:
+                n = self.ahead.pop(self.offset)
+                self.hasher.update(staging.read(index, self.offset, n))
+                self.offset += n
+
+    def digest_if_complete(self, size: int) -> str | None:
+        with self.lock:
+            if self.valid and self.offset == size and not self.ahead:
+                return str(self.hasher.hexdigest())
+            return None
+
+
 class Receiver:
     def __init__(
         self,
@@ -59,6 +98,10 @@ class Receiver:
         self.metrics = metrics
         self.retention = retention
         self._staging: dict[str, Staging] = {}
+        # Whole-file hashes computed as chunks arrive (in memory; a restart falls back to
+        # re-reading the staged file at commit).
+        self._cursors: dict[str, dict[int, _HashCursor]] = {}
+        self._cursors_lock = threading.Lock()
 
     # -- open --------------------------------------------------------------------------------
     def check_intent(self, intent: UploadIntent, peer: str) -> None:
@@ -173,8 +216,9 @@ class Receiver:
                 continue
             if len(data) != loc.length or blake3.blake3(data).hexdigest() != digest:
                 continue
-            for f, off, _n in targets:
+            for f, off, n in targets:
                 staging.write(f, off, data)
+                self._cursor(upload, f).advance(off, n, data, staging, f)
             return True
         return False
 
@@ -225,8 +269,17 @@ class Receiver:
         if raw_hash != digest:
             raise IntegrityError(f"chunk bytes do not hash to their address {digest[:16]}")
         staging = self._staging[upload]
-        for f, off, _n in locations:
+        for f, off, n in locations:
             staging.write(f, off, raw)
+            self._cursor(upload, f).advance(off, n, raw, staging, f)
+
+    def _cursor(self, upload: str, file_index: int) -> _HashCursor:
+        with self._cursors_lock:
+            cursors = self._cursors.setdefault(upload, {})
+            cursor = cursors.get(file_index)
+            if cursor is None:
+                cursor = cursors[file_index] = _HashCursor()
+            return cursor
 
     # -- commit --------------------------------------------------------------------------------
     def check_manifest(
@@ -259,9 +312,12 @@ class Receiver:
         """Thread: whole-file blake3 of every staged file; on a mismatch, re-hash that file's
         chunks and return the bad ones (they are fetched again)."""
         staging = self._staging[upload]
-        staging.sync()
+        cursors = self._cursors.get(upload, {})
         bad: list[tuple[int, int]] = []
         for i, f in enumerate(manifest.files):
+            cursor = cursors.get(i)
+            if cursor is not None and cursor.digest_if_complete(f.size) == f.blake3:
+                continue  # hashed in order as the chunks arrived
             try:
                 with SourceFile(str(staging.member_path(i))) as src:
                     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -270,17 +326,21 @@ class Receiver:
                             hasher.update(view)
                     if hasher.hexdigest() == f.blake3:
                         continue
+                    bad_here = []
                     for digest, off, n in f.chunks:
                         with src.mapped(off, n) as view:
                             if blake3.blake3(view).hexdigest() != digest:
-                                bad.append((i, off))
+                                bad_here.append((i, off))
             except OSError as exc:
                 raise StorageError(f"reading staged file: {exc.strerror}") from exc
-            if not bad:
+            if not bad_here:
                 # Every chunk matches, yet the file does not: the manifest itself is inconsistent.
                 raise IntegrityError(
                     f"{manifest.root}/{f.path}: chunks match but whole-file blake3 differs"
                 )
+            bad += bad_here
+        if bad:
+            cursors.clear()
         return bad
 
     def commit_files(self, upload: str, manifest: Manifest) -> None:
@@ -289,6 +349,7 @@ class Receiver:
 
     def after_commit(self, upload: str, manifest: Manifest, now: float) -> None:
         self._staging.pop(upload).discard()
+        self._cursors.pop(upload, None)
         self.journal.finish_upload(upload, "committed", now)
         for f in manifest.files:
             path = f"{manifest.root}/{f.path}" if f.path else manifest.root
@@ -327,6 +388,7 @@ class Receiver:
         return batches
 
     def fail(self, upload: str, now: float) -> None:
+        self._cursors.pop(upload, None)
         staging = self._staging.pop(upload, None)
         if staging is not None:
             staging.discard()
