@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from transferd._classes import BULK_CLASSES, TrafficClass
 from transferd._ratelimit import PeerRateLimiter, RateCap
@@ -257,3 +259,68 @@ def test_discarded_items_leave_the_queues() -> None:
     assert not sched.discard(msg)
     assert sched.queued_bytes(IA) == 0
     assert _drain(sched, 0.0) == [keep]
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(list(TrafficClass)),
+        st.integers(min_value=0, max_value=4 << 20),  # size
+        st.floats(min_value=0.0, max_value=0.5),  # deadline offset, seconds
+        st.floats(min_value=0.0, max_value=0.05),  # clock step before the op
+        st.booleans(),  # dequeue after it
+    ),
+    max_size=60,
+)
+
+
+@given(ops, st.booleans())
+def test_every_item_leaves_exactly_once_in_class_order_and_misses_are_flagged(
+    script: list[tuple[TrafficClass, int, float, float, bool]], capped: bool
+) -> None:
+    limiter = None
+    if capped:
+        limiter = PeerRateLimiter(
+            0.0,
+            class_caps={SY: RateCap(20 * MB, 1 * MB), IA: RateCap(5 * MB, 64 * 1024)},
+            total_cap=RateCap(100 * MB, 4 * MB),
+        )
+    sched: ClassScheduler[int] = ClassScheduler(
+        0.0, limiter=limiter, service_rate_bytes_per_s=50 * MB
+    )
+    now = 0.0
+    sent: list[ScheduledItem[int]] = []
+    pending: set[ScheduledItem[int]] = set()
+
+    def take(at: float) -> bool:
+        item = sched.dequeue(at)
+        if item is None:
+            return False
+        if any(p.traffic_class is CT for p in pending):
+            assert item.traffic_class is CT  # control goes before everything
+        if item.traffic_class is IA:
+            due = [p.deadline for p in pending if p.traffic_class is IA]
+            assert item.deadline == min(d for d in due if d is not None)  # EDF
+        pending.remove(item)
+        sent.append(item)
+        return True
+
+    for i, (cls, size, offset, step, do_take) in enumerate(script):
+        now += step
+        deadline = now + offset if cls is IA else None
+        pending.add(sched.enqueue(cls, size, i, now, deadline=deadline))
+        if do_take:
+            take(now)
+    for _ in range(10_000):  # drain, moving the clock to each next deadline
+        if take(now):
+            continue
+        wake = sched.next_deadline()
+        if wake is None:
+            break
+        now = max(now, wake)
+    assert len(sched) == 0
+    assert sorted(item.payload for item in sent) == list(range(len(script)))
+    # Every miss is reported once, on an item that is then sent flagged late.
+    misses = sched.pop_budget_misses()
+    assert len({id(m.item) for m in misses}) == len(misses)
+    assert all(m.item.late and m.item.traffic_class is IA for m in misses)
+    assert {id(m.item) for m in misses} == {id(i) for i in sent if i.late}
