@@ -44,10 +44,13 @@ SHUTDOWN_GRACE_S = 10.0
 def client_ssl_context(config: SiteConfig) -> ssl.SSLContext | None:
     if config.tls is None:
         return None
-    ctx = ssl.create_default_context(
-        cafile=str(config.resolve(config.tls.ca)) if config.tls.ca else None
-    )
-    ctx.load_cert_chain(config.resolve(config.tls.cert), config.resolve(config.tls.key))
+    try:
+        ctx = ssl.create_default_context(
+            cafile=str(config.resolve(config.tls.ca)) if config.tls.ca else None
+        )
+        ctx.load_cert_chain(config.resolve(config.tls.cert), config.resolve(config.tls.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls: cannot load certificate, key or CA: {exc}") from exc
     return ctx
 
 
@@ -58,7 +61,10 @@ def server_ssl_context(config: SiteConfig) -> ssl.SSLContext | None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(config.resolve(config.tls.cert), config.resolve(config.tls.key))
         if config.tls.ca:
+            # With a CA, peers must present a certificate it signed (mutual TLS), on top of the
+            # per-pair HMAC on every request.
             ctx.load_verify_locations(config.resolve(config.tls.ca))
+            ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"tls: cannot load certificate or key: {exc}") from exc
     return ctx
