@@ -46,7 +46,16 @@ class BufferPool:
             view = memoryview(buf)
             try:
                 pos = 0
-                while piece := await request.content.readany():
+                empty = 0
+                while True:
+                    # readchunk hands over aiohttp's buffered pieces one by one; readany would
+                    # first join them (one more copy of the body).
+                    piece, _ = await request.content.readchunk()
+                    if not piece:
+                        empty += 1
+                        if request.content.at_eof() or empty > 64:
+                            break
+                        continue
                     n = len(piece)
                     if pos + n > declared:
                         raise ProtocolError("chunk body is longer than its Content-Length")

@@ -44,21 +44,30 @@ class CommitOutcome:
 
 
 class _HashCursor:
-    """The whole-file blake3 of a staged file, fed in file order while chunks arrive: the chunk
-    at the cursor is hashed from memory; chunks written ahead of it are read back (from the page
-    cache) when the cursor reaches them. A rewrite behind the cursor invalidates it."""
+    """The whole-file blake3 of a staged file, fed in file order while chunks arrive.
+
+    Parallel streams deliver chunks slightly out of order. A chunk that arrives a little ahead
+    of the cursor waits (bounded) for the chunks before it, so it is hashed from memory too; one
+    that is far ahead, or waited too long, is read back from the staged file when the cursor
+    reaches it. A rewrite behind the cursor invalidates it (commit then re-reads the file).
+    """
+
+    WAIT_AHEAD_BYTES = 64 * 1024 * 1024
+    WAIT_S = 2.0
 
     def __init__(self) -> None:
         self.offset = 0
         self.valid = True
         self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self.ahead: dict[int, int] = {}
-        self.lock = threading.Lock()
+        self.moved = threading.Condition()
 
     def advance(
         self, offset: int, length: int, data: bytes | memoryview, staging: Staging, index: int
     ) -> None:
-        with self.lock:
+        with self.moved:
+            if offset > self.offset and offset - self.offset <= self.WAIT_AHEAD_BYTES:
+                self.moved.wait_for(lambda: not self.valid or offset <= self.offset, self.WAIT_S)
             if not self.valid:
                 return
             if offset > self.offset:
@@ -66,6 +75,7 @@ class _HashCursor:
                 return
             if offset < self.offset:
                 self.valid = False
+                self.moved.notify_all()
                 return
             self.hasher.update(data)
             self.offset += length
@@ -73,9 +83,10 @@ class _HashCursor:
                 n = self.ahead.pop(self.offset)
                 self.hasher.update(staging.read(index, self.offset, n))
                 self.offset += n
+            self.moved.notify_all()
 
     def digest_if_complete(self, size: int) -> str | None:
-        with self.lock:
+        with self.moved:
             if self.valid and self.offset == size and not self.ahead:
                 return str(self.hasher.hexdigest())
             return None

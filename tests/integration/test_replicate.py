@@ -44,3 +44,17 @@ async def test_checkpoint_folder_replicates_as_one_unit_and_latest_moves(tmp_pat
     for rel, digest in digests.items():
         assert file_blake3(dst / rel) == digest
     assert (dst / "LATEST").read_text() == "step-10\n"
+
+
+async def test_replication_over_mutual_tls(tmp_path: Path) -> None:
+    from transferd.testing import loopback_tls
+
+    src = tmp_path / "site-A" / "approved" / "m.bin"
+    digest = write_random(src, 3 * CHUNK, seed=4)
+    tls = loopback_tls(tmp_path / "tls")
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, tls=tls) as (a, b):
+        assert a.links["B"].url.startswith("https://")
+        [job_id] = a.sender.submit("approved/m.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+    assert job.state == "committed", job.error
+    assert file_blake3(tmp_path / "site-B" / "approved" / "m.bin") == digest
