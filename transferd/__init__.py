@@ -6,6 +6,13 @@ Run it with `transferd serve --config site.yaml`; the daemon is `transferd.daemo
 """
 
 from transferd._classes import TrafficClass
+from transferd._messages import (
+    InboxMessage,
+    MessageReceipt,
+    local_signer,
+    read_inbox,
+    send_message,
+)
 from transferd.config import SiteConfig, load_config, parse_config
 from transferd.errors import (
     AuthError,
@@ -21,7 +28,9 @@ from transferd.errors import (
 __all__ = [
     "AuthError",
     "ConfigError",
+    "InboxMessage",
     "IntegrityError",
+    "MessageReceipt",
     "PolicyViolation",
     "ProtocolError",
     "SiteConfig",
@@ -30,5 +39,8 @@ __all__ = [
     "TransferdError",
     "TransportError",
     "load_config",
+    "local_signer",
     "parse_config",
+    "read_inbox",
+    "send_message",
 ]
