@@ -1,0 +1,385 @@
+"""The adaptive parallel-stream controller: how many concurrent chunk uploads a bulk class keeps
+to one peer. Sans-I/O: `on_sample(now, bytes_acked, errors)` in, `target_streams` out,
+`next_deadline()` when the current measurement window closes.
+
+Theory of operation. On a long fat pipe one TCP stream is capped by window/RTT (or by the loss
+rate, Mathis et al. 1997: rate <= MSS/RTT * 1.22/sqrt(p)), so N streams carry about N times as
+much until the link is full (GridFTP, Skyplane). Like FTS3's optimizer, the controller measures
+goodput per window and:
+- grows while goodput rises: doubling from the start (2, 4, 8, ...), then +1 once a doubling
+  stops paying (the slow-start/congestion-avoidance split of TCP);
+- keeps a step only if goodput rose by at least `grow_gain` (5 %); otherwise it returns to the
+  previous count and waits `probe_cooldown_windows` before probing again, doubling that wait after
+  each failed probe (hysteresis: a saturated link is probed ever more rarely, never oscillated);
+- backs off multiplicatively (x `backoff`) when a window has more than `error_tolerance` errors,
+  or when goodput falls by more than `fall_threshold` (20 %) below its running average;
+- discards the first window after every change, while new streams ramp up;
+- stays within `min_streams..max_streams` (1..32).
+Every change is kept as a `StreamChange` with its reason, for a log line and a metric.
+`BulkGate` is the thin asyncio adapter that admits each chunk upload; `PeerTraffic` bundles a
+peer's scheduler and gates for the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from transferd._classes import BULK_CLASSES, TrafficClass
+from transferd._ratelimit import PeerRateLimiter, RateCap
+from transferd._sched import ClassScheduler, SchedulerPump
+
+__all__ = [
+    "BulkGate",
+    "PeerTraffic",
+    "StreamChange",
+    "StreamController",
+    "StreamMetrics",
+]
+
+log = logging.getLogger("transferd.streams")
+
+
+@dataclass(frozen=True)
+class StreamChange:
+    at: float
+    from_streams: int
+    to_streams: int
+    reason: str
+    goodput_bytes_per_s: float
+
+
+def _rate(bytes_per_s: float) -> str:
+    return f"{bytes_per_s * 8 / 1e6:.0f} Mbit/s"
+
+
+class StreamController:
+    def __init__(
+        self,
+        now: float,
+        *,
+        initial_streams: int = 2,
+        min_streams: int = 1,
+        max_streams: int = 32,
+        window_s: float = 1.0,
+        grow_gain: float = 0.05,
+        fall_threshold: float = 0.20,
+        backoff: float = 0.5,
+        error_tolerance: int = 0,
+        probe_cooldown_windows: int = 5,
+        max_cooldown_windows: int = 60,
+        history: int = 1000,
+    ) -> None:
+        if not 1 <= min_streams <= initial_streams <= max_streams:
+            raise ValueError(
+                f"need 1 <= min_streams ({min_streams}) <= initial_streams ({initial_streams})"
+                f" <= max_streams ({max_streams})"
+            )
+        if window_s <= 0 or not 0 < backoff < 1:
+            raise ValueError("window_s must be > 0 and backoff in (0, 1)")
+        self.min_streams = min_streams
+        self.max_streams = max_streams
+        self.window_s = window_s
+        self.grow_gain = grow_gain
+        self.fall_threshold = fall_threshold
+        self.backoff = backoff
+        self.error_tolerance = error_tolerance
+        self.probe_cooldown_windows = probe_cooldown_windows
+        self.max_cooldown_windows = max_cooldown_windows
+        self.target_streams = initial_streams
+        self.changes: deque[StreamChange] = deque(maxlen=history)
+        self._unreported: list[StreamChange] = []
+        self._window_start = now
+        self._window_bytes = 0
+        self._window_errors = 0
+        self._slow_start = True
+        self._probe: tuple[int, float] | None = None  # (streams before the probe, their goodput)
+        self._reference: float | None = None  # running goodput at the current count
+        self._settle = 1
+        self._cooldown = 0
+        self._next_cooldown = probe_cooldown_windows
+        self.last_goodput_bytes_per_s = 0.0
+
+    def next_deadline(self) -> float:
+        """When the current window closes (call `on_sample(now, 0, 0)` then if nothing came)."""
+        return self._window_start + self.window_s
+
+    def on_sample(self, now: float, bytes_acked: int, errors: int = 0) -> int:
+        """Account acknowledged bytes and failed requests; returns the (maybe new) target."""
+        self._window_bytes += bytes_acked
+        self._window_errors += errors
+        elapsed = now - self._window_start
+        if elapsed >= self.window_s:
+            self._evaluate(now, self._window_bytes / elapsed, self._window_errors)
+            self._window_start = now
+            self._window_bytes = 0
+            self._window_errors = 0
+        return self.target_streams
+
+    def pop_changes(self) -> list[StreamChange]:
+        """Changes since the last call (the daemon logs each one and bumps a counter)."""
+        changes, self._unreported = self._unreported, []
+        return changes
+
+    def _change(self, now: float, to: int, reason: str, goodput: float) -> None:
+        to = max(self.min_streams, min(self.max_streams, to))
+        if to == self.target_streams:
+            return
+        change = StreamChange(now, self.target_streams, to, reason, goodput)
+        self.changes.append(change)
+        self._unreported.append(change)
+        self.target_streams = to
+        self._settle = 1
+
+    def _evaluate(self, now: float, goodput: float, errors: int) -> None:
+        n = self.target_streams
+        if errors > self.error_tolerance:
+            self._slow_start = False
+            self._probe = None
+            self._reference = None
+            self._cooldown = self._next_cooldown
+            reduced = min(n - 1, math.floor(n * self.backoff))
+            self._change(now, reduced, f"{errors} errors in {self.window_s:g} s window", goodput)
+            self._settle = 1
+            return
+        if goodput <= 0:
+            return  # an idle window says nothing about the link
+        if self._settle > 0:
+            self._settle -= 1
+            return
+        self.last_goodput_bytes_per_s = goodput
+        if self._probe is not None:
+            base_n, base_goodput = self._probe
+            self._probe = None
+            if goodput < base_goodput * (1 + self.grow_gain):
+                self._slow_start = False
+                self._reference = base_goodput
+                self._cooldown = self._next_cooldown
+                self._next_cooldown = min(self._next_cooldown * 2, self.max_cooldown_windows)
+                self._change(
+                    now,
+                    base_n,
+                    f"no gain: {_rate(goodput)} at {n} streams vs {_rate(base_goodput)} at "
+                    f"{base_n}",
+                    goodput,
+                )
+                return
+            self._next_cooldown = self.probe_cooldown_windows
+            self._reference = goodput
+        elif self._reference is not None and goodput < self._reference * (1 - self.fall_threshold):
+            self._slow_start = False
+            previous = self._reference
+            self._reference = None
+            self._cooldown = self._next_cooldown
+            reduced = min(n - 1, math.floor(n * (1 - (1 - self.backoff) / 2)))
+            self._change(
+                now,
+                reduced,
+                f"goodput fell to {_rate(goodput)} from {_rate(previous)}",
+                goodput,
+            )
+            return
+        else:
+            self._reference = (
+                goodput if self._reference is None else 0.7 * self._reference + 0.3 * goodput
+            )
+        if self._cooldown > 0:
+            self._cooldown -= 1
+            return
+        if n >= self.max_streams:
+            return
+        grown = n * 2 if self._slow_start else n + 1
+        assert self._reference is not None
+        self._probe = (n, self._reference)
+        self._change(
+            now,
+            grown,
+            f"probing: {_rate(self._reference)} at {n} streams with no errors",
+            goodput,
+        )
+
+
+class StreamMetrics:
+    """Stream-count changes per (peer, class): ints always, Prometheus counters given a registry."""
+
+    def __init__(self, registry: Any = None) -> None:
+        self.changes: dict[tuple[str, str, str], int] = {}
+        self.target: dict[tuple[str, str], int] = {}
+        self._changes_counter: Any = None
+        self._target_gauge: Any = None
+        if registry is not None:
+            from prometheus_client import Counter, Gauge
+
+            self._changes_counter = Counter(
+                "transferd_stream_changes",
+                "Changes of the parallel-stream target, by direction",
+                ["peer", "class", "direction"],
+                registry=registry,
+            )
+            self._target_gauge = Gauge(
+                "transferd_streams_target",
+                "Parallel chunk uploads the stream controller allows",
+                ["peer", "class"],
+                registry=registry,
+            )
+
+    def set_target(self, peer: str, cls: TrafficClass, streams: int) -> None:
+        self.target[(peer, cls.value)] = streams
+        if self._target_gauge is not None:
+            self._target_gauge.labels(peer, cls.value).set(streams)
+
+    def record(self, peer: str, cls: TrafficClass, change: StreamChange) -> None:
+        direction = "up" if change.to_streams > change.from_streams else "down"
+        key = (peer, cls.value, direction)
+        self.changes[key] = self.changes.get(key, 0) + 1
+        if self._changes_counter is not None:
+            self._changes_counter.labels(peer, cls.value, direction).inc()
+        self.set_target(peer, cls, change.to_streams)
+        log.info(
+            "streams.change",
+            extra={
+                "fields": {
+                    "peer": peer,
+                    "class": cls.value,
+                    "from": change.from_streams,
+                    "to": change.to_streams,
+                    "goodput_mbit_s": round(change.goodput_bytes_per_s * 8 / 1e6, 1),
+                    "reason": change.reason,
+                }
+            },
+        )
+
+
+class BulkGate:
+    """Admission of chunk uploads for one (peer, bulk class), for senders that own their upload
+    tasks: `await acquire(n)` returns once a stream is free (in flight < the controller's target)
+    and the peer's scheduler releases n bytes of this class (rate caps, weights); `release(acked,
+    errors)` ends the upload and feeds the controller. Synchronous release, so it is safe in
+    `finally` blocks of cancelled tasks."""
+
+    def __init__(
+        self,
+        peer: str,
+        pump: SchedulerPump[None],
+        traffic_class: TrafficClass,
+        controller: StreamController,
+        metrics: StreamMetrics | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.peer = peer
+        self.clock = clock or pump.now  # the controller's clock (tests pass a fake one)
+        self.pump = pump
+        self.traffic_class = traffic_class
+        self.controller = controller
+        self.metrics = metrics
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        if metrics is not None:
+            metrics.set_target(peer, traffic_class, controller.target_streams)
+
+    async def acquire(self, size_bytes: int) -> None:
+        if self.in_flight >= self.controller.target_streams or self._waiters:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter  # the releaser counted us in already
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._release_slot()
+                elif waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+        else:
+            self.in_flight += 1
+        item = None
+        try:
+            item = await self.pump.put(self.traffic_class, size_bytes, None)
+            await self.pump.get([self.traffic_class])
+        except BaseException:
+            # Given up before sending: take one marker back so the queue stays balanced (any
+            # marker will do: they are interchangeable).
+            scheduler = self.pump.scheduler
+            if item is not None and not scheduler.discard(item):
+                scheduler.discard_newest(self.traffic_class)
+            self._release_slot()
+            raise
+
+    def release(self, acked_bytes: int, errors: int = 0) -> None:
+        self.controller.on_sample(self.clock(), acked_bytes, errors)
+        for change in self.controller.pop_changes():
+            if self.metrics is not None:
+                self.metrics.record(self.peer, self.traffic_class, change)
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        self.in_flight -= 1
+        while self._waiters and self.in_flight < self.controller.target_streams:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
+
+
+@dataclass
+class PeerTraffic:
+    """What the daemon schedules toward one peer: its scheduler (behind a pump shared by the
+    message service and the bulk path) and one `BulkGate` per bulk class."""
+
+    peer: str
+    pump: SchedulerPump[Any]
+    gates: dict[TrafficClass, BulkGate]
+
+    @classmethod
+    def build(
+        cls,
+        peer: str,
+        *,
+        now: float | None = None,
+        bulk_weights: Mapping[TrafficClass, float] | None = None,
+        class_caps: Mapping[TrafficClass, RateCap] | None = None,
+        total_cap: RateCap | None = None,
+        initial_streams: int = 2,
+        min_streams: int = 1,
+        max_streams: int = 32,
+        adaptive: bool = True,
+        metrics: StreamMetrics | None = None,
+    ) -> PeerTraffic:
+        if now is None:
+            now = asyncio.get_running_loop().time()
+        limiter = None
+        if class_caps or total_cap is not None:
+            limiter = PeerRateLimiter(now, class_caps=class_caps, total_cap=total_cap)
+        interactive_rate = None
+        if limiter is not None:
+            rate = limiter.rate_bytes_per_s(TrafficClass.INTERACTIVE)
+            interactive_rate = None if math.isinf(rate) else rate
+        scheduler: ClassScheduler[Any] = ClassScheduler(
+            now,
+            bulk_weights=bulk_weights,
+            limiter=limiter,
+            service_rate_bytes_per_s=interactive_rate,
+        )
+        pump: SchedulerPump[Any] = SchedulerPump(scheduler)
+        gates = {}
+        for bulk in BULK_CLASSES:
+            if adaptive:
+                controller = StreamController(
+                    now,
+                    initial_streams=initial_streams,
+                    min_streams=min_streams,
+                    max_streams=max_streams,
+                )
+            else:  # a fixed count: bounds pinned to it
+                controller = StreamController(
+                    now,
+                    initial_streams=initial_streams,
+                    min_streams=initial_streams,
+                    max_streams=initial_streams,
+                )
+            gates[bulk] = BulkGate(peer, pump, bulk, controller, metrics)
+        return cls(peer, pump, gates)
