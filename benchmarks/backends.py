@@ -1,0 +1,248 @@
+"""Impairment backends behind one interface, picked by probing the kernel at start-up:
+
+- ``netem``: ``tc qdisc add dev X root netem delay D J loss P rate R limit Q`` on both ends.
+- ``userspace-nfqueue``: tbf for the rate and the bottleneck queue, plus the pure-Python NFQUEUE
+  delay/loss emulator (benchmarks._nfqueue) for kernels without sch_netem (this machine's).
+
+The chosen backend's name and the probe's reasons are recorded with every result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from benchmarks.errors import LabError
+from benchmarks.linkspec import LinkSpec
+
+if TYPE_CHECKING:
+    from benchmarks.lab import Lab, LinkEnds
+
+__all__ = [
+    "BACKENDS",
+    "BackendChoice",
+    "EmulatorSample",
+    "ImpairmentBackend",
+    "probe_backend",
+]
+
+MTU_BYTES = 1514  # an Ethernet frame: the unit of `queue_limit_pkts`
+# An emulator above this share of one core is the bottleneck, not the link: reject the run.
+EMULATOR_CPU_LIMIT = 0.85
+
+Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+
+
+def run_cmd(cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, check=False)
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str  # "netem" | "userspace-nfqueue"
+    reasons: tuple[str, ...]  # what the probe found, recorded with the results
+    rule_tool: str | None = None  # "nft" | "iptables": what installs the NFQUEUE rules
+
+
+def probe_backend(run: Runner = run_cmd, which: Callable[[str], str | None] = shutil.which
+                  ) -> BackendChoice:
+    """netem when the kernel can add a netem qdisc (tried on `lo` of a throwaway namespace);
+    else the NFQUEUE emulator when nft or iptables can install a queue rule there."""
+    reasons: list[str] = []
+    if which("ip") is None or which("tc") is None:
+        raise LabError("iproute2 (ip, tc) is not installed: cannot build emulated links")
+    ns = f"nbprobe-{uuid.uuid4().hex[:8]}"
+    created = run(["ip", "netns", "add", ns])
+    if created.returncode != 0:
+        raise LabError(f"cannot create a network namespace: {created.stderr.strip()}",
+                       command=["ip", "netns", "add", ns])
+    try:
+        run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        netem = run(["tc", "-n", ns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"])
+        if netem.returncode == 0:
+            return BackendChoice("netem", ("sch_netem: available",))
+        reasons.append(f"sch_netem: {netem.stderr.strip() or 'unavailable'}")
+        tbf = run(["tc", "-n", ns, "qdisc", "replace", "dev", "lo", "root", "tbf", "rate",
+                   "1000mbit", "burst", "256kb", "limit", "1mb"])
+        if tbf.returncode != 0:
+            reasons.append(f"sch_tbf: {tbf.stderr.strip()}")
+            raise LabError("neither netem nor tbf is available: " + "; ".join(reasons))
+        reasons.append("sch_tbf: available")
+        for tool, rule in (
+            ("nft", ["ip", "netns", "exec", ns, "nft", "add table inet nbprobe; "
+                     "add chain inet nbprobe out { type filter hook output priority 0; }; "
+                     "add rule inet nbprobe out oifname \"nonexistent0\" queue num 9"]),
+            ("iptables", ["ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A", "OUTPUT",
+                          "-o", "nonexistent0", "-j", "NFQUEUE", "--queue-num", "9"]),
+        ):
+            if which(tool) is None:
+                reasons.append(f"{tool}: not installed")
+                continue
+            done = run(rule)
+            if done.returncode == 0:
+                reasons.append(f"NFQUEUE via {tool}: available")
+                return BackendChoice("userspace-nfqueue", tuple(reasons), rule_tool=tool)
+            reasons.append(f"NFQUEUE via {tool}: " + done.stderr.strip().splitlines()[0]
+                           if done.stderr.strip() else f"NFQUEUE via {tool}: failed")
+        raise LabError("no impairment backend: " + "; ".join(reasons))
+    finally:
+        run(["ip", "netns", "del", ns])
+
+
+@dataclass(frozen=True)
+class EmulatorSample:
+    """Counters of a userspace emulator at one moment."""
+
+    cpu_s: float
+    wall_s: float
+    received: int
+    lost: int
+    self_dropped: int  # kernel queue full + socket overruns + rejected verdicts
+
+
+def rejection(before: EmulatorSample | None, after: EmulatorSample | None) -> str | None:
+    """Why a run over this interval does not measure the link, or None when it does."""
+    if before is None or after is None:
+        return None
+    dropped = after.self_dropped - before.self_dropped
+    if dropped > 0:
+        return f"emulator dropped {dropped} packets on its own (queue or socket overrun)"
+    wall = after.wall_s - before.wall_s
+    if wall > 0.5:
+        share = (after.cpu_s - before.cpu_s) / wall
+        if share > EMULATOR_CPU_LIMIT:
+            return f"emulator used {share:.0%} of a core (limit {EMULATOR_CPU_LIMIT:.0%})"
+    return None
+
+
+class ImpairmentBackend(Protocol):
+    name: str
+
+    def apply(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None: ...
+
+    def sample(self, lab: Lab) -> EmulatorSample | None: ...
+
+
+def _offloads_off(lab: Lab, ends: LinkEnds) -> None:
+    # One dropped TSO/GSO super-packet would be a 64 KB burst loss, not a packet loss.
+    for ns, dev in ((ends.ns_a, ends.dev_a), (ends.ns_b, ends.dev_b)):
+        lab.must(["ip", "netns", "exec", ns, "ethtool", "-K", dev, "tso", "off", "gso", "off",
+                  "gro", "off"])
+
+
+class NetemBackend:
+    name = "netem"
+
+    def __init__(self, rule_tool: str | None = None) -> None:
+        del rule_tool  # netem needs no filter rules
+
+    def apply(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None:
+        if spec.loss_pct:
+            _offloads_off(lab, ends)
+        # netem's limit counts packets held for delay as well as queued for the rate.
+        bdp_pkts = int((spec.rate_mbit or 1000) * 1e6 / 8 * spec.rtt_ms / 1e3 / MTU_BYTES)
+        args = ["netem", "delay", f"{spec.delay_ms}ms", f"{spec.jitter_ms}ms"]
+        if spec.loss_pct:
+            args += ["loss", f"{spec.loss_pct}%"]
+        if spec.rate_mbit:
+            args += ["rate", f"{spec.rate_mbit}mbit"]
+        args += ["limit", str(spec.queue_limit_pkts + bdp_pkts)]
+        for ns, dev in ((ends.ns_a, ends.dev_a), (ends.ns_b, ends.dev_b)):
+            lab.must(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *args])
+
+    def sample(self, lab: Lab) -> EmulatorSample | None:
+        return None  # in-kernel: nothing of ours to run out of CPU
+
+
+class NfqueueBackend:
+    """tbf on each end's egress (rate and bottleneck queue), then the Python emulator delays and
+    drops both directions from site A's namespace: A->B in OUTPUT, B->A in PREROUTING."""
+
+    name = "userspace-nfqueue"
+
+    def __init__(self, rule_tool: str | None = "iptables") -> None:
+        self.rule_tool = rule_tool
+        self._stats: Path | None = None
+        self._pid: int | None = None
+
+    def apply(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None:
+        if spec.rate_mbit:
+            rate_bytes = spec.rate_mbit * 1e6 / 8
+            # tbf must pass a whole 64 KB GSO packet at once, and 2 ms of tokens at high rates.
+            burst = max(2 * 65536 + MTU_BYTES, int(rate_bytes * 0.002))
+            limit = spec.queue_limit_pkts * MTU_BYTES
+            for ns, dev in ((ends.ns_a, ends.dev_a), (ends.ns_b, ends.dev_b)):
+                lab.must(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                          f"{spec.rate_mbit}mbit", "burst", str(burst), "limit", str(limit)])
+        if not spec.impaired:
+            return
+        if spec.loss_pct:
+            _offloads_off(lab, ends)
+        self._stats = lab.workdir / "nfqueue-stats.json"
+        proc = lab.spawn(
+            ends.site_a,
+            [sys.executable, "-m", "benchmarks._nfqueue", "--queue", "0", "--queue", "1",
+             "--delay-ms", str(spec.delay_ms), "--jitter-ms", str(spec.jitter_ms),
+             "--loss-pct", str(spec.loss_pct), "--seed", str(lab.seed),
+             "--stats", str(self._stats)],
+            name="nfqueue-emulator",
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        ready = proc.stdout.readline().decode().strip()
+        if ready != "ready":
+            raise LabError(f"NFQUEUE emulator did not start: {lab.log_tail('nfqueue-emulator')}")
+        self._pid = proc.pid
+        if self.rule_tool == "nft":
+            script = (
+                "add table inet nbemu; "
+                "add chain inet nbemu out { type filter hook output priority 0; }; "
+                "add chain inet nbemu in { type filter hook prerouting priority 0; }; "
+                f"add rule inet nbemu out oifname \"{ends.dev_a}\" queue num 0; "
+                f"add rule inet nbemu in iifname \"{ends.dev_a}\" queue num 1"
+            )
+            lab.must(["ip", "netns", "exec", ends.ns_a, "nft", script])
+        else:
+            for chain, flag, queue in (("OUTPUT", "-o", "0"), ("PREROUTING", "-i", "1")):
+                lab.must(["ip", "netns", "exec", ends.ns_a, "iptables", "-t", "mangle", "-A",
+                          chain, flag, ends.dev_a, "-j", "NFQUEUE", "--queue-num", queue])
+
+    def sample(self, lab: Lab) -> EmulatorSample | None:
+        if self._stats is None or self._pid is None:
+            return None
+        import os
+        import signal
+
+        try:
+            seq = json.loads(self._stats.read_text())["seq"]
+            os.kill(self._pid, signal.SIGUSR1)
+        except (OSError, ValueError, KeyError) as exc:
+            raise LabError(f"NFQUEUE emulator is gone: {exc}") from exc
+        for _ in range(200):  # bounded: 2 s
+            try:
+                data = json.loads(self._stats.read_text())
+            except (OSError, ValueError):
+                data = {"seq": seq}
+            if data["seq"] > seq:
+                return EmulatorSample(
+                    cpu_s=data["cpu_s"], wall_s=data["wall_s"], received=data["received"],
+                    lost=data["lost"],
+                    self_dropped=data["queue_dropped"] + data["user_dropped"]
+                    + data["enobufs"] + data["verdict_errors"],
+                )
+            time.sleep(0.01)
+        raise LabError("NFQUEUE emulator did not answer for its stats within 2 s")
+
+
+BACKENDS: dict[str, Callable[[str | None], ImpairmentBackend]] = {
+    "netem": NetemBackend,
+    "userspace-nfqueue": NfqueueBackend,
+}
