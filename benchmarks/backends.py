@@ -10,7 +10,9 @@ The chosen backend's name and the probe's reasons are recorded with every result
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from benchmarks.errors import LabError
 from benchmarks.linkspec import LinkSpec
@@ -99,13 +101,20 @@ def probe_backend(run: Runner = run_cmd, which: Callable[[str], str | None] = sh
 
 @dataclass(frozen=True)
 class EmulatorSample:
-    """Counters of a userspace emulator at one moment."""
+    """Counters of the userspace emulator processes (one per namespace) at one moment."""
 
-    cpu_s: float
-    wall_s: float
+    cpu_s: tuple[float, ...]  # per process
+    wall_s: tuple[float, ...]
     received: int
     lost: int
     self_dropped: int  # kernel queue full + socket overruns + rejected verdicts
+
+    def cpu_share_since(self, before: EmulatorSample) -> float | None:
+        """The busiest process's share of one core over the interval."""
+        shares = [(c1 - c0) / (w1 - w0) for c0, c1, w0, w1
+                  in zip(before.cpu_s, self.cpu_s, before.wall_s, self.wall_s, strict=True)
+                  if w1 - w0 > 0.5]
+        return max(shares) if shares else None
 
 
 def rejection(before: EmulatorSample | None, after: EmulatorSample | None) -> str | None:
@@ -115,11 +124,9 @@ def rejection(before: EmulatorSample | None, after: EmulatorSample | None) -> st
     dropped = after.self_dropped - before.self_dropped
     if dropped > 0:
         return f"emulator dropped {dropped} packets on its own (queue or socket overrun)"
-    wall = after.wall_s - before.wall_s
-    if wall > 0.5:
-        share = (after.cpu_s - before.cpu_s) / wall
-        if share > EMULATOR_CPU_LIMIT:
-            return f"emulator used {share:.0%} of a core (limit {EMULATOR_CPU_LIMIT:.0%})"
+    share = after.cpu_share_since(before)
+    if share is not None and share > EMULATOR_CPU_LIMIT:
+        return f"emulator used {share:.0%} of a core (limit {EMULATOR_CPU_LIMIT:.0%})"
     return None
 
 
@@ -163,15 +170,19 @@ class NetemBackend:
 
 
 class NfqueueBackend:
-    """tbf on each end's egress (rate and bottleneck queue), then the Python emulator delays and
-    drops both directions from site A's namespace: A->B in OUTPUT, B->A in PREROUTING."""
+    """tbf on each end's egress (rate and bottleneck queue), then one Python emulator per
+    namespace delays and drops what arrives there (PREROUTING on the link's device).
+
+    Why at the receiving end: a packet held in the sender's OUTPUT hook stays charged to its
+    socket, so TCP Small Queues (about 1 ms of pacing rate per socket) stalls the sender and
+    throughput collapses; veth orphans the skb on the way across, as netem does itself.
+    """
 
     name = "userspace-nfqueue"
 
     def __init__(self, rule_tool: str | None = "iptables") -> None:
         self.rule_tool = rule_tool
-        self._stats: Path | None = None
-        self._pid: int | None = None
+        self._emulators: list[tuple[int, Path]] = []  # (pid, stats file)
 
     def apply(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None:
         if spec.rate_mbit:
@@ -186,60 +197,61 @@ class NfqueueBackend:
             return
         if spec.loss_pct:
             _offloads_off(lab, ends)
-        self._stats = lab.workdir / "nfqueue-stats.json"
-        proc = lab.spawn(
-            ends.site_a,
-            [sys.executable, "-m", "benchmarks._nfqueue", "--queue", "0", "--queue", "1",
-             "--delay-ms", str(spec.delay_ms), "--jitter-ms", str(spec.jitter_ms),
-             "--loss-pct", str(spec.loss_pct), "--seed", str(lab.seed),
-             "--stats", str(self._stats)],
-            name="nfqueue-emulator",
-            stdout=subprocess.PIPE,
-        )
-        assert proc.stdout is not None
-        ready = proc.stdout.readline().decode().strip()
-        if ready != "ready":
-            raise LabError(f"NFQUEUE emulator did not start: {lab.log_tail('nfqueue-emulator')}")
-        self._pid = proc.pid
-        if self.rule_tool == "nft":
-            script = (
-                "add table inet nbemu; "
-                "add chain inet nbemu out { type filter hook output priority 0; }; "
-                "add chain inet nbemu in { type filter hook prerouting priority 0; }; "
-                f"add rule inet nbemu out oifname \"{ends.dev_a}\" queue num 0; "
-                f"add rule inet nbemu in iifname \"{ends.dev_a}\" queue num 1"
+        for index, (site, ns, dev) in enumerate(((ends.site_a, ends.ns_a, ends.dev_a),
+                                                  (ends.site_b, ends.ns_b, ends.dev_b))):
+            stats = lab.workdir / f"nfqueue-{site}.json"
+            name = f"nfqueue-emulator-{site}"
+            proc = lab.spawn(
+                site,
+                [sys.executable, "-m", "benchmarks._nfqueue", "--queue", "0",
+                 "--delay-ms", str(spec.delay_ms), "--jitter-ms", str(spec.jitter_ms),
+                 "--loss-pct", str(spec.loss_pct), "--seed", str(lab.seed + index),
+                 "--stats", str(stats)],
+                name=name,
+                stdout=subprocess.PIPE,
             )
-            lab.must(["ip", "netns", "exec", ends.ns_a, "nft", script])
-        else:
-            for chain, flag, queue in (("OUTPUT", "-o", "0"), ("PREROUTING", "-i", "1")):
-                lab.must(["ip", "netns", "exec", ends.ns_a, "iptables", "-t", "mangle", "-A",
-                          chain, flag, ends.dev_a, "-j", "NFQUEUE", "--queue-num", queue])
+            assert proc.stdout is not None
+            if proc.stdout.readline().decode().strip() != "ready":
+                raise LabError(f"NFQUEUE emulator did not start: {lab.log_tail(name)}")
+            self._emulators.append((proc.pid, stats))
+            if self.rule_tool == "nft":
+                lab.must(["ip", "netns", "exec", ns, "nft",
+                          "add table inet nbemu; add chain inet nbemu in "
+                          "{ type filter hook prerouting priority 0; }; "
+                          f"add rule inet nbemu in iifname \"{dev}\" queue num 0"])
+            else:
+                lab.must(["ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A",
+                          "PREROUTING", "-i", dev, "-j", "NFQUEUE", "--queue-num", "0"])
 
     def sample(self, lab: Lab) -> EmulatorSample | None:
-        if self._stats is None or self._pid is None:
+        if not self._emulators:
             return None
-        import os
-        import signal
+        stats = [self._sample_one(pid, path) for pid, path in self._emulators]
+        return EmulatorSample(
+            cpu_s=tuple(s["cpu_s"] for s in stats),
+            wall_s=tuple(s["wall_s"] for s in stats),
+            received=sum(s["received"] for s in stats),
+            lost=sum(s["lost"] for s in stats),
+            self_dropped=sum(s["queue_dropped"] + s["user_dropped"] + s["enobufs"]
+                             + s["verdict_errors"] for s in stats),
+        )
 
+    @staticmethod
+    def _sample_one(pid: int, path: Path) -> dict[str, Any]:
         try:
-            seq = json.loads(self._stats.read_text())["seq"]
-            os.kill(self._pid, signal.SIGUSR1)
+            seq = json.loads(path.read_text())["seq"]
+            os.kill(pid, signal.SIGUSR1)
         except (OSError, ValueError, KeyError) as exc:
-            raise LabError(f"NFQUEUE emulator is gone: {exc}") from exc
+            raise LabError(f"NFQUEUE emulator {pid} is gone: {exc}") from exc
         for _ in range(200):  # bounded: 2 s
             try:
-                data = json.loads(self._stats.read_text())
+                data: dict[str, Any] = json.loads(path.read_text())
             except (OSError, ValueError):
                 data = {"seq": seq}
             if data["seq"] > seq:
-                return EmulatorSample(
-                    cpu_s=data["cpu_s"], wall_s=data["wall_s"], received=data["received"],
-                    lost=data["lost"],
-                    self_dropped=data["queue_dropped"] + data["user_dropped"]
-                    + data["enobufs"] + data["verdict_errors"],
-                )
+                return data
             time.sleep(0.01)
-        raise LabError("NFQUEUE emulator did not answer for its stats within 2 s")
+        raise LabError(f"NFQUEUE emulator {pid} did not answer for its stats within 2 s")
 
 
 BACKENDS: dict[str, Callable[[str | None], ImpairmentBackend]] = {
