@@ -1,0 +1,153 @@
+"""Signed HTTP requests to a peer daemon, one aiohttp connection pool per traffic class.
+
+Bulk chunk bodies never queue in front of control messages (have/want, commit) because each
+(peer, TrafficClass) pair owns its own `ClientSession` and connector. Bodies go out as
+memoryviews with Content-Length (no chunked encoding: aiohttp copies each chunk then).
+aiohttp and OS errors become TransportError here; error bodies from the peer are rebuilt into
+the package's errors.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import payload
+
+from transferd._auth import EMPTY_BODY_BLAKE3, sign_headers
+from transferd._chunker import blake3_hex
+from transferd._classes import TrafficClass
+from transferd._keys import Keyring
+from transferd.errors import ProtocolError, TransferdError, TransportError, error_from_json
+
+__all__ = ["ChunkBody", "PeerLink", "Reply"]
+
+_CONTROL_POOL = 8  # control + interactive: small messages, a few connections suffice
+
+
+class ChunkBody(payload.Payload):
+    """A chunk body sent straight from a memoryview (mmap window or compressed bytes) with
+    Content-Length. aiohttp's BytesPayload warns on large bodies; writing one buffer is what we
+    want here, since the event loop hands it to the kernel without copying."""
+
+    def __init__(self, value: bytes | memoryview) -> None:
+        super().__init__(value, content_type="application/octet-stream")
+        self._size = memoryview(value).nbytes
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes(self._value).decode(encoding, errors)
+
+    async def write(self, writer: Any) -> None:
+        # Flush the headers on their own first: on Python < 3.12.9 aiohttp coalesces headers
+        # and body with b"".join, a full copy of every chunk.
+        send_headers = getattr(writer, "send_headers", None)
+        if send_headers is not None:
+            send_headers()
+        await writer.write(self._value)
+
+
+Reply = tuple[int, Any]
+
+
+class PeerLink:
+    """Everything this site says to one peer (or, with peer == own site, to its own daemon)."""
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        peer: str,
+        url: str,
+        keyring: Keyring,
+        streams: int,
+        clock: Callable[[], float],
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.site, self.peer, self.url = site, peer, url
+        self.keyring = keyring
+        self.streams = streams
+        self.clock = clock
+        self.ssl_context = ssl_context
+        self._sessions: dict[TrafficClass, aiohttp.ClientSession] = {}
+
+    def session(self, traffic_class: TrafficClass) -> aiohttp.ClientSession:
+        session = self._sessions.get(traffic_class)
+        if session is None or session.closed:
+            bulk = traffic_class in (TrafficClass.CHECKPOINT, TrafficClass.SYNC)
+            connector = aiohttp.TCPConnector(
+                limit=self.streams if bulk else _CONTROL_POOL,
+                ssl=self.ssl_context if self.ssl_context is not None else True,
+                enable_cleanup_closed=False,
+            )
+            session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120),
+                auto_decompress=False,
+            )
+            self._sessions[traffic_class] = session
+        return session
+
+    async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
+
+    async def call(
+        self,
+        traffic_class: TrafficClass,
+        method: str,
+        path_qs: str,
+        *,
+        json_body: Any = None,
+        body: bytes | memoryview | None = None,
+        body_blake3: str | None = None,
+        headers: dict[str, str] | None = None,
+        accept: tuple[int, ...] = (200,),
+    ) -> Reply:
+        """One signed request. Returns (status, decoded JSON or None) for accepted statuses;
+        raises the peer's error (ProtocolError, AuthError, ...) or TransportError otherwise."""
+        if json_body is not None:
+            body = json.dumps(json_body, separators=(",", ":")).encode()
+        if body is None:
+            digest = EMPTY_BODY_BLAKE3
+        elif body_blake3 is not None:
+            digest = body_blake3
+        else:
+            digest = blake3_hex(body)
+        signed = sign_headers(
+            self.keyring.secret_for(self.peer),
+            method=method,
+            path_qs=path_qs,
+            body_blake3=digest,
+            src=self.site,
+            dst=self.peer,
+            now=self.clock(),
+        )
+        if headers:
+            signed.update(headers)
+        data = ChunkBody(body) if body is not None else None
+        try:
+            async with self.session(traffic_class).request(
+                method, self.url + path_qs, data=data, headers=signed
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransportError(
+                f"{self.peer}: {type(exc).__name__}: {exc}", peer=self.peer
+            ) from exc
+        decoded: Any = None
+        if raw:
+            try:
+                decoded = json.loads(raw)
+            except ValueError as exc:
+                if status in accept:
+                    raise ProtocolError(f"{self.peer} answered with a non-JSON body") from exc
+        if status in accept:
+            return status, decoded
+        err: TransferdError = error_from_json(status, decoded)
+        err.fields.setdefault("peer", self.peer)
+        raise err

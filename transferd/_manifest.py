@@ -1,0 +1,190 @@
+"""Wire documents between daemons: the upload intent, have/want queries, and the signed manifest.
+
+Every body a peer sends is validated here into a frozen model once (ProtocolError otherwise).
+The manifest (path, sizes, chunk list, blake3 of each whole file, tier, source site, time) is
+signed with the source site's Ed25519 key over its canonical JSON (sorted keys, no spaces).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from transferd._keys import Keyring
+from transferd._policy import normalize_rel_path
+from transferd.errors import ProtocolError
+
+__all__ = [
+    "ChunkRef",
+    "FileEntry",
+    "FileSpec",
+    "HaveRequest",
+    "Manifest",
+    "SignedManifest",
+    "UploadIntent",
+    "canonical_json",
+    "parse_body",
+]
+
+MAX_FILES = 100_000
+MAX_CHUNK_BYTES = 256 * 1024 * 1024
+MAX_FILE_BYTES = 1 << 50
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_UPLOAD_ID = re.compile(r"^[A-Za-z0-9_.-]{8,128}$")
+
+Hash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Size = Annotated[int, Field(ge=0, le=MAX_FILE_BYTES)]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _check_member(value: str) -> str:
+    """A file inside a folder upload: relative, no escapes (the tier check applies to the root)."""
+    if value == "":
+        return value
+    if value.startswith("/") or "\x00" in value or "\\" in value or len(value) > 4096:
+        raise ValueError("member path must be relative POSIX")
+    parts = value.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError("member path must not contain '', '.' or '..' components")
+    return value
+
+
+class FileSpec(_Wire):
+    path: str  # relative to the upload root; "" when the root is a single file
+    size: Size
+
+    _path = field_validator("path")(classmethod(lambda cls, v: _check_member(v)))
+
+
+class UploadIntent(_Wire):
+    """Opens (or resumes) an upload: the receiver stages files of these sizes under `root`."""
+
+    upload: Annotated[str, Field(pattern=_UPLOAD_ID.pattern)]
+    source_site: str
+    dest_site: str
+    root: str
+    kind: Literal["file", "folder"]
+    files: Annotated[list[FileSpec], Field(min_length=1, max_length=MAX_FILES)]
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        return _check_root(value)
+
+    @model_validator(mode="after")
+    def _shape(self) -> UploadIntent:
+        if self.kind == "file" and (len(self.files) != 1 or self.files[0].path != ""):
+            raise ValueError("a file upload has exactly one file with path ''")
+        if self.kind == "folder":
+            names = [f.path for f in self.files]
+            if "" in names or len(set(names)) != len(names):
+                raise ValueError("folder members must be distinct non-empty paths")
+        return self
+
+
+def _check_root(value: str) -> str:
+    from transferd.errors import PolicyViolation
+
+    try:
+        clean = normalize_rel_path(value)
+    except PolicyViolation as exc:
+        raise ValueError(exc.message) from None
+    if clean != value:
+        raise ValueError("root must be in normal form")
+    return value
+
+
+class ChunkRef(_Wire):
+    file: Annotated[int, Field(ge=0, lt=MAX_FILES)]
+    offset: Size
+    length: Annotated[int, Field(ge=1, le=MAX_CHUNK_BYTES)]
+    hash: Hash
+
+
+class HaveRequest(_Wire):
+    chunks: Annotated[list[ChunkRef], Field(max_length=4096)]
+
+
+class FileEntry(_Wire):
+    path: str
+    size: Size
+    blake3: Hash
+    chunks: list[tuple[Hash, Size, Annotated[int, Field(ge=1, le=MAX_CHUNK_BYTES)]]]
+
+    _path = field_validator("path")(classmethod(lambda cls, v: _check_member(v)))
+
+    @model_validator(mode="after")
+    def _tiles(self) -> FileEntry:
+        position = 0
+        for _, offset, length in self.chunks:
+            if offset != position:
+                raise ValueError(
+                    f"chunks must tile the file: expected offset {position}, got {offset}"
+                )
+            position += length
+        if position != self.size:
+            raise ValueError(f"chunks cover {position} bytes, file size is {self.size}")
+        return self
+
+
+class Manifest(_Wire):
+    version: Literal[1] = 1
+    upload: Annotated[str, Field(pattern=_UPLOAD_ID.pattern)]
+    source_site: str
+    dest_site: str
+    root: str
+    kind: Literal["file", "folder"]
+    tier: str
+    created_at: float
+    files: Annotated[list[FileEntry], Field(min_length=1, max_length=MAX_FILES)]
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        return _check_root(value)
+
+    @model_validator(mode="after")
+    def _tier_matches(self) -> Manifest:
+        if self.root.split("/", 1)[0] != self.tier:
+            raise ValueError("tier must be the root's top folder")
+        return self
+
+    def sign(self, keyring: Keyring) -> SignedManifest:
+        body = canonical_json(self.model_dump(mode="json"))
+        return SignedManifest(manifest=body.decode(), signature=keyring.sign(body).hex())
+
+
+class SignedManifest(_Wire):
+    manifest: Annotated[str, Field(max_length=64 * 1024 * 1024)]
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+
+    def verify(self, keyring: Keyring) -> Manifest:
+        """Parse, then check the Ed25519 signature of the claimed source site (AuthError 403)."""
+        manifest = parse_body(Manifest, self.manifest.encode())
+        keyring.verify(manifest.source_site, self.manifest.encode(), bytes.fromhex(self.signature))
+        return manifest
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_body(model: type[M], body: bytes) -> M:
+    """Validate a JSON body into `model`; any problem is a ProtocolError naming the field."""
+    try:
+        return model.model_validate_json(body, strict=False)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<body>"
+        raise ProtocolError(f"invalid {model.__name__}: {where}: {first['msg']}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"invalid {model.__name__}: not JSON") from exc

@@ -1,0 +1,71 @@
+"""Prometheus metrics of one daemon (its own registry, so several daemons can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.bytes_sent = Counter(
+            "transferd_bytes_sent", "Chunk body bytes sent on the wire", ["peer"], registry=r
+        )
+        self.bytes_received = Counter(
+            "transferd_bytes_received",
+            "Chunk body bytes received on the wire",
+            ["peer"],
+            registry=r,
+        )
+        self.chunks_sent = Counter(
+            "transferd_chunks_sent", "Chunks PUT to a peer", ["peer"], registry=r
+        )
+        self.chunks_received = Counter(
+            "transferd_chunks_received", "Chunks accepted from a peer", ["peer"], registry=r
+        )
+        self.chunks_skipped = Counter(
+            "transferd_chunks_skipped",
+            "Chunks not sent because the receiver already had them",
+            ["peer"],
+            registry=r,
+        )
+        self.compression_in = Counter(
+            "transferd_compression_input_bytes", "Raw bytes of chunks sent", ["peer"], registry=r
+        )
+        self.compression_out = Counter(
+            "transferd_compression_output_bytes",
+            "Wire bytes of chunks sent (ratio = output / input)",
+            ["peer"],
+            registry=r,
+        )
+        self.retries = Counter("transferd_retries", "Requests retried", ["peer"], registry=r)
+        self.integrity_failures = Counter(
+            "transferd_integrity_failures",
+            "Chunks or files that failed verification",
+            ["peer", "side"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "transferd_auth_failures", "Requests refused by authentication", ["reason"], registry=r
+        )
+        self.policy_refusals = Counter(
+            "transferd_policy_refusals", "Transfers refused by policy", ["side"], registry=r
+        )
+        self.job_seconds = Histogram(
+            "transferd_job_duration_seconds",
+            "Wall time of replication jobs",
+            ["outcome"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200),
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (for status output and tests); 0 when never touched."""
+        got = self.registry.get_sample_value(name, labels)
+        return float(got or 0.0)

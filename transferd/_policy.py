@@ -1,0 +1,84 @@
+"""Site policy where data moves: tiers and path confinement, enforced on both sides of a transfer.
+
+Everything is addressed by a POSIX path relative to data_dir whose first component is the tier.
+`raw/` never leaves its site; no path may escape data_dir (`..`, absolute, or a symlink leading
+out). Both the sender (before reading) and the receiver (before writing) call these checks.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+
+from transferd.errors import PolicyViolation
+
+__all__ = ["Tier", "check_may_leave_site", "confine", "normalize_rel_path", "tier_of"]
+
+
+class Tier(StrEnum):
+    RAW = "raw"
+    CURATED = "curated"
+    APPROVED = "approved"
+    CHECKPOINTS = "checkpoints"
+
+
+_MAX_PATH_CHARS = 4096
+
+
+def normalize_rel_path(path: str) -> str:
+    """Check that `path` is a clean relative path inside data_dir and return it in POSIX form.
+
+    Refuses (PolicyViolation) absolute paths, `..` components, empty or NUL-bearing names, and
+    paths whose top folder is not a tier. Never touches the filesystem.
+    """
+    if not isinstance(path, str) or not path or len(path) > _MAX_PATH_CHARS or "\x00" in path:
+        raise PolicyViolation("path must be a non-empty relative path", path=repr(path)[:200])
+    if (
+        path.startswith(("/", "\\"))
+        or PurePosixPath(path).is_absolute()
+        or (len(path) > 1 and path[1] == ":")
+    ):
+        raise PolicyViolation(f"absolute path refused: {path!r}", path=path)
+    parts = path.replace("\\", "/").split("/")
+    clean = [p for p in parts if p not in ("", ".")]
+    if any(p == ".." for p in clean):
+        raise PolicyViolation(f"path escapes data_dir: {path!r}", path=path)
+    if not clean:
+        raise PolicyViolation("path must name something inside a tier", path=path)
+    tier_of("/".join(clean))
+    return "/".join(clean)
+
+
+def tier_of(rel_path: str) -> Tier:
+    top = rel_path.split("/", 1)[0]
+    try:
+        return Tier(top)
+    except ValueError:
+        tiers = ", ".join(f"{t.value}/" for t in Tier)
+        raise PolicyViolation(
+            f"{rel_path!r} is not under a tier folder ({tiers})", path=rel_path
+        ) from None
+
+
+def check_may_leave_site(rel_path: str) -> Tier:
+    """The sender-side rule: raw-tier data never leaves its site, whoever asks."""
+    tier = tier_of(rel_path)
+    if tier is Tier.RAW:
+        raise PolicyViolation(f"raw-tier data may not leave its site: {rel_path!r}", path=rel_path)
+    return tier
+
+
+def confine(root: Path, rel_path: str) -> Path:
+    """The local path for `rel_path` under `root`, refusing symlinks that lead outside root.
+
+    The path need not exist; its deepest existing ancestor is resolved (symlinks followed) and must
+    stay under the resolved root.
+    """
+    rel = normalize_rel_path(rel_path)
+    real_root = Path(os.path.realpath(root))
+    candidate = real_root / rel
+    resolved = Path(os.path.realpath(candidate))
+    if resolved != real_root and real_root not in resolved.parents:
+        raise PolicyViolation(f"path leads outside data_dir through a symlink: {rel!r}", path=rel)
+    return candidate

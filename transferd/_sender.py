@@ -1,0 +1,560 @@
+"""The sending side: jobs from the journal become uploads to a peer.
+
+A job (path, destination) runs open -> for each batch of chunks: hash, ask have/want, PUT the
+wanted ones -> signed manifest -> commit. Hashing of the next batch overlaps the uploads of the
+previous one; uploads run in parallel, bounded by a semaphore of `streams` (the bulk loop is a
+thin adapter: a later traffic-class scheduler can replace the semaphore without touching the
+rest). Policy is checked before a byte is read. Jobs survive SIGKILL: the journal keeps them
+and a restarted daemon re-opens the same upload id, so the receiver's answer to have/want says
+exactly which chunks are still missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import blake3
+
+from transferd._chunker import FileWindow, SourceFile, blake3_hex, fixed_spans
+from transferd._classes import TrafficClass
+from transferd._client import PeerLink
+from transferd._codec import CompressionPolicy, Encoded, zstd_compress
+from transferd._journal import Job, JobState, Journal
+from transferd._keys import Keyring
+from transferd._manifest import ChunkRef, FileEntry, HaveRequest, Manifest, UploadIntent
+from transferd._metrics import Metrics
+from transferd._policy import Tier, check_may_leave_site, normalize_rel_path
+from transferd._storage import FsspecStorage, LocalStorage, Source
+from transferd.errors import (
+    IntegrityError,
+    PolicyViolation,
+    ProtocolError,
+    TransferdError,
+    TransportError,
+)
+
+__all__ = ["Sender", "traffic_class_for"]
+
+log = logging.getLogger("transferd.sender")
+
+HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the mapped windows
+MAX_CHUNK_ATTEMPTS = 5  # integrity failures of one chunk before the job fails
+COMMIT_ROUNDS = 4
+
+
+def traffic_class_for(rel: str) -> TrafficClass:
+    return (
+        TrafficClass.CHECKPOINT if rel.split("/", 1)[0] == Tier.CHECKPOINTS else TrafficClass.SYNC
+    )
+
+
+@dataclass
+class _FileState:
+    member: str
+    source: Source
+    chunks: list[tuple[str, int, int]] = field(default_factory=list)
+    hasher: blake3.blake3 = field(
+        default_factory=lambda: blake3.blake3(max_threads=blake3.blake3.AUTO)
+    )
+
+
+class Sender:
+    def __init__(
+        self,
+        *,
+        site: str,
+        storage: LocalStorage | FsspecStorage,
+        journal: Journal,
+        keyring: Keyring,
+        metrics: Metrics,
+        links: dict[str, PeerLink],
+        chunk_size: int,
+        compression: str | int,
+        streams: int,
+        clock: Callable[[], float],
+        retry_budget_s: float = 300.0,
+        max_jobs: int = 4,
+    ) -> None:
+        self.site = site
+        self.storage = storage
+        self.journal = journal
+        self.keyring = keyring
+        self.metrics = metrics
+        self.links = links
+        self.chunk_size = chunk_size
+        self.streams = streams
+        self.clock = clock
+        self.retry_budget_s = retry_budget_s
+        self.max_jobs = max_jobs
+        self.compression = {
+            peer: CompressionPolicy.from_setting(compression, workers=2) for peer in links
+        }
+        self._wake = asyncio.Event()
+        self._running: set[str] = set()
+        self._stopping = False
+        self._idle = asyncio.Event()
+
+    # -- submitting ----------------------------------------------------------------------------
+    def submit(self, path: str, dests: list[str]) -> list[str]:
+        """Queue replication of `path` to each of `dests`; policy is checked here, first."""
+        try:
+            rel = normalize_rel_path(path)
+            check_may_leave_site(rel)
+            self.storage.list_source(rel)  # exists, and no member leads out of data_dir
+        except PolicyViolation:
+            self.metrics.policy_refusals.labels("sender").inc()
+            raise
+        unknown = [d for d in dests if d not in self.links]
+        if unknown or not dests:
+            raise ProtocolError(f"unknown destination site(s): {', '.join(unknown) or '(none)'}")
+        ids = []
+        for dest in dests:
+            job_id = uuid.uuid4().hex
+            self.journal.add_job(job_id, rel, dest, traffic_class_for(rel).value, self.clock())
+            ids.append(job_id)
+            log.info("job.queued", extra={"fields": {"job": job_id, "path": rel, "dest": dest}})
+        self._wake.set()
+        return ids
+
+    # -- the job loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run queued (and, after a restart, interrupted) jobs until cancelled or stopped."""
+        slots = asyncio.Semaphore(self.max_jobs)
+        async with asyncio.TaskGroup() as tg:
+            while not self._stopping:
+                self._wake.clear()
+                for job in self.journal.jobs(states=JobState.ACTIVE, limit=1000):
+                    if job.id in self._running:
+                        continue
+                    await slots.acquire()
+                    if self._stopping:
+                        slots.release()
+                        break
+                    self._running.add(job.id)
+                    tg.create_task(self._run_job(job, slots))
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+
+    async def drained(self) -> None:
+        """Until no job is running (after stop(), in-flight chunks finish first)."""
+        while self._running:
+            self._idle.clear()
+            await self._idle.wait()
+
+    def stop(self) -> None:
+        """Stop starting jobs; running ones are cancelled by the caller's task group and resume
+        from the journal on the next start."""
+        self._stopping = True
+        self._wake.set()
+
+    async def _run_job(self, job: Job, slots: asyncio.Semaphore) -> None:
+        started = time.monotonic()
+        try:
+            self.journal.update_job(
+                job.id, state=JobState.RUNNING, started_at=job.started_at or self.clock()
+            )
+            log.info(
+                "job.started", extra={"fields": {"job": job.id, "path": job.path, "dest": job.dest}}
+            )
+            await self._replicate(job)
+        except _Interrupted:
+            # Stopping: chunks already acknowledged are journaled; the job resumes on restart.
+            log.info("job.interrupted", extra={"fields": {"job": job.id}})
+            self._running.discard(job.id)
+            slots.release()
+            self._idle.set()
+            return
+        except TransferdError as exc:
+            outcome = "failed"
+            if isinstance(exc, PolicyViolation):
+                self.metrics.policy_refusals.labels("sender").inc()
+            self.journal.update_job(
+                job.id,
+                state=JobState.FAILED,
+                error=str(exc),
+                error_kind=exc.kind,
+                finished_at=self.clock(),
+            )
+            log.error(
+                "job.failed", extra={"fields": {"job": job.id, "kind": exc.kind, "error": str(exc)}}
+            )
+        else:
+            outcome = "committed"
+            self.journal.update_job(job.id, state=JobState.COMMITTED, finished_at=self.clock())
+            log.info(
+                "job.committed",
+                extra={"fields": {"job": job.id, "path": job.path, "dest": job.dest}},
+            )
+        finally:
+            self._running.discard(job.id)
+            slots.release()
+            self._idle.set()
+        self.metrics.job_seconds.labels(outcome).observe(time.monotonic() - started)
+
+    # -- one replication ------------------------------------------------------------------------
+    async def _replicate(self, job: Job) -> None:
+        rel = normalize_rel_path(job.path)
+        tier = check_may_leave_site(rel)
+        link = self.links.get(job.dest)
+        if link is None:
+            raise ProtocolError(f"destination {job.dest!r} is not a peer of this site")
+        kind, members = await asyncio.to_thread(self.storage.list_source, rel)
+        upload = f"{self.site}-{job.id}"
+        intent = UploadIntent(
+            upload=upload,
+            source_site=self.site,
+            dest_site=job.dest,
+            root=rel,
+            kind="file" if kind == "file" else "folder",
+            files=[{"path": m, "size": s} for m, s in members],  # type: ignore[misc]
+        )
+        n_chunks = sum(len(fixed_spans(s, self.chunk_size)) for _, s in members)
+        self.journal.update_job(job.id, bytes_logical=sum(s for _, s in members), chunks=n_chunks)
+        _, opened = await self._control(link, "POST", "/v1/uploads", intent.model_dump(mode="json"))
+        if opened.get("committed"):
+            return
+        bulk = TrafficClass(job.traffic_class)
+        files: list[_FileState] = []
+        try:
+            for member, _size in members:
+                member_rel = f"{rel}/{member}" if member else rel
+                files.append(
+                    _FileState(
+                        member, await asyncio.to_thread(self.storage.open_source, member_rel)
+                    )
+                )
+            pump = _ChunkPump(self, job, link, bulk, upload)
+            async with asyncio.TaskGroup() as tg:
+                for index, state in enumerate(files):
+                    if not await self._hash_and_offer(pump, tg, index, state):
+                        break
+            if self._stopping:
+                raise _Interrupted
+            manifest = Manifest(
+                upload=upload,
+                source_site=self.site,
+                dest_site=job.dest,
+                root=rel,
+                kind=intent.kind,
+                tier=tier.value,
+                created_at=self.clock(),
+                files=[
+                    FileEntry(
+                        path=s.member,
+                        size=s.source.size,
+                        blake3=s.hasher.hexdigest(),
+                        chunks=s.chunks,
+                    )
+                    for s in files
+                ],
+            )
+            await self._commit(pump, link, upload, manifest, files)
+        finally:
+            for state in files:
+                state.source.close()
+
+    async def _hash_and_offer(
+        self, pump: _ChunkPump, tg: asyncio.TaskGroup, index: int, state: _FileState
+    ) -> bool:
+        """Hash the file batch by batch, offer each batch, start PUTs of the wanted chunks.
+        Returns False when the daemon began stopping (in-flight PUTs still complete)."""
+        spans = fixed_spans(state.source.size, self.chunk_size)
+        for start in range(0, len(spans), HAVE_BATCH):
+            if self._stopping:
+                return False
+            batch = spans[start : start + HAVE_BATCH]
+            windows, views = await _open_batch(state.source, batch)
+            try:
+                hashes = await _hash_batch(state.hasher, views)
+            except BaseException:
+                _close_all(windows)
+                raise
+            if state.source.changed():
+                _close_all(windows)
+                raise IntegrityError(
+                    f"source file changed while being sent: {state.member or '(file)'}"
+                )
+            refs = [
+                ChunkRef(file=index, offset=off, length=n, hash=h)
+                for (off, n), h in zip(batch, hashes, strict=True)
+            ]
+            state.chunks.extend((h, off, n) for (off, n), h in zip(batch, hashes, strict=True))
+            _, answer = await self._control(
+                pump.link,
+                "POST",
+                f"/v1/uploads/{pump.upload}/have",
+                HaveRequest(chunks=refs).model_dump(mode="json"),
+            )
+            want = _want_indices(answer, len(refs))
+            skipped = len(refs) - len(want)
+            if skipped:
+                self.metrics.chunks_skipped.labels(pump.link.peer).inc(skipped)
+                self.journal.add_job_counters(
+                    pump.job.id,
+                    chunks_skipped=skipped,
+                    bytes_done=sum(refs[i].length for i in range(len(refs)) if i not in want),
+                )
+            by_hash: dict[str, list[int]] = {}
+            for i in sorted(want):
+                by_hash.setdefault(refs[i].hash, []).append(i)
+            used: set[int] = set()
+            for digest, idxs in by_hash.items():
+                first = idxs[0]
+                used.add(first)
+                locations = [(index, refs[i].offset) for i in idxs]
+                await pump.slots.acquire()
+                tg.create_task(pump.put(digest, locations, views[first], windows[first]))
+            for i, w in enumerate(windows):
+                if i not in used and w is not None:
+                    w.close()
+        return True
+
+    async def _commit(
+        self,
+        pump: _ChunkPump,
+        link: PeerLink,
+        upload: str,
+        manifest: Manifest,
+        files: list[_FileState],
+    ) -> None:
+        signed = manifest.sign(self.keyring)
+        for _round in range(COMMIT_ROUNDS):
+            status, answer = await self._control(
+                link,
+                "POST",
+                f"/v1/uploads/{upload}/commit",
+                signed.model_dump(mode="json"),
+                accept=(200, 409),
+            )
+            if status == 200:
+                return
+            want = answer.get("want") if isinstance(answer, dict) else None
+            if not isinstance(want, list) or not want:
+                raise ProtocolError(f"{link.peer} refused the commit without naming missing chunks")
+            self.metrics.integrity_failures.labels(link.peer, "receiver").inc(len(want))
+            self.journal.add_job_counters(pump.job.id, integrity_failures=len(want))
+            async with asyncio.TaskGroup() as tg:
+                for item in want[:100_000]:
+                    try:
+                        f, off = int(item[0]), int(item[1])
+                        digest, _, n = next(c for c in files[f].chunks if c[1] == off)
+                    except (ValueError, TypeError, IndexError, StopIteration) as exc:
+                        raise ProtocolError(
+                            f"{link.peer} asked again for an unknown chunk {item!r}"
+                        ) from exc
+                    [window], [view] = await _open_batch(files[f].source, [(off, n)])
+                    if await asyncio.to_thread(blake3_hex, view) != digest:
+                        if window is not None:
+                            window.close()
+                        raise IntegrityError("source file changed while being sent")
+                    await pump.slots.acquire()
+                    tg.create_task(pump.put(digest, [(f, off)], view, window))
+        raise IntegrityError(f"{link.peer} still rejects the upload after {COMMIT_ROUNDS} rounds")
+
+    async def _control(
+        self, link: PeerLink, method: str, path: str, body: object, accept: tuple[int, ...] = (200,)
+    ) -> tuple[int, dict[str, object]]:
+        """A control request, retried on transport errors within the retry budget."""
+        status, answer = await retrying(
+            lambda: link.call(TrafficClass.CONTROL, method, path, json_body=body, accept=accept),
+            budget_s=self.retry_budget_s,
+            on_retry=lambda: self.metrics.retries.labels(link.peer).inc(),
+        )
+        if not isinstance(answer, dict):
+            raise ProtocolError(f"{link.peer} answered {path} without a JSON object")
+        return status, answer
+
+    def encode(self, peer: str, view: memoryview) -> Encoded:
+        """Thread: the body to send for a chunk (zstd when the policy says it pays)."""
+        policy = self.compression[peer]
+        n = len(view)
+        if not policy.should_try() or not policy.pays(policy.probe_ratio(view)):
+            return Encoded("identity", view, n)
+        assert policy.level is not None
+        t0 = time.perf_counter()
+        compressed = zstd_compress(view, policy.level)
+        policy.observe_compression(n, time.perf_counter() - t0)
+        if len(compressed) > n * 0.95:
+            return Encoded("identity", view, n)
+        return Encoded("zstd", compressed, n)
+
+
+async def _open_batch(
+    source: Source, spans: list[tuple[int, int]]
+) -> tuple[list[FileWindow | None], list[memoryview]]:
+    """Views of the spans: mmap windows of a local file (no copy), or bytes read via fsspec."""
+    if isinstance(source, SourceFile):
+        mapped = [source.window(off, n) for off, n in spans]
+        return list[FileWindow | None](mapped), [w.view for w in mapped]
+
+    def read() -> list[memoryview]:
+        out = []
+        for off, n in spans:
+            with source.mapped(off, n) as data:
+                out.append(memoryview(bytes(data)))
+        return out
+
+    return [None] * len(spans), await asyncio.to_thread(read)
+
+
+async def _hash_batch(hasher: blake3.blake3, views: list[memoryview]) -> list[str]:
+    """Chunk hashes in parallel threads, and the whole-file hash (in order) alongside them."""
+
+    def update_file_hash() -> None:
+        for view in views:
+            hasher.update(view)
+
+    results = await asyncio.gather(
+        asyncio.to_thread(update_file_hash), *(asyncio.to_thread(blake3_hex, v) for v in views)
+    )
+    return [str(h) for h in results[1:]]
+
+
+def _close_all(windows: list[FileWindow | None]) -> None:
+    for w in windows:
+        if w is not None:
+            w.close()
+
+
+def _want_indices(answer: dict[str, object], n: int) -> set[int]:
+    want = answer.get("want")
+    if not isinstance(want, list) or not all(isinstance(i, int) and 0 <= i < n for i in want):
+        raise ProtocolError("have/want answer is not a list of chunk indices")
+    return set(want)
+
+
+async def retrying(
+    call: Callable[[], object],
+    *,
+    budget_s: float,
+    on_retry: Callable[[], None],
+    first_delay_s: float = 0.1,
+) -> tuple[int, object]:
+    """Retry `call` on TransportError with capped exponential backoff until `budget_s` is spent."""
+    deadline = time.monotonic() + budget_s
+    delay = first_delay_s
+    while True:
+        try:
+            return await call()  # type: ignore[misc]
+        except TransportError:
+            if time.monotonic() + delay > deadline:
+                raise
+            on_retry()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+class _Interrupted(Exception):
+    """The daemon is stopping: finish in-flight chunks, start no new ones."""
+
+
+class _ChunkPump:
+    """Parallel chunk PUTs of one job: a semaphore of `streams` slots bounds memory and
+    connections; each PUT is retried on transport errors (resume after the receiver comes back)
+    and on integrity errors (a chunk damaged in flight is sent again, and counted)."""
+
+    def __init__(
+        self, sender: Sender, job: Job, link: PeerLink, bulk: TrafficClass, upload: str
+    ) -> None:
+        self.sender = sender
+        self.job = job
+        self.link = link
+        self.bulk = bulk
+        self.upload = upload
+        self.slots = asyncio.Semaphore(sender.streams)
+        self.inflight = 0
+
+    async def put(
+        self,
+        digest: str,
+        locations: list[tuple[int, int]],
+        view: memoryview,
+        window: FileWindow | None,
+    ) -> None:
+        s = self.sender
+        peer = self.link.peer
+        where = ",".join(f"{f}:{off}" for f, off in locations)
+        path = f"/v1/uploads/{self.upload}/chunks/{digest}?at={where}"
+        try:
+            for attempt in range(1, MAX_CHUNK_ATTEMPTS + 1):
+                encoded = await asyncio.to_thread(s.encode, peer, view)
+                body_hash = (
+                    digest
+                    if encoded.encoding == "identity"
+                    else await asyncio.to_thread(blake3_hex, encoded.body)
+                )
+                headers = {
+                    "X-Transferd-Encoding": encoded.encoding,
+                    "X-Transferd-Length": str(encoded.raw_length),
+                }
+                wire = len(encoded.body)
+                self.inflight += 1
+                t0 = time.perf_counter()
+                try:
+                    await retrying(
+                        functools.partial(
+                            self.link.call,
+                            self.bulk,
+                            "PUT",
+                            path,
+                            body=encoded.body,
+                            body_blake3=body_hash,
+                            headers=headers,
+                            accept=(200, 204),
+                        ),
+                        budget_s=s.retry_budget_s,
+                        on_retry=lambda: self._count_retry(),
+                    )
+                except IntegrityError:
+                    s.metrics.integrity_failures.labels(peer, "sender").inc()
+                    s.journal.add_job_counters(
+                        self.job.id, integrity_failures=1, retries=1, bytes_on_wire=wire
+                    )
+                    s.metrics.bytes_sent.labels(peer).inc(wire)
+                    if await asyncio.to_thread(blake3_hex, view) != digest:
+                        raise IntegrityError("source file changed while being sent") from None
+                    if attempt == MAX_CHUNK_ATTEMPTS:
+                        raise
+                    continue
+                finally:
+                    concurrent = self.inflight
+                    self.inflight -= 1
+                elapsed = time.perf_counter() - t0
+                s.compression[peer].observe_link(wire * max(1, concurrent), elapsed)
+                break
+            s.metrics.bytes_sent.labels(peer).inc(wire)
+            s.metrics.chunks_sent.labels(peer).inc()
+            s.metrics.compression_in.labels(peer).inc(encoded.raw_length)
+            s.metrics.compression_out.labels(peer).inc(wire)
+            s.journal.add_job_counters(
+                self.job.id,
+                bytes_on_wire=wire,
+                chunks_sent=1,
+                bytes_done=encoded.raw_length * len(locations),
+                chunks_skipped=len(locations) - 1,
+            )
+            by_file: dict[int, list[int]] = {}
+            for f, off in locations:
+                by_file.setdefault(f, []).append(off)
+            for f, offs in by_file.items():
+                s.journal.record_acked(self.job.id, f, offs)
+        finally:
+            if window is not None:
+                try:
+                    window.close()
+                except BufferError:
+                    pass  # the transport still holds the buffer; the mapping goes with it
+            self.slots.release()
+
+    def _count_retry(self) -> None:
+        self.sender.metrics.retries.labels(self.link.peer).inc()
+        self.sender.journal.add_job_counters(self.job.id, retries=1)

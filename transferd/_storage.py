@@ -1,0 +1,408 @@
+"""Site storage: reading sources, staging incoming files, and committing them atomically.
+
+Two backends behind one small interface, chosen by data_dir: `LocalStorage` (a path: mmap reads,
+pwrite staging on the same filesystem, fsync + rename commit) and `FsspecStorage` (any fsspec URL:
+staging on local disk in state_dir, then put to a partial name and move into place). Staging and
+commit never expose a partial file at the final path; OSError becomes StorageError here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import fsspec
+
+from transferd._chunker import SourceFile
+from transferd._policy import confine, normalize_rel_path
+from transferd.errors import PolicyViolation, StorageError
+
+__all__ = ["FsspecStorage", "LocalStorage", "SiteStorage", "Staging", "open_storage"]
+
+
+def _storage_error(action: str, exc: OSError, path: object) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on the receiver's storage"
+    else:
+        reason = exc.strerror or str(exc)
+    return StorageError(f"{action} failed: {reason}", path=path, errno=exc.errno)
+
+
+class Source(Protocol):
+    size: int
+
+    def mapped(self, offset: int, length: int) -> Any: ...
+    def changed(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class _FsspecSource:
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs, self.path = fs, path
+        self.size = int(fs.size(path))
+
+    @contextmanager
+    def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
+        yield memoryview(self.fs.cat_file(self.path, start=offset, end=offset + length))
+
+    def changed(self) -> bool:
+        return int(self.fs.size(self.path)) != self.size
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Staging:
+    """The staged files of one upload: `<dir>/file` or `<dir>/tree/<member>`, written by offset."""
+
+    dir: Path
+    kind: str
+    members: list[str]
+    sizes: list[int]
+    _fds: dict[int, int] = field(default_factory=dict)
+
+    def member_path(self, index: int) -> Path:
+        return self.dir / "file" if self.kind == "file" else self.dir / "tree" / self.members[index]
+
+    @property
+    def payload_path(self) -> Path:
+        return self.dir / "file" if self.kind == "file" else self.dir / "tree"
+
+    def create(self) -> None:
+        """Create (or reopen, after a restart) the staged files at their full size."""
+        try:
+            for i, size in enumerate(self.sizes):
+                path = self.member_path(i)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = self._fd(i)
+                if os.fstat(fd).st_size != size:
+                    # Reserve the space now, so a full disk fails the upload at open, not mid-way.
+                    if size and hasattr(os, "posix_fallocate"):
+                        os.posix_fallocate(fd, 0, size)
+                    os.ftruncate(fd, size)
+        except OSError as exc:
+            self.close()
+            raise _storage_error("staging", exc, self.dir) from exc
+
+    def _fd(self, index: int) -> int:
+        fd = self._fds.get(index)
+        if fd is None:
+            fd = os.open(
+                self.member_path(index), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
+            )
+            self._fds[index] = fd
+        return fd
+
+    def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        try:
+            fd = self._fd(index)
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            raise _storage_error("writing a chunk", exc, self.dir) from exc
+
+    def read(self, index: int, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self._fd(index), length, offset)
+        except OSError as exc:
+            raise _storage_error("reading staged data", exc, self.dir) from exc
+
+    def sync(self) -> None:
+        try:
+            for i in range(len(self.sizes)):
+                os.fsync(self._fd(i))
+        except OSError as exc:
+            raise _storage_error("fsync of staged files", exc, self.dir) from exc
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def discard(self) -> None:
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SiteStorage(Protocol):
+    staging_root: Path
+
+    def open_source(self, rel: str) -> Source: ...
+    def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]: ...
+    def exists(self, rel: str) -> bool: ...
+    def commit(self, staging: Staging, rel: str) -> None: ...
+    def read_range(self, rel: str, offset: int, length: int) -> bytes: ...
+    def list_dir(self, rel: str) -> list[str]: ...
+    def write_text_atomic(self, rel: str, text: str) -> None: ...
+    def read_text(self, rel: str) -> str | None: ...
+    def remove_tree(self, rel: str) -> None: ...
+    def newest_mtime(self, rel: str) -> float: ...
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStorage:
+    """data_dir on a local filesystem; staging lives inside it, so commit is one rename."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.staging_root = root / ".transferd" / "staging"
+        try:
+            self.staging_root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _storage_error("creating data_dir", exc, root) from exc
+
+    def path(self, rel: str) -> Path:
+        return confine(self.root, rel)
+
+    def open_source(self, rel: str) -> Source:
+        try:
+            return SourceFile(str(self.path(rel)))
+        except OSError as exc:
+            raise _storage_error(f"opening {rel}", exc, rel) from exc
+
+    def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
+        """('file', [('', size)]) or ('folder', [(member, size), ...]) in sorted order."""
+        path = self.path(rel)
+        try:
+            if path.is_file():
+                return "file", [("", path.stat().st_size)]
+            if not path.is_dir():
+                raise StorageError(f"{rel} does not exist at this site", path=rel)
+            members: list[tuple[str, int]] = []
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    full = Path(dirpath) / name
+                    member = full.relative_to(path).as_posix()
+                    self.path(f"{rel}/{member}")  # symlinks leading out are refused here
+                    members.append((member, full.stat().st_size))
+            if not members:
+                raise StorageError(f"{rel} is an empty folder", path=rel)
+            return "folder", members
+        except OSError as exc:
+            raise _storage_error(f"listing {rel}", exc, rel) from exc
+
+    def exists(self, rel: str) -> bool:
+        return self.path(rel).exists()
+
+    def commit(self, staging: Staging, rel: str) -> None:
+        final = self.path(rel)
+        try:
+            staging.sync()
+            staging.close()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if staging.kind == "file":
+                os.replace(staging.payload_path, final)
+            else:
+                for dirpath, _dirs, _files in os.walk(staging.payload_path):
+                    _fsync_dir(Path(dirpath))
+                old = staging.dir / "replaced"
+                if final.exists():
+                    os.rename(final, old)
+                os.rename(staging.payload_path, final)
+                shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise _storage_error(f"committing {rel}", exc, rel) from exc
+
+    def read_range(self, rel: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self.path(rel), "rb") as fh:
+                fh.seek(offset)
+                return fh.read(length)
+        except OSError as exc:
+            raise _storage_error(f"reading {rel}", exc, rel) from exc
+
+    def list_dir(self, rel: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self.path(rel)))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _storage_error(f"listing {rel}", exc, rel) from exc
+
+    def is_dir(self, rel: str) -> bool:
+        return self.path(rel).is_dir()
+
+    def write_text_atomic(self, rel: str, text: str) -> None:
+        final = self.path(rel)
+        tmp = final.with_name(f".{final.name}.transferd-tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise _storage_error(f"writing {rel}", exc, rel) from exc
+
+    def read_text(self, rel: str) -> str | None:
+        try:
+            return self.path(rel).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _storage_error(f"reading {rel}", exc, rel) from exc
+
+    def remove_tree(self, rel: str) -> None:
+        path = self.path(rel)
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        except OSError as exc:
+            raise _storage_error(f"removing {rel}", exc, rel) from exc
+
+    def newest_mtime(self, rel: str) -> float:
+        newest = 0.0
+        for dirpath, _dirs, files in os.walk(self.path(rel)):
+            for name in [*files, "."]:
+                try:
+                    newest = max(newest, os.stat(Path(dirpath) / name).st_mtime)
+                except OSError:
+                    continue
+        return newest
+
+
+class FsspecStorage:
+    """data_dir at any fsspec URL; incoming files stage on local disk (state_dir), then are put
+    under a partial name and moved into place, so readers never see a half-written file."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any], state_dir: Path) -> None:
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        except (ValueError, ImportError, OSError) as exc:
+            raise StorageError(f"data_dir {url!r}: {exc}") from exc
+        self.root = root.rstrip("/")
+        self.staging_root = state_dir / "staging"
+        self.staging_root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{normalize_rel_path(rel)}"
+
+    def open_source(self, rel: str) -> Source:
+        try:
+            return _FsspecSource(self.fs, self.path(rel))
+        except OSError as exc:
+            raise _storage_error(f"opening {rel}", exc, rel) from exc
+
+    def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
+        path = self.path(rel)
+        try:
+            if self.fs.isfile(path):
+                return "file", [("", int(self.fs.size(path)))]
+            found = self.fs.find(path, detail=True)
+        except OSError as exc:
+            raise _storage_error(f"listing {rel}", exc, rel) from exc
+        members = []
+        for name, info in sorted(found.items()):
+            member = name[len(path) :].lstrip("/")
+            if ".." in member.split("/"):
+                raise PolicyViolation(f"member escapes {rel}: {member!r}", path=rel)
+            members.append((member, int(info["size"])))
+        if not members:
+            raise StorageError(f"{rel} does not exist at this site", path=rel)
+        return "folder", members
+
+    def exists(self, rel: str) -> bool:
+        return bool(self.fs.exists(self.path(rel)))
+
+    def commit(self, staging: Staging, rel: str) -> None:
+        final = self.path(rel)
+        partial = f"{final}.transferd-partial-{staging.dir.name}"
+        try:
+            staging.sync()
+            staging.close()
+            parent = final.rsplit("/", 1)[0]
+            self.fs.makedirs(parent, exist_ok=True)
+            if staging.kind == "file":
+                self.fs.put_file(str(staging.payload_path), partial)
+                self.fs.mv(partial, final)
+            else:
+                self.fs.put(str(staging.payload_path), partial, recursive=True)
+                if self.fs.exists(final):
+                    self.fs.rm(final, recursive=True)
+                self.fs.mv(partial, final, recursive=True)
+        except OSError as exc:
+            try:
+                if self.fs.exists(partial):
+                    self.fs.rm(partial, recursive=True)
+            except OSError:
+                pass  # the original failure is the one to report
+            raise _storage_error(f"committing {rel}", exc, rel) from exc
+
+    def read_range(self, rel: str, offset: int, length: int) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(self.path(rel), start=offset, end=offset + length))
+        except OSError as exc:
+            raise _storage_error(f"reading {rel}", exc, rel) from exc
+
+    def list_dir(self, rel: str) -> list[str]:
+        try:
+            return sorted(
+                p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False)
+            )
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _storage_error(f"listing {rel}", exc, rel) from exc
+
+    def is_dir(self, rel: str) -> bool:
+        return bool(self.fs.isdir(self.path(rel)))
+
+    def write_text_atomic(self, rel: str, text: str) -> None:
+        final = self.path(rel)
+        tmp = f"{final}.transferd-tmp"
+        try:
+            self.fs.pipe_file(tmp, text.encode())
+            self.fs.mv(tmp, final)
+        except OSError as exc:
+            raise _storage_error(f"writing {rel}", exc, rel) from exc
+
+    def read_text(self, rel: str) -> str | None:
+        try:
+            return bytes(self.fs.cat_file(self.path(rel))).decode()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _storage_error(f"reading {rel}", exc, rel) from exc
+
+    def remove_tree(self, rel: str) -> None:
+        try:
+            if self.fs.exists(self.path(rel)):
+                self.fs.rm(self.path(rel), recursive=True)
+        except OSError as exc:
+            raise _storage_error(f"removing {rel}", exc, rel) from exc
+
+    def newest_mtime(self, rel: str) -> float:
+        newest = 0.0
+        for info in self.fs.find(self.path(rel), detail=True).values():
+            mtime = info.get("mtime") or info.get("LastModified") or 0
+            newest = max(newest, float(mtime.timestamp() if hasattr(mtime, "timestamp") else mtime))
+        return newest
+
+
+def open_storage(
+    data_dir_is_local: bool, data_path: Path, url: str, options: dict[str, Any], state_dir: Path
+) -> LocalStorage | FsspecStorage:
+    if data_dir_is_local:
+        return LocalStorage(data_path)
+    return FsspecStorage(url, options, state_dir)

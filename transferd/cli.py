@@ -1,0 +1,312 @@
+"""The transferd command line: serve, send, status, keygen.
+
+Only this module turns errors into text and exit codes: 0 ok, 1 transfer failed, 2 bad config
+or usage, 3 policy violation, 4 authentication refused, 5 daemon unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from transferd._classes import TrafficClass
+from transferd._client import PeerLink
+from transferd._keys import Keyring, keygen
+from transferd.config import SiteConfig, load_config
+from transferd.errors import (
+    AuthError,
+    ConfigError,
+    PolicyViolation,
+    TransferdError,
+    TransportError,
+)
+
+__all__ = ["main"]
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_POLICY, EXIT_AUTH, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
+SEND_FIELDS = (
+    "path",
+    "destinations",
+    "bytes_logical",
+    "bytes_on_wire",
+    "chunks",
+    "chunks_skipped",
+    "seconds",
+)
+
+
+def _fail(exc: TransferdError) -> NoReturn:
+    code = {
+        ConfigError: EXIT_CONFIG,
+        PolicyViolation: EXIT_POLICY,
+        AuthError: EXIT_AUTH,
+        TransportError: EXIT_UNREACHABLE,
+    }.get(type(exc), EXIT_FAILED)
+    click.echo(f"transferd: {exc.kind} error: {exc}", err=True)
+    sys.exit(code)
+
+
+def _config(path: str) -> SiteConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        _fail(exc)
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+@click.group()
+def main() -> None:
+    """transferd: replicate files, datasets and checkpoints between sites."""
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def serve(config_path: str) -> None:
+    """Run this site's daemon until SIGTERM or SIGINT (then exit 0)."""
+    from transferd._log import setup_logging
+    from transferd.daemon import Daemon
+
+    setup_logging()
+    config = _config(config_path)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        daemon = Daemon(config)
+        await daemon.serve(stop)
+
+    try:
+        _run(run())
+    except TransferdError as exc:
+        _fail(exc)
+
+
+def _local_link(config: SiteConfig) -> PeerLink:
+    try:
+        keyring = Keyring.load(config.keys_path, config.site, [])
+    except ConfigError as exc:
+        _fail(exc)
+    from transferd.daemon import client_ssl_context
+
+    return PeerLink(
+        site=config.site,
+        peer=config.site,
+        url=config.local_url,
+        keyring=keyring,
+        streams=1,
+        clock=time.time,
+        ssl_context=client_ssl_context(config),
+    )
+
+
+def summarize(path: str, jobs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The `send --json` object: one line, the fields the benchmark harness reads."""
+    return {
+        "path": path,
+        "destinations": [j["dest"] for j in jobs],
+        "bytes_logical": max((int(j["bytes_logical"]) for j in jobs), default=0),
+        "bytes_on_wire": sum(int(j["bytes_on_wire"]) for j in jobs),
+        "chunks": max((int(j["chunks"]) for j in jobs), default=0),
+        "chunks_skipped": sum(int(j["chunks_skipped"]) for j in jobs),
+        "seconds": round(seconds, 3),
+    }
+
+
+@main.command()
+@click.argument("path")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--to", "to", required=True, help="destination site(s), comma-separated")
+@click.option("--wait", is_flag=True, help="wait until every destination has committed")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
+def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> None:
+    """Ask the local daemon to replicate PATH (relative to data_dir) to other sites."""
+    config = _config(config_path)
+    dests = [d.strip() for d in to.split(",") if d.strip()]
+    rel = _relative_to_data_dir(config, path)
+
+    async def run() -> tuple[list[dict[str, Any]], float]:
+        link = _local_link(config)
+        started = time.monotonic()
+        try:
+            _, answer = await link.call(
+                TrafficClass.CONTROL, "POST", "/v1/local/send", json_body={"path": rel, "to": dests}
+            )
+            ids = list(answer["jobs"])
+            jobs = await _poll(link, ids, wait=wait, progress=wait and not as_json)
+        finally:
+            await link.close()
+        return jobs, time.monotonic() - started
+
+    try:
+        jobs, seconds = _run(run())
+    except TransferdError as exc:
+        _fail(exc)
+    failed = [j for j in jobs if j["state"] == "failed"]
+    if as_json:
+        click.echo(json.dumps(summarize(rel, jobs, seconds)))
+    elif not wait:
+        for j in jobs:
+            click.echo(f"queued {j['path']} -> {j['dest']} (job {j['id']})")
+    else:
+        for j in jobs:
+            click.echo(
+                f"{j['state']}: {j['path']} -> {j['dest']}"
+                + (f" ({j['error']})" if j["error"] else "")
+            )
+    for j in failed:
+        click.echo(f"transferd: {j['error_kind']} error: {j['error']}", err=True)
+    if failed:
+        kinds = {j["error_kind"] for j in failed}
+        sys.exit(
+            EXIT_POLICY if kinds == {"policy"} else EXIT_AUTH if kinds == {"auth"} else EXIT_FAILED
+        )
+
+
+def _relative_to_data_dir(config: SiteConfig, path: str) -> str:
+    """Accept PATH relative to data_dir, or a local path inside data_dir."""
+    if config.data_dir_is_local and Path(path).is_absolute():
+        try:
+            return Path(path).resolve().relative_to(config.data_path.resolve()).as_posix()
+        except ValueError:
+            pass  # the daemon refuses it with a PolicyViolation naming the path
+    return path
+
+
+async def _poll(
+    link: PeerLink, ids: list[str], *, wait: bool, progress: bool
+) -> list[dict[str, Any]]:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    async def fetch() -> list[dict[str, Any]]:
+        _, answer = await link.call(
+            TrafficClass.CONTROL, "GET", f"/v1/local/jobs?ids={','.join(ids)}"
+        )
+        return list(answer["jobs"])
+
+    jobs = await fetch()
+    if not wait:
+        return jobs
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+        transient=False,
+    )
+    with bar:
+        tasks = {j["id"]: bar.add_task(f"{j['path']} -> {j['dest']}", total=None) for j in jobs}
+        while True:
+            for j in jobs:
+                total = int(j["bytes_logical"]) or None
+                bar.update(
+                    tasks[j["id"]], total=total, completed=min(int(j["bytes_done"]), total or 0)
+                )
+            if all(j["state"] in ("committed", "failed") for j in jobs):
+                return jobs
+            await asyncio.sleep(0.1)
+            jobs = await fetch()
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def status(config_path: str, as_json: bool) -> None:
+    """Jobs, peers and rates of the local daemon."""
+    config = _config(config_path)
+
+    async def run() -> dict[str, Any]:
+        link = _local_link(config)
+        try:
+            _, answer = await link.call(TrafficClass.CONTROL, "GET", "/v1/local/status")
+            return dict(answer)
+        finally:
+            await link.close()
+
+    try:
+        state = _run(run())
+    except TransferdError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(state))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"site [bold]{state['site']}[/] at {state['listen']}")
+    peers = Table(
+        "peer", "url", "sent", "received", "chunks sent", "skipped", "retries", "link MB/s"
+    )
+    for name, p in state["peers"].items():
+        rate = p["link_Bps"]
+        peers.add_row(
+            name,
+            p["url"],
+            _size(p["bytes_sent"]),
+            _size(p["bytes_received"]),
+            str(int(p["chunks_sent"])),
+            str(int(p["chunks_skipped"])),
+            str(int(p["retries"])),
+            f"{rate / 1e6:.0f}" if rate else "-",
+        )
+    console.print(peers)
+    jobs = Table("job", "path", "to", "state", "done", "wire", "skipped", "error")
+    for j in state["jobs"]:
+        jobs.add_row(
+            j["id"][:8],
+            j["path"],
+            j["dest"],
+            j["state"],
+            f"{_size(j['bytes_done'])}/{_size(j['bytes_logical'])}",
+            _size(j["bytes_on_wire"]),
+            f"{j['chunks_skipped']}/{j['chunks']}",
+            (j["error"] or "")[:60],
+        )
+    console.print(jobs)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@main.command("keygen")
+@click.option("--sites", required=True, help="site ids, comma-separated, e.g. A,B,C")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="overwrite existing keys (rotates them)")
+def keygen_cmd(sites: str, out: str, force: bool) -> None:
+    """Write an Ed25519 key pair per site and an HMAC secret per pair of sites."""
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    try:
+        written = keygen(names, Path(out), overwrite=force)
+    except TransferdError as exc:
+        _fail(exc)
+    click.echo(f"wrote {len(written)} key files for {', '.join(names)} to {out}")

@@ -1,0 +1,188 @@
+"""The site config: one YAML file per daemon, validated once into a frozen `SiteConfig`.
+
+Errors name the field and its YAML line (`peers.B.url: ... (line 7)`), through netplan.yamlpos.
+Relative paths in the file (data_dir, keys_dir, TLS files) are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from netplan import yamlpos
+from transferd.errors import ConfigError
+
+__all__ = [
+    "CheckpointSettings",
+    "PeerConfig",
+    "SiteConfig",
+    "TlsConfig",
+    "WatchSettings",
+    "load_config",
+    "parse_config",
+]
+
+_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MiB = 1024 * 1024
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsConfig(_Frozen):
+    cert: str
+    key: str
+    ca: str | None = None  # peers' CA bundle; None uses the system store
+
+
+class PeerConfig(_Frozen):
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
+
+
+class CheckpointSettings(_Frozen):
+    targets: list[str] = Field(default_factory=list)  # sites that watch mode replicates steps to
+    retention: Annotated[int, Field(ge=1)] = 5  # newest K complete steps kept per run, here
+
+
+class WatchSettings(_Frozen):
+    enabled: bool = False
+    marker: str = "COMMITTED"  # a step folder holding this file is complete
+    quiet_period_s: Annotated[float, Field(gt=0)] = 30.0  # or: nothing changed for this long
+    poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
+
+
+class SiteConfig(_Frozen):
+    site: str
+    listen: str
+    data_dir: str
+    keys_dir: str
+    peers: dict[str, PeerConfig] = Field(default_factory=dict)
+    state_dir: str | None = None  # journal + staging; default <data_dir>/.transferd (local only)
+    storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec.filesystem
+    tls: TlsConfig | None = None
+    chunk_size: Annotated[int, Field(ge=64 * 1024, le=256 * MiB)] = 8 * MiB
+    compression: Literal["auto", "off"] | Annotated[int, Field(ge=1, le=22)] = "auto"
+    streams: Annotated[int, Field(ge=1, le=64)] = 4  # parallel chunk uploads per peer and class
+    auth_window_s: Annotated[float, Field(gt=0)] = 300.0  # accepted clock skew / replay window
+    checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
+    # Where the file lives; set by load_config, not by the YAML.
+    base_dir: str = Field(default=".", exclude=True)
+
+    @field_validator("site")
+    @classmethod
+    def _site_id(cls, value: str) -> str:
+        if not _SITE_ID.match(value):
+            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:7701")
+        return value
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_ids(cls, value: dict[str, PeerConfig]) -> dict[str, PeerConfig]:
+        for name in value:
+            if not _SITE_ID.match(name):
+                raise ValueError(f"peer id {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> SiteConfig:
+        if self.site in self.peers:
+            raise ValueError(f"peers: a site cannot list itself ({self.site}) as a peer")
+        for target in self.checkpoints.targets:
+            if target not in self.peers:
+                raise ValueError(f"checkpoints.targets: {target!r} is not one of peers")
+        if self.state_dir is None and not self.data_dir_is_local:
+            raise ValueError("state_dir: required when data_dir is not a local path")
+        return self
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def data_dir_is_local(self) -> bool:
+        protocol = urlsplit(self.data_dir).scheme
+        return protocol in ("", "file") or (len(protocol) == 1 and protocol.isalpha())
+
+    def resolve(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (Path(self.base_dir) / path).resolve()
+
+    @property
+    def data_path(self) -> Path:
+        """The local data root (only meaningful when data_dir_is_local)."""
+        value = (
+            self.data_dir[len("file://") :]
+            if self.data_dir.startswith("file://")
+            else self.data_dir
+        )
+        return self.resolve(value)
+
+    @property
+    def keys_path(self) -> Path:
+        return self.resolve(self.keys_dir)
+
+    @property
+    def state_path(self) -> Path:
+        if self.state_dir is not None:
+            return self.resolve(self.state_dir)
+        return self.data_path / ".transferd"
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def local_url(self) -> str:
+        """How the CLI on this machine reaches this daemon."""
+        host = self.listen_host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{host}:{self.listen_port}"
+
+
+def parse_config(text: str, base_dir: str | Path = ".", source: str = "<config>") -> SiteConfig:
+    """Validate YAML text into a SiteConfig; every problem becomes one `field: msg (line N)`."""
+    try:
+        doc = yamlpos.parse(text)
+    except yamlpos.YamlSyntaxError as exc:
+        raise ConfigError(f"{source}: {exc}", issues=[str(exc)], line=exc.line) from exc
+    if not isinstance(doc.data, dict):
+        raise ConfigError(f"{source}: a site config must be a YAML mapping", issues=["<document>"])
+    try:
+        return SiteConfig.model_validate({**doc.data, "base_dir": str(base_dir)})
+    except ValidationError as exc:
+        issues = [str(issue) for issue in yamlpos.field_issues(exc, doc)]
+        raise ConfigError(f"{source}: invalid site config", issues=issues) from exc
+
+
+def load_config(path: str | Path) -> SiteConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read site config {path}: {exc.strerror}", path=path) from exc
+    return parse_config(text, base_dir=path.resolve().parent, source=str(path))

@@ -1,0 +1,248 @@
+"""The site daemon: wires config, storage, journal, keys, receiver, sender and HTTP server.
+
+`Daemon.serve(stop)` runs until `stop` is set: it listens, resumes journaled jobs, runs watch
+mode, and on stop refuses new work, lets in-flight requests finish (bounded), and leaves
+unfinished jobs in the journal for the next start. Every task lives in one TaskGroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from transferd._auth import NonceGuard
+from transferd._buffers import BufferPool
+from transferd._checkpoints import ready_steps
+from transferd._client import PeerLink
+from transferd._journal import JobState, Journal
+from transferd._keys import Keyring
+from transferd._metrics import Metrics
+from transferd._receiver import Receiver
+from transferd._sender import Sender
+from transferd._server import build_app
+from transferd._storage import open_storage
+from transferd.config import SiteConfig
+from transferd.errors import ConfigError, TransferdError
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger("transferd.daemon")
+SHUTDOWN_GRACE_S = 10.0
+
+
+def client_ssl_context(config: SiteConfig) -> ssl.SSLContext | None:
+    if config.tls is None:
+        return None
+    ctx = ssl.create_default_context(
+        cafile=str(config.resolve(config.tls.ca)) if config.tls.ca else None
+    )
+    ctx.load_cert_chain(config.resolve(config.tls.cert), config.resolve(config.tls.key))
+    return ctx
+
+
+def server_ssl_context(config: SiteConfig) -> ssl.SSLContext | None:
+    if config.tls is None:
+        return None
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(config.resolve(config.tls.cert), config.resolve(config.tls.key))
+        if config.tls.ca:
+            ctx.load_verify_locations(config.resolve(config.tls.ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls: cannot load certificate or key: {exc}") from exc
+    return ctx
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: SiteConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self._sock = sock
+        self.metrics = Metrics()
+        # Room for every stream of two peers' bulk classes, each with one body in hand.
+        self.receive_buffers = BufferPool(config.chunk_size, count=max(4, 2 * config.streams))
+        self.port: int | None = None
+        self._commit_locks: dict[str, asyncio.Lock] = {}
+        state = config.state_path
+        self.storage = open_storage(
+            config.data_dir_is_local,
+            config.data_path,
+            config.data_dir,
+            config.storage_options,
+            state,
+        )
+        self.journal = Journal(state / "journal.sqlite")
+        self.keyring = Keyring.load(config.keys_path, config.site, list(config.peers))
+        self.guard = NonceGuard(config.auth_window_s, not_before=clock() - 1.0)
+        self.receiver = Receiver(
+            config.site,
+            self.storage,
+            self.journal,
+            self.keyring,
+            self.metrics,
+            config.checkpoints.retention,
+        )
+        ssl_ctx = client_ssl_context(config)
+        self.links = {
+            peer: PeerLink(
+                site=config.site,
+                peer=peer,
+                url=pc.url,
+                keyring=self.keyring,
+                streams=config.streams,
+                clock=clock,
+                ssl_context=ssl_ctx,
+            )
+            for peer, pc in config.peers.items()
+        }
+        self.sender = Sender(
+            site=config.site,
+            storage=self.storage,
+            journal=self.journal,
+            keyring=self.keyring,
+            metrics=self.metrics,
+            links=self.links,
+            chunk_size=config.chunk_size,
+            compression=config.compression,
+            streams=config.streams,
+            clock=clock,
+        )
+        self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        """Staging left by failed uploads, or by uploads the journal never recorded, goes."""
+        keep = set(self.journal.uploads("open"))
+        root = self.storage.staging_root
+        for entry in root.iterdir() if root.exists() else []:
+            if entry.name not in keep:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    @contextlib.asynccontextmanager
+    async def _commit_lock(self, upload: str) -> AsyncIterator[None]:
+        lock = self._commit_locks.setdefault(upload, asyncio.Lock())
+        async with lock:
+            yield
+        if not lock.locked():
+            self._commit_locks.pop(upload, None)
+
+    def commit_lock(self, upload: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._commit_lock(upload)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://{self.config.listen_host}:{self.port}"
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        jobs = []
+        for job in self.journal.jobs(limit=50):
+            entry = job.to_json()
+            if job.state == JobState.RUNNING and job.started_at:
+                entry["rate_Bps"] = job.bytes_done / max(1e-3, now - job.started_at)
+            jobs.append(entry)
+        peers = {}
+        for peer, link in self.links.items():
+            m = self.metrics
+            peers[peer] = {
+                "url": link.url,
+                "bytes_sent": m.value("transferd_bytes_sent_total", peer=peer),
+                "bytes_received": m.value("transferd_bytes_received_total", peer=peer),
+                "chunks_sent": m.value("transferd_chunks_sent_total", peer=peer),
+                "chunks_skipped": m.value("transferd_chunks_skipped_total", peer=peer),
+                "retries": m.value("transferd_retries_total", peer=peer),
+                "link_Bps": self.sender.compression[peer].link_Bps,
+            }
+        return {"site": self.config.site, "listen": self.url, "jobs": jobs, "peers": peers}
+
+    async def serve(
+        self, stop: asyncio.Event, ready: Callable[[Daemon], None] | None = None
+    ) -> None:
+        app = build_app(self)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+        )
+        await runner.setup()
+        ssl_ctx = server_ssl_context(self.config)
+        site: web.BaseSite
+        if self._sock is not None:
+            site = web.SockSite(runner, self._sock, ssl_context=ssl_ctx)
+        else:
+            site = web.TCPSite(
+                runner,
+                self.config.listen_host,
+                self.config.listen_port,
+                ssl_context=ssl_ctx,
+                reuse_address=True,
+            )
+        try:
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"listen: cannot bind {self.config.listen}: {exc.strerror}"
+                ) from exc
+            server = getattr(site, "_server", None)
+            sockets = getattr(server, "sockets", None) or []
+            self.port = sockets[0].getsockname()[1] if sockets else self.config.listen_port
+            log.info(
+                "daemon.listening", extra={"fields": {"site": self.config.site, "url": self.url}}
+            )
+            async with asyncio.TaskGroup() as tg:
+                sender_task = tg.create_task(self.sender.run())
+                watch_task = tg.create_task(self._watch()) if self.config.watch.enabled else None
+                if ready is not None:
+                    ready(self)
+                await stop.wait()
+                log.info("daemon.stopping", extra={"fields": {"site": self.config.site}})
+                self.sender.stop()
+                # In-flight chunk uploads get a grace period; what is left resumes from the journal.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                        await self.sender.drained()
+                sender_task.cancel()
+                if watch_task is not None:
+                    watch_task.cancel()
+        finally:
+            await runner.cleanup()
+            for link in self.links.values():
+                await link.close()
+            self.receiver.close()
+            self.journal.close()
+            log.info("daemon.stopped", extra={"fields": {"site": self.config.site}})
+
+    async def _watch(self) -> None:
+        """Watch mode: replicate each complete checkpoint step to the configured targets, once."""
+        w = self.config.watch
+        targets = self.config.checkpoints.targets
+        while True:
+            try:
+                steps = await asyncio.to_thread(
+                    ready_steps, self.storage, w.marker, w.quiet_period_s, self.clock()
+                )
+                for step in steps:
+                    dests = [d for d in targets if not self.journal.watch_seen(step, d)]
+                    if dests:
+                        for dest, job in zip(dests, self.sender.submit(step, dests), strict=True):
+                            self.journal.mark_watch_seen(step, dest, job)
+                        log.info(
+                            "watch.step", extra={"fields": {"path": step, "to": ",".join(dests)}}
+                        )
+            except TransferdError as exc:
+                log.error("watch.error", extra={"fields": {"kind": exc.kind, "error": str(exc)}})
+            await asyncio.sleep(w.poll_interval_s)

@@ -1,0 +1,129 @@
+"""The transferd error tree: every failure the daemon, its client or its CLI reports.
+
+Errors carry structured fields (`field`, `line`, `path`, `peer`, `status`); only the CLI turns them
+into text and exit codes. Foreign exceptions (aiohttp, OSError, zstd, pyarrow, cryptography) are
+mapped into this tree at the boundary with `raise ... from exc`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "IntegrityError",
+    "PolicyViolation",
+    "ProtocolError",
+    "StorageError",
+    "TransferdError",
+    "TransportError",
+]
+
+
+class TransferdError(Exception):
+    """Base of every transferd error. `kind` names the subclass on the wire and in JSON output."""
+
+    kind = "error"
+    http_status = 500
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "error": self.message,
+            **{k: str(v) for k, v in self.fields.items()},
+        }
+
+
+class ConfigError(TransferdError):
+    """The site config (or keys_dir) is invalid; `issues`: one `field: message (line N)` each."""
+
+    kind = "config"
+    http_status = 500
+
+    def __init__(self, message: str, issues: list[str] | None = None, **fields: object) -> None:
+        super().__init__(message, **fields)
+        self.issues = issues or []
+
+    def __str__(self) -> str:
+        if not self.issues:
+            return self.message
+        return self.message + "\n" + "\n".join(f"  {issue}" for issue in self.issues)
+
+
+class ProtocolError(TransferdError):
+    """A peer sent something that is not a valid request, response or manifest."""
+
+    kind = "protocol"
+    http_status = 400
+
+
+class AuthError(TransferdError):
+    """A request or manifest is unsigned, badly signed, stale, replayed or from an unknown site.
+    `status` is 401 (not authenticated) or 403 (authenticated but refused, e.g. bad manifest
+    signature)."""
+
+    kind = "auth"
+    http_status = 401
+
+    def __init__(self, message: str, status: int = 401, **fields: object) -> None:
+        super().__init__(message, **fields)
+        self.http_status = status
+
+
+class IntegrityError(TransferdError):
+    """Bytes do not match their blake3 address, a file its whole-file hash, or the source file
+    changed while it was being sent."""
+
+    kind = "integrity"
+    http_status = 422
+
+
+class PolicyViolation(TransferdError):
+    """A transfer breaks policy: raw-tier data leaving its site, or a path escaping data_dir."""
+
+    kind = "policy"
+    http_status = 403
+
+
+class StorageError(TransferdError):
+    """The site's storage failed (disk full, permission, I/O error) while staging or committing."""
+
+    kind = "storage"
+    http_status = 507
+
+
+class TransportError(TransferdError):
+    """A peer could not be reached or the connection failed mid-request (retried by the sender)."""
+
+    kind = "transport"
+    http_status = 502
+
+
+ERROR_KINDS: dict[str, type[TransferdError]] = {
+    cls.kind: cls
+    for cls in (
+        TransferdError,
+        ConfigError,
+        ProtocolError,
+        AuthError,
+        IntegrityError,
+        PolicyViolation,
+        StorageError,
+        TransportError,
+    )
+}
+
+
+def error_from_json(status: int, body: object) -> TransferdError:
+    """Rebuild the error a peer reported (`to_json` on its side) from an HTTP error response."""
+    if isinstance(body, dict) and isinstance(body.get("kind"), str):
+        cls = ERROR_KINDS.get(body["kind"], TransferdError)
+        message = str(body.get("error", "peer reported an error"))
+        if cls is AuthError:
+            return AuthError(message, status=status)
+        return cls(message)
+    return ProtocolError(f"peer answered HTTP {status} without a transferd error body")

@@ -1,0 +1,255 @@
+"""Test helpers shipped with transferd: a loopback peer pair, a fake clock, an impaired link.
+
+    async with loopback_pair(tmp_path) as (a, b):      # two real daemons on 127.0.0.1
+        ids = a.sender.submit("curated/x.bin", ["B"])
+        await wait_for_jobs(a, ids)
+
+`write_site_configs` lays out keys and site YAML files for subprocess daemons; `LinkProxy` sits
+between two daemons and can slow the stream down or flip one byte in flight;
+`CappedFileSystem` is a local fsspec filesystem that runs out of space after a set budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
+
+from transferd._journal import JobState
+from transferd._keys import keygen
+from transferd.config import SiteConfig, load_config
+from transferd.daemon import Daemon
+
+__all__ = [
+    "CappedFileSystem",
+    "FakeClock",
+    "LinkProxy",
+    "bound_socket",
+    "loopback_pair",
+    "running_daemon",
+    "wait_for_jobs",
+    "write_site_configs",
+]
+
+
+class FakeClock:
+    """A clock that moves only when told to: `clock()` is now, `advance(s)` moves it."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def bound_socket() -> socket.socket:
+    """A listening-ready TCP socket on 127.0.0.1 with an ephemeral port (no port race)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def free_port() -> int:
+    with contextlib.closing(bound_socket()) as sock:
+        return int(sock.getsockname()[1])
+
+
+def write_site_configs(
+    root: Path,
+    ports: dict[str, int],
+    *,
+    peer_urls: dict[str, str] | None = None,
+    **overrides: Any,
+) -> dict[str, Path]:
+    """Keys for every site in `ports` plus one YAML config per site, all peers of each other.
+    `peer_urls` overrides where a site is reached (e.g. through a LinkProxy)."""
+    keys = root / "keys"
+    keygen(sorted(ports), keys)
+    urls = {site: f"http://127.0.0.1:{port}" for site, port in ports.items()}
+    urls.update(peer_urls or {})
+    paths = {}
+    for site, port in ports.items():
+        doc: dict[str, Any] = {
+            "site": site,
+            "listen": f"127.0.0.1:{port}",
+            "data_dir": str(root / f"site-{site}"),
+            "keys_dir": str(keys),
+            "peers": {other: {"url": urls[other]} for other in ports if other != site},
+            **overrides.get(site, {}),
+            **{k: v for k, v in overrides.items() if k not in ports},
+        }
+        path = root / f"site-{site}.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        paths[site] = path
+    return paths
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(
+    config: SiteConfig, sock: socket.socket | None = None, **kwargs: Any
+) -> AsyncIterator[Daemon]:
+    """A daemon serving in this event loop until the block exits (then stopped gracefully)."""
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    daemon = Daemon(config, sock=sock, **kwargs)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(daemon.serve(stop, ready=lambda _d: ready.set()))
+        await ready.wait()
+        try:
+            yield daemon
+        finally:
+            stop.set()
+
+
+@contextlib.asynccontextmanager
+async def loopback_pair(
+    root: Path, *, a_peer_url: str | None = None, **overrides: Any
+) -> AsyncIterator[tuple[Daemon, Daemon]]:
+    """Sites A and B on 127.0.0.1, peers of each other. `overrides` go into both configs
+    (or per site: `A={...}`); `a_peer_url` makes A reach B through, e.g., a LinkProxy."""
+    socks = {"A": bound_socket(), "B": bound_socket()}
+    ports = {site: s.getsockname()[1] for site, s in socks.items()}
+    paths = write_site_configs(
+        root, ports, peer_urls={"B": a_peer_url} if a_peer_url else None, **overrides
+    )
+    async with running_daemon(load_config(paths["A"]), socks["A"]) as a:
+        async with running_daemon(load_config(paths["B"]), socks["B"]) as b:
+            yield a, b
+
+
+async def wait_for_jobs(daemon: Daemon, ids: list[str], timeout_s: float = 60.0) -> list[Any]:
+    """Until every job is committed or failed (bounded by timeout_s)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            jobs = [daemon.journal.job(i) for i in ids]
+            if all(j is not None and j.state not in JobState.ACTIVE for j in jobs):
+                return jobs
+            await asyncio.sleep(0.02)
+
+
+@dataclass
+class LinkProxy:
+    """A TCP proxy to `target_port` on 127.0.0.1: optionally rate-limited (client -> server
+    bytes per second), and optionally flipping one bit at byte `flip_at` of the client -> server
+    stream of the first connection that gets that far."""
+
+    target_port: int
+    rate_Bps: float | None = None
+    flip_at: int | None = None
+    flipped: int = 0
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def __aenter__(self) -> LinkProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_w}
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._pipe(reader, up_w, upstream=True))
+            tg.create_task(self._pipe(up_r, writer, upstream=False))
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+    ) -> None:
+        seen = 0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            while data := await reader.read(256 * 1024):
+                if (
+                    upstream
+                    and self.flip_at is not None
+                    and not self.flipped
+                    and seen <= self.flip_at < seen + len(data)
+                ):
+                    buf = bytearray(data)
+                    buf[self.flip_at - seen] ^= 0x01
+                    data = bytes(buf)
+                    self.flipped += 1
+                seen += len(data)
+                writer.write(data)
+                await writer.drain()
+                if upstream and self.rate_Bps:
+                    ahead = seen / self.rate_Bps - (loop.time() - started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+        except (ConnectionError, OSError):
+            pass  # either side went away: the daemons' retry logic is what is under test
+        finally:
+            writer.close()
+
+
+class _CappedOpener(LocalFileOpener):
+    def write(self, data: Any) -> int:
+        fs: CappedFileSystem = self.fs
+        fs.written += len(data)
+        if fs.written > fs.capacity_bytes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return int(super().write(data))
+
+
+class CappedFileSystem(LocalFileSystem):
+    """Local files, but writes fail with ENOSPC once `capacity_bytes` have been written.
+    Register as protocol "transferd-capped" with `register()`."""
+
+    protocol = ("transferd-capped",)
+
+    def __init__(self, capacity_bytes: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.capacity_bytes = capacity_bytes
+        self.written = 0
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        if isinstance(path, str) and path.startswith("transferd-capped://"):
+            path = path[len("transferd-capped://") :]
+        return super()._strip_protocol(path)
+
+    def _open(self, path: Any, mode: str = "rb", **kwargs: Any) -> Any:
+        if "w" in mode or "a" in mode:
+            return _CappedOpener(self._strip_protocol(path), mode, fs=self, **kwargs)
+        return super()._open(path, mode, **kwargs)
+
+    def put_file(self, lpath: Any, rpath: Any, callback: Any = None, **kwargs: Any) -> None:
+        # LocalFileSystem.put_file is a plain copy; route it through _open so the cap applies.
+        with open(lpath, "rb") as src, self._open(rpath, "wb") as dst:
+            while block := src.read(1024 * 1024):
+                dst.write(block)
+
+    @staticmethod
+    def register() -> None:
+        import fsspec
+
+        fsspec.register_implementation("transferd-capped", CappedFileSystem, clobber=True)
