@@ -53,7 +53,8 @@ def run(scenarios: tuple[str, ...], quick: bool, output: Path, repeat: int,
             loaded = [s.model_copy(update={"tools": tuple(t for t in s.tools if t in wanted)})
                       for s in loaded]
         choice = probe_backend()
-        console.print(f"impairment backend: [bold]{choice.name}[/bold] ({'; '.join(choice.reasons)})")
+        found = "; ".join(choice.reasons)
+        console.print(f"impairment backend: [bold]{choice.name}[/bold] ({found})")
         for scenario in loaded:
             doc = run_scenario(scenario, choice, quick=quick, repeat=repeat, command=command,
                                log=console.print)

@@ -17,8 +17,8 @@ from typing import Any
 
 from benchmarks.errors import ToolError
 
-__all__ = ["Measured", "ToolRun", "LinkFlapper", "run_measured", "server_cpu_s", "settle", "peak_rss_mib",
-           "wait_listening"]
+__all__ = ["LinkFlapper", "Measured", "ToolRun", "peak_rss_mib", "run_measured", "server_cpu_s",
+           "settle", "wait_listening"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
