@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -13,8 +13,10 @@ from benchmarks._nfqueue import DelayLine
 from benchmarks.backends import BACKENDS, EmulatorSample, probe_backend, rejection
 from benchmarks.errors import LabError
 
+Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
-def fake_kernel(*, netem: bool, nft: bool, iptables: bool):  # type: ignore[no-untyped-def]
+
+def fake_kernel(*, netem: bool, nft: bool, iptables: bool) -> tuple[Runner, list[list[str]]]:
     calls: list[list[str]] = []
 
     def run(cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:

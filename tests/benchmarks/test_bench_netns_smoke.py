@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ from benchmarks.runner import check_rtt
 from benchmarks.scenario import parse_scenario
 from benchmarks.tools import RunContext, run_tool
 
-pytestmark = pytest.mark.netns
+pytestmark: list[pytest.MarkDecorator] = [pytest.mark.netns]
 
 RESULT_KEYS = {"tool", "ok", "goodput_mbit", "link_pct", "seconds", "bytes_on_wire", "cpu_s",
                "p50_ms", "p99_ms", "error"}
@@ -43,7 +44,7 @@ def _namespaces_usable() -> str | None:
 
 _SKIP = _namespaces_usable()
 if _SKIP:
-    pytestmark = [pytestmark, pytest.mark.skip(reason=_SKIP)]
+    pytestmark.append(pytest.mark.skip(reason=_SKIP))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_parallel_labs_do_not_collide(choice: BackendChoice) -> None:
 
 
 @pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")
-def test_iperf3_through_the_harness_fills_the_results_format(lab_20ms: Lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_iperf3_through_the_harness_fills_the_results_format(lab_20ms: Lab, tmp_path: Path) -> None:
     scenario = parse_scenario(
         "scenario: smoke\nsites: [A, B]\nlinks:\n  - {between: [A, B], rate_mbit: 200, "
         "delay_ms: 20}\nwork:\n  - {size_mib: 1}\ntools: [iperf3-1stream]\n"
