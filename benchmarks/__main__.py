@@ -14,7 +14,7 @@ from types import FrameType
 import click
 from rich.console import Console
 
-from benchmarks.backends import probe_backend
+from benchmarks.backends import BACKENDS, BackendChoice, probe_backend
 from benchmarks.errors import BenchError
 from benchmarks.report import plot_all, print_table, write_results
 from benchmarks.runner import run_scenario
@@ -40,8 +40,10 @@ def cli() -> None:
 @click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
               help="Runs per tool; the table shows medians.")
 @click.option("--tools", default=None, help="Comma-separated subset of each scenario's tools.")
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=None,
+              help="Force an impairment backend instead of probing.")
 def run(scenarios: tuple[str, ...], quick: bool, output: Path, repeat: int,
-        tools: str | None) -> None:
+        tools: str | None, backend: str | None) -> None:
     """Run SCENARIOS (names in benchmarks/scenarios/ or YAML paths)."""
     console = Console() if sys.stdout.isatty() else Console(width=200)
     signal.signal(signal.SIGTERM, _sigterm)
@@ -53,6 +55,9 @@ def run(scenarios: tuple[str, ...], quick: bool, output: Path, repeat: int,
             loaded = [s.model_copy(update={"tools": tuple(t for t in s.tools if t in wanted)})
                       for s in loaded]
         choice = probe_backend()
+        if backend and backend != choice.name:
+            choice = BackendChoice(backend, (*choice.reasons, f"{backend}: forced by --backend"),
+                                   rule_tool=choice.rule_tool or "iptables")
         found = "; ".join(choice.reasons)
         console.print(f"impairment backend: [bold]{choice.name}[/bold] ({found})")
         for scenario in loaded:

@@ -3,6 +3,8 @@
 - ``netem``: ``tc qdisc add dev X root netem delay D J loss P rate R limit Q`` on both ends.
 - ``userspace-nfqueue``: tbf for the rate and the bottleneck queue, plus the pure-Python NFQUEUE
   delay/loss emulator (benchmarks._nfqueue) for kernels without sch_netem (this machine's).
+- ``userspace-tun``: where no NFQUEUE rule can be installed (no iptables/nft), a TUN pair with
+  the same delay line forwarding between the sites (benchmarks._tun), tbf for the rate.
 
 The chosen backend's name and the probe's reasons are recorded with every result.
 """
@@ -49,15 +51,20 @@ def run_cmd(cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
 
 @dataclass(frozen=True)
 class BackendChoice:
-    name: str  # "netem" | "userspace-nfqueue"
+    name: str  # a key of BACKENDS: "netem" | "userspace-nfqueue" | "userspace-tun"
     reasons: tuple[str, ...]  # what the probe found, recorded with the results
     rule_tool: str | None = None  # "nft" | "iptables": what installs the NFQUEUE rules
 
 
-def probe_backend(run: Runner = run_cmd, which: Callable[[str], str | None] = shutil.which
-                  ) -> BackendChoice:
+def _tun_device_exists() -> bool:
+    return os.path.exists("/dev/net/tun")
+
+
+def probe_backend(run: Runner = run_cmd, which: Callable[[str], str | None] = shutil.which,
+                  tun_available: Callable[[], bool] = _tun_device_exists) -> BackendChoice:
     """netem when the kernel can add a netem qdisc (tried on `lo` of a throwaway namespace);
-    else the NFQUEUE emulator when nft or iptables can install a queue rule there."""
+    else the NFQUEUE emulator when nft or iptables can install a queue rule there; else the
+    TUN-pair emulator when /dev/net/tun exists."""
     reasons: list[str] = []
     if which("ip") is None or which("tc") is None:
         raise LabError("iproute2 (ip, tc) is not installed: cannot build emulated links")
@@ -94,6 +101,10 @@ def probe_backend(run: Runner = run_cmd, which: Callable[[str], str | None] = sh
                 return BackendChoice("userspace-nfqueue", tuple(reasons), rule_tool=tool)
             reasons.append(f"NFQUEUE via {tool}: " + done.stderr.strip().splitlines()[0]
                            if done.stderr.strip() else f"NFQUEUE via {tool}: failed")
+        if tun_available():
+            reasons.append("/dev/net/tun: available")
+            return BackendChoice("userspace-tun", tuple(reasons))
+        reasons.append("/dev/net/tun: missing")
         raise LabError("no impairment backend: " + "; ".join(reasons))
     finally:
         run(["ip", "netns", "del", ns])
@@ -133,9 +144,59 @@ def rejection(before: EmulatorSample | None, after: EmulatorSample | None) -> st
 class ImpairmentBackend(Protocol):
     name: str
 
+    def create_link(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None: ...
+
     def apply(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None: ...
 
     def sample(self, lab: Lab) -> EmulatorSample | None: ...
+
+
+def _veth_pair(lab: Lab, ends: LinkEnds) -> None:
+    # Created straight inside the namespaces: the device names never touch the host's.
+    lab.must(["ip", "link", "add", ends.dev_a, "netns", ends.ns_a, "type", "veth", "peer",
+              "name", ends.dev_b, "netns", ends.ns_b])
+
+
+def _tbf(lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None:
+    """Rate cap and bottleneck queue on each end's egress."""
+    if not spec.rate_mbit:
+        return
+    rate_bytes = spec.rate_mbit * 1e6 / 8
+    # tbf must pass a whole 64 KB GSO packet at once, and 2 ms of tokens at high rates.
+    burst = max(2 * 65536 + MTU_BYTES, int(rate_bytes * 0.002))
+    limit = spec.queue_limit_pkts * MTU_BYTES
+    for ns, dev in ((ends.ns_a, ends.dev_a), (ends.ns_b, ends.dev_b)):
+        lab.must(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                  f"{spec.rate_mbit}mbit", "burst", str(burst), "limit", str(limit)])
+
+
+def _sample_stats(pid: int, path: Path) -> dict[str, Any]:
+    """Ask an emulator process (SIGUSR1) for fresh counters and read them."""
+    try:
+        seq = json.loads(path.read_text())["seq"]
+        os.kill(pid, signal.SIGUSR1)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LabError(f"emulator {pid} is gone: {exc}") from exc
+    for _ in range(200):  # bounded: 2 s
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {"seq": seq}
+        if data["seq"] > seq:
+            return data
+        time.sleep(0.01)
+    raise LabError(f"emulator {pid} did not answer for its stats within 2 s")
+
+
+def _combine(stats: list[dict[str, Any]], extra_dropped: int = 0) -> EmulatorSample:
+    return EmulatorSample(
+        cpu_s=tuple(s["cpu_s"] for s in stats),
+        wall_s=tuple(s["wall_s"] for s in stats),
+        received=sum(s["received"] for s in stats),
+        lost=sum(s["lost"] for s in stats),
+        self_dropped=extra_dropped + sum(s["queue_dropped"] + s["user_dropped"] + s["enobufs"]
+                                         + s["verdict_errors"] for s in stats),
+    )
 
 
 def _offloads_off(lab: Lab, ends: LinkEnds) -> None:
@@ -150,6 +211,9 @@ class NetemBackend:
 
     def __init__(self, rule_tool: str | None = None) -> None:
         del rule_tool  # netem needs no filter rules
+
+    def create_link(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None:
+        _veth_pair(lab, ends)
 
     def apply(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None:
         if spec.loss_pct:
@@ -184,15 +248,11 @@ class NfqueueBackend:
         self.rule_tool = rule_tool
         self._emulators: list[tuple[int, Path]] = []  # (pid, stats file)
 
+    def create_link(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None:
+        _veth_pair(lab, ends)
+
     def apply(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None:
-        if spec.rate_mbit:
-            rate_bytes = spec.rate_mbit * 1e6 / 8
-            # tbf must pass a whole 64 KB GSO packet at once, and 2 ms of tokens at high rates.
-            burst = max(2 * 65536 + MTU_BYTES, int(rate_bytes * 0.002))
-            limit = spec.queue_limit_pkts * MTU_BYTES
-            for ns, dev in ((ends.ns_a, ends.dev_a), (ends.ns_b, ends.dev_b)):
-                lab.must(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
-                          f"{spec.rate_mbit}mbit", "burst", str(burst), "limit", str(limit)])
+        _tbf(lab, ends, spec)
         if not spec.impaired:
             return
         if spec.loss_pct:
@@ -226,35 +286,56 @@ class NfqueueBackend:
     def sample(self, lab: Lab) -> EmulatorSample | None:
         if not self._emulators:
             return None
-        stats = [self._sample_one(pid, path) for pid, path in self._emulators]
-        return EmulatorSample(
-            cpu_s=tuple(s["cpu_s"] for s in stats),
-            wall_s=tuple(s["wall_s"] for s in stats),
-            received=sum(s["received"] for s in stats),
-            lost=sum(s["lost"] for s in stats),
-            self_dropped=sum(s["queue_dropped"] + s["user_dropped"] + s["enobufs"]
-                             + s["verdict_errors"] for s in stats),
-        )
+        return _combine([_sample_stats(pid, path) for pid, path in self._emulators])
 
-    @staticmethod
-    def _sample_one(pid: int, path: Path) -> dict[str, Any]:
-        try:
-            seq = json.loads(path.read_text())["seq"]
-            os.kill(pid, signal.SIGUSR1)
-        except (OSError, ValueError, KeyError) as exc:
-            raise LabError(f"NFQUEUE emulator {pid} is gone: {exc}") from exc
-        for _ in range(200):  # bounded: 2 s
-            try:
-                data: dict[str, Any] = json.loads(path.read_text())
-            except (OSError, ValueError):
-                data = {"seq": seq}
-            if data["seq"] > seq:
-                return data
-            time.sleep(0.01)
-        raise LabError(f"NFQUEUE emulator {pid} did not answer for its stats within 2 s")
+
+class TunBackend:
+    """The fallback where no NFQUEUE rule can be installed: the link is a TUN pair owned by the
+    benchmarks._tun process (in the host namespace), which delays, drops and forwards every
+    packet; tbf on each TUN device caps the rate. Packets cross at MTU size (no GSO), so this
+    carries less than the NFQUEUE emulator before it runs out of CPU."""
+
+    name = "userspace-tun"
+
+    def __init__(self, rule_tool: str | None = None) -> None:
+        del rule_tool
+        self._emulator: tuple[int, Path] | None = None
+        self._ends: LinkEnds | None = None
+
+    def create_link(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None:
+        stats = lab.workdir / "tun-stats.json"
+        proc = lab.spawn(
+            None,
+            [sys.executable, "-m", "benchmarks._tun", "--ns-a", ends.ns_a, "--ns-b", ends.ns_b,
+             "--dev", ends.dev_a, "--delay-ms", str(spec.delay_ms), "--jitter-ms",
+             str(spec.jitter_ms), "--loss-pct", str(spec.loss_pct), "--seed", str(lab.seed),
+             "--stats", str(stats)],
+            name="tun-emulator",
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        if proc.stdout.readline().decode().strip() != "ready":
+            raise LabError(f"TUN emulator did not start: {lab.log_tail('tun-emulator')}")
+        self._emulator = (proc.pid, stats)
+        self._ends = ends
+
+    def apply(self, lab: Lab, ends: LinkEnds, spec: LinkSpec) -> None:
+        _tbf(lab, ends, spec)
+
+    def sample(self, lab: Lab) -> EmulatorSample | None:
+        if self._emulator is None or self._ends is None:
+            return None
+        # The kernel drops at a TUN's transmit ring when the emulator reads too slowly.
+        ring_drops = 0
+        for ns in (self._ends.ns_a, self._ends.ns_b):
+            info = json.loads(lab.must(["ip", "-n", ns, "-j", "-s", "link", "show", "dev",
+                                        self._ends.dev_a]))
+            ring_drops += int(info[0]["stats64"]["tx"]["dropped"])
+        return _combine([_sample_stats(*self._emulator)], extra_dropped=ring_drops)
 
 
 BACKENDS: dict[str, Callable[[str | None], ImpairmentBackend]] = {
     "netem": NetemBackend,
     "userspace-nfqueue": NfqueueBackend,
+    "userspace-tun": TunBackend,
 }

@@ -111,15 +111,16 @@ class Lab:
     def in_site(self, site: str, cmd: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns(site), *cmd]
 
-    def spawn(self, site: str, cmd: Sequence[str], *, name: str,
+    def spawn(self, site: str | None, cmd: Sequence[str], *, name: str,
               stdout: int | None = None, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> subprocess.Popen[bytes]:
-        """Start a long-running process inside a site; stopped at teardown. `ip netns exec`
-        execs in place, so the Popen pid is the process itself."""
+        """Start a long-running process inside a site (None: in the host namespace); stopped at
+        teardown. `ip netns exec` execs in place, so the Popen pid is the process itself."""
         log = self.workdir / f"{name}.log"
         with log.open("ab") as log_file:
             popen = subprocess.Popen(
-                self.in_site(site, cmd), stdout=stdout if stdout is not None else log_file,
+                self.in_site(site, cmd) if site is not None else list(cmd),
+                stdout=stdout if stdout is not None else log_file,
                 stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True,
                 env=env if env is not None else python_env(), cwd=cwd,
             )
@@ -161,13 +162,11 @@ class Lab:
         self.ends = LinkEnds(site_a, site_b, self.ns(site_a), self.ns(site_b), "wan0", "wan0",
                              "198.18.0.1", "198.18.0.2")
         e = self.ends
-        # Created straight inside the namespaces: the veth names never touch the host's.
-        self.must(["ip", "link", "add", e.dev_a, "netns", e.ns_a, "type", "veth", "peer", "name",
-                   e.dev_b, "netns", e.ns_b])
+        self.backend = BACKENDS[self.choice.name](self.choice.rule_tool)
+        self.backend.create_link(self, e, self.link)
         for ns, dev, addr in ((e.ns_a, e.dev_a, e.addr_a), (e.ns_b, e.dev_b, e.addr_b)):
             self.must(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
             self.must(["ip", "-n", ns, "link", "set", dev, "up"])
-        self.backend = BACKENDS[self.choice.name](self.choice.rule_tool)
         self.backend.apply(self, e, self.link)
         return self
 

@@ -49,10 +49,23 @@ def test_probe_falls_back_to_nfqueue_and_records_why() -> None:
     assert any("sch_netem: Error: Specified qdisc kind is unknown." in r for r in choice.reasons)
 
 
-def test_probe_without_netem_or_nfqueue_fails_with_the_reasons() -> None:
+def test_probe_prefers_nft_when_it_can_queue() -> None:
+    run, _ = fake_kernel(netem=False, nft=True, iptables=True)
+    assert probe_backend(run, which=lambda name: f"/usr/sbin/{name}").rule_tool == "nft"
+
+
+def test_probe_falls_back_to_a_tun_pair_without_iptables() -> None:
+    run, _ = fake_kernel(netem=False, nft=False, iptables=False)
+    which = {"ip": "/usr/sbin/ip", "tc": "/usr/sbin/tc"}.get
+    choice = probe_backend(run, which=which, tun_available=lambda: True)
+    assert choice.name == "userspace-tun"
+    assert "iptables: not installed" in choice.reasons
+
+
+def test_probe_without_any_backend_fails_with_the_reasons() -> None:
     run, calls = fake_kernel(netem=False, nft=False, iptables=False)
-    with pytest.raises(LabError, match="no impairment backend.*sch_netem"):
-        probe_backend(run, which=lambda name: f"/usr/sbin/{name}")
+    with pytest.raises(LabError, match="no impairment backend.*sch_netem.*tun: missing"):
+        probe_backend(run, which=lambda name: f"/usr/sbin/{name}", tun_available=lambda: False)
     assert calls[-1][:3] == ["ip", "netns", "del"]
 
 

@@ -78,6 +78,22 @@ def test_tcp_echo_sees_40ms_and_teardown_removes_everything(choice: BackendChoic
     assert not workdir.exists()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun")
+def test_tun_fallback_also_gives_40ms_and_cleans_up() -> None:
+    lab = Lab(["A", "B"], parse_link_spec("rate=100mbit delay=20ms"),
+              BackendChoice("userspace-tun", ("forced by the test",)))
+    with lab:
+        rtts = lab.echo_rtts_ms(count=15)
+        assert abs(statistics.median(rtts) - 40) <= 5, rtts
+        sample = lab.emulator_sample()
+        assert sample is not None
+        assert sample.received >= 30  # every echo crossed the emulator both ways
+        assert sample.self_dropped == 0
+        started = [p.popen.pid for p in lab._procs]
+    assert leftover_namespaces(lab.run_id) == []
+    assert _pids_alive(started) == []
+
+
 def test_a_lab_that_fails_half_way_leaves_nothing(choice: BackendChoice) -> None:
     lab = Lab(["A", "B"], parse_link_spec("delay=5ms"), choice,
               congestion_control="no-such-algorithm")
