@@ -16,7 +16,7 @@ from rich.console import Console
 
 from benchmarks.backends import BACKENDS, BackendChoice, probe_backend
 from benchmarks.errors import BenchError
-from benchmarks.report import plot_all, print_table, write_results
+from benchmarks.report import load_results, markdown, plot_all, print_table, write_results
 from benchmarks.runner import run_scenario
 from benchmarks.scenario import SCENARIO_DIR, load_scenario
 
@@ -74,6 +74,22 @@ def run(scenarios: tuple[str, ...], quick: bool, output: Path, repeat: int,
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: lab torn down[/yellow]")
         sys.exit(130)
+
+
+@cli.command()
+@click.option("--output", type=click.Path(path_type=Path), default=DEFAULT_OUTPUT,
+              show_default=True, help="Where the results are.")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Markdown tables (for README).")
+def report(output: Path, as_markdown: bool) -> None:
+    """Print the tables of existing results again and redraw the plots."""
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    for doc in load_results(output):
+        if as_markdown:
+            click.echo(markdown(doc))
+        else:
+            print_table(doc, console)
+    for path in plot_all(output):
+        console.print(f"wrote {path}")
 
 
 @cli.command("list")

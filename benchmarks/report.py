@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["load_results", "medians", "plot_all", "print_table", "write_results"]
+__all__ = ["load_results", "markdown", "medians", "plot_all", "print_table", "write_results"]
 
 # The baseline each tool is compared with, side by side, in the table's last column.
 CEILING = "iperf3-1stream"
@@ -63,6 +63,25 @@ def medians(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def ratios(doc: dict[str, Any], subject: str = "transferd") -> list[str]:
+    """Side by side, per data set: `subject`'s median goodput over each other tool's on the same
+    data (and over the iperf3 ceilings), and its bytes on the wire over the file size."""
+    rows = medians(doc)
+    out = []
+    for data in sorted({r["data"] for r in rows if r["data"]}):
+        mine = next((r for r in rows if r["tool"] == subject and r["data"] == data), None)
+        if mine is None or mine["goodput_mbit"] is None:
+            continue
+        parts = [f"{mine['goodput_mbit'] / other['goodput_mbit']:.2f}x {other['tool']}"
+                 for other in rows
+                 if other is not mine and other["goodput_mbit"]
+                 and other["data"] in (data, None)]
+        wire = (f"; wire/logical {mine['bytes_on_wire'] / mine['bytes_logical']:.2f}"
+                if mine["bytes_on_wire"] and mine["bytes_logical"] else "")
+        out.append(f"{subject} on {data}: " + ", ".join(parts) + wire)
+    return out
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -97,8 +116,49 @@ def print_table(doc: dict[str, Any], console: Console | None = None) -> None:
             (row["error"] or "")[:160],
         )
     console.print(table)
+    for line in ratios(doc):
+        console.print(line)
     if doc.get("error"):
         console.print(f"[red]{doc['scenario']}: {doc['error']}[/red]")
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The scenario's medians as a Markdown table (what benchmarks/README.md shows)."""
+    link = doc["link"]
+    rate = f"{link['rate_mbit']:g} Mbit/s" if link["rate_mbit"] else "no rate cap"
+    lines = [
+        f"### {doc['scenario']}" + (" (quick sizes)" if doc.get("quick") else ""),
+        "",
+        f"{rate}, {link['delay_ms']:g} ms one-way, jitter {link['jitter_ms']:g} ms, loss "
+        f"{link['loss_pct']:g} %; TCP echo RTT {doc['measured_rtt_ms'] or '-'} ms; backend "
+        f"`{doc['backend']}`, congestion control `{doc['congestion_control']}`, kernel "
+        f"{doc['kernel']}, {doc.get('cpus')} CPUs, {doc.get('date_utc')}. Medians of "
+        f"{doc.get('repeat', 1)} runs. Command: `{doc.get('command')}`",
+        "",
+        "| tool | data | ok | Mbit/s | % link | s | wire/logical | CPU s | p50 ms | p99 ms "
+        f"| peak RSS MiB | x {CEILING} | error |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    rows = medians(doc)
+    ceiling = next((r["goodput_mbit"] for r in rows if r["tool"] == CEILING), None)
+    for row in rows:
+        ratio = (row["goodput_mbit"] / ceiling
+                 if ceiling and row["goodput_mbit"] is not None else None)
+        wire = (row["bytes_on_wire"] / row["bytes_logical"]
+                if row["bytes_on_wire"] and row["bytes_logical"] else None)
+        lines.append(
+            f"| {row['tool']} | {row['data'] or '-'} | {row['n_ok']}/{row['n']} "
+            f"| {_fmt(row['goodput_mbit'], '.0f')} | {_fmt(row['link_pct'], '.0f')} "
+            f"| {_fmt(row['seconds'], '.1f')} | {_fmt(wire, '.2f')} | {_fmt(row['cpu_s'], '.1f')} "
+            f"| {_fmt(row['p50_ms'], '.1f')} | {_fmt(row['p99_ms'], '.1f')} "
+            f"| {_fmt(row['peak_rss_mib'], '.0f')} | {_fmt(ratio, '.2f')} "
+            f"| {(row['error'] or '').replace('|', '/')} |")
+    found = ratios(doc)
+    if found:
+        lines += ["", *[f"- {line}" for line in found]]
+    if doc.get("error"):
+        lines += ["", f"Scenario error: {doc['error']}"]
+    return "\n".join(lines) + "\n"
 
 
 def plot_all(output: Path) -> list[Path]:
