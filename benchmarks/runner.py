@@ -64,6 +64,9 @@ def run_scenario(scenario: Scenario, choice: BackendChoice, *, quick: bool, repe
     runs: list[ToolRun] = []
     try:
         with Lab(scenario.sites, link, choice, scenario.congestion_control) as lab:
+            namespaces = sorted({lab.ns(site) for site in scenario.sites})
+            log(f"[{scenario.scenario}] lab up: run {lab.run_id}, namespaces "
+                + ", ".join(namespaces))
             if link is not None:
                 rtts = lab.echo_rtts_ms(ECHO_COUNT)
                 doc["rtt_samples_ms"] = [round(r, 3) for r in rtts]

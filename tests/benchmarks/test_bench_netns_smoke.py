@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +132,39 @@ def test_iperf3_through_the_harness_fills_the_results_format(lab_20ms: Lab, tmp_
     # The link carried at least what iperf3 says it received.
     assert run["bytes_on_wire"] >= run["goodput_mbit"] * 1e6 / 8 * run["seconds"] * 0.95
     assert run["cpu_s"] > 0
+
+
+def test_ctrl_c_mid_run_tears_everything_down(tmp_path: Path) -> None:
+    scenario = tmp_path / "interrupted.yaml"
+    scenario.write_text(
+        "scenario: interrupted\nsites: [A, B]\nlinks:\n  - {between: [A, B], rate_mbit: 100, "
+        "delay_ms: 5}\nwork:\n  - {size_mib: 1, quick_size_mib: 1}\ntools: [iperf3-1stream]\n"
+        "quick_iperf3_seconds: 60\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "run", str(scenario), "--quick", "--output",
+         str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env)
+    assert proc.stdout is not None
+    run_id = None
+    for _ in range(200):  # bounded: the lab is up within a few lines
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if "lab up: run " in line:
+            run_id = line.split("lab up: run ")[1].split(",")[0]
+        if run_id and "TCP echo RTT" in line:
+            break
+    assert run_id, "the run never reported its lab"
+    namespaces = leftover_namespaces(run_id)
+    assert len(namespaces) == 2
+    time.sleep(1.0)  # iperf3 is now sending
+    inside = [int(pid) for ns in namespaces for pid in subprocess.run(
+        ["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout.split()]
+    assert inside, "iperf3 and the emulators should be running in the lab"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted: lab torn down" in out
+    assert leftover_namespaces(run_id) == []
+    assert _pids_alive(inside) == []
