@@ -173,12 +173,15 @@ def plot_all(output: Path) -> list[Path]:
     written: list[Path] = []
     if not docs:
         return written
-    fig, axes = plt.subplots(len(docs), 1, figsize=(9, 2.2 + 1.6 * len(docs)), squeeze=False)
-    for ax, doc in zip(axes[:, 0], docs, strict=True):
-        rows = [r for r in medians(doc) if r["goodput_mbit"] is not None]
-        labels = [f"{r['tool']}\n{r['data'] or ''}".strip() for r in rows]
+    per_doc = [[r for r in medians(doc) if r["goodput_mbit"] is not None] for doc in docs]
+    heights = [max(len(rows), 1) for rows in per_doc]
+    fig, axes = plt.subplots(len(docs), 1, figsize=(9, 0.9 * len(docs) + 0.3 * sum(heights)),
+                             squeeze=False, gridspec_kw={"height_ratios": heights})
+    for ax, doc, rows in zip(axes[:, 0], docs, per_doc, strict=True):
+        labels = [r["tool"] + (f" ({r['data']})" if r["data"] else "") for r in rows]
         values = [r["goodput_mbit"] for r in rows]
-        ax.barh(range(len(rows)), values, color="tab:blue")
+        colors = ["tab:orange" if r["tool"].startswith("transferd") else "tab:blue" for r in rows]
+        ax.barh(range(len(rows)), values, color=colors)
         ax.set_yticks(range(len(rows)), labels, fontsize=7)
         ax.invert_yaxis()
         rate = doc["link"]["rate_mbit"]
