@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DelayLine", "NfQueueSocket", "main"]
+__all__ = ["DelayLine", "NfQueueSocket", "main", "parse_datagram"]
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
@@ -135,6 +135,9 @@ class NfQueueSocket:
         self.sock.bind((0, 0))
         self._seq = 0
         self.verdict_errors = 0
+        # Verdicts for packets the kernel already dropped itself: it flushes a queue's packets
+        # for a device that goes down (a link flap), which is the flap's loss, not ours.
+        self.verdicts_for_flushed = 0
 
     def _message(self, msg_type: int, flags: int, queue: int, attrs: bytes) -> bytes:
         self._seq += 1
@@ -179,31 +182,42 @@ class NfQueueSocket:
         self.sock.send(self._message(msg_type, NLM_F_REQUEST, queue, attrs))
 
     def parse(self, buf: memoryview, size: int) -> list[tuple[int, int]]:
-        """(queue, packet id) of each queued-packet message in one datagram."""
-        out = []
-        offset = 0
-        while offset + 16 <= size:
-            length, msg_type, _flags, _seq, _pid = struct.unpack_from("=IHHII", buf, offset)
-            if length < 16:
-                break
-            if msg_type == NLMSG_ERROR:
-                (error,) = struct.unpack_from("=i", buf, offset + 16)
-                if error:
-                    self.verdict_errors += 1
-            elif msg_type == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
-                (queue,) = struct.unpack_from("!H", buf, offset + 18)
-                pos, end = offset + 20, offset + length
-                while pos + 4 <= end:
-                    attr_len, attr_type = struct.unpack_from("=HH", buf, pos)
-                    if attr_len < 4:
-                        break
-                    if attr_type & NLA_TYPE_MASK == NFQA_PACKET_HDR:
-                        (packet_id,) = struct.unpack_from("!I", buf, pos + 4)
-                        out.append((queue, packet_id))
-                        break
-                    pos += (attr_len + 3) & ~3
-            offset += (length + 3) & ~3
-        return out
+        packets, flushed, errors = parse_datagram(buf, size)
+        self.verdicts_for_flushed += flushed
+        self.verdict_errors += errors
+        return packets
+
+
+def parse_datagram(buf: memoryview | bytes, size: int) -> tuple[list[tuple[int, int]], int, int]:
+    """(queue, packet id) of each queued-packet message in one netlink datagram, plus the counts
+    of error replies: verdicts for packets the kernel had already flushed (ENOENT), and others."""
+    out = []
+    flushed = errors = 0
+    offset = 0
+    while offset + 16 <= size:
+        length, msg_type, _flags, _seq, _pid = struct.unpack_from("=IHHII", buf, offset)
+        if length < 16:
+            break
+        if msg_type == NLMSG_ERROR:
+            (error,) = struct.unpack_from("=i", buf, offset + 16)
+            if error == -errno.ENOENT:
+                flushed += 1
+            elif error:
+                errors += 1
+        elif msg_type == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
+            (queue,) = struct.unpack_from("!H", buf, offset + 18)
+            pos, end = offset + 20, offset + length
+            while pos + 4 <= end:
+                attr_len, attr_type = struct.unpack_from("=HH", buf, pos)
+                if attr_len < 4:
+                    break
+                if attr_type & NLA_TYPE_MASK == NFQA_PACKET_HDR:
+                    (packet_id,) = struct.unpack_from("!I", buf, pos + 4)
+                    out.append((queue, packet_id))
+                    break
+                pos += (attr_len + 3) & ~3
+        offset += (length + 3) & ~3
+    return out, flushed, errors
 
 
 def kernel_queue_drops(queues: list[int]) -> dict[str, int]:
@@ -261,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "held_now": line.held_now,
             "enobufs": counters["enobufs"],
             "verdict_errors": nfq.verdict_errors,
+            "verdicts_for_flushed": nfq.verdicts_for_flushed,
             "batches": counters["released_batches"],
             "cpu_s": usage.ru_utime + usage.ru_stime,
             "wall_s": time.monotonic() - started,

@@ -3,13 +3,15 @@ and the rules that reject a run whose emulator, not the link, set the pace."""
 
 from __future__ import annotations
 
+import errno
 import random
+import struct
 import subprocess
 from collections.abc import Callable, Sequence
 
 import pytest
 
-from benchmarks._nfqueue import DelayLine
+from benchmarks._nfqueue import DelayLine, parse_datagram
 from benchmarks.backends import BACKENDS, EmulatorSample, probe_backend, rejection
 from benchmarks.errors import LabError
 
@@ -120,3 +122,18 @@ def test_rejects_runs_where_the_emulator_dropped_or_was_cpu_bound() -> None:
     assert "dropped 4 packets on its own" in reason
     reason = rejection(sample(0, 0), sample(9.5, 10)) or ""
     assert "95% of a core" in reason
+
+
+def _nlmsg(msg_type: int, payload: bytes) -> bytes:
+    return struct.pack("=IHHII", 16 + len(payload), msg_type, 0, 1, 0) + payload
+
+
+def test_netlink_datagrams_parse_into_packet_ids_and_error_kinds() -> None:
+    packet_hdr = struct.pack("=HH", 4 + 7, 1) + struct.pack("!IHB", 4242, 0x0800, 3) + b"\0"
+    mark = struct.pack("=HH", 8, 3) + b"\0\0\0\1"  # another attribute before the header
+    packet = _nlmsg((3 << 8) | 0, struct.pack("!BBH", 0, 0, 1) + mark + packet_hdr)
+    flushed = _nlmsg(2, struct.pack("=i", -errno.ENOENT) + b"\0" * 16)
+    refused = _nlmsg(2, struct.pack("=i", -errno.EINVAL) + b"\0" * 16)
+    ack = _nlmsg(2, struct.pack("=i", 0) + b"\0" * 16)
+    data = packet + flushed + refused + ack
+    assert parse_datagram(data, len(data)) == ([(1, 4242)], 1, 1)
