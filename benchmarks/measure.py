@@ -43,6 +43,8 @@ class ToolRun:
     tcp_retrans_segs: int | None = None
     resent_bytes: int | None = None
     emulator_cpu_pct: float | None = None
+    latencies_ms: list[float] | None = None  # interactive messages, for the latency CDF
+    messages: dict[str, Any] | None = None  # interactive: sent, failed, late, budget misses
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

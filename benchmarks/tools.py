@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,38 +217,70 @@ def _rclone(ctx: RunContext) -> ToolRun:
 # ---- transferd ------------------------------------------------------------------------------
 
 TRANSFERD_PORTS = (7701, 7702)
-# Site-config keys for the variants that need issue 4 (traffic classes, adaptive streams); a
-# daemon without them refuses the key, and the run records NOT_YET_SUPPORTED with its message.
-TRANSFERD_VARIANTS: dict[str, dict[str, Any]] = {
-    "transferd": {},
-    "transferd-1stream": {"streams": 1},
-    "transferd-shared-pool": {"shared_pool": True},
-}
+# The bulk transfer is under way this long before interactive messages start.
+MESSAGES_START_DELAY_S = 1.0
+MESSAGES_INTERVAL_MS = 5.0
 
 
 def _transferd_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "transferd", *args]
 
 
-def _transferd_available(tool: str) -> None:
+_FEATURES_PROBE = """
+import json
+import transferd
+from transferd.config import SiteConfig
+print(json.dumps({
+    "traffic": "traffic" in SiteConfig.model_fields,
+    "messages": hasattr(transferd, "send_message") and hasattr(transferd, "local_signer"),
+}))
+"""
+
+
+def _transferd_features(tool: str) -> dict[str, bool]:
+    """What this transferd can do: a working `send`, traffic settings (issue 4), messages."""
     probe = subprocess.run(_transferd_cmd("send", "--help"), capture_output=True, text=True,
                            env=python_env(), timeout=60, check=False)
     if probe.returncode != 0:
         reason = (probe.stderr.strip().splitlines() or ["no output"])[-1]
         raise ToolError(tool, f"{NOT_YET_SUPPORTED}: `transferd send` is unavailable ({reason})")
+    found = subprocess.run([sys.executable, "-c", _FEATURES_PROBE], capture_output=True,
+                           text=True, env=python_env(), timeout=60, check=False)
+    try:
+        features: dict[str, bool] = json.loads(found.stdout)
+    except ValueError as exc:
+        raise ToolError(tool, f"cannot inspect transferd: {found.stderr.strip()[-300:]}") from exc
+    return features
+
+
+def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
+    """Site-config keys for the compared transferd variants."""
+    if tool == "transferd":
+        return {}
+    if tool == "transferd-1stream":
+        fixed = {"traffic": {"adaptive_streams": False}} if features["traffic"] else {}
+        return {"streams": 1, **fixed}
+    if tool == "transferd-shared-pool":
+        if not features["traffic"]:
+            raise ToolError(tool, f"{NOT_YET_SUPPORTED}: no `traffic.shared_pool` setting "
+                            "(traffic classes, issue 4)")
+        return {"traffic": {"shared_pool": True}}
+    raise ToolError(tool, "unknown transferd variant")
+
+
+def _percentile(values: list[float], pct: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
 
 
 def _transferd(ctx: RunContext, tool: str) -> ToolRun:
     lab = ctx.lab
-    _transferd_available(tool)
-    if ctx.work.kind is WorkKind.INTERACTIVE_DURING_BULK:
-        probe = subprocess.run(_transferd_cmd("message", "--help"), capture_output=True,
-                               text=True, env=python_env(), timeout=60, check=False)
-        if probe.returncode != 0:
-            raise ToolError(tool, f"{NOT_YET_SUPPORTED}: no interactive messages "
-                            "(`transferd message`, traffic classes of issue 4)")
-        raise ToolError(tool, f"{NOT_YET_SUPPORTED}: the harness has no client for the "
-                        "interactive-messages API yet")
+    features = _transferd_features(tool)
+    interactive = ctx.work.kind is WorkKind.INTERACTIVE_DURING_BULK
+    if interactive and not features["messages"]:
+        raise ToolError(tool, f"{NOT_YET_SUPPORTED}: no interactive messages (transferd has no "
+                        "send_message/local_signer client; traffic classes, issue 4)")
+    variant = _variant(tool, features)
     keys = ctx.scratch / "transferd-keys"
     sites = (ctx.src, ctx.dst)
     keygen = subprocess.run(_transferd_cmd("keygen", "--sites", ",".join(sites), "--out",
@@ -270,7 +303,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             "data_dir": str(data_dirs[site]),
             "peers": {peer: {"url": f"http://{lab.addr(peer)}:{peer_port}"}},
             "keys_dir": str(keys),
-            **TRANSFERD_VARIANTS[tool],
+            **variant,
         }
         configs[site] = ctx.scratch / f"transferd-{site}.yaml"
         configs[site].write_text(yaml.safe_dump(config, sort_keys=False))
@@ -287,16 +320,35 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
                                what=f"transferd serve ({site})")
             except ToolError as exc:
                 log = lab.log_tail(f"{tool}-{site}")
-                if TRANSFERD_VARIANTS[tool] and ("unknown" in log or "extra" in log.lower()):
+                if variant and ("unknown" in log or "extra" in log.lower()):
                     raise ToolError(tool, f"{NOT_YET_SUPPORTED}: the daemon refused "
-                                    f"{sorted(TRANSFERD_VARIANTS[tool])}: {log}") from exc
+                                    f"{sorted(variant)}: {log}") from exc
                 raise ToolError(tool, f"{exc.reason}: {log}") from exc
         cpu0 = sum(server_cpu_s(p.pid) for p in daemons.values())
         cmd = _transferd_cmd("send", str(rel), "--config", str(configs[ctx.src]), "--to",
                              ctx.dst, "--wait", "--json")
+        driver, driver_out = None, lab.workdir / f"{tool}-messages.json"
+        if interactive:
+            driver = lab.spawn(ctx.src, [
+                sys.executable, "-m", "benchmarks._interactive", "--url",
+                f"http://{lab.addr(ctx.src)}:{TRANSFERD_PORTS[0]}", "--peer", ctx.dst,
+                "--site", ctx.src, "--keys", str(keys), "--count", str(ctx.work.messages),
+                "--size", str(ctx.work.message_bytes), "--deadline-ms",
+                str(ctx.work.deadline_ms), "--interval-ms", str(MESSAGES_INTERVAL_MS),
+                "--start-delay-s", str(MESSAGES_START_DELAY_S), "--out", str(driver_out)],
+                name=f"{tool}-messages")
         ctx.transfer_started()
         got = run_measured(lab.in_site(ctx.src, cmd), timeout_s=TRANSFER_TIMEOUT_S,
                            env=python_env(), log_dir=lab.workdir, name=tool)
+        bulk_done_at = time.time()
+        if driver is not None:
+            try:
+                driver.wait(120)
+            except subprocess.TimeoutExpired as exc:
+                raise ToolError(tool, "interactive messages did not finish in 120 s") from exc
+            if driver.returncode != 0:
+                raise ToolError(tool, "interactive message driver failed: "
+                                + lab.log_tail(f"{tool}-messages"))
         cpu = got.cpu_s + sum(server_cpu_s(p.pid) for p in daemons.values()) - cpu0
         rss = ({site: round(peak_rss_mib(p.pid), 1) for site, p in daemons.items()}
                if ctx.scenario.peak_rss else None)
@@ -312,9 +364,28 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
     ctx.verify(tool, data_dirs[ctx.dst] / rel)
     size = ctx.size_bytes()
     ctx.notes["transferd_report"] = report
-    return ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
-                   seconds=got.seconds, cpu_s=cpu, bytes_logical=int(report["bytes_logical"]),
-                   peak_rss_mib=rss)
+    run = ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
+                  seconds=got.seconds, cpu_s=cpu, bytes_logical=int(report["bytes_logical"]),
+                  peak_rss_mib=rss)
+    if interactive:
+        result = json.loads(driver_out.read_text())
+        latencies = [round(v, 3) for v in result["latencies_ms"]]
+        run.latencies_ms = latencies
+        run.messages = {
+            "sent": ctx.work.messages, "delivered": len(latencies),
+            "failed": result["n_errors"], "late": result["late"],
+            "budget_misses": result["budget_misses"],
+            "sent_after_bulk_finished": sum(t > bulk_done_at for t in result["sent_at"]),
+            "errors": result["errors"], "miss_reasons": result["miss_reasons"],
+        }
+        if latencies:
+            run.p50_ms = _percentile(latencies, 50)
+            run.p99_ms = _percentile(latencies, 99)
+        if result["n_errors"]:
+            run.ok = False
+            run.error = (f"{result['n_errors']} of {ctx.work.messages} messages failed: "
+                         + "; ".join(result["errors"][:2]))
+    return run
 
 
 ADAPTERS: dict[str, Callable[[RunContext], ToolRun]] = {
