@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Any
 
 from benchmarks.backends import BackendChoice
 from benchmarks.datasets import dataset, file_blake3
 from benchmarks.errors import LabError
-from benchmarks.lab import Lab
+from benchmarks.lab import REPO_ROOT, Lab
 from benchmarks.measure import ToolRun
 from benchmarks.scenario import Scenario
 from benchmarks.tools import RunContext, run_tool
@@ -57,6 +58,7 @@ def run_scenario(scenario: Scenario, choice: BackendChoice, *, quick: bool, repe
         "quick": quick,
         "repeat": repeat,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": _git_commit(),
         "cpus": os.cpu_count(),
         "runs": [],
         "error": None,
@@ -97,3 +99,18 @@ def run_scenario(scenario: Scenario, choice: BackendChoice, *, quick: bool, repe
         log(f"[{scenario.scenario}] lab error: {exc}")
     doc["runs"] = [r.to_json() for r in runs]
     return doc
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with `+dirty` for uncommitted changes): which transferd ran."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
+                                "--untracked-files=no", "--", "transferd", "benchmarks"],
+                               capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
