@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -94,7 +95,9 @@ class Sender:
         self.retry_budget_s = retry_budget_s
         self.max_jobs = max_jobs
         self.compression = {
-            peer: CompressionPolicy.from_setting(compression, workers=2) for peer in links
+            # Compression runs on the chunk worker threads: as many in parallel as there are cores.
+            peer: CompressionPolicy.from_setting(compression, workers=os.cpu_count() or 1)
+            for peer in links
         }
         self._wake = asyncio.Event()
         self._running: set[str] = set()
