@@ -58,3 +58,22 @@ async def test_replication_over_mutual_tls(tmp_path: Path) -> None:
         [job] = await wait_for_jobs(a, [job_id])
     assert job.state == "committed", job.error
     assert file_blake3(tmp_path / "site-B" / "approved" / "m.bin") == digest
+
+
+async def test_folder_with_empty_file_nested_dirs_and_repeated_chunks(tmp_path: Path) -> None:
+    root = tmp_path / "site-A" / "curated" / "ds"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "empty.txt").write_bytes(b"")
+    (root / "a" / "b" / "zeros.bin").write_bytes(bytes(20 * CHUNK))  # 20 identical chunks
+    digest = write_random(root / "a" / "r.bin", CHUNK + 1, seed=9)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, b):
+        [job_id] = a.sender.submit("curated/ds", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+    assert job.state == "committed", job.error
+    dst = tmp_path / "site-B" / "curated" / "ds"
+    assert (dst / "empty.txt").read_bytes() == b""
+    assert (dst / "a" / "b" / "zeros.bin").read_bytes() == bytes(20 * CHUNK)
+    assert file_blake3(dst / "a" / "r.bin") == digest
+    assert job.chunks == 22
+    assert job.bytes_on_wire == 2 * CHUNK + 1  # one zero chunk, plus r.bin's two chunks
+    assert job.chunks_skipped == 19
