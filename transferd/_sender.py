@@ -245,6 +245,8 @@ class Sender:
                         break
             if self._stopping:
                 raise _Interrupted
+            if pump.deferred:
+                await self._offer_again(pump, files)
             manifest = Manifest(
                 upload=upload,
                 source_site=self.site,
@@ -314,6 +316,12 @@ class Sender:
                 by_hash.setdefault(refs[i].hash, []).append(i)
             used: set[int] = set()
             for digest, idxs in by_hash.items():
+                if digest in pump.started:
+                    # Same bytes already on their way (e.g. zero-filled chunks): once that PUT
+                    # lands, the receiver copies them locally (offered again after the uploads).
+                    pump.deferred += [refs[i] for i in idxs]
+                    continue
+                pump.started.add(digest)
                 first = idxs[0]
                 used.add(first)
                 locations = [(index, refs[i].offset) for i in idxs]
@@ -323,6 +331,35 @@ class Sender:
                 if i not in used and w is not None:
                     w.close()
         return True
+
+    async def _offer_again(self, pump: _ChunkPump, files: list[_FileState]) -> None:
+        """Offer the deferred duplicate chunks now that their first copy has landed."""
+        refs, pump.deferred = pump.deferred, []
+        for start in range(0, len(refs), 4096):
+            batch = refs[start : start + 4096]
+            _, answer = await self._control(
+                pump.link,
+                "POST",
+                f"/v1/uploads/{pump.upload}/have",
+                HaveRequest(chunks=batch).model_dump(mode="json"),
+            )
+            want = _want_indices(answer, len(batch))
+            skipped = [r for i, r in enumerate(batch) if i not in want]
+            if skipped:
+                self.metrics.chunks_skipped.labels(pump.link.peer).inc(len(skipped))
+                self.journal.add_job_counters(
+                    pump.job.id,
+                    chunks_skipped=len(skipped),
+                    bytes_done=sum(r.length for r in skipped),
+                )
+            async with asyncio.TaskGroup() as tg:
+                for i in sorted(want):
+                    ref = batch[i]
+                    [window], [view] = await _open_batch(
+                        files[ref.file].source, [(ref.offset, ref.length)]
+                    )
+                    await pump.slots.acquire()
+                    tg.create_task(pump.put(ref.hash, [(ref.file, ref.offset)], view, window))
 
     async def _commit(
         self,
@@ -494,6 +531,8 @@ class _ChunkPump:
         self.upload = upload
         self.slots = asyncio.Semaphore(sender.streams)
         self.inflight = 0
+        self.started: set[str] = set()  # chunk hashes PUT (or being PUT) in this job
+        self.deferred: list[ChunkRef] = []  # duplicates of those, to offer once they landed
 
     async def put(
         self,
