@@ -65,9 +65,13 @@ async def test_cli_send_wait_json_status_and_sigterm(tmp_path: Path) -> None:
     assert json.loads(log[-1])["event"] == "daemon.stopped"
 
 
-@pytest.mark.parametrize("victim", ["A", "B"])
+@pytest.mark.parametrize(
+    ("victim", "how"),
+    [("A", signal.SIGKILL), ("B", signal.SIGKILL), ("A", signal.SIGTERM)],
+    ids=["sigkill-sender", "sigkill-receiver", "sigterm-sender"],
+)
 async def test_sigkill_mid_transfer_resumes_resending_at_most_in_flight_chunks(
-    tmp_path: Path, victim: str
+    tmp_path: Path, victim: str, how: signal.Signals
 ) -> None:
     ports = {"A": free_port(), "B": free_port()}
     digest = write_random(tmp_path / "site-A" / "approved" / "m.bin", N_CHUNKS * CHUNK, seed=21)
@@ -93,8 +97,10 @@ async def test_sigkill_mid_transfer_resumes_resending_at_most_in_flight_chunks(
                 every_s=0.02,
             )
             before = await metric(url["B"], "transferd_chunks_received_total", peer="A")
-            procs[victim].kill()
-            procs[victim].wait(timeout=10)
+            procs[victim].send_signal(how)
+            code = procs[victim].wait(timeout=20)
+            # SIGTERM: a graceful stop (in-flight chunks finish, the job waits in the journal).
+            assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL)
             procs[victim] = start_daemon(configs[victim], logs[victim])
             await wait_until_serving(url[victim])
             dst = tmp_path / "site-B" / "approved" / "m.bin"
