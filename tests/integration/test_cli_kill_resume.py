@@ -4,6 +4,7 @@ re-sending fewer than 2 chunks + 5 % of the file."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from pathlib import Path
@@ -98,7 +99,8 @@ async def test_sigkill_mid_transfer_resumes_resending_at_most_in_flight_chunks(
             )
             before = await metric(url["B"], "transferd_chunks_received_total", peer="A")
             procs[victim].send_signal(how)
-            code = procs[victim].wait(timeout=20)
+            # Wait off the event loop: the LinkProxy in this loop must keep moving bytes meanwhile.
+            code = await asyncio.to_thread(procs[victim].wait, 20)
             # SIGTERM: a graceful stop (in-flight chunks finish, the job waits in the journal).
             assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL)
             procs[victim] = start_daemon(configs[victim], logs[victim])
