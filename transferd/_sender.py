@@ -594,8 +594,7 @@ class _ChunkPump:
                 break
             s.metrics.bytes_sent.labels(peer).inc(wire)
             s.metrics.chunks_sent.labels(peer).inc()
-            s.metrics.compression_in.labels(peer).inc(encoded.raw_length)
-            s.metrics.compression_out.labels(peer).inc(wire)
+            s.metrics.count_compression(peer, encoded.raw_length, wire)
             s.journal.add_job_counters(
                 self.job.id,
                 bytes_on_wire=wire,

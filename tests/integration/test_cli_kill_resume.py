@@ -103,6 +103,11 @@ async def test_sigkill_mid_transfer_resumes_resending_at_most_in_flight_chunks(
             code = await asyncio.to_thread(procs[victim].wait, 20)
             # SIGTERM: a graceful stop (in-flight chunks finish, the job waits in the journal).
             assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+            if how == signal.SIGTERM:
+                events = [
+                    json.loads(line)["event"] for line in logs[victim].read_text().splitlines()
+                ]
+                assert events[-3:] == ["daemon.stopping", "job.interrupted", "daemon.stopped"]
             procs[victim] = start_daemon(configs[victim], logs[victim])
             await wait_until_serving(url[victim])
             dst = tmp_path / "site-B" / "approved" / "m.bin"

@@ -31,6 +31,8 @@ async def test_auto_compresses_on_a_slow_link_and_the_bytes_arrive_intact(tmp_pa
     async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, streams=2) as (a, b):
         [job_id] = a.sender.submit("checkpoints/r/step-1", ["B"])
         [job] = await wait_for_jobs(a, [job_id], timeout_s=60)
+        ratio = a.metrics.value("transferd_compression_ratio", peer="B")
     assert job.state == "committed", job.error
     assert job.bytes_on_wire < 0.7 * job.bytes_logical
+    assert ratio == job.bytes_on_wire / job.bytes_logical
     assert file_blake3(tmp_path / "site-B" / "checkpoints" / "r" / "step-1" / "shard.bin") == digest
