@@ -139,6 +139,9 @@ def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> Non
     """Ask the local daemon to replicate PATH (relative to data_dir) to other sites."""
     config = _config(config_path)
     dests = [d.strip() for d in to.split(",") if d.strip()]
+    unknown = [d for d in dests if d not in config.peers]
+    if unknown or not dests:
+        _fail(ConfigError(f"--to: not a peer in {config_path}: {', '.join(unknown) or '(none)'}"))
     rel = _relative_to_data_dir(config, path)
 
     async def run() -> tuple[list[dict[str, Any]], float]:

@@ -51,6 +51,10 @@ async def test_cli_send_wait_json_status_and_sigterm(tmp_path: Path) -> None:
         assert code == 3
         assert "raw-tier" in err
 
+        code, _, err = await cli("send", "curated/d", "--config", str(configs["A"]), "--to", "Z")
+        assert code == 2
+        assert "--to: not a peer" in err
+
         code, out, _ = await cli("status", "--config", str(configs["A"]), "--json")
         assert code == 0
         status = json.loads(out)

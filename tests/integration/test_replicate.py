@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.integration._data import file_blake3, write_random
+from transferd._classes import TrafficClass
 from transferd.testing import loopback_pair, wait_for_jobs
 
 CHUNK = 256 * 1024
@@ -77,3 +78,31 @@ async def test_folder_with_empty_file_nested_dirs_and_repeated_chunks(tmp_path: 
     assert job.chunks == 22
     assert job.bytes_on_wire == 2 * CHUNK + 1  # one zero chunk, plus r.bin's two chunks
     assert job.chunks_skipped == 19
+
+
+async def test_stale_staging_is_dropped_at_start(tmp_path: Path) -> None:
+    from transferd.config import load_config
+    from transferd.testing import FakeClock, running_daemon
+
+    write_random(tmp_path / "site-A" / "curated" / "x.bin", 3 * CHUNK, seed=1)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, staging_ttl_s=60) as (a, b):
+        # Open an upload at B and leave it unfinished, as a sender that vanished would.
+        await a.links["B"].call(
+            TrafficClass.CONTROL,
+            "POST",
+            "/v1/uploads",
+            json_body={
+                "upload": "A-abandoned-1",
+                "source_site": "A",
+                "dest_site": "B",
+                "root": "curated/x.bin",
+                "kind": "file",
+                "files": [{"path": "", "size": 3 * CHUNK}],
+            },
+        )
+        staging = b.storage.staging_root
+        assert [p.name for p in staging.iterdir()] == ["A-abandoned-1"]
+    clock = FakeClock(start=b.clock() + 61)
+    async with running_daemon(load_config(tmp_path / "site-B.yaml"), clock=clock) as b2:
+        assert list(staging.iterdir()) == []
+        assert b2.journal.upload("A-abandoned-1")[2] == "failed"
