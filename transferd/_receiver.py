@@ -161,7 +161,13 @@ class Receiver:
             if state == "failed":
                 raise StorageError(f"upload {intent.upload} failed earlier; start a new job")
         staging = self._staging_for(intent)
-        staging.create()
+        try:
+            staging.create()
+        except StorageError:
+            # E.g. no space for the files: give back what was reserved, record nothing.
+            self._staging.pop(intent.upload, None)
+            staging.discard()
+            raise
         if known is None:
             self.journal.open_upload(
                 intent.upload, peer, intent.root, intent.model_dump(mode="json"), now
