@@ -85,3 +85,23 @@ class SourceFile:
     def changed(self) -> bool:
         st = os.fstat(self._fd)
         return st.st_size != self.size or st.st_mtime_ns != self.mtime_ns
+
+
+# Arrow IPC file, Parquet, and Arrow IPC stream (continuation marker) openings.
+_COLUMNAR_MAGICS = (b"ARROW1", b"PAR1", b"\xff\xff\xff\xff")
+
+
+def chunk_spans(source: SourceFile, chunk_size: int) -> list[tuple[int, int]]:
+    """Where to cut a file: on record-batch / row-group boundaries for Arrow IPC and Parquet
+    (each chunk then opens zero-copy at the receiver), fixed-size otherwise."""
+    if source.size >= 8:
+        with source.mapped(0, 8) as head:
+            magic = bytes(head)
+        if magic.startswith(_COLUMNAR_MAGICS):
+            from transferd._arrow_chunks import record_batch_spans
+
+            with source.mapped(0, source.size) as whole:
+                spans = record_batch_spans(whole, chunk_size)
+            if spans:
+                return spans
+    return fixed_spans(source.size, chunk_size)

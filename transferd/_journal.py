@@ -219,6 +219,12 @@ class Journal:
         rows = self._exec("SELECT id FROM uploads WHERE state = ?", (state,)).fetchall()
         return [r[0] for r in rows]
 
+    def uploads_opened_before(self, before: float) -> list[str]:
+        rows = self._exec(
+            "SELECT id FROM uploads WHERE state = 'open' AND created_at < ?", (before,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def finish_upload(self, upload: str, state: str, now: float) -> None:
         self._exec(
             "UPDATE uploads SET state = ?, finished_at = ? WHERE id = ?", (state, now, upload)
@@ -273,6 +279,13 @@ class Journal:
                 )
         except sqlite3.Error as exc:
             raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
+
+    def chunks_of(self, path: str) -> list[tuple[int, int, str]]:
+        """(offset, length, hash) of a committed file's chunks, in file order."""
+        rows = self._exec(
+            "SELECT offset, length, hash FROM chunk_index WHERE path = ? ORDER BY offset", (path,)
+        ).fetchall()
+        return [(int(o), int(n), str(h)) for o, n, h in rows]
 
     def unindex_prefix(self, prefix: str) -> None:
         self._exec(

@@ -12,10 +12,14 @@ at any moment answers the resumed sender's `have` with exactly what it still lac
 from __future__ import annotations
 
 import logging
+import mmap
+import threading
 from dataclasses import dataclass
 
 import blake3
+import pyarrow as pa
 
+from transferd._arrow_chunks import ArrowChunkError, open_record_batch_chunk, read_chunk_schema
 from transferd._checkpoints import is_step_root, update_run
 from transferd._chunker import SourceFile
 from transferd._codec import decode_body
@@ -23,7 +27,7 @@ from transferd._journal import Journal
 from transferd._keys import Keyring
 from transferd._manifest import HaveRequest, Manifest, SignedManifest, UploadIntent
 from transferd._metrics import Metrics
-from transferd._policy import Tier, tier_of
+from transferd._policy import Tier, normalize_rel_path, tier_of
 from transferd._storage import FsspecStorage, LocalStorage, Staging
 from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, StorageError
 
@@ -37,6 +41,60 @@ _HASH_WINDOW = 16 * 1024 * 1024
 class CommitOutcome:
     committed: bool
     want: list[tuple[int, int]]  # (file index, offset) to send again when not committed
+
+
+class _HashCursor:
+    """The whole-file blake3 of a staged file, fed in file order while chunks arrive.
+
+    Parallel streams deliver chunks slightly out of order. A chunk that arrives a little ahead
+    of the cursor waits (bounded) for the chunks before it, so it is hashed from memory too; one
+    that is far ahead, or waited too long, is read back from the staged file when the cursor
+    reaches it. A rewrite behind the cursor invalidates it (commit then re-reads the file).
+    """
+
+    WAIT_AHEAD_BYTES = 64 * 1024 * 1024
+    WAIT_S = 1.0
+
+    def __init__(self, valid: bool = True) -> None:
+        self.offset = 0
+        self.valid = valid
+        self.stuck = False  # a wait timed out: don't wait again until the cursor moves
+        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.ahead: dict[int, int] = {}
+        self.moved = threading.Condition()
+
+    def advance(
+        self, offset: int, length: int, data: bytes | memoryview, staging: Staging, index: int
+    ) -> None:
+        with self.moved:
+            if self.valid and not self.stuck and 0 < offset - self.offset <= self.WAIT_AHEAD_BYTES:
+                if not self.moved.wait_for(
+                    lambda: not self.valid or offset <= self.offset, self.WAIT_S
+                ):
+                    self.stuck = True
+            if not self.valid:
+                return
+            if offset > self.offset:
+                self.ahead[offset] = length
+                return
+            if offset < self.offset:
+                self.valid = False
+                self.moved.notify_all()
+                return
+            self.hasher.update(data)
+            self.offset += length
+            self.stuck = False
+            while self.offset in self.ahead:
+                n = self.ahead.pop(self.offset)
+                self.hasher.update(staging.read(index, self.offset, n))
+                self.offset += n
+            self.moved.notify_all()
+
+    def digest_if_complete(self, size: int) -> str | None:
+        with self.moved:
+            if self.valid and self.offset == size and not self.ahead:
+                return str(self.hasher.hexdigest())
+            return None
 
 
 class Receiver:
@@ -56,6 +114,10 @@ class Receiver:
         self.metrics = metrics
         self.retention = retention
         self._staging: dict[str, Staging] = {}
+        # Whole-file hashes computed as chunks arrive (in memory; a restart falls back to
+        # re-reading the staged file at commit).
+        self._cursors: dict[str, dict[int, _HashCursor]] = {}
+        self._cursors_lock = threading.Lock()
 
     # -- open --------------------------------------------------------------------------------
     def check_intent(self, intent: UploadIntent, peer: str) -> None:
@@ -67,6 +129,14 @@ class Receiver:
             raise PolicyViolation(
                 f"upload is addressed to {intent.dest_site!r}, this is {self.site!r}"
             )
+        try:
+            paths = [intent.root] + [f"{intent.root}/{f.path}" for f in intent.files if f.path]
+            for path in paths:
+                if normalize_rel_path(path) != path:
+                    raise PolicyViolation(f"path is not in normal form: {path!r}", path=path)
+        except PolicyViolation:
+            self.metrics.policy_refusals.labels("receiver").inc()
+            raise
         if tier_of(intent.root) is Tier.RAW:
             self.metrics.policy_refusals.labels("receiver").inc()
             raise PolicyViolation(
@@ -91,7 +161,13 @@ class Receiver:
             if state == "failed":
                 raise StorageError(f"upload {intent.upload} failed earlier; start a new job")
         staging = self._staging_for(intent)
-        staging.create()
+        try:
+            staging.create()
+        except StorageError:
+            # E.g. no space for the files: give back what was reserved, record nothing.
+            self._staging.pop(intent.upload, None)
+            staging.discard()
+            raise
         if known is None:
             self.journal.open_upload(
                 intent.upload, peer, intent.root, intent.model_dump(mode="json"), now
@@ -118,6 +194,7 @@ class Receiver:
             raise ProtocolError(f"upload {upload} is already {known[2]}")
         intent = UploadIntent.model_validate(known[3])
         staging = self._staging_for(intent)
+        self._ensure_cursors(upload, len(intent.files))
         return intent, staging
 
     # -- have / want ---------------------------------------------------------------------------
@@ -162,8 +239,9 @@ class Receiver:
                 continue
             if len(data) != loc.length or blake3.blake3(data).hexdigest() != digest:
                 continue
-            for f, off, _n in targets:
+            for f, off, n in targets:
                 staging.write(f, off, data)
+                self._cursor(upload, f).advance(off, n, data, staging, f)
             return True
         return False
 
@@ -214,8 +292,22 @@ class Receiver:
         if raw_hash != digest:
             raise IntegrityError(f"chunk bytes do not hash to their address {digest[:16]}")
         staging = self._staging[upload]
-        for f, off, _n in locations:
+        for f, off, n in locations:
             staging.write(f, off, raw)
+            self._cursor(upload, f).advance(off, n, raw, staging, f)
+
+    def _cursor(self, upload: str, file_index: int) -> _HashCursor:
+        with self._cursors_lock:
+            return self._cursors[upload][file_index]
+
+    def _ensure_cursors(self, upload: str, n_files: int) -> None:
+        """Loop thread, first touch of an upload in this process: files that already hold
+        chunks (staged before a restart) cannot be hashed in order; commit re-reads them."""
+        if upload in self._cursors:
+            return
+        started = {f for f, _off in self.journal.received(upload)}
+        with self._cursors_lock:
+            self._cursors[upload] = {i: _HashCursor(valid=i not in started) for i in range(n_files)}
 
     # -- commit --------------------------------------------------------------------------------
     def check_manifest(
@@ -248,9 +340,12 @@ class Receiver:
         """Thread: whole-file blake3 of every staged file; on a mismatch, re-hash that file's
         chunks and return the bad ones (they are fetched again)."""
         staging = self._staging[upload]
-        staging.sync()
+        cursors = self._cursors.get(upload, {})
         bad: list[tuple[int, int]] = []
         for i, f in enumerate(manifest.files):
+            cursor = cursors.get(i)
+            if cursor is not None and cursor.digest_if_complete(f.size) == f.blake3:
+                continue  # hashed in order as the chunks arrived
             try:
                 with SourceFile(str(staging.member_path(i))) as src:
                     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -259,17 +354,22 @@ class Receiver:
                             hasher.update(view)
                     if hasher.hexdigest() == f.blake3:
                         continue
+                    bad_here = []
                     for digest, off, n in f.chunks:
                         with src.mapped(off, n) as view:
                             if blake3.blake3(view).hexdigest() != digest:
-                                bad.append((i, off))
+                                bad_here.append((i, off))
             except OSError as exc:
                 raise StorageError(f"reading staged file: {exc.strerror}") from exc
-            if not bad:
+            if not bad_here:
                 # Every chunk matches, yet the file does not: the manifest itself is inconsistent.
                 raise IntegrityError(
                     f"{manifest.root}/{f.path}: chunks match but whole-file blake3 differs"
                 )
+            bad += bad_here
+        if bad:
+            for cursor in cursors.values():
+                cursor.valid = False  # refetched chunks land behind the cursor
         return bad
 
     def commit_files(self, upload: str, manifest: Manifest) -> None:
@@ -278,6 +378,7 @@ class Receiver:
 
     def after_commit(self, upload: str, manifest: Manifest, now: float) -> None:
         self._staging.pop(upload).discard()
+        self._cursors.pop(upload, None)
         self.journal.finish_upload(upload, "committed", now)
         for f in manifest.files:
             path = f"{manifest.root}/{f.path}" if f.path else manifest.root
@@ -286,7 +387,37 @@ class Receiver:
             run = manifest.root.rsplit("/", 1)[0]
             update_run(self.storage, run, self.retention, self.journal.unindex_prefix)
 
+    def record_batches(self, rel: str) -> list[pa.RecordBatch]:
+        """Open a committed Arrow IPC file chunk by chunk, zero-copy: the returned batches'
+        buffers live in a read-only mapping of the committed file (kept alive by the batches).
+        The first chunk carries the schema; the last may be the footer."""
+        if not isinstance(self.storage, LocalStorage):
+            raise StorageError("record batches open zero-copy only from a local data_dir")
+        spans = self.journal.chunks_of(rel)
+        if not spans:
+            raise StorageError(f"{rel} was not replicated to this site", path=rel)
+        try:
+            with open(self.storage.path(rel), "rb") as fh:
+                mapping = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise StorageError(f"opening {rel}: {exc.strerror}", path=rel) from exc
+        whole = memoryview(mapping)
+        try:
+            schema = read_chunk_schema(whole[: spans[0][1]])
+            batches: list[pa.RecordBatch] = []
+            for i, (off, n, _digest) in enumerate(spans[1:], start=1):
+                try:
+                    batches += open_record_batch_chunk(whole[off : off + n], schema)
+                except ArrowChunkError:
+                    if i == len(spans) - 1:
+                        break  # the trailer: end-of-stream marker and footer
+                    raise
+        except ArrowChunkError as exc:
+            raise IntegrityError(f"{rel}: not record-batch chunks: {exc}", path=rel) from exc
+        return batches
+
     def fail(self, upload: str, now: float) -> None:
+        self._cursors.pop(upload, None)
         staging = self._staging.pop(upload, None)
         if staging is not None:
             staging.discard()

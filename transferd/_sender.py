@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from transferd._chunker import FileWindow, SourceFile, blake3_hex, fixed_spans
+from transferd._chunker import FileWindow, SourceFile, blake3_hex, chunk_spans, fixed_spans
 from transferd._classes import TrafficClass
 from transferd._client import PeerLink
 from transferd._codec import CompressionPolicy, Encoded, zstd_compress
@@ -59,6 +60,7 @@ class _FileState:
     member: str
     source: Source
     chunks: list[tuple[str, int, int]] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
     hasher: blake3.blake3 = field(
         default_factory=lambda: blake3.blake3(max_threads=blake3.blake3.AUTO)
     )
@@ -93,7 +95,9 @@ class Sender:
         self.retry_budget_s = retry_budget_s
         self.max_jobs = max_jobs
         self.compression = {
-            peer: CompressionPolicy.from_setting(compression, workers=2) for peer in links
+            # Compression runs on the chunk worker threads: as many in parallel as there are cores.
+            peer: CompressionPolicy.from_setting(compression, workers=os.cpu_count() or 1)
+            for peer in links
         }
         self._wake = asyncio.Event()
         self._running: set[str] = set()
@@ -165,13 +169,14 @@ class Sender:
             log.info(
                 "job.started", extra={"fields": {"job": job.id, "path": job.path, "dest": job.dest}}
             )
-            await self._replicate(job)
+            try:
+                await self._replicate(job)
+            except BaseExceptionGroup as group:
+                # Errors from the upload task group: report the first of the package's own.
+                raise _first_error(group) from group
         except _Interrupted:
             # Stopping: chunks already acknowledged are journaled; the job resumes on restart.
             log.info("job.interrupted", extra={"fields": {"job": job.id}})
-            self._running.discard(job.id)
-            slots.release()
-            self._idle.set()
             return
         except TransferdError as exc:
             outcome = "failed"
@@ -217,8 +222,6 @@ class Sender:
             kind="file" if kind == "file" else "folder",
             files=[{"path": m, "size": s} for m, s in members],  # type: ignore[misc]
         )
-        n_chunks = sum(len(fixed_spans(s, self.chunk_size)) for _, s in members)
-        self.journal.update_job(job.id, bytes_logical=sum(s for _, s in members), chunks=n_chunks)
         _, opened = await self._control(link, "POST", "/v1/uploads", intent.model_dump(mode="json"))
         if opened.get("committed"):
             return
@@ -227,11 +230,14 @@ class Sender:
         try:
             for member, _size in members:
                 member_rel = f"{rel}/{member}" if member else rel
-                files.append(
-                    _FileState(
-                        member, await asyncio.to_thread(self.storage.open_source, member_rel)
-                    )
-                )
+                source = await asyncio.to_thread(self.storage.open_source, member_rel)
+                files.append(_FileState(member, source))
+                files[-1].spans = await asyncio.to_thread(self._spans, source)
+            self.journal.update_job(
+                job.id,
+                bytes_logical=sum(s for _, s in members),
+                chunks=sum(len(f.spans) for f in files),
+            )
             pump = _ChunkPump(self, job, link, bulk, upload)
             async with asyncio.TaskGroup() as tg:
                 for index, state in enumerate(files):
@@ -239,6 +245,8 @@ class Sender:
                         break
             if self._stopping:
                 raise _Interrupted
+            if pump.deferred:
+                await self._offer_again(pump, files)
             manifest = Manifest(
                 upload=upload,
                 source_site=self.site,
@@ -267,7 +275,7 @@ class Sender:
     ) -> bool:
         """Hash the file batch by batch, offer each batch, start PUTs of the wanted chunks.
         Returns False when the daemon began stopping (in-flight PUTs still complete)."""
-        spans = fixed_spans(state.source.size, self.chunk_size)
+        spans = state.spans
         for start in range(0, len(spans), HAVE_BATCH):
             if self._stopping:
                 return False
@@ -308,6 +316,12 @@ class Sender:
                 by_hash.setdefault(refs[i].hash, []).append(i)
             used: set[int] = set()
             for digest, idxs in by_hash.items():
+                if digest in pump.started:
+                    # Same bytes already on their way (e.g. zero-filled chunks): once that PUT
+                    # lands, the receiver copies them locally (offered again after the uploads).
+                    pump.deferred += [refs[i] for i in idxs]
+                    continue
+                pump.started.add(digest)
                 first = idxs[0]
                 used.add(first)
                 locations = [(index, refs[i].offset) for i in idxs]
@@ -317,6 +331,35 @@ class Sender:
                 if i not in used and w is not None:
                     w.close()
         return True
+
+    async def _offer_again(self, pump: _ChunkPump, files: list[_FileState]) -> None:
+        """Offer the deferred duplicate chunks now that their first copy has landed."""
+        refs, pump.deferred = pump.deferred, []
+        for start in range(0, len(refs), 4096):
+            batch = refs[start : start + 4096]
+            _, answer = await self._control(
+                pump.link,
+                "POST",
+                f"/v1/uploads/{pump.upload}/have",
+                HaveRequest(chunks=batch).model_dump(mode="json"),
+            )
+            want = _want_indices(answer, len(batch))
+            skipped = [r for i, r in enumerate(batch) if i not in want]
+            if skipped:
+                self.metrics.chunks_skipped.labels(pump.link.peer).inc(len(skipped))
+                self.journal.add_job_counters(
+                    pump.job.id,
+                    chunks_skipped=len(skipped),
+                    bytes_done=sum(r.length for r in skipped),
+                )
+            async with asyncio.TaskGroup() as tg:
+                for i in sorted(want):
+                    ref = batch[i]
+                    [window], [view] = await _open_batch(
+                        files[ref.file].source, [(ref.offset, ref.length)]
+                    )
+                    await pump.slots.acquire()
+                    tg.create_task(pump.put(ref.hash, [(ref.file, ref.offset)], view, window))
 
     async def _commit(
         self,
@@ -372,6 +415,11 @@ class Sender:
         if not isinstance(answer, dict):
             raise ProtocolError(f"{link.peer} answered {path} without a JSON object")
         return status, answer
+
+    def _spans(self, source: Source) -> list[tuple[int, int]]:
+        if isinstance(source, SourceFile):
+            return chunk_spans(source, self.chunk_size)
+        return fixed_spans(source.size, self.chunk_size)
 
     def encode(self, peer: str, view: memoryview) -> Encoded:
         """Thread: the body to send for a chunk (zstd when the policy says it pays)."""
@@ -453,6 +501,17 @@ async def retrying(
             delay = min(delay * 2, 2.0)
 
 
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first TransferdError (or _Interrupted) inside a (nested) exception group; anything
+    else (CancelledError, a bug) propagates as it is."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_error(exc)
+        if isinstance(exc, TransferdError | _Interrupted):
+            return exc
+    raise group
+
+
 class _Interrupted(Exception):
     """The daemon is stopping: finish in-flight chunks, start no new ones."""
 
@@ -472,6 +531,8 @@ class _ChunkPump:
         self.upload = upload
         self.slots = asyncio.Semaphore(sender.streams)
         self.inflight = 0
+        self.started: set[str] = set()  # chunk hashes PUT (or being PUT) in this job
+        self.deferred: list[ChunkRef] = []  # duplicates of those, to offer once they landed
 
     async def put(
         self,
@@ -533,8 +594,7 @@ class _ChunkPump:
                 break
             s.metrics.bytes_sent.labels(peer).inc(wire)
             s.metrics.chunks_sent.labels(peer).inc()
-            s.metrics.compression_in.labels(peer).inc(encoded.raw_length)
-            s.metrics.compression_out.labels(peer).inc(wire)
+            s.metrics.count_compression(peer, encoded.raw_length, wire)
             s.journal.add_job_counters(
                 self.job.id,
                 bytes_on_wire=wire,

@@ -123,7 +123,7 @@ def build_app(daemon: Daemon) -> web.Application:
         )
         async with daemon.receive_buffers.body(request, MAX_CHUNK_BYTES) as body:
             wire = len(body)
-            await asyncio.to_thread(
+            await daemon.run_blocking(
                 daemon.receiver.verify_and_write,
                 upload,
                 digest,

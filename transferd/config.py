@@ -77,6 +77,8 @@ class SiteConfig(_Frozen):
     compression: Literal["auto", "off"] | Annotated[int, Field(ge=1, le=22)] = "auto"
     streams: Annotated[int, Field(ge=1, le=64)] = 4  # parallel chunk uploads per peer and class
     auth_window_s: Annotated[float, Field(gt=0)] = 300.0  # accepted clock skew / replay window
+    # An upload its sender has not committed for this long is dropped at the next start.
+    staging_ttl_s: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
     # Where the file lives; set by load_config, not by the YAML.

@@ -15,7 +15,8 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -36,16 +37,20 @@ from transferd.errors import ConfigError, TransferdError
 __all__ = ["Daemon"]
 
 log = logging.getLogger("transferd.daemon")
+T = TypeVar("T")
 SHUTDOWN_GRACE_S = 10.0
 
 
 def client_ssl_context(config: SiteConfig) -> ssl.SSLContext | None:
     if config.tls is None:
         return None
-    ctx = ssl.create_default_context(
-        cafile=str(config.resolve(config.tls.ca)) if config.tls.ca else None
-    )
-    ctx.load_cert_chain(config.resolve(config.tls.cert), config.resolve(config.tls.key))
+    try:
+        ctx = ssl.create_default_context(
+            cafile=str(config.resolve(config.tls.ca)) if config.tls.ca else None
+        )
+        ctx.load_cert_chain(config.resolve(config.tls.cert), config.resolve(config.tls.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls: cannot load certificate, key or CA: {exc}") from exc
     return ctx
 
 
@@ -56,7 +61,10 @@ def server_ssl_context(config: SiteConfig) -> ssl.SSLContext | None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(config.resolve(config.tls.cert), config.resolve(config.tls.key))
         if config.tls.ca:
+            # With a CA, peers must present a certificate it signed (mutual TLS), on top of the
+            # per-pair HMAC on every request.
             ctx.load_verify_locations(config.resolve(config.tls.ca))
+            ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"tls: cannot load certificate or key: {exc}") from exc
     return ctx
@@ -76,6 +84,11 @@ class Daemon:
         self.metrics = Metrics()
         # Room for every stream of two peers' bulk classes, each with one body in hand.
         self.receive_buffers = BufferPool(config.chunk_size, count=max(4, 2 * config.streams))
+        # Enough workers that chunks waiting (bounded) for the hash cursor never starve the chunk
+        # they wait for.
+        self._workers = ThreadPoolExecutor(
+            max_workers=4 * max(4, 2 * config.streams), thread_name_prefix="transferd-chunk"
+        )
         self.port: int | None = None
         self._commit_locks: dict[str, asyncio.Lock] = {}
         state = config.state_path
@@ -125,7 +138,12 @@ class Daemon:
         self._collect_garbage()
 
     def _collect_garbage(self) -> None:
-        """Staging left by failed uploads, or by uploads the journal never recorded, goes."""
+        """Staging left by failed uploads, by uploads the journal never recorded, or by uploads
+        whose sender has not finished them within staging_ttl_s, goes."""
+        now = self.clock()
+        for upload in self.journal.uploads_opened_before(now - self.config.staging_ttl_s):
+            self.journal.finish_upload(upload, "failed", now)
+            log.info("upload.expired", extra={"fields": {"upload": upload}})
         keep = set(self.journal.uploads("open"))
         root = self.storage.staging_root
         for entry in root.iterdir() if root.exists() else []:
@@ -142,6 +160,18 @@ class Daemon:
 
     def commit_lock(self, upload: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self._commit_lock(upload)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU/disk work (hashing, decompression, pwrite) on the chunk worker threads.
+
+        If the awaiting handler is cancelled, the worker still holds the request's pooled buffer:
+        wait for it to finish before the cancellation proceeds (and is re-raised)."""
+        future = asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait([future])
+            raise
 
     @property
     def url(self) -> str:
@@ -222,6 +252,7 @@ class Daemon:
             await runner.cleanup()
             for link in self.links.values():
                 await link.close()
+            self._workers.shutdown(wait=True)
             self.receiver.close()
             self.journal.close()
             log.info("daemon.stopped", extra={"fields": {"site": self.config.site}})

@@ -34,6 +34,7 @@ __all__ = [
     "LinkProxy",
     "bound_socket",
     "loopback_pair",
+    "loopback_tls",
     "running_daemon",
     "wait_for_jobs",
     "write_site_configs",
@@ -77,7 +78,8 @@ def write_site_configs(
     `peer_urls` overrides where a site is reached (e.g. through a LinkProxy)."""
     keys = root / "keys"
     keygen(sorted(ports), keys)
-    urls = {site: f"http://127.0.0.1:{port}" for site, port in ports.items()}
+    scheme = "https" if "tls" in overrides else "http"
+    urls = {site: f"{scheme}://127.0.0.1:{port}" for site, port in ports.items()}
     urls.update(peer_urls or {})
     paths = {}
     for site, port in ports.items():
@@ -115,21 +117,25 @@ async def running_daemon(
 
 @contextlib.asynccontextmanager
 async def loopback_pair(
-    root: Path, *, a_peer_url: str | None = None, **overrides: Any
+    root: Path, *, proxy: LinkProxy | None = None, **overrides: Any
 ) -> AsyncIterator[tuple[Daemon, Daemon]]:
     """Sites A and B on 127.0.0.1, peers of each other. `overrides` go into both configs
-    (or per site: `A={...}`); `a_peer_url` makes A reach B through, e.g., a LinkProxy."""
+    (or per site: `A={...}`); with `proxy`, A reaches B through that LinkProxy."""
     socks = {"A": bound_socket(), "B": bound_socket()}
     ports = {site: s.getsockname()[1] for site, s in socks.items()}
-    paths = write_site_configs(
-        root, ports, peer_urls={"B": a_peer_url} if a_peer_url else None, **overrides
-    )
-    async with running_daemon(load_config(paths["A"]), socks["A"]) as a:
-        async with running_daemon(load_config(paths["B"]), socks["B"]) as b:
-            yield a, b
+    async with contextlib.AsyncExitStack() as stack:
+        peer_urls = None
+        if proxy is not None:
+            proxy.target_port = ports["B"]
+            await stack.enter_async_context(proxy)
+            peer_urls = {"B": proxy.url}
+        paths = write_site_configs(root, ports, peer_urls=peer_urls, **overrides)
+        a = await stack.enter_async_context(running_daemon(load_config(paths["A"]), socks["A"]))
+        b = await stack.enter_async_context(running_daemon(load_config(paths["B"]), socks["B"]))
+        yield a, b
 
 
-async def wait_for_jobs(daemon: Daemon, ids: list[str], timeout_s: float = 60.0) -> list[Any]:
+async def wait_for_jobs(daemon: Daemon, ids: list[str], timeout_s: float = 20.0) -> list[Any]:
     """Until every job is committed or failed (bounded by timeout_s)."""
     async with asyncio.timeout(timeout_s):
         while True:
@@ -145,7 +151,7 @@ class LinkProxy:
     bytes per second), and optionally flipping one bit at byte `flip_at` of the client -> server
     stream of the first connection that gets that far."""
 
-    target_port: int
+    target_port: int = 0
     rate_Bps: float | None = None
     flip_at: int | None = None
     flipped: int = 0
@@ -209,6 +215,85 @@ class LinkProxy:
             pass  # either side went away: the daemons' retry logic is what is under test
         finally:
             writer.close()
+
+
+def loopback_tls(out: Path) -> dict[str, str]:
+    """A throwaway CA and a certificate for 127.0.0.1 / localhost signed by it, for TLS tests:
+    returns the site config's `tls` section (cert, key, ca as file paths)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "transferd test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    import ipaddress
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (out / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (out / "cert.pem").write_bytes(cert.public_bytes(pem))
+    (out / "key.pem").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return {"cert": str(out / "cert.pem"), "key": str(out / "key.pem"), "ca": str(out / "ca.pem")}
 
 
 class _CappedOpener(LocalFileOpener):

@@ -1,0 +1,189 @@
+"""Requests that are unsigned, badly signed, stale or replayed are refused and write nothing;
+paths that escape data_dir and raw-tier data are refused on both sides."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import aiohttp
+import blake3
+import pytest
+
+from tests.integration._data import write_random
+from transferd._auth import sign_headers
+from transferd._classes import TrafficClass
+from transferd._keys import Keyring, keygen
+from transferd._manifest import FileEntry, Manifest
+from transferd.daemon import Daemon
+from transferd.errors import AuthError, PolicyViolation
+from transferd.testing import loopback_pair
+
+CHUNK = 64 * 1024
+
+
+def intent(root: str = "curated/a.bin", size: int = CHUNK, upload: str = "A-test-upload-1") -> dict:
+    return {
+        "upload": upload,
+        "source_site": "A",
+        "dest_site": "B",
+        "root": root,
+        "kind": "file",
+        "files": [{"path": "", "size": size}],
+    }
+
+
+def visible_files(daemon: Daemon) -> list[str]:
+    """Everything under B's data_dir except its private state folder."""
+    root = daemon.config.data_path
+    return sorted(
+        str(Path(d, f).relative_to(root))
+        for d, _dirs, files in os.walk(root)
+        for f in files
+        if ".transferd" not in Path(d).relative_to(root).parts
+    )
+
+
+def staged(daemon: Daemon) -> list[str]:
+    return sorted(p.name for p in daemon.storage.staging_root.iterdir())
+
+
+async def post(url: str, path: str, body: bytes, headers: dict[str, str]) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + path, data=body, headers=headers) as resp:
+            await resp.read()
+            return resp.status
+
+
+async def test_unsigned_bad_stale_replayed_requests_are_refused_and_write_nothing(
+    tmp_path: Path,
+) -> None:
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        body = json.dumps(intent()).encode()
+        digest = blake3.blake3(body).hexdigest()
+        secret = a.keyring.secret_for("B")
+
+        def signed(secret: bytes = secret, now: float | None = None) -> dict[str, str]:
+            return sign_headers(
+                secret,
+                method="POST",
+                path_qs="/v1/uploads",
+                body_blake3=digest,
+                src="A",
+                dst="B",
+                now=a.clock() if now is None else now,
+            )
+
+        assert await post(b.url, "/v1/uploads", body, {}) == 401
+        assert await post(b.url, "/v1/uploads", body, signed(secret=b"\x00" * 32)) == 401
+        assert await post(b.url, "/v1/uploads", body, signed(now=a.clock() - 3600)) == 401
+        tampered = json.dumps(intent(root="curated/other.bin")).encode()
+        assert await post(b.url, "/v1/uploads", tampered, signed()) in (401, 422)
+        assert staged(b) == []
+        assert b.journal.upload("A-test-upload-1") is None
+
+        good = signed()
+        assert await post(b.url, "/v1/uploads", body, good) == 200
+        assert await post(b.url, "/v1/uploads", body, good) == 401  # the same nonce again
+        assert b.metrics.value("transferd_auth_failures_total", reason="replayed request") == 1
+        assert visible_files(b) == []
+
+
+async def test_badly_signed_manifest_is_refused_403_and_nothing_is_committed(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "site-A" / "curated" / "a.bin"
+    write_random(src, CHUNK, seed=3)
+    data = src.read_bytes()
+    chunk_hash = blake3.blake3(data).hexdigest()
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        link = a.links["B"]
+        await link.call(TrafficClass.CONTROL, "POST", "/v1/uploads", json_body=intent())
+        await link.call(
+            TrafficClass.SYNC,
+            "PUT",
+            f"/v1/uploads/A-test-upload-1/chunks/{chunk_hash}?at=0:0",
+            body=data,
+            headers={"X-Transferd-Length": str(len(data))},
+            accept=(204,),
+        )
+        manifest = Manifest(
+            upload="A-test-upload-1",
+            source_site="A",
+            dest_site="B",
+            root="curated/a.bin",
+            kind="file",
+            tier="curated",
+            created_at=a.clock(),
+            files=[
+                FileEntry(
+                    path="", size=len(data), blake3=chunk_hash, chunks=[(chunk_hash, 0, CHUNK)]
+                )
+            ],
+        )
+        # Signed by a key that is not A's: the receiver must refuse it.
+        keygen(["A"], tmp_path / "other-keys")
+        forger = Keyring.load(tmp_path / "other-keys", "A", [])
+        forged = manifest.sign(forger).model_dump(mode="json")
+        with pytest.raises(AuthError) as refused:
+            await link.call(
+                TrafficClass.CONTROL, "POST", "/v1/uploads/A-test-upload-1/commit", json_body=forged
+            )
+        assert refused.value.http_status == 403
+        assert visible_files(b) == []
+        # The genuine signature commits the same upload.
+        genuine = manifest.sign(a.keyring).model_dump(mode="json")
+        await link.call(
+            TrafficClass.CONTROL, "POST", "/v1/uploads/A-test-upload-1/commit", json_body=genuine
+        )
+        assert (tmp_path / "site-B" / "curated" / "a.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("../outside.bin", "escapes data_dir"),
+        ("curated/../../outside.bin", "escapes data_dir"),
+        ("/etc/passwd", "absolute path"),
+        ("raw/sensor.bin", "raw-tier"),
+        ("curated/link-out/x.bin", "symlink"),
+    ],
+)
+async def test_sender_refuses_escaping_paths_and_raw_tier(
+    tmp_path: Path, path: str, reason: str
+) -> None:
+    outside = tmp_path / "outside"
+    write_random(outside / "x.bin", 100, seed=1)
+    write_random(tmp_path / "site-A" / "raw" / "sensor.bin", 100, seed=2)
+    (tmp_path / "site-A" / "curated").mkdir(parents=True)
+    (tmp_path / "site-A" / "curated" / "link-out").symlink_to(outside)
+    async with loopback_pair(tmp_path) as (a, b):
+        with pytest.raises(PolicyViolation, match=reason):
+            a.sender.submit(path, ["B"])
+        assert a.journal.jobs() == []
+        assert a.metrics.value("transferd_policy_refusals_total", side="sender") == 1
+        assert visible_files(b) == []
+
+
+@pytest.mark.parametrize(
+    ("root", "reason"),
+    [
+        ("../outside.bin", "escapes data_dir"),
+        ("/abs.bin", "absolute path"),
+        ("raw/x.bin", "raw-tier"),
+        ("curated/./x.bin", "normal form"),
+    ],
+)
+async def test_receiver_refuses_escaping_paths_and_raw_tier(
+    tmp_path: Path, root: str, reason: str
+) -> None:
+    async with loopback_pair(tmp_path) as (a, b):
+        with pytest.raises(PolicyViolation, match=reason) as refused:
+            await a.links["B"].call(
+                TrafficClass.CONTROL, "POST", "/v1/uploads", json_body=intent(root=root)
+            )
+        assert refused.value.http_status == 403
+        assert staged(b) == []
+        assert visible_files(b) == []
+        assert b.metrics.value("transferd_policy_refusals_total", side="receiver") == 1

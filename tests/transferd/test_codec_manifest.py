@@ -1,0 +1,92 @@
+"""The `auto` compression rule, zstd framing, and manifest signatures."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from transferd._codec import CompressionPolicy, decode_body, zstd_compress
+from transferd._keys import Keyring, keygen
+from transferd._manifest import FileEntry, Manifest, SignedManifest, parse_body
+from transferd.errors import AuthError, IntegrityError, ProtocolError
+
+RANDOM = random.Random(1).randbytes(1 << 20)
+ZEROS = bytes(1 << 20)
+
+
+def test_auto_sends_raw_until_the_link_is_measured_then_compresses_only_on_slow_links() -> None:
+    policy = CompressionPolicy.from_setting("auto", workers=2)
+    assert not policy.should_try()  # no link measurement yet: send raw and measure
+    policy.observe_link(100_000_000, 1.0)  # 100 MB/s WAN
+    assert policy.should_try()
+    assert policy.pays(policy.probe_ratio(ZEROS))
+    policy.observe_compression(400_000_000, 1.0)  # compressor 400 MB/s per worker
+    assert policy.should_try()
+    fast = CompressionPolicy.from_setting("auto", workers=2)
+    fast.observe_link(3_000_000_000, 1.0)  # loopback: faster than two compressor workers
+    fast.observe_compression(400_000_000, 1.0)
+    assert not fast.should_try()
+    assert not fast.pays(0.3)
+
+
+def test_chunks_that_shrink_less_than_five_percent_go_raw() -> None:
+    policy = CompressionPolicy.from_setting(3, workers=2)
+    assert policy.should_try()
+    assert not policy.pays(policy.probe_ratio(RANDOM))
+    assert policy.pays(policy.probe_ratio(ZEROS))
+    assert not CompressionPolicy.from_setting("off", workers=2).should_try()
+
+
+def test_zstd_bodies_decode_and_bad_ones_are_integrity_errors() -> None:
+    frame = zstd_compress(ZEROS, 1)
+    assert bytes(decode_body(frame, "zstd", len(ZEROS))) == ZEROS
+    with pytest.raises(IntegrityError, match="declared"):
+        decode_body(frame, "zstd", len(ZEROS) - 1)
+    with pytest.raises(IntegrityError):
+        decode_body(b"not zstd", "zstd", 10)
+    with pytest.raises(ProtocolError, match="unknown chunk encoding"):
+        decode_body(b"x", "brotli", 1)
+
+
+def _manifest() -> Manifest:
+    return Manifest(
+        upload="A-upload-0001",
+        source_site="A",
+        dest_site="B",
+        root="approved/m.bin",
+        kind="file",
+        tier="approved",
+        created_at=1.0,
+        files=[
+            FileEntry(
+                path="", size=10, blake3="a" * 64, chunks=[("b" * 64, 0, 4), ("c" * 64, 4, 6)]
+            )
+        ],
+    )
+
+
+def test_manifest_signature_verifies_and_any_change_breaks_it(tmp_path: Path) -> None:
+    keygen(["A", "B"], tmp_path)
+    a, b = Keyring.load(tmp_path, "A", ["B"]), Keyring.load(tmp_path, "B", ["A"])
+    signed = _manifest().sign(a)
+    assert signed.verify(b) == _manifest()
+    tampered = SignedManifest(
+        manifest=signed.manifest.replace('"size":10', '"size":11'), signature=signed.signature
+    )
+    with pytest.raises((AuthError, ProtocolError)):
+        tampered.verify(b)
+    moved = SignedManifest(
+        manifest=signed.manifest.replace("approved/m.bin", "approved/n.bin"),
+        signature=signed.signature,
+    )
+    with pytest.raises(AuthError) as err:
+        moved.verify(b)
+    assert err.value.http_status == 403
+
+
+def test_chunks_must_tile_the_file() -> None:
+    body = _manifest().model_dump_json().replace('"size":10', '"size":12').encode()
+    with pytest.raises(ProtocolError, match="chunks cover 10 bytes, file size is 12"):
+        parse_body(Manifest, body)

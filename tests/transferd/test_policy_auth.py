@@ -1,0 +1,177 @@
+"""Path policy and request authentication, without sockets: time is a parameter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from transferd._auth import EMPTY_BODY_BLAKE3, NonceGuard, authenticate, sign_headers
+from transferd._keys import Keyring, keygen
+from transferd._policy import check_may_leave_site, confine, normalize_rel_path
+from transferd.errors import AuthError, PolicyViolation
+from transferd.testing import FakeClock
+
+
+@pytest.mark.parametrize(
+    ("path", "clean"),
+    [
+        ("curated/a/b.bin", "curated/a/b.bin"),
+        ("curated//a/./b", "curated/a/b"),
+        ("checkpoints/r/1/", "checkpoints/r/1"),
+    ],
+)
+def test_clean_paths_normalize(path: str, clean: str) -> None:
+    assert normalize_rel_path(path) == clean
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("../x", "escapes"),
+        ("curated/../../x", "escapes"),
+        ("/etc/passwd", "absolute"),
+        ("C:/x", "absolute"),
+        ("", "non-empty"),
+        ("a\x00b", "non-empty"),
+        ("home/x", "not under a tier"),
+        (".transferd/journal.sqlite", "not under a tier"),
+    ],
+)
+def test_escaping_or_tierless_paths_are_refused(path: str, reason: str) -> None:
+    with pytest.raises(PolicyViolation, match=reason):
+        normalize_rel_path(path)
+
+
+def test_raw_tier_never_leaves_but_other_tiers_do() -> None:
+    with pytest.raises(PolicyViolation, match="raw-tier"):
+        check_may_leave_site("raw/sensors/day1.parquet")
+    assert check_may_leave_site("approved/model.bin").value == "approved"
+
+
+def test_symlink_leading_out_of_data_dir_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "curated").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (root / "curated" / "inside").mkdir()
+    (root / "curated" / "out").symlink_to(tmp_path / "secret")
+    assert confine(root, "curated/inside/x") == root.resolve() / "curated/inside/x"
+    with pytest.raises(PolicyViolation, match="symlink"):
+        confine(root, "curated/out/x")
+
+
+@pytest.fixture
+def rings(tmp_path: Path) -> tuple[Keyring, Keyring]:
+    keygen(["A", "B"], tmp_path)
+    return Keyring.load(tmp_path, "A", ["B"]), Keyring.load(tmp_path, "B", ["A"])
+
+
+def _signed(
+    ring: Keyring, clock: FakeClock, path: str = "/v1/uploads", dst: str = "B"
+) -> dict[str, str]:
+    return sign_headers(
+        ring.secret_for("B"),
+        method="POST",
+        path_qs=path,
+        body_blake3=EMPTY_BODY_BLAKE3,
+        src="A",
+        dst=dst,
+        now=clock(),
+    )
+
+
+def test_signed_request_authenticates_once_then_is_a_replay(rings: tuple[Keyring, Keyring]) -> None:
+    a, b = rings
+    clock = FakeClock()
+    guard = NonceGuard(window_s=300, not_before=clock() - 1)
+    headers = _signed(a, clock)
+    auth = authenticate(
+        headers, method="POST", path_qs="/v1/uploads", keyring=b, guard=guard, now=clock()
+    )
+    assert auth.site == "A"
+    with pytest.raises(AuthError, match="replayed"):
+        authenticate(
+            headers, method="POST", path_qs="/v1/uploads", keyring=b, guard=guard, now=clock()
+        )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda h: h.pop("X-Transferd-Signature"), "unsigned"),
+        (lambda h: h.update({"X-Transferd-Signature": "0" * 64}), "bad request signature"),
+        (lambda h: h.update({"X-Transferd-Body-Blake3": "1" * 64}), "bad request signature"),
+        (lambda h: h.update({"X-Transferd-Timestamp": "nan"}), "malformed timestamp"),
+        (lambda h: h.update({"X-Transferd-Site": "C"}), "unknown site"),
+    ],
+)
+def test_tampered_or_unsigned_requests_are_401(
+    rings: tuple[Keyring, Keyring], mutate, reason: str
+) -> None:
+    a, b = rings
+    clock = FakeClock()
+    headers = _signed(a, clock)
+    mutate(headers)
+    with pytest.raises(AuthError, match=reason) as err:
+        authenticate(
+            headers,
+            method="POST",
+            path_qs="/v1/uploads",
+            keyring=b,
+            guard=NonceGuard(300, 0),
+            now=clock(),
+        )
+    assert err.value.http_status == 401
+
+
+def test_signature_covers_the_path(rings: tuple[Keyring, Keyring]) -> None:
+    a, b = rings
+    clock = FakeClock()
+    with pytest.raises(AuthError, match="bad request signature"):
+        authenticate(
+            _signed(a, clock, path="/v1/uploads/x/have"),
+            method="POST",
+            path_qs="/v1/uploads/y/have",
+            keyring=b,
+            guard=NonceGuard(300, 0),
+            now=clock(),
+        )
+
+
+def test_stale_requests_and_those_signed_before_start_are_refused(
+    rings: tuple[Keyring, Keyring],
+) -> None:
+    a, b = rings
+    clock = FakeClock()
+    headers = _signed(a, clock)
+    clock.advance(301)
+    with pytest.raises(AuthError, match="stale"):
+        authenticate(
+            headers,
+            method="POST",
+            path_qs="/v1/uploads",
+            keyring=b,
+            guard=NonceGuard(300, 0),
+            now=clock(),
+        )
+    # A restarted daemon forgets nonces, so it refuses anything signed before it started.
+    fresh = _signed(a, clock)
+    restarted = NonceGuard(300, not_before=clock() + 0.5)
+    with pytest.raises(AuthError, match="before this daemon started"):
+        authenticate(
+            fresh, method="POST", path_qs="/v1/uploads", keyring=b, guard=restarted, now=clock() + 1
+        )
+
+
+def test_a_request_cannot_be_reflected_to_its_sender(rings: tuple[Keyring, Keyring]) -> None:
+    a, _b = rings
+    clock = FakeClock()
+    with pytest.raises(AuthError, match="addressed to site 'B'"):
+        authenticate(
+            _signed(a, clock),
+            method="POST",
+            path_qs="/v1/uploads",
+            keyring=a,
+            guard=NonceGuard(300, 0),
+            now=clock(),
+        )
