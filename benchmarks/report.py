@@ -82,6 +82,10 @@ def ratios(doc: dict[str, Any], subject: str = "transferd") -> list[str]:
     return out
 
 
+def _kib(value: float | None) -> float | None:
+    return None if value is None else value / 1024
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -136,8 +140,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc.get('repeat', 1)} runs. Command: `{doc.get('command')}`",
         "",
         "| tool | data | ok | Mbit/s | % link | s | wire/logical | CPU s | p50 ms | p99 ms "
-        f"| peak RSS MiB | x {CEILING} | error |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| peak RSS MiB | re-sent KiB | x {CEILING} | error |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     rows = medians(doc)
     ceiling = next((r["goodput_mbit"] for r in rows if r["tool"] == CEILING), None)
@@ -151,7 +155,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {_fmt(row['goodput_mbit'], '.0f')} | {_fmt(row['link_pct'], '.0f')} "
             f"| {_fmt(row['seconds'], '.1f')} | {_fmt(wire, '.2f')} | {_fmt(row['cpu_s'], '.1f')} "
             f"| {_fmt(row['p50_ms'], '.1f')} | {_fmt(row['p99_ms'], '.1f')} "
-            f"| {_fmt(row['peak_rss_mib'], '.0f')} | {_fmt(ratio, '.2f')} "
+            f"| {_fmt(row['peak_rss_mib'], '.0f')} "
+            f"| {_fmt(_kib(row['resent_bytes']), '.0f')} "
+            f"| {_fmt(ratio, '.2f')} "
             f"| {(row['error'] or '').replace('|', '/')} |")
     found = ratios(doc)
     if found:
