@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.backends import BackendChoice, probe_backend
+from benchmarks.backends import BACKENDS, BackendChoice, probe_backend
 from benchmarks.errors import LabError
 from benchmarks.lab import Lab, leftover_namespaces
 from benchmarks.linkspec import parse_link_spec
@@ -61,6 +61,13 @@ def lab_20ms(choice: BackendChoice) -> Iterator[Lab]:
     with lab:
         yield lab
     assert leftover_namespaces(lab.run_id) == []
+
+
+def test_real_probe_on_this_machine_names_a_registered_backend(choice: BackendChoice) -> None:
+    assert choice.name in BACKENDS
+    assert choice.reasons
+    if choice.name != "netem":
+        assert any(r.startswith("sch_netem:") for r in choice.reasons)  # says why not netem
 
 
 def _pids_alive(pids: list[int]) -> list[int]:
