@@ -219,6 +219,12 @@ class Journal:
         rows = self._exec("SELECT id FROM uploads WHERE state = ?", (state,)).fetchall()
         return [r[0] for r in rows]
 
+    def uploads_opened_before(self, before: float) -> list[str]:
+        rows = self._exec(
+            "SELECT id FROM uploads WHERE state = 'open' AND created_at < ?", (before,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def finish_upload(self, upload: str, state: str, now: float) -> None:
         self._exec(
             "UPDATE uploads SET state = ?, finished_at = ? WHERE id = ?", (state, now, upload)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
 
@@ -41,6 +41,12 @@ class Metrics:
             ["peer"],
             registry=r,
         )
+        self.compression_ratio = Gauge(
+            "transferd_compression_ratio",
+            "Wire bytes / raw bytes of all chunks sent to the peer so far (1.0: uncompressed)",
+            ["peer"],
+            registry=r,
+        )
         self.retries = Counter("transferd_retries", "Requests retried", ["peer"], registry=r)
         self.integrity_failures = Counter(
             "transferd_integrity_failures",
@@ -61,6 +67,14 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200),
             registry=r,
         )
+
+    def count_compression(self, peer: str, raw_bytes: int, wire_bytes: int) -> None:
+        self.compression_in.labels(peer).inc(raw_bytes)
+        self.compression_out.labels(peer).inc(wire_bytes)
+        raw_total = self.value("transferd_compression_input_bytes_total", peer=peer)
+        wire_total = self.value("transferd_compression_output_bytes_total", peer=peer)
+        if raw_total:
+            self.compression_ratio.labels(peer).set(wire_total / raw_total)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -53,11 +53,12 @@ class _HashCursor:
     """
 
     WAIT_AHEAD_BYTES = 64 * 1024 * 1024
-    WAIT_S = 2.0
+    WAIT_S = 1.0
 
-    def __init__(self) -> None:
+    def __init__(self, valid: bool = True) -> None:
         self.offset = 0
-        self.valid = True
+        self.valid = valid
+        self.stuck = False  # a wait timed out: don't wait again until the cursor moves
         self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self.ahead: dict[int, int] = {}
         self.moved = threading.Condition()
@@ -66,8 +67,11 @@ class _HashCursor:
         self, offset: int, length: int, data: bytes | memoryview, staging: Staging, index: int
     ) -> None:
         with self.moved:
-            if offset > self.offset and offset - self.offset <= self.WAIT_AHEAD_BYTES:
-                self.moved.wait_for(lambda: not self.valid or offset <= self.offset, self.WAIT_S)
+            if self.valid and not self.stuck and 0 < offset - self.offset <= self.WAIT_AHEAD_BYTES:
+                if not self.moved.wait_for(
+                    lambda: not self.valid or offset <= self.offset, self.WAIT_S
+                ):
+                    self.stuck = True
             if not self.valid:
                 return
             if offset > self.offset:
@@ -79,6 +83,7 @@ class _HashCursor:
                 return
             self.hasher.update(data)
             self.offset += length
+            self.stuck = False
             while self.offset in self.ahead:
                 n = self.ahead.pop(self.offset)
                 self.hasher.update(staging.read(index, self.offset, n))
@@ -156,7 +161,13 @@ class Receiver:
             if state == "failed":
                 raise StorageError(f"upload {intent.upload} failed earlier; start a new job")
         staging = self._staging_for(intent)
-        staging.create()
+        try:
+            staging.create()
+        except StorageError:
+            # E.g. no space for the files: give back what was reserved, record nothing.
+            self._staging.pop(intent.upload, None)
+            staging.discard()
+            raise
         if known is None:
             self.journal.open_upload(
                 intent.upload, peer, intent.root, intent.model_dump(mode="json"), now
@@ -183,6 +194,7 @@ class Receiver:
             raise ProtocolError(f"upload {upload} is already {known[2]}")
         intent = UploadIntent.model_validate(known[3])
         staging = self._staging_for(intent)
+        self._ensure_cursors(upload, len(intent.files))
         return intent, staging
 
     # -- have / want ---------------------------------------------------------------------------
@@ -286,11 +298,16 @@ class Receiver:
 
     def _cursor(self, upload: str, file_index: int) -> _HashCursor:
         with self._cursors_lock:
-            cursors = self._cursors.setdefault(upload, {})
-            cursor = cursors.get(file_index)
-            if cursor is None:
-                cursor = cursors[file_index] = _HashCursor()
-            return cursor
+            return self._cursors[upload][file_index]
+
+    def _ensure_cursors(self, upload: str, n_files: int) -> None:
+        """Loop thread, first touch of an upload in this process: files that already hold
+        chunks (staged before a restart) cannot be hashed in order; commit re-reads them."""
+        if upload in self._cursors:
+            return
+        started = {f for f, _off in self.journal.received(upload)}
+        with self._cursors_lock:
+            self._cursors[upload] = {i: _HashCursor(valid=i not in started) for i in range(n_files)}
 
     # -- commit --------------------------------------------------------------------------------
     def check_manifest(
@@ -351,7 +368,8 @@ class Receiver:
                 )
             bad += bad_here
         if bad:
-            cursors.clear()
+            for cursor in cursors.values():
+                cursor.valid = False  # refetched chunks land behind the cursor
         return bad
 
     def commit_files(self, upload: str, manifest: Manifest) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -97,7 +98,9 @@ class Sender:
         self.retry_budget_s = retry_budget_s
         self.max_jobs = max_jobs
         self.compression = {
-            peer: CompressionPolicy.from_setting(compression, workers=2) for peer in links
+            # Compression runs on the chunk worker threads: as many in parallel as there are cores.
+            peer: CompressionPolicy.from_setting(compression, workers=os.cpu_count() or 1)
+            for peer in links
         }
         self._wake = asyncio.Event()
         self._running: set[str] = set()
@@ -245,6 +248,8 @@ class Sender:
                         break
             if self._stopping:
                 raise _Interrupted
+            if pump.deferred:
+                await self._offer_again(pump, files)
             manifest = Manifest(
                 upload=upload,
                 source_site=self.site,
@@ -314,6 +319,12 @@ class Sender:
                 by_hash.setdefault(refs[i].hash, []).append(i)
             used: set[int] = set()
             for digest, idxs in by_hash.items():
+                if digest in pump.started:
+                    # Same bytes already on their way (e.g. zero-filled chunks): once that PUT
+                    # lands, the receiver copies them locally (offered again after the uploads).
+                    pump.deferred += [refs[i] for i in idxs]
+                    continue
+                pump.started.add(digest)
                 first = idxs[0]
                 used.add(first)
                 locations = [(index, refs[i].offset) for i in idxs]
@@ -323,6 +334,35 @@ class Sender:
                 if i not in used and w is not None:
                     w.close()
         return True
+
+    async def _offer_again(self, pump: _ChunkPump, files: list[_FileState]) -> None:
+        """Offer the deferred duplicate chunks now that their first copy has landed."""
+        refs, pump.deferred = pump.deferred, []
+        for start in range(0, len(refs), 4096):
+            batch = refs[start : start + 4096]
+            _, answer = await self._control(
+                pump.link,
+                "POST",
+                f"/v1/uploads/{pump.upload}/have",
+                HaveRequest(chunks=batch).model_dump(mode="json"),
+            )
+            want = _want_indices(answer, len(batch))
+            skipped = [r for i, r in enumerate(batch) if i not in want]
+            if skipped:
+                self.metrics.chunks_skipped.labels(pump.link.peer).inc(len(skipped))
+                self.journal.add_job_counters(
+                    pump.job.id,
+                    chunks_skipped=len(skipped),
+                    bytes_done=sum(r.length for r in skipped),
+                )
+            async with asyncio.TaskGroup() as tg:
+                for i in sorted(want):
+                    ref = batch[i]
+                    [window], [view] = await _open_batch(
+                        files[ref.file].source, [(ref.offset, ref.length)]
+                    )
+                    await pump.slots.acquire()
+                    tg.create_task(pump.put(ref.hash, [(ref.file, ref.offset)], view, window))
 
     async def _commit(
         self,
@@ -495,6 +535,8 @@ class _ChunkPump:
         self.upload = upload
         self.gate = sender.traffic[link.peer].gates[bulk]
         self.inflight = 0
+        self.started: set[str] = set()  # chunk hashes PUT (or being PUT) in this job
+        self.deferred: list[ChunkRef] = []  # duplicates of those, to offer once they landed
 
     def spawn(
         self,
@@ -593,8 +635,7 @@ class _ChunkPump:
             acked = wire
             s.metrics.bytes_sent.labels(peer).inc(wire)
             s.metrics.chunks_sent.labels(peer).inc()
-            s.metrics.compression_in.labels(peer).inc(encoded.raw_length)
-            s.metrics.compression_out.labels(peer).inc(wire)
+            s.metrics.count_compression(peer, encoded.raw_length, wire)
             s.journal.add_job_counters(
                 self.job.id,
                 bytes_on_wire=wire,

@@ -32,15 +32,7 @@ from transferd.errors import (
 __all__ = ["main"]
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_POLICY, EXIT_AUTH, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
-SEND_FIELDS = (
-    "path",
-    "destinations",
-    "bytes_logical",
-    "bytes_on_wire",
-    "chunks",
-    "chunks_skipped",
-    "seconds",
-)
+STARTUP_GRACE_S = 5.0
 
 
 def _fail(exc: TransferdError) -> NoReturn:
@@ -140,14 +132,17 @@ def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> Non
     """Ask the local daemon to replicate PATH (relative to data_dir) to other sites."""
     config = _config(config_path)
     dests = [d.strip() for d in to.split(",") if d.strip()]
+    unknown = [d for d in dests if d not in config.peers]
+    if unknown or not dests:
+        _fail(ConfigError(f"--to: not a peer in {config_path}: {', '.join(unknown) or '(none)'}"))
     rel = _relative_to_data_dir(config, path)
 
     async def run() -> tuple[list[dict[str, Any]], float]:
         link = _local_link(config)
         started = time.monotonic()
         try:
-            _, answer = await link.call(
-                TrafficClass.CONTROL, "POST", "/v1/local/send", json_body={"path": rel, "to": dests}
+            _, answer = await _first_call(
+                link, "POST", "/v1/local/send", json_body={"path": rel, "to": dests}
             )
             ids = list(answer["jobs"])
             jobs = await _poll(link, ids, wait=wait, progress=wait and not as_json)
@@ -178,6 +173,17 @@ def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> Non
         sys.exit(
             EXIT_POLICY if kinds == {"policy"} else EXIT_AUTH if kinds == {"auth"} else EXIT_FAILED
         )
+
+
+async def _first_call(link: PeerLink, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    """The CLI's first request: a daemon that is still starting gets a few seconds to listen."""
+    from transferd._sender import retrying
+
+    return await retrying(
+        lambda: link.call(TrafficClass.CONTROL, method, path, **kwargs),
+        budget_s=STARTUP_GRACE_S,
+        on_retry=lambda: None,
+    )
 
 
 def _relative_to_data_dir(config: SiteConfig, path: str) -> str:
@@ -243,7 +249,7 @@ def status(config_path: str, as_json: bool) -> None:
     async def run() -> dict[str, Any]:
         link = _local_link(config)
         try:
-            _, answer = await link.call(TrafficClass.CONTROL, "GET", "/v1/local/status")
+            _, answer = await _first_call(link, "GET", "/v1/local/status")
             return dict(answer)
         finally:
             await link.close()

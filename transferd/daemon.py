@@ -192,7 +192,12 @@ class Daemon:
         self._collect_garbage()
 
     def _collect_garbage(self) -> None:
-        """Staging left by failed uploads, or by uploads the journal never recorded, goes."""
+        """Staging left by failed uploads, by uploads the journal never recorded, or by uploads
+        whose sender has not finished them within staging_ttl_s, goes."""
+        now = self.clock()
+        for upload in self.journal.uploads_opened_before(now - self.config.staging_ttl_s):
+            self.journal.finish_upload(upload, "failed", now)
+            log.info("upload.expired", extra={"fields": {"upload": upload}})
         keep = set(self.journal.uploads("open"))
         root = self.storage.staging_root
         for entry in root.iterdir() if root.exists() else []:

@@ -4,6 +4,7 @@ re-sending fewer than 2 chunks + 5 % of the file."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from pathlib import Path
@@ -50,6 +51,10 @@ async def test_cli_send_wait_json_status_and_sigterm(tmp_path: Path) -> None:
         assert code == 3
         assert "raw-tier" in err
 
+        code, _, err = await cli("send", "curated/d", "--config", str(configs["A"]), "--to", "Z")
+        assert code == 2
+        assert "--to: not a peer" in err
+
         code, out, _ = await cli("status", "--config", str(configs["A"]), "--json")
         assert code == 0
         status = json.loads(out)
@@ -65,9 +70,13 @@ async def test_cli_send_wait_json_status_and_sigterm(tmp_path: Path) -> None:
     assert json.loads(log[-1])["event"] == "daemon.stopped"
 
 
-@pytest.mark.parametrize("victim", ["A", "B"])
+@pytest.mark.parametrize(
+    ("victim", "how"),
+    [("A", signal.SIGKILL), ("B", signal.SIGKILL), ("A", signal.SIGTERM)],
+    ids=["sigkill-sender", "sigkill-receiver", "sigterm-sender"],
+)
 async def test_sigkill_mid_transfer_resumes_resending_at_most_in_flight_chunks(
-    tmp_path: Path, victim: str
+    tmp_path: Path, victim: str, how: signal.Signals
 ) -> None:
     ports = {"A": free_port(), "B": free_port()}
     digest = write_random(tmp_path / "site-A" / "approved" / "m.bin", N_CHUNKS * CHUNK, seed=21)
@@ -93,8 +102,16 @@ async def test_sigkill_mid_transfer_resumes_resending_at_most_in_flight_chunks(
                 every_s=0.02,
             )
             before = await metric(url["B"], "transferd_chunks_received_total", peer="A")
-            procs[victim].kill()
-            procs[victim].wait(timeout=10)
+            procs[victim].send_signal(how)
+            # Wait off the event loop: the LinkProxy in this loop must keep moving bytes meanwhile.
+            code = await asyncio.to_thread(procs[victim].wait, 20)
+            # SIGTERM: a graceful stop (in-flight chunks finish, the job waits in the journal).
+            assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+            if how == signal.SIGTERM:
+                events = [
+                    json.loads(line)["event"] for line in logs[victim].read_text().splitlines()
+                ]
+                assert events[-3:] == ["daemon.stopping", "job.interrupted", "daemon.stopped"]
             procs[victim] = start_daemon(configs[victim], logs[victim])
             await wait_until_serving(url[victim])
             dst = tmp_path / "site-B" / "approved" / "m.bin"

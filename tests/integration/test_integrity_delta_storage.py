@@ -4,7 +4,11 @@ shards sends about a tenth of the bytes; a full disk at the receiver fails the j
 from __future__ import annotations
 
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.integration._data import file_blake3, write_random
 from transferd.testing import CappedFileSystem, LinkProxy, loopback_pair, wait_for_jobs
@@ -85,3 +89,35 @@ async def test_disk_full_at_receiver_fails_the_job_clearly_with_no_partial_file(
     assert "no space left" in (job.error or "")
     assert [p for p in store.rglob("*") if p.is_file()] == []
     assert list((tmp_path / "site-B-state" / "staging").iterdir()) == []
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """B's data_dir on a 2 MiB tmpfs (needs permission to mount; skipped otherwise)."""
+    mount = tmp_path / "site-B"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip("needs permission to mount a tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_disk_full_on_a_small_tmpfs_fails_at_open_and_leaves_nothing(
+    tmp_path: Path, small_tmpfs: Path
+) -> None:
+    write_random(tmp_path / "site-A" / "curated" / "big.bin", 16 * CHUNK, seed=5)  # 4 MiB
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        [job_id] = a.sender.submit("curated/big.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+        assert job.state == "failed"
+        assert job.error_kind == "storage"
+        assert "no space left" in (job.error or "")
+        assert not (small_tmpfs / "curated").exists()
+        assert list(b.storage.staging_root.iterdir()) == []

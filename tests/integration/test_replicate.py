@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.integration._data import file_blake3, write_random
+from transferd._classes import TrafficClass
 from transferd.testing import loopback_pair, wait_for_jobs
 
 CHUNK = 256 * 1024
@@ -58,3 +59,50 @@ async def test_replication_over_mutual_tls(tmp_path: Path) -> None:
         [job] = await wait_for_jobs(a, [job_id])
     assert job.state == "committed", job.error
     assert file_blake3(tmp_path / "site-B" / "approved" / "m.bin") == digest
+
+
+async def test_folder_with_empty_file_nested_dirs_and_repeated_chunks(tmp_path: Path) -> None:
+    root = tmp_path / "site-A" / "curated" / "ds"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "empty.txt").write_bytes(b"")
+    (root / "a" / "b" / "zeros.bin").write_bytes(bytes(20 * CHUNK))  # 20 identical chunks
+    digest = write_random(root / "a" / "r.bin", CHUNK + 1, seed=9)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, b):
+        [job_id] = a.sender.submit("curated/ds", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+    assert job.state == "committed", job.error
+    dst = tmp_path / "site-B" / "curated" / "ds"
+    assert (dst / "empty.txt").read_bytes() == b""
+    assert (dst / "a" / "b" / "zeros.bin").read_bytes() == bytes(20 * CHUNK)
+    assert file_blake3(dst / "a" / "r.bin") == digest
+    assert job.chunks == 22
+    assert job.bytes_on_wire == 2 * CHUNK + 1  # one zero chunk, plus r.bin's two chunks
+    assert job.chunks_skipped == 19
+
+
+async def test_stale_staging_is_dropped_at_start(tmp_path: Path) -> None:
+    from transferd.config import load_config
+    from transferd.testing import FakeClock, running_daemon
+
+    write_random(tmp_path / "site-A" / "curated" / "x.bin", 3 * CHUNK, seed=1)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, staging_ttl_s=60) as (a, b):
+        # Open an upload at B and leave it unfinished, as a sender that vanished would.
+        await a.links["B"].call(
+            TrafficClass.CONTROL,
+            "POST",
+            "/v1/uploads",
+            json_body={
+                "upload": "A-abandoned-1",
+                "source_site": "A",
+                "dest_site": "B",
+                "root": "curated/x.bin",
+                "kind": "file",
+                "files": [{"path": "", "size": 3 * CHUNK}],
+            },
+        )
+        staging = b.storage.staging_root
+        assert [p.name for p in staging.iterdir()] == ["A-abandoned-1"]
+    clock = FakeClock(start=b.clock() + 61)
+    async with running_daemon(load_config(tmp_path / "site-B.yaml"), clock=clock) as b2:
+        assert list(staging.iterdir()) == []
+        assert b2.journal.upload("A-abandoned-1")[2] == "failed"

@@ -1,0 +1,104 @@
+"""`python -m benchmarks run SCENARIO... [--quick] [--output DIR]`: run scenarios on emulated
+links, print the comparison, write results/<scenario>.json and the plots. Ctrl-C and SIGTERM tear
+the lab down before exiting.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import click
+from rich.console import Console
+
+from benchmarks.backends import BACKENDS, BackendChoice, probe_backend
+from benchmarks.errors import BenchError
+from benchmarks.report import load_results, markdown, plot_all, print_table, write_results
+from benchmarks.runner import run_scenario
+from benchmarks.scenario import SCENARIO_DIR, load_scenario
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through every Lab's teardown
+
+
+@click.group()
+def cli() -> None:
+    """Network impairment benchmarks: transferd against iperf3, rsync and rclone."""
+
+
+@cli.command()
+@click.argument("scenarios", nargs=-1, required=True)
+@click.option("--quick", is_flag=True, help="Small data: each scenario in about a minute.")
+@click.option("--output", type=click.Path(path_type=Path), default=DEFAULT_OUTPUT,
+              show_default=True, help="Where results/<scenario>.json and the plots go.")
+@click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Runs per tool; the table shows medians.")
+@click.option("--tools", default=None, help="Comma-separated subset of each scenario's tools.")
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=None,
+              help="Force an impairment backend instead of probing.")
+def run(scenarios: tuple[str, ...], quick: bool, output: Path, repeat: int,
+        tools: str | None, backend: str | None) -> None:
+    """Run SCENARIOS (names in benchmarks/scenarios/ or YAML paths)."""
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    signal.signal(signal.SIGTERM, _sigterm)
+    command = "python -m benchmarks " + shlex.join(sys.argv[1:])
+    try:
+        loaded = [load_scenario(name) for name in scenarios]
+        if tools:
+            wanted = [t.strip() for t in tools.split(",") if t.strip()]
+            loaded = [s.model_copy(update={"tools": tuple(t for t in s.tools if t in wanted)})
+                      for s in loaded]
+        choice = probe_backend()
+        if backend and backend != choice.name:
+            choice = BackendChoice(backend, (*choice.reasons, f"{backend}: forced by --backend"),
+                                   rule_tool=choice.rule_tool or "iptables")
+        found = "; ".join(choice.reasons)
+        console.print(f"impairment backend: [bold]{choice.name}[/bold] ({found})")
+        for scenario in loaded:
+            doc = run_scenario(scenario, choice, quick=quick, repeat=repeat, command=command,
+                               log=console.print)
+            path = write_results(doc, output)
+            print_table(doc, console)
+            console.print(f"wrote {path}")
+        for path in plot_all(output):
+            console.print(f"wrote {path}")
+    except BenchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: lab torn down[/yellow]")
+        sys.exit(130)
+
+
+@cli.command()
+@click.option("--output", type=click.Path(path_type=Path), default=DEFAULT_OUTPUT,
+              show_default=True, help="Where the results are.")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Markdown tables (for README).")
+def report(output: Path, as_markdown: bool) -> None:
+    """Print the tables of existing results again and redraw the plots."""
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    for doc in load_results(output):
+        if as_markdown:
+            click.echo(markdown(doc))
+        else:
+            print_table(doc, console)
+    for path in plot_all(output):
+        console.print(f"wrote {path}")
+
+
+@cli.command("list")
+def list_scenarios() -> None:
+    """List the shipped scenarios."""
+    for path in sorted(SCENARIO_DIR.glob("*.yaml")):
+        scenario = load_scenario(str(path))
+        click.echo(f"{scenario.scenario:26} {scenario.description}")
+
+
+if __name__ == "__main__":
+    cli()

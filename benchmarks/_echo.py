@@ -1,0 +1,64 @@
+"""The TCP echo that checks a link's achieved RTT before anything is measured (ping under-reports
+NFQUEUE delay: ICMP can take a different path through the rules, and ping's own timing is not what
+a TCP flow sees). `serve` echoes every byte back; `client` times `count` small round trips with
+TCP_NODELAY and prints them as JSON milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def _serve(host: str, port: int) -> None:
+    with socket.create_server((host, port), reuse_port=False) as server:
+        print("ready", flush=True)
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+
+def _client(host: str, port: int, count: int, size: int, timeout_s: float) -> list[float]:
+    payload = b"x" * size
+    rtts = []
+    with socket.create_connection((host, port), timeout=timeout_s) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            started = time.perf_counter()
+            conn.sendall(payload)
+            got = 0
+            while got < size:
+                chunk = conn.recv(size - got)
+                if not chunk:
+                    raise ConnectionError("echo server closed the connection")
+                got += len(chunk)
+            rtts.append((time.perf_counter() - started) * 1e3)
+    return rtts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks._echo")
+    parser.add_argument("mode", choices=["serve", "client"])
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--timeout-s", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    if args.mode == "serve":
+        _serve(args.host, args.port)
+        return 0
+    print(json.dumps(_client(args.host, args.port, args.count, args.size, args.timeout_s)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The interactive-message load for interactive-during-bulk: runs inside the sending site, waits
+`--start-delay-s` (the bulk transfer is under way by then), then asks the local transferd to
+deliver `--count` messages of `--size` bytes to the peer, one every `--interval-ms`, each with a
+deadline, through transferd's public client (`send_message`, signed with `local_signer`). Each
+message's latency is the wall time from the request until the daemon reports it delivered (the
+sender's view, one round trip at least). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+async def _drive(args: argparse.Namespace) -> dict[str, Any]:
+    import aiohttp
+
+    # Imported by name: the message client arrives with the traffic-classes work (issue 4),
+    # and the harness checks for it before starting this driver.
+    api: Any = importlib.import_module("transferd")
+    keys: Any = importlib.import_module("transferd._keys")
+    sign = api.local_signer(keys.Keyring.load(Path(args.keys), args.site, []))
+    body = os.urandom(args.size)
+    latencies: list[float] = []
+    sent_at: list[float] = []  # Unix time of each request, to tell which overlapped the bulk
+    misses: list[str] = []
+    errors: list[str] = []
+    late = 0
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal late
+        started = time.perf_counter()
+        sent_at.append(time.time())
+        try:
+            receipt = await api.send_message(
+                args.url, args.peer, body, traffic_class=api.TrafficClass.INTERACTIVE,
+                deadline_ms=args.deadline_ms, wait=True, session=session, sign=sign)
+        except Exception as exc:  # a failed message is data here: counted with its reason
+            errors.append(repr(exc)[:200])
+            return
+        latencies.append((time.perf_counter() - started) * 1e3)
+        late += bool(receipt.late)
+        if receipt.budget_miss:
+            misses.append(receipt.budget_miss)
+
+    await asyncio.sleep(args.start_delay_s)
+    # No client-side connection cap: a request queued in aiohttp's pool would count its wait
+    # against transferd.
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session, \
+            asyncio.TaskGroup() as group:
+        for _ in range(args.count):
+            group.create_task(one(session))
+            await asyncio.sleep(args.interval_ms / 1e3)
+    return {"latencies_ms": latencies, "sent_at": sent_at, "late": late,
+            "budget_misses": len(misses), "miss_reasons": sorted(set(misses))[:5],
+            "errors": errors[:5], "n_errors": len(errors)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks._interactive")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--peer", required=True)
+    parser.add_argument("--site", required=True)
+    parser.add_argument("--keys", required=True)
+    parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--deadline-ms", type=float, default=50)
+    parser.add_argument("--interval-ms", type=float, default=5)
+    parser.add_argument("--start-delay-s", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    result = asyncio.run(_drive(args))
+    args.out.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

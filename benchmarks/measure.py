@@ -1,0 +1,165 @@
+"""Measuring one tool run: the process's CPU seconds (wait4 rusage for clients, /proc for
+servers), wall time with a bound, a timed link flap, and the run's record in the results format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.errors import ToolError
+
+__all__ = ["LinkFlapper", "Measured", "ToolRun", "peak_rss_mib", "run_measured", "server_cpu_s",
+           "settle", "wait_listening"]
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ToolRun:
+    """One row of `runs` in results/<scenario>.json (the issue's fields first)."""
+
+    tool: str
+    ok: bool
+    goodput_mbit: float | None = None
+    link_pct: float | None = None
+    seconds: float | None = None
+    bytes_on_wire: int | None = None
+    cpu_s: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    error: str | None = None
+    data: str | None = None  # which data set ("incompressible", "checkpoint-bf16"); None: iperf3
+    bytes_logical: int | None = None
+    peak_rss_mib: dict[str, float] | None = None
+    tcp_retrans_segs: int | None = None
+    resent_bytes: int | None = None
+    emulator_cpu_pct: float | None = None
+    latencies_ms: list[float] | None = None  # interactive messages, for the latency CDF
+    messages: dict[str, Any] | None = None  # interactive: sent, failed, late, budget misses
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Measured:
+    returncode: int
+    stdout: str
+    stderr: str
+    cpu_s: float  # user + system of the process and the children it waited for
+    seconds: float
+
+
+def run_measured(cmd: Sequence[str], *, timeout_s: float, env: dict[str, str] | None = None,
+                 cwd: Path | None = None, log_dir: Path, name: str) -> Measured:
+    """Run a client to completion; CPU from wait4's rusage. Killed (group) after `timeout_s`."""
+    out_path, err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        started = time.monotonic()
+        popen = subprocess.Popen(list(cmd), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                 env=env, cwd=cwd, start_new_session=True)
+        status, usage = 0, None
+        deadline = started + timeout_s
+        while True:
+            pid, status, usage = os.wait4(popen.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(popen.pid, signal.SIGKILL)
+                os.wait4(popen.pid, 0)
+                popen.returncode = -9
+                raise ToolError(name, f"timed out after {timeout_s:.0f} s")
+            time.sleep(0.02)
+        seconds = time.monotonic() - started
+        popen.returncode = os.waitstatus_to_exitcode(status)
+    return Measured(
+        returncode=popen.returncode,
+        stdout=out_path.read_text(errors="replace"),
+        stderr=err_path.read_text(errors="replace"),
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        seconds=seconds,
+    )
+
+
+def server_cpu_s(pid: int, _depth: int = 0) -> float:
+    """CPU seconds of a running server's whole process tree: its own, the children it reaped
+    (cutime/cstime) and the children still running (rsync's daemon forks per connection)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total = sum(int(v) for v in fields[11:15]) / CLK_TCK
+    if _depth < 4:
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            try:
+                children = task.read_text().split()
+            except OSError:
+                continue
+            total += sum(server_cpu_s(int(child), _depth + 1) for child in children)
+    return total
+
+
+def settle() -> None:
+    """Give a server a moment to reap the per-connection child that just finished."""
+    time.sleep(0.3)
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise ToolError("peak-rss", f"no VmHWM for pid {pid}")
+
+
+def wait_listening(ss_cmd: Sequence[str], port: int, *, timeout_s: float = 15,
+                   alive: subprocess.Popen[bytes] | None = None, what: str = "server") -> None:
+    """Poll `ss -ltn` (run inside the server's namespace) until something listens on `port`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run([*ss_cmd, "ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                             text=True, check=False).stdout
+        if out.strip():
+            return
+        if alive is not None and alive.poll() is not None:
+            raise ToolError(what, f"exited with {alive.returncode} before listening on {port}")
+        time.sleep(0.05)
+    raise ToolError(what, f"not listening on port {port} after {timeout_s:.0f} s")
+
+
+class LinkFlapper:
+    """Takes the link down `down_s` seconds, `at_s` seconds after `start()`; `stop()` always
+    leaves the link up."""
+
+    def __init__(self, set_up: Any, at_s: float, down_s: float) -> None:
+        self._set_up = set_up
+        self._at_s, self._down_s = at_s, down_s
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.flapped = False
+
+    def _run(self) -> None:
+        if self._cancel.wait(self._at_s):
+            return
+        self._set_up(False)
+        self.flapped = True
+        self._cancel.wait(self._down_s)
+        self._set_up(True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._cancel.set()
+        self._thread.join(timeout=30)
+        if self.flapped:
+            self._set_up(True)

@@ -1,0 +1,440 @@
+"""Adapters for the compared tools, all moving the same file over the same link in one run:
+transferd (against issue 3's CLI contract), iperf3 (the ceiling: one stream -l 1M, and -P 8),
+rsync in daemon mode (plain and --compress --compress-choice=zstd), and rclone copy with
+multi-thread streams from `rclone serve webdav`. `run_tool` wraps each with the link's counters
+(bytes on the wire, TCP re-sends, the emulator's health) and turns failures into a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.backends import rejection
+from benchmarks.datasets import file_blake3
+from benchmarks.errors import LabError, ToolError
+from benchmarks.lab import Lab, python_env
+from benchmarks.measure import (
+    LinkFlapper,
+    ToolRun,
+    peak_rss_mib,
+    run_measured,
+    server_cpu_s,
+    settle,
+    wait_listening,
+)
+from benchmarks.scenario import Scenario, Work, WorkKind
+
+__all__ = ["ADAPTERS", "RunContext", "run_tool", "NOT_YET_SUPPORTED"]
+
+NOT_YET_SUPPORTED = "not yet supported by transferd"
+MSS_BYTES = 1448  # TCP payload per 1500-byte packet with timestamps: re-sent bytes per segment
+TRANSFER_TIMEOUT_S = 900
+
+
+@dataclass
+class RunContext:
+    lab: Lab
+    scenario: Scenario
+    quick: bool
+    work: Work
+    data_path: Path
+    data_hash: str
+    scratch: Path
+    flapper: LinkFlapper | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def src(self) -> str:
+        return self.scenario.source_site()
+
+    @property
+    def dst(self) -> str:
+        return self.scenario.dest_site()
+
+    def transfer_started(self) -> None:
+        if self.flapper is not None:
+            self.flapper.start()
+
+    def size_bytes(self) -> int:
+        return self.data_path.stat().st_size
+
+    def verify(self, tool: str, received: Path) -> None:
+        if not received.exists():
+            raise ToolError(tool, f"reported success but {received.name} is not at the receiver")
+        if file_blake3(received) != self.data_hash:
+            raise ToolError(tool, "received file differs from the source (blake3 mismatch)")
+
+
+def _link_data(src: Path, into: Path) -> Path:
+    """The data file placed in a tool's tree: a hard link, so 2 GiB is not copied per tool."""
+    into.mkdir(parents=True, exist_ok=True)
+    target = into / src.name
+    try:
+        os.link(src, target)
+    except OSError:
+        shutil.copyfile(src, target)
+    return target
+
+
+def _goodput(size: int, seconds: float) -> float:
+    return size * 8 / seconds / 1e6
+
+
+# ---- iperf3 ---------------------------------------------------------------------------------
+
+IPERF3_PORT = 5201
+
+
+def _iperf3(ctx: RunContext, streams: int) -> ToolRun:
+    lab, tool = ctx.lab, "iperf3-1stream" if streams == 1 else "iperf3-8streams"
+    if shutil.which("iperf3") is None:
+        raise ToolError(tool, "iperf3 is not installed")
+    addr = lab.addr(ctx.dst)
+    server = lab.spawn(ctx.dst, ["iperf3", "-s", "-B", addr, "-p", str(IPERF3_PORT)],
+                       name=f"{tool}-server")
+    try:
+        wait_listening(lab.in_site(ctx.dst, []), IPERF3_PORT, alive=server, what="iperf3 -s")
+        cpu0 = server_cpu_s(server.pid)
+        seconds = ctx.scenario.quick_iperf3_seconds if ctx.quick else ctx.scenario.iperf3_seconds
+        cmd = ["iperf3", "-c", addr, "-p", str(IPERF3_PORT), "-l", "1M", "-t", f"{seconds:g}",
+               "-J"]
+        if streams > 1:
+            cmd += ["-P", str(streams)]
+        ctx.transfer_started()
+        got = run_measured(lab.in_site(ctx.src, cmd), timeout_s=seconds + 120,
+                           log_dir=lab.workdir, name=tool)
+        settle()
+        cpu = got.cpu_s + server_cpu_s(server.pid) - cpu0
+    finally:
+        lab.stop(server)
+    try:
+        report = json.loads(got.stdout)
+    except ValueError as exc:
+        raise ToolError(tool, f"no JSON report (exit {got.returncode}): {got.stderr[-300:]}"
+                        ) from exc
+    if got.returncode != 0 or "error" in report:
+        raise ToolError(tool, str(report.get("error", f"exit {got.returncode}")))
+    received = report["end"]["sum_received"]
+    return ToolRun(tool=tool, ok=True, goodput_mbit=received["bits_per_second"] / 1e6,
+                   seconds=received["seconds"], cpu_s=cpu, bytes_logical=int(received["bytes"]))
+
+
+# ---- rsync ----------------------------------------------------------------------------------
+
+RSYNC_PORT = 8730
+
+
+def _rsync(ctx: RunContext, zstd: bool) -> ToolRun:
+    lab, tool = ctx.lab, "rsync-zstd" if zstd else "rsync"
+    if shutil.which("rsync") is None:
+        raise ToolError(tool, "rsync is not installed")
+    dest = ctx.scratch / f"{tool}-dest"
+    dest.mkdir(parents=True)
+    conf = lab.workdir / f"{tool}.conf"
+    conf.write_text(
+        f"pid file = {lab.workdir / (tool + '.pid')}\nuse chroot = false\n"
+        f"[bench]\npath = {dest}\nread only = false\nuid = root\ngid = root\n")
+    addr = lab.addr(ctx.dst)
+    server = lab.spawn(ctx.dst, ["rsync", "--daemon", "--no-detach", f"--config={conf}",
+                                 f"--address={addr}", f"--port={RSYNC_PORT}"],
+                       name=f"{tool}-daemon")
+    try:
+        wait_listening(lab.in_site(ctx.dst, []), RSYNC_PORT, alive=server, what="rsync --daemon")
+        cpu0 = server_cpu_s(server.pid)
+        cmd = ["rsync", "-a"]
+        if zstd:
+            cmd += ["--compress", "--compress-choice=zstd"]
+        cmd += [str(ctx.data_path), f"rsync://{addr}:{RSYNC_PORT}/bench/"]
+        ctx.transfer_started()
+        got = run_measured(lab.in_site(ctx.src, cmd), timeout_s=TRANSFER_TIMEOUT_S,
+                           log_dir=lab.workdir, name=tool)
+        settle()
+        cpu = got.cpu_s + server_cpu_s(server.pid) - cpu0
+    finally:
+        lab.stop(server)
+    if got.returncode != 0:
+        raise ToolError(tool, f"exit {got.returncode}: {got.stderr.strip()[-300:]}")
+    ctx.verify(tool, dest / ctx.data_path.name)
+    size = ctx.size_bytes()
+    return ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
+                   seconds=got.seconds, cpu_s=cpu, bytes_logical=size)
+
+
+# ---- rclone ---------------------------------------------------------------------------------
+
+RCLONE_PORT = 8080
+RCLONE_STREAMS = 8
+
+
+def _rclone(ctx: RunContext) -> ToolRun:
+    """rclone's multi-thread streams work on downloads (its webdav backend has no multi-part
+    upload), so B copies from `rclone serve webdav` at A: the bytes still flow A -> B."""
+    lab, tool = ctx.lab, "rclone"
+    if shutil.which("rclone") is None:
+        raise ToolError(tool, "rclone is not installed")
+    served = _link_data(ctx.data_path, ctx.scratch / "rclone-src").parent
+    dest = ctx.scratch / "rclone-dest"
+    config = lab.workdir / "rclone.conf"
+    config.write_text("")
+    addr = lab.addr(ctx.src)
+    env = python_env({"RCLONE_CONFIG_SRC_TYPE": "webdav",
+                      "RCLONE_CONFIG_SRC_URL": f"http://{addr}:{RCLONE_PORT}/"})
+    server = lab.spawn(ctx.src, ["rclone", "serve", "webdav", str(served), "--addr",
+                                 f"{addr}:{RCLONE_PORT}", "--config", str(config)],
+                       name="rclone-serve")
+    try:
+        wait_listening(lab.in_site(ctx.src, []), RCLONE_PORT, alive=server,
+                       what="rclone serve webdav")
+        cpu0 = server_cpu_s(server.pid)
+        cmd = ["rclone", "copy", "src:", str(dest), "--config", str(config),
+               "--multi-thread-streams", str(RCLONE_STREAMS), "--multi-thread-cutoff", "16M"]
+        ctx.transfer_started()
+        got = run_measured(lab.in_site(ctx.dst, cmd), timeout_s=TRANSFER_TIMEOUT_S, env=env,
+                           log_dir=lab.workdir, name=tool)
+        settle()
+        cpu = got.cpu_s + server_cpu_s(server.pid) - cpu0
+    finally:
+        lab.stop(server)
+    if got.returncode != 0:
+        raise ToolError(tool, f"exit {got.returncode}: {got.stderr.strip()[-300:]}")
+    ctx.verify(tool, dest / ctx.data_path.name)
+    size = ctx.size_bytes()
+    return ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
+                   seconds=got.seconds, cpu_s=cpu, bytes_logical=size)
+
+
+# ---- transferd ------------------------------------------------------------------------------
+
+TRANSFERD_PORTS = (7701, 7702)
+# The bulk transfer is under way this long before interactive messages start.
+MESSAGES_START_DELAY_S = 1.0
+MESSAGES_INTERVAL_MS = 5.0
+
+
+def _transferd_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "transferd", *args]
+
+
+_FEATURES_PROBE = """
+import json
+import transferd
+from transferd.config import SiteConfig
+print(json.dumps({
+    "traffic": "traffic" in SiteConfig.model_fields,
+    "messages": hasattr(transferd, "send_message") and hasattr(transferd, "local_signer"),
+}))
+"""
+
+
+def _transferd_features(tool: str) -> dict[str, bool]:
+    """What this transferd can do: a working `send`, traffic settings (issue 4), messages."""
+    probe = subprocess.run(_transferd_cmd("send", "--help"), capture_output=True, text=True,
+                           env=python_env(), timeout=60, check=False)
+    if probe.returncode != 0:
+        reason = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ToolError(tool, f"{NOT_YET_SUPPORTED}: `transferd send` is unavailable ({reason})")
+    found = subprocess.run([sys.executable, "-c", _FEATURES_PROBE], capture_output=True,
+                           text=True, env=python_env(), timeout=60, check=False)
+    try:
+        features: dict[str, bool] = json.loads(found.stdout)
+    except ValueError as exc:
+        raise ToolError(tool, f"cannot inspect transferd: {found.stderr.strip()[-300:]}") from exc
+    return features
+
+
+def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
+    """Site-config keys for the compared transferd variants."""
+    if tool == "transferd":
+        return {}
+    if tool == "transferd-1stream":
+        fixed = {"traffic": {"adaptive_streams": False}} if features["traffic"] else {}
+        return {"streams": 1, **fixed}
+    if tool == "transferd-shared-pool":
+        if not features["traffic"]:
+            raise ToolError(tool, f"{NOT_YET_SUPPORTED}: no `traffic.shared_pool` setting "
+                            "(traffic classes, issue 4)")
+        return {"traffic": {"shared_pool": True}}
+    raise ToolError(tool, "unknown transferd variant")
+
+
+def _percentile(values: list[float], pct: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
+
+
+def _transferd(ctx: RunContext, tool: str) -> ToolRun:
+    lab = ctx.lab
+    features = _transferd_features(tool)
+    interactive = ctx.work.kind is WorkKind.INTERACTIVE_DURING_BULK
+    if interactive and not features["messages"]:
+        raise ToolError(tool, f"{NOT_YET_SUPPORTED}: no interactive messages (transferd has no "
+                        "send_message/local_signer client; traffic classes, issue 4)")
+    variant = _variant(tool, features)
+    keys = ctx.scratch / "transferd-keys"
+    sites = (ctx.src, ctx.dst)
+    keygen = subprocess.run(_transferd_cmd("keygen", "--sites", ",".join(sites), "--out",
+                                           str(keys)),
+                            capture_output=True, text=True, env=python_env(), timeout=60,
+                            check=False)
+    if keygen.returncode != 0:
+        raise ToolError(tool, f"keygen failed: {keygen.stderr.strip()[-300:]}")
+    configs: dict[str, Path] = {}
+    data_dirs: dict[str, Path] = {}
+    for site, port, peer, peer_port in ((ctx.src, TRANSFERD_PORTS[0], ctx.dst,
+                                         TRANSFERD_PORTS[1]),
+                                        (ctx.dst, TRANSFERD_PORTS[1], ctx.src,
+                                         TRANSFERD_PORTS[0])):
+        data_dirs[site] = ctx.scratch / f"transferd-{site}"
+        data_dirs[site].mkdir(parents=True)
+        config = {
+            "site": site,
+            "listen": f"{lab.addr(site)}:{port}",
+            "data_dir": str(data_dirs[site]),
+            "peers": {peer: {"url": f"http://{lab.addr(peer)}:{peer_port}"}},
+            "keys_dir": str(keys),
+            **variant,
+        }
+        configs[site] = ctx.scratch / f"transferd-{site}.yaml"
+        configs[site].write_text(yaml.safe_dump(config, sort_keys=False))
+    rel = Path("checkpoints") / "bench" / "step-1" / ctx.data_path.name
+    _link_data(ctx.data_path, data_dirs[ctx.src] / rel.parent)
+    daemons = {}
+    try:
+        for site, port in zip(sites, TRANSFERD_PORTS, strict=True):
+            daemons[site] = lab.spawn(site, _transferd_cmd("serve", "--config",
+                                                           str(configs[site])),
+                                      name=f"{tool}-{site}")
+            try:
+                wait_listening(lab.in_site(site, []), port, alive=daemons[site],
+                               what=f"transferd serve ({site})")
+            except ToolError as exc:
+                log = lab.log_tail(f"{tool}-{site}")
+                if variant and ("unknown" in log or "extra" in log.lower()):
+                    raise ToolError(tool, f"{NOT_YET_SUPPORTED}: the daemon refused "
+                                    f"{sorted(variant)}: {log}") from exc
+                raise ToolError(tool, f"{exc.reason}: {log}") from exc
+        cpu0 = sum(server_cpu_s(p.pid) for p in daemons.values())
+        cmd = _transferd_cmd("send", str(rel), "--config", str(configs[ctx.src]), "--to",
+                             ctx.dst, "--wait", "--json")
+        driver, driver_out = None, lab.workdir / f"{tool}-messages.json"
+        if interactive:
+            driver = lab.spawn(ctx.src, [
+                sys.executable, "-m", "benchmarks._interactive", "--url",
+                f"http://{lab.addr(ctx.src)}:{TRANSFERD_PORTS[0]}", "--peer", ctx.dst,
+                "--site", ctx.src, "--keys", str(keys), "--count", str(ctx.work.messages),
+                "--size", str(ctx.work.message_bytes), "--deadline-ms",
+                str(ctx.work.deadline_ms), "--interval-ms", str(MESSAGES_INTERVAL_MS),
+                "--start-delay-s", str(MESSAGES_START_DELAY_S), "--out", str(driver_out)],
+                name=f"{tool}-messages")
+        ctx.transfer_started()
+        got = run_measured(lab.in_site(ctx.src, cmd), timeout_s=TRANSFER_TIMEOUT_S,
+                           env=python_env(), log_dir=lab.workdir, name=tool)
+        bulk_done_at = time.time()
+        if driver is not None:
+            try:
+                driver.wait(120)
+            except subprocess.TimeoutExpired as exc:
+                raise ToolError(tool, "interactive messages did not finish in 120 s") from exc
+            if driver.returncode != 0:
+                raise ToolError(tool, "interactive message driver failed: "
+                                + lab.log_tail(f"{tool}-messages"))
+        cpu = got.cpu_s + sum(server_cpu_s(p.pid) for p in daemons.values()) - cpu0
+        rss = ({site: round(peak_rss_mib(p.pid), 1) for site, p in daemons.items()}
+               if ctx.scenario.peak_rss else None)
+    finally:
+        for popen in daemons.values():
+            lab.stop(popen, timeout=15)
+    if got.returncode != 0:
+        raise ToolError(tool, f"send exit {got.returncode}: {got.stderr.strip()[-300:]}")
+    try:
+        report = json.loads(got.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        raise ToolError(tool, f"send printed no JSON object: {got.stdout[-300:]}") from exc
+    ctx.verify(tool, data_dirs[ctx.dst] / rel)
+    size = ctx.size_bytes()
+    ctx.notes["transferd_report"] = report
+    run = ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
+                  seconds=got.seconds, cpu_s=cpu, bytes_logical=int(report["bytes_logical"]),
+                  peak_rss_mib=rss)
+    if interactive:
+        result = json.loads(driver_out.read_text())
+        latencies = [round(v, 3) for v in result["latencies_ms"]]
+        run.latencies_ms = latencies
+        run.messages = {
+            "sent": ctx.work.messages, "delivered": len(latencies),
+            "failed": result["n_errors"], "late": result["late"],
+            "budget_misses": result["budget_misses"],
+            "sent_after_bulk_finished": sum(t > bulk_done_at for t in result["sent_at"]),
+            "errors": result["errors"], "miss_reasons": result["miss_reasons"],
+        }
+        if latencies:
+            run.p50_ms = _percentile(latencies, 50)
+            run.p99_ms = _percentile(latencies, 99)
+        if result["n_errors"]:
+            run.ok = False
+            run.error = (f"{result['n_errors']} of {ctx.work.messages} messages failed: "
+                         + "; ".join(result["errors"][:2]))
+    return run
+
+
+ADAPTERS: dict[str, Callable[[RunContext], ToolRun]] = {
+    "transferd": lambda ctx: _transferd(ctx, "transferd"),
+    "transferd-1stream": lambda ctx: _transferd(ctx, "transferd-1stream"),
+    "transferd-shared-pool": lambda ctx: _transferd(ctx, "transferd-shared-pool"),
+    "iperf3-1stream": lambda ctx: _iperf3(ctx, 1),
+    "iperf3-8streams": lambda ctx: _iperf3(ctx, 8),
+    "rsync": lambda ctx: _rsync(ctx, zstd=False),
+    "rsync-zstd": lambda ctx: _rsync(ctx, zstd=True),
+    "rclone": _rclone,
+}
+
+
+def run_tool(tool: str, ctx: RunContext) -> ToolRun:
+    """One measured run with the link's counters around it; never raises for a tool's failure
+    (the reason lands in `error`)."""
+    lab = ctx.lab
+    data = None if tool.startswith("iperf3") else ctx.work.data.value
+    bytes0 = lab.link_bytes()
+    emu0 = lab.emulator_sample()
+    retrans0 = lab.tcp_retrans_segs(ctx.src) if lab.ends else None
+    flap = ctx.scenario.flap
+    ctx.flapper = LinkFlapper(lab.set_link_up, flap.at_s, flap.down_s) if flap else None
+    try:
+        run = ADAPTERS[tool](ctx)
+    except (ToolError, LabError) as exc:
+        reason = exc.reason if isinstance(exc, ToolError) else str(exc)
+        run = ToolRun(tool=tool, ok=False, error=reason)
+    finally:
+        if ctx.flapper is not None:
+            ctx.flapper.stop()
+        shutil.rmtree(ctx.scratch, ignore_errors=True)
+        ctx.scratch.mkdir(parents=True, exist_ok=True)
+    run.data = data
+    run.bytes_on_wire = lab.link_bytes() - bytes0
+    emu1 = lab.emulator_sample()
+    if retrans0 is not None:
+        run.tcp_retrans_segs = lab.tcp_retrans_segs(ctx.src) - retrans0
+        if flap:
+            run.resent_bytes = run.tcp_retrans_segs * MSS_BYTES
+    if emu0 is not None and emu1 is not None:
+        share = emu1.cpu_share_since(emu0)
+        run.emulator_cpu_pct = round(100 * share, 1) if share is not None else None
+    rate = ctx.scenario.link.rate_mbit if ctx.scenario.link else None
+    if rate and run.goodput_mbit is not None:
+        run.link_pct = 100 * run.goodput_mbit / rate
+    why = rejection(emu0, emu1)
+    if why and run.ok:
+        run.ok = False
+        run.error = f"rejected: {why}"
+    return run

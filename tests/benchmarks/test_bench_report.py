@@ -1,0 +1,62 @@
+"""Results out: medians over repetitions, failures carried with their reason, side-by-side
+ratios, the Markdown table, and plots written as PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.measure import ToolRun
+from benchmarks.report import markdown, medians, plot_all, ratios, write_results
+
+
+def _doc(runs: list[ToolRun]) -> dict[str, Any]:
+    return {
+        "scenario": "unit", "backend": "userspace-nfqueue", "kernel": "6.x",
+        "congestion_control": "bbr",
+        "link": {"rate_mbit": 1000, "delay_ms": 20, "jitter_ms": 0, "loss_pct": 0},
+        "measured_rtt_ms": 40.8, "rtt_samples_ms": [40.5, 40.8, 41.0], "quick": True,
+        "repeat": 3, "command": "python -m benchmarks run unit",
+        "runs": [r.to_json() for r in runs],
+    }
+
+
+def _run(tool: str, goodput: float, data: str | None = "incompressible", **kw: Any) -> ToolRun:
+    return ToolRun(tool=tool, ok=True, goodput_mbit=goodput, link_pct=goodput / 10, seconds=8.0,
+                   bytes_on_wire=1100, bytes_logical=1000, cpu_s=2.0, data=data, **kw)
+
+
+def test_medians_ratios_and_failures() -> None:
+    doc = _doc([
+        _run("transferd", 300), _run("transferd", 900), _run("transferd", 600),
+        _run("rsync", 200), _run("iperf3-1stream", 900, data=None),
+        ToolRun(tool="transferd-1stream", ok=False, data="incompressible",
+                error="not yet supported by transferd: no streams key"),
+    ])
+    rows = {r["tool"]: r for r in medians(doc)}
+    assert rows["transferd"]["goodput_mbit"] == 600
+    assert rows["transferd"]["n_ok"] == 3
+    assert rows["transferd-1stream"]["goodput_mbit"] is None
+    assert rows["transferd-1stream"]["error"].startswith("not yet supported by transferd")
+    (line,) = ratios(doc)
+    assert "3.00x rsync" in line
+    assert "0.67x iperf3-1stream" in line
+    assert "wire/logical 1.10" in line
+    table = markdown(doc)
+    assert "| transferd-1stream | incompressible | 0/1 | - |" in table
+    assert "`python -m benchmarks run unit`" in table
+
+
+def test_results_file_is_named_after_the_scenario_and_plots_are_png(tmp_path: Path) -> None:
+    doc = _doc([_run("transferd", 500), _run("iperf3-1stream", 900, data=None,
+                                              p50_ms=41.0, p99_ms=45.0)])
+    path = write_results(doc, tmp_path)
+    assert path == tmp_path / "unit.json"
+    loaded = json.loads(path.read_text())
+    assert {"scenario", "backend", "kernel", "congestion_control", "link", "measured_rtt_ms",
+            "runs"} <= loaded.keys()
+    written = plot_all(tmp_path)
+    assert {p.name for p in written} == {"goodput.png", "latency-cdf.png"}
+    for png in written:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
