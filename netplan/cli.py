@@ -28,6 +28,8 @@ __all__ = ["SECTIONS", "main"]
 # Beyond this many links the terminal report shows only links on chosen paths (--json has all).
 _LINK_TABLE_LIMIT = 60
 _ALTERNATIVES_SHOWN = 5
+# Beyond this many decisions, losing options are shown one per workload.
+_DETAILED_DECISIONS = 20
 
 
 def _gbps(x: float) -> str:
@@ -58,9 +60,17 @@ def _render_links(report: Report, console: Console, show_all_links: bool) -> Non
     links = report.links
     title = "Links: effective bulk throughput (Gbit/s; M = Mbit/s)"
     if len(links) > _LINK_TABLE_LIMIT and not show_all_links:
+        # A large estate: the links the decisions use, slowest first, up to the limit.
         used = _used_links(report)
-        links = tuple(link for link in links if frozenset(link.between) in used)
-        title += f" - {len(links)} of {len(report.links)} links on chosen paths (--all-links)"
+        on_paths = sorted(
+            (link for link in links if frozenset(link.between) in used),
+            key=lambda link: link.effective_gbps,
+        )
+        links = tuple(on_paths[:_LINK_TABLE_LIMIT])
+        title += (
+            f" - the {len(links)} slowest of {len(on_paths)} links on chosen paths "
+            f"({len(report.links)} in all: --all-links or --json)"
+        )
     table = Table(title=title, title_justify="left")
     for col in ("between", "capacity", "rtt ms", "loss %", "window bound", "loss bound"):
         table.add_column(col, justify="left" if col == "between" else "right")
@@ -115,31 +125,40 @@ def _render_decisions(report: Report, console: Console, show_all_links: bool) ->
         console.print(Text.assemble((f"{d.workload}: ", f"bold {style}"), d.reason))
 
 
+def _alternatives_table(title: str, rows: list[tuple[str, Option]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("workload", "action", "site"):
+        table.add_column(col)
+    table.add_column("total", justify="right")
+    table.add_column("done in", justify="right")
+    table.add_column("rejected because", overflow="fold")
+    for workload, alt in rows:
+        # Unpriced options failed before any path was searched: their total is unknown.
+        table.add_row(
+            workload,
+            alt.action,
+            _where(alt),
+            money(alt.total_usd) if alt.priced else "-",
+            hours(alt.completion_hours) if alt.feasible else "-",
+            alt.rejected_because or "",
+        )
+    return table
+
+
 def _render_alternatives(report: Report, console: Console, show_all_links: bool) -> None:
-    for d in report.decisions:
-        if not d.alternatives:
-            continue
-        ranked = sorted(d.alternatives, key=lambda o: (not o.feasible, o.total_usd))
-        shown = ranked[:_ALTERNATIVES_SHOWN]
-        more = len(ranked) - len(shown)
+    decided = [d for d in report.decisions if d.alternatives]
+    if len(decided) > _DETAILED_DECISIONS:
+        # A large estate: one table with each workload's runner-up; --json has the rest.
+        rows = [(d.workload, d.alternatives[0]) for d in decided]
+        console.print(_alternatives_table("Runner-up option per workload (--json: more)", rows))
+        return
+    for d in decided:
+        shown = d.alternatives[:_ALTERNATIVES_SHOWN]
+        more = len(d.alternatives) - len(shown)
         title = f"Options that lost: {d.workload}" + (f" ({more} more in --json)" if more else "")
-        table = Table(title=title, title_justify="left", show_lines=False)
-        table.add_column("action")
-        table.add_column("site")
-        table.add_column("total", justify="right")
-        table.add_column("done in", justify="right")
-        table.add_column("rejected because", overflow="fold")
-        for alt in shown:
-            # A site without the GPU type has no compute price: a total there would mislead.
-            priced = alt.feasible or alt.compute_usd > 0
-            table.add_row(
-                alt.action,
-                _where(alt),
-                money(alt.total_usd) if priced else "-",
-                hours(alt.completion_hours),
-                alt.rejected_because or "",
-            )
-        console.print(table)
+        if d.skipped:
+            title += f"; {d.skipped} not evaluated (could not win)"
+        console.print(_alternatives_table(title, [(d.workload, alt) for alt in shown]))
 
 
 Section = Callable[[Report, Console, bool], None]
@@ -163,6 +182,13 @@ def cli() -> None:
 @click.option("--window-bytes", type=click.IntRange(1024), help="Per-stream TCP window, bytes.")
 @click.option("--mss-bytes", type=click.IntRange(64, 65495), help="TCP maximum segment, bytes.")
 @click.option("--all-links", is_flag=True, help="List every link, however many.")
+@click.option(
+    "--max-alternatives",
+    type=click.IntRange(0),
+    default=20,
+    show_default=True,
+    help="JSON: losing options kept per decision, best first (0: all).",
+)
 @click.option("--strict", is_flag=True, help="Exit 1 if any workload is infeasible.")
 def analyze_command(
     topology_file: str,
@@ -171,6 +197,7 @@ def analyze_command(
     window_bytes: int | None,
     mss_bytes: int | None,
     all_links: bool,
+    max_alternatives: int,
     strict: bool,
 ) -> None:
     """Decide where each workload runs and what moves, with reasons.
@@ -194,7 +221,8 @@ def analyze_command(
     except NetplanError as exc:
         _fail(exc, 2)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        doc = report.to_json(max_alternatives=max_alternatives or None)
+        click.echo(json.dumps(doc, indent=2))
     else:
         console = Console(width=None if sys.stdout.isatty() else 160)
         for section in SECTIONS:
