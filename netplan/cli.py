@@ -125,23 +125,25 @@ def _render_decisions(report: Report, console: Console, show_all_links: bool) ->
         console.print(Text.assemble((f"{d.workload}: ", f"bold {style}"), d.reason))
 
 
-def _alternatives_table(title: str, rows: list[tuple[str, Option]]) -> Table:
+def _alternatives_table(
+    title: str, rows: list[tuple[str, Option]], *, with_workload: bool
+) -> Table:
     table = Table(title=title, title_justify="left")
-    for col in ("workload", "action", "site"):
+    for col in ("workload", "action", "site") if with_workload else ("action", "site"):
         table.add_column(col)
     table.add_column("total", justify="right")
     table.add_column("done in", justify="right")
     table.add_column("rejected because", overflow="fold")
     for workload, alt in rows:
         # Unpriced options failed before any path was searched: their total is unknown.
-        table.add_row(
-            workload,
+        cells = [
             alt.action,
             _where(alt),
             money(alt.total_usd) if alt.priced else "-",
             hours(alt.completion_hours) if alt.feasible else "-",
             alt.rejected_because or "",
-        )
+        ]
+        table.add_row(*([workload, *cells] if with_workload else cells))
     return table
 
 
@@ -150,7 +152,8 @@ def _render_alternatives(report: Report, console: Console, show_all_links: bool)
     if len(decided) > _DETAILED_DECISIONS:
         # A large estate: one table with each workload's runner-up; --json has the rest.
         rows = [(d.workload, d.alternatives[0]) for d in decided]
-        console.print(_alternatives_table("Runner-up option per workload (--json: more)", rows))
+        title = "Runner-up option per workload (--json: more)"
+        console.print(_alternatives_table(title, rows, with_workload=True))
         return
     for d in decided:
         shown = d.alternatives[:_ALTERNATIVES_SHOWN]
@@ -158,7 +161,8 @@ def _render_alternatives(report: Report, console: Console, show_all_links: bool)
         title = f"Options that lost: {d.workload}" + (f" ({more} more in --json)" if more else "")
         if d.skipped:
             title += f"; {d.skipped} not evaluated (could not win)"
-        console.print(_alternatives_table(title, [(d.workload, alt) for alt in shown]))
+        rows = [(d.workload, alt) for alt in shown]
+        console.print(_alternatives_table(title, rows, with_workload=False))
 
 
 Section = Callable[[Report, Console, bool], None]
