@@ -15,16 +15,22 @@ from netplan.network import LimitingFactor, Network
 from netplan.topology import Dataset, Model, Site, Topology, Workload, WorkloadKind
 
 __all__ = [
+    "COST_TIE_FRACTION",
     "Action",
     "ClientLatency",
     "Decision",
     "Movement",
     "Option",
+    "ViolationKind",
     "amended",
+    "deadline_violation",
+    "duration",
     "evaluate_site",
+    "gpu_violation",
     "infeasible_summary",
     "money",
     "ranked",
+    "summarize",
 ]
 
 ViolationKind = Literal["gpu", "residency", "raw", "path", "storage", "deadline"]
@@ -39,7 +45,7 @@ def money(usd: float) -> str:
     return f"${usd:,.0f}" if abs(usd) >= 100 else f"${usd:,.2f}"
 
 
-def hours(h: float) -> str:
+def duration(h: float) -> str:
     return f"{h:,.1f} h" if h >= 0.1 else f"{h * 60:,.1f} min"
 
 
@@ -219,7 +225,6 @@ def evaluate_site(
     action: Action,
     *,
     subset: bool = False,
-    check_gpus: bool = True,
 ) -> Option:
     """Run `workload` at `site`: move the model and every dataset not already there (only each
     dataset's `active_fraction` when `subset`), and check GPUs, residency (relay hops included),
@@ -235,7 +240,7 @@ def evaluate_site(
         kinds.append(kind)
         violations.append(text)
 
-    if check_gpus and (gpu := gpu_violation(site, workload)):
+    if gpu := gpu_violation(site, workload):
         violate("gpu", gpu)
     datasets: list[Dataset] = [topology.dataset(d) for d in workload.datasets]
     for ds in datasets:
@@ -321,8 +326,8 @@ def _deadline_text(
     deadline_h: float, completion_h: float, transfer_h: float, compute_h: float
 ) -> str:
     return (
-        f"deadline {deadline_h:g} h missed: {hours(completion_h)} "
-        f"(transfer {hours(transfer_h)} + compute {hours(compute_h)})"
+        f"deadline {deadline_h:g} h missed: {duration(completion_h)} "
+        f"(transfer {duration(transfer_h)} + compute {duration(compute_h)})"
     )
 
 

@@ -24,9 +24,9 @@ from netplan.decisions import (
     Decision,
     Option,
     amended,
+    duration,
     evaluate_site,
     gpu_violation,
-    hours,
     infeasible_summary,
     money,
     ranked,
@@ -129,14 +129,16 @@ def _moves_phrase(option: Option) -> str:
     parts = []
     for m in sorted(option.movements, key=lambda m: -m.size_gb):
         via = " -> ".join(m.path)
-        parts.append(f"{m.kind} {m.id} ({m.size_gb:,.0f} GB via {via}, {hours(m.seconds / 3600)})")
+        parts.append(
+            f"{m.kind} {m.id} ({m.size_gb:,.0f} GB via {via}, {duration(m.seconds / 3600)})"
+        )
     return "moves " + ", ".join(parts)
 
 
 def _cost_phrase(option: Option) -> str:
     return (
         f"{money(option.total_usd)} (egress {money(option.egress_usd)} + compute "
-        f"{money(option.compute_usd)}), done in {hours(option.completion_hours)}"
+        f"{money(option.compute_usd)}), done in {duration(option.completion_hours)}"
     )
 
 
@@ -160,7 +162,7 @@ def rejection(option: Option, chosen: Option | None) -> str:
         return (
             f"within 5% of the chosen cost ({money(option.total_usd)} vs "
             f"{money(chosen.total_usd)}) but finishes later "
-            f"({hours(option.completion_hours)} vs {hours(chosen.completion_hours)})"
+            f"({duration(option.completion_hours)} vs {duration(chosen.completion_hours)})"
         )
     return (
         f"costs {money(option.total_usd - chosen.total_usd)} more "
@@ -193,7 +195,7 @@ def decide_gravity(topology: Topology, network: Network, workload: Workload) -> 
         reason = (
             f"{chosen.where()}: {_moves_phrase(chosen)}; {_cost_phrase(chosen)}, within 5% of "
             f"the cheapest ({cheapest.where()}, {money(cheapest.total_usd)}) and finishes "
-            f"{hours(cheapest.completion_hours - chosen.completion_hours)} earlier"
+            f"{duration(cheapest.completion_hours - chosen.completion_hours)} earlier"
         )
     # Name what kept cheaper options out: that is the binding constraint on this decision.
     # (Only sites that price the GPU type: a site without those GPUs is not "cheaper".)

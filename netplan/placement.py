@@ -22,8 +22,8 @@ from netplan.decisions import (
     Option,
     amended,
     deadline_violation,
+    duration,
     evaluate_site,
-    hours,
     infeasible_summary,
     money,
     ranked,
@@ -250,7 +250,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
         reason += (
             f"; ships model {model.id} ({model.size_gb:,.0f} GB) to {len(shipped)} site"
             f"{'s' if len(shipped) > 1 else ''} for {money(sum(m.egress_usd for m in shipped))} "
-            f"in {hours(sum(m.seconds for m in shipped) / 3600)}"
+            f"in {duration(sum(m.seconds for m in shipped) / 3600)}"
         )
     else:
         reason += f"; model {model.id} is already there"
