@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -245,7 +246,9 @@ def analyze_command(
         doc = report.to_json(max_alternatives=max_alternatives or None)
         click.echo(json.dumps(doc, indent=2))
     else:
-        console = Console(width=None if sys.stdout.isatty() else 160)
+        # Piped output still gets readable tables unless COLUMNS says otherwise.
+        wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+        console = Console(width=None if wide else 160)
         for section in SECTIONS:
             section(report, console, all_links)
     if strict:

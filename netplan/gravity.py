@@ -200,19 +200,22 @@ def decide_gravity(topology: Topology, network: Network, workload: Workload) -> 
     # Name what kept cheaper options out: that is the binding constraint on this decision.
     # (Only sites that price the GPU type: a site without those GPUs is not "cheaper".)
     priced = {s.id for s in topology.sites if workload.gpu in s.gpu_hour_usd}
-    # An unpriced option's total is unknown; its compute alone already beating the chosen total
-    # is what makes it a contender worth naming.
+
+    # An unpriced option's total is unknown: compare its admissible lower bound instead, and
+    # say "from" so the claim stays true.
+    def at_least(o: Option) -> float:
+        if o.priced:
+            return o.total_usd
+        site = topology.site(o.sites[0])
+        return _lower_bound_usd(topology, network, workload, site, o.action == "stage_subset")
+
     cheaper_blocked = sorted(
-        (
-            o
-            for o in options
-            if not o.feasible and o.total_usd < chosen.total_usd and o.sites[0] in priced
-        ),
-        key=lambda o: o.total_usd,
+        ((at_least(o), o) for o in options if not o.feasible and o.sites[0] in priced),
+        key=lambda pair: pair[0],
     )
-    if cheaper_blocked:
-        best = cheaper_blocked[0]
-        price = money(best.total_usd) if best.priced else f"compute {money(best.compute_usd)}"
+    if cheaper_blocked and cheaper_blocked[0][0] < chosen.total_usd:
+        bound, best = cheaper_blocked[0]
+        price = money(bound) if best.priced else f"from {money(bound)}"
         reason += (
             f"; cheaper {best.where()} ({price}) ruled out: {summarize(best.violations, limit=3)}"
         )
