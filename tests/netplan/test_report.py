@@ -41,7 +41,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "netplan", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
         cwd=REPO,
         timeout=60,
         check=False,

@@ -90,7 +90,9 @@ def test_large_estates_get_grouped_reasons_and_a_runner_up_table(
     assert grouped, [d.reason for d in report.infeasible()]
     path = tmp_path / "estate.yaml"
     path.write_text(yaml.safe_dump(estate.model_dump(exclude_none=True)))
-    done = CliRunner().invoke(cli, ["analyze", str(path)], catch_exceptions=False)
+    done = CliRunner().invoke(
+        cli, ["analyze", str(path)], catch_exceptions=False, env={"COLUMNS": "200"}
+    )
     assert done.exit_code == 0
     assert "Runner-up option per workload" in done.stdout
     assert "slowest of" in done.stdout
