@@ -130,7 +130,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
     singles: list[Option] = []
     for site in candidates:
         option = evaluate_site(topology, network, workload, site, "replicate_model")
-        if not option.movements:
+        if option.priced and not option.movements:  # (unpriced: nothing was worked out)
             option = amended(option, action="in_place")
         singles.append(
             amended(
