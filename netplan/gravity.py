@@ -154,14 +154,16 @@ def choose(options: list[Option]) -> tuple[Option | None, Option | None]:
     return chosen, cheapest
 
 
-def rejection(option: Option, chosen: Option | None) -> str:
+def rejection(option: Option, chosen: Option | None, cheapest: Option | None) -> str:
     if not option.feasible:
         return summarize(option.violations)
     assert chosen is not None  # a feasible option exists, so one was chosen
-    if option.total_usd <= chosen.total_usd * (1 + COST_TIE_FRACTION) + 1e-9:
+    assert cheapest is not None
+    if option.total_usd <= cheapest.total_usd * (1 + COST_TIE_FRACTION) + 1e-9:
+        # In the 5 % tie band with the chosen option, which finishes first.
         return (
-            f"within 5% of the chosen cost ({money(option.total_usd)} vs "
-            f"{money(chosen.total_usd)}) but finishes later "
+            f"within 5% of the cheapest cost ({money(option.total_usd)} vs "
+            f"{money(cheapest.total_usd)}) but finishes later "
             f"({duration(option.completion_hours)} vs {duration(chosen.completion_hours)})"
         )
     return (
@@ -175,7 +177,9 @@ def decide_gravity(topology: Topology, network: Network, workload: Workload) -> 
     options, skipped = _options(topology, network, workload)
     chosen, cheapest = choose(options)
     alternatives = ranked(
-        amended(o, rejected_because=rejection(o, chosen)) for o in options if o is not chosen
+        amended(o, rejected_because=rejection(o, chosen, cheapest))
+        for o in options
+        if o is not chosen
     )
     if chosen is None or cheapest is None:
         anchors = {topology.dataset(d).site for d in workload.datasets}
