@@ -361,8 +361,8 @@ class Sender:
                     [window], [view] = await _open_batch(
                         files[ref.file].source, [(ref.offset, ref.length)]
                     )
-                    await pump.slots.acquire()
-                    tg.create_task(pump.put(ref.hash, [(ref.file, ref.offset)], view, window))
+                    await pump.gate.acquire(ref.length)
+                    pump.spawn(tg, ref.hash, [(ref.file, ref.offset)], view, window)
 
     async def _commit(
         self,
