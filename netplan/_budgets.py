@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from netplan._sections import LatencyComponents
+from netplan._sections import NETWORK_ONLY, LatencyComponents
 from netplan.network import Network
 from netplan.topology import Topology
 
@@ -103,7 +103,7 @@ def latency_budgets(topo: Topology, network: Network,
         sites = list(serving_sites.get(wl.id, ()))
         if not sites and wl.model is not None:
             sites = [topo.model(wl.model).site]
-        comps = wl.latency_components or topo.latency_components
+        comps = topo.request_components(wl) or NETWORK_ONLY
         worst: tuple[float, str, str, float, float] | None = None
         for client in wl.clients:
             best: tuple[float, str, float, float] | None = None

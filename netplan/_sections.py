@@ -57,6 +57,18 @@ class LatencyComponents(_Frozen):
     # Encode + decode of a few-KB JSON/protobuf request and response.
     serialization_ms: NonNegative = 1.0
 
+    def overhead_ms(self, rtt_ms: float) -> float:
+        """Everything a request costs besides the network round trip itself, for a client
+        `rtt_ms` away (the TLS handshake grows with the RTT)."""
+        return (self.dns_ms + self.tls_handshake_rtts * rtt_ms + self.request_routing_ms
+                + self.feature_lookup_ms + self.model_execution_ms + self.serialization_ms)
+
+
+# A workload whose topology declares no latency_components has a network-only budget: its
+# latency_budget_ms is the p99 of RTT + jitter (issue 2's contract), and so is its breakdown.
+NETWORK_ONLY = LatencyComponents(dns_ms=0, tls_handshake_rtts=0, request_routing_ms=0,
+                                 feature_lookup_ms=0, model_execution_ms=0, serialization_ms=0)
+
 
 class VectorIndex(_Frozen):
     id: Id

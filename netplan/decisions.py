@@ -67,7 +67,8 @@ class Movement:
 
 @dataclass(frozen=True)
 class ClientLatency:
-    """Inference: a client site, the replica that serves it and its p99 latency (RTT + jitter)."""
+    """Inference: a client site, the replica that serves it and its p99 latency: RTT + jitter, plus
+    the declared request components (DNS, TLS, model, ...) when the topology declares them."""
 
     client: str
     site: str | None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 
+from netplan._sections import LatencyComponents
 from netplan.decisions import (
     ClientLatency,
     Decision,
@@ -42,10 +43,16 @@ _BRUTE_FORCE_CLASSES = 12
 
 
 def _client_latencies(
-    network: Network, workload: Workload, sites: tuple[str, ...], *, with_paths: bool
+    network: Network,
+    workload: Workload,
+    sites: tuple[str, ...],
+    *,
+    with_paths: bool,
+    components: LatencyComponents | None,
 ) -> tuple[ClientLatency, ...]:
     """Each client served by its nearest site among `sites` (paths only when asked: building
-    them for every candidate site is most of the work on a large estate)."""
+    them for every candidate site is most of the work on a large estate). With declared
+    `components` the latency is the whole request's p99, not only the network's."""
     out = []
     for client in workload.clients:
         tree = network.latency_paths_from(client)
@@ -54,6 +61,8 @@ def _client_latencies(
             out.append(ClientLatency(client=client, site=None, p99_ms=None, path=()))
             continue
         p99, site = min(reach)
+        if components is not None:
+            p99 += components.overhead_ms(tree[site].rtt_ms)
         out.append(
             ClientLatency(
                 client=client, site=site, p99_ms=p99, path=tree[site].sites if with_paths else ()
@@ -125,6 +134,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
     assert workload.latency_budget_ms is not None
     assert workload.model is not None
     budget = workload.latency_budget_ms
+    components = topology.request_components(workload)
     model = topology.model(workload.model)
     candidates = [s for s in topology.sites if s.gpu_count(workload.gpu) > 0]
     singles: list[Option] = []
@@ -134,7 +144,9 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
             option = amended(option, action="in_place")
         singles.append(
             amended(
-                option, clients=_client_latencies(network, workload, (site.id,), with_paths=False)
+                option, clients=_client_latencies(
+                    network, workload, (site.id,), with_paths=False, components=components
+                )
             )
         )
 
@@ -195,7 +207,9 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
             movements=movements,
             compute_usd=sum(o.compute_usd for o in picked),
             hours=workload.hours,
-            clients=_client_latencies(network, workload, sites, with_paths=True),
+            clients=_client_latencies(
+                network, workload, sites, with_paths=True, components=components
+            ),
         )
         deadline = workload.deadline_hours
         if deadline is not None and combined.completion_hours > deadline:
@@ -240,10 +254,11 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
     assert worst is not None
     assert worst.p99_ms is not None
     count = len(chosen.sites)
+    scope = "request" if components is not None else "network"
     reason = (
         f"{count} replica{'s' if count > 1 else ''} at {', '.join(chosen.sites)}: every client "
-        f"within the {budget:g} ms p99 budget (worst: {worst.client} {worst.p99_ms:,.1f} ms to "
-        f"{worst.site})"
+        f"within the {budget:g} ms {scope} p99 budget (worst: {worst.client} "
+        f"{worst.p99_ms:,.1f} ms to {worst.site})"
     )
     shipped = [m for m in chosen.movements if m.kind == "model"]
     if shipped:

@@ -224,7 +224,14 @@ class Topology(_Frozen):
     sync_rules: tuple[SyncRule, ...] = ()
     checkpoint_replication: tuple[CheckpointReplication, ...] = ()
     sync_window: SyncWindow = SyncWindow()
-    latency_components: LatencyComponents = LatencyComponents()
+    # None: budgets are network-only (RTT + jitter p99). Declared (even as `{}`, which takes the
+    # documented defaults): every inference budget is end to end, for placement and breakdown.
+    latency_components: LatencyComponents | None = None
+
+    def request_components(self, workload: Workload) -> LatencyComponents | None:
+        """The non-network request costs that count against `workload`'s latency budget, or
+        None when neither the workload nor the topology declares them."""
+        return workload.latency_components or self.latency_components
 
     @model_validator(mode="after")
     def _check_references(self) -> Topology:

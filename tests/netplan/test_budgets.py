@@ -80,3 +80,59 @@ workloads:
     assert {c.name: c.ms for c in rank.components}["tls_handshake"] == 0.0
     assert rank.largest.name == "network_rtt_p99"
     assert rank.total_ms == pytest.approx(1 + 0 + 1 + 5 + 5 + 1 + 13)
+
+
+_ONE_CLIENT_TWO_SITES = """\
+name: budget-scope
+{components}
+sites:
+  - {{id: far, kind: cloud, region: eu, gpus: {{l4: 4}}, gpu_hour_usd: {{l4: 0.5}}}}
+  - {{id: near, kind: cloud, region: eu, gpus: {{l4: 4}}, gpu_hour_usd: {{l4: 0.9}}}}
+  - {{id: edge, kind: edge, region: eu}}
+links:
+  - {{between: [edge, far], bandwidth_gbps: 10, rtt_ms: 20, jitter_ms: 2}}
+  - {{between: [edge, near], bandwidth_gbps: 10, rtt_ms: 4, jitter_ms: 1}}
+  - {{between: [far, near], bandwidth_gbps: 10, rtt_ms: 18, jitter_ms: 1}}
+models:
+  - {{id: m, site: far, size_gb: 4}}
+workloads:
+  - {{id: chat, kind: inference, model: m, gpu: l4, gpus: 1, hours: 24, clients: [edge],
+     latency_budget_ms: 40}}
+"""
+
+
+def test_undeclared_components_keep_the_budget_network_only_in_placement_and_breakdown() -> None:
+    from netplan import parse_topology
+    from netplan.report import analyze
+
+    report = analyze(parse_topology(_ONE_CLIENT_TWO_SITES.format(components="")))
+    [decision] = report.decisions
+    # 22 ms p99 to the cheaper far site fits 40 ms of network budget.
+    assert decision.option.sites == ("far",)
+    assert "40 ms network p99 budget" in decision.reason
+    [budget] = report.latency_budgets
+    assert budget.total_ms == pytest.approx(22.0)
+    assert budget.headroom_ms == pytest.approx(40.0 - 22.0)
+    assert budget.fits
+
+
+def test_declared_components_count_against_the_budget_in_placement_and_breakdown() -> None:
+    from netplan import parse_topology
+    from netplan.report import analyze
+
+    topo = parse_topology(_ONE_CLIENT_TWO_SITES.format(
+        components="latency_components: {model_execution_ms: 8, feature_lookup_ms: 2}"))
+    report = analyze(topo)
+    [decision] = report.decisions
+    # far: 22 + dns 1 + tls 20 + routing 1 + features 2 + model 8 + ser 1 = 55 ms > 40;
+    # near: 5 + 1 + 4 + 1 + 2 + 8 + 1 = 22 ms: the dearer near site is the only one that fits.
+    assert decision.option.sites == ("near",)
+    assert "40 ms request p99 budget" in decision.reason
+    assert decision.option.worst_client is not None
+    assert decision.option.worst_client.p99_ms == pytest.approx(22.0)
+    [budget] = report.latency_budgets
+    assert budget.serving_site == "near"
+    assert budget.total_ms == pytest.approx(decision.option.worst_client.p99_ms)
+    assert budget.headroom_ms == pytest.approx(18.0)
+    far = next(a for a in decision.alternatives if a.sites == ("far",))
+    assert "misses the 40 ms budget by 15.0 ms" in (far.rejected_because or "")
