@@ -43,11 +43,13 @@ def generate(
     sites: list[dict[str, Any]] = []
     for i in range(n_sites):
         kind = rng.choices(["onprem", "cloud", "edge"], weights=[3, 1, 6])[0]
-        site: dict[str, Any] = {"id": f"{kind}-{i:04d}", "kind": kind, "region": rng.choice(regions)}
+        site: dict[str, Any] = {
+            "id": f"{kind}-{i:04d}", "kind": kind, "region": rng.choice(regions)}
         if kind == "cloud" or (kind == "onprem" and rng.random() < 0.5):
             types = rng.sample(sorted(GPU_TYPES), k=rng.randint(1, 3))
             site["gpus"] = {t: rng.choice([8, 16, 32, 64, 128, 256]) for t in types}
-            site["gpu_hour_usd"] = {t: round(GPU_TYPES[t] * rng.uniform(0.4, 1.4), 3) for t in types}
+            site["gpu_hour_usd"] = {
+                t: round(GPU_TYPES[t] * rng.uniform(0.4, 1.4), 3) for t in types}
         elif kind == "edge" and rng.random() < 0.3:
             site["gpus"] = {"l4": rng.choice([1, 2, 4])}
             site["gpu_hour_usd"] = {"l4": round(rng.uniform(0.7, 1.2), 3)}

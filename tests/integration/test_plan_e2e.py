@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -69,13 +68,13 @@ async def test_three_daemons_carry_out_the_plan(tmp_path: Path) -> None:
     topo = tmp_path / "three-sites.yaml"
     topo.write_text(TOPOLOGY)
     plan_path = tmp_path / "plan.json"
-    planned = subprocess.run(
-        [sys.executable, "-m", "netplan", "plan", str(topo), "-o", str(plan_path)],
-        env=env(),
-        capture_output=True,
-        timeout=60,
+    planner = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "netplan", "plan", str(topo), "-o", str(plan_path),
+        env=env(), stderr=asyncio.subprocess.PIPE,
     )
-    assert planned.returncode == 0, planned.stderr.decode()
+    async with asyncio.timeout(DEADLINE_S):
+        _, planner_err = await planner.communicate()
+    assert planner.returncode == 0, planner_err.decode()
     plan = json.loads(plan_path.read_text())
     by_site = {s["site"]: s for s in plan["sites"]}
 
@@ -104,16 +103,14 @@ async def test_three_daemons_carry_out_the_plan(tmp_path: Path) -> None:
         chunk_size=CHUNK,
         watch={"poll_interval_s": 0.1, "quiet_period_s": 0.5},
     )
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs: dict[str, asyncio.subprocess.Process] = {}
     try:
         for site in SITES:
             with (tmp_path / f"{site}.log").open("ab") as log:
-                procs[site] = subprocess.Popen(
-                    [sys.executable, "-m", "transferd", "serve", "--config", str(configs[site]),
-                     "--plan", str(plan_path)],
-                    env=env(),
-                    stdout=subprocess.DEVNULL,
-                    stderr=log,
+                procs[site] = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "transferd", "serve", "--config", str(configs[site]),
+                    "--plan", str(plan_path),
+                    env=env(), stdout=asyncio.subprocess.DEVNULL, stderr=log,
                 )
         for site in SITES:
             await wait_until_serving(f"http://127.0.0.1:{ports[site]}", timeout_s=DEADLINE_S)
@@ -130,7 +127,8 @@ async def test_three_daemons_carry_out_the_plan(tmp_path: Path) -> None:
 
         # Exactly where the plan says: nothing reached edge, and raw stayed at onprem.
         assert _tree(data["edge"]) == {}
-        assert _tree(data["cloud"] / "raw") == {} and _tree(data["onprem"] / "approved") == {
+        assert _tree(data["cloud"] / "raw") == {}
+        assert _tree(data["onprem"] / "approved") == {
             f"corpus-approved/{k}": v for k, v in want_approved.items()
         }
         for site in ("cloud", "edge"):
@@ -144,9 +142,10 @@ async def test_three_daemons_carry_out_the_plan(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
         for proc in procs.values():
             try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
+                async with asyncio.timeout(20):
+                    await proc.wait()
+            except TimeoutError:
                 proc.kill()
-                proc.wait(timeout=5)
+                await proc.wait()
     for site, proc in procs.items():
         assert proc.returncode == 0, (tmp_path / f"{site}.log").read_text()[-2000:]
