@@ -239,52 +239,68 @@ class SyncRunner:
         _kind, members = self.storage.list_source(prefix)
         return tuple(members), self.storage.newest_mtime(prefix)
 
-    def scan_once(self) -> list[str]:
-        """Submit every route that is due; returns the new job ids (runs in a thread)."""
+    def signatures(self) -> dict[str, tuple[Any, ...] | None]:
+        """Each route folder's current state (blocking storage calls: run in a thread)."""
+        out: dict[str, tuple[Any, ...] | None] = {}
+        for route in self.routes:
+            if route.prefix in out:
+                continue
+            try:
+                out[route.prefix] = self._signature(route.prefix)
+            except TransferdError as exc:
+                out[route.prefix] = None
+                log.error(
+                    "plan.sync.error",
+                    extra={"fields": {"path": route.prefix, "kind": exc.kind, "error": str(exc)}},
+                )
+        return out
+
+    def submit_due(self, signatures: Mapping[str, tuple[Any, ...] | None]) -> list[str]:
+        """Queue every route whose folder changed and is quiet; returns the new job ids. Runs on
+        the event loop (the sender and the journal belong to it)."""
         now = self.clock()
         queued: list[str] = []
-        signatures: dict[str, tuple[Any, ...] | None] = {}
         for route in self.routes:
-            try:
-                if route.prefix not in signatures:
-                    signatures[route.prefix] = self._signature(route.prefix)
-                sig = signatures[route.prefix]
-                if sig is None or now - sig[1] < self.quiet_period_s:
+            sig = signatures.get(route.prefix)
+            if sig is None or now - sig[1] < self.quiet_period_s:
+                continue
+            key = (route.prefix, route.destination)
+            last = self._sent.get(key)
+            if last is not None:
+                job = self.journal.job(last.job)
+                if job is not None and job.state in JobState.ACTIVE:
                     continue
-                key = (route.prefix, route.destination)
-                last = self._sent.get(key)
-                if last is not None:
-                    job = self.journal.job(last.job)
-                    if job is not None and job.state in JobState.ACTIVE:
-                        continue
-                    failed = job is None or job.state == JobState.FAILED
-                    retry_due = failed and now - last.at >= RETRY_FAILED_AFTER_S
-                    if last.signature == sig and not retry_due:
-                        continue
+                failed = job is None or job.state == JobState.FAILED
+                retry_due = failed and now - last.at >= RETRY_FAILED_AFTER_S
+                if last.signature == sig and not retry_due:
+                    continue
+            try:
                 [job_id] = self.submit(route.prefix, [route.destination], route.traffic_class)
-                self._sent[key] = _Sent(sig, job_id, now)
-                queued.append(job_id)
-                log.info(
-                    "plan.sync.queued",
-                    extra={
-                        "fields": {
-                            "path": route.prefix,
-                            "to": route.destination,
-                            "class": route.traffic_class.value,
-                            "rule": route.rule,
-                            "job": job_id,
-                        }
-                    },
-                )
             except TransferdError as exc:
                 # A refusal is counted by the sender; keep serving the other routes.
                 log.error(
                     "plan.sync.error",
                     extra={"fields": {"path": route.prefix, "kind": exc.kind, "error": str(exc)}},
                 )
+                self._sent[key] = _Sent(sig, "", now)  # no job: tried again like a failed one
+                continue
+            self._sent[key] = _Sent(sig, job_id, now)
+            queued.append(job_id)
+            log.info(
+                "plan.sync.queued",
+                extra={
+                    "fields": {
+                        "path": route.prefix,
+                        "to": route.destination,
+                        "class": route.traffic_class.value,
+                        "rule": route.rule,
+                        "job": job_id,
+                    }
+                },
+            )
         return queued
 
     async def run(self) -> None:
         while True:
-            await asyncio.to_thread(self.scan_once)
+            self.submit_due(await asyncio.to_thread(self.signatures))
             await asyncio.sleep(self.poll_interval_s)

@@ -153,3 +153,62 @@ def test_cli_serve_with_a_bad_plan_exits_2_naming_the_field(tmp_path: Path) -> N
     assert done.returncode == 2, err
     assert "schema_version: 7 is not supported" in err
     assert "Traceback" not in err
+
+
+def test_sync_runner_sends_a_quiet_changed_folder_once_and_again_after_it_changes(
+    tmp_path: Path,
+) -> None:
+    """The scheduling rules, with a fake clock and a recording submit: quiet period, no re-send
+    of an unchanged folder, none while a job is active, a re-send after a change, a retry of a
+    failed job only after RETRY_FAILED_AFTER_S."""
+    import os
+
+    from transferd._journal import JobState, Journal
+    from transferd._metrics import Metrics
+    from transferd._plan_exec import RETRY_FAILED_AFTER_S, SyncRoute, SyncRunner
+    from transferd._storage import LocalStorage
+    from transferd.testing import FakeClock
+
+    folder = tmp_path / "data" / "approved" / "d"
+    folder.mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"one")
+    os.utime(folder / "a.bin", (1000.0, 1000.0))
+    os.utime(folder, (1000.0, 1000.0))
+    journal = Journal(tmp_path / "journal.sqlite")
+    clock = FakeClock(start=1000.0)
+    calls: list[tuple[str, list[str], TrafficClass]] = []
+
+    def submit(path: str, dests: list[str], cls: TrafficClass) -> list[str]:
+        calls.append((path, dests, cls))
+        job = f"job-{len(calls)}"
+        journal.add_job(job, path, dests[0], cls.value, clock())
+        return [job]
+
+    runner = SyncRunner(
+        routes=(SyncRoute("approved/d", "B", TrafficClass.SYNC, "d", "r"),),
+        storage=LocalStorage(tmp_path / "data"), journal=journal, metrics=Metrics(),
+        submit=submit, clock=clock, quiet_period_s=5.0, poll_interval_s=1.0,
+    )
+    try:
+        def scan() -> list[str]:
+            return runner.submit_due(runner.signatures())
+
+        assert scan() == []  # changed 0 s ago: not quiet yet
+        clock.advance(5.0)
+        assert scan() == ["job-1"]
+        assert calls == [("approved/d", ["B"], TrafficClass.SYNC)]
+        (folder / "b.bin").write_bytes(b"two")
+        os.utime(folder / "b.bin", (1006.0, 1006.0))
+        os.utime(folder, (1006.0, 1006.0))  # the folder's own mtime moved with the new file
+        clock.advance(10.0)
+        assert scan() == []  # job-1 still queued: wait for it
+        journal.update_job("job-1", state=JobState.COMMITTED)
+        assert scan() == ["job-2"]  # the folder changed since job-1
+        journal.update_job("job-2", state=JobState.COMMITTED)
+        assert scan() == []  # unchanged since job-2
+        journal.update_job("job-2", state=JobState.FAILED)
+        assert scan() == []  # failed, but the retry interval has not passed
+        clock.advance(RETRY_FAILED_AFTER_S)
+        assert scan() == ["job-3"]
+    finally:
+        journal.close()
