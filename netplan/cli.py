@@ -7,9 +7,12 @@ The report is rendered section by section (`SECTIONS`): a new section is one mor
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import click
 from pydantic import ValidationError
@@ -19,7 +22,7 @@ from rich.text import Text
 
 from netplan._plan import build_plan
 from netplan._shards import ShardPlacement
-from netplan.decisions import Option, hours, money
+from netplan.decisions import Option, duration, money
 from netplan.errors import Infeasible, NetplanError, TopologyError
 from netplan.loader import load_topology
 from netplan.network import Network
@@ -31,6 +34,8 @@ __all__ = ["SECTIONS", "main"]
 # Beyond this many links the terminal report shows only links on chosen paths (--json has all).
 _LINK_TABLE_LIMIT = 60
 _ALTERNATIVES_SHOWN = 5
+# Beyond this many decisions, losing options are shown one per workload.
+_DETAILED_DECISIONS = 20
 
 
 def _gbps(x: float) -> str:
@@ -61,9 +66,17 @@ def _render_links(report: Report, console: Console, show_all_links: bool) -> Non
     links = report.links
     title = "Links: effective bulk throughput (Gbit/s; M = Mbit/s)"
     if len(links) > _LINK_TABLE_LIMIT and not show_all_links:
+        # A large estate: the links the decisions use, slowest first, up to the limit.
         used = _used_links(report)
-        links = tuple(link for link in links if frozenset(link.between) in used)
-        title += f" - {len(links)} of {len(report.links)} links on chosen paths (--all-links)"
+        on_paths = sorted(
+            (link for link in links if frozenset(link.between) in used),
+            key=lambda link: link.effective_gbps,
+        )
+        links = tuple(on_paths[:_LINK_TABLE_LIMIT])
+        title += (
+            f" - the {len(links)} slowest of {len(on_paths)} links on chosen paths "
+            f"({len(report.links)} in all: --all-links or --json)"
+        )
     table = Table(title=title, title_justify="left")
     for col in ("between", "capacity", "rtt ms", "loss %", "window bound", "loss bound"):
         table.add_column(col, justify="left" if col == "between" else "right")
@@ -106,11 +119,11 @@ def _render_decisions(report: Report, console: Console, show_all_links: bool) ->
             _where(o),
             " -> ".join(o.path),
             f"{o.transfer_gb:,.0f} GB",
-            hours(o.transfer_seconds / 3600),
+            duration(o.transfer_seconds / 3600),
             money(o.egress_usd),
             money(o.compute_usd),
             money(o.total_usd),
-            hours(o.completion_hours),
+            duration(o.completion_hours),
         )
     console.print(table)
     for d in report.decisions:
@@ -118,31 +131,44 @@ def _render_decisions(report: Report, console: Console, show_all_links: bool) ->
         console.print(Text.assemble((f"{d.workload}: ", f"bold {style}"), d.reason))
 
 
+def _alternatives_table(
+    title: str, rows: list[tuple[str, Option]], *, with_workload: bool
+) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("workload", "action", "site") if with_workload else ("action", "site"):
+        table.add_column(col)
+    table.add_column("total", justify="right")
+    table.add_column("done in", justify="right")
+    table.add_column("rejected because", overflow="fold")
+    for workload, alt in rows:
+        # Unpriced options failed before any path was searched: their total is unknown.
+        cells = [
+            alt.action,
+            _where(alt),
+            money(alt.total_usd) if alt.priced else "-",
+            duration(alt.completion_hours) if alt.feasible else "-",
+            alt.rejected_because or "",
+        ]
+        table.add_row(*([workload, *cells] if with_workload else cells))
+    return table
+
+
 def _render_alternatives(report: Report, console: Console, show_all_links: bool) -> None:
-    for d in report.decisions:
-        if not d.alternatives:
-            continue
-        ranked = sorted(d.alternatives, key=lambda o: (not o.feasible, o.total_usd))
-        shown = ranked[:_ALTERNATIVES_SHOWN]
-        more = len(ranked) - len(shown)
+    decided = [d for d in report.decisions if d.alternatives]
+    if len(decided) > _DETAILED_DECISIONS:
+        # A large estate: one table with each workload's runner-up; --json has the rest.
+        rows = [(d.workload, d.alternatives[0]) for d in decided]
+        title = "Runner-up option per workload (--json: more)"
+        console.print(_alternatives_table(title, rows, with_workload=True))
+        return
+    for d in decided:
+        shown = d.alternatives[:_ALTERNATIVES_SHOWN]
+        more = len(d.alternatives) - len(shown)
         title = f"Options that lost: {d.workload}" + (f" ({more} more in --json)" if more else "")
-        table = Table(title=title, title_justify="left", show_lines=False)
-        table.add_column("action")
-        table.add_column("site")
-        table.add_column("total", justify="right")
-        table.add_column("done in", justify="right")
-        table.add_column("rejected because", overflow="fold")
-        for alt in shown:
-            # A site without the GPU type has no compute price: a total there would mislead.
-            priced = alt.feasible or alt.compute_usd > 0
-            table.add_row(
-                alt.action,
-                _where(alt),
-                money(alt.total_usd) if priced else "-",
-                hours(alt.completion_hours),
-                alt.rejected_because or "",
-            )
-        console.print(table)
+        if d.skipped:
+            title += f"; {d.skipped} not evaluated (could not win)"
+        rows = [(d.workload, alt) for alt in shown]
+        console.print(_alternatives_table(title, rows, with_workload=False))
 
 
 def _shard_groups(shards: tuple[ShardPlacement, ...]) -> list[tuple[str, str]]:
@@ -248,6 +274,19 @@ SECTIONS: list[Section] = [
 ]
 
 
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Loading and planning a large estate allocate hundreds of thousands of short-lived, acyclic
+    objects; the cycle collector's passes over them cost a third of the run and find nothing."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _fail(exc: NetplanError, code: int) -> None:
     click.echo(str(exc), err=True)
     sys.exit(code)
@@ -265,6 +304,13 @@ def cli() -> None:
 @click.option("--window-bytes", type=click.IntRange(1024), help="Per-stream TCP window, bytes.")
 @click.option("--mss-bytes", type=click.IntRange(64, 65495), help="TCP maximum segment, bytes.")
 @click.option("--all-links", is_flag=True, help="List every link, however many.")
+@click.option(
+    "--max-alternatives",
+    type=click.IntRange(0),
+    default=20,
+    show_default=True,
+    help="JSON: losing options kept per decision, best first (0: all).",
+)
 @click.option("--strict", is_flag=True, help="Exit 1 if any workload is infeasible.")
 def analyze_command(
     topology_file: str,
@@ -273,16 +319,18 @@ def analyze_command(
     window_bytes: int | None,
     mss_bytes: int | None,
     all_links: bool,
+    max_alternatives: int,
     strict: bool,
 ) -> None:
     """Decide where each workload runs and what moves, with reasons.
 
     TCP settings come from the topology's `transfer:` section; the flags override them.
     """
-    try:
-        topology: Topology = load_topology(topology_file)
-    except TopologyError as exc:
-        _fail(exc, 2)
+    with _no_cyclic_gc():
+        try:
+            topology: Topology = load_topology(topology_file)
+        except TopologyError as exc:
+            _fail(exc, 2)
     overrides = {
         k: v
         for k, v in (("streams", streams), ("window_bytes", window_bytes), ("mss_bytes", mss_bytes))
@@ -290,15 +338,19 @@ def analyze_command(
     }
     try:
         settings = TransferSettings.model_validate({**topology.transfer.model_dump(), **overrides})
-        report = analyze(topology, settings)
+        with _no_cyclic_gc():
+            report = analyze(topology, settings)
     except ValidationError as exc:
         raise click.BadParameter(str(exc)) from exc
     except NetplanError as exc:
         _fail(exc, 2)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        doc = report.to_json(max_alternatives=max_alternatives or None)
+        click.echo(json.dumps(doc, indent=2))
     else:
-        console = Console(width=None if sys.stdout.isatty() else 160)
+        # Piped output still gets readable tables unless COLUMNS says otherwise.
+        wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+        console = Console(width=None if wide else 160)
         for section in SECTIONS:
             section(report, console, all_links)
     if strict:

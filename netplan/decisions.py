@@ -7,7 +7,6 @@ the reason in words, and every option that lost with why. Constraint texts are w
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -16,15 +15,25 @@ from netplan.network import LimitingFactor, Network
 from netplan.topology import Dataset, Model, Site, Topology, Workload, WorkloadKind
 
 __all__ = [
+    "COST_TIE_FRACTION",
     "Action",
     "ClientLatency",
     "Decision",
     "Movement",
     "Option",
+    "ViolationKind",
     "amended",
+    "deadline_violation",
+    "duration",
     "evaluate_site",
+    "gpu_violation",
+    "infeasible_summary",
     "money",
+    "ranked",
+    "summarize",
 ]
+
+ViolationKind = Literal["gpu", "residency", "raw", "path", "storage", "deadline"]
 
 Action = Literal["in_place", "move_compute", "move_data", "stage_subset", "replicate_model", "none"]
 
@@ -36,7 +45,7 @@ def money(usd: float) -> str:
     return f"${usd:,.0f}" if abs(usd) >= 100 else f"${usd:,.2f}"
 
 
-def hours(h: float) -> str:
+def duration(h: float) -> str:
     return f"{h:,.1f} h" if h >= 0.1 else f"{h * 60:,.1f} min"
 
 
@@ -77,6 +86,10 @@ class Option:
     hours: float  # compute wall-clock
     rejected_because: str | None = None
     clients: tuple[ClientLatency, ...] = ()
+    violation_kinds: tuple[ViolationKind, ...] = ()  # one per violation, for summaries
+    # False: failed a check that needs no network, so no paths were searched and transfer,
+    # egress and completion are unknown (reported as null); compute_usd is still exact.
+    priced: bool = True
 
     @property
     def transfer_gb(self) -> float:
@@ -125,7 +138,8 @@ class Decision:
     kind: WorkloadKind
     option: Option | None  # None when no option is feasible
     reason: str
-    alternatives: tuple[Option, ...]
+    alternatives: tuple[Option, ...]  # feasible first, then by total cost
+    skipped: int = 0  # options branch and bound proved could not win (not in alternatives)
 
     @property
     def feasible(self) -> bool:
@@ -141,15 +155,57 @@ class Decision:
         return _distinct(v for alt in self.alternatives for v in alt.violations)
 
 
+def ranked(options: Iterable[Option]) -> tuple[Option, ...]:
+    """Feasible options first, each group cheapest first."""
+    return tuple(sorted(options, key=lambda o: (not o.feasible, o.total_usd)))
+
+
 def _distinct(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def infeasible_summary(options: Sequence[Option], anchors: set[str], limit: int = 6) -> str:
+    """The binding constraints of a workload no option satisfies. Few distinct causes are listed
+    verbatim; many (a large estate) are listed verbatim for the sites holding the data or model
+    and counted by kind for every other site."""
+    distinct = list(dict.fromkeys(v for o in options for v in o.violations))
+    if len(distinct) <= limit:
+        return "; ".join(distinct)
+    exact: list[str] = []
+    sites_by_kind: dict[ViolationKind, set[str]] = {}
+    raw: list[str] = []
+    for option in options:
+        for kind, text in zip(option.violation_kinds, option.violations, strict=True):
+            if kind == "raw":
+                raw.append(text)
+            elif option.sites[0] in anchors:
+                exact.append(text)
+            else:
+                sites_by_kind.setdefault(kind, set()).update(option.sites)
+    counted: dict[ViolationKind, str] = {
+        "gpu": "{n} other sites lack the GPUs",
+        "residency": "{n} sites are outside a dataset's residency",
+        "path": "{n} sites cannot be reached (within residency)",
+        "storage": "{n} sites lack the storage",
+        "deadline": "the deadline is missed at {n} sites",
+    }
+    parts = list(dict.fromkeys(exact + raw))
+    for kind, template in counted.items():
+        if kind in sites_by_kind:
+            parts.append(template.format(n=len(sites_by_kind[kind])))
+    if "deadline" in sites_by_kind:
+        closest = min(
+            (o for o in options if "deadline" in o.violation_kinds),
+            key=lambda o: o.completion_hours,
+        )
+        parts[-1] += f" (closest: {closest.violations[-1]} at {closest.sites[0]})"
+    return "; ".join(parts)
+
+
 def summarize(messages: Sequence[str], limit: int = 6) -> str:
-    shown = list(messages[:limit])
-    if len(messages) > limit:
-        shown.append(f"and {len(messages) - limit} more")
-    return "; ".join(shown)
+    if len(messages) <= limit:
+        return "; ".join(messages)
+    return "; ".join([*messages[:limit], f"and {len(messages) - limit} more"])
 
 
 def gpu_violation(site: Site, workload: Workload) -> str | None:
@@ -169,70 +225,94 @@ def evaluate_site(
     action: Action,
     *,
     subset: bool = False,
-    check_gpus: bool = True,
 ) -> Option:
     """Run `workload` at `site`: move the model and every dataset not already there (only each
     dataset's `active_fraction` when `subset`), and check GPUs, residency (relay hops included),
-    raw tier, storage and the deadline."""
-    violations: list[str] = []
-    movements: list[Movement] = []
-    if check_gpus and (gpu := gpu_violation(site, workload)):
-        violations.append(gpu)
+    raw tier, storage and the deadline.
 
+    The checks that need no network (GPUs, where data may be processed, raw tier) come first;
+    an option failing them is returned unpriced, without path searches: on a large estate most
+    options fail that way, and what moving would have cost cannot change that."""
+    violations: list[str] = []
+    kinds: list[ViolationKind] = []
+
+    def violate(kind: ViolationKind, text: str) -> None:
+        kinds.append(kind)
+        violations.append(text)
+
+    if gpu := gpu_violation(site, workload):
+        violate("gpu", gpu)
     datasets: list[Dataset] = [topology.dataset(d) for d in workload.datasets]
-    model: Model | None = topology.model(workload.model) if workload.model else None
     for ds in datasets:
         if not ds.allowed_in(site.region):
-            violations.append(
+            violate(
+                "residency",
                 f"dataset {ds.id} may not be processed in {site.region} "
-                f"(residency: {', '.join(ds.residency)})"
+                f"(residency: {', '.join(ds.residency)})",
             )
-            continue
+        elif ds.site != site.id and ds.tier == "raw":
+            violate("raw", f"raw-tier dataset {ds.id} cannot leave {ds.site}")
+    price = site.gpu_hour_usd.get(workload.gpu, 0.0)
+    compute_usd = workload.gpus * workload.hours * price
+    if violations:
+        return Option(
+            action=action,
+            sites=(site.id,),
+            feasible=False,
+            violations=tuple(violations),
+            movements=(),
+            compute_usd=compute_usd,
+            hours=workload.hours,
+            violation_kinds=tuple(kinds),
+            priced=False,
+        )
+
+    movements: list[Movement] = []
+    for ds in datasets:
         if ds.site == site.id:
-            continue
-        if ds.tier == "raw":
-            violations.append(f"raw-tier dataset {ds.id} cannot leave {ds.site}")
             continue
         regions = frozenset(ds.residency) if ds.residency else None
         size_gb = ds.size_gb * ds.active_fraction if subset else ds.size_gb
         moved = _move(network, "dataset", ds.id, ds.site, site.id, size_gb, regions)
-        if isinstance(moved, Movement):
+        if moved is not None:
             movements.append(moved)
         elif regions is not None and network.widest_path(ds.site, site.id) is not None:
-            violations.append(
+            violate(
+                "path",
                 f"no path from {ds.site} to {site.id} stays within dataset {ds.id}'s residency "
-                f"({', '.join(ds.residency)})"
+                f"({', '.join(ds.residency)})",
             )
         else:
-            violations.append(f"no network path from {ds.site} to {site.id}")
+            violate("path", f"no network path from {ds.site} to {site.id}")
+    model: Model | None = topology.model(workload.model) if workload.model else None
     if model is not None and model.site != site.id:
         moved = _move(network, "model", model.id, model.site, site.id, model.size_gb, None)
-        if isinstance(moved, Movement):
+        if moved is not None:
             movements.append(moved)
         else:
-            violations.append(f"no network path from {model.site} to {site.id}")
+            violate("path", f"no network path from {model.site} to {site.id}")
 
     incoming_gb = sum(m.size_gb for m in movements)
     if site.storage_tb is not None and incoming_gb > site.storage_tb * 1000:
-        violations.append(
-            f"{site.id} has {site.storage_tb:g} TB of storage, needs {incoming_gb / 1000:,.1f} TB"
+        violate(
+            "storage",
+            f"{site.id} has {site.storage_tb:g} TB of storage, needs {incoming_gb / 1000:,.1f} TB",
         )
-
-    price = site.gpu_hour_usd.get(workload.gpu, 0.0)
     deadline = workload.deadline_hours
     if not violations and deadline is not None:
         completion = sum(m.seconds for m in movements) / 3600 + workload.hours
         if completion > deadline:
             transfer_h = completion - workload.hours
-            violations.append(_deadline_text(deadline, completion, transfer_h, workload.hours))
+            violate("deadline", _deadline_text(deadline, completion, transfer_h, workload.hours))
     return Option(
         action=action,
         sites=(site.id,),
         feasible=not violations,
         violations=tuple(violations),
         movements=tuple(movements),
-        compute_usd=workload.gpus * workload.hours * price,
+        compute_usd=compute_usd,
         hours=workload.hours,
+        violation_kinds=tuple(kinds),
     )
 
 
@@ -246,17 +326,17 @@ def _deadline_text(
     deadline_h: float, completion_h: float, transfer_h: float, compute_h: float
 ) -> str:
     return (
-        f"deadline {deadline_h:g} h missed: {hours(completion_h)} "
-        f"(transfer {hours(transfer_h)} + compute {hours(compute_h)})"
+        f"deadline {deadline_h:g} h missed: {duration(completion_h)} "
+        f"(transfer {duration(transfer_h)} + compute {duration(compute_h)})"
     )
 
 
 def amended(option: Option, **changes: object) -> Option:
     """A copy of `option` with some fields changed (dataclasses.replace re-runs __init__ and is
     the slowest thing in a 100,000-option analysis)."""
-    new = copy.copy(option)
-    for name, value in changes.items():
-        object.__setattr__(new, name, value)
+    new = object.__new__(Option)
+    new.__dict__.update(option.__dict__)
+    new.__dict__.update(changes)
     return new
 
 

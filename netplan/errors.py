@@ -50,4 +50,7 @@ class Infeasible(PlanError):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return f"workload {self.workload} is infeasible: " + "; ".join(self.constraints)
+        shown = list(self.constraints[:6])
+        if len(self.constraints) > len(shown):
+            shown.append(f"and {len(self.constraints) - len(shown)} more")
+        return f"workload {self.workload} is infeasible: " + "; ".join(shown)

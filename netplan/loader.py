@@ -12,9 +12,25 @@ from pydantic import ValidationError
 
 from netplan.errors import TopologyError
 from netplan.topology import Topology
-from netplan.yamlpos import FieldIssue, YamlSyntaxError, field_issues, load_data, parse
+from netplan.yamlpos import (
+    FieldIssue,
+    YamlDocument,
+    YamlSyntaxError,
+    field_issues,
+    load_data,
+    parse,
+)
 
 __all__ = ["load_topology", "parse_topology"]
+
+
+def _positions(text: str) -> YamlDocument:
+    """Line numbers for an error message. libyaml accepted the text, so the pure-Python parser
+    should too; if the two ever disagree, the message goes without lines rather than crash."""
+    try:
+        return parse(text)
+    except YamlSyntaxError:
+        return YamlDocument(data=None, lines={})
 
 
 def parse_topology(text: str, source: str | None = None) -> Topology:
@@ -38,9 +54,9 @@ def parse_topology(text: str, source: str | None = None) -> Topology:
         return Topology.model_validate(data)
     except ValidationError as exc:
         # Only now pay for a second parse that records where every node is.
-        raise TopologyError(field_issues(exc, parse(text)), source) from exc
+        raise TopologyError(field_issues(exc, _positions(text)), source) from exc
     except TopologyError as exc:
-        doc = parse(text)
+        doc = _positions(text)
         located = [
             FieldIssue(path=i.path, message=i.message, line=doc.line_of(i.path)) for i in exc.issues
         ]

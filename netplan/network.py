@@ -36,6 +36,7 @@ __all__ = [
     "LimitingFactor",
     "LinkThroughput",
     "Network",
+    "PathTree",
     "WidestPath",
     "link_throughput",
 ]
@@ -135,9 +136,10 @@ _UNREACHED = -2
 _ROOT = -1
 
 
-class _PathTree(Mapping[str, PathT], Generic[PathT]):
-    """A single-source search result (parent per site, by index); a target's path object is
-    built on demand, because 1,000 path objects per source cost more than the search."""
+class PathTree(Mapping[str, PathT], Generic[PathT]):
+    """A single-source search result: a read-only map target -> path object, built on demand
+    (1,000 path objects per source cost more than the search), plus `score(target)`: the searched
+    metric (bottleneck Gbit/s or RTT + jitter ms) without building the path."""
 
     def __init__(
         self,
@@ -145,12 +147,20 @@ class _PathTree(Mapping[str, PathT], Generic[PathT]):
         index: dict[str, int],
         parent: list[int],
         build: Callable[[int], PathT],
+        score: list[float],
     ) -> None:
         self._ids = ids
         self._index = index
         self.parent = parent
         self._build = build
         self._built: dict[int, PathT] = {}
+        self._score = score  # the searched metric per site, readable without building a path
+
+    def score(self, target: str) -> float | None:
+        i = self._index.get(target)
+        if i is None or self.parent[i] == _UNREACHED:
+            return None
+        return self._score[i]
 
     def __getitem__(self, target: str) -> PathT:
         i = self._index.get(target)
@@ -232,9 +242,12 @@ class Network:
             ]
             for u in self._ids
         ]
+        self._min_egress = [
+            min((hop[2] for hop in hops), default=math.inf) for hops in self._adjacency
+        ]
         self._masks: dict[Regions, list[bool]] = {}
-        self._widest: dict[tuple[str, Regions], _PathTree[WidestPath]] = {}
-        self._latency: dict[tuple[str, Regions], _PathTree[LatencyPath]] = {}
+        self._widest: dict[tuple[str, Regions], PathTree[WidestPath]] = {}
+        self._latency: dict[tuple[str, Regions], PathTree[LatencyPath]] = {}
 
     # -- links ---------------------------------------------------------------------------------
     def link(self, a: str, b: str) -> LinkThroughput | None:
@@ -242,6 +255,11 @@ class Network:
         self._require(a, b)
         edge = self.graph.get_edge_data(a, b)
         return None if edge is None else edge["throughput"]
+
+    def min_egress_usd_per_gb(self, site: str) -> float:
+        """The cheapest price of leaving `site` over any of its links (inf with no links)."""
+        self._require(site)
+        return self._min_egress[self._index[site]]
 
     # -- bulk paths ----------------------------------------------------------------------------
     def widest_path(self, source: str, target: str, regions: Regions = None) -> WidestPath | None:
@@ -251,7 +269,7 @@ class Network:
         self._require(target)
         return tree.get(target)
 
-    def widest_paths_from(self, source: str, regions: Regions = None) -> Mapping[str, WidestPath]:
+    def widest_paths_from(self, source: str, regions: Regions = None) -> PathTree[WidestPath]:
         """Widest paths from `source` to every reachable site (only through `regions`)."""
         key = (source, regions)
         tree = self._widest.get(key)
@@ -268,7 +286,7 @@ class Network:
             ]
         return mask
 
-    def _single_source_widest(self, source: str, regions: Regions) -> _PathTree[WidestPath]:
+    def _single_source_widest(self, source: str, regions: Regions) -> PathTree[WidestPath]:
         # Label per site: (bottleneck, egress per GB, rtt). Order: wider, then cheaper, then
         # shorter. Dijkstra is exact for the bottleneck; the cost/RTT tie-breaks are greedy.
         n = len(self._ids)
@@ -299,7 +317,12 @@ class Network:
                     b = gbps if gbps < w else w
                     nc = c + egress
                     nr = r + hop_rtt
-                    if parent[v] == _UNREACHED or (-b, nc, nr) < (-width[v], cost[v], rtt[v]):
+                    wv = width[v]
+                    if (
+                        parent[v] == _UNREACHED
+                        or b > wv
+                        or (b == wv and (nc < cost[v] or (nc == cost[v] and nr < rtt[v])))
+                    ):
                         width[v], cost[v], rtt[v] = b, nc, nr
                         parent[v], via[v] = u, number
                         push(heap, (-b, nc, nr, v))
@@ -320,7 +343,7 @@ class Network:
                 egress_usd_per_gb=cost[i],
             )
 
-        tree: _PathTree[WidestPath] = _PathTree(self._ids, self._index, parent, build)
+        tree: PathTree[WidestPath] = PathTree(self._ids, self._index, parent, build, width)
         return tree
 
     # -- request paths -------------------------------------------------------------------------
@@ -330,7 +353,13 @@ class Network:
         self._require(target)
         return tree.get(target)
 
-    def latency_paths_from(self, source: str, regions: Regions = None) -> Mapping[str, LatencyPath]:
+    def p99_ms(self, source: str, target: str, regions: Regions = None) -> float | None:
+        """RTT + jitter of the min-latency path (what `latency_path(...).p99_ms` says, cheaper)."""
+        tree = self.latency_paths_from(source, regions)
+        self._require(target)
+        return tree.score(target)
+
+    def latency_paths_from(self, source: str, regions: Regions = None) -> PathTree[LatencyPath]:
         """Min-latency paths from `source` to every reachable site (only through `regions`)."""
         key = (source, regions)
         tree = self._latency.get(key)
@@ -339,7 +368,7 @@ class Network:
             tree = self._latency[key] = self._single_source_latency(source, regions)
         return tree
 
-    def _single_source_latency(self, source: str, regions: Regions) -> _PathTree[LatencyPath]:
+    def _single_source_latency(self, source: str, regions: Regions) -> PathTree[LatencyPath]:
         n = len(self._ids)
         s = self._index[source]
         allowed, relay, adjacency = self._mask(regions), self._relay, self._adjacency
@@ -377,7 +406,7 @@ class Network:
                 jitter_ms=sum(h.jitter_ms for h in hops),
             )
 
-        tree: _PathTree[LatencyPath] = _PathTree(self._ids, self._index, parent, build)
+        tree: PathTree[LatencyPath] = PathTree(self._ids, self._index, parent, build, dist)
         return tree
 
     def _require(self, *sites: str) -> None:

@@ -5,12 +5,16 @@ Theory of operation.
 - A site can host a replica if it has the GPU type and count, its datasets may be there (residency,
   raw tier, relay hops) and the model can reach it. It covers the clients within the budget.
 - Objective: a minimum set cover of the clients, then the least cost (GPU-hours + shipping the
-  model and data). Sites with the same coverage collapse to their cheapest member; the cover is an
-  exact 0/1 program solved with `scipy.optimize.milp` (HiGHS), cost scaled below one site.
+  model and data). Sites with the same coverage collapse to their cheapest member, and a class
+  another covers at least as well for no more money is dropped. The cover is exact: enumeration
+  by increasing size for a few classes, else a 0/1 program with `scipy.optimize.milp` (HiGHS),
+  cost scaled below one site.
 - If some client is out of every site's reach, say which and by how many milliseconds.
 """
 
 from __future__ import annotations
+
+import itertools
 
 from netplan.decisions import (
     ClientLatency,
@@ -18,9 +22,11 @@ from netplan.decisions import (
     Option,
     amended,
     deadline_violation,
+    duration,
     evaluate_site,
-    hours,
+    infeasible_summary,
     money,
+    ranked,
     summarize,
 )
 from netplan.errors import PlanError
@@ -30,33 +36,57 @@ from netplan.topology import Topology, Workload
 __all__ = ["decide_placement"]
 
 _EPS_MS = 1e-9
+# Up to this many non-dominated coverage classes the cover is found by enumeration; beyond,
+# by the 0/1 program (scipy's import alone costs more than enumerating a dozen classes).
+_BRUTE_FORCE_CLASSES = 12
 
 
 def _client_latencies(
-    network: Network, workload: Workload, sites: tuple[str, ...]
+    network: Network, workload: Workload, sites: tuple[str, ...], *, with_paths: bool
 ) -> tuple[ClientLatency, ...]:
-    """Each client served by its nearest site among `sites`."""
+    """Each client served by its nearest site among `sites` (paths only when asked: building
+    them for every candidate site is most of the work on a large estate)."""
     out = []
     for client in workload.clients:
-        paths = network.latency_paths_from(client)
-        best = min((paths[s] for s in sites if s in paths), key=lambda p: p.p99_ms, default=None)
-        if best is None:
+        tree = network.latency_paths_from(client)
+        reach = [(p, s) for s in sites if (p := tree.score(s)) is not None]
+        if not reach:
             out.append(ClientLatency(client=client, site=None, p99_ms=None, path=()))
-        else:
-            out.append(
-                ClientLatency(
-                    client=client, site=best.sites[-1], p99_ms=best.p99_ms, path=best.sites
-                )
+            continue
+        p99, site = min(reach)
+        out.append(
+            ClientLatency(
+                client=client, site=site, p99_ms=p99, path=tree[site].sites if with_paths else ()
             )
+        )
     return tuple(out)
 
 
 def _min_cover(classes: list[tuple[frozenset[str], Option]], clients: tuple[str, ...]) -> list[int]:
     """Indices of the fewest classes covering all clients, cheapest among equally few."""
     everyone = frozenset(clients)
-    whole = [j for j, (covered, _) in enumerate(classes) if covered >= everyone]
-    if whole:  # one site is enough: no solver needed
-        return [min(whole, key=lambda j: classes[j][1].total_usd)]
+    # Drop a class another covers at least as well for no more money: it is never needed.
+    useful = [
+        j
+        for j, (cover, opt) in enumerate(classes)
+        if not any(
+            k != j
+            and other >= cover
+            and (other != cover or k < j)
+            and rival.total_usd <= opt.total_usd
+            for k, (other, rival) in enumerate(classes)
+        )
+    ]
+    if len(useful) <= _BRUTE_FORCE_CLASSES:
+        # Few candidates (the usual case): try 1, 2, ... sites, cheapest combination first.
+        for size in range(1, len(useful) + 1):
+            covers = [
+                combo
+                for combo in itertools.combinations(useful, size)
+                if frozenset().union(*(classes[j][0] for j in combo)) >= everyone
+            ]
+            if covers:
+                return list(min(covers, key=lambda c: sum(classes[j][1].total_usd for j in c)))
     # Imported here: scipy.optimize takes a second to import and most plans never need it.
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -100,9 +130,13 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
     singles: list[Option] = []
     for site in candidates:
         option = evaluate_site(topology, network, workload, site, "replicate_model")
-        if not option.movements:
+        if option.priced and not option.movements:  # (unpriced: nothing was worked out)
             option = amended(option, action="in_place")
-        singles.append(amended(option, clients=_client_latencies(network, workload, (site.id,))))
+        singles.append(
+            amended(
+                option, clients=_client_latencies(network, workload, (site.id,), with_paths=False)
+            )
+        )
 
     def covered(option: Option) -> frozenset[str]:
         return frozenset(
@@ -128,7 +162,8 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
     if not candidates:
         causes.append(f"no site has {workload.gpu} GPUs")
     elif not viable:
-        causes.extend(dict.fromkeys(v for o in singles for v in o.violations))
+        anchors = {model.site} | {topology.dataset(d).site for d in workload.datasets}
+        causes.append(infeasible_summary(singles, anchors))
     elif missing:
         for client in missing:
             nearest = min(
@@ -160,7 +195,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
             movements=movements,
             compute_usd=sum(o.compute_usd for o in picked),
             hours=workload.hours,
-            clients=_client_latencies(network, workload, sites),
+            clients=_client_latencies(network, workload, sites, with_paths=True),
         )
         deadline = workload.deadline_hours
         if deadline is not None and combined.completion_hours > deadline:
@@ -198,7 +233,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
             kind=workload.kind,
             option=None,
             reason="infeasible: " + summarize(causes),
-            alternatives=tuple(alternatives),
+            alternatives=ranked(alternatives),
         )
 
     worst = chosen.worst_client
@@ -215,7 +250,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
         reason += (
             f"; ships model {model.id} ({model.size_gb:,.0f} GB) to {len(shipped)} site"
             f"{'s' if len(shipped) > 1 else ''} for {money(sum(m.egress_usd for m in shipped))} "
-            f"in {hours(sum(m.seconds for m in shipped) / 3600)}"
+            f"in {duration(sum(m.seconds for m in shipped) / 3600)}"
         )
     else:
         reason += f"; model {model.id} is already there"
@@ -235,5 +270,5 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
         kind=workload.kind,
         option=chosen,
         reason=reason,
-        alternatives=tuple(alternatives),
+        alternatives=ranked(alternatives),
     )

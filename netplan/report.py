@@ -44,12 +44,14 @@ class Report:
         for decision in self.infeasible():
             raise Infeasible(decision.workload, decision.constraints or (decision.reason,))
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, max_alternatives: int | None = None) -> dict[str, Any]:
+        """The versioned JSON form; `max_alternatives` keeps only the best N losing options per
+        decision (feasible first, cheapest first) and counts the rest in `alternatives_omitted`."""
         return {
             "schema_version": SCHEMA_VERSION,
             "topology": self.topology,
             "transfer": self.settings.model_dump(),
-            "decisions": [_decision_json(d) for d in self.decisions],
+            "decisions": [_decision_json(d, max_alternatives) for d in self.decisions],
             "links": [_link_json(link) for link in self.links],
             "shard_replication": [r.to_json() for r in self.shard_replication],
             "sync_plan": self.sync_plan.to_json() if self.sync_plan else None,
@@ -87,7 +89,9 @@ def _finite(x: float) -> float | None:
     return round(x, 6) if math.isfinite(x) else None
 
 
-def _option_json(option: Option | None, inference: bool) -> dict[str, Any]:
+def _option_json(
+    option: Option | None, inference: bool, alternative: bool = False
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if inference:
         out["sites"] = list(option.sites) if option else []
@@ -105,15 +109,17 @@ def _option_json(option: Option | None, inference: bool) -> dict[str, Any]:
             movements=[],
         )
         return out
+    priced = option.priced  # (unpriced: failed a check that needs no network; see Option)
     out.update(
         feasible=option.feasible,
-        path=list(option.path),
-        transfer_gb=_finite(option.transfer_gb),
-        transfer_seconds=_finite(option.transfer_seconds),
-        egress_usd=_finite(option.egress_usd),
+        priced=priced,
+        path=list(option.path) if priced else [],
+        transfer_gb=_finite(option.transfer_gb) if priced else None,
+        transfer_seconds=_finite(option.transfer_seconds) if priced else None,
+        egress_usd=_finite(option.egress_usd) if priced else None,
         compute_usd=_finite(option.compute_usd),
-        total_usd=_finite(option.total_usd),
-        completion_hours=_finite(option.completion_hours),
+        total_usd=_finite(option.total_usd) if priced else None,
+        completion_hours=_finite(option.completion_hours) if priced else None,
         movements=[
             {
                 "kind": m.kind,
@@ -137,19 +143,20 @@ def _option_json(option: Option | None, inference: bool) -> dict[str, Any]:
             if worst
             else None
         )
-        out["clients"] = [
-            {
-                "client": c.client,
-                "site": c.site,
-                "p99_ms": None if c.p99_ms is None else _finite(c.p99_ms),
-                "path": list(c.path),
-            }
-            for c in option.clients
-        ]
+        if not alternative:  # (per-client paths are worked out for the chosen replicas only)
+            out["clients"] = [
+                {
+                    "client": c.client,
+                    "site": c.site,
+                    "p99_ms": None if c.p99_ms is None else _finite(c.p99_ms),
+                    "path": list(c.path),
+                }
+                for c in option.clients
+            ]
     return out
 
 
-def _decision_json(decision: Decision) -> dict[str, Any]:
+def _decision_json(decision: Decision, max_alternatives: int | None) -> dict[str, Any]:
     inference = decision.kind == "inference"
     out: dict[str, Any] = {
         "workload": decision.workload,
@@ -159,14 +166,19 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
     out.update(_option_json(decision.option, inference))
     out["feasible"] = decision.feasible
     out["reason"] = decision.reason
+    kept = decision.alternatives
+    if max_alternatives is not None:
+        kept = kept[:max_alternatives]
     out["alternatives"] = [
         {
             "action": alt.action,
-            **_option_json(alt, inference),
+            **_option_json(alt, inference, alternative=True),
             "rejected_because": alt.rejected_because,
         }
-        for alt in decision.alternatives
+        for alt in kept
     ]
+    out["alternatives_omitted"] = len(decision.alternatives) - len(kept)
+    out["options_not_evaluated"] = decision.skipped
     return out
 
 

@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 # libyaml's loader when PyYAML has it (about 4x faster on large files); same safe semantics.
+# Used by the fast path (`load_data`); `parse` keeps the pure-Python loader's exact marks.
 _SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 Path = tuple[str | int, ...]
@@ -93,8 +94,8 @@ def load_data(text: str) -> Any:
 def parse(text: str) -> YamlDocument:
     """Parse one YAML document (safe loader) and record the line of every node."""
     try:
-        node = yaml.compose(text, Loader=_SafeLoader)
-        data = yaml.load(text, Loader=_SafeLoader)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise _syntax_error(exc) from exc
     lines: dict[Path, int] = {}

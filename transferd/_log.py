@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 
 __all__ = ["JsonLines", "setup_logging"]
 
@@ -38,4 +37,3 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    logging.Formatter.converter = time.gmtime

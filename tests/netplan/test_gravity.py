@@ -242,7 +242,7 @@ def test_costs_within_five_percent_go_to_the_earlier_completion() -> None:
     assert decision.option.site == "fast"
     assert "within 5% of the cheapest (move_data at slow" in decision.reason
     slow = _alternative(decision, "move_data", "slow")
-    assert slow.rejected_because.startswith("within 5% of the chosen cost")
+    assert slow.rejected_because.startswith("within 5% of the cheapest cost")
 
 
 def test_costs_beyond_five_percent_go_to_the_cheaper() -> None:
@@ -273,3 +273,26 @@ def test_in_place_when_everything_is_already_there() -> None:
     assert decision.option is not None
     assert decision.option.transfer_gb == 0
     assert decision.option.path == ("dc",)
+
+
+def test_the_tie_band_is_measured_from_the_cheapest_option() -> None:
+    # a: $100 but slow; b: $104 (within 5% of a) and fast; c: $108 (outside the band), fastest.
+    decision = _decide(
+        sites=[
+            site("dc", "eu", "onprem"),
+            site("a", "eu", h100=(64, 1.25)),
+            site("b", "eu", h100=(64, 1.30)),
+            site("c", "eu", h100=(64, 1.35)),
+        ],
+        links=[link("dc", "a", 1, 5), link("dc", "b", 10, 5), link("dc", "c", 100, 5)],
+        datasets=[{"id": "corpus", "site": "dc", "size_gb": 5_000, "tier": "curated"}],
+        workloads=[_workload(datasets=["corpus"])],
+    )
+    assert decision.option is not None
+    assert decision.option.site == "b"
+    assert _alternative(decision, "move_data", "a").rejected_because.startswith(
+        "within 5% of the cheapest cost ($100 vs $100) but finishes later"
+    )
+    assert _alternative(decision, "move_data", "c").rejected_because == (
+        "costs $4.00 more ($108 vs $104)"
+    )

@@ -363,3 +363,9 @@ def test_fuzz_random_documents(doc: dict[str, Any]) -> None:
 @given(cut=st.integers(min_value=0, max_value=len(VALID)), junk=st.text(max_size=6))
 def test_fuzz_damaged_text(cut: int, junk: str) -> None:
     _must_only_raise_topology_error(VALID[:cut] + junk + VALID[cut:])
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=200))
+def test_fuzz_arbitrary_text(text: str) -> None:
+    _must_only_raise_topology_error(text)

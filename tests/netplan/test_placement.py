@@ -113,3 +113,24 @@ def test_gpu_count_per_replica_is_required() -> None:
     assert decision.action == "in_place"
     rejected = [a for a in decision.alternatives if a.site == "small"][0]
     assert rejected.rejected_because == "only 1 l4 GPUs at small, needs 4"
+
+
+def test_an_unusable_site_is_not_called_in_place() -> None:
+    topo = topology(
+        sites=[
+            site("client", "eu", "edge"),
+            site("tiny", "eu", l4=(1, 0.5)),
+            site("big", "eu", l4=(8, 0.9)),
+        ],
+        links=[
+            link("client", "tiny", 1, 2),
+            link("client", "big", 1, 4),
+            link("tiny", "big", 1, 2),
+        ],
+        models=[{"id": "llm", "site": "big", "size_gb": 16}],
+        workloads=[_serve(20, ["client"], gpus=4)],
+    )
+    decision = analyze(topo).decisions[0]
+    tiny = [a for a in decision.alternatives if a.site == "tiny"][0]
+    assert tiny.action == "replicate_model"
+    assert not tiny.feasible

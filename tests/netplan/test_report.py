@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from netplan import Infeasible, load_topology
+from netplan import Infeasible, load_topology, parse_topology
 from netplan.cli import cli
 from netplan.report import SCHEMA_VERSION, analyze
 
@@ -41,7 +41,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "netplan", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
         cwd=REPO,
         timeout=60,
         check=False,
@@ -165,3 +165,11 @@ def test_schema_command_prints_the_topology_json_schema() -> None:
         "transfer",
     }
     assert schema["additionalProperties"] is False
+
+
+def test_the_readme_topology_tour_is_a_valid_topology() -> None:
+    readme = (REPO / "README.md").read_text()
+    tour = readme.split("## Topology format", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    report = analyze(parse_topology(tour, source="README.md"))
+    assert [d.action for d in report.decisions] == ["stage_subset", "replicate_model"]
+    assert not report.infeasible()
