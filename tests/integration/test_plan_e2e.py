@@ -1,6 +1,7 @@
 """The plan end to end: a three-site topology is planned by `netplan plan`, three loopback
 daemons run `transferd serve --config ... --plan plan.json`, and approved data and a committed
-checkpoint arrive (same bytes) exactly where the plan says, with no `send`; raw data stays home."""
+checkpoint arrive (same bytes) exactly where the plan says, with no `send`, the target keeps the
+plan's number of checkpoint steps, and raw data stays home."""
 
 from __future__ import annotations
 
@@ -124,6 +125,20 @@ async def test_three_daemons_carry_out_the_plan(tmp_path: Path) -> None:
         got_step = data["onprem"] / "checkpoints" / "tune" / "step-100"
         await _until(lambda: _tree(got_step) == want_step, "the checkpoint at onprem")
         assert (data["onprem"] / "checkpoints" / "tune" / "LATEST").read_text() == "step-100\n"
+        # Newer steps follow, and onprem keeps the plan's `retain` newest (the config says 5).
+        retain = by_site["cloud"]["checkpoints"][0]["retain"]
+        assert retain == 3
+        for n in (101, 102, 103):
+            newer = data["cloud"] / "checkpoints" / "tune" / f"step-{n}"
+            write_random(newer / "model.bin", CHUNK, seed=n)
+            (newer / "COMMITTED").write_text("")
+        run_at_onprem = data["onprem"] / "checkpoints" / "tune"
+        await _until(
+            lambda: sorted(p.name for p in run_at_onprem.iterdir() if p.is_dir())
+            == ["step-101", "step-102", "step-103"],
+            "onprem to keep the newest 3 steps",
+        )
+        assert (run_at_onprem / "LATEST").read_text() == "step-103\n"
 
         # Exactly where the plan says: nothing reached edge, and raw stayed at onprem.
         assert _tree(data["edge"]) == {}
