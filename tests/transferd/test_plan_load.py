@@ -139,6 +139,11 @@ async def test_a_raw_entry_is_refused_logged_and_counted_and_never_sent(tmp_path
     async with running_daemon(config, sock, plan=run) as daemon:
         assert daemon.metrics.value("transferd_policy_refusals_total", side="sender") == 1.0
         assert daemon.journal.jobs() == []
+        # The rest of the plan is in force: B's link runs on the plan's weights and caps.
+        scheduler = daemon.traffic["B"].pump.scheduler
+        assert scheduler.bulk_weights == {TrafficClass.CHECKPOINT: 1.0, TrafficClass.SYNC: 100.0}
+        assert scheduler.limiter is not None
+        assert scheduler.limiter.rate_bytes_per_s(TrafficClass.SYNC) == 40e6 / 8
 
 
 def test_cli_serve_with_a_bad_plan_exits_2_naming_the_field(tmp_path: Path) -> None:
