@@ -155,6 +155,18 @@ def parse_site_plan(
         for ck in s.checkpoints
         if config.site in ck.targets
     }
+    for k, lp in enumerate(me.links):
+        values: list[tuple[str, TrafficClass, float]] = [
+            ("class_weights", c, w) for c, w in lp.class_weights.items()
+        ]
+        values += [("rate_caps_mbps", c, v) for c, v in lp.rate_caps_mbps.items()]
+        for name, cls, value in values:
+            where = f"{here}.links[{k}].{name}.{cls.value}"
+            if cls not in BULK_CLASSES or not value > 0:
+                raise ConfigError(
+                    f"{source}: {where}: must be a bulk class with a value > 0, got {value!r}",
+                    field=where,
+                )
     # Links to sites this daemon has no peer entry for carry none of its traffic: skipped.
     weights = {lp.peer: dict(lp.class_weights) for lp in me.links if lp.peer in config.peers}
     caps = {lp.peer: dict(lp.rate_caps_mbps) for lp in me.links if lp.peer in config.peers}

@@ -96,6 +96,10 @@ def test_a_good_plan_gives_this_sites_routes_targets_and_incoming_retention() ->
          "sites[0].sync[0].path_prefix: 'datasets/d' is not under a tier folder"),
         (_edited(["sites", 0, "checkpoints", 0, "retain"], 0), "sites[0].checkpoints[0].retain"),
         (_edited(["sites", 0, "site"], "Q"), "the plan has no site 'A'"),
+        (_edited(["sites", 0, "links", 0, "class_weights", "sync"], 0),
+         "sites[0].links[0].class_weights.sync: must be a bulk class with a value > 0, got 0"),
+        (_edited(["sites", 0, "links", 0, "rate_caps_mbps", "control"], 5.0),
+         "sites[0].links[0].rate_caps_mbps.control: must be a bulk class"),
     ],
 )
 def test_a_bad_plan_is_a_config_error_naming_the_field(plan: Any, message: str) -> None:
