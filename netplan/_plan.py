@@ -41,8 +41,10 @@ SCHEMA_VERSION = 1
 _STRICT = ConfigDict(extra="forbid")
 
 
-def dataset_prefix(dataset: str) -> str:
-    return f"datasets/{dataset}/"
+def dataset_prefix(tier: str, dataset: str) -> str:
+    """Where a dataset lives under a site's data root: transferd's tier folder, then its id
+    (`approved/claims/`), so the daemon's tier policy applies to exactly what the plan names."""
+    return f"{tier}/{dataset}/"
 
 
 def checkpoint_prefix(workload: str) -> str:
@@ -153,9 +155,10 @@ def build_plan(topo: Topology, network: Network, sync: SyncPlan) -> Plan:
     """Turn the sync plan into per-site entries and per-link class policies."""
     by_site: dict[str, dict[str, list[Any]]] = {
         s.id: {"sync": [], "checkpoints": []} for s in topo.sites}
+    tiers = {d.id: d.tier for d in topo.datasets}
     for t in sync.transfers:
         by_site[t.source]["sync"].append(SyncEntry(
-            path_prefix=dataset_prefix(t.dataset), destination=t.destination,
+            path_prefix=dataset_prefix(tiers[t.dataset], t.dataset), destination=t.destination,
             traffic_class=t.traffic_class, dataset=t.dataset, rule=t.rule,
             via=t.path[1:-1], gb_per_day=round(t.gb_per_day, 6)))
     for c in sync.checkpoints:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import mmap
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import blake3
@@ -106,6 +107,7 @@ class Receiver:
         keyring: Keyring,
         metrics: Metrics,
         retention: int,
+        run_retention: Mapping[str, int] | None = None,
     ) -> None:
         self.site = site
         self.storage = storage
@@ -113,6 +115,8 @@ class Receiver:
         self.keyring = keyring
         self.metrics = metrics
         self.retention = retention
+        # Per-run overrides (`checkpoints/<run>` -> steps kept), e.g. from a netplan plan.
+        self.run_retention = dict(run_retention or {})
         self._staging: dict[str, Staging] = {}
         # Whole-file hashes computed as chunks arrive (in memory; a restart falls back to
         # re-reading the staged file at commit).
@@ -385,7 +389,12 @@ class Receiver:
             self.journal.index_committed(path, ((h, off, n) for h, off, n in f.chunks))
         if is_step_root(manifest.root):
             run = manifest.root.rsplit("/", 1)[0]
-            update_run(self.storage, run, self.retention, self.journal.unindex_prefix)
+            update_run(
+                self.storage,
+                run,
+                self.run_retention.get(run, self.retention),
+                self.journal.unindex_prefix,
+            )
 
     def record_batches(self, rel: str) -> list[pa.RecordBatch]:
         """Open a committed Arrow IPC file chunk by chunk, zero-copy: the returned batches'

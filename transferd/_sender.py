@@ -108,8 +108,11 @@ class Sender:
         self._idle = asyncio.Event()
 
     # -- submitting ----------------------------------------------------------------------------
-    def submit(self, path: str, dests: list[str]) -> list[str]:
-        """Queue replication of `path` to each of `dests`; policy is checked here, first."""
+    def submit(
+        self, path: str, dests: list[str], traffic_class: TrafficClass | None = None
+    ) -> list[str]:
+        """Queue replication of `path` to each of `dests` on `traffic_class` (default: by tier,
+        checkpoints/ on the checkpoint class, the rest on sync); policy is checked here, first."""
         try:
             rel = normalize_rel_path(path)
             check_may_leave_site(rel)
@@ -123,7 +126,8 @@ class Sender:
         ids = []
         for dest in dests:
             job_id = uuid.uuid4().hex
-            self.journal.add_job(job_id, rel, dest, traffic_class_for(rel).value, self.clock())
+            cls = traffic_class or traffic_class_for(rel)
+            self.journal.add_job(job_id, rel, dest, cls.value, self.clock())
             ids.append(job_id)
             log.info("job.queued", extra={"fields": {"job": job_id, "path": rel, "dest": dest}})
         self._wake.set()

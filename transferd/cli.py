@@ -93,7 +93,13 @@ def _keep_heap_warm() -> None:
 
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def serve(config_path: str) -> None:
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(dir_okay=False),
+    help="a `netplan plan` file: replicate this site's sync and checkpoint entries by itself",
+)
+def serve(config_path: str, plan_path: str | None) -> None:
     """Run this site's daemon until SIGTERM or SIGINT (then exit 0)."""
     from transferd._log import setup_logging
     from transferd.daemon import Daemon
@@ -101,13 +107,21 @@ def serve(config_path: str) -> None:
     setup_logging()
     _keep_heap_warm()
     config = _config(config_path)
+    plan = None
+    if plan_path is not None:
+        from transferd._plan_exec import load_site_plan
+
+        try:
+            plan = load_site_plan(plan_path, config)
+        except ConfigError as exc:
+            _fail(exc)
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        daemon = Daemon(config)
+        daemon = Daemon(config, plan=plan)
         await daemon.serve(stop)
 
     try:

@@ -17,6 +17,7 @@ from netplan import yamlpos
 from transferd.errors import ConfigError
 
 __all__ = [
+    "BulkWeights",
     "CheckpointSettings",
     "PeerConfig",
     "RateCaps",
@@ -54,9 +55,15 @@ class RateCaps(_Frozen):
     sync_mbit_s: _Mbps | None = None
 
 
+class BulkWeights(_Frozen):
+    checkpoint: Annotated[float, Field(gt=0)] = 3.0  # issue 4: checkpoint 3 : sync 1
+    sync: Annotated[float, Field(gt=0)] = 1.0
+
+
 class PeerConfig(_Frozen):
     url: str
     rate_caps: RateCaps = Field(default_factory=RateCaps)
+    weights: BulkWeights | None = None  # this link's bulk weights; None: traffic.weights
 
     @field_validator("url")
     @classmethod
@@ -77,11 +84,6 @@ class WatchSettings(_Frozen):
     marker: str = "COMMITTED"  # a step folder holding this file is complete
     quiet_period_s: Annotated[float, Field(gt=0)] = 30.0  # or: nothing changed for this long
     poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
-
-
-class BulkWeights(_Frozen):
-    checkpoint: Annotated[float, Field(gt=0)] = 3.0  # issue 4: checkpoint 3 : sync 1
-    sync: Annotated[float, Field(gt=0)] = 1.0
 
 
 class TrafficSettings(_Frozen):

@@ -16,7 +16,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -37,6 +37,9 @@ from transferd._storage import open_storage
 from transferd._streams import PeerTraffic, StreamMetrics
 from transferd.config import PeerConfig, SiteConfig
 from transferd.errors import ConfigError, TransferdError
+
+if TYPE_CHECKING:
+    from transferd._plan_exec import SitePlanRun
 
 __all__ = ["Daemon"]
 
@@ -88,8 +91,8 @@ def _peer_traffic(
         peer,
         now=time.monotonic(),  # the event loop's clock (loop.time) on the default and uvloop
         bulk_weights={
-            TrafficClass.CHECKPOINT: t.weights.checkpoint,
-            TrafficClass.SYNC: t.weights.sync,
+            TrafficClass.CHECKPOINT: (pc.weights or t.weights).checkpoint,
+            TrafficClass.SYNC: (pc.weights or t.weights).sync,
         },
         class_caps={
             cls: RateCap.from_rate(mbit * 1e6 / 8) for cls, mbit in per_class.items() if mbit
@@ -110,8 +113,14 @@ class Daemon:
         *,
         clock: Callable[[], float] = time.time,
         sock: socket.socket | None = None,
+        plan: SitePlanRun | None = None,
     ) -> None:
+        if plan is not None:
+            from transferd._plan_exec import apply_links
+
+            config = apply_links(config, plan)  # the plan's link weights and caps win
         self.config = config
+        self.plan = plan
         self.clock = clock
         self._sock = sock
         self.metrics = Metrics()
@@ -142,6 +151,7 @@ class Daemon:
             self.keyring,
             self.metrics,
             config.checkpoints.retention,
+            run_retention=plan.incoming_retention if plan is not None else None,
         )
         ssl_ctx = client_ssl_context(config)
         traffic = config.traffic
@@ -190,6 +200,14 @@ class Daemon:
             session_for=lambda peer, cls: self.links[peer].session(cls),
         )
         self._collect_garbage()
+        self._refuse_raw_plan_entries()
+
+    def _refuse_raw_plan_entries(self) -> None:
+        """Plan entries that would move raw data are refused here, logged and counted, even
+        though the planner never writes one: policy is enforced where data moves."""
+        for where, reason in self.plan.refused if self.plan is not None else ():
+            self.metrics.policy_refusals.labels("sender").inc()
+            log.error("plan.refused", extra={"fields": {"entry": where, "error": reason}})
 
     def _collect_garbage(self) -> None:
         """Staging left by failed uploads, by uploads the journal never recorded, or by uploads
@@ -294,7 +312,15 @@ class Daemon:
             )
             async with asyncio.TaskGroup() as tg:
                 sender_task = tg.create_task(self.sender.run())
-                watch_task = tg.create_task(self._watch()) if self.config.watch.enabled else None
+                watching = self.config.watch.enabled or (
+                    self.plan is not None and bool(self.plan.checkpoints)
+                )
+                watch_task = tg.create_task(self._watch()) if watching else None
+                sync_task = (
+                    tg.create_task(self._sync_runner().run())
+                    if self.plan is not None and self.plan.sync
+                    else None
+                )
                 if ready is not None:
                     ready(self)
                 await stop.wait()
@@ -305,8 +331,9 @@ class Daemon:
                     async with asyncio.timeout(SHUTDOWN_GRACE_S):
                         await self.sender.drained()
                 sender_task.cancel()
-                if watch_task is not None:
-                    watch_task.cancel()
+                for task in (watch_task, sync_task):
+                    if task is not None:
+                        task.cancel()
         finally:
             await runner.cleanup()
             for link in self.links.values():
@@ -316,17 +343,41 @@ class Daemon:
             self.journal.close()
             log.info("daemon.stopped", extra={"fields": {"site": self.config.site}})
 
-    async def _watch(self) -> None:
-        """Watch mode: replicate each complete checkpoint step to the configured targets, once."""
+    def _sync_runner(self) -> Any:
+        from transferd._plan_exec import SyncRunner
+
+        assert self.plan is not None
         w = self.config.watch
-        targets = self.config.checkpoints.targets
+        return SyncRunner(
+            routes=self.plan.sync,
+            storage=self.storage,
+            journal=self.journal,
+            metrics=self.metrics,
+            submit=self.sender.submit,
+            clock=self.clock,
+            quiet_period_s=w.quiet_period_s,
+            poll_interval_s=w.poll_interval_s,
+        )
+
+    def _checkpoint_targets(self, step: str) -> list[str]:
+        default = self.config.checkpoints.targets
+        return default if self.plan is None else self.plan.checkpoint_targets(step, default)
+
+    async def _watch(self) -> None:
+        """Watch mode: replicate each complete checkpoint step to its targets (the plan's for
+        the plan's runs, else the configured ones), once."""
+        w = self.config.watch
         while True:
             try:
                 steps = await asyncio.to_thread(
                     ready_steps, self.storage, w.marker, w.quiet_period_s, self.clock()
                 )
                 for step in steps:
-                    dests = [d for d in targets if not self.journal.watch_seen(step, d)]
+                    dests = [
+                        d
+                        for d in self._checkpoint_targets(step)
+                        if not self.journal.watch_seen(step, d)
+                    ]
                     if dests:
                         for dest, job in zip(dests, self.sender.submit(step, dests), strict=True):
                             self.journal.mark_watch_seen(step, dest, job)

@@ -51,8 +51,8 @@ def test_plan_lists_sync_entries_checkpoints_and_link_policies_per_site() -> Non
     assert plan.schema_version == SCHEMA_VERSION
     onprem = plan.site("onprem")
     assert sorted((e.destination, e.path_prefix, e.via) for e in onprem.sync) == [
-        ("cloud", "datasets/corpus-approved/", ()),
-        ("edge", "datasets/corpus-approved/", ("cloud",)),
+        ("cloud", "approved/corpus-approved/", ()),
+        ("edge", "approved/corpus-approved/", ("cloud",)),
     ]
     assert all(e.traffic_class is TrafficClass.SYNC for e in onprem.sync)
     assert not any("corpus-raw" in e.path_prefix for s in plan.sites for e in s.sync)
