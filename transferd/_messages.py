@@ -37,7 +37,7 @@ from yarl import URL
 from transferd._auth import NonceGuard, authenticate, sign_headers
 from transferd._chunker import blake3_hex
 from transferd._classes import TrafficClass
-from transferd._client import ChunkBody
+from transferd._client import INTERACTIVE_POOL, ChunkBody
 from transferd._keys import Keyring
 from transferd._sched import BudgetMiss, ClassScheduler, SchedulerPump
 from transferd.errors import (
@@ -382,7 +382,12 @@ class MessageService:
         self.metrics = MessageMetrics() if metrics is None else metrics
         self.inbox = Inbox() if inbox is None else inbox
         self.hook_command = list(hook_command) if hook_command else None
-        self.workers = {TrafficClass.CONTROL: 2, TrafficClass.INTERACTIVE: 8, **(workers or {})}
+        # One worker per connection the interactive pool may open (see INTERACTIVE_POOL).
+        self.workers = {
+            TrafficClass.CONTROL: 2,
+            TrafficClass.INTERACTIVE: INTERACTIVE_POOL,
+            **(workers or {}),
+        }
         self.default_deadline_ms = default_deadline_ms
         self.request_timeout_s = request_timeout_s
         self.attempts = attempts

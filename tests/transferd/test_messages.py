@@ -178,3 +178,66 @@ async def test_each_class_has_its_own_pool_unless_the_baseline_shares_one(shared
         assert len(pools) == (1 if shared else 4)
     finally:
         await link.close()
+
+
+async def test_interactive_messages_to_a_distant_peer_are_all_in_flight_at_once() -> None:
+    """HTTP/1.1 carries one request per connection at a time, so the pool size bounds the message
+    rate to pool / RTT: 32 messages sent together must all reach a slow peer concurrently (a
+    pool of 8 capped a 40 ms link at 200 messages/s and queued the rest behind it)."""
+    from aiohttp import web
+
+    from transferd._client import INTERACTIVE_POOL, PeerLink
+    from transferd._keys import Keyring
+
+    in_flight, most = 0, 0
+    all_arrived = asyncio.Event()
+
+    async def peer(request: web.Request) -> web.Response:
+        nonlocal in_flight, most
+        await request.read()
+        in_flight += 1
+        most = max(most, in_flight)
+        if in_flight == INTERACTIVE_POOL:
+            all_arrived.set()
+        try:
+            await all_arrived.wait()  # held like a long round trip until every message is here
+        finally:
+            in_flight -= 1
+        return web.json_response({"id": request.headers[H_ID], "late": False, "received_at": 0})
+
+    app = web.Application()
+    app.router.add_post("/v1/peer/messages", peer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    link = PeerLink(
+        site="A",
+        peer="B",
+        url=f"http://127.0.0.1:{port}",
+        keyring=Keyring(site="A", signing_key=Ed25519PrivateKey.generate()),
+        streams=4,
+        clock=lambda: 0.0,
+    )
+    service = MessageService(
+        "A",
+        {"B": f"http://127.0.0.1:{port}"},
+        RefuseAll(),
+        session_for=lambda _peer, cls: link.session(cls),
+    )
+    try:
+        async with service, asyncio.timeout(20):  # a bound, not a measurement
+            receipts = await asyncio.gather(
+                *(
+                    service.send("B", b"x" * 4096, TrafficClass.INTERACTIVE, deadline_ms=60_000)
+                    for _ in range(INTERACTIVE_POOL)
+                )
+            )
+    finally:
+        await link.close()
+        await runner.cleanup()
+    assert all(r.delivered for r in receipts)
+    assert most == INTERACTIVE_POOL >= 32
