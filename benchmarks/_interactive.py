@@ -31,6 +31,7 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
     sign = api.local_signer(keys.Keyring.load(Path(args.keys), args.site, []))
     body = os.urandom(args.size)
     latencies: list[float] = []
+    daemon_latencies: list[float] = []  # the sending daemon's own view: queued -> peer's answer
     sent_at: list[float] = []  # Unix time of each request, to tell which overlapped the bulk
     misses: list[str] = []
     errors: list[str] = []
@@ -48,6 +49,8 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
             errors.append(repr(exc)[:200])
             return
         latencies.append((time.perf_counter() - started) * 1e3)
+        if receipt.latency_ms is not None:
+            daemon_latencies.append(receipt.latency_ms)
         late += bool(receipt.late)
         if receipt.budget_miss:
             misses.append(receipt.budget_miss)
@@ -61,7 +64,8 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.count):
             group.create_task(one(session))
             await asyncio.sleep(args.interval_ms / 1e3)
-    return {"latencies_ms": latencies, "sent_at": sent_at, "late": late,
+    return {"latencies_ms": latencies, "daemon_latencies_ms": daemon_latencies,
+            "sent_at": sent_at, "late": late,
             "budget_misses": len(misses), "miss_reasons": sorted(set(misses))[:5],
             "errors": errors[:5], "n_errors": len(errors)}
 

@@ -370,6 +370,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
     if interactive:
         result = json.loads(driver_out.read_text())
         latencies = [round(v, 3) for v in result["latencies_ms"]]
+        daemon = result.get("daemon_latencies_ms", [])
         run.latencies_ms = latencies
         run.messages = {
             "sent": ctx.work.messages, "delivered": len(latencies),
@@ -377,6 +378,10 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             "budget_misses": result["budget_misses"],
             "sent_after_bulk_finished": sum(t > bulk_done_at for t in result["sent_at"]),
             "errors": result["errors"], "miss_reasons": result["miss_reasons"],
+            # The same messages timed inside the sending daemon (queued -> the peer's answer):
+            # the rest of p50_ms/p99_ms is the local API hop and the client process.
+            **{f"daemon_p{pct}_ms": _percentile(daemon, pct) if daemon else None
+               for pct in (50, 99)},
         }
         if latencies:
             run.p50_ms = _percentile(latencies, 50)

@@ -25,7 +25,10 @@ from transferd.errors import ProtocolError, TransferdError, TransportError, erro
 
 __all__ = ["ChunkBody", "PeerLink", "Reply"]
 
-_CONTROL_POOL = 8  # control + interactive: small messages, a few connections suffice
+_CONTROL_POOL = 8  # control: small messages, a few connections suffice
+# Interactive messages: HTTP/1.1 carries one request per connection at a time, so a pool of n
+# delivers at most n / RTT messages per second (Little's law): 8 capped a 40 ms link at 200/s.
+INTERACTIVE_POOL = 32
 
 
 class ChunkBody(payload.Payload):
@@ -82,10 +85,14 @@ class PeerLink:
         session = self._sessions.get(traffic_class)
         if session is None or session.closed:
             bulk = traffic_class in (TrafficClass.CHECKPOINT, TrafficClass.SYNC)
+            interactive = traffic_class is TrafficClass.INTERACTIVE
             connector = aiohttp.TCPConnector(
-                limit=self.streams if bulk else _CONTROL_POOL,
+                limit=self.streams if bulk else INTERACTIVE_POOL if interactive else _CONTROL_POOL,
                 ssl=self.ssl_context if self.ssl_context is not None else True,
                 enable_cleanup_closed=False,
+                # Idle interactive connections stay open (the message service keeps them warm)
+                # for less than aiohttp servers' 75 s keep-alive, so the peer never closes first.
+                keepalive_timeout=60.0 if interactive else 15.0,
             )
             session = aiohttp.ClientSession(
                 connector=connector,

@@ -37,7 +37,7 @@ from yarl import URL
 from transferd._auth import NonceGuard, authenticate, sign_headers
 from transferd._chunker import blake3_hex
 from transferd._classes import TrafficClass
-from transferd._client import ChunkBody
+from transferd._client import INTERACTIVE_POOL, ChunkBody
 from transferd._keys import Keyring
 from transferd._sched import BudgetMiss, ClassScheduler, SchedulerPump
 from transferd.errors import (
@@ -375,6 +375,7 @@ class MessageService:
         attempts: int = 3,
         clock: Callable[[], float] = time.time,
         session_for: Callable[[str, TrafficClass], aiohttp.ClientSession] | None = None,
+        warm_interval_s: float | None = 30.0,
     ) -> None:
         self.site = site
         self.peers = {name: url.rstrip("/") for name, url in peers.items()}
@@ -382,7 +383,12 @@ class MessageService:
         self.metrics = MessageMetrics() if metrics is None else metrics
         self.inbox = Inbox() if inbox is None else inbox
         self.hook_command = list(hook_command) if hook_command else None
-        self.workers = {TrafficClass.CONTROL: 2, TrafficClass.INTERACTIVE: 8, **(workers or {})}
+        # One worker per connection the interactive pool may open (see INTERACTIVE_POOL).
+        self.workers = {
+            TrafficClass.CONTROL: 2,
+            TrafficClass.INTERACTIVE: INTERACTIVE_POOL,
+            **(workers or {}),
+        }
         self.default_deadline_ms = default_deadline_ms
         self.request_timeout_s = request_timeout_s
         self.attempts = attempts
@@ -396,6 +402,10 @@ class MessageService:
         self._ids = itertools.count()
         self._runner: asyncio.Task[None] | None = None
         self._miss_hooked: set[str] = set()
+        # Interactive connections are opened ahead of the first message and kept open, so a
+        # message does not pay a TCP (and TLS) handshake, a round trip or more, on top of its own.
+        self.warm_interval_s = warm_interval_s
+        self._busy: dict[str, int] = dict.fromkeys(self.peers, 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -430,6 +440,8 @@ class MessageService:
                 for cls in MESSAGE_CLASSES:
                     for _ in range(self.workers[cls]):
                         tg.create_task(self._send_worker(peer, cls))
+                if self.warm_interval_s is not None:
+                    tg.create_task(self._keep_warm(peer, self.warm_interval_s))
             if self.hook_command:
                 for _ in range(2):
                     tg.create_task(self._hook_worker())
@@ -517,6 +529,38 @@ class MessageService:
         async with asyncio.timeout(budget_ms / 1000.0 + self.request_timeout_s * self.attempts):
             return await asyncio.shield(message.done)
 
+    def _session(self, peer: str, traffic_class: TrafficClass) -> aiohttp.ClientSession:
+        if self.session_for is not None:
+            return self.session_for(peer, traffic_class)
+        return self._sessions[(peer, traffic_class)]
+
+    async def _keep_warm(self, peer: str, interval_s: float) -> None:
+        """Open (or keep open) the peer's interactive pool with one cheap GET per connection,
+        every `interval_s` while no message is on its way (then the messages keep it warm);
+        retried after a second while the peer does not answer yet."""
+        url = self.peers[peer] + PEER_ROUTE
+        n = self.workers[TrafficClass.INTERACTIVE]
+
+        async def ping(session: aiohttp.ClientSession) -> bool:
+            try:
+                async with session.get(url) as resp:
+                    await resp.read()
+                    return resp.status == 204
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                return False
+
+        while True:
+            warm = True
+            idle = self.pump(peer).scheduler.queued_bytes(TrafficClass.INTERACTIVE) == 0
+            if self._busy[peer] == 0 and idle:
+                session = self._session(peer, TrafficClass.INTERACTIVE)
+                try:
+                    async with asyncio.timeout(self.request_timeout_s):
+                        warm = all(await asyncio.gather(*(ping(session) for _ in range(n))))
+                except TimeoutError:
+                    warm = False
+            await asyncio.sleep(interval_s if warm else min(1.0, interval_s))
+
     async def _send_worker(self, peer: str, traffic_class: TrafficClass) -> None:
         pump = self.pump(peer)
         while True:
@@ -524,10 +568,8 @@ class MessageService:
             message = item.payload
             if not isinstance(message, _Outgoing):
                 raise ProtocolError(f"{traffic_class.value} queue holds a non-message item")
-            if self.session_for is not None:
-                session = self.session_for(peer, traffic_class)
-            else:
-                session = self._sessions[(peer, traffic_class)]
+            session = self._session(peer, traffic_class)
+            self._busy[peer] += 1
             try:
                 receipt = await self._deliver(session, message)
             except TransferdError as exc:
@@ -537,6 +579,8 @@ class MessageService:
             else:
                 if not message.done.done():
                     message.done.set_result(receipt)
+            finally:
+                self._busy[peer] -= 1
 
     async def _deliver(self, session: aiohttp.ClientSession, message: _Outgoing) -> MessageReceipt:
         url = self.peers[message.peer] + PEER_ROUTE
@@ -762,7 +806,11 @@ def add_message_routes(
         return web.json_response({"messages": [m.to_json() for m in messages]})
 
     app.router.add_post("/v1/messages/{peer}", post_message)
+    async def warm_up(_request: web.Request) -> web.Response:
+        return web.Response(status=204)  # a peer opening its interactive pool; says nothing
+
     app.router.add_post(PEER_ROUTE, receive_message)
+    app.router.add_get(PEER_ROUTE, warm_up)
     app.router.add_get("/v1/inbox", get_inbox)
 
 

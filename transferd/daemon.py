@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
@@ -35,6 +35,7 @@ from transferd._sender import Sender
 from transferd._server import build_app
 from transferd._storage import open_storage
 from transferd._streams import PeerTraffic, StreamMetrics
+from transferd._threads import bulk_executor
 from transferd.config import PeerConfig, SiteConfig
 from transferd.errors import ConfigError, TransferdError
 
@@ -128,9 +129,7 @@ class Daemon:
         self.receive_buffers = BufferPool(config.chunk_size, count=max(4, 2 * config.streams))
         # Enough workers that chunks waiting (bounded) for the hash cursor never starve the chunk
         # they wait for.
-        self._workers = ThreadPoolExecutor(
-            max_workers=4 * max(4, 2 * config.streams), thread_name_prefix="transferd-chunk"
-        )
+        self._workers = bulk_executor(4 * max(4, 2 * config.streams), "transferd-chunk")
         self.port: int | None = None
         self._commit_locks: dict[str, asyncio.Lock] = {}
         state = config.state_path
@@ -279,6 +278,10 @@ class Daemon:
     async def serve(
         self, stop: asyncio.Event, ready: Callable[[Daemon], None] | None = None
     ) -> None:
+        # The sender's chunk work (asyncio.to_thread) yields the CPU to the event loop too.
+        asyncio.get_running_loop().set_default_executor(
+            bulk_executor(min(32, (os.cpu_count() or 1) + 4), "transferd-bulk")
+        )
         app = build_app(self)
         add_message_routes(app, self.messages, local_auth=self.auth.verify_local)
         runner = web.AppRunner(

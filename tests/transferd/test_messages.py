@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -178,3 +179,128 @@ async def test_each_class_has_its_own_pool_unless_the_baseline_shares_one(shared
         assert len(pools) == (1 if shared else 4)
     finally:
         await link.close()
+
+
+async def test_interactive_messages_to_a_distant_peer_are_all_in_flight_at_once() -> None:
+    """HTTP/1.1 carries one request per connection at a time, so the pool size bounds the message
+    rate to pool / RTT: 32 messages sent together must all reach a slow peer concurrently (a
+    pool of 8 capped a 40 ms link at 200 messages/s and queued the rest behind it)."""
+    from aiohttp import web
+
+    from transferd._client import INTERACTIVE_POOL, PeerLink
+    from transferd._keys import Keyring
+
+    in_flight, most = 0, 0
+    all_arrived = asyncio.Event()
+
+    async def peer(request: web.Request) -> web.Response:
+        nonlocal in_flight, most
+        await request.read()
+        in_flight += 1
+        most = max(most, in_flight)
+        if in_flight == INTERACTIVE_POOL:
+            all_arrived.set()
+        try:
+            await all_arrived.wait()  # held like a long round trip until every message is here
+        finally:
+            in_flight -= 1
+        return web.json_response({"id": request.headers[H_ID], "late": False, "received_at": 0})
+
+    app = web.Application()
+    app.router.add_post("/v1/peer/messages", peer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    link = PeerLink(
+        site="A",
+        peer="B",
+        url=f"http://127.0.0.1:{port}",
+        keyring=Keyring(site="A", signing_key=Ed25519PrivateKey.generate()),
+        streams=4,
+        clock=lambda: 0.0,
+    )
+    service = MessageService(
+        "A",
+        {"B": f"http://127.0.0.1:{port}"},
+        RefuseAll(),
+        session_for=lambda _peer, cls: link.session(cls),
+    )
+    try:
+        async with service, asyncio.timeout(20):  # a bound, not a measurement
+            receipts = await asyncio.gather(
+                *(
+                    service.send("B", b"x" * 4096, TrafficClass.INTERACTIVE, deadline_ms=60_000)
+                    for _ in range(INTERACTIVE_POOL)
+                )
+            )
+    finally:
+        await link.close()
+        await runner.cleanup()
+    assert all(r.delivered for r in receipts)
+    assert most == INTERACTIVE_POOL >= 32
+
+
+async def test_the_interactive_pool_is_open_before_the_first_message() -> None:
+    """A message must not pay a TCP handshake (a round trip on a WAN) on top of its own trip:
+    the service opens the peer's interactive connections ahead of time and messages reuse them."""
+    from aiohttp import web
+
+    from transferd._client import INTERACTIVE_POOL, PeerLink
+    from transferd._keys import Keyring
+    from transferd._messages import add_message_routes
+
+    connections: set[int] = set()
+    posts_on: set[int] = set()
+    warmed = asyncio.Event()
+
+    @web.middleware
+    async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+        conn = id(request.protocol)
+        if request.method == "POST":
+            posts_on.add(conn)
+        else:
+            connections.add(conn)
+            if len(connections) == INTERACTIVE_POOL:
+                warmed.set()
+        return await handler(request)
+
+    class AcceptAll(RefuseAll):
+        def verify(self, headers: Mapping[str, str], method: str, path_qs: str, body: bytes) -> str:
+            return "A"
+
+    peer_app = web.Application(middlewares=[count])
+    add_message_routes(peer_app, MessageService("B", {}, AcceptAll()))
+    runner = web.AppRunner(peer_app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    link = PeerLink(
+        site="A",
+        peer="B",
+        url=url,
+        keyring=Keyring(site="A", signing_key=Ed25519PrivateKey.generate()),
+        streams=4,
+        clock=lambda: 0.0,
+    )
+    service = MessageService(
+        "A", {"B": url}, RefuseAll(), session_for=lambda _peer, cls: link.session(cls)
+    )
+    try:
+        async with service, asyncio.timeout(20):  # a bound, not a measurement
+            await warmed.wait()
+            receipts = await asyncio.gather(
+                *(service.send("B", b"x" * 4096, deadline_ms=60_000) for _ in range(8))
+            )
+    finally:
+        await link.close()
+        await runner.cleanup()
+    assert all(r.delivered for r in receipts)
+    assert posts_on
+    assert posts_on <= connections  # every message rode a connection opened before it
