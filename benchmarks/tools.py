@@ -26,6 +26,7 @@ from benchmarks.errors import LabError, ToolError
 from benchmarks.lab import Lab, python_env
 from benchmarks.measure import (
     LinkFlapper,
+    Measured,
     ToolRun,
     peak_rss_mib,
     run_measured,
@@ -89,6 +90,16 @@ def _link_data(src: Path, into: Path) -> Path:
 
 def _goodput(size: int, seconds: float) -> float:
     return size * 8 / seconds / 1e6
+
+
+def _copied(ctx: RunContext, tool: str, got: Measured, dest: Path, cpu_s: float) -> ToolRun:
+    """The result of a copy tool's run: its exit status, the copy verified at `dest`, goodput."""
+    if got.returncode != 0:
+        raise ToolError(tool, f"exit {got.returncode}: {got.stderr.strip()[-300:]}")
+    ctx.verify(tool, dest / ctx.data_path.name)
+    size = ctx.size_bytes()
+    return ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
+                   seconds=got.seconds, cpu_s=cpu_s, bytes_logical=size)
 
 
 # ---- iperf3 ---------------------------------------------------------------------------------
@@ -163,12 +174,7 @@ def _rsync(ctx: RunContext, zstd: bool) -> ToolRun:
         cpu = got.cpu_s + server_cpu_s(server.pid) - cpu0
     finally:
         lab.stop(server)
-    if got.returncode != 0:
-        raise ToolError(tool, f"exit {got.returncode}: {got.stderr.strip()[-300:]}")
-    ctx.verify(tool, dest / ctx.data_path.name)
-    size = ctx.size_bytes()
-    return ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
-                   seconds=got.seconds, cpu_s=cpu, bytes_logical=size)
+    return _copied(ctx, tool, got, dest, cpu)
 
 
 # ---- rclone ---------------------------------------------------------------------------------
@@ -206,12 +212,7 @@ def _rclone(ctx: RunContext) -> ToolRun:
         cpu = got.cpu_s + server_cpu_s(server.pid) - cpu0
     finally:
         lab.stop(server)
-    if got.returncode != 0:
-        raise ToolError(tool, f"exit {got.returncode}: {got.stderr.strip()[-300:]}")
-    ctx.verify(tool, dest / ctx.data_path.name)
-    size = ctx.size_bytes()
-    return ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
-                   seconds=got.seconds, cpu_s=cpu, bytes_logical=size)
+    return _copied(ctx, tool, got, dest, cpu)
 
 
 # ---- transferd ------------------------------------------------------------------------------
