@@ -2,28 +2,89 @@
 
 The public names are re-exported here; the CLI lives in `netplan.cli`. Typical use:
 `analyze(load_topology("topologies/x.yaml")).to_json()`.
+
+The names load on first use (PEP 562): `transferd` imports small parts of netplan (its YAML
+error positions, the plan model) and should not pay for networkx and scipy at start-up.
 """
 
-from netplan.decisions import ClientLatency, Decision, Movement, Option
-from netplan.errors import Infeasible, NetplanError, PlanError, TopologyError
-from netplan.loader import load_topology, parse_topology
-from netplan.network import (
-    LatencyPath,
-    LinkThroughput,
-    Network,
-    PathTree,
-    WidestPath,
-    link_throughput,
-)
-from netplan.report import SCHEMA_VERSION, Report, analyze
-from netplan.topology import Dataset, Link, Model, Site, Topology, TransferSettings, Workload
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from netplan._budgets import LatencyBudget, break_down_budget, latency_budgets
+    from netplan._plan import SCHEMA_VERSION as PLAN_SCHEMA_VERSION
+    from netplan._plan import Plan, SitePlan, build_plan
+    from netplan._sections import SyncRule, VectorIndex
+    from netplan._shards import ShardReplication, replicate_shards, shard_replication
+    from netplan._sync import SyncPlan, plan_sync
+    from netplan.decisions import ClientLatency, Decision, Movement, Option
+    from netplan.errors import Infeasible, NetplanError, PlanError, TopologyError
+    from netplan.loader import load_topology, parse_topology
+    from netplan.network import (
+        LatencyPath,
+        LinkThroughput,
+        Network,
+        PathTree,
+        WidestPath,
+        link_throughput,
+    )
+    from netplan.report import SCHEMA_VERSION, Report, analyze
+    from netplan.topology import (
+        Dataset,
+        Link,
+        Model,
+        Site,
+        Topology,
+        TransferSettings,
+        Workload,
+    )
+
+# public name -> (module, attribute in that module)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    **{n: ("netplan.decisions", n) for n in ("ClientLatency", "Decision", "Movement", "Option")},
+    **{
+        n: ("netplan.errors", n)
+        for n in ("Infeasible", "NetplanError", "PlanError", "TopologyError")
+    },
+    **{n: ("netplan.loader", n) for n in ("load_topology", "parse_topology")},
+    **{
+        n: ("netplan.network", n)
+        for n in (
+            "LatencyPath",
+            "LinkThroughput",
+            "Network",
+            "PathTree",
+            "WidestPath",
+            "link_throughput",
+        )
+    },
+    **{n: ("netplan.report", n) for n in ("SCHEMA_VERSION", "Report", "analyze")},
+    **{
+        n: ("netplan.topology", n)
+        for n in ("Dataset", "Link", "Model", "Site", "Topology", "TransferSettings", "Workload")
+    },
+    **{
+        n: ("netplan._budgets", n)
+        for n in ("LatencyBudget", "break_down_budget", "latency_budgets")
+    },
+    "PLAN_SCHEMA_VERSION": ("netplan._plan", "SCHEMA_VERSION"),
+    **{n: ("netplan._plan", n) for n in ("Plan", "SitePlan", "build_plan")},
+    **{n: ("netplan._sections", n) for n in ("SyncRule", "VectorIndex")},
+    **{
+        n: ("netplan._shards", n)
+        for n in ("ShardReplication", "replicate_shards", "shard_replication")
+    },
+    **{n: ("netplan._sync", n) for n in ("SyncPlan", "plan_sync")},
+}
 
 __all__ = [
-    "SCHEMA_VERSION",
     "ClientLatency",
     "Dataset",
     "Decision",
     "Infeasible",
+    "LatencyBudget",
     "LatencyPath",
     "Link",
     "LinkThroughput",
@@ -32,43 +93,45 @@ __all__ = [
     "NetplanError",
     "Network",
     "Option",
+    "PLAN_SCHEMA_VERSION",
     "PathTree",
+    "Plan",
     "PlanError",
     "Report",
-    "Site",
-    "Topology",
-    "TopologyError",
-    "TransferSettings",
-    "WidestPath",
-    "Workload",
-    "analyze",
-    "link_throughput",
-    "load_topology",
-    "parse_topology",
-]
-
-# Shard replication, sync rules, latency budgets and the plan file (kept as one block so the
-# two halves of the planner merge cleanly).
-from netplan._budgets import LatencyBudget, break_down_budget, latency_budgets  # noqa: E402
-from netplan._plan import SCHEMA_VERSION as PLAN_SCHEMA_VERSION  # noqa: E402
-from netplan._plan import Plan, SitePlan, build_plan  # noqa: E402
-from netplan._sections import SyncRule, VectorIndex  # noqa: E402
-from netplan._shards import ShardReplication, replicate_shards, shard_replication  # noqa: E402
-from netplan._sync import SyncPlan, plan_sync  # noqa: E402
-
-__all__ += [
-    "PLAN_SCHEMA_VERSION",
-    "LatencyBudget",
-    "Plan",
+    "SCHEMA_VERSION",
     "ShardReplication",
+    "Site",
     "SitePlan",
     "SyncPlan",
     "SyncRule",
+    "Topology",
+    "TopologyError",
+    "TransferSettings",
     "VectorIndex",
+    "WidestPath",
+    "Workload",
+    "analyze",
     "break_down_budget",
     "build_plan",
     "latency_budgets",
+    "link_throughput",
+    "load_topology",
+    "parse_topology",
     "plan_sync",
     "replicate_shards",
     "shard_replication",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'netplan' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

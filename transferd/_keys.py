@@ -42,7 +42,14 @@ def keygen(sites: list[str], out: Path, *, overwrite: bool = False) -> list[Path
     """
     if len(set(sites)) != len(sites) or not sites:
         raise ConfigError("keygen: --sites must list distinct site ids")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_keys(sites, out, overwrite)
+    except OSError as exc:
+        raise ConfigError(f"keygen: cannot write keys to {out}: {exc.strerror or exc}") from exc
+
+
+def _write_keys(sites: list[str], out: Path, overwrite: bool) -> list[Path]:
     written: list[Path] = []
     for site in sites:
         priv_path, pub_path = out / f"{site}.ed25519", out / f"{site}.pub"

@@ -9,7 +9,7 @@ import pytest
 from transferd._auth import EMPTY_BODY_BLAKE3, NonceGuard, authenticate, sign_headers
 from transferd._keys import Keyring, keygen
 from transferd._policy import check_may_leave_site, confine, normalize_rel_path
-from transferd.errors import AuthError, PolicyViolation
+from transferd.errors import AuthError, ConfigError, PolicyViolation
 from transferd.testing import FakeClock
 
 
@@ -175,3 +175,11 @@ def test_a_request_cannot_be_reflected_to_its_sender(rings: tuple[Keyring, Keyri
             guard=NonceGuard(300, 0),
             now=clock(),
         )
+
+
+def test_keygen_into_a_path_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "keys"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot write keys"):
+        keygen(["A", "B"], blocker)
+    assert blocker.read_text() == "not a directory"
