@@ -1,16 +1,25 @@
 """Wire documents between daemons: the upload intent, have/want queries, and the signed manifest.
 
 Every body a peer sends is validated here into a frozen model once (ProtocolError otherwise).
-The manifest (path, sizes, chunk list, blake3 of each whole file, tier, source site, time) is
+The manifest (path, sizes, chunk list, a digest of each whole file, tier, source site, time) is
 signed with the source site's Ed25519 key over its canonical JSON (sorted keys, no spaces).
+
+A file's digest is the root of a two-level blake3 Merkle tree: blake3 over the file's size and
+its chunk list (offset, length, chunk blake3) - see `file_digest`. Every chunk address commits
+to its bytes, so the root commits to every byte of the file as blake3(file) would, but it costs
+no pass over the data beyond the chunk hashes that both sides compute anyway (a second full
+blake3 pass on each side was half of transferd's CPU per byte on a loopback link).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal, TypeVar
 
+import blake3
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from transferd._keys import Keyring
@@ -25,6 +34,7 @@ __all__ = [
     "SignedManifest",
     "UploadIntent",
     "canonical_json",
+    "file_digest",
     "parse_body",
 ]
 
@@ -100,10 +110,22 @@ class HaveRequest(_Wire):
     chunks: Annotated[list[ChunkRef], Field(max_length=4096)]
 
 
+FILE_DIGEST_DOMAIN = b"transferd file digest v1\x00"
+
+
+def file_digest(size: int, chunks: Iterable[tuple[str, int, int]]) -> str:
+    """The whole-file digest: blake3(domain || u64 size || (u64 offset, u64 length, 32-byte
+    chunk blake3) for each chunk in file order), all integers little-endian."""
+    h = blake3.blake3(FILE_DIGEST_DOMAIN + struct.pack("<Q", size))
+    for digest, offset, length in chunks:
+        h.update(struct.pack("<QQ", offset, length) + bytes.fromhex(digest))
+    return str(h.hexdigest())
+
+
 class FileEntry(_Wire):
     path: str
     size: Size
-    blake3: Hash
+    digest: Hash  # file_digest(size, chunks): the Merkle root over the chunk addresses
     chunks: list[tuple[Hash, Size, Annotated[int, Field(ge=1, le=MAX_CHUNK_BYTES)]]]
 
     _path = field_validator("path")(classmethod(lambda cls, v: _check_member(v)))
@@ -119,11 +141,13 @@ class FileEntry(_Wire):
             position += length
         if position != self.size:
             raise ValueError(f"chunks cover {position} bytes, file size is {self.size}")
+        if file_digest(self.size, self.chunks) != self.digest:
+            raise ValueError("digest is not the root of the file's chunk list")
         return self
 
 
 class Manifest(_Wire):
-    version: Literal[1] = 1
+    version: Literal[2] = 2  # 2: file digests are chunk-list Merkle roots (1: blake3 of bytes)
     upload: Annotated[str, Field(pattern=_UPLOAD_ID.pattern)]
     source_site: str
     dest_site: str

@@ -4,9 +4,13 @@ An upload goes open -> (have/want, chunk PUTs)* -> commit. `open` checks policy 
 at full size; `have` answers which chunks must still cross the wire, filling the rest from bytes
 this site already holds (an earlier upload, or a committed file: delta replication); `put_chunk`
 verifies a body against its signed blake3 and its content address before writing it; `commit`
-verifies the manifest signature, that every chunk was received with the manifest's hash, and
-each whole-file blake3, then renames into place. State lives in the journal, so a receiver killed
-at any moment answers the resumed sender's `have` with exactly what it still lacks.
+verifies the manifest signature, that the chunk list tiles each file and has the signed file
+digest as its Merkle root, and that every chunk of every file was received with the manifest's
+hash, then renames into place. A chunk verified in memory and written by this process is not
+hashed again; one staged before a restart (its bytes may not have reached the disk before a
+crash) is read back and re-hashed at commit, and fetched again when it does not match. State
+lives in the journal, so a receiver killed at any moment answers the resumed sender's `have`
+with exactly what it still lacks.
 """
 
 from __future__ import annotations
@@ -35,67 +39,12 @@ from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, Sto
 __all__ = ["CommitOutcome", "Receiver"]
 
 log = logging.getLogger("transferd.receiver")
-_HASH_WINDOW = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class CommitOutcome:
     committed: bool
     want: list[tuple[int, int]]  # (file index, offset) to send again when not committed
-
-
-class _HashCursor:
-    """The whole-file blake3 of a staged file, fed in file order while chunks arrive.
-
-    Parallel streams deliver chunks slightly out of order. A chunk that arrives a little ahead
-    of the cursor waits (bounded) for the chunks before it, so it is hashed from memory too; one
-    that is far ahead, or waited too long, is read back from the staged file when the cursor
-    reaches it. A rewrite behind the cursor invalidates it (commit then re-reads the file).
-    """
-
-    WAIT_AHEAD_BYTES = 64 * 1024 * 1024
-    WAIT_S = 1.0
-
-    def __init__(self, valid: bool = True) -> None:
-        self.offset = 0
-        self.valid = valid
-        self.stuck = False  # a wait timed out: don't wait again until the cursor moves
-        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        self.ahead: dict[int, int] = {}
-        self.moved = threading.Condition()
-
-    def advance(
-        self, offset: int, length: int, data: bytes | memoryview, staging: Staging, index: int
-    ) -> None:
-        with self.moved:
-            if self.valid and not self.stuck and 0 < offset - self.offset <= self.WAIT_AHEAD_BYTES:
-                if not self.moved.wait_for(
-                    lambda: not self.valid or offset <= self.offset, self.WAIT_S
-                ):
-                    self.stuck = True
-            if not self.valid:
-                return
-            if offset > self.offset:
-                self.ahead[offset] = length
-                return
-            if offset < self.offset:
-                self.valid = False
-                self.moved.notify_all()
-                return
-            self.hasher.update(data)
-            self.offset += length
-            self.stuck = False
-            while self.offset in self.ahead:
-                n = self.ahead.pop(self.offset)
-                self.hasher.update(staging.read(index, self.offset, n))
-                self.offset += n
-            self.moved.notify_all()
-
-    def digest_if_complete(self, size: int) -> str | None:
-        with self.moved:
-            if self.valid and self.offset == size and not self.ahead:
-                return str(self.hasher.hexdigest())
-            return None
 
 
 class Receiver:
@@ -118,10 +67,10 @@ class Receiver:
         # Per-run overrides (`checkpoints/<run>` -> steps kept), e.g. from a netplan plan.
         self.run_retention = dict(run_retention or {})
         self._staging: dict[str, Staging] = {}
-        # Whole-file hashes computed as chunks arrive (in memory; a restart falls back to
-        # re-reading the staged file at commit).
-        self._cursors: dict[str, dict[int, _HashCursor]] = {}
-        self._cursors_lock = threading.Lock()
+        # (file, offset) of chunks this process verified in memory and wrote, per upload; any
+        # other staged chunk is read back and re-hashed at commit.
+        self._verified: dict[str, set[tuple[int, int]]] = {}
+        self._verified_lock = threading.Lock()
 
     # -- open --------------------------------------------------------------------------------
     def check_intent(self, intent: UploadIntent, peer: str) -> None:
@@ -198,7 +147,6 @@ class Receiver:
             raise ProtocolError(f"upload {upload} is already {known[2]}")
         intent = UploadIntent.model_validate(known[3])
         staging = self._staging_for(intent)
-        self._ensure_cursors(upload, len(intent.files))
         return intent, staging
 
     # -- have / want ---------------------------------------------------------------------------
@@ -243,9 +191,9 @@ class Receiver:
                 continue
             if len(data) != loc.length or blake3.blake3(data).hexdigest() != digest:
                 continue
-            for f, off, n in targets:
+            for f, off, _n in targets:
                 staging.write(f, off, data)
-                self._cursor(upload, f).advance(off, n, data, staging, f)
+            self._mark_verified(upload, targets)
             return True
         return False
 
@@ -296,22 +244,13 @@ class Receiver:
         if raw_hash != digest:
             raise IntegrityError(f"chunk bytes do not hash to their address {digest[:16]}")
         staging = self._staging[upload]
-        for f, off, n in locations:
+        for f, off, _n in locations:
             staging.write(f, off, raw)
-            self._cursor(upload, f).advance(off, n, raw, staging, f)
+        self._mark_verified(upload, locations)
 
-    def _cursor(self, upload: str, file_index: int) -> _HashCursor:
-        with self._cursors_lock:
-            return self._cursors[upload][file_index]
-
-    def _ensure_cursors(self, upload: str, n_files: int) -> None:
-        """Loop thread, first touch of an upload in this process: files that already hold
-        chunks (staged before a restart) cannot be hashed in order; commit re-reads them."""
-        if upload in self._cursors:
-            return
-        started = {f for f, _off in self.journal.received(upload)}
-        with self._cursors_lock:
-            self._cursors[upload] = {i: _HashCursor(valid=i not in started) for i in range(n_files)}
+    def _mark_verified(self, upload: str, locations: list[tuple[int, int, int]]) -> None:
+        with self._verified_lock:
+            self._verified.setdefault(upload, set()).update((f, off) for f, off, _n in locations)
 
     # -- commit --------------------------------------------------------------------------------
     def check_manifest(
@@ -341,39 +280,29 @@ class Receiver:
         ]
 
     def verify_files(self, upload: str, manifest: Manifest) -> list[tuple[int, int]]:
-        """Thread: whole-file blake3 of every staged file; on a mismatch, re-hash that file's
-        chunks and return the bad ones (they are fetched again)."""
+        """Thread: re-hash the staged chunks this process did not verify itself (staged before
+        a restart) and return those that no longer match (they are fetched again). The chunk
+        list's tiling and Merkle root were checked when the manifest was parsed."""
         staging = self._staging[upload]
-        cursors = self._cursors.get(upload, {})
+        with self._verified_lock:
+            verified = set(self._verified.get(upload, ()))
         bad: list[tuple[int, int]] = []
         for i, f in enumerate(manifest.files):
-            cursor = cursors.get(i)
-            if cursor is not None and cursor.digest_if_complete(f.size) == f.blake3:
-                continue  # hashed in order as the chunks arrived
+            todo = [(h, off, n) for h, off, n in f.chunks if (i, off) not in verified]
+            if not todo:
+                continue
             try:
                 with SourceFile(str(staging.member_path(i))) as src:
-                    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-                    for off in range(0, f.size, _HASH_WINDOW):
-                        with src.mapped(off, min(_HASH_WINDOW, f.size - off)) as view:
-                            hasher.update(view)
-                    if hasher.hexdigest() == f.blake3:
-                        continue
-                    bad_here = []
-                    for digest, off, n in f.chunks:
+                    for digest, off, n in todo:
                         with src.mapped(off, n) as view:
                             if blake3.blake3(view).hexdigest() != digest:
-                                bad_here.append((i, off))
+                                bad.append((i, off))
             except OSError as exc:
                 raise StorageError(f"reading staged file: {exc.strerror}") from exc
-            if not bad_here:
-                # Every chunk matches, yet the file does not: the manifest itself is inconsistent.
-                raise IntegrityError(
-                    f"{manifest.root}/{f.path}: chunks match but whole-file blake3 differs"
-                )
-            bad += bad_here
+            self._mark_verified(upload, [(i, off, n) for _h, off, n in todo])
         if bad:
-            for cursor in cursors.values():
-                cursor.valid = False  # refetched chunks land behind the cursor
+            with self._verified_lock:
+                self._verified.get(upload, set()).difference_update(bad)
         return bad
 
     def commit_files(self, upload: str, manifest: Manifest) -> None:
@@ -382,7 +311,8 @@ class Receiver:
 
     def after_commit(self, upload: str, manifest: Manifest, now: float) -> None:
         self._staging.pop(upload).discard()
-        self._cursors.pop(upload, None)
+        with self._verified_lock:
+            self._verified.pop(upload, None)
         self.journal.finish_upload(upload, "committed", now)
         for f in manifest.files:
             path = f"{manifest.root}/{f.path}" if f.path else manifest.root
@@ -426,7 +356,8 @@ class Receiver:
         return batches
 
     def fail(self, upload: str, now: float) -> None:
-        self._cursors.pop(upload, None)
+        with self._verified_lock:
+            self._verified.pop(upload, None)
         staging = self._staging.pop(upload, None)
         if staging is not None:
             staging.discard()

@@ -20,15 +20,20 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import blake3
-
 from transferd._chunker import FileWindow, SourceFile, blake3_hex, chunk_spans, fixed_spans
 from transferd._classes import TrafficClass
 from transferd._client import PeerLink
 from transferd._codec import CompressionPolicy, Encoded, zstd_compress
 from transferd._journal import Job, JobState, Journal
 from transferd._keys import Keyring
-from transferd._manifest import ChunkRef, FileEntry, HaveRequest, Manifest, UploadIntent
+from transferd._manifest import (
+    ChunkRef,
+    FileEntry,
+    HaveRequest,
+    Manifest,
+    UploadIntent,
+    file_digest,
+)
 from transferd._metrics import Metrics
 from transferd._policy import Tier, check_may_leave_site, normalize_rel_path
 from transferd._storage import FsspecStorage, LocalStorage, Source
@@ -62,9 +67,6 @@ class _FileState:
     source: Source
     chunks: list[tuple[str, int, int]] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)
-    hasher: blake3.blake3 = field(
-        default_factory=lambda: blake3.blake3(max_threads=blake3.blake3.AUTO)
-    )
 
 
 class Sender:
@@ -266,7 +268,7 @@ class Sender:
                     FileEntry(
                         path=s.member,
                         size=s.source.size,
-                        blake3=s.hasher.hexdigest(),
+                        digest=file_digest(s.source.size, s.chunks),
                         chunks=s.chunks,
                     )
                     for s in files
@@ -289,7 +291,7 @@ class Sender:
             batch = spans[start : start + HAVE_BATCH]
             windows, views = await _open_batch(state.source, batch)
             try:
-                hashes = await _hash_batch(state.hasher, views)
+                hashes = await _hash_batch(views)
             except BaseException:
                 _close_all(windows)
                 raise
@@ -461,17 +463,10 @@ async def _open_batch(
     return [None] * len(spans), await asyncio.to_thread(read)
 
 
-async def _hash_batch(hasher: blake3.blake3, views: list[memoryview]) -> list[str]:
-    """Chunk hashes in parallel threads, and the whole-file hash (in order) alongside them."""
-
-    def update_file_hash() -> None:
-        for view in views:
-            hasher.update(view)
-
-    results = await asyncio.gather(
-        asyncio.to_thread(update_file_hash), *(asyncio.to_thread(blake3_hex, v) for v in views)
-    )
-    return [str(h) for h in results[1:]]
+async def _hash_batch(views: list[memoryview]) -> list[str]:
+    """Chunk hashes, in parallel threads (blake3 releases the GIL). These are the only pass
+    over the bytes: the file's digest is the Merkle root over them (`file_digest`)."""
+    return list(await asyncio.gather(*(asyncio.to_thread(blake3_hex, v) for v in views)))
 
 
 def _close_all(windows: list[FileWindow | None]) -> None:

@@ -127,9 +127,8 @@ class Daemon:
         self.metrics = Metrics()
         # Room for every stream of two peers' bulk classes, each with one body in hand.
         self.receive_buffers = BufferPool(config.chunk_size, count=max(4, 2 * config.streams))
-        # Enough workers that chunks waiting (bounded) for the hash cursor never starve the chunk
-        # they wait for.
-        self._workers = bulk_executor(4 * max(4, 2 * config.streams), "transferd-chunk")
+        # One worker per body the pool can hold: a chunk in hand never waits for a thread.
+        self._workers = bulk_executor(max(4, 2 * config.streams), "transferd-chunk")
         self.port: int | None = None
         self._commit_locks: dict[str, asyncio.Lock] = {}
         state = config.state_path

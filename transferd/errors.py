@@ -75,8 +75,8 @@ class AuthError(TransferdError):
 
 
 class IntegrityError(TransferdError):
-    """Bytes do not match their blake3 address, a file its whole-file hash, or the source file
-    changed while it was being sent."""
+    """Bytes do not match their blake3 address, a staged chunk no longer matches at commit, or
+    the source file changed while it was being sent."""
 
     kind = "integrity"
     http_status = 422

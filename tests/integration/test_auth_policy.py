@@ -15,7 +15,7 @@ from tests.integration._data import write_random
 from transferd._auth import sign_headers
 from transferd._classes import TrafficClass
 from transferd._keys import Keyring, keygen
-from transferd._manifest import FileEntry, Manifest
+from transferd._manifest import FileEntry, Manifest, file_digest
 from transferd.daemon import Daemon
 from transferd.errors import AuthError, PolicyViolation
 from transferd.testing import loopback_pair
@@ -118,7 +118,10 @@ async def test_badly_signed_manifest_is_refused_403_and_nothing_is_committed(
             created_at=a.clock(),
             files=[
                 FileEntry(
-                    path="", size=len(data), blake3=chunk_hash, chunks=[(chunk_hash, 0, CHUNK)]
+                    path="",
+                    size=len(data),
+                    digest=file_digest(len(data), [(chunk_hash, 0, CHUNK)]),
+                    chunks=[(chunk_hash, 0, CHUNK)],
                 )
             ],
         )

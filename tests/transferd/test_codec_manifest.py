@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import blake3
 import pytest
 
 from transferd._codec import CompressionPolicy, decode_body, zstd_compress
 from transferd._keys import Keyring, keygen
-from transferd._manifest import FileEntry, Manifest, SignedManifest, parse_body
+from transferd._manifest import FileEntry, Manifest, SignedManifest, file_digest, parse_body
 from transferd.errors import AuthError, IntegrityError, ProtocolError
 
 RANDOM = random.Random(1).randbytes(1 << 20)
@@ -50,6 +51,9 @@ def test_zstd_bodies_decode_and_bad_ones_are_integrity_errors() -> None:
         decode_body(b"x", "brotli", 1)
 
 
+CHUNKS = [("b" * 64, 0, 4), ("c" * 64, 4, 6)]
+
+
 def _manifest() -> Manifest:
     return Manifest(
         upload="A-upload-0001",
@@ -60,9 +64,7 @@ def _manifest() -> Manifest:
         tier="approved",
         created_at=1.0,
         files=[
-            FileEntry(
-                path="", size=10, blake3="a" * 64, chunks=[("b" * 64, 0, 4), ("c" * 64, 4, 6)]
-            )
+FileEntry(path="", size=10, digest=file_digest(10, CHUNKS), chunks=CHUNKS)
         ],
     )
 
@@ -89,4 +91,25 @@ def test_manifest_signature_verifies_and_any_change_breaks_it(tmp_path: Path) ->
 def test_chunks_must_tile_the_file() -> None:
     body = _manifest().model_dump_json().replace('"size":10', '"size":12').encode()
     with pytest.raises(ProtocolError, match="chunks cover 10 bytes, file size is 12"):
+        parse_body(Manifest, body)
+
+
+def test_file_digest_is_the_root_of_the_chunk_list() -> None:
+    # The root is fixed by the bytes' chunk addresses and their places, nothing else.
+    whole = b"0123456789"
+    chunks = [
+        (blake3.blake3(whole[:4]).hexdigest(), 0, 4),
+        (blake3.blake3(whole[4:]).hexdigest(), 4, 6),
+    ]
+    root = file_digest(10, chunks)
+    assert root == file_digest(10, list(chunks))
+    assert root != file_digest(10, [chunks[1], chunks[0]])  # same chunks, other order
+    swapped = [(chunks[0][0], 0, 4), (blake3.blake3(b"012345").hexdigest(), 4, 6)]
+    assert root != file_digest(10, swapped)  # one chunk's bytes differ
+    assert root != file_digest(11, chunks)  # the size is committed too
+
+
+def test_a_digest_that_is_not_the_chunk_roots_is_refused() -> None:
+    body = _manifest().model_dump_json().replace(file_digest(10, CHUNKS), "d" * 64).encode()
+    with pytest.raises(ProtocolError, match="digest is not the root"):
         parse_body(Manifest, body)
