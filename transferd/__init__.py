@@ -2,28 +2,57 @@
 
 Run it with `transferd serve --config site.yaml`; the daemon is `transferd.daemon.Daemon`, the CLI
 `transferd.cli`, and test helpers (loopback peer pair, fake clock, impaired link) are in
-`transferd.testing`. The names below are the package's public surface.
+`transferd.testing`. The names below are the package's public surface; they load on first use
+(PEP 562), so the CLI starts without importing what a command does not need.
 """
 
-from transferd._classes import TrafficClass
-from transferd._messages import (
-    InboxMessage,
-    MessageReceipt,
-    local_signer,
-    read_inbox,
-    send_message,
-)
-from transferd.config import SiteConfig, load_config, parse_config
-from transferd.errors import (
-    AuthError,
-    ConfigError,
-    IntegrityError,
-    PolicyViolation,
-    ProtocolError,
-    StorageError,
-    TransferdError,
-    TransportError,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transferd._classes import TrafficClass
+    from transferd._messages import (
+        InboxMessage,
+        MessageReceipt,
+        local_signer,
+        read_inbox,
+        send_message,
+    )
+    from transferd.config import SiteConfig, load_config, parse_config
+    from transferd.errors import (
+        AuthError,
+        ConfigError,
+        IntegrityError,
+        PolicyViolation,
+        ProtocolError,
+        StorageError,
+        TransferdError,
+        TransportError,
+    )
+
+_EXPORTS: dict[str, str] = {
+    "TrafficClass": "transferd._classes",
+    **dict.fromkeys(
+        ("InboxMessage", "MessageReceipt", "local_signer", "read_inbox", "send_message"),
+        "transferd._messages",
+    ),
+    **dict.fromkeys(("SiteConfig", "load_config", "parse_config"), "transferd.config"),
+    **dict.fromkeys(
+        (
+            "AuthError",
+            "ConfigError",
+            "IntegrityError",
+            "PolicyViolation",
+            "ProtocolError",
+            "StorageError",
+            "TransferdError",
+            "TransportError",
+        ),
+        "transferd.errors",
+    ),
+}
 
 __all__ = [
     "AuthError",
@@ -44,3 +73,16 @@ __all__ = [
     "read_inbox",
     "send_message",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'transferd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
