@@ -28,6 +28,8 @@ TOOLS = (
     "rsync",
     "rsync-zstd",
     "rclone",
+    "disk-direct",  # the receiving disk's write ceiling (dd oflag=direct), not a network tool
+    "disk-buffered",  # the same through the page cache
 )
 
 

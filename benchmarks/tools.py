@@ -215,6 +215,29 @@ def _rclone(ctx: RunContext) -> ToolRun:
     return _copied(ctx, tool, got, dest, cpu)
 
 
+# ---- the receiving disk ---------------------------------------------------------------------
+
+DD_BLOCK = "8M"  # transferd's default chunk size
+
+
+def _disk(ctx: RunContext, direct: bool) -> ToolRun:
+    """The write ceiling of the disk every copy lands on, measured with `dd` in the same run:
+    `oflag=direct` is the path transferd's receiver takes (O_DIRECT, no page cache), buffered
+    is the page-cache path rsync and rclone take. Both end with an fsync, as a commit does."""
+    tool = "disk-direct" if direct else "disk-buffered"
+    if shutil.which("dd") is None:
+        raise ToolError(tool, "dd is not installed")
+    dest = ctx.scratch / f"{tool}-dest"
+    dest.mkdir(parents=True)
+    cmd = ["dd", f"if={ctx.data_path}", f"of={dest / ctx.data_path.name}", f"bs={DD_BLOCK}",
+           "conv=fsync", "status=none"]
+    if direct:
+        cmd.append("oflag=direct")
+    ctx.transfer_started()
+    got = run_measured(cmd, timeout_s=TRANSFER_TIMEOUT_S, log_dir=ctx.lab.workdir, name=tool)
+    return _copied(ctx, tool, got, dest, got.cpu_s)
+
+
 # ---- transferd ------------------------------------------------------------------------------
 
 TRANSFERD_PORTS = (7701, 7702)
@@ -403,6 +426,8 @@ ADAPTERS: dict[str, Callable[[RunContext], ToolRun]] = {
     "rsync": lambda ctx: _rsync(ctx, zstd=False),
     "rsync-zstd": lambda ctx: _rsync(ctx, zstd=True),
     "rclone": _rclone,
+    "disk-direct": lambda ctx: _disk(ctx, direct=True),
+    "disk-buffered": lambda ctx: _disk(ctx, direct=False),
 }
 
 

@@ -2,8 +2,9 @@
 
 A file is cut into contiguous spans: fixed `chunk_size` spans by default (Arrow IPC / Parquet files
 may be cut on record-batch boundaries instead). Each span is addressed by the blake3 of its bytes;
-the file's digest is the Merkle root over those addresses (`_manifest.file_digest`). Only a window per chunk is mapped at a time,
-so a 10 GiB file never counts 10 GiB against the daemon's RSS.
+the file's digest is the Merkle root over those addresses (`_manifest.file_digest`). Only a
+window per chunk is mapped at a time, so a 10 GiB file never counts 10 GiB against the daemon's
+RSS.
 """
 
 from __future__ import annotations

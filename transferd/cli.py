@@ -235,6 +235,9 @@ def _relative_to_data_dir(config: SiteConfig, path: str) -> str:
     return path
 
 
+POLL_S = 0.05  # how late `send --wait` may notice a commit (a cheap local GET per poll)
+
+
 async def _poll(
     link: PeerLink, ids: list[str], *, wait: bool, progress: bool
 ) -> list[dict[str, Any]]:
@@ -274,7 +277,7 @@ async def _poll(
                 )
             if all(j["state"] in ("committed", "failed") for j in jobs):
                 return jobs
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(POLL_S)
             jobs = await fetch()
 
 
