@@ -36,9 +36,12 @@ class ChunkBody(payload.Payload):
     Content-Length. aiohttp's BytesPayload warns on large bodies; writing one buffer is what we
     want here, since the event loop hands it to the kernel without copying."""
 
-    def __init__(self, value: bytes | memoryview) -> None:
+    def __init__(
+        self, value: bytes | memoryview, on_sent: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(value, content_type="application/octet-stream")
         self._size = memoryview(value).nbytes
+        self._on_sent = on_sent
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return bytes(self._value).decode(encoding, errors)
@@ -50,6 +53,9 @@ class ChunkBody(payload.Payload):
         if send_headers is not None:
             send_headers()
         await writer.write(self._value)
+        if self._on_sent is not None:
+            # Handed to the transport, and its buffer drained below the high-water mark.
+            self._on_sent()
 
 
 Reply = tuple[int, Any]
@@ -86,8 +92,10 @@ class PeerLink:
         if session is None or session.closed:
             bulk = traffic_class in (TrafficClass.CHECKPOINT, TrafficClass.SYNC)
             interactive = traffic_class is TrafficClass.INTERACTIVE
+            # Bulk: each stream may have one more upload awaiting its answer (BulkGate.sent).
+            limit = 2 * self.streams if bulk else INTERACTIVE_POOL if interactive else _CONTROL_POOL
             connector = aiohttp.TCPConnector(
-                limit=self.streams if bulk else INTERACTIVE_POOL if interactive else _CONTROL_POOL,
+                limit=limit,
                 ssl=self.ssl_context if self.ssl_context is not None else True,
                 enable_cleanup_closed=False,
                 # Idle interactive connections stay open (the message service keeps them warm)
@@ -118,6 +126,7 @@ class PeerLink:
         body_blake3: str | None = None,
         headers: dict[str, str] | None = None,
         accept: tuple[int, ...] = (200,),
+        on_sent: Callable[[], None] | None = None,
     ) -> Reply:
         """One signed request. Returns (status, decoded JSON or None) for accepted statuses;
         raises the peer's error (ProtocolError, AuthError, ...) or TransportError otherwise."""
@@ -140,7 +149,7 @@ class PeerLink:
         )
         if headers:
             signed.update(headers)
-        data = ChunkBody(body) if body is not None else None
+        data = ChunkBody(body, on_sent) if body is not None else None
         try:
             async with self.session(traffic_class).request(
                 method, self.url + path_qs, data=data, headers=signed

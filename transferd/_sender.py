@@ -577,11 +577,18 @@ class _ChunkPump:
         where = ",".join(f"{f}:{off}" for f, off in locations)
         path = f"/v1/uploads/{self.upload}/chunks/{digest}?at={where}"
         acked, errors = 0, 0  # for the stream controller: retries and integrity failures
+        slot_held = True  # this upload's stream, until its body is on the wire
 
         def count_retry() -> None:
             nonlocal errors
             errors += 1
             self._count_retry()
+
+        def body_sent() -> None:
+            nonlocal slot_held
+            if slot_held:
+                slot_held = False
+                self.gate.sent()
 
         try:
             for attempt in range(1, MAX_CHUNK_ATTEMPTS + 1):
@@ -609,6 +616,7 @@ class _ChunkPump:
                             body_blake3=body_hash,
                             headers=headers,
                             accept=(200, 204),
+                            on_sent=body_sent,
                         ),
                         budget_s=s.retry_budget_s,
                         on_retry=count_retry,
@@ -653,7 +661,7 @@ class _ChunkPump:
                     window.close()
                 except BufferError:
                     pass  # the transport still holds the buffer; the mapping goes with it
-            self.gate.release(acked, errors)
+            self.gate.release(acked, errors, slot=slot_held)
 
     def _count_retry(self) -> None:
         self.sender.metrics.retries.labels(self.link.peer).inc()

@@ -125,8 +125,9 @@ class Daemon:
         self.clock = clock
         self._sock = sock
         self.metrics = Metrics()
-        # Room for every stream of two peers' bulk classes, each with one body in hand.
-        self.receive_buffers = BufferPool(config.chunk_size, count=max(4, 2 * config.streams))
+        # Room for every stream of two peers' bulk classes, each with one body in hand (at least
+        # 16: a sender's adaptive stream count is not this config's; buffers are made on demand).
+        self.receive_buffers = BufferPool(config.chunk_size, count=max(16, 2 * config.streams))
         # One worker per body the pool can hold: a chunk in hand never waits for a thread.
         self._workers = bulk_executor(max(4, 2 * config.streams), "transferd-chunk")
         self.port: int | None = None

@@ -189,3 +189,27 @@ async def test_cancelled_acquire_leaves_no_slot_and_no_queued_marker() -> None:
     async with asyncio.timeout(5):  # the slot is free again
         await gate.acquire(100)
     assert gate.in_flight == 1
+
+
+async def test_a_sent_body_frees_its_stream_before_the_answer_arrives() -> None:
+    # One stream: while an upload awaits its answer (a round trip), the next body may go out.
+    traffic = PeerTraffic.build("B", initial_streams=1, max_streams=1)
+    gate = traffic.gates[TrafficClass.CHECKPOINT]
+    await gate.acquire(100)
+    second = asyncio.create_task(gate.acquire(100))
+    await _settle()
+    assert not second.done()
+    gate.sent()  # the first body is on the wire
+    await _settle()
+    assert second.done()
+    assert gate.in_flight == 1
+    gate.release(100, slot=False)  # the first answer: the controller learns, no slot changes
+    assert gate.in_flight == 1
+    third = asyncio.create_task(gate.acquire(100))
+    await _settle()
+    assert not third.done()
+    gate.release(100)  # the second upload ends without sent() (e.g. it failed): frees its slot
+    await _settle()
+    assert third.done()
+    gate.release(100)
+    assert gate.in_flight == 0
