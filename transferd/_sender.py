@@ -586,9 +586,8 @@ class _ChunkPump:
 
         def body_sent() -> None:
             nonlocal slot_held
-            if slot_held:
+            if slot_held and self.gate.sent():
                 slot_held = False
-                self.gate.sent()
 
         try:
             for attempt in range(1, MAX_CHUNK_ATTEMPTS + 1):

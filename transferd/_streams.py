@@ -262,6 +262,8 @@ class BulkGate:
     errors)` ends the upload and feeds the controller. Synchronous release, so it is safe in
     `finally` blocks of cancelled tasks."""
 
+    EARLY_RELEASE_CAP = 16  # uploads in flight beyond which sent() keeps the stream busy
+
     def __init__(
         self,
         peer: str,
@@ -278,6 +280,7 @@ class BulkGate:
         self.controller = controller
         self.metrics = metrics
         self.in_flight = 0
+        self.awaiting = 0  # uploads whose body is sent, waiting for the answer (sent())
         self._waiters: deque[asyncio.Future[None]] = deque()
         if metrics is not None:
             metrics.set_target(peer, traffic_class, controller.target_streams)
@@ -318,12 +321,24 @@ class BulkGate:
                 self.metrics.record(self.peer, self.traffic_class, change)
         if slot:
             self._release_slot()
+        else:
+            self.awaiting -= 1
 
-    def sent(self) -> None:
+    def sent(self) -> bool:
         """The upload's body is on the wire and it only awaits the peer's answer: its stream is
-        free for the next chunk. Without this, every stream idles one RTT (plus the peer's
-        verify and write) per chunk - on a 40 ms link with 8 MiB chunks, ~13 % of the link."""
+        free for the next chunk (returns True; then `release(..., slot=False)` ends it). Without
+        this, every stream idles one RTT (plus the peer's verify and write) per chunk - on a
+        40 ms link with 8 MiB chunks, ~13 % of the link. At most one upload per stream awaits,
+        and uploads in flight (sending plus awaiting) stay within max(target, EARLY_RELEASE_CAP),
+        so the chunks held in memory do not double at high stream counts."""
+        target = self.controller.target_streams
+        if self.awaiting >= target or self.in_flight + self.awaiting >= max(
+            target, self.EARLY_RELEASE_CAP
+        ):
+            return False
+        self.awaiting += 1
         self._release_slot()
+        return True
 
     def _release_slot(self) -> None:
         self.in_flight -= 1

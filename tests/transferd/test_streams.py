@@ -213,3 +213,19 @@ async def test_a_sent_body_frees_its_stream_before_the_answer_arrives() -> None:
     assert third.done()
     gate.release(100)
     assert gate.in_flight == 0
+
+
+async def test_early_release_keeps_one_awaiting_upload_per_stream_and_a_cap() -> None:
+    traffic = PeerTraffic.build("B", initial_streams=1, max_streams=32)
+    gate = traffic.gates[TrafficClass.SYNC]
+    await gate.acquire(100)
+    assert gate.sent() is True
+    await gate.acquire(100)
+    assert gate.sent() is False  # one stream: one upload awaiting its answer at most
+    gate.controller.target_streams = 12
+    for _ in range(40):  # keep every free stream busy, mark each new body sent
+        while gate.in_flight < gate.controller.target_streams:
+            await gate.acquire(100)
+        gate.sent()
+        assert gate.in_flight + gate.awaiting <= 16
+    assert (gate.in_flight, gate.awaiting) == (12, 4)  # the cap, not 2 x 12
