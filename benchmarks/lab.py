@@ -202,6 +202,13 @@ class Lab:
         return self._dev_tx(self.ends.ns_a, self.ends.dev_a) + self._dev_tx(self.ends.ns_b,
                                                                             self.ends.dev_b)
 
+    def data_tx_bytes(self) -> int | None:
+        """Bytes the first site's end of the link sent (the data direction: every tool moves
+        data from the first site to the second); None for a loopback lab."""
+        if self.ends is None:
+            return None
+        return self._dev_tx(self.ends.ns_a, self.ends.dev_a)
+
     def _dev_tx(self, ns: str, dev: str) -> int:
         info: list[dict[str, Any]] = json.loads(
             self.must(["ip", "-n", ns, "-j", "-s", "link", "show", "dev", dev]))
@@ -272,6 +279,12 @@ class Lab:
             else:
                 problems.append(f"namespace {ns}: {done.stderr.strip()}")
         self._namespaces.clear()
+        keep = os.environ.get("NB_KEEP_LOGS")
+        if keep:  # the daemons' and tools' logs, for a look after the run
+            dest = Path(keep) / self.run_id
+            dest.mkdir(parents=True, exist_ok=True)
+            for log in self.workdir.glob("*.[loe][ourr][gtr]"):
+                shutil.copy2(log, dest / log.name)
         shutil.rmtree(self.workdir, ignore_errors=True)
         return problems
 

@@ -31,6 +31,11 @@ class ToolRun:
     ok: bool
     goodput_mbit: float | None = None
     link_pct: float | None = None
+    # The rate the link carried while the bulk of the data moved (10 %..90 % of the bytes, from
+    # the sending end's interface counter): what a tool reaches once ramped up, beside the
+    # wall-clock goodput that also counts start-up, TCP ramp and the tail.
+    sustained_mbit: float | None = None
+    sustained_link_pct: float | None = None
     seconds: float | None = None
     bytes_on_wire: int | None = None
     cpu_s: float | None = None
@@ -163,3 +168,25 @@ class LinkFlapper:
         self._thread.join(timeout=30)
         if self.flapped:
             self._set_up(True)
+
+
+def sustained_rate(samples: Sequence[tuple[float, int]], lo: float = 0.1,
+                   hi: float = 0.9) -> float | None:
+    """Bytes/s between the moments `lo` and `hi` of the bytes counted by `samples` (time,
+    cumulative counter) had passed, by linear interpolation; None without enough data."""
+    if len(samples) < 3:
+        return None
+    t0, b0 = samples[0]
+    total = samples[-1][1] - b0
+    if total <= 0:
+        return None
+
+    def when(fraction: float) -> float:
+        target = b0 + fraction * total
+        for (ta, ba), (tb, bb) in zip(samples, samples[1:], strict=False):
+            if bb >= target:
+                return ta if bb == ba else ta + (tb - ta) * (target - ba) / (bb - ba)
+        return samples[-1][0]
+
+    span = when(hi) - when(lo)
+    return (hi - lo) * total / span if span > 0 else None

@@ -52,8 +52,9 @@ def medians(doc: dict[str, Any]) -> list[dict[str, Any]]:
     for (tool, data), runs in groups.items():
         ok = [r for r in runs if r["ok"]]
         row: dict[str, Any] = {"tool": tool, "data": data, "n_ok": len(ok), "n": len(runs)}
-        for key in ("goodput_mbit", "link_pct", "seconds", "bytes_on_wire", "cpu_s", "p50_ms",
-                    "p99_ms", "bytes_logical", "resent_bytes", "emulator_cpu_pct"):
+        for key in ("goodput_mbit", "link_pct", "sustained_mbit", "sustained_link_pct", "seconds",
+                    "bytes_on_wire", "cpu_s", "p50_ms", "p99_ms", "bytes_logical", "resent_bytes",
+                    "emulator_cpu_pct"):
             row[key] = _median(r.get(key) for r in ok)
         rss = [max(r["peak_rss_mib"].values()) for r in ok if r.get("peak_rss_mib")]
         row["peak_rss_mib"] = max(rss) if rss else None
@@ -100,7 +101,8 @@ def print_table(doc: dict[str, Any], console: Console | None = None) -> None:
              f"{doc['backend']}, {doc['congestion_control']}, kernel {doc['kernel']}"
              + (" (quick)" if doc.get("quick") else ""))
     table = Table(title=title, title_justify="left")
-    for name in ("tool", "data", "ok", "Mbit/s", "% link", "s", "wire MiB", "wire/logical",
+    for name in ("tool", "data", "ok", "Mbit/s", "% link", "sust. % link", "s", "wire MiB",
+                 "wire/logical",
                  "CPU s", "p50 ms", "p99 ms", "RSS MiB", f"x {CEILING}", "error"):
         table.add_column(name, overflow="fold")
     rows = medians(doc)
@@ -113,7 +115,7 @@ def print_table(doc: dict[str, Any], console: Console | None = None) -> None:
         table.add_row(
             row["tool"], row["data"] or "-", f"{row['n_ok']}/{row['n']}",
             _fmt(row["goodput_mbit"], ".0f"), _fmt(row["link_pct"], ".0f"),
-            _fmt(row["seconds"], ".1f"),
+            _fmt(row["sustained_link_pct"], ".0f"), _fmt(row["seconds"], ".1f"),
             _fmt(row["bytes_on_wire"] / 2**20 if row["bytes_on_wire"] else None, ".0f"),
             _fmt(wire_ratio, ".2f"), _fmt(row["cpu_s"], ".1f"), _fmt(row["p50_ms"], ".1f"),
             _fmt(row["p99_ms"], ".1f"), _fmt(row["peak_rss_mib"], ".0f"), _fmt(ratio, ".2f"),
@@ -139,9 +141,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc['kernel']}, {doc.get('cpus')} CPUs, {doc.get('date_utc')}. Medians of "
         f"{doc.get('repeat', 1)} runs. Command: `{doc.get('command')}`",
         "",
-        "| tool | data | ok | Mbit/s | % link | s | wire/logical | CPU s | p50 ms | p99 ms "
-        f"| peak RSS MiB | re-sent KiB | x {CEILING} | error |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| tool | data | ok | Mbit/s | % link | sustained Mbit/s | s | wire/logical | CPU s "
+        f"| p50 ms | p99 ms | peak RSS MiB | re-sent KiB | x {CEILING} | error |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     rows = medians(doc)
     ceiling = next((r["goodput_mbit"] for r in rows if r["tool"] == CEILING), None)
@@ -153,7 +155,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(
             f"| {row['tool']} | {row['data'] or '-'} | {row['n_ok']}/{row['n']} "
             f"| {_fmt(row['goodput_mbit'], '.0f')} | {_fmt(row['link_pct'], '.0f')} "
-            f"| {_fmt(row['seconds'], '.1f')} | {_fmt(wire, '.2f')} | {_fmt(row['cpu_s'], '.1f')} "
+            f"| {_fmt(row['sustained_mbit'], '.0f')} | {_fmt(row['seconds'], '.1f')} "
+            f"| {_fmt(wire, '.2f')} | {_fmt(row['cpu_s'], '.1f')} "
             f"| {_fmt(row['p50_ms'], '.1f')} | {_fmt(row['p99_ms'], '.1f')} "
             f"| {_fmt(row['peak_rss_mib'], '.0f')} "
             f"| {_fmt(_kib(row['resent_bytes']), '.0f')} "

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from benchmarks.measure import (
     run_measured,
     server_cpu_s,
     settle,
+    sustained_rate,
     wait_listening,
 )
 from benchmarks.scenario import Scenario, Work, WorkKind
@@ -441,12 +443,14 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
     retrans0 = lab.tcp_retrans_segs(ctx.src) if lab.ends else None
     flap = ctx.scenario.flap
     ctx.flapper = LinkFlapper(lab.set_link_up, flap.at_s, flap.down_s) if flap else None
+    sampler = _TxSampler(lab) if lab.ends is not None else None
     try:
         run = ADAPTERS[tool](ctx)
     except (ToolError, LabError) as exc:
         reason = exc.reason if isinstance(exc, ToolError) else str(exc)
         run = ToolRun(tool=tool, ok=False, error=reason)
     finally:
+        samples = sampler.stop() if sampler is not None else []
         if ctx.flapper is not None:
             ctx.flapper.stop()
         shutil.rmtree(ctx.scratch, ignore_errors=True)
@@ -464,8 +468,42 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
     rate = ctx.scenario.link.rate_mbit if ctx.scenario.link else None
     if rate and run.goodput_mbit is not None:
         run.link_pct = 100 * run.goodput_mbit / rate
+    sustained = sustained_rate(samples) if run.ok else None
+    if sustained is not None:
+        run.sustained_mbit = sustained * 8 / 1e6
+        if rate:
+            run.sustained_link_pct = 100 * run.sustained_mbit / rate
     why = rejection(emu0, emu1)
     if why and run.ok:
         run.ok = False
         run.error = f"rejected: {why}"
     return run
+
+
+class _TxSampler:
+    """The data direction's interface counter, sampled in a thread while a tool runs."""
+
+    INTERVAL_S = 0.2
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tx-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                value = self.lab.data_tx_bytes()
+            except LabError:
+                value = None
+            if value is not None:
+                self.samples.append((time.monotonic(), value))
+            if self._stop.wait(self.INTERVAL_S):
+                return
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.samples

@@ -60,3 +60,21 @@ def test_results_file_is_named_after_the_scenario_and_plots_are_png(tmp_path: Pa
     assert {p.name for p in written} == {"goodput.png", "latency-cdf.png"}
     for png in written:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sustained_rate_skips_the_ramp_and_the_tail() -> None:
+    from benchmarks.measure import sustained_rate
+
+    # 1 s slow start at 10 MB/s, then 100 MB/s for 8 s, then a 1 s tail at 10 MB/s.
+    samples, t, total = [(0.0, 0)], 0.0, 0
+    for rate, seconds in ((10e6, 1.0), (100e6, 8.0), (10e6, 1.0)):
+        for _ in range(int(seconds / 0.2)):
+            t, total = t + 0.2, total + int(rate * 0.2)
+            samples.append((t, total))
+    wall = total / t
+    sustained = sustained_rate(samples)
+    assert sustained is not None
+    assert abs(sustained - 100e6) / 100e6 < 0.01  # the bulk of the bytes moved at the link rate
+    assert wall < 0.85 * sustained  # the wall-clock average counts the ramp and the tail
+    assert sustained_rate(samples[:2]) is None
+    assert sustained_rate([(0.0, 5), (1.0, 5), (2.0, 5)]) is None  # nothing moved
