@@ -26,12 +26,16 @@ def _serve(host: str, port: int) -> None:
                     conn.sendall(data)
 
 
-def _client(host: str, port: int, count: int, size: int, timeout_s: float) -> list[float]:
+def _client(host: str, port: int, count: int, size: int, timeout_s: float,
+            interval_s: float = 0.0, start_delay_s: float = 0.0) -> list[float]:
     payload = b"x" * size
-    rtts = []
+    rtts: list[float] = []
     with socket.create_connection((host, port), timeout=timeout_s) as conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(count):
+        time.sleep(start_delay_s)
+        for i in range(count):
+            if i and interval_s:
+                time.sleep(interval_s)
             started = time.perf_counter()
             conn.sendall(payload)
             got = 0
@@ -52,11 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--timeout-s", type=float, default=10.0)
+    parser.add_argument("--interval-ms", type=float, default=0.0)  # pause between round trips
+    parser.add_argument("--start-delay-s", type=float, default=0.0)
     args = parser.parse_args(argv)
     if args.mode == "serve":
         _serve(args.host, args.port)
         return 0
-    print(json.dumps(_client(args.host, args.port, args.count, args.size, args.timeout_s)))
+    print(json.dumps(_client(args.host, args.port, args.count, args.size, args.timeout_s,
+                             args.interval_ms / 1e3, args.start_delay_s)))
     return 0
 
 

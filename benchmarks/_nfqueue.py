@@ -235,6 +235,28 @@ def kernel_queue_drops(queues: list[int]) -> dict[str, int]:
     return drops
 
 
+WIRE_RT_PRIORITY = 50
+
+
+def run_like_a_wire() -> str:
+    """Schedule this emulator ahead of the processes under test, as netem is (it runs in the
+    kernel's softirq context): SCHED_FIFO when allowed, else the highest nice value we may take.
+    Otherwise the endpoints' own CPU load delays packets in the emulator, and a tool's latency
+    would be charged for the emulator's scheduling. Returns the policy it got (for the stats)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(WIRE_RT_PRIORITY))
+        return f"SCHED_FIFO {WIRE_RT_PRIORITY}"
+    except (AttributeError, OSError):
+        pass
+    for niceness in (-20, -10, 0):
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
+            return f"nice {niceness}"
+        except OSError:
+            continue
+    return "default"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks._nfqueue")
     parser.add_argument("--queue", type=int, action="append", required=True)
@@ -263,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     counters = {"enobufs": 0, "released_batches": 0, "stats_written": 0}
+    scheduling = run_like_a_wire()
 
     def write_stats() -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -279,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             "batches": counters["released_batches"],
             "cpu_s": usage.ru_utime + usage.ru_stime,
             "wall_s": time.monotonic() - started,
+            "scheduling": scheduling,
             **kernel_queue_drops(args.queue),
         }
         tmp = args.stats.with_suffix(".tmp")

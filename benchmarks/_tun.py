@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._nfqueue import DelayLine
+from benchmarks._nfqueue import DelayLine, run_like_a_wire
 
 __all__ = ["main", "open_tun_in"]
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     held: list[collections.deque[tuple[int, bytes]]] = [collections.deque(), collections.deque()]
     next_id = [0, 0]
     counters = {"write_errors": 0, "stats_written": 0}
+    scheduling = run_like_a_wire()
 
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                  "max_held": line.max_held, "queue_dropped": 0, "user_dropped": 0,
                  "enobufs": 0, "verdict_errors": counters["write_errors"],
                  "cpu_s": usage.ru_utime + usage.ru_stime,
+                 "scheduling": scheduling,
                  "wall_s": time.monotonic() - started}
         tmp = args.stats.with_suffix(".tmp")
         tmp.write_text(json.dumps(stats))

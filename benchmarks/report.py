@@ -56,6 +56,8 @@ def medians(doc: dict[str, Any]) -> list[dict[str, Any]]:
                     "bytes_on_wire", "cpu_s", "p50_ms", "p99_ms", "bytes_logical", "resent_bytes",
                     "emulator_cpu_pct"):
             row[key] = _median(r.get(key) for r in ok)
+        for key in ("daemon_p50_ms", "daemon_p99_ms", "echo_p50_ms", "echo_p99_ms"):
+            row[key] = _median((r.get("messages") or {}).get(key) for r in ok)
         rss = [max(r["peak_rss_mib"].values()) for r in ok if r.get("peak_rss_mib")]
         row["peak_rss_mib"] = max(rss) if rss else None
         errors = sorted({r["error"] for r in runs if r.get("error")})
@@ -80,6 +82,18 @@ def ratios(doc: dict[str, Any], subject: str = "transferd") -> list[str]:
         wire = (f"; wire/logical {mine['bytes_on_wire'] / mine['bytes_logical']:.2f}"
                 if mine["bytes_on_wire"] and mine["bytes_logical"] else "")
         out.append(f"{subject} on {data}: " + ", ".join(parts) + wire)
+    for row in rows:
+        if row["p99_ms"] is None:
+            continue
+        line = (f"{row['tool']}: messages p50/p99 {_fmt(row['p50_ms'], '.1f')}/"
+                f"{_fmt(row['p99_ms'], '.1f')} ms")
+        if row["daemon_p99_ms"] is not None:
+            line += (f" (inside the sending daemon {_fmt(row['daemon_p50_ms'], '.1f')}/"
+                     f"{_fmt(row['daemon_p99_ms'], '.1f')} ms)")
+        if row["echo_p99_ms"] is not None:
+            line += (f"; a bare TCP echo under the same load {_fmt(row['echo_p50_ms'], '.1f')}/"
+                     f"{_fmt(row['echo_p99_ms'], '.1f')} ms")
+        out.append(line)
     return out
 
 

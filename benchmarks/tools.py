@@ -24,7 +24,7 @@ import yaml
 from benchmarks.backends import rejection
 from benchmarks.datasets import file_blake3
 from benchmarks.errors import LabError, ToolError
-from benchmarks.lab import Lab, python_env
+from benchmarks.lab import ECHO_PORT, Lab, python_env
 from benchmarks.measure import (
     LinkFlapper,
     Measured,
@@ -354,6 +354,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
         cmd = _transferd_cmd("send", str(rel), "--config", str(configs[ctx.src]), "--to",
                              ctx.dst, "--wait", "--json")
         driver, driver_out = None, lab.workdir / f"{tool}-messages.json"
+        echo: _EchoUnderLoad | None = None
         if interactive:
             driver = lab.spawn(ctx.src, [
                 sys.executable, "-m", "benchmarks._interactive", "--url",
@@ -363,6 +364,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
                 str(ctx.work.deadline_ms), "--interval-ms", str(MESSAGES_INTERVAL_MS),
                 "--start-delay-s", str(MESSAGES_START_DELAY_S), "--out", str(driver_out)],
                 name=f"{tool}-messages")
+            echo = _EchoUnderLoad(ctx, count=ctx.work.messages, size=ctx.work.message_bytes)
         ctx.transfer_started()
         got = run_measured(lab.in_site(ctx.src, cmd), timeout_s=TRANSFER_TIMEOUT_S,
                            env=python_env(), log_dir=lab.workdir, name=tool)
@@ -375,10 +377,13 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             if driver.returncode != 0:
                 raise ToolError(tool, "interactive message driver failed: "
                                 + lab.log_tail(f"{tool}-messages"))
+        echo_rtts = echo.finish() if echo is not None else []
         cpu = got.cpu_s + sum(server_cpu_s(p.pid) for p in daemons.values()) - cpu0
         rss = ({site: round(peak_rss_mib(p.pid), 1) for site, p in daemons.items()}
                if ctx.scenario.peak_rss else None)
     finally:
+        if echo is not None:
+            echo.stop()
         for popen in daemons.values():
             lab.stop(popen, timeout=15)
     if got.returncode != 0:
@@ -407,6 +412,10 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             # The same messages timed inside the sending daemon (queued -> the peer's answer):
             # the rest of p50_ms/p99_ms is the local API hop and the client process.
             **{f"daemon_p{pct}_ms": _percentile(daemon, pct) if daemon else None
+               for pct in (50, 99)},
+            # A bare TCP echo of the same size over the same link during the same bulk: the
+            # floor the network (queue and emulator) sets for any small message in this run.
+            **{f"echo_p{pct}_ms": _percentile(echo_rtts, pct) if echo_rtts else None
                for pct in (50, 99)},
         }
         if latencies:
@@ -507,3 +516,49 @@ class _TxSampler:
         self._stop.set()
         self._thread.join(timeout=5)
         return self.samples
+
+
+class _EchoUnderLoad:
+    """TCP echo round trips (TCP_NODELAY, a fresh `benchmarks._echo` pair) from the source site
+    to the destination while the bulk transfer runs, on the message driver's schedule."""
+
+    def __init__(self, ctx: RunContext, *, count: int, size: int) -> None:
+        lab = ctx.lab
+        if lab.ends is None:
+            raise ToolError("echo", "a loopback lab has no link")
+        self.lab = lab
+        self.server = lab.spawn(ctx.dst, [sys.executable, "-m", "benchmarks._echo", "serve",
+                                          "--host", lab.addr(ctx.dst), "--port", str(ECHO_PORT)],
+                                name="echo-under-load-server", stdout=subprocess.PIPE)
+        self.client: subprocess.Popen[bytes] | None = None
+        assert self.server.stdout is not None
+        if self.server.stdout.readline().decode().strip() != "ready":
+            self.stop()
+            raise ToolError("echo", "echo server did not start: "
+                            + lab.log_tail("echo-under-load-server"))
+        self.client = lab.spawn(ctx.src, [
+            sys.executable, "-m", "benchmarks._echo", "client", "--host", lab.addr(ctx.dst),
+            "--port", str(ECHO_PORT), "--count", str(count), "--size", str(size),
+            "--interval-ms", str(MESSAGES_INTERVAL_MS), "--start-delay-s",
+            str(MESSAGES_START_DELAY_S), "--timeout-s", "30"],
+            name="echo-under-load-client", stdout=subprocess.PIPE)
+
+    def finish(self) -> list[float]:
+        """The round trips in ms (empty when the echo failed: it is context, not the result)."""
+        if self.client is None:
+            return []
+        try:
+            out, _ = self.client.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            return []
+        if self.client.returncode != 0:
+            return []
+        try:
+            return [float(v) for v in json.loads(out)]
+        except (ValueError, TypeError):
+            return []
+
+    def stop(self) -> None:
+        for popen in (self.client, self.server):
+            if popen is not None:
+                self.lab.stop(popen)
