@@ -1,5 +1,6 @@
 """Import hygiene: netplan's public names resolve lazily, and transferd starts light."""
 
+import json
 import subprocess
 import sys
 
@@ -19,11 +20,18 @@ def test_unknown_netplan_name_is_an_attribute_error() -> None:
         netplan.no_such_name  # noqa: B018
 
 
-def test_transferd_cli_does_not_import_the_planner_stack() -> None:
-    # Every `transferd send` pays the CLI's import time; scipy and networkx cost ~0.4 s of it.
+def _imported_after(statement: str, modules: tuple[str, ...]) -> list[str]:
     code = (
-        "import sys, transferd.cli, transferd.daemon; "
-        "print(sorted(m for m in ('scipy', 'networkx', 'netplan.report') if m in sys.modules))"
+        f"import json, sys; {statement}; "
+        f"print(json.dumps(sorted(m for m in {modules!r} if m in sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    return list(json.loads(out.stdout))
+
+
+def test_transferd_cli_starts_without_the_planner_stack_or_aiohttp() -> None:
+    # Every `transferd send --wait` pays the CLI's start-up in its wall clock: scipy and
+    # networkx cost ~0.4 s, aiohttp ~0.2 s; only `serve` needs aiohttp.
+    heavy = ("scipy", "networkx", "netplan.report", "aiohttp")
+    assert _imported_after("import transferd.cli", heavy) == []
+    assert _imported_after("import transferd.daemon", heavy[:3]) == []

@@ -6,7 +6,6 @@ or usage, 3 policy violation, 4 authentication refused, 5 daemon unreachable.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import sys
@@ -16,9 +15,9 @@ from typing import Any, NoReturn
 
 import click
 
-from transferd._classes import TrafficClass
-from transferd._client import PeerLink
 from transferd._keys import Keyring, keygen
+from transferd._local import LocalClient
+from transferd._tls import client_ssl_context
 from transferd.config import SiteConfig, load_config
 from transferd.errors import (
     AuthError,
@@ -54,6 +53,8 @@ def _config(path: str) -> SiteConfig:
 
 
 def _run(coro: Any) -> Any:
+    import asyncio
+
     try:
         import uvloop
 
@@ -116,6 +117,8 @@ def serve(config_path: str, plan_path: str | None) -> None:
         except ConfigError as exc:
             _fail(exc)
 
+    import asyncio
+
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -130,22 +133,17 @@ def serve(config_path: str, plan_path: str | None) -> None:
         _fail(exc)
 
 
-def _local_link(config: SiteConfig) -> PeerLink:
+def _local_client(config: SiteConfig) -> LocalClient:
     try:
         keyring = Keyring.load(config.keys_path, config.site, [])
+        return LocalClient(
+            config.site,
+            config.local_url,
+            keyring.secret_for(config.site),
+            client_ssl_context(config),
+        )
     except ConfigError as exc:
         _fail(exc)
-    from transferd.daemon import client_ssl_context
-
-    return PeerLink(
-        site=config.site,
-        peer=config.site,
-        url=config.local_url,
-        keyring=keyring,
-        streams=1,
-        clock=time.time,
-        ssl_context=client_ssl_context(config),
-    )
 
 
 def summarize(path: str, jobs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -176,23 +174,18 @@ def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> Non
         _fail(ConfigError(f"--to: not a peer in {config_path}: {', '.join(unknown) or '(none)'}"))
     rel = _relative_to_data_dir(config, path)
 
-    async def run() -> tuple[list[dict[str, Any]], float]:
-        link = _local_link(config)
-        started = time.monotonic()
-        try:
-            _, answer = await _first_call(
-                link, "POST", "/v1/local/send", json_body={"path": rel, "to": dests}
-            )
-            ids = list(answer["jobs"])
-            jobs = await _poll(link, ids, wait=wait, progress=wait and not as_json)
-        finally:
-            await link.close()
-        return jobs, time.monotonic() - started
-
+    client = _local_client(config)
+    started = time.monotonic()
     try:
-        jobs, seconds = _run(run())
+        request = {"path": rel, "to": dests}
+        _, answer = _first_call(client, "POST", "/v1/local/send", json_body=request)
+        ids = list(answer["jobs"])
+        jobs = _poll(client, ids, wait=wait, progress=wait and not as_json)
     except TransferdError as exc:
         _fail(exc)
+    finally:
+        client.close()
+    seconds = time.monotonic() - started
     failed = [j for j in jobs if j["state"] == "failed"]
     if as_json:
         click.echo(json.dumps(summarize(rel, jobs, seconds)))
@@ -214,15 +207,18 @@ def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> Non
         )
 
 
-async def _first_call(link: PeerLink, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+def _first_call(client: LocalClient, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
     """The CLI's first request: a daemon that is still starting gets a few seconds to listen."""
-    from transferd._sender import retrying
-
-    return await retrying(
-        lambda: link.call(TrafficClass.CONTROL, method, path, **kwargs),
-        budget_s=STARTUP_GRACE_S,
-        on_retry=lambda: None,
-    )
+    deadline = time.monotonic() + STARTUP_GRACE_S
+    delay = 0.1
+    while True:
+        try:
+            return client.call(method, path, **kwargs)
+        except TransportError:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def _relative_to_data_dir(config: SiteConfig, path: str) -> str:
@@ -238,8 +234,8 @@ def _relative_to_data_dir(config: SiteConfig, path: str) -> str:
 POLL_S = 0.05  # how late `send --wait` may notice a commit (a cheap local GET per poll)
 
 
-async def _poll(
-    link: PeerLink, ids: list[str], *, wait: bool, progress: bool
+def _poll(
+    client: LocalClient, ids: list[str], *, wait: bool, progress: bool
 ) -> list[dict[str, Any]]:
     from rich.progress import (
         BarColumn,
@@ -249,13 +245,11 @@ async def _poll(
         TransferSpeedColumn,
     )
 
-    async def fetch() -> list[dict[str, Any]]:
-        _, answer = await link.call(
-            TrafficClass.CONTROL, "GET", f"/v1/local/jobs?ids={','.join(ids)}"
-        )
+    def fetch() -> list[dict[str, Any]]:
+        _, answer = client.call("GET", f"/v1/local/jobs?ids={','.join(ids)}")
         return list(answer["jobs"])
 
-    jobs = await fetch()
+    jobs = fetch()
     if not wait:
         return jobs
     bar = Progress(
@@ -277,8 +271,8 @@ async def _poll(
                 )
             if all(j["state"] in ("committed", "failed") for j in jobs):
                 return jobs
-            await asyncio.sleep(POLL_S)
-            jobs = await fetch()
+            time.sleep(POLL_S)
+            jobs = fetch()
 
 
 @main.command()
@@ -288,18 +282,14 @@ def status(config_path: str, as_json: bool) -> None:
     """Jobs, peers and rates of the local daemon."""
     config = _config(config_path)
 
-    async def run() -> dict[str, Any]:
-        link = _local_link(config)
-        try:
-            _, answer = await _first_call(link, "GET", "/v1/local/status")
-            return dict(answer)
-        finally:
-            await link.close()
-
+    client = _local_client(config)
     try:
-        state = _run(run())
+        _, answer = _first_call(client, "GET", "/v1/local/status")
+        state = dict(answer)
     except TransferdError as exc:
         _fail(exc)
+    finally:
+        client.close()
     if as_json:
         click.echo(json.dumps(state))
         return
@@ -391,18 +381,14 @@ def message(
         query["deadline_ms"] = f"{deadline_ms:g}"
     path_qs = f"/v1/messages/{quote(peer, safe='')}?{urlencode(query)}"
 
-    async def run() -> MessageReceipt:
-        link = _local_link(config)
-        try:
-            _, answer = await link.call(TrafficClass(class_name), "POST", path_qs, body=body)
-        finally:
-            await link.close()
-        return MessageReceipt.from_json(answer)
-
+    client = _local_client(config)
     try:
-        receipt = _run(run())
+        _, answer = client.call("POST", path_qs, body=body)
+        receipt = MessageReceipt.from_json(answer)
     except TransferdError as exc:
         _fail(exc)
+    finally:
+        client.close()
     if as_json:
         click.echo(json.dumps(receipt.to_json()))
     else:
@@ -424,21 +410,17 @@ def inbox(config_path: str, wait_ms: float, max_messages: int) -> None:
 
     config = _config(config_path)
 
-    async def run() -> list[InboxMessage]:
-        link = _local_link(config)
-        path_qs = f"/v1/inbox?wait_ms={wait_ms:g}&max={max_messages}"
-        try:
-            _, answer = await link.call(TrafficClass.INTERACTIVE, "GET", path_qs)
-        finally:
-            await link.close()
+    client = _local_client(config)
+    path_qs = f"/v1/inbox?wait_ms={wait_ms:g}&max={max_messages}"
+    try:
+        _, answer = client.call("GET", path_qs)
         if not isinstance(answer, dict) or not isinstance(answer.get("messages"), list):
             raise ProtocolError("inbox answer has no message list")
-        return [InboxMessage.from_json(m) for m in answer["messages"]]
-
-    try:
-        messages = _run(run())
+        messages = [InboxMessage.from_json(m) for m in answer["messages"]]
     except TransferdError as exc:
         _fail(exc)
+    finally:
+        client.close()
     for m in messages:
         click.echo(json.dumps(m.to_json()))
 

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import socket
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -36,6 +35,7 @@ from transferd._server import build_app
 from transferd._storage import open_storage
 from transferd._streams import PeerTraffic, StreamMetrics
 from transferd._threads import bulk_executor
+from transferd._tls import client_ssl_context, server_ssl_context
 from transferd.config import PeerConfig, SiteConfig
 from transferd.errors import ConfigError, TransferdError
 
@@ -48,34 +48,6 @@ log = logging.getLogger("transferd.daemon")
 T = TypeVar("T")
 SHUTDOWN_GRACE_S = 10.0
 
-
-def client_ssl_context(config: SiteConfig) -> ssl.SSLContext | None:
-    if config.tls is None:
-        return None
-    try:
-        ctx = ssl.create_default_context(
-            cafile=str(config.resolve(config.tls.ca)) if config.tls.ca else None
-        )
-        ctx.load_cert_chain(config.resolve(config.tls.cert), config.resolve(config.tls.key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"tls: cannot load certificate, key or CA: {exc}") from exc
-    return ctx
-
-
-def server_ssl_context(config: SiteConfig) -> ssl.SSLContext | None:
-    if config.tls is None:
-        return None
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(config.resolve(config.tls.cert), config.resolve(config.tls.key))
-        if config.tls.ca:
-            # With a CA, peers must present a certificate it signed (mutual TLS), on top of the
-            # per-pair HMAC on every request.
-            ctx.load_verify_locations(config.resolve(config.tls.ca))
-            ctx.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"tls: cannot load certificate or key: {exc}") from exc
-    return ctx
 
 
 def _peer_traffic(
