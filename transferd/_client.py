@@ -21,7 +21,7 @@ from transferd._auth import EMPTY_BODY_BLAKE3, sign_headers
 from transferd._chunker import blake3_hex
 from transferd._classes import TrafficClass
 from transferd._keys import Keyring
-from transferd.errors import ProtocolError, TransferdError, TransportError, error_from_json
+from transferd.errors import TransportError, decode_reply
 
 __all__ = ["ChunkBody", "PeerLink", "Reply"]
 
@@ -160,15 +160,4 @@ class PeerLink:
             raise TransportError(
                 f"{self.peer}: {type(exc).__name__}: {exc}", peer=self.peer
             ) from exc
-        decoded: Any = None
-        if raw:
-            try:
-                decoded = json.loads(raw)
-            except ValueError as exc:
-                if status in accept:
-                    raise ProtocolError(f"{self.peer} answered with a non-JSON body") from exc
-        if status in accept:
-            return status, decoded
-        err: TransferdError = error_from_json(status, decoded)
-        err.fields.setdefault("peer", self.peer)
-        raise err
+        return decode_reply(status, raw, accept, self.peer)

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from transferd._auth import EMPTY_BODY_BLAKE3, sign_headers
 from transferd._chunker import blake3_hex
-from transferd.errors import ProtocolError, TransferdError, TransportError, error_from_json
+from transferd.errors import ProtocolError, TransportError, decode_reply
 
 __all__ = ["LocalClient"]
 
@@ -75,14 +75,4 @@ class LocalClient:
             self._conn.close()  # the next call reconnects
             reason = f"{self.site}: {type(exc).__name__}: {exc}"
             raise TransportError(reason, peer=self.site) from exc
-        decoded: Any = None
-        if raw:
-            try:
-                decoded = json.loads(raw)
-            except ValueError as exc:
-                if status in accept:
-                    raise ProtocolError("the daemon answered with a non-JSON body") from exc
-        if status in accept:
-            return status, decoded
-        err: TransferdError = error_from_json(status, decoded)
-        raise err
+        return decode_reply(status, raw, accept, self.site)

@@ -23,8 +23,11 @@ from typing import Any
 import yaml
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
-from transferd._journal import JobState
-from transferd._keys import keygen
+from transferd._journal import JobState, Journal
+from transferd._keys import Keyring, keygen
+from transferd._metrics import Metrics
+from transferd._receiver import Receiver
+from transferd._storage import LocalStorage
 from transferd.config import SiteConfig, load_config
 from transferd.daemon import Daemon
 
@@ -35,10 +38,24 @@ __all__ = [
     "bound_socket",
     "loopback_pair",
     "loopback_tls",
+    "receiver_at",
     "running_daemon",
     "wait_for_jobs",
     "write_site_configs",
 ]
+
+
+def receiver_at(root: Path, journal: Journal) -> Receiver:
+    """Site B's receiving side over `root/data` with keys from `root/keys` (peer A), no
+    daemon or sockets: for tests that drive uploads call by call."""
+    return Receiver(
+        "B",
+        LocalStorage(root / "data"),
+        journal,
+        Keyring.load(root / "keys", "B", ["A"]),
+        Metrics(),
+        retention=3,
+    )
 
 
 class FakeClock:

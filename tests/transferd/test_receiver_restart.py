@@ -14,24 +14,11 @@ from pathlib import Path
 import blake3
 
 from transferd._journal import Journal
-from transferd._keys import Keyring, keygen
+from transferd._keys import keygen
 from transferd._manifest import FileEntry, Manifest, UploadIntent, file_digest
-from transferd._metrics import Metrics
-from transferd._receiver import Receiver
-from transferd._storage import LocalStorage
+from transferd.testing import receiver_at
 
 CHUNK = 4096
-
-
-def _receiver(root: Path, journal: Journal) -> Receiver:
-    return Receiver(
-        "B",
-        LocalStorage(root / "data"),
-        journal,
-        Keyring.load(root / "keys", "B", ["A"]),
-        Metrics(),
-        retention=3,
-    )
 
 
 def test_chunks_staged_before_a_restart_are_rehashed_and_damage_is_refetched(
@@ -66,7 +53,7 @@ def test_chunks_staged_before_a_restart_are_rehashed_and_damage_is_refetched(
         ],
     )
     journal = Journal(tmp_path / "data" / ".transferd" / "journal.sqlite")
-    first = _receiver(tmp_path, journal)
+    first = receiver_at(tmp_path, journal)
     first.open(intent, "A", now=1.0)
     for digest, off, n in chunks[:2]:
         first.verify_and_write(
@@ -82,7 +69,7 @@ def test_chunks_staged_before_a_restart_are_rehashed_and_damage_is_refetched(
         fh.seek(CHUNK + 7)
         fh.write(bytes([data[CHUNK + 7] ^ 0xFF]))
 
-    second = _receiver(tmp_path, journal)
+    second = receiver_at(tmp_path, journal)
     second.open(intent, "A", now=2.0)
     digest, off, n = chunks[2]
     second.verify_and_write(

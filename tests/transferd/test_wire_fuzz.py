@@ -14,12 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from transferd._journal import Journal
-from transferd._keys import Keyring, keygen
+from transferd._keys import keygen
 from transferd._manifest import HaveRequest, Manifest, SignedManifest, UploadIntent, parse_body
-from transferd._metrics import Metrics
 from transferd._receiver import Receiver
-from transferd._storage import LocalStorage
 from transferd.errors import ProtocolError, TransferdError
+from transferd.testing import receiver_at
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -48,14 +47,7 @@ def receiver() -> Iterator[Receiver]:
         root = Path(tmp)
         keygen(["A", "B"], root / "keys")
         journal = Journal(root / "data" / ".transferd" / "journal.sqlite")
-        r = Receiver(
-            "B",
-            LocalStorage(root / "data"),
-            journal,
-            Keyring.load(root / "keys", "B", ["A"]),
-            Metrics(),
-            retention=3,
-        )
+        r = receiver_at(root, journal)
         yield r
         r.close()
         journal.close()
