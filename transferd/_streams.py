@@ -12,7 +12,12 @@ goodput per window and:
   previous count and waits `probe_cooldown_windows` before probing again, doubling that wait after
   each failed probe (hysteresis: a saturated link is probed ever more rarely, never oscillated);
 - backs off multiplicatively (x `backoff`) when a window has more than `error_tolerance` errors,
-  or when goodput falls by more than `fall_threshold` (20 %) below its running average;
+  or when goodput stays more than `fall_threshold` (20 %) below its running average for two
+  windows in a row;
+- widens its margins to the windows' quantization noise q (goodput is counted in whole
+  acknowledged chunks: with 8 MiB chunks at ~1 Gbit/s one chunk more or less is q = 7 % of a
+  1 s window): a probe must gain more than q, a fall must exceed 2q (the largest error between
+  two windows), or single windows would trigger growth and backoff alike;
 - discards the first window after every change, while new streams ramp up;
 - stays within `min_streams..max_streams` (1..32).
 Every change is kept as a `StreamChange` with its reason, for a log line and a metric.
@@ -103,6 +108,8 @@ class StreamController:
         self._settle = 1
         self._cooldown = 0
         self._next_cooldown = probe_cooldown_windows
+        self._low_windows = 0  # consecutive windows below the fall threshold
+        self._sample_bytes: float | None = None  # running mean size of one acknowledgement
         self.last_goodput_bytes_per_s = 0.0
 
     def next_deadline(self) -> float:
@@ -113,6 +120,12 @@ class StreamController:
         """Account acknowledged bytes and failed requests; returns the (maybe new) target."""
         self._window_bytes += bytes_acked
         self._window_errors += errors
+        if bytes_acked > 0:
+            self._sample_bytes = (
+                bytes_acked
+                if self._sample_bytes is None
+                else 0.9 * self._sample_bytes + 0.1 * bytes_acked
+            )
         elapsed = now - self._window_start
         if elapsed >= self.window_s:
             self._evaluate(now, self._window_bytes / elapsed, self._window_errors)
@@ -136,6 +149,12 @@ class StreamController:
         self.target_streams = to
         self._settle = 1
 
+    def _noise(self, goodput: float) -> float:
+        """q: one acknowledgement's share of a window at this goodput."""
+        if not self._sample_bytes or goodput <= 0:
+            return 0.0
+        return self._sample_bytes / (goodput * self.window_s)
+
     def _evaluate(self, now: float, goodput: float, errors: int) -> None:
         n = self.target_streams
         if errors > self.error_tolerance:
@@ -156,7 +175,7 @@ class StreamController:
         if self._probe is not None:
             base_n, base_goodput = self._probe
             self._probe = None
-            if goodput < base_goodput * (1 + self.grow_gain):
+            if goodput < base_goodput * (1 + max(self.grow_gain, self._noise(base_goodput))):
                 self._slow_start = False
                 self._reference = base_goodput
                 self._cooldown = self._next_cooldown
@@ -171,7 +190,13 @@ class StreamController:
                 return
             self._next_cooldown = self.probe_cooldown_windows
             self._reference = goodput
-        elif self._reference is not None and goodput < self._reference * (1 - self.fall_threshold):
+        elif self._reference is not None and goodput < self._reference * (
+            1 - max(self.fall_threshold, 2 * self._noise(self._reference))
+        ):
+            self._low_windows += 1
+            if self._low_windows < 2:
+                return  # one low window is as likely a chunk that landed just after it closed
+            self._low_windows = 0
             self._slow_start = False
             previous = self._reference
             self._reference = None
@@ -185,6 +210,7 @@ class StreamController:
             )
             return
         else:
+            self._low_windows = 0
             self._reference = (
                 goodput if self._reference is None else 0.7 * self._reference + 0.3 * goodput
             )

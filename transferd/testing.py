@@ -162,6 +162,9 @@ async def wait_for_jobs(daemon: Daemon, ids: list[str], timeout_s: float = 20.0)
             await asyncio.sleep(0.02)
 
 
+BURST_S = 0.002  # LinkProxy: how much an idle rate-limited link may send at once (seconds' worth)
+
+
 @dataclass
 class LinkProxy:
     """A TCP proxy to `target_port` on 127.0.0.1: optionally rate-limited (client -> server
@@ -209,8 +212,11 @@ class LinkProxy:
         seen = 0
         loop = asyncio.get_running_loop()
         started = loop.time()
+        # A rate-limited direction forwards small slices, paced, as a slow link delivers them
+        # (256 KiB at once would hand a receiver whole chunk bodies in one burst).
+        step = 16 * 1024 if upstream and self.rate_Bps else 256 * 1024
         try:
-            while data := await reader.read(256 * 1024):
+            while data := await reader.read(step):
                 if (
                     upstream
                     and self.flip_at is not None
@@ -228,6 +234,9 @@ class LinkProxy:
                     ahead = seen / self.rate_Bps - (loop.time() - started)
                     if ahead > 0:
                         await asyncio.sleep(ahead)
+                    elif ahead < -BURST_S:
+                        # An idle link saves up no more than BURST_S of sending.
+                        started += -ahead - BURST_S
         except (ConnectionError, OSError):
             pass  # either side went away: the daemons' retry logic is what is under test
         finally:

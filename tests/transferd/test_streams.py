@@ -229,3 +229,28 @@ async def test_early_release_keeps_one_awaiting_upload_per_stream_and_a_cap() ->
         gate.sent()
         assert gate.in_flight + gate.awaiting <= 16
     assert (gate.in_flight, gate.awaiting) == (12, 4)  # the cap, not 2 x 12
+
+
+def test_one_low_window_of_whole_chunks_is_not_a_fall() -> None:
+    # 8 MiB acknowledgements at ~110 MB/s: a 1 s window holds 13 or 14 of them, or 11 when a few
+    # land just after it closes. The controller keeps its streams through one such window and
+    # backs off only when goodput stays low.
+    chunk = 8 << 20
+    ctl = StreamController(0.0, initial_streams=8, max_streams=8)
+    now = 0.0
+
+    def window(chunks: int) -> None:
+        nonlocal now
+        for i in range(chunks):
+            ctl.on_sample(now + (i + 1) / (chunks + 1), chunk)
+        now += 1.0
+        ctl.on_sample(now, 0)
+
+    for _ in range(4):
+        window(14)
+    window(11)  # -21 %: one chunk-quantized dip
+    assert ctl.target_streams == 8
+    window(14)
+    window(9)
+    window(9)  # two windows at -35 %: a real fall
+    assert ctl.target_streams < 8
