@@ -102,12 +102,15 @@ def run_scenario(scenario: Scenario, choice: BackendChoice, *, quick: bool, repe
 
 
 def _git_commit() -> str | None:
-    """The checkout's commit (with `+dirty` for uncommitted changes): which transferd ran."""
+    """The checkout's commit (with `+dirty` for uncommitted changes to transferd or the harness,
+    not to results or prose): which code ran."""
     try:
         head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
                               capture_output=True, text=True, timeout=10, check=False)
         dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
-                                "--untracked-files=no", "--", "transferd", "benchmarks"],
+                                "--untracked-files=no", "--", "transferd", "benchmarks",
+                               # outputs and prose do not change what runs
+                               ":(exclude)benchmarks/results", ":(exclude)*.md"],
                                capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
