@@ -11,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mmap
-import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from transferd.errors import ProtocolError
 
-__all__ = ["H_WIRE_MS", "BufferPool"]
-
-H_WIRE_MS = "X-Transferd-Wire-Ms"  # a chunk PUT's answer: ms its body took to arrive
+__all__ = ["BufferPool"]
 
 
 class BufferPool:
@@ -31,12 +28,8 @@ class BufferPool:
         self._slots = asyncio.Semaphore(count)
 
     @contextlib.asynccontextmanager
-    async def body(
-        self, request: web.Request, limit: int, wire_s: list[float] | None = None
-    ) -> AsyncIterator[memoryview]:
-        """The request body (at most `limit` bytes) in a pooled buffer, valid inside the block;
-        appends to `wire_s` how long it took to arrive, first byte to last (the sender's
-        measure of the link: its own PUT time also counts this side's verify and write)."""
+    async def body(self, request: web.Request, limit: int) -> AsyncIterator[memoryview]:
+        """The request body (at most `limit` bytes) in a pooled buffer, valid inside the block."""
         declared = request.content_length
         if declared is None:
             raise ProtocolError("chunk bodies need a Content-Length")
@@ -54,7 +47,6 @@ class BufferPool:
             try:
                 pos = 0
                 empty = 0
-                first_at = None
                 while True:
                     # readchunk hands over aiohttp's buffered pieces one by one; readany would
                     # first join them (one more copy of the body).
@@ -64,8 +56,6 @@ class BufferPool:
                         if request.content.at_eof() or empty > 64:
                             break
                         continue
-                    if first_at is None:
-                        first_at = time.monotonic()
                     n = len(piece)
                     if pos + n > declared:
                         raise ProtocolError("chunk body is longer than its Content-Length")
@@ -73,8 +63,6 @@ class BufferPool:
                     pos += n
                 if pos != declared:
                     raise ProtocolError("chunk body ended before its Content-Length")
-                if wire_s is not None:
-                    wire_s.append(time.monotonic() - (first_at or time.monotonic()))
                 body = view[:pos]
                 try:
                     yield body

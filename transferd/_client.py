@@ -127,7 +127,6 @@ class PeerLink:
         headers: dict[str, str] | None = None,
         accept: tuple[int, ...] = (200,),
         on_sent: Callable[[], None] | None = None,
-        headers_out: dict[str, str] | None = None,
     ) -> Reply:
         """One signed request. Returns (status, decoded JSON or None) for accepted statuses;
         raises the peer's error (ProtocolError, AuthError, ...) or TransportError otherwise."""
@@ -157,8 +156,6 @@ class PeerLink:
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
-                if headers_out is not None:
-                    headers_out.update(resp.headers)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransportError(
                 f"{self.peer}: {type(exc).__name__}: {exc}", peer=self.peer

@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from transferd._buffers import H_WIRE_MS
 from transferd._chunker import FileWindow, SourceFile, blake3_hex, chunk_spans, fixed_spans
 from transferd._classes import TrafficClass
 from transferd._client import PeerLink
@@ -517,18 +516,6 @@ async def _hash_batch(views: list[memoryview]) -> list[str]:
     return list(await asyncio.gather(*(asyncio.to_thread(blake3_hex, v) for v in views)))
 
 
-def _wire_seconds(answer: dict[str, str]) -> float | None:
-    """How long a chunk body took on the wire, by the receiver's first-to-last byte time; None
-    when it did not time it. (Our own PUT time would also count the receiver's verify and
-    write, and make a link faster than the compressor look slower than it: `auto` would then
-    compress where it costs time.)"""
-    try:
-        wire_s = float(answer.get(H_WIRE_MS, "")) / 1e3
-    except ValueError:
-        return None
-    return wire_s if 0 < wire_s < 3600 else None
-
-
 def _close_all(windows: list[FileWindow | None]) -> None:
     for w in windows:
         if w is not None:
@@ -680,8 +667,8 @@ class _ChunkPump:
                     "X-Transferd-Length": str(encoded.raw_length),
                 }
                 wire = len(encoded.body)
-                answer: dict[str, str] = {}
                 self.inflight += 1
+                t0 = time.perf_counter()
                 try:
                     await retrying(
                         functools.partial(
@@ -694,7 +681,6 @@ class _ChunkPump:
                             headers=headers,
                             accept=(200, 204),
                             on_sent=body_sent,
-                            headers_out=answer,
                         ),
                         budget_s=s.retry_budget_s,
                         on_retry=count_retry,
@@ -712,13 +698,10 @@ class _ChunkPump:
                         raise
                     continue
                 finally:
-                    # Bodies on the wire beside this one: uploads holding a stream (those only
-                    # awaiting their answer, after BulkGate.sent, do not load the link).
-                    concurrent = min(self.inflight, self.gate.in_flight + 1)
+                    concurrent = self.inflight
                     self.inflight -= 1
-                wire_s = _wire_seconds(answer)
-                if wire_s is not None:
-                    s.compression[peer].observe_link(wire * max(1, concurrent), wire_s)
+                elapsed = time.perf_counter() - t0
+                s.compression[peer].observe_link(wire * max(1, concurrent), elapsed)
                 break
             acked = wire
             s.metrics.bytes_sent.labels(peer).inc(wire)

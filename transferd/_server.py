@@ -16,7 +16,6 @@ import blake3
 from aiohttp import web
 
 from transferd._auth import AuthHeaders, authenticate
-from transferd._buffers import H_WIRE_MS
 from transferd._manifest import (
     MAX_CHUNK_BYTES,
     HaveRequest,
@@ -122,8 +121,7 @@ def build_app(daemon: Daemon) -> web.Application:
         locations = daemon.receiver.locations(
             upload, auth.site, digest, raw_length, request.query.get("at", "")
         )
-        wire_s: list[float] = []
-        async with daemon.receive_buffers.body(request, MAX_CHUNK_BYTES, wire_s) as body:
+        async with daemon.receive_buffers.body(request, MAX_CHUNK_BYTES) as body:
             wire = len(body)
             await daemon.run_blocking(
                 daemon.receiver.verify_and_write,
@@ -138,10 +136,7 @@ def build_app(daemon: Daemon) -> web.Application:
         daemon.journal.record_received(upload, locations, digest)
         daemon.metrics.bytes_received.labels(auth.site).inc(wire)
         daemon.metrics.chunks_received.labels(auth.site).inc()
-        # Only a body that was still arriving while it was read says how fast the link is; one
-        # that was already buffered (the handler started late) says nothing.
-        timed = {H_WIRE_MS: f"{1e3 * wire_s[0]:.3f}"} if wire_s and wire_s[0] >= 1e-3 else None
-        return web.Response(status=204, headers=timed)
+        return web.Response(status=204)
 
     async def commit(request: web.Request) -> web.Response:
         auth = authed(request, local=False)
