@@ -302,6 +302,11 @@ class Sender:
         try:
             while (item := await queue.get()) is not None:
                 ahead.release()
+                if self._stopping:
+                    # Start nothing new; keep draining so the producer reaches its next batch,
+                    # sees the stop and ends.
+                    item.close()
+                    continue
                 try:
                     await pump.gate.acquire(item.length)
                 except BaseException:
