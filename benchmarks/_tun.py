@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     # queue 0 carries A -> B (read from A's device), queue 1 carries B -> A.
     held: list[collections.deque[tuple[int, bytes]]] = [collections.deque(), collections.deque()]
     next_id = [0, 0]
-    counters = {"write_errors": 0, "stats_written": 0}
+    counters = {"write_errors": 0, "down_drops": 0, "stats_written": 0}
     scheduling = run_like_a_wire()
 
     wake_r, wake_w = socket.socketpair()
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = {"seq": counters["stats_written"], "received": line.received, "lost": line.lost,
                  "max_held": line.max_held, "queue_dropped": 0, "user_dropped": 0,
                  "enobufs": 0, "verdict_errors": counters["write_errors"],
+                 "dropped_link_down": counters["down_drops"],
                  "cpu_s": usage.ru_utime + usage.ru_stime,
                  "scheduling": scheduling,
                  "wall_s": time.monotonic() - started}
@@ -106,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     os.write(out_fd, packet)
                 except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EIO):
+                    if exc.errno == errno.EIO:
+                        # The far device is down (a link flap, or not up yet at start): the
+                        # link lost the packet, not the emulator.
+                        counters["down_drops"] += 1
+                        continue
+                    if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
                         raise
                     counters["write_errors"] += 1
 
