@@ -19,7 +19,6 @@ import logging
 import mmap
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import blake3
 import pyarrow as pa
@@ -36,15 +35,9 @@ from transferd._policy import Tier, normalize_rel_path, tier_of
 from transferd._storage import FsspecStorage, LocalStorage, Staging
 from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, StorageError
 
-__all__ = ["CommitOutcome", "Receiver"]
+__all__ = ["Receiver"]
 
 log = logging.getLogger("transferd.receiver")
-
-
-@dataclass(frozen=True)
-class CommitOutcome:
-    committed: bool
-    want: list[tuple[int, int]]  # (file index, offset) to send again when not committed
 
 
 class Receiver:
