@@ -44,6 +44,14 @@ class FileWindow:
         if self._map is not None:
             self._map.close()
 
+    def discard(self) -> None:
+        """close(), unless a transport still holds slices of the view (a chunk body being
+        written): then the mapping goes when the last of them does."""
+        try:
+            self.close()
+        except BufferError:
+            pass
+
 
 class SourceFile:
     """A local file opened for chunked reading (mmap windows)."""

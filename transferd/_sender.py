@@ -355,21 +355,7 @@ class Sender:
                 for (off, n), h in zip(batch, hashes, strict=True)
             ]
             state.chunks.extend((h, off, n) for (off, n), h in zip(batch, hashes, strict=True))
-            _, answer = await self._control(
-                pump.link,
-                "POST",
-                f"/v1/uploads/{pump.upload}/have",
-                HaveRequest(chunks=refs).model_dump(mode="json"),
-            )
-            want = _want_indices(answer, len(refs))
-            skipped = len(refs) - len(want)
-            if skipped:
-                self.metrics.chunks_skipped.labels(pump.link.peer).inc(skipped)
-                self.journal.add_job_counters(
-                    pump.job.id,
-                    chunks_skipped=skipped,
-                    bytes_done=sum(refs[i].length for i in range(len(refs)) if i not in want),
-                )
+            want = await self._offer(pump, refs)
             by_hash: dict[str, list[int]] = {}
             for i in sorted(want):
                 by_hash.setdefault(refs[i].hash, []).append(i)
@@ -393,26 +379,32 @@ class Sender:
                     w.close()
         return True
 
+    async def _offer(self, pump: _ChunkPump, refs: list[ChunkRef]) -> set[int]:
+        """Ask the receiver which of `refs` it still wants (have/want); the others are counted
+        as skipped (metric and job). Returns the wanted indices into `refs`."""
+        _, answer = await self._control(
+            pump.link,
+            "POST",
+            f"/v1/uploads/{pump.upload}/have",
+            HaveRequest(chunks=refs).model_dump(mode="json"),
+        )
+        want = _want_indices(answer, len(refs))
+        skipped = [r for i, r in enumerate(refs) if i not in want]
+        if skipped:
+            self.metrics.chunks_skipped.labels(pump.link.peer).inc(len(skipped))
+            self.journal.add_job_counters(
+                pump.job.id,
+                chunks_skipped=len(skipped),
+                bytes_done=sum(r.length for r in skipped),
+            )
+        return want
+
     async def _offer_again(self, pump: _ChunkPump, files: list[_FileState]) -> None:
         """Offer the deferred duplicate chunks now that their first copy has landed."""
         refs, pump.deferred = pump.deferred, []
         for start in range(0, len(refs), 4096):
             batch = refs[start : start + 4096]
-            _, answer = await self._control(
-                pump.link,
-                "POST",
-                f"/v1/uploads/{pump.upload}/have",
-                HaveRequest(chunks=batch).model_dump(mode="json"),
-            )
-            want = _want_indices(answer, len(batch))
-            skipped = [r for i, r in enumerate(batch) if i not in want]
-            if skipped:
-                self.metrics.chunks_skipped.labels(pump.link.peer).inc(len(skipped))
-                self.journal.add_job_counters(
-                    pump.job.id,
-                    chunks_skipped=len(skipped),
-                    bytes_done=sum(r.length for r in skipped),
-                )
+            want = await self._offer(pump, batch)
             async with asyncio.TaskGroup() as tg:
                 for i in sorted(want):
                     ref = batch[i]
@@ -578,10 +570,7 @@ class _Wanted:
 
     def close(self) -> None:
         if self.window is not None:
-            try:
-                self.window.close()
-            except BufferError:
-                pass
+            self.window.discard()
 
 
 class _Interrupted(Exception):
@@ -627,10 +616,7 @@ class _ChunkPump:
         def settle(_task: asyncio.Task[None]) -> None:
             if not began:
                 if window is not None:
-                    try:
-                        window.close()
-                    except BufferError:
-                        pass
+                    window.discard()
                 self.gate.release(0, 0)
 
         tg.create_task(run()).add_done_callback(settle)
@@ -726,10 +712,7 @@ class _ChunkPump:
                 s.journal.record_acked(self.job.id, f, offs)
         finally:
             if window is not None:
-                try:
-                    window.close()
-                except BufferError:
-                    pass  # the transport still holds the buffer; the mapping goes with it
+                window.discard()
             self.gate.release(acked, errors, slot=slot_held)
 
     def _count_retry(self) -> None:
