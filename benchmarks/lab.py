@@ -223,17 +223,9 @@ class Lab:
         """Round-trip times of `count` small TCP echoes from the first site to the second."""
         if self.ends is None:
             raise LabError("a loopback lab has no link to measure")
-        server = self.spawn(
-            self.ends.site_b,
-            [sys.executable, "-m", "benchmarks._echo", "serve", "--host", self.ends.addr_b,
-             "--port", str(ECHO_PORT)], name="echo-server", stdout=subprocess.PIPE)
+        server = self.start_echo_server(self.ends.site_b, "echo-server")
         try:
-            assert server.stdout is not None
-            if server.stdout.readline().decode().strip() != "ready":
-                raise LabError(f"TCP echo server did not start: {self.log_tail('echo-server')}")
-            cmd = self.in_site(self.ends.site_a, [
-                sys.executable, "-m", "benchmarks._echo", "client", "--host", self.ends.addr_b,
-                "--port", str(ECHO_PORT), "--count", str(count)])
+            cmd = self.in_site(self.ends.site_a, self.echo_client_args(self.ends.site_b, count))
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False,
                                   env=python_env())
             if done.returncode != 0:
@@ -242,6 +234,23 @@ class Lab:
             return rtts
         finally:
             self.stop(server)
+
+    def start_echo_server(self, site: str, name: str) -> subprocess.Popen[bytes]:
+        """A `benchmarks._echo` server in `site` on ECHO_PORT, returned once it is listening."""
+        server = self.spawn(site, [sys.executable, "-m", "benchmarks._echo", "serve", "--host",
+                                   self.addr(site), "--port", str(ECHO_PORT)],
+                            name=name, stdout=subprocess.PIPE)
+        assert server.stdout is not None
+        if server.stdout.readline().decode().strip() != "ready":
+            self.stop(server)
+            raise LabError(f"TCP echo server did not start: {self.log_tail(name)}")
+        return server
+
+    def echo_client_args(self, server_site: str, count: int, *extra: str) -> list[str]:
+        """The `benchmarks._echo` client command (to run inside a site) for `count` round trips
+        to the echo server in `server_site`."""
+        return [sys.executable, "-m", "benchmarks._echo", "client", "--host",
+                self.addr(server_site), "--port", str(ECHO_PORT), "--count", str(count), *extra]
 
     def emulator_sample(self) -> EmulatorSample | None:
         return self.backend.sample(self) if self.backend else None

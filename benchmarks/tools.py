@@ -24,7 +24,7 @@ import yaml
 from benchmarks.backends import rejection
 from benchmarks.datasets import file_blake3
 from benchmarks.errors import LabError, ToolError
-from benchmarks.lab import ECHO_PORT, Lab, python_env
+from benchmarks.lab import Lab, python_env
 from benchmarks.measure import (
     LinkFlapper,
     Measured,
@@ -527,20 +527,10 @@ class _EchoUnderLoad:
         if lab.ends is None:
             raise ToolError("echo", "a loopback lab has no link")
         self.lab = lab
-        self.server = lab.spawn(ctx.dst, [sys.executable, "-m", "benchmarks._echo", "serve",
-                                          "--host", lab.addr(ctx.dst), "--port", str(ECHO_PORT)],
-                                name="echo-under-load-server", stdout=subprocess.PIPE)
-        self.client: subprocess.Popen[bytes] | None = None
-        assert self.server.stdout is not None
-        if self.server.stdout.readline().decode().strip() != "ready":
-            self.stop()
-            raise ToolError("echo", "echo server did not start: "
-                            + lab.log_tail("echo-under-load-server"))
-        self.client = lab.spawn(ctx.src, [
-            sys.executable, "-m", "benchmarks._echo", "client", "--host", lab.addr(ctx.dst),
-            "--port", str(ECHO_PORT), "--count", str(count), "--size", str(size),
-            "--interval-ms", str(MESSAGES_INTERVAL_MS), "--start-delay-s",
-            str(MESSAGES_START_DELAY_S), "--timeout-s", "30"],
+        self.server = lab.start_echo_server(ctx.dst, "echo-under-load-server")
+        self.client: subprocess.Popen[bytes] | None = lab.spawn(ctx.src, lab.echo_client_args(
+            ctx.dst, count, "--size", str(size), "--interval-ms", str(MESSAGES_INTERVAL_MS),
+            "--start-delay-s", str(MESSAGES_START_DELAY_S), "--timeout-s", "30"),
             name="echo-under-load-client", stdout=subprocess.PIPE)
 
     def finish(self) -> list[float]:
