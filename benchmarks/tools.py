@@ -104,6 +104,19 @@ def _copied(ctx: RunContext, tool: str, got: Measured, dest: Path, cpu_s: float)
                    seconds=got.seconds, cpu_s=cpu_s, bytes_logical=size)
 
 
+def _client_run(ctx: RunContext, tool: str, server: subprocess.Popen[bytes], site: str,
+                cmd: list[str], *, timeout_s: float = TRANSFER_TIMEOUT_S,
+                env: dict[str, str] | None = None) -> tuple[Measured, float]:
+    """Run a peer tool's client in `site` against its already listening server; returns the
+    client's measurement and the CPU seconds of client and server together over the run."""
+    cpu0 = server_cpu_s(server.pid)
+    ctx.transfer_started()
+    got = run_measured(ctx.lab.in_site(site, cmd), timeout_s=timeout_s, env=env,
+                       log_dir=ctx.lab.workdir, name=tool)
+    settle()
+    return got, got.cpu_s + server_cpu_s(server.pid) - cpu0
+
+
 # ---- iperf3 ---------------------------------------------------------------------------------
 
 IPERF3_PORT = 5201
@@ -118,17 +131,12 @@ def _iperf3(ctx: RunContext, streams: int) -> ToolRun:
                        name=f"{tool}-server")
     try:
         wait_listening(lab.in_site(ctx.dst, []), IPERF3_PORT, alive=server, what="iperf3 -s")
-        cpu0 = server_cpu_s(server.pid)
         seconds = ctx.scenario.quick_iperf3_seconds if ctx.quick else ctx.scenario.iperf3_seconds
         cmd = ["iperf3", "-c", addr, "-p", str(IPERF3_PORT), "-l", "1M", "-t", f"{seconds:g}",
                "-J"]
         if streams > 1:
             cmd += ["-P", str(streams)]
-        ctx.transfer_started()
-        got = run_measured(lab.in_site(ctx.src, cmd), timeout_s=seconds + 120,
-                           log_dir=lab.workdir, name=tool)
-        settle()
-        cpu = got.cpu_s + server_cpu_s(server.pid) - cpu0
+        got, cpu = _client_run(ctx, tool, server, ctx.src, cmd, timeout_s=seconds + 120)
     finally:
         lab.stop(server)
     try:
@@ -164,16 +172,11 @@ def _rsync(ctx: RunContext, zstd: bool) -> ToolRun:
                        name=f"{tool}-daemon")
     try:
         wait_listening(lab.in_site(ctx.dst, []), RSYNC_PORT, alive=server, what="rsync --daemon")
-        cpu0 = server_cpu_s(server.pid)
         cmd = ["rsync", "-a"]
         if zstd:
             cmd += ["--compress", "--compress-choice=zstd"]
         cmd += [str(ctx.data_path), f"rsync://{addr}:{RSYNC_PORT}/bench/"]
-        ctx.transfer_started()
-        got = run_measured(lab.in_site(ctx.src, cmd), timeout_s=TRANSFER_TIMEOUT_S,
-                           log_dir=lab.workdir, name=tool)
-        settle()
-        cpu = got.cpu_s + server_cpu_s(server.pid) - cpu0
+        got, cpu = _client_run(ctx, tool, server, ctx.src, cmd)
     finally:
         lab.stop(server)
     return _copied(ctx, tool, got, dest, cpu)
@@ -204,14 +207,9 @@ def _rclone(ctx: RunContext) -> ToolRun:
     try:
         wait_listening(lab.in_site(ctx.src, []), RCLONE_PORT, alive=server,
                        what="rclone serve webdav")
-        cpu0 = server_cpu_s(server.pid)
         cmd = ["rclone", "copy", "src:", str(dest), "--config", str(config),
                "--multi-thread-streams", str(RCLONE_STREAMS), "--multi-thread-cutoff", "16M"]
-        ctx.transfer_started()
-        got = run_measured(lab.in_site(ctx.dst, cmd), timeout_s=TRANSFER_TIMEOUT_S, env=env,
-                           log_dir=lab.workdir, name=tool)
-        settle()
-        cpu = got.cpu_s + server_cpu_s(server.pid) - cpu0
+        got, cpu = _client_run(ctx, tool, server, ctx.dst, cmd, env=env)
     finally:
         lab.stop(server)
     return _copied(ctx, tool, got, dest, cpu)
