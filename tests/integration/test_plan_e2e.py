@@ -9,9 +9,9 @@ import asyncio
 import json
 import signal
 import sys
-import textwrap
 from pathlib import Path
 
+from tests._three_sites import THREE_SITES
 from tests.integration._data import file_blake3, write_random
 from tests.integration._procs import env, metric, wait_until_serving
 from transferd.testing import free_port, write_site_configs
@@ -19,28 +19,6 @@ from transferd.testing import free_port, write_site_configs
 CHUNK = 64 * 1024
 DEADLINE_S = 60.0
 
-TOPOLOGY = textwrap.dedent("""\
-    name: three-sites
-    sites:
-      - {id: onprem, kind: onprem, region: eu}
-      - {id: cloud, kind: cloud, region: eu, gpus: {h100: 8}, gpu_hour_usd: {h100: 4.0}}
-      - {id: edge, kind: edge, region: eu}
-    links:
-      - {between: [onprem, cloud], bandwidth_gbps: 10, rtt_ms: 5}
-      - {between: [cloud, edge], bandwidth_gbps: 1, rtt_ms: 20}
-    datasets:
-      - {id: corpus-raw, site: onprem, size_gb: 900, tier: raw}
-      - {id: corpus-approved, site: onprem, size_gb: 100, tier: approved}
-    models:
-      - {id: m, site: cloud, size_gb: 16}
-    workloads:
-      - {id: tune, kind: fine_tuning, model: m, datasets: [corpus-approved], gpu: h100, gpus: 8,
-         hours: 4}
-    sync_rules:
-      - {id: approved-out, tier: approved, to: consumers, change_fraction_per_day: 0.5}
-    checkpoint_replication:
-      - {workload: tune, every_hours: 1, copies_min: 2, retain: 3}
-""")
 SITES = ("onprem", "cloud", "edge")
 
 
@@ -67,7 +45,7 @@ async def _until(check: object, what: str) -> None:
 
 async def test_three_daemons_carry_out_the_plan(tmp_path: Path) -> None:
     topo = tmp_path / "three-sites.yaml"
-    topo.write_text(TOPOLOGY)
+    topo.write_text(THREE_SITES)
     plan_path = tmp_path / "plan.json"
     planner = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "netplan", "plan", str(topo), "-o", str(plan_path),

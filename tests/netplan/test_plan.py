@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 from hypothesis import given
@@ -12,32 +11,13 @@ from hypothesis import strategies as st
 from netplan import Network, PlanError, parse_topology
 from netplan._plan import SCHEMA_VERSION, Plan, build_plan
 from netplan._sync import plan_sync
+from tests._three_sites import THREE_SITES
 from transferd._classes import TrafficClass
 
-TOPO = textwrap.dedent("""\
-    name: three-sites
-    sites:
-      - {id: onprem, kind: onprem, region: eu}
-      - {id: cloud, kind: cloud, region: eu, gpus: {h100: 8}, gpu_hour_usd: {h100: 4.0}}
-      - {id: edge, kind: edge, region: eu}
-    links:
-      - {between: [onprem, cloud], bandwidth_gbps: 10, rtt_ms: 5}
-      - {between: [cloud, edge], bandwidth_gbps: 1, rtt_ms: 20}
-    datasets:
-      - {id: corpus-raw, site: onprem, size_gb: 900, tier: raw}
-      - {id: corpus-approved, site: onprem, size_gb: 100, tier: approved}
-    models:
-      - {id: m, site: cloud, size_gb: 16}
-    workloads:
-      - {id: tune, kind: fine_tuning, model: m, datasets: [corpus-approved], gpu: h100, gpus: 8,
-         hours: 4}
-      - {id: serve-edge, kind: batch_inference, model: m, datasets: [corpus-approved],
-         gpu: h100, gpus: 1, hours: 1}
-    sync_rules:
-      - {id: approved-out, tier: approved, to: consumers, change_fraction_per_day: 0.5}
-    checkpoint_replication:
-      - {workload: tune, every_hours: 1, copies_min: 2, retain: 3}
-""")
+TOPO = THREE_SITES + """\
+  - {id: serve-edge, kind: batch_inference, model: m, datasets: [corpus-approved],
+     gpu: h100, gpus: 1, hours: 1}
+"""
 
 
 def _plan() -> Plan:
