@@ -46,10 +46,10 @@ TRAILER. Parquet chunks are decoded, never mapped, so their spans carry no align
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -516,40 +516,49 @@ def _read_parquet_row_groups(footer: bytes) -> list[list[tuple[int, int]]]:
         raise _ThriftError(f"footer ends inside a value: {exc}") from exc
 
 
+_T = TypeVar("_T")
+
+
 def _read_file_metadata(data: bytes) -> list[list[tuple[int, int]]]:
-    row_groups: list[list[tuple[int, int]]] = []
-    position = field_id = 0
-    while True:
-        field_id, field_type, position = _field_header(data, position, field_id)
-        if not field_type:
-            return row_groups
-        if field_id != _FILE_META_ROW_GROUPS:
-            position = _skip(data, position, field_type, 1)
-            continue
-        count, element_type, position = _list_header(data, position, field_type)
-        if element_type != _CT_STRUCT:
-            raise _ThriftError("row_groups is not a list of structs")
-        for _ in range(count):
-            columns, position = _read_row_group(data, position)
-            row_groups.append(columns)
+    row_groups, _ = _read_struct_list(
+        data, 0, _FILE_META_ROW_GROUPS, _read_row_group, depth=1, what="row_groups"
+    )
+    return row_groups
 
 
 def _read_row_group(data: bytes, position: int) -> tuple[list[tuple[int, int]], int]:
-    columns: list[tuple[int, int]] = []
+    return _read_struct_list(
+        data, position, _ROW_GROUP_COLUMNS, _read_column_chunk, depth=2, what="columns"
+    )
+
+
+def _read_struct_list(
+    data: bytes,
+    position: int,
+    wanted: int,
+    read_element: Callable[[bytes, int], tuple[_T, int]],
+    *,
+    depth: int,
+    what: str,
+) -> tuple[list[_T], int]:
+    """Walk a struct's fields (from `position`) to its end, skipping all but field `wanted`, a
+    list of structs each read by `read_element`; returns them and the position after the
+    struct."""
+    out: list[_T] = []
     field_id = 0
     while True:
         field_id, field_type, position = _field_header(data, position, field_id)
         if not field_type:
-            return columns, position
-        if field_id != _ROW_GROUP_COLUMNS:
-            position = _skip(data, position, field_type, 2)
+            return out, position
+        if field_id != wanted:
+            position = _skip(data, position, field_type, depth)
             continue
         count, element_type, position = _list_header(data, position, field_type)
         if element_type != _CT_STRUCT:
-            raise _ThriftError("columns is not a list of structs")
+            raise _ThriftError(f"{what} is not a list of structs")
         for _ in range(count):
-            column, position = _read_column_chunk(data, position)
-            columns.append(column)
+            element, position = read_element(data, position)
+            out.append(element)
 
 
 _COLUMN_OFFSET_FIELDS = (
