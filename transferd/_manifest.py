@@ -20,7 +20,15 @@ from collections.abc import Iterable
 from typing import Annotated, Any, Literal, TypeVar
 
 import blake3
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from transferd._keys import Keyring
 from transferd.errors import ProtocolError
@@ -48,6 +56,15 @@ Hash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Size = Annotated[int, Field(ge=0, le=MAX_FILE_BYTES)]
 
 
+def _check_root(value: str) -> str:
+    if not value or len(value) > 4096:
+        raise ValueError("root must be 1-4096 characters")
+    return value
+
+
+Root = Annotated[str, AfterValidator(_check_root)]
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -73,14 +90,9 @@ class UploadIntent(_Wire):
     upload: Annotated[str, Field(pattern=_UPLOAD_ID.pattern)]
     source_site: str
     dest_site: str
-    root: str
+    root: Root
     kind: Literal["file", "folder"]
     files: Annotated[list[FileSpec], Field(min_length=1, max_length=MAX_FILES)]
-
-    @field_validator("root")
-    @classmethod
-    def _root(cls, value: str) -> str:
-        return _check_root(value)
 
     @model_validator(mode="after")
     def _shape(self) -> UploadIntent:
@@ -91,12 +103,6 @@ class UploadIntent(_Wire):
             if "" in names or len(set(names)) != len(names):
                 raise ValueError("folder members must be distinct non-empty paths")
         return self
-
-
-def _check_root(value: str) -> str:
-    if not value or len(value) > 4096:
-        raise ValueError("root must be 1-4096 characters")
-    return value
 
 
 class ChunkRef(_Wire):
@@ -151,16 +157,11 @@ class Manifest(_Wire):
     upload: Annotated[str, Field(pattern=_UPLOAD_ID.pattern)]
     source_site: str
     dest_site: str
-    root: str
+    root: Root
     kind: Literal["file", "folder"]
     tier: str
     created_at: float
     files: Annotated[list[FileEntry], Field(min_length=1, max_length=MAX_FILES)]
-
-    @field_validator("root")
-    @classmethod
-    def _root(cls, value: str) -> str:
-        return _check_root(value)
 
     @model_validator(mode="after")
     def _tier_matches(self) -> Manifest:
