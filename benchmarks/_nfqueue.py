@@ -257,18 +257,27 @@ def run_like_a_wire() -> str:
     return "default"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks._nfqueue")
-    parser.add_argument("--queue", type=int, action="append", required=True)
+def add_link_arguments(parser: argparse.ArgumentParser) -> None:
+    """The link spec and stats file every userspace emulator takes (see `delay_line`)."""
     parser.add_argument("--delay-ms", type=float, default=0.0)
     parser.add_argument("--jitter-ms", type=float, default=0.0)
     parser.add_argument("--loss-pct", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stats", type=Path, required=True)
+
+
+def delay_line(args: argparse.Namespace) -> DelayLine:
+    return DelayLine(args.delay_ms / 1e3, args.jitter_ms / 1e3, args.loss_pct / 100,
+                     random.Random(args.seed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks._nfqueue")
+    parser.add_argument("--queue", type=int, action="append", required=True)
+    add_link_arguments(parser)
     args = parser.parse_args(argv)
 
-    line = DelayLine(args.delay_ms / 1e3, args.jitter_ms / 1e3, args.loss_pct / 100,
-                     random.Random(args.seed))
+    line = delay_line(args)
     nfq = NfQueueSocket()
     for queue in args.queue:
         nfq.bind(queue)

@@ -17,7 +17,6 @@ import errno
 import fcntl
 import json
 import os
-import random
 import resource
 import select
 import signal
@@ -25,9 +24,8 @@ import socket
 import struct
 import sys
 import time
-from pathlib import Path
 
-from benchmarks._nfqueue import DelayLine, run_like_a_wire
+from benchmarks._nfqueue import add_link_arguments, delay_line, run_like_a_wire
 
 __all__ = ["main", "open_tun_in"]
 
@@ -57,19 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ns-a", required=True)
     parser.add_argument("--ns-b", required=True)
     parser.add_argument("--dev", default="wan0")
-    parser.add_argument("--delay-ms", type=float, default=0.0)
-    parser.add_argument("--jitter-ms", type=float, default=0.0)
-    parser.add_argument("--loss-pct", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stats", type=Path, required=True)
+    add_link_arguments(parser)
     args = parser.parse_args(argv)
 
     host_ns = os.open("/proc/self/ns/net", os.O_RDONLY)
     fds = [open_tun_in(args.ns_a, args.dev), open_tun_in(args.ns_b, args.dev)]
     ctypes.CDLL(None, use_errno=True).setns(host_ns, CLONE_NEWNET)
     os.close(host_ns)
-    line = DelayLine(args.delay_ms / 1e3, args.jitter_ms / 1e3, args.loss_pct / 100,
-                     random.Random(args.seed))
+    line = delay_line(args)
     # queue 0 carries A -> B (read from A's device), queue 1 carries B -> A.
     held: list[collections.deque[tuple[int, bytes]]] = [collections.deque(), collections.deque()]
     next_id = [0, 0]
