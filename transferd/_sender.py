@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from transferd._backoff import backoff_delays
 from transferd._chunker import FileWindow, SourceFile, blake3_hex, chunk_spans, fixed_spans
 from transferd._classes import TrafficClass
 from transferd._client import PeerLink
@@ -534,17 +535,16 @@ async def retrying(
     first_delay_s: float = 0.1,
 ) -> tuple[int, object]:
     """Retry `call` on TransportError with capped exponential backoff until `budget_s` is spent."""
-    deadline = time.monotonic() + budget_s
-    delay = first_delay_s
+    delays = backoff_delays(budget_s, first_s=first_delay_s)
     while True:
         try:
             return await call()  # type: ignore[misc]
         except TransportError:
-            if time.monotonic() + delay > deadline:
+            delay = next(delays, None)
+            if delay is None:
                 raise
             on_retry()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

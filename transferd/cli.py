@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import click
 
+from transferd._backoff import backoff_delays
 from transferd._keys import Keyring, keygen
 from transferd._local import LocalClient
 from transferd._tls import client_ssl_context
@@ -209,16 +210,15 @@ def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> Non
 
 def _first_call(client: LocalClient, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
     """The CLI's first request: a daemon that is still starting gets a few seconds to listen."""
-    deadline = time.monotonic() + STARTUP_GRACE_S
-    delay = 0.1
+    delays = backoff_delays(STARTUP_GRACE_S)
     while True:
         try:
             return client.call(method, path, **kwargs)
         except TransportError:
-            if time.monotonic() + delay > deadline:
+            delay = next(delays, None)
+            if delay is None:
                 raise
             time.sleep(delay)
-            delay = min(delay * 2, 1.0)
 
 
 def _relative_to_data_dir(config: SiteConfig, path: str) -> str:
