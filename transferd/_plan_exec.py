@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netplan._plan import Plan
 from netplan.errors import PlanError
+from netplan.plan import MirrorEntry, Plan, SyncEntry
 from transferd._classes import BULK_CLASSES, TrafficClass
 from transferd._journal import JobState, Journal
 from transferd._metrics import Metrics
@@ -121,8 +121,10 @@ def parse_site_plan(
 
     sync: list[SyncRoute] = []
     refused: list[tuple[str, str]] = []
-    for j, entry in enumerate(me.sync):
-        where = f"{here}.sync[{j}]"
+    mirrors: list[tuple[str, MirrorEntry]] = [
+        (f"{here}.sync[{j}]", e) for j, e in enumerate(me.sync)]
+    mirrors += [(f"{here}.shards[{j}]", e) for j, e in enumerate(me.shards)]
+    for where, entry in mirrors:
         if entry.traffic_class not in BULK_CLASSES:
             raise ConfigError(
                 f"{source}: {where}.traffic_class: {entry.traffic_class.value!r} is not a bulk "
@@ -136,7 +138,11 @@ def parse_site_plan(
         except PolicyViolation as exc:
             refused.append((f"{where}.path_prefix", exc.message))
             continue
-        sync.append(SyncRoute(prefix, dest, entry.traffic_class, entry.dataset, entry.rule))
+        if isinstance(entry, SyncEntry):
+            sync.append(SyncRoute(prefix, dest, entry.traffic_class, entry.dataset, entry.rule))
+        else:  # a vector-index shard replica, mirrored like a dataset folder
+            sync.append(SyncRoute(prefix, dest, entry.traffic_class, entry.index,
+                                  f"shards:{entry.index}"))
     checkpoints = []
     for j, ck in enumerate(me.checkpoints):
         where = f"{here}.checkpoints[{j}]"

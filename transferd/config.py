@@ -6,7 +6,6 @@ Relative paths in the file (data_dir, keys_dir, TLS files) are resolved against 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -14,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from netplan import yamlpos
+from netplan.plan import check_site_id
 from transferd.errors import ConfigError
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "parse_config",
 ]
 
-_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MiB = 1024 * 1024
 
 
@@ -130,9 +129,7 @@ class SiteConfig(_Frozen):
     @field_validator("site")
     @classmethod
     def _site_id(cls, value: str) -> str:
-        if not _SITE_ID.match(value):
-            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
-        return value
+        return check_site_id(value)  # the plan contract's one rule
 
     @field_validator("listen")
     @classmethod
@@ -146,8 +143,7 @@ class SiteConfig(_Frozen):
     @classmethod
     def _peer_ids(cls, value: dict[str, PeerConfig]) -> dict[str, PeerConfig]:
         for name in value:
-            if not _SITE_ID.match(name):
-                raise ValueError(f"peer id {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+            check_site_id(name)
         return value
 
     @model_validator(mode="after")
