@@ -292,6 +292,7 @@ def _fail(exc: NetplanError, code: int) -> None:
 
 
 @click.group()
+@click.version_option(package_name="netplan-transferd", prog_name="netplan")
 def cli() -> None:
     """Plan where AI work runs and what crosses the network."""
 
