@@ -7,28 +7,41 @@ Theory of operation.
   the largest dataset; the model and any other dataset move there), `move_data` (the datasets move
   to the GPUs), and `stage_subset` (like those, but only each moved dataset's `active_fraction`).
 - Feasible: the GPU type and count exist at the site; every dataset's residency admits the site
-  and every relay hop; raw-tier data never leaves its site; incoming data fits `storage_tb`; the
-  deadline holds (transfer time + compute hours).
-- Objective: least total cost (egress + GPU-hours at the site's price). Options within 5 % of the
-  cheapest are a tie, won by the earliest completion. Every losing option says why it lost.
-- Large estates (more than EXHAUSTIVE_OPTIONS options): branch and bound over an admissible lower
-  bound (compute + each moving artifact at the cheapest price of leaving its site); options whose
-  bound is beyond the 5 % band of the best feasible total are counted, not evaluated.
+  and every relay hop; raw-tier data never leaves its site; a path exists within the relay limit;
+  incoming data fits `storage_tb`; the deadline holds (transfer time + compute hours).
+- Objective: least total cost (compute + egress + relay charges + storage of the copies for as
+  long as the job holds them; see `netplan.decisions`). Options within 5 % of the cheapest are a
+  tie, won by the earliest completion. Every losing option says why it lost.
+- Large estates (more than EXHAUSTIVE_OPTIONS options): options failing a check that needs no
+  network (GPUs, residency, raw tier), out of reach within the relay limit, or unable to meet
+  the deadline even at the most the links into and out of the sites carry, are counted by reason
+  without being built. The rest go in order of an admissible lower bound (least compute + each
+  moving artifact at the least $/GB to the site within the relay limit + storage for the compute
+  hours alone); once a bound is beyond the 5 % band of the best feasible total, the search stops
+  and the remaining options are counted, not evaluated.
 """
 
 from __future__ import annotations
 
+import math
+
 from netplan.decisions import (
     COST_TIE_FRACTION,
+    HOURS_PER_MONTH,
     Action,
     Decision,
     Option,
+    Rejection,
+    RejectionKind,
     amended,
     duration,
     evaluate_site,
-    gpu_violation,
+    generic_reason,
+    group_rejections,
     infeasible_summary,
+    least_compute_usd,
     money,
+    prechecks,
     ranked,
     summarize,
 )
@@ -38,10 +51,15 @@ from netplan.topology import Site, Topology, Workload
 __all__ = ["decide_gravity"]
 
 
-def _candidate_sites(topology: Topology, workload: Workload) -> list[Site]:
+def _anchors(topology: Topology, workload: Workload) -> set[str]:
     anchors = {topology.dataset(d).site for d in workload.datasets}
     if workload.model:
         anchors.add(topology.model(workload.model).site)
+    return anchors
+
+
+def _candidate_sites(topology: Topology, workload: Workload) -> list[Site]:
+    anchors = _anchors(topology, workload)
     return [s for s in topology.sites if s.gpu_count(workload.gpu) > 0 or s.id in anchors]
 
 
@@ -56,6 +74,7 @@ def _variants(topology: Topology, workload: Workload) -> list[tuple[Site, Action
     largest = max(datasets, key=lambda d: d.size_gb) if datasets else None
     model_site = topology.model(workload.model).site if workload.model else None
     variants: list[tuple[Site, Action, bool]] = []
+    need = workload.min_gpus
     for site in _candidate_sites(topology, workload):
         moving = [d for d in datasets if d.site != site.id]
         action: Action
@@ -67,32 +86,77 @@ def _variants(topology: Topology, workload: Workload) -> list[tuple[Site, Action
             action = "move_data"
         variants.append((site, action, False))
         # A site short of GPUs fails either way: a staged variant would only repeat that.
-        if any(d.active_fraction < 1.0 for d in moving) and gpu_violation(site, workload) is None:
+        if any(d.active_fraction < 1.0 for d in moving) and site.gpu_count(workload.gpu) >= need:
             variants.append((site, "stage_subset", True))
     return variants
 
 
-def _lower_bound_usd(
-    topology: Topology, network: Network, workload: Workload, site: Site, subset: bool
-) -> float:
-    """Compute cost plus, for each artifact that must move, its size times the cheapest price of
-    leaving its site at all: no path can cost less, so the bound is admissible."""
-    bound = workload.gpus * workload.hours * site.gpu_hour_usd.get(workload.gpu, 0.0)
+def _moving(topology: Topology, workload: Workload, site: Site, subset: bool
+            ) -> list[tuple[str, float, frozenset[str] | None]]:
+    """(source site, GB, residency regions) of every artifact that must move to `site`."""
+    out: list[tuple[str, float, frozenset[str] | None]] = []
     for ds_id in workload.datasets:
         ds = topology.dataset(ds_id)
         if ds.site != site.id:
             size = ds.size_gb * ds.active_fraction if subset else ds.size_gb
-            if size > 0:  # (a site without links prices leaving at inf; 0 x inf is nan)
-                bound += size * network.min_egress_usd_per_gb(ds.site)
+            out.append((ds.site, size, frozenset(ds.residency) if ds.residency else None))
     if workload.model:
         model = topology.model(workload.model)
-        if model.site != site.id and model.size_gb > 0:
-            bound += model.size_gb * network.min_egress_usd_per_gb(model.site)
-    return bound
+        if model.site != site.id:
+            out.append((model.site, model.size_gb, None))
+    return out
 
 
-def _options(topology: Topology, network: Network, workload: Workload) -> tuple[list[Option], int]:
-    """Evaluated options and how many were skipped.
+def _lower_bound_usd(
+    topology: Topology,
+    network: Network,
+    workload: Workload,
+    site: Site,
+    subset: bool,
+    confined: bool = True,
+) -> float:
+    """Least compute, plus each artifact that must move at the least $/GB from its site to this
+    one within the relay limit (inf when out of reach), plus storage of the copies for the
+    compute hours alone: no option here costs less, so the bound is admissible. `confined`
+    False prices paths outside the data's residency too (what the option would cost if the
+    residency allowed it)."""
+    bound = least_compute_usd(workload, site)
+    incoming = 0.0
+    index = network.site_index(site.id)
+    for source, size, regions in _moving(topology, workload, site, subset):
+        usd = network.min_usd_per_gb_from(source, regions if confined else None)[index]
+        if math.isinf(usd):
+            return math.inf
+        bound += size * usd
+        incoming += size
+    most = min(workload.gpus_max or site.gpu_count(workload.gpu), site.gpu_count(workload.gpu))
+    hours = workload.hours_on(max(most, workload.min_gpus))
+    return bound + incoming * site.storage_price * hours / HOURS_PER_MONTH
+
+
+def _too_slow(
+    topology: Topology, network: Network, workload: Workload, site: Site, subset: bool
+) -> bool:
+    """True when even the most the links out of each source and into the site carry, and the
+    most GPUs the site allows, cannot meet the deadline (an admissible time bound)."""
+    if workload.deadline_hours is None:
+        return False
+    most = min(workload.gpus_max or site.gpu_count(workload.gpu), site.gpu_count(workload.gpu))
+    seconds = workload.hours_on(max(most, workload.min_gpus)) * 3600
+    index = network.site_index(site.id)
+    for source, size, regions in _moving(topology, workload, site, subset):
+        out_cap, in_cap = network.capacity_gbps(regions)
+        rate = min(out_cap[network.site_index(source)], in_cap[index])
+        if size > 0:
+            seconds += math.inf if rate <= 0 else size * 8 / rate
+    return seconds > workload.deadline_hours * 3600 + 1e-6
+
+
+def _options(
+    topology: Topology, network: Network, workload: Workload
+) -> tuple[list[Option], int, list[tuple[RejectionKind, str, str]]]:
+    """Evaluated options, how many were skipped by the bound, and (kind, reason, site) for the
+    options ruled out without being built.
 
     Small candidate sets are evaluated exhaustively. Larger ones go in order of an admissible
     lower bound on total cost; once a bound exceeds the best feasible total by more than the 5 %
@@ -103,24 +167,41 @@ def _options(topology: Topology, network: Network, workload: Workload) -> tuple[
         return [
             evaluate_site(topology, network, workload, site, action, subset=subset)
             for site, action, subset in variants
-        ], 0
-    bounded = sorted(
-        (
-            (_lower_bound_usd(topology, network, workload, site, subset), n)
-            for n, (site, _action, subset) in enumerate(variants)
-        )
-    )
+        ], 0, []
+    anchors = _anchors(topology, workload)
     options: list[Option] = []
-    best: float | None = None
+    ruled_out: list[tuple[RejectionKind, str, str]] = []
+    bounded: list[tuple[float, int]] = []
+    reach = f"out of reach within {network.max_relays} relays"
+    for n, (site, action, subset) in enumerate(variants):
+        if site.id in anchors:  # (evaluated in full: their reasons are quoted verbatim)
+            options.append(evaluate_site(topology, network, workload, site, action,
+                                         subset=subset))
+            continue
+        failed = prechecks(topology, workload, site)
+        if failed:
+            kind, text = failed[0]
+            ruled_out.append((kind, generic_reason(kind, text, workload, network), site.id))
+            continue
+        bound = _lower_bound_usd(topology, network, workload, site, subset)
+        if math.isinf(bound):
+            ruled_out.append(("path", reach, site.id))
+        elif _too_slow(topology, network, workload, site, subset):
+            ruled_out.append(("deadline", f"cannot meet the {workload.deadline_hours:g} h "
+                              "deadline even at full link capacity", site.id))
+        else:
+            bounded.append((bound, n))
+    bounded.sort()
+    best = min((o.total_usd for o in options if o.feasible), default=None)
     for done, (bound, n) in enumerate(bounded):
         if best is not None and bound > best * (1 + COST_TIE_FRACTION) + 1e-9:
-            return options, len(bounded) - done
+            return options, len(bounded) - done, ruled_out
         site, action, subset = variants[n]
         option = evaluate_site(topology, network, workload, site, action, subset=subset)
         options.append(option)
         if option.feasible and (best is None or option.total_usd < best):
             best = option.total_usd
-    return options, 0
+    return options, 0, ruled_out
 
 
 def _moves_phrase(option: Option) -> str:
@@ -128,18 +209,27 @@ def _moves_phrase(option: Option) -> str:
         return "nothing moves"
     parts = []
     for m in sorted(option.movements, key=lambda m: -m.size_gb):
-        via = " -> ".join(m.path)
+        route = m.route
+        if route.multipath:
+            via = " + ".join(f"{leg.share:.0%} via {' -> '.join(leg.path.sites)}"
+                             for leg in route.legs)
+        else:
+            via = "via " + " -> ".join(m.path)
         parts.append(
-            f"{m.kind} {m.id} ({m.size_gb:,.0f} GB via {via}, {duration(m.seconds / 3600)})"
+            f"{m.kind} {m.id} ({m.size_gb:,.0f} GB {via}, {duration(m.seconds / 3600)}: "
+            f"{route.why})"
         )
     return "moves " + ", ".join(parts)
 
 
 def _cost_phrase(option: Option) -> str:
-    return (
-        f"{money(option.total_usd)} (egress {money(option.egress_usd)} + compute "
-        f"{money(option.compute_usd)}), done in {duration(option.completion_hours)}"
-    )
+    parts = [f"compute {money(option.compute_usd)}", f"egress {money(option.egress_usd)}"]
+    if option.storage_usd:
+        parts.append(f"storage {money(option.storage_usd)}")
+    if option.relay_usd:
+        parts.append(f"relays {money(option.relay_usd)}")
+    return (f"{money(option.total_usd)} ({' + '.join(parts)}), done in "
+            f"{duration(option.completion_hours)}")
 
 
 def choose(options: list[Option]) -> tuple[Option | None, Option | None]:
@@ -173,31 +263,39 @@ def rejection(option: Option, chosen: Option | None, cheapest: Option | None) ->
 
 
 def decide_gravity(topology: Topology, network: Network, workload: Workload) -> Decision:
-    """Choose where a non-inference workload runs and what moves."""
-    options, skipped = _options(topology, network, workload)
+    """Choose where a non-inference workload runs, on how many GPUs, and what moves how."""
+    options, skipped, ruled_out = _options(topology, network, workload)
     chosen, cheapest = choose(options)
     alternatives = ranked(
         amended(o, rejected_because=rejection(o, chosen, cheapest))
         for o in options
         if o is not chosen
     )
+    rejections = group_rejections(workload, network, alternatives, ruled_out)
+    if skipped:
+        rejections = (*rejections, Rejection(
+            "bound", "not evaluated: compute plus the cheapest way in alone costs over 5% more "
+            "than the choice", skipped, ()))
+    anchors = _anchors(topology, workload)
     if chosen is None or cheapest is None:
-        anchors = {topology.dataset(d).site for d in workload.datasets}
-        if workload.model:
-            anchors.add(topology.model(workload.model).site)
-        summary = infeasible_summary(options, anchors) or f"no site has {workload.gpu} GPUs"
+        summary = (infeasible_summary(options, anchors, rejections=rejections)
+                   or f"no site has {workload.gpu} GPUs")
         return Decision(
             workload=workload.id,
             kind=workload.kind,
             option=None,
             reason="infeasible: " + summary,
             alternatives=alternatives,
+            rejections=rejections,
         )  # (nothing is skipped when no option is feasible: there is no bound to prune with)
 
-    reason = f"{chosen.where()}: {_moves_phrase(chosen)}; least total cost {_cost_phrase(chosen)}"
+    where = chosen.where()
+    if chosen.gpus_why:
+        where += f" on {chosen.gpus_why}"
+    reason = f"{where}: {_moves_phrase(chosen)}; least total cost {_cost_phrase(chosen)}"
     if chosen is not cheapest:
         reason = (
-            f"{chosen.where()}: {_moves_phrase(chosen)}; {_cost_phrase(chosen)}, within 5% of "
+            f"{where}: {_moves_phrase(chosen)}; {_cost_phrase(chosen)}, within 5% of "
             f"the cheapest ({cheapest.where()}, {money(cheapest.total_usd)}) and finishes "
             f"{duration(cheapest.completion_hours - chosen.completion_hours)} earlier"
         )
@@ -211,7 +309,8 @@ def decide_gravity(topology: Topology, network: Network, workload: Workload) -> 
         if o.priced:
             return o.total_usd
         site = topology.site(o.sites[0])
-        return _lower_bound_usd(topology, network, workload, site, o.action == "stage_subset")
+        return _lower_bound_usd(topology, network, workload, site, o.action == "stage_subset",
+                                confined=False)
 
     cheaper_blocked = sorted(
         ((at_least(o), o) for o in options if not o.feasible and o.sites[0] in priced),
@@ -225,8 +324,8 @@ def decide_gravity(topology: Topology, network: Network, workload: Workload) -> 
         )
     if skipped:
         reason += (
-            f"; {skipped} more options not evaluated: their compute plus the cheapest way out of "
-            f"the data's site alone costs over 5% more"
+            f"; {skipped} more options not evaluated: their compute plus the cheapest way in "
+            "alone costs over 5% more"
         )
     return Decision(
         workload=workload.id,
@@ -235,4 +334,5 @@ def decide_gravity(topology: Topology, network: Network, workload: Workload) -> 
         reason=reason,
         alternatives=alternatives,
         skipped=skipped,
+        rejections=rejections,
     )

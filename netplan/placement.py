@@ -25,6 +25,7 @@ from netplan.decisions import (
     deadline_violation,
     duration,
     evaluate_site,
+    group_rejections,
     infeasible_summary,
     money,
     ranked,
@@ -139,7 +140,8 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
     candidates = [s for s in topology.sites if s.gpu_count(workload.gpu) > 0]
     singles: list[Option] = []
     for site in candidates:
-        option = evaluate_site(topology, network, workload, site, "replicate_model")
+        option = evaluate_site(topology, network, workload, site, "replicate_model",
+                               storage_hours=workload.hours_on(workload.min_gpus))
         if option.priced and not option.movements:  # (unpriced: nothing was worked out)
             option = amended(option, action="in_place")
         singles.append(
@@ -206,7 +208,9 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
             violations=(),
             movements=movements,
             compute_usd=sum(o.compute_usd for o in picked),
-            hours=workload.hours,
+            hours=workload.hours_on(workload.min_gpus),
+            gpus=workload.min_gpus,
+            storage_usd=sum(o.storage_usd for o in picked),
             clients=_client_latencies(
                 network, workload, sites, with_paths=True, components=components
             ),
@@ -241,6 +245,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
                 why = summarize(causes)
         alternatives.append(amended(option, rejected_because=why))
 
+    rejections = group_rejections(workload, network, alternatives)
     if chosen is None:
         return Decision(
             workload=workload.id,
@@ -248,6 +253,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
             option=None,
             reason="infeasible: " + summarize(causes),
             alternatives=ranked(alternatives),
+            rejections=rejections,
         )
 
     worst = chosen.worst_client
@@ -270,6 +276,8 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
     else:
         reason += f"; model {model.id} is already there"
     reason += f"; compute {money(chosen.compute_usd)}"
+    if chosen.storage_usd:
+        reason += f", storage {money(chosen.storage_usd)}"
     if count > 1:
         best_single = max(
             (o for o in singles if o.feasible), key=lambda o: (len(covered(o)), -o.total_usd)
@@ -286,4 +294,5 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
         option=chosen,
         reason=reason,
         alternatives=ranked(alternatives),
+        rejections=rejections,
     )

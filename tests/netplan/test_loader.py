@@ -97,7 +97,7 @@ def test_wrong_type() -> None:
     text = VALID.replace("bandwidth_gbps: 10", "bandwidth_gbps: fast")
     message = _error(text)
     assert "links[0].bandwidth_gbps: " in message
-    assert "valid number" in message
+    assert "must be a number > 0 or a map of site id -> number > 0" in message
     assert f"(line {_line(text, 'bandwidth_gbps')})" in message
 
 
@@ -145,7 +145,8 @@ def test_negative_rtt() -> None:
 
 def test_loss_of_100_percent() -> None:
     text = VALID.replace("rtt_ms: 80", "rtt_ms: 80\n    loss_pct: 100")
-    assert f"links[0].loss_pct: must be < 100 (line {_line(text, 'loss_pct')})" in _error(text)
+    line = _line(text, "loss_pct")
+    assert f"links[0].loss_pct: must be >= 0 and < 100 (line {line})" in _error(text)
 
 
 def test_link_from_a_site_to_itself() -> None:

@@ -4,6 +4,7 @@ the same decisions come out as from exhaustive evaluation and the 0/1 program.""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -86,8 +87,16 @@ def test_large_estates_get_grouped_reasons_and_a_runner_up_table(
     estate: Topology, tmp_path: Path
 ) -> None:
     report = analyze(estate)
-    grouped = [d for d in report.decisions if not d.feasible and "other sites" in d.reason]
+    grouped = [d for d in report.decisions
+               if not d.feasible and re.search(r" at \d[\d,]* sites", d.reason)]
     assert grouped, [d.reason for d in report.infeasible()]
+    # Every option that lost is in exactly one rejection group, evaluated or not.
+    for d in report.decisions:
+        if d.kind == "inference":
+            continue
+        workload = next(w for w in estate.workloads if w.id == d.workload)
+        options = len(gravity._variants(estate, workload))
+        assert sum(r.count for r in d.rejections) + d.feasible == options, d.workload
     path = tmp_path / "estate.yaml"
     path.write_text(yaml.safe_dump(estate.model_dump(mode="json", exclude_none=True)))
     done = CliRunner().invoke(
