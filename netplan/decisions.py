@@ -490,19 +490,29 @@ def _counts_to_try(workload: Workload, site: Site, deadline_h: float | None,
     return sorted(tries)
 
 
-def _count_reason(workload: Workload, chosen: int, lo: int, hi: int) -> str:
+def _count_reason(workload: Workload, chosen: _Plan, lo: int, hi: int) -> str:
+    """Why an elastic workload runs on `chosen.gpus` GPUs (empty for a fixed count)."""
+    n = chosen.gpus
     if not workload.elastic or lo == hi:
         return ""
-    if chosen == hi:
+    head = f"{n} of {lo}-{hi} GPUs"
+    deadline = workload.deadline_hours
+    one_fewer_misses = n > lo and deadline is not None and (
+        workload.hours_on(n - 1) + chosen.transfer_s / 3600 > deadline + 1e-9)
+    if n == hi:
         if workload.scaling_efficiency >= 1:
-            why = ("GPU-hours cost the same at any count and fewer hours hold the copies for "
+            why = ("GPU-hours cost the same at any count, and fewer hours hold the copies for "
                    "less")
+        elif one_fewer_misses:
+            why = "the deadline needs them all"
         else:
             why = "the least total cost"
-        return f"{chosen} of {lo}-{hi} GPUs, the most the site allows: {why}"
-    if chosen == lo:
-        return f"{chosen} of {lo}-{hi} GPUs, the fewest: the least total cost"
-    return f"{chosen} of {lo}-{hi} GPUs: the least total cost"
+        return f"{head}, the most the site allows: {why}"
+    if one_fewer_misses:
+        return f"{head}, the fewest that meet the deadline (GPU-hours grow with the count)"
+    if n == lo:
+        return f"{head}, the fewest: the least total cost"
+    return f"{head}: the least total cost"
 
 
 def evaluate_site(
@@ -663,7 +673,7 @@ def _plan(
         fastest_s = sum(min(c.seconds for c in f) for f in fronts)
         assert deadline_h is not None
         return _deadline_text(deadline_h, fastest_s / 3600 + hours, fastest_s / 3600, hours)
-    why = _count_reason(workload, chosen.gpus, lo, hi)
+    why = _count_reason(workload, chosen, lo, hi)
     return _Plan(chosen.gpus, chosen.hours, chosen.compute_usd, chosen.routes,
                  chosen.storage_usd, why)
 
