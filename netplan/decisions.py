@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from netplan.network import LimitingFactor, Network, Regions
 from netplan.routes import (
     COST_TIE_FRACTION,
@@ -53,6 +55,7 @@ __all__ = [
     "Option",
     "Rejection",
     "RejectionKind",
+    "RuledOut",
     "ViolationKind",
     "amended",
     "deadline_violation",
@@ -64,6 +67,8 @@ __all__ = [
     "infeasible_summary",
     "least_compute_usd",
     "prechecks",
+    "prefilter_sites",
+    "ruled_out",
     "money",
     "ranked",
     "storage_usd",
@@ -279,19 +284,73 @@ def generic_reason(kind: ViolationKind, text: str, workload: Workload, network: 
         return f"cannot meet the {workload.deadline_hours:g} h deadline"
     if kind == "residency":
         return text.split(" may not be processed")[0] + " may not be processed there"
+    if kind == "raw":
+        return "raw-tier data would have to leave its site"
     return text
+
+
+@dataclass(frozen=True)
+class RuledOut:
+    """Sites ruled out for one reason without building an option for each: how many, and the
+    first few (what a large estate's prefilter hands to `group_rejections`)."""
+
+    kind: RejectionKind
+    reason: str
+    count: int
+    examples: tuple[str, ...]
+
+
+def ruled_out(kind: RejectionKind, reason: str, idx: np.ndarray, ids: Sequence[str]
+              ) -> RuledOut:
+    """A group of sites (network indices `idx`) ruled out for one reason."""
+    return RuledOut(kind, reason, len(idx), tuple(ids[int(i)] for i in idx[:_EXAMPLES]))
+
+
+def prefilter_sites(
+    topology: Topology, network: Network, workload: Workload, anchors: set[str]
+) -> tuple[np.ndarray, list[RuledOut]]:
+    """The checks that need no network (`prechecks`), as arrays over every site with the
+    workload's GPU type except the `anchors` (the sites holding its data or model, which get
+    evaluated in full): (network indices of the sites that pass, the groups that do not), in
+    `prechecks`'s order."""
+    table = network.site_table
+    ids = network.site_ids
+    count = table.count(workload.gpu)
+    cand = np.flatnonzero(count > 0)
+    cand = cand[~np.isin(cand, [network.site_index(a) for a in anchors])]
+    out: list[RuledOut] = []
+    need = workload.min_gpus
+    bad = count[cand] < need
+    if bad.any():
+        out.append(ruled_out("gpu", f"fewer than {need} {workload.gpu} GPUs", cand[bad], ids))
+    cand = cand[~bad]
+    for ds_id in workload.datasets:  # (no candidate holds a dataset: all of them would move)
+        ds = topology.dataset(ds_id)
+        if ds.residency:
+            outside = ~table.in_regions(frozenset(ds.residency))[cand]
+            if outside.any():
+                out.append(ruled_out("residency", f"dataset {ds.id} may not be processed "
+                                     "there", cand[outside], ids))
+            cand = cand[~outside]
+        if ds.tier == "raw" and len(cand):
+            out.append(ruled_out("raw", "raw-tier data would have to leave its site", cand,
+                                 ids))
+            cand = cand[:0]
+    return cand, out
 
 
 def group_rejections(
     workload: Workload,
     network: Network,
     losers: Iterable[Option],
-    extra: Iterable[tuple[RejectionKind, str, str]] = (),
+    extra: Iterable[RuledOut] = (),
 ) -> tuple[Rejection, ...]:
-    """Every losing option grouped by why it lost: its first violation (in words that do not
-    name the site), "cost" for feasible ones; `extra` adds (kind, reason, site) triples for
-    options that were ruled out without being built."""
-    groups: dict[tuple[RejectionKind, str], list[str]] = {}
+    """Every losing site grouped by why it lost: its option's first violation (in words that
+    do not name the site), "cost" for feasible ones; `extra` adds the groups a prefilter ruled
+    out without building options. A site counts once per group (its staged and full variants
+    may both lose the same way)."""
+    groups: dict[tuple[RejectionKind, str], dict[str, None]] = {}
+    counts: dict[tuple[RejectionKind, str], int] = {}
     for option in losers:
         key: tuple[RejectionKind, str]
         if option.feasible:
@@ -299,12 +358,18 @@ def group_rejections(
         else:
             first = option.violation_kinds[0] if option.violation_kinds else "path"
             key = (first, generic_reason(first, option.violations[0] if option.violations else "",
-                                  workload, network))
-        groups.setdefault(key, []).extend(option.sites[:1])
-    for kind, reason, site in extra:
-        groups.setdefault((kind, reason), []).append(site)
-    out = [Rejection(kind, reason, len(sites), tuple(sites[:_EXAMPLES]))
-           for (kind, reason), sites in groups.items()]
+                                         workload, network))
+        groups.setdefault(key, {}).update(dict.fromkeys(option.sites))
+    for key, sites in groups.items():
+        counts[key] = len(sites)
+    examples = {key: list(sites)[:_EXAMPLES] for key, sites in groups.items()}
+    for r in extra:
+        key = (r.kind, r.reason)
+        counts[key] = counts.get(key, 0) + r.count
+        examples.setdefault(key, [])
+        examples[key] += list(r.examples[:_EXAMPLES - len(examples[key])])
+    out = [Rejection(kind, reason, counts[(kind, reason)], tuple(examples[(kind, reason)]))
+           for (kind, reason) in counts]
     out.sort(key=lambda r: (r.kind in ("cost", "bound"), -r.count))
     return tuple(out)
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from netplan.decisions import (
     COST_TIE_FRACTION,
     HOURS_PER_MONTH,
@@ -32,17 +34,17 @@ from netplan.decisions import (
     Decision,
     Option,
     Rejection,
-    RejectionKind,
+    RuledOut,
     amended,
     duration,
     evaluate_site,
-    generic_reason,
     group_rejections,
     infeasible_summary,
     least_compute_usd,
     money,
-    prechecks,
+    prefilter_sites,
     ranked,
+    ruled_out,
     summarize,
 )
 from netplan.network import Network
@@ -68,27 +70,32 @@ def _candidate_sites(topology: Topology, workload: Workload) -> list[Site]:
 EXHAUSTIVE_OPTIONS = 64
 
 
-def _variants(topology: Topology, workload: Workload) -> list[tuple[Site, Action, bool]]:
-    """(site, action, subset) for every option worth evaluating."""
+def _site_variants(topology: Topology, workload: Workload, site: Site) -> list[tuple[Action,
+                                                                                   bool]]:
+    """(action, subset) of every option worth evaluating at `site`."""
     datasets = [topology.dataset(d) for d in workload.datasets]
     largest = max(datasets, key=lambda d: d.size_gb) if datasets else None
     model_site = topology.model(workload.model).site if workload.model else None
-    variants: list[tuple[Site, Action, bool]] = []
-    need = workload.min_gpus
-    for site in _candidate_sites(topology, workload):
-        moving = [d for d in datasets if d.site != site.id]
-        action: Action
-        if not moving and (model_site is None or model_site == site.id):
-            action = "in_place"
-        elif largest is None or largest.site == site.id:
-            action = "move_compute"
-        else:
-            action = "move_data"
-        variants.append((site, action, False))
-        # A site short of GPUs fails either way: a staged variant would only repeat that.
-        if any(d.active_fraction < 1.0 for d in moving) and site.gpu_count(workload.gpu) >= need:
-            variants.append((site, "stage_subset", True))
-    return variants
+    moving = [d for d in datasets if d.site != site.id]
+    action: Action
+    if not moving and (model_site is None or model_site == site.id):
+        action = "in_place"
+    elif largest is None or largest.site == site.id:
+        action = "move_compute"
+    else:
+        action = "move_data"
+    out: list[tuple[Action, bool]] = [(action, False)]
+    # A site short of GPUs fails either way: a staged variant would only repeat that.
+    if (any(d.active_fraction < 1.0 for d in moving)
+            and site.gpu_count(workload.gpu) >= workload.min_gpus):
+        out.append(("stage_subset", True))
+    return out
+
+
+def _variants(topology: Topology, workload: Workload) -> list[tuple[Site, Action, bool]]:
+    """(site, action, subset) for every option worth evaluating."""
+    return [(site, action, subset) for site in _candidate_sites(topology, workload)
+            for action, subset in _site_variants(topology, workload, site)]
 
 
 def _moving(topology: Topology, workload: Workload, site: Site, subset: bool
@@ -134,74 +141,116 @@ def _lower_bound_usd(
     return bound + incoming * site.storage_price * hours / HOURS_PER_MONTH
 
 
-def _too_slow(
-    topology: Topology, network: Network, workload: Workload, site: Site, subset: bool
-) -> bool:
-    """True when even the most the links out of each source and into the site carry, and the
-    most GPUs the site allows, cannot meet the deadline (an admissible time bound)."""
-    if workload.deadline_hours is None:
-        return False
-    most = min(workload.gpus_max or site.gpu_count(workload.gpu), site.gpu_count(workload.gpu))
-    seconds = workload.hours_on(max(most, workload.min_gpus)) * 3600
-    index = network.site_index(site.id)
-    for source, size, regions in _moving(topology, workload, site, subset):
-        out_cap, in_cap = network.capacity_gbps(regions)
-        rate = min(out_cap[network.site_index(source)], in_cap[index])
-        if size > 0:
-            seconds += math.inf if rate <= 0 else size * 8 / rate
-    return seconds > workload.deadline_hours * 3600 + 1e-6
-
-
 def _options(
     topology: Topology, network: Network, workload: Workload
-) -> tuple[list[Option], int, list[tuple[RejectionKind, str, str]]]:
-    """Evaluated options, how many were skipped by the bound, and (kind, reason, site) for the
-    options ruled out without being built.
+) -> tuple[list[Option], int, list[RuledOut]]:
+    """Evaluated options, how many were skipped by the bound, and the groups of sites ruled
+    out without building an option.
 
-    Small candidate sets are evaluated exhaustively. Larger ones go in order of an admissible
-    lower bound on total cost; once a bound exceeds the best feasible total by more than the 5 %
-    tie band, no remaining option can be the cheapest or tie with it, so the search stops.
+    Small candidate sets are evaluated exhaustively. Larger ones are prefiltered as arrays
+    (`_prefilter`), then go in order of an admissible lower bound on total cost; once a bound
+    exceeds the best feasible total by more than the 5 % tie band, no remaining option can be
+    the cheapest or tie with it, so the search stops.
     """
-    variants = _variants(topology, workload)
-    if len(variants) <= EXHAUSTIVE_OPTIONS:
-        return [
-            evaluate_site(topology, network, workload, site, action, subset=subset)
-            for site, action, subset in variants
-        ], 0, []
+    table = network.site_table
     anchors = _anchors(topology, workload)
-    options: list[Option] = []
-    ruled_out: list[tuple[RejectionKind, str, str]] = []
-    bounded: list[tuple[float, int]] = []
-    reach = f"out of reach within {network.max_relays} relays"
-    for n, (site, action, subset) in enumerate(variants):
-        if site.id in anchors:  # (evaluated in full: their reasons are quoted verbatim)
-            options.append(evaluate_site(topology, network, workload, site, action,
-                                         subset=subset))
-            continue
-        failed = prechecks(topology, workload, site)
-        if failed:
-            kind, text = failed[0]
-            ruled_out.append((kind, generic_reason(kind, text, workload, network), site.id))
-            continue
-        bound = _lower_bound_usd(topology, network, workload, site, subset)
-        if math.isinf(bound):
-            ruled_out.append(("path", reach, site.id))
-        elif _too_slow(topology, network, workload, site, subset):
-            ruled_out.append(("deadline", f"cannot meet the {workload.deadline_hours:g} h "
-                              "deadline even at full link capacity", site.id))
-        else:
-            bounded.append((bound, n))
-    bounded.sort()
+    n_candidates = int(np.count_nonzero(table.count(workload.gpu) > 0)) + len(anchors)
+    if n_candidates * (2 if any(topology.dataset(d).active_fraction < 1
+                                for d in workload.datasets) else 1) <= EXHAUSTIVE_OPTIONS:
+        variants = _variants(topology, workload)
+        if len(variants) <= EXHAUSTIVE_OPTIONS:
+            return [
+                evaluate_site(topology, network, workload, site, action, subset=subset)
+                for site, action, subset in variants
+            ], 0, []
+    options = [
+        evaluate_site(topology, network, workload, site, action, subset=subset)
+        for site in (topology.site(a) for a in sorted(anchors, key=network.site_index))
+        for action, subset in _site_variants(topology, workload, site)
+    ]
+    bounded, ruled_out = _prefilter(topology, network, workload, anchors)
     best = min((o.total_usd for o in options if o.feasible), default=None)
-    for done, (bound, n) in enumerate(bounded):
+    sites = topology.sites
+    for done, (bound, i, subset) in enumerate(bounded):
         if best is not None and bound > best * (1 + COST_TIE_FRACTION) + 1e-9:
             return options, len(bounded) - done, ruled_out
-        site, action, subset = variants[n]
-        option = evaluate_site(topology, network, workload, site, action, subset=subset)
+        action: Action = "stage_subset" if subset else "move_data"
+        option = evaluate_site(topology, network, workload, sites[i], action, subset=subset)
         options.append(option)
         if option.feasible and (best is None or option.total_usd < best):
             best = option.total_usd
     return options, 0, ruled_out
+
+
+def _hours(workload: Workload, gpus: np.ndarray) -> np.ndarray:
+    """`Workload.hours_on` for many counts at once."""
+    if not workload.elastic:
+        return np.full(len(gpus), workload.hours_on(workload.min_gpus))
+    assert workload.gpu_hours is not None
+    base = workload.min_gpus
+    exponent = math.log2(2 * workload.scaling_efficiency)
+    safe = np.maximum(gpus, 1)
+    return workload.gpu_hours / base * (base / safe) ** exponent
+
+
+def _prefilter(
+    topology: Topology, network: Network, workload: Workload, anchors: set[str]
+) -> tuple[list[tuple[float, int, bool]], list[RuledOut]]:
+    """Every candidate site that holds none of the workload's data or model, checked as arrays:
+    (lower bound, site index, subset) of the options worth evaluating, sorted, and the groups
+    ruled out (GPUs, residency, raw tier, out of reach within the relay limit, too slow for the
+    deadline even at full link capacity). The same checks `evaluate_site` makes, in its
+    order, so the outcome is the same as evaluating every option (tested)."""
+    table = network.site_table
+    ids = network.site_ids
+    count = table.count(workload.gpu)
+    cand, out = prefilter_sites(topology, network, workload, anchors)
+    if not len(cand):
+        return [], out
+    datasets = [topology.dataset(d) for d in workload.datasets]
+    need = workload.min_gpus
+    moving: list[tuple[str, float, float, frozenset[str] | None]] = [
+        (ds.site, ds.size_gb, ds.size_gb * ds.active_fraction,
+         frozenset(ds.residency) if ds.residency else None) for ds in datasets]
+    if workload.model:
+        model = topology.model(workload.model)
+        moving.append((model.site, model.size_gb, model.size_gb, None))
+    most = np.minimum(count[cand], workload.gpus_max or count[cand])
+    hours_most = _hours(workload, most)
+    compute = need * workload.hours_on(need) * table.price(workload.gpu)[cand]
+    variants = [False]
+    if any(ds.active_fraction < 1 for ds in datasets):
+        variants.append(True)
+    bounded: list[tuple[float, int, bool]] = []
+    reach = f"out of reach within {network.max_relays} relays"
+    for subset in variants:
+        usd = compute.copy()
+        incoming = 0.0
+        seconds = hours_most * 3600
+        for source, full, part, regions in moving:
+            size = part if subset else full
+            usd += size * network.min_usd_per_gb_from(source, regions)[cand]
+            incoming += size
+            out_cap, in_cap = network.capacity_gbps(regions)
+            rate = np.minimum(out_cap[network.site_index(source)], in_cap[cand])
+            if size > 0:
+                with np.errstate(divide="ignore"):
+                    seconds = seconds + size * 8 / rate
+        usd += incoming * table.storage_price[cand] * hours_most / HOURS_PER_MONTH
+        unreachable = np.isinf(usd)
+        slow = ~unreachable & (workload.deadline_hours is not None) & (
+            seconds > (workload.deadline_hours or 0) * 3600 + 1e-6)
+        if not subset:  # (a staged variant fails the same way: counted once per site)
+            if unreachable.any():
+                out.append(ruled_out("path", reach, cand[unreachable], ids))
+            if slow.any():
+                out.append(ruled_out("deadline", f"cannot meet the {workload.deadline_hours:g}"
+                                      " h deadline even at full link capacity", cand[slow], ids))
+        keep = ~unreachable & ~slow
+        bounded += zip(usd[keep].tolist(), cand[keep].tolist(), [subset] * int(keep.sum()),
+                       strict=True)
+    bounded.sort()
+    return bounded, out
 
 
 def _moves_phrase(option: Option) -> str:
@@ -301,7 +350,8 @@ def decide_gravity(topology: Topology, network: Network, workload: Workload) -> 
         )
     # Name what kept cheaper options out: that is the binding constraint on this decision.
     # (Only sites that price the GPU type: a site without those GPUs is not "cheaper".)
-    priced = {s.id for s in topology.sites if workload.gpu in s.gpu_hour_usd}
+    table = network.site_table
+    priced_mask = table.priced.get(workload.gpu)
 
     # An unpriced option's total is unknown: compare its admissible lower bound instead, and
     # say "from" so the claim stays true.
@@ -313,7 +363,9 @@ def decide_gravity(topology: Topology, network: Network, workload: Workload) -> 
                                 confined=False)
 
     cheaper_blocked = sorted(
-        ((at_least(o), o) for o in options if not o.feasible and o.sites[0] in priced),
+        ((at_least(o), o) for o in options
+         if not o.feasible and priced_mask is not None
+         and priced_mask[network.site_index(o.sites[0])]),
         key=lambda pair: pair[0],
     )
     if cheaper_blocked and cheaper_blocked[0][0] < chosen.total_usd:

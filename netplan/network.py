@@ -34,7 +34,8 @@ import heapq
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from functools import cached_property
+from typing import Any, Generic, Literal, TypeVar
 
 import networkx as nx
 import numpy as np
@@ -45,6 +46,7 @@ from netplan.topology import Link, Topology, TransferSettings
 
 __all__ = [
     "BulkPath",
+    "SiteTable",
     "SolverStats",
     "LatencyPath",
     "LimitingFactor",
@@ -272,6 +274,44 @@ class PathTree(Mapping[str, PathT], Generic[PathT]):
         return out
 
 
+class SiteTable:
+    """Per-site attributes as arrays in `Network.site_ids` order, for the checks a large estate
+    runs on thousands of candidate sites per workload (GPU counts and prices per type, regions,
+    storage): one numpy expression instead of a Python loop per site."""
+
+    def __init__(self, topology: Topology, ids: Sequence[str]) -> None:
+        sites = [topology.site(i) for i in ids]
+        regions = sorted({s.region for s in sites})
+        self.region_code = {r: k for k, r in enumerate(regions)}
+        self.region = np.array([self.region_code[s.region] for s in sites], dtype=np.int64)
+        types = sorted({g for s in sites for g in (*s.gpus, *s.gpu_hour_usd)})
+        self.gpu_count = {g: np.array([s.gpus.get(g, 0) for s in sites], dtype=np.int64)
+                          for g in types}
+        self.gpu_price = {g: np.array([s.gpu_hour_usd.get(g, 0.0) for s in sites])
+                          for g in types}
+        self.priced = {g: np.array([g in s.gpu_hour_usd for s in sites], dtype=bool)
+                       for g in types}
+        self.storage_price = np.array([s.storage_price for s in sites])
+        self.storage_gb = np.array([math.inf if s.storage_tb is None else s.storage_tb * 1000
+                                    for s in sites])
+        self._masks: dict[frozenset[str], np.ndarray] = {}
+        self._empty = np.zeros(len(sites), dtype=np.int64)
+
+    def count(self, gpu: str) -> np.ndarray:
+        return self.gpu_count.get(gpu, self._empty)
+
+    def price(self, gpu: str) -> np.ndarray:
+        return self.gpu_price.get(gpu, self._empty.astype(float))
+
+    def in_regions(self, regions: frozenset[str]) -> np.ndarray:
+        """True for sites inside `regions`."""
+        mask = self._masks.get(regions)
+        if mask is None:
+            codes = [self.region_code[r] for r in regions if r in self.region_code]
+            mask = self._masks[regions] = np.isin(self.region, codes)
+        return mask
+
+
 @dataclass
 class SolverStats:
     """What the optimisers solved over one network (counted for the report and benchmarks):
@@ -384,7 +424,12 @@ class Network:
         self._capacity: dict[Regions, tuple[np.ndarray, np.ndarray]] = {}
         self._latency: dict[tuple[str, Regions], PathTree[LatencyPath]] = {}
         self._p99_rows: dict[int, np.ndarray] = {}
+        self._p99_pred: dict[int, np.ndarray] = {}
         self.solver_stats = SolverStats()
+
+    @cached_property
+    def site_table(self) -> SiteTable:
+        return SiteTable(self.topology, self._ids)
 
     # -- links ---------------------------------------------------------------------------------
     def link(self, a: str, b: str) -> LinkThroughput | None:
@@ -683,7 +728,30 @@ class Network:
         tree = self._latency.get(key)
         if tree is None:
             self._require(source)
-            tree = self._latency[key] = self._single_source_latency(source, regions)
+            if regions is None:  # (scipy's C Dijkstra; a region mask takes the Python one)
+                tree = self._latency[key] = self._latency_tree(self._index[source])
+            else:
+                tree = self._latency[key] = self._single_source_latency(source, regions)
+        return tree
+
+    def _latency_tree(self, s: int) -> PathTree[LatencyPath]:
+        self._latency_rows([s])
+        dist, pred = self._p99_rows[s], self._p99_pred[s]
+        parent = [int(p) if p >= 0 else _UNREACHED for p in pred]
+        parent[s] = _ROOT
+
+        def build(i: int) -> LatencyPath:
+            chain = tree.chain(i)
+            hops = [self.links[self._direction[(u, v)]] for u, v in zip(chain, chain[1:],
+                                                                         strict=False)]
+            return LatencyPath(
+                sites=tuple(self._ids[j] for j in chain),
+                rtt_ms=sum(h.rtt_ms for h in hops),
+                jitter_ms=sum(h.jitter_ms for h in hops),
+            )
+
+        tree: PathTree[LatencyPath] = PathTree(self._ids, self._index, parent, build,
+                                               dist.tolist())
         return tree
 
     def _single_source_latency(self, source: str, regions: Regions) -> PathTree[LatencyPath]:
@@ -741,44 +809,57 @@ class Network:
         """RTT + jitter of the min-latency path from each of `sources` to every site (one row per
         source, columns in `site_ids` order, inf where unreachable): the answers of
         `p99_ms(source, target)`, computed with scipy's C Dijkstra so thousands of sources stay
-        fast. A site with `relay: false` has no outgoing hops, but still sends its own requests:
-        its row is the min over its direct neighbours v of w(s, v) + dist(v, .)."""
+        fast."""
         self._require(*sources)
         src = [self._index[s] for s in sources]
-        missing = sorted({s for s in src if s not in self._p99_rows})
-        if missing:
-            self._p99_rows.update(zip(missing, self._p99_rows_for(missing), strict=True))
+        self._latency_rows(src)
         out = np.full((len(src), len(self._ids)), math.inf)
         for i, s in enumerate(src):
             out[i] = self._p99_rows[s]
         return out
 
-    def _p99_rows_for(self, src: list[int]) -> np.ndarray:
+    @cached_property
+    def _latency_graph(self) -> tuple[Any, np.ndarray, dict[int, int]]:
+        """The request graph for scipy: edge weights RTT + jitter, and each site with
+        `relay: false` split in two, one node that only receives (its own index) and one that
+        only sends (n + k), so it starts requests of its own but never forwards others'. Also
+        the owner site of every node, and each such site's sending node."""
         from scipy import sparse
-        from scipy.sparse.csgraph import dijkstra
 
         n = len(self._ids)
+        senders = {u: n + k for k, u in enumerate(u for u in range(n) if not self._relay[u])}
         rows, cols, weights = [], [], []
         for u, hops in enumerate(self._adjacency):
-            if not self._relay[u]:
-                continue
+            start = senders.get(u, u)
             for v, _gbps, _egress, _rtt, lat, _number in hops:
-                rows.append(u)
+                rows.append(start)
                 cols.append(v)
                 weights.append(lat or 1e-12)  # csgraph drops explicit zero weights
-        graph = sparse.csr_matrix((weights, (rows, cols)), shape=(n, n))
-        first_hops = {s: [(v, lat or 1e-12) for v, _g, _e, _r, lat, _n in self._adjacency[s]]
-                      for s in src if not self._relay[s]}
-        needed = sorted(set(src) | {v for hops in first_hops.values() for v, _ in hops})
-        out = np.full((len(src), n), math.inf)
-        dist = dict(zip(needed, dijkstra(graph, directed=True, indices=needed), strict=True))
-        for i, s in enumerate(src):
-            row = dist[s].copy()
-            for v, w in first_hops.get(s, ()):
-                row = np.minimum(row, w + dist[v])
+        size = n + len(senders)
+        owner = np.arange(size)
+        for u, node in senders.items():
+            owner[node] = u
+        graph = sparse.csr_matrix((weights, (rows, cols)), shape=(size, size))
+        return graph, owner, senders
+
+    def _latency_rows(self, src: Sequence[int]) -> None:
+        """Cache the distance and predecessor rows of every source in `src` not yet known."""
+        missing = sorted({s for s in src if s not in self._p99_rows})
+        if not missing:
+            return
+        from scipy.sparse.csgraph import dijkstra
+
+        graph, owner, senders = self._latency_graph
+        n = len(self._ids)
+        starts = [senders.get(s, s) for s in missing]
+        dist, pred = dijkstra(graph, directed=True, indices=starts, return_predecessors=True)
+        for i, s in enumerate(missing):
+            row = dist[i, :n].copy()
             row[s] = 0.0
-            out[i] = row
-        return out
+            back = pred[i, :n]
+            self._p99_rows[s] = row
+            self._p99_pred[s] = np.where(back >= 0, owner[np.maximum(back, 0)], -1).astype(
+                np.int32)
 
     def egress_usd_per_gb_matrix(self, senders: Sequence[str]) -> np.ndarray:
         """$/GB from each of `senders` to every site along its cheapest bulk path within
