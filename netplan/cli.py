@@ -575,8 +575,15 @@ def plan_command(
 
 
 @cli.command("schema")
-def schema_command() -> None:
-    """Print the topology format's JSON Schema."""
+@click.option("--report", "report", is_flag=True,
+              help="The JSON Schema of `netplan analyze --json` instead.")
+def schema_command(report: bool) -> None:
+    """Print the topology format's JSON Schema (or the analyze report's, with --report)."""
+    if report:
+        from netplan.report_schema import ReportDocument
+
+        click.echo(json.dumps(ReportDocument.model_json_schema(by_alias=True), indent=2))
+        return
     click.echo(json.dumps(Topology.model_json_schema(), indent=2))
 
 

@@ -27,6 +27,7 @@ __all__ = ["SCHEMA_VERSION", "Report", "analyze", "workload_sites"]
 
 # 2: directed links (`links[].directions`), routes with shares and path alternatives per
 # movement, the cost breakdown and GPU count per decision, grouped rejections, `problems`.
+# The shape is described (and tested) in netplan.report_schema.
 SCHEMA_VERSION = 2
 
 
@@ -127,9 +128,9 @@ def _finite(x: float) -> float | None:
     return round(x, 6) if math.isfinite(x) else None
 
 
-def _route_json(m: Movement) -> dict[str, Any]:
+def _route_json(m: Movement, alternative: bool) -> dict[str, Any]:
     r = m.route
-    return {
+    out: dict[str, Any] = {
         "kind": m.kind,
         "id": m.id,
         "from": m.source,
@@ -153,8 +154,10 @@ def _route_json(m: Movement) -> dict[str, Any]:
             for leg in r.legs
         ],
         "why": r.why,
-        "path_alternatives": [_path_alternative_json(a) for a in r.alternatives],
     }
+    if not alternative:  # (the paths a losing option's transfers did not take: not useful)
+        out["path_alternatives"] = [_path_alternative_json(a) for a in r.alternatives]
+    return out
 
 
 def _path_alternative_json(a: PathAlternative) -> dict[str, Any]:
@@ -217,7 +220,7 @@ def _option_json(
         total_usd=_finite(option.total_usd) if priced else None,
         completion_hours=_finite(option.completion_hours) if priced else None,
         cost=_cost_json(option) if priced else None,
-        movements=[_route_json(m) for m in option.movements],
+        movements=[_route_json(m, alternative) for m in option.movements],
     )
     if option.gpus_why:
         out["gpus_why"] = option.gpus_why

@@ -185,3 +185,21 @@ def test_max_alternatives_zero_keeps_none_but_rejections_count_every_site(
         if full["kind"] != "inference":
             counted = sum(r["sites"] for r in full["rejections"] if r["kind"] != "bound")
             assert counted >= len({a["site"] for a in full["alternatives"]})
+
+
+def test_every_report_matches_the_documented_schema(tmp_path: Path) -> None:
+    from netplan.report import SCHEMA_VERSION
+    from netplan.report_schema import REPORT_SCHEMA_VERSION, ReportDocument
+
+    assert SCHEMA_VERSION == REPORT_SCHEMA_VERSION
+    paths = [*map(str, EXAMPLES), _estate(tmp_path), _write(tmp_path, _split_sync(19_000))]
+    for path in paths:
+        doc = json.loads(_run("analyze", path, "--json", "--all-alternatives").stdout)
+        ReportDocument.model_validate(doc)  # unknown or missing keys are errors
+    schema = json.loads(_run("schema", "--report").stdout)
+    assert schema["properties"]["schema_version"]["const"] == 2
+    defs = schema["$defs"]
+    assert "rejected_because" in defs["PathAlternative"]["properties"]
+    assert {"compute_usd", "egress_usd", "storage_usd", "relay_usd"} <= set(
+        defs["Cost"]["properties"])
+    assert "directions" in defs["LinkDoc"]["properties"]
