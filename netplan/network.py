@@ -504,29 +504,47 @@ class Network:
         """Pareto labels of paths leaving `s` with up to ceil((k+1)/2) hops, per end site."""
         key = (s, regions)
         found = self._forward.get(key)
-        if found is not None:
-            return found
-        depth, _ = self._depths()
-        allowed, relay, out = self._mask(regions), self._relay, self._adjacency
+        if found is None:
+            found = self._forward[key] = self._labels(s, regions, self._depths()[0], True)
+        return found
+
+    def _backward_labels(self, t: int, regions: Regions) -> list[_Label]:
+        """Pareto labels (per start site) of paths into `t` with up to floor((k+1)/2) hops,
+        `t` itself included as the empty path."""
+        key = (t, regions)
+        found = self._backward.get(key)
+        if found is None:
+            by_site = self._labels(t, regions, self._depths()[1], False)
+            found = self._backward[key] = [label for at in by_site.values() for label in at]
+        return found
+
+    def _labels(self, root_site: int, regions: Regions, depth: int, forward: bool
+                ) -> dict[int, list[_Label]]:
+        """Grow paths hop by hop from `root_site`, forward along out-edges (chains in travel
+        order, growing at the end) or backward along in-edges (growing at the front), keeping
+        per site the Pareto set; a site other than the root extends a path only if it relays."""
+        allowed, relay = self._mask(regions), self._relay
+        edges = self._adjacency if forward else self._incoming
         relay_gb, relay_h = self._relay_gb, self._relay_h
-        root: _Label = (0.0, math.inf, 0.0, 0, 0.0, (s,))
-        labels: dict[int, list[_Label]] = {s: [root]}
-        frontier = [root] if allowed[s] else []
+        root: _Label = (0.0, math.inf, 0.0, 0, 0.0, (root_site,))
+        labels: dict[int, list[_Label]] = {root_site: [root]}
+        frontier = [root] if allowed[root_site] else []
         for hops in range(1, depth + 1):
             grown: list[_Label] = []
             for cost, width, gate, _h, rtt, chain in frontier:
-                u = chain[-1]
-                if u == s:
+                u = chain[-1] if forward else chain[0]
+                if u == root_site:
                     extra_gb = extra_h = 0.0
                 elif relay[u]:
                     extra_gb, extra_h = relay_gb[u], relay_h[u]
                 else:
                     continue  # ends paths, never forwards
-                for v, gbps, egress, hop_rtt, _lat, _n in out[u]:
+                for v, gbps, egress, hop_rtt, _lat, _n in edges[u]:
                     if not allowed[v] or v in chain:
                         continue
                     label = (cost + egress + extra_gb, gbps if gbps < width else width,
-                             gate + extra_h, hops, rtt + hop_rtt, (*chain, v))
+                             gate + extra_h, hops, rtt + hop_rtt,
+                             (*chain, v) if forward else (v, *chain))
                     at = labels.get(v)
                     if at is None:
                         labels[v] = [label]
@@ -534,46 +552,6 @@ class Network:
                     elif _insert(at, label):
                         grown.append(label)
             frontier = grown
-        self._forward[key] = labels
-        return labels
-
-    def _backward_labels(self, t: int, regions: Regions) -> list[_Label]:
-        """Pareto labels (per start site) of paths into `t` with up to floor((k+1)/2) hops,
-        `t` itself included as the empty path."""
-        key = (t, regions)
-        found = self._backward.get(key)
-        if found is not None:
-            return found
-        _, depth = self._depths()
-        allowed, relay, into = self._mask(regions), self._relay, self._incoming
-        relay_gb, relay_h = self._relay_gb, self._relay_h
-        root: _Label = (0.0, math.inf, 0.0, 0, 0.0, (t,))
-        by_site: dict[int, list[_Label]] = {t: [root]}
-        frontier = [root] if allowed[t] else []
-        for hops in range(1, depth + 1):
-            grown: list[_Label] = []
-            for cost, width, gate, _h, rtt, chain in frontier:
-                z = chain[0]
-                if z == t:
-                    extra_gb = extra_h = 0.0
-                elif relay[z]:
-                    extra_gb, extra_h = relay_gb[z], relay_h[z]
-                else:
-                    continue
-                for x, gbps, egress, hop_rtt, _lat, _n in into[z]:
-                    if not allowed[x] or x in chain:
-                        continue
-                    label = (cost + egress + extra_gb, gbps if gbps < width else width,
-                             gate + extra_h, hops, rtt + hop_rtt, (x, *chain))
-                    at = by_site.get(x)
-                    if at is None:
-                        by_site[x] = [label]
-                        grown.append(label)
-                    elif _insert(at, label):
-                        grown.append(label)
-            frontier = grown
-        labels = [label for at in by_site.values() for label in at]
-        self._backward[key] = labels
         return labels
 
     def _candidates(self, s: int, t: int, regions: Regions) -> tuple[BulkPath, ...]:

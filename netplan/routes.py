@@ -125,16 +125,29 @@ class PathAlternative:
     time and cost for the same transfer and why the route beat it."""
 
     labels: tuple[str, ...]  # "direct", "fastest", "cheapest"
-    path: BulkPath
-    seconds: float
-    egress_usd: float
-    relay_usd: float
+    candidate: Candidate
     meets_deadline: bool
     rejected_because: str
 
     @property
+    def path(self) -> BulkPath:
+        return self.candidate.path
+
+    @property
+    def seconds(self) -> float:
+        return self.candidate.seconds
+
+    @property
+    def egress_usd(self) -> float:
+        return self.candidate.egress_usd
+
+    @property
+    def relay_usd(self) -> float:
+        return self.candidate.relay_usd
+
+    @property
     def cost_usd(self) -> float:
-        return self.egress_usd + self.relay_usd
+        return self.candidate.cost_usd
 
 
 @dataclass(frozen=True)
@@ -228,8 +241,7 @@ def explain(route: Route, cands: Sequence[Candidate], budget_s: float | None,
                    f"{duration(max(budget_s, 0.0) / _HOUR)} available")
         else:
             why = _compare(cand.cost_usd, cand.seconds, route.cost_usd, route.seconds)
-        alternatives.append(PathAlternative(tuple(labels), cand.path, cand.seconds,
-                                            cand.egress_usd, cand.relay_usd, meets, why))
+        alternatives.append(PathAlternative(tuple(labels), cand, meets, why))
     return Route(route.source, route.target, route.size_gb, route.legs, route.seconds,
                  route.egress_usd, route.relay_usd, _why(route, cands, budget_s,
                                                          cheapest_meeting),

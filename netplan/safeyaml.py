@@ -137,6 +137,17 @@ def decode_text(data: bytes, source: str | None = None) -> str:
             line, kind="encoding", source=source) from None
 
 
+def _text(data: str | bytes, limits: Limits, source: str | None) -> str:
+    """`data` as text within the size limit (bytes: counted, then decoded as UTF-8)."""
+    if isinstance(data, bytes):
+        if len(data) > limits.max_bytes:
+            raise DocumentError(f"the document is larger than the {_mib(limits.max_bytes)} "
+                                "limit", kind="size", source=source)
+        data = decode_text(data, source)
+    _check_size(data, limits, source)
+    return data
+
+
 def _check_size(text: str, limits: Limits, source: str | None) -> None:
     # A character is at least one byte: only long texts need the exact count.
     if len(text) > limits.max_bytes or (
@@ -277,12 +288,7 @@ def load_yaml_bounded(
     text: str | bytes, *, source: str | None = None, limits: Limits = DEFAULT_LIMITS
 ) -> Any:
     """One YAML document as plain data (safe types only), or DocumentError."""
-    if isinstance(text, bytes):
-        if len(text) > limits.max_bytes:
-            raise DocumentError(f"the document is larger than the {_mib(limits.max_bytes)} "
-                                "limit", kind="size", source=source)
-        text = decode_text(text, source)
-    return compose_bounded(text, source=source, limits=limits)[1]
+    return compose_bounded(_text(text, limits, source), source=source, limits=limits)[1]
 
 
 def _json_depth(data: Any, limit: int) -> bool:
@@ -303,12 +309,7 @@ def load_json_bounded(
     text: str | bytes, *, source: str | None = None, limits: Limits = DEFAULT_LIMITS
 ) -> Any:
     """One JSON document, or DocumentError (size, encoding, syntax with its line, depth)."""
-    if isinstance(text, bytes):
-        if len(text) > limits.max_bytes:
-            raise DocumentError(f"the document is larger than the {_mib(limits.max_bytes)} "
-                                "limit", kind="size", source=source)
-        text = decode_text(text, source)
-    _check_size(text, limits, source)
+    text = _text(text, limits, source)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
