@@ -12,14 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from transferd._classes import TrafficClass
-    from transferd._messages import (
-        InboxMessage,
-        MessageReceipt,
-        local_signer,
-        read_inbox,
-        send_message,
-    )
+    from transferd._classes import BULK_CLASSES, TrafficClass
     from transferd.config import SiteConfig, load_config, parse_config
     from transferd.errors import (
         AuthError,
@@ -31,12 +24,19 @@ if TYPE_CHECKING:
         TransferdError,
         TransportError,
     )
+    from transferd.net.messages import (
+        InboxMessage,
+        MessageReceipt,
+        local_signer,
+        read_inbox,
+        send_message,
+    )
 
 _EXPORTS: dict[str, str] = {
-    "TrafficClass": "transferd._classes",
+    **dict.fromkeys(("BULK_CLASSES", "TrafficClass"), "transferd._classes"),
     **dict.fromkeys(
         ("InboxMessage", "MessageReceipt", "local_signer", "read_inbox", "send_message"),
-        "transferd._messages",
+        "transferd.net.messages",
     ),
     **dict.fromkeys(("SiteConfig", "load_config", "parse_config"), "transferd.config"),
     **dict.fromkeys(
@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "BULK_CLASSES",
     "AuthError",
     "ConfigError",
     "InboxMessage",

@@ -15,10 +15,6 @@ from typing import Any, NoReturn
 
 import click
 
-from transferd._backoff import backoff_delays
-from transferd._keys import Keyring, keygen
-from transferd._local import LocalClient
-from transferd._tls import client_ssl_context
 from transferd.config import SiteConfig, load_config
 from transferd.errors import (
     AuthError,
@@ -28,6 +24,10 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
+from transferd.net.local_client import LocalClient
+from transferd.protocol.backoff import backoff_delays
+from transferd.site.keys import Keyring, keygen
+from transferd.site.tls import client_ssl_context
 
 __all__ = ["main"]
 
@@ -103,15 +103,15 @@ def _keep_heap_warm() -> None:
 )
 def serve(config_path: str, plan_path: str | None) -> None:
     """Run this site's daemon until SIGTERM or SIGINT (then exit 0)."""
-    from transferd._log import setup_logging
     from transferd.daemon import Daemon
+    from transferd.site.log import setup_logging
 
     setup_logging()
     _keep_heap_warm()
     config = _config(config_path)
     plan = None
     if plan_path is not None:
-        from transferd._plan_exec import load_site_plan
+        from transferd.plan import load_site_plan
 
         try:
             plan = load_site_plan(plan_path, config)
@@ -364,7 +364,7 @@ def message(
     """Deliver a small object to PEER's inbox through the local daemon, with a deadline."""
     from urllib.parse import quote, urlencode
 
-    from transferd._messages import MessageReceipt
+    from transferd.net.messages import MessageReceipt
 
     config = _config(config_path)
     if data is not None and file_path is not None:
@@ -406,7 +406,7 @@ def message(
 @click.option("--max", "max_messages", type=click.IntRange(min=1, max=10_000), default=100)
 def inbox(config_path: str, wait_ms: float, max_messages: int) -> None:
     """Take messages from the local daemon's inbox: one JSON object per line."""
-    from transferd._messages import InboxMessage
+    from transferd.net.messages import InboxMessage
 
     config = _config(config_path)
 

@@ -19,28 +19,28 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from transferd._auth import NonceGuard
-from transferd._buffers import BufferPool
-from transferd._checkpoints import ready_steps
 from transferd._classes import TrafficClass
-from transferd._client import PeerLink
-from transferd._journal import JobState, Journal
-from transferd._keys import Keyring
-from transferd._messages import HmacPeerAuth, MessageMetrics, MessageService, add_message_routes
-from transferd._metrics import Metrics
-from transferd._ratelimit import RateCap
-from transferd._receiver import Receiver
-from transferd._sender import Sender
-from transferd._server import build_app
-from transferd._storage import open_storage
-from transferd._streams import PeerTraffic, StreamMetrics
-from transferd._threads import bulk_executor
-from transferd._tls import client_ssl_context, server_ssl_context
 from transferd.config import PeerConfig, SiteConfig
 from transferd.errors import ConfigError, TransferdError
+from transferd.net.buffers import BufferPool
+from transferd.net.messages import HmacPeerAuth, MessageMetrics, MessageService, add_message_routes
+from transferd.net.peer_client import PeerLink
+from transferd.net.pump import PeerTraffic
+from transferd.net.sender import Sender
+from transferd.net.server import build_app
+from transferd.protocol.auth import NonceGuard
+from transferd.protocol.ratelimit import RateCap
+from transferd.site.checkpoints import ready_steps
+from transferd.site.journal import JobState, Journal
+from transferd.site.keys import Keyring
+from transferd.site.metrics import Metrics
+from transferd.site.receiver import Receiver
+from transferd.site.storage import open_storage
+from transferd.site.threads import bulk_executor
+from transferd.site.tls import client_ssl_context, server_ssl_context
 
 if TYPE_CHECKING:
-    from transferd._plan_exec import SitePlanRun
+    from transferd.plan import SitePlanRun
 
 __all__ = ["Daemon"]
 
@@ -51,7 +51,7 @@ SHUTDOWN_GRACE_S = 10.0
 
 
 def _peer_traffic(
-    peer: str, pc: PeerConfig, config: SiteConfig, metrics: StreamMetrics
+    peer: str, pc: PeerConfig, config: SiteConfig, metrics: Metrics
 ) -> PeerTraffic:
     caps = pc.rate_caps
     per_class = {
@@ -89,7 +89,7 @@ class Daemon:
         plan: SitePlanRun | None = None,
     ) -> None:
         if plan is not None:
-            from transferd._plan_exec import apply_links
+            from transferd.plan import apply_links
 
             config = apply_links(config, plan)  # the plan's link weights and caps win
         self.config = config
@@ -126,9 +126,8 @@ class Daemon:
         )
         ssl_ctx = client_ssl_context(config)
         traffic = config.traffic
-        self.stream_metrics = StreamMetrics(self.metrics.registry)
         self.traffic = {
-            peer: _peer_traffic(peer, pc, config, self.stream_metrics)
+            peer: _peer_traffic(peer, pc, config, self.metrics)
             for peer, pc in config.peers.items()
         }
         max_streams = traffic.streams_max if traffic.adaptive_streams else config.streams
@@ -319,7 +318,7 @@ class Daemon:
             log.info("daemon.stopped", extra={"fields": {"site": self.config.site}})
 
     def _sync_runner(self) -> Any:
-        from transferd._plan_exec import SyncRunner
+        from transferd.plan import SyncRunner
 
         assert self.plan is not None
         w = self.config.watch

@@ -23,13 +23,13 @@ from typing import Any
 import yaml
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
-from transferd._journal import JobState, Journal
-from transferd._keys import Keyring, keygen
-from transferd._metrics import Metrics
-from transferd._receiver import Receiver
-from transferd._storage import LocalStorage
 from transferd.config import SiteConfig, load_config
 from transferd.daemon import Daemon
+from transferd.site.journal import JobState, Journal
+from transferd.site.keys import Keyring, keygen
+from transferd.site.metrics import Metrics
+from transferd.site.receiver import Receiver
+from transferd.site.storage import LocalStorage
 
 __all__ = [
     "CappedFileSystem",

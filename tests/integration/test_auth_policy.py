@@ -12,12 +12,12 @@ import blake3
 import pytest
 
 from tests.integration._data import write_random
-from transferd._auth import sign_headers
-from transferd._classes import TrafficClass
-from transferd._keys import Keyring, keygen
-from transferd._manifest import FileEntry, Manifest, file_digest
+from transferd import TrafficClass
 from transferd.daemon import Daemon
 from transferd.errors import AuthError, PolicyViolation
+from transferd.protocol.auth import sign_headers
+from transferd.protocol.manifest import FileEntry, Manifest, file_digest
+from transferd.site.keys import Keyring, keygen
 from transferd.testing import loopback_pair
 
 CHUNK = 64 * 1024

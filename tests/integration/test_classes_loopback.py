@@ -18,10 +18,10 @@ import pytest
 
 from tests.integration._data import file_blake3, write_random
 from tests.integration._procs import cli, metric, poll_until, start_daemon, wait_until_serving
-from transferd._keys import Keyring
-from transferd._messages import local_signer, read_inbox, send_message
 from transferd.config import load_config
 from transferd.errors import AuthError
+from transferd.net.messages import local_signer, read_inbox, send_message
+from transferd.site.keys import Keyring
 from transferd.testing import (
     bound_socket,
     free_port,

@@ -18,8 +18,9 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from transferd._classes import TrafficClass
-from transferd._messages import (
+from transferd import TrafficClass
+from transferd.errors import AuthError, ProtocolError, StorageError, TransportError
+from transferd.net.messages import (
     Inbox,
     MessageMetrics,
     MessageService,
@@ -27,7 +28,6 @@ from transferd._messages import (
     read_inbox,
     send_message,
 )
-from transferd.errors import AuthError, ProtocolError, StorageError, TransportError
 
 SECRET = b"pair-secret-for-tests"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.integration._data import file_blake3, write_random
-from transferd._classes import TrafficClass
+from transferd import TrafficClass
 from transferd.testing import loopback_pair, wait_for_jobs
 
 CHUNK = 256 * 1024

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transferd._classes import TrafficClass
-from transferd._messages import (
+from transferd import TrafficClass
+from transferd.errors import AuthError, ProtocolError, StorageError, TransferdError, TransportError
+from transferd.net.messages import (
     H_CLASS,
     H_DEADLINE,
     H_ID,
@@ -22,7 +23,6 @@ from transferd._messages import (
     MessageReceipt,
     MessageService,
 )
-from transferd.errors import AuthError, ProtocolError, StorageError, TransferdError, TransportError
 
 
 class RefuseAll:
@@ -161,8 +161,8 @@ def test_decoders_only_raise_package_errors(data: object) -> None:
 async def test_each_class_has_its_own_pool_unless_the_baseline_shares_one(shared: bool) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from transferd._client import PeerLink
-    from transferd._keys import Keyring
+    from transferd.net.peer_client import PeerLink
+    from transferd.site.keys import Keyring
 
     keyring = Keyring(site="A", signing_key=Ed25519PrivateKey.generate())
     link = PeerLink(
@@ -187,8 +187,8 @@ async def test_interactive_messages_to_a_distant_peer_are_all_in_flight_at_once(
     pool of 8 capped a 40 ms link at 200 messages/s and queued the rest behind it)."""
     from aiohttp import web
 
-    from transferd._client import INTERACTIVE_POOL, PeerLink
-    from transferd._keys import Keyring
+    from transferd.net.peer_client import INTERACTIVE_POOL, PeerLink
+    from transferd.site.keys import Keyring
 
     in_flight, most = 0, 0
     all_arrived = asyncio.Event()
@@ -249,9 +249,9 @@ async def test_the_interactive_pool_is_open_before_the_first_message() -> None:
     the service opens the peer's interactive connections ahead of time and messages reuse them."""
     from aiohttp import web
 
-    from transferd._client import INTERACTIVE_POOL, PeerLink
-    from transferd._keys import Keyring
-    from transferd._messages import add_message_routes
+    from transferd.net.messages import add_message_routes
+    from transferd.net.peer_client import INTERACTIVE_POOL, PeerLink
+    from transferd.site.keys import Keyring
 
     connections: set[int] = set()
     posts_on: set[int] = set()

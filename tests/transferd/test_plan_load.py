@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from tests.integration._procs import env
-from transferd._classes import TrafficClass
-from transferd._plan_exec import apply_links, parse_site_plan
+from transferd import TrafficClass
 from transferd.config import parse_config
 from transferd.errors import ConfigError
+from transferd.plan import apply_links, parse_site_plan
 from transferd.testing import bound_socket, running_daemon, write_site_configs
 
 CONFIG = """\
@@ -172,10 +172,10 @@ def test_sync_runner_sends_a_quiet_changed_folder_once_and_again_after_it_change
     failed job only after RETRY_FAILED_AFTER_S."""
     import os
 
-    from transferd._journal import JobState, Journal
-    from transferd._metrics import Metrics
-    from transferd._plan_exec import RETRY_FAILED_AFTER_S, SyncRoute, SyncRunner
-    from transferd._storage import LocalStorage
+    from transferd.plan import RETRY_FAILED_AFTER_S, SyncRoute, SyncRunner
+    from transferd.site.journal import JobState, Journal
+    from transferd.site.metrics import Metrics
+    from transferd.site.storage import LocalStorage
     from transferd.testing import FakeClock
 
     folder = tmp_path / "data" / "approved" / "d"

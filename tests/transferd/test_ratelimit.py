@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from transferd._classes import TrafficClass
-from transferd._ratelimit import PeerRateLimiter, RateCap, TokenBucket
+from transferd import TrafficClass
 from transferd.config import parse_config
 from transferd.errors import ConfigError
+from transferd.protocol.ratelimit import PeerRateLimiter, RateCap, TokenBucket
 
 MB = 1_000_000
 

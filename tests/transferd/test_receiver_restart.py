@@ -13,9 +13,9 @@ from pathlib import Path
 
 import blake3
 
-from transferd._journal import Journal
-from transferd._keys import keygen
-from transferd._manifest import FileEntry, Manifest, UploadIntent, file_digest
+from transferd.protocol.manifest import FileEntry, Manifest, UploadIntent, file_digest
+from transferd.site.journal import Journal
+from transferd.site.keys import keygen
 from transferd.testing import receiver_at
 
 CHUNK = 4096

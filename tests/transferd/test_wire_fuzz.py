@@ -13,11 +13,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transferd._journal import Journal
-from transferd._keys import keygen
-from transferd._manifest import HaveRequest, Manifest, SignedManifest, UploadIntent, parse_body
-from transferd._receiver import Receiver
 from transferd.errors import ProtocolError, TransferdError
+from transferd.protocol.manifest import (
+    HaveRequest,
+    Manifest,
+    SignedManifest,
+    UploadIntent,
+    parse_body,
+)
+from transferd.site.journal import Journal
+from transferd.site.keys import keygen
+from transferd.site.receiver import Receiver
 from transferd.testing import receiver_at
 
 FUZZ = settings(

@@ -1,8 +1,12 @@
-"""Prometheus metrics of one daemon (its own registry, so several daemons can share a process)."""
+"""Prometheus metrics of one daemon: one registry for everything it counts (chunks, jobs,
+auth, policy, stream counts, messages), its own so several daemons can share a process."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from transferd._classes import TrafficClass
+from transferd.protocol.streams import StreamChange
 
 __all__ = ["Metrics"]
 
@@ -67,6 +71,23 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200),
             registry=r,
         )
+        self.stream_changes = Counter(
+            "transferd_stream_changes",
+            "Changes of the parallel-stream target, by direction",
+            ["peer", "class", "direction"],
+            registry=r,
+        )
+        self.streams_target = Gauge(
+            "transferd_streams_target",
+            "Parallel chunk uploads the stream controller allows",
+            ["peer", "class"],
+            registry=r,
+        )
+
+    def count_stream_change(self, peer: str, cls: TrafficClass, change: StreamChange) -> None:
+        direction = "up" if change.to_streams > change.from_streams else "down"
+        self.stream_changes.labels(peer, cls.value, direction).inc()
+        self.streams_target.labels(peer, cls.value).set(change.to_streams)
 
     def count_compression(self, peer: str, raw_bytes: int, wire_bytes: int) -> None:
         self.compression_in.labels(peer).inc(raw_bytes)

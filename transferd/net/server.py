@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 import blake3
 from aiohttp import web
 
-from transferd._auth import AuthHeaders, authenticate
-from transferd._manifest import (
+from transferd.errors import AuthError, IntegrityError, ProtocolError, TransferdError
+from transferd.protocol.auth import AuthHeaders, authenticate
+from transferd.protocol.manifest import (
     MAX_CHUNK_BYTES,
     HaveRequest,
     SignedManifest,
     UploadIntent,
     parse_body,
 )
-from transferd.errors import AuthError, IntegrityError, ProtocolError, TransferdError
 
 if TYPE_CHECKING:
     from transferd.daemon import Daemon
@@ -71,7 +71,7 @@ def build_app(daemon: Daemon) -> web.Application:
             request.headers,
             method=request.method,
             path_qs=request.raw_path,
-            keyring=daemon.keyring,
+            keys=daemon.keyring,
             guard=daemon.guard,
             now=daemon.clock(),
         )

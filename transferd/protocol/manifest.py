@@ -30,8 +30,8 @@ from pydantic import (
     model_validator,
 )
 
-from transferd._keys import Keyring
 from transferd.errors import ProtocolError
+from transferd.protocol.auth import Keys
 
 __all__ = [
     "ChunkRef",
@@ -169,19 +169,19 @@ class Manifest(_Wire):
             raise ValueError("tier must be the root's top folder")
         return self
 
-    def sign(self, keyring: Keyring) -> SignedManifest:
+    def sign(self, keys: Keys) -> SignedManifest:
         body = canonical_json(self.model_dump(mode="json"))
-        return SignedManifest(manifest=body.decode(), signature=keyring.sign(body).hex())
+        return SignedManifest(manifest=body.decode(), signature=keys.sign(body).hex())
 
 
 class SignedManifest(_Wire):
     manifest: Annotated[str, Field(max_length=64 * 1024 * 1024)]
     signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
 
-    def verify(self, keyring: Keyring) -> Manifest:
+    def verify(self, keys: Keys) -> Manifest:
         """Parse, then check the Ed25519 signature of the claimed source site (AuthError 403)."""
         manifest = parse_body(Manifest, self.manifest.encode())
-        keyring.verify(manifest.source_site, self.manifest.encode(), bytes.fromhex(self.signature))
+        keys.verify(manifest.source_site, self.manifest.encode(), bytes.fromhex(self.signature))
         return manifest
 
 

@@ -1,19 +1,19 @@
 """Site policy where data moves: tiers and path confinement, enforced on both sides of a transfer.
 
 Everything is addressed by a POSIX path relative to data_dir whose first component is the tier.
-`raw/` never leaves its site; no path may escape data_dir (`..`, absolute, or a symlink leading
-out). Both the sender (before reading) and the receiver (before writing) call these checks.
+`raw/` never leaves its site; no path may escape data_dir (`..` or absolute here; a symlink
+leading out is refused by the local storage backend, `site.storage.confine`). Both the sender
+(before reading) and the receiver (before writing) call these checks.
 """
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from transferd.errors import PolicyViolation
 
-__all__ = ["Tier", "check_may_leave_site", "confine", "normalize_rel_path", "tier_of"]
+__all__ = ["Tier", "check_may_leave_site", "normalize_rel_path", "tier_of"]
 
 
 class Tier(StrEnum):
@@ -67,18 +67,3 @@ def check_may_leave_site(rel_path: str) -> Tier:
     if tier is Tier.RAW:
         raise PolicyViolation(f"raw-tier data may not leave its site: {rel_path!r}", path=rel_path)
     return tier
-
-
-def confine(root: Path, rel_path: str) -> Path:
-    """The local path for `rel_path` under `root`, refusing symlinks that lead outside root.
-
-    The path need not exist; its deepest existing ancestor is resolved (symlinks followed) and must
-    stay under the resolved root.
-    """
-    rel = normalize_rel_path(rel_path)
-    real_root = Path(os.path.realpath(root))
-    candidate = real_root / rel
-    resolved = Path(os.path.realpath(candidate))
-    if resolved != real_root and real_root not in resolved.parents:
-        raise PolicyViolation(f"path leads outside data_dir through a symlink: {rel!r}", path=rel)
-    return candidate

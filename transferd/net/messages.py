@@ -34,12 +34,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from transferd._auth import NonceGuard, authenticate, sign_headers
-from transferd._chunker import blake3_hex
 from transferd._classes import TrafficClass
-from transferd._client import INTERACTIVE_POOL, ChunkBody
-from transferd._keys import Keyring
-from transferd._sched import BudgetMiss, ClassScheduler, SchedulerPump
 from transferd.errors import (
     AuthError,
     ProtocolError,
@@ -48,6 +43,12 @@ from transferd.errors import (
     TransportError,
     error_from_json,
 )
+from transferd.net.peer_client import INTERACTIVE_POOL, ChunkBody
+from transferd.net.pump import SchedulerPump
+from transferd.protocol.auth import NonceGuard, authenticate, sign_headers
+from transferd.protocol.chunks import blake3_hex
+from transferd.protocol.sched import BudgetMiss, ClassScheduler
+from transferd.site.keys import Keyring
 
 __all__ = [
     "MESSAGE_CLASSES",
@@ -93,7 +94,7 @@ LocalSigner = Callable[[str, str, bytes], Mapping[str, str]]
 
 
 class HmacPeerAuth:
-    """`PeerAuth` with the daemon's request signatures (transferd._auth): HMAC-SHA256 over
+    """`PeerAuth` with the daemon's request signatures (transferd.protocol.auth): HMAC-SHA256 over
     method, path, body blake3, timestamp, nonce and both site ids, with the pair secret."""
 
     def __init__(
@@ -124,7 +125,7 @@ class HmacPeerAuth:
             headers,
             method=method,
             path_qs=path_qs,
-            keyring=self.keyring,
+            keys=self.keyring,
             guard=self.guard,
             now=self.clock(),
         )

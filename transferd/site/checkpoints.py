@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from transferd._storage import FsspecStorage, LocalStorage
+from transferd.site.storage import FsspecStorage, LocalStorage
 
 __all__ = ["LATEST", "is_step_root", "ready_steps", "step_order", "update_run"]
 

@@ -19,12 +19,12 @@ from typing import Any
 from netplan._plan import Plan
 from netplan.errors import PlanError
 from transferd._classes import BULK_CLASSES, TrafficClass
-from transferd._journal import JobState, Journal
-from transferd._metrics import Metrics
-from transferd._policy import Tier, check_may_leave_site, normalize_rel_path
-from transferd._storage import FsspecStorage, LocalStorage
 from transferd.config import BulkWeights, PeerConfig, RateCaps, SiteConfig
 from transferd.errors import ConfigError, PolicyViolation, TransferdError
+from transferd.protocol.policy import Tier, check_may_leave_site, normalize_rel_path
+from transferd.site.journal import JobState, Journal
+from transferd.site.metrics import Metrics
+from transferd.site.storage import FsspecStorage, LocalStorage
 
 __all__ = [
     "CheckpointRoute",

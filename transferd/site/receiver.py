@@ -23,17 +23,21 @@ from collections.abc import Mapping
 import blake3
 import pyarrow as pa
 
-from transferd._arrow_chunks import ArrowChunkError, open_record_batch_chunk, read_chunk_schema
-from transferd._checkpoints import is_step_root, update_run
-from transferd._chunker import SourceFile
-from transferd._codec import decode_body
-from transferd._journal import Journal
-from transferd._keys import Keyring
-from transferd._manifest import HaveRequest, Manifest, SignedManifest, UploadIntent
-from transferd._metrics import Metrics
-from transferd._policy import Tier, normalize_rel_path, tier_of
-from transferd._storage import FsspecStorage, LocalStorage, Staging
 from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, StorageError
+from transferd.protocol.arrow_chunks import (
+    ArrowChunkError,
+    open_record_batch_chunk,
+    read_chunk_schema,
+)
+from transferd.protocol.codec import decode_body
+from transferd.protocol.manifest import HaveRequest, Manifest, SignedManifest, UploadIntent
+from transferd.protocol.policy import Tier, normalize_rel_path, tier_of
+from transferd.site.checkpoints import is_step_root, update_run
+from transferd.site.journal import Journal
+from transferd.site.keys import Keyring
+from transferd.site.metrics import Metrics
+from transferd.site.source import SourceFile
+from transferd.site.storage import FsspecStorage, LocalStorage, Staging
 
 __all__ = ["Receiver"]
 

@@ -14,9 +14,9 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from transferd._auth import EMPTY_BODY_BLAKE3, sign_headers
-from transferd._chunker import blake3_hex
 from transferd.errors import ProtocolError, TransportError, decode_reply
+from transferd.protocol.auth import EMPTY_BODY_BLAKE3, sign_headers
+from transferd.protocol.chunks import blake3_hex
 
 __all__ = ["LocalClient"]
 

@@ -17,11 +17,11 @@ from typing import Any
 import aiohttp
 from aiohttp import payload
 
-from transferd._auth import EMPTY_BODY_BLAKE3, sign_headers
-from transferd._chunker import blake3_hex
 from transferd._classes import TrafficClass
-from transferd._keys import Keyring
 from transferd.errors import TransportError, decode_reply
+from transferd.protocol.auth import EMPTY_BODY_BLAKE3, sign_headers
+from transferd.protocol.chunks import blake3_hex
+from transferd.site.keys import Keyring
 
 __all__ = ["ChunkBody", "PeerLink", "Reply"]
 

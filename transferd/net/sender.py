@@ -20,25 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from transferd._backoff import backoff_delays
-from transferd._chunker import FileWindow, SourceFile, blake3_hex, chunk_spans, fixed_spans
 from transferd._classes import TrafficClass
-from transferd._client import PeerLink
-from transferd._codec import CompressionPolicy, Encoded, zstd_compress
-from transferd._journal import Job, JobState, Journal
-from transferd._keys import Keyring
-from transferd._manifest import (
-    ChunkRef,
-    FileEntry,
-    HaveRequest,
-    Manifest,
-    UploadIntent,
-    file_digest,
-)
-from transferd._metrics import Metrics
-from transferd._policy import Tier, check_may_leave_site, normalize_rel_path
-from transferd._storage import FsspecStorage, LocalStorage, Source
-from transferd._streams import PeerTraffic
 from transferd.errors import (
     IntegrityError,
     PolicyViolation,
@@ -46,6 +28,25 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
+from transferd.net.peer_client import PeerLink
+from transferd.net.pump import PeerTraffic
+from transferd.protocol.backoff import backoff_delays
+from transferd.protocol.chunks import blake3_hex, fixed_spans
+from transferd.protocol.codec import CompressionPolicy, Encoded, zstd_compress
+from transferd.protocol.manifest import (
+    ChunkRef,
+    FileEntry,
+    HaveRequest,
+    Manifest,
+    UploadIntent,
+    file_digest,
+)
+from transferd.protocol.policy import Tier, check_may_leave_site, normalize_rel_path
+from transferd.site.journal import Job, JobState, Journal
+from transferd.site.keys import Keyring
+from transferd.site.metrics import Metrics
+from transferd.site.source import FileWindow, SourceFile, chunk_spans
+from transferd.site.storage import FsspecStorage, LocalStorage, Source
 
 __all__ = ["Sender", "traffic_class_for"]
 

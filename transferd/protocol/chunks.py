@@ -1,0 +1,23 @@
+"""Chunk addressing: where a file is cut and what a chunk is called.
+
+A file is cut into contiguous spans (fixed `chunk_size` spans by default; Arrow IPC and Parquet
+files on record-batch boundaries, `arrow_chunks`). Each span is addressed by the blake3 of its
+bytes; the file's digest is the Merkle root over those addresses (`manifest.file_digest`). A
+chunk PUT names every place in the upload that holds the same bytes as `file:offset,...`.
+"""
+
+from __future__ import annotations
+
+import blake3
+
+__all__ = ["blake3_hex", "fixed_spans"]
+
+
+def fixed_spans(size: int, chunk_size: int) -> list[tuple[int, int]]:
+    """(offset, length) spans of at most chunk_size covering [0, size); none for an empty file."""
+    return [(off, min(chunk_size, size - off)) for off in range(0, size, chunk_size)]
+
+
+def blake3_hex(data: bytes | memoryview) -> str:
+    # blake3 releases the GIL on large inputs, so this runs in worker threads in parallel.
+    return blake3.blake3(data).hexdigest()
