@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from netplan import yamlpos
+from transferd._classes import TrafficClass
 from transferd.errors import ConfigError
+from transferd.protocol.wire import FrozenModel
 
 __all__ = [
     "BulkWeights",
     "CheckpointSettings",
     "PeerConfig",
-    "RateCaps",
+    "RateCapsMbps",
     "SiteConfig",
     "TlsConfig",
     "TrafficSettings",
@@ -33,37 +35,51 @@ _SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MiB = 1024 * 1024
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TlsConfig(_Frozen):
+class TlsConfig(FrozenModel):
     cert: str
     key: str
     ca: str | None = None  # peers' CA bundle; None uses the system store
 
 
-_Mbps = Annotated[float, Field(gt=0)]
+Mbps = Annotated[float, Field(gt=0)]
 
 
-class RateCaps(_Frozen):
+class RateCapsMbps(FrozenModel):
     """Token-bucket caps toward one peer, in Mbit/s; absent = uncapped. Control is never held."""
 
-    total_mbit_s: _Mbps | None = None
-    interactive_mbit_s: _Mbps | None = None
-    checkpoint_mbit_s: _Mbps | None = None
-    sync_mbit_s: _Mbps | None = None
+    total: Mbps | None = None
+    interactive: Mbps | None = None
+    checkpoint: Mbps | None = None
+    sync: Mbps | None = None
+
+    def per_class(self) -> dict[TrafficClass, float]:
+        caps = {
+            TrafficClass.INTERACTIVE: self.interactive,
+            TrafficClass.CHECKPOINT: self.checkpoint,
+            TrafficClass.SYNC: self.sync,
+        }
+        return {cls: mbps for cls, mbps in caps.items() if mbps is not None}
 
 
-class BulkWeights(_Frozen):
+class BulkWeights(FrozenModel):
     checkpoint: Annotated[float, Field(gt=0)] = 3.0  # issue 4: checkpoint 3 : sync 1
     sync: Annotated[float, Field(gt=0)] = 1.0
 
 
-class PeerConfig(_Frozen):
+class PeerConfig(FrozenModel):
     url: str
-    rate_caps: RateCaps = Field(default_factory=RateCaps)
+    rate_caps_mbps: RateCapsMbps = Field(default_factory=RateCapsMbps)
     weights: BulkWeights | None = None  # this link's bulk weights; None: traffic.weights
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "rate_caps" in data:
+            raise ValueError(
+                "rate_caps was renamed to rate_caps_mbps, in Mbit/s by class: e.g. "
+                "rate_caps_mbps: {total: 900, sync: 200}"
+            )
+        return data
 
     @field_validator("url")
     @classmethod
@@ -74,19 +90,19 @@ class PeerConfig(_Frozen):
         return value.rstrip("/")
 
 
-class CheckpointSettings(_Frozen):
+class CheckpointSettings(FrozenModel):
     targets: list[str] = Field(default_factory=list)  # sites that watch mode replicates steps to
     retention: Annotated[int, Field(ge=1)] = 5  # newest K complete steps kept per run, here
 
 
-class WatchSettings(_Frozen):
+class WatchSettings(FrozenModel):
     enabled: bool = False
     marker: str = "COMMITTED"  # a step folder holding this file is complete
     quiet_period_s: Annotated[float, Field(gt=0)] = 30.0  # or: nothing changed for this long
     poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
 
 
-class TrafficSettings(_Frozen):
+class TrafficSettings(FrozenModel):
     """Traffic classes: how bulk classes share a link, adaptive streams, interactive messages."""
 
     weights: BulkWeights = Field(default_factory=BulkWeights)
@@ -105,7 +121,7 @@ class TrafficSettings(_Frozen):
         return self
 
 
-class SiteConfig(_Frozen):
+class SiteConfig(FrozenModel):
     site: str
     listen: str
     data_dir: str

@@ -14,13 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from transferd.errors import ProtocolError, TransferdError
-from transferd.protocol.manifest import (
-    HaveRequest,
-    Manifest,
-    SignedManifest,
-    UploadIntent,
-    parse_body,
-)
+from transferd.protocol.chunks import parse_locations
+from transferd.protocol.manifest import HaveRequest, Manifest, SignedManifest, UploadIntent
+from transferd.protocol.wire import parse_body
 from transferd.site.journal import Journal
 from transferd.site.keys import keygen
 from transferd.site.receiver import Receiver
@@ -111,7 +107,7 @@ def test_malformed_uploads_raise_only_transferd_errors_and_write_nothing_visible
     try:
         intent = parse_body(UploadIntent, json.dumps(doc).encode())
         receiver.open(intent, "A", now=1.0)
-        receiver.locations(intent.upload, "A", "0" * 64, 10, at)
+        receiver.targets(intent.upload, "A", 10, parse_locations(at))
     except TransferdError:
         pass
     try:

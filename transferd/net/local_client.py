@@ -1,78 +1,170 @@
-"""The CLI's requests to its own daemon, over the standard library's http.client.
+"""The one client for a site's local API: the CLI's requests to its own daemon, and the Python
+calls `send_message` and `read_inbox`.
 
-They are signed like every request between daemons (HMAC with the site's own pair secret), but
-need no event loop: `transferd send` and `status` start without importing aiohttp, which is a
-fifth of the CLI's start-up and so of every short `send --wait` measured by its wall clock.
+Requests are signed like every request between daemons (HMAC with the site's own pair secret,
+`protocol.auth.local_signer`); answers are parsed into their wire models and errors rebuilt
+into the package's own. `call` runs over the standard library's http.client and needs no event
+loop: `transferd send` and `status` start without importing aiohttp, which is a fifth of the
+CLI's start-up and so of every short `send --wait` measured by its wall clock. `acall` is the
+same request from a running event loop (aiohttp, imported on first use).
 """
 
 from __future__ import annotations
 
 import http.client
-import json
 import ssl
-import time
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import quote, urlencode, urlsplit
 
-from transferd.errors import ProtocolError, TransportError, decode_reply
-from transferd.protocol.auth import EMPTY_BODY_BLAKE3, sign_headers
-from transferd.protocol.chunks import blake3_hex
+from pydantic import BaseModel
 
-__all__ = ["LocalClient"]
+from transferd._classes import TrafficClass
+from transferd.errors import ProtocolError, TransportError
+from transferd.protocol.auth import LocalSigner
+from transferd.protocol.messages import InboxAnswer, InboxMessage, MessageReceipt
+from transferd.protocol.wire import INBOX_ROUTE, MESSAGES_ROUTE, check_reply, parse_body, to_body
+
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = ["LocalClient", "read_inbox", "send_message"]
 
 TIMEOUT_S = 120.0
+M = TypeVar("M", bound=BaseModel)
 
 
 class LocalClient:
     def __init__(
-        self, site: str, url: str, secret: bytes, ssl_context: ssl.SSLContext | None = None
+        self, url: str, sign: LocalSigner | None, ssl_context: ssl.SSLContext | None = None
     ) -> None:
         parts = urlsplit(url)
         if parts.hostname is None:
             raise ProtocolError(f"no host in {url!r}")
-        self.site = site
-        self._secret = secret
-        if parts.scheme == "https":
-            self._conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                parts.hostname, parts.port, timeout=TIMEOUT_S, context=ssl_context
-            )
-        else:
-            self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT_S)
+        self.url = url.rstrip("/")
+        self._sign = sign
+        self._ssl = ssl_context
+        self._parts = parts
+        self._conn: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
+
+    def _request(
+        self, method: str, path_qs: str, body: BaseModel | bytes | None
+    ) -> tuple[bytes | None, dict[str, str]]:
+        if isinstance(body, BaseModel):
+            raw: bytes | None = to_body(body)
+            headers = {"Content-Type": "application/json"}
+        else:
+            raw, headers = body, {"Content-Type": "application/octet-stream"} if body else {}
+        if self._sign is not None:
+            headers.update(self._sign(method, path_qs, raw))
+        return raw, headers
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            host, port = self._parts.hostname or "", self._parts.port
+            if self._parts.scheme == "https":
+                self._conn = http.client.HTTPSConnection(
+                    host, port, timeout=TIMEOUT_S, context=self._ssl
+                )
+            else:
+                self._conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
+        return self._conn
 
     def call(
         self,
         method: str,
         path_qs: str,
+        answer: type[M],
         *,
-        json_body: Any = None,
-        body: bytes | None = None,
+        body: BaseModel | bytes | None = None,
         accept: tuple[int, ...] = (200,),
-    ) -> tuple[int, Any]:
-        """One signed request: (status, decoded JSON) for accepted statuses; the daemon's error
+    ) -> M:
+        """One signed request, its answer parsed into `answer`; the daemon's error
         (ProtocolError, AuthError, ...) otherwise; TransportError when it cannot be reached."""
-        if json_body is not None:
-            body = json.dumps(json_body, separators=(",", ":")).encode()
-        headers = sign_headers(
-            self._secret,
-            method=method,
-            path_qs=path_qs,
-            body_blake3=EMPTY_BODY_BLAKE3 if body is None else blake3_hex(body),
-            src=self.site,
-            dst=self.site,
-            now=time.time(),
-        )
-        if json_body is not None:
-            headers["Content-Type"] = "application/json"
+        raw, headers = self._request(method, path_qs, body)
+        conn = self._connection()
         try:
-            self._conn.request(method, path_qs, body=body, headers=headers)
-            resp = self._conn.getresponse()
-            raw = resp.read()
-            status = resp.status
+            conn.request(method, path_qs, body=raw, headers=headers)
+            resp = conn.getresponse()
+            reply, status = resp.read(), resp.status
         except (OSError, http.client.HTTPException) as exc:
-            self._conn.close()  # the next call reconnects
-            reason = f"{self.site}: {type(exc).__name__}: {exc}"
-            raise TransportError(reason, peer=self.site) from exc
-        return decode_reply(status, raw, accept, self.site)
+            conn.close()  # the next call reconnects
+            reason = f"{self.url}: {type(exc).__name__}: {exc}"
+            raise TransportError(reason, peer=self.url) from exc
+        check_reply(status, reply, accept, self.url)
+        return parse_body(answer, reply)
+
+    async def acall(
+        self,
+        method: str,
+        path_qs: str,
+        answer: type[M],
+        *,
+        body: BaseModel | bytes | None = None,
+        accept: tuple[int, ...] = (200,),
+        session: aiohttp.ClientSession | None = None,
+    ) -> M:
+        """`call` from a running event loop, on `session` (or one opened for this call)."""
+        import aiohttp
+        from yarl import URL
+
+        raw, headers = self._request(method, path_qs, body)
+        client = session or aiohttp.ClientSession()
+        try:
+            async with client.request(
+                method,
+                URL(self.url + path_qs, encoded=True),
+                data=raw,
+                headers=headers,
+                ssl=self._ssl if self._ssl is not None else True,
+            ) as resp:
+                reply, status = await resp.read(), resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(f"{method} {self.url}{path_qs}: {exc!r}") from exc
+        finally:
+            if session is None:
+                await client.close()
+        check_reply(status, reply, accept, self.url)
+        return parse_body(answer, reply)
+
+
+async def send_message(
+    daemon_url: str,
+    peer: str,
+    body: bytes,
+    *,
+    traffic_class: TrafficClass = TrafficClass.INTERACTIVE,
+    deadline_ms: float | None = None,
+    wait: bool = True,
+    session: aiohttp.ClientSession | None = None,
+    sign: LocalSigner | None = None,
+) -> MessageReceipt:
+    """Ask the local daemon at `daemon_url` to deliver `body` to `peer` (signed with
+    `local_signer(keyring)`); the receipt says when it was delivered and whether late."""
+    query = {"class": traffic_class.value, "wait": "1" if wait else "0"}
+    if deadline_ms is not None:
+        query["deadline_ms"] = f"{deadline_ms:g}"
+    path_qs = MESSAGES_ROUTE.format(peer=quote(peer, safe="")) + "?" + urlencode(query)
+    client = LocalClient(daemon_url, sign)
+    return await client.acall(
+        "POST", path_qs, MessageReceipt, body=body, accept=(200, 202), session=session
+    )
+
+
+async def read_inbox(
+    daemon_url: str,
+    *,
+    wait_ms: float = 0.0,
+    max_messages: int = 100,
+    session: aiohttp.ClientSession | None = None,
+    sign: LocalSigner | None = None,
+) -> list[InboxMessage]:
+    """Take up to `max_messages` from the local daemon's inbox, waiting up to `wait_ms`."""
+    path_qs = INBOX_ROUTE + "?" + urlencode({"wait_ms": f"{wait_ms:g}", "max": str(max_messages)})
+    answer = await LocalClient(daemon_url, sign).acall(
+        "GET", path_qs, InboxAnswer, session=session
+    )
+    return answer.messages

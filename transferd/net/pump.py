@@ -221,8 +221,8 @@ class PeerTraffic:
         *,
         now: float | None = None,
         bulk_weights: Mapping[TrafficClass, float] | None = None,
-        class_caps: Mapping[TrafficClass, RateCap] | None = None,
-        total_cap: RateCap | None = None,
+        class_caps_bytes_per_s: Mapping[TrafficClass, float] | None = None,
+        total_cap_bytes_per_s: float | None = None,
         initial_streams: int = 2,
         min_streams: int = 1,
         max_streams: int = 32,
@@ -232,8 +232,18 @@ class PeerTraffic:
         if now is None:
             now = asyncio.get_running_loop().time()
         limiter = None
-        if class_caps or total_cap is not None:
-            limiter = PeerRateLimiter(now, class_caps=class_caps, total_cap=total_cap)
+        if class_caps_bytes_per_s or total_cap_bytes_per_s is not None:
+            limiter = PeerRateLimiter(
+                now,
+                class_caps={
+                    c: RateCap.from_rate(rate) for c, rate in (class_caps_bytes_per_s or {}).items()
+                },
+                total_cap=(
+                    None
+                    if total_cap_bytes_per_s is None
+                    else RateCap.from_rate(total_cap_bytes_per_s)
+                ),
+            )
         interactive_rate = None
         if limiter is not None:
             rate = limiter.rate_bytes_per_s(TrafficClass.INTERACTIVE)

@@ -11,9 +11,10 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import PurePosixPath
 
+from transferd._classes import TrafficClass
 from transferd.errors import PolicyViolation
 
-__all__ = ["Tier", "check_may_leave_site", "normalize_rel_path", "tier_of"]
+__all__ = ["Tier", "check_may_leave_site", "normalize_rel_path", "tier_of", "traffic_class_for"]
 
 
 class Tier(StrEnum):
@@ -67,3 +68,9 @@ def check_may_leave_site(rel_path: str) -> Tier:
     if tier is Tier.RAW:
         raise PolicyViolation(f"raw-tier data may not leave its site: {rel_path!r}", path=rel_path)
     return tier
+
+
+def traffic_class_for(rel_path: str) -> TrafficClass:
+    """The bulk class a path travels on unless a plan says otherwise: checkpoints/ on the
+    checkpoint class, every dataset tier on sync."""
+    return TrafficClass.CHECKPOINT if tier_of(rel_path) is Tier.CHECKPOINTS else TrafficClass.SYNC

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from transferd.site.storage import FsspecStorage, LocalStorage
+from transferd.site.storage import SiteStorage
 
 __all__ = ["LATEST", "is_step_root", "ready_steps", "step_order", "update_run"]
 
@@ -29,7 +29,7 @@ def is_step_root(rel: str) -> bool:
     return len(parts) == 3 and parts[0] == "checkpoints"
 
 
-def _steps(storage: LocalStorage | FsspecStorage, run: str) -> list[str]:
+def _steps(storage: SiteStorage, run: str) -> list[str]:
     names = [
         n
         for n in storage.list_dir(run)
@@ -42,7 +42,7 @@ def _steps(storage: LocalStorage | FsspecStorage, run: str) -> list[str]:
 
 
 def update_run(
-    storage: LocalStorage | FsspecStorage, run: str, keep: int, on_removed: Callable[[str], None]
+    storage: SiteStorage, run: str, keep: int, on_removed: Callable[[str], None]
 ) -> str | None:
     """Point LATEST at the newest step of `run` and drop steps beyond the newest `keep`."""
     steps = _steps(storage, run)
@@ -58,7 +58,7 @@ def update_run(
 
 
 def ready_steps(
-    storage: LocalStorage | FsspecStorage, marker: str, quiet_period_s: float, now: float
+    storage: SiteStorage, marker: str, quiet_period_s: float, now: float
 ) -> list[str]:
     """Step folders under checkpoints/ that are complete at this (source) site."""
     ready: list[str] = []

@@ -84,6 +84,34 @@ class Metrics:
             registry=r,
         )
 
+        self.messages_sent = Counter(
+            "transferd_messages_sent", "Messages queued to a peer", ["peer", "class"], registry=r
+        )
+        self.messages_delivered = Counter(
+            "transferd_messages_delivered",
+            "Messages a peer acknowledged",
+            ["peer", "class"],
+            registry=r,
+        )
+        self.messages_received = Counter(
+            "transferd_messages_received",
+            "Messages received from a peer",
+            ["peer", "class"],
+            registry=r,
+        )
+        self.messages_received_late = Counter(
+            "transferd_messages_received_late",
+            "Messages received after their deadline",
+            ["peer", "class"],
+            registry=r,
+        )
+        self.budget_misses = Counter(
+            "transferd_messages_budget_misses",
+            "Messages that missed their deadline, by reason",
+            ["peer", "kind"],
+            registry=r,
+        )
+
     def count_stream_change(self, peer: str, cls: TrafficClass, change: StreamChange) -> None:
         direction = "up" if change.to_streams > change.from_streams else "down"
         self.stream_changes.labels(peer, cls.value, direction).inc()

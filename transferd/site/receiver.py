@@ -1,16 +1,18 @@
-"""The receiving side of replication: uploads staged by offset, verified, committed atomically.
+"""The receiving side of replication at one site: uploads staged by offset, verified, committed
+atomically. The decisions (what is missing, which places a chunk fills, whether a manifest
+describes its upload) are `protocol.upload`'s; this module does the site's I/O around them.
 
-An upload goes open -> (have/want, chunk PUTs)* -> commit. `open` checks policy and stages files
-at full size; `have` answers which chunks must still cross the wire, filling the rest from bytes
-this site already holds (an earlier upload, or a committed file: delta replication); `put_chunk`
-verifies a body against its signed blake3 and its content address before writing it; `commit`
-verifies the manifest signature, that the chunk list tiles each file and has the signed file
-digest as its Merkle root, and that every chunk of every file was received with the manifest's
-hash, then renames into place. A chunk verified in memory and written by this process is not
-hashed again; one staged before a restart (its bytes may not have reached the disk before a
-crash) is read back and re-hashed at commit, and fetched again when it does not match. State
-lives in the journal, so a receiver killed at any moment answers the resumed sender's `have`
-with exactly what it still lacks.
+`open` checks policy and stages files at full size; `have` answers which chunks must still
+cross the wire, filling the rest from bytes this site already holds (an earlier upload, or a
+committed file: delta replication); `verify_and_write` checks a body against its signed blake3
+and its content address before writing it; a commit verifies the manifest signature (the model
+checks that the chunk list tiles each file and has the signed file digest as its Merkle root),
+that every chunk of every file was received with the manifest's hash, then renames into
+place. A chunk verified in memory and written by this process is not hashed again; one staged
+before a restart (its bytes may not have reached the disk before a crash) is read back and
+re-hashed at commit, and fetched again when it does not match. State lives in the journal, so a
+receiver killed at any moment answers the resumed sender's `have` with exactly what it still
+lacks.
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from __future__ import annotations
 import logging
 import mmap
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-import blake3
 import pyarrow as pa
 
 from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, StorageError
@@ -29,15 +30,26 @@ from transferd.protocol.arrow_chunks import (
     open_record_batch_chunk,
     read_chunk_schema,
 )
+from transferd.protocol.auth import Keys
+from transferd.protocol.chunks import ChunkPut, blake3_hex
 from transferd.protocol.codec import decode_body
 from transferd.protocol.manifest import HaveRequest, Manifest, SignedManifest, UploadIntent
-from transferd.protocol.policy import Tier, normalize_rel_path, tier_of
+from transferd.protocol.upload import (
+    ChunkTarget,
+    HaveDecision,
+    answer_have,
+    check_intent,
+    check_manifest,
+    chunk_targets,
+    member_paths,
+    missing,
+)
 from transferd.site.checkpoints import is_step_root, update_run
-from transferd.site.journal import Journal
-from transferd.site.keys import Keyring
+from transferd.site.journal import Journal, Upload, UploadState
 from transferd.site.metrics import Metrics
 from transferd.site.source import SourceFile
-from transferd.site.storage import FsspecStorage, LocalStorage, Staging
+from transferd.site.staging import Staging
+from transferd.site.storage import LocalStorage, SiteStorage
 
 __all__ = ["Receiver"]
 
@@ -48,9 +60,9 @@ class Receiver:
     def __init__(
         self,
         site: str,
-        storage: LocalStorage | FsspecStorage,
+        storage: SiteStorage,
         journal: Journal,
-        keyring: Keyring,
+        keys: Keys,
         metrics: Metrics,
         retention: int,
         run_retention: Mapping[str, int] | None = None,
@@ -58,7 +70,7 @@ class Receiver:
         self.site = site
         self.storage = storage
         self.journal = journal
-        self.keyring = keyring
+        self.keys = keys
         self.metrics = metrics
         self.retention = retention
         # Per-run overrides (`checkpoints/<run>` -> steps kept), e.g. from a netplan plan.
@@ -70,45 +82,22 @@ class Receiver:
         self._verified_lock = threading.Lock()
 
     # -- open --------------------------------------------------------------------------------
-    def check_intent(self, intent: UploadIntent, peer: str) -> None:
-        if intent.source_site != peer:
-            raise PolicyViolation(
-                f"upload claims source {intent.source_site!r} but came from {peer!r}"
-            )
-        if intent.dest_site != self.site:
-            raise PolicyViolation(
-                f"upload is addressed to {intent.dest_site!r}, this is {self.site!r}"
-            )
+    def open(self, intent: UploadIntent, peer: str, now: float) -> bool:
+        """Stage the upload (idempotent). Returns True when it was already committed."""
         try:
-            paths = [intent.root] + [f"{intent.root}/{f.path}" for f in intent.files if f.path]
-            for path in paths:
-                if normalize_rel_path(path) != path:
-                    raise PolicyViolation(f"path is not in normal form: {path!r}", path=path)
+            check_intent(intent, peer, self.site)
+            for path in member_paths(intent):
+                self.storage.check_path(path)  # e.g. a symlink leading out of data_dir
         except PolicyViolation:
             self.metrics.policy_refusals.labels("receiver").inc()
             raise
-        if tier_of(intent.root) is Tier.RAW:
-            self.metrics.policy_refusals.labels("receiver").inc()
-            raise PolicyViolation(
-                f"raw-tier data may not arrive from another site: {intent.root!r}", path=intent.root
-            )
-        if isinstance(self.storage, LocalStorage):
-            self.storage.path(intent.root)  # refuses symlinks leading out of data_dir
-            for f in intent.files:
-                if f.path:
-                    self.storage.path(f"{intent.root}/{f.path}")
-
-    def open(self, intent: UploadIntent, peer: str, now: float) -> bool:
-        """Stage the upload (idempotent). Returns True when it was already committed."""
-        self.check_intent(intent, peer)
         known = self.journal.upload(intent.upload)
         if known is not None:
-            source, root, state, stored = known
-            if source != peer or stored != intent.model_dump(mode="json"):
+            if known.source != peer or known.intent != intent:
                 raise ProtocolError(f"upload id {intent.upload} reused for different content")
-            if state == "committed":
+            if known.state is UploadState.COMMITTED:
                 return True
-            if state == "failed":
+            if known.state is UploadState.FAILED:
                 raise StorageError(f"upload {intent.upload} failed earlier; start a new job")
         staging = self._staging_for(intent)
         try:
@@ -119,9 +108,7 @@ class Receiver:
             staging.discard()
             raise
         if known is None:
-            self.journal.open_upload(
-                intent.upload, peer, intent.root, intent.model_dump(mode="json"), now
-            )
+            self.journal.open_upload(intent, peer, now)
         return False
 
     def _staging_for(self, intent: UploadIntent) -> Staging:
@@ -136,46 +123,38 @@ class Receiver:
             self._staging[intent.upload] = staging
         return staging
 
-    def _open_upload(self, upload: str, peer: str) -> tuple[UploadIntent, Staging]:
+    def _open_upload(self, upload: str, peer: str) -> Upload:
         known = self.journal.upload(upload)
-        if known is None or known[0] != peer:
+        if known is None or known.source != peer:
             raise ProtocolError(f"unknown upload {upload[:128]!r}")
-        if known[2] != "open":
-            raise ProtocolError(f"upload {upload} is already {known[2]}")
-        intent = UploadIntent.model_validate(known[3])
-        staging = self._staging_for(intent)
-        return intent, staging
+        if known.state is not UploadState.OPEN:
+            raise ProtocolError(f"upload {upload} is already {known.state.value}")
+        self._staging_for(known.intent)
+        return known
+
+    def committed(self, upload: str, peer: str) -> bool:
+        """`upload` from `peer` is committed here already (a commit retried after its answer
+        was lost)."""
+        known = self.journal.upload(upload)
+        return known is not None and known.source == peer and known.state is UploadState.COMMITTED
 
     # -- have / want ---------------------------------------------------------------------------
-    def have(
-        self, upload: str, peer: str, request: HaveRequest
-    ) -> tuple[list[int], list[tuple[str, list[tuple[int, int, int]]]]]:
-        """Indices of request.chunks still wanted; the rest are staged already or copied here
-        from local bytes. Returns (want, copies): copies are done by `fill_local` in a thread."""
-        intent, _staging = self._open_upload(upload, peer)
-        received = self.journal.received(upload)
-        want: list[int] = []
-        copies: dict[str, list[tuple[int, int, int]]] = {}
-        for i, ref in enumerate(request.chunks):
-            if (
-                ref.file >= len(intent.files)
-                or ref.offset + ref.length > intent.files[ref.file].size
-            ):
-                raise ProtocolError(f"chunks[{i}] lies outside file {ref.file} of upload {upload}")
-            got = received.get((ref.file, ref.offset))
-            if got == (ref.length, ref.hash):
-                continue
-            if any(True for _ in self.journal.find_chunk(ref.hash, ref.length)):
-                copies.setdefault(ref.hash, []).append((ref.file, ref.offset, ref.length))
-            else:
-                want.append(i)
-        return want, list(copies.items())
+    def have(self, upload: str, peer: str, request: HaveRequest) -> HaveDecision:
+        """Which offered chunks must cross the wire; copies from bytes held here are done by
+        `fill_local` in a thread."""
+        intent = self._open_upload(upload, peer).intent
 
-    def fill_local(self, upload: str, digest: str, targets: list[tuple[int, int, int]]) -> bool:
+        def held_here(digest: str, length: int) -> bool:
+            return any(True for _ in self.journal.find_chunk(digest, length))
+
+        return answer_have(intent, self.journal.received(upload), request, held_here)
+
+    def fill_local(self, upload: str, digest: str, targets: Sequence[ChunkTarget]) -> bool:
         """Copy a chunk this site already holds into the upload's staging (verifying its hash:
-        a committed file may have been changed locally since it was indexed)."""
+        a committed file may have been changed locally since it was indexed). The caller
+        journals it (`record`), on the thread that owns the journal."""
         staging = self._staging[upload]
-        for loc in self.journal.find_chunk(digest, targets[0][2]):
+        for loc in self.journal.find_chunk(digest, targets[0].length):
             try:
                 if loc.upload is not None and loc.file_index is not None:
                     other = self._staging.get(loc.upload)
@@ -186,38 +165,19 @@ class Receiver:
                     data = self.storage.read_range(loc.path, loc.offset, loc.length)
             except (StorageError, PolicyViolation):
                 continue
-            if len(data) != loc.length or blake3.blake3(data).hexdigest() != digest:
+            if len(data) != loc.length or blake3_hex(data) != digest:
                 continue
-            for f, off, _n in targets:
-                staging.write(f, off, data)
+            for t in targets:
+                staging.write(t.file, t.offset, data)
             self._mark_verified(upload, targets)
             return True
         return False
 
     # -- chunks --------------------------------------------------------------------------------
-    def locations(
-        self, upload: str, peer: str, digest: str, raw_length: int, where: str
-    ) -> list[tuple[int, int, int]]:
-        """Parse `file:offset,...` into staged locations, checked against the upload's files."""
-        intent, _ = self._open_upload(upload, peer)
-        out: list[tuple[int, int, int]] = []
-        try:
-            for item in where.split(",")[:1024]:
-                f_text, _, off_text = item.partition(":")
-                f, off = int(f_text), int(off_text)
-                if (
-                    f < 0
-                    or f >= len(intent.files)
-                    or off < 0
-                    or off + raw_length > intent.files[f].size
-                ):
-                    raise ProtocolError(f"chunk location {item!r} lies outside the upload's files")
-                out.append((f, off, raw_length))
-        except ValueError as exc:
-            raise ProtocolError(f"bad chunk locations {where[:64]!r}") from exc
-        if not out:
-            raise ProtocolError("a chunk needs at least one location")
-        return out
+    def targets(
+        self, upload: str, peer: str, raw_length: int, locations: Sequence[tuple[int, int]]
+    ) -> list[ChunkTarget]:
+        return chunk_targets(self._open_upload(upload, peer).intent, raw_length, locations)
 
     def verify_and_write(
         self,
@@ -225,61 +185,45 @@ class Receiver:
         digest: str,
         body: bytes | memoryview,
         declared_body_blake3: str,
-        encoding: str,
-        raw_length: int,
-        locations: list[tuple[int, int, int]],
+        put: ChunkPut,
+        targets: Sequence[ChunkTarget],
     ) -> None:
         """Runs in a worker thread: the body must match its signed blake3 (else it was damaged
         in flight) and decode to bytes whose blake3 is the chunk address; then it is written."""
-        body_hash = blake3.blake3(body).hexdigest()
+        body_hash = blake3_hex(body)
         if body_hash != declared_body_blake3:
             raise IntegrityError(
                 "chunk body damaged in flight (blake3 does not match the signed hash)"
             )
-        raw = decode_body(body, encoding, raw_length)
-        raw_hash = body_hash if encoding == "identity" else blake3.blake3(raw).hexdigest()
+        raw = decode_body(body, put.encoding, put.raw_length)
+        raw_hash = body_hash if put.encoding == "identity" else blake3_hex(raw)
         if raw_hash != digest:
             raise IntegrityError(f"chunk bytes do not hash to their address {digest[:16]}")
         staging = self._staging[upload]
-        for f, off, _n in locations:
-            staging.write(f, off, raw)
-        self._mark_verified(upload, locations)
+        for t in targets:
+            staging.write(t.file, t.offset, raw)
+        self._mark_verified(upload, targets)
 
-    def _mark_verified(self, upload: str, locations: list[tuple[int, int, int]]) -> None:
+    def record(self, upload: str, targets: Sequence[ChunkTarget], digest: str) -> None:
+        self.journal.record_received(upload, targets, digest)
+
+    def _mark_verified(self, upload: str, targets: Sequence[tuple[int, int, int]]) -> None:
         with self._verified_lock:
-            self._verified.setdefault(upload, set()).update((f, off) for f, off, _n in locations)
+            self._verified.setdefault(upload, set()).update((f, off) for f, off, _n in targets)
 
     # -- commit --------------------------------------------------------------------------------
-    def check_manifest(
-        self, upload: str, peer: str, signed: SignedManifest
-    ) -> tuple[Manifest, UploadIntent]:
-        manifest = signed.verify(self.keyring)
-        intent, _ = self._open_upload(upload, peer)
-        if (
-            manifest.upload != upload
-            or manifest.source_site != peer
-            or manifest.dest_site != self.site
-            or manifest.root != intent.root
-            or manifest.kind != intent.kind
-            or [(f.path, f.size) for f in manifest.files]
-            != [(f.path, f.size) for f in intent.files]
-        ):
-            raise ProtocolError("manifest does not describe the upload it commits")
-        return manifest, intent
+    def check_manifest(self, upload: str, peer: str, signed: SignedManifest) -> Manifest:
+        manifest = signed.verify(self.keys)
+        check_manifest(manifest, self._open_upload(upload, peer).intent, peer, self.site)
+        return manifest
 
     def missing(self, upload: str, manifest: Manifest) -> list[tuple[int, int]]:
-        received = self.journal.received(upload)
-        return [
-            (i, off)
-            for i, f in enumerate(manifest.files)
-            for digest, off, n in f.chunks
-            if received.get((i, off)) != (n, digest)
-        ]
+        return missing(manifest, self.journal.received(upload))
 
     def verify_files(self, upload: str, manifest: Manifest) -> list[tuple[int, int]]:
         """Thread: re-hash the staged chunks this process did not verify itself (staged before
-        a restart) and return those that no longer match (they are fetched again). The chunk
-        list's tiling and Merkle root were checked when the manifest was parsed."""
+        a restart) and return those that no longer match (`forget` them: they are sent again).
+        The chunk list's tiling and Merkle root were checked when the manifest was parsed."""
         staging = self._staging[upload]
         with self._verified_lock:
             verified = set(self._verified.get(upload, ()))
@@ -292,7 +236,7 @@ class Receiver:
                 with SourceFile(str(staging.member_path(i))) as src:
                     for digest, off, n in todo:
                         with src.mapped(off, n) as view:
-                            if blake3.blake3(view).hexdigest() != digest:
+                            if blake3_hex(view) != digest:
                                 bad.append((i, off))
             except OSError as exc:
                 raise StorageError(f"reading staged file: {exc.strerror}") from exc
@@ -302,15 +246,19 @@ class Receiver:
                 self._verified.get(upload, set()).difference_update(bad)
         return bad
 
+    def forget(self, upload: str, chunks: Sequence[tuple[int, int]]) -> None:
+        self.journal.forget_received(upload, chunks)
+
     def commit_files(self, upload: str, manifest: Manifest) -> None:
-        """Thread: fsync + rename into place, then index the chunks and update the run."""
+        """Thread: fsync + rename into place."""
         self.storage.commit(self._staging[upload], manifest.root)
 
     def after_commit(self, upload: str, manifest: Manifest, now: float) -> None:
+        """Index the committed chunks (for delta replication) and update a checkpoint run."""
         self._staging.pop(upload).discard()
         with self._verified_lock:
             self._verified.pop(upload, None)
-        self.journal.finish_upload(upload, "committed", now)
+        self.journal.finish_upload(upload, UploadState.COMMITTED, now)
         for f in manifest.files:
             path = f"{manifest.root}/{f.path}" if f.path else manifest.root
             self.journal.index_committed(path, ((h, off, n) for h, off, n in f.chunks))
@@ -358,7 +306,7 @@ class Receiver:
         staging = self._staging.pop(upload, None)
         if staging is not None:
             staging.discard()
-        self.journal.finish_upload(upload, "failed", now)
+        self.journal.finish_upload(upload, UploadState.FAILED, now)
 
     def close(self) -> None:
         for staging in self._staging.values():

@@ -57,12 +57,28 @@ class _FsspecSource:
 
 
 class SiteStorage(Protocol):
-    staging_root: Path
+    """What the daemon does with data_dir; every path is relative to it and starts with a tier.
+    Both backends pass the same conformance tests (tests/transferd/test_storage_conformance.py)."""
+
+    staging_root: Path  # local disk, where incoming files are staged before commit
+
+    def check_path(self, rel: str) -> None:
+        """PolicyViolation when `rel` is not a clean tier path or would lead out of data_dir."""
+        ...
 
     def open_source(self, rel: str) -> Source: ...
-    def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]: ...
+
+    def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
+        """('file', [('', size)]) or ('folder', [(member, size), ...]) in sorted order."""
+        ...
+
     def exists(self, rel: str) -> bool: ...
-    def commit(self, staging: Staging, rel: str) -> None: ...
+    def is_dir(self, rel: str) -> bool: ...
+
+    def commit(self, staging: Staging, rel: str) -> None:
+        """Put a staged upload at `rel` atomically (a reader sees the old or the new, whole)."""
+        ...
+
     def read_range(self, rel: str, offset: int, length: int) -> bytes: ...
     def list_dir(self, rel: str) -> list[str]: ...
     def write_text_atomic(self, rel: str, text: str) -> None: ...
@@ -107,6 +123,9 @@ class LocalStorage:
 
     def path(self, rel: str) -> Path:
         return confine(self.root, rel)
+
+    def check_path(self, rel: str) -> None:
+        self.path(rel)
 
     def open_source(self, rel: str) -> Source:
         try:
@@ -236,6 +255,9 @@ class FsspecStorage:
     def path(self, rel: str) -> str:
         return f"{self.root}/{normalize_rel_path(rel)}"
 
+    def check_path(self, rel: str) -> None:
+        normalize_rel_path(rel)
+
     def open_source(self, rel: str) -> Source:
         try:
             return _FsspecSource(self.fs, self.path(rel))
@@ -340,7 +362,7 @@ class FsspecStorage:
 
 def open_storage(
     data_dir_is_local: bool, data_path: Path, url: str, options: dict[str, Any], state_dir: Path
-) -> LocalStorage | FsspecStorage:
+) -> SiteStorage:
     if data_dir_is_local:
         return LocalStorage(data_path)
     return FsspecStorage(url, options, state_dir)
