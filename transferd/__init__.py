@@ -15,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from transferd._classes import BULK_CLASSES, TrafficClass
+    from netplan.plan import BULK_CLASSES, TrafficClass
     from transferd.config import SiteConfig, load_config, parse_config
     from transferd.errors import (
         AuthError,
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from transferd.protocol.messages import InboxMessage, MessageReceipt
 
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("BULK_CLASSES", "TrafficClass"), "transferd._classes"),
+    **dict.fromkeys(("BULK_CLASSES", "TrafficClass"), "netplan.plan"),
     **dict.fromkeys(("InboxMessage", "MessageReceipt"), "transferd.protocol.messages"),
     "local_signer": "transferd.protocol.auth",
     **dict.fromkeys(("read_inbox", "send_message"), "transferd.net.local_client"),

@@ -6,7 +6,6 @@ Relative paths in the file (data_dir, keys_dir, TLS files) are resolved against 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -14,7 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from netplan import yamlpos
-from transferd._classes import TrafficClass
+from netplan.plan import SiteId, TrafficClass
 from transferd.errors import ConfigError
 from transferd.protocol.wire import FrozenModel
 
@@ -31,7 +30,6 @@ __all__ = [
     "parse_config",
 ]
 
-_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MiB = 1024 * 1024
 
 
@@ -122,11 +120,11 @@ class TrafficSettings(FrozenModel):
 
 
 class SiteConfig(FrozenModel):
-    site: str
+    site: SiteId  # the plan contract's one site-id rule (netplan.plan)
     listen: str
     data_dir: str
     keys_dir: str
-    peers: dict[str, PeerConfig] = Field(default_factory=dict)
+    peers: dict[SiteId, PeerConfig] = Field(default_factory=dict)
     state_dir: str | None = None  # journal + staging; default <data_dir>/.transferd (local only)
     storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec.filesystem
     tls: TlsConfig | None = None
@@ -143,27 +141,12 @@ class SiteConfig(FrozenModel):
     # Where the file lives; set by load_config, not by the YAML.
     base_dir: str = Field(default=".", exclude=True)
 
-    @field_validator("site")
-    @classmethod
-    def _site_id(cls, value: str) -> str:
-        if not _SITE_ID.match(value):
-            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
-        return value
-
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be host:port, e.g. 127.0.0.1:7701")
-        return value
-
-    @field_validator("peers")
-    @classmethod
-    def _peer_ids(cls, value: dict[str, PeerConfig]) -> dict[str, PeerConfig]:
-        for name in value:
-            if not _SITE_ID.match(name):
-                raise ValueError(f"peer id {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
         return value
 
     @model_validator(mode="after")

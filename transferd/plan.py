@@ -2,7 +2,8 @@
 (`transferd serve --config site.yaml --plan plan.json`).
 
 The plan is read as netplan wrote it (`netplan.plan.Plan`) and mapped once to the daemon's own
-objects: `SyncRoute`s (a folder kept mirrored at a destination), `CheckpointRoute`s (a run's
+objects: `SyncRoute`s (a folder kept mirrored at a destination: a dataset's sync entry, or a
+vector-index shard replica), `CheckpointRoute`s (a run's
 steps to targets), the retention of runs this site receives, and per peer the `LinkSettings`
 its scheduler runs on (bulk weights and rate caps; the plan's value wins where both set one).
 Every destination and target must be a configured peer (their URLs and keys come from the site
@@ -15,17 +16,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from netplan.errors import PlanError
-from transferd._classes import BULK_CLASSES, TrafficClass
+from netplan.plan import BULK_CLASSES, LinkPolicy, MirrorEntry, Plan, SyncEntry, TrafficClass
 from transferd.config import SiteConfig
 from transferd.errors import ConfigError, PolicyViolation
-from transferd.protocol.policy import Tier, check_may_leave_site, normalize_rel_path
+from transferd.protocol.policy import CHECKPOINTS, check_may_leave_site, normalize_rel_path
 from transferd.protocol.ratelimit import bytes_per_s
-
-if TYPE_CHECKING:
-    from netplan._plan import LinkPolicy
 
 __all__ = [
     "CheckpointRoute",
@@ -130,8 +128,6 @@ def parse_plan(
 ) -> PlanRun:
     """Validate a plan and take `config.site`'s part; every problem is a ConfigError naming the
     field (`sites[1].sync[0].destination: ...`)."""
-    from netplan._plan import Plan  # imports the planner's network model (networkx)
-
     try:
         plan = Plan.from_json(data)
         me = plan.site(config.site)  # the planner's own "no site" error
@@ -150,8 +146,11 @@ def parse_plan(
 
     sync: list[SyncRoute] = []
     refused: list[Refusal] = []
-    for j, entry in enumerate(me.sync):
-        where = f"{here}.sync[{j}]"
+    mirrors: list[tuple[str, MirrorEntry]] = [
+        (f"{here}.sync[{j}]", e) for j, e in enumerate(me.sync)
+    ]
+    mirrors += [(f"{here}.shards[{j}]", e) for j, e in enumerate(me.shards)]
+    for where, entry in mirrors:
         if entry.traffic_class not in BULK_CLASSES:
             raise ConfigError(
                 f"{source}: {where}.traffic_class: {entry.traffic_class.value!r} is not a bulk "
@@ -165,12 +164,16 @@ def parse_plan(
         except PolicyViolation as exc:
             refused.append(Refusal(f"{where}.path_prefix", exc.message))
             continue
-        sync.append(SyncRoute(prefix, dest, entry.traffic_class, entry.dataset, entry.rule))
+        if isinstance(entry, SyncEntry):
+            sync.append(SyncRoute(prefix, dest, entry.traffic_class, entry.dataset, entry.rule))
+        else:  # a vector-index shard replica, mirrored like a dataset folder
+            rule = f"shards:{entry.index}"
+            sync.append(SyncRoute(prefix, dest, entry.traffic_class, entry.index, rule))
     checkpoints = []
     for j, ck in enumerate(me.checkpoints):
         where = f"{here}.checkpoints[{j}]"
         run = _prefix(ck.path_prefix, f"{source}: {where}.path_prefix")
-        if run.split("/", 1)[0] != Tier.CHECKPOINTS or run.count("/") != 1:
+        if run.split("/", 1)[0] != CHECKPOINTS or run.count("/") != 1:
             raise ConfigError(
                 f"{source}: {where}.path_prefix: must be checkpoints/<run>/, "
                 f"not {ck.path_prefix!r}",

@@ -16,7 +16,6 @@ from transferd.daemon import Daemon
 from transferd.errors import AuthError, PolicyViolation
 from transferd.protocol.auth import sign_headers
 from transferd.protocol.manifest import UploadIntent
-from transferd.protocol.policy import Tier
 from transferd.protocol.upload import upload_intent, upload_manifest
 from transferd.protocol.wire import to_body
 from transferd.site.keys import Keyring, keygen
@@ -103,7 +102,7 @@ async def test_badly_signed_manifest_is_refused_403_and_nothing_is_committed(
             headers={"X-Transferd-Length": str(len(data))},
             accept=(204,),
         )
-        manifest = upload_manifest(intent(), Tier.CURATED, a.clock(), [[(chunk_hash, 0, CHUNK)]])
+        manifest = upload_manifest(intent(), a.clock(), [[(chunk_hash, 0, CHUNK)]])
         # Signed by a key that is not A's: the receiver must refuse it.
         keygen(["A"], tmp_path / "other-keys")
         forger = Keyring.load(tmp_path / "other-keys", "A", [])

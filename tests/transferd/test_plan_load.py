@@ -31,7 +31,7 @@ peers:
 """
 
 PLAN: dict[str, Any] = {
-    "schema_version": 1,
+    "schema_version": 2,
     "topology": "t",
     "sites": [
         {
@@ -83,7 +83,7 @@ def test_a_good_plan_gives_this_sites_routes_targets_and_incoming_retention() ->
 @pytest.mark.parametrize(
     ("plan", "message"),
     [
-        (_edited(["schema_version"], 2), "schema_version: 2 is not supported"),
+        (_edited(["schema_version"], 1), "schema_version: 1 is not supported"),
         (_edited(["sites", 0, "sync", 0, "traffic_class"], "bulk"),
          "sites[0].sync[0].traffic_class"),
         (_edited(["sites", 0, "sync", 0, "traffic_class"], "interactive"),
@@ -107,6 +107,17 @@ def test_a_bad_plan_is_a_config_error_naming_the_field(plan: Any, message: str) 
         parse_plan(json.dumps(plan), parse_config(CONFIG), source="plan.json")
     assert message in str(err.value)
     assert str(err.value).startswith("plan.json: ")
+
+
+def test_a_shard_entry_is_mirrored_like_a_sync_entry_and_refused_under_raw() -> None:
+    shard = {"path_prefix": "approved/docs/shard-0001/", "destination": "C",
+             "traffic_class": "sync", "index": "docs", "shard": 1, "size_gb": 5.0}
+    run = parse_plan(_edited(["sites", 0, "shards"], [shard]), parse_config(CONFIG))
+    assert [(r.prefix, r.destination, r.dataset, r.rule) for r in run.sync] == [
+        ("approved/d", "B", "d", "r"), ("approved/docs/shard-0001", "C", "docs", "shards:docs")]
+    raw = {**shard, "path_prefix": "raw/docs/shard-0001/"}
+    run = parse_plan(_edited(["sites", 0, "shards"], [raw]), parse_config(CONFIG))
+    assert [r.where for r in run.refused] == ["sites[0].shards[0].path_prefix"]
 
 
 def test_text_that_is_not_json_is_refused() -> None:

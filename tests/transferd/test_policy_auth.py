@@ -47,7 +47,8 @@ def test_escaping_or_tierless_paths_are_refused(path: str, reason: str) -> None:
 def test_raw_tier_never_leaves_but_other_tiers_do() -> None:
     with pytest.raises(PolicyViolation, match="raw-tier"):
         check_may_leave_site("raw/sensors/day1.parquet")
-    assert check_may_leave_site("approved/model.bin").value == "approved"
+    assert check_may_leave_site("approved/model.bin") == "approved"
+    assert check_may_leave_site("checkpoints/run1/step-3") == "checkpoints"
 
 
 def test_symlink_leading_out_of_data_dir_is_refused(tmp_path: Path) -> None:

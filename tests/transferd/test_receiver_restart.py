@@ -14,7 +14,6 @@ from pathlib import Path
 import blake3
 
 from transferd.protocol.chunks import ChunkPut
-from transferd.protocol.policy import Tier
 from transferd.protocol.upload import ChunkTarget, upload_intent, upload_manifest
 from transferd.site.journal import Journal
 from transferd.site.keys import keygen
@@ -42,7 +41,7 @@ def test_chunks_staged_before_a_restart_are_rehashed_and_damage_is_refetched(
         for off in range(0, len(data), CHUNK)
     ]
     intent = upload_intent("A-restart-0001", "A", "B", "approved/x.bin", "file", [("", len(data))])
-    manifest = upload_manifest(intent, Tier.APPROVED, 1.0, [chunks])
+    manifest = upload_manifest(intent, 1.0, [chunks])
     journal = Journal(tmp_path / "data" / ".transferd" / "journal.sqlite")
     first = receiver_at(tmp_path, journal)
     first.open(intent, "A", now=1.0)

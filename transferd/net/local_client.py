@@ -18,7 +18,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from pydantic import BaseModel
 
-from transferd._classes import TrafficClass
+from netplan.plan import TrafficClass
 from transferd.errors import ProtocolError, TransportError
 from transferd.protocol.auth import LocalSigner
 from transferd.protocol.messages import InboxAnswer, InboxMessage, MessageReceipt

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from transferd._classes import TrafficClass
+from netplan.plan import TrafficClass
 from transferd.errors import ProtocolError, StorageError, TransferdError, TransportError
 from transferd.net.peer_client import INTERACTIVE_POOL, PeerLink, retrying
 from transferd.net.pump import SchedulerPump

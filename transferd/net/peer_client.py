@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import payload
 from pydantic import BaseModel
 
-from transferd._classes import BULK_CLASSES, TrafficClass
+from netplan.plan import BULK_CLASSES, TrafficClass
 from transferd.errors import TransportError
 from transferd.protocol.auth import Keys, body_blake3, sign_headers
 from transferd.protocol.backoff import backoff_delays

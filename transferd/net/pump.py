@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from transferd._classes import BULK_CLASSES, TrafficClass
+from netplan.plan import BULK_CLASSES, TrafficClass
 from transferd.protocol.ratelimit import PeerRateLimiter, RateCap
 from transferd.protocol.sched import BudgetMiss, ClassScheduler, ScheduledItem
 from transferd.protocol.streams import StreamController

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from transferd._classes import TrafficClass
+from netplan.plan import TrafficClass
 from transferd.errors import TransferdError
 from transferd.plan import SyncRoute
 from transferd.protocol.local_api import JobState

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from transferd._classes import TrafficClass
+from netplan.plan import TrafficClass
 from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, TransferdError
 from transferd.net.peer_client import PeerLink, retrying
 from transferd.net.pump import PeerTraffic
@@ -212,7 +212,7 @@ class Sender:
     # -- one replication ------------------------------------------------------------------------
     async def _replicate(self, job: Job) -> None:
         rel = normalize_rel_path(job.path)
-        tier = check_may_leave_site(rel)
+        check_may_leave_site(rel)
         link = self.links.get(job.dest)
         if link is None:
             raise ProtocolError(f"destination {job.dest!r} is not a peer of this site")
@@ -244,7 +244,7 @@ class Sender:
                 raise _Interrupted
             if pump.deferred:
                 await self._offer_again(pump, files)
-            manifest = upload_manifest(intent, tier, self.clock(), [f.chunks for f in files])
+            manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
             await self._commit(pump, manifest, files)
         finally:
             for state in files:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from transferd._classes import TrafficClass
+from netplan.plan import TrafficClass
 from transferd.protocol.wire import WireModel
 
 __all__ = [

@@ -25,7 +25,7 @@ from pydantic import (
     computed_field,
 )
 
-from transferd._classes import TrafficClass
+from netplan.plan import TrafficClass
 from transferd.protocol.wire import FrozenModel, WireModel
 
 __all__ = [

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from transferd._classes import TrafficClass
+from netplan.plan import TrafficClass
 
 __all__ = ["PeerRateLimiter", "RateCap", "TokenBucket", "bytes_per_s"]
 

@@ -27,7 +27,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from transferd._classes import BULK_CLASSES, TrafficClass
+from netplan.plan import BULK_CLASSES, TrafficClass
 from transferd.protocol.ratelimit import PeerRateLimiter
 
 __all__ = [

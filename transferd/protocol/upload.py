@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
+from netplan.plan import Tier
 from transferd.errors import PolicyViolation, ProtocolError
 from transferd.protocol.manifest import (
     MAX_COMMIT_WANT,
@@ -36,7 +37,7 @@ from transferd.protocol.manifest import (
     UploadIntent,
     file_digest,
 )
-from transferd.protocol.policy import Tier, normalize_rel_path, tier_of
+from transferd.protocol.policy import normalize_rel_path, tier_of, top_folder
 
 __all__ = [
     "ChunkTarget",
@@ -206,7 +207,7 @@ def upload_intent(
 
 
 def upload_manifest(
-    intent: UploadIntent, tier: Tier, created_at: float, chunks: Sequence[Sequence[Chunk]]
+    intent: UploadIntent, created_at: float, chunks: Sequence[Sequence[Chunk]]
 ) -> Manifest:
     """The manifest of a fully hashed upload: `chunks[i]` lists file i's chunks in order."""
     return Manifest(
@@ -215,7 +216,7 @@ def upload_manifest(
         dest_site=intent.dest_site,
         root=intent.root,
         kind=intent.kind,
-        tier=tier.value,
+        tier=top_folder(intent.root),
         created_at=created_at,
         files=[
             FileEntry(

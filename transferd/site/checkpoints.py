@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from transferd.protocol.policy import CHECKPOINTS
 from transferd.site.storage import SiteStorage
 
 __all__ = ["LATEST", "is_step_root", "ready_steps", "step_order", "update_run"]
@@ -26,7 +27,7 @@ def step_order(name: str) -> tuple[object, ...]:
 
 def is_step_root(rel: str) -> bool:
     parts = rel.split("/")
-    return len(parts) == 3 and parts[0] == "checkpoints"
+    return len(parts) == 3 and parts[0] == CHECKPOINTS
 
 
 def _steps(storage: SiteStorage, run: str) -> list[str]:
@@ -62,8 +63,8 @@ def ready_steps(
 ) -> list[str]:
     """Step folders under checkpoints/ that are complete at this (source) site."""
     ready: list[str] = []
-    for run in storage.list_dir("checkpoints"):
-        run_rel = f"checkpoints/{run}"
+    for run in storage.list_dir(CHECKPOINTS):
+        run_rel = f"{CHECKPOINTS}/{run}"
         if run.startswith(".") or not storage.is_dir(run_rel):
             continue
         for step in _steps(storage, run_rel):

@@ -17,7 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from transferd._classes import TrafficClass
+from netplan.plan import TrafficClass
 from transferd.errors import StorageError, TransferdError
 from transferd.protocol.local_api import Job, JobState
 from transferd.protocol.manifest import UploadIntent

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from transferd._classes import TrafficClass
+from netplan.plan import TrafficClass
 from transferd.protocol.streams import StreamChange
 
 __all__ = ["Metrics"]
