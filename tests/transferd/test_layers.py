@@ -104,3 +104,20 @@ def test_the_walk_sees_imports_inside_functions_and_through_other_modules() -> N
     protocol's auth through its own imports."""
     assert _offending("transferd.daemon", ("asyncio",)) != []
     assert "transferd.protocol.auth" in _closure("transferd.net.server")
+
+
+def test_transferd_tests_use_public_names_only() -> None:
+    """Tests hold the package to its public surface: no `_private` module or name."""
+    tests = Path(__file__).resolve().parents[1]
+    private = []
+    for path in sorted([*tests.glob("transferd/*.py"), *tests.glob("integration/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("transferd"):
+                names = [node.module or "", *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("transferd")]
+            else:
+                continue
+            if any(part.startswith("_") for name in names for part in name.split(".")):
+                private.append(f"{path.name}:{node.lineno}")
+    assert private == []

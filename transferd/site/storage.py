@@ -151,7 +151,7 @@ class LocalStorage:
                     members.append((member, full.stat().st_size))
             if not members:
                 raise StorageError(f"{rel} is an empty folder", path=rel)
-            return "folder", members
+            return "folder", sorted(members)  # by member path, as every backend lists them
         except OSError as exc:
             raise storage_error(f"listing {rel}", exc, rel) from exc
 
@@ -355,7 +355,9 @@ class FsspecStorage:
     def newest_mtime(self, rel: str) -> float:
         newest = 0.0
         for info in self.fs.find(self.path(rel), detail=True).values():
-            mtime = info.get("mtime") or info.get("LastModified") or 0
+            # Each filesystem names it differently: local "mtime", S3 "LastModified", memory
+            # "created" (its files are never modified in place).
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
             newest = max(newest, float(mtime.timestamp() if hasattr(mtime, "timestamp") else mtime))
         return newest
 
