@@ -1,8 +1,9 @@
 """The staged files of one upload, written chunk by chunk at their offsets (pwrite, O_DIRECT
 where aligned), reserved at full size when the upload opens, fsync'ed before commit.
 
-`storage_error` turns an OSError into a StorageError that says what failed and why (ENOSPC:
-"no space left on the receiver's storage"), with its errno.
+`os_errors` turns an OSError into a StorageError that says what failed and why (ENOSPC:
+"no space left on the receiver's storage"), with its errno; every storage backend maps its
+filesystem's errors through it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,23 @@ import ctypes
 import errno
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transferd.errors import StorageError
 
-__all__ = ["Staging", "storage_error"]
+__all__ = ["Staging", "os_errors", "storage_error"]
+
+
+@contextmanager
+def os_errors(action: str, path: object) -> Iterator[None]:
+    """An OSError inside the block is raised as the StorageError `storage_error` makes."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage_error(action, exc, path) from exc
 
 
 def storage_error(action: str, exc: OSError, path: object) -> StorageError:

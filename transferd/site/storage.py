@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +20,7 @@ import fsspec
 from transferd.errors import PolicyViolation, StorageError
 from transferd.protocol.policy import normalize_rel_path
 from transferd.site.source import SourceFile
-from transferd.site.staging import Staging, storage_error
+from transferd.site.staging import Staging, os_errors, storage_error
 
 __all__ = [
     "FsspecStorage",
@@ -116,10 +116,8 @@ class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.staging_root = root / ".transferd" / "staging"
-        try:
+        with os_errors("creating data_dir", root):
             self.staging_root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise storage_error("creating data_dir", exc, root) from exc
 
     def path(self, rel: str) -> Path:
         return confine(self.root, rel)
@@ -128,15 +126,13 @@ class LocalStorage:
         self.path(rel)
 
     def open_source(self, rel: str) -> Source:
-        try:
+        with os_errors(f"opening {rel}", rel):
             return SourceFile(str(self.path(rel)))
-        except OSError as exc:
-            raise storage_error(f"opening {rel}", exc, rel) from exc
 
     def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
         """('file', [('', size)]) or ('folder', [(member, size), ...]) in sorted order."""
         path = self.path(rel)
-        try:
+        with os_errors(f"listing {rel}", rel):
             if path.is_file():
                 return "file", [("", path.stat().st_size)]
             if not path.is_dir():
@@ -152,15 +148,13 @@ class LocalStorage:
             if not members:
                 raise StorageError(f"{rel} is an empty folder", path=rel)
             return "folder", sorted(members)  # by member path, as every backend lists them
-        except OSError as exc:
-            raise storage_error(f"listing {rel}", exc, rel) from exc
 
     def exists(self, rel: str) -> bool:
         return self.path(rel).exists()
 
     def commit(self, staging: Staging, rel: str) -> None:
         final = self.path(rel)
-        try:
+        with os_errors(f"committing {rel}", rel):
             staging.sync()
             staging.close()
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -175,24 +169,16 @@ class LocalStorage:
                 os.rename(staging.payload_path, final)
                 shutil.rmtree(old, ignore_errors=True)
             _fsync_dir(final.parent)
-        except OSError as exc:
-            raise storage_error(f"committing {rel}", exc, rel) from exc
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
-        try:
-            with open(self.path(rel), "rb") as fh:
-                fh.seek(offset)
-                return fh.read(length)
-        except OSError as exc:
-            raise storage_error(f"reading {rel}", exc, rel) from exc
+        with os_errors(f"reading {rel}", rel), open(self.path(rel), "rb") as fh:
+            fh.seek(offset)
+            return fh.read(length)
 
     def list_dir(self, rel: str) -> list[str]:
-        try:
+        with os_errors(f"listing {rel}", rel), suppress(FileNotFoundError):
             return sorted(os.listdir(self.path(rel)))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise storage_error(f"listing {rel}", exc, rel) from exc
+        return []
 
     def is_dir(self, rel: str) -> bool:
         return self.path(rel).is_dir()
@@ -200,33 +186,26 @@ class LocalStorage:
     def write_text_atomic(self, rel: str, text: str) -> None:
         final = self.path(rel)
         tmp = final.with_name(f".{final.name}.transferd-tmp")
-        try:
+        with os_errors(f"writing {rel}", rel):
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
             _fsync_dir(final.parent)
-        except OSError as exc:
-            raise storage_error(f"writing {rel}", exc, rel) from exc
 
     def read_text(self, rel: str) -> str | None:
-        try:
+        with os_errors(f"reading {rel}", rel), suppress(FileNotFoundError):
             return self.path(rel).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise storage_error(f"reading {rel}", exc, rel) from exc
+        return None
 
     def remove_tree(self, rel: str) -> None:
         path = self.path(rel)
-        try:
+        with os_errors(f"removing {rel}", rel):
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-        except OSError as exc:
-            raise storage_error(f"removing {rel}", exc, rel) from exc
 
     def newest_mtime(self, rel: str) -> float:
         newest = 0.0
@@ -259,19 +238,15 @@ class FsspecStorage:
         normalize_rel_path(rel)
 
     def open_source(self, rel: str) -> Source:
-        try:
+        with os_errors(f"opening {rel}", rel):
             return _FsspecSource(self.fs, self.path(rel))
-        except OSError as exc:
-            raise storage_error(f"opening {rel}", exc, rel) from exc
 
     def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
         path = self.path(rel)
-        try:
+        with os_errors(f"listing {rel}", rel):
             if self.fs.isfile(path):
                 return "file", [("", int(self.fs.size(path)))]
             found = self.fs.find(path, detail=True)
-        except OSError as exc:
-            raise storage_error(f"listing {rel}", exc, rel) from exc
         members = []
         for name, info in sorted(found.items()):
             member = name[len(path) :].lstrip("/")
@@ -310,20 +285,14 @@ class FsspecStorage:
             raise storage_error(f"committing {rel}", exc, rel) from exc
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
-        try:
+        with os_errors(f"reading {rel}", rel):
             return bytes(self.fs.cat_file(self.path(rel), start=offset, end=offset + length))
-        except OSError as exc:
-            raise storage_error(f"reading {rel}", exc, rel) from exc
 
     def list_dir(self, rel: str) -> list[str]:
-        try:
-            return sorted(
-                p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False)
-            )
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise storage_error(f"listing {rel}", exc, rel) from exc
+        with os_errors(f"listing {rel}", rel), suppress(FileNotFoundError):
+            listed = self.fs.ls(self.path(rel), detail=False)
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed)
+        return []
 
     def is_dir(self, rel: str) -> bool:
         return bool(self.fs.isdir(self.path(rel)))
@@ -331,26 +300,19 @@ class FsspecStorage:
     def write_text_atomic(self, rel: str, text: str) -> None:
         final = self.path(rel)
         tmp = f"{final}.transferd-tmp"
-        try:
+        with os_errors(f"writing {rel}", rel):
             self.fs.pipe_file(tmp, text.encode())
             self.fs.mv(tmp, final)
-        except OSError as exc:
-            raise storage_error(f"writing {rel}", exc, rel) from exc
 
     def read_text(self, rel: str) -> str | None:
-        try:
+        with os_errors(f"reading {rel}", rel), suppress(FileNotFoundError):
             return bytes(self.fs.cat_file(self.path(rel))).decode()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise storage_error(f"reading {rel}", exc, rel) from exc
+        return None
 
     def remove_tree(self, rel: str) -> None:
-        try:
+        with os_errors(f"removing {rel}", rel):
             if self.fs.exists(self.path(rel)):
                 self.fs.rm(self.path(rel), recursive=True)
-        except OSError as exc:
-            raise storage_error(f"removing {rel}", exc, rel) from exc
 
     def newest_mtime(self, rel: str) -> float:
         newest = 0.0
