@@ -14,103 +14,75 @@ __all__ = ["Metrics"]
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.bytes_sent = Counter(
-            "transferd_bytes_sent", "Chunk body bytes sent on the wire", ["peer"], registry=r
+        counter, gauge = self._counter, self._gauge
+        # Chunks and bytes, by peer
+        self.bytes_sent = counter("bytes_sent", "Chunk body bytes sent on the wire", "peer")
+        self.bytes_received = counter(
+            "bytes_received", "Chunk body bytes received on the wire", "peer"
         )
-        self.bytes_received = Counter(
-            "transferd_bytes_received",
-            "Chunk body bytes received on the wire",
-            ["peer"],
-            registry=r,
+        self.chunks_sent = counter("chunks_sent", "Chunks PUT to a peer", "peer")
+        self.chunks_received = counter("chunks_received", "Chunks accepted from a peer", "peer")
+        self.chunks_skipped = counter(
+            "chunks_skipped", "Chunks not sent because the receiver already had them", "peer"
         )
-        self.chunks_sent = Counter(
-            "transferd_chunks_sent", "Chunks PUT to a peer", ["peer"], registry=r
+        self.compression_in = counter(
+            "compression_input_bytes", "Raw bytes of chunks sent", "peer"
         )
-        self.chunks_received = Counter(
-            "transferd_chunks_received", "Chunks accepted from a peer", ["peer"], registry=r
+        self.compression_out = counter(
+            "compression_output_bytes", "Wire bytes of chunks sent (ratio = output / input)", "peer"
         )
-        self.chunks_skipped = Counter(
-            "transferd_chunks_skipped",
-            "Chunks not sent because the receiver already had them",
-            ["peer"],
-            registry=r,
-        )
-        self.compression_in = Counter(
-            "transferd_compression_input_bytes", "Raw bytes of chunks sent", ["peer"], registry=r
-        )
-        self.compression_out = Counter(
-            "transferd_compression_output_bytes",
-            "Wire bytes of chunks sent (ratio = output / input)",
-            ["peer"],
-            registry=r,
-        )
-        self.compression_ratio = Gauge(
-            "transferd_compression_ratio",
+        self.compression_ratio = gauge(
+            "compression_ratio",
             "Wire bytes / raw bytes of all chunks sent to the peer so far (1.0: uncompressed)",
-            ["peer"],
-            registry=r,
+            "peer",
         )
-        self.retries = Counter("transferd_retries", "Requests retried", ["peer"], registry=r)
-        self.integrity_failures = Counter(
-            "transferd_integrity_failures",
-            "Chunks or files that failed verification",
-            ["peer", "side"],
-            registry=r,
+        self.retries = counter("retries", "Requests retried", "peer")
+        # Refusals
+        self.integrity_failures = counter(
+            "integrity_failures", "Chunks or files that failed verification", "peer", "side"
         )
-        self.auth_failures = Counter(
-            "transferd_auth_failures", "Requests refused by authentication", ["reason"], registry=r
+        self.auth_failures = counter(
+            "auth_failures", "Requests refused by authentication", "reason"
         )
-        self.policy_refusals = Counter(
-            "transferd_policy_refusals", "Transfers refused by policy", ["side"], registry=r
-        )
+        self.policy_refusals = counter("policy_refusals", "Transfers refused by policy", "side")
+        # Jobs and streams
         self.job_seconds = Histogram(
             "transferd_job_duration_seconds",
             "Wall time of replication jobs",
             ["outcome"],
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200),
-            registry=r,
+            registry=self.registry,
         )
-        self.stream_changes = Counter(
-            "transferd_stream_changes",
+        self.stream_changes = counter(
+            "stream_changes",
             "Changes of the parallel-stream target, by direction",
-            ["peer", "class", "direction"],
-            registry=r,
+            "peer", "class", "direction",
+        )  # fmt: skip
+        self.streams_target = gauge(
+            "streams_target", "Parallel chunk uploads the stream controller allows", "peer", "class"
         )
-        self.streams_target = Gauge(
-            "transferd_streams_target",
-            "Parallel chunk uploads the stream controller allows",
-            ["peer", "class"],
-            registry=r,
+        # Messages
+        message = ("peer", "class")
+        self.messages_sent = counter("messages_sent", "Messages queued to a peer", *message)
+        self.messages_delivered = counter(
+            "messages_delivered", "Messages a peer acknowledged", *message
         )
+        self.messages_received = counter(
+            "messages_received", "Messages received from a peer", *message
+        )
+        self.messages_received_late = counter(
+            "messages_received_late", "Messages received after their deadline", *message
+        )
+        self.budget_misses = counter(
+            "messages_budget_misses", "Messages that missed their deadline, by reason", "peer",
+            "kind",
+        )  # fmt: skip
 
-        self.messages_sent = Counter(
-            "transferd_messages_sent", "Messages queued to a peer", ["peer", "class"], registry=r
-        )
-        self.messages_delivered = Counter(
-            "transferd_messages_delivered",
-            "Messages a peer acknowledged",
-            ["peer", "class"],
-            registry=r,
-        )
-        self.messages_received = Counter(
-            "transferd_messages_received",
-            "Messages received from a peer",
-            ["peer", "class"],
-            registry=r,
-        )
-        self.messages_received_late = Counter(
-            "transferd_messages_received_late",
-            "Messages received after their deadline",
-            ["peer", "class"],
-            registry=r,
-        )
-        self.budget_misses = Counter(
-            "transferd_messages_budget_misses",
-            "Messages that missed their deadline, by reason",
-            ["peer", "kind"],
-            registry=r,
-        )
+    def _counter(self, name: str, doc: str, *labels: str) -> Counter:
+        return Counter(f"transferd_{name}", doc, labels, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, *labels: str) -> Gauge:
+        return Gauge(f"transferd_{name}", doc, labels, registry=self.registry)
 
     def count_stream_change(self, peer: str, cls: TrafficClass, change: StreamChange) -> None:
         direction = "up" if change.to_streams > change.from_streams else "down"
