@@ -24,7 +24,7 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
-from transferd.net.local_client import LocalClient
+from transferd.net.local_client import LocalClient, LocalRequest
 from transferd.protocol.auth import local_signer
 from transferd.protocol.backoff import backoff_delays
 from transferd.protocol.local_api import (
@@ -190,16 +190,15 @@ def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> Non
         _fail(ConfigError(f"--to: not a peer in {config_path}: {', '.join(unknown) or '(none)'}"))
     rel = _relative_to_data_dir(config, path)
 
-    client = _local_client(config)
     started = time.monotonic()
-    try:
-        request = SendRequest(path=rel, to=dests)
-        sent = _first_call(lambda: client.call("POST", LOCAL_SEND_ROUTE, SendAnswer, body=request))
-        jobs = _poll(client, sent.jobs, wait=wait, progress=wait and not as_json)
-    except TransferdError as exc:
-        _fail(exc)
-    finally:
-        client.close()
+    send_jobs = SendRequest(path=rel, to=dests)
+    request = LocalRequest("POST", LOCAL_SEND_ROUTE, SendAnswer, body=send_jobs)
+
+    def send_and_poll(client: LocalClient) -> list[Job]:
+        sent = _first_call(lambda: client.call(request))
+        return _poll(client, sent.jobs, wait=wait, progress=wait and not as_json)
+
+    jobs = _with_daemon(config, send_and_poll)
     seconds = time.monotonic() - started
     failed = [j for j in jobs if j.state is JobState.FAILED]
     if as_json:
@@ -217,6 +216,17 @@ def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> Non
         sys.exit(
             EXIT_POLICY if kinds == {"policy"} else EXIT_AUTH if kinds == {"auth"} else EXIT_FAILED
         )
+
+
+def _with_daemon(config: SiteConfig, use: Callable[[LocalClient], T]) -> T:
+    """`use` a client of this site's own daemon; its errors become exit codes."""
+    client = _local_client(config)
+    try:
+        return use(client)
+    except TransferdError as exc:
+        _fail(exc)
+    finally:
+        client.close()
 
 
 def _first_call(call: Callable[[], T]) -> T:
@@ -255,7 +265,8 @@ def _poll(client: LocalClient, ids: list[str], *, wait: bool, progress: bool) ->
     )
 
     def fetch() -> list[Job]:
-        return client.call("GET", f"{LOCAL_JOBS_ROUTE}?ids={','.join(ids)}", JobsAnswer).jobs
+        path_qs = f"{LOCAL_JOBS_ROUTE}?ids={','.join(ids)}"
+        return client.call(LocalRequest("GET", path_qs, JobsAnswer)).jobs
 
     jobs = fetch()
     if not wait:
@@ -288,13 +299,8 @@ def status(config_path: str, as_json: bool) -> None:
     """Jobs, peers and rates of the local daemon."""
     config = _config(config_path)
 
-    client = _local_client(config)
-    try:
-        state = _first_call(lambda: client.call("GET", LOCAL_STATUS_ROUTE, SiteStatus))
-    except TransferdError as exc:
-        _fail(exc)
-    finally:
-        client.close()
+    request = LocalRequest("GET", LOCAL_STATUS_ROUTE, SiteStatus)
+    state = _with_daemon(config, lambda client: _first_call(lambda: client.call(request)))
     if as_json:
         click.echo(to_body(state).decode())
         return
@@ -384,13 +390,8 @@ def message(
         query["deadline_ms"] = f"{deadline_ms:g}"
     path_qs = MESSAGES_ROUTE.format(peer=quote(peer, safe="")) + "?" + urlencode(query)
 
-    client = _local_client(config)
-    try:
-        receipt = client.call("POST", path_qs, MessageReceipt, body=body)
-    except TransferdError as exc:
-        _fail(exc)
-    finally:
-        client.close()
+    request = LocalRequest("POST", path_qs, MessageReceipt, body=body)
+    receipt = _with_daemon(config, lambda client: client.call(request))
     if as_json:
         click.echo(to_body(receipt).decode())
     else:
@@ -410,14 +411,9 @@ def inbox(config_path: str, wait_ms: float, max_messages: int) -> None:
     """Take messages from the local daemon's inbox: one JSON object per line."""
     config = _config(config_path)
 
-    client = _local_client(config)
     path_qs = f"{INBOX_ROUTE}?wait_ms={wait_ms:g}&max={max_messages}"
-    try:
-        answer = client.call("GET", path_qs, InboxAnswer)
-    except TransferdError as exc:
-        _fail(exc)
-    finally:
-        client.close()
+    request = LocalRequest("GET", path_qs, InboxAnswer)
+    answer = _with_daemon(config, lambda client: client.call(request))
     for m in answer.messages:
         click.echo(to_body(m).decode())
 

@@ -7,18 +7,6 @@ mapped into this tree at the boundary with `raise ... from exc`.
 
 from __future__ import annotations
 
-__all__ = [
-    "ERROR_KINDS",
-    "AuthError",
-    "ConfigError",
-    "IntegrityError",
-    "PolicyViolation",
-    "ProtocolError",
-    "StorageError",
-    "TransferdError",
-    "TransportError",
-]
-
 
 class TransferdError(Exception):
     """Base of every transferd error. `kind` names the subclass on the wire and in JSON output."""
@@ -117,3 +105,5 @@ ERROR_KINDS: dict[str, type[TransferdError]] = {
         TransportError,
     )
 }
+
+__all__ = ["ERROR_KINDS", *(cls.__name__ for cls in ERROR_KINDS.values())]

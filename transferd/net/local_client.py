@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import http.client
 import ssl
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 from pydantic import BaseModel
@@ -27,10 +28,25 @@ from transferd.protocol.wire import INBOX_ROUTE, MESSAGES_ROUTE, check_reply, pa
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["LocalClient", "read_inbox", "send_message"]
+__all__ = ["LocalClient", "LocalRequest", "read_inbox", "send_message"]
 
 TIMEOUT_S = 120.0
 M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class LocalRequest(Generic[M]):
+    """One request of the local API and the model its answer parses into."""
+
+    method: str
+    path_qs: str
+    answer: type[M]
+    body: BaseModel | bytes | None = None
+    accept: tuple[int, ...] = (200,)
+
+    def answer_of(self, status: int, reply: bytes, daemon: str) -> M:
+        check_reply(status, reply, self.accept, daemon)
+        return parse_body(self.answer, reply)
 
 
 class LocalClient:
@@ -50,16 +66,15 @@ class LocalClient:
         if self._conn is not None:
             self._conn.close()
 
-    def _request(
-        self, method: str, path_qs: str, body: BaseModel | bytes | None
-    ) -> tuple[bytes | None, dict[str, str]]:
+    def _prepared(self, request: LocalRequest[Any]) -> tuple[bytes | None, dict[str, str]]:
+        body = request.body
         if isinstance(body, BaseModel):
             raw: bytes | None = to_body(body)
             headers = {"Content-Type": "application/json"}
         else:
             raw, headers = body, {"Content-Type": "application/octet-stream"} if body else {}
         if self._sign is not None:
-            headers.update(self._sign(method, path_qs, raw))
+            headers.update(self._sign(request.method, request.path_qs, raw))
         return raw, headers
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -73,62 +88,46 @@ class LocalClient:
                 self._conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
         return self._conn
 
-    def call(
-        self,
-        method: str,
-        path_qs: str,
-        answer: type[M],
-        *,
-        body: BaseModel | bytes | None = None,
-        accept: tuple[int, ...] = (200,),
-    ) -> M:
-        """One signed request, its answer parsed into `answer`; the daemon's error
-        (ProtocolError, AuthError, ...) otherwise; TransportError when it cannot be reached."""
-        raw, headers = self._request(method, path_qs, body)
+    def call(self, request: LocalRequest[M]) -> M:
+        """Send one signed request and parse its answer; the daemon's error (ProtocolError,
+        AuthError, ...) otherwise; TransportError when it cannot be reached."""
+        raw, headers = self._prepared(request)
         conn = self._connection()
         try:
-            conn.request(method, path_qs, body=raw, headers=headers)
+            conn.request(request.method, request.path_qs, body=raw, headers=headers)
             resp = conn.getresponse()
             reply, status = resp.read(), resp.status
         except (OSError, http.client.HTTPException) as exc:
             conn.close()  # the next call reconnects
             reason = f"{self.url}: {type(exc).__name__}: {exc}"
             raise TransportError(reason, peer=self.url) from exc
-        check_reply(status, reply, accept, self.url)
-        return parse_body(answer, reply)
+        return request.answer_of(status, reply, self.url)
 
     async def acall(
-        self,
-        method: str,
-        path_qs: str,
-        answer: type[M],
-        *,
-        body: BaseModel | bytes | None = None,
-        accept: tuple[int, ...] = (200,),
-        session: aiohttp.ClientSession | None = None,
+        self, request: LocalRequest[M], session: aiohttp.ClientSession | None = None
     ) -> M:
         """`call` from a running event loop, on `session` (or one opened for this call)."""
         import aiohttp
         from yarl import URL
 
-        raw, headers = self._request(method, path_qs, body)
+        raw, headers = self._prepared(request)
         client = session or aiohttp.ClientSession()
         try:
             async with client.request(
-                method,
-                URL(self.url + path_qs, encoded=True),
+                request.method,
+                URL(self.url + request.path_qs, encoded=True),
                 data=raw,
                 headers=headers,
                 ssl=self._ssl if self._ssl is not None else True,
             ) as resp:
                 reply, status = await resp.read(), resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransportError(f"{method} {self.url}{path_qs}: {exc!r}") from exc
+            where = f"{request.method} {self.url}{request.path_qs}"
+            raise TransportError(f"{where}: {exc!r}") from exc
         finally:
             if session is None:
                 await client.close()
-        check_reply(status, reply, accept, self.url)
-        return parse_body(answer, reply)
+        return request.answer_of(status, reply, self.url)
 
 
 async def send_message(
@@ -148,10 +147,8 @@ async def send_message(
     if deadline_ms is not None:
         query["deadline_ms"] = f"{deadline_ms:g}"
     path_qs = MESSAGES_ROUTE.format(peer=quote(peer, safe="")) + "?" + urlencode(query)
-    client = LocalClient(daemon_url, sign)
-    return await client.acall(
-        "POST", path_qs, MessageReceipt, body=body, accept=(200, 202), session=session
-    )
+    request = LocalRequest("POST", path_qs, MessageReceipt, body=body, accept=(200, 202))
+    return await LocalClient(daemon_url, sign).acall(request, session)
 
 
 async def read_inbox(
@@ -165,6 +162,6 @@ async def read_inbox(
     """Take up to `max_messages` from the local daemon's inbox, waiting up to `wait_ms`."""
     path_qs = INBOX_ROUTE + "?" + urlencode({"wait_ms": f"{wait_ms:g}", "max": str(max_messages)})
     answer = await LocalClient(daemon_url, sign).acall(
-        "GET", path_qs, InboxAnswer, session=session
+        LocalRequest("GET", path_qs, InboxAnswer), session
     )
     return answer.messages
