@@ -271,31 +271,29 @@ class Sender:
             finally:
                 queue.put_nowait(None)
 
-        producer = asyncio.create_task(produce())
         try:
-            while (item := await queue.get()) is not None:
-                ahead.release()
-                if self._stopping:
-                    # Start nothing new; keep draining so the producer reaches its next batch,
-                    # sees the stop and ends.
-                    item.close()
-                    continue
-                try:
-                    await pump.gate.acquire(item.length)
-                except BaseException:
-                    item.close()
-                    raise
-                pump.spawn(tg, item.digest, item.locations, item.view, item.window)
+            # The producer's errors (integrity, protocol) are the job's: its task group cancels
+            # this loop and raises them.
+            async with asyncio.TaskGroup() as offers:
+                offers.create_task(produce())
+                while (item := await queue.get()) is not None:
+                    ahead.release()
+                    if self._stopping:
+                        # Start nothing new; keep draining so the producer reaches its next
+                        # batch, sees the stop and ends.
+                        item.close()
+                        continue
+                    try:
+                        await pump.gate.acquire(item.length)
+                    except BaseException:
+                        item.close()
+                        raise
+                    pump.spawn(tg, item.digest, item.locations, item.view, item.window)
         finally:
-            if not producer.done():
-                producer.cancel()
-            try:
-                await producer  # its errors (integrity, protocol) are the job's
-            finally:
-                while not queue.empty():
-                    left = queue.get_nowait()
-                    if left is not None:
-                        left.close()
+            while not queue.empty():
+                left = queue.get_nowait()
+                if left is not None:
+                    left.close()
 
     async def _hash_and_offer(
         self,
