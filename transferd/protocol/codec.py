@@ -64,7 +64,6 @@ class CompressionPolicy:
     workers: int = 2
     compress_bytes_per_s: float | None = None  # measured zstd input throughput per worker
     link_bytes_per_s: float | None = None  # measured goodput of chunk bodies on the wire
-    last_ratio: float = 1.0
 
     @classmethod
     def from_setting(cls, setting: str | int, workers: int) -> CompressionPolicy:
@@ -115,9 +114,7 @@ class CompressionPolicy:
             return 1.0
         start = max(0, n // 2 - SAMPLE_BYTES // 2)
         sample = data[start : start + SAMPLE_BYTES]
-        ratio = len(zstd_compress(sample, self.level)) / len(sample)
-        self.last_ratio = ratio
-        return ratio
+        return len(zstd_compress(sample, self.level)) / len(sample)
 
 
 def _ewma(old: float | None, new: float) -> float:

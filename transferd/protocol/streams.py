@@ -93,7 +93,6 @@ class StreamController:
         self._next_cooldown = probe_cooldown_windows
         self._low_windows = 0  # consecutive windows below the fall threshold
         self._sample_bytes: float | None = None  # running mean size of one acknowledgement
-        self.last_goodput_bytes_per_s = 0.0
 
     def next_deadline(self) -> float:
         """When the current window closes (call `on_sample(now, 0, 0)` then if nothing came)."""
@@ -154,7 +153,6 @@ class StreamController:
         if self._settle > 0:
             self._settle -= 1
             return
-        self.last_goodput_bytes_per_s = goodput
         if self._probe is not None:
             base_n, base_goodput = self._probe
             self._probe = None
