@@ -108,7 +108,10 @@ _JOB_COLUMNS = ", ".join(Job.model_fields)
 
 @dataclass(frozen=True)
 class ChunkLocation:
-    path: str  # a committed file (relative to data_dir) or a staging file (absolute)
+    """Where this site holds a chunk's bytes: in a committed file (`path`, relative to
+    data_dir) or in an open upload's staging (`upload`, `file_index`)."""
+
+    path: str
     offset: int
     length: int
     upload: str | None = None
@@ -296,12 +299,12 @@ class Journal:
         except sqlite3.Error as exc:
             raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
 
-    def chunks_of(self, path: str) -> list[tuple[int, int, str]]:
-        """(offset, length, hash) of a committed file's chunks, in file order."""
+    def chunks_of(self, path: str) -> list[ChunkLocation]:
+        """A committed file's chunks (from the index), in file order."""
         rows = self._exec(
-            "SELECT offset, length, hash FROM chunk_index WHERE path = ? ORDER BY offset", (path,)
+            "SELECT offset, length FROM chunk_index WHERE path = ? ORDER BY offset", (path,)
         ).fetchall()
-        return [(int(o), int(n), str(h)) for o, n, h in rows]
+        return [ChunkLocation(path=path, offset=int(o), length=int(n)) for o, n in rows]
 
     def unindex_prefix(self, prefix: str) -> None:
         self._exec(

@@ -287,11 +287,12 @@ class Receiver:
             raise StorageError(f"opening {rel}: {exc.strerror}", path=rel) from exc
         whole = memoryview(mapping)
         try:
-            schema = read_chunk_schema(whole[: spans[0][1]])
+            schema = read_chunk_schema(whole[: spans[0].length])
             batches: list[pa.RecordBatch] = []
-            for i, (off, n, _digest) in enumerate(spans[1:], start=1):
+            for i, span in enumerate(spans[1:], start=1):
+                chunk = whole[span.offset : span.offset + span.length]
                 try:
-                    batches += open_record_batch_chunk(whole[off : off + n], schema)
+                    batches += open_record_batch_chunk(chunk, schema)
                 except ArrowChunkError:
                     if i == len(spans) - 1:
                         break  # the trailer: end-of-stream marker and footer
