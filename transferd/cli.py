@@ -35,7 +35,6 @@ from transferd.protocol.local_api import (
     SendRequest,
     SiteStatus,
 )
-from transferd.protocol.messages import InboxAnswer, MessageReceipt
 from transferd.protocol.wire import (
     INBOX_ROUTE,
     LOCAL_JOBS_ROUTE,
@@ -375,6 +374,8 @@ def message(
     """Deliver a small object to PEER's inbox through the local daemon, with a deadline."""
     from urllib.parse import quote, urlencode
 
+    from transferd.protocol.messages import MessageReceipt
+
     config = _config(config_path)
     if data is not None and file_path is not None:
         click.echo("transferd: usage error: give --data or --file, not both", err=True)
@@ -409,6 +410,8 @@ def message(
 @click.option("--max", "max_messages", type=click.IntRange(min=1, max=10_000), default=100)
 def inbox(config_path: str, wait_ms: float, max_messages: int) -> None:
     """Take messages from the local daemon's inbox: one JSON object per line."""
+    from transferd.protocol.messages import InboxAnswer
+
     config = _config(config_path)
 
     path_qs = f"{INBOX_ROUTE}?wait_ms={wait_ms:g}&max={max_messages}"

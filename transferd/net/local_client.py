@@ -22,11 +22,12 @@ from pydantic import BaseModel
 from netplan.plan import TrafficClass
 from transferd.errors import ProtocolError, TransportError
 from transferd.protocol.auth import LocalSigner
-from transferd.protocol.messages import InboxAnswer, InboxMessage, MessageReceipt
 from transferd.protocol.wire import INBOX_ROUTE, MESSAGES_ROUTE, check_reply, parse_body, to_body
 
 if TYPE_CHECKING:
     import aiohttp
+
+    from transferd.protocol.messages import InboxMessage, MessageReceipt
 
 __all__ = ["LocalClient", "LocalRequest", "read_inbox", "send_message"]
 
@@ -143,6 +144,8 @@ async def send_message(
 ) -> MessageReceipt:
     """Ask the local daemon at `daemon_url` to deliver `body` to `peer` (signed with
     `local_signer(keyring)`); the receipt says when it was delivered and whether late."""
+    from transferd.protocol.messages import MessageReceipt
+
     query = {"class": traffic_class.value, "wait": "1" if wait else "0"}
     if deadline_ms is not None:
         query["deadline_ms"] = f"{deadline_ms:g}"
@@ -160,6 +163,8 @@ async def read_inbox(
     sign: LocalSigner | None = None,
 ) -> list[InboxMessage]:
     """Take up to `max_messages` from the local daemon's inbox, waiting up to `wait_ms`."""
+    from transferd.protocol.messages import InboxAnswer
+
     path_qs = INBOX_ROUTE + "?" + urlencode({"wait_ms": f"{wait_ms:g}", "max": str(max_messages)})
     answer = await LocalClient(daemon_url, sign).acall(
         LocalRequest("GET", path_qs, InboxAnswer), session

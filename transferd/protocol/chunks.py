@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Annotated
+from typing import Annotated, Literal
 
 import blake3
 from pydantic import ConfigDict, Field
 
 from transferd.errors import ProtocolError
-from transferd.protocol.codec import Encoding
 from transferd.protocol.wire import FrozenModel
 
 __all__ = [
     "MAX_CHUNK_BYTES",
     "ChunkPut",
+    "Encoding",
     "blake3_hex",
     "check_address",
     "fixed_spans",
@@ -29,6 +29,7 @@ __all__ = [
     "parse_locations",
 ]
 
+Encoding = Literal["identity", "zstd"]  # how a chunk body is framed on the wire (`codec`)
 MAX_CHUNK_BYTES = 256 * 1024 * 1024
 MAX_LOCATIONS = 1024
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

@@ -12,15 +12,13 @@ without sockets or sleeps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import zstandard
 
 from transferd.errors import IntegrityError, ProtocolError
+from transferd.protocol.chunks import Encoding
 
-__all__ = ["CompressionPolicy", "Encoded", "Encoding", "decode_body", "zstd_compress"]
-
-Encoding = Literal["identity", "zstd"]  # how a chunk body is framed on the wire
+__all__ = ["CompressionPolicy", "Encoded", "decode_body", "zstd_compress"]
 
 MIN_SAVING = 0.05  # the rule: skip chunks that do not shrink by >= 5 %
 SAMPLE_BYTES = 128 * 1024
