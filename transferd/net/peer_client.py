@@ -1,29 +1,35 @@
-"""Signed HTTP requests to a peer daemon, one aiohttp connection pool per traffic class.
+"""The one client for peers: signed HTTP requests to a peer daemon, one aiohttp connection
+pool per traffic class, for uploads and messages alike.
 
 Bulk chunk bodies never queue in front of control messages (have/want, commit) because each
 (peer, TrafficClass) pair owns its own `ClientSession` and connector. Bodies go out as
 memoryviews with Content-Length (no chunked encoding: aiohttp copies each chunk then).
 aiohttp and OS errors become TransportError here; error bodies from the peer are rebuilt into
-the package's errors.
+the package's errors (`wire.check_reply`); `retrying` retries a call on TransportError with the
+one capped exponential backoff (`protocol.backoff`).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import ssl
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import payload
+from pydantic import BaseModel
 
-from transferd._auth import EMPTY_BODY_BLAKE3, sign_headers
-from transferd._chunker import blake3_hex
-from transferd._classes import TrafficClass
-from transferd._keys import Keyring
-from transferd.errors import TransportError, decode_reply
+from netplan.plan import BULK_CLASSES, TrafficClass
+from transferd.errors import TransportError
+from transferd.protocol.auth import Keys, body_blake3, sign_headers
+from transferd.protocol.backoff import backoff_delays
+from transferd.protocol.wire import check_reply, to_body
 
-__all__ = ["ChunkBody", "PeerLink", "Reply"]
+__all__ = ["ChunkBody", "PeerLink", "Reply", "retrying"]
+
+T = TypeVar("T")
 
 _CONTROL_POOL = 8  # control: small messages, a few connections suffice
 # Interactive messages: HTTP/1.1 carries one request per connection at a time, so a pool of n
@@ -58,7 +64,12 @@ class ChunkBody(payload.Payload):
             self._on_sent()
 
 
-Reply = tuple[int, Any]
+@dataclass(frozen=True)
+class Reply:
+    """An answer with an accepted status; callers parse `body` with the model they expect."""
+
+    status: int
+    body: bytes
 
 
 class PeerLink:
@@ -70,7 +81,7 @@ class PeerLink:
         site: str,
         peer: str,
         url: str,
-        keyring: Keyring,
+        keys: Keys,
         streams: int,
         clock: Callable[[], float],
         ssl_context: ssl.SSLContext | None = None,
@@ -79,7 +90,7 @@ class PeerLink:
         self.site, self.peer, self.url = site, peer, url
         # Benchmark baseline only: every class on one pool, so small messages queue behind bulk.
         self.shared_pool = shared_pool
-        self.keyring = keyring
+        self.keys = keys
         self.streams = streams
         self.clock = clock
         self.ssl_context = ssl_context
@@ -90,7 +101,7 @@ class PeerLink:
             traffic_class = TrafficClass.CHECKPOINT
         session = self._sessions.get(traffic_class)
         if session is None or session.closed:
-            bulk = traffic_class in (TrafficClass.CHECKPOINT, TrafficClass.SYNC)
+            bulk = traffic_class in BULK_CLASSES
             interactive = traffic_class is TrafficClass.INTERACTIVE
             # Bulk: each stream may have one more upload awaiting its answer (BulkGate.sent).
             limit = 2 * self.streams if bulk else INTERACTIVE_POOL if interactive else _CONTROL_POOL
@@ -121,28 +132,22 @@ class PeerLink:
         method: str,
         path_qs: str,
         *,
-        json_body: Any = None,
-        body: bytes | memoryview | None = None,
-        body_blake3: str | None = None,
+        body: BaseModel | bytes | memoryview | None = None,
+        body_digest: str | None = None,
         headers: dict[str, str] | None = None,
         accept: tuple[int, ...] = (200,),
         on_sent: Callable[[], None] | None = None,
     ) -> Reply:
-        """One signed request. Returns (status, decoded JSON or None) for accepted statuses;
-        raises the peer's error (ProtocolError, AuthError, ...) or TransportError otherwise."""
-        if json_body is not None:
-            body = json.dumps(json_body, separators=(",", ":")).encode()
-        if body is None:
-            digest = EMPTY_BODY_BLAKE3
-        elif body_blake3 is not None:
-            digest = body_blake3
-        else:
-            digest = blake3_hex(body)
+        """One signed request (`body_digest`: the body's blake3 when the caller knows it).
+        Returns the reply of an accepted status; raises the peer's error (ProtocolError,
+        AuthError, ...) or TransportError otherwise."""
+        if isinstance(body, BaseModel):
+            body = to_body(body)
         signed = sign_headers(
-            self.keyring.secret_for(self.peer),
+            self.keys.secret_for(self.peer),
             method=method,
             path_qs=path_qs,
-            body_blake3=digest,
+            body_blake3=body_digest or body_blake3(body),
             src=self.site,
             dst=self.peer,
             now=self.clock(),
@@ -160,4 +165,25 @@ class PeerLink:
             raise TransportError(
                 f"{self.peer}: {type(exc).__name__}: {exc}", peer=self.peer
             ) from exc
-        return decode_reply(status, raw, accept, self.peer)
+        check_reply(status, raw, accept, self.peer)
+        return Reply(status, raw)
+
+
+async def retrying(
+    call: Callable[[], Awaitable[T]],
+    *,
+    budget_s: float,
+    on_retry: Callable[[], None],
+    first_delay_s: float = 0.1,
+) -> T:
+    """Retry `call` on TransportError with capped exponential backoff until `budget_s` is spent."""
+    delays = backoff_delays(budget_s, first_s=first_delay_s)
+    while True:
+        try:
+            return await call()
+        except TransportError:
+            delay = next(delays, None)
+            if delay is None:
+                raise
+            on_retry()
+            await asyncio.sleep(delay)

@@ -19,47 +19,48 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from transferd._backoff import backoff_delays
-from transferd._chunker import FileWindow, SourceFile, blake3_hex, chunk_spans, fixed_spans
-from transferd._classes import TrafficClass
-from transferd._client import PeerLink
-from transferd._codec import CompressionPolicy, Encoded, zstd_compress
-from transferd._journal import Job, JobState, Journal
-from transferd._keys import Keyring
-from transferd._manifest import (
+from netplan.plan import TrafficClass
+from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, TransferdError
+from transferd.net.peer_client import PeerLink, retrying
+from transferd.net.pump import PeerTraffic
+from transferd.protocol.auth import Keys
+from transferd.protocol.chunks import ChunkPut, blake3_hex, fixed_spans, format_locations
+from transferd.protocol.codec import CompressionPolicy, Encoded, zstd_compress
+from transferd.protocol.local_api import Job
+from transferd.protocol.manifest import (
     ChunkRef,
-    FileEntry,
+    CommitAnswer,
+    HaveAnswer,
     HaveRequest,
     Manifest,
-    UploadIntent,
-    file_digest,
+    OpenAnswer,
 )
-from transferd._metrics import Metrics
-from transferd._policy import Tier, check_may_leave_site, normalize_rel_path
-from transferd._storage import FsspecStorage, LocalStorage, Source
-from transferd._streams import PeerTraffic
-from transferd.errors import (
-    IntegrityError,
-    PolicyViolation,
-    ProtocolError,
-    TransferdError,
-    TransportError,
+from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
+from transferd.protocol.upload import plan_offer, resend, upload_id, upload_intent, upload_manifest
+from transferd.protocol.wire import (
+    CHUNK_ROUTE,
+    COMMIT_ROUTE,
+    HAVE_ROUTE,
+    UPLOADS_ROUTE,
+    WireModel,
+    parse_body,
 )
+from transferd.site.journal import JobCounters, Journal
+from transferd.site.metrics import Metrics
+from transferd.site.source import FileWindow, SourceFile, chunk_spans
+from transferd.site.storage import SiteStorage, Source
 
-__all__ = ["Sender", "traffic_class_for"]
+__all__ = ["Sender"]
+
+A = TypeVar("A", bound=WireModel)
 
 log = logging.getLogger("transferd.sender")
 
 HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the mapped windows
 MAX_CHUNK_ATTEMPTS = 5  # integrity failures of one chunk before the job fails
 COMMIT_ROUNDS = 4
-
-
-def traffic_class_for(rel: str) -> TrafficClass:
-    return (
-        TrafficClass.CHECKPOINT if rel.split("/", 1)[0] == Tier.CHECKPOINTS else TrafficClass.SYNC
-    )
 
 
 @dataclass
@@ -75,9 +76,9 @@ class Sender:
         self,
         *,
         site: str,
-        storage: LocalStorage | FsspecStorage,
+        storage: SiteStorage,
         journal: Journal,
-        keyring: Keyring,
+        keys: Keys,
         metrics: Metrics,
         links: dict[str, PeerLink],
         chunk_size: int,
@@ -91,7 +92,7 @@ class Sender:
         self.site = site
         self.storage = storage
         self.journal = journal
-        self.keyring = keyring
+        self.keys = keys
         self.metrics = metrics
         self.links = links
         self.chunk_size = chunk_size
@@ -130,7 +131,7 @@ class Sender:
         for dest in dests:
             job_id = uuid.uuid4().hex
             cls = traffic_class or traffic_class_for(rel)
-            self.journal.add_job(job_id, rel, dest, cls.value, self.clock())
+            self.journal.add_job(job_id, rel, dest, cls, self.clock())
             ids.append(job_id)
             log.info("job.queued", extra={"fields": {"job": job_id, "path": rel, "dest": dest}})
         self._wake.set()
@@ -143,7 +144,7 @@ class Sender:
         async with asyncio.TaskGroup() as tg:
             while not self._stopping:
                 self._wake.clear()
-                for job in self.journal.jobs(states=JobState.ACTIVE, limit=1000):
+                for job in self.journal.active_jobs():
                     if job.id in self._running:
                         continue
                     await slots.acquire()
@@ -173,9 +174,7 @@ class Sender:
     async def _run_job(self, job: Job, slots: asyncio.Semaphore) -> None:
         started = time.monotonic()
         try:
-            self.journal.update_job(
-                job.id, state=JobState.RUNNING, started_at=job.started_at or self.clock()
-            )
+            self.journal.start_job(job.id, self.clock())
             log.info(
                 "job.started", extra={"fields": {"job": job.id, "path": job.path, "dest": job.dest}}
             )
@@ -185,26 +184,21 @@ class Sender:
                 # Errors from the upload task group: report the first of the package's own.
                 raise _first_error(group) from group
         except _Interrupted:
-            # Stopping: chunks already acknowledged are journaled; the job resumes on restart.
+            # Stopping: the job resumes on restart, and the receiver's have/want answer says
+            # which chunks it still lacks.
             log.info("job.interrupted", extra={"fields": {"job": job.id}})
             return
         except TransferdError as exc:
             outcome = "failed"
             if isinstance(exc, PolicyViolation):
                 self.metrics.policy_refusals.labels("sender").inc()
-            self.journal.update_job(
-                job.id,
-                state=JobState.FAILED,
-                error=str(exc),
-                error_kind=exc.kind,
-                finished_at=self.clock(),
-            )
+            self.journal.finish_job(job.id, self.clock(), exc)
             log.error(
                 "job.failed", extra={"fields": {"job": job.id, "kind": exc.kind, "error": str(exc)}}
             )
         else:
             outcome = "committed"
-            self.journal.update_job(job.id, state=JobState.COMMITTED, finished_at=self.clock())
+            self.journal.finish_job(job.id, self.clock())
             log.info(
                 "job.committed",
                 extra={"fields": {"job": job.id, "path": job.path, "dest": job.dest}},
@@ -218,24 +212,21 @@ class Sender:
     # -- one replication ------------------------------------------------------------------------
     async def _replicate(self, job: Job) -> None:
         rel = normalize_rel_path(job.path)
-        tier = check_may_leave_site(rel)
+        check_may_leave_site(rel)
         link = self.links.get(job.dest)
         if link is None:
             raise ProtocolError(f"destination {job.dest!r} is not a peer of this site")
         kind, members = await asyncio.to_thread(self.storage.list_source, rel)
-        upload = f"{self.site}-{job.id}"
-        intent = UploadIntent(
-            upload=upload,
-            source_site=self.site,
-            dest_site=job.dest,
-            root=rel,
-            kind="file" if kind == "file" else "folder",
-            files=[{"path": m, "size": s} for m, s in members],  # type: ignore[misc]
+        intent = upload_intent(
+            upload_id(self.site, job.id),
+            self.site,
+            job.dest,
+            rel,
+            "file" if kind == "file" else "folder",
+            members,
         )
-        _, opened = await self._control(link, "POST", "/v1/uploads", intent.model_dump(mode="json"))
-        if opened.get("committed"):
+        if (await self._control(link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
             return
-        bulk = TrafficClass(job.traffic_class)
         files: list[_FileState] = []
         try:
             for member, _size in members:
@@ -243,37 +234,18 @@ class Sender:
                 source = await asyncio.to_thread(self.storage.open_source, member_rel)
                 files.append(_FileState(member, source))
                 files[-1].spans = await asyncio.to_thread(self._spans, source)
-            self.journal.update_job(
-                job.id,
-                bytes_logical=sum(s for _, s in members),
-                chunks=sum(len(f.spans) for f in files),
+            self.journal.size_job(
+                job.id, sum(s for _, s in members), sum(len(f.spans) for f in files)
             )
-            pump = _ChunkPump(self, job, link, bulk, upload)
+            pump = _ChunkPump(self, job, link, job.traffic_class, intent.upload)
             async with asyncio.TaskGroup() as tg:
                 await self._offer_all(pump, tg, files)
             if self._stopping:
                 raise _Interrupted
             if pump.deferred:
                 await self._offer_again(pump, files)
-            manifest = Manifest(
-                upload=upload,
-                source_site=self.site,
-                dest_site=job.dest,
-                root=rel,
-                kind=intent.kind,
-                tier=tier.value,
-                created_at=self.clock(),
-                files=[
-                    FileEntry(
-                        path=s.member,
-                        size=s.source.size,
-                        digest=file_digest(s.source.size, s.chunks),
-                        chunks=s.chunks,
-                    )
-                    for s in files
-                ],
-            )
-            await self._commit(pump, link, upload, manifest, files)
+            manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
+            await self._commit(pump, manifest, files)
         finally:
             for state in files:
                 state.source.close()
@@ -299,31 +271,29 @@ class Sender:
             finally:
                 queue.put_nowait(None)
 
-        producer = asyncio.create_task(produce())
         try:
-            while (item := await queue.get()) is not None:
-                ahead.release()
-                if self._stopping:
-                    # Start nothing new; keep draining so the producer reaches its next batch,
-                    # sees the stop and ends.
-                    item.close()
-                    continue
-                try:
-                    await pump.gate.acquire(item.length)
-                except BaseException:
-                    item.close()
-                    raise
-                pump.spawn(tg, item.digest, item.locations, item.view, item.window)
+            # The producer's errors (integrity, protocol) are the job's: its task group cancels
+            # this loop and raises them.
+            async with asyncio.TaskGroup() as offers:
+                offers.create_task(produce())
+                while (item := await queue.get()) is not None:
+                    ahead.release()
+                    if self._stopping:
+                        # Start nothing new; keep draining so the producer reaches its next
+                        # batch, sees the stop and ends.
+                        item.close()
+                        continue
+                    try:
+                        await pump.gate.acquire(item.length)
+                    except BaseException:
+                        item.close()
+                        raise
+                    pump.spawn(tg, item.digest, item.locations, item.view, item.window)
         finally:
-            if not producer.done():
-                producer.cancel()
-            try:
-                await producer  # its errors (integrity, protocol) are the job's
-            finally:
-                while not queue.empty():
-                    left = queue.get_nowait()
-                    if left is not None:
-                        left.close()
+            while not queue.empty():
+                left = queue.get_nowait()
+                if left is not None:
+                    left.close()
 
     async def _hash_and_offer(
         self,
@@ -356,58 +326,50 @@ class Sender:
                 for (off, n), h in zip(batch, hashes, strict=True)
             ]
             state.chunks.extend((h, off, n) for (off, n), h in zip(batch, hashes, strict=True))
-            want = await self._offer(pump, refs)
-            by_hash: dict[str, list[int]] = {}
-            for i in sorted(want):
-                by_hash.setdefault(refs[i].hash, []).append(i)
-            used: set[int] = set()
-            for digest, idxs in by_hash.items():
-                if digest in pump.started:
-                    # Same bytes already on their way (e.g. zero-filled chunks): once that PUT
-                    # lands, the receiver copies them locally (offered again after the uploads).
-                    pump.deferred += [refs[i] for i in idxs]
-                    continue
-                pump.started.add(digest)
-                first = idxs[0]
-                used.add(first)
-                locations = [(index, refs[i].offset) for i in idxs]
-                await ahead.acquire()
-                queue.put_nowait(
-                    _Wanted(digest, locations, refs[first].length, views[first], windows[first])
-                )
+            # Same bytes already on their way (e.g. zero-filled chunks) are deferred: once that
+            # PUT lands, the receiver copies them locally (offered again after the uploads).
+            plan = plan_offer(refs, await self._offer(pump, refs), pump.started)
+            pump.deferred += plan.deferred
+            used = {u.first for u in plan.uploads}
             for i, w in enumerate(windows):
                 if i not in used and w is not None:
                     w.close()
+            for up in plan.uploads:
+                await ahead.acquire()
+                queue.put_nowait(
+                    _Wanted(
+                        up.digest, up.locations, refs[up.first].length, views[up.first],
+                        windows[up.first],
+                    )
+                )
         return True
 
-    async def _offer(self, pump: _ChunkPump, refs: list[ChunkRef]) -> set[int]:
+    async def _offer(self, pump: _ChunkPump, refs: list[ChunkRef]) -> HaveAnswer:
         """Ask the receiver which of `refs` it still wants (have/want); the others are counted
-        as skipped (metric and job). Returns the wanted indices into `refs`."""
-        _, answer = await self._control(
-            pump.link,
-            "POST",
-            f"/v1/uploads/{pump.upload}/have",
-            HaveRequest(chunks=refs).model_dump(mode="json"),
-        )
-        want = _want_indices(answer, len(refs))
-        skipped = [r for i, r in enumerate(refs) if i not in want]
-        if skipped:
-            self.metrics.chunks_skipped.labels(pump.link.peer).inc(len(skipped))
+        as skipped (metric and job)."""
+        path = HAVE_ROUTE.format(upload=pump.upload)
+        answer = await self._control(pump.link, path, HaveRequest(chunks=refs), HaveAnswer)
+        skipped = len(refs) - len(set(answer.want))
+        if skipped > 0:
+            self.metrics.chunks_skipped.labels(pump.link.peer).inc(skipped)
+            want = set(answer.want)
             self.journal.add_job_counters(
                 pump.job.id,
-                chunks_skipped=len(skipped),
-                bytes_done=sum(r.length for r in skipped),
+                JobCounters(
+                    chunks_skipped=skipped,
+                    bytes_done=sum(r.length for i, r in enumerate(refs) if i not in want),
+                ),
             )
-        return want
+        return answer
 
     async def _offer_again(self, pump: _ChunkPump, files: list[_FileState]) -> None:
         """Offer the deferred duplicate chunks now that their first copy has landed."""
         refs, pump.deferred = pump.deferred, []
         for start in range(0, len(refs), 4096):
             batch = refs[start : start + 4096]
-            want = await self._offer(pump, batch)
+            answer = await self._offer(pump, batch)
             async with asyncio.TaskGroup() as tg:
-                for i in sorted(want):
+                for i in sorted(set(answer.want)):
                     ref = batch[i]
                     [window], [view] = await _open_batch(
                         files[ref.file].source, [(ref.offset, ref.length)]
@@ -416,38 +378,24 @@ class Sender:
                     pump.spawn(tg, ref.hash, [(ref.file, ref.offset)], view, window)
 
     async def _commit(
-        self,
-        pump: _ChunkPump,
-        link: PeerLink,
-        upload: str,
-        manifest: Manifest,
-        files: list[_FileState],
+        self, pump: _ChunkPump, manifest: Manifest, files: list[_FileState]
     ) -> None:
-        signed = manifest.sign(self.keyring)
+        signed = manifest.sign(self.keys)
+        path = COMMIT_ROUTE.format(upload=pump.upload)
+        peer = pump.link.peer
         for _round in range(COMMIT_ROUNDS):
-            status, answer = await self._control(
-                link,
-                "POST",
-                f"/v1/uploads/{upload}/commit",
-                signed.model_dump(mode="json"),
-                accept=(200, 409),
+            answer = await self._control(
+                pump.link, path, signed, CommitAnswer, accept=(200, 409)
             )
-            if status == 200:
+            if answer.committed:
                 return
-            want = answer.get("want") if isinstance(answer, dict) else None
-            if not isinstance(want, list) or not want:
-                raise ProtocolError(f"{link.peer} refused the commit without naming missing chunks")
-            self.metrics.integrity_failures.labels(link.peer, "receiver").inc(len(want))
-            self.journal.add_job_counters(pump.job.id, integrity_failures=len(want))
+            again = resend(answer, [f.chunks for f in files])
+            self.metrics.integrity_failures.labels(peer, "receiver").inc(len(again))
+            self.journal.add_job_counters(
+                pump.job.id, JobCounters(integrity_failures=len(again))
+            )
             async with asyncio.TaskGroup() as tg:
-                for item in want[:100_000]:
-                    try:
-                        f, off = int(item[0]), int(item[1])
-                        digest, _, n = next(c for c in files[f].chunks if c[1] == off)
-                    except (ValueError, TypeError, IndexError, StopIteration) as exc:
-                        raise ProtocolError(
-                            f"{link.peer} asked again for an unknown chunk {item!r}"
-                        ) from exc
+                for f, (digest, off, n) in again:
                     [window], [view] = await _open_batch(files[f].source, [(off, n)])
                     if await asyncio.to_thread(blake3_hex, view) != digest:
                         if window is not None:
@@ -455,20 +403,23 @@ class Sender:
                         raise IntegrityError("source file changed while being sent")
                     await pump.gate.acquire(n)
                     pump.spawn(tg, digest, [(f, off)], view, window)
-        raise IntegrityError(f"{link.peer} still rejects the upload after {COMMIT_ROUNDS} rounds")
+        raise IntegrityError(f"{peer} still rejects the upload after {COMMIT_ROUNDS} rounds")
 
     async def _control(
-        self, link: PeerLink, method: str, path: str, body: object, accept: tuple[int, ...] = (200,)
-    ) -> tuple[int, dict[str, object]]:
-        """A control request, retried on transport errors within the retry budget."""
-        status, answer = await retrying(
-            lambda: link.call(TrafficClass.CONTROL, method, path, json_body=body, accept=accept),
+        self,
+        link: PeerLink,
+        path: str,
+        body: WireModel,
+        answer: type[A],
+        accept: tuple[int, ...] = (200,),
+    ) -> A:
+        """A control request (POST), retried on transport errors within the retry budget."""
+        reply = await retrying(
+            lambda: link.call(TrafficClass.CONTROL, "POST", path, body=body, accept=accept),
             budget_s=self.retry_budget_s,
             on_retry=lambda: self.metrics.retries.labels(link.peer).inc(),
         )
-        if not isinstance(answer, dict):
-            raise ProtocolError(f"{link.peer} answered {path} without a JSON object")
-        return status, answer
+        return parse_body(answer, reply.body)
 
     def _spans(self, source: Source) -> list[tuple[int, int]]:
         if isinstance(source, SourceFile):
@@ -518,33 +469,6 @@ def _close_all(windows: list[FileWindow | None]) -> None:
     for w in windows:
         if w is not None:
             w.close()
-
-
-def _want_indices(answer: dict[str, object], n: int) -> set[int]:
-    want = answer.get("want")
-    if not isinstance(want, list) or not all(isinstance(i, int) and 0 <= i < n for i in want):
-        raise ProtocolError("have/want answer is not a list of chunk indices")
-    return set(want)
-
-
-async def retrying(
-    call: Callable[[], object],
-    *,
-    budget_s: float,
-    on_retry: Callable[[], None],
-    first_delay_s: float = 0.1,
-) -> tuple[int, object]:
-    """Retry `call` on TransportError with capped exponential backoff until `budget_s` is spent."""
-    delays = backoff_delays(budget_s, first_s=first_delay_s)
-    while True:
-        try:
-            return await call()  # type: ignore[misc]
-        except TransportError:
-            delay = next(delays, None)
-            if delay is None:
-                raise
-            on_retry()
-            await asyncio.sleep(delay)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -630,8 +554,10 @@ class _ChunkPump:
     ) -> None:
         s = self.sender
         peer = self.link.peer
-        where = ",".join(f"{f}:{off}" for f, off in locations)
-        path = f"/v1/uploads/{self.upload}/chunks/{digest}?at={where}"
+        path = (
+            CHUNK_ROUTE.format(upload=self.upload, digest=digest)
+            + f"?at={format_locations(locations)}"
+        )
         acked, errors = 0, 0  # for the stream controller: retries and integrity failures
         slot_held = True  # this upload's stream, until its body is on the wire
 
@@ -653,10 +579,9 @@ class _ChunkPump:
                     if encoded.encoding == "identity"
                     else await asyncio.to_thread(blake3_hex, encoded.body)
                 )
-                headers = {
-                    "X-Transferd-Encoding": encoded.encoding,
-                    "X-Transferd-Length": str(encoded.raw_length),
-                }
+                headers = ChunkPut(
+                    encoding=encoded.encoding, raw_length=encoded.raw_length
+                ).headers()
                 wire = len(encoded.body)
                 self.inflight += 1
                 t0 = time.perf_counter()
@@ -668,7 +593,7 @@ class _ChunkPump:
                             "PUT",
                             path,
                             body=encoded.body,
-                            body_blake3=body_hash,
+                            body_digest=body_hash,
                             headers=headers,
                             accept=(200, 204),
                             on_sent=body_sent,
@@ -680,7 +605,8 @@ class _ChunkPump:
                     errors += 1
                     s.metrics.integrity_failures.labels(peer, "sender").inc()
                     s.journal.add_job_counters(
-                        self.job.id, integrity_failures=1, retries=1, bytes_on_wire=wire
+                        self.job.id,
+                        JobCounters(integrity_failures=1, retries=1, bytes_on_wire=wire),
                     )
                     s.metrics.bytes_sent.labels(peer).inc(wire)
                     if await asyncio.to_thread(blake3_hex, view) != digest:
@@ -700,16 +626,13 @@ class _ChunkPump:
             s.metrics.count_compression(peer, encoded.raw_length, wire)
             s.journal.add_job_counters(
                 self.job.id,
-                bytes_on_wire=wire,
-                chunks_sent=1,
-                bytes_done=encoded.raw_length * len(locations),
-                chunks_skipped=len(locations) - 1,
+                JobCounters(
+                    bytes_on_wire=wire,
+                    chunks_sent=1,
+                    bytes_done=encoded.raw_length * len(locations),
+                    chunks_skipped=len(locations) - 1,
+                ),
             )
-            by_file: dict[int, list[int]] = {}
-            for f, off in locations:
-                by_file.setdefault(f, []).append(off)
-            for f, offs in by_file.items():
-                s.journal.record_acked(self.job.id, f, offs)
         finally:
             if window is not None:
                 window.discard()
@@ -717,4 +640,4 @@ class _ChunkPump:
 
     def _count_retry(self) -> None:
         self.sender.metrics.retries.labels(self.link.peer).inc()
-        self.sender.journal.add_job_counters(self.job.id, retries=1)
+        self.sender.journal.add_job_counters(self.job.id, JobCounters(retries=1))

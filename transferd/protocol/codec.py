@@ -1,11 +1,12 @@
 """zstd framing of chunk bodies, and the rule that decides when compression pays.
 
-Theory of operation (`auto`): sending n bytes raw costs n / link_Bps; compressing costs
-n / (compress_Bps * workers) of CPU time, overlapped with sending n * ratio bytes. So compression
-pays when the pipeline's bottleneck gets faster:  min(compress_Bps * workers, link_Bps / ratio)
-> link_Bps. The ratio is probed on a small sample of each chunk (cheap); a chunk whose sample does
-not shrink by >= 5 % is sent raw. Compressor speed, ratio and link goodput are running averages
-fed by measurements; time is a parameter, so the rule is tested without sockets or sleeps.
+Theory of operation (`auto`): sending n bytes raw costs n / L (L: link goodput, bytes/s);
+compressing costs n / (C * workers) of CPU time (C: zstd input bytes/s per worker), overlapped
+with sending n * ratio bytes. So compression pays when the pipeline's bottleneck gets faster:
+min(C * workers, L / ratio) > L. The ratio is probed on a small sample of each chunk (cheap); a
+chunk whose sample does not shrink by >= 5 % is sent raw. Compressor speed, ratio and link
+goodput are running averages fed by measurements; time is a parameter, so the rule is tested
+without sockets or sleeps.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import zstandard
 
 from transferd.errors import IntegrityError, ProtocolError
+from transferd.protocol.chunks import Encoding
 
 __all__ = ["CompressionPolicy", "Encoded", "decode_body", "zstd_compress"]
 
@@ -46,7 +48,7 @@ def decode_body(body: bytes | memoryview, encoding: str, raw_length: int) -> byt
 
 @dataclass(frozen=True)
 class Encoded:
-    encoding: str  # "identity" | "zstd"
+    encoding: Encoding
     body: bytes | memoryview
     raw_length: int
 
@@ -58,9 +60,8 @@ class CompressionPolicy:
     level: int | None
     auto: bool
     workers: int = 2
-    compress_Bps: float | None = None  # measured zstd input throughput per worker
-    link_Bps: float | None = None  # measured goodput of chunk bodies on the wire
-    last_ratio: float = 1.0
+    compress_bytes_per_s: float | None = None  # measured zstd input throughput per worker
+    link_bytes_per_s: float | None = None  # measured goodput of chunk bodies on the wire
 
     @classmethod
     def from_setting(cls, setting: str | int, workers: int) -> CompressionPolicy:
@@ -72,12 +73,12 @@ class CompressionPolicy:
 
     def observe_compression(self, input_bytes: int, seconds: float) -> None:
         if seconds > 0 and input_bytes > 0:
-            self.compress_Bps = _ewma(self.compress_Bps, input_bytes / seconds)
+            self.compress_bytes_per_s = _ewma(self.compress_bytes_per_s, input_bytes / seconds)
 
     def observe_link(self, wire_bytes: int, seconds: float) -> None:
         """Aggregate goodput over a window (all streams), as measured by the sender."""
         if seconds > 0 and wire_bytes > 0:
-            self.link_Bps = _ewma(self.link_Bps, wire_bytes / seconds)
+            self.link_bytes_per_s = _ewma(self.link_bytes_per_s, wire_bytes / seconds)
 
     def should_try(self) -> bool:
         """Before probing a chunk: is compression worth considering at all on this link?"""
@@ -85,11 +86,11 @@ class CompressionPolicy:
             return False
         if not self.auto:
             return True
-        if self.link_Bps is None or self.compress_Bps is None:
+        if self.link_bytes_per_s is None or self.compress_bytes_per_s is None:
             # Unknown link: measure it raw first; unknown compressor: probing measures it.
-            return self.link_Bps is not None
+            return self.link_bytes_per_s is not None
         # Compression can only pay (for any ratio < 1) when the compressor outruns the link.
-        return self.compress_Bps * self.workers > self.link_Bps
+        return self.compress_bytes_per_s * self.workers > self.link_bytes_per_s
 
     def pays(self, ratio: float) -> bool:
         """Given a sample's compressed/raw ratio, does compressing this chunk pay?"""
@@ -97,11 +98,12 @@ class CompressionPolicy:
             return False
         if not self.auto:
             return True
-        if self.link_Bps is None:
+        if self.link_bytes_per_s is None:
             return False
-        if self.compress_Bps is None:
+        if self.compress_bytes_per_s is None:
             return True
-        return min(self.compress_Bps * self.workers, self.link_Bps / ratio) > self.link_Bps
+        link = self.link_bytes_per_s
+        return min(self.compress_bytes_per_s * self.workers, link / ratio) > link
 
     def probe_ratio(self, data: bytes | memoryview) -> float:
         """compressed/raw size of a sample from the middle of the chunk (zstd level as set)."""
@@ -110,9 +112,7 @@ class CompressionPolicy:
             return 1.0
         start = max(0, n // 2 - SAMPLE_BYTES // 2)
         sample = data[start : start + SAMPLE_BYTES]
-        ratio = len(zstd_compress(sample, self.level)) / len(sample)
-        self.last_ratio = ratio
-        return ratio
+        return len(zstd_compress(sample, self.level)) / len(sample)
 
 
 def _ewma(old: float | None, new: float) -> float:

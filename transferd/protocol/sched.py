@@ -14,28 +14,27 @@ Theory of operation (sans-I/O; every call takes `now`, `next_deadline()` says wh
   it (no tokens overflow while it waits its turn). Work-conserving: a class alone gets everything.
 - rate caps (`PeerRateLimiter`) gate every class but control. A class held by its own cap lets the
   others pass; a total cap is offered to the higher class first.
+The asyncio adapter that sleeps until `next_deadline()` is `net.pump.SchedulerPump`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from transferd._classes import BULK_CLASSES, TrafficClass
-from transferd._ratelimit import PeerRateLimiter
+from netplan.plan import BULK_CLASSES, TrafficClass
+from transferd.protocol.ratelimit import PeerRateLimiter
 
 __all__ = [
     "DEFAULT_BULK_WEIGHTS",
     "BudgetMiss",
     "ClassScheduler",
     "ScheduledItem",
-    "SchedulerPump",
 ]
 
 P = TypeVar("P")
@@ -359,73 +358,3 @@ class ClassScheduler(Generic[P]):
 
     def __len__(self) -> int:
         return len(self._control) + len(self._interactive) + sum(map(len, self._bulk.values()))
-
-
-class SchedulerPump(Generic[P]):
-    """The asyncio adapter: `put` from any task, `await get(classes)` from each connection pool's
-    workers. It feeds the event loop's clock in and sleeps until the scheduler's next deadline or
-    the next `put`, whichever is first. Budget misses go to `on_budget_miss` as they are found."""
-
-    def __init__(
-        self,
-        scheduler: ClassScheduler[P],
-        on_budget_miss: Callable[[BudgetMiss], None] | None = None,
-    ) -> None:
-        self.scheduler = scheduler
-        self.on_budget_miss = on_budget_miss
-        self._changed = asyncio.Condition()
-        self._waiting: dict[TrafficClass, int] = dict.fromkeys(TrafficClass, 0)
-
-    @staticmethod
-    def now() -> float:
-        return asyncio.get_running_loop().time()
-
-    def _report(self) -> None:
-        for miss in self.scheduler.pop_budget_misses():
-            if self.on_budget_miss is not None:
-                self.on_budget_miss(miss)
-
-    async def put(
-        self,
-        traffic_class: TrafficClass,
-        size_bytes: int,
-        payload: P,
-        deadline: float | None = None,
-    ) -> ScheduledItem[P]:
-        """Queue a send; `deadline` is on the event loop's clock (`self.now()`)."""
-        async with self._changed:
-            item = self.scheduler.enqueue(traffic_class, size_bytes, payload, self.now(), deadline)
-            self._report()
-            self._changed.notify_all()
-        return item
-
-    async def get(self, classes: Collection[TrafficClass] | None = None) -> ScheduledItem[P]:
-        mine = tuple(TrafficClass if classes is None else classes)
-        async with self._changed:
-            for cls in mine:
-                self._waiting[cls] += 1
-            try:
-                return await self._get(mine)
-            finally:
-                for cls in mine:
-                    self._waiting[cls] -= 1
-
-    async def _get(self, classes: tuple[TrafficClass, ...]) -> ScheduledItem[P]:
-        while True:
-            now = self.now()
-            ready = [cls for cls, waiting in self._waiting.items() if waiting]
-            item = self.scheduler.dequeue(now, classes, ready)
-            self._report()
-            if item is not None:
-                # Another worker may be able to take the next item right away.
-                self._changed.notify_all()
-                return item
-            if self.scheduler.handoff is not None:
-                self._changed.notify_all()  # the next item is another pool's waiting worker's
-            wake = self.scheduler.next_deadline()
-            delay = None if wake is None else max(wake - now, 0.0)
-            try:
-                async with asyncio.timeout(delay):
-                    await self._changed.wait()
-            except TimeoutError:
-                pass

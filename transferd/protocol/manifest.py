@@ -1,6 +1,7 @@
-"""Wire documents between daemons: the upload intent, have/want queries, and the signed manifest.
+"""The documents of an upload between daemons: the intent, have/want, the signed manifest, and
+the receiver's answers to each.
 
-Every body a peer sends is validated here into a frozen model once (ProtocolError otherwise).
+Every body a peer sends is validated into one of these frozen models once (`wire.parse_body`).
 The manifest (path, sizes, chunk list, a digest of each whole file, tier, source site, time) is
 signed with the source site's Ed25519 key over its canonical JSON (sorted keys, no spaces).
 
@@ -17,37 +18,36 @@ import json
 import re
 import struct
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import blake3
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from transferd._keys import Keyring
-from transferd.errors import ProtocolError
+from transferd.protocol.auth import Keys
+from transferd.protocol.chunks import MAX_CHUNK_BYTES
+from transferd.protocol.wire import WireModel, parse_body
 
 __all__ = [
     "ChunkRef",
+    "CommitAnswer",
     "FileEntry",
     "FileSpec",
+    "HaveAnswer",
     "HaveRequest",
     "Manifest",
+    "OpenAnswer",
     "SignedManifest",
     "UploadIntent",
     "canonical_json",
     "file_digest",
-    "parse_body",
 ]
 
 MAX_FILES = 100_000
-MAX_CHUNK_BYTES = 256 * 1024 * 1024
 MAX_FILE_BYTES = 1 << 50
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9_.-]{8,128}$")
@@ -65,10 +65,6 @@ def _check_root(value: str) -> str:
 Root = Annotated[str, AfterValidator(_check_root)]
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
 def _check_member(value: str) -> str:
     # Shape only; whether the path stays inside data_dir is policy, checked by the receiver
     # (PolicyViolation, 403) so that `../` is refused the same way on both sides.
@@ -77,14 +73,14 @@ def _check_member(value: str) -> str:
     return value
 
 
-class FileSpec(_Wire):
+class FileSpec(WireModel):
     path: str  # relative to the upload root; "" when the root is a single file
     size: Size
 
     _path = field_validator("path")(classmethod(lambda cls, v: _check_member(v)))
 
 
-class UploadIntent(_Wire):
+class UploadIntent(WireModel):
     """Opens (or resumes) an upload: the receiver stages files of these sizes under `root`."""
 
     upload: Annotated[str, Field(pattern=_UPLOAD_ID.pattern)]
@@ -105,15 +101,40 @@ class UploadIntent(_Wire):
         return self
 
 
-class ChunkRef(_Wire):
+class ChunkRef(WireModel):
     file: Annotated[int, Field(ge=0, lt=MAX_FILES)]
     offset: Size
     length: Annotated[int, Field(ge=1, le=MAX_CHUNK_BYTES)]
     hash: Hash
 
 
-class HaveRequest(_Wire):
-    chunks: Annotated[list[ChunkRef], Field(max_length=4096)]
+MAX_HAVE_CHUNKS = 4096
+
+
+class HaveRequest(WireModel):
+    chunks: Annotated[list[ChunkRef], Field(max_length=MAX_HAVE_CHUNKS)]
+
+
+class OpenAnswer(WireModel):
+    upload: str
+    committed: bool  # this upload was committed already: nothing left to send
+
+
+class HaveAnswer(WireModel):
+    want: Annotated[list[Annotated[int, Field(ge=0, lt=MAX_HAVE_CHUNKS)]], Field(max_length=4096)]
+
+
+MAX_COMMIT_WANT = 100_000  # chunks named per refused commit; the sender's next round gets more
+
+
+class CommitAnswer(WireModel):
+    """200: committed. 409: not yet; `want` names the (file, offset) of chunks to send again."""
+
+    committed: bool
+    want: Annotated[
+        list[tuple[Annotated[int, Field(ge=0, lt=MAX_FILES)], Size]],
+        Field(max_length=MAX_COMMIT_WANT),
+    ] = []
 
 
 FILE_DIGEST_DOMAIN = b"transferd file digest v1\x00"
@@ -128,7 +149,7 @@ def file_digest(size: int, chunks: Iterable[tuple[str, int, int]]) -> str:
     return str(h.hexdigest())
 
 
-class FileEntry(_Wire):
+class FileEntry(WireModel):
     path: str
     size: Size
     digest: Hash  # file_digest(size, chunks): the Merkle root over the chunk addresses
@@ -152,7 +173,7 @@ class FileEntry(_Wire):
         return self
 
 
-class Manifest(_Wire):
+class Manifest(WireModel):
     version: Literal[2] = 2  # 2: file digests are chunk-list Merkle roots (1: blake3 of bytes)
     upload: Annotated[str, Field(pattern=_UPLOAD_ID.pattern)]
     source_site: str
@@ -169,36 +190,21 @@ class Manifest(_Wire):
             raise ValueError("tier must be the root's top folder")
         return self
 
-    def sign(self, keyring: Keyring) -> SignedManifest:
+    def sign(self, keys: Keys) -> SignedManifest:
         body = canonical_json(self.model_dump(mode="json"))
-        return SignedManifest(manifest=body.decode(), signature=keyring.sign(body).hex())
+        return SignedManifest(manifest=body.decode(), signature=keys.sign(body).hex())
 
 
-class SignedManifest(_Wire):
+class SignedManifest(WireModel):
     manifest: Annotated[str, Field(max_length=64 * 1024 * 1024)]
     signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
 
-    def verify(self, keyring: Keyring) -> Manifest:
+    def verify(self, keys: Keys) -> Manifest:
         """Parse, then check the Ed25519 signature of the claimed source site (AuthError 403)."""
         manifest = parse_body(Manifest, self.manifest.encode())
-        keyring.verify(manifest.source_site, self.manifest.encode(), bytes.fromhex(self.signature))
+        keys.verify(manifest.source_site, self.manifest.encode(), bytes.fromhex(self.signature))
         return manifest
 
 
 def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def parse_body(model: type[M], body: bytes) -> M:
-    """Validate a JSON body into `model`; any problem is a ProtocolError naming the field."""
-    try:
-        return model.model_validate_json(body, strict=False)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<body>"
-        raise ProtocolError(f"invalid {model.__name__}: {where}: {first['msg']}") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"invalid {model.__name__}: not JSON") from exc

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from transferd._storage import FsspecStorage, LocalStorage
+from transferd.protocol.policy import CHECKPOINTS
+from transferd.site.storage import SiteStorage
 
 __all__ = ["LATEST", "is_step_root", "ready_steps", "step_order", "update_run"]
 
@@ -26,10 +27,10 @@ def step_order(name: str) -> tuple[object, ...]:
 
 def is_step_root(rel: str) -> bool:
     parts = rel.split("/")
-    return len(parts) == 3 and parts[0] == "checkpoints"
+    return len(parts) == 3 and parts[0] == CHECKPOINTS
 
 
-def _steps(storage: LocalStorage | FsspecStorage, run: str) -> list[str]:
+def _steps(storage: SiteStorage, run: str) -> list[str]:
     names = [
         n
         for n in storage.list_dir(run)
@@ -42,7 +43,7 @@ def _steps(storage: LocalStorage | FsspecStorage, run: str) -> list[str]:
 
 
 def update_run(
-    storage: LocalStorage | FsspecStorage, run: str, keep: int, on_removed: Callable[[str], None]
+    storage: SiteStorage, run: str, keep: int, on_removed: Callable[[str], None]
 ) -> str | None:
     """Point LATEST at the newest step of `run` and drop steps beyond the newest `keep`."""
     steps = _steps(storage, run)
@@ -58,12 +59,12 @@ def update_run(
 
 
 def ready_steps(
-    storage: LocalStorage | FsspecStorage, marker: str, quiet_period_s: float, now: float
+    storage: SiteStorage, marker: str, quiet_period_s: float, now: float
 ) -> list[str]:
     """Step folders under checkpoints/ that are complete at this (source) site."""
     ready: list[str] = []
-    for run in storage.list_dir("checkpoints"):
-        run_rel = f"checkpoints/{run}"
+    for run in storage.list_dir(CHECKPOINTS):
+        run_rel = f"{CHECKPOINTS}/{run}"
         if run.startswith(".") or not storage.is_dir(run_rel):
             continue
         for step in _steps(storage, run_rel):

@@ -131,5 +131,5 @@ class Keyring:
     def secret_for(self, site: str) -> bytes:
         secret = self.secrets.get(site)
         if secret is None:
-            raise AuthError(f"unknown site {site!r}", status=401, site=site)
+            raise AuthError(f"unknown site {site[:64]!r}", status=401, site=site[:64])
         return secret

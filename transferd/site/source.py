@@ -1,10 +1,7 @@
-"""Chunking and hashing of source files, read through mmap windows without copying.
+"""Source files read for sending, through mmap windows without copying.
 
-A file is cut into contiguous spans: fixed `chunk_size` spans by default (Arrow IPC / Parquet files
-may be cut on record-batch boundaries instead). Each span is addressed by the blake3 of its bytes;
-the file's digest is the Merkle root over those addresses (`_manifest.file_digest`). Only a
-window per chunk is mapped at a time, so a 10 GiB file never counts 10 GiB against the daemon's
-RSS.
+Only a window per chunk is mapped at a time, so a 10 GiB file never counts 10 GiB against the
+daemon's RSS. `chunk_spans` says where to cut a file (`protocol.chunks`, `protocol.arrow_chunks`).
 """
 
 from __future__ import annotations
@@ -15,21 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import blake3
+from transferd.protocol.arrow_chunks import record_batch_spans
+from transferd.protocol.chunks import fixed_spans
 
-__all__ = ["FileWindow", "SourceFile", "blake3_hex", "fixed_spans"]
+__all__ = ["FileWindow", "SourceFile", "chunk_spans"]
 
 PAGE = mmap.ALLOCATIONGRANULARITY
-
-
-def fixed_spans(size: int, chunk_size: int) -> list[tuple[int, int]]:
-    """(offset, length) spans of at most chunk_size covering [0, size); none for an empty file."""
-    return [(off, min(chunk_size, size - off)) for off in range(0, size, chunk_size)]
-
-
-def blake3_hex(data: bytes | memoryview) -> str:
-    # blake3 releases the GIL on large inputs, so this runs in worker threads in parallel.
-    return blake3.blake3(data).hexdigest()
 
 
 @dataclass
@@ -107,8 +95,6 @@ def chunk_spans(source: SourceFile, chunk_size: int) -> list[tuple[int, int]]:
         with source.mapped(0, 8) as head:
             magic = bytes(head)
         if magic.startswith(_COLUMNAR_MAGICS):
-            from transferd._arrow_chunks import record_batch_spans
-
             with source.mapped(0, source.size) as whole:
                 spans = record_batch_spans(whole, chunk_size)
             if spans:

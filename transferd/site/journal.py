@@ -1,23 +1,30 @@
 """The site journal: one SQLite database (WAL) in the state dir that survives SIGKILL.
 
-Sender side: jobs (what to replicate where, their state and counters) and the chunks each
-destination has acknowledged. Receiver side: open uploads, the chunks already staged for each,
-and an index of chunk hashes in committed files (the source for delta replication). Every write
-is its own short transaction, so a kill at any moment loses at most the in-flight chunk.
+Sender side: jobs (what to replicate where, their state and counters); a resumed job learns
+what its destination still lacks from the destination's own answer to have/want, so nothing per
+chunk is kept here. Receiver side: open uploads, the chunks already staged for each, and an
+index of chunk hashes in committed files (the source for delta replication). Every write is its
+own short transaction, so a kill at any moment loses at most the in-flight chunk. Rows come
+back as typed values (`Job`, `Upload`, `Staged`, `ChunkLocation`), never as bare tuples.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from transferd.errors import StorageError
+from netplan.plan import TrafficClass
+from transferd.errors import StorageError, TransferdError
+from transferd.protocol.local_api import Job, JobState
+from transferd.protocol.manifest import UploadIntent
+from transferd.protocol.upload import ChunkTarget, Staged
+from transferd.protocol.wire import parse_body, to_body
 
-__all__ = ["ChunkLocation", "Job", "Journal", "JobState"]
+__all__ = ["ChunkLocation", "JobCounters", "Journal", "Upload", "UploadState"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -40,10 +47,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     retries INTEGER NOT NULL DEFAULT 0,
     integrity_failures INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS acked (
-    job TEXT NOT NULL, file_index INTEGER NOT NULL, offset INTEGER NOT NULL,
-    PRIMARY KEY (job, file_index, offset)
-);
+DROP TABLE IF EXISTS acked;                                   -- written, never read (removed)
 CREATE TABLE IF NOT EXISTS uploads (
     id TEXT PRIMARY KEY,
     source TEXT NOT NULL,
@@ -70,42 +74,44 @@ CREATE TABLE IF NOT EXISTS watch_seen (
 """
 
 
-class JobState:
-    QUEUED = "queued"
-    RUNNING = "running"
+class UploadState(StrEnum):
+    OPEN = "open"
     COMMITTED = "committed"
     FAILED = "failed"
-    ACTIVE = (QUEUED, RUNNING)
 
 
 @dataclass(frozen=True)
-class Job:
-    id: str
-    path: str
-    dest: str
-    traffic_class: str
-    state: str
-    error: str | None
-    error_kind: str | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    bytes_logical: int
-    bytes_done: int
-    bytes_on_wire: int
-    chunks: int
-    chunks_skipped: int
-    chunks_sent: int
-    retries: int
-    integrity_failures: int
+class Upload:
+    """An upload this site receives, as its journal row."""
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    source: str
+    root: str
+    state: UploadState
+    intent: UploadIntent
+
+
+@dataclass(frozen=True)
+class JobCounters:
+    """Increments of a job's progress counters."""
+
+    bytes_done: int = 0
+    bytes_on_wire: int = 0
+    chunks_skipped: int = 0
+    chunks_sent: int = 0
+    retries: int = 0
+    integrity_failures: int = 0
+
+
+_COUNTERS = ", ".join(f"{f.name} = {f.name} + ?" for f in fields(JobCounters))
+_JOB_COLUMNS = ", ".join(Job.model_fields)
 
 
 @dataclass(frozen=True)
 class ChunkLocation:
-    path: str  # a committed file (relative to data_dir) or a staging file (absolute)
+    """Where this site holds a chunk's bytes: in a committed file (`path`, relative to
+    data_dir) or in an open upload's staging (`upload`, `file_index`)."""
+
+    path: str
     offset: int
     length: int
     upload: str | None = None
@@ -141,52 +147,65 @@ class Journal:
             raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
 
     # -- sender: jobs ------------------------------------------------------------------------
-    def add_job(self, job_id: str, path: str, dest: str, traffic_class: str, now: float) -> None:
+    def add_job(
+        self, job_id: str, path: str, dest: str, traffic_class: TrafficClass, now: float
+    ) -> None:
         self._exec(
             "INSERT INTO jobs (id, path, dest, traffic_class, state, created_at) "
             "VALUES (?,?,?,?,?,?)",
-            (job_id, path, dest, traffic_class, JobState.QUEUED, now),
+            (job_id, path, dest, traffic_class.value, JobState.QUEUED.value, now),
         )
 
     def job(self, job_id: str) -> Job | None:
-        row = self._exec("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._job(row) if row else None
+        row = self._exec(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
 
-    def jobs(self, *, states: Iterable[str] | None = None, limit: int = 100) -> list[Job]:
-        if states is None:
-            rows = self._exec("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
-        else:
-            st = list(states)
-            marks = ",".join("?" * len(st))
-            rows = self._exec(
-                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created_at LIMIT ?",
-                (*st, limit),
-            )
-        return [self._job(r) for r in rows.fetchall()]
+    def jobs(self, limit: int = 100) -> list[Job]:
+        """The newest jobs first."""
+        rows = self._exec(
+            f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)
+        )
+        return [_job(r) for r in rows.fetchall()]
 
-    def _job(self, row: tuple[Any, ...]) -> Job:
-        return Job(*row)
+    def active_jobs(self, limit: int = 1000) -> list[Job]:
+        """Queued and running jobs, oldest first (after a restart, running ones resume)."""
+        rows = self._exec(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) ORDER BY created_at LIMIT ?",
+            (JobState.QUEUED.value, JobState.RUNNING.value, limit),
+        )
+        return [_job(r) for r in rows.fetchall()]
 
-    def update_job(self, job_id: str, **fields: Any) -> None:
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        self._exec(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
-
-    def add_job_counters(self, job_id: str, **deltas: int) -> None:
-        cols = ", ".join(f"{k} = {k} + ?" for k in deltas)
-        self._exec(f"UPDATE jobs SET {cols} WHERE id = ?", (*deltas.values(), job_id))
-
-    def record_acked(self, job_id: str, file_index: int, offsets: Iterable[int]) -> None:
-        self._many(
-            "INSERT OR IGNORE INTO acked (job, file_index, offset) VALUES (?,?,?)",
-            ((job_id, file_index, off) for off in offsets),
+    def start_job(self, job_id: str, now: float) -> None:
+        """Running since `now` (a resumed job keeps its first start)."""
+        self._exec(
+            "UPDATE jobs SET state = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
+            (JobState.RUNNING.value, now, job_id),
         )
 
-    def acked(self, job_id: str) -> set[tuple[int, int]]:
-        rows = self._exec("SELECT file_index, offset FROM acked WHERE job = ?", (job_id,))
-        return {(int(f), int(o)) for f, o in rows.fetchall()}
+    def size_job(self, job_id: str, bytes_logical: int, chunks: int) -> None:
+        self._exec(
+            "UPDATE jobs SET bytes_logical = ?, chunks = ? WHERE id = ?",
+            (bytes_logical, chunks, job_id),
+        )
 
-    def forget_acked(self, job_id: str) -> None:
-        self._exec("DELETE FROM acked WHERE job = ?", (job_id,))
+    def finish_job(
+        self, job_id: str, now: float, error: TransferdError | None = None
+    ) -> None:
+        """Committed, or failed with `error` (its message and kind are kept)."""
+        state = JobState.COMMITTED if error is None else JobState.FAILED
+        self._exec(
+            "UPDATE jobs SET state = ?, finished_at = ?, error = ?, error_kind = ? WHERE id = ?",
+            (
+                state.value,
+                now,
+                None if error is None else str(error),
+                None if error is None else error.kind,
+                job_id,
+            ),
+        )
+
+    def add_job_counters(self, job_id: str, counters: JobCounters) -> None:
+        self._exec(f"UPDATE jobs SET {_COUNTERS} WHERE id = ?", (*astuple(counters), job_id))
 
     def watch_seen(self, root: str, dest: str) -> bool:
         row = self._exec("SELECT 1 FROM watch_seen WHERE root = ? AND dest = ?", (root, dest))
@@ -196,48 +215,47 @@ class Journal:
         self._exec("INSERT OR IGNORE INTO watch_seen VALUES (?,?,?)", (root, dest, job_id))
 
     # -- receiver: uploads ------------------------------------------------------------------
-    def open_upload(
-        self, upload: str, source: str, root: str, intent: dict[str, Any], now: float
-    ) -> bool:
+    def open_upload(self, intent: UploadIntent, source: str, now: float) -> bool:
         """Record a new upload; False if it was already open (a resumed sender)."""
         cur = self._exec(
             "INSERT OR IGNORE INTO uploads (id, source, root, intent, state, created_at) "
-            "VALUES (?,?,?,?,'open',?)",
-            (upload, source, root, json.dumps(intent, sort_keys=True), now),
+            "VALUES (?,?,?,?,?,?)",
+            (intent.upload, source, intent.root, to_body(intent), UploadState.OPEN.value, now),
         )
         return cur.rowcount == 1
 
-    def upload(self, upload: str) -> tuple[str, str, str, dict[str, Any]] | None:
+    def upload(self, upload: str) -> Upload | None:
         row = self._exec(
             "SELECT source, root, state, intent FROM uploads WHERE id = ?", (upload,)
         ).fetchone()
         if row is None:
             return None
-        return row[0], row[1], row[2], json.loads(row[3])
+        source, root, state, intent = row
+        return Upload(str(source), str(root), UploadState(state), parse_body(UploadIntent, intent))
 
-    def uploads(self, state: str) -> list[str]:
-        rows = self._exec("SELECT id FROM uploads WHERE state = ?", (state,)).fetchall()
+    def uploads(self, state: UploadState) -> list[str]:
+        rows = self._exec("SELECT id FROM uploads WHERE state = ?", (state.value,)).fetchall()
         return [r[0] for r in rows]
 
     def uploads_opened_before(self, before: float) -> list[str]:
         rows = self._exec(
-            "SELECT id FROM uploads WHERE state = 'open' AND created_at < ?", (before,)
+            "SELECT id FROM uploads WHERE state = ? AND created_at < ?",
+            (UploadState.OPEN.value, before),
         ).fetchall()
         return [r[0] for r in rows]
 
-    def finish_upload(self, upload: str, state: str, now: float) -> None:
+    def finish_upload(self, upload: str, state: UploadState, now: float) -> None:
         self._exec(
-            "UPDATE uploads SET state = ?, finished_at = ? WHERE id = ?", (state, now, upload)
+            "UPDATE uploads SET state = ?, finished_at = ? WHERE id = ?",
+            (state.value, now, upload),
         )
         self._exec("DELETE FROM received WHERE upload = ?", (upload,))
 
-    def record_received(
-        self, upload: str, locations: Iterable[tuple[int, int, int]], digest: str
-    ) -> None:
+    def record_received(self, upload: str, targets: Iterable[ChunkTarget], digest: str) -> None:
         self._many(
             "INSERT OR REPLACE INTO received (upload, file_index, offset, length, hash) "
             "VALUES (?,?,?,?,?)",
-            ((upload, f, off, n, digest) for f, off, n in locations),
+            ((upload, t.file, t.offset, t.length, digest) for t in targets),
         )
 
     def forget_received(self, upload: str, locations: Iterable[tuple[int, int]]) -> None:
@@ -246,11 +264,12 @@ class Journal:
             ((upload, f, off) for f, off in locations),
         )
 
-    def received(self, upload: str) -> dict[tuple[int, int], tuple[int, str]]:
+    def received(self, upload: str) -> dict[tuple[int, int], Staged]:
+        """What is staged for `upload`, by (file, offset)."""
         rows = self._exec(
             "SELECT file_index, offset, length, hash FROM received WHERE upload = ?", (upload,)
         ).fetchall()
-        return {(int(f), int(o)): (int(n), str(h)) for f, o, n, h in rows}
+        return {(int(f), int(o)): Staged(int(n), str(h)) for f, o, n, h in rows}
 
     def find_chunk(self, digest: str, length: int) -> Iterator[ChunkLocation]:
         """Places this site already holds `digest`: committed files first, then open stagings."""
@@ -261,8 +280,8 @@ class Journal:
             yield ChunkLocation(path=str(path), offset=int(off), length=length)
         for upload, f, off in self._exec(
             "SELECT r.upload, r.file_index, r.offset FROM received r JOIN uploads u "
-            "ON u.id = r.upload WHERE r.hash = ? AND r.length = ? AND u.state = 'open' LIMIT 4",
-            (digest, length),
+            "ON u.id = r.upload WHERE r.hash = ? AND r.length = ? AND u.state = ? LIMIT 4",
+            (digest, length, UploadState.OPEN.value),
         ).fetchall():
             yield ChunkLocation(
                 path="", offset=int(off), length=length, upload=str(upload), file_index=int(f)
@@ -280,15 +299,22 @@ class Journal:
         except sqlite3.Error as exc:
             raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
 
-    def chunks_of(self, path: str) -> list[tuple[int, int, str]]:
-        """(offset, length, hash) of a committed file's chunks, in file order."""
+    def chunks_of(self, path: str) -> list[ChunkLocation]:
+        """A committed file's chunks (from the index), in file order."""
         rows = self._exec(
-            "SELECT offset, length, hash FROM chunk_index WHERE path = ? ORDER BY offset", (path,)
+            "SELECT offset, length FROM chunk_index WHERE path = ? ORDER BY offset", (path,)
         ).fetchall()
-        return [(int(o), int(n), str(h)) for o, n, h in rows]
+        return [ChunkLocation(path=path, offset=int(o), length=int(n)) for o, n in rows]
 
     def unindex_prefix(self, prefix: str) -> None:
         self._exec(
             "DELETE FROM chunk_index WHERE path = ? OR substr(path, 1, ?) = ?",
             (prefix, len(prefix) + 1, prefix + "/"),
         )
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    values = dict(zip(Job.model_fields, row, strict=True))
+    values["traffic_class"] = TrafficClass(values["traffic_class"])
+    values["state"] = JobState(values["state"])
+    return Job(**values)

@@ -16,11 +16,17 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from transferd._classes import TrafficClass
+from netplan.plan import TrafficClass
 
-__all__ = ["PeerRateLimiter", "RateCap", "TokenBucket"]
+__all__ = ["PeerRateLimiter", "RateCap", "TokenBucket", "bytes_per_s"]
 
 _ROUNDING_BYTES = 1e-3
+
+
+def bytes_per_s(mbps: float) -> float:
+    """A rate in Mbit/s (the unit of site configs and plans) in bytes per second (the unit of
+    everything inside the daemon)."""
+    return mbps * 1e6 / 8
 
 
 @dataclass(frozen=True)

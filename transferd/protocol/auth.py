@@ -6,6 +6,10 @@ the same pair secret). The receiver rejects stale timestamps (outside the window
 has already seen inside the window; `NonceGuard` takes `now` as a parameter. Timestamps older
 than the daemon's start are refused too, so replay protection survives a restart without
 persisting nonces.
+
+`RequestVerifier` says who may call what: the peer API answers the configured peers, the local
+API only the site's own CLI (signed with the site's own secret). Key material comes in through
+the `Keys` protocol (`site.keys.Keyring` loads it from keys_dir).
 """
 
 from __future__ import annotations
@@ -14,17 +18,25 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from transferd._keys import Keyring
-from transferd.errors import AuthError
+from transferd.errors import AuthError, IntegrityError
+from transferd.protocol.chunks import blake3_hex
 
 __all__ = [
+    "EMPTY_BODY_BLAKE3",
     "AuthHeaders",
+    "Keys",
+    "LocalSigner",
     "NonceGuard",
+    "RequestVerifier",
     "authenticate",
+    "body_blake3",
+    "local_signer",
     "sign_headers",
 ]
 
@@ -38,6 +50,28 @@ H_SIG = "X-Transferd-Signature"
 EMPTY_BODY_BLAKE3 = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
+
+
+class Keys(Protocol):
+    """A site's key material: its id, the HMAC secret it shares with each site (itself
+    included), its Ed25519 signing key and its peers' verify keys."""
+
+    @property
+    def site(self) -> str: ...
+
+    def secret_for(self, site: str) -> bytes:
+        """The pair secret shared with `site`; AuthError (401) for an unknown site."""
+        ...
+
+    def sign(self, message: bytes) -> bytes: ...
+
+    def verify(self, site: str, message: bytes, signature: bytes) -> None:
+        """Check `site`'s Ed25519 signature of `message`; AuthError (403) otherwise."""
+        ...
+
+
+def body_blake3(body: bytes | memoryview | None) -> str:
+    return EMPTY_BODY_BLAKE3 if body is None else blake3_hex(body)
 
 
 def _string_to_sign(
@@ -57,6 +91,29 @@ def sign_headers(
         secret, _string_to_sign(method, path_qs, body_blake3, ts, nonce, src, dst), hashlib.sha256
     ).hexdigest()
     return {H_SITE: src, H_TO: dst, H_TS: ts, H_NONCE: nonce, H_BODY: body_blake3, H_SIG: mac}
+
+
+LocalSigner = Callable[[str, str, bytes | None], dict[str, str]]
+"""Headers for a request to this site's own daemon: (method, path_qs, body) -> headers."""
+
+
+def local_signer(keys: Keys, clock: Callable[[], float] = time.time) -> LocalSigner:
+    """Signs requests to this site's own daemon as its CLI does (the site's own pair secret):
+    `local_signer(Keyring.load(keys_dir, site, []))`."""
+    secret = keys.secret_for(keys.site)
+
+    def sign(method: str, path_qs: str, body: bytes | None) -> dict[str, str]:
+        return sign_headers(
+            secret,
+            method=method,
+            path_qs=path_qs,
+            body_blake3=body_blake3(body),
+            src=keys.site,
+            dst=keys.site,
+            now=clock(),
+        )
+
+    return sign
 
 
 class NonceGuard:
@@ -91,8 +148,15 @@ class NonceGuard:
 
 @dataclass(frozen=True)
 class AuthHeaders:
+    """An authenticated request: who sent it and the blake3 its body must have."""
+
     site: str
     body_blake3: str
+
+    def check_body(self, body: bytes | memoryview) -> None:
+        """The body read must be the one signed (IntegrityError: damaged or swapped)."""
+        if blake3_hex(body) != self.body_blake3:
+            raise IntegrityError("request body does not match its signed blake3")
 
 
 def authenticate(
@@ -100,7 +164,7 @@ def authenticate(
     *,
     method: str,
     path_qs: str,
-    keyring: Keyring,
+    keys: Keys,
     guard: NonceGuard,
     now: float,
 ) -> AuthHeaders:
@@ -111,7 +175,7 @@ def authenticate(
         ts_text, nonce, body, sig = headers[H_TS], headers[H_NONCE], headers[H_BODY], headers[H_SIG]
     except KeyError as exc:
         raise AuthError(f"unsigned request: header {exc.args[0]} missing", status=401) from None
-    if dst != keyring.site:
+    if dst != keys.site:
         raise AuthError(f"request is addressed to site {dst[:64]!r}, not this one", status=401)
     if not (_HEX64.match(body) and _NONCE.match(nonce) and _HEX64.match(sig)):
         raise AuthError("malformed signature headers", status=401)
@@ -121,9 +185,7 @@ def authenticate(
         raise AuthError("malformed timestamp", status=401) from None
     if ts != ts:  # NaN
         raise AuthError("malformed timestamp", status=401)
-    secret = keyring.secrets.get(src)
-    if secret is None:
-        raise AuthError(f"unknown site {src[:64]!r}", status=401)
+    secret = keys.secret_for(src)
     expected = hmac.new(
         secret, _string_to_sign(method, path_qs, body, ts_text, nonce, src, dst), hashlib.sha256
     ).hexdigest()
@@ -131,3 +193,39 @@ def authenticate(
         raise AuthError("bad request signature", status=401)
     guard.check_and_record(ts, nonce, now)
     return AuthHeaders(site=src, body_blake3=body)
+
+
+class RequestVerifier:
+    """Authenticates requests to this daemon and says who may call what."""
+
+    def __init__(
+        self, keys: Keys, guard: NonceGuard, peers: Collection[str], clock: Callable[[], float]
+    ) -> None:
+        self.keys = keys
+        self.guard = guard
+        self.peers = frozenset(peers)
+        self.clock = clock
+
+    def _authenticate(self, headers: Mapping[str, str], method: str, path_qs: str) -> AuthHeaders:
+        return authenticate(
+            headers,
+            method=method,
+            path_qs=path_qs,
+            keys=self.keys,
+            guard=self.guard,
+            now=self.clock(),
+        )
+
+    def peer(self, headers: Mapping[str, str], method: str, path_qs: str) -> AuthHeaders:
+        """A request from a configured peer (AuthError 401/403 otherwise)."""
+        auth = self._authenticate(headers, method, path_qs)
+        if auth.site not in self.peers:
+            raise AuthError(f"site {auth.site!r} is not a peer of this site", status=403)
+        return auth
+
+    def local(self, headers: Mapping[str, str], method: str, path_qs: str) -> AuthHeaders:
+        """A request from this site's own CLI (AuthError 401/403 otherwise)."""
+        auth = self._authenticate(headers, method, path_qs)
+        if auth.site != self.keys.site:
+            raise AuthError("the local API only answers this site's own CLI", status=403)
+        return auth

@@ -8,31 +8,28 @@ commit never expose a partial file at the final path; OSError becomes StorageErr
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
 
 import fsspec
 
-from transferd._chunker import SourceFile
-from transferd._policy import confine, normalize_rel_path
 from transferd.errors import PolicyViolation, StorageError
+from transferd.protocol.policy import normalize_rel_path
+from transferd.site.source import SourceFile
+from transferd.site.staging import Staging, os_errors, storage_error
 
-__all__ = ["FsspecStorage", "LocalStorage", "SiteStorage", "Staging", "open_storage"]
-
-
-def _storage_error(action: str, exc: OSError, path: object) -> StorageError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = "no space left on the receiver's storage"
-    else:
-        reason = exc.strerror or str(exc)
-    return StorageError(f"{action} failed: {reason}", path=path, errno=exc.errno)
+__all__ = [
+    "FsspecStorage",
+    "LocalStorage",
+    "SiteStorage",
+    "Source",
+    "confine",
+    "open_storage",
+]
 
 
 class Source(Protocol):
@@ -59,138 +56,50 @@ class _FsspecSource:
         pass
 
 
-@dataclass
-class Staging:
-    """The staged files of one upload: `<dir>/file` or `<dir>/tree/<member>`, written by offset."""
-
-    dir: Path
-    kind: str
-    members: list[str]
-    sizes: list[int]
-    _fds: dict[int, int] = field(default_factory=dict)
-    _direct_fds: dict[int, int] = field(default_factory=dict)
-    # O_DIRECT writes skip the page cache: no page allocation (very costly on VMs that back
-    # guest memory lazily), no writeback left for the fsync at commit. Used for aligned chunks
-    # from aligned buffers; anything else, or a filesystem that refuses it, writes buffered.
-    direct: bool = hasattr(os, "O_DIRECT")
-
-    def member_path(self, index: int) -> Path:
-        return self.dir / "file" if self.kind == "file" else self.dir / "tree" / self.members[index]
-
-    @property
-    def payload_path(self) -> Path:
-        return self.dir / "file" if self.kind == "file" else self.dir / "tree"
-
-    def create(self) -> None:
-        """Create (or reopen, after a restart) the staged files at their full size."""
-        try:
-            for i, size in enumerate(self.sizes):
-                path = self.member_path(i)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = self._fd(i)
-                if os.fstat(fd).st_size != size:
-                    # Reserve the space now, so a full disk fails the upload at open, not mid-way.
-                    if size and hasattr(os, "posix_fallocate"):
-                        os.posix_fallocate(fd, 0, size)
-                    os.ftruncate(fd, size)
-        except OSError as exc:
-            self.close()
-            raise _storage_error("staging", exc, self.dir) from exc
-
-    def _fd(self, index: int) -> int:
-        fd = self._fds.get(index)
-        if fd is None:
-            fd = os.open(
-                self.member_path(index), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
-            )
-            self._fds[index] = fd
-        return fd
-
-    def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        try:
-            if self.direct and _direct_ok(offset, view):
-                fd = self._direct_fd(index)
-                if fd is not None:
-                    try:
-                        _pwrite_all(fd, view, offset)
-                        return
-                    except OSError as exc:
-                        if exc.errno != errno.EINVAL:
-                            raise
-                        self.direct = False  # alignment rules differ here: buffered from now on
-            _pwrite_all(self._fd(index), view, offset)
-        except OSError as exc:
-            raise _storage_error("writing a chunk", exc, self.dir) from exc
-
-    def _direct_fd(self, index: int) -> int | None:
-        fd = self._direct_fds.get(index)
-        if fd is None:
-            try:
-                fd = os.open(self.member_path(index), os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError:
-                self.direct = False  # e.g. tmpfs on older kernels
-                return None
-            self._direct_fds[index] = fd
-        return fd
-
-    def read(self, index: int, offset: int, length: int) -> bytes:
-        try:
-            return os.pread(self._fd(index), length, offset)
-        except OSError as exc:
-            raise _storage_error("reading staged data", exc, self.dir) from exc
-
-    def sync(self) -> None:
-        try:
-            for i in range(len(self.sizes)):
-                os.fsync(self._fd(i))
-        except OSError as exc:
-            raise _storage_error("fsync of staged files", exc, self.dir) from exc
-
-    def close(self) -> None:
-        for fd in [*self._fds.values(), *self._direct_fds.values()]:
-            os.close(fd)
-        self._fds.clear()
-        self._direct_fds.clear()
-
-    def discard(self) -> None:
-        self.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-DIRECT_ALIGN = 4096
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _direct_ok(offset: int, view: memoryview) -> bool:
-    if offset % DIRECT_ALIGN or len(view) % DIRECT_ALIGN or not len(view):
-        return False
-    if view.readonly:
-        return False  # bytes objects: no way to learn the address, and rarely aligned
-    anchor = ctypes.c_char.from_buffer(view)
-    address = ctypes.addressof(anchor)
-    del anchor  # drop the buffer export at once: the pool releases the view afterwards
-    return address % DIRECT_ALIGN == 0
-
-
 class SiteStorage(Protocol):
-    staging_root: Path
+    """What the daemon does with data_dir; every path is relative to it and starts with a tier.
+    Both backends pass the same conformance tests (tests/transferd/test_storage_conformance.py)."""
+
+    staging_root: Path  # local disk, where incoming files are staged before commit
+
+    def check_path(self, rel: str) -> None:
+        """PolicyViolation when `rel` is not a clean tier path or would lead out of data_dir."""
+        ...
 
     def open_source(self, rel: str) -> Source: ...
-    def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]: ...
+
+    def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
+        """('file', [('', size)]) or ('folder', [(member, size), ...]) in sorted order."""
+        ...
+
     def exists(self, rel: str) -> bool: ...
-    def commit(self, staging: Staging, rel: str) -> None: ...
+    def is_dir(self, rel: str) -> bool: ...
+
+    def commit(self, staging: Staging, rel: str) -> None:
+        """Put a staged upload at `rel` atomically (a reader sees the old or the new, whole)."""
+        ...
+
     def read_range(self, rel: str, offset: int, length: int) -> bytes: ...
     def list_dir(self, rel: str) -> list[str]: ...
     def write_text_atomic(self, rel: str, text: str) -> None: ...
     def read_text(self, rel: str) -> str | None: ...
     def remove_tree(self, rel: str) -> None: ...
     def newest_mtime(self, rel: str) -> float: ...
+
+
+def confine(root: Path, rel_path: str) -> Path:
+    """The local path for `rel_path` under `root`, refusing symlinks that lead outside root.
+
+    The path need not exist; its deepest existing ancestor is resolved (symlinks followed) and must
+    stay under the resolved root.
+    """
+    rel = normalize_rel_path(rel_path)
+    real_root = Path(os.path.realpath(root))
+    candidate = real_root / rel
+    resolved = Path(os.path.realpath(candidate))
+    if resolved != real_root and real_root not in resolved.parents:
+        raise PolicyViolation(f"path leads outside data_dir through a symlink: {rel!r}", path=rel)
+    return candidate
 
 
 def _fsync_dir(path: Path) -> None:
@@ -207,24 +116,23 @@ class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.staging_root = root / ".transferd" / "staging"
-        try:
+        with os_errors("creating data_dir", root):
             self.staging_root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _storage_error("creating data_dir", exc, root) from exc
 
     def path(self, rel: str) -> Path:
         return confine(self.root, rel)
 
+    def check_path(self, rel: str) -> None:
+        self.path(rel)
+
     def open_source(self, rel: str) -> Source:
-        try:
+        with os_errors(f"opening {rel}", rel):
             return SourceFile(str(self.path(rel)))
-        except OSError as exc:
-            raise _storage_error(f"opening {rel}", exc, rel) from exc
 
     def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
         """('file', [('', size)]) or ('folder', [(member, size), ...]) in sorted order."""
         path = self.path(rel)
-        try:
+        with os_errors(f"listing {rel}", rel):
             if path.is_file():
                 return "file", [("", path.stat().st_size)]
             if not path.is_dir():
@@ -239,16 +147,14 @@ class LocalStorage:
                     members.append((member, full.stat().st_size))
             if not members:
                 raise StorageError(f"{rel} is an empty folder", path=rel)
-            return "folder", members
-        except OSError as exc:
-            raise _storage_error(f"listing {rel}", exc, rel) from exc
+            return "folder", sorted(members)  # by member path, as every backend lists them
 
     def exists(self, rel: str) -> bool:
         return self.path(rel).exists()
 
     def commit(self, staging: Staging, rel: str) -> None:
         final = self.path(rel)
-        try:
+        with os_errors(f"committing {rel}", rel):
             staging.sync()
             staging.close()
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -263,24 +169,16 @@ class LocalStorage:
                 os.rename(staging.payload_path, final)
                 shutil.rmtree(old, ignore_errors=True)
             _fsync_dir(final.parent)
-        except OSError as exc:
-            raise _storage_error(f"committing {rel}", exc, rel) from exc
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
-        try:
-            with open(self.path(rel), "rb") as fh:
-                fh.seek(offset)
-                return fh.read(length)
-        except OSError as exc:
-            raise _storage_error(f"reading {rel}", exc, rel) from exc
+        with os_errors(f"reading {rel}", rel), open(self.path(rel), "rb") as fh:
+            fh.seek(offset)
+            return fh.read(length)
 
     def list_dir(self, rel: str) -> list[str]:
-        try:
+        with os_errors(f"listing {rel}", rel), suppress(FileNotFoundError):
             return sorted(os.listdir(self.path(rel)))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise _storage_error(f"listing {rel}", exc, rel) from exc
+        return []
 
     def is_dir(self, rel: str) -> bool:
         return self.path(rel).is_dir()
@@ -288,33 +186,26 @@ class LocalStorage:
     def write_text_atomic(self, rel: str, text: str) -> None:
         final = self.path(rel)
         tmp = final.with_name(f".{final.name}.transferd-tmp")
-        try:
+        with os_errors(f"writing {rel}", rel):
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
             _fsync_dir(final.parent)
-        except OSError as exc:
-            raise _storage_error(f"writing {rel}", exc, rel) from exc
 
     def read_text(self, rel: str) -> str | None:
-        try:
+        with os_errors(f"reading {rel}", rel), suppress(FileNotFoundError):
             return self.path(rel).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _storage_error(f"reading {rel}", exc, rel) from exc
+        return None
 
     def remove_tree(self, rel: str) -> None:
         path = self.path(rel)
-        try:
+        with os_errors(f"removing {rel}", rel):
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-        except OSError as exc:
-            raise _storage_error(f"removing {rel}", exc, rel) from exc
 
     def newest_mtime(self, rel: str) -> float:
         newest = 0.0
@@ -343,20 +234,19 @@ class FsspecStorage:
     def path(self, rel: str) -> str:
         return f"{self.root}/{normalize_rel_path(rel)}"
 
+    def check_path(self, rel: str) -> None:
+        normalize_rel_path(rel)
+
     def open_source(self, rel: str) -> Source:
-        try:
+        with os_errors(f"opening {rel}", rel):
             return _FsspecSource(self.fs, self.path(rel))
-        except OSError as exc:
-            raise _storage_error(f"opening {rel}", exc, rel) from exc
 
     def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
         path = self.path(rel)
-        try:
+        with os_errors(f"listing {rel}", rel):
             if self.fs.isfile(path):
                 return "file", [("", int(self.fs.size(path)))]
             found = self.fs.find(path, detail=True)
-        except OSError as exc:
-            raise _storage_error(f"listing {rel}", exc, rel) from exc
         members = []
         for name, info in sorted(found.items()):
             member = name[len(path) :].lstrip("/")
@@ -392,23 +282,17 @@ class FsspecStorage:
                     self.fs.rm(partial, recursive=True)
             except OSError:
                 pass  # the original failure is the one to report
-            raise _storage_error(f"committing {rel}", exc, rel) from exc
+            raise storage_error(f"committing {rel}", exc, rel) from exc
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
-        try:
+        with os_errors(f"reading {rel}", rel):
             return bytes(self.fs.cat_file(self.path(rel), start=offset, end=offset + length))
-        except OSError as exc:
-            raise _storage_error(f"reading {rel}", exc, rel) from exc
 
     def list_dir(self, rel: str) -> list[str]:
-        try:
-            return sorted(
-                p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False)
-            )
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise _storage_error(f"listing {rel}", exc, rel) from exc
+        with os_errors(f"listing {rel}", rel), suppress(FileNotFoundError):
+            listed = self.fs.ls(self.path(rel), detail=False)
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed)
+        return []
 
     def is_dir(self, rel: str) -> bool:
         return bool(self.fs.isdir(self.path(rel)))
@@ -416,38 +300,33 @@ class FsspecStorage:
     def write_text_atomic(self, rel: str, text: str) -> None:
         final = self.path(rel)
         tmp = f"{final}.transferd-tmp"
-        try:
+        with os_errors(f"writing {rel}", rel):
             self.fs.pipe_file(tmp, text.encode())
             self.fs.mv(tmp, final)
-        except OSError as exc:
-            raise _storage_error(f"writing {rel}", exc, rel) from exc
 
     def read_text(self, rel: str) -> str | None:
-        try:
+        with os_errors(f"reading {rel}", rel), suppress(FileNotFoundError):
             return bytes(self.fs.cat_file(self.path(rel))).decode()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _storage_error(f"reading {rel}", exc, rel) from exc
+        return None
 
     def remove_tree(self, rel: str) -> None:
-        try:
+        with os_errors(f"removing {rel}", rel):
             if self.fs.exists(self.path(rel)):
                 self.fs.rm(self.path(rel), recursive=True)
-        except OSError as exc:
-            raise _storage_error(f"removing {rel}", exc, rel) from exc
 
     def newest_mtime(self, rel: str) -> float:
         newest = 0.0
         for info in self.fs.find(self.path(rel), detail=True).values():
-            mtime = info.get("mtime") or info.get("LastModified") or 0
+            # Each filesystem names it differently: local "mtime", S3 "LastModified", memory
+            # "created" (its files are never modified in place).
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
             newest = max(newest, float(mtime.timestamp() if hasattr(mtime, "timestamp") else mtime))
         return newest
 
 
 def open_storage(
     data_dir_is_local: bool, data_path: Path, url: str, options: dict[str, Any], state_dir: Path
-) -> LocalStorage | FsspecStorage:
+) -> SiteStorage:
     if data_dir_is_local:
         return LocalStorage(data_path)
     return FsspecStorage(url, options, state_dir)

@@ -71,8 +71,6 @@ __all__ = [
 ARROW_FILE_MAGIC = b"ARROW1"
 # The file format pads its 6-byte magic to 8 so the first message is aligned (spec: "File format").
 _ARROW_FILE_HEADER_BYTES = 8
-# int32 footer size + trailing magic.
-_ARROW_FILE_TAIL_BYTES = 4 + len(ARROW_FILE_MAGIC)
 PARQUET_MAGIC = b"PAR1"
 # int32 footer size + trailing magic (Parquet format spec, "File format").
 _PARQUET_TAIL_BYTES = 4 + len(PARQUET_MAGIC)
@@ -232,19 +230,26 @@ def _arrow_layout(buf: pa.Buffer, fmt: LayoutFormat, target: int, cap: int) -> C
     return ChunkLayout(fmt, tuple(spans))
 
 
-def _arrow_file_footer_start(buf: pa.Buffer) -> int | None:
-    """Offset of the footer flatbuffer of a complete Arrow IPC file, or None if it looks cut."""
-    total = buf.size
-    if total < _ARROW_FILE_HEADER_BYTES + _ARROW_FILE_TAIL_BYTES:
+def _footer_start(buf: pa.Buffer, magic: bytes, head_bytes: int) -> int | None:
+    """Where the footer starts in a file that ends `int32 footer_size, magic` (Arrow IPC files
+    and Parquet alike, per their specs' "File format") after `head_bytes` of leading magic;
+    None if the file looks cut."""
+    total, tail_bytes = buf.size, 4 + len(magic)
+    if total < head_bytes + tail_bytes:
         return None
-    tail = buf.slice(total - _ARROW_FILE_TAIL_BYTES).to_pybytes()
-    if tail[4:] != ARROW_FILE_MAGIC:
+    tail = buf.slice(total - tail_bytes).to_pybytes()
+    if tail[4:] != magic:
         return None
     (footer_size,) = struct.unpack("<i", tail[:4])
-    footer_start = total - _ARROW_FILE_TAIL_BYTES - footer_size
-    if footer_size <= 0 or footer_start < _ARROW_FILE_HEADER_BYTES:
+    footer_start = total - tail_bytes - footer_size
+    if footer_size <= 0 or footer_start < head_bytes:
         return None
     return footer_start
+
+
+def _arrow_file_footer_start(buf: pa.Buffer) -> int | None:
+    """Offset of the footer flatbuffer of a complete Arrow IPC file, or None if it looks cut."""
+    return _footer_start(buf, ARROW_FILE_MAGIC, _ARROW_FILE_HEADER_BYTES)
 
 
 _MESSAGE_KINDS = {"schema": SpanKind.HEADER, "record batch": SpanKind.RECORD_BATCHES}
@@ -309,15 +314,8 @@ def _pack(units: Sequence[_Unit], target: int, cap: int) -> list[Span]:
 
 
 def _parquet_layout(buf: pa.Buffer, target: int, cap: int) -> ChunkLayout | None:
-    total = buf.size
-    if total < len(PARQUET_MAGIC) + _PARQUET_TAIL_BYTES:
-        return None
-    tail = buf.slice(total - _PARQUET_TAIL_BYTES).to_pybytes()
-    if tail[4:] != PARQUET_MAGIC:
-        return None
-    (footer_size,) = struct.unpack("<i", tail[:4])
-    footer_start = total - _PARQUET_TAIL_BYTES - footer_size
-    if footer_size <= 0 or footer_start < len(PARQUET_MAGIC):
+    footer_start = _footer_start(buf, PARQUET_MAGIC, len(PARQUET_MAGIC))
+    if footer_start is None:
         return None
     row_groups = _parquet_row_group_extents(buf, footer_start)
     if row_groups is None:
@@ -334,8 +332,8 @@ def _parquet_layout(buf: pa.Buffer, target: int, cap: int) -> ChunkLayout | None
         units += [_Unit(a, b, SpanKind.PARQUET_DATA) for a, b in zip(cuts, cuts[1:], strict=False)]
     spans = _pack(units, target, cap)
     data_end = units[-1].end if units else 0
-    if data_end < total:
-        spans.append(Span(data_end, total - data_end, SpanKind.TRAILER))
+    if data_end < buf.size:
+        spans.append(Span(data_end, buf.size - data_end, SpanKind.TRAILER))
     return ChunkLayout(LayoutFormat.PARQUET, tuple(spans))
 
 
