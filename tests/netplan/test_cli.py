@@ -152,12 +152,12 @@ def test_a_sync_that_needs_two_paths_is_planned_as_routes_with_shares(tmp_path: 
 
     # transferd reads the schema 3 plan as it is and still sends directly to the destination
     # (executing routes is later work: docs/plan-format.md says so).
-    from transferd._plan_exec import parse_site_plan
     from transferd.config import parse_config
+    from transferd.plan import parse_plan
 
     config = parse_config("site: dc\nlisten: 127.0.0.1:7701\ndata_dir: ./d\nkeys_dir: ./k\n"
                           "peers:\n  gpu: {url: 'http://127.0.0.1:7702'}\n", base_dir=tmp_path)
-    [route] = parse_site_plan(out.read_text(), config).sync
+    [route] = parse_plan(out.read_text(), config).sync
     assert (route.prefix, route.destination) == ("approved/d", "gpu")
 
 
