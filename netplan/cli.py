@@ -508,7 +508,9 @@ def analyze_command(
     _, report = _analyze(topology_file, streams, window_bytes, mss_bytes, max_relays, multipath)
     if as_json:
         doc = report.to_json(max_alternatives=None if all_alternatives else max_alternatives)
-        click.echo(json.dumps(doc, indent=2))
+        for chunk in json.JSONEncoder(indent=2).iterencode(doc):  # (tens of MB: no one string)
+            sys.stdout.write(chunk)
+        sys.stdout.write("\n")
     else:
         # Piped output still gets readable tables unless COLUMNS says otherwise.
         wide = sys.stdout.isatty() or "COLUMNS" in os.environ

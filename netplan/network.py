@@ -229,9 +229,9 @@ class PathTree(Mapping[str, PathT], Generic[PathT]):
         self,
         ids: list[str],
         index: dict[str, int],
-        parent: list[int],
+        parent: Sequence[int] | np.ndarray,
         build: Callable[[int], PathT],
-        score: list[float],
+        score: Sequence[float] | np.ndarray,
     ) -> None:
         self._ids = ids
         self._index = index
@@ -244,7 +244,7 @@ class PathTree(Mapping[str, PathT], Generic[PathT]):
         i = self._index.get(target)
         if i is None or self.parent[i] == _UNREACHED:
             return None
-        return self._score[i]
+        return float(self._score[i])
 
     def __getitem__(self, target: str) -> PathT:
         i = self._index.get(target)
@@ -268,7 +268,7 @@ class PathTree(Mapping[str, PathT], Generic[PathT]):
     def chain(self, i: int) -> list[int]:
         """Site indices from the source to `i`."""
         out = [i]
-        while (i := self.parent[i]) != _ROOT:
+        while (i := int(self.parent[i])) != _ROOT:
             out.append(i)
         out.reverse()
         return out
@@ -715,7 +715,9 @@ class Network:
     def _latency_tree(self, s: int) -> PathTree[LatencyPath]:
         self._latency_rows([s])
         dist, pred = self._p99_rows[s], self._p99_pred[s]
-        parent = [int(p) if p >= 0 else _UNREACHED for p in pred]
+        # (arrays, not lists: a list of 10,000 ints per client is most of a large estate's
+        # memory)
+        parent = np.where(pred >= 0, pred, _UNREACHED).astype(np.int32)
         parent[s] = _ROOT
 
         def build(i: int) -> LatencyPath:
@@ -728,8 +730,7 @@ class Network:
                 jitter_ms=sum(h.jitter_ms for h in hops),
             )
 
-        tree: PathTree[LatencyPath] = PathTree(self._ids, self._index, parent, build,
-                                               dist.tolist())
+        tree: PathTree[LatencyPath] = PathTree(self._ids, self._index, parent, build, dist)
         return tree
 
     def _single_source_latency(self, source: str, regions: Regions) -> PathTree[LatencyPath]:
