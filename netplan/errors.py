@@ -68,7 +68,14 @@ class InfeasiblePlan(Infeasible):
         first = self.problems[0]
         super().__init__(first.workload, first.constraints, first.kind)
 
+    # A large estate can have a thousand: the first ones, then a count (--json has them all).
+    SHOWN = 20
+
     def __str__(self) -> str:
         n = len(self.problems)
-        head = f"{n} infeasible entr{'y' if n == 1 else 'ies'}:"
-        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+        lines = [f"{n} infeasible entr{'y' if n == 1 else 'ies'}:"]
+        lines += [f"  - {p}" for p in self.problems[:self.SHOWN]]
+        if n > self.SHOWN:
+            lines.append(f"  and {n - self.SHOWN} more (netplan analyze --json lists them all "
+                         "under `problems`)")
+        return "\n".join(lines)

@@ -203,3 +203,14 @@ def test_every_report_matches_the_documented_schema(tmp_path: Path) -> None:
     assert {"compute_usd", "egress_usd", "storage_usd", "relay_usd"} <= set(
         defs["Cost"]["properties"])
     assert "directions" in defs["LinkDoc"]["properties"]
+
+
+def test_a_thousand_problems_are_listed_twenty_then_counted() -> None:
+    from netplan.errors import Infeasible, InfeasiblePlan
+
+    text = str(InfeasiblePlan([Infeasible(f"w{i}", ["no GPUs"]) for i in range(25)]))
+    lines = text.splitlines()
+    assert lines[0] == "25 infeasible entries:"
+    assert lines[1] == "  - workload w0 is infeasible: no GPUs"
+    assert len(lines) == 22
+    assert lines[-1].startswith("  and 5 more")
