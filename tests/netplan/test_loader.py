@@ -370,3 +370,21 @@ def test_fuzz_damaged_text(cut: int, junk: str) -> None:
 @given(text=st.text(max_size=200))
 def test_fuzz_arbitrary_text(text: str) -> None:
     _must_only_raise_topology_error(text)
+
+
+def test_a_json_topology_loads_and_its_errors_name_the_line(tmp_path: Path) -> None:
+    doc = yaml.safe_load(VALID)
+    good = tmp_path / "t.json"
+    good.write_text(json.dumps(doc, indent=2))
+    assert load_topology(good) == parse_topology(VALID)
+    doc["links"][0]["rtt_ms"] = -1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc, indent=2))
+    with pytest.raises(TopologyError) as err:
+        load_topology(bad)
+    line = next(i for i, text in enumerate(bad.read_text().splitlines(), 1) if '"rtt_ms"' in text)
+    assert str(err.value) == f"{bad}: links[0].rtt_ms: must be >= 0 (line {line})"
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"name": "x",\n "sites": [}')
+    with pytest.raises(TopologyError, match=r"JSON syntax error: .* \(line 2\)"):
+        load_topology(broken)
