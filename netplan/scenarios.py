@@ -314,7 +314,12 @@ def parse_scenarios(data: Any, lines: Mapping[tuple[str | int, ...], int] | None
                 try:
                     changes.append(parse_change(kind, text, format_path(where)))
                 except ScenarioError as exc:
-                    raise ScenarioError(exc.where, exc.text, exc.message,
+                    hint = ""
+                    if text.strip().startswith("link:") and "," not in text:
+                        # [link:A,B=30%] is two items to YAML: the comma ends the first.
+                        hint = ("; in a [flow, list] a comma separates items: quote the "
+                                "change ('link:A,B=30%') or put it on its own '- ' line")
+                    raise ScenarioError(exc.where, exc.text, exc.message + hint,
                                         line(where)) from None
         if not changes:
             raise fail(path, f"scenario {name!r} changes nothing (give one of "

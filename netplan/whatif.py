@@ -875,6 +875,12 @@ def _training_failover(baseline: Baseline, topo: Topology, network: Network,
         why = held + ("; restores " + ", ".join(moves) if moves else "; nothing to restore")
         standbys.append(Standby(site.id, True, gpus, source, lost, restore_h,
                                 first.gb + data.gb, compute_h, cost, finish, meets, why))
+    if not standbys:
+        allowed = (f" where {', '.join(workload.datasets)} may be processed"
+                   if workload.datasets else "")
+        return TrainingFailover(workload.id, home, progress, elapsed, deadline, (), 0,
+                                f"nowhere to resume: no surviving site has "
+                                f"{workload.min_gpus} {workload.gpu} GPUs{allowed}")
     ranked = _rank(standbys)
     target, advice = _recommend(baseline, workload, ck, home, ranked, elapsed, progress,
                                 o0.hours, o0.gpus, data_needs, topo, network)
@@ -954,9 +960,11 @@ def _recommend(baseline: Baseline, workload: Workload, ck: CheckpointState | Non
     cost, cadence, allowed, site_id, usd_per_gb = min(picks)
     minutes = int(cadence * 60)
     per_day = size * 24 * 60 / minutes * usd_per_gb
+    now = (f"every {ck.every_hours:g} h to {', '.join(t for t, _ in ck.targets) or 'nowhere'}"
+           if ck else "not replicated")
     return allowed, (f"pre-replicate checkpoints of {workload.id} to {site_id} every "
                      f"{minutes} min to meet RPO <= {duration(allowed)} (what {goal} allows "
-                     f"after {home} fails there); {size:,.0f} GB each, "
+                     f"after {home} fails there; now: {now}); {size:,.0f} GB each, "
                      f"{money(per_day)}/day of egress")
 
 
