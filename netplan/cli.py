@@ -42,6 +42,10 @@ _ALTERNATIVES_SHOWN = 5
 # Beyond this many decisions, losing options are shown one per workload and per-transfer path
 # comparisons are left to --json.
 _DETAILED_DECISIONS = 20
+# whatif: scenarios to evaluate x sites below which worker processes are not worth starting (a
+# worker spends 1-2 s importing and building its baseline; a scenario on a 1,000-site estate
+# takes about 50 ms).
+_PROCESSES_PAY_OFF = 50_000
 
 
 class _Grid:
@@ -622,8 +626,8 @@ def plan_command(
 @click.option("--failure-at", default="50%", show_default=True, metavar="PCT",
               help="How far through its compute a training run is when its site fails.")
 @click.option("--workers", type=click.IntRange(1), default=None,
-              help="Local worker processes for the scenarios (default: one per CPU; 1 runs "
-              "them in this process).")
+              help="Local worker processes for the scenarios (default: one per CPU when the "
+              "sweep is large enough to pay for starting them; 1 runs them in this process).")
 @click.option("--dask", "dask_address", metavar="tcp://HOST:PORT",
               help="Run the scenarios on this dask.distributed scheduler's workers instead.")
 @click.option("--full", is_flag=True, help="Re-plan every workload in every scenario (slower; "
@@ -721,6 +725,8 @@ def whatif_command(
         executor: ScenarioExecutor
         if dask_address:
             executor = DaskExecutor(dask_address)
+        elif workers is None and work * len(topology.sites) < _PROCESSES_PAY_OFF:
+            executor = SerialExecutor()  # (starting processes would cost more than the work)
         elif (workers or os.cpu_count() or 1) == 1 or work < 2:
             executor = SerialExecutor()
         else:
@@ -752,8 +758,16 @@ def whatif_command(
 @cli.command("schema")
 @click.option("--report", "report", is_flag=True,
               help="The JSON Schema of `netplan analyze --json` instead.")
-def schema_command(report: bool) -> None:
-    """Print the topology format's JSON Schema (or the analyze report's, with --report)."""
+@click.option("--whatif", "whatif", is_flag=True,
+              help="The JSON Schema of `netplan whatif --json` instead.")
+def schema_command(report: bool, whatif: bool) -> None:
+    """Print the topology format's JSON Schema (or the analyze report's with --report, the
+    what-if document's with --whatif)."""
+    if whatif:
+        from netplan.whatif_schema import WhatifDocument
+
+        click.echo(json.dumps(WhatifDocument.model_json_schema(by_alias=True), indent=2))
+        return
     if report:
         from netplan.report_schema import ReportDocument
 

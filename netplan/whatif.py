@@ -363,7 +363,8 @@ class Baseline:
         return bool(hit or sync or shards or not reach.failed_sites.isdisjoint(self.homes))
 
     def unchanged(self, scenario: Scenario) -> ScenarioResult:
-        return ScenarioResult(scenario, replanned=(), skipped=len(self.topology.workloads))
+        return ScenarioResult(scenario, replanned=(), skipped=len(self.topology.workloads),
+                              evaluated=False)
 
 
 def build_baseline(topology: Topology, settings: TransferSettings | None = None,
@@ -565,6 +566,7 @@ class ScenarioResult:
     rehomed: tuple[tuple[str, str, str], ...] = ()  # (artifact, from, to)
     notes: tuple[str, ...] = ()
     error: str | None = None
+    evaluated: bool = True  # False: answered from the baseline without building a network
 
     @property
     def workloads_lost(self) -> tuple[str, ...]:
@@ -579,6 +581,17 @@ class ScenarioResult:
         return (sum(len(f.misses) for f in self.inference)
                 + sum(s.budget_misses for s in self.shards)
                 + sum(1 for f in self.failovers if f.misses_deadline))
+
+    def budget_miss_texts(self) -> tuple[str, ...]:
+        """Each budget miss in words (what `budget_misses` counts)."""
+        out = [f"{f.workload}: {c.client} " + (f"at {c.p99_ms:.1f} ms p99 of {c.budget_ms:g}"
+                                               if c.p99_ms is not None else "unreachable")
+               for f in self.inference for c in f.misses]
+        out += [f"{s.index}: {m}" for s in self.shards for m in s.querying_misses]
+        out += [f"{f.workload}: " + (f"resumes at {f.best.site} but misses its deadline"
+                                     if f.best else "nowhere to resume")
+                for f in self.failovers if f.misses_deadline]
+        return tuple(out)
 
     @property
     def cost_delta_usd(self) -> float:
@@ -599,6 +612,7 @@ class ScenarioResult:
     def to_json(self) -> dict[str, Any]:
         return {
             **self.scenario.to_json(),
+            "evaluated": self.evaluated,
             "replanned_workloads": list(self.replanned),
             "skipped_workloads": self.skipped,
             "workloads_lost": list(self.workloads_lost),
@@ -606,7 +620,7 @@ class ScenarioResult:
             "budget_misses": self.budget_misses,
             "cost_delta_usd": _r(self.cost_delta_usd),
             "sync_cost_delta_usd_per_day": _r(self.sync_cost_delta_usd_per_day),
-            "changes": [c.to_json() for c in self.changes],
+            "workload_changes": [c.to_json() for c in self.changes],
             "inference_failover": [f.to_json() for f in self.inference],
             "training_failover": [f.to_json() for f in self.failovers],
             "vector_indexes": [s.to_json() for s in self.shards],
@@ -1051,11 +1065,11 @@ class WhatifResult:
         return tuple(sorted(hurt, key=lambda s: s.harm, reverse=True))
 
     def stats(self) -> dict[str, int]:
-        replanned = [s for s in self.scenarios if s.replanned]
+        evaluated = [s for s in self.scenarios if s.evaluated]
         return {
             "scenarios": len(self.scenarios),
-            "scenarios_replanned": len(replanned),
-            "scenarios_skipped": len(self.scenarios) - len(replanned),
+            "scenarios_evaluated": len(evaluated),
+            "scenarios_skipped": len(self.scenarios) - len(evaluated),
             "workloads_replanned": sum(len(s.replanned) for s in self.scenarios),
             "workloads_skipped": sum(s.skipped for s in self.scenarios),
             "scenarios_with_effect": sum(1 for s in self.scenarios if s.has_effect),

@@ -44,8 +44,8 @@ def _header(result: WhatifResult, console: Console, run: dict[str, Any]) -> None
     workers = f" x{run['workers']}" if run.get("workers", 1) > 1 else ""
     console.print(
         f"[bold]netplan whatif[/bold]: {result.topology}  ({what}{st['scenarios']:,} "
-        f"scenario{'s' if st['scenarios'] != 1 else ''}: {st['scenarios_replanned']:,} "
-        f"re-planned, {st['scenarios_skipped']:,} reach no workload's paths, sites or clients; "
+        f"scenario{'s' if st['scenarios'] != 1 else ''}: {st['scenarios_evaluated']:,} "
+        f"evaluated, {st['scenarios_skipped']:,} reach nothing the plan uses; "
         f"{st['workloads_replanned']:,} workload decisions re-planned, "
         f"{st['workloads_skipped']:,} kept; {run['executor']}{workers}, {run['seconds']:.1f} s)")
 
@@ -78,9 +78,10 @@ def _scenario(result: WhatifResult, r: ScenarioResult, console: Console) -> None
         if not c.after.feasible:
             console.print(Text.assemble((f"{c.workload}: ", "bold red"), c.after.reason))
     for f in r.inference:
-        clients = _table(f"Inference failover: {f.workload} (replicas left: "
-                         f"{', '.join(f.replicas_left) or 'none'} of "
-                         f"{', '.join(f.replicas_before)})", "client", "served by", "p99 ms",
+        clients = _table(f"Inference failover: {f.workload} (replicas "
+                         f"{', '.join(f.replicas_before)}; left: "
+                         f"{', '.join(f.replicas_left) or 'none'})", "client", "served by",
+                         "p99 ms",
                          "budget ms", "", right=("p99 ms", "budget ms"))
         for ci in f.clients:
             clients.add_row(ci.client, ci.site or "-",
@@ -168,9 +169,11 @@ def _ranking(result: WhatifResult, console: Console, top: int) -> None:
         lost = (*r.workloads_lost, *r.indexes_lost)
         first = ", ".join(lost[:4]) + (f" and {len(lost) - 4} more" if len(lost) > 4 else "")
         if not first:
+            misses = r.budget_miss_texts()
             moved = [c.workload for c in r.changes]
-            first = ("re-planned: " + ", ".join(moved[:4])) if moved else (
-                "; ".join(r.sync_problems[:1]) or "budget misses")
+            first = (misses[0] + (f" and {len(misses) - 1} more" if len(misses) > 1 else "")
+                     if misses else ("re-planned: " + ", ".join(moved[:4])) if moved
+                     else "; ".join(r.sync_problems[:1]))
         table.add_row(r.scenario.name, str(len(lost)), str(r.budget_misses),
                       _delta(r.cost_delta_usd), _delta(r.sync_cost_delta_usd_per_day), first)
     table.print(console)

@@ -31,6 +31,7 @@ from netplan.whatif import (
     evaluate,
     summarize_sweep,
 )
+from netplan.whatif_schema import WhatifDocument
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "topologies").glob("*.yaml"))
@@ -408,6 +409,7 @@ def test_one_scenario_as_tables_and_as_json(tmp_path: Path) -> None:
         assert "…" not in done.output
     done = _cli(str(path), "--fail", "site:T", "--json")
     doc = json.loads(done.output)
+    WhatifDocument.model_validate(doc)
     assert doc["schema_version"] == 1
     (scenario,) = doc["scenarios"]
     (failover,) = scenario["training_failover"]
@@ -429,6 +431,7 @@ def test_a_sweep_and_a_scenario_file_rank_by_harm(tmp_path: Path) -> None:
                 "--workers", "1")
     assert done.exit_code == 0, done.output
     doc = json.loads(done.output)
+    WhatifDocument.model_validate(doc)
     names = [s["name"] for s in doc["scenarios"]]
     assert names[:3] == ["dx-brownout", "pricier-h100", "site:onprem-fra"]
     assert doc["ranking"][0] == "site:onprem-fra"
@@ -440,3 +443,19 @@ def test_a_sweep_and_a_scenario_file_rank_by_harm(tmp_path: Path) -> None:
     done = _cli(HYBRID, "--scenarios", str(scenarios), "--sweep", "n-1", "--workers", "1")
     assert "Single points of failure" in done.output
     assert "Scenarios that hurt most" in done.output
+
+
+def test_schema_whatif_prints_the_documented_shape() -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from netplan.cli import cli
+    from netplan.whatif import WHATIF_SCHEMA_VERSION
+    from netplan.whatif_schema import WHATIF_DOCUMENT_VERSION
+
+    assert WHATIF_DOCUMENT_VERSION == WHATIF_SCHEMA_VERSION
+    done = CliRunner().invoke(cli, ["schema", "--whatif"])
+    schema = json.loads(done.output)
+    assert {"schema_version", "scenarios", "single_points_of_failure", "ranking"} <= set(
+        schema["properties"])
