@@ -42,7 +42,6 @@ from netplan.scenarios import sweep  # noqa: E402
 from netplan.topology import Topology  # noqa: E402
 from netplan.whatif import (  # noqa: E402
     Baseline,
-    ScenarioResult,
     WhatifOptions,
     WhatifResult,
     build_baseline,
@@ -57,12 +56,6 @@ def _timed(topo: Topology, scenarios: Any, executor: ScenarioExecutor,
     start = time.perf_counter()
     result = run_whatif(topo, scenarios, executor, baseline=baseline, sweep="n-1")
     return time.perf_counter() - start, result
-
-
-def _same(a: ScenarioResult, b: ScenarioResult) -> bool:
-    ours = {c.workload: c.after for c in a.changes}
-    full = {c.workload: c.after for c in b.changes}
-    return ours.keys() == full.keys() and all(ours[w].same_plan(full[w]) for w in ours)
 
 
 def main() -> None:
@@ -111,7 +104,7 @@ def main() -> None:
     full_results = [evaluate(baseline, s, full) for s in sample]
     per_full = (time.perf_counter() - start) / len(sample)
     by_name = {r.scenario.name: r for r in serial.scenarios}
-    agree = all(_same(by_name[r.scenario.name], r) for r in full_results)
+    agree = all(by_name[r.scenario.name].same_outcome(r) for r in full_results)
     full_estimate = per_full * len(scenarios)
 
     print()

@@ -582,6 +582,17 @@ class ScenarioResult:
                 + sum(s.budget_misses for s in self.shards)
                 + sum(1 for f in self.failovers if f.misses_deadline))
 
+    def same_outcome(self, other: ScenarioResult) -> bool:
+        """The same answers (decisions compared as `DecisionSummary.same_plan`): what an
+        incremental and a full re-analysis of one scenario must agree on."""
+        ours = {c.workload: c.after for c in self.changes}
+        theirs = {c.workload: c.after for c in other.changes}
+        return (ours.keys() == theirs.keys()
+                and all(ours[w].same_plan(theirs[w]) for w in ours)
+                and (self.sync_problems, self.shards, self.inference, self.failovers, self.lost)
+                == (other.sync_problems, other.shards, other.inference, other.failovers,
+                    other.lost))
+
     def budget_miss_texts(self) -> tuple[str, ...]:
         """Each budget miss in words (what `budget_misses` counts)."""
         out = [f"{f.workload}: {c.client} " + (f"at {c.p99_ms:.1f} ms p99 of {c.budget_ms:g}"

@@ -78,3 +78,16 @@ def test_an_unreachable_scheduler_is_a_clear_error() -> None:
     with pytest.raises(ExecutorError, match=r"cannot reach the Dask scheduler at "
                        r"tcp://127\.0\.0\.1:9: "):
         run_whatif(topo, sweep(topo, "n-1"), DaskExecutor("tcp://127.0.0.1:9", timeout_s=1))
+
+
+def test_the_command_runs_a_sweep_on_the_cluster_it_is_given(cluster: Any) -> None:
+    import json
+
+    from test_whatif import HYBRID, _cli
+
+    here = json.loads(_cli(HYBRID, "--sweep", "n-1", "--json", "--workers", "1").output)
+    done = _cli(HYBRID, "--sweep", "n-1", "--json", "--dask", cluster.scheduler_address)
+    assert done.exit_code == 0, done.output
+    there = json.loads(done.output)
+    assert (there["run"]["executor"], there["run"]["workers"]) == ("dask", 2)
+    assert {**there, "run": None} == {**here, "run": None}
