@@ -21,10 +21,10 @@ __all__ = ["render"]
 _DETAILED = 3
 
 
-def _cell(d: DecisionSummary) -> str:
+def _cell(d: DecisionSummary, path: bool = False) -> str:
     if not d.feasible:
         return "infeasible" if d.action == "none" else d.where()
-    parts = [d.where()]
+    parts = [d.where() + (f" via {' -> '.join(d.path)}" if path and len(d.path) > 1 else "")]
     if d.total_usd is not None:
         parts.append(money(d.total_usd))
     if d.completion_hours is not None:
@@ -46,7 +46,8 @@ def _header(result: WhatifResult, console: Console, run: dict[str, Any]) -> None
         f"[bold]netplan whatif[/bold]: {result.topology}  ({what}{st['scenarios']:,} "
         f"scenario{'s' if st['scenarios'] != 1 else ''}: {st['scenarios_evaluated']:,} "
         f"evaluated, {st['scenarios_skipped']:,} reach nothing the plan uses; "
-        f"{st['workloads_replanned']:,} workload decisions re-planned, "
+        f"{st['workloads_replanned']:,} workload decision"
+        f"{'s' if st['workloads_replanned'] != 1 else ''} re-planned, "
         f"{st['workloads_skipped']:,} kept; {run['executor']}{workers}, {run['seconds']:.1f} s)")
 
 
@@ -71,7 +72,9 @@ def _scenario(result: WhatifResult, r: ScenarioResult, console: Console) -> None
                           "replanned" if before.workload in r.replanned else "not reached")
             continue
         style = {"lost": "bold red", "recovered": "bold green"}.get(c.status, "yellow")
-        table.add_row(before.workload, _cell(before), _cell(c.after), _delta(c.cost_delta_usd),
+        moved = c.after.path != before.path
+        table.add_row(before.workload, _cell(before, moved), _cell(c.after, moved),
+                      _delta(c.cost_delta_usd),
                       Text(c.status, style=style))
     table.print(console)
     for c in r.changes:
