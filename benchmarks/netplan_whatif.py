@@ -14,7 +14,10 @@ Measured in one run, on the same baseline:
 A benchmark, not a test. Hold the lock while it runs (the machine is shared):
 
     flock /tmp/netplan-bench.lock python benchmarks/netplan_whatif.py [--sites 1000]
-        [--seed 7] [--sample 12] [--workers 2] [--no-dask]
+        [--seed 7] [--repeat 3] [--sample 12] [--workers 2] [--no-dask]
+
+Each executor runs `--repeat` times, in turn (1 process, local, Dask, then again), and the
+table shows the median and the range.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,6 +57,8 @@ FLOOR_SECONDS = 600.0  # issue 14: the full N-1 sweep of the 1,000-site estate i
 
 def _timed(topo: Topology, scenarios: Any, executor: ScenarioExecutor,
            baseline: Baseline) -> tuple[float, WhatifResult]:
+    """Wall seconds of one sweep (in this process, or scattering to the workers and their
+    own baselines included)."""
     start = time.perf_counter()
     result = run_whatif(topo, scenarios, executor, baseline=baseline, sweep="n-1")
     return time.perf_counter() - start, result
@@ -65,6 +71,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=12,
                         help="scenarios re-planned in full to estimate a full sweep")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per executor (median)")
     parser.add_argument("--no-dask", action="store_true")
     args = parser.parse_args()
 
@@ -78,23 +85,41 @@ def main() -> None:
           f"{len(topo.workloads):,} workloads (seed {args.seed}); baseline (analyze + "
           f"footprints) {baseline_s:.1f} s; N-1 sweep: {len(scenarios):,} scenarios")
 
-    rows: list[tuple[str, float, str]] = []
-    serial_s, serial = _timed(topo, scenarios, SerialExecutor(), baseline)
-    rows.append(("1 process", serial_s, "-"))
-    local_s, local = _timed(topo, scenarios, LocalExecutor(args.workers), baseline)
-    rows.append((f"{args.workers} local processes", local_s,
-                 "yes" if local.scenarios == serial.scenarios else "NO"))
+    runs: dict[str, list[float]] = {}
+    same: dict[str, bool] = {}
+    serial: WhatifResult | None = None
+
+    def record(name: str, seconds: float, result: WhatifResult) -> None:
+        nonlocal serial
+        runs.setdefault(name, []).append(seconds)
+        if serial is None:
+            serial = result
+        same[name] = same.get(name, True) and result.scenarios == serial.scenarios
+
+    cluster: Any = None
+    up_s = 0.0
     if not args.no_dask:
         from distributed import LocalCluster
 
         start = time.perf_counter()
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.ERROR) as cluster:
-            up_s = time.perf_counter() - start
-            dask_s, on_dask = _timed(topo, scenarios, DaskExecutor(cluster.scheduler_address),
-                                     baseline)
-        rows.append((f"Dask LocalCluster, {args.workers} workers (+{up_s:.1f} s to start)",
-                     dask_s, "yes" if on_dask.scenarios == serial.scenarios else "NO"))
+        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)
+        up_s = time.perf_counter() - start
+    try:
+        for _ in range(args.repeat):
+            record("1 process", *_timed(topo, scenarios, SerialExecutor(), baseline))
+            record(f"{args.workers} local processes (spawned; each builds its baseline)",
+                   *_timed(topo, scenarios, LocalExecutor(args.workers), baseline))
+            if cluster is not None:
+                record(f"Dask LocalCluster, {args.workers} worker processes (+{up_s:.1f} s "
+                       "to start the cluster)",
+                       *_timed(topo, scenarios, DaskExecutor(cluster.scheduler_address),
+                               baseline))
+    finally:
+        if cluster is not None:
+            cluster.close()
+    assert serial is not None
+    serial_s = statistics.median(runs["1 process"])
 
     st = serial.stats()
     rng = random.Random(args.seed)
@@ -108,10 +133,13 @@ def main() -> None:
     full_estimate = per_full * len(scenarios)
 
     print()
-    print("| executor | N-1 sweep wall s | same results as 1 process |")
-    print("|---|---:|---|")
-    for name, seconds, same in rows:
-        print(f"| {name} | {seconds:.1f} | {same} |")
+    print(f"| executor | N-1 sweep wall s (median of {args.repeat}) | range | vs 1 process | "
+          "same results as 1 process |")
+    print("|---|---:|---|---:|---|")
+    for name, times in runs.items():
+        mid = statistics.median(times)
+        print(f"| {name} | {mid:.1f} | {min(times):.1f}-{max(times):.1f} | "
+              f"{serial_s / mid:.2f}x | {'yes' if same[name] else 'NO'} |")
     print()
     print(f"incrementality: {st['scenarios_evaluated']:,} scenarios evaluated, "
           f"{st['scenarios_skipped']:,} answered without building a network; "
@@ -124,7 +152,7 @@ def main() -> None:
     print(f"outcome: {st['scenarios_with_effect']:,} scenarios change something, "
           f"{len(serial.single_points_of_failure):,} single points of failure; worst: "
           f"{', '.join(r.scenario.name for r in serial.ranking[:3])}")
-    best = min(s for _, s, _ in rows)
+    best = min(statistics.median(t) for t in runs.values())
     print(f"floor: the sweep in under {FLOOR_SECONDS / 60:.0f} min: "
           f"{'met' if best < FLOOR_SECONDS else 'NOT met'} ({best:.0f} s at best)")
 
