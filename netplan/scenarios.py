@@ -569,6 +569,119 @@ def _changed_site(site: Site, changes: Sequence[Change], notes: list[str]) -> Si
     return site.model_copy(update={"gpus": gpus, "gpu_hour_usd": prices})
 
 
+class _Remains:
+    """What is left of each section once the failed sites are gone: artifacts served from a
+    surviving copy or lost, workloads without lost inputs or failed clients, indexes, rules
+    and checkpoint targets without failed sites. Collects what was lost, moved and dropped."""
+
+    def __init__(self, index: ElementIndex, reach: Touch, copies: Mapping[str, Sequence[str]],
+                 shard_sites: Mapping[str, Sequence[Sequence[str]]]) -> None:
+        self.index = index
+        self.reach = reach
+        self.dead = reach.failed_sites
+        self.copies = copies
+        self.shard_sites = shard_sites
+        self.order = {s.id: i for i, s in enumerate(index.topology.sites)}
+        self.lost: dict[str, str] = {}
+        self.rehomed: dict[str, tuple[str, str]] = {}
+        self.dropped: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def _home(self, kind: str, ident: str, home: str) -> str | None:
+        if home not in self.dead:
+            return home
+        held = [s for s in self.copies.get(ident, ()) if s != home]
+        best = _best_copy(self.index, held, self.reach)
+        if best is None:
+            self.lost[ident] = (
+                f"{kind} {ident} had no copy outside {home}" if not held else
+                f"{kind} {ident}: {home} and every copy ({', '.join(held)}) failed")
+            return None
+        self.rehomed[ident] = (home, best)
+        return best
+
+    def datasets(self, topology: Topology) -> tuple[Any, ...]:
+        out = []
+        for ds in topology.datasets:
+            home = self._home("dataset", ds.id, ds.site)
+            if home is not None:
+                out.append(ds if home == ds.site else ds.model_copy(update={"site": home}))
+        return tuple(out)
+
+    def models(self, topology: Topology) -> tuple[Any, ...]:
+        out = []
+        for m in topology.models:
+            home = self._home("model", m.id, m.site)
+            if home is not None:
+                out.append(m if home == m.site else m.model_copy(update={"site": home}))
+        return tuple(out)
+
+    def workloads(self, topology: Topology) -> tuple[Workload, ...]:
+        """(after `datasets` and `models`, which decide what is lost)"""
+        out: list[Workload] = []
+        for wl in topology.workloads:
+            needs = [d for d in (*wl.datasets, *([wl.model] if wl.model else []))
+                     if d in self.lost]
+            if needs:
+                self.dropped[wl.id] = "; ".join(self.lost[d] for d in needs)
+                continue
+            if wl.clients and self.dead.intersection(wl.clients):
+                clients = tuple(c for c in wl.clients if c not in self.dead)
+                if not clients:
+                    self.dropped[wl.id] = "every client site failed: nothing left to serve"
+                    continue
+                wl = wl.model_copy(update={"clients": clients})
+            out.append(wl)
+        return tuple(out)
+
+    def indexes(self, topology: Topology) -> tuple[Any, ...]:
+        out = []
+        for ix in topology.vector_indexes:
+            update: dict[str, Any] = {}
+            if self.dead.intersection(ix.queries):
+                update["queries"] = {q: v for q, v in ix.queries.items() if q not in self.dead}
+            if ix.site in self.dead:
+                placed = self.shard_sites.get(ix.id, ())
+                if not placed or any(all(s in self.dead for s in shard) for shard in placed):
+                    self.lost[ix.id] = (f"vector index {ix.id}: a shard had no replica "
+                                        f"outside {', '.join(sorted(self.dead))}")
+                    continue
+                held: dict[str, int] = {}
+                for shard in placed:
+                    for s in shard:
+                        if s not in self.dead:
+                            held[s] = held.get(s, 0) + 1
+                best = max(held, key=lambda s: (held[s], -self.order[s]))
+                self.rehomed[ix.id] = (ix.site, best)
+                update["site"] = best
+            out.append(ix.model_copy(update=update) if update else ix)
+        return tuple(out)
+
+    def rules(self, topology: Topology) -> tuple[Any, ...]:
+        out = []
+        for rule in topology.sync_rules:
+            update: dict[str, Any] = {}
+            if any(d in self.lost for d in rule.datasets):
+                update["datasets"] = tuple(d for d in rule.datasets if d not in self.lost)
+                if not update["datasets"] and rule.tier is None:
+                    self.notes.append(f"sync rule {rule.id}: every dataset it selects is lost")
+                    continue
+            if isinstance(rule.to, tuple) and self.dead.intersection(rule.to):
+                update["to"] = tuple(s for s in rule.to if s not in self.dead)
+            out.append(rule.model_copy(update=update) if update else rule)
+        return tuple(out)
+
+    def checkpoints(self, topology: Topology, kept: set[str]) -> tuple[Any, ...]:
+        out = []
+        for ck in topology.checkpoint_replication:
+            if ck.workload not in kept:
+                continue
+            if self.dead.intersection(ck.to):
+                ck = ck.model_copy(update={"to": tuple(s for s in ck.to if s not in self.dead)})
+            out.append(ck)
+        return tuple(out)
+
+
 def apply_scenario(topology: Topology, scenario: Scenario,
                    copies: Mapping[str, Sequence[str]] | None = None,
                    shard_sites: Mapping[str, Sequence[Sequence[str]]] | None = None,
@@ -579,109 +692,24 @@ def apply_scenario(topology: Topology, scenario: Scenario,
     failed primary moves to the surviving site holding the most shards)."""
     index = index or ElementIndex(topology)
     check_scenario(topology, scenario, index)
-    copies = copies or {}
-    shard_sites = shard_sites or {}
     reach = touch(topology, scenario, index)
     dead, dead_links = reach.failed_sites, reach.failed_links
-    changes = scenario.changes
-    notes: list[str] = []
-    edits = [c for c in changes if c.kind != "fail"]
+    left = _Remains(index, reach, copies or {}, shard_sites or {})
+    edits = [c for c in scenario.changes if c.kind != "fail"]
     links = tuple(
         _changed_link(link, edits) if edits else link for link in topology.links
         if frozenset(link.between) not in dead_links and not dead.intersection(link.between))
-    sites = tuple(_changed_site(site, edits, notes) if edits else site
+    sites = tuple(_changed_site(site, edits, left.notes) if edits else site
                   for site in topology.sites if site.id not in dead)
-
-    # Data and models at a failed site: the best surviving copy, or lost.
-    lost: dict[str, str] = {}
-    rehomed: dict[str, tuple[str, str]] = {}
-
-    def rehome(kind: str, ident: str, home: str) -> str | None:
-        if home not in dead:
-            return home
-        held = [s for s in copies.get(ident, ()) if s != home]
-        best = _best_copy(index, held, reach)
-        if best is None:
-            lost[ident] = (f"{kind} {ident} had no copy outside {home}" if not held else
-                           f"{kind} {ident}: {home} and every copy ({', '.join(held)}) failed")
-            return None
-        rehomed[ident] = (home, best)
-        return best
-
-    datasets = []
-    for ds in topology.datasets:
-        home = rehome("dataset", ds.id, ds.site)
-        if home is not None:
-            datasets.append(ds if home == ds.site else ds.model_copy(update={"site": home}))
-    models = []
-    for m in topology.models:
-        home = rehome("model", m.id, m.site)
-        if home is not None:
-            models.append(m if home == m.site else m.model_copy(update={"site": home}))
-
-    dropped: dict[str, str] = {}
-    workloads: list[Workload] = []
-    for wl in topology.workloads:
-        needs = [d for d in (*wl.datasets, *([wl.model] if wl.model else [])) if d in lost]
-        if needs:
-            dropped[wl.id] = "; ".join(lost[d] for d in needs)
-            continue
-        if wl.clients and dead.intersection(wl.clients):
-            clients = tuple(c for c in wl.clients if c not in dead)
-            if not clients:
-                dropped[wl.id] = "every client site failed: nothing left to serve"
-                continue
-            wl = wl.model_copy(update={"clients": clients})
-        workloads.append(wl)
-    kept = {w.id for w in workloads}
-
-    order = {s.id: i for i, s in enumerate(topology.sites)}
-    indexes = []
-    for ix in topology.vector_indexes:
-        update: dict[str, Any] = {}
-        if dead.intersection(ix.queries):
-            update["queries"] = {q: v for q, v in ix.queries.items() if q not in dead}
-        if ix.site in dead:
-            placed = shard_sites.get(ix.id, ())
-            if not placed or any(all(s in dead for s in shard) for shard in placed):
-                lost[ix.id] = (f"vector index {ix.id}: a shard had no replica outside "
-                               f"{', '.join(sorted(dead))}")
-                continue
-            held: dict[str, int] = {}
-            for shard in placed:
-                for s in shard:
-                    if s not in dead:
-                        held[s] = held.get(s, 0) + 1
-            best = max(held, key=lambda s: (held[s], -order[s]))
-            rehomed[ix.id] = (ix.site, best)
-            update["site"] = best
-        indexes.append(ix.model_copy(update=update) if update else ix)
-
-    rules = []
-    for rule in topology.sync_rules:
-        update = {}
-        if any(d in lost for d in rule.datasets):
-            update["datasets"] = tuple(d for d in rule.datasets if d not in lost)
-            if not update["datasets"] and rule.tier is None:
-                notes.append(f"sync rule {rule.id}: every dataset it selects is lost")
-                continue
-        if isinstance(rule.to, tuple) and dead.intersection(rule.to):
-            update["to"] = tuple(s for s in rule.to if s not in dead)
-        rules.append(rule.model_copy(update=update) if update else rule)
-    checkpoints = []
-    for ck in topology.checkpoint_replication:
-        if ck.workload not in kept:
-            continue
-        if dead.intersection(ck.to):
-            ck = ck.model_copy(update={"to": tuple(s for s in ck.to if s not in dead)})
-        checkpoints.append(ck)
-
     fields = {name: getattr(topology, name) for name in type(topology).model_fields}
-    fields.update(sites=sites, links=links, datasets=tuple(datasets), models=tuple(models),
-                  workloads=tuple(workloads), vector_indexes=tuple(indexes),
-                  sync_rules=tuple(rules), checkpoint_replication=tuple(checkpoints))
+    fields.update(sites=sites, links=links, datasets=left.datasets(topology),
+                  models=left.models(topology))
+    fields["workloads"] = workloads = left.workloads(topology)
+    fields.update(vector_indexes=left.indexes(topology), sync_rules=left.rules(topology),
+                  checkpoint_replication=left.checkpoints(topology, {w.id for w in workloads}))
     # (model_construct: every reference above stays valid by construction, and validating a
     # 1,000-site topology again for each of thousands of scenarios would cost more than the
     # re-planning)
     changed = Topology.model_construct(**fields)
-    return AppliedScenario(scenario, changed, reach, lost, rehomed, dropped, tuple(notes))
+    return AppliedScenario(scenario, changed, reach, left.lost, left.rehomed, left.dropped,
+                           tuple(left.notes))

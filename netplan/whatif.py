@@ -74,7 +74,7 @@ from netplan.scenarios import (
     apply_scenario,
     touch,
 )
-from netplan.topology import Topology, TransferSettings, Workload
+from netplan.topology import Site, Topology, TransferSettings, Workload
 
 __all__ = [
     "WHATIF_SCHEMA_VERSION",
@@ -780,6 +780,17 @@ def _fastest(cands: Sequence[Candidate]) -> Candidate | None:
 
 
 @dataclass(frozen=True)
+class _Artifact:
+    """Something a standby must hold before the run resumes there."""
+
+    kind: str  # "checkpoint", "model" or "dataset"
+    id: str
+    size_gb: float
+    holders: tuple[str, ...]  # surviving sites with a copy
+    regions: frozenset[str] | None  # where it may travel (residency)
+
+
+@dataclass(frozen=True)
 class _Restore:
     seconds: float
     gb: float
@@ -788,30 +799,127 @@ class _Restore:
     problem: str | None = None
 
 
-def _restore(network: Network, needs: Sequence[tuple[str, str, float, Sequence[str],
-                                                      frozenset[str] | None]],
-             site: str) -> _Restore:
-    """Move each (kind, id, GB, holders, regions) not held at `site` from its nearest holder."""
+def _restore(network: Network, needs: Sequence[_Artifact], site: str) -> _Restore:
+    """Move each artifact `site` lacks from its nearest holder, one after another."""
     seconds = gb = usd = 0.0
     parts: list[str] = []
-    for kind, ident, size, holders, regions in needs:
-        if site in holders or size <= 0:
+    for need in needs:
+        if site in need.holders or need.size_gb <= 0:
             continue
         best: tuple[Candidate, str] | None = None
-        for h in holders:
-            c = _fastest(candidates(network, h, site, size, regions))
+        for h in need.holders:
+            c = _fastest(candidates(network, h, site, need.size_gb, need.regions))
             if c is not None and (best is None or c.seconds < best[0].seconds):
                 best = (c, h)
         if best is None:
             return _Restore(seconds, gb, usd, tuple(parts),
-                            f"no path brings {kind} {ident} to {site}")
+                            f"no path brings {need.kind} {need.id} to {site}")
         c, h = best
         seconds += c.seconds
-        gb += size
+        gb += need.size_gb
         usd += c.cost_usd
-        parts.append(f"{kind} {ident} ({size:,.0f} GB) from {h} in "
+        parts.append(f"{need.kind} {need.id} ({need.size_gb:,.0f} GB) from {h} in "
                      f"{duration(c.seconds / 3600)}")
     return _Restore(seconds, gb, usd, tuple(parts))
+
+
+@dataclass(frozen=True)
+class _FailedRun:
+    """A training run at the moment its site fails: how far it got, and what survives of
+    its checkpoints, model and data."""
+
+    workload: Workload
+    home: str
+    hours: float  # compute hours at the baseline GPU count
+    gpus: int
+    progress: float  # compute hours done
+    elapsed: float  # hours since the job started (its first transfers included)
+    checkpoints: CheckpointState | None
+    holders: tuple[tuple[str, float], ...]  # surviving checkpoint targets, hours to reach them
+    checkpoint_gb: float
+    model: _Artifact | None  # to restart from, when no checkpoint survives
+    data: tuple[_Artifact, ...]
+
+    def lost_at(self, target_hours: float) -> float:
+        """Work lost resuming from a target a checkpoint takes `target_hours` to reach."""
+        if self.checkpoints is None:
+            return self.progress
+        return min(self.checkpoints.every_hours + target_hours, self.progress)
+
+
+def _failed_run(baseline: Baseline, topo: Topology, workload: Workload,
+                applied: AppliedScenario, failure_at: float) -> _FailedRun | None:
+    """The run, if the scenario takes its site or the GPUs it runs on."""
+    o0 = baseline.decision_of[workload.id].option
+    if o0 is None or not o0.sites:
+        return None
+    home = o0.sites[0]
+    dead = applied.reach.failed_sites
+    still = topo.site_by_id.get(home)
+    if home not in dead and still is not None and still.gpu_count(workload.gpu) >= o0.gpus:
+        return None
+    ck = baseline.checkpoints.get(workload.id)
+    subset = o0.action == "stage_subset"
+    data = []
+    for ds_id in workload.datasets:
+        ds = topo.dataset(ds_id)
+        where = [ds.site, *(s for s in baseline.copies.get(ds_id, ()) if s not in dead)]
+        data.append(_Artifact("dataset", ds_id,
+                              ds.size_gb * (ds.active_fraction if subset else 1.0),
+                              tuple(dict.fromkeys(where)),
+                              frozenset(ds.residency) if ds.residency else None))
+    model = None
+    if workload.model and workload.model in topo.model_by_id:
+        m = topo.model(workload.model)
+        model = _Artifact("model", m.id, m.size_gb, (m.site,), None)
+    progress = failure_at * o0.hours
+    return _FailedRun(
+        workload=workload, home=home, hours=o0.hours, gpus=o0.gpus, progress=progress,
+        elapsed=o0.transfer_seconds / 3600 + progress, checkpoints=ck,
+        holders=tuple((t, h) for t, h in (ck.targets if ck else ()) if t not in dead),
+        checkpoint_gb=ck.size_gb if ck else (model.size_gb if model else 0.0),
+        model=model, data=tuple(data))
+
+
+def _standby(run: _FailedRun, site: Site, network: Network) -> Standby:
+    """What resuming `run` at `site` takes: the checkpoint (or, with none left, the model: a
+    restart) from the holder that lets it start soonest, the data it lacks, the work."""
+    w = run.workload
+    gpus = _run_gpus(w, site.gpu_count(w.gpu), run.gpus)
+    scale = w.hours_on(gpus) / w.hours_on(run.gpus)
+    regions = run.checkpoints.regions if run.checkpoints else None
+    starts: list[tuple[float, float, str | None, _Restore]] = []
+    for target, hours in run.holders:
+        lost = run.lost_at(hours)
+        r = _restore(network, [_Artifact("checkpoint", w.id, run.checkpoint_gb, (target,),
+                                         regions)], site.id)
+        if r.problem is None:
+            starts.append((lost + r.seconds / 3600, lost, target, r))
+    if not starts:
+        if run.model is None:
+            return _infeasible(site.id, gpus, "no checkpoint survives and the model is lost")
+        r = _restore(network, [run.model], site.id)
+        if r.problem is not None:
+            return _infeasible(site.id, gpus, r.problem)
+        starts.append((run.progress + r.seconds / 3600, run.progress, None, r))
+    _, lost, source, first = min(starts, key=lambda x: (x[0], x[3].usd))
+    data = _restore(network, run.data, site.id)
+    if data.problem is not None:
+        return _infeasible(site.id, gpus, data.problem)
+    restore_h = (first.seconds + data.seconds) / 3600
+    compute_h = (run.hours - run.progress + lost) * scale
+    storage = ((first.gb + data.gb) * site.storage_price
+               * (restore_h + compute_h) / HOURS_PER_MONTH)
+    cost = compute_h * gpus * site.gpu_hour_usd.get(w.gpu, 0.0) + first.usd + data.usd + storage
+    finish = restore_h + compute_h
+    meets = w.deadline_hours is None or run.elapsed + finish <= w.deadline_hours + 1e-9
+    held = (f"holds the checkpoint ({duration(lost)} of work lost)" if source == site.id
+            else f"checkpoint from {source} ({duration(lost)} of work lost)" if source
+            else f"no checkpoint left: restarts ({duration(lost)} of work lost)")
+    moves = [*first.parts, *data.parts]
+    why = held + ("; restores " + ", ".join(moves) if moves else "; nothing to restore")
+    return Standby(site.id, True, gpus, source, lost, restore_h, first.gb + data.gb,
+                   compute_h, cost, finish, meets, why)
 
 
 def _run_gpus(workload: Workload, count: int, baseline_gpus: int) -> int:
@@ -824,92 +932,23 @@ def _run_gpus(workload: Workload, count: int, baseline_gpus: int) -> int:
 def _training_failover(baseline: Baseline, topo: Topology, network: Network,
                        workload: Workload, applied: AppliedScenario, failure_at: float
                        ) -> TrainingFailover | None:
-    d = baseline.decision_of[workload.id]
-    if d.option is None or not d.option.sites:
+    run = _failed_run(baseline, topo, workload, applied, failure_at)
+    if run is None:
         return None
-    home = d.option.sites[0]
-    dead = applied.reach.failed_sites
-    still = topo.site_by_id.get(home)
-    if home not in dead and still is not None and still.gpu_count(workload.gpu) >= d.option.gpus:
-        return None
-    o0 = d.option
-    progress = failure_at * o0.hours
-    elapsed = o0.transfer_seconds / 3600 + progress
+    standbys = [
+        _standby(run, site, network) for site in topo.sites
+        if site.gpu_count(workload.gpu) >= workload.min_gpus and site.id != run.home
+        and all(topo.dataset(x).allowed_in(site.region) for x in workload.datasets)]
     deadline = workload.deadline_hours
-    ck = baseline.checkpoints.get(workload.id)
-    holders = [(t, hours) for t, hours in (ck.targets if ck else ()) if t not in dead]
-    subset = o0.action == "stage_subset"
-    data_needs = []
-    for ds_id in workload.datasets:
-        ds = topo.dataset(ds_id)
-        where = [ds.site, *(s for s in baseline.copies.get(ds_id, ()) if s not in dead)]
-        size = ds.size_gb * (ds.active_fraction if subset else 1.0)
-        data_needs.append(("dataset", ds_id, size, tuple(dict.fromkeys(where)),
-                           frozenset(ds.residency) if ds.residency else None))
-    regions = ck.regions if ck else None
-    model = topo.model(workload.model) if workload.model and workload.model in topo.model_by_id \
-        else None
-    ck_size = ck.size_gb if ck else (model.size_gb if model else 0.0)
-
-    standbys: list[Standby] = []
-    for site in topo.sites:
-        count = site.gpu_count(workload.gpu)
-        if count < workload.min_gpus or site.id == home:
-            continue
-        if any(not topo.dataset(x).allowed_in(site.region) for x in workload.datasets):
-            continue
-        gpus = _run_gpus(workload, count, o0.gpus)
-        scale = workload.hours_on(gpus) / workload.hours_on(o0.gpus)
-        price = site.gpu_hour_usd.get(workload.gpu, 0.0)
-        # The checkpoint (or, with none left, the model: a restart) from the holder that lets
-        # the run start soonest.
-        options: list[tuple[float, float, str | None, _Restore]] = []
-        for t, hours in holders:
-            lost = min(ck.every_hours + hours, progress) if ck else progress
-            r = _restore(network, [("checkpoint", workload.id, ck_size, (t,), regions)],
-                         site.id)
-            if r.problem is None:
-                options.append((lost + r.seconds / 3600, lost, t, r))
-        if not options:
-            if model is None:
-                standbys.append(_infeasible(site.id, gpus, "no checkpoint survives and the "
-                                            "model is lost"))
-                continue
-            r = _restore(network, [("model", model.id, model.size_gb, (model.site,), None)],
-                         site.id)
-            if r.problem is not None:
-                standbys.append(_infeasible(site.id, gpus, r.problem))
-                continue
-            options.append((progress + r.seconds / 3600, progress, None, r))
-        _, lost, source, first = min(options, key=lambda x: (x[0], x[3].usd))
-        data = _restore(network, data_needs, site.id)
-        if data.problem is not None:
-            standbys.append(_infeasible(site.id, gpus, data.problem))
-            continue
-        restore_h = (first.seconds + data.seconds) / 3600
-        compute_h = (o0.hours - progress + lost) * scale
-        storage = ((first.gb + data.gb) * site.storage_price
-                   * (restore_h + compute_h) / HOURS_PER_MONTH)
-        cost = compute_h * gpus * price + first.usd + data.usd + storage
-        finish = restore_h + compute_h
-        meets = deadline is None or elapsed + finish <= deadline + 1e-9
-        held = (f"holds the checkpoint ({duration(lost)} of work lost)" if source == site.id
-                else f"checkpoint from {source} ({duration(lost)} of work lost)" if source
-                else f"no checkpoint left: restarts ({duration(lost)} of work lost)")
-        moves = [*first.parts, *data.parts]
-        why = held + ("; restores " + ", ".join(moves) if moves else "; nothing to restore")
-        standbys.append(Standby(site.id, True, gpus, source, lost, restore_h,
-                                first.gb + data.gb, compute_h, cost, finish, meets, why))
     if not standbys:
         allowed = (f" where {', '.join(workload.datasets)} may be processed"
                    if workload.datasets else "")
-        return TrainingFailover(workload.id, home, progress, elapsed, deadline, (), 0,
-                                f"nowhere to resume: no surviving site has "
+        return TrainingFailover(workload.id, run.home, run.progress, run.elapsed, deadline,
+                                (), 0, f"nowhere to resume: no surviving site has "
                                 f"{workload.min_gpus} {workload.gpu} GPUs{allowed}")
     ranked = _rank(standbys)
-    target, advice = _recommend(baseline, workload, ck, home, ranked, elapsed, progress,
-                                o0.hours, o0.gpus, data_needs, topo, network)
-    return TrainingFailover(workload.id, home, progress, elapsed, deadline,
+    target, advice = _recommend(baseline, run, ranked, topo, network)
+    return TrainingFailover(workload.id, run.home, run.progress, run.elapsed, deadline,
                             tuple(ranked[:_STANDBYS_KEPT]), len(standbys), advice, target)
 
 
@@ -935,62 +974,66 @@ def _rank(standbys: Sequence[Standby]) -> list[Standby]:
     return [*meets, *late, *rest]
 
 
-def _recommend(baseline: Baseline, workload: Workload, ck: CheckpointState | None, home: str,
-               ranked: Sequence[Standby], elapsed: float, progress: float, hours: float,
-               gpus0: int, data_needs: Sequence[Any], topo: Topology, network: Network
-               ) -> tuple[float | None, str | None]:
+@dataclass(frozen=True, order=True)
+class _Cadence:
+    cost_usd: float  # to finish there after losing `rpo_hours` of work (first: sorts by it)
+    every_hours: float
+    rpo_hours: float
+    site: str
+    usd_per_gb: float  # egress of one checkpoint's path there
+
+
+def _recommend(baseline: Baseline, run: _FailedRun, ranked: Sequence[Standby],
+               topo: Topology, network: Network) -> tuple[float | None, str | None]:
     """(RPO target, advice) when the replication as planned cannot meet the deadline (or the
-    declared `rpo_hours`) after this failure."""
-    deadline = workload.deadline_hours
+    declared `rpo_hours`) after this failure: the standby where a fresher checkpoint meets it
+    for the least cost, and how often to send it one."""
+    w, ck = run.workload, run.checkpoints
+    deadline = w.deadline_hours
     declared = ck.rpo_hours if ck else None
     best = ranked[0] if ranked and ranked[0].feasible else None
     ok_deadline = best is not None and best.meets_deadline
     ok_rpo = declared is None or (best is not None and best.lost_hours <= declared + 1e-9)
     if (deadline is None and declared is None) or (ok_deadline and ok_rpo):
         return declared, None
-    size = ck.size_gb if ck else (topo.model(workload.model).size_gb
-                                  if workload.model and workload.model in topo.model_by_id
-                                  else 0.0)
     share = baseline.topology.sync_window.bulk_share
-    picks: list[tuple[float, float, float, str, float]] = []
-    for s in ranked:
-        if not s.feasible:
+    picks: list[_Cadence] = []
+    for standby in ranked:
+        if not standby.feasible:
             continue
-        site = topo.site(s.site)
-        scale = workload.hours_on(s.gpus) / workload.hours_on(gpus0)
-        data = _restore(network, data_needs, s.site)
+        scale = w.hours_on(standby.gpus) / w.hours_on(run.gpus)
+        data = _restore(network, run.data, standby.site)
         allowed = declared if declared is not None else math.inf
         if deadline is not None:
-            slack = deadline - elapsed - data.seconds / 3600 - (hours - progress) * scale
+            slack = (deadline - run.elapsed - data.seconds / 3600
+                     - (run.hours - run.progress) * scale)
             allowed = min(allowed, slack / scale)
         if allowed <= 0:
             continue
         # One checkpoint from the training site to the standby, at the bulk share (as the
         # replication runs before the failure).
-        c = _fastest(candidates(baseline.network, home, s.site, size,
+        c = _fastest(candidates(baseline.network, run.home, standby.site, run.checkpoint_gb,
                                 ck.regions if ck else None, share))
-        if c is None:
+        if c is None or (allowed - c.seconds / 3600) * 60 < 1:
             continue
-        cadence = allowed - c.seconds / 3600
-        if cadence * 60 < 1:
-            continue
-        cost = ((hours - progress + allowed) * scale * s.gpus
-                * site.gpu_hour_usd.get(workload.gpu, 0.0) + data.usd)
-        picks.append((cost, cadence, allowed, s.site, c.path.egress_usd_per_gb))
+        price = topo.site(standby.site).gpu_hour_usd.get(w.gpu, 0.0)
+        picks.append(_Cadence(
+            (run.hours - run.progress + allowed) * scale * standby.gpus * price + data.usd,
+            allowed - c.seconds / 3600, allowed, standby.site, c.path.egress_usd_per_gb))
     goal = "the deadline" if declared is None else f"RPO <= {declared:g} h"
     if not picks:
-        return declared, (f"no checkpoint cadence lets {workload.id} meet {goal} after "
-                          f"{home} fails {duration(progress)} into its compute: the standbys "
+        return declared, (f"no checkpoint cadence lets {w.id} meet {goal} after {run.home} "
+                          f"fails {duration(run.progress)} into its compute: the standbys "
                           "need longer than that to restore its data and finish")
-    cost, cadence, allowed, site_id, usd_per_gb = min(picks)
-    minutes = int(cadence * 60)
-    per_day = size * 24 * 60 / minutes * usd_per_gb
+    pick = min(picks)
+    minutes = int(pick.every_hours * 60)
+    per_day = run.checkpoint_gb * 24 * 60 / minutes * pick.usd_per_gb
     now = (f"every {ck.every_hours:g} h to {', '.join(t for t, _ in ck.targets) or 'nowhere'}"
            if ck else "not replicated")
-    return allowed, (f"pre-replicate checkpoints of {workload.id} to {site_id} every "
-                     f"{minutes} min to meet RPO <= {duration(allowed)} (what {goal} allows "
-                     f"after {home} fails there; now: {now}); {size:,.0f} GB each, "
-                     f"{money(per_day)}/day of egress")
+    return pick.rpo_hours, (
+        f"pre-replicate checkpoints of {w.id} to {pick.site} every {minutes} min to meet RPO "
+        f"<= {duration(pick.rpo_hours)} (what {goal} allows after {run.home} fails there; "
+        f"now: {now}); {run.checkpoint_gb:,.0f} GB each, {money(per_day)}/day of egress")
 
 
 # -- vector indexes ---------------------------------------------------------------------------
