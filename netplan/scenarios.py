@@ -28,11 +28,11 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from netplan.errors import NetplanError
 from netplan.safeyaml import DocumentError, Limits, read_text_bounded
-from netplan.topology import Link, Site, Topology, Workload
+from netplan.topology import Dataset, Link, Model, Site, Topology, Workload
 from netplan.yamlpos import format_path, parse
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "touch",
 ]
 
+ArtifactT = TypeVar("ArtifactT", Dataset, Model)
 ChangeKind = Literal["fail", "degrade", "loss", "price", "gpus"]
 CHANGE_KINDS: tuple[ChangeKind, ...] = ("fail", "degrade", "loss", "price", "gpus")
 Direction = tuple[str, str]  # (sender, receiver) of one link direction
@@ -600,24 +601,17 @@ class _Remains:
         self.rehomed[ident] = (home, best)
         return best
 
-    def datasets(self, topology: Topology) -> tuple[Any, ...]:
+    def artifacts(self, kind: str, items: Sequence[ArtifactT]) -> tuple[ArtifactT, ...]:
+        """Datasets or models that survive, each at its own site or its best copy."""
         out = []
-        for ds in topology.datasets:
-            home = self._home("dataset", ds.id, ds.site)
+        for item in items:
+            home = self._home(kind, item.id, item.site)
             if home is not None:
-                out.append(ds if home == ds.site else ds.model_copy(update={"site": home}))
-        return tuple(out)
-
-    def models(self, topology: Topology) -> tuple[Any, ...]:
-        out = []
-        for m in topology.models:
-            home = self._home("model", m.id, m.site)
-            if home is not None:
-                out.append(m if home == m.site else m.model_copy(update={"site": home}))
+                out.append(item if home == item.site else item.model_copy(update={"site": home}))
         return tuple(out)
 
     def workloads(self, topology: Topology) -> tuple[Workload, ...]:
-        """(after `datasets` and `models`, which decide what is lost)"""
+        """(after `artifacts`, which decides what is lost)"""
         out: list[Workload] = []
         for wl in topology.workloads:
             needs = [d for d in (*wl.datasets, *([wl.model] if wl.model else []))
@@ -702,8 +696,8 @@ def apply_scenario(topology: Topology, scenario: Scenario,
     sites = tuple(_changed_site(site, edits, left.notes) if edits else site
                   for site in topology.sites if site.id not in dead)
     fields = {name: getattr(topology, name) for name in type(topology).model_fields}
-    fields.update(sites=sites, links=links, datasets=left.datasets(topology),
-                  models=left.models(topology))
+    fields.update(sites=sites, links=links, datasets=left.artifacts("dataset", topology.datasets),
+                  models=left.artifacts("model", topology.models))
     fields["workloads"] = workloads = left.workloads(topology)
     fields.update(vector_indexes=left.indexes(topology), sync_rules=left.rules(topology),
                   checkpoint_replication=left.checkpoints(topology, {w.id for w in workloads}))
