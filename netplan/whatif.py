@@ -45,7 +45,8 @@ Theory of operation.
   `rpo_hours`) lets the run lose there and r the time one checkpoint takes to reach it.
 - Harm, for ranking scenarios: workloads lost (feasible before, infeasible after), then budget
   misses (inference clients over budget after failover, querying sites over an index's budget,
-  failed runs that cannot meet their deadline anywhere), then the cost delta. A single point of
+  failed runs that cannot meet their deadline anywhere), then the cost delta (the re-planned
+  workloads' totals plus 30 days of the sync plan's daily change). A single point of
   failure is a site or link whose loss alone loses a workload or a vector index.
 """
 
