@@ -47,6 +47,7 @@ class ToolRun:
     peak_rss_mib: dict[str, float] | None = None
     tcp_retrans_segs: int | None = None
     resent_bytes: int | None = None
+    streams: int | None = None  # transferd: data channels to the peer when it finished
     emulator_cpu_pct: float | None = None
     latencies_ms: list[float] | None = None  # interactive messages, for the latency CDF
     messages: dict[str, Any] | None = None  # interactive: sent, failed, late, budget misses

@@ -292,6 +292,24 @@ def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
     raise ToolError(tool, "unknown transferd variant")
 
 
+def _profiled(ctx: RunContext, name: str, cmd: list[str]) -> list[str]:
+    """`cmd` under `py-spy record` when NB_PROFILE=DIR is set: collapsed stacks per thread
+    (`--format raw --threads`, 100 Hz, without pausing the process) to
+    DIR/<scenario>.<cc>-<name>-<n>.txt, summed up by `python -m benchmarks.profile DIR/...`.
+    The run's CPU seconds then include py-spy's own."""
+    out_dir = os.environ.get("NB_PROFILE")
+    if not out_dir:
+        return cmd
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise ToolError(name, "NB_PROFILE is set but py-spy is not installed (pip install py-spy)")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    stem = f"{ctx.scenario.scenario}.{ctx.lab.congestion_control}-{name}"
+    n = len(list(Path(out_dir).glob(f"{stem}-*.txt"))) + 1
+    return [spy, "record", "--format", "raw", "--threads", "--nonblocking", "--rate", "100",
+            "-o", str(Path(out_dir) / f"{stem}-{n}.txt"), "--", *cmd]
+
+
 def _percentile(values: list[float], pct: int) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
@@ -336,9 +354,8 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
     daemons = {}
     try:
         for site, port in zip(sites, TRANSFERD_PORTS, strict=True):
-            daemons[site] = lab.spawn(site, _transferd_cmd("serve", "--config",
-                                                           str(configs[site])),
-                                      name=f"{tool}-{site}")
+            daemons[site] = lab.spawn(site, _profiled(ctx, f"{tool}-{site}", _transferd_cmd(
+                "serve", "--config", str(configs[site]))), name=f"{tool}-{site}")
             try:
                 wait_listening(lab.in_site(site, []), port, alive=daemons[site],
                                what=f"transferd serve ({site})")
