@@ -292,22 +292,34 @@ def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
     raise ToolError(tool, "unknown transferd variant")
 
 
-def _profiled(ctx: RunContext, name: str, cmd: list[str]) -> list[str]:
-    """`cmd` under `py-spy record` when NB_PROFILE=DIR is set: collapsed stacks per thread
-    (`--format raw --threads`, 100 Hz, without pausing the process) to
-    DIR/<scenario>.<cc>-<name>-<n>.txt, summed up by `python -m benchmarks.profile DIR/...`.
-    The run's CPU seconds then include py-spy's own."""
+def _profile(ctx: RunContext, name: str, pid: int) -> subprocess.Popen[bytes] | None:
+    """With NB_PROFILE=DIR: `py-spy record` attached to `pid`, collapsed stacks per thread
+    (`--format raw --threads`, 100 Hz, without pausing the process) written to
+    DIR/<scenario>.<cc>-<name>-<n>.txt when the process exits (wait with `_profiles_written`);
+    summed up by `python -m benchmarks.profile DIR/...`."""
     out_dir = os.environ.get("NB_PROFILE")
     if not out_dir:
-        return cmd
+        return None
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         raise ToolError(name, "NB_PROFILE is set but py-spy is not installed (pip install py-spy)")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     stem = f"{ctx.scenario.scenario}.{ctx.lab.congestion_control}-{name}"
     n = len(list(Path(out_dir).glob(f"{stem}-*.txt"))) + 1
-    return [spy, "record", "--format", "raw", "--threads", "--nonblocking", "--rate", "100",
-            "-o", str(Path(out_dir) / f"{stem}-{n}.txt"), "--", *cmd]
+    return ctx.lab.spawn(None, [spy, "record", "--format", "raw", "--threads", "--nonblocking",
+                                "--rate", "100", "-o", str(Path(out_dir) / f"{stem}-{n}.txt"),
+                                "--pid", str(pid)], name=f"py-spy-{name}")
+
+
+def _profiles_written(lab: Lab, profilers: list[subprocess.Popen[bytes] | None]) -> None:
+    """py-spy writes its file once the profiled process has exited."""
+    for popen in profilers:
+        if popen is not None:
+            try:
+                popen.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+            lab.stop(popen)
 
 
 def _percentile(values: list[float], pct: int) -> float:
@@ -352,10 +364,13 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
     rel = Path("checkpoints") / "bench" / "step-1" / ctx.data_path.name
     _link_data(ctx.data_path, data_dirs[ctx.src] / rel.parent)
     daemons = {}
+    profilers: list[subprocess.Popen[bytes] | None] = []
     try:
         for site, port in zip(sites, TRANSFERD_PORTS, strict=True):
-            daemons[site] = lab.spawn(site, _profiled(ctx, f"{tool}-{site}", _transferd_cmd(
-                "serve", "--config", str(configs[site]))), name=f"{tool}-{site}")
+            daemons[site] = lab.spawn(site, _transferd_cmd("serve", "--config",
+                                                           str(configs[site])),
+                                      name=f"{tool}-{site}")
+            profilers.append(_profile(ctx, f"{tool}-{site}", daemons[site].pid))
             try:
                 wait_listening(lab.in_site(site, []), port, alive=daemons[site],
                                what=f"transferd serve ({site})")
@@ -401,6 +416,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             echo.stop()
         for popen in daemons.values():
             lab.stop(popen, timeout=15)
+        _profiles_written(lab, profilers)
     if got.returncode != 0:
         raise ToolError(tool, f"send exit {got.returncode}: {got.stderr.strip()[-300:]}")
     try:
