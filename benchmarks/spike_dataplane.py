@@ -237,10 +237,20 @@ def serve_threads(listen: tuple[str, int], sink: Sink, cc: str, ready: Callable[
 
 def send_threads(addr: tuple[str, int], path: Path, streams: int, cc: str,
                  window: int = 4) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    timeline: list[tuple[float, int]] = []  # (seconds since start, bytes receipted)
     fd = os.open(path, os.O_RDONLY)
     size = os.fstat(fd).st_size
     work = hashed_chunks(fd, size, ahead=2 * streams)
-    channels = [open_channel(addr, "A", "B", cc) for _ in range(streams)]
+    lowat = int(os.environ.get("SPIKE_NOTSENT_LOWAT", "0"))
+    # In parallel: on a lossy link one lost SYN costs a 1 s retransmission timeout, and opening
+    # one channel after the other adds those up (8 channels took 3 s at 2 % loss).
+    with ThreadPoolExecutor(streams) as opener:
+        channels = list(opener.map(lambda _i: open_channel(addr, "A", "B", cc), range(streams)))
+    if lowat:
+        for c in channels:
+            c.setsockopt(socket.IPPROTO_TCP, 25, lowat)  # TCP_NOTSENT_LOWAT
+    opened = time.perf_counter() - t0
     ccs = {set_congestion_control(c, "system") for c in channels}
     resent = 0
     fin = threading.Event()
@@ -261,6 +271,9 @@ def send_threads(addr: tuple[str, int], path: Path, streams: int, cc: str,
                     fin.set()
                     return
                 item = inflight.pop(seq)
+                with lock:
+                    timeline.append((round(time.perf_counter() - t0, 3),
+                                     (timeline[-1][1] if timeline else 0) + item[2]))
                 if status:
                     with lock:
                         redo.append(item)
@@ -297,7 +310,8 @@ def send_threads(addr: tuple[str, int], path: Path, streams: int, cc: str,
     for c in channels:
         c.close()
     return {"bytes": size, "streams": streams, "congestion_control": sorted(ccs),
-            "resent_bytes": resent}
+            "resent_bytes": resent, "opened_s": round(opened, 3),
+            "done_s": round(time.perf_counter() - t0, 3), "timeline": timeline}
 
 
 # ---- candidate 2: HTTP PUT per chunk, BufferedProtocol receiver ----------------------------
@@ -584,6 +598,8 @@ CANDIDATES = {
     "spike-threads": ("threads", 4, "bbr"),
     "spike-threads-cubic": ("threads", 4, "cubic"),
     "spike-threads-1stream": ("threads", 1, "bbr"),
+    "spike-threads-2streams": ("threads", 2, "bbr"),
+    "spike-threads-8streams": ("threads", 8, "bbr"),
     "spike-http": ("http", 4, "system"),
     "spike-zmq": ("zmq", 4, "system"),
 }
