@@ -27,7 +27,7 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
     # Imported by name: the message client arrives with the traffic-classes work (issue 4),
     # and the harness checks for it before starting this driver.
     api: Any = importlib.import_module("transferd")
-    keys: Any = importlib.import_module("transferd._keys")
+    keys: Any = importlib.import_module("transferd.site.keys")
     sign = api.local_signer(keys.Keyring.load(Path(args.keys), args.site, []))
     body = os.urandom(args.size)
     latencies: list[float] = []

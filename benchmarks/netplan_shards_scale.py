@@ -32,7 +32,6 @@ from netplan._shards import (
     evaluate,
     index_specs,
     replica_sites,
-    shard_network,
     solve_greedy,
     solve_milp,
 )
@@ -127,7 +126,11 @@ def main() -> None:
     sites = replica_sites(topo)
     t_build = time.perf_counter() - t
     t = time.perf_counter()
-    net = shard_network(network, specs)
+    # the rows the solvers read, computed once here and cached by the Network for the solvers
+    network.p99_ms_matrix(sorted({q for spec in specs for q, _ in spec.queries}
+                                 | {spec.primary for spec in specs}))
+    network.egress_usd_per_gb_matrix(sorted({spec.primary for spec in specs}))
+    net = network
     t_matrix = time.perf_counter() - t
     print(f"topology: {len(topo.sites)} sites, {len(topo.links)} links, {len(specs)} indexes x "
           f"{args.shards} shards, {args.queriers} querying sites each "

@@ -3,8 +3,9 @@
 The public names are re-exported here; the CLI lives in `netplan.cli`. Typical use:
 `analyze(load_topology("topologies/x.yaml")).to_json()`.
 
-The names load on first use (PEP 562): `transferd` imports small parts of netplan (its YAML
-error positions, the plan model) and should not pay for networkx and scipy at start-up.
+The names load on first use (PEP 562): `transferd` imports small parts of netplan (the plan
+contract `netplan.plan`, YAML error positions) and should not pay for networkx and scipy at
+start-up. netplan never imports transferd: the dependency goes one way.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from netplan._budgets import LatencyBudget, break_down_budget, latency_budgets
-    from netplan._plan import SCHEMA_VERSION as PLAN_SCHEMA_VERSION
-    from netplan._plan import Plan, SitePlan, build_plan
+    from netplan._plan_build import build_plan
     from netplan._sections import SyncRule, VectorIndex
     from netplan._shards import ShardReplication, replicate_shards, shard_replication
     from netplan._sync import SyncPlan, plan_sync
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
         WidestPath,
         link_throughput,
     )
+    from netplan.plan import SCHEMA_VERSION as PLAN_SCHEMA_VERSION
+    from netplan.plan import Plan, SitePlan, Tier, TrafficClass
     from netplan.report import SCHEMA_VERSION, Report, analyze
     from netplan.topology import (
         Dataset,
@@ -69,8 +71,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
         n: ("netplan._budgets", n)
         for n in ("LatencyBudget", "break_down_budget", "latency_budgets")
     },
-    "PLAN_SCHEMA_VERSION": ("netplan._plan", "SCHEMA_VERSION"),
-    **{n: ("netplan._plan", n) for n in ("Plan", "SitePlan", "build_plan")},
+    "PLAN_SCHEMA_VERSION": ("netplan.plan", "SCHEMA_VERSION"),
+    **{n: ("netplan.plan", n) for n in ("Plan", "SitePlan", "Tier", "TrafficClass")},
+    "build_plan": ("netplan._plan_build", "build_plan"),
     **{n: ("netplan._sections", n) for n in ("SyncRule", "VectorIndex")},
     **{
         n: ("netplan._shards", n)
@@ -105,7 +108,9 @@ __all__ = [
     "SyncPlan",
     "SyncRule",
     "Topology",
+    "Tier",
     "TopologyError",
+    "TrafficClass",
     "TransferSettings",
     "VectorIndex",
     "WidestPath",

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from netplan.plan import Name, SiteId, Tier
 from netplan.yamlpos import FieldIssue
 
 if TYPE_CHECKING:
@@ -31,15 +32,17 @@ __all__ = [
 # shards live on SSD-backed volumes, not object storage.
 DEFAULT_STORAGE_USD_PER_GB_MONTH = 0.08
 
-Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+Id = Name  # ids become folder names and metric labels: netplan.plan's one rule
 NonNegative = Annotated[float, Field(ge=0)]
 
 
-class _Frozen(BaseModel):
+class Frozen(BaseModel):
+    """Base of every topology model: immutable, unknown keys refused, no inf/NaN."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
-class LatencyComponents(_Frozen):
+class LatencyComponents(Frozen):
     """Per-request costs besides the network path; each default says where it comes from."""
 
     # A stub-resolver / node-local cache hit; a cold recursive lookup is 10-50 ms, so raise this
@@ -70,9 +73,12 @@ NETWORK_ONLY = LatencyComponents(dns_ms=0, tls_handshake_rtts=0, request_routing
                                  feature_lookup_ms=0, model_execution_ms=0, serialization_ms=0)
 
 
-class VectorIndex(_Frozen):
+class VectorIndex(Frozen):
     id: Id
-    site: Id = Field(description="primary site")
+    site: SiteId = Field(description="primary site")
+    tier: Literal[Tier.CURATED, Tier.APPROVED] = Field(
+        default=Tier.APPROVED, description="tier folder the shard replicas live under "
+        "(<tier>/<index id>/shard-NNNN/ at every site that holds one)")
     shards: int | None = Field(default=None, ge=1, description="shard count (with shard_gb)")
     shard_gb: NonNegative | tuple[NonNegative, ...] | None = Field(
         default=None, description="size of every shard, or one size per shard")
@@ -112,14 +118,14 @@ class VectorIndex(_Frozen):
 SyncTarget = Literal["consumers", "residency_gpu_sites"]
 
 
-class SyncRule(_Frozen):
+class SyncRule(Frozen):
     """Rucio-style replication rule: which datasets go where, in how many failure domains."""
 
     id: Id
-    tier: Literal["raw", "curated", "approved"] | None = Field(
+    tier: Tier | None = Field(
         default=None, description="select every dataset of this tier")
     datasets: tuple[Id, ...] = Field(default=(), description="or select datasets by id")
-    to: SyncTarget | tuple[Id, ...] = Field(
+    to: SyncTarget | tuple[SiteId, ...] = Field(
         description="consumers: every site running a workload that uses the dataset; "
         "residency_gpu_sites: sites with GPUs in the dataset's residency regions (its own "
         "region when unrestricted); or a list of site ids")
@@ -136,18 +142,18 @@ class SyncRule(_Frozen):
         return self
 
 
-class CheckpointReplication(_Frozen):
+class CheckpointReplication(Frozen):
     workload: Id
     size_gb: NonNegative | None = Field(default=None, description="default: the model's size")
     every_hours: float = Field(default=1.0, gt=0, description="one checkpoint per this many hours")
-    to: tuple[Id, ...] = Field(default=(), description="target sites; default: chosen to reach "
+    to: tuple[SiteId, ...] = Field(default=(), description="target sites; default: chosen to reach "
                                "copies_min failure domains at the least egress")
     copies_min: int = Field(default=2, ge=1, description="copies in distinct failure domains, "
                             "the training site included")
     retain: int = Field(default=3, ge=1, description="checkpoints kept at each target")
 
 
-class SyncWindow(_Frozen):
+class SyncWindow(Frozen):
     # Bulk sync runs overnight: 8 hours, and may take half of each link so inference and
     # checkpoint traffic keep the rest (the article's "separate paths for control and bulk").
     hours: float = Field(default=8.0, gt=0, le=24)

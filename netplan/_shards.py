@@ -27,10 +27,9 @@ covering sites) domains can be in an optimum (exchange argument). `prune=False` 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -41,22 +40,18 @@ from netplan.topology import Site, Topology
 __all__ = [
     "DAYS_PER_MONTH",
     "MilpStats",
-    "SOLVERS",
     "CostBreakdown",
     "QueryingSiteLatency",
     "ReplicaSite",
     "ShardMiss",
-    "ShardNetwork",
     "ShardPlacement",
     "ShardReplication",
-    "ShardSolver",
     "VectorIndexSpec",
     "diagnose",
     "evaluate",
     "index_specs",
     "replica_sites",
     "replicate_shards",
-    "shard_network",
     "shard_replication",
     "solve_greedy",
     "solve_milp",
@@ -105,42 +100,48 @@ class VectorIndexSpec:
 
 
 @dataclass(frozen=True, eq=False)
-class ShardNetwork:
-    """Pairwise query latency and egress price between sites, as dense matrices.
+class _Rows:
+    """The rows of the network's latency and egress matrices that the solvers read, as arrays
+    indexed by the network's site numbers (`Network.site_ids`). Built once per solve from the
+    `Network` (`_rows`); the network model itself is `Network`, nothing here recomputes paths.
 
-    `latency_p99_ms[i, j]`: p99 of one request/response from site i to site j (path RTT + jitter
-    p99; inf when unreachable; the diagonal is the in-site latency, normally 0).
-    `egress_usd_per_gb[i, j]`: price of data sent from i to j along its path.
+    `latency_p99_ms[i]`: p99 of one request/response from querying site i (and from each
+    primary) to every site (path RTT + jitter; inf when unreachable).
+    `egress_usd_per_gb[i]`: price of data sent from i to every site along its bulk path, for
+    every primary (and every site when query egress is modelled).
     """
 
     site_ids: tuple[str, ...]
-    latency_p99_ms: np.ndarray
-    egress_usd_per_gb: np.ndarray
-    index: Mapping[str, int] = field(init=False)
+    index: Mapping[str, int]
+    latency_p99_ms: Mapping[int, np.ndarray]
+    egress_usd_per_gb: Mapping[int, np.ndarray]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "index", {s: i for i, s in enumerate(self.site_ids)})
+    def latency(self, sources: np.ndarray) -> np.ndarray:
+        n = len(self.site_ids)
+        if not len(sources):
+            return np.zeros((0, n))
+        return np.stack([self.latency_p99_ms[int(q)] for q in sources])
 
-    @classmethod
-    def from_pairs(
-        cls,
-        site_ids: Sequence[str],
-        latency_p99_ms: Mapping[tuple[str, str], float],
-        egress_usd_per_gb: Mapping[tuple[str, str], float] | None = None,
-    ) -> ShardNetwork:
-        """Symmetric latencies (and, unless both directions are given, egress) from pair maps."""
-        idx = {s: i for i, s in enumerate(site_ids)}
-        n = len(site_ids)
-        lat = np.full((n, n), math.inf)
-        np.fill_diagonal(lat, 0.0)
-        egress = np.zeros((n, n))
-        for (a, b), ms in latency_p99_ms.items():
-            lat[idx[a], idx[b]] = lat[idx[b], idx[a]] = ms
-        for (a, b), usd in (egress_usd_per_gb or {}).items():
-            egress[idx[a], idx[b]] = usd
-            if (b, a) not in (egress_usd_per_gb or {}):
-                egress[idx[b], idx[a]] = usd
-        return cls(tuple(site_ids), lat, egress)
+    def egress(self, source: int, target: int) -> float:
+        return float(self.egress_usd_per_gb[source][target])
+
+    def egress_into(self, sources: np.ndarray, target: int) -> np.ndarray:
+        return np.array([self.egress_usd_per_gb[int(s)][target] for s in sources], dtype=float)
+
+
+def _rows(network: Network, specs: Sequence[VectorIndexSpec]) -> _Rows:
+    ids = network.site_ids
+    sources = sorted({q for spec in specs for q, _ in spec.queries}
+                     | {spec.primary for spec in specs}, key=network.site_index)
+    latency = network.p99_ms_matrix(sources)
+    senders = ([spec.primary for spec in specs]
+               if not any(spec.response_kb_per_query > 0 for spec in specs) else list(ids))
+    senders = sorted(set(senders), key=network.site_index)
+    egress = network.egress_usd_per_gb_matrix(senders)
+    return _Rows(
+        ids, {s: i for i, s in enumerate(ids)},
+        {network.site_index(s): latency[j] for j, s in enumerate(sources)},
+        {network.site_index(s): egress[j] for j, s in enumerate(senders)})
 
 
 @dataclass(frozen=True)
@@ -201,8 +202,6 @@ class ShardReplication:
     cost: CostBreakdown | None = None
     greedy_cost: CostBreakdown | None = None
     misses: tuple[ShardMiss, ...] = ()
-    solve_seconds: float = 0.0
-    greedy_seconds: float = 0.0
 
     @property
     def objective_usd_per_day(self) -> float | None:
@@ -249,17 +248,6 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 6)
 
 
-class ShardSolver(Protocol):
-    def __call__(
-        self,
-        indexes: Sequence[VectorIndexSpec],
-        sites: Sequence[ReplicaSite],
-        network: ShardNetwork,
-    ) -> dict[str, tuple[tuple[str, ...], ...] | None]:
-        """Index id -> per-shard replica sites, or None when the solver found no placement."""
-        ...
-
-
 # --------------------------------------------------------------------------------------------
 # Per-index geometry: who fits whom, what a replica costs, which sites are worth considering.
 
@@ -279,18 +267,18 @@ class _Geometry:
 def _geometry(
     spec: VectorIndexSpec,
     sites: Sequence[ReplicaSite],
-    network: ShardNetwork,
+    network: _Rows,
     site_arrays: _SiteArrays,
     prune: bool,
 ) -> _Geometry:
     primary = network.index[spec.primary]
     queriers = np.array([network.index[q] for q, _ in spec.queries], dtype=np.int64)
     qps = np.array([v for _, v in spec.queries], dtype=float)
-    latency = network.latency_p99_ms[queriers, :] + spec.search_ms
+    latency = network.latency(queriers) + spec.search_ms
     fits = latency <= spec.latency_budget_ms + _FIT_EPS_MS
     gb = np.asarray(spec.shard_gb, dtype=float)
     storage = gb[:, None] * (site_arrays.usd_per_gb_month / DAYS_PER_MONTH)[None, :]
-    sync = spec.update_gb_per_shard_day() * network.egress_usd_per_gb[primary, :]
+    sync = spec.update_gb_per_shard_day() * network.egress_usd_per_gb[primary]
     replica_cost = storage + sync[None, :]
     replica_cost[:, primary] = storage[:, primary]  # the primary is not synced to itself
     n = len(network.site_ids)
@@ -327,7 +315,7 @@ class _SiteArrays:
     known: np.ndarray  # bool: site is a ReplicaSite (others cannot hold replicas)
 
 
-def _site_arrays(sites: Sequence[ReplicaSite], network: ShardNetwork) -> _SiteArrays:
+def _site_arrays(sites: Sequence[ReplicaSite], network: _Rows) -> _SiteArrays:
     n = len(network.site_ids)
     usd = np.zeros(n)
     free = np.zeros(n)  # a network node that is not a ReplicaSite stores nothing
@@ -347,7 +335,7 @@ def _site_arrays(sites: Sequence[ReplicaSite], network: ShardNetwork) -> _SiteAr
 # Evaluation shared by every solver, so objectives are compared on one definition.
 
 
-def _serving(geo: _Geometry, q: int, replicas: Sequence[int], network: ShardNetwork) -> int | None:
+def _serving(geo: _Geometry, q: int, replicas: Sequence[int], network: _Rows) -> int | None:
     """The replica serving querying site q: the fitting one with the least response egress,
     nearest first on ties; None when no replica fits."""
     qsite = int(geo.queriers[q])
@@ -355,7 +343,8 @@ def _serving(geo: _Geometry, q: int, replicas: Sequence[int], network: ShardNetw
     for s in replicas:
         if not geo.fits[q, s]:
             continue
-        key = (float(network.egress_usd_per_gb[s, qsite]), float(geo.latency[q, s]), s)
+        egress = network.egress(s, qsite) if geo.spec.response_kb_per_query > 0 else 0.0
+        key = (egress, float(geo.latency[q, s]), s)
         if best is None or key < best:
             best = key
     return None if best is None else best[2]
@@ -364,17 +353,18 @@ def _serving(geo: _Geometry, q: int, replicas: Sequence[int], network: ShardNetw
 def evaluate(
     spec: VectorIndexSpec,
     placement: Sequence[Sequence[str]],
-    network: ShardNetwork,
+    network: Network,
     sites: Sequence[ReplicaSite],
 ) -> tuple[CostBreakdown, tuple[QueryingSiteLatency, ...]]:
     """Cost per day and per querying site p99 of a placement (shard -> replica sites)."""
-    arrays = _site_arrays(sites, network)
-    geo = _geometry(spec, sites, network, arrays, prune=False)
-    return _evaluate(geo, [[network.index[s] for s in p] for p in placement], network, arrays)
+    rows = _rows(network, [spec])
+    arrays = _site_arrays(sites, rows)
+    geo = _geometry(spec, sites, rows, arrays, prune=False)
+    return _evaluate(geo, [[rows.index[s] for s in p] for p in placement], rows, arrays)
 
 
 def _evaluate(
-    geo: _Geometry, placement: Sequence[Sequence[int]], network: ShardNetwork, arrays: _SiteArrays
+    geo: _Geometry, placement: Sequence[Sequence[int]], network: _Rows, arrays: _SiteArrays
 ) -> tuple[CostBreakdown, tuple[QueryingSiteLatency, ...]]:
     spec = geo.spec
     gb = spec.shard_gb
@@ -384,7 +374,7 @@ def _evaluate(
         for s in replicas:
             storage += gb[k] * arrays.usd_per_gb_month[s] / DAYS_PER_MONTH
             if s != geo.primary:
-                sync += per_shard_update * network.egress_usd_per_gb[geo.primary, s]
+                sync += per_shard_update * network.egress(geo.primary, s)
     latencies = []
     fanout = spec.fanout_shards()
     for q in range(len(geo.queriers)):
@@ -396,8 +386,9 @@ def _evaluate(
                 s = min(placement[k], key=lambda r: float(geo.latency[q, r]))
             else:
                 s = served
-                query += spec.response_gb_per_day(float(geo.qps[q])) * float(
-                    network.egress_usd_per_gb[s, qsite])
+                if spec.response_kb_per_query > 0:
+                    query += (spec.response_gb_per_day(float(geo.qps[q]))
+                              * network.egress(s, qsite))
             ms = float(geo.latency[q, s])
             if ms > worst:
                 worst, worst_shard = ms, k
@@ -472,7 +463,7 @@ class _Builder:
         return np.asarray(res.x), timed_out
 
 
-def _add_index(b: _Builder, geo: _Geometry, arrays: _SiteArrays, network: ShardNetwork,
+def _add_index(b: _Builder, geo: _Geometry, arrays: _SiteArrays, network: _Rows,
                capacity_terms: dict[int, list[tuple[int, float]]]) -> Callable[[np.ndarray],
                                                                                 list[list[int]]]:
     spec = geo.spec
@@ -500,7 +491,7 @@ def _add_index(b: _Builder, geo: _Geometry, arrays: _SiteArrays, network: ShardN
                 b.add_row(xs, np.ones(len(cols)), 1.0, math.inf)
                 continue
             gb_day = spec.response_gb_per_day(float(geo.qps[q]))
-            y0 = b.add_vars(gb_day * network.egress_usd_per_gb[cand[cols], qsite], 0.0, 1.0, False)
+            y0 = b.add_vars(gb_day * network.egress_into(cand[cols], qsite), 0.0, 1.0, False)
             ys = y0 + np.arange(len(cols))
             b.add_row(ys, np.ones(len(cols)), 1.0, 1.0)
             for y, x in zip(ys, xs, strict=True):
@@ -577,7 +568,17 @@ class MilpStats:
 def solve_milp(
     indexes: Sequence[VectorIndexSpec],
     sites: Sequence[ReplicaSite],
-    network: ShardNetwork,
+    network: Network,
+    **options: Any,
+) -> dict[str, tuple[tuple[str, ...], ...] | None]:
+    """Exact placement (`_solve_milp`, whose docstring has the options) on `network`."""
+    return _solve_milp(indexes, sites, _rows(network, indexes), **options)
+
+
+def _solve_milp(
+    indexes: Sequence[VectorIndexSpec],
+    sites: Sequence[ReplicaSite],
+    network: _Rows,
     *,
     decompose: bool = False,
     prune: bool = True,
@@ -605,7 +606,7 @@ def solve_milp(
         alone: dict[str, tuple[tuple[str, ...], ...] | None] = {}
         used = np.zeros(len(arrays.free_gb))
         for spec in indexes:
-            one = solve_milp([spec], sites, network, prune=prune,
+            one = _solve_milp([spec], sites, network, prune=prune,
                              reduce_identical_shards=reduce_identical_shards,
                              split_when_uncoupled=False, time_limit_s=time_limit_s,
                              mip_rel_gap=mip_rel_gap, stats=stats)
@@ -677,7 +678,18 @@ def _expand(decode: Callable[[np.ndarray], list[list[int]]], classes: list[list[
 def solve_greedy(
     indexes: Sequence[VectorIndexSpec],
     sites: Sequence[ReplicaSite],
-    network: ShardNetwork,
+    network: Network,
+    *,
+    prune: bool = True,
+) -> dict[str, tuple[tuple[str, ...], ...] | None]:
+    """The greedy heuristic (`_solve_greedy`) on `network`."""
+    return _solve_greedy(indexes, sites, _rows(network, indexes), prune=prune)
+
+
+def _solve_greedy(
+    indexes: Sequence[VectorIndexSpec],
+    sites: Sequence[ReplicaSite],
+    network: _Rows,
     *,
     prune: bool = True,
 ) -> dict[str, tuple[tuple[str, ...], ...] | None]:
@@ -762,19 +774,17 @@ def _greedy_shard(geo: _Geometry, k: int, queried: bool, cand: np.ndarray, fits_
     return sorted(chosen)
 
 
-SOLVERS: dict[str, Callable[..., dict[str, tuple[tuple[str, ...], ...] | None]]] = {
-    "milp": solve_milp,
-    "greedy": solve_greedy,
-}
-
-
 # --------------------------------------------------------------------------------------------
 # Diagnosis and the report-level entry point.
 
 
-def diagnose(spec: VectorIndexSpec, sites: Sequence[ReplicaSite], network: ShardNetwork) -> str:
+def diagnose(spec: VectorIndexSpec, sites: Sequence[ReplicaSite], network: Network) -> str:
     """Why no placement exists: the querying site and shard that miss and by how much, too few
     failure domains, or storage."""
+    return _diagnose(spec, sites, _rows(network, [spec]))
+
+
+def _diagnose(spec: VectorIndexSpec, sites: Sequence[ReplicaSite], network: _Rows) -> str:
     arrays = _site_arrays(sites, network)
     geo = _geometry(spec, sites, network, arrays, prune=False)
     misses = _misses(geo, arrays, network)
@@ -793,7 +803,7 @@ def diagnose(spec: VectorIndexSpec, sites: Sequence[ReplicaSite], network: Shard
     return "site storage cannot hold every replica the latency budget and replicas_min require"
 
 
-def _misses(geo: _Geometry, arrays: _SiteArrays, network: ShardNetwork) -> tuple[ShardMiss, ...]:
+def _misses(geo: _Geometry, arrays: _SiteArrays, network: _Rows) -> tuple[ShardMiss, ...]:
     spec = geo.spec
     out = []
     n = len(network.site_ids)
@@ -817,50 +827,46 @@ def _misses(geo: _Geometry, arrays: _SiteArrays, network: ShardNetwork) -> tuple
 def replicate_shards(
     indexes: Sequence[VectorIndexSpec],
     sites: Sequence[ReplicaSite],
-    network: ShardNetwork,
+    network: Network,
     *,
     decompose: bool = False,
     time_limit_s: float | None = None,
 ) -> tuple[ShardReplication, ...]:
     """Solve exactly and greedily, and report each index's placement, p99s, costs and gap."""
-    t0 = time.perf_counter()
+    rows = _rows(network, indexes)
     stats = MilpStats()
-    exact = solve_milp(indexes, sites, network, decompose=decompose, time_limit_s=time_limit_s,
-                       stats=stats)
+    exact = _solve_milp(indexes, sites, rows, decompose=decompose, time_limit_s=time_limit_s,
+                        stats=stats)
     if not decompose and len(indexes) > 1 and any(v is None for v in exact.values()):
         # one infeasible index makes the joint MILP infeasible: solve per index so the others
         # still get their placement and the failing one its own diagnosis
         decompose = True
         stats = MilpStats()
-        exact = solve_milp(indexes, sites, network, decompose=True, time_limit_s=time_limit_s,
-                           stats=stats)
-    t1 = time.perf_counter()
-    greedy = solve_greedy(indexes, sites, network)
-    t2 = time.perf_counter()
-    arrays = _site_arrays(sites, network)
+        exact = _solve_milp(indexes, sites, rows, decompose=True, time_limit_s=time_limit_s,
+                            stats=stats)
+    greedy = _solve_greedy(indexes, sites, rows)
+    arrays = _site_arrays(sites, rows)
     solver = "milp-per-index" if decompose else "milp"
     if stats.timed_out:
         solver += " (time limit: best found, not proven optimal)"
     out = []
     for spec in indexes:
-        geo = _geometry(spec, sites, network, arrays, prune=False)
+        geo = _geometry(spec, sites, rows, arrays, prune=False)
         g = greedy.get(spec.id)
         greedy_cost = None
         if g is not None:
-            greedy_cost, _ = _evaluate(geo, [[network.index[s] for s in p] for p in g], network,
-                                       arrays)
+            greedy_cost, _ = _evaluate(geo, [[rows.index[s] for s in p] for p in g], rows, arrays)
         e = exact.get(spec.id)
         if e is None:
-            misses = _misses(geo, arrays, network)
+            misses = _misses(geo, arrays, rows)
             out.append(ShardReplication(
                 index=spec.id, solver=solver, feasible=False,
                 reason=(f"the MILP hit its {time_limit_s:g} s time limit without a placement"
-                        if stats.timed_out and not misses else diagnose(spec, sites, network)),
-                misses=misses, greedy_cost=greedy_cost,
-                solve_seconds=t1 - t0, greedy_seconds=t2 - t1))
+                        if stats.timed_out and not misses else _diagnose(spec, sites, rows)),
+                misses=misses, greedy_cost=greedy_cost))
             continue
-        placement = [[network.index[s] for s in p] for p in e]
-        cost, lat = _evaluate(geo, placement, network, arrays)
+        placement = [[rows.index[s] for s in p] for p in e]
+        cost, lat = _evaluate(geo, placement, rows, arrays)
         extra = sum(len(p) - 1 for p in e)
         worst = max(lat, key=lambda q: q.p99_ms, default=None)
         reason = (f"{extra} replica(s) beyond the primary across {spec.shards} shard(s); "
@@ -869,8 +875,7 @@ def replicate_shards(
         out.append(ShardReplication(
             index=spec.id, solver=solver, feasible=True, reason=reason,
             shards=tuple(ShardPlacement(k, tuple(sorted(p))) for k, p in enumerate(e)),
-            latencies=lat, cost=cost, greedy_cost=greedy_cost,
-            solve_seconds=t1 - t0, greedy_seconds=t2 - t1))
+            latencies=lat, cost=cost, greedy_cost=greedy_cost))
     return tuple(out)
 
 
@@ -913,62 +918,11 @@ def index_specs(topo: Topology) -> tuple[VectorIndexSpec, ...]:
     )
 
 
-def shard_network(network: Network, specs: Sequence[VectorIndexSpec]) -> ShardNetwork:
-    """Matrices for the rows the solvers read: latency from every querying site (min-latency
-    path, RTT + jitter, as `Network.latency_path`; scipy's C Dijkstra so thousands of sources
-    stay fast), and egress along the widest path from every primary (and, when query egress is
-    modelled, from every site). Entries no solver reads are left at inf latency / 0 USD."""
-    from scipy import sparse
-    from scipy.sparse.csgraph import dijkstra
-
-    ids = tuple(s.id for s in network.topology.sites)
-    idx = {s: i for i, s in enumerate(ids)}
-    n = len(ids)
-    relay = np.array([site.relay for site in network.topology.sites], dtype=bool)
-    rows, cols, weights = [], [], []
-    for link in network.topology.links:
-        a, b = idx[link.between[0]], idx[link.between[1]]
-        w = (link.rtt_ms + link.jitter_ms) or 1e-12  # csgraph drops explicit zero weights
-        rows += [a, b]
-        cols += [b, a]
-        weights += [w, w]
-    rows_a, cols_a, w_a = np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64), \
-        np.array(weights)
-    # Directed: a site with `relay: false` has no outgoing hops (it ends paths, never forwards).
-    out_ok = relay[rows_a] if len(rows_a) else np.zeros(0, dtype=bool)
-    graph = sparse.csr_matrix((w_a[out_ok], (rows_a[out_ok], cols_a[out_ok])), shape=(n, n))
-    sources = sorted({idx[q] for spec in specs for q, _ in spec.queries}
-                     | {idx[spec.primary] for spec in specs})
-    latency = np.full((n, n), math.inf)
-    np.fill_diagonal(latency, 0.0)
-    # A non-relay source still sends its own requests: its row is min over its direct
-    # neighbours v of w(s, v) + dist(v, .) in the directed graph.
-    first_hops = {s: [(int(c), float(w)) for r, c, w in zip(rows_a, cols_a, w_a, strict=True)
-                      if r == s] for s in sources if not relay[s]}
-    needed = sorted(set(sources) | {v for hops in first_hops.values() for v, _ in hops})
-    if needed:
-        dist = dict(zip(needed, dijkstra(graph, directed=True, indices=needed), strict=True))
-        for s in sources:
-            row = dist[s].copy()
-            for v, w in first_hops.get(s, ()):
-                row = np.minimum(row, w + dist[v])
-            row[s] = 0.0
-            latency[s, :] = row
-            latency[:, s] = row
-    egress = np.zeros((n, n))
-    senders = ({idx[spec.primary] for spec in specs}
-               if not any(spec.response_kb_per_query > 0 for spec in specs) else set(range(n)))
-    for i in sorted(senders):
-        for target, path in network.widest_paths_from(ids[i]).items():
-            egress[i, idx[target]] = path.egress_usd_per_gb
-    return ShardNetwork(ids, latency, egress)
-
-
 def shard_replication(topo: Topology, network: Network, *, decompose: bool = False,
                       time_limit_s: float | None = None) -> tuple[ShardReplication, ...]:
     """`replicate_shards` for every index in the topology."""
     specs = index_specs(topo)
     if not specs:
         return ()
-    return replicate_shards(specs, replica_sites(topo), shard_network(network, specs),
-                            decompose=decompose, time_limit_s=time_limit_s)
+    return replicate_shards(specs, replica_sites(topo), network, decompose=decompose,
+                            time_limit_s=time_limit_s)

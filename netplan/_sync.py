@@ -10,7 +10,9 @@ failure domains, the cheapest-egress (then widest) allowed sites in new domains 
 Raw-tier data never leaves its site: a rule that would move it is a `PlanError` (the loader
 already rejects such rules with their YAML line).
 Each transfer follows the widest path; every hop carries size_gb * change_fraction_per_day in
-the `sync` class. Checkpoints add size_gb * 24 / every_hours per target in the `checkpoint` class.
+the `sync` class. Every vector-index shard replica away from its primary (the shard solver's
+placement) receives update_gb_per_day / shards per day in the `sync` class too. Checkpoints add
+size_gb * 24 / every_hours per target in the `checkpoint` class.
 Per link direction, the capacity is effective_gbps * bulk_share * window_hours (the sync window);
 the load is the sync volume plus the checkpoint volume that falls inside the window
 (window_hours / 24 of the day's). A link whose load exceeds its capacity is flagged with the
@@ -24,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from netplan._sections import SyncRule
+from netplan._shards import ShardReplication
 from netplan.errors import PlanError
 from netplan.network import Network, WidestPath
+from netplan.plan import TrafficClass
 from netplan.topology import Dataset, Topology
-from transferd._classes import TrafficClass
 
 __all__ = [
     "CheckpointPlan",
@@ -47,11 +50,15 @@ class SyncTransfer:
     path: tuple[str, ...]
     gb_per_day: float
     traffic_class: TrafficClass
+    shard: int | None = None  # set for a vector-index shard replica (`dataset` is the index)
 
     def to_json(self) -> dict[str, Any]:
-        return {"rule": self.rule, "dataset": self.dataset, "source": self.source,
-                "destination": self.destination, "path": list(self.path),
-                "gb_per_day": round(self.gb_per_day, 6), "class": self.traffic_class.value}
+        out = {"rule": self.rule, "dataset": self.dataset, "source": self.source,
+               "destination": self.destination, "path": list(self.path),
+               "gb_per_day": round(self.gb_per_day, 6), "class": self.traffic_class.value}
+        if self.shard is not None:
+            out["shard"] = self.shard
+        return out
 
 
 @dataclass(frozen=True)
@@ -169,22 +176,27 @@ def _add_domains(topo: Topology, network: Network, source: str, targets: list[st
 
 
 def plan_sync(topo: Topology, network: Network,
-              workload_sites: Mapping[str, Sequence[str]]) -> SyncPlan:
-    """Resolve sync rules and checkpoint replication into transfers and per-link daily loads.
+              workload_sites: Mapping[str, Sequence[str]],
+              shards: Sequence[ShardReplication] = ()) -> SyncPlan:
+    """Resolve sync rules, checkpoint replication and shard replicas into transfers and per-link
+    daily loads.
 
     `workload_sites`: workload id -> the sites it runs at (from the placement decisions).
+    `shards`: the vector-index placements; every replica away from the index's primary site
+    receives the index's daily update volume (update_gb_per_day / shards) in the sync class.
     """
     transfers: list[SyncTransfer] = []
     notes: list[str] = []
 
     def route(rule: str, artifact: str, source: str, dest: str, gb: float,
-              cls: TrafficClass, regions: frozenset[str] | None) -> SyncTransfer | None:
+              cls: TrafficClass, regions: frozenset[str] | None,
+              shard: int | None = None) -> SyncTransfer | None:
         path: WidestPath | None = network.widest_path(source, dest, regions)
         if path is None:
             where = f" inside regions [{', '.join(sorted(regions))}]" if regions else ""
             notes.append(f"{rule}: no path from {source} to {dest}{where} for {artifact}")
             return None
-        return SyncTransfer(rule, artifact, source, dest, path.sites, gb, cls)
+        return SyncTransfer(rule, artifact, source, dest, path.sites, gb, cls, shard)
 
     for rule in topo.sync_rules:
         for ds in _selected(topo, rule):
@@ -198,6 +210,19 @@ def plan_sync(topo: Topology, network: Network,
             for dest in dests:
                 t = route(rule.id, ds.id, ds.site, dest, ds.size_gb * rule.change_fraction_per_day,
                           TrafficClass.SYNC, regions)
+                if t is not None:
+                    transfers.append(t)
+
+    indexes = {ix.id: ix for ix in topo.vector_indexes}
+    for rep in shards:
+        ix = indexes[rep.index]
+        per_shard = ix.update_gb_per_day / len(rep.shards) if rep.shards else 0.0
+        for placement in rep.shards:
+            for dest in placement.sites:
+                if dest == ix.site:
+                    continue
+                t = route(f"shards:{ix.id}", ix.id, ix.site, dest, per_shard, TrafficClass.SYNC,
+                          None, placement.shard)
                 if t is not None:
                     transfers.append(t)
 

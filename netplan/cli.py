@@ -20,12 +20,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from netplan._plan import build_plan
+from netplan._plan_build import build_plan
 from netplan._shards import ShardPlacement
 from netplan.decisions import Option, duration, money
 from netplan.errors import Infeasible, NetplanError, TopologyError
 from netplan.loader import load_topology
-from netplan.network import Network
 from netplan.report import Report, analyze
 from netplan.topology import Topology, TransferSettings
 
@@ -368,9 +367,7 @@ def plan_command(topology_file: str, output: str) -> None:
     """Write the versioned plan (plan.json) that each site's transferd executes."""
     try:
         topology = load_topology(topology_file)
-        report = analyze(topology)
-        assert report.sync_plan is not None
-        plan = build_plan(topology, Network(topology), report.sync_plan)
+        plan = build_plan(topology, analyze(topology))
     except NetplanError as exc:
         _fail(exc, 2)
     text = plan.to_json_text()

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 import networkx as nx
+import numpy as np
 
 from netplan.errors import PlanError
 from netplan.topology import Link, Topology, TransferSettings
@@ -248,6 +249,7 @@ class Network:
         self._masks: dict[Regions, list[bool]] = {}
         self._widest: dict[tuple[str, Regions], PathTree[WidestPath]] = {}
         self._latency: dict[tuple[str, Regions], PathTree[LatencyPath]] = {}
+        self._p99_rows: dict[int, np.ndarray] = {}
 
     # -- links ---------------------------------------------------------------------------------
     def link(self, a: str, b: str) -> LinkThroughput | None:
@@ -408,6 +410,68 @@ class Network:
 
         tree: PathTree[LatencyPath] = PathTree(self._ids, self._index, parent, build, dist)
         return tree
+
+    # -- dense rows for the optimisers ---------------------------------------------------------
+    @property
+    def site_ids(self) -> tuple[str, ...]:
+        """Every site, in topology order: the column order of the matrices below."""
+        return tuple(self._ids)
+
+    def site_index(self, site: str) -> int:
+        self._require(site)
+        return self._index[site]
+
+    def p99_ms_matrix(self, sources: Sequence[str]) -> np.ndarray:
+        """RTT + jitter of the min-latency path from each of `sources` to every site (one row per
+        source, columns in `site_ids` order, inf where unreachable): the answers of
+        `p99_ms(source, target)`, computed with scipy's C Dijkstra so thousands of sources stay
+        fast. A site with `relay: false` has no outgoing hops, but still sends its own requests:
+        its row is the min over its direct neighbours v of w(s, v) + dist(v, .)."""
+        self._require(*sources)
+        src = [self._index[s] for s in sources]
+        missing = sorted({s for s in src if s not in self._p99_rows})
+        if missing:
+            self._p99_rows.update(zip(missing, self._p99_rows_for(missing), strict=True))
+        out = np.full((len(src), len(self._ids)), math.inf)
+        for i, s in enumerate(src):
+            out[i] = self._p99_rows[s]
+        return out
+
+    def _p99_rows_for(self, src: list[int]) -> np.ndarray:
+        from scipy import sparse
+        from scipy.sparse.csgraph import dijkstra
+
+        n = len(self._ids)
+        rows, cols, weights = [], [], []
+        for u, hops in enumerate(self._adjacency):
+            if not self._relay[u]:
+                continue
+            for v, _gbps, _egress, _rtt, lat, _number in hops:
+                rows.append(u)
+                cols.append(v)
+                weights.append(lat or 1e-12)  # csgraph drops explicit zero weights
+        graph = sparse.csr_matrix((weights, (rows, cols)), shape=(n, n))
+        first_hops = {s: [(v, lat or 1e-12) for v, _g, _e, _r, lat, _n in self._adjacency[s]]
+                      for s in src if not self._relay[s]}
+        needed = sorted(set(src) | {v for hops in first_hops.values() for v, _ in hops})
+        out = np.full((len(src), n), math.inf)
+        dist = dict(zip(needed, dijkstra(graph, directed=True, indices=needed), strict=True))
+        for i, s in enumerate(src):
+            row = dist[s].copy()
+            for v, w in first_hops.get(s, ()):
+                row = np.minimum(row, w + dist[v])
+            row[s] = 0.0
+            out[i] = row
+        return out
+
+    def egress_usd_per_gb_matrix(self, senders: Sequence[str]) -> np.ndarray:
+        """Egress price per GB from each of `senders` to every site along its bulk (widest) path,
+        one row per sender (0 where unreachable or to itself)."""
+        out = np.zeros((len(senders), len(self._ids)))
+        for i, sender in enumerate(senders):
+            for target, path in self.widest_paths_from(sender).items():
+                out[i, self._index[target]] = path.egress_usd_per_gb
+        return out
 
     def _require(self, *sites: str) -> None:
         for site in sites:

@@ -69,13 +69,15 @@ def analyze(topology: Topology, settings: TransferSettings | None = None) -> Rep
         for w in topology.workloads
     )
     running_at = workload_sites(decisions)
+    shards = shard_replication(topology, network)
     return Report(
         topology=topology.name,
         settings=network.settings,
         links=network.links,
         decisions=decisions,
-        shard_replication=shard_replication(topology, network),
-        sync_plan=plan_sync(topology, network, running_at),
+        shard_replication=shards,
+        sync_plan=plan_sync(topology, network, running_at,
+                            [r for r in shards if r.feasible]),
         latency_budgets=latency_budgets(topology, network, running_at),
     )
 

@@ -14,10 +14,11 @@ from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from netplan._sections import (
     CheckpointReplication,
+    Frozen,
     LatencyComponents,
     SyncRule,
     SyncWindow,
@@ -25,6 +26,7 @@ from netplan._sections import (
     section_issues,
 )
 from netplan.errors import TopologyError
+from netplan.plan import Name, SiteId, Tier
 from netplan.yamlpos import FieldIssue
 
 __all__ = [
@@ -45,13 +47,12 @@ __all__ = [
 ]
 
 SiteKind = Literal["onprem", "cloud", "edge"]
-Tier = Literal["raw", "curated", "approved"]
 WorkloadKind = Literal[
     "pretraining", "fine_tuning", "inference", "batch_inference", "embedding", "evaluation"
 ]
 
-# Ids appear in paths, tables and error messages: keep them to one printable token.
-Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+# Ids appear in paths, tables and error messages: one printable token (netplan.plan's rule).
+Id = Name
 NonNegative = Annotated[float, Field(ge=0)]
 
 # Defaults for the TCP model, each from somewhere a reader can check:
@@ -66,11 +67,7 @@ DEFAULT_MSS_BYTES = 1460
 DEFAULT_MATHIS_CONSTANT = math.sqrt(1.5)
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-class TransferSettings(_Frozen):
+class TransferSettings(Frozen):
     """How a bulk transfer uses TCP: N parallel streams, each with this window and MSS."""
 
     streams: int = Field(
@@ -94,8 +91,8 @@ def _gpu_table_default() -> dict[str, Any]:
     return {}
 
 
-class Site(_Frozen):
-    id: Id
+class Site(Frozen):
+    id: SiteId
     kind: SiteKind
     region: Id
     failure_domain: Id | None = Field(default=None, description="default: the site id")
@@ -144,8 +141,8 @@ def _check_egress(value: Any) -> Any:
 EgressPrice = Annotated[float | dict[str, float], BeforeValidator(_check_egress)]
 
 
-class Link(_Frozen):
-    between: tuple[Id, Id]
+class Link(Frozen):
+    between: tuple[SiteId, SiteId]
     bandwidth_gbps: float = Field(gt=0)
     rtt_ms: NonNegative
     jitter_ms: NonNegative = 0.0
@@ -163,9 +160,9 @@ class Link(_Frozen):
         return float(self.egress_usd_per_gb)
 
 
-class Dataset(_Frozen):
+class Dataset(Frozen):
     id: Id
-    site: Id
+    site: SiteId
     size_gb: NonNegative
     tier: Tier
     residency: tuple[Id, ...] = Field(
@@ -179,13 +176,13 @@ class Dataset(_Frozen):
         return not self.residency or region in self.residency
 
 
-class Model(_Frozen):
+class Model(Frozen):
     id: Id
-    site: Id
+    site: SiteId
     size_gb: NonNegative
 
 
-class Workload(_Frozen):
+class Workload(Frozen):
     id: Id
     kind: WorkloadKind
     model: Id | None = Field(default=None, description="required for inference")
@@ -194,7 +191,7 @@ class Workload(_Frozen):
     gpus: int = Field(ge=1, description="GPU count (per replica for inference)")
     hours: float = Field(gt=0, description="wall-clock hours at that GPU count")
     deadline_hours: float | None = Field(default=None, gt=0)
-    clients: tuple[Id, ...] = Field(
+    clients: tuple[SiteId, ...] = Field(
         default=(), description="inference: sites where requests originate"
     )
     latency_budget_ms: float | None = Field(default=None, gt=0, description="inference: p99 budget")
@@ -211,7 +208,7 @@ def _duplicates(ids: Sequence[str]) -> Iterator[tuple[int, str]]:
         seen.add(item)
 
 
-class Topology(_Frozen):
+class Topology(Frozen):
     name: str = Field(min_length=1)
     description: str | None = None
     transfer: TransferSettings = TransferSettings()

@@ -35,3 +35,22 @@ def test_transferd_cli_starts_without_the_planner_stack_or_aiohttp() -> None:
     heavy = ("scipy", "networkx", "netplan.report", "aiohttp")
     assert _imported_after("import transferd.cli", heavy) == []
     assert _imported_after("import transferd.daemon", heavy[:3]) == []
+
+
+def test_netplan_never_imports_transferd() -> None:
+    # One dependency direction: transferd reads netplan's plan contract; netplan, every module
+    # of it, runs without transferd installed.
+    code = (
+        "import importlib, json, pkgutil, sys, netplan; "
+        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(netplan.__path__, "
+        "'netplan.') if m.name != 'netplan.__main__']; "
+        "[getattr(netplan, n) for n in netplan.__all__]; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'transferd')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_the_plan_contract_loads_without_the_planner_stack() -> None:
+    heavy = ("scipy", "networkx", "numpy", "netplan.topology", "netplan.network")
+    assert _imported_after("import netplan.plan", heavy) == []

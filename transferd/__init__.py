@@ -2,8 +2,11 @@
 
 Run it with `transferd serve --config site.yaml`; the daemon is `transferd.daemon.Daemon`, the CLI
 `transferd.cli`, and test helpers (loopback peer pair, fake clock, impaired link) are in
-`transferd.testing`. The names below are the package's public surface; they load on first use
-(PEP 562), so the CLI starts without importing what a command does not need.
+`transferd.testing`. The layout is the architecture: `transferd.protocol` is the sans-I/O core
+(wire models, auth, chunks, scheduling, the upload state machines), `transferd.site` the
+blocking local I/O (storage, journal, keys, metrics), `transferd.net` the asyncio adapters
+(server, clients, pumps, runners). The names below are the package's public surface; they load
+on first use (PEP 562), so the CLI starts without importing what a command does not need.
 """
 
 from __future__ import annotations
@@ -12,14 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from transferd._classes import TrafficClass
-    from transferd._messages import (
-        InboxMessage,
-        MessageReceipt,
-        local_signer,
-        read_inbox,
-        send_message,
-    )
+    from netplan.plan import BULK_CLASSES, TrafficClass
     from transferd.config import SiteConfig, load_config, parse_config
     from transferd.errors import (
         AuthError,
@@ -31,13 +27,15 @@ if TYPE_CHECKING:
         TransferdError,
         TransportError,
     )
+    from transferd.net.local_client import read_inbox, send_message
+    from transferd.protocol.auth import local_signer
+    from transferd.protocol.messages import InboxMessage, MessageReceipt
 
 _EXPORTS: dict[str, str] = {
-    "TrafficClass": "transferd._classes",
-    **dict.fromkeys(
-        ("InboxMessage", "MessageReceipt", "local_signer", "read_inbox", "send_message"),
-        "transferd._messages",
-    ),
+    **dict.fromkeys(("BULK_CLASSES", "TrafficClass"), "netplan.plan"),
+    **dict.fromkeys(("InboxMessage", "MessageReceipt"), "transferd.protocol.messages"),
+    "local_signer": "transferd.protocol.auth",
+    **dict.fromkeys(("read_inbox", "send_message"), "transferd.net.local_client"),
     **dict.fromkeys(("SiteConfig", "load_config", "parse_config"), "transferd.config"),
     **dict.fromkeys(
         (
@@ -55,6 +53,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "BULK_CLASSES",
     "AuthError",
     "ConfigError",
     "InboxMessage",

@@ -10,26 +10,45 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
-from transferd._backoff import backoff_delays
-from transferd._keys import Keyring, keygen
-from transferd._local import LocalClient
-from transferd._tls import client_ssl_context
 from transferd.config import SiteConfig, load_config
 from transferd.errors import (
     AuthError,
     ConfigError,
     PolicyViolation,
-    ProtocolError,
     TransferdError,
     TransportError,
 )
+from transferd.net.local_client import LocalClient, LocalRequest
+from transferd.protocol.auth import local_signer
+from transferd.protocol.backoff import backoff_delays
+from transferd.protocol.local_api import (
+    Job,
+    JobsAnswer,
+    JobState,
+    SendAnswer,
+    SendRequest,
+    SiteStatus,
+)
+from transferd.protocol.wire import (
+    INBOX_ROUTE,
+    LOCAL_JOBS_ROUTE,
+    LOCAL_SEND_ROUTE,
+    LOCAL_STATUS_ROUTE,
+    MESSAGES_ROUTE,
+    to_body,
+)
+from transferd.site.keys import Keyring, keygen
+from transferd.site.tls import client_ssl_context
 
 __all__ = ["main"]
+
+T = TypeVar("T")
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_POLICY, EXIT_AUTH, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
 STARTUP_GRACE_S = 5.0
@@ -103,18 +122,18 @@ def _keep_heap_warm() -> None:
 )
 def serve(config_path: str, plan_path: str | None) -> None:
     """Run this site's daemon until SIGTERM or SIGINT (then exit 0)."""
-    from transferd._log import setup_logging
     from transferd.daemon import Daemon
+    from transferd.site.log import setup_logging
 
     setup_logging()
     _keep_heap_warm()
     config = _config(config_path)
     plan = None
     if plan_path is not None:
-        from transferd._plan_exec import load_site_plan
+        from transferd.plan import load_plan
 
         try:
-            plan = load_site_plan(plan_path, config)
+            plan = load_plan(plan_path, config)
         except ConfigError as exc:
             _fail(exc)
 
@@ -137,25 +156,20 @@ def serve(config_path: str, plan_path: str | None) -> None:
 def _local_client(config: SiteConfig) -> LocalClient:
     try:
         keyring = Keyring.load(config.keys_path, config.site, [])
-        return LocalClient(
-            config.site,
-            config.local_url,
-            keyring.secret_for(config.site),
-            client_ssl_context(config),
-        )
+        return LocalClient(config.local_url, local_signer(keyring), client_ssl_context(config))
     except ConfigError as exc:
         _fail(exc)
 
 
-def summarize(path: str, jobs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def summarize(path: str, jobs: list[Job], seconds: float) -> dict[str, Any]:
     """The `send --json` object: one line, the fields the benchmark harness reads."""
     return {
         "path": path,
-        "destinations": [j["dest"] for j in jobs],
-        "bytes_logical": max((int(j["bytes_logical"]) for j in jobs), default=0),
-        "bytes_on_wire": sum(int(j["bytes_on_wire"]) for j in jobs),
-        "chunks": max((int(j["chunks"]) for j in jobs), default=0),
-        "chunks_skipped": sum(int(j["chunks_skipped"]) for j in jobs),
+        "destinations": [j.dest for j in jobs],
+        "bytes_logical": max((j.bytes_logical for j in jobs), default=0),
+        "bytes_on_wire": sum(j.bytes_on_wire for j in jobs),
+        "chunks": max((j.chunks for j in jobs), default=0),
+        "chunks_skipped": sum(j.chunks_skipped for j in jobs),
         "seconds": round(seconds, 3),
     }
 
@@ -175,45 +189,51 @@ def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> Non
         _fail(ConfigError(f"--to: not a peer in {config_path}: {', '.join(unknown) or '(none)'}"))
     rel = _relative_to_data_dir(config, path)
 
-    client = _local_client(config)
     started = time.monotonic()
-    try:
-        request = {"path": rel, "to": dests}
-        _, answer = _first_call(client, "POST", "/v1/local/send", json_body=request)
-        ids = list(answer["jobs"])
-        jobs = _poll(client, ids, wait=wait, progress=wait and not as_json)
-    except TransferdError as exc:
-        _fail(exc)
-    finally:
-        client.close()
+    send_jobs = SendRequest(path=rel, to=dests)
+    request = LocalRequest("POST", LOCAL_SEND_ROUTE, SendAnswer, body=send_jobs)
+
+    def send_and_poll(client: LocalClient) -> list[Job]:
+        sent = _first_call(lambda: client.call(request))
+        return _poll(client, sent.jobs, wait=wait, progress=wait and not as_json)
+
+    jobs = _with_daemon(config, send_and_poll)
     seconds = time.monotonic() - started
-    failed = [j for j in jobs if j["state"] == "failed"]
+    failed = [j for j in jobs if j.state is JobState.FAILED]
     if as_json:
         click.echo(json.dumps(summarize(rel, jobs, seconds)))
     elif not wait:
         for j in jobs:
-            click.echo(f"queued {j['path']} -> {j['dest']} (job {j['id']})")
+            click.echo(f"queued {j.path} -> {j.dest} (job {j.id})")
     else:
         for j in jobs:
-            click.echo(
-                f"{j['state']}: {j['path']} -> {j['dest']}"
-                + (f" ({j['error']})" if j["error"] else "")
-            )
+            click.echo(f"{j.state}: {j.path} -> {j.dest}" + (f" ({j.error})" if j.error else ""))
     for j in failed:
-        click.echo(f"transferd: {j['error_kind']} error: {j['error']}", err=True)
+        click.echo(f"transferd: {j.error_kind} error: {j.error}", err=True)
     if failed:
-        kinds = {j["error_kind"] for j in failed}
+        kinds = {j.error_kind for j in failed}
         sys.exit(
             EXIT_POLICY if kinds == {"policy"} else EXIT_AUTH if kinds == {"auth"} else EXIT_FAILED
         )
 
 
-def _first_call(client: LocalClient, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+def _with_daemon(config: SiteConfig, use: Callable[[LocalClient], T]) -> T:
+    """`use` a client of this site's own daemon; its errors become exit codes."""
+    client = _local_client(config)
+    try:
+        return use(client)
+    except TransferdError as exc:
+        _fail(exc)
+    finally:
+        client.close()
+
+
+def _first_call(call: Callable[[], T]) -> T:
     """The CLI's first request: a daemon that is still starting gets a few seconds to listen."""
     delays = backoff_delays(STARTUP_GRACE_S)
     while True:
         try:
-            return client.call(method, path, **kwargs)
+            return call()
         except TransportError:
             delay = next(delays, None)
             if delay is None:
@@ -234,9 +254,7 @@ def _relative_to_data_dir(config: SiteConfig, path: str) -> str:
 POLL_S = 0.05  # how late `send --wait` may notice a commit (a cheap local GET per poll)
 
 
-def _poll(
-    client: LocalClient, ids: list[str], *, wait: bool, progress: bool
-) -> list[dict[str, Any]]:
+def _poll(client: LocalClient, ids: list[str], *, wait: bool, progress: bool) -> list[Job]:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -245,9 +263,9 @@ def _poll(
         TransferSpeedColumn,
     )
 
-    def fetch() -> list[dict[str, Any]]:
-        _, answer = client.call("GET", f"/v1/local/jobs?ids={','.join(ids)}")
-        return list(answer["jobs"])
+    def fetch() -> list[Job]:
+        path_qs = f"{LOCAL_JOBS_ROUTE}?ids={','.join(ids)}"
+        return client.call(LocalRequest("GET", path_qs, JobsAnswer)).jobs
 
     jobs = fetch()
     if not wait:
@@ -262,14 +280,12 @@ def _poll(
         transient=False,
     )
     with bar:
-        tasks = {j["id"]: bar.add_task(f"{j['path']} -> {j['dest']}", total=None) for j in jobs}
+        tasks = {j.id: bar.add_task(f"{j.path} -> {j.dest}", total=None) for j in jobs}
         while True:
             for j in jobs:
-                total = int(j["bytes_logical"]) or None
-                bar.update(
-                    tasks[j["id"]], total=total, completed=min(int(j["bytes_done"]), total or 0)
-                )
-            if all(j["state"] in ("committed", "failed") for j in jobs):
+                total = j.bytes_logical or None
+                bar.update(tasks[j.id], total=total, completed=min(j.bytes_done, total or 0))
+            if not any(j.state.active for j in jobs):
                 return jobs
             time.sleep(POLL_S)
             jobs = fetch()
@@ -282,22 +298,16 @@ def status(config_path: str, as_json: bool) -> None:
     """Jobs, peers and rates of the local daemon."""
     config = _config(config_path)
 
-    client = _local_client(config)
-    try:
-        _, answer = _first_call(client, "GET", "/v1/local/status")
-        state = dict(answer)
-    except TransferdError as exc:
-        _fail(exc)
-    finally:
-        client.close()
+    request = LocalRequest("GET", LOCAL_STATUS_ROUTE, SiteStatus)
+    state = _with_daemon(config, lambda client: _first_call(lambda: client.call(request)))
     if as_json:
-        click.echo(json.dumps(state))
+        click.echo(to_body(state).decode())
         return
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    console.print(f"site [bold]{state['site']}[/] at {state['listen']}")
+    console.print(f"site [bold]{state.site}[/] at {state.listen}")
     peers = Table(
         "peer",
         "url",
@@ -309,31 +319,31 @@ def status(config_path: str, as_json: bool) -> None:
         "link MB/s",
         "streams",
     )
-    for name, p in state["peers"].items():
-        rate = p["link_Bps"]
+    for name, p in state.peers.items():
+        rate = p.link_bytes_per_s
         peers.add_row(
             name,
-            p["url"],
-            _size(p["bytes_sent"]),
-            _size(p["bytes_received"]),
-            str(int(p["chunks_sent"])),
-            str(int(p["chunks_skipped"])),
-            str(int(p["retries"])),
+            p.url,
+            _size(p.bytes_sent),
+            _size(p.bytes_received),
+            str(int(p.chunks_sent)),
+            str(int(p.chunks_skipped)),
+            str(int(p.retries)),
             f"{rate / 1e6:.0f}" if rate else "-",
-            " ".join(f"{cls}={n}" for cls, n in p.get("streams", {}).items()),
+            " ".join(f"{cls}={n}" for cls, n in p.streams.items()),
         )
     console.print(peers)
     jobs = Table("job", "path", "to", "state", "done", "wire", "skipped", "error")
-    for j in state["jobs"]:
+    for j in state.jobs:
         jobs.add_row(
-            j["id"][:8],
-            j["path"],
-            j["dest"],
-            j["state"],
-            f"{_size(j['bytes_done'])}/{_size(j['bytes_logical'])}",
-            _size(j["bytes_on_wire"]),
-            f"{j['chunks_skipped']}/{j['chunks']}",
-            (j["error"] or "")[:60],
+            j.id[:8],
+            j.path,
+            j.dest,
+            j.state,
+            f"{_size(j.bytes_done)}/{_size(j.bytes_logical)}",
+            _size(j.bytes_on_wire),
+            f"{j.chunks_skipped}/{j.chunks}",
+            (j.error or "")[:60],
         )
     console.print(jobs)
 
@@ -364,7 +374,7 @@ def message(
     """Deliver a small object to PEER's inbox through the local daemon, with a deadline."""
     from urllib.parse import quote, urlencode
 
-    from transferd._messages import MessageReceipt
+    from transferd.protocol.messages import MessageReceipt
 
     config = _config(config_path)
     if data is not None and file_path is not None:
@@ -379,18 +389,12 @@ def message(
     query = {"class": class_name}
     if deadline_ms is not None:
         query["deadline_ms"] = f"{deadline_ms:g}"
-    path_qs = f"/v1/messages/{quote(peer, safe='')}?{urlencode(query)}"
+    path_qs = MESSAGES_ROUTE.format(peer=quote(peer, safe="")) + "?" + urlencode(query)
 
-    client = _local_client(config)
-    try:
-        _, answer = client.call("POST", path_qs, body=body)
-        receipt = MessageReceipt.from_json(answer)
-    except TransferdError as exc:
-        _fail(exc)
-    finally:
-        client.close()
+    request = LocalRequest("POST", path_qs, MessageReceipt, body=body)
+    receipt = _with_daemon(config, lambda client: client.call(request))
     if as_json:
-        click.echo(json.dumps(receipt.to_json()))
+        click.echo(to_body(receipt).decode())
     else:
         click.echo(
             f"delivered {len(body)} bytes to {receipt.peer} in {receipt.latency_ms or 0:.1f} ms"
@@ -406,23 +410,15 @@ def message(
 @click.option("--max", "max_messages", type=click.IntRange(min=1, max=10_000), default=100)
 def inbox(config_path: str, wait_ms: float, max_messages: int) -> None:
     """Take messages from the local daemon's inbox: one JSON object per line."""
-    from transferd._messages import InboxMessage
+    from transferd.protocol.messages import InboxAnswer
 
     config = _config(config_path)
 
-    client = _local_client(config)
-    path_qs = f"/v1/inbox?wait_ms={wait_ms:g}&max={max_messages}"
-    try:
-        _, answer = client.call("GET", path_qs)
-        if not isinstance(answer, dict) or not isinstance(answer.get("messages"), list):
-            raise ProtocolError("inbox answer has no message list")
-        messages = [InboxMessage.from_json(m) for m in answer["messages"]]
-    except TransferdError as exc:
-        _fail(exc)
-    finally:
-        client.close()
-    for m in messages:
-        click.echo(json.dumps(m.to_json()))
+    path_qs = f"{INBOX_ROUTE}?wait_ms={wait_ms:g}&max={max_messages}"
+    request = LocalRequest("GET", path_qs, InboxAnswer)
+    answer = _with_daemon(config, lambda client: client.call(request))
+    for m in answer.messages:
+        click.echo(to_body(m).decode())
 
 
 def _size(n: float) -> str:

@@ -6,21 +6,22 @@ Relative paths in the file (data_dir, keys_dir, TLS files) are resolved against 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from netplan import yamlpos
+from netplan.plan import SiteId, TrafficClass
 from transferd.errors import ConfigError
+from transferd.protocol.wire import FrozenModel
 
 __all__ = [
     "BulkWeights",
     "CheckpointSettings",
     "PeerConfig",
-    "RateCaps",
+    "RateCapsMbps",
     "SiteConfig",
     "TlsConfig",
     "TrafficSettings",
@@ -29,41 +30,54 @@ __all__ = [
     "parse_config",
 ]
 
-_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MiB = 1024 * 1024
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TlsConfig(_Frozen):
+class TlsConfig(FrozenModel):
     cert: str
     key: str
     ca: str | None = None  # peers' CA bundle; None uses the system store
 
 
-_Mbps = Annotated[float, Field(gt=0)]
+Mbps = Annotated[float, Field(gt=0)]
 
 
-class RateCaps(_Frozen):
+class RateCapsMbps(FrozenModel):
     """Token-bucket caps toward one peer, in Mbit/s; absent = uncapped. Control is never held."""
 
-    total_mbit_s: _Mbps | None = None
-    interactive_mbit_s: _Mbps | None = None
-    checkpoint_mbit_s: _Mbps | None = None
-    sync_mbit_s: _Mbps | None = None
+    total: Mbps | None = None
+    interactive: Mbps | None = None
+    checkpoint: Mbps | None = None
+    sync: Mbps | None = None
+
+    def per_class(self) -> dict[TrafficClass, float]:
+        caps = {
+            TrafficClass.INTERACTIVE: self.interactive,
+            TrafficClass.CHECKPOINT: self.checkpoint,
+            TrafficClass.SYNC: self.sync,
+        }
+        return {cls: mbps for cls, mbps in caps.items() if mbps is not None}
 
 
-class BulkWeights(_Frozen):
+class BulkWeights(FrozenModel):
     checkpoint: Annotated[float, Field(gt=0)] = 3.0  # issue 4: checkpoint 3 : sync 1
     sync: Annotated[float, Field(gt=0)] = 1.0
 
 
-class PeerConfig(_Frozen):
+class PeerConfig(FrozenModel):
     url: str
-    rate_caps: RateCaps = Field(default_factory=RateCaps)
+    rate_caps_mbps: RateCapsMbps = Field(default_factory=RateCapsMbps)
     weights: BulkWeights | None = None  # this link's bulk weights; None: traffic.weights
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "rate_caps" in data:
+            raise ValueError(
+                "rate_caps was renamed to rate_caps_mbps, in Mbit/s by class: e.g. "
+                "rate_caps_mbps: {total: 900, sync: 200}"
+            )
+        return data
 
     @field_validator("url")
     @classmethod
@@ -74,19 +88,19 @@ class PeerConfig(_Frozen):
         return value.rstrip("/")
 
 
-class CheckpointSettings(_Frozen):
+class CheckpointSettings(FrozenModel):
     targets: list[str] = Field(default_factory=list)  # sites that watch mode replicates steps to
     retention: Annotated[int, Field(ge=1)] = 5  # newest K complete steps kept per run, here
 
 
-class WatchSettings(_Frozen):
+class WatchSettings(FrozenModel):
     enabled: bool = False
     marker: str = "COMMITTED"  # a step folder holding this file is complete
     quiet_period_s: Annotated[float, Field(gt=0)] = 30.0  # or: nothing changed for this long
     poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
 
 
-class TrafficSettings(_Frozen):
+class TrafficSettings(FrozenModel):
     """Traffic classes: how bulk classes share a link, adaptive streams, interactive messages."""
 
     weights: BulkWeights = Field(default_factory=BulkWeights)
@@ -105,12 +119,12 @@ class TrafficSettings(_Frozen):
         return self
 
 
-class SiteConfig(_Frozen):
-    site: str
+class SiteConfig(FrozenModel):
+    site: SiteId  # the plan contract's one site-id rule (netplan.plan)
     listen: str
     data_dir: str
     keys_dir: str
-    peers: dict[str, PeerConfig] = Field(default_factory=dict)
+    peers: dict[SiteId, PeerConfig] = Field(default_factory=dict)
     state_dir: str | None = None  # journal + staging; default <data_dir>/.transferd (local only)
     storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec.filesystem
     tls: TlsConfig | None = None
@@ -127,27 +141,12 @@ class SiteConfig(_Frozen):
     # Where the file lives; set by load_config, not by the YAML.
     base_dir: str = Field(default=".", exclude=True)
 
-    @field_validator("site")
-    @classmethod
-    def _site_id(cls, value: str) -> str:
-        if not _SITE_ID.match(value):
-            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
-        return value
-
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be host:port, e.g. 127.0.0.1:7701")
-        return value
-
-    @field_validator("peers")
-    @classmethod
-    def _peer_ids(cls, value: dict[str, PeerConfig]) -> dict[str, PeerConfig]:
-        for name in value:
-            if not _SITE_ID.match(name):
-                raise ValueError(f"peer id {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
         return value
 
     @model_validator(mode="after")

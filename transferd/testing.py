@@ -23,13 +23,14 @@ from typing import Any
 import yaml
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
-from transferd._journal import JobState, Journal
-from transferd._keys import Keyring, keygen
-from transferd._metrics import Metrics
-from transferd._receiver import Receiver
-from transferd._storage import LocalStorage
 from transferd.config import SiteConfig, load_config
 from transferd.daemon import Daemon
+from transferd.protocol.local_api import Job
+from transferd.site.journal import Journal
+from transferd.site.keys import Keyring, keygen
+from transferd.site.metrics import Metrics
+from transferd.site.receiver import Receiver
+from transferd.site.storage import LocalStorage
 
 __all__ = [
     "CappedFileSystem",
@@ -152,12 +153,13 @@ async def loopback_pair(
         yield a, b
 
 
-async def wait_for_jobs(daemon: Daemon, ids: list[str], timeout_s: float = 20.0) -> list[Any]:
+async def wait_for_jobs(daemon: Daemon, ids: list[str], timeout_s: float = 20.0) -> list[Job]:
     """Until every job is committed or failed (bounded by timeout_s)."""
     async with asyncio.timeout(timeout_s):
         while True:
-            jobs = [daemon.journal.job(i) for i in ids]
-            if all(j is not None and j.state not in JobState.ACTIVE for j in jobs):
+            found = [daemon.journal.job(i) for i in ids]
+            jobs = [j for j in found if j is not None and not j.state.active]
+            if len(jobs) == len(ids):
                 return jobs
             await asyncio.sleep(0.02)
 
@@ -172,7 +174,7 @@ class LinkProxy:
     stream of the first connection that gets that far."""
 
     target_port: int = 0
-    rate_Bps: float | None = None
+    rate_bytes_per_s: float | None = None
     flip_at: int | None = None
     flipped: int = 0
     port: int = 0
@@ -214,7 +216,7 @@ class LinkProxy:
         started = loop.time()
         # A rate-limited direction forwards small slices, paced, as a slow link delivers them
         # (256 KiB at once would hand a receiver whole chunk bodies in one burst).
-        step = 16 * 1024 if upstream and self.rate_Bps else 256 * 1024
+        step = 16 * 1024 if upstream and self.rate_bytes_per_s else 256 * 1024
         try:
             while data := await reader.read(step):
                 if (
@@ -230,8 +232,8 @@ class LinkProxy:
                 seen += len(data)
                 writer.write(data)
                 await writer.drain()
-                if upstream and self.rate_Bps:
-                    ahead = seen / self.rate_Bps - (loop.time() - started)
+                if upstream and self.rate_bytes_per_s:
+                    ahead = seen / self.rate_bytes_per_s - (loop.time() - started)
                     if ahead > 0:
                         await asyncio.sleep(ahead)
                     elif ahead < -BURST_S:

@@ -3,7 +3,6 @@ paths that escape data_dir and raw-tier data are refused on both sides."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,26 +11,21 @@ import blake3
 import pytest
 
 from tests.integration._data import write_random
-from transferd._auth import sign_headers
-from transferd._classes import TrafficClass
-from transferd._keys import Keyring, keygen
-from transferd._manifest import FileEntry, Manifest, file_digest
+from transferd import TrafficClass
 from transferd.daemon import Daemon
 from transferd.errors import AuthError, PolicyViolation
+from transferd.protocol.auth import sign_headers
+from transferd.protocol.manifest import UploadIntent
+from transferd.protocol.upload import upload_intent, upload_manifest
+from transferd.protocol.wire import to_body
+from transferd.site.keys import Keyring, keygen
 from transferd.testing import loopback_pair
 
 CHUNK = 64 * 1024
 
 
-def intent(root: str = "curated/a.bin", size: int = CHUNK, upload: str = "A-test-upload-1") -> dict:
-    return {
-        "upload": upload,
-        "source_site": "A",
-        "dest_site": "B",
-        "root": root,
-        "kind": "file",
-        "files": [{"path": "", "size": size}],
-    }
+def intent(root: str = "curated/a.bin", size: int = CHUNK) -> UploadIntent:
+    return upload_intent("A-test-upload-1", "A", "B", root, "file", [("", size)])
 
 
 def visible_files(daemon: Daemon) -> list[str]:
@@ -60,7 +54,7 @@ async def test_unsigned_bad_stale_replayed_requests_are_refused_and_write_nothin
     tmp_path: Path,
 ) -> None:
     async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
-        body = json.dumps(intent()).encode()
+        body = to_body(intent())
         digest = blake3.blake3(body).hexdigest()
         secret = a.keyring.secret_for("B")
 
@@ -78,7 +72,7 @@ async def test_unsigned_bad_stale_replayed_requests_are_refused_and_write_nothin
         assert await post(b.url, "/v1/uploads", body, {}) == 401
         assert await post(b.url, "/v1/uploads", body, signed(secret=b"\x00" * 32)) == 401
         assert await post(b.url, "/v1/uploads", body, signed(now=a.clock() - 3600)) == 401
-        tampered = json.dumps(intent(root="curated/other.bin")).encode()
+        tampered = to_body(intent(root="curated/other.bin"))
         assert await post(b.url, "/v1/uploads", tampered, signed()) in (401, 422)
         assert staged(b) == []
         assert b.journal.upload("A-test-upload-1") is None
@@ -99,7 +93,7 @@ async def test_badly_signed_manifest_is_refused_403_and_nothing_is_committed(
     chunk_hash = blake3.blake3(data).hexdigest()
     async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
         link = a.links["B"]
-        await link.call(TrafficClass.CONTROL, "POST", "/v1/uploads", json_body=intent())
+        await link.call(TrafficClass.CONTROL, "POST", "/v1/uploads", body=intent())
         await link.call(
             TrafficClass.SYNC,
             "PUT",
@@ -108,37 +102,21 @@ async def test_badly_signed_manifest_is_refused_403_and_nothing_is_committed(
             headers={"X-Transferd-Length": str(len(data))},
             accept=(204,),
         )
-        manifest = Manifest(
-            upload="A-test-upload-1",
-            source_site="A",
-            dest_site="B",
-            root="curated/a.bin",
-            kind="file",
-            tier="curated",
-            created_at=a.clock(),
-            files=[
-                FileEntry(
-                    path="",
-                    size=len(data),
-                    digest=file_digest(len(data), [(chunk_hash, 0, CHUNK)]),
-                    chunks=[(chunk_hash, 0, CHUNK)],
-                )
-            ],
-        )
+        manifest = upload_manifest(intent(), a.clock(), [[(chunk_hash, 0, CHUNK)]])
         # Signed by a key that is not A's: the receiver must refuse it.
         keygen(["A"], tmp_path / "other-keys")
         forger = Keyring.load(tmp_path / "other-keys", "A", [])
-        forged = manifest.sign(forger).model_dump(mode="json")
+        forged = manifest.sign(forger)
         with pytest.raises(AuthError) as refused:
             await link.call(
-                TrafficClass.CONTROL, "POST", "/v1/uploads/A-test-upload-1/commit", json_body=forged
+                TrafficClass.CONTROL, "POST", "/v1/uploads/A-test-upload-1/commit", body=forged
             )
         assert refused.value.http_status == 403
         assert visible_files(b) == []
         # The genuine signature commits the same upload.
-        genuine = manifest.sign(a.keyring).model_dump(mode="json")
+        genuine = manifest.sign(a.keyring)
         await link.call(
-            TrafficClass.CONTROL, "POST", "/v1/uploads/A-test-upload-1/commit", json_body=genuine
+            TrafficClass.CONTROL, "POST", "/v1/uploads/A-test-upload-1/commit", body=genuine
         )
         assert (tmp_path / "site-B" / "curated" / "a.bin").read_bytes() == data
 
@@ -184,7 +162,7 @@ async def test_receiver_refuses_escaping_paths_and_raw_tier(
     async with loopback_pair(tmp_path) as (a, b):
         with pytest.raises(PolicyViolation, match=reason) as refused:
             await a.links["B"].call(
-                TrafficClass.CONTROL, "POST", "/v1/uploads", json_body=intent(root=root)
+                TrafficClass.CONTROL, "POST", "/v1/uploads", body=intent(root=root)
             )
         assert refused.value.http_status == 403
         assert staged(b) == []

@@ -18,10 +18,10 @@ import pytest
 
 from tests.integration._data import file_blake3, write_random
 from tests.integration._procs import cli, metric, poll_until, start_daemon, wait_until_serving
-from transferd._keys import Keyring
-from transferd._messages import local_signer, read_inbox, send_message
+from transferd import local_signer, read_inbox, send_message
 from transferd.config import load_config
 from transferd.errors import AuthError
+from transferd.site.keys import Keyring
 from transferd.testing import (
     bound_socket,
     free_port,
@@ -38,18 +38,18 @@ REPO = Path(__file__).resolve().parents[2]
 async def test_daemons_deliver_messages_with_their_own_request_signatures(tmp_path: Path) -> None:
     async with loopback_pair(tmp_path) as (a, b):
         receipt = await send_message(
-            a.url, "B", b"prompt v12", deadline_ms=2000, sign=a.auth.sign_local
+            a.url, "B", b"prompt v12", deadline_ms=2000, sign=local_signer(a.keyring)
         )
         assert receipt.delivered
         assert not receipt.late
-        [got] = await read_inbox(b.url, wait_ms=2000, sign=b.auth.sign_local)
+        [got] = await read_inbox(b.url, wait_ms=2000, sign=local_signer(b.keyring))
         assert got.body == b"prompt v12"
         assert got.source == "A"
         # The local API answers only the site's own signed CLI.
         with pytest.raises(AuthError):
             await send_message(a.url, "B", b"unsigned", deadline_ms=2000)
         with pytest.raises(AuthError):
-            await read_inbox(b.url, sign=a.auth.sign_local)  # A's key is not B's own
+            await read_inbox(b.url, sign=local_signer(a.keyring))  # A's key is not B's own
         delivered = {"peer": "B", "class": "interactive"}
         registry = a.metrics.registry
         assert registry.get_sample_value("transferd_messages_delivered_total", delivered) == 1
@@ -188,14 +188,14 @@ async def test_interactive_messages_all_arrive_while_a_checkpoint_replicates(
 
 
 async def test_sync_rate_cap_from_the_site_config_holds_over_ten_seconds(tmp_path: Path) -> None:
-    cap_mbit_s, seconds, skip_s = 64.0, 10.0, 1.0  # 8 MB/s
-    cap = cap_mbit_s * 1e6 / 8
+    cap_mbps, seconds, skip_s = 64.0, 10.0, 1.0  # 8 MB/s
+    cap = cap_mbps * 1e6 / 8
     # Enough for the measured window plus the start-up burst (16 MiB) and a margin.
     size = 128 * MiB
     write_random(tmp_path / "site-A" / "curated" / "big.bin", size, seed=3)
     socks = {"A": bound_socket(), "B": bound_socket()}
     ports = {site: sock.getsockname()[1] for site, sock in socks.items()}
-    peer_b = {"url": f"http://127.0.0.1:{ports['B']}", "rate_caps": {"sync_mbit_s": cap_mbit_s}}
+    peer_b = {"url": f"http://127.0.0.1:{ports['B']}", "rate_caps_mbps": {"sync": cap_mbps}}
     paths = write_site_configs(tmp_path, ports, chunk_size=256 * 1024, A={"peers": {"B": peer_b}})
     async with (
         running_daemon(load_config(paths["A"]), socks["A"]) as a,

@@ -78,10 +78,12 @@ async def test_cli_send_wait_json_status_and_sigterm(tmp_path: Path) -> None:
 async def test_sigkill_mid_transfer_resumes_resending_at_most_in_flight_chunks(
     tmp_path: Path, victim: str, how: signal.Signals
 ) -> None:
-    ports = {"A": free_port(), "B": free_port()}
     digest = write_random(tmp_path / "site-A" / "approved" / "m.bin", N_CHUNKS * CHUNK, seed=21)
-    # A slow link (8 MB/s) keeps the transfer going long enough to kill it in the middle.
-    async with LinkProxy(target_port=ports["B"], rate_Bps=8e6) as proxy:
+    # A slow link (8 MB/s) keeps the transfer going long enough to kill it in the middle. The
+    # proxy listens first, so the daemons' free ports cannot be the one it takes.
+    async with LinkProxy(rate_bytes_per_s=8e6) as proxy:
+        ports = {"A": free_port(), "B": free_port()}
+        proxy.target_port = ports["B"]
         configs = write_site_configs(
             tmp_path, ports, peer_urls={"B": proxy.url}, chunk_size=CHUNK, streams=2
         )

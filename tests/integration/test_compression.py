@@ -27,7 +27,7 @@ def write_bf16_like(path: Path, size: int, seed: int) -> str:
 async def test_auto_compresses_on_a_slow_link_and_the_bytes_arrive_intact(tmp_path: Path) -> None:
     src = tmp_path / "site-A" / "checkpoints" / "r" / "step-1" / "shard.bin"
     digest = write_bf16_like(src, 32 * CHUNK, seed=8)
-    proxy = LinkProxy(rate_Bps=16e6)  # 16 MB/s: far slower than zstd level 1 on any core
+    proxy = LinkProxy(rate_bytes_per_s=16e6)  # 16 MB/s: far slower than zstd level 1 on any core
     async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, streams=2) as (a, b):
         [job_id] = a.sender.submit("checkpoints/r/step-1", ["B"])
         [job] = await wait_for_jobs(a, [job_id], timeout_s=60)

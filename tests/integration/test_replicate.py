@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.integration._data import file_blake3, write_random
-from transferd._classes import TrafficClass
+from transferd import TrafficClass
 from transferd.testing import loopback_pair, wait_for_jobs
 
 CHUNK = 256 * 1024
@@ -82,6 +82,8 @@ async def test_folder_with_empty_file_nested_dirs_and_repeated_chunks(tmp_path: 
 
 async def test_stale_staging_is_dropped_at_start(tmp_path: Path) -> None:
     from transferd.config import load_config
+    from transferd.protocol.upload import upload_intent
+    from transferd.site.journal import UploadState
     from transferd.testing import FakeClock, running_daemon
 
     write_random(tmp_path / "site-A" / "curated" / "x.bin", 3 * CHUNK, seed=1)
@@ -91,18 +93,15 @@ async def test_stale_staging_is_dropped_at_start(tmp_path: Path) -> None:
             TrafficClass.CONTROL,
             "POST",
             "/v1/uploads",
-            json_body={
-                "upload": "A-abandoned-1",
-                "source_site": "A",
-                "dest_site": "B",
-                "root": "curated/x.bin",
-                "kind": "file",
-                "files": [{"path": "", "size": 3 * CHUNK}],
-            },
+            body=upload_intent(
+                "A-abandoned-1", "A", "B", "curated/x.bin", "file", [("", 3 * CHUNK)]
+            ),
         )
         staging = b.storage.staging_root
         assert [p.name for p in staging.iterdir()] == ["A-abandoned-1"]
     clock = FakeClock(start=b.clock() + 61)
     async with running_daemon(load_config(tmp_path / "site-B.yaml"), clock=clock) as b2:
         assert list(staging.iterdir()) == []
-        assert b2.journal.upload("A-abandoned-1")[2] == "failed"
+        upload = b2.journal.upload("A-abandoned-1")
+        assert upload is not None
+        assert upload.state is UploadState.FAILED

@@ -89,7 +89,7 @@ def test_large_estates_get_grouped_reasons_and_a_runner_up_table(
     grouped = [d for d in report.decisions if not d.feasible and "other sites" in d.reason]
     assert grouped, [d.reason for d in report.infeasible()]
     path = tmp_path / "estate.yaml"
-    path.write_text(yaml.safe_dump(estate.model_dump(exclude_none=True)))
+    path.write_text(yaml.safe_dump(estate.model_dump(mode="json", exclude_none=True)))
     done = CliRunner().invoke(
         cli, ["analyze", str(path)], catch_exceptions=False, env={"COLUMNS": "200"}
     )

@@ -8,7 +8,7 @@ import pytest
 
 from netplan import Network, TopologyError, parse_topology
 from netplan._sync import plan_sync
-from transferd._classes import TrafficClass
+from netplan.plan import TrafficClass
 
 BASE = """\
 name: sync-test

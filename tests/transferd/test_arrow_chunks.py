@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transferd._arrow_chunks import (
+from transferd.protocol.arrow_chunks import (
     ArrowChunkError,
     ChunkLayout,
     LayoutFormat,

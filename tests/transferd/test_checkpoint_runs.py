@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transferd._checkpoints import ready_steps, step_order, update_run
-from transferd._storage import LocalStorage
+from transferd.site.checkpoints import ready_steps, step_order, update_run
+from transferd.site.storage import LocalStorage
 
 
 def test_steps_sort_naturally() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 import blake3
 import pytest
 
-from transferd._codec import CompressionPolicy, decode_body, zstd_compress
-from transferd._keys import Keyring, keygen
-from transferd._manifest import FileEntry, Manifest, SignedManifest, file_digest, parse_body
 from transferd.errors import AuthError, IntegrityError, ProtocolError
+from transferd.protocol.codec import CompressionPolicy, decode_body, zstd_compress
+from transferd.protocol.manifest import FileEntry, Manifest, SignedManifest, file_digest, parse_body
+from transferd.site.keys import Keyring, keygen
 
 RANDOM = random.Random(1).randbytes(1 << 20)
 ZEROS = bytes(1 << 20)

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from tests.integration._procs import env
-from transferd._classes import TrafficClass
-from transferd._plan_exec import apply_links, parse_site_plan
+from transferd import TrafficClass
 from transferd.config import parse_config
 from transferd.errors import ConfigError
+from transferd.plan import link_settings, parse_plan
 from transferd.testing import bound_socket, running_daemon, write_site_configs
 
 CONFIG = """\
@@ -26,12 +26,12 @@ data_dir: ./site-a
 keys_dir: ./keys
 traffic: {weights: {checkpoint: 3, sync: 1}}
 peers:
-  B: {url: "http://127.0.0.1:7702", rate_caps: {total_mbit_s: 900, sync_mbit_s: 800}}
+  B: {url: "http://127.0.0.1:7702", rate_caps_mbps: {total: 900, sync: 800}}
   C: {url: "http://127.0.0.1:7703"}
 """
 
 PLAN: dict[str, Any] = {
-    "schema_version": 1,
+    "schema_version": 2,
     "topology": "t",
     "sites": [
         {
@@ -70,7 +70,7 @@ def _edited(path: list[Any], value: Any) -> dict[str, Any]:
 
 
 def test_a_good_plan_gives_this_sites_routes_targets_and_incoming_retention() -> None:
-    run = parse_site_plan(json.dumps(PLAN), parse_config(CONFIG))
+    run = parse_plan(json.dumps(PLAN), parse_config(CONFIG))
     [route] = run.sync
     assert (route.prefix, route.destination, route.traffic_class) == (
         "approved/d", "B", TrafficClass.SYNC)
@@ -83,7 +83,7 @@ def test_a_good_plan_gives_this_sites_routes_targets_and_incoming_retention() ->
 @pytest.mark.parametrize(
     ("plan", "message"),
     [
-        (_edited(["schema_version"], 2), "schema_version: 2 is not supported"),
+        (_edited(["schema_version"], 1), "schema_version: 1 is not supported"),
         (_edited(["sites", 0, "sync", 0, "traffic_class"], "bulk"),
          "sites[0].sync[0].traffic_class"),
         (_edited(["sites", 0, "sync", 0, "traffic_class"], "interactive"),
@@ -104,26 +104,43 @@ def test_a_good_plan_gives_this_sites_routes_targets_and_incoming_retention() ->
 )
 def test_a_bad_plan_is_a_config_error_naming_the_field(plan: Any, message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        parse_site_plan(json.dumps(plan), parse_config(CONFIG), source="plan.json")
+        parse_plan(json.dumps(plan), parse_config(CONFIG), source="plan.json")
     assert message in str(err.value)
     assert str(err.value).startswith("plan.json: ")
 
 
+def test_a_shard_entry_is_mirrored_like_a_sync_entry_and_refused_under_raw() -> None:
+    shard = {"path_prefix": "approved/docs/shard-0001/", "destination": "C",
+             "traffic_class": "sync", "index": "docs", "shard": 1, "size_gb": 5.0}
+    run = parse_plan(_edited(["sites", 0, "shards"], [shard]), parse_config(CONFIG))
+    assert [(r.prefix, r.destination, r.dataset, r.rule) for r in run.sync] == [
+        ("approved/d", "B", "d", "r"), ("approved/docs/shard-0001", "C", "docs", "shards:docs")]
+    raw = {**shard, "path_prefix": "raw/docs/shard-0001/"}
+    run = parse_plan(_edited(["sites", 0, "shards"], [raw]), parse_config(CONFIG))
+    assert [r.where for r in run.refused] == ["sites[0].shards[0].path_prefix"]
+
+
 def test_text_that_is_not_json_is_refused() -> None:
     with pytest.raises(ConfigError, match="plan is not JSON"):
-        parse_site_plan("{nope", parse_config(CONFIG))
+        parse_plan("{nope", parse_config(CONFIG))
 
 
 def test_plan_link_settings_override_the_config_and_keep_what_the_plan_leaves_out() -> None:
     config = parse_config(CONFIG)
-    merged = apply_links(config, parse_site_plan(PLAN, config))
-    b = merged.peers["B"]
-    assert b.rate_caps.sync_mbit_s == 40.0  # the plan's value wins over the config's 800
-    assert b.rate_caps.checkpoint_mbit_s == 50.0
-    assert b.rate_caps.total_mbit_s == 900.0  # only the config sets it: kept
-    assert b.weights is not None
-    assert (b.weights.checkpoint, b.weights.sync) == (1.0, 100.0)
-    assert merged.peers["C"] == config.peers["C"]  # no link entry in the plan
+    plan = parse_plan(PLAN, config)
+    b = link_settings(config, "B", plan)
+    mbps = 1e6 / 8  # bytes per second in one Mbit/s
+    assert b.class_caps_bytes_per_s == {
+        TrafficClass.SYNC: 40 * mbps,  # the plan's value wins over the config's 800
+        TrafficClass.CHECKPOINT: 50 * mbps,
+    }
+    assert b.total_cap_bytes_per_s == 900 * mbps  # only the config sets it: kept
+    assert b.bulk_weights == {TrafficClass.CHECKPOINT: 1.0, TrafficClass.SYNC: 100.0}
+    # No link entry in the plan: the config's (traffic.weights, no caps).
+    assert link_settings(config, "C", plan) == link_settings(config, "C")
+    assert link_settings(config, "C").bulk_weights == {
+        TrafficClass.CHECKPOINT: 3.0, TrafficClass.SYNC: 1.0}  # fmt: skip
+    assert link_settings(config, "C").class_caps_bytes_per_s == {}
 
 
 async def test_a_raw_entry_is_refused_logged_and_counted_and_never_sent(tmp_path: Path) -> None:
@@ -135,9 +152,9 @@ async def test_a_raw_entry_is_refused_logged_and_counted_and_never_sent(tmp_path
     config = load_config(paths["A"])
     plan = _edited(["sites", 0, "sync", 0, "path_prefix"], "raw/d/")
     plan["sites"][0]["checkpoints"][0]["targets"] = ["B"]
-    run = parse_site_plan(plan, config)
+    run = parse_plan(plan, config)
     assert run.sync == ()
-    assert [f for f, _ in run.refused] == ["sites[0].sync[0].path_prefix"]
+    assert [r.where for r in run.refused] == ["sites[0].sync[0].path_prefix"]
     (tmp_path / "site-A" / "raw" / "d").mkdir(parents=True)
     (tmp_path / "site-A" / "raw" / "d" / "x.bin").write_bytes(b"secret")
     async with running_daemon(config, sock, plan=run) as daemon:
@@ -172,10 +189,10 @@ def test_sync_runner_sends_a_quiet_changed_folder_once_and_again_after_it_change
     failed job only after RETRY_FAILED_AFTER_S."""
     import os
 
-    from transferd._journal import JobState, Journal
-    from transferd._metrics import Metrics
-    from transferd._plan_exec import RETRY_FAILED_AFTER_S, SyncRoute, SyncRunner
-    from transferd._storage import LocalStorage
+    from transferd.net.runners import RETRY_FAILED_AFTER_S, SyncRunner
+    from transferd.plan import SyncRoute
+    from transferd.site.journal import Journal
+    from transferd.site.storage import LocalStorage
     from transferd.testing import FakeClock
 
     folder = tmp_path / "data" / "approved" / "d"
@@ -187,20 +204,21 @@ def test_sync_runner_sends_a_quiet_changed_folder_once_and_again_after_it_change
     clock = FakeClock(start=1000.0)
     calls: list[tuple[str, list[str], TrafficClass]] = []
 
-    def submit(path: str, dests: list[str], cls: TrafficClass) -> list[str]:
+    def submit(path: str, dests: list[str], cls: TrafficClass | None) -> list[str]:
+        assert cls is not None
         calls.append((path, dests, cls))
         job = f"job-{len(calls)}"
-        journal.add_job(job, path, dests[0], cls.value, clock())
+        journal.add_job(job, path, dests[0], cls, clock())
         return [job]
 
     runner = SyncRunner(
         routes=(SyncRoute("approved/d", "B", TrafficClass.SYNC, "d", "r"),),
-        storage=LocalStorage(tmp_path / "data"), journal=journal, metrics=Metrics(),
-        submit=submit, clock=clock, quiet_period_s=5.0, poll_interval_s=1.0,
+        storage=LocalStorage(tmp_path / "data"), journal=journal, submit=submit, clock=clock,
+        quiet_period_s=5.0, poll_interval_s=1.0,
     )
     try:
         def scan() -> list[str]:
-            return runner.submit_due(runner.signatures())
+            return runner.submit_due(runner.scan())
 
         assert scan() == []  # changed 0 s ago: not quiet yet
         clock.advance(5.0)
@@ -211,11 +229,11 @@ def test_sync_runner_sends_a_quiet_changed_folder_once_and_again_after_it_change
         os.utime(folder, (1006.0, 1006.0))  # the folder's own mtime moved with the new file
         clock.advance(10.0)
         assert scan() == []  # job-1 still queued: wait for it
-        journal.update_job("job-1", state=JobState.COMMITTED)
+        journal.finish_job("job-1", clock())
         assert scan() == ["job-2"]  # the folder changed since job-1
-        journal.update_job("job-2", state=JobState.COMMITTED)
+        journal.finish_job("job-2", clock())
         assert scan() == []  # unchanged since job-2
-        journal.update_job("job-2", state=JobState.FAILED)
+        journal.finish_job("job-2", clock(), ConfigError("disk gone"))
         assert scan() == []  # failed, but the retry interval has not passed
         clock.advance(RETRY_FAILED_AFTER_S)
         assert scan() == ["job-3"]

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from transferd._auth import EMPTY_BODY_BLAKE3, NonceGuard, authenticate, sign_headers
-from transferd._keys import Keyring, keygen
-from transferd._policy import check_may_leave_site, confine, normalize_rel_path
 from transferd.errors import AuthError, ConfigError, PolicyViolation
+from transferd.protocol.auth import EMPTY_BODY_BLAKE3, NonceGuard, authenticate, sign_headers
+from transferd.protocol.policy import check_may_leave_site, normalize_rel_path
+from transferd.site.keys import Keyring, keygen
+from transferd.site.storage import confine
 from transferd.testing import FakeClock
 
 
@@ -46,7 +47,8 @@ def test_escaping_or_tierless_paths_are_refused(path: str, reason: str) -> None:
 def test_raw_tier_never_leaves_but_other_tiers_do() -> None:
     with pytest.raises(PolicyViolation, match="raw-tier"):
         check_may_leave_site("raw/sensors/day1.parquet")
-    assert check_may_leave_site("approved/model.bin").value == "approved"
+    assert check_may_leave_site("approved/model.bin") == "approved"
+    assert check_may_leave_site("checkpoints/run1/step-3") == "checkpoints"
 
 
 def test_symlink_leading_out_of_data_dir_is_refused(tmp_path: Path) -> None:
@@ -86,12 +88,12 @@ def test_signed_request_authenticates_once_then_is_a_replay(rings: tuple[Keyring
     guard = NonceGuard(window_s=300, not_before=clock() - 1)
     headers = _signed(a, clock)
     auth = authenticate(
-        headers, method="POST", path_qs="/v1/uploads", keyring=b, guard=guard, now=clock()
+        headers, method="POST", path_qs="/v1/uploads", keys=b, guard=guard, now=clock()
     )
     assert auth.site == "A"
     with pytest.raises(AuthError, match="replayed"):
         authenticate(
-            headers, method="POST", path_qs="/v1/uploads", keyring=b, guard=guard, now=clock()
+            headers, method="POST", path_qs="/v1/uploads", keys=b, guard=guard, now=clock()
         )
 
 
@@ -117,7 +119,7 @@ def test_tampered_or_unsigned_requests_are_401(
             headers,
             method="POST",
             path_qs="/v1/uploads",
-            keyring=b,
+            keys=b,
             guard=NonceGuard(300, 0),
             now=clock(),
         )
@@ -132,7 +134,7 @@ def test_signature_covers_the_path(rings: tuple[Keyring, Keyring]) -> None:
             _signed(a, clock, path="/v1/uploads/x/have"),
             method="POST",
             path_qs="/v1/uploads/y/have",
-            keyring=b,
+            keys=b,
             guard=NonceGuard(300, 0),
             now=clock(),
         )
@@ -150,7 +152,7 @@ def test_stale_requests_and_those_signed_before_start_are_refused(
             headers,
             method="POST",
             path_qs="/v1/uploads",
-            keyring=b,
+            keys=b,
             guard=NonceGuard(300, 0),
             now=clock(),
         )
@@ -159,7 +161,7 @@ def test_stale_requests_and_those_signed_before_start_are_refused(
     restarted = NonceGuard(300, not_before=clock() + 0.5)
     with pytest.raises(AuthError, match="before this daemon started"):
         authenticate(
-            fresh, method="POST", path_qs="/v1/uploads", keyring=b, guard=restarted, now=clock() + 1
+            fresh, method="POST", path_qs="/v1/uploads", keys=b, guard=restarted, now=clock() + 1
         )
 
 
@@ -171,7 +173,7 @@ def test_a_request_cannot_be_reflected_to_its_sender(rings: tuple[Keyring, Keyri
             _signed(a, clock),
             method="POST",
             path_qs="/v1/uploads",
-            keyring=a,
+            keys=a,
             guard=NonceGuard(300, 0),
             now=clock(),
         )

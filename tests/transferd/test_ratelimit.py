@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from transferd._classes import TrafficClass
-from transferd._ratelimit import PeerRateLimiter, RateCap, TokenBucket
+from transferd import TrafficClass
 from transferd.config import parse_config
 from transferd.errors import ConfigError
+from transferd.protocol.ratelimit import PeerRateLimiter, RateCap, TokenBucket
 
 MB = 1_000_000
 
@@ -123,9 +123,9 @@ keys_dir: ./keys
 peers:
   B:
     url: http://127.0.0.1:7702
-    rate_caps:
-      total_mbit_s: 1000
-      sync_mbit_s: {sync}
+    rate_caps_mbps:
+      total: 1000
+      sync: {sync}
 traffic:
   weights: {{checkpoint: 5, sync: 1}}
   streams_min: {streams_min}
@@ -135,10 +135,9 @@ traffic:
 
 def test_site_config_carries_rate_caps_and_weights() -> None:
     config = parse_config(SITE_YAML.format(sync=100, streams_min=2))
-    caps = config.peers["B"].rate_caps
-    assert caps.total_mbit_s == 1000
-    assert caps.sync_mbit_s == 100
-    assert caps.checkpoint_mbit_s is None
+    caps = config.peers["B"].rate_caps_mbps
+    assert caps.total == 1000
+    assert caps.per_class() == {TrafficClass.SYNC: 100}
     assert config.traffic.weights.checkpoint == 5
     assert config.traffic.streams_max == 16
 
@@ -147,7 +146,7 @@ def test_bad_rate_cap_names_the_field_and_line() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(SITE_YAML.format(sync=-5, streams_min=2))
     [issue] = info.value.issues
-    assert issue.startswith("peers.B.rate_caps.sync_mbit_s:")
+    assert issue.startswith("peers.B.rate_caps_mbps.sync:")
     assert "(line 10)" in issue
 
 
@@ -155,3 +154,14 @@ def test_stream_bounds_must_nest() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(SITE_YAML.format(sync=100, streams_min=20))
     assert any("streams_min must be <= streams_max" in issue for issue in info.value.issues)
+
+
+def test_the_old_rate_caps_spelling_is_an_error_naming_the_new_field() -> None:
+    old = SITE_YAML.format(sync=100, streams_min=2).replace("rate_caps_mbps:", "rate_caps:")
+    old = old.replace("total:", "total_mbit_s:").replace("sync: 100", "sync_mbit_s: 100")
+    with pytest.raises(ConfigError) as info:
+        parse_config(old)
+    [issue] = info.value.issues
+    assert issue.startswith("peers.B:")
+    assert "rate_caps was renamed to rate_caps_mbps" in issue
+    assert "(line 6)" in issue  # peers.B

@@ -13,12 +13,22 @@ from pathlib import Path
 
 import blake3
 
-from transferd._journal import Journal
-from transferd._keys import keygen
-from transferd._manifest import FileEntry, Manifest, UploadIntent, file_digest
+from transferd.protocol.chunks import ChunkPut
+from transferd.protocol.upload import ChunkTarget, upload_intent, upload_manifest
+from transferd.site.journal import Journal
+from transferd.site.keys import keygen
+from transferd.site.receiver import Receiver
 from transferd.testing import receiver_at
 
 CHUNK = 4096
+
+
+def _put(receiver: Receiver, upload: str, data: bytes, chunk: tuple[str, int, int]) -> None:
+    digest, off, n = chunk
+    targets = [ChunkTarget(0, off, n)]
+    put = ChunkPut(encoding="identity", raw_length=n)
+    receiver.verify_and_write(upload, digest, data[off : off + n], digest, put, targets)
+    receiver.record(upload, targets, digest)
 
 
 def test_chunks_staged_before_a_restart_are_rehashed_and_damage_is_refetched(
@@ -30,36 +40,13 @@ def test_chunks_staged_before_a_restart_are_rehashed_and_damage_is_refetched(
         (blake3.blake3(data[off : off + CHUNK]).hexdigest(), off, CHUNK)
         for off in range(0, len(data), CHUNK)
     ]
-    intent = UploadIntent(
-        upload="A-restart-0001",
-        source_site="A",
-        dest_site="B",
-        root="approved/x.bin",
-        kind="file",
-        files=[{"path": "", "size": len(data)}],  # type: ignore[list-item]
-    )
-    manifest = Manifest(
-        upload=intent.upload,
-        source_site="A",
-        dest_site="B",
-        root=intent.root,
-        kind="file",
-        tier="approved",
-        created_at=1.0,
-        files=[
-            FileEntry(
-                path="", size=len(data), digest=file_digest(len(data), chunks), chunks=chunks
-            )
-        ],
-    )
+    intent = upload_intent("A-restart-0001", "A", "B", "approved/x.bin", "file", [("", len(data))])
+    manifest = upload_manifest(intent, 1.0, [chunks])
     journal = Journal(tmp_path / "data" / ".transferd" / "journal.sqlite")
     first = receiver_at(tmp_path, journal)
     first.open(intent, "A", now=1.0)
-    for digest, off, n in chunks[:2]:
-        first.verify_and_write(
-            intent.upload, digest, data[off : off + n], digest, "identity", n, [(0, off, n)]
-        )
-        journal.record_received(intent.upload, [(0, off, n)], digest)
+    for chunk in chunks[:2]:
+        _put(first, intent.upload, data, chunk)
     first.close()  # the daemon stops (or dies) with two chunks staged
 
     # On disk, the second chunk's bytes did not survive.
@@ -71,19 +58,14 @@ def test_chunks_staged_before_a_restart_are_rehashed_and_damage_is_refetched(
 
     second = receiver_at(tmp_path, journal)
     second.open(intent, "A", now=2.0)
-    digest, off, n = chunks[2]
-    second.verify_and_write(
-        intent.upload, digest, data[off : off + n], digest, "identity", n, [(0, off, n)]
-    )
-    journal.record_received(intent.upload, [(0, off, n)], digest)
+    _put(second, intent.upload, data, chunks[2])
     assert second.missing(intent.upload, manifest) == []
     # The damaged chunk from before the restart is found; the one written now is trusted.
     assert second.verify_files(intent.upload, manifest) == [(0, CHUNK)]
     # Once it is sent again, nothing is left to re-hash and the upload can commit.
-    digest, off, n = chunks[1]
-    second.verify_and_write(
-        intent.upload, digest, data[off : off + n], digest, "identity", n, [(0, off, n)]
-    )
+    second.forget(intent.upload, [(0, CHUNK)])
+    assert second.missing(intent.upload, manifest) == [(0, CHUNK)]
+    _put(second, intent.upload, data, chunks[1])
     assert second.verify_files(intent.upload, manifest) == []
     second.commit_files(intent.upload, manifest)
     assert (tmp_path / "data" / "approved" / "x.bin").read_bytes() == data

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transferd._classes import BULK_CLASSES, TrafficClass
-from transferd._ratelimit import PeerRateLimiter, RateCap
-from transferd._sched import ClassScheduler, ScheduledItem
+from transferd import BULK_CLASSES, TrafficClass
+from transferd.protocol.ratelimit import PeerRateLimiter, RateCap
+from transferd.protocol.sched import ClassScheduler, ScheduledItem
 
 MB = 1_000_000
 CP, SY, IA, CT = (

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from transferd._classes import TrafficClass
-from transferd._sched import ClassScheduler, SchedulerPump
-from transferd._streams import BulkGate, PeerTraffic, StreamController
+from transferd import TrafficClass
+from transferd.net.pump import BulkGate, PeerTraffic, SchedulerPump
+from transferd.protocol.sched import ClassScheduler
+from transferd.protocol.streams import StreamController
 
 GBIT = 125_000_000  # bytes/s
 

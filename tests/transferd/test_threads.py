@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from transferd._threads import BULK_THREAD_NICENESS, bulk_executor
+from transferd.site.threads import BULK_THREAD_NICENESS, bulk_executor
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")

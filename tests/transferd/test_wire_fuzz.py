@@ -13,11 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transferd._journal import Journal
-from transferd._keys import keygen
-from transferd._manifest import HaveRequest, Manifest, SignedManifest, UploadIntent, parse_body
-from transferd._receiver import Receiver
 from transferd.errors import ProtocolError, TransferdError
+from transferd.protocol.chunks import ChunkPut, parse_locations
+from transferd.protocol.manifest import HaveRequest, Manifest, SignedManifest, UploadIntent
+from transferd.protocol.messages import InboxQuery, MessageEnvelope, MessageQuery
+from transferd.protocol.wire import parse_body, parse_query
+from transferd.site.journal import Journal
+from transferd.site.keys import keygen
+from transferd.site.receiver import Receiver
 from transferd.testing import receiver_at
 
 FUZZ = settings(
@@ -105,7 +108,7 @@ def test_malformed_uploads_raise_only_transferd_errors_and_write_nothing_visible
     try:
         intent = parse_body(UploadIntent, json.dumps(doc).encode())
         receiver.open(intent, "A", now=1.0)
-        receiver.locations(intent.upload, "A", "0" * 64, 10, at)
+        receiver.targets(intent.upload, "A", 10, parse_locations(at))
     except TransferdError:
         pass
     try:
@@ -117,3 +120,28 @@ def test_malformed_uploads_raise_only_transferd_errors_and_write_nothing_visible
     except TransferdError:
         pass
     assert visible(receiver) == []
+
+
+header_values = st.text(max_size=30) | st.integers().map(str) | st.floats().map(str)
+
+
+@FUZZ
+@given(
+    query=st.dictionaries(
+        st.sampled_from(
+            [
+                "class", "deadline_ms", "wait", "wait_ms", "max", "X-Transferd-Message-Id",
+                "X-Transferd-Class", "X-Transferd-Sent-At", "X-Transferd-Deadline",
+                "X-Transferd-Length", "X-Transferd-Encoding", "other",
+            ]
+        ),
+        header_values,
+        max_size=6,
+    )
+)  # fmt: skip
+def test_arbitrary_queries_and_headers_raise_only_protocol_errors(query: dict[str, str]) -> None:
+    for model in (MessageEnvelope, MessageQuery, InboxQuery, ChunkPut):
+        try:
+            parse_query(model, query)
+        except ProtocolError:
+            pass

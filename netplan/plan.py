@@ -1,0 +1,241 @@
+"""The plan contract: what netplan writes and each site's transferd reads (`plan.json`).
+
+This module is the one place both sides agree on: the plan's model and its `schema_version`, the
+traffic-class and tier vocabulary, and the rule for site ids and names that become path
+components. It imports nothing from transferd and nothing heavy (no networkx, no scipy), so a
+daemon loads it cheaply; netplan builds plans in `netplan._plan_build`. The format is described
+field by field in docs/plan-format.md. transferd executes a plan; it never re-derives policy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+from netplan.errors import PlanError
+from netplan.yamlpos import format_path
+
+__all__ = [
+    "BULK_CLASSES",
+    "NAME_PATTERN",
+    "SCHEMA_VERSION",
+    "SITE_ID_PATTERN",
+    "CheckpointEntry",
+    "LinkPolicy",
+    "MirrorEntry",
+    "Name",
+    "Plan",
+    "ShardEntry",
+    "SiteId",
+    "SitePlan",
+    "SyncEntry",
+    "Tier",
+    "TrafficClass",
+    "check_name",
+    "check_site_id",
+    "checkpoint_prefix",
+    "dataset_prefix",
+    "shard_prefix",
+]
+
+SCHEMA_VERSION = 2
+
+
+class TrafficClass(StrEnum):
+    """The four kinds of traffic a daemon carries, each on its own connection pool: `control`
+    (have/want, manifests, commits) has strict priority, `interactive` (small objects with
+    deadlines) goes earliest-deadline-first, the bulk classes share what is left by weight."""
+
+    CONTROL = "control"
+    INTERACTIVE = "interactive"
+    CHECKPOINT = "checkpoint"
+    SYNC = "sync"
+
+
+BULK_CLASSES = (TrafficClass.CHECKPOINT, TrafficClass.SYNC)
+
+
+class Tier(StrEnum):
+    """Dataset tiers, and the top folder of every path under a site's data root. Raw data never
+    leaves its site: the planner never plans it, and a daemon refuses to send it."""
+
+    RAW = "raw"
+    CURATED = "curated"
+    APPROVED = "approved"
+
+
+# Site ids name daemons, key files, HTTP headers and metric labels: one printable token that is
+# also a safe file name. Names of datasets, workloads and indexes become path components of the
+# plan (`curated/<dataset>/`, `checkpoints/<workload>/`), so the same alphabet, with more room.
+SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_SITE_ID = re.compile(SITE_ID_PATTERN)
+_NAME = re.compile(NAME_PATTERN)
+
+
+def check_site_id(value: str) -> str:
+    """`value` if it is a valid site id, else ValueError saying what the rule is."""
+    if not _SITE_ID.match(value):
+        raise ValueError(f"{value!r} is not a site id: 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit (it names a transferd daemon, its key "
+                         "files and its metric labels)")
+    return value
+
+
+def check_name(value: str) -> str:
+    """`value` if it is a valid dataset, workload, index or region name, else ValueError."""
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r} is not a valid id: 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit (ids become folder names in the plan)")
+    return value
+
+
+SiteId = Annotated[str, AfterValidator(check_site_id),
+                   Field(json_schema_extra={"pattern": SITE_ID_PATTERN})]
+Name = Annotated[str, AfterValidator(check_name),
+                 Field(json_schema_extra={"pattern": NAME_PATTERN})]
+
+
+def dataset_prefix(tier: str, dataset: str) -> str:
+    """Where a dataset lives under a site's data root: its tier folder, then its id
+    (`approved/claims/`), so the daemon's tier policy applies to exactly what the plan names."""
+    return f"{tier}/{dataset}/"
+
+
+def checkpoint_prefix(workload: str) -> str:
+    return f"checkpoints/{workload}/"
+
+
+def shard_prefix(tier: str, index: str, shard: int) -> str:
+    """Where shard `shard` (0-based) of vector index `index` lives: `approved/<index>/shard-0003/`
+    (zero-padded so a listing sorts by shard number)."""
+    return f"{tier}/{index}/shard-{shard:04d}/"
+
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SyncEntry:
+    """Keep everything under `path_prefix` (relative to the site's data root) mirrored at
+    `destination`."""
+
+    path_prefix: str
+    destination: SiteId
+    traffic_class: TrafficClass
+    dataset: Name
+    rule: str
+    via: tuple[SiteId, ...] = ()  # relay sites between this site and the destination, in order
+    gb_per_day: float = Field(default=0.0, ge=0)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ShardEntry:
+    """Keep the replica of one vector-index shard (`path_prefix`) mirrored at `destination`: the
+    placement the shard solver chose, carried out like a sync entry."""
+
+    path_prefix: str
+    destination: SiteId
+    traffic_class: TrafficClass
+    index: Name
+    shard: int = Field(ge=0)
+    via: tuple[SiteId, ...] = ()
+    size_gb: float = Field(default=0.0, ge=0)
+    gb_per_day: float = Field(default=0.0, ge=0)  # the index's daily update volume per shard
+
+
+MirrorEntry = SyncEntry | ShardEntry
+
+
+@dataclass(frozen=True, config=_STRICT)
+class CheckpointEntry:
+    """Replicate each new checkpoint under `path_prefix` to every target; keep `retain` there."""
+
+    workload: Name
+    path_prefix: str
+    targets: tuple[SiteId, ...]
+    every_hours: float = Field(gt=0)
+    retain: int = Field(ge=1)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class LinkPolicy:
+    """Traffic-class shares on the link from this site to `peer`.
+
+    `class_weights`: relative weights of the bulk classes when both have data queued (control
+    keeps strict priority and interactive goes earliest-deadline-first, so they carry no weight).
+    `rate_caps_mbps`: the most each bulk class may send on this link (Mbit/s), so bulk never
+    takes the share inference traffic needs.
+    """
+
+    peer: SiteId
+    class_weights: dict[TrafficClass, int]
+    rate_caps_mbps: dict[TrafficClass, float]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SitePlan:
+    site: SiteId
+    sync: tuple[SyncEntry, ...] = ()
+    shards: tuple[ShardEntry, ...] = ()
+    checkpoints: tuple[CheckpointEntry, ...] = ()
+    links: tuple[LinkPolicy, ...] = ()
+
+    def mirrors(self) -> Iterator[MirrorEntry]:
+        """Every folder this site keeps mirrored somewhere: dataset sync, then shard replicas."""
+        yield from self.sync
+        yield from self.shards
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Plan:
+    schema_version: int
+    topology: str
+    sites: tuple[SitePlan, ...]
+
+    def site(self, site_id: str) -> SitePlan:
+        for s in self.sites:
+            if s.site == site_id:
+                return s
+        raise PlanError(f"the plan has no site {site_id!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = _ADAPTER.dump_python(self, mode="json")
+        return out
+
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, data: str | bytes | Mapping[str, Any]) -> Plan:
+        """Parse and validate a plan; any problem is a `PlanError` naming the field."""
+        if isinstance(data, str | bytes):
+            try:
+                data = json.loads(data)
+            except (ValueError, RecursionError) as exc:
+                raise PlanError(f"plan is not JSON: {exc}") from exc
+        if not isinstance(data, Mapping):
+            raise PlanError("plan: expected a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanError(f"schema_version: {version!r} is not supported (this version reads "
+                            f"{SCHEMA_VERSION})")
+        try:
+            return _ADAPTER.validate_python(dict(data))
+        except ValidationError as exc:
+            problems = [f"{format_path(tuple(e['loc']))}: {_message(e['msg'])}"
+                        for e in exc.errors(include_url=False)]
+            raise PlanError("invalid plan: " + "; ".join(problems)) from exc
+
+
+def _message(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
+
+
+_ADAPTER: TypeAdapter[Plan] = TypeAdapter(Plan)

@@ -1,0 +1,13 @@
+"""transferd's asyncio/aiohttp adapters: they feed the sans-I/O cores in `transferd.protocol`
+and do their I/O through `transferd.site`; every task they start belongs to a TaskGroup.
+
+- `server`: the one HTTP server (peer API, local API, messages, metrics; one error middleware)
+- `inbound`: the async side of receiving uploads (worker threads, commit locks)
+- `peer_client`: the one client for peers (signed requests, a pool per traffic class, retries)
+- `local_client`: the one client for a site's own daemon (the CLI, `send_message`, `read_inbox`)
+- `pump`: SchedulerPump, BulkGate and PeerTraffic around the scheduler and stream controller
+- `sender`: replication jobs from the journal to peers
+- `messages`: the message service and inbox
+- `runners`: a plan's sync runner and checkpoint watch mode
+- `buffers`: pooled receive buffers for chunk bodies
+"""

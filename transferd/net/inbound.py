@@ -1,0 +1,133 @@
+"""The asyncio side of receiving uploads: the site's blocking `Receiver` steps run on worker
+threads at a lower CPU priority, commits run one at a time per upload, and the journal is only
+touched from the event loop's thread. Decisions stay in `protocol.upload`; the HTTP handlers
+in `net.server` parse, call one method here, and answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from transferd.errors import TransferdError
+from transferd.protocol.chunks import ChunkPut
+from transferd.protocol.manifest import (
+    CommitAnswer,
+    HaveAnswer,
+    HaveRequest,
+    OpenAnswer,
+    SignedManifest,
+    UploadIntent,
+)
+from transferd.protocol.upload import refused, wanted
+from transferd.site.metrics import Metrics
+from transferd.site.receiver import Receiver
+from transferd.site.threads import bulk_executor
+
+__all__ = ["InboundUploads"]
+
+log = logging.getLogger("transferd.server")
+T = TypeVar("T")
+
+
+class InboundUploads:
+    def __init__(
+        self,
+        receiver: Receiver,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        workers: int,
+    ) -> None:
+        self.receiver = receiver
+        self.metrics = metrics
+        self.clock = clock
+        self._workers = bulk_executor(workers, "transferd-chunk")
+        self._commit_locks: dict[str, asyncio.Lock] = {}
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=True)
+        self.receiver.close()
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU/disk work (hashing, decompression, pwrite) on the chunk worker threads.
+
+        If the awaiting handler is cancelled, the worker still holds the request's pooled buffer:
+        wait for it to finish before the cancellation proceeds (and is re-raised)."""
+        future = asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait([future])
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _commit_lock(self, upload: str) -> AsyncIterator[None]:
+        lock = self._commit_locks.setdefault(upload, asyncio.Lock())
+        async with lock:
+            yield
+        if not lock.locked():
+            self._commit_locks.pop(upload, None)
+
+    async def open(self, intent: UploadIntent, peer: str) -> OpenAnswer:
+        committed = self.receiver.open(intent, peer, self.clock())
+        return OpenAnswer(upload=intent.upload, committed=committed)
+
+    async def have(self, upload: str, peer: str, request: HaveRequest) -> HaveAnswer:
+        decision = self.receiver.have(upload, peer, request)
+        not_filled: list[str] = []
+        for digest, targets in decision.copies.items():
+            if await asyncio.to_thread(self.receiver.fill_local, upload, digest, targets):
+                self.receiver.record(upload, targets, digest)
+            else:
+                not_filled.append(digest)
+        return wanted(decision, request, not_filled)
+
+    async def put_chunk(
+        self,
+        upload: str,
+        peer: str,
+        digest: str,
+        put: ChunkPut,
+        locations: list[tuple[int, int]],
+        body: memoryview,
+        body_blake3: str,
+    ) -> None:
+        """Verify and stage one chunk body (read into a pooled buffer by the handler)."""
+        targets = self.receiver.targets(upload, peer, put.raw_length, locations)
+        await self.run_blocking(
+            self.receiver.verify_and_write, upload, digest, body, body_blake3, put, targets
+        )
+        self.receiver.record(upload, targets, digest)
+        self.metrics.bytes_received.labels(peer).inc(len(body))
+        self.metrics.chunks_received.labels(peer).inc()
+
+    async def commit(self, upload: str, peer: str, signed: SignedManifest) -> CommitAnswer:
+        if self.receiver.committed(upload, peer):
+            return CommitAnswer(committed=True)  # a retry whose first answer was lost
+        manifest = self.receiver.check_manifest(upload, peer, signed)
+        async with self._commit_lock(upload):
+            missing = self.receiver.missing(upload, manifest)
+            if missing:
+                return refused(missing)
+            bad = await asyncio.to_thread(self.receiver.verify_files, upload, manifest)
+            if bad:
+                self.receiver.forget(upload, bad)
+                self.metrics.integrity_failures.labels(peer, "receiver").inc(len(bad))
+                log.warning(
+                    "commit.refetch", extra={"fields": {"upload": upload, "chunks": len(bad)}}
+                )
+                return refused(bad)
+            try:
+                await asyncio.to_thread(self.receiver.commit_files, upload, manifest)
+            except TransferdError:
+                self.receiver.fail(upload, self.clock())
+                raise
+            self.receiver.after_commit(upload, manifest, self.clock())
+        log.info(
+            "upload.committed",
+            extra={"fields": {"upload": upload, "root": manifest.root, "from": peer}},
+        )
+        return CommitAnswer(committed=True)

@@ -1,0 +1,189 @@
+"""The one client for peers: signed HTTP requests to a peer daemon, one aiohttp connection
+pool per traffic class, for uploads and messages alike.
+
+Bulk chunk bodies never queue in front of control messages (have/want, commit) because each
+(peer, TrafficClass) pair owns its own `ClientSession` and connector. Bodies go out as
+memoryviews with Content-Length (no chunked encoding: aiohttp copies each chunk then).
+aiohttp and OS errors become TransportError here; error bodies from the peer are rebuilt into
+the package's errors (`wire.check_reply`); `retrying` retries a call on TransportError with the
+one capped exponential backoff (`protocol.backoff`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp import payload
+from pydantic import BaseModel
+
+from netplan.plan import BULK_CLASSES, TrafficClass
+from transferd.errors import TransportError
+from transferd.protocol.auth import Keys, body_blake3, sign_headers
+from transferd.protocol.backoff import backoff_delays
+from transferd.protocol.wire import check_reply, to_body
+
+__all__ = ["ChunkBody", "PeerLink", "Reply", "retrying"]
+
+T = TypeVar("T")
+
+_CONTROL_POOL = 8  # control: small messages, a few connections suffice
+# Interactive messages: HTTP/1.1 carries one request per connection at a time, so a pool of n
+# delivers at most n / RTT messages per second (Little's law): 8 capped a 40 ms link at 200/s.
+INTERACTIVE_POOL = 32
+
+
+class ChunkBody(payload.Payload):
+    """A chunk body sent straight from a memoryview (mmap window or compressed bytes) with
+    Content-Length. aiohttp's BytesPayload warns on large bodies; writing one buffer is what we
+    want here, since the event loop hands it to the kernel without copying."""
+
+    def __init__(
+        self, value: bytes | memoryview, on_sent: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__(value, content_type="application/octet-stream")
+        self._size = memoryview(value).nbytes
+        self._on_sent = on_sent
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes(self._value).decode(encoding, errors)
+
+    async def write(self, writer: Any) -> None:
+        # Flush the headers on their own first: on Python < 3.12.9 aiohttp coalesces headers
+        # and body with b"".join, a full copy of every chunk.
+        send_headers = getattr(writer, "send_headers", None)
+        if send_headers is not None:
+            send_headers()
+        await writer.write(self._value)
+        if self._on_sent is not None:
+            # Handed to the transport, and its buffer drained below the high-water mark.
+            self._on_sent()
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer with an accepted status; callers parse `body` with the model they expect."""
+
+    status: int
+    body: bytes
+
+
+class PeerLink:
+    """Everything this site says to one peer (or, with peer == own site, to its own daemon)."""
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        peer: str,
+        url: str,
+        keys: Keys,
+        streams: int,
+        clock: Callable[[], float],
+        ssl_context: ssl.SSLContext | None = None,
+        shared_pool: bool = False,
+    ) -> None:
+        self.site, self.peer, self.url = site, peer, url
+        # Benchmark baseline only: every class on one pool, so small messages queue behind bulk.
+        self.shared_pool = shared_pool
+        self.keys = keys
+        self.streams = streams
+        self.clock = clock
+        self.ssl_context = ssl_context
+        self._sessions: dict[TrafficClass, aiohttp.ClientSession] = {}
+
+    def session(self, traffic_class: TrafficClass) -> aiohttp.ClientSession:
+        if self.shared_pool:
+            traffic_class = TrafficClass.CHECKPOINT
+        session = self._sessions.get(traffic_class)
+        if session is None or session.closed:
+            bulk = traffic_class in BULK_CLASSES
+            interactive = traffic_class is TrafficClass.INTERACTIVE
+            # Bulk: each stream may have one more upload awaiting its answer (BulkGate.sent).
+            limit = 2 * self.streams if bulk else INTERACTIVE_POOL if interactive else _CONTROL_POOL
+            connector = aiohttp.TCPConnector(
+                limit=limit,
+                ssl=self.ssl_context if self.ssl_context is not None else True,
+                enable_cleanup_closed=False,
+                # Idle interactive connections stay open (the message service keeps them warm)
+                # for less than aiohttp servers' 75 s keep-alive, so the peer never closes first.
+                keepalive_timeout=60.0 if interactive else 15.0,
+            )
+            session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120),
+                auto_decompress=False,
+            )
+            self._sessions[traffic_class] = session
+        return session
+
+    async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
+
+    async def call(
+        self,
+        traffic_class: TrafficClass,
+        method: str,
+        path_qs: str,
+        *,
+        body: BaseModel | bytes | memoryview | None = None,
+        body_digest: str | None = None,
+        headers: dict[str, str] | None = None,
+        accept: tuple[int, ...] = (200,),
+        on_sent: Callable[[], None] | None = None,
+    ) -> Reply:
+        """One signed request (`body_digest`: the body's blake3 when the caller knows it).
+        Returns the reply of an accepted status; raises the peer's error (ProtocolError,
+        AuthError, ...) or TransportError otherwise."""
+        if isinstance(body, BaseModel):
+            body = to_body(body)
+        signed = sign_headers(
+            self.keys.secret_for(self.peer),
+            method=method,
+            path_qs=path_qs,
+            body_blake3=body_digest or body_blake3(body),
+            src=self.site,
+            dst=self.peer,
+            now=self.clock(),
+        )
+        if headers:
+            signed.update(headers)
+        data = ChunkBody(body, on_sent) if body is not None else None
+        try:
+            async with self.session(traffic_class).request(
+                method, self.url + path_qs, data=data, headers=signed
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransportError(
+                f"{self.peer}: {type(exc).__name__}: {exc}", peer=self.peer
+            ) from exc
+        check_reply(status, raw, accept, self.peer)
+        return Reply(status, raw)
+
+
+async def retrying(
+    call: Callable[[], Awaitable[T]],
+    *,
+    budget_s: float,
+    on_retry: Callable[[], None],
+    first_delay_s: float = 0.1,
+) -> T:
+    """Retry `call` on TransportError with capped exponential backoff until `budget_s` is spent."""
+    delays = backoff_delays(budget_s, first_s=first_delay_s)
+    while True:
+        try:
+            return await call()
+        except TransportError:
+            delay = next(delays, None)
+            if delay is None:
+                raise
+            on_retry()
+            await asyncio.sleep(delay)

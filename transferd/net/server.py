@@ -1,0 +1,211 @@
+"""The daemon's one HTTP server (aiohttp): every route, one authentication, one error mapping.
+
+Peer API (signed with the pair secret): uploads (open, have/want, chunk PUT, commit) and
+messages. Local API (signed with the site's own secret, used by the CLI): send, jobs, status,
+messages to a peer, the inbox. `/metrics` is Prometheus text. Handlers are thin: authenticate,
+parse the body or query into its wire model (`protocol.wire`), call one method, answer. The
+one middleware turns every TransferdError into its JSON body and HTTP status, counts
+authentication and integrity failures, and logs the refusal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from transferd.errors import AuthError, IntegrityError, ProtocolError, TransferdError
+from transferd.net.buffers import BufferPool
+from transferd.net.inbound import InboundUploads
+from transferd.net.messages import MessageService
+from transferd.protocol.auth import AuthHeaders, RequestVerifier
+from transferd.protocol.chunks import MAX_CHUNK_BYTES, ChunkPut, check_address, parse_locations
+from transferd.protocol.local_api import (
+    MAX_JOBS_PER_QUERY,
+    Job,
+    JobsAnswer,
+    SendAnswer,
+    SendRequest,
+    SiteStatus,
+)
+from transferd.protocol.manifest import HaveRequest, SignedManifest, UploadIntent
+from transferd.protocol.messages import (
+    MAX_MESSAGE_BYTES,
+    InboxAnswer,
+    InboxQuery,
+    MessageEnvelope,
+    MessageQuery,
+)
+from transferd.protocol.wire import (
+    CHUNK_ROUTE,
+    COMMIT_ROUTE,
+    HAVE_ROUTE,
+    INBOX_ROUTE,
+    LOCAL_JOBS_ROUTE,
+    LOCAL_SEND_ROUTE,
+    LOCAL_STATUS_ROUTE,
+    MESSAGES_ROUTE,
+    PEER_MESSAGES_ROUTE,
+    UPLOADS_ROUTE,
+    parse_body,
+    parse_query,
+    to_body,
+)
+from transferd.site.metrics import Metrics
+
+__all__ = ["LocalApi", "build_app"]
+
+log = logging.getLogger("transferd.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class LocalApi(Protocol):
+    """What the local API asks of the daemon."""
+
+    def submit(self, path: str, dests: list[str]) -> list[str]: ...
+    def job(self, job_id: str) -> Job | None: ...
+    def status(self) -> SiteStatus: ...
+
+
+def _answer(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(body=to_body(model), status=status, content_type="application/json")
+
+
+def build_app(
+    *,
+    verifier: RequestVerifier,
+    inbound: InboundUploads,
+    local: LocalApi,
+    messages: MessageService,
+    metrics: Metrics,
+    buffers: BufferPool,
+) -> web.Application:
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except TransferdError as exc:
+            if isinstance(exc, AuthError):
+                metrics.auth_failures.labels(exc.message.split(":")[0][:40]).inc()
+            elif isinstance(exc, IntegrityError):
+                source = request.headers.get("X-Transferd-Site", "?")[:64]
+                metrics.integrity_failures.labels(source, "receiver").inc()
+            event = "auth.refused" if isinstance(exc, AuthError) else "request.refused"
+            log.warning(
+                event,
+                extra={
+                    "fields": {"path": request.path[:200], "kind": exc.kind, "error": exc.message}
+                },
+            )
+            return web.json_response(exc.to_json(), status=exc.http_status)
+
+    app = web.Application(client_max_size=MAX_CHUNK_BYTES + 1024 * 1024, middlewares=[errors])
+
+    def peer(request: web.Request) -> AuthHeaders:
+        return verifier.peer(request.headers, request.method, request.raw_path)
+
+    def own_cli(request: web.Request) -> AuthHeaders:
+        return verifier.local(request.headers, request.method, request.raw_path)
+
+    async def body_of(
+        request: web.Request, auth: AuthHeaders, limit: int | None = None
+    ) -> bytes:
+        """The whole body, checked against its signed blake3 (IntegrityError: damaged)."""
+        if limit is not None and (request.content_length or 0) > limit:
+            raise ProtocolError(f"body of {request.content_length} bytes exceeds {limit}")
+        body = await request.read()
+        auth.check_body(body)
+        return body
+
+    # -- peer API: uploads ------------------------------------------------------------------
+
+    async def open_upload(request: web.Request) -> web.Response:
+        auth = peer(request)
+        intent = parse_body(UploadIntent, await body_of(request, auth))
+        return _answer(await inbound.open(intent, auth.site))
+
+    async def have(request: web.Request) -> web.Response:
+        auth = peer(request)
+        query = parse_body(HaveRequest, await body_of(request, auth))
+        return _answer(await inbound.have(request.match_info["upload"], auth.site, query))
+
+    async def put_chunk(request: web.Request) -> web.Response:
+        auth = peer(request)
+        digest = check_address(request.match_info["digest"])
+        put = parse_query(ChunkPut, request.headers)
+        locations = parse_locations(request.query.get("at", ""))
+        async with buffers.body(request, MAX_CHUNK_BYTES) as body:
+            await inbound.put_chunk(
+                request.match_info["upload"], auth.site, digest, put, locations, body,
+                auth.body_blake3,
+            )  # fmt: skip
+        return web.Response(status=204)
+
+    async def commit(request: web.Request) -> web.Response:
+        auth = peer(request)
+        signed = parse_body(SignedManifest, await body_of(request, auth))
+        answer = await inbound.commit(request.match_info["upload"], auth.site, signed)
+        return _answer(answer, 200 if answer.committed else 409)
+
+    # -- peer API: messages -----------------------------------------------------------------
+
+    async def receive_message(request: web.Request) -> web.Response:
+        auth = peer(request)
+        envelope = parse_query(MessageEnvelope, request.headers)
+        body = await body_of(request, auth, MAX_MESSAGE_BYTES)
+        return _answer(await messages.receive(auth.site, envelope, body))
+
+    async def warm_up(request: web.Request) -> web.Response:
+        peer(request)
+        return web.Response(status=204)  # a peer opening its interactive pool; says nothing
+
+    # -- local API ----------------------------------------------------------------------------
+
+    async def local_send(request: web.Request) -> web.Response:
+        auth = own_cli(request)
+        send = parse_body(SendRequest, await body_of(request, auth))
+        return _answer(SendAnswer(jobs=local.submit(send.path, send.to)))
+
+    async def local_jobs(request: web.Request) -> web.Response:
+        own_cli(request)
+        ids = [i for i in request.query.get("ids", "").split(",") if i][:MAX_JOBS_PER_QUERY]
+        jobs = [job for job in map(local.job, ids) if job is not None]
+        return _answer(JobsAnswer(jobs=jobs))
+
+    async def local_status(request: web.Request) -> web.Response:
+        own_cli(request)
+        return _answer(local.status())
+
+    async def send_message(request: web.Request) -> web.Response:
+        auth = own_cli(request)
+        query = parse_query(MessageQuery, request.query)
+        body = await body_of(request, auth, MAX_MESSAGE_BYTES)
+        receipt = await messages.send(request.match_info["peer"], body, query)
+        return _answer(receipt, 200 if query.wait else 202)
+
+    async def read_inbox(request: web.Request) -> web.Response:
+        own_cli(request)
+        query = parse_query(InboxQuery, request.query)
+        got = await messages.inbox.get(query.wait_ms / 1000.0, query.max)
+        return _answer(InboxAnswer(messages=got))
+
+    async def prometheus(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+
+    app.router.add_post(UPLOADS_ROUTE, open_upload)
+    app.router.add_post(HAVE_ROUTE, have)
+    app.router.add_put(CHUNK_ROUTE, put_chunk)
+    app.router.add_post(COMMIT_ROUTE, commit)
+    app.router.add_post(PEER_MESSAGES_ROUTE, receive_message)
+    app.router.add_get(PEER_MESSAGES_ROUTE, warm_up)
+    app.router.add_post(LOCAL_SEND_ROUTE, local_send)
+    app.router.add_get(LOCAL_JOBS_ROUTE, local_jobs)
+    app.router.add_get(LOCAL_STATUS_ROUTE, local_status)
+    app.router.add_post(MESSAGES_ROUTE, send_message)
+    app.router.add_get(INBOX_ROUTE, read_inbox)
+    app.router.add_get("/metrics", prometheus)
+    return app

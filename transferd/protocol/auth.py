@@ -1,0 +1,231 @@
+"""Request authentication between daemons: HMAC-SHA256 with a per-pair secret.
+
+The signature covers method, path (with query), the blake3 of the body, timestamp, nonce, and the
+sending and receiving site ids (so a request cannot be reflected back to its sender, who holds
+the same pair secret). The receiver rejects stale timestamps (outside the window) and nonces it
+has already seen inside the window; `NonceGuard` takes `now` as a parameter. Timestamps older
+than the daemon's start are refused too, so replay protection survives a restart without
+persisting nonces.
+
+`RequestVerifier` says who may call what: the peer API answers the configured peers, the local
+API only the site's own CLI (signed with the site's own secret). Key material comes in through
+the `Keys` protocol (`site.keys.Keyring` loads it from keys_dir).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from transferd.errors import AuthError, IntegrityError
+from transferd.protocol.chunks import blake3_hex
+
+__all__ = [
+    "EMPTY_BODY_BLAKE3",
+    "AuthHeaders",
+    "Keys",
+    "LocalSigner",
+    "NonceGuard",
+    "RequestVerifier",
+    "authenticate",
+    "body_blake3",
+    "local_signer",
+    "sign_headers",
+]
+
+H_SITE = "X-Transferd-Site"
+H_TO = "X-Transferd-To"
+H_TS = "X-Transferd-Timestamp"
+H_NONCE = "X-Transferd-Nonce"
+H_BODY = "X-Transferd-Body-Blake3"
+H_SIG = "X-Transferd-Signature"
+
+EMPTY_BODY_BLAKE3 = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_NONCE = re.compile(r"^[0-9a-f]{32}$")
+
+
+class Keys(Protocol):
+    """A site's key material: its id, the HMAC secret it shares with each site (itself
+    included), its Ed25519 signing key and its peers' verify keys."""
+
+    @property
+    def site(self) -> str: ...
+
+    def secret_for(self, site: str) -> bytes:
+        """The pair secret shared with `site`; AuthError (401) for an unknown site."""
+        ...
+
+    def sign(self, message: bytes) -> bytes: ...
+
+    def verify(self, site: str, message: bytes, signature: bytes) -> None:
+        """Check `site`'s Ed25519 signature of `message`; AuthError (403) otherwise."""
+        ...
+
+
+def body_blake3(body: bytes | memoryview | None) -> str:
+    return EMPTY_BODY_BLAKE3 if body is None else blake3_hex(body)
+
+
+def _string_to_sign(
+    method: str, path_qs: str, body_blake3: str, ts: str, nonce: str, src: str, dst: str
+) -> bytes:
+    return "\n".join(
+        ["TRANSFERD-HMAC-SHA256", method.upper(), path_qs, body_blake3, ts, nonce, src, dst]
+    ).encode()
+
+
+def sign_headers(
+    secret: bytes, *, method: str, path_qs: str, body_blake3: str, src: str, dst: str, now: float
+) -> dict[str, str]:
+    ts = f"{now:.3f}"
+    nonce = secrets.token_hex(16)
+    mac = hmac.new(
+        secret, _string_to_sign(method, path_qs, body_blake3, ts, nonce, src, dst), hashlib.sha256
+    ).hexdigest()
+    return {H_SITE: src, H_TO: dst, H_TS: ts, H_NONCE: nonce, H_BODY: body_blake3, H_SIG: mac}
+
+
+LocalSigner = Callable[[str, str, bytes | None], dict[str, str]]
+"""Headers for a request to this site's own daemon: (method, path_qs, body) -> headers."""
+
+
+def local_signer(keys: Keys, clock: Callable[[], float] = time.time) -> LocalSigner:
+    """Signs requests to this site's own daemon as its CLI does (the site's own pair secret):
+    `local_signer(Keyring.load(keys_dir, site, []))`."""
+    secret = keys.secret_for(keys.site)
+
+    def sign(method: str, path_qs: str, body: bytes | None) -> dict[str, str]:
+        return sign_headers(
+            secret,
+            method=method,
+            path_qs=path_qs,
+            body_blake3=body_blake3(body),
+            src=keys.site,
+            dst=keys.site,
+            now=clock(),
+        )
+
+    return sign
+
+
+class NonceGuard:
+    """Remembers nonces seen within the window; refuses stale and replayed requests."""
+
+    def __init__(self, window_s: float, not_before: float, max_entries: int = 1_000_000) -> None:
+        self.window_s = window_s
+        self.not_before = not_before
+        self.max_entries = max_entries
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def check_and_record(self, ts: float, nonce: str, now: float) -> None:
+        if abs(now - ts) > self.window_s:
+            raise AuthError(f"stale request: timestamp is {now - ts:+.0f}s from now", status=401)
+        if ts < self.not_before:
+            raise AuthError("stale request: signed before this daemon started", status=401)
+        self._prune(now)
+        if nonce in self._seen:
+            raise AuthError("replayed request: nonce already used", status=401)
+        if len(self._seen) >= self.max_entries:
+            raise AuthError("too many requests inside the replay window", status=401)
+        self._seen[nonce] = ts
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.window_s
+        while self._seen:
+            nonce, ts = next(iter(self._seen.items()))
+            if ts >= horizon:
+                break
+            self._seen.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class AuthHeaders:
+    """An authenticated request: who sent it and the blake3 its body must have."""
+
+    site: str
+    body_blake3: str
+
+    def check_body(self, body: bytes | memoryview) -> None:
+        """The body read must be the one signed (IntegrityError: damaged or swapped)."""
+        if blake3_hex(body) != self.body_blake3:
+            raise IntegrityError("request body does not match its signed blake3")
+
+
+def authenticate(
+    headers: Mapping[str, str],
+    *,
+    method: str,
+    path_qs: str,
+    keys: Keys,
+    guard: NonceGuard,
+    now: float,
+) -> AuthHeaders:
+    """Check a request's signature headers (not yet its body: the caller compares the body's
+    blake3 with `body_blake3` once it has read it). Raises AuthError (401)."""
+    try:
+        src, dst = headers[H_SITE], headers[H_TO]
+        ts_text, nonce, body, sig = headers[H_TS], headers[H_NONCE], headers[H_BODY], headers[H_SIG]
+    except KeyError as exc:
+        raise AuthError(f"unsigned request: header {exc.args[0]} missing", status=401) from None
+    if dst != keys.site:
+        raise AuthError(f"request is addressed to site {dst[:64]!r}, not this one", status=401)
+    if not (_HEX64.match(body) and _NONCE.match(nonce) and _HEX64.match(sig)):
+        raise AuthError("malformed signature headers", status=401)
+    try:
+        ts = float(ts_text)
+    except ValueError:
+        raise AuthError("malformed timestamp", status=401) from None
+    if ts != ts:  # NaN
+        raise AuthError("malformed timestamp", status=401)
+    secret = keys.secret_for(src)
+    expected = hmac.new(
+        secret, _string_to_sign(method, path_qs, body, ts_text, nonce, src, dst), hashlib.sha256
+    ).hexdigest()
+    if not hmac.compare_digest(expected, sig):
+        raise AuthError("bad request signature", status=401)
+    guard.check_and_record(ts, nonce, now)
+    return AuthHeaders(site=src, body_blake3=body)
+
+
+class RequestVerifier:
+    """Authenticates requests to this daemon and says who may call what."""
+
+    def __init__(
+        self, keys: Keys, guard: NonceGuard, peers: Collection[str], clock: Callable[[], float]
+    ) -> None:
+        self.keys = keys
+        self.guard = guard
+        self.peers = frozenset(peers)
+        self.clock = clock
+
+    def _authenticate(self, headers: Mapping[str, str], method: str, path_qs: str) -> AuthHeaders:
+        return authenticate(
+            headers,
+            method=method,
+            path_qs=path_qs,
+            keys=self.keys,
+            guard=self.guard,
+            now=self.clock(),
+        )
+
+    def peer(self, headers: Mapping[str, str], method: str, path_qs: str) -> AuthHeaders:
+        """A request from a configured peer (AuthError 401/403 otherwise)."""
+        auth = self._authenticate(headers, method, path_qs)
+        if auth.site not in self.peers:
+            raise AuthError(f"site {auth.site!r} is not a peer of this site", status=403)
+        return auth
+
+    def local(self, headers: Mapping[str, str], method: str, path_qs: str) -> AuthHeaders:
+        """A request from this site's own CLI (AuthError 401/403 otherwise)."""
+        auth = self._authenticate(headers, method, path_qs)
+        if auth.site != self.keys.site:
+            raise AuthError("the local API only answers this site's own CLI", status=403)
+        return auth

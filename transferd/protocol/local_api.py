@@ -1,0 +1,98 @@
+"""The bodies of the local API, between a site's CLI and its own daemon: replication jobs and
+their states, `send`, `jobs` and `status`.
+
+A job replicates one path to one destination: queued -> running -> committed | failed (a
+running job whose daemon stopped is running again after the restart, from the journal).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field
+
+from netplan.plan import TrafficClass
+from transferd.protocol.wire import WireModel
+
+__all__ = [
+    "Job",
+    "JobState",
+    "JobStatus",
+    "JobsAnswer",
+    "PeerStatus",
+    "SendAnswer",
+    "SendRequest",
+    "SiteStatus",
+]
+
+MAX_JOBS_PER_QUERY = 1000
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+    @property
+    def active(self) -> bool:
+        return self in (JobState.QUEUED, JobState.RUNNING)
+
+
+class Job(WireModel):
+    id: str
+    path: str
+    dest: str
+    traffic_class: TrafficClass
+    state: JobState
+    error: str | None
+    error_kind: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    bytes_logical: int
+    bytes_done: int
+    bytes_on_wire: int
+    chunks: int
+    chunks_skipped: int
+    chunks_sent: int
+    retries: int
+    integrity_failures: int
+
+
+class SendRequest(WireModel):
+    """Replicate `path` (relative to data_dir) to each site in `to`."""
+
+    path: str
+    to: Annotated[list[str], Field(min_length=1, max_length=1000)]
+
+
+class SendAnswer(WireModel):
+    jobs: list[str]  # one job id per destination, in `to` order
+
+
+class JobsAnswer(WireModel):
+    jobs: list[Job]
+
+
+class JobStatus(Job):
+    rate_bytes_per_s: float | None = None  # while running: bytes done / seconds since start
+
+
+class PeerStatus(WireModel):
+    url: str
+    bytes_sent: float
+    bytes_received: float
+    chunks_sent: float
+    chunks_skipped: float
+    retries: float
+    link_bytes_per_s: float | None  # measured goodput of chunk bodies (None: nothing sent yet)
+    streams: dict[TrafficClass, int]  # parallel uploads per bulk class
+
+
+class SiteStatus(WireModel):
+    site: str
+    listen: str
+    jobs: list[JobStatus]
+    peers: dict[str, PeerStatus]

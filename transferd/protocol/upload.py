@@ -1,0 +1,285 @@
+"""The upload state machines of both ends, without I/O: what the sender offers and sends, what
+the receiver still lacks, and when a commit may happen.
+
+Theory of operation. An upload goes open -> (have/want, chunk PUTs)* -> commit.
+- Receiver: `check_intent` refuses an upload that is not from its claimed source, not addressed
+  here, not in normal form or under `raw/`. For each offered chunk, `answer_have` says whether
+  it is staged already (same length and hash at that place), can be filled from bytes this site
+  holds (an earlier upload or a committed file: delta replication), or must cross the wire. A
+  chunk PUT names its places (`chunk_targets`, checked against the intent). The commit needs a
+  manifest that describes the intent (`check_manifest`) and every chunk staged with the
+  manifest's hash (`missing`); otherwise the answer names the chunks to send (again).
+- Sender: `upload_intent` and `upload_manifest` build the documents; `plan_offer` turns the
+  receiver's answer to one batch into chunk uploads - one PUT per distinct hash, naming every
+  place that holds it, and a deferral for a hash already on its way (once that lands the
+  receiver copies it locally); `resend` resolves a refused commit's list into chunks.
+The journal and the staged files live at the site (`site.receiver`); the network loops live in
+`net.sender` and `net.server`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+from netplan.plan import Tier
+from transferd.errors import PolicyViolation, ProtocolError
+from transferd.protocol.manifest import (
+    MAX_COMMIT_WANT,
+    ChunkRef,
+    CommitAnswer,
+    FileEntry,
+    FileSpec,
+    HaveAnswer,
+    HaveRequest,
+    Manifest,
+    UploadIntent,
+    file_digest,
+)
+from transferd.protocol.policy import normalize_rel_path, tier_of, top_folder
+
+__all__ = [
+    "ChunkTarget",
+    "ChunkUpload",
+    "HaveDecision",
+    "OfferPlan",
+    "Staged",
+    "answer_have",
+    "check_intent",
+    "check_manifest",
+    "chunk_targets",
+    "member_paths",
+    "missing",
+    "plan_offer",
+    "refused",
+    "resend",
+    "upload_id",
+    "upload_intent",
+    "upload_manifest",
+    "wanted",
+]
+
+Chunk = tuple[str, int, int]  # (blake3, offset, length) of one chunk of a file, in file order
+
+
+class ChunkTarget(NamedTuple):
+    """One place a chunk's bytes go in an upload: member file index, offset, length."""
+
+    file: int
+    offset: int
+    length: int
+
+
+class Staged(NamedTuple):
+    """What the receiver staged at one (file, offset): the chunk's length and hash."""
+
+    length: int
+    hash: str
+
+
+# -- receiver -------------------------------------------------------------------------------
+
+
+def check_intent(intent: UploadIntent, peer: str, site: str) -> None:
+    """An upload may be staged here (PolicyViolation otherwise): from the site that signed the
+    request, addressed to this site, every path in normal form, nothing under raw/."""
+    if intent.source_site != peer:
+        raise PolicyViolation(f"upload claims source {intent.source_site!r} but came from {peer!r}")
+    if intent.dest_site != site:
+        raise PolicyViolation(f"upload is addressed to {intent.dest_site!r}, this is {site!r}")
+    for path in member_paths(intent):
+        if normalize_rel_path(path) != path:
+            raise PolicyViolation(f"path is not in normal form: {path!r}", path=path)
+    if tier_of(intent.root) is Tier.RAW:
+        raise PolicyViolation(
+            f"raw-tier data may not arrive from another site: {intent.root!r}", path=intent.root
+        )
+
+
+def member_paths(intent: UploadIntent) -> list[str]:
+    """The upload's root and each member path under it (relative to data_dir)."""
+    return [intent.root] + [f"{intent.root}/{f.path}" for f in intent.files if f.path]
+
+
+@dataclass(frozen=True)
+class HaveDecision:
+    want: list[int]  # indices into the request's chunks that must cross the wire
+    copies: dict[str, list[ChunkTarget]]  # hash -> places to fill from bytes held here
+
+
+def answer_have(
+    intent: UploadIntent,
+    staged: Mapping[tuple[int, int], Staged],
+    request: HaveRequest,
+    held_here: Callable[[str, int], bool],
+) -> HaveDecision:
+    """Which offered chunks are missing: staged ones are skipped, ones whose bytes this site
+    holds (`held_here(hash, length)`) are copied locally, the rest are wanted."""
+    want: list[int] = []
+    copies: dict[str, list[ChunkTarget]] = {}
+    for i, ref in enumerate(request.chunks):
+        if ref.file >= len(intent.files) or ref.offset + ref.length > intent.files[ref.file].size:
+            raise ProtocolError(
+                f"chunks[{i}] lies outside file {ref.file} of upload {intent.upload}"
+            )
+        if staged.get((ref.file, ref.offset)) == (ref.length, ref.hash):
+            continue
+        if held_here(ref.hash, ref.length):
+            copies.setdefault(ref.hash, []).append(ChunkTarget(ref.file, ref.offset, ref.length))
+        else:
+            want.append(i)
+    return HaveDecision(want, copies)
+
+
+def wanted(decision: HaveDecision, request: HaveRequest, not_filled: Sequence[str]) -> HaveAnswer:
+    """The have/want answer: the wanted chunks plus those whose local copy failed."""
+    failed = set(not_filled)
+    extra = [i for i, c in enumerate(request.chunks) if c.hash in failed]
+    return HaveAnswer(want=sorted(set(decision.want) | set(extra)))
+
+
+def chunk_targets(
+    intent: UploadIntent, raw_length: int, locations: Sequence[tuple[int, int]]
+) -> list[ChunkTarget]:
+    """The places a chunk PUT names, each inside one of the upload's files (ProtocolError)."""
+    out: list[ChunkTarget] = []
+    for f, off in locations:
+        if not (0 <= f < len(intent.files)) or off < 0 or off + raw_length > intent.files[f].size:
+            raise ProtocolError(f"chunk location {f}:{off} lies outside the upload's files")
+        out.append(ChunkTarget(f, off, raw_length))
+    return out
+
+
+def check_manifest(manifest: Manifest, intent: UploadIntent, peer: str, site: str) -> None:
+    """The signed manifest must describe the upload it commits (ProtocolError)."""
+    if (
+        manifest.upload != intent.upload
+        or manifest.source_site != peer
+        or manifest.dest_site != site
+        or manifest.root != intent.root
+        or manifest.kind != intent.kind
+        or [(f.path, f.size) for f in manifest.files] != [(f.path, f.size) for f in intent.files]
+    ):
+        raise ProtocolError("manifest does not describe the upload it commits")
+
+
+def missing(manifest: Manifest, staged: Mapping[tuple[int, int], Staged]) -> list[tuple[int, int]]:
+    """(file, offset) of every manifest chunk not staged with the manifest's length and hash."""
+    return [
+        (i, off)
+        for i, f in enumerate(manifest.files)
+        for digest, off, n in f.chunks
+        if staged.get((i, off)) != (n, digest)
+    ]
+
+
+def refused(want: Sequence[tuple[int, int]]) -> CommitAnswer:
+    """A commit that cannot happen yet, naming the first MAX_COMMIT_WANT chunks to send (the
+    sender's next commit round learns the rest)."""
+    return CommitAnswer(committed=False, want=list(want[:MAX_COMMIT_WANT]))
+
+
+# -- sender ---------------------------------------------------------------------------------
+
+
+def upload_id(site: str, job_id: str) -> str:
+    """The same for every attempt of a job, so a restarted sender resumes the same upload."""
+    return f"{site}-{job_id}"
+
+
+def upload_intent(
+    upload: str,
+    source: str,
+    dest: str,
+    root: str,
+    kind: Literal["file", "folder"],
+    members: Sequence[tuple[str, int]],
+) -> UploadIntent:
+    return UploadIntent(
+        upload=upload,
+        source_site=source,
+        dest_site=dest,
+        root=root,
+        kind=kind,
+        files=[FileSpec(path=m, size=s) for m, s in members],
+    )
+
+
+def upload_manifest(
+    intent: UploadIntent, created_at: float, chunks: Sequence[Sequence[Chunk]]
+) -> Manifest:
+    """The manifest of a fully hashed upload: `chunks[i]` lists file i's chunks in order."""
+    return Manifest(
+        upload=intent.upload,
+        source_site=intent.source_site,
+        dest_site=intent.dest_site,
+        root=intent.root,
+        kind=intent.kind,
+        tier=top_folder(intent.root),
+        created_at=created_at,
+        files=[
+            FileEntry(
+                path=spec.path,
+                size=spec.size,
+                digest=file_digest(spec.size, file_chunks),
+                chunks=list(file_chunks),
+            )
+            for spec, file_chunks in zip(intent.files, chunks, strict=True)
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class ChunkUpload:
+    """One chunk PUT: its hash, the offered chunk whose bytes go (index into the batch), and
+    every (file, offset) in the upload that holds those bytes."""
+
+    digest: str
+    first: int
+    locations: list[tuple[int, int]]
+
+
+@dataclass
+class OfferPlan:
+    uploads: list[ChunkUpload] = field(default_factory=list)
+    deferred: list[ChunkRef] = field(default_factory=list)  # offer again once their twin landed
+    skipped: list[ChunkRef] = field(default_factory=list)  # the receiver has them already
+
+
+def plan_offer(refs: Sequence[ChunkRef], answer: HaveAnswer, started: set[str]) -> OfferPlan:
+    """What to send of an offered batch, given the receiver's answer. `started` holds the
+    hashes already PUT (or being PUT) in this upload and gains the new ones."""
+    if any(i >= len(refs) for i in answer.want):
+        raise ProtocolError("have/want answer names a chunk that was not offered")
+    want = set(answer.want)
+    plan = OfferPlan(skipped=[r for i, r in enumerate(refs) if i not in want])
+    by_hash: dict[str, list[int]] = {}
+    for i in sorted(want):
+        by_hash.setdefault(refs[i].hash, []).append(i)
+    for digest, idxs in by_hash.items():
+        if digest in started:
+            plan.deferred += [refs[i] for i in idxs]
+            continue
+        started.add(digest)
+        plan.uploads.append(
+            ChunkUpload(digest, idxs[0], [(refs[i].file, refs[i].offset) for i in idxs])
+        )
+    return plan
+
+
+def resend(answer: CommitAnswer, chunks: Sequence[Sequence[Chunk]]) -> list[tuple[int, Chunk]]:
+    """The (file, chunk) pairs a refused commit asks for again (ProtocolError if it names a
+    chunk the upload does not have, or none at all)."""
+    if not answer.want:
+        raise ProtocolError("the receiver refused the commit without naming missing chunks")
+    by_offset: dict[int, dict[int, Chunk]] = {}
+    out: list[tuple[int, Chunk]] = []
+    for f, off in answer.want:
+        if f < len(chunks) and f not in by_offset:
+            by_offset[f] = {c[1]: c for c in chunks[f]}
+        chunk = by_offset.get(f, {}).get(off)
+        if chunk is None:
+            raise ProtocolError(f"the receiver asked again for an unknown chunk {[f, off]!r}")
+        out.append((f, chunk))
+    return out

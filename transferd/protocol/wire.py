@@ -1,0 +1,137 @@
+"""The HTTP API between daemons and from the CLI: routes, headers, and how bodies are parsed.
+
+Every body that crosses the wire is a frozen pydantic model (`WireModel`), validated once at the
+edge by `parse_body` (a ProtocolError naming the field otherwise) and written with `to_body`.
+An answer outside the accepted statuses carries the sender's error as `ErrorBody`, rebuilt into
+the package's own error by `check_reply`.
+
+Peer API (signed with the pair secret):
+    POST /v1/uploads                      UploadIntent -> OpenAnswer
+    POST /v1/uploads/{upload}/have        HaveRequest -> HaveAnswer
+    PUT  /v1/uploads/{upload}/chunks/{h}  chunk body (`?at=file:offset,...`) -> 204
+    POST /v1/uploads/{upload}/commit      SignedManifest -> CommitAnswer (200, or 409 + want)
+    POST /v1/peer/messages                message body (MessageEnvelope headers) -> MessageAck
+    GET  /v1/peer/messages                204: a peer opening its interactive pool
+Local API (signed with the site's own secret, used by the CLI and `transferd.send_message`):
+    POST /v1/local/send                   SendRequest -> SendAnswer
+    GET  /v1/local/jobs?ids=...           JobsAnswer
+    GET  /v1/local/status                 SiteStatus
+    POST /v1/messages/{peer}?class=...    message body (MessageQuery) -> MessageReceipt
+    GET  /v1/inbox?wait_ms=...&max=...    InboxQuery -> InboxAnswer
+GET /metrics is Prometheus text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from transferd.errors import ERROR_KINDS, AuthError, ProtocolError, TransferdError
+
+__all__ = [
+    "CHUNK_ROUTE",
+    "COMMIT_ROUTE",
+    "HAVE_ROUTE",
+    "INBOX_ROUTE",
+    "LOCAL_JOBS_ROUTE",
+    "LOCAL_SEND_ROUTE",
+    "LOCAL_STATUS_ROUTE",
+    "MESSAGES_ROUTE",
+    "PEER_MESSAGES_ROUTE",
+    "UPLOADS_ROUTE",
+    "ErrorBody",
+    "FrozenModel",
+    "WireModel",
+    "check_reply",
+    "parse_body",
+    "parse_query",
+    "to_body",
+]
+
+UPLOADS_ROUTE = "/v1/uploads"
+HAVE_ROUTE = "/v1/uploads/{upload}/have"
+CHUNK_ROUTE = "/v1/uploads/{upload}/chunks/{digest}"
+COMMIT_ROUTE = "/v1/uploads/{upload}/commit"
+PEER_MESSAGES_ROUTE = "/v1/peer/messages"
+LOCAL_SEND_ROUTE = "/v1/local/send"
+LOCAL_JOBS_ROUTE = "/v1/local/jobs"
+LOCAL_STATUS_ROUTE = "/v1/local/status"
+MESSAGES_ROUTE = "/v1/messages/{peer}"
+INBOX_ROUTE = "/v1/inbox"
+
+
+class FrozenModel(BaseModel):
+    """transferd's one base for validated documents: immutable, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WireModel(FrozenModel):
+    """A body on the wire: also strict (JSON types are not coerced), once parsed at the edge."""
+
+    model_config = ConfigDict(strict=True)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _problem(model: type[BaseModel], exc: ValidationError) -> ProtocolError:
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<body>"
+    return ProtocolError(f"invalid {model.__name__}: {where}: {first['msg']}")
+
+
+def parse_body(model: type[M], body: bytes | str) -> M:
+    """Validate a JSON body into `model`; any problem is a ProtocolError naming the field."""
+    try:
+        return model.model_validate_json(body, strict=False)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise ProtocolError(f"invalid {model.__name__}: not JSON") from exc
+        raise _problem(model, exc) from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"invalid {model.__name__}: not JSON") from exc
+
+
+def parse_query(model: type[M], query: Mapping[str, str]) -> M:
+    """Validate query parameters (or headers) into `model` (strings are coerced to its types);
+    any problem is a ProtocolError naming the parameter."""
+    try:
+        return model.model_validate(dict(query), strict=False)
+    except ValidationError as exc:
+        raise _problem(model, exc) from exc
+
+
+def to_body(model: BaseModel) -> bytes:
+    return model.model_dump_json(by_alias=True).encode()
+
+
+class ErrorBody(FrozenModel):
+    """What an error answer carries: the error's kind, its message and its structured fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: str
+    error: str = "peer reported an error"
+
+    def rebuild(self, status: int) -> TransferdError:
+        cls = ERROR_KINDS.get(self.kind, TransferdError)
+        if cls is AuthError:
+            return AuthError(self.error, status=status)
+        return cls(self.error)
+
+
+def check_reply(status: int, raw: bytes, accept: tuple[int, ...], peer: str) -> None:
+    """Nothing for an accepted status; otherwise raise the error the peer (or the local daemon)
+    reported, tagged with `peer`."""
+    if status in accept:
+        return
+    try:
+        err = ErrorBody.model_validate_json(raw).rebuild(status)
+    except (ValidationError, ValueError, json.JSONDecodeError):
+        err = ProtocolError(f"peer answered HTTP {status} without a transferd error body")
+    err.fields.setdefault("peer", peer)
+    raise err

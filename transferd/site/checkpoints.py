@@ -1,0 +1,74 @@
+"""Checkpoint folders `checkpoints/<run>/<step>/`: step order, LATEST, retention, readiness.
+
+At a destination a step appears by one directory rename (complete or not at all); afterwards
+LATEST (a one-line file naming the step) is rewritten atomically to the newest step present, and
+only the newest `keep` steps stay. At a source, watch mode asks `ready_steps` which step folders
+are complete: they hold the marker file, or nothing in them changed for the quiet period.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from transferd.protocol.policy import CHECKPOINTS
+from transferd.site.storage import SiteStorage
+
+__all__ = ["LATEST", "is_step_root", "ready_steps", "step_order", "update_run"]
+
+LATEST = "LATEST"
+_NUM = re.compile(r"(\d+)")
+
+
+def step_order(name: str) -> tuple[object, ...]:
+    """Natural order: step-9 < step-10; numbers compare as numbers."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in _NUM.split(name) if p)
+
+
+def is_step_root(rel: str) -> bool:
+    parts = rel.split("/")
+    return len(parts) == 3 and parts[0] == CHECKPOINTS
+
+
+def _steps(storage: SiteStorage, run: str) -> list[str]:
+    names = [
+        n
+        for n in storage.list_dir(run)
+        if n != LATEST
+        and not n.startswith(".")
+        and ".transferd-" not in n
+        and storage.is_dir(f"{run}/{n}")
+    ]
+    return sorted(names, key=step_order)
+
+
+def update_run(
+    storage: SiteStorage, run: str, keep: int, on_removed: Callable[[str], None]
+) -> str | None:
+    """Point LATEST at the newest step of `run` and drop steps beyond the newest `keep`."""
+    steps = _steps(storage, run)
+    if not steps:
+        return None
+    newest = steps[-1]
+    if storage.read_text(f"{run}/{LATEST}") != newest + "\n":
+        storage.write_text_atomic(f"{run}/{LATEST}", newest + "\n")
+    for old in steps[:-keep]:
+        storage.remove_tree(f"{run}/{old}")
+        on_removed(f"{run}/{old}")
+    return newest
+
+
+def ready_steps(
+    storage: SiteStorage, marker: str, quiet_period_s: float, now: float
+) -> list[str]:
+    """Step folders under checkpoints/ that are complete at this (source) site."""
+    ready: list[str] = []
+    for run in storage.list_dir(CHECKPOINTS):
+        run_rel = f"{CHECKPOINTS}/{run}"
+        if run.startswith(".") or not storage.is_dir(run_rel):
+            continue
+        for step in _steps(storage, run_rel):
+            rel = f"{run_rel}/{step}"
+            if marker in storage.list_dir(rel) or now - storage.newest_mtime(rel) >= quiet_period_s:
+                ready.append(rel)
+    return ready

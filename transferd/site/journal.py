@@ -1,0 +1,320 @@
+"""The site journal: one SQLite database (WAL) in the state dir that survives SIGKILL.
+
+Sender side: jobs (what to replicate where, their state and counters); a resumed job learns
+what its destination still lacks from the destination's own answer to have/want, so nothing per
+chunk is kept here. Receiver side: open uploads, the chunks already staged for each, and an
+index of chunk hashes in committed files (the source for delta replication). Every write is its
+own short transaction, so a kill at any moment loses at most the in-flight chunk. Rows come
+back as typed values (`Job`, `Upload`, `Staged`, `ChunkLocation`), never as bare tuples.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import astuple, dataclass, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from netplan.plan import TrafficClass
+from transferd.errors import StorageError, TransferdError
+from transferd.protocol.local_api import Job, JobState
+from transferd.protocol.manifest import UploadIntent
+from transferd.protocol.upload import ChunkTarget, Staged
+from transferd.protocol.wire import parse_body, to_body
+
+__all__ = ["ChunkLocation", "JobCounters", "Journal", "Upload", "UploadState"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    dest TEXT NOT NULL,
+    traffic_class TEXT NOT NULL,
+    state TEXT NOT NULL,             -- queued | running | committed | failed
+    error TEXT,
+    error_kind TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    bytes_logical INTEGER NOT NULL DEFAULT 0,
+    bytes_done INTEGER NOT NULL DEFAULT 0,
+    bytes_on_wire INTEGER NOT NULL DEFAULT 0,
+    chunks INTEGER NOT NULL DEFAULT 0,
+    chunks_skipped INTEGER NOT NULL DEFAULT 0,
+    chunks_sent INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    integrity_failures INTEGER NOT NULL DEFAULT 0
+);
+DROP TABLE IF EXISTS acked;                                   -- written, never read (removed)
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    root TEXT NOT NULL,
+    intent TEXT NOT NULL,
+    state TEXT NOT NULL,             -- open | committed | failed
+    created_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS received (
+    upload TEXT NOT NULL, file_index INTEGER NOT NULL, offset INTEGER NOT NULL,
+    length INTEGER NOT NULL, hash TEXT NOT NULL,
+    PRIMARY KEY (upload, file_index, offset)
+);
+CREATE INDEX IF NOT EXISTS received_by_hash ON received(hash);
+CREATE TABLE IF NOT EXISTS chunk_index (
+    hash TEXT NOT NULL, path TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+    PRIMARY KEY (path, offset)
+);
+CREATE INDEX IF NOT EXISTS chunk_index_by_hash ON chunk_index(hash);
+CREATE TABLE IF NOT EXISTS watch_seen (
+    root TEXT NOT NULL, dest TEXT NOT NULL, job TEXT NOT NULL, PRIMARY KEY (root, dest)
+);
+"""
+
+
+class UploadState(StrEnum):
+    OPEN = "open"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An upload this site receives, as its journal row."""
+
+    source: str
+    root: str
+    state: UploadState
+    intent: UploadIntent
+
+
+@dataclass(frozen=True)
+class JobCounters:
+    """Increments of a job's progress counters."""
+
+    bytes_done: int = 0
+    bytes_on_wire: int = 0
+    chunks_skipped: int = 0
+    chunks_sent: int = 0
+    retries: int = 0
+    integrity_failures: int = 0
+
+
+_COUNTERS = ", ".join(f"{f.name} = {f.name} + ?" for f in fields(JobCounters))
+_JOB_COLUMNS = ", ".join(Job.model_fields)
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    """Where this site holds a chunk's bytes: in a committed file (`path`, relative to
+    data_dir) or in an open upload's staging (`upload`, `file_index`)."""
+
+    path: str
+    offset: int
+    length: int
+    upload: str | None = None
+    file_index: int | None = None
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"cannot open journal {path}: {exc}", path=path) from exc
+        self.path = path
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _exec(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, tuple(args))
+        except sqlite3.Error as exc:
+            raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
+
+    def _many(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        try:
+            with self._db:
+                self._db.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
+
+    # -- sender: jobs ------------------------------------------------------------------------
+    def add_job(
+        self, job_id: str, path: str, dest: str, traffic_class: TrafficClass, now: float
+    ) -> None:
+        self._exec(
+            "INSERT INTO jobs (id, path, dest, traffic_class, state, created_at) "
+            "VALUES (?,?,?,?,?,?)",
+            (job_id, path, dest, traffic_class.value, JobState.QUEUED.value, now),
+        )
+
+    def job(self, job_id: str) -> Job | None:
+        row = self._exec(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def jobs(self, limit: int = 100) -> list[Job]:
+        """The newest jobs first."""
+        rows = self._exec(
+            f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)
+        )
+        return [_job(r) for r in rows.fetchall()]
+
+    def active_jobs(self, limit: int = 1000) -> list[Job]:
+        """Queued and running jobs, oldest first (after a restart, running ones resume)."""
+        rows = self._exec(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) ORDER BY created_at LIMIT ?",
+            (JobState.QUEUED.value, JobState.RUNNING.value, limit),
+        )
+        return [_job(r) for r in rows.fetchall()]
+
+    def start_job(self, job_id: str, now: float) -> None:
+        """Running since `now` (a resumed job keeps its first start)."""
+        self._exec(
+            "UPDATE jobs SET state = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
+            (JobState.RUNNING.value, now, job_id),
+        )
+
+    def size_job(self, job_id: str, bytes_logical: int, chunks: int) -> None:
+        self._exec(
+            "UPDATE jobs SET bytes_logical = ?, chunks = ? WHERE id = ?",
+            (bytes_logical, chunks, job_id),
+        )
+
+    def finish_job(
+        self, job_id: str, now: float, error: TransferdError | None = None
+    ) -> None:
+        """Committed, or failed with `error` (its message and kind are kept)."""
+        state = JobState.COMMITTED if error is None else JobState.FAILED
+        self._exec(
+            "UPDATE jobs SET state = ?, finished_at = ?, error = ?, error_kind = ? WHERE id = ?",
+            (
+                state.value,
+                now,
+                None if error is None else str(error),
+                None if error is None else error.kind,
+                job_id,
+            ),
+        )
+
+    def add_job_counters(self, job_id: str, counters: JobCounters) -> None:
+        self._exec(f"UPDATE jobs SET {_COUNTERS} WHERE id = ?", (*astuple(counters), job_id))
+
+    def watch_seen(self, root: str, dest: str) -> bool:
+        row = self._exec("SELECT 1 FROM watch_seen WHERE root = ? AND dest = ?", (root, dest))
+        return row.fetchone() is not None
+
+    def mark_watch_seen(self, root: str, dest: str, job_id: str) -> None:
+        self._exec("INSERT OR IGNORE INTO watch_seen VALUES (?,?,?)", (root, dest, job_id))
+
+    # -- receiver: uploads ------------------------------------------------------------------
+    def open_upload(self, intent: UploadIntent, source: str, now: float) -> bool:
+        """Record a new upload; False if it was already open (a resumed sender)."""
+        cur = self._exec(
+            "INSERT OR IGNORE INTO uploads (id, source, root, intent, state, created_at) "
+            "VALUES (?,?,?,?,?,?)",
+            (intent.upload, source, intent.root, to_body(intent), UploadState.OPEN.value, now),
+        )
+        return cur.rowcount == 1
+
+    def upload(self, upload: str) -> Upload | None:
+        row = self._exec(
+            "SELECT source, root, state, intent FROM uploads WHERE id = ?", (upload,)
+        ).fetchone()
+        if row is None:
+            return None
+        source, root, state, intent = row
+        return Upload(str(source), str(root), UploadState(state), parse_body(UploadIntent, intent))
+
+    def uploads(self, state: UploadState) -> list[str]:
+        rows = self._exec("SELECT id FROM uploads WHERE state = ?", (state.value,)).fetchall()
+        return [r[0] for r in rows]
+
+    def uploads_opened_before(self, before: float) -> list[str]:
+        rows = self._exec(
+            "SELECT id FROM uploads WHERE state = ? AND created_at < ?",
+            (UploadState.OPEN.value, before),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def finish_upload(self, upload: str, state: UploadState, now: float) -> None:
+        self._exec(
+            "UPDATE uploads SET state = ?, finished_at = ? WHERE id = ?",
+            (state.value, now, upload),
+        )
+        self._exec("DELETE FROM received WHERE upload = ?", (upload,))
+
+    def record_received(self, upload: str, targets: Iterable[ChunkTarget], digest: str) -> None:
+        self._many(
+            "INSERT OR REPLACE INTO received (upload, file_index, offset, length, hash) "
+            "VALUES (?,?,?,?,?)",
+            ((upload, t.file, t.offset, t.length, digest) for t in targets),
+        )
+
+    def forget_received(self, upload: str, locations: Iterable[tuple[int, int]]) -> None:
+        self._many(
+            "DELETE FROM received WHERE upload = ? AND file_index = ? AND offset = ?",
+            ((upload, f, off) for f, off in locations),
+        )
+
+    def received(self, upload: str) -> dict[tuple[int, int], Staged]:
+        """What is staged for `upload`, by (file, offset)."""
+        rows = self._exec(
+            "SELECT file_index, offset, length, hash FROM received WHERE upload = ?", (upload,)
+        ).fetchall()
+        return {(int(f), int(o)): Staged(int(n), str(h)) for f, o, n, h in rows}
+
+    def find_chunk(self, digest: str, length: int) -> Iterator[ChunkLocation]:
+        """Places this site already holds `digest`: committed files first, then open stagings."""
+        for path, off in self._exec(
+            "SELECT path, offset FROM chunk_index WHERE hash = ? AND length = ? LIMIT 4",
+            (digest, length),
+        ).fetchall():
+            yield ChunkLocation(path=str(path), offset=int(off), length=length)
+        for upload, f, off in self._exec(
+            "SELECT r.upload, r.file_index, r.offset FROM received r JOIN uploads u "
+            "ON u.id = r.upload WHERE r.hash = ? AND r.length = ? AND u.state = ? LIMIT 4",
+            (digest, length, UploadState.OPEN.value),
+        ).fetchall():
+            yield ChunkLocation(
+                path="", offset=int(off), length=length, upload=str(upload), file_index=int(f)
+            )
+
+    def index_committed(self, path: str, chunks: Iterable[tuple[str, int, int]]) -> None:
+        try:
+            with self._db:
+                self._db.execute("DELETE FROM chunk_index WHERE path = ?", (path,))
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO chunk_index (hash, path, offset, length) "
+                    "VALUES (?,?,?,?)",
+                    ((h, path, off, n) for h, off, n in chunks),
+                )
+        except sqlite3.Error as exc:
+            raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
+
+    def chunks_of(self, path: str) -> list[ChunkLocation]:
+        """A committed file's chunks (from the index), in file order."""
+        rows = self._exec(
+            "SELECT offset, length FROM chunk_index WHERE path = ? ORDER BY offset", (path,)
+        ).fetchall()
+        return [ChunkLocation(path=path, offset=int(o), length=int(n)) for o, n in rows]
+
+    def unindex_prefix(self, prefix: str) -> None:
+        self._exec(
+            "DELETE FROM chunk_index WHERE path = ? OR substr(path, 1, ?) = ?",
+            (prefix, len(prefix) + 1, prefix + "/"),
+        )
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    values = dict(zip(Job.model_fields, row, strict=True))
+    values["traffic_class"] = TrafficClass(values["traffic_class"])
+    values["state"] = JobState(values["state"])
+    return Job(**values)

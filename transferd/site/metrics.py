@@ -1,0 +1,106 @@
+"""Prometheus metrics of one daemon: one registry for everything it counts (chunks, jobs,
+auth, policy, stream counts, messages), its own so several daemons can share a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from netplan.plan import TrafficClass
+from transferd.protocol.streams import StreamChange
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        counter, gauge = self._counter, self._gauge
+        # Chunks and bytes, by peer
+        self.bytes_sent = counter("bytes_sent", "Chunk body bytes sent on the wire", "peer")
+        self.bytes_received = counter(
+            "bytes_received", "Chunk body bytes received on the wire", "peer"
+        )
+        self.chunks_sent = counter("chunks_sent", "Chunks PUT to a peer", "peer")
+        self.chunks_received = counter("chunks_received", "Chunks accepted from a peer", "peer")
+        self.chunks_skipped = counter(
+            "chunks_skipped", "Chunks not sent because the receiver already had them", "peer"
+        )
+        self.compression_in = counter(
+            "compression_input_bytes", "Raw bytes of chunks sent", "peer"
+        )
+        self.compression_out = counter(
+            "compression_output_bytes", "Wire bytes of chunks sent (ratio = output / input)", "peer"
+        )
+        self.compression_ratio = gauge(
+            "compression_ratio",
+            "Wire bytes / raw bytes of all chunks sent to the peer so far (1.0: uncompressed)",
+            "peer",
+        )
+        self.retries = counter("retries", "Requests retried", "peer")
+        # Refusals
+        self.integrity_failures = counter(
+            "integrity_failures", "Chunks or files that failed verification", "peer", "side"
+        )
+        self.auth_failures = counter(
+            "auth_failures", "Requests refused by authentication", "reason"
+        )
+        self.policy_refusals = counter("policy_refusals", "Transfers refused by policy", "side")
+        # Jobs and streams
+        self.job_seconds = Histogram(
+            "transferd_job_duration_seconds",
+            "Wall time of replication jobs",
+            ["outcome"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200),
+            registry=self.registry,
+        )
+        self.stream_changes = counter(
+            "stream_changes",
+            "Changes of the parallel-stream target, by direction",
+            "peer", "class", "direction",
+        )  # fmt: skip
+        self.streams_target = gauge(
+            "streams_target", "Parallel chunk uploads the stream controller allows", "peer", "class"
+        )
+        # Messages
+        message = ("peer", "class")
+        self.messages_sent = counter("messages_sent", "Messages queued to a peer", *message)
+        self.messages_delivered = counter(
+            "messages_delivered", "Messages a peer acknowledged", *message
+        )
+        self.messages_received = counter(
+            "messages_received", "Messages received from a peer", *message
+        )
+        self.messages_received_late = counter(
+            "messages_received_late", "Messages received after their deadline", *message
+        )
+        self.budget_misses = counter(
+            "messages_budget_misses", "Messages that missed their deadline, by reason", "peer",
+            "kind",
+        )  # fmt: skip
+
+    def _counter(self, name: str, doc: str, *labels: str) -> Counter:
+        return Counter(f"transferd_{name}", doc, labels, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, *labels: str) -> Gauge:
+        return Gauge(f"transferd_{name}", doc, labels, registry=self.registry)
+
+    def count_stream_change(self, peer: str, cls: TrafficClass, change: StreamChange) -> None:
+        direction = "up" if change.to_streams > change.from_streams else "down"
+        self.stream_changes.labels(peer, cls.value, direction).inc()
+        self.streams_target.labels(peer, cls.value).set(change.to_streams)
+
+    def count_compression(self, peer: str, raw_bytes: int, wire_bytes: int) -> None:
+        self.compression_in.labels(peer).inc(raw_bytes)
+        self.compression_out.labels(peer).inc(wire_bytes)
+        raw_total = self.value("transferd_compression_input_bytes_total", peer=peer)
+        wire_total = self.value("transferd_compression_output_bytes_total", peer=peer)
+        if raw_total:
+            self.compression_ratio.labels(peer).set(wire_total / raw_total)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (for status output and tests); 0 when never touched."""
+        got = self.registry.get_sample_value(name, labels)
+        return float(got or 0.0)

@@ -1,0 +1,315 @@
+"""The receiving side of replication at one site: uploads staged by offset, verified, committed
+atomically. The decisions (what is missing, which places a chunk fills, whether a manifest
+describes its upload) are `protocol.upload`'s; this module does the site's I/O around them.
+
+`open` checks policy and stages files at full size; `have` answers which chunks must still
+cross the wire, filling the rest from bytes this site already holds (an earlier upload, or a
+committed file: delta replication); `verify_and_write` checks a body against its signed blake3
+and its content address before writing it; a commit verifies the manifest signature (the model
+checks that the chunk list tiles each file and has the signed file digest as its Merkle root),
+that every chunk of every file was received with the manifest's hash, then renames into
+place. A chunk verified in memory and written by this process is not hashed again; one staged
+before a restart (its bytes may not have reached the disk before a crash) is read back and
+re-hashed at commit, and fetched again when it does not match. State lives in the journal, so a
+receiver killed at any moment answers the resumed sender's `have` with exactly what it still
+lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import threading
+from collections.abc import Mapping, Sequence
+
+import pyarrow as pa
+
+from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, StorageError
+from transferd.protocol.arrow_chunks import (
+    ArrowChunkError,
+    open_record_batch_chunk,
+    read_chunk_schema,
+)
+from transferd.protocol.auth import Keys
+from transferd.protocol.chunks import ChunkPut, blake3_hex
+from transferd.protocol.codec import decode_body
+from transferd.protocol.manifest import HaveRequest, Manifest, SignedManifest, UploadIntent
+from transferd.protocol.upload import (
+    ChunkTarget,
+    HaveDecision,
+    answer_have,
+    check_intent,
+    check_manifest,
+    chunk_targets,
+    member_paths,
+    missing,
+)
+from transferd.site.checkpoints import is_step_root, update_run
+from transferd.site.journal import Journal, Upload, UploadState
+from transferd.site.metrics import Metrics
+from transferd.site.source import SourceFile
+from transferd.site.staging import Staging
+from transferd.site.storage import LocalStorage, SiteStorage
+
+__all__ = ["Receiver"]
+
+log = logging.getLogger("transferd.receiver")
+
+
+class Receiver:
+    def __init__(
+        self,
+        site: str,
+        storage: SiteStorage,
+        journal: Journal,
+        keys: Keys,
+        metrics: Metrics,
+        retention: int,
+        run_retention: Mapping[str, int] | None = None,
+    ) -> None:
+        self.site = site
+        self.storage = storage
+        self.journal = journal
+        self.keys = keys
+        self.metrics = metrics
+        self.retention = retention
+        # Per-run overrides (`checkpoints/<run>` -> steps kept), e.g. from a netplan plan.
+        self.run_retention = dict(run_retention or {})
+        self._staging: dict[str, Staging] = {}
+        # (file, offset) of chunks this process verified in memory and wrote, per upload; any
+        # other staged chunk is read back and re-hashed at commit.
+        self._verified: dict[str, set[tuple[int, int]]] = {}
+        self._verified_lock = threading.Lock()
+
+    # -- open --------------------------------------------------------------------------------
+    def open(self, intent: UploadIntent, peer: str, now: float) -> bool:
+        """Stage the upload (idempotent). Returns True when it was already committed."""
+        try:
+            check_intent(intent, peer, self.site)
+            for path in member_paths(intent):
+                self.storage.check_path(path)  # e.g. a symlink leading out of data_dir
+        except PolicyViolation:
+            self.metrics.policy_refusals.labels("receiver").inc()
+            raise
+        known = self.journal.upload(intent.upload)
+        if known is not None:
+            if known.source != peer or known.intent != intent:
+                raise ProtocolError(f"upload id {intent.upload} reused for different content")
+            if known.state is UploadState.COMMITTED:
+                return True
+            if known.state is UploadState.FAILED:
+                raise StorageError(f"upload {intent.upload} failed earlier; start a new job")
+        staging = self._staging_for(intent)
+        try:
+            staging.create()
+        except StorageError:
+            # E.g. no space for the files: give back what was reserved, record nothing.
+            self._staging.pop(intent.upload, None)
+            staging.discard()
+            raise
+        if known is None:
+            self.journal.open_upload(intent, peer, now)
+        return False
+
+    def _staging_for(self, intent: UploadIntent) -> Staging:
+        staging = self._staging.get(intent.upload)
+        if staging is None:
+            staging = Staging(
+                dir=self.storage.staging_root / intent.upload,
+                kind=intent.kind,
+                members=[f.path for f in intent.files],
+                sizes=[f.size for f in intent.files],
+            )
+            self._staging[intent.upload] = staging
+        return staging
+
+    def _open_upload(self, upload: str, peer: str) -> Upload:
+        known = self.journal.upload(upload)
+        if known is None or known.source != peer:
+            raise ProtocolError(f"unknown upload {upload[:128]!r}")
+        if known.state is not UploadState.OPEN:
+            raise ProtocolError(f"upload {upload} is already {known.state.value}")
+        self._staging_for(known.intent)
+        return known
+
+    def committed(self, upload: str, peer: str) -> bool:
+        """`upload` from `peer` is committed here already (a commit retried after its answer
+        was lost)."""
+        known = self.journal.upload(upload)
+        return known is not None and known.source == peer and known.state is UploadState.COMMITTED
+
+    # -- have / want ---------------------------------------------------------------------------
+    def have(self, upload: str, peer: str, request: HaveRequest) -> HaveDecision:
+        """Which offered chunks must cross the wire; copies from bytes held here are done by
+        `fill_local` in a thread."""
+        intent = self._open_upload(upload, peer).intent
+
+        def held_here(digest: str, length: int) -> bool:
+            return any(True for _ in self.journal.find_chunk(digest, length))
+
+        return answer_have(intent, self.journal.received(upload), request, held_here)
+
+    def fill_local(self, upload: str, digest: str, targets: Sequence[ChunkTarget]) -> bool:
+        """Copy a chunk this site already holds into the upload's staging (verifying its hash:
+        a committed file may have been changed locally since it was indexed). The caller
+        journals it (`record`), on the thread that owns the journal."""
+        staging = self._staging[upload]
+        for loc in self.journal.find_chunk(digest, targets[0].length):
+            try:
+                if loc.upload is not None and loc.file_index is not None:
+                    other = self._staging.get(loc.upload)
+                    if other is None:
+                        continue
+                    data = other.read(loc.file_index, loc.offset, loc.length)
+                else:
+                    data = self.storage.read_range(loc.path, loc.offset, loc.length)
+            except (StorageError, PolicyViolation):
+                continue
+            if len(data) != loc.length or blake3_hex(data) != digest:
+                continue
+            for t in targets:
+                staging.write(t.file, t.offset, data)
+            self._mark_verified(upload, targets)
+            return True
+        return False
+
+    # -- chunks --------------------------------------------------------------------------------
+    def targets(
+        self, upload: str, peer: str, raw_length: int, locations: Sequence[tuple[int, int]]
+    ) -> list[ChunkTarget]:
+        return chunk_targets(self._open_upload(upload, peer).intent, raw_length, locations)
+
+    def verify_and_write(
+        self,
+        upload: str,
+        digest: str,
+        body: bytes | memoryview,
+        declared_body_blake3: str,
+        put: ChunkPut,
+        targets: Sequence[ChunkTarget],
+    ) -> None:
+        """Runs in a worker thread: the body must match its signed blake3 (else it was damaged
+        in flight) and decode to bytes whose blake3 is the chunk address; then it is written."""
+        body_hash = blake3_hex(body)
+        if body_hash != declared_body_blake3:
+            raise IntegrityError(
+                "chunk body damaged in flight (blake3 does not match the signed hash)"
+            )
+        raw = decode_body(body, put.encoding, put.raw_length)
+        raw_hash = body_hash if put.encoding == "identity" else blake3_hex(raw)
+        if raw_hash != digest:
+            raise IntegrityError(f"chunk bytes do not hash to their address {digest[:16]}")
+        staging = self._staging[upload]
+        for t in targets:
+            staging.write(t.file, t.offset, raw)
+        self._mark_verified(upload, targets)
+
+    def record(self, upload: str, targets: Sequence[ChunkTarget], digest: str) -> None:
+        self.journal.record_received(upload, targets, digest)
+
+    def _mark_verified(self, upload: str, targets: Sequence[tuple[int, int, int]]) -> None:
+        with self._verified_lock:
+            self._verified.setdefault(upload, set()).update((f, off) for f, off, _n in targets)
+
+    # -- commit --------------------------------------------------------------------------------
+    def check_manifest(self, upload: str, peer: str, signed: SignedManifest) -> Manifest:
+        manifest = signed.verify(self.keys)
+        check_manifest(manifest, self._open_upload(upload, peer).intent, peer, self.site)
+        return manifest
+
+    def missing(self, upload: str, manifest: Manifest) -> list[tuple[int, int]]:
+        return missing(manifest, self.journal.received(upload))
+
+    def verify_files(self, upload: str, manifest: Manifest) -> list[tuple[int, int]]:
+        """Thread: re-hash the staged chunks this process did not verify itself (staged before
+        a restart) and return those that no longer match (`forget` them: they are sent again).
+        The chunk list's tiling and Merkle root were checked when the manifest was parsed."""
+        staging = self._staging[upload]
+        with self._verified_lock:
+            verified = set(self._verified.get(upload, ()))
+        bad: list[tuple[int, int]] = []
+        for i, f in enumerate(manifest.files):
+            todo = [(h, off, n) for h, off, n in f.chunks if (i, off) not in verified]
+            if not todo:
+                continue
+            try:
+                with SourceFile(str(staging.member_path(i))) as src:
+                    for digest, off, n in todo:
+                        with src.mapped(off, n) as view:
+                            if blake3_hex(view) != digest:
+                                bad.append((i, off))
+            except OSError as exc:
+                raise StorageError(f"reading staged file: {exc.strerror}") from exc
+            self._mark_verified(upload, [(i, off, n) for _h, off, n in todo])
+        if bad:
+            with self._verified_lock:
+                self._verified.get(upload, set()).difference_update(bad)
+        return bad
+
+    def forget(self, upload: str, chunks: Sequence[tuple[int, int]]) -> None:
+        self.journal.forget_received(upload, chunks)
+
+    def commit_files(self, upload: str, manifest: Manifest) -> None:
+        """Thread: fsync + rename into place."""
+        self.storage.commit(self._staging[upload], manifest.root)
+
+    def after_commit(self, upload: str, manifest: Manifest, now: float) -> None:
+        """Index the committed chunks (for delta replication) and update a checkpoint run."""
+        self._staging.pop(upload).discard()
+        with self._verified_lock:
+            self._verified.pop(upload, None)
+        self.journal.finish_upload(upload, UploadState.COMMITTED, now)
+        for f in manifest.files:
+            path = f"{manifest.root}/{f.path}" if f.path else manifest.root
+            self.journal.index_committed(path, ((h, off, n) for h, off, n in f.chunks))
+        if is_step_root(manifest.root):
+            run = manifest.root.rsplit("/", 1)[0]
+            update_run(
+                self.storage,
+                run,
+                self.run_retention.get(run, self.retention),
+                self.journal.unindex_prefix,
+            )
+
+    def record_batches(self, rel: str) -> list[pa.RecordBatch]:
+        """Open a committed Arrow IPC file chunk by chunk, zero-copy: the returned batches'
+        buffers live in a read-only mapping of the committed file (kept alive by the batches).
+        The first chunk carries the schema; the last may be the footer."""
+        if not isinstance(self.storage, LocalStorage):
+            raise StorageError("record batches open zero-copy only from a local data_dir")
+        spans = self.journal.chunks_of(rel)
+        if not spans:
+            raise StorageError(f"{rel} was not replicated to this site", path=rel)
+        try:
+            with open(self.storage.path(rel), "rb") as fh:
+                mapping = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise StorageError(f"opening {rel}: {exc.strerror}", path=rel) from exc
+        whole = memoryview(mapping)
+        try:
+            schema = read_chunk_schema(whole[: spans[0].length])
+            batches: list[pa.RecordBatch] = []
+            for i, span in enumerate(spans[1:], start=1):
+                chunk = whole[span.offset : span.offset + span.length]
+                try:
+                    batches += open_record_batch_chunk(chunk, schema)
+                except ArrowChunkError:
+                    if i == len(spans) - 1:
+                        break  # the trailer: end-of-stream marker and footer
+                    raise
+        except ArrowChunkError as exc:
+            raise IntegrityError(f"{rel}: not record-batch chunks: {exc}", path=rel) from exc
+        return batches
+
+    def fail(self, upload: str, now: float) -> None:
+        with self._verified_lock:
+            self._verified.pop(upload, None)
+        staging = self._staging.pop(upload, None)
+        if staging is not None:
+            staging.discard()
+        self.journal.finish_upload(upload, UploadState.FAILED, now)
+
+    def close(self) -> None:
+        for staging in self._staging.values():
+            staging.close()
+        self._staging.clear()
