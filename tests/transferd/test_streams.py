@@ -192,44 +192,26 @@ async def test_cancelled_acquire_leaves_no_slot_and_no_queued_marker() -> None:
     assert gate.in_flight == 1
 
 
-async def test_a_sent_body_frees_its_stream_before_the_answer_arrives() -> None:
-    # One stream: while an upload awaits its answer (a round trip), the next body may go out.
-    traffic = PeerTraffic.build("B", initial_streams=1, max_streams=1)
+async def test_each_stream_keeps_a_window_of_chunks_in_flight() -> None:
+    # Two channels with a window of two chunks each: four chunks may await their receipts; the
+    # fifth waits for one of them, and the limit follows the controller's target.
+    traffic = PeerTraffic.build("B", initial_streams=2, max_streams=8, per_stream=2)
     gate = traffic.gates[TrafficClass.CHECKPOINT]
-    await gate.acquire(100)
-    second = asyncio.create_task(gate.acquire(100))
+    for _ in range(4):
+        await gate.acquire(100)
+    fifth = asyncio.create_task(gate.acquire(100))
     await _settle()
-    assert not second.done()
-    gate.sent()  # the first body is on the wire
+    assert not fifth.done()
+    gate.release(100)  # a receipt
     await _settle()
-    assert second.done()
-    assert gate.in_flight == 1
-    gate.release(100, slot=False)  # the first answer: the controller learns, no slot changes
-    assert gate.in_flight == 1
-    third = asyncio.create_task(gate.acquire(100))
+    assert fifth.done()
+    assert gate.in_flight == 4
+    gate.controller.target_streams = 3
+    sixth = asyncio.create_task(gate.acquire(100))
     await _settle()
-    assert not third.done()
-    gate.release(100)  # the second upload ends without sent() (e.g. it failed): frees its slot
-    await _settle()
-    assert third.done()
-    gate.release(100)
-    assert gate.in_flight == 0
-
-
-async def test_early_release_keeps_one_awaiting_upload_per_stream_and_a_cap() -> None:
-    traffic = PeerTraffic.build("B", initial_streams=1, max_streams=32)
-    gate = traffic.gates[TrafficClass.SYNC]
-    await gate.acquire(100)
-    assert gate.sent() is True
-    await gate.acquire(100)
-    assert gate.sent() is False  # one stream: one upload awaiting its answer at most
-    gate.controller.target_streams = 12
-    for _ in range(40):  # keep every free stream busy, mark each new body sent
-        while gate.in_flight < gate.controller.target_streams:
-            await gate.acquire(100)
-        gate.sent()
-        assert gate.in_flight + gate.awaiting <= 16
-    assert (gate.in_flight, gate.awaiting) == (12, 4)  # the cap, not 2 x 12
+    assert sixth.done()  # three channels: room for six
+    assert gate.in_flight == 5
+    assert traffic.streams_wanted() == 3
 
 
 def test_one_low_window_of_whole_chunks_is_not_a_fall() -> None:
