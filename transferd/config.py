@@ -161,8 +161,10 @@ class SiteConfig(FrozenModel):
     data_listen: str | None = None
     chunk_size: Annotated[int, Field(ge=64 * 1024, le=256 * MiB)] = 8 * MiB
     compression: Literal["auto", "off"] | Annotated[int, Field(ge=1, le=22)] = "auto"
-    # Parallel chunk uploads per peer and bulk class at start; adapts within traffic.streams_*.
-    streams: Annotated[int, Field(ge=1, le=64)] = 4
+    # Data channels per peer at start; adapts within traffic.streams_*. Two: with bbr per
+    # socket one stream fills a clean long link, and on a lossy one 2 bbr streams beat 4 and 8
+    # (benchmarks/README.md, the spike); the controller adds streams that are loss-limited.
+    streams: Annotated[int, Field(ge=1, le=64)] = 2
     auth_window_s: Annotated[float, Field(gt=0)] = 300.0  # accepted clock skew / replay window
     # An upload its sender has not committed for this long is dropped at the next start.
     staging_ttl_s: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from transferd.config import SiteConfig
-from transferd.errors import ConfigError
+from transferd.errors import ConfigError, TransferdError
 from transferd.net.channels import DataListener, PeerChannels
 from transferd.net.inbound import InboundUploads
 from transferd.net.messages import MessageService
@@ -33,6 +33,7 @@ from transferd.net.sender import Sender
 from transferd.net.server import build_app
 from transferd.plan import PlanRun, link_settings
 from transferd.protocol.auth import NonceGuard, RequestVerifier
+from transferd.protocol.backoff import backoff_delays
 from transferd.protocol.local_api import Job, JobState, JobStatus, PeerStatus, SiteStatus
 from transferd.site.buffers import AlignedBuffers
 from transferd.site.journal import Journal, UploadState
@@ -54,6 +55,7 @@ CHANNEL_WINDOW = 2
 # Chunk bodies a daemon holds at once while they are verified and staged (x chunk_size of
 # memory): two per channel of eight channels.
 RECEIVE_BUFFERS = 16
+WARM_BUDGET_S = 60.0  # how long a starting daemon keeps trying to open channels to a peer
 
 
 class Daemon:
@@ -274,6 +276,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 sender_task = tg.create_task(self.sender.run())
                 others = [tg.create_task(self.messages.run())]
+                others += [tg.create_task(self._warm_channels(peer)) for peer in self.channels]
                 others += [tg.create_task(run()) for run in self._job_sources()]
                 if ready is not None:
                     ready(self)
@@ -330,6 +333,28 @@ class Daemon:
             extra={"fields": {"site": self.config.site, "url": self.url,
                               "data_port": self.data_port}},
         )
+
+    async def _warm_channels(self, peer: str) -> None:
+        """Open the data channels to `peer` at start, before a job needs them: the opening's
+        round trips (TCP, the HMAC exchange, asking for the data port) then cost a job nothing.
+        A peer that is not up yet is tried again (backoff up to 2 s, for WARM_BUDGET_S); a job
+        opens what is missing anyway."""
+        link, channels = self.links[peer], self.channels[peer]
+        delays = backoff_delays(WARM_BUDGET_S, first_s=0.1)
+        while True:
+            try:
+                await channels.ensure(
+                    self.traffic[peer].streams_wanted(), lambda: self.sender.data_address(link)
+                )
+                return
+            except TransferdError as exc:
+                self.sender.forget_data_address(peer)
+                delay = next(delays, None)
+                if delay is None:
+                    log.info("channel.warm_gave_up", extra={"fields": {
+                        "peer": peer, "error": str(exc)[:200]}})
+                    return
+                await asyncio.sleep(delay)
 
     def _job_sources(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
         """Watch mode (configured, or implied by a plan's checkpoint entries) and a plan's

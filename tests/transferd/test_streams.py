@@ -18,7 +18,7 @@ import pytest
 from transferd import TrafficClass
 from transferd.net.pump import BulkGate, PeerTraffic, SchedulerPump
 from transferd.protocol.sched import ClassScheduler
-from transferd.protocol.streams import StreamController
+from transferd.protocol.streams import PathSample, StreamController
 
 GBIT = 125_000_000  # bytes/s
 
@@ -237,3 +237,51 @@ def test_one_low_window_of_whole_chunks_is_not_a_fall() -> None:
     window(9)
     window(9)  # two windows at -35 %: a real fall
     assert ctl.target_streams < 8
+
+
+def _run_with_path(
+    ctl: StreamController, link: FluidLink, start: float, seconds: float, *, bbr: bool
+) -> list[tuple[float, int, float]]:
+    """As `_run`, and once per window what the sockets report: the link's loss rate on the
+    segments sent (TCP_INFO), its RTT and MSS. A bbr stream is not held at the Mathis bound:
+    it carries its share of the link whatever the loss."""
+    trace = []
+    now = start
+    dt = 0.1
+    while now < start + seconds - 1e-9:
+        streams = ctl.target_streams
+        rate = (min(link.capacity_bytes_per_s, streams * link.capacity_bytes_per_s)
+                if bbr else link.goodput(streams))
+        now += dt
+        if now >= ctl.next_deadline():
+            segs = int(rate / link.mss_bytes)
+            ctl.on_path(PathSample(segs_out=segs, retrans=int(segs * link.loss),
+                                   rtt_s=link.rtt_s, mss=link.mss_bytes))
+        ctl.on_sample(now, int(rate * dt), 0)
+        trace.append((now, streams, rate))
+    return trace
+
+
+def test_loss_limited_cubic_streams_double_until_the_link_is_full() -> None:
+    # 0.5 % loss at 40 ms: one cubic stream's ceiling is ~5 Mbit/s (Mathis); the controller
+    # sees each stream at that ceiling and keeps doubling, where the path-blind one would
+    # have settled at +1 steps.
+    link = FluidLink(loss=0.005, capacity_bytes_per_s=GBIT / 10)
+    ctl = StreamController(0.0, initial_streams=2, max_streams=32)
+    _run_with_path(ctl, link, 0.0, 30.0, bbr=False)
+    grown = [c for c in ctl.changes if c.to_streams > c.from_streams]
+    assert grown
+    assert all("loss-limited" in c.reason for c in grown)
+    assert all(c.to_streams == 2 * c.from_streams or c.to_streams == 32 for c in grown)
+    assert ctl.target_streams >= 16
+
+
+def test_capacity_limited_bbr_streams_are_not_multiplied() -> None:
+    # bbr on the same lossy link: each stream far above the Mathis bound, the link full with
+    # two streams: the controller holds at two (more streams would only compete and lose).
+    link = FluidLink(loss=0.005)
+    ctl = StreamController(0.0, initial_streams=2, max_streams=32)
+    _run_with_path(ctl, link, 0.0, 30.0, bbr=True)
+    assert ctl.target_streams == 2
+    assert not ctl.changes
+    assert ctl.loss_limited(GBIT) is False

@@ -25,6 +25,7 @@ import mmap
 import os
 import socket
 import ssl
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -44,6 +45,7 @@ from transferd.protocol import channel as ch
 from transferd.protocol.auth import Keys
 from transferd.protocol.channel import CongestionControl
 from transferd.protocol.chunks import Encoding
+from transferd.protocol.streams import PathSample
 from transferd.site.buffers import AlignedBuffers
 from transferd.site.metrics import Metrics
 from transferd.site.threads import lower_thread_priority
@@ -96,6 +98,28 @@ def _tune(sock: socket.socket, cc: CongestionControl) -> str:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
     return set_congestion(sock, cc)
+
+
+# struct tcp_info (linux/tcp.h): the few fields the stream controller reads.
+_TCP_INFO_BYTES = 160
+_INFO_MSS, _INFO_RTT_US, _INFO_TOTAL_RETRANS, _INFO_DATA_SEGS_OUT = 16, 68, 100, 156
+
+
+def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
+    """(data segments out, retransmitted, smoothed RTT in us, MSS) of a connection; None where
+    the kernel does not say."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _INFO_DATA_SEGS_OUT + 4:
+        return None
+
+    def u32(at: int) -> int:
+        return int.from_bytes(info[at : at + 4], sys.byteorder)
+
+    return (u32(_INFO_DATA_SEGS_OUT), u32(_INFO_TOTAL_RETRANS), u32(_INFO_RTT_US),
+            u32(_INFO_MSS))
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
@@ -188,6 +212,7 @@ class _Channel:
         self.window: ch.ChannelWindow[OutgoingChunk] = ch.ChannelWindow(window)
         self.retiring = False
         self.broken = False
+        self.counted = (0, 0)  # TCP segments out and retransmitted at the last path sample
         self.threads = [
             threading.Thread(target=self._send_loop, name=f"channel-send-{owner.peer}",
                              daemon=True),
@@ -345,9 +370,6 @@ class PeerChannels:
                     *(asyncio.to_thread(self._open, host, port) for _ in range(missing)),
                     return_exceptions=True)
                 errors = [e for e in opened if isinstance(e, BaseException)]
-                with self.cond:
-                    self.channels += [c for c in opened if isinstance(c, _Channel)]
-                    self.cond.notify_all()
                 if errors and self.live() == 0:
                     first = errors[0]
                     if isinstance(first, TransferdError):
@@ -399,6 +421,29 @@ class PeerChannels:
         for item in queued:
             item.finish(error=TransportError("daemon stopping", peer=self.peer))
 
+    def path_sample(self) -> PathSample | None:
+        """TCP_INFO of the live channels since the last sample: segments sent and resent
+        (summed), RTT and MSS (their means); None before any data went out."""
+        segs = retrans = 0
+        rtts: list[int] = []
+        mss: list[int] = []
+        with self.cond:
+            live = [c for c in self.channels if c.alive]
+        for chan in live:
+            got = tcp_counters(chan.sock)
+            if got is None:
+                continue
+            out, resent, rtt_us, seg = got
+            segs += out - chan.counted[0]
+            retrans += resent - chan.counted[1]
+            chan.counted = (out, resent)
+            rtts.append(rtt_us)
+            mss.append(seg)
+        if segs <= 0 or not rtts:
+            return None
+        return PathSample(segs_out=segs, retrans=max(0, retrans),
+                          rtt_s=sum(rtts) / len(rtts) / 1e6, mss=int(sum(mss) / len(mss)))
+
     # -- channel threads -----------------------------------------------------------------------
     def resent(self, items: Sequence[OutgoingChunk]) -> None:
         self.metrics.chunks_resent.labels(self.peer).inc(len(items))
@@ -431,15 +476,25 @@ class PeerChannels:
             raw.close()
             raise TransportError(f"{self.peer}: opening a data channel: {exc}",
                                  peer=self.peer) from exc
+        chan = _Channel(self, sock, ch.Session.derive(secret, said, server_nonce),
+                        self.ssl_context is not None, self.window)
         with self.cond:
-            self.opened += 1
-            self.algorithms.add(algorithm)
+            # Registered here, not by the awaiting task: one cancelled meanwhile (the daemon
+            # stopping) must not leave an open channel nobody closes.
+            closing = self.closing
+            if not closing:
+                self.channels.append(chan)
+                self.opened += 1
+                self.algorithms.add(algorithm)
+            self.cond.notify_all()
+        if closing:
+            chan._close()
+            return chan
         self.metrics.channels_opened.labels(self.peer).inc()
         log.info("channel.opened", extra={"fields": {
             "peer": self.peer, "to": f"{host}:{port}", "congestion_control": algorithm,
             "tls": self.ssl_context is not None}})
-        return _Channel(self, sock, ch.Session.derive(secret, said, server_nonce),
-                        self.ssl_context is not None, self.window)
+        return chan
 
 
 # ---- receiving ----------------------------------------------------------------------------------

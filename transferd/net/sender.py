@@ -701,6 +701,12 @@ class _ChunkPump:
         finally:
             if window is not None:
                 window.discard()
+            if self.gate.clock() >= self.gate.controller.next_deadline():
+                # The controller's window closes: tell it what the sockets saw of the path.
+                sample = self.channels.path_sample()
+                if sample is not None:
+                    for gate in self.traffic.gates.values():
+                        gate.controller.on_path(sample)
             self.gate.release(acked, errors)
 
     def _reread(self, location: tuple[int, int], length: int) -> FileWindow | None:
