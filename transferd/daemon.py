@@ -115,7 +115,9 @@ class Daemon:
             metrics=self.metrics,
             workers=self.inbound.workers,
             ssl_context=server_ssl_context(config),
+            on_peer=self._peer_seen,
         )
+        self._peer_up = {peer: asyncio.Event() for peer in config.peers}
         traffic = config.traffic
         links = {peer: link_settings(config, peer, plan) for peer in config.peers}
         self.traffic = {
@@ -341,7 +343,9 @@ class Daemon:
         opens what is missing anyway."""
         link, channels = self.links[peer], self.channels[peer]
         delays = backoff_delays(WARM_BUDGET_S, first_s=0.1)
+        up = self._peer_up[peer]
         while True:
+            up.clear()
             try:
                 await channels.ensure(
                     self.traffic[peer].streams_wanted(), lambda: self.sender.data_address(link)
@@ -354,7 +358,15 @@ class Daemon:
                     log.info("channel.warm_gave_up", extra={"fields": {
                         "peer": peer, "error": str(exc)[:200]}})
                     return
-                await asyncio.sleep(delay)
+                # The peer opening its own channels here says it is up: try again at once.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await up.wait()
+
+    def _peer_seen(self, peer: str) -> None:
+        event = self._peer_up.get(peer)
+        if event is not None:
+            event.set()
 
     def _job_sources(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
         """Watch mode (configured, or implied by a plan's checkpoint entries) and a plan's

@@ -526,8 +526,12 @@ class DataListener:
         metrics: Metrics,
         workers: concurrent.futures.Executor,
         ssl_context: ssl.SSLContext | None = None,
+        on_peer: Callable[[str], None] | None = None,
     ) -> None:
         self.site = site
+        # Called on the event loop when a peer opens a channel here: it is up, so channels to
+        # it can be opened now too.
+        self.on_peer = on_peer
         self.keys = keys
         self.peers = dict(peers)
         self.sink = sink
@@ -591,6 +595,8 @@ class DataListener:
                 sock = self.ssl_context.wrap_socket(raw, server_side=True)
             peer, session = self._open(sock)
             sock.settimeout(None)
+            if self.on_peer is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(self.on_peer, peer)
             self._receive(sock, peer, session)
         except AuthError as exc:
             self.metrics.auth_failures.labels("data channel").inc()

@@ -12,6 +12,7 @@ are still missing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -44,6 +45,7 @@ from transferd.protocol.manifest import (
     HaveRequest,
     Manifest,
     OpenAnswer,
+    UploadIntent,
 )
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
 from transferd.protocol.upload import plan_offer, resend, upload_id, upload_intent, upload_manifest
@@ -241,8 +243,35 @@ class Sender:
             "file" if kind == "file" else "folder",
             members,
         )
-        if (await self._control(link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
-            return
+        # The data channels open (if they are not warm already) while the upload opens and the
+        # first chunks are hashed: their round trips overlap instead of adding up.
+        warm = asyncio.create_task(self._warm(link))
+        try:
+            if (await self._control(link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
+                return
+            await self._replicate_chunks(job, link, rel, intent, members)
+        finally:
+            if not warm.done():
+                warm.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransferdError):
+                await warm
+
+    async def _warm(self, link: PeerLink) -> None:
+        try:
+            await self.channels[link.peer].ensure(
+                self.traffic[link.peer].streams_wanted(), lambda: self.data_address(link)
+            )
+        except TransferdError:
+            self.forget_data_address(link.peer)  # the chunks' own retries take over
+
+    async def _replicate_chunks(
+        self,
+        job: Job,
+        link: PeerLink,
+        rel: str,
+        intent: UploadIntent,
+        members: list[tuple[str, int]],
+    ) -> None:
         files: list[_FileState] = []
         try:
             for member, _size in members:
