@@ -17,9 +17,11 @@ RANDOM = random.Random(1).randbytes(1 << 20)
 ZEROS = bytes(1 << 20)
 
 
-def test_auto_sends_raw_until_the_link_is_measured_then_compresses_only_on_slow_links() -> None:
+def test_auto_compresses_until_the_link_is_measured_then_only_on_slow_links() -> None:
     policy = CompressionPolicy.from_setting("auto", workers=2)
-    assert not policy.should_try()  # no link measurement yet: send raw and measure
+    assert policy.should_try()  # no link measurement yet: what shrinks goes compressed
+    assert policy.pays(policy.probe_ratio(ZEROS))
+    assert not policy.pays(policy.probe_ratio(RANDOM))
     policy.observe_link(100_000_000, 1.0)  # 100 MB/s WAN
     assert policy.should_try()
     assert policy.pays(policy.probe_ratio(ZEROS))
