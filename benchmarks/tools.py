@@ -520,6 +520,10 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
         run = ToolRun(tool=tool, ok=False, error=reason)
     finally:
         samples = sampler.stop() if sampler is not None else []
+        if samples and os.environ.get("NB_KEEP_LOGS"):  # the sending interface over time
+            t0 = samples[0][0]
+            (lab.workdir / f"{tool}-tx.log").write_text(
+                "\n".join(f"{t - t0:.2f} {b - samples[0][1]}" for t, b in samples) + "\n")
         if ctx.flapper is not None:
             ctx.flapper.stop()
         shutil.rmtree(ctx.scratch, ignore_errors=True)
