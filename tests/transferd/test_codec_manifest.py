@@ -115,3 +115,15 @@ def test_a_digest_that_is_not_the_chunk_roots_is_refused() -> None:
     body = _manifest().model_dump_json().replace(file_digest(10, CHUNKS), "d" * 64).encode()
     with pytest.raises(ProtocolError, match="digest is not the root"):
         parse_body(Manifest, body)
+
+
+def test_incompressible_data_is_probed_only_now_and_then() -> None:
+    policy = CompressionPolicy.from_setting("auto", workers=2)
+    probed = 0
+    for _ in range(100):
+        if policy.should_try():
+            probed += 1
+            policy.pays(policy.probe_ratio(RANDOM))
+    assert probed <= 4 + 100 // 16 + 1  # four in a row, then one chunk in sixteen
+    policy.pays(policy.probe_ratio(ZEROS))  # the data changed: back to probing every chunk
+    assert all(policy.should_try() for _ in range(10))

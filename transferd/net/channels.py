@@ -276,6 +276,7 @@ class _Channel:
 
     # receipt thread
     def _receipt_loop(self) -> None:
+        lower_thread_priority()
         owner = self.owner
         try:
             while True:

@@ -487,10 +487,11 @@ class Sender:
         return fixed_spans(source.size, self.chunk_size)
 
     def encode(self, peer: str, view: memoryview) -> Encoded:
-        """Thread: the body to send for a chunk (zstd when the policy says it pays)."""
+        """Thread: the body to send for a chunk whose compression is worth trying (zstd when
+        a sample says it pays)."""
         policy = self.compression[peer]
         n = len(view)
-        if not policy.should_try() or not policy.pays(policy.probe_ratio(view)):
+        if not policy.pays(policy.probe_ratio(view)):
             return Encoded("identity", view, n)
         assert policy.level is not None
         t0 = time.perf_counter()
@@ -673,7 +674,11 @@ class _ChunkPump:
         acked, errors = 0, 0  # for the stream controller: integrity failures
         try:
             for attempt in range(1, MAX_CHUNK_ATTEMPTS + 1):
-                encoded = await asyncio.to_thread(s.encode, peer, view)
+                encoded = (
+                    await asyncio.to_thread(s.encode, peer, view)
+                    if s.compression[peer].should_try()
+                    else Encoded("identity", view, len(view))
+                )
                 body_hash = (
                     digest
                     if encoded.encoding == "identity"
