@@ -285,3 +285,14 @@ def test_capacity_limited_bbr_streams_are_not_multiplied() -> None:
     assert ctl.target_streams == 2
     assert not ctl.changes
     assert ctl.loss_limited(GBIT) is False
+
+
+def test_without_loss_the_controller_still_probes_for_what_else_holds_a_stream_back() -> None:
+    # No loss: TCP_INFO says nothing about why a stream is not faster (a window, a receiver's
+    # disk), so a probe decides, as without path samples.
+    link = FluidLink(loss=1e-9)
+    ctl = StreamController(0.0, initial_streams=2, max_streams=32)
+    ctl.on_path(PathSample(segs_out=100_000, retrans=0, rtt_s=0.04, mss=1448))
+    assert ctl.loss_limited(GBIT) is None
+    _run(ctl, link, 0.0, 20.0)
+    assert any(c.reason.startswith("probing") for c in ctl.changes)

@@ -24,9 +24,9 @@ goodput per window and:
   probes only while the streams are loss-limited: each carries within a factor 2 of the Mathis
   bound MSS/RTT * 1.22/sqrt(p) (a loss-based congestion control such as cubic, at its ceiling
   on a lossy link, where another stream adds another share). A stream well above that bound
-  (bbr, which paces at the measured bottleneck rate and does not back off per loss) or with no
-  loss at all is capacity-limited: more streams only add competing flows, losses and a longer
-  tail, so the count holds. Without path samples it probes as FTS3 does.
+  on a lossy path (bbr, which paces at the measured bottleneck rate and does not back off per
+  loss) is capacity-limited: more streams only add competing flows, losses and a longer tail,
+  so the count holds. Without path samples, or without loss, it probes as FTS3 does.
 Every change is kept as a `StreamChange` with its reason, for a log line and a metric.
 `net.pump.BulkGate` is the thin asyncio adapter that admits each chunk upload.
 """
@@ -154,12 +154,14 @@ class StreamController:
         self._path = sample
 
     def loss_limited(self, goodput: float) -> bool | None:
-        """Whether each stream runs at its loss ceiling (None: no path samples, unknown)."""
+        """Whether each stream runs at its loss ceiling (None: unknown, with no path samples
+        or no loss at all: then something else may hold a stream back, a window, a receiver
+        writing to disk, and a probe finds out)."""
         if self._path is None:
             return None
         bound = self._path.mathis_bytes_per_s()
         if bound is None:
-            return False
+            return None
         # At the ceiling (within a factor 2 of it either way); far above it the streams are
         # not held by loss at all (bbr).
         return 0.5 * bound <= goodput / self.target_streams <= 2 * bound
