@@ -36,6 +36,7 @@ __all__ = [
     "CappedFileSystem",
     "FakeClock",
     "LinkProxy",
+    "MotoS3Server",
     "bound_socket",
     "loopback_pair",
     "loopback_tls",
@@ -385,3 +386,98 @@ class CappedFileSystem(LocalFileSystem):
         import fsspec
 
         fsspec.register_implementation("transferd-capped", CappedFileSystem, clobber=True)
+
+
+@dataclass
+class MotoS3Server:
+    """moto's S3 server (`moto[server]`) in a subprocess on 127.0.0.1 and a free port, as s3fs's
+    own tests run it: a real S3 endpoint speaking HTTP, with its objects in that process's memory.
+
+        with MotoS3Server() as s3:
+            s3.create_bucket("site-b")
+            options = s3.storage_options      # endpoint and (dummy) credentials for fsspec
+
+    `start()` raises RuntimeError (with the server's output) when moto is missing or the server
+    does not answer within `start_timeout_s`."""
+
+    start_timeout_s: float = 30.0
+    port: int = 0
+    proc: Any = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        # Explicit credentials: botocore must never go looking for real ones (instance metadata
+        # lives outside 127.0.0.0/8).
+        return {
+            "key": "transferd-test",
+            "secret": "transferd-test",
+            "endpoint_url": self.endpoint_url,
+            "client_kwargs": {"region_name": "us-east-1"},
+        }
+
+    def start(self) -> MotoS3Server:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        try:
+            import moto.server  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError(f"moto[server] is not installed: {exc}") from exc
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"moto's S3 server exited at start: {err}")
+            try:
+                with urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"moto's S3 server did not answer within {self.start_timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+            self.proc = None
+
+    def __enter__(self) -> MotoS3Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def client(self) -> Any:
+        """A boto3 S3 client for this endpoint (for tests that look at the bucket directly)."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id="transferd-test",
+            aws_secret_access_key="transferd-test",
+            region_name="us-east-1",
+        )
+
+    def create_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name

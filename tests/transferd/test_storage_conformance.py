@@ -1,7 +1,8 @@
 """One set of storage tests that every `SiteStorage` backend must pass, as fsspec's abstract test
-suites do for its filesystems: the local backend, and the fsspec backend over a local URL and
-over fsspec's in-memory filesystem. A new backend (e.g. S3 through a moto server) joins by
-adding one entry to `BACKENDS`: a function from a temporary folder to a fresh storage."""
+suites do for its filesystems: the local backend, the fsspec backend over a local URL and over
+fsspec's in-memory filesystem, and the object-store backend on S3 (moto's S3 server on
+127.0.0.1). A new backend joins by adding one entry to `BACKENDS`: a function from a temporary
+folder (and the test's fixtures) to a fresh storage."""
 
 from __future__ import annotations
 
@@ -14,31 +15,39 @@ import pytest
 
 from transferd.errors import PolicyViolation, StorageError
 from transferd.site.staging import Staging
-from transferd.site.storage import FsspecStorage, LocalStorage, SiteStorage
+from transferd.site.storage import FsspecStorage, LocalStorage, SiteStorage, open_storage
 
 
-def _local(tmp: Path) -> SiteStorage:
+def _local(tmp: Path, request: pytest.FixtureRequest) -> SiteStorage:
     return LocalStorage(tmp / "data")
 
 
-def _fsspec_file(tmp: Path) -> SiteStorage:
+def _fsspec_file(tmp: Path, request: pytest.FixtureRequest) -> SiteStorage:
     return FsspecStorage(f"file://{tmp / 'data'}", {}, tmp / "state")
 
 
-def _fsspec_memory(tmp: Path) -> SiteStorage:
+def _fsspec_memory(tmp: Path, request: pytest.FixtureRequest) -> SiteStorage:
     return FsspecStorage(f"memory://conformance-{uuid.uuid4().hex}/data", {}, tmp / "state")
 
 
-BACKENDS: dict[str, Callable[[Path], SiteStorage]] = {
+def _s3(tmp: Path, request: pytest.FixtureRequest) -> SiteStorage:
+    server = request.getfixturevalue("moto_s3")
+    bucket = request.getfixturevalue("s3_bucket")
+    url = f"s3://{bucket}/data"
+    return open_storage(False, tmp, url, server.storage_options, tmp / "state")
+
+
+BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], SiteStorage]] = {
     "local": _local,
     "fsspec-file": _fsspec_file,
     "fsspec-memory": _fsspec_memory,
+    "s3": _s3,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SiteStorage]:
-    made = BACKENDS[request.param](tmp_path)
+    made = BACKENDS[request.param](tmp_path, request)
     yield made
     if isinstance(made, FsspecStorage) and "memory" in made.fs.protocol:
         top = made.root.rsplit("/", 1)[0]  # the store is process-wide

@@ -1,7 +1,8 @@
 """transferd's blocking local I/O at one site, called from worker threads or briefly from the
 event loop; nothing here imports asyncio or aiohttp (tests/transferd/test_layers.py).
 
-- `storage`: data_dir behind one `SiteStorage` protocol (local paths, any fsspec URL)
+- `storage`: data_dir behind one `SiteStorage` protocol (local paths, any fsspec URL);
+  `objectstore`: object stores without rename (S3, GCS, Azure): commits by a manifest object
 - `staging`, `source`: incoming files written by offset; outgoing files read through mmap windows
 - `receiver`: the receiving end of uploads (staging, verification, atomic commit)
 - `journal`: the SQLite state that survives SIGKILL (jobs, uploads, chunk index)

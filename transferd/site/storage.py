@@ -1,8 +1,10 @@
 """Site storage: reading sources, staging incoming files, and committing them atomically.
 
-Two backends behind one small interface, chosen by data_dir: `LocalStorage` (a path: mmap reads,
-pwrite staging on the same filesystem, fsync + rename commit) and `FsspecStorage` (any fsspec URL:
-staging on local disk in state_dir, then put to a partial name and move into place). Staging and
+Backends behind one small interface, chosen by data_dir: `LocalStorage` (a path: mmap reads,
+pwrite staging on the same filesystem, fsync + rename commit), `FsspecStorage` (any fsspec URL:
+staging on local disk in state_dir, then put to a partial name and move into place) and, for
+object stores without rename (S3, GCS, Azure), `site.objectstore.ObjectStorage` (a manifest
+object written last makes a folder visible). Staging and
 commit never expose a partial file at the final path; OSError becomes StorageError here.
 """
 
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -327,6 +330,16 @@ class FsspecStorage:
 def open_storage(
     data_dir_is_local: bool, data_path: Path, url: str, options: dict[str, Any], state_dir: Path
 ) -> SiteStorage:
+    """The backend for data_dir: a local path, an object store (no rename: commits through a
+    manifest object, `site.objectstore`), or any other fsspec URL. A store reached over the
+    network is checked once here (list, write, read, delete a probe object): ConfigError."""
     if data_dir_is_local:
         return LocalStorage(data_path)
+    from transferd.site.objectstore import OBJECT_STORE_PROTOCOLS, ObjectStorage
+
+    if urlsplit(url).scheme in OBJECT_STORE_PROTOCOLS:
+        store = ObjectStorage(url, options, state_dir)
+        store.probe()
+        store.reclaim()
+        return store
     return FsspecStorage(url, options, state_dir)

@@ -1,0 +1,331 @@
+"""data_dir on an object store (S3, GCS, Azure Blob through fsspec): stores without rename.
+
+Theory of operation. An object store makes one object visible atomically (a PUT, or the
+completion of a multipart upload) but has no rename and no multi-object transaction, so a folder
+cannot appear by one rename as it does on a filesystem. A committed folder is therefore defined
+by its *manifest object* `<folder>/.transferd-manifest.json`, written last:
+
+1. before the first object is written, an intent file in the state dir names the folder (it is
+   how start-up finds what a crash left behind, without listing the bucket);
+2. a folder being replaced loses its old manifest first (from then on it reads as absent, never
+   as a mix of the old and the new);
+3. the members are PUT under the folder's prefix, in parallel (multipart, parts in parallel,
+   memory bounded by `_PUT_FILES x _PUT_PARTS x _PART_BYTES`);
+4. one listing of the prefix verifies that every member is there at its size, and deletes
+   objects that are not members (an old version's extra files, a crashed attempt's leftovers);
+5. the manifest (members, sizes, the upload that wrote them) is PUT: the folder is visible;
+6. the intent file goes.
+
+Readers trust the manifest: a folder with an unfinished commit is absent (`exists`, `is_dir`,
+`list_dir`, `list_source`), and listing a committed folder reads its manifest rather than the
+bucket. Checkpoint steps build on this: LATEST is written after the step's manifest, retention
+deletes a step's manifest before its objects. Start-up (`reclaim`) cleans each folder named by
+an intent file: with a manifest, objects it does not list go; without one, the whole prefix goes.
+Folders written by other tools (a source site's training job) have no manifest and are listed
+as they are. Files are one object each, PUT straight to their key (atomic on every store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from transferd.errors import ConfigError, StorageError
+from transferd.site.staging import Staging, os_errors, storage_error
+from transferd.site.storage import FsspecStorage
+
+__all__ = ["MANIFEST", "OBJECT_STORE_PROTOCOLS", "ObjectStorage", "is_object_store"]
+
+log = logging.getLogger("transferd.storage")
+
+MANIFEST = ".transferd-manifest.json"
+MANIFEST_FORMAT = "transferd-folder/1"
+# fsspec protocols of stores with no rename (their `mv` is copy + delete, object by object).
+OBJECT_STORE_PROTOCOLS = frozenset(
+    {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
+)
+# Parallel PUTs: files at once x parts per file at once x part size bounds the memory a commit
+# holds (4 x 4 x 8 MiB = 128 MiB); 8 MiB parts are above S3's 5 MiB minimum.
+_PUT_FILES = 4
+_PUT_PARTS = 4
+_PART_BYTES = 8 * 1024 * 1024
+
+
+def is_object_store(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return bool(OBJECT_STORE_PROTOCOLS.intersection(protocols))
+
+
+class ObjectStorage(FsspecStorage):
+    """data_dir at an object store URL (s3://bucket/prefix, gs://..., az://...): folders and
+    checkpoint steps commit through a manifest object written last (see the module docstring)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any], state_dir: Path) -> None:
+        # A listing cached by fsspec would hide what another process (or a crash) changed.
+        options = {"use_listings_cache": False, **storage_options}
+        super().__init__(url, options, state_dir)
+        self.url = url
+        self.intents_dir = state_dir / "object-commits"
+        with os_errors("creating the state dir", self.intents_dir):
+            self.intents_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._committing: dict[str, int] = {}  # folder -> commits in progress
+        for rel in self._intents():
+            self._committing[rel] = self._committing.get(rel, 0) + 1
+        self._s3 = "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else ())
+
+    # -- intents (state dir) ----------------------------------------------------------------------
+    def _intent_path(self, rel: str) -> Path:
+        return self.intents_dir / (hashlib.sha256(rel.encode()).hexdigest()[:32] + ".json")
+
+    def _intents(self) -> list[str]:
+        rels = []
+        for entry in sorted(self.intents_dir.glob("*.json")):
+            try:
+                rels.append(str(json.loads(entry.read_text(encoding="utf-8"))["rel"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                entry.unlink(missing_ok=True)  # a torn intent: its commit never wrote objects
+        return rels
+
+    def _begin(self, rel: str, upload: str) -> None:
+        path = self._intent_path(rel)
+        with os_errors(f"recording the commit of {rel}", rel):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"rel": rel, "upload": upload}), encoding="utf-8")
+            tmp.replace(path)
+        with self._lock:
+            self._committing[rel] = self._committing.get(rel, 0) + 1
+
+    def _end(self, rel: str) -> None:
+        self._intent_path(rel).unlink(missing_ok=True)
+        with self._lock:
+            left = self._committing.get(rel, 0) - 1
+            if left > 0:
+                self._committing[rel] = left
+            else:
+                self._committing.pop(rel, None)
+
+    def _in_commit(self, rel: str) -> bool:
+        with self._lock:
+            return rel in self._committing
+
+    # -- manifests ------------------------------------------------------------------------------
+    def manifest(self, rel: str) -> dict[str, Any] | None:
+        """The committed folder's manifest, or None (no folder, or one whose commit is not
+        finished)."""
+        try:
+            raw = self.fs.cat_file(f"{self.path(rel)}/{MANIFEST}")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise storage_error(f"reading the manifest of {rel}", exc, rel) from exc
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}")
+            return dict(doc)
+        except (ValueError, AttributeError) as exc:
+            raise StorageError(f"{rel}: unreadable folder manifest ({exc})", path=rel) from exc
+
+    def _has_manifest(self, rel: str) -> bool:
+        return bool(self.fs.exists(f"{self.path(rel)}/{MANIFEST}"))
+
+    # -- reads ----------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        self.check_path(rel)
+        if self._has_manifest(rel):
+            return True
+        if self._in_commit(rel):
+            return False
+        return bool(self.fs.exists(self.path(rel)))
+
+    def is_dir(self, rel: str) -> bool:
+        self.check_path(rel)
+        if self._has_manifest(rel):
+            return True
+        return not self._in_commit(rel) and bool(self.fs.isdir(self.path(rel)))
+
+    def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
+        self.check_path(rel)
+        path = self.path(rel)
+        doc = self.manifest(rel)
+        if doc is not None:
+            return "folder", [(str(m["path"]), int(m["size"])) for m in doc["members"]]
+        if self._in_commit(rel):
+            raise StorageError(f"{rel} does not exist at this site", path=rel)
+        with os_errors(f"listing {rel}", rel):
+            if self.fs.isfile(path):
+                return "file", [("", int(self.fs.size(path)))]
+        kind, members = super().list_source(rel)
+        return kind, [(m, n) for m, n in members if not _internal(m)]
+
+    def list_dir(self, rel: str) -> list[str]:
+        names = [n for n in super().list_dir(rel) if not _internal(n)]
+        with self._lock:
+            busy = set(self._committing)
+        return [n for n in names if f"{rel}/{n}" not in busy]
+
+    def newest_mtime(self, rel: str) -> float:
+        if self._in_commit(rel):
+            return time.time()  # being written now
+        doc = self.manifest(rel)
+        if doc is not None:
+            return float(doc["committed_at"])  # S3's LastModified has whole seconds only
+        return super().newest_mtime(rel)
+
+    # -- writes ---------------------------------------------------------------------------------
+    def _put_options(self) -> dict[str, Any]:
+        if self._s3:
+            return {"chunksize": _PART_BYTES, "max_concurrency": _PUT_PARTS}
+        return {}
+
+    def commit(self, staging: Staging, rel: str) -> None:
+        final = self.path(rel)
+        try:
+            staging.sync()
+            staging.close()
+            if staging.kind == "file":
+                # One object: a PUT (or a multipart upload's completion) shows it whole.
+                self.fs.put_file(str(staging.payload_path), final, **self._put_options())
+                if int(self.fs.size(final)) != staging.sizes[0]:
+                    raise StorageError(f"{rel}: the store holds a different size", path=rel)
+                return
+        except OSError as exc:
+            raise storage_error(f"committing {rel}", exc, rel) from exc
+        self._commit_folder(staging, rel)
+
+    def _commit_folder(self, staging: Staging, rel: str) -> None:
+        final = self.path(rel)
+        upload = staging.dir.name
+        self._begin(rel, upload)
+        try:
+            if self._has_manifest(rel):
+                self.fs.rm_file(f"{final}/{MANIFEST}")  # the old version is gone from here on
+            members = list(zip(staging.members, staging.sizes, strict=True))
+            local = [str(staging.member_path(i)) for i in range(len(members))]
+            remote = [f"{final}/{m}" for m, _n in members]
+            self.fs.put(local, remote, batch_size=_PUT_FILES, **self._put_options())
+            self._verify_and_prune(rel, dict(members))
+            doc = {
+                "format": MANIFEST_FORMAT,
+                "upload": upload,
+                "committed_at": time.time(),
+                "members": [{"path": m, "size": n} for m, n in sorted(members)],
+            }
+            self.fs.pipe_file(f"{final}/{MANIFEST}", json.dumps(doc, indent=1).encode())
+        except OSError as exc:
+            self._end_after_failure(rel)
+            raise storage_error(f"committing {rel}", exc, rel) from exc
+        except BaseException:
+            self._end_after_failure(rel)
+            raise
+        self._end(rel)
+
+    def _end_after_failure(self, rel: str) -> None:
+        """The folder stays absent; its objects go now if the store lets us, else at start-up
+        (the intent file stays)."""
+        try:
+            self._reclaim_folder(rel)
+        except (OSError, StorageError):
+            with self._lock:
+                self._committing[rel] = max(0, self._committing.get(rel, 1) - 1)
+                if not self._committing[rel]:
+                    del self._committing[rel]
+            return
+        self._end(rel)
+
+    def _verify_and_prune(self, rel: str, sizes: dict[str, int]) -> None:
+        final = self.path(rel)
+        found = {
+            name[len(final) :].lstrip("/"): int(info["size"])
+            for name, info in self.fs.find(final, detail=True).items()
+        }
+        wrong = [m for m, n in sizes.items() if found.get(m) != n]
+        if wrong:
+            raise StorageError(
+                f"committing {rel}: {len(wrong)} object(s) missing or of the wrong size after "
+                f"upload (first: {wrong[0]})",
+                path=rel,
+            )
+        extra = [f"{final}/{m}" for m in found if m not in sizes and m != MANIFEST]
+        if extra:
+            self.fs.rm(extra)
+
+    def write_text_atomic(self, rel: str, text: str) -> None:
+        with os_errors(f"writing {rel}", rel):
+            self.fs.pipe_file(self.path(rel), text.encode())  # one PUT: old or new, whole
+
+    def remove_tree(self, rel: str) -> None:
+        self.check_path(rel)
+        path = self.path(rel)
+        with os_errors(f"removing {rel}", rel):
+            if self._has_manifest(rel):
+                self.fs.rm_file(f"{path}/{MANIFEST}")  # absent first, then its objects go
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+    # -- start-up -------------------------------------------------------------------------------
+    def reclaim(self) -> list[str]:
+        """Clean up after commits a crash interrupted (named by intent files): returns the
+        folders cleaned. A folder with a manifest keeps what it lists; one without loses all."""
+        cleaned = []
+        for rel in self._intents():
+            try:
+                self._reclaim_folder(rel)
+            except (OSError, StorageError) as exc:
+                log.warning(
+                    "storage.reclaim_failed", extra={"fields": {"path": rel, "error": str(exc)}}
+                )
+                continue
+            cleaned.append(rel)
+            self._intent_path(rel).unlink(missing_ok=True)
+            with self._lock:
+                self._committing.pop(rel, None)
+        return cleaned
+
+    def _reclaim_folder(self, rel: str) -> None:
+        path = self.path(rel)
+        doc = self.manifest(rel)
+        if not self.fs.exists(path):
+            return
+        keep = {str(m["path"]) for m in doc["members"]} | {MANIFEST} if doc else set()
+        garbage = [
+            name
+            for name in self.fs.find(path)
+            if name[len(path) :].lstrip("/") not in keep
+        ]
+        if garbage:
+            self.fs.rm(garbage)
+
+    def probe(self) -> None:
+        """List, write, read back and delete a probe object; ConfigError with the store's reason
+        when any step fails (the daemon exits 2 at start-up rather than failing every job)."""
+        bucket = self.root.split("/", 1)[0]
+        name = f"{self.root}/.transferd-probe-{uuid.uuid4().hex}"
+        step = f"listing {bucket}"
+        try:
+            self.fs.ls(bucket)
+            step = "writing a probe object"
+            self.fs.pipe_file(name, b"transferd probe\n")
+            step = "reading the probe object back"
+            if bytes(self.fs.cat_file(name)) != b"transferd probe\n":
+                raise OSError("it read back differently")
+            step = "deleting the probe object"
+            self.fs.rm_file(name)
+        except Exception as exc:  # the store's client raises its own kinds (botocore, ...)
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, FileNotFoundError) and step.startswith("listing"):
+                reason = f"{bucket!r} does not exist (create the bucket first)"
+            raise ConfigError(
+                f"data_dir {self.url!r}: the store failed the start-up check ({step}): {reason}"
+            ) from exc
+
+
+def _internal(name: str) -> bool:
+    return name == MANIFEST or ".transferd-" in name.rsplit("/", 1)[-1]
