@@ -403,6 +403,7 @@ class MotoS3Server:
     start_timeout_s: float = 30.0
     port: int = 0
     proc: Any = None
+    _log: Any = None
 
     @property
     def endpoint_url(self) -> str:
@@ -422,6 +423,7 @@ class MotoS3Server:
     def start(self) -> MotoS3Server:
         import subprocess
         import sys
+        import tempfile
         import time
         import urllib.request
 
@@ -430,15 +432,19 @@ class MotoS3Server:
         except ImportError as exc:
             raise RuntimeError(f"moto[server] is not installed: {exc}") from exc
         self.port = free_port()
+        # Its request log goes to a file: a pipe nobody reads fills up and stops the server.
+        self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self._log,
         )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace")[-2000:]
+                self._log.seek(0)
+                err = self._log.read().decode(errors="replace")[-2000:]
+                self.stop()
                 raise RuntimeError(f"moto's S3 server exited at start: {err}")
             try:
                 with urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=1):
@@ -456,9 +462,10 @@ class MotoS3Server:
             except Exception:
                 self.proc.kill()
                 self.proc.wait()
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
             self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> MotoS3Server:
         return self.start()

@@ -68,7 +68,7 @@ class ObjectStorage(FsspecStorage):
 
     def __init__(self, url: str, storage_options: dict[str, Any], state_dir: Path) -> None:
         # A listing cached by fsspec would hide what another process (or a crash) changed.
-        options = {"use_listings_cache": False, **storage_options}
+        options = {"use_listings_cache": False, "skip_instance_cache": True, **storage_options}
         super().__init__(url, options, state_dir)
         self.url = url
         self.intents_dir = state_dir / "object-commits"

@@ -1,0 +1,133 @@
+"""Real daemons with one site's data_dir on S3 (moto's server on 127.0.0.1), the other on local
+disk, in both directions: a file, a folder, checkpoints with LATEST and retention, and delta
+replication (a second step sharing 9 of 10 shards sends a tenth of the bytes)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import blake3
+import fsspec
+import pytest
+
+from transferd.site.objectstore import MANIFEST
+from transferd.testing import MotoS3Server, loopback_pair, wait_for_jobs
+
+CHUNK = 256 * 1024
+
+
+class Site:
+    """Where one site's data lives (a local folder or s3://bucket/site-X), for writing sources
+    and reading results the way a user would."""
+
+    def __init__(self, root: str, options: dict[str, Any]) -> None:
+        self.fs, self.root = fsspec.core.url_to_fs(root, **options)
+        self.root = self.root.rstrip("/")
+
+    def write(self, rel: str, size: int, seed: int) -> str:
+        data = random.Random(seed).randbytes(size)
+        self.fs.makedirs(f"{self.root}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(f"{self.root}/{rel}", data)
+        return blake3.blake3(data).hexdigest()
+
+    def copy(self, rel: str, to: str) -> None:
+        self.fs.makedirs(f"{self.root}/{to}".rsplit("/", 1)[0], exist_ok=True)
+        self.fs.copy(f"{self.root}/{rel}", f"{self.root}/{to}")
+
+    def blake3(self, rel: str) -> str:
+        return blake3.blake3(self.fs.cat_file(f"{self.root}/{rel}")).hexdigest()
+
+    def read_text(self, rel: str) -> str:
+        return bytes(self.fs.cat_file(f"{self.root}/{rel}")).decode()
+
+    def names(self, rel: str) -> list[str]:
+        self.fs.invalidate_cache()
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/{rel}"))
+
+
+@contextmanager
+def sites(
+    tmp_path: Path, s3: MotoS3Server, bucket: str, on_s3: str
+) -> Iterator[tuple[dict[str, Any], Site, Site]]:
+    """Config overrides for A and B with `on_s3` ("A" or "B") keeping its data on S3."""
+    overrides: dict[str, Any] = {}
+    roots = {}
+    for name in ("A", "B"):
+        if name == on_s3:
+            url = f"s3://{bucket}/site-{name}"
+            overrides[name] = {
+                "data_dir": url,
+                "state_dir": str(tmp_path / f"state-{name}"),
+                "storage_options": s3.storage_options,
+            }
+            roots[name] = Site(url, s3.storage_options)
+        else:
+            (tmp_path / f"site-{name}").mkdir()
+            roots[name] = Site(str(tmp_path / f"site-{name}"), {})
+    yield overrides, roots["A"], roots["B"]
+
+
+DIRECTIONS = pytest.mark.parametrize("on_s3", ["B", "A"], ids=["local-to-s3", "s3-to-local"])
+
+
+@DIRECTIONS
+async def test_a_file_and_a_folder_replicate_whole(
+    tmp_path: Path, moto_s3: MotoS3Server, s3_bucket: str, on_s3: str
+) -> None:
+    with sites(tmp_path, moto_s3, s3_bucket, on_s3) as (overrides, src, dst):
+        big = src.write("curated/big.bin", 9 * CHUNK + 17, seed=1)
+        members = {
+            "a.bin": src.write("approved/ds/a.bin", 3 * CHUNK, seed=2),
+            "sub/b.bin": src.write("approved/ds/sub/b.bin", 100, seed=3),
+        }
+        async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
+            ids = a.sender.submit("curated/big.bin", ["B"]) + a.sender.submit("approved/ds", ["B"])
+            jobs = await wait_for_jobs(a, ids, timeout_s=60)
+        assert [j.state for j in jobs] == ["committed", "committed"], [j.error for j in jobs]
+        assert dst.blake3("curated/big.bin") == big
+        for member, digest in members.items():
+            assert dst.blake3(f"approved/ds/{member}") == digest
+        if on_s3 == "B":
+            assert MANIFEST in dst.names("approved/ds")
+
+
+@DIRECTIONS
+async def test_checkpoints_move_latest_after_whole_steps_keep_the_newest_and_send_deltas(
+    tmp_path: Path, moto_s3: MotoS3Server, s3_bucket: str, on_s3: str
+) -> None:
+    with sites(tmp_path, moto_s3, s3_bucket, on_s3) as (overrides, src, dst):
+        shards = {f"shard-{i:02d}.bin": src.write(f"checkpoints/r/step-100/shard-{i:02d}.bin",
+                                                  2 * CHUNK, seed=i) for i in range(10)}  # fmt: skip
+        async with loopback_pair(
+            tmp_path, chunk_size=CHUNK, checkpoints={"retention": 2}, **overrides
+        ) as (a, _b):
+            [first] = await wait_for_jobs(
+                a, a.sender.submit("checkpoints/r/step-100", ["B"]), timeout_s=60
+            )
+            assert dst.read_text("checkpoints/r/LATEST") == "step-100\n"
+            # The next steps share nine shards of ten with the one before.
+            for step in (200, 300):
+                for name in shards:
+                    src.copy(f"checkpoints/r/step-100/{name}", f"checkpoints/r/step-{step}/{name}")
+                shards["shard-03.bin"] = src.write(
+                    f"checkpoints/r/step-{step}/shard-03.bin", 2 * CHUNK, seed=step
+                )
+                [job] = await wait_for_jobs(
+                    a, a.sender.submit(f"checkpoints/r/step-{step}", ["B"]), timeout_s=60
+                )
+                assert job.state == "committed", job.error
+                assert job.bytes_on_wire == 2 * CHUNK  # one shard of ten crossed the wire
+                assert dst.read_text("checkpoints/r/LATEST") == f"step-{step}\n"
+        assert first.state == "committed", first.error
+        assert first.bytes_on_wire == 20 * CHUNK
+        assert [n for n in dst.names("checkpoints/r") if not n.startswith(".")] == [
+            "LATEST",
+            "step-200",
+            "step-300",
+        ]
+        for name, digest in shards.items():
+            assert dst.blake3(f"checkpoints/r/step-300/{name}") == digest
