@@ -100,8 +100,9 @@ async def test_checkpoints_move_latest_after_whole_steps_keep_the_newest_and_sen
     tmp_path: Path, moto_s3: MotoS3Server, s3_bucket: str, on_s3: str
 ) -> None:
     with sites(tmp_path, moto_s3, s3_bucket, on_s3) as (overrides, src, dst):
-        shards = {f"shard-{i:02d}.bin": src.write(f"checkpoints/r/step-100/shard-{i:02d}.bin",
-                                                  2 * CHUNK, seed=i) for i in range(10)}  # fmt: skip
+        names = [f"shard-{i:02d}.bin" for i in range(10)]
+        shards = {n: src.write(f"checkpoints/r/step-100/{n}", 2 * CHUNK, seed=i)
+                  for i, n in enumerate(names)}  # fmt: skip
         async with loopback_pair(
             tmp_path, chunk_size=CHUNK, checkpoints={"retention": 2}, **overrides
         ) as (a, _b):

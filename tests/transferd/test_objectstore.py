@@ -50,7 +50,8 @@ def test_a_folder_commit_writes_its_manifest_last_and_lists_from_it(
     store = _store(moto_s3, s3_bucket, tmp_path / "state")
     store.commit(_staged(store, {"a.bin": b"aa", "sub/b.bin": b"b"}), "approved/d")
     doc = json.loads(
-        moto_s3.client().get_object(Bucket=s3_bucket, Key=f"data/approved/d/{MANIFEST}")["Body"]
+        moto_s3.client()
+        .get_object(Bucket=s3_bucket, Key=f"data/approved/d/{MANIFEST}")["Body"]
         .read()
     )
     assert [(m["path"], m["size"]) for m in doc["members"]] == [("a.bin", 2), ("sub/b.bin", 1)]

@@ -295,11 +295,7 @@ class ObjectStorage(FsspecStorage):
         if not self.fs.exists(path):
             return
         keep = {str(m["path"]) for m in doc["members"]} | {MANIFEST} if doc else set()
-        garbage = [
-            name
-            for name in self.fs.find(path)
-            if name[len(path) :].lstrip("/") not in keep
-        ]
+        garbage = [name for name in self.fs.find(path) if name[len(path) :].lstrip("/") not in keep]
         if garbage:
             self.fs.rm(garbage)
 
