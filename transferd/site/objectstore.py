@@ -284,6 +284,7 @@ class ObjectStorage(FsspecStorage):
                 )
                 continue
             cleaned.append(rel)
+            log.info("storage.reclaimed", extra={"fields": {"path": rel}})
             self._intent_path(rel).unlink(missing_ok=True)
             with self._lock:
                 self._committing.pop(rel, None)
