@@ -142,3 +142,25 @@ def test_an_unreachable_endpoint_fails_the_start_up_check_with_the_reason(
     options = {**moto_s3.storage_options, "endpoint_url": "http://127.0.0.1:9"}  # nothing there
     with pytest.raises(ConfigError, match="start-up check .*Could not connect"):
         open_storage(False, tmp_path, f"s3://{s3_bucket}/data", options, tmp_path / "state")
+
+
+def test_a_source_read_in_order_and_out_of_order_gives_the_objects_bytes(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    data = bytes(range(256)) * 97 + b"tail"  # 24,836 bytes: 25 spans of 1,000, the last short
+    store.fs.pipe_file(store.path("curated/x.bin"), data)
+    source = store.open_source("curated/x.bin")
+    try:
+        assert source.size == len(data)
+        read = b""
+        for offset in range(0, len(data), 1000):  # as the sender reads: in order, read ahead
+            with source.mapped(offset, min(1000, len(data) - offset)) as view:
+                read += bytes(view)
+        assert read == data
+        for offset, length in [(24_000, 836), (5, 10), (12_000, 1000), (0, 0)]:
+            with source.mapped(offset, length) as view:
+                assert bytes(view) == data[offset : offset + length]
+        assert not source.changed()
+    finally:
+        source.close()

@@ -33,12 +33,15 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from transferd.errors import ConfigError, StorageError
 from transferd.site.staging import Staging, os_errors, storage_error
-from transferd.site.storage import FsspecStorage
+from transferd.site.storage import FsspecStorage, Source
 
 __all__ = ["MANIFEST", "OBJECT_STORE_PROTOCOLS", "ObjectStorage", "is_object_store"]
 
@@ -55,6 +58,84 @@ OBJECT_STORE_PROTOCOLS = frozenset(
 _PUT_FILES = 4
 _PUT_PARTS = 4
 _PART_BYTES = 8 * 1024 * 1024
+# Ranged GETs a source fetches at once, and again in the background for what comes next: the
+# sender reads a file's chunks in order, so at most 2 x _READ_AHEAD chunks are held per file.
+_READ_AHEAD = 8
+
+
+class ObjectSource:
+    """An object read chunk by chunk with ranged GETs in parallel: a miss fetches the next
+    `_READ_AHEAD` spans of the same length at once (fsspec's async `cat_ranges`), and the window
+    after it is fetched in the background while the sender hashes and sends this one."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs, self.path = fs, path
+        self.size = int(fs.size(path))
+        self._ready: dict[tuple[int, int], bytes] = {}
+        self._ahead: Future[dict[tuple[int, int], bytes]] | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="transferd-s3-ahead")
+        self._lock = threading.Lock()
+
+    def _window(self, offset: int, length: int) -> list[tuple[int, int]]:
+        spans = []
+        for i in range(_READ_AHEAD):
+            start = offset + i * length
+            if start >= self.size:
+                break
+            spans.append((start, min(length, self.size - start)))
+        return spans
+
+    def _fetch(self, spans: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        got = self.fs.cat_ranges(
+            [self.path] * len(spans), [o for o, _ in spans], [o + n for o, n in spans],
+            on_error="raise",
+        )  # fmt: skip
+        return {span: bytes(data) for span, data in zip(spans, got, strict=True)}
+
+    def _take(self, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        with self._lock:
+            if (offset, length) not in self._ready and self._ahead is not None:
+                ahead, self._ahead = self._ahead, None
+                try:
+                    self._ready.update(ahead.result())
+                except Exception:  # noqa: BLE001 - a failed read-ahead is read again below
+                    pass
+                else:
+                    self._read_ahead(length)
+            data = self._ready.pop((offset, length), None)
+            if data is None:
+                self._drop_ahead()  # not reading in order: what was read ahead is useless
+                self._ready = self._fetch(self._window(offset, length))
+                data = self._ready.pop((offset, length))
+                self._read_ahead(length)
+            return data
+
+    def _read_ahead(self, length: int) -> None:
+        """Fetch, in the background, the window after the spans held now."""
+        if self._ahead is None and self._ready and length:
+            end = max(o + n for o, n in self._ready)
+            spans = self._window(end, length)
+            if spans:
+                self._ahead = self._pool.submit(self._fetch, spans)
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.cancel()
+            self._ahead = None
+
+    @contextmanager
+    def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
+        yield memoryview(self._take(offset, length))
+
+    def changed(self) -> bool:
+        return int(self.fs.size(self.path)) != self.size
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ready.clear()
+        self._ahead = None
 
 
 def is_object_store(fs: Any) -> bool:
@@ -137,6 +218,10 @@ class ObjectStorage(FsspecStorage):
         return bool(self.fs.exists(f"{self.path(rel)}/{MANIFEST}"))
 
     # -- reads ----------------------------------------------------------------------------------
+    def open_source(self, rel: str) -> Source:
+        with os_errors(f"opening {rel}", rel):
+            return ObjectSource(self.fs, self.path(rel))
+
     def exists(self, rel: str) -> bool:
         self.check_path(rel)
         if self._has_manifest(rel):
