@@ -139,7 +139,11 @@ def test_a_missing_bucket_fails_the_start_up_check_naming_it(
 def test_an_unreachable_endpoint_fails_the_start_up_check_with_the_reason(
     moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
-    options = {**moto_s3.storage_options, "endpoint_url": "http://127.0.0.1:9"}  # nothing there
+    options = {
+        **moto_s3.storage_options,
+        "endpoint_url": "http://127.0.0.1:9",  # nothing listens there
+        "config_kwargs": {"retries": {"max_attempts": 1}},
+    }
     with pytest.raises(ConfigError, match="start-up check .*Could not connect"):
         open_storage(False, tmp_path, f"s3://{s3_bucket}/data", options, tmp_path / "state")
 
