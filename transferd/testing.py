@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import socket
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from transferd.site.journal import Journal
 from transferd.site.keys import Keyring, keygen
 from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
+from transferd.site.staging import Staging
 from transferd.site.storage import LocalStorage
 
 __all__ = [
@@ -42,9 +44,26 @@ __all__ = [
     "loopback_tls",
     "receiver_at",
     "running_daemon",
+    "staged_upload",
     "wait_for_jobs",
     "write_site_configs",
 ]
+
+
+def staged_upload(staging_root: Path, files: dict[str, bytes]) -> Staging:
+    """An upload staged under `staging_root` with `files` (one file under '' or folder
+    members), ready for `SiteStorage.commit`: for storage tests without a receiver."""
+    staging = Staging(
+        dir=staging_root / f"upload-{uuid.uuid4().hex[:8]}",
+        kind="file" if list(files) == [""] else "folder",
+        members=list(files),
+        sizes=[len(b) for b in files.values()],
+    )
+    staging.create()
+    for i, data in enumerate(files.values()):
+        if data:
+            staging.write(i, 0, data)
+    return staging
 
 
 def receiver_at(root: Path, journal: Journal) -> Receiver:

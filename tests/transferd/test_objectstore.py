@@ -6,7 +6,6 @@ ConfigError naming the step and the reason."""
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from transferd.site.checkpoints import update_run
 from transferd.site.objectstore import MANIFEST, ObjectStorage
 from transferd.site.staging import Staging
 from transferd.site.storage import open_storage
-from transferd.testing import MotoS3Server
+from transferd.testing import MotoS3Server, staged_upload
 
 
 def _store(s3: MotoS3Server, bucket: str, state: Path) -> ObjectStorage:
@@ -26,17 +25,13 @@ def _store(s3: MotoS3Server, bucket: str, state: Path) -> ObjectStorage:
 
 
 def _staged(store: ObjectStorage, files: dict[str, bytes]) -> Staging:
-    staging = Staging(
-        dir=store.staging_root / f"upload-{uuid.uuid4().hex[:8]}",
-        kind="folder",
-        members=list(files),
-        sizes=[len(b) for b in files.values()],
-    )
-    staging.create()
-    for i, data in enumerate(files.values()):
-        if data:
-            staging.write(i, 0, data)
-    return staging
+    return staged_upload(store.staging_root, files)
+
+
+def _killed_mid_commit(store: ObjectStorage, rel: str, member: str) -> None:
+    """What a receiver killed mid-commit leaves: the intent, an object, no manifest."""
+    store._begin(rel, "upload-killed")
+    store.fs.pipe_file(store.path(f"{rel}/{member}"), b"half")
 
 
 def _keys(s3: MotoS3Server, bucket: str, prefix: str) -> list[str]:
@@ -67,9 +62,7 @@ def test_a_crash_between_objects_and_manifest_leaves_nothing_visible_and_restart
     store = _store(moto_s3, s3_bucket, state)
     store.commit(_staged(store, {"w.bin": b"one"}), "checkpoints/run1/step-1")
     store.write_text_atomic("checkpoints/run1/LATEST", "step-1\n")
-    # What a receiver killed mid-commit leaves: the intent, some objects, no manifest.
-    store._begin("checkpoints/run1/step-2", "upload-killed")
-    store.fs.pipe_file(store.path("checkpoints/run1/step-2/w.bin"), b"half")
+    _killed_mid_commit(store, "checkpoints/run1/step-2", "w.bin")
     assert not store.exists("checkpoints/run1/step-2")
     assert not store.is_dir("checkpoints/run1/step-2")
     assert store.list_dir("checkpoints/run1") == ["LATEST", "step-1"]
@@ -89,8 +82,7 @@ def test_a_crash_before_a_replacement_started_keeps_the_old_folder(
     state = tmp_path / "state"
     store = _store(moto_s3, s3_bucket, state)
     store.commit(_staged(store, {"a.bin": b"v1"}), "approved/d")
-    store._begin("approved/d", "upload-killed")
-    store.fs.pipe_file(store.path("approved/d/new.bin"), b"garbage")
+    _killed_mid_commit(store, "approved/d", "new.bin")
     restarted = _store(moto_s3, s3_bucket, state)
     assert restarted.list_source("approved/d") == ("folder", [("a.bin", 2)])
     assert _keys(moto_s3, s3_bucket, "data/approved/d") == [

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from transferd.errors import PolicyViolation, StorageError
-from transferd.site.staging import Staging
 from transferd.site.storage import FsspecStorage, LocalStorage, SiteStorage, open_storage
+from transferd.testing import staged_upload
 
 
 def _local(tmp: Path, request: pytest.FixtureRequest) -> SiteStorage:
@@ -57,17 +57,7 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SiteStor
 
 def _commit(storage: SiteStorage, rel: str, files: dict[str, bytes]) -> None:
     """Stage `files` (one file under '' or folder members) and commit them at `rel`."""
-    kind = "file" if list(files) == [""] else "folder"
-    staging = Staging(
-        dir=storage.staging_root / f"upload-{uuid.uuid4().hex[:8]}",
-        kind=kind,
-        members=list(files),
-        sizes=[len(b) for b in files.values()],
-    )
-    staging.create()
-    for i, data in enumerate(files.values()):
-        if data:
-            staging.write(i, 0, data)
+    staging = staged_upload(storage.staging_root, files)
     storage.commit(staging, rel)
     staging.discard()
 
