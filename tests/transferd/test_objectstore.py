@@ -160,3 +160,29 @@ def test_a_source_read_in_order_and_out_of_order_gives_the_objects_bytes(
         assert not source.changed()
     finally:
         source.close()
+
+
+def test_small_objects_arrive_whole_in_parallel_and_give_their_memory_back(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    blobs = {f"approved/d/s{i}.bin": bytes([i]) * (3000 + i) for i in range(7)}
+    for rel, data in blobs.items():
+        store.fs.pipe_file(store.path(rel), data)
+    sources = {rel: store.open_source(rel) for rel in blobs}  # as the sender opens a folder
+    try:
+        for rel, source in sources.items():
+            read = b""
+            for offset in range(0, source.size, 1000):
+                with source.mapped(offset, min(1000, source.size - offset)) as view:
+                    read += bytes(view)
+            assert read == blobs[rel]
+        unread = [store.open_source(rel) for rel in blobs]  # opened, then closed unread
+    finally:
+        for source in [*sources.values()]:
+            source.close()
+    for source in unread:
+        source.close()
+    slots = store._whole_objects._slots
+    acquired = [slots.acquire(timeout=5) for _ in range(4)]  # every slot came back
+    assert acquired == [True] * 4

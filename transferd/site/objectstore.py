@@ -61,20 +61,81 @@ _PART_BYTES = 8 * 1024 * 1024
 # Ranged GETs a source fetches at once, and again in the background for what comes next: the
 # sender reads a file's chunks in order, so at most 2 x _READ_AHEAD chunks are held per file.
 _READ_AHEAD = 8
+# Objects up to this size are fetched whole, with one GET, as soon as they are opened, up to
+# _WHOLE_AT_ONCE of them at a time (so a folder of shards downloads several objects in parallel,
+# memory bounded by 4 x 64 MiB); fsspec's S3 reads whole objects below 50 MiB the same way.
+_WHOLE_OBJECT_BYTES = 64 * 1024 * 1024
+_WHOLE_AT_ONCE = 4
+
+
+class _WholeObjects:
+    """Fetches small objects whole in the background, at most `_WHOLE_AT_ONCE` held at once: a
+    slot is taken before the GET and given back when the reader has taken every byte (or closed
+    the source). Sources are read in the order they were opened, so the queue never waits on an
+    object nobody will read; a fetch that cannot get a slot within a minute gives up (the reader
+    then falls back to ranged GETs)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(_WHOLE_AT_ONCE, thread_name_prefix="transferd-s3-get")
+        self._slots = threading.Semaphore(_WHOLE_AT_ONCE)
+
+    def fetch(self, fs: Any, path: str) -> Future[bytes | None]:
+        return self._pool.submit(self._get, fs, path)
+
+    def _get(self, fs: Any, path: str) -> bytes | None:
+        if not self._slots.acquire(timeout=60):
+            return None
+        try:
+            return bytes(fs.cat_file(path))
+        except Exception:  # noqa: BLE001 - the reader's own ranged GET reports the error
+            self._slots.release()
+            return None
+
+    def release(self) -> None:
+        self._slots.release()
 
 
 class ObjectSource:
-    """An object read chunk by chunk with ranged GETs in parallel: a miss fetches the next
-    `_READ_AHEAD` spans of the same length at once (fsspec's async `cat_ranges`), and the window
-    after it is fetched in the background while the sender hashes and sends this one."""
+    """An object read chunk by chunk. Small objects arrive whole (one GET, started when the
+    source opens, `_WholeObjects`); larger ones with ranged GETs in parallel: a miss fetches the
+    next `_READ_AHEAD` spans of the same length at once (fsspec's async `cat_ranges`), and the
+    window after it is fetched in the background while the sender hashes and sends this one."""
 
-    def __init__(self, fs: Any, path: str) -> None:
+    def __init__(self, fs: Any, path: str, whole: _WholeObjects | None = None) -> None:
         self.fs, self.path = fs, path
         self.size = int(fs.size(path))
         self._ready: dict[tuple[int, int], bytes] = {}
         self._ahead: Future[dict[tuple[int, int], bytes]] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="transferd-s3-ahead")
         self._lock = threading.Lock()
+        self._whole_objects = whole
+        self._whole: Future[bytes | None] | None = None
+        self._taken = 0
+        if whole is not None and 0 < self.size <= _WHOLE_OBJECT_BYTES:
+            self._whole = whole.fetch(fs, path)
+
+    def _from_whole(self, offset: int, length: int) -> bytes | None:
+        """The span from the whole object, if it was fetched; the slot goes back once every
+        byte has been taken."""
+        if self._whole is None:
+            return None
+        data = self._whole.result()
+        if data is None or len(data) != self.size:
+            self._drop_whole()
+            return None
+        self._taken += length
+        if self._taken >= self.size:
+            self._drop_whole()
+        return data[offset : offset + length]
+
+    def _drop_whole(self) -> None:
+        whole, self._whole = self._whole, None
+        if whole is None or self._whole_objects is None:
+            return
+        if whole.cancel():
+            return
+        pool = self._whole_objects
+        whole.add_done_callback(lambda f: pool.release() if f.result() is not None else None)
 
     def _window(self, offset: int, length: int) -> list[tuple[int, int]]:
         spans = []
@@ -96,6 +157,9 @@ class ObjectSource:
         if length == 0:
             return b""
         with self._lock:
+            whole = self._from_whole(offset, length)
+            if whole is not None:
+                return whole
             if (offset, length) not in self._ready and self._ahead is not None:
                 ahead, self._ahead = self._ahead, None
                 try:
@@ -133,6 +197,8 @@ class ObjectSource:
         return int(self.fs.size(self.path)) != self.size
 
     def close(self) -> None:
+        with self._lock:
+            self._drop_whole()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._ready.clear()
         self._ahead = None
@@ -159,6 +225,7 @@ class ObjectStorage(FsspecStorage):
         self._committing: dict[str, int] = {}  # folder -> commits in progress
         for rel in self._intents():
             self._committing[rel] = self._committing.get(rel, 0) + 1
+        self._whole_objects = _WholeObjects()
         self._s3 = "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else ())
 
     # -- intents (state dir) ----------------------------------------------------------------------
@@ -220,7 +287,7 @@ class ObjectStorage(FsspecStorage):
     # -- reads ----------------------------------------------------------------------------------
     def open_source(self, rel: str) -> Source:
         with os_errors(f"opening {rel}", rel):
-            return ObjectSource(self.fs, self.path(rel))
+            return ObjectSource(self.fs, self.path(rel), self._whole_objects)
 
     def exists(self, rel: str) -> bool:
         self.check_path(rel)
