@@ -10,7 +10,7 @@ by its *manifest object* `<folder>/.transferd-manifest.json`, written last:
 2. a folder being replaced loses its old manifest first (from then on it reads as absent, never
    as a mix of the old and the new);
 3. the members are PUT under the folder's prefix, in parallel (multipart, parts in parallel,
-   memory bounded by `_PUT_FILES x _PUT_PARTS x _PART_BYTES`);
+   memory bounded by `_PUT_FILES x _PUT_PARTS x _PART_BYTES`, files under 64 MiB in one PUT);
 4. one listing of the prefix verifies that every member is there at its size, and deletes
    objects that are not members (an old version's extra files, a crashed attempt's leftovers);
 5. the manifest (members, sizes, the upload that wrote them) is PUT: the folder is visible;
@@ -54,10 +54,12 @@ OBJECT_STORE_PROTOCOLS = frozenset(
     {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
 )
 # Parallel PUTs: files at once x parts per file at once x part size bounds the memory a commit
-# holds (4 x 4 x 8 MiB = 128 MiB); 8 MiB parts are above S3's 5 MiB minimum.
+# holds (4 x 2 x 32 MiB = 256 MiB). A file under two parts (64 MiB) goes in one PUT, as
+# rclone's upload cutoff does: a multipart upload costs three more requests and a server-side
+# concatenation.
 _PUT_FILES = 4
-_PUT_PARTS = 4
-_PART_BYTES = 8 * 1024 * 1024
+_PUT_PARTS = 2
+_PART_BYTES = 32 * 1024 * 1024
 # Ranged GETs a source fetches at once, and again in the background for what comes next: the
 # sender reads a file's chunks in order, so at most 2 x _READ_AHEAD chunks are held per file.
 _READ_AHEAD = 8
