@@ -90,23 +90,34 @@ def write_site_configs(
     ports: dict[str, int],
     *,
     peer_urls: dict[str, str] | None = None,
+    data_ports: dict[str, int] | None = None,
+    data_addresses: dict[str, str] | None = None,
     **overrides: Any,
 ) -> dict[str, Path]:
     """Keys for every site in `ports` plus one YAML config per site, all peers of each other.
-    `peer_urls` overrides where a site is reached (e.g. through a LinkProxy)."""
+    `peer_urls` overrides where a site's control API is reached, `data_addresses` where its
+    data channels connect (e.g. through a LinkProxy), `data_ports` where it listens for them."""
     keys = root / "keys"
     keygen(sorted(ports), keys)
     scheme = "https" if "tls" in overrides else "http"
     urls = {site: f"{scheme}://127.0.0.1:{port}" for site, port in ports.items()}
     urls.update(peer_urls or {})
     paths = {}
+    data_ports = data_ports or {}
+    data_addresses = data_addresses or {}
     for site, port in ports.items():
         doc: dict[str, Any] = {
             "site": site,
             "listen": f"127.0.0.1:{port}",
             "data_dir": str(root / f"site-{site}"),
             "keys_dir": str(keys),
-            "peers": {other: {"url": urls[other]} for other in ports if other != site},
+            "peers": {
+                other: {"url": urls[other]}
+                | ({"data_address": data_addresses[other]} if other in data_addresses else {})
+                for other in ports
+                if other != site
+            },
+            **({"data_listen": f"127.0.0.1:{data_ports[site]}"} if site in data_ports else {}),
             **overrides.get(site, {}),
             **{k: v for k, v in overrides.items() if k not in ports},
         }
@@ -138,16 +149,20 @@ async def loopback_pair(
     root: Path, *, proxy: LinkProxy | None = None, **overrides: Any
 ) -> AsyncIterator[tuple[Daemon, Daemon]]:
     """Sites A and B on 127.0.0.1, peers of each other. `overrides` go into both configs
-    (or per site: `A={...}`); with `proxy`, A reaches B through that LinkProxy."""
+    (or per site: `A={...}`); with `proxy`, A's data channels to B go through that LinkProxy
+    (the bulk bytes; control requests go direct)."""
     socks = {"A": bound_socket(), "B": bound_socket()}
     ports = {site: s.getsockname()[1] for site, s in socks.items()}
     async with contextlib.AsyncExitStack() as stack:
-        peer_urls = None
+        data_ports, data_addresses = None, None
         if proxy is not None:
-            proxy.target_port = ports["B"]
             await stack.enter_async_context(proxy)
-            peer_urls = {"B": proxy.url}
-        paths = write_site_configs(root, ports, peer_urls=peer_urls, **overrides)
+            data_ports = {"B": free_port()}
+            proxy.target_port = data_ports["B"]
+            data_addresses = {"B": f"127.0.0.1:{proxy.port}"}
+        paths = write_site_configs(
+            root, ports, data_ports=data_ports, data_addresses=data_addresses, **overrides
+        )
         a = await stack.enter_async_context(running_daemon(load_config(paths["A"]), socks["A"]))
         b = await stack.enter_async_context(running_daemon(load_config(paths["B"]), socks["B"]))
         yield a, b
@@ -196,6 +211,10 @@ class LinkProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -1,9 +1,10 @@
 """The one client for peers: signed HTTP requests to a peer daemon, one aiohttp connection
 pool per traffic class, for uploads and messages alike.
 
-Bulk chunk bodies never queue in front of control messages (have/want, commit) because each
-(peer, TrafficClass) pair owns its own `ClientSession` and connector. Bodies go out as
-memoryviews with Content-Length (no chunked encoding: aiohttp copies each chunk then).
+Control messages (have/want, commit) and interactive messages never queue behind each other:
+each (peer, TrafficClass) pair owns its own `ClientSession` and connector; the bulk bytes are
+not here at all but on the data channels (`net.channels`). Bodies go out as memoryviews with
+Content-Length (no chunked encoding: aiohttp copies each chunk then).
 aiohttp and OS errors become TransportError here; error bodies from the peer are rebuilt into
 the package's errors (`wire.check_reply`); `retrying` retries a call on TransportError with the
 one capped exponential backoff (`protocol.backoff`).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,16 +40,13 @@ INTERACTIVE_POOL = 32
 
 
 class ChunkBody(payload.Payload):
-    """A chunk body sent straight from a memoryview (mmap window or compressed bytes) with
-    Content-Length. aiohttp's BytesPayload warns on large bodies; writing one buffer is what we
-    want here, since the event loop hands it to the kernel without copying."""
+    """A request body sent straight from a memoryview with Content-Length. aiohttp's
+    BytesPayload warns on large bodies (a manifest of a large folder); writing one buffer is
+    what we want here, since the event loop hands it to the kernel without copying."""
 
-    def __init__(
-        self, value: bytes | memoryview, on_sent: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, value: bytes | memoryview) -> None:
         super().__init__(value, content_type="application/octet-stream")
         self._size = memoryview(value).nbytes
-        self._on_sent = on_sent
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return bytes(self._value).decode(encoding, errors)
@@ -59,9 +58,6 @@ class ChunkBody(payload.Payload):
         if send_headers is not None:
             send_headers()
         await writer.write(self._value)
-        if self._on_sent is not None:
-            # Handed to the transport, and its buffer drained below the high-water mark.
-            self._on_sent()
 
 
 @dataclass(frozen=True)
@@ -88,6 +84,7 @@ class PeerLink:
         shared_pool: bool = False,
     ) -> None:
         self.site, self.peer, self.url = site, peer, url
+        self.host = urllib.parse.urlsplit(url).hostname or "127.0.0.1"
         # Benchmark baseline only: every class on one pool, so small messages queue behind bulk.
         self.shared_pool = shared_pool
         self.keys = keys
@@ -136,7 +133,6 @@ class PeerLink:
         body_digest: str | None = None,
         headers: dict[str, str] | None = None,
         accept: tuple[int, ...] = (200,),
-        on_sent: Callable[[], None] | None = None,
     ) -> Reply:
         """One signed request (`body_digest`: the body's blake3 when the caller knows it).
         Returns the reply of an accepted status; raises the peer's error (ProtocolError,
@@ -154,7 +150,7 @@ class PeerLink:
         )
         if headers:
             signed.update(headers)
-        data = ChunkBody(body, on_sent) if body is not None else None
+        data = ChunkBody(body) if body is not None else None
         try:
             async with self.session(traffic_class).request(
                 method, self.url + path_qs, data=data, headers=signed

@@ -12,7 +12,7 @@ are still missing.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
 import os
 import time
@@ -22,11 +22,20 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from netplan.plan import TrafficClass
-from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, TransferdError
+from transferd.errors import (
+    IntegrityError,
+    PolicyViolation,
+    ProtocolError,
+    StorageError,
+    TransferdError,
+    TransportError,
+)
+from transferd.net.channels import OutgoingChunk, PeerChannels
 from transferd.net.peer_client import PeerLink, retrying
 from transferd.net.pump import PeerTraffic
 from transferd.protocol.auth import Keys
-from transferd.protocol.chunks import ChunkPut, blake3_hex, fixed_spans, format_locations
+from transferd.protocol.channel import DataChannelAnswer, Receipt, ReceiptStatus
+from transferd.protocol.chunks import blake3_hex, fixed_spans
 from transferd.protocol.codec import CompressionPolicy, Encoded, zstd_compress
 from transferd.protocol.local_api import Job
 from transferd.protocol.manifest import (
@@ -36,12 +45,13 @@ from transferd.protocol.manifest import (
     HaveRequest,
     Manifest,
     OpenAnswer,
+    UploadIntent,
 )
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
 from transferd.protocol.upload import plan_offer, resend, upload_id, upload_intent, upload_manifest
 from transferd.protocol.wire import (
-    CHUNK_ROUTE,
     COMMIT_ROUTE,
+    DATA_CHANNEL_ROUTE,
     HAVE_ROUTE,
     UPLOADS_ROUTE,
     WireModel,
@@ -60,6 +70,7 @@ log = logging.getLogger("transferd.sender")
 
 HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the mapped windows
 MAX_CHUNK_ATTEMPTS = 5  # integrity failures of one chunk before the job fails
+ENSURE_EVERY_S = 1.0  # how often a chunk awaiting its receipt checks the channels are open
 COMMIT_ROUNDS = 4
 
 
@@ -86,6 +97,8 @@ class Sender:
         streams: int,
         clock: Callable[[], float],
         traffic: dict[str, PeerTraffic],
+        channels: dict[str, PeerChannels],
+        data_addresses: dict[str, tuple[str, int] | None] | None = None,
         retry_budget_s: float = 300.0,
         max_jobs: int = 4,
     ) -> None:
@@ -99,6 +112,11 @@ class Sender:
         self.streams = streams
         self.clock = clock
         self.traffic = traffic
+        self.channels = channels
+        # Where each peer's data listener is: from its config (`data_address`), else asked for
+        # over the control plane (its host is the control URL's) and remembered.
+        self._configured_addresses = {p: a for p, a in (data_addresses or {}).items() if a}
+        self._data_addresses: dict[str, tuple[str, int]] = {}
         self.retry_budget_s = retry_budget_s
         self.max_jobs = max_jobs
         self.compression = {
@@ -225,8 +243,35 @@ class Sender:
             "file" if kind == "file" else "folder",
             members,
         )
-        if (await self._control(link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
-            return
+        # The data channels open (if they are not warm already) while the upload opens and the
+        # first chunks are hashed: their round trips overlap instead of adding up.
+        warm = asyncio.create_task(self._warm(link))
+        try:
+            if (await self._control(link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
+                return
+            await self._replicate_chunks(job, link, rel, intent, members)
+        finally:
+            if not warm.done():
+                warm.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransferdError):
+                await warm
+
+    async def _warm(self, link: PeerLink) -> None:
+        try:
+            await self.channels[link.peer].ensure(
+                self.traffic[link.peer].streams_wanted(), lambda: self.data_address(link)
+            )
+        except TransferdError:
+            self.forget_data_address(link.peer)  # the chunks' own retries take over
+
+    async def _replicate_chunks(
+        self,
+        job: Job,
+        link: PeerLink,
+        rel: str,
+        intent: UploadIntent,
+        members: list[tuple[str, int]],
+    ) -> None:
         files: list[_FileState] = []
         try:
             for member, _size in members:
@@ -237,7 +282,9 @@ class Sender:
             self.journal.size_job(
                 job.id, sum(s for _, s in members), sum(len(f.spans) for f in files)
             )
-            pump = _ChunkPump(self, job, link, job.traffic_class, intent.upload)
+            pump = _ChunkPump(
+                self, job, link, job.traffic_class, intent.upload, [f.source for f in files]
+            )
             async with asyncio.TaskGroup() as tg:
                 await self._offer_all(pump, tg, files)
             if self._stopping:
@@ -421,16 +468,30 @@ class Sender:
         )
         return parse_body(answer, reply.body)
 
+    async def data_address(self, link: PeerLink) -> tuple[str, int]:
+        known = self._configured_addresses.get(link.peer) or self._data_addresses.get(link.peer)
+        if known is None:
+            reply = await link.call(TrafficClass.CONTROL, "GET", DATA_CHANNEL_ROUTE)
+            port = parse_body(DataChannelAnswer, reply.body).port
+            known = (link.host, port)
+            self._data_addresses[link.peer] = known
+        return known
+
+    def forget_data_address(self, peer: str) -> None:
+        """The peer may have restarted on another port: ask again next time."""
+        self._data_addresses.pop(peer, None)
+
     def _spans(self, source: Source) -> list[tuple[int, int]]:
         if isinstance(source, SourceFile):
             return chunk_spans(source, self.chunk_size)
         return fixed_spans(source.size, self.chunk_size)
 
     def encode(self, peer: str, view: memoryview) -> Encoded:
-        """Thread: the body to send for a chunk (zstd when the policy says it pays)."""
+        """Thread: the body to send for a chunk whose compression is worth trying (zstd when
+        a sample says it pays)."""
         policy = self.compression[peer]
         n = len(view)
-        if not policy.should_try() or not policy.pays(policy.probe_ratio(view)):
+        if not policy.pays(policy.probe_ratio(view)):
             return Encoded("identity", view, n)
         assert policy.level is not None
         t0 = time.perf_counter()
@@ -502,22 +563,32 @@ class _Interrupted(Exception):
 
 
 class _ChunkPump:
-    """Parallel chunk PUTs of one job: the peer's gate for the job's class admits each one (it
-    bounds memory and connections, paces by caps and weights, adapts the stream count); each PUT
-    is retried on transport errors (resume after the receiver comes back) and on integrity
-    errors (a chunk damaged in flight is sent again, and counted)."""
+    """The chunks of one job on the peer's data channels: the peer's gate for the job's class
+    admits each one (it bounds the chunks in flight, paces by caps and weights, adapts the
+    stream count); each waits for its receipt while the channels keep the pipe full. A chunk
+    whose channel broke is sent again by the channels themselves; one the receiver found
+    damaged is sent again here, and counted; a peer that cannot be reached is retried with
+    backoff within the retry budget."""
 
     def __init__(
-        self, sender: Sender, job: Job, link: PeerLink, bulk: TrafficClass, upload: str
+        self,
+        sender: Sender,
+        job: Job,
+        link: PeerLink,
+        bulk: TrafficClass,
+        upload: str,
+        sources: list[Source],
     ) -> None:
         self.sender = sender
         self.job = job
         self.link = link
         self.bulk = bulk
         self.upload = upload
-        self.gate = sender.traffic[link.peer].gates[bulk]
-        self.inflight = 0
-        self.started: set[str] = set()  # chunk hashes PUT (or being PUT) in this job
+        self.sources = sources
+        self.traffic = sender.traffic[link.peer]
+        self.gate = self.traffic.gates[bulk]
+        self.channels = sender.channels[link.peer]
+        self.started: set[str] = set()  # chunk hashes sent (or being sent) in this job
         self.deferred: list[ChunkRef] = []  # duplicates of those, to offer once they landed
 
     def spawn(
@@ -545,6 +616,52 @@ class _ChunkPump:
 
         tg.create_task(run()).add_done_callback(settle)
 
+    def _chunk(
+        self, digest: str, locations: list[tuple[int, int]], view: memoryview,
+        encoded: Encoded, body_hash: str,
+    ) -> OutgoingChunk:
+        """What the channels send: a local file's raw chunk goes by `sendfile` from its own
+        dup of the file descriptor (no copy, and no mapping held while it waits); compressed
+        or fetched bytes go as they are."""
+        f, offset = locations[0]
+        source = self.sources[f]
+        common = dict(
+            upload=self.upload, digest=digest, locations=tuple(locations),
+            raw_length=encoded.raw_length, encoding=encoded.encoding, body_blake3=body_hash,
+        )  # fmt: skip
+        if encoded.encoding == "identity" and isinstance(source, SourceFile):
+            return OutgoingChunk(**common, fd=os.dup(source.fileno()), offset=offset)  # type: ignore[arg-type]
+        body = encoded.body if encoded.encoding != "identity" else bytes(view)
+        return OutgoingChunk(**common, body=body)  # type: ignore[arg-type]
+
+    async def _send(self, item: OutgoingChunk) -> Receipt:
+        """Until the receipt: keeps the peer's channels open at the controller's count while
+        it waits (a broken channel is replaced; its chunks are already queued again)."""
+        s = self.sender
+        future = self.channels.submit(item)
+        try:
+            while True:
+                await retrying(self._ensure, budget_s=s.retry_budget_s, on_retry=self._count_retry)
+                try:
+                    async with asyncio.timeout(ENSURE_EVERY_S):
+                        return await asyncio.shield(asyncio.wrap_future(future))
+                except TimeoutError:
+                    continue
+        except BaseException:
+            if not future.done():
+                self.channels.withdraw(self.upload)
+            raise
+
+    async def _ensure(self) -> None:
+        try:
+            await self.channels.ensure(self.traffic.streams_wanted(), self._address)
+        except TransportError:
+            self.sender.forget_data_address(self.link.peer)
+            raise
+
+    async def _address(self) -> tuple[str, int]:
+        return await self.sender.data_address(self.link)
+
     async def put(
         self,
         digest: str,
@@ -554,89 +671,87 @@ class _ChunkPump:
     ) -> None:
         s = self.sender
         peer = self.link.peer
-        path = (
-            CHUNK_ROUTE.format(upload=self.upload, digest=digest)
-            + f"?at={format_locations(locations)}"
-        )
-        acked, errors = 0, 0  # for the stream controller: retries and integrity failures
-        slot_held = True  # this upload's stream, until its body is on the wire
-
-        def count_retry() -> None:
-            nonlocal errors
-            errors += 1
-            self._count_retry()
-
-        def body_sent() -> None:
-            nonlocal slot_held
-            if slot_held and self.gate.sent():
-                slot_held = False
-
+        acked, errors = 0, 0  # for the stream controller: integrity failures
         try:
             for attempt in range(1, MAX_CHUNK_ATTEMPTS + 1):
-                encoded = await asyncio.to_thread(s.encode, peer, view)
+                encoded = (
+                    await asyncio.to_thread(s.encode, peer, view)
+                    if s.compression[peer].should_try()
+                    else Encoded("identity", view, len(view))
+                )
                 body_hash = (
                     digest
                     if encoded.encoding == "identity"
                     else await asyncio.to_thread(blake3_hex, encoded.body)
                 )
-                headers = ChunkPut(
-                    encoding=encoded.encoding, raw_length=encoded.raw_length
-                ).headers()
-                wire = len(encoded.body)
-                self.inflight += 1
+                item = self._chunk(digest, locations, view, encoded, body_hash)
+                if window is not None and item.body is None:
+                    window.discard()  # sent from the file itself: the mapping can go now
+                    window, view = None, memoryview(b"")
+                wire = item.wire_length
+                in_flight = self.gate.in_flight
                 t0 = time.perf_counter()
-                try:
-                    await retrying(
-                        functools.partial(
-                            self.link.call,
-                            self.bulk,
-                            "PUT",
-                            path,
-                            body=encoded.body,
-                            body_digest=body_hash,
-                            headers=headers,
-                            accept=(200, 204),
-                            on_sent=body_sent,
-                        ),
-                        budget_s=s.retry_budget_s,
-                        on_retry=count_retry,
-                    )
-                except IntegrityError:
+                receipt = await self._send(item)
+                if receipt.status is ReceiptStatus.DAMAGED:
                     errors += 1
                     s.metrics.integrity_failures.labels(peer, "sender").inc()
                     s.journal.add_job_counters(
                         self.job.id,
                         JobCounters(integrity_failures=1, retries=1, bytes_on_wire=wire),
                     )
-                    s.metrics.bytes_sent.labels(peer).inc(wire)
-                    if await asyncio.to_thread(blake3_hex, view) != digest:
-                        raise IntegrityError("source file changed while being sent") from None
+                    again = await asyncio.to_thread(self._reread, locations[0], len(view) or wire)
+                    if again is None or blake3_hex(again.view) != digest:
+                        if again is not None:
+                            again.close()
+                        raise IntegrityError("source file changed while being sent")
+                    if window is not None:
+                        window.discard()
+                    window, view = again, again.view
                     if attempt == MAX_CHUNK_ATTEMPTS:
-                        raise
+                        raise IntegrityError(
+                            f"{peer} received chunk {digest[:16]} damaged {attempt} times"
+                        )
                     continue
-                finally:
-                    concurrent = self.inflight
-                    self.inflight -= 1
+                if receipt.status is ReceiptStatus.STORAGE:
+                    raise StorageError(f"{peer}: {receipt.reason}")
+                if receipt.status is ReceiptStatus.REFUSED:
+                    raise ProtocolError(f"{peer} refused a chunk: {receipt.reason}")
                 elapsed = time.perf_counter() - t0
-                s.compression[peer].observe_link(wire * max(1, concurrent), elapsed)
+                s.compression[peer].observe_link(wire * max(1, in_flight), elapsed)
                 break
             acked = wire
-            s.metrics.bytes_sent.labels(peer).inc(wire)
             s.metrics.chunks_sent.labels(peer).inc()
             s.metrics.count_compression(peer, encoded.raw_length, wire)
             s.journal.add_job_counters(
                 self.job.id,
                 JobCounters(
-                    bytes_on_wire=wire,
+                    bytes_on_wire=wire * item.sends,
                     chunks_sent=1,
                     bytes_done=encoded.raw_length * len(locations),
                     chunks_skipped=len(locations) - 1,
+                    retries=item.sends - 1,
                 ),
             )
         finally:
             if window is not None:
                 window.discard()
-            self.gate.release(acked, errors, slot=slot_held)
+            if self.gate.clock() >= self.gate.controller.next_deadline():
+                # The controller's window closes: tell it what the sockets saw of the path.
+                sample = self.channels.path_sample()
+                if sample is not None:
+                    for gate in self.traffic.gates.values():
+                        gate.controller.on_path(sample)
+            self.gate.release(acked, errors)
+
+    def _reread(self, location: tuple[int, int], length: int) -> FileWindow | None:
+        """Thread: the chunk's bytes again from its source (to check it did not change and to
+        send it again after the receiver found it damaged)."""
+        f, offset = location
+        source = self.sources[f]
+        if isinstance(source, SourceFile):
+            return source.window(offset, length)
+        with source.mapped(offset, length) as data:
+            return FileWindow(memoryview(bytes(data)), None)
 
     def _count_retry(self) -> None:
         self.sender.metrics.retries.labels(self.link.peer).inc()

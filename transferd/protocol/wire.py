@@ -8,7 +8,8 @@ the package's own error by `check_reply`.
 Peer API (signed with the pair secret):
     POST /v1/uploads                      UploadIntent -> OpenAnswer
     POST /v1/uploads/{upload}/have        HaveRequest -> HaveAnswer
-    PUT  /v1/uploads/{upload}/chunks/{h}  chunk body (`?at=file:offset,...`) -> 204
+    GET  /v1/data-channel                 -> DataChannelAnswer: the port of the data listener,
+                                          where the chunks go (`protocol.channel`)
     POST /v1/uploads/{upload}/commit      SignedManifest -> CommitAnswer (200, or 409 + want)
     POST /v1/peer/messages                message body (MessageEnvelope headers) -> MessageAck
     GET  /v1/peer/messages                204: a peer opening its interactive pool
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from transferd.errors import ERROR_KINDS, AuthError, ProtocolError, TransferdError
 
 __all__ = [
-    "CHUNK_ROUTE",
+    "DATA_CHANNEL_ROUTE",
     "COMMIT_ROUTE",
     "HAVE_ROUTE",
     "INBOX_ROUTE",
@@ -53,7 +54,7 @@ __all__ = [
 
 UPLOADS_ROUTE = "/v1/uploads"
 HAVE_ROUTE = "/v1/uploads/{upload}/have"
-CHUNK_ROUTE = "/v1/uploads/{upload}/chunks/{digest}"
+DATA_CHANNEL_ROUTE = "/v1/data-channel"
 COMMIT_ROUTE = "/v1/uploads/{upload}/commit"
 PEER_MESSAGES_ROUTE = "/v1/peer/messages"
 LOCAL_SEND_ROUTE = "/v1/local/send"

@@ -51,6 +51,10 @@ class SourceFile:
         self.size = st.st_size
         self.mtime_ns = st.st_mtime_ns
 
+    def fileno(self) -> int:
+        """The open file (data channels `sendfile` chunks from a dup of it)."""
+        return self._fd
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
