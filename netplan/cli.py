@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from contextlib import contextmanager
 
 import click
@@ -539,7 +540,12 @@ def analyze_command(
                                 multipath)
     keep = None if all_alternatives else max_alternatives
     if html_file is not None:
-        _write_html(html_file, topology, report.to_json(max_alternatives=keep))
+        doc = report.to_json(max_alternatives=keep)
+        feasible = sum(d.feasible for d in report.decisions)
+        _write_html(html_file, lambda html: html.analysis_page(
+            topology, doc, generator=f"netplan {_version()} analyze --html"),
+            f"{len(topology.sites):,} sites, {feasible}/{len(report.decisions)} workloads "
+            "feasible")
     if as_json:
         doc = report.to_json(max_alternatives=keep)
         for chunk in json.JSONEncoder(indent=2).iterencode(doc):  # (tens of MB: no one string)
@@ -558,22 +564,18 @@ def analyze_command(
             _fail(exc, 1)
 
 
-def _write_html(path: str, topology: Topology, doc: dict[str, object]) -> None:
-    """The HTML page, written whole or not at all; plotly and Jinja2 load only here, so
-    `netplan analyze` without --html starts without them."""
+def _write_html(path: str, build: Callable[[Any], str], summary: str) -> None:
+    """The page `build(netplan.html)` returns, written whole or not at all; plotly and Jinja2
+    load only here, so the commands without --html start without them."""
     try:
-        from netplan.html import analysis_page
+        from netplan import html
     except ImportError as exc:
-        click.echo(f"--html needs plotly and jinja2 ({exc}): pip install plotly jinja2",
-                   err=True)
+        click.echo(f"--html needs plotly and jinja2 ({exc}): pip install "
+                   "'netplan-transferd[html]'", err=True)
         sys.exit(2)
-    page = analysis_page(topology, doc, generator=f"netplan {_version()} analyze --html")
+    page = build(html)
     _write_atomically(path, page)
-    decisions = doc["decisions"]
-    assert isinstance(decisions, list)
-    feasible = sum(bool(d["feasible"]) for d in decisions)
-    click.echo(f"wrote {path}: {len(page.encode()) / 1e6:.1f} MB, {len(topology.sites):,} "
-               f"sites, {feasible}/{len(decisions)} workloads feasible", err=True)
+    click.echo(f"wrote {path}: {len(page.encode()) / 1e6:.1f} MB, {summary}", err=True)
 
 
 def _version() -> str:
@@ -681,6 +683,9 @@ def plan_command(
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True,
               help="Rows of the ranking of scenarios that hurt most.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the scenarios compared as one self-contained HTML page (opens "
+              "offline) instead of printing tables.")
 @_model_options
 def whatif_command(
     topology_file: str,
@@ -699,6 +704,7 @@ def whatif_command(
     full: bool,
     top: int,
     as_json: bool,
+    html_file: str | None,
     streams: int | None,
     window_bytes: int | None,
     mss_bytes: int | None,
@@ -785,12 +791,17 @@ def whatif_command(
         _fail(exc, 2)
     run = {"executor": executor.name, "workers": executor.workers,
            "seconds": round(time.perf_counter() - started, 3)}
+    if html_file is not None:
+        page_doc = {**result.to_json(), "run": run}
+        _write_html(html_file, lambda html: html.whatif_page(
+            page_doc, generator=f"netplan {_version()} whatif --html"),
+            f"{len(result.scenarios):,} scenarios, {len(result.ranking):,} hurt")
     if as_json:
         doc = {**result.to_json(), "run": run}
         for chunk in json.JSONEncoder(indent=2).iterencode(doc):
             sys.stdout.write(chunk)
         sys.stdout.write("\n")
-    else:
+    elif html_file is None:
         wide = sys.stdout.isatty() or "COLUMNS" in os.environ
         console = Console(width=None if wide else 160)
         whatif_tables.render(result, console, run, top)

@@ -49,11 +49,12 @@ class Figure:
 
 
 def figure(fig: go.Figure, id: str, title: str, height: int,
-           legend_below: bool = False) -> Figure:
+           legend_below: bool = False, margin_top: int = 10) -> Figure:
     """`fig` as a chart of the page, with the house layout: the heading is HTML above the chart
     (selectable, and clear of plotly's tool bar), the legend a row above the plot (or below
-    it, for a long legend that would run under the tool bar)."""
-    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 10, "b": 10},
+    it, for a long legend that would run under the tool bar); `margin_top` makes room for
+    subplot titles."""
+    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": margin_top, "b": 10},
                       font={"family": "system-ui, sans-serif", "size": 12},
                       paper_bgcolor="white", plot_bgcolor="white",
                       hoverlabel={"align": "left"},
