@@ -1,4 +1,5 @@
-"""The `netplan` command line: `analyze` (rich tables, --json or --html), `plan`, `whatif` and `schema`.
+"""The `netplan` command line: `analyze` (rich tables, --json or --html), `plan`, `whatif`
+(tables, --json or --html) and `schema`.
 
 The only place (with the loader) that does I/O; it turns NetplanError into text on stderr and an
 exit code (2: the topology or the arguments are wrong; 1: --strict and a workload, vector index or
@@ -15,8 +16,8 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 from contextlib import contextmanager
+from typing import Any
 
 import click
 from pydantic import ValidationError

@@ -167,8 +167,8 @@ def timeline_figure(topology: Topology, decisions: Sequence[Mapping[str, Any]]
                           for m, (d, *_) in zip(missed, rows, strict=True)],
                 "pattern": {"shape": ["/" if not d["feasible"] else "" for d, *_ in rows]}},
         hovertext=[_compute_hover(d, o) for d, o, _, _ in rows], hoverinfo="text"))
-    with_deadline = [(r, t + c) for r, t, c in zip(rows, transfer, compute, strict=True)
-                     if r[3] is not None]
+    with_deadline = [((d, o, label, dl), t + c) for (d, o, label, dl), t, c
+                     in zip(rows, transfer, compute, strict=True) if dl is not None]
     fig.add_trace(go.Scatter(
         y=[r[2] for r, _ in with_deadline], x=[r[3] for r, _ in with_deadline],
         mode="markers", name="deadline",
@@ -258,7 +258,8 @@ def shard_charts(topology: Topology, r: Mapping[str, Any], i: int) -> dict[str, 
     primary = index.site if index else None
     budget = index.latency_budget_ms if index else None
     queries = dict(index.queries) if index else {}
-    holders = sorted({s for sh in r["shards"] for s in sh["sites"]} | ({primary} - {None}))
+    held: set[str] = {s for sh in r["shards"] for s in sh["sites"]}
+    holders = sorted(held | ({primary} if primary is not None else set()))
     columns = holders + sorted(set(queries) - set(holders))
     figures: list[Figure] = []
     if r["shards"]:

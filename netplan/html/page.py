@@ -59,8 +59,11 @@ def figure(fig: go.Figure, id: str, title: str, height: int,
                       paper_bgcolor="white", plot_bgcolor="white",
                       hoverlabel={"align": "left"},
                       legend={"orientation": "h", "x": 0, "xanchor": "left",
-                              "y": -0.01 if legend_below else 1.0,
-                              "yanchor": "top" if legend_below else "bottom"})
+                              # Below: at the foot of the figure, under the axis and its
+                              # labels (the plot makes room for it).
+                              "y": 0 if legend_below else 1.0,
+                              "yref": "container" if legend_below else "paper",
+                              "yanchor": "bottom"})
     return Figure(id, title, height, pio.to_json(fig, validate=False, pretty=False))
 
 

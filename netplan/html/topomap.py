@@ -176,7 +176,7 @@ def _place(topology: Topology) -> dict[str, tuple[float, float]]:
 
 
 def _region_widths(topology: Topology) -> dict[str, float]:
-    counts = Counter((s.region, s.kind) for s in topology.sites)
+    counts: Counter[tuple[str, str]] = Counter((s.region, s.kind) for s in topology.sites)
     regions = list(dict.fromkeys(s.region for s in topology.sites))
     return {r: max(1.0, max(counts[(r, k)] for k in KIND_ROW) / 2) for r in regions}
 
@@ -364,7 +364,8 @@ def _region_map(topology: Topology, doc: Mapping[str, Any], moves: Sequence[Move
                 syncs: Sequence[Move], limit: int) -> TopologyMap:
     region_of = {s.id: s.region for s in topology.sites}
     regions = list(dict.fromkeys(region_of.values()))
-    kinds = {r: Counter(s.kind for s in topology.sites if s.region == r) for r in regions}
+    kinds: dict[str, Counter[str]] = {
+        r: Counter(s.kind for s in topology.sites if s.region == r) for r in regions}
     biggest = max(sum(c.values()) for c in kinds.values())
     nodes: dict[str, _Node] = {}
     for i, r in enumerate(regions):

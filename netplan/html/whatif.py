@@ -65,7 +65,8 @@ def whatif_page(doc: Mapping[str, Any], *, generator: str = "netplan whatif --ht
         generator=generator, doc=doc, stats=doc["stats"], tiles=summary_tiles(doc),
         scenarios=scenarios, compared=len(compared),
         table=[{"s": s, "cost": _delta(s["cost_delta_usd"]),
-                "sync": _delta(s["sync_cost_delta_usd_per_day"])} for s in scenarios], comparison=comparison, matrix=matrix,
+                "sync": _delta(s["sync_cost_delta_usd_per_day"])} for s in scenarios],
+        comparison=comparison, matrix=matrix,
         details=details, detailed=DETAILED, run=doc.get("run"))
 
 

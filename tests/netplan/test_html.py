@@ -138,7 +138,8 @@ def test_the_templates_ship_in_the_wheel() -> None:
     root = REPO / "netplan"
     shipped = {p for g in globs for p in root.glob(g)}
     templates = set((root / "html" / "templates").iterdir())
-    assert templates and templates <= shipped
+    assert templates
+    assert templates <= shipped
 
 
 def test_analyze_html_writes_the_page_and_says_so(tmp_path: Path) -> None:
