@@ -73,9 +73,16 @@ class Page:
                 raise BrowserError(f"timed out after {timeout_s} s waiting for {expression}")
             self.browser.pump(0.1)
 
-    def screenshot(self, path: Path, full_page: bool = True) -> Path:
+    def screenshot(self, path: Path, full_page: bool = True, top: float | None = None,
+                   height: float | None = None) -> Path:
+        """The whole page, the viewport, or (`top`, `height`) a band of the page."""
         params: dict[str, Any] = {"format": "png"}
-        if full_page:
+        if top is not None:
+            width = self.evaluate("document.documentElement.scrollWidth")
+            params.update(captureBeyondViewport=True,
+                          clip={"x": 0, "y": top, "width": width,
+                                "height": height or self.browser.height, "scale": 1})
+        elif full_page:
             width, height = self.evaluate(
                 "[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
             params.update(captureBeyondViewport=True,
@@ -231,3 +238,38 @@ class Chromium:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.browser PAGE.html SHOT.png [--height PX] [--width PX] [--from ID]`: a
+    screenshot of a report as it first appears, or from one section down (the README's
+    pictures), after every chart has drawn."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("page", type=Path)
+    parser.add_argument("shot", type=Path)
+    parser.add_argument("--width", type=int, default=1366)
+    parser.add_argument("--height", type=int, default=1400)
+    parser.add_argument("--from", dest="start", metavar="ID",
+                        help="start at the element with this id instead of the top")
+    args = parser.parse_args(argv)
+    binary = find_chromium()
+    if binary is None:
+        raise SystemExit("headless Chromium not found (apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile, \
+            Chromium(binary, Path(profile), args.width, args.height) as browser:
+        page = browser.open(args.page)
+        if page.wait_for("document.documentElement.dataset.charts") == "failed":
+            raise SystemExit(f"the page did not draw: {page.errors}")
+        top = None
+        if args.start:
+            top = page.evaluate(f"document.getElementById({json.dumps(args.start)})"
+                                ".getBoundingClientRect().top + window.scrollY - 8")
+        page.screenshot(args.shot, full_page=False, top=top, height=args.height)
+    print(f"wrote {args.shot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -400,9 +400,11 @@ def _region_map(topology: Topology, doc: Mapping[str, Any], moves: Sequence[Move
     if hops:
         xs, ys = _segments((((nodes[a].x, nodes[a].y), (nodes[b].x, nodes[b].y))
                             for a, b in hops))
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", opacity=0.45,
+        # Green, thinner and lighter than a site map's paths: at this scale they cross most
+        # region pairs, and the links' colours (what limits them) must show through.
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", opacity=0.35,
                                  name="chosen paths between regions",
-                                 line={"color": _PATH_COLOURS[0], "width": 6}))
+                                 line={"color": "#1b9e77", "width": 4}))
     _draw_link_marks(fig, nodes, edges, labels=False)
     _draw_nodes(fig, nodes, text=True)
     fig.update_xaxes(visible=False, range=[-1.35, 1.35])
