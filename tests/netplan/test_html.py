@@ -160,3 +160,23 @@ def test_analyze_html_to_a_missing_folder_exits_2_and_leaves_nothing(tmp_path: P
     assert done.exit_code == 2
     assert done.stderr == f"cannot write {out}: No such file or directory\n"
     assert not out.parent.exists()
+
+
+def test_analyze_html_without_plotly_says_how_to_get_it(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import netplan
+
+    # As if plotly were not installed, and the page modules never imported.
+    for name in [m for m in sys.modules if m == "netplan.html" or m.startswith(
+            ("netplan.html.", "plotly"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(netplan, "html", raising=False)
+    monkeypatch.setitem(sys.modules, "plotly", None)  # import plotly -> ImportError
+    out = tmp_path / "report.html"
+    done = CliRunner().invoke(cli, ["analyze", str(HYBRID), "--html", str(out)])
+    assert done.exit_code == 2
+    assert "pip install 'netplan-transferd[html]'" in done.stderr
+    assert "Traceback" not in done.output
+    assert not out.exists()

@@ -11,9 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from netplan.cli import cli
+from netplan.html import analysis_page
 from netplan.loader import load_topology
+from netplan.report import analyze
 from tests.browser import Chromium, Page
-from tests.netplan.test_html import EVERYTHING, SHIPPED, islands
+from tests.netplan.test_html import EVERYTHING, HYBRID, SHIPPED, islands
 
 # Count the marks plotly actually drew into the map's SVG, by the role each trace carries
 # (`meta`): each drawn trace is a <g class="trace"> bound (d3) to its calcdata, and each of its
@@ -86,5 +88,25 @@ def test_hovering_a_link_mark_shows_its_numbers(chromium: Chromium, tmp_path: Pa
         assert "cloud-fra → dc-fra" in label
         assert "limited by" in label
         assert page.errors == []
+    finally:
+        page.close()
+
+
+def test_an_aggregated_map_draws_one_mark_per_region_and_pair(chromium: Chromium,
+                                                               tmp_path: Path) -> None:
+    # The hybrid topology drawn as a large estate would be: by region.
+    topology = load_topology(str(HYBRID))
+    region = {s.id: s.region for s in topology.sites}
+    pairs = {frozenset((region[a], region[b])) for a, b in (lk.between for lk in topology.links)}
+    out = tmp_path / "regions.html"
+    out.write_text(analysis_page(topology, analyze(topology).to_json(), map_site_limit=3))
+    page = chromium.open(out)
+    try:
+        assert page.wait_for("document.documentElement.dataset.charts") != "failed"
+        assert page.errors == []
+        assert page.evaluate(f"({MARKS})('sites')") == len(set(region.values()))
+        assert page.evaluate(f"({MARKS})('links')") == len([p for p in pairs if len(p) == 2])
+        assert "so the map is aggregated by region" in page.evaluate(
+            "document.getElementById('topology').innerText")
     finally:
         page.close()
