@@ -795,7 +795,8 @@ def whatif_command(
     if html_file is not None:
         page_doc = {**result.to_json(), "run": run}
         _write_html(html_file, lambda html: html.whatif_page(
-            page_doc, generator=f"netplan {_version()} whatif --html"),
+            page_doc, generator=f"netplan {_version()} whatif --html", topology=topology,
+            baseline=baseline.report.to_json(max_alternatives=0)),
             f"{len(result.scenarios):,} scenarios, {len(result.ranking):,} hurt")
     if as_json:
         doc = {**result.to_json(), "run": run}

@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 from netplan.html.page import Figure, figure, gbps, money
 from netplan.topology import Site, Topology
 
-__all__ = ["MAP_SITE_LIMIT", "Move", "TopologyMap", "moves_of", "topology_map"]
+__all__ = ["MAP_SITE_LIMIT", "Hazards", "Move", "TopologyMap", "moves_of", "topology_map"]
 
 MAP_SITE_LIMIT = 150
 # Beyond this many links the per-link labels ("25|10 G") would cover the map: hover only.
@@ -51,6 +51,29 @@ class Move:
     owner: str
     path: tuple[str, ...]
     what: str
+
+
+@dataclass(frozen=True)
+class Hazards:
+    """Sites and links to mark on the map (the what-if page's single points of failure), each
+    with what its loss breaks; links keyed by their two ends."""
+
+    sites: Mapping[str, str]
+    links: Mapping[frozenset[str], str]
+
+    @classmethod
+    def of(cls, spofs: Iterable[Mapping[str, Any]]) -> Hazards:
+        """From `netplan whatif --json`'s single_points_of_failure (`site:X`, `link:A,B`)."""
+        sites: dict[str, str] = {}
+        links: dict[frozenset[str], str] = {}
+        for p in spofs:
+            kind, _, name = p["element"].partition(":")
+            breaks = "breaks " + ", ".join(p["breaks"])
+            if kind == "site":
+                sites[name] = breaks
+            elif kind == "link":
+                links[frozenset(name.split(","))] = breaks
+        return cls(sites, links)
 
 
 @dataclass(frozen=True)
@@ -107,12 +130,13 @@ def _sync_moves(sync_plan: Mapping[str, Any] | None) -> list[Move]:
 
 
 def topology_map(topology: Topology, doc: Mapping[str, Any],
-                 limit: int = MAP_SITE_LIMIT) -> TopologyMap:
-    """The map of report `doc` (`Report.to_json()`) over `topology`."""
+                 limit: int = MAP_SITE_LIMIT, hazards: Hazards | None = None) -> TopologyMap:
+    """The map of report `doc` (`Report.to_json()`) over `topology`, with `hazards` marked
+    (on a per-site map; a region map counts them in its regions' hover)."""
     moves = moves_of(doc["decisions"])
     syncs = _sync_moves(doc.get("sync_plan"))
     if len(topology.sites) > limit:
-        return _region_map(topology, doc, moves, syncs, limit)
+        return _region_map(topology, doc, moves, syncs, limit, hazards)
     nodes = _site_nodes(topology, doc, moves)
     edges = [_site_edge(link, moves) for link in doc["links"]]
     fig = go.Figure()
@@ -121,6 +145,8 @@ def topology_map(topology: Topology, doc: Mapping[str, Any],
     _draw_paths(fig, nodes, moves, syncs)
     _draw_link_marks(fig, nodes, edges, labels=len(edges) <= _LINK_LABEL_LIMIT)
     _draw_nodes(fig, nodes, text=True)
+    if hazards is not None:
+        _draw_hazards(fig, nodes, edges, hazards)
     relays = sum(bool(n.relay_for) for n in nodes.values())
     note = (f"{len(nodes)} sites, {len(edges)} links. A link's colour says what limits its "
             "slower direction, its width how fast its faster direction is; hover a link's "
@@ -358,10 +384,36 @@ def _draw_nodes(fig: go.Figure, nodes: Mapping[str, _Node], text: bool) -> None:
                     "line": {"width": 3, "color": _RELAY_OUTLINE}, "color": _RELAY_OUTLINE}))
 
 
+def _draw_hazards(fig: go.Figure, nodes: Mapping[str, _Node], edges: Sequence[_Edge],
+                  hazards: Hazards) -> None:
+    """A red square around each hazardous site, a red cross on each hazardous link (beside its
+    hover mark), what its loss breaks in the hover."""
+    sites = [nodes[s] for s in hazards.sites if s in nodes]
+    if sites:
+        fig.add_trace(go.Scatter(
+            x=[n.x for n in sites], y=[n.y for n in sites], mode="markers",
+            meta="hazard-sites", name="single point of failure (site)",
+            hovertext=[f"<b>{n.id}</b>: its failure alone {hazards.sites[n.id]}"
+                       for n in sites], hoverinfo="text",
+            marker={"symbol": "square-open", "size": [n.size + 22 for n in sites],
+                    "line": {"width": 3, "color": "#cf222e"}, "color": "#cf222e"}))
+    links = [e for e in edges if frozenset((e.a, e.b)) in hazards.links]
+    if links:
+        fig.add_trace(go.Scatter(
+            x=[nodes[e.a].x + 0.38 * (nodes[e.b].x - nodes[e.a].x) for e in links],
+            y=[nodes[e.a].y + 0.38 * (nodes[e.b].y - nodes[e.a].y) for e in links],
+            mode="markers", meta="hazard-links", name="single point of failure (link)",
+            hovertext=[f"<b>{e.a} ↔ {e.b}</b>: its failure alone "
+                       f"{hazards.links[frozenset((e.a, e.b))]}" for e in links],
+            hoverinfo="text",
+            marker={"symbol": "x", "size": 14, "color": "#cf222e",
+                    "line": {"width": 1, "color": "white"}}))
+
+
 # ---- per-region map (large estates)
 
 def _region_map(topology: Topology, doc: Mapping[str, Any], moves: Sequence[Move],
-                syncs: Sequence[Move], limit: int) -> TopologyMap:
+                syncs: Sequence[Move], limit: int, hazards: Hazards | None) -> TopologyMap:
     region_of = {s.id: s.region for s in topology.sites}
     regions = list(dict.fromkeys(region_of.values()))
     kinds: dict[str, Counter[str]] = {
@@ -387,6 +439,11 @@ def _region_map(topology: Topology, doc: Mapping[str, Any], moves: Sequence[Move
             pairs[(a, b) if regions.index(a) < regions.index(b) else (b, a)].append(link)
     for r, count in inside.items():
         nodes[r].hover.append(f"{count:,} links inside the region")
+    if hazards is not None:
+        weak = Counter(region_of[s] for s in hazards.sites if s in region_of)
+        for r, count in weak.items():
+            nodes[r].hover.append(f"{count:,} sites whose failure alone breaks a workload "
+                                  "or an index")
     region_moves = [Move(m.owner, _region_path(m.path, region_of), m.what) for m in moves]
     for m, orig in zip(region_moves, moves, strict=True):
         for relay in orig.path[1:-1]:

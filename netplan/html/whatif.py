@@ -1,7 +1,9 @@
 """`netplan whatif --html`: the what-if document as one page that compares the scenarios.
 
 Pure: the document `netplan whatif --json` prints (`WhatifResult.to_json()`, schema_version 1)
-in, HTML out; every number on the page is the document's. Sections: the scenarios side by side
+in, HTML out; every number on the page is the document's. Sections: the plan's map (the
+baseline's chosen paths, netplan.html.topomap) with the single points of failure marked, when
+the topology and its baseline report are given; the scenarios side by side
 (workloads and vector indexes lost, budget misses, cost and sync-cost change, worst first), a
 scenarios x workloads matrix of what happened to each decision (hover: before and after), the
 single points of failure, the baseline, and each scenario in detail: decisions before and after,
@@ -18,6 +20,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from netplan.html.page import BAD, GOOD, MUTED, WARN, Figure, figure, hours, money, render
+from netplan.html.topomap import Hazards, topology_map
+from netplan.topology import Topology
 
 __all__ = ["COMPARED", "DETAILED", "whatif_page"]
 
@@ -42,11 +46,19 @@ def _order(doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return ranked + [s for s in doc["scenarios"] if s["name"] not in seen]
 
 
-def whatif_page(doc: Mapping[str, Any], *, generator: str = "netplan whatif --html") -> str:
-    """The whole page for what-if document `doc`."""
+def whatif_page(doc: Mapping[str, Any], *, generator: str = "netplan whatif --html",
+                topology: Topology | None = None,
+                baseline: Mapping[str, Any] | None = None) -> str:
+    """The whole page for what-if document `doc`; given the `topology` and its baseline
+    report (`Report.to_json()`), a map of the plan with the single points of failure marked."""
     scenarios = _order(doc)
     compared = scenarios[:COMPARED]
     figures: list[Figure] = []
+    tmap = None
+    if topology is not None and baseline is not None:
+        tmap = topology_map(topology, baseline, hazards=Hazards.of(
+            doc["single_points_of_failure"]))
+        figures.append(tmap.figure)
     comparison = comparison_figure(compared)
     matrix = matrix_figure(doc, compared)
     figures += [f for f in (comparison, matrix) if f is not None]
@@ -67,7 +79,7 @@ def whatif_page(doc: Mapping[str, Any], *, generator: str = "netplan whatif --ht
         table=[{"s": s, "cost": _delta(s["cost_delta_usd"]),
                 "sync": _delta(s["sync_cost_delta_usd_per_day"])} for s in scenarios],
         comparison=comparison, matrix=matrix,
-        details=details, detailed=DETAILED, run=doc.get("run"))
+        details=details, detailed=DETAILED, run=doc.get("run"), tmap=tmap)
 
 
 def summary_tiles(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:

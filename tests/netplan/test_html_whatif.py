@@ -14,9 +14,14 @@ from click.testing import CliRunner
 
 from netplan.cli import cli
 from netplan.html.page import BAD
+from netplan.html.topomap import Hazards, topology_map
 from netplan.html.whatif import whatif_page
+from netplan.loader import load_topology
+from netplan.report import analyze
+from netplan.topology import Topology
 from tests.browser import Chromium
 from tests.netplan.test_html import HYBRID, islands
+from tests.netplan.test_html_browser import MARKS
 
 SCENARIOS = HYBRID.parent / "scenarios" / HYBRID.name
 
@@ -31,6 +36,32 @@ def whatif_doc(*args: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def sweep() -> dict[str, Any]:
     return whatif_doc("--sweep", "n-1")
+
+
+@pytest.fixture(scope="module")
+def planned() -> tuple[Topology, dict[str, Any]]:
+    topology = load_topology(str(HYBRID))
+    return topology, analyze(topology).to_json(max_alternatives=0)
+
+
+def test_the_map_marks_each_single_point_of_failure(
+        sweep: dict[str, Any], planned: tuple[Topology, dict[str, Any]]) -> None:
+    topology, baseline = planned
+    page = whatif_page(sweep, topology=topology, baseline=baseline)
+    fig = islands(page)["map"]
+    ring = next(t for t in fig["data"] if t.get("meta") == "hazard-sites")
+    spofs = {p["element"]: p["breaks"] for p in sweep["single_points_of_failure"]}
+    assert len(ring["x"]) == len(spofs) == 3  # onprem-fra, aws-euc1, aws-use1 (no link)
+    assert any(h.startswith("<b>onprem-fra</b>: its failure alone breaks finetune-claims")
+               for h in ring["hovertext"])
+    # A link whose loss breaks something gets a cross on that link, named in its hover.
+    hazards = Hazards.of([{"element": "link:onprem-fra,aws-euc1", "breaks": ["eval"]}])
+    marks = islands(f'<script type="application/json" data-figure="m">'
+                    f'{topology_map(topology, baseline, hazards=hazards).figure.json}'
+                    "</script>")["m"]
+    (cross,) = [t for t in marks["data"] if t.get("meta") == "hazard-links"]
+    assert cross["hovertext"] == ["<b>onprem-fra ↔ aws-euc1</b>: its failure alone breaks "
+                                  "eval"]
 
 
 def test_the_matrix_marks_lost_workloads_red_where_the_document_loses_them(
@@ -85,17 +116,24 @@ def test_whatif_html_writes_the_page_and_says_so(tmp_path: Path) -> None:
     assert '<tr data-scenario="aws-euc1-outage">' in page
     # The failed training run's standbys: where finetune-claims could resume, or why not.
     assert "Training failover: finetune-claims" in page
+    assert "map" in islands(page)  # the plan, its single points of failure marked
 
 
-def test_the_whatif_page_draws_in_chromium(chromium: Chromium, artifacts: Path,
-                                           tmp_path: Path, sweep: dict[str, Any]) -> None:
+def test_the_whatif_page_draws_in_chromium(
+        chromium: Chromium, artifacts: Path, tmp_path: Path, sweep: dict[str, Any],
+        planned: tuple[Topology, dict[str, Any]]) -> None:
+    topology, baseline = planned
     out = tmp_path / "whatif.html"
-    out.write_text(whatif_page(sweep))
+    out.write_text(whatif_page(sweep, topology=topology, baseline=baseline))
     page = chromium.open(out)
     try:
         charts = page.wait_for("document.documentElement.dataset.charts")
         assert charts == str(len(islands(out.read_text())))
         assert page.errors == []
+        assert page.evaluate(f"({MARKS})('sites')") == len(topology.sites)
+        assert page.evaluate(f"({MARKS})('links')") == len(topology.links)
+        assert page.evaluate(f"({MARKS})('hazard-sites')") == len(
+            sweep["single_points_of_failure"])
         cells = page.evaluate("document.querySelectorAll('#scenario-matrix .hm, "
                               "#scenario-matrix image').length")
         assert cells >= 1  # the heatmap drew (plotly paints it as one image)
