@@ -287,7 +287,7 @@ def streams_figure(changes: Sequence[StreamChange]) -> Figure | None:
     fig.update_xaxes(title_text="seconds since the daemon's first log line", showgrid=True,
                      gridcolor="#eaeef2")
     fig.update_yaxes(title_text="parallel streams", rangemode="tozero", dtick=2)
-    return figure(fig, "streams", "The stream controller's decisions over time", 360,
+    return figure(fig, "stream-decisions", "The stream controller's decisions over time", 360,
                   legend_below=True)
 
 

@@ -118,4 +118,10 @@ def render(template: str, *, title: str, figures: Sequence[Figure],
         raise ValueError(f"figure ids must be unique: {ids}")
     return env.get_template(template).render(
         title=title, figures={f.id: f for f in figures}, plotly_version=get_plotlyjs_version(),
-        plotly_js=Markup(get_plotlyjs().replace("</script", "<\\/script")), **context)
+        plotly_js=_plotly_js(), **context)
+
+
+@cache
+def _plotly_js() -> Markup:
+    """plotly.js (4.7 MB, read once per process), safe inside a <script> element."""
+    return Markup(get_plotlyjs().replace("</script", "<\\/script"))

@@ -18,7 +18,7 @@ from benchmarks.__main__ import cli
 from benchmarks.html_report import benchmarks_page, load_stream_logs, multiples
 from benchmarks.report import load_results, medians
 from tests.browser import Chromium
-from tests.netplan.test_html import islands
+from tests.netplan.test_html import element_ids, islands
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -103,11 +103,14 @@ def test_stream_decisions_come_from_the_kept_daemon_logs(kept_logs: Path,
     changes = load_stream_logs(kept_logs)
     assert [(c.site, c.peer, c.from_streams, c.to_streams, c.at_s) for c in changes] == [
         ("EDGE", "CORE", 2, 4, 4.5), ("EDGE", "CORE", 4, 2, 7.5)]
-    (line,) = islands(benchmarks_page(docs, changes))["streams"]["data"]
+    page = benchmarks_page(docs, changes)
+    ids = element_ids(page)
+    assert len(ids) == len(set(ids))
+    (line,) = islands(page)["stream-decisions"]["data"]
     assert line["x"] == [0.0, 4.5, 7.5]
     assert line["y"] == [2, 4, 2]
     assert "no gain" in line["hovertext"][2]
-    assert "streams" not in islands(benchmarks_page(docs))  # without logs, a note instead
+    assert "stream-decisions" not in islands(benchmarks_page(docs))  # without logs, a note instead
 
 
 def test_report_html_writes_the_page_beside_the_results(kept_logs: Path,

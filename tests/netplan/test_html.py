@@ -180,3 +180,15 @@ def test_analyze_html_without_plotly_says_how_to_get_it(tmp_path: Path,
     assert "pip install 'netplan-transferd[html]'" in done.stderr
     assert "Traceback" not in done.output
     assert not out.exists()
+
+
+def element_ids(page: str) -> list[str]:
+    """Every id="..." of the page's own markup (plotly.js, inlined after it, is left out)."""
+    return re.findall(r'\sid="([^"]+)"', page.split("<script>window.PlotlyConfig")[0])
+
+
+@pytest.mark.parametrize("path", [HYBRID, EVERYTHING], ids=lambda p: p.stem)
+def test_element_ids_are_unique(path: Path) -> None:
+    # A chart whose <div> shares its id with a section is drawn into the section instead.
+    ids = element_ids(_page(path)[2])
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)

@@ -20,7 +20,7 @@ from netplan.loader import load_topology
 from netplan.report import analyze
 from netplan.topology import Topology
 from tests.browser import Chromium
-from tests.netplan.test_html import HYBRID, islands
+from tests.netplan.test_html import HYBRID, element_ids, islands
 from tests.netplan.test_html_browser import MARKS
 
 SCENARIOS = HYBRID.parent / "scenarios" / HYBRID.name
@@ -92,8 +92,9 @@ def test_the_comparison_puts_the_worst_first_with_the_documents_numbers(
 
 
 def test_every_scenario_workload_and_single_point_of_failure_is_on_the_page(
-        sweep: dict[str, Any]) -> None:
-    page = whatif_page(sweep)
+        sweep: dict[str, Any], planned: tuple[Topology, dict[str, Any]]) -> None:
+    topology, baseline = planned
+    page = whatif_page(sweep, topology=topology, baseline=baseline)
     for s in sweep["scenarios"]:
         assert f'<tr data-scenario="{s["name"]}">' in page
     for d in sweep["baseline"]["decisions"]:
@@ -102,6 +103,8 @@ def test_every_scenario_workload_and_single_point_of_failure_is_on_the_page(
     for p in sweep["single_points_of_failure"]:
         assert f'<td class="bad">{p["element"]}</td>' in spofs
     assert not re.search(r"<(script|img|iframe)[^>]+src=|<link[^>]+href=", page)
+    ids = element_ids(page)
+    assert len(ids) == len(set(ids))
 
 
 def test_whatif_html_writes_the_page_and_says_so(tmp_path: Path) -> None:
