@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHROMIUM", "Chromium", "Page", "find_chromium"]
+__all__ = ["CHROMIUM", "UNDRAWN", "Chromium", "Page", "find_chromium"]
+
+# The figures of a report page that did not draw into their own chart <div> (an empty list
+# when every one did).
+UNDRAWN = """Array.from(document.querySelectorAll('script[data-figure]'), s => s.dataset.figure)
+  .filter(id => {
+    const d = document.getElementById(id);
+    return !(d && d.classList.contains('chart') && d.querySelector('.main-svg'));
+  })"""
 
 CHROMIUM = "/usr/bin/chromium"
 # Flags from the brief: no sandbox (root in CI), no GPU, and nothing that phones home.

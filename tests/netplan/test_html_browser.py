@@ -14,7 +14,7 @@ from netplan.cli import cli
 from netplan.html import analysis_page
 from netplan.loader import load_topology
 from netplan.report import analyze
-from tests.browser import Chromium, Page
+from tests.browser import UNDRAWN, Chromium, Page
 from tests.netplan.test_html import EVERYTHING, HYBRID, SHIPPED, islands
 
 # Count the marks plotly actually drew into the map's SVG, by the role each trace carries
@@ -36,6 +36,7 @@ def render_and_open(chromium: Chromium, topology: Path, out: Path) -> Page:
     charts = page.wait_for("document.documentElement.dataset.charts")
     assert charts != "failed", page.errors
     assert int(charts) == len(islands(out.read_text()))
+    assert page.evaluate(UNDRAWN) == []
     return page
 
 
