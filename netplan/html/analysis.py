@@ -287,7 +287,8 @@ def shard_charts(topology: Topology, r: Mapping[str, Any], i: int) -> dict[str, 
                        f"{r['headroom_ms'][s]:.1f} ms" for s in sites], hoverinfo="text"))
         if budget is not None:
             bars.add_hline(y=budget, line={"color": BAD, "dash": "dash"},
-                           annotation_text=f"budget {budget:g} ms")
+                           annotation_text=f"budget {budget:g} ms",
+                           annotation_position="top left")  # (the tool bar is on the right)
         figures.append(figure(bars, f"p99-{i}", f"{r['index']}: each querying site's p99 "
                               "against the budget (ms)", 300))
     return {"r": r, "figures": figures, "primary": primary, "budget": budget}
@@ -334,7 +335,8 @@ def budget_figure(b: Mapping[str, Any], i: int) -> Figure:
         connector={"line": {"color": MUTED, "width": 1}},
         hovertemplate="%{x}: %{y:.1f} ms<extra></extra>"))
     fig.add_hline(y=b["budget_ms"], line={"color": BAD, "dash": "dash"},
-                  annotation_text=f"budget {b['budget_ms']:g} ms")
+                  annotation_text=f"budget {b['budget_ms']:g} ms",
+                  annotation_position="top left")
     fig.update_layout(yaxis_title="ms (p99)", showlegend=False)
     return figure(fig, f"budget-{i}", f"{b['workload']}: {b['client']} → {b['serving_site']}, "
                   f"{b['total_ms']:.1f} of {b['budget_ms']:g} ms", 300)
