@@ -540,15 +540,14 @@ def analyze_command(
     topology, report = _analyze(topology_file, streams, window_bytes, mss_bytes, max_relays,
                                 multipath)
     keep = None if all_alternatives else max_alternatives
+    doc = report.to_json(max_alternatives=keep) if as_json or html_file is not None else {}
     if html_file is not None:
-        doc = report.to_json(max_alternatives=keep)
         feasible = sum(d.feasible for d in report.decisions)
         _write_html(html_file, lambda html: html.analysis_page(
             topology, doc, generator=f"netplan {_version()} analyze --html"),
             f"{len(topology.sites):,} sites, {feasible}/{len(report.decisions)} workloads "
             "feasible")
     if as_json:
-        doc = report.to_json(max_alternatives=keep)
         for chunk in json.JSONEncoder(indent=2).iterencode(doc):  # (tens of MB: no one string)
             sys.stdout.write(chunk)
         sys.stdout.write("\n")
@@ -792,14 +791,13 @@ def whatif_command(
         _fail(exc, 2)
     run = {"executor": executor.name, "workers": executor.workers,
            "seconds": round(time.perf_counter() - started, 3)}
+    doc = {**result.to_json(), "run": run} if as_json or html_file is not None else {}
     if html_file is not None:
-        page_doc = {**result.to_json(), "run": run}
         _write_html(html_file, lambda html: html.whatif_page(
-            page_doc, generator=f"netplan {_version()} whatif --html", topology=topology,
+            doc, generator=f"netplan {_version()} whatif --html", topology=topology,
             baseline=baseline.report.to_json(max_alternatives=0)),
             f"{len(result.scenarios):,} scenarios, {len(result.ranking):,} hurt")
     if as_json:
-        doc = {**result.to_json(), "run": run}
         for chunk in json.JSONEncoder(indent=2).iterencode(doc):
             sys.stdout.write(chunk)
         sys.stdout.write("\n")
