@@ -113,8 +113,10 @@ def test_stream_decisions_come_from_the_kept_daemon_logs(kept_logs: Path,
     assert "stream-decisions" not in islands(benchmarks_page(docs))  # without logs, a note instead
 
 
-def test_report_html_writes_the_page_beside_the_results(kept_logs: Path,
-                                                        tmp_path: Path) -> None:
+def test_report_html_writes_the_page_beside_the_results(
+        kept_logs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (The PNGs that `report` redraws have their own tests: not again here, they take seconds.)
+    monkeypatch.setattr("benchmarks.__main__.plot_all", lambda output: [])
     results = tmp_path / "results"
     results.mkdir()
     for path in RESULTS.glob("*.json"):
