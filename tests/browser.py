@@ -81,6 +81,18 @@ class Page:
                 raise BrowserError(f"timed out after {timeout_s} s waiting for {expression}")
             self.browser.pump(0.1)
 
+    def wait_for_charts(self, timeout_s: float = 30.0) -> int:
+        """Wait until a report page's glue says every chart has drawn; how many. Raises when
+        drawing failed, or a chart is missing or drew anywhere but into its own <div>."""
+        drawn = self.wait_for("document.documentElement.dataset.charts", timeout_s)
+        islands = self.evaluate("document.querySelectorAll('script[data-figure]').length")
+        if drawn == "failed" or int(drawn) != islands:
+            raise BrowserError(f"{drawn} of {islands} charts drew: {self.errors}")
+        undrawn = self.evaluate(UNDRAWN)
+        if undrawn:
+            raise BrowserError(f"charts not drawn into their own <div>: {undrawn}")
+        return int(drawn)
+
     def screenshot(self, path: Path, full_page: bool = True, top: float | None = None,
                    height: float | None = None) -> Path:
         """The whole page, the viewport, or (`top`, `height`) a band of the page."""
@@ -269,8 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as profile, \
             Chromium(binary, Path(profile), args.width, args.height) as browser:
         page = browser.open(args.page)
-        if page.wait_for("document.documentElement.dataset.charts") == "failed":
-            raise SystemExit(f"the page did not draw: {page.errors}")
+        page.wait_for_charts()
         top = None
         if args.start:
             top = page.evaluate(f"document.getElementById({json.dumps(args.start)})"

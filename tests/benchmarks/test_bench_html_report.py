@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from benchmarks.__main__ import cli
 from benchmarks.html_report import benchmarks_page, load_stream_logs, multiples
 from benchmarks.report import load_results, medians
-from tests.browser import UNDRAWN, Chromium
+from tests.browser import Chromium
 from tests.netplan.test_html import element_ids, islands
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -143,9 +143,7 @@ def test_the_benchmarks_page_draws_in_chromium(chromium: Chromium, artifacts: Pa
     out.write_text(benchmarks_page(docs, load_stream_logs(kept_logs)))
     page = chromium.open(out)
     try:
-        charts = page.wait_for("document.documentElement.dataset.charts")
-        assert charts == str(len(islands(out.read_text())))
-        assert page.evaluate(UNDRAWN) == []
+        assert page.wait_for_charts() == len(islands(out.read_text()))
         assert page.errors == []
         text = page.evaluate("document.body.innerText")
         for doc in docs:

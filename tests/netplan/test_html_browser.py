@@ -14,7 +14,7 @@ from netplan.cli import cli
 from netplan.html import analysis_page
 from netplan.loader import load_topology
 from netplan.report import analyze
-from tests.browser import UNDRAWN, Chromium, Page
+from tests.browser import Chromium, Page
 from tests.netplan.test_html import EVERYTHING, HYBRID, SHIPPED, islands
 
 # Count the marks plotly actually drew into the map's SVG, by the role each trace carries
@@ -33,10 +33,7 @@ def render_and_open(chromium: Chromium, topology: Path, out: Path) -> Page:
     done = CliRunner().invoke(cli, ["analyze", str(topology), "--html", str(out)])
     assert done.exit_code == 0, done.output
     page = chromium.open(out)
-    charts = page.wait_for("document.documentElement.dataset.charts")
-    assert charts != "failed", page.errors
-    assert int(charts) == len(islands(out.read_text()))
-    assert page.evaluate(UNDRAWN) == []
+    assert page.wait_for_charts() == len(islands(out.read_text()))
     return page
 
 
@@ -103,7 +100,7 @@ def test_an_aggregated_map_draws_one_mark_per_region_and_pair(chromium: Chromium
     out.write_text(analysis_page(topology, analyze(topology).to_json(), map_site_limit=3))
     page = chromium.open(out)
     try:
-        assert page.wait_for("document.documentElement.dataset.charts") != "failed"
+        page.wait_for_charts()
         assert page.errors == []
         assert page.evaluate(f"({MARKS})('sites')") == len(set(region.values()))
         assert page.evaluate(f"({MARKS})('links')") == len([p for p in pairs if len(p) == 2])
