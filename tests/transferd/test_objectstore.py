@@ -186,3 +186,18 @@ def test_small_objects_arrive_whole_in_parallel_and_give_their_memory_back(
     slots = store._whole_objects._slots
     acquired = [slots.acquire(timeout=5) for _ in range(4)]  # every slot came back
     assert acquired == [True] * 4
+
+
+def test_the_readmes_s3_site_config_loads(tmp_path: Path) -> None:
+    """The S3 site example in the README is a valid site config (an object-store data_dir with
+    state_dir and storage_options)."""
+    from transferd.config import load_config
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Object stores as site storage") :]
+    block = section[section.index("```yaml\n") + len("```yaml\n") : section.index("```\n", 8)]
+    (tmp_path / "site.yaml").write_text(block, encoding="utf-8")
+    config = load_config(tmp_path / "site.yaml")
+    assert not config.data_dir_is_local
+    assert config.storage_options["endpoint_url"].startswith("https://s3.")
+    assert str(config.state_path) == "/var/lib/transferd/cloud-eu"
