@@ -299,6 +299,7 @@ class Daemon:
                 marker=w.marker,
                 quiet_period_s=w.quiet_period_s,
                 poll_interval_s=w.poll_interval_s,
+                on_policy_refusal=self.metrics.policy_refusals.labels("sender").inc,
             )
             sources.append(watcher.run)
         if self.plan is not None and self.plan.sync:

@@ -1,0 +1,63 @@
+"""The fault-injection suite: each test counts its trials into one tally, printed at the end of
+the run as the README's "Reliability" figures (and written as JSON to $TRANSFERD_FIGURES when
+set). `pytest tests/faults` runs the short variants (CI); `pytest -m long tests/faults` the long
+ones, with more seeds and trials."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+
+@dataclass
+class Figure:
+    good: int = 0
+    total: int = 0
+
+
+FIGURES: dict[str, Figure] = {}
+# The README's order and wording: (figure, what counts as good).
+ORDER = [
+    ("kill -9 trials", "completed byte-exact"),
+    ("corrupted chunk bodies", "detected"),
+    ("corrupted control bodies", "detected"),
+    ("attacks (forged, tampered, stale, unsigned, replayed)", "refused"),
+    ("policy escapes (links into raw/ or out)", "refused"),
+    ("disk-full cases", "passed"),
+    ("link flap, stall and drop cases", "passed"),
+    ("fuzzed config and plan inputs", "answered cleanly"),
+]
+
+Tally = Callable[[str, bool], None]
+
+
+@pytest.fixture
+def tally() -> Tally:
+    """`tally(figure, good)`: one trial of `figure`, good or not. A test still asserts its
+    outcome; the tally is what the run prints."""
+
+    def record(figure: str, good: bool) -> None:
+        assert figure in dict(ORDER), figure
+        fig = FIGURES.setdefault(figure, Figure())
+        fig.total += 1
+        fig.good += int(good)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not FIGURES:
+        return
+    terminalreporter.section("Reliability figures (this run)")
+    for figure, good in ORDER:
+        fig = FIGURES.get(figure)
+        if fig is not None:
+            terminalreporter.write_line(f"{figure}: {good} {fig.good}/{fig.total}")
+    out = os.environ.get("TRANSFERD_FIGURES")
+    if out:
+        with open(out, "w", encoding="utf-8") as fh:
+            json.dump({k: [v.good, v.total] for k, v in FIGURES.items()}, fh, indent=1)
