@@ -27,23 +27,25 @@ ORDER = [
     ("corrupted control bodies", "detected"),
     ("attacks (forged, tampered, stale, unsigned, replayed)", "refused"),
     ("policy escapes (links into raw/ or out)", "refused"),
+    ("reads while a folder or step is re-committed", "found it whole"),
     ("disk-full cases", "passed"),
     ("link flap, stall and drop cases", "passed"),
     ("fuzzed config and plan inputs", "answered cleanly"),
 ]
 
-Tally = Callable[[str, bool], None]
+Tally = Callable[..., None]
 
 
 @pytest.fixture
 def tally() -> Tally:
-    """`tally(figure, good)`: one trial of `figure`, good or not. A test still asserts its
-    outcome; the tally is what the run prints."""
+    """`tally(figure, good)`: one trial of `figure`, good or not; `tally(figure, good=n,
+    total=m)`: m trials of which n were good. A test still asserts its outcome; the tally is
+    what the run prints."""
 
-    def record(figure: str, good: bool) -> None:
+    def record(figure: str, good: bool | int, total: int = 1) -> None:
         assert figure in dict(ORDER), figure
         fig = FIGURES.setdefault(figure, Figure())
-        fig.total += 1
+        fig.total += total
         fig.good += int(good)
 
     return record

@@ -14,6 +14,9 @@ raw/ data; a commit renames into a parent directory opened and checked the same 
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -39,8 +42,11 @@ __all__ = [
     "SiteStorage",
     "Source",
     "confine",
+    "exchange",
     "open_storage",
 ]
+
+log = logging.getLogger("transferd.storage")
 
 
 class Source(Protocol):
@@ -133,6 +139,40 @@ def _fd_path(fd: int, fallback: Path) -> str:
         return os.path.realpath(fallback)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _load_renameat2() -> object | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def exchange(src: Path, dst_dir_fd: int, dst: str) -> bool:
+    """Swap `src` and the entry `dst` in the folder `dst_dir_fd` in one step (Linux
+    renameat2 RENAME_EXCHANGE): a reader sees the old or the new, never neither. False when
+    this system or filesystem cannot; OSError for anything else."""
+    if _renameat2 is None:
+        return False
+    rc = _renameat2(  # type: ignore[operator]
+        _AT_FDCWD, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_EXCHANGE
+    )
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(src))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -147,6 +187,7 @@ class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.staging_root = root / ".transferd" / "staging"
+        self._warned_exchange = False
         with os_errors("creating data_dir", root):
             self.staging_root.mkdir(parents=True, exist_ok=True)
 
@@ -247,14 +288,38 @@ class LocalStorage:
                 else:
                     for dirpath, _dirs, _files in os.walk(staging.payload_path):
                         _fsync_dir(Path(dirpath))
-                    old = staging.dir / "replaced"
-                    if final.exists():
-                        os.rename(name, old, src_dir_fd=parent)
-                    os.rename(staging.payload_path, name, dst_dir_fd=parent)
-                    shutil.rmtree(old, ignore_errors=True)
+                    self._swap_in(staging, parent, name, final)
                 os.fsync(parent)
             finally:
                 os.close(parent)
+
+    def _swap_in(self, staging: Staging, parent: int, name: str, final: Path) -> None:
+        """Put the staged folder at `name`: one exchange when something is there (a re-commit
+        is never seen missing: a reader polling the folder, or LATEST naming a step, finds the
+        old or the new), one rename when not. Where the filesystem cannot exchange, the old
+        copy is renamed away first (a moment with neither; logged once)."""
+        payload = staging.payload_path
+        try:
+            os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(payload, name, dst_dir_fd=parent)
+            return
+        if exchange(payload, parent, name):
+            old = payload  # the exchange left the old copy where the new one was staged
+        else:
+            if not self._warned_exchange:
+                self._warned_exchange = True
+                log.warning(
+                    "commit.no_exchange",
+                    extra={"fields": {"path": str(final), "reason": "no renameat2 exchange"}},
+                )
+            old = staging.dir / "replaced"
+            os.rename(name, old, src_dir_fd=parent)
+            os.rename(payload, name, dst_dir_fd=parent)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
     def _open_dir(self, rel_dir: str) -> int:
         """A descriptor of the folder `rel_dir` ("": data_dir), made if missing, after the
