@@ -78,7 +78,7 @@ class Daemon:
         self.keyring = Keyring.load(config.keys_path, config.site, list(config.peers))
         self.verifier = RequestVerifier(
             self.keyring,
-            NonceGuard(config.auth_window_s, not_before=clock() - 1.0),
+            NonceGuard(config.auth_window_s, not_before=clock() - 1.0, memory=self.journal),
             config.peers,
             clock,
         )

@@ -5,7 +5,8 @@
         await wait_for_jobs(a, ids)
 
 `write_site_configs` lays out keys and site YAML files for subprocess daemons; `LinkProxy` sits
-between two daemons and can slow the stream down or flip one byte in flight;
+between two daemons and misbehaves on request (pace, delay, drop, stall, refuse, flip bits in
+request or reply bodies, capture requests for replay);
 `CappedFileSystem` is a local fsspec filesystem that runs out of space after a set budget.
 """
 
@@ -14,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from transferd.site.storage import LocalStorage
 __all__ = [
     "CappedFileSystem",
     "FakeClock",
+    "HttpMessage",
     "LinkProxy",
     "bound_socket",
     "loopback_pair",
@@ -168,20 +171,133 @@ BURST_S = 0.002  # LinkProxy: how much an idle rate-limited link may send at onc
 
 
 @dataclass
+class HttpMessage:
+    """One HTTP/1.1 message a LinkProxy saw go by: a request (`kind` from its path: chunk,
+    control, message, local or other) or a reply, its body length, and what the proxy did."""
+
+    start_line: str
+    kind: str
+    length: int
+    flip_at: int | None = None  # body offset of the bit flipped in it, if any
+    status: int | None = None  # requests: the status of the reply that answered it
+    raw: bytearray | None = None  # requests, when capturing: head and body as forwarded
+
+    @property
+    def path(self) -> str:
+        parts = self.start_line.split(" ")
+        return parts[1] if len(parts) > 1 else ""
+
+
+def _request_kind(start_line: str) -> str:
+    path = start_line.split(" ")[1] if " " in start_line else ""
+    if "/chunks/" in path:
+        return "chunk"
+    if path.startswith("/v1/uploads"):
+        return "control"
+    if path.startswith("/v1/peer/messages"):
+        return "message"
+    return "local" if path.startswith(("/v1/local", "/v1/messages", "/v1/inbox")) else "other"
+
+
+class _HttpFlow:
+    """Follows the HTTP/1.1 messages in one direction of a connection (Content-Length framing,
+    as transferd speaks it) and says which bytes of each forwarded piece are body bytes."""
+
+    def __init__(self, requests: bool, on_message: Callable[[HttpMessage], None]) -> None:
+        self.requests = requests
+        self.on_message = on_message
+        self._head = bytearray()
+        self.current: HttpMessage | None = None
+        self._pos = 0  # body bytes of `current` seen so far
+
+    def feed(self, data: bytes) -> list[tuple[HttpMessage, int, int, int]]:
+        """Body pieces in `data`: (message, start, end, body offset at start)."""
+        pieces: list[tuple[HttpMessage, int, int, int]] = []
+        i = 0
+        while i < len(data):
+            if self.current is None:
+                had = len(self._head)
+                self._head += data[i:]
+                end = self._head.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._head) > 64 * 1024:
+                        self._head.clear()  # not HTTP (or lost track): stop following
+                    return pieces
+                head = bytes(self._head[: end + 4])
+                i += end + 4 - had
+                self._head.clear()
+                self._start(head)
+                continue
+            take = min(len(data) - i, self.current.length - self._pos)
+            pieces.append((self.current, i, i + take, self._pos))
+            if self.current.raw is not None:
+                self.current.raw += data[i : i + take]
+            i += take
+            self._pos += take
+            if self._pos >= self.current.length:
+                self.current = None
+        return pieces
+
+    def _start(self, head: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length" and value.strip().isdigit():
+                length = int(value.strip())
+        kind = _request_kind(lines[0]) if self.requests else "reply"
+        message = HttpMessage(lines[0], kind, length)
+        self.on_message(message)
+        if message.raw is not None:
+            message.raw += head
+        self.current, self._pos = message, 0
+        if length == 0:
+            self.current = None
+
+
+@dataclass
 class LinkProxy:
-    """A TCP proxy to `target_port` on 127.0.0.1: optionally rate-limited (client -> server
-    bytes per second), and optionally flipping one bit at byte `flip_at` of the client -> server
-    stream of the first connection that gets that far."""
+    """A TCP proxy to `target_port` on 127.0.0.1 that misbehaves on request, as links and
+    middleboxes do. What it can do:
+
+    - pace the client -> server direction (`rate_bytes_per_s`) and delay both (`delay_s`);
+    - drop every connection at once (`drop()`, a reset as a dying NAT or peer gives), stall
+      (`stall()` / `resume()`: bytes stop moving, connections stay open), refuse new
+      connections (`down()` / `up()`);
+    - flip one bit at byte `flip_at` of the client -> server stream (the first connection
+      that gets that far), or, following HTTP/1.1 framing, flip one bit in a request body
+      with probability `corrupt_requests[kind]` (kind: chunk, control, message) and in a reply
+      body with probability `corrupt_replies` (seeded by `seed`);
+    - keep every request it forwarded (`capture`) for replay tests.
+    It counts what it forwarded (`bytes_up`, `bytes_down`), what it corrupted (`corrupted`:
+    each request with its reply's status), drops and flips.
+    """
 
     target_port: int = 0
     rate_bytes_per_s: float | None = None
     flip_at: int | None = None
     flipped: int = 0
     port: int = 0
+    delay_s: float = 0.0
+    seed: int = 0
+    corrupt_requests: dict[str, float] = field(default_factory=dict)
+    corrupt_replies: float = 0.0
+    capture: bool = False
+    bytes_up: int = 0
+    bytes_down: int = 0
+    drops: int = 0
+    corrupted: list[HttpMessage] = field(default_factory=list)
+    corrupted_replies: int = 0
+    captured: list[HttpMessage] = field(default_factory=list)
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _flowing: asyncio.Event = field(default_factory=asyncio.Event)
+    _refusing: bool = False
+    _rng: random.Random = field(default_factory=random.Random)
 
     async def __aenter__(self) -> LinkProxy:
+        self._rng.seed(self.seed)
+        self._flowing.set()
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -189,6 +305,7 @@ class LinkProxy:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
+        self._flowing.set()
         for writer in list(self._writers):
             writer.close()
         await self._server.wait_closed()
@@ -197,19 +314,131 @@ class LinkProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    # -- faults on demand ----------------------------------------------------------------------
+    def drop(self) -> int:
+        """Reset every open connection now; returns how many were dropped."""
+        writers, self._writers = list(self._writers), set()
+        for writer in writers:
+            writer.transport.abort()
+        self.drops += len(writers) // 2
+        return len(writers) // 2
+
+    def stall(self) -> None:
+        """Stop moving bytes (both ways) until `resume()`; connections stay open."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def down(self) -> None:
+        """Refuse new connections and drop the open ones (the peer is gone)."""
+        self._refusing = True
+        self.drop()
+
+    def up(self) -> None:
+        self._refusing = False
+
+    # -- forwarding ----------------------------------------------------------------------------
+    @property
+    def _follows_http(self) -> bool:
+        return bool(self.corrupt_requests or self.corrupt_replies or self.capture)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            writer.transport.abort()
+            return
         try:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
-            writer.close()
+            writer.transport.abort()
             return
         self._writers |= {writer, up_w}
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._pipe(reader, up_w, upstream=True))
-            tg.create_task(self._pipe(up_r, writer, upstream=False))
+        waiting: list[HttpMessage] = []  # requests on this connection awaiting their reply
+
+        def on_request(message: HttpMessage) -> None:
+            waiting.append(message)
+            if self.capture:
+                message.raw = bytearray()
+                self.captured.append(message)
+            if self._rng.random() < self.corrupt_requests.get(message.kind, 0.0):
+                if message.length:
+                    message.flip_at = self._rng.randrange(message.length)
+                    self.corrupted.append(message)
+
+        def on_reply(message: HttpMessage) -> None:
+            if waiting:
+                waiting.pop(0).status = int(message.start_line.split(" ")[1])
+            if message.length and self._rng.random() < self.corrupt_replies:
+                message.flip_at = self._rng.randrange(message.length)
+                self.corrupted_replies += 1
+
+        requests = _HttpFlow(True, on_request) if self._follows_http else None
+        replies = _HttpFlow(False, on_reply) if self._follows_http else None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._pipe(reader, up_w, True, requests))
+                tg.create_task(self._pipe(up_r, writer, False, replies))
+        finally:
+            self._writers -= {writer, up_w}
+
+    def _corrupt(self, data: bytes, flow: _HttpFlow | None, seen: int, upstream: bool) -> bytes:
+        buf: bytearray | None = None
+        if upstream and self.flip_at is not None and not self.flipped:
+            if seen <= self.flip_at < seen + len(data):
+                buf = bytearray(data)
+                buf[self.flip_at - seen] ^= 0x01
+                self.flipped += 1
+        if flow is not None:
+            for message, start, end, at in flow.feed(data):
+                if message.flip_at is not None and at <= message.flip_at < at + (end - start):
+                    buf = buf if buf is not None else bytearray(data)
+                    buf[start + message.flip_at - at] ^= 1 << self._rng.randrange(8)
+                    self.flipped += 1
+                    if message.raw is not None:  # keep the capture as forwarded
+                        message.raw[len(message.raw) - (end - start) + message.flip_at - at] = buf[
+                            start + message.flip_at - at
+                        ]
+        return bytes(buf) if buf is not None else data
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: bool,
+        flow: _HttpFlow | None,
+    ) -> None:
+        """Forward one direction. With a delay, a second task writes each piece `delay_s`
+        after it arrived (latency, not a throughput cap)."""
+        loop = asyncio.get_running_loop()
+        late: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def write_late() -> None:
+            while (item := await late.get()) is not None:
+                due, data = item
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                await self._write(writer, data, upstream)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if self.delay_s:
+                    tg.create_task(write_late())
+                await self._read(reader, writer, upstream, flow, late)
+                late.put_nowait(None)
+        except* (ConnectionError, OSError):
+            pass  # either side went away: the daemons' retry logic is what is under test
+        finally:
+            if writer.transport.is_closing():
+                writer.transport.abort()
+            else:
+                writer.close()
+
+    async def _read(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: bool,
+        flow: _HttpFlow | None,
+        late: asyncio.Queue[tuple[float, bytes] | None],
     ) -> None:
         seen = 0
         loop = asyncio.get_running_loop()
@@ -217,32 +446,29 @@ class LinkProxy:
         # A rate-limited direction forwards small slices, paced, as a slow link delivers them
         # (256 KiB at once would hand a receiver whole chunk bodies in one burst).
         step = 16 * 1024 if upstream and self.rate_bytes_per_s else 256 * 1024
-        try:
-            while data := await reader.read(step):
-                if (
-                    upstream
-                    and self.flip_at is not None
-                    and not self.flipped
-                    and seen <= self.flip_at < seen + len(data)
-                ):
-                    buf = bytearray(data)
-                    buf[self.flip_at - seen] ^= 0x01
-                    data = bytes(buf)
-                    self.flipped += 1
-                seen += len(data)
-                writer.write(data)
-                await writer.drain()
-                if upstream and self.rate_bytes_per_s:
-                    ahead = seen / self.rate_bytes_per_s - (loop.time() - started)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
-                    elif ahead < -BURST_S:
-                        # An idle link saves up no more than BURST_S of sending.
-                        started += -ahead - BURST_S
-        except (ConnectionError, OSError):
-            pass  # either side went away: the daemons' retry logic is what is under test
-        finally:
-            writer.close()
+        while data := await reader.read(step):
+            data = self._corrupt(data, flow, seen, upstream)
+            seen += len(data)
+            if self.delay_s:
+                late.put_nowait((loop.time() + self.delay_s, data))
+            else:
+                await self._write(writer, data, upstream)
+            if upstream and self.rate_bytes_per_s:
+                ahead = seen / self.rate_bytes_per_s - (loop.time() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+                elif ahead < -BURST_S:
+                    # An idle link saves up no more than BURST_S of sending.
+                    started += -ahead - BURST_S
+
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes, upstream: bool) -> None:
+        await self._flowing.wait()
+        writer.write(data)
+        if upstream:
+            self.bytes_up += len(data)
+        else:
+            self.bytes_down += len(data)
+        await writer.drain()
 
 
 def loopback_tls(out: Path) -> dict[str, str]:

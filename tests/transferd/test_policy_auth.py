@@ -185,3 +185,48 @@ def test_keygen_into_a_path_that_is_a_file_is_a_config_error(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="cannot write keys"):
         keygen(["A", "B"], blocker)
     assert blocker.read_text() == "not a directory"
+
+
+class _Memory:
+    """A ReplayMemory in a dict, as the journal keeps it."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {}
+        self.nonces: dict[str, float] = {}
+        self.writes = 0
+
+    def auth_marks(self) -> dict[str, float]:
+        return dict(self.marks)
+
+    def future_nonces(self, since: float) -> dict[str, float]:
+        return {n: t for n, t in self.nonces.items() if t >= since}
+
+    def set_auth_mark(self, site: str, ts: float) -> None:
+        self.writes += 1
+        self.marks[site] = max(ts, self.marks.get(site, ts))
+
+    def add_future_nonce(self, nonce: str, ts: float) -> None:
+        self.writes += 1
+        self.nonces[nonce] = ts
+
+
+def test_replay_memory_survives_a_restart_and_is_written_once_a_second() -> None:
+    memory = _Memory()
+    guard = NonceGuard(300, not_before=0, memory=memory)
+    now = 1000.0
+    for i in range(100):  # 100 requests over 5 s, dated now: 5-6 mark writes, not 100
+        guard.check_and_record(now + i * 0.05, f"{i:032x}", now + i * 0.05, "A")
+    assert 5 <= memory.writes <= 6
+    # Dated 250 s ahead (inside the window): its nonce is kept, not a mark 250 s ahead.
+    guard.check_and_record(now + 250, "f" * 32, now + 5, "A")
+    assert memory.nonces == {"f" * 32: now + 250}
+    assert memory.marks["A"] < now + 10
+    restarted = NonceGuard(300, not_before=0, memory=memory)
+    with pytest.raises(AuthError, match="before this daemon restarted") as before:
+        restarted.check_and_record(now + 4.0, "e" * 32, now + 7, "A")
+    assert before.value.transient
+    with pytest.raises(AuthError, match="replayed"):
+        restarted.check_and_record(now + 250, "f" * 32, now + 7, "A")
+    # A's genuine new requests, and other sites, are accepted.
+    restarted.check_and_record(now + 7, "d" * 32, now + 7, "A")
+    restarted.check_and_record(now + 3, "c" * 32, now + 7, "B")

@@ -4,9 +4,15 @@ pool per traffic class, for uploads and messages alike.
 Bulk chunk bodies never queue in front of control messages (have/want, commit) because each
 (peer, TrafficClass) pair owns its own `ClientSession` and connector. Bodies go out as
 memoryviews with Content-Length (no chunked encoding: aiohttp copies each chunk then).
-aiohttp and OS errors become TransportError here; error bodies from the peer are rebuilt into
-the package's errors (`wire.check_reply`); `retrying` retries a call on TransportError with the
-one capped exponential backoff (`protocol.backoff`).
+
+Every send is signed afresh by a client middleware (a new nonce and timestamp), so aiohttp's
+own re-send of a request on a kept-alive connection the peer had closed is not a replay; every
+reply that the caller acts on must carry the peer's signature over it (a damaged reply is
+asked for again). aiohttp and OS errors become TransportError here; error bodies from the peer
+are rebuilt into the package's errors (`wire.check_reply`). `retrying` is the one retry loop:
+it retries a call whose error is transient (`TransferdError.transient`: the network failed, a
+body or reply was damaged in flight, a replay or restart refusal) with the one capped
+exponential backoff (`protocol.backoff`), each attempt signed afresh.
 """
 
 from __future__ import annotations
@@ -20,10 +26,20 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import payload
 from pydantic import BaseModel
+from yarl import URL
 
 from netplan.plan import BULK_CLASSES, TrafficClass
-from transferd.errors import TransportError
-from transferd.protocol.auth import Keys, body_blake3, sign_headers
+from transferd.errors import TransferdError, TransportError
+from transferd.protocol.auth import (
+    H_BODY,
+    H_NONCE,
+    H_SITE,
+    H_TO,
+    Keys,
+    body_blake3,
+    check_reply_signature,
+    sign_headers,
+)
 from transferd.protocol.backoff import backoff_delays
 from transferd.protocol.wire import check_reply, to_body
 
@@ -117,9 +133,27 @@ class PeerLink:
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120),
                 auto_decompress=False,
+                middlewares=(self._sign,),
             )
             self._sessions[traffic_class] = session
         return session
+
+    async def _sign(
+        self, request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        """Sign this send of the request: runs again for every re-send aiohttp makes."""
+        request.headers.update(
+            sign_headers(
+                self.keys.secret_for(self.peer),
+                method=request.method,
+                path_qs=request.url.raw_path_qs,
+                body_blake3=request.headers[H_BODY],
+                src=self.site,
+                dst=self.peer,
+                now=self.clock(),
+            )
+        )
+        return await handler(request)
 
     async def close(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}
@@ -143,28 +177,34 @@ class PeerLink:
         AuthError, ...) or TransportError otherwise."""
         if isinstance(body, BaseModel):
             body = to_body(body)
-        signed = sign_headers(
-            self.keys.secret_for(self.peer),
-            method=method,
-            path_qs=path_qs,
-            body_blake3=body_digest or body_blake3(body),
-            src=self.site,
-            dst=self.peer,
-            now=self.clock(),
-        )
-        if headers:
-            signed.update(headers)
+        # The signature itself is added per send, by `_sign`.
+        signed = {
+            H_SITE: self.site,
+            H_TO: self.peer,
+            H_BODY: body_digest or body_blake3(body),
+            **(headers or {}),
+        }
         data = ChunkBody(body, on_sent) if body is not None else None
         try:
             async with self.session(traffic_class).request(
-                method, self.url + path_qs, data=data, headers=signed
+                method, URL(self.url + path_qs, encoded=True), data=data, headers=signed
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
+                nonce = resp.request_info.headers.get(H_NONCE, "")
+                reply_headers = resp.headers
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransportError(
                 f"{self.peer}: {type(exc).__name__}: {exc}", peer=self.peer
             ) from exc
+        check_reply_signature(
+            self.keys.secret_for(self.peer),
+            nonce,
+            status,
+            raw,
+            reply_headers,
+            required=status in accept,
+        )
         check_reply(status, raw, accept, self.peer)
         return Reply(status, raw)
 
@@ -176,12 +216,15 @@ async def retrying(
     on_retry: Callable[[], None],
     first_delay_s: float = 0.1,
 ) -> T:
-    """Retry `call` on TransportError with capped exponential backoff until `budget_s` is spent."""
+    """Retry `call` while its error is transient, with capped exponential backoff, until
+    `budget_s` is spent; then (or at once for a permanent error) raise it."""
     delays = backoff_delays(budget_s, first_s=first_delay_s)
     while True:
         try:
             return await call()
-        except TransportError:
+        except TransferdError as exc:
+            if not exc.transient:
+                raise
             delay = next(delays, None)
             if delay is None:
                 raise

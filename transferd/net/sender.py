@@ -12,7 +12,6 @@ are still missing.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -59,7 +58,6 @@ A = TypeVar("A", bound=WireModel)
 log = logging.getLogger("transferd.sender")
 
 HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the mapped windows
-MAX_CHUNK_ATTEMPTS = 5  # integrity failures of one chunk before the job fails
 COMMIT_ROUNDS = 4
 
 
@@ -225,7 +223,7 @@ class Sender:
             "file" if kind == "file" else "folder",
             members,
         )
-        if (await self._control(link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
+        if (await self._control(job, link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
             return
         files: list[_FileState] = []
         try:
@@ -348,7 +346,9 @@ class Sender:
         """Ask the receiver which of `refs` it still wants (have/want); the others are counted
         as skipped (metric and job)."""
         path = HAVE_ROUTE.format(upload=pump.upload)
-        answer = await self._control(pump.link, path, HaveRequest(chunks=refs), HaveAnswer)
+        answer = await self._control(
+            pump.job, pump.link, path, HaveRequest(chunks=refs), HaveAnswer
+        )
         skipped = len(refs) - len(set(answer.want))
         if skipped > 0:
             self.metrics.chunks_skipped.labels(pump.link.peer).inc(skipped)
@@ -385,7 +385,7 @@ class Sender:
         peer = pump.link.peer
         for _round in range(COMMIT_ROUNDS):
             answer = await self._control(
-                pump.link, path, signed, CommitAnswer, accept=(200, 409)
+                pump.job, pump.link, path, signed, CommitAnswer, accept=(200, 409)
             )
             if answer.committed:
                 return
@@ -407,17 +407,24 @@ class Sender:
 
     async def _control(
         self,
+        job: Job,
         link: PeerLink,
         path: str,
         body: WireModel,
         answer: type[A],
         accept: tuple[int, ...] = (200,),
     ) -> A:
-        """A control request (POST), retried on transport errors within the retry budget."""
+        """A control request (POST) of `job`, retried while its error is transient (each
+        attempt signed afresh) within the retry budget; retries count in the job."""
+
+        def count_retry() -> None:
+            self.metrics.retries.labels(link.peer).inc()
+            self.journal.add_job_counters(job.id, JobCounters(retries=1))
+
         reply = await retrying(
             lambda: link.call(TrafficClass.CONTROL, "POST", path, body=body, accept=accept),
             budget_s=self.retry_budget_s,
-            on_retry=lambda: self.metrics.retries.labels(link.peer).inc(),
+            on_retry=count_retry,
         )
         return parse_body(answer, reply.body)
 
@@ -504,8 +511,9 @@ class _Interrupted(Exception):
 class _ChunkPump:
     """Parallel chunk PUTs of one job: the peer's gate for the job's class admits each one (it
     bounds memory and connections, paces by caps and weights, adapts the stream count); each PUT
-    is retried on transport errors (resume after the receiver comes back) and on integrity
-    errors (a chunk damaged in flight is sent again, and counted)."""
+    is retried (`retrying`) while its error is transient: transport errors (resume after the
+    receiver comes back) and a body damaged in flight (sent again, and counted), for as long as
+    the retry budget lasts."""
 
     def __init__(
         self, sender: Sender, job: Job, link: PeerLink, bulk: TrafficClass, upload: str
@@ -571,55 +579,48 @@ class _ChunkPump:
             if slot_held and self.gate.sent():
                 slot_held = False
 
-        try:
-            for attempt in range(1, MAX_CHUNK_ATTEMPTS + 1):
-                encoded = await asyncio.to_thread(s.encode, peer, view)
-                body_hash = (
-                    digest
-                    if encoded.encoding == "identity"
-                    else await asyncio.to_thread(blake3_hex, encoded.body)
+        async def attempt() -> Encoded:
+            """One send of the chunk. A body refused as damaged is the link's doing unless
+            the source changed under us: that is checked here, and fails the job."""
+            encoded = await asyncio.to_thread(s.encode, peer, view)
+            body_hash = (
+                digest
+                if encoded.encoding == "identity"
+                else await asyncio.to_thread(blake3_hex, encoded.body)
+            )
+            headers = ChunkPut(encoding=encoded.encoding, raw_length=encoded.raw_length).headers()
+            wire = len(encoded.body)
+            self.inflight += 1
+            t0 = time.perf_counter()
+            try:
+                await self.link.call(
+                    self.bulk,
+                    "PUT",
+                    path,
+                    body=encoded.body,
+                    body_digest=body_hash,
+                    headers=headers,
+                    accept=(200, 204),
+                    on_sent=body_sent,
                 )
-                headers = ChunkPut(
-                    encoding=encoded.encoding, raw_length=encoded.raw_length
-                ).headers()
-                wire = len(encoded.body)
-                self.inflight += 1
-                t0 = time.perf_counter()
-                try:
-                    await retrying(
-                        functools.partial(
-                            self.link.call,
-                            self.bulk,
-                            "PUT",
-                            path,
-                            body=encoded.body,
-                            body_digest=body_hash,
-                            headers=headers,
-                            accept=(200, 204),
-                            on_sent=body_sent,
-                        ),
-                        budget_s=s.retry_budget_s,
-                        on_retry=count_retry,
-                    )
-                except IntegrityError:
-                    errors += 1
-                    s.metrics.integrity_failures.labels(peer, "sender").inc()
-                    s.journal.add_job_counters(
-                        self.job.id,
-                        JobCounters(integrity_failures=1, retries=1, bytes_on_wire=wire),
-                    )
-                    s.metrics.bytes_sent.labels(peer).inc(wire)
-                    if await asyncio.to_thread(blake3_hex, view) != digest:
-                        raise IntegrityError("source file changed while being sent") from None
-                    if attempt == MAX_CHUNK_ATTEMPTS:
-                        raise
-                    continue
-                finally:
-                    concurrent = self.inflight
-                    self.inflight -= 1
-                elapsed = time.perf_counter() - t0
-                s.compression[peer].observe_link(wire * max(1, concurrent), elapsed)
-                break
+            except IntegrityError:
+                s.metrics.integrity_failures.labels(peer, "sender").inc()
+                s.journal.add_job_counters(
+                    self.job.id, JobCounters(integrity_failures=1, bytes_on_wire=wire)
+                )
+                s.metrics.bytes_sent.labels(peer).inc(wire)
+                if await asyncio.to_thread(blake3_hex, view) != digest:
+                    raise IntegrityError("source file changed while being sent") from None
+                raise
+            finally:
+                concurrent = self.inflight
+                self.inflight -= 1
+            s.compression[peer].observe_link(wire * max(1, concurrent), time.perf_counter() - t0)
+            return encoded
+
+        try:
+            encoded = await retrying(attempt, budget_s=s.retry_budget_s, on_retry=count_retry)
+            wire = len(encoded.body)
             acked = wire
             s.metrics.bytes_sent.labels(peer).inc(wire)
             s.metrics.chunks_sent.labels(peer).inc()

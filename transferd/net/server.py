@@ -5,7 +5,8 @@ messages. Local API (signed with the site's own secret, used by the CLI): send, 
 messages to a peer, the inbox. `/metrics` is Prometheus text. Handlers are thin: authenticate,
 parse the body or query into its wire model (`protocol.wire`), call one method, answer. The
 one middleware turns every TransferdError into its JSON body and HTTP status, counts
-authentication and integrity failures, and logs the refusal.
+authentication and integrity failures, logs the refusal, and signs the reply to every request
+that authenticated (`protocol.auth.sign_reply`: status and body bound to the request's nonce).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from transferd.errors import AuthError, IntegrityError, ProtocolError, Transferd
 from transferd.net.buffers import BufferPool
 from transferd.net.inbound import InboundUploads
 from transferd.net.messages import MessageService
-from transferd.protocol.auth import AuthHeaders, RequestVerifier
+from transferd.protocol.auth import AuthHeaders, RequestVerifier, sign_reply
 from transferd.protocol.chunks import MAX_CHUNK_BYTES, ChunkPut, check_address, parse_locations
 from transferd.protocol.local_api import (
     MAX_JOBS_PER_QUERY,
@@ -61,6 +62,7 @@ __all__ = ["LocalApi", "build_app"]
 log = logging.getLogger("transferd.server")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_AUTH = web.RequestKey("auth", AuthHeaders)  # set once a request authenticated
 
 
 class LocalApi(Protocol):
@@ -86,6 +88,18 @@ def build_app(
 ) -> web.Application:
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await _answer_or_error(request, handler)
+        auth = request.get(_AUTH)
+        if isinstance(auth, AuthHeaders) and type(response) is web.Response:
+            body = response.body
+            if body is None or isinstance(body, bytes):
+                secret = verifier.keys.secret_for(auth.site)
+                response.headers.update(
+                    sign_reply(secret, auth.nonce, response.status, body or b"")
+                )
+        return response
+
+    async def _answer_or_error(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except TransferdError as exc:
@@ -106,10 +120,12 @@ def build_app(
     app = web.Application(client_max_size=MAX_CHUNK_BYTES + 1024 * 1024, middlewares=[errors])
 
     def peer(request: web.Request) -> AuthHeaders:
-        return verifier.peer(request.headers, request.method, request.raw_path)
+        request[_AUTH] = auth = verifier.peer(request.headers, request.method, request.raw_path)
+        return auth
 
     def own_cli(request: web.Request) -> AuthHeaders:
-        return verifier.local(request.headers, request.method, request.raw_path)
+        request[_AUTH] = auth = verifier.local(request.headers, request.method, request.raw_path)
+        return auth
 
     async def body_of(
         request: web.Request, auth: AuthHeaders, limit: int | None = None

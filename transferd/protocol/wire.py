@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from transferd.errors import ERROR_KINDS, AuthError, ProtocolError, TransferdError
+from transferd.errors import ERROR_KINDS, AuthError, ProtocolError, TransferdError, TransportError
 
 __all__ = [
     "CHUNK_ROUTE",
@@ -116,12 +116,18 @@ class ErrorBody(FrozenModel):
 
     kind: str
     error: str = "peer reported an error"
+    transient: bool = False
 
     def rebuild(self, status: int) -> TransferdError:
         cls = ERROR_KINDS.get(self.kind, TransferdError)
         if cls is AuthError:
-            return AuthError(self.error, status=status)
-        return cls(self.error)
+            return AuthError(self.error, status=status, transient=self.transient)
+        err = cls(self.error)
+        err.transient = err.transient or self.transient
+        return err
+
+
+_GATEWAY_STATUSES = (502, 503, 504)
 
 
 def check_reply(status: int, raw: bytes, accept: tuple[int, ...], peer: str) -> None:
@@ -132,6 +138,10 @@ def check_reply(status: int, raw: bytes, accept: tuple[int, ...], peer: str) -> 
     try:
         err = ErrorBody.model_validate_json(raw).rebuild(status)
     except (ValidationError, ValueError, json.JSONDecodeError):
-        err = ProtocolError(f"peer answered HTTP {status} without a transferd error body")
+        if status in _GATEWAY_STATUSES:
+            # Something in between (a proxy, a load balancer) could not reach the daemon.
+            err = TransportError(f"{peer} answered HTTP {status} (gateway): not reachable")
+        else:
+            err = ProtocolError(f"peer answered HTTP {status} without a transferd error body")
     err.fields.setdefault("peer", peer)
     raise err

@@ -71,6 +71,12 @@ CREATE INDEX IF NOT EXISTS chunk_index_by_hash ON chunk_index(hash);
 CREATE TABLE IF NOT EXISTS watch_seen (
     root TEXT NOT NULL, dest TEXT NOT NULL, job TEXT NOT NULL, PRIMARY KEY (root, dest)
 );
+CREATE TABLE IF NOT EXISTS auth_marks (  -- per sending site: newest timestamp accepted (+1 s)
+    site TEXT PRIMARY KEY, ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS auth_future_nonces (  -- nonces of requests dated ahead of our clock
+    nonce TEXT PRIMARY KEY, ts REAL NOT NULL
+);
 """
 
 
@@ -213,6 +219,30 @@ class Journal:
 
     def mark_watch_seen(self, root: str, dest: str, job_id: str) -> None:
         self._exec("INSERT OR IGNORE INTO watch_seen VALUES (?,?,?)", (root, dest, job_id))
+
+    # -- receiver: replay memory (protocol.auth.ReplayMemory) --------------------------------
+    # Each write is durable once it returns (WAL: it survives the process being killed).
+    def auth_marks(self) -> dict[str, float]:
+        rows = self._exec("SELECT site, ts FROM auth_marks").fetchall()
+        return {str(site): float(ts) for site, ts in rows}
+
+    def set_auth_mark(self, site: str, ts: float) -> None:
+        self._exec(
+            "INSERT INTO auth_marks (site, ts) VALUES (?, ?) "
+            "ON CONFLICT(site) DO UPDATE SET ts = max(ts, excluded.ts)",
+            (site, ts),
+        )
+
+    def future_nonces(self, since: float) -> dict[str, float]:
+        """Nonces dated at or after `since` (older ones are dropped)."""
+        self._exec("DELETE FROM auth_future_nonces WHERE ts < ?", (since,))
+        rows = self._exec("SELECT nonce, ts FROM auth_future_nonces").fetchall()
+        return {str(n): float(ts) for n, ts in rows}
+
+    def add_future_nonce(self, nonce: str, ts: float) -> None:
+        self._exec(
+            "INSERT OR IGNORE INTO auth_future_nonces (nonce, ts) VALUES (?, ?)", (nonce, ts)
+        )
 
     # -- receiver: uploads ------------------------------------------------------------------
     def open_upload(self, intent: UploadIntent, source: str, now: float) -> bool:

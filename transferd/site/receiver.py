@@ -193,12 +193,16 @@ class Receiver:
         body_hash = blake3_hex(body)
         if body_hash != declared_body_blake3:
             raise IntegrityError(
-                "chunk body damaged in flight (blake3 does not match the signed hash)"
+                "chunk body damaged in flight (blake3 does not match the signed hash)",
+                transient=True,
             )
         raw = decode_body(body, put.encoding, put.raw_length)
         raw_hash = body_hash if put.encoding == "identity" else blake3_hex(raw)
         if raw_hash != digest:
-            raise IntegrityError(f"chunk bytes do not hash to their address {digest[:16]}")
+            # The sender checks its source before sending again.
+            raise IntegrityError(
+                f"chunk bytes do not hash to their address {digest[:16]}", transient=True
+            )
         staging = self._staging[upload]
         for t in targets:
             staging.write(t.file, t.offset, raw)

@@ -1,0 +1,170 @@
+"""A misbehaving link between two daemons: bits flipped in chunk bodies, control bodies and
+replies, connections dropped again and again, stalls, a peer that is gone for a while, extra
+delay. Every corrupted body is refused (none accepted) and asked for again; every transfer
+ends byte-exact without an operator, and nothing partial is ever visible at the receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import Tally
+from tests.integration._data import file_blake3, write_random
+from transferd.daemon import Daemon
+from transferd.protocol.local_api import Job
+from transferd.testing import LinkProxy, loopback_pair, wait_for_jobs
+
+CHUNK = 64 * 1024
+FLAPS = "link flap, stall and drop cases"
+
+
+def lay_out(root: Path, seed: int) -> dict[str, str]:
+    """A file and a dataset folder at A; their blake3 by path."""
+    rng = random.Random(seed)
+    digests = {"approved/model.bin": write_random(root / "approved" / "model.bin", 40 * CHUNK + 7,
+                                                  seed)}
+    for i in range(6):
+        rel = f"curated/ds/part-{i}.bin"
+        digests[rel] = write_random(root / rel, rng.randrange(1, 6 * CHUNK), seed + i + 1)
+    return digests
+
+
+def partial_files(root: Path) -> list[str]:
+    """Anything at the receiver outside its state folder that is not a whole file we sent."""
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        if rel_dir.parts[:1] == (".transferd",):
+            continue
+        out += [str(rel_dir / f) for f in files if "transferd" in f]
+    return out
+
+
+async def send_all(a: Daemon, timeout_s: float = 60.0) -> list[Job]:
+    ids = a.sender.submit("approved/model.bin", ["B"]) + a.sender.submit("curated/ds", ["B"])
+    return await wait_for_jobs(a, ids, timeout_s=timeout_s)
+
+
+def exact(b: Daemon, digests: dict[str, str]) -> bool:
+    root = b.config.data_path
+    return all((root / p).is_file() and file_blake3(root / p) == d for p, d in digests.items())
+
+
+@asynccontextmanager
+async def pair(tmp_path: Path, proxy: LinkProxy, seed: int) -> AsyncIterator[
+    tuple[Daemon, Daemon, dict[str, str]]
+]:
+    digests = lay_out(tmp_path / "site-A", seed)
+    async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, streams=2) as (a, b):
+        yield a, b, digests
+
+
+def _corruption_seeds(long: bool) -> list[int]:
+    return list(range(20 if long else 3))
+
+
+async def _corrupted_bodies(tmp_path: Path, seed: int, tally: Tally) -> None:
+    proxy = LinkProxy(seed=seed, corrupt_requests={"chunk": 0.3, "control": 0.3})
+    async with pair(tmp_path, proxy, seed) as (a, b, digests):
+        jobs = await send_all(a)
+        ok = all(j.state == "committed" for j in jobs) and exact(b, digests)
+    by_kind: dict[str, list[int | None]] = {"chunk": [], "control": []}
+    for message in proxy.corrupted:
+        by_kind[message.kind].append(message.status)
+    accepted = {k: [s for s in v if s is not None and s < 300] for k, v in by_kind.items()}
+    tally("corrupted chunk bodies", len(by_kind["chunk"]) - len(accepted["chunk"]),
+          len(by_kind["chunk"]))
+    tally("corrupted control bodies", len(by_kind["control"]) - len(accepted["control"]),
+          len(by_kind["control"]))
+    assert ok, [(j.path, j.state, j.error) for j in jobs]
+    assert by_kind["chunk"]
+    assert by_kind["control"]
+    assert accepted == {"chunk": [], "control": []}
+
+
+@pytest.mark.parametrize("seed", _corruption_seeds(long=False))
+async def test_corrupted_chunk_and_control_bodies_are_refused_and_sent_again(
+    tmp_path: Path, seed: int, tally: Tally
+) -> None:
+    await _corrupted_bodies(tmp_path, seed, tally)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("seed", _corruption_seeds(long=True))
+async def test_corrupted_bodies_long(tmp_path: Path, seed: int, tally: Tally) -> None:
+    await _corrupted_bodies(tmp_path, 1000 + seed, tally)
+
+
+async def test_corrupted_replies_are_asked_for_again(tmp_path: Path, tally: Tally) -> None:
+    proxy = LinkProxy(seed=5, corrupt_replies=0.3)
+    async with pair(tmp_path, proxy, 5) as (a, b, digests):
+        jobs = await send_all(a)
+        ok = all(j.state == "committed" for j in jobs) and exact(b, digests)
+    tally(FLAPS, ok and proxy.corrupted_replies > 0)
+    assert proxy.corrupted_replies > 0
+    assert ok, [(j.path, j.state, j.error) for j in jobs]
+    assert sum(j.retries for j in jobs) >= 1
+
+
+async def _flapping(tmp_path: Path, tally: Tally, every_s: float, seed: int) -> None:
+    """Every connection dropped every `every_s` while the transfer runs."""
+    proxy = LinkProxy(seed=seed, rate_bytes_per_s=4e6)
+    async with pair(tmp_path, proxy, seed) as (a, b, digests):
+
+        async def flap() -> None:
+            while True:
+                await asyncio.sleep(every_s)
+                proxy.drop()
+
+        flapper = asyncio.create_task(flap())
+        try:
+            jobs = await send_all(a)
+        finally:
+            flapper.cancel()
+        ok = all(j.state == "committed" for j in jobs) and exact(b, digests)
+        clean = partial_files(b.config.data_path) == []
+    tally(FLAPS, ok and clean and proxy.drops > 0)
+    assert proxy.drops > 0
+    assert ok, [(j.path, j.state, j.error) for j in jobs]
+    assert clean
+
+
+async def test_connections_dropped_every_quarter_second(tmp_path: Path, tally: Tally) -> None:
+    await _flapping(tmp_path, tally, 0.25, seed=1)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("every_s", [0.05, 0.1, 0.2, 0.5, 1.0])
+async def test_connections_dropped_long(tmp_path: Path, tally: Tally, every_s: float) -> None:
+    await _flapping(tmp_path, tally, every_s, seed=int(every_s * 100))
+
+
+async def test_a_stall_and_a_peer_gone_for_a_while_are_ridden_through(
+    tmp_path: Path, tally: Tally
+) -> None:
+    proxy = LinkProxy(seed=3, rate_bytes_per_s=10e6, delay_s=0.01)
+    async with pair(tmp_path, proxy, 3) as (a, b, digests):
+
+        async def misbehave() -> None:
+            await asyncio.sleep(0.1)
+            proxy.stall()
+            await asyncio.sleep(1.5)
+            proxy.resume()
+            await asyncio.sleep(0.1)
+            proxy.down()
+            await asyncio.sleep(1.5)
+            proxy.up()
+
+        faults = asyncio.create_task(misbehave())
+        jobs = await send_all(a)
+        await faults
+        ok = all(j.state == "committed" for j in jobs) and exact(b, digests)
+    tally(FLAPS, ok)
+    assert ok, [(j.path, j.state, j.error) for j in jobs]
+    assert sum(j.retries for j in jobs) >= 1
