@@ -141,6 +141,16 @@ class SiteConfig(FrozenModel):
     # Where the file lives; set by load_config, not by the YAML.
     base_dir: str = Field(default=".", exclude=True)
 
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _compression(cls, value: Any) -> Any:
+        """One message for every wrong value (not pydantic's per-branch union errors)."""
+        if value in ("auto", "off") or (
+            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 22
+        ):
+            return value
+        raise ValueError(f"must be auto, off or a zstd level 1-22, not {value!r}")
+
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:

@@ -181,8 +181,8 @@ class Daemon:
 
     # -- the local API (net.server.LocalApi) -----------------------------------------------------
 
-    def submit(self, path: str, dests: list[str]) -> list[str]:
-        return self.sender.submit(path, dests)
+    def submit(self, path: str, dests: list[str], timeout_s: float | None = None) -> list[str]:
+        return self.sender.submit(path, dests, timeout_s=timeout_s)
 
     def job(self, job_id: str) -> Job | None:
         return self.journal.job(job_id)

@@ -18,6 +18,7 @@ exponential backoff (`protocol.backoff`), each attempt signed afresh.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -138,6 +139,20 @@ class PeerLink:
             self._sessions[traffic_class] = session
         return session
 
+    def _what_failed(self, exc: BaseException) -> str:
+        """A transport failure in words a user reads in `status` and `send --wait`."""
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            err = exc.os_error
+            reason = os.strerror(err.errno) if err.errno else (err.strerror or str(err))
+            return f"{self.peer} unreachable at {self.url}: {reason.lower()}"
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            return f"{self.peer} closed the connection mid-request"
+        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+            return f"{self.peer} stopped answering (timed out)"
+        if isinstance(exc, aiohttp.ClientOSError | OSError) and getattr(exc, "strerror", None):
+            return f"connection to {self.peer} lost: {str(exc.strerror).lower()}"
+        return f"{self.peer}: {type(exc).__name__}: {exc}"
+
     async def _sign(
         self, request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
     ) -> aiohttp.ClientResponse:
@@ -194,9 +209,7 @@ class PeerLink:
                 nonce = resp.request_info.headers.get(H_NONCE, "")
                 reply_headers = resp.headers
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransportError(
-                f"{self.peer}: {type(exc).__name__}: {exc}", peer=self.peer
-            ) from exc
+            raise TransportError(self._what_failed(exc), peer=self.peer) from exc
         check_reply_signature(
             self.keys.secret_for(self.peer),
             nonce,
@@ -213,11 +226,12 @@ async def retrying(
     call: Callable[[], Awaitable[T]],
     *,
     budget_s: float,
-    on_retry: Callable[[], None],
+    on_retry: Callable[[TransferdError, float], None],
     first_delay_s: float = 0.1,
 ) -> T:
     """Retry `call` while its error is transient, with capped exponential backoff, until
-    `budget_s` is spent; then (or at once for a permanent error) raise it."""
+    `budget_s` is spent; then (or at once for a permanent error) raise it. `on_retry(error,
+    delay_s)` hears of each retry before its wait."""
     delays = backoff_delays(budget_s, first_s=first_delay_s)
     while True:
         try:
@@ -228,5 +242,5 @@ async def retrying(
             delay = next(delays, None)
             if delay is None:
                 raise
-            on_retry()
+            on_retry(exc, delay)
             await asyncio.sleep(delay)

@@ -1,7 +1,12 @@
 """The sending side: jobs from the journal become uploads to a peer.
 
 A job (path, destination) runs open -> for each batch of chunks: hash, ask have/want, PUT the
-wanted ones -> signed manifest -> commit. Hashing of the next batch overlaps the uploads of the
+wanted ones -> signed manifest -> commit. Each request retries transient errors within the
+retry budget (`peer_client.retrying`), noting in the job what it retries and when; past that,
+a transient error sends the job to `waiting` (its peer is unreachable, its link keeps failing)
+and it is attempted again after a capped exponential delay (`protocol.backoff.
+job_retry_delay`), resuming from what the receiver has. A job fails on a permanent error, or
+when its deadline (`send --timeout`) passes. Hashing of the next batch overlaps the uploads of the
 previous one; each chunk PUT is admitted by the peer's `BulkGate` for the job's class (the
 class scheduler's weights and rate caps, and the adaptive stream count). Policy is checked
 before a byte is read. Jobs survive SIGKILL: the journal keeps them and a restarted daemon
@@ -21,13 +26,20 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from netplan.plan import TrafficClass
-from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, TransferdError
+from transferd.errors import (
+    IntegrityError,
+    PolicyViolation,
+    ProtocolError,
+    TransferdError,
+    TransportError,
+)
 from transferd.net.peer_client import PeerLink, retrying
 from transferd.net.pump import PeerTraffic
 from transferd.protocol.auth import Keys
+from transferd.protocol.backoff import job_retry_delay
 from transferd.protocol.chunks import ChunkPut, blake3_hex, fixed_spans, format_locations
 from transferd.protocol.codec import CompressionPolicy, Encoded, zstd_compress
-from transferd.protocol.local_api import Job
+from transferd.protocol.local_api import Job, JobState
 from transferd.protocol.manifest import (
     ChunkRef,
     CommitAnswer,
@@ -84,7 +96,7 @@ class Sender:
         streams: int,
         clock: Callable[[], float],
         traffic: dict[str, PeerTraffic],
-        retry_budget_s: float = 300.0,
+        retry_budget_s: float = 30.0,
         max_jobs: int = 4,
     ) -> None:
         self.site = site
@@ -106,15 +118,21 @@ class Sender:
         }
         self._wake = asyncio.Event()
         self._running: set[str] = set()
+        self._noted: set[str] = set()  # jobs whose note says what they are retrying
         self._stopping = False
         self._idle = asyncio.Event()
 
     # -- submitting ----------------------------------------------------------------------------
     def submit(
-        self, path: str, dests: list[str], traffic_class: TrafficClass | None = None
+        self,
+        path: str,
+        dests: list[str],
+        traffic_class: TrafficClass | None = None,
+        timeout_s: float | None = None,
     ) -> list[str]:
         """Queue replication of `path` to each of `dests` on `traffic_class` (default: by tier,
-        checkpoints/ on the checkpoint class, the rest on sync); policy is checked here, first."""
+        checkpoints/ on the checkpoint class, the rest on sync), failing a job still not
+        committed `timeout_s` from now; policy is checked here, first."""
         try:
             rel = normalize_rel_path(path)
             check_may_leave_site(rel)
@@ -126,10 +144,12 @@ class Sender:
         if unknown or not dests:
             raise ProtocolError(f"unknown destination site(s): {', '.join(unknown) or '(none)'}")
         ids = []
+        now = self.clock()
+        deadline = None if timeout_s is None else now + timeout_s
         for dest in dests:
             job_id = uuid.uuid4().hex
             cls = traffic_class or traffic_class_for(rel)
-            self.journal.add_job(job_id, rel, dest, cls, self.clock())
+            self.journal.add_job(job_id, rel, dest, cls, now, deadline)
             ids.append(job_id)
             log.info("job.queued", extra={"fields": {"job": job_id, "path": rel, "dest": dest}})
         self._wake.set()
@@ -142,8 +162,16 @@ class Sender:
         async with asyncio.TaskGroup() as tg:
             while not self._stopping:
                 self._wake.clear()
+                sleep_s = 1.0
                 for job in self.journal.active_jobs():
                     if job.id in self._running:
+                        continue
+                    now = self.clock()
+                    if job.deadline is not None and now >= job.deadline:
+                        self._give_up(job, None)
+                        continue
+                    if job.state is JobState.WAITING and (job.next_attempt_at or 0) > now:
+                        sleep_s = min(sleep_s, (job.next_attempt_at or now) - now)
                         continue
                     await slots.acquire()
                     if self._stopping:
@@ -152,7 +180,7 @@ class Sender:
                     self._running.add(job.id)
                     tg.create_task(self._run_job(job, slots))
                 try:
-                    async with asyncio.timeout(1.0):
+                    async with asyncio.timeout(max(0.01, sleep_s)):
                         await self._wake.wait()
                 except TimeoutError:
                     pass
@@ -169,6 +197,58 @@ class Sender:
         self._stopping = True
         self._wake.set()
 
+    def note_retry(self, job_id: str, peer: str, exc: TransferdError, delay_s: float) -> None:
+        """A request of the job is retried in `delay_s`: counted, and said in the job (and in
+        the log, once per run of retries)."""
+        self.metrics.retries.labels(peer).inc()
+        self.journal.add_job_counters(job_id, JobCounters(retries=1))
+        self.journal.note_job(job_id, str(exc), self.clock() + delay_s)
+        if job_id not in self._noted:
+            self._noted.add(job_id)
+            log.warning(
+                "job.retrying",
+                extra={"fields": {"job": job_id, "dest": peer, "kind": exc.kind,
+                                  "error": str(exc)}},
+            )
+
+    def clear_note(self, job_id: str) -> None:
+        """A request of the job went through: nothing is being retried any more."""
+        if job_id in self._noted:
+            self._noted.discard(job_id)
+            self.journal.note_job(job_id, None, None)
+
+    def _give_up(self, job: Job, exc: TransferdError | None) -> None:
+        """The job's deadline passed: it fails, saying what it was waiting for."""
+        waited = f"; last problem: {exc or job.note}" if (exc or job.note) else ""
+        timeout_s = (job.deadline or 0) - job.created_at
+        error = TransportError(
+            f"not committed within its timeout of {timeout_s:g} s{waited}", peer=job.dest
+        )
+        self.journal.finish_job(job.id, self.clock(), error)
+        log.error(
+            "job.failed", extra={"fields": {"job": job.id, "kind": error.kind, "error": str(error)}}
+        )
+
+    def _retry_later(self, job: Job, exc: TransferdError) -> None:
+        """A transient failure past the request retry budget: wait, then attempt again."""
+        delay = job_retry_delay(job.attempts + 1)
+        next_at = self.clock() + delay
+        self.journal.wait_job(job.id, str(exc), next_at)
+        self.metrics.retries.labels(job.dest).inc()
+        log.warning(
+            "job.waiting",
+            extra={
+                "fields": {
+                    "job": job.id,
+                    "dest": job.dest,
+                    "error": str(exc),
+                    "retry_in_s": round(delay, 3),
+                    "attempt": job.attempts + 2,
+                }
+            },
+        )
+        self._wake.set()
+
     async def _run_job(self, job: Job, slots: asyncio.Semaphore) -> None:
         started = time.monotonic()
         try:
@@ -176,8 +256,10 @@ class Sender:
             log.info(
                 "job.started", extra={"fields": {"job": job.id, "path": job.path, "dest": job.dest}}
             )
+            left = None if job.deadline is None else job.deadline - self.clock()
             try:
-                await self._replicate(job)
+                async with asyncio.timeout(left):
+                    await self._replicate(job)
             except BaseExceptionGroup as group:
                 # Errors from the upload task group: report the first of the package's own.
                 raise _first_error(group) from group
@@ -186,7 +268,16 @@ class Sender:
             # which chunks it still lacks.
             log.info("job.interrupted", extra={"fields": {"job": job.id}})
             return
+        except TimeoutError:
+            outcome = "failed"
+            self._give_up(self.journal.job(job.id) or job, None)
         except TransferdError as exc:
+            if exc.transient and not self._stopping:
+                self._retry_later(self.journal.job(job.id) or job, exc)
+                return
+            if exc.transient and self._stopping:
+                log.info("job.interrupted", extra={"fields": {"job": job.id}})
+                return
             outcome = "failed"
             if isinstance(exc, PolicyViolation):
                 self.metrics.policy_refusals.labels("sender").inc()
@@ -415,17 +506,13 @@ class Sender:
         accept: tuple[int, ...] = (200,),
     ) -> A:
         """A control request (POST) of `job`, retried while its error is transient (each
-        attempt signed afresh) within the retry budget; retries count in the job."""
-
-        def count_retry() -> None:
-            self.metrics.retries.labels(link.peer).inc()
-            self.journal.add_job_counters(job.id, JobCounters(retries=1))
-
+        attempt signed afresh) within the retry budget; retries count and show in the job."""
         reply = await retrying(
             lambda: link.call(TrafficClass.CONTROL, "POST", path, body=body, accept=accept),
             budget_s=self.retry_budget_s,
-            on_retry=count_retry,
+            on_retry=lambda exc, delay: self.note_retry(job.id, link.peer, exc, delay),
         )
+        self.clear_note(job.id)
         return parse_body(answer, reply.body)
 
     def _spans(self, source: Source) -> list[tuple[int, int]]:
@@ -569,10 +656,10 @@ class _ChunkPump:
         acked, errors = 0, 0  # for the stream controller: retries and integrity failures
         slot_held = True  # this upload's stream, until its body is on the wire
 
-        def count_retry() -> None:
+        def count_retry(exc: TransferdError, delay_s: float) -> None:
             nonlocal errors
             errors += 1
-            self._count_retry()
+            s.note_retry(self.job.id, peer, exc, delay_s)
 
         def body_sent() -> None:
             nonlocal slot_held
@@ -620,6 +707,7 @@ class _ChunkPump:
 
         try:
             encoded = await retrying(attempt, budget_s=s.retry_budget_s, on_retry=count_retry)
+            s.clear_note(self.job.id)
             wire = len(encoded.body)
             acked = wire
             s.metrics.bytes_sent.labels(peer).inc(wire)
@@ -638,7 +726,3 @@ class _ChunkPump:
             if window is not None:
                 window.discard()
             self.gate.release(acked, errors, slot=slot_held)
-
-    def _count_retry(self) -> None:
-        self.sender.metrics.retries.labels(self.link.peer).inc()
-        self.sender.journal.add_job_counters(self.job.id, JobCounters(retries=1))

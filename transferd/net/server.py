@@ -68,7 +68,7 @@ _AUTH = web.RequestKey("auth", AuthHeaders)  # set once a request authenticated
 class LocalApi(Protocol):
     """What the local API asks of the daemon."""
 
-    def submit(self, path: str, dests: list[str]) -> list[str]: ...
+    def submit(self, path: str, dests: list[str], timeout_s: float | None = None) -> list[str]: ...
     def job(self, job_id: str) -> Job | None: ...
     def status(self) -> SiteStatus: ...
 
@@ -184,7 +184,7 @@ def build_app(
     async def local_send(request: web.Request) -> web.Response:
         auth = own_cli(request)
         send = parse_body(SendRequest, await body_of(request, auth))
-        return _answer(SendAnswer(jobs=local.submit(send.path, send.to)))
+        return _answer(SendAnswer(jobs=local.submit(send.path, send.to, send.timeout_s)))
 
     async def local_jobs(request: web.Request) -> web.Response:
         own_cli(request)

@@ -45,7 +45,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     chunks_skipped INTEGER NOT NULL DEFAULT 0,
     chunks_sent INTEGER NOT NULL DEFAULT 0,
     retries INTEGER NOT NULL DEFAULT 0,
-    integrity_failures INTEGER NOT NULL DEFAULT 0
+    integrity_failures INTEGER NOT NULL DEFAULT 0,
+    note TEXT,
+    next_attempt_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    deadline REAL
 );
 DROP TABLE IF EXISTS acked;                                   -- written, never read (removed)
 CREATE TABLE IF NOT EXISTS uploads (
@@ -78,6 +82,14 @@ CREATE TABLE IF NOT EXISTS auth_future_nonces (  -- nonces of requests dated ahe
     nonce TEXT PRIMARY KEY, ts REAL NOT NULL
 );
 """
+
+
+_ADDED_JOB_COLUMNS = {
+    "note": "TEXT",
+    "next_attempt_at": "REAL",
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "deadline": "REAL",
+}
 
 
 class UploadState(StrEnum):
@@ -132,9 +144,17 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open journal {path}: {exc}", path=path) from exc
         self.path = path
+
+    def _add_missing_columns(self) -> None:
+        """A journal written by an older version gains the columns added since."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, decl in _ADDED_JOB_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self._db.close()
@@ -154,12 +174,18 @@ class Journal:
 
     # -- sender: jobs ------------------------------------------------------------------------
     def add_job(
-        self, job_id: str, path: str, dest: str, traffic_class: TrafficClass, now: float
+        self,
+        job_id: str,
+        path: str,
+        dest: str,
+        traffic_class: TrafficClass,
+        now: float,
+        deadline: float | None = None,
     ) -> None:
         self._exec(
-            "INSERT INTO jobs (id, path, dest, traffic_class, state, created_at) "
-            "VALUES (?,?,?,?,?,?)",
-            (job_id, path, dest, traffic_class.value, JobState.QUEUED.value, now),
+            "INSERT INTO jobs (id, path, dest, traffic_class, state, created_at, deadline) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (job_id, path, dest, traffic_class.value, JobState.QUEUED.value, now, deadline),
         )
 
     def job(self, job_id: str) -> Job | None:
@@ -174,18 +200,36 @@ class Journal:
         return [_job(r) for r in rows.fetchall()]
 
     def active_jobs(self, limit: int = 1000) -> list[Job]:
-        """Queued and running jobs, oldest first (after a restart, running ones resume)."""
+        """Queued, running and waiting jobs, oldest first (after a restart, running ones
+        resume)."""
         rows = self._exec(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) ORDER BY created_at LIMIT ?",
-            (JobState.QUEUED.value, JobState.RUNNING.value, limit),
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?, ?) "
+            "ORDER BY created_at LIMIT ?",
+            (JobState.QUEUED.value, JobState.RUNNING.value, JobState.WAITING.value, limit),
         )
         return [_job(r) for r in rows.fetchall()]
 
     def start_job(self, job_id: str, now: float) -> None:
         """Running since `now` (a resumed job keeps its first start)."""
         self._exec(
-            "UPDATE jobs SET state = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
+            "UPDATE jobs SET state = ?, started_at = COALESCE(started_at, ?), "
+            "next_attempt_at = NULL WHERE id = ?",
             (JobState.RUNNING.value, now, job_id),
+        )
+
+    def note_job(self, job_id: str, note: str | None, next_attempt_at: float | None) -> None:
+        """What a running job is retrying, and when it tries next (None: nothing to say)."""
+        self._exec(
+            "UPDATE jobs SET note = ?, next_attempt_at = ? WHERE id = ?",
+            (note, next_attempt_at, job_id),
+        )
+
+    def wait_job(self, job_id: str, note: str, next_attempt_at: float) -> None:
+        """Waiting for its peer or link until `next_attempt_at` (one more attempt)."""
+        self._exec(
+            "UPDATE jobs SET state = ?, note = ?, next_attempt_at = ?, attempts = attempts + 1,"
+            " retries = retries + 1 WHERE id = ?",
+            (JobState.WAITING.value, note, next_attempt_at, job_id),
         )
 
     def size_job(self, job_id: str, bytes_logical: int, chunks: int) -> None:
@@ -200,7 +244,8 @@ class Journal:
         """Committed, or failed with `error` (its message and kind are kept)."""
         state = JobState.COMMITTED if error is None else JobState.FAILED
         self._exec(
-            "UPDATE jobs SET state = ?, finished_at = ?, error = ?, error_kind = ? WHERE id = ?",
+            "UPDATE jobs SET state = ?, finished_at = ?, error = ?, error_kind = ?, "
+            "note = NULL, next_attempt_at = NULL WHERE id = ?",
             (
                 state.value,
                 now,
