@@ -133,8 +133,9 @@ class SiteConfig(FrozenModel):
     # Parallel chunk uploads per peer and bulk class at start; adapts within traffic.streams_*.
     streams: Annotated[int, Field(ge=1, le=64)] = 4
     auth_window_s: Annotated[float, Field(gt=0)] = 300.0  # accepted clock skew / replay window
-    # An upload its sender has not committed for this long is dropped at the next start.
-    staging_ttl_s: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
+    # An open upload that received nothing for this long is reclaimed at the next start (its
+    # sender can still resume it: it starts over).
+    staging_ttl_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
     traffic: TrafficSettings = Field(default_factory=TrafficSettings)

@@ -17,6 +17,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -46,6 +47,17 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("transferd.daemon")
 SHUTDOWN_GRACE_S = 10.0
+
+
+def _last_activity(staged: Path, journal: Journal, upload: str) -> float:
+    """When an open upload last received bytes: the newest time in its staging folder, else
+    when it was opened."""
+    newest = journal.upload_opened_at(upload)
+    for dirpath, _dirs, files in os.walk(staged):
+        for name in [*files, "."]:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(Path(dirpath) / name).st_mtime)
+    return newest
 
 
 class Daemon:
@@ -162,14 +174,17 @@ class Daemon:
             )
 
     def _collect_garbage(self) -> None:
-        """Staging left by failed uploads, by uploads the journal never recorded, or by uploads
-        whose sender has not finished them within staging_ttl_s, goes."""
+        """Staging left by failed uploads, by uploads the journal never recorded, or by open
+        uploads that received nothing for staging_ttl_s (by their files' times: a sender that
+        vanished), goes."""
         now = self.clock()
-        for upload in self.journal.uploads_opened_before(now - self.config.staging_ttl_s):
-            self.journal.finish_upload(upload, UploadState.FAILED, now)
-            log.info("upload.expired", extra={"fields": {"upload": upload}})
-        keep = set(self.journal.uploads(UploadState.OPEN))
         root = self.storage.staging_root
+        for upload in self.journal.uploads(UploadState.OPEN):
+            idle_s = now - _last_activity(root / upload, self.journal, upload)
+            if idle_s > self.config.staging_ttl_s:
+                self.receiver.fail(upload, now)
+                log.info("upload.expired", extra={"fields": {"upload": upload}})
+        keep = set(self.journal.uploads(UploadState.OPEN))
         for entry in root.iterdir() if root.exists() else []:
             if entry.name not in keep:
                 shutil.rmtree(entry, ignore_errors=True)

@@ -151,8 +151,9 @@ async def loopback_pair(
             await stack.enter_async_context(proxy)
             peer_urls = {"B": proxy.url}
         paths = write_site_configs(root, ports, peer_urls=peer_urls, **overrides)
-        a = await stack.enter_async_context(running_daemon(load_config(paths["A"]), socks["A"]))
+        # B first, so A (the usual sender) stops first: its chunks in flight land on a live B.
         b = await stack.enter_async_context(running_daemon(load_config(paths["B"]), socks["B"]))
+        a = await stack.enter_async_context(running_daemon(load_config(paths["A"]), socks["A"]))
         yield a, b
 
 
@@ -267,7 +268,8 @@ class LinkProxy:
     - flip one bit at byte `flip_at` of the client -> server stream (the first connection
       that gets that far), or, following HTTP/1.1 framing, flip one bit in a request body
       with probability `corrupt_requests[kind]` (kind: chunk, control, message) and in a reply
-      body with probability `corrupt_replies` (seeded by `seed`);
+      body with probability `corrupt_replies` (seeded by `seed`), and always the first
+      `corrupt_first[part]` requests whose path contains `part` (e.g. {"/commit": 1});
     - keep every request it forwarded (`capture`) for replay tests.
     It counts what it forwarded (`bytes_up`, `bytes_down`), what it corrupted (`corrupted`:
     each request with its reply's status), drops and flips.
@@ -282,6 +284,7 @@ class LinkProxy:
     seed: int = 0
     corrupt_requests: dict[str, float] = field(default_factory=dict)
     corrupt_replies: float = 0.0
+    corrupt_first: dict[str, int] = field(default_factory=dict)
     capture: bool = False
     bytes_up: int = 0
     bytes_down: int = 0
@@ -341,7 +344,9 @@ class LinkProxy:
     # -- forwarding ----------------------------------------------------------------------------
     @property
     def _follows_http(self) -> bool:
-        return bool(self.corrupt_requests or self.corrupt_replies or self.capture)
+        return bool(
+            self.corrupt_requests or self.corrupt_replies or self.corrupt_first or self.capture
+        )
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._refusing:
@@ -360,10 +365,13 @@ class LinkProxy:
             if self.capture:
                 message.raw = bytearray()
                 self.captured.append(message)
-            if self._rng.random() < self.corrupt_requests.get(message.kind, 0.0):
-                if message.length:
-                    message.flip_at = self._rng.randrange(message.length)
-                    self.corrupted.append(message)
+            forced = [p for p, n in self.corrupt_first.items() if n > 0 and p in message.path]
+            chance = self._rng.random() < self.corrupt_requests.get(message.kind, 0.0)
+            if (forced or chance) and message.length:
+                for part in forced:
+                    self.corrupt_first[part] -= 1
+                message.flip_at = self._rng.randrange(message.length)
+                self.corrupted.append(message)
 
         def on_reply(message: HttpMessage) -> None:
             if waiting:

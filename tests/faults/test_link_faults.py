@@ -70,7 +70,11 @@ def _corruption_seeds(long: bool) -> list[int]:
 
 
 async def _corrupted_bodies(tmp_path: Path, seed: int, tally: Tally) -> None:
-    proxy = LinkProxy(seed=seed, corrupt_requests={"chunk": 0.3, "control": 0.3})
+    proxy = LinkProxy(
+        seed=seed,
+        corrupt_requests={"chunk": 0.3, "control": 0.3},
+        corrupt_first={"/commit": 1, "/have": 1, "/v1/uploads": 1},  # each kind at least once
+    )
     async with pair(tmp_path, proxy, seed) as (a, b, digests):
         jobs = await send_all(a)
         ok = all(j.state == "committed" for j in jobs) and exact(b, digests)

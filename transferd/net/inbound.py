@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from transferd.errors import TransferdError
+from transferd.errors import StorageError, TransferdError
 from transferd.protocol.chunks import ChunkPut
 from transferd.protocol.manifest import (
     CommitAnswer,
@@ -71,15 +72,38 @@ class InboundUploads:
         if not lock.locked():
             self._commit_locks.pop(upload, None)
 
+    def _fail_if_full(self, upload: str, exc: StorageError) -> None:
+        """Out of space: the upload fails here at once and its staging is given back (the
+        sender's job fails on the same error; a retry once space is freed starts clean)."""
+        if exc.fields.get("errno") in (errno.ENOSPC, errno.EDQUOT):
+            self.receiver.fail(upload, self.clock())
+            log.warning("upload.failed", extra={"fields": {"upload": upload, "error": str(exc)}})
+
+    async def abort(self, upload: str, peer: str) -> None:
+        """The sender gave the upload up (its job failed): give back its staging."""
+        if self.receiver.abort(upload, peer, self.clock()):
+            log.info("upload.aborted", extra={"fields": {"upload": upload, "by": peer}})
+
     async def open(self, intent: UploadIntent, peer: str) -> OpenAnswer:
         committed = self.receiver.open(intent, peer, self.clock())
         return OpenAnswer(upload=intent.upload, committed=committed)
 
     async def have(self, upload: str, peer: str, request: HaveRequest) -> HaveAnswer:
-        decision = self.receiver.have(upload, peer, request)
+        try:
+            decision = self.receiver.have(upload, peer, request)
+        except StorageError as exc:
+            self._fail_if_full(upload, exc)
+            raise
+        for digest, targets in decision.in_place.items():
+            self.receiver.record(upload, targets, digest, in_place=True)
         not_filled: list[str] = []
         for digest, targets in decision.copies.items():
-            if await asyncio.to_thread(self.receiver.fill_local, upload, digest, targets):
+            try:
+                filled = await asyncio.to_thread(self.receiver.fill_local, upload, digest, targets)
+            except StorageError as exc:
+                self._fail_if_full(upload, exc)
+                raise
+            if filled:
                 self.receiver.record(upload, targets, digest)
             else:
                 not_filled.append(digest)
@@ -97,9 +121,13 @@ class InboundUploads:
     ) -> None:
         """Verify and stage one chunk body (read into a pooled buffer by the handler)."""
         targets = self.receiver.targets(upload, peer, put.raw_length, locations)
-        await self.run_blocking(
-            self.receiver.verify_and_write, upload, digest, body, body_blake3, put, targets
-        )
+        try:
+            await self.run_blocking(
+                self.receiver.verify_and_write, upload, digest, body, body_blake3, put, targets
+            )
+        except StorageError as exc:
+            self._fail_if_full(upload, exc)
+            raise
         self.receiver.record(upload, targets, digest)
         self.metrics.bytes_received.labels(peer).inc(len(body))
         self.metrics.chunks_received.labels(peer).inc()
@@ -112,7 +140,8 @@ class InboundUploads:
             missing = self.receiver.missing(upload, manifest)
             if missing:
                 return refused(missing)
-            bad = await asyncio.to_thread(self.receiver.verify_files, upload, manifest)
+            in_place = self.receiver.in_place(upload)
+            bad = await asyncio.to_thread(self.receiver.verify_files, upload, manifest, in_place)
             if bad:
                 self.receiver.forget(upload, bad)
                 self.metrics.integrity_failures.labels(peer, "receiver").inc(len(bad))
@@ -121,9 +150,10 @@ class InboundUploads:
                 )
                 return refused(bad)
             try:
-                await asyncio.to_thread(self.receiver.commit_files, upload, manifest)
-            except TransferdError:
-                self.receiver.fail(upload, self.clock())
+                await asyncio.to_thread(self.receiver.commit_files, upload, manifest, in_place)
+            except TransferdError as exc:
+                if not exc.transient:
+                    self.receiver.fail(upload, self.clock())
                 raise
             self.receiver.after_commit(upload, manifest, self.clock())
         log.info(

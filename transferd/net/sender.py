@@ -17,6 +17,7 @@ are still missing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -51,6 +52,7 @@ from transferd.protocol.manifest import (
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
 from transferd.protocol.upload import plan_offer, resend, upload_id, upload_intent, upload_manifest
 from transferd.protocol.wire import (
+    ABORT_ROUTE,
     CHUNK_ROUTE,
     COMMIT_ROUTE,
     HAVE_ROUTE,
@@ -71,6 +73,7 @@ log = logging.getLogger("transferd.sender")
 
 HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the mapped windows
 COMMIT_ROUNDS = 4
+ABORT_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -169,6 +172,7 @@ class Sender:
                     now = self.clock()
                     if job.deadline is not None and now >= job.deadline:
                         self._give_up(job, None)
+                        tg.create_task(self._abort(job))
                         continue
                     if job.state is JobState.WAITING and (job.next_attempt_at or 0) > now:
                         sleep_s = min(sleep_s, (job.next_attempt_at or now) - now)
@@ -199,7 +203,10 @@ class Sender:
 
     def note_retry(self, job_id: str, peer: str, exc: TransferdError, delay_s: float) -> None:
         """A request of the job is retried in `delay_s`: counted, and said in the job (and in
-        the log, once per run of retries)."""
+        the log, once per run of retries). A stopping daemon retries nothing: the job resumes
+        from the journal at the next start."""
+        if self._stopping:
+            raise _Interrupted
         self.metrics.retries.labels(peer).inc()
         self.journal.add_job_counters(job_id, JobCounters(retries=1))
         self.journal.note_job(job_id, str(exc), self.clock() + delay_s)
@@ -228,6 +235,17 @@ class Sender:
         log.error(
             "job.failed", extra={"fields": {"job": job.id, "kind": error.kind, "error": str(error)}}
         )
+
+    async def _abort(self, job: Job) -> None:
+        """Tell the receiver the job's upload is given up, so its staging goes now rather than
+        at its next start (best effort: one try; age reclaims it otherwise)."""
+        link = self.links.get(job.dest)
+        if link is None:
+            return
+        path = ABORT_ROUTE.format(upload=upload_id(self.site, job.id))
+        with contextlib.suppress(TransferdError, TimeoutError):
+            async with asyncio.timeout(ABORT_TIMEOUT_S):
+                await link.call(TrafficClass.CONTROL, "POST", path, body=b"", accept=(204,))
 
     def _retry_later(self, job: Job, exc: TransferdError) -> None:
         """A transient failure past the request retry budget: wait, then attempt again."""
@@ -271,6 +289,7 @@ class Sender:
         except TimeoutError:
             outcome = "failed"
             self._give_up(self.journal.job(job.id) or job, None)
+            await self._abort(job)
         except TransferdError as exc:
             if exc.transient and not self._stopping:
                 self._retry_later(self.journal.job(job.id) or job, exc)
@@ -282,6 +301,7 @@ class Sender:
             if isinstance(exc, PolicyViolation):
                 self.metrics.policy_refusals.labels("sender").inc()
             self.journal.finish_job(job.id, self.clock(), exc)
+            await self._abort(job)
             log.error(
                 "job.failed", extra={"fields": {"job": job.id, "kind": exc.kind, "error": str(exc)}}
             )

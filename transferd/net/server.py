@@ -1,7 +1,7 @@
 """The daemon's one HTTP server (aiohttp): every route, one authentication, one error mapping.
 
-Peer API (signed with the pair secret): uploads (open, have/want, chunk PUT, commit) and
-messages. Local API (signed with the site's own secret, used by the CLI): send, jobs, status,
+Peer API (signed with the pair secret): uploads (open, have/want, chunk PUT, commit, abort)
+and messages. Local API (signed with the site's own secret, used by the CLI): send, jobs, status,
 messages to a peer, the inbox. `/metrics` is Prometheus text. Handlers are thin: authenticate,
 parse the body or query into its wire model (`protocol.wire`), call one method, answer. The
 one middleware turns every TransferdError into its JSON body and HTTP status, counts
@@ -41,6 +41,7 @@ from transferd.protocol.messages import (
     MessageQuery,
 )
 from transferd.protocol.wire import (
+    ABORT_ROUTE,
     CHUNK_ROUTE,
     COMMIT_ROUTE,
     HAVE_ROUTE,
@@ -167,6 +168,12 @@ def build_app(
         answer = await inbound.commit(request.match_info["upload"], auth.site, signed)
         return _answer(answer, 200 if answer.committed else 409)
 
+    async def abort(request: web.Request) -> web.Response:
+        auth = peer(request)
+        await body_of(request, auth, 0)
+        await inbound.abort(request.match_info["upload"], auth.site)
+        return web.Response(status=204)
+
     # -- peer API: messages -----------------------------------------------------------------
 
     async def receive_message(request: web.Request) -> web.Response:
@@ -216,6 +223,7 @@ def build_app(
     app.router.add_post(HAVE_ROUTE, have)
     app.router.add_put(CHUNK_ROUTE, put_chunk)
     app.router.add_post(COMMIT_ROUTE, commit)
+    app.router.add_post(ABORT_ROUTE, abort)
     app.router.add_post(PEER_MESSAGES_ROUTE, receive_message)
     app.router.add_get(PEER_MESSAGES_ROUTE, warm_up)
     app.router.add_post(LOCAL_SEND_ROUTE, local_send)

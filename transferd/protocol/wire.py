@@ -10,6 +10,7 @@ Peer API (signed with the pair secret):
     POST /v1/uploads/{upload}/have        HaveRequest -> HaveAnswer
     PUT  /v1/uploads/{upload}/chunks/{h}  chunk body (`?at=file:offset,...`) -> 204
     POST /v1/uploads/{upload}/commit      SignedManifest -> CommitAnswer (200, or 409 + want)
+    POST /v1/uploads/{upload}/abort       (no body) -> 204: the sender gave the upload up
     POST /v1/peer/messages                message body (MessageEnvelope headers) -> MessageAck
     GET  /v1/peer/messages                204: a peer opening its interactive pool
 Local API (signed with the site's own secret, used by the CLI and `transferd.send_message`):
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from transferd.errors import ERROR_KINDS, AuthError, ProtocolError, TransferdError, TransportError
 
 __all__ = [
+    "ABORT_ROUTE",
     "CHUNK_ROUTE",
     "COMMIT_ROUTE",
     "HAVE_ROUTE",
@@ -55,6 +57,7 @@ UPLOADS_ROUTE = "/v1/uploads"
 HAVE_ROUTE = "/v1/uploads/{upload}/have"
 CHUNK_ROUTE = "/v1/uploads/{upload}/chunks/{digest}"
 COMMIT_ROUTE = "/v1/uploads/{upload}/commit"
+ABORT_ROUTE = "/v1/uploads/{upload}/abort"
 PEER_MESSAGES_ROUTE = "/v1/peer/messages"
 LOCAL_SEND_ROUTE = "/v1/local/send"
 LOCAL_JOBS_ROUTE = "/v1/local/jobs"

@@ -10,6 +10,7 @@ back as typed values (`Job`, `Upload`, `Staged`, `ChunkLocation`), never as bare
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import astuple, dataclass, fields
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS uploads (
 CREATE TABLE IF NOT EXISTS received (
     upload TEXT NOT NULL, file_index INTEGER NOT NULL, offset INTEGER NOT NULL,
     length INTEGER NOT NULL, hash TEXT NOT NULL,
+    in_place INTEGER NOT NULL DEFAULT 0,  -- bytes are in the committed file at this place
     PRIMARY KEY (upload, file_index, offset)
 );
 CREATE INDEX IF NOT EXISTS received_by_hash ON received(hash);
@@ -84,11 +86,14 @@ CREATE TABLE IF NOT EXISTS auth_future_nonces (  -- nonces of requests dated ahe
 """
 
 
-_ADDED_JOB_COLUMNS = {
-    "note": "TEXT",
-    "next_attempt_at": "REAL",
-    "attempts": "INTEGER NOT NULL DEFAULT 0",
-    "deadline": "REAL",
+_ADDED_COLUMNS = {
+    "jobs": {
+        "note": "TEXT",
+        "next_attempt_at": "REAL",
+        "attempts": "INTEGER NOT NULL DEFAULT 0",
+        "deadline": "REAL",
+    },
+    "received": {"in_place": "INTEGER NOT NULL DEFAULT 0"},
 }
 
 
@@ -151,10 +156,11 @@ class Journal:
 
     def _add_missing_columns(self) -> None:
         """A journal written by an older version gains the columns added since."""
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for column, decl in _ADDED_JOB_COLUMNS.items():
-            if column not in have:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, decl in columns.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self._db.close()
@@ -163,14 +169,14 @@ class Journal:
         try:
             return self._db.execute(sql, tuple(args))
         except sqlite3.Error as exc:
-            raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
+            raise _journal_error(exc, self.path) from exc
 
     def _many(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
         try:
             with self._db:
                 self._db.executemany(sql, rows)
         except sqlite3.Error as exc:
-            raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
+            raise _journal_error(exc, self.path) from exc
 
     # -- sender: jobs ------------------------------------------------------------------------
     def add_job(
@@ -312,12 +318,17 @@ class Journal:
         rows = self._exec("SELECT id FROM uploads WHERE state = ?", (state.value,)).fetchall()
         return [r[0] for r in rows]
 
-    def uploads_opened_before(self, before: float) -> list[str]:
-        rows = self._exec(
-            "SELECT id FROM uploads WHERE state = ? AND created_at < ?",
-            (UploadState.OPEN.value, before),
-        ).fetchall()
-        return [r[0] for r in rows]
+    def upload_opened_at(self, upload: str) -> float:
+        row = self._exec("SELECT created_at FROM uploads WHERE id = ?", (upload,)).fetchone()
+        return float(row[0]) if row else 0.0
+
+    def reopen_upload(self, upload: str, now: float) -> None:
+        """A failed (or expired) upload opened again by its sender: it starts over."""
+        self._exec(
+            "UPDATE uploads SET state = ?, created_at = ?, finished_at = NULL WHERE id = ?",
+            (UploadState.OPEN.value, now, upload),
+        )
+        self._exec("DELETE FROM received WHERE upload = ?", (upload,))
 
     def finish_upload(self, upload: str, state: UploadState, now: float) -> None:
         self._exec(
@@ -326,12 +337,31 @@ class Journal:
         )
         self._exec("DELETE FROM received WHERE upload = ?", (upload,))
 
-    def record_received(self, upload: str, targets: Iterable[ChunkTarget], digest: str) -> None:
+    def record_received(
+        self, upload: str, targets: Iterable[ChunkTarget], digest: str, in_place: bool = False
+    ) -> None:
+        """Staged at `targets`; `in_place`: not staged, the committed file at the upload's
+        destination already holds these bytes there (copied or linked at commit)."""
         self._many(
-            "INSERT OR REPLACE INTO received (upload, file_index, offset, length, hash) "
-            "VALUES (?,?,?,?,?)",
-            ((upload, t.file, t.offset, t.length, digest) for t in targets),
+            "INSERT OR REPLACE INTO received (upload, file_index, offset, length, hash, in_place)"
+            " VALUES (?,?,?,?,?,?)",
+            ((upload, t.file, t.offset, t.length, digest, int(in_place)) for t in targets),
         )
+
+    def in_place(self, upload: str) -> set[tuple[int, int]]:
+        """(file, offset) of the upload's chunks recorded in place (see record_received)."""
+        rows = self._exec(
+            "SELECT file_index, offset FROM received WHERE upload = ? AND in_place = 1", (upload,)
+        ).fetchall()
+        return {(int(f), int(o)) for f, o in rows}
+
+    def committed_at(self, path: str, offset: int, length: int, digest: str) -> bool:
+        """The committed file `path` holds chunk `digest` at `offset` (by the index)."""
+        row = self._exec(
+            "SELECT 1 FROM chunk_index WHERE path = ? AND offset = ? AND length = ? AND hash = ?",
+            (path, offset, length, digest),
+        ).fetchone()
+        return row is not None
 
     def forget_received(self, upload: str, locations: Iterable[tuple[int, int]]) -> None:
         self._many(
@@ -372,7 +402,7 @@ class Journal:
                     ((h, path, off, n) for h, off, n in chunks),
                 )
         except sqlite3.Error as exc:
-            raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
+            raise _journal_error(exc, self.path) from exc
 
     def chunks_of(self, path: str) -> list[ChunkLocation]:
         """A committed file's chunks (from the index), in file order."""
@@ -386,6 +416,17 @@ class Journal:
             "DELETE FROM chunk_index WHERE path = ? OR substr(path, 1, ?) = ?",
             (prefix, len(prefix) + 1, prefix + "/"),
         )
+
+
+def _journal_error(exc: sqlite3.Error, path: Path) -> StorageError:
+    """A failed journal statement; a full disk says so (with ENOSPC), as staging errors do."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StorageError(
+            "journal write failed: no space left on the storage of the state dir",
+            path=path,
+            errno=errno.ENOSPC,
+        )
+    return StorageError(f"journal write failed: {exc}", path=path)
 
 
 def _job(row: tuple[Any, ...]) -> Job:

@@ -97,6 +97,20 @@ class SiteStorage(Protocol):
         ...
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes: ...
+
+    def size(self, rel: str) -> int | None:
+        """The size of the file at `rel`, None when there is no file there."""
+        ...
+
+    def link_into(self, rel: str, staged: Path) -> None:
+        """Put the committed file `rel` at the local staging path `staged` without copying
+        when the backend can (a hard link), by copying otherwise."""
+        ...
+
+    def free_bytes(self) -> int:
+        """Free space where uploads are staged."""
+        ...
+
     def list_dir(self, rel: str) -> list[str]: ...
     def write_text_atomic(self, rel: str, text: str) -> None: ...
     def read_text(self, rel: str) -> str | None: ...
@@ -351,6 +365,30 @@ class LocalStorage:
             fh.seek(offset)
             return fh.read(length)
 
+    def size(self, rel: str) -> int | None:
+        path = self.path(rel)
+        with os_errors(f"reading {rel}", rel):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return None
+        return st.st_size if path.is_file() else None
+
+    def link_into(self, rel: str, staged: Path) -> None:
+        path = self.path(rel)
+        with os_errors(f"keeping {rel}", rel):
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, staged)  # same filesystem: staging lives inside data_dir
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                shutil.copyfile(path, staged)
+
+    def free_bytes(self) -> int:
+        with os_errors("checking free space", self.staging_root):
+            return shutil.disk_usage(self.staging_root).free
+
     def list_dir(self, rel: str) -> list[str]:
         with os_errors(f"listing {rel}", rel), suppress(FileNotFoundError):
             return sorted(os.listdir(self.path(rel)))
@@ -475,6 +513,20 @@ class FsspecStorage:
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
         with os_errors(f"reading {rel}", rel):
             return bytes(self.fs.cat_file(self.path(rel), start=offset, end=offset + length))
+
+    def size(self, rel: str) -> int | None:
+        with os_errors(f"reading {rel}", rel):
+            path = self.path(rel)
+            return int(self.fs.size(path)) if self.fs.isfile(path) else None
+
+    def link_into(self, rel: str, staged: Path) -> None:
+        with os_errors(f"keeping {rel}", rel):
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(self.path(rel), str(staged))
+
+    def free_bytes(self) -> int:
+        with os_errors("checking free space", self.staging_root):
+            return shutil.disk_usage(self.staging_root).free
 
     def list_dir(self, rel: str) -> list[str]:
         with os_errors(f"listing {rel}", rel), suppress(FileNotFoundError):
