@@ -1,6 +1,7 @@
 """The site config: one YAML file per daemon, validated once into a frozen `SiteConfig`.
 
-Errors name the field and its YAML line (`peers.B.url: ... (line 7)`), through netplan.yamlpos.
+Errors name the field and its YAML line (`peers.B.url: ... (line 7)`), through netplan.yamlpos;
+the file is read by `transferd.documents` (size, encoding, depth and alias bombs checked first).
 Relative paths in the file (data_dir, keys_dir, TLS files) are resolved against the file's folder.
 """
 
@@ -14,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from netplan import yamlpos
 from netplan.plan import SiteId, TrafficClass
+from transferd.documents import parse_yaml_document, read_document_text
 from transferd.errors import ConfigError
 from transferd.protocol.wire import FrozenModel
 
@@ -223,12 +225,14 @@ class SiteConfig(FrozenModel):
         return f"{scheme}://{host}:{self.listen_port}"
 
 
+MAX_CONFIG_BYTES = 1024 * 1024  # a site config is a few hundred bytes
+
+
 def parse_config(text: str, base_dir: str | Path = ".", source: str = "<config>") -> SiteConfig:
     """Validate YAML text into a SiteConfig; every problem becomes one `field: msg (line N)`."""
-    try:
-        doc = yamlpos.parse(text)
-    except yamlpos.YamlSyntaxError as exc:
-        raise ConfigError(f"{source}: {exc}", issues=[str(exc)], line=exc.line) from exc
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: the site config is larger than {MAX_CONFIG_BYTES:,} bytes")
+    doc = parse_yaml_document(text, source)
     if not isinstance(doc.data, dict):
         raise ConfigError(f"{source}: a site config must be a YAML mapping", issues=["<document>"])
     try:
@@ -240,8 +244,5 @@ def parse_config(text: str, base_dir: str | Path = ".", source: str = "<config>"
 
 def load_config(path: str | Path) -> SiteConfig:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read site config {path}: {exc.strerror}", path=path) from exc
+    text = read_document_text(path, "site config", MAX_CONFIG_BYTES)
     return parse_config(text, base_dir=path.resolve().parent, source=str(path))

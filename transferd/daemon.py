@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from transferd.config import SiteConfig
-from transferd.errors import ConfigError
+from transferd.errors import ConfigError, StorageError
 from transferd.net.buffers import BufferPool
 from transferd.net.inbound import InboundUploads
 from transferd.net.messages import MessageService
@@ -86,7 +86,10 @@ class Daemon:
             config.storage_options,
             state,
         )
-        self.journal = Journal(state / "journal.sqlite")
+        try:
+            self.journal = Journal(state / "journal.sqlite")
+        except StorageError as exc:
+            raise ConfigError(f"state_dir: {exc.message}", field="state_dir") from exc
         self.keyring = Keyring.load(config.keys_path, config.site, list(config.peers))
         self.verifier = RequestVerifier(
             self.keyring,

@@ -21,6 +21,7 @@ from typing import Any
 from netplan.errors import PlanError
 from netplan.plan import BULK_CLASSES, LinkPolicy, MirrorEntry, Plan, SyncEntry, TrafficClass
 from transferd.config import SiteConfig
+from transferd.documents import load_json_document, read_document_text
 from transferd.errors import ConfigError, PolicyViolation
 from transferd.protocol.policy import CHECKPOINTS, check_may_leave_site, normalize_rel_path
 from transferd.protocol.ratelimit import bytes_per_s
@@ -127,7 +128,19 @@ def parse_plan(
     data: str | bytes | Mapping[str, Any], config: SiteConfig, source: str = "<plan>"
 ) -> PlanRun:
     """Validate a plan and take `config.site`'s part; every problem is a ConfigError naming the
-    field (`sites[1].sync[0].destination: ...`)."""
+    field (`sites[1].sync[0].destination: ...`). Text is read by `transferd.documents` first
+    (depth and values checked before validation)."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{source}: the plan is not UTF-8 text: byte at offset {exc.start}"
+            ) from None
+    if isinstance(data, str):
+        data = load_json_document(data, source, "plan")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: a plan must be a JSON object", field="plan")
     try:
         plan = Plan.from_json(data)
         me = plan.site(config.site)  # the planner's own "no site" error
@@ -209,10 +222,10 @@ def parse_plan(
     )
 
 
+MAX_PLAN_BYTES = 64 * 1024 * 1024  # a 10,000-site plan is ~20 MB
+
+
 def load_plan(path: str | Path, config: SiteConfig) -> PlanRun:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read plan {path}: {exc.strerror}", path=path) from exc
+    text = read_document_text(path, "plan", MAX_PLAN_BYTES)
     return parse_plan(text, config, source=str(path))

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import fsspec
 
-from transferd.errors import PolicyViolation, StorageError
+from transferd.errors import ConfigError, PolicyViolation, StorageError
 from transferd.protocol.policy import (
     check_not_raw_inode,
     check_resolved,
@@ -451,8 +451,15 @@ class FsspecStorage:
     def __init__(self, url: str, storage_options: dict[str, Any], state_dir: Path) -> None:
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
-        except (ValueError, ImportError, OSError) as exc:
-            raise StorageError(f"data_dir {url!r}: {exc}") from exc
+        except ImportError as exc:
+            raise StorageError(f"{url!r} needs a package that is not installed: {exc}") from exc
+        except (ValueError, TypeError, OSError) as exc:
+            known = ", ".join(sorted(fsspec.available_protocols())[:12])
+            raise StorageError(
+                f"{url!r}: {exc} (known protocols include: {known}, ...)"
+                if "protocol" in str(exc).lower()
+                else f"{url!r}: {exc}"
+            ) from exc
         self.root = root.rstrip("/")
         self.staging_root = state_dir / "staging"
         self.staging_root.mkdir(parents=True, exist_ok=True)
@@ -567,6 +574,15 @@ class FsspecStorage:
 def open_storage(
     data_dir_is_local: bool, data_path: Path, url: str, options: dict[str, Any], state_dir: Path
 ) -> SiteStorage:
-    if data_dir_is_local:
-        return LocalStorage(data_path)
-    return FsspecStorage(url, options, state_dir)
+    """The storage a site config names; a data_dir that cannot be used is a ConfigError naming
+    `data_dir` (exit 2: the config is wrong, nothing failed to transfer)."""
+    try:
+        if data_dir_is_local:
+            if data_path.exists() and not data_path.is_dir():
+                raise ConfigError(
+                    f"data_dir: {data_path} is a file, not a folder", field="data_dir"
+                )
+            return LocalStorage(data_path)
+        return FsspecStorage(url, options, state_dir)
+    except StorageError as exc:
+        raise ConfigError(f"data_dir: {exc.message}", field="data_dir") from exc
