@@ -29,6 +29,8 @@ from transferd.errors import ConfigError
 
 __all__ = ["MAX_DEPTH", "load_json_document", "parse_yaml_document", "read_document_text"]
 
+# libyaml's loader when PyYAML has it: the checks compose every document once more.
+_FastLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_DEPTH = 64  # a site config nests 4 levels and a plan 6: far inside
 MAX_EXPANDED_NODES = 1_000_000  # nodes with aliases expanded; a 10,000-site plan is ~1.5 M
 ALIAS_ALLOWANCE = 10_000  # aliases may add this many nodes beyond twice what is written
@@ -64,8 +66,10 @@ def read_document_text(path: Path, what: str, max_bytes: int) -> str:
 def parse_yaml_document(text: str, source: str) -> yamlpos.YamlDocument:
     """One YAML document with the line of every node, after the checks above."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_FastLoader)
     except yaml.YAMLError as exc:
+        if "nesting depth" in str(exc):  # libyaml's own limit (1000 levels)
+            raise _too_deep(source) from None
         err = yamlpos.YamlSyntaxError(str(exc), None)
         if isinstance(exc, yaml.MarkedYAMLError):
             mark = exc.problem_mark or exc.context_mark

@@ -27,8 +27,9 @@ FLAPS = "link flap, stall and drop cases"
 def lay_out(root: Path, seed: int) -> dict[str, str]:
     """A file and a dataset folder at A; their blake3 by path."""
     rng = random.Random(seed)
-    digests = {"approved/model.bin": write_random(root / "approved" / "model.bin", 40 * CHUNK + 7,
-                                                  seed)}
+    digests = {
+        "approved/model.bin": write_random(root / "approved" / "model.bin", 24 * CHUNK + 7, seed)
+    }
     for i in range(6):
         rel = f"curated/ds/part-{i}.bin"
         digests[rel] = write_random(root / rel, rng.randrange(1, 6 * CHUNK), seed + i + 1)
@@ -66,7 +67,7 @@ async def pair(tmp_path: Path, proxy: LinkProxy, seed: int) -> AsyncIterator[
 
 
 def _corruption_seeds(long: bool) -> list[int]:
-    return list(range(20 if long else 3))
+    return list(range(20 if long else 2))
 
 
 async def _corrupted_bodies(tmp_path: Path, seed: int, tally: Tally) -> None:
@@ -158,11 +159,11 @@ async def test_a_stall_and_a_peer_gone_for_a_while_are_ridden_through(
         async def misbehave() -> None:
             await asyncio.sleep(0.1)
             proxy.stall()
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.0)
             proxy.resume()
             await asyncio.sleep(0.1)
             proxy.down()
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.0)
             proxy.up()
 
         faults = asyncio.create_task(misbehave())

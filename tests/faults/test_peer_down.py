@@ -55,7 +55,7 @@ async def test_send_wait_to_a_stopped_peer_says_so_and_gives_up_at_its_timeout(
     async with two_sites(tmp_path, start_b=False) as s:
         code, out, err = await cli(
             "send", "curated/x.bin", "--config", str(s["configs"]["A"]), "--to", "B",
-            "--wait", "--timeout", "3", "--json", timeout_s=30,
+            "--wait", "--timeout", "2", "--json", timeout_s=30,
         )
         result = json.loads(out)
         code_status, status_out, _ = await cli(
@@ -68,7 +68,7 @@ async def test_send_wait_to_a_stopped_peer_says_so_and_gives_up_at_its_timeout(
     assert code == 1, err
     assert said_unreachable, err
     assert result["state"] == "failed"
-    assert "timeout of 3 s" in result["errors"][0]["error"]
+    assert "timeout of 2 s" in result["errors"][0]["error"]
     assert "B" in result["errors"][0]["error"]  # what it was waiting for
     assert job["state"] == "failed"
     assert json_lines(s["logs"]["A"])
@@ -83,7 +83,7 @@ async def test_send_wait_finishes_by_itself_when_the_peer_comes_back(
             cli("send", "curated/x.bin", "--config", str(s["configs"]["A"]), "--to", "B",
                 "--wait", "--json", timeout_s=60)
         )
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(1.0)
         s["procs"]["B"] = start_daemon(s["configs"]["B"], s["logs"]["B"])
         code, out, err = await sending
         result = json.loads(out)
