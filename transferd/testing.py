@@ -271,8 +271,9 @@ class LinkProxy:
       body with probability `corrupt_replies` (seeded by `seed`), and always the first
       `corrupt_first[part]` requests whose path contains `part` (e.g. {"/commit": 1});
     - keep every request it forwarded (`capture`) for replay tests.
-    It counts what it forwarded (`bytes_up`, `bytes_down`), what it corrupted (`corrupted`:
-    each request with its reply's status), drops and flips.
+    It counts what it forwarded (`bytes_up`, `bytes_down`; with `follow_http`, request body
+    bytes by kind in `body_bytes`), what it corrupted (`corrupted`: each request with its
+    reply's status), drops and flips.
     """
 
     target_port: int = 0
@@ -286,6 +287,8 @@ class LinkProxy:
     corrupt_replies: float = 0.0
     corrupt_first: dict[str, int] = field(default_factory=dict)
     capture: bool = False
+    follow_http: bool = False
+    body_bytes: dict[str, int] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
     drops: int = 0
@@ -345,7 +348,11 @@ class LinkProxy:
     @property
     def _follows_http(self) -> bool:
         return bool(
-            self.corrupt_requests or self.corrupt_replies or self.corrupt_first or self.capture
+            self.follow_http
+            or self.corrupt_requests
+            or self.corrupt_replies
+            or self.corrupt_first
+            or self.capture
         )
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -398,6 +405,10 @@ class LinkProxy:
                 self.flipped += 1
         if flow is not None:
             for message, start, end, at in flow.feed(data):
+                if upstream:
+                    self.body_bytes[message.kind] = (
+                        self.body_bytes.get(message.kind, 0) + end - start
+                    )
                 if message.flip_at is not None and at <= message.flip_at < at + (end - start):
                     buf = buf if buf is not None else bytearray(data)
                     buf[start + message.flip_at - at] ^= 1 << self._rng.randrange(8)

@@ -121,7 +121,8 @@ def json_lines(log: Path) -> bool:
 async def kill_trial(tmp_path: Path, seed: int, tally: Tally) -> None:
     rng = random.Random(seed)
     sends, files = lay_out(tmp_path / "site-A", rng)
-    async with LinkProxy(rate_bytes_per_s=rng.choice([8e6, 12e6]), seed=seed) as proxy:
+    proxy = LinkProxy(rate_bytes_per_s=rng.choice([8e6, 12e6]), seed=seed, follow_http=True)
+    async with proxy:
         ports = {"A": free_port(), "B": free_port()}
         proxy.target_port = ports["B"]
         configs = write_site_configs(
@@ -181,7 +182,18 @@ async def kill_trial(tmp_path: Path, seed: int, tally: Tally) -> None:
     )
     latest = (tmp_path / "site-B" / "checkpoints" / "run1" / "LATEST").read_text()
     logs_json = all(json_lines(log) for log in logs.values())
-    ok = committed and exact and not watcher.problems and latest == "step-2\n" and logs_json
+    # Every body the link carried is in the jobs' count, also across the kills (it is journaled
+    # as a body starts going out).
+    carried = proxy.body_bytes.get("chunk", 0) + proxy.body_bytes.get("control", 0)
+    counted = sum(j["bytes_on_wire"] for j in done)
+    ok = (
+        committed
+        and exact
+        and not watcher.problems
+        and latest == "step-2\n"
+        and logs_json
+        and counted >= carried
+    )
     tally(KILLS, ok)
     assert committed, [(j["path"], j["state"], j["error"]) for j in done]
     assert exact
@@ -189,6 +201,7 @@ async def kill_trial(tmp_path: Path, seed: int, tally: Tally) -> None:
     assert watcher.checks > 10
     assert latest == "step-2\n"
     assert logs_json, "a daemon wrote a line that is not JSON"
+    assert counted >= carried, (counted, carried)
     assert kills
 
 

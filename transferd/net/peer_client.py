@@ -60,11 +60,16 @@ class ChunkBody(payload.Payload):
     want here, since the event loop hands it to the kernel without copying."""
 
     def __init__(
-        self, value: bytes | memoryview, on_sent: Callable[[], None] | None = None
+        self,
+        value: bytes | memoryview,
+        on_sent: Callable[[], None] | None = None,
+        on_wire: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(value, content_type="application/octet-stream")
         self._size = memoryview(value).nbytes
         self._on_sent = on_sent
+        self._on_wire = on_wire
+        self._wire_bytes = memoryview(value).nbytes
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return bytes(self._value).decode(encoding, errors)
@@ -75,6 +80,10 @@ class ChunkBody(payload.Payload):
         send_headers = getattr(writer, "send_headers", None)
         if send_headers is not None:
             send_headers()
+        if self._on_wire is not None:
+            # Counted as it starts to go out, every time it does (aiohttp's own re-send too),
+            # before the first byte: a body cut short, or a sender killed, is still counted.
+            self._on_wire(self._wire_bytes)
         await writer.write(self._value)
         if self._on_sent is not None:
             # Handed to the transport, and its buffer drained below the high-water mark.
@@ -186,10 +195,13 @@ class PeerLink:
         headers: dict[str, str] | None = None,
         accept: tuple[int, ...] = (200,),
         on_sent: Callable[[], None] | None = None,
+        on_wire: Callable[[int, bool], None] | None = None,
     ) -> Reply:
         """One signed request (`body_digest`: the body's blake3 when the caller knows it).
         Returns the reply of an accepted status; raises the peer's error (ProtocolError,
-        AuthError, ...) or TransportError otherwise."""
+        AuthError, ...) or TransportError otherwise. `on_wire(n, again)` hears of every time
+        the body (n bytes) starts going out on a connection; `again` when aiohttp sends it once
+        more by itself (a kept-alive connection found closed), which is a retry too."""
         if isinstance(body, BaseModel):
             body = to_body(body)
         # The signature itself is added per send, by `_sign`.
@@ -199,7 +211,15 @@ class PeerLink:
             H_BODY: body_digest or body_blake3(body),
             **(headers or {}),
         }
-        data = ChunkBody(body, on_sent) if body is not None else None
+        sends = 0
+
+        def wire(n: int) -> None:
+            nonlocal sends
+            sends += 1
+            if on_wire is not None:
+                on_wire(n, sends > 1)
+
+        data = ChunkBody(body, on_sent, wire) if body is not None else None
         try:
             async with self.session(traffic_class).request(
                 method, URL(self.url + path_qs, encoded=True), data=data, headers=signed

@@ -218,6 +218,16 @@ class Sender:
                                   "error": str(exc)}},
             )
 
+    def count_wire(self, job_id: str, peer: str, n: int, again: bool = False) -> None:
+        """`n` bytes of a request body of the job start going out (every attempt counts;
+        `again`: the HTTP client sent it once more by itself, a retry)."""
+        self.metrics.bytes_sent.labels(peer).inc(n)
+        if again:
+            self.metrics.retries.labels(peer).inc()
+        self.journal.add_job_counters(
+            job_id, JobCounters(bytes_on_wire=n, retries=1 if again else 0)
+        )
+
     def clear_note(self, job_id: str) -> None:
         """A request of the job went through: nothing is being retried any more."""
         if job_id in self._noted:
@@ -528,7 +538,14 @@ class Sender:
         """A control request (POST) of `job`, retried while its error is transient (each
         attempt signed afresh) within the retry budget; retries count and show in the job."""
         reply = await retrying(
-            lambda: link.call(TrafficClass.CONTROL, "POST", path, body=body, accept=accept),
+            lambda: link.call(
+                TrafficClass.CONTROL,
+                "POST",
+                path,
+                body=body,
+                accept=accept,
+                on_wire=lambda n, again: self.count_wire(job.id, link.peer, n, again),
+            ),
             budget_s=self.retry_budget_s,
             on_retry=lambda exc, delay: self.note_retry(job.id, link.peer, exc, delay),
         )
@@ -709,13 +726,11 @@ class _ChunkPump:
                     headers=headers,
                     accept=(200, 204),
                     on_sent=body_sent,
+                    on_wire=lambda n, again: s.count_wire(self.job.id, peer, n, again),
                 )
             except IntegrityError:
                 s.metrics.integrity_failures.labels(peer, "sender").inc()
-                s.journal.add_job_counters(
-                    self.job.id, JobCounters(integrity_failures=1, bytes_on_wire=wire)
-                )
-                s.metrics.bytes_sent.labels(peer).inc(wire)
+                s.journal.add_job_counters(self.job.id, JobCounters(integrity_failures=1))
                 if await asyncio.to_thread(blake3_hex, view) != digest:
                     raise IntegrityError("source file changed while being sent") from None
                 raise
@@ -730,13 +745,11 @@ class _ChunkPump:
             s.clear_note(self.job.id)
             wire = len(encoded.body)
             acked = wire
-            s.metrics.bytes_sent.labels(peer).inc(wire)
             s.metrics.chunks_sent.labels(peer).inc()
             s.metrics.count_compression(peer, encoded.raw_length, wire)
             s.journal.add_job_counters(
                 self.job.id,
                 JobCounters(
-                    bytes_on_wire=wire,
                     chunks_sent=1,
                     bytes_done=encoded.raw_length * len(locations),
                     chunks_skipped=len(locations) - 1,
