@@ -17,7 +17,7 @@ import contextlib
 import errno
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ __all__ = [
     "bound_socket",
     "loopback_pair",
     "loopback_tls",
+    "mounted_tmpfs",
     "receiver_at",
     "running_daemon",
     "wait_for_jobs",
@@ -488,6 +489,27 @@ class LinkProxy:
         else:
             self.bytes_down += len(data)
         await writer.drain()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size_bytes: int) -> Iterator[bool]:
+    """A tmpfs of `size_bytes` mounted at `path` for the block (a small disk to fill): yields
+    False, mounting nothing, where this process may not mount (not root)."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def loopback_tls(out: Path) -> dict[str, str]:

@@ -18,7 +18,7 @@ import blake3
 import pytest
 
 from tests.faults.conftest import Tally
-from tests.integration._data import file_blake3, write_random
+from tests.integration._data import file_blake3, tree_digests, write_random
 from transferd.config import load_config
 from transferd.daemon import Daemon
 from transferd.protocol.auth import sign_headers
@@ -155,15 +155,6 @@ def future_message(s: Sites, ahead_s: float, message_id: str) -> bytes:
     return head.encode() + b"\r\n" + body
 
 
-def visible(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        rel = Path(dirpath).relative_to(root)
-        if rel.parts[:1] != (".transferd",):
-            out.update({str(rel / f): file_blake3(Path(dirpath) / f) for f in files})
-    return out
-
-
 async def test_captured_requests_replayed_before_and_after_a_restart_are_refused(
     tmp_path: Path, tally: Tally
 ) -> None:
@@ -177,7 +168,7 @@ async def test_captured_requests_replayed_before_and_after_a_restart_are_refused
         captured = [bytes(m.raw) for m in s.proxy.captured if m.raw is not None]
         kinds = {m.kind for m in s.proxy.captured}
         assert {"chunk", "control", "message"} <= kinds
-        before = visible(s.b.config.data_path)
+        before = tree_digests(s.b.config.data_path)
 
         outcomes: list[tuple[str, int]] = []
         for raw in [*captured, future]:
@@ -187,7 +178,7 @@ async def test_captured_requests_replayed_before_and_after_a_restart_are_refused
         for raw in [*captured, future]:
             outcomes.append(("replay after restart", await raw_request(s.ports["B"], raw)))
         refused = [status in (401, 403) for _what, status in outcomes]
-        unchanged = visible(s.b.config.data_path) == before
+        unchanged = tree_digests(s.b.config.data_path) == before
         no_duplicate = len(s.b.messages.inbox) == 0  # nothing delivered after the restart
         for ok in refused:
             tally(ATTACKS, ok and unchanged and no_duplicate)
@@ -274,7 +265,7 @@ async def test_tampered_forged_stale_and_reflected_requests_are_refused(
         [job] = await wait_for_jobs(s.a, s.a.sender.submit("approved/m.bin", ["B"]))
         assert job.state == "committed", job.error
         await s.a.messages.send("B", b"hello", _query())
-        before = visible(s.b.config.data_path)
+        before = tree_digests(s.b.config.data_path)
         inbox = len(s.b.messages.inbox)
         samples = {}
         for m in s.proxy.captured:
@@ -289,7 +280,9 @@ async def test_tampered_forged_stale_and_reflected_requests_are_refused(
         local = await _local_api_with_peer_key(s)
         outcomes.append(("peer key on the local API", "local", local))
         refused = [status in (400, 401, 403, 422) for _n, _k, status in outcomes]
-        unchanged = visible(s.b.config.data_path) == before and len(s.b.messages.inbox) == inbox
+        unchanged = (
+            tree_digests(s.b.config.data_path) == before and len(s.b.messages.inbox) == inbox
+        )
         for ok in refused:
             tally(ATTACKS, ok and unchanged)
         assert all(refused), [o for o, ok in zip(outcomes, refused, strict=True) if not ok]

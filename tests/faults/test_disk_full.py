@@ -9,18 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.faults.conftest import Tally
-from tests.integration._data import file_blake3, write_random
+from tests.integration._data import file_blake3, tree_digests, write_random
 from transferd.config import load_config
 from transferd.daemon import Daemon
-from transferd.testing import FakeClock, LinkProxy, loopback_pair, running_daemon, wait_for_jobs
+from transferd.testing import (
+    FakeClock,
+    LinkProxy,
+    loopback_pair,
+    mounted_tmpfs,
+    running_daemon,
+    wait_for_jobs,
+)
 
 CHUNK = 256 * 1024
 MiB = 1024 * 1024
@@ -31,18 +36,10 @@ DISK_FULL = "disk-full cases"
 def tmpfs_b(tmp_path: Path) -> Iterator[Path]:
     """B's data_dir on a 10 MiB tmpfs (root only: mounting needs it; skipped otherwise)."""
     mount = tmp_path / "site-B"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs for B's data_dir")
-    try:
+    with mounted_tmpfs(mount, 10 * MiB) as mounted:
+        if not mounted:
+            pytest.skip("needs root to mount a small tmpfs for B's data_dir")
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(path: Path) -> None:
@@ -69,15 +66,6 @@ def received(b: Daemon) -> float:
 def staged(b: Daemon) -> list[str]:
     root = b.storage.staging_root
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
-
-
-def visible(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        rel = Path(dirpath).relative_to(root)
-        if rel.parts[:1] != (".transferd",):
-            out.update({str(rel / f): file_blake3(Path(dirpath) / f) for f in files})
-    return out
 
 
 async def test_disk_filling_mid_transfer_fails_cleanly_and_the_retry_succeeds(
@@ -109,7 +97,7 @@ async def test_disk_filling_mid_transfer_fails_cleanly_and_the_retry_succeeds(
         filler.unlink()
         proxy.rate_bytes_per_s = None
         [again] = await wait_for_jobs(a, a.sender.submit("curated/ds", ["B"]), timeout_s=60)
-        exact = visible(tmpfs_b) == digests
+        exact = tree_digests(tmpfs_b) == digests
     tally(DISK_FULL, failed_cleanly and nothing_partial and reclaimed)
     tally(DISK_FULL, again.state == "committed" and exact)
     assert failed_cleanly, (job.state, job.error)

@@ -19,47 +19,16 @@ from hypothesis import strategies as st
 
 from tests.faults.conftest import Tally
 from tests.integration._procs import env
+from tests.transferd import test_plan_load as plan_load
 from transferd.config import SiteConfig, load_config, parse_config
 from transferd.errors import ConfigError
 from transferd.plan import PlanRun, load_plan, parse_plan
 
 FUZZED = "fuzzed config and plan inputs"
 
-CONFIG = """\
-site: A
-listen: 127.0.0.1:7701
-data_dir: ./site-a
-keys_dir: ./keys
-compression: auto
-traffic: {weights: {checkpoint: 3, sync: 1}, streams_max: 16}
-peers:
-  B: {url: "http://127.0.0.1:7702", rate_caps_mbps: {total: 900, sync: 800}}
-  C: {url: "http://127.0.0.1:7703"}
-checkpoints: {targets: [B], retention: 3}
-"""
-
-PLAN = json.dumps(
-    {
-        "schema_version": 2,
-        "topology": "t",
-        "sites": [
-            {
-                "site": "A",
-                "sync": [
-                    {"path_prefix": "approved/d/", "destination": "B", "traffic_class": "sync",
-                     "dataset": "d", "rule": "r"}
-                ],
-                "checkpoints": [
-                    {"workload": "w", "path_prefix": "checkpoints/w/", "targets": ["C"],
-                     "every_hours": 1.0, "retain": 2}
-                ],
-                "links": [{"peer": "B", "class_weights": {"checkpoint": 1, "sync": 100}}],
-            },
-            {"site": "B"},
-        ],
-    },
-    indent=1,
-)
+# The site config and plan of the plan-loading tests, mutated here.
+CONFIG = plan_load.CONFIG
+PLAN = json.dumps(plan_load.PLAN, indent=1)
 
 # -- strategies ---------------------------------------------------------------------------
 

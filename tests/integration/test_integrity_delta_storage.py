@@ -4,14 +4,19 @@ shards sends about a tenth of the bytes; a full disk at the receiver fails the j
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration._data import file_blake3, write_random
-from transferd.testing import CappedFileSystem, LinkProxy, loopback_pair, wait_for_jobs
+from transferd.testing import (
+    CappedFileSystem,
+    LinkProxy,
+    loopback_pair,
+    mounted_tmpfs,
+    wait_for_jobs,
+)
 
 CHUNK = 256 * 1024
 CONTROL_BYTES = 64 * 1024
@@ -97,18 +102,10 @@ async def test_disk_full_at_receiver_fails_the_job_clearly_with_no_partial_file(
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """B's data_dir on a 2 MiB tmpfs (needs permission to mount; skipped otherwise)."""
     mount = tmp_path / "site-B"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip("needs permission to mount a tmpfs")
-    try:
+    with mounted_tmpfs(mount, 2 * 1024 * 1024) as mounted:
+        if not mounted:
+            pytest.skip("needs permission to mount a tmpfs")
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 async def test_disk_full_on_a_small_tmpfs_fails_at_open_and_leaves_nothing(
