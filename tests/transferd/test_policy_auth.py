@@ -8,7 +8,12 @@ import pytest
 
 from transferd.errors import AuthError, ConfigError, PolicyViolation
 from transferd.protocol.auth import EMPTY_BODY_BLAKE3, NonceGuard, authenticate, sign_headers
-from transferd.protocol.policy import check_may_leave_site, normalize_rel_path
+from transferd.protocol.policy import (
+    check_may_leave_site,
+    check_not_raw_inode,
+    check_resolved,
+    normalize_rel_path,
+)
 from transferd.site.keys import Keyring, keygen
 from transferd.site.storage import confine
 from transferd.testing import FakeClock
@@ -230,3 +235,34 @@ def test_replay_memory_survives_a_restart_and_is_written_once_a_second() -> None
     # A's genuine new requests, and other sites, are accepted.
     restarted.check_and_record(now + 7, "d" * 32, now + 7, "A")
     restarted.check_and_record(now + 3, "c" * 32, now + 7, "B")
+
+
+@pytest.mark.parametrize(
+    ("rel", "resolved", "reason"),
+    [
+        ("curated/x", None, "outside data_dir"),
+        ("curated/x", "", "data_dir itself"),
+        ("curated/x", ".transferd/journal.sqlite", "out of the tier folders"),
+        ("curated/x", "raw/secret.bin", "into raw/"),
+        ("checkpoints/run6/step-1", "raw/step-1", "into raw/"),
+    ],
+)
+def test_a_path_is_refused_for_where_it_resolves(
+    rel: str, resolved: str | None, reason: str
+) -> None:
+    with pytest.raises(PolicyViolation, match=reason):
+        check_resolved(rel, resolved)
+
+
+@pytest.mark.parametrize(
+    ("rel", "resolved"),
+    [("curated/x", "curated/x"), ("curated/x", "approved/y"), ("raw/a", "raw/b")],
+)
+def test_links_within_the_tiers_and_within_raw_are_fine(rel: str, resolved: str) -> None:
+    check_resolved(rel, resolved)
+
+
+def test_a_hard_link_to_raw_data_may_not_leave() -> None:
+    with pytest.raises(PolicyViolation, match="hard link to raw-tier data"):
+        check_not_raw_inode("curated/h.bin", "raw/secret.bin")
+    check_not_raw_inode("curated/h.bin", None)
