@@ -157,7 +157,9 @@ async def test_connections_dropped_every_300_kb(tmp_path: Path, tally: Tally) ->
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("every_kb", [50, 100, 200, 500, 1000])
+# Not below 100 kB: a link that drops every connection before one 64 KiB chunk body can cross
+# carries nothing, whatever the sender does.
+@pytest.mark.parametrize("every_kb", [100, 200, 500, 1000, 2000])
 async def test_connections_dropped_long(tmp_path: Path, tally: Tally, every_kb: int) -> None:
     await _flapping(tmp_path, tally, every_kb * 1000, seed=every_kb)
 
