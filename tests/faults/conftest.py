@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -36,19 +36,45 @@ ORDER = [
 Tally = Callable[..., None]
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def tally() -> Tally:
+def tally(request: pytest.FixtureRequest) -> Iterator[Tally]:
     """`tally(figure, good)`: one trial of `figure`, good or not; `tally(figure, good=n,
     total=m)`: m trials of which n were good. A test still asserts its outcome; the tally is
-    what the run prints."""
+    what the run prints. A test that fails never leaves a perfect figure behind: if it failed
+    before counting, one bad trial of its module's FIGURE is counted; if after, one of its
+    good trials is taken back."""
+    counted: list[str] = []
 
     def record(figure: str, good: bool | int, total: int = 1) -> None:
         assert figure in dict(ORDER), figure
         fig = FIGURES.setdefault(figure, Figure())
         fig.total += total
         fig.good += int(good)
+        counted.append(figure)
 
-    return record
+    yield record
+    if request.node.stash.get(_FAILED, False):
+        if counted:
+            fig = FIGURES[counted[-1]]
+            if fig.good == fig.total:
+                fig.good -= 1
+        else:
+            figure = getattr(request.module, "FIGURE", None)
+            if figure is not None:
+                FIGURES.setdefault(figure, Figure()).total += 1
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

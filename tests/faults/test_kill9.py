@@ -23,6 +23,7 @@ from tests.integration._procs import cli, poll_until, start_daemon, wait_until_s
 from transferd.testing import LinkProxy, free_port, write_site_configs
 
 KILLS = "kill -9 trials"
+FIGURE = KILLS  # what a failure here counts against (conftest.tally)
 CHUNK = 256 * 1024
 MiB = 1024 * 1024
 

@@ -22,6 +22,7 @@ from transferd.testing import LinkProxy, loopback_pair, wait_for_jobs
 
 CHUNK = 64 * 1024
 FLAPS = "link flap, stall and drop cases"
+FIGURE = FLAPS  # what a failure here counts against (conftest.tally)
 
 
 def lay_out(root: Path, seed: int) -> dict[str, str]:

@@ -25,6 +25,7 @@ from transferd.errors import ConfigError
 from transferd.plan import PlanRun, load_plan, parse_plan
 
 FUZZED = "fuzzed config and plan inputs"
+FIGURE = FUZZED  # what a failure here counts against (conftest.tally)
 
 # The site config and plan of the plan-loading tests, mutated here.
 CONFIG = plan_load.CONFIG

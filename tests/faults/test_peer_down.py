@@ -18,6 +18,7 @@ from tests.integration._procs import cli, start_daemon, wait_until_serving
 from transferd.testing import free_port, write_site_configs
 
 FLAPS = "link flap, stall and drop cases"
+FIGURE = FLAPS  # what a failure here counts against (conftest.tally)
 
 
 @asynccontextmanager
