@@ -1,44 +1,54 @@
-"""How long `netplan analyze` takes on a large estate: 1,000 sites, 5,000 links, 200 workloads.
+"""How `netplan analyze` grows with the estate: 1,000 to 10,000 sites, 5 links and 0.2 workloads
+per site, multipath on.
 
-Generates a seeded random topology (connected; onprem, cloud and edge sites in 20 regions; raw,
-curated and approved datasets with residency; training-style and inference workloads), writes it
-as YAML, then times
-  - the real command, `python -m netplan analyze FILE --json` and the table report, end to end;
-  - in-process phases: load + validate, analyze, JSON.
-Prints the median of several runs next to the 10 s target. A benchmark, not a test.
+Generates a seeded random topology per size (connected; onprem, cloud and edge sites in 20
+regions; half the links with different capacities per direction; some cloud sites pricing their
+relay gateways, so splits become MILPs; raw, curated and approved datasets with residency;
+training-style workloads, some with deadlines, and inference workloads), writes it as YAML,
+then runs the real command, `python -m netplan analyze FILE --json --max-alternatives 0`, and
+prints per size: wall and CPU seconds, peak memory, JSON size, how many workloads are feasible,
+the LP/MILP solves and the largest one's size; then the growth exponent fitted over the sizes
+(least squares on log time vs log sites). With `--baseline-ref REF` the same command of that
+git revision runs on the same files in the same run (up to `--baseline-max-sites`, since the
+old planner grows as n^2.2). A benchmark, not a test.
 
-    python benchmarks/netplan_scale.py [--runs 5] [--seed 7] [--keep FILE]
+    python benchmarks/netplan_scale.py [--sizes 1000,2000,4000,10000] [--seed 7]
+        [--baseline-ref main --baseline-max-sites 2000] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import random
-import resource
-import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from netplan.loader import load_topology  # noqa: E402
-from netplan.report import analyze  # noqa: E402
-
-TARGET_SECONDS = 10.0
+GOAL_SITES, GOAL_SECONDS, GOAL_MB = 10_000, 60.0, 100.0
 GPU_TYPES = {"h100": 4.9, "a100": 2.9, "l4": 0.8}
 
 
 def generate(
-    seed: int, n_sites: int = 1000, n_links: int = 5000, n_workloads: int = 200
+    seed: int,
+    n_sites: int = 1000,
+    n_links: int = 5000,
+    n_workloads: int = 200,
+    legacy: bool = False,
 ) -> dict[str, Any]:
+    """A seeded estate; `legacy` leaves out what the planner before issue 12 cannot read
+    (per-direction bandwidth, priced relays, elastic GPU counts), for a same-run baseline."""
     rng = random.Random(seed)
     regions = [f"region-{i:02d}" for i in range(20)]
     sites: list[dict[str, Any]] = []
@@ -60,6 +70,9 @@ def generate(
             site["gpu_hour_usd"] = {"l4": round(rng.uniform(0.7, 1.2), 3)}
         if kind == "edge" and rng.random() < 0.5:
             site["relay"] = False
+        if kind == "cloud" and rng.random() < 0.3 and not legacy:
+            # A relay VM (e.g. c5n.9xlarge, about $1.94/h) when the site forwards a transfer.
+            site["relay_usd_per_hour"] = round(rng.uniform(0.5, 2.0), 2)
         sites.append(site)
     ids = [s["id"] for s in sites]
 
@@ -71,13 +84,17 @@ def generate(
         if a == b or pair in pairs:
             return
         pairs.add(pair)
+        capacity = rng.choice([1, 10, 10, 25, 100])
         link: dict[str, Any] = {
             "between": [a, b],
-            "bandwidth_gbps": rng.choice([1, 10, 10, 25, 100]),
+            "bandwidth_gbps": capacity,
             "rtt_ms": round(rng.uniform(1, 180), 1),
             "jitter_ms": round(rng.uniform(0, 8), 1),
             "loss_pct": rng.choice([0, 0, 0, 0.01, 0.1, 1]),
         }
+        if rng.random() < 0.5 and not legacy:
+            # Measured grids differ by direction (median 19 %, issue 12).
+            link["bandwidth_gbps"] = {a: capacity, b: round(capacity * rng.uniform(0.5, 1), 2)}
         if rng.random() < 0.6:
             link["egress_usd_per_gb"] = {
                 a: rng.choice([0, 0.02, 0.09]),
@@ -122,7 +139,7 @@ def generate(
         if i % 5 == 0:
             workloads.append(
                 {
-                    "id": f"wl-{i:03d}",
+                    "id": f"wl-{i:04d}",
                     "kind": "inference",
                     "model": rng.choice(models)["id"],
                     "gpu": "l4",
@@ -134,16 +151,20 @@ def generate(
             )
         else:
             wl: dict[str, Any] = {
-                "id": f"wl-{i:03d}",
+                "id": f"wl-{i:04d}",
                 "kind": rng.choice(
                     ["pretraining", "fine_tuning", "embedding", "evaluation", "batch_inference"]
                 ),
                 "model": rng.choice(models)["id"],
                 "datasets": [d["id"] for d in rng.sample(datasets, k=rng.randint(1, 2))],
                 "gpu": gpu,
-                "gpus": rng.choice([8, 16, 32]),
-                "hours": rng.choice([2, 10, 48]),
             }
+            if rng.random() < 0.2 and not legacy:  # elastic: the planner chooses the count
+                wl["gpu_hours"] = rng.choice([8, 16, 32]) * rng.choice([2, 10, 48])
+                wl["gpus_max"] = rng.choice([64, 256])
+            else:
+                wl["gpus"] = rng.choice([8, 16, 32])
+                wl["hours"] = rng.choice([2, 10, 48])
             if rng.random() < 0.3:
                 wl["deadline_hours"] = rng.choice([24, 72, 200])
             workloads.append(wl)
@@ -157,103 +178,125 @@ def generate(
     }
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+class Run(NamedTuple):
+    wall_s: float
+    cpu_s: float
+    peak_mb: float
+    json_mb: float
+    report: dict[str, Any] | None
 
 
-def _time_cli(path: Path, *extra: str) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one `python -m netplan analyze` process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cpu0 = _children_cpu()
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "netplan", "analyze", str(path), *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"netplan analyze failed ({done.returncode}): {done.stderr[-2000:]!r}")
-    return elapsed, _children_cpu() - cpu0
+def _run(path: Path, code: Path, parse: bool = True) -> Run:
+    """One `python -m netplan analyze PATH --json --max-alternatives 0` with `code` on the path;
+    wall, CPU and peak memory of that process alone (wait4), and its output."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errors:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netplan", "analyze", str(path), "--json",
+             "--max-alternatives", "0"],
+            stdout=out, stderr=errors, env={**os.environ, "PYTHONPATH": str(code)},
+            cwd=code,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            errors.seek(0)
+            raise SystemExit(f"netplan analyze failed ({proc.returncode}): "
+                             f"{errors.read()[-2000:]!r}")
+        size = out.tell()
+        out.seek(0)
+        report = None
+        if parse:
+            try:
+                report = json.load(out)
+            except ValueError:
+                report = None
+    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, size / 1e6,
+               report)
+
+
+def _exponent(ns: list[int], ys: list[float]) -> float:
+    """Least-squares slope of log y against log n: y grows as n to this power."""
+    xs = [math.log(n) for n in ns]
+    ls = [math.log(y) for y in ys]
+    mx, my = sum(xs) / len(xs), sum(ls) / len(ls)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ls, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs)
+
+
+def _checkout(ref: str, into: Path) -> Path:
+    """The files of git revision `ref` under `into` (a plain export, no worktree state)."""
+    blob = subprocess.run(["git", "-C", str(REPO), "archive", ref, "netplan"],
+                          capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=BytesIO(blob)) as tar:
+        tar.extractall(into, filter="data")
+    return into
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--sizes", default="1000,2000,4000,10000",
+                        help="site counts, comma-separated")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--keep", type=Path, help="also write the generated topology here")
+    parser.add_argument("--baseline-ref", help="also run this git revision's planner")
+    parser.add_argument("--baseline-max-sites", type=int, default=2000)
+    parser.add_argument("--keep", type=Path, help="keep the generated topologies here")
     args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
 
-    doc = generate(args.seed)
+    print(f"netplan analyze FILE --json --max-alternatives 0; seed {args.seed}; paths: up to 2 "
+          "relays, multipath on (the defaults); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    head = (f"{'sites':>6} {'links':>6} {'wl':>5} {'wall s':>7} {'CPU s':>6} {'peak MB':>8} "
+            f"{'JSON MB':>8} {'feasible':>9} {'LP':>4} {'MILP':>4} {'largest (vars x rows)':>22}")
+    print(head)
+    ours: list[tuple[int, Run]] = []
+    compared: list[tuple[int, Run, Run]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "scale.yaml"
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        if args.keep:
-            args.keep.write_text(path.read_text())
-        topo = load_topology(path)
-        print(
-            f"topology: {len(topo.sites)} sites, {len(topo.links)} links, "
-            f"{len(topo.datasets)} datasets, {len(topo.models)} models, "
-            f"{len(topo.workloads)} workloads ({path.stat().st_size / 1e6:.1f} MB of YAML)"
-        )
-
-        phases: dict[str, list[tuple[float, float]]] = {
-            "load + validate": [],
-            "analyze": [],
-            "to_json": [],
-        }
-        report = None
-        for _ in range(args.runs):
-            for name in phases:
-                t0, c0 = time.perf_counter(), time.process_time()
-                if name == "load + validate":
-                    topo = load_topology(path)
-                elif name == "analyze":
-                    report = analyze(topo)
-                else:
-                    assert report is not None
-                    report.to_json(max_alternatives=20)  # what the CLI prints by default
-                phases[name].append((time.perf_counter() - t0, time.process_time() - c0))
-        assert report is not None
-        feasible = sum(d.feasible for d in report.decisions)
-        skipped = sum(d.skipped for d in report.decisions)
-        evaluated = sum(len(d.alternatives) + d.feasible for d in report.decisions)
-        cli_json = [_time_cli(path, "--json") for _ in range(args.runs)]
-        cli_table = [_time_cli(path) for _ in range(args.runs)]
-
-    print(
-        f"decisions: {feasible} feasible, {len(report.decisions) - feasible} infeasible; "
-        f"{evaluated} options evaluated, {skipped} skipped by branch and bound"
-    )
-    print(
-        f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (wall time "
-        "includes waiting for a CPU on a shared machine; CPU time does not)"
-    )
-    print(f"median of {args.runs} runs (target: well under {TARGET_SECONDS:.0f} s end to end)")
-    print(f"  {'phase':<40} {'wall s':>7} {'min':>6} {'max':>6} {'CPU s':>7}")
-    rows = [(f"in-process {k}", v) for k, v in phases.items()]
-    rows += [
-        ("netplan analyze FILE --json (process)", cli_json),
-        ("netplan analyze FILE (tables, process)", cli_table),
-    ]
-    for name, values in rows:
-        walls = [w for w, _ in values]
-        cpus = [c for _, c in values]
-        print(
-            f"  {name:<40} {statistics.median(walls):>7.2f} {min(walls):>6.2f} "
-            f"{max(walls):>6.2f} {statistics.median(cpus):>7.2f}"
-        )
-    worst = max(
-        statistics.median([w for w, _ in cli_json]), statistics.median([w for w, _ in cli_table])
-    )
-    print(
-        f"end to end: {worst:.2f} s wall = {worst / TARGET_SECONDS:.0%} of the "
-        f"{TARGET_SECONDS:.0f} s target"
-    )
+        baseline = (_checkout(args.baseline_ref, Path(tmp) / "baseline")
+                    if args.baseline_ref else None)
+        for n in sizes:
+            doc = generate(args.seed, n, 5 * n, n // 5)
+            path = (args.keep or Path(tmp)) / f"scale-{n}.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(doc, sort_keys=False))
+            run = _run(path, REPO)
+            ours.append((n, run))
+            rep = run.report or {}
+            decisions = rep.get("decisions", [])
+            solver = rep.get("solver") or {}
+            line = (f"{n:>6,} {5 * n:>6,} {n // 5:>5,} {run.wall_s:>7.1f} {run.cpu_s:>6.1f} "
+                    f"{run.peak_mb:>8,.0f} {run.json_mb:>8.1f} "
+                    f"{sum(d['feasible'] for d in decisions):>4}/{len(decisions):<4} "
+                    f"{solver.get('lp_solves', 0):>4} {solver.get('milp_solves', 0):>4} "
+                    f"{solver.get('max_variables', 0):>10} x {solver.get('max_constraints', 0):<9}")
+            print(line, flush=True)
+            if baseline is not None and n <= args.baseline_max_sites:
+                # The same estate without the features the old planner cannot read, both
+                # planners on the same file, one after the other.
+                legacy = path.with_name(f"scale-{n}-legacy.yaml")
+                legacy.write_text(yaml.safe_dump(generate(args.seed, n, 5 * n, n // 5,
+                                                          legacy=True), sort_keys=False))
+                new, old = _run(legacy, REPO, parse=False), _run(legacy, baseline, parse=False)
+                compared.append((n, new, old))
+    for n, new, old in compared:
+        print(f"  {n:,} sites without per-direction links, priced relays and elastic GPUs: "
+              f"this tree {new.wall_s:.1f} s, {new.json_mb:.1f} MB, {new.peak_mb:,.0f} MB peak; "
+              f"{args.baseline_ref} {old.wall_s:.1f} s, {old.json_mb:.1f} MB, {old.peak_mb:,.0f} "
+              f"MB peak ({old.wall_s / new.wall_s:.1f}x the time)")
+    ns = [n for n, _ in ours]
+    if len(ns) > 1:
+        print(f"growth over {ns[0]:,}-{ns[-1]:,} sites: time ~ n^"
+              f"{_exponent(ns, [r.wall_s for _, r in ours]):.2f}, JSON ~ n^"
+              f"{_exponent(ns, [r.json_mb for _, r in ours]):.2f}, peak memory ~ n^"
+              f"{_exponent(ns, [r.peak_mb for _, r in ours]):.2f}")
+    for n, run in ours:
+        if n == GOAL_SITES:
+            ok = run.wall_s < GOAL_SECONDS and run.json_mb < GOAL_MB
+            print(f"goal at {GOAL_SITES:,} sites: under {GOAL_SECONDS:.0f} s and {GOAL_MB:.0f} MB "
+                  f"of JSON: {run.wall_s:.1f} s, {run.json_mb:.1f} MB: "
+                  f"{'met' if ok else 'NOT met'}")
 
 
 if __name__ == "__main__":

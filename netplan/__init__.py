@@ -23,11 +23,11 @@ if TYPE_CHECKING:
     from netplan.errors import Infeasible, NetplanError, PlanError, TopologyError
     from netplan.loader import load_topology, parse_topology
     from netplan.network import (
+        BulkPath,
         LatencyPath,
         LinkThroughput,
         Network,
         PathTree,
-        WidestPath,
         link_throughput,
     )
     from netplan.plan import SCHEMA_VERSION as PLAN_SCHEMA_VERSION
@@ -54,11 +54,11 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{
         n: ("netplan.network", n)
         for n in (
+            "BulkPath",
             "LatencyPath",
             "LinkThroughput",
             "Network",
             "PathTree",
-            "WidestPath",
             "link_throughput",
         )
     },
@@ -83,6 +83,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 }
 
 __all__ = [
+    "BulkPath",
     "ClientLatency",
     "Dataset",
     "Decision",
@@ -113,7 +114,6 @@ __all__ = [
     "TrafficClass",
     "TransferSettings",
     "VectorIndex",
-    "WidestPath",
     "Workload",
     "analyze",
     "break_down_budget",

@@ -17,6 +17,7 @@ from netplan.plan import (
     CheckpointEntry,
     LinkPolicy,
     Plan,
+    RouteShare,
     ShardEntry,
     SitePlan,
     SyncEntry,
@@ -26,6 +27,7 @@ from netplan.plan import (
     shard_prefix,
 )
 from netplan.report import Report
+from netplan.routes import Route
 from netplan.topology import Topology
 
 __all__ = ["build_plan"]
@@ -40,6 +42,18 @@ def _weights(volumes: Mapping[TrafficClass, float]) -> dict[TrafficClass, int]:
     return {c: max(1, round(100 * volumes.get(c, 0.0) / total)) for c in BULK_CLASSES}
 
 
+def _routes(route: Route) -> tuple[tuple[str, ...], tuple[RouteShare, ...]]:
+    """(via, routes) of a transfer: the main path's relays, and for a split every path with its
+    share (rounded to 6 digits, the rounding left on the largest so they add up to 1)."""
+    via = route.legs[0].path.sites[1:-1]
+    if not route.multipath:
+        return via, ()
+    shares = [round(leg.share, 6) for leg in route.legs]
+    shares[0] = round(1.0 - sum(shares[1:]), 6)
+    return via, tuple(RouteShare(via=leg.path.sites[1:-1], share=share)
+                      for leg, share in zip(route.legs, shares, strict=True))
+
+
 def build_plan(topo: Topology, report: Report) -> Plan:
     """Turn the report's sync plan and shard placement into per-site entries and per-link class
     policies. `report` is `analyze(topo)`'s."""
@@ -51,17 +65,19 @@ def build_plan(topo: Topology, report: Report) -> Plan:
     tiers = {d.id: d.tier for d in topo.datasets}
     indexes = {ix.id: ix for ix in topo.vector_indexes}
     for t in sync.transfers:
+        via, routes = _routes(t.route)
         if t.shard is not None:
             ix = indexes[t.dataset]
             by_site[t.source]["shards"].append(ShardEntry(
                 path_prefix=shard_prefix(ix.tier, ix.id, t.shard), destination=t.destination,
-                traffic_class=t.traffic_class, index=ix.id, shard=t.shard, via=t.path[1:-1],
-                size_gb=ix.shard_sizes()[t.shard], gb_per_day=round(t.gb_per_day, 6)))
+                traffic_class=t.traffic_class, index=ix.id, shard=t.shard, via=via,
+                size_gb=ix.shard_sizes()[t.shard], gb_per_day=round(t.gb_per_day, 6),
+                routes=routes))
             continue
         by_site[t.source]["sync"].append(SyncEntry(
             path_prefix=dataset_prefix(tiers[t.dataset], t.dataset), destination=t.destination,
             traffic_class=t.traffic_class, dataset=t.dataset, rule=t.rule,
-            via=t.path[1:-1], gb_per_day=round(t.gb_per_day, 6)))
+            via=via, gb_per_day=round(t.gb_per_day, 6), routes=routes))
     for c in sync.checkpoints:
         if c.targets:
             by_site[c.source]["checkpoints"].append(CheckpointEntry(
@@ -71,12 +87,12 @@ def build_plan(topo: Topology, report: Report) -> Plan:
                                              TrafficClass.CHECKPOINT: load.checkpoint_gb_per_day}
               for load in sync.links}
     links: dict[str, list[LinkPolicy]] = {s.id: [] for s in topo.sites}
-    for tp in report.links:
-        for here, peer in (tp.between, tp.between[::-1]):
-            cap = round(tp.capacity_gbps * 1000 * sync.bulk_share, 3)
-            links[here].append(LinkPolicy(
-                peer=peer, class_weights=_weights(volume.get((here, peer), {})),
-                rate_caps_mbps=dict.fromkeys(BULK_CLASSES, cap)))
+    for tp in report.links:  # one per direction: the cap is that direction's capacity
+        here, peer = tp.between
+        cap = round(tp.capacity_gbps * 1000 * sync.bulk_share, 3)
+        links[here].append(LinkPolicy(
+            peer=peer, class_weights=_weights(volume.get((here, peer), {})),
+            rate_caps_mbps=dict.fromkeys(BULK_CLASSES, cap)))
     sites = tuple(
         SitePlan(site=s.id, sync=tuple(by_site[s.id]["sync"]),
                  shards=tuple(by_site[s.id]["shards"]),

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_STORAGE_USD_PER_GB_MONTH",
     "CheckpointReplication",
     "LatencyComponents",
+    "PathPolicy",
     "SyncRule",
     "SyncWindow",
     "VectorIndex",
@@ -151,6 +152,26 @@ class CheckpointReplication(Frozen):
     copies_min: int = Field(default=2, ge=1, description="copies in distinct failure domains, "
                             "the training site included")
     retain: int = Field(default=3, ge=1, description="checkpoints kept at each target")
+
+
+class PathPolicy(Frozen):
+    """How bulk data may travel (the `paths:` section): through at most `max_relays` relay sites,
+    split over several paths when that meets a deadline one path cannot (or meets it for less),
+    and what a relay costs when a site does not say (`sites[].relay_usd_per_hour`, ...)."""
+
+    # Skyplane's planner considers overlay paths with one or two relays; beyond that the extra
+    # egress per hop rarely pays, and the path search grows with the degree to this power.
+    max_relays: int = Field(default=2, ge=0, le=6, description="relay sites a bulk path may "
+                            "pass through (0: direct links only)")
+    multipath: bool = Field(default=True, description="split a transfer over several paths "
+                            "(a min-cost flow) when one path cannot meet its deadline or "
+                            "splitting meets it for less")
+    # Default 0: a relay costs its egress unless the topology prices the gateway (an on-prem
+    # router is a sunk cost; a cloud relay VM is not: set it per site).
+    relay_usd_per_hour: NonNegative = Field(default=0.0, description="gateway cost per hour "
+                                            "at a relay site while it forwards a transfer")
+    relay_usd_per_gb: NonNegative = Field(default=0.0, description="per-GB processing charge "
+                                          "at a relay site (e.g. a transit gateway's)")
 
 
 class SyncWindow(Frozen):

@@ -1,7 +1,8 @@
 """The `netplan` command line: `analyze` (rich tables or --json), `plan` and `schema`.
 
 The only place (with the loader) that does I/O; it turns NetplanError into text on stderr and an
-exit code (2: the topology or the arguments are wrong; 1: --strict and a workload is infeasible).
+exit code (2: the topology or the arguments are wrong; 1: --strict and a workload, vector index or
+sync rule is infeasible, or `plan` refusing to write a plan with infeasible entries).
 The report is rendered section by section (`SECTIONS`): a new section is one more renderer.
 """
 
@@ -16,83 +17,191 @@ from contextlib import contextmanager
 
 import click
 from pydantic import ValidationError
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from netplan._plan_build import build_plan
+from netplan._sections import PathPolicy
 from netplan._shards import ShardPlacement
 from netplan.decisions import Option, duration, money
-from netplan.errors import Infeasible, NetplanError, TopologyError
+from netplan.errors import Infeasible, InfeasiblePlan, NetplanError, TopologyError
 from netplan.loader import load_topology
+from netplan.network import LinkThroughput
 from netplan.report import Report, analyze
 from netplan.topology import Topology, TransferSettings
 
 __all__ = ["SECTIONS", "main"]
 
-# Beyond this many links the terminal report shows only links on chosen paths (--json has all).
+# Beyond this many link directions the terminal report shows only those on chosen paths (--json
+# has all).
 _LINK_TABLE_LIMIT = 60
 _ALTERNATIVES_SHOWN = 5
-# Beyond this many decisions, losing options are shown one per workload.
+# Beyond this many decisions, losing options are shown one per workload and per-transfer path
+# comparisons are left to --json.
 _DETAILED_DECISIONS = 20
 
 
+class _Grid:
+    """Rows for a rich table that fits the terminal: cells wrap at spaces (and fold a word only
+    when it is wider than any column could be) instead of being cut to an ellipsis, with the
+    narrow borders that fit 80 columns. Numbers (`right`) keep their width; each text column
+    asks for its longest word, shrunk evenly until the row fits."""
+
+    def __init__(self, title: str, *columns: str, right: tuple[str, ...] = ()) -> None:
+        self.title = title
+        self.columns = columns
+        self.right = right
+        self.rows: list[tuple[str | Text, ...]] = []
+
+    def add_row(self, *cells: str | Text) -> None:
+        self.rows.append(cells)
+
+    @property
+    def row_count(self) -> int:
+        return len(self.rows)
+
+    def _longest(self, j: int, whole: bool) -> int:
+        texts = [self.columns[j], *(c.plain if isinstance(c, Text) else c
+                                   for c in (row[j] for row in self.rows))]
+        if whole:
+            return max(len(t) for t in texts)
+        return max((len(w) for t in texts for w in t.split()), default=1)
+
+    def _header_word(self, j: int) -> int:
+        return max(len(w) for w in self.columns[j].split())
+
+    def _cell(self, j: int) -> int:
+        return max((len(c.plain if isinstance(c, Text) else c) for c in
+                    (row[j] for row in self.rows)), default=0)
+
+    def table(self, width: int) -> Table | None:
+        """The table laid out for `width` columns, or None when even folded it cannot fit (then
+        `print` shows each row as a list of fields)."""
+        table = Table(title=self.title, title_justify="left", box=box.SIMPLE_HEAD,
+                      padding=(0, 1), pad_edge=False, expand=False)
+        n = len(self.columns)
+        numbers = {j: max(self._cell(j), self._header_word(j))
+                   for j, c in enumerate(self.columns) if c in self.right}
+        sizes = {j: self._longest(j, True) for j in range(n) if j not in numbers}
+        words = {j: self._longest(j, False) for j in sizes}
+        # Borders, separators and padding: an edge each side, a space between columns and one
+        # padding space each side of every inner cell edge.
+        room = width - (3 * n - 1) - sum(numbers.values())
+        if room < sum(min(w, 8) for w in words.values()):
+            return None
+        while sizes and sum(sizes.values()) > room:
+            # Narrow the widest column that can still wrap at spaces; fold words only when
+            # every column is down to its longest word.
+            spare = [j for j in sizes if sizes[j] > words[j]]
+            j = max(spare or list(sizes), key=lambda k: sizes[k])
+            sizes[j] -= 1
+        for j, col in enumerate(self.columns):
+            if j in numbers:
+                table.add_column(col, justify="right", overflow="fold", width=numbers[j])
+            else:
+                table.add_column(col, overflow="fold", width=sizes[j])
+        for row in self.rows:
+            table.add_row(*row)
+        return table
+
+    def records(self) -> Table:
+        """Each row as a block of `field value` lines: what a terminal too narrow for the
+        columns gets."""
+        table = Table(title=self.title, title_justify="left", box=box.SIMPLE_HEAD,
+                      padding=(0, 1), pad_edge=False, show_header=False)
+        table.add_column("field", style="dim", no_wrap=True)
+        table.add_column("value", overflow="fold")
+        for i, row in enumerate(self.rows):
+            if i:
+                table.add_row("", "")
+            for col, cell in zip(self.columns, row, strict=True):
+                table.add_row(col, cell)
+        return table
+
+    def print(self, console: Console) -> None:
+        table = self.table(console.width)
+        console.print(table if table is not None else self.records())
+
+
+def _table(title: str, *columns: str, right: tuple[str, ...] = ()) -> _Grid:
+    return _Grid(title, *columns, right=right)
+
+
 def _gbps(x: float) -> str:
+    """Three significant digits (12.3, 0.25), Mbit/s below 0.1 Gbit/s (12.3 M)."""
     if x == float("inf"):
         return "-"
-    return f"{x:,.2f}" if x >= 0.1 else f"{x * 1000:,.1f} M"
+    if x < 0.1:
+        return f"{x * 1000:.3g} M"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def _render_header(report: Report, console: Console, show_all_links: bool) -> None:
     s = report.settings
+    p = report.paths
     console.print(
         f"[bold]netplan analyze[/bold]: {report.topology}  "
         f"(TCP model: {s.streams} streams x {s.window_bytes / 1024 / 1024:g} MiB window, "
-        f"MSS {s.mss_bytes} B, Mathis C {s.mathis_constant:.3f})"
+        f"MSS {s.mss_bytes} B, Mathis C {s.mathis_constant:.3f}; bulk paths through up to "
+        f"{p.max_relays} relays, multipath {'on' if p.multipath else 'off'})"
     )
 
 
-def _used_links(report: Report) -> set[frozenset[str]]:
-    used: set[frozenset[str]] = set()
+def _used_directions(report: Report) -> set[tuple[str, str]]:
+    used: set[tuple[str, str]] = set()
     for decision in report.decisions:
         if decision.option:
             for m in decision.option.movements:
-                used.update(frozenset(pair) for pair in zip(m.path, m.path[1:], strict=False))
+                for leg in m.route.legs:
+                    sites = leg.path.sites
+                    used.update(zip(sites, sites[1:], strict=False))
     return used
 
 
+def _same(a: LinkThroughput, b: LinkThroughput) -> bool:
+    return (a.capacity_gbps, a.loss_pct, a.egress_usd_per_gb) == (
+        b.capacity_gbps, b.loss_pct, b.egress_usd_per_gb)
+
+
 def _render_links(report: Report, console: Console, show_all_links: bool) -> None:
-    links = report.links
-    title = "Links: effective bulk throughput (Gbit/s; M = Mbit/s)"
-    if len(links) > _LINK_TABLE_LIMIT and not show_all_links:
-        # A large estate: the links the decisions use, slowest first, up to the limit.
-        used = _used_links(report)
-        on_paths = sorted(
-            (link for link in links if frozenset(link.between) in used),
-            key=lambda link: link.effective_gbps,
-        )
-        links = tuple(on_paths[:_LINK_TABLE_LIMIT])
+    # One row per link when both directions are alike, else one per direction.
+    rows: list[tuple[str, LinkThroughput]] = []
+    for there, back in zip(report.links[::2], report.links[1::2], strict=True):
+        if _same(there, back):
+            rows.append((f"{there.sender} <-> {there.receiver}", there))
+        else:
+            rows += [(f"{there.sender} -> {there.receiver}", there),
+                     (f"{back.sender} -> {back.receiver}", back)]
+    title = "Links: effective bulk throughput per direction (Gbit/s; M = Mbit/s)"
+    if len(rows) > _LINK_TABLE_LIMIT and not show_all_links:
+        # A large estate: the directions the decisions use, slowest first, up to the limit.
+        used = _used_directions(report)
+        on_paths = sorted((tp for tp in report.links if tp.between in used),
+                          key=lambda tp: tp.effective_gbps)
+        rows = [(f"{tp.sender} -> {tp.receiver}", tp) for tp in on_paths[:_LINK_TABLE_LIMIT]]
         title += (
-            f" - the {len(links)} slowest of {len(on_paths)} links on chosen paths "
+            f" - the {len(rows)} slowest of {len(on_paths)} directions on chosen paths "
             f"({len(report.links)} in all: --all-links or --json)"
         )
-    table = Table(title=title, title_justify="left")
-    for col in ("between", "capacity", "rtt ms", "loss %", "window bound", "loss bound"):
-        table.add_column(col, justify="left" if col == "between" else "right")
-    table.add_column("effective", justify="right", style="bold")
-    table.add_column("limited by")
-    for link in links:
+    numbers = ("cap", "rtt ms", "loss %", "window", "Mathis", "eff", "$/GB")
+    title += ("\ncap = capacity, window = N x window / RTT, Mathis = loss bound, eff = effective, "
+              "$/GB = egress leaving the sender")
+    table = _table(title, "link", *numbers, "limited by", right=numbers)
+    for label, link in rows:
         table.add_row(
-            " - ".join(link.between),
+            label,
             _gbps(link.capacity_gbps),
             f"{link.rtt_ms:g}",
             f"{link.loss_pct:g}",
             _gbps(link.window_gbps),
             _gbps(link.loss_gbps),
-            _gbps(link.effective_gbps),
+            Text(_gbps(link.effective_gbps), style="bold"),
+            f"{link.egress_usd_per_gb:g}",
             link.limited_by,
         )
-    console.print(table)
+    table.print(console)
 
 
 def _where(option: Option | None) -> str:
@@ -100,45 +209,59 @@ def _where(option: Option | None) -> str:
 
 
 def _render_decisions(report: Report, console: Console, show_all_links: bool) -> None:
-    table = Table(title="Decisions", title_justify="left")
-    for col in ("workload", "kind", "action", "site(s)", "path"):
-        table.add_column(col)
-    for col in ("moves", "transfer", "egress", "compute", "total", "done in"):
-        table.add_column(col, justify="right")
+    costs = ("compute", "egress", "storage", "relays")
+    numbers = ("GPUs", "total", "done in")
+    # Narrow terminals get the cost breakdown as a table of its own.
+    wide = console.width >= 120
+    table = _table("Decisions" + (" (total = compute + egress + storage + relays)" if wide
+                                  else ""),
+                   "workload", "action", "site(s)", *numbers[:1], *(costs if wide else ()),
+                   *numbers[1:], right=(*numbers, *costs))
+    breakdown = _table("Cost breakdown of each decision", "workload", *costs, "total",
+                       right=(*costs, "total"))
     for d in report.decisions:
         o = d.option
         action = Text(d.action, style="bold green" if d.feasible else "bold red")
         if o is None:
-            table.add_row(d.workload, d.kind, action, "-", "-", "-", "-", "-", "-", "-", "-")
+            table.add_row(d.workload, action, "-", "-", *(("-",) * 4 if wide else ()), "-", "-")
             continue
-        table.add_row(
-            d.workload,
-            d.kind,
-            action,
-            _where(o),
-            " -> ".join(o.path),
-            f"{o.transfer_gb:,.0f} GB",
-            duration(o.transfer_seconds / 3600),
-            money(o.egress_usd),
-            money(o.compute_usd),
-            money(o.total_usd),
-            duration(o.completion_hours),
-        )
-    console.print(table)
+        parts = (money(o.compute_usd), money(o.egress_usd), money(o.storage_usd),
+                 money(o.relay_usd))
+        total = Text(money(o.total_usd), style="bold")
+        table.add_row(d.workload, action, _where(o), f"{o.gpus:,}", *(parts if wide else ()),
+                      total, duration(o.completion_hours))
+        breakdown.add_row(d.workload, *parts, total)
+    table.print(console)
+    if not wide and breakdown.row_count:
+        breakdown.print(console)
     for d in report.decisions:
         style = "green" if d.feasible else "red"
         console.print(Text.assemble((f"{d.workload}: ", f"bold {style}"), d.reason))
 
 
+def _render_path_alternatives(report: Report, console: Console, show_all_links: bool) -> None:
+    if len(report.decisions) > _DETAILED_DECISIONS:
+        return
+    rows = [(d.workload, m, alt) for d in report.decisions if d.option
+            for m in d.option.movements for alt in m.route.alternatives]
+    if not rows:
+        return
+    table = _table("Paths not taken (direct, fastest, cheapest) for the same transfer",
+                   "workload: moves", "path", "time", "cost", "lost because",
+                   right=("time", "cost"))
+    for workload, m, alt in rows:
+        table.add_row(f"{workload}: {m.id} ({', '.join(alt.labels)})",
+                      " -> ".join(alt.path.sites), duration(alt.seconds / 3600),
+                      money(alt.cost_usd), alt.rejected_because)
+    table.print(console)
+
+
 def _alternatives_table(
     title: str, rows: list[tuple[str, Option]], *, with_workload: bool
-) -> Table:
-    table = Table(title=title, title_justify="left")
-    for col in ("workload", "action", "site") if with_workload else ("action", "site"):
-        table.add_column(col)
-    table.add_column("total", justify="right")
-    table.add_column("done in", justify="right")
-    table.add_column("rejected because", overflow="fold")
+) -> _Grid:
+    cols = ("workload", "action", "site") if with_workload else ("action", "site")
+    table = _table(title, *cols, "total", "done in", "rejected because",
+                   right=("total", "done in"))
     for workload, alt in rows:
         # Unpriced options failed before any path was searched: their total is unknown.
         cells = [
@@ -158,7 +281,7 @@ def _render_alternatives(report: Report, console: Console, show_all_links: bool)
         # A large estate: one table with each workload's runner-up; --json has the rest.
         rows = [(d.workload, d.alternatives[0]) for d in decided]
         title = "Runner-up option per workload (--json: more)"
-        console.print(_alternatives_table(title, rows, with_workload=True))
+        _alternatives_table(title, rows, with_workload=True).print(console)
         return
     for d in decided:
         shown = d.alternatives[:_ALTERNATIVES_SHOWN]
@@ -167,7 +290,7 @@ def _render_alternatives(report: Report, console: Console, show_all_links: bool)
         if d.skipped:
             title += f"; {d.skipped} not evaluated (could not win)"
         rows = [(d.workload, alt) for alt in shown]
-        console.print(_alternatives_table(title, rows, with_workload=False))
+        _alternatives_table(title, rows, with_workload=False).print(console)
 
 
 def _shard_groups(shards: tuple[ShardPlacement, ...]) -> list[tuple[str, str]]:
@@ -188,18 +311,15 @@ def _render_shards(report: Report, console: Console, show_all_links: bool) -> No
         console.print(Text.assemble((f"Vector index {r.index}: ", f"bold {style}"), r.reason))
         if not r.feasible:
             continue
-        table = Table(title=f"{r.index}: shard replicas", title_justify="left")
-        table.add_column("shards")
-        table.add_column("sites")
+        table = _table(f"{r.index}: shard replicas", "shards", "sites")
         for label, sites in _shard_groups(r.shards):
             table.add_row(label, sites)
-        console.print(table)
-        lat = Table(title=f"{r.index}: querying sites", title_justify="left")
-        for col in ("querying site", "p99 ms", "headroom ms", "worst shard"):
-            lat.add_column(col, justify="left" if col == "querying site" else "right")
+        table.print(console)
+        lat = _table(f"{r.index}: querying sites", "querying site", "p99 ms", "headroom ms",
+                     "worst shard", right=("p99 ms", "headroom ms", "worst shard"))
         for q in r.latencies:
             lat.add_row(q.site, f"{q.p99_ms:.1f}", f"{q.headroom_ms:.1f}", str(q.worst_shard))
-        console.print(lat)
+        lat.print(console)
         if r.cost is not None:
             gap = r.gap
             console.print(
@@ -216,24 +336,29 @@ def _render_sync(report: Report, console: Console, show_all_links: bool) -> None
     plan = report.sync_plan
     if plan is None or not (plan.transfers or plan.checkpoints or plan.notes):
         return
-    table = Table(title="Sync plan: daily transfers", title_justify="left")
-    for col in ("rule", "dataset", "from", "to", "path", "GB/day", "class"):
-        table.add_column(col, justify="right" if col == "GB/day" else "left")
-    for t in (*plan.transfers, *(m for c in plan.checkpoints for m in c.transfers)):
-        table.add_row(t.rule, t.dataset, t.source, t.destination, " -> ".join(t.path),
-                      f"{t.gb_per_day:,.1f}", t.traffic_class.value)
-    console.print(table)
-    links = Table(title=f"Sync plan: link load in the {plan.window_hours:g} h window at "
-                  f"{plan.bulk_share:.0%} bulk share", title_justify="left")
-    for col in ("link", "sync GB/day", "checkpoint GB/day", "effective", "capacity GB",
-                "load GB", "shortfall GB"):
-        links.add_column(col, justify="left" if col == "link" else "right")
+    cost = plan.cost_per_day()
+    table = _table(f"Sync plan: daily transfers ({money(cost['total_usd'])}/day: egress "
+                   f"{money(cost['egress_usd'])} + storage {money(cost['storage_usd'])} + relays "
+                   f"{money(cost['relay_usd'])})", "rule", "dataset", "from", "to", "route",
+                   "GB/day", "class", "$/day", right=("GB/day", "$/day"))
+    for t in plan.all_transfers():
+        route = (" -> ".join(t.path) if not t.route.multipath else "; ".join(
+            f"{leg.share:.0%} via {' -> '.join(leg.path.sites)}" for leg in t.route.legs))
+        per_day = t.egress_usd_per_day + t.relay_usd_per_day + t.storage_usd_per_day
+        table.add_row(t.rule, t.dataset, t.source, t.destination, route,
+                      f"{t.gb_per_day:,.1f}", t.traffic_class.value, money(per_day))
+    table.print(console)
+    links = _table(f"Sync plan: link load in the {plan.window_hours:g} h window at "
+                   f"{plan.bulk_share:.0%} bulk share", "link", "sync GB/day",
+                   "checkpoint GB/day", "effective", "capacity GB", "load GB", "shortfall GB",
+                   right=("sync GB/day", "checkpoint GB/day", "effective", "capacity GB",
+                          "load GB", "shortfall GB"))
     for load in plan.links:
         short = Text(f"{load.shortfall_gb:,.0f}", style="bold red") if load.flagged else "-"
         links.add_row(f"{load.sender} -> {load.receiver}", f"{load.sync_gb_per_day:,.1f}",
                       f"{load.checkpoint_gb_per_day:,.1f}", _gbps(load.effective_gbps),
                       f"{load.capacity_gb:,.0f}", f"{load.load_gb:,.0f}", short)
-    console.print(links)
+    links.print(console)
     for c in plan.checkpoints:
         console.print(f"checkpoints of {c.workload}: every {c.every_hours:g} h from {c.source} "
                       f"to {', '.join(c.targets) or '-'}, keep {c.retain}")
@@ -245,20 +370,15 @@ def _render_budgets(report: Report, console: Console, show_all_links: bool) -> N
     if not report.latency_budgets:
         return
     names = [c.name for c in report.latency_budgets[0].components]
-    table = Table(title="Latency budgets (ms, worst client)", title_justify="left")
-    table.add_column("workload")
-    table.add_column("client -> site")
-    for name in names:
-        table.add_column(name.replace("_", " "), justify="right")
-    for col in ("total", "budget", "headroom"):
-        table.add_column(col, justify="right")
-    table.add_column("largest")
+    numbers = (*(name.replace("_", " ") for name in names), "total", "budget", "headroom")
+    table = _table("Latency budgets (ms, worst client)", "workload", "client -> site",
+                   *numbers, "largest", right=numbers)
     for b in report.latency_budgets:
         head = Text(f"{b.headroom_ms:.1f}", style="green" if b.fits else "bold red")
         table.add_row(b.workload, f"{b.client} -> {b.serving_site}",
                       *(f"{c.ms:.1f}" for c in b.components), f"{b.total_ms:.1f}",
                       f"{b.budget_ms:g}", head, b.largest.name)
-    console.print(table)
+    table.print(console)
 
 
 Section = Callable[[Report, Console, bool], None]
@@ -266,6 +386,7 @@ SECTIONS: list[Section] = [
     _render_header,
     _render_links,
     _render_decisions,
+    _render_path_alternatives,
     _render_alternatives,
     _render_shards,
     _render_sync,
@@ -292,39 +413,39 @@ def _fail(exc: NetplanError, code: int) -> None:
 
 
 @click.group()
+@click.version_option(package_name="netplan-transferd", prog_name="netplan")
 def cli() -> None:
     """Plan where AI work runs and what crosses the network."""
 
 
-@cli.command("analyze")
-@click.argument("topology_file", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-@click.option("--streams", type=click.IntRange(1, 4096), help="Parallel TCP streams (N).")
-@click.option("--window-bytes", type=click.IntRange(1024), help="Per-stream TCP window, bytes.")
-@click.option("--mss-bytes", type=click.IntRange(64, 65495), help="TCP maximum segment, bytes.")
-@click.option("--all-links", is_flag=True, help="List every link, however many.")
-@click.option(
-    "--max-alternatives",
-    type=click.IntRange(0),
-    default=20,
-    show_default=True,
-    help="JSON: losing options kept per decision, best first (0: all).",
-)
-@click.option("--strict", is_flag=True, help="Exit 1 if any workload is infeasible.")
-def analyze_command(
+def _model_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The flags `analyze` and `plan` share: the TCP model and the path policy."""
+    for option in reversed([
+        click.option("--streams", type=click.IntRange(1, 4096), help="Parallel TCP streams (N)."),
+        click.option("--window-bytes", type=click.IntRange(1024),
+                     help="Per-stream TCP window, bytes."),
+        click.option("--mss-bytes", type=click.IntRange(64, 65495),
+                     help="TCP maximum segment, bytes."),
+        click.option("--max-relays", type=click.IntRange(0, 6),
+                     help="Relay sites a bulk path may pass through (topology paths.max_relays,"
+                     " default 2)."),
+        click.option("--multipath/--no-multipath", default=None,
+                     help="Split transfers over several paths when one cannot meet a deadline "
+                     "(topology paths.multipath, default on)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _analyze(
     topology_file: str,
-    as_json: bool,
     streams: int | None,
     window_bytes: int | None,
     mss_bytes: int | None,
-    all_links: bool,
-    max_alternatives: int,
-    strict: bool,
-) -> None:
-    """Decide where each workload runs and what moves, with reasons.
-
-    TCP settings come from the topology's `transfer:` section; the flags override them.
-    """
+    max_relays: int | None,
+    multipath: bool | None,
+) -> tuple[Topology, Report]:
+    """Load and analyze, the flags overriding the topology; exit 2 on bad input."""
     with _no_cyclic_gc():
         try:
             topology: Topology = load_topology(topology_file)
@@ -335,17 +456,61 @@ def analyze_command(
         for k, v in (("streams", streams), ("window_bytes", window_bytes), ("mss_bytes", mss_bytes))
         if v is not None
     }
+    policy = {k: v for k, v in (("max_relays", max_relays), ("multipath", multipath))
+              if v is not None}
     try:
         settings = TransferSettings.model_validate({**topology.transfer.model_dump(), **overrides})
+        paths = PathPolicy.model_validate({**topology.paths.model_dump(), **policy})
         with _no_cyclic_gc():
-            report = analyze(topology, settings)
+            report = analyze(topology, settings, paths)
     except ValidationError as exc:
         raise click.BadParameter(str(exc)) from exc
     except NetplanError as exc:
         _fail(exc, 2)
+    return topology, report
+
+
+@cli.command("analyze")
+@click.argument("topology_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@_model_options
+@click.option("--all-links", is_flag=True, help="List every link, however many.")
+@click.option(
+    "--max-alternatives",
+    type=click.IntRange(0),
+    default=20,
+    show_default=True,
+    help="JSON: losing options kept per decision, best first (0: none; every losing site is "
+    "still counted in `rejections`).",
+)
+@click.option("--all-alternatives", is_flag=True,
+              help="JSON: keep every losing option (overrides --max-alternatives).")
+@click.option("--strict", is_flag=True,
+              help="Exit 1 if any workload, vector index or sync rule is infeasible.")
+def analyze_command(
+    topology_file: str,
+    as_json: bool,
+    streams: int | None,
+    window_bytes: int | None,
+    mss_bytes: int | None,
+    max_relays: int | None,
+    multipath: bool | None,
+    all_links: bool,
+    max_alternatives: int,
+    all_alternatives: bool,
+    strict: bool,
+) -> None:
+    """Decide where each workload runs and what moves, with reasons.
+
+    TCP settings come from the topology's `transfer:` section and the path policy from its
+    `paths:` section; the flags override them.
+    """
+    _, report = _analyze(topology_file, streams, window_bytes, mss_bytes, max_relays, multipath)
     if as_json:
-        doc = report.to_json(max_alternatives=max_alternatives or None)
-        click.echo(json.dumps(doc, indent=2))
+        doc = report.to_json(max_alternatives=None if all_alternatives else max_alternatives)
+        for chunk in json.JSONEncoder(indent=2).iterencode(doc):  # (tens of MB: no one string)
+            sys.stdout.write(chunk)
+        sys.stdout.write("\n")
     else:
         # Piped output still gets readable tables unless COLUMNS says otherwise.
         wide = sys.stdout.isatty() or "COLUMNS" in os.environ
@@ -363,14 +528,40 @@ def analyze_command(
 @click.argument("topology_file", type=click.Path(dir_okay=False, path_type=str))
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=str),
               required=True, help="Where to write the plan JSON (- for stdout).")
-def plan_command(topology_file: str, output: str) -> None:
-    """Write the versioned plan (plan.json) that each site's transferd executes."""
+@_model_options
+@click.option("--allow-infeasible", is_flag=True,
+              help="Write the plan even when workloads, vector indexes or sync rules are "
+              "infeasible (their entries are left out or fall short; the problems are listed).")
+def plan_command(
+    topology_file: str,
+    output: str,
+    streams: int | None,
+    window_bytes: int | None,
+    mss_bytes: int | None,
+    max_relays: int | None,
+    multipath: bool | None,
+    allow_infeasible: bool,
+) -> None:
+    """Write the versioned plan (plan.json) that each site's transferd executes.
+
+    A plan with infeasible entries is refused (exit 1, each problem listed) unless
+    --allow-infeasible says to write it anyway.
+    """
+    topology, report = _analyze(topology_file, streams, window_bytes, mss_bytes, max_relays,
+                                multipath)
+    problems = report.problems()
+    if problems and not allow_infeasible:
+        click.echo(f"{InfeasiblePlan(problems)}\nno plan written: fix the topology, or write "
+                   "it anyway with --allow-infeasible", err=True)
+        sys.exit(1)
     try:
-        topology = load_topology(topology_file)
-        plan = build_plan(topology, analyze(topology))
+        plan = build_plan(topology, report)
     except NetplanError as exc:
         _fail(exc, 2)
     text = plan.to_json_text()
+    if problems:
+        click.echo(f"{InfeasiblePlan(problems)}\nwriting the plan anyway (--allow-infeasible)",
+                   err=True)
     if output == "-":
         click.echo(text, nl=False)
         return
@@ -380,14 +571,21 @@ def plan_command(topology_file: str, output: str) -> None:
     except OSError as exc:
         click.echo(f"cannot write {output}: {exc}", err=True)
         sys.exit(2)
-    entries = sum(len(s.sync) + len(s.checkpoints) for s in plan.sites)
-    click.echo(f"wrote {output}: {len(plan.sites)} sites, {entries} sync/checkpoint entries "
-               f"(schema_version {plan.schema_version})")
+    entries = sum(len(s.sync) + len(s.shards) + len(s.checkpoints) for s in plan.sites)
+    click.echo(f"wrote {output}: {len(plan.sites)} sites, {entries} sync/shard/checkpoint "
+               f"entries (schema_version {plan.schema_version})")
 
 
 @cli.command("schema")
-def schema_command() -> None:
-    """Print the topology format's JSON Schema."""
+@click.option("--report", "report", is_flag=True,
+              help="The JSON Schema of `netplan analyze --json` instead.")
+def schema_command(report: bool) -> None:
+    """Print the topology format's JSON Schema (or the analyze report's, with --report)."""
+    if report:
+        from netplan.report_schema import ReportDocument
+
+        click.echo(json.dumps(ReportDocument.model_json_schema(by_alias=True), indent=2))
+        return
     click.echo(json.dumps(Topology.model_json_schema(), indent=2))
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from netplan.yamlpos import FieldIssue
 
-__all__ = ["Infeasible", "NetplanError", "PlanError", "TopologyError"]
+__all__ = ["Infeasible", "InfeasiblePlan", "NetplanError", "PlanError", "TopologyError"]
 
 
 class NetplanError(Exception):
@@ -42,10 +42,13 @@ class PlanError(NetplanError):
 
 
 class Infeasible(PlanError):
-    """No option satisfies the constraints of `workload`; `constraints` names the binding ones."""
+    """No option satisfies the constraints of one thing the plan must do: a workload (`kind`
+    "workload", `workload` its id), a vector index ("vector index") or a sync rule or link
+    ("sync"); `constraints` names the binding ones."""
 
-    def __init__(self, workload: str, constraints: Sequence[str]) -> None:
+    def __init__(self, workload: str, constraints: Sequence[str], kind: str = "workload") -> None:
         self.workload = workload
+        self.kind = kind
         self.constraints: tuple[str, ...] = tuple(constraints)
         super().__init__(str(self))
 
@@ -53,4 +56,26 @@ class Infeasible(PlanError):
         shown = list(self.constraints[:6])
         if len(self.constraints) > len(shown):
             shown.append(f"and {len(self.constraints) - len(shown)} more")
-        return f"workload {self.workload} is infeasible: " + "; ".join(shown)
+        return f"{self.kind} {self.workload} is infeasible: " + "; ".join(shown)
+
+
+class InfeasiblePlan(Infeasible):
+    """Several things are infeasible at once (what `--strict` and `netplan plan` report):
+    `problems` lists each; the first is also this error's own `workload` and `constraints`."""
+
+    def __init__(self, problems: Sequence[Infeasible]) -> None:
+        self.problems: tuple[Infeasible, ...] = tuple(problems)
+        first = self.problems[0]
+        super().__init__(first.workload, first.constraints, first.kind)
+
+    # A large estate can have a thousand: the first ones, then a count (--json has them all).
+    SHOWN = 20
+
+    def __str__(self) -> str:
+        n = len(self.problems)
+        lines = [f"{n} infeasible entr{'y' if n == 1 else 'ies'}:"]
+        lines += [f"  - {p}" for p in self.problems[:self.SHOWN]]
+        if n > self.SHOWN:
+            lines.append(f"  and {n - self.SHOWN} more (netplan analyze --json lists them all "
+                         "under `problems`)")
+        return "\n".join(lines)

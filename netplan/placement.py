@@ -16,23 +16,30 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 from netplan._sections import LatencyComponents
 from netplan.decisions import (
+    HOURS_PER_MONTH,
     ClientLatency,
     Decision,
     Option,
+    RuledOut,
     amended,
     deadline_violation,
     duration,
     evaluate_site,
+    group_rejections,
     infeasible_summary,
     money,
+    prefilter_sites,
     ranked,
+    ruled_out,
     summarize,
 )
 from netplan.errors import PlanError
 from netplan.network import Network
-from netplan.topology import Topology, Workload
+from netplan.topology import Site, Topology, Workload
 
 __all__ = ["decide_placement"]
 
@@ -129,6 +136,135 @@ def _miss_phrase(c: ClientLatency, budget_ms: float) -> str:
     )
 
 
+def _single(topology: Topology, network: Network, workload: Workload, site: Site,
+            components: LatencyComponents | None) -> Option:
+    """One replica at `site`: the model (and data) shipped there, and each client's latency."""
+    option = evaluate_site(topology, network, workload, site, "replicate_model",
+                           storage_hours=workload.hours_on(workload.min_gpus))
+    if option.priced and not option.movements:  # (unpriced: nothing was worked out)
+        option = amended(option, action="in_place")
+    return amended(option, clients=_client_latencies(
+        network, workload, (site.id,), with_paths=False, components=components))
+
+
+# Up to this many candidate sites every one is evaluated (the alternatives stay complete);
+# beyond, sites are prefiltered as arrays and each coverage class searched by a lower bound.
+EXHAUSTIVE_SITES = 64
+
+
+def _in_order(topology: Topology, network: Network, ids: set[str]) -> list[Site]:
+    """The sites `ids` in topology order."""
+    return [topology.site(i) for i in sorted(ids, key=network.site_index)]
+
+
+def _large_singles(
+    topology: Topology, network: Network, workload: Workload, anchors: set[str],
+    components: LatencyComponents | None,
+) -> tuple[list[Option], list[RuledOut], dict[str, ClientLatency]]:
+    """A large estate's candidate replicas: the anchors (sites holding the model or data) in
+    full; every other GPU site checked as arrays (`prefilter_sites`), then by coverage (the
+    clients within the budget, from the p99 matrix; with declared request components the TLS
+    handshake grows with the RTT, so the matrix only rules out, and covering sites get their
+    exact latencies). Within each coverage class, sites go in order of an admissible lower bound
+    (compute + shipping at the least $/GB + storage), until a bound exceeds the cheapest feasible
+    site of the class: only that one can be in a cheapest cover. Also returns each client's
+    nearest GPU site that passed the prefilter (for the reason when a client is out of reach)."""
+    assert workload.latency_budget_ms is not None
+    budget = workload.latency_budget_ms
+    table, ids = network.site_table, network.site_ids
+    singles = [_single(topology, network, workload, site, components)
+               for site in _in_order(topology, network, anchors)
+               if site.gpu_count(workload.gpu) > 0]
+    cand, out = prefilter_sites(topology, network, workload, anchors)
+    clients = list(workload.clients)
+    p99 = network.p99_ms_matrix(clients)[:, cand] if len(cand) else np.zeros((len(clients), 0))
+    fixed = 0.0 if components is None else components.overhead_ms(0.0)
+    exact = components is not None and components.tls_handshake_rtts > 0
+    nearest: dict[str, ClientLatency] = {}
+    for row, client in enumerate(clients):
+        if len(cand) and np.isfinite(p99[row]).any():
+            j = int(np.argmin(p99[row]))
+            nearest[client] = ClientLatency(client, ids[int(cand[j])], float(p99[row, j]) + fixed,
+                                            ())
+    covers = (p99 + fixed) <= budget + _EPS_MS
+    useless = ~covers.any(axis=0)
+    if useless.any():
+        out.append(ruled_out("path", f"no client within the {budget:g} ms budget",
+                             cand[useless], ids))
+    cand, covers = cand[~useless], covers[:, ~useless]
+    if not len(cand):
+        return singles, out, nearest
+    # Lower bound per site: compute, then the model and data at the least $/GB, then storage.
+    hours = workload.hours_on(workload.min_gpus)
+    bound = workload.min_gpus * hours * table.price(workload.gpu)[cand]
+    incoming = 0.0
+    model = topology.model(workload.model or "")
+    moving: list[tuple[str, float, frozenset[str] | None]] = [(model.site, model.size_gb, None)]
+    moving += [(ds.site, ds.size_gb, frozenset(ds.residency) if ds.residency else None)
+               for ds in map(topology.dataset, workload.datasets)]
+    for source, size, regions in moving:
+        bound = bound + size * network.min_usd_per_gb_from(source, regions)[cand]
+        incoming += size
+    bound = bound + incoming * table.storage_price[cand] * hours / HOURS_PER_MONTH
+    unreachable = np.isinf(bound)
+    if unreachable.any():
+        out.append(ruled_out("path", f"out of reach within {network.max_relays} relays",
+                             cand[unreachable], ids))
+    keys = [frozenset(c for c, hit in zip(clients, col, strict=True) if hit) for col in covers.T]
+    by_class: dict[frozenset[str], list[tuple[float, int]]] = {}
+    for j in np.flatnonzero(~unreachable).tolist():
+        by_class.setdefault(keys[j], []).append((float(bound[j]), int(cand[j])))
+    skipped = 0
+    for entries in by_class.values():
+        entries.sort()
+        best: float | None = None
+        for done, (lower, i) in enumerate(entries):
+            if best is not None and lower > best + 1e-9:
+                skipped += len(entries) - done
+                break
+            option = _single(topology, network, workload, topology.sites[i], components)
+            singles.append(option)
+            if option.feasible and not exact and (best is None or option.total_usd < best):
+                best = option.total_usd
+    if skipped:
+        out.append(RuledOut("bound", "not evaluated: a site covering the same clients costs "
+                            "less", skipped, ()))
+    return singles, out, nearest
+
+
+def _missing_cause(workload: Workload, client: str, singles: list[Option], viable: list[Option],
+                   nearest_gpu_site: dict[str, ClientLatency] | None, max_relays: int) -> str:
+    """Why no replica can serve `client`: sites within its budget that cannot host one (and
+    why), or else how far the nearest site with the GPUs misses the budget."""
+    assert workload.latency_budget_ms is not None
+    budget = workload.latency_budget_ms
+    within = [o for o in singles if not o.feasible and any(
+        c.client == client and c.p99_ms is not None and c.p99_ms <= budget + _EPS_MS
+        for c in o.clients)]
+    if within:
+        first = within[0]
+        return (f"client {client} is within the {budget:g} ms budget of {len(within)} site(s) "
+                f"with {workload.gpu} GPUs that cannot host a replica ({first.sites[0]}: "
+                f"{first.violations[0] if first.violations else 'infeasible'})")
+    nearest = min(
+        (c for o in viable for c in o.clients if c.client == client and c.p99_ms is not None),
+        key=lambda c: c.p99_ms or 0.0,
+        default=ClientLatency(client=client, site=None, p99_ms=None, path=()),
+    )
+    other = (nearest_gpu_site or {}).get(client)
+    if other is not None and other.p99_ms is not None and other.p99_ms <= budget + _EPS_MS:
+        # (a site within the budget that passed the checks needing no network and was not
+        # evaluated: its lower bound was infinite, so something cannot reach it)
+        return (f"client {client} is within the {budget:g} ms budget of {other.site}, which "
+                f"the model or data cannot reach within {max_relays} relays")
+    if other is not None and other.p99_ms is not None and other.p99_ms > budget + _EPS_MS and (
+            nearest.p99_ms is None or other.p99_ms < nearest.p99_ms):
+        nearest = other
+    if nearest.site is None:
+        return f"client {client} cannot reach any site with {workload.gpu} GPUs"
+    return _miss_phrase(nearest, budget)
+
+
 def decide_placement(topology: Topology, network: Network, workload: Workload) -> Decision:
     """Choose the replica sites for an inference workload."""
     assert workload.latency_budget_ms is not None
@@ -136,19 +272,17 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
     budget = workload.latency_budget_ms
     components = topology.request_components(workload)
     model = topology.model(workload.model)
-    candidates = [s for s in topology.sites if s.gpu_count(workload.gpu) > 0]
-    singles: list[Option] = []
-    for site in candidates:
-        option = evaluate_site(topology, network, workload, site, "replicate_model")
-        if option.priced and not option.movements:  # (unpriced: nothing was worked out)
-            option = amended(option, action="in_place")
-        singles.append(
-            amended(
-                option, clients=_client_latencies(
-                    network, workload, (site.id,), with_paths=False, components=components
-                )
-            )
-        )
+    anchors = {model.site} | {topology.dataset(d).site for d in workload.datasets}
+    with_gpus = np.flatnonzero(network.site_table.count(workload.gpu) > 0)
+    candidates = [topology.sites[int(i)] for i in with_gpus[:EXHAUSTIVE_SITES + 1]]
+    ruled: list[RuledOut] = []
+    nearest_gpu_site: dict[str, ClientLatency] | None = None
+    if len(with_gpus) <= EXHAUSTIVE_SITES:
+        singles = [_single(topology, network, workload, site, components)
+                   for site in candidates]
+    else:
+        singles, ruled, nearest_gpu_site = _large_singles(topology, network, workload, anchors,
+                                                          components)
 
     def covered(option: Option) -> frozenset[str]:
         return frozenset(
@@ -174,24 +308,12 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
     if not candidates:
         causes.append(f"no site has {workload.gpu} GPUs")
     elif not viable:
-        anchors = {model.site} | {topology.dataset(d).site for d in workload.datasets}
-        causes.append(infeasible_summary(singles, anchors))
+        causes.append(infeasible_summary(
+            singles, anchors, rejections=group_rejections(workload, network, singles, ruled)))
     elif missing:
         for client in missing:
-            nearest = min(
-                (
-                    c
-                    for o in viable
-                    for c in o.clients
-                    if c.client == client and c.p99_ms is not None
-                ),
-                key=lambda c: c.p99_ms or 0.0,
-                default=ClientLatency(client=client, site=None, p99_ms=None, path=()),
-            )
-            if nearest.site is None:
-                causes.append(f"client {client} cannot reach any site with {workload.gpu} GPUs")
-            else:
-                causes.append(_miss_phrase(nearest, budget))
+            causes.append(_missing_cause(workload, client, singles, viable, nearest_gpu_site,
+                                         network.max_relays))
     else:
         classes = list(by_coverage.items())
         picked = [classes[j][1] for j in _min_cover(classes, workload.clients)]
@@ -206,7 +328,9 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
             violations=(),
             movements=movements,
             compute_usd=sum(o.compute_usd for o in picked),
-            hours=workload.hours,
+            hours=workload.hours_on(workload.min_gpus),
+            gpus=workload.min_gpus,
+            storage_usd=sum(o.storage_usd for o in picked),
             clients=_client_latencies(
                 network, workload, sites, with_paths=True, components=components
             ),
@@ -241,6 +365,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
                 why = summarize(causes)
         alternatives.append(amended(option, rejected_because=why))
 
+    rejections = group_rejections(workload, network, alternatives, ruled)
     if chosen is None:
         return Decision(
             workload=workload.id,
@@ -248,6 +373,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
             option=None,
             reason="infeasible: " + summarize(causes),
             alternatives=ranked(alternatives),
+            rejections=rejections,
         )
 
     worst = chosen.worst_client
@@ -270,6 +396,8 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
     else:
         reason += f"; model {model.id} is already there"
     reason += f"; compute {money(chosen.compute_usd)}"
+    if chosen.storage_usd:
+        reason += f", storage {money(chosen.storage_usd)}"
     if count > 1:
         best_single = max(
             (o for o in singles if o.feasible), key=lambda o: (len(covered(o)), -o.total_usd)
@@ -286,4 +414,5 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
         option=chosen,
         reason=reason,
         alternatives=ranked(alternatives),
+        rejections=rejections,
     )

@@ -15,7 +15,14 @@ from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from netplan.errors import PlanError
@@ -24,6 +31,7 @@ from netplan.yamlpos import format_path
 __all__ = [
     "BULK_CLASSES",
     "NAME_PATTERN",
+    "READABLE_SCHEMA_VERSIONS",
     "SCHEMA_VERSION",
     "SITE_ID_PATTERN",
     "CheckpointEntry",
@@ -31,6 +39,7 @@ __all__ = [
     "MirrorEntry",
     "Name",
     "Plan",
+    "RouteShare",
     "ShardEntry",
     "SiteId",
     "SitePlan",
@@ -44,7 +53,10 @@ __all__ = [
     "shard_prefix",
 ]
 
-SCHEMA_VERSION = 2
+# 3: sync and shard entries carry `routes` (relay paths with shares) for multipath transfers.
+SCHEMA_VERSION = 3
+# A version 2 plan is a version 3 plan without routes, so it is read as it is.
+READABLE_SCHEMA_VERSIONS = (2, 3)
 
 
 class TrafficClass(StrEnum):
@@ -122,6 +134,35 @@ _STRICT = ConfigDict(extra="forbid")
 
 
 @dataclass(frozen=True, config=_STRICT)
+class RouteShare:
+    """One path of a multipath transfer: the relay sites in order (empty: the direct link) and
+    the share of the bytes it carries (0 < share <= 1)."""
+
+    via: tuple[SiteId, ...]
+    share: float = Field(gt=0, le=1)
+
+
+_SHARE_TOLERANCE = 1e-6
+
+
+def _check_routes(via: tuple[str, ...], routes: tuple[RouteShare, ...]) -> None:
+    """Empty `routes`: one path, `via`. Otherwise the shares add up to 1, the largest comes
+    first, and `via` repeats it (so a reader that only knows `via` takes the main path)."""
+    if not routes:
+        return
+    total = sum(r.share for r in routes)
+    if abs(total - 1.0) > _SHARE_TOLERANCE:
+        raise ValueError(f"routes: the shares add up to {total:g}, not 1")
+    if any(b.share > a.share + _SHARE_TOLERANCE for a, b in zip(routes, routes[1:],
+                                                                strict=False)):
+        raise ValueError("routes: the largest share comes first")
+    if tuple(routes[0].via) != tuple(via):
+        raise ValueError(f"via {list(via)} is not the first route's via {list(routes[0].via)}")
+    if len({tuple(r.via) for r in routes}) != len(routes):
+        raise ValueError("routes: the same path is listed twice")
+
+
+@dataclass(frozen=True, config=_STRICT)
 class SyncEntry:
     """Keep everything under `path_prefix` (relative to the site's data root) mirrored at
     `destination`."""
@@ -133,6 +174,13 @@ class SyncEntry:
     rule: str
     via: tuple[SiteId, ...] = ()  # relay sites between this site and the destination, in order
     gb_per_day: float = Field(default=0.0, ge=0)
+    # Several paths with shares (largest first, `via` = the first's); empty: all along `via`.
+    routes: tuple[RouteShare, ...] = ()
+
+    @model_validator(mode="after")
+    def _routes_agree(self) -> SyncEntry:
+        _check_routes(self.via, self.routes)
+        return self
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -148,6 +196,12 @@ class ShardEntry:
     via: tuple[SiteId, ...] = ()
     size_gb: float = Field(default=0.0, ge=0)
     gb_per_day: float = Field(default=0.0, ge=0)  # the index's daily update volume per shard
+    routes: tuple[RouteShare, ...] = ()  # as for sync entries
+
+    @model_validator(mode="after")
+    def _routes_agree(self) -> ShardEntry:
+        _check_routes(self.via, self.routes)
+        return self
 
 
 MirrorEntry = SyncEntry | ShardEntry
@@ -223,9 +277,9 @@ class Plan:
         if not isinstance(data, Mapping):
             raise PlanError("plan: expected a JSON object")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS or isinstance(version, bool):
             raise PlanError(f"schema_version: {version!r} is not supported (this version reads "
-                            f"{SCHEMA_VERSION})")
+                            f"{' and '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
         try:
             return _ADAPTER.validate_python(dict(data))
         except ValidationError as exc:

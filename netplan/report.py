@@ -12,56 +12,91 @@ from dataclasses import dataclass
 from typing import Any
 
 from netplan._budgets import LatencyBudget, latency_budgets
+from netplan._sections import PathPolicy
 from netplan._shards import ShardReplication, shard_replication
 from netplan._sync import SyncPlan, plan_sync
-from netplan.decisions import Decision, Option
-from netplan.errors import Infeasible
+from netplan.decisions import Decision, Movement, Option
+from netplan.errors import Infeasible, InfeasiblePlan
 from netplan.gravity import decide_gravity
-from netplan.network import LinkThroughput, Network
+from netplan.network import LinkThroughput, Network, SolverStats
 from netplan.placement import decide_placement
+from netplan.routes import PathAlternative
 from netplan.topology import Topology, TransferSettings
 
 __all__ = ["SCHEMA_VERSION", "Report", "analyze", "workload_sites"]
 
-SCHEMA_VERSION = 1
+# 2: directed links (`links[].directions`), routes with shares and path alternatives per
+# movement, the cost breakdown and GPU count per decision, grouped rejections, `problems`.
+# The shape is described (and tested) in netplan.report_schema.
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Report:
     topology: str
     settings: TransferSettings
-    links: tuple[LinkThroughput, ...]
+    links: tuple[LinkThroughput, ...]  # two per topology link: between[0] -> [1], then back
     decisions: tuple[Decision, ...]
     shard_replication: tuple[ShardReplication, ...] = ()
     sync_plan: SyncPlan | None = None
     latency_budgets: tuple[LatencyBudget, ...] = ()
+    paths: PathPolicy = PathPolicy()
+    solver_stats: SolverStats | None = None
 
     def infeasible(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if not d.feasible)
 
+    def problems(self) -> tuple[Infeasible, ...]:
+        """Everything the plan cannot do: infeasible workloads, vector indexes without a
+        placement, and the sync plan's problems (unreachable destinations, copies_min
+        shortfalls, transfers and links that do not fit their window)."""
+        out = [Infeasible(d.workload, d.constraints or (d.reason,)) for d in self.infeasible()]
+        out += [Infeasible(r.index, [r.reason], kind="vector index")
+                for r in self.shard_replication if not r.feasible]
+        if self.sync_plan is not None:
+            out += self.sync_plan.problems
+        return tuple(out)
+
     def require_feasible(self) -> None:
-        """Raise `Infeasible` for the first workload that has no feasible option."""
-        for decision in self.infeasible():
-            raise Infeasible(decision.workload, decision.constraints or (decision.reason,))
+        """Raise `InfeasiblePlan` (an `Infeasible` naming the first) listing every problem."""
+        problems = self.problems()
+        if problems:
+            raise InfeasiblePlan(problems)
 
     def to_json(self, max_alternatives: int | None = None) -> dict[str, Any]:
         """The versioned JSON form; `max_alternatives` keeps only the best N losing options per
-        decision (feasible first, cheapest first) and counts the rest in `alternatives_omitted`."""
+        decision (feasible first, cheapest first; 0 keeps none) and counts the rest in
+        `alternatives_omitted`; `rejections` always groups every losing site by reason."""
         return {
             "schema_version": SCHEMA_VERSION,
             "topology": self.topology,
             "transfer": self.settings.model_dump(),
+            "paths": self.paths.model_dump(),
             "decisions": [_decision_json(d, max_alternatives) for d in self.decisions],
-            "links": [_link_json(link) for link in self.links],
+            "links": _links_json(self.links),
             "shard_replication": [r.to_json() for r in self.shard_replication],
             "sync_plan": self.sync_plan.to_json() if self.sync_plan else None,
             "latency_budgets": [b.to_json() for b in self.latency_budgets],
+            "problems": [str(p) for p in self.problems()],
+            "solver": None if self.solver_stats is None else {
+                "lp_solves": self.solver_stats.lp_solves,
+                "milp_solves": self.solver_stats.milp_solves,
+                "max_variables": self.solver_stats.max_variables,
+                "max_constraints": self.solver_stats.max_constraints,
+                "max_integer_variables": self.solver_stats.max_integers,
+                "splits_chosen": self.solver_stats.splits_chosen,
+            },
         }
 
 
-def analyze(topology: Topology, settings: TransferSettings | None = None) -> Report:
-    """Decide every workload of `topology`; `settings` overrides the topology's `transfer:`."""
-    network = Network(topology, settings)
+def analyze(
+    topology: Topology,
+    settings: TransferSettings | None = None,
+    paths: PathPolicy | None = None,
+) -> Report:
+    """Decide every workload of `topology`; `settings` overrides the topology's `transfer:`,
+    `paths` its `paths:` section."""
+    network = Network(topology, settings, paths)
     decisions = tuple(
         decide_placement(topology, network, w)
         if w.kind == "inference"
@@ -79,6 +114,8 @@ def analyze(topology: Topology, settings: TransferSettings | None = None) -> Rep
         sync_plan=plan_sync(topology, network, running_at,
                             [r for r in shards if r.feasible]),
         latency_budgets=latency_budgets(topology, network, running_at),
+        paths=network.policy,
+        solver_stats=network.solver_stats,
     )
 
 
@@ -91,6 +128,61 @@ def _finite(x: float) -> float | None:
     return round(x, 6) if math.isfinite(x) else None
 
 
+def _route_json(m: Movement, alternative: bool) -> dict[str, Any]:
+    r = m.route
+    out: dict[str, Any] = {
+        "kind": m.kind,
+        "id": m.id,
+        "from": m.source,
+        "to": m.target,
+        "size_gb": _finite(m.size_gb),
+        "path": list(m.path),
+        "seconds": _finite(m.seconds),
+        "egress_usd": _finite(m.egress_usd),
+        "relay_usd": _finite(m.relay_usd),
+        "bottleneck_gbps": _finite(m.bottleneck_gbps),
+        "limited_by": m.limited_by,
+        "multipath": r.multipath,
+        "solver": r.solver,
+        "routes": [
+            {
+                "path": list(leg.path.sites),
+                "share": _finite(leg.share),
+                "rate_gbps": _finite(leg.rate_gbps),
+                "egress_usd": _finite(m.size_gb * leg.share * leg.path.egress_usd_per_gb),
+            }
+            for leg in r.legs
+        ],
+        "why": r.why,
+    }
+    if not alternative:  # (the paths a losing option's transfers did not take: not useful)
+        out["path_alternatives"] = [_path_alternative_json(a) for a in r.alternatives]
+    return out
+
+
+def _path_alternative_json(a: PathAlternative) -> dict[str, Any]:
+    return {
+        "labels": list(a.labels),
+        "path": list(a.path.sites),
+        "seconds": _finite(a.seconds),
+        "egress_usd": _finite(a.egress_usd),
+        "relay_usd": _finite(a.relay_usd),
+        "cost_usd": _finite(a.cost_usd),
+        "meets_deadline": a.meets_deadline,
+        "rejected_because": a.rejected_because,
+    }
+
+
+def _cost_json(option: Option) -> dict[str, Any]:
+    return {
+        "compute_usd": _finite(option.compute_usd),
+        "egress_usd": _finite(option.egress_usd),
+        "storage_usd": _finite(option.storage_usd),
+        "relay_usd": _finite(option.relay_usd),
+        "total_usd": _finite(option.total_usd),
+    }
+
+
 def _option_json(
     option: Option | None, inference: bool, alternative: bool = False
 ) -> dict[str, Any]:
@@ -101,6 +193,8 @@ def _option_json(
         out["site"] = option.site if option else None
     if option is None:
         out.update(
+            gpus=None,
+            compute_hours=None,
             path=[],
             transfer_gb=None,
             transfer_seconds=None,
@@ -108,6 +202,7 @@ def _option_json(
             compute_usd=None,
             total_usd=None,
             completion_hours=None,
+            cost=None,
             movements=[],
         )
         return out
@@ -115,6 +210,8 @@ def _option_json(
     out.update(
         feasible=option.feasible,
         priced=priced,
+        gpus=option.gpus,
+        compute_hours=_finite(option.hours),
         path=list(option.path) if priced else [],
         transfer_gb=_finite(option.transfer_gb) if priced else None,
         transfer_seconds=_finite(option.transfer_seconds) if priced else None,
@@ -122,22 +219,11 @@ def _option_json(
         compute_usd=_finite(option.compute_usd),
         total_usd=_finite(option.total_usd) if priced else None,
         completion_hours=_finite(option.completion_hours) if priced else None,
-        movements=[
-            {
-                "kind": m.kind,
-                "id": m.id,
-                "from": m.source,
-                "to": m.target,
-                "size_gb": _finite(m.size_gb),
-                "path": list(m.path),
-                "seconds": _finite(m.seconds),
-                "egress_usd": _finite(m.egress_usd),
-                "bottleneck_gbps": _finite(m.bottleneck_gbps),
-                "limited_by": m.limited_by,
-            }
-            for m in option.movements
-        ],
+        cost=_cost_json(option) if priced else None,
+        movements=[_route_json(m, alternative) for m in option.movements],
     )
+    if option.gpus_why:
+        out["gpus_why"] = option.gpus_why
     if inference:
         worst = option.worst_client
         out["worst_client"] = (
@@ -181,18 +267,35 @@ def _decision_json(decision: Decision, max_alternatives: int | None) -> dict[str
     ]
     out["alternatives_omitted"] = len(decision.alternatives) - len(kept)
     out["options_not_evaluated"] = decision.skipped
+    out["rejections"] = [
+        {"kind": r.kind, "reason": r.reason, "sites": r.count, "examples": list(r.examples)}
+        for r in decision.rejections
+    ]
     return out
 
 
-def _link_json(link: LinkThroughput) -> dict[str, Any]:
+def _direction_json(link: LinkThroughput) -> dict[str, Any]:
     return {
-        "between": list(link.between),
+        "from": link.sender,
+        "to": link.receiver,
         "effective_gbps": _finite(link.effective_gbps),
         "limited_by": link.limited_by,
         "capacity_gbps": _finite(link.capacity_gbps),
         "window_gbps": _finite(link.window_gbps),
         "loss_gbps": _finite(link.loss_gbps),
-        "rtt_ms": link.rtt_ms,
-        "jitter_ms": link.jitter_ms,
         "loss_pct": link.loss_pct,
+        "egress_usd_per_gb": link.egress_usd_per_gb,
     }
+
+
+def _links_json(links: tuple[LinkThroughput, ...]) -> list[dict[str, Any]]:
+    """One entry per topology link, its two directions inside."""
+    out = []
+    for there, back in zip(links[::2], links[1::2], strict=True):
+        out.append({
+            "between": list(there.between),
+            "rtt_ms": there.rtt_ms,
+            "jitter_ms": there.jitter_ms,
+            "directions": [_direction_json(there), _direction_json(back)],
+        })
+    return out

@@ -17,9 +17,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, model_validator
 
 from netplan._sections import (
+    DEFAULT_STORAGE_USD_PER_GB_MONTH,
     CheckpointReplication,
     Frozen,
     LatencyComponents,
+    PathPolicy,
     SyncRule,
     SyncWindow,
     VectorIndex,
@@ -37,6 +39,7 @@ __all__ = [
     "Dataset",
     "Link",
     "Model",
+    "PathPolicy",
     "Site",
     "SiteKind",
     "Tier",
@@ -111,6 +114,12 @@ class Site(Frozen):
         description="may forward other sites' traffic (a path may pass through it); "
         "false for e.g. a point of presence that only originates requests",
     )
+    relay_usd_per_hour: NonNegative | None = Field(
+        default=None, description="gateway cost per hour while this site relays a transfer "
+        "(default: paths.relay_usd_per_hour)")
+    relay_usd_per_gb: NonNegative | None = Field(
+        default=None, description="per-GB charge for data this site relays "
+        "(default: paths.relay_usd_per_gb)")
 
     @model_validator(mode="before")
     @classmethod
@@ -121,6 +130,13 @@ class Site(Frozen):
 
     def gpu_count(self, gpu: str) -> int:
         return self.gpus.get(gpu, 0)
+
+    @property
+    def storage_price(self) -> float:
+        """USD per GB-month of storage here (the documented default when the site sets none)."""
+        if self.storage_usd_per_gb_month is None:
+            return DEFAULT_STORAGE_USD_PER_GB_MONTH
+        return self.storage_usd_per_gb_month
 
 
 def _check_egress(value: Any) -> Any:
@@ -141,16 +157,54 @@ def _check_egress(value: Any) -> Any:
 EgressPrice = Annotated[float | dict[str, float], BeforeValidator(_check_egress)]
 
 
+def _per_direction(name: str, ok: Any, rule: str) -> Any:
+    def check(value: Any) -> Any:
+        def good(x: Any) -> bool:
+            return number(x) and bool(ok(x))
+
+        def number(x: Any) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+        if good(value):
+            return value
+        if number(value):
+            raise ValueError(f"must be {rule}")
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            bad = [k for k, v in value.items() if not good(v)]
+            if not bad:
+                return value
+            raise ValueError(f"{bad[0]}: must be a number {rule}")
+        raise ValueError(f"must be a number {rule} or a map of site id -> number {rule} "
+                         f"(the {name} of the direction leaving that site)")
+
+    return check
+
+
+Bandwidth = Annotated[float | dict[str, float],
+                      BeforeValidator(_per_direction("bandwidth", lambda x: x > 0, "> 0"))]
+LossPct = Annotated[float | dict[str, float],
+                    BeforeValidator(_per_direction("loss", lambda x: 0 <= x < 100,
+                                                   ">= 0 and < 100"))]
+
+
 class Link(Frozen):
+    """A network link between two sites. RTT and jitter are round-trip properties, the same
+    both ways; bandwidth, loss and egress price may differ by direction (measured inter-region
+    grids differ by a median 19 %), given as a map keyed by the sending site."""
+
     between: tuple[SiteId, SiteId]
-    bandwidth_gbps: float = Field(gt=0)
+    bandwidth_gbps: Bandwidth = Field(
+        description="Gbit/s: one number for both directions, or a map site id -> capacity of "
+        "the direction leaving that site (both ends required)")
     rtt_ms: NonNegative
     jitter_ms: NonNegative = 0.0
-    loss_pct: float = Field(default=0.0, ge=0, lt=100)
+    loss_pct: LossPct = Field(
+        default=0.0, description="packet loss %: one number, or a map site id -> loss of the "
+        "direction leaving that site (an end not named: 0)")
     egress_usd_per_gb: EgressPrice = Field(
         default=0.0,
         description="USD per GB leaving a site over this link: one number for both directions, "
-        "or a map site id -> price of data leaving that site",
+        "or a map site id -> price of data leaving that site (an end not named: 0)",
     )
 
     def egress_from(self, site: str) -> float:
@@ -158,6 +212,22 @@ class Link(Frozen):
         if isinstance(self.egress_usd_per_gb, dict):
             return float(self.egress_usd_per_gb.get(site, 0.0))
         return float(self.egress_usd_per_gb)
+
+    def bandwidth_from(self, site: str) -> float:
+        """Capacity in Gbit/s of the direction from `site` to the other end."""
+        if isinstance(self.bandwidth_gbps, dict):
+            return float(self.bandwidth_gbps[site])
+        return float(self.bandwidth_gbps)
+
+    def loss_from(self, site: str) -> float:
+        """Loss % of the direction from `site` to the other end."""
+        if isinstance(self.loss_pct, dict):
+            return float(self.loss_pct.get(site, 0.0))
+        return float(self.loss_pct)
+
+    def other_end(self, site: str) -> str:
+        a, b = self.between
+        return b if site == a else a
 
 
 class Dataset(Frozen):
@@ -188,8 +258,20 @@ class Workload(Frozen):
     model: Id | None = Field(default=None, description="required for inference")
     datasets: tuple[Id, ...] = ()
     gpu: Id = Field(description="GPU type")
-    gpus: int = Field(ge=1, description="GPU count (per replica for inference)")
-    hours: float = Field(gt=0, description="wall-clock hours at that GPU count")
+    gpus: int | None = Field(default=None, ge=1, description="GPU count (per replica for "
+                             "inference); with hours. Or give gpu_hours for an elastic count")
+    hours: float | None = Field(default=None, gt=0,
+                                description="wall-clock hours at that GPU count")
+    gpu_hours: float | None = Field(
+        default=None, gt=0, description="elastic count: the work in GPU-hours (on gpus_min "
+        "GPUs); the planner picks the count per site between gpus_min and gpus_max")
+    gpus_min: int | None = Field(default=None, ge=1, description="elastic: fewest GPUs "
+                                 "(default 1)")
+    gpus_max: int | None = Field(default=None, ge=1, description="elastic: most GPUs "
+                                 "(default: all the site has)")
+    scaling_efficiency: float = Field(
+        default=1.0, gt=0, le=1, description="elastic: speed-up per doubling of GPUs as a "
+        "fraction of 2x (1: linear, the GPU-hours stay the same at any count)")
     deadline_hours: float | None = Field(default=None, gt=0)
     clients: tuple[SiteId, ...] = Field(
         default=(), description="inference: sites where requests originate"
@@ -198,6 +280,50 @@ class Workload(Frozen):
     latency_components: LatencyComponents | None = Field(
         default=None, description="inference: overrides the topology's latency_components"
     )
+
+    @model_validator(mode="after")
+    def _fixed_or_elastic(self) -> Workload:
+        elastic = (self.gpu_hours, self.gpus_min, self.gpus_max)
+        if self.gpu_hours is not None:
+            if self.gpus is not None or self.hours is not None:
+                raise ValueError("give either gpus and hours, or gpu_hours (with gpus_min/"
+                                 "gpus_max), not both")
+            if self.kind == "inference":
+                raise ValueError("inference replicas have a fixed size: give gpus and hours")
+            if (self.gpus_min is not None and self.gpus_max is not None
+                    and self.gpus_min > self.gpus_max):
+                raise ValueError(f"gpus_min {self.gpus_min} is more than gpus_max "
+                                 f"{self.gpus_max}")
+            return self
+        if any(x is not None for x in elastic[1:]) or self.scaling_efficiency != 1.0:
+            raise ValueError("gpus_min, gpus_max and scaling_efficiency go with gpu_hours")
+        if self.gpus is None or self.hours is None:
+            raise ValueError("give gpus and hours (a fixed count), or gpu_hours (an elastic "
+                             "count)")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.gpu_hours is not None
+
+    @property
+    def min_gpus(self) -> int:
+        """The fewest GPUs a site must have for this workload."""
+        if self.gpu_hours is not None:
+            return self.gpus_min or 1
+        assert self.gpus is not None
+        return self.gpus
+
+    def hours_on(self, gpus: int) -> float:
+        """Wall-clock hours on `gpus` GPUs: the fixed hours, or for an elastic workload
+        gpu_hours / gpus_min x (gpus_min / gpus)^a with a = log2(2 x scaling_efficiency)
+        (a = 1, linear, at efficiency 1; each doubling gives 2 x efficiency the speed)."""
+        if self.gpu_hours is None:
+            assert self.hours is not None
+            return self.hours
+        base = self.gpus_min or 1
+        exponent = math.log2(2 * self.scaling_efficiency)
+        return self.gpu_hours / base * (base / gpus) ** exponent
 
 
 def _duplicates(ids: Sequence[str]) -> Iterator[tuple[int, str]]:
@@ -221,6 +347,7 @@ class Topology(Frozen):
     sync_rules: tuple[SyncRule, ...] = ()
     checkpoint_replication: tuple[CheckpointReplication, ...] = ()
     sync_window: SyncWindow = SyncWindow()
+    paths: PathPolicy = PathPolicy()
     # None: budgets are network-only (RTT + jitter p99). Declared (even as `{}`, which takes the
     # documented defaults): every inference budget is end to end, for placement and breakdown.
     latency_components: LatencyComponents | None = None
@@ -299,13 +426,24 @@ def _reference_issues(topo: Topology) -> Iterator[FieldIssue]:
                 f"duplicate link between {a!r} and {b!r} (also links[{pairs[pair]}])",
             )
         pairs.setdefault(pair, i)
-        if isinstance(link.egress_usd_per_gb, dict):
-            for key in link.egress_usd_per_gb:
+        for field in ("egress_usd_per_gb", "bandwidth_gbps", "loss_pct"):
+            value = getattr(link, field)
+            if not isinstance(value, dict):
+                continue
+            for key in value:
                 if key not in link.between:
                     yield issue(
-                        ("links", i, "egress_usd_per_gb", key),
+                        ("links", i, field, key),
                         f"site {key!r} is not an end of this link ({a}, {b})",
                     )
+            if field == "bandwidth_gbps":
+                for end in link.between:
+                    if end not in value:
+                        yield issue((
+                            "links", i, field),
+                            f"no bandwidth for the direction leaving {end!r} (a map needs "
+                            "both ends)",
+                        )
 
     for i, ds in enumerate(topo.datasets):
         if ds.site not in sites:

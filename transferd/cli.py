@@ -92,6 +92,7 @@ def _run(coro: Any) -> Any:
 
 
 @click.group()
+@click.version_option(package_name="netplan-transferd", prog_name="transferd")
 def main() -> None:
     """transferd: replicate files, datasets and checkpoints between sites."""
 

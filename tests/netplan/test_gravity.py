@@ -169,7 +169,8 @@ def test_no_path_inside_the_residency_is_named() -> None:
         workloads=[_workload(datasets=["d"])],
     )
     assert not decision.feasible
-    assert "no path from dc to eu-gpu stays within dataset d's residency (eu)" in decision.reason
+    assert ("no path from dc to eu-gpu within 2 relays stays within dataset d's residency (eu)"
+            in decision.reason)
 
 
 def test_raw_tier_never_leaves_and_the_binding_constraints_are_named() -> None:
@@ -277,12 +278,14 @@ def test_in_place_when_everything_is_already_there() -> None:
 
 def test_the_tie_band_is_measured_from_the_cheapest_option() -> None:
     # a: $100 but slow; b: $104 (within 5% of a) and fast; c: $108 (outside the band), fastest.
+    # (Storage is free here, so only compute decides.)
+    free = {"storage_usd_per_gb_month": 0}
     decision = _decide(
         sites=[
             site("dc", "eu", "onprem"),
-            site("a", "eu", h100=(64, 1.25)),
-            site("b", "eu", h100=(64, 1.30)),
-            site("c", "eu", h100=(64, 1.35)),
+            {**site("a", "eu", h100=(64, 1.25)), **free},
+            {**site("b", "eu", h100=(64, 1.30)), **free},
+            {**site("c", "eu", h100=(64, 1.35)), **free},
         ],
         links=[link("dc", "a", 1, 5), link("dc", "b", 10, 5), link("dc", "c", 100, 5)],
         datasets=[{"id": "corpus", "site": "dc", "size_gb": 5_000, "tier": "curated"}],

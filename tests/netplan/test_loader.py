@@ -97,7 +97,7 @@ def test_wrong_type() -> None:
     text = VALID.replace("bandwidth_gbps: 10", "bandwidth_gbps: fast")
     message = _error(text)
     assert "links[0].bandwidth_gbps: " in message
-    assert "valid number" in message
+    assert "must be a number > 0 or a map of site id -> number > 0" in message
     assert f"(line {_line(text, 'bandwidth_gbps')})" in message
 
 
@@ -145,7 +145,8 @@ def test_negative_rtt() -> None:
 
 def test_loss_of_100_percent() -> None:
     text = VALID.replace("rtt_ms: 80", "rtt_ms: 80\n    loss_pct: 100")
-    assert f"links[0].loss_pct: must be < 100 (line {_line(text, 'loss_pct')})" in _error(text)
+    line = _line(text, "loss_pct")
+    assert f"links[0].loss_pct: must be >= 0 and < 100 (line {line})" in _error(text)
 
 
 def test_link_from_a_site_to_itself() -> None:
@@ -369,3 +370,21 @@ def test_fuzz_damaged_text(cut: int, junk: str) -> None:
 @given(text=st.text(max_size=200))
 def test_fuzz_arbitrary_text(text: str) -> None:
     _must_only_raise_topology_error(text)
+
+
+def test_a_json_topology_loads_and_its_errors_name_the_line(tmp_path: Path) -> None:
+    doc = yaml.safe_load(VALID)
+    good = tmp_path / "t.json"
+    good.write_text(json.dumps(doc, indent=2))
+    assert load_topology(good) == parse_topology(VALID)
+    doc["links"][0]["rtt_ms"] = -1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc, indent=2))
+    with pytest.raises(TopologyError) as err:
+        load_topology(bad)
+    line = next(i for i, text in enumerate(bad.read_text().splitlines(), 1) if '"rtt_ms"' in text)
+    assert str(err.value) == f"{bad}: links[0].rtt_ms: must be >= 0 (line {line})"
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"name": "x",\n "sites": [}')
+    with pytest.raises(TopologyError, match=r"JSON syntax error: .* \(line 2\)"):
+        load_topology(broken)

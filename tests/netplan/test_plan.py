@@ -59,7 +59,7 @@ def test_plan_round_trips_through_json_text() -> None:
     plan = _plan()
     text = plan.to_json_text()
     data = json.loads(text)
-    assert data["schema_version"] == SCHEMA_VERSION == 2
+    assert data["schema_version"] == SCHEMA_VERSION == 3
     assert data["sites"][0]["sync"][0]["traffic_class"] == "sync"
     assert Plan.from_json(text) == plan
     assert Plan.from_json(data) == plan
@@ -105,7 +105,7 @@ def test_netplan_plan_writes_a_plan_that_loads_back(tmp_path: object) -> None:
     out = Path(str(tmp_path)) / "plan.json"
     result = CliRunner().invoke(cli, ["plan", EXAMPLE, "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "schema_version 2" in result.output
+    assert "schema_version 3" in result.output
     plan = Plan.from_json(out.read_text())
     onprem = plan.site("onprem-fra")
     assert {(e.dataset, e.destination) for e in onprem.sync} == {

@@ -73,7 +73,7 @@ def test_every_example_topology_analyzes_with_every_workload_placed(path: Path) 
 def test_json_shape() -> None:
     report = analyze(load_topology(QUICKSTART))
     doc = report.to_json()
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
     assert doc["topology"] == "onprem-data-cloud-burst-edge"
     for decision in doc["decisions"]:
         assert DECISION_FIELDS <= set(decision)
@@ -82,15 +82,25 @@ def test_json_shape() -> None:
         for alt in decision["alternatives"]:
             assert (DECISION_FIELDS - {"workload", "kind", "reason", "alternatives"}) <= set(alt)
             assert alt["rejected_because"]
-        assert decision["total_usd"] == pytest.approx(
-            decision["egress_usd"] + decision["compute_usd"], abs=1e-3
+        cost = decision["cost"]
+        assert decision["total_usd"] == cost["total_usd"] == pytest.approx(
+            cost["compute_usd"] + cost["egress_usd"] + cost["storage_usd"] + cost["relay_usd"],
+            abs=1e-3,
         )
+        assert cost["egress_usd"] == decision["egress_usd"]
+        for move in decision["movements"]:
+            assert sum(r["share"] for r in move["routes"]) == pytest.approx(1)
+            assert move["why"]
     inference = next(d for d in doc["decisions"] if d["kind"] == "inference")
     assert isinstance(inference["sites"], list)
     assert inference["worst_client"]["p99_ms"] <= 10
     for link in doc["links"]:
-        assert set(link) >= {"between", "effective_gbps", "limited_by"}
-        assert link["limited_by"] in {"capacity", "window", "loss"}
+        assert set(link) >= {"between", "rtt_ms", "jitter_ms", "directions"}
+        there, back = link["directions"]
+        assert [there["from"], there["to"]] == link["between"] == [back["to"], back["from"]]
+        for direction in (there, back):
+            assert direction["limited_by"] in {"capacity", "window", "loss"}
+            assert direction["effective_gbps"] > 0
 
 
 def test_infeasible_decision_json_and_strict_error() -> None:
@@ -147,8 +157,9 @@ def test_cli_flags_override_the_tcp_model() -> None:
     assert one["transfer"] == {**base["transfer"], "streams": 1, "window_bytes": 65536}
     # One 64 KiB window over the 90 ms backbone: 5.8 Mbit/s, window-limited.
     backbone = [x for x in one["links"] if x["between"] == ["aws-euc1", "aws-use1"]][0]
-    assert backbone["limited_by"] == "window"
-    assert backbone["effective_gbps"] == pytest.approx(65536 * 8 / 0.090 / 1e9, rel=1e-4)
+    for direction in backbone["directions"]:
+        assert direction["limited_by"] == "window"
+        assert direction["effective_gbps"] == pytest.approx(65536 * 8 / 0.090 / 1e9, rel=1e-4)
 
 
 def test_schema_command_prints_the_topology_json_schema() -> None:
@@ -171,5 +182,6 @@ def test_the_readme_topology_tour_is_a_valid_topology() -> None:
     readme = (REPO / "README.md").read_text()
     tour = readme.split("## Topology format", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     report = analyze(parse_topology(tour, source="README.md"))
-    assert [d.action for d in report.decisions] == ["stage_subset", "replicate_model"]
+    assert [d.action for d in report.decisions] == ["stage_subset", "stage_subset",
+                                                    "replicate_model"]
     assert not report.infeasible()

@@ -80,8 +80,8 @@ def test_copies_min_that_residency_cannot_reach_is_noted() -> None:
           - {id: curated-5, datasets: [claims-curated], to: residency_gpu_sites, copies_min: 5}
     """))
     plan = plan_sync(topo, Network(topo), {})
-    assert plan.notes == ("curated-5: dataset claims-curated reaches only 3 failure domain(s) "
-                          "of copies_min 5",)
+    assert plan.notes == ("sync rule curated-5: dataset claims-curated reaches only 3 failure "
+                          "domain(s) of copies_min 5",)
 
 
 def test_a_link_too_small_for_the_nightly_sync_is_flagged_with_the_shortfall() -> None:
