@@ -21,7 +21,7 @@ from typing import Any
 from netplan.errors import PlanError
 from netplan.plan import BULK_CLASSES, LinkPolicy, MirrorEntry, Plan, SyncEntry, TrafficClass
 from transferd.config import SiteConfig
-from transferd.documents import load_json_document, read_document_text
+from transferd.documents import PLAN_LIMITS, load_json_document, read_document_text
 from transferd.errors import ConfigError, PolicyViolation
 from transferd.protocol.policy import CHECKPOINTS, check_may_leave_site, normalize_rel_path
 from transferd.protocol.ratelimit import bytes_per_s
@@ -129,16 +129,9 @@ def parse_plan(
 ) -> PlanRun:
     """Validate a plan and take `config.site`'s part; every problem is a ConfigError naming the
     field (`sites[1].sync[0].destination: ...`). Text is read by `transferd.documents` first
-    (depth and values checked before validation)."""
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"{source}: the plan is not UTF-8 text: byte at offset {exc.start}"
-            ) from None
-    if isinstance(data, str):
-        data = load_json_document(data, source, "plan")
+    (size, encoding and depth checked before validation)."""
+    if isinstance(data, str | bytes):
+        data = load_json_document(data, source)
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: a plan must be a JSON object", field="plan")
     try:
@@ -222,10 +215,7 @@ def parse_plan(
     )
 
 
-MAX_PLAN_BYTES = 64 * 1024 * 1024  # a 10,000-site plan is ~20 MB
-
-
 def load_plan(path: str | Path, config: SiteConfig) -> PlanRun:
     path = Path(path)
-    text = read_document_text(path, "plan", MAX_PLAN_BYTES)
+    text = read_document_text(path, "plan", PLAN_LIMITS)
     return parse_plan(text, config, source=str(path))

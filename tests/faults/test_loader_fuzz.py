@@ -224,7 +224,7 @@ def test_the_known_hostile_shapes_are_refused_with_their_reason(tmp_path: Path) 
     (tmp_path / "deep.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
     with pytest.raises(ConfigError, match="deeper than 64"):
         load_plan(tmp_path / "deep.json", parse_config(CONFIG))
-    with pytest.raises(ConfigError, match="not JSON"):
+    with pytest.raises(ConfigError, match="JSON syntax error"):
         parse_plan("{nope", parse_config(CONFIG))
 
 

@@ -121,7 +121,7 @@ def test_a_shard_entry_is_mirrored_like_a_sync_entry_and_refused_under_raw() -> 
 
 
 def test_text_that_is_not_json_is_refused() -> None:
-    with pytest.raises(ConfigError, match="plan is not JSON"):
+    with pytest.raises(ConfigError, match="JSON syntax error"):
         parse_plan("{nope", parse_config(CONFIG))
 
 
