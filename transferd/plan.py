@@ -187,10 +187,12 @@ def parse_plan(
             )
         targets = tuple(peer(t, f"{where}.targets[{k}]") for k, t in enumerate(ck.targets))
         checkpoints.append(CheckpointRoute(run, targets, ck.retain))
+    # Runs other sites replicate here: their paths are checked like this site's own (another
+    # site's entry is still input this daemon acts on).
     incoming = {
-        normalize_rel_path(ck.path_prefix): ck.retain
-        for s in plan.sites
-        for ck in s.checkpoints
+        _prefix(ck.path_prefix, f"{source}: sites[{i}].checkpoints[{j}].path_prefix"): ck.retain
+        for i, s in enumerate(plan.sites)
+        for j, ck in enumerate(s.checkpoints)
         if config.site in ck.targets
     }
     for k, lp in enumerate(me.links):
