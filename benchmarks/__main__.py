@@ -16,7 +16,15 @@ from rich.console import Console
 
 from benchmarks.backends import BACKENDS, BackendChoice, probe_backend
 from benchmarks.errors import BenchError
-from benchmarks.report import load_results, markdown, plot_all, print_table, write_results
+from benchmarks.goals import evaluate, goals_markdown, print_goals, summary_markdown
+from benchmarks.report import (
+    PLOTS_NEED,
+    load_results,
+    markdown,
+    plot_all,
+    print_table,
+    write_results,
+)
 from benchmarks.runner import run_scenario
 from benchmarks.scenario import SCENARIO_DIR, load_scenario
 
@@ -42,8 +50,11 @@ def cli() -> None:
 @click.option("--tools", default=None, help="Comma-separated subset of each scenario's tools.")
 @click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=None,
               help="Force an impairment backend instead of probing.")
+@click.option("--cc", "ccs", default=None,
+              help="Comma-separated congestion controls to run (default: each scenario's own, "
+              "cubic and bbr on a link).")
 def run(scenarios: tuple[str, ...], quick: bool, output: Path, repeat: int,
-        tools: str | None, backend: str | None) -> None:
+        tools: str | None, backend: str | None, ccs: str | None) -> None:
     """Run SCENARIOS (names in benchmarks/scenarios/ or YAML paths)."""
     console = Console() if sys.stdout.isatty() else Console(width=200)
     signal.signal(signal.SIGTERM, _sigterm)
@@ -60,14 +71,18 @@ def run(scenarios: tuple[str, ...], quick: bool, output: Path, repeat: int,
                                    rule_tool=choice.rule_tool or "iptables")
         found = "; ".join(choice.reasons)
         console.print(f"impairment backend: [bold]{choice.name}[/bold] ({found})")
+        only = [c.strip() for c in ccs.split(",") if c.strip()] if ccs else None
+        docs = []
         for scenario in loaded:
-            doc = run_scenario(scenario, choice, quick=quick, repeat=repeat, command=command,
-                               log=console.print)
-            path = write_results(doc, output)
-            print_table(doc, console)
-            console.print(f"wrote {path}")
-        for path in plot_all(output):
-            console.print(f"wrote {path}")
+            for cc in only or scenario.ccs:
+                doc = run_scenario(scenario, choice, quick=quick, repeat=repeat, command=command,
+                                   congestion_control=cc, log=console.print)
+                path = write_results(doc, output)
+                print_table(doc, console)
+                console.print(f"wrote {path}")
+                docs.append(doc)
+        print_goals(evaluate(docs), console)
+        _plots(output, console)
     except BenchError as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
@@ -81,14 +96,41 @@ def run(scenarios: tuple[str, ...], quick: bool, output: Path, repeat: int,
               show_default=True, help="Where the results are.")
 @click.option("--markdown", "as_markdown", is_flag=True, help="Markdown tables (for README).")
 def report(output: Path, as_markdown: bool) -> None:
-    """Print the tables of existing results again and redraw the plots."""
+    """Print the tables of existing results and the goals again, and redraw the plots."""
     console = Console() if sys.stdout.isatty() else Console(width=200)
-    for doc in load_results(output):
+    docs = load_results(output)
+    if as_markdown:
+        click.echo(summary_markdown(docs))
+        click.echo(goals_markdown(evaluate(docs)))
+    for doc in docs:
         if as_markdown:
             click.echo(markdown(doc))
         else:
             print_table(doc, console)
-    for path in plot_all(output):
+    if not as_markdown:
+        print_goals(evaluate(docs), console)
+    _plots(output, console)
+
+
+@cli.command()
+@click.option("--output", type=click.Path(path_type=Path), default=DEFAULT_OUTPUT,
+              show_default=True, help="Where the results are.")
+@click.option("--markdown", "as_markdown", is_flag=True, help="A Markdown table.")
+def goals(output: Path, as_markdown: bool) -> None:
+    """The data plane's goals against the results: goal, measured, met?"""
+    found = evaluate(load_results(output))
+    if as_markdown:
+        click.echo(goals_markdown(found))
+    else:
+        print_goals(found, Console() if sys.stdout.isatty() else Console(width=200))
+
+
+def _plots(output: Path, console: Console) -> None:
+    written = plot_all(output)
+    if written is None:
+        console.print(f"no plots: {PLOTS_NEED}", markup=False)
+        return
+    for path in written:
         console.print(f"wrote {path}")
 
 

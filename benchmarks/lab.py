@@ -26,7 +26,8 @@ from benchmarks.backends import BACKENDS, BackendChoice, EmulatorSample, Impairm
 from benchmarks.errors import LabError
 from benchmarks.linkspec import LinkSpec
 
-__all__ = ["Lab", "LinkEnds", "NS_PREFIX", "leftover_namespaces", "python_env"]
+__all__ = ["Lab", "LinkEnds", "NS_PREFIX", "allow_congestion_control", "leftover_namespaces",
+           "python_env"]
 
 NS_PREFIX = "nb-"  # every namespace the harness creates starts with this
 # Autotuning ceiling for socket buffers: above 1 Gbit/s x 100 ms (12.5 MB) with room to spare.
@@ -45,6 +46,56 @@ def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.update(extra or {})
     return env
+
+
+ALLOWED_CC = "net.ipv4.tcp_allowed_congestion_control"
+AVAILABLE_CC = "net.ipv4.tcp_available_congestion_control"
+
+
+class _AllowedCongestionControl:
+    """The host's `tcp_allowed_congestion_control`, widened for a run and restored after it.
+
+    A child namespace may only make an algorithm its default when the host lists it as allowed
+    (the kernel's TCP_CONG_NON_RESTRICTED flag); Debian's default list has no cubic although
+    cubic is what Linux hosts run by default. The harness (root) adds the algorithm for the run
+    and puts the old list back when the last lab of this process that needed it closes (a
+    namespace keeps the default it was given; only new pins need the list)."""
+
+    def __init__(self) -> None:
+        self._users = 0
+        self._saved: str | None = None
+
+    def acquire(self, algorithm: str) -> bool:
+        """Allow `algorithm`; False (and nothing changed) when the kernel does not have it or it
+        is allowed already."""
+        allowed = _sysctl(ALLOWED_CC).split()
+        if algorithm in allowed or algorithm not in _sysctl(AVAILABLE_CC).split():
+            return False
+        if self._saved is None:
+            self._saved = " ".join(allowed)
+        widened = " ".join([*allowed, algorithm])
+        done = subprocess.run(["sysctl", "-q", "-w", f"{ALLOWED_CC}={widened}"],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise LabError(f"cannot allow congestion control {algorithm!r} for namespaces "
+                           f"({done.stderr.strip()}): the harness must run as root")
+        self._users += 1
+        return True
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self._saved is not None:
+            subprocess.run(["sysctl", "-q", "-w", f"{ALLOWED_CC}={self._saved}"],
+                           capture_output=True, text=True, check=False)
+            self._saved = None
+
+
+def _sysctl(name: str) -> str:
+    return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True,
+                          check=False).stdout.strip()
+
+
+allow_congestion_control = _AllowedCongestionControl()
 
 
 def leftover_namespaces(run_id: str) -> list[str]:
@@ -79,7 +130,7 @@ class Lab:
     sites: Sequence[str]
     link: LinkSpec | None  # None: all sites share one namespace's loopback
     choice: BackendChoice
-    congestion_control: str = "bbr"
+    congestion_control: str = "cubic"
     seed: int = 0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="nb-lab-")))
@@ -87,6 +138,7 @@ class Lab:
     backend: ImpairmentBackend | None = None
     _procs: list[_Proc] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
+    _allowed_cc: bool = False  # this lab widened the host's allowed list (restored at close)
 
     # ---- names and addresses
     def ns(self, site: str) -> str:
@@ -174,14 +226,14 @@ class Lab:
         self.must(["ip", "netns", "add", ns])
         self._namespaces.append(ns)
         self.must(["ip", "-n", ns, "link", "set", "lo", "up"])
+        if not self._allowed_cc:
+            self._allowed_cc = allow_congestion_control.acquire(self.congestion_control)
         pinned = subprocess.run(
             ["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
              f"net.ipv4.tcp_congestion_control={self.congestion_control}"],
             capture_output=True, text=True, check=False)
         if pinned.returncode != 0:
-            allowed = subprocess.run(
-                ["sysctl", "-n", "net.ipv4.tcp_allowed_congestion_control"],
-                capture_output=True, text=True, check=False).stdout.strip()
+            allowed = _sysctl(ALLOWED_CC)
             raise LabError(
                 f"cannot pin congestion control {self.congestion_control!r} in a namespace "
                 f"({pinned.stderr.strip()}); the host allows only: {allowed}")
@@ -288,6 +340,9 @@ class Lab:
             else:
                 problems.append(f"namespace {ns}: {done.stderr.strip()}")
         self._namespaces.clear()
+        if self._allowed_cc:
+            allow_congestion_control.release()
+            self._allowed_cc = False
         keep = os.environ.get("NB_KEEP_LOGS")
         if keep:  # the daemons' and tools' logs, for a look after the run
             dest = Path(keep) / self.run_id

@@ -47,6 +47,8 @@ class ToolRun:
     peak_rss_mib: dict[str, float] | None = None
     tcp_retrans_segs: int | None = None
     resent_bytes: int | None = None
+    streams: int | None = None  # transferd: data channels it opened to the peer
+    app_resent_bytes: int | None = None  # transferd: chunks sent again after a channel broke
     emulator_cpu_pct: float | None = None
     latencies_ms: list[float] | None = None  # interactive messages, for the latency CDF
     messages: dict[str, Any] | None = None  # interactive: sent, failed, late, budget misses

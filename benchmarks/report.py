@@ -13,15 +13,25 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["load_results", "markdown", "medians", "plot_all", "print_table", "write_results"]
+__all__ = ["PLOTS_NEED", "load_results", "markdown", "medians", "plot_all", "print_table",
+           "results_name", "write_results"]
 
 # The baseline each tool is compared with, side by side, in the table's last column.
 CEILING = "iperf3-1stream"
 
 
+# What `plot_all` needs, said once where a run without it prints its tables.
+PLOTS_NEED = "plots need matplotlib: pip install -e '.[bench]'"
+
+
+def results_name(doc: dict[str, Any]) -> str:
+    """`<scenario>.<congestion control>`: one results file per scenario and algorithm."""
+    return f"{doc['scenario']}.{doc.get('congestion_control') or 'default'}"
+
+
 def write_results(doc: dict[str, Any], output: Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
-    path = output / f"{doc['scenario']}.json"
+    path = output / f"{results_name(doc)}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 
@@ -54,7 +64,7 @@ def medians(doc: dict[str, Any]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"tool": tool, "data": data, "n_ok": len(ok), "n": len(runs)}
         for key in ("goodput_mbit", "link_pct", "sustained_mbit", "sustained_link_pct", "seconds",
                     "bytes_on_wire", "cpu_s", "p50_ms", "p99_ms", "bytes_logical", "resent_bytes",
-                    "emulator_cpu_pct"):
+                    "emulator_cpu_pct", "streams"):
             row[key] = _median(r.get(key) for r in ok)
         for key in ("daemon_p50_ms", "daemon_p99_ms", "echo_p50_ms", "echo_p99_ms"):
             row[key] = _median((r.get("messages") or {}).get(key) for r in ok)
@@ -147,7 +157,8 @@ def markdown(doc: dict[str, Any]) -> str:
     link = doc["link"]
     rate = f"{link['rate_mbit']:g} Mbit/s" if link["rate_mbit"] else "no rate cap"
     lines = [
-        f"### {doc['scenario']}" + (" (quick sizes)" if doc.get("quick") else ""),
+        f"### {doc['scenario']}, {doc.get('congestion_control')}"
+        + (" (quick sizes)" if doc.get("quick") else ""),
         "",
         f"{rate}, {link['delay_ms']:g} ms one-way, jitter {link['jitter_ms']:g} ms, loss "
         f"{link['loss_pct']:g} %; TCP echo RTT {doc['measured_rtt_ms'] or '-'} ms; backend "
@@ -184,10 +195,14 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_all(output: Path) -> list[Path]:
+def plot_all(output: Path) -> list[Path] | None:
     """goodput.png (every scenario's tools, medians) and latency-cdf.png (TCP echo RTT samples
-    per scenario, and interactive message latencies where a run has them)."""
-    import matplotlib
+    per scenario, and interactive message latencies where a run has them). None when
+    matplotlib is not installed (the `bench` extra): the tables do not need it."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,7 +226,7 @@ def plot_all(output: Path) -> list[Path]:
         if rate:
             ax.axvline(rate, color="tab:red", linestyle="--", linewidth=1, label="link rate")
             ax.legend(fontsize=7, loc="lower right")
-        ax.set_title(f"{doc['scenario']} ({doc['backend']}"
+        ax.set_title(f"{results_name(doc)} ({doc['backend']}"
                      + (", quick" if doc.get("quick") else "") + ")", fontsize=9)
         ax.set_xlabel("goodput, Mbit/s (median)", fontsize=8)
     fig.tight_layout()
@@ -223,8 +238,9 @@ def plot_all(output: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     plotted = False
     for doc in docs:
-        series = [(f"{doc['scenario']} TCP echo", doc.get("rtt_samples_ms") or [])]
-        series += [(f"{doc['scenario']} {r['tool']} messages", r.get("latencies_ms") or [])
+        name = results_name(doc)
+        series = [(f"{name} TCP echo", doc.get("rtt_samples_ms") or [])]
+        series += [(f"{name} {r['tool']} messages", r.get("latencies_ms") or [])
                    for r in doc["runs"]]
         for label, samples in series:
             if not samples:

@@ -40,7 +40,9 @@ def check_rtt(rtts_ms: list[float], expected_ms: float, jitter_ms: float = 0.0) 
 
 
 def run_scenario(scenario: Scenario, choice: BackendChoice, *, quick: bool, repeat: int,
-                 command: str, log: Any = print) -> dict[str, Any]:
+                 command: str, congestion_control: str, log: Any = print) -> dict[str, Any]:
+    """One run of `scenario` with the namespaces' default congestion control set to
+    `congestion_control` (the results document records it)."""
     link = scenario.link
     doc: dict[str, Any] = {
         "scenario": scenario.scenario,
@@ -48,7 +50,7 @@ def run_scenario(scenario: Scenario, choice: BackendChoice, *, quick: bool, repe
         "backend": "none (loopback)" if link is None else choice.name,
         "backend_probe": list(choice.reasons),
         "kernel": platform.release(),
-        "congestion_control": scenario.congestion_control,
+        "congestion_control": congestion_control,
         "link": (link.summary() if link else
                  {"rate_mbit": None, "delay_ms": 0.0, "jitter_ms": 0.0, "loss_pct": 0.0}),
         "queue_limit_pkts": link.queue_limit_pkts if link else None,
@@ -64,17 +66,18 @@ def run_scenario(scenario: Scenario, choice: BackendChoice, *, quick: bool, repe
         "error": None,
     }
     runs: list[ToolRun] = []
+    tag = f"[{scenario.scenario}/{congestion_control}]"
     try:
-        with Lab(scenario.sites, link, choice, scenario.congestion_control) as lab:
+        with Lab(scenario.sites, link, choice, congestion_control) as lab:
             namespaces = sorted({lab.ns(site) for site in scenario.sites})
-            log(f"[{scenario.scenario}] lab up: run {lab.run_id}, namespaces "
+            log(f"{tag} lab up: run {lab.run_id}, namespaces "
                 + ", ".join(namespaces))
             if link is not None:
                 rtts = lab.echo_rtts_ms(ECHO_COUNT)
                 doc["rtt_samples_ms"] = [round(r, 3) for r in rtts]
                 doc["measured_rtt_ms"] = round(check_rtt(rtts, link.rtt_ms, link.jitter_ms), 2)
-                log(f"[{scenario.scenario}] {link.describe()}; TCP echo RTT median "
-                    f"{doc['measured_rtt_ms']} ms ({choice.name}, {scenario.congestion_control})")
+                log(f"{tag} {link.describe()}; TCP echo RTT median "
+                    f"{doc['measured_rtt_ms']} ms ({choice.name}, {congestion_control})")
             iperf_done = False
             for work in scenario.work:
                 size_mib = work.quick_size_mib if quick else work.size_mib
@@ -89,14 +92,14 @@ def run_scenario(scenario: Scenario, choice: BackendChoice, *, quick: bool, repe
                         ctx.scratch.mkdir(parents=True, exist_ok=True)
                         run = run_tool(tool, ctx)
                         runs.append(run)
-                        log(f"[{scenario.scenario}] {tool} {run.data or ''} #{attempt + 1}: "
+                        log(f"{tag} {tool} {run.data or ''} #{attempt + 1}: "
                             + (f"{run.goodput_mbit:.0f} Mbit/s in {run.seconds:.1f} s"
                                if run.ok and run.goodput_mbit and run.seconds
                                else f"error: {run.error}"))
                 iperf_done = True
     except LabError as exc:
         doc["error"] = str(exc)
-        log(f"[{scenario.scenario}] lab error: {exc}")
+        log(f"{tag} lab error: {exc}")
     doc["runs"] = [r.to_json() for r in runs]
     return doc
 

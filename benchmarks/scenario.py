@@ -80,9 +80,10 @@ class Scenario(BaseModel):
     loopback: bool = False
     sites: tuple[str, ...] = Field(min_length=1)
     links: tuple[Link, ...] = ()
-    # A child namespace may only pin an algorithm in the host's tcp_allowed_congestion_control;
-    # this host allows "reno bbr" (cubic is restricted), so bbr is the default here.
-    congestion_control: str = "bbr"
+    # The namespaces' default TCP congestion control, one run of the scenario per entry: cubic
+    # is what Linux hosts (and so rsync and rclone users) run by default, bbr what a WAN tool
+    # may pick per socket. Empty: both on a link, cubic on loopback (where no queue builds).
+    congestion_controls: tuple[str, ...] = ()
     work: tuple[Work, ...] = Field(min_length=1)
     tools: tuple[str, ...] = Field(min_length=1)
     iperf3_seconds: float = Field(default=10, gt=0)
@@ -108,6 +109,12 @@ class Scenario(BaseModel):
             if set(self.links[0].between) != set(self.sites):
                 raise ValueError("links[0].between: must name both sites")
         return self
+
+    @property
+    def ccs(self) -> tuple[str, ...]:
+        if self.congestion_controls:
+            return self.congestion_controls
+        return ("cubic",) if self.loopback else ("cubic", "bbr")
 
     @property
     def link(self) -> LinkSpec | None:

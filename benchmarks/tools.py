@@ -292,6 +292,63 @@ def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
     raise ToolError(tool, "unknown transferd variant")
 
 
+_COUNTERS_PROBE = """
+import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+peer = 'peer="%s"' % sys.argv[2]
+for line in text.splitlines():
+    if peer in line and line.startswith(("transferd_data_channels_opened_total",
+                                         "transferd_chunks_resent_total")):
+        print(line.split("{")[0], line.rsplit(" ", 1)[1])
+"""
+
+
+def _daemon_counters(lab: Lab, site: str, port: int, peer: str) -> dict[str, int]:
+    """From the sending daemon's /metrics after the run: the data channels it opened to `peer`
+    (reused channels: the streams it used) and the chunks it sent again after a channel
+    broke (x 8 MiB: application-level re-sent bytes). Empty for a transferd without them."""
+    done = subprocess.run(lab.in_site(site, [sys.executable, "-c", _COUNTERS_PROBE,
+                                             f"http://{lab.addr(site)}:{port}/metrics", peer]),
+                          capture_output=True, text=True, timeout=30, check=False)
+    found = dict(line.split() for line in done.stdout.splitlines() if line.count(" ") == 1)
+    out: dict[str, int] = {}
+    if "transferd_data_channels_opened_total" in found:
+        out["opened"] = int(float(found["transferd_data_channels_opened_total"]))
+    if "transferd_chunks_resent_total" in found:
+        out["resent_bytes"] = int(float(found["transferd_chunks_resent_total"])) * 8 * 2**20
+    return out
+
+
+def _profile(ctx: RunContext, name: str, pid: int) -> subprocess.Popen[bytes] | None:
+    """With NB_PROFILE=DIR: `py-spy record` attached to `pid`, collapsed stacks per thread
+    (`--format raw --threads`, 100 Hz, without pausing the process) written to
+    DIR/<scenario>.<cc>-<name>-<n>.txt when the process exits (wait with `_profiles_written`);
+    summed up by `python -m benchmarks.profile DIR/...`."""
+    out_dir = os.environ.get("NB_PROFILE")
+    if not out_dir:
+        return None
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise ToolError(name, "NB_PROFILE is set but py-spy is not installed (pip install py-spy)")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    stem = f"{ctx.scenario.scenario}.{ctx.lab.congestion_control}-{name}"
+    n = len(list(Path(out_dir).glob(f"{stem}-*.txt"))) + 1
+    return ctx.lab.spawn(None, [spy, "record", "--format", "raw", "--threads", "--nonblocking",
+                                "--rate", "100", "-o", str(Path(out_dir) / f"{stem}-{n}.txt"),
+                                "--pid", str(pid)], name=f"py-spy-{name}")
+
+
+def _profiles_written(lab: Lab, profilers: list[subprocess.Popen[bytes] | None]) -> None:
+    """py-spy writes its file once the profiled process has exited."""
+    for popen in profilers:
+        if popen is not None:
+            try:
+                popen.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+            lab.stop(popen)
+
+
 def _percentile(values: list[float], pct: int) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
@@ -334,11 +391,13 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
     rel = Path("checkpoints") / "bench" / "step-1" / ctx.data_path.name
     _link_data(ctx.data_path, data_dirs[ctx.src] / rel.parent)
     daemons = {}
+    profilers: list[subprocess.Popen[bytes] | None] = []
     try:
         for site, port in zip(sites, TRANSFERD_PORTS, strict=True):
             daemons[site] = lab.spawn(site, _transferd_cmd("serve", "--config",
                                                            str(configs[site])),
                                       name=f"{tool}-{site}")
+            profilers.append(_profile(ctx, f"{tool}-{site}", daemons[site].pid))
             try:
                 wait_listening(lab.in_site(site, []), port, alive=daemons[site],
                                what=f"transferd serve ({site})")
@@ -367,6 +426,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
         got = run_measured(lab.in_site(ctx.src, cmd), timeout_s=TRANSFER_TIMEOUT_S,
                            env=python_env(), log_dir=lab.workdir, name=tool)
         bulk_done_at = time.time()
+        channels = _daemon_counters(lab, ctx.src, TRANSFERD_PORTS[0], ctx.dst)
         if driver is not None:
             try:
                 driver.wait(120)
@@ -384,6 +444,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             echo.stop()
         for popen in daemons.values():
             lab.stop(popen, timeout=15)
+        _profiles_written(lab, profilers)
     if got.returncode != 0:
         raise ToolError(tool, f"send exit {got.returncode}: {got.stderr.strip()[-300:]}")
     try:
@@ -395,7 +456,8 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
     ctx.notes["transferd_report"] = report
     run = ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
                   seconds=got.seconds, cpu_s=cpu, bytes_logical=int(report["bytes_logical"]),
-                  peak_rss_mib=rss)
+                  peak_rss_mib=rss, streams=channels.get("opened"),
+                  app_resent_bytes=channels.get("resent_bytes"))
     if interactive:
         result = json.loads(driver_out.read_text())
         latencies = [round(v, 3) for v in result["latencies_ms"]]
@@ -458,6 +520,10 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
         run = ToolRun(tool=tool, ok=False, error=reason)
     finally:
         samples = sampler.stop() if sampler is not None else []
+        if samples and os.environ.get("NB_KEEP_LOGS"):  # the sending interface over time
+            t0 = samples[0][0]
+            (lab.workdir / f"{tool}-tx.log").write_text(
+                "\n".join(f"{t - t0:.2f} {b - samples[0][1]}" for t, b in samples) + "\n")
         if ctx.flapper is not None:
             ctx.flapper.stop()
         shutil.rmtree(ctx.scratch, ignore_errors=True)
@@ -468,7 +534,9 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
     if retrans0 is not None:
         run.tcp_retrans_segs = lab.tcp_retrans_segs(ctx.src) - retrans0
         if flap:
-            run.resent_bytes = run.tcp_retrans_segs * MSS_BYTES
+            # TCP's re-sent segments, plus chunks an application sent again (transferd: those
+            # a broken data channel had in flight).
+            run.resent_bytes = run.tcp_retrans_segs * MSS_BYTES + (run.app_resent_bytes or 0)
     if emu0 is not None and emu1 is not None:
         share = emu1.cpu_share_since(emu0)
         run.emulator_cpu_pct = round(100 * share, 1) if share is not None else None

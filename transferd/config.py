@@ -17,6 +17,7 @@ from netplan import yamlpos
 from netplan.plan import SiteId, TrafficClass
 from transferd.documents import CONFIG_LIMITS, parse_yaml_document, read_document_text
 from transferd.errors import ConfigError
+from transferd.protocol.channel import CongestionControl
 from transferd.protocol.wire import FrozenModel
 
 __all__ = [
@@ -66,10 +67,37 @@ class BulkWeights(FrozenModel):
     sync: Annotated[float, Field(gt=0)] = 1.0
 
 
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:7701")
+    return value
+
+
+def _split_host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class PeerConfig(FrozenModel):
     url: str
     rate_caps_mbps: RateCapsMbps = Field(default_factory=RateCapsMbps)
     weights: BulkWeights | None = None  # this link's bulk weights; None: traffic.weights
+    # TCP congestion control of the data channels to and from this peer; `system` keeps the
+    # host's default (a refused algorithm falls back to it, with a log line).
+    congestion_control: CongestionControl = "bbr"
+    # Where this peer's data channels connect (host:port), when not the URL's host and the port
+    # the peer advertises (e.g. behind NAT or a port-forwarding proxy).
+    data_address: str | None = None
+
+    @field_validator("data_address")
+    @classmethod
+    def _data_host_port(cls, value: str | None) -> str | None:
+        return None if value is None else _check_host_port(value)
+
+    @property
+    def data_host_port(self) -> tuple[str, int] | None:
+        return None if self.data_address is None else _split_host_port(self.data_address)
 
     @model_validator(mode="before")
     @classmethod
@@ -130,10 +158,15 @@ class SiteConfig(FrozenModel):
     state_dir: str | None = None  # journal + staging; default <data_dir>/.transferd (local only)
     storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec.filesystem
     tls: TlsConfig | None = None
+    # The data listener (bulk chunks on data channels) as host:port; default: listen's host,
+    # an ephemeral port (peers learn it over the control plane).
+    data_listen: str | None = None
     chunk_size: Annotated[int, Field(ge=64 * 1024, le=256 * MiB)] = 8 * MiB
     compression: Literal["auto", "off"] | Annotated[int, Field(ge=1, le=22)] = "auto"
-    # Parallel chunk uploads per peer and bulk class at start; adapts within traffic.streams_*.
-    streams: Annotated[int, Field(ge=1, le=64)] = 4
+    # Data channels per peer at start; adapts within traffic.streams_*. Two: with bbr per
+    # socket one stream fills a clean long link, and on a lossy one 2 bbr streams beat 4 and 8
+    # (benchmarks/README.md, the spike); the controller adds streams that are loss-limited.
+    streams: Annotated[int, Field(ge=1, le=64)] = 2
     auth_window_s: Annotated[float, Field(gt=0)] = 300.0  # accepted clock skew / replay window
     # An open upload that received nothing for this long is reclaimed at the next start (its
     # sender can still resume it: it starts over).
@@ -157,10 +190,12 @@ class SiteConfig(FrozenModel):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be host:port, e.g. 127.0.0.1:7701")
-        return value
+        return _check_host_port(value)
+
+    @field_validator("data_listen")
+    @classmethod
+    def _data_host_port(cls, value: str | None) -> str | None:
+        return None if value is None else _check_host_port(value)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> SiteConfig:
@@ -214,6 +249,12 @@ class SiteConfig(FrozenModel):
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def data_listen_host_port(self) -> tuple[str, int]:
+        if self.data_listen is None:
+            return self.listen_host, 0
+        return _split_host_port(self.data_listen)
 
     @property
     def local_url(self) -> str:

@@ -23,8 +23,8 @@ from typing import Any
 from aiohttp import web
 
 from transferd.config import SiteConfig
-from transferd.errors import ConfigError, StorageError
-from transferd.net.buffers import BufferPool
+from transferd.errors import ConfigError, StorageError, TransferdError
+from transferd.net.channels import DataListener, PeerChannels
 from transferd.net.inbound import InboundUploads
 from transferd.net.messages import MessageService
 from transferd.net.peer_client import PeerLink
@@ -34,7 +34,9 @@ from transferd.net.sender import Sender
 from transferd.net.server import build_app
 from transferd.plan import PlanRun, link_settings
 from transferd.protocol.auth import NonceGuard, RequestVerifier
+from transferd.protocol.backoff import backoff_delays
 from transferd.protocol.local_api import Job, JobState, JobStatus, PeerStatus, SiteStatus
+from transferd.site.buffers import AlignedBuffers
 from transferd.site.journal import Journal, UploadState
 from transferd.site.keys import Keyring
 from transferd.site.metrics import Metrics
@@ -47,6 +49,14 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("transferd.daemon")
 SHUTDOWN_GRACE_S = 10.0
+# Chunks each data channel keeps in flight beyond the one being written: enough to cover the
+# receipt's round trip (the socket buffers hold the rest of the pipe), few enough that a broken
+# channel has little to send again.
+CHANNEL_WINDOW = 2
+# Chunk bodies a daemon holds at once while they are verified and staged (x chunk_size of
+# memory): two per channel of eight channels.
+RECEIVE_BUFFERS = 16
+WARM_BUDGET_S = 60.0  # how long a starting daemon keeps trying to open channels to a peer
 
 
 def _last_activity(staged: Path, journal: Journal, upload: str) -> float:
@@ -75,9 +85,9 @@ class Daemon:
         self._sock = sock
         self.port: int | None = None
         self.metrics = Metrics()
-        # Room for every stream of two peers' bulk classes, each with one body in hand (at least
-        # 16: a sender's adaptive stream count is not this config's; buffers are made on demand).
-        self.receive_buffers = BufferPool(config.chunk_size, count=max(16, 2 * config.streams))
+        # Page-aligned, made on demand, reused: bodies are received into them and written from
+        # them (O_DIRECT); their number bounds the bodies in memory.
+        self.receive_buffers = AlignedBuffers(config.chunk_size, RECEIVE_BUFFERS)
         state = config.state_path
         self.storage = open_storage(
             config.data_dir_is_local,
@@ -106,10 +116,23 @@ class Daemon:
             config.checkpoints.retention,
             run_retention=plan.incoming_retention if plan is not None else None,
         )
-        # One worker per body the pool can hold: a chunk in hand never waits for a thread.
+        # Workers verify and stage received bodies while the channel threads receive the next.
         self.inbound = InboundUploads(
             self.receiver, self.metrics, clock, workers=max(4, 2 * config.streams)
         )
+        self.data_port: int | None = None
+        self.listener = DataListener(
+            site=config.site,
+            keys=self.keyring,
+            peers={peer: pc.congestion_control for peer, pc in config.peers.items()},
+            sink=self.inbound,
+            buffers=self.receive_buffers,
+            metrics=self.metrics,
+            workers=self.inbound.workers,
+            ssl_context=server_ssl_context(config),
+            on_peer=self._peer_seen,
+        )
+        self._peer_up = {peer: asyncio.Event() for peer in config.peers}
         traffic = config.traffic
         links = {peer: link_settings(config, peer, plan) for peer in config.peers}
         self.traffic = {
@@ -124,6 +147,7 @@ class Daemon:
                 max_streams=traffic.streams_max,
                 adaptive=traffic.adaptive_streams,
                 metrics=self.metrics,
+                per_stream=CHANNEL_WINDOW,
             )
             for peer, settings in links.items()
         }
@@ -142,6 +166,19 @@ class Daemon:
             )
             for peer, pc in config.peers.items()
         }
+        self.channels = {
+            peer: PeerChannels(
+                site=config.site,
+                peer=peer,
+                keys=self.keyring,
+                metrics=self.metrics,
+                congestion_control=pc.congestion_control,
+                ssl_context=ssl_ctx,
+                server_hostname=self.links[peer].host,
+                window=CHANNEL_WINDOW,
+            )
+            for peer, pc in config.peers.items()
+        }
         self.sender = Sender(
             site=config.site,
             storage=self.storage,
@@ -154,6 +191,8 @@ class Daemon:
             streams=config.streams,
             clock=clock,
             traffic=self.traffic,
+            channels=self.channels,
+            data_addresses={peer: pc.data_host_port for peer, pc in config.peers.items()},
         )
         self.messages = MessageService(
             config.site,
@@ -246,7 +285,7 @@ class Daemon:
             local=self,
             messages=self.messages,
             metrics=self.metrics,
-            buffers=self.receive_buffers,
+            data_port=lambda: self.data_port or 0,
         )
         runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
@@ -257,6 +296,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 sender_task = tg.create_task(self.sender.run())
                 others = [tg.create_task(self.messages.run())]
+                others += [tg.create_task(self._warm_channels(peer)) for peer in self.channels]
                 others += [tg.create_task(run()) for run in self._job_sources()]
                 if ready is not None:
                     ready(self)
@@ -272,9 +312,14 @@ class Daemon:
                     task.cancel()
         finally:
             await runner.cleanup()
+            # Channel threads may wait for this loop (a chunk's booking): close them off it.
+            await asyncio.to_thread(self.listener.close)
+            for channels in self.channels.values():
+                await asyncio.to_thread(channels.close)
             for link in self.links.values():
                 await link.close()
-            self.inbound.close()
+            await self.inbound.aclose()
+            self.receive_buffers.close()
             self.journal.close()
             log.info("daemon.stopped", extra={"fields": {"site": self.config.site}})
 
@@ -296,7 +341,50 @@ class Daemon:
         except OSError as exc:
             raise ConfigError(f"listen: cannot bind {self.config.listen}: {exc.strerror}") from exc
         self.port = runner.addresses[0][1] if runner.addresses else self.config.listen_port
-        log.info("daemon.listening", extra={"fields": {"site": self.config.site, "url": self.url}})
+        host, port = self.config.data_listen_host_port
+        try:
+            self.data_port = self.listener.start(host, port, asyncio.get_running_loop())
+        except OSError as exc:
+            raise ConfigError(
+                f"data_listen: cannot bind {host}:{port}: {exc.strerror}"
+            ) from exc
+        log.info(
+            "daemon.listening",
+            extra={"fields": {"site": self.config.site, "url": self.url,
+                              "data_port": self.data_port}},
+        )
+
+    async def _warm_channels(self, peer: str) -> None:
+        """Open the data channels to `peer` at start, before a job needs them: the opening's
+        round trips (TCP, the HMAC exchange, asking for the data port) then cost a job nothing.
+        A peer that is not up yet is tried again (backoff up to 2 s, for WARM_BUDGET_S); a job
+        opens what is missing anyway."""
+        link, channels = self.links[peer], self.channels[peer]
+        delays = backoff_delays(WARM_BUDGET_S, first_s=0.1)
+        up = self._peer_up[peer]
+        while True:
+            up.clear()
+            try:
+                await channels.ensure(
+                    self.traffic[peer].streams_wanted(), lambda: self.sender.data_address(link)
+                )
+                return
+            except TransferdError as exc:
+                self.sender.forget_data_address(peer)
+                delay = next(delays, None)
+                if delay is None:
+                    log.info("channel.warm_gave_up", extra={"fields": {
+                        "peer": peer, "error": str(exc)[:200]}})
+                    return
+                # The peer opening its own channels here says it is up: try again at once.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await up.wait()
+
+    def _peer_seen(self, peer: str) -> None:
+        event = self._peer_up.get(peer)
+        if event is not None:
+            event.set()
 
     def _job_sources(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
         """Watch mode (configured, or implied by a plan's checkpoint entries) and a plan's

@@ -27,6 +27,8 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 from transferd.config import SiteConfig, load_config
 from transferd.daemon import Daemon
+from transferd.errors import ProtocolError
+from transferd.protocol import channel as ch
 from transferd.protocol.local_api import Job
 from transferd.site.journal import Journal
 from transferd.site.keys import Keyring, keygen
@@ -94,23 +96,34 @@ def write_site_configs(
     ports: dict[str, int],
     *,
     peer_urls: dict[str, str] | None = None,
+    data_ports: dict[str, int] | None = None,
+    data_addresses: dict[str, str] | None = None,
     **overrides: Any,
 ) -> dict[str, Path]:
     """Keys for every site in `ports` plus one YAML config per site, all peers of each other.
-    `peer_urls` overrides where a site is reached (e.g. through a LinkProxy)."""
+    `peer_urls` overrides where a site's control API is reached, `data_addresses` where its
+    data channels connect (e.g. through a LinkProxy), `data_ports` where it listens for them."""
     keys = root / "keys"
     keygen(sorted(ports), keys)
     scheme = "https" if "tls" in overrides else "http"
     urls = {site: f"{scheme}://127.0.0.1:{port}" for site, port in ports.items()}
     urls.update(peer_urls or {})
     paths = {}
+    data_ports = data_ports or {}
+    data_addresses = data_addresses or {}
     for site, port in ports.items():
         doc: dict[str, Any] = {
             "site": site,
             "listen": f"127.0.0.1:{port}",
             "data_dir": str(root / f"site-{site}"),
             "keys_dir": str(keys),
-            "peers": {other: {"url": urls[other]} for other in ports if other != site},
+            "peers": {
+                other: {"url": urls[other]}
+                | ({"data_address": data_addresses[other]} if other in data_addresses else {})
+                for other in ports
+                if other != site
+            },
+            **({"data_listen": f"127.0.0.1:{data_ports[site]}"} if site in data_ports else {}),
             **overrides.get(site, {}),
             **{k: v for k, v in overrides.items() if k not in ports},
         }
@@ -139,19 +152,38 @@ async def running_daemon(
 
 @contextlib.asynccontextmanager
 async def loopback_pair(
-    root: Path, *, proxy: LinkProxy | None = None, **overrides: Any
+    root: Path,
+    *,
+    proxy: LinkProxy | None = None,
+    link: LinkProxy | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[tuple[Daemon, Daemon]]:
     """Sites A and B on 127.0.0.1, peers of each other. `overrides` go into both configs
-    (or per site: `A={...}`); with `proxy`, A reaches B through that LinkProxy."""
+    (or per site: `A={...}`); with `proxy`, A's data channels to B (the bulk bytes) go through
+    that LinkProxy; with `link`, both its control requests and its data channels go through
+    that one (one link that fails as a whole)."""
     socks = {"A": bound_socket(), "B": bound_socket()}
     ports = {site: s.getsockname()[1] for site, s in socks.items()}
     async with contextlib.AsyncExitStack() as stack:
-        peer_urls = None
+        data_ports, data_addresses, peer_urls = None, None, None
         if proxy is not None:
-            proxy.target_port = ports["B"]
             await stack.enter_async_context(proxy)
-            peer_urls = {"B": proxy.url}
-        paths = write_site_configs(root, ports, peer_urls=peer_urls, **overrides)
+            data_ports = {"B": free_port()}
+            proxy.target_port = data_ports["B"]
+            data_addresses = {"B": proxy.address}
+        if link is not None:
+            await stack.enter_async_context(link)
+            data_ports = {"B": free_port()}
+            link.target_port, link.data_target_port = ports["B"], data_ports["B"]
+            peer_urls, data_addresses = {"B": link.url}, {"B": link.data_address}
+        paths = write_site_configs(
+            root,
+            ports,
+            peer_urls=peer_urls,
+            data_ports=data_ports,
+            data_addresses=data_addresses,
+            **overrides,
+        )
         # B first, so A (the usual sender) stops first: its chunks in flight land on a live B.
         b = await stack.enter_async_context(running_daemon(load_config(paths["B"]), socks["B"]))
         a = await stack.enter_async_context(running_daemon(load_config(paths["A"]), socks["A"]))
@@ -183,6 +215,7 @@ class HttpMessage:
     flip_at: int | None = None  # body offset of the bit flipped in it, if any
     status: int | None = None  # requests: the status of the reply that answered it
     raw: bytearray | None = None  # requests, when capturing: head and body as forwarded
+    seq: int | None = None  # data channel frames: the chunk's (or its receipt's) sequence number
 
     @property
     def path(self) -> str:
@@ -192,8 +225,6 @@ class HttpMessage:
 
 def _request_kind(start_line: str) -> str:
     path = start_line.split(" ")[1] if " " in start_line else ""
-    if "/chunks/" in path:
-        return "chunk"
     if path.startswith("/v1/uploads"):
         return "control"
     if path.startswith("/v1/peer/messages"):
@@ -257,24 +288,135 @@ class _HttpFlow:
             self.current = None
 
 
+_RECEIPT_HTTP_STATUS = {0: 204, 1: 422, 2: 403, 3: 507}  # a receipt's status as an HTTP one
+
+
+class _ChannelFlow:
+    """Follows one direction of a data channel (`protocol.channel`) the way `_HttpFlow`
+    follows HTTP: client -> server, the opening then chunk headers and bodies (a chunk body is
+    a message of kind "chunk"); server -> client, the opening's answer then receipts (a
+    receipt is a message of kind "receipt" whose `status` is the receipt's as an HTTP one).
+    It reads the bytes as sent (before any flip); on a frame it cannot read it stops following."""
+
+    def __init__(self, requests: bool, on_message: Callable[[HttpMessage], None]) -> None:
+        self.requests = requests
+        self.on_message = on_message
+        self._buf = bytearray()
+        self._state = "hello" if requests else "challenge"
+        self._need = ch.HELLO_FIXED.size if requests else ch.CHALLENGE_BYTES + ch.ACCEPT_BYTES
+        self._fixed = b""
+        self._head: tuple[int, int, bytes] | None = None  # seq, body length, address
+        self.current: HttpMessage | None = None
+        self._pos = 0
+
+    def feed(self, data: bytes) -> list[tuple[HttpMessage, int, int, int]]:
+        pieces: list[tuple[HttpMessage, int, int, int]] = []
+        i = 0
+        while i < len(data) and self._state != "lost":
+            if self.current is not None:
+                take = min(len(data) - i, self.current.length - self._pos)
+                pieces.append((self.current, i, i + take, self._pos))
+                if self.current.raw is not None:
+                    self.current.raw += data[i : i + take]
+                i += take
+                self._pos += take
+                if self._pos >= self.current.length:
+                    self.current = None
+                continue
+            take = min(len(data) - i, self._need - len(self._buf))
+            self._buf += data[i : i + take]
+            i += take
+            if len(self._buf) == self._need:
+                frame = bytes(self._buf)
+                self._buf.clear()
+                try:
+                    self._advance(frame)
+                except ProtocolError:
+                    self._state = "lost"
+        return pieces
+
+    def _advance(self, frame: bytes) -> None:
+        state = self._state
+        if state == "hello":
+            n_src, n_dst, _nonce = ch.decode_hello(frame)
+            self._state, self._need = "sites", n_src + n_dst
+        elif state == "sites":
+            self._state, self._need = "proof", ch.PROOF_BYTES
+        elif state in ("proof", "challenge"):
+            self._next_frame()
+        elif state == "head":
+            partial, rest = ch.decode_chunk_head(frame)
+            self._head = (partial.seq, partial.body_length, partial.digest)
+            self._state, self._need = "rest", rest
+        elif state == "rest":
+            assert self._head is not None
+            seq, length, digest = self._head
+            message = HttpMessage(f"CHUNK {digest.hex()[:16]}", "chunk", length, seq=seq)
+            self.on_message(message)
+            self.current, self._pos = message, 0
+            self._next_frame()
+        elif state == "receipt":
+            status, rest = ch.decode_receipt_fixed(frame)
+            seq = ch.RECEIPT_FIXED.unpack(frame)[3]
+            self.on_message(
+                HttpMessage(f"RECEIPT {_RECEIPT_HTTP_STATUS[status]}", "receipt", 0, seq=seq)
+            )
+            self._state, self._need = "receipt-rest", rest
+        elif state == "receipt-rest":
+            self._next_frame()
+
+    def _next_frame(self) -> None:
+        if self.requests:
+            self._state, self._need = "head", ch.CHUNK_FIXED.size
+        else:
+            self._state, self._need = "receipt", ch.RECEIPT_FIXED.size
+
+
+class _Sniffed:
+    """A data channel or HTTP, told by the connection's first bytes (a channel opens with
+    its magic; HTTP requests with a method, replies with "HTTP/")."""
+
+    def __init__(self, requests: bool, on_message: Callable[[HttpMessage], None]) -> None:
+        self.requests = requests
+        self.on_message = on_message
+        self.flow: _HttpFlow | _ChannelFlow | None = None
+        self._told = False
+
+    def feed(self, data: bytes) -> list[tuple[HttpMessage, int, int, int]]:
+        if not self._told:
+            self._told = True
+            if len(data) >= 4:  # (both send more than that at once: else, follow nothing)
+                if self.requests:
+                    channel = data.startswith(ch.MAGIC)
+                else:
+                    channel = not data.startswith(b"HTTP")
+                flow = _ChannelFlow if channel else _HttpFlow
+                self.flow = flow(self.requests, self.on_message)
+        return self.flow.feed(data) if self.flow is not None else []
+
+
 @dataclass
 class LinkProxy:
-    """A TCP proxy to `target_port` on 127.0.0.1 that misbehaves on request, as links and
-    middleboxes do. What it can do:
+    """A TCP proxy to `target_port` on 127.0.0.1 (connections to `port`), and to
+    `data_target_port` (connections to `data_port`), that misbehaves on request, as links and
+    middleboxes do: one link that a pair's control and data planes can both cross
+    (`loopback_pair(link=...)`). What it can do:
 
     - pace the client -> server direction (`rate_bytes_per_s`) and delay both (`delay_s`);
     - drop every connection at once (`drop()`, a reset as a dying NAT or peer gives), stall
       (`stall()` / `resume()`: bytes stop moving, connections stay open), refuse new
       connections (`down()` / `up()`);
     - flip one bit at byte `flip_at` of the client -> server stream (the first connection
-      that gets that far), or, following HTTP/1.1 framing, flip one bit in a request body
-      with probability `corrupt_requests[kind]` (kind: chunk, control, message) and in a reply
-      body with probability `corrupt_replies` (seeded by `seed`), and always the first
+      that gets that far), or, following the framing (HTTP/1.1 for control requests, the
+      data channel's frames for chunks), flip one bit in a request or chunk body with
+      probability `corrupt_requests[kind]` (kind: chunk, control, message) and in an HTTP
+      reply body with probability `corrupt_replies` (seeded by `seed`), and always the first
       `corrupt_first[part]` requests whose path contains `part` (e.g. {"/commit": 1});
-    - keep every request it forwarded (`capture`) for replay tests.
-    It counts what it forwarded (`bytes_up`, `bytes_down`; with `follow_http`, request body
-    bytes by kind in `body_bytes`), what it corrupted (`corrupted`: each request with its
-    reply's status), drops and flips.
+    - keep every request and chunk it forwarded (`capture`) for replay tests.
+    It counts what it forwarded (`bytes_up`, `bytes_down`; with `follow`, body bytes by kind
+    in `body_bytes`: chunk bodies on data channels, control and message request bodies), what
+    it corrupted (`corrupted`: each request or chunk with the status its reply or receipt
+    gave, None when none came), drops and flips.
     """
 
     target_port: int = 0
@@ -288,7 +430,7 @@ class LinkProxy:
     corrupt_replies: float = 0.0
     corrupt_first: dict[str, int] = field(default_factory=dict)
     capture: bool = False
-    follow_http: bool = False
+    follow: bool = False
     body_bytes: dict[str, int] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
@@ -296,8 +438,16 @@ class LinkProxy:
     corrupted: list[HttpMessage] = field(default_factory=list)
     corrupted_replies: int = 0
     captured: list[HttpMessage] = field(default_factory=list)
+    # capture: each data-plane connection's client -> server bytes as forwarded (for replay)
+    captured_streams: list[bytearray] = field(default_factory=list)
+    data_target_port: int = 0  # a second plane: what connects to `data_port` goes there
+    data_port: int = 0
     _server: asyncio.Server | None = None
+    _data_server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _data_writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _held: set[asyncio.StreamWriter] = field(default_factory=set)
+    _held_released: asyncio.Event = field(default_factory=asyncio.Event)
     _flowing: asyncio.Event = field(default_factory=asyncio.Event)
     _refusing: bool = False
     _rng: random.Random = field(default_factory=random.Random)
@@ -305,21 +455,39 @@ class LinkProxy:
     async def __aenter__(self) -> LinkProxy:
         self._rng.seed(self.seed)
         self._flowing.set()
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(
+            lambda r, w: self._handle(r, w, self.target_port), "127.0.0.1", 0
+        )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._data_server = await asyncio.start_server(
+            lambda r, w: self._handle(r, w, self.data_target_port), "127.0.0.1", 0
+        )
+        self.data_port = self._data_server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
+        assert self._data_server is not None
+        self._held_released.set()
         self._server.close()
+        self._data_server.close()
         self._flowing.set()
         for writer in list(self._writers):
             writer.close()
         await self._server.wait_closed()
+        await self._data_server.wait_closed()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def data_address(self) -> str:
+        return f"127.0.0.1:{self.data_port}"
 
     # -- faults on demand ----------------------------------------------------------------------
     def drop(self) -> int:
@@ -345,27 +513,37 @@ class LinkProxy:
     def up(self) -> None:
         self._refusing = False
 
+    def black_hole(self) -> int:
+        """The data-plane connections open now stop moving bytes for good, without a reset
+        (a middlebox that lost their state); new connections flow. Returns how many."""
+        self._held = set(self._data_writers)
+        return len(self._held) // 2
+
     # -- forwarding ----------------------------------------------------------------------------
     @property
-    def _follows_http(self) -> bool:
+    def _follows(self) -> bool:
         return bool(
-            self.follow_http
+            self.follow
             or self.corrupt_requests
             or self.corrupt_replies
             or self.corrupt_first
             or self.capture
         )
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target_port: int
+    ) -> None:
         if self._refusing:
             writer.transport.abort()
             return
         try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", target_port)
         except OSError:
             writer.transport.abort()
             return
         self._writers |= {writer, up_w}
+        if target_port == self.data_target_port:
+            self._data_writers |= {writer, up_w}
         waiting: list[HttpMessage] = []  # requests on this connection awaiting their reply
 
         def on_request(message: HttpMessage) -> None:
@@ -382,22 +560,31 @@ class LinkProxy:
                 self.corrupted.append(message)
 
         def on_reply(message: HttpMessage) -> None:
+            status = int(message.start_line.split(" ")[1])
+            if message.kind == "receipt":  # data channel: receipts say which chunk they answer
+                for i, request in enumerate(waiting):
+                    if request.seq == message.seq:
+                        waiting.pop(i).status = status
+                        break
+                return
             if waiting:
-                waiting.pop(0).status = int(message.start_line.split(" ")[1])
+                waiting.pop(0).status = status
             if message.length and self._rng.random() < self.corrupt_replies:
                 message.flip_at = self._rng.randrange(message.length)
                 self.corrupted_replies += 1
 
-        requests = _HttpFlow(True, on_request) if self._follows_http else None
-        replies = _HttpFlow(False, on_reply) if self._follows_http else None
+        requests = _Sniffed(True, on_request) if self._follows else None
+        replies = _Sniffed(False, on_reply) if self._follows else None
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._pipe(reader, up_w, True, requests))
                 tg.create_task(self._pipe(up_r, writer, False, replies))
         finally:
             self._writers -= {writer, up_w}
+            self._data_writers -= {writer, up_w}
+            self._held -= {writer, up_w}
 
-    def _corrupt(self, data: bytes, flow: _HttpFlow | None, seen: int, upstream: bool) -> bytes:
+    def _corrupt(self, data: bytes, flow: _Sniffed | None, seen: int, upstream: bool) -> bytes:
         buf: bytearray | None = None
         if upstream and self.flip_at is not None and not self.flipped:
             if seen <= self.flip_at < seen + len(data):
@@ -425,7 +612,7 @@ class LinkProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         upstream: bool,
-        flow: _HttpFlow | None,
+        flow: _Sniffed | None,
     ) -> None:
         """Forward one direction. With a delay, a second task writes each piece `delay_s`
         after it arrived (latency, not a throughput cap)."""
@@ -457,7 +644,7 @@ class LinkProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         upstream: bool,
-        flow: _HttpFlow | None,
+        flow: _Sniffed | None,
         late: asyncio.Queue[tuple[float, bytes] | None],
     ) -> None:
         seen = 0
@@ -466,8 +653,14 @@ class LinkProxy:
         # A rate-limited direction forwards small slices, paced, as a slow link delivers them
         # (256 KiB at once would hand a receiver whole chunk bodies in one burst).
         step = 16 * 1024 if upstream and self.rate_bytes_per_s else 256 * 1024
+        stream: bytearray | None = None
+        if self.capture and upstream and writer in self._data_writers:
+            stream = bytearray()
+            self.captured_streams.append(stream)
         while data := await reader.read(step):
             data = self._corrupt(data, flow, seen, upstream)
+            if stream is not None:
+                stream += data
             seen += len(data)
             if self.delay_s:
                 late.put_nowait((loop.time() + self.delay_s, data))
@@ -483,6 +676,8 @@ class LinkProxy:
 
     async def _write(self, writer: asyncio.StreamWriter, data: bytes, upstream: bool) -> None:
         await self._flowing.wait()
+        if writer in self._held:
+            await self._held_released.wait()  # (set as the proxy closes)
         writer.write(data)
         if upstream:
             self.bytes_up += len(data)

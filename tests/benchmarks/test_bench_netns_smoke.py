@@ -141,37 +141,73 @@ def test_iperf3_through_the_harness_fills_the_results_format(lab_20ms: Lab, tmp_
     assert run["cpu_s"] > 0
 
 
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed (the run "
+                    "interrupted here is an iperf3 one)")
 def test_ctrl_c_mid_run_tears_everything_down(tmp_path: Path) -> None:
     scenario = tmp_path / "interrupted.yaml"
     scenario.write_text(
         "scenario: interrupted\nsites: [A, B]\nlinks:\n  - {between: [A, B], rate_mbit: 100, "
         "delay_ms: 5}\nwork:\n  - {size_mib: 1, quick_size_mib: 1}\ntools: [iperf3-1stream]\n"
-        "quick_iperf3_seconds: 60\n")
+        "quick_iperf3_seconds: 60\ncongestion_controls: [cubic]\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks", "run", str(scenario), "--quick", "--output",
          str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=env)
-    assert proc.stdout is not None
-    run_id = None
-    for _ in range(200):  # bounded: the lab is up within a few lines
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if "lab up: run " in line:
-            run_id = line.split("lab up: run ")[1].split(",")[0]
-        if run_id and "TCP echo RTT" in line:
-            break
-    assert run_id, "the run never reported its lab"
-    namespaces = leftover_namespaces(run_id)
-    assert len(namespaces) == 2
-    time.sleep(1.0)  # iperf3 is now sending
-    inside = [int(pid) for ns in namespaces for pid in subprocess.run(
-        ["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout.split()]
-    assert inside, "iperf3 and the emulators should be running in the lab"
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
-    assert "interrupted: lab torn down" in out
-    assert leftover_namespaces(run_id) == []
-    assert _pids_alive(inside) == []
+    try:
+        assert proc.stdout is not None
+        run_id = None
+        for _ in range(200):  # bounded: the lab is up within a few lines
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if "lab up: run " in line:
+                run_id = line.split("lab up: run ")[1].split(",")[0]
+            if run_id and "TCP echo RTT" in line:
+                break
+        assert run_id, "the run never reported its lab"
+        namespaces = leftover_namespaces(run_id)
+        assert len(namespaces) == 2
+        time.sleep(1.0)  # iperf3 is now sending
+        inside = [int(pid) for ns in namespaces for pid in subprocess.run(
+            ["ip", "netns", "pids", ns], capture_output=True, text=True,
+            check=False).stdout.split()]
+        assert inside, "iperf3 and the emulators should be running in the lab"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert "interrupted: lab torn down" in out
+        assert leftover_namespaces(run_id) == []
+        assert _pids_alive(inside) == []
+    finally:
+        # Whatever failed above, the run (and its lab) must not outlive the test.
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+        elif proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_cubic_is_allowed_for_the_run_and_the_host_list_restored(choice: BackendChoice) -> None:
+    """The host allows only some algorithms to namespaces (here "reno bbr"): the lab adds cubic
+    while it runs, a namespace then pins it, and teardown puts the host's list back."""
+    allowed = "net.ipv4.tcp_allowed_congestion_control"
+    available = subprocess.run(["sysctl", "-n", "net.ipv4.tcp_available_congestion_control"],
+                               capture_output=True, text=True, check=True).stdout.split()
+    if "cubic" not in available:
+        pytest.skip("this kernel has no cubic")
+    before = subprocess.run(["sysctl", "-n", allowed], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    lab = Lab(["A", "B"], parse_link_spec("delay=1ms"), choice, congestion_control="cubic")
+    with lab:
+        pinned = subprocess.run(["ip", "netns", "exec", lab.ns("A"), "sysctl", "-n",
+                                 "net.ipv4.tcp_congestion_control"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        assert pinned == "cubic"
+    after = subprocess.run(["sysctl", "-n", allowed], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert after == before

@@ -4,8 +4,11 @@ ratios, the Markdown table, and plots written as PNG."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from benchmarks.measure import ToolRun
 from benchmarks.report import markdown, medians, plot_all, ratios, write_results
@@ -52,7 +55,7 @@ def test_results_file_is_named_after_the_scenario_and_plots_are_png(tmp_path: Pa
     doc = _doc([_run("transferd", 500), _run("iperf3-1stream", 900, data=None,
                                               p50_ms=41.0, p99_ms=45.0)])
     path = write_results(doc, tmp_path)
-    assert path == tmp_path / "unit.json"
+    assert path == tmp_path / "unit.bbr.json"  # one file per scenario and congestion control
     loaded = json.loads(path.read_text())
     assert {"scenario", "backend", "kernel", "congestion_control", "link", "measured_rtt_ms",
             "runs"} <= loaded.keys()
@@ -78,3 +81,21 @@ def test_sustained_rate_skips_the_ramp_and_the_tail() -> None:
     assert wall < 0.85 * sustained  # the wall-clock average counts the ramp and the tail
     assert sustained_rate(samples[:2]) is None
     assert sustained_rate([(0.0, 5), (1.0, 5), (2.0, 5)]) is None  # nothing moved
+
+
+def test_without_matplotlib_the_tables_print_and_one_line_says_how_to_get_plots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from benchmarks.__main__ import cli
+
+    write_results(_doc([_run("transferd", 500), _run("rsync", 400)]), tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert plot_all(tmp_path) is None
+    got = CliRunner().invoke(cli, ["report", "--output", str(tmp_path)])
+    assert got.exit_code == 0, got.output
+    assert "transferd" in got.output
+    assert "rsync" in got.output
+    assert "pip install -e '.[bench]'" in got.output
+    assert "Traceback" not in got.output
+    assert not (tmp_path / "goodput.png").exists()

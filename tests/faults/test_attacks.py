@@ -21,13 +21,16 @@ from tests.faults.conftest import Tally
 from tests.integration._data import file_blake3, tree_digests, write_random
 from transferd.config import load_config
 from transferd.daemon import Daemon
+from transferd.net.channels import OutgoingChunk
 from transferd.protocol.auth import sign_headers
+from transferd.protocol.channel import ReceiptStatus
 from transferd.protocol.messages import MessageEnvelope
 from transferd.protocol.wire import PEER_MESSAGES_ROUTE
 from transferd.site.keys import keygen
 from transferd.testing import (
     LinkProxy,
     bound_socket,
+    free_port,
     running_daemon,
     wait_for_jobs,
     write_site_configs,
@@ -58,6 +61,33 @@ async def raw_request(port: int, raw: bytes) -> int:
         writer.close()
 
 
+async def replay_channel(b: Daemon, port: int, raw: bytes) -> int:
+    """Replay a captured data channel (its opening and chunk frames, as they crossed) to B's
+    data listener: 401 when B refused it and counted it as an auth failure without staging a
+    chunk, 200 when a chunk was taken."""
+    def value(name: str, **labels: str) -> float:
+        return b.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    refusals = value("transferd_auth_failures_total", reason="data channel")
+    chunks = value("transferd_chunks_received_total", peer="A")
+
+    def replay() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            with contextlib.suppress(OSError):
+                sock.sendall(raw)
+            got = b""
+            with contextlib.suppress(OSError):
+                while part := sock.recv(65536):
+                    got += part
+            return got
+
+    answer = await asyncio.to_thread(replay)
+    refused = value("transferd_auth_failures_total", reason="data channel") == refusals + 1
+    taken = value("transferd_chunks_received_total", peer="A") > chunks
+    # The listener answers the opening with its challenge (16 bytes) and nothing more.
+    return 200 if taken or len(answer) > 16 else (401 if refused else 500)
+
+
 def with_header(raw: bytes, name: str, value: str) -> bytes:
     head, sep, body = raw.partition(b"\r\n\r\n")
     lines = [
@@ -77,7 +107,8 @@ def header(raw: bytes, name: str) -> str:
 
 
 class Sites:
-    """A and B as in-process daemons, A reaching B through a capturing proxy; B restartable."""
+    """A and B as in-process daemons, A reaching B (control and data channels) through a
+    capturing proxy; B restartable."""
 
     def __init__(self, root: Path, proxy: LinkProxy, stack: contextlib.AsyncExitStack) -> None:
         self.root, self.proxy, self.stack = root, proxy, stack
@@ -88,10 +119,12 @@ class Sites:
     async def start(self) -> None:
         socks = {"A": bound_socket(), "B": bound_socket()}
         self.ports = {s: k.getsockname()[1] for s, k in socks.items()}
-        self.proxy.target_port = self.ports["B"]
+        self.data_port = free_port()
+        self.proxy.target_port, self.proxy.data_target_port = self.ports["B"], self.data_port
         await self.stack.enter_async_context(self.proxy)
         self.paths = write_site_configs(
-            self.root, self.ports, peer_urls={"B": self.proxy.url}, chunk_size=CHUNK
+            self.root, self.ports, peer_urls={"B": self.proxy.url}, chunk_size=CHUNK,
+            data_ports={"B": self.data_port}, data_addresses={"B": self.proxy.data_address},
         )
         self.a = await self.stack.enter_async_context(
             running_daemon(load_config(self.paths["A"]), socks["A"])
@@ -166,18 +199,29 @@ async def test_captured_requests_replayed_before_and_after_a_restart_are_refused
         await s.a.messages.send("B", b"hello", _query())
         future = future_message(s, ahead_s=250, message_id="future-1")
         assert await raw_request(s.ports["B"], future) == 200  # genuine: delivered once
-        captured = [bytes(m.raw) for m in s.proxy.captured if m.raw is not None]
+        # HTTP requests (a chunk's capture is its body only: its channel is replayed below).
+        captured = [
+            bytes(m.raw) for m in s.proxy.captured if m.raw is not None and m.kind != "chunk"
+        ]
         kinds = {m.kind for m in s.proxy.captured}
         assert {"chunk", "control", "message"} <= kinds
+        channels = [bytes(c) for c in s.proxy.captured_streams if c]
+        assert channels
         before = tree_digests(s.b.config.data_path)
 
         outcomes: list[tuple[str, int]] = []
         for raw in [*captured, future]:
             outcomes.append(("replay", await raw_request(s.ports["B"], raw)))
+        for raw in channels:
+            outcomes.append(("channel replay", await replay_channel(s.b, s.data_port, raw)))
         inbox_before_restart = len(s.b.messages.inbox)
         await s.restart_b()
         for raw in [*captured, future]:
             outcomes.append(("replay after restart", await raw_request(s.ports["B"], raw)))
+        for raw in channels:
+            outcomes.append(
+                ("channel replay after restart", await replay_channel(s.b, s.data_port, raw))
+            )
         refused = [status in (401, 403) for _what, status in outcomes]
         unchanged = tree_digests(s.b.config.data_path) == before
         no_duplicate = len(s.b.messages.inbox) == 0  # nothing delivered after the restart
@@ -270,7 +314,7 @@ async def test_tampered_forged_stale_and_reflected_requests_are_refused(
         inbox = len(s.b.messages.inbox)
         samples = {}
         for m in s.proxy.captured:
-            if m.raw is not None and m.length and m.kind not in samples:
+            if m.raw is not None and m.length and m.kind not in samples and m.kind != "chunk":
                 samples[m.kind] = bytes(m.raw)
         outcomes = []
         for name, tamper in sorted(_tampers().items()):
@@ -322,10 +366,14 @@ async def test_forged_manifest_is_refused_and_nothing_committed(
         from netplan.plan import TrafficClass
 
         await link.call(TrafficClass.CONTROL, "POST", "/v1/uploads", body=intent)
-        await link.call(
-            TrafficClass.SYNC, "PUT", f"/v1/uploads/A-forged-1/chunks/{digest}?at=0:0",
-            body=data, headers={"X-Transferd-Length": str(CHUNK)}, accept=(204,),
+        channels = a.channels["B"]
+        await channels.ensure(1, lambda: a.sender.data_address(link))
+        sent = OutgoingChunk(
+            upload="A-forged-1", digest=digest, locations=((0, 0),), raw_length=CHUNK,
+            encoding="identity", body_blake3=digest, body=data,
         )
+        receipt = await asyncio.wrap_future(channels.submit(sent))
+        assert receipt.status is ReceiptStatus.OK, receipt
         keygen(["A"], tmp_path / "forger")
         forged = upload_manifest(intent, a.clock(), [[(digest, 0, CHUNK)]]).sign(
             Keyring.load(tmp_path / "forger", "A", [])

@@ -122,13 +122,15 @@ def json_lines(log: Path) -> bool:
 async def kill_trial(tmp_path: Path, seed: int, tally: Tally) -> None:
     rng = random.Random(seed)
     sends, files = lay_out(tmp_path / "site-A", rng)
-    proxy = LinkProxy(rate_bytes_per_s=rng.choice([8e6, 12e6]), seed=seed, follow_http=True)
+    proxy = LinkProxy(rate_bytes_per_s=rng.choice([8e6, 12e6]), seed=seed, follow=True)
     async with proxy:
         ports = {"A": free_port(), "B": free_port()}
-        proxy.target_port = ports["B"]
+        data_port = free_port()
+        proxy.target_port, proxy.data_target_port = ports["B"], data_port
         configs = write_site_configs(
             tmp_path, ports, peer_urls={"B": proxy.url}, chunk_size=CHUNK, streams=2,
-            checkpoints={"retention": 5},
+            checkpoints={"retention": 5}, data_ports={"B": data_port},
+            data_addresses={"B": proxy.data_address},
         )
         url = {s: f"http://127.0.0.1:{p}" for s, p in ports.items()}
         logs = {s: tmp_path / f"{s}.log" for s in ports}

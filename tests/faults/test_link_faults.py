@@ -1,5 +1,6 @@
-"""A misbehaving link between two daemons: bits flipped in chunk bodies, control bodies and
-replies, connections dropped again and again, stalls, a peer that is gone for a while, extra
+"""A misbehaving link between two daemons, crossed by both planes (control requests and the
+data channels): bits flipped in chunk bodies, control bodies and replies, connections dropped
+again and again, stalls, data channels black-holed, a peer that is gone for a while, extra
 delay. Every corrupted body is refused (none accepted) and asked for again; every transfer
 ends byte-exact without an operator, and nothing partial is ever visible at the receiver."""
 
@@ -63,7 +64,7 @@ async def pair(tmp_path: Path, proxy: LinkProxy, seed: int) -> AsyncIterator[
     tuple[Daemon, Daemon, dict[str, str]]
 ]:
     digests = lay_out(tmp_path / "site-A", seed)
-    async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, streams=2) as (a, b):
+    async with loopback_pair(tmp_path, link=proxy, chunk_size=CHUNK, streams=2) as (a, b):
         yield a, b, digests
 
 
@@ -92,6 +93,8 @@ async def _corrupted_bodies(tmp_path: Path, seed: int, tally: Tally) -> None:
     assert by_kind["chunk"]
     assert by_kind["control"]
     assert accepted == {"chunk": [], "control": []}
+    # On the data channels each damaged body was answered by a DAMAGED receipt (422 here).
+    assert set(by_kind["chunk"]) == {422}
 
 
 @pytest.mark.parametrize("seed", _corruption_seeds(long=False))
@@ -125,7 +128,7 @@ async def _flapping(
     land mid-transfer, whatever the machine's speed): the jobs finish by themselves, and they
     count every body byte they put on the wire, the re-sent ones too (never fewer than the link
     carried), and report the retries."""
-    proxy = LinkProxy(seed=seed, rate_bytes_per_s=4e6, follow_http=True)
+    proxy = LinkProxy(seed=seed, rate_bytes_per_s=4e6, follow=True)
     async with pair(tmp_path, proxy, seed) as (a, b, digests):
 
         async def flap() -> None:
@@ -191,4 +194,39 @@ async def test_a_stall_and_a_peer_gone_for_a_while_are_ridden_through(
         ok = all(j.state == "committed" for j in jobs) and exact(b, digests)
     tally(FLAPS, ok)
     assert ok, [(j.path, j.state, j.error) for j in jobs]
+    assert sum(j.retries for j in jobs) >= 1
+
+
+async def test_black_holed_data_channels_are_broken_and_their_chunks_sent_again(
+    tmp_path: Path, tally: Tally
+) -> None:
+    """The data channels in use stop moving for good without a reset (a middlebox lost their
+    state): the sender notices nothing moved for its stall limit, breaks them and sends their
+    chunks again on new channels, and counts those sends."""
+    proxy = LinkProxy(seed=4, rate_bytes_per_s=4e6, follow=True)
+    async with pair(tmp_path, proxy, 4) as (a, b, digests):
+        a.channels["B"].stall_s = 1.0
+
+        async def hole() -> None:
+            while True:
+                await asyncio.sleep(0.005)
+                if proxy.body_bytes.get("chunk", 0) >= 200_000:
+                    proxy.black_hole()
+                    return
+
+        holed = asyncio.create_task(hole())
+        jobs = await send_all(a)
+        await holed
+        ok = all(j.state == "committed" for j in jobs) and exact(b, digests)
+        resent = a.metrics.registry.get_sample_value(
+            "transferd_chunks_resent_total", {"peer": "B"}
+        ) or 0
+        opened = a.channels["B"].opened
+    carried = proxy.body_bytes.get("chunk", 0) + proxy.body_bytes.get("control", 0)
+    counted = sum(j.bytes_on_wire for j in jobs)
+    tally(FLAPS, ok and resent > 0 and counted >= carried)
+    assert ok, [(j.path, j.state, j.error) for j in jobs]
+    assert resent > 0
+    assert opened > 2  # the black-holed ones were replaced
+    assert counted >= carried
     assert sum(j.retries for j in jobs) >= 1

@@ -3,7 +3,9 @@ paths that escape data_dir and raw-tier data are refused on both sides."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +16,10 @@ from tests.integration._data import write_random
 from transferd import TrafficClass
 from transferd.daemon import Daemon
 from transferd.errors import AuthError, PolicyViolation
+from transferd.net.channels import OutgoingChunk
+from transferd.protocol import channel as ch
 from transferd.protocol.auth import sign_headers
+from transferd.protocol.channel import Receipt, ReceiptStatus
 from transferd.protocol.manifest import UploadIntent
 from transferd.protocol.upload import upload_intent, upload_manifest
 from transferd.protocol.wire import to_body
@@ -48,6 +53,17 @@ async def post(url: str, path: str, body: bytes, headers: dict[str, str]) -> int
         async with session.post(url + path, data=body, headers=headers) as resp:
             await resp.read()
             return resp.status
+
+
+async def send_chunk(a: Daemon, upload: str, data: bytes, at: int = 0) -> Receipt:
+    """One raw chunk from A to B on A's data channels; B's receipt."""
+    channels = a.channels["B"]
+    await channels.ensure(1, lambda: a.sender.data_address(a.links["B"]))
+    digest = blake3.blake3(data).hexdigest()
+    chunk = OutgoingChunk(upload=upload, digest=digest, locations=((0, at),),
+                          raw_length=len(data), encoding="identity", body_blake3=digest,
+                          body=data)
+    return await asyncio.wrap_future(channels.submit(chunk))
 
 
 async def test_unsigned_bad_stale_replayed_requests_are_refused_and_write_nothing(
@@ -94,14 +110,7 @@ async def test_badly_signed_manifest_is_refused_403_and_nothing_is_committed(
     async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
         link = a.links["B"]
         await link.call(TrafficClass.CONTROL, "POST", "/v1/uploads", body=intent())
-        await link.call(
-            TrafficClass.SYNC,
-            "PUT",
-            f"/v1/uploads/A-test-upload-1/chunks/{chunk_hash}?at=0:0",
-            body=data,
-            headers={"X-Transferd-Length": str(len(data))},
-            accept=(204,),
-        )
+        assert (await send_chunk(a, "A-test-upload-1", data)).status is ReceiptStatus.OK
         manifest = upload_manifest(intent(), a.clock(), [[(chunk_hash, 0, CHUNK)]])
         # Signed by a key that is not A's: the receiver must refuse it.
         keygen(["A"], tmp_path / "other-keys")
@@ -168,3 +177,42 @@ async def test_receiver_refuses_escaping_paths_and_raw_tier(
         assert staged(b) == []
         assert visible_files(b) == []
         assert b.metrics.value("transferd_policy_refusals_total", side="receiver") == 1
+
+
+def _open_raw(port: int, source: str, secret: bytes) -> tuple[socket.socket, bytes]:
+    """A data channel opened by hand (blocking); returns the socket and what the server
+    answered to the proof (ACCEPT, or b"" when it hung up)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    said, frame = ch.hello(source, "B")
+    sock.sendall(frame)
+    server_nonce = sock.recv(ch.CHALLENGE_BYTES, socket.MSG_WAITALL)
+    sock.sendall(ch.proof(secret, said, server_nonce))
+    return sock, sock.recv(ch.ACCEPT_BYTES, socket.MSG_WAITALL)
+
+
+async def test_data_channels_refuse_bad_proofs_and_strangers_and_count_them(
+    tmp_path: Path,
+) -> None:
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        assert b.data_port
+        secret = a.keyring.secret_for("B")
+        sock, answer = await asyncio.to_thread(_open_raw, b.data_port, "A", b"\x00" * 32)
+        sock.close()
+        assert answer == b""  # wrong secret: the receiver hangs up without proving its own
+        sock, answer = await asyncio.to_thread(_open_raw, b.data_port, "Z", secret)
+        sock.close()
+        assert answer == b""  # not a peer of B
+        # The right secret opens a channel, and the receiver proves the secret back.
+        sock, answer = await asyncio.to_thread(_open_raw, b.data_port, "A", secret)
+        sock.close()
+        assert len(answer) == ch.ACCEPT_BYTES
+        assert b.metrics.value("transferd_auth_failures_total", reason="data channel") == 2
+        assert staged(b) == []
+
+
+async def test_a_chunk_for_an_upload_that_is_not_open_is_refused(tmp_path: Path) -> None:
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        receipt = await send_chunk(a, "A-never-opened", b"x" * 4096)
+        assert receipt.status is ReceiptStatus.REFUSED
+        assert "unknown upload" in receipt.reason
+        assert visible_files(b) == []

@@ -86,10 +86,13 @@ async def test_sigkill_mid_transfer_resumes_resending_at_most_in_flight_chunks(
     # proxy listens first, so the daemons' free ports cannot be the one it takes.
     async with LinkProxy(rate_bytes_per_s=8e6) as proxy:
         ports = {"A": free_port(), "B": free_port()}
-        proxy.target_port = ports["B"]
+        # The bulk bytes (A's data channels to B) cross the slow proxy; control goes direct.
+        data_ports = {"B": free_port()}
+        proxy.target_port = data_ports["B"]
         configs = write_site_configs(
-            tmp_path, ports, peer_urls={"B": proxy.url}, chunk_size=CHUNK, streams=2
-        )
+            tmp_path, ports, data_ports=data_ports, data_addresses={"B": proxy.address},
+            chunk_size=CHUNK, streams=2,
+        )  # fmt: skip
         url = {s: f"http://127.0.0.1:{ports[s]}" for s in ports}
         logs = {s: tmp_path / f"{s}.log" for s in ports}
         procs = {s: start_daemon(configs[s], logs[s]) for s in ("A", "B")}

@@ -107,3 +107,24 @@ async def test_stale_staging_is_dropped_at_start(tmp_path: Path) -> None:
         upload = b2.journal.upload("A-abandoned-1")
         assert upload is not None
         assert upload.state is UploadState.FAILED
+
+
+async def test_jobs_reuse_the_same_data_channels(
+    tmp_path: Path,
+) -> None:
+    for i in range(3):
+        write_random(tmp_path / "site-A" / "curated" / f"f{i}.bin", 6 * CHUNK, seed=40 + i)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, streams=2) as (a, b):
+        for i in range(3):
+            [job_id] = a.sender.submit(f"curated/f{i}.bin", ["B"])
+            [job] = await wait_for_jobs(a, [job_id])
+            assert job.state == "committed", job.error
+        # Opened once (when the daemon started or the first job needed them), then reused by
+        # every chunk of every job.
+        assert a.metrics.value("transferd_data_channels_opened_total", peer="B") == 2
+        assert b.metrics.value("transferd_chunks_received_total", peer="A") == 18
+        assert b.metrics.value("transferd_bytes_received_total", peer="A") == 18 * CHUNK
+        assert a.channels["B"].algorithms  # each socket reports the congestion control in use
+    for i in range(3):
+        src = tmp_path / "site-A" / "curated" / f"f{i}.bin"
+        assert (tmp_path / "site-B" / "curated" / f"f{i}.bin").read_bytes() == src.read_bytes()

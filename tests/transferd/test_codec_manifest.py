@@ -17,9 +17,11 @@ RANDOM = random.Random(1).randbytes(1 << 20)
 ZEROS = bytes(1 << 20)
 
 
-def test_auto_sends_raw_until_the_link_is_measured_then_compresses_only_on_slow_links() -> None:
+def test_auto_compresses_until_the_link_is_measured_then_only_on_slow_links() -> None:
     policy = CompressionPolicy.from_setting("auto", workers=2)
-    assert not policy.should_try()  # no link measurement yet: send raw and measure
+    assert policy.should_try()  # no link measurement yet: what shrinks goes compressed
+    assert policy.pays(policy.probe_ratio(ZEROS))
+    assert not policy.pays(policy.probe_ratio(RANDOM))
     policy.observe_link(100_000_000, 1.0)  # 100 MB/s WAN
     assert policy.should_try()
     assert policy.pays(policy.probe_ratio(ZEROS))
@@ -113,3 +115,15 @@ def test_a_digest_that_is_not_the_chunk_roots_is_refused() -> None:
     body = _manifest().model_dump_json().replace(file_digest(10, CHUNKS), "d" * 64).encode()
     with pytest.raises(ProtocolError, match="digest is not the root"):
         parse_body(Manifest, body)
+
+
+def test_incompressible_data_is_probed_only_now_and_then() -> None:
+    policy = CompressionPolicy.from_setting("auto", workers=2)
+    probed = 0
+    for _ in range(100):
+        if policy.should_try():
+            probed += 1
+            policy.pays(policy.probe_ratio(RANDOM))
+    assert probed <= 4 + 100 // 16 + 1  # four in a row, then one chunk in sixteen
+    policy.pays(policy.probe_ratio(ZEROS))  # the data changed: back to probing every chunk
+    assert all(policy.should_try() for _ in range(10))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import blake3
 
-from transferd.protocol.chunks import ChunkPut
 from transferd.protocol.upload import ChunkTarget, upload_intent, upload_manifest
 from transferd.site.journal import Journal
 from transferd.site.keys import keygen
@@ -26,8 +25,7 @@ CHUNK = 4096
 def _put(receiver: Receiver, upload: str, data: bytes, chunk: tuple[str, int, int]) -> None:
     digest, off, n = chunk
     targets = [ChunkTarget(0, off, n)]
-    put = ChunkPut(encoding="identity", raw_length=n)
-    receiver.verify_and_write(upload, digest, data[off : off + n], digest, put, targets)
+    receiver.verify_and_write(upload, digest, data[off : off + n], digest, "identity", n, targets)
     receiver.record(upload, targets, digest)
 
 

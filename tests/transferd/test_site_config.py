@@ -29,6 +29,9 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert config.state_path == tmp_path / "site-a" / ".transferd"
     assert config.peers["B"].url == "http://127.0.0.1:7702"
     assert config.local_url == "http://127.0.0.1:7701"
+    assert config.peers["B"].congestion_control == "bbr"  # per data socket
+    assert config.data_listen_host_port == ("127.0.0.1", 0)  # listen's host, any free port
+    assert config.streams == 2
 
 
 @pytest.mark.parametrize(
@@ -60,6 +63,18 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
             "'C' is not one of peers",
         ),
         (("site: A\n", ""), "site: required field is missing"),
+        (
+            ("http://127.0.0.1:7702}", "http://127.0.0.1:7702, congestion_control: vegas}"),
+            "peers.B.congestion_control",
+        ),
+        (
+            ("keys_dir: ./keys", "keys_dir: ./keys\ndata_listen: 0.0.0.0"),
+            "data_listen: must be host:port, e.g. 127.0.0.1:7701 (line 7)",
+        ),
+        (
+            ("http://127.0.0.1:7702}", "http://127.0.0.1:7702, data_address: b}"),
+            "peers.B.data_address: must be host:port",
+        ),
     ],
 )
 def test_config_errors_name_the_field_and_line(edit: tuple[str, str], message: str) -> None:

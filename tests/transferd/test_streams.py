@@ -18,7 +18,7 @@ import pytest
 from transferd import TrafficClass
 from transferd.net.pump import BulkGate, PeerTraffic, SchedulerPump
 from transferd.protocol.sched import ClassScheduler
-from transferd.protocol.streams import StreamController
+from transferd.protocol.streams import PathSample, StreamController
 
 GBIT = 125_000_000  # bytes/s
 
@@ -192,44 +192,26 @@ async def test_cancelled_acquire_leaves_no_slot_and_no_queued_marker() -> None:
     assert gate.in_flight == 1
 
 
-async def test_a_sent_body_frees_its_stream_before_the_answer_arrives() -> None:
-    # One stream: while an upload awaits its answer (a round trip), the next body may go out.
-    traffic = PeerTraffic.build("B", initial_streams=1, max_streams=1)
+async def test_each_stream_keeps_a_window_of_chunks_in_flight() -> None:
+    # Two channels with a window of two chunks each: four chunks may await their receipts; the
+    # fifth waits for one of them, and the limit follows the controller's target.
+    traffic = PeerTraffic.build("B", initial_streams=2, max_streams=8, per_stream=2)
     gate = traffic.gates[TrafficClass.CHECKPOINT]
-    await gate.acquire(100)
-    second = asyncio.create_task(gate.acquire(100))
+    for _ in range(4):
+        await gate.acquire(100)
+    fifth = asyncio.create_task(gate.acquire(100))
     await _settle()
-    assert not second.done()
-    gate.sent()  # the first body is on the wire
+    assert not fifth.done()
+    gate.release(100)  # a receipt
     await _settle()
-    assert second.done()
-    assert gate.in_flight == 1
-    gate.release(100, slot=False)  # the first answer: the controller learns, no slot changes
-    assert gate.in_flight == 1
-    third = asyncio.create_task(gate.acquire(100))
+    assert fifth.done()
+    assert gate.in_flight == 4
+    gate.controller.target_streams = 3
+    sixth = asyncio.create_task(gate.acquire(100))
     await _settle()
-    assert not third.done()
-    gate.release(100)  # the second upload ends without sent() (e.g. it failed): frees its slot
-    await _settle()
-    assert third.done()
-    gate.release(100)
-    assert gate.in_flight == 0
-
-
-async def test_early_release_keeps_one_awaiting_upload_per_stream_and_a_cap() -> None:
-    traffic = PeerTraffic.build("B", initial_streams=1, max_streams=32)
-    gate = traffic.gates[TrafficClass.SYNC]
-    await gate.acquire(100)
-    assert gate.sent() is True
-    await gate.acquire(100)
-    assert gate.sent() is False  # one stream: one upload awaiting its answer at most
-    gate.controller.target_streams = 12
-    for _ in range(40):  # keep every free stream busy, mark each new body sent
-        while gate.in_flight < gate.controller.target_streams:
-            await gate.acquire(100)
-        gate.sent()
-        assert gate.in_flight + gate.awaiting <= 16
-    assert (gate.in_flight, gate.awaiting) == (12, 4)  # the cap, not 2 x 12
+    assert sixth.done()  # three channels: room for six
+    assert gate.in_flight == 5
+    assert traffic.streams_wanted() == 3
 
 
 def test_one_low_window_of_whole_chunks_is_not_a_fall() -> None:
@@ -255,3 +237,62 @@ def test_one_low_window_of_whole_chunks_is_not_a_fall() -> None:
     window(9)
     window(9)  # two windows at -35 %: a real fall
     assert ctl.target_streams < 8
+
+
+def _run_with_path(
+    ctl: StreamController, link: FluidLink, start: float, seconds: float, *, bbr: bool
+) -> list[tuple[float, int, float]]:
+    """As `_run`, and once per window what the sockets report: the link's loss rate on the
+    segments sent (TCP_INFO), its RTT and MSS. A bbr stream is not held at the Mathis bound:
+    it carries its share of the link whatever the loss."""
+    trace = []
+    now = start
+    dt = 0.1
+    while now < start + seconds - 1e-9:
+        streams = ctl.target_streams
+        rate = (min(link.capacity_bytes_per_s, streams * link.capacity_bytes_per_s)
+                if bbr else link.goodput(streams))
+        now += dt
+        if now >= ctl.next_deadline():
+            segs = int(rate / link.mss_bytes)
+            ctl.on_path(PathSample(segs_out=segs, retrans=int(segs * link.loss),
+                                   rtt_s=link.rtt_s, mss=link.mss_bytes))
+        ctl.on_sample(now, int(rate * dt), 0)
+        trace.append((now, streams, rate))
+    return trace
+
+
+def test_loss_limited_cubic_streams_double_until_the_link_is_full() -> None:
+    # 0.5 % loss at 40 ms: one cubic stream's ceiling is ~5 Mbit/s (Mathis); the controller
+    # sees each stream at that ceiling and keeps doubling, where the path-blind one would
+    # have settled at +1 steps.
+    link = FluidLink(loss=0.005, capacity_bytes_per_s=GBIT / 10)
+    ctl = StreamController(0.0, initial_streams=2, max_streams=32)
+    _run_with_path(ctl, link, 0.0, 30.0, bbr=False)
+    grown = [c for c in ctl.changes if c.to_streams > c.from_streams]
+    assert grown
+    assert all("loss-limited" in c.reason for c in grown)
+    assert all(c.to_streams == 2 * c.from_streams or c.to_streams == 32 for c in grown)
+    assert ctl.target_streams >= 16
+
+
+def test_capacity_limited_bbr_streams_are_not_multiplied() -> None:
+    # bbr on the same lossy link: each stream far above the Mathis bound, the link full with
+    # two streams: the controller holds at two (more streams would only compete and lose).
+    link = FluidLink(loss=0.005)
+    ctl = StreamController(0.0, initial_streams=2, max_streams=32)
+    _run_with_path(ctl, link, 0.0, 30.0, bbr=True)
+    assert ctl.target_streams == 2
+    assert not ctl.changes
+    assert ctl.loss_limited(GBIT) is False
+
+
+def test_without_loss_the_controller_still_probes_for_what_else_holds_a_stream_back() -> None:
+    # No loss: TCP_INFO says nothing about why a stream is not faster (a window, a receiver's
+    # disk), so a probe decides, as without path samples.
+    link = FluidLink(loss=1e-9)
+    ctl = StreamController(0.0, initial_streams=2, max_streams=32)
+    ctl.on_path(PathSample(segs_out=100_000, retrans=0, rtt_s=0.04, mss=1448))
+    assert ctl.loss_limited(GBIT) is None
+    _run(ctl, link, 0.0, 20.0)
+    assert any(c.reason.startswith("probing") for c in ctl.changes)

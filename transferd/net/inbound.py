@@ -7,14 +7,15 @@ in `net.server` parse, call one method here, and answer.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from transferd.errors import StorageError, TransferdError
-from transferd.protocol.chunks import ChunkPut
+from transferd.protocol.channel import ChunkHead
 from transferd.protocol.manifest import (
     CommitAnswer,
     HaveAnswer,
@@ -23,7 +24,7 @@ from transferd.protocol.manifest import (
     SignedManifest,
     UploadIntent,
 )
-from transferd.protocol.upload import refused, wanted
+from transferd.protocol.upload import ChunkTarget, refused, wanted
 from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
 from transferd.site.threads import bulk_executor
@@ -47,22 +48,17 @@ class InboundUploads:
         self.clock = clock
         self._workers = bulk_executor(workers, "transferd-chunk")
         self._commit_locks: dict[str, asyncio.Lock] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def close(self) -> None:
-        self._workers.shutdown(wait=True)
+    @property
+    def workers(self) -> concurrent.futures.Executor:
+        """The threads (lower CPU priority) that verify and stage chunk bodies."""
+        return self._workers
+
+    async def aclose(self) -> None:
+        """Off the loop: a worker may be waiting for the loop to book its chunk."""
+        await asyncio.to_thread(self._workers.shutdown, True)
         self.receiver.close()
-
-    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run CPU/disk work (hashing, decompression, pwrite) on the chunk worker threads.
-
-        If the awaiting handler is cancelled, the worker still holds the request's pooled buffer:
-        wait for it to finish before the cancellation proceeds (and is re-raised)."""
-        future = asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            await asyncio.wait([future])
-            raise
 
     @contextlib.asynccontextmanager
     async def _commit_lock(self, upload: str) -> AsyncIterator[None]:
@@ -109,27 +105,33 @@ class InboundUploads:
                 not_filled.append(digest)
         return wanted(decision, request, not_filled)
 
-    async def put_chunk(
-        self,
-        upload: str,
-        peer: str,
-        digest: str,
-        put: ChunkPut,
-        locations: list[tuple[int, int]],
-        body: memoryview,
-        body_blake3: str,
+    # -- chunks from the data channels (net.channels.ChunkSink) ------------------------------
+
+    async def chunk_targets(self, head: ChunkHead, peer: str) -> list[ChunkTarget]:
+        """On the loop: where the chunk goes (the upload must be open, from this peer, and the
+        locations inside its files)."""
+        self._loop = asyncio.get_running_loop()
+        return self.receiver.targets(head.upload, peer, head.raw_length, head.locations)
+
+    def verify_and_write(
+        self, head: ChunkHead, body: memoryview, targets: list[ChunkTarget]
     ) -> None:
-        """Verify and stage one chunk body (read into a pooled buffer by the handler)."""
-        targets = self.receiver.targets(upload, peer, put.raw_length, locations)
+        """In a channel worker: verify and stage the body. Out of space, the upload fails at
+        once (on the loop, where the journal lives)."""
         try:
-            await self.run_blocking(
-                self.receiver.verify_and_write, upload, digest, body, body_blake3, put, targets
-            )
+            self.receiver.verify_and_write(
+                head.upload, head.address, body, head.body_blake3.hex(), head.encoding,
+                head.raw_length, targets,
+            )  # fmt: skip
         except StorageError as exc:
-            self._fail_if_full(upload, exc)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._fail_if_full, head.upload, exc)
             raise
-        self.receiver.record(upload, targets, digest)
-        self.metrics.bytes_received.labels(peer).inc(len(body))
+
+    async def chunk_landed(self, head: ChunkHead, peer: str, targets: list[ChunkTarget]) -> None:
+        """On the loop: journal the staged chunk, count it."""
+        self.receiver.record(head.upload, targets, head.address)
+        self.metrics.bytes_received.labels(peer).inc(head.body_length)
         self.metrics.chunks_received.labels(peer).inc()
 
     async def commit(self, upload: str, peer: str, signed: SignedManifest) -> CommitAnswer:

@@ -1,9 +1,10 @@
 """The one client for peers: signed HTTP requests to a peer daemon, one aiohttp connection
 pool per traffic class, for uploads and messages alike.
 
-Bulk chunk bodies never queue in front of control messages (have/want, commit) because each
-(peer, TrafficClass) pair owns its own `ClientSession` and connector. Bodies go out as
-memoryviews with Content-Length (no chunked encoding: aiohttp copies each chunk then).
+Control messages (have/want, commit) and interactive messages never queue behind each other:
+each (peer, TrafficClass) pair owns its own `ClientSession` and connector; the bulk bytes are
+not here at all but on the data channels (`net.channels`). Bodies go out as memoryviews with
+Content-Length (no chunked encoding: aiohttp copies each chunk then).
 
 Every send is signed afresh by a client middleware (a new nonce and timestamp), so aiohttp's
 own re-send of a request on a kept-alive connection the peer had closed is not a replay; every
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -55,21 +57,17 @@ INTERACTIVE_POOL = 32
 
 
 class ChunkBody(payload.Payload):
-    """A chunk body sent straight from a memoryview (mmap window or compressed bytes) with
-    Content-Length. aiohttp's BytesPayload warns on large bodies; writing one buffer is what we
-    want here, since the event loop hands it to the kernel without copying."""
+    """A request body sent straight from a memoryview with Content-Length. aiohttp's
+    BytesPayload warns on large bodies (a manifest of a large folder); writing one buffer is
+    what we want here, since the event loop hands it to the kernel without copying."""
 
     def __init__(
-        self,
-        value: bytes | memoryview,
-        on_sent: Callable[[], None] | None = None,
-        on_wire: Callable[[int], None] | None = None,
+        self, value: bytes | memoryview, on_wire: Callable[[int], None] | None = None
     ) -> None:
         super().__init__(value, content_type="application/octet-stream")
         self._size = memoryview(value).nbytes
-        self._on_sent = on_sent
+        self._wire_bytes = self._size
         self._on_wire = on_wire
-        self._wire_bytes = memoryview(value).nbytes
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return bytes(self._value).decode(encoding, errors)
@@ -85,9 +83,6 @@ class ChunkBody(payload.Payload):
             # before the first byte: a body cut short, or a sender killed, is still counted.
             self._on_wire(self._wire_bytes)
         await writer.write(self._value)
-        if self._on_sent is not None:
-            # Handed to the transport, and its buffer drained below the high-water mark.
-            self._on_sent()
 
 
 @dataclass(frozen=True)
@@ -114,6 +109,7 @@ class PeerLink:
         shared_pool: bool = False,
     ) -> None:
         self.site, self.peer, self.url = site, peer, url
+        self.host = urllib.parse.urlsplit(url).hostname or "127.0.0.1"
         # Benchmark baseline only: every class on one pool, so small messages queue behind bulk.
         self.shared_pool = shared_pool
         self.keys = keys
@@ -194,7 +190,6 @@ class PeerLink:
         body_digest: str | None = None,
         headers: dict[str, str] | None = None,
         accept: tuple[int, ...] = (200,),
-        on_sent: Callable[[], None] | None = None,
         on_wire: Callable[[int, bool], None] | None = None,
     ) -> Reply:
         """One signed request (`body_digest`: the body's blake3 when the caller knows it).
@@ -219,7 +214,7 @@ class PeerLink:
             if on_wire is not None:
                 on_wire(n, sends > 1)
 
-        data = ChunkBody(body, on_sent, wire) if body is not None else None
+        data = ChunkBody(body, wire) if body is not None else None
         try:
             async with self.session(traffic_class).request(
                 method, URL(self.url + path_qs, encoded=True), data=data, headers=signed

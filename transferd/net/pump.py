@@ -97,13 +97,12 @@ class SchedulerPump(Generic[P]):
 
 
 class BulkGate:
-    """Admission of chunk uploads for one (peer, bulk class), for senders that own their upload
-    tasks: `await acquire(n)` returns once a stream is free (in flight < the controller's target)
-    and the peer's scheduler releases n bytes of this class (rate caps, weights); `release(acked,
-    errors)` ends the upload and feeds the controller. Synchronous release, so it is safe in
-    `finally` blocks of cancelled tasks."""
-
-    EARLY_RELEASE_CAP = 16  # uploads in flight beyond which sent() keeps the stream busy
+    """Admission of chunks for one (peer, bulk class), for senders that own their chunk tasks:
+    `await acquire(n)` returns once the class may have another chunk in flight (fewer than the
+    controller's streams x `per_stream`: each data channel keeps a window of chunks in flight
+    across the round trip) and the peer's scheduler releases n bytes of this class (rate caps,
+    weights); `release(acked, errors)` ends the chunk at its receipt and feeds the controller.
+    Synchronous release, so it is safe in `finally` blocks of cancelled tasks."""
 
     def __init__(
         self,
@@ -113,6 +112,7 @@ class BulkGate:
         controller: StreamController,
         metrics: Metrics | None = None,
         clock: Callable[[], float] | None = None,
+        per_stream: int = 1,
     ) -> None:
         self.peer = peer
         self.clock = clock or pump.now  # the controller's clock (tests pass a fake one)
@@ -120,16 +120,20 @@ class BulkGate:
         self.traffic_class = traffic_class
         self.controller = controller
         self.metrics = metrics
+        self.per_stream = per_stream
         self.in_flight = 0
-        self.awaiting = 0  # uploads whose body is sent, waiting for the answer (sent())
         self._waiters: deque[asyncio.Future[None]] = deque()
         if metrics is not None:
             metrics.streams_target.labels(peer, traffic_class.value).set(
                 controller.target_streams
             )
 
+    @property
+    def limit(self) -> int:
+        return self.controller.target_streams * self.per_stream
+
     async def acquire(self, size_bytes: int) -> None:
-        if self.in_flight >= self.controller.target_streams or self._waiters:
+        if self.in_flight >= self.limit or self._waiters:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -155,9 +159,9 @@ class BulkGate:
             self._release_slot()
             raise
 
-    def release(self, acked_bytes: int, errors: int = 0, *, slot: bool = True) -> None:
-        """The upload ended: feed the controller, and free its stream unless `sent()` already
-        did (`slot=False`)."""
+    def release(self, acked_bytes: int, errors: int = 0) -> None:
+        """The chunk ended (its receipt came, or it failed): feed the controller, free its
+        slot."""
         self.controller.on_sample(self.clock(), acked_bytes, errors)
         for change in self.controller.pop_changes():
             if self.metrics is not None:
@@ -175,30 +179,11 @@ class BulkGate:
                     }
                 },
             )
-        if slot:
-            self._release_slot()
-        else:
-            self.awaiting -= 1
-
-    def sent(self) -> bool:
-        """The upload's body is on the wire and it only awaits the peer's answer: its stream is
-        free for the next chunk (returns True; then `release(..., slot=False)` ends it). Without
-        this, every stream idles one RTT (plus the peer's verify and write) per chunk - on a
-        40 ms link with 8 MiB chunks, ~13 % of the link. At most one upload per stream awaits,
-        and uploads in flight (sending plus awaiting) stay within max(target, EARLY_RELEASE_CAP),
-        so the chunks held in memory do not double at high stream counts."""
-        target = self.controller.target_streams
-        if self.awaiting >= target or self.in_flight + self.awaiting >= max(
-            target, self.EARLY_RELEASE_CAP
-        ):
-            return False
-        self.awaiting += 1
         self._release_slot()
-        return True
 
     def _release_slot(self) -> None:
         self.in_flight -= 1
-        while self._waiters and self.in_flight < self.controller.target_streams:
+        while self._waiters and self.in_flight < self.limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self.in_flight += 1
@@ -214,6 +199,11 @@ class PeerTraffic:
     pump: SchedulerPump[Any]
     gates: dict[TrafficClass, BulkGate]
 
+    def streams_wanted(self) -> int:
+        """Data channels to keep open to the peer: the most any bulk class's controller wants
+        (the classes share the channels; each class's gate bounds its own chunks in flight)."""
+        return max(gate.controller.target_streams for gate in self.gates.values())
+
     @classmethod
     def build(
         cls,
@@ -228,6 +218,7 @@ class PeerTraffic:
         max_streams: int = 32,
         adaptive: bool = True,
         metrics: Metrics | None = None,
+        per_stream: int = 1,
     ) -> PeerTraffic:
         if now is None:
             now = asyncio.get_running_loop().time()
@@ -271,5 +262,5 @@ class PeerTraffic:
                     min_streams=initial_streams,
                     max_streams=initial_streams,
                 )
-            gates[bulk] = BulkGate(peer, pump, bulk, controller, metrics)
+            gates[bulk] = BulkGate(peer, pump, bulk, controller, metrics, per_stream=per_stream)
         return cls(peer, pump, gates)

@@ -31,14 +31,17 @@ from transferd.errors import (
     IntegrityError,
     PolicyViolation,
     ProtocolError,
+    StorageError,
     TransferdError,
     TransportError,
 )
+from transferd.net.channels import OutgoingChunk, PeerChannels
 from transferd.net.peer_client import PeerLink, retrying
 from transferd.net.pump import PeerTraffic
 from transferd.protocol.auth import Keys
 from transferd.protocol.backoff import job_retry_delay
-from transferd.protocol.chunks import ChunkPut, blake3_hex, fixed_spans, format_locations
+from transferd.protocol.channel import DataChannelAnswer, Receipt, ReceiptStatus
+from transferd.protocol.chunks import blake3_hex, fixed_spans
 from transferd.protocol.codec import CompressionPolicy, Encoded, zstd_compress
 from transferd.protocol.local_api import Job, JobState
 from transferd.protocol.manifest import (
@@ -48,13 +51,14 @@ from transferd.protocol.manifest import (
     HaveRequest,
     Manifest,
     OpenAnswer,
+    UploadIntent,
 )
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
 from transferd.protocol.upload import plan_offer, resend, upload_id, upload_intent, upload_manifest
 from transferd.protocol.wire import (
     ABORT_ROUTE,
-    CHUNK_ROUTE,
     COMMIT_ROUTE,
+    DATA_CHANNEL_ROUTE,
     HAVE_ROUTE,
     UPLOADS_ROUTE,
     WireModel,
@@ -72,6 +76,7 @@ A = TypeVar("A", bound=WireModel)
 log = logging.getLogger("transferd.sender")
 
 HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the mapped windows
+ENSURE_EVERY_S = 1.0  # how often a chunk awaiting its receipt checks the channels are open
 COMMIT_ROUNDS = 4
 ABORT_TIMEOUT_S = 5.0
 
@@ -99,6 +104,8 @@ class Sender:
         streams: int,
         clock: Callable[[], float],
         traffic: dict[str, PeerTraffic],
+        channels: dict[str, PeerChannels],
+        data_addresses: dict[str, tuple[str, int] | None] | None = None,
         retry_budget_s: float = 30.0,
         max_jobs: int = 4,
     ) -> None:
@@ -112,6 +119,11 @@ class Sender:
         self.streams = streams
         self.clock = clock
         self.traffic = traffic
+        self.channels = channels
+        # Where each peer's data listener is: from its config (`data_address`), else asked for
+        # over the control plane (its host is the control URL's) and remembered.
+        self._configured_addresses = {p: a for p, a in (data_addresses or {}).items() if a}
+        self._data_addresses: dict[str, tuple[str, int]] = {}
         self.retry_budget_s = retry_budget_s
         self.max_jobs = max_jobs
         self.compression = {
@@ -218,10 +230,15 @@ class Sender:
                                   "error": str(exc)}},
             )
 
-    def count_wire(self, job_id: str, peer: str, n: int, again: bool = False) -> None:
-        """`n` bytes of a request body of the job start going out (every attempt counts;
-        `again`: the HTTP client sent it once more by itself, a retry)."""
-        self.metrics.bytes_sent.labels(peer).inc(n)
+    def count_wire(
+        self, job_id: str, peer: str, n: int, again: bool = False, meter: bool = True
+    ) -> None:
+        """`n` bytes of a body of the job start going out, a control request's or a chunk's
+        (every attempt counts; `again`: sent once more by the HTTP client itself, or by the
+        data channels after a channel broke: a retry). `meter`: count it in the bytes_sent
+        metric too (the data channels count their own)."""
+        if meter:
+            self.metrics.bytes_sent.labels(peer).inc(n)
         if again:
             self.metrics.retries.labels(peer).inc()
         self.journal.add_job_counters(
@@ -344,8 +361,35 @@ class Sender:
             "file" if kind == "file" else "folder",
             members,
         )
-        if (await self._control(job, link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
-            return
+        # The data channels open (if they are not warm already) while the upload opens and the
+        # first chunks are hashed: their round trips overlap instead of adding up.
+        warm = asyncio.create_task(self._warm(link))
+        try:
+            if (await self._control(job, link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
+                return
+            await self._replicate_chunks(job, link, rel, intent, members)
+        finally:
+            if not warm.done():
+                warm.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransferdError):
+                await warm
+
+    async def _warm(self, link: PeerLink) -> None:
+        try:
+            await self.channels[link.peer].ensure(
+                self.traffic[link.peer].streams_wanted(), lambda: self.data_address(link)
+            )
+        except TransferdError:
+            self.forget_data_address(link.peer)  # the chunks' own retries take over
+
+    async def _replicate_chunks(
+        self,
+        job: Job,
+        link: PeerLink,
+        rel: str,
+        intent: UploadIntent,
+        members: list[tuple[str, int]],
+    ) -> None:
         files: list[_FileState] = []
         try:
             for member, _size in members:
@@ -356,7 +400,9 @@ class Sender:
             self.journal.size_job(
                 job.id, sum(s for _, s in members), sum(len(f.spans) for f in files)
             )
-            pump = _ChunkPump(self, job, link, job.traffic_class, intent.upload)
+            pump = _ChunkPump(
+                self, job, link, job.traffic_class, intent.upload, [f.source for f in files]
+            )
             async with asyncio.TaskGroup() as tg:
                 await self._offer_all(pump, tg, files)
             if self._stopping:
@@ -552,16 +598,30 @@ class Sender:
         self.clear_note(job.id)
         return parse_body(answer, reply.body)
 
+    async def data_address(self, link: PeerLink) -> tuple[str, int]:
+        known = self._configured_addresses.get(link.peer) or self._data_addresses.get(link.peer)
+        if known is None:
+            reply = await link.call(TrafficClass.CONTROL, "GET", DATA_CHANNEL_ROUTE)
+            port = parse_body(DataChannelAnswer, reply.body).port
+            known = (link.host, port)
+            self._data_addresses[link.peer] = known
+        return known
+
+    def forget_data_address(self, peer: str) -> None:
+        """The peer may have restarted on another port: ask again next time."""
+        self._data_addresses.pop(peer, None)
+
     def _spans(self, source: Source) -> list[tuple[int, int]]:
         if isinstance(source, SourceFile):
             return chunk_spans(source, self.chunk_size)
         return fixed_spans(source.size, self.chunk_size)
 
     def encode(self, peer: str, view: memoryview) -> Encoded:
-        """Thread: the body to send for a chunk (zstd when the policy says it pays)."""
+        """Thread: the body to send for a chunk whose compression is worth trying (zstd when
+        a sample says it pays)."""
         policy = self.compression[peer]
         n = len(view)
-        if not policy.should_try() or not policy.pays(policy.probe_ratio(view)):
+        if not policy.pays(policy.probe_ratio(view)):
             return Encoded("identity", view, n)
         assert policy.level is not None
         t0 = time.perf_counter()
@@ -633,24 +693,35 @@ class _Interrupted(Exception):
 
 
 class _ChunkPump:
-    """Parallel chunk PUTs of one job: the peer's gate for the job's class admits each one (it
-    bounds memory and connections, paces by caps and weights, adapts the stream count); each PUT
-    is retried (`retrying`) while its error is transient: transport errors (resume after the
-    receiver comes back) and a body damaged in flight (sent again, and counted), for as long as
-    the retry budget lasts."""
+    """The chunks of one job on the peer's data channels: the peer's gate for the job's class
+    admits each one (it bounds the chunks in flight, paces by caps and weights, adapts the
+    stream count); each waits for its receipt while the channels keep the pipe full. A chunk
+    whose channel broke is sent again by the channels themselves (counted: bytes on the wire
+    as each send starts, and a retry); one the receiver found damaged is sent again here after
+    a backoff (`retrying`), and counted; a peer that cannot be reached is retried with backoff
+    within the retry budget, after which the job waits (`Sender._retry_later`)."""
 
     def __init__(
-        self, sender: Sender, job: Job, link: PeerLink, bulk: TrafficClass, upload: str
+        self,
+        sender: Sender,
+        job: Job,
+        link: PeerLink,
+        bulk: TrafficClass,
+        upload: str,
+        sources: list[Source],
     ) -> None:
         self.sender = sender
         self.job = job
         self.link = link
         self.bulk = bulk
         self.upload = upload
-        self.gate = sender.traffic[link.peer].gates[bulk]
-        self.inflight = 0
-        self.started: set[str] = set()  # chunk hashes PUT (or being PUT) in this job
+        self.sources = sources
+        self.traffic = sender.traffic[link.peer]
+        self.gate = self.traffic.gates[bulk]
+        self.channels = sender.channels[link.peer]
+        self.started: set[str] = set()  # chunk hashes sent (or being sent) in this job
         self.deferred: list[ChunkRef] = []  # duplicates of those, to offer once they landed
+        self.loop = asyncio.get_running_loop()
 
     def spawn(
         self,
@@ -677,6 +748,66 @@ class _ChunkPump:
 
         tg.create_task(run()).add_done_callback(settle)
 
+    def _chunk(
+        self, digest: str, locations: list[tuple[int, int]], view: memoryview,
+        encoded: Encoded, body_hash: str,
+    ) -> OutgoingChunk:
+        """What the channels send: a local file's raw chunk goes by `sendfile` from its own
+        dup of the file descriptor (no copy, and no mapping held while it waits); compressed
+        or fetched bytes go as they are."""
+        f, offset = locations[0]
+        source = self.sources[f]
+        common = dict(
+            upload=self.upload, digest=digest, locations=tuple(locations),
+            raw_length=encoded.raw_length, encoding=encoded.encoding, body_blake3=body_hash,
+        )  # fmt: skip
+        if encoded.encoding == "identity" and isinstance(source, SourceFile):
+            return OutgoingChunk(**common, fd=os.dup(source.fileno()), offset=offset)  # type: ignore[arg-type]
+        body = encoded.body if encoded.encoding != "identity" else bytes(view)
+        return OutgoingChunk(**common, body=body)  # type: ignore[arg-type]
+
+    async def _send(self, item: OutgoingChunk) -> Receipt:
+        """Until the receipt: keeps the peer's channels open at the controller's count while
+        it waits (a broken channel is replaced; its chunks are already queued again, and a
+        channel that stopped moving is broken). A peer that cannot be reached takes the chunk
+        out of the queue and raises TransportError: the caller's `retrying` sends it again
+        after a backoff."""
+        future = self.channels.submit(item)
+        try:
+            while True:
+                await self._ensure()
+                try:
+                    async with asyncio.timeout(ENSURE_EVERY_S):
+                        return await asyncio.shield(asyncio.wrap_future(future))
+                except TimeoutError:
+                    continue
+        except TransferdError:
+            if not future.done():
+                self.channels.withdraw(self.upload, item)
+            raise
+        except BaseException:
+            if not future.done():
+                self.channels.withdraw(self.upload)
+            raise
+
+    async def _ensure(self) -> None:
+        try:
+            await self.channels.ensure(self.traffic.streams_wanted(), self._address)
+        except TransportError:
+            self.sender.forget_data_address(self.link.peer)
+            raise
+
+    async def _address(self) -> tuple[str, int]:
+        return await self.sender.data_address(self.link)
+
+    def _on_wire(self, n: int, again: bool) -> None:
+        """Channel thread: a send of one of this job's chunks starts (`again`: its channel
+        broke under an earlier send). Booked on the loop, where the journal lives."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
+            self.loop.call_soon_threadsafe(
+                self.sender.count_wire, self.job.id, self.link.peer, n, again, False
+            )
+
     async def put(
         self,
         digest: str,
@@ -684,66 +815,73 @@ class _ChunkPump:
         view: memoryview,
         window: FileWindow | None,
     ) -> None:
+        """Send one chunk until its receipt says it is staged. Each attempt is one send; a
+        body the receiver found damaged (after checking our source did not change) and a peer
+        that cannot be reached are retried by `retrying` while the budget lasts."""
         s = self.sender
         peer = self.link.peer
-        path = (
-            CHUNK_ROUTE.format(upload=self.upload, digest=digest)
-            + f"?at={format_locations(locations)}"
-        )
+        length = len(view)
         acked, errors = 0, 0  # for the stream controller: retries and integrity failures
-        slot_held = True  # this upload's stream, until its body is on the wire
 
         def count_retry(exc: TransferdError, delay_s: float) -> None:
             nonlocal errors
             errors += 1
             s.note_retry(self.job.id, peer, exc, delay_s)
 
-        def body_sent() -> None:
-            nonlocal slot_held
-            if slot_held and self.gate.sent():
-                slot_held = False
+        async def reread() -> None:
+            """The chunk's bytes again from its source, which must not have changed."""
+            nonlocal window, view
+            again = await asyncio.to_thread(self._reread, locations[0], length)
+            if blake3_hex(again.view) != digest:
+                again.close()
+                raise IntegrityError("source file changed while being sent")
+            if window is not None:
+                window.discard()
+            window, view = again, again.view
 
-        async def attempt() -> Encoded:
-            """One send of the chunk. A body refused as damaged is the link's doing unless
-            the source changed under us: that is checked here, and fails the job."""
-            encoded = await asyncio.to_thread(s.encode, peer, view)
+        async def attempt() -> tuple[Encoded, int]:
+            nonlocal window, view
+            if len(view) != length:  # sent from the file before: map it again
+                await reread()
+            encoded = (
+                await asyncio.to_thread(s.encode, peer, view)
+                if s.compression[peer].should_try()
+                else Encoded("identity", view, len(view))
+            )
             body_hash = (
                 digest
                 if encoded.encoding == "identity"
                 else await asyncio.to_thread(blake3_hex, encoded.body)
             )
-            headers = ChunkPut(encoding=encoded.encoding, raw_length=encoded.raw_length).headers()
-            wire = len(encoded.body)
-            self.inflight += 1
+            item = self._chunk(digest, locations, view, encoded, body_hash)
+            item.on_wire = self._on_wire
+            if window is not None and item.body is None:
+                window.discard()  # sent from the file itself: the mapping can go now
+                window, view = None, memoryview(b"")
+            wire = item.wire_length
+            in_flight = self.gate.in_flight
             t0 = time.perf_counter()
-            try:
-                await self.link.call(
-                    self.bulk,
-                    "PUT",
-                    path,
-                    body=encoded.body,
-                    body_digest=body_hash,
-                    headers=headers,
-                    accept=(200, 204),
-                    on_sent=body_sent,
-                    on_wire=lambda n, again: s.count_wire(self.job.id, peer, n, again),
-                )
-            except IntegrityError:
+            receipt = await self._send(item)
+            if receipt.status is ReceiptStatus.DAMAGED:
                 s.metrics.integrity_failures.labels(peer, "sender").inc()
                 s.journal.add_job_counters(self.job.id, JobCounters(integrity_failures=1))
-                if await asyncio.to_thread(blake3_hex, view) != digest:
-                    raise IntegrityError("source file changed while being sent") from None
-                raise
-            finally:
-                concurrent = self.inflight
-                self.inflight -= 1
-            s.compression[peer].observe_link(wire * max(1, concurrent), time.perf_counter() - t0)
-            return encoded
+                await reread()
+                raise IntegrityError(
+                    f"{peer} received chunk {digest[:16]} damaged: {receipt.reason}",
+                    transient=True,
+                )
+            if receipt.status is ReceiptStatus.STORAGE:
+                raise StorageError(f"{peer}: {receipt.reason}")
+            if receipt.status is ReceiptStatus.REFUSED:
+                raise ProtocolError(f"{peer} refused a chunk: {receipt.reason}")
+            s.compression[peer].observe_link(wire * max(1, in_flight), time.perf_counter() - t0)
+            return encoded, wire
 
         try:
-            encoded = await retrying(attempt, budget_s=s.retry_budget_s, on_retry=count_retry)
+            encoded, wire = await retrying(
+                attempt, budget_s=s.retry_budget_s, on_retry=count_retry
+            )
             s.clear_note(self.job.id)
-            wire = len(encoded.body)
             acked = wire
             s.metrics.chunks_sent.labels(peer).inc()
             s.metrics.count_compression(peer, encoded.raw_length, wire)
@@ -758,4 +896,20 @@ class _ChunkPump:
         finally:
             if window is not None:
                 window.discard()
-            self.gate.release(acked, errors, slot=slot_held)
+            if self.gate.clock() >= self.gate.controller.next_deadline():
+                # The controller's window closes: tell it what the sockets saw of the path.
+                sample = self.channels.path_sample()
+                if sample is not None:
+                    for gate in self.traffic.gates.values():
+                        gate.controller.on_path(sample)
+            self.gate.release(acked, errors)
+
+    def _reread(self, location: tuple[int, int], length: int) -> FileWindow:
+        """Thread: the chunk's bytes again from its source (to check it did not change and to
+        send it again)."""
+        f, offset = location
+        source = self.sources[f]
+        if isinstance(source, SourceFile):
+            return source.window(offset, length)
+        with source.mapped(offset, length) as data:
+            return FileWindow(memoryview(bytes(data)), None)

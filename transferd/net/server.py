@@ -1,7 +1,8 @@
 """The daemon's one HTTP server (aiohttp): every route, one authentication, one error mapping.
 
-Peer API (signed with the pair secret): uploads (open, have/want, chunk PUT, commit, abort)
-and messages. Local API (signed with the site's own secret, used by the CLI): send, jobs, status,
+Peer API (signed with the pair secret): uploads (open, have/want, commit, abort), where the
+data channels connect (the chunks themselves travel on those, `net.channels`), and messages.
+Local API (signed with the site's own secret, used by the CLI): send, jobs, status,
 messages to a peer, the inbox. `/metrics` is Prometheus text. Handlers are thin: authenticate,
 parse the body or query into its wire model (`protocol.wire`), call one method, answer. The
 one middleware turns every TransferdError into its JSON body and HTTP status, counts
@@ -19,11 +20,10 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from transferd.errors import AuthError, IntegrityError, ProtocolError, TransferdError
-from transferd.net.buffers import BufferPool
 from transferd.net.inbound import InboundUploads
 from transferd.net.messages import MessageService
 from transferd.protocol.auth import AuthHeaders, RequestVerifier, sign_reply
-from transferd.protocol.chunks import MAX_CHUNK_BYTES, ChunkPut, check_address, parse_locations
+from transferd.protocol.channel import DataChannelAnswer
 from transferd.protocol.local_api import (
     MAX_JOBS_PER_QUERY,
     Job,
@@ -42,8 +42,8 @@ from transferd.protocol.messages import (
 )
 from transferd.protocol.wire import (
     ABORT_ROUTE,
-    CHUNK_ROUTE,
     COMMIT_ROUTE,
+    DATA_CHANNEL_ROUTE,
     HAVE_ROUTE,
     INBOX_ROUTE,
     LOCAL_JOBS_ROUTE,
@@ -61,6 +61,8 @@ from transferd.site.metrics import Metrics
 __all__ = ["LocalApi", "build_app"]
 
 log = logging.getLogger("transferd.server")
+# Control bodies only (manifests of large folders, have/want batches): chunks never come here.
+CONTROL_BODY_LIMIT = 64 * 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _AUTH = web.RequestKey("auth", AuthHeaders)  # set once a request authenticated
@@ -85,7 +87,7 @@ def build_app(
     local: LocalApi,
     messages: MessageService,
     metrics: Metrics,
-    buffers: BufferPool,
+    data_port: Callable[[], int],
 ) -> web.Application:
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -118,7 +120,7 @@ def build_app(
             )
             return web.json_response(exc.to_json(), status=exc.http_status)
 
-    app = web.Application(client_max_size=MAX_CHUNK_BYTES + 1024 * 1024, middlewares=[errors])
+    app = web.Application(client_max_size=CONTROL_BODY_LIMIT, middlewares=[errors])
 
     def peer(request: web.Request) -> AuthHeaders:
         request[_AUTH] = auth = verifier.peer(request.headers, request.method, request.raw_path)
@@ -150,17 +152,9 @@ def build_app(
         query = parse_body(HaveRequest, await body_of(request, auth))
         return _answer(await inbound.have(request.match_info["upload"], auth.site, query))
 
-    async def put_chunk(request: web.Request) -> web.Response:
-        auth = peer(request)
-        digest = check_address(request.match_info["digest"])
-        put = parse_query(ChunkPut, request.headers)
-        locations = parse_locations(request.query.get("at", ""))
-        async with buffers.body(request, MAX_CHUNK_BYTES) as body:
-            await inbound.put_chunk(
-                request.match_info["upload"], auth.site, digest, put, locations, body,
-                auth.body_blake3,
-            )  # fmt: skip
-        return web.Response(status=204)
+    async def data_channel(request: web.Request) -> web.Response:
+        peer(request)
+        return _answer(DataChannelAnswer(port=data_port()))
 
     async def commit(request: web.Request) -> web.Response:
         auth = peer(request)
@@ -221,7 +215,7 @@ def build_app(
 
     app.router.add_post(UPLOADS_ROUTE, open_upload)
     app.router.add_post(HAVE_ROUTE, have)
-    app.router.add_put(CHUNK_ROUTE, put_chunk)
+    app.router.add_get(DATA_CHANNEL_ROUTE, data_channel)
     app.router.add_post(COMMIT_ROUTE, commit)
     app.router.add_post(ABORT_ROUTE, abort)
     app.router.add_post(PEER_MESSAGES_ROUTE, receive_message)

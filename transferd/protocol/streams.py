@@ -19,7 +19,14 @@ goodput per window and:
   1 s window): a probe must gain more than q, a fall must exceed 2q (the largest error between
   two windows), or single windows would trigger growth and backoff alike;
 - discards the first window after every change, while new streams ramp up;
-- stays within `min_streams..max_streams` (1..32).
+- stays within `min_streams..max_streams` (1..32);
+- given what the sockets say about the path (`on_path`: loss rate, RTT, MSS, from TCP_INFO),
+  probes only while the streams are loss-limited: each carries within a factor 2 of the Mathis
+  bound MSS/RTT * 1.22/sqrt(p) (a loss-based congestion control such as cubic, at its ceiling
+  on a lossy link, where another stream adds another share). A stream well above that bound
+  on a lossy path (bbr, which paces at the measured bottleneck rate and does not back off per
+  loss) is capacity-limited: more streams only add competing flows, losses and a longer tail,
+  so the count holds. Without path samples, or without loss, it probes as FTS3 does.
 Every change is kept as a `StreamChange` with its reason, for a log line and a metric.
 `net.pump.BulkGate` is the thin asyncio adapter that admits each chunk upload.
 """
@@ -30,7 +37,9 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["StreamChange", "StreamController"]
+__all__ = ["PathSample", "StreamChange", "StreamController"]
+
+MATHIS_C = 1.22  # sqrt(3/2): Mathis et al. 1997, periodic loss, delayed ACKs off
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,29 @@ class StreamChange:
     to_streams: int
     reason: str
     goodput_bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class PathSample:
+    """The streams' sockets over a window: segments sent and retransmitted, smoothed RTT, MSS."""
+
+    segs_out: int
+    retrans: int
+    rtt_s: float
+    mss: int
+
+    @property
+    def loss(self) -> float:
+        return self.retrans / self.segs_out if self.segs_out > 0 else 0.0
+
+    def mathis_bytes_per_s(self) -> float | None:
+        """One loss-based stream's ceiling at this loss and RTT; None without loss."""
+        if self.loss <= 0 or self.rtt_s <= 0:
+            return None
+        return self.mss / self.rtt_s * MATHIS_C / math.sqrt(self.loss)
+
+    def describe(self) -> str:
+        return f"loss {self.loss:.2%}, RTT {self.rtt_s * 1000:.0f} ms"
 
 
 def _rate(bytes_per_s: float) -> str:
@@ -93,6 +125,7 @@ class StreamController:
         self._next_cooldown = probe_cooldown_windows
         self._low_windows = 0  # consecutive windows below the fall threshold
         self._sample_bytes: float | None = None  # running mean size of one acknowledgement
+        self._path: PathSample | None = None  # the latest TCP_INFO summary of the streams
 
     def next_deadline(self) -> float:
         """When the current window closes (call `on_sample(now, 0, 0)` then if nothing came)."""
@@ -115,6 +148,23 @@ class StreamController:
             self._window_bytes = 0
             self._window_errors = 0
         return self.target_streams
+
+    def on_path(self, sample: PathSample) -> None:
+        """What the streams' sockets measured (loss rate, RTT, MSS) since the last sample."""
+        self._path = sample
+
+    def loss_limited(self, goodput: float) -> bool | None:
+        """Whether each stream runs at its loss ceiling (None: unknown, with no path samples
+        or no loss at all: then something else may hold a stream back, a window, a receiver
+        writing to disk, and a probe finds out)."""
+        if self._path is None:
+            return None
+        bound = self._path.mathis_bytes_per_s()
+        if bound is None:
+            return None
+        # At the ceiling (within a factor 2 of it either way); far above it the streams are
+        # not held by loss at all (bbr).
+        return 0.5 * bound <= goodput / self.target_streams <= 2 * bound
 
     def pop_changes(self) -> list[StreamChange]:
         """Changes since the last call (the daemon logs each one and bumps a counter)."""
@@ -200,12 +250,17 @@ class StreamController:
             return
         if n >= self.max_streams:
             return
-        grown = n * 2 if self._slow_start else n + 1
+        limited = self.loss_limited(goodput)
+        if limited is False:
+            return  # capacity-limited streams: another one would only compete
+        grown = n * 2 if self._slow_start or limited else n + 1
         assert self._reference is not None
         self._probe = (n, self._reference)
+        why = (
+            f"each stream is loss-limited ({self._path.describe()})"
+            if limited and self._path is not None
+            else "no errors"
+        )
         self._change(
-            now,
-            grown,
-            f"probing: {_rate(self._reference)} at {n} streams with no errors",
-            goodput,
+            now, grown, f"probing: {_rate(self._reference)} at {n} streams, {why}", goodput
         )

@@ -8,7 +8,8 @@ the package's own error by `check_reply`.
 Peer API (signed with the pair secret):
     POST /v1/uploads                      UploadIntent -> OpenAnswer
     POST /v1/uploads/{upload}/have        HaveRequest -> HaveAnswer
-    PUT  /v1/uploads/{upload}/chunks/{h}  chunk body (`?at=file:offset,...`) -> 204
+    GET  /v1/data-channel                 -> DataChannelAnswer: the port of the data listener,
+                                          where the chunks go (`protocol.channel`)
     POST /v1/uploads/{upload}/commit      SignedManifest -> CommitAnswer (200, or 409 + want)
     POST /v1/uploads/{upload}/abort       (no body) -> 204: the sender gave the upload up
     POST /v1/peer/messages                message body (MessageEnvelope headers) -> MessageAck
@@ -34,8 +35,8 @@ from transferd.errors import ERROR_KINDS, AuthError, ProtocolError, TransferdErr
 
 __all__ = [
     "ABORT_ROUTE",
-    "CHUNK_ROUTE",
     "COMMIT_ROUTE",
+    "DATA_CHANNEL_ROUTE",
     "HAVE_ROUTE",
     "INBOX_ROUTE",
     "LOCAL_JOBS_ROUTE",
@@ -55,7 +56,7 @@ __all__ = [
 
 UPLOADS_ROUTE = "/v1/uploads"
 HAVE_ROUTE = "/v1/uploads/{upload}/have"
-CHUNK_ROUTE = "/v1/uploads/{upload}/chunks/{digest}"
+DATA_CHANNEL_ROUTE = "/v1/data-channel"
 COMMIT_ROUTE = "/v1/uploads/{upload}/commit"
 ABORT_ROUTE = "/v1/uploads/{upload}/abort"
 PEER_MESSAGES_ROUTE = "/v1/peer/messages"

@@ -20,7 +20,7 @@ class Metrics:
         self.bytes_received = counter(
             "bytes_received", "Chunk body bytes received on the wire", "peer"
         )
-        self.chunks_sent = counter("chunks_sent", "Chunks PUT to a peer", "peer")
+        self.chunks_sent = counter("chunks_sent", "Chunks a peer acknowledged", "peer")
         self.chunks_received = counter("chunks_received", "Chunks accepted from a peer", "peer")
         self.chunks_skipped = counter(
             "chunks_skipped", "Chunks not sent because the receiver already had them", "peer"
@@ -37,7 +37,19 @@ class Metrics:
             "peer",
         )
         self.retries = counter("retries", "Requests retried", "peer")
+        self.chunks_resent = counter(
+            "chunks_resent", "Chunks sent again because their data channel broke", "peer"
+        )
+        self.channels_opened = counter(
+            "data_channels_opened", "Data channels opened to a peer (kept open across jobs)",
+            "peer",
+        )  # fmt: skip
         # Refusals
+        self.channels_refused = counter(
+            "channels_refused",
+            "Data channels closed for a malformed frame (out of bounds, replayed sequence)",
+            "peer",
+        )
         self.integrity_failures = counter(
             "integrity_failures", "Chunks or files that failed verification", "peer", "side"
         )

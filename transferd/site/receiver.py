@@ -37,7 +37,7 @@ from transferd.protocol.arrow_chunks import (
     read_chunk_schema,
 )
 from transferd.protocol.auth import Keys
-from transferd.protocol.chunks import ChunkPut, blake3_hex
+from transferd.protocol.chunks import Encoding, blake3_hex
 from transferd.protocol.codec import decode_body
 from transferd.protocol.manifest import HaveRequest, Manifest, SignedManifest, UploadIntent
 from transferd.protocol.upload import (
@@ -232,19 +232,21 @@ class Receiver:
         digest: str,
         body: bytes | memoryview,
         declared_body_blake3: str,
-        put: ChunkPut,
+        encoding: Encoding,
+        raw_length: int,
         targets: Sequence[ChunkTarget],
     ) -> None:
-        """Runs in a worker thread: the body must match its signed blake3 (else it was damaged
-        in flight) and decode to bytes whose blake3 is the chunk address; then it is written."""
+        """Runs in a worker thread: the body must match the blake3 its authenticated header
+        declares (else it was damaged in flight) and decode to bytes whose blake3 is the chunk
+        address; then it is written (from the caller's aligned buffer: O_DIRECT)."""
         body_hash = blake3_hex(body)
         if body_hash != declared_body_blake3:
             raise IntegrityError(
-                "chunk body damaged in flight (blake3 does not match the signed hash)",
+                "chunk body damaged in flight (blake3 does not match its header)",
                 transient=True,
             )
-        raw = decode_body(body, put.encoding, put.raw_length)
-        raw_hash = body_hash if put.encoding == "identity" else blake3_hex(raw)
+        raw = decode_body(body, encoding, raw_length)
+        raw_hash = body_hash if encoding == "identity" else blake3_hex(raw)
         if raw_hash != digest:
             # The sender checks its source before sending again.
             raise IntegrityError(

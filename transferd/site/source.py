@@ -58,6 +58,7 @@ class SourceFile:
         self.dev, self.inode, self.nlink = st.st_dev, st.st_ino, st.st_nlink
 
     def fileno(self) -> int:
+        """The open file (data channels `sendfile` chunks from a dup of it)."""
         return self._fd
 
     def close(self) -> None:

@@ -1,0 +1,754 @@
+"""The bulk data plane's sockets and threads: the listener that accepts data channels from
+peers, and the channels this site keeps open to each peer. The bytes of a chunk never pass
+through the event loop: threads move them (sendfile or sendall out, recv_into a page-aligned
+buffer in, blake3 and pwrite in workers; all release the GIL, so both cores work), and the
+event loop only books each chunk (the journal, which lives on its thread) and feeds the
+stream controller. Framing, opening and the window are `protocol.channel`'s.
+
+Sending: `PeerChannels.submit(chunk)` queues a chunk for a peer; every open channel's sender
+thread takes the next one when its window has room, writes header and body, and its receipt
+thread completes the chunk's future when the receipt arrives. A channel that breaks hands its
+in-flight chunks back to the queue (another channel, or its replacement, sends them again).
+
+Receiving: `DataListener` accepts, runs the opening (and TLS when configured), then one thread
+per channel reads each header, receives the body into a pooled aligned buffer, and hands it to
+a worker that verifies, stages and books it, and sends the receipt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from transferd.errors import (
+    AuthError,
+    IntegrityError,
+    PolicyViolation,
+    ProtocolError,
+    StorageError,
+    TransferdError,
+    TransportError,
+)
+from transferd.protocol import channel as ch
+from transferd.protocol.auth import Keys
+from transferd.protocol.channel import CongestionControl
+from transferd.protocol.chunks import Encoding
+from transferd.protocol.streams import PathSample
+from transferd.site.buffers import AlignedBuffers
+from transferd.site.metrics import Metrics
+from transferd.site.threads import lower_thread_priority
+
+__all__ = [
+    "ChunkSink",
+    "DataListener",
+    "OutgoingChunk",
+    "PeerChannels",
+    "set_congestion",
+]
+
+log = logging.getLogger("transferd.channels")
+T = TypeVar("T")
+
+OPEN_TIMEOUT_S = 15.0  # an opening that has not finished by then is dropped
+# A channel whose chunks in flight have not moved for this long (no receipt, no byte acked)
+# is broken and its chunks sent again elsewhere: twice a 16 MiB chunk's time at 10 Mbit/s.
+STALL_S = 30.0
+KEEPALIVE_IDLE_S = 30  # a peer that vanished without a FIN is noticed (TCP keepalive)
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+# Unsent bytes a channel's socket may hold: a sender thread takes its next chunk only when its
+# socket is nearly drained, so the chunks left near the end of a job stay in the shared queue
+# for whichever channel is free first, instead of waiting behind one slow stream.
+NOTSENT_LOWAT_BYTES = 1 << 20
+
+
+def set_congestion(sock: socket.socket, wanted: CongestionControl) -> str:
+    """Pin `wanted` on the socket (bbr by default: hosts default to cubic, which a lossy long
+    link caps at a few Mbit/s per stream); if the kernel refuses, say so and keep the system
+    default. Returns the algorithm in use."""
+    if wanted != "system":
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, wanted.encode())
+        except OSError as exc:
+            log.warning(
+                "channel.congestion_control",
+                extra={"fields": {"wanted": wanted, "error": exc.strerror or str(exc),
+                                  "using": "system default"}},
+            )
+    try:
+        got = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+    except OSError:
+        return "unknown"
+    return got.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _tune(sock: socket.socket, cc: CongestionControl) -> str:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+    return set_congestion(sock, cc)
+
+
+# struct tcp_info (linux/tcp.h): the few fields the stream controller reads.
+_TCP_INFO_BYTES = 160
+_INFO_MSS, _INFO_RTT_US, _INFO_TOTAL_RETRANS, _INFO_DATA_SEGS_OUT = 16, 68, 100, 156
+
+
+def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
+    """(data segments out, retransmitted, smoothed RTT in us, MSS) of a connection; None where
+    the kernel does not say."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _INFO_DATA_SEGS_OUT + 4:
+        return None
+
+    def u32(at: int) -> int:
+        return int.from_bytes(info[at : at + 4], sys.byteorder)
+
+    return (u32(_INFO_DATA_SEGS_OUT), u32(_INFO_TOTAL_RETRANS), u32(_INFO_RTT_US),
+            u32(_INFO_MSS))
+
+
+_INFO_BYTES_ACKED = 120  # u64
+
+
+def tcp_bytes_acked(sock: socket.socket) -> int | None:
+    """Bytes of this connection the peer has acknowledged; None where the kernel does not
+    say (or the socket is closed)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _INFO_BYTES_ACKED + 8:
+        return None
+    return int.from_bytes(info[_INFO_BYTES_ACKED : _INFO_BYTES_ACKED + 8], sys.byteorder)
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
+    """Fill `view` from the socket; False on a clean end of stream before its first byte."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:], len(view) - got)
+        if n == 0:
+            if got == 0:
+                return False
+            raise ConnectionError("data channel closed mid-frame")
+        got += n
+    return True
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    if not _recv_exact(sock, memoryview(buf)):
+        raise ConnectionError("data channel closed")
+    return bytes(buf)
+
+
+LOOP_CALL_TIMEOUT_S = 120.0
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on the event loop from a channel thread and wait for its result; a loop that
+    is stopping is a StorageError (the chunk is not staged; the sender sends it again)."""
+    try:
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+    except RuntimeError as exc:  # the loop is closed
+        coro.close()
+        raise StorageError(f"receiver stopping: {exc}") from exc
+    try:
+        return future.result(LOOP_CALL_TIMEOUT_S)
+    except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError) as exc:
+        future.cancel()
+        raise StorageError("receiver stopping") from exc
+
+
+# ---- sending ------------------------------------------------------------------------------------
+
+
+@dataclass
+class OutgoingChunk:
+    """One chunk to send to a peer: header fields and where its body comes from (`fd` and
+    `offset` of the local file for `sendfile`, or `body`: compressed or fetched bytes). The
+    chunk owns `fd` (a dup) and closes it once its receipt is in or it is withdrawn."""
+
+    upload: str
+    digest: str
+    locations: tuple[tuple[int, int], ...]
+    raw_length: int
+    encoding: Encoding
+    body_blake3: str
+    body: bytes | memoryview | None = None
+    fd: int | None = None
+    offset: int = 0
+    done: concurrent.futures.Future[ch.Receipt] = field(
+        default_factory=concurrent.futures.Future
+    )
+    sends: int = 0  # times it went on the wire (more than one: a channel broke under it)
+    # Hears, on the sender thread, of every send as it starts: (body bytes, a send again?).
+    on_wire: Callable[[int, bool], None] | None = None
+
+    @property
+    def wire_length(self) -> int:
+        return len(self.body) if self.body is not None else self.raw_length
+
+    def finish(self, receipt: ch.Receipt | None = None, error: BaseException | None = None) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.done.done():
+            return
+        if error is not None:
+            self.done.set_exception(error)
+        else:
+            assert receipt is not None
+            self.done.set_result(receipt)
+
+
+class _Channel:
+    """One open channel to a peer: a sender thread and a receipt thread around one socket."""
+
+    def __init__(self, owner: PeerChannels, sock: socket.socket, session: ch.Session,
+                 tls: bool, window: int) -> None:
+        self.owner = owner
+        self.sock = sock
+        self.session = session
+        self.tls = tls
+        self.window: ch.ChannelWindow[OutgoingChunk] = ch.ChannelWindow(window)
+        self.retiring = False
+        self.broken = False
+        self.counted = (0, 0)  # TCP segments out and retransmitted at the last path sample
+        # When a chunk last went out or a receipt came in, and the bytes the peer had acked
+        # then: a channel with chunks in flight where neither moves for `stall_s` is broken.
+        self.moved_at = time.monotonic()
+        self.acked = 0
+        self.threads = [
+            threading.Thread(target=self._send_loop, name=f"channel-send-{owner.peer}",
+                             daemon=True),
+            threading.Thread(target=self._receipt_loop, name=f"channel-recv-{owner.peer}",
+                             daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+
+    # sender thread
+    def _send_loop(self) -> None:
+        lower_thread_priority()
+        owner = self.owner
+        while True:
+            with owner.cond:
+                while True:
+                    if owner.closing or self.broken:
+                        return
+                    if self.retiring:
+                        if not len(self.window):
+                            self._close()  # the receipt thread sees the end and stops
+                            return
+                    elif self.window.has_room() and owner.queue:
+                        break
+                    owner.cond.wait()
+                item = owner.queue.popleft()
+                seq = self.window.sent(item)
+                item.sends += 1
+                self.moved_at = time.monotonic()
+            if item.on_wire is not None:
+                # Before the first byte: a send cut short, or a sender killed, still counts.
+                item.on_wire(item.wire_length, item.sends > 1)
+            try:
+                self._write(seq, item)
+            except (OSError, ValueError) as exc:
+                self._break(exc)
+                return
+            owner.metrics.bytes_sent.labels(owner.peer).inc(item.wire_length)
+
+    def _write(self, seq: int, item: OutgoingChunk) -> None:
+        head = ch.ChunkHead(
+            seq=seq, upload=item.upload, digest=bytes.fromhex(item.digest),
+            body_blake3=bytes.fromhex(item.body_blake3), encoding=item.encoding,
+            raw_length=item.raw_length, body_length=item.wire_length, locations=item.locations,
+        )
+        self.sock.sendall(ch.encode_chunk_head(self.session, head))
+        if item.body is not None:
+            self.sock.sendall(item.body)
+        elif self.tls:
+            # TLS encrypts in user space anyway: send from a mapping of the file.
+            assert item.fd is not None
+            base = item.offset - item.offset % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(item.fd, item.raw_length + item.offset - base, prot=mmap.PROT_READ,
+                           offset=base) as m, memoryview(m) as view:
+                self.sock.sendall(view[item.offset - base:])
+        else:
+            assert item.fd is not None
+            sent = 0
+            while sent < item.raw_length:
+                n = os.sendfile(self.sock.fileno(), item.fd, item.offset + sent,
+                                item.raw_length - sent)
+                if n == 0:
+                    raise OSError("source file ended before the chunk did")
+                sent += n
+
+    # receipt thread
+    def _receipt_loop(self) -> None:
+        lower_thread_priority()
+        owner = self.owner
+        try:
+            while True:
+                fixed = bytearray(ch.RECEIPT_FIXED.size)
+                if not _recv_exact(self.sock, memoryview(fixed)):
+                    raise ConnectionError("the peer closed the data channel")
+                _status, rest_len = ch.decode_receipt_fixed(bytes(fixed))
+                receipt = ch.decode_receipt(self.session, bytes(fixed), _read(self.sock, rest_len))
+                with owner.cond:
+                    item = self.window.completed(receipt.seq)
+                    self.moved_at = time.monotonic()
+                    owner.cond.notify_all()
+                item.finish(receipt)
+        except (OSError, ValueError, TransferdError) as exc:
+            self._break(exc)
+
+    def _break(self, exc: BaseException) -> None:
+        owner = self.owner
+        with owner.cond:
+            if self.broken:
+                return
+            self.broken = True
+            again = self.window.drain()
+            for item in reversed(again):
+                owner.queue.appendleft(item)  # first in line for the next channel
+            owner.cond.notify_all()
+        if again and not owner.closing and not self.retiring:
+            owner.resent(again)
+            log.warning("channel.broken", extra={"fields": {
+                "peer": owner.peer, "error": f"{type(exc).__name__}: {exc}"[:200],
+                "chunks_again": len(again)}})
+        self._close()
+
+    def _close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    @property
+    def alive(self) -> bool:
+        return not self.broken and not self.retiring
+
+
+class PeerChannels:
+    """The data channels to one peer, opened on demand at the count the stream controller
+    wants (in parallel: on a lossy link a lost SYN costs the 1 s initial RTO, and openings one
+    after the other add those up), kept open across chunks and jobs, fed from one queue."""
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        peer: str,
+        keys: Keys,
+        metrics: Metrics,
+        congestion_control: CongestionControl = "bbr",
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        window: int = 2,
+    ) -> None:
+        self.site = site
+        self.peer = peer
+        self.keys = keys
+        self.metrics = metrics
+        self.congestion_control = congestion_control
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.window = window
+        self.cond = threading.Condition()
+        self.queue: deque[OutgoingChunk] = deque()
+        self.channels: list[_Channel] = []
+        self.closing = False
+        self.opened = 0  # channels opened over the daemon's life (reuse shows as few)
+        self.algorithms: set[str] = set()
+        self._open_lock = asyncio.Lock()
+        self.stall_s = STALL_S
+
+    # -- called from the event loop ----------------------------------------------------------
+    def live(self) -> int:
+        with self.cond:
+            self.channels = [c for c in self.channels if not c.broken]
+            return sum(1 for c in self.channels if c.alive)
+
+    async def ensure(self, count: int, address: Callable[[], Coroutine[Any, Any, tuple[str, int]]]
+                     ) -> None:
+        """At least `count` live channels (more are retired down to it); opens the missing
+        ones in parallel. TransportError (or AuthError) when the peer cannot be reached."""
+        self.break_stalled()
+        async with self._open_lock:
+            missing = count - self.live()
+            if missing > 0:
+                host, port = await address()
+                opened = await asyncio.gather(
+                    *(asyncio.to_thread(self._open, host, port) for _ in range(missing)),
+                    return_exceptions=True)
+                errors = [e for e in opened if isinstance(e, BaseException)]
+                if errors and self.live() == 0:
+                    first = errors[0]
+                    if isinstance(first, TransferdError):
+                        raise first
+                    raise TransportError(f"{self.peer}: cannot open a data channel: {first}",
+                                         peer=self.peer) from first
+            elif missing < 0:
+                self.retire(-missing)
+
+    def break_stalled(self) -> int:
+        """Break the channels whose chunks in flight have not moved for `stall_s` (no receipt,
+        nothing acked by the peer's TCP): a link that black-holes a connection without a reset
+        would otherwise hold those chunks for the kernel's retransmission timeout (~15 min).
+        Their chunks go back to the queue. Returns how many were broken."""
+        now = time.monotonic()
+        stalled = []
+        with self.cond:
+            for chan in self.channels:
+                if not chan.alive or not len(chan.window):
+                    continue
+                acked = tcp_bytes_acked(chan.sock)
+                if acked is not None and acked != chan.acked:
+                    chan.acked, chan.moved_at = acked, now
+                elif now - chan.moved_at > self.stall_s:
+                    stalled.append(chan)
+        for chan in stalled:
+            chan._break(TimeoutError(f"nothing moved for {self.stall_s:g} s"))
+        return len(stalled)
+
+    def retire(self, n: int) -> None:
+        """Close `n` channels once their in-flight chunks are in (the controller went down)."""
+        with self.cond:
+            for chan in [c for c in self.channels if c.alive][:n]:
+                chan.retiring = True
+            self.cond.notify_all()
+
+    def submit(self, item: OutgoingChunk) -> concurrent.futures.Future[ch.Receipt]:
+        with self.cond:
+            if self.closing:
+                raise TransportError(f"{self.peer}: data channels are closing", peer=self.peer)
+            self.queue.append(item)
+            self.cond.notify_all()
+        return item.done
+
+    def withdraw(self, upload: str, only: OutgoingChunk | None = None) -> None:
+        """Drop the queued (not yet sent) chunks of `upload` (its job has ended), or just
+        `only` (it will be sent again later)."""
+        with self.cond:
+            keep: deque[OutgoingChunk] = deque()
+            gone: list[OutgoingChunk] = []
+            for item in self.queue:
+                drop = item.upload == upload and (only is None or item is only)
+                (gone if drop else keep).append(item)
+            self.queue = keep
+        for item in gone:
+            item.finish(error=TransportError("withdrawn: the job ended", peer=self.peer))
+
+    def close(self) -> None:
+        with self.cond:
+            self.closing = True
+            channels, self.channels = self.channels, []
+            queued, self.queue = list(self.queue), deque()
+            self.cond.notify_all()
+        for chan in channels:
+            chan._close()
+        for chan in channels:
+            for t in chan.threads:
+                t.join(timeout=5)
+            for item in chan.window.drain():
+                item.finish(error=TransportError("daemon stopping", peer=self.peer))
+        for item in queued:
+            item.finish(error=TransportError("daemon stopping", peer=self.peer))
+
+    def path_sample(self) -> PathSample | None:
+        """TCP_INFO of the live channels since the last sample: segments sent and resent
+        (summed), RTT and MSS (their means); None before any data went out."""
+        segs = retrans = 0
+        rtts: list[int] = []
+        mss: list[int] = []
+        with self.cond:
+            live = [c for c in self.channels if c.alive]
+        for chan in live:
+            got = tcp_counters(chan.sock)
+            if got is None:
+                continue
+            out, resent, rtt_us, seg = got
+            segs += out - chan.counted[0]
+            retrans += resent - chan.counted[1]
+            chan.counted = (out, resent)
+            rtts.append(rtt_us)
+            mss.append(seg)
+        if segs <= 0 or not rtts:
+            return None
+        return PathSample(segs_out=segs, retrans=max(0, retrans),
+                          rtt_s=sum(rtts) / len(rtts) / 1e6, mss=int(sum(mss) / len(mss)))
+
+    # -- channel threads -----------------------------------------------------------------------
+    def resent(self, items: Sequence[OutgoingChunk]) -> None:
+        self.metrics.chunks_resent.labels(self.peer).inc(len(items))
+
+    def _open(self, host: str, port: int) -> _Channel:
+        """Thread: connect, TLS, the HMAC opening; a started channel."""
+        try:
+            raw = socket.create_connection((host, port), timeout=OPEN_TIMEOUT_S)
+        except OSError as exc:
+            raise TransportError(f"{self.peer}: data channel to {host}:{port}: "
+                                 f"{exc.strerror or exc}", peer=self.peer) from exc
+        try:
+            algorithm = _tune(raw, self.congestion_control)
+            sock: socket.socket = raw
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(raw, server_hostname=self.server_hostname)
+            secret = self.keys.secret_for(self.peer)
+            said, frame = ch.hello(self.site, self.peer)
+            sock.sendall(frame)
+            server_nonce = _read(sock, ch.CHALLENGE_BYTES)
+            sock.sendall(ch.proof(secret, said, server_nonce))
+            ch.check_accept(secret, said, server_nonce, _read(sock, ch.ACCEPT_BYTES))
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
+            sock.settimeout(None)
+        except AuthError:
+            raw.close()
+            raise
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raw.close()
+            raise TransportError(f"{self.peer}: opening a data channel: {exc}",
+                                 peer=self.peer) from exc
+        chan = _Channel(self, sock, ch.Session.derive(secret, said, server_nonce),
+                        self.ssl_context is not None, self.window)
+        with self.cond:
+            # Registered here, not by the awaiting task: one cancelled meanwhile (the daemon
+            # stopping) must not leave an open channel nobody closes.
+            closing = self.closing
+            if not closing:
+                self.channels.append(chan)
+                self.opened += 1
+                self.algorithms.add(algorithm)
+            self.cond.notify_all()
+        if closing:
+            chan._close()
+            return chan
+        self.metrics.channels_opened.labels(self.peer).inc()
+        log.info("channel.opened", extra={"fields": {
+            "peer": self.peer, "to": f"{host}:{port}", "congestion_control": algorithm,
+            "tls": self.ssl_context is not None}})
+        return chan
+
+
+# ---- receiving ----------------------------------------------------------------------------------
+
+
+class ChunkSink(Protocol):
+    """What a receiving channel needs from the daemon: on the event loop's thread (the journal
+    lives there) where a chunk goes and its booking, in a worker thread the bytes."""
+
+    async def chunk_targets(self, head: ch.ChunkHead, peer: str) -> Any: ...
+
+    def verify_and_write(self, head: ch.ChunkHead, body: memoryview, targets: Any) -> None: ...
+
+    async def chunk_landed(self, head: ch.ChunkHead, peer: str, targets: Any) -> None: ...
+
+
+class DataListener:
+    """Accepts data channels from peers on its own port (`data_listen`; the peers learn it over
+    the control plane) and receives their chunks in threads."""
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        keys: Keys,
+        peers: Mapping[str, CongestionControl],
+        sink: ChunkSink,
+        buffers: AlignedBuffers,
+        metrics: Metrics,
+        workers: concurrent.futures.Executor,
+        ssl_context: ssl.SSLContext | None = None,
+        on_peer: Callable[[str], None] | None = None,
+    ) -> None:
+        self.site = site
+        # Called on the event loop when a peer opens a channel here: it is up, so channels to
+        # it can be opened now too.
+        self.on_peer = on_peer
+        self.keys = keys
+        self.peers = dict(peers)
+        self.sink = sink
+        self.buffers = buffers
+        self.metrics = metrics
+        self.workers = workers
+        self.ssl_context = ssl_context
+        self.port = 0
+        self._server: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closing = False
+        self._accepter: threading.Thread | None = None
+
+    def start(self, host: str, port: int, loop: asyncio.AbstractEventLoop) -> int:
+        self._loop = loop
+        server = socket.create_server((host, port), reuse_port=False, backlog=128)
+        self._server = server
+        self.port = server.getsockname()[1]
+        self._accepter = threading.Thread(target=self._accept_loop, name="channel-accept",
+                                          daemon=True)
+        self._accepter.start()
+        return self.port
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            conns = list(self._conns)
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)
+            self._server.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if self._accepter is not None:
+            self._accepter.join(timeout=5)
+
+    def _accept_loop(self) -> None:
+        assert self._server is not None
+        while True:
+            try:
+                conn, _addr = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._closing:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="channel-in",
+                             daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        lower_thread_priority()
+        sock: socket.socket = raw
+        peer = "?"  # until the opening names it
+        try:
+            raw.settimeout(OPEN_TIMEOUT_S)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(raw, server_side=True)
+            peer, session = self._open(sock)
+            sock.settimeout(None)
+            if self.on_peer is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(self.on_peer, peer)
+            self._receive(sock, peer, session)
+        except AuthError as exc:
+            # A bad opening proof (a replayed or forged opening), or a frame failing its MAC.
+            self.metrics.auth_failures.labels("data channel").inc()
+            log.warning("auth.refused", extra={"fields": {"path": "data channel",
+                                                          "error": exc.message}})
+        except ProtocolError as exc:
+            # A frame out of bounds (oversize, unknown kind, replayed sequence number): nothing
+            # of it was staged; the channel goes, the sender's chunks go on another one.
+            self.metrics.channels_refused.labels(peer).inc()
+            log.warning("channel.refused", extra={"fields": {"from": peer,
+                                                             "error": exc.message[:200]}})
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.info("channel.closed", extra={"fields": {"error": f"{type(exc).__name__}: "
+                                                                  f"{exc}"[:200]}})
+        except Exception as exc:  # a bug must cost this channel, never the daemon
+            self.metrics.channels_refused.labels(peer).inc()
+            log.exception("channel.failed", extra={"fields": {
+                "from": peer, "error": f"{type(exc).__name__}: {exc}"[:200]}})
+        finally:
+            with self._lock:
+                self._conns.discard(raw)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _open(self, sock: socket.socket) -> tuple[str, ch.Session]:
+        n_src, n_dst, client_nonce = ch.decode_hello(_read(sock, ch.HELLO_FIXED.size))
+        said = ch.hello_sites(n_src, _read(sock, n_src + n_dst), client_nonce)
+        if said.dest != self.site:
+            raise AuthError(f"data channel addressed to {said.dest!r}, not this site")
+        if said.source not in self.peers:
+            raise AuthError(f"site {said.source!r} is not a peer of this site")
+        secret = self.keys.secret_for(said.source)
+        server_nonce = ch.challenge()
+        sock.sendall(server_nonce)
+        ch.check_proof(secret, said, server_nonce, _read(sock, ch.PROOF_BYTES))
+        sock.sendall(ch.accept_frame(secret, said, server_nonce))
+        _tune(sock, self.peers[said.source])
+        return said.source, ch.Session.derive(secret, said, server_nonce)
+
+    def _receive(self, sock: socket.socket, peer: str, session: ch.Session) -> None:
+        seqs = ch.SeqGuard()
+        send_lock = threading.Lock()
+        fixed = bytearray(ch.CHUNK_FIXED.size)
+        while _recv_exact(sock, memoryview(fixed)):
+            partial, rest_len = ch.decode_chunk_head(bytes(fixed))
+            head = ch.finish_chunk_head(session, partial, _read(sock, rest_len))
+            seqs.check(head.seq)
+            pooled = head.body_length <= self.buffers.buffer_bytes
+            buf = self.buffers.acquire() if pooled else mmap.mmap(-1, head.body_length)
+            assert buf is not None
+            view = memoryview(buf)[: head.body_length]
+            try:
+                if not _recv_exact(sock, view):
+                    raise ConnectionError("data channel closed before a chunk body")
+            except BaseException:
+                view.release()
+                self._give_back(buf, pooled)
+                raise
+            self.workers.submit(self._land, sock, send_lock, session, peer, head, buf, view,
+                                pooled)
+
+    def _give_back(self, buf: mmap.mmap, pooled: bool) -> None:
+        if pooled:
+            self.buffers.release(buf)
+        else:
+            buf.close()
+
+    def _land(self, sock: socket.socket, send_lock: threading.Lock, session: ch.Session,
+              peer: str, head: ch.ChunkHead, buf: mmap.mmap, view: memoryview,
+              pooled: bool) -> None:
+        """Worker thread: check where the chunk goes (on the loop), verify and stage it (here),
+        book it (on the loop), answer."""
+        assert self._loop is not None
+        status, reason = ch.ReceiptStatus.OK, ""
+        try:
+            targets = on_loop(self._loop, self.sink.chunk_targets(head, peer))
+            self.sink.verify_and_write(head, view, targets)
+            on_loop(self._loop, self.sink.chunk_landed(head, peer, targets))
+        except IntegrityError as exc:
+            status, reason = ch.ReceiptStatus.DAMAGED, exc.message
+            self.metrics.integrity_failures.labels(peer, "receiver").inc()
+        except StorageError as exc:
+            status, reason = ch.ReceiptStatus.STORAGE, exc.message
+        except (ProtocolError, PolicyViolation, AuthError) as exc:
+            status, reason = ch.ReceiptStatus.REFUSED, exc.message
+        except Exception as exc:  # a bug: this chunk is refused, the channel and daemon go on
+            status, reason = ch.ReceiptStatus.REFUSED, f"{type(exc).__name__}: {exc}"
+            log.exception("chunk.failed", extra={"fields": {"from": peer}})
+        finally:
+            view.release()
+            self._give_back(buf, pooled)
+        if status is not ch.ReceiptStatus.OK:
+            log.warning("chunk.refused", extra={"fields": {
+                "from": peer, "upload": head.upload[:128], "status": status.name,
+                "error": reason[:200]}})
+        frame = ch.encode_receipt(session, ch.Receipt(head.seq, status, reason))
+        with send_lock, contextlib.suppress(OSError):
+            sock.sendall(frame)
