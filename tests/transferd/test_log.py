@@ -35,3 +35,26 @@ def test_other_errors_keep_their_traceback_inside_the_json() -> None:
     line = json.loads(JsonLines().format(record))
     assert line["event"] == "Error handling request from 127.0.0.1"
     assert "ValueError: a bug" in line["exception"]
+
+
+def test_a_thread_that_dies_says_so_in_one_json_line() -> None:
+    """A data channel or worker thread killed by a bug: a JSON line with the traceback inside,
+    never a plain traceback in the log (run in a child: setup_logging sets process globals)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading\n"
+        "from transferd.site.log import setup_logging\n"
+        "setup_logging()\n"
+        "def boom():\n"
+        "    raise RuntimeError('a bug in a channel thread')\n"
+        "t = threading.Thread(target=boom, name='channel-send-B')\n"
+        "t.start(); t.join()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    assert [line["event"] for line in lines] == ["thread.died"]
+    assert lines[0]["thread"] == "channel-send-B"
+    assert "RuntimeError: a bug in a channel thread" in lines[0]["exception"]

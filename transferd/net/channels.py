@@ -272,7 +272,7 @@ class _Channel:
                 item.on_wire(item.wire_length, item.sends > 1)
             try:
                 self._write(seq, item)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # OSError, mostly; anything else costs only this channel
                 self._break(exc)
                 return
             owner.metrics.bytes_sent.labels(owner.peer).inc(item.wire_length)
@@ -319,7 +319,7 @@ class _Channel:
                     self.moved_at = time.monotonic()
                     owner.cond.notify_all()
                 item.finish(receipt)
-        except (OSError, ValueError, TransferdError) as exc:
+        except Exception as exc:  # OSError, a bad receipt; anything else costs this channel
             self._break(exc)
 
     def _break(self, exc: BaseException) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 
 __all__ = ["JsonLines", "setup_logging"]
 
@@ -71,3 +72,16 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    # A thread (a data channel's, a worker's) that dies of an uncaught error says so in a JSON
+    # line too, not in a plain traceback.
+    threading.excepthook = _thread_died
+
+
+def _thread_died(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    logging.getLogger("transferd.threads").error(
+        "thread.died",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        extra={"fields": {"thread": args.thread.name if args.thread else "?"}},
+    )
