@@ -8,11 +8,17 @@ stream controller. Framing, opening and the window are `protocol.channel`'s.
 Sending: `PeerChannels.submit(chunk)` queues a chunk for a peer; every open channel's sender
 thread takes the next one when its window has room, writes header and body, and its receipt
 thread completes the chunk's future when the receipt arrives. A channel that breaks hands its
-in-flight chunks back to the queue (another channel, or its replacement, sends them again).
+in-flight chunks back to the queue (another channel, or its replacement, sends them again);
+so does one whose chunks in flight have not moved for `stall_s` (no receipt, nothing acked).
+Each send of a chunk is reported as it starts (`OutgoingChunk.on_wire`: the job's
+bytes_on_wire, re-sends included).
 
 Receiving: `DataListener` accepts, runs the opening (and TLS when configured), then one thread
 per channel reads each header, receives the body into a pooled aligned buffer, and hands it to
-a worker that verifies, stages and books it, and sends the receipt.
+a worker that verifies, stages and books it, and sends the receipt. A frame that fails its MAC
+or its bounds closes the channel and is counted (auth failures, `channels_refused`); a body
+that does not hash to its header is never written (a DAMAGED receipt); nothing a peer sends
+can end the listener or the daemon.
 """
 
 from __future__ import annotations

@@ -1,17 +1,19 @@
 """The sending side: jobs from the journal become uploads to a peer.
 
-A job (path, destination) runs open -> for each batch of chunks: hash, ask have/want, PUT the
-wanted ones -> signed manifest -> commit. Each request retries transient errors within the
-retry budget (`peer_client.retrying`), noting in the job what it retries and when; past that,
-a transient error sends the job to `waiting` (its peer is unreachable, its link keeps failing)
-and it is attempted again after a capped exponential delay (`protocol.backoff.
-job_retry_delay`), resuming from what the receiver has. A job fails on a permanent error, or
-when its deadline (`send --timeout`) passes. Hashing of the next batch overlaps the uploads of the
-previous one; each chunk PUT is admitted by the peer's `BulkGate` for the job's class (the
-class scheduler's weights and rate caps, and the adaptive stream count). Policy is checked
-before a byte is read. Jobs survive SIGKILL: the journal keeps them and a restarted daemon
-re-opens the same upload id, so the receiver's answer to have/want says exactly which chunks
-are still missing.
+A job (path, destination) runs open -> for each batch of chunks: hash, ask have/want, send the
+wanted ones on the peer's data channels -> signed manifest -> commit. Each request and each
+chunk retries transient errors within the retry budget (`peer_client.retrying`), noting in the
+job what it retries and when; past that, a transient error sends the job to `waiting` (its
+peer is unreachable, its link keeps failing) and it is attempted again after a capped
+exponential delay (`protocol.backoff.job_retry_delay`), resuming from what the receiver has.
+A job fails on a permanent error, or when its deadline (`send --timeout`) passes. Every body
+the job puts on the wire, control or chunk, first send or again, is counted in its
+`bytes_on_wire` as it starts going out. Hashing of the next batch overlaps the sending of the
+previous one; each chunk is admitted by the peer's `BulkGate` for the job's class (the class
+scheduler's weights and rate caps, and the adaptive stream count). Policy is checked before a
+byte is read. Jobs survive SIGKILL: the journal keeps them and a restarted daemon re-opens the
+same upload id, so the receiver's answer to have/want says exactly which chunks are still
+missing.
 """
 
 from __future__ import annotations
