@@ -261,14 +261,7 @@ class _HttpFlow:
                 self._head.clear()
                 self._start(head)
                 continue
-            take = min(len(data) - i, self.current.length - self._pos)
-            pieces.append((self.current, i, i + take, self._pos))
-            if self.current.raw is not None:
-                self.current.raw += data[i : i + take]
-            i += take
-            self._pos += take
-            if self._pos >= self.current.length:
-                self.current = None
+            i = _take_body(self, data, i, pieces)
         return pieces
 
     def _start(self, head: bytes) -> None:
@@ -288,6 +281,26 @@ class _HttpFlow:
             self.current = None
 
 
+def _take_body(
+    flow: _HttpFlow | _ChannelFlow,
+    data: bytes,
+    i: int,
+    pieces: list[tuple[HttpMessage, int, int, int]],
+) -> int:
+    """The part of `data` from `i` that belongs to the body of `flow.current`: recorded as a
+    piece (and in the capture); returns where the body ends in `data`."""
+    current = flow.current
+    assert current is not None
+    take = min(len(data) - i, current.length - flow._pos)
+    pieces.append((current, i, i + take, flow._pos))
+    if current.raw is not None:
+        current.raw += data[i : i + take]
+    flow._pos += take
+    if flow._pos >= current.length:
+        flow.current = None
+    return i + take
+
+
 _RECEIPT_HTTP_STATUS = {0: 204, 1: 422, 2: 403, 3: 507}  # a receipt's status as an HTTP one
 
 
@@ -304,7 +317,6 @@ class _ChannelFlow:
         self._buf = bytearray()
         self._state = "hello" if requests else "challenge"
         self._need = ch.HELLO_FIXED.size if requests else ch.CHALLENGE_BYTES + ch.ACCEPT_BYTES
-        self._fixed = b""
         self._head: tuple[int, int, bytes] | None = None  # seq, body length, address
         self.current: HttpMessage | None = None
         self._pos = 0
@@ -314,14 +326,7 @@ class _ChannelFlow:
         i = 0
         while i < len(data) and self._state != "lost":
             if self.current is not None:
-                take = min(len(data) - i, self.current.length - self._pos)
-                pieces.append((self.current, i, i + take, self._pos))
-                if self.current.raw is not None:
-                    self.current.raw += data[i : i + take]
-                i += take
-                self._pos += take
-                if self._pos >= self.current.length:
-                    self.current = None
+                i = _take_body(self, data, i, pieces)
                 continue
             take = min(len(data) - i, self._need - len(self._buf))
             self._buf += data[i : i + take]

@@ -115,14 +115,20 @@ _TCP_INFO_BYTES = 160
 _INFO_MSS, _INFO_RTT_US, _INFO_TOTAL_RETRANS, _INFO_DATA_SEGS_OUT = 16, 68, 100, 156
 
 
-def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
-    """(data segments out, retransmitted, smoothed RTT in us, MSS) of a connection; None where
-    the kernel does not say."""
+def _tcp_info(sock: socket.socket, need: int) -> bytes | None:
+    """The connection's struct tcp_info if the kernel gives at least `need` bytes of it."""
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
     except (OSError, AttributeError):
         return None
-    if len(info) < _INFO_DATA_SEGS_OUT + 4:
+    return info if len(info) >= need else None
+
+
+def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
+    """(data segments out, retransmitted, smoothed RTT in us, MSS) of a connection; None where
+    the kernel does not say."""
+    info = _tcp_info(sock, _INFO_DATA_SEGS_OUT + 4)
+    if info is None:
         return None
 
     def u32(at: int) -> int:
@@ -138,11 +144,8 @@ _INFO_BYTES_ACKED = 120  # u64
 def tcp_bytes_acked(sock: socket.socket) -> int | None:
     """Bytes of this connection the peer has acknowledged; None where the kernel does not
     say (or the socket is closed)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
-    except (OSError, AttributeError):
-        return None
-    if len(info) < _INFO_BYTES_ACKED + 8:
+    info = _tcp_info(sock, _INFO_BYTES_ACKED + 8)
+    if info is None:
         return None
     return int.from_bytes(info[_INFO_BYTES_ACKED : _INFO_BYTES_ACKED + 8], sys.byteorder)
 
