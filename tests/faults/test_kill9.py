@@ -208,7 +208,7 @@ async def kill_trial(tmp_path: Path, seed: int, tally: Tally) -> None:
     assert kills
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [2])  # one seeded trial here, 40 more with -m long
 async def test_sigkill_at_random_moments_ends_exact_with_nothing_partial(
     tmp_path: Path, seed: int, tally: Tally
 ) -> None:
