@@ -5,8 +5,9 @@
         await wait_for_jobs(a, ids)
 
 `write_site_configs` lays out keys and site YAML files for subprocess daemons; `LinkProxy` sits
-between two daemons and misbehaves on request (pace, delay, drop, stall, refuse, flip bits in
-request or reply bodies, capture requests for replay);
+between two daemons, on their control plane, their data channels or both, and misbehaves on
+request (pace, delay, drop, stall, black-hole, refuse, flip bits in request, reply or chunk
+bodies, capture requests and channels for replay);
 `CappedFileSystem` is a local fsspec filesystem that runs out of space after a set budget.
 """
 
