@@ -18,6 +18,7 @@ from transferd.site.objectstore import MANIFEST
 from transferd.testing import MotoS3Server, loopback_pair, wait_for_jobs
 
 CHUNK = 256 * 1024
+CONTROL_BYTES = 64 * 1024  # have/want, manifest and commit bodies of a small job, at most
 
 
 class Site:
@@ -121,10 +122,11 @@ async def test_checkpoints_move_latest_after_whole_steps_keep_the_newest_and_sen
                     a, a.sender.submit(f"checkpoints/r/step-{step}", ["B"]), timeout_s=60
                 )
                 assert job.state == "committed", job.error
-                assert job.bytes_on_wire == 2 * CHUNK  # one shard of ten crossed the wire
+                # One shard of ten crossed the wire (and the job's control bodies).
+                assert 2 * CHUNK <= job.bytes_on_wire < 2 * CHUNK + CONTROL_BYTES
                 assert dst.read_text("checkpoints/r/LATEST") == f"step-{step}\n"
         assert first.state == "committed", first.error
-        assert first.bytes_on_wire == 20 * CHUNK
+        assert 20 * CHUNK <= first.bytes_on_wire < 20 * CHUNK + CONTROL_BYTES
         assert [n for n in dst.names("checkpoints/r") if not n.startswith(".")] == [
             "LATEST",
             "step-200",
