@@ -68,6 +68,7 @@ TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 # socket is nearly drained, so the chunks left near the end of a job stay in the shared queue
 # for whichever channel is free first, instead of waiting behind one slow stream.
 NOTSENT_LOWAT_BYTES = 1 << 20
+MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
 def set_congestion(sock: socket.socket, wanted: CongestionControl) -> str:
@@ -123,10 +124,14 @@ def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
-    """Fill `view` from the socket; False on a clean end of stream before its first byte."""
+    """Fill `view` from the socket; False on a clean end of stream before its first byte.
+    A plain socket is asked for the whole frame at once (MSG_WAITALL): the kernel fills an
+    8 MiB body in one call with the GIL released, instead of a call (and a GIL hand-off that
+    the event loop thread waits behind) per arriving burst."""
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
     got = 0
     while got < len(view):
-        n = sock.recv_into(view[got:], len(view) - got)
+        n = sock.recv_into(view[got:], len(view) - got, flags)
         if n == 0:
             if got == 0:
                 return False
@@ -254,7 +259,9 @@ class _Channel:
             body_blake3=bytes.fromhex(item.body_blake3), encoding=item.encoding,
             raw_length=item.raw_length, body_length=item.wire_length, locations=item.locations,
         )
-        self.sock.sendall(ch.encode_chunk_head(self.session, head))
+        # MSG_MORE: the header waits for the body's first bytes instead of leaving as a
+        # packet of its own (the sockets run with TCP_NODELAY for the receipts).
+        self.sock.sendall(ch.encode_chunk_head(self.session, head), 0 if self.tls else MSG_MORE)
         if item.body is not None:
             self.sock.sendall(item.body)
         elif self.tls:
