@@ -267,7 +267,8 @@ def _relative_to_data_dir(config: SiteConfig, path: str) -> str:
     return path
 
 
-POLL_S = 0.05  # how late `send --wait` may notice a commit (a cheap local GET per poll)
+POLL_S = 0.05  # the shortest time between two questions to the daemon about the jobs
+WAIT_MS = 500  # each question waits up to this long for a job to end (the progress bar's tick)
 
 
 def _poll(client: LocalClient, ids: list[str], *, wait: bool, progress: bool) -> list[Job]:
@@ -279,8 +280,8 @@ def _poll(client: LocalClient, ids: list[str], *, wait: bool, progress: bool) ->
         TransferSpeedColumn,
     )
 
-    def fetch() -> list[Job]:
-        path_qs = f"{LOCAL_JOBS_ROUTE}?ids={','.join(ids)}"
+    def fetch(wait_ms: int = 0) -> list[Job]:
+        path_qs = f"{LOCAL_JOBS_ROUTE}?ids={','.join(ids)}&wait_ms={wait_ms}"
         return client.call(LocalRequest("GET", path_qs, JobsAnswer)).jobs
 
     jobs = fetch()
@@ -303,8 +304,11 @@ def _poll(client: LocalClient, ids: list[str], *, wait: bool, progress: bool) ->
                 bar.update(tasks[j.id], total=total, completed=min(j.bytes_done, total or 0))
             if not any(j.state.active for j in jobs):
                 return jobs
-            time.sleep(POLL_S)
-            jobs = fetch()
+            asked = time.monotonic()
+            jobs = fetch(WAIT_MS)
+            if any(j.state.active for j in jobs):
+                # A daemon that answers at once (one without wait_ms): ask again after POLL_S.
+                time.sleep(max(0.0, POLL_S - (time.monotonic() - asked)))
 
 
 @main.command()

@@ -228,6 +228,12 @@ class Daemon:
     def job(self, job_id: str) -> Job | None:
         return self.journal.job(job_id)
 
+    async def job_ended(self, timeout_s: float) -> None:
+        """Until a job ends (committed, failed or interrupted) or `timeout_s` passes."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.sender.job_ended()
+
     def status(self) -> SiteStatus:
         now = self.clock()
         jobs = []

@@ -128,6 +128,7 @@ class Sender:
         self._running: set[str] = set()
         self._stopping = False
         self._idle = asyncio.Event()
+        self._ended = asyncio.Event()  # replaced by a fresh one each time a job ends
 
     # -- submitting ----------------------------------------------------------------------------
     def submit(
@@ -183,6 +184,10 @@ class Sender:
             self._idle.clear()
             await self._idle.wait()
 
+    async def job_ended(self) -> None:
+        """Until the next job ends."""
+        await self._ended.wait()
+
     def stop(self) -> None:
         """Stop starting jobs; running ones are cancelled by the caller's task group and resume
         from the journal on the next start."""
@@ -225,6 +230,8 @@ class Sender:
             self._running.discard(job.id)
             slots.release()
             self._idle.set()
+            self._ended.set()
+            self._ended = asyncio.Event()
         self.metrics.job_seconds.labels(outcome).observe(time.monotonic() - started)
 
     # -- one replication ------------------------------------------------------------------------
