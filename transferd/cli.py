@@ -43,7 +43,7 @@ from transferd.protocol.wire import (
     MESSAGES_ROUTE,
     to_body,
 )
-from transferd.site.keys import Keyring, keygen
+from transferd.site.keys import LocalSecret, keygen
 from transferd.site.tls import client_ssl_context
 
 __all__ = ["main"]
@@ -171,8 +171,8 @@ def serve(config_path: str, plan_path: str | None) -> None:
 
 def _local_client(config: SiteConfig) -> LocalClient:
     try:
-        keyring = Keyring.load(config.keys_path, config.site, [])
-        return LocalClient(config.local_url, local_signer(keyring), client_ssl_context(config))
+        own = LocalSecret.load(config.keys_path, config.site)
+        return LocalClient(config.local_url, local_signer(own), client_ssl_context(config))
     except ConfigError as exc:
         _fail(exc)
 
