@@ -69,6 +69,7 @@ A = TypeVar("A", bound=WireModel)
 log = logging.getLogger("transferd.sender")
 
 HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the mapped windows
+FIRST_BATCH = 2  # a job's first batch: the first chunk leaves after hashing 16 MiB, not 64
 MAX_CHUNK_ATTEMPTS = 5  # integrity failures of one chunk before the job fails
 ENSURE_EVERY_S = 1.0  # how often a chunk awaiting its receipt checks the channels are open
 COMMIT_ROUNDS = 4
@@ -360,10 +361,10 @@ class Sender:
         """Hash the file batch by batch, offer each batch, queue the wanted chunks (at most
         HAVE_BATCH ahead of the uploads). Returns False when the daemon began stopping."""
         spans = state.spans
-        for start in range(0, len(spans), HAVE_BATCH):
+        for start, stop in _batches(len(spans)):
             if self._stopping:
                 return False
-            batch = spans[start : start + HAVE_BATCH]
+            batch = spans[start:stop]
             windows, views = await _open_batch(state.source, batch)
             try:
                 hashes = await _hash_batch(views)
@@ -531,6 +532,13 @@ async def _hash_batch(views: list[memoryview]) -> list[str]:
     """Chunk hashes, in parallel threads (blake3 releases the GIL). These are the only pass
     over the bytes: the file's digest is the Merkle root over them (`file_digest`)."""
     return list(await asyncio.gather(*(asyncio.to_thread(blake3_hex, v) for v in views)))
+
+
+def _batches(n: int) -> list[tuple[int, int]]:
+    """[start, stop) of each have/want batch of a file's n chunks: FIRST_BATCH, then HAVE_BATCH
+    at a time."""
+    cuts = [0, *range(min(FIRST_BATCH, n), n, HAVE_BATCH), n] if n else []
+    return list(zip(cuts, cuts[1:], strict=False))
 
 
 def _close_all(windows: list[FileWindow | None]) -> None:
