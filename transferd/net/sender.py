@@ -48,7 +48,14 @@ from transferd.protocol.manifest import (
     UploadIntent,
 )
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
-from transferd.protocol.upload import plan_offer, resend, upload_id, upload_intent, upload_manifest
+from transferd.protocol.upload import (
+    offer_batches,
+    plan_offer,
+    resend,
+    upload_id,
+    upload_intent,
+    upload_manifest,
+)
 from transferd.protocol.wire import (
     COMMIT_ROUTE,
     DATA_CHANNEL_ROUTE,
@@ -361,7 +368,7 @@ class Sender:
         """Hash the file batch by batch, offer each batch, queue the wanted chunks (at most
         HAVE_BATCH ahead of the uploads). Returns False when the daemon began stopping."""
         spans = state.spans
-        for start, stop in _batches(len(spans)):
+        for start, stop in offer_batches(len(spans), FIRST_BATCH, HAVE_BATCH):
             if self._stopping:
                 return False
             batch = spans[start:stop]
@@ -532,13 +539,6 @@ async def _hash_batch(views: list[memoryview]) -> list[str]:
     """Chunk hashes, in parallel threads (blake3 releases the GIL). These are the only pass
     over the bytes: the file's digest is the Merkle root over them (`file_digest`)."""
     return list(await asyncio.gather(*(asyncio.to_thread(blake3_hex, v) for v in views)))
-
-
-def _batches(n: int) -> list[tuple[int, int]]:
-    """[start, stop) of each have/want batch of a file's n chunks: FIRST_BATCH, then HAVE_BATCH
-    at a time."""
-    cuts = [0, *range(min(FIRST_BATCH, n), n, HAVE_BATCH), n] if n else []
-    return list(zip(cuts, cuts[1:], strict=False))
 
 
 def _close_all(windows: list[FileWindow | None]) -> None:
