@@ -27,6 +27,7 @@ import os
 import select
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -106,7 +107,18 @@ def _tune(sock: socket.socket, cc: CongestionControl) -> str:
 
 # struct tcp_info (linux/tcp.h): the few fields the stream controller reads.
 _TCP_INFO_BYTES = 160
+_INFO_RETRANSMITS = 2
 _INFO_MSS, _INFO_RTT_US, _INFO_TOTAL_RETRANS, _INFO_DATA_SEGS_OUT = 16, 68, 100, 156
+
+
+def tcp_timeouts(sock: socket.socket) -> int:
+    """How many retransmission timeouts in a row the connection has had without progress
+    (tcpi_retransmits); 0 where the kernel does not say."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except (OSError, AttributeError):
+        return 0
+    return info[_INFO_RETRANSMITS] if len(info) > _INFO_RETRANSMITS else 0
 
 
 def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
@@ -126,6 +138,13 @@ def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
             u32(_INFO_MSS))
 
 
+# A channel whose data has waited this many retransmission timeouts in a row (0.2 + 0.4 + 0.8 s
+# and doubling) sits in TCP's backoff: after an outage it would resume only at its next timeout,
+# up to twice the outage later. The path is probed with a new connection instead, and once one
+# connects the stuck channels are replaced (their chunks go out again on the new ones).
+STUCK_TIMEOUTS = 3
+_LINGER_RESET = struct.pack("ii", 1, 0)
+PROBE_EVERY_S = 0.25
 CONNECT_RACE_S = 0.25  # a connect not answered by then gets a sibling attempt
 CONNECT_ATTEMPTS = 3
 
@@ -406,6 +425,9 @@ class PeerChannels:
         self.opened = 0  # channels opened over the daemon's life (reuse shows as few)
         self.algorithms: set[str] = set()
         self._open_lock = asyncio.Lock()
+        self._address: tuple[str, int] | None = None  # where the last channels were opened
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
 
     # -- called from the event loop ----------------------------------------------------------
     def live(self) -> int:
@@ -421,6 +443,7 @@ class PeerChannels:
             missing = count - self.live()
             if missing > 0:
                 host, port = await address()
+                self._watch((host, port))
                 opened = await asyncio.gather(
                     *(asyncio.to_thread(self._open, host, port) for _ in range(missing)),
                     return_exceptions=True)
@@ -461,6 +484,9 @@ class PeerChannels:
             item.finish(error=TransportError("withdrawn: the job ended", peer=self.peer))
 
     def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
         with self.cond:
             self.closing = True
             channels, self.channels = self.channels, []
@@ -500,16 +526,54 @@ class PeerChannels:
                           rtt_s=sum(rtts) / len(rtts) / 1e6, mss=int(sum(mss) / len(mss)))
 
     # -- channel threads -----------------------------------------------------------------------
+    def _watch(self, address: tuple[str, int]) -> None:
+        self._address = address
+        if self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch_loop, name=f"channel-watch-{self.peer}", daemon=True)
+            self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        """Thread: replace channels stuck in retransmission backoff once the path answers."""
+        while not self._stop.wait(PROBE_EVERY_S):
+            with self.cond:
+                stuck = [c for c in self.channels if c.alive and len(c.window)]
+            stuck = [c for c in stuck if tcp_timeouts(c.sock) >= STUCK_TIMEOUTS]
+            if not stuck or self._address is None:
+                continue
+            host, port = self._address
+            try:
+                probe = connect_racing(host, port, 2 * PROBE_EVERY_S)
+            except OSError:
+                continue  # still down: TCP keeps retrying on the old channels as well
+            log.warning("channel.stuck", extra={"fields": {
+                "peer": self.peer, "channels": len(stuck), "replaced": True}})
+            try:
+                self._open(host, port, probe)
+            except TransferdError:
+                continue
+            for chan in stuck:
+                with contextlib.suppress(OSError):  # reset, not FIN: the peer frees it at once
+                    chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                chan._break(TransportError("stuck in retransmission backoff while the path "
+                                           "answers again", peer=self.peer))
+            for _ in stuck[1:]:
+                with contextlib.suppress(TransferdError):
+                    self._open(host, port)
+
     def resent(self, items: Sequence[OutgoingChunk]) -> None:
         self.metrics.chunks_resent.labels(self.peer).inc(len(items))
 
-    def _open(self, host: str, port: int) -> _Channel:
-        """Thread: connect, TLS, the HMAC opening; a started channel."""
-        try:
-            raw = connect_racing(host, port, OPEN_TIMEOUT_S)
-        except OSError as exc:
-            raise TransportError(f"{self.peer}: data channel to {host}:{port}: "
-                                 f"{exc.strerror or exc}", peer=self.peer) from exc
+    def _open(self, host: str, port: int, raw: socket.socket | None = None) -> _Channel:
+        """Thread: connect (unless `raw` is connected already), TLS, the HMAC opening; a
+        started channel."""
+        if raw is None:
+            try:
+                raw = connect_racing(host, port, OPEN_TIMEOUT_S)
+            except OSError as exc:
+                raise TransportError(f"{self.peer}: data channel to {host}:{port}: "
+                                     f"{exc.strerror or exc}", peer=self.peer) from exc
+        raw.settimeout(OPEN_TIMEOUT_S)
         try:
             algorithm = _tune(raw, self.congestion_control)
             sock: socket.socket = raw
