@@ -114,11 +114,7 @@ def _flap_goal(where: str, row: dict[str, Any] | None) -> Goal:
     name = f"{where}: transferd completes, re-sent <= one chunk per stream"
     if row is None or not row["n_ok"]:
         return Goal(name, "did not complete" if row else "no result", False if row else None)
-    # What went on the wire twice: TCP's retransmissions and the chunks transferd sent again
-    # on a new channel after one broke (or was replaced).
     resent, streams = row["resent_bytes"], row.get("streams")
-    if resent is not None:
-        resent += row.get("app_resent_bytes") or 0
     if resent is None or not streams:
         return Goal(name, f"completed {row['n_ok']}/{row['n']}; re-sent or stream count not "
                     "recorded", None)

@@ -64,7 +64,7 @@ def medians(doc: dict[str, Any]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"tool": tool, "data": data, "n_ok": len(ok), "n": len(runs)}
         for key in ("goodput_mbit", "link_pct", "sustained_mbit", "sustained_link_pct", "seconds",
                     "bytes_on_wire", "cpu_s", "p50_ms", "p99_ms", "bytes_logical", "resent_bytes",
-                    "emulator_cpu_pct", "streams", "app_resent_bytes"):
+                    "emulator_cpu_pct", "streams"):
             row[key] = _median(r.get(key) for r in ok)
         for key in ("daemon_p50_ms", "daemon_p99_ms", "echo_p50_ms", "echo_p99_ms"):
             row[key] = _median((r.get("messages") or {}).get(key) for r in ok)
