@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from netplan._sync import SyncPlan, plan_sync
     from netplan.decisions import ClientLatency, Decision, Movement, Option
     from netplan.errors import Infeasible, NetplanError, PlanError, TopologyError
+    from netplan.executors import DaskExecutor, LocalExecutor, SerialExecutor, run_whatif
     from netplan.loader import load_topology, parse_topology
     from netplan.network import (
         BulkPath,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from netplan.plan import SCHEMA_VERSION as PLAN_SCHEMA_VERSION
     from netplan.plan import Plan, SitePlan, Tier, TrafficClass
     from netplan.report import SCHEMA_VERSION, Report, analyze
+    from netplan.scenarios import Scenario, ScenarioError, load_scenario_file, parse_change
     from netplan.topology import (
         Dataset,
         Link,
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
         TransferSettings,
         Workload,
     )
+    from netplan.whatif import ScenarioResult, WhatifResult, build_baseline, evaluate
 
 # public name -> (module, attribute in that module)
 _EXPORTS: dict[str, tuple[str, str]] = {
@@ -80,11 +83,18 @@ _EXPORTS: dict[str, tuple[str, str]] = {
         for n in ("ShardReplication", "replicate_shards", "shard_replication")
     },
     **{n: ("netplan._sync", n) for n in ("SyncPlan", "plan_sync")},
+    **{n: ("netplan.executors", n)
+       for n in ("DaskExecutor", "LocalExecutor", "SerialExecutor", "run_whatif")},
+    **{n: ("netplan.scenarios", n)
+       for n in ("Scenario", "ScenarioError", "load_scenario_file", "parse_change")},
+    **{n: ("netplan.whatif", n)
+       for n in ("ScenarioResult", "WhatifResult", "build_baseline", "evaluate")},
 }
 
 __all__ = [
     "BulkPath",
     "ClientLatency",
+    "DaskExecutor",
     "Dataset",
     "Decision",
     "Infeasible",
@@ -92,6 +102,7 @@ __all__ = [
     "LatencyPath",
     "Link",
     "LinkThroughput",
+    "LocalExecutor",
     "Model",
     "Movement",
     "NetplanError",
@@ -103,27 +114,37 @@ __all__ = [
     "PlanError",
     "Report",
     "SCHEMA_VERSION",
+    "Scenario",
+    "ScenarioError",
+    "ScenarioResult",
+    "SerialExecutor",
     "ShardReplication",
     "Site",
     "SitePlan",
     "SyncPlan",
     "SyncRule",
-    "Topology",
     "Tier",
+    "Topology",
     "TopologyError",
     "TrafficClass",
     "TransferSettings",
     "VectorIndex",
+    "WhatifResult",
     "Workload",
     "analyze",
     "break_down_budget",
+    "build_baseline",
     "build_plan",
+    "evaluate",
     "latency_budgets",
     "link_throughput",
+    "load_scenario_file",
     "load_topology",
+    "parse_change",
     "parse_topology",
     "plan_sync",
     "replicate_shards",
+    "run_whatif",
     "shard_replication",
 ]
 

@@ -152,6 +152,10 @@ class CheckpointReplication(Frozen):
     copies_min: int = Field(default=2, ge=1, description="copies in distinct failure domains, "
                             "the training site included")
     retain: int = Field(default=3, ge=1, description="checkpoints kept at each target")
+    rpo_hours: float | None = Field(
+        default=None, gt=0, description="the most training progress (hours) a failure of "
+        "the training site may lose; `netplan whatif` recommends a cadence and a target "
+        "when the replication cannot meet it (default: whatever the deadline allows)")
 
 
 class PathPolicy(Frozen):

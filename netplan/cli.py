@@ -1,4 +1,4 @@
-"""The `netplan` command line: `analyze` (rich tables or --json), `plan` and `schema`.
+"""The `netplan` command line: `analyze` (rich tables or --json), `plan`, `whatif` and `schema`.
 
 The only place (with the loader) that does I/O; it turns NetplanError into text on stderr and an
 exit code (2: the topology or the arguments are wrong; 1: --strict and a workload, vector index or
@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -41,6 +42,10 @@ _ALTERNATIVES_SHOWN = 5
 # Beyond this many decisions, losing options are shown one per workload and per-transfer path
 # comparisons are left to --json.
 _DETAILED_DECISIONS = 20
+# whatif: scenarios to evaluate x sites below which worker processes are not worth starting (a
+# worker spends 1-2 s importing and building its baseline; a scenario on a 1,000-site estate
+# takes about 50 ms).
+_PROCESSES_PAY_OFF = 50_000
 
 
 class _Grid:
@@ -437,20 +442,25 @@ def _model_options(command: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
-def _analyze(
-    topology_file: str,
+def _load(topology_file: str) -> Topology:
+    """The topology, or exit 2 naming what is wrong with it."""
+    with _no_cyclic_gc():
+        try:
+            return load_topology(topology_file)
+        except TopologyError as exc:
+            _fail(exc, 2)
+    raise AssertionError("unreachable")
+
+
+def _model(
+    topology: Topology,
     streams: int | None,
     window_bytes: int | None,
     mss_bytes: int | None,
     max_relays: int | None,
     multipath: bool | None,
-) -> tuple[Topology, Report]:
-    """Load and analyze, the flags overriding the topology; exit 2 on bad input."""
-    with _no_cyclic_gc():
-        try:
-            topology: Topology = load_topology(topology_file)
-        except TopologyError as exc:
-            _fail(exc, 2)
+) -> tuple[TransferSettings, PathPolicy]:
+    """The TCP settings and path policy: the topology's, the flags overriding them."""
     overrides = {
         k: v
         for k, v in (("streams", streams), ("window_bytes", window_bytes), ("mss_bytes", mss_bytes))
@@ -461,10 +471,25 @@ def _analyze(
     try:
         settings = TransferSettings.model_validate({**topology.transfer.model_dump(), **overrides})
         paths = PathPolicy.model_validate({**topology.paths.model_dump(), **policy})
-        with _no_cyclic_gc():
-            report = analyze(topology, settings, paths)
     except ValidationError as exc:
         raise click.BadParameter(str(exc)) from exc
+    return settings, paths
+
+
+def _analyze(
+    topology_file: str,
+    streams: int | None,
+    window_bytes: int | None,
+    mss_bytes: int | None,
+    max_relays: int | None,
+    multipath: bool | None,
+) -> tuple[Topology, Report]:
+    """Load and analyze, the flags overriding the topology; exit 2 on bad input."""
+    topology = _load(topology_file)
+    settings, paths = _model(topology, streams, window_bytes, mss_bytes, max_relays, multipath)
+    try:
+        with _no_cyclic_gc():
+            report = analyze(topology, settings, paths)
     except NetplanError as exc:
         _fail(exc, 2)
     return topology, report
@@ -576,11 +601,173 @@ def plan_command(
                f"entries (schema_version {plan.schema_version})")
 
 
+@cli.command("whatif")
+@click.argument("topology_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--fail", "fail", multiple=True, metavar="site:X|link:A,B",
+              help="A site or link fails (repeatable; all given changes form one scenario).")
+@click.option("--degrade", multiple=True, metavar="link:A,B=30%",
+              help="A link keeps 30 % of its bandwidth (=-70% says the same; =2.5gbps sets "
+              "it).")
+@click.option("--loss", multiple=True, metavar="link:A,B=1%", help="A link's packet loss "
+              "becomes 1 %.")
+@click.option("--price", multiple=True, metavar="egress:X=x2|gpu:h100=x1.5",
+              help="Egress leaving X (or * for every site), or a GPU type's hourly price "
+              "(gpu:h100@X: at X only), times a factor (x2) or set ($/GB, $/GPU-hour).")
+@click.option("--gpus", multiple=True, metavar="site:X=-50%",
+              help="GPUs at X change by a percentage (gpu:h100=-50%: one type everywhere; "
+              "gpu:h100@X=16: exactly 16).")
+@click.option("--name", "scenario_name", help="A name for the command-line scenario.")
+@click.option("--scenarios", "scenario_file", type=click.Path(dir_okay=False, path_type=str),
+              help="A YAML file of named scenarios (see the README).")
+@click.option("--sweep", type=click.Choice(["n-1", "n-2"]),
+              help="Every site, then every link, failing alone (n-1), or every pair (n-2).")
+@click.option("--max-scenarios", type=click.IntRange(1), default=100_000, show_default=True,
+              help="Refuse an n-2 sweep with more pairs than this.")
+@click.option("--failure-at", default="50%", show_default=True, metavar="PCT",
+              help="How far through its compute a training run is when its site fails.")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Local worker processes for the scenarios (default: one per CPU when the "
+              "sweep is large enough to pay for starting them; 1 runs them in this process).")
+@click.option("--dask", "dask_address", metavar="tcp://HOST:PORT",
+              help="Run the scenarios on this dask.distributed scheduler's workers instead.")
+@click.option("--full", is_flag=True, help="Re-plan every workload in every scenario (slower; "
+              "the same answers: a check on the incremental re-planning).")
+@click.option("--top", type=click.IntRange(1), default=10, show_default=True,
+              help="Rows of the ranking of scenarios that hurt most.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@_model_options
+def whatif_command(
+    topology_file: str,
+    fail: tuple[str, ...],
+    degrade: tuple[str, ...],
+    loss: tuple[str, ...],
+    price: tuple[str, ...],
+    gpus: tuple[str, ...],
+    scenario_name: str | None,
+    scenario_file: str | None,
+    sweep: str | None,
+    max_scenarios: int,
+    failure_at: str,
+    workers: int | None,
+    dask_address: str | None,
+    full: bool,
+    top: int,
+    as_json: bool,
+    streams: int | None,
+    window_bytes: int | None,
+    mss_bytes: int | None,
+    max_relays: int | None,
+    multipath: bool | None,
+) -> None:
+    """What if sites or links fail, links degrade, prices move or GPUs get scarce.
+
+    Each scenario re-plans the workloads it reaches and says what changed, what became
+    infeasible and why, which inference clients and vector-index queries miss their budget
+    after failover, which sync rules no longer fit, and where a failed training run should
+    resume given where its checkpoints and data are. Several scenarios are ranked by harm,
+    with the single points of failure.
+    """
+    from netplan import whatif_tables
+    from netplan.executors import (
+        DaskExecutor,
+        ExecutorError,
+        LocalExecutor,
+        ScenarioExecutor,
+        SerialExecutor,
+        run_whatif,
+    )
+    from netplan.scenarios import (
+        ScenarioError,
+        check_scenario,
+        load_scenario_file,
+        scenario_from_options,
+    )
+    from netplan.scenarios import sweep as sweep_scenarios
+    from netplan.whatif import WhatifOptions, build_baseline
+
+    def usage(exc: NetplanError) -> None:
+        click.echo(f"Usage error: {exc}", err=True)
+        sys.exit(2)
+
+    topology = _load(topology_file)
+    settings, paths = _model(topology, streams, window_bytes, mss_bytes, max_relays, multipath)
+    scenarios = []
+    try:
+        given = scenario_from_options({"fail": fail, "degrade": degrade, "loss": loss,
+                                       "price": price, "gpus": gpus}, scenario_name)
+        if given is not None:
+            scenarios.append(given)
+        if scenario_file is not None:
+            scenarios += load_scenario_file(scenario_file)
+        for scenario in scenarios:
+            check_scenario(topology, scenario)
+        if sweep is not None:
+            scenarios += sweep_scenarios(topology, sweep, max_scenarios)
+        share = failure_at.strip().rstrip("%")
+        try:
+            at = float(share) / 100
+        except ValueError:
+            at = -1.0
+        if not 0 <= at <= 1:
+            raise ScenarioError("--failure-at", failure_at, "must be a percentage from 0% "
+                                "to 100%")
+    except ScenarioError as exc:
+        usage(exc)
+    if not scenarios:
+        usage(ScenarioError("netplan whatif", None, "nothing to ask: give --fail, --degrade, "
+                            "--loss, --price or --gpus, a --scenarios file, or --sweep n-1"))
+    options = WhatifOptions(failure_at=at, incremental=not full)
+    started = time.perf_counter()
+    try:
+        with _no_cyclic_gc():
+            baseline = build_baseline(topology, settings, paths)
+        work = sum(1 for s in scenarios if baseline.needs_work(s, options))
+        executor: ScenarioExecutor
+        if dask_address:
+            executor = DaskExecutor(dask_address)
+        elif workers is None and work * len(topology.sites) < _PROCESSES_PAY_OFF:
+            executor = SerialExecutor()  # (starting processes would cost more than the work)
+        elif (workers or os.cpu_count() or 1) == 1 or work < 2:
+            executor = SerialExecutor()
+        else:
+            executor = LocalExecutor(workers)
+        result = run_whatif(topology, scenarios, executor, options=options, sweep=sweep,
+                            baseline=baseline)
+    except ExecutorError as exc:
+        _fail(exc, 2)
+    except NetplanError as exc:
+        _fail(exc, 2)
+    run = {"executor": executor.name, "workers": executor.workers,
+           "seconds": round(time.perf_counter() - started, 3)}
+    if as_json:
+        doc = {**result.to_json(), "run": run}
+        for chunk in json.JSONEncoder(indent=2).iterencode(doc):
+            sys.stdout.write(chunk)
+        sys.stdout.write("\n")
+    else:
+        wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+        console = Console(width=None if wide else 160)
+        whatif_tables.render(result, console, run, top)
+    errors = [s for s in result.scenarios if s.error]
+    if errors:
+        click.echo(f"{len(errors)} scenario(s) could not be evaluated; the first: "
+                   f"{errors[0].scenario.name}: {errors[0].error}", err=True)
+        sys.exit(1)
+
+
 @cli.command("schema")
 @click.option("--report", "report", is_flag=True,
               help="The JSON Schema of `netplan analyze --json` instead.")
-def schema_command(report: bool) -> None:
-    """Print the topology format's JSON Schema (or the analyze report's, with --report)."""
+@click.option("--whatif", "whatif", is_flag=True,
+              help="The JSON Schema of `netplan whatif --json` instead.")
+def schema_command(report: bool, whatif: bool) -> None:
+    """Print the topology format's JSON Schema (or the analyze report's with --report, the
+    what-if document's with --whatif)."""
+    if whatif:
+        from netplan.whatif_schema import WhatifDocument
+
+        click.echo(json.dumps(WhatifDocument.model_json_schema(by_alias=True), indent=2))
+        return
     if report:
         from netplan.report_schema import ReportDocument
 

@@ -338,10 +338,10 @@ class Network:
     """Per-direction throughput, bulk path candidates and request paths over one topology and
     one set of TCP settings.
 
-    The networkx graph (`graph`, directed) carries the model: sites with their region and relay
-    flag, one edge per link direction with effective throughput, RTT, jitter and the egress price
-    of leaving its sender. Searches run over integer-indexed adjacency lists derived from it,
-    because on large estates they run hundreds of thousands of times. Pure: built from frozen
+    The model: sites with their region and relay flag, one edge per link direction with
+    effective throughput, RTT, jitter and the egress price of leaving its sender (`graph` has it
+    as a networkx graph). Searches run over integer-indexed adjacency lists, because on large
+    estates they run hundreds of thousands of times. Pure: built from frozen
     inputs, answers are deterministic; caches only save work.
     """
 
@@ -350,37 +350,32 @@ class Network:
         topology: Topology,
         settings: TransferSettings | None = None,
         paths: PathPolicy | None = None,
+        *,
+        reuse: Network | None = None,
     ) -> None:
+        """`reuse`: a network over a topology that shares `Link` objects with this one (e.g.
+        the same estate with one site failed); their per-direction throughput is taken from it
+        instead of computed again, when the TCP settings are the same."""
         self.topology = topology
         self.settings = settings if settings is not None else topology.transfer
         self.policy = paths if paths is not None else topology.paths
         self.max_relays = self.policy.max_relays
+        known = (reuse._throughput_by_link if reuse is not None
+                 and reuse.settings == self.settings else {})
         # Two directions per link, in topology order: links[2i] leaves between[0].
-        self.links: tuple[LinkThroughput, ...] = tuple(
-            link_throughput(link, self.settings, end)
-            for link in topology.links
-            for end in link.between
-        )
-        self.graph: nx.DiGraph = nx.DiGraph()
-        self.graph.add_nodes_from(
-            (s.id, {"region": s.region, "relay": s.relay}) for s in topology.sites
-        )
-        for number, tp in enumerate(self.links):
-            self.graph.add_edge(
-                tp.sender,
-                tp.receiver,
-                number=number,
-                throughput=tp,
-                effective_gbps=tp.effective_gbps,
-                rtt_ms=tp.rtt_ms,
-                jitter_ms=tp.jitter_ms,
-                latency_ms=tp.rtt_ms + tp.jitter_ms,
-                egress_usd_per_gb=tp.egress_usd_per_gb,
-            )
-        self._ids: list[str] = list(self.graph.nodes)
+        directions: list[LinkThroughput] = []
+        for link in topology.links:
+            same = known.get(id(link))
+            if same is not None and same[0] is link:
+                directions += same[1:]
+            else:
+                directions += [link_throughput(link, self.settings, end)
+                               for end in link.between]
+        self.links: tuple[LinkThroughput, ...] = tuple(directions)
+        self._ids: list[str] = [s.id for s in topology.sites]
         self._index = {site: i for i, site in enumerate(self._ids)}
-        self._regions: list[str] = [self.graph.nodes[s]["region"] for s in self._ids]
-        self._relay = [bool(self.graph.nodes[s]["relay"]) for s in self._ids]
+        self._regions: list[str] = [s.region for s in topology.sites]
+        self._relay = [bool(s.relay) for s in topology.sites]
         policy = self.policy
         sites = topology.site_by_id
         self._relay_gb = [
@@ -426,6 +421,35 @@ class Network:
         self._p99_rows: dict[int, np.ndarray] = {}
         self._p99_pred: dict[int, np.ndarray] = {}
         self.solver_stats = SolverStats()
+
+    @cached_property
+    def _throughput_by_link(self) -> dict[int, tuple[Link, LinkThroughput, LinkThroughput]]:
+        """id(link) -> (link, its two directions): what a network built with `reuse=self`
+        takes instead of computing them again."""
+        return {id(link): (link, self.links[2 * i], self.links[2 * i + 1])
+                for i, link in enumerate(self.topology.links)}
+
+    @cached_property
+    def graph(self) -> nx.DiGraph:
+        """The model as a networkx graph (built when first asked for: the searches below run
+        on arrays)."""
+        graph = nx.DiGraph()
+        graph.add_nodes_from(
+            (s.id, {"region": s.region, "relay": s.relay}) for s in self.topology.sites
+        )
+        for number, tp in enumerate(self.links):
+            graph.add_edge(
+                tp.sender,
+                tp.receiver,
+                number=number,
+                throughput=tp,
+                effective_gbps=tp.effective_gbps,
+                rtt_ms=tp.rtt_ms,
+                jitter_ms=tp.jitter_ms,
+                latency_ms=tp.rtt_ms + tp.jitter_ms,
+                egress_usd_per_gb=tp.egress_usd_per_gb,
+            )
+        return graph
 
     @cached_property
     def site_table(self) -> SiteTable:

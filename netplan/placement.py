@@ -41,7 +41,7 @@ from netplan.errors import PlanError
 from netplan.network import Network
 from netplan.topology import Site, Topology, Workload
 
-__all__ = ["decide_placement"]
+__all__ = ["client_latencies", "decide_placement"]
 
 _EPS_MS = 1e-9
 # Up to this many non-dominated coverage classes the cover is found by enumeration; beyond,
@@ -49,7 +49,7 @@ _EPS_MS = 1e-9
 _BRUTE_FORCE_CLASSES = 12
 
 
-def _client_latencies(
+def client_latencies(
     network: Network,
     workload: Workload,
     sites: tuple[str, ...],
@@ -143,7 +143,7 @@ def _single(topology: Topology, network: Network, workload: Workload, site: Site
                            storage_hours=workload.hours_on(workload.min_gpus))
     if option.priced and not option.movements:  # (unpriced: nothing was worked out)
         option = amended(option, action="in_place")
-    return amended(option, clients=_client_latencies(
+    return amended(option, clients=client_latencies(
         network, workload, (site.id,), with_paths=False, components=components))
 
 
@@ -331,7 +331,7 @@ def decide_placement(topology: Topology, network: Network, workload: Workload) -
             hours=workload.hours_on(workload.min_gpus),
             gpus=workload.min_gpus,
             storage_usd=sum(o.storage_usd for o in picked),
-            clients=_client_latencies(
+            clients=client_latencies(
                 network, workload, sites, with_paths=True, components=components
             ),
         )
