@@ -5,11 +5,13 @@ the lab down before exiting.
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 from rich.console import Console
@@ -95,10 +97,20 @@ def run(scenarios: tuple[str, ...], quick: bool, output: Path, repeat: int,
 @click.option("--output", type=click.Path(path_type=Path), default=DEFAULT_OUTPUT,
               show_default=True, help="Where the results are.")
 @click.option("--markdown", "as_markdown", is_flag=True, help="Markdown tables (for README).")
-def report(output: Path, as_markdown: bool) -> None:
+@click.option("--html", "html_file", is_flag=False, flag_value="", default=None,
+              type=click.Path(dir_okay=False, path_type=str), metavar="[FILE]",
+              help="Also write the results as one self-contained HTML page (FILE, or "
+              "report.html beside the results).")
+@click.option("--logs", type=click.Path(file_okay=False, path_type=Path),
+              default=lambda: os.environ.get("NB_KEEP_LOGS") or None,
+              help="Daemon logs kept by a run (NB_KEEP_LOGS=DIR): the page charts the stream "
+              "controller's decisions. [default: $NB_KEEP_LOGS]")
+def report(output: Path, as_markdown: bool, html_file: str | None, logs: Path | None) -> None:
     """Print the tables of existing results and the goals again, and redraw the plots."""
     console = Console() if sys.stdout.isatty() else Console(width=200)
     docs = load_results(output)
+    if html_file is not None:
+        _html(docs, Path(html_file) if html_file else output / "report.html", logs)
     if as_markdown:
         click.echo(summary_markdown(docs))
         click.echo(goals_markdown(evaluate(docs)))
@@ -123,6 +135,30 @@ def goals(output: Path, as_markdown: bool) -> None:
         click.echo(goals_markdown(found))
     else:
         print_goals(found, Console() if sys.stdout.isatty() else Console(width=200))
+
+
+def _html(docs: list[dict[str, Any]], path: Path, logs: Path | None) -> None:
+    """The page, written whole (a temporary file renamed into place); plotly and Jinja2 load
+    only here."""
+    try:
+        from benchmarks.html_report import benchmarks_page, load_stream_logs
+    except ImportError as exc:
+        click.echo(f"--html needs plotly and jinja2 ({exc}): pip install -e '.[html]'",
+                   err=True)
+        sys.exit(2)
+    changes = load_stream_logs(logs) if logs is not None and logs.is_dir() else []
+    page = benchmarks_page(docs, changes, logs=str(logs) if logs else None,
+                           generator="python -m benchmarks " + shlex.join(sys.argv[1:]))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        click.echo(f"cannot write {path}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {path}: {len(page.encode()) / 1e6:.1f} MB, {len(docs)} results files, "
+               f"{len(changes)} stream decisions", err=True)
 
 
 def _plots(output: Path, console: Console) -> None:

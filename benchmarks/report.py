@@ -116,6 +116,10 @@ def ratios(doc: dict[str, Any], subject: str = "transferd") -> list[str]:
     return out
 
 
+def _counts(sizes: set[int]) -> str:
+    return (str(min(sizes)) if len(sizes) == 1 else f"{min(sizes)}-{max(sizes)}") if sizes else "0"
+
+
 def _kib(value: float | None) -> float | None:
     return None if value is None else value / 1024
 
@@ -244,26 +248,36 @@ def plot_all(output: Path) -> list[Path] | None:
     plt.close(fig)
     written.append(path)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     plotted = False
+    echoes: set[int] = set()
+    messages: set[int] = set()
     for doc in docs:
         name = results_name(doc)
-        series = [(f"{name} TCP echo", doc.get("rtt_samples_ms") or [])]
-        series += [(f"{name} {r['tool']} messages", r.get("latencies_ms") or [])
-                   for r in doc["runs"]]
-        for label, samples in series:
+        echo = doc.get("rtt_samples_ms") or []
+        series = [(f"{name} idle TCP echo RTT (n={len(echo)})", echo, echoes)]
+        series += [(f"{name} {r['tool']} messages (n={len(r['latencies_ms'])})",
+                    r["latencies_ms"], messages) for r in doc["runs"] if r.get("latencies_ms")]
+        for label, samples, counts in series:
             if not samples:
                 continue
             xs = sorted(samples)
             ys = [(i + 1) / len(xs) for i in range(len(xs))]
             ax.step(xs, ys, where="post", label=label)
+            counts.add(len(xs))
             plotted = True
     if plotted:
         ax.set_xlabel("latency, ms")
         ax.set_ylabel("fraction <= x")
-        ax.set_title("Latency CDFs: TCP echo RTT per link (and interactive messages)")
+        # Say what is drawn: a few dozen echo samples per link, and message latencies only
+        # where a scenario sent messages.
+        title = f"Latency CDFs: idle TCP echo RTT per link ({_counts(echoes)} samples each)"
+        if messages:
+            title += (f"\nand interactive messages under bulk ({_counts(messages)} per run)")
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot
+        fig.tight_layout()
         path = output / "latency-cdf.png"
         fig.savefig(path, dpi=110)
         written.append(path)

@@ -1,4 +1,5 @@
-"""The `netplan` command line: `analyze` (rich tables or --json), `plan`, `whatif` and `schema`.
+"""The `netplan` command line: `analyze` (rich tables, --json or --html), `plan`, `whatif`
+(tables, --json or --html) and `schema`.
 
 The only place (with the loader) that does I/O; it turns NetplanError into text on stderr and an
 exit code (2: the topology or the arguments are wrong; 1: --strict and a workload, vector index or
@@ -8,6 +9,7 @@ The report is rendered section by section (`SECTIONS`): a new section is one mor
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -15,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import click
 from pydantic import ValidationError
@@ -512,6 +515,9 @@ def _analyze(
               help="JSON: keep every losing option (overrides --max-alternatives).")
 @click.option("--strict", is_flag=True,
               help="Exit 1 if any workload, vector index or sync rule is infeasible.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the report as one self-contained HTML page (map, timelines, "
+              "costs, charts; opens offline) and print a one-line summary instead of tables.")
 def analyze_command(
     topology_file: str,
     as_json: bool,
@@ -524,19 +530,28 @@ def analyze_command(
     max_alternatives: int,
     all_alternatives: bool,
     strict: bool,
+    html_file: str | None,
 ) -> None:
     """Decide where each workload runs and what moves, with reasons.
 
     TCP settings come from the topology's `transfer:` section and the path policy from its
     `paths:` section; the flags override them.
     """
-    _, report = _analyze(topology_file, streams, window_bytes, mss_bytes, max_relays, multipath)
+    topology, report = _analyze(topology_file, streams, window_bytes, mss_bytes, max_relays,
+                                multipath)
+    keep = None if all_alternatives else max_alternatives
+    doc = report.to_json(max_alternatives=keep) if as_json or html_file is not None else {}
+    if html_file is not None:
+        feasible = sum(d.feasible for d in report.decisions)
+        _write_html(html_file, lambda html: html.analysis_page(
+            topology, doc, generator=f"netplan {_version()} analyze --html"),
+            f"{len(topology.sites):,} sites, {feasible}/{len(report.decisions)} workloads "
+            "feasible")
     if as_json:
-        doc = report.to_json(max_alternatives=None if all_alternatives else max_alternatives)
         for chunk in json.JSONEncoder(indent=2).iterencode(doc):  # (tens of MB: no one string)
             sys.stdout.write(chunk)
         sys.stdout.write("\n")
-    else:
+    elif html_file is None:
         # Piped output still gets readable tables unless COLUMNS says otherwise.
         wide = sys.stdout.isatty() or "COLUMNS" in os.environ
         console = Console(width=None if wide else 160)
@@ -547,6 +562,44 @@ def analyze_command(
             report.require_feasible()
         except Infeasible as exc:
             _fail(exc, 1)
+
+
+def _write_html(path: str, build: Callable[[Any], str], summary: str) -> None:
+    """The page `build(netplan.html)` returns, written whole or not at all; plotly and Jinja2
+    load only here, so the commands without --html start without them."""
+    try:
+        from netplan import html
+    except ImportError as exc:
+        click.echo(f"--html needs plotly and jinja2 ({exc}): pip install "
+                   "'netplan-transferd[html]'", err=True)
+        sys.exit(2)
+    page = build(html)
+    _write_atomically(path, page)
+    click.echo(f"wrote {path}: {len(page.encode()) / 1e6:.1f} MB, {summary}", err=True)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("netplan-transferd")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """`text` at `path` via a temporary file beside it and a rename: a reader (or a crash)
+    never sees half a file; exit 2 naming the path when it cannot be written."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        click.echo(f"cannot write {path}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
 
 
 @cli.command("plan")
@@ -590,12 +643,7 @@ def plan_command(
     if output == "-":
         click.echo(text, nl=False)
         return
-    try:
-        with open(output, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    except OSError as exc:
-        click.echo(f"cannot write {output}: {exc}", err=True)
-        sys.exit(2)
+    _write_atomically(output, text)
     entries = sum(len(s.sync) + len(s.shards) + len(s.checkpoints) for s in plan.sites)
     click.echo(f"wrote {output}: {len(plan.sites)} sites, {entries} sync/shard/checkpoint "
                f"entries (schema_version {plan.schema_version})")
@@ -635,6 +683,9 @@ def plan_command(
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True,
               help="Rows of the ranking of scenarios that hurt most.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the scenarios compared as one self-contained HTML page (opens "
+              "offline) instead of printing tables.")
 @_model_options
 def whatif_command(
     topology_file: str,
@@ -653,6 +704,7 @@ def whatif_command(
     full: bool,
     top: int,
     as_json: bool,
+    html_file: str | None,
     streams: int | None,
     window_bytes: int | None,
     mss_bytes: int | None,
@@ -739,12 +791,17 @@ def whatif_command(
         _fail(exc, 2)
     run = {"executor": executor.name, "workers": executor.workers,
            "seconds": round(time.perf_counter() - started, 3)}
+    doc = {**result.to_json(), "run": run} if as_json or html_file is not None else {}
+    if html_file is not None:
+        _write_html(html_file, lambda html: html.whatif_page(
+            doc, generator=f"netplan {_version()} whatif --html", topology=topology,
+            baseline=baseline.report.to_json(max_alternatives=0)),
+            f"{len(result.scenarios):,} scenarios, {len(result.ranking):,} hurt")
     if as_json:
-        doc = {**result.to_json(), "run": run}
         for chunk in json.JSONEncoder(indent=2).iterencode(doc):
             sys.stdout.write(chunk)
         sys.stdout.write("\n")
-    else:
+    elif html_file is None:
         wide = sys.stdout.isatty() or "COLUMNS" in os.environ
         console = Console(width=None if wide else 160)
         whatif_tables.render(result, console, run, top)

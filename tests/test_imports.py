@@ -54,3 +54,12 @@ def test_netplan_never_imports_transferd() -> None:
 def test_the_plan_contract_loads_without_the_planner_stack() -> None:
     heavy = ("scipy", "networkx", "numpy", "netplan.topology", "netplan.network")
     assert _imported_after("import netplan.plan", heavy) == []
+
+
+def test_netplan_analyze_without_html_does_not_load_the_page_stack() -> None:
+    # plotly and Jinja2 are the [html] extra: only --html loads them.
+    statement = ("from click.testing import CliRunner; from netplan.cli import cli; "
+                 "CliRunner().invoke(cli, ['analyze', 'topologies/onprem-data-cloud-burst-edge"
+                 ".yaml', '--json'], catch_exceptions=False)")
+    assert _imported_after(statement, ("plotly", "jinja2", "netplan.html")) == []
+    assert _imported_after("import netplan.html", ("plotly", "jinja2")) == ["jinja2", "plotly"]

@@ -1,7 +1,9 @@
 """The transferd command line: serve, send, status, message, inbox, keygen.
 
 Only this module turns errors into text and exit codes: 0 ok, 1 transfer failed, 2 bad config
-or usage, 3 policy violation, 4 authentication refused, 5 daemon unreachable.
+or usage, 3 policy violation, 4 authentication refused, 5 daemon unreachable. With --json an
+error is one JSON object on stdout too (`{"error", "kind", "exit_code"}`), so a script that
+parses stdout never meets plain text.
 """
 
 from __future__ import annotations
@@ -54,22 +56,28 @@ EXIT_FAILED, EXIT_CONFIG, EXIT_POLICY, EXIT_AUTH, EXIT_UNREACHABLE = 1, 2, 3, 4,
 STARTUP_GRACE_S = 5.0
 
 
-def _fail(exc: TransferdError) -> NoReturn:
-    code = {
+def _exit_code(exc: TransferdError) -> int:
+    return {
         ConfigError: EXIT_CONFIG,
         PolicyViolation: EXIT_POLICY,
         AuthError: EXIT_AUTH,
         TransportError: EXIT_UNREACHABLE,
     }.get(type(exc), EXIT_FAILED)
+
+
+def _fail(exc: TransferdError, as_json: bool = False) -> NoReturn:
+    code = _exit_code(exc)
     click.echo(f"transferd: {exc.kind} error: {exc}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": str(exc), "kind": exc.kind, "exit_code": code}))
     sys.exit(code)
 
 
-def _config(path: str) -> SiteConfig:
+def _config(path: str, as_json: bool = False) -> SiteConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        _fail(exc)
+        _fail(exc, as_json)
 
 
 def _run(coro: Any) -> Any:
@@ -169,25 +177,38 @@ def serve(config_path: str, plan_path: str | None) -> None:
         _fail(exc)
 
 
-def _local_client(config: SiteConfig) -> LocalClient:
+def _local_client(config: SiteConfig, as_json: bool = False) -> LocalClient:
     try:
         own = LocalSecret.load(config.keys_path, config.site)
         return LocalClient(config.local_url, local_signer(own), client_ssl_context(config))
     except ConfigError as exc:
-        _fail(exc)
+        _fail(exc, as_json)
 
 
 def summarize(path: str, jobs: list[Job], seconds: float) -> dict[str, Any]:
-    """The `send --json` object: one line, the fields the benchmark harness reads."""
-    return {
+    """The `send --wait --json` object: one line, the fields the benchmark harness reads.
+    `bytes_on_wire` counts every body the jobs put on the wire, re-sent ones included;
+    `retries` the requests sent again and the attempts made again after a wait."""
+    failed = [j for j in jobs if j.state is JobState.FAILED]
+    out: dict[str, Any] = {
         "path": path,
         "destinations": [j.dest for j in jobs],
+        "state": "failed" if failed else "committed",
         "bytes_logical": max((j.bytes_logical for j in jobs), default=0),
         "bytes_on_wire": sum(j.bytes_on_wire for j in jobs),
         "chunks": max((j.chunks for j in jobs), default=0),
         "chunks_skipped": sum(j.chunks_skipped for j in jobs),
+        "retries": sum(j.retries for j in jobs),
         "seconds": round(seconds, 3),
     }
+    if failed:
+        out["errors"] = [{"dest": j.dest, "kind": j.error_kind, "error": j.error} for j in failed]
+    return out
+
+
+def _failed_exit(jobs: list[Job]) -> int:
+    kinds = {j.error_kind for j in jobs if j.state is JobState.FAILED}
+    return EXIT_POLICY if kinds == {"policy"} else EXIT_AUTH if kinds == {"auth"} else EXIT_FAILED
 
 
 @main.command()
@@ -195,28 +216,42 @@ def summarize(path: str, jobs: list[Job], seconds: float) -> dict[str, Any]:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--to", "to", required=True, help="destination site(s), comma-separated")
 @click.option("--wait", is_flag=True, help="wait until every destination has committed")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    help="seconds: a job not committed by then fails (whatever it waits for)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
-def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> None:
+def send(
+    path: str, config_path: str, to: str, wait: bool, timeout_s: float | None, as_json: bool
+) -> None:
     """Ask the local daemon to replicate PATH (relative to data_dir) to other sites."""
-    config = _config(config_path)
+    config = _config(config_path, as_json)
     dests = [d.strip() for d in to.split(",") if d.strip()]
     unknown = [d for d in dests if d not in config.peers]
     if unknown or not dests:
-        _fail(ConfigError(f"--to: not a peer in {config_path}: {', '.join(unknown) or '(none)'}"))
+        problem = f"--to: not a peer in {config_path}: {', '.join(unknown) or '(none)'}"
+        _fail(ConfigError(problem), as_json)
     rel = _relative_to_data_dir(config, path)
 
     started = time.monotonic()
-    send_jobs = SendRequest(path=rel, to=dests)
+    send_jobs = SendRequest(path=rel, to=dests, timeout_s=timeout_s)
     request = LocalRequest("POST", LOCAL_SEND_ROUTE, SendAnswer, body=send_jobs)
 
     def send_and_poll(client: LocalClient) -> list[Job]:
         sent = _first_call(lambda: client.call(request))
         return _poll(client, sent.jobs, wait=wait, progress=wait and not as_json)
 
-    jobs = _with_daemon(config, send_and_poll)
+    jobs = _with_daemon(config, config_path, send_and_poll, as_json)
     seconds = time.monotonic() - started
     failed = [j for j in jobs if j.state is JobState.FAILED]
-    if as_json:
+    if as_json and not wait:
+        # Queued, not done: nothing has moved yet, so no counters that could pass for a result.
+        click.echo(json.dumps(
+            {"path": rel, "destinations": dests, "state": "queued", "jobs": [j.id for j in jobs]}
+        ))
+    elif as_json:
         click.echo(json.dumps(summarize(rel, jobs, seconds)))
     elif not wait:
         for j in jobs:
@@ -227,30 +262,42 @@ def send(path: str, config_path: str, to: str, wait: bool, as_json: bool) -> Non
     for j in failed:
         click.echo(f"transferd: {j.error_kind} error: {j.error}", err=True)
     if failed:
-        kinds = {j.error_kind for j in failed}
-        sys.exit(
-            EXIT_POLICY if kinds == {"policy"} else EXIT_AUTH if kinds == {"auth"} else EXIT_FAILED
-        )
+        sys.exit(_failed_exit(failed))
 
 
-def _with_daemon(config: SiteConfig, use: Callable[[LocalClient], T]) -> T:
-    """`use` a client of this site's own daemon; its errors become exit codes."""
-    client = _local_client(config)
+def _with_daemon(
+    config: SiteConfig, config_path: str, use: Callable[[LocalClient], T], as_json: bool = False
+) -> T:
+    """`use` a client of this site's own daemon; its errors become exit codes, and a daemon
+    that does not answer gets a message saying how to start it."""
+    client = _local_client(config, as_json)
     try:
         return use(client)
+    except TransportError as exc:
+        if exc.fields.get("local_daemon"):
+            reason = str(exc.__cause__ or exc)
+            exc = TransportError(
+                f"the local daemon at {config.local_url} is not answering ({reason}). "
+                f"Start it with: transferd serve --config {config_path}"
+            )
+        _fail(exc, as_json)
     except TransferdError as exc:
-        _fail(exc)
+        _fail(exc, as_json)
     finally:
         client.close()
 
 
 def _first_call(call: Callable[[], T]) -> T:
-    """The CLI's first request: a daemon that is still starting gets a few seconds to listen."""
+    """The CLI's first request: a daemon that is still starting gets a few seconds to listen,
+    and a transient refusal (e.g. signed in the second its daemon restarted) is signed afresh
+    and sent again."""
     delays = backoff_delays(STARTUP_GRACE_S)
     while True:
         try:
             return call()
-        except TransportError:
+        except TransferdError as exc:
+            if not exc.transient:
+                raise
             delay = next(delays, None)
             if delay is None:
                 raise
@@ -282,7 +329,7 @@ def _poll(client: LocalClient, ids: list[str], *, wait: bool, progress: bool) ->
 
     def fetch(wait_ms: int = 0) -> list[Job]:
         path_qs = f"{LOCAL_JOBS_ROUTE}?ids={','.join(ids)}&wait_ms={wait_ms}"
-        return client.call(LocalRequest("GET", path_qs, JobsAnswer)).jobs
+        return _first_call(lambda: client.call(LocalRequest("GET", path_qs, JobsAnswer))).jobs
 
     jobs = fetch()
     if not wait:
@@ -296,12 +343,28 @@ def _poll(client: LocalClient, ids: list[str], *, wait: bool, progress: bool) ->
         disable=not progress,
         transient=False,
     )
+    said: dict[str, str | None] = {}  # per job: the problem last reported
     with bar:
         tasks = {j.id: bar.add_task(f"{j.path} -> {j.dest}", total=None) for j in jobs}
         while True:
             for j in jobs:
                 total = j.bytes_logical or None
-                bar.update(tasks[j.id], total=total, completed=min(j.bytes_done, total or 0))
+                waiting = _describe_wait(j)
+                description = f"{j.path} -> {j.dest}" + (f" ({waiting})" if waiting else "")
+                bar.update(
+                    tasks[j.id],
+                    total=total,
+                    completed=min(j.bytes_done, total or 0),
+                    description=description,
+                )
+                problem = j.note if j.state.active else None
+                if j.state.active and problem != said.get(j.id) and (problem or said.get(j.id)):
+                    said[j.id] = problem
+                    line = f"{j.path} -> {j.dest}: " + (waiting or "moving again")
+                    if progress:
+                        bar.console.print(line)
+                    else:
+                        click.echo(f"transferd: {line}", err=True)
             if not any(j.state.active for j in jobs):
                 return jobs
             asked = time.monotonic()
@@ -311,15 +374,31 @@ def _poll(client: LocalClient, ids: list[str], *, wait: bool, progress: bool) ->
                 time.sleep(max(0.0, POLL_S - (time.monotonic() - asked)))
 
 
+def _describe_wait(job: Job) -> str | None:
+    """What a job is waiting for, and when it tries next (None: it is not waiting)."""
+    if not job.note or not job.state.active:
+        return None
+    what = "waiting" if job.state is JobState.WAITING else "retrying"
+    note = job.note
+    when = ""
+    if job.next_attempt_at is not None:
+        when = f"; next attempt at {time.strftime('%H:%M:%S', time.localtime(job.next_attempt_at))}"
+        if job.attempts:
+            when += f" (attempt {job.attempts + 1})"
+    return f"{what}: {note}{when}"
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True)
 def status(config_path: str, as_json: bool) -> None:
     """Jobs, peers and rates of the local daemon."""
-    config = _config(config_path)
+    config = _config(config_path, as_json)
 
     request = LocalRequest("GET", LOCAL_STATUS_ROUTE, SiteStatus)
-    state = _with_daemon(config, lambda client: _first_call(lambda: client.call(request)))
+    state = _with_daemon(
+        config, config_path, lambda client: _first_call(lambda: client.call(request)), as_json
+    )
     if as_json:
         click.echo(to_body(state).decode())
         return
@@ -363,7 +442,7 @@ def status(config_path: str, as_json: bool) -> None:
             f"{_size(j.bytes_done)}/{_size(j.bytes_logical)}",
             _size(j.bytes_on_wire),
             f"{j.chunks_skipped}/{j.chunks}",
-            (j.error or "")[:60],
+            (j.error or _describe_wait(j) or "")[:100],
         )
     console.print(jobs)
 
@@ -396,10 +475,11 @@ def message(
 
     from transferd.protocol.messages import MessageReceipt
 
-    config = _config(config_path)
+    config = _config(config_path, as_json)
+    if peer not in config.peers:
+        _fail(ConfigError(f"PEER: {peer!r} is not a peer in {config_path}"), as_json)
     if data is not None and file_path is not None:
-        click.echo("transferd: usage error: give --data or --file, not both", err=True)
-        sys.exit(EXIT_CONFIG)
+        _fail(ConfigError("usage: give --data or --file, not both"), as_json)
     if data is not None:
         body = data.encode()
     elif file_path is not None:
@@ -412,7 +492,7 @@ def message(
     path_qs = MESSAGES_ROUTE.format(peer=quote(peer, safe="")) + "?" + urlencode(query)
 
     request = LocalRequest("POST", path_qs, MessageReceipt, body=body)
-    receipt = _with_daemon(config, lambda client: client.call(request))
+    receipt = _with_daemon(config, config_path, lambda client: client.call(request), as_json)
     if as_json:
         click.echo(to_body(receipt).decode())
     else:
@@ -436,7 +516,7 @@ def inbox(config_path: str, wait_ms: float, max_messages: int) -> None:
 
     path_qs = f"{INBOX_ROUTE}?wait_ms={wait_ms:g}&max={max_messages}"
     request = LocalRequest("GET", path_qs, InboxAnswer)
-    answer = _with_daemon(config, lambda client: client.call(request))
+    answer = _with_daemon(config, config_path, lambda client: client.call(request))
     for m in answer.messages:
         click.echo(to_body(m).decode())
 

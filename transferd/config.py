@@ -1,6 +1,7 @@
 """The site config: one YAML file per daemon, validated once into a frozen `SiteConfig`.
 
-Errors name the field and its YAML line (`peers.B.url: ... (line 7)`), through netplan.yamlpos.
+Errors name the field and its YAML line (`peers.B.url: ... (line 7)`), through netplan.yamlpos;
+the file is read by `transferd.documents` (size, encoding, depth and alias bombs checked first).
 Relative paths in the file (data_dir, keys_dir, TLS files) are resolved against the file's folder.
 """
 
@@ -14,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from netplan import yamlpos
 from netplan.plan import SiteId, TrafficClass
+from transferd.documents import CONFIG_LIMITS, parse_yaml_document, read_document_text
 from transferd.errors import ConfigError
 from transferd.protocol.channel import CongestionControl
 from transferd.protocol.wire import FrozenModel
@@ -166,13 +168,24 @@ class SiteConfig(FrozenModel):
     # (benchmarks/README.md, the spike); the controller adds streams that are loss-limited.
     streams: Annotated[int, Field(ge=1, le=64)] = 2
     auth_window_s: Annotated[float, Field(gt=0)] = 300.0  # accepted clock skew / replay window
-    # An upload its sender has not committed for this long is dropped at the next start.
-    staging_ttl_s: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
+    # An open upload that received nothing for this long is reclaimed at the next start (its
+    # sender can still resume it: it starts over).
+    staging_ttl_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
     traffic: TrafficSettings = Field(default_factory=TrafficSettings)
     # Where the file lives; set by load_config, not by the YAML.
     base_dir: str = Field(default=".", exclude=True)
+
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _compression(cls, value: Any) -> Any:
+        """One message for every wrong value (not pydantic's per-branch union errors)."""
+        if value in ("auto", "off") or (
+            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 22
+        ):
+            return value
+        raise ValueError(f"must be auto, off or a zstd level 1-22, not {value!r}")
 
     @field_validator("listen")
     @classmethod
@@ -255,10 +268,7 @@ class SiteConfig(FrozenModel):
 
 def parse_config(text: str, base_dir: str | Path = ".", source: str = "<config>") -> SiteConfig:
     """Validate YAML text into a SiteConfig; every problem becomes one `field: msg (line N)`."""
-    try:
-        doc = yamlpos.parse(text)
-    except yamlpos.YamlSyntaxError as exc:
-        raise ConfigError(f"{source}: {exc}", issues=[str(exc)], line=exc.line) from exc
+    doc = parse_yaml_document(text, source)
     if not isinstance(doc.data, dict):
         raise ConfigError(f"{source}: a site config must be a YAML mapping", issues=["<document>"])
     try:
@@ -270,8 +280,5 @@ def parse_config(text: str, base_dir: str | Path = ".", source: str = "<config>"
 
 def load_config(path: str | Path) -> SiteConfig:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read site config {path}: {exc.strerror}", path=path) from exc
+    text = read_document_text(path, "site config", CONFIG_LIMITS)
     return parse_config(text, base_dir=path.resolve().parent, source=str(path))

@@ -17,12 +17,13 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from transferd.config import SiteConfig
-from transferd.errors import ConfigError, TransferdError
+from transferd.errors import ConfigError, StorageError, TransferdError
 from transferd.net.channels import DataListener, PeerChannels
 from transferd.net.inbound import InboundUploads
 from transferd.net.messages import MessageService
@@ -60,6 +61,17 @@ RECEIVE_BUFFERS = 16
 WARM_BUDGET_S = 60.0  # how long a starting daemon keeps trying to open channels to a peer
 
 
+def _last_activity(staged: Path, journal: Journal, upload: str) -> float:
+    """When an open upload last received bytes: the newest time in its staging folder, else
+    when it was opened."""
+    newest = journal.upload_opened_at(upload)
+    for dirpath, _dirs, files in os.walk(staged):
+        for name in [*files, "."]:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(Path(dirpath) / name).st_mtime)
+    return newest
+
+
 class Daemon:
     def __init__(
         self,
@@ -86,11 +98,14 @@ class Daemon:
             config.storage_options,
             state,
         )
-        self.journal = Journal(state / "journal.sqlite")
+        try:
+            self.journal = Journal(state / "journal.sqlite")
+        except StorageError as exc:
+            raise ConfigError(f"state_dir: {exc.message}", field="state_dir") from exc
         self.keyring = Keyring.load(config.keys_path, config.site, list(config.peers))
         self.verifier = RequestVerifier(
             self.keyring,
-            NonceGuard(config.auth_window_s, not_before=clock() - 1.0),
+            NonceGuard(config.auth_window_s, not_before=clock() - 1.0, memory=self.journal),
             config.peers,
             clock,
         )
@@ -203,14 +218,17 @@ class Daemon:
             )
 
     def _collect_garbage(self) -> None:
-        """Staging left by failed uploads, by uploads the journal never recorded, or by uploads
-        whose sender has not finished them within staging_ttl_s, goes."""
+        """Staging left by failed uploads, by uploads the journal never recorded, or by open
+        uploads that received nothing for staging_ttl_s (by their files' times: a sender that
+        vanished), goes."""
         now = self.clock()
-        for upload in self.journal.uploads_opened_before(now - self.config.staging_ttl_s):
-            self.journal.finish_upload(upload, UploadState.FAILED, now)
-            log.info("upload.expired", extra={"fields": {"upload": upload}})
-        keep = set(self.journal.uploads(UploadState.OPEN))
         root = self.storage.staging_root
+        for upload in self.journal.uploads(UploadState.OPEN):
+            idle_s = now - _last_activity(root / upload, self.journal, upload)
+            if idle_s > self.config.staging_ttl_s:
+                self.receiver.fail(upload, now)
+                log.info("upload.expired", extra={"fields": {"upload": upload}})
+        keep = set(self.journal.uploads(UploadState.OPEN))
         for entry in root.iterdir() if root.exists() else []:
             if entry.name not in keep:
                 shutil.rmtree(entry, ignore_errors=True)
@@ -222,8 +240,8 @@ class Daemon:
 
     # -- the local API (net.server.LocalApi) -----------------------------------------------------
 
-    def submit(self, path: str, dests: list[str]) -> list[str]:
-        return self.sender.submit(path, dests)
+    def submit(self, path: str, dests: list[str], timeout_s: float | None = None) -> list[str]:
+        return self.sender.submit(path, dests, timeout_s=timeout_s)
 
     def job(self, job_id: str) -> Job | None:
         return self.journal.job(job_id)
@@ -407,6 +425,7 @@ class Daemon:
                 marker=w.marker,
                 quiet_period_s=w.quiet_period_s,
                 poll_interval_s=w.poll_interval_s,
+                on_policy_refusal=self.metrics.policy_refusals.labels("sender").inc,
             )
             sources.append(watcher.run)
         if self.plan is not None and self.plan.sync:

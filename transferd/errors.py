@@ -3,6 +3,10 @@
 Errors carry structured fields (`field`, `line`, `path`, `peer`, `status`); only the CLI turns them
 into text and exit codes. Foreign exceptions (aiohttp, OSError, zstd, pyarrow, cryptography) are
 mapped into this tree at the boundary with `raise ... from exc`.
+
+`transient` says whether asking again (signed afresh) may succeed: the network failed, a body
+was damaged in flight, a request was refused as a replay or as signed before the peer's restart.
+It crosses the wire with the error, and it is the one thing the retry loops look at.
 """
 
 from __future__ import annotations
@@ -13,17 +17,21 @@ class TransferdError(Exception):
 
     kind = "error"
     http_status = 500
+    transient = False
 
-    def __init__(self, message: str, **fields: object) -> None:
+    def __init__(self, message: str, *, transient: bool | None = None, **fields: object) -> None:
         super().__init__(message)
         self.message = message
         self.fields = fields
+        if transient is not None:
+            self.transient = transient
 
     def to_json(self) -> dict[str, object]:
         return {
             "kind": self.kind,
             "error": self.message,
             **{k: str(v) for k, v in self.fields.items()},
+            **({"transient": True} if self.transient else {}),
         }
 
 
@@ -34,7 +42,7 @@ class ConfigError(TransferdError):
     http_status = 500
 
     def __init__(self, message: str, issues: list[str] | None = None, **fields: object) -> None:
-        super().__init__(message, **fields)
+        super().__init__(message, **fields)  # type: ignore[arg-type]
         self.issues = issues or []
 
     def __str__(self) -> str:
@@ -58,8 +66,10 @@ class AuthError(TransferdError):
     kind = "auth"
     http_status = 401
 
-    def __init__(self, message: str, status: int = 401, **fields: object) -> None:
-        super().__init__(message, **fields)
+    def __init__(
+        self, message: str, status: int = 401, *, transient: bool = False, **fields: object
+    ) -> None:
+        super().__init__(message, transient=transient, **fields)
         self.http_status = status
 
 
@@ -90,6 +100,7 @@ class TransportError(TransferdError):
 
     kind = "transport"
     http_status = 502
+    transient = True
 
 
 ERROR_KINDS: dict[str, type[TransferdError]] = {

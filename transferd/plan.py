@@ -21,6 +21,7 @@ from typing import Any
 from netplan.errors import PlanError
 from netplan.plan import BULK_CLASSES, LinkPolicy, MirrorEntry, Plan, SyncEntry, TrafficClass
 from transferd.config import SiteConfig
+from transferd.documents import PLAN_LIMITS, load_json_document, read_document_text
 from transferd.errors import ConfigError, PolicyViolation
 from transferd.protocol.policy import CHECKPOINTS, check_may_leave_site, normalize_rel_path
 from transferd.protocol.ratelimit import bytes_per_s
@@ -127,7 +128,12 @@ def parse_plan(
     data: str | bytes | Mapping[str, Any], config: SiteConfig, source: str = "<plan>"
 ) -> PlanRun:
     """Validate a plan and take `config.site`'s part; every problem is a ConfigError naming the
-    field (`sites[1].sync[0].destination: ...`)."""
+    field (`sites[1].sync[0].destination: ...`). Text is read by `transferd.documents` first
+    (size, encoding and depth checked before validation)."""
+    if isinstance(data, str | bytes):
+        data = load_json_document(data, source)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: a plan must be a JSON object", field="plan")
     try:
         plan = Plan.from_json(data)
         me = plan.site(config.site)  # the planner's own "no site" error
@@ -181,10 +187,12 @@ def parse_plan(
             )
         targets = tuple(peer(t, f"{where}.targets[{k}]") for k, t in enumerate(ck.targets))
         checkpoints.append(CheckpointRoute(run, targets, ck.retain))
+    # Runs other sites replicate here: their paths are checked like this site's own (another
+    # site's entry is still input this daemon acts on).
     incoming = {
-        normalize_rel_path(ck.path_prefix): ck.retain
-        for s in plan.sites
-        for ck in s.checkpoints
+        _prefix(ck.path_prefix, f"{source}: sites[{i}].checkpoints[{j}].path_prefix"): ck.retain
+        for i, s in enumerate(plan.sites)
+        for j, ck in enumerate(s.checkpoints)
         if config.site in ck.targets
     }
     for k, lp in enumerate(me.links):
@@ -211,8 +219,5 @@ def parse_plan(
 
 def load_plan(path: str | Path, config: SiteConfig) -> PlanRun:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read plan {path}: {exc.strerror}", path=path) from exc
+    text = read_document_text(path, "plan", PLAN_LIMITS)
     return parse_plan(text, config, source=str(path))

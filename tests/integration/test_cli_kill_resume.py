@@ -36,12 +36,15 @@ async def test_cli_send_wait_json_status_and_sigterm(tmp_path: Path) -> None:
         assert list(result) == [
             "path",
             "destinations",
+            "state",
             "bytes_logical",
             "bytes_on_wire",
             "chunks",
             "chunks_skipped",
+            "retries",
             "seconds",
         ]
+        assert result["state"] == "committed"
         assert result["destinations"] == ["B"]
         assert result["bytes_logical"] == 5 * CHUNK + 1
         assert result["chunks"] == 6

@@ -25,3 +25,10 @@ def test_delays_double_up_to_the_cap_and_end_within_the_budget() -> None:
 
 def test_no_budget_means_no_retry() -> None:
     assert _waited(0.05, first_s=0.1) == []
+
+
+def test_a_waiting_job_tries_again_after_1_2_4_up_to_60_s() -> None:
+    from transferd.protocol.backoff import job_retry_delay
+
+    assert [job_retry_delay(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert job_retry_delay(10_000) == 60

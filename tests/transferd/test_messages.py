@@ -18,6 +18,7 @@ from transferd import TrafficClass
 from transferd.errors import ProtocolError, StorageError, TransferdError
 from transferd.net.messages import Inbox, MessageService
 from transferd.net.peer_client import INTERACTIVE_POOL, PeerLink
+from transferd.protocol.auth import sign_reply
 from transferd.protocol.messages import (
     InboxMessage,
     MessageEnvelope,
@@ -235,9 +236,20 @@ async def _fake_peer(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+def _signed(request: web.Request, response: web.Response) -> web.Response:
+    """A fake peer signs its replies as a daemon does (the pair secret of `_keyring`)."""
+    body = response.body if isinstance(response.body, bytes) else b""
+    nonce = request.headers["X-Transferd-Nonce"]
+    response.headers.update(sign_reply(b"pair-secret", nonce, response.status, body))
+    return response
+
+
 def _ack(request: web.Request) -> web.Response:
-    return web.json_response(
-        {"id": request.headers["X-Transferd-Message-Id"], "late": False, "received_at": 0.0}
+    return _signed(
+        request,
+        web.json_response(
+            {"id": request.headers["X-Transferd-Message-Id"], "late": False, "received_at": 0.0}
+        ),
     )
 
 
@@ -292,7 +304,7 @@ async def test_the_interactive_pool_is_open_before_the_first_message() -> None:
         connections.add(id(request.protocol))
         if len(connections) == INTERACTIVE_POOL:
             warmed.set()
-        return web.Response(status=204)
+        return _signed(request, web.Response(status=204))
 
     async def receive(request: web.Request) -> web.Response:
         posts_on.add(id(request.protocol))

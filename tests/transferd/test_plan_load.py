@@ -121,7 +121,7 @@ def test_a_shard_entry_is_mirrored_like_a_sync_entry_and_refused_under_raw() -> 
 
 
 def test_text_that_is_not_json_is_refused() -> None:
-    with pytest.raises(ConfigError, match="plan is not JSON"):
+    with pytest.raises(ConfigError, match="JSON syntax error"):
         parse_plan("{nope", parse_config(CONFIG))
 
 
@@ -239,3 +239,12 @@ def test_sync_runner_sends_a_quiet_changed_folder_once_and_again_after_it_change
         assert scan() == ["job-3"]
     finally:
         journal.close()
+
+
+def test_a_bad_path_in_another_sites_checkpoint_entry_names_its_field() -> None:
+    """Found by the plan fuzz (tests/faults): a run another site replicates here, with a path
+    outside the tier folders, raised a PolicyViolation traceback instead of a ConfigError."""
+    plan = copy.deepcopy(PLAN)
+    plan["sites"][1]["checkpoints"][0]["path_prefix"] = "check points/v/"
+    with pytest.raises(ConfigError, match=r"sites\[1\]\.checkpoints\[0\]\.path_prefix"):
+        parse_plan(json.dumps(plan), parse_config(CONFIG))

@@ -8,7 +8,12 @@ import pytest
 
 from transferd.errors import AuthError, ConfigError, PolicyViolation
 from transferd.protocol.auth import EMPTY_BODY_BLAKE3, NonceGuard, authenticate, sign_headers
-from transferd.protocol.policy import check_may_leave_site, normalize_rel_path
+from transferd.protocol.policy import (
+    check_may_leave_site,
+    check_not_raw_inode,
+    check_resolved,
+    normalize_rel_path,
+)
 from transferd.site.keys import Keyring, keygen
 from transferd.site.storage import confine
 from transferd.testing import FakeClock
@@ -185,3 +190,79 @@ def test_keygen_into_a_path_that_is_a_file_is_a_config_error(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="cannot write keys"):
         keygen(["A", "B"], blocker)
     assert blocker.read_text() == "not a directory"
+
+
+class _Memory:
+    """A ReplayMemory in a dict, as the journal keeps it."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {}
+        self.nonces: dict[str, float] = {}
+        self.writes = 0
+
+    def auth_marks(self) -> dict[str, float]:
+        return dict(self.marks)
+
+    def future_nonces(self, since: float) -> dict[str, float]:
+        return {n: t for n, t in self.nonces.items() if t >= since}
+
+    def set_auth_mark(self, site: str, ts: float) -> None:
+        self.writes += 1
+        self.marks[site] = max(ts, self.marks.get(site, ts))
+
+    def add_future_nonce(self, nonce: str, ts: float) -> None:
+        self.writes += 1
+        self.nonces[nonce] = ts
+
+
+def test_replay_memory_survives_a_restart_and_is_written_once_a_second() -> None:
+    memory = _Memory()
+    guard = NonceGuard(300, not_before=0, memory=memory)
+    now = 1000.0
+    for i in range(100):  # 100 requests over 5 s, dated now: 5-6 mark writes, not 100
+        guard.check_and_record(now + i * 0.05, f"{i:032x}", now + i * 0.05, "A")
+    assert 5 <= memory.writes <= 6
+    # Dated 250 s ahead (inside the window): its nonce is kept, not a mark 250 s ahead.
+    guard.check_and_record(now + 250, "f" * 32, now + 5, "A")
+    assert memory.nonces == {"f" * 32: now + 250}
+    assert memory.marks["A"] < now + 10
+    restarted = NonceGuard(300, not_before=0, memory=memory)
+    with pytest.raises(AuthError, match="before this daemon restarted") as before:
+        restarted.check_and_record(now + 4.0, "e" * 32, now + 7, "A")
+    assert before.value.transient
+    with pytest.raises(AuthError, match="replayed"):
+        restarted.check_and_record(now + 250, "f" * 32, now + 7, "A")
+    # A's genuine new requests, and other sites, are accepted.
+    restarted.check_and_record(now + 7, "d" * 32, now + 7, "A")
+    restarted.check_and_record(now + 3, "c" * 32, now + 7, "B")
+
+
+@pytest.mark.parametrize(
+    ("rel", "resolved", "reason"),
+    [
+        ("curated/x", None, "outside data_dir"),
+        ("curated/x", "", "data_dir itself"),
+        ("curated/x", ".transferd/journal.sqlite", "out of the tier folders"),
+        ("curated/x", "raw/secret.bin", "into raw/"),
+        ("checkpoints/run6/step-1", "raw/step-1", "into raw/"),
+    ],
+)
+def test_a_path_is_refused_for_where_it_resolves(
+    rel: str, resolved: str | None, reason: str
+) -> None:
+    with pytest.raises(PolicyViolation, match=reason):
+        check_resolved(rel, resolved)
+
+
+@pytest.mark.parametrize(
+    ("rel", "resolved"),
+    [("curated/x", "curated/x"), ("curated/x", "approved/y"), ("raw/a", "raw/b")],
+)
+def test_links_within_the_tiers_and_within_raw_are_fine(rel: str, resolved: str) -> None:
+    check_resolved(rel, resolved)
+
+
+def test_a_hard_link_to_raw_data_may_not_leave() -> None:
+    with pytest.raises(PolicyViolation, match="hard link to raw-tier data"):
+        check_not_raw_inode("curated/h.bin", "raw/secret.bin")
+    check_not_raw_inode("curated/h.bin", None)

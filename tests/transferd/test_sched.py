@@ -324,3 +324,10 @@ def test_every_item_leaves_exactly_once_in_class_order_and_misses_are_flagged(
     assert len({id(m.item) for m in misses}) == len(misses)
     assert all(m.item.late and m.item.traffic_class is IA for m in misses)
     assert {id(m.item) for m in misses} == {id(i) for i in sent if i.late}
+
+
+def test_item_arriving_exactly_at_its_deadline_is_not_minus_zero_late() -> None:
+    sched: ClassScheduler[str] = ClassScheduler(1.0)
+    sched.enqueue(IA, 10, "on the dot", 1.0, deadline=1.0)
+    [miss] = sched.pop_budget_misses()
+    assert miss.reason == "arrived 0.0 ms after its deadline"

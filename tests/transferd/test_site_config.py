@@ -93,3 +93,12 @@ def test_url_data_dir_needs_a_state_dir() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(GOOD.replace("data_dir: ./site-a", "data_dir: s3://bucket/site-a"))
     assert any("state_dir: required" in issue for issue in err.value.issues)
+
+
+@pytest.mark.parametrize("value", ["zstd 30", "30", "0", "true", "fast"])
+def test_a_wrong_compression_is_one_plain_message(value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(GOOD + f"compression: {value}\n")
+    [issue] = err.value.issues
+    assert "compression: must be auto, off or a zstd level 1-22" in issue
+    assert "constrained" not in issue

@@ -8,11 +8,17 @@ stream controller. Framing, opening and the window are `protocol.channel`'s.
 Sending: `PeerChannels.submit(chunk)` queues a chunk for a peer; every open channel's sender
 thread takes the next one when its window has room, writes header and body, and its receipt
 thread completes the chunk's future when the receipt arrives. A channel that breaks hands its
-in-flight chunks back to the queue (another channel, or its replacement, sends them again).
+in-flight chunks back to the queue (another channel, or its replacement, sends them again);
+so does one whose chunks in flight have not moved for `stall_s` (no receipt, nothing acked).
+Each send of a chunk is reported as it starts (`OutgoingChunk.on_wire`: the job's
+bytes_on_wire, re-sends included).
 
 Receiving: `DataListener` accepts, runs the opening (and TLS when configured), then one thread
 per channel reads each header, receives the body into a pooled aligned buffer, and hands it to
-a worker that verifies, stages and books it, and sends the receipt.
+a worker that verifies, stages and books it, and sends the receipt. A frame that fails its MAC
+or its bounds closes the channel and is counted (auth failures, `channels_refused`); a body
+that does not hash to its header is never written (a DAMAGED receipt); nothing a peer sends
+can end the listener or the daemon.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ log = logging.getLogger("transferd.channels")
 T = TypeVar("T")
 
 OPEN_TIMEOUT_S = 15.0  # an opening that has not finished by then is dropped
+# A channel whose chunks in flight have not moved for this long (no receipt, no byte acked)
+# is broken and its chunks sent again elsewhere: twice a 16 MiB chunk's time at 10 Mbit/s.
+STALL_S = 30.0
 KEEPALIVE_IDLE_S = 30  # a peer that vanished without a FIN is noticed (TCP keepalive)
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 # Unsent bytes a channel's socket may hold: a sender thread takes its next chunk only when its
@@ -111,24 +120,27 @@ _INFO_RETRANSMITS = 2
 _INFO_MSS, _INFO_RTT_US, _INFO_TOTAL_RETRANS, _INFO_DATA_SEGS_OUT = 16, 68, 100, 156
 
 
+def _tcp_info(sock: socket.socket, need: int) -> bytes | None:
+    """The connection's struct tcp_info if the kernel gives at least `need` bytes of it."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    except (OSError, AttributeError):
+        return None
+    return info if len(info) >= need else None
+
+
 def tcp_timeouts(sock: socket.socket) -> int:
     """How many retransmission timeouts in a row the connection has had without progress
     (tcpi_retransmits); 0 where the kernel does not say."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-    except (OSError, AttributeError):
-        return 0
-    return info[_INFO_RETRANSMITS] if len(info) > _INFO_RETRANSMITS else 0
+    info = _tcp_info(sock, _INFO_RETRANSMITS + 1)
+    return info[_INFO_RETRANSMITS] if info is not None else 0
 
 
 def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
     """(data segments out, retransmitted, smoothed RTT in us, MSS) of a connection; None where
     the kernel does not say."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
-    except (OSError, AttributeError):
-        return None
-    if len(info) < _INFO_DATA_SEGS_OUT + 4:
+    info = _tcp_info(sock, _INFO_DATA_SEGS_OUT + 4)
+    if info is None:
         return None
 
     def u32(at: int) -> int:
@@ -187,6 +199,16 @@ def connect_racing(host: str, port: int, timeout_s: float, race_after_s: float =
     finally:
         for sock in pending:
             sock.close()
+_INFO_BYTES_ACKED = 120  # u64
+
+
+def tcp_bytes_acked(sock: socket.socket) -> int | None:
+    """Bytes of this connection the peer has acknowledged; None where the kernel does not
+    say (or the socket is closed)."""
+    info = _tcp_info(sock, _INFO_BYTES_ACKED + 8)
+    if info is None:
+        return None
+    return int.from_bytes(info[_INFO_BYTES_ACKED : _INFO_BYTES_ACKED + 8], sys.byteorder)
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
@@ -253,6 +275,8 @@ class OutgoingChunk:
         default_factory=concurrent.futures.Future
     )
     sends: int = 0  # times it went on the wire (more than one: a channel broke under it)
+    # Hears, on the sender thread, of every send as it starts: (body bytes, a send again?).
+    on_wire: Callable[[int, bool], None] | None = None
 
     @property
     def wire_length(self) -> int:
@@ -284,6 +308,10 @@ class _Channel:
         self.retiring = False
         self.broken = False
         self.counted = (0, 0)  # TCP segments out and retransmitted at the last path sample
+        # When a chunk last went out or a receipt came in, and the bytes the peer had acked
+        # then: a channel with chunks in flight where neither moves for `stall_s` is broken.
+        self.moved_at = time.monotonic()
+        self.acked = 0
         self.threads = [
             threading.Thread(target=self._send_loop, name=f"channel-send-{owner.peer}",
                              daemon=True),
@@ -312,9 +340,13 @@ class _Channel:
                 item = owner.queue.popleft()
                 seq = self.window.sent(item)
                 item.sends += 1
+                self.moved_at = time.monotonic()
+            if item.on_wire is not None:
+                # Before the first byte: a send cut short, or a sender killed, still counts.
+                item.on_wire(item.wire_length, item.sends > 1)
             try:
                 self._write(seq, item)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # OSError, mostly; anything else costs only this channel
                 self._break(exc)
                 return
             owner.metrics.bytes_sent.labels(owner.peer).inc(item.wire_length)
@@ -360,9 +392,10 @@ class _Channel:
                 receipt = ch.decode_receipt(self.session, bytes(fixed), _read(self.sock, rest_len))
                 with owner.cond:
                     item = self.window.completed(receipt.seq)
+                    self.moved_at = time.monotonic()
                     owner.cond.notify_all()
                 item.finish(receipt)
-        except (OSError, ValueError, TransferdError) as exc:
+        except Exception as exc:  # OSError, a bad receipt; anything else costs this channel
             self._break(exc)
 
     def _break(self, exc: BaseException) -> None:
@@ -428,6 +461,7 @@ class PeerChannels:
         self._address: tuple[str, int] | None = None  # where the last channels were opened
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
+        self.stall_s = STALL_S
 
     # -- called from the event loop ----------------------------------------------------------
     def live(self) -> int:
@@ -439,6 +473,7 @@ class PeerChannels:
                      ) -> None:
         """At least `count` live channels (more are retired down to it); opens the missing
         ones in parallel. TransportError (or AuthError) when the peer cannot be reached."""
+        self.break_stalled()
         async with self._open_lock:
             missing = count - self.live()
             if missing > 0:
@@ -457,6 +492,26 @@ class PeerChannels:
             elif missing < 0:
                 self.retire(-missing)
 
+    def break_stalled(self) -> int:
+        """Break the channels whose chunks in flight have not moved for `stall_s` (no receipt,
+        nothing acked by the peer's TCP): a link that black-holes a connection without a reset
+        would otherwise hold those chunks for the kernel's retransmission timeout (~15 min).
+        Their chunks go back to the queue. Returns how many were broken."""
+        now = time.monotonic()
+        stalled = []
+        with self.cond:
+            for chan in self.channels:
+                if not chan.alive or not len(chan.window):
+                    continue
+                acked = tcp_bytes_acked(chan.sock)
+                if acked is not None and acked != chan.acked:
+                    chan.acked, chan.moved_at = acked, now
+                elif now - chan.moved_at > self.stall_s:
+                    stalled.append(chan)
+        for chan in stalled:
+            chan._break(TimeoutError(f"nothing moved for {self.stall_s:g} s"))
+        return len(stalled)
+
     def retire(self, n: int) -> None:
         """Close `n` channels once their in-flight chunks are in (the controller went down)."""
         with self.cond:
@@ -472,13 +527,15 @@ class PeerChannels:
             self.cond.notify_all()
         return item.done
 
-    def withdraw(self, upload: str) -> None:
-        """Drop the queued (not yet sent) chunks of `upload`: its job has ended."""
+    def withdraw(self, upload: str, only: OutgoingChunk | None = None) -> None:
+        """Drop the queued (not yet sent) chunks of `upload` (its job has ended), or just
+        `only` (it will be sent again later)."""
         with self.cond:
             keep: deque[OutgoingChunk] = deque()
             gone: list[OutgoingChunk] = []
             for item in self.queue:
-                (gone if item.upload == upload else keep).append(item)
+                drop = item.upload == upload and (only is None or item is only)
+                (gone if drop else keep).append(item)
             self.queue = keep
         for item in gone:
             item.finish(error=TransportError("withdrawn: the job ended", peer=self.peer))
@@ -708,6 +765,7 @@ class DataListener:
     def _serve(self, raw: socket.socket) -> None:
         lower_thread_priority()
         sock: socket.socket = raw
+        peer = "?"  # until the opening names it
         try:
             raw.settimeout(OPEN_TIMEOUT_S)
             if self.ssl_context is not None:
@@ -718,12 +776,23 @@ class DataListener:
                 self._loop.call_soon_threadsafe(self.on_peer, peer)
             self._receive(sock, peer, session)
         except AuthError as exc:
+            # A bad opening proof (a replayed or forged opening), or a frame failing its MAC.
             self.metrics.auth_failures.labels("data channel").inc()
             log.warning("auth.refused", extra={"fields": {"path": "data channel",
                                                           "error": exc.message}})
-        except (OSError, ValueError, ssl.SSLError, ProtocolError) as exc:
+        except ProtocolError as exc:
+            # A frame out of bounds (oversize, unknown kind, replayed sequence number): nothing
+            # of it was staged; the channel goes, the sender's chunks go on another one.
+            self.metrics.channels_refused.labels(peer).inc()
+            log.warning("channel.refused", extra={"fields": {"from": peer,
+                                                             "error": exc.message[:200]}})
+        except (OSError, ValueError, ssl.SSLError) as exc:
             log.info("channel.closed", extra={"fields": {"error": f"{type(exc).__name__}: "
                                                                   f"{exc}"[:200]}})
+        except Exception as exc:  # a bug must cost this channel, never the daemon
+            self.metrics.channels_refused.labels(peer).inc()
+            log.exception("channel.failed", extra={"fields": {
+                "from": peer, "error": f"{type(exc).__name__}: {exc}"[:200]}})
         finally:
             with self._lock:
                 self._conns.discard(raw)
@@ -791,6 +860,9 @@ class DataListener:
             status, reason = ch.ReceiptStatus.STORAGE, exc.message
         except (ProtocolError, PolicyViolation, AuthError) as exc:
             status, reason = ch.ReceiptStatus.REFUSED, exc.message
+        except Exception as exc:  # a bug: this chunk is refused, the channel and daemon go on
+            status, reason = ch.ReceiptStatus.REFUSED, f"{type(exc).__name__}: {exc}"
+            log.exception("chunk.failed", extra={"fields": {"from": peer}})
         finally:
             view.release()
             self._give_back(buf, pooled)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from transferd.errors import TransferdError
+from transferd.errors import StorageError, TransferdError
 from transferd.protocol.channel import ChunkHead
 from transferd.protocol.manifest import (
     CommitAnswer,
@@ -47,6 +48,7 @@ class InboundUploads:
         self.clock = clock
         self._workers = bulk_executor(workers, "transferd-chunk")
         self._commit_locks: dict[str, asyncio.Lock] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def workers(self) -> concurrent.futures.Executor:
@@ -66,15 +68,38 @@ class InboundUploads:
         if not lock.locked():
             self._commit_locks.pop(upload, None)
 
+    def _fail_if_full(self, upload: str, exc: StorageError) -> None:
+        """Out of space: the upload fails here at once and its staging is given back (the
+        sender's job fails on the same error; a retry once space is freed starts clean)."""
+        if exc.fields.get("errno") in (errno.ENOSPC, errno.EDQUOT):
+            self.receiver.fail(upload, self.clock())
+            log.warning("upload.failed", extra={"fields": {"upload": upload, "error": str(exc)}})
+
+    async def abort(self, upload: str, peer: str) -> None:
+        """The sender gave the upload up (its job failed): give back its staging."""
+        if self.receiver.abort(upload, peer, self.clock()):
+            log.info("upload.aborted", extra={"fields": {"upload": upload, "by": peer}})
+
     async def open(self, intent: UploadIntent, peer: str) -> OpenAnswer:
         committed = self.receiver.open(intent, peer, self.clock())
         return OpenAnswer(upload=intent.upload, committed=committed)
 
     async def have(self, upload: str, peer: str, request: HaveRequest) -> HaveAnswer:
-        decision = self.receiver.have(upload, peer, request)
+        try:
+            decision = self.receiver.have(upload, peer, request)
+        except StorageError as exc:
+            self._fail_if_full(upload, exc)
+            raise
+        for digest, targets in decision.in_place.items():
+            self.receiver.record(upload, targets, digest, in_place=True)
         not_filled: list[str] = []
         for digest, targets in decision.copies.items():
-            if await asyncio.to_thread(self.receiver.fill_local, upload, digest, targets):
+            try:
+                filled = await asyncio.to_thread(self.receiver.fill_local, upload, digest, targets)
+            except StorageError as exc:
+                self._fail_if_full(upload, exc)
+                raise
+            if filled:
                 self.receiver.record(upload, targets, digest)
             else:
                 not_filled.append(digest)
@@ -85,16 +110,23 @@ class InboundUploads:
     async def chunk_targets(self, head: ChunkHead, peer: str) -> list[ChunkTarget]:
         """On the loop: where the chunk goes (the upload must be open, from this peer, and the
         locations inside its files)."""
+        self._loop = asyncio.get_running_loop()
         return self.receiver.targets(head.upload, peer, head.raw_length, head.locations)
 
     def verify_and_write(
         self, head: ChunkHead, body: memoryview, targets: list[ChunkTarget]
     ) -> None:
-        """In a channel worker: verify and stage the body."""
-        self.receiver.verify_and_write(
-            head.upload, head.address, body, head.body_blake3.hex(), head.encoding,
-            head.raw_length, targets,
-        )  # fmt: skip
+        """In a channel worker: verify and stage the body. Out of space, the upload fails at
+        once (on the loop, where the journal lives)."""
+        try:
+            self.receiver.verify_and_write(
+                head.upload, head.address, body, head.body_blake3.hex(), head.encoding,
+                head.raw_length, targets,
+            )  # fmt: skip
+        except StorageError as exc:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._fail_if_full, head.upload, exc)
+            raise
 
     async def chunk_landed(self, head: ChunkHead, peer: str, targets: list[ChunkTarget]) -> None:
         """On the loop: journal the staged chunk, count it."""
@@ -110,7 +142,8 @@ class InboundUploads:
             missing = self.receiver.missing(upload, manifest)
             if missing:
                 return refused(missing)
-            bad = await asyncio.to_thread(self.receiver.verify_files, upload, manifest)
+            in_place = self.receiver.in_place(upload)
+            bad = await asyncio.to_thread(self.receiver.verify_files, upload, manifest, in_place)
             if bad:
                 self.receiver.forget(upload, bad)
                 self.metrics.integrity_failures.labels(peer, "receiver").inc(len(bad))
@@ -119,9 +152,10 @@ class InboundUploads:
                 )
                 return refused(bad)
             try:
-                await asyncio.to_thread(self.receiver.commit_files, upload, manifest)
-            except TransferdError:
-                self.receiver.fail(upload, self.clock())
+                await asyncio.to_thread(self.receiver.commit_files, upload, manifest, in_place)
+            except TransferdError as exc:
+                if not exc.transient:
+                    self.receiver.fail(upload, self.clock())
                 raise
             self.receiver.after_commit(upload, manifest, self.clock())
         log.info(

@@ -101,7 +101,7 @@ class LocalClient:
         except (OSError, http.client.HTTPException) as exc:
             conn.close()  # the next call reconnects
             reason = f"{self.url}: {type(exc).__name__}: {exc}"
-            raise TransportError(reason, peer=self.url) from exc
+            raise TransportError(reason, peer=self.url, local_daemon=self.url) from exc
         return request.answer_of(status, reply, self.url)
 
     async def acall(
@@ -124,7 +124,7 @@ class LocalClient:
                 reply, status = await resp.read(), resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             where = f"{request.method} {self.url}{request.path_qs}"
-            raise TransportError(f"{where}: {exc!r}") from exc
+            raise TransportError(f"{where}: {exc!r}", local_daemon=self.url) from exc
         finally:
             if session is None:
                 await client.close()

@@ -293,7 +293,7 @@ class MessageService:
         ack = await retrying(
             attempt,
             budget_s=self.retry_budget_s,
-            on_retry=lambda: self.metrics.retries.labels(message.peer).inc(),
+            on_retry=lambda _exc, _delay: self.metrics.retries.labels(message.peer).inc(),
             first_delay_s=0.02,
         )
         done_at = self.clock()

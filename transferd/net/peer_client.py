@@ -5,14 +5,21 @@ Control messages (have/want, commit) and interactive messages never queue behind
 each (peer, TrafficClass) pair owns its own `ClientSession` and connector; the bulk bytes are
 not here at all but on the data channels (`net.channels`). Bodies go out as memoryviews with
 Content-Length (no chunked encoding: aiohttp copies each chunk then).
-aiohttp and OS errors become TransportError here; error bodies from the peer are rebuilt into
-the package's errors (`wire.check_reply`); `retrying` retries a call on TransportError with the
-one capped exponential backoff (`protocol.backoff`).
+
+Every send is signed afresh by a client middleware (a new nonce and timestamp), so aiohttp's
+own re-send of a request on a kept-alive connection the peer had closed is not a replay; every
+reply that the caller acts on must carry the peer's signature over it (a damaged reply is
+asked for again). aiohttp and OS errors become TransportError here; error bodies from the peer
+are rebuilt into the package's errors (`wire.check_reply`). `retrying` is the one retry loop:
+it retries a call whose error is transient (`TransferdError.transient`: the network failed, a
+body or reply was damaged in flight, a replay or restart refusal) with the one capped
+exponential backoff (`protocol.backoff`), each attempt signed afresh.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -22,10 +29,20 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import payload
 from pydantic import BaseModel
+from yarl import URL
 
 from netplan.plan import BULK_CLASSES, TrafficClass
-from transferd.errors import TransportError
-from transferd.protocol.auth import Keys, body_blake3, sign_headers
+from transferd.errors import TransferdError, TransportError
+from transferd.protocol.auth import (
+    H_BODY,
+    H_NONCE,
+    H_SITE,
+    H_TO,
+    Keys,
+    body_blake3,
+    check_reply_signature,
+    sign_headers,
+)
 from transferd.protocol.backoff import backoff_delays
 from transferd.protocol.wire import check_reply, to_body
 
@@ -44,9 +61,13 @@ class ChunkBody(payload.Payload):
     BytesPayload warns on large bodies (a manifest of a large folder); writing one buffer is
     what we want here, since the event loop hands it to the kernel without copying."""
 
-    def __init__(self, value: bytes | memoryview) -> None:
+    def __init__(
+        self, value: bytes | memoryview, on_wire: Callable[[int], None] | None = None
+    ) -> None:
         super().__init__(value, content_type="application/octet-stream")
         self._size = memoryview(value).nbytes
+        self._wire_bytes = self._size
+        self._on_wire = on_wire
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return bytes(self._value).decode(encoding, errors)
@@ -57,6 +78,10 @@ class ChunkBody(payload.Payload):
         send_headers = getattr(writer, "send_headers", None)
         if send_headers is not None:
             send_headers()
+        if self._on_wire is not None:
+            # Counted as it starts to go out, every time it does (aiohttp's own re-send too),
+            # before the first byte: a body cut short, or a sender killed, is still counted.
+            self._on_wire(self._wire_bytes)
         await writer.write(self._value)
 
 
@@ -114,9 +139,41 @@ class PeerLink:
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120),
                 auto_decompress=False,
+                middlewares=(self._sign,),
             )
             self._sessions[traffic_class] = session
         return session
+
+    def _what_failed(self, exc: BaseException) -> str:
+        """A transport failure in words a user reads in `status` and `send --wait`."""
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            err = exc.os_error
+            reason = os.strerror(err.errno) if err.errno else (err.strerror or str(err))
+            return f"{self.peer} unreachable at {self.url}: {reason.lower()}"
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            return f"{self.peer} closed the connection mid-request"
+        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+            return f"{self.peer} stopped answering (timed out)"
+        if isinstance(exc, aiohttp.ClientOSError | OSError) and getattr(exc, "strerror", None):
+            return f"connection to {self.peer} lost: {str(exc.strerror).lower()}"
+        return f"{self.peer}: {type(exc).__name__}: {exc}"
+
+    async def _sign(
+        self, request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        """Sign this send of the request: runs again for every re-send aiohttp makes."""
+        request.headers.update(
+            sign_headers(
+                self.keys.secret_for(self.peer),
+                method=request.method,
+                path_qs=request.url.raw_path_qs,
+                body_blake3=request.headers[H_BODY],
+                src=self.site,
+                dst=self.peer,
+                now=self.clock(),
+            )
+        )
+        return await handler(request)
 
     async def close(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}
@@ -133,34 +190,49 @@ class PeerLink:
         body_digest: str | None = None,
         headers: dict[str, str] | None = None,
         accept: tuple[int, ...] = (200,),
+        on_wire: Callable[[int, bool], None] | None = None,
     ) -> Reply:
         """One signed request (`body_digest`: the body's blake3 when the caller knows it).
         Returns the reply of an accepted status; raises the peer's error (ProtocolError,
-        AuthError, ...) or TransportError otherwise."""
+        AuthError, ...) or TransportError otherwise. `on_wire(n, again)` hears of every time
+        the body (n bytes) starts going out on a connection; `again` when aiohttp sends it once
+        more by itself (a kept-alive connection found closed), which is a retry too."""
         if isinstance(body, BaseModel):
             body = to_body(body)
-        signed = sign_headers(
-            self.keys.secret_for(self.peer),
-            method=method,
-            path_qs=path_qs,
-            body_blake3=body_digest or body_blake3(body),
-            src=self.site,
-            dst=self.peer,
-            now=self.clock(),
-        )
-        if headers:
-            signed.update(headers)
-        data = ChunkBody(body) if body is not None else None
+        # The signature itself is added per send, by `_sign`.
+        signed = {
+            H_SITE: self.site,
+            H_TO: self.peer,
+            H_BODY: body_digest or body_blake3(body),
+            **(headers or {}),
+        }
+        sends = 0
+
+        def wire(n: int) -> None:
+            nonlocal sends
+            sends += 1
+            if on_wire is not None:
+                on_wire(n, sends > 1)
+
+        data = ChunkBody(body, wire) if body is not None else None
         try:
             async with self.session(traffic_class).request(
-                method, self.url + path_qs, data=data, headers=signed
+                method, URL(self.url + path_qs, encoded=True), data=data, headers=signed
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
+                nonce = resp.request_info.headers.get(H_NONCE, "")
+                reply_headers = resp.headers
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransportError(
-                f"{self.peer}: {type(exc).__name__}: {exc}", peer=self.peer
-            ) from exc
+            raise TransportError(self._what_failed(exc), peer=self.peer) from exc
+        check_reply_signature(
+            self.keys.secret_for(self.peer),
+            nonce,
+            status,
+            raw,
+            reply_headers,
+            required=status in accept,
+        )
         check_reply(status, raw, accept, self.peer)
         return Reply(status, raw)
 
@@ -169,17 +241,21 @@ async def retrying(
     call: Callable[[], Awaitable[T]],
     *,
     budget_s: float,
-    on_retry: Callable[[], None],
+    on_retry: Callable[[TransferdError, float], None],
     first_delay_s: float = 0.1,
 ) -> T:
-    """Retry `call` on TransportError with capped exponential backoff until `budget_s` is spent."""
+    """Retry `call` while its error is transient, with capped exponential backoff, until
+    `budget_s` is spent; then (or at once for a permanent error) raise it. `on_retry(error,
+    delay_s)` hears of each retry before its wait."""
     delays = backoff_delays(budget_s, first_s=first_delay_s)
     while True:
         try:
             return await call()
-        except TransportError:
+        except TransferdError as exc:
+            if not exc.transient:
+                raise
             delay = next(delays, None)
             if delay is None:
                 raise
-            on_retry()
+            on_retry(exc, delay)
             await asyncio.sleep(delay)

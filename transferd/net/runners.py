@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from netplan.plan import TrafficClass
-from transferd.errors import TransferdError
+from transferd.errors import PolicyViolation, TransferdError
 from transferd.plan import SyncRoute
 from transferd.protocol.local_api import JobState
 from transferd.site.checkpoints import ready_steps
@@ -154,6 +154,15 @@ class CheckpointWatcher:
     marker: str
     quiet_period_s: float
     poll_interval_s: float
+    on_policy_refusal: Callable[[], None] = lambda: None  # counts a refused run or step
+    _refused: set[str] = field(default_factory=set)
+
+    def _refused_step(self, rel: str, exc: PolicyViolation) -> None:
+        """Runs on the scan thread: logged and counted once per path, then skipped."""
+        if rel not in self._refused:
+            self._refused.add(rel)
+            self.on_policy_refusal()
+            _log_error("watch.refused", rel, exc)
 
     def submit_ready(self, steps: list[str]) -> None:
         for step in steps:
@@ -168,7 +177,12 @@ class CheckpointWatcher:
         while True:
             try:
                 steps = await asyncio.to_thread(
-                    ready_steps, self.storage, self.marker, self.quiet_period_s, self.clock()
+                    ready_steps,
+                    self.storage,
+                    self.marker,
+                    self.quiet_period_s,
+                    self.clock(),
+                    self._refused_step,
                 )
                 self.submit_ready(steps)
             except TransferdError as exc:

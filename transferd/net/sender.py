@@ -1,12 +1,19 @@
 """The sending side: jobs from the journal become uploads to a peer.
 
-A job (path, destination) runs open -> for each batch of chunks: hash, ask have/want, PUT the
-wanted ones -> signed manifest -> commit. Hashing of the next batch overlaps the uploads of the
-previous one; each chunk PUT is admitted by the peer's `BulkGate` for the job's class (the
-class scheduler's weights and rate caps, and the adaptive stream count). Policy is checked
-before a byte is read. Jobs survive SIGKILL: the journal keeps them and a restarted daemon
-re-opens the same upload id, so the receiver's answer to have/want says exactly which chunks
-are still missing.
+A job (path, destination) runs open -> for each batch of chunks: hash, ask have/want, send the
+wanted ones on the peer's data channels -> signed manifest -> commit. Each request and each
+chunk retries transient errors within the retry budget (`peer_client.retrying`), noting in the
+job what it retries and when; past that, a transient error sends the job to `waiting` (its
+peer is unreachable, its link keeps failing) and it is attempted again after a capped
+exponential delay (`protocol.backoff.job_retry_delay`), resuming from what the receiver has.
+A job fails on a permanent error, or when its deadline (`send --timeout`) passes. Every body
+the job puts on the wire, control or chunk, first send or again, is counted in its
+`bytes_on_wire` as it starts going out. Hashing of the next batch overlaps the sending of the
+previous one; each chunk is admitted by the peer's `BulkGate` for the job's class (the class
+scheduler's weights and rate caps, and the adaptive stream count). Policy is checked before a
+byte is read. Jobs survive SIGKILL: the journal keeps them and a restarted daemon re-opens the
+same upload id, so the receiver's answer to have/want says exactly which chunks are still
+missing.
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ from transferd.net.channels import OutgoingChunk, PeerChannels
 from transferd.net.peer_client import PeerLink, retrying
 from transferd.net.pump import PeerTraffic
 from transferd.protocol.auth import Keys
+from transferd.protocol.backoff import job_retry_delay
 from transferd.protocol.channel import DataChannelAnswer, Receipt, ReceiptStatus
 from transferd.protocol.chunks import blake3_hex, fixed_spans
 from transferd.protocol.codec import CompressionPolicy, Encoded, zstd_compress
-from transferd.protocol.local_api import Job
+from transferd.protocol.local_api import Job, JobState
 from transferd.protocol.manifest import (
     ChunkRef,
     CommitAnswer,
@@ -57,6 +65,7 @@ from transferd.protocol.upload import (
     upload_manifest,
 )
 from transferd.protocol.wire import (
+    ABORT_ROUTE,
     COMMIT_ROUTE,
     DATA_CHANNEL_ROUTE,
     HAVE_ROUTE,
@@ -77,9 +86,9 @@ log = logging.getLogger("transferd.sender")
 
 HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the mapped windows
 FIRST_BATCH = 2  # a job's first batch: the first chunk leaves after hashing 16 MiB, not 64
-MAX_CHUNK_ATTEMPTS = 5  # integrity failures of one chunk before the job fails
 ENSURE_EVERY_S = 1.0  # how often a chunk awaiting its receipt checks the channels are open
 COMMIT_ROUNDS = 4
+ABORT_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -107,7 +116,7 @@ class Sender:
         traffic: dict[str, PeerTraffic],
         channels: dict[str, PeerChannels],
         data_addresses: dict[str, tuple[str, int] | None] | None = None,
-        retry_budget_s: float = 300.0,
+        retry_budget_s: float = 30.0,
         max_jobs: int = 4,
     ) -> None:
         self.site = site
@@ -134,16 +143,22 @@ class Sender:
         }
         self._wake = asyncio.Event()
         self._running: set[str] = set()
+        self._noted: set[str] = set()  # jobs whose note says what they are retrying
         self._stopping = False
         self._idle = asyncio.Event()
         self._ended = asyncio.Event()  # replaced by a fresh one each time a job ends
 
     # -- submitting ----------------------------------------------------------------------------
     def submit(
-        self, path: str, dests: list[str], traffic_class: TrafficClass | None = None
+        self,
+        path: str,
+        dests: list[str],
+        traffic_class: TrafficClass | None = None,
+        timeout_s: float | None = None,
     ) -> list[str]:
         """Queue replication of `path` to each of `dests` on `traffic_class` (default: by tier,
-        checkpoints/ on the checkpoint class, the rest on sync); policy is checked here, first."""
+        checkpoints/ on the checkpoint class, the rest on sync), failing a job still not
+        committed `timeout_s` from now; policy is checked here, first."""
         try:
             rel = normalize_rel_path(path)
             check_may_leave_site(rel)
@@ -155,10 +170,12 @@ class Sender:
         if unknown or not dests:
             raise ProtocolError(f"unknown destination site(s): {', '.join(unknown) or '(none)'}")
         ids = []
+        now = self.clock()
+        deadline = None if timeout_s is None else now + timeout_s
         for dest in dests:
             job_id = uuid.uuid4().hex
             cls = traffic_class or traffic_class_for(rel)
-            self.journal.add_job(job_id, rel, dest, cls, self.clock())
+            self.journal.add_job(job_id, rel, dest, cls, now, deadline)
             ids.append(job_id)
             log.info("job.queued", extra={"fields": {"job": job_id, "path": rel, "dest": dest}})
         self._wake.set()
@@ -171,8 +188,17 @@ class Sender:
         async with asyncio.TaskGroup() as tg:
             while not self._stopping:
                 self._wake.clear()
+                sleep_s = 1.0
                 for job in self.journal.active_jobs():
                     if job.id in self._running:
+                        continue
+                    now = self.clock()
+                    if job.deadline is not None and now >= job.deadline:
+                        self._give_up(job, None)
+                        tg.create_task(self._abort(job))
+                        continue
+                    if job.state is JobState.WAITING and (job.next_attempt_at or 0) > now:
+                        sleep_s = min(sleep_s, (job.next_attempt_at or now) - now)
                         continue
                     await slots.acquire()
                     if self._stopping:
@@ -181,7 +207,7 @@ class Sender:
                     self._running.add(job.id)
                     tg.create_task(self._run_job(job, slots))
                 try:
-                    async with asyncio.timeout(1.0):
+                    async with asyncio.timeout(max(0.01, sleep_s)):
                         await self._wake.wait()
                 except TimeoutError:
                     pass
@@ -202,6 +228,87 @@ class Sender:
         self._stopping = True
         self._wake.set()
 
+    def note_retry(self, job_id: str, peer: str, exc: TransferdError, delay_s: float) -> None:
+        """A request of the job is retried in `delay_s`: counted, and said in the job (and in
+        the log, once per run of retries). A stopping daemon retries nothing: the job resumes
+        from the journal at the next start."""
+        if self._stopping:
+            raise _Interrupted
+        self.metrics.retries.labels(peer).inc()
+        self.journal.add_job_counters(job_id, JobCounters(retries=1))
+        self.journal.note_job(job_id, str(exc), self.clock() + delay_s)
+        if job_id not in self._noted:
+            self._noted.add(job_id)
+            log.warning(
+                "job.retrying",
+                extra={"fields": {"job": job_id, "dest": peer, "kind": exc.kind,
+                                  "error": str(exc)}},
+            )
+
+    def count_wire(
+        self, job_id: str, peer: str, n: int, again: bool = False, meter: bool = True
+    ) -> None:
+        """`n` bytes of a body of the job start going out, a control request's or a chunk's
+        (every attempt counts; `again`: sent once more by the HTTP client itself, or by the
+        data channels after a channel broke: a retry). `meter`: count it in the bytes_sent
+        metric too (the data channels count their own)."""
+        if meter:
+            self.metrics.bytes_sent.labels(peer).inc(n)
+        if again:
+            self.metrics.retries.labels(peer).inc()
+        self.journal.add_job_counters(
+            job_id, JobCounters(bytes_on_wire=n, retries=1 if again else 0)
+        )
+
+    def clear_note(self, job_id: str) -> None:
+        """A request of the job went through: nothing is being retried any more."""
+        if job_id in self._noted:
+            self._noted.discard(job_id)
+            self.journal.note_job(job_id, None, None)
+
+    def _give_up(self, job: Job, exc: TransferdError | None) -> None:
+        """The job's deadline passed: it fails, saying what it was waiting for."""
+        waited = f"; last problem: {exc or job.note}" if (exc or job.note) else ""
+        timeout_s = (job.deadline or 0) - job.created_at
+        error = TransportError(
+            f"not committed within its timeout of {timeout_s:g} s{waited}", peer=job.dest
+        )
+        self.journal.finish_job(job.id, self.clock(), error)
+        log.error(
+            "job.failed", extra={"fields": {"job": job.id, "kind": error.kind, "error": str(error)}}
+        )
+
+    async def _abort(self, job: Job) -> None:
+        """Tell the receiver the job's upload is given up, so its staging goes now rather than
+        at its next start (best effort: one try; age reclaims it otherwise)."""
+        link = self.links.get(job.dest)
+        if link is None:
+            return
+        path = ABORT_ROUTE.format(upload=upload_id(self.site, job.id))
+        with contextlib.suppress(TransferdError, TimeoutError):
+            async with asyncio.timeout(ABORT_TIMEOUT_S):
+                await link.call(TrafficClass.CONTROL, "POST", path, body=b"", accept=(204,))
+
+    def _retry_later(self, job: Job, exc: TransferdError) -> None:
+        """A transient failure past the request retry budget: wait, then attempt again."""
+        delay = job_retry_delay(job.attempts + 1)
+        next_at = self.clock() + delay
+        self.journal.wait_job(job.id, str(exc), next_at)
+        self.metrics.retries.labels(job.dest).inc()
+        log.warning(
+            "job.waiting",
+            extra={
+                "fields": {
+                    "job": job.id,
+                    "dest": job.dest,
+                    "error": str(exc),
+                    "retry_in_s": round(delay, 3),
+                    "attempt": job.attempts + 2,
+                }
+            },
+        )
+        self._wake.set()
+
     async def _run_job(self, job: Job, slots: asyncio.Semaphore) -> None:
         started = time.monotonic()
         try:
@@ -209,8 +316,10 @@ class Sender:
             log.info(
                 "job.started", extra={"fields": {"job": job.id, "path": job.path, "dest": job.dest}}
             )
+            left = None if job.deadline is None else job.deadline - self.clock()
             try:
-                await self._replicate(job)
+                async with asyncio.timeout(left):
+                    await self._replicate(job)
             except BaseExceptionGroup as group:
                 # Errors from the upload task group: report the first of the package's own.
                 raise _first_error(group) from group
@@ -219,11 +328,22 @@ class Sender:
             # which chunks it still lacks.
             log.info("job.interrupted", extra={"fields": {"job": job.id}})
             return
+        except TimeoutError:
+            outcome = "failed"
+            self._give_up(self.journal.job(job.id) or job, None)
+            await self._abort(job)
         except TransferdError as exc:
+            if exc.transient and not self._stopping:
+                self._retry_later(self.journal.job(job.id) or job, exc)
+                return
+            if exc.transient and self._stopping:
+                log.info("job.interrupted", extra={"fields": {"job": job.id}})
+                return
             outcome = "failed"
             if isinstance(exc, PolicyViolation):
                 self.metrics.policy_refusals.labels("sender").inc()
             self.journal.finish_job(job.id, self.clock(), exc)
+            await self._abort(job)
             log.error(
                 "job.failed", extra={"fields": {"job": job.id, "kind": exc.kind, "error": str(exc)}}
             )
@@ -262,7 +382,7 @@ class Sender:
         # first chunks are hashed: their round trips overlap instead of adding up.
         warm = asyncio.create_task(self._warm(link))
         try:
-            if (await self._control(link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
+            if (await self._control(job, link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
                 return
             await self._replicate_chunks(job, link, rel, intent, members)
         finally:
@@ -410,7 +530,9 @@ class Sender:
         """Ask the receiver which of `refs` it still wants (have/want); the others are counted
         as skipped (metric and job)."""
         path = HAVE_ROUTE.format(upload=pump.upload)
-        answer = await self._control(pump.link, path, HaveRequest(chunks=refs), HaveAnswer)
+        answer = await self._control(
+            pump.job, pump.link, path, HaveRequest(chunks=refs), HaveAnswer
+        )
         skipped = len(refs) - len(set(answer.want))
         if skipped > 0:
             self.metrics.chunks_skipped.labels(pump.link.peer).inc(skipped)
@@ -447,7 +569,7 @@ class Sender:
         peer = pump.link.peer
         for _round in range(COMMIT_ROUNDS):
             answer = await self._control(
-                pump.link, path, signed, CommitAnswer, accept=(200, 409)
+                pump.job, pump.link, path, signed, CommitAnswer, accept=(200, 409)
             )
             if answer.committed:
                 return
@@ -469,18 +591,28 @@ class Sender:
 
     async def _control(
         self,
+        job: Job,
         link: PeerLink,
         path: str,
         body: WireModel,
         answer: type[A],
         accept: tuple[int, ...] = (200,),
     ) -> A:
-        """A control request (POST), retried on transport errors within the retry budget."""
+        """A control request (POST) of `job`, retried while its error is transient (each
+        attempt signed afresh) within the retry budget; retries count and show in the job."""
         reply = await retrying(
-            lambda: link.call(TrafficClass.CONTROL, "POST", path, body=body, accept=accept),
+            lambda: link.call(
+                TrafficClass.CONTROL,
+                "POST",
+                path,
+                body=body,
+                accept=accept,
+                on_wire=lambda n, again: self.count_wire(job.id, link.peer, n, again),
+            ),
             budget_s=self.retry_budget_s,
-            on_retry=lambda: self.metrics.retries.labels(link.peer).inc(),
+            on_retry=lambda exc, delay: self.note_retry(job.id, link.peer, exc, delay),
         )
+        self.clear_note(job.id)
         return parse_body(answer, reply.body)
 
     async def data_address(self, link: PeerLink) -> tuple[str, int]:
@@ -581,9 +713,10 @@ class _ChunkPump:
     """The chunks of one job on the peer's data channels: the peer's gate for the job's class
     admits each one (it bounds the chunks in flight, paces by caps and weights, adapts the
     stream count); each waits for its receipt while the channels keep the pipe full. A chunk
-    whose channel broke is sent again by the channels themselves; one the receiver found
-    damaged is sent again here, and counted; a peer that cannot be reached is retried with
-    backoff within the retry budget."""
+    whose channel broke is sent again by the channels themselves (counted: bytes on the wire
+    as each send starts, and a retry); one the receiver found damaged is sent again here after
+    a backoff (`retrying`), and counted; a peer that cannot be reached is retried with backoff
+    within the retry budget, after which the job waits (`Sender._retry_later`)."""
 
     def __init__(
         self,
@@ -605,6 +738,7 @@ class _ChunkPump:
         self.channels = sender.channels[link.peer]
         self.started: set[str] = set()  # chunk hashes sent (or being sent) in this job
         self.deferred: list[ChunkRef] = []  # duplicates of those, to offer once they landed
+        self.loop = asyncio.get_running_loop()
 
     def spawn(
         self,
@@ -651,17 +785,23 @@ class _ChunkPump:
 
     async def _send(self, item: OutgoingChunk) -> Receipt:
         """Until the receipt: keeps the peer's channels open at the controller's count while
-        it waits (a broken channel is replaced; its chunks are already queued again)."""
-        s = self.sender
+        it waits (a broken channel is replaced; its chunks are already queued again, and a
+        channel that stopped moving is broken). A peer that cannot be reached takes the chunk
+        out of the queue and raises TransportError: the caller's `retrying` sends it again
+        after a backoff."""
         future = self.channels.submit(item)
         try:
             while True:
-                await retrying(self._ensure, budget_s=s.retry_budget_s, on_retry=self._count_retry)
+                await self._ensure()
                 try:
                     async with asyncio.timeout(ENSURE_EVERY_S):
                         return await asyncio.shield(asyncio.wrap_future(future))
                 except TimeoutError:
                     continue
+        except TransferdError:
+            if not future.done():
+                self.channels.withdraw(self.upload, item)
+            raise
         except BaseException:
             if not future.done():
                 self.channels.withdraw(self.upload)
@@ -677,6 +817,14 @@ class _ChunkPump:
     async def _address(self) -> tuple[str, int]:
         return await self.sender.data_address(self.link)
 
+    def _on_wire(self, n: int, again: bool) -> None:
+        """Channel thread: a send of one of this job's chunks starts (`again`: its channel
+        broke under an earlier send). Booked on the loop, where the journal lives."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
+            self.loop.call_soon_threadsafe(
+                self.sender.count_wire, self.job.id, self.link.peer, n, again, False
+            )
+
     async def put(
         self,
         digest: str,
@@ -684,67 +832,82 @@ class _ChunkPump:
         view: memoryview,
         window: FileWindow | None,
     ) -> None:
+        """Send one chunk until its receipt says it is staged. Each attempt is one send; a
+        body the receiver found damaged (after checking our source did not change) and a peer
+        that cannot be reached are retried by `retrying` while the budget lasts."""
         s = self.sender
         peer = self.link.peer
-        acked, errors = 0, 0  # for the stream controller: integrity failures
+        length = len(view)
+        acked, errors = 0, 0  # for the stream controller: retries and integrity failures
+
+        def count_retry(exc: TransferdError, delay_s: float) -> None:
+            nonlocal errors
+            errors += 1
+            s.note_retry(self.job.id, peer, exc, delay_s)
+
+        async def reread() -> None:
+            """The chunk's bytes again from its source, which must not have changed."""
+            nonlocal window, view
+            again = await asyncio.to_thread(self._reread, locations[0], length)
+            if blake3_hex(again.view) != digest:
+                again.close()
+                raise IntegrityError("source file changed while being sent")
+            if window is not None:
+                window.discard()
+            window, view = again, again.view
+
+        async def attempt() -> tuple[Encoded, int]:
+            nonlocal window, view
+            if len(view) != length:  # sent from the file before: map it again
+                await reread()
+            encoded = (
+                await asyncio.to_thread(s.encode, peer, view)
+                if s.compression[peer].should_try()
+                else Encoded("identity", view, len(view))
+            )
+            body_hash = (
+                digest
+                if encoded.encoding == "identity"
+                else await asyncio.to_thread(blake3_hex, encoded.body)
+            )
+            item = self._chunk(digest, locations, view, encoded, body_hash)
+            item.on_wire = self._on_wire
+            if window is not None and item.body is None:
+                window.discard()  # sent from the file itself: the mapping can go now
+                window, view = None, memoryview(b"")
+            wire = item.wire_length
+            in_flight = self.gate.in_flight
+            t0 = time.perf_counter()
+            receipt = await self._send(item)
+            if receipt.status is ReceiptStatus.DAMAGED:
+                s.metrics.integrity_failures.labels(peer, "sender").inc()
+                s.journal.add_job_counters(self.job.id, JobCounters(integrity_failures=1))
+                await reread()
+                raise IntegrityError(
+                    f"{peer} received chunk {digest[:16]} damaged: {receipt.reason}",
+                    transient=True,
+                )
+            if receipt.status is ReceiptStatus.STORAGE:
+                raise StorageError(f"{peer}: {receipt.reason}")
+            if receipt.status is ReceiptStatus.REFUSED:
+                raise ProtocolError(f"{peer} refused a chunk: {receipt.reason}")
+            s.compression[peer].observe_link(wire * max(1, in_flight), time.perf_counter() - t0)
+            return encoded, wire
+
         try:
-            for attempt in range(1, MAX_CHUNK_ATTEMPTS + 1):
-                encoded = (
-                    await asyncio.to_thread(s.encode, peer, view)
-                    if s.compression[peer].should_try()
-                    else Encoded("identity", view, len(view))
-                )
-                body_hash = (
-                    digest
-                    if encoded.encoding == "identity"
-                    else await asyncio.to_thread(blake3_hex, encoded.body)
-                )
-                item = self._chunk(digest, locations, view, encoded, body_hash)
-                if window is not None and item.body is None:
-                    window.discard()  # sent from the file itself: the mapping can go now
-                    window, view = None, memoryview(b"")
-                wire = item.wire_length
-                in_flight = self.gate.in_flight
-                t0 = time.perf_counter()
-                receipt = await self._send(item)
-                if receipt.status is ReceiptStatus.DAMAGED:
-                    errors += 1
-                    s.metrics.integrity_failures.labels(peer, "sender").inc()
-                    s.journal.add_job_counters(
-                        self.job.id,
-                        JobCounters(integrity_failures=1, retries=1, bytes_on_wire=wire),
-                    )
-                    again = await asyncio.to_thread(self._reread, locations[0], len(view) or wire)
-                    if again is None or blake3_hex(again.view) != digest:
-                        if again is not None:
-                            again.close()
-                        raise IntegrityError("source file changed while being sent")
-                    if window is not None:
-                        window.discard()
-                    window, view = again, again.view
-                    if attempt == MAX_CHUNK_ATTEMPTS:
-                        raise IntegrityError(
-                            f"{peer} received chunk {digest[:16]} damaged {attempt} times"
-                        )
-                    continue
-                if receipt.status is ReceiptStatus.STORAGE:
-                    raise StorageError(f"{peer}: {receipt.reason}")
-                if receipt.status is ReceiptStatus.REFUSED:
-                    raise ProtocolError(f"{peer} refused a chunk: {receipt.reason}")
-                elapsed = time.perf_counter() - t0
-                s.compression[peer].observe_link(wire * max(1, in_flight), elapsed)
-                break
+            encoded, wire = await retrying(
+                attempt, budget_s=s.retry_budget_s, on_retry=count_retry
+            )
+            s.clear_note(self.job.id)
             acked = wire
             s.metrics.chunks_sent.labels(peer).inc()
             s.metrics.count_compression(peer, encoded.raw_length, wire)
             s.journal.add_job_counters(
                 self.job.id,
                 JobCounters(
-                    bytes_on_wire=wire * item.sends,
                     chunks_sent=1,
                     bytes_done=encoded.raw_length * len(locations),
                     chunks_skipped=len(locations) - 1,
-                    retries=item.sends - 1,
                 ),
             )
         finally:
@@ -758,16 +921,12 @@ class _ChunkPump:
                         gate.controller.on_path(sample)
             self.gate.release(acked, errors)
 
-    def _reread(self, location: tuple[int, int], length: int) -> FileWindow | None:
+    def _reread(self, location: tuple[int, int], length: int) -> FileWindow:
         """Thread: the chunk's bytes again from its source (to check it did not change and to
-        send it again after the receiver found it damaged)."""
+        send it again)."""
         f, offset = location
         source = self.sources[f]
         if isinstance(source, SourceFile):
             return source.window(offset, length)
         with source.mapped(offset, length) as data:
             return FileWindow(memoryview(bytes(data)), None)
-
-    def _count_retry(self) -> None:
-        self.sender.metrics.retries.labels(self.link.peer).inc()
-        self.sender.journal.add_job_counters(self.job.id, JobCounters(retries=1))

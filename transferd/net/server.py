@@ -1,12 +1,13 @@
 """The daemon's one HTTP server (aiohttp): every route, one authentication, one error mapping.
 
-Peer API (signed with the pair secret): uploads (open, have/want, commit), where the data
-channels connect (the chunks themselves travel on those, `net.channels`), and messages.
+Peer API (signed with the pair secret): uploads (open, have/want, commit, abort), where the
+data channels connect (the chunks themselves travel on those, `net.channels`), and messages.
 Local API (signed with the site's own secret, used by the CLI): send, jobs, status,
 messages to a peer, the inbox. `/metrics` is Prometheus text. Handlers are thin: authenticate,
 parse the body or query into its wire model (`protocol.wire`), call one method, answer. The
 one middleware turns every TransferdError into its JSON body and HTTP status, counts
-authentication and integrity failures, and logs the refusal.
+authentication and integrity failures, logs the refusal, and signs the reply to every request
+that authenticated (`protocol.auth.sign_reply`: status and body bound to the request's nonce).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pydantic import BaseModel
 from transferd.errors import AuthError, IntegrityError, ProtocolError, TransferdError
 from transferd.net.inbound import InboundUploads
 from transferd.net.messages import MessageService
-from transferd.protocol.auth import AuthHeaders, RequestVerifier
+from transferd.protocol.auth import AuthHeaders, RequestVerifier, sign_reply
 from transferd.protocol.channel import DataChannelAnswer
 from transferd.protocol.local_api import (
     MAX_JOBS_PER_QUERY,
@@ -42,6 +43,7 @@ from transferd.protocol.messages import (
     MessageQuery,
 )
 from transferd.protocol.wire import (
+    ABORT_ROUTE,
     COMMIT_ROUTE,
     DATA_CHANNEL_ROUTE,
     HAVE_ROUTE,
@@ -65,12 +67,13 @@ log = logging.getLogger("transferd.server")
 CONTROL_BODY_LIMIT = 64 * 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_AUTH = web.RequestKey("auth", AuthHeaders)  # set once a request authenticated
 
 
 class LocalApi(Protocol):
     """What the local API asks of the daemon."""
 
-    def submit(self, path: str, dests: list[str]) -> list[str]: ...
+    def submit(self, path: str, dests: list[str], timeout_s: float | None = None) -> list[str]: ...
     def job(self, job_id: str) -> Job | None: ...
     async def job_ended(self, timeout_s: float) -> None: ...
     def status(self) -> SiteStatus: ...
@@ -91,6 +94,18 @@ def build_app(
 ) -> web.Application:
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await _answer_or_error(request, handler)
+        auth = request.get(_AUTH)
+        if isinstance(auth, AuthHeaders) and type(response) is web.Response:
+            body = response.body
+            if body is None or isinstance(body, bytes):
+                secret = verifier.keys.secret_for(auth.site)
+                response.headers.update(
+                    sign_reply(secret, auth.nonce, response.status, body or b"")
+                )
+        return response
+
+    async def _answer_or_error(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except TransferdError as exc:
@@ -111,10 +126,12 @@ def build_app(
     app = web.Application(client_max_size=CONTROL_BODY_LIMIT, middlewares=[errors])
 
     def peer(request: web.Request) -> AuthHeaders:
-        return verifier.peer(request.headers, request.method, request.raw_path)
+        request[_AUTH] = auth = verifier.peer(request.headers, request.method, request.raw_path)
+        return auth
 
     def own_cli(request: web.Request) -> AuthHeaders:
-        return verifier.local(request.headers, request.method, request.raw_path)
+        request[_AUTH] = auth = verifier.local(request.headers, request.method, request.raw_path)
+        return auth
 
     async def body_of(
         request: web.Request, auth: AuthHeaders, limit: int | None = None
@@ -148,6 +165,12 @@ def build_app(
         answer = await inbound.commit(request.match_info["upload"], auth.site, signed)
         return _answer(answer, 200 if answer.committed else 409)
 
+    async def abort(request: web.Request) -> web.Response:
+        auth = peer(request)
+        await body_of(request, auth, 0)
+        await inbound.abort(request.match_info["upload"], auth.site)
+        return web.Response(status=204)
+
     # -- peer API: messages -----------------------------------------------------------------
 
     async def receive_message(request: web.Request) -> web.Response:
@@ -165,7 +188,7 @@ def build_app(
     async def local_send(request: web.Request) -> web.Response:
         auth = own_cli(request)
         send = parse_body(SendRequest, await body_of(request, auth))
-        return _answer(SendAnswer(jobs=local.submit(send.path, send.to)))
+        return _answer(SendAnswer(jobs=local.submit(send.path, send.to, send.timeout_s)))
 
     async def local_jobs(request: web.Request) -> web.Response:
         own_cli(request)
@@ -208,6 +231,7 @@ def build_app(
     app.router.add_post(HAVE_ROUTE, have)
     app.router.add_get(DATA_CHANNEL_ROUTE, data_channel)
     app.router.add_post(COMMIT_ROUTE, commit)
+    app.router.add_post(ABORT_ROUTE, abort)
     app.router.add_post(PEER_MESSAGES_ROUTE, receive_message)
     app.router.add_get(PEER_MESSAGES_ROUTE, warm_up)
     app.router.add_post(LOCAL_SEND_ROUTE, local_send)

@@ -1,5 +1,6 @@
 """Capped exponential backoff, shared by the daemon's async retries (`net.peer_client.retrying`:
-control requests, chunk PUTs, messages) and the CLI's first call to a daemon that is starting.
+control requests, chunk PUTs, messages), the CLI's first call to a daemon that is starting, and
+(`job_retry_delay`) a job waiting for its peer between attempts.
 
 The clock is a parameter (monotonic seconds by default): the retry loop sleeps, this only says
 how long, so it is tested on a fake clock.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-__all__ = ["backoff_delays"]
+__all__ = ["backoff_delays", "job_retry_delay"]
 
 
 def backoff_delays(
@@ -27,3 +28,10 @@ def backoff_delays(
     while clock() + delay <= deadline:
         yield delay
         delay = min(delay * 2, cap_s)
+
+
+def job_retry_delay(attempt: int, *, first_s: float = 1.0, cap_s: float = 60.0) -> float:
+    """How long a job waits before its `attempt`-th new attempt (1, 2, 4, ... at most cap_s):
+    a peer that is down for an hour costs about 60 attempts, and one that comes back is
+    noticed within a minute."""
+    return min(cap_s, first_s * 2.0 ** max(0, min(attempt - 1, 32)))

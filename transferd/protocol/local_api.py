@@ -2,7 +2,11 @@
 their states, `send`, `jobs` and `status`.
 
 A job replicates one path to one destination: queued -> running -> committed | failed (a
-running job whose daemon stopped is running again after the restart, from the journal).
+running job whose daemon stopped is running again after the restart, from the journal). A
+running job whose peer cannot be reached, or whose link keeps failing, past the retry budget of
+its requests waits: running -> waiting -> running again at `next_attempt_at` (capped
+exponential backoff), resuming from what the receiver already has; `note` says why. It fails
+only on a permanent error, or when its `deadline` (`send --timeout`) passes.
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ MAX_JOBS_WAIT_MS = 60_000  # the longest a jobs query may wait for one of them t
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    WAITING = "waiting"  # for its peer or link: tried again at next_attempt_at
     COMMITTED = "committed"
     FAILED = "failed"
 
     @property
     def active(self) -> bool:
-        return self in (JobState.QUEUED, JobState.RUNNING)
+        return self in (JobState.QUEUED, JobState.RUNNING, JobState.WAITING)
 
 
 class Job(WireModel):
@@ -60,13 +65,21 @@ class Job(WireModel):
     chunks_sent: int
     retries: int
     integrity_failures: int
+    # The last problem that is being retried (peer unreachable, link failing), when; the time
+    # of the next attempt while waiting; attempts after the first; when the job gives up.
+    note: str | None = None
+    next_attempt_at: float | None = None
+    attempts: int = 0
+    deadline: float | None = None
 
 
 class SendRequest(WireModel):
-    """Replicate `path` (relative to data_dir) to each site in `to`."""
+    """Replicate `path` (relative to data_dir) to each site in `to`; with `timeout_s`, a job
+    not committed that long after it was queued fails (whatever it is waiting for)."""
 
     path: str
     to: Annotated[list[str], Field(min_length=1, max_length=1000)]
+    timeout_s: Annotated[float, Field(gt=0)] | None = None
 
 
 class SendAnswer(WireModel):

@@ -176,7 +176,8 @@ def late_reason(peer: str, ack: MessageAck, deadline: float | None) -> str | Non
     """Why a delivered message is late (the peer took it after its deadline), or None."""
     if not ack.late or deadline is None:
         return None
-    return f"reached {peer} {(ack.received_at - deadline) * 1000.0:.1f} ms after its deadline"
+    late_ms = max(0.0, ack.received_at - deadline) * 1000.0
+    return f"reached {peer} {late_ms:.1f} ms after its deadline"
 
 
 class MessageLedger:

@@ -73,7 +73,8 @@ class BudgetMiss:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
+    """A non-negative duration in ms (a deadline met to the nanosecond is "0.0 ms", not "-0.0")."""
+    return f"{max(0.0, seconds) * 1000:.1f} ms"
 
 
 class ClassScheduler(Generic[P]):

@@ -4,8 +4,11 @@ the receiver still lacks, and when a commit may happen.
 Theory of operation. An upload goes open -> (have/want, chunk PUTs)* -> commit.
 - Receiver: `check_intent` refuses an upload that is not from its claimed source, not addressed
   here, not in normal form or under `raw/`. For each offered chunk, `answer_have` says whether
-  it is staged already (same length and hash at that place), can be filled from bytes this site
-  holds (an earlier upload or a committed file: delta replication), or must cross the wire. A
+  it is staged already (same length and hash at that place), already in place (the committed
+  file at the upload's destination holds it at the same offset: nothing is staged for it now;
+  an unchanged file is kept or linked at commit and costs no space), can be filled from bytes
+  this site holds elsewhere (an earlier upload or another committed file: delta replication),
+  or must cross the wire. A
   chunk PUT names its places (`chunk_targets`, checked against the intent). The commit needs a
   manifest that describes the intent (`check_manifest`) and every chunk staged with the
   manifest's hash (`missing`); otherwise the answer names the chunks to send (again).
@@ -49,6 +52,7 @@ __all__ = [
     "check_intent",
     "check_manifest",
     "chunk_targets",
+    "destination",
     "member_paths",
     "missing",
     "offer_batches",
@@ -107,6 +111,14 @@ def member_paths(intent: UploadIntent) -> list[str]:
 class HaveDecision:
     want: list[int]  # indices into the request's chunks that must cross the wire
     copies: dict[str, list[ChunkTarget]]  # hash -> places to fill from bytes held here
+    # hash -> places whose bytes the destination's committed file holds at the same offset
+    in_place: dict[str, list[ChunkTarget]] = field(default_factory=dict)
+
+
+def destination(intent: UploadIntent, file: int) -> str:
+    """Where file `file` of the upload lands (relative to data_dir)."""
+    member = intent.files[file].path
+    return f"{intent.root}/{member}" if member else intent.root
 
 
 def answer_have(
@@ -114,11 +126,15 @@ def answer_have(
     staged: Mapping[tuple[int, int], Staged],
     request: HaveRequest,
     held_here: Callable[[str, int], bool],
+    in_place: Callable[[str, int, int, str], bool] = lambda _path, _off, _n, _h: False,
 ) -> HaveDecision:
-    """Which offered chunks are missing: staged ones are skipped, ones whose bytes this site
-    holds (`held_here(hash, length)`) are copied locally, the rest are wanted."""
+    """Which offered chunks are missing: staged ones are skipped, ones already at their place
+    in the committed destination (`in_place(path, offset, length, hash)`) are recorded as such,
+    ones whose bytes this site holds elsewhere (`held_here(hash, length)`) are copied locally,
+    the rest are wanted."""
     want: list[int] = []
     copies: dict[str, list[ChunkTarget]] = {}
+    kept: dict[str, list[ChunkTarget]] = {}
     for i, ref in enumerate(request.chunks):
         if ref.file >= len(intent.files) or ref.offset + ref.length > intent.files[ref.file].size:
             raise ProtocolError(
@@ -126,11 +142,14 @@ def answer_have(
             )
         if staged.get((ref.file, ref.offset)) == (ref.length, ref.hash):
             continue
-        if held_here(ref.hash, ref.length):
-            copies.setdefault(ref.hash, []).append(ChunkTarget(ref.file, ref.offset, ref.length))
+        target = ChunkTarget(ref.file, ref.offset, ref.length)
+        if in_place(destination(intent, ref.file), ref.offset, ref.length, ref.hash):
+            kept.setdefault(ref.hash, []).append(target)
+        elif held_here(ref.hash, ref.length):
+            copies.setdefault(ref.hash, []).append(target)
         else:
             want.append(i)
-    return HaveDecision(want, copies)
+    return HaveDecision(want, copies, kept)
 
 
 def wanted(decision: HaveDecision, request: HaveRequest, not_filled: Sequence[str]) -> HaveAnswer:

@@ -11,6 +11,7 @@ Peer API (signed with the pair secret):
     GET  /v1/data-channel                 -> DataChannelAnswer: the port of the data listener,
                                           where the chunks go (`protocol.channel`)
     POST /v1/uploads/{upload}/commit      SignedManifest -> CommitAnswer (200, or 409 + want)
+    POST /v1/uploads/{upload}/abort       (no body) -> 204: the sender gave the upload up
     POST /v1/peer/messages                message body (MessageEnvelope headers) -> MessageAck
     GET  /v1/peer/messages                204: a peer opening its interactive pool
 Local API (signed with the site's own secret, used by the CLI and `transferd.send_message`):
@@ -30,11 +31,12 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from transferd.errors import ERROR_KINDS, AuthError, ProtocolError, TransferdError
+from transferd.errors import ERROR_KINDS, AuthError, ProtocolError, TransferdError, TransportError
 
 __all__ = [
-    "DATA_CHANNEL_ROUTE",
+    "ABORT_ROUTE",
     "COMMIT_ROUTE",
+    "DATA_CHANNEL_ROUTE",
     "HAVE_ROUTE",
     "INBOX_ROUTE",
     "LOCAL_JOBS_ROUTE",
@@ -56,6 +58,7 @@ UPLOADS_ROUTE = "/v1/uploads"
 HAVE_ROUTE = "/v1/uploads/{upload}/have"
 DATA_CHANNEL_ROUTE = "/v1/data-channel"
 COMMIT_ROUTE = "/v1/uploads/{upload}/commit"
+ABORT_ROUTE = "/v1/uploads/{upload}/abort"
 PEER_MESSAGES_ROUTE = "/v1/peer/messages"
 LOCAL_SEND_ROUTE = "/v1/local/send"
 LOCAL_JOBS_ROUTE = "/v1/local/jobs"
@@ -117,12 +120,18 @@ class ErrorBody(FrozenModel):
 
     kind: str
     error: str = "peer reported an error"
+    transient: bool = False
 
     def rebuild(self, status: int) -> TransferdError:
         cls = ERROR_KINDS.get(self.kind, TransferdError)
         if cls is AuthError:
-            return AuthError(self.error, status=status)
-        return cls(self.error)
+            return AuthError(self.error, status=status, transient=self.transient)
+        err = cls(self.error)
+        err.transient = err.transient or self.transient
+        return err
+
+
+_GATEWAY_STATUSES = (502, 503, 504)
 
 
 def check_reply(status: int, raw: bytes, accept: tuple[int, ...], peer: str) -> None:
@@ -133,6 +142,10 @@ def check_reply(status: int, raw: bytes, accept: tuple[int, ...], peer: str) -> 
     try:
         err = ErrorBody.model_validate_json(raw).rebuild(status)
     except (ValidationError, ValueError, json.JSONDecodeError):
-        err = ProtocolError(f"peer answered HTTP {status} without a transferd error body")
+        if status in _GATEWAY_STATUSES:
+            # Something in between (a proxy, a load balancer) could not reach the daemon.
+            err = TransportError(f"{peer} answered HTTP {status} (gateway): not reachable")
+        else:
+            err = ProtocolError(f"peer answered HTTP {status} without a transferd error body")
     err.fields.setdefault("peer", peer)
     raise err

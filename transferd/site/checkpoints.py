@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from transferd.errors import PolicyViolation
 from transferd.protocol.policy import CHECKPOINTS
 from transferd.site.storage import SiteStorage
 
@@ -30,14 +31,27 @@ def is_step_root(rel: str) -> bool:
     return len(parts) == 3 and parts[0] == CHECKPOINTS
 
 
-def _steps(storage: SiteStorage, run: str) -> list[str]:
+Refused = Callable[[str, PolicyViolation], None]
+
+
+def _is_dir(storage: SiteStorage, rel: str, on_refused: Refused | None) -> bool:
+    """A folder policy lets us use (a link into raw/ is no step: reported, then skipped)."""
+    try:
+        return storage.is_dir(rel)
+    except PolicyViolation as exc:
+        if on_refused is not None:
+            on_refused(rel, exc)
+        return False
+
+
+def _steps(storage: SiteStorage, run: str, on_refused: Refused | None = None) -> list[str]:
     names = [
         n
         for n in storage.list_dir(run)
         if n != LATEST
         and not n.startswith(".")
         and ".transferd-" not in n
-        and storage.is_dir(f"{run}/{n}")
+        and _is_dir(storage, f"{run}/{n}", on_refused)
     ]
     return sorted(names, key=step_order)
 
@@ -59,15 +73,20 @@ def update_run(
 
 
 def ready_steps(
-    storage: SiteStorage, marker: str, quiet_period_s: float, now: float
+    storage: SiteStorage,
+    marker: str,
+    quiet_period_s: float,
+    now: float,
+    on_refused: Refused | None = None,
 ) -> list[str]:
-    """Step folders under checkpoints/ that are complete at this (source) site."""
+    """Step folders under checkpoints/ that are complete at this (source) site. A run or step
+    that leads into raw/ (or out of data_dir) through a link goes to `on_refused` instead."""
     ready: list[str] = []
     for run in storage.list_dir(CHECKPOINTS):
         run_rel = f"{CHECKPOINTS}/{run}"
-        if run.startswith(".") or not storage.is_dir(run_rel):
+        if run.startswith(".") or not _is_dir(storage, run_rel, on_refused):
             continue
-        for step in _steps(storage, run_rel):
+        for step in _steps(storage, run_rel, on_refused):
             rel = f"{run_rel}/{step}"
             if marker in storage.list_dir(rel) or now - storage.newest_mtime(rel) >= quiet_period_s:
                 ready.append(rel)

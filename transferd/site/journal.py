@@ -10,6 +10,7 @@ back as typed values (`Job`, `Upload`, `Staged`, `ChunkLocation`), never as bare
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import astuple, dataclass, fields
@@ -45,7 +46,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     chunks_skipped INTEGER NOT NULL DEFAULT 0,
     chunks_sent INTEGER NOT NULL DEFAULT 0,
     retries INTEGER NOT NULL DEFAULT 0,
-    integrity_failures INTEGER NOT NULL DEFAULT 0
+    integrity_failures INTEGER NOT NULL DEFAULT 0,
+    note TEXT,
+    next_attempt_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    deadline REAL
 );
 DROP TABLE IF EXISTS acked;                                   -- written, never read (removed)
 CREATE TABLE IF NOT EXISTS uploads (
@@ -60,6 +65,7 @@ CREATE TABLE IF NOT EXISTS uploads (
 CREATE TABLE IF NOT EXISTS received (
     upload TEXT NOT NULL, file_index INTEGER NOT NULL, offset INTEGER NOT NULL,
     length INTEGER NOT NULL, hash TEXT NOT NULL,
+    in_place INTEGER NOT NULL DEFAULT 0,  -- bytes are in the committed file at this place
     PRIMARY KEY (upload, file_index, offset)
 );
 CREATE INDEX IF NOT EXISTS received_by_hash ON received(hash);
@@ -71,7 +77,24 @@ CREATE INDEX IF NOT EXISTS chunk_index_by_hash ON chunk_index(hash);
 CREATE TABLE IF NOT EXISTS watch_seen (
     root TEXT NOT NULL, dest TEXT NOT NULL, job TEXT NOT NULL, PRIMARY KEY (root, dest)
 );
+CREATE TABLE IF NOT EXISTS auth_marks (  -- per sending site: newest timestamp accepted (+1 s)
+    site TEXT PRIMARY KEY, ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS auth_future_nonces (  -- nonces of requests dated ahead of our clock
+    nonce TEXT PRIMARY KEY, ts REAL NOT NULL
+);
 """
+
+
+_ADDED_COLUMNS = {
+    "jobs": {
+        "note": "TEXT",
+        "next_attempt_at": "REAL",
+        "attempts": "INTEGER NOT NULL DEFAULT 0",
+        "deadline": "REAL",
+    },
+    "received": {"in_place": "INTEGER NOT NULL DEFAULT 0"},
+}
 
 
 class UploadState(StrEnum):
@@ -126,9 +149,18 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open journal {path}: {exc}", path=path) from exc
         self.path = path
+
+    def _add_missing_columns(self) -> None:
+        """A journal written by an older version gains the columns added since."""
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, decl in columns.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self._db.close()
@@ -137,23 +169,29 @@ class Journal:
         try:
             return self._db.execute(sql, tuple(args))
         except sqlite3.Error as exc:
-            raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
+            raise _journal_error(exc, self.path) from exc
 
     def _many(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
         try:
             with self._db:
                 self._db.executemany(sql, rows)
         except sqlite3.Error as exc:
-            raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
+            raise _journal_error(exc, self.path) from exc
 
     # -- sender: jobs ------------------------------------------------------------------------
     def add_job(
-        self, job_id: str, path: str, dest: str, traffic_class: TrafficClass, now: float
+        self,
+        job_id: str,
+        path: str,
+        dest: str,
+        traffic_class: TrafficClass,
+        now: float,
+        deadline: float | None = None,
     ) -> None:
         self._exec(
-            "INSERT INTO jobs (id, path, dest, traffic_class, state, created_at) "
-            "VALUES (?,?,?,?,?,?)",
-            (job_id, path, dest, traffic_class.value, JobState.QUEUED.value, now),
+            "INSERT INTO jobs (id, path, dest, traffic_class, state, created_at, deadline) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (job_id, path, dest, traffic_class.value, JobState.QUEUED.value, now, deadline),
         )
 
     def job(self, job_id: str) -> Job | None:
@@ -168,18 +206,36 @@ class Journal:
         return [_job(r) for r in rows.fetchall()]
 
     def active_jobs(self, limit: int = 1000) -> list[Job]:
-        """Queued and running jobs, oldest first (after a restart, running ones resume)."""
+        """Queued, running and waiting jobs, oldest first (after a restart, running ones
+        resume)."""
         rows = self._exec(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) ORDER BY created_at LIMIT ?",
-            (JobState.QUEUED.value, JobState.RUNNING.value, limit),
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?, ?) "
+            "ORDER BY created_at LIMIT ?",
+            (JobState.QUEUED.value, JobState.RUNNING.value, JobState.WAITING.value, limit),
         )
         return [_job(r) for r in rows.fetchall()]
 
     def start_job(self, job_id: str, now: float) -> None:
         """Running since `now` (a resumed job keeps its first start)."""
         self._exec(
-            "UPDATE jobs SET state = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
+            "UPDATE jobs SET state = ?, started_at = COALESCE(started_at, ?), "
+            "next_attempt_at = NULL WHERE id = ?",
             (JobState.RUNNING.value, now, job_id),
+        )
+
+    def note_job(self, job_id: str, note: str | None, next_attempt_at: float | None) -> None:
+        """What a running job is retrying, and when it tries next (None: nothing to say)."""
+        self._exec(
+            "UPDATE jobs SET note = ?, next_attempt_at = ? WHERE id = ?",
+            (note, next_attempt_at, job_id),
+        )
+
+    def wait_job(self, job_id: str, note: str, next_attempt_at: float) -> None:
+        """Waiting for its peer or link until `next_attempt_at` (one more attempt)."""
+        self._exec(
+            "UPDATE jobs SET state = ?, note = ?, next_attempt_at = ?, attempts = attempts + 1,"
+            " retries = retries + 1 WHERE id = ?",
+            (JobState.WAITING.value, note, next_attempt_at, job_id),
         )
 
     def size_job(self, job_id: str, bytes_logical: int, chunks: int) -> None:
@@ -194,7 +250,8 @@ class Journal:
         """Committed, or failed with `error` (its message and kind are kept)."""
         state = JobState.COMMITTED if error is None else JobState.FAILED
         self._exec(
-            "UPDATE jobs SET state = ?, finished_at = ?, error = ?, error_kind = ? WHERE id = ?",
+            "UPDATE jobs SET state = ?, finished_at = ?, error = ?, error_kind = ?, "
+            "note = NULL, next_attempt_at = NULL WHERE id = ?",
             (
                 state.value,
                 now,
@@ -213,6 +270,30 @@ class Journal:
 
     def mark_watch_seen(self, root: str, dest: str, job_id: str) -> None:
         self._exec("INSERT OR IGNORE INTO watch_seen VALUES (?,?,?)", (root, dest, job_id))
+
+    # -- receiver: replay memory (protocol.auth.ReplayMemory) --------------------------------
+    # Each write is durable once it returns (WAL: it survives the process being killed).
+    def auth_marks(self) -> dict[str, float]:
+        rows = self._exec("SELECT site, ts FROM auth_marks").fetchall()
+        return {str(site): float(ts) for site, ts in rows}
+
+    def set_auth_mark(self, site: str, ts: float) -> None:
+        self._exec(
+            "INSERT INTO auth_marks (site, ts) VALUES (?, ?) "
+            "ON CONFLICT(site) DO UPDATE SET ts = max(ts, excluded.ts)",
+            (site, ts),
+        )
+
+    def future_nonces(self, since: float) -> dict[str, float]:
+        """Nonces dated at or after `since` (older ones are dropped)."""
+        self._exec("DELETE FROM auth_future_nonces WHERE ts < ?", (since,))
+        rows = self._exec("SELECT nonce, ts FROM auth_future_nonces").fetchall()
+        return {str(n): float(ts) for n, ts in rows}
+
+    def add_future_nonce(self, nonce: str, ts: float) -> None:
+        self._exec(
+            "INSERT OR IGNORE INTO auth_future_nonces (nonce, ts) VALUES (?, ?)", (nonce, ts)
+        )
 
     # -- receiver: uploads ------------------------------------------------------------------
     def open_upload(self, intent: UploadIntent, source: str, now: float) -> bool:
@@ -237,12 +318,17 @@ class Journal:
         rows = self._exec("SELECT id FROM uploads WHERE state = ?", (state.value,)).fetchall()
         return [r[0] for r in rows]
 
-    def uploads_opened_before(self, before: float) -> list[str]:
-        rows = self._exec(
-            "SELECT id FROM uploads WHERE state = ? AND created_at < ?",
-            (UploadState.OPEN.value, before),
-        ).fetchall()
-        return [r[0] for r in rows]
+    def upload_opened_at(self, upload: str) -> float:
+        row = self._exec("SELECT created_at FROM uploads WHERE id = ?", (upload,)).fetchone()
+        return float(row[0]) if row else 0.0
+
+    def reopen_upload(self, upload: str, now: float) -> None:
+        """A failed (or expired) upload opened again by its sender: it starts over."""
+        self._exec(
+            "UPDATE uploads SET state = ?, created_at = ?, finished_at = NULL WHERE id = ?",
+            (UploadState.OPEN.value, now, upload),
+        )
+        self._exec("DELETE FROM received WHERE upload = ?", (upload,))
 
     def finish_upload(self, upload: str, state: UploadState, now: float) -> None:
         self._exec(
@@ -251,12 +337,31 @@ class Journal:
         )
         self._exec("DELETE FROM received WHERE upload = ?", (upload,))
 
-    def record_received(self, upload: str, targets: Iterable[ChunkTarget], digest: str) -> None:
+    def record_received(
+        self, upload: str, targets: Iterable[ChunkTarget], digest: str, in_place: bool = False
+    ) -> None:
+        """Staged at `targets`; `in_place`: not staged, the committed file at the upload's
+        destination already holds these bytes there (copied or linked at commit)."""
         self._many(
-            "INSERT OR REPLACE INTO received (upload, file_index, offset, length, hash) "
-            "VALUES (?,?,?,?,?)",
-            ((upload, t.file, t.offset, t.length, digest) for t in targets),
+            "INSERT OR REPLACE INTO received (upload, file_index, offset, length, hash, in_place)"
+            " VALUES (?,?,?,?,?,?)",
+            ((upload, t.file, t.offset, t.length, digest, int(in_place)) for t in targets),
         )
+
+    def in_place(self, upload: str) -> set[tuple[int, int]]:
+        """(file, offset) of the upload's chunks recorded in place (see record_received)."""
+        rows = self._exec(
+            "SELECT file_index, offset FROM received WHERE upload = ? AND in_place = 1", (upload,)
+        ).fetchall()
+        return {(int(f), int(o)) for f, o in rows}
+
+    def committed_at(self, path: str, offset: int, length: int, digest: str) -> bool:
+        """The committed file `path` holds chunk `digest` at `offset` (by the index)."""
+        row = self._exec(
+            "SELECT 1 FROM chunk_index WHERE path = ? AND offset = ? AND length = ? AND hash = ?",
+            (path, offset, length, digest),
+        ).fetchone()
+        return row is not None
 
     def forget_received(self, upload: str, locations: Iterable[tuple[int, int]]) -> None:
         self._many(
@@ -297,7 +402,7 @@ class Journal:
                     ((h, path, off, n) for h, off, n in chunks),
                 )
         except sqlite3.Error as exc:
-            raise StorageError(f"journal write failed: {exc}", path=self.path) from exc
+            raise _journal_error(exc, self.path) from exc
 
     def chunks_of(self, path: str) -> list[ChunkLocation]:
         """A committed file's chunks (from the index), in file order."""
@@ -311,6 +416,17 @@ class Journal:
             "DELETE FROM chunk_index WHERE path = ? OR substr(path, 1, ?) = ?",
             (prefix, len(prefix) + 1, prefix + "/"),
         )
+
+
+def _journal_error(exc: sqlite3.Error, path: Path) -> StorageError:
+    """A failed journal statement; a full disk says so (with ENOSPC), as staging errors do."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StorageError(
+            "journal write failed: no space left on the storage of the state dir",
+            path=path,
+            errno=errno.ENOSPC,
+        )
+    return StorageError(f"journal write failed: {exc}", path=path)
 
 
 def _job(row: tuple[Any, ...]) -> Job:

@@ -45,6 +45,11 @@ class Metrics:
             "peer",
         )  # fmt: skip
         # Refusals
+        self.channels_refused = counter(
+            "channels_refused",
+            "Data channels closed for a malformed frame (out of bounds, replayed sequence)",
+            "peer",
+        )
         self.integrity_failures = counter(
             "integrity_failures", "Chunks or files that failed verification", "peer", "side"
         )

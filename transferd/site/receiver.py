@@ -2,25 +2,31 @@
 atomically. The decisions (what is missing, which places a chunk fills, whether a manifest
 describes its upload) are `protocol.upload`'s; this module does the site's I/O around them.
 
-`open` checks policy and stages files at full size; `have` answers which chunks must still
-cross the wire, filling the rest from bytes this site already holds (an earlier upload, or a
-committed file: delta replication); `verify_and_write` checks a body against its signed blake3
-and its content address before writing it; a commit verifies the manifest signature (the model
-checks that the chunk list tiles each file and has the signed file digest as its Merkle root),
-that every chunk of every file was received with the manifest's hash, then renames into
-place. A chunk verified in memory and written by this process is not hashed again; one staged
-before a restart (its bytes may not have reached the disk before a crash) is read back and
-re-hashed at commit, and fetched again when it does not match. State lives in the journal, so a
-receiver killed at any moment answers the resumed sender's `have` with exactly what it still
-lacks.
+`open` checks policy and that the files which change could fit (a lower bound: their sizes against
+the free space); a staged file is made and its space reserved when its first bytes arrive. `have`
+answers which chunks must still cross the wire: a chunk that the committed file at the upload's
+destination already holds at the same offset is recorded "in place" (an unchanged file is kept, or
+hard-linked into a folder's new tree, at commit: re-sending it needs no space and moves no bytes);
+the rest are filled from bytes this site holds elsewhere (an earlier upload, or another committed
+file: delta replication) or wanted. `verify_and_write` checks a body against its signed blake3 and
+its content address before writing it; a commit verifies the manifest signature (the model checks
+that the chunk list tiles each file and has the signed file digest as its Merkle root), that every
+chunk of every file was received with the manifest's hash, then renames into place. A chunk
+verified in memory and written by this process is not hashed again; one staged before a restart
+(its bytes may not have reached the disk before a crash) is read back and re-hashed at commit, and
+fetched again when it does not match. State lives in the journal, so a receiver killed at any
+moment answers the resumed sender's `have` with exactly what it still lacks.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
+import shutil
 import threading
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import pyarrow as pa
 
@@ -41,6 +47,7 @@ from transferd.protocol.upload import (
     check_intent,
     check_manifest,
     chunk_targets,
+    destination,
     member_paths,
     missing,
 )
@@ -54,6 +61,10 @@ from transferd.site.storage import LocalStorage, SiteStorage
 __all__ = ["Receiver"]
 
 log = logging.getLogger("transferd.receiver")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 class Receiver:
@@ -80,6 +91,9 @@ class Receiver:
         # other staged chunk is read back and re-hashed at commit.
         self._verified: dict[str, set[tuple[int, int]]] = {}
         self._verified_lock = threading.Lock()
+        # Uploads failed or given up by this process: refused even when the journal could not
+        # record it (its disk full), so no late chunk makes their staging again.
+        self._given_up: set[str] = set()
 
     # -- open --------------------------------------------------------------------------------
     def open(self, intent: UploadIntent, peer: str, now: float) -> bool:
@@ -97,19 +111,44 @@ class Receiver:
                 raise ProtocolError(f"upload id {intent.upload} reused for different content")
             if known.state is UploadState.COMMITTED:
                 return True
-            if known.state is UploadState.FAILED:
-                raise StorageError(f"upload {intent.upload} failed earlier; start a new job")
         staging = self._staging_for(intent)
         try:
+            self._check_space(intent, staging)
             staging.create()
         except StorageError:
-            # E.g. no space for the files: give back what was reserved, record nothing.
+            # E.g. no space for the files: give back what was staged, record nothing new.
             self._staging.pop(intent.upload, None)
             staging.discard()
             raise
+        again = intent.upload in self._given_up
+        self._given_up.discard(intent.upload)
         if known is None:
             self.journal.open_upload(intent, peer, now)
+        elif known.state is UploadState.FAILED or again:
+            # Failed here (or reclaimed for age) and opened again by its sender: start over.
+            self.journal.reopen_upload(intent.upload, now)
+            log.info("upload.reopened", extra={"fields": {"upload": intent.upload}})
         return False
+
+    def _check_space(self, intent: UploadIntent, staging: Staging) -> None:
+        """Refuse at once an upload whose changing files cannot fit: a lower bound, counting
+        only files that are not staged yet and whose destination differs in size (a file of
+        the same size may be unchanged: `have` finds out, and it then needs nothing)."""
+        need = sum(
+            spec.size
+            for i, spec in enumerate(intent.files)
+            if not staging.exists(i) and self.storage.size(destination(intent, i)) != spec.size
+        )
+        if need == 0:
+            return
+        free = self.storage.free_bytes()
+        if need > free:
+            raise StorageError(
+                "no space left on the receiver's storage: the upload needs at least "
+                f"{_mib(need)} for the files that change, {_mib(free)} free",
+                path=intent.root,
+                errno=errno.ENOSPC,
+            )
 
     def _staging_for(self, intent: UploadIntent) -> Staging:
         staging = self._staging.get(intent.upload)
@@ -127,6 +166,8 @@ class Receiver:
         known = self.journal.upload(upload)
         if known is None or known.source != peer:
             raise ProtocolError(f"unknown upload {upload[:128]!r}")
+        if upload in self._given_up:
+            raise ProtocolError(f"upload {upload} failed here; open it again to start over")
         if known.state is not UploadState.OPEN:
             raise ProtocolError(f"upload {upload} is already {known.state.value}")
         self._staging_for(known.intent)
@@ -147,7 +188,13 @@ class Receiver:
         def held_here(digest: str, length: int) -> bool:
             return any(True for _ in self.journal.find_chunk(digest, length))
 
-        return answer_have(intent, self.journal.received(upload), request, held_here)
+        return answer_have(
+            intent,
+            self.journal.received(upload),
+            request,
+            held_here,
+            in_place=self.journal.committed_at,
+        )
 
     def fill_local(self, upload: str, digest: str, targets: Sequence[ChunkTarget]) -> bool:
         """Copy a chunk this site already holds into the upload's staging (verifying its hash:
@@ -195,19 +242,29 @@ class Receiver:
         body_hash = blake3_hex(body)
         if body_hash != declared_body_blake3:
             raise IntegrityError(
-                "chunk body damaged in flight (blake3 does not match its header)"
+                "chunk body damaged in flight (blake3 does not match its header)",
+                transient=True,
             )
         raw = decode_body(body, encoding, raw_length)
         raw_hash = body_hash if encoding == "identity" else blake3_hex(raw)
         if raw_hash != digest:
-            raise IntegrityError(f"chunk bytes do not hash to their address {digest[:16]}")
+            # The sender checks its source before sending again.
+            raise IntegrityError(
+                f"chunk bytes do not hash to their address {digest[:16]}", transient=True
+            )
         staging = self._staging[upload]
         for t in targets:
             staging.write(t.file, t.offset, raw)
         self._mark_verified(upload, targets)
 
-    def record(self, upload: str, targets: Sequence[ChunkTarget], digest: str) -> None:
-        self.journal.record_received(upload, targets, digest)
+    def record(
+        self, upload: str, targets: Sequence[ChunkTarget], digest: str, in_place: bool = False
+    ) -> None:
+        self.journal.record_received(upload, targets, digest, in_place)
+
+    def in_place(self, upload: str) -> set[tuple[int, int]]:
+        """The upload's chunks recorded in place (read on the loop, for the commit threads)."""
+        return self.journal.in_place(upload)
 
     def _mark_verified(self, upload: str, targets: Sequence[tuple[int, int, int]]) -> None:
         with self._verified_lock:
@@ -222,16 +279,32 @@ class Receiver:
     def missing(self, upload: str, manifest: Manifest) -> list[tuple[int, int]]:
         return missing(manifest, self.journal.received(upload))
 
-    def verify_files(self, upload: str, manifest: Manifest) -> list[tuple[int, int]]:
+    def verify_files(
+        self,
+        upload: str,
+        manifest: Manifest,
+        in_place: AbstractSet[tuple[int, int]] = frozenset(),
+    ) -> list[tuple[int, int]]:
         """Thread: re-hash the staged chunks this process did not verify itself (staged before
-        a restart) and return those that no longer match (`forget` them: they are sent again).
-        The chunk list's tiling and Merkle root were checked when the manifest was parsed."""
+        a restart) and the chunks recorded in place (read from the committed destination,
+        which may have changed since it was indexed); return those that no longer match
+        (`forget` them: they are sent again). The chunk list's tiling and Merkle root were
+        checked when the manifest was parsed."""
         staging = self._staging[upload]
         with self._verified_lock:
             verified = set(self._verified.get(upload, ()))
         bad: list[tuple[int, int]] = []
         for i, f in enumerate(manifest.files):
-            todo = [(h, off, n) for h, off, n in f.chunks if (i, off) not in verified]
+            kept = [(h, off, n) for h, off, n in f.chunks if (i, off) in in_place]
+            dest = f"{manifest.root}/{f.path}" if f.path else manifest.root
+            for digest, off, n in kept:
+                if blake3_hex(self.storage.read_range(dest, off, n)) != digest:
+                    bad.append((i, off))
+            todo = [
+                (h, off, n)
+                for h, off, n in f.chunks
+                if (i, off) not in verified and (i, off) not in in_place
+            ]
             if not todo:
                 continue
             try:
@@ -251,9 +324,37 @@ class Receiver:
     def forget(self, upload: str, chunks: Sequence[tuple[int, int]]) -> None:
         self.journal.forget_received(upload, chunks)
 
-    def commit_files(self, upload: str, manifest: Manifest) -> None:
-        """Thread: fsync + rename into place."""
-        self.storage.commit(self._staging[upload], manifest.root)
+    def commit_files(
+        self,
+        upload: str,
+        manifest: Manifest,
+        in_place: AbstractSet[tuple[int, int]] = frozenset(),
+    ) -> None:
+        """Thread: put the chunks recorded in place into the staged files that need them,
+        keep (a single file) or hard-link (a folder's member) every file that is unchanged,
+        then fsync + rename into place."""
+        staging = self._staging[upload]
+        unchanged_file = False
+        for i, f in enumerate(manifest.files):
+            dest = f"{manifest.root}/{f.path}" if f.path else manifest.root
+            kept = [(h, off, n) for h, off, n in f.chunks if (i, off) in in_place]
+            whole = len(kept) == len(f.chunks) and self.storage.size(dest) == f.size
+            if whole and not staging.exists(i):
+                if manifest.kind == "file":
+                    unchanged_file = True
+                else:
+                    self.storage.link_into(dest, staging.member_path(i))
+                continue
+            staging.reserve(i)  # also an empty file, or one whose destination is gone
+            for digest, off, n in kept:
+                data = self.storage.read_range(dest, off, n)
+                if blake3_hex(data) != digest:
+                    raise IntegrityError(
+                        f"{dest} changed during its commit", path=dest, transient=True
+                    )
+                staging.write(i, off, data)
+        if not unchanged_file:
+            self.storage.commit(staging, manifest.root)
 
     def after_commit(self, upload: str, manifest: Manifest, now: float) -> None:
         """Index the committed chunks (for delta replication) and update a checkpoint run."""
@@ -304,12 +405,27 @@ class Receiver:
         return batches
 
     def fail(self, upload: str, now: float) -> None:
+        """The upload failed (or was given up): its staging goes, whatever this process
+        knows of it."""
+        self._given_up.add(upload)
         with self._verified_lock:
             self._verified.pop(upload, None)
         staging = self._staging.pop(upload, None)
         if staging is not None:
             staging.discard()
+        elif "/" not in upload and upload not in (".", ".."):
+            shutil.rmtree(self.storage.staging_root / upload, ignore_errors=True)
         self.journal.finish_upload(upload, UploadState.FAILED, now)
+
+    def abort(self, upload: str, peer: str, now: float) -> bool:
+        """`peer` gave up its open upload: True when there was one to give back."""
+        known = self.journal.upload(upload)
+        if known is None or known.source != peer:
+            return False
+        if known.state is not UploadState.OPEN and upload not in self._given_up:
+            return False
+        self.fail(upload, now)
+        return True
 
     def close(self) -> None:
         for staging in self._staging.values():

@@ -47,9 +47,15 @@ class SourceFile:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        st = os.fstat(self._fd)
+        try:
+            st = os.fstat(self._fd)
+        except OSError:
+            os.close(self._fd)
+            raise
         self.size = st.st_size
         self.mtime_ns = st.st_mtime_ns
+        # Identity, for the hard-link policy (storage.LocalStorage.open_source).
+        self.dev, self.inode, self.nlink = st.st_dev, st.st_ino, st.st_nlink
 
     def fileno(self) -> int:
         """The open file (data channels `sendfile` chunks from a dup of it)."""

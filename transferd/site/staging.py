@@ -1,5 +1,8 @@
 """The staged files of one upload, written chunk by chunk at their offsets (pwrite, O_DIRECT
-where aligned), reserved at full size when the upload opens, fsync'ed before commit.
+where aligned), fsync'ed before commit. A member file is made and its space reserved at full
+size (posix_fallocate) when the first bytes for it arrive, so a full disk fails the upload at
+that file's first chunk rather than mid-way, and a file that needs no new bytes (its
+destination already holds them) costs no space at all.
 
 `os_errors` turns an OSError into a StorageError that says what failed and why (ENOSPC:
 "no space left on the receiver's storage"), with its errno; every storage backend maps its
@@ -12,6 +15,7 @@ import ctypes
 import errno
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,6 +57,12 @@ class Staging:
     # guest memory lazily), no writeback left for the fsync at commit. Used for aligned chunks
     # from aligned buffers; anything else, or a filesystem that refuses it, writes buffered.
     direct: bool = hasattr(os, "O_DIRECT")
+    # Writes run on worker threads while the upload may be given up (a full disk, an abort):
+    # a discarded staging makes no file again, and its descriptors close when the last write
+    # in flight is done (never under a write: the number could be reused by another file).
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _writing: int = 0
+    _discarded: bool = False
 
     def member_path(self, index: int) -> Path:
         return self.dir / "file" if self.kind == "file" else self.dir / "tree" / self.members[index]
@@ -62,44 +72,75 @@ class Staging:
         return self.dir / "file" if self.kind == "file" else self.dir / "tree"
 
     def create(self) -> None:
-        """Create (or reopen, after a restart) the staged files at their full size."""
+        """Create (or find, after a restart) the upload's staging folder. Member files are
+        made when their first bytes arrive (`reserve`)."""
         try:
-            for i, size in enumerate(self.sizes):
-                path = self.member_path(i)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = self._fd(i)
-                if os.fstat(fd).st_size != size:
-                    # Reserve the space now, so a full disk fails the upload at open, not mid-way.
-                    if size and hasattr(os, "posix_fallocate"):
-                        os.posix_fallocate(fd, 0, size)
-                    os.ftruncate(fd, size)
+            self.payload_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            self.close()
             raise storage_error("staging", exc, self.dir) from exc
+
+    def exists(self, index: int) -> bool:
+        """Member `index` has a staged file (some of its bytes arrived or were copied)."""
+        return index in self._fds or self.member_path(index).exists()
+
+    def reserve(self, index: int) -> None:
+        """Make member `index` at its full size, its space reserved (StorageError: no space)."""
+        try:
+            with self._lock:
+                self._live()
+                self._fd(index)
+        except OSError as exc:
+            raise storage_error("staging", exc, self.dir) from exc
+
+    def _live(self) -> None:
+        if self._discarded:
+            raise StorageError("the upload was given up", path=self.dir)
 
     def _fd(self, index: int) -> int:
         fd = self._fds.get(index)
         if fd is None:
-            fd = os.open(
-                self.member_path(index), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
-            )
+            path = self.member_path(index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                size = self.sizes[index]
+                if os.fstat(fd).st_size != size:
+                    # The whole file's space now: a full disk fails at its first chunk.
+                    if size and hasattr(os, "posix_fallocate"):
+                        os.posix_fallocate(fd, 0, size)
+                    os.ftruncate(fd, size)
+            except OSError:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
             self._fds[index] = fd
         return fd
 
     def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         try:
-            if self.direct and _direct_ok(offset, view):
-                fd = self._direct_fd(index)
-                if fd is not None:
+            with self._lock:
+                self._live()
+                self._writing += 1
+                fd = self._fd(index)  # made and reserved at its first bytes
+                direct = (
+                    self._direct_fd(index) if self.direct and _direct_ok(offset, view) else None
+                )
+            try:
+                if direct is not None:
                     try:
-                        _pwrite_all(fd, view, offset)
+                        _pwrite_all(direct, view, offset)
                         return
                     except OSError as exc:
                         if exc.errno != errno.EINVAL:
                             raise
                         self.direct = False  # alignment rules differ here: buffered from now on
-            _pwrite_all(self._fd(index), view, offset)
+                _pwrite_all(fd, view, offset)
+            finally:
+                with self._lock:
+                    self._writing -= 1
+                    if self._discarded and not self._writing:
+                        self._close_fds()
         except OSError as exc:
             raise storage_error("writing a chunk", exc, self.dir) from exc
 
@@ -116,25 +157,38 @@ class Staging:
 
     def read(self, index: int, offset: int, length: int) -> bytes:
         try:
-            return os.pread(self._fd(index), length, offset)
+            with self._lock:  # a local copy: rare, and never under a closing descriptor
+                self._live()
+                return os.pread(self._fd(index), length, offset)
         except OSError as exc:
             raise storage_error("reading staged data", exc, self.dir) from exc
 
     def sync(self) -> None:
+        """fsync every member file, making those no bytes were written to (empty files)."""
         try:
-            for i in range(len(self.sizes)):
-                os.fsync(self._fd(i))
+            with self._lock:
+                self._live()
+                for i in range(len(self.sizes)):
+                    os.fsync(self._fd(i))
         except OSError as exc:
             raise storage_error("fsync of staged files", exc, self.dir) from exc
 
     def close(self) -> None:
+        with self._lock:
+            self._close_fds()
+
+    def _close_fds(self) -> None:
         for fd in [*self._fds.values(), *self._direct_fds.values()]:
             os.close(fd)
         self._fds.clear()
         self._direct_fds.clear()
 
     def discard(self) -> None:
-        self.close()
+        """Give the staged files back; writes still in flight finish on unlinked files."""
+        with self._lock:
+            self._discarded = True
+            if not self._writing:
+                self._close_fds()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

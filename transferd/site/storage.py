@@ -4,10 +4,19 @@ Two backends behind one small interface, chosen by data_dir: `LocalStorage` (a p
 pwrite staging on the same filesystem, fsync + rename commit) and `FsspecStorage` (any fsspec URL:
 staging on local disk in state_dir, then put to a partial name and move into place). Staging and
 commit never expose a partial file at the final path; OSError becomes StorageError here.
+
+On a local data_dir every path goes through `confine`, which applies the policy on where it
+resolves (`protocol.policy.check_resolved`: symlinks are followed, and a path outside raw/ that
+leads into raw/ or out of the tier folders is refused). A file opened to be sent is checked
+again through its open descriptor (what is read is what was checked) and for hard links to
+raw/ data; a commit renames into a parent directory opened and checked the same way.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -17,8 +26,13 @@ from typing import Any, Protocol
 
 import fsspec
 
-from transferd.errors import PolicyViolation, StorageError
-from transferd.protocol.policy import normalize_rel_path
+from transferd.errors import ConfigError, PolicyViolation, StorageError
+from transferd.protocol.policy import (
+    check_not_raw_inode,
+    check_resolved,
+    normalize_rel_path,
+    top_folder,
+)
 from transferd.site.source import SourceFile
 from transferd.site.staging import Staging, os_errors, storage_error
 
@@ -28,8 +42,11 @@ __all__ = [
     "SiteStorage",
     "Source",
     "confine",
+    "exchange",
     "open_storage",
 ]
+
+log = logging.getLogger("transferd.storage")
 
 
 class Source(Protocol):
@@ -80,6 +97,20 @@ class SiteStorage(Protocol):
         ...
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes: ...
+
+    def size(self, rel: str) -> int | None:
+        """The size of the file at `rel`, None when there is no file there."""
+        ...
+
+    def link_into(self, rel: str, staged: Path) -> None:
+        """Put the committed file `rel` at the local staging path `staged` without copying
+        when the backend can (a hard link), by copying otherwise."""
+        ...
+
+    def free_bytes(self) -> int:
+        """Free space where uploads are staged."""
+        ...
+
     def list_dir(self, rel: str) -> list[str]: ...
     def write_text_atomic(self, rel: str, text: str) -> None: ...
     def read_text(self, rel: str) -> str | None: ...
@@ -87,19 +118,73 @@ class SiteStorage(Protocol):
     def newest_mtime(self, rel: str) -> float: ...
 
 
-def confine(root: Path, rel_path: str) -> Path:
-    """The local path for `rel_path` under `root`, refusing symlinks that lead outside root.
+def _relative(real_root: str, real: str) -> str | None:
+    """`real` relative to `real_root` in POSIX form ("" for the root), None when outside."""
+    if real == real_root:
+        return ""
+    prefix = real_root.rstrip(os.sep) + os.sep
+    return real[len(prefix) :].replace(os.sep, "/") if real.startswith(prefix) else None
 
-    The path need not exist; its deepest existing ancestor is resolved (symlinks followed) and must
-    stay under the resolved root.
+
+def confine(root: Path, rel_path: str, *, follow: bool = True) -> Path:
+    """The local path of `rel_path` under `root`, after the policy on where it resolves.
+
+    The path need not exist: the part that exists is resolved (symlinks followed). With
+    `follow=False` only its parent is resolved: for acting on the entry itself (renaming onto
+    it, removing it), which never goes through a link in the last component.
     """
     rel = normalize_rel_path(rel_path)
-    real_root = Path(os.path.realpath(root))
-    candidate = real_root / rel
-    resolved = Path(os.path.realpath(candidate))
-    if resolved != real_root and real_root not in resolved.parents:
-        raise PolicyViolation(f"path leads outside data_dir through a symlink: {rel!r}", path=rel)
+    real_root = os.path.realpath(root)
+    candidate = Path(real_root) / rel
+    if follow:
+        check_resolved(rel, _relative(real_root, os.path.realpath(candidate)))
+    elif "/" in rel:
+        parent = rel.rsplit("/", 1)[0]
+        check_resolved(parent, _relative(real_root, os.path.realpath(candidate.parent)))
     return candidate
+
+
+def _fd_path(fd: int, fallback: Path) -> str:
+    """Where an open file or directory really is (Linux: /proc/self/fd, immune to a link
+    swapped after the open); elsewhere the resolved path it was opened by."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(fallback)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _load_renameat2() -> object | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def exchange(src: Path, dst_dir_fd: int, dst: str) -> bool:
+    """Swap `src` and the entry `dst` in the folder `dst_dir_fd` in one step (Linux
+    renameat2 RENAME_EXCHANGE): a reader sees the old or the new, never neither. False when
+    this system or filesystem cannot; OSError for anything else."""
+    if _renameat2 is None:
+        return False
+    rc = _renameat2(  # type: ignore[operator]
+        _AT_FDCWD, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_EXCHANGE
+    )
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(src))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -116,64 +201,193 @@ class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.staging_root = root / ".transferd" / "staging"
+        self._warned_exchange = False
         with os_errors("creating data_dir", root):
             self.staging_root.mkdir(parents=True, exist_ok=True)
 
-    def path(self, rel: str) -> Path:
-        return confine(self.root, rel)
+    def path(self, rel: str, *, follow: bool = True) -> Path:
+        return confine(self.root, rel, follow=follow)
 
     def check_path(self, rel: str) -> None:
         self.path(rel)
 
     def open_source(self, rel: str) -> Source:
+        """A file to send, checked through its open descriptor: where it really is, and
+        whether its inode also has a name under raw/ (a hard link)."""
+        path = self.path(rel)
         with os_errors(f"opening {rel}", rel):
-            return SourceFile(str(self.path(rel)))
+            source = SourceFile(str(path))
+        try:
+            real_root = os.path.realpath(self.root)
+            check_resolved(rel, _relative(real_root, _fd_path(source.fileno(), path)))
+            if source.nlink > 1:
+                key = (source.dev, source.inode)
+                check_not_raw_inode(rel, self._raw_names({key}).get(key))
+        except BaseException:
+            source.close()
+            raise
+        return source
+
+    def _raw_names(self, inodes: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
+        """A name under raw/ for each of `inodes` (device, inode) that has one. One walk of
+        raw/ by directory entries (the inode number comes with readdir; only candidates are
+        stat'ed), done only for files with more than one link."""
+        found: dict[tuple[int, int], str] = {}
+        numbers = {ino for _dev, ino in inodes}
+        raw = Path(os.path.realpath(self.root)) / "raw"
+        stack = [raw]
+        while stack and len(found) < len(inodes):
+            top = stack.pop()
+            try:
+                entries = list(os.scandir(top))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                    elif entry.inode() in numbers and entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        if (st.st_dev, st.st_ino) in inodes:
+                            name = Path(entry.path).relative_to(raw).as_posix()
+                            found[(st.st_dev, st.st_ino)] = f"raw/{name}"
+                except OSError:
+                    continue
+        return found
 
     def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
         """('file', [('', size)]) or ('folder', [(member, size), ...]) in sorted order."""
         path = self.path(rel)
         with os_errors(f"listing {rel}", rel):
             if path.is_file():
-                return "file", [("", path.stat().st_size)]
+                st = path.stat()
+                if st.st_nlink > 1:
+                    key = (st.st_dev, st.st_ino)
+                    check_not_raw_inode(rel, self._raw_names({key}).get(key))
+                return "file", [("", st.st_size)]
             if not path.is_dir():
                 raise StorageError(f"{rel} does not exist at this site", path=rel)
             members: list[tuple[str, int]] = []
+            linked: dict[tuple[int, int], str] = {}  # hard-linked members: checked for raw/
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames.sort()
                 for name in sorted(filenames):
                     full = Path(dirpath) / name
                     member = full.relative_to(path).as_posix()
-                    self.path(f"{rel}/{member}")  # symlinks leading out are refused here
-                    members.append((member, full.stat().st_size))
+                    self.path(f"{rel}/{member}")  # links into raw/ or out are refused here
+                    st = full.stat()
+                    members.append((member, st.st_size))
+                    if st.st_nlink > 1:
+                        linked[(st.st_dev, st.st_ino)] = f"{rel}/{member}"
             if not members:
                 raise StorageError(f"{rel} is an empty folder", path=rel)
-            return "folder", sorted(members)  # by member path, as every backend lists them
+        if linked and top_folder(rel) != "raw":
+            for key, raw_name in self._raw_names(set(linked)).items():
+                check_not_raw_inode(linked[key], raw_name)
+        return "folder", sorted(members)  # by member path, as every backend lists them
 
     def exists(self, rel: str) -> bool:
         return self.path(rel).exists()
 
     def commit(self, staging: Staging, rel: str) -> None:
         final = self.path(rel)
+        parent_rel, _, name = normalize_rel_path(rel).rpartition("/")
         with os_errors(f"committing {rel}", rel):
             staging.sync()
             staging.close()
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if staging.kind == "file":
-                os.replace(staging.payload_path, final)
-            else:
-                for dirpath, _dirs, _files in os.walk(staging.payload_path):
-                    _fsync_dir(Path(dirpath))
-                old = staging.dir / "replaced"
-                if final.exists():
-                    os.rename(final, old)
-                os.rename(staging.payload_path, final)
-                shutil.rmtree(old, ignore_errors=True)
-            _fsync_dir(final.parent)
+            parent = self._open_dir(parent_rel)
+            try:
+                if staging.kind == "file":
+                    os.replace(staging.payload_path, name, dst_dir_fd=parent)
+                else:
+                    for dirpath, _dirs, _files in os.walk(staging.payload_path):
+                        _fsync_dir(Path(dirpath))
+                    self._swap_in(staging, parent, name, final)
+                os.fsync(parent)
+            finally:
+                os.close(parent)
+
+    def _swap_in(self, staging: Staging, parent: int, name: str, final: Path) -> None:
+        """Put the staged folder at `name`: one exchange when something is there (a re-commit
+        is never seen missing: a reader polling the folder, or LATEST naming a step, finds the
+        old or the new), one rename when not. Where the filesystem cannot exchange, the old
+        copy is renamed away first (a moment with neither; logged once)."""
+        payload = staging.payload_path
+        try:
+            os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(payload, name, dst_dir_fd=parent)
+            return
+        if exchange(payload, parent, name):
+            old = payload  # the exchange left the old copy where the new one was staged
+        else:
+            if not self._warned_exchange:
+                self._warned_exchange = True
+                log.warning(
+                    "commit.no_exchange",
+                    extra={"fields": {"path": str(final), "reason": "no renameat2 exchange"}},
+                )
+            old = staging.dir / "replaced"
+            os.rename(name, old, src_dir_fd=parent)
+            os.rename(payload, name, dst_dir_fd=parent)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+    def _open_dir(self, rel_dir: str) -> int:
+        """A descriptor of the folder `rel_dir` ("": data_dir), made if missing, after the
+        policy on where the opened folder really is: a rename into it lands where was checked,
+        whatever links change meanwhile."""
+        real_root = os.path.realpath(self.root)
+        flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(real_root, flags)
+        try:
+            for part in rel_dir.split("/") if rel_dir else []:
+                try:
+                    step = os.open(part, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    with suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    step = os.open(part, flags | getattr(os, "O_NOFOLLOW", 0), dir_fd=fd)
+                os.close(fd)
+                fd = step
+            if rel_dir:
+                real = _fd_path(fd, Path(real_root) / rel_dir)
+                check_resolved(rel_dir, _relative(real_root, real))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
         with os_errors(f"reading {rel}", rel), open(self.path(rel), "rb") as fh:
             fh.seek(offset)
             return fh.read(length)
+
+    def size(self, rel: str) -> int | None:
+        path = self.path(rel)
+        with os_errors(f"reading {rel}", rel):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return None
+        return st.st_size if path.is_file() else None
+
+    def link_into(self, rel: str, staged: Path) -> None:
+        path = self.path(rel)
+        with os_errors(f"keeping {rel}", rel):
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, staged)  # same filesystem: staging lives inside data_dir
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                shutil.copyfile(path, staged)
+
+    def free_bytes(self) -> int:
+        with os_errors("checking free space", self.staging_root):
+            return shutil.disk_usage(self.staging_root).free
 
     def list_dir(self, rel: str) -> list[str]:
         with os_errors(f"listing {rel}", rel), suppress(FileNotFoundError):
@@ -184,15 +398,25 @@ class LocalStorage:
         return self.path(rel).is_dir()
 
     def write_text_atomic(self, rel: str, text: str) -> None:
-        final = self.path(rel)
-        tmp = final.with_name(f".{final.name}.transferd-tmp")
+        self.path(rel)  # a link at `rel` itself is replaced, never written through
+        parent_rel, _, name = normalize_rel_path(rel).rpartition("/")
+        tmp = f".{name}.transferd-tmp"
         with os_errors(f"writing {rel}", rel):
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            parent = self._open_dir(parent_rel)
+            try:
+                # A fresh file: never through a link or a second name left at the temp name.
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=parent)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                fd = os.open(tmp, flags | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=parent)
+                with open(fd, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                os.fsync(parent)
+            finally:
+                os.close(parent)
 
     def read_text(self, rel: str) -> str | None:
         with os_errors(f"reading {rel}", rel), suppress(FileNotFoundError):
@@ -200,11 +424,13 @@ class LocalStorage:
         return None
 
     def remove_tree(self, rel: str) -> None:
-        path = self.path(rel)
+        """Remove the file or folder at `rel`; a link there is removed itself, never what it
+        points to."""
+        path = self.path(rel, follow=False)
         with os_errors(f"removing {rel}", rel):
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
-            elif path.exists():
+            elif path.is_symlink() or path.exists():
                 path.unlink()
 
     def newest_mtime(self, rel: str) -> float:
@@ -225,8 +451,15 @@ class FsspecStorage:
     def __init__(self, url: str, storage_options: dict[str, Any], state_dir: Path) -> None:
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
-        except (ValueError, ImportError, OSError) as exc:
-            raise StorageError(f"data_dir {url!r}: {exc}") from exc
+        except ImportError as exc:
+            raise StorageError(f"{url!r} needs a package that is not installed: {exc}") from exc
+        except (ValueError, TypeError, OSError) as exc:
+            known = ", ".join(sorted(fsspec.available_protocols())[:12])
+            raise StorageError(
+                f"{url!r}: {exc} (known protocols include: {known}, ...)"
+                if "protocol" in str(exc).lower()
+                else f"{url!r}: {exc}"
+            ) from exc
         self.root = root.rstrip("/")
         self.staging_root = state_dir / "staging"
         self.staging_root.mkdir(parents=True, exist_ok=True)
@@ -288,6 +521,20 @@ class FsspecStorage:
         with os_errors(f"reading {rel}", rel):
             return bytes(self.fs.cat_file(self.path(rel), start=offset, end=offset + length))
 
+    def size(self, rel: str) -> int | None:
+        with os_errors(f"reading {rel}", rel):
+            path = self.path(rel)
+            return int(self.fs.size(path)) if self.fs.isfile(path) else None
+
+    def link_into(self, rel: str, staged: Path) -> None:
+        with os_errors(f"keeping {rel}", rel):
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(self.path(rel), str(staged))
+
+    def free_bytes(self) -> int:
+        with os_errors("checking free space", self.staging_root):
+            return shutil.disk_usage(self.staging_root).free
+
     def list_dir(self, rel: str) -> list[str]:
         with os_errors(f"listing {rel}", rel), suppress(FileNotFoundError):
             listed = self.fs.ls(self.path(rel), detail=False)
@@ -327,6 +574,15 @@ class FsspecStorage:
 def open_storage(
     data_dir_is_local: bool, data_path: Path, url: str, options: dict[str, Any], state_dir: Path
 ) -> SiteStorage:
-    if data_dir_is_local:
-        return LocalStorage(data_path)
-    return FsspecStorage(url, options, state_dir)
+    """The storage a site config names; a data_dir that cannot be used is a ConfigError naming
+    `data_dir` (exit 2: the config is wrong, nothing failed to transfer)."""
+    try:
+        if data_dir_is_local:
+            if data_path.exists() and not data_path.is_dir():
+                raise ConfigError(
+                    f"data_dir: {data_path} is a file, not a folder", field="data_dir"
+                )
+            return LocalStorage(data_path)
+        return FsspecStorage(url, options, state_dir)
+    except StorageError as exc:
+        raise ConfigError(f"data_dir: {exc.message}", field="data_dir") from exc
