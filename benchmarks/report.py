@@ -68,6 +68,12 @@ def medians(doc: dict[str, Any]) -> list[dict[str, Any]]:
             row[key] = _median(r.get(key) for r in ok)
         for key in ("daemon_p50_ms", "daemon_p99_ms", "echo_p50_ms", "echo_p99_ms"):
             row[key] = _median((r.get("messages") or {}).get(key) for r in ok)
+        # Event-loop ticks 50 ms or more late, summed over both daemons: median over the runs.
+        row["loop_late_50ms"] = _median(
+            sum((v or {}).get("late_50ms", 0) for v in lag.values()) if lag else None
+            for r in ok
+            for lag in [(r.get("messages") or {}).get("loop_late")]
+        )
         rss = [max(r["peak_rss_mib"].values()) for r in ok if r.get("peak_rss_mib")]
         row["peak_rss_mib"] = max(rss) if rss else None
         errors = sorted({r["error"] for r in runs if r.get("error")})
@@ -103,6 +109,9 @@ def ratios(doc: dict[str, Any], subject: str = "transferd") -> list[str]:
         if row["echo_p99_ms"] is not None:
             line += (f"; a bare TCP echo under the same load {_fmt(row['echo_p50_ms'], '.1f')}/"
                      f"{_fmt(row['echo_p99_ms'], '.1f')} ms")
+        if row["loop_late_50ms"] is not None:
+            line += (f"; the daemons' event loops ran {row['loop_late_50ms']:.0f} timer ticks "
+                     "50 ms or more late")
         out.append(line)
     return out
 

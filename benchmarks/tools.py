@@ -303,6 +303,34 @@ for line in text.splitlines():
 """
 
 
+_LAG_PROBE = """
+import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+for line in text.splitlines():
+    if line.startswith("transferd_event_loop_lag_seconds_"):
+        print(line.rsplit(" ", 1)[0].replace(" ", ""), line.rsplit(" ", 1)[1])
+"""
+LAG_MARKS_S = ("0.02", "0.05", "0.1")
+
+
+def _loop_late(lab: Lab, site: str, port: int) -> dict[str, int] | None:
+    """From a daemon's /metrics: how many 10 ms timer ticks of its event loop ran 20, 50 and
+    100 ms or more late over the daemon's life (transferd_event_loop_lag_seconds), and the
+    ticks in all; None for a transferd without the metric."""
+    done = subprocess.run(lab.in_site(site, [sys.executable, "-c", _LAG_PROBE,
+                                             f"http://{lab.addr(site)}:{port}/metrics"]),
+                          capture_output=True, text=True, timeout=30, check=False)
+    found = dict(line.split() for line in done.stdout.splitlines() if line.count(" ") == 1)
+    total = found.get("transferd_event_loop_lag_seconds_count")
+    if total is None:
+        return None
+    out = {"ticks": int(float(total))}
+    for mark in LAG_MARKS_S:
+        below = float(found.get(f'transferd_event_loop_lag_seconds_bucket{{le="{mark}"}}', total))
+        out[f"late_{round(float(mark) * 1000)}ms"] = int(float(total) - below)
+    return out
+
+
 def _daemon_counters(lab: Lab, site: str, port: int, peer: str) -> dict[str, int]:
     """From the sending daemon's /metrics after the run: the data channels it opened to `peer`
     (reused channels: the streams it used) and the chunks it sent again after a channel
@@ -427,11 +455,14 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
                            env=python_env(), log_dir=lab.workdir, name=tool)
         bulk_done_at = time.time()
         channels = _daemon_counters(lab, ctx.src, TRANSFERD_PORTS[0], ctx.dst)
+        loop_late: dict[str, dict[str, int] | None] = {}
         if driver is not None:
             try:
                 driver.wait(120)
             except subprocess.TimeoutExpired as exc:
                 raise ToolError(tool, "interactive messages did not finish in 120 s") from exc
+            loop_late = {site: _loop_late(lab, site, port)
+                         for site, port in zip((ctx.src, ctx.dst), TRANSFERD_PORTS, strict=True)}
             if driver.returncode != 0:
                 raise ToolError(tool, "interactive message driver failed: "
                                 + lab.log_tail(f"{tool}-messages"))
@@ -469,6 +500,9 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             "budget_misses": result["budget_misses"],
             "sent_after_bulk_finished": sum(t > bulk_done_at for t in result["sent_at"]),
             "errors": result["errors"], "miss_reasons": result["miss_reasons"],
+            # Each daemon's event loop: 10 ms timer ticks that ran 20/50/100 ms or more late
+            # (the loop busy, or waiting for the GIL or a CPU) over the daemon's life.
+            "loop_late": loop_late,
             # The same messages timed inside the sending daemon (queued -> the peer's answer):
             # the rest of p50_ms/p99_ms is the local API hop and the client process.
             **{f"daemon_p{pct}_ms": _percentile(daemon, pct) if daemon else None

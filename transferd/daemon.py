@@ -49,6 +49,8 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("transferd.daemon")
 SHUTDOWN_GRACE_S = 10.0
+LAG_TICK_S = 0.01  # the loop-lag probe's timer
+LAG_LOG_S = 0.02  # a timer this late is logged as a stall
 # Chunks each data channel keeps in flight beyond the one being written: enough to cover the
 # receipt's round trip (the socket buffers hold the rest of the pipe), few enough that a broken
 # channel has little to send again.
@@ -244,6 +246,12 @@ class Daemon:
     def job(self, job_id: str) -> Job | None:
         return self.journal.job(job_id)
 
+    async def job_ended(self, timeout_s: float) -> None:
+        """Until a job ends (committed, failed or interrupted) or `timeout_s` passes."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.sender.job_ended()
+
     def status(self) -> SiteStatus:
         now = self.clock()
         jobs = []
@@ -295,7 +303,7 @@ class Daemon:
             await self._listen(runner)
             async with asyncio.TaskGroup() as tg:
                 sender_task = tg.create_task(self.sender.run())
-                others = [tg.create_task(self.messages.run())]
+                others = [tg.create_task(self.messages.run()), tg.create_task(self._watch_lag())]
                 others += [tg.create_task(self._warm_channels(peer)) for peer in self.channels]
                 others += [tg.create_task(run()) for run in self._job_sources()]
                 if ready is not None:
@@ -322,6 +330,18 @@ class Daemon:
             self.receive_buffers.close()
             self.journal.close()
             log.info("daemon.stopped", extra={"fields": {"site": self.config.site}})
+
+    async def _watch_lag(self) -> None:
+        """Time a short timer again and again: how late it fires is how long anything queued
+        on the loop (a message, a control request) waited for it. Stalls are logged."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(LAG_TICK_S)
+            lag = max(0.0, loop.time() - t0 - LAG_TICK_S)
+            self.metrics.loop_lag.observe(lag)
+            if lag >= LAG_LOG_S:
+                log.info("loop.stall", extra={"fields": {"ms": round(lag * 1e3, 1)}})
 
     async def _listen(self, runner: web.AppRunner) -> None:
         ssl_ctx = server_ssl_context(self.config)

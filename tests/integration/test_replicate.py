@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.integration._data import file_blake3, write_random
 from transferd import TrafficClass
 from transferd.testing import loopback_pair, wait_for_jobs
@@ -128,3 +130,24 @@ async def test_jobs_reuse_the_same_data_channels(
     for i in range(3):
         src = tmp_path / "site-A" / "curated" / f"f{i}.bin"
         assert (tmp_path / "site-B" / "curated" / f"f{i}.bin").read_bytes() == src.read_bytes()
+
+
+async def test_a_jobs_query_with_wait_ms_answers_when_the_job_has_ended(tmp_path: Path) -> None:
+    from transferd.errors import ProtocolError
+    from transferd.net.local_client import LocalClient, LocalRequest
+    from transferd.protocol.auth import local_signer
+    from transferd.protocol.local_api import JobsAnswer
+    from transferd.protocol.wire import LOCAL_JOBS_ROUTE
+
+    src = tmp_path / "site-A" / "approved" / "w.bin"
+    write_random(src, 64 * CHUNK, seed=5)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        client = LocalClient(a.url, local_signer(a.keyring))
+        [job_id] = a.sender.submit("approved/w.bin", ["B"])
+        # What `transferd send --wait` asks: one question that is answered once the job ended.
+        asked = LocalRequest("GET", f"{LOCAL_JOBS_ROUTE}?ids={job_id}&wait_ms=60000", JobsAnswer)
+        [job] = (await client.acall(asked)).jobs
+        assert job.state == "committed", job.error
+        bad = LocalRequest("GET", f"{LOCAL_JOBS_ROUTE}?ids={job_id}&wait_ms=soon", JobsAnswer)
+        with pytest.raises(ProtocolError, match="wait_ms"):
+            await client.acall(bad)

@@ -26,11 +26,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import mmap
 import os
+import select
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -78,6 +81,7 @@ TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 # socket is nearly drained, so the chunks left near the end of a job stay in the shared queue
 # for whichever channel is free first, instead of waiting behind one slow stream.
 NOTSENT_LOWAT_BYTES = 1 << 20
+MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
 def set_congestion(sock: socket.socket, wanted: CongestionControl) -> str:
@@ -112,6 +116,7 @@ def _tune(sock: socket.socket, cc: CongestionControl) -> str:
 
 # struct tcp_info (linux/tcp.h): the few fields the stream controller reads.
 _TCP_INFO_BYTES = 160
+_INFO_RETRANSMITS = 2
 _INFO_MSS, _INFO_RTT_US, _INFO_TOTAL_RETRANS, _INFO_DATA_SEGS_OUT = 16, 68, 100, 156
 
 
@@ -122,6 +127,13 @@ def _tcp_info(sock: socket.socket, need: int) -> bytes | None:
     except (OSError, AttributeError):
         return None
     return info if len(info) >= need else None
+
+
+def tcp_timeouts(sock: socket.socket) -> int:
+    """How many retransmission timeouts in a row the connection has had without progress
+    (tcpi_retransmits); 0 where the kernel does not say."""
+    info = _tcp_info(sock, _INFO_RETRANSMITS + 1)
+    return info[_INFO_RETRANSMITS] if info is not None else 0
 
 
 def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
@@ -138,6 +150,55 @@ def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
             u32(_INFO_MSS))
 
 
+# A channel whose data has waited this many retransmission timeouts in a row (0.2 + 0.4 + 0.8 s
+# and doubling) sits in TCP's backoff: after an outage it would resume only at its next timeout,
+# up to twice the outage later. The path is probed with a new connection instead, and once one
+# connects the stuck channels are replaced (their chunks go out again on the new ones).
+STUCK_TIMEOUTS = 3
+_LINGER_RESET = struct.pack("ii", 1, 0)
+PROBE_EVERY_S = 0.25
+CONNECT_RACE_S = 0.25  # a connect not answered by then gets a sibling attempt
+CONNECT_ATTEMPTS = 3
+
+
+def connect_racing(host: str, port: int, timeout_s: float, race_after_s: float = CONNECT_RACE_S,
+                   attempts: int = CONNECT_ATTEMPTS) -> socket.socket:
+    """A connected blocking socket to host:port. A lost SYN (or SYN-ACK) waits the kernel's
+    1 s initial retransmission timeout, on a 2 % lossy link one channel opening in twelve or
+    so: an attempt with no answer after `race_after_s` gets a sibling (up to `attempts` at
+    once), the first to connect wins and the rest are closed. A refusal ends it at once."""
+    family, kind, proto, _name, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    pending: list[socket.socket] = []
+    now = time.monotonic()
+    deadline, next_start = now + timeout_s, now
+    try:
+        while True:
+            if len(pending) < attempts and now >= next_start:
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                err = sock.connect_ex(addr)
+                if err not in (0, errno.EINPROGRESS):
+                    sock.close()
+                    raise OSError(err, os.strerror(err))
+                pending.append(sock)
+                next_start = now + race_after_s
+            wait = max(0.0, min(next_start if len(pending) < attempts else deadline, deadline)
+                       - now)
+            _r, writable, _x = select.select([], pending, [], wait)
+            for sock in writable:
+                pending.remove(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err == 0:
+                    sock.settimeout(timeout_s)  # for the opening; cleared once it is done
+                    return sock
+                sock.close()
+                raise OSError(err, os.strerror(err))
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(f"no answer within {timeout_s:g} s")
+    finally:
+        for sock in pending:
+            sock.close()
 _INFO_BYTES_ACKED = 120  # u64
 
 
@@ -151,10 +212,14 @@ def tcp_bytes_acked(sock: socket.socket) -> int | None:
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
-    """Fill `view` from the socket; False on a clean end of stream before its first byte."""
+    """Fill `view` from the socket; False on a clean end of stream before its first byte.
+    A plain socket is asked for the whole frame at once (MSG_WAITALL): the kernel fills an
+    8 MiB body in one call with the GIL released, instead of a call (and a GIL hand-off that
+    the event loop thread waits behind) per arriving burst."""
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
     got = 0
     while got < len(view):
-        n = sock.recv_into(view[got:], len(view) - got)
+        n = sock.recv_into(view[got:], len(view) - got, flags)
         if n == 0:
             if got == 0:
                 return False
@@ -292,7 +357,9 @@ class _Channel:
             body_blake3=bytes.fromhex(item.body_blake3), encoding=item.encoding,
             raw_length=item.raw_length, body_length=item.wire_length, locations=item.locations,
         )
-        self.sock.sendall(ch.encode_chunk_head(self.session, head))
+        # MSG_MORE: the header waits for the body's first bytes instead of leaving as a
+        # packet of its own (the sockets run with TCP_NODELAY for the receipts).
+        self.sock.sendall(ch.encode_chunk_head(self.session, head), 0 if self.tls else MSG_MORE)
         if item.body is not None:
             self.sock.sendall(item.body)
         elif self.tls:
@@ -391,6 +458,9 @@ class PeerChannels:
         self.opened = 0  # channels opened over the daemon's life (reuse shows as few)
         self.algorithms: set[str] = set()
         self._open_lock = asyncio.Lock()
+        self._address: tuple[str, int] | None = None  # where the last channels were opened
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
         self.stall_s = STALL_S
 
     # -- called from the event loop ----------------------------------------------------------
@@ -408,6 +478,7 @@ class PeerChannels:
             missing = count - self.live()
             if missing > 0:
                 host, port = await address()
+                self._watch((host, port))
                 opened = await asyncio.gather(
                     *(asyncio.to_thread(self._open, host, port) for _ in range(missing)),
                     return_exceptions=True)
@@ -470,6 +541,9 @@ class PeerChannels:
             item.finish(error=TransportError("withdrawn: the job ended", peer=self.peer))
 
     def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
         with self.cond:
             self.closing = True
             channels, self.channels = self.channels, []
@@ -509,16 +583,54 @@ class PeerChannels:
                           rtt_s=sum(rtts) / len(rtts) / 1e6, mss=int(sum(mss) / len(mss)))
 
     # -- channel threads -----------------------------------------------------------------------
+    def _watch(self, address: tuple[str, int]) -> None:
+        self._address = address
+        if self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch_loop, name=f"channel-watch-{self.peer}", daemon=True)
+            self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        """Thread: replace channels stuck in retransmission backoff once the path answers."""
+        while not self._stop.wait(PROBE_EVERY_S):
+            with self.cond:
+                stuck = [c for c in self.channels if c.alive and len(c.window)]
+            stuck = [c for c in stuck if tcp_timeouts(c.sock) >= STUCK_TIMEOUTS]
+            if not stuck or self._address is None:
+                continue
+            host, port = self._address
+            try:
+                probe = connect_racing(host, port, 2 * PROBE_EVERY_S)
+            except OSError:
+                continue  # still down: TCP keeps retrying on the old channels as well
+            log.warning("channel.stuck", extra={"fields": {
+                "peer": self.peer, "channels": len(stuck), "replaced": True}})
+            try:
+                self._open(host, port, probe)
+            except TransferdError:
+                continue
+            for chan in stuck:
+                with contextlib.suppress(OSError):  # reset, not FIN: the peer frees it at once
+                    chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                chan._break(TransportError("stuck in retransmission backoff while the path "
+                                           "answers again", peer=self.peer))
+            for _ in stuck[1:]:
+                with contextlib.suppress(TransferdError):
+                    self._open(host, port)
+
     def resent(self, items: Sequence[OutgoingChunk]) -> None:
         self.metrics.chunks_resent.labels(self.peer).inc(len(items))
 
-    def _open(self, host: str, port: int) -> _Channel:
-        """Thread: connect, TLS, the HMAC opening; a started channel."""
-        try:
-            raw = socket.create_connection((host, port), timeout=OPEN_TIMEOUT_S)
-        except OSError as exc:
-            raise TransportError(f"{self.peer}: data channel to {host}:{port}: "
-                                 f"{exc.strerror or exc}", peer=self.peer) from exc
+    def _open(self, host: str, port: int, raw: socket.socket | None = None) -> _Channel:
+        """Thread: connect (unless `raw` is connected already), TLS, the HMAC opening; a
+        started channel."""
+        if raw is None:
+            try:
+                raw = connect_racing(host, port, OPEN_TIMEOUT_S)
+            except OSError as exc:
+                raise TransportError(f"{self.peer}: data channel to {host}:{port}: "
+                                     f"{exc.strerror or exc}", peer=self.peer) from exc
+        raw.settimeout(OPEN_TIMEOUT_S)
         try:
             algorithm = _tune(raw, self.congestion_control)
             sock: socket.socket = raw

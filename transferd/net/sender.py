@@ -56,7 +56,14 @@ from transferd.protocol.manifest import (
     UploadIntent,
 )
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
-from transferd.protocol.upload import plan_offer, resend, upload_id, upload_intent, upload_manifest
+from transferd.protocol.upload import (
+    offer_batches,
+    plan_offer,
+    resend,
+    upload_id,
+    upload_intent,
+    upload_manifest,
+)
 from transferd.protocol.wire import (
     ABORT_ROUTE,
     COMMIT_ROUTE,
@@ -78,6 +85,7 @@ A = TypeVar("A", bound=WireModel)
 log = logging.getLogger("transferd.sender")
 
 HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the mapped windows
+FIRST_BATCH = 2  # a job's first batch: the first chunk leaves after hashing 16 MiB, not 64
 ENSURE_EVERY_S = 1.0  # how often a chunk awaiting its receipt checks the channels are open
 COMMIT_ROUNDS = 4
 ABORT_TIMEOUT_S = 5.0
@@ -138,6 +146,7 @@ class Sender:
         self._noted: set[str] = set()  # jobs whose note says what they are retrying
         self._stopping = False
         self._idle = asyncio.Event()
+        self._ended = asyncio.Event()  # replaced by a fresh one each time a job ends
 
     # -- submitting ----------------------------------------------------------------------------
     def submit(
@@ -208,6 +217,10 @@ class Sender:
         while self._running:
             self._idle.clear()
             await self._idle.wait()
+
+    async def job_ended(self) -> None:
+        """Until the next job ends."""
+        await self._ended.wait()
 
     def stop(self) -> None:
         """Stop starting jobs; running ones are cancelled by the caller's task group and resume
@@ -345,6 +358,8 @@ class Sender:
             self._running.discard(job.id)
             slots.release()
             self._idle.set()
+            self._ended.set()
+            self._ended = asyncio.Event()
         self.metrics.job_seconds.labels(outcome).observe(time.monotonic() - started)
 
     # -- one replication ------------------------------------------------------------------------
@@ -473,10 +488,10 @@ class Sender:
         """Hash the file batch by batch, offer each batch, queue the wanted chunks (at most
         HAVE_BATCH ahead of the uploads). Returns False when the daemon began stopping."""
         spans = state.spans
-        for start in range(0, len(spans), HAVE_BATCH):
+        for start, stop in offer_batches(len(spans), FIRST_BATCH, HAVE_BATCH):
             if self._stopping:
                 return False
-            batch = spans[start : start + HAVE_BATCH]
+            batch = spans[start:stop]
             windows, views = await _open_batch(state.source, batch)
             try:
                 hashes = await _hash_batch(views)

@@ -12,6 +12,7 @@ that authenticated (`protocol.auth.sign_reply`: status and body bound to the req
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -26,6 +27,7 @@ from transferd.protocol.auth import AuthHeaders, RequestVerifier, sign_reply
 from transferd.protocol.channel import DataChannelAnswer
 from transferd.protocol.local_api import (
     MAX_JOBS_PER_QUERY,
+    MAX_JOBS_WAIT_MS,
     Job,
     JobsAnswer,
     SendAnswer,
@@ -73,6 +75,7 @@ class LocalApi(Protocol):
 
     def submit(self, path: str, dests: list[str], timeout_s: float | None = None) -> list[str]: ...
     def job(self, job_id: str) -> Job | None: ...
+    async def job_ended(self, timeout_s: float) -> None: ...
     def status(self) -> SiteStatus: ...
 
 
@@ -190,8 +193,19 @@ def build_app(
     async def local_jobs(request: web.Request) -> web.Response:
         own_cli(request)
         ids = [i for i in request.query.get("ids", "").split(",") if i][:MAX_JOBS_PER_QUERY]
-        jobs = [job for job in map(local.job, ids) if job is not None]
-        return _answer(JobsAnswer(jobs=jobs))
+        # wait_ms: answer once one of the jobs ends (or the time is up), not at once: `send
+        # --wait` learns of a commit when it happens, with one request a second, not 20.
+        try:
+            wait_s = min(float(request.query.get("wait_ms", "0")), MAX_JOBS_WAIT_MS) / 1e3
+        except ValueError:
+            raise ProtocolError("wait_ms: not a number of milliseconds") from None
+        deadline = asyncio.get_running_loop().time() + max(0.0, wait_s)
+        while True:
+            jobs = [job for job in map(local.job, ids) if job is not None]
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0 or not any(j.state.active for j in jobs):
+                return _answer(JobsAnswer(jobs=jobs))
+            await local.job_ended(left)
 
     async def local_status(request: web.Request) -> web.Response:
         own_cli(request)

@@ -50,6 +50,7 @@ __all__ = [
     "Keys",
     "LocalSigner",
     "NonceGuard",
+    "PairSecrets",
     "ReplayMemory",
     "RequestVerifier",
     "authenticate",
@@ -76,9 +77,8 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 
 
-class Keys(Protocol):
-    """A site's key material: its id, the HMAC secret it shares with each site (itself
-    included), its Ed25519 signing key and its peers' verify keys."""
+class PairSecrets(Protocol):
+    """A site's id and the HMAC secret it shares with each site it knows (itself included)."""
 
     @property
     def site(self) -> str: ...
@@ -86,6 +86,11 @@ class Keys(Protocol):
     def secret_for(self, site: str) -> bytes:
         """The pair secret shared with `site`; AuthError (401) for an unknown site."""
         ...
+
+
+class Keys(PairSecrets, Protocol):
+    """A site's key material: its pair secrets, its Ed25519 signing key and its peers' verify
+    keys."""
 
     def sign(self, message: bytes) -> bytes: ...
 
@@ -121,9 +126,9 @@ LocalSigner = Callable[[str, str, bytes | None], dict[str, str]]
 """Headers for a request to this site's own daemon: (method, path_qs, body) -> headers."""
 
 
-def local_signer(keys: Keys, clock: Callable[[], float] = time.time) -> LocalSigner:
+def local_signer(keys: PairSecrets, clock: Callable[[], float] = time.time) -> LocalSigner:
     """Signs requests to this site's own daemon as its CLI does (the site's own pair secret):
-    `local_signer(Keyring.load(keys_dir, site, []))`."""
+    `local_signer(LocalSecret.load(keys_dir, site))`, or a whole Keyring."""
     secret = keys.secret_for(keys.site)
 
     def sign(method: str, path_qs: str, body: bytes | None) -> dict[str, str]:

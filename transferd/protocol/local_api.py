@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 MAX_JOBS_PER_QUERY = 1000
+MAX_JOBS_WAIT_MS = 60_000  # the longest a jobs query may wait for one of them to end
 
 
 class JobState(StrEnum):

@@ -55,6 +55,7 @@ __all__ = [
     "destination",
     "member_paths",
     "missing",
+    "offer_batches",
     "plan_offer",
     "refused",
     "resend",
@@ -264,6 +265,13 @@ class OfferPlan:
     uploads: list[ChunkUpload] = field(default_factory=list)
     deferred: list[ChunkRef] = field(default_factory=list)  # offer again once their twin landed
     skipped: list[ChunkRef] = field(default_factory=list)  # the receiver has them already
+
+
+def offer_batches(n: int, first: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each have/want batch over a file's n chunks: `first` chunks (small, so
+    the first chunk leaves early), then `size` at a time; every chunk once, in order."""
+    cuts = [0, *range(min(first, n), n, size), n] if n else []
+    return list(zip(cuts, cuts[1:], strict=False))
 
 
 def plan_offer(refs: Sequence[ChunkRef], answer: HaveAnswer, started: set[str]) -> OfferPlan:

@@ -65,6 +65,13 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200),
             registry=self.registry,
         )
+        self.loop_lag = Histogram(
+            "transferd_event_loop_lag_seconds",
+            "How late the event loop (control, messages, chunk bookings) ran a timer: what a "
+            "message waits for before the daemon even looks at it",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2),
+            registry=self.registry,
+        )
         self.stream_changes = counter(
             "stream_changes",
             "Changes of the parallel-stream target, by direction",
