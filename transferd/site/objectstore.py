@@ -131,7 +131,7 @@ class ObjectSource:
         if whole is not None and 0 < self.size <= _WHOLE_OBJECT_BYTES:
             self._whole = whole.fetch(fs, path)
 
-    def _from_whole(self, offset: int, length: int) -> bytes | None:
+    def _from_whole(self, offset: int, length: int) -> memoryview | None:
         """The span from the whole object, if it was fetched; the slot goes back once every
         byte has been taken."""
         if self._whole is None:
@@ -143,7 +143,7 @@ class ObjectSource:
         self._taken += length
         if self._taken >= self.size:
             self._drop_whole()
-        return data[offset : offset + length]
+        return memoryview(data)[offset : offset + length]  # no copy: the bytes are immutable
 
     def _drop_whole(self) -> None:
         whole, self._whole = self._whole, None
@@ -170,7 +170,7 @@ class ObjectSource:
         )  # fmt: skip
         return {span: bytes(data) for span, data in zip(spans, got, strict=True)}
 
-    def _take(self, offset: int, length: int) -> bytes:
+    def _take(self, offset: int, length: int) -> bytes | memoryview:
         if length == 0:
             return b""
         with self._lock:
@@ -209,6 +209,9 @@ class ObjectSource:
     @contextmanager
     def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
         yield memoryview(self._take(offset, length))
+
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        return self._take(offset, length)
 
     def changed(self) -> bool:
         return int(self.fs.size(self.path)) != self.size

@@ -56,6 +56,11 @@ class Source(Protocol):
     size: int
 
     def mapped(self, offset: int, length: int) -> Any: ...
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        """The bytes at `offset`, the caller's to keep (nothing mapped or reused behind them:
+        a fetched object's bytes come as they are, without a copy)."""
+        ...
+
     def changed(self) -> bool: ...
     def close(self) -> None: ...
 
@@ -67,7 +72,10 @@ class _FsspecSource:
 
     @contextmanager
     def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
-        yield memoryview(self.fs.cat_file(self.path, start=offset, end=offset + length))
+        yield memoryview(self.read(offset, length))
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.fs.cat_file(self.path, start=offset, end=offset + length))
 
     def changed(self) -> bool:
         return int(self.fs.size(self.path)) != self.size
