@@ -43,6 +43,7 @@ from transferd.protocol.wire import (
     LOCAL_SEND_ROUTE,
     LOCAL_STATUS_ROUTE,
     MESSAGES_ROUTE,
+    TELEMETRY_ROUTE,
     to_body,
 )
 from transferd.site.keys import LocalSecret, keygen
@@ -445,6 +446,41 @@ def status(config_path: str, as_json: bool) -> None:
             (j.error or _describe_wait(j) or "")[:100],
         )
     console.print(jobs)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the TelemetryReport as JSON "
+              "(what `netplan calibrate --from` reads)")
+def telemetry(config_path: str, as_json: bool) -> None:
+    """The links to each peer as the local daemon measured them (TCP_INFO of the data
+    channels, control-plane round trips, chunk failures; its rolling window)."""
+    from netplan.telemetry import TelemetryReport
+
+    config = _config(config_path, as_json)
+    request = LocalRequest("GET", TELEMETRY_ROUTE, TelemetryReport)
+    report = _with_daemon(
+        config, config_path, lambda client: _first_call(lambda: client.call(request)), as_json
+    )
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+        return "-" if value is None else f"{value * scale:.{digits}f}"
+
+    table = Table("peer", "samples", "best Mbit/s", "now Mbit/s", "RTT ms", "srtt ms",
+                  "jitter ms", "loss %", "streams", "failures",
+                  title=f"links of {report.site} (window {report.window_s:g} s)")
+    for link in report.links:
+        failures = ", ".join(f"{k}={int(v)}" for k, v in link.chunk_failures.items() if v)
+        table.add_row(link.peer, str(link.samples), num(link.best_goodput_bytes_per_s, 8e-6),
+                      num(link.goodput_bytes_per_s, 8e-6), num(link.rtt_ms),
+                      num(link.srtt_ms), num(link.jitter_ms, digits=2),
+                      num(link.loss_pct, digits=2), str(len(link.streams)), failures or "-")
+    Console().print(table)
 
 
 @main.command()

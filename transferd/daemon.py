@@ -22,6 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
+from netplan.plan import TrafficClass
+from netplan.telemetry import TelemetryReport
 from transferd.config import SiteConfig
 from transferd.errors import ConfigError, StorageError, TransferdError
 from transferd.net.channels import DataListener, PeerChannels
@@ -36,12 +38,14 @@ from transferd.plan import PlanRun, link_settings
 from transferd.protocol.auth import NonceGuard, RequestVerifier
 from transferd.protocol.backoff import backoff_delays
 from transferd.protocol.local_api import Job, JobState, JobStatus, PeerStatus, SiteStatus
+from transferd.protocol.wire import PEER_MESSAGES_ROUTE
 from transferd.site.buffers import AlignedBuffers
 from transferd.site.journal import Journal, UploadState
 from transferd.site.keys import Keyring
 from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
 from transferd.site.storage import open_storage
+from transferd.site.telemetry import SAMPLE_S, LinkTelemetry
 from transferd.site.threads import bulk_executor
 from transferd.site.tls import client_ssl_context, server_ssl_context
 
@@ -59,6 +63,7 @@ CHANNEL_WINDOW = 2
 # memory): two per channel of eight channels.
 RECEIVE_BUFFERS = 16
 WARM_BUDGET_S = 60.0  # how long a starting daemon keeps trying to open channels to a peer
+CONTROL_PROBE_S = 2.0  # a signed no-op request to each peer this often: control-plane RTT
 
 
 def _last_activity(staged: Path, journal: Journal, upload: str) -> float:
@@ -205,6 +210,8 @@ class Daemon:
             default_deadline_ms=traffic.message_deadline_ms,
             clock=clock,
         )
+        self.link_telemetry = LinkTelemetry(config.site, config.peers)
+        self.sample_s, self.control_probe_s = SAMPLE_S, CONTROL_PROBE_S
         self._collect_garbage()
         self._refuse_raw_plan_entries()
 
@@ -278,6 +285,21 @@ class Daemon:
             )
         return SiteStatus(site=self.config.site, listen=self.url, jobs=jobs, peers=peers)
 
+    def telemetry(self) -> TelemetryReport:
+        return TelemetryReport(
+            site=self.config.site, at=time.time(), window_s=self.link_telemetry.window_s,
+            links=[self._link_measurement(peer) for peer in self.config.peers])
+
+    def _link_measurement(self, peer: str) -> Any:
+        m = self.metrics
+        failures = {
+            "resent": m.value("transferd_chunks_resent_total", peer=peer),
+            "integrity": m.value("transferd_integrity_failures_total", peer=peer, side="sender"),
+            "retries": m.value("transferd_retries_total", peer=peer),
+            "channels_refused": m.value("transferd_channels_refused_total", peer=peer),
+        }
+        return self.link_telemetry.measurement(peer, failures)
+
     # -- running -----------------------------------------------------------------------------------
 
     async def serve(
@@ -305,6 +327,8 @@ class Daemon:
                 sender_task = tg.create_task(self.sender.run())
                 others = [tg.create_task(self.messages.run()), tg.create_task(self._watch_lag())]
                 others += [tg.create_task(self._warm_channels(peer)) for peer in self.channels]
+                others.append(tg.create_task(self._sample_links()))
+                others += [tg.create_task(self._probe_control(peer)) for peer in self.links]
                 others += [tg.create_task(run()) for run in self._job_sources()]
                 if ready is not None:
                     ready(self)
@@ -342,6 +366,43 @@ class Daemon:
             self.metrics.loop_lag.observe(lag)
             if lag >= LAG_LOG_S:
                 log.info("loop.stall", extra={"fields": {"ms": round(lag * 1e3, 1)}})
+
+    async def _sample_links(self) -> None:
+        """Every SAMPLE_S: the data channels' tcp_info into each link's window, and the
+        window's summary into the link's Prometheus series."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.sample_s)
+            for peer, channels in self.channels.items():
+                point = self.link_telemetry.sample(peer, loop.time(), time.time(),
+                                                   channels.tcp_infos())
+                site = self.config.site
+                if point is not None:
+                    self.metrics.link_segments.labels(site, peer).inc(point.segs_out)
+                    self.metrics.link_retransmits.labels(site, peer).inc(point.retrans)
+                self.metrics.export_link(self._link_measurement(peer))
+
+    async def _probe_control(self, peer: str) -> None:
+        """Time a signed no-op request to `peer` every CONTROL_PROBE_S on the control pool:
+        the control plane's round trip and its jitter. The first answer of a connection is
+        not counted (its time includes the TCP handshake)."""
+        link, loop = self.links[peer], asyncio.get_running_loop()
+        warm = False
+        while True:
+            await asyncio.sleep(self.control_probe_s)
+            t0 = loop.time()
+            try:
+                async with asyncio.timeout(30):
+                    await link.call(TrafficClass.CONTROL, "GET", PEER_MESSAGES_ROUTE,
+                                    accept=(204,))
+            except (TransferdError, TimeoutError):
+                warm = False
+                continue
+            seconds = loop.time() - t0
+            if warm:
+                self.link_telemetry.control_rtt(peer, time.time(), seconds)
+                self.metrics.control_rtt.labels(self.config.site, peer).observe(seconds)
+            warm = True
 
     async def _listen(self, runner: web.AppRunner) -> None:
         ssl_ctx = server_ssl_context(self.config)

@@ -3,9 +3,12 @@ auth, policy, stream counts, messages), its own so several daemons can share a p
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from netplan.plan import TrafficClass
+from netplan.telemetry import SERIES_SCALE, LinkMeasurement
 from transferd.protocol.streams import StreamChange
 
 __all__ = ["Metrics"]
@@ -96,6 +99,63 @@ class Metrics:
             "messages_budget_misses", "Messages that missed their deadline, by reason", "peer",
             "kind",
         )  # fmt: skip
+
+        # Link telemetry (site.telemetry): each link's rolling window, as netplan.telemetry.SERIES
+        # names it; labels site and peer, so a Prometheus over many daemons keeps them apart.
+        link = ("site", "peer")
+        self.link_gauges = {
+            "best_goodput_bytes_per_s": gauge(
+                "link_best_goodput_bytes_per_second",
+                "Best goodput sustained for sustain_s in the telemetry window", *link),
+            "goodput_bytes_per_s": gauge(
+                "link_goodput_bytes_per_second", "Goodput over the last sustain_s", *link),
+            "rtt_ms": gauge("link_rtt_seconds",
+                            "Median minimum RTT of the data connections (propagation)", *link),
+            "srtt_ms": gauge("link_srtt_seconds",
+                             "Median smoothed RTT of the data connections (queue included)",
+                             *link),
+            "rttvar_ms": gauge("link_rttvar_seconds", "Median RTT variance (TCP_INFO)", *link),
+            "jitter_ms": gauge("link_jitter_seconds",
+                               "Mean difference of consecutive control-plane round trips", *link),
+            "loss_pct": gauge("link_loss_ratio",
+                              "Retransmitted / sent data segments in the window", *link),
+            "samples": gauge("link_samples", "TCP_INFO samples with data moving in the window",
+                             *link),
+            "control_samples": gauge("link_control_samples",
+                                     "Control-plane round trips in the window", *link),
+            "cwnd_segments": gauge("link_cwnd_segments",
+                                   "Congestion windows of the data connections, summed", *link),
+            "first_at": gauge("link_first_sample_timestamp_seconds",
+                              "When the window's first sample with data moving was taken", *link),
+            "last_at": gauge("link_last_sample_timestamp_seconds",
+                             "When the window's last sample with data moving was taken", *link),
+            "delivery_rate_bytes_per_s": gauge(
+                "link_delivery_rate_bytes_per_second",
+                "The kernel's delivery-rate estimates of the data connections, summed", *link),
+        }
+        self.link_streams = gauge("link_streams", "Live data connections to the peer", *link)
+        self.link_segments = counter("link_data_segments_out",
+                                     "Data segments sent on the data connections", *link)
+        self.link_retransmits = counter("link_retransmitted_segments",
+                                        "Segments retransmitted on the data connections", *link)
+        self.control_rtt = Histogram(
+            "transferd_link_control_rtt_seconds",
+            "Control-plane round trips to the peer (a signed request and its reply)",
+            list(link),
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=self.registry,
+        )
+
+    def export_link(self, m: LinkMeasurement) -> None:
+        """Set the link's gauges from its window's summary (None: the series is left out)."""
+        for name, gauge in self.link_gauges.items():
+            value = getattr(m, name)
+            if value is None:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(m.site, m.peer)
+            else:
+                gauge.labels(m.site, m.peer).set(float(value) * SERIES_SCALE.get(name, 1.0))
+        self.link_streams.labels(m.site, m.peer).set(len(m.streams))
 
     def _counter(self, name: str, doc: str, *labels: str) -> Counter:
         return Counter(f"transferd_{name}", doc, labels, registry=self.registry)
