@@ -8,6 +8,7 @@ failure is a TelemetryError naming the source.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -30,16 +31,19 @@ TIMEOUT_S = 30.0
 MAX_BYTES = 64 * 1024 * 1024
 
 
-def _get(url: str) -> bytes:
+def _get(url: str, source: str) -> bytes:
+    """The body of a GET; errors name `source` (the URL the user gave, not the query)."""
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:  # noqa: S310 (http(s) only)
             return bytes(resp.read(MAX_BYTES))
     except urllib.error.HTTPError as exc:
-        body = exc.read(2000).decode(errors="replace")
-        raise TelemetryError(url, f"HTTP {exc.code}: {body.strip()[:300]}") from exc
+        detail = ""
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = ": " + str(json.loads(exc.read(64_000)).get("error", ""))[:300]
+        raise TelemetryError(source, f"HTTP {exc.code} {exc.reason}{detail}") from exc
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TelemetryError(url, f"cannot reach it: {reason}") from exc
+        raise TelemetryError(source, f"cannot reach it: {reason}") from exc
 
 
 def _report(text: str | bytes, source: str) -> list[LinkMeasurement]:
@@ -87,7 +91,7 @@ def from_source(source: str) -> list[LinkMeasurement]:
         url = source.rstrip("/")
         if not url.endswith("/metrics"):
             url += "/metrics"
-        return parse_exposition(_get(url).decode(errors="replace"), source)
+        return parse_exposition(_get(url, source).decode(errors="replace"), source)
     path = Path(source)
     if not path.is_file():
         raise TelemetryError(source, "no such file (give a daemon URL, a telemetry .json or "
@@ -125,7 +129,7 @@ _FIELD_SERIES = {name: series for series, name in SERIES.items()}
 
 def _vector(base: str, query: str, at: float) -> list[tuple[dict[str, str], float]]:
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query, "time": f"{at:.3f}"})
-    raw = _get(url)
+    raw = _get(url, base)
     try:
         doc = json.loads(raw)
         if doc.get("status") != "success":

@@ -1,7 +1,7 @@
 """Link telemetry between two real daemons on 127.0.0.1: a paced link (LinkProxy) carries a
 replication, and the sender's `/v1/telemetry` (signed, through the CLI's client) and its
 `/metrics` report the goodput the link allowed, the data connections' RTT and the control
-plane's round trips."""
+plane's round trips; `netplan calibrate`'s readers get the same from the URL and the config."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from netplan import collect
 from netplan.telemetry import SERIES, TelemetryReport
 from tests.integration._data import write_random
 from transferd.config import load_config
@@ -46,6 +47,10 @@ async def test_telemetry_reports_the_paced_links_goodput_rtt_and_control_rtt(
             client.close()
         async with aiohttp.ClientSession() as session, session.get(a.url + "/metrics") as r:
             exposition = await r.text()
+        # What `netplan calibrate --from` reads: the daemon's URL (/metrics) and its site
+        # config (through `transferd telemetry --json`, the signed local API).
+        [by_url] = await asyncio.to_thread(collect.from_source, a.url)
+        [by_config] = await asyncio.to_thread(collect.from_source, str(tmp_path / "site-A.yaml"))
     [link] = report.links
     assert (report.site, link.site, link.peer) == ("A", "A", "B")
     assert link.samples >= 5, link
@@ -83,3 +88,9 @@ async def test_telemetry_reports_the_paced_links_goodput_rtt_and_control_rtt(
         link.best_goodput_bytes_per_s, rel=0.3)
     assert found["transferd_link_data_segments_out_total"] > 0
     assert found["transferd_link_control_rtt_seconds_count"] >= 3
+    for got in (by_url, by_config):
+        assert (got.site, got.peer) == ("A", "B")
+        assert got.samples >= link.samples
+        assert got.best_goodput_bytes_per_s == pytest.approx(link.best_goodput_bytes_per_s,
+                                                             rel=0.01)
+        assert got.rtt_ms == pytest.approx(link.rtt_ms, rel=0.5)
