@@ -9,12 +9,13 @@ parses stdout never meets plain text.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -48,6 +49,9 @@ from transferd.protocol.wire import (
 )
 from transferd.site.keys import LocalSecret, keygen
 from transferd.site.tls import client_ssl_context
+
+if TYPE_CHECKING:
+    from transferd.plan import PlanRun
 
 __all__ = ["main"]
 
@@ -145,9 +149,14 @@ def _short_gil_turns() -> None:
     help="a `netplan plan` file: replicate this site's sync and checkpoint entries by itself",
 )
 def serve(config_path: str, plan_path: str | None) -> None:
-    """Run this site's daemon until SIGTERM or SIGINT (then exit 0)."""
+    """Run this site's daemon until SIGTERM or SIGINT (then exit 0). SIGHUP re-reads the
+    config and the plan and applies them without dropping a transfer (rate caps, weights,
+    watch mode, the plan's routes); a config that cannot be applied live is refused and the
+    daemon runs on as it was. Under systemd (Type=notify) it reports readiness, reloads and
+    its stop on $NOTIFY_SOCKET."""
     from transferd.daemon import Daemon
     from transferd.site.log import setup_logging
+    from transferd.site.notify import notify, reloading
 
     setup_logging()
     _keep_heap_warm()
@@ -155,14 +164,28 @@ def serve(config_path: str, plan_path: str | None) -> None:
     config = _config(config_path)
     plan = None
     if plan_path is not None:
-        from transferd.plan import load_plan
-
         try:
-            plan = load_plan(plan_path, config)
+            plan = _load_plan(plan_path, config)
         except ConfigError as exc:
             _fail(exc)
 
     import asyncio
+    import logging
+
+    log = logging.getLogger("transferd.cli")
+
+    def reload(daemon: Daemon) -> None:
+        reloading()
+        try:
+            new_config = load_config(config_path)
+            new_plan = _load_plan(plan_path, new_config) if plan_path is not None else None
+        except ConfigError as exc:
+            log.error("config.reload_failed", extra={"fields": {"error": exc.message}})
+            refused = [exc.message]
+        else:
+            refused = daemon.reload(new_config, new_plan)
+        status = ("reload refused: " + ", ".join(refused)[:200]) if refused else "reloaded"
+        notify("READY=1", f"STATUS={status}; serving {daemon.url}")
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -170,12 +193,26 @@ def serve(config_path: str, plan_path: str | None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         daemon = Daemon(config, plan=plan)
-        await daemon.serve(stop)
+        loop.add_signal_handler(signal.SIGHUP, reload, daemon)
+
+        def ready(d: Daemon) -> None:
+            notify("READY=1", f"STATUS=serving {d.url}", f"MAINPID={os.getpid()}")
+
+        try:
+            await daemon.serve(stop, ready=ready)
+        finally:
+            notify("STOPPING=1")
 
     try:
         _run(run())
     except TransferdError as exc:
         _fail(exc)
+
+
+def _load_plan(plan_path: str, config: SiteConfig) -> PlanRun:
+    from transferd.plan import load_plan
+
+    return load_plan(plan_path, config)
 
 
 def _local_client(config: SiteConfig, as_json: bool = False) -> LocalClient:

@@ -64,6 +64,30 @@ CHANNEL_WINDOW = 2
 RECEIVE_BUFFERS = 16
 WARM_BUDGET_S = 60.0  # how long a starting daemon keeps trying to open channels to a peer
 CONTROL_PROBE_S = 2.0  # a signed no-op request to each peer this often: control-plane RTT
+# What a reload (SIGHUP) applies to a running daemon: each peer's rate caps and weights, the
+# traffic weights, watch mode and checkpoint settings (and the whole plan). Anything else in
+# the config (site, listen, storage, keys, TLS, peers' addresses...) needs a restart.
+_LIVE_PEER_FIELDS = frozenset({"rate_caps_mbps", "weights"})
+_LIVE_FIELDS = frozenset({"watch", "checkpoints"})
+
+
+def restart_fields(old: SiteConfig, new: SiteConfig) -> list[str]:
+    """The fields that differ between two configs and that only a restart can apply."""
+    a, b = old.model_dump(), new.model_dump()
+    changed = []
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key) == b.get(key) or key in _LIVE_FIELDS:
+            continue
+        if key == "traffic":
+            if {**a[key], "weights": None} != {**b[key], "weights": None}:
+                changed.append(key)
+        elif key == "peers" and set(a[key]) == set(b[key]):
+            changed += [f"peers.{peer}" for peer in sorted(a[key])
+                        if {k: v for k, v in a[key][peer].items() if k not in _LIVE_PEER_FIELDS}
+                        != {k: v for k, v in b[key][peer].items() if k not in _LIVE_PEER_FIELDS}]
+        else:
+            changed.append(key)
+    return changed
 
 
 def _last_activity(staged: Path, journal: Journal, upload: str) -> float:
@@ -211,6 +235,8 @@ class Daemon:
             clock=clock,
         )
         self.link_telemetry = LinkTelemetry(config.site, config.peers)
+        self._tg: asyncio.TaskGroup | None = None
+        self._source_tasks: list[asyncio.Task[None]] = []
         self.sample_s, self.control_probe_s = SAMPLE_S, CONTROL_PROBE_S
         self._collect_garbage()
         self._refuse_raw_plan_entries()
@@ -329,7 +355,8 @@ class Daemon:
                 others += [tg.create_task(self._warm_channels(peer)) for peer in self.channels]
                 others.append(tg.create_task(self._sample_links()))
                 others += [tg.create_task(self._probe_control(peer)) for peer in self.links]
-                others += [tg.create_task(run()) for run in self._job_sources()]
+                self._tg = tg
+                self._source_tasks = [tg.create_task(run()) for run in self._job_sources()]
                 if ready is not None:
                     ready(self)
                 await stop.wait()
@@ -340,7 +367,7 @@ class Daemon:
                     async with asyncio.timeout(SHUTDOWN_GRACE_S):
                         await self.sender.drained()
                 sender_task.cancel()
-                for task in others:
+                for task in [*others, *self._source_tasks]:
                     task.cancel()
         finally:
             await runner.cleanup()
@@ -354,6 +381,37 @@ class Daemon:
             self.receive_buffers.close()
             self.journal.close()
             log.info("daemon.stopped", extra={"fields": {"site": self.config.site}})
+
+    def reload(self, config: SiteConfig, plan: PlanRun | None) -> list[str]:
+        """Apply a re-read config and plan to the running daemon (SIGHUP) without dropping a
+        transfer: each peer's weights and rate caps change from now on (chunks in flight and
+        queued jobs carry on), and watch mode and the plan's sync runner start over on the new
+        routes (they only submit jobs). A config that changes anything else is refused whole
+        (nothing changes; the fields that need a restart are returned and logged)."""
+        restart = restart_fields(self.config, config)
+        if restart:
+            log.error("config.reload_refused", extra={"fields": {
+                "needs_restart": restart, "applied": False}})
+            return restart
+        now = asyncio.get_running_loop().time()
+        for peer, traffic in self.traffic.items():
+            settings = link_settings(config, peer, plan)
+            traffic.reconfigure(now, bulk_weights=settings.bulk_weights,
+                                class_caps_bytes_per_s=settings.class_caps_bytes_per_s,
+                                total_cap_bytes_per_s=settings.total_cap_bytes_per_s)
+        self.config, self.plan = config, plan
+        self.receiver.retention = config.checkpoints.retention
+        self.receiver.run_retention = dict(plan.incoming_retention if plan is not None else {})
+        self._refuse_raw_plan_entries()
+        for task in self._source_tasks:
+            task.cancel()
+        if self._tg is not None:
+            self._source_tasks = [self._tg.create_task(run()) for run in self._job_sources()]
+        log.info("config.reloaded", extra={"fields": {
+            "site": config.site, "plan": plan is not None,
+            "rate_caps_mbps": {p: pc.rate_caps_mbps.model_dump(exclude_none=True)
+                               for p, pc in config.peers.items()}}})
+        return []
 
     async def _watch_lag(self) -> None:
         """Time a short timer again and again: how late it fires is how long anything queued
