@@ -185,6 +185,9 @@ class BulkGate:
         """The chunk ended (its receipt came, or it failed): feed the controller, free its
         slot."""
         self.controller.on_sample(self.clock(), acked_bytes, errors)
+        if self.metrics is not None and acked_bytes:
+            self.metrics.class_bytes_acked.labels(self.peer, self.traffic_class.value).inc(
+                acked_bytes)
         for change in self.controller.pop_changes():
             if self.metrics is not None:
                 self.metrics.count_stream_change(self.peer, self.traffic_class, change)

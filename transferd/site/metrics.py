@@ -95,6 +95,22 @@ class Metrics:
         self.messages_received_late = counter(
             "messages_received_late", "Messages received after their deadline", *message
         )
+        self.message_latency = Histogram(
+            "transferd_message_latency_seconds",
+            "Messages from queued to the peer's acknowledgement",
+            list(message),
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=self.registry,
+        )
+        self.message_budget_used = Histogram(
+            "transferd_message_budget_used_ratio",
+            "Latency / deadline budget of delivered messages that had a deadline (> 1: late)",
+            list(message),
+            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5, 2, 5),
+            registry=self.registry,
+        )
+        self.class_bytes_acked = counter(
+            "class_bytes_acked", "Chunk bytes the peer acknowledged, by bulk class", *message)
         self.budget_misses = counter(
             "messages_budget_misses", "Messages that missed their deadline, by reason", "peer",
             "kind",
@@ -167,6 +183,13 @@ class Metrics:
         direction = "up" if change.to_streams > change.from_streams else "down"
         self.stream_changes.labels(peer, cls.value, direction).inc()
         self.streams_target.labels(peer, cls.value).set(change.to_streams)
+
+    def count_delivered(self, peer: str, cls: TrafficClass, latency_s: float,
+                        budget_s: float | None) -> None:
+        self.messages_delivered.labels(peer, cls.value).inc()
+        self.message_latency.labels(peer, cls.value).observe(latency_s)
+        if budget_s is not None and budget_s > 0:
+            self.message_budget_used.labels(peer, cls.value).observe(latency_s / budget_s)
 
     def count_compression(self, peer: str, raw_bytes: int, wire_bytes: int) -> None:
         self.compression_in.labels(peer).inc(raw_bytes)
