@@ -95,20 +95,13 @@ class Metrics:
         self.messages_received_late = counter(
             "messages_received_late", "Messages received after their deadline", *message
         )
-        self.message_latency = Histogram(
-            "transferd_message_latency_seconds",
-            "Messages from queued to the peer's acknowledgement",
-            list(message),
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
-            registry=self.registry,
-        )
-        self.message_budget_used = Histogram(
-            "transferd_message_budget_used_ratio",
+        self.message_latency = self._histogram(
+            "message_latency_seconds", "Messages from queued to the peer's acknowledgement",
+            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10), *message)
+        self.message_budget_used = self._histogram(
+            "message_budget_used_ratio",
             "Latency / deadline budget of delivered messages that had a deadline (> 1: late)",
-            list(message),
-            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5, 2, 5),
-            registry=self.registry,
-        )
+            (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5, 2, 5), *message)
         self.class_bytes_acked = counter(
             "class_bytes_acked", "Chunk bytes the peer acknowledged, by bulk class", *message)
         self.budget_misses = counter(
@@ -154,13 +147,10 @@ class Metrics:
                                      "Data segments sent on the data connections", *link)
         self.link_retransmits = counter("link_retransmitted_segments",
                                         "Segments retransmitted on the data connections", *link)
-        self.control_rtt = Histogram(
-            "transferd_link_control_rtt_seconds",
+        self.control_rtt = self._histogram(
+            "link_control_rtt_seconds",
             "Control-plane round trips to the peer (a signed request and its reply)",
-            list(link),
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
-            registry=self.registry,
-        )
+            (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), *link)
 
     def export_link(self, m: LinkMeasurement) -> None:
         """Set the link's gauges from its window's summary (None: the series is left out)."""
@@ -178,6 +168,11 @@ class Metrics:
 
     def _gauge(self, name: str, doc: str, *labels: str) -> Gauge:
         return Gauge(f"transferd_{name}", doc, labels, registry=self.registry)
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...], *labels: str
+                   ) -> Histogram:
+        return Histogram(f"transferd_{name}", doc, labels, buckets=buckets,
+                         registry=self.registry)
 
     def count_stream_change(self, peer: str, cls: TrafficClass, change: StreamChange) -> None:
         direction = "up" if change.to_streams > change.from_streams else "down"
