@@ -663,6 +663,8 @@ def _write_atomically(path: str, text: str) -> None:
 @click.option("--allow-infeasible", is_flag=True,
               help="Write the plan even when workloads, vector indexes or sync rules are "
               "infeasible (their entries are left out or fall short; the problems are listed).")
+@click.option("--measured", "measured_file", type=click.Path(dir_okay=False, path_type=str),
+              help="Plan on the link values `netplan calibrate` measured (its -o file).")
 def plan_command(
     topology_file: str,
     output: str,
@@ -672,14 +674,17 @@ def plan_command(
     max_relays: int | None,
     multipath: bool | None,
     allow_infeasible: bool,
+    measured_file: str | None,
 ) -> None:
     """Write the versioned plan (plan.json) that each site's transferd executes.
 
     A plan with infeasible entries is refused (exit 1, each problem listed) unless
     --allow-infeasible says to write it anyway.
     """
-    topology, report, _applied = _analyze(topology_file, streams, window_bytes, mss_bytes,
-                                          max_relays, multipath)
+    topology, report, applied = _analyze(topology_file, streams, window_bytes, mss_bytes,
+                                         max_relays, multipath, measured_file)
+    if measured_file is not None and output != "-":
+        _print_applied(applied, measured_file)
     problems = report.problems()
     if problems and not allow_infeasible:
         click.echo(f"{InfeasiblePlan(problems)}\nno plan written: fix the topology, or write "
