@@ -45,8 +45,11 @@ async def test_telemetry_reports_the_paced_links_goodput_rtt_and_control_rtt(
             report = await client.acall(LocalRequest("GET", TELEMETRY_ROUTE, TelemetryReport))
         finally:
             client.close()
-        async with aiohttp.ClientSession() as session, session.get(a.url + "/metrics") as r:
-            exposition = await r.text()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(a.url + "/metrics") as r:
+                exposition = await r.text()
+            async with session.get(a.url + TELEMETRY_ROUTE) as unsigned:
+                assert unsigned.status == 401  # the local API's signature, as for status
         # What `netplan calibrate --from` reads: the daemon's URL (/metrics) and its site
         # config (through `transferd telemetry --json`, the signed local API).
         [by_url] = await asyncio.to_thread(collect.from_source, a.url)
