@@ -346,24 +346,29 @@ def test_polling_an_unchanged_folder_costs_one_request(
         return state, moto_s3.requests(s3_bucket)[before:]
 
     first, _ = poll("approved/ours")
-    assert first is not None and first[0] == [("a.bin", 2), ("sub/b.bin", 1)]
+    assert first is not None
+    assert first[0] == [("a.bin", 2), ("sub/b.bin", 1)]
     again, sent = poll("approved/ours")
     assert again == first
     assert sent == [f"HEAD /{s3_bucket}/data/approved/ours/{MANIFEST} HTTP/1.1"]
 
     theirs, _ = poll("approved/theirs")
-    assert theirs is not None and len(theirs[0]) == 30
+    assert theirs is not None
+    assert len(theirs[0]) == 30
     again, sent = poll("approved/theirs")
     assert again == theirs
-    assert len(sent) == 1 and sent[0].startswith(f"GET /{s3_bucket}?list-type=2")
+    assert len(sent) == 1
+    assert sent[0].startswith(f"GET /{s3_bucket}?list-type=2")
 
     # Changes are seen: a new version of ours (a new manifest), a new object in theirs.
     store.commit(_staged(store, {"a.bin": b"aaa"}), "approved/ours")
     changed, _ = poll("approved/ours")
-    assert changed is not None and changed[0] == [("a.bin", 3)]
+    assert changed is not None
+    assert changed[0] == [("a.bin", 3)]
     client.put_object(Bucket=s3_bucket, Key="data/approved/theirs/p-99.bin", Body=b"new")
     grown, _ = poll("approved/theirs")
-    assert grown is not None and ("p-99.bin", 3) in grown[0]
+    assert grown is not None
+    assert ("p-99.bin", 3) in grown[0]
     # The same answers as the calls a poll made before (exists, list_source, newest_mtime).
     for rel in ("approved/ours", "approved/theirs"):
         assert store.folder_state(rel) == (store.list_source(rel)[1], store.newest_mtime(rel))
