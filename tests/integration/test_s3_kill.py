@@ -79,6 +79,24 @@ async def _daemons(tmp_path: Path, **overrides: Any) -> AsyncIterator[_Pair]:
             proc.wait(timeout=20)
 
 
+async def _restarted_step_is_whole(
+    sites: _Pair, s3: MotoS3Server, bucket: str, step: str, digests: dict[str, str]
+) -> None:
+    """B restarts; LATEST comes to name step-200, which holds its shards whole and nothing
+    else."""
+    await sites.restart("B")
+
+    async def latest() -> str:
+        return await asyncio.to_thread(_text, s3, bucket, "site-B/checkpoints/r/LATEST")
+
+    await poll_until(latest, lambda t: t == "step-200\n", timeout_s=90, every_s=0.2)
+    keys = _keys(s3, bucket, step)
+    assert sorted(keys) == sorted([step + n for n in digests] + [step + MANIFEST])
+    for name, digest in digests.items():
+        body = s3.client().get_object(Bucket=bucket, Key=step + name)["Body"].read()
+        assert blake3.blake3(body).hexdigest() == digest
+
+
 async def test_sigkill_of_an_s3_receiver_mid_commit_never_shows_half_a_step(
     tmp_path: Path, moto_s3: MotoS3Server, s3_bucket: str
 ) -> None:
@@ -111,17 +129,7 @@ async def test_sigkill_of_an_s3_receiver_mid_commit_never_shows_half_a_step(
         assert 0 < len(keys) <= SHARDS  # killed with objects written, the manifest not
         assert _text(moto_s3, s3_bucket, "site-B/checkpoints/r/LATEST") == "step-100\n"
 
-        await sites.restart("B")
-
-        async def latest() -> str:
-            return await asyncio.to_thread(_text, moto_s3, s3_bucket, "site-B/checkpoints/r/LATEST")
-
-        await poll_until(latest, lambda t: t == "step-200\n", timeout_s=60, every_s=0.2)
-        keys = _keys(moto_s3, s3_bucket, step)
-        assert sorted(keys) == sorted([step + n for n in digests] + [step + MANIFEST])
-        for name, digest in digests.items():
-            body = moto_s3.client().get_object(Bucket=s3_bucket, Key=step + name)["Body"].read()
-            assert blake3.blake3(body).hexdigest() == digest
+        await _restarted_step_is_whole(sites, moto_s3, s3_bucket, step, digests)
 
 
 async def test_sigkill_of_an_s3_receiver_mid_streaming_upload_never_shows_half_a_step(
@@ -161,17 +169,7 @@ async def test_sigkill_of_an_s3_receiver_mid_streaming_upload_never_shows_half_a
         assert step + MANIFEST not in keys
         assert _text(moto_s3, s3_bucket, "site-B/checkpoints/r/LATEST") == "step-100\n"
 
-        await sites.restart("B")
-
-        async def latest() -> str:
-            return await asyncio.to_thread(_text, moto_s3, s3_bucket, "site-B/checkpoints/r/LATEST")
-
-        await poll_until(latest, lambda t: t == "step-200\n", timeout_s=90, every_s=0.2)
-        keys = _keys(moto_s3, s3_bucket, step)
-        assert sorted(keys) == sorted([step + n for n in digests] + [step + MANIFEST])
-        for name, digest in digests.items():
-            body = moto_s3.client().get_object(Bucket=s3_bucket, Key=step + name)["Body"].read()
-            assert blake3.blake3(body).hexdigest() == digest
+        await _restarted_step_is_whole(sites, moto_s3, s3_bucket, step, digests)
         left = moto_s3.client().list_multipart_uploads(Bucket=s3_bucket, Prefix="site-B/")
         assert left.get("Uploads", []) == []
 
