@@ -524,6 +524,8 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             # Each daemon's event loop: 10 ms timer ticks that ran 20/50/100 ms or more late
             # (the loop busy, or waiting for the GIL or a CPU) over the daemon's life.
             "loop_late": loop_late,
+            # The message client's own loop (a normal-priority process): ticks 20 ms late.
+            "client_loop_late": result.get("client_loop"),
             # The same messages timed inside the sending daemon (queued -> the peer's answer):
             # the rest of p50_ms/p99_ms is the local API hop and the client process.
             **{f"daemon_p{pct}_ms": _percentile(daemon, pct) if daemon else None
