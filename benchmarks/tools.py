@@ -367,6 +367,22 @@ def _wait_channels_warm(lab: Lab, site: str, port: int, peer: str) -> None:
         time.sleep(0.05)
 
 
+def _telemetry(lab: Lab, site: str, config: Path) -> dict[str, Any] | None:
+    """The sending daemon's link telemetry after the run (`transferd telemetry --json`: what
+    `netplan calibrate --from` reads); None for a transferd without it."""
+    done = subprocess.run(lab.in_site(site, _transferd_cmd("telemetry", "--config", str(config),
+                                                           "--json")),
+                          capture_output=True, text=True, timeout=60, env=python_env(),
+                          check=False)
+    if done.returncode != 0:
+        return None
+    try:
+        report: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        return None
+    return report
+
+
 def _profile(ctx: RunContext, name: str, pid: int) -> subprocess.Popen[bytes] | None:
     """With NB_PROFILE=DIR: `py-spy record` attached to `pid`, collapsed stacks per thread
     (`--format raw --threads`, 100 Hz, without pausing the process) written to
@@ -476,6 +492,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
                            env=python_env(), log_dir=lab.workdir, name=tool)
         bulk_done_at = time.time()
         channels = _daemon_counters(lab, ctx.src, TRANSFERD_PORTS[0], ctx.dst)
+        ctx.notes["transferd_telemetry"] = _telemetry(lab, ctx.src, configs[ctx.src])
         loop_late: dict[str, dict[str, int] | None] = {}
         if driver is not None:
             try:
