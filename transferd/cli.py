@@ -140,6 +140,18 @@ def _short_gil_turns() -> None:
     sys.setswitchinterval(GIL_SWITCH_S)
 
 
+def _loop_priority(wanted: str) -> None:
+    """The daemon's event loop (this thread) at real-time priority where the host allows it
+    (`traffic.loop_priority`); one log line says which policy is in effect and why."""
+    import logging
+
+    from transferd.site.threads import raise_loop_priority
+
+    logging.getLogger("transferd.daemon").info(
+        "loop.priority", extra={"fields": {"policy": raise_loop_priority(wanted)}}
+    )
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option(
@@ -162,6 +174,7 @@ def serve(config_path: str, plan_path: str | None) -> None:
     _keep_heap_warm()
     _short_gil_turns()
     config = _config(config_path)
+    _loop_priority(config.traffic.loop_priority)
     plan = None
     if plan_path is not None:
         try:

@@ -90,6 +90,17 @@ def restart_fields(old: SiteConfig, new: SiteConfig) -> list[str]:
     return changed
 
 
+def _thread_schedstat() -> tuple[int, int] | None:
+    """The calling thread's time on a CPU and time waiting in the run queue for one, in ns
+    (Linux /proc/thread-self/schedstat); None elsewhere."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            ran, waited = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return int(ran), int(waited)
+
+
 def _last_activity(staged: Path, journal: Journal, upload: str) -> float:
     """When an open upload last received bytes: the newest time in its staging folder, else
     when it was opened."""
@@ -418,12 +429,19 @@ class Daemon:
         on the loop (a message, a control request) waited for it. Stalls are logged."""
         loop = asyncio.get_running_loop()
         while True:
-            t0 = loop.time()
+            t0, sched0 = loop.time(), _thread_schedstat()
             await asyncio.sleep(LAG_TICK_S)
             lag = max(0.0, loop.time() - t0 - LAG_TICK_S)
             self.metrics.loop_lag.observe(lag)
             if lag >= LAG_LOG_S:
-                log.info("loop.stall", extra={"fields": {"ms": round(lag * 1e3, 1)}})
+                fields: dict[str, float] = {"ms": round(lag * 1e3, 1)}
+                sched1 = _thread_schedstat()
+                if sched0 is not None and sched1 is not None:
+                    # Which wait it was: the loop thread running (busy), waiting in the run
+                    # queue for a CPU, or neither (asleep: waiting for the GIL).
+                    fields["ran_ms"] = round((sched1[0] - sched0[0]) / 1e6, 1)
+                    fields["cpu_wait_ms"] = round((sched1[1] - sched0[1]) / 1e6, 1)
+                log.info("loop.stall", extra={"fields": fields})
 
     async def _sample_links(self) -> None:
         """Every SAMPLE_S: the data channels' tcp_info into each link's window, and the

@@ -379,17 +379,21 @@ class Sender:
             members,
         )
         # The data channels open (if they are not warm already) while the upload opens and the
-        # first chunks are hashed: their round trips overlap instead of adding up.
+        # first chunks are hashed: their round trips overlap instead of adding up. The first
+        # have/want waits for the open's answer (`_ChunkPump.opened`), not the hashing.
         warm = asyncio.create_task(self._warm(link))
+        opened = asyncio.create_task(self._control(job, link, UPLOADS_ROUTE, intent, OpenAnswer))
         try:
-            if (await self._control(job, link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
-                return
-            await self._replicate_chunks(job, link, rel, intent, members)
+            await self._replicate_chunks(job, link, rel, intent, members, opened)
+        except (_AlreadyCommitted, BaseExceptionGroup) as exc:
+            if not _already_committed(exc):
+                raise
         finally:
-            if not warm.done():
-                warm.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TransferdError):
-                await warm
+            for task in (warm, opened):
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TransferdError):
+                    await task
 
     async def _warm(self, link: PeerLink) -> None:
         try:
@@ -406,6 +410,7 @@ class Sender:
         rel: str,
         intent: UploadIntent,
         members: list[tuple[str, int]],
+        opened: asyncio.Task[OpenAnswer],
     ) -> None:
         files: list[_FileState] = []
         try:
@@ -418,7 +423,8 @@ class Sender:
                 job.id, sum(s for _, s in members), sum(len(f.spans) for f in files)
             )
             pump = _ChunkPump(
-                self, job, link, job.traffic_class, intent.upload, [f.source for f in files]
+                self, job, link, job.traffic_class, intent.upload, [f.source for f in files],
+                opened,
             )
             async with asyncio.TaskGroup() as tg:
                 await self._offer_all(pump, tg, files)
@@ -427,6 +433,7 @@ class Sender:
             if pump.deferred:
                 await self._offer_again(pump, files)
             manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
+            await pump.ready()  # a file of no chunks asked nothing yet
             await self._commit(pump, manifest, files)
         finally:
             for state in files:
@@ -529,6 +536,7 @@ class Sender:
     async def _offer(self, pump: _ChunkPump, refs: list[ChunkRef]) -> HaveAnswer:
         """Ask the receiver which of `refs` it still wants (have/want); the others are counted
         as skipped (metric and job)."""
+        await pump.ready()
         path = HAVE_ROUTE.format(upload=pump.upload)
         answer = await self._control(
             pump.job, pump.link, path, HaveRequest(chunks=refs), HaveAnswer
@@ -705,6 +713,17 @@ class _Interrupted(Exception):
     """The daemon is stopping: finish in-flight chunks, start no new ones."""
 
 
+class _AlreadyCommitted(Exception):
+    """The receiver answered the upload's open with `committed`: nothing is left to send."""
+
+
+def _already_committed(exc: BaseException) -> bool:
+    """`exc` is _AlreadyCommitted, or a task group's errors that are all that."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_already_committed(e) for e in exc.exceptions)
+    return isinstance(exc, _AlreadyCommitted)
+
+
 class _ChunkPump:
     """The chunks of one job on the peer's data channels: the peer's gate for the job's class
     admits each one (it bounds the chunks in flight, paces by caps and weights, adapts the
@@ -722,8 +741,10 @@ class _ChunkPump:
         bulk: TrafficClass,
         upload: str,
         sources: list[Source],
+        opened: asyncio.Task[OpenAnswer],
     ) -> None:
         self.sender = sender
+        self.opened = opened  # the upload's open request, under way while chunks are hashed
         self.job = job
         self.link = link
         self.bulk = bulk
@@ -735,6 +756,12 @@ class _ChunkPump:
         self.started: set[str] = set()  # chunk hashes sent (or being sent) in this job
         self.deferred: list[ChunkRef] = []  # duplicates of those, to offer once they landed
         self.loop = asyncio.get_running_loop()
+
+    async def ready(self) -> None:
+        """Until the receiver has opened the upload; a receiver that has it committed
+        already (a job run again after its commit) ends the job here."""
+        if (await asyncio.shield(self.opened)).committed:
+            raise _AlreadyCommitted
 
     def spawn(
         self,
