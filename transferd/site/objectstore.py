@@ -41,7 +41,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from contextlib import contextmanager, suppress
@@ -92,7 +92,8 @@ class _WholeObjects:
     object nobody will read; a fetch that cannot get a slot within a minute gives up (the reader
     then falls back to ranged GETs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: Callable[[], Any] | None = None) -> None:
+        self._client = client  # a blocking S3 client, if the store has one (`_make_client`)
         self._pool = ThreadPoolExecutor(_WHOLE_AT_ONCE, thread_name_prefix="transferd-s3-get")
         self._slots = threading.Semaphore(_WHOLE_AT_ONCE)
 
@@ -103,7 +104,13 @@ class _WholeObjects:
         if not self._slots.acquire(timeout=60):
             return None
         try:
-            return bytes(fs.cat_file(path))
+            client = self._client() if self._client is not None else None
+            if client is None:
+                return bytes(fs.cat_file(path))
+            # In this pool thread, not on s3fs's one loop thread; botocore still checks the
+            # object's CRC as the body is read, as for s3fs.
+            bucket, _, key = path.partition("/")
+            return bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
         except Exception:  # noqa: BLE001 - the reader's own ranged GET reports the error
             self._slots.release()
             return None
@@ -267,7 +274,7 @@ class ObjectStorage(FsspecStorage):
         for rel, streaming in self._intents():
             if not streaming:
                 self._committing[rel] = self._committing.get(rel, 0) + 1
-        self._whole_objects = _WholeObjects()
+        self._whole_objects = _WholeObjects(self._client)
         self._s3 = "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else ())
         self._options = storage_options
         self._client_lock = threading.Lock()
