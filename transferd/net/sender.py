@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -40,12 +40,13 @@ from transferd.errors import (
 from transferd.net.channels import OutgoingChunk, PeerChannels
 from transferd.net.peer_client import PeerLink, retrying
 from transferd.net.pump import PeerTraffic
+from transferd.net.routes import RELAY_RETRY_BUDGET_S, RouteBook
 from transferd.protocol.auth import Keys
 from transferd.protocol.backoff import job_retry_delay
 from transferd.protocol.channel import DataChannelAnswer, Receipt, ReceiptStatus
 from transferd.protocol.chunks import blake3_hex, fixed_spans
 from transferd.protocol.codec import CompressionPolicy, Encoded, zstd_compress
-from transferd.protocol.local_api import Job, JobState
+from transferd.protocol.local_api import Job, JobRoute, JobState
 from transferd.protocol.manifest import (
     ChunkRef,
     CommitAnswer,
@@ -118,6 +119,7 @@ class Sender:
         data_addresses: dict[str, tuple[str, int] | None] | None = None,
         retry_budget_s: float = 30.0,
         max_jobs: int = 4,
+        residency: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.site = site
         self.storage = storage
@@ -136,6 +138,9 @@ class Sender:
         self._data_addresses: dict[str, tuple[str, int]] = {}
         self.retry_budget_s = retry_budget_s
         self.max_jobs = max_jobs
+        # Regions the data under each path prefix may be held in (site config and plan).
+        self.residency = {p.rstrip("/"): sorted(r) for p, r in (residency or {}).items()}
+        self.routes = RouteBook()
         self.compression = {
             # Compression runs on the chunk worker threads: as many in parallel as there are cores.
             peer: CompressionPolicy.from_setting(compression, workers=os.cpu_count() or 1)
@@ -155,10 +160,13 @@ class Sender:
         dests: list[str],
         traffic_class: TrafficClass | None = None,
         timeout_s: float | None = None,
+        via: Sequence[str] = (),
+        routes: Sequence[JobRoute] = (),
     ) -> list[str]:
         """Queue replication of `path` to each of `dests` on `traffic_class` (default: by tier,
         checkpoints/ on the checkpoint class, the rest on sync), failing a job still not
-        committed `timeout_s` from now; policy is checked here, first."""
+        committed `timeout_s` from now, through the relays `via` (or along `routes`, e.g. a
+        plan's, main one first); policy is checked here, first."""
         try:
             rel = normalize_rel_path(path)
             check_may_leave_site(rel)
@@ -169,13 +177,20 @@ class Sender:
         unknown = [d for d in dests if d not in self.links]
         if unknown or not dests:
             raise ProtocolError(f"unknown destination site(s): {', '.join(unknown) or '(none)'}")
+        if via:
+            routes = [JobRoute(via=list(via))]
+        relays = [r for route in routes for r in route.via]
+        if any(r not in self.links or r in dests or r == self.site for r in relays):
+            bad = [r for r in relays if r not in self.links or r in dests or r == self.site]
+            raise ProtocolError(f"relay(s) {', '.join(bad)}: not a peer of this site, or an end "
+                                "of the transfer", field="via")
         ids = []
         now = self.clock()
         deadline = None if timeout_s is None else now + timeout_s
         for dest in dests:
             job_id = uuid.uuid4().hex
             cls = traffic_class or traffic_class_for(rel)
-            self.journal.add_job(job_id, rel, dest, cls, now, deadline)
+            self.journal.add_job(job_id, rel, dest, cls, now, deadline, routes)
             ids.append(job_id)
             log.info("job.queued", extra={"fields": {"job": job_id, "path": rel, "dest": dest}})
         self._wake.set()
@@ -363,11 +378,19 @@ class Sender:
         self.metrics.job_seconds.labels(outcome).observe(time.monotonic() - started)
 
     # -- one replication ------------------------------------------------------------------------
+    def residency_for(self, rel: str) -> list[str]:
+        """The regions data at `rel` may be held in (the longest matching prefix; [] for
+        anywhere)."""
+        best = ""
+        for prefix in self.residency:
+            if (rel == prefix or rel.startswith(prefix + "/")) and len(prefix) > len(best):
+                best = prefix
+        return self.residency.get(best, []) if best else []
+
     async def _replicate(self, job: Job) -> None:
         rel = normalize_rel_path(job.path)
         check_may_leave_site(rel)
-        link = self.links.get(job.dest)
-        if link is None:
+        if job.dest not in self.links:
             raise ProtocolError(f"destination {job.dest!r} is not a peer of this site")
         kind, members = await asyncio.to_thread(self.storage.list_source, rel)
         intent = upload_intent(
@@ -377,14 +400,50 @@ class Sender:
             rel,
             "file" if kind == "file" else "folder",
             members,
+            self.residency_for(rel),
         )
+        # Route by route (main first, direct last): a relay route that fails on a transient
+        # error hands the job to the next at once; the destination's have/want answer then
+        # says what it already has, so nothing it holds is sent again.
+        routes = self.routes.routes_for(job)
+        for i, route in enumerate(routes):
+            self.routes.started(job.id, job.dest, route.via)
+            try:
+                await self._replicate_on(job, route.via, rel, intent, members)
+            except (TransferdError, BaseExceptionGroup) as exc:
+                err = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+                if (i == len(routes) - 1 or not route.via or self._stopping
+                        or not isinstance(err, TransferdError) or not err.transient):
+                    raise
+                self.routes.failed(job.id, job.dest, route.via, str(err))
+                continue
+            self.routes.ended(job.id, job.dest, route.via)
+            return
+
+    async def _replicate_on(
+        self,
+        job: Job,
+        via: tuple[str, ...],
+        rel: str,
+        intent: UploadIntent,
+        members: list[tuple[str, int]],
+    ) -> None:
+        """The job along one route: through the relays `via` (the first one's link and data
+        channels; each relay passes it on), or direct."""
+        first = via[0] if via else job.dest
+        link = self.links.get(first)
+        if link is None:
+            raise ProtocolError(f"relay {first!r} is not a peer of this site")
+        budget = min(self.retry_budget_s, RELAY_RETRY_BUDGET_S) if via else self.retry_budget_s
+        path = UPLOADS_ROUTE + (f"?via={','.join(via[1:])}" if len(via) > 1 else "")
         # The data channels open (if they are not warm already) while the upload opens and the
         # first chunks are hashed: their round trips overlap instead of adding up.
         warm = asyncio.create_task(self._warm(link))
         try:
-            if (await self._control(job, link, UPLOADS_ROUTE, intent, OpenAnswer)).committed:
+            if (await self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
+                    ).committed:
                 return
-            await self._replicate_chunks(job, link, rel, intent, members)
+            await self._replicate_chunks(job, link, rel, intent, members, via, budget)
         finally:
             if not warm.done():
                 warm.cancel()
@@ -406,6 +465,8 @@ class Sender:
         rel: str,
         intent: UploadIntent,
         members: list[tuple[str, int]],
+        via: tuple[str, ...] = (),
+        budget_s: float | None = None,
     ) -> None:
         files: list[_FileState] = []
         try:
@@ -418,7 +479,8 @@ class Sender:
                 job.id, sum(s for _, s in members), sum(len(f.spans) for f in files)
             )
             pump = _ChunkPump(
-                self, job, link, job.traffic_class, intent.upload, [f.source for f in files]
+                self, job, link, job.traffic_class, intent.upload, [f.source for f in files],
+                via=via, budget_s=budget_s,
             )
             async with asyncio.TaskGroup() as tg:
                 await self._offer_all(pump, tg, files)
@@ -531,7 +593,8 @@ class Sender:
         as skipped (metric and job)."""
         path = HAVE_ROUTE.format(upload=pump.upload)
         answer = await self._control(
-            pump.job, pump.link, path, HaveRequest(chunks=refs), HaveAnswer
+            pump.job, pump.link, path, HaveRequest(chunks=refs), HaveAnswer,
+            budget_s=pump.budget_s,
         )
         skipped = len(refs) - len(set(answer.want))
         if skipped > 0:
@@ -569,7 +632,8 @@ class Sender:
         peer = pump.link.peer
         for _round in range(COMMIT_ROUNDS):
             answer = await self._control(
-                pump.job, pump.link, path, signed, CommitAnswer, accept=(200, 409)
+                pump.job, pump.link, path, signed, CommitAnswer, accept=(200, 409),
+                budget_s=pump.budget_s,
             )
             if answer.committed:
                 return
@@ -597,6 +661,7 @@ class Sender:
         body: WireModel,
         answer: type[A],
         accept: tuple[int, ...] = (200,),
+        budget_s: float | None = None,
     ) -> A:
         """A control request (POST) of `job`, retried while its error is transient (each
         attempt signed afresh) within the retry budget; retries count and show in the job."""
@@ -609,7 +674,7 @@ class Sender:
                 accept=accept,
                 on_wire=lambda n, again: self.count_wire(job.id, link.peer, n, again),
             ),
-            budget_s=self.retry_budget_s,
+            budget_s=self.retry_budget_s if budget_s is None else budget_s,
             on_retry=lambda exc, delay: self.note_retry(job.id, link.peer, exc, delay),
         )
         self.clear_note(job.id)
@@ -726,8 +791,12 @@ class _ChunkPump:
         bulk: TrafficClass,
         upload: str,
         sources: list[Source],
+        via: tuple[str, ...] = (),
+        budget_s: float | None = None,
     ) -> None:
         self.sender = sender
+        self.via = via  # the relays this job's chunks go through (empty: direct)
+        self.budget_s = sender.retry_budget_s if budget_s is None else budget_s
         self.job = job
         self.link = link
         self.bulk = bulk
@@ -891,14 +960,18 @@ class _ChunkPump:
                 raise StorageError(f"{peer}: {receipt.reason}")
             if receipt.status is ReceiptStatus.REFUSED:
                 raise ProtocolError(f"{peer} refused a chunk: {receipt.reason}")
+            if receipt.status is ReceiptStatus.UNREACHABLE:
+                raise TransportError(f"{peer} could not pass a chunk on: {receipt.reason}",
+                                     peer=peer)
             s.compression[peer].observe_link(wire * max(1, in_flight), time.perf_counter() - t0)
             return encoded, wire
 
         try:
             encoded, wire = await retrying(
-                attempt, budget_s=s.retry_budget_s, on_retry=count_retry
+                attempt, budget_s=self.budget_s, on_retry=count_retry
             )
             s.clear_note(self.job.id)
+            s.routes.acked(self.job.id, self.job.dest, self.via, encoded.raw_length)
             acked = wire
             s.metrics.chunks_sent.labels(peer).inc()
             s.metrics.count_compression(peer, encoded.raw_length, wire)
