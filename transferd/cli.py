@@ -229,6 +229,12 @@ def _failed_exit(jobs: list[Job]) -> int:
     help="relay site(s) the bytes go through, in order, comma-separated (a manual route; the "
     "direct path is the fallback if a relay fails)",
 )
+@click.option(
+    "--multipath",
+    is_flag=True,
+    help="with --via: send over the relayed path and the direct one at once, each chunk on "
+    "the path that would finish it first",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 def send(
     path: str,
@@ -237,6 +243,7 @@ def send(
     wait: bool,
     timeout_s: float | None,
     via: str,
+    multipath: bool,
     as_json: bool,
 ) -> None:
     """Ask the local daemon to replicate PATH (relative to data_dir) to other sites."""
@@ -251,10 +258,15 @@ def send(
     if bad:
         problem = f"--via: not a peer in {config_path}, or a destination: {', '.join(bad)}"
         _fail(ConfigError(problem), as_json)
+    if multipath and not relays:
+        _fail(ConfigError("--multipath: needs a relayed path (--via) beside the direct one"),
+              as_json)
     rel = _relative_to_data_dir(config, path)
 
     started = time.monotonic()
-    send_jobs = SendRequest(path=rel, to=dests, timeout_s=timeout_s, via=relays)
+    send_jobs = SendRequest(
+        path=rel, to=dests, timeout_s=timeout_s, via=relays, multipath=multipath
+    )
     request = LocalRequest("POST", LOCAL_SEND_ROUTE, SendAnswer, body=send_jobs)
 
     def send_and_poll(client: LocalClient) -> list[Job]:

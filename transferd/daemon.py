@@ -265,8 +265,11 @@ class Daemon:
         dests: list[str],
         timeout_s: float | None = None,
         via: list[str] | None = None,
+        multipath: bool = False,
     ) -> list[str]:
-        return self.sender.submit(path, dests, timeout_s=timeout_s, via=via or ())
+        return self.sender.submit(
+            path, dests, timeout_s=timeout_s, via=via or (), multipath=multipath
+        )
 
     def job(self, job_id: str) -> Job | None:
         return self.journal.job(job_id)

@@ -13,11 +13,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from transferd.errors import TransferdError, TransportError
 from transferd.protocol.local_api import Job, RouteStatus
 from transferd.protocol.routes import Route, fallback_order, route_label
 
-__all__ = ["ROUTE_DOWN_S", "RELAY_RETRY_BUDGET_S", "RouteBook"]
+__all__ = ["ROUTE_DOWN_S", "RELAY_RETRY_BUDGET_S", "RouteBook", "RouteDealer"]
 
 log = logging.getLogger("transferd.sender")
 
@@ -103,3 +105,99 @@ class RouteBook:
             out.append(RouteStatus(route=stat.label, state=stat.state, chunks=stat.chunks,
                                    bytes=stat.bytes, rate_bytes_per_s=rate))
         return out
+
+
+class RouteDealer:
+    """The chunks of one job dealt over several routes at once (multipath). It stands where
+    the sender's single pump stands: `gate.acquire(n)` picks the route for the next chunk and
+    takes a slot on that route's own gate, `spawn` sends it there.
+
+    Theory of operation: the next chunk goes to the route, among those with room on their gate,
+    that would finish it earliest: ETA_r = (bytes in flight on r + n) / rate_r. rate_r is the
+    route's measured rate for this job (acknowledged bytes per second) once it has one; before
+    that, its planned share scaled by the measured routes' rate per share (or the share alone
+    while none is measured). So chunks start in the plan's shares and then follow the measured
+    rates, and every route finishes together within about a chunk's time. A chunk whose route
+    fails (a transient error past that route's retry budget) is sent again on another route,
+    and the failed route takes no more chunks."""
+
+    def __init__(self, book: RouteBook, job: Job, routes: Sequence[Route],
+                 pumps: Sequence[Any], control: Any) -> None:
+        self.book = book
+        self.job = job
+        self.routes = list(routes)
+        self.pumps = list(pumps)
+        self.control = control  # the pump whose link carries have/want and the commit
+        self.link = control.link
+        self.upload = control.upload
+        self.budget_s = control.budget_s
+        self.started: set[str] = set()
+        self.deferred: list[Any] = []
+        self.inflight = [0] * len(pumps)
+        self.down: set[int] = set()
+        self._chosen: list[int] = []
+        self.gate = self  # `await dealer.gate.acquire(n)` as with one pump
+
+    def _rates(self) -> list[float]:
+        measured = [self.book.sent_since(self.job.id, self.job.dest, r.via) for r in self.routes]
+        known = [(m, r.share) for m, r in zip(measured, self.routes, strict=True) if m]
+        per_share = (sum(m for m, _ in known) / max(1e-9, sum(s for _, s in known))
+                     if known else 1.0)
+        return [m if m else max(r.share, 1e-3) * per_share
+                for m, r in zip(measured, self.routes, strict=True)]
+
+    def pick(self, n: int) -> int:
+        live = [i for i in range(len(self.pumps)) if i not in self.down]
+        if not live:
+            raise TransportError("every route of the job failed", peer=self.job.dest)
+        rates = self._rates()
+        roomy = [i for i in live if self.pumps[i].gate.in_flight < self.pumps[i].gate.limit]
+        return min(roomy or live, key=lambda i: ((self.inflight[i] + n) / rates[i], i))
+
+    async def acquire(self, n: int) -> None:
+        i = self.pick(n)
+        await self.pumps[i].gate.acquire(n)
+        self.inflight[i] += n
+        self._chosen.append(i)
+
+    def fail(self, i: int, error: str) -> None:
+        if i not in self.down:
+            self.down.add(i)
+            self.book.failed(self.job.id, self.job.dest, self.routes[i].via, error)
+
+    def spawn(self, tg: Any, digest: str, locations: list[tuple[int, int]], view: memoryview,
+              window: Any) -> None:
+        """Send the chunk on the route `acquire` chose (its slot is taken); on that route's
+        failure, on another."""
+        on = [self._chosen.pop()]  # the route the chunk is on now
+        n = len(view)
+        began = False
+
+        async def run() -> None:
+            nonlocal began
+            began = True
+            v, w = view, window
+            while True:
+                try:
+                    await self.pumps[on[0]].put(digest, locations, v, w)
+                    return
+                except TransferdError as exc:
+                    if not exc.transient or len(self.pumps) - len(self.down) <= 1:
+                        raise
+                    self.fail(on[0], str(exc))
+                    # `put` gave its slot and the mapping back: another route's slot, and the
+                    # bytes again from the source.
+                    v, w = memoryview(b""), None
+                    self.inflight[on[0]] -= n
+                    on[0] = self.pick(n)
+                    self.inflight[on[0]] += n
+                    await self.pumps[on[0]].gate.acquire(n)
+
+        def settle(_task: Any) -> None:
+            self.inflight[on[0]] -= n
+            if not began:  # cancelled before it ran: its slot and mapping go back here
+                if window is not None:
+                    window.discard()
+                self.pumps[on[0]].gate.release(0, 0)
+
+        tg.create_task(run()).add_done_callback(settle)

@@ -40,7 +40,7 @@ from transferd.errors import (
 from transferd.net.channels import OutgoingChunk, PeerChannels
 from transferd.net.peer_client import PeerLink, retrying
 from transferd.net.pump import PeerTraffic
-from transferd.net.routes import RELAY_RETRY_BUDGET_S, RouteBook
+from transferd.net.routes import RELAY_RETRY_BUDGET_S, RouteBook, RouteDealer
 from transferd.protocol.auth import Keys
 from transferd.protocol.backoff import job_retry_delay
 from transferd.protocol.channel import DataChannelAnswer, Receipt, ReceiptStatus
@@ -57,6 +57,7 @@ from transferd.protocol.manifest import (
     UploadIntent,
 )
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
+from transferd.protocol.routes import Route
 from transferd.protocol.upload import (
     offer_batches,
     plan_offer,
@@ -162,6 +163,7 @@ class Sender:
         timeout_s: float | None = None,
         via: Sequence[str] = (),
         routes: Sequence[JobRoute] = (),
+        multipath: bool = False,
     ) -> list[str]:
         """Queue replication of `path` to each of `dests` on `traffic_class` (default: by tier,
         checkpoints/ on the checkpoint class, the rest on sync), failing a job still not
@@ -178,7 +180,10 @@ class Sender:
         if unknown or not dests:
             raise ProtocolError(f"unknown destination site(s): {', '.join(unknown) or '(none)'}")
         if via:
-            routes = [JobRoute(via=list(via))]
+            # `multipath`: the relayed path and the direct one at once, even shares to start
+            # (the measured rates take over).
+            routes = [JobRoute(via=list(via), share=0.5 if multipath else 1.0)]
+            routes += [JobRoute(via=[], share=0.5)] if multipath else []
         relays = [r for route in routes for r in route.via]
         if any(r not in self.links or r in dests or r == self.site for r in relays):
             bad = [r for r in relays if r not in self.links or r in dests or r == self.site]
@@ -406,6 +411,19 @@ class Sender:
         # error hands the job to the next at once; the destination's have/want answer then
         # says what it already has, so nothing it holds is sent again.
         routes = self.routes.routes_for(job)
+        live = [r for r in routes if r.share > 0 and not self.routes.is_down(job.dest, r.via)]
+        if len(job.routes) > 1 and len(live) > 1:
+            # Multipath: every live route at once. Should the route carrying the control
+            # requests fail, the job goes on route by route.
+            try:
+                await self._replicate_multi(job, live, rel, intent, members)
+                return
+            except (TransferdError, BaseExceptionGroup) as exc:
+                err = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+                if self._stopping or not isinstance(err, TransferdError) or not err.transient:
+                    raise
+                self.routes.failed(job.id, job.dest, live[0].via, str(err))
+                routes = self.routes.routes_for(job)
         for i, route in enumerate(routes):
             self.routes.started(job.id, job.dest, route.via)
             try:
@@ -419,6 +437,53 @@ class Sender:
                 continue
             self.routes.ended(job.id, job.dest, route.via)
             return
+
+    async def _replicate_multi(
+        self,
+        job: Job,
+        routes: list[Route],
+        rel: str,
+        intent: UploadIntent,
+        members: list[tuple[str, int]],
+    ) -> None:
+        """The job over all of `routes` at once (`net.routes.RouteDealer` deals the chunks);
+        the upload opens at each route's first hop, have/want and the commit go on the first."""
+        hops: list[tuple[PeerLink, float, tuple[str, ...]]] = []
+        for route in routes:
+            first = route.via[0] if route.via else job.dest
+            link = self.links.get(first)
+            if link is None:
+                raise ProtocolError(f"relay {first!r} is not a peer of this site")
+            budget = (min(self.retry_budget_s, RELAY_RETRY_BUDGET_S) if route.via
+                      else self.retry_budget_s)
+            self.routes.started(job.id, job.dest, route.via)
+            path = UPLOADS_ROUTE + (f"?via={','.join(route.via[1:])}" if len(route.via) > 1
+                                    else "")
+            if (await self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
+                    ).committed:
+                return
+            hops.append((link, budget, route.via))
+        warm = [asyncio.create_task(self._warm(link)) for link, _b, _v in hops]
+
+        def dealer(sources: list[Source]) -> RouteDealer:
+            pumps = [
+                _ChunkPump(self, job, link, job.traffic_class, intent.upload, sources,
+                           via=via, budget_s=budget)
+                for link, budget, via in hops
+            ]
+            return RouteDealer(self.routes, job, routes, pumps, control=pumps[0])
+
+        try:
+            await self._replicate_chunks(job, hops[0][0], rel, intent, members,
+                                         make_pump=dealer)
+        finally:
+            for task in warm:
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TransferdError):
+                    await task
+        for route in routes:
+            self.routes.ended(job.id, job.dest, route.via)
 
     async def _replicate_on(
         self,
@@ -467,6 +532,7 @@ class Sender:
         members: list[tuple[str, int]],
         via: tuple[str, ...] = (),
         budget_s: float | None = None,
+        make_pump: Callable[[list[Source]], RouteDealer] | None = None,
     ) -> None:
         files: list[_FileState] = []
         try:
@@ -478,9 +544,11 @@ class Sender:
             self.journal.size_job(
                 job.id, sum(s for _, s in members), sum(len(f.spans) for f in files)
             )
-            pump = _ChunkPump(
-                self, job, link, job.traffic_class, intent.upload, [f.source for f in files],
-                via=via, budget_s=budget_s,
+            pump: _ChunkPump | RouteDealer = (
+                make_pump([f.source for f in files]) if make_pump is not None else _ChunkPump(
+                    self, job, link, job.traffic_class, intent.upload,
+                    [f.source for f in files], via=via, budget_s=budget_s,
+                )
             )
             async with asyncio.TaskGroup() as tg:
                 await self._offer_all(pump, tg, files)
@@ -495,7 +563,7 @@ class Sender:
                 state.source.close()
 
     async def _offer_all(
-        self, pump: _ChunkPump, tg: asyncio.TaskGroup, files: list[_FileState]
+        self, pump: _ChunkPump | RouteDealer, tg: asyncio.TaskGroup, files: list[_FileState]
     ) -> None:
         """Start a PUT for every wanted chunk of every file, as soon as a stream is free.
 
@@ -541,7 +609,7 @@ class Sender:
 
     async def _hash_and_offer(
         self,
-        pump: _ChunkPump,
+        pump: _ChunkPump | RouteDealer,
         queue: asyncio.Queue[_Wanted | None],
         ahead: asyncio.Semaphore,
         index: int,
@@ -588,7 +656,7 @@ class Sender:
                 )
         return True
 
-    async def _offer(self, pump: _ChunkPump, refs: list[ChunkRef]) -> HaveAnswer:
+    async def _offer(self, pump: _ChunkPump | RouteDealer, refs: list[ChunkRef]) -> HaveAnswer:
         """Ask the receiver which of `refs` it still wants (have/want); the others are counted
         as skipped (metric and job)."""
         path = HAVE_ROUTE.format(upload=pump.upload)
@@ -609,7 +677,7 @@ class Sender:
             )
         return answer
 
-    async def _offer_again(self, pump: _ChunkPump, files: list[_FileState]) -> None:
+    async def _offer_again(self, pump: _ChunkPump | RouteDealer, files: list[_FileState]) -> None:
         """Offer the deferred duplicate chunks now that their first copy has landed."""
         refs, pump.deferred = pump.deferred, []
         for start in range(0, len(refs), 4096):
@@ -625,7 +693,7 @@ class Sender:
                     pump.spawn(tg, ref.hash, [(ref.file, ref.offset)], view, window)
 
     async def _commit(
-        self, pump: _ChunkPump, manifest: Manifest, files: list[_FileState]
+        self, pump: _ChunkPump | RouteDealer, manifest: Manifest, files: list[_FileState]
     ) -> None:
         signed = manifest.sign(self.keys)
         path = COMMIT_ROUTE.format(upload=pump.upload)

@@ -75,7 +75,7 @@ class LocalApi(Protocol):
 
     def submit(
         self, path: str, dests: list[str], timeout_s: float | None = None,
-        via: list[str] | None = None,
+        via: list[str] | None = None, multipath: bool = False,
     ) -> list[str]: ...
     def job(self, job_id: str) -> Job | None: ...
     async def job_ended(self, timeout_s: float) -> None: ...
@@ -195,7 +195,8 @@ def build_app(
         auth = own_cli(request)
         send = parse_body(SendRequest, await body_of(request, auth))
         return _answer(
-            SendAnswer(jobs=local.submit(send.path, send.to, send.timeout_s, send.via))
+            SendAnswer(jobs=local.submit(send.path, send.to, send.timeout_s, send.via,
+                                         send.multipath))
         )
 
     async def local_jobs(request: web.Request) -> web.Response:

@@ -96,6 +96,7 @@ class SendRequest(WireModel):
     to: Annotated[list[str], Field(min_length=1, max_length=1000)]
     timeout_s: Annotated[float, Field(gt=0)] | None = None
     via: Annotated[list[SiteName], Field(max_length=8)] = []  # relays, in order (`--via`)
+    multipath: bool = False  # the relayed path and the direct one at once (`--multipath`)
 
 
 class SendAnswer(WireModel):
