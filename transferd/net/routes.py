@@ -27,6 +27,7 @@ ROUTE_DOWN_S = 60.0  # a failed route is tried again after this (or when no othe
 # How long a chunk or request on a relay route keeps retrying before the job moves to its next
 # route: short, since another path exists (the direct one at least), unlike a direct peer.
 RELAY_RETRY_BUDGET_S = 3.0
+KEEP_JOBS = 1000  # jobs whose per-route figures `status` can show
 
 
 @dataclass
@@ -35,7 +36,7 @@ class _RouteStat:
     state: str = "active"
     chunks: int = 0
     bytes: int = 0
-    first_at: float | None = None
+    started_at: float | None = None  # when the route began carrying the job (this time)
     last_at: float | None = None
 
 
@@ -58,6 +59,8 @@ class RouteBook:
 
     def _stat(self, job_id: str, dest: str, via: Sequence[str]) -> _RouteStat:
         label = route_label(dest, via)
+        if job_id not in self._stats and len(self._stats) >= KEEP_JOBS:
+            del self._stats[next(iter(self._stats))]  # the oldest job's (dicts keep order)
         per_job = self._stats.setdefault(job_id, {})
         if label not in per_job:
             per_job[label] = _RouteStat(label)
@@ -66,6 +69,8 @@ class RouteBook:
     def started(self, job_id: str, dest: str, via: Sequence[str]) -> None:
         stat = self._stat(job_id, dest, via)
         stat.state = "active"
+        if stat.started_at is None:
+            stat.started_at = self.clock()
 
     def failed(self, job_id: str, dest: str, via: Sequence[str], error: str) -> None:
         self._down_until[(dest, tuple(via))] = self.clock() + ROUTE_DOWN_S
@@ -81,30 +86,30 @@ class RouteBook:
     def acked(self, job_id: str, dest: str, via: Sequence[str], nbytes: int) -> None:
         stat = self._stat(job_id, dest, via)
         now = self.clock()
-        if stat.first_at is None:
-            stat.first_at = now
+        if stat.started_at is None:
+            stat.started_at = now
         stat.last_at = now
         stat.chunks += 1
         stat.bytes += nbytes
 
-    def sent_since(self, job_id: str, dest: str, via: Sequence[str]) -> float | None:
-        """The route's rate for this job so far (bytes/s), None before two acknowledgements."""
-        stat = self._stats.get(job_id, {}).get(route_label(dest, via))
-        if stat is None or stat.first_at is None or stat.last_at is None:
+    @staticmethod
+    def _rate(stat: _RouteStat) -> float | None:
+        """Acknowledged bytes over the time since the route began carrying the job (its start
+        counts: a route is as fast as what it delivered since it was given the job)."""
+        if stat.started_at is None or stat.last_at is None or not stat.chunks:
             return None
-        span = stat.last_at - stat.first_at
-        return stat.bytes / span if span > 0 and stat.chunks > 1 else None
+        span = stat.last_at - stat.started_at
+        return stat.bytes / span if span > 0 else None
+
+    def sent_since(self, job_id: str, dest: str, via: Sequence[str]) -> float | None:
+        """The route's rate for this job so far (bytes/s); None before its first chunk."""
+        stat = self._stats.get(job_id, {}).get(route_label(dest, via))
+        return None if stat is None else self._rate(stat)
 
     def status(self, job_id: str) -> list[RouteStatus]:
-        out = []
-        for stat in self._stats.get(job_id, {}).values():
-            rate = None
-            if stat.first_at is not None and stat.last_at is not None and stat.chunks > 1:
-                span = stat.last_at - stat.first_at
-                rate = stat.bytes * (stat.chunks - 1) / stat.chunks / span if span > 0 else None
-            out.append(RouteStatus(route=stat.label, state=stat.state, chunks=stat.chunks,
-                                   bytes=stat.bytes, rate_bytes_per_s=rate))
-        return out
+        return [RouteStatus(route=s.label, state=s.state, chunks=s.chunks, bytes=s.bytes,
+                            rate_bytes_per_s=self._rate(s))
+                for s in self._stats.get(job_id, {}).values()]
 
 
 class RouteDealer:

@@ -5,12 +5,7 @@ A job carries its routes with the share of chunks each should carry (the plan's 
 manual `send --via`); the sender walks them in order and falls back along the list when one
 fails, the direct path last (`fallback_order`).
 
-Theory of operation for multipath (`ShareSplitter`): chunks are dealt to routes so that each
-route's count of chunks handed out tracks its target fraction of all chunks handed out so far
-(the largest deficit goes next: weighted round robin with no drift). The fractions start at the
-plan's shares; once every live route has a measured rate (bytes acknowledged per second over the
-job so far), they follow the rates, so that all routes finish together. A route that fails is
-dropped from the split and its chunks go to the others.
+Several routes at once (multipath) are dealt chunks by `net.routes.RouteDealer`.
 
 Residency: a dataset may carry the regions it may be held in (`residency`); every site that
 would hold any of its bytes (a relay, the destination) checks its own region before a byte is
@@ -21,13 +16,12 @@ hop refused.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from transferd.errors import PolicyViolation
 
 __all__ = [
     "Route",
-    "ShareSplitter",
     "check_residency",
     "fallback_order",
     "route_label",
@@ -81,40 +75,3 @@ def check_residency(site: str, region: str | None, residency: Sequence[str], rol
             f"{role} {site} is in region {region}, outside the data's residency [{allowed}]",
             hop=site,
         )
-
-
-@dataclass
-class ShareSplitter:
-    """Deals chunks to routes by target fraction (see the module's theory of operation)."""
-
-    shares: dict[int, float]  # route index -> planned share
-    dealt: dict[int, int] = field(default_factory=dict)
-    rates: dict[int, float] = field(default_factory=dict)  # bytes/s measured per route
-    down: set[int] = field(default_factory=set)
-
-    def fractions(self) -> dict[int, float]:
-        live = [i for i in self.shares if i not in self.down]
-        if not live:
-            return {}
-        if all(self.rates.get(i, 0.0) > 0 for i in live):
-            weights = {i: self.rates[i] for i in live}
-        else:
-            weights = {i: max(self.shares[i], 1e-9) for i in live}
-        total = sum(weights.values())
-        return {i: w / total for i, w in weights.items()}
-
-    def next_route(self) -> int | None:
-        """The route the next chunk goes on (None: every route is down)."""
-        fractions = self.fractions()
-        if not fractions:
-            return None
-        n = sum(self.dealt.get(i, 0) for i in fractions) + 1
-        best = max(fractions, key=lambda i: (fractions[i] * n - self.dealt.get(i, 0), -i))
-        self.dealt[best] = self.dealt.get(best, 0) + 1
-        return best
-
-    def observe(self, route: int, bytes_per_s: float) -> None:
-        self.rates[route] = bytes_per_s
-
-    def fail(self, route: int) -> None:
-        self.down.add(route)
