@@ -145,9 +145,12 @@ class _Held:
         if self.released:
             return
         self.released = True
-        self.view.release()
-        if self.mapping is not None:
-            self.mapping.close()
+        # A chunk given up on (the next hop timed out) may still be in a channel's send: its
+        # buffer then goes with the last reference instead.
+        with contextlib.suppress(BufferError):
+            self.view.release()
+            if self.mapping is not None:
+                self.mapping.close()
         self.window._give_back("memory" if self.mapping is None else "spill", self.length)
 
 
