@@ -121,10 +121,11 @@ class RouteDealer:
     that would finish it earliest: ETA_r = (bytes in flight on r + n) / rate_r. rate_r is the
     route's measured rate for this job (acknowledged bytes per second) once it has one; before
     that, its planned share scaled by the measured routes' rate per share (or the share alone
-    while none is measured). So chunks start in the plan's shares and then follow the measured
-    rates, and every route finishes together within about a chunk's time. A chunk whose route
-    fails (a transient error past that route's retry budget) is sent again on another route,
-    and the failed route takes no more chunks."""
+    while none is measured), and it carries one chunk at a time (a probe) unless it is the main
+    route (the largest share). So chunks start in the plan's shares and then follow the
+    measured rates, and every route finishes together within about a chunk's time. A chunk
+    whose route fails (a transient error past that route's retry budget) is sent again on
+    another route, and the failed route takes no more chunks."""
 
     def __init__(self, book: RouteBook, job: Job, routes: Sequence[Route],
                  pumps: Sequence[Any], control: Any) -> None:
@@ -156,8 +157,20 @@ class RouteDealer:
         if not live:
             raise TransportError("every route of the job failed", peer=self.job.dest)
         rates = self._rates()
-        roomy = [i for i in live if self.pumps[i].gate.in_flight < self.pumps[i].gate.limit]
-        return min(roomy or live, key=lambda i: ((self.inflight[i] + n) / rates[i], i))
+        measured = {i for i in live if self.book.sent_since(self.job.id, self.job.dest,
+                                                             self.routes[i].via)}
+        main = max(live, key=lambda i: (self.routes[i].share, -i))
+
+        def has_room(i: int) -> bool:
+            # A route whose rate is not known yet carries one chunk at a time (a probe), but
+            # the main route (largest share) goes ahead by its share: a slow path must not be
+            # dealt a pile of chunks that the job then waits for.
+            if i not in measured and i != main and self.inflight[i] > 0:
+                return False
+            return bool(self.pumps[i].gate.in_flight < self.pumps[i].gate.limit)
+
+        roomy = [i for i in live if has_room(i)]
+        return min(roomy or [main], key=lambda i: ((self.inflight[i] + n) / rates[i], i))
 
     async def acquire(self, n: int) -> None:
         i = self.pick(n)
