@@ -92,11 +92,15 @@ def test_dealer_follows_shares_then_measured_rates() -> None:
     assert picks.count(0) == 18
 
 
-def test_dealer_skips_full_and_failed_routes() -> None:
-    d = _dealer((0.5, 0.5), [0.0])
-    d.pumps[0].gate.in_flight = d.pumps[0].gate.limit  # the relay's gate is full
-    assert d.pick(8) == 1
-    d.pumps[0].gate.in_flight = 0
+def test_dealer_waits_for_a_full_fast_route_and_skips_failed_routes() -> None:
+    now = [0.0]
+    d = _dealer((0.5, 0.5), now)
+    now[0] = 1.0
+    d.book.acked("j1", "B", ("R",), 1000)
+    d.book.acked("j1", "B", (), 10)
+    d.pumps[0].gate.in_flight = d.pumps[0].gate.limit  # the fast route's gate is full
+    d.inflight = [32, 0]
+    assert d.pick(8) == 0  # 40 bytes at 1000/s beat 8 at 10/s: wait for the fast one
     d.fail(1, "direct link down")
     assert {d.pick(8) for _ in range(3)} == {0}
     assert [s.state for s in d.book.status("j1")] == ["active", "down"]

@@ -165,12 +165,12 @@ class RouteDealer:
             # A route whose rate is not known yet carries one chunk at a time (a probe), but
             # the main route (largest share) goes ahead by its share: a slow path must not be
             # dealt a pile of chunks that the job then waits for.
-            if i not in measured and i != main and self.inflight[i] > 0:
-                return False
-            return bool(self.pumps[i].gate.in_flight < self.pumps[i].gate.limit)
+            return i in measured or i == main or self.inflight[i] == 0
 
-        roomy = [i for i in live if has_room(i)]
-        return min(roomy or [main], key=lambda i: ((self.inflight[i] + n) / rates[i], i))
+        # The earliest finish wins even when its gate is full: `acquire` then waits for room
+        # there (a full fast route still beats an idle slow one; its backlog is in the ETA).
+        return min([i for i in live if has_room(i)] or [main],
+                   key=lambda i: ((self.inflight[i] + n) / rates[i], i))
 
     async def acquire(self, n: int) -> None:
         i = self.pick(n)
