@@ -139,10 +139,6 @@ class Lab:
     sites: Sequence[str]
     link: LinkSpec | None  # None: all sites share one namespace's loopback
     choice: BackendChoice
-    # Several sites joined by several links (each its own veth pair and /24 in 198.18.0.0/15,
-    # the device named `to-<peer>`); `link` is then the first one's spec. The first link is
-    # the one `ends`, `link_bytes` and `data_tx_bytes` measure.
-    mesh: Sequence[MeshLink] = ()
     congestion_control: str = "cubic"
     seed: int = 0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
@@ -153,6 +149,11 @@ class Lab:
     _procs: list[_Proc] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
     _allowed_cc: bool = False  # this lab widened the host's allowed list (restored at close)
+    # Several sites joined by several links (each its own veth pair and /24 in 198.18.0.0/15,
+    # the device named `to-<peer>`); `link` is then the first one's spec. The first link is
+    # the one `ends`, `link_bytes` and `data_tx_bytes` measure.
+    # (Last: callers pass the fields above by position.)
+    mesh: Sequence[MeshLink] = ()
 
     # ---- names and addresses
     def ns(self, site: str) -> str:
