@@ -74,6 +74,10 @@ def medians(doc: dict[str, Any]) -> list[dict[str, Any]]:
             for r in ok
             for lag in [(r.get("messages") or {}).get("loop_late")]
         )
+        row["client_late_20ms"] = _median(
+            ((r.get("messages") or {}).get("client_loop_late") or {}).get("late_20ms")
+            for r in ok
+        )
         rss = [max(r["peak_rss_mib"].values()) for r in ok if r.get("peak_rss_mib")]
         row["peak_rss_mib"] = max(rss) if rss else None
         errors = sorted({r["error"] for r in runs if r.get("error")})
@@ -112,6 +116,9 @@ def ratios(doc: dict[str, Any], subject: str = "transferd") -> list[str]:
         if row["loop_late_50ms"] is not None:
             line += (f"; the daemons' event loops ran {row['loop_late_50ms']:.0f} timer ticks "
                      "50 ms or more late")
+        if row["client_late_20ms"] is not None:
+            line += (f"; the message client's loop {row['client_late_20ms']:.0f} ticks 20 ms or "
+                     "more late")
         out.append(line)
     return out
 

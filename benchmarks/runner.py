@@ -83,10 +83,12 @@ def run_scenario(scenario: Scenario, choice: BackendChoice, *, quick: bool, repe
                 size_mib = work.quick_size_mib if quick else work.size_mib
                 data_path = dataset(work.data, size_mib)
                 data_hash = file_blake3(data_path)
-                for tool in scenario.tools:
-                    if tool.startswith("iperf3") and iperf_done:
-                        continue  # iperf3 sends no file: once per scenario is the ceiling
-                    for attempt in range(repeat):
+                # Round-robin over the tools, one run each per round: on a shared, noisy host
+                # a load that comes and goes then falls on every tool alike, not on one.
+                for attempt in range(repeat):
+                    for tool in scenario.tools:
+                        if tool.startswith("iperf3") and iperf_done:
+                            continue  # iperf3 sends no file: once per scenario is the ceiling
                         ctx = RunContext(lab, scenario, quick, work, data_path, data_hash,
                                          lab.workdir / "scratch")
                         ctx.scratch.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ TOOLS = (
     "transferd",
     "transferd-1stream",
     "transferd-shared-pool",
+    "transferd-normal-loop",  # the event loop left at normal priority (traffic.loop_priority)
     "iperf3-1stream",
     "iperf3-8streams",
     "rsync",

@@ -289,6 +289,8 @@ def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
             raise ToolError(tool, f"{NOT_YET_SUPPORTED}: no `traffic.shared_pool` setting "
                             "(traffic classes, issue 4)")
         return {"traffic": {"shared_pool": True}}
+    if tool == "transferd-normal-loop":
+        return {"traffic": {"loop_priority": "normal"}}
     raise ToolError(tool, "unknown transferd variant")
 
 
@@ -345,6 +347,40 @@ def _daemon_counters(lab: Lab, site: str, port: int, peer: str) -> dict[str, int
     if "transferd_chunks_resent_total" in found:
         out["resent_bytes"] = int(float(found["transferd_chunks_resent_total"])) * 8 * 2**20
     return out
+
+
+# How long a run waits for the sending daemon's data channels to open before timing the send.
+CHANNELS_WARM_S = 5.0
+
+
+def _wait_channels_warm(lab: Lab, site: str, port: int, peer: str) -> None:
+    """Until the sending daemon has opened its data channels to `peer` (it does so at start,
+    as soon as the peer answers), at most CHANNELS_WARM_S: a daemon is a long-running service
+    whose channels are open before a job arrives, as they are in use. Timing a send that
+    races the opening would count a once-per-peer handshake (TCP, the HMAC exchange: two
+    round trips) in one transfer. A transferd without data channels waits the whole time."""
+    deadline = time.monotonic() + CHANNELS_WARM_S
+    while time.monotonic() < deadline:
+        counters = _daemon_counters(lab, site, port, peer)
+        if counters.get("opened", 0) > 0:
+            return
+        time.sleep(0.05)
+
+
+def _telemetry(lab: Lab, site: str, config: Path) -> dict[str, Any] | None:
+    """The sending daemon's link telemetry after the run (`transferd telemetry --json`: what
+    `netplan calibrate --from` reads); None for a transferd without it."""
+    done = subprocess.run(lab.in_site(site, _transferd_cmd("telemetry", "--config", str(config),
+                                                           "--json")),
+                          capture_output=True, text=True, timeout=60, env=python_env(),
+                          check=False)
+    if done.returncode != 0:
+        return None
+    try:
+        report: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        return None
+    return report
 
 
 def _profile(ctx: RunContext, name: str, pid: int) -> subprocess.Popen[bytes] | None:
@@ -435,6 +471,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
                     raise ToolError(tool, f"{NOT_YET_SUPPORTED}: the daemon refused "
                                     f"{sorted(variant)}: {log}") from exc
                 raise ToolError(tool, f"{exc.reason}: {log}") from exc
+        _wait_channels_warm(lab, ctx.src, TRANSFERD_PORTS[0], ctx.dst)
         cpu0 = sum(server_cpu_s(p.pid) for p in daemons.values())
         cmd = _transferd_cmd("send", str(rel), "--config", str(configs[ctx.src]), "--to",
                              ctx.dst, "--wait", "--json")
@@ -455,6 +492,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
                            env=python_env(), log_dir=lab.workdir, name=tool)
         bulk_done_at = time.time()
         channels = _daemon_counters(lab, ctx.src, TRANSFERD_PORTS[0], ctx.dst)
+        ctx.notes["transferd_telemetry"] = _telemetry(lab, ctx.src, configs[ctx.src])
         loop_late: dict[str, dict[str, int] | None] = {}
         if driver is not None:
             try:
@@ -503,6 +541,8 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             # Each daemon's event loop: 10 ms timer ticks that ran 20/50/100 ms or more late
             # (the loop busy, or waiting for the GIL or a CPU) over the daemon's life.
             "loop_late": loop_late,
+            # The message client's own loop (a normal-priority process): ticks 20 ms late.
+            "client_loop_late": result.get("client_loop"),
             # The same messages timed inside the sending daemon (queued -> the peer's answer):
             # the rest of p50_ms/p99_ms is the local API hop and the client process.
             **{f"daemon_p{pct}_ms": _percentile(daemon, pct) if daemon else None
@@ -526,6 +566,7 @@ ADAPTERS: dict[str, Callable[[RunContext], ToolRun]] = {
     "transferd": lambda ctx: _transferd(ctx, "transferd"),
     "transferd-1stream": lambda ctx: _transferd(ctx, "transferd-1stream"),
     "transferd-shared-pool": lambda ctx: _transferd(ctx, "transferd-shared-pool"),
+    "transferd-normal-loop": lambda ctx: _transferd(ctx, "transferd-normal-loop"),
     "iperf3-1stream": lambda ctx: _iperf3(ctx, 1),
     "iperf3-8streams": lambda ctx: _iperf3(ctx, 8),
     "rsync": lambda ctx: _rsync(ctx, zstd=False),

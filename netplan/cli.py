@@ -29,12 +29,24 @@ from rich.text import Text
 from netplan._plan_build import build_plan
 from netplan._sections import PathPolicy
 from netplan._shards import ShardPlacement
+from netplan.calibrate import (
+    MIN_SAMPLES,
+    Applied,
+    MeasuredOverlay,
+    apply_measured,
+    decision_changes,
+    overlay_of,
+    parse_overlay,
+)
 from netplan.decisions import Option, duration, money
 from netplan.errors import Infeasible, InfeasiblePlan, NetplanError, TopologyError
 from netplan.loader import load_topology
 from netplan.network import LinkThroughput
 from netplan.report import Report, analyze
+from netplan.safeyaml import DocumentError, read_text_bounded
+from netplan.telemetry import LinkMeasurement
 from netplan.topology import Topology, TransferSettings
+from netplan.yamlpos import FieldIssue, load_data
 
 __all__ = ["SECTIONS", "main"]
 
@@ -479,6 +491,22 @@ def _model(
     return settings, paths
 
 
+def _load_overlay(measured_file: str) -> MeasuredOverlay:
+    """A measured.yaml (`netplan calibrate -o`), or exit 2 naming what is wrong with it."""
+    try:
+        text = read_text_bounded(measured_file)
+        return parse_overlay(load_data(text), measured_file)
+    except DocumentError as exc:
+        _fail(TopologyError([FieldIssue(path=(), message=exc.summary, line=exc.line)],
+                            measured_file), 2)
+    except OSError as exc:
+        click.echo(f"{measured_file}: cannot read file: {exc.strerror or exc}", err=True)
+        sys.exit(2)
+    except NetplanError as exc:
+        _fail(exc, 2)
+    raise AssertionError("unreachable")
+
+
 def _analyze(
     topology_file: str,
     streams: int | None,
@@ -486,16 +514,30 @@ def _analyze(
     mss_bytes: int | None,
     max_relays: int | None,
     multipath: bool | None,
-) -> tuple[Topology, Report]:
-    """Load and analyze, the flags overriding the topology; exit 2 on bad input."""
+    measured_file: str | None = None,
+) -> tuple[Topology, Report, tuple[Applied, ...]]:
+    """Load (with `measured_file`: the measured link values laid over the declared ones) and
+    analyze, the flags overriding the topology; exit 2 on bad input."""
     topology = _load(topology_file)
-    settings, paths = _model(topology, streams, window_bytes, mss_bytes, max_relays, multipath)
+    applied: tuple[Applied, ...] = ()
     try:
+        if measured_file is not None:
+            topology, applied = apply_measured(topology, _load_overlay(measured_file))
+        settings, paths = _model(topology, streams, window_bytes, mss_bytes, max_relays,
+                                 multipath)
         with _no_cyclic_gc():
             report = analyze(topology, settings, paths)
     except NetplanError as exc:
         _fail(exc, 2)
-    return topology, report
+    return topology, report, applied
+
+
+def _print_applied(applied: tuple[Applied, ...], measured_file: str) -> None:
+    click.echo(f"Measured link values used (from {measured_file}):")
+    for a in applied:
+        click.echo(f"  {a.text()}")
+    if not applied:
+        click.echo("  none: every link keeps its declared values")
 
 
 @cli.command("analyze")
@@ -518,6 +560,9 @@ def _analyze(
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=str),
               help="Also write the report as one self-contained HTML page (map, timelines, "
               "costs, charts; opens offline) and print a one-line summary instead of tables.")
+@click.option("--measured", "measured_file", type=click.Path(dir_okay=False, path_type=str),
+              help="Plan on the link values `netplan calibrate` measured (its -o file) where "
+              "they exist; says which it used.")
 def analyze_command(
     topology_file: str,
     as_json: bool,
@@ -531,16 +576,24 @@ def analyze_command(
     all_alternatives: bool,
     strict: bool,
     html_file: str | None,
+    measured_file: str | None,
 ) -> None:
     """Decide where each workload runs and what moves, with reasons.
 
     TCP settings come from the topology's `transfer:` section and the path policy from its
     `paths:` section; the flags override them.
     """
-    topology, report = _analyze(topology_file, streams, window_bytes, mss_bytes, max_relays,
-                                multipath)
+    topology, report, applied = _analyze(topology_file, streams, window_bytes, mss_bytes,
+                                         max_relays, multipath, measured_file)
     keep = None if all_alternatives else max_alternatives
     doc = report.to_json(max_alternatives=keep) if as_json or html_file is not None else {}
+    if measured_file is not None:
+        doc["measured"] = {"file": measured_file, "used": [
+            {"between": list(a.link), "from": a.direction, "field": a.field,
+             "declared": a.declared, "measured": a.measured, "samples": a.samples}
+            for a in applied]}
+        if not as_json:
+            _print_applied(applied, measured_file)
     if html_file is not None:
         feasible = sum(d.feasible for d in report.decisions)
         _write_html(html_file, lambda html: html.analysis_page(
@@ -610,6 +663,8 @@ def _write_atomically(path: str, text: str) -> None:
 @click.option("--allow-infeasible", is_flag=True,
               help="Write the plan even when workloads, vector indexes or sync rules are "
               "infeasible (their entries are left out or fall short; the problems are listed).")
+@click.option("--measured", "measured_file", type=click.Path(dir_okay=False, path_type=str),
+              help="Plan on the link values `netplan calibrate` measured (its -o file).")
 def plan_command(
     topology_file: str,
     output: str,
@@ -619,14 +674,17 @@ def plan_command(
     max_relays: int | None,
     multipath: bool | None,
     allow_infeasible: bool,
+    measured_file: str | None,
 ) -> None:
     """Write the versioned plan (plan.json) that each site's transferd executes.
 
     A plan with infeasible entries is refused (exit 1, each problem listed) unless
     --allow-infeasible says to write it anyway.
     """
-    topology, report = _analyze(topology_file, streams, window_bytes, mss_bytes, max_relays,
-                                multipath)
+    topology, report, applied = _analyze(topology_file, streams, window_bytes, mss_bytes,
+                                         max_relays, multipath, measured_file)
+    if measured_file is not None and output != "-":
+        _print_applied(applied, measured_file)
     problems = report.problems()
     if problems and not allow_infeasible:
         click.echo(f"{InfeasiblePlan(problems)}\nno plan written: fix the topology, or write "
@@ -647,6 +705,85 @@ def plan_command(
     entries = sum(len(s.sync) + len(s.shards) + len(s.checkpoints) for s in plan.sites)
     click.echo(f"wrote {output}: {len(plan.sites)} sites, {entries} sync/shard/checkpoint "
                f"entries (schema_version {plan.schema_version})")
+
+
+def _seconds(text: str) -> float:
+    """A duration such as 90s, 30m, 6h, 2d (a bare number: seconds)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected a duration such as 30m, 6h or 3600"
+                                 ) from None
+
+
+@cli.command("calibrate")
+@click.argument("topology_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--from", "sources", multiple=True, metavar="CONFIG_OR_URL",
+              help="A daemon to read telemetry from: its URL (reads /metrics), a site config "
+              "(through `transferd telemetry`), or a saved `transferd telemetry --json` file. "
+              "Repeatable.")
+@click.option("--prometheus", "prometheus_url", metavar="URL",
+              help="Read the transferd_link_* series from a Prometheus server's HTTP API.")
+@click.option("--range", "range_text", default="1h", show_default=True,
+              help="With --prometheus: how far back to look (30m, 6h, 2d).")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=str),
+              required=True, help="Where to write the measured overlay (measured.yaml).")
+@click.option("--min-samples", type=click.IntRange(1), default=MIN_SAMPLES,
+              show_default=True, help="Samples (seconds with data moving) a link direction "
+              "needs before its measured values count.")
+def calibrate_command(topology_file: str, sources: tuple[str, ...],
+                      prometheus_url: str | None, range_text: str, output: str,
+                      min_samples: int) -> None:
+    """Measure the topology's links from the daemons' telemetry: write the measured values
+    (bandwidth = best sustained goodput, RTT, jitter, loss from retransmits) with their sample
+    counts and time ranges, print declared vs measured with the drift, and the decisions that
+    would change. `netplan analyze --measured FILE` then plans on them."""
+    from netplan import collect
+
+    if not sources and prometheus_url is None:
+        raise click.UsageError("give --from CONFIG_OR_URL (repeatable) or --prometheus URL")
+    topology = _load(topology_file)
+    measurements: list[tuple[str, LinkMeasurement]] = []
+    try:
+        for source in sources:
+            measurements += [(source, m) for m in collect.from_source(source)]
+        if prometheus_url is not None:
+            got = collect.from_prometheus(prometheus_url, _seconds(range_text))
+            measurements += [(prometheus_url, m) for m in got]
+        overlay = overlay_of(measurements, topology, min_samples)
+        calibrated, applied = apply_measured(topology, overlay)
+        settings, paths = _model(topology, None, None, None, None, None)
+        with _no_cyclic_gc():
+            changes = decision_changes(analyze(topology, settings, paths),
+                                       analyze(calibrated, settings, paths))
+    except NetplanError as exc:
+        _fail(exc, 2)
+    import yaml
+
+    _write_atomically(output, "# netplan calibrate: measured link values "
+                      f"(netplan analyze {topology_file} --measured {output})\n"
+                      + yaml.safe_dump(overlay.to_yaml_data(), sort_keys=False))
+    table = _table("Declared vs measured", "link", "from", "value", "declared", "measured",
+                   "drift", "samples", right=("declared", "measured", "drift", "samples"))
+    for a in applied:
+        drift = a.drift_pct
+        table.add_row(f"{a.link[0]}-{a.link[1]}", a.direction or "both", a.field,
+                      f"{a.declared:g}", f"{a.measured:.4g}",
+                      "-" if drift is None else f"{drift:+.0f} %", str(a.samples))
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
+    table.print(console)
+    for reason in overlay.skipped:
+        click.echo(f"skipped: {reason}")
+    if changes:
+        click.echo("Decisions that would change on the measured values:")
+        for c in changes:
+            click.echo(f"  {c.workload}: {c.declared} -> {c.measured}")
+    else:
+        click.echo("No decision changes on the measured values.")
+    click.echo(f"wrote {output}: {len(overlay.measured_links)} measured link directions")
 
 
 @cli.command("whatif")

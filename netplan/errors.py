@@ -10,7 +10,14 @@ from collections.abc import Sequence
 
 from netplan.yamlpos import FieldIssue
 
-__all__ = ["Infeasible", "InfeasiblePlan", "NetplanError", "PlanError", "TopologyError"]
+__all__ = [
+    "Infeasible",
+    "InfeasiblePlan",
+    "NetplanError",
+    "PlanError",
+    "TelemetryError",
+    "TopologyError",
+]
 
 
 class NetplanError(Exception):
@@ -35,6 +42,15 @@ def _issue_text(issue: FieldIssue) -> str:
         return str(issue)
     # A problem with the document as a whole has no field path to name.
     return issue.message + (f" (line {issue.line})" if issue.line is not None else "")
+
+
+class TelemetryError(NetplanError):
+    """Measurements could not be read (a daemon or Prometheus not answering, a bad document):
+    `source` says from where."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source, self.reason = source, reason
 
 
 class PlanError(NetplanError):

@@ -9,12 +9,13 @@ parses stdout never meets plain text.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -43,10 +44,14 @@ from transferd.protocol.wire import (
     LOCAL_SEND_ROUTE,
     LOCAL_STATUS_ROUTE,
     MESSAGES_ROUTE,
+    TELEMETRY_ROUTE,
     to_body,
 )
 from transferd.site.keys import LocalSecret, keygen
 from transferd.site.tls import client_ssl_context
+
+if TYPE_CHECKING:
+    from transferd.plan import PlanRun
 
 __all__ = ["main"]
 
@@ -135,6 +140,18 @@ def _short_gil_turns() -> None:
     sys.setswitchinterval(GIL_SWITCH_S)
 
 
+def _loop_priority(wanted: str) -> None:
+    """The daemon's event loop (this thread) at real-time priority where the host allows it
+    (`traffic.loop_priority`); one log line says which policy is in effect and why."""
+    import logging
+
+    from transferd.site.threads import raise_loop_priority
+
+    logging.getLogger("transferd.daemon").info(
+        "loop.priority", extra={"fields": {"policy": raise_loop_priority(wanted)}}
+    )
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option(
@@ -144,24 +161,44 @@ def _short_gil_turns() -> None:
     help="a `netplan plan` file: replicate this site's sync and checkpoint entries by itself",
 )
 def serve(config_path: str, plan_path: str | None) -> None:
-    """Run this site's daemon until SIGTERM or SIGINT (then exit 0)."""
+    """Run this site's daemon until SIGTERM or SIGINT (then exit 0). SIGHUP re-reads the
+    config and the plan and applies them without dropping a transfer (rate caps, weights,
+    watch mode, the plan's routes); a config that cannot be applied live is refused and the
+    daemon runs on as it was. Under systemd (Type=notify) it reports readiness, reloads and
+    its stop on $NOTIFY_SOCKET."""
     from transferd.daemon import Daemon
     from transferd.site.log import setup_logging
+    from transferd.site.notify import notify, reloading
 
     setup_logging()
     _keep_heap_warm()
     _short_gil_turns()
     config = _config(config_path)
+    _loop_priority(config.traffic.loop_priority)
     plan = None
     if plan_path is not None:
-        from transferd.plan import load_plan
-
         try:
-            plan = load_plan(plan_path, config)
+            plan = _load_plan(plan_path, config)
         except ConfigError as exc:
             _fail(exc)
 
     import asyncio
+    import logging
+
+    log = logging.getLogger("transferd.cli")
+
+    def reload(daemon: Daemon) -> None:
+        reloading()
+        try:
+            new_config = load_config(config_path)
+            new_plan = _load_plan(plan_path, new_config) if plan_path is not None else None
+        except ConfigError as exc:
+            log.error("config.reload_failed", extra={"fields": {"error": exc.message}})
+            refused = [exc.message]
+        else:
+            refused = daemon.reload(new_config, new_plan)
+        status = ("reload refused: " + ", ".join(refused)[:200]) if refused else "reloaded"
+        notify("READY=1", f"STATUS={status}; serving {daemon.url}")
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -169,12 +206,26 @@ def serve(config_path: str, plan_path: str | None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         daemon = Daemon(config, plan=plan)
-        await daemon.serve(stop)
+        loop.add_signal_handler(signal.SIGHUP, reload, daemon)
+
+        def ready(d: Daemon) -> None:
+            notify("READY=1", f"STATUS=serving {d.url}", f"MAINPID={os.getpid()}")
+
+        try:
+            await daemon.serve(stop, ready=ready)
+        finally:
+            notify("STOPPING=1")
 
     try:
         _run(run())
     except TransferdError as exc:
         _fail(exc)
+
+
+def _load_plan(plan_path: str, config: SiteConfig) -> PlanRun:
+    from transferd.plan import load_plan
+
+    return load_plan(plan_path, config)
 
 
 def _local_client(config: SiteConfig, as_json: bool = False) -> LocalClient:
@@ -483,6 +534,41 @@ def status(config_path: str, as_json: bool) -> None:
                            f"{rate / 1e6:.1f}" if rate else "-")
     if routes.row_count:
         console.print(routes)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the TelemetryReport as JSON "
+              "(what `netplan calibrate --from` reads)")
+def telemetry(config_path: str, as_json: bool) -> None:
+    """The links to each peer as the local daemon measured them (TCP_INFO of the data
+    channels, control-plane round trips, chunk failures; its rolling window)."""
+    from netplan.telemetry import TelemetryReport
+
+    config = _config(config_path, as_json)
+    request = LocalRequest("GET", TELEMETRY_ROUTE, TelemetryReport)
+    report = _with_daemon(
+        config, config_path, lambda client: _first_call(lambda: client.call(request)), as_json
+    )
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+        return "-" if value is None else f"{value * scale:.{digits}f}"
+
+    table = Table("peer", "samples", "best Mbit/s", "now Mbit/s", "RTT ms", "srtt ms",
+                  "jitter ms", "loss %", "streams", "failures",
+                  title=f"links of {report.site} (window {report.window_s:g} s)")
+    for link in report.links:
+        failures = ", ".join(f"{k}={int(v)}" for k, v in link.chunk_failures.items() if v)
+        table.add_row(link.peer, str(link.samples), num(link.best_goodput_bytes_per_s, 8e-6),
+                      num(link.goodput_bytes_per_s, 8e-6), num(link.rtt_ms),
+                      num(link.srtt_ms), num(link.jitter_ms, digits=2),
+                      num(link.loss_pct, digits=2), str(len(link.streams)), failures or "-")
+    Console().print(table)
 
 
 @main.command()

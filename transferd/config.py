@@ -160,6 +160,9 @@ class TrafficSettings(FrozenModel):
     inbox_hook: list[str] | None = None  # argv run per received message (body on stdin)
     # Benchmark baseline: all classes share one connection pool per peer (no class isolation).
     shared_pool: bool = False
+    # The event loop (control, interactive messages) runs at SCHED_RR 1 where the host allows
+    # it, so it never waits for a CPU behind bulk work (`site.threads.raise_loop_priority`).
+    loop_priority: Literal["realtime", "normal"] = "realtime"
 
     @model_validator(mode="after")
     def _bounds(self) -> TrafficSettings:

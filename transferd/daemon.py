@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from netplan.plan import TrafficClass
+from netplan.telemetry import TelemetryReport
 from transferd.config import SiteConfig
 from transferd.errors import ConfigError, StorageError, TransferdError
 from transferd.net.channels import DataListener, PeerChannels
@@ -38,12 +39,14 @@ from transferd.plan import PlanRun, link_settings
 from transferd.protocol.auth import NonceGuard, RequestVerifier
 from transferd.protocol.backoff import backoff_delays
 from transferd.protocol.local_api import Job, JobState, JobStatus, PeerStatus, SiteStatus
+from transferd.protocol.wire import PEER_MESSAGES_ROUTE
 from transferd.site.buffers import AlignedBuffers
 from transferd.site.journal import Journal, UploadState
 from transferd.site.keys import Keyring
 from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
 from transferd.site.storage import open_storage
+from transferd.site.telemetry import SAMPLE_S, LinkTelemetry
 from transferd.site.threads import bulk_executor
 from transferd.site.tls import client_ssl_context, server_ssl_context
 
@@ -61,6 +64,42 @@ CHANNEL_WINDOW = 2
 # memory): two per channel of eight channels.
 RECEIVE_BUFFERS = 16
 WARM_BUDGET_S = 60.0  # how long a starting daemon keeps trying to open channels to a peer
+CONTROL_PROBE_S = 2.0  # a signed no-op request to each peer this often: control-plane RTT
+# What a reload (SIGHUP) applies to a running daemon: each peer's rate caps and weights, the
+# traffic weights, watch mode and checkpoint settings (and the whole plan). Anything else in
+# the config (site, listen, storage, keys, TLS, peers' addresses...) needs a restart.
+_LIVE_PEER_FIELDS = frozenset({"rate_caps_mbps", "weights"})
+_LIVE_FIELDS = frozenset({"watch", "checkpoints", "residency"})
+
+
+def restart_fields(old: SiteConfig, new: SiteConfig) -> list[str]:
+    """The fields that differ between two configs and that only a restart can apply."""
+    a, b = old.model_dump(), new.model_dump()
+    changed = []
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key) == b.get(key) or key in _LIVE_FIELDS:
+            continue
+        if key == "traffic":
+            if {**a[key], "weights": None} != {**b[key], "weights": None}:
+                changed.append(key)
+        elif key == "peers" and set(a[key]) == set(b[key]):
+            changed += [f"peers.{peer}" for peer in sorted(a[key])
+                        if {k: v for k, v in a[key][peer].items() if k not in _LIVE_PEER_FIELDS}
+                        != {k: v for k, v in b[key][peer].items() if k not in _LIVE_PEER_FIELDS}]
+        else:
+            changed.append(key)
+    return changed
+
+
+def _thread_schedstat() -> tuple[int, int] | None:
+    """The calling thread's time on a CPU and time waiting in the run queue for one, in ns
+    (Linux /proc/thread-self/schedstat); None elsewhere."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            ran, waited = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return int(ran), int(waited)
 
 
 def _last_activity(staged: Path, journal: Journal, upload: str) -> float:
@@ -224,6 +263,10 @@ class Daemon:
             default_deadline_ms=traffic.message_deadline_ms,
             clock=clock,
         )
+        self.link_telemetry = LinkTelemetry(config.site, config.peers)
+        self._tg: asyncio.TaskGroup | None = None
+        self._source_tasks: list[asyncio.Task[None]] = []
+        self.sample_s, self.control_probe_s = SAMPLE_S, CONTROL_PROBE_S
         self._collect_garbage()
         self._refuse_raw_plan_entries()
 
@@ -307,6 +350,21 @@ class Daemon:
             )
         return SiteStatus(site=self.config.site, listen=self.url, jobs=jobs, peers=peers)
 
+    def telemetry(self) -> TelemetryReport:
+        return TelemetryReport(
+            site=self.config.site, at=time.time(), window_s=self.link_telemetry.window_s,
+            links=[self._link_measurement(peer) for peer in self.config.peers])
+
+    def _link_measurement(self, peer: str) -> Any:
+        m = self.metrics
+        failures = {
+            "resent": m.value("transferd_chunks_resent_total", peer=peer),
+            "integrity": m.value("transferd_integrity_failures_total", peer=peer, side="sender"),
+            "retries": m.value("transferd_retries_total", peer=peer),
+            "channels_refused": m.value("transferd_channels_refused_total", peer=peer),
+        }
+        return self.link_telemetry.measurement(peer, failures)
+
     # -- running -----------------------------------------------------------------------------------
 
     async def serve(
@@ -335,7 +393,10 @@ class Daemon:
                 others = [tg.create_task(self.messages.run()), tg.create_task(self._watch_lag())]
                 others.append(tg.create_task(self.relay.run()))
                 others += [tg.create_task(self._warm_channels(peer)) for peer in self.channels]
-                others += [tg.create_task(run()) for run in self._job_sources()]
+                others.append(tg.create_task(self._sample_links()))
+                others += [tg.create_task(self._probe_control(peer)) for peer in self.links]
+                self._tg = tg
+                self._source_tasks = [tg.create_task(run()) for run in self._job_sources()]
                 if ready is not None:
                     ready(self)
                 await stop.wait()
@@ -346,7 +407,7 @@ class Daemon:
                     async with asyncio.timeout(SHUTDOWN_GRACE_S):
                         await self.sender.drained()
                 sender_task.cancel()
-                for task in others:
+                for task in [*others, *self._source_tasks]:
                     task.cancel()
         finally:
             await runner.cleanup()
@@ -361,17 +422,94 @@ class Daemon:
             self.journal.close()
             log.info("daemon.stopped", extra={"fields": {"site": self.config.site}})
 
+    def reload(self, config: SiteConfig, plan: PlanRun | None) -> list[str]:
+        """Apply a re-read config and plan to the running daemon (SIGHUP) without dropping a
+        transfer: each peer's weights and rate caps change from now on (chunks in flight and
+        queued jobs carry on), and watch mode and the plan's sync runner start over on the new
+        routes (they only submit jobs). A config that changes anything else is refused whole
+        (nothing changes; the fields that need a restart are returned and logged)."""
+        restart = restart_fields(self.config, config)
+        if restart:
+            log.error("config.reload_refused", extra={"fields": {
+                "needs_restart": restart, "applied": False}})
+            return restart
+        now = asyncio.get_running_loop().time()
+        for peer, traffic in self.traffic.items():
+            settings = link_settings(config, peer, plan)
+            traffic.reconfigure(now, bulk_weights=settings.bulk_weights,
+                                class_caps_bytes_per_s=settings.class_caps_bytes_per_s,
+                                total_cap_bytes_per_s=settings.total_cap_bytes_per_s)
+        self.config, self.plan = config, plan
+        self.sender.set_residency({**(plan.residency if plan is not None else {}),
+                                   **config.residency})
+        self.receiver.retention = config.checkpoints.retention
+        self.receiver.run_retention = dict(plan.incoming_retention if plan is not None else {})
+        self._refuse_raw_plan_entries()
+        for task in self._source_tasks:
+            task.cancel()
+        if self._tg is not None:
+            self._source_tasks = [self._tg.create_task(run()) for run in self._job_sources()]
+        log.info("config.reloaded", extra={"fields": {
+            "site": config.site, "plan": plan is not None,
+            "rate_caps_mbps": {p: pc.rate_caps_mbps.model_dump(exclude_none=True)
+                               for p, pc in config.peers.items()}}})
+        return []
+
     async def _watch_lag(self) -> None:
         """Time a short timer again and again: how late it fires is how long anything queued
         on the loop (a message, a control request) waited for it. Stalls are logged."""
         loop = asyncio.get_running_loop()
         while True:
-            t0 = loop.time()
+            t0, sched0 = loop.time(), _thread_schedstat()
             await asyncio.sleep(LAG_TICK_S)
             lag = max(0.0, loop.time() - t0 - LAG_TICK_S)
             self.metrics.loop_lag.observe(lag)
             if lag >= LAG_LOG_S:
-                log.info("loop.stall", extra={"fields": {"ms": round(lag * 1e3, 1)}})
+                fields: dict[str, float] = {"ms": round(lag * 1e3, 1)}
+                sched1 = _thread_schedstat()
+                if sched0 is not None and sched1 is not None:
+                    # Which wait it was: the loop thread running (busy), waiting in the run
+                    # queue for a CPU, or neither (asleep: waiting for the GIL).
+                    fields["ran_ms"] = round((sched1[0] - sched0[0]) / 1e6, 1)
+                    fields["cpu_wait_ms"] = round((sched1[1] - sched0[1]) / 1e6, 1)
+                log.info("loop.stall", extra={"fields": fields})
+
+    async def _sample_links(self) -> None:
+        """Every SAMPLE_S: the data channels' tcp_info into each link's window, and the
+        window's summary into the link's Prometheus series."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.sample_s)
+            for peer, channels in self.channels.items():
+                point = self.link_telemetry.sample(peer, loop.time(), time.time(),
+                                                   channels.tcp_infos())
+                site = self.config.site
+                if point is not None:
+                    self.metrics.link_segments.labels(site, peer).inc(point.segs_out)
+                    self.metrics.link_retransmits.labels(site, peer).inc(point.retrans)
+                self.metrics.export_link(self._link_measurement(peer))
+
+    async def _probe_control(self, peer: str) -> None:
+        """Time a signed no-op request to `peer` every CONTROL_PROBE_S on the control pool:
+        the control plane's round trip and its jitter. The first answer of a connection is
+        not counted (its time includes the TCP handshake)."""
+        link, loop = self.links[peer], asyncio.get_running_loop()
+        warm = False
+        while True:
+            await asyncio.sleep(self.control_probe_s)
+            t0 = loop.time()
+            try:
+                async with asyncio.timeout(30):
+                    await link.call(TrafficClass.CONTROL, "GET", PEER_MESSAGES_ROUTE,
+                                    accept=(204,))
+            except (TransferdError, TimeoutError):
+                warm = False
+                continue
+            seconds = loop.time() - t0
+            if warm:
+                self.link_telemetry.control_rtt(peer, time.time(), seconds)
+                self.metrics.control_rtt.labels(self.config.site, peer).observe(seconds)
+            warm = True
 
     async def _listen(self, runner: web.AppRunner) -> None:
         ssl_ctx = server_ssl_context(self.config)

@@ -151,3 +151,21 @@ async def test_a_jobs_query_with_wait_ms_answers_when_the_job_has_ended(tmp_path
         bad = LocalRequest("GET", f"{LOCAL_JOBS_ROUTE}?ids={job_id}&wait_ms=soon", JobsAnswer)
         with pytest.raises(ProtocolError, match="wait_ms"):
             await client.acall(bad)
+
+
+async def test_a_job_run_again_after_its_commit_sends_no_chunk(tmp_path: Path) -> None:
+    # The upload's open runs while the first batch is hashed; a receiver that has the upload
+    # committed already (the sender died between that commit and its own journal entry) still
+    # ends the job before any chunk is sent.
+    write_random(tmp_path / "site-A" / "curated" / "again.bin", 5 * CHUNK, seed=2)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        [job_id] = a.sender.submit("curated/again.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+        assert job.state == "committed", job.error
+        again = a.journal.job(job_id)
+        assert again is not None
+        await a.sender._replicate(again)
+        after = a.journal.job(job_id)
+        assert after is not None
+        # The open request's body went out again, and no chunk did.
+        assert 0 < after.bytes_on_wire - again.bytes_on_wire < min(CONTROL_BYTES, CHUNK)

@@ -28,6 +28,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert config.data_path == tmp_path / "site-a"  # relative to the config file
     assert config.state_path == tmp_path / "site-a" / ".transferd"
     assert config.peers["B"].url == "http://127.0.0.1:7702"
+    assert config.traffic.loop_priority == "realtime"
     assert config.local_url == "http://127.0.0.1:7701"
     assert config.peers["B"].congestion_control == "bbr"  # per data socket
     assert config.data_listen_host_port == ("127.0.0.1", 0)  # listen's host, any free port
@@ -74,6 +75,10 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
         (
             ("http://127.0.0.1:7702}", "http://127.0.0.1:7702, data_address: b}"),
             "peers.B.data_address: must be host:port",
+        ),
+        (
+            ("keys_dir: ./keys", "keys_dir: ./keys\ntraffic: {loop_priority: high}"),
+            "traffic.loop_priority",
         ),
     ],
 )

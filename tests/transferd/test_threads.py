@@ -8,7 +8,12 @@ import threading
 
 import pytest
 
-from transferd.site.threads import BULK_THREAD_NICENESS, bulk_executor
+from transferd.site.threads import (
+    BULK_THREAD_NICENESS,
+    LOOP_RT_PRIORITY,
+    bulk_executor,
+    raise_loop_priority,
+)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
@@ -21,3 +26,44 @@ def test_bulk_threads_are_nicer_than_the_calling_thread() -> None:
         worker_nice = pool.submit(own_nice).result(timeout=10)
     assert worker_nice == min(before + BULK_THREAD_NICENESS, 19)
     assert own_nice() == before  # the loop's thread keeps its priority
+
+
+def _in_a_thread(wanted: str) -> tuple[str, int, int]:
+    """raise_loop_priority in a throwaway thread (the policy is per thread): what it said, the
+    thread's policy after it, and the policy of a thread that thread then starts."""
+    out: list[tuple[str, int, int]] = []
+
+    def loop_thread() -> None:
+        said = raise_loop_priority(wanted)
+        child: list[int] = []
+        worker = threading.Thread(target=lambda: child.append(os.sched_getscheduler(0)))
+        worker.start()
+        worker.join()
+        out.append((said, os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK, child[0]))
+
+    thread = threading.Thread(target=loop_thread)
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_RR per thread is Linux's")
+def test_the_loop_thread_runs_realtime_and_its_threads_do_not() -> None:
+    said, policy, child = _in_a_thread("realtime")
+    if said.startswith("normal"):
+        # No CAP_SYS_NICE or RLIMIT_RTPRIO here: the daemon says why and keeps running.
+        assert "CAP_SYS_NICE" in said
+        assert policy == os.SCHED_OTHER
+    else:
+        assert said == f"realtime (SCHED_RR {LOOP_RT_PRIORITY})"
+        assert policy == os.SCHED_RR
+    # Bulk threads started from the loop never inherit it (SCHED_RESET_ON_FORK).
+    assert child == os.SCHED_OTHER
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # only the calling thread changed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_RR per thread is Linux's")
+def test_loop_priority_normal_leaves_the_thread_alone() -> None:
+    said, policy, child = _in_a_thread("normal")
+    assert said == "normal (loop_priority: normal)"
+    assert policy == child == os.SCHED_OTHER

@@ -114,8 +114,9 @@ def _tune(sock: socket.socket, cc: CongestionControl) -> str:
     return set_congestion(sock, cc)
 
 
-# struct tcp_info (linux/tcp.h): the few fields the stream controller reads.
-_TCP_INFO_BYTES = 160
+# struct tcp_info (linux/tcp.h): the few fields the stream controller reads (and, up to
+# tcpi_delivery_rate, the ones site.telemetry reads).
+_TCP_INFO_BYTES = 168
 _INFO_RETRANSMITS = 2
 _INFO_MSS, _INFO_RTT_US, _INFO_TOTAL_RETRANS, _INFO_DATA_SEGS_OUT = 16, 68, 100, 156
 
@@ -581,6 +582,12 @@ class PeerChannels:
             return None
         return PathSample(segs_out=segs, retrans=max(0, retrans),
                           rtt_s=sum(rtts) / len(rtts) / 1e6, mss=int(sum(mss) / len(mss)))
+
+    def tcp_infos(self) -> list[tuple[object, bytes]]:
+        """Each live channel (as an identity) with its raw struct tcp_info: for telemetry."""
+        with self.cond:
+            live = [c for c in self.channels if c.alive]
+        return [(c, info) for c in live if (info := _tcp_info(c.sock, 0)) is not None]
 
     # -- channel threads -----------------------------------------------------------------------
     def _watch(self, address: tuple[str, int]) -> None:

@@ -301,7 +301,10 @@ class MessageService:
         if reason is not None and message.miss_reason is None:
             message.miss_reason = reason
             self._record_miss(message, "delivered_late", reason)
-        self.metrics.messages_delivered.labels(message.peer, message.traffic_class.value).inc()
+        envelope = message.envelope
+        self.metrics.count_delivered(
+            message.peer, message.traffic_class, done_at - envelope.sent_at,
+            None if envelope.deadline is None else envelope.deadline - envelope.sent_at)
         return MessageReceipt(
             id=message.envelope.id,
             peer=message.peer,

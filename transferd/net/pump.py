@@ -185,6 +185,9 @@ class BulkGate:
         """The chunk ended (its receipt came, or it failed): feed the controller, free its
         slot."""
         self.controller.on_sample(self.clock(), acked_bytes, errors)
+        if self.metrics is not None and acked_bytes:
+            self.metrics.class_bytes_acked.labels(self.peer, self.traffic_class.value).inc(
+                acked_bytes)
         for change in self.controller.pop_changes():
             if self.metrics is not None:
                 self.metrics.count_stream_change(self.peer, self.traffic_class, change)
@@ -244,23 +247,8 @@ class PeerTraffic:
     ) -> PeerTraffic:
         if now is None:
             now = asyncio.get_running_loop().time()
-        limiter = None
-        if class_caps_bytes_per_s or total_cap_bytes_per_s is not None:
-            limiter = PeerRateLimiter(
-                now,
-                class_caps={
-                    c: RateCap.from_rate(rate) for c, rate in (class_caps_bytes_per_s or {}).items()
-                },
-                total_cap=(
-                    None
-                    if total_cap_bytes_per_s is None
-                    else RateCap.from_rate(total_cap_bytes_per_s)
-                ),
-            )
-        interactive_rate = None
-        if limiter is not None:
-            rate = limiter.rate_bytes_per_s(TrafficClass.INTERACTIVE)
-            interactive_rate = None if math.isinf(rate) else rate
+        limiter = _rate_limiter(now, class_caps_bytes_per_s, total_cap_bytes_per_s)
+        interactive_rate = _interactive_rate(limiter)
         scheduler: ClassScheduler[Any] = ClassScheduler(
             now,
             bulk_weights=bulk_weights,
@@ -286,3 +274,41 @@ class PeerTraffic:
                 )
             gates[bulk] = BulkGate(peer, pump, bulk, controller, metrics, per_stream=per_stream)
         return cls(peer, pump, gates)
+
+    def reconfigure(
+        self,
+        now: float,
+        *,
+        bulk_weights: Mapping[TrafficClass, float],
+        class_caps_bytes_per_s: Mapping[TrafficClass, float],
+        total_cap_bytes_per_s: float | None,
+    ) -> None:
+        """New weights and rate caps (a reloaded config or plan) from `now` on: what is queued
+        or in flight stays where it is; sends still waiting for their turn are reconsidered at
+        once under the new caps (fresh buckets, full)."""
+        scheduler = self.pump.scheduler
+        scheduler.bulk_weights = {c: float(bulk_weights.get(c, 1.0)) for c in BULK_CLASSES}
+        scheduler.limiter = _rate_limiter(now, class_caps_bytes_per_s, total_cap_bytes_per_s)
+        scheduler.service_rate_bytes_per_s = _interactive_rate(scheduler.limiter)
+        self.pump._wake(None)
+
+
+def _rate_limiter(now: float, class_caps_bytes_per_s: Mapping[TrafficClass, float] | None,
+                  total_cap_bytes_per_s: float | None) -> PeerRateLimiter | None:
+    if not class_caps_bytes_per_s and total_cap_bytes_per_s is None:
+        return None
+    return PeerRateLimiter(
+        now,
+        class_caps={c: RateCap.from_rate(rate)
+                    for c, rate in (class_caps_bytes_per_s or {}).items()},
+        total_cap=(None if total_cap_bytes_per_s is None
+                   else RateCap.from_rate(total_cap_bytes_per_s)),
+    )
+
+
+def _interactive_rate(limiter: PeerRateLimiter | None) -> float | None:
+    """The rate interactive bytes drain at under the caps (None: uncapped, unknown)."""
+    if limiter is None:
+        return None
+    rate = limiter.rate_bytes_per_s(TrafficClass.INTERACTIVE)
+    return None if math.isinf(rate) else rate

@@ -144,6 +144,11 @@ class RouteDealer:
         self._chosen: list[int] = []
         self.gate = self  # `await dealer.gate.acquire(n)` as with one pump
 
+    async def ready(self) -> None:
+        """Until the upload is open (at every route's first hop: each open was answered before
+        the dealer was made); a committed upload ends the job."""
+        await self.control.ready()
+
     def _rates(self) -> list[float]:
         measured = [self.book.sent_since(self.job.id, self.job.dest, r.via) for r in self.routes]
         known = [(m, r.share) for m, r in zip(measured, self.routes, strict=True) if m]

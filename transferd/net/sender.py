@@ -139,8 +139,8 @@ class Sender:
         self._data_addresses: dict[str, tuple[str, int]] = {}
         self.retry_budget_s = retry_budget_s
         self.max_jobs = max_jobs
-        # Regions the data under each path prefix may be held in (site config and plan).
-        self.residency = {p.rstrip("/"): sorted(r) for p, r in (residency or {}).items()}
+        self.residency: dict[str, list[str]] = {}
+        self.set_residency(residency or {})
         self.routes = RouteBook()
         self.compression = {
             # Compression runs on the chunk worker threads: as many in parallel as there are cores.
@@ -383,6 +383,10 @@ class Sender:
         self.metrics.job_seconds.labels(outcome).observe(time.monotonic() - started)
 
     # -- one replication ------------------------------------------------------------------------
+    def set_residency(self, residency: Mapping[str, Sequence[str]]) -> None:
+        """Regions the data under each path prefix may be held in (site config and plan)."""
+        self.residency = {p.rstrip("/"): sorted(r) for p, r in residency.items()}
+
     def residency_for(self, rel: str) -> list[str]:
         """The regions data at `rel` may be held in (the longest matching prefix; [] for
         anywhere)."""
@@ -448,7 +452,7 @@ class Sender:
     ) -> None:
         """The job over all of `routes` at once (`net.routes.RouteDealer` deals the chunks);
         the upload opens at each route's first hop, have/want and the commit go on the first."""
-        hops: list[tuple[PeerLink, float, tuple[str, ...]]] = []
+        hops: list[tuple[PeerLink, float, tuple[str, ...], asyncio.Task[OpenAnswer]]] = []
         for route in routes:
             first = route.via[0] if route.via else job.dest
             link = self.links.get(first)
@@ -459,25 +463,32 @@ class Sender:
             self.routes.started(job.id, job.dest, route.via)
             path = UPLOADS_ROUTE + (f"?via={','.join(route.via[1:])}" if len(route.via) > 1
                                     else "")
-            if (await self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
-                    ).committed:
-                return
-            hops.append((link, budget, route.via))
-        warm = [asyncio.create_task(self._warm(link)) for link, _b, _v in hops]
-
-        def dealer(sources: list[Source]) -> RouteDealer:
-            pumps = [
-                _ChunkPump(self, job, link, job.traffic_class, intent.upload, sources,
-                           via=via, budget_s=budget)
-                for link, budget, via in hops
-            ]
-            return RouteDealer(self.routes, job, routes, pumps, control=pumps[0])
-
+            # Each route's open is answered before its chunks go: a relay must know the upload.
+            opened = asyncio.create_task(
+                self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
+            )
+            hops.append((link, budget, route.via, opened))
+        warm = [asyncio.create_task(self._warm(link)) for link, _b, _v, _o in hops]
         try:
-            await self._replicate_chunks(job, hops[0][0], rel, intent, members,
+            answers = await asyncio.gather(*(o for _l, _b, _v, o in hops))
+            if any(a.committed for a in answers):
+                return
+
+            def dealer(sources: list[Source]) -> RouteDealer:
+                pumps = [
+                    _ChunkPump(self, job, link, job.traffic_class, intent.upload, sources,
+                               opened, via=via, budget_s=budget)
+                    for link, budget, via, opened in hops
+                ]
+                return RouteDealer(self.routes, job, routes, pumps, control=pumps[0])
+
+            await self._replicate_chunks(job, hops[0][0], rel, intent, members, hops[0][3],
                                          make_pump=dealer)
+        except (_AlreadyCommitted, BaseExceptionGroup) as exc:
+            if not _already_committed(exc):
+                raise
         finally:
-            for task in warm:
+            for task in [*warm, *(o for _l, _b, _v, o in hops)]:
                 if not task.done():
                     task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, TransferdError):
@@ -502,18 +513,23 @@ class Sender:
         budget = min(self.retry_budget_s, RELAY_RETRY_BUDGET_S) if via else self.retry_budget_s
         path = UPLOADS_ROUTE + (f"?via={','.join(via[1:])}" if len(via) > 1 else "")
         # The data channels open (if they are not warm already) while the upload opens and the
-        # first chunks are hashed: their round trips overlap instead of adding up.
+        # first chunks are hashed: their round trips overlap instead of adding up. The first
+        # have/want waits for the open's answer (`_ChunkPump.opened`), not the hashing.
         warm = asyncio.create_task(self._warm(link))
+        opened = asyncio.create_task(
+            self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
+        )
         try:
-            if (await self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
-                    ).committed:
-                return
-            await self._replicate_chunks(job, link, rel, intent, members, via, budget)
+            await self._replicate_chunks(job, link, rel, intent, members, opened, via, budget)
+        except (_AlreadyCommitted, BaseExceptionGroup) as exc:
+            if not _already_committed(exc):
+                raise
         finally:
-            if not warm.done():
-                warm.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TransferdError):
-                await warm
+            for task in (warm, opened):
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TransferdError):
+                    await task
 
     async def _warm(self, link: PeerLink) -> None:
         try:
@@ -530,6 +546,7 @@ class Sender:
         rel: str,
         intent: UploadIntent,
         members: list[tuple[str, int]],
+        opened: asyncio.Task[OpenAnswer],
         via: tuple[str, ...] = (),
         budget_s: float | None = None,
         make_pump: Callable[[list[Source]], RouteDealer] | None = None,
@@ -547,7 +564,7 @@ class Sender:
             pump: _ChunkPump | RouteDealer = (
                 make_pump([f.source for f in files]) if make_pump is not None else _ChunkPump(
                     self, job, link, job.traffic_class, intent.upload,
-                    [f.source for f in files], via=via, budget_s=budget_s,
+                    [f.source for f in files], opened, via=via, budget_s=budget_s,
                 )
             )
             async with asyncio.TaskGroup() as tg:
@@ -557,6 +574,7 @@ class Sender:
             if pump.deferred:
                 await self._offer_again(pump, files)
             manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
+            await pump.ready()  # a file of no chunks asked nothing yet
             await self._commit(pump, manifest, files)
         finally:
             for state in files:
@@ -659,6 +677,7 @@ class Sender:
     async def _offer(self, pump: _ChunkPump | RouteDealer, refs: list[ChunkRef]) -> HaveAnswer:
         """Ask the receiver which of `refs` it still wants (have/want); the others are counted
         as skipped (metric and job)."""
+        await pump.ready()
         path = HAVE_ROUTE.format(upload=pump.upload)
         answer = await self._control(
             pump.job, pump.link, path, HaveRequest(chunks=refs), HaveAnswer,
@@ -842,6 +861,17 @@ class _Interrupted(Exception):
     """The daemon is stopping: finish in-flight chunks, start no new ones."""
 
 
+class _AlreadyCommitted(Exception):
+    """The receiver answered the upload's open with `committed`: nothing is left to send."""
+
+
+def _already_committed(exc: BaseException) -> bool:
+    """`exc` is _AlreadyCommitted, or a task group's errors that are all that."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_already_committed(e) for e in exc.exceptions)
+    return isinstance(exc, _AlreadyCommitted)
+
+
 class _ChunkPump:
     """The chunks of one job on the peer's data channels: the peer's gate for the job's class
     admits each one (it bounds the chunks in flight, paces by caps and weights, adapts the
@@ -859,10 +889,12 @@ class _ChunkPump:
         bulk: TrafficClass,
         upload: str,
         sources: list[Source],
+        opened: asyncio.Task[OpenAnswer],
         via: tuple[str, ...] = (),
         budget_s: float | None = None,
     ) -> None:
         self.sender = sender
+        self.opened = opened  # the upload's open request, under way while chunks are hashed
         self.via = via  # the relays this job's chunks go through (empty: direct)
         self.budget_s = sender.retry_budget_s if budget_s is None else budget_s
         self.job = job
@@ -876,6 +908,12 @@ class _ChunkPump:
         self.started: set[str] = set()  # chunk hashes sent (or being sent) in this job
         self.deferred: list[ChunkRef] = []  # duplicates of those, to offer once they landed
         self.loop = asyncio.get_running_loop()
+
+    async def ready(self) -> None:
+        """Until the receiver has opened the upload; a receiver that has it committed
+        already (a job run again after its commit) ends the job here."""
+        if (await asyncio.shield(self.opened)).committed:
+            raise _AlreadyCommitted
 
     def spawn(
         self,

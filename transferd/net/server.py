@@ -3,11 +3,12 @@
 Peer API (signed with the pair secret): uploads (open, have/want, commit, abort), where the
 data channels connect (the chunks themselves travel on those, `net.channels`), and messages.
 Local API (signed with the site's own secret, used by the CLI): send, jobs, status,
-messages to a peer, the inbox. `/metrics` is Prometheus text. Handlers are thin: authenticate,
-parse the body or query into its wire model (`protocol.wire`), call one method, answer. The
-one middleware turns every TransferdError into its JSON body and HTTP status, counts
-authentication and integrity failures, logs the refusal, and signs the reply to every request
-that authenticated (`protocol.auth.sign_reply`: status and body bound to the request's nonce).
+messages to a peer, the inbox, the link telemetry. `/metrics` is Prometheus text. Handlers are
+thin: authenticate, parse the body or query into its wire model (`protocol.wire`), call one
+method, answer. The one middleware turns every TransferdError into its JSON body and HTTP
+status, counts authentication and integrity failures, logs the refusal, and signs the reply to
+every request that authenticated (`protocol.auth.sign_reply`: status and body bound to the
+request's nonce).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Protocol
 from aiohttp import web
 from pydantic import BaseModel
 
+from netplan.telemetry import TelemetryReport
 from transferd.errors import AuthError, IntegrityError, ProtocolError, TransferdError
 from transferd.net.messages import MessageService
 from transferd.net.relay import RoutingInbound
@@ -53,6 +55,7 @@ from transferd.protocol.wire import (
     LOCAL_STATUS_ROUTE,
     MESSAGES_ROUTE,
     PEER_MESSAGES_ROUTE,
+    TELEMETRY_ROUTE,
     UPLOADS_ROUTE,
     parse_body,
     parse_query,
@@ -80,6 +83,7 @@ class LocalApi(Protocol):
     def job(self, job_id: str) -> Job | None: ...
     async def job_ended(self, timeout_s: float) -> None: ...
     def status(self) -> SiteStatus: ...
+    def telemetry(self) -> TelemetryReport: ...
 
 
 def _answer(model: BaseModel, status: int = 200) -> web.Response:
@@ -220,6 +224,10 @@ def build_app(
         own_cli(request)
         return _answer(local.status())
 
+    async def local_telemetry(request: web.Request) -> web.Response:
+        own_cli(request)
+        return _answer(local.telemetry())
+
     async def send_message(request: web.Request) -> web.Response:
         auth = own_cli(request)
         query = parse_query(MessageQuery, request.query)
@@ -246,6 +254,7 @@ def build_app(
     app.router.add_post(LOCAL_SEND_ROUTE, local_send)
     app.router.add_get(LOCAL_JOBS_ROUTE, local_jobs)
     app.router.add_get(LOCAL_STATUS_ROUTE, local_status)
+    app.router.add_get(TELEMETRY_ROUTE, local_telemetry)
     app.router.add_post(MESSAGES_ROUTE, send_message)
     app.router.add_get(INBOX_ROUTE, read_inbox)
     app.router.add_get("/metrics", prometheus)

@@ -44,6 +44,7 @@ __all__ = [
     "LOCAL_STATUS_ROUTE",
     "MESSAGES_ROUTE",
     "PEER_MESSAGES_ROUTE",
+    "TELEMETRY_ROUTE",
     "UPLOADS_ROUTE",
     "ErrorBody",
     "FrozenModel",
@@ -65,6 +66,7 @@ LOCAL_JOBS_ROUTE = "/v1/local/jobs"
 LOCAL_STATUS_ROUTE = "/v1/local/status"
 MESSAGES_ROUTE = "/v1/messages/{peer}"
 INBOX_ROUTE = "/v1/inbox"
+TELEMETRY_ROUTE = "/v1/telemetry"  # local API: the links as this daemon measured them
 
 
 class FrozenModel(BaseModel):

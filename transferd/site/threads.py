@@ -12,9 +12,42 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["BULK_THREAD_NICENESS", "bulk_executor", "lower_thread_priority"]
+__all__ = [
+    "BULK_THREAD_NICENESS",
+    "LOOP_RT_PRIORITY",
+    "bulk_executor",
+    "lower_thread_priority",
+    "raise_loop_priority",
+]
 
 BULK_THREAD_NICENESS = 10
+LOOP_RT_PRIORITY = 1  # the lowest real-time priority: above every normal thread, below the rest
+
+
+def raise_loop_priority(wanted: str = "realtime") -> str:
+    """Put the calling thread (the event loop's) at SCHED_RR priority 1 when `wanted` is
+    "realtime" and the host allows it; returns the policy in effect ("realtime" or "normal")
+    and why, for the daemon's log line.
+
+    Measured on interactive-during-bulk (benchmarks/README.md, issue 11 round 3): the loop's
+    stalls were the loop thread waiting for a CPU, not for the GIL (its run-queue delay during
+    each stall was the stall; it ran 0-6 ms of it). A normal thread competes for a core with
+    every other process, and with autogroup scheduling the daemon's own bulk threads spend its
+    session's share; the loop itself needs ~1 % of a core. SCHED_RESET_ON_FORK: no thread or
+    child this thread starts inherits the policy (the bulk threads stay normal, at nice 10),
+    and the kernel's real-time throttling still leaves other processes 5 % of each core should
+    the loop ever spin."""
+    if wanted != "realtime":
+        return "normal (loop_priority: normal)"
+    if not sys.platform.startswith("linux"):
+        return "normal (real-time scheduling is Linux-only here)"
+    try:
+        os.sched_setscheduler(
+            0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(LOOP_RT_PRIORITY)
+        )
+    except OSError as exc:  # no CAP_SYS_NICE and no RLIMIT_RTPRIO: the loop stays normal
+        return f"normal ({exc.strerror or exc}: needs CAP_SYS_NICE or RLIMIT_RTPRIO >= 1)"
+    return f"realtime (SCHED_RR {LOOP_RT_PRIORITY})"
 
 
 def lower_thread_priority(niceness: int = BULK_THREAD_NICENESS) -> None:
