@@ -113,7 +113,8 @@ class _Sites:
     """Three transferd daemons (fresh data dirs and keys), R relaying A's transfers to B."""
 
     def __init__(self, lab: Lab, scratch: Path, data: Path, chunk_mib: int = 8,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None,
+                 caps_mbps: dict[str, float] | None = None) -> None:
         self.lab, self.scratch = lab, scratch
         keys = scratch / "keys"
         done = subprocess.run(_transferd("keygen", "--sites", "A,R,B", "--out", str(keys)),
@@ -124,8 +125,11 @@ class _Sites:
         self.configs: dict[str, Path] = {}
         self.data_dirs: dict[str, Path] = {}
         for site in ("A", "R", "B"):
-            peers = {p: {"url": f"http://{lab.addr_on(p, site)}:{PORT}"}
-                     for p in ("A", "R", "B") if p != site}
+            peers: dict[str, Any] = {p: {"url": f"http://{lab.addr_on(p, site)}:{PORT}"}
+                                     for p in ("A", "R", "B") if p != site}
+            if site == "A":  # `caps_mbps`: A's rate caps toward its peers (e.g. to slow a run)
+                for p, mbps in (caps_mbps or {}).items():
+                    peers[p]["rate_caps_mbps"] = {"total": mbps}
             self.data_dirs[site] = scratch / f"site-{site}"
             config: dict[str, Any] = {
                 "site": site, "listen": f"0.0.0.0:{PORT}", "data_dir": str(self.data_dirs[site]),
