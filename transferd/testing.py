@@ -976,3 +976,18 @@ class MotoS3Server:
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
+
+    def requests(self, bucket: str) -> list[str]:
+        """The requests the server has answered for `bucket` so far, from its request log
+        (`"GET /bucket?list-type=2&prefix=... HTTP/1.1" 200`): for tests that count them."""
+        import os
+        import re
+
+        if self._log is None:
+            return []
+        # A descriptor of its own: reading must not move the offset the server writes at.
+        fd = os.open(f"/proc/self/fd/{self._log.fileno()}", os.O_RDONLY)
+        with open(fd, "rb") as fh:
+            text = fh.read().decode(errors="replace")
+        pattern = re.compile(rf'"([A-Z]+ /{re.escape(bucket)}[/?\s][^"]*)"')
+        return pattern.findall(text)

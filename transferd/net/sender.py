@@ -810,11 +810,7 @@ async def _open_batch(
         return list[FileWindow | None](mapped), [w.view for w in mapped]
 
     def read() -> list[memoryview]:
-        out = []
-        for off, n in spans:
-            with source.mapped(off, n) as data:
-                out.append(memoryview(bytes(data)))
-        return out
+        return [memoryview(source.read(off, n)) for off, n in spans]
 
     return [None] * len(spans), await asyncio.to_thread(read)
 
@@ -955,7 +951,7 @@ class _ChunkPump:
         )  # fmt: skip
         if encoded.encoding == "identity" and isinstance(source, SourceFile):
             return OutgoingChunk(**common, fd=os.dup(source.fileno()), offset=offset)  # type: ignore[arg-type]
-        body = encoded.body if encoded.encoding != "identity" else bytes(view)
+        body = encoded.body if encoded.encoding != "identity" else view  # owned: read()
         return OutgoingChunk(**common, body=body)  # type: ignore[arg-type]
 
     async def _send(self, item: OutgoingChunk) -> Receipt:
@@ -1107,5 +1103,4 @@ class _ChunkPump:
         source = self.sources[f]
         if isinstance(source, SourceFile):
             return source.window(offset, length)
-        with source.mapped(offset, length) as data:
-            return FileWindow(memoryview(bytes(data)), None)
+        return FileWindow(memoryview(source.read(offset, length)), None)

@@ -102,6 +102,10 @@ class Receiver:
         # Uploads failed or given up by this process: refused even when the journal could not
         # record it (its disk full), so no late chunk makes their staging again.
         self._given_up: set[str] = set()
+        # Per upload: its root and the bytes of each file verified by this process, so a file
+        # whole and verified is handed to `storage.member_staged` at once (an object store
+        # uploads it while the transfer runs).
+        self._filled: dict[str, tuple[str, list[int]]] = {}
 
     # -- open --------------------------------------------------------------------------------
     def open(self, intent: UploadIntent, peer: str, now: float) -> bool:
@@ -177,6 +181,8 @@ class Receiver:
                 sizes=[f.size for f in intent.files],
             )
             self._staging[intent.upload] = staging
+            with self._verified_lock:
+                self._filled[intent.upload] = (intent.root, [0] * len(intent.files))
         return staging
 
     def _from(self, known: Upload | None, peer: str) -> bool:
@@ -290,8 +296,22 @@ class Receiver:
         return self.journal.in_place(upload)
 
     def _mark_verified(self, upload: str, targets: Sequence[tuple[int, int, int]]) -> None:
+        staging = self._staging.get(upload)
+        whole: list[int] = []
         with self._verified_lock:
-            self._verified.setdefault(upload, set()).update((f, off) for f, off, _n in targets)
+            verified = self._verified.setdefault(upload, set())
+            root, filled = self._filled.get(upload, ("", []))
+            for f, off, n in targets:
+                if (f, off) in verified:
+                    continue
+                verified.add((f, off))
+                if staging is not None and f < len(filled):
+                    filled[f] += n
+                    if filled[f] == staging.sizes[f]:
+                        whole.append(f)
+        if staging is not None:
+            for f in whole:
+                self.storage.member_staged(staging, root, f)
 
     # -- commit --------------------------------------------------------------------------------
     def check_manifest(self, upload: str, peer: str, signed: SignedManifest) -> Manifest:
@@ -344,7 +364,7 @@ class Receiver:
                                 bad.append((i, off))
             except OSError as exc:
                 raise StorageError(f"reading staged file: {exc.strerror}") from exc
-            self._mark_verified(upload, [(i, off, n) for _h, off, n in todo])
+            self._mark_verified(upload, [(i, off, n) for _h, off, n in todo if (i, off) not in bad])
         if bad:
             with self._verified_lock:
                 self._verified.get(upload, set()).difference_update(bad)
@@ -390,6 +410,7 @@ class Receiver:
         self._staging.pop(upload).discard()
         with self._verified_lock:
             self._verified.pop(upload, None)
+            self._filled.pop(upload, None)
         self.journal.finish_upload(upload, UploadState.COMMITTED, now)
         for f in manifest.files:
             path = f"{manifest.root}/{f.path}" if f.path else manifest.root
@@ -439,8 +460,10 @@ class Receiver:
         self._given_up.add(upload)
         with self._verified_lock:
             self._verified.pop(upload, None)
+            self._filled.pop(upload, None)
         staging = self._staging.pop(upload, None)
         if staging is not None:
+            self.storage.discard_staged(staging)
             staging.discard()
         elif "/" not in upload and upload not in (".", ".."):
             shutil.rmtree(self.storage.staging_root / upload, ignore_errors=True)
