@@ -132,6 +132,9 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--only", default="", help="run only the cases whose name contains this (e.g. 'S3 ->')"
+    )
     args = parser.parse_args()
     if shutil.which("rclone") is None:
         sys.exit("rclone is not installed (apt-get install rclone)")
@@ -182,6 +185,7 @@ def main() -> None:
             "transferd S3 -> local": case_from_s3,
             "rclone copy S3 -> local": case_rclone_down,
         }
+        cases = {name: case for name, case in cases.items() if args.only in name}
         times: dict[str, list[float]] = {name: [] for name in cases}
         for i in range(args.repeat):
             for name, case in cases.items():
@@ -201,8 +205,8 @@ def main() -> None:
         med = statistics.median(runs)
         rate = size / MIB / med
         ratio = ""
-        if name.startswith("transferd") and "S3" in name:
-            peer = peers["S3"] if name.endswith("S3") else peers["local"]
+        peer = peers["S3"] if name.endswith("S3") else peers["local"]
+        if name.startswith("transferd") and "S3" in name and peer in times:
             ratio = f"{statistics.median(times[peer]) / med:.2f}x"
         spread = f"{med:.2f} ({min(runs):.2f}-{max(runs):.2f})"
         print(f"{name:<28} {spread:>18} {rate:>8.1f}  {ratio}")

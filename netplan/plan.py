@@ -130,6 +130,9 @@ class SyncEntry:
     gb_per_day: float = Field(default=0.0, ge=0)
     # Several paths with shares (largest first, `via` = the first's); empty: all along `via`.
     routes: tuple[RouteShare, ...] = ()
+    # The dataset's residency (regions its copies may be held in; empty: anywhere): every relay
+    # and the destination's daemon check their own region against it before holding a byte.
+    residency: tuple[Name, ...] = ()
 
     @model_validator(mode="after")
     def _routes_agree(self) -> SyncEntry:
@@ -190,6 +193,7 @@ class LinkPolicy:
 @dataclass(frozen=True, config=_STRICT)
 class SitePlan:
     site: SiteId
+    region: Name | None = None  # the topology's region of the site (its daemon's, if unset there)
     sync: tuple[SyncEntry, ...] = ()
     shards: tuple[ShardEntry, ...] = ()
     checkpoints: tuple[CheckpointEntry, ...] = ()

@@ -287,9 +287,29 @@ def _failed_exit(jobs: list[Job]) -> int:
     type=click.FloatRange(min=0, min_open=True),
     help="seconds: a job not committed by then fails (whatever it waits for)",
 )
+@click.option(
+    "--via",
+    "via",
+    default="",
+    help="relay site(s) the bytes go through, in order, comma-separated (a manual route; the "
+    "direct path is the fallback if a relay fails)",
+)
+@click.option(
+    "--multipath",
+    is_flag=True,
+    help="with --via: send over the relayed path and the direct one at once, each chunk on "
+    "the path that would finish it first",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 def send(
-    path: str, config_path: str, to: str, wait: bool, timeout_s: float | None, as_json: bool
+    path: str,
+    config_path: str,
+    to: str,
+    wait: bool,
+    timeout_s: float | None,
+    via: str,
+    multipath: bool,
+    as_json: bool,
 ) -> None:
     """Ask the local daemon to replicate PATH (relative to data_dir) to other sites."""
     from transferd.net.local_client import LocalRequest
@@ -302,10 +322,20 @@ def send(
     if unknown or not dests:
         problem = f"--to: not a peer in {config_path}: {', '.join(unknown) or '(none)'}"
         _fail(ConfigError(problem), as_json)
+    relays = [r.strip() for r in via.split(",") if r.strip()]
+    bad = [r for r in relays if r not in config.peers or r in dests]
+    if bad:
+        problem = f"--via: not a peer in {config_path}, or a destination: {', '.join(bad)}"
+        _fail(ConfigError(problem), as_json)
+    if multipath and not relays:
+        _fail(ConfigError("--multipath: needs a relayed path (--via) beside the direct one"),
+              as_json)
     rel = _relative_to_data_dir(config, path)
 
     started = time.monotonic()
-    send_jobs = SendRequest(path=rel, to=dests, timeout_s=timeout_s)
+    send_jobs = SendRequest(
+        path=rel, to=dests, timeout_s=timeout_s, via=relays, multipath=multipath
+    )
     request = LocalRequest("POST", LOCAL_SEND_ROUTE, SendAnswer, body=send_jobs)
 
     def send_and_poll(client: LocalClient) -> list[Job]:
@@ -533,6 +563,14 @@ def status(config_path: str, as_json: bool) -> None:
             (j.error or _describe_wait(j) or "")[:100],
         )
     console.print(jobs)
+    routes = Table("job", "route", "state", "chunks", "bytes", "MB/s")
+    for j in state.jobs:
+        for r in j.route_status:
+            rate = r.rate_bytes_per_s
+            routes.add_row(j.id[:8], r.route, r.state, str(r.chunks), _size(r.bytes),
+                           f"{rate / 1e6:.1f}" if rate else "-")
+    if routes.row_count:
+        console.print(routes)
 
 
 @main.command()

@@ -79,6 +79,24 @@ async def _daemons(tmp_path: Path, **overrides: Any) -> AsyncIterator[_Pair]:
             proc.wait(timeout=20)
 
 
+async def _restarted_step_is_whole(
+    sites: _Pair, s3: MotoS3Server, bucket: str, step: str, digests: dict[str, str]
+) -> None:
+    """B restarts; LATEST comes to name step-200, which holds its shards whole and nothing
+    else."""
+    await sites.restart("B")
+
+    async def latest() -> str:
+        return await asyncio.to_thread(_text, s3, bucket, "site-B/checkpoints/r/LATEST")
+
+    await poll_until(latest, lambda t: t == "step-200\n", timeout_s=90, every_s=0.2)
+    keys = _keys(s3, bucket, step)
+    assert sorted(keys) == sorted([step + n for n in digests] + [step + MANIFEST])
+    for name, digest in digests.items():
+        body = s3.client().get_object(Bucket=bucket, Key=step + name)["Body"].read()
+        assert blake3.blake3(body).hexdigest() == digest
+
+
 async def test_sigkill_of_an_s3_receiver_mid_commit_never_shows_half_a_step(
     tmp_path: Path, moto_s3: MotoS3Server, s3_bucket: str
 ) -> None:
@@ -111,19 +129,49 @@ async def test_sigkill_of_an_s3_receiver_mid_commit_never_shows_half_a_step(
         assert 0 < len(keys) <= SHARDS  # killed with objects written, the manifest not
         assert _text(moto_s3, s3_bucket, "site-B/checkpoints/r/LATEST") == "step-100\n"
 
-        await sites.restart("B")
+        await _restarted_step_is_whole(sites, moto_s3, s3_bucket, step, digests)
 
-        async def latest() -> str:
-            return await asyncio.to_thread(
-                _text, moto_s3, s3_bucket, "site-B/checkpoints/r/LATEST"
-            )
 
-        await poll_until(latest, lambda t: t == "step-200\n", timeout_s=60, every_s=0.2)
+async def test_sigkill_of_an_s3_receiver_mid_streaming_upload_never_shows_half_a_step(
+    tmp_path: Path, moto_s3: MotoS3Server, s3_bucket: str
+) -> None:
+    """Shards large enough to be streamed to S3 while the transfer runs: B is killed once the
+    first of them is in the bucket and before the last chunk arrived. The step is not visible
+    (no manifest, LATEST unchanged); after a restart the streamed objects are reclaimed, the
+    transfer resumes, and the step commits whole with no multipart upload left behind."""
+    size, shards = 6 * 1024 * 1024, 6  # each over the streaming threshold (5 MiB)
+    run = tmp_path / "site-A" / "checkpoints" / "r"
+    write_random(run / "step-100" / "w.bin", CHUNK, seed=1)
+    digests = {
+        f"shard-{i}.bin": write_random(run / "step-200" / f"shard-{i}.bin", size, i)
+        for i in range(shards)
+    }
+    chunks = shards * size // CHUNK
+    b_site = _s3_site(moto_s3, f"s3://{s3_bucket}/site-B", tmp_path / "state-B")
+    step = "site-B/checkpoints/r/step-200/"
+    async with _daemons(tmp_path, streams=1, B=b_site) as sites:
+        a_config = str(sites.configs["A"])
+        for send in (["checkpoints/r/step-100", "--wait"], ["checkpoints/r/step-200"]):
+            code, _, err = await cli("send", *send, "--config", a_config, "--to", "B")
+            assert code == 0, err
+
+        async def streamed() -> float | None:
+            if not await asyncio.to_thread(_keys, moto_s3, s3_bucket, step):
+                return None
+            return await metric(sites.url["B"], "transferd_chunks_received_total", peer="A")
+
+        received = await poll_until(streamed, lambda n: n is not None, timeout_s=60, every_s=0.005)
+        await sites.kill("B")
+        assert received is not None
+        assert received < chunks
         keys = _keys(moto_s3, s3_bucket, step)
-        assert sorted(keys) == sorted([step + n for n in digests] + [step + MANIFEST])
-        for name, digest in digests.items():
-            body = moto_s3.client().get_object(Bucket=s3_bucket, Key=step + name)["Body"].read()
-            assert blake3.blake3(body).hexdigest() == digest
+        assert keys
+        assert step + MANIFEST not in keys
+        assert _text(moto_s3, s3_bucket, "site-B/checkpoints/r/LATEST") == "step-100\n"
+
+        await _restarted_step_is_whole(sites, moto_s3, s3_bucket, step, digests)
+        left = moto_s3.client().list_multipart_uploads(Bucket=s3_bucket, Prefix="site-B/")
+        assert left.get("Uploads", []) == []
 
 
 async def test_sigkill_of_a_receiver_reading_from_an_s3_sender_resumes_to_a_whole_step(

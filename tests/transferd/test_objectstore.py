@@ -6,6 +6,8 @@ ConfigError naming the step and the reason."""
 from __future__ import annotations
 
 import json
+import random
+import time
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,173 @@ def test_the_readmes_s3_site_config_loads(tmp_path: Path) -> None:
     assert not config.data_dir_is_local
     assert config.storage_options["endpoint_url"].startswith("https://s3.")
     assert str(config.state_path) == "/var/lib/transferd/cloud-eu"
+
+
+def _uploads(s3: MotoS3Server, bucket: str, prefix: str) -> list[str]:
+    """Keys of the multipart uploads begun and neither completed nor aborted."""
+    listed = s3.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return sorted(u["Key"] for u in listed.get("Uploads", []))
+
+
+BIG = 6 * 1024 * 1024  # over _STREAM_MIN_BYTES: streamed while the transfer runs
+
+
+def test_a_member_streamed_during_the_transfer_shows_only_when_the_folder_commits(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    store.commit(_staged(store, {"big.bin": b"old" * 3}), "approved/d")
+    new = random.Random(7).randbytes(BIG)
+    staging = _staged(store, {"big.bin": new, "small.bin": b"s"})
+    store.member_staged(staging, "approved/d", 0)
+    store.member_staged(staging, "approved/d", 1)  # small: goes in one PUT at commit
+    store.member_staged(staging, "approved/d", 0)  # told twice: streamed once
+    streamed = store._streamed[staging.dir.name].members
+    assert list(streamed) == [0]
+    streamed[0].result()
+    # Streamed, not visible: readers still see the old version whole.
+    assert _uploads(moto_s3, s3_bucket, "data/approved/d") == ["data/approved/d/big.bin"]
+    assert store.list_source("approved/d") == ("folder", [("big.bin", 9)])
+    assert store.read_range("approved/d/big.bin", 0, 9) == b"old" * 3
+    store.commit(staging, "approved/d")
+    assert store.list_source("approved/d") == ("folder", [("big.bin", BIG), ("small.bin", 1)])
+    assert store.read_range("approved/d/big.bin", 0, BIG) == new
+    assert _uploads(moto_s3, s3_bucket, "data/") == []
+    assert list((tmp_path / "state" / "object-commits").iterdir()) == []
+
+
+def test_a_single_file_streamed_is_completed_at_commit(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    data = random.Random(8).randbytes(BIG)
+    staging = _staged(store, {"": data})
+    store.member_staged(staging, "approved/f.bin", 0)
+    store._streamed[staging.dir.name].members[0].result()
+    assert not store.exists("approved/f.bin")
+    store.commit(staging, "approved/f.bin")
+    assert store.read_range("approved/f.bin", 0, BIG) == data
+    assert _uploads(moto_s3, s3_bucket, "data/") == []
+
+
+def test_a_given_up_upload_aborts_what_it_streamed(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    staging = _staged(store, {"a.bin": bytes(BIG), "b.bin": bytes(BIG)})
+    store.member_staged(staging, "approved/d", 0)
+    store.member_staged(staging, "approved/d", 1)
+    streamed = store._streamed[staging.dir.name].members
+    store.discard_staged(staging)
+    for future in streamed.values():
+        future.result()
+    store._member_pool.submit(lambda: None).result()  # after the abort queued behind them
+
+    def clean() -> bool:
+        return _uploads(moto_s3, s3_bucket, "data/") == [] and not list(
+            (tmp_path / "state" / "object-commits").iterdir()
+        )
+
+    deadline = time.monotonic() + 10
+    while not clean() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert clean()
+    assert _keys(moto_s3, s3_bucket, "data/") == []
+
+
+def test_a_crash_mid_streaming_keeps_the_old_folder_and_restart_aborts_the_uploads(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Killed while members were streaming: nothing new is visible, the old version (here
+    one another tool wrote, with no manifest) keeps every object, and start-up aborts the
+    multipart uploads."""
+    state = tmp_path / "state"
+    store = _store(moto_s3, s3_bucket, state)
+    moto_s3.client().put_object(Bucket=s3_bucket, Key="data/approved/d/old.bin", Body=b"o")
+    staging = _staged(store, {"old.bin": bytes(BIG), "new.bin": bytes(BIG)})
+    store.member_staged(staging, "approved/d", 0)
+    store.member_staged(staging, "approved/d", 1)
+    for future in store._streamed[staging.dir.name].members.values():
+        future.result()
+    assert len(_uploads(moto_s3, s3_bucket, "data/approved/d")) == 2
+    # The process dies here: a new one starts on the same state dir.
+    restarted = _store(moto_s3, s3_bucket, state)
+    assert _uploads(moto_s3, s3_bucket, "data/") == []
+    assert _keys(moto_s3, s3_bucket, "data/approved/d") == ["data/approved/d/old.bin"]
+    assert restarted.list_source("approved/d") == ("folder", [("old.bin", 1)])
+    assert list((state / "object-commits").iterdir()) == []
+
+
+def test_members_streamed_into_a_new_folder_read_as_absent_until_its_manifest(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """A folder that did not exist: members are PUT at their keys as they are staged (one
+    request each), the folder reads as absent until the commit writes its manifest, and a
+    crash before that leaves objects that start-up deletes."""
+    state = tmp_path / "state"
+    store = _store(moto_s3, s3_bucket, state)
+    data = random.Random(9).randbytes(BIG)
+    for attempt in ("crashed", "committed"):
+        staging = _staged(store, {"a.bin": data})
+        store.member_staged(staging, "checkpoints/r/step-1", 0)
+        store._streamed[staging.dir.name].members[0].result()
+        assert _keys(moto_s3, s3_bucket, "data/checkpoints/r/step-1") == [
+            "data/checkpoints/r/step-1/a.bin"
+        ]
+        assert not store.exists("checkpoints/r/step-1")
+        assert store.list_dir("checkpoints/r") == []
+        if attempt == "crashed":
+            store = _store(moto_s3, s3_bucket, state)  # a new process on the same state dir
+            assert _keys(moto_s3, s3_bucket, "data/checkpoints") == []
+            continue
+        store.commit(staging, "checkpoints/r/step-1")
+    assert store.list_source("checkpoints/r/step-1") == ("folder", [("a.bin", BIG)])
+    assert store.read_range("checkpoints/r/step-1/a.bin", 0, BIG) == data
+    assert list((state / "object-commits").iterdir()) == []
+
+
+def test_polling_an_unchanged_folder_costs_one_request(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """What a sync route's poll sends to the store, counted in the server's request log: an
+    unchanged folder costs one request (a HEAD of the manifest, or one listing of a folder
+    another tool wrote), and a change is seen at the next poll."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    client = moto_s3.client()
+    store.commit(_staged(store, {"a.bin": b"aa", "sub/b.bin": b"b"}), "approved/ours")
+    for i in range(30):
+        client.put_object(Bucket=s3_bucket, Key=f"data/approved/theirs/p-{i:02d}.bin", Body=b"t")
+
+    def poll(rel: str) -> tuple[tuple[list[tuple[str, int]], float] | None, list[str]]:
+        before = len(moto_s3.requests(s3_bucket))
+        state = store.folder_state(rel)
+        return state, moto_s3.requests(s3_bucket)[before:]
+
+    first, _ = poll("approved/ours")
+    assert first is not None
+    assert first[0] == [("a.bin", 2), ("sub/b.bin", 1)]
+    again, sent = poll("approved/ours")
+    assert again == first
+    assert sent == [f"HEAD /{s3_bucket}/data/approved/ours/{MANIFEST} HTTP/1.1"]
+
+    theirs, _ = poll("approved/theirs")
+    assert theirs is not None
+    assert len(theirs[0]) == 30
+    again, sent = poll("approved/theirs")
+    assert again == theirs
+    assert len(sent) == 1
+    assert sent[0].startswith(f"GET /{s3_bucket}?list-type=2")
+
+    # Changes are seen: a new version of ours (a new manifest), a new object in theirs.
+    store.commit(_staged(store, {"a.bin": b"aaa"}), "approved/ours")
+    changed, _ = poll("approved/ours")
+    assert changed is not None
+    assert changed[0] == [("a.bin", 3)]
+    client.put_object(Bucket=s3_bucket, Key="data/approved/theirs/p-99.bin", Body=b"new")
+    grown, _ = poll("approved/theirs")
+    assert grown is not None
+    assert ("p-99.bin", 3) in grown[0]
+    # The same answers as the calls a poll made before (exists, list_source, newest_mtime).
+    for rel in ("approved/ours", "approved/theirs"):
+        assert store.folder_state(rel) == (store.list_source(rel)[1], store.newest_mtime(rel))
+    assert store.folder_state("approved/none") is None

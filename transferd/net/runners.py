@@ -70,10 +70,8 @@ class SyncRunner:
     _sent: dict[tuple[str, str], _Sent] = field(default_factory=dict)
 
     def _state(self, prefix: str) -> FolderState | None:
-        if not self.storage.exists(prefix):
-            return None
-        _kind, members = self.storage.list_source(prefix)
-        return FolderState(tuple(members), self.storage.newest_mtime(prefix))
+        found = self.storage.folder_state(prefix)
+        return None if found is None else FolderState(tuple(found[0]), found[1])
 
     def scan(self) -> dict[str, FolderState | None]:
         """Each route folder's current state (blocking storage calls: run in a thread)."""

@@ -109,6 +109,7 @@ class ReceiptStatus(IntEnum):
     DAMAGED = 1  # the body did not hash to what its header says: send it again
     REFUSED = 2  # the receiver refuses the chunk (unknown upload, bad locations): the job fails
     STORAGE = 3  # the receiver cannot stage it (e.g. its disk is full): the job fails
+    UNREACHABLE = 4  # a relay could not pass it on to the next hop: send it on another route
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:

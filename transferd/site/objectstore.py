@@ -10,7 +10,12 @@ by its *manifest object* `<folder>/.transferd-manifest.json`, written last:
 2. a folder being replaced loses its old manifest first (from then on it reads as absent, never
    as a mix of the old and the new);
 3. the members are PUT under the folder's prefix, in parallel (multipart, parts in parallel,
-   memory bounded by `_PUT_FILES x _PUT_PARTS x _PART_BYTES`, files under 64 MiB in one PUT);
+   memory bounded by `_PUT_FILES x _PUT_PARTS x _PART_BYTES`, files under 64 MiB in one PUT).
+   On S3 a member of at least `_STREAM_MIN_BYTES` has gone up already, while the transfer ran:
+   the receiver calls `member_staged` once its last chunk is staged and verified, which starts a
+   multipart upload of it (parts in parallel); here those uploads are only *completed*, which
+   is when their objects appear. Until then nothing of the new version is visible: the old
+   folder stays whole for readers for the whole transfer;
 4. one listing of the prefix verifies that every member is there at its size, and deletes
    objects that are not members (an old version's extra files, a crashed attempt's leftovers);
 5. the manifest (members, sizes, the upload that wrote them) is PUT: the folder is visible;
@@ -20,7 +25,9 @@ Readers trust the manifest: a folder with an unfinished commit is absent (`exist
 `list_dir`, `list_source`), and listing a committed folder reads its manifest rather than the
 bucket. Checkpoint steps build on this: LATEST is written after the step's manifest, retention
 deletes a step's manifest before its objects. Start-up (`reclaim`) cleans each folder named by
-an intent file: with a manifest, objects it does not list go; without one, the whole prefix goes.
+an intent file: multipart uploads under it that were never completed are aborted; then, unless
+the intent only covered uploads streamed during a transfer (those wrote no visible object),
+with a manifest, objects it does not list go; without one, the whole prefix goes.
 Folders written by other tools (a source site's training job) have no manifest and are listed
 as they are. Files are one object each, PUT straight to their key (atomic on every store).
 """
@@ -30,18 +37,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import wait as wait_all
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transferd.errors import ConfigError, StorageError
 from transferd.site.staging import Staging, os_errors, storage_error
-from transferd.site.storage import FsspecStorage, Source
+from transferd.site.storage import FsspecStorage, Source, info_mtime
 
 __all__ = ["MANIFEST", "OBJECT_STORE_PROTOCOLS", "ObjectStorage", "is_object_store"]
 
@@ -60,6 +70,11 @@ OBJECT_STORE_PROTOCOLS = frozenset(
 _PUT_FILES = 4
 _PUT_PARTS = 2
 _PART_BYTES = 32 * 1024 * 1024
+# Members at least this large are streamed to S3 during the transfer (multipart, completed at
+# commit); smaller ones go in one PUT at commit. 5 MiB is S3's smallest part.
+_STREAM_MIN_BYTES = 5 * 1024 * 1024
+# S3 allows at most 10,000 parts per upload: a larger file gets larger parts.
+_MAX_PARTS = 10_000
 # Ranged GETs a source fetches at once, and again in the background for what comes next: the
 # sender reads a file's chunks in order, so at most 2 x _READ_AHEAD chunks are held per file.
 _READ_AHEAD = 8
@@ -116,7 +131,7 @@ class ObjectSource:
         if whole is not None and 0 < self.size <= _WHOLE_OBJECT_BYTES:
             self._whole = whole.fetch(fs, path)
 
-    def _from_whole(self, offset: int, length: int) -> bytes | None:
+    def _from_whole(self, offset: int, length: int) -> memoryview | None:
         """The span from the whole object, if it was fetched; the slot goes back once every
         byte has been taken."""
         if self._whole is None:
@@ -128,7 +143,7 @@ class ObjectSource:
         self._taken += length
         if self._taken >= self.size:
             self._drop_whole()
-        return data[offset : offset + length]
+        return memoryview(data)[offset : offset + length]  # no copy: the bytes are immutable
 
     def _drop_whole(self) -> None:
         whole, self._whole = self._whole, None
@@ -155,7 +170,7 @@ class ObjectSource:
         )  # fmt: skip
         return {span: bytes(data) for span, data in zip(spans, got, strict=True)}
 
-    def _take(self, offset: int, length: int) -> bytes:
+    def _take(self, offset: int, length: int) -> bytes | memoryview:
         if length == 0:
             return b""
         with self._lock:
@@ -195,6 +210,9 @@ class ObjectSource:
     def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
         yield memoryview(self._take(offset, length))
 
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        return self._take(offset, length)
+
     def changed(self) -> bool:
         return int(self.fs.size(self.path)) != self.size
 
@@ -204,6 +222,27 @@ class ObjectSource:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._ready.clear()
         self._ahead = None
+
+
+@dataclass
+class _Multipart:
+    """A member's multipart upload with every part in: its object appears when it is completed
+    (at commit), and never if it is aborted."""
+
+    path: str  # bucket/key
+    upload_id: str
+    parts: list[dict[str, Any]]
+
+
+@dataclass
+class _Streamed:
+    """The members of one receiver upload streamed to the store while it runs: multipart
+    uploads completed at commit, or (`direct`, a folder that did not exist: it reads as absent
+    until its manifest, as during a commit) objects PUT at their keys at once (None)."""
+
+    rel: str
+    direct: bool
+    members: dict[int, Future[_Multipart | None]] = field(default_factory=dict)
 
 
 def is_object_store(fs: Any) -> bool:
@@ -225,30 +264,47 @@ class ObjectStorage(FsspecStorage):
             self.intents_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._committing: dict[str, int] = {}  # folder -> commits in progress
-        for rel in self._intents():
-            self._committing[rel] = self._committing.get(rel, 0) + 1
+        for rel, streaming in self._intents():
+            if not streaming:
+                self._committing[rel] = self._committing.get(rel, 0) + 1
         self._whole_objects = _WholeObjects()
         self._s3 = "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else ())
+        self._streamed: dict[str, _Streamed] = {}  # receiver upload id -> what it streamed
+        self._stream_lock = threading.Lock()
+        # Polled folders with a manifest: its ETag and the state it gave (`folder_state`).
+        self._polled: dict[str, tuple[str, tuple[list[tuple[str, int]], float]]] = {}
+        # Members streamed at once x parts at once bounds what streaming holds in memory, as
+        # for a commit (`_PUT_FILES x _PUT_PARTS x _PART_BYTES`).
+        self._member_pool = ThreadPoolExecutor(_PUT_FILES, thread_name_prefix="transferd-s3-put")
+        self._part_pool = ThreadPoolExecutor(
+            _PUT_FILES * _PUT_PARTS, thread_name_prefix="transferd-s3-part"
+        )
 
     # -- intents (state dir) ----------------------------------------------------------------------
     def _intent_path(self, rel: str) -> Path:
         return self.intents_dir / (hashlib.sha256(rel.encode()).hexdigest()[:32] + ".json")
 
-    def _intents(self) -> list[str]:
-        rels = []
+    def _intents(self) -> list[tuple[str, bool]]:
+        """(folder, only streamed: no visible object written yet) of each intent file."""
+        found = []
         for entry in sorted(self.intents_dir.glob("*.json")):
             try:
-                rels.append(str(json.loads(entry.read_text(encoding="utf-8"))["rel"]))
-            except (OSError, ValueError, KeyError, TypeError):
+                doc = json.loads(entry.read_text(encoding="utf-8"))
+                found.append((str(doc["rel"]), bool(doc.get("streaming", False))))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 entry.unlink(missing_ok=True)  # a torn intent: its commit never wrote objects
-        return rels
+        return found
 
-    def _begin(self, rel: str, upload: str) -> None:
+    def _write_intent(self, rel: str, upload: str, *, streaming: bool) -> None:
         path = self._intent_path(rel)
+        doc = {"rel": rel, "upload": upload, "streaming": streaming}
         with os_errors(f"recording the commit of {rel}", rel):
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"rel": rel, "upload": upload}), encoding="utf-8")
+            tmp.write_text(json.dumps(doc), encoding="utf-8")
             tmp.replace(path)
+
+    def _begin(self, rel: str, upload: str) -> None:
+        self._write_intent(rel, upload, streaming=False)
         with self._lock:
             self._committing[rel] = self._committing.get(rel, 0) + 1
 
@@ -333,12 +389,200 @@ class ObjectStorage(FsspecStorage):
             return float(doc["committed_at"])  # S3's LastModified has whole seconds only
         return super().newest_mtime(rel)
 
+    def folder_state(self, rel: str) -> tuple[list[tuple[str, int]], float] | None:
+        """Members and newest mtime for a poll, in one request when nothing changed: a folder
+        that had a manifest is checked by the manifest's ETag (a HEAD); any other by one
+        listing (members, sizes and LastModified together; a request per 1,000 objects)."""
+        self.check_path(rel)
+        path = self.path(rel)
+        with os_errors(f"polling {rel}", rel):
+            known = self._polled.get(rel)
+            if known is not None:
+                try:
+                    etag = self.fs.info(f"{path}/{MANIFEST}").get("ETag")
+                except FileNotFoundError:
+                    etag = None
+                if etag == known[0]:
+                    return known[1]
+            self._polled.pop(rel, None)
+            found = self.fs.find(path, detail=True)
+        manifest = found.get(f"{path}/{MANIFEST}")
+        if manifest is not None:
+            doc = self.manifest(rel)
+            if doc is not None:
+                state = (
+                    [(str(m["path"]), int(m["size"])) for m in doc["members"]],
+                    float(doc["committed_at"]),
+                )
+                self._polled[rel] = (str(manifest.get("ETag")), state)
+                return state
+        if self._in_commit(rel) or not found:
+            return None
+        members = sorted(
+            (name[len(path) :].lstrip("/"), int(info["size"]))
+            for name, info in found.items()
+            if not _internal(name[len(path) :].lstrip("/"))
+        )
+        if not members:
+            return None
+        return members, max(info_mtime(info) for info in found.values())
+
     # -- writes ---------------------------------------------------------------------------------
     def _put_options(self) -> dict[str, Any]:
         if self._s3:
             return {"chunksize": _PART_BYTES, "max_concurrency": _PUT_PARTS}
         return {}
 
+    # -- streaming (S3: members go up while the transfer runs) ---------------------------------
+    def member_staged(self, staging: Staging, rel: str, index: int) -> None:
+        """Receiver thread: member `index` of the upload staged at `staging` (committed at
+        `rel`) is whole and verified. On S3, one of at least `_STREAM_MIN_BYTES` goes up now:
+        into a folder that does not exist yet, PUT at its key (the folder reads as absent
+        until its manifest, as during a commit: one request per object, as rclone's); over
+        anything else, as a multipart upload that `commit` completes (nothing shows before:
+        readers keep the old version whole for the whole transfer)."""
+        size = staging.sizes[index]
+        if not self._s3 or size < _STREAM_MIN_BYTES:
+            return
+        upload = staging.dir.name
+        path = self.path(rel if staging.kind == "file" else f"{rel}/{staging.members[index]}")
+        with self._stream_lock:
+            streamed = self._streamed.get(upload)
+            if streamed is None:
+                streamed = self._start_streaming(staging, rel)
+                with self._lock:
+                    self._streamed[upload] = streamed
+            elif index in streamed.members:
+                return
+            streamed.members[index] = self._member_pool.submit(
+                self._stream_member, staging, index, path, streamed.direct
+            )
+
+    def _start_streaming(self, staging: Staging, rel: str) -> _Streamed:
+        """Record the intent (start-up must find what a crash leaves) before any byte goes."""
+        upload = staging.dir.name
+        with os_errors(f"checking {rel}", rel):
+            direct = (
+                staging.kind == "folder"
+                and not self._in_commit(rel)
+                and not self.fs.exists(self.path(rel))
+            )
+        if direct:
+            self._begin(rel, upload)  # absent from here on; a crash's objects all go
+        elif not self._intent_path(rel).exists():
+            self._write_intent(rel, upload, streaming=True)
+        return _Streamed(rel, direct)
+
+    def _stream_member(
+        self, staging: Staging, index: int, path: str, direct: bool
+    ) -> _Multipart | None:
+        log.debug("storage.stream_member", extra={"fields": {"path": path, "direct": direct}})
+        if direct:
+            self.fs.put_file(str(staging.member_path(index)), path, **self._put_options())
+            return None
+        bucket, _, key = path.partition("/")
+        size = staging.sizes[index]
+        part = max(_PART_BYTES, -(-size // _MAX_PARTS))
+        upload_id = str(
+            self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+        )
+        local = staging.member_path(index)
+        parts = [
+            self._part_pool.submit(
+                self._put_part, local, path, upload_id, n + 1, offset, min(part, size - offset)
+            )
+            for n, offset in enumerate(range(0, size, part))
+        ]
+        wait_all(parts)
+        try:
+            return _Multipart(path, upload_id, [p.result() for p in parts])
+        except BaseException:
+            self._abort_multipart(path, upload_id)
+            raise
+
+    def _put_part(
+        self, local: Path, path: str, upload_id: str, number: int, offset: int, length: int
+    ) -> dict[str, Any]:
+        with open(local, "rb") as fh:
+            body = os.pread(fh.fileno(), length, offset)
+        if len(body) != length:
+            raise OSError(f"{local}: {len(body)} bytes at {offset}, {length} expected")
+        bucket, _, key = path.partition("/")
+        out = self.fs.call_s3(
+            "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
+            Body=body,
+        )  # fmt: skip
+        return {"PartNumber": number, "ETag": out["ETag"]}
+
+    def _complete(self, upload: _Multipart) -> None:
+        bucket, _, key = upload.path.partition("/")
+        self.fs.call_s3(
+            "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id,
+            MultipartUpload={"Parts": upload.parts},
+        )  # fmt: skip
+
+    def _abort_multipart(self, path: str, upload_id: str) -> None:
+        bucket, _, key = path.partition("/")
+        with suppress(OSError):  # gone already; else start-up aborts it
+            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+
+    def _take_streamed(self, upload: str) -> tuple[bool, dict[int, _Multipart | None]]:
+        """Whether `upload` began its folder's commit by streaming into it (`direct`), and the
+        members it streamed, each PUT or with every part in (a member whose streaming failed
+        is left out: the commit PUTs it)."""
+        with self._lock:
+            streamed = self._streamed.pop(upload, None)
+        done: dict[int, _Multipart | None] = {}
+        for index, future in (streamed.members if streamed else {}).items():
+            try:
+                done[index] = future.result()
+            except (OSError, StorageError) as exc:
+                log.warning(
+                    "storage.stream_failed",
+                    extra={"fields": {"upload": upload, "member": index, "error": str(exc)}},
+                )
+        return streamed is not None and streamed.direct, done
+
+    def discard_staged(self, staging: Staging) -> None:
+        """The upload was given up: abort what it streamed (in the background)."""
+        with self._lock:
+            streamed = self._streamed.pop(staging.dir.name, None)
+        if streamed is None:
+            return
+
+        def abort() -> None:
+            for future in streamed.members.values():
+                if future.cancel() or future.exception() is not None:
+                    continue
+                upload = future.result()
+                if upload is not None:
+                    self._abort_multipart(upload.path, upload.upload_id)
+            if streamed.direct:
+                self._end_after_failure(streamed.rel)  # its objects go, and its intent
+            elif not self._in_commit(streamed.rel):
+                self._intent_path(streamed.rel).unlink(missing_ok=True)
+
+        self._member_pool.submit(abort)
+
+    def _abort_all_multipart(self, rel: str) -> None:
+        """Abort every multipart upload under `rel` (what a crash left uncompleted)."""
+        if not self._s3:
+            return
+        bucket, _, key = self.path(rel).partition("/")
+        marker: dict[str, str] = {}
+        while True:
+            out = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key, **marker)
+            for found in out.get("Uploads", []):
+                if found["Key"] == key or found["Key"].startswith(key + "/"):
+                    self._abort_multipart(f"{bucket}/{found['Key']}", found["UploadId"])
+            if not out.get("IsTruncated"):
+                return
+            marker = {
+                "KeyMarker": out["NextKeyMarker"],
+                "UploadIdMarker": out["NextUploadIdMarker"],
+            }
+
+    # -- commits --------------------------------------------------------------------------------
     def commit(self, staging: Staging, rel: str) -> None:
         final = self.path(rel)
         try:
@@ -346,7 +590,13 @@ class ObjectStorage(FsspecStorage):
             staging.close()
             if staging.kind == "file":
                 # One object: a PUT (or a multipart upload's completion) shows it whole.
-                self.fs.put_file(str(staging.payload_path), final, **self._put_options())
+                _direct, streamed = self._take_streamed(staging.dir.name)
+                multipart = streamed.get(0)
+                if multipart is not None:
+                    self._complete(multipart)
+                    self._intent_path(rel).unlink(missing_ok=True)
+                else:
+                    self.fs.put_file(str(staging.payload_path), final, **self._put_options())
                 if int(self.fs.size(final)) != staging.sizes[0]:
                     raise StorageError(f"{rel}: the store holds a different size", path=rel)
                 return
@@ -357,14 +607,21 @@ class ObjectStorage(FsspecStorage):
     def _commit_folder(self, staging: Staging, rel: str) -> None:
         final = self.path(rel)
         upload = staging.dir.name
-        self._begin(rel, upload)
+        began, streamed = self._take_streamed(upload)
+        if not began:
+            self._begin(rel, upload)
         try:
             if self._has_manifest(rel):
                 self.fs.rm_file(f"{final}/{MANIFEST}")  # the old version is gone from here on
             members = list(zip(staging.members, staging.sizes, strict=True))
-            local = [str(staging.member_path(i)) for i in range(len(members))]
-            remote = [f"{final}/{m}" for m, _n in members]
-            self.fs.put(local, remote, batch_size=_PUT_FILES, **self._put_options())
+            # Streamed members appear now (each completion is one request); the rest go up.
+            multipart = [m for m in streamed.values() if m is not None]
+            list(self._member_pool.map(self._complete, multipart))
+            rest = [i for i in range(len(members)) if i not in streamed]
+            if rest:
+                local = [str(staging.member_path(i)) for i in rest]
+                remote = [f"{final}/{members[i][0]}" for i in rest]
+                self.fs.put(local, remote, batch_size=_PUT_FILES, **self._put_options())
             self._verify_and_prune(rel, dict(members))
             doc = {
                 "format": MANIFEST_FORMAT,
@@ -429,9 +686,9 @@ class ObjectStorage(FsspecStorage):
         """Clean up after commits a crash interrupted (named by intent files): returns the
         folders cleaned. A folder with a manifest keeps what it lists; one without loses all."""
         cleaned = []
-        for rel in self._intents():
+        for rel, streaming in self._intents():
             try:
-                self._reclaim_folder(rel)
+                self._reclaim_folder(rel, objects=not streaming)
             except (OSError, StorageError) as exc:
                 log.warning(
                     "storage.reclaim_failed", extra={"fields": {"path": rel, "error": str(exc)}}
@@ -444,7 +701,12 @@ class ObjectStorage(FsspecStorage):
                 self._committing.pop(rel, None)
         return cleaned
 
-    def _reclaim_folder(self, rel: str) -> None:
+    def _reclaim_folder(self, rel: str, *, objects: bool = True) -> None:
+        """Abort the multipart uploads left under `rel`; with `objects`, delete what its
+        manifest does not list (everything, without one)."""
+        self._abort_all_multipart(rel)
+        if not objects:
+            return
         path = self.path(rel)
         doc = self.manifest(rel)
         if not self.fs.exists(path):

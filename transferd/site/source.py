@@ -89,6 +89,9 @@ class SourceFile:
         finally:
             w.close()
 
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
     def changed(self) -> bool:
         st = os.fstat(self._fd)
         return st.st_size != self.size or st.st_mtime_ns != self.mtime_ns

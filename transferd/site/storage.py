@@ -56,6 +56,11 @@ class Source(Protocol):
     size: int
 
     def mapped(self, offset: int, length: int) -> Any: ...
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        """The bytes at `offset`, the caller's to keep (nothing mapped or reused behind them:
+        a fetched object's bytes come as they are, without a copy)."""
+        ...
+
     def changed(self) -> bool: ...
     def close(self) -> None: ...
 
@@ -67,7 +72,10 @@ class _FsspecSource:
 
     @contextmanager
     def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
-        yield memoryview(self.fs.cat_file(self.path, start=offset, end=offset + length))
+        yield memoryview(self.read(offset, length))
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.fs.cat_file(self.path, start=offset, end=offset + length))
 
     def changed(self) -> bool:
         return int(self.fs.size(self.path)) != self.size
@@ -99,6 +107,16 @@ class SiteStorage(Protocol):
         """Put a staged upload at `rel` atomically (a reader sees the old or the new, whole)."""
         ...
 
+    def member_staged(self, staging: Staging, rel: str, index: int) -> None:
+        """Member `index` of the upload to `rel` is staged whole and verified (called from a
+        worker thread while the transfer runs): a backend whose commit must copy the bytes
+        elsewhere may start now, as long as nothing shows before `commit`."""
+        ...
+
+    def discard_staged(self, staging: Staging) -> None:
+        """The upload was given up: drop whatever `member_staged` started for it."""
+        ...
+
     def read_range(self, rel: str, offset: int, length: int) -> bytes: ...
 
     def size(self, rel: str) -> int | None:
@@ -119,6 +137,20 @@ class SiteStorage(Protocol):
     def read_text(self, rel: str) -> str | None: ...
     def remove_tree(self, rel: str) -> None: ...
     def newest_mtime(self, rel: str) -> float: ...
+
+    def folder_state(self, rel: str) -> tuple[list[tuple[str, int]], float] | None:
+        """What a poll of `rel` compares: its members with sizes (as `list_source`) and its
+        newest mtime; None when it does not exist. An object store answers an unchanged
+        folder with one request."""
+        ...
+
+
+def folder_state(storage: SiteStorage, rel: str) -> tuple[list[tuple[str, int]], float] | None:
+    """`SiteStorage.folder_state` from its other calls (a local or fsspec data_dir)."""
+    if not storage.exists(rel):
+        return None
+    _kind, members = storage.list_source(rel)
+    return members, storage.newest_mtime(rel)
 
 
 def _relative(real_root: str, real: str) -> str | None:
@@ -363,6 +395,12 @@ class LocalStorage:
             raise
         return fd
 
+    def member_staged(self, staging: Staging, rel: str, index: int) -> None:
+        pass  # the commit is a rename: nothing to start early
+
+    def discard_staged(self, staging: Staging) -> None:
+        pass
+
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
         with os_errors(f"reading {rel}", rel), open(self.path(rel), "rb") as fh:
             fh.seek(offset)
@@ -435,6 +473,9 @@ class LocalStorage:
                 shutil.rmtree(path)
             elif path.is_symlink() or path.exists():
                 path.unlink()
+
+    def folder_state(self, rel: str) -> tuple[list[tuple[str, int]], float] | None:
+        return folder_state(self, rel)
 
     def newest_mtime(self, rel: str) -> float:
         newest = 0.0
@@ -520,6 +561,12 @@ class FsspecStorage:
                 pass  # the original failure is the one to report
             raise storage_error(f"committing {rel}", exc, rel) from exc
 
+    def member_staged(self, staging: Staging, rel: str, index: int) -> None:
+        pass  # staged on local disk and put at commit (object stores stream: ObjectStorage)
+
+    def discard_staged(self, staging: Staging) -> None:
+        pass
+
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
         with os_errors(f"reading {rel}", rel):
             return bytes(self.fs.cat_file(self.path(rel), start=offset, end=offset + length))
@@ -564,14 +611,19 @@ class FsspecStorage:
             if self.fs.exists(self.path(rel)):
                 self.fs.rm(self.path(rel), recursive=True)
 
+    def folder_state(self, rel: str) -> tuple[list[tuple[str, int]], float] | None:
+        return folder_state(self, rel)
+
     def newest_mtime(self, rel: str) -> float:
-        newest = 0.0
-        for info in self.fs.find(self.path(rel), detail=True).values():
-            # Each filesystem names it differently: local "mtime", S3 "LastModified", memory
-            # "created" (its files are never modified in place).
-            mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
-            newest = max(newest, float(mtime.timestamp() if hasattr(mtime, "timestamp") else mtime))
-        return newest
+        infos = self.fs.find(self.path(rel), detail=True).values()
+        return max((info_mtime(info) for info in infos), default=0.0)
+
+
+def info_mtime(info: dict[str, Any]) -> float:
+    """The modification time in an fsspec listing entry. Each filesystem names it differently:
+    local "mtime", S3 "LastModified", memory "created" (its files are never modified in place)."""
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+    return float(mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
 
 
 def open_storage(
