@@ -14,15 +14,15 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from netplan import yamlpos
-from netplan.plan import SiteId, TrafficClass
+from netplan.ids import SiteId, TrafficClass
 from transferd.documents import CONFIG_LIMITS, parse_yaml_document, read_document_text
 from transferd.errors import ConfigError
-from transferd.protocol.channel import CongestionControl
 from transferd.protocol.wire import FrozenModel
 
 __all__ = [
     "BulkWeights",
     "CheckpointSettings",
+    "CongestionControl",
     "PeerConfig",
     "RateCapsMbps",
     "RelaySettings",
@@ -35,6 +35,12 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
+
+# Per data-channel socket (`peers.<p>.congestion_control`): bbr by default, since hosts default
+# to cubic, which a lossy long link caps at a few Mbit/s per stream (Mathis et al. 1997);
+# `system` keeps the host's default. Here, not in protocol.channel, so that reading a config
+# (every `transferd send`) does not build the data-channel models.
+CongestionControl = Literal["bbr", "cubic", "system"]
 
 
 class TlsConfig(FrozenModel):

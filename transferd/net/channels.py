@@ -42,6 +42,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from transferd.config import CongestionControl
 from transferd.errors import (
     AuthError,
     IntegrityError,
@@ -53,7 +54,6 @@ from transferd.errors import (
 )
 from transferd.protocol import channel as ch
 from transferd.protocol.auth import Keys
-from transferd.protocol.channel import CongestionControl
 from transferd.protocol.chunks import Encoding
 from transferd.protocol.streams import PathSample
 from transferd.site.buffers import AlignedBuffers

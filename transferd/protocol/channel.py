@@ -36,7 +36,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Generic, Literal, TypeVar
+from typing import Generic, TypeVar
 
 from transferd.errors import AuthError, ProtocolError
 from transferd.protocol.chunks import MAX_CHUNK_BYTES, MAX_LOCATIONS, Encoding
@@ -53,7 +53,6 @@ __all__ = [
     "ChunkHead",
     "ChannelWindow",
     "DataChannelAnswer",
-    "CongestionControl",
     "Hello",
     "Receipt",
     "ReceiptStatus",
@@ -76,10 +75,6 @@ __all__ = [
     "locations_of",
     "proof",
 ]
-
-# Per data-channel socket (`peers.<p>.congestion_control`): bbr by default, since hosts default
-# to cubic, which a lossy long link caps at a few Mbit/s per stream (Mathis et al. 1997).
-CongestionControl = Literal["bbr", "cubic", "system"]
 
 MAGIC = b"TDC1"
 VERSION = 1

@@ -16,7 +16,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from netplan.plan import TrafficClass
+from netplan.ids import TrafficClass
 from transferd.protocol.wire import WireModel
 
 __all__ = [
