@@ -26,8 +26,8 @@ from benchmarks.backends import BACKENDS, BackendChoice, EmulatorSample, Impairm
 from benchmarks.errors import LabError
 from benchmarks.linkspec import LinkSpec
 
-__all__ = ["Lab", "LinkEnds", "NS_PREFIX", "allow_congestion_control", "leftover_namespaces",
-           "python_env"]
+__all__ = ["Lab", "LinkEnds", "MeshLink", "NS_PREFIX", "allow_congestion_control",
+           "leftover_namespaces", "python_env"]
 
 NS_PREFIX = "nb-"  # every namespace the harness creates starts with this
 # Autotuning ceiling for socket buffers: above 1 Gbit/s x 100 ms (12.5 MB) with room to spare.
@@ -116,6 +116,15 @@ class LinkEnds:
     addr_b: str
 
 
+@dataclass(frozen=True)
+class MeshLink:
+    """One link of a lab with more than two sites (e.g. A-B, A-R, R-B for a relay)."""
+
+    site_a: str
+    site_b: str
+    spec: LinkSpec
+
+
 @dataclass
 class _Proc:
     name: str
@@ -135,10 +144,16 @@ class Lab:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="nb-lab-")))
     ends: LinkEnds | None = None
+    mesh_ends: list[LinkEnds] = field(default_factory=list)
     backend: ImpairmentBackend | None = None
     _procs: list[_Proc] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
     _allowed_cc: bool = False  # this lab widened the host's allowed list (restored at close)
+    # Several sites joined by several links (each its own veth pair and /24 in 198.18.0.0/15,
+    # the device named `to-<peer>`); `link` is then the first one's spec. The first link is
+    # the one `ends`, `link_bytes` and `data_tx_bytes` measure.
+    # (Last: callers pass the fields above by position.)
+    mesh: Sequence[MeshLink] = ()
 
     # ---- names and addresses
     def ns(self, site: str) -> str:
@@ -150,6 +165,21 @@ class Lab:
         if self.ends is None:
             return "127.0.0.1"
         return self.ends.addr_a if site == self.ends.site_a else self.ends.addr_b
+
+    def addr_on(self, site: str, peer: str) -> str:
+        """`site`'s address on its link to `peer` (a mesh lab); the one link's otherwise."""
+        for e in self.mesh_ends:
+            if {e.site_a, e.site_b} == {site, peer}:
+                return e.addr_a if site == e.site_a else e.addr_b
+        if self.mesh_ends:
+            raise LabError(f"no link between {site} and {peer}")
+        return self.addr(site)
+
+    def ends_between(self, site: str, peer: str) -> LinkEnds:
+        for e in self.mesh_ends:
+            if {e.site_a, e.site_b} == {site, peer}:
+                return e
+        raise LabError(f"no link between {site} and {peer}")
 
     # ---- commands
     def must(self, cmd: Sequence[str], timeout: float = 30) -> str:
@@ -203,6 +233,8 @@ class Lab:
 
     # ---- build
     def start(self) -> Lab:
+        if self.mesh:
+            return self._start_mesh()
         if self.link is None:
             self._add_namespace(self.ns(self.sites[0]))
             return self
@@ -220,6 +252,28 @@ class Lab:
             self.must(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
             self.must(["ip", "-n", ns, "link", "set", dev, "up"])
         self.backend.apply(self, e, self.link)
+        return self
+
+    def _start_mesh(self) -> Lab:
+        for site in self.sites:
+            self._add_namespace(self.ns(site))
+        self.backend = BACKENDS[self.choice.name](self.choice.rule_tool)
+        if sum(1 for m in self.mesh if m.spec.impaired) > 1 and self.choice.name != "netem":
+            # The userspace emulator runs one queue per namespace.
+            raise LabError("a mesh lab emulates delay or loss on one link at most")
+        for i, m in enumerate(self.mesh):
+            if m.site_a not in self.sites or m.site_b not in self.sites:
+                raise LabError(f"mesh link {m.site_a}-{m.site_b}: not a site of the lab")
+            e = LinkEnds(m.site_a, m.site_b, self.ns(m.site_a), self.ns(m.site_b),
+                         f"to-{m.site_b}"[:15], f"to-{m.site_a}"[:15],
+                         f"198.18.{i + 1}.1", f"198.18.{i + 1}.2")
+            self.mesh_ends.append(e)
+            self.backend.create_link(self, e, m.spec)
+            for ns, dev, addr in ((e.ns_a, e.dev_a, e.addr_a), (e.ns_b, e.dev_b, e.addr_b)):
+                self.must(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
+                self.must(["ip", "-n", ns, "link", "set", dev, "up"])
+            self.backend.apply(self, e, m.spec)
+        self.ends = self.mesh_ends[0]
         return self
 
     def _add_namespace(self, ns: str) -> None:

@@ -7,6 +7,8 @@ multi-thread streams from `rclone serve webdav`. `run_tool` wraps each with the 
 
 from __future__ import annotations
 
+import compileall
+import functools
 import json
 import os
 import shutil
@@ -24,7 +26,7 @@ import yaml
 from benchmarks.backends import rejection
 from benchmarks.datasets import file_blake3
 from benchmarks.errors import LabError, ToolError
-from benchmarks.lab import Lab, python_env
+from benchmarks.lab import REPO_ROOT, Lab, python_env
 from benchmarks.measure import (
     LinkFlapper,
     Measured,
@@ -250,6 +252,17 @@ def _transferd_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "transferd", *args]
 
 
+@functools.cache
+def byte_compiled() -> None:
+    """Write the .pyc files of transferd and netplan, as `pip install` does, before any timed
+    `transferd` process. A checkout run with PYTHONDONTWRITEBYTECODE=1 (as these sessions are)
+    has none, and every CLI would compile ~20 modules from source again: ~20 ms of every
+    timed `send --wait` (benchmarks/README.md, issue 11 round 4). py_compile writes them
+    whatever that variable says; up-to-date files are left as they are."""
+    for package in ("transferd", "netplan"):
+        compileall.compile_dir(REPO_ROOT / package, quiet=1)
+
+
 _FEATURES_PROBE = """
 import json
 import transferd
@@ -420,6 +433,7 @@ def _percentile(values: list[float], pct: int) -> float:
 
 def _transferd(ctx: RunContext, tool: str) -> ToolRun:
     lab = ctx.lab
+    byte_compiled()
     features = _transferd_features(tool)
     interactive = ctx.work.kind is WorkKind.INTERACTIVE_DURING_BULK
     if interactive and not features["messages"]:

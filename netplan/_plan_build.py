@@ -63,6 +63,7 @@ def build_plan(topo: Topology, report: Report) -> Plan:
     by_site: dict[str, dict[str, list[Any]]] = {
         s.id: {"sync": [], "shards": [], "checkpoints": []} for s in topo.sites}
     tiers = {d.id: d.tier for d in topo.datasets}
+    residency = {d.id: tuple(d.residency or ()) for d in topo.datasets}
     indexes = {ix.id: ix for ix in topo.vector_indexes}
     for t in sync.transfers:
         via, routes = _routes(t.route)
@@ -77,7 +78,8 @@ def build_plan(topo: Topology, report: Report) -> Plan:
         by_site[t.source]["sync"].append(SyncEntry(
             path_prefix=dataset_prefix(tiers[t.dataset], t.dataset), destination=t.destination,
             traffic_class=t.traffic_class, dataset=t.dataset, rule=t.rule,
-            via=via, gb_per_day=round(t.gb_per_day, 6), routes=routes))
+            via=via, gb_per_day=round(t.gb_per_day, 6), routes=routes,
+            residency=residency.get(t.dataset, ())))
     for c in sync.checkpoints:
         if c.targets:
             by_site[c.source]["checkpoints"].append(CheckpointEntry(
@@ -94,7 +96,7 @@ def build_plan(topo: Topology, report: Report) -> Plan:
             peer=peer, class_weights=_weights(volume.get((here, peer), {})),
             rate_caps_mbps=dict.fromkeys(BULK_CLASSES, cap)))
     sites = tuple(
-        SitePlan(site=s.id, sync=tuple(by_site[s.id]["sync"]),
+        SitePlan(site=s.id, region=s.region, sync=tuple(by_site[s.id]["sync"]),
                  shards=tuple(by_site[s.id]["shards"]),
                  checkpoints=tuple(by_site[s.id]["checkpoints"]),
                  links=tuple(sorted(links[s.id], key=lambda p: p.peer)))

@@ -2,21 +2,19 @@
 
 This module is the one place both sides agree on: the plan's model and its `schema_version`, the
 traffic-class and tier vocabulary, and the rule for site ids and names that become path
-components. It imports nothing from transferd and nothing heavy (no networkx, no scipy), so a
-daemon loads it cheaply; netplan builds plans in `netplan._plan_build`. The format is described
-field by field in docs/plan-format.md. transferd executes a plan; it never re-derives policy.
+components (those three defined in `netplan.ids`, re-exported here). It imports nothing from
+transferd and nothing heavy (no networkx, no scipy), so a daemon loads it cheaply; netplan
+builds plans in `netplan._plan_build`. The format is described field by field in
+docs/plan-format.md. transferd executes a plan; it never re-derives policy.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Mapping
-from enum import StrEnum
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import (
-    AfterValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -26,6 +24,17 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 from netplan.errors import PlanError
+from netplan.ids import (
+    BULK_CLASSES,
+    NAME_PATTERN,
+    SITE_ID_PATTERN,
+    Name,
+    SiteId,
+    Tier,
+    TrafficClass,
+    check_name,
+    check_site_id,
+)
 from netplan.yamlpos import format_path
 
 __all__ = [
@@ -57,61 +66,6 @@ __all__ = [
 SCHEMA_VERSION = 3
 # A version 2 plan is a version 3 plan without routes, so it is read as it is.
 READABLE_SCHEMA_VERSIONS = (2, 3)
-
-
-class TrafficClass(StrEnum):
-    """The four kinds of traffic a daemon carries, each on its own connection pool: `control`
-    (have/want, manifests, commits) has strict priority, `interactive` (small objects with
-    deadlines) goes earliest-deadline-first, the bulk classes share what is left by weight."""
-
-    CONTROL = "control"
-    INTERACTIVE = "interactive"
-    CHECKPOINT = "checkpoint"
-    SYNC = "sync"
-
-
-BULK_CLASSES = (TrafficClass.CHECKPOINT, TrafficClass.SYNC)
-
-
-class Tier(StrEnum):
-    """Dataset tiers, and the top folder of every path under a site's data root. Raw data never
-    leaves its site: the planner never plans it, and a daemon refuses to send it."""
-
-    RAW = "raw"
-    CURATED = "curated"
-    APPROVED = "approved"
-
-
-# Site ids name daemons, key files, HTTP headers and metric labels: one printable token that is
-# also a safe file name. Names of datasets, workloads and indexes become path components of the
-# plan (`curated/<dataset>/`, `checkpoints/<workload>/`), so the same alphabet, with more room.
-SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_SITE_ID = re.compile(SITE_ID_PATTERN)
-_NAME = re.compile(NAME_PATTERN)
-
-
-def check_site_id(value: str) -> str:
-    """`value` if it is a valid site id, else ValueError saying what the rule is."""
-    if not _SITE_ID.match(value):
-        raise ValueError(f"{value!r} is not a site id: 1-64 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit (it names a transferd daemon, its key "
-                         "files and its metric labels)")
-    return value
-
-
-def check_name(value: str) -> str:
-    """`value` if it is a valid dataset, workload, index or region name, else ValueError."""
-    if not _NAME.match(value):
-        raise ValueError(f"{value!r} is not a valid id: 1-128 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit (ids become folder names in the plan)")
-    return value
-
-
-SiteId = Annotated[str, AfterValidator(check_site_id),
-                   Field(json_schema_extra={"pattern": SITE_ID_PATTERN})]
-Name = Annotated[str, AfterValidator(check_name),
-                 Field(json_schema_extra={"pattern": NAME_PATTERN})]
 
 
 def dataset_prefix(tier: str, dataset: str) -> str:
@@ -176,6 +130,9 @@ class SyncEntry:
     gb_per_day: float = Field(default=0.0, ge=0)
     # Several paths with shares (largest first, `via` = the first's); empty: all along `via`.
     routes: tuple[RouteShare, ...] = ()
+    # The dataset's residency (regions its copies may be held in; empty: anywhere): every relay
+    # and the destination's daemon check their own region against it before holding a byte.
+    residency: tuple[Name, ...] = ()
 
     @model_validator(mode="after")
     def _routes_agree(self) -> SyncEntry:
@@ -236,6 +193,7 @@ class LinkPolicy:
 @dataclass(frozen=True, config=_STRICT)
 class SitePlan:
     site: SiteId
+    region: Name | None = None  # the topology's region of the site (its daemon's, if unset there)
     sync: tuple[SyncEntry, ...] = ()
     shards: tuple[ShardEntry, ...] = ()
     checkpoints: tuple[CheckpointEntry, ...] = ()

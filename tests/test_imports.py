@@ -37,6 +37,16 @@ def test_transferd_cli_starts_without_the_planner_stack_or_aiohttp() -> None:
     assert _imported_after("import transferd.daemon", heavy[:3]) == []
 
 
+def test_transferd_client_commands_load_only_what_they_use() -> None:
+    # Issue 11, round 4: `--help` loads no model at all, and what `send` imports builds no plan
+    # model, no data-channel model and no rich (only a progress bar needs it).
+    assert _imported_after("import transferd.cli", ("pydantic", "transferd.config")) == []
+    send = ("import transferd.cli, transferd.config, transferd.net.local_client, "
+            "transferd.protocol.local_api, transferd.site.keys, transferd.site.tls")
+    heavy = ("netplan.plan", "transferd.protocol.channel", "rich", "aiohttp")
+    assert _imported_after(send, heavy) == []
+
+
 def test_netplan_never_imports_transferd() -> None:
     # One dependency direction: transferd reads netplan's plan contract; netplan, every module
     # of it, runs without transferd installed.

@@ -14,17 +14,18 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from netplan import yamlpos
-from netplan.plan import SiteId, TrafficClass
+from netplan.ids import SiteId, TrafficClass
 from transferd.documents import CONFIG_LIMITS, parse_yaml_document, read_document_text
 from transferd.errors import ConfigError
-from transferd.protocol.channel import CongestionControl
 from transferd.protocol.wire import FrozenModel
 
 __all__ = [
     "BulkWeights",
     "CheckpointSettings",
+    "CongestionControl",
     "PeerConfig",
     "RateCapsMbps",
+    "RelaySettings",
     "SiteConfig",
     "TlsConfig",
     "TrafficSettings",
@@ -34,6 +35,12 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
+
+# Per data-channel socket (`peers.<p>.congestion_control`): bbr by default, since hosts default
+# to cubic, which a lossy long link caps at a few Mbit/s per stream (Mathis et al. 1997);
+# `system` keeps the host's default. Here, not in protocol.channel, so that reading a config
+# (every `transferd send`) does not build the data-channel models.
+CongestionControl = Literal["bbr", "cubic", "system"]
 
 
 class TlsConfig(FrozenModel):
@@ -118,6 +125,24 @@ class PeerConfig(FrozenModel):
         return value.rstrip("/")
 
 
+class RelaySettings(FrozenModel):
+    """This site passing other sites' transfers on (A -> here -> B): only from the peers in
+    `for_peers` to the destinations in `destinations` (both must be configured peers). Each
+    chunk is passed on as it arrives from a memory window of `memory_mib`; while the next hop is
+    slower than the previous one chunks beyond it wait on disk (`spill_dir`, at most
+    `spill_mib`; 0: never), and beyond both the relay stops reading (TCP pushes back on the
+    sender). Nothing is kept once the destination has a chunk."""
+
+    for_peers: list[SiteId] = Field(default_factory=list)
+    destinations: list[SiteId] = Field(default_factory=list)
+    memory_mib: Annotated[int, Field(ge=1, le=65536)] = 256
+    spill_mib: Annotated[int, Field(ge=0)] = 1024
+    spill_dir: str | None = None  # default: <state_dir>/relay-spill
+    # A chunk the next hop has not answered for this long is answered "unreachable" to the
+    # sender, which takes another route (a relay never holds a sender's chunk in silence).
+    forward_timeout_s: Annotated[float, Field(gt=0)] = 20.0
+
+
 class CheckpointSettings(FrozenModel):
     targets: list[str] = Field(default_factory=list)  # sites that watch mode replicates steps to
     retention: Annotated[int, Field(ge=1)] = 5  # newest K complete steps kept per run, here
@@ -177,6 +202,15 @@ class SiteConfig(FrozenModel):
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
     traffic: TrafficSettings = Field(default_factory=TrafficSettings)
+    # The region this site is in (a netplan topology's site region): checked against a
+    # dataset's residency before this site holds any of its bytes, as a relay or a destination.
+    region: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    # Residency of the data held here, by path prefix (`curated/eu-corpus: [eu]`): the regions
+    # its copies may be held in. A plan's sync entries add theirs.
+    residency: dict[str, list[Annotated[str, Field(min_length=1, max_length=64)]]] = Field(
+        default_factory=dict
+    )
+    relay: RelaySettings = Field(default_factory=RelaySettings)
     # Where the file lives; set by load_config, not by the YAML.
     base_dir: str = Field(default=".", exclude=True)
 
@@ -211,6 +245,11 @@ class SiteConfig(FrozenModel):
             self.traffic.streams_min <= self.streams <= self.traffic.streams_max
         ):
             raise ValueError("streams: must lie within traffic.streams_min..streams_max")
+        for name, sites in (("for_peers", self.relay.for_peers),
+                            ("destinations", self.relay.destinations)):
+            for other in sites:
+                if other not in self.peers:
+                    raise ValueError(f"relay.{name}: {other!r} is not one of peers")
         if self.state_dir is None and not self.data_dir_is_local:
             raise ValueError("state_dir: required when data_dir is not a local path")
         return self
@@ -234,6 +273,12 @@ class SiteConfig(FrozenModel):
             else self.data_dir
         )
         return self.resolve(value)
+
+    @property
+    def relay_spill_path(self) -> Path:
+        if self.relay.spill_dir is not None:
+            return self.resolve(self.relay.spill_dir)
+        return self.state_path / "relay-spill"
 
     @property
     def keys_path(self) -> Path:

@@ -31,6 +31,7 @@ from transferd.net.inbound import InboundUploads
 from transferd.net.messages import MessageService
 from transferd.net.peer_client import PeerLink
 from transferd.net.pump import PeerTraffic
+from transferd.net.relay import RelayService, RoutingInbound
 from transferd.net.runners import CheckpointWatcher, SyncRunner
 from transferd.net.sender import Sender
 from transferd.net.server import build_app
@@ -68,7 +69,7 @@ CONTROL_PROBE_S = 2.0  # a signed no-op request to each peer this often: control
 # traffic weights, watch mode and checkpoint settings (and the whole plan). Anything else in
 # the config (site, listen, storage, keys, TLS, peers' addresses...) needs a restart.
 _LIVE_PEER_FIELDS = frozenset({"rate_caps_mbps", "weights"})
-_LIVE_FIELDS = frozenset({"watch", "checkpoints"})
+_LIVE_FIELDS = frozenset({"watch", "checkpoints", "residency"})
 
 
 def restart_fields(old: SiteConfig, new: SiteConfig) -> list[str]:
@@ -127,6 +128,8 @@ class Daemon:
         self._sock = sock
         self.port: int | None = None
         self.metrics = Metrics()
+        # The site's region: its config's, else the plan's (the topology's) for this site.
+        self.region = config.region or (plan.region if plan is not None else None)
         # Page-aligned, made on demand, reused: bodies are received into them and written from
         # them (O_DIRECT); their number bounds the bodies in memory.
         self.receive_buffers = AlignedBuffers(config.chunk_size, RECEIVE_BUFFERS)
@@ -157,23 +160,14 @@ class Daemon:
             self.metrics,
             config.checkpoints.retention,
             run_retention=plan.incoming_retention if plan is not None else None,
+            region=self.region,
+            relays=config.peers,
         )
         # Workers verify and stage received bodies while the channel threads receive the next.
         self.inbound = InboundUploads(
             self.receiver, self.metrics, clock, workers=max(4, 2 * config.streams)
         )
         self.data_port: int | None = None
-        self.listener = DataListener(
-            site=config.site,
-            keys=self.keyring,
-            peers={peer: pc.congestion_control for peer, pc in config.peers.items()},
-            sink=self.inbound,
-            buffers=self.receive_buffers,
-            metrics=self.metrics,
-            workers=self.inbound.workers,
-            ssl_context=server_ssl_context(config),
-            on_peer=self._peer_seen,
-        )
         self._peer_up = {peer: asyncio.Event() for peer in config.peers}
         traffic = config.traffic
         links = {peer: link_settings(config, peer, plan) for peer in config.peers}
@@ -235,6 +229,30 @@ class Daemon:
             traffic=self.traffic,
             channels=self.channels,
             data_addresses={peer: pc.data_host_port for peer, pc in config.peers.items()},
+            residency={**(plan.residency if plan is not None else {}), **config.residency},
+        )
+        self.relay = RelayService(
+            site=config.site,
+            region=self.region,
+            settings=config.relay,
+            spill_dir=config.relay_spill_path,
+            links=self.links,
+            channels=self.channels,
+            traffic=self.traffic,
+            data_address=self.sender.data_address,
+            metrics=self.metrics,
+        )
+        self.routing = RoutingInbound(self.inbound, self.relay, config.site)
+        self.listener = DataListener(
+            site=config.site,
+            keys=self.keyring,
+            peers={peer: pc.congestion_control for peer, pc in config.peers.items()},
+            sink=self.routing,
+            buffers=self.receive_buffers,
+            metrics=self.metrics,
+            workers=self.inbound.workers,
+            ssl_context=server_ssl_context(config),
+            on_peer=self._peer_seen,
         )
         self.messages = MessageService(
             config.site,
@@ -284,8 +302,17 @@ class Daemon:
 
     # -- the local API (net.server.LocalApi) -----------------------------------------------------
 
-    def submit(self, path: str, dests: list[str], timeout_s: float | None = None) -> list[str]:
-        return self.sender.submit(path, dests, timeout_s=timeout_s)
+    def submit(
+        self,
+        path: str,
+        dests: list[str],
+        timeout_s: float | None = None,
+        via: list[str] | None = None,
+        multipath: bool = False,
+    ) -> list[str]:
+        return self.sender.submit(
+            path, dests, timeout_s=timeout_s, via=via or (), multipath=multipath
+        )
 
     def job(self, job_id: str) -> Job | None:
         return self.journal.job(job_id)
@@ -303,7 +330,8 @@ class Daemon:
             rate = None
             if job.state is JobState.RUNNING and job.started_at:
                 rate = job.bytes_done / max(1e-3, now - job.started_at)
-            jobs.append(JobStatus(**dict(job), rate_bytes_per_s=rate))
+            jobs.append(JobStatus(**dict(job), rate_bytes_per_s=rate,
+                                  route_status=self.sender.routes.status(job.id)))
         peers = {}
         for peer, link in self.links.items():
             m = self.metrics
@@ -348,7 +376,7 @@ class Daemon:
         )
         app = build_app(
             verifier=self.verifier,
-            inbound=self.inbound,
+            inbound=self.routing,
             local=self,
             messages=self.messages,
             metrics=self.metrics,
@@ -363,6 +391,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 sender_task = tg.create_task(self.sender.run())
                 others = [tg.create_task(self.messages.run()), tg.create_task(self._watch_lag())]
+                others.append(tg.create_task(self.relay.run()))
                 others += [tg.create_task(self._warm_channels(peer)) for peer in self.channels]
                 others.append(tg.create_task(self._sample_links()))
                 others += [tg.create_task(self._probe_control(peer)) for peer in self.links]
@@ -411,6 +440,8 @@ class Daemon:
                                 class_caps_bytes_per_s=settings.class_caps_bytes_per_s,
                                 total_cap_bytes_per_s=settings.total_cap_bytes_per_s)
         self.config, self.plan = config, plan
+        self.sender.set_residency({**(plan.residency if plan is not None else {}),
+                                   **config.residency})
         self.receiver.retention = config.checkpoints.retention
         self.receiver.run_retention = dict(plan.incoming_retention if plan is not None else {})
         self._refuse_raw_plan_entries()
@@ -566,11 +597,21 @@ class Daemon:
             )
             sources.append(watcher.run)
         if self.plan is not None and self.plan.sync:
+            run = self.plan
+
+            def submit_planned(
+                path: str, dests: list[str], cls: TrafficClass | None = None
+            ) -> list[str]:
+                # Along the plan's routes (relays, shares) for this prefix and destination.
+                return self.sender.submit(
+                    path, dests, cls, routes=run.routes_for(path, dests[0]) if dests else ()
+                )
+
             runner = SyncRunner(
                 routes=self.plan.sync,
                 storage=self.storage,
                 journal=self.journal,
-                submit=self.sender.submit,
+                submit=submit_planned,
                 clock=self.clock,
                 quiet_period_s=w.quiet_period_s,
                 poll_interval_s=w.poll_interval_s,

@@ -23,6 +23,7 @@ from netplan.plan import BULK_CLASSES, LinkPolicy, MirrorEntry, Plan, SyncEntry,
 from transferd.config import SiteConfig
 from transferd.documents import PLAN_LIMITS, load_json_document, read_document_text
 from transferd.errors import ConfigError, PolicyViolation
+from transferd.protocol.local_api import JobRoute
 from transferd.protocol.policy import CHECKPOINTS, check_may_leave_site, normalize_rel_path
 from transferd.protocol.ratelimit import bytes_per_s
 
@@ -47,6 +48,9 @@ class SyncRoute:
     traffic_class: TrafficClass
     dataset: str
     rule: str
+    # The planned paths (relays and shares, main first; empty: direct) and the data's residency.
+    routes: tuple[JobRoute, ...] = ()
+    residency: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class PlanRun:
 
     site: str
     source: str
+    region: str | None = None  # the topology's region for this site
     sync: tuple[SyncRoute, ...] = ()
     refused: tuple[Refusal, ...] = ()
     checkpoints: tuple[CheckpointRoute, ...] = ()
@@ -88,6 +93,18 @@ class PlanRun:
     # `retain`, the plan's word for the target side).
     incoming_retention: Mapping[str, int] = field(default_factory=dict)
     links: Mapping[str, LinkPolicy] = field(default_factory=dict)  # by configured peer
+
+    def routes_for(self, prefix: str, dest: str) -> tuple[JobRoute, ...]:
+        """The plan's paths for a sync of `prefix` to `dest` (empty: direct)."""
+        for route in self.sync:
+            if route.prefix == prefix and route.destination == dest:
+                return route.routes
+        return ()
+
+    @property
+    def residency(self) -> dict[str, list[str]]:
+        """Residency by path prefix, from the sync entries that carry one."""
+        return {r.prefix: list(r.residency) for r in self.sync if r.residency}
 
     def checkpoint_targets(self, step: str, default: list[str]) -> list[str]:
         """Where a complete step goes: the plan's targets for its run, else the config's."""
@@ -170,11 +187,18 @@ def parse_plan(
         except PolicyViolation as exc:
             refused.append(Refusal(f"{where}.path_prefix", exc.message))
             continue
+        paths = [(r.via, r.share) for r in entry.routes]
+        paths = paths or ([(entry.via, 1.0)] if entry.via else [])
+        routes = tuple(
+            JobRoute(via=[peer(v, f"{where}.via[{k}]") for k, v in enumerate(via)], share=share)
+            for via, share in paths
+        )
         if isinstance(entry, SyncEntry):
-            sync.append(SyncRoute(prefix, dest, entry.traffic_class, entry.dataset, entry.rule))
+            sync.append(SyncRoute(prefix, dest, entry.traffic_class, entry.dataset, entry.rule,
+                                  routes, tuple(entry.residency)))
         else:  # a vector-index shard replica, mirrored like a dataset folder
             rule = f"shards:{entry.index}"
-            sync.append(SyncRoute(prefix, dest, entry.traffic_class, entry.index, rule))
+            sync.append(SyncRoute(prefix, dest, entry.traffic_class, entry.index, rule, routes))
     checkpoints = []
     for j, ck in enumerate(me.checkpoints):
         where = f"{here}.checkpoints[{j}]"
@@ -208,6 +232,7 @@ def parse_plan(
     return PlanRun(
         site=config.site,
         source=source,
+        region=me.region,
         sync=tuple(sync),
         refused=tuple(refused),
         checkpoints=tuple(checkpoints),

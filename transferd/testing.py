@@ -47,6 +47,7 @@ __all__ = [
     "MotoS3Server",
     "bound_socket",
     "loopback_pair",
+    "loopback_sites",
     "loopback_tls",
     "mounted_tmpfs",
     "receiver_at",
@@ -209,6 +210,25 @@ async def loopback_pair(
         b = await stack.enter_async_context(running_daemon(load_config(paths["B"]), socks["B"]))
         a = await stack.enter_async_context(running_daemon(load_config(paths["A"]), socks["A"]))
         yield a, b
+
+
+@contextlib.asynccontextmanager
+async def loopback_sites(
+    root: Path, sites: tuple[str, ...] = ("A", "R", "B"), **overrides: Any
+) -> AsyncIterator[dict[str, Daemon]]:
+    """Daemons for `sites` on 127.0.0.1, all peers of each other (e.g. a source, a relay and a
+    destination); `overrides` as for `loopback_pair`. Started last to first, so the first
+    (the usual sender) stops first."""
+    socks = {site: bound_socket() for site in sites}
+    ports = {site: s.getsockname()[1] for site, s in socks.items()}
+    paths = write_site_configs(root, ports, **overrides)
+    daemons: dict[str, Daemon] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for site in reversed(sites):
+            daemons[site] = await stack.enter_async_context(
+                running_daemon(load_config(paths[site]), socks[site])
+            )
+        yield {site: daemons[site] for site in sites}
 
 
 async def wait_for_jobs(daemon: Daemon, ids: list[str], timeout_s: float = 20.0) -> list[Job]:

@@ -150,15 +150,20 @@ def test_a_sync_that_needs_two_paths_is_planned_as_routes_with_shares(tmp_path: 
     assert sum(r.share for r in entry.routes) == pytest.approx(1, abs=1e-9)
     assert entry.routes[1].share == pytest.approx(0.5 / need, abs=1e-6)
 
-    # transferd reads the schema 3 plan as it is and still sends directly to the destination
-    # (executing routes is later work: docs/plan-format.md says so).
+    # transferd carries the routes out: each relay must be a configured peer of the site.
     from transferd.config import parse_config
+    from transferd.errors import ConfigError
     from transferd.plan import parse_plan
 
-    config = parse_config("site: dc\nlisten: 127.0.0.1:7701\ndata_dir: ./d\nkeys_dir: ./k\n"
-                          "peers:\n  gpu: {url: 'http://127.0.0.1:7702'}\n", base_dir=tmp_path)
+    head = "site: dc\nlisten: 127.0.0.1:7701\ndata_dir: ./d\nkeys_dir: ./k\npeers:\n"
+    gpu = "  gpu: {url: 'http://127.0.0.1:7702'}\n"
+    with pytest.raises(ConfigError, match=r"sites\[0\]\.sync\[0\]\.via\[0\]: 'r' is not a peer"):
+        parse_plan(out.read_text(), parse_config(head + gpu, base_dir=tmp_path))
+    config = parse_config(head + gpu + "  r: {url: 'http://127.0.0.1:7703'}\n", base_dir=tmp_path)
     [route] = parse_plan(out.read_text(), config).sync
     assert (route.prefix, route.destination) == ("approved/d", "gpu")
+    assert [(r.via, r.share) for r in route.routes] == [
+        (["r"], entry.routes[0].share), ([], entry.routes[1].share)]
 
 
 def test_a_sync_no_split_can_carry_is_a_problem(tmp_path: Path) -> None:

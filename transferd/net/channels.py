@@ -42,6 +42,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from transferd.config import CongestionControl
 from transferd.errors import (
     AuthError,
     IntegrityError,
@@ -53,7 +54,6 @@ from transferd.errors import (
 )
 from transferd.protocol import channel as ch
 from transferd.protocol.auth import Keys
-from transferd.protocol.channel import CongestionControl
 from transferd.protocol.chunks import Encoding
 from transferd.protocol.streams import PathSample
 from transferd.site.buffers import AlignedBuffers
@@ -856,10 +856,13 @@ class DataListener:
         book it (on the loop), answer."""
         assert self._loop is not None
         status, reason = ch.ReceiptStatus.OK, ""
+        later: Callable[[Callable[[ch.ReceiptStatus, str], None]], None] | None = None
         try:
             targets = on_loop(self._loop, self.sink.chunk_targets(head, peer))
             self.sink.verify_and_write(head, view, targets)
             on_loop(self._loop, self.sink.chunk_landed(head, peer, targets))
+            # A relayed chunk (`net.relay`) is answered when the next hop answers it.
+            later = getattr(targets, "answer_later", None)
         except IntegrityError as exc:
             status, reason = ch.ReceiptStatus.DAMAGED, exc.message
             self.metrics.integrity_failures.labels(peer, "receiver").inc()
@@ -873,10 +876,16 @@ class DataListener:
         finally:
             view.release()
             self._give_back(buf, pooled)
-        if status is not ch.ReceiptStatus.OK:
-            log.warning("chunk.refused", extra={"fields": {
-                "from": peer, "upload": head.upload[:128], "status": status.name,
-                "error": reason[:200]}})
-        frame = ch.encode_receipt(session, ch.Receipt(head.seq, status, reason))
-        with send_lock, contextlib.suppress(OSError):
-            sock.sendall(frame)
+        def answer(status: ch.ReceiptStatus, reason: str) -> None:
+            if status is not ch.ReceiptStatus.OK:
+                log.warning("chunk.refused", extra={"fields": {
+                    "from": peer, "upload": head.upload[:128], "status": status.name,
+                    "error": reason[:200]}})
+            frame = ch.encode_receipt(session, ch.Receipt(head.seq, status, reason))
+            with send_lock, contextlib.suppress(OSError):
+                sock.sendall(frame)
+
+        if later is not None and status is ch.ReceiptStatus.OK:
+            later(answer)
+        else:
+            answer(status, reason)

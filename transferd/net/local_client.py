@@ -19,7 +19,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from pydantic import BaseModel
 
-from netplan.plan import TrafficClass
+from netplan.ids import TrafficClass
 from transferd.errors import ProtocolError, TransportError
 from transferd.protocol.auth import LocalSigner
 from transferd.protocol.wire import INBOX_ROUTE, MESSAGES_ROUTE, check_reply, parse_body, to_body

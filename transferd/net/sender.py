@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -40,12 +40,13 @@ from transferd.errors import (
 from transferd.net.channels import OutgoingChunk, PeerChannels
 from transferd.net.peer_client import PeerLink, retrying
 from transferd.net.pump import PeerTraffic
+from transferd.net.routes import RELAY_RETRY_BUDGET_S, RouteBook, RouteDealer
 from transferd.protocol.auth import Keys
 from transferd.protocol.backoff import job_retry_delay
 from transferd.protocol.channel import DataChannelAnswer, Receipt, ReceiptStatus
 from transferd.protocol.chunks import blake3_hex, fixed_spans
 from transferd.protocol.codec import CompressionPolicy, Encoded, zstd_compress
-from transferd.protocol.local_api import Job, JobState
+from transferd.protocol.local_api import Job, JobRoute, JobState
 from transferd.protocol.manifest import (
     ChunkRef,
     CommitAnswer,
@@ -56,6 +57,7 @@ from transferd.protocol.manifest import (
     UploadIntent,
 )
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
+from transferd.protocol.routes import Route
 from transferd.protocol.upload import (
     offer_batches,
     plan_offer,
@@ -118,6 +120,7 @@ class Sender:
         data_addresses: dict[str, tuple[str, int] | None] | None = None,
         retry_budget_s: float = 30.0,
         max_jobs: int = 4,
+        residency: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.site = site
         self.storage = storage
@@ -136,6 +139,9 @@ class Sender:
         self._data_addresses: dict[str, tuple[str, int]] = {}
         self.retry_budget_s = retry_budget_s
         self.max_jobs = max_jobs
+        self.residency: dict[str, list[str]] = {}
+        self.set_residency(residency or {})
+        self.routes = RouteBook()
         self.compression = {
             # Compression runs on the chunk worker threads: as many in parallel as there are cores.
             peer: CompressionPolicy.from_setting(compression, workers=os.cpu_count() or 1)
@@ -155,10 +161,14 @@ class Sender:
         dests: list[str],
         traffic_class: TrafficClass | None = None,
         timeout_s: float | None = None,
+        via: Sequence[str] = (),
+        routes: Sequence[JobRoute] = (),
+        multipath: bool = False,
     ) -> list[str]:
         """Queue replication of `path` to each of `dests` on `traffic_class` (default: by tier,
         checkpoints/ on the checkpoint class, the rest on sync), failing a job still not
-        committed `timeout_s` from now; policy is checked here, first."""
+        committed `timeout_s` from now, through the relays `via` (or along `routes`, e.g. a
+        plan's, main one first); policy is checked here, first."""
         try:
             rel = normalize_rel_path(path)
             check_may_leave_site(rel)
@@ -169,13 +179,23 @@ class Sender:
         unknown = [d for d in dests if d not in self.links]
         if unknown or not dests:
             raise ProtocolError(f"unknown destination site(s): {', '.join(unknown) or '(none)'}")
+        if via:
+            # `multipath`: the relayed path and the direct one at once, even shares to start
+            # (the measured rates take over).
+            routes = [JobRoute(via=list(via), share=0.5 if multipath else 1.0)]
+            routes += [JobRoute(via=[], share=0.5)] if multipath else []
+        relays = [r for route in routes for r in route.via]
+        if any(r not in self.links or r in dests or r == self.site for r in relays):
+            bad = [r for r in relays if r not in self.links or r in dests or r == self.site]
+            raise ProtocolError(f"relay(s) {', '.join(bad)}: not a peer of this site, or an end "
+                                "of the transfer", field="via")
         ids = []
         now = self.clock()
         deadline = None if timeout_s is None else now + timeout_s
         for dest in dests:
             job_id = uuid.uuid4().hex
             cls = traffic_class or traffic_class_for(rel)
-            self.journal.add_job(job_id, rel, dest, cls, now, deadline)
+            self.journal.add_job(job_id, rel, dest, cls, now, deadline, routes)
             ids.append(job_id)
             log.info("job.queued", extra={"fields": {"job": job_id, "path": rel, "dest": dest}})
         self._wake.set()
@@ -363,11 +383,23 @@ class Sender:
         self.metrics.job_seconds.labels(outcome).observe(time.monotonic() - started)
 
     # -- one replication ------------------------------------------------------------------------
+    def set_residency(self, residency: Mapping[str, Sequence[str]]) -> None:
+        """Regions the data under each path prefix may be held in (site config and plan)."""
+        self.residency = {p.rstrip("/"): sorted(r) for p, r in residency.items()}
+
+    def residency_for(self, rel: str) -> list[str]:
+        """The regions data at `rel` may be held in (the longest matching prefix; [] for
+        anywhere)."""
+        best = ""
+        for prefix in self.residency:
+            if (rel == prefix or rel.startswith(prefix + "/")) and len(prefix) > len(best):
+                best = prefix
+        return self.residency.get(best, []) if best else []
+
     async def _replicate(self, job: Job) -> None:
         rel = normalize_rel_path(job.path)
         check_may_leave_site(rel)
-        link = self.links.get(job.dest)
-        if link is None:
+        if job.dest not in self.links:
             raise ProtocolError(f"destination {job.dest!r} is not a peer of this site")
         kind, members = await asyncio.to_thread(self.storage.list_source, rel)
         intent = upload_intent(
@@ -377,14 +409,118 @@ class Sender:
             rel,
             "file" if kind == "file" else "folder",
             members,
+            self.residency_for(rel),
         )
+        # Route by route (main first, direct last): a relay route that fails on a transient
+        # error hands the job to the next at once; the destination's have/want answer then
+        # says what it already has, so nothing it holds is sent again.
+        routes = self.routes.routes_for(job)
+        live = [r for r in routes if r.share > 0 and not self.routes.is_down(job.dest, r.via)]
+        if len(job.routes) > 1 and len(live) > 1:
+            # Multipath: every live route at once. Should the route carrying the control
+            # requests fail, the job goes on route by route.
+            try:
+                await self._replicate_multi(job, live, rel, intent, members)
+                return
+            except (TransferdError, BaseExceptionGroup) as exc:
+                err = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+                if self._stopping or not isinstance(err, TransferdError) or not err.transient:
+                    raise
+                self.routes.failed(job.id, job.dest, live[0].via, str(err))
+                routes = self.routes.routes_for(job)
+        for i, route in enumerate(routes):
+            self.routes.started(job.id, job.dest, route.via)
+            try:
+                await self._replicate_on(job, route.via, rel, intent, members)
+            except (TransferdError, BaseExceptionGroup) as exc:
+                err = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+                if (i == len(routes) - 1 or not route.via or self._stopping
+                        or not isinstance(err, TransferdError) or not err.transient):
+                    raise
+                self.routes.failed(job.id, job.dest, route.via, str(err))
+                continue
+            self.routes.ended(job.id, job.dest, route.via)
+            return
+
+    async def _replicate_multi(
+        self,
+        job: Job,
+        routes: list[Route],
+        rel: str,
+        intent: UploadIntent,
+        members: list[tuple[str, int]],
+    ) -> None:
+        """The job over all of `routes` at once (`net.routes.RouteDealer` deals the chunks);
+        the upload opens at each route's first hop, have/want and the commit go on the first."""
+        hops: list[tuple[PeerLink, float, tuple[str, ...], asyncio.Task[OpenAnswer]]] = []
+        for route in routes:
+            first = route.via[0] if route.via else job.dest
+            link = self.links.get(first)
+            if link is None:
+                raise ProtocolError(f"relay {first!r} is not a peer of this site")
+            budget = (min(self.retry_budget_s, RELAY_RETRY_BUDGET_S) if route.via
+                      else self.retry_budget_s)
+            self.routes.started(job.id, job.dest, route.via)
+            path = UPLOADS_ROUTE + (f"?via={','.join(route.via[1:])}" if len(route.via) > 1
+                                    else "")
+            # Each route's open is answered before its chunks go: a relay must know the upload.
+            opened = asyncio.create_task(
+                self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
+            )
+            hops.append((link, budget, route.via, opened))
+        warm = [asyncio.create_task(self._warm(link)) for link, _b, _v, _o in hops]
+        try:
+            answers = await asyncio.gather(*(o for _l, _b, _v, o in hops))
+            if any(a.committed for a in answers):
+                return
+
+            def dealer(sources: list[Source]) -> RouteDealer:
+                pumps = [
+                    _ChunkPump(self, job, link, job.traffic_class, intent.upload, sources,
+                               opened, via=via, budget_s=budget)
+                    for link, budget, via, opened in hops
+                ]
+                return RouteDealer(self.routes, job, routes, pumps, control=pumps[0])
+
+            await self._replicate_chunks(job, hops[0][0], rel, intent, members, hops[0][3],
+                                         make_pump=dealer)
+        except (_AlreadyCommitted, BaseExceptionGroup) as exc:
+            if not _already_committed(exc):
+                raise
+        finally:
+            for task in [*warm, *(o for _l, _b, _v, o in hops)]:
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TransferdError):
+                    await task
+        for route in routes:
+            self.routes.ended(job.id, job.dest, route.via)
+
+    async def _replicate_on(
+        self,
+        job: Job,
+        via: tuple[str, ...],
+        rel: str,
+        intent: UploadIntent,
+        members: list[tuple[str, int]],
+    ) -> None:
+        """The job along one route: through the relays `via` (the first one's link and data
+        channels; each relay passes it on), or direct."""
+        first = via[0] if via else job.dest
+        link = self.links.get(first)
+        if link is None:
+            raise ProtocolError(f"relay {first!r} is not a peer of this site")
+        budget = min(self.retry_budget_s, RELAY_RETRY_BUDGET_S) if via else self.retry_budget_s
+        path = UPLOADS_ROUTE + (f"?via={','.join(via[1:])}" if len(via) > 1 else "")
         # The data channels open (if they are not warm already) while the upload opens and the
         # first chunks are hashed: their round trips overlap instead of adding up. The first
         # have/want waits for the open's answer (`_ChunkPump.opened`), not the hashing.
         warm = asyncio.create_task(self._warm(link))
-        opened = asyncio.create_task(self._control(job, link, UPLOADS_ROUTE, intent, OpenAnswer))
+        opened = asyncio.create_task(
+            self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
+        )
         try:
-            await self._replicate_chunks(job, link, rel, intent, members, opened)
+            await self._replicate_chunks(job, link, rel, intent, members, opened, via, budget)
         except (_AlreadyCommitted, BaseExceptionGroup) as exc:
             if not _already_committed(exc):
                 raise
@@ -411,6 +547,9 @@ class Sender:
         intent: UploadIntent,
         members: list[tuple[str, int]],
         opened: asyncio.Task[OpenAnswer],
+        via: tuple[str, ...] = (),
+        budget_s: float | None = None,
+        make_pump: Callable[[list[Source]], RouteDealer] | None = None,
     ) -> None:
         files: list[_FileState] = []
         try:
@@ -422,9 +561,11 @@ class Sender:
             self.journal.size_job(
                 job.id, sum(s for _, s in members), sum(len(f.spans) for f in files)
             )
-            pump = _ChunkPump(
-                self, job, link, job.traffic_class, intent.upload, [f.source for f in files],
-                opened,
+            pump: _ChunkPump | RouteDealer = (
+                make_pump([f.source for f in files]) if make_pump is not None else _ChunkPump(
+                    self, job, link, job.traffic_class, intent.upload,
+                    [f.source for f in files], opened, via=via, budget_s=budget_s,
+                )
             )
             async with asyncio.TaskGroup() as tg:
                 await self._offer_all(pump, tg, files)
@@ -440,7 +581,7 @@ class Sender:
                 state.source.close()
 
     async def _offer_all(
-        self, pump: _ChunkPump, tg: asyncio.TaskGroup, files: list[_FileState]
+        self, pump: _ChunkPump | RouteDealer, tg: asyncio.TaskGroup, files: list[_FileState]
     ) -> None:
         """Start a PUT for every wanted chunk of every file, as soon as a stream is free.
 
@@ -486,7 +627,7 @@ class Sender:
 
     async def _hash_and_offer(
         self,
-        pump: _ChunkPump,
+        pump: _ChunkPump | RouteDealer,
         queue: asyncio.Queue[_Wanted | None],
         ahead: asyncio.Semaphore,
         index: int,
@@ -533,13 +674,14 @@ class Sender:
                 )
         return True
 
-    async def _offer(self, pump: _ChunkPump, refs: list[ChunkRef]) -> HaveAnswer:
+    async def _offer(self, pump: _ChunkPump | RouteDealer, refs: list[ChunkRef]) -> HaveAnswer:
         """Ask the receiver which of `refs` it still wants (have/want); the others are counted
         as skipped (metric and job)."""
         await pump.ready()
         path = HAVE_ROUTE.format(upload=pump.upload)
         answer = await self._control(
-            pump.job, pump.link, path, HaveRequest(chunks=refs), HaveAnswer
+            pump.job, pump.link, path, HaveRequest(chunks=refs), HaveAnswer,
+            budget_s=pump.budget_s,
         )
         skipped = len(refs) - len(set(answer.want))
         if skipped > 0:
@@ -554,7 +696,7 @@ class Sender:
             )
         return answer
 
-    async def _offer_again(self, pump: _ChunkPump, files: list[_FileState]) -> None:
+    async def _offer_again(self, pump: _ChunkPump | RouteDealer, files: list[_FileState]) -> None:
         """Offer the deferred duplicate chunks now that their first copy has landed."""
         refs, pump.deferred = pump.deferred, []
         for start in range(0, len(refs), 4096):
@@ -570,14 +712,15 @@ class Sender:
                     pump.spawn(tg, ref.hash, [(ref.file, ref.offset)], view, window)
 
     async def _commit(
-        self, pump: _ChunkPump, manifest: Manifest, files: list[_FileState]
+        self, pump: _ChunkPump | RouteDealer, manifest: Manifest, files: list[_FileState]
     ) -> None:
         signed = manifest.sign(self.keys)
         path = COMMIT_ROUTE.format(upload=pump.upload)
         peer = pump.link.peer
         for _round in range(COMMIT_ROUNDS):
             answer = await self._control(
-                pump.job, pump.link, path, signed, CommitAnswer, accept=(200, 409)
+                pump.job, pump.link, path, signed, CommitAnswer, accept=(200, 409),
+                budget_s=pump.budget_s,
             )
             if answer.committed:
                 return
@@ -605,6 +748,7 @@ class Sender:
         body: WireModel,
         answer: type[A],
         accept: tuple[int, ...] = (200,),
+        budget_s: float | None = None,
     ) -> A:
         """A control request (POST) of `job`, retried while its error is transient (each
         attempt signed afresh) within the retry budget; retries count and show in the job."""
@@ -617,7 +761,7 @@ class Sender:
                 accept=accept,
                 on_wire=lambda n, again: self.count_wire(job.id, link.peer, n, again),
             ),
-            budget_s=self.retry_budget_s,
+            budget_s=self.retry_budget_s if budget_s is None else budget_s,
             on_retry=lambda exc, delay: self.note_retry(job.id, link.peer, exc, delay),
         )
         self.clear_note(job.id)
@@ -742,9 +886,13 @@ class _ChunkPump:
         upload: str,
         sources: list[Source],
         opened: asyncio.Task[OpenAnswer],
+        via: tuple[str, ...] = (),
+        budget_s: float | None = None,
     ) -> None:
         self.sender = sender
         self.opened = opened  # the upload's open request, under way while chunks are hashed
+        self.via = via  # the relays this job's chunks go through (empty: direct)
+        self.budget_s = sender.retry_budget_s if budget_s is None else budget_s
         self.job = job
         self.link = link
         self.bulk = bulk
@@ -914,14 +1062,18 @@ class _ChunkPump:
                 raise StorageError(f"{peer}: {receipt.reason}")
             if receipt.status is ReceiptStatus.REFUSED:
                 raise ProtocolError(f"{peer} refused a chunk: {receipt.reason}")
+            if receipt.status is ReceiptStatus.UNREACHABLE:
+                raise TransportError(f"{peer} could not pass a chunk on: {receipt.reason}",
+                                     peer=peer)
             s.compression[peer].observe_link(wire * max(1, in_flight), time.perf_counter() - t0)
             return encoded, wire
 
         try:
             encoded, wire = await retrying(
-                attempt, budget_s=s.retry_budget_s, on_retry=count_retry
+                attempt, budget_s=self.budget_s, on_retry=count_retry
             )
             s.clear_note(self.job.id)
+            s.routes.acked(self.job.id, self.job.dest, self.via, encoded.raw_length)
             acked = wire
             s.metrics.chunks_sent.labels(peer).inc()
             s.metrics.count_compression(peer, encoded.raw_length, wire)

@@ -23,8 +23,8 @@ from pydantic import BaseModel
 
 from netplan.telemetry import TelemetryReport
 from transferd.errors import AuthError, IntegrityError, ProtocolError, TransferdError
-from transferd.net.inbound import InboundUploads
 from transferd.net.messages import MessageService
+from transferd.net.relay import RoutingInbound
 from transferd.protocol.auth import AuthHeaders, RequestVerifier, sign_reply
 from transferd.protocol.channel import DataChannelAnswer
 from transferd.protocol.local_api import (
@@ -76,7 +76,10 @@ _AUTH = web.RequestKey("auth", AuthHeaders)  # set once a request authenticated
 class LocalApi(Protocol):
     """What the local API asks of the daemon."""
 
-    def submit(self, path: str, dests: list[str], timeout_s: float | None = None) -> list[str]: ...
+    def submit(
+        self, path: str, dests: list[str], timeout_s: float | None = None,
+        via: list[str] | None = None, multipath: bool = False,
+    ) -> list[str]: ...
     def job(self, job_id: str) -> Job | None: ...
     async def job_ended(self, timeout_s: float) -> None: ...
     def status(self) -> SiteStatus: ...
@@ -90,7 +93,7 @@ def _answer(model: BaseModel, status: int = 200) -> web.Response:
 def build_app(
     *,
     verifier: RequestVerifier,
-    inbound: InboundUploads,
+    inbound: RoutingInbound,
     local: LocalApi,
     messages: MessageService,
     metrics: Metrics,
@@ -152,7 +155,10 @@ def build_app(
     async def open_upload(request: web.Request) -> web.Response:
         auth = peer(request)
         intent = parse_body(UploadIntent, await body_of(request, auth))
-        return _answer(await inbound.open(intent, auth.site))
+        # ?via=R2,...: relays after this site (a relay passing the upload on); signed with the
+        # request's path.
+        via = tuple(v for v in request.query.get("via", "").split(",") if v)[:8]
+        return _answer(await inbound.open(intent, auth.site, via))
 
     async def have(request: web.Request) -> web.Response:
         auth = peer(request)
@@ -192,7 +198,10 @@ def build_app(
     async def local_send(request: web.Request) -> web.Response:
         auth = own_cli(request)
         send = parse_body(SendRequest, await body_of(request, auth))
-        return _answer(SendAnswer(jobs=local.submit(send.path, send.to, send.timeout_s)))
+        return _answer(
+            SendAnswer(jobs=local.submit(send.path, send.to, send.timeout_s, send.via,
+                                         send.multipath))
+        )
 
     async def local_jobs(request: web.Request) -> web.Response:
         own_cli(request)

@@ -36,7 +36,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Generic, Literal, TypeVar
+from typing import Generic, TypeVar
 
 from transferd.errors import AuthError, ProtocolError
 from transferd.protocol.chunks import MAX_CHUNK_BYTES, MAX_LOCATIONS, Encoding
@@ -53,7 +53,6 @@ __all__ = [
     "ChunkHead",
     "ChannelWindow",
     "DataChannelAnswer",
-    "CongestionControl",
     "Hello",
     "Receipt",
     "ReceiptStatus",
@@ -76,10 +75,6 @@ __all__ = [
     "locations_of",
     "proof",
 ]
-
-# Per data-channel socket (`peers.<p>.congestion_control`): bbr by default, since hosts default
-# to cubic, which a lossy long link caps at a few Mbit/s per stream (Mathis et al. 1997).
-CongestionControl = Literal["bbr", "cubic", "system"]
 
 MAGIC = b"TDC1"
 VERSION = 1
@@ -114,6 +109,7 @@ class ReceiptStatus(IntEnum):
     DAMAGED = 1  # the body did not hash to what its header says: send it again
     REFUSED = 2  # the receiver refuses the chunk (unknown upload, bad locations): the job fails
     STORAGE = 3  # the receiver cannot stage it (e.g. its disk is full): the job fails
+    UNREACHABLE = 4  # a relay could not pass it on to the next hop: send it on another route
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:

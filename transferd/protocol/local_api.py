@@ -16,11 +16,13 @@ from typing import Annotated
 
 from pydantic import Field
 
-from netplan.plan import TrafficClass
+from netplan.ids import TrafficClass
 from transferd.protocol.wire import WireModel
 
 __all__ = [
     "Job",
+    "JobRoute",
+    "RouteStatus",
     "JobState",
     "JobStatus",
     "JobsAnswer",
@@ -44,6 +46,16 @@ class JobState(StrEnum):
     @property
     def active(self) -> bool:
         return self in (JobState.QUEUED, JobState.RUNNING, JobState.WAITING)
+
+
+SiteName = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class JobRoute(WireModel):
+    """One path of a job: the relays in order (empty: direct) and the share of its chunks."""
+
+    via: Annotated[list[SiteName], Field(max_length=8)] = []
+    share: Annotated[float, Field(ge=0, le=1)] = 1.0
 
 
 class Job(WireModel):
@@ -71,6 +83,9 @@ class Job(WireModel):
     next_attempt_at: float | None = None
     attempts: int = 0
     deadline: float | None = None
+    # The paths the job takes, main one first (the plan's routes, or `send --via`); empty:
+    # direct. A relay that fails hands its chunks to the next, the direct path last.
+    routes: list[JobRoute] = []
 
 
 class SendRequest(WireModel):
@@ -80,6 +95,8 @@ class SendRequest(WireModel):
     path: str
     to: Annotated[list[str], Field(min_length=1, max_length=1000)]
     timeout_s: Annotated[float, Field(gt=0)] | None = None
+    via: Annotated[list[SiteName], Field(max_length=8)] = []  # relays, in order (`--via`)
+    multipath: bool = False  # the relayed path and the direct one at once (`--multipath`)
 
 
 class SendAnswer(WireModel):
@@ -90,8 +107,20 @@ class JobsAnswer(WireModel):
     jobs: list[Job]
 
 
+class RouteStatus(WireModel):
+    """What one route of a job carried: chunks and bytes acknowledged by the destination, its
+    rate while it carried them, and whether it is in use, done, or down (failed over)."""
+
+    route: str  # `R>B`: the relays then the destination
+    state: str
+    chunks: int
+    bytes: int
+    rate_bytes_per_s: float | None
+
+
 class JobStatus(Job):
     rate_bytes_per_s: float | None = None  # while running: bytes done / seconds since start
+    route_status: list[RouteStatus] = []  # per route, as this daemon saw it since it started
 
 
 class PeerStatus(WireModel):

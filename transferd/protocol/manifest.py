@@ -2,8 +2,8 @@
 the receiver's answers to each.
 
 Every body a peer sends is validated into one of these frozen models once (`wire.parse_body`).
-The manifest (path, sizes, chunk list, a digest of each whole file, tier, source site, time) is
-signed with the source site's Ed25519 key over its canonical JSON (sorted keys, no spaces).
+The manifest (path, sizes, chunk list, a digest of each whole file, tier, residency, source site,
+time) is signed with the source site's Ed25519 key over its canonical JSON (sorted keys, no spaces).
 
 A file's digest is the root of a two-level blake3 Merkle tree: blake3 over the file's size and
 its chunk list (offset, length, chunk blake3) - see `file_digest`. Every chunk address commits
@@ -54,6 +54,7 @@ _UPLOAD_ID = re.compile(r"^[A-Za-z0-9_.-]{8,128}$")
 
 Hash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Size = Annotated[int, Field(ge=0, le=MAX_FILE_BYTES)]
+Region = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 def _check_root(value: str) -> str:
@@ -89,6 +90,9 @@ class UploadIntent(WireModel):
     root: Root
     kind: Literal["file", "folder"]
     files: Annotated[list[FileSpec], Field(min_length=1, max_length=MAX_FILES)]
+    # Regions the data may be held in (empty: anywhere): each relay and the destination check
+    # their own region against it before they accept a byte (`protocol.routes`).
+    residency: Annotated[list[Region], Field(max_length=64)] = []
 
     @model_validator(mode="after")
     def _shape(self) -> UploadIntent:
@@ -183,6 +187,8 @@ class Manifest(WireModel):
     tier: str
     created_at: float
     files: Annotated[list[FileEntry], Field(min_length=1, max_length=MAX_FILES)]
+    # The data's residency, signed with the rest: a relay cannot strip it on the way.
+    residency: Annotated[list[Region], Field(max_length=64)] = []
 
     @model_validator(mode="after")
     def _tier_matches(self) -> Manifest:

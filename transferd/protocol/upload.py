@@ -86,10 +86,11 @@ class Staged(NamedTuple):
 # -- receiver -------------------------------------------------------------------------------
 
 
-def check_intent(intent: UploadIntent, peer: str, site: str) -> None:
+def check_intent(intent: UploadIntent, peer: str, site: str, relayed: bool = False) -> None:
     """An upload may be staged here (PolicyViolation otherwise): from the site that signed the
-    request, addressed to this site, every path in normal form, nothing under raw/."""
-    if intent.source_site != peer:
+    request (or, `relayed`, passed on by a relay this site accepts), addressed to this site,
+    every path in normal form, nothing under raw/."""
+    if intent.source_site != peer and not relayed:
         raise PolicyViolation(f"upload claims source {intent.source_site!r} but came from {peer!r}")
     if intent.dest_site != site:
         raise PolicyViolation(f"upload is addressed to {intent.dest_site!r}, this is {site!r}")
@@ -172,7 +173,8 @@ def chunk_targets(
 
 
 def check_manifest(manifest: Manifest, intent: UploadIntent, peer: str, site: str) -> None:
-    """The signed manifest must describe the upload it commits (ProtocolError)."""
+    """The signed manifest must describe the upload it commits (ProtocolError); `peer` is the
+    upload's source (the signer), whichever relay passed the manifest on."""
     if (
         manifest.upload != intent.upload
         or manifest.source_site != peer
@@ -180,6 +182,7 @@ def check_manifest(manifest: Manifest, intent: UploadIntent, peer: str, site: st
         or manifest.root != intent.root
         or manifest.kind != intent.kind
         or [(f.path, f.size) for f in manifest.files] != [(f.path, f.size) for f in intent.files]
+        or sorted(manifest.residency) != sorted(intent.residency)
     ):
         raise ProtocolError("manifest does not describe the upload it commits")
 
@@ -215,6 +218,7 @@ def upload_intent(
     root: str,
     kind: Literal["file", "folder"],
     members: Sequence[tuple[str, int]],
+    residency: Sequence[str] = (),
 ) -> UploadIntent:
     return UploadIntent(
         upload=upload,
@@ -223,6 +227,7 @@ def upload_intent(
         root=root,
         kind=kind,
         files=[FileSpec(path=m, size=s) for m, s in members],
+        residency=sorted(set(residency)),
     )
 
 
@@ -237,6 +242,7 @@ def upload_manifest(
         root=intent.root,
         kind=intent.kind,
         tier=top_folder(intent.root),
+        residency=list(intent.residency),
         created_at=created_at,
         files=[
             FileEntry(

@@ -130,6 +130,8 @@ class ErrorBody(FrozenModel):
             return AuthError(self.error, status=status, transient=self.transient)
         err = cls(self.error)
         err.transient = err.transient or self.transient
+        # Structured fields travel too (e.g. `hop`: which relay or destination refused).
+        err.fields.update({k: v for k, v in (self.model_extra or {}).items() if k != "peer"})
         return err
 
 

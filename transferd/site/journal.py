@@ -11,8 +11,9 @@ back as typed values (`Job`, `Upload`, `Staged`, `ChunkLocation`), never as bare
 from __future__ import annotations
 
 import errno
+import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import astuple, dataclass, fields
 from enum import StrEnum
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from netplan.plan import TrafficClass
 from transferd.errors import StorageError, TransferdError
-from transferd.protocol.local_api import Job, JobState
+from transferd.protocol.local_api import Job, JobRoute, JobState
 from transferd.protocol.manifest import UploadIntent
 from transferd.protocol.upload import ChunkTarget, Staged
 from transferd.protocol.wire import parse_body, to_body
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     note TEXT,
     next_attempt_at REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    deadline REAL
+    deadline REAL,
+    routes TEXT NOT NULL DEFAULT '[]'   -- JSON list of {via, share}: the job's paths
 );
 DROP TABLE IF EXISTS acked;                                   -- written, never read (removed)
 CREATE TABLE IF NOT EXISTS uploads (
@@ -92,6 +94,7 @@ _ADDED_COLUMNS = {
         "next_attempt_at": "REAL",
         "attempts": "INTEGER NOT NULL DEFAULT 0",
         "deadline": "REAL",
+        "routes": "TEXT NOT NULL DEFAULT '[]'",
     },
     "received": {"in_place": "INTEGER NOT NULL DEFAULT 0"},
 }
@@ -187,11 +190,13 @@ class Journal:
         traffic_class: TrafficClass,
         now: float,
         deadline: float | None = None,
+        routes: Sequence[JobRoute] = (),
     ) -> None:
         self._exec(
-            "INSERT INTO jobs (id, path, dest, traffic_class, state, created_at, deadline) "
-            "VALUES (?,?,?,?,?,?,?)",
-            (job_id, path, dest, traffic_class.value, JobState.QUEUED.value, now, deadline),
+            "INSERT INTO jobs (id, path, dest, traffic_class, state, created_at, deadline, "
+            "routes) VALUES (?,?,?,?,?,?,?,?)",
+            (job_id, path, dest, traffic_class.value, JobState.QUEUED.value, now, deadline,
+             json.dumps([r.model_dump(mode="json") for r in routes])),
         )
 
     def job(self, job_id: str) -> Job | None:
@@ -433,4 +438,5 @@ def _job(row: tuple[Any, ...]) -> Job:
     values = dict(zip(Job.model_fields, row, strict=True))
     values["traffic_class"] = TrafficClass(values["traffic_class"])
     values["state"] = JobState(values["state"])
+    values["routes"] = [JobRoute(**r) for r in json.loads(values["routes"] or "[]")]
     return Job(**values)

@@ -25,7 +25,7 @@ import logging
 import mmap
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
 import pyarrow as pa
@@ -40,6 +40,7 @@ from transferd.protocol.auth import Keys
 from transferd.protocol.chunks import Encoding, blake3_hex
 from transferd.protocol.codec import decode_body
 from transferd.protocol.manifest import HaveRequest, Manifest, SignedManifest, UploadIntent
+from transferd.protocol.routes import check_residency
 from transferd.protocol.upload import (
     ChunkTarget,
     HaveDecision,
@@ -77,8 +78,15 @@ class Receiver:
         metrics: Metrics,
         retention: int,
         run_retention: Mapping[str, int] | None = None,
+        region: str | None = None,
+        relays: Collection[str] = (),
     ) -> None:
         self.site = site
+        # This site's region (checked against an upload's residency), and the peers whose
+        # relayed uploads it takes (another site's upload passed on: the manifest its source
+        # signed still decides what is committed).
+        self.region = region
+        self.relays = frozenset(relays)
         self.storage = storage
         self.journal = journal
         self.keys = keys
@@ -102,16 +110,23 @@ class Receiver:
     # -- open --------------------------------------------------------------------------------
     def open(self, intent: UploadIntent, peer: str, now: float) -> bool:
         """Stage the upload (idempotent). Returns True when it was already committed."""
+        relayed = peer != intent.source_site
         try:
-            check_intent(intent, peer, self.site)
+            if relayed and peer not in self.relays:
+                raise PolicyViolation(f"{peer} may not relay uploads to {self.site}", hop=self.site)
+            check_intent(intent, peer, self.site, relayed=relayed)
+            check_residency(self.site, self.region, intent.residency, "destination")
             for path in member_paths(intent):
                 self.storage.check_path(path)  # e.g. a symlink leading out of data_dir
-        except PolicyViolation:
+        except PolicyViolation as exc:
             self.metrics.policy_refusals.labels("receiver").inc()
+            log.warning("upload.refused", extra={"fields": {
+                "upload": intent.upload, "from": peer, "source": intent.source_site,
+                "error": exc.message}})
             raise
         known = self.journal.upload(intent.upload)
         if known is not None:
-            if known.source != peer or known.intent != intent:
+            if known.source != intent.source_site or known.intent != intent:
                 raise ProtocolError(f"upload id {intent.upload} reused for different content")
             if known.state is UploadState.COMMITTED:
                 return True
@@ -127,7 +142,9 @@ class Receiver:
         again = intent.upload in self._given_up
         self._given_up.discard(intent.upload)
         if known is None:
-            self.journal.open_upload(intent, peer, now)
+            # Recorded under its source, whichever way it came: a sender that falls back from
+            # a relay to the direct path resumes the same upload.
+            self.journal.open_upload(intent, intent.source_site, now)
         elif known.state is UploadState.FAILED or again:
             # Failed here (or reclaimed for age) and opened again by its sender: start over.
             self.journal.reopen_upload(intent.upload, now)
@@ -168,9 +185,13 @@ class Receiver:
                 self._filled[intent.upload] = (intent.root, [0] * len(intent.files))
         return staging
 
+    def _from(self, known: Upload | None, peer: str) -> bool:
+        """`peer` may act on the upload: its source, or a relay passing it on."""
+        return known is not None and (known.source == peer or peer in self.relays)
+
     def _open_upload(self, upload: str, peer: str) -> Upload:
         known = self.journal.upload(upload)
-        if known is None or known.source != peer:
+        if known is None or not self._from(known, peer):
             raise ProtocolError(f"unknown upload {upload[:128]!r}")
         if upload in self._given_up:
             raise ProtocolError(f"upload {upload} failed here; open it again to start over")
@@ -183,7 +204,9 @@ class Receiver:
         """`upload` from `peer` is committed here already (a commit retried after its answer
         was lost)."""
         known = self.journal.upload(upload)
-        return known is not None and known.source == peer and known.state is UploadState.COMMITTED
+        return self._from(known, peer) and known is not None and (
+            known.state is UploadState.COMMITTED
+        )
 
     # -- have / want ---------------------------------------------------------------------------
     def have(self, upload: str, peer: str, request: HaveRequest) -> HaveDecision:
@@ -293,7 +316,13 @@ class Receiver:
     # -- commit --------------------------------------------------------------------------------
     def check_manifest(self, upload: str, peer: str, signed: SignedManifest) -> Manifest:
         manifest = signed.verify(self.keys)
-        check_manifest(manifest, self._open_upload(upload, peer).intent, peer, self.site)
+        known = self._open_upload(upload, peer)
+        check_manifest(manifest, known.intent, known.source, self.site)
+        try:
+            check_residency(self.site, self.region, manifest.residency, "destination")
+        except PolicyViolation:
+            self.metrics.policy_refusals.labels("receiver").inc()
+            raise
         return manifest
 
     def missing(self, upload: str, manifest: Manifest) -> list[tuple[int, int]]:
@@ -443,7 +472,7 @@ class Receiver:
     def abort(self, upload: str, peer: str, now: float) -> bool:
         """`peer` gave up its open upload: True when there was one to give back."""
         known = self.journal.upload(upload)
-        if known is None or known.source != peer:
+        if known is None or not self._from(known, peer):
             return False
         if known.state is not UploadState.OPEN and upload not in self._given_up:
             return False

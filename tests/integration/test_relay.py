@@ -1,0 +1,239 @@
+"""Relayed transfers between three real daemons on 127.0.0.1 (A -> R -> B): bytes equal at B,
+nothing kept at R, resume and delta end to end, relays only where configured, and residency
+refused at the first hop outside it before any byte is written there."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration._data import file_blake3, write_random
+from tests.integration._procs import poll_until, start_daemon, wait_until_serving
+from transferd.config import load_config
+from transferd.daemon import CHANNEL_WINDOW, Daemon
+from transferd.testing import (
+    bound_socket,
+    free_port,
+    loopback_sites,
+    running_daemon,
+    wait_for_jobs,
+    write_site_configs,
+)
+
+CHUNK = 256 * 1024
+RELAY = {"relay": {"for_peers": ["A"], "destinations": ["B"]}}
+
+
+def _held_at(site: Path) -> list[Path]:
+    """Files a site holds outside its journal: data, staging, relay spill."""
+    return [
+        p for p in site.rglob("*")
+        if p.is_file() and not p.name.startswith("journal.sqlite")
+    ]
+
+
+def _relayed_bytes(d: Daemon, peer: str) -> float:
+    return d.metrics.value("transferd_bytes_received_total", peer=peer)
+
+
+async def test_relayed_file_lands_identical_and_relay_keeps_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "site-A" / "curated" / "corpus" / "part-0.bin"
+    digest = write_random(src, 9 * CHUNK + 777, seed=3)
+    async with loopback_sites(tmp_path, chunk_size=CHUNK, compression="off", R=RELAY) as s:
+        a, r, b = s["A"], s["R"], s["B"]
+        [job_id] = a.sender.submit("curated/corpus/part-0.bin", ["B"], via=["R"])
+        [job] = await wait_for_jobs(a, [job_id])
+        assert job.state == "committed", job.error
+        assert [rt.via for rt in job.routes] == [["R"]]
+        # Every chunk went A -> R -> B: R received all, B received all from R, none from A.
+        assert _relayed_bytes(r, "A") >= src.stat().st_size
+        assert _relayed_bytes(b, "R") >= src.stat().st_size
+        assert _relayed_bytes(b, "A") == 0
+        # B recorded the upload under its source, A, and verified A's signature.
+        upload = b.journal.upload(f"A-{job_id}")
+        assert upload is not None
+        assert upload.source == "A"
+        status = a.status()
+        [routes] = [j.route_status for j in status.jobs if j.id == job_id]
+        assert [(rt.route, rt.state, rt.chunks) for rt in routes] == [("R>B", "done", 10)]
+        # Resume/delta end to end: the same file again moves no chunk, through R or to R.
+        before = _relayed_bytes(r, "A")
+        [again] = a.sender.submit("curated/corpus/part-0.bin", ["B"], via=["R"])
+        [job2] = await wait_for_jobs(a, [again])
+        assert job2.state == "committed", job2.error
+        assert job2.chunks_sent == 0
+        assert job2.chunks_skipped == 10
+        assert _relayed_bytes(r, "A") == before
+    assert file_blake3(tmp_path / "site-B" / "curated" / "corpus" / "part-0.bin") == digest
+    assert _held_at(tmp_path / "site-R") == []
+
+
+async def test_relay_refuses_peers_and_destinations_it_is_not_configured_for(
+    tmp_path: Path,
+) -> None:
+    write_random(tmp_path / "site-A" / "curated" / "x.bin", 2 * CHUNK, seed=5)
+    relay_for_c_only = {"relay": {"for_peers": ["C"], "destinations": ["B"]}}
+    async with loopback_sites(
+        tmp_path, ("A", "R", "B", "C"), chunk_size=CHUNK, R=relay_for_c_only
+    ) as s:
+        [job_id] = s["A"].sender.submit("curated/x.bin", ["B"], via=["R"])
+        [job] = await wait_for_jobs(s["A"], [job_id])
+        assert job.state == "failed"
+        assert job.error_kind == "policy"
+        assert "relay R does not relay for A" in (job.error or "")
+        assert s["R"].metrics.value("transferd_policy_refusals_total", side="relay") == 1
+    assert not (tmp_path / "site-B" / "curated" / "x.bin").exists()
+    assert _held_at(tmp_path / "site-R") == []
+
+
+def _regions(**by_site: str) -> dict[str, Any]:
+    return {site: {"region": region} for site, region in by_site.items()}
+
+
+async def test_residency_refused_at_the_relay_outside_it_before_any_byte(
+    tmp_path: Path,
+) -> None:
+    """An eu-only dataset sent through a relay in us: R refuses at open (nothing held there,
+    nothing at B), counts it, and A's job names the hop that refused."""
+    write_random(tmp_path / "site-A" / "curated" / "eu-corpus" / "p.bin", 4 * CHUNK, seed=6)
+    overrides: dict[str, Any] = {
+        "A": {"region": "eu", "residency": {"curated/eu-corpus": ["eu"]}},
+        "R": {"region": "us", **RELAY},
+        "B": {"region": "eu"},
+    }
+    async with loopback_sites(tmp_path, chunk_size=CHUNK, **overrides) as s:
+        a, r, b = s["A"], s["R"], s["B"]
+        [job_id] = a.sender.submit("curated/eu-corpus", ["B"], via=["R"])
+        [job] = await wait_for_jobs(a, [job_id])
+        assert job.state == "failed"
+        assert job.error_kind == "policy"
+        assert "relay R is in region us, outside the data's residency [eu]" in (job.error or "")
+        assert r.metrics.value("transferd_policy_refusals_total", side="relay") == 1
+        assert _relayed_bytes(r, "A") == 0
+        assert b.journal.upload(f"A-{job_id}") is None
+    assert _held_at(tmp_path / "site-R") == []
+    assert not (tmp_path / "site-B" / "curated").exists()
+
+
+async def test_residency_refused_at_a_destination_outside_it(tmp_path: Path) -> None:
+    write_random(tmp_path / "site-A" / "curated" / "eu-corpus" / "p.bin", 4 * CHUNK, seed=7)
+    overrides: dict[str, Any] = {
+        "A": {"region": "eu", "residency": {"curated/eu-corpus": ["eu"]}},
+        "R": {"region": "eu", **RELAY},
+        "B": {"region": "us"},
+    }
+    async with loopback_sites(tmp_path, chunk_size=CHUNK, **overrides) as s:
+        a, b = s["A"], s["B"]
+        ids = a.sender.submit("curated/eu-corpus", ["B"], via=["R"])
+        ids += a.sender.submit("curated/eu-corpus", ["B"])
+        jobs = await wait_for_jobs(a, ids)
+        for job in jobs:
+            assert job.state == "failed"
+            assert job.error_kind == "policy"
+            assert "destination B is in region us, outside the data's residency [eu]" in (
+                job.error or ""
+            )
+        assert b.metrics.value("transferd_policy_refusals_total", side="receiver") == 2
+    staging = tmp_path / "site-B" / ".transferd" / "staging"
+    assert not staging.exists() or list(staging.iterdir()) == []
+    assert not (tmp_path / "site-B" / "curated").exists()
+    assert _held_at(tmp_path / "site-R") == []
+
+
+@pytest.mark.parametrize("residency", [["eu"], []])
+async def test_data_inside_its_residency_goes_through(tmp_path: Path, residency: list[str]) -> None:
+    digest = write_random(tmp_path / "site-A" / "curated" / "eu" / "p.bin", 3 * CHUNK, seed=8)
+    overrides: dict[str, Any] = {
+        "A": {"region": "eu", "residency": {"curated/eu": residency}},
+        "R": {"region": "eu", **RELAY},
+        "B": {"region": "eu"},
+    }
+    async with loopback_sites(tmp_path, chunk_size=CHUNK, **overrides) as s:
+        [job_id] = s["A"].sender.submit("curated/eu", ["B"], via=["R"])
+        [job] = await wait_for_jobs(s["A"], [job_id])
+        assert job.state == "committed", job.error
+    assert file_blake3(tmp_path / "site-B" / "curated" / "eu" / "p.bin") == digest
+
+
+async def test_relay_killed_mid_transfer_falls_back_to_direct_resending_little(
+    tmp_path: Path,
+) -> None:
+    """R's daemon (a process of its own) is SIGKILLed while it relays: A notices (its channels
+    and requests to R fail), moves the job to the direct path, and B's have/want answer keeps
+    what R had already passed on from being sent again."""
+    n_chunks, chunk = 48, 1 << 20
+    src = tmp_path / "site-A" / "approved" / "m.bin"
+    digest = write_random(src, n_chunks * chunk, seed=21)
+    socks = {"A": bound_socket(), "B": bound_socket()}
+    ports = {**{s: k.getsockname()[1] for s, k in socks.items()}, "R": free_port()}
+    configs = write_site_configs(
+        tmp_path, ports, chunk_size=chunk, compression="off", streams=2,
+        traffic={"adaptive_streams": False},
+        A={"peers": {
+            "R": {"url": f"http://127.0.0.1:{ports['R']}", "rate_caps_mbps": {"total": 160}},
+            "B": {"url": f"http://127.0.0.1:{ports['B']}"},
+        }},
+        R=RELAY,
+    )  # fmt: skip
+    r_proc = start_daemon(configs["R"], tmp_path / "R.log")
+    try:
+        await wait_until_serving(f"http://127.0.0.1:{ports['R']}")
+        async with contextlib.AsyncExitStack() as stack:
+            b = await stack.enter_async_context(
+                running_daemon(load_config(configs["B"]), socks["B"])
+            )
+            a = await stack.enter_async_context(
+                running_daemon(load_config(configs["A"]), socks["A"])
+            )
+            [job_id] = a.sender.submit("approved/m.bin", ["B"], via=["R"])
+
+            async def via_r() -> float:
+                return b.metrics.value("transferd_chunks_received_total", peer="R")
+
+            await poll_until(via_r, lambda n: n >= n_chunks / 3, timeout_s=30, every_s=0.02)
+            r_proc.kill()
+            await asyncio.to_thread(r_proc.wait, 20)
+            [job] = await wait_for_jobs(a, [job_id], timeout_s=60)
+            assert job.state == "committed", job.error
+            relayed = b.metrics.value("transferd_chunks_received_total", peer="R")
+            direct = b.metrics.value("transferd_chunks_received_total", peer="A")
+            routes = {rt.route: rt for rt in a.sender.routes.status(job_id)}
+            resent_bytes = job.bytes_on_wire - src.stat().st_size
+            print(f"via R {relayed:.0f}, direct {direct:.0f}, on wire beyond the file "
+                  f"{resent_bytes / chunk:.2f} chunks, routes {routes}")
+            assert routes["R>B"].state == "down"
+            assert routes["B"].state == "done"
+            assert relayed + direct >= n_chunks
+            # Sent twice: at most what A's channels to R had in flight (2 streams x the channel
+            # window), plus control bodies; B's have/want keeps the rest from going again.
+            assert resent_bytes <= 2 * CHANNEL_WINDOW * chunk + 256 * 1024
+    finally:
+        if r_proc.poll() is None:
+            r_proc.kill()
+        r_proc.wait(timeout=20)
+    assert file_blake3(tmp_path / "site-B" / "approved" / "m.bin") == digest
+
+
+async def test_multipath_splits_chunks_over_both_routes(tmp_path: Path) -> None:
+    """The relayed path and the direct one at once: each route carries chunks (on loopback
+    both are fast), every chunk is acknowledged once by one of them, and B has every byte."""
+    n_chunks = 40
+    src = tmp_path / "site-A" / "approved" / "mp.bin"
+    digest = write_random(src, n_chunks * CHUNK, seed=31)
+    async with loopback_sites(tmp_path, chunk_size=CHUNK, compression="off", R=RELAY) as s:
+        a, b = s["A"], s["B"]
+        [job_id] = a.sender.submit("approved/mp.bin", ["B"], via=["R"], multipath=True)
+        [job] = await wait_for_jobs(a, [job_id])
+        assert job.state == "committed", job.error
+        assert [(r.via, r.share) for r in job.routes] == [(["R"], 0.5), ([], 0.5)]
+        routes = {rt.route: rt for rt in a.sender.routes.status(job_id)}
+        assert set(routes) == {"R>B", "B"}
+        assert routes["R>B"].chunks + routes["B"].chunks == n_chunks
+        assert routes["R>B"].chunks > 0
+        assert routes["B"].chunks > 0
+        assert b.metrics.value("transferd_chunks_received_total", peer="R") == routes["R>B"].chunks
+    assert file_blake3(tmp_path / "site-B" / "approved" / "mp.bin") == digest

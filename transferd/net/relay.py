@@ -1,0 +1,423 @@
+"""This site as a relay: uploads from one peer to another passed on, chunk by chunk, as they
+arrive (A -> here -> B), holding nothing once the next hop has it.
+
+Control: an upload opened here whose destination is another site is checked (the relay
+settings name the peers and destinations it relays for; this site's region must lie inside the
+upload's residency) before anything is held, then opened at the next hop with this site's own
+link (its pair key); have/want, commit and abort of that upload are passed on the same way and
+the next hop's answers (or errors: a refusal names the hop) come back as they are. The next hop
+is the destination, or the next relay the sender named (`?via=`, signed with the request).
+
+Chunks: `RoutingInbound` stands in front of the site's own `InboundUploads` as the data
+listener's sink. A relayed chunk is copied out of the receive buffer into the relay window
+(memory up to `relay.memory_mib`; while the next hop is slower, spill files up to
+`relay.spill_mib`; beyond both the worker waits, the receive buffers fill, and TCP pushes back
+on the sender) and queued on this site's data channels to the next hop; the sender's receipt
+is the next hop's, sent when it arrives (so a receipt always means the destination staged the
+chunk, and a relay that dies costs the sender only the chunks it had in flight). A chunk the
+next hop has not answered within `relay.forward_timeout_s`, or cannot be reached for, is
+answered UNREACHABLE: the sender takes another route. The manifest stays the source's, signed
+end to end: a relay that altered a byte would see the destination refuse it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netplan.plan import TrafficClass
+from transferd.config import RelaySettings
+from transferd.errors import PolicyViolation, ProtocolError, TransferdError, TransportError
+from transferd.net.channels import OutgoingChunk, PeerChannels
+from transferd.net.inbound import InboundUploads
+from transferd.net.peer_client import PeerLink
+from transferd.net.pump import PeerTraffic
+from transferd.protocol import channel as ch
+from transferd.protocol.manifest import (
+    CommitAnswer,
+    HaveAnswer,
+    HaveRequest,
+    OpenAnswer,
+    SignedManifest,
+    UploadIntent,
+)
+from transferd.protocol.routes import check_residency
+from transferd.protocol.wire import (
+    ABORT_ROUTE,
+    COMMIT_ROUTE,
+    HAVE_ROUTE,
+    UPLOADS_ROUTE,
+    parse_body,
+)
+from transferd.site.metrics import Metrics
+
+__all__ = ["RelayService", "RelayWindow", "RoutingInbound"]
+
+log = logging.getLogger("transferd.relay")
+MiB = 1 << 20
+WATCH_EVERY_S = 0.5
+
+
+class RelayWindow:
+    """The bytes a relay holds at once: chunk bodies in memory up to `memory_bytes`, then in
+    spill files up to `spill_bytes`; `hold` waits (a worker thread) while both are full."""
+
+    def __init__(self, memory_bytes: int, spill_bytes: int, spill_dir: Path) -> None:
+        self.memory_bytes = memory_bytes
+        self.spill_bytes = spill_bytes
+        self.spill_dir = spill_dir
+        self.in_memory = 0
+        self.spilled = 0
+        self.peak_memory = 0
+        self.peak_spilled = 0
+        self.spills = 0  # chunks that waited on disk
+        self._cond = threading.Condition()
+
+    def hold(self, body: memoryview, timeout_s: float) -> _Held:
+        n = len(body)
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                # One chunk always fits an empty window, whatever its size.
+                if self.in_memory + n <= self.memory_bytes or self.in_memory == 0:
+                    self.in_memory += n
+                    self.peak_memory = max(self.peak_memory, self.in_memory)
+                    kind = "memory"
+                    break
+                if self.spilled + n <= self.spill_bytes:
+                    self.spilled += n
+                    self.peak_spilled = max(self.peak_spilled, self.spilled)
+                    self.spills += 1
+                    kind = "spill"
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    raise TransportError("relay window full: the next hop is not taking chunks")
+        try:
+            if kind == "memory":
+                return _Held(self, n, memoryview(bytearray(body)), None)
+            return _Held(self, n, *self._spill(body))
+        except BaseException:
+            self._give_back(kind, n)
+            raise
+
+    def _spill(self, body: memoryview) -> tuple[memoryview, mmap.mmap]:
+        """The body in a file of its own (unlinked at once: nothing is left behind if the
+        relay dies), mapped for sending."""
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.spill_dir, prefix="chunk-")
+        try:
+            os.unlink(name)
+            os.write(fd, body)
+            mapping = mmap.mmap(fd, len(body), prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return memoryview(mapping), mapping
+
+    def _give_back(self, kind: str, n: int) -> None:
+        with self._cond:
+            if kind == "memory":
+                self.in_memory -= n
+            else:
+                self.spilled -= n
+            self._cond.notify_all()
+
+
+@dataclass
+class _Held:
+    window: RelayWindow
+    length: int
+    view: memoryview
+    mapping: mmap.mmap | None
+    released: bool = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        # A chunk given up on (the next hop timed out) may still be in a channel's send: its
+        # buffer then goes with the last reference instead.
+        with contextlib.suppress(BufferError):
+            self.view.release()
+            if self.mapping is not None:
+                self.mapping.close()
+        self.window._give_back("memory" if self.mapping is None else "spill", self.length)
+
+
+@dataclass
+class _Relayed:
+    """An upload passing through: who sends it here and where it goes next."""
+
+    upload: str
+    source: str  # the peer that sends it here
+    next_hop: str
+    dest: str
+    via: tuple[str, ...]  # the relays after the next hop
+    chunks: int = 0
+    bytes: int = 0
+
+
+@dataclass(eq=False)
+class _Forward:
+    """One relayed chunk, as the data listener's sink sees it (`chunk_targets`' answer)."""
+
+    relay: RelayService
+    relayed: _Relayed | None
+    failed: str = ""
+    item: OutgoingChunk | None = None
+    held: _Held | None = None
+    queued_at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer_later(self, answer: Callable[[ch.ReceiptStatus, str], None]) -> None:
+        """The sender's receipt, once the next hop answers (or at once if it cannot)."""
+        if self.item is None:
+            answer(ch.ReceiptStatus.UNREACHABLE, self.failed or "relay: nothing to forward")
+            return
+
+        def done(future: Any) -> None:
+            if self.held is not None:
+                self.held.release()  # nothing kept once the next hop answered
+            self.relay._settled(self)
+            try:
+                receipt: ch.Receipt = future.result()
+            except BaseException as exc:  # the next hop is gone, or did not answer in time
+                answer(ch.ReceiptStatus.UNREACHABLE, f"relay {self.relay.site}: {exc}"[:500])
+                return
+            answer(receipt.status, receipt.reason)
+
+        self.item.done.add_done_callback(done)
+
+
+class RelayService:
+    def __init__(
+        self,
+        *,
+        site: str,
+        region: str | None,
+        settings: RelaySettings,
+        spill_dir: Path,
+        links: dict[str, PeerLink],
+        channels: dict[str, PeerChannels],
+        traffic: dict[str, PeerTraffic],
+        data_address: Callable[[PeerLink], Coroutine[Any, Any, tuple[str, int]]],
+        metrics: Metrics,
+    ) -> None:
+        self.site = site
+        self.region = region
+        self.settings = settings
+        self.links = links
+        self.channels = channels
+        self.traffic = traffic
+        self.data_address = data_address
+        self.metrics = metrics
+        self.window = RelayWindow(
+            settings.memory_mib * MiB, settings.spill_mib * MiB, spill_dir
+        )
+        self.uploads: dict[str, _Relayed] = {}
+        self._pending: set[_Forward] = set()
+        self._pending_lock = threading.Lock()
+
+    # -- control ---------------------------------------------------------------------------
+    def relays(self, upload: str) -> bool:
+        return upload in self.uploads
+
+    def check(self, intent: UploadIntent, peer: str, via: tuple[str, ...]) -> str:
+        """May this site pass the upload on (PolicyViolation naming this hop otherwise)?
+        Returns the next hop."""
+        s = self.settings
+        next_hop = via[0] if via else intent.dest_site
+        try:
+            if peer not in s.for_peers:
+                raise PolicyViolation(
+                    f"relay {self.site} does not relay for {peer}", hop=self.site
+                )
+            if next_hop not in s.destinations or next_hop not in self.links:
+                raise PolicyViolation(
+                    f"relay {self.site} does not relay to {next_hop}", hop=self.site
+                )
+            check_residency(self.site, self.region, intent.residency, "relay")
+        except PolicyViolation as exc:
+            self.metrics.policy_refusals.labels("relay").inc()
+            log.warning("relay.refused", extra={"fields": {
+                "upload": intent.upload, "from": peer, "to": intent.dest_site,
+                "error": exc.message}})
+            raise
+        return next_hop
+
+    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...]) -> OpenAnswer:
+        next_hop = self.check(intent, peer, via)
+        query = f"?via={','.join(via[1:])}" if len(via) > 1 else ""
+        reply = await self.links[next_hop].call(
+            TrafficClass.CONTROL, "POST", UPLOADS_ROUTE + query, body=intent
+        )
+        answer = parse_body(OpenAnswer, reply.body)
+        if intent.upload not in self.uploads:
+            log.info("relay.opened", extra={"fields": {
+                "upload": intent.upload, "from": peer, "next": next_hop,
+                "to": intent.dest_site}})
+        self.uploads[intent.upload] = _Relayed(
+            intent.upload, peer, next_hop, intent.dest_site, tuple(via[1:])
+        )
+        return answer
+
+    def _relayed(self, upload: str, peer: str) -> _Relayed:
+        r = self.uploads.get(upload)
+        if r is None or r.source != peer:
+            raise ProtocolError(f"upload {upload[:128]!r} is not relayed here for {peer}")
+        return r
+
+    async def have(self, upload: str, peer: str, request: HaveRequest) -> HaveAnswer:
+        r = self._relayed(upload, peer)
+        reply = await self.links[r.next_hop].call(
+            TrafficClass.CONTROL, "POST", HAVE_ROUTE.format(upload=upload), body=request
+        )
+        return parse_body(HaveAnswer, reply.body)
+
+    async def commit(self, upload: str, peer: str, signed: SignedManifest) -> CommitAnswer:
+        r = self._relayed(upload, peer)
+        reply = await self.links[r.next_hop].call(
+            TrafficClass.CONTROL, "POST", COMMIT_ROUTE.format(upload=upload), body=signed,
+            accept=(200, 409),
+        )
+        answer = parse_body(CommitAnswer, reply.body)
+        if answer.committed:
+            self.uploads.pop(upload, None)
+            log.info("relay.done", extra={"fields": {
+                "upload": upload, "to": r.dest, "chunks": r.chunks, "bytes": r.bytes}})
+        return answer
+
+    async def abort(self, upload: str, peer: str) -> None:
+        r = self._relayed(upload, peer)
+        self.uploads.pop(upload, None)
+        with contextlib.suppress(TransferdError):
+            await self.links[r.next_hop].call(
+                TrafficClass.CONTROL, "POST", ABORT_ROUTE.format(upload=upload), body=b"",
+                accept=(204,),
+            )
+
+    # -- chunks ----------------------------------------------------------------------------
+    async def forward_target(self, head: ch.ChunkHead, peer: str) -> _Forward:
+        """On the loop: the chunk's next hop, its channels open (or why they cannot be)."""
+        r = self._relayed(head.upload, peer)
+        try:
+            await self._ensure(r.next_hop)
+        except TransferdError as exc:
+            return _Forward(self, r, failed=f"relay {self.site}: {exc}")
+        return _Forward(self, r)
+
+    async def _ensure(self, peer: str) -> None:
+        link = self.links[peer]
+        await self.channels[peer].ensure(
+            self.traffic[peer].streams_wanted(), lambda: self.data_address(link)
+        )
+
+    def forward(self, head: ch.ChunkHead, body: memoryview, fwd: _Forward) -> None:
+        """Worker thread: hold the body in the window and queue it to the next hop."""
+        if fwd.failed or fwd.relayed is None:
+            return
+        held = self.window.hold(body, self.settings.forward_timeout_s)
+        item = OutgoingChunk(
+            upload=head.upload, digest=head.address, locations=tuple(head.locations),
+            raw_length=head.raw_length, encoding=head.encoding,
+            body_blake3=head.body_blake3.hex(), body=held.view,
+        )  # fmt: skip
+        fwd.held, fwd.item, fwd.queued_at = held, item, time.monotonic()
+        with self._pending_lock:
+            self._pending.add(fwd)
+        fwd.relayed.chunks += 1
+        fwd.relayed.bytes += head.body_length
+        try:
+            self.channels[fwd.relayed.next_hop].submit(item)
+        except TransferdError as exc:
+            item.finish(error=exc)
+
+    def _settled(self, fwd: _Forward) -> None:
+        with self._pending_lock:
+            self._pending.discard(fwd)
+
+    async def run(self) -> None:
+        """Keep the channels to next hops with chunks waiting open, and answer UNREACHABLE
+        for chunks the next hop has not answered within the forward timeout."""
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            with self._pending_lock:
+                pending = list(self._pending)
+            now = time.monotonic()
+            hops = {f.relayed.next_hop for f in pending if f.relayed is not None}
+            for hop in hops:
+                with contextlib.suppress(TransferdError):
+                    await self._ensure(hop)
+            for f in pending:
+                if f.item is None or f.relayed is None:
+                    continue
+                if now - f.queued_at > self.settings.forward_timeout_s:
+                    self.channels[f.relayed.next_hop].withdraw(f.relayed.upload, only=f.item)
+                    f.item.finish(error=TransportError(
+                        f"{f.relayed.next_hop} did not answer within "
+                        f"{self.settings.forward_timeout_s:g} s", peer=f.relayed.next_hop))
+
+
+class RoutingInbound:
+    """The data listener's sink and the server's uploads: relayed uploads to the relay, the
+    site's own to `InboundUploads`."""
+
+    def __init__(self, inbound: InboundUploads, relay: RelayService, site: str) -> None:
+        self.inbound = inbound
+        self.relay = relay
+        self.site = site
+
+    @property
+    def workers(self) -> Any:
+        return self.inbound.workers
+
+    async def aclose(self) -> None:
+        await self.inbound.aclose()
+
+    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...] = ()) -> OpenAnswer:
+        if intent.dest_site != self.site or via:
+            return await self.relay.open(intent, peer, via)
+        return await self.inbound.open(intent, peer)
+
+    async def have(self, upload: str, peer: str, request: HaveRequest) -> HaveAnswer:
+        if self.relay.relays(upload):
+            return await self.relay.have(upload, peer, request)
+        return await self.inbound.have(upload, peer, request)
+
+    async def commit(self, upload: str, peer: str, signed: SignedManifest) -> CommitAnswer:
+        if self.relay.relays(upload):
+            return await self.relay.commit(upload, peer, signed)
+        return await self.inbound.commit(upload, peer, signed)
+
+    async def abort(self, upload: str, peer: str) -> None:
+        if self.relay.relays(upload):
+            await self.relay.abort(upload, peer)
+            return
+        await self.inbound.abort(upload, peer)
+
+    async def chunk_targets(self, head: ch.ChunkHead, peer: str) -> Any:
+        if self.relay.relays(head.upload):
+            return await self.relay.forward_target(head, peer)
+        return await self.inbound.chunk_targets(head, peer)
+
+    def verify_and_write(self, head: ch.ChunkHead, body: memoryview, targets: Any) -> None:
+        if isinstance(targets, _Forward):
+            self.relay.forward(head, body, targets)
+            return
+        self.inbound.verify_and_write(head, body, targets)
+
+    async def chunk_landed(self, head: ch.ChunkHead, peer: str, targets: Any) -> None:
+        if isinstance(targets, _Forward):
+            self.relay.metrics.bytes_received.labels(peer).inc(head.body_length)
+            return
+        await self.inbound.chunk_landed(head, peer, targets)
