@@ -822,14 +822,11 @@ def _make_client(options: dict[str, Any]) -> Any:
         "max_pool_connections": 2 * _PUT_FILES * _PUT_PARTS,
         **(options.get("config_kwargs") or {}),
     }
-    return session.create_client(
-        "s3",
-        aws_access_key_id=options.get("key"),
-        aws_secret_access_key=options.get("secret"),
-        aws_session_token=options.get("token"),
-        config=botocore.config.Config(**config),
-        **client_kwargs,
-    )
+    # Credentials may come as s3fs's key/secret/token or as botocore's names in client_kwargs.
+    client_kwargs.setdefault("aws_access_key_id", options.get("key"))
+    client_kwargs.setdefault("aws_secret_access_key", options.get("secret"))
+    client_kwargs.setdefault("aws_session_token", options.get("token"))
+    return session.create_client("s3", config=botocore.config.Config(**config), **client_kwargs)
 
 
 def _os_error(exc: Exception, path: str) -> OSError:
