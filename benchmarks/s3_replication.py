@@ -84,7 +84,9 @@ def _transferd(work: Path, a: dict[str, Any], b: dict[str, Any]) -> float:
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "transferd", "serve", "--config", str(configs[site])],
-                    env=_env(), stdout=subprocess.DEVNULL, stderr=log,
+                    env=_env(),
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
                 )  # fmt: skip
             )
             _wait_serving(ports[site])
@@ -103,9 +105,10 @@ def _transferd(work: Path, a: dict[str, Any], b: dict[str, Any]) -> float:
             proc.wait(timeout=30)
 
 
-def _rclone(s3: MotoS3Server, src: str, dst: str) -> float:
+def rclone_env(s3: MotoS3Server) -> dict[str, str]:
+    """The environment that gives rclone the remote `moto:` at the server."""
     # The endpoint is plain http; rclone 1.60 refuses to start when AWS_CA_BUNDLE is set.
-    env = {
+    return {
         **{k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"},
         "RCLONE_CONFIG_MOTO_TYPE": "s3",
         "RCLONE_CONFIG_MOTO_PROVIDER": "Other",
@@ -114,6 +117,10 @@ def _rclone(s3: MotoS3Server, src: str, dst: str) -> float:
         "RCLONE_CONFIG_MOTO_SECRET_ACCESS_KEY": "transferd-test",
         "RCLONE_CONFIG_MOTO_REGION": "us-east-1",
     }
+
+
+def _rclone(s3: MotoS3Server, src: str, dst: str) -> float:
+    env = rclone_env(s3)
     t0 = time.perf_counter()
     subprocess.run(["rclone", "copy", "-q", src, dst], env=env, check=True, timeout=3600)
     return time.perf_counter() - t0
@@ -165,9 +172,7 @@ def main() -> None:
                 _rm_prefix(s3, f"to-s3-{i}/")
 
         def case_from_s3(i: int, work: Path) -> float:
-            return _transferd(
-                work, s3_site("src", work / "A-state"), {"data_dir": str(work / "B")}
-            )
+            return _transferd(work, s3_site("src", work / "A-state"), {"data_dir": str(work / "B")})
 
         def case_rclone_up(i: int, work: Path) -> float:
             try:

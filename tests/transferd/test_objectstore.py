@@ -97,13 +97,16 @@ def test_a_failed_upload_leaves_the_folder_absent_and_no_objects(
     moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = _store(moto_s3, s3_bucket, tmp_path / "state")
-    real_put = store.fs.put
+    real_put = store._put_local
+    calls: list[str] = []
 
-    def put_then_fail(lpaths: list[str], rpaths: list[str], **kwargs: object) -> None:
-        real_put(lpaths[:1], rpaths[:1], **kwargs)
-        raise PermissionError(13, "Access Denied")
+    def put_then_fail(local: Path | str, path: str) -> None:
+        calls.append(path)
+        if len(calls) > 1:  # the first object lands, the second is refused
+            raise PermissionError(13, "Access Denied")
+        real_put(local, path)
 
-    monkeypatch.setattr(store.fs, "put", put_then_fail)
+    monkeypatch.setattr(store, "_put_local", put_then_fail)
     with pytest.raises(StorageError, match="committing checkpoints/r/step-9 failed: Access Denied"):
         store.commit(_staged(store, {"a.bin": b"a", "b.bin": b"b"}), "checkpoints/r/step-9")
     assert not store.exists("checkpoints/r/step-9")

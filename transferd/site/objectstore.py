@@ -41,7 +41,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from contextlib import contextmanager, suppress
@@ -92,7 +92,8 @@ class _WholeObjects:
     object nobody will read; a fetch that cannot get a slot within a minute gives up (the reader
     then falls back to ranged GETs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: Callable[[], Any] | None = None) -> None:
+        self._client = client  # a blocking S3 client, if the store has one (`_make_client`)
         self._pool = ThreadPoolExecutor(_WHOLE_AT_ONCE, thread_name_prefix="transferd-s3-get")
         self._slots = threading.Semaphore(_WHOLE_AT_ONCE)
 
@@ -103,7 +104,13 @@ class _WholeObjects:
         if not self._slots.acquire(timeout=60):
             return None
         try:
-            return bytes(fs.cat_file(path))
+            client = self._client() if self._client is not None else None
+            if client is None:
+                return bytes(fs.cat_file(path))
+            # In this pool thread, not on s3fs's one loop thread; botocore still checks the
+            # object's CRC as the body is read, as for s3fs.
+            bucket, _, key = path.partition("/")
+            return bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
         except Exception:  # noqa: BLE001 - the reader's own ranged GET reports the error
             self._slots.release()
             return None
@@ -267,8 +274,12 @@ class ObjectStorage(FsspecStorage):
         for rel, streaming in self._intents():
             if not streaming:
                 self._committing[rel] = self._committing.get(rel, 0) + 1
-        self._whole_objects = _WholeObjects()
+        self._whole_objects = _WholeObjects(self._client)
         self._s3 = "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else ())
+        self._options = storage_options
+        self._client_lock = threading.Lock()
+        self._client_made = False
+        self._client_obj: Any = None
         self._streamed: dict[str, _Streamed] = {}  # receiver upload id -> what it streamed
         self._stream_lock = threading.Lock()
         # Polled folders with a manifest: its ETag and the state it gave (`folder_state`).
@@ -433,6 +444,37 @@ class ObjectStorage(FsspecStorage):
             return {"chunksize": _PART_BYTES, "max_concurrency": _PUT_PARTS}
         return {}
 
+    def _client(self) -> Any:
+        """A blocking botocore S3 client for bulk PUTs (made once, on first use), or None when the
+        storage options need something only s3fs understands.
+
+        Why: s3fs runs every request on one asyncio loop thread (`fsspecIO`) and reads a PUT
+        body into memory there; the member and part pools then queue on that thread. Measured
+        against moto in one run (8 x 32 MiB, 4 at a time, medians of 3): s3fs `put_file` 1.27 s,
+        botocore `put_object` with the open file as body 0.92 s, `rclone copy` 1.17 s. botocore
+        clients are thread-safe; each pool thread sends its own request on its own connection.
+        The request keeps botocore's default checksum (a CRC the store checks on arrival)."""
+        with self._client_lock:
+            if not self._client_made:
+                self._client_made = True
+                self._client_obj = _make_client(self._options) if self._s3 else None
+            return self._client_obj
+
+    def _put_local(self, local: Path | str, path: str) -> None:
+        """One local file to one object (`bucket/key`): a PUT with the file as its body (no copy
+        in memory) up to `2 x _PART_BYTES`, else s3fs's multipart upload."""
+        client = self._client()
+        size = os.path.getsize(local)
+        if client is None or size > 2 * _PART_BYTES:
+            self.fs.put_file(str(local), path, **self._put_options())
+            return
+        bucket, _, key = path.partition("/")
+        try:
+            with open(local, "rb") as body:
+                client.put_object(Bucket=bucket, Key=key, Body=body)
+        except Exception as exc:  # botocore's own kinds: a ClientError names the store's reason
+            raise _os_error(exc, path) from exc
+
     # -- streaming (S3: members go up while the transfer runs) ---------------------------------
     def member_staged(self, staging: Staging, rel: str, index: int) -> None:
         """Receiver thread: member `index` of the upload staged at `staging` (committed at
@@ -478,7 +520,7 @@ class ObjectStorage(FsspecStorage):
     ) -> _Multipart | None:
         log.debug("storage.stream_member", extra={"fields": {"path": path, "direct": direct}})
         if direct:
-            self.fs.put_file(str(staging.member_path(index)), path, **self._put_options())
+            self._put_local(staging.member_path(index), path)
             return None
         bucket, _, key = path.partition("/")
         size = staging.sizes[index]
@@ -508,6 +550,15 @@ class ObjectStorage(FsspecStorage):
         if len(body) != length:
             raise OSError(f"{local}: {len(body)} bytes at {offset}, {length} expected")
         bucket, _, key = path.partition("/")
+        client = self._client()
+        if client is not None:
+            try:
+                out = client.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                )
+            except Exception as exc:  # botocore's own kinds
+                raise _os_error(exc, path) from exc
+            return {"PartNumber": number, "ETag": out["ETag"]}
         out = self.fs.call_s3(
             "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
             Body=body,
@@ -596,7 +647,7 @@ class ObjectStorage(FsspecStorage):
                     self._complete(multipart)
                     self._intent_path(rel).unlink(missing_ok=True)
                 else:
-                    self.fs.put_file(str(staging.payload_path), final, **self._put_options())
+                    self._put_local(staging.payload_path, final)
                 if int(self.fs.size(final)) != staging.sizes[0]:
                     raise StorageError(f"{rel}: the store holds a different size", path=rel)
                 return
@@ -619,9 +670,14 @@ class ObjectStorage(FsspecStorage):
             list(self._member_pool.map(self._complete, multipart))
             rest = [i for i in range(len(members)) if i not in streamed]
             if rest:
-                local = [str(staging.member_path(i)) for i in rest]
-                remote = [f"{final}/{members[i][0]}" for i in rest]
-                self.fs.put(local, remote, batch_size=_PUT_FILES, **self._put_options())
+                list(
+                    self._member_pool.map(
+                        lambda i: self._put_local(
+                            staging.member_path(i), f"{final}/{members[i][0]}"
+                        ),
+                        rest,
+                    )
+                )
             self._verify_and_prune(rel, dict(members))
             doc = {
                 "format": MANIFEST_FORMAT,
@@ -738,6 +794,46 @@ class ObjectStorage(FsspecStorage):
             raise ConfigError(
                 f"data_dir {self.url!r}: the store failed the start-up check ({step}): {reason}"
             ) from exc
+
+
+# s3fs storage options `_make_client` maps onto a botocore client; with any other, s3fs does the
+# PUTs (it knows what they mean: `anon`, `requester_pays`, `s3_additional_kwargs`, ...).
+_CLIENT_OPTIONS = frozenset(
+    {"key", "secret", "token", "endpoint_url", "client_kwargs", "config_kwargs", "profile",
+     "use_listings_cache", "skip_instance_cache", "use_ssl", "default_block_size"}
+)  # fmt: skip
+
+
+def _make_client(options: dict[str, Any]) -> Any:
+    """A botocore S3 client with the credentials, endpoint and config the s3fs options give, or
+    None when they hold something else (s3fs keeps those PUTs)."""
+    if not set(options) <= _CLIENT_OPTIONS:
+        return None
+    import botocore.config
+    import botocore.session
+
+    session = botocore.session.Session(profile=options.get("profile"))
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    if options.get("endpoint_url"):
+        client_kwargs.setdefault("endpoint_url", options["endpoint_url"])
+    if "use_ssl" in options:
+        client_kwargs.setdefault("use_ssl", bool(options["use_ssl"]))
+    config = {
+        "max_pool_connections": 2 * _PUT_FILES * _PUT_PARTS,
+        **(options.get("config_kwargs") or {}),
+    }
+    # Credentials may come as s3fs's key/secret/token or as botocore's names in client_kwargs.
+    client_kwargs.setdefault("aws_access_key_id", options.get("key"))
+    client_kwargs.setdefault("aws_secret_access_key", options.get("secret"))
+    client_kwargs.setdefault("aws_session_token", options.get("token"))
+    return session.create_client("s3", config=botocore.config.Config(**config), **client_kwargs)
+
+
+def _os_error(exc: Exception, path: str) -> OSError:
+    """botocore's error as the OSError the commit path reports (`storage_error`)."""
+    if isinstance(exc, OSError):
+        return exc
+    return OSError(f"{path}: {exc}")
 
 
 def _internal(name: str) -> bool:
