@@ -34,7 +34,6 @@ import select
 import socket
 import ssl
 import struct
-import sys
 import threading
 import time
 from collections import deque
@@ -53,6 +52,7 @@ from transferd.errors import (
     TransportError,
 )
 from transferd.protocol import channel as ch
+from transferd.protocol import tcpinfo
 from transferd.protocol.auth import Keys
 from transferd.protocol.chunks import Encoding
 from transferd.protocol.streams import PathSample
@@ -114,17 +114,10 @@ def _tune(sock: socket.socket, cc: CongestionControl) -> str:
     return set_congestion(sock, cc)
 
 
-# struct tcp_info (linux/tcp.h): the few fields the stream controller reads (and, up to
-# tcpi_delivery_rate, the ones site.telemetry reads).
-_TCP_INFO_BYTES = 168
-_INFO_RETRANSMITS = 2
-_INFO_MSS, _INFO_RTT_US, _INFO_TOTAL_RETRANS, _INFO_DATA_SEGS_OUT = 16, 68, 100, 156
-
-
 def _tcp_info(sock: socket.socket, need: int) -> bytes | None:
     """The connection's struct tcp_info if the kernel gives at least `need` bytes of it."""
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, tcpinfo.INFO_BYTES)
     except (OSError, AttributeError):
         return None
     return info if len(info) >= need else None
@@ -133,22 +126,18 @@ def _tcp_info(sock: socket.socket, need: int) -> bytes | None:
 def tcp_timeouts(sock: socket.socket) -> int:
     """How many retransmission timeouts in a row the connection has had without progress
     (tcpi_retransmits); 0 where the kernel does not say."""
-    info = _tcp_info(sock, _INFO_RETRANSMITS + 1)
-    return info[_INFO_RETRANSMITS] if info is not None else 0
+    info = _tcp_info(sock, tcpinfo.RETRANSMITS + 1)
+    return info[tcpinfo.RETRANSMITS] if info is not None else 0
 
 
 def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
     """(data segments out, retransmitted, smoothed RTT in us, MSS) of a connection; None where
     the kernel does not say."""
-    info = _tcp_info(sock, _INFO_DATA_SEGS_OUT + 4)
+    info = _tcp_info(sock, tcpinfo.DATA_SEGS_OUT + 4)
     if info is None:
         return None
-
-    def u32(at: int) -> int:
-        return int.from_bytes(info[at : at + 4], sys.byteorder)
-
-    return (u32(_INFO_DATA_SEGS_OUT), u32(_INFO_TOTAL_RETRANS), u32(_INFO_RTT_US),
-            u32(_INFO_MSS))
+    return (tcpinfo.u32(info, tcpinfo.DATA_SEGS_OUT), tcpinfo.u32(info, tcpinfo.TOTAL_RETRANS),
+            tcpinfo.u32(info, tcpinfo.RTT), tcpinfo.u32(info, tcpinfo.MSS))
 
 
 # A channel whose data has waited this many retransmission timeouts in a row (0.2 + 0.4 + 0.8 s
@@ -200,16 +189,11 @@ def connect_racing(host: str, port: int, timeout_s: float, race_after_s: float =
     finally:
         for sock in pending:
             sock.close()
-_INFO_BYTES_ACKED = 120  # u64
-
-
 def tcp_bytes_acked(sock: socket.socket) -> int | None:
     """Bytes of this connection the peer has acknowledged; None where the kernel does not
     say (or the socket is closed)."""
-    info = _tcp_info(sock, _INFO_BYTES_ACKED + 8)
-    if info is None:
-        return None
-    return int.from_bytes(info[_INFO_BYTES_ACKED : _INFO_BYTES_ACKED + 8], sys.byteorder)
+    info = _tcp_info(sock, tcpinfo.BYTES_ACKED + 8)
+    return tcpinfo.u64(info, tcpinfo.BYTES_ACKED) if info is not None else None
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> bool:

@@ -19,13 +19,13 @@ Pure: time comes in as arguments.
 from __future__ import annotations
 
 import statistics
-import sys
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from netplan.telemetry import LinkMeasurement, StreamMeasurement
+from transferd.protocol.tcpinfo import TcpInfo, parse_tcp_info
 
 __all__ = ["LinkPoint", "LinkTelemetry", "TcpInfo", "parse_tcp_info"]
 
@@ -33,45 +33,6 @@ SAMPLE_S = 1.0  # the daemon samples every data channel's tcp_info this often
 WINDOW_S = 900.0  # 15 min of points per peer (a Prometheus scrape sees them as they come)
 SUSTAIN_S = 5.0  # bandwidth is the best goodput held this long
 CONTROL_SAMPLES = 300  # control-plane round trips kept per peer
-
-# struct tcp_info (linux/tcp.h, 4.19 and later); offsets in bytes.
-_MSS, _RTT, _RTTVAR, _CWND, _TOTAL_RETRANS = 16, 68, 72, 80, 100
-_BYTES_ACKED, _MIN_RTT, _DATA_SEGS_OUT, _DELIVERY_RATE = 120, 148, 156, 160
-TCP_INFO_NEED = _DATA_SEGS_OUT + 4
-
-
-@dataclass(frozen=True)
-class TcpInfo:
-    """The fields of one connection's tcp_info that telemetry reads (times in microseconds)."""
-
-    mss: int
-    srtt_us: int
-    rttvar_us: int
-    min_rtt_us: int
-    cwnd_segments: int
-    total_retrans: int
-    data_segs_out: int
-    bytes_acked: int
-    delivery_rate_bytes_per_s: int | None  # tcpi_delivery_rate (kernel 4.9+)
-
-
-def parse_tcp_info(info: bytes) -> TcpInfo | None:
-    """The struct as the kernel gave it; None when it is too short to hold the fields."""
-    if len(info) < TCP_INFO_NEED:
-        return None
-
-    def u32(at: int) -> int:
-        return int.from_bytes(info[at : at + 4], sys.byteorder)
-
-    def u64(at: int) -> int:
-        return int.from_bytes(info[at : at + 8], sys.byteorder)
-
-    delivery = u64(_DELIVERY_RATE) if len(info) >= _DELIVERY_RATE + 8 else None
-    return TcpInfo(mss=u32(_MSS), srtt_us=u32(_RTT), rttvar_us=u32(_RTTVAR),
-                   min_rtt_us=u32(_MIN_RTT), cwnd_segments=u32(_CWND),
-                   total_retrans=u32(_TOTAL_RETRANS), data_segs_out=u32(_DATA_SEGS_OUT),
-                   bytes_acked=u64(_BYTES_ACKED), delivery_rate_bytes_per_s=delivery)
-
 
 @dataclass(frozen=True)
 class LinkPoint:
