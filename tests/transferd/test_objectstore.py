@@ -100,11 +100,11 @@ def test_a_failed_upload_leaves_the_folder_absent_and_no_objects(
     real_put = store._put_local
     calls: list[str] = []
 
-    def put_then_fail(local: Path | str, path: str) -> None:
+    def put_then_fail(local: Path | str, path: str, crc32: int | None = None) -> None:
         calls.append(path)
         if len(calls) > 1:  # the first object lands, the second is refused
             raise PermissionError(13, "Access Denied")
-        real_put(local, path)
+        real_put(local, path, crc32)
 
     monkeypatch.setattr(store, "_put_local", put_then_fail)
     with pytest.raises(StorageError, match="committing checkpoints/r/step-9 failed: Access Denied"):
@@ -188,7 +188,7 @@ def test_small_objects_arrive_whole_in_parallel_and_give_their_memory_back(
             source.close()
     for source in unread:
         source.close()
-    slots = store._whole_objects._slots
+    slots = store._fetcher._slots
     acquired = [slots.acquire(timeout=5) for _ in range(4)]  # every slot came back
     assert acquired == [True] * 4
 
