@@ -546,7 +546,12 @@ class ObjectStorage(FsspecStorage):
         checksum = base64.b64encode(crc32.to_bytes(4, "big")).decode()
         try:
             with open(local, "rb") as body:
-                client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumCRC32=checksum)
+                # The algorithm named too: the store keeps the CRC, and GETs of the object
+                # check it (botocore validates a whole-object GET against it).
+                client.put_object(
+                    Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="CRC32",
+                    ChecksumCRC32=checksum,
+                )  # fmt: skip
         except Exception as exc:  # botocore's own kinds: a ClientError names the store's reason
             raise _os_error(exc, path) from exc
         log.debug(
