@@ -476,3 +476,4 @@ def test_options_only_s3fs_understands_keep_the_s3fs_path(
     finally:
         source.close()
     assert _uploads(moto_s3, s3_bucket, "fb/") == []
+
