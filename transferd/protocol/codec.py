@@ -45,6 +45,7 @@ _EWMA = 0.3
 # text alike within ~20 %; only the first guess: measurements correct it).
 LEVELS = (1, 3, 6)
 RELATIVE_SPEED = {1: 1.0, 3: 0.65, 6: 0.2}
+LINK_SAMPLES = 3
 HEADROOM = 3.0  # the compressor must outrun the link this many times over at a level
 
 
@@ -86,6 +87,7 @@ class CompressionPolicy:
     # measured zstd input throughput per worker (`auto`: at level 1, or its equivalent)
     compress_bytes_per_s: float | None = None
     link_bytes_per_s: float | None = None  # measured goodput of chunk bodies on the wire
+    link_samples: int = 0  # receipts that measured it
     ratio: float | None = None  # running compressed/raw ratio of the samples that shrank
     raw_streak: int = 0  # probes in a row whose sample did not shrink
     unprobed: int = 0  # chunks sent without a probe since the last one
@@ -110,11 +112,12 @@ class CompressionPolicy:
     def compress_level(self) -> int | None:
         """The level to compress the next chunk at: the configured one, or under `auto` the
         highest of LEVELS the compressor sustains HEADROOM times over the link's raw rate
-        (level 1 until both the link and the compressor are measured)."""
+        (level 1 until the compressor and LINK_SAMPLES receipts have measured the link: the
+        first chunks' receipts, still in TCP's ramp, under-rate a fast link)."""
         if not self.auto or self.level is None:
             return self.level
         link, speed = self.link_bytes_per_s, self.compress_bytes_per_s
-        if link is None or speed is None:
+        if link is None or speed is None or self.link_samples < LINK_SAMPLES:
             return self.level
         raw_rate = link / max(self.ratio or 1.0, 0.01)
         chosen = self.level
@@ -128,6 +131,7 @@ class CompressionPolicy:
         """Aggregate goodput over a window (all streams), as measured by the sender."""
         if seconds > 0 and wire_bytes > 0:
             self.link_bytes_per_s = _ewma(self.link_bytes_per_s, wire_bytes / seconds)
+            self.link_samples += 1
 
     def should_try(self) -> bool:
         """Before probing a chunk: is compression worth considering at all on this link (and
