@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import pytest
 from tests.integration._data import file_blake3, write_random
 from tests.integration._procs import poll_until, start_daemon, wait_until_serving
 from transferd.config import load_config
-from transferd.daemon import CHANNEL_WINDOW, Daemon
+from transferd.daemon import Daemon
+from transferd.net import channels
 from transferd.testing import (
     bound_socket,
     free_port,
@@ -159,12 +161,30 @@ async def test_data_inside_its_residency_goes_through(tmp_path: Path, residency:
     assert file_blake3(tmp_path / "site-B" / "curated" / "eu" / "p.bin") == digest
 
 
+SO_MAX_PACING_RATE = 47  # linux/socket.h; Python's socket module does not name it
+PACING_BYTES_PER_S = 12_500_000  # 100 Mbit/s per data channel (TCP's own pacing)
+
+
+def _paced_channels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process daemons' data channels send at 100 Mbit/s each: on loopback a chunk is
+    otherwise on the wire for a millisecond, and a kill would never find one half-way."""
+    tune = channels._tune
+
+    def paced(sock: socket.socket, cc: Any) -> str:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, PACING_BYTES_PER_S)
+        return tune(sock, cc)
+
+    monkeypatch.setattr(channels, "_tune", paced)
+
+
 async def test_relay_killed_mid_transfer_falls_back_to_direct_resending_little(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """R's daemon (a process of its own) is SIGKILLed while it relays: A notices (its channels
-    and requests to R fail), moves the job to the direct path, and B's have/want answer keeps
-    what R had already passed on from being sent again."""
+    """R's daemon (a process of its own) is SIGKILLed while A's channels to it are half-way
+    through chunks: A notices (its channels and requests to R fail), moves the job to the
+    direct path, and B's have/want answer keeps what R had already passed on from being sent
+    again: at most the chunk each channel was carrying goes twice."""
+    _paced_channels(monkeypatch)
     n_chunks, chunk = 48, 1 << 20
     src = tmp_path / "site-A" / "approved" / "m.bin"
     digest = write_random(src, n_chunks * chunk, seed=21)
@@ -173,10 +193,6 @@ async def test_relay_killed_mid_transfer_falls_back_to_direct_resending_little(
     configs = write_site_configs(
         tmp_path, ports, chunk_size=chunk, compression="off", streams=2,
         traffic={"adaptive_streams": False},
-        A={"peers": {
-            "R": {"url": f"http://127.0.0.1:{ports['R']}", "rate_caps_mbps": {"total": 160}},
-            "B": {"url": f"http://127.0.0.1:{ports['B']}"},
-        }},
         R=RELAY,
     )  # fmt: skip
     r_proc = start_daemon(configs["R"], tmp_path / "R.log")
@@ -195,6 +211,8 @@ async def test_relay_killed_mid_transfer_falls_back_to_direct_resending_little(
                 return b.metrics.value("transferd_chunks_received_total", peer="R")
 
             await poll_until(via_r, lambda n: n >= n_chunks / 3, timeout_s=30, every_s=0.02)
+            # Half a chunk's time later: both of A's channels are mid-chunk.
+            await asyncio.sleep(chunk / PACING_BYTES_PER_S / 2)
             r_proc.kill()
             await asyncio.to_thread(r_proc.wait, 20)
             [job] = await wait_for_jobs(a, [job_id], timeout_s=60)
@@ -203,14 +221,18 @@ async def test_relay_killed_mid_transfer_falls_back_to_direct_resending_little(
             direct = b.metrics.value("transferd_chunks_received_total", peer="A")
             routes = {rt.route: rt for rt in a.sender.routes.status(job_id)}
             resent_bytes = job.bytes_on_wire - src.stat().st_size
-            print(f"via R {relayed:.0f}, direct {direct:.0f}, on wire beyond the file "
-                  f"{resent_bytes / chunk:.2f} chunks, routes {routes}")
+            resent = sum(rt.chunks_resent for rt in routes.values())
+            print(f"via R {relayed:.0f}, direct {direct:.0f}, re-sent {resent} chunks, on wire "
+                  f"beyond the file {resent_bytes / chunk:.2f} chunks, routes {routes}")
             assert routes["R>B"].state == "down"
             assert routes["B"].state == "done"
             assert relayed + direct >= n_chunks
-            # Sent twice: at most what A's channels to R had in flight (2 streams x the channel
-            # window), plus control bodies; B's have/want keeps the rest from going again.
-            assert resent_bytes <= 2 * CHANNEL_WINDOW * chunk + 256 * 1024
+            # Sent twice (A's own count): at most the one chunk each of A's 2 channels to R was
+            # carrying (a relayed chunk goes alone on its channel, and R passes its bytes on as
+            # they arrive); B's have/want keeps everything else from going again. The bytes on
+            # the wire agree (plus control bodies).
+            assert resent <= 2
+            assert resent_bytes <= resent * chunk + 256 * 1024
     finally:
         if r_proc.poll() is None:
             r_proc.kill()
@@ -237,3 +259,35 @@ async def test_multipath_splits_chunks_over_both_routes(tmp_path: Path) -> None:
         assert routes["B"].chunks > 0
         assert b.metrics.value("transferd_chunks_received_total", peer="R") == routes["R>B"].chunks
     assert file_blake3(tmp_path / "site-B" / "approved" / "mp.bin") == digest
+
+
+async def test_a_chunk_damaged_at_the_relay_is_refused_by_b_and_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """R passes bytes on as they arrive, unchecked: a byte R alters on the way is caught by B's
+    blake3 check before anything is written (a DAMAGED receipt, back through R to A), and A
+    sends that chunk again; the file at B is the source's."""
+    src = tmp_path / "site-A" / "approved" / "d.bin"
+    digest = write_random(src, 6 * CHUNK, seed=41)
+    grow = channels.ArrivingBody.grow
+    damaged: list[int] = []
+
+    def damaging(body: channels.ArrivingBody, n: int) -> None:
+        if not damaged:  # the first part of the first chunk R passes on
+            body.view[body.filled] ^= 0xFF
+            damaged.append(n)
+        grow(body, n)
+
+    monkeypatch.setattr(channels.ArrivingBody, "grow", damaging)
+    async with loopback_sites(tmp_path, chunk_size=CHUNK, compression="off", R=RELAY) as s:
+        a, b = s["A"], s["B"]
+        [job_id] = a.sender.submit("approved/d.bin", ["B"], via=["R"])
+        [job] = await wait_for_jobs(a, [job_id])
+        assert job.state == "committed", job.error
+        assert damaged
+        assert job.integrity_failures == 1
+        assert b.metrics.value("transferd_integrity_failures_total", peer="R",
+                               side="receiver") == 1
+        [route] = a.sender.routes.status(job_id)
+        assert (route.route, route.chunks, route.chunks_resent) == ("R>B", 6, 1)
+    assert file_blake3(tmp_path / "site-B" / "approved" / "d.bin") == digest
