@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,13 +179,16 @@ def _paced_channels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(channels, "_tune", paced)
 
 
-async def test_relay_killed_mid_transfer_falls_back_to_direct_resending_little(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("how", ["killed", "hung"])
+async def test_relay_lost_mid_transfer_falls_back_to_direct_resending_one_chunk_per_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str,
 ) -> None:
-    """R's daemon (a process of its own) is SIGKILLed while A's channels to it are half-way
-    through chunks: A notices (its channels and requests to R fail), moves the job to the
-    direct path, and B's have/want answer keeps what R had already passed on from being sent
-    again: at most the chunk each channel was carrying goes twice."""
+    """R's daemon (a process of its own) is SIGKILLed, or SIGSTOPped (hung: its sockets stay
+    open and nothing fails), while A's channels to it are half-way through chunks. A notices
+    (a kill: its channels and requests to R fail; a hang: no receipt from the route for longer
+    than its measured rate allows, not the 30 s stall detection), moves the job to the direct
+    path, and B's have/want answer keeps what R had already passed on from being sent again:
+    at most the chunk each channel was carrying goes twice."""
     _paced_channels(monkeypatch)
     n_chunks, chunk = 48, 1 << 20
     src = tmp_path / "site-A" / "approved" / "m.bin"
@@ -213,8 +218,12 @@ async def test_relay_killed_mid_transfer_falls_back_to_direct_resending_little(
             await poll_until(via_r, lambda n: n >= n_chunks / 3, timeout_s=30, every_s=0.02)
             # Half a chunk's time later: both of A's channels are mid-chunk.
             await asyncio.sleep(chunk / PACING_BYTES_PER_S / 2)
-            r_proc.kill()
-            await asyncio.to_thread(r_proc.wait, 20)
+            lost_at = time.monotonic()
+            if how == "killed":
+                r_proc.kill()
+                await asyncio.to_thread(r_proc.wait, 20)
+            else:
+                r_proc.send_signal(signal.SIGSTOP)
             [job] = await wait_for_jobs(a, [job_id], timeout_s=60)
             assert job.state == "committed", job.error
             relayed = b.metrics.value("transferd_chunks_received_total", peer="R")
@@ -222,11 +231,15 @@ async def test_relay_killed_mid_transfer_falls_back_to_direct_resending_little(
             routes = {rt.route: rt for rt in a.sender.routes.status(job_id)}
             resent_bytes = job.bytes_on_wire - src.stat().st_size
             resent = sum(rt.chunks_resent for rt in routes.values())
-            print(f"via R {relayed:.0f}, direct {direct:.0f}, re-sent {resent} chunks, on wire "
-                  f"beyond the file {resent_bytes / chunk:.2f} chunks, routes {routes}")
+            print(f"R {how}: committed {time.monotonic() - lost_at:.1f} s later; via R "
+                  f"{relayed:.0f}, direct {direct:.0f}, re-sent {resent} chunks, on wire beyond "
+                  f"the file {resent_bytes / chunk:.2f} chunks, routes {routes}")
             assert routes["R>B"].state == "down"
             assert routes["B"].state == "done"
             assert relayed + direct >= n_chunks
+            if how == "hung":
+                # Noticed by the route's receipt timeout, not by the channels' stall detection.
+                assert "no receipt for" in (routes["R>B"].error or "")
             # Sent twice (A's own count): at most the one chunk each of A's 2 channels to R was
             # carrying (a relayed chunk goes alone on its channel, and R passes its bytes on as
             # they arrive); B's have/want keeps everything else from going again. The bytes on
@@ -235,6 +248,7 @@ async def test_relay_killed_mid_transfer_falls_back_to_direct_resending_little(
             assert resent_bytes <= resent * chunk + 256 * 1024
     finally:
         if r_proc.poll() is None:
+            r_proc.send_signal(signal.SIGCONT)
             r_proc.kill()
         r_proc.wait(timeout=20)
     assert file_blake3(tmp_path / "site-B" / "approved" / "m.bin") == digest

@@ -53,6 +53,7 @@ class _RouteStat:
     started_at: float | None = None  # when the route began carrying the job (this time)
     last_at: float | None = None
     resent: int = 0  # sends of chunks that were on the wire before without a receipt
+    error: str | None = None  # why it went down
 
 
 class RouteBook:
@@ -88,13 +89,14 @@ class RouteBook:
 
     def started(self, job_id: str, dest: str, via: Sequence[str]) -> None:
         stat = self._stat(job_id, dest, via)
-        stat.state = "active"
+        stat.state, stat.error = "active", None
         if stat.started_at is None:
             stat.started_at = self.clock()
 
     def failed(self, job_id: str, dest: str, via: Sequence[str], error: str) -> None:
         self._down_until[(dest, tuple(via))] = self.clock() + ROUTE_DOWN_S
-        self._stat(job_id, dest, via).state = "down"
+        stat = self._stat(job_id, dest, via)
+        stat.state, stat.error = "down", error[:300]
         log.warning("route.failed", extra={"fields": {
             "job": job_id, "route": route_label(dest, via), "error": error[:300]}})
 
@@ -156,7 +158,8 @@ class RouteBook:
 
     def status(self, job_id: str) -> list[RouteStatus]:
         return [RouteStatus(route=s.label, state=s.state, chunks=s.chunks, bytes=s.bytes,
-                            rate_bytes_per_s=self._rate(s), chunks_resent=s.resent)
+                            rate_bytes_per_s=self._rate(s), chunks_resent=s.resent,
+                            error=s.error)
                 for s in self._stats.get(job_id, {}).values()]
 
 
