@@ -567,8 +567,8 @@ def status(config_path: str, as_json: bool) -> None:
     for j in state.jobs:
         for r in j.route_status:
             rate = r.rate_bytes_per_s
-            state = f"{r.state}: {r.error[:80]}" if r.error else r.state
-            routes.add_row(j.id[:8], r.route, state, str(r.chunks), _size(r.bytes),
+            shown = f"{r.state}: {r.error[:80]}" if r.error else r.state
+            routes.add_row(j.id[:8], r.route, shown, str(r.chunks), _size(r.bytes),
                            f"{rate / 1e6:.1f}" if rate else "-", str(r.chunks_resent))
     if routes.row_count:
         console.print(routes)
