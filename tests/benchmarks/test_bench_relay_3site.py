@@ -15,15 +15,18 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.backends import probe_backend
 from benchmarks.datasets import dataset, file_blake3
 from benchmarks.lab import Lab, leftover_namespaces
 from benchmarks.relay_3site import (
+    SCENARIO,
+    _Ends,
     _lab,
     _Sites,
     planner_prediction,
     run_relay_3site,
 )
-from benchmarks.scenario import DataKind
+from benchmarks.scenario import DataKind, load_scenario
 from tests.benchmarks.test_bench_netns_smoke import _SKIP
 
 pytestmark: list[pytest.MarkDecorator] = [pytest.mark.netns]
@@ -35,10 +38,10 @@ CHUNK_MIB = 8
 
 def _relay_beats_direct(size_mib: int, window_s: float) -> tuple[float, float]:
     doc = run_relay_3site(size_mib, window_s, "bbr", ("transferd-direct", "transferd-relay"))
-    by_tool = {r["tool"]: r for r in doc["results"]}
+    by_tool = {r["tool"]: r for r in doc["runs"]}
     for tool in ("transferd-direct", "transferd-relay"):
         assert by_tool[tool]["ok"], by_tool[tool]["error"]
-    print(json.dumps(doc["results"], indent=1), doc["planner"])
+    print(json.dumps(doc["runs"], indent=1), doc["planner"])
     return doc["relay_speedup_measured"], doc["planner"]["factor"]
 
 
@@ -60,7 +63,7 @@ def _kill_relay_mid_transfer(lab: Lab, tmp: Path, size_mib: int) -> None:
     digest = file_blake3(data)
     size = data.stat().st_size
     # A -> R capped at 80 Mbit/s: the relayed run lasts long enough to be killed in the middle.
-    sites = _Sites(lab, tmp, data, chunk_mib=CHUNK_MIB,
+    sites = _Sites(lab, _Ends("A", "R", "B"), tmp, data, chunk_mib=CHUNK_MIB,
                    extra={"streams": 2, "traffic": {"adaptive_streams": False}},
                    caps_mbps={"R": 80})
     sites.start("kill-r")
@@ -99,7 +102,7 @@ def _kill_relay_mid_transfer(lab: Lab, tmp: Path, size_mib: int) -> None:
 
 
 def test_killing_the_relay_falls_back_to_the_direct_path(tmp_path: Path) -> None:
-    with _lab("bbr") as lab:
+    with _lab(load_scenario(SCENARIO), probe_backend(), "bbr") as lab:
         _kill_relay_mid_transfer(lab, tmp_path, 64)
         run_id = lab.run_id
     assert leftover_namespaces(run_id) == []
@@ -107,10 +110,10 @@ def test_killing_the_relay_falls_back_to_the_direct_path(tmp_path: Path) -> None
 
 @pytest.mark.long
 def test_killing_the_relay_mid_512mib_falls_back(tmp_path: Path) -> None:
-    with _lab("bbr") as lab:
+    with _lab(load_scenario(SCENARIO), probe_backend(), "bbr") as lab:
         _kill_relay_mid_transfer(lab, tmp_path, 512)
 
 
 def test_planner_predicts_the_relay_wins() -> None:
-    p = planner_prediction(512)
+    p = planner_prediction(load_scenario(SCENARIO), 512)
     assert p["factor"] > 10

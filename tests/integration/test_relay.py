@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.integration._data import file_blake3, write_random
-from tests.integration._procs import poll_until, start_daemon, wait_until_serving
+from tests.integration._procs import env, metric, poll_until, start_daemon, wait_until_serving
 from transferd.config import load_config
 from transferd.daemon import Daemon
 from transferd.net import channels
@@ -305,3 +308,74 @@ async def test_a_chunk_damaged_at_the_relay_is_refused_by_b_and_sent_again(
         [route] = a.sender.routes.status(job_id)
         assert (route.route, route.chunks, route.chunks_resent) == ("R>B", 6, 1)
     assert file_blake3(tmp_path / "site-B" / "approved" / "d.bin") == digest
+
+
+RELAY_TOPOLOGY = """\
+name: relay-plan
+sites:
+  - {id: A, kind: onprem, region: eu}
+  - {id: R, kind: cloud, region: eu}
+  - {id: B, kind: cloud, region: eu}
+links:
+  - {between: [A, B], bandwidth_gbps: 0.02, rtt_ms: 80, loss_pct: 1}
+  - {between: [A, R], bandwidth_gbps: 10, rtt_ms: 2}
+  - {between: [R, B], bandwidth_gbps: 10, rtt_ms: 2}
+datasets:
+  - {id: corpus, site: A, size_gb: 500, tier: approved}
+sync_rules:
+  - {id: nightly, datasets: [corpus], to: [B]}
+"""
+
+
+async def test_a_plan_that_routes_a_sync_via_r_is_carried_out_through_r(tmp_path: Path) -> None:
+    """`netplan plan` on a topology whose direct link is slow and lossy routes the nightly sync
+    through R; three daemons serving that plan (`serve --plan`, no `send`) move the dataset to
+    B through R: R's relay counters hold every chunk, B took none from A directly."""
+    topo = tmp_path / "topology.yaml"
+    topo.write_text(RELAY_TOPOLOGY)
+    plan_path = tmp_path / "plan.json"
+    planner = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "netplan", "plan", str(topo), "-o",
+                         str(plan_path)], env=env(), capture_output=True, text=True, timeout=60)
+    assert planner.returncode == 0, planner.stderr
+    plan = json.loads(plan_path.read_text())
+    [entry] = next(s for s in plan["sites"] if s["site"] == "A")["sync"]
+    assert (entry["path_prefix"], entry["destination"], entry["via"]) == (
+        "approved/corpus/", "B", ["R"])  # the planner's choice, read from the plan
+
+    n_chunks = 6
+    src = tmp_path / "site-A" / "approved" / "corpus" / "part-0.bin"
+    digest = write_random(src, n_chunks * CHUNK, seed=51)
+    ports = {site: free_port() for site in ("A", "R", "B")}
+    configs = write_site_configs(
+        tmp_path, ports, chunk_size=CHUNK, compression="off",
+        watch={"poll_interval_s": 0.1, "quiet_period_s": 0.5}, R=RELAY,
+    )  # fmt: skip
+    procs = [start_daemon(configs[site], tmp_path / f"{site}.log", "--plan", str(plan_path))
+             for site in ("B", "R", "A")]
+    try:
+        for site in ("B", "R", "A"):
+            await wait_until_serving(f"http://127.0.0.1:{ports[site]}")
+        got = tmp_path / "site-B" / "approved" / "corpus" / "part-0.bin"
+
+        async def arrived() -> bool:
+            return got.exists() and file_blake3(got) == digest
+
+        await poll_until(arrived, bool, timeout_s=60, every_s=0.1)
+        url = {site: f"http://127.0.0.1:{port}" for site, port in ports.items()}
+        assert await metric(url["R"], "transferd_relayed_chunks_total", source="A",
+                            next_hop="B") == n_chunks
+        assert await metric(url["R"], "transferd_relayed_bytes_total", source="A",
+                            next_hop="B") == n_chunks * CHUNK
+        assert await metric(url["B"], "transferd_chunks_received_total", peer="R") == n_chunks
+        assert not await metric(url["B"], "transferd_chunks_received_total", peer="A")
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=20)
+    assert _held_at(tmp_path / "site-R") == []

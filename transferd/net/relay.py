@@ -230,6 +230,11 @@ class _Forward:
             except BaseException as exc:  # the next hop is gone, or did not answer in time
                 answer(ch.ReceiptStatus.UNREACHABLE, f"relay {self.relay.site}: {exc}"[:500])
                 return
+            if receipt.status is ch.ReceiptStatus.OK and self.relayed is not None:
+                m = self.relay.metrics
+                m.relayed_chunks.labels(self.relayed.source, self.relayed.next_hop).inc()
+                m.relayed_bytes.labels(self.relayed.source, self.relayed.next_hop).inc(
+                    self.length)
             answer(receipt.status, receipt.reason)
 
         self.item.done.add_done_callback(done)
