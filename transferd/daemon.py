@@ -241,6 +241,8 @@ class Daemon:
             traffic=self.traffic,
             data_address=self.sender.data_address,
             metrics=self.metrics,
+            journal=self.journal,
+            clock=clock,
         )
         self.routing = RoutingInbound(self.inbound, self.relay, config.site)
         self.listener = DataListener(

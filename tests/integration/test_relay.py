@@ -379,3 +379,56 @@ async def test_a_plan_that_routes_a_sync_via_r_is_carried_out_through_r(tmp_path
                 proc.kill()
                 proc.wait(timeout=20)
     assert _held_at(tmp_path / "site-R") == []
+
+
+async def test_relay_restarted_mid_transfer_the_job_still_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """R's daemon is killed and started again at once (a supervisor's restart) while it relays:
+    R's table of relayed uploads is in its journal, so the job goes on through R (no fallback)
+    and ends committed with B's bytes equal to the source's, re-sending at most the chunk each
+    channel was carrying. (Before the table was kept, R refused the chunks as an unknown upload
+    and the job failed.)"""
+    _paced_channels(monkeypatch)
+    n_chunks, chunk = 32, 1 << 20
+    src = tmp_path / "site-A" / "approved" / "m.bin"
+    digest = write_random(src, n_chunks * chunk, seed=61)
+    socks = {"A": bound_socket(), "B": bound_socket()}
+    ports = {**{s: k.getsockname()[1] for s, k in socks.items()}, "R": free_port()}
+    configs = write_site_configs(
+        tmp_path, ports, chunk_size=chunk, compression="off", streams=2,
+        traffic={"adaptive_streams": False}, data_ports={"R": free_port()}, R=RELAY,
+    )  # fmt: skip
+    r_proc = start_daemon(configs["R"], tmp_path / "R.log")
+    try:
+        await wait_until_serving(f"http://127.0.0.1:{ports['R']}")
+        async with contextlib.AsyncExitStack() as stack:
+            b = await stack.enter_async_context(
+                running_daemon(load_config(configs["B"]), socks["B"])
+            )
+            a = await stack.enter_async_context(
+                running_daemon(load_config(configs["A"]), socks["A"])
+            )
+            [job_id] = a.sender.submit("approved/m.bin", ["B"], via=["R"])
+
+            async def via_r() -> float:
+                return b.metrics.value("transferd_chunks_received_total", peer="R")
+
+            await poll_until(via_r, lambda n: n >= n_chunks / 4, timeout_s=30, every_s=0.02)
+            r_proc.kill()
+            await asyncio.to_thread(r_proc.wait, 20)
+            r_proc = start_daemon(configs["R"], tmp_path / "R.log")
+            await wait_until_serving(f"http://127.0.0.1:{ports['R']}")
+            [job] = await wait_for_jobs(a, [job_id], timeout_s=60)
+            routes = {rt.route: rt for rt in a.sender.routes.status(job_id)}
+            print(job.state, job.error, routes)
+            assert job.state == "committed", job.error
+            assert list(routes) == ["R>B"]
+            assert (routes["R>B"].state, routes["R>B"].chunks) == ("done", n_chunks)
+            assert routes["R>B"].chunks_resent <= 2
+            assert b.metrics.value("transferd_chunks_received_total", peer="R") >= n_chunks
+    finally:
+        if r_proc.poll() is None:
+            r_proc.kill()
+        r_proc.wait(timeout=20)
+    assert file_blake3(tmp_path / "site-B" / "approved" / "m.bin") == digest

@@ -66,6 +66,7 @@ from transferd.protocol.wire import (
     UPLOADS_ROUTE,
     parse_body,
 )
+from transferd.site.journal import Journal, RelayedUpload
 from transferd.site.metrics import Metrics
 
 __all__ = ["RelayService", "RelayWindow", "RoutingInbound"]
@@ -77,6 +78,9 @@ WATCH_EVERY_S = 0.5
 # next hop's copy lags the previous hop's by little, large enough that a part is one system
 # call with the GIL released (256 KiB: 2 ms at 1 Gbit/s).
 SLICE = 256 * 1024
+# A relayed upload not committed or aborted this long after it opened is forgotten at the next
+# start (its sender finished by another route, or gave up): as long as a job may wait for a peer.
+RELAYED_KEEP_S = 7 * 86400.0
 
 
 class RelayWindow:
@@ -253,6 +257,8 @@ class RelayService:
         traffic: dict[str, PeerTraffic],
         data_address: Callable[[PeerLink], Coroutine[Any, Any, tuple[str, int]]],
         metrics: Metrics,
+        journal: Journal,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.site = site
         self.region = region
@@ -265,7 +271,14 @@ class RelayService:
         self.window = RelayWindow(
             settings.memory_mib * MiB, settings.spill_mib * MiB, spill_dir
         )
-        self.uploads: dict[str, _Relayed] = {}
+        self.journal = journal
+        self.clock = clock
+        # The uploads passed on here, kept in the journal: a relay restarted mid-transfer
+        # (a supervisor's restart) goes on passing them on.
+        self.uploads: dict[str, _Relayed] = {
+            r.upload: _Relayed(r.upload, r.source, r.next_hop, r.dest, r.via)
+            for r in journal.relayed(since=clock() - RELAYED_KEEP_S) if r.next_hop in links
+        }
         self.loop: asyncio.AbstractEventLoop | None = None  # set when it runs
         self._pending: set[_Forward] = set()
         self._pending_lock = threading.Lock()
@@ -312,6 +325,8 @@ class RelayService:
         self.uploads[intent.upload] = _Relayed(
             intent.upload, peer, next_hop, intent.dest_site, tuple(via[1:])
         )
+        self.journal.add_relayed(RelayedUpload(intent.upload, peer, next_hop, intent.dest_site,
+                                               tuple(via[1:]), self.clock()))
         return answer
 
     def _relayed(self, upload: str, peer: str) -> _Relayed:
@@ -336,6 +351,7 @@ class RelayService:
         answer = parse_body(CommitAnswer, reply.body)
         if answer.committed:
             self.uploads.pop(upload, None)
+            self.journal.drop_relayed(upload)
             log.info("relay.done", extra={"fields": {
                 "upload": upload, "to": r.dest, "chunks": r.chunks, "bytes": r.bytes}})
         return answer
@@ -343,6 +359,7 @@ class RelayService:
     async def abort(self, upload: str, peer: str) -> None:
         r = self._relayed(upload, peer)
         self.uploads.pop(upload, None)
+        self.journal.drop_relayed(upload)
         with contextlib.suppress(TransferdError):
             await self.links[r.next_hop].call(
                 TrafficClass.CONTROL, "POST", ABORT_ROUTE.format(upload=upload), body=b"",
