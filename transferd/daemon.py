@@ -162,6 +162,7 @@ class Daemon:
             run_retention=plan.incoming_retention if plan is not None else None,
             region=self.region,
             relays=config.peers,
+            accept_via=config.relay.accept_via,
         )
         # Workers verify and stage received bodies while the channel threads receive the next.
         self.inbound = InboundUploads(

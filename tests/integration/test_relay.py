@@ -432,3 +432,31 @@ async def test_relay_restarted_mid_transfer_the_job_still_completes(
             r_proc.kill()
         r_proc.wait(timeout=20)
     assert file_blake3(tmp_path / "site-B" / "approved" / "m.bin") == digest
+
+
+async def test_destination_takes_a_sources_uploads_only_through_the_relays_it_names(
+    tmp_path: Path,
+) -> None:
+    """B's `relay.accept_via: {A: [R]}`: A's upload through R lands; the same through S (a relay
+    willing to pass it on) is refused at B's opening, before anything is staged, counted, and
+    A's job names B and S."""
+    write_random(tmp_path / "site-A" / "approved" / "x.bin", 3 * CHUNK, seed=71)
+    relay = {"relay": {"for_peers": ["A"], "destinations": ["B"]}}
+    async with loopback_sites(
+        tmp_path, ("A", "R", "S", "B"), chunk_size=CHUNK, R=relay, S=relay,
+        B={"relay": {"accept_via": {"A": ["R"]}}},
+    ) as s:
+        a, b = s["A"], s["B"]
+        [via_s] = a.sender.submit("approved/x.bin", ["B"], via=["S"])
+        [job] = await wait_for_jobs(a, [via_s])
+        assert job.state == "failed"
+        assert job.error_kind == "policy"
+        assert "B does not accept A's uploads through S (relay.accept_via)" in (job.error or "")
+        assert b.metrics.value("transferd_policy_refusals_total", side="receiver") == 1
+        assert b.journal.upload(f"A-{via_s}") is None
+        [via_r] = a.sender.submit("approved/x.bin", ["B"], via=["R"])
+        [job] = await wait_for_jobs(a, [via_r])
+        assert job.state == "committed", job.error
+        assert s["R"].metrics.value("transferd_relayed_chunks_total", source="A",
+                                    next_hop="B") == 3
+    assert _held_at(tmp_path / "site-S") == []
