@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from netplan.plan import TrafficClass
 from tests.integration._data import file_blake3, write_random
 from tests.integration._procs import env, metric, poll_until, start_daemon, wait_until_serving
 from transferd.config import load_config
@@ -460,3 +461,23 @@ async def test_destination_takes_a_sources_uploads_only_through_the_relays_it_na
         assert s["R"].metrics.value("transferd_relayed_chunks_total", source="A",
                                     next_hop="B") == 3
     assert _held_at(tmp_path / "site-S") == []
+
+
+async def test_relay_passes_chunks_on_through_its_own_scheduler_in_the_jobs_class(
+    tmp_path: Path,
+) -> None:
+    """What R passes on goes through R's own gate toward B in the job's traffic class (its
+    weights, its rate caps, its stream controller): R counts every relayed byte B acknowledged
+    under that class, here a checkpoint job's."""
+    n_chunks = 5
+    write_random(tmp_path / "site-A" / "approved" / "ck.bin", n_chunks * CHUNK, seed=81)
+    async with loopback_sites(tmp_path, chunk_size=CHUNK, compression="off", R=RELAY) as s:
+        a, r = s["A"], s["R"]
+        [job_id] = a.sender.submit("approved/ck.bin", ["B"], TrafficClass.CHECKPOINT,
+                                   via=["R"])
+        [job] = await wait_for_jobs(a, [job_id])
+        assert job.state == "committed", job.error
+        assert r.metrics.value("transferd_class_bytes_acked_total", peer="B",
+                               **{"class": "checkpoint"}) == n_chunks * CHUNK
+        assert not r.metrics.value("transferd_class_bytes_acked_total", peer="B",
+                                   **{"class": "sync"})

@@ -48,7 +48,7 @@ from transferd.errors import PolicyViolation, ProtocolError, TransferdError, Tra
 from transferd.net.channels import ArrivingBody, OutgoingChunk, PeerChannels, on_loop
 from transferd.net.inbound import InboundUploads
 from transferd.net.peer_client import PeerLink
-from transferd.net.pump import PeerTraffic
+from transferd.net.pump import BulkGate, PeerTraffic
 from transferd.protocol import channel as ch
 from transferd.protocol.manifest import (
     CommitAnswer,
@@ -58,7 +58,7 @@ from transferd.protocol.manifest import (
     SignedManifest,
     UploadIntent,
 )
-from transferd.protocol.routes import check_residency
+from transferd.protocol.routes import check_residency, open_query
 from transferd.protocol.wire import (
     ABORT_ROUTE,
     COMMIT_ROUTE,
@@ -180,6 +180,7 @@ class _Relayed:
     next_hop: str
     dest: str
     via: tuple[str, ...]  # the relays after the next hop
+    traffic_class: TrafficClass = TrafficClass.SYNC  # the job's: the gate its chunks go through
     chunks: int = 0
     bytes: int = 0
 
@@ -199,6 +200,7 @@ class _Forward:
     held: _Held | None = None
     body: ArrivingBody | None = None
     received_at: float = 0.0  # when its last byte arrived (0: still arriving)
+    gate: BulkGate | None = None  # its slot on the next hop's gate, until it is answered
 
     def receive(self, sock: socket.socket) -> None:
         """Channel thread: the body off the channel, passed on part by part as it arrives."""
@@ -228,12 +230,15 @@ class _Forward:
             return
 
         def done(future: Any) -> None:
-            self.relay._settled(self)  # nothing kept once the next hop answered
             try:
                 receipt: ch.Receipt = future.result()
             except BaseException as exc:  # the next hop is gone, or did not answer in time
+                self.relay._settled(self)
                 answer(ch.ReceiptStatus.UNREACHABLE, f"relay {self.relay.site}: {exc}"[:500])
                 return
+            # Nothing kept once the next hop answered.
+            self.relay._settled(self, self.length if receipt.status is ch.ReceiptStatus.OK
+                                else 0)
             if receipt.status is ch.ReceiptStatus.OK and self.relayed is not None:
                 m = self.relay.metrics
                 m.relayed_chunks.labels(self.relayed.source, self.relayed.next_hop).inc()
@@ -276,7 +281,8 @@ class RelayService:
         # The uploads passed on here, kept in the journal: a relay restarted mid-transfer
         # (a supervisor's restart) goes on passing them on.
         self.uploads: dict[str, _Relayed] = {
-            r.upload: _Relayed(r.upload, r.source, r.next_hop, r.dest, r.via)
+            r.upload: _Relayed(r.upload, r.source, r.next_hop, r.dest, r.via,
+                               TrafficClass(r.traffic_class))
             for r in journal.relayed(since=clock() - RELAYED_KEEP_S) if r.next_hop in links
         }
         self.loop: asyncio.AbstractEventLoop | None = None  # set when it runs
@@ -310,10 +316,11 @@ class RelayService:
             raise
         return next_hop
 
-    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...]) -> OpenAnswer:
+    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...],
+                   traffic_class: TrafficClass = TrafficClass.SYNC) -> OpenAnswer:
         self.loop = asyncio.get_running_loop()
         next_hop = self.check(intent, peer, via)
-        query = f"?via={','.join(via[1:])}" if len(via) > 1 else ""
+        query = open_query(via[1:], traffic_class.value) if len(via) > 1 else ""
         reply = await self.links[next_hop].call(
             TrafficClass.CONTROL, "POST", UPLOADS_ROUTE + query, body=intent
         )
@@ -323,10 +330,11 @@ class RelayService:
                 "upload": intent.upload, "from": peer, "next": next_hop,
                 "to": intent.dest_site}})
         self.uploads[intent.upload] = _Relayed(
-            intent.upload, peer, next_hop, intent.dest_site, tuple(via[1:])
+            intent.upload, peer, next_hop, intent.dest_site, tuple(via[1:]), traffic_class
         )
         self.journal.add_relayed(RelayedUpload(intent.upload, peer, next_hop, intent.dest_site,
-                                               tuple(via[1:]), self.clock()))
+                                               tuple(via[1:]), self.clock(),
+                                               traffic_class.value))
         return answer
 
     def _relayed(self, upload: str, peer: str) -> _Relayed:
@@ -380,9 +388,18 @@ class RelayService:
             return failed(failed=exc.message, status=ch.ReceiptStatus.REFUSED)
         except TransferdError as exc:
             return failed(failed=f"relay {self.site}: {exc.message}")
+        # This site's own scheduling of the next hop: the chunk waits for its class's turn
+        # and the rate caps (TCP pushes back on the sender meanwhile), and feeds the stream
+        # controller of the channels to the next hop.
+        gate = self.traffic[r.next_hop].gates[r.traffic_class]
+        try:
+            on_loop(self.loop, gate.acquire(head.body_length))
+        except TransferdError as exc:
+            return failed(failed=f"relay {self.site}: {exc.message}")
         try:
             held = self.window.hold(head.body_length, self.settings.forward_timeout_s)
         except TransferdError as exc:
+            self.loop.call_soon_threadsafe(gate.release, 0, 1)
             return failed(failed=f"relay {self.site}: {exc.message}")
         body = ArrivingBody(held.view)
         item = OutgoingChunk(
@@ -390,7 +407,7 @@ class RelayService:
             raw_length=head.raw_length, encoding=head.encoding,
             body_blake3=head.body_blake3.hex(), body=body,
         )  # fmt: skip
-        fwd = _Forward(self, r, head.body_length, item=item, held=held, body=body)
+        fwd = _Forward(self, r, head.body_length, item=item, held=held, body=body, gate=gate)
         with self._pending_lock:
             self._pending.add(fwd)
         r.chunks += 1
@@ -423,11 +440,15 @@ class RelayService:
             fwd.body.fail(exc)
         self._settled(fwd)
 
-    def _settled(self, fwd: _Forward) -> None:
+    def _settled(self, fwd: _Forward, acked: int = 0) -> None:
         with self._pending_lock:
             self._pending.discard(fwd)
         if fwd.held is not None:
             fwd.held.release()
+        gate, fwd.gate = fwd.gate, None
+        if gate is not None and self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
+                self.loop.call_soon_threadsafe(gate.release, acked, 0 if acked else 1)
 
     async def run(self) -> None:
         """Keep the channels to next hops with chunks waiting open, and answer UNREACHABLE
@@ -469,9 +490,10 @@ class RoutingInbound:
     async def aclose(self) -> None:
         await self.inbound.aclose()
 
-    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...] = ()) -> OpenAnswer:
+    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...] = (),
+                   traffic_class: TrafficClass = TrafficClass.SYNC) -> OpenAnswer:
         if intent.dest_site != self.site or via:
-            return await self.relay.open(intent, peer, via)
+            return await self.relay.open(intent, peer, via, traffic_class)
         return await self.inbound.open(intent, peer)
 
     async def have(self, upload: str, peer: str, request: HaveRequest) -> HaveAnswer:

@@ -58,7 +58,7 @@ from transferd.protocol.manifest import (
     UploadIntent,
 )
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
-from transferd.protocol.routes import Route
+from transferd.protocol.routes import Route, open_query
 from transferd.protocol.upload import (
     offer_batches,
     plan_offer,
@@ -462,8 +462,8 @@ class Sender:
             budget = (min(self.retry_budget_s, RELAY_RETRY_BUDGET_S) if route.via
                       else self.retry_budget_s)
             self.routes.started(job.id, job.dest, route.via)
-            path = UPLOADS_ROUTE + (f"?via={','.join(route.via[1:])}" if len(route.via) > 1
-                                    else "")
+            path = UPLOADS_ROUTE + (open_query(route.via[1:], job.traffic_class.value)
+                                    if route.via else "")
             # Each route's open is answered before its chunks go: a relay must know the upload.
             opened = asyncio.create_task(
                 self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
@@ -512,7 +512,7 @@ class Sender:
         if link is None:
             raise ProtocolError(f"relay {first!r} is not a peer of this site")
         budget = min(self.retry_budget_s, RELAY_RETRY_BUDGET_S) if via else self.retry_budget_s
-        path = UPLOADS_ROUTE + (f"?via={','.join(via[1:])}" if len(via) > 1 else "")
+        path = UPLOADS_ROUTE + (open_query(via[1:], job.traffic_class.value) if via else "")
         # The data channels open (if they are not warm already) while the upload opens and the
         # first chunks are hashed: their round trips overlap instead of adding up. The first
         # have/want waits for the open's answer (`_ChunkPump.opened`), not the hashing.

@@ -82,7 +82,8 @@ CREATE TABLE IF NOT EXISTS watch_seen (
 CREATE TABLE IF NOT EXISTS relayed (  -- uploads this site passes on (`net.relay`)
     upload TEXT PRIMARY KEY, source TEXT NOT NULL, next_hop TEXT NOT NULL, dest TEXT NOT NULL,
     via TEXT NOT NULL,               -- JSON list: the relays after the next hop
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    traffic_class TEXT NOT NULL DEFAULT 'sync'
 );
 CREATE TABLE IF NOT EXISTS auth_marks (  -- per sending site: newest timestamp accepted (+1 s)
     site TEXT PRIMARY KEY, ts REAL NOT NULL
@@ -132,6 +133,7 @@ class RelayedUpload:
     dest: str
     via: tuple[str, ...]
     created_at: float
+    traffic_class: str = "sync"  # the job's bulk class: the relay schedules its chunks in it
 
 
 @dataclass(frozen=True)
@@ -331,10 +333,10 @@ class Journal:
     # -- relay: uploads passed on ----------------------------------------------------------
     def add_relayed(self, row: RelayedUpload) -> None:
         self._exec(
-            "INSERT OR REPLACE INTO relayed (upload, source, next_hop, dest, via, created_at) "
-            "VALUES (?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO relayed (upload, source, next_hop, dest, via, created_at, "
+            "traffic_class) VALUES (?,?,?,?,?,?,?)",
             (row.upload, row.source, row.next_hop, row.dest, json.dumps(list(row.via)),
-             row.created_at),
+             row.created_at, row.traffic_class),
         )
 
     def drop_relayed(self, upload: str) -> None:
@@ -345,10 +347,10 @@ class Journal:
         their senders gave up on this route or finished by another)."""
         self._exec("DELETE FROM relayed WHERE created_at < ?", (since,))
         rows = self._exec(
-            "SELECT upload, source, next_hop, dest, via, created_at FROM relayed"
+            "SELECT upload, source, next_hop, dest, via, created_at, traffic_class FROM relayed"
         ).fetchall()
-        return [RelayedUpload(u, s, n, d, tuple(json.loads(v)), float(t))
-                for u, s, n, d, v, t in rows]
+        return [RelayedUpload(u, s, n, d, tuple(json.loads(v)), float(t), c)
+                for u, s, n, d, v, t, c in rows]
 
     def upload(self, upload: str) -> Upload | None:
         row = self._exec(
