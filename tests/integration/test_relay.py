@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +185,65 @@ def _paced_channels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(channels, "_tune", paced)
 
 
+@dataclass
+class _RelayRun:
+    """A and B in this process, R's daemon a process of its own (to kill, stop or restart),
+    and A's job of `n_chunks` on its way to B through R."""
+
+    a: Daemon
+    b: Daemon
+    r_proc: subprocess.Popen[bytes]
+    job_id: str
+    digest: str
+    size: int
+    r_config: Path
+    r_url: str
+
+    def relayed(self) -> float:
+        return self.b.metrics.value("transferd_chunks_received_total", peer="R")
+
+    async def until_relayed(self, n: float) -> None:
+        async def via_r() -> float:
+            return self.relayed()
+
+        await poll_until(via_r, lambda got: got >= n, timeout_s=30, every_s=0.02)
+
+
+@contextlib.asynccontextmanager
+async def _relaying(tmp_path: Path, n_chunks: int, chunk: int, seed: int,
+                    **config: Any) -> AsyncIterator[_RelayRun]:
+    src = tmp_path / "site-A" / "approved" / "m.bin"
+    digest = write_random(src, n_chunks * chunk, seed=seed)
+    socks = {"A": bound_socket(), "B": bound_socket()}
+    ports = {**{s: k.getsockname()[1] for s, k in socks.items()}, "R": free_port()}
+    configs = write_site_configs(
+        tmp_path, ports, chunk_size=chunk, compression="off", streams=2,
+        traffic={"adaptive_streams": False}, R=RELAY, **config,
+    )  # fmt: skip
+    r_url = f"http://127.0.0.1:{ports['R']}"
+    run = None
+    r_proc = start_daemon(configs["R"], tmp_path / "R.log")
+    try:
+        await wait_until_serving(r_url)
+        async with contextlib.AsyncExitStack() as stack:
+            b = await stack.enter_async_context(
+                running_daemon(load_config(configs["B"]), socks["B"])
+            )
+            a = await stack.enter_async_context(
+                running_daemon(load_config(configs["A"]), socks["A"])
+            )
+            [job_id] = a.sender.submit("approved/m.bin", ["B"], via=["R"])
+            run = _RelayRun(a, b, r_proc, job_id, digest, n_chunks * chunk, configs["R"], r_url)
+            yield run
+    finally:
+        r_proc = run.r_proc if run is not None else r_proc
+        if r_proc.poll() is None:
+            r_proc.send_signal(signal.SIGCONT)
+            r_proc.kill()
+        r_proc.wait(timeout=20)
+    assert file_blake3(tmp_path / "site-B" / "approved" / "m.bin") == digest
+
+
 @pytest.mark.parametrize("how", ["killed", "hung"])
 async def test_relay_lost_mid_transfer_falls_back_to_direct_resending_one_chunk_per_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str,
@@ -195,67 +256,39 @@ async def test_relay_lost_mid_transfer_falls_back_to_direct_resending_one_chunk_
     at most the chunk each channel was carrying goes twice."""
     _paced_channels(monkeypatch)
     n_chunks, chunk = 48, 1 << 20
-    src = tmp_path / "site-A" / "approved" / "m.bin"
-    digest = write_random(src, n_chunks * chunk, seed=21)
-    socks = {"A": bound_socket(), "B": bound_socket()}
-    ports = {**{s: k.getsockname()[1] for s, k in socks.items()}, "R": free_port()}
-    configs = write_site_configs(
-        tmp_path, ports, chunk_size=chunk, compression="off", streams=2,
-        traffic={"adaptive_streams": False},
-        R=RELAY,
-    )  # fmt: skip
-    r_proc = start_daemon(configs["R"], tmp_path / "R.log")
-    try:
-        await wait_until_serving(f"http://127.0.0.1:{ports['R']}")
-        async with contextlib.AsyncExitStack() as stack:
-            b = await stack.enter_async_context(
-                running_daemon(load_config(configs["B"]), socks["B"])
-            )
-            a = await stack.enter_async_context(
-                running_daemon(load_config(configs["A"]), socks["A"])
-            )
-            [job_id] = a.sender.submit("approved/m.bin", ["B"], via=["R"])
-
-            async def via_r() -> float:
-                return b.metrics.value("transferd_chunks_received_total", peer="R")
-
-            await poll_until(via_r, lambda n: n >= n_chunks / 3, timeout_s=30, every_s=0.02)
-            # Half a chunk's time later: both of A's channels are mid-chunk.
-            await asyncio.sleep(chunk / PACING_BYTES_PER_S / 2)
-            lost_at = time.monotonic()
-            if how == "killed":
-                r_proc.kill()
-                await asyncio.to_thread(r_proc.wait, 20)
-            else:
-                r_proc.send_signal(signal.SIGSTOP)
-            [job] = await wait_for_jobs(a, [job_id], timeout_s=60)
-            assert job.state == "committed", job.error
-            relayed = b.metrics.value("transferd_chunks_received_total", peer="R")
-            direct = b.metrics.value("transferd_chunks_received_total", peer="A")
-            routes = {rt.route: rt for rt in a.sender.routes.status(job_id)}
-            resent_bytes = job.bytes_on_wire - src.stat().st_size
-            resent = sum(rt.chunks_resent for rt in routes.values())
-            print(f"R {how}: committed {time.monotonic() - lost_at:.1f} s later; via R "
-                  f"{relayed:.0f}, direct {direct:.0f}, re-sent {resent} chunks, on wire beyond "
-                  f"the file {resent_bytes / chunk:.2f} chunks, routes {routes}")
-            assert routes["R>B"].state == "down"
-            assert routes["B"].state == "done"
-            assert relayed + direct >= n_chunks
-            if how == "hung":
-                # Noticed by the route's receipt timeout, not by the channels' stall detection.
-                assert "no receipt for" in (routes["R>B"].error or "")
-            # Sent twice (A's own count): at most the one chunk each of A's 2 channels to R was
-            # carrying (a relayed chunk goes alone on its channel, and R passes its bytes on as
-            # they arrive); B's have/want keeps everything else from going again. The bytes on
-            # the wire agree (plus control bodies).
-            assert resent <= 2
-            assert resent_bytes <= resent * chunk + 256 * 1024
-    finally:
-        if r_proc.poll() is None:
-            r_proc.send_signal(signal.SIGCONT)
-            r_proc.kill()
-        r_proc.wait(timeout=20)
-    assert file_blake3(tmp_path / "site-B" / "approved" / "m.bin") == digest
+    async with _relaying(tmp_path, n_chunks, chunk, seed=21) as run:
+        a, b = run.a, run.b
+        await run.until_relayed(n_chunks / 3)
+        # Half a chunk's time later: both of A's channels are mid-chunk.
+        await asyncio.sleep(chunk / PACING_BYTES_PER_S / 2)
+        lost_at = time.monotonic()
+        if how == "killed":
+            run.r_proc.kill()
+            await asyncio.to_thread(run.r_proc.wait, 20)
+        else:
+            run.r_proc.send_signal(signal.SIGSTOP)
+        [job] = await wait_for_jobs(a, [run.job_id], timeout_s=60)
+        assert job.state == "committed", job.error
+        relayed = run.relayed()
+        direct = b.metrics.value("transferd_chunks_received_total", peer="A")
+        routes = {rt.route: rt for rt in a.sender.routes.status(run.job_id)}
+        resent_bytes = job.bytes_on_wire - run.size
+        resent = sum(rt.chunks_resent for rt in routes.values())
+        print(f"R {how}: committed {time.monotonic() - lost_at:.1f} s later; via R "
+              f"{relayed:.0f}, direct {direct:.0f}, re-sent {resent} chunks, on wire beyond "
+              f"the file {resent_bytes / chunk:.2f} chunks, routes {routes}")
+        assert routes["R>B"].state == "down"
+        assert routes["B"].state == "done"
+        assert relayed + direct >= n_chunks
+        if how == "hung":
+            # Noticed by the route's receipt timeout, not by the channels' stall detection.
+            assert "no receipt for" in (routes["R>B"].error or "")
+        # Sent twice (A's own count): at most the one chunk each of A's 2 channels to R was
+        # carrying (a relayed chunk goes alone on its channel, and R passes its bytes on as
+        # they arrive); B's have/want keeps everything else from going again. The bytes on
+        # the wire agree (plus control bodies).
+        assert resent <= 2
+        assert resent_bytes <= resent * chunk + 256 * 1024
 
 
 async def test_multipath_splits_chunks_over_both_routes(tmp_path: Path) -> None:
@@ -392,47 +425,22 @@ async def test_relay_restarted_mid_transfer_the_job_still_completes(
     and the job failed.)"""
     _paced_channels(monkeypatch)
     n_chunks, chunk = 32, 1 << 20
-    src = tmp_path / "site-A" / "approved" / "m.bin"
-    digest = write_random(src, n_chunks * chunk, seed=61)
-    socks = {"A": bound_socket(), "B": bound_socket()}
-    ports = {**{s: k.getsockname()[1] for s, k in socks.items()}, "R": free_port()}
-    configs = write_site_configs(
-        tmp_path, ports, chunk_size=chunk, compression="off", streams=2,
-        traffic={"adaptive_streams": False}, data_ports={"R": free_port()}, R=RELAY,
-    )  # fmt: skip
-    r_proc = start_daemon(configs["R"], tmp_path / "R.log")
-    try:
-        await wait_until_serving(f"http://127.0.0.1:{ports['R']}")
-        async with contextlib.AsyncExitStack() as stack:
-            b = await stack.enter_async_context(
-                running_daemon(load_config(configs["B"]), socks["B"])
-            )
-            a = await stack.enter_async_context(
-                running_daemon(load_config(configs["A"]), socks["A"])
-            )
-            [job_id] = a.sender.submit("approved/m.bin", ["B"], via=["R"])
-
-            async def via_r() -> float:
-                return b.metrics.value("transferd_chunks_received_total", peer="R")
-
-            await poll_until(via_r, lambda n: n >= n_chunks / 4, timeout_s=30, every_s=0.02)
-            r_proc.kill()
-            await asyncio.to_thread(r_proc.wait, 20)
-            r_proc = start_daemon(configs["R"], tmp_path / "R.log")
-            await wait_until_serving(f"http://127.0.0.1:{ports['R']}")
-            [job] = await wait_for_jobs(a, [job_id], timeout_s=60)
-            routes = {rt.route: rt for rt in a.sender.routes.status(job_id)}
-            print(job.state, job.error, routes)
-            assert job.state == "committed", job.error
-            assert list(routes) == ["R>B"]
-            assert (routes["R>B"].state, routes["R>B"].chunks) == ("done", n_chunks)
-            assert routes["R>B"].chunks_resent <= 2
-            assert b.metrics.value("transferd_chunks_received_total", peer="R") >= n_chunks
-    finally:
-        if r_proc.poll() is None:
-            r_proc.kill()
-        r_proc.wait(timeout=20)
-    assert file_blake3(tmp_path / "site-B" / "approved" / "m.bin") == digest
+    # R's data port fixed: its peers find it where it was after the restart.
+    async with _relaying(tmp_path, n_chunks, chunk, seed=61,
+                         data_ports={"R": free_port()}) as run:
+        await run.until_relayed(n_chunks / 4)
+        run.r_proc.kill()
+        await asyncio.to_thread(run.r_proc.wait, 20)
+        run.r_proc = start_daemon(run.r_config, tmp_path / "R.log")
+        await wait_until_serving(run.r_url)
+        [job] = await wait_for_jobs(run.a, [run.job_id], timeout_s=60)
+        routes = {rt.route: rt for rt in run.a.sender.routes.status(run.job_id)}
+        print(job.state, job.error, routes)
+        assert job.state == "committed", job.error
+        assert list(routes) == ["R>B"]
+        assert (routes["R>B"].state, routes["R>B"].chunks) == ("done", n_chunks)
+        assert routes["R>B"].chunks_resent <= 2
+        assert run.relayed() >= n_chunks
 
 
 async def test_destination_takes_a_sources_uploads_only_through_the_relays_it_names(
