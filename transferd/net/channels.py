@@ -584,6 +584,19 @@ class PeerChannels:
         for item in gone:
             item.finish(error=TransportError("withdrawn: the job ended", peer=self.peer))
 
+    def moved_at(self, item: OutgoingChunk) -> float | None:
+        """When the channel carrying `item` last moved (a receipt, or bytes the peer's TCP
+        acknowledged); None while it is not in flight."""
+        with self.cond:
+            chan = next((c for c in self.channels
+                         if not c.broken and any(i is item for i in c.window)), None)
+            if chan is None:
+                return None
+            acked = tcp_bytes_acked(chan.sock)
+            if acked is not None and acked != chan.acked:
+                chan.acked, chan.moved_at = acked, time.monotonic()
+            return chan.moved_at
+
     def give_up(self, upload: str, error: TransferdError) -> int:
         """End every chunk of `upload` queued or in flight here with `error`, breaking the
         channels that carry one (the peer stopped answering them: a hung relay); their other

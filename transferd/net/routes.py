@@ -8,8 +8,9 @@ the route carried the job, so a route that waited or failed shows what it really
 
 A relay that hangs (stopped, not dead: its sockets stay open and nothing fails) is noticed by
 its receipts: a chunk on a relayed route whose receipt has not come, while the route gave no
-receipt at all, for RECEIPT_SLACK times what the route's measured rate says the chunks in
-flight need (`receipt_timeout`, never below RECEIPT_FLOOR_S) fails the route like a kill.
+receipt at all and the relay's TCP took none of its bytes, for RECEIPT_SLACK times what the
+route's measured rate says the chunks in flight need (`receipt_timeout`, never below
+RECEIPT_FLOOR_S) fails the route like a kill.
 
 Re-sent chunks are counted here, per route, from the sender's own sends: a send of a chunk
 that went on the wire before (on this route or another) without a receipt since.

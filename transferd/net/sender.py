@@ -999,8 +999,11 @@ class _ChunkPump:
         """A relayed chunk whose receipt is overdue while the route gave none at all (its relay
         hangs): every chunk of the job there ends and the route fails (`_RouteDown`)."""
         book, dest = self.sender.routes, self.job.dest
+        # Quiet since: the chunk was queued, its send started, the route's last receipt, or
+        # the relay's TCP last took bytes of it (a slow first chunk is not a hung relay).
         quiet_s = time.monotonic() - max(queued_at, item.sent_at or 0.0,
-                                         book.last_receipt(self.job.id, dest, self.via) or 0.0)
+                                         book.last_receipt(self.job.id, dest, self.via) or 0.0,
+                                         self.channels.moved_at(item) or 0.0)
         limit_s = book.receipt_timeout(dest, self.via, item.wire_length, self.gate.in_flight)
         if quiet_s <= limit_s:
             return
