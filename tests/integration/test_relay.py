@@ -489,3 +489,26 @@ async def test_relay_passes_chunks_on_through_its_own_scheduler_in_the_jobs_clas
                                **{"class": "checkpoint"}) == n_chunks * CHUNK
         assert not r.metrics.value("transferd_class_bytes_acked_total", peer="B",
                                    **{"class": "sync"})
+
+
+async def test_chunks_beyond_the_relays_memory_pass_through_its_spill_files(
+    tmp_path: Path,
+) -> None:
+    """R's memory window holds one 1 MiB chunk: the chunk arriving beside it on A's other
+    channel is received into a spill file and passed on from there. The bytes at B are the
+    source's and R holds nothing afterwards, on disk or in memory."""
+    n_chunks, chunk = 12, 1 << 20
+    digest = write_random(tmp_path / "site-A" / "approved" / "sp.bin", n_chunks * chunk, seed=91)
+    small = {"relay": {**RELAY["relay"], "memory_mib": 1, "spill_mib": 64}}
+    async with loopback_sites(tmp_path, chunk_size=chunk, compression="off", streams=2,
+                              traffic={"adaptive_streams": False}, R=small) as s:
+        a, r = s["A"], s["R"]
+        [job_id] = a.sender.submit("approved/sp.bin", ["B"], via=["R"])
+        [job] = await wait_for_jobs(a, [job_id])
+        assert job.state == "committed", job.error
+        window = r.relay.window
+        assert window.spills > 0
+        assert window.peak_memory <= chunk
+        assert (window.in_memory, window.spilled) == (0, 0)
+    assert file_blake3(tmp_path / "site-B" / "approved" / "sp.bin") == digest
+    assert _held_at(tmp_path / "site-R") == []
