@@ -11,14 +11,17 @@ thread completes the chunk's future when the receipt arrives. A channel that bre
 in-flight chunks back to the queue (another channel, or its replacement, sends them again);
 so does one whose chunks in flight have not moved for `stall_s` (no receipt, nothing acked).
 Each send of a chunk is reported as it starts (`OutgoingChunk.on_wire`: the job's
-bytes_on_wire, re-sends included).
+bytes_on_wire, re-sends included). A chunk marked `alone` (sent through a relay) goes only on a
+channel with nothing else in flight and nothing follows it there before its receipt; a body
+still arriving (`ArrivingBody`, a relay's cut-through) is sent part by part as it comes.
 
 Receiving: `DataListener` accepts, runs the opening (and TLS when configured), then one thread
 per channel reads each header, receives the body into a pooled aligned buffer, and hands it to
 a worker that verifies, stages and books it, and sends the receipt. A frame that fails its MAC
 or its bounds closes the channel and is counted (auth failures, `channels_refused`); a body
 that does not hash to its header is never written (a DAMAGED receipt); nothing a peer sends
-can end the listener or the daemon.
+can end the listener or the daemon. A sink that passes some chunks on as they arrive (a relay:
+`cut_through`) takes those at their header, and receives their bodies itself.
 """
 
 from __future__ import annotations
