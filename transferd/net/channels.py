@@ -136,14 +136,20 @@ def tcp_timeouts(sock: socket.socket) -> int:
     return info[tcpinfo.RETRANSMITS] if info is not None else 0
 
 
-def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
-    """(data segments out, retransmitted, smoothed RTT in us, MSS) of a connection; None where
-    the kernel does not say."""
+def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int, int | None, int | None] | None:
+    """(data segments out, retransmitted, smoothed RTT in us, MSS, busy us, held us) of a
+    connection, where held is the busy time the receive window or the send buffer held it
+    back (None for both on kernels before 4.10); None where the kernel does not say."""
     info = _tcp_info(sock, tcpinfo.DATA_SEGS_OUT + 4)
     if info is None:
         return None
+    busy = held = None
+    if len(info) >= tcpinfo.SNDBUF_LIMITED + 8:
+        busy = tcpinfo.u64(info, tcpinfo.BUSY_TIME)
+        held = (tcpinfo.u64(info, tcpinfo.RWND_LIMITED)
+                + tcpinfo.u64(info, tcpinfo.SNDBUF_LIMITED))
     return (tcpinfo.u32(info, tcpinfo.DATA_SEGS_OUT), tcpinfo.u32(info, tcpinfo.TOTAL_RETRANS),
-            tcpinfo.u32(info, tcpinfo.RTT), tcpinfo.u32(info, tcpinfo.MSS))
+            tcpinfo.u32(info, tcpinfo.RTT), tcpinfo.u32(info, tcpinfo.MSS), busy, held)
 
 
 # A channel whose data has waited this many retransmission timeouts in a row (0.2 + 0.4 + 0.8 s
@@ -338,7 +344,8 @@ class _Channel:
         self.window: ch.ChannelWindow[OutgoingChunk] = ch.ChannelWindow(window)
         self.retiring = False
         self.broken = False
-        self.counted = (0, 0)  # TCP segments out and retransmitted at the last path sample
+        # At the last path sample: TCP segments out, retransmitted, busy and held us, and when.
+        self.counted: tuple[int, int, int, int, float] = (0, 0, 0, 0, time.monotonic())
         # When a chunk last went out or a receipt came in, and the bytes the peer had acked
         # then: a channel with chunks in flight where neither moves for `stall_s` is broken.
         self.moved_at = time.monotonic()
@@ -640,24 +647,38 @@ class PeerChannels:
         """TCP_INFO of the live channels since the last sample: segments sent and resent
         (summed), RTT and MSS (their means); None before any data went out."""
         segs = retrans = 0
+        busy_us = held_us = 0
+        span_s = 0.0
+        chrono = True
         rtts: list[int] = []
         mss: list[int] = []
         with self.cond:
             live = [c for c in self.channels if c.alive]
+        now = time.monotonic()
         for chan in live:
             got = tcp_counters(chan.sock)
             if got is None:
                 continue
-            out, resent, rtt_us, seg = got
-            segs += out - chan.counted[0]
-            retrans += resent - chan.counted[1]
-            chan.counted = (out, resent)
+            out, resent, rtt_us, seg, busy, held = got
+            was = chan.counted
+            segs += out - was[0]
+            retrans += resent - was[1]
+            if busy is None or held is None:
+                chrono = False
+                busy = held = 0
+            busy_us += busy - was[2]
+            held_us += held - was[3]
+            span_s += now - was[4]
+            chan.counted = (out, resent, busy, held, now)
             rtts.append(rtt_us)
             mss.append(seg)
         if segs <= 0 or not rtts:
             return None
         return PathSample(segs_out=segs, retrans=max(0, retrans),
-                          rtt_s=sum(rtts) / len(rtts) / 1e6, mss=int(sum(mss) / len(mss)))
+                          rtt_s=sum(rtts) / len(rtts) / 1e6, mss=int(sum(mss) / len(mss)),
+                          busy_s=busy_us / 1e6 if chrono else None,
+                          held_s=held_us / 1e6 if chrono else None,
+                          span_s=span_s if chrono else None)
 
     def tcp_infos(self) -> list[tuple[object, bytes]]:
         """Each live channel (as an identity) with its raw struct tcp_info: for telemetry."""

@@ -793,10 +793,11 @@ class Sender:
         n = len(view)
         if not policy.pays(policy.probe_ratio(view)):
             return Encoded("identity", view, n)
-        assert policy.level is not None
+        level = policy.compress_level()
+        assert level is not None
         t0 = time.perf_counter()
-        compressed = zstd_compress(view, policy.level)
-        policy.observe_compression(n, time.perf_counter() - t0)
+        compressed = zstd_compress(view, level)
+        policy.observe_compression(n, time.perf_counter() - t0, level)
         if len(compressed) > n * 0.95:
             return Encoded("identity", view, n)
         return Encoded("zstd", compressed, n)
