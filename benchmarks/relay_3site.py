@@ -1,9 +1,10 @@
-"""Scenario relay-3site: three sites in network namespaces, a slow lossy direct link A-B and
-fast links A-R and R-B, and one file moved from A to B by each tool:
+"""The runner of scenarios with a third site (`relay-3site`): a slow lossy direct link A-B and
+fast links A-R, R-B (the scenario's `links`, direct first), and one file moved from A to B by
+each tool:
 
 - transferd-direct: `transferd send` straight over A-B;
 - transferd-relay: `transferd send --via R` (R's daemon relays chunk by chunk);
-- transferd-multipath: a job routed over both paths at once (a plan's `routes` with shares);
+- transferd-multipath: `--via R --multipath`, both paths at once;
 - rsync-direct: rsync daemon at B, client at A, over A-B;
 - rsync-two-hop: rsync A -> R, then R -> B, timed end to end.
 
@@ -11,20 +12,22 @@ Beside them, the planner's prediction for the same topology (netplan's throughpu
 direct path's and the relayed path's transfer time), so the measured speed-up of relaying can be
 set against the one the plan promised. The direct link moves 512 MiB in minutes (rsync over a
 1 % lossy 80 ms link: far longer), so the direct tools are measured over a bounded window of
-steady transfer (`--window-s`) and their time is projected from that rate; the results say
-which numbers are projected. Run (as root, under the bench lock):
+steady transfer (the scenario's `window_s`) and their time is projected from that rate; the
+results say which numbers are projected. `benchmarks.runner.run_scenario` hands such scenarios
+here; run (as root, under the bench lock):
 
-    flock /tmp/netplan-bench.lock python -m benchmarks.relay_3site --size-mib 512
+    flock /tmp/netplan-bench.lock python -m benchmarks run relay-3site
 
 writes benchmarks/results/relay-3site.json and prints the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
+import platform
 import shutil
-import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -36,24 +39,21 @@ from typing import Any
 
 import yaml
 
-from benchmarks.backends import probe_backend
+from benchmarks.backends import BackendChoice, probe_backend
 from benchmarks.datasets import dataset, file_blake3
 from benchmarks.errors import LabError, ToolError
 from benchmarks.lab import Lab, MeshLink, python_env
 from benchmarks.linkspec import LinkSpec
 from benchmarks.measure import run_measured, wait_listening
-from benchmarks.scenario import DataKind
+from benchmarks.runner import _git_commit
+from benchmarks.scenario import Scenario, load_scenario
 
-__all__ = ["FAST", "SLOW", "TOOLS", "ToolResult", "planner_prediction", "run_relay_3site"]
+__all__ = ["SCENARIO", "ToolResult", "planner_prediction", "run_relay_3site",
+           "run_relay_scenario"]
 
 SCENARIO = "relay-3site"
-SLOW = LinkSpec(rate_mbit=20, delay_ms=40, loss_pct=1)  # A-B: 20 Mbit/s, 80 ms RTT, 1 % loss
-FAST = LinkSpec(rate_mbit=1000)  # A-R and R-B
-TOOLS = ("transferd-direct", "transferd-relay", "transferd-multipath", "rsync-direct",
-         "rsync-two-hop")
 PORT = 7801  # every daemon's control port, inside its own namespace
 RSYNC_PORT = 8873
-RESULTS = Path(__file__).resolve().parent / "results" / f"{SCENARIO}.json"
 REL = "approved/bench/data.bin"
 
 
@@ -70,39 +70,56 @@ class ToolResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def planner_prediction(size_mib: int, slow: LinkSpec = SLOW, fast: LinkSpec = FAST
-                       ) -> dict[str, float]:
-    """netplan's predicted transfer times for the direct path and the path through R."""
+@dataclass(frozen=True)
+class _Ends:
+    """The scenario's sites: where the file starts, the relay, where it goes."""
+
+    src: str
+    relay: str
+    dst: str
+
+    @classmethod
+    def of(cls, scenario: Scenario) -> _Ends:
+        return cls(scenario.source_site(), scenario.relay_site(), scenario.dest_site())
+
+
+def planner_prediction(scenario: Scenario, size_mib: int) -> dict[str, float]:
+    """netplan's predicted transfer times for the direct path and the path through the relay,
+    on the scenario's links."""
     from netplan.loader import parse_topology
     from netplan.network import Network
     from netplan.routes import candidates
+
+    ends = _Ends.of(scenario)
 
     def link(a: str, b: str, spec: LinkSpec) -> str:
         return (f"  - {{between: [{a}, {b}], bandwidth_gbps: {(spec.rate_mbit or 10_000) / 1000}, "
                 f"rtt_ms: {spec.rtt_ms}, loss_pct: {spec.loss_pct}}}\n")
 
-    text = textwrap.dedent("""\
-        name: relay-3site
+    text = textwrap.dedent(f"""\
+        name: {scenario.scenario}
         sites:
-          - {id: A, kind: onprem, region: eu}
-          - {id: R, kind: cloud, region: eu}
-          - {id: B, kind: cloud, region: eu}
+          - {{id: {ends.src}, kind: onprem, region: eu}}
+          - {{id: {ends.relay}, kind: cloud, region: eu}}
+          - {{id: {ends.dst}, kind: cloud, region: eu}}
         links:
-        """) + link("A", "B", slow) + link("A", "R", fast) + link("R", "B", fast)
-    network = Network(parse_topology(text, "relay-3site"))
+        """) + "".join(link(*x.between, x.spec) for x in scenario.links)
+    network = Network(parse_topology(text, scenario.scenario))
     size_gb = size_mib * 2**20 / 1e9
-    times = {"->".join(c.path.sites): c.seconds for c in candidates(network, "A", "B", size_gb)}
-    direct, relay = times["A->B"], times["A->R->B"]
+    times = {"->".join(c.path.sites): c.seconds
+             for c in candidates(network, ends.src, ends.dst, size_gb)}
+    direct = times[f"{ends.src}->{ends.dst}"]
+    relay = times[f"{ends.src}->{ends.relay}->{ends.dst}"]
     return {"direct_s": direct, "relay_s": relay, "factor": direct / relay}
 
 
 # ---- the lab ------------------------------------------------------------------------------
 
 
-def _lab(cc: str) -> Lab:
-    return Lab(sites=("A", "R", "B"), link=SLOW, choice=probe_backend(), congestion_control=cc,
-               mesh=(MeshLink("A", "B", SLOW), MeshLink("A", "R", FAST),
-                     MeshLink("R", "B", FAST)))
+def _lab(scenario: Scenario, choice: BackendChoice, cc: str) -> Lab:
+    return Lab(sites=scenario.sites, link=scenario.links[0].spec, choice=choice,
+               congestion_control=cc,
+               mesh=tuple(MeshLink(*x.between, x.spec) for x in scenario.links))
 
 
 def _transferd(*args: str) -> list[str]:
@@ -110,24 +127,27 @@ def _transferd(*args: str) -> list[str]:
 
 
 class _Sites:
-    """Three transferd daemons (fresh data dirs and keys), R relaying A's transfers to B."""
+    """Three transferd daemons (fresh data dirs and keys), the relay passing the source's
+    transfers on to the destination."""
 
-    def __init__(self, lab: Lab, scratch: Path, data: Path, chunk_mib: int = 8,
+    def __init__(self, lab: Lab, ends: _Ends, scratch: Path, data: Path, chunk_mib: int = 8,
                  extra: dict[str, Any] | None = None,
                  caps_mbps: dict[str, float] | None = None) -> None:
-        self.lab, self.scratch = lab, scratch
+        self.lab, self.ends, self.scratch = lab, ends, scratch
+        names = (ends.src, ends.relay, ends.dst)
         keys = scratch / "keys"
-        done = subprocess.run(_transferd("keygen", "--sites", "A,R,B", "--out", str(keys)),
+        done = subprocess.run(_transferd("keygen", "--sites", ",".join(names), "--out",
+                                         str(keys)),
                               capture_output=True, text=True, env=python_env(), timeout=60,
                               check=False)
         if done.returncode != 0:
             raise ToolError("transferd", f"keygen failed: {done.stderr.strip()[-300:]}")
         self.configs: dict[str, Path] = {}
         self.data_dirs: dict[str, Path] = {}
-        for site in ("A", "R", "B"):
+        for site in names:
             peers: dict[str, Any] = {p: {"url": f"http://{lab.addr_on(p, site)}:{PORT}"}
-                                     for p in ("A", "R", "B") if p != site}
-            if site == "A":  # `caps_mbps`: A's rate caps toward its peers (e.g. to slow a run)
+                                     for p in names if p != site}
+            if site == ends.src:  # `caps_mbps`: its rate caps toward its peers (to slow a run)
                 for p, mbps in (caps_mbps or {}).items():
                     peers[p]["rate_caps_mbps"] = {"total": mbps}
             self.data_dirs[site] = scratch / f"site-{site}"
@@ -136,17 +156,17 @@ class _Sites:
                 "keys_dir": str(keys), "peers": peers, "chunk_size": chunk_mib * 2**20,
                 **(extra or {}),
             }  # fmt: skip
-            if site == "R":
-                config["relay"] = {"for_peers": ["A"], "destinations": ["B"]}
+            if site == ends.relay:
+                config["relay"] = {"for_peers": [ends.src], "destinations": [ends.dst]}
             self.configs[site] = scratch / f"site-{site}.yaml"
             self.configs[site].write_text(yaml.safe_dump(config, sort_keys=False))
-        src = self.data_dirs["A"] / REL
+        src = self.data_dirs[ends.src] / REL
         src.parent.mkdir(parents=True)
         src.hardlink_to(data)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, tag: str) -> None:
-        for site in ("B", "R", "A"):
+        for site in (self.ends.dst, self.ends.relay, self.ends.src):
             self.procs[site] = self.lab.spawn(
                 site, _transferd("serve", "--config", str(self.configs[site])),
                 name=f"{tag}-{site}")
@@ -156,18 +176,18 @@ class _Sites:
 
     def send(self, tag: str, *extra: str, wait: bool = True, timeout_s: float = 1800
              ) -> tuple[float, str]:
-        cmd = _transferd("send", REL, "--config", str(self.configs["A"]), "--to", "B", *extra,
-                         "--json", *(["--wait"] if wait else []))
-        got = run_measured(self.lab.in_site("A", cmd), timeout_s=timeout_s, env=python_env(),
-                           log_dir=self.lab.workdir, name=tag)
+        cmd = _transferd("send", REL, "--config", str(self.configs[self.ends.src]), "--to",
+                         self.ends.dst, *extra, "--json", *(["--wait"] if wait else []))
+        got = run_measured(self.lab.in_site(self.ends.src, cmd), timeout_s=timeout_s,
+                           env=python_env(), log_dir=self.lab.workdir, name=tag)
         if got.returncode != 0:
             raise ToolError(tag, f"send exit {got.returncode}: {got.stderr.strip()[-300:]}")
         return got.seconds, got.stdout
 
     def status(self) -> dict[str, Any]:
-        done = subprocess.run(self.lab.in_site("A", _transferd(
-            "status", "--config", str(self.configs["A"]), "--json")), capture_output=True,
-            text=True, env=python_env(), timeout=60, check=False)
+        done = subprocess.run(self.lab.in_site(self.ends.src, _transferd(
+            "status", "--config", str(self.configs[self.ends.src]), "--json")),
+            capture_output=True, text=True, env=python_env(), timeout=60, check=False)
         if done.returncode != 0:
             raise ToolError("transferd", f"status failed: {done.stderr.strip()[-300:]}")
         out: dict[str, Any] = json.loads(done.stdout)
@@ -179,7 +199,7 @@ class _Sites:
         self.procs.clear()
 
     def received(self) -> Path:
-        return self.data_dirs["B"] / REL
+        return self.data_dirs[self.ends.dst] / REL
 
 
 def _link_tx(lab: Lab, site: str, peer: str) -> int:
@@ -212,38 +232,48 @@ def _window_rate(progress: Callable[[], int], window_s: float, warmup_s: float,
 # ---- the tools ----------------------------------------------------------------------------
 
 
-def _transferd_direct(lab: Lab, scratch: Path, data: Path, size: int, window_s: float
-                      ) -> ToolResult:
-    sites = _Sites(lab, scratch, data)
+@dataclass(frozen=True)
+class _Run:
+    """What every tool's run gets: the lab, the sites, the file and its size and hash."""
+
+    lab: Lab
+    ends: _Ends
+    scratch: Path
+    data: Path
+    size: int
+    digest: str
+    window_s: float
+
+
+def _transferd_direct(run: _Run) -> ToolResult:
+    sites = _Sites(run.lab, run.ends, run.scratch, run.data)
     sites.start("transferd-direct")
     try:
-        _, out = sites.send("transferd-direct-send", wait=False)
-        job_id = json.loads(out.strip().splitlines()[-1])["jobs"][0]
-
-        del job_id
-        rate, moved = _window_rate(lambda: _link_tx(lab, "A", "B"), window_s, 5.0, lambda: True)
+        sites.send("transferd-direct-send", wait=False)
+        rate, moved = _window_rate(lambda: _link_tx(run.lab, run.ends.src, run.ends.dst),
+                                   run.window_s, 5.0, lambda: True)
     finally:
         sites.stop()
-    return ToolResult("transferd-direct", True, seconds=size / rate, goodput_mbit=rate * 8 / 1e6,
-                      projected=True, window_s=window_s, window_bytes=moved)
+    return ToolResult("transferd-direct", True, seconds=run.size / rate,
+                      goodput_mbit=rate * 8 / 1e6, projected=True, window_s=run.window_s,
+                      window_bytes=moved)
 
 
-def _transferd_relay(lab: Lab, scratch: Path, data: Path, size: int, digest: str,
-                     multipath: bool = False) -> ToolResult:
+def _transferd_relay(run: _Run, multipath: bool = False) -> ToolResult:
     tool = "transferd-multipath" if multipath else "transferd-relay"
-    sites = _Sites(lab, scratch, data)
+    sites = _Sites(run.lab, run.ends, run.scratch, run.data)
     sites.start(tool)
     try:
-        extra = ("--via", "R") if not multipath else ("--via", "R", "--multipath")
+        extra = ("--via", run.ends.relay) + (("--multipath",) if multipath else ())
         seconds, out = sites.send(f"{tool}-send", *extra)
         report = json.loads(out.strip().splitlines()[-1])
         status = sites.status()
     finally:
         sites.stop()
-    if file_blake3(sites.received()) != digest:
+    if file_blake3(sites.received()) != run.digest:
         raise ToolError(tool, "received file differs from the source (blake3 mismatch)")
     routes = [r for j in status["jobs"] for r in j.get("route_status", [])]
-    return ToolResult(tool, True, seconds=seconds, goodput_mbit=size * 8 / seconds / 1e6,
+    return ToolResult(tool, True, seconds=seconds, goodput_mbit=run.size * 8 / seconds / 1e6,
                       notes={"routes": routes, "bytes_on_wire": report.get("bytes_on_wire")})
 
 
@@ -258,139 +288,158 @@ def _rsync_daemon(lab: Lab, site: str, dest: Path, tag: str) -> subprocess.Popen
     return server
 
 
-def _rsync_direct(lab: Lab, scratch: Path, data: Path, size: int, window_s: float
-                  ) -> ToolResult:
+def _rsync_direct(run: _Run) -> ToolResult:
     if shutil.which("rsync") is None:
         raise ToolError("rsync-direct", "rsync is not installed")
-    dest = scratch / "rsync-B"
-    server = _rsync_daemon(lab, "B", dest, "rsync-direct-daemon")
-    client = lab.spawn("A", ["rsync", "-a", "--inplace", str(data),
-                             f"rsync://{lab.addr_on('B', 'A')}:{RSYNC_PORT}/bench/"],
+    lab, ends = run.lab, run.ends
+    server = _rsync_daemon(lab, ends.dst, run.scratch / "rsync-dst", "rsync-direct-daemon")
+    client = lab.spawn(ends.src, ["rsync", "-a", "--inplace", str(run.data),
+                                  f"rsync://{lab.addr_on(ends.dst, ends.src)}:{RSYNC_PORT}"
+                                  "/bench/"],
                        name="rsync-direct")
     try:
-        rate, moved = _window_rate(lambda: _link_tx(lab, "A", "B"), window_s, 5.0,
-                                   lambda: client.poll() is None)
+        rate, moved = _window_rate(lambda: _link_tx(lab, ends.src, ends.dst), run.window_s,
+                                   5.0, lambda: client.poll() is None)
     finally:
         lab.stop(client)
         lab.stop(server)
-    return ToolResult("rsync-direct", True, seconds=size / rate, goodput_mbit=rate * 8 / 1e6,
-                      projected=True, window_s=window_s, window_bytes=moved)
+    return ToolResult("rsync-direct", True, seconds=run.size / rate,
+                      goodput_mbit=rate * 8 / 1e6, projected=True, window_s=run.window_s,
+                      window_bytes=moved)
 
 
-def _rsync_two_hop(lab: Lab, scratch: Path, data: Path, size: int, digest: str) -> ToolResult:
+def _rsync_two_hop(run: _Run) -> ToolResult:
     if shutil.which("rsync") is None:
         raise ToolError("rsync-two-hop", "rsync is not installed")
-    at_r, at_b = scratch / "rsync-R", scratch / "rsync-B"
-    servers = [_rsync_daemon(lab, "R", at_r, "rsync-two-hop-R"),
-               _rsync_daemon(lab, "B", at_b, "rsync-two-hop-B")]
+    lab, ends = run.lab, run.ends
+    at_r, at_b = run.scratch / "rsync-relay", run.scratch / "rsync-dst"
+    servers = [_rsync_daemon(lab, ends.relay, at_r, "rsync-two-hop-relay"),
+               _rsync_daemon(lab, ends.dst, at_b, "rsync-two-hop-dst")]
     try:
-        first = run_measured(lab.in_site("A", ["rsync", "-a", str(data),
-                                               f"rsync://{lab.addr_on('R', 'A')}:{RSYNC_PORT}"
-                                               "/bench/"]),
-                             timeout_s=1800, log_dir=lab.workdir, name="rsync-two-hop-1")
+        first = run_measured(lab.in_site(ends.src, [
+            "rsync", "-a", str(run.data),
+            f"rsync://{lab.addr_on(ends.relay, ends.src)}:{RSYNC_PORT}/bench/"]),
+            timeout_s=1800, log_dir=lab.workdir, name="rsync-two-hop-1")
         if first.returncode != 0:
-            raise ToolError("rsync-two-hop", f"A -> R exit {first.returncode}")
-        second = run_measured(lab.in_site("R", ["rsync", "-a", str(at_r / data.name),
-                                                f"rsync://{lab.addr_on('B', 'R')}:{RSYNC_PORT}"
-                                                "/bench/"]),
-                              timeout_s=1800, log_dir=lab.workdir, name="rsync-two-hop-2")
+            raise ToolError("rsync-two-hop", f"{ends.src} -> {ends.relay} exit "
+                                             f"{first.returncode}")
+        second = run_measured(lab.in_site(ends.relay, [
+            "rsync", "-a", str(at_r / run.data.name),
+            f"rsync://{lab.addr_on(ends.dst, ends.relay)}:{RSYNC_PORT}/bench/"]),
+            timeout_s=1800, log_dir=lab.workdir, name="rsync-two-hop-2")
         if second.returncode != 0:
-            raise ToolError("rsync-two-hop", f"R -> B exit {second.returncode}")
+            raise ToolError("rsync-two-hop", f"{ends.relay} -> {ends.dst} exit "
+                                             f"{second.returncode}")
     finally:
         for server in servers:
             lab.stop(server)
-    if file_blake3(at_b / data.name) != digest:
+    if file_blake3(at_b / run.data.name) != run.digest:
         raise ToolError("rsync-two-hop", "received file differs from the source")
     seconds = first.seconds + second.seconds
-    return ToolResult("rsync-two-hop", True, seconds=seconds, goodput_mbit=size * 8 / seconds / 1e6,
-                      notes={"a_to_r_s": first.seconds, "r_to_b_s": second.seconds})
+    return ToolResult("rsync-two-hop", True, seconds=seconds,
+                      goodput_mbit=run.size * 8 / seconds / 1e6,
+                      notes={"to_relay_s": first.seconds, "relay_to_dst_s": second.seconds})
+
+
+_TOOLS: dict[str, Callable[[_Run], ToolResult]] = {
+    "transferd-direct": _transferd_direct,
+    "transferd-relay": _transferd_relay,
+    "transferd-multipath": lambda run: _transferd_relay(run, multipath=True),
+    "rsync-direct": _rsync_direct,
+    "rsync-two-hop": _rsync_two_hop,
+}
+
+
+def run_relay_scenario(scenario: Scenario, choice: BackendChoice, *, quick: bool, repeat: int,
+                       command: str, congestion_control: str, log: Any = print
+                       ) -> dict[str, Any]:
+    """`benchmarks.runner.run_scenario` for a scenario with a relay site: the results
+    document in the runner's format (`runs`, `link`: the direct one), plus the planner's
+    prediction and the measured speed-up of the relay. Written as `<scenario>.json` (one
+    congestion control)."""
+    work = scenario.work[0]
+    size_mib = work.quick_size_mib if quick else work.size_mib
+    window_s = scenario.quick_window_s if quick else scenario.window_s
+    direct = scenario.links[0].spec
+    doc: dict[str, Any] = {
+        "scenario": scenario.scenario,
+        "description": scenario.description,
+        "backend": choice.name,
+        "backend_probe": list(choice.reasons),
+        "kernel": platform.release(),
+        "congestion_control": congestion_control,
+        "link": direct.summary(),
+        "links": {"-".join(x.between): x.spec.describe() for x in scenario.links},
+        "queue_limit_pkts": direct.queue_limit_pkts,
+        "measured_rtt_ms": None,
+        "rtt_samples_ms": [],
+        "command": command,
+        "quick": quick,
+        "repeat": repeat,
+        "size_mib": size_mib,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": _git_commit(),
+        "cpus": os.cpu_count(),
+        "runs": [],
+        "error": None,
+    }
+    if len(scenario.ccs) == 1:
+        doc["results_name"] = scenario.scenario  # results/relay-3site.json, as the issue says
+    data = dataset(work.data, size_mib)
+    digest, size = file_blake3(data), data.stat().st_size
+    tag = f"[{scenario.scenario}/{congestion_control}]"
+    runs: list[dict[str, Any]] = []
+    try:
+        with _lab(scenario, choice, congestion_control) as lab:
+            log(f"{tag} lab up: run {lab.run_id}; links {doc['links']}")
+            for attempt in range(repeat):
+                for tool in scenario.tools:
+                    scratch = lab.workdir / f"scratch-{tool}-{attempt}"
+                    scratch.mkdir()
+                    run = _Run(lab, _Ends.of(scenario), scratch, data, size, digest, window_s)
+                    try:
+                        result = _TOOLS[tool](run)
+                    except (ToolError, LabError) as exc:
+                        reason = exc.reason if isinstance(exc, ToolError) else str(exc)
+                        result = ToolResult(tool, False, error=reason)
+                    finally:
+                        shutil.rmtree(scratch, ignore_errors=True)
+                    runs.append({**asdict(result), "data": work.data.value,
+                                 "bytes_logical": size})
+                    log(f"{tag} {tool} #{attempt + 1}: "
+                        + (f"{result.goodput_mbit:.1f} Mbit/s, {result.seconds:.1f} s"
+                           + (" (projected)" if result.projected else "")
+                           if result.ok and result.seconds and result.goodput_mbit
+                           else f"error: {result.error}"))
+    except LabError as exc:
+        doc["error"] = str(exc)
+        log(f"{tag} lab error: {exc}")
+    doc["runs"] = runs
+    prediction = planner_prediction(scenario, size_mib)
+    doc["planner"] = prediction
+    doc["relay_speedup_goal"] = prediction["factor"] / 2
+
+    def median_s(tool: str) -> float | None:
+        got = [r["seconds"] for r in runs if r["tool"] == tool and r["ok"] and r["seconds"]]
+        return statistics.median(got) if got else None
+
+    d, r = median_s("transferd-direct"), median_s("transferd-relay")
+    doc["relay_speedup_measured"] = d / r if d and r else None
+    log(f"{tag} planner: direct {prediction['direct_s']:.1f} s, via {scenario.relay_site()} "
+        f"{prediction['relay_s']:.1f} s, {prediction['factor']:.1f}x; measured "
+        + (f"{doc['relay_speedup_measured']:.1f}x" if doc["relay_speedup_measured"] else "-")
+        + f" (goal >= {doc['relay_speedup_goal']:.1f}x)")
+    return doc
 
 
 def run_relay_3site(size_mib: int, window_s: float, cc: str = "bbr",
-                    tools: tuple[str, ...] = TOOLS) -> dict[str, Any]:
-    data = dataset(DataKind.INCOMPRESSIBLE, size_mib)
-    digest = file_blake3(data)
-    size = data.stat().st_size
-    results: list[ToolResult] = []
-    with _lab(cc) as lab:
-        for tool in tools:
-            scratch = lab.workdir / f"scratch-{tool}"
-            scratch.mkdir()
-            try:
-                if tool == "transferd-direct":
-                    results.append(_transferd_direct(lab, scratch, data, size, window_s))
-                elif tool == "transferd-relay":
-                    results.append(_transferd_relay(lab, scratch, data, size, digest))
-                elif tool == "transferd-multipath":
-                    results.append(_transferd_relay(lab, scratch, data, size, digest, True))
-                elif tool == "rsync-direct":
-                    results.append(_rsync_direct(lab, scratch, data, size, window_s))
-                elif tool == "rsync-two-hop":
-                    results.append(_rsync_two_hop(lab, scratch, data, size, digest))
-            except (ToolError, LabError) as exc:
-                reason = exc.reason if isinstance(exc, ToolError) else str(exc)
-                results.append(ToolResult(tool, False, error=reason))
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-        backend = lab.choice.name
-    by_tool = {r.tool: r for r in results}
-    prediction = planner_prediction(size_mib)
-    measured = None
-    direct, relay = by_tool.get("transferd-direct"), by_tool.get("transferd-relay")
-    if direct and relay and direct.ok and relay.ok and direct.seconds and relay.seconds:
-        measured = direct.seconds / relay.seconds
-    return {
-        "scenario": SCENARIO,
-        "size_mib": size_mib,
-        "congestion_control": cc,
-        "backend": backend,
-        "links": {"A-B": SLOW.describe(), "A-R": FAST.describe(), "R-B": FAST.describe()},
-        "planner": prediction,
-        "relay_speedup_measured": measured,
-        "relay_speedup_goal": prediction["factor"] / 2,
-        "command": " ".join(["python -m benchmarks.relay_3site", "--size-mib", str(size_mib),
-                             "--window-s", f"{window_s:g}", "--cc", cc]),
-        "results": [asdict(r) for r in results],
-    }
-
-
-def table(doc: dict[str, Any]) -> str:
-    lines = [f"relay-3site: {doc['size_mib']} MiB A -> B, {doc['congestion_control']}, "
-             f"links {doc['links']}",
-             f"{'tool':<22}{'seconds':>10}{'Mbit/s':>10}  note"]
-    for r in doc["results"]:
-        if not r["ok"]:
-            lines.append(f"{r['tool']:<22}{'-':>10}{'-':>10}  {r['error']}")
-            continue
-        note = (f"projected: {r['window_bytes'] / 2**20:.1f} MiB on the link in "
-                f"{r['window_s']:g} s"
-                if r["projected"] else "measured end to end")
-        lines.append(f"{r['tool']:<22}{r['seconds']:>10.1f}{r['goodput_mbit']:>10.1f}  {note}")
-    p = doc["planner"]
-    lines.append(f"planner: direct {p['direct_s']:.1f} s, via R {p['relay_s']:.1f} s, "
-                 f"factor {p['factor']:.1f}x; goal >= {doc['relay_speedup_goal']:.1f}x")
-    if doc["relay_speedup_measured"] is not None:
-        lines.append(f"measured relay speed-up over direct: {doc['relay_speedup_measured']:.1f}x")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.relay_3site",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=512)
-    parser.add_argument("--window-s", type=float, default=30.0)
-    parser.add_argument("--cc", default="bbr", choices=("bbr", "cubic"))
-    parser.add_argument("--tools", default=",".join(TOOLS))
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    doc = run_relay_3site(args.size_mib, args.window_s, args.cc,
-                          tuple(t for t in args.tools.split(",") if t))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(table(doc))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+                    tools: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The shipped `relay-3site` scenario at another size, window or set of tools (the tests'
+    way in; the command line's is `python -m benchmarks run relay-3site`)."""
+    base = load_scenario(SCENARIO)
+    work = base.work[0].model_copy(update={"size_mib": size_mib})
+    scenario = base.model_copy(update={"work": (work,), "window_s": window_s,
+                                       "tools": tools or base.tools})
+    return run_relay_scenario(scenario, probe_backend(), quick=False, repeat=1,
+                              command=f"run_relay_3site({size_mib}, {window_s:g}, {cc!r})",
+                              congestion_control=cc)

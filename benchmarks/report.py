@@ -25,8 +25,10 @@ PLOTS_NEED = "plots need matplotlib: pip install -e '.[bench]'"
 
 
 def results_name(doc: dict[str, Any]) -> str:
-    """`<scenario>.<congestion control>`: one results file per scenario and algorithm."""
-    return f"{doc['scenario']}.{doc.get('congestion_control') or 'default'}"
+    """`<scenario>.<congestion control>`: one results file per scenario and algorithm (or
+    the name the document gives itself: `relay-3site`, which runs one algorithm)."""
+    named: str | None = doc.get("results_name")
+    return named or f"{doc['scenario']}.{doc.get('congestion_control') or 'default'}"
 
 
 def write_results(doc: dict[str, Any], output: Path) -> Path:

@@ -43,6 +43,11 @@ def run_scenario(scenario: Scenario, choice: BackendChoice, *, quick: bool, repe
                  command: str, congestion_control: str, log: Any = print) -> dict[str, Any]:
     """One run of `scenario` with the namespaces' default congestion control set to
     `congestion_control` (the results document records it)."""
+    if scenario.relayed:  # a third site between the ends: its own tools (`relay_3site`)
+        from benchmarks.relay_3site import run_relay_scenario
+
+        return run_relay_scenario(scenario, choice, quick=quick, repeat=repeat, command=command,
+                                  congestion_control=congestion_control, log=log)
     link = scenario.link
     doc: dict[str, Any] = {
         "scenario": scenario.scenario,

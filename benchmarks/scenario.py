@@ -15,7 +15,8 @@ from benchmarks.errors import ScenarioError
 from benchmarks.linkspec import LinkSpec, parse_link_spec
 from netplan.yamlpos import YamlSyntaxError, field_issues, parse
 
-__all__ = ["DataKind", "Scenario", "WorkKind", "load_scenario", "scenario_path", "SCENARIO_DIR"]
+__all__ = ["DataKind", "RELAY_TOOLS", "Scenario", "WorkKind", "load_scenario", "scenario_path",
+           "SCENARIO_DIR"]
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
@@ -31,6 +32,14 @@ TOOLS = (
     "rclone",
     "disk-direct",  # the receiving disk's write ceiling (dd oflag=direct), not a network tool
     "disk-buffered",  # the same through the page cache
+)
+# Tools of a scenario with a third site between the two ends (several links: `relay_3site`).
+RELAY_TOOLS = (
+    "transferd-direct",  # `transferd send` over the direct link (links[0])
+    "transferd-relay",  # `transferd send --via R`
+    "transferd-multipath",  # `--via R --multipath`: both paths at once
+    "rsync-direct",
+    "rsync-two-hop",  # rsync to the relay site, then on to the destination, timed end to end
 )
 
 
@@ -91,15 +100,33 @@ class Scenario(BaseModel):
     quick_iperf3_seconds: float = Field(default=4, gt=0)
     flap: LinkFlap | None = None
     peak_rss: bool = False  # record each transferd daemon's peak RSS
+    # With several links: a tool too slow to finish on the direct link is timed over this
+    # window of steady transfer and its time projected from that rate (the results say so).
+    window_s: float = Field(default=30, gt=0)
+    quick_window_s: float = Field(default=8, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
         if len(set(self.sites)) != len(self.sites):
             raise ValueError("sites: each site must be named once")
+        known = RELAY_TOOLS if self.relayed else TOOLS
         for tool in self.tools:
-            if tool not in TOOLS:
-                raise ValueError(f"tools: unknown tool {tool!r} (known: {', '.join(TOOLS)})")
-        if self.loopback:
+            if tool not in known:
+                raise ValueError(f"tools: unknown tool {tool!r} (known"
+                                 f"{' with several links' if self.relayed else ''}: "
+                                 f"{', '.join(known)})")
+        if self.relayed:
+            if len(self.sites) != 3 or len(self.links) != 3:
+                raise ValueError("links: a scenario with several links joins 3 sites pairwise: "
+                                 "source-destination first, then through the relay")
+            for i, link in enumerate(self.links):
+                if not set(link.between) <= set(self.sites) or len(set(link.between)) != 2:
+                    raise ValueError(f"links[{i}].between: two different sites of `sites`")
+            if len({frozenset(link.between) for link in self.links}) != 3:
+                raise ValueError("links: each pair of sites is joined once")
+            if self.flap:
+                raise ValueError("flap: not supported with several links")
+        elif self.loopback:
             if self.links:
                 raise ValueError("links: a loopback scenario has no links")
             if self.flap:
@@ -110,6 +137,14 @@ class Scenario(BaseModel):
             if set(self.links[0].between) != set(self.sites):
                 raise ValueError("links[0].between: must name both sites")
         return self
+
+    @property
+    def relayed(self) -> bool:
+        """Several links: the ends joined directly and through a third site."""
+        return len(self.links) > 1
+
+    def relay_site(self) -> str:
+        return next(s for s in self.sites if s not in self.links[0].between)
 
     @property
     def ccs(self) -> tuple[str, ...]:

@@ -563,12 +563,13 @@ def status(config_path: str, as_json: bool) -> None:
             (j.error or _describe_wait(j) or "")[:100],
         )
     console.print(jobs)
-    routes = Table("job", "route", "state", "chunks", "bytes", "MB/s")
+    routes = Table("job", "route", "state", "chunks", "bytes", "MB/s", "re-sent")
     for j in state.jobs:
         for r in j.route_status:
             rate = r.rate_bytes_per_s
-            routes.add_row(j.id[:8], r.route, r.state, str(r.chunks), _size(r.bytes),
-                           f"{rate / 1e6:.1f}" if rate else "-")
+            shown = f"{r.state}: {r.error[:80]}" if r.error else r.state
+            routes.add_row(j.id[:8], r.route, shown, str(r.chunks), _size(r.bytes),
+                           f"{rate / 1e6:.1f}" if rate else "-", str(r.chunks_resent))
     if routes.row_count:
         console.print(routes)
 

@@ -131,7 +131,12 @@ class RelaySettings(FrozenModel):
     chunk is passed on as it arrives from a memory window of `memory_mib`; while the next hop is
     slower than the previous one chunks beyond it wait on disk (`spill_dir`, at most
     `spill_mib`; 0: never), and beyond both the relay stops reading (TCP pushes back on the
-    sender). Nothing is kept once the destination has a chunk."""
+    sender). Nothing is kept once the destination has a chunk.
+
+    As a destination, `accept_via` names the relays each source's uploads may come through
+    (`{A: [R]}`: A's uploads directly or through R, no other source's through anyone); absent,
+    any peer may pass any peer's uploads on (the manifest its source signed still decides what
+    is committed)."""
 
     for_peers: list[SiteId] = Field(default_factory=list)
     destinations: list[SiteId] = Field(default_factory=list)
@@ -141,6 +146,7 @@ class RelaySettings(FrozenModel):
     # A chunk the next hop has not answered for this long is answered "unreachable" to the
     # sender, which takes another route (a relay never holds a sender's chunk in silence).
     forward_timeout_s: Annotated[float, Field(gt=0)] = 20.0
+    accept_via: dict[SiteId, list[SiteId]] | None = None
 
 
 class CheckpointSettings(FrozenModel):
@@ -250,6 +256,10 @@ class SiteConfig(FrozenModel):
             for other in sites:
                 if other not in self.peers:
                     raise ValueError(f"relay.{name}: {other!r} is not one of peers")
+        for source, relays in (self.relay.accept_via or {}).items():
+            for other in (source, *relays):
+                if other not in self.peers:
+                    raise ValueError(f"relay.accept_via.{source}: {other!r} is not one of peers")
         if self.state_dir is None and not self.data_dir_is_local:
             raise ValueError("state_dir: required when data_dir is not a local path")
         return self

@@ -162,6 +162,7 @@ class Daemon:
             run_retention=plan.incoming_retention if plan is not None else None,
             region=self.region,
             relays=config.peers,
+            accept_via=config.relay.accept_via,
         )
         # Workers verify and stage received bodies while the channel threads receive the next.
         self.inbound = InboundUploads(
@@ -241,6 +242,8 @@ class Daemon:
             traffic=self.traffic,
             data_address=self.sender.data_address,
             metrics=self.metrics,
+            journal=self.journal,
+            clock=clock,
         )
         self.routing = RoutingInbound(self.inbound, self.relay, config.site)
         self.listener = DataListener(

@@ -78,3 +78,24 @@ def test_every_shipped_scenario_loads_and_is_named_after_its_file() -> None:
     assert lossy.link is not None
     assert (lossy.link.rtt_ms, lossy.link.loss_pct) == (40, 2)
     assert load_scenario("loopback").link is None
+
+
+def test_a_scenario_with_a_relay_site_joins_three_sites_and_runs_relay_tools() -> None:
+    relay = load_scenario("relay-3site")
+    assert relay.relayed
+    assert (relay.source_site(), relay.relay_site(), relay.dest_site()) == ("A", "R", "B")
+    assert relay.link is not None
+    assert (relay.link.rate_mbit, relay.link.rtt_ms, relay.link.loss_pct) == (20, 80, 1)
+    head = "scenario: x\nsites: [A, R, B]\nwork:\n  - {size_mib: 1}\n"
+    links = ("links:\n  - {between: [A, B], rate_mbit: 20}\n  - {between: [A, R]}\n"
+             "  - {between: [R, B]}\n")
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(head + links + "tools: [transferd]\n")
+    assert "unknown tool 'transferd' (known with several links: transferd-direct" in str(err.value)
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(head + links.replace("[R, B]", "[A, R]") + "tools: [transferd-relay]\n")
+    assert "each pair of sites is joined once" in str(err.value)
+    two = "scenario: x\nsites: [A, B]\nwork:\n  - {size_mib: 1}\nlinks:\n  - {between: [A, B]}\n"
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(two + "tools: [transferd-relay]\n")
+    assert "unknown tool 'transferd-relay'" in str(err.value)

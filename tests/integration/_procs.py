@@ -20,10 +20,10 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(config: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     with log.open("ab") as stderr:
         return subprocess.Popen(
-            [sys.executable, "-m", "transferd", "serve", "--config", str(config)],
+            [sys.executable, "-m", "transferd", "serve", "--config", str(config), *extra],
             env=env(),
             stdout=subprocess.DEVNULL,
             stderr=stderr,

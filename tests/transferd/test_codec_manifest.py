@@ -127,3 +127,26 @@ def test_incompressible_data_is_probed_only_now_and_then() -> None:
     assert probed <= 4 + 100 // 16 + 1  # four in a row, then one chunk in sixteen
     policy.pays(policy.probe_ratio(ZEROS))  # the data changed: back to probing every chunk
     assert all(policy.should_try() for _ in range(10))
+
+
+def test_auto_picks_a_higher_level_only_where_the_link_is_far_slower_than_the_compressor() -> None:
+    policy = CompressionPolicy.from_setting("auto", workers=2)
+    assert policy.compress_level() == 1  # nothing measured yet
+    policy.probe_ratio(ZEROS[: 1 << 17] + RANDOM[: 1 << 17])  # a sample that packs to ~0.5
+    policy.observe_compression(250_000_000, 1.0, 1)  # level 1: 250 MB/s per worker
+    policy.observe_link(6_000_000, 1.0)  # a 50 Mbit/s edge link, by one receipt
+    assert policy.compress_level() == 1  # one receipt, in TCP's ramp, may under-rate a link
+    policy.observe_link(6_000_000, 1.0)
+    policy.observe_link(6_000_000, 1.0)
+    assert policy.compress_level() == 6  # 2 x 50 MB/s at level 6 >= 3 x 12 MB/s of raw bytes
+    # Level 6 ran at a third of what the table says: the estimate falls and the level with it.
+    for _ in range(20):
+        policy.observe_compression(17_000_000, 1.0, 6)
+    assert policy.compress_level() == 3
+    wan = CompressionPolicy.from_setting("auto", workers=2)
+    wan.probe_ratio(ZEROS[: 1 << 17] + RANDOM[: 1 << 17])
+    wan.observe_compression(250_000_000, 1.0, 1)
+    for _ in range(3):
+        wan.observe_link(117_000_000, 1.0)  # 1 Gbit/s: level 1 is all the compressor affords
+    assert wan.compress_level() == 1
+    assert CompressionPolicy.from_setting(9, workers=2).compress_level() == 9  # as configured

@@ -104,3 +104,39 @@ def test_dealer_waits_for_a_full_fast_route_and_skips_failed_routes() -> None:
     d.fail(1, "direct link down")
     assert {d.pick(8) for _ in range(3)} == {0}
     assert [s.state for s in d.book.status("j1")] == ["active", "down"]
+
+
+def test_a_chunk_sent_again_without_a_receipt_counts_as_resent_on_the_route_that_sends_it(
+) -> None:
+    now = [0.0]
+    book = RouteBook(clock=lambda: now[0])
+    book.started("j", "B", ("R",))
+    book.on_wire("j", "B", ("R",), "c1")
+    book.on_wire("j", "B", ("R",), "c2")
+    book.acked("j", "B", ("R",), 100, "c1")
+    book.failed("j", "B", ("R",), "relay R: connection refused")  # c2 was half-way
+    book.started("j", "B", ())
+    book.on_wire("j", "B", (), "c2")  # what R had: sent again, directly
+    book.on_wire("j", "B", (), "c3")
+    book.on_wire("j", "B", (), "c3")  # its channel broke under it: sent again
+    by_route = {s.route: s for s in book.status("j")}
+    assert (by_route["R>B"].chunks_resent, by_route["R>B"].state) == (0, "down")
+    assert by_route["R>B"].error == "relay R: connection refused"
+    assert by_route["B"].chunks_resent == 2
+
+
+def test_a_relayed_receipt_may_take_what_the_routes_measured_rate_allows() -> None:
+    now = [0.0]
+    book = RouteBook(clock=lambda: now[0])
+    mib = 1 << 20
+    assert book.receipt_timeout("B", ("R",), 8 * mib, 2) == 10.0  # no rate yet
+    book.started("j", "B", ("R",))
+    now[0] = 1.0
+    book.acked("j", "B", ("R",), 10 * mib, "c")  # 10 MiB/s
+    assert book.last_receipt("j", "B", ("R",)) == 1.0
+    # 4x what 2 chunks of 8 MiB need at 10 MiB/s; a fast route is held to the 3 s floor.
+    assert book.receipt_timeout("B", ("R",), 8 * mib, 2) == pytest.approx(6.4)
+    assert book.receipt_timeout("B", ("R",), mib // 4, 1) == 3.0
+    # The rate is the route's, kept for the next job on it.
+    assert book.receipt_timeout("B", ("R",), 8 * mib, 1) == pytest.approx(3.2)
+    assert book.receipt_timeout("B", ("S",), 8 * mib, 1) == 10.0

@@ -63,6 +63,10 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
             ("keys_dir: ./keys", "keys_dir: ./keys\ncheckpoints: {targets: [C]}"),
             "'C' is not one of peers",
         ),
+        (
+            ("keys_dir: ./keys", "keys_dir: ./keys\nrelay: {accept_via: {B: [C]}}"),
+            "relay.accept_via.B: 'C' is not one of peers",
+        ),
         (("site: A\n", ""), "site: required field is missing"),
         (
             ("http://127.0.0.1:7702}", "http://127.0.0.1:7702, congestion_control: vegas}"),

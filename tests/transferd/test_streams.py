@@ -296,3 +296,26 @@ def test_without_loss_the_controller_still_probes_for_what_else_holds_a_stream_b
     assert ctl.loss_limited(GBIT) is None
     _run(ctl, link, 0.0, 20.0)
     assert any(c.reason.startswith("probing") for c in ctl.changes)
+
+
+def test_without_loss_streams_the_path_paces_hold_and_window_held_ones_still_probe() -> None:
+    # TCP_INFO's busy and window-limited times: streams with data in flight all the window and
+    # never held by the receive window or the send buffer are paced by the path (bbr on a full
+    # clean link): another stream would only compete, so the count holds.
+    link = FluidLink(loss=1e-9)
+    paced = StreamController(0.0, initial_streams=2, max_streams=32)
+    paced.on_path(PathSample(segs_out=100_000, retrans=0, rtt_s=0.01, mss=1448,
+                             busy_s=1.98, held_s=0.0, span_s=2.0))
+    assert paced.loss_limited(GBIT) is False
+    _run(paced, link, 0.0, 20.0)
+    assert paced.target_streams == 2
+    assert not paced.changes
+    # The same streams held back by the receiver's window for a third of their time (a slow
+    # disk at the receiver), or idle half the window: what holds them back is not the path.
+    for busy, held in ((1.98, 0.66), (1.0, 0.0)):
+        held_back = StreamController(0.0, initial_streams=2, max_streams=32)
+        held_back.on_path(PathSample(segs_out=100_000, retrans=0, rtt_s=0.01, mss=1448,
+                                     busy_s=busy, held_s=held, span_s=2.0))
+        assert held_back.loss_limited(GBIT) is None
+        _run(held_back, link, 0.0, 20.0)
+        assert any(c.reason.startswith("probing") for c in held_back.changes)

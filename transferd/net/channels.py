@@ -11,14 +11,17 @@ thread completes the chunk's future when the receipt arrives. A channel that bre
 in-flight chunks back to the queue (another channel, or its replacement, sends them again);
 so does one whose chunks in flight have not moved for `stall_s` (no receipt, nothing acked).
 Each send of a chunk is reported as it starts (`OutgoingChunk.on_wire`: the job's
-bytes_on_wire, re-sends included).
+bytes_on_wire, re-sends included). A chunk marked `alone` (sent through a relay) goes only on a
+channel with nothing else in flight and nothing follows it there before its receipt; a body
+still arriving (`ArrivingBody`, a relay's cut-through) is sent part by part as it comes.
 
 Receiving: `DataListener` accepts, runs the opening (and TLS when configured), then one thread
 per channel reads each header, receives the body into a pooled aligned buffer, and hands it to
 a worker that verifies, stages and books it, and sends the receipt. A frame that fails its MAC
 or its bounds closes the channel and is counted (auth failures, `channels_refused`); a body
 that does not hash to its header is never written (a DAMAGED receipt); nothing a peer sends
-can end the listener or the daemon.
+can end the listener or the daemon. A sink that passes some chunks on as they arrive (a relay:
+`cut_through`) takes those at their header, and receives their bodies itself.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -61,9 +65,11 @@ from transferd.site.metrics import Metrics
 from transferd.site.threads import lower_thread_priority
 
 __all__ = [
+    "ArrivingBody",
     "ChunkSink",
     "DataListener",
     "OutgoingChunk",
+    "PassingChunk",
     "PeerChannels",
     "set_congestion",
 ]
@@ -130,14 +136,20 @@ def tcp_timeouts(sock: socket.socket) -> int:
     return info[tcpinfo.RETRANSMITS] if info is not None else 0
 
 
-def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int] | None:
-    """(data segments out, retransmitted, smoothed RTT in us, MSS) of a connection; None where
-    the kernel does not say."""
+def tcp_counters(sock: socket.socket) -> tuple[int, int, int, int, int | None, int | None] | None:
+    """(data segments out, retransmitted, smoothed RTT in us, MSS, busy us, held us) of a
+    connection, where held is the busy time the receive window or the send buffer held it
+    back (None for both on kernels before 4.10); None where the kernel does not say."""
     info = _tcp_info(sock, tcpinfo.DATA_SEGS_OUT + 4)
     if info is None:
         return None
+    busy = held = None
+    if len(info) >= tcpinfo.SNDBUF_LIMITED + 8:
+        busy = tcpinfo.u64(info, tcpinfo.BUSY_TIME)
+        held = (tcpinfo.u64(info, tcpinfo.RWND_LIMITED)
+                + tcpinfo.u64(info, tcpinfo.SNDBUF_LIMITED))
     return (tcpinfo.u32(info, tcpinfo.DATA_SEGS_OUT), tcpinfo.u32(info, tcpinfo.TOTAL_RETRANS),
-            tcpinfo.u32(info, tcpinfo.RTT), tcpinfo.u32(info, tcpinfo.MSS))
+            tcpinfo.u32(info, tcpinfo.RTT), tcpinfo.u32(info, tcpinfo.MSS), busy, held)
 
 
 # A channel whose data has waited this many retransmission timeouts in a row (0.2 + 0.4 + 0.8 s
@@ -241,6 +253,41 @@ def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
 # ---- sending ------------------------------------------------------------------------------------
 
 
+class ArrivingBody:
+    """A chunk body that is sent while it arrives (a relay's cut-through, `net.relay`): the
+    receiving thread fills `view` and calls `grow`; a sender thread sends each part as soon as
+    it is there (`wait`). `fail` ends it early: the send stops mid-frame, and that channel goes
+    (the next hop can only discard a frame it never gets whole)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.filled = 0
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def grow(self, n: int) -> None:
+        with self._cond:
+            self.filled += n
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self.error = error
+            self._cond.notify_all()
+
+    def wait(self, past: int) -> int:
+        """How many bytes are there, once more than `past` are (or all of them are)."""
+        with self._cond:
+            while self.filled <= past and self.filled < len(self.view) and self.error is None:
+                self._cond.wait()
+            if self.error is not None:
+                raise ConnectionError(f"the chunk's upstream failed: {self.error}")
+            return self.filled
+
+
 @dataclass
 class OutgoingChunk:
     """One chunk to send to a peer: header fields and where its body comes from (`fd` and
@@ -253,7 +300,7 @@ class OutgoingChunk:
     raw_length: int
     encoding: Encoding
     body_blake3: str
-    body: bytes | memoryview | None = None
+    body: bytes | memoryview | ArrivingBody | None = None
     fd: int | None = None
     offset: int = 0
     done: concurrent.futures.Future[ch.Receipt] = field(
@@ -262,6 +309,11 @@ class OutgoingChunk:
     sends: int = 0  # times it went on the wire (more than one: a channel broke under it)
     # Hears, on the sender thread, of every send as it starts: (body bytes, a send again?).
     on_wire: Callable[[int, bool], None] | None = None
+    # Goes out only on a channel with nothing else in flight, and nothing follows it there
+    # until its receipt: a chunk sent through a relay, so that a relay lost mid-transfer costs
+    # at most one chunk per channel (`net.relay`; every other chunk there is at the destination).
+    alone: bool = False
+    sent_at: float | None = None  # when its latest send started (monotonic)
 
     @property
     def wire_length(self) -> int:
@@ -292,7 +344,8 @@ class _Channel:
         self.window: ch.ChannelWindow[OutgoingChunk] = ch.ChannelWindow(window)
         self.retiring = False
         self.broken = False
-        self.counted = (0, 0)  # TCP segments out and retransmitted at the last path sample
+        # At the last path sample: TCP segments out, retransmitted, busy and held us, and when.
+        self.counted: tuple[int, int, int, int, float] = (0, 0, 0, 0, time.monotonic())
         # When a chunk last went out or a receipt came in, and the bytes the peer had acked
         # then: a channel with chunks in flight where neither moves for `stall_s` is broken.
         self.moved_at = time.monotonic()
@@ -319,13 +372,16 @@ class _Channel:
                         if not len(self.window):
                             self._close()  # the receipt thread sees the end and stops
                             return
-                    elif self.window.has_room() and owner.queue:
+                    elif owner.queue and owner.queue[0].done.done():
+                        owner.queue.popleft()  # given up on while it waited (a dead relay)
+                        continue
+                    elif owner.queue and self._has_room(owner.queue[0]):
                         break
                     owner.cond.wait()
                 item = owner.queue.popleft()
                 seq = self.window.sent(item)
                 item.sends += 1
-                self.moved_at = time.monotonic()
+                self.moved_at = item.sent_at = time.monotonic()
             if item.on_wire is not None:
                 # Before the first byte: a send cut short, or a sender killed, still counts.
                 item.on_wire(item.wire_length, item.sends > 1)
@@ -336,6 +392,12 @@ class _Channel:
                 return
             owner.metrics.bytes_sent.labels(owner.peer).inc(item.wire_length)
 
+    def _has_room(self, item: OutgoingChunk) -> bool:
+        if not len(self.window):
+            return True
+        return self.window.has_room() and not item.alone and not any(
+            i.alone for i in self.window)
+
     def _write(self, seq: int, item: OutgoingChunk) -> None:
         head = ch.ChunkHead(
             seq=seq, upload=item.upload, digest=bytes.fromhex(item.digest),
@@ -345,7 +407,13 @@ class _Channel:
         # MSG_MORE: the header waits for the body's first bytes instead of leaving as a
         # packet of its own (the sockets run with TCP_NODELAY for the receipts).
         self.sock.sendall(ch.encode_chunk_head(self.session, head), 0 if self.tls else MSG_MORE)
-        if item.body is not None:
+        if isinstance(item.body, ArrivingBody):
+            sent = 0
+            while sent < len(item.body):
+                filled = item.body.wait(sent)
+                self.sock.sendall(item.body.view[sent:filled])
+                sent = filled
+        elif item.body is not None:
             self.sock.sendall(item.body)
         elif self.tls:
             # TLS encrypts in user space anyway: send from a mapping of the file.
@@ -389,7 +457,8 @@ class _Channel:
             if self.broken:
                 return
             self.broken = True
-            again = self.window.drain()
+            # Those given up on (`PeerChannels.give_up`, an upstream that failed) stay ended.
+            again = [i for i in self.window.drain() if not i.done.done()]
             for item in reversed(again):
                 owner.queue.appendleft(item)  # first in line for the next channel
             owner.cond.notify_all()
@@ -525,6 +594,36 @@ class PeerChannels:
         for item in gone:
             item.finish(error=TransportError("withdrawn: the job ended", peer=self.peer))
 
+    def moved_at(self, item: OutgoingChunk) -> float | None:
+        """When the channel carrying `item` last moved (a receipt, or bytes the peer's TCP
+        acknowledged); None while it is not in flight."""
+        with self.cond:
+            chan = next((c for c in self.channels
+                         if not c.broken and any(i is item for i in c.window)), None)
+            if chan is None:
+                return None
+            acked = tcp_bytes_acked(chan.sock)
+            if acked is not None and acked != chan.acked:
+                chan.acked, chan.moved_at = acked, time.monotonic()
+            return chan.moved_at
+
+    def give_up(self, upload: str, error: TransferdError) -> int:
+        """End every chunk of `upload` queued or in flight here with `error`, breaking the
+        channels that carry one (the peer stopped answering them: a hung relay); their other
+        chunks go to the queue again. Returns how many chunks were in flight."""
+        with self.cond:
+            carrying = [c for c in self.channels
+                        if not c.broken and any(i.upload == upload for i in c.window)]
+            flying = [i for c in carrying for i in c.window if i.upload == upload]
+        for chan in carrying:  # first: a send under way stops before its chunk is ended
+            with contextlib.suppress(OSError):  # reset: the peer may never read a FIN
+                chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            chan._break(error)
+        for item in flying:
+            item.finish(error=error)
+        self.withdraw(upload)
+        return len(flying)
+
     def close(self) -> None:
         self._stop.set()
         if self._watcher is not None:
@@ -548,24 +647,38 @@ class PeerChannels:
         """TCP_INFO of the live channels since the last sample: segments sent and resent
         (summed), RTT and MSS (their means); None before any data went out."""
         segs = retrans = 0
+        busy_us = held_us = 0
+        span_s = 0.0
+        chrono = True
         rtts: list[int] = []
         mss: list[int] = []
         with self.cond:
             live = [c for c in self.channels if c.alive]
+        now = time.monotonic()
         for chan in live:
             got = tcp_counters(chan.sock)
             if got is None:
                 continue
-            out, resent, rtt_us, seg = got
-            segs += out - chan.counted[0]
-            retrans += resent - chan.counted[1]
-            chan.counted = (out, resent)
+            out, resent, rtt_us, seg, busy, held = got
+            was = chan.counted
+            segs += out - was[0]
+            retrans += resent - was[1]
+            if busy is None or held is None:
+                chrono = False
+                busy = held = 0
+            busy_us += busy - was[2]
+            held_us += held - was[3]
+            span_s += now - was[4]
+            chan.counted = (out, resent, busy, held, now)
             rtts.append(rtt_us)
             mss.append(seg)
         if segs <= 0 or not rtts:
             return None
         return PathSample(segs_out=segs, retrans=max(0, retrans),
-                          rtt_s=sum(rtts) / len(rtts) / 1e6, mss=int(sum(mss) / len(mss)))
+                          rtt_s=sum(rtts) / len(rtts) / 1e6, mss=int(sum(mss) / len(mss)),
+                          busy_s=busy_us / 1e6 if chrono else None,
+                          held_s=held_us / 1e6 if chrono else None,
+                          span_s=span_s if chrono else None)
 
     def tcp_infos(self) -> list[tuple[object, bytes]]:
         """Each live channel (as an identity) with its raw struct tcp_info: for telemetry."""
@@ -678,6 +791,15 @@ class ChunkSink(Protocol):
     async def chunk_landed(self, head: ch.ChunkHead, peer: str, targets: Any) -> None: ...
 
 
+class PassingChunk(Protocol):
+    """A chunk a sink passes on as it arrives (`cut_through`): `receive` takes its body off
+    the channel (in the channel's thread), `answer_later` sends the receipt when it is known."""
+
+    def receive(self, sock: socket.socket) -> None: ...
+
+    def answer_later(self, answer: Callable[[ch.ReceiptStatus, str], None]) -> None: ...
+
+
 class DataListener:
     """Accepts data channels from peers on its own port (`data_listen`; the peers learn it over
     the control plane) and receives their chunks in threads."""
@@ -713,6 +835,9 @@ class DataListener:
         self._lock = threading.Lock()
         self._closing = False
         self._accepter: threading.Thread | None = None
+        # A sink that passes some chunks on as they arrive (a relay) says so per chunk header.
+        self._cut_through: Callable[[ch.ChunkHead, str], PassingChunk | None] | None = getattr(
+            sink, "cut_through", None)
 
     def start(self, host: str, port: int, loop: asyncio.AbstractEventLoop) -> int:
         self._loop = loop
@@ -813,6 +938,12 @@ class DataListener:
             partial, rest_len = ch.decode_chunk_head(bytes(fixed))
             head = ch.finish_chunk_head(session, partial, _read(sock, rest_len))
             seqs.check(head.seq)
+            passing = self._cut_through(head, peer) if self._cut_through is not None else None
+            if passing is not None:
+                # A relayed chunk: its bytes go on to the next hop as they arrive (`net.relay`).
+                passing.receive(sock)
+                self.workers.submit(self._passed, sock, send_lock, session, peer, head, passing)
+                continue
             pooled = head.body_length <= self.buffers.buffer_bytes
             buf = self.buffers.acquire() if pooled else mmap.mmap(-1, head.body_length)
             assert buf is not None
@@ -840,13 +971,10 @@ class DataListener:
         book it (on the loop), answer."""
         assert self._loop is not None
         status, reason = ch.ReceiptStatus.OK, ""
-        later: Callable[[Callable[[ch.ReceiptStatus, str], None]], None] | None = None
         try:
             targets = on_loop(self._loop, self.sink.chunk_targets(head, peer))
             self.sink.verify_and_write(head, view, targets)
             on_loop(self._loop, self.sink.chunk_landed(head, peer, targets))
-            # A relayed chunk (`net.relay`) is answered when the next hop answers it.
-            later = getattr(targets, "answer_later", None)
         except IntegrityError as exc:
             status, reason = ch.ReceiptStatus.DAMAGED, exc.message
             self.metrics.integrity_failures.labels(peer, "receiver").inc()
@@ -860,16 +988,25 @@ class DataListener:
         finally:
             view.release()
             self._give_back(buf, pooled)
-        def answer(status: ch.ReceiptStatus, reason: str) -> None:
-            if status is not ch.ReceiptStatus.OK:
-                log.warning("chunk.refused", extra={"fields": {
-                    "from": peer, "upload": head.upload[:128], "status": status.name,
-                    "error": reason[:200]}})
-            frame = ch.encode_receipt(session, ch.Receipt(head.seq, status, reason))
-            with send_lock, contextlib.suppress(OSError):
-                sock.sendall(frame)
+        _answer(sock, send_lock, session, peer, head, status, reason)
 
-        if later is not None and status is ch.ReceiptStatus.OK:
-            later(answer)
-        else:
-            answer(status, reason)
+    def _passed(self, sock: socket.socket, send_lock: threading.Lock, session: ch.Session,
+                peer: str, head: ch.ChunkHead, passing: PassingChunk) -> None:
+        """Worker thread: a chunk passed on as it arrived is booked (on the loop), then
+        answered when the next hop answers it (or at once if it could not be passed on)."""
+        assert self._loop is not None
+        with contextlib.suppress(TransferdError):
+            on_loop(self._loop, self.sink.chunk_landed(head, peer, passing))
+        passing.answer_later(functools.partial(_answer, sock, send_lock, session, peer, head))
+
+
+def _answer(sock: socket.socket, send_lock: threading.Lock, session: ch.Session, peer: str,
+            head: ch.ChunkHead, status: ch.ReceiptStatus, reason: str) -> None:
+    """The receipt of one chunk, on the channel it came on."""
+    if status is not ch.ReceiptStatus.OK:
+        log.warning("chunk.refused", extra={"fields": {
+            "from": peer, "upload": head.upload[:128], "status": status.name,
+            "error": reason[:200]}})
+    frame = ch.encode_receipt(session, ch.Receipt(head.seq, status, reason))
+    with send_lock, contextlib.suppress(OSError):
+        sock.sendall(frame)

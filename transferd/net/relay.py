@@ -9,24 +9,31 @@ the next hop's answers (or errors: a refusal names the hop) come back as they ar
 is the destination, or the next relay the sender named (`?via=`, signed with the request).
 
 Chunks: `RoutingInbound` stands in front of the site's own `InboundUploads` as the data
-listener's sink. A relayed chunk is copied out of the receive buffer into the relay window
-(memory up to `relay.memory_mib`; while the next hop is slower, spill files up to
-`relay.spill_mib`; beyond both the worker waits, the receive buffers fill, and TCP pushes back
-on the sender) and queued on this site's data channels to the next hop; the sender's receipt
-is the next hop's, sent when it arrives (so a receipt always means the destination staged the
-chunk, and a relay that dies costs the sender only the chunks it had in flight). A chunk the
-next hop has not answered within `relay.forward_timeout_s`, or cannot be reached for, is
-answered UNREACHABLE: the sender takes another route. The manifest stays the source's, signed
-end to end: a relay that altered a byte would see the destination refuse it.
+listener's sink, and takes a relayed chunk at its header (`cut_through`): room for its body is
+held in the relay window (memory up to `relay.memory_mib`; while the next hop is slower, spill
+files up to `relay.spill_mib`; beyond both the channel's thread waits, the receive buffers
+fill, and TCP pushes back on the sender), the chunk is queued on this site's data channels to
+the next hop at once, and its bytes go on as they arrive (cut-through: a chunk is not held
+whole before it is passed on, so a relay lost mid-transfer has at most the one chunk each
+channel was carrying half-way). The relay does not check the body: the destination verifies
+every chunk's blake3 before writing it and answers DAMAGED otherwise, and the sender sends it
+again. The sender's receipt is the next hop's, sent when it arrives (so a receipt always means
+the destination staged the chunk). A chunk the next hop has not answered within
+`relay.forward_timeout_s` of its last byte, or cannot be reached for, is answered UNREACHABLE:
+the sender takes another route. The manifest stays the source's, signed end to end: a relay
+that altered a byte would see the destination refuse it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import mmap
 import os
+import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -38,10 +45,10 @@ from typing import Any
 from netplan.plan import TrafficClass
 from transferd.config import RelaySettings
 from transferd.errors import PolicyViolation, ProtocolError, TransferdError, TransportError
-from transferd.net.channels import OutgoingChunk, PeerChannels
+from transferd.net.channels import ArrivingBody, OutgoingChunk, PeerChannels, on_loop
 from transferd.net.inbound import InboundUploads
 from transferd.net.peer_client import PeerLink
-from transferd.net.pump import PeerTraffic
+from transferd.net.pump import BulkGate, PeerTraffic
 from transferd.protocol import channel as ch
 from transferd.protocol.manifest import (
     CommitAnswer,
@@ -51,7 +58,7 @@ from transferd.protocol.manifest import (
     SignedManifest,
     UploadIntent,
 )
-from transferd.protocol.routes import check_residency
+from transferd.protocol.routes import check_residency, open_query
 from transferd.protocol.wire import (
     ABORT_ROUTE,
     COMMIT_ROUTE,
@@ -59,6 +66,7 @@ from transferd.protocol.wire import (
     UPLOADS_ROUTE,
     parse_body,
 )
+from transferd.site.journal import Journal, RelayedUpload
 from transferd.site.metrics import Metrics
 
 __all__ = ["RelayService", "RelayWindow", "RoutingInbound"]
@@ -66,11 +74,18 @@ __all__ = ["RelayService", "RelayWindow", "RoutingInbound"]
 log = logging.getLogger("transferd.relay")
 MiB = 1 << 20
 WATCH_EVERY_S = 0.5
+# A relayed body is received (and so passed on) in parts of this size: small enough that the
+# next hop's copy lags the previous hop's by little, large enough that a part is one system
+# call with the GIL released (256 KiB: 2 ms at 1 Gbit/s).
+SLICE = 256 * 1024
+# A relayed upload not committed or aborted this long after it opened is forgotten at the next
+# start (its sender finished by another route, or gave up): as long as a job may wait for a peer.
+RELAYED_KEEP_S = 7 * 86400.0
 
 
 class RelayWindow:
     """The bytes a relay holds at once: chunk bodies in memory up to `memory_bytes`, then in
-    spill files up to `spill_bytes`; `hold` waits (a worker thread) while both are full."""
+    spill files up to `spill_bytes`; `hold` waits (a channel's thread) while both are full."""
 
     def __init__(self, memory_bytes: int, spill_bytes: int, spill_dir: Path) -> None:
         self.memory_bytes = memory_bytes
@@ -83,8 +98,8 @@ class RelayWindow:
         self.spills = 0  # chunks that waited on disk
         self._cond = threading.Condition()
 
-    def hold(self, body: memoryview, timeout_s: float) -> _Held:
-        n = len(body)
+    def hold(self, n: int, timeout_s: float) -> _Held:
+        """Room for a body of `n` bytes, to be received into (`_Held.view`)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
@@ -105,21 +120,21 @@ class RelayWindow:
                     raise TransportError("relay window full: the next hop is not taking chunks")
         try:
             if kind == "memory":
-                return _Held(self, n, memoryview(bytearray(body)), None)
-            return _Held(self, n, *self._spill(body))
+                return _Held(self, n, memoryview(bytearray(n)), None)
+            return _Held(self, n, *self._spill(n))
         except BaseException:
             self._give_back(kind, n)
             raise
 
-    def _spill(self, body: memoryview) -> tuple[memoryview, mmap.mmap]:
-        """The body in a file of its own (unlinked at once: nothing is left behind if the
-        relay dies), mapped for sending."""
+    def _spill(self, n: int) -> tuple[memoryview, mmap.mmap]:
+        """A file of its own for the body (unlinked at once: nothing is left behind if the
+        relay dies), mapped to receive into and send from."""
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.spill_dir, prefix="chunk-")
         try:
             os.unlink(name)
-            os.write(fd, body)
-            mapping = mmap.mmap(fd, len(body), prot=mmap.PROT_READ)
+            os.ftruncate(fd, n)
+            mapping = mmap.mmap(fd, n)
         finally:
             os.close(fd)
         return memoryview(mapping), mapping
@@ -140,11 +155,13 @@ class _Held:
     view: memoryview
     mapping: mmap.mmap | None
     released: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def release(self) -> None:
-        if self.released:
-            return
-        self.released = True
+        with self._lock:
+            if self.released:
+                return
+            self.released = True
         # A chunk given up on (the next hop timed out) may still be in a channel's send: its
         # buffer then goes with the last reference instead.
         with contextlib.suppress(BufferError):
@@ -163,37 +180,70 @@ class _Relayed:
     next_hop: str
     dest: str
     via: tuple[str, ...]  # the relays after the next hop
+    traffic_class: TrafficClass = TrafficClass.SYNC  # the job's: the gate its chunks go through
     chunks: int = 0
     bytes: int = 0
 
 
 @dataclass(eq=False)
 class _Forward:
-    """One relayed chunk, as the data listener's sink sees it (`chunk_targets`' answer)."""
+    """One relayed chunk as it passes (the data listener's `PassingChunk`): its body is
+    received into `held` and sent on from there as it arrives; or, when it cannot be passed
+    on (`failed`), read off the channel and answered with `status`."""
 
     relay: RelayService
     relayed: _Relayed | None
+    length: int
     failed: str = ""
+    status: ch.ReceiptStatus = ch.ReceiptStatus.UNREACHABLE
     item: OutgoingChunk | None = None
     held: _Held | None = None
-    queued_at: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    body: ArrivingBody | None = None
+    received_at: float = 0.0  # when its last byte arrived (0: still arriving)
+    gate: BulkGate | None = None  # its slot on the next hop's gate, until it is answered
+
+    def receive(self, sock: socket.socket) -> None:
+        """Channel thread: the body off the channel, passed on part by part as it arrives."""
+        flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
+        body = self.body
+        view = body.view if body is not None else memoryview(bytearray(min(self.length, SLICE)))
+        got = 0
+        try:
+            while got < self.length:
+                part = min(SLICE, self.length - got)
+                n = (sock.recv_into(view[got:got + part], part, flags) if body is not None
+                     else sock.recv_into(view[:part], part, flags))
+                if n == 0:
+                    raise ConnectionError("data channel closed mid-chunk")
+                got += n
+                if body is not None:
+                    body.grow(n)
+        except BaseException as exc:
+            self.relay._abandon(self, exc)
+            raise
+        self.received_at = time.monotonic()
 
     def answer_later(self, answer: Callable[[ch.ReceiptStatus, str], None]) -> None:
         """The sender's receipt, once the next hop answers (or at once if it cannot)."""
         if self.item is None:
-            answer(ch.ReceiptStatus.UNREACHABLE, self.failed or "relay: nothing to forward")
+            answer(self.status, self.failed or "relay: nothing to forward")
             return
 
         def done(future: Any) -> None:
-            if self.held is not None:
-                self.held.release()  # nothing kept once the next hop answered
-            self.relay._settled(self)
             try:
                 receipt: ch.Receipt = future.result()
             except BaseException as exc:  # the next hop is gone, or did not answer in time
+                self.relay._settled(self)
                 answer(ch.ReceiptStatus.UNREACHABLE, f"relay {self.relay.site}: {exc}"[:500])
                 return
+            # Nothing kept once the next hop answered.
+            self.relay._settled(self, self.length if receipt.status is ch.ReceiptStatus.OK
+                                else 0)
+            if receipt.status is ch.ReceiptStatus.OK and self.relayed is not None:
+                m = self.relay.metrics
+                m.relayed_chunks.labels(self.relayed.source, self.relayed.next_hop).inc()
+                m.relayed_bytes.labels(self.relayed.source, self.relayed.next_hop).inc(
+                    self.length)
             answer(receipt.status, receipt.reason)
 
         self.item.done.add_done_callback(done)
@@ -212,6 +262,8 @@ class RelayService:
         traffic: dict[str, PeerTraffic],
         data_address: Callable[[PeerLink], Coroutine[Any, Any, tuple[str, int]]],
         metrics: Metrics,
+        journal: Journal,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.site = site
         self.region = region
@@ -224,7 +276,16 @@ class RelayService:
         self.window = RelayWindow(
             settings.memory_mib * MiB, settings.spill_mib * MiB, spill_dir
         )
-        self.uploads: dict[str, _Relayed] = {}
+        self.journal = journal
+        self.clock = clock
+        # The uploads passed on here, kept in the journal: a relay restarted mid-transfer
+        # (a supervisor's restart) goes on passing them on.
+        self.uploads: dict[str, _Relayed] = {
+            r.upload: _Relayed(r.upload, r.source, r.next_hop, r.dest, r.via,
+                               TrafficClass(r.traffic_class))
+            for r in journal.relayed(since=clock() - RELAYED_KEEP_S) if r.next_hop in links
+        }
+        self.loop: asyncio.AbstractEventLoop | None = None  # set when it runs
         self._pending: set[_Forward] = set()
         self._pending_lock = threading.Lock()
 
@@ -255,9 +316,11 @@ class RelayService:
             raise
         return next_hop
 
-    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...]) -> OpenAnswer:
+    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...],
+                   traffic_class: TrafficClass = TrafficClass.SYNC) -> OpenAnswer:
+        self.loop = asyncio.get_running_loop()
         next_hop = self.check(intent, peer, via)
-        query = f"?via={','.join(via[1:])}" if len(via) > 1 else ""
+        query = open_query(via[1:], traffic_class.value) if len(via) > 1 else ""
         reply = await self.links[next_hop].call(
             TrafficClass.CONTROL, "POST", UPLOADS_ROUTE + query, body=intent
         )
@@ -267,8 +330,11 @@ class RelayService:
                 "upload": intent.upload, "from": peer, "next": next_hop,
                 "to": intent.dest_site}})
         self.uploads[intent.upload] = _Relayed(
-            intent.upload, peer, next_hop, intent.dest_site, tuple(via[1:])
+            intent.upload, peer, next_hop, intent.dest_site, tuple(via[1:]), traffic_class
         )
+        self.journal.add_relayed(RelayedUpload(intent.upload, peer, next_hop, intent.dest_site,
+                                               tuple(via[1:]), self.clock(),
+                                               traffic_class.value))
         return answer
 
     def _relayed(self, upload: str, peer: str) -> _Relayed:
@@ -293,6 +359,7 @@ class RelayService:
         answer = parse_body(CommitAnswer, reply.body)
         if answer.committed:
             self.uploads.pop(upload, None)
+            self.journal.drop_relayed(upload)
             log.info("relay.done", extra={"fields": {
                 "upload": upload, "to": r.dest, "chunks": r.chunks, "bytes": r.bytes}})
         return answer
@@ -300,6 +367,7 @@ class RelayService:
     async def abort(self, upload: str, peer: str) -> None:
         r = self._relayed(upload, peer)
         self.uploads.pop(upload, None)
+        self.journal.drop_relayed(upload)
         with contextlib.suppress(TransferdError):
             await self.links[r.next_hop].call(
                 TrafficClass.CONTROL, "POST", ABORT_ROUTE.format(upload=upload), body=b"",
@@ -307,14 +375,54 @@ class RelayService:
             )
 
     # -- chunks ----------------------------------------------------------------------------
-    async def forward_target(self, head: ch.ChunkHead, peer: str) -> _Forward:
-        """On the loop: the chunk's next hop, its channels open (or why they cannot be)."""
-        r = self._relayed(head.upload, peer)
+    def begin(self, head: ch.ChunkHead, peer: str) -> _Forward:
+        """Channel thread, at a relayed chunk's header: room for its body in the window, and
+        the chunk queued to the next hop (its channels open) before its first byte arrives;
+        or why it cannot be passed on (its body is then read and dropped)."""
+        failed = functools.partial(_Forward, self, None, head.body_length)
+        if self.loop is None:
+            return failed(failed=f"relay {self.site}: not serving yet")
         try:
-            await self._ensure(r.next_hop)
+            r = on_loop(self.loop, self._ready(head, peer))
+        except (ProtocolError, PolicyViolation) as exc:
+            return failed(failed=exc.message, status=ch.ReceiptStatus.REFUSED)
         except TransferdError as exc:
-            return _Forward(self, r, failed=f"relay {self.site}: {exc}")
-        return _Forward(self, r)
+            return failed(failed=f"relay {self.site}: {exc.message}")
+        # This site's own scheduling of the next hop: the chunk waits for its class's turn
+        # and the rate caps (TCP pushes back on the sender meanwhile), and feeds the stream
+        # controller of the channels to the next hop.
+        gate = self.traffic[r.next_hop].gates[r.traffic_class]
+        try:
+            on_loop(self.loop, gate.acquire(head.body_length))
+        except TransferdError as exc:
+            return failed(failed=f"relay {self.site}: {exc.message}")
+        try:
+            held = self.window.hold(head.body_length, self.settings.forward_timeout_s)
+        except TransferdError as exc:
+            self.loop.call_soon_threadsafe(gate.release, 0, 1)
+            return failed(failed=f"relay {self.site}: {exc.message}")
+        body = ArrivingBody(held.view)
+        item = OutgoingChunk(
+            upload=head.upload, digest=head.address, locations=tuple(head.locations),
+            raw_length=head.raw_length, encoding=head.encoding,
+            body_blake3=head.body_blake3.hex(), body=body,
+        )  # fmt: skip
+        fwd = _Forward(self, r, head.body_length, item=item, held=held, body=body, gate=gate)
+        with self._pending_lock:
+            self._pending.add(fwd)
+        r.chunks += 1
+        r.bytes += head.body_length
+        try:
+            self.channels[r.next_hop].submit(item)
+        except TransferdError as exc:
+            item.finish(error=exc)
+        return fwd
+
+    async def _ready(self, head: ch.ChunkHead, peer: str) -> _Relayed:
+        """On the loop: the relayed upload, its next hop's channels open."""
+        r = self._relayed(head.upload, peer)
+        await self._ensure(r.next_hop)
+        return r
 
     async def _ensure(self, peer: str) -> None:
         link = self.links[peer]
@@ -322,33 +430,31 @@ class RelayService:
             self.traffic[peer].streams_wanted(), lambda: self.data_address(link)
         )
 
-    def forward(self, head: ch.ChunkHead, body: memoryview, fwd: _Forward) -> None:
-        """Worker thread: hold the body in the window and queue it to the next hop."""
-        if fwd.failed or fwd.relayed is None:
-            return
-        held = self.window.hold(body, self.settings.forward_timeout_s)
-        item = OutgoingChunk(
-            upload=head.upload, digest=head.address, locations=tuple(head.locations),
-            raw_length=head.raw_length, encoding=head.encoding,
-            body_blake3=head.body_blake3.hex(), body=held.view,
-        )  # fmt: skip
-        fwd.held, fwd.item, fwd.queued_at = held, item, time.monotonic()
-        with self._pending_lock:
-            self._pending.add(fwd)
-        fwd.relayed.chunks += 1
-        fwd.relayed.bytes += head.body_length
-        try:
-            self.channels[fwd.relayed.next_hop].submit(item)
-        except TransferdError as exc:
-            item.finish(error=exc)
+    def _abandon(self, fwd: _Forward, exc: BaseException) -> None:
+        """Channel thread: the previous hop's channel broke mid-chunk. The chunk ends (its
+        send to the next hop stops mid-frame: that channel goes); the sender sends it again."""
+        if fwd.item is not None:
+            fwd.item.finish(error=TransportError(f"relay {self.site}: the chunk's sender went "
+                                                 f"away mid-chunk: {exc}"))
+        if fwd.body is not None:
+            fwd.body.fail(exc)
+        self._settled(fwd)
 
-    def _settled(self, fwd: _Forward) -> None:
+    def _settled(self, fwd: _Forward, acked: int = 0) -> None:
         with self._pending_lock:
             self._pending.discard(fwd)
+        if fwd.held is not None:
+            fwd.held.release()
+        gate, fwd.gate = fwd.gate, None
+        if gate is not None and self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
+                self.loop.call_soon_threadsafe(gate.release, acked, 0 if acked else 1)
 
     async def run(self) -> None:
         """Keep the channels to next hops with chunks waiting open, and answer UNREACHABLE
-        for chunks the next hop has not answered within the forward timeout."""
+        for chunks the next hop has not answered within the forward timeout of their last
+        byte."""
+        self.loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
             with self._pending_lock:
@@ -359,9 +465,9 @@ class RelayService:
                 with contextlib.suppress(TransferdError):
                     await self._ensure(hop)
             for f in pending:
-                if f.item is None or f.relayed is None:
+                if f.item is None or f.relayed is None or not f.received_at:
                     continue
-                if now - f.queued_at > self.settings.forward_timeout_s:
+                if now - f.received_at > self.settings.forward_timeout_s:
                     self.channels[f.relayed.next_hop].withdraw(f.relayed.upload, only=f.item)
                     f.item.finish(error=TransportError(
                         f"{f.relayed.next_hop} did not answer within "
@@ -384,9 +490,10 @@ class RoutingInbound:
     async def aclose(self) -> None:
         await self.inbound.aclose()
 
-    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...] = ()) -> OpenAnswer:
+    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...] = (),
+                   traffic_class: TrafficClass = TrafficClass.SYNC) -> OpenAnswer:
         if intent.dest_site != self.site or via:
-            return await self.relay.open(intent, peer, via)
+            return await self.relay.open(intent, peer, via, traffic_class)
         return await self.inbound.open(intent, peer)
 
     async def have(self, upload: str, peer: str, request: HaveRequest) -> HaveAnswer:
@@ -405,19 +512,20 @@ class RoutingInbound:
             return
         await self.inbound.abort(upload, peer)
 
+    def cut_through(self, head: ch.ChunkHead, peer: str) -> _Forward | None:
+        """Channel thread: a relayed chunk is passed on as it arrives; the site's own are
+        received whole (None)."""
+        return self.relay.begin(head, peer) if self.relay.relays(head.upload) else None
+
     async def chunk_targets(self, head: ch.ChunkHead, peer: str) -> Any:
-        if self.relay.relays(head.upload):
-            return await self.relay.forward_target(head, peer)
         return await self.inbound.chunk_targets(head, peer)
 
     def verify_and_write(self, head: ch.ChunkHead, body: memoryview, targets: Any) -> None:
-        if isinstance(targets, _Forward):
-            self.relay.forward(head, body, targets)
-            return
         self.inbound.verify_and_write(head, body, targets)
 
     async def chunk_landed(self, head: ch.ChunkHead, peer: str, targets: Any) -> None:
         if isinstance(targets, _Forward):
-            self.relay.metrics.bytes_received.labels(peer).inc(head.body_length)
+            if targets.item is not None:
+                self.relay.metrics.bytes_received.labels(peer).inc(head.body_length)
             return
         await self.inbound.chunk_landed(head, peer, targets)

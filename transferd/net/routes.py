@@ -5,6 +5,15 @@ A route that fails (a relay unreachable, its channels broken, a chunk it could n
 down for ROUTE_DOWN_S: jobs try the others first meanwhile, the direct path last
 (`protocol.routes.fallback_order`). Rates are the destination's acknowledgements over the time
 the route carried the job, so a route that waited or failed shows what it really moved.
+
+A relay that hangs (stopped, not dead: its sockets stay open and nothing fails) is noticed by
+its receipts: a chunk on a relayed route whose receipt has not come, while the route gave no
+receipt at all and the relay's TCP took none of its bytes, for RECEIPT_SLACK times what the
+route's measured rate says the chunks in flight need (`receipt_timeout`, never below
+RECEIPT_FLOOR_S) fails the route like a kill.
+
+Re-sent chunks are counted here, per route, from the sender's own sends: a send of a chunk
+that went on the wire before (on this route or another) without a receipt since.
 """
 
 from __future__ import annotations
@@ -24,6 +33,12 @@ __all__ = ["ROUTE_DOWN_S", "RELAY_RETRY_BUDGET_S", "RouteBook", "RouteDealer"]
 log = logging.getLogger("transferd.sender")
 
 ROUTE_DOWN_S = 60.0  # a failed route is tried again after this (or when no other is left)
+# A relayed chunk's receipt may take RECEIPT_SLACK times what the route's measured rate says,
+# never less than RECEIPT_FLOOR_S (scheduling noise, a destination's fsync), and
+# RECEIPT_UNMEASURED_S before the route has a rate.
+RECEIPT_SLACK = 4.0
+RECEIPT_FLOOR_S = 3.0
+RECEIPT_UNMEASURED_S = 10.0
 # How long a chunk or request on a relay route keeps retrying before the job moves to its next
 # route: short, since another path exists (the direct one at least), unlike a direct peer.
 RELAY_RETRY_BUDGET_S = 3.0
@@ -38,6 +53,8 @@ class _RouteStat:
     bytes: int = 0
     started_at: float | None = None  # when the route began carrying the job (this time)
     last_at: float | None = None
+    resent: int = 0  # sends of chunks that were on the wire before without a receipt
+    error: str | None = None  # why it went down
 
 
 class RouteBook:
@@ -45,6 +62,9 @@ class RouteBook:
         self.clock = clock
         self._down_until: dict[tuple[str, tuple[str, ...]], float] = {}
         self._stats: dict[str, dict[str, _RouteStat]] = {}
+        # Per job: chunks on the wire (any route) with no receipt yet.
+        self._unacked: dict[str, set[str]] = {}
+        self._rates: dict[tuple[str, tuple[str, ...]], float] = {}  # each route's latest rate
 
     def routes_for(self, job: Job) -> list[Route]:
         """The job's routes in the order to try: its own (main first), then direct; routes
@@ -60,7 +80,9 @@ class RouteBook:
     def _stat(self, job_id: str, dest: str, via: Sequence[str]) -> _RouteStat:
         label = route_label(dest, via)
         if job_id not in self._stats and len(self._stats) >= KEEP_JOBS:
-            del self._stats[next(iter(self._stats))]  # the oldest job's (dicts keep order)
+            oldest = next(iter(self._stats))  # dicts keep order
+            del self._stats[oldest]
+            self._unacked.pop(oldest, None)
         per_job = self._stats.setdefault(job_id, {})
         if label not in per_job:
             per_job[label] = _RouteStat(label)
@@ -68,13 +90,14 @@ class RouteBook:
 
     def started(self, job_id: str, dest: str, via: Sequence[str]) -> None:
         stat = self._stat(job_id, dest, via)
-        stat.state = "active"
+        stat.state, stat.error = "active", None
         if stat.started_at is None:
             stat.started_at = self.clock()
 
     def failed(self, job_id: str, dest: str, via: Sequence[str], error: str) -> None:
         self._down_until[(dest, tuple(via))] = self.clock() + ROUTE_DOWN_S
-        self._stat(job_id, dest, via).state = "down"
+        stat = self._stat(job_id, dest, via)
+        stat.state, stat.error = "down", error[:300]
         log.warning("route.failed", extra={"fields": {
             "job": job_id, "route": route_label(dest, via), "error": error[:300]}})
 
@@ -83,7 +106,16 @@ class RouteBook:
         if stat.state == "active":
             stat.state = "done"
 
-    def acked(self, job_id: str, dest: str, via: Sequence[str], nbytes: int) -> None:
+    def on_wire(self, job_id: str, dest: str, via: Sequence[str], digest: str) -> None:
+        """A send of one of the job's chunks starts on this route."""
+        stat = self._stat(job_id, dest, via)
+        unacked = self._unacked.setdefault(job_id, set())
+        if digest in unacked:
+            stat.resent += 1
+        unacked.add(digest)
+
+    def acked(self, job_id: str, dest: str, via: Sequence[str], nbytes: int,
+              digest: str | None = None) -> None:
         stat = self._stat(job_id, dest, via)
         now = self.clock()
         if stat.started_at is None:
@@ -91,6 +123,25 @@ class RouteBook:
         stat.last_at = now
         stat.chunks += 1
         stat.bytes += nbytes
+        if digest is not None:
+            self._unacked.get(job_id, set()).discard(digest)
+        rate = self._rate(stat)
+        if rate:
+            self._rates[(dest, tuple(via))] = rate
+
+    def last_receipt(self, job_id: str, dest: str, via: Sequence[str]) -> float | None:
+        """When the route last delivered a receipt for the job (None: never)."""
+        stat = self._stats.get(job_id, {}).get(route_label(dest, via))
+        return None if stat is None else stat.last_at
+
+    def receipt_timeout(self, dest: str, via: Sequence[str], wire_bytes: int,
+                        in_flight: int) -> float:
+        """How long a chunk of `wire_bytes` may wait for its receipt on the route, with
+        `in_flight` chunks sharing it, while the route gives no receipt at all."""
+        rate = self._rates.get((dest, tuple(via)))
+        if not rate:
+            return RECEIPT_UNMEASURED_S
+        return max(RECEIPT_FLOOR_S, RECEIPT_SLACK * wire_bytes * max(1, in_flight) / rate)
 
     @staticmethod
     def _rate(stat: _RouteStat) -> float | None:
@@ -108,7 +159,8 @@ class RouteBook:
 
     def status(self, job_id: str) -> list[RouteStatus]:
         return [RouteStatus(route=s.label, state=s.state, chunks=s.chunks, bytes=s.bytes,
-                            rate_bytes_per_s=self._rate(s))
+                            rate_bytes_per_s=self._rate(s), chunks_resent=s.resent,
+                            error=s.error)
                 for s in self._stats.get(job_id, {}).values()]
 
 

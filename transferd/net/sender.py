@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -57,7 +58,7 @@ from transferd.protocol.manifest import (
     UploadIntent,
 )
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
-from transferd.protocol.routes import Route
+from transferd.protocol.routes import Route, open_query
 from transferd.protocol.upload import (
     offer_batches,
     plan_offer,
@@ -461,8 +462,8 @@ class Sender:
             budget = (min(self.retry_budget_s, RELAY_RETRY_BUDGET_S) if route.via
                       else self.retry_budget_s)
             self.routes.started(job.id, job.dest, route.via)
-            path = UPLOADS_ROUTE + (f"?via={','.join(route.via[1:])}" if len(route.via) > 1
-                                    else "")
+            path = UPLOADS_ROUTE + (open_query(route.via[1:], job.traffic_class.value)
+                                    if route.via else "")
             # Each route's open is answered before its chunks go: a relay must know the upload.
             opened = asyncio.create_task(
                 self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
@@ -511,7 +512,7 @@ class Sender:
         if link is None:
             raise ProtocolError(f"relay {first!r} is not a peer of this site")
         budget = min(self.retry_budget_s, RELAY_RETRY_BUDGET_S) if via else self.retry_budget_s
-        path = UPLOADS_ROUTE + (f"?via={','.join(via[1:])}" if len(via) > 1 else "")
+        path = UPLOADS_ROUTE + (open_query(via[1:], job.traffic_class.value) if via else "")
         # The data channels open (if they are not warm already) while the upload opens and the
         # first chunks are hashed: their round trips overlap instead of adding up. The first
         # have/want waits for the open's answer (`_ChunkPump.opened`), not the hashing.
@@ -792,10 +793,11 @@ class Sender:
         n = len(view)
         if not policy.pays(policy.probe_ratio(view)):
             return Encoded("identity", view, n)
-        assert policy.level is not None
+        level = policy.compress_level()
+        assert level is not None
         t0 = time.perf_counter()
-        compressed = zstd_compress(view, policy.level)
-        policy.observe_compression(n, time.perf_counter() - t0)
+        compressed = zstd_compress(view, level)
+        policy.observe_compression(n, time.perf_counter() - t0, level)
         if len(compressed) > n * 0.95:
             return Encoded("identity", view, n)
         return Encoded("zstd", compressed, n)
@@ -855,6 +857,15 @@ class _Wanted:
 
 class _Interrupted(Exception):
     """The daemon is stopping: finish in-flight chunks, start no new ones."""
+
+
+class _RouteDown(Exception):
+    """A relayed route stopped answering (`_ChunkPump._check_relay`): not a TransferdError, so
+    `retrying` does not try it again on the same route; `put` raises `error` to the job."""
+
+    def __init__(self, error: TransportError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class _AlreadyCommitted(Exception):
@@ -949,6 +960,8 @@ class _ChunkPump:
             upload=self.upload, digest=digest, locations=tuple(locations),
             raw_length=encoded.raw_length, encoding=encoded.encoding, body_blake3=body_hash,
         )  # fmt: skip
+        # Through a relay, a chunk goes alone on its channel (`OutgoingChunk.alone`).
+        common["alone"] = bool(self.via)
         if encoded.encoding == "identity" and isinstance(source, SourceFile):
             return OutgoingChunk(**common, fd=os.dup(source.fileno()), offset=offset)  # type: ignore[arg-type]
         body = encoded.body if encoded.encoding != "identity" else view  # owned: read()
@@ -961,14 +974,19 @@ class _ChunkPump:
         out of the queue and raises TransportError: the caller's `retrying` sends it again
         after a backoff."""
         future = self.channels.submit(item)
+        queued_at = time.monotonic()
         try:
             while True:
-                await self._ensure()
+                if not self.via:
+                    await self._ensure()
                 try:
                     async with asyncio.timeout(ENSURE_EVERY_S):
+                        if self.via:  # a hung relay's channels must not hold up noticing it
+                            await self._ensure()
                         return await asyncio.shield(asyncio.wrap_future(future))
                 except TimeoutError:
-                    continue
+                    if self.via:
+                        self._check_relay(item, queued_at)
         except TransferdError:
             if not future.done():
                 self.channels.withdraw(self.upload, item)
@@ -977,6 +995,25 @@ class _ChunkPump:
             if not future.done():
                 self.channels.withdraw(self.upload)
             raise
+
+    def _check_relay(self, item: OutgoingChunk, queued_at: float) -> None:
+        """A relayed chunk whose receipt is overdue while the route gave none at all (its relay
+        hangs): every chunk of the job there ends and the route fails (`_RouteDown`)."""
+        book, dest = self.sender.routes, self.job.dest
+        # Quiet since: the chunk was queued, its send started, the route's last receipt, or
+        # the relay's TCP last took bytes of it (a slow first chunk is not a hung relay).
+        quiet_s = time.monotonic() - max(queued_at, item.sent_at or 0.0,
+                                         book.last_receipt(self.job.id, dest, self.via) or 0.0,
+                                         self.channels.moved_at(item) or 0.0)
+        limit_s = book.receipt_timeout(dest, self.via, item.wire_length, self.gate.in_flight)
+        if quiet_s <= limit_s:
+            return
+        relay = self.via[0]
+        error = TransportError(
+            f"relay {relay}: no receipt for {quiet_s:.1f} s (the route's rate allows "
+            f"{limit_s:.1f} s): the relay does not answer", peer=relay)
+        self.channels.give_up(self.upload, error)
+        raise _RouteDown(error)
 
     async def _ensure(self) -> None:
         try:
@@ -988,13 +1025,15 @@ class _ChunkPump:
     async def _address(self) -> tuple[str, int]:
         return await self.sender.data_address(self.link)
 
-    def _on_wire(self, n: int, again: bool) -> None:
+    def _on_wire(self, digest: str, n: int, again: bool) -> None:
         """Channel thread: a send of one of this job's chunks starts (`again`: its channel
         broke under an earlier send). Booked on the loop, where the journal lives."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
-            self.loop.call_soon_threadsafe(
-                self.sender.count_wire, self.job.id, self.link.peer, n, again, False
-            )
+            self.loop.call_soon_threadsafe(self._booked, digest, n, again)
+
+    def _booked(self, digest: str, n: int, again: bool) -> None:
+        self.sender.count_wire(self.job.id, self.link.peer, n, again, False)
+        self.sender.routes.on_wire(self.job.id, self.job.dest, self.via, digest)
 
     async def put(
         self,
@@ -1042,7 +1081,7 @@ class _ChunkPump:
                 else await asyncio.to_thread(blake3_hex, encoded.body)
             )
             item = self._chunk(digest, locations, view, encoded, body_hash)
-            item.on_wire = self._on_wire
+            item.on_wire = functools.partial(self._on_wire, digest)
             if window is not None and item.body is None:
                 window.discard()  # sent from the file itself: the mapping can go now
                 window, view = None, memoryview(b"")
@@ -1069,11 +1108,14 @@ class _ChunkPump:
             return encoded, wire
 
         try:
-            encoded, wire = await retrying(
-                attempt, budget_s=self.budget_s, on_retry=count_retry
-            )
+            try:
+                encoded, wire = await retrying(
+                    attempt, budget_s=self.budget_s, on_retry=count_retry
+                )
+            except _RouteDown as down:  # not retried: the job takes its next route now
+                raise down.error from None
             s.clear_note(self.job.id)
-            s.routes.acked(self.job.id, self.job.dest, self.via, encoded.raw_length)
+            s.routes.acked(self.job.id, self.job.dest, self.via, encoded.raw_length, digest)
             acked = wire
             s.metrics.chunks_sent.labels(peer).inc()
             s.metrics.count_compression(peer, encoded.raw_length, wire)

@@ -21,6 +21,7 @@ from typing import Protocol
 from aiohttp import web
 from pydantic import BaseModel
 
+from netplan.plan import BULK_CLASSES, TrafficClass
 from netplan.telemetry import TelemetryReport
 from transferd.errors import AuthError, IntegrityError, ProtocolError, TransferdError
 from transferd.net.messages import MessageService
@@ -158,7 +159,11 @@ def build_app(
         # ?via=R2,...: relays after this site (a relay passing the upload on); signed with the
         # request's path.
         via = tuple(v for v in request.query.get("via", "").split(",") if v)[:8]
-        return _answer(await inbound.open(intent, auth.site, via))
+        # ?class=sync: the job's traffic class, for a relay's scheduling of what it passes on.
+        cls = request.query.get("class", TrafficClass.SYNC.value)
+        if cls not in {c.value for c in BULK_CLASSES}:
+            raise ProtocolError(f"class: {cls[:32]!r} is not a bulk traffic class")
+        return _answer(await inbound.open(intent, auth.site, via, TrafficClass(cls)))
 
     async def have(request: web.Request) -> web.Response:
         auth = peer(request)

@@ -116,6 +116,10 @@ class RouteStatus(WireModel):
     chunks: int
     bytes: int
     rate_bytes_per_s: float | None
+    # Chunks this route sent that had gone on the wire before (here or on another route of the
+    # job) without a receipt: what a broken channel or a lost relay cost.
+    chunks_resent: int = 0
+    error: str | None = None  # why the route went down
 
 
 class JobStatus(Job):

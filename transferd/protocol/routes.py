@@ -23,6 +23,7 @@ from transferd.errors import PolicyViolation
 __all__ = [
     "Route",
     "check_residency",
+    "open_query",
     "fallback_order",
     "route_label",
 ]
@@ -43,6 +44,15 @@ class Route:
 def route_label(dest: str, via: Sequence[str]) -> str:
     """How a route reads in status and logs: `R1>R2>B`, or `B` for the direct path."""
     return ">".join([*via, dest])
+
+
+def open_query(via: Sequence[str], traffic_class: str | None = None) -> str:
+    """The query of an upload's opening at a relay: the relays after it (`via=R2,...`) and the
+    job's traffic class (`class=sync`: the relay passes its chunks on in that class, under its
+    own caps and weights). Signed with the request's path."""
+    parts = ([f"via={','.join(via)}"] if via else []) + (
+        [f"class={traffic_class}"] if traffic_class else [])
+    return "?" + "&".join(parts) if parts else ""
 
 
 def fallback_order(routes: Iterable[Route]) -> list[Route]:

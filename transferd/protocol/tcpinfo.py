@@ -9,12 +9,15 @@ import sys
 from dataclasses import dataclass
 
 __all__ = [
+    "BUSY_TIME",
     "BYTES_ACKED",
     "DATA_SEGS_OUT",
     "INFO_BYTES",
     "MSS",
     "RETRANSMITS",
     "RTT",
+    "RWND_LIMITED",
+    "SNDBUF_LIMITED",
     "TCP_INFO_NEED",
     "TOTAL_RETRANS",
     "TcpInfo",
@@ -23,7 +26,7 @@ __all__ = [
     "u64",
 ]
 
-INFO_BYTES = 168  # up to and including tcpi_delivery_rate: what getsockopt is asked for
+INFO_BYTES = 192  # up to and including tcpi_sndbuf_limited: what getsockopt is asked for
 
 # Offsets in bytes.
 RETRANSMITS = 2  # u8: retransmission timeouts in a row without progress
@@ -31,6 +34,9 @@ MSS, RTT, RTTVAR, CWND, TOTAL_RETRANS = 16, 68, 72, 80, 100  # u32
 BYTES_ACKED = 120  # u64
 MIN_RTT, DATA_SEGS_OUT = 148, 156  # u32
 DELIVERY_RATE = 160  # u64, kernel 4.9+
+# u64 microseconds, kernel 4.10+: the time the connection had data to send or in flight, and of
+# that the time the peer's receive window, or the local send buffer, held it back.
+BUSY_TIME, RWND_LIMITED, SNDBUF_LIMITED = 168, 176, 184
 TCP_INFO_NEED = DATA_SEGS_OUT + 4  # what `parse_tcp_info` needs
 
 

@@ -26,7 +26,7 @@ from transferd.protocol.manifest import UploadIntent
 from transferd.protocol.upload import ChunkTarget, Staged
 from transferd.protocol.wire import parse_body, to_body
 
-__all__ = ["ChunkLocation", "JobCounters", "Journal", "Upload", "UploadState"]
+__all__ = ["ChunkLocation", "JobCounters", "Journal", "RelayedUpload", "Upload", "UploadState"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -79,6 +79,12 @@ CREATE INDEX IF NOT EXISTS chunk_index_by_hash ON chunk_index(hash);
 CREATE TABLE IF NOT EXISTS watch_seen (
     root TEXT NOT NULL, dest TEXT NOT NULL, job TEXT NOT NULL, PRIMARY KEY (root, dest)
 );
+CREATE TABLE IF NOT EXISTS relayed (  -- uploads this site passes on (`net.relay`)
+    upload TEXT PRIMARY KEY, source TEXT NOT NULL, next_hop TEXT NOT NULL, dest TEXT NOT NULL,
+    via TEXT NOT NULL,               -- JSON list: the relays after the next hop
+    created_at REAL NOT NULL,
+    traffic_class TEXT NOT NULL DEFAULT 'sync'
+);
 CREATE TABLE IF NOT EXISTS auth_marks (  -- per sending site: newest timestamp accepted (+1 s)
     site TEXT PRIMARY KEY, ts REAL NOT NULL
 );
@@ -114,6 +120,20 @@ class Upload:
     root: str
     state: UploadState
     intent: UploadIntent
+
+
+@dataclass(frozen=True)
+class RelayedUpload:
+    """An upload this site passes on: from `source` to `next_hop`, bound for `dest` through
+    the relays `via` after the next hop."""
+
+    upload: str
+    source: str
+    next_hop: str
+    dest: str
+    via: tuple[str, ...]
+    created_at: float
+    traffic_class: str = "sync"  # the job's bulk class: the relay schedules its chunks in it
 
 
 @dataclass(frozen=True)
@@ -309,6 +329,28 @@ class Journal:
             (intent.upload, source, intent.root, to_body(intent), UploadState.OPEN.value, now),
         )
         return cur.rowcount == 1
+
+    # -- relay: uploads passed on ----------------------------------------------------------
+    def add_relayed(self, row: RelayedUpload) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO relayed (upload, source, next_hop, dest, via, created_at, "
+            "traffic_class) VALUES (?,?,?,?,?,?,?)",
+            (row.upload, row.source, row.next_hop, row.dest, json.dumps(list(row.via)),
+             row.created_at, row.traffic_class),
+        )
+
+    def drop_relayed(self, upload: str) -> None:
+        self._exec("DELETE FROM relayed WHERE upload = ?", (upload,))
+
+    def relayed(self, since: float) -> list[RelayedUpload]:
+        """The uploads passed on here, opened at `since` or later (older ones are forgotten:
+        their senders gave up on this route or finished by another)."""
+        self._exec("DELETE FROM relayed WHERE created_at < ?", (since,))
+        rows = self._exec(
+            "SELECT upload, source, next_hop, dest, via, created_at, traffic_class FROM relayed"
+        ).fetchall()
+        return [RelayedUpload(u, s, n, d, tuple(json.loads(v)), float(t), c)
+                for u, s, n, d, v, t, c in rows]
 
     def upload(self, upload: str) -> Upload | None:
         row = self._exec(

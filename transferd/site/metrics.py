@@ -43,6 +43,15 @@ class Metrics:
         self.chunks_resent = counter(
             "chunks_resent", "Chunks sent again because their data channel broke", "peer"
         )
+        # This site as a relay (`net.relay`): chunks and body bytes passed on, by the peer
+        # they came from and the next hop they went to.
+        self.relayed_chunks = counter(
+            "relayed_chunks", "Chunks this site passed on for other sites", "source", "next_hop"
+        )
+        self.relayed_bytes = counter(
+            "relayed_bytes", "Chunk body bytes this site passed on for other sites", "source",
+            "next_hop",
+        )
         self.channels_opened = counter(
             "data_channels_opened", "Data channels opened to a peer (kept open across jobs)",
             "peer",

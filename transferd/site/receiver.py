@@ -80,13 +80,17 @@ class Receiver:
         run_retention: Mapping[str, int] | None = None,
         region: str | None = None,
         relays: Collection[str] = (),
+        accept_via: Mapping[str, Collection[str]] | None = None,
     ) -> None:
         self.site = site
         # This site's region (checked against an upload's residency), and the peers whose
         # relayed uploads it takes (another site's upload passed on: the manifest its source
-        # signed still decides what is committed).
+        # signed still decides what is committed): any of `relays`, or with `accept_via` only
+        # those it names for the upload's source.
         self.region = region
         self.relays = frozenset(relays)
+        self.accept_via = (None if accept_via is None
+                           else {src: frozenset(r) for src, r in accept_via.items()})
         self.storage = storage
         self.journal = journal
         self.keys = keys
@@ -112,8 +116,11 @@ class Receiver:
         """Stage the upload (idempotent). Returns True when it was already committed."""
         relayed = peer != intent.source_site
         try:
-            if relayed and peer not in self.relays:
-                raise PolicyViolation(f"{peer} may not relay uploads to {self.site}", hop=self.site)
+            if relayed and not self._may_relay(intent.source_site, peer):
+                raise PolicyViolation(
+                    f"{self.site} does not accept {intent.source_site}'s uploads through {peer}"
+                    + (" (relay.accept_via)" if self.accept_via is not None else ""),
+                    hop=self.site)
             check_intent(intent, peer, self.site, relayed=relayed)
             check_residency(self.site, self.region, intent.residency, "destination")
             for path in member_paths(intent):
@@ -188,7 +195,13 @@ class Receiver:
 
     def _from(self, known: Upload | None, peer: str) -> bool:
         """`peer` may act on the upload: its source, or a relay passing it on."""
-        return known is not None and (known.source == peer or peer in self.relays)
+        return known is not None and (known.source == peer
+                                      or self._may_relay(known.source, peer))
+
+    def _may_relay(self, source: str, peer: str) -> bool:
+        if self.accept_via is None:
+            return peer in self.relays
+        return peer in self.accept_via.get(source, ())
 
     def _open_upload(self, upload: str, peer: str) -> Upload:
         known = self.journal.upload(upload)
