@@ -31,6 +31,7 @@ from benchmarks.runner import run_scenario
 from benchmarks.scenario import SCENARIO_DIR, load_scenario
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
+FULL_SIZE = "full-size"  # beside the results: full-size runs of scenarios kept there as quick runs
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
@@ -113,14 +114,14 @@ def report(output: Path, as_markdown: bool, html_file: str | None, logs: Path | 
         _html(docs, Path(html_file) if html_file else output / "report.html", logs)
     if as_markdown:
         click.echo(summary_markdown(docs))
-        click.echo(goals_markdown(evaluate(docs)))
+        click.echo(goals_markdown(evaluate(docs, load_results(output / FULL_SIZE))))
     for doc in docs:
         if as_markdown:
             click.echo(markdown(doc))
         else:
             print_table(doc, console)
     if not as_markdown:
-        print_goals(evaluate(docs), console)
+        print_goals(evaluate(docs, load_results(output / FULL_SIZE)), console)
     _plots(output, console)
 
 
@@ -130,7 +131,7 @@ def report(output: Path, as_markdown: bool, html_file: str | None, logs: Path | 
 @click.option("--markdown", "as_markdown", is_flag=True, help="A Markdown table.")
 def goals(output: Path, as_markdown: bool) -> None:
     """The data plane's goals against the results: goal, measured, met?"""
-    found = evaluate(load_results(output))
+    found = evaluate(load_results(output), load_results(output / FULL_SIZE))
     if as_markdown:
         click.echo(goals_markdown(found))
     else:

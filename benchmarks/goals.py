@@ -59,7 +59,10 @@ def _ratio_goal(name: str, mine: dict[str, Any] | None, other: dict[str, Any] | 
                 f"{other['goodput_mbit']:.0f} Mbit/s: {ratio:.2f}x", ratio >= floor)
 
 
-def _scenario_goals(doc: dict[str, Any]) -> list[Goal]:
+def _scenario_goals(doc: dict[str, Any], full: dict[str, Any] | None = None) -> list[Goal]:
+    """The goals one results file decides; `full`: a full-size run of the same scenario and
+    congestion control (`results/full-size/`), which decides the goals on the link's share
+    when `doc` was a quick run (the ratios to the peers stay within `doc`)."""
     scenario, cc = doc["scenario"], doc.get("congestion_control")
     where = f"{scenario}, {cc}" + (" (quick)" if doc.get("quick") else "")
     rows = _rows(doc)
@@ -77,11 +80,7 @@ def _scenario_goals(doc: dict[str, Any]) -> list[Goal]:
             if scenario.startswith("lossy-") and cc == "bbr":
                 out.append(_ratio_goal(f"{where}: transferd >= 1.2x best peer", mine, best, 1.2))
             if cc == "cubic" and scenario in ("lossy-0.5pct", "lossy-2pct"):
-                floor = 70.0 if scenario == "lossy-0.5pct" else 40.0
-                pct = mine["link_pct"] if mine else None
-                out.append(Goal(f"{where}: transferd >= {floor:.0f} % of the link",
-                                "no result" if pct is None else f"{pct:.0f} %",
-                                None if pct is None else pct >= floor))
+                out.append(_link_goal(where, scenario, mine, full, data))
                 if scenario == "lossy-0.5pct":
                     for peer in ("rsync", "rclone"):
                         out.append(_ratio_goal(f"{where}: transferd >= 10x {peer}", mine,
@@ -99,6 +98,19 @@ def _scenario_goals(doc: dict[str, Any]) -> list[Goal]:
     if scenario == "interactive-during-bulk":
         out += _interactive_goals(where, rows)
     return out
+
+
+def _link_goal(where: str, scenario: str, mine: dict[str, Any] | None,
+               full: dict[str, Any] | None, data: str) -> Goal:
+    floor = 70.0 if scenario == "lossy-0.5pct" else 40.0
+    name = f"{where}: transferd >= {floor:.0f} % of the link"
+    at = ""
+    if full is not None and (row := _good(_rows(full), "transferd", data)) is not None:
+        mine, at = row, f" (full size, {full.get('git_commit', '?')[:8]}, {row['n']} runs)"
+        name = name.replace(" (quick)", "")
+    pct = mine["link_pct"] if mine else None
+    return Goal(name, "no result" if pct is None else f"{pct:.0f} %{at}",
+                None if pct is None else pct >= floor)
 
 
 def _cpu_goal(where: str, mine: dict[str, Any] | None, rclone: dict[str, Any] | None) -> Goal:
@@ -144,10 +156,14 @@ def _interactive_goals(where: str,
                  None if pct is None else pct >= 85)]
 
 
-def evaluate(docs: Iterable[dict[str, Any]]) -> list[Goal]:
+def evaluate(docs: Iterable[dict[str, Any]], full: Iterable[dict[str, Any]] = ()) -> list[Goal]:
+    """Each file's goals; `full`: full-size runs (`results/full-size/`) that decide the link's
+    share for a scenario whose file in `docs` is a quick run."""
+    sized = {(d["scenario"], d.get("congestion_control")): d for d in full if not d.get("quick")}
     out: list[Goal] = []
     for doc in sorted(docs, key=lambda d: (d["scenario"], d.get("congestion_control") or "")):
-        out += _scenario_goals(doc)
+        key = (doc["scenario"], doc.get("congestion_control"))
+        out += _scenario_goals(doc, sized.get(key) if doc.get("quick") else None)
     return out
 
 

@@ -37,6 +37,26 @@ def test_lossy_cubic_goals_compare_with_the_best_peer_and_the_link() -> None:
     assert not any("1.2x" in g for g in goals)  # that one is bbr's
 
 
+def test_a_quick_run_takes_the_link_share_from_a_full_size_run_and_ratios_from_its_own() -> None:
+    quick = {**_doc("lossy-2pct", "cubic", [
+        _run("transferd", 80), _run("rclone", 5), _run("iperf3-1stream", 3, data=None)]),
+        "quick": True}
+    full = {**_doc("lossy-2pct", "cubic", [_run("transferd", 430), _run("transferd", 410),
+                                           _run("transferd", 450)]), "git_commit": "abc12345"}
+    alone = {g.goal: g for g in evaluate([quick])}
+    assert alone["lossy-2pct, cubic (quick): transferd >= 40 % of the link"].met is False
+    goals = {g.goal: g for g in evaluate([quick], [full])}
+    share = goals["lossy-2pct, cubic: transferd >= 40 % of the link"]
+    assert share.met is True
+    assert share.measured == "43 % (full size, abc12345, 3 runs)"
+    best = goals["lossy-2pct, cubic (quick): transferd >= 1.0x best of rsync, rsync-zstd, rclone"]
+    assert "80 vs rclone 5" in best.measured  # the peers' ratio stays within the quick run
+    # A full-size file never overrides a full-size run's own share.
+    own = {**quick, "quick": False}
+    kept = {g.goal: g for g in evaluate([own], [full])}
+    assert kept["lossy-2pct, cubic: transferd >= 40 % of the link"].measured == "8 %"
+
+
 def test_missing_results_are_no_data_and_loopback_cpu_is_per_gib() -> None:
     doc = _doc("loopback", "cubic", [
         _run("transferd", 8000, cpu_s=1.0), _run("rclone", 7000, cpu_s=2.0),
