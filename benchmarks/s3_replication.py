@@ -8,12 +8,17 @@ into the same site would be a delta of nothing):
 - transferd local -> local   (two daemons, `transferd send --wait --json`: the physical floor)
 - transferd local -> S3      (the receiving site's data_dir is s3://bucket/...)
 - transferd S3 -> local      (the sending site's data_dir is s3://bucket/...)
-- rclone copy local -> S3, rclone copy S3 -> local (same endpoint, rclone's defaults:
-  4 transfers, 4 upload streams per file, multi-thread downloads)
+- rclone copy local -> S3, rclone copy S3 -> local (same endpoint, same data, rclone's
+  defaults, printed with the results: how many transfers, what it checks)
+The cases run round-robin (`--repeat` rounds of every case), and the table gives medians. Beside
+each time: the CPU seconds every process spent in it (the two daemons, the `send` CLI, moto,
+rclone: /proc/<pid>/stat before and after, wait4 for the ones that exit), and for transferd the
+wall-clock phases from the daemons' debug log lines (TRANSFERD_LOG_LEVEL=debug: each S3 PUT and
+GET with its start and duration, the commit). Results go to `--output` as JSON.
 A benchmark, not a test. Hold the lock while it runs (the machine is shared):
 
     flock /tmp/netplan-bench.lock python benchmarks/s3_replication.py [--size-mib 512]
-        [--files 8] [--repeat 3]
+        [--files 8] [--repeat 3] [--output benchmarks/results/s3-replication.json]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,6 +36,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,67 @@ MIB = 1024 * 1024
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a live process has used so far."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        fields = fh.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * _TICK_S  # utime, stime: stat(5) fields 14, 15
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of the children waited for so far (the CLI, rclone: wait4's rusage)."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+@dataclass
+class Run:
+    """One timed case: its seconds, the CPU seconds of each process over it, and (transferd)
+    the wall-clock phases read from the daemons' logs."""
+
+    seconds: float
+    cpu_s: dict[str, float]
+    phases_s: dict[str, float] = field(default_factory=dict)
+
+
+def _log_lines(path: Path) -> list[dict[str, Any]]:
+    lines = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines
+
+
+def _phases(sender_log: Path, receiver_log: Path) -> dict[str, float]:
+    """Wall-clock phases of the run, from the job's start (the sending daemon's `job.started`):
+    when the first S3 request began, how long the S3 requests ran (first start to last end),
+    when the receiver's commit began (every byte staged), and the commit's end."""
+    events = _log_lines(sender_log) + _log_lines(receiver_log)
+    started = [e["ts"] for e in events if e.get("event") == "job.started"]
+    done = [e["ts"] for e in events if e.get("event") == "job.committed"]
+    if not started or not done:
+        return {}
+    t0 = started[-1]
+    s3 = [(e["at"], e["at"] + e["seconds"]) for e in events
+          if e.get("event") in ("storage.put", "storage.get") and e.get("at", 0) >= t0 - 1]
+    commit = [e for e in events if e.get("event") == "storage.commit" and e.get("at", 0) >= t0]
+    phases = {"job": done[-1] - t0}
+    if s3:
+        first, last = min(a for a, _ in s3), max(b for _, b in s3)
+        phases |= {"first S3 request at": max(0.0, first - t0), "S3 requests": last - first}
+    if commit:
+        phases |= {"commit began at": commit[-1]["at"] - t0,
+                   "commit waited for uploads": commit[-1]["uploads_wait_s"]}
+    if s3:
+        phases["after the last S3 request"] = done[-1] - last
+    return phases
 
 
 def _write_dataset(root: Path, size_mib: int, files: int, seed: int) -> None:
@@ -72,37 +140,46 @@ def _wait_serving(port: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"daemon on port {port} did not start")
 
 
-def _transferd(work: Path, a: dict[str, Any], b: dict[str, Any]) -> float:
+def _transferd(work: Path, s3: MotoS3Server, a: dict[str, Any], b: dict[str, Any]) -> Run:
     """Two daemons (A and B, with their site overrides) and one `send --wait --json` of the
-    dataset from A to B: its wall seconds as the CLI reports them."""
+    dataset from A to B: its wall seconds as the CLI reports them (job queued to committed at
+    B), the CPU seconds of A, B, the CLI and moto over the send, and the phases."""
     ports = {"A": free_port(), "B": free_port()}
     configs = write_site_configs(work, ports, A=a, B=b)
     procs = []
+    env = {**_env(), "TRANSFERD_LOG_LEVEL": "debug"}
     try:
         for site in ("A", "B"):
             log = (work / f"{site}.log").open("ab")
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "transferd", "serve", "--config", str(configs[site])],
-                    env=_env(),
+                    env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=log,
                 )  # fmt: skip
             )
             _wait_serving(ports[site])
+        pids = {"sender daemon": procs[0].pid, "receiver daemon": procs[1].pid,
+                "moto": s3.proc.pid}  # fmt: skip
+        before = {name: _cpu_s(pid) for name, pid in pids.items()}
+        cli_before = _children_cpu_s()
         done = subprocess.run(
             [sys.executable, "-m", "transferd", "send", DATASET, "--config", str(configs["A"]),
              "--to", "B", "--wait", "--json"],
-            env=_env(), capture_output=True, text=True, check=False, timeout=3600,
+            env=env, capture_output=True, text=True, check=False, timeout=3600,
         )  # fmt: skip
+        cpu = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
+        cpu["send CLI"] = _children_cpu_s() - cli_before
         if done.returncode != 0:
             raise RuntimeError(f"transferd send failed: {done.stderr.strip()}")
-        return float(json.loads(done.stdout)["seconds"])
+        seconds = float(json.loads(done.stdout)["seconds"])
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
+    return Run(seconds, cpu, _phases(work / "A.log", work / "B.log"))
 
 
 def rclone_env(s3: MotoS3Server) -> dict[str, str]:
@@ -119,11 +196,42 @@ def rclone_env(s3: MotoS3Server) -> dict[str, str]:
     }
 
 
-def _rclone(s3: MotoS3Server, src: str, dst: str) -> float:
+def _rclone(s3: MotoS3Server, src: str, dst: str) -> Run:
+    """`rclone copy` with its defaults: its wall seconds, its CPU seconds and moto's."""
     env = rclone_env(s3)
+    moto_before, rclone_before = _cpu_s(s3.proc.pid), _children_cpu_s()
     t0 = time.perf_counter()
     subprocess.run(["rclone", "copy", "-q", src, dst], env=env, check=True, timeout=3600)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    cpu = {"rclone": _children_cpu_s() - rclone_before, "moto": _cpu_s(s3.proc.pid) - moto_before}
+    return Run(seconds, cpu)
+
+
+def rclone_settings() -> dict[str, str]:
+    """rclone's version and the defaults that decide how it drives the endpoint here."""
+    version = subprocess.run(["rclone", "version"], capture_output=True, text=True, check=False)
+    flags = subprocess.run(["rclone", "help", "flags"], capture_output=True, text=True,
+                           check=False).stdout  # fmt: skip
+    out = {"version": version.stdout.splitlines()[0] if version.stdout else "?"}
+    for name in ("transfers", "checkers", "s3-upload-cutoff", "s3-upload-concurrency",
+                 "multi-thread-cutoff", "multi-thread-streams"):  # fmt: skip
+        for line in flags.splitlines():
+            if line.strip().startswith(f"--{name} ") and "(default " in line:
+                out[name] = line.rsplit("(default ", 1)[1].rstrip(")")
+    return out
+
+
+# What each tool checks on the way, as observed against this endpoint (`rclone -vv --dump
+# headers`; botocore's request hooks in tests/transferd/test_objectstore.py).
+CHECKS = {
+    "rclone": "PUT: Content-MD5 of the file (one MD5 pass before sending) and UNSIGNED-PAYLOAD, "
+    "then the returned ETag compared with that MD5; GET: MD5 of what arrived compared with the "
+    "ETag",
+    "transferd": "PUT: x-amz-checksum-crc32 combined from the chunks' CRCs as they were staged "
+    "(no pass before sending) and UNSIGNED-PAYLOAD; GET: botocore checks the stored CRC where "
+    "the object has one (objects rclone wrote have none); between the daemons every chunk's "
+    "blake3 against the signed manifest",
+}
 
 
 def _rm_prefix(s3: MotoS3Server, prefix: str) -> None:
@@ -142,6 +250,7 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="run only the cases whose name contains this (e.g. 'S3 ->')"
     )
+    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     if shutil.which("rclone") is None:
         sys.exit("rclone is not installed (apt-get install rclone)")
@@ -160,30 +269,34 @@ def main() -> None:
             return {"data_dir": f"s3://{BUCKET}/{prefix}", "state_dir": str(state),
                     "storage_options": opts}  # fmt: skip
 
-        def case_local(i: int, work: Path) -> float:
-            return _transferd(work, {"data_dir": str(src_local)}, {"data_dir": str(work / "B")})
+        def case_local(i: int, work: Path) -> Run:
+            return _transferd(
+                work, s3, {"data_dir": str(src_local)}, {"data_dir": str(work / "B")}
+            )
 
-        def case_to_s3(i: int, work: Path) -> float:
+        def case_to_s3(i: int, work: Path) -> Run:
             try:
                 return _transferd(
-                    work, {"data_dir": str(src_local)}, s3_site(f"to-s3-{i}", work / "B-state")
+                    work, s3, {"data_dir": str(src_local)}, s3_site(f"to-s3-{i}", work / "B-state")
                 )
             finally:
                 _rm_prefix(s3, f"to-s3-{i}/")
 
-        def case_from_s3(i: int, work: Path) -> float:
-            return _transferd(work, s3_site("src", work / "A-state"), {"data_dir": str(work / "B")})
+        def case_from_s3(i: int, work: Path) -> Run:
+            return _transferd(
+                work, s3, s3_site("src", work / "A-state"), {"data_dir": str(work / "B")}
+            )
 
-        def case_rclone_up(i: int, work: Path) -> float:
+        def case_rclone_up(i: int, work: Path) -> Run:
             try:
                 return _rclone(s3, str(src_local / DATASET), f"moto:{BUCKET}/rclone-{i}/{DATASET}")
             finally:
                 _rm_prefix(s3, f"rclone-{i}/")
 
-        def case_rclone_down(i: int, work: Path) -> float:
+        def case_rclone_down(i: int, work: Path) -> Run:
             return _rclone(s3, f"moto:{BUCKET}/src/{DATASET}", str(work / "B" / DATASET))
 
-        cases: dict[str, Callable[[int, Path], float]] = {
+        cases: dict[str, Callable[[int, Path], Run]] = {
             "transferd local -> local": case_local,
             "transferd local -> S3": case_to_s3,
             "rclone copy local -> S3": case_rclone_up,
@@ -191,30 +304,83 @@ def main() -> None:
             "rclone copy S3 -> local": case_rclone_down,
         }
         cases = {name: case for name, case in cases.items() if args.only in name}
-        times: dict[str, list[float]] = {name: [] for name in cases}
+        runs: dict[str, list[Run]] = {name: [] for name in cases}
         for i in range(args.repeat):
             for name, case in cases.items():
                 work = root / f"run-{i}-{name.replace(' ', '_').replace('>', '')}"
                 work.mkdir()
-                times[name].append(case(i, work))
+                runs[name].append(case(i, work))
                 shutil.rmtree(work, ignore_errors=True)
-                print(f"  run {i + 1}/{args.repeat} {name}: {times[name][-1]:.2f} s", flush=True)
+                print(f"  run {i + 1}/{args.repeat} {name}: {runs[name][-1].seconds:.2f} s",
+                      flush=True)  # fmt: skip
+    report(runs, size, args, rclone_settings())
 
+
+def _median_of(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def report(
+    runs: dict[str, list[Run]], size: int, args: argparse.Namespace, rclone: dict[str, str]
+) -> None:
+    load = os.getloadavg()
     print(
-        f"\n{size / MIB:.0f} MiB in {args.files} files, moto S3 server on 127.0.0.1, "
-        f"medians of {args.repeat} (range)"
+        f"\n{size / MIB:.0f} MiB in {args.files} files, moto S3 server on 127.0.0.1 (the same "
+        f"endpoint and data for every case), {args.repeat} round-robin rounds, medians (range); "
+        f"load average {load[0]:.1f} on {os.cpu_count()} cores"
     )
-    print(f"{'case':<28} {'seconds':>18} {'MiB/s':>8}  vs rclone")
+    print("rclone " + ", ".join(f"{k} {v}" for k, v in rclone.items()))
+    for tool, checks in CHECKS.items():
+        print(f"{tool} checks: {checks}")
     peers = {"S3": "rclone copy local -> S3", "local": "rclone copy S3 -> local"}
-    for name, runs in times.items():
-        med = statistics.median(runs)
-        rate = size / MIB / med
-        ratio = ""
+    print(f"\n{'case':<26} {'seconds':>18} {'MiB/s':>7} {'vs rclone':>9}  CPU seconds (medians)")
+    summary: dict[str, Any] = {}
+    for name, case_runs in runs.items():
+        med = statistics.median(r.seconds for r in case_runs)
         peer = peers["S3"] if name.endswith("S3") else peers["local"]
-        if name.startswith("transferd") and "S3" in name and peer in times:
-            ratio = f"{statistics.median(times[peer]) / med:.2f}x"
-        spread = f"{med:.2f} ({min(runs):.2f}-{max(runs):.2f})"
-        print(f"{name:<28} {spread:>18} {rate:>8.1f}  {ratio}")
+        ratio = None
+        if name.startswith("transferd") and "S3" in name and peer in runs:
+            ratio = statistics.median(r.seconds for r in runs[peer]) / med
+        procs = list(dict.fromkeys(p for r in case_runs for p in r.cpu_s))
+        cpu = {p: _median_of([r.cpu_s.get(p) for r in case_runs]) for p in procs}
+        spread = f"{med:.2f} ({min(r.seconds for r in case_runs):.2f}-" \
+                 f"{max(r.seconds for r in case_runs):.2f})"  # fmt: skip
+        cpu_text = ", ".join(f"{p} {v:.2f}" for p, v in cpu.items() if v is not None)
+        ratio_text = f"{ratio:.2f}x" if ratio is not None else ""
+        print(f"{name:<26} {spread:>18} {size / MIB / med:>7.1f} {ratio_text:>9}  {cpu_text}")
+        phases = list(dict.fromkeys(p for r in case_runs for p in r.phases_s))
+        summary[name] = {
+            "median_s": med,
+            "mib_per_s": size / MIB / med,
+            "vs_rclone": ratio,
+            "cpu_s_median": cpu,
+            "phases_s_median": {p: _median_of([r.phases_s.get(p) for r in case_runs])
+                                for p in phases},  # fmt: skip
+            "runs": [asdict(r) for r in case_runs],
+        }
+    print("\ntransferd phases, seconds from the job's start (medians):")
+    for name, entry in summary.items():
+        if entry["phases_s_median"]:
+            text = ", ".join(f"{p} {v:.2f}" for p, v in entry["phases_s_median"].items()
+                             if v is not None)  # fmt: skip
+            print(f"  {name}: {text}")
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "command": "flock /tmp/netplan-bench.lock python benchmarks/s3_replication.py "
+            f"--size-mib {args.size_mib} --files {args.files} --repeat {args.repeat}",
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "bytes": size,
+            "files": args.files,
+            "load_average": load,
+            "cores": os.cpu_count(),
+            "rclone": rclone,
+            "checks": CHECKS,
+            "cases": summary,
+        }
+        args.output.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":

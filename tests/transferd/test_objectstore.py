@@ -5,14 +5,17 @@ ConfigError naming the step and the reason."""
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 
 from transferd.errors import ConfigError, StorageError
+from transferd.site import objectstore
 from transferd.site.checkpoints import update_run
 from transferd.site.objectstore import MANIFEST, ObjectStorage
 from transferd.site.staging import Staging
@@ -100,11 +103,11 @@ def test_a_failed_upload_leaves_the_folder_absent_and_no_objects(
     real_put = store._put_local
     calls: list[str] = []
 
-    def put_then_fail(local: Path | str, path: str) -> None:
+    def put_then_fail(local: Path | str, path: str, crc32: int | None = None) -> None:
         calls.append(path)
         if len(calls) > 1:  # the first object lands, the second is refused
             raise PermissionError(13, "Access Denied")
-        real_put(local, path)
+        real_put(local, path, crc32)
 
     monkeypatch.setattr(store, "_put_local", put_then_fail)
     with pytest.raises(StorageError, match="committing checkpoints/r/step-9 failed: Access Denied"):
@@ -188,7 +191,7 @@ def test_small_objects_arrive_whole_in_parallel_and_give_their_memory_back(
             source.close()
     for source in unread:
         source.close()
-    slots = store._whole_objects._slots
+    slots = store._fetcher._slots
     acquired = [slots.acquire(timeout=5) for _ in range(4)]  # every slot came back
     assert acquired == [True] * 4
 
@@ -376,3 +379,101 @@ def test_polling_an_unchanged_folder_costs_one_request(
     for rel in ("approved/ours", "approved/theirs"):
         assert store.folder_state(rel) == (store.list_source(rel)[1], store.newest_mtime(rel))
     assert store.folder_state("approved/none") is None
+
+
+def test_a_put_carries_the_crc_of_the_staged_chunks_and_an_unsigned_body(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The CRC-32 combined from the chunks as they were staged goes in a signed header (no
+    pass over the file, no SHA-256 of the body before the first byte); the store keeps it and
+    a GET checks the object against it."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    assert store.stage_crc32
+    data = random.Random(5).randbytes(3 * 65536 + 5)
+    staging = Staging(
+        store.staging_root / "u1", "folder", ["a.bin"], [len(data)], crc32=store.stage_crc32
+    )
+    staging.create()
+    for off in range(0, len(data), 65536):
+        staging.write(0, off, data[off : off + 65536])
+    sent: list[dict[str, str]] = []
+    store._client().meta.events.register(
+        "before-send.s3.PutObject",
+        lambda request, **_kw: sent.append({k.lower(): str(v) for k, v in request.headers.items()}),
+    )
+    store.commit(staging, "approved/crc")
+    put = [h for h in sent if "x-amz-checksum-crc32" in h]
+    assert len(put) == 1
+    expected = base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    assert expected in put[0]["x-amz-checksum-crc32"]
+    assert "UNSIGNED-PAYLOAD" in put[0]["x-amz-content-sha256"]
+    head = moto_s3.client().head_object(
+        Bucket=s3_bucket, Key="data/approved/crc/a.bin", ChecksumMode="ENABLED"
+    )
+    assert head["ChecksumCRC32"] == expected
+
+
+def test_a_large_object_is_read_in_windows_as_they_land_and_a_replaced_one_reads_as_changed(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(objectstore, "_WINDOW_BYTES", 10_000)
+    monkeypatch.setattr(objectstore, "_READ_PIECE_BYTES", 3_000)
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    data = random.Random(6).randbytes(45_678)  # 5 windows, the last short
+    store.fs.pipe_file(store.path("curated/big.bin"), data)
+    source = store.open_source("curated/big.bin")
+    try:
+        read = b""
+        for offset in range(0, len(data), 4_096):  # spans that cross window edges
+            read += bytes(source.read(offset, min(4_096, len(data) - offset)))
+        assert read == data
+        for offset, length in [(9_990, 30), (100, 50), (45_000, 678)]:  # again: own GETs
+            assert bytes(source.read(offset, length)) == data[offset : offset + length]
+        before = len(moto_s3.requests(s3_bucket))
+        assert not source.changed()
+        assert len(moto_s3.requests(s3_bucket)) == before  # no request: GETs were If-Match
+        store.fs.pipe_file(store.path("curated/big.bin"), b"another version" * 100)
+        with pytest.raises(OSError, match="PreconditionFailed|412"):
+            source.read(0, 10)
+        assert source.changed()
+    finally:
+        source.close()
+    slots = store._fetcher._slots
+    assert [slots.acquire(timeout=5) for _ in range(4)] == [True] * 4
+
+
+def test_options_only_s3fs_understands_keep_the_s3fs_path(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """`s3_additional_kwargs` is s3fs's (no botocore client is made from it): commits, streamed
+    members and reads all go through s3fs, which applies it to every PUT."""
+    options = {
+        **moto_s3.storage_options,
+        "s3_additional_kwargs": {"Metadata": {"written-by": "s3fs-path"}},
+    }
+    state = tmp_path / "state"
+    store = open_storage(False, state, f"s3://{s3_bucket}/fb", options, state)
+    assert isinstance(store, ObjectStorage)
+    assert store._client() is None
+    assert not store.stage_crc32
+    big = random.Random(8).randbytes(BIG)
+    store.commit(_staged(store, {"big.bin": b"old"}), "approved/f")
+    staging = _staged(store, {"big.bin": big, "small.bin": b"s"})
+    store.member_staged(staging, "approved/f", 0)  # over an existing folder: multipart
+    assert _uploads(moto_s3, s3_bucket, "fb/approved/f") == ["fb/approved/f/big.bin"]
+    store.commit(staging, "approved/f")
+    assert store.list_source("approved/f") == ("folder", [("big.bin", BIG), ("small.bin", 1)])
+    for name in ("big.bin", "small.bin"):
+        head = moto_s3.client().head_object(Bucket=s3_bucket, Key=f"fb/approved/f/{name}")
+        assert head["Metadata"] == {"written-by": "s3fs-path"}
+    source = store.open_source("approved/f/big.bin")
+    try:
+        got = b"".join(
+            bytes(source.read(off, min(1 << 20, BIG - off))) for off in range(0, BIG, 1 << 20)
+        )
+        assert got == big
+        assert not source.changed()
+    finally:
+        source.close()
+    assert _uploads(moto_s3, s3_bucket, "fb/") == []
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 
@@ -60,7 +61,12 @@ class PeerDisconnects(logging.Filter):
         return True
 
 
-def setup_logging(level: int = logging.INFO) -> None:
+def setup_logging(level: int | None = None) -> None:
+    """JSON lines on stderr at `level`, else at $TRANSFERD_LOG_LEVEL (`debug`, `info`, ...),
+    else info. Debug adds per-request lines (e.g. each S3 PUT and GET with its timing)."""
+    if level is None:
+        name = os.environ.get("TRANSFERD_LOG_LEVEL", "info").upper()
+        level = logging.getLevelNamesMapping().get(name, logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines())
     handler.addFilter(PeerDisconnects())

@@ -186,6 +186,7 @@ class Receiver:
                 kind=intent.kind,
                 members=[f.path for f in intent.files],
                 sizes=[f.size for f in intent.files],
+                crc32=self.storage.stage_crc32,
             )
             self._staging[intent.upload] = staging
             with self._verified_lock:

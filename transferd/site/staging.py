@@ -4,6 +4,10 @@ size (posix_fallocate) when the first bytes for it arrive, so a full disk fails 
 that file's first chunk rather than mid-way, and a file that needs no new bytes (its
 destination already holds them) costs no space at all.
 
+With `crc32`, each written span's CRC-32 is kept as it is written (the bytes are in memory,
+just verified), and `member_crc32` combines them into the whole file's: an object store's upload
+then carries its checksum without a pass over the file before the first byte goes.
+
 `os_errors` turns an OSError into a StorageError that says what failed and why (ENOSPC:
 "no space left on the receiver's storage"), with its errno; every storage backend maps its
 filesystem's errors through it.
@@ -13,9 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +29,7 @@ from pathlib import Path
 
 from transferd.errors import StorageError
 
-__all__ = ["Staging", "os_errors", "storage_error"]
+__all__ = ["Staging", "crc32_combine", "os_errors", "storage_error"]
 
 
 @contextmanager
@@ -63,6 +69,10 @@ class Staging:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _writing: int = 0
     _discarded: bool = False
+    # Keep the CRC-32 of every span written (member -> offset -> (length, crc)): the uploads of
+    # an object store send it as their checksum (`member_crc32`).
+    crc32: bool = False
+    _crcs: dict[int, dict[int, tuple[int, int]]] = field(default_factory=dict)
 
     def member_path(self, index: int) -> Path:
         return self.dir / "file" if self.kind == "file" else self.dir / "tree" / self.members[index]
@@ -118,6 +128,10 @@ class Staging:
 
     def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
+        if self.crc32:
+            crc = zlib.crc32(view)  # releases the GIL; the bytes are still in the cache
+            with self._lock:
+                self._crcs.setdefault(index, {})[offset] = (len(view), crc)
         try:
             with self._lock:
                 self._live()
@@ -143,6 +157,18 @@ class Staging:
                         self._close_fds()
         except OSError as exc:
             raise storage_error("writing a chunk", exc, self.dir) from exc
+
+    def member_crc32(self, index: int) -> int | None:
+        """The CRC-32 of member `index` from the spans written by this process, or None when
+        they do not tile it exactly (bytes staged before a restart, or linked in)."""
+        with self._lock:
+            spans = sorted(self._crcs.get(index, {}).items())
+        crc, end = 0, 0
+        for offset, (length, part) in spans:
+            if offset != end:
+                return None
+            crc, end = crc32_combine(crc, part, length), end + length
+        return crc if end == self.sizes[index] else None
 
     def _direct_fd(self, index: int) -> int | None:
         fd = self._direct_fds.get(index)
@@ -193,6 +219,44 @@ class Staging:
 
 
 DIRECT_ALIGN = 4096
+_CRC32_POLY = 0xEDB88320  # reflected CRC-32 (zlib, S3's x-amz-checksum-crc32)
+
+
+def _gf2_times(matrix: tuple[int, ...], vector: int) -> int:
+    out, i = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_operator(length: int) -> tuple[int, ...]:
+    """The GF(2) matrix that advances a CRC-32 over `length` zero bytes (zlib's
+    crc32_combine, composed once per length: chunks mostly share one size)."""
+    odd = (_CRC32_POLY, *(1 << n for n in range(31)))  # one zero bit
+    even = tuple(_gf2_times(odd, odd[n]) for n in range(32))  # two
+    square = tuple(_gf2_times(even, even[n]) for n in range(32))  # four
+    square = tuple(_gf2_times(square, square[n]) for n in range(32))  # one zero byte
+    op: tuple[int, ...] = tuple(1 << n for n in range(32))  # identity
+    while length:
+        if length & 1:
+            op = tuple(_gf2_times(square, op[n]) for n in range(32))
+        length >>= 1
+        if length:
+            square = tuple(_gf2_times(square, square[n]) for n in range(32))
+    return op
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of A + B from crc(A), crc(B) and len(B), as zlib's crc32_combine (which
+    Python's zlib does not expose)."""
+    if length2 <= 0:
+        return crc1
+    return _gf2_times(_zeros_operator(length2), crc1) ^ crc2
+
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

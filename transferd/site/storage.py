@@ -89,6 +89,8 @@ class SiteStorage(Protocol):
     Both backends pass the same conformance tests (tests/transferd/test_storage_conformance.py)."""
 
     staging_root: Path  # local disk, where incoming files are staged before commit
+    # Staged spans keep their CRC-32 (`Staging.crc32`): the commit uploads them with it.
+    stage_crc32: bool
 
     def check_path(self, rel: str) -> None:
         """PolicyViolation when `rel` is not a clean tier path or would lead out of data_dir."""
@@ -232,6 +234,8 @@ def _fsync_dir(path: Path) -> None:
 
 class LocalStorage:
     """data_dir on a local filesystem; staging lives inside it, so commit is one rename."""
+
+    stage_crc32 = False
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -491,6 +495,8 @@ class LocalStorage:
 class FsspecStorage:
     """data_dir at any fsspec URL; incoming files stage on local disk (state_dir), then are put
     under a partial name and moved into place, so readers never see a half-written file."""
+
+    stage_crc32 = False
 
     def __init__(self, url: str, storage_options: dict[str, Any], state_dir: Path) -> None:
         try:
