@@ -245,6 +245,13 @@ class Daemon:
             journal=self.journal,
             clock=clock,
         )
+        if config.relay.for_peers:
+            try:
+                self.relay.window.check_spill_dir()
+            except OSError as exc:
+                raise ConfigError(
+                    f"relay.spill_dir: {config.relay_spill_path}: cannot write spill files "
+                    f"there: {exc.strerror or exc}", field="relay.spill_dir") from exc
         self.routing = RoutingInbound(self.inbound, self.relay, config.site)
         self.listener = DataListener(
             site=config.site,

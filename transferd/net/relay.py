@@ -126,6 +126,16 @@ class RelayWindow:
             self._give_back(kind, n)
             raise
 
+    def check_spill_dir(self) -> None:
+        """At start-up: the spill directory can be made and written (OSError otherwise), so a
+        relay that would spill learns of a bad `spill_dir` before its first chunk does."""
+        if self.spill_bytes <= 0:
+            return
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.spill_dir, prefix="check-")
+        os.close(fd)
+        os.unlink(name)
+
     def _spill(self, n: int) -> tuple[memoryview, mmap.mmap]:
         """A file of its own for the body (unlinked at once: nothing is left behind if the
         relay dies), mapped to receive into and send from."""
@@ -133,7 +143,10 @@ class RelayWindow:
         fd, name = tempfile.mkstemp(dir=self.spill_dir, prefix="chunk-")
         try:
             os.unlink(name)
-            os.ftruncate(fd, n)
+            # Blocks allocated now, not on first touch: a sparse file on a disk that filled
+            # meanwhile would turn the receive into an unbacked page into SIGBUS (the relay
+            # dies); allocated, a full disk is ENOSPC here and the chunk is answered STORAGE.
+            os.posix_fallocate(fd, 0, n)
             mapping = mmap.mmap(fd, n)
         finally:
             os.close(fd)
@@ -397,10 +410,25 @@ class RelayService:
         except TransferdError as exc:
             return failed(failed=f"relay {self.site}: {exc.message}")
         try:
-            held = self.window.hold(head.body_length, self.settings.forward_timeout_s)
-        except TransferdError as exc:
+            return self._forward(head, r, gate)
+        except (TransferdError, OSError) as exc:
+            # Nothing of the chunk is held past here: its slot goes back, the sender is
+            # answered (a full spill disk is STORAGE: another route, or later) instead of
+            # the channel ending on a raw OSError with the slot taken for good.
             self.loop.call_soon_threadsafe(gate.release, 0, 1)
-            return failed(failed=f"relay {self.site}: {exc.message}")
+            if isinstance(exc, OSError):
+                reason = f"relay {self.site}: spill file: {exc.strerror or exc}"
+                status = ch.ReceiptStatus.STORAGE
+            else:
+                reason, status = f"relay {self.site}: {exc.message}", ch.ReceiptStatus.UNREACHABLE
+            log.warning("relay.chunk_refused", extra={"fields": {
+                "upload": head.upload[:128], "from": peer, "next": r.next_hop,
+                "error": reason[:200]}})
+            return failed(failed=reason, status=status)
+
+    def _forward(self, head: ch.ChunkHead, r: _Relayed, gate: BulkGate) -> _Forward:
+        """Room for the body (memory or spill), and the chunk queued to the next hop."""
+        held = self.window.hold(head.body_length, self.settings.forward_timeout_s)
         body = ArrivingBody(held.view)
         item = OutgoingChunk(
             upload=head.upload, digest=head.address, locations=tuple(head.locations),
