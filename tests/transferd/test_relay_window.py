@@ -7,21 +7,26 @@ import asyncio
 import errno
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from netplan.plan import TrafficClass
 from transferd.config import RelaySettings
 from transferd.errors import TransportError
+from transferd.net import channels as chm
 from transferd.net import relay as rl
+from transferd.net.channels import ArrivingBody, OutgoingChunk
 from transferd.net.relay import RelayWindow
 from transferd.protocol import channel as ch
+from transferd.site.metrics import Metrics
 
 
 def test_memory_then_spill_then_wait_and_nothing_left(tmp_path: Path) -> None:
@@ -147,3 +152,175 @@ def test_a_spill_failure_answers_storage_and_gives_the_gate_slot_back(
     answers: list[tuple[ch.ReceiptStatus, str]] = []
     fwd.answer_later(lambda status, reason: answers.append((status, reason)))
     assert [status for status, _ in answers] == [ch.ReceiptStatus.STORAGE]
+
+
+# -- a relayed body that stops arriving; channels broken under relayed chunks ------------------
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _arriving_chunk(n: int, upload: str = "u1") -> tuple[ArrivingBody, OutgoingChunk]:
+    body = ArrivingBody(memoryview(bytearray(n)))
+    item = OutgoingChunk(upload=upload, digest="00" * 32, locations=((0, 0),), raw_length=n,
+                         encoding="identity", body_blake3="00" * 32, body=body)
+    return body, item
+
+
+def test_a_channel_broken_under_a_paused_relayed_body_frees_its_sender_thread(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """R -> B's sender thread waits for a relayed body that A paused half-way; breaking that
+    channel (stall detection) must end the thread, not leave it parked for good (one thread
+    leaked per break), and the chunk goes to the queue for another channel."""
+    a, _b = tcp_pair
+    pc = chm.PeerChannels(site="R", peer="B", keys=None, metrics=Metrics())  # type: ignore[arg-type]
+    body, item = _arriving_chunk(1 << 20)
+    chan = chm._Channel(pc, a, ch.Session(b"k" * 32), False, 2)  # type: ignore[arg-type]
+    pc.channels.append(chan)
+    pc.submit(item)
+    body.grow(1000)  # a little arrived, then the upstream paused
+    time.sleep(0.2)
+    chan._break(TimeoutError("nothing moved for 30 s"))
+    sender = chan.threads[0]
+    sender.join(2 * chm.ARRIVING_WAKE_S)
+    alive = sender.is_alive()
+    body.fail(ConnectionError("test over"))  # frees it if the fix is missing
+    sender.join(2)
+    assert not alive, "the sender thread stayed parked on the arriving body"
+    assert list(pc.queue) == [item]
+
+
+def _relay_stub(forward_timeout_s: float, channels: dict[str, Any] | None = None
+                ) -> rl.RelayService:
+    svc = object.__new__(rl.RelayService)
+    svc.site, svc.loop = "R", None
+    svc.settings = RelaySettings(forward_timeout_s=forward_timeout_s)
+    svc._pending, svc._pending_lock = set(), threading.Lock()
+    svc.channels = channels or {}  # type: ignore[assignment]
+    return svc
+
+
+def test_a_relayed_body_that_stops_arriving_ends_after_the_forward_timeout(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A paused mid-chunk (its socket open, nothing sent): R's receive must not wait forever
+    holding window room and a gate slot; the chunk fails (the sender sends it again) and the
+    channel's socket is back to blocking reads."""
+    a, b = tcp_pair
+    svc = _relay_stub(0.3)
+    body, item = _arriving_chunk(1 << 20)
+    fwd = rl._Forward(svc, None, 1 << 20, item=item, body=body)
+    a.sendall(b"x" * 1000)
+    raised: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            fwd.receive(b)
+        except BaseException as exc:
+            raised.append(exc)
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    receiver.join(10)
+    stuck = receiver.is_alive()
+    if stuck:
+        b.shutdown(socket.SHUT_RDWR)  # frees it when the timeout is missing
+        receiver.join(5)
+    assert not stuck, "the relay waited on the paused body past its forward timeout"
+    assert isinstance(raised[0], TimeoutError)
+    assert "no byte of the chunk" in str(raised[0])
+    assert body.filled == 1000
+    assert isinstance(body.error, TimeoutError)
+    assert isinstance(item.done.exception(0), TransportError)
+    timeout = b.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+    assert timeout == bytes(len(timeout))  # reads of the next header block again
+
+
+class _NextHop:
+    """The next hop's channels as the watcher sees them: when they last moved."""
+
+    def __init__(self, carrying: float | None, any_channel: float | None) -> None:
+        self.carrying, self.any_channel = carrying, any_channel
+
+    def moved_at(self, item: OutgoingChunk) -> float | None:
+        return self.carrying
+
+    def last_moved(self) -> float | None:
+        return self.any_channel
+
+
+@pytest.mark.parametrize(
+    ("carrying", "any_channel", "times_out"),
+    [
+        (-1.0, None, False),  # in flight, its channel took bytes a second ago: slow, not hung
+        (None, -1.0, False),  # queued behind others while the hop's channels move
+        (-30.0, None, True),  # in flight, its channel silent for 30 s
+        (None, -30.0, True),  # queued, no channel to the hop moved for 30 s
+        (None, None, True),  # queued, no channel to the hop at all
+    ],
+)
+def test_a_relayed_chunk_times_out_on_silence_not_on_time_spent_queued(
+    carrying: float | None, any_channel: float | None, times_out: bool
+) -> None:
+    """A chunk that arrived 100 s ago at a relay whose next hop is slow but moving is not
+    answered UNREACHABLE (the sender would take the route down and finish on the slow direct
+    path); one whose next hop stopped moving for the forward timeout is."""
+    now = time.monotonic()
+    hop = _NextHop(None if carrying is None else now + carrying,
+                   None if any_channel is None else now + any_channel)
+    svc = _relay_stub(20.0, {"B": hop})
+    _body, item = _arriving_chunk(8 << 20)
+    fwd = rl._Forward(svc, rl._Relayed("u1", "A", "B", "B", ()), 8 << 20, item=item,
+                      received_at=now - 100.0)
+    assert (svc._stalled(fwd, now) is not None) is times_out
+
+
+def test_a_body_that_stopped_arriving_is_a_backstop_timeout_for_the_watcher() -> None:
+    now = time.monotonic()
+    svc = _relay_stub(20.0, {"B": _NextHop(None, now)})
+    body, item = _arriving_chunk(8 << 20)
+    fwd = rl._Forward(svc, rl._Relayed("u1", "A", "B", "B", ()), 8 << 20, item=item, body=body)
+    body.grown_at = now - 10.0
+    assert svc._stalled(fwd, now) is None
+    body.grown_at = now - 50.0
+    assert svc._stalled(fwd, now) == pytest.approx(50.0)
+
+
+def test_giving_up_on_an_upload_neither_requeues_nor_counts_its_chunks_resent() -> None:
+    """A's hung-relay detector gives up on the upload's chunks: the channels carrying them
+    break, but the chunks must not go back to the queue (another channel would send them to
+    the hung relay) nor count as re-sent; the channel's other chunks do go again."""
+    metrics = Metrics()
+    pc = chm.PeerChannels(site="A", peer="R", keys=None, metrics=metrics)  # type: ignore[arg-type]
+    a, b = socket.socketpair()
+    chan = object.__new__(chm._Channel)
+    chan.owner, chan.sock, chan.session, chan.tls = pc, a, None, False
+    chan.window = ch.ChannelWindow(2)
+    chan.retiring = chan.broken = False
+    chan.moved_at, chan.acked = time.monotonic(), 0
+    pc.channels.append(chan)
+    mine = OutgoingChunk(upload="u1", digest="00" * 32, locations=(), raw_length=10,
+                         encoding="identity", body_blake3="00" * 32, body=b"x" * 10)
+    other = OutgoingChunk(upload="u2", digest="11" * 32, locations=(), raw_length=10,
+                          encoding="identity", body_blake3="11" * 32, body=b"y" * 10)
+    queued = OutgoingChunk(upload="u1", digest="22" * 32, locations=(), raw_length=10,
+                           encoding="identity", body_blake3="22" * 32, body=b"z" * 10)
+    chan.window.sent(mine)
+    chan.window.sent(other)
+    pc.queue.append(queued)
+    error = TransportError("hung", peer="R")
+    assert pc.give_up("u1", error) == 1
+    assert list(pc.queue) == [other]
+    assert metrics.chunks_resent.labels("R")._value.get() == 1  # other, not mine
+    assert mine.done.exception(0) is error
+    assert queued.done.exception(0) is error
+    assert chan.broken
+    b.close()

@@ -34,6 +34,7 @@ import mmap
 import os
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
@@ -184,6 +185,11 @@ class _Held:
         self.window._give_back("memory" if self.mapping is None else "spill", self.length)
 
 
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
 @dataclass
 class _Relayed:
     """An upload passing through: who sends it here and where it goes next."""
@@ -214,18 +220,33 @@ class _Forward:
     body: ArrivingBody | None = None
     received_at: float = 0.0  # when its last byte arrived (0: still arriving)
     gate: BulkGate | None = None  # its slot on the next hop's gate, until it is answered
+    upstream: socket.socket | None = None  # the previous hop's channel, while it arrives
 
     def receive(self, sock: socket.socket) -> None:
-        """Channel thread: the body off the channel, passed on part by part as it arrives."""
+        """Channel thread: the body off the channel, passed on part by part as it arrives.
+        A previous hop that stops sending mid-body (paused, not closed) ends the chunk after
+        `forward_timeout_s` without a byte: its window room, gate slot and the next hop's
+        channel do not wait on it for good."""
         flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
         body = self.body
         view = body.view if body is not None else memoryview(bytearray(min(self.length, SLICE)))
         got = 0
+        self.upstream = sock
+        timeout_s = self.relay.settings.forward_timeout_s
+        # SO_RCVTIMEO, not settimeout(): the socket stays blocking (one recv with the GIL
+        # released per part); a wait past it ends in EAGAIN, or a short count if bytes came.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout_s))
         try:
             while got < self.length:
                 part = min(SLICE, self.length - got)
-                n = (sock.recv_into(view[got:got + part], part, flags) if body is not None
-                     else sock.recv_into(view[:part], part, flags))
+                started = time.monotonic()
+                try:
+                    n = (sock.recv_into(view[got:got + part], part, flags) if body is not None
+                         else sock.recv_into(view[:part], part, flags))
+                except (BlockingIOError, ssl.SSLWantReadError) as exc:
+                    raise TimeoutError(
+                        f"no byte of the chunk for {time.monotonic() - started:.0f} s "
+                        f"(forward_timeout_s {timeout_s:g})") from exc
                 if n == 0:
                     raise ConnectionError("data channel closed mid-chunk")
                 got += n
@@ -234,6 +255,10 @@ class _Forward:
         except BaseException as exc:
             self.relay._abandon(self, exc)
             raise
+        finally:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0.0))
+            self.upstream = None
         self.received_at = time.monotonic()
 
     def answer_later(self, answer: Callable[[ch.ReceiptStatus, str], None]) -> None:
@@ -480,26 +505,59 @@ class RelayService:
 
     async def run(self) -> None:
         """Keep the channels to next hops with chunks waiting open, and answer UNREACHABLE
-        for chunks the next hop has not answered within the forward timeout of their last
-        byte."""
+        for chunks that made no progress for the forward timeout (`_stalled`)."""
         self.loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
             with self._pending_lock:
                 pending = list(self._pending)
-            now = time.monotonic()
             hops = {f.relayed.next_hop for f in pending if f.relayed is not None}
             for hop in hops:
                 with contextlib.suppress(TransferdError):
                     await self._ensure(hop)
+            now = time.monotonic()
             for f in pending:
-                if f.item is None or f.relayed is None or not f.received_at:
+                if f.item is None or f.relayed is None or f.item.done.done():
                     continue
-                if now - f.received_at > self.settings.forward_timeout_s:
-                    self.channels[f.relayed.next_hop].withdraw(f.relayed.upload, only=f.item)
-                    f.item.finish(error=TransportError(
-                        f"{f.relayed.next_hop} did not answer within "
-                        f"{self.settings.forward_timeout_s:g} s", peer=f.relayed.next_hop))
+                quiet_s = self._stalled(f, now)
+                if quiet_s is None:
+                    continue
+                hop = f.relayed.next_hop
+                if not f.received_at and f.upstream is not None:
+                    # Still arriving: the previous hop's channel is shut, which ends the
+                    # receive (and through it the chunk, `_abandon`); the sender sends it again.
+                    with contextlib.suppress(OSError):
+                        f.upstream.shutdown(socket.SHUT_RDWR)
+                    continue
+                what = f"{hop} took none of it"
+                # Its channel to the next hop (if it is on one) is broken: the send stops
+                # before the chunk's room and gate slot are given back.
+                self.channels[hop].expire(f.item, TransportError(
+                    f"relay {self.site}: the chunk {what} for {quiet_s:.0f} s "
+                    f"(forward_timeout_s {self.settings.forward_timeout_s:g})", peer=hop))
+
+    def _stalled(self, f: _Forward, now: float) -> float | None:
+        """How long `f` has made no progress, if longer than the forward timeout; else None.
+        Progress is its bytes arriving, then the next hop taking it: the channel carrying it
+        moving (bytes acknowledged, a receipt), or while it waits in the queue any channel to
+        that hop moving (the queue drains). Time spent queued behind a slow but healthy next
+        hop is not a timeout: only silence is."""
+        assert f.relayed is not None
+        assert f.item is not None
+        if not f.received_at:
+            # The receive's own timeout ends a body that stops arriving; this is a backstop
+            # (twice as long: the receive notes bytes only at the end of each part).
+            last = f.body.grown_at if f.body is not None else now
+            quiet_s = now - last
+            return quiet_s if quiet_s > 2 * self.settings.forward_timeout_s else None
+        else:
+            pc = self.channels[f.relayed.next_hop]
+            moved = pc.moved_at(f.item)
+            if moved is None:
+                moved = pc.last_moved()
+            last = max(f.received_at, moved or 0.0)
+        quiet_s = now - last
+        return quiet_s if quiet_s > self.settings.forward_timeout_s else None
 
 
 class RoutingInbound:
