@@ -20,12 +20,13 @@ import pytest
 
 from netplan.plan import TrafficClass
 from transferd.config import RelaySettings
-from transferd.errors import TransportError
+from transferd.errors import PolicyViolation, TransportError
 from transferd.net import channels as chm
 from transferd.net import relay as rl
 from transferd.net.channels import ArrivingBody, OutgoingChunk
 from transferd.net.relay import RelayWindow
 from transferd.protocol import channel as ch
+from transferd.site.journal import Journal, RelayedUpload
 from transferd.site.metrics import Metrics
 
 
@@ -324,3 +325,59 @@ def test_giving_up_on_an_upload_neither_requeues_nor_counts_its_chunks_resent() 
     assert queued.done.exception(0) is error
     assert chan.broken
     b.close()
+
+
+# -- authorization of relayed uploads ----------------------------------------------------------
+
+
+def _service(tmp_path: Path, journal: Journal, region: str = "eu-central") -> rl.RelayService:
+    return rl.RelayService(
+        site="R", region=region,
+        settings=RelaySettings(for_peers=["A"], destinations=["B"]),
+        spill_dir=tmp_path / "spill", links={"B": object(), "C": object()},  # type: ignore[dict-item]
+        channels={}, traffic={}, data_address=None,  # type: ignore[arg-type]
+        metrics=Metrics(), journal=journal,
+    )  # fmt: skip
+
+
+def test_uploads_restored_from_the_journal_are_checked_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relay restarted after its settings or region changed goes on passing on only what it
+    would accept now: the others are forgotten (and said so), not relayed on the strength of
+    an old row."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    now = time.time()
+    rows = {
+        "ok": RelayedUpload("ok", "A", "B", "B", (), now, "sync", ("eu-central",)),
+        "anywhere": RelayedUpload("anywhere", "A", "B", "B", (), now, "sync", ()),
+        "not-for-C": RelayedUpload("not-for-C", "C", "B", "B", (), now, "sync", ()),
+        "not-to-C": RelayedUpload("not-to-C", "A", "C", "C", (), now, "sync", ()),
+        "us-only": RelayedUpload("us-only", "A", "B", "B", (), now, "sync", ("us-east",)),
+        "unrecorded": RelayedUpload("unrecorded", "A", "B", "B", (), now, "sync", None),
+    }
+    for row in rows.values():
+        journal.add_relayed(row)
+    with caplog.at_level("WARNING", logger="transferd.relay"):
+        svc = _service(tmp_path, journal)
+    assert sorted(svc.uploads) == ["anywhere", "ok"]
+    assert sorted(r.upload for r in journal.relayed(since=0)) == ["anywhere", "ok"]
+    forgotten = [r for r in caplog.records if r.getMessage() == "relay.forgotten"]
+    assert len(forgotten) == 4
+    assert journal.relayed(since=0)[0].residency in {("eu-central",), ()}
+    journal.close()
+
+
+def test_a_relayed_upload_cannot_be_reopened_by_another_peer(tmp_path: Path) -> None:
+    """An upload passing through is bound to the peer that opened it here: another peer the
+    relay also serves may not re-open it (and redirect it, or take its chunks' receipts)."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    svc = _service(tmp_path, journal)
+    svc.settings = RelaySettings(for_peers=["A", "C"], destinations=["B"])
+    svc.uploads["u1"] = rl._Relayed("u1", "A", "B", "B", ())
+    intent = SimpleNamespace(upload="u1", dest_site="B", residency=[])
+    assert svc.check(intent, "A", ()) == "B"  # type: ignore[arg-type]
+    with pytest.raises(PolicyViolation, match="relayed here for A, not C"):
+        svc.check(intent, "C", ())  # type: ignore[arg-type]
+    assert svc.metrics.value("transferd_policy_refusals_total", side="relay") == 1
+    journal.close()

@@ -38,7 +38,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,11 +318,22 @@ class RelayService:
         self.clock = clock
         # The uploads passed on here, kept in the journal: a relay restarted mid-transfer
         # (a supervisor's restart) goes on passing them on.
-        self.uploads: dict[str, _Relayed] = {
-            r.upload: _Relayed(r.upload, r.source, r.next_hop, r.dest, r.via,
-                               TrafficClass(r.traffic_class))
-            for r in journal.relayed(since=clock() - RELAYED_KEEP_S) if r.next_hop in links
-        }
+        # Each is checked again as if opened now (the relay settings, peers or this site's
+        # region may have changed since): one no longer allowed is forgotten, with a log line.
+        self.uploads: dict[str, _Relayed] = {}
+        for row in journal.relayed(since=clock() - RELAYED_KEEP_S):
+            try:
+                if row.residency is None:
+                    raise PolicyViolation("its residency was not recorded", hop=site)
+                self._allowed(row.source, row.next_hop, row.residency)
+            except PolicyViolation as exc:
+                journal.drop_relayed(row.upload)
+                log.warning("relay.forgotten", extra={"fields": {
+                    "upload": row.upload, "from": row.source, "to": row.dest,
+                    "error": exc.message}})
+                continue
+            self.uploads[row.upload] = _Relayed(row.upload, row.source, row.next_hop, row.dest,
+                                                row.via, TrafficClass(row.traffic_class))
         self.loop: asyncio.AbstractEventLoop | None = None  # set when it runs
         self._pending: set[_Forward] = set()
         self._pending_lock = threading.Lock()
@@ -334,18 +345,16 @@ class RelayService:
     def check(self, intent: UploadIntent, peer: str, via: tuple[str, ...]) -> str:
         """May this site pass the upload on (PolicyViolation naming this hop otherwise)?
         Returns the next hop."""
-        s = self.settings
         next_hop = via[0] if via else intent.dest_site
         try:
-            if peer not in s.for_peers:
+            known = self.uploads.get(intent.upload)
+            if known is not None and known.source != peer:
+                # An upload id is bound to the peer that opened it here: another peer may
+                # not re-open (and so redirect or take over) an upload passing through.
                 raise PolicyViolation(
-                    f"relay {self.site} does not relay for {peer}", hop=self.site
-                )
-            if next_hop not in s.destinations or next_hop not in self.links:
-                raise PolicyViolation(
-                    f"relay {self.site} does not relay to {next_hop}", hop=self.site
-                )
-            check_residency(self.site, self.region, intent.residency, "relay")
+                    f"upload {intent.upload[:128]!r} is relayed here for {known.source}, "
+                    f"not {peer}", hop=self.site)
+            self._allowed(peer, next_hop, intent.residency)
         except PolicyViolation as exc:
             self.metrics.policy_refusals.labels("relay").inc()
             log.warning("relay.refused", extra={"fields": {
@@ -353,6 +362,17 @@ class RelayService:
                 "error": exc.message}})
             raise
         return next_hop
+
+    def _allowed(self, peer: str, next_hop: str, residency: Sequence[str]) -> None:
+        """PolicyViolation (naming this hop) unless this site relays for `peer` to
+        `next_hop` and lies inside `residency`."""
+        s = self.settings
+        if peer not in s.for_peers:
+            raise PolicyViolation(f"relay {self.site} does not relay for {peer}", hop=self.site)
+        if next_hop not in s.destinations or next_hop not in self.links:
+            raise PolicyViolation(f"relay {self.site} does not relay to {next_hop}",
+                                  hop=self.site)
+        check_residency(self.site, self.region, residency, "relay")
 
     async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...],
                    traffic_class: TrafficClass = TrafficClass.SYNC) -> OpenAnswer:
@@ -372,7 +392,7 @@ class RelayService:
         )
         self.journal.add_relayed(RelayedUpload(intent.upload, peer, next_hop, intent.dest_site,
                                                tuple(via[1:]), self.clock(),
-                                               traffic_class.value))
+                                               traffic_class.value, tuple(intent.residency)))
         return answer
 
     def _relayed(self, upload: str, peer: str) -> _Relayed:
