@@ -244,6 +244,7 @@ class Daemon:
             metrics=self.metrics,
             journal=self.journal,
             clock=clock,
+            weights=config.traffic.weights,
         )
         if config.relay.for_peers:
             try:

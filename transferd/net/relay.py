@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from netplan.plan import TrafficClass
-from transferd.config import RelaySettings
+from transferd.config import BulkWeights, RelaySettings
 from transferd.errors import PolicyViolation, ProtocolError, TransferdError, TransportError
 from transferd.net.channels import ArrivingBody, OutgoingChunk, PeerChannels, on_loop
 from transferd.net.inbound import InboundUploads
@@ -59,6 +59,7 @@ from transferd.protocol.manifest import (
     SignedManifest,
     UploadIntent,
 )
+from transferd.protocol.policy import traffic_class_for
 from transferd.protocol.routes import check_residency, open_query
 from transferd.protocol.wire import (
     ABORT_ROUTE,
@@ -302,8 +303,13 @@ class RelayService:
         metrics: Metrics,
         journal: Journal,
         clock: Callable[[], float] = time.time,
+        weights: BulkWeights | None = None,
     ) -> None:
         self.site = site
+        # This site's bulk class weights (`traffic.weights`): a sender's class is taken only
+        # if it weighs no more here than its data's (`class_for`).
+        w = weights or BulkWeights()
+        self.class_weights = {TrafficClass.CHECKPOINT: w.checkpoint, TrafficClass.SYNC: w.sync}
         self.region = region
         self.settings = settings
         self.links = links
@@ -363,6 +369,21 @@ class RelayService:
             raise
         return next_hop
 
+    def class_for(self, intent: UploadIntent, peer: str, claimed: TrafficClass) -> TrafficClass:
+        """The class this site schedules the upload's chunks in toward the next hop. The
+        sender's `?class=` is its job's (a plan may set it); a relay takes it when it is the
+        one the path's rule gives (`traffic_class_for`: checkpoints/ on checkpoint, the rest
+        on sync) or weighs no more here than that one (a job may yield, never take a larger
+        share of this site's links than its data is due)."""
+        derived = traffic_class_for(intent.root)
+        weights = self.class_weights
+        if claimed == derived or weights.get(claimed, 0.0) <= weights.get(derived, 0.0):
+            return claimed
+        log.warning("relay.class_refused", extra={"fields": {
+            "upload": intent.upload, "from": peer, "asked": claimed.value,
+            "using": derived.value, "path": intent.root[:128]}})
+        return derived
+
     def _allowed(self, peer: str, next_hop: str, residency: Sequence[str]) -> None:
         """PolicyViolation (naming this hop) unless this site relays for `peer` to
         `next_hop` and lies inside `residency`."""
@@ -378,6 +399,7 @@ class RelayService:
                    traffic_class: TrafficClass = TrafficClass.SYNC) -> OpenAnswer:
         self.loop = asyncio.get_running_loop()
         next_hop = self.check(intent, peer, via)
+        traffic_class = self.class_for(intent, peer, traffic_class)
         query = open_query(via[1:], traffic_class.value) if len(via) > 1 else ""
         reply = await self.links[next_hop].call(
             TrafficClass.CONTROL, "POST", UPLOADS_ROUTE + query, body=intent
