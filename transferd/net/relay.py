@@ -18,10 +18,10 @@ whole before it is passed on, so a relay lost mid-transfer has at most the one c
 channel was carrying half-way). The relay does not check the body: the destination verifies
 every chunk's blake3 before writing it and answers DAMAGED otherwise, and the sender sends it
 again. The sender's receipt is the next hop's, sent when it arrives (so a receipt always means
-the destination staged the chunk). A chunk the next hop has not answered within
-`relay.forward_timeout_s` of its last byte, or cannot be reached for, is answered UNREACHABLE:
-the sender takes another route. The manifest stays the source's, signed end to end: a relay
-that altered a byte would see the destination refuse it.
+the destination staged the chunk). A chunk that stops arriving, or whose next hop moves none
+of it (no byte acknowledged, no receipt) for `relay.forward_timeout_s`, or that cannot be
+reached, is answered UNREACHABLE: the sender takes another route. The manifest stays the
+source's, signed end to end: a relay that altered a byte would see the destination refuse it.
 """
 
 from __future__ import annotations
@@ -565,17 +565,18 @@ class RelayService:
                 if quiet_s is None:
                     continue
                 hop = f.relayed.next_hop
-                if not f.received_at and f.upstream is not None:
+                if not f.received_at:
                     # Still arriving: the previous hop's channel is shut, which ends the
                     # receive (and through it the chunk, `_abandon`); the sender sends it again.
-                    with contextlib.suppress(OSError):
-                        f.upstream.shutdown(socket.SHUT_RDWR)
+                    upstream = f.upstream
+                    if upstream is not None:
+                        with contextlib.suppress(OSError):
+                            upstream.shutdown(socket.SHUT_RDWR)
                     continue
-                what = f"{hop} took none of it"
                 # Its channel to the next hop (if it is on one) is broken: the send stops
                 # before the chunk's room and gate slot are given back.
                 self.channels[hop].expire(f.item, TransportError(
-                    f"relay {self.site}: the chunk {what} for {quiet_s:.0f} s "
+                    f"relay {self.site}: {hop} took none of the chunk for {quiet_s:.0f} s "
                     f"(forward_timeout_s {self.settings.forward_timeout_s:g})", peer=hop))
 
     def _stalled(self, f: _Forward, now: float) -> float | None:
@@ -592,12 +593,11 @@ class RelayService:
             last = f.body.grown_at if f.body is not None else now
             quiet_s = now - last
             return quiet_s if quiet_s > 2 * self.settings.forward_timeout_s else None
-        else:
-            pc = self.channels[f.relayed.next_hop]
-            moved = pc.moved_at(f.item)
-            if moved is None:
-                moved = pc.last_moved()
-            last = max(f.received_at, moved or 0.0)
+        pc = self.channels[f.relayed.next_hop]
+        moved = pc.moved_at(f.item)
+        if moved is None:
+            moved = pc.last_moved()
+        last = max(f.received_at, moved or 0.0)
         quiet_s = now - last
         return quiet_s if quiet_s > self.settings.forward_timeout_s else None
 
