@@ -141,11 +141,15 @@ class RelaySettings(FrozenModel):
     for_peers: list[SiteId] = Field(default_factory=list)
     destinations: list[SiteId] = Field(default_factory=list)
     memory_mib: Annotated[int, Field(ge=1, le=65536)] = 256
-    spill_mib: Annotated[int, Field(ge=0)] = 1024
-    spill_dir: str | None = None  # default: <state_dir>/relay-spill
-    # A chunk the next hop has not answered for this long is answered "unreachable" to the
-    # sender, which takes another route (a relay never holds a sender's chunk in silence).
-    forward_timeout_s: Annotated[float, Field(gt=0)] = 20.0
+    spill_mib: Annotated[int, Field(ge=0, le=16 << 20)] = 1024  # at most 16 TiB
+    # default: <state_dir>/relay-spill; checked writable at start-up on a site that relays
+    spill_dir: Annotated[str, Field(min_length=1)] | None = None
+    # A chunk whose channel to the next hop has not moved (no byte acknowledged, no receipt)
+    # for this long, or that stopped arriving from the previous hop for this long, is answered
+    # "unreachable" to the sender, which takes another route (a relay never holds a sender's
+    # chunk in silence). Finite: it bounds how long a hung hop holds a chunk; an hour is far
+    # beyond any RTO backoff worth waiting out.
+    forward_timeout_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = 20.0
     accept_via: dict[SiteId, list[SiteId]] | None = None
 
 

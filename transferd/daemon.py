@@ -244,7 +244,15 @@ class Daemon:
             metrics=self.metrics,
             journal=self.journal,
             clock=clock,
+            weights=config.traffic.weights,
         )
+        if config.relay.for_peers:
+            try:
+                self.relay.window.check_spill_dir()
+            except OSError as exc:
+                raise ConfigError(
+                    f"relay.spill_dir: {config.relay_spill_path}: cannot write spill files "
+                    f"there: {exc.strerror or exc}", field="relay.spill_dir") from exc
         self.routing = RoutingInbound(self.inbound, self.relay, config.site)
         self.listener = DataListener(
             site=config.site,

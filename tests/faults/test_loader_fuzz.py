@@ -264,3 +264,25 @@ def test_serve_answers_hostile_configs_with_exit_2_and_no_traceback(
     assert done.returncode == 2, done.stderr
     assert re.search(reason, done.stderr), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_serve_refuses_a_relay_whose_spill_dir_cannot_be_written(tmp_path: Path) -> None:
+    """A relay that would spill into a directory it cannot write learns it at start-up (exit
+    2, the field named), not at its first spilled chunk."""
+    from transferd.site.keys import keygen
+
+    keygen(["A", "B", "C"], tmp_path / "keys")
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "r.yaml").write_text(
+        "site: A\nlisten: 127.0.0.1:0\ndata_dir: ./data\nkeys_dir: ./keys\n"
+        "peers: {B: {url: 'http://127.0.0.1:9'}, C: {url: 'http://127.0.0.1:9'}}\n"
+        "relay: {for_peers: [B], destinations: [C], spill_dir: ./a-file/spill}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "transferd", "serve", "--config", str(tmp_path / "r.yaml")],
+        capture_output=True, text=True, env=env(), timeout=60, check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "relay.spill_dir" in done.stderr, done.stderr
+    assert "Not a directory" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

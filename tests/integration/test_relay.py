@@ -471,24 +471,34 @@ async def test_destination_takes_a_sources_uploads_only_through_the_relays_it_na
     assert _held_at(tmp_path / "site-S") == []
 
 
+@pytest.mark.parametrize(
+    ("path", "claimed", "at_r"),
+    [
+        ("checkpoints/run/ck.bin", TrafficClass.CHECKPOINT, "checkpoint"),
+        ("approved/ck.bin", TrafficClass.SYNC, "sync"),
+        # A dataset's job asking for the checkpoint class (3x sync's weight at R) is not
+        # given a larger share of R's links than its data is due.
+        ("approved/ck.bin", TrafficClass.CHECKPOINT, "sync"),
+    ],
+)
 async def test_relay_passes_chunks_on_through_its_own_scheduler_in_the_jobs_class(
-    tmp_path: Path,
+    tmp_path: Path, path: str, claimed: TrafficClass, at_r: str,
 ) -> None:
     """What R passes on goes through R's own gate toward B in the job's traffic class (its
     weights, its rate caps, its stream controller): R counts every relayed byte B acknowledged
-    under that class, here a checkpoint job's."""
+    under that class. The class is the sender's only as far as the path's own rule allows."""
     n_chunks = 5
-    write_random(tmp_path / "site-A" / "approved" / "ck.bin", n_chunks * CHUNK, seed=81)
+    write_random(tmp_path / "site-A" / path, n_chunks * CHUNK, seed=81)
     async with loopback_sites(tmp_path, chunk_size=CHUNK, compression="off", R=RELAY) as s:
         a, r = s["A"], s["R"]
-        [job_id] = a.sender.submit("approved/ck.bin", ["B"], TrafficClass.CHECKPOINT,
-                                   via=["R"])
+        [job_id] = a.sender.submit(path, ["B"], claimed, via=["R"])
         [job] = await wait_for_jobs(a, [job_id])
         assert job.state == "committed", job.error
+        other = "sync" if at_r == "checkpoint" else "checkpoint"
         assert r.metrics.value("transferd_class_bytes_acked_total", peer="B",
-                               **{"class": "checkpoint"}) == n_chunks * CHUNK
+                               **{"class": at_r}) == n_chunks * CHUNK
         assert not r.metrics.value("transferd_class_bytes_acked_total", peer="B",
-                                   **{"class": "sync"})
+                                   **{"class": other})
 
 
 async def test_chunks_beyond_the_relays_memory_pass_through_its_spill_files(

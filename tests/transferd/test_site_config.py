@@ -81,6 +81,18 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
             "peers.B.data_address: must be host:port",
         ),
         (
+            ("keys_dir: ./keys", "keys_dir: ./keys\nrelay: {forward_timeout_s: .inf}"),
+            "relay.forward_timeout_s: ",
+        ),
+        (
+            ("keys_dir: ./keys", "keys_dir: ./keys\nrelay: {forward_timeout_s: 1.0e9}"),
+            "relay.forward_timeout_s: must be <= 3600 (line 7)",
+        ),
+        (
+            ("keys_dir: ./keys", "keys_dir: ./keys\nrelay: {spill_dir: ''}"),
+            "relay.spill_dir: ",
+        ),
+        (
             ("keys_dir: ./keys", "keys_dir: ./keys\ntraffic: {loop_priority: high}"),
             "traffic.loop_priority",
         ),

@@ -88,6 +88,7 @@ TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 # for whichever channel is free first, instead of waiting behind one slow stream.
 NOTSENT_LOWAT_BYTES = 1 << 20
 MSG_MORE = getattr(socket, "MSG_MORE", 0)
+ARRIVING_WAKE_S = 1.0  # a sender waiting on a relayed body looks at its channel this often
 
 
 def set_congestion(sock: socket.socket, wanted: CongestionControl) -> str:
@@ -262,6 +263,7 @@ class ArrivingBody:
     def __init__(self, view: memoryview) -> None:
         self.view = view
         self.filled = 0
+        self.grown_at = time.monotonic()  # when its latest bytes arrived (or it began)
         self.error: BaseException | None = None
         self._cond = threading.Condition()
 
@@ -271,6 +273,7 @@ class ArrivingBody:
     def grow(self, n: int) -> None:
         with self._cond:
             self.filled += n
+            self.grown_at = time.monotonic()
             self._cond.notify_all()
 
     def fail(self, error: BaseException) -> None:
@@ -278,11 +281,21 @@ class ArrivingBody:
             self.error = error
             self._cond.notify_all()
 
-    def wait(self, past: int) -> int:
-        """How many bytes are there, once more than `past` are (or all of them are)."""
+    def poke(self) -> None:
+        """Wake a sender waiting for more (its channel broke: it looks at `stop` again)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, past: int, stop: Callable[[], bool] = lambda: False) -> int:
+        """How many bytes are there, once more than `past` are (or all of them are).
+        ConnectionError once the upstream failed or `stop()` (the sending channel broke:
+        its thread must not stay parked on an upstream that paused)."""
         with self._cond:
             while self.filled <= past and self.filled < len(self.view) and self.error is None:
-                self._cond.wait()
+                if stop():
+                    raise ConnectionError("the channel broke while the chunk was arriving")
+                # Woken by grow/fail/poke; the timeout is only a backstop for a missed poke.
+                self._cond.wait(ARRIVING_WAKE_S)
             if self.error is not None:
                 raise ConnectionError(f"the chunk's upstream failed: {self.error}")
             return self.filled
@@ -314,6 +327,9 @@ class OutgoingChunk:
     # at most one chunk per channel (`net.relay`; every other chunk there is at the destination).
     alone: bool = False
     sent_at: float | None = None  # when its latest send started (monotonic)
+    # Given up on (`PeerChannels.give_up`, `expire`): a channel that breaks under it does not
+    # put it back in the queue nor count it as sent again; it is finished with the error.
+    ended: bool = False
 
     @property
     def wire_length(self) -> int:
@@ -372,7 +388,7 @@ class _Channel:
                         if not len(self.window):
                             self._close()  # the receipt thread sees the end and stops
                             return
-                    elif owner.queue and owner.queue[0].done.done():
+                    elif owner.queue and (owner.queue[0].done.done() or owner.queue[0].ended):
                         owner.queue.popleft()  # given up on while it waited (a dead relay)
                         continue
                     elif owner.queue and self._has_room(owner.queue[0]):
@@ -410,7 +426,7 @@ class _Channel:
         if isinstance(item.body, ArrivingBody):
             sent = 0
             while sent < len(item.body):
-                filled = item.body.wait(sent)
+                filled = item.body.wait(sent, lambda: self.broken)
                 self.sock.sendall(item.body.view[sent:filled])
                 sent = filled
         elif item.body is not None:
@@ -458,10 +474,14 @@ class _Channel:
                 return
             self.broken = True
             # Those given up on (`PeerChannels.give_up`, an upstream that failed) stay ended.
-            again = [i for i in self.window.drain() if not i.done.done()]
+            drained = self.window.drain()
+            again = [i for i in drained if not i.done.done() and not i.ended]
             for item in reversed(again):
                 owner.queue.appendleft(item)  # first in line for the next channel
             owner.cond.notify_all()
+        for item in drained:  # a sender thread parked on a relayed body still arriving
+            if isinstance(item.body, ArrivingBody):
+                item.body.poke()
         if again and not owner.closing and not self.retiring:
             owner.resent(again)
             log.warning("channel.broken", extra={"fields": {
@@ -581,9 +601,10 @@ class PeerChannels:
             self.cond.notify_all()
         return item.done
 
-    def withdraw(self, upload: str, only: OutgoingChunk | None = None) -> None:
+    def withdraw(self, upload: str, only: OutgoingChunk | None = None,
+                 reason: str = "withdrawn: the job ended") -> None:
         """Drop the queued (not yet sent) chunks of `upload` (its job has ended), or just
-        `only` (it will be sent again later)."""
+        `only` (it will be sent again later), ending them with `reason`."""
         with self.cond:
             keep: deque[OutgoingChunk] = deque()
             gone: list[OutgoingChunk] = []
@@ -592,7 +613,7 @@ class PeerChannels:
                 (gone if drop else keep).append(item)
             self.queue = keep
         for item in gone:
-            item.finish(error=TransportError("withdrawn: the job ended", peer=self.peer))
+            item.finish(error=TransportError(reason, peer=self.peer))
 
     def moved_at(self, item: OutgoingChunk) -> float | None:
         """When the channel carrying `item` last moved (a receipt, or bytes the peer's TCP
@@ -607,21 +628,47 @@ class PeerChannels:
                 chan.acked, chan.moved_at = acked, time.monotonic()
             return chan.moved_at
 
+    def last_moved(self) -> float | None:
+        """When any live channel to the peer last moved (a receipt, or bytes acknowledged):
+        chunks queued here are being taken while it does. None with no live channel."""
+        now = time.monotonic()
+        with self.cond:
+            live = [c for c in self.channels if c.alive]
+            for chan in live:
+                acked = tcp_bytes_acked(chan.sock)
+                if acked is not None and acked != chan.acked:
+                    chan.acked, chan.moved_at = acked, now
+            return max((c.moved_at for c in live), default=None)
+
     def give_up(self, upload: str, error: TransferdError) -> int:
         """End every chunk of `upload` queued or in flight here with `error`, breaking the
         channels that carry one (the peer stopped answering them: a hung relay); their other
         chunks go to the queue again. Returns how many chunks were in flight."""
+        return self._end(lambda i: i.upload == upload, error)
+
+    def expire(self, item: OutgoingChunk, error: TransferdError) -> None:
+        """End `item` with `error` whether queued or in flight (the channel carrying it is
+        broken: its send stops, and the body it reads from may go)."""
+        self._end(lambda i: i is item, error)
+
+    def _end(self, which: Callable[[OutgoingChunk], bool], error: TransferdError) -> int:
         with self.cond:
             carrying = [c for c in self.channels
-                        if not c.broken and any(i.upload == upload for i in c.window)]
-            flying = [i for c in carrying for i in c.window if i.upload == upload]
+                        if not c.broken and any(which(i) for i in c.window)]
+            flying = [i for c in carrying for i in c.window if which(i)]
+            queued = [i for i in self.queue if which(i)]
+            # Marked before any channel breaks: a broken channel must not queue them again
+            # (another channel would send them to the peer given up on) nor count them sent
+            # again.
+            for item in (*flying, *queued):
+                item.ended = True
+            self.queue = deque(i for i in self.queue if not which(i))
         for chan in carrying:  # first: a send under way stops before its chunk is ended
             with contextlib.suppress(OSError):  # reset: the peer may never read a FIN
                 chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             chan._break(error)
-        for item in flying:
+        for item in (*flying, *queued):
             item.finish(error=error)
-        self.withdraw(upload)
         return len(flying)
 
     def close(self) -> None:

@@ -18,10 +18,10 @@ whole before it is passed on, so a relay lost mid-transfer has at most the one c
 channel was carrying half-way). The relay does not check the body: the destination verifies
 every chunk's blake3 before writing it and answers DAMAGED otherwise, and the sender sends it
 again. The sender's receipt is the next hop's, sent when it arrives (so a receipt always means
-the destination staged the chunk). A chunk the next hop has not answered within
-`relay.forward_timeout_s` of its last byte, or cannot be reached for, is answered UNREACHABLE:
-the sender takes another route. The manifest stays the source's, signed end to end: a relay
-that altered a byte would see the destination refuse it.
+the destination staged the chunk). A chunk that stops arriving, or whose next hop moves none
+of it (no byte acknowledged, no receipt) for `relay.forward_timeout_s`, or that cannot be
+reached, is answered UNREACHABLE: the sender takes another route. The manifest stays the
+source's, signed end to end: a relay that altered a byte would see the destination refuse it.
 """
 
 from __future__ import annotations
@@ -34,16 +34,17 @@ import mmap
 import os
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from netplan.plan import TrafficClass
-from transferd.config import RelaySettings
+from transferd.config import BulkWeights, RelaySettings
 from transferd.errors import PolicyViolation, ProtocolError, TransferdError, TransportError
 from transferd.net.channels import ArrivingBody, OutgoingChunk, PeerChannels, on_loop
 from transferd.net.inbound import InboundUploads
@@ -58,6 +59,7 @@ from transferd.protocol.manifest import (
     SignedManifest,
     UploadIntent,
 )
+from transferd.protocol.policy import traffic_class_for
 from transferd.protocol.routes import check_residency, open_query
 from transferd.protocol.wire import (
     ABORT_ROUTE,
@@ -126,6 +128,16 @@ class RelayWindow:
             self._give_back(kind, n)
             raise
 
+    def check_spill_dir(self) -> None:
+        """At start-up: the spill directory can be made and written (OSError otherwise), so a
+        relay that would spill learns of a bad `spill_dir` before its first chunk does."""
+        if self.spill_bytes <= 0:
+            return
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.spill_dir, prefix="check-")
+        os.close(fd)
+        os.unlink(name)
+
     def _spill(self, n: int) -> tuple[memoryview, mmap.mmap]:
         """A file of its own for the body (unlinked at once: nothing is left behind if the
         relay dies), mapped to receive into and send from."""
@@ -133,7 +145,10 @@ class RelayWindow:
         fd, name = tempfile.mkstemp(dir=self.spill_dir, prefix="chunk-")
         try:
             os.unlink(name)
-            os.ftruncate(fd, n)
+            # Blocks allocated now, not on first touch: a sparse file on a disk that filled
+            # meanwhile would turn the receive into an unbacked page into SIGBUS (the relay
+            # dies); allocated, a full disk is ENOSPC here and the chunk is answered STORAGE.
+            os.posix_fallocate(fd, 0, n)
             mapping = mmap.mmap(fd, n)
         finally:
             os.close(fd)
@@ -171,6 +186,11 @@ class _Held:
         self.window._give_back("memory" if self.mapping is None else "spill", self.length)
 
 
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
 @dataclass
 class _Relayed:
     """An upload passing through: who sends it here and where it goes next."""
@@ -201,18 +221,33 @@ class _Forward:
     body: ArrivingBody | None = None
     received_at: float = 0.0  # when its last byte arrived (0: still arriving)
     gate: BulkGate | None = None  # its slot on the next hop's gate, until it is answered
+    upstream: socket.socket | None = None  # the previous hop's channel, while it arrives
 
     def receive(self, sock: socket.socket) -> None:
-        """Channel thread: the body off the channel, passed on part by part as it arrives."""
+        """Channel thread: the body off the channel, passed on part by part as it arrives.
+        A previous hop that stops sending mid-body (paused, not closed) ends the chunk after
+        `forward_timeout_s` without a byte: its window room, gate slot and the next hop's
+        channel do not wait on it for good."""
         flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
         body = self.body
         view = body.view if body is not None else memoryview(bytearray(min(self.length, SLICE)))
         got = 0
+        self.upstream = sock
+        timeout_s = self.relay.settings.forward_timeout_s
+        # SO_RCVTIMEO, not settimeout(): the socket stays blocking (one recv with the GIL
+        # released per part); a wait past it ends in EAGAIN, or a short count if bytes came.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout_s))
         try:
             while got < self.length:
                 part = min(SLICE, self.length - got)
-                n = (sock.recv_into(view[got:got + part], part, flags) if body is not None
-                     else sock.recv_into(view[:part], part, flags))
+                started = time.monotonic()
+                try:
+                    n = (sock.recv_into(view[got:got + part], part, flags) if body is not None
+                         else sock.recv_into(view[:part], part, flags))
+                except (BlockingIOError, ssl.SSLWantReadError) as exc:
+                    raise TimeoutError(
+                        f"no byte of the chunk for {time.monotonic() - started:.0f} s "
+                        f"(forward_timeout_s {timeout_s:g})") from exc
                 if n == 0:
                     raise ConnectionError("data channel closed mid-chunk")
                 got += n
@@ -221,6 +256,10 @@ class _Forward:
         except BaseException as exc:
             self.relay._abandon(self, exc)
             raise
+        finally:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0.0))
+            self.upstream = None
         self.received_at = time.monotonic()
 
     def answer_later(self, answer: Callable[[ch.ReceiptStatus, str], None]) -> None:
@@ -264,8 +303,13 @@ class RelayService:
         metrics: Metrics,
         journal: Journal,
         clock: Callable[[], float] = time.time,
+        weights: BulkWeights | None = None,
     ) -> None:
         self.site = site
+        # This site's bulk class weights (`traffic.weights`): a sender's class is taken only
+        # if it weighs no more here than its data's (`class_for`).
+        w = weights or BulkWeights()
+        self.class_weights = {TrafficClass.CHECKPOINT: w.checkpoint, TrafficClass.SYNC: w.sync}
         self.region = region
         self.settings = settings
         self.links = links
@@ -280,11 +324,22 @@ class RelayService:
         self.clock = clock
         # The uploads passed on here, kept in the journal: a relay restarted mid-transfer
         # (a supervisor's restart) goes on passing them on.
-        self.uploads: dict[str, _Relayed] = {
-            r.upload: _Relayed(r.upload, r.source, r.next_hop, r.dest, r.via,
-                               TrafficClass(r.traffic_class))
-            for r in journal.relayed(since=clock() - RELAYED_KEEP_S) if r.next_hop in links
-        }
+        # Each is checked again as if opened now (the relay settings, peers or this site's
+        # region may have changed since): one no longer allowed is forgotten, with a log line.
+        self.uploads: dict[str, _Relayed] = {}
+        for row in journal.relayed(since=clock() - RELAYED_KEEP_S):
+            try:
+                if row.residency is None:
+                    raise PolicyViolation("its residency was not recorded", hop=site)
+                self._allowed(row.source, row.next_hop, row.residency)
+            except PolicyViolation as exc:
+                journal.drop_relayed(row.upload)
+                log.warning("relay.forgotten", extra={"fields": {
+                    "upload": row.upload, "from": row.source, "to": row.dest,
+                    "error": exc.message}})
+                continue
+            self.uploads[row.upload] = _Relayed(row.upload, row.source, row.next_hop, row.dest,
+                                                row.via, TrafficClass(row.traffic_class))
         self.loop: asyncio.AbstractEventLoop | None = None  # set when it runs
         self._pending: set[_Forward] = set()
         self._pending_lock = threading.Lock()
@@ -296,18 +351,16 @@ class RelayService:
     def check(self, intent: UploadIntent, peer: str, via: tuple[str, ...]) -> str:
         """May this site pass the upload on (PolicyViolation naming this hop otherwise)?
         Returns the next hop."""
-        s = self.settings
         next_hop = via[0] if via else intent.dest_site
         try:
-            if peer not in s.for_peers:
+            known = self.uploads.get(intent.upload)
+            if known is not None and known.source != peer:
+                # An upload id is bound to the peer that opened it here: another peer may
+                # not re-open (and so redirect or take over) an upload passing through.
                 raise PolicyViolation(
-                    f"relay {self.site} does not relay for {peer}", hop=self.site
-                )
-            if next_hop not in s.destinations or next_hop not in self.links:
-                raise PolicyViolation(
-                    f"relay {self.site} does not relay to {next_hop}", hop=self.site
-                )
-            check_residency(self.site, self.region, intent.residency, "relay")
+                    f"upload {intent.upload[:128]!r} is relayed here for {known.source}, "
+                    f"not {peer}", hop=self.site)
+            self._allowed(peer, next_hop, intent.residency)
         except PolicyViolation as exc:
             self.metrics.policy_refusals.labels("relay").inc()
             log.warning("relay.refused", extra={"fields": {
@@ -316,10 +369,37 @@ class RelayService:
             raise
         return next_hop
 
+    def class_for(self, intent: UploadIntent, peer: str, claimed: TrafficClass) -> TrafficClass:
+        """The class this site schedules the upload's chunks in toward the next hop. The
+        sender's `?class=` is its job's (a plan may set it); a relay takes it when it is the
+        one the path's rule gives (`traffic_class_for`: checkpoints/ on checkpoint, the rest
+        on sync) or weighs no more here than that one (a job may yield, never take a larger
+        share of this site's links than its data is due)."""
+        derived = traffic_class_for(intent.root)
+        weights = self.class_weights
+        if claimed == derived or weights.get(claimed, 0.0) <= weights.get(derived, 0.0):
+            return claimed
+        log.warning("relay.class_refused", extra={"fields": {
+            "upload": intent.upload, "from": peer, "asked": claimed.value,
+            "using": derived.value, "path": intent.root[:128]}})
+        return derived
+
+    def _allowed(self, peer: str, next_hop: str, residency: Sequence[str]) -> None:
+        """PolicyViolation (naming this hop) unless this site relays for `peer` to
+        `next_hop` and lies inside `residency`."""
+        s = self.settings
+        if peer not in s.for_peers:
+            raise PolicyViolation(f"relay {self.site} does not relay for {peer}", hop=self.site)
+        if next_hop not in s.destinations or next_hop not in self.links:
+            raise PolicyViolation(f"relay {self.site} does not relay to {next_hop}",
+                                  hop=self.site)
+        check_residency(self.site, self.region, residency, "relay")
+
     async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...],
                    traffic_class: TrafficClass = TrafficClass.SYNC) -> OpenAnswer:
         self.loop = asyncio.get_running_loop()
         next_hop = self.check(intent, peer, via)
+        traffic_class = self.class_for(intent, peer, traffic_class)
         query = open_query(via[1:], traffic_class.value) if len(via) > 1 else ""
         reply = await self.links[next_hop].call(
             TrafficClass.CONTROL, "POST", UPLOADS_ROUTE + query, body=intent
@@ -334,7 +414,7 @@ class RelayService:
         )
         self.journal.add_relayed(RelayedUpload(intent.upload, peer, next_hop, intent.dest_site,
                                                tuple(via[1:]), self.clock(),
-                                               traffic_class.value))
+                                               traffic_class.value, tuple(intent.residency)))
         return answer
 
     def _relayed(self, upload: str, peer: str) -> _Relayed:
@@ -397,10 +477,25 @@ class RelayService:
         except TransferdError as exc:
             return failed(failed=f"relay {self.site}: {exc.message}")
         try:
-            held = self.window.hold(head.body_length, self.settings.forward_timeout_s)
-        except TransferdError as exc:
+            return self._forward(head, r, gate)
+        except (TransferdError, OSError) as exc:
+            # Nothing of the chunk is held past here: its slot goes back, the sender is
+            # answered (a full spill disk is STORAGE: another route, or later) instead of
+            # the channel ending on a raw OSError with the slot taken for good.
             self.loop.call_soon_threadsafe(gate.release, 0, 1)
-            return failed(failed=f"relay {self.site}: {exc.message}")
+            if isinstance(exc, OSError):
+                reason = f"relay {self.site}: spill file: {exc.strerror or exc}"
+                status = ch.ReceiptStatus.STORAGE
+            else:
+                reason, status = f"relay {self.site}: {exc.message}", ch.ReceiptStatus.UNREACHABLE
+            log.warning("relay.chunk_refused", extra={"fields": {
+                "upload": head.upload[:128], "from": peer, "next": r.next_hop,
+                "error": reason[:200]}})
+            return failed(failed=reason, status=status)
+
+    def _forward(self, head: ch.ChunkHead, r: _Relayed, gate: BulkGate) -> _Forward:
+        """Room for the body (memory or spill), and the chunk queued to the next hop."""
+        held = self.window.hold(head.body_length, self.settings.forward_timeout_s)
         body = ArrivingBody(held.view)
         item = OutgoingChunk(
             upload=head.upload, digest=head.address, locations=tuple(head.locations),
@@ -452,26 +547,59 @@ class RelayService:
 
     async def run(self) -> None:
         """Keep the channels to next hops with chunks waiting open, and answer UNREACHABLE
-        for chunks the next hop has not answered within the forward timeout of their last
-        byte."""
+        for chunks that made no progress for the forward timeout (`_stalled`)."""
         self.loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
             with self._pending_lock:
                 pending = list(self._pending)
-            now = time.monotonic()
             hops = {f.relayed.next_hop for f in pending if f.relayed is not None}
             for hop in hops:
                 with contextlib.suppress(TransferdError):
                     await self._ensure(hop)
+            now = time.monotonic()
             for f in pending:
-                if f.item is None or f.relayed is None or not f.received_at:
+                if f.item is None or f.relayed is None or f.item.done.done():
                     continue
-                if now - f.received_at > self.settings.forward_timeout_s:
-                    self.channels[f.relayed.next_hop].withdraw(f.relayed.upload, only=f.item)
-                    f.item.finish(error=TransportError(
-                        f"{f.relayed.next_hop} did not answer within "
-                        f"{self.settings.forward_timeout_s:g} s", peer=f.relayed.next_hop))
+                quiet_s = self._stalled(f, now)
+                if quiet_s is None:
+                    continue
+                hop = f.relayed.next_hop
+                if not f.received_at:
+                    # Still arriving: the previous hop's channel is shut, which ends the
+                    # receive (and through it the chunk, `_abandon`); the sender sends it again.
+                    upstream = f.upstream
+                    if upstream is not None:
+                        with contextlib.suppress(OSError):
+                            upstream.shutdown(socket.SHUT_RDWR)
+                    continue
+                # Its channel to the next hop (if it is on one) is broken: the send stops
+                # before the chunk's room and gate slot are given back.
+                self.channels[hop].expire(f.item, TransportError(
+                    f"relay {self.site}: {hop} took none of the chunk for {quiet_s:.0f} s "
+                    f"(forward_timeout_s {self.settings.forward_timeout_s:g})", peer=hop))
+
+    def _stalled(self, f: _Forward, now: float) -> float | None:
+        """How long `f` has made no progress, if longer than the forward timeout; else None.
+        Progress is its bytes arriving, then the next hop taking it: the channel carrying it
+        moving (bytes acknowledged, a receipt), or while it waits in the queue any channel to
+        that hop moving (the queue drains). Time spent queued behind a slow but healthy next
+        hop is not a timeout: only silence is."""
+        assert f.relayed is not None
+        assert f.item is not None
+        if not f.received_at:
+            # The receive's own timeout ends a body that stops arriving; this is a backstop
+            # (twice as long: the receive notes bytes only at the end of each part).
+            last = f.body.grown_at if f.body is not None else now
+            quiet_s = now - last
+            return quiet_s if quiet_s > 2 * self.settings.forward_timeout_s else None
+        pc = self.channels[f.relayed.next_hop]
+        moved = pc.moved_at(f.item)
+        if moved is None:
+            moved = pc.last_moved()
+        last = max(f.received_at, moved or 0.0)
+        quiet_s = now - last
+        return quiet_s if quiet_s > self.settings.forward_timeout_s else None
 
 
 class RoutingInbound:

@@ -34,10 +34,15 @@ log = logging.getLogger("transferd.sender")
 
 ROUTE_DOWN_S = 60.0  # a failed route is tried again after this (or when no other is left)
 # A relayed chunk's receipt may take RECEIPT_SLACK times what the route's measured rate says,
-# never less than RECEIPT_FLOOR_S (scheduling noise, a destination's fsync), and
-# RECEIPT_UNMEASURED_S before the route has a rate.
+# never less than RECEIPT_FLOOR_S, and RECEIPT_UNMEASURED_S before the route has a rate.
+# The floor rides out what a healthy route does now and then: a destination pausing a few
+# seconds (an fsync of staged chunks, a SQLite checkpoint on a busy disk), or R -> B in TCP's
+# retransmission backoff after a loss burst (RTOs from 0.2 s doubling: five in a row are
+# 0.2 + 0.4 + 0.8 + 1.6 + 3.2 = 6.2 s). 3 s took such a route down (and a job whose only route
+# it was finished on the slow direct path); 10 s still notices a hung relay well before the
+# channels' 30 s stall detection.
 RECEIPT_SLACK = 4.0
-RECEIPT_FLOOR_S = 3.0
+RECEIPT_FLOOR_S = 10.0
 RECEIPT_UNMEASURED_S = 10.0
 # How long a chunk or request on a relay route keeps retrying before the job moves to its next
 # route: short, since another path exists (the direct one at least), unlike a direct peer.

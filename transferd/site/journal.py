@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS relayed (  -- uploads this site passes on (`net.relay
     upload TEXT PRIMARY KEY, source TEXT NOT NULL, next_hop TEXT NOT NULL, dest TEXT NOT NULL,
     via TEXT NOT NULL,               -- JSON list: the relays after the next hop
     created_at REAL NOT NULL,
-    traffic_class TEXT NOT NULL DEFAULT 'sync'
+    traffic_class TEXT NOT NULL DEFAULT 'sync',
+    residency TEXT                   -- JSON list of regions ([]: anywhere); NULL: not recorded
 );
 CREATE TABLE IF NOT EXISTS auth_marks (  -- per sending site: newest timestamp accepted (+1 s)
     site TEXT PRIMARY KEY, ts REAL NOT NULL
@@ -103,6 +104,7 @@ _ADDED_COLUMNS = {
         "routes": "TEXT NOT NULL DEFAULT '[]'",
     },
     "received": {"in_place": "INTEGER NOT NULL DEFAULT 0"},
+    "relayed": {"residency": "TEXT"},
 }
 
 
@@ -134,6 +136,9 @@ class RelayedUpload:
     via: tuple[str, ...]
     created_at: float
     traffic_class: str = "sync"  # the job's bulk class: the relay schedules its chunks in it
+    # The data's residency (empty: anywhere), checked again against this site's region when
+    # the row is read back; None for a row written before it was recorded.
+    residency: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -334,9 +339,10 @@ class Journal:
     def add_relayed(self, row: RelayedUpload) -> None:
         self._exec(
             "INSERT OR REPLACE INTO relayed (upload, source, next_hop, dest, via, created_at, "
-            "traffic_class) VALUES (?,?,?,?,?,?,?)",
+            "traffic_class, residency) VALUES (?,?,?,?,?,?,?,?)",
             (row.upload, row.source, row.next_hop, row.dest, json.dumps(list(row.via)),
-             row.created_at, row.traffic_class),
+             row.created_at, row.traffic_class,
+             None if row.residency is None else json.dumps(list(row.residency))),
         )
 
     def drop_relayed(self, upload: str) -> None:
@@ -347,10 +353,12 @@ class Journal:
         their senders gave up on this route or finished by another)."""
         self._exec("DELETE FROM relayed WHERE created_at < ?", (since,))
         rows = self._exec(
-            "SELECT upload, source, next_hop, dest, via, created_at, traffic_class FROM relayed"
+            "SELECT upload, source, next_hop, dest, via, created_at, traffic_class, residency "
+            "FROM relayed"
         ).fetchall()
-        return [RelayedUpload(u, s, n, d, tuple(json.loads(v)), float(t), c)
-                for u, s, n, d, v, t, c in rows]
+        return [RelayedUpload(u, s, n, d, tuple(json.loads(v)), float(t), c,
+                              None if r is None else tuple(json.loads(r)))
+                for u, s, n, d, v, t, c, r in rows]
 
     def upload(self, upload: str) -> Upload | None:
         row = self._exec(
