@@ -460,6 +460,7 @@ def test_options_only_s3fs_understands_keep_the_s3fs_path(
     store.commit(_staged(store, {"big.bin": b"old"}), "approved/f")
     staging = _staged(store, {"big.bin": big, "small.bin": b"s"})
     store.member_staged(staging, "approved/f", 0)  # over an existing folder: multipart
+    store._streamed[staging.dir.name].members[0].result()  # the upload runs in a pool thread
     assert _uploads(moto_s3, s3_bucket, "fb/approved/f") == ["fb/approved/f/big.bin"]
     store.commit(staging, "approved/f")
     assert store.list_source("approved/f") == ("folder", [("big.bin", BIG), ("small.bin", 1)])
