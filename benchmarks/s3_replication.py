@@ -14,11 +14,17 @@ The cases run round-robin (`--repeat` rounds of every case), and the table gives
 each time: the CPU seconds every process spent in it (the two daemons, the `send` CLI, moto,
 rclone: /proc/<pid>/stat before and after, wait4 for the ones that exit), and for transferd the
 wall-clock phases from the daemons' debug log lines (TRANSFERD_LOG_LEVEL=debug: each S3 PUT and
-GET with its start and duration, the commit). Results go to `--output` as JSON.
+GET with its start and duration, the commit), and the requests moto answered in the first round
+(by kind, the case's own clean-up included). Results go to `--output` as JSON.
+`--baseline TREE` adds the S3 cases run with the transferd of another checkout (say /work/main)
+to the same rounds: an A/B of a change measured side by side, the only kind this shared
+machine allows. `--profile DIR` records moto's and both daemons' stacks with py-spy during each
+run (collapsed stacks; the sampling slows the runs: profile, or time, not both).
 A benchmark, not a test. Hold the lock while it runs (the machine is shared):
 
     flock /tmp/netplan-bench.lock python benchmarks/s3_replication.py [--size-mib 512]
         [--files 8] [--repeat 3] [--output benchmarks/results/s3-replication.json]
+        [--only 'S3 ->'] [--baseline /work/main] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -29,13 +35,15 @@ import os
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +56,12 @@ from transferd.testing import MotoS3Server, free_port, write_site_configs  # noq
 BUCKET = "transferd-bench"
 DATASET = "approved/ds"
 MIB = 1024 * 1024
+# --profile DIR: py-spy records moto and both daemons during every run (collapsed stacks).
+PROFILE_DIR: Path | None = None
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def _env(repo: Path = REPO) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
@@ -78,6 +88,19 @@ class Run:
     seconds: float
     cpu_s: dict[str, float]
     phases_s: dict[str, float] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)  # moto's, by kind, over the run
+
+
+def _request_counts(lines: list[str]) -> dict[str, int]:
+    """Requests by kind (`PUT object`, `GET ?list-type`, ...) from moto's request log lines."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        method, _, rest = line.partition(" ")
+        target = rest.split(" ", 1)[0]
+        query = target.partition("?")[2]
+        kind = f"{method} ?{query.split('=', 1)[0].split('&', 1)[0]}" if query else f"{method}"
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _log_lines(path: Path) -> list[dict[str, Any]]:
@@ -140,14 +163,16 @@ def _wait_serving(port: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"daemon on port {port} did not start")
 
 
-def _transferd(work: Path, s3: MotoS3Server, a: dict[str, Any], b: dict[str, Any]) -> Run:
+def _transferd(
+    work: Path, s3: MotoS3Server, a: dict[str, Any], b: dict[str, Any], repo: Path = REPO
+) -> Run:
     """Two daemons (A and B, with their site overrides) and one `send --wait --json` of the
     dataset from A to B: its wall seconds as the CLI reports them (job queued to committed at
     B), the CPU seconds of A, B, the CLI and moto over the send, and the phases."""
     ports = {"A": free_port(), "B": free_port()}
     configs = write_site_configs(work, ports, A=a, B=b)
     procs = []
-    env = {**_env(), "TRANSFERD_LOG_LEVEL": "debug"}
+    env = {**_env(repo), "TRANSFERD_LOG_LEVEL": "debug"}
     try:
         for site in ("A", "B"):
             log = (work / f"{site}.log").open("ab")
@@ -164,11 +189,11 @@ def _transferd(work: Path, s3: MotoS3Server, a: dict[str, Any], b: dict[str, Any
                 "moto": s3.proc.pid}  # fmt: skip
         before = {name: _cpu_s(pid) for name, pid in pids.items()}
         cli_before = _children_cpu_s()
-        done = subprocess.run(
-            [sys.executable, "-m", "transferd", "send", DATASET, "--config", str(configs["A"]),
-             "--to", "B", "--wait", "--json"],
-            env=env, capture_output=True, text=True, check=False, timeout=3600,
-        )  # fmt: skip
+        with (
+            _profiled(procs[0].pid, PROFILE_DIR, f"{work.name}-sender"),
+            _profiled(procs[1].pid, PROFILE_DIR, f"{work.name}-receiver"),
+        ):
+            done = _send(configs["A"], env)
         cpu = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
         cpu["send CLI"] = _children_cpu_s() - cli_before
         if done.returncode != 0:
@@ -180,6 +205,15 @@ def _transferd(work: Path, s3: MotoS3Server, a: dict[str, Any], b: dict[str, Any
         for proc in procs:
             proc.wait(timeout=30)
     return Run(seconds, cpu, _phases(work / "A.log", work / "B.log"))
+
+
+def _send(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`transferd send --wait --json` of the dataset from A to B."""
+    return subprocess.run(
+        [sys.executable, "-m", "transferd", "send", DATASET, "--config", str(config),
+         "--to", "B", "--wait", "--json"],
+        env=env, capture_output=True, text=True, check=False, timeout=3600,
+    )  # fmt: skip
 
 
 def rclone_env(s3: MotoS3Server) -> dict[str, str]:
@@ -251,7 +285,22 @@ def main() -> None:
         "--only", default="", help="run only the cases whose name contains this (e.g. 'S3 ->')"
     )
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="TREE",
+        help="also time the S3 cases with the transferd of another checkout (e.g. main's), "
+        "in the same rounds: an A/B of a change on this noisy machine",
+    )
+    parser.add_argument(
+        "--profile", type=Path, default=None, metavar="DIR",
+        help="record the stacks of moto and both daemons during each run with py-spy "
+        "(collapsed, DIR/<case>-<i>.txt, DIR/run-<i>-<case>-sender.txt, ...)",
+    )  # fmt: skip
     args = parser.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
     if shutil.which("rclone") is None:
         sys.exit("rclone is not installed (apt-get install rclone)")
     size = args.size_mib * MIB // args.files * args.files
@@ -270,9 +319,7 @@ def main() -> None:
                     "storage_options": opts}  # fmt: skip
 
         def case_local(i: int, work: Path) -> Run:
-            return _transferd(
-                work, s3, {"data_dir": str(src_local)}, {"data_dir": str(work / "B")}
-            )
+            return _transferd(work, s3, {"data_dir": str(src_local)}, {"data_dir": str(work / "B")})
 
         def case_to_s3(i: int, work: Path) -> Run:
             try:
@@ -296,6 +343,23 @@ def main() -> None:
         def case_rclone_down(i: int, work: Path) -> Run:
             return _rclone(s3, f"moto:{BUCKET}/src/{DATASET}", str(work / "B" / DATASET))
 
+        def baseline_to_s3(i: int, work: Path) -> Run:
+            assert args.baseline is not None
+            try:
+                return _transferd(
+                    work, s3, {"data_dir": str(src_local)},
+                    s3_site(f"base-to-s3-{i}", work / "B-state"), args.baseline,
+                )  # fmt: skip
+            finally:
+                _rm_prefix(s3, f"base-to-s3-{i}/")
+
+        def baseline_from_s3(i: int, work: Path) -> Run:
+            assert args.baseline is not None
+            return _transferd(
+                work, s3, s3_site("src", work / "A-state"), {"data_dir": str(work / "B")},
+                args.baseline,
+            )  # fmt: skip
+
         cases: dict[str, Callable[[int, Path], Run]] = {
             "transferd local -> local": case_local,
             "transferd local -> S3": case_to_s3,
@@ -303,17 +367,47 @@ def main() -> None:
             "transferd S3 -> local": case_from_s3,
             "rclone copy S3 -> local": case_rclone_down,
         }
+        if args.baseline is not None:
+            cases["baseline local -> S3"] = baseline_to_s3
+            cases["baseline S3 -> local"] = baseline_from_s3
         cases = {name: case for name, case in cases.items() if args.only in name}
         runs: dict[str, list[Run]] = {name: [] for name in cases}
         for i in range(args.repeat):
             for name, case in cases.items():
                 work = root / f"run-{i}-{name.replace(' ', '_').replace('>', '')}"
                 work.mkdir()
-                runs[name].append(case(i, work))
+                seen = len(s3.requests(BUCKET))
+                with _profiled(s3.proc.pid, args.profile, f"{name}-{i}"):
+                    runs[name].append(case(i, work))
+                runs[name][-1].requests = _request_counts(s3.requests(BUCKET)[seen:])
                 shutil.rmtree(work, ignore_errors=True)
                 print(f"  run {i + 1}/{args.repeat} {name}: {runs[name][-1].seconds:.2f} s",
                       flush=True)  # fmt: skip
     report(runs, size, args, rclone_settings())
+
+
+@contextmanager
+def _profiled(pid: int, out_dir: Path | None, name: str) -> Iterator[None]:
+    """py-spy's record of process `pid` while the block runs (collapsed stacks), if asked."""
+    if out_dir is None:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / (name.replace(" ", "_").replace(">", "").replace("/", "") + ".txt")
+    spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy_bin).exists():
+        sys.exit("--profile needs py-spy (pip install py-spy)")
+    spy = subprocess.Popen(
+        [spy_bin, "record", "--pid", str(pid), "--format", "raw", "--rate", "500",
+         "--nonblocking", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.5)  # attached
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
 
 
 def _median_of(values: list[float | None]) -> float | None:
@@ -340,7 +434,7 @@ def report(
         med = statistics.median(r.seconds for r in case_runs)
         peer = peers["S3"] if name.endswith("S3") else peers["local"]
         ratio = None
-        if name.startswith("transferd") and "S3" in name and peer in runs:
+        if name.startswith(("transferd", "baseline")) and "S3" in name and peer in runs:
             ratio = statistics.median(r.seconds for r in runs[peer]) / med
         procs = list(dict.fromkeys(p for r in case_runs for p in r.cpu_s))
         cpu = {p: _median_of([r.cpu_s.get(p) for r in case_runs]) for p in procs}
@@ -355,8 +449,9 @@ def report(
             "mib_per_s": size / MIB / med,
             "vs_rclone": ratio,
             "cpu_s_median": cpu,
-            "phases_s_median": {p: _median_of([r.phases_s.get(p) for r in case_runs])
-                                for p in phases},  # fmt: skip
+            "phases_s_median": {
+                p: _median_of([r.phases_s.get(p) for r in case_runs]) for p in phases
+            },  # fmt: skip
             "runs": [asdict(r) for r in case_runs],
         }
     print("\ntransferd phases, seconds from the job's start (medians):")
@@ -365,6 +460,10 @@ def report(
             text = ", ".join(f"{p} {v:.2f}" for p, v in entry["phases_s_median"].items()
                              if v is not None)  # fmt: skip
             print(f"  {name}: {text}")
+    print("\nmoto's requests in the first run of each case (the case's own clean-up included):")
+    for name, case_runs in runs.items():
+        text = ", ".join(f"{k} {n}" for k, n in case_runs[0].requests.items())
+        print(f"  {name}: {text}")
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         doc = {
