@@ -50,6 +50,17 @@ def _relayed_bytes(d: Daemon, peer: str) -> float:
     return d.metrics.value("transferd_bytes_received_total", peer=peer)
 
 
+async def _refused(a: Daemon, path: str, via: str, reason: str) -> str:
+    """`path` sent from `a` to B through `via` fails as a policy error naming `reason`; the
+    job's id."""
+    [job_id] = a.sender.submit(path, ["B"], via=[via])
+    [job] = await wait_for_jobs(a, [job_id])
+    assert job.state == "failed"
+    assert job.error_kind == "policy"
+    assert reason in (job.error or "")
+    return job_id
+
+
 async def test_relayed_file_lands_identical_and_relay_keeps_nothing(tmp_path: Path) -> None:
     src = tmp_path / "site-A" / "curated" / "corpus" / "part-0.bin"
     digest = write_random(src, 9 * CHUNK + 777, seed=3)
@@ -90,11 +101,7 @@ async def test_relay_refuses_peers_and_destinations_it_is_not_configured_for(
     async with loopback_sites(
         tmp_path, ("A", "R", "B", "C"), chunk_size=CHUNK, R=relay_for_c_only
     ) as s:
-        [job_id] = s["A"].sender.submit("curated/x.bin", ["B"], via=["R"])
-        [job] = await wait_for_jobs(s["A"], [job_id])
-        assert job.state == "failed"
-        assert job.error_kind == "policy"
-        assert "relay R does not relay for A" in (job.error or "")
+        await _refused(s["A"], "curated/x.bin", "R", "relay R does not relay for A")
         assert s["R"].metrics.value("transferd_policy_refusals_total", side="relay") == 1
     assert not (tmp_path / "site-B" / "curated" / "x.bin").exists()
     assert _held_at(tmp_path / "site-R") == []
@@ -117,11 +124,8 @@ async def test_residency_refused_at_the_relay_outside_it_before_any_byte(
     }
     async with loopback_sites(tmp_path, chunk_size=CHUNK, **overrides) as s:
         a, r, b = s["A"], s["R"], s["B"]
-        [job_id] = a.sender.submit("curated/eu-corpus", ["B"], via=["R"])
-        [job] = await wait_for_jobs(a, [job_id])
-        assert job.state == "failed"
-        assert job.error_kind == "policy"
-        assert "relay R is in region us, outside the data's residency [eu]" in (job.error or "")
+        job_id = await _refused(a, "curated/eu-corpus", "R",
+                                "relay R is in region us, outside the data's residency [eu]")
         assert r.metrics.value("transferd_policy_refusals_total", side="relay") == 1
         assert _relayed_bytes(r, "A") == 0
         assert b.journal.upload(f"A-{job_id}") is None
@@ -456,11 +460,8 @@ async def test_destination_takes_a_sources_uploads_only_through_the_relays_it_na
         B={"relay": {"accept_via": {"A": ["R"]}}},
     ) as s:
         a, b = s["A"], s["B"]
-        [via_s] = a.sender.submit("approved/x.bin", ["B"], via=["S"])
-        [job] = await wait_for_jobs(a, [via_s])
-        assert job.state == "failed"
-        assert job.error_kind == "policy"
-        assert "B does not accept A's uploads through S (relay.accept_via)" in (job.error or "")
+        via_s = await _refused(a, "approved/x.bin", "S",
+                               "B does not accept A's uploads through S (relay.accept_via)")
         assert b.metrics.value("transferd_policy_refusals_total", side="receiver") == 1
         assert b.journal.upload(f"A-{via_s}") is None
         [via_r] = a.sender.submit("approved/x.bin", ["B"], via=["R"])
