@@ -258,7 +258,6 @@ def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
     return _gf2_times(_zeros_operator(length2), crc1) ^ crc2
 
 
-
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
