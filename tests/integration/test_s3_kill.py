@@ -37,6 +37,65 @@ def _text(s3: MotoS3Server, bucket: str, key: str) -> str:
     return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
 
 
+class _HoldingProxy:
+    """A TCP proxy in front of moto that passes requests on until a PUT naming `key` comes:
+    that request (and its connection) is held, never passed on, until `release()`. A daemon
+    whose store goes through it stops at exactly that step of its commit, whatever the
+    machine's speed, so a kill lands there."""
+
+    def __init__(self, upstream_port: int, key: bytes) -> None:
+        self.upstream_port = upstream_port
+        self.key = key
+        self.held = asyncio.Event()  # a PUT of `key` arrived and is being held
+        self._released = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def close(self) -> None:
+        self.release()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def _holds(self, data: bytes) -> bool:
+        at = data.find(self.key)
+        return (at >= 0 and not self._released.is_set()
+                and data[data.rfind(b"\n", 0, at) + 1:].startswith(b"PUT "))
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def answers() -> None:
+            while data := await up_reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+
+        back = asyncio.create_task(answers())
+        try:
+            while data := await reader.read(1 << 16):
+                if self._holds(data):
+                    # HTTP/1.1 without pipelining: this read starts the PUT's request (the
+                    # connection's previous request was answered), so nothing of it goes on.
+                    self.held.set()
+                    await self._released.wait()
+                    return
+                up_writer.write(data)
+                await up_writer.drain()
+        except OSError:
+            pass
+        finally:
+            back.cancel()
+            for w in (writer, up_writer):
+                w.close()
+
+
 def _s3_site(s3: MotoS3Server, url: str, state: Path) -> dict[str, Any]:
     return {"data_dir": url, "state_dir": str(state), "storage_options": s3.storage_options}
 
@@ -106,30 +165,32 @@ async def test_sigkill_of_an_s3_receiver_mid_commit_never_shows_half_a_step(
         f"shard-{i:02d}.bin": write_random(run / "step-200" / f"shard-{i:02d}.bin", 2 * CHUNK, i)
         for i in range(SHARDS)
     }
-    b_site = _s3_site(moto_s3, f"s3://{s3_bucket}/site-B", tmp_path / "state-B")
     step = "site-B/checkpoints/r/step-200/"
-    async with _daemons(tmp_path, B=b_site) as sites:
-        a_config = str(sites.configs["A"])
-        for send in (["checkpoints/r/step-100", "--wait"], ["checkpoints/r/step-200"]):
-            code, _, err = await cli("send", *send, "--config", a_config, "--to", "B")
-            assert code == 0, err
+    # B's store is reached through a proxy that holds the step's manifest PUT: B is killed
+    # with every shard object of the step written and its manifest not (the widest window).
+    proxy = _HoldingProxy(moto_s3.port, f"/{s3_bucket}/{step}{MANIFEST}".encode())
+    b_site = _s3_site(moto_s3, f"s3://{s3_bucket}/site-B", tmp_path / "state-B")
+    b_site["storage_options"] = {
+        **b_site["storage_options"], "endpoint_url": f"http://127.0.0.1:{await proxy.start()}"}
+    try:
+        async with _daemons(tmp_path, B=b_site) as sites:
+            a_config = str(sites.configs["A"])
+            for send in (["checkpoints/r/step-100", "--wait"], ["checkpoints/r/step-200"]):
+                code, _, err = await cli("send", *send, "--config", a_config, "--to", "B")
+                assert code == 0, err
 
-        def mid_commit() -> bool:
+            await asyncio.wait_for(proxy.held.wait(), timeout=60)
+            await sites.kill("B")
+            # What a reader of the bucket sees now: the old step, and no manifest for the new.
             keys = _keys(moto_s3, s3_bucket, step)
-            return bool(keys) and step + MANIFEST not in keys
+            assert step + MANIFEST not in keys
+            assert 0 < len(keys) <= SHARDS  # killed with objects written, the manifest not
+            assert _text(moto_s3, s3_bucket, "site-B/checkpoints/r/LATEST") == "step-100\n"
 
-        async def probe() -> bool:
-            return await asyncio.to_thread(mid_commit)
-
-        await poll_until(probe, bool, timeout_s=60, every_s=0.005)
-        await sites.kill("B")
-        # What a reader of the bucket sees now: the old step, and no manifest for the new one.
-        keys = _keys(moto_s3, s3_bucket, step)
-        assert step + MANIFEST not in keys
-        assert 0 < len(keys) <= SHARDS  # killed with objects written, the manifest not
-        assert _text(moto_s3, s3_bucket, "site-B/checkpoints/r/LATEST") == "step-100\n"
-
-        await _restarted_step_is_whole(sites, moto_s3, s3_bucket, step, digests)
+            proxy.release()
+            await _restarted_step_is_whole(sites, moto_s3, s3_bucket, step, digests)
+    finally:
+        await proxy.close()
 
 
 async def test_sigkill_of_an_s3_receiver_mid_streaming_upload_never_shows_half_a_step(
