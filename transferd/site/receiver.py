@@ -162,10 +162,11 @@ class Receiver:
         """Refuse at once an upload whose changing files cannot fit: a lower bound, counting
         only files that are not staged yet and whose destination differs in size (a file of
         the same size may be unchanged: `have` finds out, and it then needs nothing)."""
+        todo = [i for i in range(len(intent.files)) if not staging.exists(i)]
+        found = self.storage.sizes([destination(intent, i) for i in todo])
         need = sum(
-            spec.size
-            for i, spec in enumerate(intent.files)
-            if not staging.exists(i) and self.storage.size(destination(intent, i)) != spec.size
+            intent.files[i].size for i, size in zip(todo, found, strict=True)
+            if size != intent.files[i].size
         )
         if need == 0:
             return
@@ -259,7 +260,7 @@ class Receiver:
                 continue
             for t in targets:
                 staging.write(t.file, t.offset, data)
-            self._mark_verified(upload, targets)
+            self._mark_verified(upload, targets, data)
             return True
         return False
 
@@ -298,7 +299,7 @@ class Receiver:
         staging = self._staging[upload]
         for t in targets:
             staging.write(t.file, t.offset, raw)
-        self._mark_verified(upload, targets)
+        self._mark_verified(upload, targets, raw)
 
     def record(
         self, upload: str, targets: Sequence[ChunkTarget], digest: str, in_place: bool = False
@@ -309,9 +310,18 @@ class Receiver:
         """The upload's chunks recorded in place (read on the loop, for the commit threads)."""
         return self.journal.in_place(upload)
 
-    def _mark_verified(self, upload: str, targets: Sequence[tuple[int, int, int]]) -> None:
+    def _mark_verified(
+        self,
+        upload: str,
+        targets: Sequence[tuple[int, int, int]],
+        data: bytes | memoryview | None = None,
+    ) -> None:
+        """Record spans staged and verified by this process; the storage hears of each new
+        one (`chunk_staged`, with its bytes when they are in memory: an object store may send
+        them on at once) and of each member now whole (`member_staged`)."""
         staging = self._staging.get(upload)
         whole: list[int] = []
+        new: list[tuple[int, int, int]] = []
         with self._verified_lock:
             verified = self._verified.setdefault(upload, set())
             root, filled = self._filled.get(upload, ("", []))
@@ -320,10 +330,13 @@ class Receiver:
                     continue
                 verified.add((f, off))
                 if staging is not None and f < len(filled):
+                    new.append((f, off, n))
                     filled[f] += n
                     if filled[f] == staging.sizes[f]:
                         whole.append(f)
         if staging is not None:
+            for f, off, n in new:
+                self.storage.chunk_staged(staging, root, f, off, n, data)
             for f in whole:
                 self.storage.member_staged(staging, root, f)
 

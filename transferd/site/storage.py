@@ -21,7 +21,7 @@ import errno
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
@@ -115,6 +115,16 @@ class SiteStorage(Protocol):
         elsewhere may start now, as long as nothing shows before `commit`."""
         ...
 
+    def chunk_staged(
+        self, staging: Staging, rel: str, index: int, offset: int, length: int,
+        data: bytes | memoryview | None,
+    ) -> None:
+        """The span [offset, offset + length) of member `index` is staged and verified (a
+        worker thread, as each chunk lands; `data`: its bytes, valid only during the call, or
+        None when they are only in the staged file): a backend may start sending the member
+        before it is whole, as long as nothing shows before `commit`."""
+        ...
+
     def discard_staged(self, staging: Staging) -> None:
         """The upload was given up: drop whatever `member_staged` started for it."""
         ...
@@ -123,6 +133,10 @@ class SiteStorage(Protocol):
 
     def size(self, rel: str) -> int | None:
         """The size of the file at `rel`, None when there is no file there."""
+        ...
+
+    def sizes(self, rels: Sequence[str]) -> list[int | None]:
+        """`size` of each of `rels` (an object store answers a folder's in one listing)."""
         ...
 
     def link_into(self, rel: str, staged: Path) -> None:
@@ -402,6 +416,12 @@ class LocalStorage:
     def member_staged(self, staging: Staging, rel: str, index: int) -> None:
         pass  # the commit is a rename: nothing to start early
 
+    def chunk_staged(
+        self, staging: Staging, rel: str, index: int, offset: int, length: int,
+        data: bytes | memoryview | None,
+    ) -> None:
+        pass
+
     def discard_staged(self, staging: Staging) -> None:
         pass
 
@@ -418,6 +438,9 @@ class LocalStorage:
             except FileNotFoundError:
                 return None
         return st.st_size if path.is_file() else None
+
+    def sizes(self, rels: Sequence[str]) -> list[int | None]:
+        return [self.size(rel) for rel in rels]
 
     def link_into(self, rel: str, staged: Path) -> None:
         path = self.path(rel)
@@ -570,6 +593,12 @@ class FsspecStorage:
     def member_staged(self, staging: Staging, rel: str, index: int) -> None:
         pass  # staged on local disk and put at commit (object stores stream: ObjectStorage)
 
+    def chunk_staged(
+        self, staging: Staging, rel: str, index: int, offset: int, length: int,
+        data: bytes | memoryview | None,
+    ) -> None:
+        pass
+
     def discard_staged(self, staging: Staging) -> None:
         pass
 
@@ -581,6 +610,9 @@ class FsspecStorage:
         with os_errors(f"reading {rel}", rel):
             path = self.path(rel)
             return int(self.fs.size(path)) if self.fs.isfile(path) else None
+
+    def sizes(self, rels: Sequence[str]) -> list[int | None]:
+        return [self.size(rel) for rel in rels]
 
     def link_into(self, rel: str, staged: Path) -> None:
         with os_errors(f"keeping {rel}", rel):
