@@ -68,6 +68,7 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
             late.append(loop.time() - t0 - 0.01)
 
     await asyncio.sleep(args.start_delay_s)
+    sched0 = _schedstat()
     ticker = asyncio.get_running_loop().create_task(tick())
     # No client-side connection cap: a request queued in aiohttp's pool would count its wait
     # against transferd.
@@ -78,12 +79,25 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
             group.create_task(one(session))
             await asyncio.sleep(args.interval_ms / 1e3)
     ticker.cancel()
-    return {"latencies_ms": latencies, "daemon_latencies_ms": daemon_latencies,
+    sched1 = _schedstat()
+    return {"client_sched": {  # this process's loop thread while the messages went out
+                "ran_ms": round((sched1[0] - sched0[0]) / 1e6, 1),
+                "cpu_wait_ms": round((sched1[1] - sched0[1]) / 1e6, 1),
+                "slices": sched1[2] - sched0[2]} if sched0 and sched1 else None,
+            "latencies_ms": latencies, "daemon_latencies_ms": daemon_latencies,
             "client_loop": {"late_20ms": sum(v >= 0.02 for v in late),
                             "late_max_ms": round(max(late, default=0.0) * 1e3, 1)},
             "sent_at": sent_at, "late": n_late,
             "budget_misses": len(misses), "miss_reasons": sorted(set(misses))[:5],
             "errors": errors[:5], "n_errors": len(errors)}
+
+
+def _schedstat() -> tuple[int, ...] | None:
+    """This thread's time on a CPU and waiting in a run queue (ns), and its time slices."""
+    try:
+        return tuple(int(v) for v in Path("/proc/thread-self/schedstat").read_text().split())
+    except (OSError, ValueError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -304,6 +304,8 @@ def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
         return {"traffic": {"shared_pool": True}}
     if tool == "transferd-normal-loop":
         return {"traffic": {"loop_priority": "normal"}}
+    if tool == "transferd-nice-bulk":
+        return {"traffic": {"bulk_priority": "nice"}}
     raise ToolError(tool, "unknown transferd variant")
 
 
@@ -557,6 +559,8 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             "loop_late": loop_late,
             # The message client's own loop (a normal-priority process): ticks 20 ms late.
             "client_loop_late": result.get("client_loop"),
+            # ... and its loop thread's CPU time and run-queue wait while the messages went out.
+            "client_sched": result.get("client_sched"),
             # The same messages timed inside the sending daemon (queued -> the peer's answer):
             # the rest of p50_ms/p99_ms is the local API hop and the client process.
             **{f"daemon_p{pct}_ms": _percentile(daemon, pct) if daemon else None
@@ -581,6 +585,7 @@ ADAPTERS: dict[str, Callable[[RunContext], ToolRun]] = {
     "transferd-1stream": lambda ctx: _transferd(ctx, "transferd-1stream"),
     "transferd-shared-pool": lambda ctx: _transferd(ctx, "transferd-shared-pool"),
     "transferd-normal-loop": lambda ctx: _transferd(ctx, "transferd-normal-loop"),
+    "transferd-nice-bulk": lambda ctx: _transferd(ctx, "transferd-nice-bulk"),
     "iperf3-1stream": lambda ctx: _iperf3(ctx, 1),
     "iperf3-8streams": lambda ctx: _iperf3(ctx, 8),
     "rsync": lambda ctx: _rsync(ctx, zstd=False),
