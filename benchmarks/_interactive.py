@@ -32,6 +32,7 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
     body = os.urandom(args.size)
     latencies: list[float] = []
     daemon_latencies: list[float] = []  # the sending daemon's own view: queued -> peer's answer
+    outside: list[float] = []
     sent_at: list[float] = []  # Unix time of each request, to tell which overlapped the bulk
     misses: list[str] = []
     errors: list[str] = []
@@ -51,6 +52,9 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
         latencies.append((time.perf_counter() - started) * 1e3)
         if receipt.latency_ms is not None:
             daemon_latencies.append(receipt.latency_ms)
+            # This message's time outside the sending daemon's queued -> answered: the local
+            # API hop both ways and this process (its CPU and its waits for one).
+            outside.append(latencies[-1] - receipt.latency_ms)
         n_late += bool(receipt.late)
         if receipt.budget_miss:
             misses.append(receipt.budget_miss)
@@ -80,7 +84,8 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(args.interval_ms / 1e3)
     ticker.cancel()
     sched1 = _schedstat()
-    return {"client_sched": {  # this process's loop thread while the messages went out
+    return {"outside_daemon_ms": outside,
+            "client_sched": {  # this process's loop thread while the messages went out
                 "ran_ms": round((sched1[0] - sched0[0]) / 1e6, 1),
                 "cpu_wait_ms": round((sched1[1] - sched0[1]) / 1e6, 1),
                 "slices": sched1[2] - sched0[2]} if sched0 and sched1 else None,

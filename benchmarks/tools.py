@@ -547,6 +547,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
         result = json.loads(driver_out.read_text())
         latencies = [round(v, 3) for v in result["latencies_ms"]]
         daemon = result.get("daemon_latencies_ms", [])
+        outside = result.get("outside_daemon_ms", [])
         run.latencies_ms = latencies
         run.messages = {
             "sent": ctx.work.messages, "delivered": len(latencies),
@@ -561,6 +562,10 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             "client_loop_late": result.get("client_loop"),
             # ... and its loop thread's CPU time and run-queue wait while the messages went out.
             "client_sched": result.get("client_sched"),
+            # Per message, the client's latency minus the sending daemon's own (the local API
+            # hop and the client process).
+            **{f"outside_daemon_p{pct}_ms": _percentile(outside, pct) if outside else None
+               for pct in (50, 99)},
             # The same messages timed inside the sending daemon (queued -> the peer's answer):
             # the rest of p50_ms/p99_ms is the local API hop and the client process.
             **{f"daemon_p{pct}_ms": _percentile(daemon, pct) if daemon else None
