@@ -179,6 +179,10 @@ class TrafficSettings(FrozenModel):
     # The event loop (control, interactive messages) runs at SCHED_RR 1 where the host allows
     # it, so it never waits for a CPU behind bulk work (`site.threads.raise_loop_priority`).
     loop_priority: Literal["realtime", "normal"] = "realtime"
+    # Bulk threads (data channels, hashing, zstd, pwrite): "idle" runs them at SCHED_IDLE, so
+    # the host's other processes (an application's requests to this daemon) preempt them the
+    # moment they wake; "nice" only lowers them within the daemon (`site.threads`).
+    bulk_priority: Literal["idle", "nice"] = "idle"
 
     @model_validator(mode="after")
     def _bounds(self) -> TrafficSettings:
