@@ -304,8 +304,8 @@ def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
         return {"traffic": {"shared_pool": True}}
     if tool == "transferd-normal-loop":
         return {"traffic": {"loop_priority": "normal"}}
-    if tool == "transferd-nice-bulk":
-        return {"traffic": {"bulk_priority": "nice"}}
+    if tool == "transferd-idle-bulk":
+        return {"traffic": {"bulk_priority": "idle"}}
     raise ToolError(tool, "unknown transferd variant")
 
 
@@ -590,7 +590,7 @@ ADAPTERS: dict[str, Callable[[RunContext], ToolRun]] = {
     "transferd-1stream": lambda ctx: _transferd(ctx, "transferd-1stream"),
     "transferd-shared-pool": lambda ctx: _transferd(ctx, "transferd-shared-pool"),
     "transferd-normal-loop": lambda ctx: _transferd(ctx, "transferd-normal-loop"),
-    "transferd-nice-bulk": lambda ctx: _transferd(ctx, "transferd-nice-bulk"),
+    "transferd-idle-bulk": lambda ctx: _transferd(ctx, "transferd-idle-bulk"),
     "iperf3-1stream": lambda ctx: _iperf3(ctx, 1),
     "iperf3-8streams": lambda ctx: _iperf3(ctx, 8),
     "rsync": lambda ctx: _rsync(ctx, zstd=False),

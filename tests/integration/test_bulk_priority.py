@@ -1,7 +1,7 @@
 """`traffic.bulk_priority` as `transferd serve` applies it: two real daemon processes on
 127.0.0.1 with their data channels open; the policy of each daemon's channel threads is read back
 from the kernel (sched_getscheduler on the thread id, /proc/<pid>/task/<tid>/comm for its name).
-A runs the default (`idle`: SCHED_IDLE), B asked for `nice` (normal policy, nice +10); the event
+A asked for `idle` (SCHED_IDLE), B runs the default (`nice`: normal policy, nice +10); the event
 loop of neither is a bulk thread."""
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ def _bulk_line(log: Path) -> str:
 def test_serve_runs_channel_threads_at_the_configured_bulk_priority(tmp_path: Path) -> None:
     ports = {"A": free_port(), "B": free_port()}
     configs = write_site_configs(tmp_path, ports)
-    doc = yaml.safe_load(configs["B"].read_text())
-    doc.setdefault("traffic", {})["bulk_priority"] = "nice"
-    configs["B"].write_text(yaml.safe_dump(doc, sort_keys=False))
+    # A asks for SCHED_IDLE; B runs the default (nice +10).
+    doc = yaml.safe_load(configs["A"].read_text())
+    doc.setdefault("traffic", {})["bulk_priority"] = "idle"
+    configs["A"].write_text(yaml.safe_dump(doc, sort_keys=False))
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for site in ("B", "A"):
