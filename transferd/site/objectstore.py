@@ -477,6 +477,11 @@ class ObjectStorage(FsspecStorage):
         # Members streamed at once x parts at once bounds what streaming holds in memory, as
         # for a commit (`_PUT_FILES x _PUT_PARTS x _PART_BYTES`).
         self._member_pool = ThreadPoolExecutor(_PUT_FILES, thread_name_prefix="transferd-s3-put")
+        # PUTs fed from chunks wait for the transfer between spans: more of them at once, so a
+        # member already whole never waits for a slot held by one still arriving.
+        self._stream_pool = ThreadPoolExecutor(
+            2 * _PUT_FILES, thread_name_prefix="transferd-s3-stream"
+        )
         self._part_pool = ThreadPoolExecutor(
             _PUT_FILES * _PUT_PARTS, thread_name_prefix="transferd-s3-part"
         )
@@ -761,7 +766,7 @@ class ObjectStorage(FsspecStorage):
                 body = _StreamBody(staging.member_path(index), size, self._held)
                 streamed.bodies[index] = body
                 path = self.path(f"{rel}/{staging.members[index]}")
-                streamed.members[index] = self._member_pool.submit(self._put_stream, body, path)
+                streamed.members[index] = self._stream_pool.submit(self._put_stream, body, path)
         body.offer(offset, length, data)
 
     def _put_stream(self, body: _StreamBody, path: str) -> None:
