@@ -8,19 +8,14 @@ from __future__ import annotations
 import base64
 import json
 import random
-import socket
-import threading
 import time
 import zlib
-from collections.abc import Callable
-from contextlib import suppress
 from pathlib import Path
 
-import blake3
 import pytest
 
-from transferd.errors import ConfigError, IntegrityError, StorageError
-from transferd.protocol.upload import ChunkTarget, upload_intent, upload_manifest
+from transferd.errors import ConfigError, StorageError
+from transferd.protocol.upload import upload_intent
 from transferd.site import objectstore
 from transferd.site.checkpoints import update_run
 from transferd.site.journal import Journal
@@ -490,146 +485,25 @@ def test_options_only_s3fs_understands_keep_the_s3fs_path(
 
 
 
-class _CountingProxy:
-    """A TCP proxy in front of moto that counts the bytes it has passed on to the server: what
-    reached the endpoint so far, whatever the client's own idea of it."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.bytes_up = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._closed = False
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.upstream_port))
-            self._sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        try:
-            while data := src.recv(1 << 20):
-                dst.sendall(data)
-                if up:
-                    with self._lock:
-                        self.bytes_up += len(data)
-        except OSError:
-            pass
-        finally:
-            with suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._closed = True
-        self._listener.close()
-        for sock in self._sockets:
-            with suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-
-def _until(what: Callable[[], bool]) -> None:
-    """Wait for an event (not a time bound on the code: the deadline only ends a hung test)."""
-    deadline = time.monotonic() + 30
-    while not what():
-        assert time.monotonic() < deadline, "the event never came"
-        time.sleep(0.01)
-
-
-def _chunked(data: bytes, size: int) -> list[tuple[str, int, int]]:
-    return [
-        (blake3.blake3(data[off : off + size]).hexdigest(), off, min(size, len(data) - off))
-        for off in range(0, len(data), size)
-    ]
-
-
-def test_a_new_folders_member_goes_up_from_its_verified_chunks_before_the_last_one_arrives(
+def test_opening_an_upload_of_a_folder_costs_one_listing_of_the_store(
     moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
-    """Receiver to S3, through a proxy that counts what reaches the server: a chunk that fails
-    verification starts nothing; the member's PUT starts with its first verified chunk and its
-    bytes reach the server while the last chunk has not even arrived; the object is the
-    verified bytes (one PUT, not sent again at commit), visible only once the folder commits."""
-    proxy = _CountingProxy(moto_s3.port)
-    try:
-        options = {**moto_s3.storage_options, "endpoint_url": f"http://127.0.0.1:{proxy.port}"}
-        made = open_storage(False, tmp_path / "state", f"s3://{s3_bucket}/data", options,
-                            tmp_path / "state")  # fmt: skip
-        assert isinstance(made, ObjectStorage)
-        store = made
-        keygen(["A", "B"], tmp_path / "keys")
-        journal = Journal(tmp_path / "journal.sqlite")
-        receiver = Receiver("B", store, journal, Keyring.load(tmp_path / "keys", "B", ["A"]),
-                            Metrics(), retention=3)  # fmt: skip
-        data = random.Random(10).randbytes(BIG)
-        chunks = _chunked(data, BIG // 2)
-        intent = upload_intent("A-stream-0001", "A", "B", "approved/d", "folder",
-                               [("big.bin", len(data))])  # fmt: skip
-        manifest = upload_manifest(intent, 1.0, [chunks])
-        receiver.open(intent, "A", now=1.0)
-
-        def put(chunk: tuple[str, int, int], body: bytes) -> None:
-            digest, off, n = chunk
-            targets = [ChunkTarget(0, off, n)]
-            receiver.verify_and_write(intent.upload, digest, body, blake3.blake3(body).hexdigest(),
-                                      "identity", n, targets)  # fmt: skip
-            receiver.record(intent.upload, targets, digest)
-
-        damaged = bytearray(data[: BIG // 2])
-        damaged[100] ^= 0xFF
-        with pytest.raises(IntegrityError):
-            put(chunks[0], bytes(damaged))
-        assert store._streamed == {}  # nothing started from bytes that failed verification
-        before = proxy.bytes_up
-        put(chunks[0], data[: BIG // 2])
-        # The first half of the body reaches the server while the last chunk is still unsent.
-        _until(lambda: proxy.bytes_up - before >= BIG // 2)
-        assert _keys(moto_s3, s3_bucket, "data/") == []  # a PUT shows nothing until it is whole
-        put(chunks[1], data[BIG // 2 :])
-        assert receiver.missing(intent.upload, manifest) == []
-        assert receiver.verify_files(intent.upload, manifest) == []
-        assert not store.exists("approved/d")
-        receiver.commit_files(intent.upload, manifest)
-        assert store.list_source("approved/d") == ("folder", [("big.bin", BIG)])
-        assert store.read_range("approved/d/big.bin", 0, BIG) == data
-        puts = [r for r in moto_s3.requests(s3_bucket) if r.startswith("PUT ") and "big.bin" in r]
-        assert len(puts) == 1  # streamed once, not sent again from the staged file
-        receiver.close()
-        journal.close()
-    finally:
-        proxy.close()
-
-
-def test_a_member_streaming_from_its_chunks_when_the_process_dies_leaves_nothing(
-    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
-) -> None:
-    """A PUT fed from chunks cut off half-way (its process gone: the connection drops with the
-    body unfinished) stores nothing, the folder never reads as present, and the next start-up
-    on the same state dir reclaims the folder's intent."""
-    state = tmp_path / "state"
-    store = _store(moto_s3, s3_bucket, state)
-    data = random.Random(11).randbytes(BIG)
-    staging = _staged(store, {"big.bin": data})
-    half = BIG // 2
-    store.chunk_staged(staging, "approved/d", 0, 0, half, data[:half])
-    [body] = store._streamed[staging.dir.name].bodies.values()
-    _until(lambda: body.pos == half)  # the first half was handed to the connection
-    assert list((state / "object-commits").iterdir())  # the intent was recorded first
-    body.close()  # the process dies: its PUT never finishes
-    with pytest.raises(OSError, match="given up|rewind"):
-        store._streamed[staging.dir.name].members[0].result()
-    assert _keys(moto_s3, s3_bucket, "data/") == []
-    assert not store.exists("approved/d")
-    restarted = _store(moto_s3, s3_bucket, state)
-    assert list((state / "object-commits").iterdir()) == []
-    assert not restarted.exists("approved/d")
-    assert _keys(moto_s3, s3_bucket, "data/") == []
+    """The receiver checks which members change (their sizes at the destination) when an
+    upload opens: on S3 one listing of the folder, counted in the server's request log, not a
+    HEAD and a listing per member; a member already there at its size needs no space."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    store.commit(_staged(store, {"m00.bin": b"same"}), "approved/d")
+    keygen(["A", "B"], tmp_path / "keys")
+    journal = Journal(tmp_path / "journal.sqlite")
+    receiver = Receiver("B", store, journal, Keyring.load(tmp_path / "keys", "B", ["A"]),
+                        Metrics(), retention=3)  # fmt: skip
+    members = [(f"m{i:02d}.bin", 4) for i in range(8)]
+    intent = upload_intent("A-open-0001", "A", "B", "approved/d", "folder", members)
+    before = len(moto_s3.requests(s3_bucket))
+    assert receiver.open(intent, "A", now=1.0) is False
+    during = moto_s3.requests(s3_bucket)[before:]
+    assert len(during) == 1, during
+    assert "list-type=2" in during[0]
+    assert store.sizes(["approved/d/m00.bin", "approved/d/m01.bin"]) == [4, None]
+    receiver.close()
+    journal.close()

@@ -89,12 +89,6 @@ _WINDOWS_AT_ONCE = 4
 # A reader waits for the bytes of its span only, not its window's: a GET body is read in pieces
 # of this size, each handed over as it lands.
 _READ_PIECE_BYTES = 1024 * 1024
-# Bytes of verified chunks held in memory for the PUTs they feed (`_StreamBody`), across the
-# site: beyond it a chunk is left in its staged file and read from there when its PUT gets to it.
-_STREAM_HELD_BYTES = 128 * 1024 * 1024
-# A PUT fed from chunks waits at most this long for the next span of its member (S3 drops a
-# request idle for ~20 s): it then fails, and the commit PUTs the member from its staged file.
-_STREAM_WAIT_S = 15.0
 
 
 class _Window:
@@ -303,117 +297,6 @@ class ObjectSource:
         self._windows = []
 
 
-class _Held:
-    """The bytes `_StreamBody`s may hold in memory at once, site-wide (`_STREAM_HELD_BYTES`)."""
-
-    def __init__(self, limit: int) -> None:
-        self.left = limit
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> bool:
-        with self._lock:
-            if n > self.left:
-                return False
-            self.left -= n
-            return True
-
-    def give(self, n: int) -> None:
-        with self._lock:
-            self.left += n
-
-
-class _StreamBody:
-    """The body of one member's PUT, fed from its chunks as the receiver verifies them: the
-    PUT starts with the member's first chunk and sends its bytes in order, each span as soon
-    as it has been verified and staged. A span arrives with its bytes (a copy is held, up to
-    `_Held`'s limit: nothing is read back) or without (beyond the limit, or staged before a
-    restart: read from the staged file when the PUT gets to it), so memory stays bounded
-    whatever the store's speed, and a slow store never holds up the data channels.
-
-    Its MD5 is computed as it is sent: S3 checks no checksum on a body whose CRC is not known
-    when its headers go, so the PUT's ETag (the MD5 of a single-PUT object) is compared with
-    it, as rclone does."""
-
-    def __init__(self, local: Path, size: int, held: _Held) -> None:
-        self.local, self.size, self._held = local, size, held
-        self.cond = threading.Condition()
-        self._spans: dict[int, tuple[int, bytes | None]] = {}  # offset -> (length, bytes held)
-        self.pos = 0
-        self.md5 = hashlib.md5()
-        self._closed = False
-        self._sealed = False  # every span has been offered (the commit began)
-
-    def offer(self, offset: int, length: int, data: bytes | memoryview | None) -> None:
-        """Receiver thread: the span is verified and staged (`data`: its bytes, or None)."""
-        with self.cond:
-            if self._closed or offset < self.pos or offset in self._spans:
-                return
-            keep = None
-            if data is not None and len(data) == length and self._held.take(length):
-                keep = bytes(data)  # the caller's buffer is reused once it returns
-            self._spans[offset] = (length, keep)
-            self.cond.notify_all()
-
-    def seal(self) -> None:
-        """No more spans will come: a PUT still waiting for one fails at once."""
-        with self.cond:
-            self._sealed = True
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        """Given up: the PUT fails at its next read (a PUT cut short stores nothing)."""
-        with self.cond:
-            self._closed = True
-            for _length, keep in self._spans.values():
-                if keep is not None:
-                    self._held.give(len(keep))
-            self._spans.clear()
-            self.cond.notify_all()
-
-    def read(self, size: int = -1) -> bytes | memoryview:
-        """The next span (whole, whatever `size` asks: one send per chunk, not per 16 KiB)."""
-        if self.pos >= self.size:
-            return b""
-        deadline = time.monotonic() + _STREAM_WAIT_S
-        with self.cond:
-            while True:
-                if self._closed:
-                    raise OSError("the upload was given up")
-                span = self._span_at(self.pos)
-                if span is not None:
-                    break
-                left = deadline - time.monotonic()
-                if self._sealed or left <= 0:
-                    raise OSError(f"{self.local}: no verified bytes at {self.pos}")
-                self.cond.wait(left)
-            offset, length, keep = span
-            del self._spans[offset]
-        skip = self.pos - offset  # a span that overlaps one already sent (chunk tiling moved)
-        if keep is not None:
-            self._held.give(len(keep))
-            data: bytes | memoryview = memoryview(keep)[skip:]
-        else:
-            with open(self.local, "rb") as fh:
-                data = os.pread(fh.fileno(), length - skip, offset + skip)
-            if len(data) != length - skip:
-                raise OSError(f"{self.local}: {len(data)} bytes at {self.pos}, short")
-        self.md5.update(data)
-        self.pos += len(data)
-        return data
-
-    def _span_at(self, pos: int) -> tuple[int, int, bytes | None] | None:
-        found = self._spans.get(pos)
-        if found is not None:
-            return pos, found[0], found[1]
-        for offset, (length, keep) in self._spans.items():
-            if offset < pos < offset + length:
-                return offset, length, keep
-        return None
-
-    def __len__(self) -> int:
-        return self.size  # the PUT's Content-Length; no seek: botocore cannot retry it
-
-
 @dataclass
 class _Multipart:
     """A member's multipart upload with every part in: its object appears when it is completed
@@ -433,8 +316,6 @@ class _Streamed:
     rel: str
     direct: bool
     members: dict[int, Future[_Multipart | None]] = field(default_factory=dict)
-    # Members PUT from their chunks as they arrive (`chunk_staged`), direct folders only.
-    bodies: dict[int, _StreamBody] = field(default_factory=dict)
 
 
 def is_object_store(fs: Any) -> bool:
@@ -467,9 +348,6 @@ class ObjectStorage(FsspecStorage):
         self._client_lock = threading.Lock()
         self._client_made = False
         self._client_obj: Any = None
-        self._plain_client: Any = None
-        self._held = _Held(_STREAM_HELD_BYTES)
-        self._etag_is_md5 = True  # False after a streamed PUT's ETag was not its MD5
         self._streamed: dict[str, _Streamed] = {}  # receiver upload id -> what it streamed
         self._stream_lock = threading.Lock()
         # Polled folders with a manifest: its ETag and the state it gave (`folder_state`).
@@ -477,11 +355,6 @@ class ObjectStorage(FsspecStorage):
         # Members streamed at once x parts at once bounds what streaming holds in memory, as
         # for a commit (`_PUT_FILES x _PUT_PARTS x _PART_BYTES`).
         self._member_pool = ThreadPoolExecutor(_PUT_FILES, thread_name_prefix="transferd-s3-put")
-        # PUTs fed from chunks wait for the transfer between spans: more of them at once, so a
-        # member already whole never waits for a slot held by one still arriving.
-        self._stream_pool = ThreadPoolExecutor(
-            2 * _PUT_FILES, thread_name_prefix="transferd-s3-stream"
-        )
         self._part_pool = ThreadPoolExecutor(
             _PUT_FILES * _PUT_PARTS, thread_name_prefix="transferd-s3-part"
         )
@@ -672,12 +545,6 @@ class ObjectStorage(FsspecStorage):
             if not self._client_made:
                 self._client_made = True
                 self._client_obj = _make_client(self._options) if self._s3 else None
-                # For PUTs fed from chunks (`_StreamBody`): botocore must not read the body for
-                # a checksum of its own before sending (the ETag is checked instead).
-                self._plain_client = (
-                    None if self._client_obj is None
-                    else _make_client(self._options, request_checksum_calculation="when_required")
-                )  # fmt: skip
             return self._client_obj
 
     def _put_local(self, local: Path | str, path: str, crc32: int | None = None) -> None:
@@ -734,64 +601,6 @@ class ObjectStorage(FsspecStorage):
             streamed.members[index] = self._member_pool.submit(
                 self._stream_member, staging, index, path, streamed.direct
             )
-
-    def chunk_staged(
-        self, staging: Staging, rel: str, index: int, offset: int, length: int,
-        data: bytes | memoryview | None,
-    ) -> None:
-        """Receiver thread: a span of member `index` is verified and staged. Into a folder
-        that does not exist yet (it reads as absent until its manifest), a member of at least
-        `_STREAM_MIN_BYTES` is PUT at its key from its first chunk on, fed its chunks in order
-        as they arrive (`_StreamBody`): the upload overlaps the transfer and reads nothing
-        back. Anything else waits for the whole member (`member_staged`)."""
-        size = staging.sizes[index]
-        if (
-            not self._s3 or staging.kind != "folder" or size < _STREAM_MIN_BYTES
-            or not self._etag_is_md5 or self._client() is None
-        ):  # fmt: skip
-            return
-        upload = staging.dir.name
-        with self._stream_lock:
-            streamed = self._streamed.get(upload)
-            if streamed is None:
-                streamed = self._start_streaming(staging, rel)
-                with self._lock:
-                    self._streamed[upload] = streamed
-            if not streamed.direct:
-                return
-            body = streamed.bodies.get(index)
-            if body is None:
-                if index in streamed.members:
-                    return  # already PUT whole
-                body = _StreamBody(staging.member_path(index), size, self._held)
-                streamed.bodies[index] = body
-                path = self.path(f"{rel}/{staging.members[index]}")
-                streamed.members[index] = self._stream_pool.submit(self._put_stream, body, path)
-        body.offer(offset, length, data)
-
-    def _put_stream(self, body: _StreamBody, path: str) -> None:
-        """One PUT of a member fed from its chunks; its ETag must be the MD5 of what was sent
-        (else OSError: the commit PUTs the member again, with its CRC, from the staged file)."""
-        bucket, _, key = path.partition("/")
-        t0 = time.time()
-        try:
-            out = self._plain_client.put_object(
-                Bucket=bucket, Key=key, Body=body, ContentLength=body.size
-            )
-        except Exception as exc:  # botocore's own kinds, or the body's OSError
-            body.close()
-            raise _os_error(exc, path) from exc
-        etag = str(out.get("ETag", "")).strip('"')
-        if etag != body.md5.hexdigest():
-            if "-" in etag or len(etag) != 32:
-                # Not an MD5 (SSE-KMS, ...): whole members from here on, with their CRC.
-                self._etag_is_md5 = False
-            raise OSError(f"{path}: the store's ETag {etag!r} is not the MD5 of what was sent")
-        log.debug(
-            "storage.put",
-            extra={"fields": {"path": path, "bytes": body.size, "at": round(t0, 4),
-                              "from_chunks": True, "seconds": round(time.time() - t0, 4)}},
-        )  # fmt: skip
 
     def _start_streaming(self, staging: Staging, rel: str) -> _Streamed:
         """Record the intent (start-up must find what a crash leaves) before any byte goes."""
@@ -876,8 +685,6 @@ class ObjectStorage(FsspecStorage):
         is left out: the commit PUTs it)."""
         with self._lock:
             streamed = self._streamed.pop(upload, None)
-        for body in streamed.bodies.values() if streamed else ():
-            body.seal()  # every span was offered: a PUT missing one fails now
         done: dict[int, _Multipart | None] = {}
         for index, future in (streamed.members if streamed else {}).items():
             try:
@@ -895,8 +702,6 @@ class ObjectStorage(FsspecStorage):
             streamed = self._streamed.pop(staging.dir.name, None)
         if streamed is None:
             return
-        for body in streamed.bodies.values():
-            body.close()  # its PUT fails: nothing stored
 
         def abort() -> None:
             for future in streamed.members.values():
@@ -1112,7 +917,7 @@ _CLIENT_OPTIONS = frozenset(
 )  # fmt: skip
 
 
-def _make_client(options: dict[str, Any], **config_overrides: Any) -> Any:
+def _make_client(options: dict[str, Any]) -> Any:
     """A botocore S3 client with the credentials, endpoint and config the s3fs options give, or
     None when they hold something else (s3fs keeps those PUTs)."""
     if not set(options) <= _CLIENT_OPTIONS:
@@ -1129,7 +934,6 @@ def _make_client(options: dict[str, Any], **config_overrides: Any) -> Any:
     config = {
         "max_pool_connections": 2 * _PUT_FILES * _PUT_PARTS,
         **(options.get("config_kwargs") or {}),
-        **config_overrides,
     }
     # Bodies unsigned, as botocore does over https and rclone does everywhere (Content-MD5 and
     # UNSIGNED-PAYLOAD): each PUT carries its CRC-32 instead, in a signed header, which the

@@ -260,7 +260,7 @@ class Receiver:
                 continue
             for t in targets:
                 staging.write(t.file, t.offset, data)
-            self._mark_verified(upload, targets, data)
+            self._mark_verified(upload, targets)
             return True
         return False
 
@@ -299,7 +299,7 @@ class Receiver:
         staging = self._staging[upload]
         for t in targets:
             staging.write(t.file, t.offset, raw)
-        self._mark_verified(upload, targets, raw)
+        self._mark_verified(upload, targets)
 
     def record(
         self, upload: str, targets: Sequence[ChunkTarget], digest: str, in_place: bool = False
@@ -310,18 +310,9 @@ class Receiver:
         """The upload's chunks recorded in place (read on the loop, for the commit threads)."""
         return self.journal.in_place(upload)
 
-    def _mark_verified(
-        self,
-        upload: str,
-        targets: Sequence[tuple[int, int, int]],
-        data: bytes | memoryview | None = None,
-    ) -> None:
-        """Record spans staged and verified by this process; the storage hears of each new
-        one (`chunk_staged`, with its bytes when they are in memory: an object store may send
-        them on at once) and of each member now whole (`member_staged`)."""
+    def _mark_verified(self, upload: str, targets: Sequence[tuple[int, int, int]]) -> None:
         staging = self._staging.get(upload)
         whole: list[int] = []
-        new: list[tuple[int, int, int]] = []
         with self._verified_lock:
             verified = self._verified.setdefault(upload, set())
             root, filled = self._filled.get(upload, ("", []))
@@ -330,13 +321,10 @@ class Receiver:
                     continue
                 verified.add((f, off))
                 if staging is not None and f < len(filled):
-                    new.append((f, off, n))
                     filled[f] += n
                     if filled[f] == staging.sizes[f]:
                         whole.append(f)
         if staging is not None:
-            for f, off, n in new:
-                self.storage.chunk_staged(staging, root, f, off, n, data)
             for f in whole:
                 self.storage.member_staged(staging, root, f)
 

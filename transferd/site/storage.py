@@ -115,16 +115,6 @@ class SiteStorage(Protocol):
         elsewhere may start now, as long as nothing shows before `commit`."""
         ...
 
-    def chunk_staged(
-        self, staging: Staging, rel: str, index: int, offset: int, length: int,
-        data: bytes | memoryview | None,
-    ) -> None:
-        """The span [offset, offset + length) of member `index` is staged and verified (a
-        worker thread, as each chunk lands; `data`: its bytes, valid only during the call, or
-        None when they are only in the staged file): a backend may start sending the member
-        before it is whole, as long as nothing shows before `commit`."""
-        ...
-
     def discard_staged(self, staging: Staging) -> None:
         """The upload was given up: drop whatever `member_staged` started for it."""
         ...
@@ -416,12 +406,6 @@ class LocalStorage:
     def member_staged(self, staging: Staging, rel: str, index: int) -> None:
         pass  # the commit is a rename: nothing to start early
 
-    def chunk_staged(
-        self, staging: Staging, rel: str, index: int, offset: int, length: int,
-        data: bytes | memoryview | None,
-    ) -> None:
-        pass
-
     def discard_staged(self, staging: Staging) -> None:
         pass
 
@@ -592,12 +576,6 @@ class FsspecStorage:
 
     def member_staged(self, staging: Staging, rel: str, index: int) -> None:
         pass  # staged on local disk and put at commit (object stores stream: ObjectStorage)
-
-    def chunk_staged(
-        self, staging: Staging, rel: str, index: int, offset: int, length: int,
-        data: bytes | memoryview | None,
-    ) -> None:
-        pass
 
     def discard_staged(self, staging: Staging) -> None:
         pass
