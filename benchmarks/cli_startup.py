@@ -31,9 +31,12 @@ import yaml
 __all__ = ["main"]
 
 PY = sys.executable
-# What `transferd send` imports before its first request (the CLI imports per command).
-CLIENT_IMPORTS = ("import transferd.cli, transferd.config, transferd.net.local_client, "
-                  "transferd.protocol.local_api, transferd.site.keys, transferd.site.tls")
+# What `transferd send` imports before its first request (the CLI imports per command): with
+# a config that validated before, its cached client settings (round 6), else the config models.
+CLIENT_IMPORTS = ("import importlib.util, transferd.cli, transferd.net.local_client, "
+                  "transferd.site.keys, transferd.site.tls, transferd.protocol.auth; "
+                  "__import__('transferd.client_settings' if importlib.util.find_spec("
+                  "'transferd.client_settings') else 'transferd.config')")
 
 
 def _cli(*args: str) -> list[str]:
@@ -115,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="cli-startup-") as tmp:
         root = Path(tmp)
+        # The client settings cache (transferd.client_settings) of this run, not the user's.
+        for _cwd, venv in variants.values():
+            venv["XDG_CACHE_HOME"] = str(root / "cache")
         subprocess.run(_cli("keygen", "--sites", "A,B", "--out", str(root / "keys")),
                        capture_output=True, env=env, check=True)
         ports = {"A": _free_port(), "B": _free_port()}
