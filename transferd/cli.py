@@ -24,7 +24,6 @@ from transferd.errors import (
     AuthError,
     ConfigError,
     PolicyViolation,
-    ProtocolError,
     TransferdError,
     TransportError,
 )
@@ -328,7 +327,7 @@ def send(
     as_json: bool,
 ) -> None:
     """Ask the local daemon to replicate PATH (relative to data_dir) to other sites."""
-    from transferd.net.local_client import LocalRequest
+    from transferd.net.local_client import LocalRequest, job_ids
     from transferd.protocol.http_paths import LOCAL_SEND_ROUTE
 
     config = _client_config(config_path, as_json)
@@ -353,7 +352,7 @@ def send(
     send_jobs = json.dumps(
         {"path": rel, "to": dests, "timeout_s": timeout_s, "via": relays, "multipath": multipath}
     ).encode()
-    request = LocalRequest("POST", LOCAL_SEND_ROUTE, _job_ids, body=send_jobs, json=True)
+    request = LocalRequest("POST", LOCAL_SEND_ROUTE, job_ids, body=send_jobs, json=True)
 
     def send_and_poll(client: LocalClient) -> list[Job]:
         ids = _first_call(lambda: client.call(request))
@@ -381,17 +380,6 @@ def send(
         click.echo(f"transferd: {j.error_kind} error: {j.error}", err=True)
     if failed:
         sys.exit(_failed_exit(failed))
-
-
-def _job_ids(reply: bytes) -> list[str]:
-    """A SendAnswer's job ids, read with json (`send` asks before the models are built)."""
-    try:
-        ids = json.loads(reply)["jobs"]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ProtocolError("invalid SendAnswer: jobs: missing or not JSON") from exc
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise ProtocolError("invalid SendAnswer: jobs: must be a list of job ids")
-    return ids
 
 
 def _jobs(reply: bytes) -> list[Job]:

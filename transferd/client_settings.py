@@ -32,6 +32,7 @@ __all__ = [
     "TlsFiles",
     "cache_dir",
     "client_settings",
+    "code_stamp",
     "data_dir_is_local",
     "local_url",
     "resolve_path",
@@ -164,7 +165,8 @@ def cache_dir() -> Path:
     return Path(root) / "transferd" / "client-settings"
 
 
-def _code_stamp() -> bytes:
+def code_stamp() -> bytes:
+    """The size and mtime of each file of the validating code (empty: an unknown layout)."""
     here = Path(__file__).resolve().parent.parent
     parts = []
     for package, name in _VALIDATING_CODE:
@@ -177,7 +179,7 @@ def _code_stamp() -> bytes:
 
 
 def _cache_file(path: Path, raw: bytes) -> Path | None:
-    stamp = _code_stamp()
+    stamp = code_stamp()
     if not stamp:
         return None
     h = hashlib.sha256()

@@ -13,6 +13,7 @@ same request from a running event loop (aiohttp, imported on first use).
 from __future__ import annotations
 
 import http.client
+import json
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from transferd.protocol.auth import LocalSigner
     from transferd.protocol.messages import InboxMessage, MessageReceipt
 
-__all__ = ["LocalClient", "LocalRequest", "read_inbox", "send_message"]
+__all__ = ["LocalClient", "LocalRequest", "job_ids", "read_inbox", "send_message"]
 
 TIMEOUT_S = 120.0
 A = TypeVar("A")
@@ -59,6 +60,18 @@ class LocalRequest(Generic[A]):
 
             return cast(A, parse_body(cast(Any, self.answer), reply))
         return cast(Callable[[bytes], A], self.answer)(reply)
+
+
+def job_ids(reply: bytes) -> list[str]:
+    """A SendAnswer's job ids, read with json (`transferd send` asks before it has built the
+    models); a ProtocolError for anything else."""
+    try:
+        ids = json.loads(reply)["jobs"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ProtocolError("invalid SendAnswer: jobs: missing or not JSON") from exc
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ProtocolError("invalid SendAnswer: jobs: must be a list of job ids")
+    return ids
 
 
 class LocalClient:
