@@ -32,36 +32,13 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from transferd.errors import ERROR_KINDS, AuthError, ProtocolError, TransferdError, TransportError
+from transferd.protocol import http_paths
 
-# The routes live in a module without pydantic (a client imports them before any model).
-from transferd.protocol.http_paths import (
-    ABORT_ROUTE,
-    COMMIT_ROUTE,
-    DATA_CHANNEL_ROUTE,
-    HAVE_ROUTE,
-    INBOX_ROUTE,
-    LOCAL_JOBS_ROUTE,
-    LOCAL_SEND_ROUTE,
-    LOCAL_STATUS_ROUTE,
-    MESSAGES_ROUTE,
-    PEER_MESSAGES_ROUTE,
-    TELEMETRY_ROUTE,
-    UPLOADS_ROUTE,
-)
+# The routes live in a module without pydantic (a client names its route before any model is
+# built); re-exported here, beside the bodies.
+from transferd.protocol.http_paths import *  # noqa: F403
 
 __all__ = [
-    "ABORT_ROUTE",
-    "COMMIT_ROUTE",
-    "DATA_CHANNEL_ROUTE",
-    "HAVE_ROUTE",
-    "INBOX_ROUTE",
-    "LOCAL_JOBS_ROUTE",
-    "LOCAL_SEND_ROUTE",
-    "LOCAL_STATUS_ROUTE",
-    "MESSAGES_ROUTE",
-    "PEER_MESSAGES_ROUTE",
-    "TELEMETRY_ROUTE",
-    "UPLOADS_ROUTE",
     "ErrorBody",
     "FrozenModel",
     "WireModel",
@@ -70,6 +47,7 @@ __all__ = [
     "parse_query",
     "to_body",
 ]
+__all__ += http_paths.__all__
 
 
 class FrozenModel(BaseModel):
