@@ -189,6 +189,15 @@ def _cache_file(path: Path, raw: bytes) -> Path | None:
     return cache_dir() / f"{h.hexdigest()}.json"
 
 
+def _real_path(path: str | Path) -> Path:
+    """The file's real path (symlinks resolved, as `load_config` resolves the folder relative
+    paths are read against): a link moved to an identical file elsewhere is another name."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(path).absolute()
+
+
 def _read_raw(path: Path) -> bytes | None:
     try:
         with path.open("rb") as fh:
@@ -202,7 +211,7 @@ def client_settings(path: str | Path) -> ClientSettings:
     """The client settings of the config file at `path`: from the cache when this exact file
     validated before, otherwise validated in full (`load_config`: ConfigError naming the field
     for a bad one) and then cached."""
-    path = Path(path).absolute()
+    path = _real_path(path)
     raw = _read_raw(path)
     where = _cache_file(path, raw) if raw is not None else None
     if where is not None:
@@ -224,7 +233,7 @@ def client_settings(path: str | Path) -> ClientSettings:
 def save_client_settings(path: str | Path, config: SiteConfig, text: str) -> None:
     """Cache the settings of `config`, validated from `text`, the content of `path` (the
     daemon does, so that the first client after its start finds them)."""
-    path = Path(path).absolute()
+    path = _real_path(path)
     raw = _read_raw(path)
     where = _cache_file(path, raw) if raw is not None else None
     if where is not None and raw is not None and raw.decode("utf-8-sig", "replace") == text:

@@ -97,6 +97,20 @@ def test_the_same_bytes_elsewhere_resolve_against_their_own_folder(
     assert client_settings(tmp_path / "y" / "a.yaml").keys_path == tmp_path / "y" / "keys"
 
 
+def test_a_link_moved_to_the_same_bytes_elsewhere_is_validated_again(
+    tmp_path: Path, cache: Path
+) -> None:
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.yaml").write_text(GOOD)
+    link = tmp_path / "site.yaml"
+    link.symlink_to(tmp_path / "x" / "a.yaml")
+    assert client_settings(link).keys_path == tmp_path / "x" / "keys"
+    link.unlink()
+    link.symlink_to(tmp_path / "y" / "a.yaml")
+    assert client_settings(link).keys_path == tmp_path / "y" / "keys"
+
+
 def test_a_damaged_cache_entry_is_validated_again(tmp_path: Path, cache: Path) -> None:
     path = tmp_path / "a.yaml"
     path.write_text(GOOD)
