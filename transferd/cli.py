@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from transferd.net.local_client import LocalClient
     from transferd.plan import PlanRun
     from transferd.protocol.local_api import Job
+    from transferd.site.threads import BulkPriority
 
 __all__ = ["main"]
 
@@ -171,6 +172,17 @@ def _loop_priority(wanted: str) -> None:
     )
 
 
+def _bulk_priority(wanted: BulkPriority) -> None:
+    """The policy of the daemon's bulk threads (`traffic.bulk_priority`), logged once."""
+    import logging
+
+    from transferd.site.threads import set_bulk_priority
+
+    logging.getLogger("transferd.daemon").info(
+        "bulk.priority", extra={"fields": {"policy": set_bulk_priority(wanted)}}
+    )
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option(
@@ -195,6 +207,7 @@ def serve(config_path: str, plan_path: str | None) -> None:
     _short_gil_turns()
     config = _config(config_path)
     _loop_priority(config.traffic.loop_priority)
+    _bulk_priority(config.traffic.bulk_priority)
     plan = None
     if plan_path is not None:
         try:

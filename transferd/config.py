@@ -181,6 +181,12 @@ class TrafficSettings(FrozenModel):
     # The event loop (control, interactive messages) runs at SCHED_RR 1 where the host allows
     # it, so it never waits for a CPU behind bulk work (`site.threads.raise_loop_priority`).
     loop_priority: Literal["realtime", "normal"] = "realtime"
+    # Bulk threads (data channels, hashing, zstd, pwrite): "nice" lowers them within the daemon
+    # (nice +10); "idle" runs them at SCHED_IDLE, so the host's other processes (an
+    # application's requests to this daemon) preempt them the moment they wake, at the risk of
+    # starving the bulk, and the loop behind a starved thread that holds the GIL, on a host
+    # whose cores are busy with other work (`site.threads`).
+    bulk_priority: Literal["idle", "nice"] = "nice"
 
     @model_validator(mode="after")
     def _bounds(self) -> TrafficSettings:
