@@ -87,27 +87,32 @@ def test_an_edited_config_is_validated_again(tmp_path: Path, cache: Path) -> Non
     assert len(_entries(cache)) == 2  # the bad file is never cached
 
 
+def _same_file_in(tmp_path: Path, *folders: str) -> list[Path]:
+    paths = []
+    for folder in folders:
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "a.yaml")
+        paths[-1].write_text(GOOD)
+    return paths
+
+
 def test_the_same_bytes_elsewhere_resolve_against_their_own_folder(
     tmp_path: Path, cache: Path
 ) -> None:
-    for folder in ("x", "y"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "a.yaml").write_text(GOOD)
-    assert client_settings(tmp_path / "x" / "a.yaml").keys_path == tmp_path / "x" / "keys"
-    assert client_settings(tmp_path / "y" / "a.yaml").keys_path == tmp_path / "y" / "keys"
+    x, y = _same_file_in(tmp_path, "x", "y")
+    assert client_settings(x).keys_path == tmp_path / "x" / "keys"
+    assert client_settings(y).keys_path == tmp_path / "y" / "keys"
 
 
 def test_a_link_moved_to_the_same_bytes_elsewhere_is_validated_again(
     tmp_path: Path, cache: Path
 ) -> None:
-    for folder in ("x", "y"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "a.yaml").write_text(GOOD)
+    x, y = _same_file_in(tmp_path, "x", "y")
     link = tmp_path / "site.yaml"
-    link.symlink_to(tmp_path / "x" / "a.yaml")
+    link.symlink_to(x)
     assert client_settings(link).keys_path == tmp_path / "x" / "keys"
     link.unlink()
-    link.symlink_to(tmp_path / "y" / "a.yaml")
+    link.symlink_to(y)
     assert client_settings(link).keys_path == tmp_path / "y" / "keys"
 
 
