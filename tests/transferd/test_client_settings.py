@@ -159,3 +159,143 @@ def test_a_send_answer_that_is_not_job_ids_is_a_protocol_error() -> None:
     for bad in (b"nope", b"[]", b'{"jobs": [1]}', b'{"jobs": "a"}'):
         with pytest.raises(ProtocolError, match="invalid SendAnswer"):
             job_ids(bad)
+
+
+# -- a config that is not a regular file, and the path errors name ---------------------------
+def test_a_config_from_a_pipe_is_read_once_and_never_cached(tmp_path: Path, cache: Path) -> None:
+    """`--config <(cat site.yaml)`: the pipe's bytes are validated as they were read."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, GOOD.encode())
+    os.close(write_end)
+    try:
+        settings = client_settings(f"/proc/self/fd/{read_end}")
+    finally:
+        os.close(read_end)
+    assert settings.local_url == "http://127.0.0.1:7701"
+    assert _entries(cache) == []
+
+
+def _fifo_with(tmp_path: Path, name: str) -> tuple[Path, subprocess.Popen[bytes]]:
+    """A FIFO and a writer (`cat site.yaml > fifo.yaml &`) that blocks until it is opened."""
+    source = tmp_path / f"{name}.source.yaml"
+    source.write_text(GOOD)
+    fifo = tmp_path / f"{name}.yaml"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"cat {source} > {fifo}"])
+    return fifo, writer
+
+
+def test_a_fifo_config_is_read_once_by_a_client_and_by_serve(tmp_path: Path, cache: Path) -> None:
+    code = (
+        "import sys, json; from transferd.client_settings import client_settings, "
+        "save_client_settings; from transferd.config import load_config_and_text; "
+        "s = client_settings(sys.argv[1]); c, t = load_config_and_text(sys.argv[2]); "
+        "save_client_settings(sys.argv[2], c, t); print(json.dumps([s.local_url, c.site]))"
+    )
+    first, w1 = _fifo_with(tmp_path, "client")
+    second, w2 = _fifo_with(tmp_path, "serve")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(first), str(second)],
+                             capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "XDG_CACHE_HOME": str(cache.parent.parent)})
+    finally:
+        for writer in (w1, w2):
+            writer.kill()
+            writer.wait()
+    assert json.loads(out.stdout) == ["http://127.0.0.1:7701", "A"], out.stderr
+    assert _entries(cache) == []
+
+
+def test_errors_name_the_path_the_user_gave(tmp_path: Path, cache: Path) -> None:
+    target = tmp_path / "real.yaml"
+    target.write_text(GOOD.replace("0.0.0.0:7701", "nowhere"))
+    link = tmp_path / "site.yaml"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError) as err:
+        client_settings(link)
+    assert str(err.value).startswith(f"{link}: invalid site config")
+    missing = tmp_path / "none.yaml"
+    with pytest.raises(ConfigError, match=f"cannot read site config {missing}: No such file"):
+        client_settings(missing)
+    target.write_bytes(b"site: \xff\n")
+    with pytest.raises(ConfigError, match=f"{link}.*not UTF-8 text: byte 0xff at offset 6"):
+        client_settings(link)
+    target.write_bytes(b"#" * (cs.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match=f"{link}.*more than the 1.0 MiB limit"):
+        client_settings(link)
+
+
+# -- whose cache is trusted ------------------------------------------------------------------
+def _poisoned(entry: Path) -> None:
+    """What another user able to write the cache would put there: the CLI's signed requests
+    sent to a port of theirs."""
+    data = json.loads(entry.read_text())
+    entry.write_text(json.dumps({**data, "listen": "127.0.0.1:9"}))
+
+
+def test_an_entry_others_can_write_is_not_read(tmp_path: Path, cache: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    client_settings(path)
+    [entry] = _entries(cache)
+    _poisoned(entry)
+    entry.chmod(0o666)
+    assert client_settings(path).listen == "0.0.0.0:7701"
+    entry.chmod(0o600)
+    _poisoned(entry)
+    cache.chmod(0o777)
+    try:
+        assert client_settings(path).listen == "0.0.0.0:7701"
+    finally:
+        cache.chmod(0o700)
+
+
+def test_an_entry_that_is_a_link_is_not_read(tmp_path: Path, cache: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    client_settings(path)
+    [entry] = _entries(cache)
+    elsewhere = tmp_path / "elsewhere.json"
+    entry.rename(elsewhere)
+    _poisoned(elsewhere)
+    entry.symlink_to(elsewhere)
+    assert client_settings(path).listen == "0.0.0.0:7701"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's needs root")
+def test_an_entry_owned_by_another_user_is_not_read(tmp_path: Path, cache: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    client_settings(path)
+    [entry] = _entries(cache)
+    _poisoned(entry)
+    os.chown(entry, 65534, 65534)
+    assert client_settings(path).listen == "0.0.0.0:7701"
+    os.chown(entry, 0, 0)
+    os.chown(cache, 65534, 65534)
+    assert client_settings(path).listen == "0.0.0.0:7701"
+
+
+def test_cache_folders_are_private_and_a_relative_xdg_cache_home_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    client_settings(path)
+    for folder in ("xdg", "xdg/transferd", "xdg/transferd/client-settings"):
+        assert (tmp_path / folder).stat().st_mode & 0o777 == 0o700, folder
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cs.cache_dir() == tmp_path / "home" / ".cache" / "transferd" / "client-settings"
+
+
+def test_the_cache_can_be_turned_off(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRANSFERD_NO_CLIENT_CACHE", "1")
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    assert client_settings(path).local_url == "http://127.0.0.1:7701"
+    assert _entries(cache) == []
+
