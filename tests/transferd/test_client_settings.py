@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -299,3 +300,60 @@ def test_the_cache_can_be_turned_off(
     assert client_settings(path).local_url == "http://127.0.0.1:7701"
     assert _entries(cache) == []
 
+
+# -- what `send --wait --json` times ---------------------------------------------------------
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_send_seconds_time_the_job_not_the_clients_model_imports(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`seconds` (read by scripts and benchmarks/s3_replication.py) ends when the answer that
+    says the job ended arrives: the 1 s the (simulated) daemon took, not the 5 s the client
+    then spends importing the models that parse it."""
+    from types import SimpleNamespace
+
+    from transferd import cli
+
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    (tmp_path / "site-a").mkdir()
+    (tmp_path / "site-a" / "f").write_bytes(b"x" * 5000)
+    clock = _Clock()
+    job = {"id": "j1", "path": "f", "dest": "B", "traffic_class": "sync", "state": "committed",
+           "error": None, "error_kind": None, "created_at": 1.0, "started_at": 1.0,
+           "finished_at": 2.0, "bytes_logical": 5000, "bytes_on_wire": 5100, "bytes_done": 5000,
+           "chunks": 1, "chunks_skipped": 0, "chunks_sent": 1, "retries": 0,
+           "integrity_failures": 0}
+
+    class Daemon:
+        def call(self, request: Any, on_sent: Any = None) -> Any:
+            if request.method == "POST":
+                return request.answer_of(200, b'{"jobs": ["j1"]}', "fake")
+            clock.now += 1.0  # the job, in the daemon
+            return request.answer_of(200, json.dumps({"jobs": [job]}).encode(), "fake")
+
+    real_jobs = cli._jobs
+
+    def slow_jobs(reply: bytes) -> Any:
+        clock.now += 5.0  # the models' import the parse waits for
+        return real_jobs(reply)
+
+    monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=clock.monotonic,
+                                                    sleep=clock.sleep))
+    monkeypatch.setattr(cli, "_jobs", slow_jobs)
+    monkeypatch.setattr(cli, "_with_daemon", lambda config, path, use, as_json=False:
+                        use(Daemon()))
+    result = CliRunner().invoke(
+        main, ["send", "f", "--config", str(path), "--to", "B", "--wait", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert (out["state"], out["seconds"]) == ("committed", 1.0)
