@@ -1,21 +1,26 @@
 """What a client command (`transferd send`, `status`, `message`, ...) needs of the site config,
-and a cache of it keyed by the config file's exact bytes.
+and a cache of it keyed by the config file's exact text.
 
 Validating the config (`transferd.config`) costs a client ~110 ms of imports and model builds
 (pydantic, yaml, the line finder), more than the rest of a short `send --wait` together. The
-result depends only on the file's bytes, its path and the code that validates it, so once a
-file has been validated, its `ClientSettings` (the validated values a client reads) are kept
-as JSON under the user's cache folder, named by a hash of exactly those: an edited file, a
-moved one, or a changed transferd is a different name, and goes through the full validation
-(the same errors, naming the field and line). Only a file that validated is ever cached; a
-cache that cannot be read or written is skipped. Paths are resolved (symlinks, `~`) when used,
-as `SiteConfig` does, by the same functions.
+result depends only on the file's text, its real path and the code that validates it, so once a
+file has been validated, its `ClientSettings` (the validated values a client reads; no secrets)
+are kept as JSON under the user's cache folder, named by a hash of exactly those: an edited
+file, a moved one, or a changed transferd, pydantic or PyYAML is a different name, and goes
+through the full validation (the same errors, naming the path the user gave, the field and the
+line). The file is read once, through one descriptor, and those bytes are what is validated
+and hashed; only a regular file that validated is cached (a pipe or FIFO is read as it comes).
+An entry is read only from a folder and as a file owned by this user that no one else may
+write (anyone else could point the CLI's signed requests elsewhere); anything else, or a cache
+that cannot be read or written, is skipped. `TRANSFERD_NO_CLIENT_CACHE=1` turns it off. Paths
+are resolved (symlinks, `~`) when used, as `SiteConfig` does, by the same functions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import stat
@@ -42,16 +47,20 @@ __all__ = [
 
 CACHE_FORMAT = 1
 MAX_CONFIG_BYTES = 1024 * 1024  # transferd.documents.CONFIG_LIMITS: larger files take the full path
-# The code whose behaviour decides what a config file validates to: a changed file here is a
-# new cache name (an upgrade, or an edited checkout).
+# The code whose behaviour decides what a config file validates to: a change to its text is a
+# new cache name (an upgrade, or an edited checkout); with the files that carry the versions of
+# pydantic and PyYAML (read, not imported: a cache hit imports neither).
 _VALIDATING_CODE = (
     ("transferd", "config.py"),
     ("transferd", "client_settings.py"),
     ("transferd", "documents.py"),
+    ("transferd", "errors.py"),
+    ("transferd/protocol", "wire.py"),
     ("netplan", "ids.py"),
     ("netplan", "safeyaml.py"),
     ("netplan", "yamlpos.py"),
 )
+_LIBRARY_VERSIONS = (("pydantic", "version.py"), ("yaml", "__init__.py"))
 
 
 # -- derived values, shared with SiteConfig ----------------------------------------------------
@@ -175,16 +184,24 @@ def cache_enabled() -> bool:
 
 
 def code_stamp() -> bytes:
-    """The size and mtime of each file of the validating code (empty: an unknown layout)."""
+    """A hash of the text of the validating code and of the files that hold the versions of
+    pydantic and PyYAML (empty: a layout this code does not know, never cached)."""
     here = Path(__file__).resolve().parent.parent
-    parts = []
-    for package, name in _VALIDATING_CODE:
+    files = [here / package / name for package, name in _VALIDATING_CODE]
+    for library, name in _LIBRARY_VERSIONS:
+        spec = importlib.util.find_spec(library)  # where it is; nothing is imported
+        if spec is None or not spec.submodule_search_locations:
+            return b""
+        files.append(Path(next(iter(spec.submodule_search_locations))) / name)
+    h = hashlib.sha256()
+    for file in files:
         try:
-            st = os.stat(here / package / name)
+            data = file.read_bytes()
         except OSError:
-            return b""  # not a layout we know: never cached
-        parts.append(f"{package}/{name}:{st.st_size}:{st.st_mtime_ns}")
-    return "\n".join(parts).encode()
+            return b""
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest().encode()
 
 
 def _cache_name(real: Path, text: str) -> str | None:

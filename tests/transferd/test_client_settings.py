@@ -139,6 +139,27 @@ def test_changed_validating_code_is_a_new_cache_name(
     assert len(_entries(cache)) == 2
 
 
+def test_the_code_stamp_follows_content_and_library_versions_not_mtimes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reinstall that only touches files keeps the cache; a new pydantic or PyYAML (or an
+    edited validating module) does not."""
+    lib = tmp_path / "lib" / "fakelib"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text("")
+    (lib / "version.py").write_text("VERSION = '2.0.0'\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    monkeypatch.setattr(cs, "_LIBRARY_VERSIONS", (("fakelib", "version.py"),))
+    first = cs.code_stamp()
+    assert first
+    os.utime(lib / "version.py", (1, 1))
+    assert cs.code_stamp() == first
+    (lib / "version.py").write_text("VERSION = '2.0.1'\n")
+    assert cs.code_stamp() != first
+    monkeypatch.setattr(cs, "_LIBRARY_VERSIONS", (("no_such_library_here", "version.py"),))
+    assert cs.code_stamp() == b""  # an unknown layout: never cached
+
+
 def test_cli_names_the_bad_field_of_a_config_edited_after_it_was_cached(
     tmp_path: Path, cache: Path
 ) -> None:
