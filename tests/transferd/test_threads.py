@@ -160,3 +160,24 @@ def test_a_bulk_thread_started_by_a_bulk_thread_is_lowered_once() -> None:
         return _in_thread(lambda: (lower_thread_priority("nice"), _nice())[1])
 
     assert _in_thread(nested) == min(base + BULK_THREAD_NICENESS, 19)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
+def test_the_bulk_priority_log_line_says_what_is_in_effect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bulk.priority` says idle only where SCHED_IDLE is allowed; where a sandbox refuses it,
+    the nice fallback the bulk threads really run at, and why."""
+    try:
+        assert set_bulk_priority("idle").startswith("idle (SCHED_IDLE")
+        real = os.sched_setscheduler
+
+        def refuse(pid: int, policy: int, param: os.sched_param) -> None:
+            if policy == os.SCHED_IDLE:
+                raise PermissionError(1, "Operation not permitted")
+            real(pid, policy, param)
+
+        monkeypatch.setattr(os, "sched_setscheduler", refuse)
+        said = set_bulk_priority("idle")
+    finally:
+        set_bulk_priority("nice")
+    assert said == (f"nice (+{BULK_THREAD_NICENESS}: bulk_priority idle asked, but SCHED_IDLE "
+                    "is refused here: Operation not permitted)")

@@ -57,9 +57,32 @@ def set_bulk_priority(policy: BulkPriority) -> str:
     global _bulk_priority
     base_nice()
     _bulk_priority = policy
+    if not sys.platform.startswith("linux"):
+        return f"normal ({policy} not applied: per-thread priority is Linux-only here)"
     if policy == "idle":
-        return "idle (SCHED_IDLE: bulk threads run when nothing else on the host wants a CPU)"
+        refused = _idle_refused()
+        if refused is None:
+            return "idle (SCHED_IDLE: bulk threads run when nothing else on the host wants a CPU)"
+        return (f"nice (+{BULK_THREAD_NICENESS}: bulk_priority idle asked, but SCHED_IDLE is "
+                f"refused here: {refused})")
     return f"nice (+{BULK_THREAD_NICENESS})"
+
+
+def _idle_refused() -> str | None:
+    """Why this host refuses SCHED_IDLE (tried on a throwaway thread), or None."""
+    out: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            out.append(None)
+        except OSError as exc:  # a seccomp sandbox, a container without the syscall
+            out.append(exc.strerror or str(exc))
+
+    thread = threading.Thread(target=probe, name="probe-sched-idle", daemon=True)
+    thread.start()
+    thread.join()
+    return out[0] if out else "the probe thread failed"
 
 
 def raise_loop_priority(wanted: str = "realtime") -> str:
