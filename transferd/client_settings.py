@@ -285,6 +285,8 @@ def _read_config(path: str | Path) -> _ConfigFile:
         with os.fdopen(fd, "rb") as fh:
             st = os.fstat(fd)
             regular = stat.S_ISREG(st.st_mode)
+            if stat.S_ISFIFO(st.st_mode):
+                _wait_for_writer(fd)
             if not regular:
                 os.set_blocking(fd, True)
             raw = b"" if st.st_size > MAX_CONFIG_BYTES else fh.read(MAX_CONFIG_BYTES + 1)
@@ -294,6 +296,18 @@ def _read_config(path: str | Path) -> _ConfigFile:
         raise ConfigError(f"cannot read site config {path}: {exc.strerror or exc}",
                           path=path) from exc
     return _ConfigFile(raw, st.st_size, regular)
+
+
+def _wait_for_writer(fd: int) -> None:
+    """Until the FIFO opened (O_NONBLOCK) as `fd` has data or a writer that came and left, as a
+    blocking open would have waited for its writer (`cat site.yaml > fifo.yaml &` may open it
+    after this process does): read before then, it would look empty."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while not poller.poll():
+        pass
 
 
 def _config_text(read: _ConfigFile, source: str) -> str:

@@ -3,10 +3,12 @@ that validated before without the config models, and never trusts a cache of oth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -378,3 +380,35 @@ def test_send_seconds_time_the_job_not_the_clients_model_imports(
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert (out["state"], out["seconds"]) == ("committed", 1.0)
+
+
+def test_a_fifo_config_waits_for_a_writer_that_comes_later(tmp_path: Path, cache: Path) -> None:
+    """`transferd status --config fifo.yaml` started before `cat site.yaml > fifo.yaml`: read
+    once the writer comes, as a blocking open would, not taken for an empty file."""
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    code = ("import sys; from transferd.client_settings import client_settings; "
+            "print(client_settings(sys.argv[1]).local_url)")
+    reader = subprocess.Popen([sys.executable, "-c", code, str(fifo)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "XDG_CACHE_HOME": str(cache.parent.parent)})
+    try:
+        # The reader has opened the FIFO (it is listed among its files) before anyone writes.
+        fd_dir = Path(f"/proc/{reader.pid}/fd")
+        for _ in range(600):
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd_dir / fd) == str(fifo) for fd in os.listdir(fd_dir)):
+                    break
+            if reader.poll() is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)  # a reader that takes the FIFO for an empty file has given up by now
+        assert reader.poll() is None, reader.communicate()
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO, not a hang, if it left
+        os.write(writer, GOOD.encode())
+        os.close(writer)
+        out, err = reader.communicate(timeout=30)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert out.strip() == "http://127.0.0.1:7701", err
