@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import blake3
 
+from transferd.errors import IntegrityError, StorageError
 from transferd.protocol.arrow_chunks import record_batch_spans
 from transferd.protocol.chunks import fixed_spans
 
@@ -117,16 +118,22 @@ class SourceFile:
 
     def hash_span(self, offset: int, length: int) -> str:
         """Thread: the blake3 (hex) of [offset, offset+length), read piece by piece into this
-        thread's buffer (both the read and blake3 release the GIL). OSError if the file ends
-        first (it shrank while being sent)."""
+        thread's buffer (both the read and blake3 release the GIL). A file that ends inside
+        the span shrank while being sent: IntegrityError (a mapping of it would have been a
+        SIGBUS). A read that fails: StorageError."""
         buf = _piece_buffer()
         hasher = blake3.blake3()
         done = 0
         while done < length:
             want = min(len(buf), length - done)
-            n = os.preadv(self._fd, [buf[:want]], offset + done)
+            try:
+                n = os.preadv(self._fd, [buf[:want]], offset + done)
+            except OSError as exc:
+                raise StorageError(f"reading {self.path}: {exc.strerror or exc}",
+                                   path=self.path) from exc
             if n <= 0:
-                raise OSError(f"{self.path}: file ended at {offset + done} inside a chunk")
+                raise IntegrityError(f"source file changed while being sent: {self.path} "
+                                     f"ends at {offset + done}, inside a chunk")
             hasher.update(buf[:n])
             done += n
         return hasher.hexdigest()
