@@ -32,6 +32,7 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
     body = os.urandom(args.size)
     latencies: list[float] = []
     daemon_latencies: list[float] = []  # the sending daemon's own view: queued -> peer's answer
+    outside: list[float] = []
     sent_at: list[float] = []  # Unix time of each request, to tell which overlapped the bulk
     misses: list[str] = []
     errors: list[str] = []
@@ -51,6 +52,9 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
         latencies.append((time.perf_counter() - started) * 1e3)
         if receipt.latency_ms is not None:
             daemon_latencies.append(receipt.latency_ms)
+            # This message's time outside the sending daemon's queued -> answered: the local
+            # API hop both ways and this process (its CPU and its waits for one).
+            outside.append(latencies[-1] - receipt.latency_ms)
         n_late += bool(receipt.late)
         if receipt.budget_miss:
             misses.append(receipt.budget_miss)
@@ -68,6 +72,7 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
             late.append(loop.time() - t0 - 0.01)
 
     await asyncio.sleep(args.start_delay_s)
+    sched0 = _schedstat()
     ticker = asyncio.get_running_loop().create_task(tick())
     # No client-side connection cap: a request queued in aiohttp's pool would count its wait
     # against transferd.
@@ -78,12 +83,26 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
             group.create_task(one(session))
             await asyncio.sleep(args.interval_ms / 1e3)
     ticker.cancel()
-    return {"latencies_ms": latencies, "daemon_latencies_ms": daemon_latencies,
+    sched1 = _schedstat()
+    return {"outside_daemon_ms": outside,
+            "client_sched": {  # this process's loop thread while the messages went out
+                "ran_ms": round((sched1[0] - sched0[0]) / 1e6, 1),
+                "cpu_wait_ms": round((sched1[1] - sched0[1]) / 1e6, 1),
+                "slices": sched1[2] - sched0[2]} if sched0 and sched1 else None,
+            "latencies_ms": latencies, "daemon_latencies_ms": daemon_latencies,
             "client_loop": {"late_20ms": sum(v >= 0.02 for v in late),
                             "late_max_ms": round(max(late, default=0.0) * 1e3, 1)},
             "sent_at": sent_at, "late": n_late,
             "budget_misses": len(misses), "miss_reasons": sorted(set(misses))[:5],
             "errors": errors[:5], "n_errors": len(errors)}
+
+
+def _schedstat() -> tuple[int, ...] | None:
+    """This thread's time on a CPU and waiting in a run queue (ns), and its time slices."""
+    try:
+        return tuple(int(v) for v in Path("/proc/thread-self/schedstat").read_text().split())
+    except (OSError, ValueError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

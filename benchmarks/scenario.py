@@ -25,6 +25,7 @@ TOOLS = (
     "transferd-1stream",
     "transferd-shared-pool",
     "transferd-normal-loop",  # the event loop left at normal priority (traffic.loop_priority)
+    "transferd-idle-bulk",  # bulk threads at SCHED_IDLE, not nice +10 (traffic.bulk_priority)
     "iperf3-1stream",
     "iperf3-8streams",
     "rsync",

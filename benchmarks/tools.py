@@ -304,6 +304,8 @@ def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
         return {"traffic": {"shared_pool": True}}
     if tool == "transferd-normal-loop":
         return {"traffic": {"loop_priority": "normal"}}
+    if tool == "transferd-idle-bulk":
+        return {"traffic": {"bulk_priority": "idle"}}
     raise ToolError(tool, "unknown transferd variant")
 
 
@@ -545,6 +547,7 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
         result = json.loads(driver_out.read_text())
         latencies = [round(v, 3) for v in result["latencies_ms"]]
         daemon = result.get("daemon_latencies_ms", [])
+        outside = result.get("outside_daemon_ms", [])
         run.latencies_ms = latencies
         run.messages = {
             "sent": ctx.work.messages, "delivered": len(latencies),
@@ -557,6 +560,12 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             "loop_late": loop_late,
             # The message client's own loop (a normal-priority process): ticks 20 ms late.
             "client_loop_late": result.get("client_loop"),
+            # ... and its loop thread's CPU time and run-queue wait while the messages went out.
+            "client_sched": result.get("client_sched"),
+            # Per message, the client's latency minus the sending daemon's own (the local API
+            # hop and the client process).
+            **{f"outside_daemon_p{pct}_ms": _percentile(outside, pct) if outside else None
+               for pct in (50, 99)},
             # The same messages timed inside the sending daemon (queued -> the peer's answer):
             # the rest of p50_ms/p99_ms is the local API hop and the client process.
             **{f"daemon_p{pct}_ms": _percentile(daemon, pct) if daemon else None
@@ -581,6 +590,7 @@ ADAPTERS: dict[str, Callable[[RunContext], ToolRun]] = {
     "transferd-1stream": lambda ctx: _transferd(ctx, "transferd-1stream"),
     "transferd-shared-pool": lambda ctx: _transferd(ctx, "transferd-shared-pool"),
     "transferd-normal-loop": lambda ctx: _transferd(ctx, "transferd-normal-loop"),
+    "transferd-idle-bulk": lambda ctx: _transferd(ctx, "transferd-idle-bulk"),
     "iperf3-1stream": lambda ctx: _iperf3(ctx, 1),
     "iperf3-8streams": lambda ctx: _iperf3(ctx, 8),
     "rsync": lambda ctx: _rsync(ctx, zstd=False),

@@ -1,6 +1,7 @@
 """Fixtures shared across the tests: one headless Chromium for the report tests (skipped, with
 the reason, where Debian's `chromium` is not installed) and the folder screenshots are kept in;
-a real S3 endpoint (moto's server) for the object-store tests."""
+a real S3 endpoint (moto's server) for the object-store tests; the client settings cache of
+every CLI and daemon the tests start in a temporary folder, not the user's."""
 
 from __future__ import annotations
 
@@ -15,6 +16,20 @@ from tests.browser import Chromium, find_chromium
 from transferd.testing import MotoS3Server
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def client_settings_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`transferd.client_settings` caches under $XDG_CACHE_HOME: the tests' own folder (the
+    environment is inherited by the daemons and CLIs they start)."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
 
 
 @pytest.fixture(scope="session")

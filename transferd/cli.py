@@ -34,10 +34,12 @@ from transferd.errors import (
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+    from transferd.client_settings import ClientSettings
     from transferd.config import SiteConfig
     from transferd.net.local_client import LocalClient
     from transferd.plan import PlanRun
     from transferd.protocol.local_api import Job
+    from transferd.site.threads import BulkPriority
 
 __all__ = ["main"]
 
@@ -65,10 +67,24 @@ def _fail(exc: TransferdError, as_json: bool = False) -> NoReturn:
 
 
 def _config(path: str, as_json: bool = False) -> SiteConfig:
-    from transferd.config import load_config
+    from transferd.client_settings import save_client_settings
+    from transferd.config import load_config_and_text
 
     try:
-        return load_config(path)
+        config, text = load_config_and_text(path)
+    except ConfigError as exc:
+        _fail(exc, as_json)
+    save_client_settings(path, config, text)  # the first client after this finds them
+    return config
+
+
+def _client_config(path: str, as_json: bool = False) -> ClientSettings:
+    """What a client command needs of the config: cached for a file that validated before
+    (`transferd.client_settings`), validated in full otherwise (the same errors)."""
+    from transferd.client_settings import client_settings
+
+    try:
+        return client_settings(path)
     except ConfigError as exc:
         _fail(exc, as_json)
 
@@ -156,6 +172,17 @@ def _loop_priority(wanted: str) -> None:
     )
 
 
+def _bulk_priority(wanted: BulkPriority) -> None:
+    """The policy of the daemon's bulk threads (`traffic.bulk_priority`), logged once."""
+    import logging
+
+    from transferd.site.threads import set_bulk_priority
+
+    logging.getLogger("transferd.daemon").info(
+        "bulk.priority", extra={"fields": {"policy": set_bulk_priority(wanted)}}
+    )
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option(
@@ -180,6 +207,7 @@ def serve(config_path: str, plan_path: str | None) -> None:
     _short_gil_turns()
     config = _config(config_path)
     _loop_priority(config.traffic.loop_priority)
+    _bulk_priority(config.traffic.bulk_priority)
     plan = None
     if plan_path is not None:
         try:
@@ -233,7 +261,7 @@ def _load_plan(plan_path: str, config: SiteConfig) -> PlanRun:
     return load_plan(plan_path, config)
 
 
-def _local_client(config: SiteConfig, as_json: bool = False) -> LocalClient:
+def _local_client(config: ClientSettings, as_json: bool = False) -> LocalClient:
     from transferd.net.local_client import LocalClient
     from transferd.protocol.auth import local_signer
     from transferd.site.keys import LocalSecret
@@ -312,11 +340,10 @@ def send(
     as_json: bool,
 ) -> None:
     """Ask the local daemon to replicate PATH (relative to data_dir) to other sites."""
-    from transferd.net.local_client import LocalRequest
-    from transferd.protocol.local_api import JobState, SendAnswer, SendRequest
-    from transferd.protocol.wire import LOCAL_SEND_ROUTE
+    from transferd.net.local_client import LocalRequest, job_ids
+    from transferd.protocol.http_paths import LOCAL_SEND_ROUTE
 
-    config = _config(config_path, as_json)
+    config = _client_config(config_path, as_json)
     dests = [d.strip() for d in to.split(",") if d.strip()]
     unknown = [d for d in dests if d not in config.peers]
     if unknown or not dests:
@@ -333,17 +360,21 @@ def send(
     rel = _relative_to_data_dir(config, path)
 
     started = time.monotonic()
-    send_jobs = SendRequest(
-        path=rel, to=dests, timeout_s=timeout_s, via=relays, multipath=multipath
-    )
-    request = LocalRequest("POST", LOCAL_SEND_ROUTE, SendAnswer, body=send_jobs)
+    # A SendRequest as JSON, built without the models (the daemon validates it: a field it
+    # does not know is refused); the models load while the daemon works (`_poll`).
+    send_jobs = json.dumps(
+        {"path": rel, "to": dests, "timeout_s": timeout_s, "via": relays, "multipath": multipath}
+    ).encode()
+    request = LocalRequest("POST", LOCAL_SEND_ROUTE, job_ids, body=send_jobs, json=True)
 
     def send_and_poll(client: LocalClient) -> list[Job]:
-        sent = _first_call(lambda: client.call(request))
-        return _poll(client, sent.jobs, wait=wait, progress=wait and not as_json)
+        ids = _first_call(lambda: client.call(request))
+        return _poll(client, ids, wait=wait, progress=wait and not as_json)
 
     jobs = _with_daemon(config, config_path, send_and_poll, as_json)
     seconds = time.monotonic() - started
+    from transferd.protocol.local_api import JobState
+
     failed = [j for j in jobs if j.state is JobState.FAILED]
     if as_json and not wait:
         # Queued, not done: nothing has moved yet, so no counters that could pass for a result.
@@ -364,8 +395,38 @@ def send(
         sys.exit(_failed_exit(failed))
 
 
+def _jobs(reply: bytes) -> list[Job]:
+    from transferd.protocol.local_api import JobsAnswer
+    from transferd.protocol.wire import parse_body
+
+    return parse_body(JobsAnswer, reply).jobs
+
+
+_models_loading: list[Any] = []  # the thread, once started
+
+
+def _load_models_meanwhile() -> None:
+    """Import the job models (pydantic, ~70 ms) on a thread while the daemon works on the
+    request just sent: the main thread only waits on its socket until the answer that needs
+    them. Once per process; the exit waits for the thread (no import cut off mid-way)."""
+    if _models_loading:
+        return
+    import threading
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # the main thread's own import raises it again
+            import transferd.protocol.local_api  # noqa: F401
+
+    thread = threading.Thread(target=load, name="load-models", daemon=True)
+    _models_loading.append(thread)
+    thread.start()
+    import atexit
+
+    atexit.register(thread.join)
+
+
 def _with_daemon(
-    config: SiteConfig, config_path: str, use: Callable[[LocalClient], T], as_json: bool = False
+    config: ClientSettings, config_path: str, use: Callable[[LocalClient], T], as_json: bool = False
 ) -> T:
     """`use` a client of this site's own daemon; its errors become exit codes, and a daemon
     that does not answer gets a message saying how to start it."""
@@ -405,7 +466,7 @@ def _first_call(call: Callable[[], T]) -> T:
             time.sleep(delay)
 
 
-def _relative_to_data_dir(config: SiteConfig, path: str) -> str:
+def _relative_to_data_dir(config: ClientSettings, path: str) -> str:
     """Accept PATH relative to data_dir, or a local path inside data_dir."""
     if config.data_dir_is_local and Path(path).is_absolute():
         try:
@@ -421,12 +482,12 @@ WAIT_MS = 500  # each question waits up to this long for a job to end (the progr
 
 def _poll(client: LocalClient, ids: list[str], *, wait: bool, progress: bool) -> list[Job]:
     from transferd.net.local_client import LocalRequest
-    from transferd.protocol.local_api import JobsAnswer
-    from transferd.protocol.wire import LOCAL_JOBS_ROUTE
+    from transferd.protocol.http_paths import LOCAL_JOBS_ROUTE
 
     def fetch(wait_ms: int = 0) -> list[Job]:
         path_qs = f"{LOCAL_JOBS_ROUTE}?ids={','.join(ids)}&wait_ms={wait_ms}"
-        return _first_call(lambda: client.call(LocalRequest("GET", path_qs, JobsAnswer))).jobs
+        request = LocalRequest("GET", path_qs, _jobs)
+        return _first_call(lambda: client.call(request, on_sent=_load_models_meanwhile))
 
     # Without a bar to draw, the first question already waits for a job to end (one request
     # fewer for a short job); with one, it answers at once so the bar appears at once.
@@ -511,7 +572,7 @@ def status(config_path: str, as_json: bool) -> None:
     from transferd.protocol.local_api import SiteStatus
     from transferd.protocol.wire import LOCAL_STATUS_ROUTE, to_body
 
-    config = _config(config_path, as_json)
+    config = _client_config(config_path, as_json)
 
     request = LocalRequest("GET", LOCAL_STATUS_ROUTE, SiteStatus)
     state = _with_daemon(
@@ -585,7 +646,7 @@ def telemetry(config_path: str, as_json: bool) -> None:
     from transferd.net.local_client import LocalRequest
     from transferd.protocol.wire import TELEMETRY_ROUTE
 
-    config = _config(config_path, as_json)
+    config = _client_config(config_path, as_json)
     request = LocalRequest("GET", TELEMETRY_ROUTE, TelemetryReport)
     report = _with_daemon(
         config, config_path, lambda client: _first_call(lambda: client.call(request)), as_json
@@ -641,7 +702,7 @@ def message(
     from transferd.protocol.messages import MessageReceipt
     from transferd.protocol.wire import MESSAGES_ROUTE, to_body
 
-    config = _config(config_path, as_json)
+    config = _client_config(config_path, as_json)
     if peer not in config.peers:
         _fail(ConfigError(f"PEER: {peer!r} is not a peer in {config_path}"), as_json)
     if data is not None and file_path is not None:
@@ -680,7 +741,7 @@ def inbox(config_path: str, wait_ms: float, max_messages: int) -> None:
     from transferd.protocol.messages import InboxAnswer
     from transferd.protocol.wire import INBOX_ROUTE, to_body
 
-    config = _config(config_path)
+    config = _client_config(config_path)
 
     path_qs = f"{INBOX_ROUTE}?wait_ms={wait_ms:g}&max={max_messages}"
     request = LocalRequest("GET", path_qs, InboxAnswer)

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from netplan import yamlpos
 from netplan.ids import SiteId, TrafficClass
+from transferd.client_settings import data_dir_is_local, local_data_path, local_url, resolve_path
 from transferd.documents import CONFIG_LIMITS, parse_yaml_document, read_document_text
 from transferd.errors import ConfigError
 from transferd.protocol.wire import FrozenModel
@@ -31,6 +32,7 @@ __all__ = [
     "TrafficSettings",
     "WatchSettings",
     "load_config",
+    "load_config_and_text",
     "parse_config",
 ]
 
@@ -179,6 +181,12 @@ class TrafficSettings(FrozenModel):
     # The event loop (control, interactive messages) runs at SCHED_RR 1 where the host allows
     # it, so it never waits for a CPU behind bulk work (`site.threads.raise_loop_priority`).
     loop_priority: Literal["realtime", "normal"] = "realtime"
+    # Bulk threads (data channels, hashing, zstd, pwrite): "nice" lowers them within the daemon
+    # (nice +10); "idle" runs them at SCHED_IDLE, so the host's other processes (an
+    # application's requests to this daemon) preempt them the moment they wake, at the risk of
+    # starving the bulk, and the loop behind a starved thread that holds the GIL, on a host
+    # whose cores are busy with other work (`site.threads`).
+    bulk_priority: Literal["idle", "nice"] = "nice"
 
     @model_validator(mode="after")
     def _bounds(self) -> TrafficSettings:
@@ -271,22 +279,15 @@ class SiteConfig(FrozenModel):
     # -- derived ---------------------------------------------------------------------------
     @property
     def data_dir_is_local(self) -> bool:
-        protocol = urlsplit(self.data_dir).scheme
-        return protocol in ("", "file") or (len(protocol) == 1 and protocol.isalpha())
+        return data_dir_is_local(self.data_dir)
 
     def resolve(self, value: str) -> Path:
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (Path(self.base_dir) / path).resolve()
+        return resolve_path(self.base_dir, value)
 
     @property
     def data_path(self) -> Path:
         """The local data root (only meaningful when data_dir_is_local)."""
-        value = (
-            self.data_dir[len("file://") :]
-            if self.data_dir.startswith("file://")
-            else self.data_dir
-        )
-        return self.resolve(value)
+        return local_data_path(self.base_dir, self.data_dir)
 
     @property
     def relay_spill_path(self) -> Path:
@@ -321,11 +322,7 @@ class SiteConfig(FrozenModel):
     @property
     def local_url(self) -> str:
         """How the CLI on this machine reaches this daemon."""
-        host = self.listen_host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        scheme = "https" if self.tls else "http"
-        return f"{scheme}://{host}:{self.listen_port}"
+        return local_url(self.listen, self.tls is not None)
 
 
 def parse_config(text: str, base_dir: str | Path = ".", source: str = "<config>") -> SiteConfig:
@@ -341,6 +338,11 @@ def parse_config(text: str, base_dir: str | Path = ".", source: str = "<config>"
 
 
 def load_config(path: str | Path) -> SiteConfig:
+    return load_config_and_text(path)[0]
+
+
+def load_config_and_text(path: str | Path) -> tuple[SiteConfig, str]:
+    """The config at `path` and the exact text it was validated from."""
     path = Path(path)
     text = read_document_text(path, "site config", CONFIG_LIMITS)
-    return parse_config(text, base_dir=path.resolve().parent, source=str(path))
+    return parse_config(text, base_dir=path.resolve().parent, source=str(path)), text

@@ -11,8 +11,11 @@ import pytest
 from transferd.site.threads import (
     BULK_THREAD_NICENESS,
     LOOP_RT_PRIORITY,
+    BulkPriority,
     bulk_executor,
+    lower_thread_priority,
     raise_loop_priority,
+    set_bulk_priority,
 )
 
 
@@ -26,6 +29,37 @@ def test_bulk_threads_are_nicer_than_the_calling_thread() -> None:
         worker_nice = pool.submit(own_nice).result(timeout=10)
     assert worker_nice == min(before + BULK_THREAD_NICENESS, 19)
     assert own_nice() == before  # the loop's thread keeps its priority
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
+def test_bulk_priority_idle_puts_bulk_threads_at_sched_idle() -> None:
+    set_bulk_priority("idle")
+    try:
+        with bulk_executor(2, "test-bulk") as pool:
+            policy = pool.submit(os.sched_getscheduler, 0).result(timeout=10)
+    finally:
+        set_bulk_priority("nice")
+    assert policy == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the calling thread is left alone
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
+def test_an_explicit_policy_wins_over_the_process_default() -> None:
+    got: list[tuple[int, int]] = []
+
+    def bulk(policy: BulkPriority) -> None:
+        lower_thread_priority(policy)
+        tid = threading.get_native_id()
+        got.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, tid)))
+
+    policies: tuple[BulkPriority, ...] = ("idle", "nice")
+    for policy in policies:
+        thread = threading.Thread(target=bulk, args=(policy,))
+        thread.start()
+        thread.join()
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert got[0][0] == os.SCHED_IDLE
+    assert got[1] == (os.SCHED_OTHER, min(before + BULK_THREAD_NICENESS, 19))
 
 
 def _in_a_thread(wanted: str) -> tuple[str, int, int]:

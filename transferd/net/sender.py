@@ -533,6 +533,14 @@ class Sender:
                     await task
 
     async def _warm(self, link: PeerLink) -> None:
+        if log.isEnabledFor(logging.DEBUG):  # what the channels start the job with
+            from transferd.protocol.tcpinfo import parse_tcp_info
+
+            infos = [parse_tcp_info(raw) for _c, raw in self.channels[link.peer].tcp_infos()]
+            log.debug("job.channels", extra={"fields": {
+                "peer": link.peer,
+                "cwnd_segments": [i.cwnd_segments for i in infos if i is not None],
+                "srtt_ms": [round(i.srtt_us / 1000, 1) for i in infos if i is not None]}})
         try:
             await self.channels[link.peer].ensure(
                 self.traffic[link.peer].streams_wanted(), lambda: self.data_address(link)
@@ -729,6 +737,7 @@ class Sender:
     ) -> A:
         """A control request (POST) of `job`, retried while its error is transient (each
         attempt signed afresh) within the retry budget; retries count and show in the job."""
+        t0 = time.monotonic()
         reply = await retrying(
             lambda: link.call(
                 TrafficClass.CONTROL,
@@ -742,6 +751,10 @@ class Sender:
             on_retry=lambda exc, delay: self.note_retry(job.id, link.peer, exc, delay),
         )
         self.clear_note(job.id)
+        if log.isEnabledFor(logging.DEBUG):  # the job's timeline, phase by phase
+            log.debug("job.control", extra={"fields": {
+                "job": job.id, "route": path.rsplit("/", 1)[-1].split("?")[0],
+                "seconds": round(time.monotonic() - t0, 4)}})
         return parse_body(answer, reply.body)
 
     async def data_address(self, link: PeerLink) -> tuple[str, int]:
@@ -946,6 +959,12 @@ class _ChunkPump:
         after a backoff."""
         future = self.channels.submit(item)
         queued_at = time.monotonic()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("chunk.submitted", extra={"fields": {
+                "job": self.job.id, "chunk": item.digest[:12], "bytes": item.raw_length}})
+            future.add_done_callback(lambda _f: log.debug("chunk.receipt", extra={"fields": {
+                "job": self.job.id, "chunk": item.digest[:12],
+                "seconds": round(time.monotonic() - queued_at, 4)}}))
         try:
             while True:
                 if not self.via:

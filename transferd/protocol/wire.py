@@ -32,20 +32,13 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from transferd.errors import ERROR_KINDS, AuthError, ProtocolError, TransferdError, TransportError
+from transferd.protocol import http_paths
+
+# The routes live in a module without pydantic (a client names its route before any model is
+# built); re-exported here, beside the bodies.
+from transferd.protocol.http_paths import *  # noqa: F403
 
 __all__ = [
-    "ABORT_ROUTE",
-    "COMMIT_ROUTE",
-    "DATA_CHANNEL_ROUTE",
-    "HAVE_ROUTE",
-    "INBOX_ROUTE",
-    "LOCAL_JOBS_ROUTE",
-    "LOCAL_SEND_ROUTE",
-    "LOCAL_STATUS_ROUTE",
-    "MESSAGES_ROUTE",
-    "PEER_MESSAGES_ROUTE",
-    "TELEMETRY_ROUTE",
-    "UPLOADS_ROUTE",
     "ErrorBody",
     "FrozenModel",
     "WireModel",
@@ -54,19 +47,7 @@ __all__ = [
     "parse_query",
     "to_body",
 ]
-
-UPLOADS_ROUTE = "/v1/uploads"
-HAVE_ROUTE = "/v1/uploads/{upload}/have"
-DATA_CHANNEL_ROUTE = "/v1/data-channel"
-COMMIT_ROUTE = "/v1/uploads/{upload}/commit"
-ABORT_ROUTE = "/v1/uploads/{upload}/abort"
-PEER_MESSAGES_ROUTE = "/v1/peer/messages"
-LOCAL_SEND_ROUTE = "/v1/local/send"
-LOCAL_JOBS_ROUTE = "/v1/local/jobs"
-LOCAL_STATUS_ROUTE = "/v1/local/status"
-MESSAGES_ROUTE = "/v1/messages/{peer}"
-INBOX_ROUTE = "/v1/inbox"
-TELEMETRY_ROUTE = "/v1/telemetry"  # local API: the links as this daemon measured them
+__all__ += http_paths.__all__
 
 
 class FrozenModel(BaseModel):

@@ -4,14 +4,18 @@ daemon (to its peers) and the CLI (to its own daemon) use."""
 from __future__ import annotations
 
 import ssl
+from typing import TYPE_CHECKING
 
-from transferd.config import SiteConfig
 from transferd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transferd.client_settings import ClientSettings
+    from transferd.config import SiteConfig
 
 __all__ = ["client_ssl_context", "server_ssl_context"]
 
 
-def client_ssl_context(config: SiteConfig) -> ssl.SSLContext | None:
+def client_ssl_context(config: SiteConfig | ClientSettings) -> ssl.SSLContext | None:
     if config.tls is None:
         return None
     try:
