@@ -58,6 +58,8 @@ DATASET = "approved/ds"
 MIB = 1024 * 1024
 # --profile DIR: py-spy records moto and both daemons during every run (collapsed stacks).
 PROFILE_DIR: Path | None = None
+# --keep-logs DIR: both daemons' debug logs of every run are copied there (DIR/<run>-A.log, ...).
+LOGS_DIR: Path | None = None
 
 
 def _env(repo: Path = REPO) -> dict[str, str]:
@@ -204,6 +206,10 @@ def _transferd(
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
+        if LOGS_DIR is not None:
+            LOGS_DIR.mkdir(parents=True, exist_ok=True)
+            for site in ("A", "B"):
+                shutil.copy(work / f"{site}.log", LOGS_DIR / f"{work.name}-{site}.log")
     return Run(seconds, cpu, _phases(work / "A.log", work / "B.log"))
 
 
@@ -298,9 +304,13 @@ def main() -> None:
         help="record the stacks of moto and both daemons during each run with py-spy "
         "(collapsed, DIR/<case>-<i>.txt, DIR/run-<i>-<case>-sender.txt, ...)",
     )  # fmt: skip
+    parser.add_argument(
+        "--keep-logs", type=Path, default=None, metavar="DIR",
+        help="copy both daemons' debug logs of every run to DIR (DIR/<run>-A.log, -B.log)",
+    )  # fmt: skip
     args = parser.parse_args()
-    global PROFILE_DIR
-    PROFILE_DIR = args.profile
+    global PROFILE_DIR, LOGS_DIR
+    PROFILE_DIR, LOGS_DIR = args.profile, args.keep_logs
     if shutil.which("rclone") is None:
         sys.exit("rclone is not installed (apt-get install rclone)")
     size = args.size_mib * MIB // args.files * args.files

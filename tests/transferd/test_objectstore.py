@@ -15,9 +15,14 @@ from pathlib import Path
 import pytest
 
 from transferd.errors import ConfigError, StorageError
+from transferd.protocol.upload import upload_intent
 from transferd.site import objectstore
 from transferd.site.checkpoints import update_run
+from transferd.site.journal import Journal
+from transferd.site.keys import Keyring, keygen
+from transferd.site.metrics import Metrics
 from transferd.site.objectstore import MANIFEST, ObjectStorage
+from transferd.site.receiver import Receiver
 from transferd.site.staging import Staging
 from transferd.site.storage import open_storage
 from transferd.testing import MotoS3Server, staged_upload
@@ -478,3 +483,27 @@ def test_options_only_s3fs_understands_keep_the_s3fs_path(
         source.close()
     assert _uploads(moto_s3, s3_bucket, "fb/") == []
 
+
+
+def test_opening_an_upload_of_a_folder_costs_one_listing_of_the_store(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The receiver checks which members change (their sizes at the destination) when an
+    upload opens: on S3 one listing of the folder, counted in the server's request log, not a
+    HEAD and a listing per member; a member already there at its size needs no space."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    store.commit(_staged(store, {"m00.bin": b"same"}), "approved/d")
+    keygen(["A", "B"], tmp_path / "keys")
+    journal = Journal(tmp_path / "journal.sqlite")
+    receiver = Receiver("B", store, journal, Keyring.load(tmp_path / "keys", "B", ["A"]),
+                        Metrics(), retention=3)  # fmt: skip
+    members = [(f"m{i:02d}.bin", 4) for i in range(8)]
+    intent = upload_intent("A-open-0001", "A", "B", "approved/d", "folder", members)
+    before = len(moto_s3.requests(s3_bucket))
+    assert receiver.open(intent, "A", now=1.0) is False
+    during = moto_s3.requests(s3_bucket)[before:]
+    assert len(during) == 1, during
+    assert "list-type=2" in during[0]
+    assert store.sizes(["approved/d/m00.bin", "approved/d/m01.bin"]) == [4, None]
+    receiver.close()
+    journal.close()

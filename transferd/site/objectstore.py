@@ -40,11 +40,12 @@ import io
 import json
 import logging
 import os
+import posixpath
 import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from contextlib import contextmanager, suppress
@@ -504,6 +505,22 @@ class ObjectStorage(FsspecStorage):
         if not members:
             return None
         return members, max(info_mtime(info) for info in found.values())
+
+    def sizes(self, rels: Sequence[str]) -> list[int | None]:
+        """Several sizes (a folder's members, when an upload opens) from one listing of their
+        common prefix, not a HEAD and a listing each."""
+        if len(rels) < 2:
+            return [self.size(rel) for rel in rels]
+        for rel in rels:
+            self.check_path(rel)
+        paths = [self.path(rel) for rel in rels]
+        top = posixpath.commonpath(paths)
+        with os_errors(f"listing {top}", top):
+            found = self.fs.find(top, detail=True)
+        return [
+            int(found[p]["size"]) if found.get(p, {}).get("type") == "file" else None
+            for p in paths
+        ]
 
     # -- writes ---------------------------------------------------------------------------------
     def _put_options(self) -> dict[str, Any]:

@@ -162,10 +162,11 @@ class Receiver:
         """Refuse at once an upload whose changing files cannot fit: a lower bound, counting
         only files that are not staged yet and whose destination differs in size (a file of
         the same size may be unchanged: `have` finds out, and it then needs nothing)."""
+        todo = [i for i in range(len(intent.files)) if not staging.exists(i)]
+        found = self.storage.sizes([destination(intent, i) for i in todo])
         need = sum(
-            spec.size
-            for i, spec in enumerate(intent.files)
-            if not staging.exists(i) and self.storage.size(destination(intent, i)) != spec.size
+            intent.files[i].size for i, size in zip(todo, found, strict=True)
+            if size != intent.files[i].size
         )
         if need == 0:
             return

@@ -21,7 +21,7 @@ import errno
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,6 +123,10 @@ class SiteStorage(Protocol):
 
     def size(self, rel: str) -> int | None:
         """The size of the file at `rel`, None when there is no file there."""
+        ...
+
+    def sizes(self, rels: Sequence[str]) -> list[int | None]:
+        """`size` of each of `rels` (an object store answers a folder's in one listing)."""
         ...
 
     def link_into(self, rel: str, staged: Path) -> None:
@@ -419,6 +423,9 @@ class LocalStorage:
                 return None
         return st.st_size if path.is_file() else None
 
+    def sizes(self, rels: Sequence[str]) -> list[int | None]:
+        return [self.size(rel) for rel in rels]
+
     def link_into(self, rel: str, staged: Path) -> None:
         path = self.path(rel)
         with os_errors(f"keeping {rel}", rel):
@@ -581,6 +588,9 @@ class FsspecStorage:
         with os_errors(f"reading {rel}", rel):
             path = self.path(rel)
             return int(self.fs.size(path)) if self.fs.isfile(path) else None
+
+    def sizes(self, rels: Sequence[str]) -> list[int | None]:
+        return [self.size(rel) for rel in rels]
 
     def link_into(self, rel: str, staged: Path) -> None:
         with os_errors(f"keeping {rel}", rel):
