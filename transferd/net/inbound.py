@@ -114,14 +114,15 @@ class InboundUploads:
         return self.receiver.targets(head.upload, peer, head.raw_length, head.locations)
 
     def verify_and_write(
-        self, head: ChunkHead, body: memoryview, targets: list[ChunkTarget]
+        self, head: ChunkHead, body: memoryview, targets: list[ChunkTarget],
+        body_blake3: str | None = None,
     ) -> None:
         """In a channel worker: verify and stage the body. Out of space, the upload fails at
         once (on the loop, where the journal lives)."""
         try:
             self.receiver.verify_and_write(
                 head.upload, head.address, body, head.body_blake3.hex(), head.encoding,
-                head.raw_length, targets,
+                head.raw_length, targets, body_blake3,
             )  # fmt: skip
         except StorageError as exc:
             if self._loop is not None:

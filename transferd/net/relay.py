@@ -648,8 +648,9 @@ class RoutingInbound:
     async def chunk_targets(self, head: ch.ChunkHead, peer: str) -> Any:
         return await self.inbound.chunk_targets(head, peer)
 
-    def verify_and_write(self, head: ch.ChunkHead, body: memoryview, targets: Any) -> None:
-        self.inbound.verify_and_write(head, body, targets)
+    def verify_and_write(self, head: ch.ChunkHead, body: memoryview, targets: Any,
+                         body_blake3: str | None = None) -> None:
+        self.inbound.verify_and_write(head, body, targets, body_blake3)
 
     async def chunk_landed(self, head: ch.ChunkHead, peer: str, targets: Any) -> None:
         if isinstance(targets, _Forward):

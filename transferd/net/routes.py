@@ -245,29 +245,26 @@ class RouteDealer:
             self.down.add(i)
             self.book.failed(self.job.id, self.job.dest, self.routes[i].via, error)
 
-    def spawn(self, tg: Any, digest: str, locations: list[tuple[int, int]], view: memoryview,
-              window: Any) -> None:
+    def spawn(self, tg: Any, digest: str, locations: list[tuple[int, int]], length: int,
+              body: memoryview | None) -> None:
         """Send the chunk on the route `acquire` chose (its slot is taken); on that route's
         failure, on another."""
         on = [self._chosen.pop()]  # the route the chunk is on now
-        n = len(view)
+        n = length
         began = False
 
         async def run() -> None:
             nonlocal began
             began = True
-            v, w = view, window
             while True:
                 try:
-                    await self.pumps[on[0]].put(digest, locations, v, w)
+                    await self.pumps[on[0]].put(digest, locations, length, body)
                     return
                 except TransferdError as exc:
                     if not exc.transient or len(self.pumps) - len(self.down) <= 1:
                         raise
                     self.fail(on[0], str(exc))
-                    # `put` gave its slot and the mapping back: another route's slot, and the
-                    # bytes again from the source.
-                    v, w = memoryview(b""), None
+                    # `put` gave its slot back: another route's slot.
                     self.inflight[on[0]] -= n
                     on[0] = self.pick(n)
                     self.inflight[on[0]] += n
@@ -275,9 +272,7 @@ class RouteDealer:
 
         def settle(_task: Any) -> None:
             self.inflight[on[0]] -= n
-            if not began:  # cancelled before it ran: its slot and mapping go back here
-                if window is not None:
-                    window.discard()
+            if not began:  # cancelled before it ran: its slot goes back here
                 self.pumps[on[0]].gate.release(0, 0)
 
         tg.create_task(run()).add_done_callback(settle)

@@ -78,7 +78,7 @@ from transferd.protocol.wire import (
 )
 from transferd.site.journal import JobCounters, Journal
 from transferd.site.metrics import Metrics
-from transferd.site.source import FileWindow, SourceFile, chunk_spans
+from transferd.site.source import SourceFile, chunk_spans
 from transferd.site.storage import SiteStorage, Source
 
 __all__ = ["Sender"]
@@ -87,7 +87,7 @@ A = TypeVar("A", bound=WireModel)
 
 log = logging.getLogger("transferd.sender")
 
-HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the mapped windows
+HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the fetched bodies held
 FIRST_BATCH = 2  # a job's first batch: the first chunk leaves after hashing 16 MiB, not 64
 ENSURE_EVERY_S = 1.0  # how often a chunk awaiting its receipt checks the channels are open
 COMMIT_ROUNDS = 4
@@ -620,19 +620,12 @@ class Sender:
                     if self._stopping:
                         # Start nothing new; keep draining so the producer reaches its next
                         # batch, sees the stop and ends.
-                        item.close()
                         continue
-                    try:
-                        await pump.gate.acquire(item.length)
-                    except BaseException:
-                        item.close()
-                        raise
-                    pump.spawn(tg, item.digest, item.locations, item.view, item.window)
+                    await pump.gate.acquire(item.length)
+                    pump.spawn(tg, item.digest, item.locations, item.length, item.body)
         finally:
             while not queue.empty():
-                left = queue.get_nowait()
-                if left is not None:
-                    left.close()
+                queue.get_nowait()
 
     async def _hash_and_offer(
         self,
@@ -649,14 +642,8 @@ class Sender:
             if self._stopping:
                 return False
             batch = spans[start:stop]
-            windows, views = await _open_batch(state.source, batch)
-            try:
-                hashes = await _hash_batch(views)
-            except BaseException:
-                _close_all(windows)
-                raise
+            hashes, bodies = await _hash_spans(state.source, batch)
             if state.source.changed():
-                _close_all(windows)
                 raise IntegrityError(
                     f"source file changed while being sent: {state.member or '(file)'}"
                 )
@@ -669,17 +656,10 @@ class Sender:
             # PUT lands, the receiver copies them locally (offered again after the uploads).
             plan = plan_offer(refs, await self._offer(pump, refs), pump.started)
             pump.deferred += plan.deferred
-            used = {u.first for u in plan.uploads}
-            for i, w in enumerate(windows):
-                if i not in used and w is not None:
-                    w.close()
             for up in plan.uploads:
                 await ahead.acquire()
                 queue.put_nowait(
-                    _Wanted(
-                        up.digest, up.locations, refs[up.first].length, views[up.first],
-                        windows[up.first],
-                    )
+                    _Wanted(up.digest, up.locations, refs[up.first].length, bodies[up.first])
                 )
         return True
 
@@ -714,11 +694,9 @@ class Sender:
             async with asyncio.TaskGroup() as tg:
                 for i in sorted(set(answer.want)):
                     ref = batch[i]
-                    [window], [view] = await _open_batch(
-                        files[ref.file].source, [(ref.offset, ref.length)]
-                    )
+                    body = await _held_body(files[ref.file].source, ref.offset, ref.length)
                     await pump.gate.acquire(ref.length)
-                    pump.spawn(tg, ref.hash, [(ref.file, ref.offset)], view, window)
+                    pump.spawn(tg, ref.hash, [(ref.file, ref.offset)], ref.length, body)
 
     async def _commit(
         self, pump: _ChunkPump | RouteDealer, manifest: Manifest, files: list[_FileState]
@@ -740,13 +718,11 @@ class Sender:
             )
             async with asyncio.TaskGroup() as tg:
                 for f, (digest, off, n) in again:
-                    [window], [view] = await _open_batch(files[f].source, [(off, n)])
-                    if await asyncio.to_thread(blake3_hex, view) != digest:
-                        if window is not None:
-                            window.close()
+                    [got], [body] = await _hash_spans(files[f].source, [(off, n)])
+                    if got != digest:
                         raise IntegrityError("source file changed while being sent")
                     await pump.gate.acquire(n)
-                    pump.spawn(tg, digest, [(f, off)], view, window)
+                    pump.spawn(tg, digest, [(f, off)], n, body)
         raise IntegrityError(f"{peer} still rejects the upload after {COMMIT_ROUNDS} rounds")
 
     async def _control(
@@ -816,30 +792,33 @@ class Sender:
         return Encoded("zstd", compressed, n)
 
 
-async def _open_batch(
+async def _hash_spans(
     source: Source, spans: list[tuple[int, int]]
-) -> tuple[list[FileWindow | None], list[memoryview]]:
-    """Views of the spans: mmap windows of a local file (no copy), or bytes read via fsspec."""
+) -> tuple[list[str], list[memoryview | None]]:
+    """The spans' chunk hashes, in parallel threads (the reads and blake3 release the GIL),
+    and the bytes a chunk is sent from when they had to be fetched (None for a local file:
+    hashed through a small buffer, sent with `sendfile`, mapped only if it is compressed).
+    This is the only pass over the bytes: the file's digest is the Merkle root over these
+    hashes (`file_digest`)."""
     if isinstance(source, SourceFile):
-        mapped = [source.window(off, n) for off, n in spans]
-        return list[FileWindow | None](mapped), [w.view for w in mapped]
+        hashes = await asyncio.gather(
+            *(asyncio.to_thread(source.hash_span, off, n) for off, n in spans))
+        return list(hashes), [None] * len(spans)
 
     def read() -> list[memoryview]:
         return [memoryview(source.read(off, n)) for off, n in spans]
 
-    return [None] * len(spans), await asyncio.to_thread(read)
+    bodies = await asyncio.to_thread(read)
+    hashes = await asyncio.gather(*(asyncio.to_thread(blake3_hex, b) for b in bodies))
+    return list(hashes), list[memoryview | None](bodies)
 
 
-async def _hash_batch(views: list[memoryview]) -> list[str]:
-    """Chunk hashes, in parallel threads (blake3 releases the GIL). These are the only pass
-    over the bytes: the file's digest is the Merkle root over them (`file_digest`)."""
-    return list(await asyncio.gather(*(asyncio.to_thread(blake3_hex, v) for v in views)))
-
-
-def _close_all(windows: list[FileWindow | None]) -> None:
-    for w in windows:
-        if w is not None:
-            w.close()
+async def _held_body(source: Source, offset: int, length: int) -> memoryview | None:
+    """The bytes a chunk is sent from: None for a local file (read from it when sent), the
+    fetched bytes otherwise."""
+    if isinstance(source, SourceFile):
+        return None
+    return memoryview(await asyncio.to_thread(source.read, offset, length))
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -855,17 +834,13 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
 
 @dataclass
 class _Wanted:
-    """A chunk the receiver asked for, mapped and hashed, waiting for a free stream."""
+    """A chunk the receiver asked for, hashed, waiting for a free stream; `body` holds its
+    bytes when they were fetched (None: a local file's span, read when it is sent)."""
 
     digest: str
     locations: list[tuple[int, int]]
     length: int
-    view: memoryview
-    window: FileWindow | None
-
-    def close(self) -> None:
-        if self.window is not None:
-            self.window.discard()
+    body: memoryview | None
 
 
 class _Interrupted(Exception):
@@ -940,8 +915,8 @@ class _ChunkPump:
         tg: asyncio.TaskGroup,
         digest: str,
         locations: list[tuple[int, int]],
-        view: memoryview,
-        window: FileWindow | None,
+        length: int,
+        body: memoryview | None,
     ) -> None:
         """Run `put` in `tg` with the gate slot just acquired; a task cancelled before it ever
         ran (a sibling failed) hands its slot back, since `put`'s own cleanup never ran."""
@@ -950,19 +925,16 @@ class _ChunkPump:
         async def run() -> None:
             nonlocal began
             began = True
-            await self.put(digest, locations, view, window)
+            await self.put(digest, locations, length, body)
 
         def settle(_task: asyncio.Task[None]) -> None:
             if not began:
-                if window is not None:
-                    window.discard()
                 self.gate.release(0, 0)
 
         tg.create_task(run()).add_done_callback(settle)
 
     def _chunk(
-        self, digest: str, locations: list[tuple[int, int]], view: memoryview,
-        encoded: Encoded, body_hash: str,
+        self, digest: str, locations: list[tuple[int, int]], encoded: Encoded, body_hash: str,
     ) -> OutgoingChunk:
         """What the channels send: a local file's raw chunk goes by `sendfile` from its own
         dup of the file descriptor (no copy, and no mapping held while it waits); compressed
@@ -977,8 +949,7 @@ class _ChunkPump:
         common["alone"] = bool(self.via)
         if encoded.encoding == "identity" and isinstance(source, SourceFile):
             return OutgoingChunk(**common, fd=os.dup(source.fileno()), offset=offset)  # type: ignore[arg-type]
-        body = encoded.body if encoded.encoding != "identity" else view  # owned: read()
-        return OutgoingChunk(**common, body=body)  # type: ignore[arg-type]
+        return OutgoingChunk(**common, body=encoded.body)  # type: ignore[arg-type]
 
     async def _send(self, item: OutgoingChunk) -> Receipt:
         """Until the receipt: keeps the peer's channels open at the controller's count while
@@ -1058,15 +1029,16 @@ class _ChunkPump:
         self,
         digest: str,
         locations: list[tuple[int, int]],
-        view: memoryview,
-        window: FileWindow | None,
+        length: int,
+        body: memoryview | None,
     ) -> None:
         """Send one chunk until its receipt says it is staged. Each attempt is one send; a
         body the receiver found damaged (after checking our source did not change) and a peer
-        that cannot be reached are retried by `retrying` while the budget lasts."""
+        that cannot be reached are retried by `retrying` while the budget lasts. `body`: the
+        chunk's bytes when they were fetched; None for a local file's span, which goes by
+        `sendfile` (or is mapped in a worker only while it is compressed)."""
         s = self.sender
         peer = self.link.peer
-        length = len(view)
         acked, errors = 0, 0  # for the stream controller: retries and integrity failures
 
         def count_retry(exc: TransferdError, delay_s: float) -> None:
@@ -1075,35 +1047,32 @@ class _ChunkPump:
             s.note_retry(self.job.id, peer, exc, delay_s)
 
         async def reread() -> None:
-            """The chunk's bytes again from its source, which must not have changed."""
-            nonlocal window, view
-            again = await asyncio.to_thread(self._reread, locations[0], length)
-            if blake3_hex(again.view) != digest:
-                again.close()
+            """The source must still hold the chunk's bytes (they are sent again from it)."""
+            nonlocal body
+            f, offset = locations[0]
+            source = self.sources[f]
+            if isinstance(source, SourceFile):
+                got = await asyncio.to_thread(source.hash_span, offset, length)
+            else:
+                body = memoryview(await asyncio.to_thread(source.read, offset, length))
+                got = await asyncio.to_thread(blake3_hex, body)
+            if got != digest:
                 raise IntegrityError("source file changed while being sent")
-            if window is not None:
-                window.discard()
-            window, view = again, again.view
 
         async def attempt() -> tuple[Encoded, int]:
-            nonlocal window, view
-            if len(view) != length:  # sent from the file before: map it again
-                await reread()
-            encoded = (
-                await asyncio.to_thread(s.encode, peer, view)
-                if s.compression[peer].should_try()
-                else Encoded("identity", view, len(view))
-            )
+            if not s.compression[peer].should_try():
+                encoded = Encoded("identity", memoryview(b"") if body is None else body, length)
+            elif body is None:
+                encoded = await asyncio.to_thread(self._encode_local, locations[0], length)
+            else:
+                encoded = await asyncio.to_thread(s.encode, peer, body)
             body_hash = (
                 digest
                 if encoded.encoding == "identity"
                 else await asyncio.to_thread(blake3_hex, encoded.body)
             )
-            item = self._chunk(digest, locations, view, encoded, body_hash)
+            item = self._chunk(digest, locations, encoded, body_hash)
             item.on_wire = functools.partial(self._on_wire, digest)
-            if window is not None and item.body is None:
-                window.discard()  # sent from the file itself: the mapping can go now
-                window, view = None, memoryview(b"")
             wire = item.wire_length
             in_flight = self.gate.in_flight
             t0 = time.perf_counter()
@@ -1147,8 +1116,6 @@ class _ChunkPump:
                 ),
             )
         finally:
-            if window is not None:
-                window.discard()
             if self.gate.clock() >= self.gate.controller.next_deadline():
                 # The controller's window closes: tell it what the sockets saw of the path.
                 sample = self.channels.path_sample()
@@ -1157,11 +1124,14 @@ class _ChunkPump:
                         gate.controller.on_path(sample)
             self.gate.release(acked, errors)
 
-    def _reread(self, location: tuple[int, int], length: int) -> FileWindow:
-        """Thread: the chunk's bytes again from its source (to check it did not change and to
-        send it again)."""
+    def _encode_local(self, location: tuple[int, int], length: int) -> Encoded:
+        """Thread: a local file's chunk as it is to be sent, mapped only while compression is
+        tried on it: compressed bytes, or raw (then sent from the file: no bytes held)."""
         f, offset = location
         source = self.sources[f]
-        if isinstance(source, SourceFile):
-            return source.window(offset, length)
-        return FileWindow(memoryview(source.read(offset, length)), None)
+        assert isinstance(source, SourceFile)
+        with source.mapped(offset, length) as view:
+            encoded = self.sender.encode(self.link.peer, view)
+            if encoded.encoding == "identity":
+                return Encoded("identity", memoryview(b""), length)
+            return encoded

@@ -14,7 +14,7 @@ import errno
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,8 @@ class JobCounters:
     integrity_failures: int = 0
 
 
-_COUNTERS = ", ".join(f"{f.name} = {f.name} + ?" for f in fields(JobCounters))
+_COUNTER_NAMES = tuple(f.name for f in fields(JobCounters))
+_COUNTERS = ", ".join(f"{name} = {name} + ?" for name in _COUNTER_NAMES)
 _JOB_COLUMNS = ", ".join(Job.model_fields)
 
 
@@ -292,7 +293,9 @@ class Journal:
         )
 
     def add_job_counters(self, job_id: str, counters: JobCounters) -> None:
-        self._exec(f"UPDATE jobs SET {_COUNTERS} WHERE id = ?", (*astuple(counters), job_id))
+        # Per chunk, on the event loop: plain getattr (dataclasses.astuple deep-copies).
+        values = tuple(getattr(counters, name) for name in _COUNTER_NAMES)
+        self._exec(f"UPDATE jobs SET {_COUNTERS} WHERE id = ?", (*values, job_id))
 
     def watch_seen(self, root: str, dest: str) -> bool:
         row = self._exec("SELECT 1 FROM watch_seen WHERE root = ? AND dest = ?", (root, dest))

@@ -17,6 +17,7 @@ __all__ = ["Metrics"]
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._compression_totals: dict[str, tuple[int, int]] = {}  # peer: (raw, wire) bytes
         counter, gauge = self._counter, self._gauge
         # Chunks and bytes, by peer
         self.bytes_sent = counter("bytes_sent", "Chunk body bytes sent on the wire", "peer")
@@ -196,10 +197,13 @@ class Metrics:
             self.message_budget_used.labels(peer, cls.value).observe(latency_s / budget_s)
 
     def count_compression(self, peer: str, raw_bytes: int, wire_bytes: int) -> None:
+        # Called per chunk on the event loop: the ratio comes from totals kept here, not from
+        # `value()`, which collects the whole registry (~0.4 ms a call).
         self.compression_in.labels(peer).inc(raw_bytes)
         self.compression_out.labels(peer).inc(wire_bytes)
-        raw_total = self.value("transferd_compression_input_bytes_total", peer=peer)
-        wire_total = self.value("transferd_compression_output_bytes_total", peer=peer)
+        raw_total, wire_total = self._compression_totals.get(peer, (0, 0))
+        raw_total, wire_total = raw_total + raw_bytes, wire_total + wire_bytes
+        self._compression_totals[peer] = (raw_total, wire_total)
         if raw_total:
             self.compression_ratio.labels(peer).set(wire_total / raw_total)
 

@@ -279,11 +279,14 @@ class Receiver:
         encoding: Encoding,
         raw_length: int,
         targets: Sequence[ChunkTarget],
+        body_hash: str | None = None,
     ) -> None:
         """Runs in a worker thread: the body must match the blake3 its authenticated header
         declares (else it was damaged in flight) and decode to bytes whose blake3 is the chunk
-        address; then it is written (from the caller's aligned buffer: O_DIRECT)."""
-        body_hash = blake3_hex(body)
+        address; then it is written (from the caller's aligned buffer: O_DIRECT). `body_hash`:
+        the body's blake3 as the data channel took it while the bytes arrived (None: here)."""
+        if body_hash is None:
+            body_hash = blake3_hex(body)
         if body_hash != declared_body_blake3:
             raise IntegrityError(
                 "chunk body damaged in flight (blake3 does not match its header)",
