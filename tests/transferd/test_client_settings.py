@@ -257,11 +257,17 @@ def _poisoned(entry: Path) -> None:
     entry.write_text(json.dumps({**data, "listen": "127.0.0.1:9"}))
 
 
-def test_an_entry_others_can_write_is_not_read(tmp_path: Path, cache: Path) -> None:
+def _cached(tmp_path: Path, cache: Path) -> tuple[Path, Path]:
+    """A config that validated, and its one cache entry."""
     path = tmp_path / "a.yaml"
     path.write_text(GOOD)
     client_settings(path)
     [entry] = _entries(cache)
+    return path, entry
+
+
+def test_an_entry_others_can_write_is_not_read(tmp_path: Path, cache: Path) -> None:
+    path, entry = _cached(tmp_path, cache)
     _poisoned(entry)
     entry.chmod(0o666)
     assert client_settings(path).listen == "0.0.0.0:7701"
@@ -275,10 +281,7 @@ def test_an_entry_others_can_write_is_not_read(tmp_path: Path, cache: Path) -> N
 
 
 def test_an_entry_that_is_a_link_is_not_read(tmp_path: Path, cache: Path) -> None:
-    path = tmp_path / "a.yaml"
-    path.write_text(GOOD)
-    client_settings(path)
-    [entry] = _entries(cache)
+    path, entry = _cached(tmp_path, cache)
     elsewhere = tmp_path / "elsewhere.json"
     entry.rename(elsewhere)
     _poisoned(elsewhere)
@@ -288,10 +291,7 @@ def test_an_entry_that_is_a_link_is_not_read(tmp_path: Path, cache: Path) -> Non
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's needs root")
 def test_an_entry_owned_by_another_user_is_not_read(tmp_path: Path, cache: Path) -> None:
-    path = tmp_path / "a.yaml"
-    path.write_text(GOOD)
-    client_settings(path)
-    [entry] = _entries(cache)
+    path, entry = _cached(tmp_path, cache)
     _poisoned(entry)
     os.chown(entry, 65534, 65534)
     assert client_settings(path).listen == "0.0.0.0:7701"
