@@ -367,12 +367,16 @@ def send(
     ).encode()
     request = LocalRequest("POST", LOCAL_SEND_ROUTE, job_ids, body=send_jobs, json=True)
 
+    answered: list[float] = []  # when each jobs answer arrived, before it was parsed
+
     def send_and_poll(client: LocalClient) -> list[Job]:
         ids = _first_call(lambda: client.call(request))
-        return _poll(client, ids, wait=wait, progress=wait and not as_json)
+        return _poll(client, ids, wait=wait, progress=wait and not as_json, answered=answered)
 
     jobs = _with_daemon(config, config_path, send_and_poll, as_json)
-    seconds = time.monotonic() - started
+    # The job's time: until the answer that said it ended arrived, not the models' import
+    # that its parsing may wait for (`_load_models_meanwhile`).
+    seconds = answered[-1] - started
     from transferd.protocol.local_api import JobState
 
     failed = [j for j in jobs if j.state is JobState.FAILED]
@@ -480,13 +484,27 @@ POLL_S = 0.05  # the shortest time between two questions to the daemon about the
 WAIT_MS = 500  # each question waits up to this long for a job to end (the progress bar's tick)
 
 
-def _poll(client: LocalClient, ids: list[str], *, wait: bool, progress: bool) -> list[Job]:
+def _poll(
+    client: LocalClient,
+    ids: list[str],
+    *,
+    wait: bool,
+    progress: bool,
+    answered: list[float] | None = None,
+) -> list[Job]:
+    """The jobs `ids`, once (`wait` False) or until none is active; `answered` gets the time
+    each answer arrived, before it was parsed."""
     from transferd.net.local_client import LocalRequest
     from transferd.protocol.http_paths import LOCAL_JOBS_ROUTE
 
+    def parse(reply: bytes) -> list[Job]:
+        if answered is not None:
+            answered.append(time.monotonic())
+        return _jobs(reply)
+
     def fetch(wait_ms: int = 0) -> list[Job]:
         path_qs = f"{LOCAL_JOBS_ROUTE}?ids={','.join(ids)}&wait_ms={wait_ms}"
-        request = LocalRequest("GET", path_qs, _jobs)
+        request = LocalRequest("GET", path_qs, parse)
         return _first_call(lambda: client.call(request, on_sent=_load_models_meanwhile))
 
     # Without a bar to draw, the first question already waits for a job to end (one request

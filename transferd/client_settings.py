@@ -1,23 +1,29 @@
 """What a client command (`transferd send`, `status`, `message`, ...) needs of the site config,
-and a cache of it keyed by the config file's exact bytes.
+and a cache of it keyed by the config file's exact text.
 
 Validating the config (`transferd.config`) costs a client ~110 ms of imports and model builds
 (pydantic, yaml, the line finder), more than the rest of a short `send --wait` together. The
-result depends only on the file's bytes, its path and the code that validates it, so once a
-file has been validated, its `ClientSettings` (the validated values a client reads) are kept
-as JSON under the user's cache folder, named by a hash of exactly those: an edited file, a
-moved one, or a changed transferd is a different name, and goes through the full validation
-(the same errors, naming the field and line). Only a file that validated is ever cached; a
-cache that cannot be read or written is skipped. Paths are resolved (symlinks, `~`) when used,
-as `SiteConfig` does, by the same functions.
+result depends only on the file's text, its real path and the code that validates it, so once a
+file has been validated, its `ClientSettings` (the validated values a client reads; no secrets)
+are kept as JSON under the user's cache folder, named by a hash of exactly those: an edited
+file, a moved one, or a changed transferd, pydantic or PyYAML is a different name, and goes
+through the full validation (the same errors, naming the path the user gave, the field and the
+line). The file is read once, through one descriptor, and those bytes are what is validated
+and hashed; only a regular file that validated is cached (a pipe or FIFO is read as it comes).
+An entry is read only from a folder and as a file owned by this user that no one else may
+write (anyone else could point the CLI's signed requests elsewhere); anything else, or a cache
+that cannot be read or written, is skipped. `TRANSFERD_NO_CLIENT_CACHE=1` turns it off. Paths
+are resolved (symlinks, `~`) when used, as `SiteConfig` does, by the same functions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
+import stat
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,16 +47,20 @@ __all__ = [
 
 CACHE_FORMAT = 1
 MAX_CONFIG_BYTES = 1024 * 1024  # transferd.documents.CONFIG_LIMITS: larger files take the full path
-# The code whose behaviour decides what a config file validates to: a changed file here is a
-# new cache name (an upgrade, or an edited checkout).
+# The code whose behaviour decides what a config file validates to: a change to its text is a
+# new cache name (an upgrade, or an edited checkout); with the files that carry the versions of
+# pydantic and PyYAML (read, not imported: a cache hit imports neither).
 _VALIDATING_CODE = (
     ("transferd", "config.py"),
     ("transferd", "client_settings.py"),
     ("transferd", "documents.py"),
+    ("transferd", "errors.py"),
+    ("transferd/protocol", "wire.py"),
     ("netplan", "ids.py"),
     ("netplan", "safeyaml.py"),
     ("netplan", "yamlpos.py"),
 )
+_LIBRARY_VERSIONS = (("pydantic", "version.py"), ("yaml", "__init__.py"))
 
 
 # -- derived values, shared with SiteConfig ----------------------------------------------------
@@ -160,33 +170,50 @@ class ClientSettings:
 
 # -- the cache ---------------------------------------------------------------------------------
 def cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/transferd` (default `~/.cache/transferd`)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    """`$XDG_CACHE_HOME/transferd/client-settings` (default `~/.cache/...`; a relative
+    XDG_CACHE_HOME is ignored, as the XDG spec says)."""
+    root = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(root):
+        root = os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "transferd" / "client-settings"
 
 
+def cache_enabled() -> bool:
+    """False when TRANSFERD_NO_CLIENT_CACHE is set (to anything but "" or "0")."""
+    return os.environ.get("TRANSFERD_NO_CLIENT_CACHE", "") in ("", "0")
+
+
 def code_stamp() -> bytes:
-    """The size and mtime of each file of the validating code (empty: an unknown layout)."""
+    """A hash of the text of the validating code and of the files that hold the versions of
+    pydantic and PyYAML (empty: a layout this code does not know, never cached)."""
     here = Path(__file__).resolve().parent.parent
-    parts = []
-    for package, name in _VALIDATING_CODE:
+    files = [here / package / name for package, name in _VALIDATING_CODE]
+    for library, name in _LIBRARY_VERSIONS:
+        spec = importlib.util.find_spec(library)  # where it is; nothing is imported
+        if spec is None or not spec.submodule_search_locations:
+            return b""
+        files.append(Path(next(iter(spec.submodule_search_locations))) / name)
+    h = hashlib.sha256()
+    for file in files:
         try:
-            st = os.stat(here / package / name)
+            data = file.read_bytes()
         except OSError:
-            return b""  # not a layout we know: never cached
-        parts.append(f"{package}/{name}:{st.st_size}:{st.st_mtime_ns}")
-    return "\n".join(parts).encode()
+            return b""
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest().encode()
 
 
-def _cache_file(path: Path, raw: bytes) -> Path | None:
+def _cache_name(real: Path, text: str) -> str | None:
+    """The entry of the config at `real` (symlinks resolved) whose text is `text`."""
     stamp = code_stamp()
-    if not stamp:
+    if not stamp or not cache_enabled():
         return None
     h = hashlib.sha256()
-    for part in (str(path).encode(), raw, stamp):
+    for part in (str(real).encode(), text.encode("utf-8", "surrogatepass"), stamp):
         h.update(len(part).to_bytes(8, "big"))
         h.update(part)
-    return cache_dir() / f"{h.hexdigest()}.json"
+    return f"{h.hexdigest()}.json"
 
 
 def _real_path(path: str | Path) -> Path:
@@ -198,56 +225,185 @@ def _real_path(path: str | Path) -> Path:
         return Path(path).absolute()
 
 
-def _read_raw(path: Path) -> bytes | None:
+def _trusted(st: os.stat_result) -> bool:
+    """Written by this user only: owned by the effective user, not group- or world-writable.
+    Anything else (a shared XDG_CACHE_HOME, `sudo -E`) could point the CLI's signed requests
+    elsewhere, so it is not read."""
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _open_cache_dir(folder: Path) -> int | None:
+    """A descriptor of the cache folder, when it is a folder this user alone writes to."""
     try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
-    return raw if len(raw) <= MAX_CONFIG_BYTES else None
+    try:
+        if _trusted(os.fstat(fd)):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _read_cached(name: str) -> ClientSettings | None:
+    """The entry `name`, when it is a regular file this user alone wrote and one this code
+    reads; None otherwise (the caller validates in full)."""
+    dir_fd = _open_cache_dir(cache_dir())
+    if dir_fd is None:
+        return None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(dir_fd)
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or not _trusted(st):
+                return None
+            return ClientSettings.from_json(json.loads(fh.read(MAX_CONFIG_BYTES)))
+    except (OSError, ValueError):
+        return None
+
+
+class _ConfigFile(NamedTuple):
+    raw: bytes  # at most MAX_CONFIG_BYTES + 1: more is a file over the limit
+    size: int  # st_size (0 for a pipe)
+    regular: bool  # a regular file: the only kind cached (a pipe's bytes are read once)
+
+
+def _read_config(path: str | Path) -> _ConfigFile:
+    """The bytes of the config at `path`, read once through one descriptor (a FIFO or
+    `<(...)` is read as it comes, and never again); ConfigError when it cannot be read."""
+    try:
+        # O_NONBLOCK: opening a FIFO does not wait for its writer; reads then block again.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            regular = stat.S_ISREG(st.st_mode)
+            if stat.S_ISFIFO(st.st_mode):
+                _wait_for_writer(fd)
+            if not regular:
+                os.set_blocking(fd, True)
+            raw = b"" if st.st_size > MAX_CONFIG_BYTES else fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        from transferd.errors import ConfigError
+
+        raise ConfigError(f"cannot read site config {path}: {exc.strerror or exc}",
+                          path=path) from exc
+    return _ConfigFile(raw, st.st_size, regular)
+
+
+def _wait_for_writer(fd: int) -> None:
+    """Until the FIFO opened (O_NONBLOCK) as `fd` has data or a writer that came and left, as a
+    blocking open would have waited for its writer (`cat site.yaml > fifo.yaml &` may open it
+    after this process does): read before then, it would look empty."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while not poller.poll():
+        pass
+
+
+def _config_text(read: _ConfigFile, source: str) -> str:
+    """The text of `read` as `transferd.documents.read_document_text` gives it (the same
+    errors: over the size limit, not UTF-8)."""
+    from netplan import safeyaml
+    from transferd.documents import CONFIG_LIMITS, _config_error
+
+    limit = CONFIG_LIMITS.max_bytes
+    try:
+        if read.size > limit:
+            raise safeyaml.DocumentError(
+                f"the file is {read.size / 1024 / 1024:,.1f} MiB, more than the "
+                f"{limit / 1024 / 1024:,.1f} MiB limit", kind="size", source=source)
+        if len(read.raw) > limit:
+            raise safeyaml.DocumentError(
+                f"the file is larger than the {limit / 1024 / 1024:,.1f} MiB limit",
+                kind="size", source=source)
+        return safeyaml.decode_text(read.raw, source=source)
+    except safeyaml.DocumentError as exc:
+        raise _config_error(exc, source) from None
+
+
+def _validated(path: str | Path, read: _ConfigFile, real: Path) -> tuple[SiteConfig, str]:
+    from transferd.config import parse_config
+
+    text = _config_text(read, str(path))
+    return parse_config(text, base_dir=real.parent, source=str(path)), text
 
 
 def client_settings(path: str | Path) -> ClientSettings:
     """The client settings of the config file at `path`: from the cache when this exact file
-    validated before, otherwise validated in full (`load_config`: ConfigError naming the field
-    for a bad one) and then cached."""
-    path = _real_path(path)
-    raw = _read_raw(path)
-    where = _cache_file(path, raw) if raw is not None else None
-    if where is not None:
-        with contextlib.suppress(OSError, ValueError):
-            cached = ClientSettings.from_json(json.loads(where.read_bytes()))
-            if cached is not None:
-                return cached
-    from transferd.config import load_config_and_text
-
-    config, text = load_config_and_text(path)
+    validated before, otherwise validated in full (ConfigError naming `path` and the field for
+    a bad one) and then cached. The file is read once; only a regular file is cached."""
+    read = _read_config(path)
+    real = _real_path(path)
+    name = None
+    if read.regular and len(read.raw) <= MAX_CONFIG_BYTES:
+        try:
+            name = _cache_name(real, read.raw.decode("utf-8-sig"))
+        except UnicodeDecodeError:
+            name = None  # the full validation says where
+    if name is not None:
+        cached = _read_cached(name)
+        if cached is not None:
+            return cached
+    config, _text = _validated(path, read, real)
     settings = ClientSettings.of(config)
-    # Cached only if what was validated is exactly the bytes the name was made of (the file
-    # may have changed between the two reads).
-    if where is not None and raw is not None and raw.decode("utf-8-sig", "replace") == text:
-        _write(where, settings)
+    if name is not None:
+        _write(name, settings)
     return settings
 
 
 def save_client_settings(path: str | Path, config: SiteConfig, text: str) -> None:
-    """Cache the settings of `config`, validated from `text`, the content of `path` (the
-    daemon does, so that the first client after its start finds them)."""
-    path = _real_path(path)
-    raw = _read_raw(path)
-    where = _cache_file(path, raw) if raw is not None else None
-    if where is not None and raw is not None and raw.decode("utf-8-sig", "replace") == text:
-        _write(where, ClientSettings.of(config))
-
-
-def _write(where: Path, settings: ClientSettings) -> None:
+    """Cache the settings of `config`, validated from `text` (the content of `path` that the
+    caller read: the file is not opened again; the daemon does this, so that the first client
+    after its start finds them). Only a regular file is cached."""
     try:
-        where.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=where.parent, prefix=".tmp-")
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return
+    except OSError:
+        return
+    real = _real_path(path)
+    if str(real.parent) != config.base_dir:
+        return  # the link moved since it was read
+    name = _cache_name(real, text)
+    if name is not None:
+        _write(name, ClientSettings.of(config))
+
+
+def _make_private_dirs(folder: Path) -> None:
+    """`folder` and each missing folder above it, created 0700 (the XDG spec's mode)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for each in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            each.mkdir(mode=0o700)
+
+
+def _write(name: str, settings: ClientSettings) -> None:
+    folder = cache_dir()
+    try:
+        _make_private_dirs(folder)
+        dir_fd = _open_cache_dir(folder)
+        if dir_fd is None:
+            return  # not a folder this user alone writes to: its entries would not be read
+        os.close(dir_fd)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(settings.to_json(), fh)
-            os.replace(tmp, where)
+            os.replace(tmp, folder / name)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

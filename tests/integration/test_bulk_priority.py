@@ -1,23 +1,26 @@
 """`traffic.bulk_priority` as `transferd serve` applies it: two real daemon processes on
 127.0.0.1 with their data channels open; the policy of each daemon's channel threads is read back
 from the kernel (sched_getscheduler on the thread id, /proc/<pid>/task/<tid>/comm for its name).
-A asked for `idle` (SCHED_IDLE), B runs the default (`nice`: normal policy, nice +10); the event
-loop of neither is a bulk thread."""
+A asked for `idle` (SCHED_IDLE), B runs the default (`nice`: normal policy, nice +10 over the
+nice value the daemon was started at, `nice -n 10 transferd serve` included); the event loop of
+neither is a bulk thread."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.integration._procs import metric, poll_until, start_daemon, wait_until_serving
+from tests.integration._procs import cli, metric, poll_until, start_daemon, wait_until_serving
 from transferd.site.threads import BULK_THREAD_NICENESS
 from transferd.testing import free_port, write_site_configs
 
@@ -44,13 +47,27 @@ def _bulk_line(log: Path) -> str:
     return str(policy)
 
 
-def test_serve_runs_channel_threads_at_the_configured_bulk_priority(tmp_path: Path) -> None:
+def _own_nice() -> int:
+    """The nice value the daemons inherit: this process's (`nice -n 10 pytest ...`)."""
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def _bulk_nice() -> int:
+    return min(_own_nice() + BULK_THREAD_NICENESS, 19)
+
+
+@contextlib.contextmanager
+def _two_daemons(
+    tmp_path: Path, a_bulk_priority: str | None
+) -> Iterator[tuple[dict[str, Path], dict[str, int], dict[str, subprocess.Popen[bytes]]]]:
+    """Daemons B and A (A's `traffic.bulk_priority` as given) with A's data channels to B
+    open; stopped at the end."""
     ports = {"A": free_port(), "B": free_port()}
     configs = write_site_configs(tmp_path, ports)
-    # A asks for SCHED_IDLE; B runs the default (nice +10).
-    doc = yaml.safe_load(configs["A"].read_text())
-    doc.setdefault("traffic", {})["bulk_priority"] = "idle"
-    configs["A"].write_text(yaml.safe_dump(doc, sort_keys=False))
+    if a_bulk_priority is not None:
+        doc = yaml.safe_load(configs["A"].read_text())
+        doc.setdefault("traffic", {})["bulk_priority"] = a_bulk_priority
+        configs["A"].write_text(yaml.safe_dump(doc, sort_keys=False))
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for site in ("B", "A"):
@@ -61,6 +78,21 @@ def test_serve_runs_channel_threads_at_the_configured_bulk_priority(tmp_path: Pa
             lambda: metric(f"http://127.0.0.1:{ports['A']}",
                            "transferd_data_channels_opened_total", peer="B"),
             lambda v: bool(v), timeout_s=30))
+        yield configs, ports, procs
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_serve_runs_channel_threads_at_the_configured_bulk_priority(tmp_path: Path) -> None:
+    # A asks for SCHED_IDLE; B runs the default (nice +10).
+    with _two_daemons(tmp_path, "idle") as (_configs, _ports, procs):
         a_threads = asyncio.run(poll_until(
             lambda: asyncio.sleep(0, _threads(procs["A"].pid)),
             lambda t: "channel-send-B" in t and "channel-recv-B" in t, timeout_s=30))
@@ -74,20 +106,49 @@ def test_serve_runs_channel_threads_at_the_configured_bulk_priority(tmp_path: Pa
         assert os.sched_getscheduler(procs["A"].pid) & ~os.SCHED_RESET_ON_FORK in (
             os.SCHED_RR, os.SCHED_OTHER)
 
-        base_nice = os.getpriority(os.PRIO_PROCESS, procs["B"].pid)
         for tid in b_threads["channel-in"]:
             assert os.sched_getscheduler(tid) == os.SCHED_OTHER
-            assert os.getpriority(os.PRIO_PROCESS, tid) == min(base_nice + BULK_THREAD_NICENESS,
-                                                               19)
+            assert os.getpriority(os.PRIO_PROCESS, tid) == _bulk_nice()
         # One log line says which policy each daemon's bulk threads run at.
         assert _bulk_line(tmp_path / "A.log").startswith("idle (SCHED_IDLE")
         assert _bulk_line(tmp_path / "B.log") == f"nice (+{BULK_THREAD_NICENESS})"
-    finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+
+
+# Kernel names (15 bytes at most) of the bulk threads of a sending and a receiving daemon: the
+# data channels' threads and the chunk workers (`transferd-bulk_N`, `transferd-chunk_N`).
+_BULK_NAMES = ("channel-send-B", "channel-recv-B", "channel-in", "transferd-bulk_",
+               "transferd-chunk")
+
+
+def test_every_bulk_thread_runs_at_the_daemons_nice_plus_ten(tmp_path: Path) -> None:
+    """Data-channel threads are started from a chunk worker that is already at +10, and the
+    loop's threads start at nice 0 (SCHED_RESET_ON_FORK): each still reads back exactly the
+    daemon's own nice + 10 (19 at most), not +20 and not 0 + 10."""
+    with _two_daemons(tmp_path, None) as (configs, _ports, procs):
+        (tmp_path / "site-A" / "curated").mkdir(parents=True)
+        (tmp_path / "site-A" / "curated" / "f").write_bytes(os.urandom(3 * 1024 * 1024))
+        code, out, err = asyncio.run(cli("send", "curated/f", "--config", str(configs["A"]),
+                                         "--to", "B", "--wait", "--json"))
+        assert code == 0, err
+        assert json.loads(out)["state"] == "committed"
+
+        def bulk_nices() -> dict[str, set[int]]:
+            nices: dict[str, set[int]] = {}
+            for proc in procs.values():
+                for name, tids in _threads(proc.pid).items():
+                    if name in _BULK_NAMES:
+                        for tid in tids:
+                            with contextlib.suppress(OSError):  # the thread ended
+                                nices.setdefault(name, set()).add(
+                                    os.getpriority(os.PRIO_PROCESS, tid))
+            return nices
+
+        expected = _bulk_nice()
+        # A thread is named (prctl) just before its nice is set: wait for that instant to pass.
+        with contextlib.suppress(TimeoutError):
+            asyncio.run(poll_until(
+                lambda: asyncio.sleep(0, bulk_nices()),
+                lambda n: all(v == {expected} for v in n.values()), timeout_s=5))
+        nices = bulk_nices()
+        assert {"channel-send-B", "channel-recv-B", "channel-in", "transferd-bulk_"} <= set(nices)
+        assert nices == dict.fromkeys(nices, {expected})

@@ -67,8 +67,9 @@ def test_sighup_raises_the_rate_cap_mid_transfer_and_systemd_hears_of_it(
 ) -> None:
     ports = {"A": free_port(), "B": free_port()}
     # The rates measured here need the bulk threads to get a CPU beside the rest of the suite:
-    # at the default SCHED_IDLE (`traffic.bulk_priority`) any other busy process on the host
-    # comes first, which is what that setting is for and not what this test is about.
+    # at SCHED_IDLE (`traffic.bulk_priority: idle`) any other busy process on the host comes
+    # first, which is what that setting is for and not what this test is about; `nice` (the
+    # default) is stated so that a change of the default does not change this test.
     configs = write_site_configs(tmp_path, ports, chunk_size=MiB,
                                  traffic={"bulk_priority": "nice"})
     _set_cap(configs["A"], CAP_MBPS)

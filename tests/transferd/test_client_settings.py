@@ -3,11 +3,14 @@ that validated before without the config models, and never trusts a cache of oth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -138,6 +141,27 @@ def test_changed_validating_code_is_a_new_cache_name(
     assert len(_entries(cache)) == 2
 
 
+def test_the_code_stamp_follows_content_and_library_versions_not_mtimes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reinstall that only touches files keeps the cache; a new pydantic or PyYAML (or an
+    edited validating module) does not."""
+    lib = tmp_path / "lib" / "fakelib"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text("")
+    (lib / "version.py").write_text("VERSION = '2.0.0'\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    monkeypatch.setattr(cs, "_LIBRARY_VERSIONS", (("fakelib", "version.py"),))
+    first = cs.code_stamp()
+    assert first
+    os.utime(lib / "version.py", (1, 1))
+    assert cs.code_stamp() == first
+    (lib / "version.py").write_text("VERSION = '2.0.1'\n")
+    assert cs.code_stamp() != first
+    monkeypatch.setattr(cs, "_LIBRARY_VERSIONS", (("no_such_library_here", "version.py"),))
+    assert cs.code_stamp() == b""  # an unknown layout: never cached
+
+
 def test_cli_names_the_bad_field_of_a_config_edited_after_it_was_cached(
     tmp_path: Path, cache: Path
 ) -> None:
@@ -159,3 +183,232 @@ def test_a_send_answer_that_is_not_job_ids_is_a_protocol_error() -> None:
     for bad in (b"nope", b"[]", b'{"jobs": [1]}', b'{"jobs": "a"}'):
         with pytest.raises(ProtocolError, match="invalid SendAnswer"):
             job_ids(bad)
+
+
+# -- a config that is not a regular file, and the path errors name ---------------------------
+def test_a_config_from_a_pipe_is_read_once_and_never_cached(tmp_path: Path, cache: Path) -> None:
+    """`--config <(cat site.yaml)`: the pipe's bytes are validated as they were read."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, GOOD.encode())
+    os.close(write_end)
+    try:
+        settings = client_settings(f"/proc/self/fd/{read_end}")
+    finally:
+        os.close(read_end)
+    assert settings.local_url == "http://127.0.0.1:7701"
+    assert _entries(cache) == []
+
+
+def _fifo_with(tmp_path: Path, name: str) -> tuple[Path, subprocess.Popen[bytes]]:
+    """A FIFO and a writer (`cat site.yaml > fifo.yaml &`) that blocks until it is opened."""
+    source = tmp_path / f"{name}.source.yaml"
+    source.write_text(GOOD)
+    fifo = tmp_path / f"{name}.yaml"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"cat {source} > {fifo}"])
+    return fifo, writer
+
+
+def test_a_fifo_config_is_read_once_by_a_client_and_by_serve(tmp_path: Path, cache: Path) -> None:
+    code = (
+        "import sys, json; from transferd.client_settings import client_settings, "
+        "save_client_settings; from transferd.config import load_config_and_text; "
+        "s = client_settings(sys.argv[1]); c, t = load_config_and_text(sys.argv[2]); "
+        "save_client_settings(sys.argv[2], c, t); print(json.dumps([s.local_url, c.site]))"
+    )
+    first, w1 = _fifo_with(tmp_path, "client")
+    second, w2 = _fifo_with(tmp_path, "serve")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(first), str(second)],
+                             capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "XDG_CACHE_HOME": str(cache.parent.parent)})
+    finally:
+        for writer in (w1, w2):
+            writer.kill()
+            writer.wait()
+    assert json.loads(out.stdout) == ["http://127.0.0.1:7701", "A"], out.stderr
+    assert _entries(cache) == []
+
+
+def test_errors_name_the_path_the_user_gave(tmp_path: Path, cache: Path) -> None:
+    target = tmp_path / "real.yaml"
+    target.write_text(GOOD.replace("0.0.0.0:7701", "nowhere"))
+    link = tmp_path / "site.yaml"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError) as err:
+        client_settings(link)
+    assert str(err.value).startswith(f"{link}: invalid site config")
+    missing = tmp_path / "none.yaml"
+    with pytest.raises(ConfigError, match=f"cannot read site config {missing}: No such file"):
+        client_settings(missing)
+    target.write_bytes(b"site: \xff\n")
+    with pytest.raises(ConfigError, match=f"{link}.*not UTF-8 text: byte 0xff at offset 6"):
+        client_settings(link)
+    target.write_bytes(b"#" * (cs.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match=f"{link}.*more than the 1.0 MiB limit"):
+        client_settings(link)
+
+
+# -- whose cache is trusted ------------------------------------------------------------------
+def _poisoned(entry: Path) -> None:
+    """What another user able to write the cache would put there: the CLI's signed requests
+    sent to a port of theirs."""
+    data = json.loads(entry.read_text())
+    entry.write_text(json.dumps({**data, "listen": "127.0.0.1:9"}))
+
+
+def _cached(tmp_path: Path, cache: Path) -> tuple[Path, Path]:
+    """A config that validated, and its one cache entry."""
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    client_settings(path)
+    [entry] = _entries(cache)
+    return path, entry
+
+
+def test_an_entry_others_can_write_is_not_read(tmp_path: Path, cache: Path) -> None:
+    path, entry = _cached(tmp_path, cache)
+    _poisoned(entry)
+    entry.chmod(0o666)
+    assert client_settings(path).listen == "0.0.0.0:7701"
+    entry.chmod(0o600)
+    _poisoned(entry)
+    cache.chmod(0o777)
+    try:
+        assert client_settings(path).listen == "0.0.0.0:7701"
+    finally:
+        cache.chmod(0o700)
+
+
+def test_an_entry_that_is_a_link_is_not_read(tmp_path: Path, cache: Path) -> None:
+    path, entry = _cached(tmp_path, cache)
+    elsewhere = tmp_path / "elsewhere.json"
+    entry.rename(elsewhere)
+    _poisoned(elsewhere)
+    entry.symlink_to(elsewhere)
+    assert client_settings(path).listen == "0.0.0.0:7701"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's needs root")
+def test_an_entry_owned_by_another_user_is_not_read(tmp_path: Path, cache: Path) -> None:
+    path, entry = _cached(tmp_path, cache)
+    _poisoned(entry)
+    os.chown(entry, 65534, 65534)
+    assert client_settings(path).listen == "0.0.0.0:7701"
+    os.chown(entry, 0, 0)
+    os.chown(cache, 65534, 65534)
+    assert client_settings(path).listen == "0.0.0.0:7701"
+
+
+def test_cache_folders_are_private_and_a_relative_xdg_cache_home_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    client_settings(path)
+    for folder in ("xdg", "xdg/transferd", "xdg/transferd/client-settings"):
+        assert (tmp_path / folder).stat().st_mode & 0o777 == 0o700, folder
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cs.cache_dir() == tmp_path / "home" / ".cache" / "transferd" / "client-settings"
+
+
+def test_the_cache_can_be_turned_off(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRANSFERD_NO_CLIENT_CACHE", "1")
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    assert client_settings(path).local_url == "http://127.0.0.1:7701"
+    assert _entries(cache) == []
+
+
+# -- what `send --wait --json` times ---------------------------------------------------------
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_send_seconds_time_the_job_not_the_clients_model_imports(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`seconds` (read by scripts and benchmarks/s3_replication.py) ends when the answer that
+    says the job ended arrives: the 1 s the (simulated) daemon took, not the 5 s the client
+    then spends importing the models that parse it."""
+    from types import SimpleNamespace
+
+    from transferd import cli
+
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    (tmp_path / "site-a").mkdir()
+    (tmp_path / "site-a" / "f").write_bytes(b"x" * 5000)
+    clock = _Clock()
+    job = {"id": "j1", "path": "f", "dest": "B", "traffic_class": "sync", "state": "committed",
+           "error": None, "error_kind": None, "created_at": 1.0, "started_at": 1.0,
+           "finished_at": 2.0, "bytes_logical": 5000, "bytes_on_wire": 5100, "bytes_done": 5000,
+           "chunks": 1, "chunks_skipped": 0, "chunks_sent": 1, "retries": 0,
+           "integrity_failures": 0}
+
+    class Daemon:
+        def call(self, request: Any, on_sent: Any = None) -> Any:
+            if request.method == "POST":
+                return request.answer_of(200, b'{"jobs": ["j1"]}', "fake")
+            clock.now += 1.0  # the job, in the daemon
+            return request.answer_of(200, json.dumps({"jobs": [job]}).encode(), "fake")
+
+    real_jobs = cli._jobs
+
+    def slow_jobs(reply: bytes) -> Any:
+        clock.now += 5.0  # the models' import the parse waits for
+        return real_jobs(reply)
+
+    monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=clock.monotonic,
+                                                    sleep=clock.sleep))
+    monkeypatch.setattr(cli, "_jobs", slow_jobs)
+    monkeypatch.setattr(cli, "_with_daemon", lambda config, path, use, as_json=False:
+                        use(Daemon()))
+    result = CliRunner().invoke(
+        main, ["send", "f", "--config", str(path), "--to", "B", "--wait", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert (out["state"], out["seconds"]) == ("committed", 1.0)
+
+
+def test_a_fifo_config_waits_for_a_writer_that_comes_later(tmp_path: Path, cache: Path) -> None:
+    """`transferd status --config fifo.yaml` started before `cat site.yaml > fifo.yaml`: read
+    once the writer comes, as a blocking open would, not taken for an empty file."""
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    code = ("import sys; from transferd.client_settings import client_settings; "
+            "print(client_settings(sys.argv[1]).local_url)")
+    reader = subprocess.Popen([sys.executable, "-c", code, str(fifo)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "XDG_CACHE_HOME": str(cache.parent.parent)})
+    try:
+        # The reader has opened the FIFO (it is listed among its files) before anyone writes.
+        fd_dir = Path(f"/proc/{reader.pid}/fd")
+        for _ in range(600):
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd_dir / fd) == str(fifo) for fd in os.listdir(fd_dir)):
+                    break
+            if reader.poll() is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)  # a reader that takes the FIFO for an empty file has given up by now
+        assert reader.poll() is None, reader.communicate()
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO, not a hang, if it left
+        os.write(writer, GOOD.encode())
+        os.close(writer)
+        out, err = reader.communicate(timeout=30)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert out.strip() == "http://127.0.0.1:7701", err

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
+from transferd.site import threads
 from transferd.site.threads import (
     BULK_THREAD_NICENESS,
     LOOP_RT_PRIORITY,
@@ -15,8 +18,11 @@ from transferd.site.threads import (
     bulk_executor,
     lower_thread_priority,
     raise_loop_priority,
+    restore_base_priority,
     set_bulk_priority,
 )
+
+T = TypeVar("T")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
@@ -101,3 +107,77 @@ def test_loop_priority_normal_leaves_the_thread_alone() -> None:
     said, policy, child = _in_a_thread("normal")
     assert said == "normal (loop_priority: normal)"
     assert policy == child == os.SCHED_OTHER
+
+
+def _nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def _in_thread(fn: Callable[[], T]) -> T:
+    out: list[T] = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_threads_of_a_realtime_loop_keep_the_operators_nice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`nice -n 5 transferd serve`: the loop's threads start at nice 0 (SCHED_RESET_ON_FORK),
+    yet bulk threads run at 5 + 10 and other threads the loop starts back at 5."""
+    monkeypatch.setattr(threads, "_base_nice", None)  # recorded by the "daemon" below
+    operator = min(_nice() + 5, 19)
+
+    def daemon() -> tuple[str, int, int, int]:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), operator)
+        said = raise_loop_priority("realtime")
+
+        def other() -> int:
+            restore_base_priority()
+            return _nice()
+
+        with bulk_executor(1, "test-bulk") as pool:
+            bulk = pool.submit(_nice).result(timeout=10)
+        return said, _in_thread(_nice), bulk, _in_thread(other)
+
+    said, plain, bulk, other = _in_thread(daemon)
+    if said.startswith("realtime"):
+        assert plain == 0  # what the kernel gives the loop's threads: why the fix is needed
+    assert bulk == min(operator + BULK_THREAD_NICENESS, 19)
+    assert other == operator
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_a_bulk_thread_started_by_a_bulk_thread_is_lowered_once() -> None:
+    """Data channels' threads are started from a chunk worker (already at +10): they run at
+    +10 too, not +20."""
+    base = threads.base_nice()
+
+    def nested() -> int:
+        lower_thread_priority("nice")
+        return _in_thread(lambda: (lower_thread_priority("nice"), _nice())[1])
+
+    assert _in_thread(nested) == min(base + BULK_THREAD_NICENESS, 19)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
+def test_the_bulk_priority_log_line_says_what_is_in_effect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bulk.priority` says idle only where SCHED_IDLE is allowed; where a sandbox refuses it,
+    the nice fallback the bulk threads really run at, and why."""
+    try:
+        assert set_bulk_priority("idle").startswith("idle (SCHED_IDLE")
+        real = os.sched_setscheduler
+
+        def refuse(pid: int, policy: int, param: os.sched_param) -> None:
+            if policy == os.SCHED_IDLE:
+                raise PermissionError(1, "Operation not permitted")
+            real(pid, policy, param)
+
+        monkeypatch.setattr(os, "sched_setscheduler", refuse)
+        said = set_bulk_priority("idle")
+    finally:
+        set_bulk_priority("nice")
+    assert said == (f"nice (+{BULK_THREAD_NICENESS}: bulk_priority idle asked, but SCHED_IDLE "
+                    "is refused here: Operation not permitted)")

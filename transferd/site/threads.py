@@ -20,8 +20,10 @@ __all__ = [
     "LOOP_RT_PRIORITY",
     "BulkPriority",
     "bulk_executor",
+    "base_nice",
     "lower_thread_priority",
     "raise_loop_priority",
+    "restore_base_priority",
     "set_bulk_priority",
 ]
 
@@ -34,16 +36,53 @@ LOOP_RT_PRIORITY = 1  # the lowest real-time priority: above every normal thread
 # `traffic.bulk_priority` before the daemon starts; a daemon run inside another program (tests,
 # embedding) keeps the milder nice +10 unless that program asks.
 _bulk_priority: BulkPriority = "nice"
+# The nice value the operator gave the daemon (`nice -n 10 transferd serve`), read before the
+# loop thread turns real-time: every thread the loop starts then begins at nice 0
+# (SCHED_RESET_ON_FORK resets a real-time parent's children to the defaults).
+_base_nice: int | None = None
+
+
+def base_nice() -> int:
+    """The process's nice value as it started, recorded on first use (`raise_loop_priority`
+    records it before the loop turns real-time)."""
+    global _base_nice
+    if _base_nice is None:
+        _base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    return _base_nice
 
 
 def set_bulk_priority(policy: BulkPriority) -> str:
     """Set the policy of the bulk threads this process starts from now on; returns it as the
     daemon's `bulk.priority` log line says it."""
     global _bulk_priority
+    base_nice()
     _bulk_priority = policy
+    if not sys.platform.startswith("linux"):
+        return f"normal ({policy} not applied: per-thread priority is Linux-only here)"
     if policy == "idle":
-        return "idle (SCHED_IDLE: bulk threads run when nothing else on the host wants a CPU)"
+        refused = _idle_refused()
+        if refused is None:
+            return "idle (SCHED_IDLE: bulk threads run when nothing else on the host wants a CPU)"
+        return (f"nice (+{BULK_THREAD_NICENESS}: bulk_priority idle asked, but SCHED_IDLE is "
+                f"refused here: {refused})")
     return f"nice (+{BULK_THREAD_NICENESS})"
+
+
+def _idle_refused() -> str | None:
+    """Why this host refuses SCHED_IDLE (tried on a throwaway thread), or None."""
+    out: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            out.append(None)
+        except OSError as exc:  # a seccomp sandbox, a container without the syscall
+            out.append(exc.strerror or str(exc))
+
+    thread = threading.Thread(target=probe, name="probe-sched-idle", daemon=True)
+    thread.start()
+    thread.join()
+    return out[0] if out else "the probe thread failed"
 
 
 def raise_loop_priority(wanted: str = "realtime") -> str:
@@ -63,6 +102,7 @@ def raise_loop_priority(wanted: str = "realtime") -> str:
         return "normal (loop_priority: normal)"
     if not sys.platform.startswith("linux"):
         return "normal (real-time scheduling is Linux-only here)"
+    base_nice()  # before the switch: the loop's threads start at nice 0, not the operator's
     try:
         os.sched_setscheduler(
             0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(LOOP_RT_PRIORITY)
@@ -78,7 +118,9 @@ def lower_thread_priority(policy: BulkPriority | None = None,
     Python name in the kernel too (`top -H`, /proc/<pid>/task/*/comm show where the CPU goes)
     and lower its priority by `policy` (default: the process's, `set_bulk_priority`).
 
-    "nice": add `niceness` to the thread's nice value. That orders the daemon's own threads,
+    "nice": the thread's nice value becomes the process's (`base_nice`) plus `niceness`, at
+    most 19, whichever thread started it (a lowered one, or the real-time loop whose threads
+    start at nice 0). That orders the daemon's own threads,
     but with autogroup scheduling (most desktop and server kernels) each session competes for
     the CPU as one entity whatever the nice values inside it, so it does not make the bulk give
     way to another process. "idle": SCHED_IDLE, the lowest weight the kernel has, and a thread
@@ -95,11 +137,24 @@ def lower_thread_priority(policy: BulkPriority | None = None,
             return
         except OSError:
             pass  # a sandbox that forbids it: nice below still lowers the thread
-    tid = threading.get_native_id()
+    _set_nice(min(19, base_nice() + niceness))
+
+
+def restore_base_priority() -> None:
+    """Thread initializer for a thread that is not bulk work but may be started by the
+    real-time loop (whose threads start at nice 0): the process's own nice value (`nice -n`),
+    and its Python name in the kernel."""
+    if not sys.platform.startswith("linux"):
+        return
+    _name_native_thread(threading.current_thread().name)
+    _set_nice(base_nice())
+
+
+def _set_nice(value: int) -> None:
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
     except OSError:
-        pass  # a sandbox may forbid it; the work still runs, only without the priority hint
+        pass  # a sandbox may forbid it (or lowering a nice value needs CAP_SYS_NICE)
 
 
 def _name_native_thread(name: str) -> None:
