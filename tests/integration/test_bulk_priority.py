@@ -109,6 +109,12 @@ def test_serve_runs_channel_threads_at_the_configured_bulk_priority(tmp_path: Pa
         for tid in b_threads["channel-in"]:
             assert os.sched_getscheduler(tid) == os.SCHED_OTHER
             assert os.getpriority(os.PRIO_PROCESS, tid) == _bulk_nice()
+        # Threads the loop starts that are not bulk work (the channel listener, the channel
+        # watcher) keep the daemon's own nice, not the 0 that SCHED_RESET_ON_FORK gives them.
+        own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+        assert b_threads["channel-accept"]  # named in the kernel when its nice is restored
+        for tid in b_threads["channel-accept"] + a_threads.get("channel-watch-B", []):
+            assert os.getpriority(os.PRIO_PROCESS, tid) == own_nice
         # One log line says which policy each daemon's bulk threads run at.
         assert _bulk_line(tmp_path / "A.log").startswith("idle (SCHED_IDLE")
         assert _bulk_line(tmp_path / "B.log") == f"nice (+{BULK_THREAD_NICENESS})"

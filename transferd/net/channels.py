@@ -64,7 +64,7 @@ from transferd.protocol.chunks import Encoding
 from transferd.protocol.streams import PathSample
 from transferd.site.buffers import AlignedBuffers
 from transferd.site.metrics import Metrics
-from transferd.site.threads import lower_thread_priority
+from transferd.site.threads import lower_thread_priority, restore_base_priority
 
 __all__ = [
     "ArrivingBody",
@@ -767,6 +767,7 @@ class PeerChannels:
 
     def _watch_loop(self) -> None:
         """Thread: replace channels stuck in retransmission backoff once the path answers."""
+        restore_base_priority()  # started by the real-time loop: its threads start at nice 0
         while not self._stop.wait(PROBE_EVERY_S):
             with self.cond:
                 stuck = [c for c in self.channels if c.alive and len(c.window)]
@@ -938,6 +939,7 @@ class DataListener:
 
     def _accept_loop(self) -> None:
         assert self._server is not None
+        restore_base_priority()  # started by the real-time loop: its threads start at nice 0
         while True:
             try:
                 conn, _addr = self._server.accept()
