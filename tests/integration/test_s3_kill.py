@@ -131,6 +131,13 @@ async def _daemons(tmp_path: Path, **overrides: Any) -> AsyncIterator[_Pair]:
         for site in ports:
             await pair.restart(site)
         yield pair
+    except BaseException:
+        # What the daemons said, in the failure's report (their logs live in tmp_path, which
+        # a CI machine does not keep).
+        for site, log in pair.logs.items():
+            lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+            print(f"--- the last lines of {site}'s log ---", *lines[-60:], sep="\n")
+        raise
     finally:
         for proc in pair.procs.values():
             proc.send_signal(signal.SIGTERM)
