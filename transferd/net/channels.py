@@ -84,6 +84,7 @@ OPEN_TIMEOUT_S = 15.0  # an opening that has not finished by then is dropped
 # A channel whose chunks in flight have not moved for this long (no receipt, no byte acked)
 # is broken and its chunks sent again elsewhere: twice a 16 MiB chunk's time at 10 Mbit/s.
 STALL_S = 30.0
+STALL_CHECKS = 10  # times per `stall_s` the chunks' `ensure` looks for a stalled channel
 KEEPALIVE_IDLE_S = 30  # a peer that vanished without a FIN is noticed (TCP keepalive)
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 # Unsent bytes a channel's socket may hold: a sender thread takes its next chunk only when its
@@ -607,6 +608,7 @@ class PeerChannels:
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self.stall_s = STALL_S
+        self._stall_check_at = 0.0  # monotonic: when `ensure` looks for stalled channels next
 
     # -- called from the event loop ----------------------------------------------------------
     def live(self) -> int:
@@ -617,8 +619,15 @@ class PeerChannels:
     async def ensure(self, count: int, address: Callable[[], Coroutine[Any, Any, tuple[str, int]]]
                      ) -> None:
         """At least `count` live channels (more are retired down to it); opens the missing
-        ones in parallel. TransportError (or AuthError) when the peer cannot be reached."""
-        self.break_stalled()
+        ones in parallel. TransportError (or AuthError) when the peer cannot be reached.
+        Called for every chunk sent: the stall check (a TCP_INFO read per channel) runs at
+        most every `stall_s / STALL_CHECKS` seconds, and with the count right nothing else."""
+        now = time.monotonic()
+        if now >= self._stall_check_at:
+            self._stall_check_at = now + self.stall_s / STALL_CHECKS
+            self.break_stalled()
+        if not self._open_lock.locked() and self.live() == count:
+            return
         async with self._open_lock:
             missing = count - self.live()
             if missing > 0:
