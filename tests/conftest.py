@@ -9,7 +9,6 @@ impairment backend)."""
 from __future__ import annotations
 
 import functools
-import gc
 import os
 import sys
 import uuid
@@ -107,12 +106,3 @@ def moto_s3() -> Iterator[MotoS3Server]:
 def s3_bucket(moto_s3: MotoS3Server) -> str:
     """A fresh, empty bucket on the session's S3 endpoint."""
     return moto_s3.create_bucket(f"transferd-{uuid.uuid4().hex[:12]}")
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage_at_teardown() -> Iterator[None]:
-    """A socket or asyncio transport a test leaves unclosed is reported (a ResourceWarning, an
-    error under pyproject's filterwarnings) in that test's own teardown, not in whichever later
-    test the garbage collector happens to run in."""
-    yield
-    gc.collect()
