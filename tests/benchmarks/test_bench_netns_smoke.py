@@ -127,10 +127,17 @@ def test_ctrl_c_mid_run_tears_everything_down(tmp_path: Path) -> None:
         "delay_ms: 5}\nwork:\n  - {size_mib: 1, quick_size_mib: 1}\ntools: [iperf3-1stream]\n"
         "quick_iperf3_seconds: 60\ncongestion_controls: [cubic]\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks", "run", str(scenario), "--quick", "--output",
-         str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=env)
+    # Ctrl-C as in a terminal: a shell's background job (a CI script's `cmd &`) starts with
+    # SIGINT ignored, which the run would inherit and so never see the signal. Handled here
+    # while it starts, SIGINT is back to its default in the run.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks", "run", str(scenario), "--quick", "--output",
+             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         assert proc.stdout is not None
         run_id = None
