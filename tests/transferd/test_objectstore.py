@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import time
 import zlib
@@ -18,7 +17,6 @@ import pytest
 from transferd.errors import ConfigError, StorageError
 from transferd.protocol.upload import upload_intent
 from transferd.site import objectstore
-from transferd.site.buffers import AlignedBuffers
 from transferd.site.checkpoints import update_run
 from transferd.site.journal import Journal
 from transferd.site.keys import Keyring, keygen
@@ -509,76 +507,3 @@ def test_opening_an_upload_of_a_folder_costs_one_listing_of_the_store(
     assert store.sizes(["approved/d/m00.bin", "approved/d/m01.bin"]) == [4, None]
     receiver.close()
     journal.close()
-
-
-def _read_all(body: objectstore._StagedBody, piece: int) -> bytes:
-    out = bytearray()
-    while block := body.read(piece):
-        out += block
-    return bytes(out)
-
-
-def test_put_bodies_reuse_one_buffer_and_carry_exactly_their_span(tmp_path: Path) -> None:
-    """A PUT body is read into a reused page-aligned buffer: what a body gives is its span's
-    bytes and nothing else (not the previous body's bytes left in the buffer, not the pages
-    past the span that an O_DIRECT read brings in), again after a seek back (a retry)."""
-    page = objectstore._PAGE
-    rng = random.Random(11)
-    a, b, c = (tmp_path / n for n in ("a", "b", "c"))
-    a.write_bytes(b"A" * (5 * page + 3))
-    b_data = rng.randbytes(page + 17)  # shorter than the buffer the previous body filled
-    b.write_bytes(b_data)
-    c_data = rng.randbytes(4 * page + 100)
-    c.write_bytes(c_data)
-    buffers = AlignedBuffers(2 * page, 1)  # one buffer: every body reuses it
-    with objectstore._StagedBody(a, 0, 5 * page + 3, buffers) as body:
-        assert body._direct == hasattr(os, "O_DIRECT")
-        assert len(body) == 5 * page + 3
-        assert _read_all(body, 1000) == b"A" * (5 * page + 3)
-    with objectstore._StagedBody(b, 0, len(b_data), buffers) as body:
-        assert _read_all(body, 1 << 20) == b_data
-    # A part in the middle of a file: the pages after its end are never handed out.
-    with objectstore._StagedBody(c, page, page + 50, buffers) as body:
-        assert _read_all(body, 16384) == c_data[page : 2 * page + 50]
-        body.seek(0)
-        assert body.tell() == 0
-        assert len(body) == page + 50
-        assert _read_all(body, 7) == c_data[page : 2 * page + 50]
-    # An offset off a page boundary reads without O_DIRECT, with the same result.
-    with objectstore._StagedBody(c, 100, 3 * page, buffers) as body:
-        assert not body._direct
-        assert _read_all(body, 5000) == c_data[100 : 100 + 3 * page]
-    # A file shorter than its span is an error, never a short body.
-    short = objectstore._StagedBody(b, 0, 3 * page, buffers)
-    with pytest.raises(OSError, match="bytes at 0"), short as body:
-        _read_all(body, 1 << 20)
-    assert len(buffers._free) == 1  # every body gave the buffer back
-
-
-def test_parts_and_puts_sharing_one_body_buffer_store_each_objects_own_bytes(
-    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Multipart parts (over an existing folder) and whole PUTs (a new folder), all sent
-    through one reused 1 MiB body buffer: each object reads back as its own file's bytes."""
-    monkeypatch.setattr(objectstore, "_PART_BYTES", 5 * 1024 * 1024)
-    store = _store(moto_s3, s3_bucket, tmp_path / "state")
-    store._put_buffers = AlignedBuffers(1024 * 1024, 1)
-    rng = random.Random(12)
-    big = rng.randbytes(11 * 1024 * 1024 + 123)  # three parts, the last one short
-    other = rng.randbytes(BIG + 4097)
-    store.commit(_staged(store, {"big.bin": b"old"}), "approved/d")
-    staging = _staged(store, {"big.bin": big, "other.bin": other})
-    store.member_staged(staging, "approved/d", 0)
-    store.member_staged(staging, "approved/d", 1)
-    uploads = {i: f.result() for i, f in store._streamed[staging.dir.name].members.items()}
-    assert [len(u.parts) if u else 0 for _, u in sorted(uploads.items())] == [3, 2]
-    store.commit(staging, "approved/d")
-    assert store.read_range("approved/d/big.bin", 0, len(big)) == big
-    assert store.read_range("approved/d/other.bin", 0, len(other)) == other
-    fresh = _staged(store, {"x.bin": other[::-1], "y.bin": big[:BIG]})
-    store.member_staged(fresh, "approved/new", 0)
-    store.member_staged(fresh, "approved/new", 1)
-    store.commit(fresh, "approved/new")
-    assert store.read_range("approved/new/x.bin", 0, len(other)) == other[::-1]
-    assert store.read_range("approved/new/y.bin", 0, BIG) == big[:BIG]
-    assert len(store._put_buffers._free) == 1

@@ -39,7 +39,6 @@ import hashlib
 import io
 import json
 import logging
-import mmap
 import os
 import posixpath
 import threading
@@ -55,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 from transferd.errors import ConfigError, StorageError
-from transferd.site.buffers import AlignedBuffers
 from transferd.site.staging import Staging, os_errors, storage_error
 from transferd.site.storage import FsspecStorage, Source, info_mtime
 
@@ -91,113 +89,6 @@ _WINDOWS_AT_ONCE = 4
 # A reader waits for the bytes of its span only, not its window's: a GET body is read in pieces
 # of this size, each handed over as it lands.
 _READ_PIECE_BYTES = 1024 * 1024
-# A PUT body is read from its staged file with O_DIRECT into one of these page-aligned blocks,
-# reused PUT after PUT (`_StagedBody`): no page cache filled per upload. On a VM that hands
-# freed memory back to its host, each fresh page costs a host fault, for our reads and for
-# the store's (moto's) own writes on the same machine.
-_BODY_BLOCK_BYTES = 4 * 1024 * 1024
-_PAGE = mmap.PAGESIZE
-
-
-class _StagedBody:
-    """The bytes [offset, offset + length) of a staged file as a PUT body (file-like: read,
-    seek, tell, len): read in blocks with O_DIRECT (plain reads where the filesystem refuses
-    it) into a reused page-aligned buffer, each `read` a view of that buffer. A block's tail
-    beyond the span (O_DIRECT reads whole pages) is never handed out, and a file shorter than
-    the span is an error, not a short body."""
-
-    def __init__(self, path: Path | str, offset: int, length: int, buffers: AlignedBuffers):
-        self.path, self.offset, self.length = path, offset, length
-        self._buffers = buffers
-        self._buf: mmap.mmap | None = None
-        self._fd = -1
-        self._pos = 0  # in the span
-        self._block_at = 0  # the span position of the buffer's first byte
-        self._block_len = 0  # bytes of the span in the buffer
-        self._direct = hasattr(os, "O_DIRECT") and offset % _PAGE == 0
-
-    def __enter__(self) -> _StagedBody:
-        flags = os.O_RDONLY | os.O_CLOEXEC
-        if self._direct:
-            try:
-                self._fd = os.open(self.path, flags | os.O_DIRECT)
-            except OSError:
-                self._direct = False
-        if self._fd < 0:
-            self._fd = os.open(self.path, flags)
-        buf = self._buffers.acquire(timeout_s=600)
-        if buf is None:
-            self.close()
-            raise OSError(f"{self.path}: no PUT buffer came free")
-        self._buf = buf
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self._buf is not None:
-            self._buffers.release(self._buf)
-            self._buf = None
-
-    def __len__(self) -> int:
-        return self.length - self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self.length}[whence]
-        self._pos = max(0, min(self.length, base + pos))
-        return self._pos
-
-    def _fill(self) -> None:
-        """Read the block holding `_pos` (from its page boundary) into the buffer."""
-        assert self._buf is not None
-        start = self._pos - self._pos % _PAGE if self._direct else self._pos
-        want = min(len(self._buf), self.length - start)
-        if self._direct:
-            want = -(-want // _PAGE) * _PAGE  # whole pages; the tail is trimmed below
-        view = memoryview(self._buf)[:want]
-        got = 0
-        while got < want:
-            try:
-                n = os.preadv(self._fd, [view[got:]], self.offset + start + got)
-            except OSError:
-                if not self._direct:
-                    raise
-                # The filesystem refused O_DIRECT after all: plain reads from here on.
-                os.close(self._fd)
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                self._direct = False
-                continue
-            if n == 0:
-                break
-            got += n
-        self._block_at = start
-        self._block_len = min(got, self.length - start)  # never past the span's end
-        if start + self._block_len <= self._pos:
-            raise OSError(
-                f"{self.path}: {start + self._block_len} of {self.length} bytes at {self.offset}"
-            )
-
-    def read(self, size: int = -1) -> memoryview | bytes:
-        if self._pos >= self.length:
-            return b""
-        if not self._block_at <= self._pos < self._block_at + self._block_len:
-            self._fill()
-        assert self._buf is not None
-        end = self._block_at + self._block_len
-        if size is not None and size >= 0:
-            end = min(end, self._pos + size)
-        lo = self._pos - self._block_at
-        self._pos = end
-        # A view of the reused buffer: valid until the next read (http.client sends each
-        # block before it asks for the next one).
-        return memoryview(self._buf)[lo : end - self._block_at]
 
 
 class _Window:
@@ -467,9 +358,6 @@ class ObjectStorage(FsspecStorage):
         self._part_pool = ThreadPoolExecutor(
             _PUT_FILES * _PUT_PARTS, thread_name_prefix="transferd-s3-part"
         )
-        # One body block per PUT in flight (members, commits' files, parts), made on first need
-        # and reused: `_PUT_FILES x (1 + _PUT_PARTS) x _BODY_BLOCK_BYTES` at most (48 MiB).
-        self._put_buffers = AlignedBuffers(_BODY_BLOCK_BYTES, _PUT_FILES * (1 + _PUT_PARTS))
 
     # -- intents (state dir) ----------------------------------------------------------------------
     def _intent_path(self, rel: str) -> Path:
@@ -659,16 +547,6 @@ class ObjectStorage(FsspecStorage):
                 self._client_obj = _make_client(self._options) if self._s3 else None
             return self._client_obj
 
-    @contextmanager
-    def _body(self, local: Path | str, offset: int, length: int) -> Iterator[Any]:
-        """A PUT body for a span of a staged file: `_StagedBody` (no page cache), or b"" when
-        the span is empty."""
-        if length == 0:
-            yield b""
-            return
-        with _StagedBody(local, offset, length, self._put_buffers) as body:
-            yield body
-
     def _put_local(self, local: Path | str, path: str, crc32: int | None = None) -> None:
         """One local file to one object (`bucket/key`): a PUT with the file as its body (no copy
         in memory) and its CRC-32 (`crc32`, or computed here) up to `2 x _PART_BYTES`, else
@@ -684,7 +562,7 @@ class ObjectStorage(FsspecStorage):
             crc32 = _file_crc32(local)
         checksum = base64.b64encode(crc32.to_bytes(4, "big")).decode()
         try:
-            with self._body(local, 0, size) as body:
+            with open(local, "rb") as body:
                 # The algorithm named too: the store keeps the CRC, and GETs of the object
                 # check it (botocore validates a whole-object GET against it).
                 client.put_object(
@@ -769,22 +647,20 @@ class ObjectStorage(FsspecStorage):
     def _put_part(
         self, local: Path, path: str, upload_id: str, number: int, offset: int, length: int
     ) -> dict[str, Any]:
-        bucket, _, key = path.partition("/")
-        client = self._client()
-        if client is not None:
-            try:
-                with self._body(local, offset, length) as part:
-                    out = client.upload_part(
-                        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                        Body=part,
-                    )  # fmt: skip
-            except Exception as exc:  # botocore's own kinds
-                raise _os_error(exc, path) from exc
-            return {"PartNumber": number, "ETag": out["ETag"]}
         with open(local, "rb") as fh:
             body = os.pread(fh.fileno(), length, offset)
         if len(body) != length:
             raise OSError(f"{local}: {len(body)} bytes at {offset}, {length} expected")
+        bucket, _, key = path.partition("/")
+        client = self._client()
+        if client is not None:
+            try:
+                out = client.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                )
+            except Exception as exc:  # botocore's own kinds
+                raise _os_error(exc, path) from exc
+            return {"PartNumber": number, "ETag": out["ETag"]}
         out = self.fs.call_s3(
             "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
             Body=body,
