@@ -234,8 +234,8 @@ class _SocketConnection(asyncio.Protocol):
         self.lost: TransportError | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a stream socket
-        self.transport = transport
+        # A stream socket's (uvloop's transports are not asyncio.Transport subclasses).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         try:

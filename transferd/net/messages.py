@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from netplan.plan import TrafficClass
 from transferd.errors import (
@@ -531,8 +531,8 @@ class _SocketConnection(asyncio.Protocol):
         self.server_nonce = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a stream socket
-        self.transport = transport
+        # A stream socket's (uvloop's transports are not asyncio.Transport subclasses).
+        self.transport = cast(asyncio.Transport, transport)
         self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and hasattr(socket, "SO_PEERCRED"):
