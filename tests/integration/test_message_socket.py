@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration._procs import start_daemon, wait_until_serving
 from transferd import MessageSocket, TrafficClass, local_signer, read_inbox, send_message
 from transferd.config import load_config
 from transferd.daemon import Daemon
 from transferd.errors import AuthError, ProtocolError, TransportError
 from transferd.protocol import message_socket as ms
 from transferd.protocol.auth import PairSecrets
+from transferd.site.keys import Keyring
 from transferd.testing import free_port, loopback_pair, running_daemon, write_site_configs
 
 
@@ -156,3 +158,33 @@ async def test_a_client_outlives_its_daemons_restart(tmp_path: Path) -> None:
         messages.close()
         got = await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring))
         assert [m.body for m in got] == [b"before", b"after"]
+
+
+async def test_served_daemons_killed_and_restarted_keep_the_socket_working(
+    tmp_path: Path,
+) -> None:
+    # `transferd serve` runs on uvloop, as in production; a SIGKILL leaves its socket file.
+    ports = {"A": free_port(), "B": free_port()}
+    paths = write_site_configs(tmp_path, ports)
+    logs = {s: tmp_path / f"{s}.log" for s in ports}
+    procs = {s: start_daemon(paths[s], logs[s]) for s in ("B", "A")}
+    url = f"http://127.0.0.1:{ports['A']}"
+    keys = Keyring.load(tmp_path / "keys", "A", [])
+    messages = MessageSocket(url, keys)
+    try:
+        for site in ("A", "B"):
+            await wait_until_serving(f"http://127.0.0.1:{ports[site]}")
+        assert (await messages.send("B", b"one", deadline_ms=5000)).delivered
+        procs["A"].kill()
+        await asyncio.to_thread(procs["A"].wait)
+        with pytest.raises(TransportError):
+            await messages.send("B", b"while down", deadline_ms=5000)
+        procs["A"] = start_daemon(paths["A"], logs["A"])
+        await wait_until_serving(url)
+        assert (await messages.send("B", b"two", deadline_ms=5000)).delivered
+    finally:
+        messages.close()
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            await asyncio.to_thread(proc.wait, 20)
