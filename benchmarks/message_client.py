@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -84,23 +85,27 @@ async def _rounds(url: str, keys: Path, count: int, rounds: int) -> list[dict[st
 def _run(count: int, rounds: int) -> list[dict[str, Any]]:
     from transferd.testing import free_port, write_site_configs
 
-    root = Path(tempfile.mkdtemp(prefix="message-client-"))
-    ports = {"A": free_port(), "B": free_port()}
-    paths = write_site_configs(root, ports)
-    daemons = [subprocess.Popen([sys.executable, "-m", "transferd", "serve", "--config",
-                                 str(paths[site])], stdout=subprocess.DEVNULL,
-                                stderr=(root / f"{site}.log").open("wb"))
-               for site in ("B", "A")]
-    try:
-        for port in ports.values():
-            _wait_listening(port)
-        return asyncio.run(_rounds(f"http://127.0.0.1:{ports['A']}", root / "keys", count,
-                                   rounds))
-    finally:
-        for proc in daemons:
-            proc.terminate()
-        for proc in daemons:
-            proc.wait(20)
+    with tempfile.TemporaryDirectory(prefix="message-client-") as tmp, \
+            contextlib.ExitStack() as stack:
+        root = Path(tmp)
+        ports = {"A": free_port(), "B": free_port()}
+        paths = write_site_configs(root, ports)
+        daemons = []
+        for site in ("B", "A"):
+            log = stack.enter_context((root / f"{site}.log").open("wb"))
+            daemons.append(subprocess.Popen([sys.executable, "-m", "transferd", "serve",
+                                             "--config", str(paths[site])],
+                                            stdout=subprocess.DEVNULL, stderr=log))
+        try:
+            for port in ports.values():
+                _wait_listening(port)
+            return asyncio.run(_rounds(f"http://127.0.0.1:{ports['A']}", root / "keys", count,
+                                       rounds))
+        finally:
+            for proc in daemons:
+                proc.terminate()
+            for proc in daemons:
+                proc.wait(20)
 
 
 def _wait_listening(port: int, timeout_s: float = 30.0) -> None:
