@@ -17,7 +17,7 @@ from tests.integration._procs import start_daemon, wait_until_serving
 from transferd import MessageSocket, TrafficClass, local_signer, read_inbox, send_message
 from transferd.config import load_config
 from transferd.daemon import Daemon
-from transferd.errors import AuthError, ProtocolError, TransportError
+from transferd.errors import AuthError, ProtocolError, TransferdError, TransportError
 from transferd.protocol import message_socket as ms
 from transferd.protocol.auth import PairSecrets
 from transferd.site.keys import Keyring
@@ -64,6 +64,26 @@ async def test_daemon_errors_come_back_as_the_package_errors(tmp_path: Path) -> 
             await messages.send("B", b"x", deadline_ms=-1)
         # The connection is still good after refused requests.
         assert (await messages.send("B", b"fine", deadline_ms=5000)).delivered
+
+
+async def test_a_request_that_times_out_or_breaks_is_an_error_and_the_daemon_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with loopback_pair(tmp_path) as (a, _b), MessageSocket(a.url, a.keyring) as messages:
+        real = a.messages.send
+        failures: list[BaseException] = [TimeoutError(), RuntimeError("a bug")]
+
+        async def failing(*args: object, **kwargs: object) -> object:
+            if failures:
+                raise failures.pop(0)
+            return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(a.messages, "send", failing)
+        with pytest.raises(TransportError, match="no receipt in time"):
+            await messages.send("B", b"x", deadline_ms=5000)
+        with pytest.raises(TransferdError, match="internal error: RuntimeError"):
+            await messages.send("B", b"x", deadline_ms=5000)
+        assert (await messages.send("B", b"still serving", deadline_ms=5000)).delivered
 
 
 async def _raw(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

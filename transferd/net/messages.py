@@ -590,7 +590,15 @@ class _SocketConnection(asyncio.Protocol):
 
     async def send(self, request_id: int, send: MessageSocketSend, body: bytes) -> None:
         try:
-            receipt = await self.server.service.send(send.peer, body, send)
+            try:
+                receipt = await self.server.service.send(send.peer, body, send)
+            except TimeoutError as exc:  # no receipt within the message's whole budget
+                raise TransportError(f"{send.peer}: no receipt in time", peer=send.peer) from exc
+            except TransferdError:
+                raise
+            except Exception as exc:  # one request's bug must not end the daemon's TaskGroup
+                log.exception("message_socket.request_failed")
+                raise TransferdError(f"internal error: {type(exc).__name__}") from exc
         except TransferdError as exc:
             self.server.refused(exc)
             reply = _error_frame(request_id, exc)
