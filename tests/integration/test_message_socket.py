@@ -208,3 +208,16 @@ async def test_served_daemons_killed_and_restarted_keep_the_socket_working(
             proc.terminate()
         for proc in procs.values():
             await asyncio.to_thread(proc.wait, 20)
+
+
+async def test_a_state_dir_too_deep_for_a_unix_socket_gets_a_private_directory(
+    tmp_path: Path,
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)  # past sockaddr_un's 108 bytes
+    async with loopback_pair(deep) as (a, _b), MessageSocket(a.url, a.keyring) as messages:
+        path = a.message_socket_path()
+        assert path is not None
+        assert not path.startswith(str(deep))
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        assert (await messages.send("B", b"deep", deadline_ms=5000)).delivered
+    assert not _exists(os.path.dirname(path))  # removed with the daemon
