@@ -23,16 +23,24 @@ from pydantic import BaseModel
 
 from netplan.plan import BULK_CLASSES, TrafficClass
 from netplan.telemetry import TelemetryReport
-from transferd.errors import AuthError, IntegrityError, ProtocolError, TransferdError
+from transferd.errors import (
+    AuthError,
+    IntegrityError,
+    ProtocolError,
+    TransferdError,
+    TransportError,
+)
 from transferd.net.messages import MessageService
 from transferd.net.relay import RoutingInbound
 from transferd.protocol.auth import AuthHeaders, RequestVerifier, sign_reply
 from transferd.protocol.channel import DataChannelAnswer
+from transferd.protocol.http_paths import MESSAGE_SOCKET_ROUTE
 from transferd.protocol.local_api import (
     MAX_JOBS_PER_QUERY,
     MAX_JOBS_WAIT_MS,
     Job,
     JobsAnswer,
+    MessageSocketAnswer,
     SendAnswer,
     SendRequest,
     SiteStatus,
@@ -85,6 +93,7 @@ class LocalApi(Protocol):
     async def job_ended(self, timeout_s: float) -> None: ...
     def status(self) -> SiteStatus: ...
     def telemetry(self) -> TelemetryReport: ...
+    def message_socket_path(self) -> str | None: ...
 
 
 def _answer(model: BaseModel, status: int = 200) -> web.Response:
@@ -233,6 +242,13 @@ def build_app(
         own_cli(request)
         return _answer(local.telemetry())
 
+    async def message_socket(request: web.Request) -> web.Response:
+        own_cli(request)
+        path = local.message_socket_path()
+        if path is None:
+            raise TransportError("the message socket is not listening yet")
+        return _answer(MessageSocketAnswer(path=path))
+
     async def send_message(request: web.Request) -> web.Response:
         auth = own_cli(request)
         query = parse_query(MessageQuery, request.query)
@@ -262,5 +278,6 @@ def build_app(
     app.router.add_get(TELEMETRY_ROUTE, local_telemetry)
     app.router.add_post(MESSAGES_ROUTE, send_message)
     app.router.add_get(INBOX_ROUTE, read_inbox)
+    app.router.add_get(MESSAGE_SOCKET_ROUTE, message_socket)
     app.router.add_get("/metrics", prometheus)
     return app
