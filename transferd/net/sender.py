@@ -54,13 +54,16 @@ from transferd.protocol.manifest import (
     HaveAnswer,
     HaveRequest,
     Manifest,
+    OfferAnswer,
     OpenAnswer,
     UploadIntent,
 )
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
 from transferd.protocol.routes import Route, open_query
 from transferd.protocol.upload import (
+    commit_path,
     offer_batches,
+    open_request,
     plan_offer,
     resend,
     upload_id,
@@ -91,6 +94,10 @@ HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the fetched b
 FIRST_BATCH = 2  # a job's first batch: the first chunk leaves after hashing 16 MiB, not 64
 ENSURE_EVERY_S = 1.0  # how often a chunk awaiting its receipt checks the channels are open
 COMMIT_ROUNDS = 4
+# A commit sent ahead of the last chunks is answered 409 by a receiver that saw none of them
+# land for this long (a chunk damaged and sent again lands well within it); the commit
+# rounds then follow the receipts.
+COMMIT_AHEAD_IDLE_S = 10.0
 ABORT_TIMEOUT_S = 5.0
 
 
@@ -154,6 +161,8 @@ class Sender:
         self._stopping = False
         self._idle = asyncio.Event()
         self._ended = asyncio.Event()  # replaced by a fresh one each time a job ends
+        # Per job: its commit sent ahead of the last chunks' receipts (`_commit_ahead`).
+        self._ahead: dict[str, asyncio.Task[bool]] = {}
 
     # -- submitting ----------------------------------------------------------------------------
     def submit(
@@ -477,13 +486,13 @@ class Sender:
 
             def dealer(sources: list[Source]) -> RouteDealer:
                 pumps = [
-                    _ChunkPump(self, job, link, job.traffic_class, intent.upload, sources,
+                    _ChunkPump(self, job, link, job.traffic_class, intent, sources,
                                opened, via=via, budget_s=budget)
                     for link, budget, via, opened in hops
                 ]
                 return RouteDealer(self.routes, job, routes, pumps, control=pumps[0])
 
-            await self._replicate_chunks(job, hops[0][0], rel, intent, members, hops[0][3],
+            await self._replicate_chunks(job, hops[0][0], rel, intent, members, "",
                                          make_pump=dealer)
         except (_AlreadyCommitted, BaseExceptionGroup) as exc:
             if not _already_committed(exc):
@@ -513,24 +522,20 @@ class Sender:
             raise ProtocolError(f"relay {first!r} is not a peer of this site")
         budget = min(self.retry_budget_s, RELAY_RETRY_BUDGET_S) if via else self.retry_budget_s
         path = UPLOADS_ROUTE + (open_query(via[1:], job.traffic_class.value) if via else "")
-        # The data channels open (if they are not warm already) while the upload opens and the
-        # first chunks are hashed: their round trips overlap instead of adding up. The first
-        # have/want waits for the open's answer (`_ChunkPump.opened`), not the hashing.
+        # The data channels open (if they are not warm already) while the first chunks are
+        # hashed; the upload opens with them (`_ChunkPump.offer`): the open's answer says
+        # which of them to send, one round trip for both.
         warm = asyncio.create_task(self._warm(link))
-        opened = asyncio.create_task(
-            self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
-        )
         try:
-            await self._replicate_chunks(job, link, rel, intent, members, opened, via, budget)
+            await self._replicate_chunks(job, link, rel, intent, members, path, via, budget)
         except (_AlreadyCommitted, BaseExceptionGroup) as exc:
             if not _already_committed(exc):
                 raise
         finally:
-            for task in (warm, opened):
-                if not task.done():
-                    task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, TransferdError):
-                    await task
+            if not warm.done():
+                warm.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransferdError):
+                await warm
 
     async def _warm(self, link: PeerLink) -> None:
         if log.isEnabledFor(logging.DEBUG):  # what the channels start the job with
@@ -555,12 +560,17 @@ class Sender:
         rel: str,
         intent: UploadIntent,
         members: list[tuple[str, int]],
-        opened: asyncio.Task[OpenAnswer],
+        open_path: str,
         via: tuple[str, ...] = (),
         budget_s: float | None = None,
         make_pump: Callable[[list[Source]], RouteDealer] | None = None,
     ) -> None:
+        """Hash, offer and send every chunk, then commit. The commit goes out as soon as the
+        last chunk is handed to the channels (`_commit_ahead`): the receiver answers it when
+        that chunk lands, not one round trip after its receipt. Should that not commit (a
+        chunk damaged, an older receiver), the commit rounds follow the receipts as before."""
         files: list[_FileState] = []
+        ahead: asyncio.Task[bool] | None = None
         try:
             for member, _size in members:
                 member_rel = f"{rel}/{member}" if member else rel
@@ -572,20 +582,33 @@ class Sender:
             )
             pump: _ChunkPump | RouteDealer = (
                 make_pump([f.source for f in files]) if make_pump is not None else _ChunkPump(
-                    self, job, link, job.traffic_class, intent.upload,
-                    [f.source for f in files], opened, via=via, budget_s=budget_s,
+                    self, job, link, job.traffic_class, intent,
+                    [f.source for f in files], None, via=via, budget_s=budget_s,
+                    open_path=open_path,
                 )
             )
             async with asyncio.TaskGroup() as tg:
                 await self._offer_all(pump, tg, files)
+                if not self._stopping and not pump.deferred:
+                    await pump.ready()  # a file of no chunks asked nothing yet
+                    ahead = asyncio.create_task(self._commit_ahead(pump, intent, files))
+                    self._ahead[job.id] = ahead
             if self._stopping:
                 raise _Interrupted
+            if ahead is not None and await ahead:
+                return
             if pump.deferred:
                 await self._offer_again(pump, files)
             manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
             await pump.ready()  # a file of no chunks asked nothing yet
             await self._commit(pump, manifest, files)
         finally:
+            if self._ahead.get(job.id) is ahead:
+                self._ahead.pop(job.id, None)
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ahead
             for state in files:
                 state.source.close()
 
@@ -666,12 +689,7 @@ class Sender:
     async def _offer(self, pump: _ChunkPump | RouteDealer, refs: list[ChunkRef]) -> HaveAnswer:
         """Ask the receiver which of `refs` it still wants (have/want); the others are counted
         as skipped (metric and job)."""
-        await pump.ready()
-        path = HAVE_ROUTE.format(upload=pump.upload)
-        answer = await self._control(
-            pump.job, pump.link, path, HaveRequest(chunks=refs), HaveAnswer,
-            budget_s=pump.budget_s,
-        )
+        answer = await pump.offer(refs)
         skipped = len(refs) - len(set(answer.want))
         if skipped > 0:
             self.metrics.chunks_skipped.labels(pump.link.peer).inc(skipped)
@@ -697,6 +715,41 @@ class Sender:
                     body = await _held_body(files[ref.file].source, ref.offset, ref.length)
                     await pump.gate.acquire(ref.length)
                     pump.spawn(tg, ref.hash, [(ref.file, ref.offset)], ref.length, body)
+
+    async def _commit_ahead(
+        self, pump: _ChunkPump | RouteDealer, intent: UploadIntent, files: list[_FileState]
+    ) -> bool:
+        """The commit, sent while the last chunks are still on the way (`?wait_ms=`): True
+        when the receiver committed. False on a refusal naming missing chunks or a transient
+        error: the receipts then settle what is missing and `_commit` goes on as usual. A
+        permanent error (the receiver's storage failed the commit, the manifest refused) is
+        the job's."""
+        manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
+        try:
+            answer = await self._control(
+                pump.job, pump.link, commit_path(pump.upload, COMMIT_AHEAD_IDLE_S),
+                manifest.sign(self.keys), CommitAnswer, accept=(200, 409),
+                budget_s=pump.budget_s,
+            )
+        except TransferdError as exc:
+            if not exc.transient:
+                raise
+            return False
+        return answer.committed
+
+    async def committed_ahead(self, job_id: str) -> bool:
+        """The job's commit sent ahead (if one is under way) committed the upload: a chunk
+        refused meanwhile (sent once more after its channel broke, it found the upload
+        committed) was delivered all the same."""
+        ahead = self._ahead.get(job_id)
+        if ahead is None:
+            return False
+        try:
+            return await asyncio.shield(ahead)
+        except (Exception, asyncio.CancelledError):
+            if not ahead.done():
+                raise  # this chunk's task is cancelled, not the commit
+            return False
 
     async def _commit(
         self, pump: _ChunkPump | RouteDealer, manifest: Manifest, files: list[_FileState]
@@ -882,20 +935,25 @@ class _ChunkPump:
         job: Job,
         link: PeerLink,
         bulk: TrafficClass,
-        upload: str,
+        intent: UploadIntent,
         sources: list[Source],
-        opened: asyncio.Task[OpenAnswer],
+        opened: asyncio.Future[OpenAnswer] | None,
         via: tuple[str, ...] = (),
         budget_s: float | None = None,
+        open_path: str = UPLOADS_ROUTE,
     ) -> None:
         self.sender = sender
-        self.opened = opened  # the upload's open request, under way while chunks are hashed
+        # The upload's open: under way or answered (multipath: each route's, sent at once);
+        # None until `offer` opens it with the first chunks (or `ready` with none).
+        self.opened = opened
+        self.intent = intent
+        self.open_path = open_path
         self.via = via  # the relays this job's chunks go through (empty: direct)
         self.budget_s = sender.retry_budget_s if budget_s is None else budget_s
         self.job = job
         self.link = link
         self.bulk = bulk
-        self.upload = upload
+        self.upload = intent.upload
         self.sources = sources
         self.traffic = sender.traffic[link.peer]
         self.gate = self.traffic.gates[bulk]
@@ -905,10 +963,35 @@ class _ChunkPump:
         self.loop = asyncio.get_running_loop()
 
     async def ready(self) -> None:
-        """Until the receiver has opened the upload; a receiver that has it committed
-        already (a job run again after its commit) ends the job here."""
-        if (await asyncio.shield(self.opened)).committed:
+        """Until the receiver has opened the upload (opening it, with no chunk offered, if
+        nothing did yet); a receiver that has it committed already (a job run again after
+        its commit) ends the job here."""
+        if self.opened is None:
+            await self._open([])
+        elif (await asyncio.shield(self.opened)).committed:
             raise _AlreadyCommitted
+
+    async def offer(self, refs: list[ChunkRef]) -> HaveAnswer:
+        """Which of `refs` the receiver wants: the first offer opens the upload with them
+        (one round trip: `OpenRequest`), later ones ask have/want."""
+        if self.opened is None:
+            return await self._open(refs)
+        await self.ready()
+        return await self.sender._control(
+            self.job, self.link, HAVE_ROUTE.format(upload=self.upload),
+            HaveRequest(chunks=refs), HaveAnswer, budget_s=self.budget_s,
+        )
+
+    async def _open(self, refs: list[ChunkRef]) -> HaveAnswer:
+        answer = await self.sender._control(
+            self.job, self.link, self.open_path, open_request(self.intent, refs), OfferAnswer,
+            budget_s=self.budget_s,
+        )
+        self.opened = self.loop.create_future()
+        self.opened.set_result(answer)
+        if answer.committed:
+            raise _AlreadyCommitted
+        return HaveAnswer(want=answer.want)
 
     def spawn(
         self,
@@ -1088,6 +1171,8 @@ class _ChunkPump:
             if receipt.status is ReceiptStatus.STORAGE:
                 raise StorageError(f"{peer}: {receipt.reason}")
             if receipt.status is ReceiptStatus.REFUSED:
+                if await s.committed_ahead(self.job.id):
+                    return encoded, wire
                 raise ProtocolError(f"{peer} refused a chunk: {receipt.reason}")
             if receipt.status is ReceiptStatus.UNREACHABLE:
                 raise TransportError(f"{peer} could not pass a chunk on: {receipt.reason}",
