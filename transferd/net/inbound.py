@@ -55,6 +55,7 @@ class InboundUploads:
         # Resolved (and replaced) when a chunk lands: what a commit waiting for its last
         # chunks wakes on (`_until_staged`). None while no commit waits.
         self._next_landing: asyncio.Future[None] | None = None
+        self.commits_waiting = 0  # commits sent ahead, waiting for their last chunks now
 
     @property
     def workers(self) -> concurrent.futures.Executor:
@@ -165,7 +166,11 @@ class InboundUploads:
             return CommitAnswer(committed=True)  # a retry whose first answer was lost
         manifest = self.receiver.check_manifest(upload, peer, signed)
         if wait_s > 0:
-            await self._until_staged(upload, manifest, wait_s)
+            self.commits_waiting += 1
+            try:
+                await self._until_staged(upload, manifest, wait_s)
+            finally:
+                self.commits_waiting -= 1
             if self.receiver.committed(upload, peer):
                 return CommitAnswer(committed=True)  # a twin commit did it meanwhile
             self.receiver.check_open(upload, peer)  # not failed or aborted meanwhile
