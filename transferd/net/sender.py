@@ -1,7 +1,11 @@
 """The sending side: jobs from the journal become uploads to a peer.
 
-A job (path, destination) runs open -> for each batch of chunks: hash, ask have/want, send the
-wanted ones on the peer's data channels -> signed manifest -> commit. Each request and each
+A job (path, destination) runs: hash the first batch, open the upload asking have/want for it in
+the same request -> for each later batch: hash, ask have/want -> send the wanted chunks on the
+peer's data channels -> signed manifest -> commit, sent as soon as the last chunk is handed to
+the channels and answered by the receiver when that chunk lands (so the control plane costs a
+job one round trip before its first chunk leaves and none after its last chunk lands; the later
+batches' have/want overlap the sending). Each request and each
 chunk retries transient errors within the retry budget (`peer_client.retrying`), noting in the
 job what it retries and when; past that, a transient error sends the job to `waiting` (its
 peer is unreachable, its link keeps failing) and it is attempted again after a capped

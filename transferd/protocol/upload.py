@@ -1,7 +1,10 @@
 """The upload state machines of both ends, without I/O: what the sender offers and sends, what
 the receiver still lacks, and when a commit may happen.
 
-Theory of operation. An upload goes open -> (have/want, chunk PUTs)* -> commit.
+Theory of operation. An upload goes open -> (have/want, chunk PUTs)* -> commit. The open may
+carry the first have/want (`open_request`: one round trip for both), and the commit may be sent
+before the last chunks land (`commit_path(..., wait_s)`: the receiver holds it while they keep
+landing, then commits or refuses as below).
 - Receiver: `check_intent` refuses an upload that is not from its claimed source, not addressed
   here, not in normal form or under `raw/`. For each offered chunk, `answer_have` says whether
   it is staged already (same length and hash at that place), already in place (the committed
