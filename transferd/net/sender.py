@@ -167,6 +167,8 @@ class Sender:
         self._ended = asyncio.Event()  # replaced by a fresh one each time a job ends
         # Per job: its commit sent ahead of the last chunks' receipts (`_commit_ahead`).
         self._ahead: dict[str, asyncio.Task[bool]] = {}
+        # Spans hashed at once, all jobs together (`_hash_spans`): one per core.
+        self._hashing = asyncio.Semaphore(os.cpu_count() or 1)
 
     # -- submitting ----------------------------------------------------------------------------
     def submit(
@@ -669,7 +671,7 @@ class Sender:
             if self._stopping:
                 return False
             batch = spans[start:stop]
-            hashes, bodies = await _hash_spans(state.source, batch)
+            hashes, bodies = await _hash_spans(state.source, batch, self._hashing)
             if state.source.changed():
                 raise IntegrityError(
                     f"source file changed while being sent: {state.member or '(file)'}"
@@ -775,7 +777,8 @@ class Sender:
             )
             async with asyncio.TaskGroup() as tg:
                 for f, (digest, off, n) in again:
-                    [got], [body] = await _hash_spans(files[f].source, [(off, n)])
+                    [got], [body] = await _hash_spans(files[f].source, [(off, n)],
+                                                      self._hashing)
                     if got != digest:
                         raise IntegrityError("source file changed while being sent")
                     await pump.gate.acquire(n)
@@ -850,23 +853,32 @@ class Sender:
 
 
 async def _hash_spans(
-    source: Source, spans: list[tuple[int, int]]
+    source: Source, spans: list[tuple[int, int]], slots: asyncio.Semaphore
 ) -> tuple[list[str], list[memoryview | None]]:
     """The spans' chunk hashes, in parallel threads (the reads and blake3 release the GIL),
     and the bytes a chunk is sent from when they had to be fetched (None for a local file:
     hashed through a small buffer, sent with `sendfile`, mapped only if it is compressed).
     This is the only pass over the bytes: the file's digest is the Merkle root over these
-    hashes (`file_digest`)."""
+    hashes (`file_digest`). At most `slots` spans are hashed at once (one per core): a batch
+    of 8 took every thread of the loop's pool, and the chunks about to be sent (their
+    compression probe runs there too) waited for the hashing of the next batch (25-45 ms
+    per batch in a 40 ms-RTT job's timeline)."""
+
+    async def bounded(work: Callable[[], str]) -> str:
+        async with slots:
+            return await asyncio.to_thread(work)
+
     if isinstance(source, SourceFile):
         hashes = await asyncio.gather(
-            *(asyncio.to_thread(source.hash_span, off, n) for off, n in spans))
+            *(bounded(functools.partial(source.hash_span, off, n)) for off, n in spans))
         return list(hashes), [None] * len(spans)
 
     def read() -> list[memoryview]:
         return [memoryview(source.read(off, n)) for off, n in spans]
 
-    bodies = await asyncio.to_thread(read)
-    hashes = await asyncio.gather(*(asyncio.to_thread(blake3_hex, b) for b in bodies))
+    async with slots:
+        bodies = await asyncio.to_thread(read)
+    hashes = await asyncio.gather(*(bounded(functools.partial(blake3_hex, b)) for b in bodies))
     return list(hashes), list[memoryview | None](bodies)
 
 
