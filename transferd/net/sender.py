@@ -615,6 +615,8 @@ class Sender:
                 ahead.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await ahead
+            if ahead is not None and not ahead.cancelled():
+                ahead.exception()  # seen: the job raises its own error (a chunk's, first)
             for state in files:
                 state.source.close()
 
