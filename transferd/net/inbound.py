@@ -171,10 +171,10 @@ class InboundUploads:
                 await self._until_staged(upload, manifest, wait_s)
             finally:
                 self.commits_waiting -= 1
-            if self.receiver.committed(upload, peer):
-                return CommitAnswer(committed=True)  # a twin commit did it meanwhile
-            self.receiver.check_open(upload, peer)  # not failed or aborted meanwhile
         async with self._commit_lock(upload):
+            if self.receiver.committed(upload, peer):
+                return CommitAnswer(committed=True)  # a twin commit (a retry) did it meanwhile
+            self.receiver.check_open(upload, peer)  # not failed or aborted meanwhile
             missing = self.receiver.missing(upload, manifest)
             if missing:
                 return refused(missing)
