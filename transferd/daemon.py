@@ -91,6 +91,23 @@ def restart_fields(old: SiteConfig, new: SiteConfig) -> list[str]:
     return changed
 
 
+async def stop_closing_every_connection(runner: web.AppRunner) -> None:
+    """`runner.cleanup()`, its listeners first stopped from accepting and the connections
+    accepted until then handed to aiohttp, so that its cleanup closes them too. Closed in the
+    middle of an accept (Python 3.11: the accepted socket becomes a transport a loop iteration
+    later, and that fails once its server is closed), the connection was neither served nor
+    closed: the peer's request hung until its timeout, and in a daemon run in-process (the
+    tests' loopback pairs) the socket leaked past the loop."""
+    loop = asyncio.get_running_loop()
+    for site in runner.sites:
+        server = getattr(site, "_server", None)  # the site's asyncio.Server (aiohttp 3.x)
+        for sock in getattr(server, "sockets", None) or ():
+            loop.remove_reader(sock.fileno())
+    for _ in range(3):  # an accept under way: its transport, connection_made, the handler
+        await asyncio.sleep(0)
+    await runner.cleanup()
+
+
 def _thread_schedstat() -> tuple[int, int] | None:
     """The calling thread's time on a CPU and time waiting in the run queue for one, in ns
     (Linux /proc/thread-self/schedstat); None elsewhere."""
@@ -421,7 +438,7 @@ class Daemon:
                 for task in [*others, *self._source_tasks]:
                     task.cancel()
         finally:
-            await runner.cleanup()
+            await stop_closing_every_connection(runner)
             # Channel threads may wait for this loop (a chunk's booking): close them off it.
             await asyncio.to_thread(self.listener.close)
             for channels in self.channels.values():
