@@ -45,7 +45,7 @@ from transferd.protocol.local_api import (
     SendRequest,
     SiteStatus,
 )
-from transferd.protocol.manifest import HaveRequest, SignedManifest, UploadIntent
+from transferd.protocol.manifest import HaveRequest, OpenRequest, SignedManifest
 from transferd.protocol.messages import (
     MAX_MESSAGE_BYTES,
     InboxAnswer,
@@ -53,6 +53,7 @@ from transferd.protocol.messages import (
     MessageEnvelope,
     MessageQuery,
 )
+from transferd.protocol.upload import commit_wait_s
 from transferd.protocol.wire import (
     ABORT_ROUTE,
     COMMIT_ROUTE,
@@ -164,7 +165,8 @@ def build_app(
 
     async def open_upload(request: web.Request) -> web.Response:
         auth = peer(request)
-        intent = parse_body(UploadIntent, await body_of(request, auth))
+        # An UploadIntent, or an OpenRequest that also offers the first chunks (have/want).
+        intent = parse_body(OpenRequest, await body_of(request, auth))
         # ?via=R2,...: relays after this site (a relay passing the upload on); signed with the
         # request's path.
         via = tuple(v for v in request.query.get("via", "").split(",") if v)[:8]
@@ -186,7 +188,9 @@ def build_app(
     async def commit(request: web.Request) -> web.Response:
         auth = peer(request)
         signed = parse_body(SignedManifest, await body_of(request, auth))
-        answer = await inbound.commit(request.match_info["upload"], auth.site, signed)
+        # ?wait_ms=N: sent with the last chunks still on the way; answered once they land.
+        wait_s = commit_wait_s(request.query.get("wait_ms"))
+        answer = await inbound.commit(request.match_info["upload"], auth.site, signed, wait_s)
         return _answer(answer, 200 if answer.committed else 409)
 
     async def abort(request: web.Request) -> web.Response:
