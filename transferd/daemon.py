@@ -28,7 +28,7 @@ from transferd.config import SiteConfig
 from transferd.errors import ConfigError, StorageError, TransferdError
 from transferd.net.channels import DataListener, PeerChannels
 from transferd.net.inbound import InboundUploads
-from transferd.net.messages import MessageService
+from transferd.net.messages import MessageService, MessageSocketServer, message_socket_path
 from transferd.net.peer_client import PeerLink
 from transferd.net.pump import PeerTraffic
 from transferd.net.relay import RelayService, RoutingInbound
@@ -291,6 +291,8 @@ class Daemon:
             default_deadline_ms=traffic.message_deadline_ms,
             clock=clock,
         )
+        self.message_socket = MessageSocketServer(
+            self.messages, self.keyring.secret_for(config.site), self.metrics)
         self.link_telemetry = LinkTelemetry(config.site, config.peers)
         self._tg: asyncio.TaskGroup | None = None
         self._source_tasks: list[asyncio.Task[None]] = []
@@ -378,6 +380,10 @@ class Daemon:
             )
         return SiteStatus(site=self.config.site, listen=self.url, jobs=jobs, peers=peers)
 
+    def message_socket_path(self) -> str | None:
+        path = self.message_socket.path
+        return None if path is None else str(path)
+
     def telemetry(self) -> TelemetryReport:
         return TelemetryReport(
             site=self.config.site, at=time.time(), window_s=self.link_telemetry.window_s,
@@ -419,6 +425,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 sender_task = tg.create_task(self.sender.run())
                 others = [tg.create_task(self.messages.run()), tg.create_task(self._watch_lag())]
+                others.append(tg.create_task(self.message_socket.run()))
                 others.append(tg.create_task(self.relay.run()))
                 others += [tg.create_task(self._warm_channels(peer)) for peer in self.channels]
                 others.append(tg.create_task(self._sample_links()))
@@ -439,6 +446,7 @@ class Daemon:
                     task.cancel()
         finally:
             await stop_closing_every_connection(runner)
+            await self.message_socket.close()
             # Channel threads may wait for this loop (a chunk's booking): close them off it.
             await asyncio.to_thread(self.listener.close)
             for channels in self.channels.values():
@@ -557,6 +565,7 @@ class Daemon:
         except OSError as exc:
             raise ConfigError(f"listen: cannot bind {self.config.listen}: {exc.strerror}") from exc
         self.port = runner.addresses[0][1] if runner.addresses else self.config.listen_port
+        await self.message_socket.start(message_socket_path(self.config.state_path))
         host, port = self.config.data_listen_host_port
         try:
             self.data_port = self.listener.start(host, port, asyncio.get_running_loop())
@@ -567,7 +576,8 @@ class Daemon:
         log.info(
             "daemon.listening",
             extra={"fields": {"site": self.config.site, "url": self.url,
-                              "data_port": self.data_port}},
+                              "data_port": self.data_port,
+                              "message_socket": self.message_socket_path()}},
         )
 
     async def _warm_channels(self, peer: str) -> None:
