@@ -1,9 +1,11 @@
 """The interactive-message load for interactive-during-bulk: runs inside the sending site, waits
 `--start-delay-s` (the bulk transfer is under way by then), then asks the local transferd to
 deliver `--count` messages of `--size` bytes to the peer, one every `--interval-ms`, each with a
-deadline, through transferd's public client (`send_message`, signed with `local_signer`). Each
-message's latency is the wall time from the request until the daemon reports it delivered (the
-sender's view, one round trip at least). Prints one JSON object.
+deadline, through transferd's public client: by default the message socket (`MessageSocket`,
+one connection, requests pipelined, connected before the first message), with `--transport
+http` the local HTTP API (`send_message`, aiohttp, signed with `local_signer`). Each message's
+latency is the wall time from the request until the daemon reports it delivered (the sender's
+view, one round trip at least). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
     # and the harness checks for it before starting this driver.
     api: Any = importlib.import_module("transferd")
     keys: Any = importlib.import_module("transferd.site.keys")
-    sign = api.local_signer(keys.Keyring.load(Path(args.keys), args.site, []))
+    keyring = keys.Keyring.load(Path(args.keys), args.site, [])
+    sign = api.local_signer(keyring)
     body = os.urandom(args.size)
     latencies: list[float] = []
     daemon_latencies: list[float] = []  # the sending daemon's own view: queued -> peer's answer
@@ -38,14 +41,26 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
     errors: list[str] = []
     n_late = 0
 
+    socket_client: Any = None
+    if args.transport == "socket":
+        socket_client = api.MessageSocket(args.url, keyring)
+        await socket_client.connect()
+
+    async def send(session: aiohttp.ClientSession) -> Any:
+        if socket_client is not None:
+            return await socket_client.send(args.peer, body,
+                                            traffic_class=api.TrafficClass.INTERACTIVE,
+                                            deadline_ms=args.deadline_ms, wait=True)
+        return await api.send_message(
+            args.url, args.peer, body, traffic_class=api.TrafficClass.INTERACTIVE,
+            deadline_ms=args.deadline_ms, wait=True, session=session, sign=sign)
+
     async def one(session: aiohttp.ClientSession) -> None:
         nonlocal n_late
         started = time.perf_counter()
         sent_at.append(time.time())
         try:
-            receipt = await api.send_message(
-                args.url, args.peer, body, traffic_class=api.TrafficClass.INTERACTIVE,
-                deadline_ms=args.deadline_ms, wait=True, session=session, sign=sign)
+            receipt = await send(session)
         except Exception as exc:  # a failed message is data here: counted with its reason
             errors.append(repr(exc)[:200])
             return
@@ -84,6 +99,8 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(args.interval_ms / 1e3)
     ticker.cancel()
     sched1 = _schedstat()
+    if socket_client is not None:
+        socket_client.close()
     return {"outside_daemon_ms": outside,
             "client_sched": {  # this process's loop thread while the messages went out
                 "ran_ms": round((sched1[0] - sched0[0]) / 1e6, 1),
@@ -92,7 +109,7 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
             "latencies_ms": latencies, "daemon_latencies_ms": daemon_latencies,
             "client_loop": {"late_20ms": sum(v >= 0.02 for v in late),
                             "late_max_ms": round(max(late, default=0.0) * 1e3, 1)},
-            "sent_at": sent_at, "late": n_late,
+            "sent_at": sent_at, "late": n_late, "transport": args.transport,
             "budget_misses": len(misses), "miss_reasons": sorted(set(misses))[:5],
             "errors": errors[:5], "n_errors": len(errors)}
 
@@ -117,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-ms", type=float, default=5)
     parser.add_argument("--start-delay-s", type=float, default=1.0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--transport", choices=["socket", "http"], default="socket",
+                        help="the message socket (default) or the local HTTP API")
     args = parser.parse_args(argv)
     result = asyncio.run(_drive(args))
     args.out.write_text(json.dumps(result))

@@ -19,12 +19,16 @@ GET with its start and duration, the commit), and the requests moto answered in 
 `--baseline TREE` adds the S3 cases run with the transferd of another checkout (say /work/main)
 to the same rounds: an A/B of a change measured side by side, the only kind this shared
 machine allows. `--profile DIR` records moto's and both daemons' stacks with py-spy during each
-run (collapsed stacks; the sampling slows the runs: profile, or time, not both).
+run (collapsed stacks; the sampling slows the runs: profile, or time, not both). Each case's
+timed work starts `--settle` seconds (3) after the previous case ended, the same for every
+case: on this VM memory freed a moment ago is cheap to touch again and memory freed ~2 s ago
+is not (free page reporting), and without the pause the order of the cases decided which tool
+got the cheap pages.
 A benchmark, not a test. Hold the lock while it runs (the machine is shared):
 
     flock /tmp/netplan-bench.lock python benchmarks/s3_replication.py [--size-mib 512]
         [--files 8] [--repeat 3] [--output benchmarks/results/s3-replication.json]
-        [--only 'S3 ->'] [--baseline /work/main] [--profile DIR]
+        [--only 'S3 ->'] [--baseline /work/main] [--profile DIR] [--settle 3]
 """
 
 from __future__ import annotations
@@ -60,6 +64,17 @@ MIB = 1024 * 1024
 PROFILE_DIR: Path | None = None
 # --keep-logs DIR: both daemons' debug logs of every run are copied there (DIR/<run>-A.log, ...).
 LOGS_DIR: Path | None = None
+# Each case's timed work starts at least this long after the previous case ended (`--settle`).
+START_AT = 0.0
+
+
+def _wait_start() -> None:
+    """Sleep until START_AT: every case, ours and rclone's, starts its timed work with memory the
+    previous case freed equally long ago. On this VM (free page reporting) memory freed ~2 s
+    earlier has gone back to the host and costs a fault per page when touched again, memory freed
+    just now does not: without a settle, a case started at once (rclone's CLI) gets the pages the
+    one before freed warm, where our daemons' start-up lets them go cold first."""
+    time.sleep(max(0.0, START_AT - time.monotonic()))
 
 
 def _env(repo: Path = REPO) -> dict[str, str]:
@@ -197,6 +212,7 @@ def _transferd(
             _wait_serving(ports[site])
         pids = {"sender daemon": procs[0].pid, "receiver daemon": procs[1].pid,
                 "moto": s3.proc.pid}  # fmt: skip
+        _wait_start()
         before = {name: _cpu_s(pid) for name, pid in pids.items()}
         moto_system_before = _moto_system_s(s3)
         cli_before = _children_cpu_s()
@@ -249,6 +265,7 @@ def rclone_env(s3: MotoS3Server) -> dict[str, str]:
 def _rclone(s3: MotoS3Server, src: str, dst: str) -> Run:
     """`rclone copy` with its defaults: its wall seconds, its CPU seconds and moto's."""
     env = rclone_env(s3)
+    _wait_start()
     moto_before, rclone_before = _cpu_s(s3.proc.pid), _children_cpu_s()
     moto_system_before = _moto_system_s(s3)
     t0 = time.perf_counter()
@@ -320,8 +337,13 @@ def main() -> None:
         "--keep-logs", type=Path, default=None, metavar="DIR",
         help="copy both daemons' debug logs of every run to DIR (DIR/<run>-A.log, -B.log)",
     )  # fmt: skip
+    parser.add_argument(
+        "--settle", type=float, default=3.0, metavar="SECONDS",
+        help="start each case's timed work at least this long after the previous case ended, "
+        "the same for every case (0: at once, as before)",
+    )  # fmt: skip
     args = parser.parse_args()
-    global PROFILE_DIR, LOGS_DIR
+    global PROFILE_DIR, LOGS_DIR, START_AT
     PROFILE_DIR, LOGS_DIR = args.profile, args.keep_logs
     if shutil.which("rclone") is None:
         sys.exit("rclone is not installed (apt-get install rclone)")
@@ -399,6 +421,7 @@ def main() -> None:
                 work = root / f"run-{i}-{name.replace(' ', '_').replace('>', '')}"
                 work.mkdir()
                 seen = len(s3.requests(BUCKET))
+                START_AT = time.monotonic() + args.settle
                 with _profiled(s3.proc.pid, args.profile, f"{name}-{i}"):
                     runs[name].append(case(i, work))
                 runs[name][-1].requests = _request_counts(s3.requests(BUCKET)[seen:])
@@ -443,7 +466,8 @@ def report(
     load = os.getloadavg()
     print(
         f"\n{size / MIB:.0f} MiB in {args.files} files, moto S3 server on 127.0.0.1 (the same "
-        f"endpoint and data for every case), {args.repeat} round-robin rounds, medians (range); "
+        f"endpoint and data for every case), {args.repeat} round-robin rounds, medians (range), "
+        f"each case started {args.settle:g} s after the previous one ended; "
         f"load average {load[0]:.1f} on {os.cpu_count()} cores"
     )
     print("rclone " + ", ".join(f"{k} {v}" for k, v in rclone.items()))
@@ -490,7 +514,8 @@ def report(
         args.output.parent.mkdir(parents=True, exist_ok=True)
         doc = {
             "command": "flock /tmp/netplan-bench.lock python benchmarks/s3_replication.py "
-            f"--size-mib {args.size_mib} --files {args.files} --repeat {args.repeat}",
+            f"--size-mib {args.size_mib} --files {args.files} --repeat {args.repeat} "
+            f"--settle {args.settle:g}",
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "bytes": size,
             "files": args.files,

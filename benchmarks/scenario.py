@@ -26,6 +26,7 @@ TOOLS = (
     "transferd-shared-pool",
     "transferd-normal-loop",  # the event loop left at normal priority (traffic.loop_priority)
     "transferd-idle-bulk",  # bulk threads at SCHED_IDLE, not nice +10 (traffic.bulk_priority)
+    "transferd-http-messages",  # messages through the local HTTP API, not the message socket
     "iperf3-1stream",
     "iperf3-8streams",
     "rsync",

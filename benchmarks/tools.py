@@ -292,7 +292,7 @@ def _transferd_features(tool: str) -> dict[str, bool]:
 
 def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
     """Site-config keys for the compared transferd variants."""
-    if tool == "transferd":
+    if tool in ("transferd", "transferd-http-messages"):  # the latter: only its client differs
         return {}
     if tool == "transferd-1stream":
         fixed = {"traffic": {"adaptive_streams": False}} if features["traffic"] else {}
@@ -500,7 +500,8 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
                 "--site", ctx.src, "--keys", str(keys), "--count", str(ctx.work.messages),
                 "--size", str(ctx.work.message_bytes), "--deadline-ms",
                 str(ctx.work.deadline_ms), "--interval-ms", str(MESSAGES_INTERVAL_MS),
-                "--start-delay-s", str(MESSAGES_START_DELAY_S), "--out", str(driver_out)],
+                "--start-delay-s", str(MESSAGES_START_DELAY_S), "--out", str(driver_out),
+                "--transport", "http" if tool == "transferd-http-messages" else "socket"],
                 name=f"{tool}-messages")
             echo = _EchoUnderLoad(ctx, count=ctx.work.messages, size=ctx.work.message_bytes)
         ctx.transfer_started()
@@ -591,6 +592,7 @@ ADAPTERS: dict[str, Callable[[RunContext], ToolRun]] = {
     "transferd-shared-pool": lambda ctx: _transferd(ctx, "transferd-shared-pool"),
     "transferd-normal-loop": lambda ctx: _transferd(ctx, "transferd-normal-loop"),
     "transferd-idle-bulk": lambda ctx: _transferd(ctx, "transferd-idle-bulk"),
+    "transferd-http-messages": lambda ctx: _transferd(ctx, "transferd-http-messages"),
     "iperf3-1stream": lambda ctx: _iperf3(ctx, 1),
     "iperf3-8streams": lambda ctx: _iperf3(ctx, 8),
     "rsync": lambda ctx: _rsync(ctx, zstd=False),

@@ -1,17 +1,24 @@
 """Fixtures shared across the tests: one headless Chromium for the report tests (skipped, with
 the reason, where Debian's `chromium` is not installed) and the folder screenshots are kept in;
 a real S3 endpoint (moto's server) for the object-store tests; the client settings cache of
-every CLI and daemon the tests start in a temporary folder, not the user's."""
+every CLI and daemon the tests start in a temporary folder, not the user's; and the `netns`
+marker: a test that builds the harness's network-namespace lab is skipped, with the reason,
+where this machine cannot build one (not root, iproute2's ip or tc missing, no namespaces, no
+impairment backend)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from benchmarks.backends import BackendChoice, probe_backend
+from benchmarks.errors import LabError
 from tests.browser import Chromium, find_chromium
 from transferd.testing import MotoS3Server
 
@@ -30,6 +37,36 @@ def client_settings_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = old
+
+
+@functools.cache
+def _lab_backend() -> BackendChoice | str:
+    """The impairment backend this machine's labs use, else why it cannot build one. Probed once
+    per run (a throwaway namespace), and only when a `netns` test is about to run."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces are Linux's"
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    try:
+        return probe_backend()
+    except LabError as exc:
+        return str(exc)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("netns") is not None:
+        backend = _lab_backend()
+        if isinstance(backend, str):
+            pytest.skip(backend)
+
+
+@pytest.fixture(scope="session")
+def lab_backend() -> BackendChoice:
+    """The backend of this machine's labs (for `netns` tests: the others never probe)."""
+    backend = _lab_backend()
+    if isinstance(backend, str):
+        pytest.skip(backend)
+    return backend
 
 
 @pytest.fixture(scope="session")

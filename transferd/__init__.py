@@ -27,7 +27,7 @@ if TYPE_CHECKING:
         TransferdError,
         TransportError,
     )
-    from transferd.net.local_client import read_inbox, send_message
+    from transferd.net.local_client import MessageSocket, read_inbox, send_message
     from transferd.protocol.auth import local_signer
     from transferd.protocol.messages import InboxMessage, MessageReceipt
 
@@ -35,7 +35,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("BULK_CLASSES", "TrafficClass"), "netplan.plan"),
     **dict.fromkeys(("InboxMessage", "MessageReceipt"), "transferd.protocol.messages"),
     "local_signer": "transferd.protocol.auth",
-    **dict.fromkeys(("read_inbox", "send_message"), "transferd.net.local_client"),
+    **dict.fromkeys(("MessageSocket", "read_inbox", "send_message"),
+                    "transferd.net.local_client"),
     **dict.fromkeys(("SiteConfig", "load_config", "parse_config"), "transferd.config"),
     **dict.fromkeys(
         (
@@ -59,6 +60,7 @@ __all__ = [
     "InboxMessage",
     "IntegrityError",
     "MessageReceipt",
+    "MessageSocket",
     "PolicyViolation",
     "ProtocolError",
     "SiteConfig",

@@ -28,7 +28,7 @@ from transferd.config import SiteConfig
 from transferd.errors import ConfigError, StorageError, TransferdError
 from transferd.net.channels import DataListener, PeerChannels
 from transferd.net.inbound import InboundUploads
-from transferd.net.messages import MessageService
+from transferd.net.messages import MessageService, MessageSocketServer, message_socket_path
 from transferd.net.peer_client import PeerLink
 from transferd.net.pump import PeerTraffic
 from transferd.net.relay import RelayService, RoutingInbound
@@ -89,6 +89,23 @@ def restart_fields(old: SiteConfig, new: SiteConfig) -> list[str]:
         else:
             changed.append(key)
     return changed
+
+
+async def stop_closing_every_connection(runner: web.AppRunner) -> None:
+    """`runner.cleanup()`, its listeners first stopped from accepting and the connections
+    accepted until then handed to aiohttp, so that its cleanup closes them too. Closed in the
+    middle of an accept (Python 3.11: the accepted socket becomes a transport a loop iteration
+    later, and that fails once its server is closed), the connection was neither served nor
+    closed: the peer's request hung until its timeout, and in a daemon run in-process (the
+    tests' loopback pairs) the socket leaked past the loop."""
+    loop = asyncio.get_running_loop()
+    for site in runner.sites:
+        server = getattr(site, "_server", None)  # the site's asyncio.Server (aiohttp 3.x)
+        for sock in getattr(server, "sockets", None) or ():
+            loop.remove_reader(sock.fileno())
+    for _ in range(3):  # an accept under way: its transport, connection_made, the handler
+        await asyncio.sleep(0)
+    await runner.cleanup()
 
 
 def _thread_schedstat() -> tuple[int, int] | None:
@@ -274,6 +291,8 @@ class Daemon:
             default_deadline_ms=traffic.message_deadline_ms,
             clock=clock,
         )
+        self.message_socket = MessageSocketServer(
+            self.messages, self.keyring.secret_for(config.site), self.metrics)
         self.link_telemetry = LinkTelemetry(config.site, config.peers)
         self._tg: asyncio.TaskGroup | None = None
         self._source_tasks: list[asyncio.Task[None]] = []
@@ -361,6 +380,10 @@ class Daemon:
             )
         return SiteStatus(site=self.config.site, listen=self.url, jobs=jobs, peers=peers)
 
+    def message_socket_path(self) -> str | None:
+        path = self.message_socket.path
+        return None if path is None else str(path)
+
     def telemetry(self) -> TelemetryReport:
         return TelemetryReport(
             site=self.config.site, at=time.time(), window_s=self.link_telemetry.window_s,
@@ -402,6 +425,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 sender_task = tg.create_task(self.sender.run())
                 others = [tg.create_task(self.messages.run()), tg.create_task(self._watch_lag())]
+                others.append(tg.create_task(self.message_socket.run()))
                 others.append(tg.create_task(self.relay.run()))
                 others += [tg.create_task(self._warm_channels(peer)) for peer in self.channels]
                 others.append(tg.create_task(self._sample_links()))
@@ -421,7 +445,8 @@ class Daemon:
                 for task in [*others, *self._source_tasks]:
                     task.cancel()
         finally:
-            await runner.cleanup()
+            await stop_closing_every_connection(runner)
+            await self.message_socket.close()
             # Channel threads may wait for this loop (a chunk's booking): close them off it.
             await asyncio.to_thread(self.listener.close)
             for channels in self.channels.values():
@@ -540,6 +565,7 @@ class Daemon:
         except OSError as exc:
             raise ConfigError(f"listen: cannot bind {self.config.listen}: {exc.strerror}") from exc
         self.port = runner.addresses[0][1] if runner.addresses else self.config.listen_port
+        await self.message_socket.start(message_socket_path(self.config.state_path))
         host, port = self.config.data_listen_host_port
         try:
             self.data_port = self.listener.start(host, port, asyncio.get_running_loop())
@@ -550,7 +576,8 @@ class Daemon:
         log.info(
             "daemon.listening",
             extra={"fields": {"site": self.config.site, "url": self.url,
-                              "data_port": self.data_port}},
+                              "data_port": self.data_port,
+                              "message_socket": self.message_socket_path()}},
         )
 
     async def _warm_channels(self, peer: str) -> None:

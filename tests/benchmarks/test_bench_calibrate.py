@@ -21,16 +21,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.backends import probe_backend
+from benchmarks.backends import BackendChoice
 from benchmarks.datasets import dataset, file_blake3
 from benchmarks.lab import Lab, leftover_namespaces, python_env
 from benchmarks.scenario import parse_scenario
 from benchmarks.tools import RunContext, run_tool
-from tests.benchmarks.test_bench_netns_smoke import _SKIP
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(_SKIP is not None, reason=_SKIP or ""),
     pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed"),
 ]
 
@@ -81,12 +79,14 @@ def _decision(topology: Path, *extra: str) -> tuple[str, str, dict[str, object]]
     return tune["action"], tune["site"], doc
 
 
-def test_calibrate_matches_iperf3_and_the_echo_and_changes_the_decision(tmp_path: Path) -> None:
+def test_calibrate_matches_iperf3_and_the_echo_and_changes_the_decision(
+    tmp_path: Path, lab_backend: BackendChoice
+) -> None:
     scenario = parse_scenario(SCENARIO)
     data = dataset(scenario.work[0].data, scenario.work[0].quick_size_mib)
     topology = tmp_path / "topology.yaml"
     topology.write_text(TOPOLOGY)
-    lab = Lab(scenario.sites, scenario.link, probe_backend(), congestion_control="bbr")
+    lab = Lab(scenario.sites, scenario.link, lab_backend, congestion_control="bbr")
     with lab:
         echo_ms = statistics.median(lab.echo_rtts_ms(count=20))
         runs = {}

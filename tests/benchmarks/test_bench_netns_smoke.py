@@ -11,13 +11,12 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from benchmarks.backends import BACKENDS, BackendChoice, probe_backend
+from benchmarks.backends import BACKENDS, BackendChoice
 from benchmarks.errors import LabError
 from benchmarks.lab import Lab, leftover_namespaces
 from benchmarks.linkspec import parse_link_spec
@@ -31,51 +30,29 @@ RESULT_KEYS = {"tool", "ok", "goodput_mbit", "link_pct", "seconds", "bytes_on_wi
                "p50_ms", "p99_ms", "error"}
 
 
-def _namespaces_usable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None:
-        return "iproute2 is not installed"
-    name = f"nb-canary-{uuid.uuid4().hex[:6]}"
-    done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True,
-                          check=False)
-    if done.returncode != 0:
-        return f"cannot create a network namespace: {done.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", name], check=False)
-    return None
-
-
-_SKIP = _namespaces_usable()
-if _SKIP:
-    pytestmark.append(pytest.mark.skip(reason=_SKIP))
-
-
 @pytest.fixture(scope="module")
-def choice() -> BackendChoice:
-    return probe_backend()
-
-
-@pytest.fixture(scope="module")
-def lab_20ms(choice: BackendChoice) -> Iterator[Lab]:
-    lab = Lab(["A", "B"], parse_link_spec("rate=200mbit delay=20ms"), choice)
+def lab_20ms(lab_backend: BackendChoice) -> Iterator[Lab]:
+    lab = Lab(["A", "B"], parse_link_spec("rate=200mbit delay=20ms"), lab_backend)
     with lab:
         yield lab
     assert leftover_namespaces(lab.run_id) == []
 
 
-def test_real_probe_on_this_machine_names_a_registered_backend(choice: BackendChoice) -> None:
-    assert choice.name in BACKENDS
-    assert choice.reasons
-    if choice.name != "netem":
-        assert any(r.startswith("sch_netem:") for r in choice.reasons)  # says why not netem
+def test_real_probe_on_this_machine_names_a_registered_backend(
+    lab_backend: BackendChoice,
+) -> None:
+    assert lab_backend.name in BACKENDS
+    assert lab_backend.reasons
+    if lab_backend.name != "netem":
+        assert any(r.startswith("sch_netem:") for r in lab_backend.reasons)  # says why not netem
 
 
 def _pids_alive(pids: list[int]) -> list[int]:
     return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
 
 
-def test_tcp_echo_sees_40ms_and_teardown_removes_everything(choice: BackendChoice) -> None:
-    lab = Lab(["A", "B"], parse_link_spec("delay=20ms"), choice)
+def test_tcp_echo_sees_40ms_and_teardown_removes_everything(lab_backend: BackendChoice) -> None:
+    lab = Lab(["A", "B"], parse_link_spec("delay=20ms"), lab_backend)
     with lab:
         assert sorted(leftover_namespaces(lab.run_id)) == [lab.ns("A"), lab.ns("B")]
         rtts = lab.echo_rtts_ms(count=15)
@@ -104,8 +81,8 @@ def test_tun_fallback_also_gives_40ms_and_cleans_up() -> None:
     assert _pids_alive(started) == []
 
 
-def test_a_lab_that_fails_half_way_leaves_nothing(choice: BackendChoice) -> None:
-    lab = Lab(["A", "B"], parse_link_spec("delay=5ms"), choice,
+def test_a_lab_that_fails_half_way_leaves_nothing(lab_backend: BackendChoice) -> None:
+    lab = Lab(["A", "B"], parse_link_spec("delay=5ms"), lab_backend,
               congestion_control="no-such-algorithm")
     with pytest.raises(LabError, match="cannot pin congestion control 'no-such-algorithm'"):
         with lab:
@@ -113,9 +90,9 @@ def test_a_lab_that_fails_half_way_leaves_nothing(choice: BackendChoice) -> None
     assert leftover_namespaces(lab.run_id) == []
 
 
-def test_parallel_labs_do_not_collide(choice: BackendChoice) -> None:
-    one = Lab(["A", "B"], parse_link_spec("delay=1ms"), choice)
-    two = Lab(["A", "B"], parse_link_spec("delay=1ms"), choice)
+def test_parallel_labs_do_not_collide(lab_backend: BackendChoice) -> None:
+    one = Lab(["A", "B"], parse_link_spec("delay=1ms"), lab_backend)
+    two = Lab(["A", "B"], parse_link_spec("delay=1ms"), lab_backend)
     with one, two:
         assert one.ns("A") != two.ns("A")
         assert len(leftover_namespaces(one.run_id) + leftover_namespaces(two.run_id)) == 4
@@ -150,10 +127,17 @@ def test_ctrl_c_mid_run_tears_everything_down(tmp_path: Path) -> None:
         "delay_ms: 5}\nwork:\n  - {size_mib: 1, quick_size_mib: 1}\ntools: [iperf3-1stream]\n"
         "quick_iperf3_seconds: 60\ncongestion_controls: [cubic]\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks", "run", str(scenario), "--quick", "--output",
-         str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=env)
+    # Ctrl-C as in a terminal: a shell's background job (a CI script's `cmd &`) starts with
+    # SIGINT ignored, which the run would inherit and so never see the signal. Handled here
+    # while it starts, SIGINT is back to its default in the run.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks", "run", str(scenario), "--quick", "--output",
+             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         assert proc.stdout is not None
         run_id = None
@@ -192,7 +176,9 @@ def test_ctrl_c_mid_run_tears_everything_down(tmp_path: Path) -> None:
             proc.stdout.close()
 
 
-def test_cubic_is_allowed_for_the_run_and_the_host_list_restored(choice: BackendChoice) -> None:
+def test_cubic_is_allowed_for_the_run_and_the_host_list_restored(
+    lab_backend: BackendChoice,
+) -> None:
     """The host allows only some algorithms to namespaces (here "reno bbr"): the lab adds cubic
     while it runs, a namespace then pins it, and teardown puts the host's list back."""
     allowed = "net.ipv4.tcp_allowed_congestion_control"
@@ -202,7 +188,7 @@ def test_cubic_is_allowed_for_the_run_and_the_host_list_restored(choice: Backend
         pytest.skip("this kernel has no cubic")
     before = subprocess.run(["sysctl", "-n", allowed], capture_output=True, text=True,
                             check=True).stdout.strip()
-    lab = Lab(["A", "B"], parse_link_spec("delay=1ms"), choice, congestion_control="cubic")
+    lab = Lab(["A", "B"], parse_link_spec("delay=1ms"), lab_backend, congestion_control="cubic")
     with lab:
         pinned = subprocess.run(["ip", "netns", "exec", lab.ns("A"), "sysctl", "-n",
                                  "net.ipv4.tcp_congestion_control"], capture_output=True,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.backends import probe_backend
+from benchmarks.backends import BackendChoice
 from benchmarks.datasets import dataset, file_blake3
 from benchmarks.lab import Lab, leftover_namespaces
 from benchmarks.relay_3site import (
@@ -27,11 +27,6 @@ from benchmarks.relay_3site import (
     run_relay_3site,
 )
 from benchmarks.scenario import DataKind, load_scenario
-from tests.benchmarks.test_bench_netns_smoke import _SKIP
-
-pytestmark: list[pytest.MarkDecorator] = [pytest.mark.netns]
-if _SKIP:
-    pytestmark.append(pytest.mark.skip(reason=_SKIP))
 
 CHUNK_MIB = 8
 
@@ -45,6 +40,7 @@ def _relay_beats_direct(size_mib: int, window_s: float) -> tuple[float, float]:
     return doc["relay_speedup_measured"], doc["planner"]["factor"]
 
 
+@pytest.mark.netns
 def test_relayed_transfer_beats_the_slow_direct_link() -> None:
     measured, predicted = _relay_beats_direct(64, window_s=8)
     # 64 MiB is mostly start-up on the fast path (the planner's 50x is for a long transfer):
@@ -52,6 +48,7 @@ def test_relayed_transfer_beats_the_slow_direct_link() -> None:
     assert measured >= 4, (measured, predicted)
 
 
+@pytest.mark.netns
 @pytest.mark.long
 def test_relayed_512mib_is_at_least_half_the_planned_speedup() -> None:
     measured, predicted = _relay_beats_direct(512, window_s=30)
@@ -101,16 +98,22 @@ def _kill_relay_mid_transfer(lab: Lab, tmp: Path, size_mib: int) -> None:
     assert file_blake3(sites.received()) == digest
 
 
-def test_killing_the_relay_falls_back_to_the_direct_path(tmp_path: Path) -> None:
-    with _lab(load_scenario(SCENARIO), probe_backend(), "bbr") as lab:
+@pytest.mark.netns
+def test_killing_the_relay_falls_back_to_the_direct_path(
+    tmp_path: Path, lab_backend: BackendChoice
+) -> None:
+    with _lab(load_scenario(SCENARIO), lab_backend, "bbr") as lab:
         _kill_relay_mid_transfer(lab, tmp_path, 64)
         run_id = lab.run_id
     assert leftover_namespaces(run_id) == []
 
 
+@pytest.mark.netns
 @pytest.mark.long
-def test_killing_the_relay_mid_512mib_falls_back(tmp_path: Path) -> None:
-    with _lab(load_scenario(SCENARIO), probe_backend(), "bbr") as lab:
+def test_killing_the_relay_mid_512mib_falls_back(
+    tmp_path: Path, lab_backend: BackendChoice
+) -> None:
+    with _lab(load_scenario(SCENARIO), lab_backend, "bbr") as lab:
         _kill_relay_mid_transfer(lab, tmp_path, 512)
 
 

@@ -131,18 +131,32 @@ async def _daemons(tmp_path: Path, **overrides: Any) -> AsyncIterator[_Pair]:
         for site in ports:
             await pair.restart(site)
         yield pair
-    except BaseException:
+    except BaseException as exc:
         # What the daemons said, in the failure's report (their logs live in tmp_path, which
-        # a CI machine does not keep).
+        # a CI machine does not keep), and what each still running one says of its jobs and
+        # peers now (a job waiting for its next attempt logs nothing while it waits).
         for site, log in pair.logs.items():
             lines = log.read_text(errors="replace").splitlines() if log.exists() else []
             print(f"--- the last lines of {site}'s log ---", *lines[-60:], sep="\n")
+        if isinstance(exc, Exception):
+            for site, proc in pair.procs.items():
+                if proc.poll() is None:
+                    print(f"--- {site}'s status ---", *await _status(configs[site]), sep="\n")
         raise
     finally:
         for proc in pair.procs.values():
             proc.send_signal(signal.SIGTERM)
         for proc in pair.procs.values():
             proc.wait(timeout=20)
+
+
+async def _status(config: Path) -> tuple[str, ...]:
+    """`transferd status --json` of a running daemon, for a failure's report."""
+    try:
+        code, out, err = await cli("status", "--config", str(config), "--json", timeout_s=20)
+    except (TimeoutError, OSError) as exc:
+        return (f"status: {exc!r}",)
+    return (f"exit {code}", out[-4000:], err[-2000:])
 
 
 async def _restarted_step_is_whole(

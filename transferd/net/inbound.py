@@ -21,11 +21,14 @@ from transferd.protocol.manifest import (
     CommitAnswer,
     HaveAnswer,
     HaveRequest,
+    Manifest,
+    OfferAnswer,
     OpenAnswer,
+    OpenRequest,
     SignedManifest,
     UploadIntent,
 )
-from transferd.protocol.upload import ChunkTarget, refused, wanted
+from transferd.protocol.upload import COMMIT_WAIT_MAX_S, ChunkTarget, refused, wanted
 from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
 from transferd.site.threads import bulk_executor
@@ -59,6 +62,10 @@ class InboundUploads:
         self._commit_locks: dict[str, asyncio.Lock] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bookings: LoopBatches[_Landed] = LoopBatches(self._book)
+        # Resolved (and replaced) when a chunk lands: what a commit waiting for its last
+        # chunks wakes on (`_until_staged`). None while no commit waits.
+        self._next_landing: asyncio.Future[None] | None = None
+        self.commits_waiting = 0  # commits sent ahead, waiting for their last chunks now
 
     @property
     def workers(self) -> concurrent.futures.Executor:
@@ -82,7 +89,7 @@ class InboundUploads:
         """Out of space: the upload fails here at once and its staging is given back (the
         sender's job fails on the same error; a retry once space is freed starts clean)."""
         if exc.fields.get("errno") in (errno.ENOSPC, errno.EDQUOT):
-            self.receiver.fail(upload, self.clock())
+            self.receiver.fail(upload, self.clock(), exc)
             log.warning("upload.failed", extra={"fields": {"upload": upload, "error": str(exc)}})
 
     async def abort(self, upload: str, peer: str) -> None:
@@ -90,9 +97,18 @@ class InboundUploads:
         if self.receiver.abort(upload, peer, self.clock()):
             log.info("upload.aborted", extra={"fields": {"upload": upload, "by": peer}})
 
-    async def open(self, intent: UploadIntent, peer: str) -> OpenAnswer:
+    async def open(self, request: UploadIntent, peer: str) -> OpenAnswer:
+        """Stage the upload; an `OpenRequest` with an offer is also answered which of its
+        chunks to send (have/want in the same round trip)."""
+        offered = isinstance(request, OpenRequest) and request.offered
+        intent = request.intent() if isinstance(request, OpenRequest) else request
         committed = self.receiver.open(intent, peer, self.clock())
-        return OpenAnswer(upload=intent.upload, committed=committed)
+        if not offered:
+            return OpenAnswer(upload=intent.upload, committed=committed)
+        assert isinstance(request, OpenRequest)
+        want = [] if committed or not request.offer else (
+            await self.have(intent.upload, peer, request.have())).want
+        return OfferAnswer(upload=intent.upload, committed=committed, want=want)
 
     async def have(self, upload: str, peer: str, request: HaveRequest) -> HaveAnswer:
         try:
@@ -169,12 +185,31 @@ class InboundUploads:
         for landed in batch:
             self.metrics.bytes_received.labels(landed.peer).inc(landed.body_length)
             self.metrics.chunks_received.labels(landed.peer).inc()
+        waiting, self._next_landing = self._next_landing, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
 
-    async def commit(self, upload: str, peer: str, signed: SignedManifest) -> CommitAnswer:
+    async def commit(
+        self, upload: str, peer: str, signed: SignedManifest, wait_s: float = 0.0
+    ) -> CommitAnswer:
+        """Commit the upload once every chunk of the manifest is staged. `wait_s` > 0: the
+        sender sent the commit with its last chunks still on the way; chunks missing now are
+        waited for while they keep landing (none for `wait_s`: answered 409 with what is
+        missing, as at once without it), so the commit is answered when the last chunk
+        lands instead of one round trip after its receipt."""
         if self.receiver.committed(upload, peer):
             return CommitAnswer(committed=True)  # a retry whose first answer was lost
         manifest = self.receiver.check_manifest(upload, peer, signed)
+        if wait_s > 0:
+            self.commits_waiting += 1
+            try:
+                await self._until_staged(upload, manifest, wait_s)
+            finally:
+                self.commits_waiting -= 1
         async with self._commit_lock(upload):
+            if self.receiver.committed(upload, peer):
+                return CommitAnswer(committed=True)  # a twin commit (a retry) did it meanwhile
+            self.receiver.check_open(upload, peer)  # not failed or aborted meanwhile
             missing = self.receiver.missing(upload, manifest)
             if missing:
                 return refused(missing)
@@ -191,7 +226,8 @@ class InboundUploads:
                 await asyncio.to_thread(self.receiver.commit_files, upload, manifest, in_place)
             except TransferdError as exc:
                 if not exc.transient:
-                    self.receiver.fail(upload, self.clock())
+                    cause = exc if isinstance(exc, StorageError) else None
+                    self.receiver.fail(upload, self.clock(), cause)
                 raise
             self.receiver.after_commit(upload, manifest, self.clock())
         log.info(
@@ -199,3 +235,27 @@ class InboundUploads:
             extra={"fields": {"upload": upload, "root": manifest.root, "from": peer}},
         )
         return CommitAnswer(committed=True)
+
+    async def _until_staged(self, upload: str, manifest: Manifest, idle_s: float) -> None:
+        """Until no chunk of the manifest is missing, no more of them landed for `idle_s`,
+        or COMMIT_WAIT_MAX_S passed (the sender's HTTP read timeout lies beyond it)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + COMMIT_WAIT_MAX_S
+        missing = len(self.receiver.missing(upload, manifest))
+        quiet_until = loop.time() + idle_s
+        while missing:
+            left = min(quiet_until, end) - loop.time()
+            if left <= 0:
+                return
+            if self._next_landing is None:
+                self._next_landing = loop.create_future()
+            try:
+                async with asyncio.timeout(left):
+                    await asyncio.shield(self._next_landing)
+            except TimeoutError:
+                return
+            now_missing = len(self.receiver.missing(upload, manifest))
+            if now_missing < missing:
+                quiet_until = loop.time() + idle_s
+            missing = now_missing
+

@@ -7,24 +7,43 @@ signatures, one connection pool per class, the one retry with backoff). A messag
 meet its deadline is counted and logged as a budget miss with the reason and still delivered;
 one that reaches the peer after its deadline comes back flagged `late`. `run()` holds every
 worker, the pool warmer and the inbox hook in one TaskGroup, which the daemon owns.
+`MessageSocketServer` is the light local path into `send` (`protocol.message_socket`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import itertools
+import json
 import logging
 import os
 import secrets
+import shutil
+import socket
+import struct
+import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
 
 from netplan.plan import TrafficClass
-from transferd.errors import ProtocolError, StorageError, TransferdError, TransportError
+from transferd.errors import (
+    AuthError,
+    ConfigError,
+    ProtocolError,
+    StorageError,
+    TransferdError,
+    TransportError,
+)
 from transferd.net.peer_client import INTERACTIVE_POOL, PeerLink, retrying
 from transferd.net.pump import SchedulerPump
+from transferd.protocol import message_socket as ms
+from transferd.protocol.local_api import SiteName
 from transferd.protocol.messages import (
     MAX_MESSAGE_BYTES,
     MESSAGE_CLASSES,
@@ -37,10 +56,10 @@ from transferd.protocol.messages import (
     late_reason,
 )
 from transferd.protocol.sched import BudgetMiss, ClassScheduler
-from transferd.protocol.wire import PEER_MESSAGES_ROUTE, parse_body
+from transferd.protocol.wire import PEER_MESSAGES_ROUTE, parse_body, to_body
 from transferd.site.metrics import Metrics
 
-__all__ = ["Inbox", "MessageService"]
+__all__ = ["Inbox", "MessageService", "MessageSocketServer", "message_socket_path"]
 
 log = logging.getLogger("transferd.messages")
 
@@ -386,3 +405,205 @@ class MessageService:
                     log.error(
                         "message.lost", extra={"fields": {"id": message.id, "reason": str(exc)}}
                     )
+
+
+# -- the message socket (protocol.message_socket) ---------------------------------------------
+
+SOCKET_NAME = "messages.sock"
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class MessageSocketSend(MessageQuery):
+    """The JSON header of a message socket SEND: the peer, then what `POST
+    /v1/messages/{peer}` takes in its query (class, deadline_ms, wait). Parsed here, not in
+    `protocol.message_socket`, which the client imports without the plan's models."""
+
+    peer: SiteName
+
+
+def message_socket_path(state_dir: Path) -> Path:
+    """Where the daemon of `state_dir` listens for messages: `<state_dir>/run/messages.sock`,
+    unless that path is too long for a unix socket (then a private temporary directory,
+    announced by the local API like any other path)."""
+    return state_dir / "run" / SOCKET_NAME
+
+
+class MessageSocketServer:
+    """The daemon's end of the message socket: authenticates each connection with the site's
+    own secret, then hands each SEND to `MessageService.send` and writes its receipt (or
+    error) back when it has one. Requests run in `run()`'s TaskGroup; `start()` binds first, so
+    the socket exists once the daemon says it listens."""
+
+    def __init__(self, service: MessageService, secret: bytes, metrics: Metrics) -> None:
+        self.service = service
+        self.secret = secret
+        self.metrics = metrics
+        self.path: Path | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._private_dir: Path | None = None  # a temporary directory of ours, removed at close
+        self._tg: asyncio.TaskGroup | None = None
+        self._early: list[Coroutine[Any, Any, None]] = []  # requests before run() started
+        self.connections: set[_SocketConnection] = set()
+        self._closed = False
+
+    async def start(self, path: Path) -> Path:
+        """Listen at `path` (its directory made 0700, the socket 0600, a stale socket of a
+        killed daemon replaced); ConfigError when it cannot."""
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            self._private_dir = Path(tempfile.mkdtemp(prefix="transferd-"))  # 0700
+            path = self._private_dir / SOCKET_NAME
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if path.parent.stat().st_uid != os.geteuid():
+                raise ConfigError(f"message socket: {path.parent} belongs to another user")
+            path.parent.chmod(0o700)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # the state_dir lock says no other daemon runs here
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_unix_server(
+                lambda: _SocketConnection(self), str(path))
+            path.chmod(0o600)
+        except OSError as exc:
+            raise ConfigError(f"message socket: cannot listen at {path}: "
+                              f"{exc.strerror or exc}") from exc
+        self.path = path
+        return path
+
+    def spawn(self, request: Coroutine[Any, Any, None]) -> None:
+        if self._closed:
+            request.close()
+        elif self._tg is None:
+            self._early.append(request)
+        else:
+            self._tg.create_task(request)
+
+    async def run(self) -> None:
+        """Serve requests until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            for request in self._early:
+                tg.create_task(request)
+            self._early.clear()
+            await asyncio.Future()
+
+    async def close(self) -> None:
+        """Stop listening and drop every client (each sees its connection closed)."""
+        self._closed = True
+        for request in self._early:
+            request.close()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+
+    def refused(self, exc: TransferdError) -> None:
+        if isinstance(exc, AuthError):
+            self.metrics.auth_failures.labels(exc.message.split(":")[0][:40]).inc()
+        log.warning(
+            "auth.refused" if isinstance(exc, AuthError) else "request.refused",
+            extra={"fields": {"path": "message-socket", "kind": exc.kind, "error": exc.message}},
+        )
+
+
+def _error_frame(request_id: int, exc: TransferdError) -> bytes:
+    return ms.encode_reply(ms.Frame.ERROR, request_id, exc.http_status,
+                           json.dumps(exc.to_json()).encode())
+
+
+class _SocketConnection(asyncio.Protocol):
+    """One client of the message socket: HELLO -> CHALLENGE -> AUTH -> READY, then SENDs."""
+
+    def __init__(self, server: MessageSocketServer) -> None:
+        self.server = server
+        self.reader = ms.FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.state = ms.Frame.HELLO  # the frame expected next
+        self.client_nonce = b""
+        self.server_nonce = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream socket's (uvloop's transports are not asyncio.Transport subclasses).
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "SO_PEERCRED"):
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            uid = _PEERCRED.unpack(creds)[1]
+            if uid not in (os.geteuid(), 0):
+                self.fail(AuthError(f"message socket: uid {uid} is not the daemon's"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+
+    def fail(self, exc: TransferdError, request_id: int = 0) -> None:
+        """Refuse the connection: the error, then close."""
+        self.server.refused(exc)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_error_frame(request_id, exc))
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+            for kind, payload in frames:
+                self.frame(kind, payload)
+        except TransferdError as exc:
+            self.fail(exc)
+
+    def frame(self, kind: ms.Frame, payload: bytes) -> None:
+        assert self.transport is not None
+        if kind is not self.state:
+            raise ProtocolError(f"message socket: {kind.name} frame where {self.state.name} "
+                                "was expected")
+        if kind is ms.Frame.HELLO:
+            magic, nonce = payload[:len(ms.MAGIC)], payload[len(ms.MAGIC):]
+            if magic != ms.MAGIC or len(nonce) != ms.NONCE_BYTES:
+                raise ProtocolError("message socket: not a transferd message client")
+            self.client_nonce, self.server_nonce = nonce, secrets.token_bytes(ms.NONCE_BYTES)
+            proof = ms.server_proof(self.server.secret, self.client_nonce, self.server_nonce)
+            self.transport.write(ms.encode_frame(ms.Frame.CHALLENGE, self.server_nonce, proof))
+            self.state = ms.Frame.AUTH
+        elif kind is ms.Frame.AUTH:
+            want = ms.client_proof(self.server.secret, self.client_nonce, self.server_nonce)
+            if not hmac.compare_digest(payload, want):
+                raise AuthError("message socket: bad proof (not this site's own secret)")
+            self.transport.write(ms.encode_frame(ms.Frame.READY))
+            self.state = ms.Frame.SEND
+        else:
+            request_id, header, body = ms.decode_send(payload)
+            try:
+                send = parse_body(MessageSocketSend, header)
+            except ProtocolError as exc:
+                self.server.refused(exc)
+                self.transport.write(_error_frame(request_id, exc))
+                return
+            self.server.spawn(self.send(request_id, send, body))
+
+    async def send(self, request_id: int, send: MessageSocketSend, body: bytes) -> None:
+        try:
+            try:
+                receipt = await self.server.service.send(send.peer, body, send)
+            except TimeoutError as exc:  # no receipt within the message's whole budget
+                raise TransportError(f"{send.peer}: no receipt in time", peer=send.peer) from exc
+            except TransferdError:
+                raise
+            except Exception as exc:  # one request's bug must not end the daemon's TaskGroup
+                log.exception("message_socket.request_failed")
+                raise TransferdError(f"internal error: {type(exc).__name__}") from exc
+        except TransferdError as exc:
+            self.server.refused(exc)
+            reply = _error_frame(request_id, exc)
+        else:
+            reply = ms.encode_reply(ms.Frame.RECEIPT, request_id, 200 if send.wait else 202,
+                                    to_body(receipt))
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply)

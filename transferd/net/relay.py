@@ -55,15 +55,17 @@ from transferd.protocol.manifest import (
     CommitAnswer,
     HaveAnswer,
     HaveRequest,
+    OfferAnswer,
     OpenAnswer,
+    OpenRequest,
     SignedManifest,
     UploadIntent,
 )
 from transferd.protocol.policy import traffic_class_for
 from transferd.protocol.routes import check_residency, open_query
+from transferd.protocol.upload import commit_path
 from transferd.protocol.wire import (
     ABORT_ROUTE,
-    COMMIT_ROUTE,
     HAVE_ROUTE,
     UPLOADS_ROUTE,
     parse_body,
@@ -395,16 +397,21 @@ class RelayService:
                                   hop=self.site)
         check_residency(self.site, self.region, residency, "relay")
 
-    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...],
+    async def open(self, request: UploadIntent, peer: str, via: tuple[str, ...],
                    traffic_class: TrafficClass = TrafficClass.SYNC) -> OpenAnswer:
+        """Check, then open at the next hop in the same shape: an `OpenRequest`'s offer (the
+        first chunks' have/want) goes on with it and its `OfferAnswer` comes back."""
         self.loop = asyncio.get_running_loop()
+        offered = isinstance(request, OpenRequest) and request.offered
+        intent = request.intent() if isinstance(request, OpenRequest) else request
         next_hop = self.check(intent, peer, via)
         traffic_class = self.class_for(intent, peer, traffic_class)
         query = open_query(via[1:], traffic_class.value) if len(via) > 1 else ""
         reply = await self.links[next_hop].call(
-            TrafficClass.CONTROL, "POST", UPLOADS_ROUTE + query, body=intent
+            TrafficClass.CONTROL, "POST", UPLOADS_ROUTE + query,
+            body=request if offered else intent,
         )
-        answer = parse_body(OpenAnswer, reply.body)
+        answer = parse_body(OfferAnswer if offered else OpenAnswer, reply.body)
         if intent.upload not in self.uploads:
             log.info("relay.opened", extra={"fields": {
                 "upload": intent.upload, "from": peer, "next": next_hop,
@@ -430,10 +437,13 @@ class RelayService:
         )
         return parse_body(HaveAnswer, reply.body)
 
-    async def commit(self, upload: str, peer: str, signed: SignedManifest) -> CommitAnswer:
+    async def commit(self, upload: str, peer: str, signed: SignedManifest,
+                     wait_s: float = 0.0) -> CommitAnswer:
+        """Passed on, with its wait for the last chunks (`?wait_ms=`): they pass here on
+        their way, and the destination waits for them."""
         r = self._relayed(upload, peer)
         reply = await self.links[r.next_hop].call(
-            TrafficClass.CONTROL, "POST", COMMIT_ROUTE.format(upload=upload), body=signed,
+            TrafficClass.CONTROL, "POST", commit_path(upload, wait_s), body=signed,
             accept=(200, 409),
         )
         answer = parse_body(CommitAnswer, reply.body)
@@ -618,21 +628,22 @@ class RoutingInbound:
     async def aclose(self) -> None:
         await self.inbound.aclose()
 
-    async def open(self, intent: UploadIntent, peer: str, via: tuple[str, ...] = (),
+    async def open(self, request: UploadIntent, peer: str, via: tuple[str, ...] = (),
                    traffic_class: TrafficClass = TrafficClass.SYNC) -> OpenAnswer:
-        if intent.dest_site != self.site or via:
-            return await self.relay.open(intent, peer, via, traffic_class)
-        return await self.inbound.open(intent, peer)
+        if request.dest_site != self.site or via:
+            return await self.relay.open(request, peer, via, traffic_class)
+        return await self.inbound.open(request, peer)
 
     async def have(self, upload: str, peer: str, request: HaveRequest) -> HaveAnswer:
         if self.relay.relays(upload):
             return await self.relay.have(upload, peer, request)
         return await self.inbound.have(upload, peer, request)
 
-    async def commit(self, upload: str, peer: str, signed: SignedManifest) -> CommitAnswer:
+    async def commit(self, upload: str, peer: str, signed: SignedManifest,
+                     wait_s: float = 0.0) -> CommitAnswer:
         if self.relay.relays(upload):
-            return await self.relay.commit(upload, peer, signed)
-        return await self.inbound.commit(upload, peer, signed)
+            return await self.relay.commit(upload, peer, signed, wait_s)
+        return await self.inbound.commit(upload, peer, signed, wait_s)
 
     async def abort(self, upload: str, peer: str) -> None:
         if self.relay.relays(upload):

@@ -206,6 +206,10 @@ class RouteDealer:
         the dealer was made); a committed upload ends the job."""
         await self.control.ready()
 
+    async def offer(self, refs: list[Any]) -> Any:
+        """Have/want on the control route (its first offer opens the upload there)."""
+        return await self.control.offer(refs)
+
     def _rates(self) -> list[float]:
         measured = [self.book.sent_since(self.job.id, self.job.dest, r.via) for r in self.routes]
         known = [(m, r.share) for m, r in zip(measured, self.routes, strict=True) if m]

@@ -1,7 +1,11 @@
 """The sending side: jobs from the journal become uploads to a peer.
 
-A job (path, destination) runs open -> for each batch of chunks: hash, ask have/want, send the
-wanted ones on the peer's data channels -> signed manifest -> commit. Each request and each
+A job (path, destination) runs: hash the first batch, open the upload asking have/want for it in
+the same request -> for each later batch: hash, ask have/want -> send the wanted chunks on the
+peer's data channels -> signed manifest -> commit, sent as soon as the last chunk is handed to
+the channels and answered by the receiver when that chunk lands (so the control plane costs a
+job one round trip before its first chunk leaves and none after its last chunk lands; the later
+batches' have/want overlap the sending). Each request and each
 chunk retries transient errors within the retry budget (`peer_client.retrying`), noting in the
 job what it retries and when; past that, a transient error sends the job to `waiting` (its
 peer is unreachable, its link keeps failing) and it is attempted again after a capped
@@ -54,13 +58,16 @@ from transferd.protocol.manifest import (
     HaveAnswer,
     HaveRequest,
     Manifest,
+    OfferAnswer,
     OpenAnswer,
     UploadIntent,
 )
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
 from transferd.protocol.routes import Route, open_query
 from transferd.protocol.upload import (
+    commit_path,
     offer_batches,
+    open_request,
     plan_offer,
     resend,
     upload_id,
@@ -91,6 +98,10 @@ HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the fetched b
 FIRST_BATCH = 2  # a job's first batch: the first chunk leaves after hashing 16 MiB, not 64
 ENSURE_EVERY_S = 1.0  # how often a chunk awaiting its receipt checks the channels are open
 COMMIT_ROUNDS = 4
+# A commit sent ahead of the last chunks is answered 409 by a receiver that saw none of them
+# land for this long (a chunk damaged and sent again lands well within it); the commit
+# rounds then follow the receipts.
+COMMIT_AHEAD_IDLE_S = 10.0
 ABORT_TIMEOUT_S = 5.0
 
 
@@ -154,6 +165,10 @@ class Sender:
         self._stopping = False
         self._idle = asyncio.Event()
         self._ended = asyncio.Event()  # replaced by a fresh one each time a job ends
+        # Per job: its commit sent ahead of the last chunks' receipts (`_commit_ahead`).
+        self._ahead: dict[str, asyncio.Task[bool]] = {}
+        # Spans hashed at once, all jobs together (`_hash_spans`): one per core.
+        self._hashing = asyncio.Semaphore(os.cpu_count() or 1)
 
     # -- submitting ----------------------------------------------------------------------------
     def submit(
@@ -477,13 +492,13 @@ class Sender:
 
             def dealer(sources: list[Source]) -> RouteDealer:
                 pumps = [
-                    _ChunkPump(self, job, link, job.traffic_class, intent.upload, sources,
+                    _ChunkPump(self, job, link, job.traffic_class, intent, sources,
                                opened, via=via, budget_s=budget)
                     for link, budget, via, opened in hops
                 ]
                 return RouteDealer(self.routes, job, routes, pumps, control=pumps[0])
 
-            await self._replicate_chunks(job, hops[0][0], rel, intent, members, hops[0][3],
+            await self._replicate_chunks(job, hops[0][0], rel, intent, members, "",
                                          make_pump=dealer)
         except (_AlreadyCommitted, BaseExceptionGroup) as exc:
             if not _already_committed(exc):
@@ -513,24 +528,20 @@ class Sender:
             raise ProtocolError(f"relay {first!r} is not a peer of this site")
         budget = min(self.retry_budget_s, RELAY_RETRY_BUDGET_S) if via else self.retry_budget_s
         path = UPLOADS_ROUTE + (open_query(via[1:], job.traffic_class.value) if via else "")
-        # The data channels open (if they are not warm already) while the upload opens and the
-        # first chunks are hashed: their round trips overlap instead of adding up. The first
-        # have/want waits for the open's answer (`_ChunkPump.opened`), not the hashing.
+        # The data channels open (if they are not warm already) while the first chunks are
+        # hashed; the upload opens with them (`_ChunkPump.offer`): the open's answer says
+        # which of them to send, one round trip for both.
         warm = asyncio.create_task(self._warm(link))
-        opened = asyncio.create_task(
-            self._control(job, link, path, intent, OpenAnswer, budget_s=budget)
-        )
         try:
-            await self._replicate_chunks(job, link, rel, intent, members, opened, via, budget)
+            await self._replicate_chunks(job, link, rel, intent, members, path, via, budget)
         except (_AlreadyCommitted, BaseExceptionGroup) as exc:
             if not _already_committed(exc):
                 raise
         finally:
-            for task in (warm, opened):
-                if not task.done():
-                    task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, TransferdError):
-                    await task
+            if not warm.done():
+                warm.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransferdError):
+                await warm
 
     async def _warm(self, link: PeerLink) -> None:
         if log.isEnabledFor(logging.DEBUG):  # what the channels start the job with
@@ -555,12 +566,17 @@ class Sender:
         rel: str,
         intent: UploadIntent,
         members: list[tuple[str, int]],
-        opened: asyncio.Task[OpenAnswer],
+        open_path: str,
         via: tuple[str, ...] = (),
         budget_s: float | None = None,
         make_pump: Callable[[list[Source]], RouteDealer] | None = None,
     ) -> None:
+        """Hash, offer and send every chunk, then commit. The commit goes out as soon as the
+        last chunk is handed to the channels (`_commit_ahead`): the receiver answers it when
+        that chunk lands, not one round trip after its receipt. Should that not commit (a
+        chunk damaged, an older receiver), the commit rounds follow the receipts as before."""
         files: list[_FileState] = []
+        ahead: asyncio.Task[bool] | None = None
         try:
             for member, _size in members:
                 member_rel = f"{rel}/{member}" if member else rel
@@ -572,20 +588,35 @@ class Sender:
             )
             pump: _ChunkPump | RouteDealer = (
                 make_pump([f.source for f in files]) if make_pump is not None else _ChunkPump(
-                    self, job, link, job.traffic_class, intent.upload,
-                    [f.source for f in files], opened, via=via, budget_s=budget_s,
+                    self, job, link, job.traffic_class, intent,
+                    [f.source for f in files], None, via=via, budget_s=budget_s,
+                    open_path=open_path,
                 )
             )
             async with asyncio.TaskGroup() as tg:
                 await self._offer_all(pump, tg, files)
+                if not self._stopping and not pump.deferred:
+                    await pump.ready()  # a file of no chunks asked nothing yet
+                    ahead = asyncio.create_task(self._commit_ahead(pump, intent, files))
+                    self._ahead[job.id] = ahead
             if self._stopping:
                 raise _Interrupted
+            if ahead is not None and await ahead:
+                return
             if pump.deferred:
                 await self._offer_again(pump, files)
             manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
             await pump.ready()  # a file of no chunks asked nothing yet
             await self._commit(pump, manifest, files)
         finally:
+            if self._ahead.get(job.id) is ahead:
+                self._ahead.pop(job.id, None)
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ahead
+            if ahead is not None and not ahead.cancelled():
+                ahead.exception()  # seen: the job raises its own error (a chunk's, first)
             for state in files:
                 state.source.close()
 
@@ -642,7 +673,7 @@ class Sender:
             if self._stopping:
                 return False
             batch = spans[start:stop]
-            hashes, bodies = await _hash_spans(state.source, batch)
+            hashes, bodies = await _hash_spans(state.source, batch, self._hashing)
             if state.source.changed():
                 raise IntegrityError(
                     f"source file changed while being sent: {state.member or '(file)'}"
@@ -666,12 +697,7 @@ class Sender:
     async def _offer(self, pump: _ChunkPump | RouteDealer, refs: list[ChunkRef]) -> HaveAnswer:
         """Ask the receiver which of `refs` it still wants (have/want); the others are counted
         as skipped (metric and job)."""
-        await pump.ready()
-        path = HAVE_ROUTE.format(upload=pump.upload)
-        answer = await self._control(
-            pump.job, pump.link, path, HaveRequest(chunks=refs), HaveAnswer,
-            budget_s=pump.budget_s,
-        )
+        answer = await pump.offer(refs)
         skipped = len(refs) - len(set(answer.want))
         if skipped > 0:
             self.metrics.chunks_skipped.labels(pump.link.peer).inc(skipped)
@@ -698,6 +724,41 @@ class Sender:
                     await pump.gate.acquire(ref.length)
                     pump.spawn(tg, ref.hash, [(ref.file, ref.offset)], ref.length, body)
 
+    async def _commit_ahead(
+        self, pump: _ChunkPump | RouteDealer, intent: UploadIntent, files: list[_FileState]
+    ) -> bool:
+        """The commit, sent while the last chunks are still on the way (`?wait_ms=`): True
+        when the receiver committed. False on a refusal naming missing chunks or a transient
+        error: the receipts then settle what is missing and `_commit` goes on as usual. A
+        permanent error (the receiver's storage failed the commit, the manifest refused) is
+        the job's."""
+        manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
+        try:
+            answer = await self._control(
+                pump.job, pump.link, commit_path(pump.upload, COMMIT_AHEAD_IDLE_S),
+                manifest.sign(self.keys), CommitAnswer, accept=(200, 409),
+                budget_s=pump.budget_s,
+            )
+        except TransferdError as exc:
+            if not exc.transient:
+                raise
+            return False
+        return answer.committed
+
+    async def committed_ahead(self, job_id: str) -> bool:
+        """The job's commit sent ahead (if one is under way) committed the upload: a chunk
+        refused meanwhile (sent once more after its channel broke, it found the upload
+        committed) was delivered all the same."""
+        ahead = self._ahead.get(job_id)
+        if ahead is None:
+            return False
+        try:
+            return await asyncio.shield(ahead)
+        except (Exception, asyncio.CancelledError):
+            if not ahead.done():
+                raise  # this chunk's task is cancelled, not the commit
+            return False
+
     async def _commit(
         self, pump: _ChunkPump | RouteDealer, manifest: Manifest, files: list[_FileState]
     ) -> None:
@@ -718,7 +779,8 @@ class Sender:
             )
             async with asyncio.TaskGroup() as tg:
                 for f, (digest, off, n) in again:
-                    [got], [body] = await _hash_spans(files[f].source, [(off, n)])
+                    [got], [body] = await _hash_spans(files[f].source, [(off, n)],
+                                                      self._hashing)
                     if got != digest:
                         raise IntegrityError("source file changed while being sent")
                     await pump.gate.acquire(n)
@@ -793,23 +855,32 @@ class Sender:
 
 
 async def _hash_spans(
-    source: Source, spans: list[tuple[int, int]]
+    source: Source, spans: list[tuple[int, int]], slots: asyncio.Semaphore
 ) -> tuple[list[str], list[memoryview | None]]:
     """The spans' chunk hashes, in parallel threads (the reads and blake3 release the GIL),
     and the bytes a chunk is sent from when they had to be fetched (None for a local file:
     hashed through a small buffer, sent with `sendfile`, mapped only if it is compressed).
     This is the only pass over the bytes: the file's digest is the Merkle root over these
-    hashes (`file_digest`)."""
+    hashes (`file_digest`). At most `slots` spans are hashed at once (one per core): a batch
+    of 8 took every thread of the loop's pool, and the chunks about to be sent (their
+    compression probe runs there too) waited for the hashing of the next batch (25-45 ms
+    per batch in a 40 ms-RTT job's timeline)."""
+
+    async def bounded(work: Callable[[], str]) -> str:
+        async with slots:
+            return await asyncio.to_thread(work)
+
     if isinstance(source, SourceFile):
         hashes = await asyncio.gather(
-            *(asyncio.to_thread(source.hash_span, off, n) for off, n in spans))
+            *(bounded(functools.partial(source.hash_span, off, n)) for off, n in spans))
         return list(hashes), [None] * len(spans)
 
     def read() -> list[memoryview]:
         return [memoryview(source.read(off, n)) for off, n in spans]
 
-    bodies = await asyncio.to_thread(read)
-    hashes = await asyncio.gather(*(asyncio.to_thread(blake3_hex, b) for b in bodies))
+    async with slots:
+        bodies = await asyncio.to_thread(read)
+    hashes = await asyncio.gather(*(bounded(functools.partial(blake3_hex, b)) for b in bodies))
     return list(hashes), list[memoryview | None](bodies)
 
 
@@ -819,6 +890,12 @@ async def _held_body(source: Source, offset: int, length: int) -> memoryview | N
     if isinstance(source, SourceFile):
         return None
     return memoryview(await asyncio.to_thread(source.read, offset, length))
+
+
+def _retrieved(future: asyncio.Future[Receipt]) -> None:
+    """Done callback: the future's error is seen (its awaiter may have moved on)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -882,20 +959,25 @@ class _ChunkPump:
         job: Job,
         link: PeerLink,
         bulk: TrafficClass,
-        upload: str,
+        intent: UploadIntent,
         sources: list[Source],
-        opened: asyncio.Task[OpenAnswer],
+        opened: asyncio.Future[OpenAnswer] | None,
         via: tuple[str, ...] = (),
         budget_s: float | None = None,
+        open_path: str = UPLOADS_ROUTE,
     ) -> None:
         self.sender = sender
-        self.opened = opened  # the upload's open request, under way while chunks are hashed
+        # The upload's open: under way or answered (multipath: each route's, sent at once);
+        # None until `offer` opens it with the first chunks (or `ready` with none).
+        self.opened = opened
+        self.intent = intent
+        self.open_path = open_path
         self.via = via  # the relays this job's chunks go through (empty: direct)
         self.budget_s = sender.retry_budget_s if budget_s is None else budget_s
         self.job = job
         self.link = link
         self.bulk = bulk
-        self.upload = upload
+        self.upload = intent.upload
         self.sources = sources
         self.traffic = sender.traffic[link.peer]
         self.gate = self.traffic.gates[bulk]
@@ -905,10 +987,35 @@ class _ChunkPump:
         self.loop = asyncio.get_running_loop()
 
     async def ready(self) -> None:
-        """Until the receiver has opened the upload; a receiver that has it committed
-        already (a job run again after its commit) ends the job here."""
-        if (await asyncio.shield(self.opened)).committed:
+        """Until the receiver has opened the upload (opening it, with no chunk offered, if
+        nothing did yet); a receiver that has it committed already (a job run again after
+        its commit) ends the job here."""
+        if self.opened is None:
+            await self._open([])
+        elif (await asyncio.shield(self.opened)).committed:
             raise _AlreadyCommitted
+
+    async def offer(self, refs: list[ChunkRef]) -> HaveAnswer:
+        """Which of `refs` the receiver wants: the first offer opens the upload with them
+        (one round trip: `OpenRequest`), later ones ask have/want."""
+        if self.opened is None:
+            return await self._open(refs)
+        await self.ready()
+        return await self.sender._control(
+            self.job, self.link, HAVE_ROUTE.format(upload=self.upload),
+            HaveRequest(chunks=refs), HaveAnswer, budget_s=self.budget_s,
+        )
+
+    async def _open(self, refs: list[ChunkRef]) -> HaveAnswer:
+        answer = await self.sender._control(
+            self.job, self.link, self.open_path, open_request(self.intent, refs), OfferAnswer,
+            budget_s=self.budget_s,
+        )
+        self.opened = self.loop.create_future()
+        self.opened.set_result(answer)
+        if answer.committed:
+            raise _AlreadyCommitted
+        return HaveAnswer(want=answer.want)
 
     def spawn(
         self,
@@ -958,6 +1065,11 @@ class _ChunkPump:
         out of the queue and raises TransportError: the caller's `retrying` sends it again
         after a backoff."""
         future = self.channels.submit(item)
+        # One wrapper for every wait: a wait cut by its ENSURE_EVERY_S timeout leaves no wrapper
+        # of its own behind, and the error of a chunk nobody awaits any more (withdrawn, its
+        # send given up) counts as retrieved (no "Future exception was never retrieved").
+        receipt = asyncio.wrap_future(future)
+        receipt.add_done_callback(_retrieved)
         queued_at = time.monotonic()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("chunk.submitted", extra={"fields": {
@@ -973,7 +1085,7 @@ class _ChunkPump:
                     async with asyncio.timeout(ENSURE_EVERY_S):
                         if self.via:  # a hung relay's channels must not hold up noticing it
                             await self._ensure()
-                        return await asyncio.shield(asyncio.wrap_future(future))
+                        return await asyncio.shield(receipt)
                 except TimeoutError:
                     if self.via:
                         self._check_relay(item, queued_at)
@@ -1088,6 +1200,8 @@ class _ChunkPump:
             if receipt.status is ReceiptStatus.STORAGE:
                 raise StorageError(f"{peer}: {receipt.reason}")
             if receipt.status is ReceiptStatus.REFUSED:
+                if await s.committed_ahead(self.job.id):
+                    return encoded, wire
                 raise ProtocolError(f"{peer} refused a chunk: {receipt.reason}")
             if receipt.status is ReceiptStatus.UNREACHABLE:
                 raise TransportError(f"{peer} could not pass a chunk on: {receipt.reason}",

@@ -23,21 +23,29 @@ from pydantic import BaseModel
 
 from netplan.plan import BULK_CLASSES, TrafficClass
 from netplan.telemetry import TelemetryReport
-from transferd.errors import AuthError, IntegrityError, ProtocolError, TransferdError
+from transferd.errors import (
+    AuthError,
+    IntegrityError,
+    ProtocolError,
+    TransferdError,
+    TransportError,
+)
 from transferd.net.messages import MessageService
 from transferd.net.relay import RoutingInbound
 from transferd.protocol.auth import AuthHeaders, RequestVerifier, sign_reply
 from transferd.protocol.channel import DataChannelAnswer
+from transferd.protocol.http_paths import MESSAGE_SOCKET_ROUTE
 from transferd.protocol.local_api import (
     MAX_JOBS_PER_QUERY,
     MAX_JOBS_WAIT_MS,
     Job,
     JobsAnswer,
+    MessageSocketAnswer,
     SendAnswer,
     SendRequest,
     SiteStatus,
 )
-from transferd.protocol.manifest import HaveRequest, SignedManifest, UploadIntent
+from transferd.protocol.manifest import HaveRequest, OpenRequest, SignedManifest
 from transferd.protocol.messages import (
     MAX_MESSAGE_BYTES,
     InboxAnswer,
@@ -45,6 +53,7 @@ from transferd.protocol.messages import (
     MessageEnvelope,
     MessageQuery,
 )
+from transferd.protocol.upload import commit_wait_s
 from transferd.protocol.wire import (
     ABORT_ROUTE,
     COMMIT_ROUTE,
@@ -85,6 +94,7 @@ class LocalApi(Protocol):
     async def job_ended(self, timeout_s: float) -> None: ...
     def status(self) -> SiteStatus: ...
     def telemetry(self) -> TelemetryReport: ...
+    def message_socket_path(self) -> str | None: ...
 
 
 def _answer(model: BaseModel, status: int = 200) -> web.Response:
@@ -155,7 +165,8 @@ def build_app(
 
     async def open_upload(request: web.Request) -> web.Response:
         auth = peer(request)
-        intent = parse_body(UploadIntent, await body_of(request, auth))
+        # An UploadIntent, or an OpenRequest that also offers the first chunks (have/want).
+        intent = parse_body(OpenRequest, await body_of(request, auth))
         # ?via=R2,...: relays after this site (a relay passing the upload on); signed with the
         # request's path.
         via = tuple(v for v in request.query.get("via", "").split(",") if v)[:8]
@@ -177,7 +188,9 @@ def build_app(
     async def commit(request: web.Request) -> web.Response:
         auth = peer(request)
         signed = parse_body(SignedManifest, await body_of(request, auth))
-        answer = await inbound.commit(request.match_info["upload"], auth.site, signed)
+        # ?wait_ms=N: sent with the last chunks still on the way; answered once they land.
+        wait_s = commit_wait_s(request.query.get("wait_ms"))
+        answer = await inbound.commit(request.match_info["upload"], auth.site, signed, wait_s)
         return _answer(answer, 200 if answer.committed else 409)
 
     async def abort(request: web.Request) -> web.Response:
@@ -233,6 +246,13 @@ def build_app(
         own_cli(request)
         return _answer(local.telemetry())
 
+    async def message_socket(request: web.Request) -> web.Response:
+        own_cli(request)
+        path = local.message_socket_path()
+        if path is None:
+            raise TransportError("the message socket is not listening yet")
+        return _answer(MessageSocketAnswer(path=path))
+
     async def send_message(request: web.Request) -> web.Response:
         auth = own_cli(request)
         query = parse_query(MessageQuery, request.query)
@@ -262,5 +282,6 @@ def build_app(
     app.router.add_get(TELEMETRY_ROUTE, local_telemetry)
     app.router.add_post(MESSAGES_ROUTE, send_message)
     app.router.add_get(INBOX_ROUTE, read_inbox)
+    app.router.add_get(MESSAGE_SOCKET_ROUTE, message_socket)
     app.router.add_get("/metrics", prometheus)
     return app

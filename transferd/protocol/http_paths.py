@@ -14,6 +14,7 @@ __all__ = [
     "LOCAL_SEND_ROUTE",
     "LOCAL_STATUS_ROUTE",
     "MESSAGES_ROUTE",
+    "MESSAGE_SOCKET_ROUTE",
     "PEER_MESSAGES_ROUTE",
     "TELEMETRY_ROUTE",
     "UPLOADS_ROUTE",
@@ -30,4 +31,5 @@ LOCAL_JOBS_ROUTE = "/v1/local/jobs"
 LOCAL_STATUS_ROUTE = "/v1/local/status"
 MESSAGES_ROUTE = "/v1/messages/{peer}"
 INBOX_ROUTE = "/v1/inbox"
+MESSAGE_SOCKET_ROUTE = "/v1/local/message-socket"  # local API: where the message socket is
 TELEMETRY_ROUTE = "/v1/telemetry"  # local API: the links as this daemon measured them

@@ -26,6 +26,7 @@ __all__ = [
     "JobState",
     "JobStatus",
     "JobsAnswer",
+    "MessageSocketAnswer",
     "PeerStatus",
     "SendAnswer",
     "SendRequest",
@@ -143,3 +144,11 @@ class SiteStatus(WireModel):
     listen: str
     jobs: list[JobStatus]
     peers: dict[str, PeerStatus]
+
+
+class MessageSocketAnswer(WireModel):
+    """`GET /v1/local/message-socket`: where this daemon's message socket listens (a unix
+    socket path, reachable from this host only; `protocol.message_socket`)."""
+
+    path: str
+

@@ -40,7 +40,9 @@ __all__ = [
     "HaveAnswer",
     "HaveRequest",
     "Manifest",
+    "OfferAnswer",
     "OpenAnswer",
+    "OpenRequest",
     "SignedManifest",
     "UploadIntent",
     "canonical_json",
@@ -119,9 +121,40 @@ class HaveRequest(WireModel):
     chunks: Annotated[list[ChunkRef], Field(max_length=MAX_HAVE_CHUNKS)]
 
 
+class OpenRequest(UploadIntent):
+    """An upload's open that also asks have/want for its first chunks (`offer`, the first
+    batch hashed): the answer (`OfferAnswer`) says which of them to send, so the first chunk
+    leaves one round trip after the open instead of two. A bare `UploadIntent` (no `offer`
+    field) opens as before and is answered by a plain `OpenAnswer`."""
+
+    offer: Annotated[list[ChunkRef], Field(max_length=MAX_HAVE_CHUNKS)] = []
+
+    @property
+    def offered(self) -> bool:
+        """The request carried an `offer` (even an empty one): it is answered with an
+        `OfferAnswer`."""
+        return "offer" in self.model_fields_set
+
+    def intent(self) -> UploadIntent:
+        """The upload's intent as the journal keeps it, without the offer."""
+        return UploadIntent.model_validate(
+            {name: getattr(self, name) for name in UploadIntent.model_fields}
+        )
+
+    def have(self) -> HaveRequest:
+        return HaveRequest(chunks=list(self.offer))
+
+
 class OpenAnswer(WireModel):
     upload: str
     committed: bool  # this upload was committed already: nothing left to send
+
+
+class OfferAnswer(OpenAnswer):
+    """The answer to an `OpenRequest` with an offer: `want` as in `HaveAnswer` (empty when the
+    upload was committed already)."""
+
+    want: Annotated[list[Annotated[int, Field(ge=0, lt=MAX_HAVE_CHUNKS)]], Field(max_length=4096)]
 
 
 class HaveAnswer(WireModel):

@@ -1,7 +1,10 @@
 """The upload state machines of both ends, without I/O: what the sender offers and sends, what
 the receiver still lacks, and when a commit may happen.
 
-Theory of operation. An upload goes open -> (have/want, chunk PUTs)* -> commit.
+Theory of operation. An upload goes open -> (have/want, chunk PUTs)* -> commit. The open may
+carry the first have/want (`open_request`: one round trip for both), and the commit may be sent
+before the last chunks land (`commit_path(..., wait_s)`: the receiver holds it while they keep
+landing, then commits or refuses as below).
 - Receiver: `check_intent` refuses an upload that is not from its claimed source, not addressed
   here, not in normal form or under `raw/`. For each offered chunk, `answer_have` says whether
   it is staged already (same length and hash at that place), already in place (the committed
@@ -28,6 +31,7 @@ from typing import Literal, NamedTuple
 
 from netplan.plan import Tier
 from transferd.errors import PolicyViolation, ProtocolError
+from transferd.protocol.http_paths import COMMIT_ROUTE
 from transferd.protocol.manifest import (
     MAX_COMMIT_WANT,
     ChunkRef,
@@ -37,12 +41,14 @@ from transferd.protocol.manifest import (
     HaveAnswer,
     HaveRequest,
     Manifest,
+    OpenRequest,
     UploadIntent,
     file_digest,
 )
 from transferd.protocol.policy import normalize_rel_path, tier_of, top_folder
 
 __all__ = [
+    "COMMIT_WAIT_MAX_S",
     "ChunkTarget",
     "ChunkUpload",
     "HaveDecision",
@@ -52,10 +58,13 @@ __all__ = [
     "check_intent",
     "check_manifest",
     "chunk_targets",
+    "commit_path",
+    "commit_wait_s",
     "destination",
     "member_paths",
     "missing",
     "offer_batches",
+    "open_request",
     "plan_offer",
     "refused",
     "resend",
@@ -197,6 +206,27 @@ def missing(manifest: Manifest, staged: Mapping[tuple[int, int], Staged]) -> lis
     ]
 
 
+# How long a receiver holds a commit sent ahead of its last chunks (`?wait_ms=`), whatever the
+# sender asks: well inside the sender's HTTP read timeout (120 s, `net.peer_client`).
+COMMIT_WAIT_MAX_S = 60.0
+
+
+def commit_wait_s(raw: str | None) -> float:
+    """The commit's `?wait_ms=` (absent: 0, answered at once) in seconds, at most
+    COMMIT_WAIT_MAX_S; ProtocolError naming the parameter otherwise."""
+    if raw is None:
+        return 0.0
+    if not raw.isdigit() or len(raw) > 9:
+        raise ProtocolError(f"wait_ms: {raw[:32]!r} is not a whole number of milliseconds")
+    return min(int(raw) / 1e3, COMMIT_WAIT_MAX_S)
+
+
+def commit_path(upload: str, wait_s: float = 0.0) -> str:
+    """The commit's request path: with `?wait_ms=` when it is sent ahead of its last chunks."""
+    path = COMMIT_ROUTE.format(upload=upload)
+    return path + f"?wait_ms={round(wait_s * 1e3)}" if wait_s > 0 else path
+
+
 def refused(want: Sequence[tuple[int, int]]) -> CommitAnswer:
     """A commit that cannot happen yet, naming the first MAX_COMMIT_WANT chunks to send (the
     sender's next commit round learns the rest)."""
@@ -229,6 +259,11 @@ def upload_intent(
         files=[FileSpec(path=m, size=s) for m, s in members],
         residency=sorted(set(residency)),
     )
+
+
+def open_request(intent: UploadIntent, offer: Sequence[ChunkRef]) -> OpenRequest:
+    """The upload's open carrying have/want for its first chunks (`offer`, possibly none)."""
+    return OpenRequest.model_validate({**intent.model_dump(), "offer": list(offer)})
 
 
 def upload_manifest(

@@ -6,11 +6,14 @@ An answer outside the accepted statuses carries the sender's error as `ErrorBody
 the package's own error by `check_reply`.
 
 Peer API (signed with the pair secret):
-    POST /v1/uploads                      UploadIntent -> OpenAnswer
+    POST /v1/uploads                      UploadIntent -> OpenAnswer, or OpenRequest (the
+                                          intent + have/want of the first chunks) -> OfferAnswer
     POST /v1/uploads/{upload}/have        HaveRequest -> HaveAnswer
     GET  /v1/data-channel                 -> DataChannelAnswer: the port of the data listener,
                                           where the chunks go (`protocol.channel`)
-    POST /v1/uploads/{upload}/commit      SignedManifest -> CommitAnswer (200, or 409 + want)
+    POST /v1/uploads/{upload}/commit      SignedManifest -> CommitAnswer (200, or 409 + want);
+                                          ?wait_ms=N: sent ahead of the last chunks, answered
+                                          when they land (or none landed for N ms)
     POST /v1/uploads/{upload}/abort       (no body) -> 204: the sender gave the upload up
     POST /v1/peer/messages                message body (MessageEnvelope headers) -> MessageAck
     GET  /v1/peer/messages                204: a peer opening its interactive pool

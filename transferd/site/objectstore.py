@@ -86,6 +86,7 @@ _MAX_PARTS = 10_000
 # files, and each file's chunks, in order.
 _WINDOW_BYTES = 64 * 1024 * 1024
 _WINDOWS_AT_ONCE = 4
+_SLOT_WAIT_S = 60.0  # a window waiting longer for a slot gives up: its reader GETs its spans
 # A reader waits for the bytes of its span only, not its window's: a GET body is read in pieces
 # of this size, each handed over as it lands.
 _READ_PIECE_BYTES = 1024 * 1024
@@ -105,6 +106,7 @@ class _Window:
         self.released = False  # its slot was given back
         self.cond = threading.Condition()
         self.future: Future[bool] | None = None
+        self.turn = 0  # its place in the order slots are given in (`_Fetcher.fetch`)
 
     def feed(self, body: Any) -> None:
         """In the GET thread: read `body` into the window, waking readers piece by piece."""
@@ -145,20 +147,49 @@ class _Window:
 class _Fetcher:
     """GETs windows in the background, at most `_WINDOWS_AT_ONCE` held at once: a slot is taken
     before the GET and given back once a reader has taken every byte of the window (or its
-    source closed). A window that cannot get a slot within a minute gives up (its reader then
-    reads its spans with GETs of their own)."""
+    source closed). Slots go to the windows in the order they were asked for, which is the
+    order they are read in: a later window that took a slot first would hold it until the
+    reader is done with the earlier one, which waits for that very slot (`_turn`). A window
+    that cannot get a slot within `_SLOT_WAIT_S` gives up (its reader then reads its spans with
+    GETs of their own)."""
 
     def __init__(self, client: Callable[[], Any] | None = None) -> None:
         self._client = client  # a blocking S3 client, if the store has one (`_make_client`)
         self._pool = ThreadPoolExecutor(_WINDOWS_AT_ONCE, thread_name_prefix="transferd-s3-get")
-        self._slots = threading.Semaphore(_WINDOWS_AT_ONCE)
+        self._free = _WINDOWS_AT_ONCE  # slots not held by a window
+        self._asked: dict[int, None] = {}  # the turns of windows still to get a slot, in order
+        self._turns = 0
+        self._slots = threading.Condition()
         self._lock = threading.Lock()
 
     def fetch(self, source: ObjectSource, window: _Window) -> None:
-        window.future = self._pool.submit(self._get, source, window)
+        with self._slots:  # turns in the pool's order: the pool starts windows in turn order
+            window.turn = self._turns
+            self._turns += 1
+            self._asked[window.turn] = None
+            window.future = self._pool.submit(self._get, source, window)
+
+    def _turn(self, w: _Window) -> bool:
+        """Wait until `w` is the first window asking and a slot is free, and take it; False if
+        its source closed or `_SLOT_WAIT_S` passed."""
+        deadline = time.monotonic() + _SLOT_WAIT_S
+        with self._slots:
+            try:
+                while not w.closed and not (self._free and next(iter(self._asked)) == w.turn):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._slots.wait(left)
+                if w.closed:
+                    return False
+                self._free -= 1
+                return True
+            finally:
+                self._asked.pop(w.turn, None)
+                self._slots.notify_all()
 
     def _get(self, source: ObjectSource, w: _Window) -> bool:
-        if w.closed or not self._slots.acquire(timeout=60):
+        if not self._turn(w):
             w.fail()
             return False
         t0 = time.time()
@@ -196,13 +227,19 @@ class _Fetcher:
             w.released = True
         with w.cond:
             w.buf = None  # the readers' views keep what they took
-        self._slots.release()
+        with self._slots:
+            self._free += 1
+            self._slots.notify_all()
 
     def drop(self, w: _Window) -> None:
         """The source closed: stop (or never start) its GET and give its slot back."""
         w.closed = True
         future = w.future
-        if future is None or future.cancel():
+        with self._slots:  # its turn passes (or, waiting for it, it sees `closed`)
+            if future is None or future.cancel():
+                self._asked.pop(w.turn, None)
+            self._slots.notify_all()
+        if future is None or future.cancelled():
             return
         future.add_done_callback(lambda f: self.release(w) if f.result() else None)
 

@@ -106,6 +106,9 @@ class Receiver:
         # Uploads failed or given up by this process: refused even when the journal could not
         # record it (its disk full), so no late chunk makes their staging again.
         self._given_up: set[str] = set()
+        # Why, when the site's storage failed it (out of space): what a later request of the
+        # upload is answered, so its sender's job fails on the cause, whichever arrives first.
+        self._failed_by: dict[str, StorageError] = {}
         # Per upload: its root and the bytes of each file verified by this process, so a file
         # whole and verified is handed to `storage.member_staged` at once (an object store
         # uploads it while the transfer runs).
@@ -152,6 +155,7 @@ class Receiver:
             raise
         again = intent.upload in self._given_up
         self._given_up.discard(intent.upload)
+        self._failed_by.pop(intent.upload, None)
         if known is None:
             # Recorded under its source, whichever way it came: a sender that falls back from
             # a relay to the direct path resumes the same upload.
@@ -213,11 +217,22 @@ class Receiver:
         if known is None or not self._from(known, peer):
             raise ProtocolError(f"unknown upload {upload[:128]!r}")
         if upload in self._given_up:
+            cause = self._failed_by.get(upload)
+            if cause is not None:
+                error = StorageError(f"upload {upload} failed here: {cause.message}; open "
+                                     "it again to start over")
+                error.fields = dict(cause.fields)  # its path and errno
+                raise error
             raise ProtocolError(f"upload {upload} failed here; open it again to start over")
         if known.state is not UploadState.OPEN:
             raise ProtocolError(f"upload {upload} is already {known.state.value}")
         self._staging_for(known.intent)
         return known
+
+    def check_open(self, upload: str, peer: str) -> None:
+        """`upload` from `peer` is still open here (ProtocolError otherwise): a commit that
+        waited for its last chunks checks nothing failed or aborted it meanwhile."""
+        self._open_upload(upload, peer)
 
     def committed(self, upload: str, peer: str) -> bool:
         """`upload` from `peer` is committed here already (a commit retried after its answer
@@ -501,10 +516,12 @@ class Receiver:
             raise IntegrityError(f"{rel}: not record-batch chunks: {exc}", path=rel) from exc
         return batches
 
-    def fail(self, upload: str, now: float) -> None:
-        """The upload failed (or was given up): its staging goes, whatever this process
-        knows of it."""
+    def fail(self, upload: str, now: float, cause: StorageError | None = None) -> None:
+        """The upload failed (or was given up; `cause`: the storage error that failed it):
+        its staging goes, whatever this process knows of it."""
         self._given_up.add(upload)
+        if cause is not None:
+            self._failed_by[upload] = cause
         with self._verified_lock:
             self._verified.pop(upload, None)
             self._filled.pop(upload, None)

@@ -1,0 +1,154 @@
+"""A job's control round trips: the upload opens with have/want of its first chunks, and the
+commit goes out with the last chunks still on the way, answered when they land (issue 11: the
+fixed cost of a short job on a long link)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import blake3
+import pytest
+
+from tests.integration._data import file_blake3, write_random
+from tests.integration.test_auth_policy import send_chunk
+from transferd import TrafficClass
+from transferd.daemon import Daemon
+from transferd.errors import ProtocolError
+from transferd.protocol.channel import ReceiptStatus
+from transferd.protocol.manifest import ChunkRef, CommitAnswer, OfferAnswer, OpenAnswer
+from transferd.protocol.upload import (
+    commit_path,
+    offer_batches,
+    open_request,
+    upload_intent,
+    upload_manifest,
+)
+from transferd.protocol.wire import parse_body
+from transferd.testing import LinkProxy, loopback_pair, wait_for_jobs
+
+CHUNK = 64 * 1024
+UPLOAD = "A-round-trip-1"
+
+
+def control_paths(link: LinkProxy) -> list[str]:
+    return [m.path for m in link.captured if m.kind == "control"]
+
+
+@pytest.mark.parametrize("chunks", [2, 12])
+async def test_a_job_opens_with_its_first_offer_and_commits_ahead_of_its_receipts(
+    tmp_path: Path, chunks: int
+) -> None:
+    """Control requests per job: one open (carrying the first batch's have/want), one
+    have/want per later batch, one commit sent with `wait_ms` and answered 200. The old
+    shape asked have/want for the first batch on its own and committed after the receipts."""
+    src = tmp_path / "site-A" / "curated" / "f.bin"
+    digest = write_random(src, chunks * CHUNK, seed=chunks)
+    link = LinkProxy(capture=True)
+    async with loopback_pair(tmp_path, link=link, chunk_size=CHUNK) as (a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+    assert job.state == "committed", job.error
+    assert file_blake3(tmp_path / "site-B" / "curated" / "f.bin") == digest
+    upload = f"/v1/uploads/A-{job_id}"
+    batches = len(offer_batches(chunks, 2, 8))
+    assert control_paths(link) == [
+        "/v1/uploads",
+        *[f"{upload}/have"] * (batches - 1),
+        f"{upload}/commit?wait_ms=10000",
+    ]
+    assert [m.status for m in link.captured if m.kind == "control"] == [200] * (batches + 1)
+
+
+async def _open(a: Daemon, data: list[bytes]) -> tuple[list[ChunkRef], OfferAnswer]:
+    intent = upload_intent(UPLOAD, "A", "B", "curated/w.bin", "file",
+                           [("", len(data) * CHUNK)])
+    refs = [ChunkRef(file=0, offset=i * CHUNK, length=CHUNK,
+                     hash=blake3.blake3(d).hexdigest()) for i, d in enumerate(data)]
+    reply = await a.links["B"].call(TrafficClass.CONTROL, "POST", "/v1/uploads",
+                                    body=open_request(intent, refs))
+    return refs, parse_body(OfferAnswer, reply.body)
+
+
+async def _commit(a: Daemon, refs: list[ChunkRef], wait_s: float) -> CommitAnswer:
+    intent = upload_intent(UPLOAD, "A", "B", "curated/w.bin", "file",
+                           [("", len(refs) * CHUNK)])
+    manifest = upload_manifest(intent, a.clock(), [[(r.hash, r.offset, r.length)
+                                                    for r in refs]])
+    reply = await a.links["B"].call(TrafficClass.CONTROL, "POST", commit_path(UPLOAD, wait_s),
+                                    body=manifest.sign(a.keyring), accept=(200, 409))
+    return parse_body(CommitAnswer, reply.body)
+
+
+async def test_a_commit_sent_ahead_is_answered_when_its_last_chunk_lands(
+    tmp_path: Path,
+) -> None:
+    data = [bytes([i + 1]) * CHUNK for i in range(3)]
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        refs, opened = await _open(a, data)
+        assert opened.committed is False
+        assert opened.want == [0, 1, 2]  # the offer was answered in the open
+        assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.OK
+        # Without a wait, a commit missing chunks is refused at once, naming them.
+        refused = await _commit(a, refs, 0.0)
+        assert refused == CommitAnswer(committed=False, want=[(0, CHUNK), (0, 2 * CHUNK)])
+        ahead = asyncio.create_task(_commit(a, refs, 10.0))
+        async with asyncio.timeout(10):
+            for _ in iter(int, 1):  # until it reached B and waits there
+                if b.inbound.commits_waiting:
+                    break
+                await asyncio.sleep(0.005)
+        assert (await send_chunk(a, UPLOAD, data[1], at=CHUNK)).status is ReceiptStatus.OK
+        await asyncio.sleep(0.05)
+        assert not ahead.done()  # one chunk still missing: the commit waits for it
+        assert b.inbound.commits_waiting == 1
+        assert not (tmp_path / "site-B" / "curated" / "w.bin").exists()
+        assert (await send_chunk(a, UPLOAD, data[2], at=2 * CHUNK)).status is ReceiptStatus.OK
+        assert await ahead == CommitAnswer(committed=True)
+        assert (tmp_path / "site-B" / "curated" / "w.bin").read_bytes() == b"".join(data)
+        assert b.inbound.commits_waiting == 0
+
+
+async def test_a_commit_ahead_whose_chunks_stop_landing_is_refused_naming_them(
+    tmp_path: Path,
+) -> None:
+    data = [b"\x07" * CHUNK, b"\x08" * CHUNK]
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, _b):
+        refs, _opened = await _open(a, data)
+        assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.OK
+        answer = await _commit(a, refs, 0.2)  # none lands for 0.2 s
+        assert answer == CommitAnswer(committed=False, want=[(0, CHUNK)])
+        assert not (tmp_path / "site-B" / "curated" / "w.bin").exists()
+
+
+async def test_open_shapes_old_and_new_and_a_bad_wait_are_answered_clearly(
+    tmp_path: Path,
+) -> None:
+    data = [b"\x01" * CHUNK]
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, _b):
+        link = a.links["B"]
+        intent = upload_intent("A-round-trip-2", "A", "B", "curated/v.bin", "file",
+                               [("", CHUNK)])
+        # A bare intent (an older sender) opens as before: an OpenAnswer, no `want` (the
+        # strict model refuses unknown fields, so an older sender can read it).
+        bare = await link.call(TrafficClass.CONTROL, "POST", "/v1/uploads", body=intent)
+        assert parse_body(OpenAnswer, bare.body) == OpenAnswer(upload="A-round-trip-2",
+                                                               committed=False)
+        # An empty offer opens too, answered with an empty want.
+        empty = await link.call(TrafficClass.CONTROL, "POST", "/v1/uploads",
+                                body=open_request(intent, []))
+        assert parse_body(OfferAnswer, empty.body).want == []
+        refs, _opened = await _open(a, data)
+        manifest = upload_manifest(
+            upload_intent(UPLOAD, "A", "B", "curated/w.bin", "file", [("", CHUNK)]),
+            a.clock(), [[(refs[0].hash, 0, CHUNK)]]).sign(a.keyring)
+        for bad in ("abc", "-5", "1e3"):
+            with pytest.raises(ProtocolError, match="wait_ms: .* not a whole number"):
+                await link.call(TrafficClass.CONTROL, "POST",
+                                f"/v1/uploads/{UPLOAD}/commit?wait_ms={bad}",
+                                body=manifest, accept=(200, 409))
+        # An offer naming a chunk outside the upload's files is refused, naming it.
+        outside = refs[0].model_copy(update={"offset": CHUNK})
+        with pytest.raises(ProtocolError, match="chunks\\[0\\] lies outside"):
+            await link.call(TrafficClass.CONTROL, "POST", "/v1/uploads",
+                            body=open_request(intent, [outside]))
