@@ -892,6 +892,12 @@ async def _held_body(source: Source, offset: int, length: int) -> memoryview | N
     return memoryview(await asyncio.to_thread(source.read, offset, length))
 
 
+def _retrieved(future: asyncio.Future[Receipt]) -> None:
+    """Done callback: the future's error is seen (its awaiter may have moved on)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _first_error(group: BaseExceptionGroup) -> BaseException:
     """The first TransferdError (or _Interrupted) inside a (nested) exception group; anything
     else (CancelledError, a bug) propagates as it is."""
@@ -1059,6 +1065,11 @@ class _ChunkPump:
         out of the queue and raises TransportError: the caller's `retrying` sends it again
         after a backoff."""
         future = self.channels.submit(item)
+        # One wrapper for every wait: a wait cut by its ENSURE_EVERY_S timeout leaves no wrapper
+        # of its own behind, and the error of a chunk nobody awaits any more (withdrawn, its
+        # send given up) counts as retrieved (no "Future exception was never retrieved").
+        receipt = asyncio.wrap_future(future)
+        receipt.add_done_callback(_retrieved)
         queued_at = time.monotonic()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("chunk.submitted", extra={"fields": {
@@ -1074,7 +1085,7 @@ class _ChunkPump:
                     async with asyncio.timeout(ENSURE_EVERY_S):
                         if self.via:  # a hung relay's channels must not hold up noticing it
                             await self._ensure()
-                        return await asyncio.shield(asyncio.wrap_future(future))
+                        return await asyncio.shield(receipt)
                 except TimeoutError:
                     if self.via:
                         self._check_relay(item, queued_at)

@@ -89,6 +89,7 @@ _MAX_PARTS = 10_000
 _WINDOW_BYTES = 64 * 1024 * 1024
 _HELD_BYTES = 256 * 1024 * 1024
 _GETS_AT_ONCE = 8
+_SLOT_WAIT_S = 60.0  # a window waiting longer for room gives up: its reader GETs its spans
 # A reader waits for the bytes of its span only, not its window's: a GET body is read straight
 # into the window (`readinto`, no piece allocated) in pieces of this size, each handed over as
 # it lands.
@@ -116,23 +117,29 @@ class _Budget:
             return ticket
 
     def acquire(self, ticket: int, size: int, timeout: float) -> bool:
+        """Wait until `ticket` is the first still waiting and `size` bytes fit, and take them;
+        False if the ticket was cancelled meanwhile (its source closed) or `timeout` passed."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while ticket != min(self._waiting) or (self.held and self.held + size > self.limit):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._waiting.discard(ticket)
-                    self._cond.notify_all()
-                    return False
-                self._cond.wait(remaining)
-            self._waiting.discard(ticket)
-            self.held += size
-            self.peak = max(self.peak, self.held)
-            self._cond.notify_all()
-            return True
+            try:
+                while ticket in self._waiting:
+                    first = ticket == min(self._waiting)
+                    if first and (not self.held or self.held + size <= self.limit):
+                        self.held += size
+                        self.peak = max(self.peak, self.held)
+                        return True
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return False
+            finally:
+                self._waiting.discard(ticket)
+                self._cond.notify_all()
 
     def cancel(self, ticket: int) -> None:
-        """A window that will never ask (its source closed first): the next one goes ahead."""
+        """A window that will not take its room (its source closed): the next one goes ahead,
+        and if it is waiting for room it stops."""
         with self._cond:
             self._waiting.discard(ticket)
             self._cond.notify_all()
@@ -207,25 +214,27 @@ class _Window:
 class _Fetcher:
     """GETs windows in the background, at most `_GETS_AT_ONCE` at once and `_HELD_BYTES` held:
     a window's bytes count from before its GET until a reader has taken every byte of it (or
-    its source closed). A window that cannot get room within a minute gives up (its reader then
-    reads its spans with GETs of their own)."""
+    its source closed). Room goes to the windows in the order they were asked for, which is
+    the order they are read in: a later window that took room first would hold it until the
+    reader is done with the earlier one, which waits for that very room. A window that cannot
+    get room within `_SLOT_WAIT_S` gives up (its reader then reads its spans with GETs of their
+    own)."""
 
     def __init__(self, client: Callable[[], Any] | None = None) -> None:
         self._client = client  # a blocking S3 client, if the store has one (`_make_client`)
         self._pool = ThreadPoolExecutor(_GETS_AT_ONCE, thread_name_prefix="transferd-s3-get")
         self.budget = _Budget(_HELD_BYTES)
         self._lock = threading.Lock()
+        self._order = threading.Lock()
 
     def fetch(self, source: ObjectSource, window: _Window) -> None:
-        window.ticket = self.budget.ticket()
-        window.future = self._pool.submit(self._get, source, window)
+        with self._order:  # tickets in the pool's order: the pool starts windows in that order
+            window.ticket = self.budget.ticket()
+            window.future = self._pool.submit(self._get, source, window)
 
     def _get(self, source: ObjectSource, w: _Window) -> bool:
-        if w.closed:
+        if w.closed or not self.budget.acquire(w.ticket, w.size, timeout=_SLOT_WAIT_S):
             self.budget.cancel(w.ticket)
-            w.fail()
-            return False
-        if not self.budget.acquire(w.ticket, w.size, timeout=60):
             w.fail()
             return False
         w.granted = True
@@ -270,10 +279,8 @@ class _Fetcher:
         """The source closed: stop (or never start) its GET and give its room back."""
         w.closed = True
         future = w.future
-        if future is None:
-            return
-        if future.cancel():
-            self.budget.cancel(w.ticket)
+        self.budget.cancel(w.ticket)  # its turn passes (or, waiting for room, it stops)
+        if future is None or future.cancel():
             return
         future.add_done_callback(lambda f: self.release(w) if f.result() else None)
 
