@@ -43,7 +43,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import blake3
 
@@ -70,6 +70,7 @@ __all__ = [
     "ArrivingBody",
     "ChunkSink",
     "DataListener",
+    "LoopBatches",
     "OutgoingChunk",
     "PassingChunk",
     "PeerChannels",
@@ -83,6 +84,7 @@ OPEN_TIMEOUT_S = 15.0  # an opening that has not finished by then is dropped
 # A channel whose chunks in flight have not moved for this long (no receipt, no byte acked)
 # is broken and its chunks sent again elsewhere: twice a 16 MiB chunk's time at 10 Mbit/s.
 STALL_S = 30.0
+STALL_CHECKS = 10  # times per `stall_s` the chunks' `ensure` looks for a stalled channel
 KEEPALIVE_IDLE_S = 30  # a peer that vanished without a FIN is noticed (TCP keepalive)
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 # Unsent bytes a channel's socket may hold: a sender thread takes its next chunk only when its
@@ -273,6 +275,52 @@ def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
     except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError) as exc:
         future.cancel()
         raise StorageError("receiver stopping") from exc
+
+
+class LoopBatches(Generic[T]):
+    """Items handed from worker threads to the event loop in batches: `run(loop, item)`
+    queues the item and blocks until `handle` (on the loop) has taken the batch holding it,
+    raising what `handle` raised. Whatever arrives while the loop has not run yet joins the
+    same batch: one wake-up of the loop and one call of `handle` for all of them, where a
+    coroutine per item cost a task, two futures and a wake-up each."""
+
+    def __init__(self, handle: Callable[[list[T]], None]) -> None:
+        self.handle = handle
+        self._lock = threading.Lock()
+        self._pending: list[tuple[T, concurrent.futures.Future[None]]] = []
+
+    def run(self, loop: asyncio.AbstractEventLoop, item: T) -> None:
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._lock:
+            self._pending.append((item, done))
+            first = len(self._pending) == 1
+        if first:
+            try:
+                loop.call_soon_threadsafe(self._drain)
+            except RuntimeError as exc:  # the loop is closed
+                self._drain_failed(StorageError(f"receiver stopping: {exc}"))
+        try:
+            done.result(LOOP_CALL_TIMEOUT_S)
+        except concurrent.futures.TimeoutError as exc:
+            raise StorageError("receiver stopping") from exc
+
+    def _drain_failed(self, error: BaseException) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for _item, done in batch:
+            done.set_exception(error)
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        try:
+            self.handle([item for item, _done in batch])
+        except Exception as exc:  # each waiting worker answers its chunk with it
+            for _item, done in batch:
+                done.set_exception(exc)
+        else:
+            for _item, done in batch:
+                done.set_result(None)
 
 
 # ---- sending ------------------------------------------------------------------------------------
@@ -560,6 +608,7 @@ class PeerChannels:
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self.stall_s = STALL_S
+        self._stall_check_at = 0.0  # monotonic: when `ensure` looks for stalled channels next
 
     # -- called from the event loop ----------------------------------------------------------
     def live(self) -> int:
@@ -570,8 +619,15 @@ class PeerChannels:
     async def ensure(self, count: int, address: Callable[[], Coroutine[Any, Any, tuple[str, int]]]
                      ) -> None:
         """At least `count` live channels (more are retired down to it); opens the missing
-        ones in parallel. TransportError (or AuthError) when the peer cannot be reached."""
-        self.break_stalled()
+        ones in parallel. TransportError (or AuthError) when the peer cannot be reached.
+        Called for every chunk sent: the stall check (a TCP_INFO read per channel) runs at
+        most every `stall_s / STALL_CHECKS` seconds, and with the count right nothing else."""
+        now = time.monotonic()
+        if now >= self._stall_check_at:
+            self._stall_check_at = now + self.stall_s / STALL_CHECKS
+            self.break_stalled()
+        if not self._open_lock.locked() and self.live() == count:
+            return
         async with self._open_lock:
             missing = count - self.live()
             if missing > 0:
@@ -853,16 +909,20 @@ class PeerChannels:
 
 
 class ChunkSink(Protocol):
-    """What a receiving channel needs from the daemon: on the event loop's thread (the journal
-    lives there) where a chunk goes and its booking, in a worker thread the bytes."""
+    """What a receiving channel needs from the daemon, all called in a worker thread: where a
+    chunk goes, the bytes, and its booking (the sink goes to the event loop `bind` gave it
+    where it must: the journal lives there)."""
 
-    async def chunk_targets(self, head: ch.ChunkHead, peer: str) -> Any: ...
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    def chunk_targets(self, head: ch.ChunkHead, peer: str) -> Any: ...
 
     def verify_and_write(self, head: ch.ChunkHead, body: memoryview, targets: Any,
                          body_blake3: str | None = None) -> None:
         """`body_blake3`: the body's hash, computed as it arrived (None: hash it here)."""
 
-    async def chunk_landed(self, head: ch.ChunkHead, peer: str, targets: Any) -> None: ...
+    def chunk_landed(self, head: ch.ChunkHead, peer: str, targets: Any) -> None:
+        """Booked (journaled) when it returns: the receipt may go."""
 
 
 class PassingChunk(Protocol):
@@ -915,6 +975,7 @@ class DataListener:
 
     def start(self, host: str, port: int, loop: asyncio.AbstractEventLoop) -> int:
         self._loop = loop
+        self.sink.bind(loop)
         server = socket.create_server((host, port), reuse_port=False, backlog=128)
         self._server = server
         self.port = server.getsockname()[1]
@@ -1043,14 +1104,13 @@ class DataListener:
     def _land(self, sock: socket.socket, send_lock: threading.Lock, session: ch.Session,
               peer: str, head: ch.ChunkHead, buf: mmap.mmap, view: memoryview,
               pooled: bool, body_blake3: str) -> None:
-        """Worker thread: check where the chunk goes (on the loop), verify (against the hash
-        taken as it arrived) and stage it (here), book it (on the loop), answer."""
-        assert self._loop is not None
+        """Worker thread: check where the chunk goes, verify (against the hash taken as it
+        arrived) and stage it, book it (the sink's journal), answer."""
         status, reason = ch.ReceiptStatus.OK, ""
         try:
-            targets = on_loop(self._loop, self.sink.chunk_targets(head, peer))
+            targets = self.sink.chunk_targets(head, peer)
             self.sink.verify_and_write(head, view, targets, body_blake3)
-            on_loop(self._loop, self.sink.chunk_landed(head, peer, targets))
+            self.sink.chunk_landed(head, peer, targets)
         except IntegrityError as exc:
             status, reason = ch.ReceiptStatus.DAMAGED, exc.message
             self.metrics.integrity_failures.labels(peer, "receiver").inc()
@@ -1068,11 +1128,10 @@ class DataListener:
 
     def _passed(self, sock: socket.socket, send_lock: threading.Lock, session: ch.Session,
                 peer: str, head: ch.ChunkHead, passing: PassingChunk) -> None:
-        """Worker thread: a chunk passed on as it arrived is booked (on the loop), then
-        answered when the next hop answers it (or at once if it could not be passed on)."""
-        assert self._loop is not None
+        """Worker thread: a chunk passed on as it arrived is booked, then answered when the
+        next hop answers it (or at once if it could not be passed on)."""
         with contextlib.suppress(TransferdError):
-            on_loop(self._loop, self.sink.chunk_landed(head, peer, passing))
+            self.sink.chunk_landed(head, peer, passing)
         passing.answer_later(functools.partial(_answer, sock, send_lock, session, peer, head))
 
 

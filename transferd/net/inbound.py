@@ -12,9 +12,10 @@ import contextlib
 import errno
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from transferd.errors import StorageError, TransferdError
+from transferd.net.channels import LoopBatches, on_loop
 from transferd.protocol.channel import ChunkHead
 from transferd.protocol.manifest import (
     CommitAnswer,
@@ -38,6 +39,14 @@ log = logging.getLogger("transferd.server")
 T = TypeVar("T")
 
 
+class _Landed(NamedTuple):
+    """A chunk staged by a worker, to book: its journal row, and what the metrics count."""
+
+    row: tuple[str, list[ChunkTarget], str]  # upload, targets, digest
+    peer: str
+    body_length: int
+
+
 class InboundUploads:
     def __init__(
         self,
@@ -52,6 +61,7 @@ class InboundUploads:
         self._workers = bulk_executor(workers, "transferd-chunk")
         self._commit_locks: dict[str, asyncio.Lock] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._bookings: LoopBatches[_Landed] = LoopBatches(self._book)
         # Resolved (and replaced) when a chunk lands: what a commit waiting for its last
         # chunks wakes on (`_until_staged`). None while no commit waits.
         self._next_landing: asyncio.Future[None] | None = None
@@ -123,11 +133,27 @@ class InboundUploads:
 
     # -- chunks from the data channels (net.channels.ChunkSink) ------------------------------
 
-    async def chunk_targets(self, head: ChunkHead, peer: str) -> list[ChunkTarget]:
-        """On the loop: where the chunk goes (the upload must be open, from this peer, and the
-        locations inside its files)."""
-        self._loop = asyncio.get_running_loop()
+    def chunk_targets(self, head: ChunkHead, peer: str) -> list[ChunkTarget]:
+        """In a channel worker: where the chunk goes (the upload must be open, from this peer,
+        and the locations inside its files). From the upload's row remembered by the receiver;
+        the first chunk of an upload (or one the receiver no longer holds open) asks the loop,
+        where the journal lives."""
+        got = self.receiver.chunk_targets(head.upload, peer, head.raw_length, head.locations)
+        if got is not None:
+            return got
+        return on_loop(self._loop_now(), self._targets(head, peer))
+
+    async def _targets(self, head: ChunkHead, peer: str) -> list[ChunkTarget]:
         return self.receiver.targets(head.upload, peer, head.raw_length, head.locations)
+
+    def _loop_now(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise StorageError("receiver not started")
+        return self._loop
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop that owns the journal (the data listener's workers book on it)."""
+        self._loop = loop
 
     def verify_and_write(
         self, head: ChunkHead, body: memoryview, targets: list[ChunkTarget],
@@ -145,14 +171,23 @@ class InboundUploads:
                 self._loop.call_soon_threadsafe(self._fail_if_full, head.upload, exc)
             raise
 
-    async def chunk_landed(self, head: ChunkHead, peer: str, targets: list[ChunkTarget]) -> None:
-        """On the loop: journal the staged chunk, count it."""
-        self.receiver.record(head.upload, targets, head.address)
-        self.metrics.bytes_received.labels(peer).inc(head.body_length)
-        self.metrics.chunks_received.labels(peer).inc()
-        landed, self._next_landing = self._next_landing, None
-        if landed is not None and not landed.done():
-            landed.set_result(None)
+    def chunk_landed(self, head: ChunkHead, peer: str, targets: list[ChunkTarget]) -> None:
+        """In a channel worker: journal the staged chunk and count it; returns once its row
+        is committed (then its receipt may go). The chunks that land while the loop is busy
+        are booked together, in one transaction and one wake-up of the loop."""
+        self._bookings.run(self._loop_now(), _Landed(
+            (head.upload, targets, head.address), peer, head.body_length))
+
+    def _book(self, batch: list[_Landed]) -> None:
+        """On the loop: one journal transaction for the chunks that landed since it last
+        woke."""
+        self.receiver.record_many([landed.row for landed in batch])
+        for landed in batch:
+            self.metrics.bytes_received.labels(landed.peer).inc(landed.body_length)
+            self.metrics.chunks_received.labels(landed.peer).inc()
+        waiting, self._next_landing = self._next_landing, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
 
     async def commit(
         self, upload: str, peer: str, signed: SignedManifest, wait_s: float = 0.0

@@ -656,16 +656,19 @@ class RoutingInbound:
         received whole (None)."""
         return self.relay.begin(head, peer) if self.relay.relays(head.upload) else None
 
-    async def chunk_targets(self, head: ch.ChunkHead, peer: str) -> Any:
-        return await self.inbound.chunk_targets(head, peer)
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.inbound.bind(loop)
+
+    def chunk_targets(self, head: ch.ChunkHead, peer: str) -> Any:
+        return self.inbound.chunk_targets(head, peer)
 
     def verify_and_write(self, head: ch.ChunkHead, body: memoryview, targets: Any,
                          body_blake3: str | None = None) -> None:
         self.inbound.verify_and_write(head, body, targets, body_blake3)
 
-    async def chunk_landed(self, head: ch.ChunkHead, peer: str, targets: Any) -> None:
+    def chunk_landed(self, head: ch.ChunkHead, peer: str, targets: Any) -> None:
         if isinstance(targets, _Forward):
             if targets.item is not None:
                 self.relay.metrics.bytes_received.labels(peer).inc(head.body_length)
             return
-        await self.inbound.chunk_landed(head, peer, targets)
+        self.inbound.chunk_landed(head, peer, targets)

@@ -3,8 +3,9 @@
 Sender side: jobs (what to replicate where, their state and counters); a resumed job learns
 what its destination still lacks from the destination's own answer to have/want, so nothing per
 chunk is kept here. Receiver side: open uploads, the chunks already staged for each, and an
-index of chunk hashes in committed files (the source for delta replication). Every write is its
-own short transaction, so a kill at any moment loses at most the in-flight chunk. Rows come
+index of chunk hashes in committed files (the source for delta replication). Every write is a
+short transaction (the chunks a receiver staged since its loop last woke are booked in one, and
+answered after it), so a kill at any moment loses at most the chunks in flight. Rows come
 back as typed values (`Job`, `Upload`, `Staged`, `ChunkLocation`), never as bare tuples.
 """
 
@@ -404,6 +405,20 @@ class Journal:
             "INSERT OR REPLACE INTO received (upload, file_index, offset, length, hash, in_place)"
             " VALUES (?,?,?,?,?,?)",
             ((upload, t.file, t.offset, t.length, digest, int(in_place)) for t in targets),
+        )
+
+    def record_received_many(
+        self, landed: Iterable[tuple[str, Iterable[ChunkTarget], str]]
+    ) -> None:
+        """Chunks staged (upload, targets, digest each), in one transaction: the receiver
+        books the chunks that landed since its loop last woke together, and answers their
+        receipts once this returns (a kill before then re-sends only those, still in flight
+        for their sender)."""
+        self._many(
+            "INSERT OR REPLACE INTO received (upload, file_index, offset, length, hash, in_place)"
+            " VALUES (?,?,?,?,?,0)",
+            ((upload, t.file, t.offset, t.length, digest)
+             for upload, targets, digest in landed for t in targets),
         )
 
     def in_place(self, upload: str) -> set[tuple[int, int]]:
