@@ -445,6 +445,7 @@ class Daemon:
                 for task in [*others, *self._source_tasks]:
                     task.cancel()
         finally:
+            self.inbound.stopping()  # commits held for their last chunks answer now (503)
             await stop_closing_every_connection(runner)
             await self.message_socket.close()
             # Channel threads may wait for this loop (a chunk's booking): close them off it.
