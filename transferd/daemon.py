@@ -445,7 +445,8 @@ class Daemon:
                 for task in [*others, *self._source_tasks]:
                     task.cancel()
         finally:
-            await self.message_socket.close()  # first: its requests' TaskGroup has ended
+            self.inbound.stopping()  # commits held for their last chunks answer now (503)
+            await self.message_socket.close()  # before the HTTP cleanup: its TaskGroup has ended
             await stop_closing_every_connection(runner)
             # Channel threads may wait for this loop (a chunk's booking): close them off it.
             await asyncio.to_thread(self.listener.close)

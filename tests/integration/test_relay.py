@@ -523,3 +523,34 @@ async def test_chunks_beyond_the_relays_memory_pass_through_its_spill_files(
         assert (window.in_memory, window.spilled) == (0, 0)
     assert file_blake3(tmp_path / "site-B" / "approved" / "sp.bin") == digest
     assert _held_at(tmp_path / "site-R") == []
+
+
+async def test_an_older_destination_behind_a_relay_is_opened_bare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B runs a release before `OpenRequest` (it refuses an open's `offer` as an unknown
+    field, 400): the relay passes the refusal back, A opens again bare through R with the
+    offer asked on its own, and the file lands."""
+    from transferd.errors import ProtocolError
+    from transferd.protocol.manifest import OpenRequest
+
+    src = tmp_path / "site-A" / "curated" / "old.bin"
+    digest = write_random(src, 3 * CHUNK, seed=11)
+    async with loopback_sites(tmp_path, chunk_size=CHUNK, compression="off", R=RELAY) as s:
+        a, b = s["A"], s["B"]
+        real_open = b.inbound.open
+        refusals: list[str] = []
+
+        async def old_open(request, peer):  # type: ignore[no-untyped-def]
+            if isinstance(request, OpenRequest) and request.offered:
+                refusals.append(peer)
+                raise ProtocolError("invalid UploadIntent: offer: Extra inputs are not permitted")
+            return await real_open(request, peer)
+
+        monkeypatch.setattr(b.inbound, "open", old_open)
+        [job_id] = a.sender.submit("curated/old.bin", ["B"], via=["R"])
+        [job] = await wait_for_jobs(a, [job_id])
+        assert job.state == "committed", job.error
+        assert refusals == ["R"]  # R passed the offer on; B refused it once
+        assert [peer for peer, _path in a.sender.bare_opens] == ["R"]  # later jobs: bare
+    assert file_blake3(tmp_path / "site-B" / "curated" / "old.bin") == digest

@@ -14,17 +14,26 @@ from tests.integration._data import file_blake3, write_random
 from tests.integration.test_auth_policy import send_chunk
 from transferd import TrafficClass
 from transferd.daemon import Daemon
-from transferd.errors import ProtocolError
+from transferd.errors import ProtocolError, TransferdError
+from transferd.net import inbound as inbound_mod
+from transferd.net import server as server_mod
 from transferd.protocol.channel import ReceiptStatus
-from transferd.protocol.manifest import ChunkRef, CommitAnswer, OfferAnswer, OpenAnswer
+from transferd.protocol.manifest import (
+    ChunkRef,
+    CommitAnswer,
+    OfferAnswer,
+    OpenAnswer,
+    UploadIntent,
+)
 from transferd.protocol.upload import (
     commit_path,
     offer_batches,
+    offer_refused,
     open_request,
     upload_intent,
     upload_manifest,
 )
-from transferd.protocol.wire import parse_body
+from transferd.protocol.wire import parse_body, to_body
 from transferd.testing import LinkProxy, loopback_pair, wait_for_jobs
 
 CHUNK = 64 * 1024
@@ -60,8 +69,45 @@ async def test_a_job_opens_with_its_first_offer_and_commits_ahead_of_its_receipt
     assert [m.status for m in link.captured if m.kind == "control"] == [200] * (batches + 1)
 
 
-async def _open(a: Daemon, data: list[bytes]) -> tuple[list[ChunkRef], OfferAnswer]:
-    intent = upload_intent(UPLOAD, "A", "B", "curated/w.bin", "file",
+def test_an_older_peers_refusal_of_the_offer_is_recognised() -> None:
+    """A receiver or relay before `OpenRequest` parses the open as `UploadIntent`: the offer
+    is refused for good (400), and the sender knows it for what it is."""
+    intent = upload_intent("A-job-0001", "A", "B", "curated/d", "file", [("", 30)])
+    with pytest.raises(ProtocolError) as refused:
+        parse_body(UploadIntent, to_body(open_request(intent, [])))
+    assert not refused.value.transient
+    assert offer_refused(refused.value)
+    assert not offer_refused(ProtocolError("invalid OpenRequest: offer.0.hash: too short"))
+
+
+async def test_an_older_receiver_is_opened_bare_and_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B parses opens as its release before `OpenRequest` did: the first job's open with an
+    offer is refused (400), opened again bare with have/want on its own, and later jobs to B
+    open bare at once. Both land."""
+    monkeypatch.setattr(server_mod, "OpenRequest", UploadIntent)
+    digests = [write_random(tmp_path / "site-A" / "curated" / f"{n}.bin", 3 * CHUNK, seed=n)
+               for n in range(2)]
+    link = LinkProxy(capture=True)
+    async with loopback_pair(tmp_path, link=link, chunk_size=CHUNK) as (a, _b):
+        for n in range(2):
+            [job_id] = a.sender.submit(f"curated/{n}.bin", ["B"])
+            [job] = await wait_for_jobs(a, [job_id])
+            assert job.state == "committed", job.error
+    for n, digest in enumerate(digests):
+        assert file_blake3(tmp_path / "site-B" / "curated" / f"{n}.bin") == digest
+    opens = [m.status for m in link.captured
+             if m.kind == "control" and m.path == "/v1/uploads"]
+    assert opens == [400, 200, 200]  # refused once, then bare: the second job at once
+    assert len([m for m in link.captured
+                if m.kind == "control" and m.path.endswith("/have")]) >= 2
+
+
+async def _open(
+    a: Daemon, data: list[bytes], upload: str = UPLOAD
+) -> tuple[list[ChunkRef], OfferAnswer]:
+    intent = upload_intent(upload, "A", "B", f"curated/{upload}.bin", "file",
                            [("", len(data) * CHUNK)])
     refs = [ChunkRef(file=0, offset=i * CHUNK, length=CHUNK,
                      hash=blake3.blake3(d).hexdigest()) for i, d in enumerate(data)]
@@ -70,14 +116,24 @@ async def _open(a: Daemon, data: list[bytes]) -> tuple[list[ChunkRef], OfferAnsw
     return refs, parse_body(OfferAnswer, reply.body)
 
 
-async def _commit(a: Daemon, refs: list[ChunkRef], wait_s: float) -> CommitAnswer:
-    intent = upload_intent(UPLOAD, "A", "B", "curated/w.bin", "file",
+async def _commit(
+    a: Daemon, refs: list[ChunkRef], wait_s: float, upload: str = UPLOAD
+) -> CommitAnswer:
+    intent = upload_intent(upload, "A", "B", f"curated/{upload}.bin", "file",
                            [("", len(refs) * CHUNK)])
     manifest = upload_manifest(intent, a.clock(), [[(r.hash, r.offset, r.length)
                                                     for r in refs]])
-    reply = await a.links["B"].call(TrafficClass.CONTROL, "POST", commit_path(UPLOAD, wait_s),
+    reply = await a.links["B"].call(TrafficClass.CONTROL, "POST", commit_path(upload, wait_s),
                                     body=manifest.sign(a.keyring), accept=(200, 409))
     return parse_body(CommitAnswer, reply.body)
+
+
+async def _until_waiting(b: Daemon, count: int) -> None:
+    async with asyncio.timeout(10):
+        for _ in iter(int, 1):  # until the commits reached B and wait there
+            if b.inbound.commits_waiting >= count:
+                return
+            await asyncio.sleep(0.005)
 
 
 async def test_a_commit_sent_ahead_is_answered_when_its_last_chunk_lands(
@@ -93,19 +149,73 @@ async def test_a_commit_sent_ahead_is_answered_when_its_last_chunk_lands(
         refused = await _commit(a, refs, 0.0)
         assert refused == CommitAnswer(committed=False, want=[(0, CHUNK), (0, 2 * CHUNK)])
         ahead = asyncio.create_task(_commit(a, refs, 10.0))
-        async with asyncio.timeout(10):
-            for _ in iter(int, 1):  # until it reached B and waits there
-                if b.inbound.commits_waiting:
-                    break
-                await asyncio.sleep(0.005)
+        await _until_waiting(b, 1)
         assert (await send_chunk(a, UPLOAD, data[1], at=CHUNK)).status is ReceiptStatus.OK
         await asyncio.sleep(0.05)
         assert not ahead.done()  # one chunk still missing: the commit waits for it
         assert b.inbound.commits_waiting == 1
-        assert not (tmp_path / "site-B" / "curated" / "w.bin").exists()
+        assert not (tmp_path / "site-B" / "curated" / f"{UPLOAD}.bin").exists()
         assert (await send_chunk(a, UPLOAD, data[2], at=2 * CHUNK)).status is ReceiptStatus.OK
         assert await ahead == CommitAnswer(committed=True)
-        assert (tmp_path / "site-B" / "curated" / "w.bin").read_bytes() == b"".join(data)
+        assert (tmp_path / "site-B" / "curated" / f"{UPLOAD}.bin").read_bytes() == b"".join(data)
+        assert b.inbound.commits_waiting == 0
+
+
+async def test_a_commit_held_for_its_chunks_wakes_only_on_its_own_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunks of another upload do not wake a held commit, and its own chunks are struck
+    off without reading the journal again: the upload's received rows are read once when the
+    commit arrives and once more under the commit lock."""
+    mine = [b"\x11" * CHUNK, b"\x12" * CHUNK]
+    other = [bytes([0x20 + i]) * CHUNK for i in range(6)]
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        refs, _ = await _open(a, mine)
+        await _open(a, other, upload="A-round-trip-other")
+        reads: list[str] = []
+        real_missing = b.receiver.missing
+
+        def counted(upload: str, manifest):  # type: ignore[no-untyped-def]
+            reads.append(upload)
+            return real_missing(upload, manifest)
+
+        monkeypatch.setattr(b.receiver, "missing", counted)
+        assert (await send_chunk(a, UPLOAD, mine[0], at=0)).status is ReceiptStatus.OK
+        ahead = asyncio.create_task(_commit(a, refs, 10.0))
+        await _until_waiting(b, 1)
+        assert reads == [UPLOAD]
+        for i, body in enumerate(other):
+            sent = await send_chunk(a, "A-round-trip-other", body, at=i * CHUNK)
+            assert sent.status is ReceiptStatus.OK
+        await asyncio.sleep(0.05)
+        assert reads == [UPLOAD], "a held commit re-read its upload on another's chunks"
+        assert not ahead.done()
+        assert (await send_chunk(a, UPLOAD, mine[1], at=CHUNK)).status is ReceiptStatus.OK
+        assert await ahead == CommitAnswer(committed=True)
+        assert reads == [UPLOAD, UPLOAD]  # the check under the commit lock
+
+
+async def test_commits_held_per_peer_are_capped_and_a_stop_answers_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond the cap a commit sent ahead is answered at once (409, what is missing); a held
+    commit is answered 503 (transient: the sender commits again) when the receiver stops."""
+    monkeypatch.setattr(inbound_mod, "COMMITS_WAITING_PER_PEER", 1)
+    data = [b"\x31" * CHUNK, b"\x32" * CHUNK]
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        refs, _ = await _open(a, data)
+        other_refs, _ = await _open(a, data, upload="A-round-trip-other")
+        held = asyncio.create_task(_commit(a, refs, 30.0))
+        await _until_waiting(b, 1)
+        async with asyncio.timeout(5):  # not held for its 30 s: answered at once
+            answer = await _commit(a, other_refs, 30.0, upload="A-round-trip-other")
+        assert answer == CommitAnswer(committed=False, want=[(0, 0), (0, CHUNK)])
+        assert b.inbound.commits_waiting == 1
+        b.inbound.stopping()
+        async with asyncio.timeout(5):
+            with pytest.raises(TransferdError, match="stopping") as stopped:
+                await held
+        assert stopped.value.transient
         assert b.inbound.commits_waiting == 0
 
 
@@ -118,7 +228,7 @@ async def test_a_commit_ahead_whose_chunks_stop_landing_is_refused_naming_them(
         assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.OK
         answer = await _commit(a, refs, 0.2)  # none lands for 0.2 s
         assert answer == CommitAnswer(committed=False, want=[(0, CHUNK)])
-        assert not (tmp_path / "site-B" / "curated" / "w.bin").exists()
+        assert not (tmp_path / "site-B" / "curated" / f"{UPLOAD}.bin").exists()
 
 
 async def test_open_shapes_old_and_new_and_a_bad_wait_are_answered_clearly(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import io
 import json
 import random
 import threading
@@ -178,26 +179,27 @@ def test_a_source_read_in_order_and_out_of_order_gives_the_objects_bytes(
 
 
 def _slots_back(store: ObjectStorage) -> bool:
-    """Every window slot of the store's fetcher is free again (within 5 s: a dropped window's
-    GET gives its slot back when it ends)."""
-    fetcher = store._fetcher
-    with fetcher._slots:
-        return fetcher._slots.wait_for(lambda: fetcher._free == objectstore._WINDOWS_AT_ONCE, 5)
+    """Every byte of window room of the store's fetcher is free again (within 5 s: a dropped
+    window's GET gives its room back when it ends)."""
+    budget = store._fetcher.budget
+    with budget._cond:
+        return budget._cond.wait_for(lambda: budget.held == 0, 5)
 
 
 def _asking(fetcher: objectstore._Fetcher) -> int:
     """How many windows' GETs wait for a slot."""
-    return len(fetcher._slots._waiters)  # type: ignore[attr-defined]
+    return len(fetcher.budget._cond._waiters)  # type: ignore[attr-defined]
 
 
 def test_a_window_slot_goes_to_the_window_read_next_even_when_later_ones_asked_first(
-    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every slot held by windows fetched ahead of the reader, and the later windows' GETs
     asking for a slot before the one the reader needs next (pool threads race): the slot the
     reader frees goes to the window it reads next. Handed out in the order asked, the later
     windows took every slot, which they keep until read, after the window the reader waited
     for a slot for a minute (a sender's job stood still: test_s3_kill's flaky hang)."""
+    monkeypatch.setattr(objectstore, "_HELD_BYTES", 4 * 5000)  # room for 4 of the 8 windows
     store = _store(moto_s3, s3_bucket, tmp_path / "state")
     blobs = {f"approved/o/s{i}.bin": bytes([i]) * 5000 for i in range(8)}
     for rel, data in blobs.items():
@@ -225,8 +227,8 @@ def test_a_window_slot_goes_to_the_window_read_next_even_when_later_ones_asked_f
             gets[i].join(5)
         for waiting, i in enumerate((7, 6, 5, 4), start=1):  # the later ones ask first
             gets[i].start()
-            with fetcher._slots:
-                assert fetcher._slots.wait_for(lambda n=waiting: _asking(fetcher) == n, 5)
+            with fetcher.budget._cond:
+                assert fetcher.budget._cond.wait_for(lambda n=waiting: _asking(fetcher) == n, 5)
         assert bytes(sources[0].read(0, 5000)) == blobs["approved/o/s0.bin"]  # frees a slot
         gets[4].join(5)
         assert not gets[4].is_alive()  # window 4 got it and landed
@@ -263,7 +265,7 @@ def test_small_objects_arrive_whole_in_parallel_and_give_their_memory_back(
             source.close()
     for source in unread:
         source.close()
-    assert _slots_back(store)  # every slot came back
+    assert _slots_back(store)  # every window's room came back
 
 
 def test_the_readmes_s3_site_config_loads(tmp_path: Path) -> None:
@@ -508,7 +510,7 @@ def test_a_large_object_is_read_in_windows_as_they_land_and_a_replaced_one_reads
         assert source.changed()
     finally:
         source.close()
-    assert _slots_back(store)  # every slot came back
+    assert _slots_back(store)  # every window's room came back
 
 
 def test_options_only_s3fs_understands_keep_the_s3fs_path(
@@ -571,3 +573,67 @@ def test_opening_an_upload_of_a_folder_costs_one_listing_of_the_store(
     assert store.sizes(["approved/d/m00.bin", "approved/d/m01.bin"]) == [4, None]
     receiver.close()
     journal.close()
+
+
+def test_windows_held_stay_within_the_byte_budget_and_are_granted_in_the_order_opened(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three sources of 5 windows each, room for two windows: the first source's first two are
+    fetched (not a later source's, though 8 GETs may run), nothing more until the reader takes
+    them; reading all three in order returns every byte with one GET per window, and the bytes
+    held never exceed the budget."""
+    monkeypatch.setattr(objectstore, "_WINDOW_BYTES", 10_000)
+    monkeypatch.setattr(objectstore, "_HELD_BYTES", 25_000)
+    monkeypatch.setattr(objectstore, "_READ_PIECE_BYTES", 3_000)
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    datas = [random.Random(20 + i).randbytes(45_678) for i in range(3)]
+    for i, data in enumerate(datas):
+        store.fs.pipe_file(store.path(f"curated/o{i}.bin"), data)
+    budget = store._fetcher.budget
+    gets: list[str] = []
+    store._client().meta.events.register(
+        "before-send.s3.GetObject", lambda request, **_kw: gets.append(request.url)
+    )
+    sources = [store.open_source(f"curated/o{i}.bin") for i in range(3)]
+    try:
+        windows = [w for source in sources for w in source._windows]  # type: ignore[attr-defined]
+        assert len(windows) == 15
+        deadline = time.monotonic() + 10
+        while not all(w.got == w.size for w in windows[:2]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # room for a third window would be taken by now
+        assert [w.granted for w in windows] == [True, True] + [False] * 13
+        assert budget.held == 20_000
+        for source, data in zip(sources, datas, strict=True):
+            read = b"".join(
+                bytes(source.read(off, min(4_096, len(data) - off)))
+                for off in range(0, len(data), 4_096)
+            )
+            assert read == data
+        assert budget.peak <= 25_000
+        assert len(gets) == 15, gets  # no span needed a GET of its own
+    finally:
+        for source in sources:
+            source.close()
+    assert budget.held == 0
+
+
+def test_a_window_reads_its_body_to_the_end_so_the_store_crc_is_checked() -> None:
+    """The body is read into the window and then to its end: botocore checks the CRC the store
+    keeps only there, and a body longer than asked for is an error, not a silent truncation."""
+    from botocore.exceptions import FlexibleChecksumError
+    from botocore.httpchecksum import Crc32Checksum, StreamingChecksumBody
+
+    data = random.Random(9).randbytes(7_000)
+
+    def body(crc_of: bytes) -> StreamingChecksumBody:
+        expected = base64.b64encode(zlib.crc32(crc_of).to_bytes(4, "big")).decode()
+        return StreamingChecksumBody(io.BytesIO(data), len(data), Crc32Checksum(), expected)
+
+    window = objectstore._Window(0, len(data))
+    window.feed(body(data))
+    assert bytes(window.span(0, len(data)) or b"") == data
+    with pytest.raises(FlexibleChecksumError):
+        objectstore._Window(0, len(data)).feed(body(data[:-1] + b"x"))
+    with pytest.raises(OSError, match="more than"):
+        objectstore._Window(0, 6_000).feed(io.BytesIO(data))

@@ -15,6 +15,7 @@ from transferd.protocol.upload import (
     check_intent,
     check_manifest,
     chunk_targets,
+    commit_wait_s,
     missing,
     plan_offer,
     refused,
@@ -94,3 +95,17 @@ def test_a_refused_commit_resolves_to_the_chunks_to_send_again() -> None:
         resend(CommitAnswer(committed=False, want=[(0, 5)]), chunks)
     with pytest.raises(ProtocolError, match="without naming"):
         resend(CommitAnswer(committed=False), chunks)
+
+
+@pytest.mark.parametrize("raw", ["\u00b2", "\u0661\u0662", "abc", "-5", "1e3", "1234567890"])
+def test_a_commit_wait_that_is_no_ascii_number_is_refused_naming_it(raw: str) -> None:
+    """"²" and other Unicode digits pass str.isdigit() but not int(): a ProtocolError (400)
+    naming the parameter, never a ValueError (500)."""
+    with pytest.raises(ProtocolError, match="wait_ms"):
+        commit_wait_s(raw)
+
+
+def test_a_commit_wait_is_read_in_milliseconds_and_capped() -> None:
+    assert commit_wait_s(None) == 0.0
+    assert commit_wait_s("2500") == 2.5
+    assert commit_wait_s("999999999") == 60.0

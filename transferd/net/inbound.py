@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple, TypeVar
 
-from transferd.errors import StorageError, TransferdError
+from transferd.errors import StorageError, TransferdError, TransportError
 from transferd.net.channels import LoopBatches, on_loop
 from transferd.protocol.channel import ChunkHead
 from transferd.protocol.manifest import (
@@ -47,6 +47,25 @@ class _Landed(NamedTuple):
     body_length: int
 
 
+# At most this many commits of one peer held for their last chunks at once; beyond it a commit
+# sent ahead is answered at once (409 with what is missing, as without `?wait_ms=`).
+COMMITS_WAITING_PER_PEER = 64
+
+
+class _Waiting:
+    """A commit held for its upload's last chunks: the chunks still missing (as booked chunks
+    land, without reading the journal again) and the future its chunks' bookings wake."""
+
+    def __init__(self, missing: list[tuple[int, int]]) -> None:
+        self.missing = set(missing)
+        self.landed = asyncio.get_running_loop().create_future()
+        self.progress = False
+
+    def wake(self) -> None:
+        if not self.landed.done():
+            self.landed.set_result(None)
+
+
 class InboundUploads:
     def __init__(
         self,
@@ -62,10 +81,20 @@ class InboundUploads:
         self._commit_locks: dict[str, asyncio.Lock] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bookings: LoopBatches[_Landed] = LoopBatches(self._book)
-        # Resolved (and replaced) when a chunk lands: what a commit waiting for its last
-        # chunks wakes on (`_until_staged`). None while no commit waits.
-        self._next_landing: asyncio.Future[None] | None = None
+        # The commits held for their last chunks (`_until_staged`), by upload: woken only by
+        # the bookings of their own upload's chunks; counted by peer (capped).
+        self._waiting: dict[str, list[_Waiting]] = {}
+        self._waiting_by_peer: dict[str, int] = {}
+        self._stopping = False
         self.commits_waiting = 0  # commits sent ahead, waiting for their last chunks now
+
+    def stopping(self) -> None:
+        """The daemon stops: a commit held for its last chunks is answered now (503, the
+        sender asks again later) rather than holding the stop for its grace period."""
+        self._stopping = True
+        for waiters in self._waiting.values():
+            for waiter in waiters:
+                waiter.wake()
 
     @property
     def workers(self) -> concurrent.futures.Executor:
@@ -185,9 +214,18 @@ class InboundUploads:
         for landed in batch:
             self.metrics.bytes_received.labels(landed.peer).inc(landed.body_length)
             self.metrics.chunks_received.labels(landed.peer).inc()
-        waiting, self._next_landing = self._next_landing, None
-        if waiting is not None and not waiting.done():
-            waiting.set_result(None)
+        if not self._waiting:
+            return
+        woken: list[_Waiting] = []
+        for landed in batch:
+            upload, targets, _digest = landed.row
+            for waiter in self._waiting.get(upload, ()):
+                waiter.missing.difference_update((t.file, t.offset) for t in targets)
+                if not waiter.progress:
+                    waiter.progress = True
+                    woken.append(waiter)
+        for waiter in woken:  # each once per batch
+            waiter.wake()
 
     async def commit(
         self, upload: str, peer: str, signed: SignedManifest, wait_s: float = 0.0
@@ -200,12 +238,16 @@ class InboundUploads:
         if self.receiver.committed(upload, peer):
             return CommitAnswer(committed=True)  # a retry whose first answer was lost
         manifest = self.receiver.check_manifest(upload, peer, signed)
-        if wait_s > 0:
+        if wait_s > 0 and self._waiting_by_peer.get(peer, 0) < COMMITS_WAITING_PER_PEER:
             self.commits_waiting += 1
+            self._waiting_by_peer[peer] = self._waiting_by_peer.get(peer, 0) + 1
             try:
                 await self._until_staged(upload, manifest, wait_s)
             finally:
                 self.commits_waiting -= 1
+                left = self._waiting_by_peer.pop(peer) - 1
+                if left:
+                    self._waiting_by_peer[peer] = left
         async with self._commit_lock(upload):
             if self.receiver.committed(upload, peer):
                 return CommitAnswer(committed=True)  # a twin commit (a retry) did it meanwhile
@@ -238,24 +280,35 @@ class InboundUploads:
 
     async def _until_staged(self, upload: str, manifest: Manifest, idle_s: float) -> None:
         """Until no chunk of the manifest is missing, no more of them landed for `idle_s`,
-        or COMMIT_WAIT_MAX_S passed (the sender's HTTP read timeout lies beyond it)."""
+        or COMMIT_WAIT_MAX_S passed (the sender's HTTP read timeout lies beyond it). The
+        journal is read once; the chunks of this upload booked meanwhile are struck off
+        (the check under the commit lock reads it again). TransportError (503) when the
+        daemon stops meanwhile."""
         loop = asyncio.get_running_loop()
         end = loop.time() + COMMIT_WAIT_MAX_S
-        missing = len(self.receiver.missing(upload, manifest))
-        quiet_until = loop.time() + idle_s
-        while missing:
-            left = min(quiet_until, end) - loop.time()
-            if left <= 0:
-                return
-            if self._next_landing is None:
-                self._next_landing = loop.create_future()
-            try:
-                async with asyncio.timeout(left):
-                    await asyncio.shield(self._next_landing)
-            except TimeoutError:
-                return
-            now_missing = len(self.receiver.missing(upload, manifest))
-            if now_missing < missing:
-                quiet_until = loop.time() + idle_s
-            missing = now_missing
-
+        waiter = _Waiting(self.receiver.missing(upload, manifest))
+        waiters = self._waiting.setdefault(upload, [])
+        waiters.append(waiter)
+        try:
+            quiet_until = loop.time() + idle_s
+            while waiter.missing:
+                if self._stopping:
+                    exc = TransportError("the receiver is stopping; commit again later")
+                    exc.http_status = 503
+                    raise exc
+                left = min(quiet_until, end) - loop.time()
+                if left <= 0:
+                    return
+                try:
+                    async with asyncio.timeout(left):
+                        await waiter.landed
+                except TimeoutError:
+                    return
+                waiter.landed = loop.create_future()
+                if waiter.progress:
+                    waiter.progress = False
+                    quiet_until = loop.time() + idle_s
+        finally:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._waiting[upload]

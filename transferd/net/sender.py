@@ -67,6 +67,7 @@ from transferd.protocol.routes import Route, open_query
 from transferd.protocol.upload import (
     commit_path,
     offer_batches,
+    offer_refused,
     open_request,
     plan_offer,
     resend,
@@ -92,6 +93,9 @@ __all__ = ["Sender"]
 
 A = TypeVar("A", bound=WireModel)
 
+# How long a route that refused an open carrying an offer gets bare opens before it is tried
+# with the offer again (its peer may have been upgraded meanwhile).
+BARE_OPEN_S = 600.0
 log = logging.getLogger("transferd.sender")
 
 HAVE_BATCH = 8  # chunks hashed and queried per round trip; bounds the fetched bodies held
@@ -167,6 +171,10 @@ class Sender:
         self._ended = asyncio.Event()  # replaced by a fresh one each time a job ends
         # Per job: its commit sent ahead of the last chunks' receipts (`_commit_ahead`).
         self._ahead: dict[str, asyncio.Task[bool]] = {}
+        # Routes (first hop, open path) whose receiver or relay refused an open carrying an
+        # offer (a release before `OpenRequest`), and when: their opens go bare, the offer
+        # asked on its own, until BARE_OPEN_S passed (the peer may have been upgraded).
+        self.bare_opens: dict[tuple[str, str], float] = {}
         # Spans hashed at once, all jobs together (`_hash_spans`): one per core.
         self._hashing = asyncio.Semaphore(os.cpu_count() or 1)
 
@@ -864,7 +872,7 @@ async def _hash_spans(
     hashes (`file_digest`). At most `slots` spans are hashed at once (one per core): a batch
     of 8 took every thread of the loop's pool, and the chunks about to be sent (their
     compression probe runs there too) waited for the hashing of the next batch (25-45 ms
-    per batch in a 40 ms-RTT job's timeline)."""
+    per batch in a 40 ms-RTT job's timeline). A fetched source's reads take no slot."""
 
     async def bounded(work: Callable[[], str]) -> str:
         async with slots:
@@ -878,8 +886,9 @@ async def _hash_spans(
     def read() -> list[memoryview]:
         return [memoryview(source.read(off, n)) for off, n in spans]
 
-    async with slots:
-        bodies = await asyncio.to_thread(read)
+    # The fetch (an object store's GET: mostly waiting on the network) holds no hashing slot;
+    # only the blake3 calls are bounded.
+    bodies = await asyncio.to_thread(read)
     hashes = await asyncio.gather(*(bounded(functools.partial(blake3_hex, b)) for b in bodies))
     return list(hashes), list[memoryview | None](bodies)
 
@@ -1007,15 +1016,41 @@ class _ChunkPump:
         )
 
     async def _open(self, refs: list[ChunkRef]) -> HaveAnswer:
-        answer = await self.sender._control(
-            self.job, self.link, self.open_path, open_request(self.intent, refs), OfferAnswer,
-            budget_s=self.budget_s,
+        route = (self.link.peer, self.open_path)
+        bare_since = self.sender.bare_opens.get(route)
+        if bare_since is None or time.monotonic() - bare_since > BARE_OPEN_S:
+            try:
+                offered = await self.sender._control(
+                    self.job, self.link, self.open_path, open_request(self.intent, refs),
+                    OfferAnswer, budget_s=self.budget_s,
+                )
+            except ProtocolError as exc:
+                if not offer_refused(exc):
+                    raise
+                self.sender.bare_opens[route] = time.monotonic()
+                log.info("upload.open_bare", extra={"fields": {
+                    "peer": self.link.peer, "path": self.open_path, "reason": exc.message}})
+            else:
+                self.sender.bare_opens.pop(route, None)
+                self._opened(offered)
+                return HaveAnswer(want=offered.want)
+        # An older receiver (or relay): the bare intent, then have/want for the offer.
+        opened = await self.sender._control(
+            self.job, self.link, self.open_path, self.intent, OpenAnswer, budget_s=self.budget_s
         )
+        self._opened(opened)
+        if not refs:
+            return HaveAnswer(want=[])
+        return await self.sender._control(
+            self.job, self.link, HAVE_ROUTE.format(upload=self.upload),
+            HaveRequest(chunks=refs), HaveAnswer, budget_s=self.budget_s,
+        )
+
+    def _opened(self, answer: OpenAnswer) -> None:
         self.opened = self.loop.create_future()
         self.opened.set_result(answer)
         if answer.committed:
             raise _AlreadyCommitted
-        return HaveAnswer(want=answer.want)
 
     def spawn(
         self,
@@ -1197,11 +1232,13 @@ class _ChunkPump:
                     f"{peer} received chunk {digest[:16]} damaged: {receipt.reason}",
                     transient=True,
                 )
+            if receipt.status in (ReceiptStatus.STORAGE, ReceiptStatus.REFUSED) and (
+                await s.committed_ahead(self.job.id)
+            ):
+                return encoded, wire  # sent again, it found its upload committed (sealed)
             if receipt.status is ReceiptStatus.STORAGE:
                 raise StorageError(f"{peer}: {receipt.reason}")
             if receipt.status is ReceiptStatus.REFUSED:
-                if await s.committed_ahead(self.job.id):
-                    return encoded, wire
                 raise ProtocolError(f"{peer} refused a chunk: {receipt.reason}")
             if receipt.status is ReceiptStatus.UNREACHABLE:
                 raise TransportError(f"{peer} could not pass a chunk on: {receipt.reason}",

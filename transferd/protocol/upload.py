@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from netplan.plan import Tier
-from transferd.errors import PolicyViolation, ProtocolError
+from transferd.errors import PolicyViolation, ProtocolError, TransferdError
 from transferd.protocol.http_paths import COMMIT_ROUTE
 from transferd.protocol.manifest import (
     MAX_COMMIT_WANT,
@@ -64,6 +64,7 @@ __all__ = [
     "member_paths",
     "missing",
     "offer_batches",
+    "offer_refused",
     "open_request",
     "plan_offer",
     "refused",
@@ -216,7 +217,7 @@ def commit_wait_s(raw: str | None) -> float:
     COMMIT_WAIT_MAX_S; ProtocolError naming the parameter otherwise."""
     if raw is None:
         return 0.0
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise ProtocolError(f"wait_ms: {raw[:32]!r} is not a whole number of milliseconds")
     return min(int(raw) / 1e3, COMMIT_WAIT_MAX_S)
 
@@ -264,6 +265,17 @@ def upload_intent(
 def open_request(intent: UploadIntent, offer: Sequence[ChunkRef]) -> OpenRequest:
     """The upload's open carrying have/want for its first chunks (`offer`, possibly none)."""
     return OpenRequest.model_validate({**intent.model_dump(), "offer": list(offer)})
+
+
+# How a receiver or relay older than `OpenRequest` (its open parsed as `UploadIntent`, unknown
+# fields refused) answers an open that carries an offer: 400 naming the field.
+_OFFER_REFUSED = "invalid UploadIntent: offer: Extra inputs are not permitted"
+
+
+def offer_refused(exc: TransferdError) -> bool:
+    """`exc` is an older peer's refusal of the open's `offer` (open again with the bare
+    intent, and ask have/want for the offer on its own)."""
+    return isinstance(exc, ProtocolError) and _OFFER_REFUSED in exc.message
 
 
 def upload_manifest(

@@ -80,16 +80,74 @@ _STREAM_MIN_BYTES = 5 * 1024 * 1024
 # S3 allows at most 10,000 parts per upload: a larger file gets larger parts.
 _MAX_PARTS = 10_000
 # An object is read as windows of up to this many bytes, one GET each (the whole object, without
-# a Range, when it fits in one: botocore then checks its CRC if the store keeps one). At most
-# _WINDOWS_AT_ONCE windows are held at a time, across every source of the site (memory bounded
-# by 4 x 64 MiB), fetched in the order the sources were opened and read: the sender reads its
-# files, and each file's chunks, in order.
+# a Range, when it fits in one: botocore then checks the CRC the store keeps, once the body has
+# been read to its end). The windows held at a time, across every source of the site, are bounded
+# by bytes (`_HELD_BYTES`: memory 256 MiB, whatever the objects' sizes) and by GETs in flight
+# (`_GETS_AT_ONCE`), and are granted strictly in the order the sources were opened (`_Budget`):
+# the sender reads its files, and each file's chunks, in order. Small objects thus get more GETs
+# at once (8 x 32 MiB) than large ones (4 x 64 MiB), where a count of windows held 4 x 32 MiB.
 _WINDOW_BYTES = 64 * 1024 * 1024
-_WINDOWS_AT_ONCE = 4
-_SLOT_WAIT_S = 60.0  # a window waiting longer for a slot gives up: its reader GETs its spans
-# A reader waits for the bytes of its span only, not its window's: a GET body is read in pieces
-# of this size, each handed over as it lands.
+_HELD_BYTES = 256 * 1024 * 1024
+_GETS_AT_ONCE = 8
+_SLOT_WAIT_S = 60.0  # a window waiting longer for room gives up: its reader GETs its spans
+# A reader waits for the bytes of its span only, not its window's: a GET body is read straight
+# into the window (`readinto`, no piece allocated) in pieces of this size, each handed over as
+# it lands.
 _READ_PIECE_BYTES = 1024 * 1024
+
+
+class _Budget:
+    """The bytes of windows held (fetched or being fetched, not yet all taken by their reader),
+    at most `limit`, granted in ticket order: a later window never takes the room an earlier one
+    waits for, so the window the reader needs next is never stuck behind ones it needs later."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0  # the most ever held (tests check the bound)
+        self._next = 0
+        self._waiting: set[int] = set()
+        self._cond = threading.Condition()
+
+    def ticket(self) -> int:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            self._waiting.add(ticket)
+            return ticket
+
+    def acquire(self, ticket: int, size: int, timeout: float) -> bool:
+        """Wait until `ticket` is the first still waiting and `size` bytes fit, and take them;
+        False if the ticket was cancelled meanwhile (its source closed) or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            try:
+                while ticket in self._waiting:
+                    first = ticket == min(self._waiting)
+                    if first and (not self.held or self.held + size <= self.limit):
+                        self.held += size
+                        self.peak = max(self.peak, self.held)
+                        return True
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return False
+            finally:
+                self._waiting.discard(ticket)
+                self._cond.notify_all()
+
+    def cancel(self, ticket: int) -> None:
+        """A window that will not take its room (its source closed): the next one goes ahead,
+        and if it is waiting for room it stops."""
+        with self._cond:
+            self._waiting.discard(ticket)
+            self._cond.notify_all()
+
+    def release(self, size: int) -> None:
+        with self._cond:
+            self.held -= size
+            self._cond.notify_all()
 
 
 class _Window:
@@ -103,28 +161,37 @@ class _Window:
         self.taken = 0
         self.failed = False
         self.closed = False  # its source was closed: stop reading
-        self.released = False  # its slot was given back
+        self.granted = False  # its bytes count in the budget
+        self.released = False  # and were given back
+        self.ticket = -1
         self.cond = threading.Condition()
         self.future: Future[bool] | None = None
-        self.turn = 0  # its place in the order slots are given in (`_Fetcher.fetch`)
 
     def feed(self, body: Any) -> None:
-        """In the GET thread: read `body` into the window, waking readers piece by piece."""
+        """In the GET thread: read `body` into the window, waking readers piece by piece. The
+        body is then read to its end, which is when botocore checks the object's CRC."""
         buf = bytearray(self.size)
         view = memoryview(buf)
         with self.cond:
             self.buf = buf
+        readinto = getattr(body, "readinto", None)
         while self.got < self.size:
             if self.closed:
                 raise OSError("source closed")
-            data = body.read(min(_READ_PIECE_BYTES, self.size - self.got))
-            if not data:
+            end = min(self.got + _READ_PIECE_BYTES, self.size)
+            if readinto is not None:
+                n = readinto(view[self.got : end])
+            else:
+                data = body.read(end - self.got)
+                n = len(data)
+                view[self.got : self.got + n] = data
+            if not n:
                 raise OSError(f"the store sent {self.got} of {self.size} bytes")
-            n = len(data)
-            view[self.got : self.got + n] = data
             with self.cond:
                 self.got += n
                 self.cond.notify_all()
+        if body.read(1):
+            raise OSError(f"the store sent more than the {self.size} bytes asked for")
 
     def fail(self) -> None:
         with self.cond:
@@ -145,53 +212,32 @@ class _Window:
 
 
 class _Fetcher:
-    """GETs windows in the background, at most `_WINDOWS_AT_ONCE` held at once: a slot is taken
-    before the GET and given back once a reader has taken every byte of the window (or its
-    source closed). Slots go to the windows in the order they were asked for, which is the
-    order they are read in: a later window that took a slot first would hold it until the
-    reader is done with the earlier one, which waits for that very slot (`_turn`). A window
-    that cannot get a slot within `_SLOT_WAIT_S` gives up (its reader then reads its spans with
-    GETs of their own)."""
+    """GETs windows in the background, at most `_GETS_AT_ONCE` at once and `_HELD_BYTES` held:
+    a window's bytes count from before its GET until a reader has taken every byte of it (or
+    its source closed). Room goes to the windows in the order they were asked for, which is
+    the order they are read in: a later window that took room first would hold it until the
+    reader is done with the earlier one, which waits for that very room. A window that cannot
+    get room within `_SLOT_WAIT_S` gives up (its reader then reads its spans with GETs of their
+    own)."""
 
     def __init__(self, client: Callable[[], Any] | None = None) -> None:
         self._client = client  # a blocking S3 client, if the store has one (`_make_client`)
-        self._pool = ThreadPoolExecutor(_WINDOWS_AT_ONCE, thread_name_prefix="transferd-s3-get")
-        self._free = _WINDOWS_AT_ONCE  # slots not held by a window
-        self._asked: dict[int, None] = {}  # the turns of windows still to get a slot, in order
-        self._turns = 0
-        self._slots = threading.Condition()
+        self._pool = ThreadPoolExecutor(_GETS_AT_ONCE, thread_name_prefix="transferd-s3-get")
+        self.budget = _Budget(_HELD_BYTES)
         self._lock = threading.Lock()
+        self._order = threading.Lock()
 
     def fetch(self, source: ObjectSource, window: _Window) -> None:
-        with self._slots:  # turns in the pool's order: the pool starts windows in turn order
-            window.turn = self._turns
-            self._turns += 1
-            self._asked[window.turn] = None
+        with self._order:  # tickets in the pool's order: the pool starts windows in that order
+            window.ticket = self.budget.ticket()
             window.future = self._pool.submit(self._get, source, window)
 
-    def _turn(self, w: _Window) -> bool:
-        """Wait until `w` is the first window asking and a slot is free, and take it; False if
-        its source closed or `_SLOT_WAIT_S` passed."""
-        deadline = time.monotonic() + _SLOT_WAIT_S
-        with self._slots:
-            try:
-                while not w.closed and not (self._free and next(iter(self._asked)) == w.turn):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return False
-                    self._slots.wait(left)
-                if w.closed:
-                    return False
-                self._free -= 1
-                return True
-            finally:
-                self._asked.pop(w.turn, None)
-                self._slots.notify_all()
-
     def _get(self, source: ObjectSource, w: _Window) -> bool:
-        if not self._turn(w):
+        if w.closed or not self.budget.acquire(w.ticket, w.size, timeout=_SLOT_WAIT_S):
+            self.budget.cancel(w.ticket)
             w.fail()
             return False
+        w.granted = True
         t0 = time.time()
         try:
             whole = w.start == 0 and w.size == source.size
@@ -222,24 +268,19 @@ class _Fetcher:
 
     def release(self, w: _Window) -> None:
         with self._lock:
-            if w.released:
+            if w.released or not w.granted:
                 return
             w.released = True
         with w.cond:
             w.buf = None  # the readers' views keep what they took
-        with self._slots:
-            self._free += 1
-            self._slots.notify_all()
+        self.budget.release(w.size)
 
     def drop(self, w: _Window) -> None:
-        """The source closed: stop (or never start) its GET and give its slot back."""
+        """The source closed: stop (or never start) its GET and give its room back."""
         w.closed = True
         future = w.future
-        with self._slots:  # its turn passes (or, waiting for it, it sees `closed`)
-            if future is None or future.cancel():
-                self._asked.pop(w.turn, None)
-            self._slots.notify_all()
-        if future is None or future.cancelled():
+        self.budget.cancel(w.ticket)  # its turn passes (or, waiting for room, it stops)
+        if future is None or future.cancel():
             return
         future.add_done_callback(lambda f: self.release(w) if f.result() else None)
 

@@ -66,9 +66,13 @@ class Staging:
     # Writes run on worker threads while the upload may be given up (a full disk, an abort):
     # a discarded staging makes no file again, and its descriptors close when the last write
     # in flight is done (never under a write: the number could be reused by another file).
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # A committing upload's staging is sealed (`close`): a write still in flight (a chunk sent
+    # again, its upload committed meanwhile) finishes before the descriptors close, and a
+    # write after it is refused.
+    _lock: threading.Condition = field(default_factory=threading.Condition)
     _writing: int = 0
     _discarded: bool = False
+    _sealed: bool = False
     # Keep the CRC-32 of every span written (member -> offset -> (length, crc)): the uploads of
     # an object store send it as their checksum (`member_crc32`).
     crc32: bool = False
@@ -135,6 +139,8 @@ class Staging:
         try:
             with self._lock:
                 self._live()
+                if self._sealed:
+                    raise StorageError("the upload is committed", path=self.dir)
                 self._writing += 1
                 fd = self._fd(index)  # made and reserved at its first bytes
                 direct = (
@@ -153,8 +159,10 @@ class Staging:
             finally:
                 with self._lock:
                     self._writing -= 1
-                    if self._discarded and not self._writing:
-                        self._close_fds()
+                    if not self._writing:
+                        if self._discarded:
+                            self._close_fds()
+                        self._lock.notify_all()
         except OSError as exc:
             raise storage_error("writing a chunk", exc, self.dir) from exc
 
@@ -200,7 +208,11 @@ class Staging:
             raise storage_error("fsync of staged files", exc, self.dir) from exc
 
     def close(self) -> None:
+        """Seal the staged files (the upload commits): writes in flight finish first (their
+        descriptors are never closed under them), later writes are refused."""
         with self._lock:
+            self._sealed = True
+            self._lock.wait_for(lambda: not self._writing)
             self._close_fds()
 
     def _close_fds(self) -> None:
