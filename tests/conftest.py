@@ -14,13 +14,15 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from benchmarks.backends import BackendChoice, probe_backend
-from benchmarks.errors import LabError
 from tests.browser import Chromium, find_chromium
 from transferd.testing import MotoS3Server
+
+if TYPE_CHECKING:
+    from benchmarks.backends import BackendChoice
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +49,10 @@ def _lab_backend() -> BackendChoice | str:
         return "network namespaces are Linux's"
     if os.geteuid() != 0:
         return "needs root to create network namespaces"
+    # Imported here: only a run with a `netns` test loads the benchmark harness.
+    from benchmarks.backends import probe_backend
+    from benchmarks.errors import LabError
+
     try:
         return probe_backend()
     except LabError as exc:

@@ -73,3 +73,8 @@ def test_netplan_analyze_without_html_does_not_load_the_page_stack() -> None:
                  ".yaml', '--json'], catch_exceptions=False)")
     assert _imported_after(statement, ("plotly", "jinja2", "netplan.html")) == []
     assert _imported_after("import netplan.html", ("plotly", "jinja2")) == ["jinja2", "plotly"]
+
+
+def test_the_tests_conftest_loads_the_benchmark_harness_only_for_a_netns_test() -> None:
+    # Every test run imports tests/conftest.py; only the `netns` probe needs benchmarks.backends.
+    assert _imported_after("import tests.conftest", ("benchmarks.backends", "benchmarks")) == []

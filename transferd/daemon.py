@@ -446,8 +446,8 @@ class Daemon:
                     task.cancel()
         finally:
             self.inbound.stopping()  # commits held for their last chunks answer now (503)
+            await self.message_socket.close()  # before the HTTP cleanup: its TaskGroup has ended
             await stop_closing_every_connection(runner)
-            await self.message_socket.close()
             # Channel threads may wait for this loop (a chunk's booking): close them off it.
             await asyncio.to_thread(self.listener.close)
             for channels in self.channels.values():

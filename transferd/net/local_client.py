@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from urllib.parse import quote, urlencode, urlsplit
 
-from transferd.errors import AuthError, ProtocolError, TransportError
+from transferd.errors import AuthError, ProtocolError, TransferdError, TransportError
 from transferd.protocol import message_socket as ms
 from transferd.protocol.http_paths import INBOX_ROUTE, MESSAGE_SOCKET_ROUTE, MESSAGES_ROUTE
 
@@ -222,7 +222,8 @@ async def read_inbox(
 
 class _SocketConnection(asyncio.Protocol):
     """One connection to the message socket: handshake frames go to `handshake`, replies to
-    the future of their request; a lost connection fails every request still waiting."""
+    the future of their request; a lost connection fails every request still waiting, with
+    the daemon's reason when it gave one (an ERROR for request 0, then the connection closed)."""
 
     def __init__(self, where: str) -> None:
         self.where = where
@@ -231,7 +232,7 @@ class _SocketConnection(asyncio.Protocol):
         self.handshake: asyncio.Queue[tuple[ms.Frame, bytes] | None] = asyncio.Queue()
         self.pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self.ready = False
-        self.lost: TransportError | None = None
+        self.lost: TransferdError | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream socket's (uvloop's transports are not asyncio.Transport subclasses).
@@ -239,18 +240,19 @@ class _SocketConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            frames = self.reader.feed(data)
+            for kind, payload in self.reader.feed(data):
+                if not self.ready or kind not in (ms.Frame.RECEIPT, ms.Frame.ERROR):
+                    self.handshake.put_nowait((kind, payload))
+                    continue
+                request_id, status, body = ms.decode_reply(payload)
+                if request_id == 0 and kind is ms.Frame.ERROR:
+                    self.lost = self.lost or _refusal(status, body, self.where)
+                    continue  # the daemon closes the connection next
+                waiter = self.pending.pop(request_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result((status, body))
         except ProtocolError as exc:
             self.drop(TransportError(f"{self.where}: {exc.message}", local_daemon=self.where))
-            return
-        for kind, payload in frames:
-            if not self.ready or kind not in (ms.Frame.RECEIPT, ms.Frame.ERROR):
-                self.handshake.put_nowait((kind, payload))
-                continue
-            request_id, status, body = ms.decode_reply(payload)
-            waiter = self.pending.pop(request_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result((status, body))
 
     def connection_lost(self, exc: Exception | None) -> None:
         why = f": {exc}" if exc else ""
@@ -263,8 +265,8 @@ class _SocketConnection(asyncio.Protocol):
         self.pending.clear()
         self.handshake.put_nowait(None)
 
-    def drop(self, exc: TransportError) -> None:
-        self.lost = exc
+    def drop(self, exc: TransferdError) -> None:
+        self.lost = self.lost or exc
         if self.transport is not None:
             self.transport.close()
 
@@ -325,6 +327,9 @@ class MessageSocket:
             from transferd.protocol.local_api import MessageSocketAnswer
 
             ask = LocalRequest("GET", MESSAGE_SOCKET_ROUTE, MessageSocketAnswer)
+            # Asked on a new connection: one kept alive since the last discovery may be to a
+            # daemon that has restarted since (http.client would fail on it: RemoteDisconnected).
+            self._http.close()
             # A refusal that passes (signed in the second its daemon restarted) is asked
             # again, signed afresh, as the CLI's first call does; a daemon down is not.
             delays = backoff_delays(RESTART_GRACE_S)
@@ -373,10 +378,8 @@ class MessageSocket:
     @staticmethod
     def _refused(kind: ms.Frame, payload: bytes, path: str) -> None:
         if kind is ms.Frame.ERROR:
-            from transferd.protocol.wire import check_reply
-
             _, status, body = ms.decode_reply(payload)
-            check_reply(status, body, (), path)
+            raise _refusal(status, body, path)
 
     async def send(
         self,
@@ -387,9 +390,13 @@ class MessageSocket:
         deadline_ms: float | None = None,
         wait: bool = True,
     ) -> MessageReceipt:
-        """Deliver `body` to `peer` as `send_message` does (same receipt, same errors)."""
-        from transferd.protocol.messages import MessageReceipt
+        """Deliver `body` to `peer` as `send_message` does (same receipt, same errors); a body
+        past the daemon's limit is refused here, before anything is sent."""
+        from transferd.protocol.messages import MAX_MESSAGE_BYTES, MessageReceipt
 
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES} "
+                                "(bigger payloads belong to `transferd send`)")
         conn = await self._connected()
         header: dict[str, object] = {"peer": peer, "wait": wait}
         if traffic_class is not None:
@@ -397,16 +404,28 @@ class MessageSocket:
         if deadline_ms is not None:
             header["deadline_ms"] = deadline_ms
         request_id = next(self._ids) % (1 << 32) or next(self._ids)
+        frame = ms.encode_send(request_id, json.dumps(header).encode(), body)
         waiter: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         conn.pending[request_id] = waiter
         assert conn.transport is not None  # connected
-        conn.transport.write(ms.encode_send(request_id, json.dumps(header).encode(), body))
+        conn.transport.write(frame)
         try:
             status, reply = await waiter
         finally:
             conn.pending.pop(request_id, None)
         request = LocalRequest("POST", "", MessageReceipt, accept=(200, 202))
         return request.answer_of(status, reply, self.url)
+
+
+def _refusal(status: int, body: bytes, where: str) -> TransferdError:
+    """The error the daemon sent in an ERROR frame."""
+    from transferd.protocol.wire import check_reply
+
+    try:
+        check_reply(status, body, (), where)
+    except TransferdError as exc:
+        return exc
+    raise AssertionError("check_reply accepts no status here")
 
 
 def _equal(a: bytes, b: bytes) -> bool:

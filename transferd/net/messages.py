@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import struct
 import tempfile
 import time
@@ -433,12 +434,28 @@ class MessageSocketServer:
     """The daemon's end of the message socket: authenticates each connection with the site's
     own secret, then hands each SEND to `MessageService.send` and writes its receipt (or
     error) back when it has one. Requests run in `run()`'s TaskGroup; `start()` binds first, so
-    the socket exists once the daemon says it listens."""
+    the socket exists once the daemon says it listens; once `run()` has ended (the daemon is
+    stopping) a connection or a SEND is refused with that reason.
 
-    def __init__(self, service: MessageService, secret: bytes, metrics: Metrics) -> None:
+    Memory is bounded per connection: a client must authenticate within `handshake_timeout_s`
+    with frames of at most `ms.HANDSHAKE_FRAME_BYTES`, and the daemon stops reading from a
+    client whose requests in progress hold more than `max_outstanding_bytes` of bodies (or
+    that does not read its replies), until they drop below it."""
+
+    def __init__(
+        self,
+        service: MessageService,
+        secret: bytes,
+        metrics: Metrics,
+        *,
+        handshake_timeout_s: float = 10.0,
+        max_outstanding_bytes: int = 64 << 20,
+    ) -> None:
         self.service = service
         self.secret = secret
         self.metrics = metrics
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_outstanding_bytes = max_outstanding_bytes
         self.path: Path | None = None
         self._server: asyncio.AbstractServer | None = None
         self._private_dir: Path | None = None  # a temporary directory of ours, removed at close
@@ -458,8 +475,7 @@ class MessageSocketServer:
             if path.parent.stat().st_uid != os.geteuid():
                 raise ConfigError(f"message socket: {path.parent} belongs to another user")
             path.parent.chmod(0o700)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()  # the state_dir lock says no other daemon runs here
+            _remove_stale_socket(path)
             loop = asyncio.get_running_loop()
             self._server = await loop.create_unix_server(
                 lambda: _SocketConnection(self), str(path))
@@ -470,9 +486,16 @@ class MessageSocketServer:
         self.path = path
         return path
 
+    def check_open(self) -> None:
+        """TransportError (transient: ask again once it is back) when the daemon is stopping."""
+        if self._closed:
+            raise TransportError("message socket: the daemon is stopping")
+
     def spawn(self, request: Coroutine[Any, Any, None]) -> None:
+        """Run `request` in `run()`'s TaskGroup; TransportError once `run()` has ended."""
         if self._closed:
             request.close()
+            self.check_open()
         elif self._tg is None:
             self._early.append(request)
         else:
@@ -480,12 +503,18 @@ class MessageSocketServer:
 
     async def run(self) -> None:
         """Serve requests until cancelled."""
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            for request in self._early:
-                tg.create_task(request)
-            self._early.clear()
-            await asyncio.Future()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for request in self._early:
+                    tg.create_task(request)
+                self._early.clear()
+                await asyncio.Future()
+        finally:
+            # The daemon cancels this with its other tasks and closes the socket once they
+            # have all ended: a SEND arriving in between must not reach a finished TaskGroup.
+            self._tg = None
+            self._closed = True
 
     async def close(self) -> None:
         """Stop listening and drop every client (each sees its connection closed)."""
@@ -514,6 +543,19 @@ class MessageSocketServer:
         )
 
 
+def _remove_stale_socket(path: Path) -> None:
+    """Remove the socket a killed daemon left at `path` (the state_dir lock says no other
+    daemon runs here); ConfigError for anything at `path` that is not a socket."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"message socket: {path} exists and is not a socket; it was left "
+                          "as it is (move it away, or set state_dir elsewhere)", path=path)
+    path.unlink()
+
+
 def _error_frame(request_id: int, exc: TransferdError) -> bytes:
     return ms.encode_reply(ms.Frame.ERROR, request_id, exc.http_status,
                            json.dumps(exc.to_json()).encode())
@@ -524,25 +566,67 @@ class _SocketConnection(asyncio.Protocol):
 
     def __init__(self, server: MessageSocketServer) -> None:
         self.server = server
-        self.reader = ms.FrameReader()
+        self.reader = ms.FrameReader(ms.HANDSHAKE_FRAME_BYTES)  # raised once authenticated
         self.transport: asyncio.Transport | None = None
         self.state = ms.Frame.HELLO  # the frame expected next
         self.client_nonce = b""
         self.server_nonce = b""
+        self.handshake_timer: asyncio.TimerHandle | None = None
+        self.outstanding = 0  # bytes of the bodies of this client's requests in progress
+        self.write_blocked = False  # the client does not read its replies fast enough
+        self.reading = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream socket's (uvloop's transports are not asyncio.Transport subclasses).
         self.transport = cast(asyncio.Transport, transport)
         self.server.connections.add(self)
+        try:
+            self.server.check_open()
+        except TransportError as exc:
+            self.fail(exc)
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None and hasattr(socket, "SO_PEERCRED"):
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             uid = _PEERCRED.unpack(creds)[1]
             if uid not in (os.geteuid(), 0):
                 self.fail(AuthError(f"message socket: uid {uid} is not the daemon's"))
+                return
+        self.handshake_timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout_s, self.handshake_expired)
+
+    def handshake_expired(self) -> None:
+        self.handshake_timer = None
+        self.fail(ProtocolError(f"message socket: not authenticated within "
+                                f"{self.server.handshake_timeout_s:g} s"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
+
+    # Flow control: stop reading while the requests in progress hold too many bytes or the
+    # replies are not read, so a fast client cannot make the daemon buffer without bound.
+
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        self.update_reading()
+
+    def update_reading(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        want = not self.write_blocked and self.outstanding <= self.server.max_outstanding_bytes
+        if want != self.reading:
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     def fail(self, exc: TransferdError, request_id: int = 0) -> None:
         """Refuse the connection: the error, then close."""
@@ -578,6 +662,10 @@ class _SocketConnection(asyncio.Protocol):
                 raise AuthError("message socket: bad proof (not this site's own secret)")
             self.transport.write(ms.encode_frame(ms.Frame.READY))
             self.state = ms.Frame.SEND
+            self.reader.max_bytes = ms.MAX_FRAME_BYTES
+            if self.handshake_timer is not None:
+                self.handshake_timer.cancel()
+                self.handshake_timer = None
         else:
             request_id, header, body = ms.decode_send(payload)
             try:
@@ -587,8 +675,17 @@ class _SocketConnection(asyncio.Protocol):
                 self.transport.write(_error_frame(request_id, exc))
                 return
             self.server.spawn(self.send(request_id, send, body))
+            self.outstanding += len(body)
+            self.update_reading()
 
     async def send(self, request_id: int, send: MessageSocketSend, body: bytes) -> None:
+        try:
+            await self.deliver(request_id, send, body)
+        finally:
+            self.outstanding -= len(body)
+            self.update_reading()
+
+    async def deliver(self, request_id: int, send: MessageSocketSend, body: bytes) -> None:
         try:
             try:
                 receipt = await self.server.service.send(send.peer, body, send)

@@ -29,6 +29,7 @@ from enum import IntEnum
 from transferd.errors import ProtocolError
 
 __all__ = [
+    "HANDSHAKE_FRAME_BYTES",
     "MAX_FRAME_BYTES",
     "NONCE_BYTES",
     "Frame",
@@ -46,6 +47,9 @@ NONCE_BYTES = 16
 MAGIC = b"TDMS1"  # in HELLO: a client of this protocol and version
 # A message body (protocol.messages.MAX_MESSAGE_BYTES, 16 MiB) and its small JSON header.
 MAX_FRAME_BYTES = (16 << 20) + (64 << 10)
+# Before a connection is authenticated: HELLO (magic + nonce) and AUTH (a proof) are < 64 bytes,
+# so a client that has not proved the secret cannot make the daemon buffer a large frame.
+HANDSHAKE_FRAME_BYTES = 256
 
 _HEADER = struct.Struct("!IB")
 _REQUEST = struct.Struct("!IH")  # request id, length of the JSON header that follows
@@ -112,6 +116,9 @@ def client_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> byt
 
 
 def encode_send(request_id: int, header_json: bytes, body: bytes) -> bytes:
+    if len(header_json) > 0xFFFF:
+        raise ProtocolError(f"message socket: SEND header of {len(header_json)} bytes exceeds "
+                            f"{0xFFFF}")
     return encode_frame(Frame.SEND, _REQUEST.pack(request_id, len(header_json)), header_json,
                         body)
 
