@@ -650,6 +650,7 @@ def test_sending_a_folder_from_s3_costs_one_listing_and_a_get_per_object(
     data = {f"p-{i}.bin": random.Random(i).randbytes(1000 + i) for i in range(8)}
     for name, body in data.items():
         client.put_object(Bucket=s3_bucket, Key=f"data/approved/ds/{name}", Body=body)
+    client.put_object(Bucket=s3_bucket, Key="data/approved/ds/empty/", Body=b"")  # a "folder"
     before = len(moto_s3.requests(s3_bucket))
     kind, members = store.list_source("approved/ds")
     assert (kind, members) == ("folder", [(n, len(b)) for n, b in sorted(data.items())])

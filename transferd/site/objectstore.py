@@ -735,6 +735,8 @@ class ObjectStorage(FsspecStorage):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/")
         for page in pages:
             for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):
+                    continue  # a console's "folder" marker, no member (s3fs skips them too)
                 name = f"{bucket}/{obj['Key']}"
                 found[name] = {
                     "name": name, "type": "file", "size": int(obj["Size"]),
