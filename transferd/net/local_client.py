@@ -5,11 +5,12 @@ connection).
 
 Requests are signed like every request between daemons (HMAC with the site's own pair secret,
 `protocol.auth.local_signer`); answers are parsed into their wire models (or by a function of
-the caller's) and errors rebuilt into the package's own. The module imports no pydantic: a
-request can go out before the models are built (`transferd send` builds them while its daemon
-works, `call(..., on_sent=)`). `call` runs over the standard library's http.client and needs
-no event loop: `transferd send` and `status` start without importing aiohttp. `acall` is the
-same request from a running event loop (aiohttp, imported on first use).
+the caller's) and errors rebuilt into the package's own. The module imports no pydantic:
+`transferd send` asks for its jobs and reads their answers (`job_ids`, `jobs_of`) without the
+models, whose import takes longer than a small job. `call` runs over the standard library's
+http.client and needs no event loop: `transferd send` and `status` start without importing
+aiohttp. `acall` is the same request from a running event loop (aiohttp, imported on first
+use).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ __all__ = [
     "LocalClient",
     "LocalRequest",
     "MessageSocket",
+    "JobOutcome",
     "job_ids",
+    "jobs_of",
     "read_inbox",
     "send_message",
 ]
@@ -88,6 +91,85 @@ def job_ids(reply: bytes) -> list[str]:
     return ids
 
 
+# protocol.local_api.JobState's values (a test keeps them equal), the first three active.
+JOB_STATES = ("queued", "running", "waiting", "committed", "failed")
+ACTIVE_JOB_STATES = frozenset(JOB_STATES[:3])
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """A job as `transferd send` reads it from a jobs answer: the fields of
+    `protocol.local_api.Job` that the CLI prints, by the same names, read with json. The
+    daemon answers with the JobsAnswer model's dump; `send --wait` reads it without building
+    the models (pydantic and the wire models: ~90 ms of imports and CPU per command, longer
+    than a small job takes). A field missing or of the wrong type is a ProtocolError naming
+    it, as the model's would be."""
+
+    id: str
+    path: str
+    dest: str
+    state: str  # one of JOB_STATES
+    error: str | None
+    error_kind: str | None
+    bytes_logical: int
+    bytes_done: int
+    bytes_on_wire: int
+    chunks: int
+    chunks_skipped: int
+    retries: int
+    note: str | None = None
+    next_attempt_at: float | None = None
+    attempts: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_JOB_STATES
+
+
+# Per field of JobOutcome: the JSON types it takes (None: null allowed); a missing field with
+# a default in Job (note, next_attempt_at, attempts) takes that default.
+_TEXT, _COUNT = (str,), (int,)
+_JOB_FIELDS: dict[str, tuple[type | None, ...]] = {
+    "id": _TEXT, "path": _TEXT, "dest": _TEXT, "state": _TEXT,
+    "error": (str, None), "error_kind": (str, None),
+    "bytes_logical": _COUNT, "bytes_done": _COUNT, "bytes_on_wire": _COUNT, "chunks": _COUNT,
+    "chunks_skipped": _COUNT, "retries": _COUNT,
+    "note": (str, None), "next_attempt_at": (float, int, None), "attempts": _COUNT,
+}
+_JOB_DEFAULTS = {"note": None, "next_attempt_at": None, "attempts": 0}
+
+
+def _job_outcome(i: int, raw: object) -> JobOutcome:
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"invalid JobsAnswer: jobs.{i}: must be an object")
+    values: dict[str, Any] = {}
+    for name, kinds in _JOB_FIELDS.items():
+        if name not in raw and name not in _JOB_DEFAULTS:
+            raise ProtocolError(f"invalid JobsAnswer: jobs.{i}.{name}: field required")
+        value = raw.get(name, _JOB_DEFAULTS.get(name))
+        ok = (value is None and None in kinds) or (
+            value is not None and not isinstance(value, bool)
+            and isinstance(value, tuple(k for k in kinds if k is not None)))
+        if not ok:
+            raise ProtocolError(f"invalid JobsAnswer: jobs.{i}.{name}: {value!r}")
+        values[name] = value
+    if values["state"] not in JOB_STATES:
+        raise ProtocolError(f"invalid JobsAnswer: jobs.{i}.state: {values['state']!r}")
+    return JobOutcome(**values)
+
+
+def jobs_of(reply: bytes) -> list[JobOutcome]:
+    """A JobsAnswer's jobs, read with json (see JobOutcome); a ProtocolError for anything
+    else."""
+    try:
+        jobs = json.loads(reply)["jobs"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ProtocolError("invalid JobsAnswer: jobs: missing or not JSON") from exc
+    if not isinstance(jobs, list):
+        raise ProtocolError("invalid JobsAnswer: jobs: must be a list")
+    return [_job_outcome(i, raw) for i, raw in enumerate(jobs)]
+
+
 class LocalClient:
     def __init__(
         self, url: str, sign: LocalSigner | None, ssl_context: ssl.SSLContext | None = None
@@ -131,16 +213,13 @@ class LocalClient:
                 self._conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
         return self._conn
 
-    def call(self, request: LocalRequest[A], on_sent: Callable[[], object] | None = None) -> A:
+    def call(self, request: LocalRequest[A]) -> A:
         """Send one signed request and parse its answer; the daemon's error (ProtocolError,
-        AuthError, ...) otherwise; TransportError when it cannot be reached. `on_sent` runs
-        once the request is on the wire, before its answer is read."""
+        AuthError, ...) otherwise; TransportError when it cannot be reached."""
         raw, headers = self._prepared(request)
         conn = self._connection()
         try:
             conn.request(request.method, request.path_qs, body=raw, headers=headers)
-            if on_sent is not None:
-                on_sent()
             resp = conn.getresponse()
             reply, status = resp.read(), resp.status
         except (OSError, http.client.HTTPException) as exc:
