@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from transferd.client_settings import ClientSettings
     from transferd.config import SiteConfig
-    from transferd.net.local_client import JobOutcome, LocalClient
+    from transferd.net.local_http import JobOutcome, LocalClient
     from transferd.plan import PlanRun
     from transferd.protocol.local_api import JobStatus
     from transferd.site.threads import BulkPriority
@@ -262,7 +262,7 @@ def _load_plan(plan_path: str, config: SiteConfig) -> PlanRun:
 
 
 def _local_client(config: ClientSettings, as_json: bool = False) -> LocalClient:
-    from transferd.net.local_client import LocalClient
+    from transferd.net.local_http import LocalClient
     from transferd.protocol.auth import local_signer
     from transferd.site.keys import LocalSecret
     from transferd.site.tls import client_ssl_context
@@ -336,7 +336,7 @@ def send(
     as_json: bool,
 ) -> None:
     """Ask the local daemon to replicate PATH (relative to data_dir) to other sites."""
-    from transferd.net.local_client import LocalRequest, job_ids
+    from transferd.net.local_http import LocalRequest, job_ids
     from transferd.protocol.http_paths import LOCAL_SEND_ROUTE
 
     config = _client_config(config_path, as_json)
@@ -394,7 +394,7 @@ def send(
 
 
 def _jobs(reply: bytes) -> list[JobOutcome]:
-    from transferd.net.local_client import jobs_of
+    from transferd.net.local_http import jobs_of
 
     return jobs_of(reply)
 
@@ -464,7 +464,7 @@ def _poll(
 ) -> list[JobOutcome]:
     """The jobs `ids`, once (`wait` False) or until none is active; `answered` gets the time
     each answer arrived, before it was parsed."""
-    from transferd.net.local_client import LocalRequest
+    from transferd.net.local_http import LocalRequest
     from transferd.protocol.http_paths import LOCAL_JOBS_ROUTE
 
     def parse(reply: bytes) -> list[JobOutcome]:
@@ -537,7 +537,7 @@ def _progress_bar() -> Progress:
 
 def _describe_wait(job: JobOutcome | JobStatus) -> str | None:
     """What a job is waiting for, and when it tries next (None: it is not waiting)."""
-    from transferd.net.local_client import ACTIVE_JOB_STATES
+    from transferd.net.local_http import ACTIVE_JOB_STATES
 
     if not job.note or job.state not in ACTIVE_JOB_STATES:
         return None
@@ -556,7 +556,7 @@ def _describe_wait(job: JobOutcome | JobStatus) -> str | None:
 @click.option("--json", "as_json", is_flag=True)
 def status(config_path: str, as_json: bool) -> None:
     """Jobs, peers and rates of the local daemon."""
-    from transferd.net.local_client import LocalRequest
+    from transferd.net.local_http import LocalRequest
     from transferd.protocol.local_api import SiteStatus
     from transferd.protocol.wire import LOCAL_STATUS_ROUTE, to_body
 
@@ -631,7 +631,7 @@ def telemetry(config_path: str, as_json: bool) -> None:
     """The links to each peer as the local daemon measured them (TCP_INFO of the data
     channels, control-plane round trips, chunk failures; its rolling window)."""
     from netplan.telemetry import TelemetryReport
-    from transferd.net.local_client import LocalRequest
+    from transferd.net.local_http import LocalRequest
     from transferd.protocol.wire import TELEMETRY_ROUTE
 
     config = _client_config(config_path, as_json)
@@ -686,7 +686,7 @@ def message(
     """Deliver a small object to PEER's inbox through the local daemon, with a deadline."""
     from urllib.parse import quote, urlencode
 
-    from transferd.net.local_client import LocalRequest
+    from transferd.net.local_http import LocalRequest
     from transferd.protocol.messages import MessageReceipt
     from transferd.protocol.wire import MESSAGES_ROUTE, to_body
 
@@ -725,7 +725,7 @@ def message(
 @click.option("--max", "max_messages", type=click.IntRange(min=1, max=10_000), default=100)
 def inbox(config_path: str, wait_ms: float, max_messages: int) -> None:
     """Take messages from the local daemon's inbox: one JSON object per line."""
-    from transferd.net.local_client import LocalRequest
+    from transferd.net.local_http import LocalRequest
     from transferd.protocol.messages import InboxAnswer
     from transferd.protocol.wire import INBOX_ROUTE, to_body
 

@@ -20,7 +20,7 @@ from transferd.cli import main
 from transferd.client_settings import ClientSettings, client_settings
 from transferd.config import load_config
 from transferd.errors import ConfigError, ProtocolError
-from transferd.net.local_client import job_ids
+from transferd.net.local_http import job_ids
 
 GOOD = """\
 site: A

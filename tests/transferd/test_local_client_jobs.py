@@ -12,7 +12,7 @@ import pytest
 
 from netplan.ids import TrafficClass
 from transferd.errors import ProtocolError
-from transferd.net.local_client import ACTIVE_JOB_STATES, JOB_STATES, JobOutcome, jobs_of
+from transferd.net.local_http import ACTIVE_JOB_STATES, JOB_STATES, JobOutcome, jobs_of
 from transferd.protocol.local_api import Job, JobsAnswer, JobState
 from transferd.protocol.wire import to_body
 
@@ -76,11 +76,13 @@ def test_an_answer_that_is_not_jobs_is_a_protocol_error(reply: bytes) -> None:
         jobs_of(reply)
 
 
-def test_reading_jobs_builds_no_model() -> None:
-    # What `send --wait` runs after its request: no pydantic (~90 ms of imports per command).
-    code = ("import json, sys; from transferd.net.local_client import jobs_of; "
+def test_the_send_path_builds_no_model_and_starts_no_event_loop() -> None:
+    # What `send --wait` imports: no pydantic (~90 ms of imports per command), no asyncio
+    # (~15 ms; the message socket's client needs it, the HTTP client does not).
+    code = ("import json, sys; from transferd.net.local_http import jobs_of; "
             "import transferd.cli, transferd.client_settings, transferd.site.keys, "
-            "transferd.site.tls, transferd.protocol.auth; "
-            "jobs_of(b'{\"jobs\": []}'); print(json.dumps('pydantic' in sys.modules))")
+            "transferd.site.tls, transferd.protocol.auth, transferd.protocol.backoff; "
+            "jobs_of(b'{\"jobs\": []}'); "
+            "print(json.dumps(sorted({'pydantic', 'asyncio'} & set(sys.modules))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout) is False
+    assert json.loads(out.stdout) == []
