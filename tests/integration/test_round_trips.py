@@ -341,3 +341,32 @@ async def test_a_storage_receipt_for_a_chunk_whose_commit_went_through_counts_de
         assert job.state is JobState.COMMITTED, job
         assert job.bytes_done == 4 * CHUNK
         assert file_blake3(tmp_path / "site-B" / "curated" / "s.bin") == digest
+
+
+async def test_a_copy_sent_again_failing_in_storage_does_not_answer_the_held_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk that landed is sent again (its receipt was lost) and that copy fails in
+    storage while the commit waits for another chunk: the commit is not missing it, so it
+    waits on and commits when the other lands."""
+    data = [b"\x51" * CHUNK, b"\x52" * CHUNK]
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        refs, _ = await _open(a, data)
+        assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.OK
+        ahead = asyncio.create_task(_commit(a, refs, 30.0))
+        await _until_waiting(b, 1)
+        real_write = b.receiver.verify_and_write
+
+        def failing_copy(upload: str, digest: str, body: Any, *args: Any) -> None:
+            if args[3][0].offset == 0:
+                raise StorageError(f"writing {upload} failed: {os.strerror(errno.EIO)}",
+                                   errno=errno.EIO)
+            real_write(upload, digest, body, *args)
+
+        monkeypatch.setattr(b.receiver, "verify_and_write", failing_copy)
+        assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.STORAGE
+        await asyncio.sleep(0.05)
+        assert not ahead.done()  # still waiting for chunk 1, not answered by the failed copy
+        assert (await send_chunk(a, UPLOAD, data[1], at=CHUNK)).status is ReceiptStatus.OK
+        assert await ahead == CommitAnswer(committed=True)
+        assert (tmp_path / "site-B" / "curated" / f"{UPLOAD}.bin").read_bytes() == b"".join(data)
