@@ -289,7 +289,8 @@ async def test_a_storage_receipt_under_a_commit_sent_ahead_fails_the_job_at_once
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
     """The receiver's storage fails the last chunk while the commit sent ahead waits for it:
-    the data did not land, so the job fails (kind storage) and nothing is visible at B; and
+    the data did not land, so the job fails (kind storage), nothing is visible at B and its
+    staging is given back; and
     the held commit is answered at once, not after the commit's idle wait (set to 60 s here),
     so the job does not hang on a chunk that will never land."""
     monkeypatch.setattr(sender_mod, "COMMIT_AHEAD_IDLE_S", 60.0)
@@ -315,6 +316,8 @@ async def test_a_storage_receipt_under_a_commit_sent_ahead_fails_the_job_at_once
         assert job.error_kind == "storage", job
         assert not (tmp_path / "site-B" / "curated" / "s.bin").exists()
         assert b.inbound.commits_waiting == 0
+        # and B gave the upload's staging back (the sender's abort, or the disk-full failure)
+        assert list((tmp_path / "site-B" / ".transferd" / "staging").iterdir()) == []
 
 
 async def test_a_storage_receipt_for_a_chunk_whose_commit_went_through_counts_delivered(
