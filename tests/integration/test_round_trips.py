@@ -16,6 +16,7 @@ import blake3
 import pytest
 
 from tests.integration._data import file_blake3, write_random
+from tests.integration._procs import poll_until
 from tests.integration.test_auth_policy import send_chunk
 from transferd import TrafficClass
 from transferd.daemon import Daemon
@@ -316,8 +317,14 @@ async def test_a_storage_receipt_under_a_commit_sent_ahead_fails_the_job_at_once
         assert job.error_kind == "storage", job
         assert not (tmp_path / "site-B" / "curated" / "s.bin").exists()
         assert b.inbound.commits_waiting == 0
-        # and B gave the upload's staging back (the sender's abort, or the disk-full failure)
-        assert list((tmp_path / "site-B" / ".transferd" / "staging").iterdir()) == []
+        # and B gives the upload's staging back (the disk-full failure, or the sender's abort,
+        # which follows the job's failure)
+        staging = tmp_path / "site-B" / ".transferd" / "staging"
+
+        async def staged() -> list[Path]:
+            return list(staging.iterdir())
+
+        assert await poll_until(staged, lambda left: not left, timeout_s=10) == []
 
 
 async def test_a_storage_receipt_for_a_chunk_whose_commit_went_through_counts_delivered(
