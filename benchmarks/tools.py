@@ -444,7 +444,7 @@ def _warm_up(ctx: RunContext, tool: str, config: Path, data_dir: Path) -> None:
     arrives: the data channels' congestion state (window, bbr's bandwidth and RTT estimates)
     is then what the previous job and the idle time left, not a fresh connection's. The row
     says what a service's later jobs see; `transferd` (fresh channels) stays the goals' row."""
-    wire0 = ctx.lab.link_bytes()
+    wire0, retrans0 = ctx.lab.link_bytes(), ctx.lab.tcp_retrans_segs(ctx.src)
     size_mib = min(WARM_UP_MIB, max(1, ctx.size_bytes() // 2**20))
     warm = _link_data(dataset(ctx.work.data, size_mib, seed=1),
                       data_dir / "checkpoints" / "bench" / "warm-up")
@@ -457,6 +457,7 @@ def _warm_up(ctx: RunContext, tool: str, config: Path, data_dir: Path) -> None:
     time.sleep(WARM_IDLE_S)
     # The row's wire bytes and sustained rate are the timed send's alone (run_tool).
     ctx.notes["warm_up_wire_bytes"] = ctx.lab.link_bytes() - wire0
+    ctx.notes["warm_up_retrans_segs"] = ctx.lab.tcp_retrans_segs(ctx.src) - retrans0
     ctx.notes["timed_from"] = time.monotonic()
 
 
@@ -677,7 +678,8 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
         samples = before[-1:] + [s for s in samples if s[0] >= ctx.notes["timed_from"]]
     emu1 = lab.emulator_sample()
     if retrans0 is not None:
-        run.tcp_retrans_segs = lab.tcp_retrans_segs(ctx.src) - retrans0
+        run.tcp_retrans_segs = (lab.tcp_retrans_segs(ctx.src) - retrans0
+                                - ctx.notes.get("warm_up_retrans_segs", 0))
         if flap:
             # TCP's re-sent segments, plus chunks an application sent again (transferd: those
             # a broken data channel had in flight).
