@@ -205,6 +205,7 @@ def _transferd(
                 subprocess.Popen(
                     [sys.executable, "-m", "transferd", "serve", "--config", str(configs[site])],
                     env=env,
+                    cwd=repo,  # `-m` puts the cwd first on sys.path: another tree's would win
                     stdout=subprocess.DEVNULL,
                     stderr=log,
                 )  # fmt: skip
@@ -220,7 +221,7 @@ def _transferd(
             _profiled(procs[0].pid, PROFILE_DIR, f"{work.name}-sender"),
             _profiled(procs[1].pid, PROFILE_DIR, f"{work.name}-receiver"),
         ):
-            done = _send(configs["A"], env)
+            done = _send(configs["A"], env, repo)
         cpu = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
         cpu["moto in kernel"] = _moto_system_s(s3) - moto_system_before
         cpu["send CLI"] = _children_cpu_s() - cli_before
@@ -239,12 +240,13 @@ def _transferd(
     return Run(seconds, cpu, _phases(work / "A.log", work / "B.log"))
 
 
-def _send(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`transferd send --wait --json` of the dataset from A to B."""
+def _send(config: Path, env: dict[str, str], repo: Path) -> subprocess.CompletedProcess[str]:
+    """`transferd send --wait --json` of the dataset from A to B (run in `repo`, whose
+    transferd `-m` then imports: the baseline's in a baseline run)."""
     return subprocess.run(
         [sys.executable, "-m", "transferd", "send", DATASET, "--config", str(config),
          "--to", "B", "--wait", "--json"],
-        env=env, capture_output=True, text=True, check=False, timeout=3600,
+        env=env, cwd=repo, capture_output=True, text=True, check=False, timeout=3600,
     )  # fmt: skip
 
 

@@ -637,3 +637,64 @@ def test_a_window_reads_its_body_to_the_end_so_the_store_crc_is_checked() -> Non
         objectstore._Window(0, len(data)).feed(body(data[:-1] + b"x"))
     with pytest.raises(OSError, match="more than"):
         objectstore._Window(0, 6_000).feed(io.BytesIO(data))
+
+
+def test_sending_a_folder_from_s3_costs_one_listing_and_a_get_per_object(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """What the sender asks the store for a folder another tool wrote, counted in the server's
+    request log: one listing (sizes and ETags), then one GET per object, no HEAD per member.
+    An object replaced after the listing reads as changed, never as a mix of versions."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    client = moto_s3.client()
+    data = {f"p-{i}.bin": random.Random(i).randbytes(1000 + i) for i in range(8)}
+    for name, body in data.items():
+        client.put_object(Bucket=s3_bucket, Key=f"data/approved/ds/{name}", Body=body)
+    client.put_object(Bucket=s3_bucket, Key="data/approved/ds/empty/", Body=b"")  # a "folder"
+    before = len(moto_s3.requests(s3_bucket))
+    kind, members = store.list_source("approved/ds")
+    assert (kind, members) == ("folder", [(n, len(b)) for n, b in sorted(data.items())])
+    sources = [store.open_source(f"approved/ds/{n}") for n, _ in members]
+    got = {n: bytes(s.read(0, s.size)) for (n, _), s in zip(members, sources, strict=True)}
+    for source in sources:
+        assert not source.changed()
+        source.close()
+    sent = moto_s3.requests(s3_bucket)[before:]
+    assert got == data
+    assert sum("list-type=2" in r for r in sent) == 1, sent
+    assert sorted(r.split("?")[0].split(" HTTP")[0] for r in sent if "list-type" not in r) == [
+        f"GET /{s3_bucket}/data/approved/ds/{n}" for n in sorted(data)
+    ]
+
+    store.list_source("approved/ds")
+    client.put_object(Bucket=s3_bucket, Key="data/approved/ds/p-3.bin", Body=b"replaced")
+    source = store.open_source("approved/ds/p-3.bin")
+    with pytest.raises(OSError, match="p-3.bin"):
+        source.read(0, source.size)
+    assert source.changed()
+    source.close()
+    assert store.list_source("approved/ds/p-0.bin") == ("file", [("", len(data["p-0.bin"]))])
+    with pytest.raises(StorageError, match="does not exist"):
+        store.list_source("approved/none")
+
+
+def test_a_window_buffer_is_reused_only_once_no_view_of_it_is_left() -> None:
+    """A window's buffer goes back for reuse when its window is released, but a chunk still
+    being sent holds a view of it: the next window gets another buffer until that view goes.
+    Kept buffers count against the byte budget with the windows held."""
+    budget = objectstore._Budget(64)
+    buffers = objectstore._WindowBuffers(budget)
+    first = buffers.take(16)
+    first[:4] = b"sent"
+    view = memoryview(first).toreadonly()[0:4]  # a chunk on its way
+    buffers.give(first)
+    second = buffers.take(16)
+    assert second is not first
+    second[:4] = b"next"
+    assert bytes(view) == b"sent"
+    view.release()
+    assert buffers.take(8) is first  # the smallest that fits and is free
+    budget.held = 60
+    buffers.give(second)  # 16 more would pass the budget: freed, not kept
+    budget.held = 0
+    assert buffers.take(16) is not second
