@@ -9,8 +9,11 @@ channels are already warm (new random content each run, so every run commits a r
 and of a 32 MiB one (a job long enough to hide what the CLI does while it waits).
 With --baseline DIR another checkout's CLI is timed too, interleaved, against the same
 daemons. Both checkouts are byte-compiled first, as an installed package is. Prints medians
-and the spread of N runs each, and the slowest imports of `transferd send` (`python -X
-importtime`, cumulative, median of 5).
+and the spread of N runs each, with each command's CPU time (user + system, from the
+children's rusage) and, for a send, the split of its wall clock: the job as the CLI saw it
+(its JSON `seconds`: from its request to the answer that said the job ended) and the rest
+(interpreter, imports, config and key, exit). Then the slowest imports of a real `transferd
+send --wait --json` of 4 KiB (`python -X importtime`, cumulative, median of 5).
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import argparse
 import compileall
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -32,14 +37,6 @@ import yaml
 __all__ = ["main"]
 
 PY = sys.executable
-# What `transferd send` imports before its first request (the CLI imports per command): with
-# a config that validated before, its cached client settings (round 6), else the config models.
-CLIENT_IMPORTS = ("import importlib.util, transferd.cli, transferd.net.local_client, "
-                  "transferd.site.keys, transferd.site.tls, transferd.protocol.auth; "
-                  "__import__('transferd.client_settings' if importlib.util.find_spec("
-                  "'transferd.client_settings') else 'transferd.config')")
-
-
 BIG_BYTES = 32 * 1024 * 1024
 
 
@@ -66,31 +63,50 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float =
     raise SystemExit(f"daemon did not listen on {port} in {timeout_s:.0f} s")
 
 
-def _timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, env=env, cwd=cwd, check=False)
-    seconds = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)}: exit {done.returncode}: {done.stderr[-400:]!r}")
-    return seconds
+class _Run:
+    """One timed command: wall clock and CPU (user + system) seconds, and what it printed."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, env=env, cwd=cwd, check=False)
+        self.wall_s = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)}: exit {done.returncode}: {done.stderr[-400:]!r}")
+        self.stdout = done.stdout
+
+    @property
+    def job_s(self) -> float:
+        """A `send --wait --json`'s own `seconds`: its request to the answer of the job's end."""
+        return float(json.loads(self.stdout)["seconds"])
 
 
-def _summary(name: str, values: list[float]) -> dict[str, float | str | int]:
-    values = sorted(values)
-    return {
+def _summary(name: str, runs: list[_Run]) -> dict[str, float | str | int]:
+    walls = sorted(r.wall_s for r in runs)
+    out: dict[str, float | str | int] = {
         "what": name,
-        "runs": len(values),
-        "median_ms": round(statistics.median(values) * 1000, 1),
-        "p10_ms": round(values[len(values) // 10] * 1000, 1),
-        "p90_ms": round(values[(len(values) * 9) // 10 - 1] * 1000, 1),
+        "runs": len(runs),
+        "median_ms": round(statistics.median(walls) * 1000, 1),
+        "p10_ms": round(walls[len(walls) // 10] * 1000, 1),
+        "p90_ms": round(walls[max(0, (len(walls) * 9) // 10 - 1)] * 1000, 1),
+        "cpu_median_ms": round(statistics.median(r.cpu_s for r in runs) * 1000, 1),
     }
+    if "send" in name:
+        out["job_median_ms"] = round(statistics.median(r.job_s for r in runs) * 1000, 1)
+        out["outside_job_median_ms"] = round(
+            statistics.median(r.wall_s - r.job_s for r in runs) * 1000, 1)
+    return out
 
 
-def _importtime(env: dict[str, str], cwd: Path, top: int) -> list[tuple[str, float]]:
-    """Cumulative import time (ms) per module of what `send` imports, median of 5."""
+def _importtime(cmd: Callable[[], list[str]], env: dict[str, str], cwd: Path,
+                top: int) -> list[tuple[str, float]]:
+    """Cumulative import time (ms) per module of the command `cmd()` gives (a new one each
+    run), median of 5."""
     per: dict[str, list[float]] = {}
     for _ in range(5):
-        err = subprocess.run([PY, "-X", "importtime", "-c", CLIENT_IMPORTS],
+        err = subprocess.run([PY, "-X", "importtime", *cmd()[1:]],
                              capture_output=True, text=True, env=env, cwd=cwd,
                              check=True).stderr
         for line in err.splitlines():
@@ -99,6 +115,15 @@ def _importtime(env: dict[str, str], cwd: Path, top: int) -> list[tuple[str, flo
                 per.setdefault(parts[2].strip(), []).append(int(parts[1]) / 1000)
     medians = {m: statistics.median(v) for m, v in per.items()}
     return sorted(medians.items(), key=lambda kv: -kv[1])[:top]
+
+
+def _line(r: dict[str, float | str | int]) -> str:
+    line = (f"{r['what']:<42} median {r['median_ms']:7.1f} ms "
+            f"(p10 {r['p10_ms']:.1f}, p90 {r['p90_ms']:.1f}; {r['runs']} runs), "
+            f"CPU {r['cpu_median_ms']:.1f} ms")
+    if "job_median_ms" in r:
+        line += f"; job {r['job_median_ms']:.1f} ms, the rest {r['outside_job_median_ms']:.1f}"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for package in ("transferd", "netplan"):
             compileall.compile_dir(cwd / package, quiet=1)
     results = []
+    imports: dict[str, list[tuple[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="cli-startup-") as tmp:
         root = Path(tmp)
         # The client settings cache (transferd.client_settings) of this run, not the user's.
@@ -153,19 +179,21 @@ def main(argv: list[str] | None = None) -> int:
                             "--wait", "--json")
 
             for _ in range(3):  # warm: the first send opens the data channels
-                _timed(send(), env, here)
-            series: dict[str, list[float]] = {"python -c pass": []}
+                _Run(send(), env, here)
+            series: dict[str, list[_Run]] = {"python -c pass": []}
             for _ in range(args.runs):  # interleaved, so drift hits every series alike
-                series["python -c pass"].append(_timed([PY, "-c", "pass"], env))
+                series["python -c pass"].append(_Run([PY, "-c", "pass"], env))
                 for name, (cwd, venv) in variants.items():
                     series.setdefault(f"{name}: transferd --help", []).append(
-                        _timed(_cli("--help"), venv, cwd))
+                        _Run(_cli("--help"), venv, cwd))
                     series.setdefault(f"{name}: send --wait --json (4 KiB)", []).append(
-                        _timed(send(), venv, cwd))
+                        _Run(send(), venv, cwd))
                     # A job long enough that what the CLI does while it waits is hidden.
                     series.setdefault(f"{name}: send --wait --json (32 MiB)", []).append(
-                        _timed(send(BIG_BYTES), venv, cwd))
-            results = [_summary(name, values) for name, values in series.items()]
+                        _Run(send(BIG_BYTES), venv, cwd))
+            results = [_summary(name, runs) for name, runs in series.items()]
+            imports = {name: _importtime(send, venv, cwd, 10)
+                       for name, (cwd, venv) in variants.items()}
         finally:
             for proc in daemons:
                 proc.terminate()
@@ -175,17 +203,17 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    imports = {name: _importtime(venv, cwd, 8) for name, (cwd, venv) in variants.items()}
     for r in results:
-        print(f"{r['what']:<42} median {r['median_ms']:7.1f} ms "
-              f"(p10 {r['p10_ms']:.1f}, p90 {r['p90_ms']:.1f}; {r['runs']} runs)")
+        print(_line(r))
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for name, slowest in imports.items():
         print(f"{name}: slowest imports of `transferd send` (cumulative ms, median of 5):")
         for module, ms in slowest:
             print(f"  {ms:7.1f}  {module}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(
-            {"results": results, "imports_ms": {k: dict(v) for k, v in imports.items()}},
+            {"results": results, "imports_ms": {k: dict(v) for k, v in imports.items()},
+             "loadavg": [round(x, 2) for x in os.getloadavg()]},
             indent=2) + "\n")
     return 0
 

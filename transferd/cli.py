@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 
     from transferd.client_settings import ClientSettings
     from transferd.config import SiteConfig
-    from transferd.net.local_client import LocalClient
+    from transferd.net.local_http import JobOutcome, LocalClient
     from transferd.plan import PlanRun
-    from transferd.protocol.local_api import Job
+    from transferd.protocol.local_api import JobStatus
     from transferd.site.threads import BulkPriority
 
 __all__ = ["main"]
@@ -262,7 +262,7 @@ def _load_plan(plan_path: str, config: SiteConfig) -> PlanRun:
 
 
 def _local_client(config: ClientSettings, as_json: bool = False) -> LocalClient:
-    from transferd.net.local_client import LocalClient
+    from transferd.net.local_http import LocalClient
     from transferd.protocol.auth import local_signer
     from transferd.site.keys import LocalSecret
     from transferd.site.tls import client_ssl_context
@@ -274,13 +274,11 @@ def _local_client(config: ClientSettings, as_json: bool = False) -> LocalClient:
         _fail(exc, as_json)
 
 
-def summarize(path: str, jobs: list[Job], seconds: float) -> dict[str, Any]:
+def summarize(path: str, jobs: list[JobOutcome], seconds: float) -> dict[str, Any]:
     """The `send --wait --json` object: one line, the fields the benchmark harness reads.
     `bytes_on_wire` counts every body the jobs put on the wire, re-sent ones included;
     `retries` the requests sent again and the attempts made again after a wait."""
-    from transferd.protocol.local_api import JobState
-
-    failed = [j for j in jobs if j.state is JobState.FAILED]
+    failed = [j for j in jobs if j.state == "failed"]
     out: dict[str, Any] = {
         "path": path,
         "destinations": [j.dest for j in jobs],
@@ -297,10 +295,8 @@ def summarize(path: str, jobs: list[Job], seconds: float) -> dict[str, Any]:
     return out
 
 
-def _failed_exit(jobs: list[Job]) -> int:
-    from transferd.protocol.local_api import JobState
-
-    kinds = {j.error_kind for j in jobs if j.state is JobState.FAILED}
+def _failed_exit(jobs: list[JobOutcome]) -> int:
+    kinds = {j.error_kind for j in jobs if j.state == "failed"}
     return EXIT_POLICY if kinds == {"policy"} else EXIT_AUTH if kinds == {"auth"} else EXIT_FAILED
 
 
@@ -340,7 +336,7 @@ def send(
     as_json: bool,
 ) -> None:
     """Ask the local daemon to replicate PATH (relative to data_dir) to other sites."""
-    from transferd.net.local_client import LocalRequest, job_ids
+    from transferd.net.local_http import LocalRequest, job_ids
     from transferd.protocol.http_paths import LOCAL_SEND_ROUTE
 
     config = _client_config(config_path, as_json)
@@ -361,7 +357,7 @@ def send(
 
     started = time.monotonic()
     # A SendRequest as JSON, built without the models (the daemon validates it: a field it
-    # does not know is refused); the models load while the daemon works (`_poll`).
+    # does not know is refused); its answers are read without them too (`jobs_of`).
     send_jobs = json.dumps(
         {"path": rel, "to": dests, "timeout_s": timeout_s, "via": relays, "multipath": multipath}
     ).encode()
@@ -369,17 +365,15 @@ def send(
 
     answered: list[float] = []  # when each jobs answer arrived, before it was parsed
 
-    def send_and_poll(client: LocalClient) -> list[Job]:
+    def send_and_poll(client: LocalClient) -> list[JobOutcome]:
         ids = _first_call(lambda: client.call(request))
         return _poll(client, ids, wait=wait, progress=wait and not as_json, answered=answered)
 
     jobs = _with_daemon(config, config_path, send_and_poll, as_json)
-    # The job's time: until the answer that said it ended arrived, not the models' import
-    # that its parsing may wait for (`_load_models_meanwhile`).
+    # The job's time: until the answer that said it ended arrived, not what the CLI does
+    # after (parsing, printing, its exit).
     seconds = answered[-1] - started
-    from transferd.protocol.local_api import JobState
-
-    failed = [j for j in jobs if j.state is JobState.FAILED]
+    failed = [j for j in jobs if j.state == "failed"]
     if as_json and not wait:
         # Queued, not done: nothing has moved yet, so no counters that could pass for a result.
         click.echo(json.dumps(
@@ -399,34 +393,10 @@ def send(
         sys.exit(_failed_exit(failed))
 
 
-def _jobs(reply: bytes) -> list[Job]:
-    from transferd.protocol.local_api import JobsAnswer
-    from transferd.protocol.wire import parse_body
+def _jobs(reply: bytes) -> list[JobOutcome]:
+    from transferd.net.local_http import jobs_of
 
-    return parse_body(JobsAnswer, reply).jobs
-
-
-_models_loading: list[Any] = []  # the thread, once started
-
-
-def _load_models_meanwhile() -> None:
-    """Import the job models (pydantic, ~70 ms) on a thread while the daemon works on the
-    request just sent: the main thread only waits on its socket until the answer that needs
-    them. Once per process; the exit waits for the thread (no import cut off mid-way)."""
-    if _models_loading:
-        return
-    import threading
-
-    def load() -> None:
-        with contextlib.suppress(Exception):  # the main thread's own import raises it again
-            import transferd.protocol.local_api  # noqa: F401
-
-    thread = threading.Thread(target=load, name="load-models", daemon=True)
-    _models_loading.append(thread)
-    thread.start()
-    import atexit
-
-    atexit.register(thread.join)
+    return jobs_of(reply)
 
 
 def _with_daemon(
@@ -491,21 +461,21 @@ def _poll(
     wait: bool,
     progress: bool,
     answered: list[float] | None = None,
-) -> list[Job]:
+) -> list[JobOutcome]:
     """The jobs `ids`, once (`wait` False) or until none is active; `answered` gets the time
     each answer arrived, before it was parsed."""
-    from transferd.net.local_client import LocalRequest
+    from transferd.net.local_http import LocalRequest
     from transferd.protocol.http_paths import LOCAL_JOBS_ROUTE
 
-    def parse(reply: bytes) -> list[Job]:
+    def parse(reply: bytes) -> list[JobOutcome]:
         if answered is not None:
             answered.append(time.monotonic())
         return _jobs(reply)
 
-    def fetch(wait_ms: int = 0) -> list[Job]:
+    def fetch(wait_ms: int = 0) -> list[JobOutcome]:
         path_qs = f"{LOCAL_JOBS_ROUTE}?ids={','.join(ids)}&wait_ms={wait_ms}"
         request = LocalRequest("GET", path_qs, parse)
-        return _first_call(lambda: client.call(request, on_sent=_load_models_meanwhile))
+        return _first_call(lambda: client.call(request))
 
     # Without a bar to draw, the first question already waits for a job to end (one request
     # fewer for a short job); with one, it answers at once so the bar appears at once.
@@ -529,19 +499,19 @@ def _poll(
                         completed=min(j.bytes_done, total or 0),
                         description=description,
                     )
-                problem = j.note if j.state.active else None
-                if j.state.active and problem != said.get(j.id) and (problem or said.get(j.id)):
+                problem = j.note if j.active else None
+                if j.active and problem != said.get(j.id) and (problem or said.get(j.id)):
                     said[j.id] = problem
                     line = f"{j.path} -> {j.dest}: " + (waiting or "moving again")
                     if bar is not None:
                         bar.console.print(line)
                     else:
                         click.echo(f"transferd: {line}", err=True)
-            if not any(j.state.active for j in jobs):
+            if not any(j.active for j in jobs):
                 return jobs
             asked = time.monotonic()
             jobs = fetch(WAIT_MS)
-            if any(j.state.active for j in jobs):
+            if any(j.active for j in jobs):
                 # A daemon that answers at once (one without wait_ms): ask again after POLL_S.
                 time.sleep(max(0.0, POLL_S - (time.monotonic() - asked)))
 
@@ -565,13 +535,13 @@ def _progress_bar() -> Progress:
     )
 
 
-def _describe_wait(job: Job) -> str | None:
+def _describe_wait(job: JobOutcome | JobStatus) -> str | None:
     """What a job is waiting for, and when it tries next (None: it is not waiting)."""
-    from transferd.protocol.local_api import JobState
+    from transferd.net.local_http import ACTIVE_JOB_STATES
 
-    if not job.note or not job.state.active:
+    if not job.note or job.state not in ACTIVE_JOB_STATES:
         return None
-    what = "waiting" if job.state is JobState.WAITING else "retrying"
+    what = "waiting" if job.state == "waiting" else "retrying"
     note = job.note
     when = ""
     if job.next_attempt_at is not None:
@@ -586,7 +556,7 @@ def _describe_wait(job: Job) -> str | None:
 @click.option("--json", "as_json", is_flag=True)
 def status(config_path: str, as_json: bool) -> None:
     """Jobs, peers and rates of the local daemon."""
-    from transferd.net.local_client import LocalRequest
+    from transferd.net.local_http import LocalRequest
     from transferd.protocol.local_api import SiteStatus
     from transferd.protocol.wire import LOCAL_STATUS_ROUTE, to_body
 
@@ -661,7 +631,7 @@ def telemetry(config_path: str, as_json: bool) -> None:
     """The links to each peer as the local daemon measured them (TCP_INFO of the data
     channels, control-plane round trips, chunk failures; its rolling window)."""
     from netplan.telemetry import TelemetryReport
-    from transferd.net.local_client import LocalRequest
+    from transferd.net.local_http import LocalRequest
     from transferd.protocol.wire import TELEMETRY_ROUTE
 
     config = _client_config(config_path, as_json)
@@ -716,7 +686,7 @@ def message(
     """Deliver a small object to PEER's inbox through the local daemon, with a deadline."""
     from urllib.parse import quote, urlencode
 
-    from transferd.net.local_client import LocalRequest
+    from transferd.net.local_http import LocalRequest
     from transferd.protocol.messages import MessageReceipt
     from transferd.protocol.wire import MESSAGES_ROUTE, to_body
 
@@ -755,7 +725,7 @@ def message(
 @click.option("--max", "max_messages", type=click.IntRange(min=1, max=10_000), default=100)
 def inbox(config_path: str, wait_ms: float, max_messages: int) -> None:
     """Take messages from the local daemon's inbox: one JSON object per line."""
-    from transferd.net.local_client import LocalRequest
+    from transferd.net.local_http import LocalRequest
     from transferd.protocol.messages import InboxAnswer
     from transferd.protocol.wire import INBOX_ROUTE, to_body
 

@@ -5,19 +5,27 @@ fixed cost of a short job on a long link)."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
 
 from tests.integration._data import file_blake3, write_random
+from tests.integration._procs import poll_until
 from tests.integration.test_auth_policy import send_chunk
 from transferd import TrafficClass
 from transferd.daemon import Daemon
-from transferd.errors import ProtocolError, TransferdError
+from transferd.errors import ProtocolError, StorageError, TransferdError
 from transferd.net import inbound as inbound_mod
+from transferd.net import sender as sender_mod
 from transferd.net import server as server_mod
 from transferd.protocol.channel import ReceiptStatus
+from transferd.protocol.local_api import JobState
 from transferd.protocol.manifest import (
     ChunkRef,
     CommitAnswer,
@@ -262,3 +270,113 @@ async def test_open_shapes_old_and_new_and_a_bad_wait_are_answered_clearly(
         with pytest.raises(ProtocolError, match="chunks\\[0\\] lies outside"):
             await link.call(TrafficClass.CONTROL, "POST", "/v1/uploads",
                             body=open_request(intent, [outside]))
+
+
+def _hold_last_chunk_until_the_commit_waits(b: Daemon, last_offset: int) -> Callable[[], None]:
+    """A function for B's chunk workers: for the chunk at `last_offset`, wait (in the worker)
+    until A's commit sent ahead is held at B, so the chunk's receipt meets that commit."""
+
+    def hold() -> None:
+        deadline = time.monotonic() + 10
+        while b.inbound.commits_waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert b.inbound.commits_waiting == 1, "the commit was not sent ahead"
+
+    return hold
+
+
+@pytest.mark.parametrize("failure", ["io", "disk-full"])
+async def test_a_storage_receipt_under_a_commit_sent_ahead_fails_the_job_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """The receiver's storage fails the last chunk while the commit sent ahead waits for it:
+    the data did not land, so the job fails (kind storage), nothing is visible at B and its
+    staging is given back; and
+    the held commit is answered at once, not after the commit's idle wait (set to 60 s here),
+    so the job does not hang on a chunk that will never land."""
+    monkeypatch.setattr(sender_mod, "COMMIT_AHEAD_IDLE_S", 60.0)
+    src = tmp_path / "site-A" / "curated" / "s.bin"
+    write_random(src, 4 * CHUNK, seed=41)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        hold = _hold_last_chunk_until_the_commit_waits(b, 3 * CHUNK)
+        real_write = b.receiver.verify_and_write
+
+        def failing_write(upload: str, digest: str, body: Any, *args: Any) -> None:
+            targets = args[3]
+            if targets[0].offset == 3 * CHUNK:
+                hold()
+                code = errno.EIO if failure == "io" else errno.ENOSPC
+                raise StorageError(f"writing {upload} failed: {os.strerror(code)}",
+                                   errno=code)
+            real_write(upload, digest, body, *args)
+
+        monkeypatch.setattr(b.receiver, "verify_and_write", failing_write)
+        async with asyncio.timeout(20):  # the commit's idle wait is 60 s
+            [job] = await wait_for_jobs(a, a.sender.submit("curated/s.bin", ["B"]), 30)
+        assert job.state is JobState.FAILED, job
+        assert job.error_kind == "storage", job
+        assert not (tmp_path / "site-B" / "curated" / "s.bin").exists()
+        assert b.inbound.commits_waiting == 0
+        # and B gives the upload's staging back (the disk-full failure, or the sender's abort,
+        # which follows the job's failure)
+        staging = tmp_path / "site-B" / ".transferd" / "staging"
+
+        async def staged() -> list[Path]:
+            return list(staging.iterdir())
+
+        assert await poll_until(staged, lambda left: not left, timeout_s=10) == []
+
+
+async def test_a_storage_receipt_for_a_chunk_whose_commit_went_through_counts_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last chunk lands and its booking lets the commit sent ahead through, but its own
+    receipt says STORAGE (as a copy sent again finds its upload sealed): the file is at B
+    whole, so the job is committed, not failed."""
+    src = tmp_path / "site-A" / "curated" / "s.bin"
+    digest = write_random(src, 4 * CHUNK, seed=42)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        hold = _hold_last_chunk_until_the_commit_waits(b, 3 * CHUNK)
+        real_landed = b.inbound.chunk_landed
+
+        def landed_then_storage(head: Any, peer: str, targets: Any) -> None:
+            if targets[0].offset == 3 * CHUNK:
+                hold()
+                real_landed(head, peer, targets)  # booked: the held commit goes through
+                raise StorageError("upload sealed: committed meanwhile")
+            real_landed(head, peer, targets)
+
+        monkeypatch.setattr(b.inbound, "chunk_landed", landed_then_storage)
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/s.bin", ["B"]), 30)
+        assert job.state is JobState.COMMITTED, job
+        assert job.bytes_done == 4 * CHUNK
+        assert file_blake3(tmp_path / "site-B" / "curated" / "s.bin") == digest
+
+
+async def test_a_copy_sent_again_failing_in_storage_does_not_answer_the_held_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk that landed is sent again (its receipt was lost) and that copy fails in
+    storage while the commit waits for another chunk: the commit is not missing it, so it
+    waits on and commits when the other lands."""
+    data = [b"\x51" * CHUNK, b"\x52" * CHUNK]
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        refs, _ = await _open(a, data)
+        assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.OK
+        ahead = asyncio.create_task(_commit(a, refs, 30.0))
+        await _until_waiting(b, 1)
+        real_write = b.receiver.verify_and_write
+
+        def failing_copy(upload: str, digest: str, body: Any, *args: Any) -> None:
+            if args[3][0].offset == 0:
+                raise StorageError(f"writing {upload} failed: {os.strerror(errno.EIO)}",
+                                   errno=errno.EIO)
+            real_write(upload, digest, body, *args)
+
+        monkeypatch.setattr(b.receiver, "verify_and_write", failing_copy)
+        assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.STORAGE
+        await asyncio.sleep(0.05)
+        assert not ahead.done()  # still waiting for chunk 1, not answered by the failed copy
+        assert (await send_chunk(a, UPLOAD, data[1], at=CHUNK)).status is ReceiptStatus.OK
+        assert await ahead == CommitAnswer(committed=True)
+        assert (tmp_path / "site-B" / "curated" / f"{UPLOAD}.bin").read_bytes() == b"".join(data)

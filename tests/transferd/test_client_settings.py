@@ -20,7 +20,7 @@ from transferd.cli import main
 from transferd.client_settings import ClientSettings, client_settings
 from transferd.config import load_config
 from transferd.errors import ConfigError, ProtocolError
-from transferd.net.local_client import job_ids
+from transferd.net.local_http import job_ids
 
 GOOD = """\
 site: A
@@ -341,7 +341,7 @@ def test_send_seconds_time_the_job_not_the_clients_model_imports(
 ) -> None:
     """`seconds` (read by scripts and benchmarks/s3_replication.py) ends when the answer that
     says the job ended arrives: the 1 s the (simulated) daemon took, not the 5 s the client
-    then spends importing the models that parse it."""
+    then spends reading it."""
     from types import SimpleNamespace
 
     from transferd import cli
@@ -367,7 +367,7 @@ def test_send_seconds_time_the_job_not_the_clients_model_imports(
     real_jobs = cli._jobs
 
     def slow_jobs(reply: bytes) -> Any:
-        clock.now += 5.0  # the models' import the parse waits for
+        clock.now += 5.0  # a slow parse
         return real_jobs(reply)
 
     monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=clock.monotonic,

@@ -5,6 +5,7 @@ and do their I/O through `transferd.site`; every task they start belongs to a Ta
 - `inbound`: the async side of receiving uploads (worker threads, commit locks)
 - `peer_client`: the one client for peers (signed requests, a pool per traffic class, retries)
 - `local_client`: the one client for a site's own daemon (the CLI, `send_message`, `read_inbox`)
+  and `local_http`, its HTTP requests without asyncio (what `transferd send` imports)
 - `pump`: SchedulerPump, BulkGate and PeerTraffic around the scheduler and stream controller
 - `sender`: replication jobs from the journal to peers
 - `messages`: the message service and inbox

@@ -60,6 +60,7 @@ class _Waiting:
         self.missing = set(missing)
         self.landed = asyncio.get_running_loop().create_future()
         self.progress = False
+        self.chunk_failed = False  # a chunk of the upload failed in storage: answer now
 
     def wake(self) -> None:
         if not self.landed.done():
@@ -114,12 +115,15 @@ class InboundUploads:
         if not lock.locked():
             self._commit_locks.pop(upload, None)
 
-    def _fail_if_full(self, upload: str, exc: StorageError) -> None:
+    def _fail_if_full(self, upload: str, exc: StorageError) -> bool:
         """Out of space: the upload fails here at once and its staging is given back (the
-        sender's job fails on the same error; a retry once space is freed starts clean)."""
-        if exc.fields.get("errno") in (errno.ENOSPC, errno.EDQUOT):
-            self.receiver.fail(upload, self.clock(), exc)
-            log.warning("upload.failed", extra={"fields": {"upload": upload, "error": str(exc)}})
+        sender's job fails on the same error; a retry once space is freed starts clean).
+        True when it did."""
+        if exc.fields.get("errno") not in (errno.ENOSPC, errno.EDQUOT):
+            return False
+        self.receiver.fail(upload, self.clock(), exc)
+        log.warning("upload.failed", extra={"fields": {"upload": upload, "error": str(exc)}})
+        return True
 
     async def abort(self, upload: str, peer: str) -> None:
         """The sender gave the upload up (its job failed): give back its staging."""
@@ -197,8 +201,23 @@ class InboundUploads:
             )  # fmt: skip
         except StorageError as exc:
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._fail_if_full, head.upload, exc)
+                places = {(t.file, t.offset) for t in targets}
+                self._loop.call_soon_threadsafe(self._chunk_failed, head.upload, places, exc)
             raise
+
+    def _chunk_failed(self, upload: str, places: set[tuple[int, int]],
+                      exc: StorageError) -> None:
+        """On the loop: a chunk of `upload` could not be staged at `places` (its receipt says
+        STORAGE). A commit held for it is answered now (409 naming what is missing, or the
+        upload's failure): the chunk will not land, and the sender, which waits for that
+        answer before it reports the chunk, would otherwise wait the commit's whole idle
+        time. A commit that no longer misses those places (a copy sent again of a chunk that
+        landed) waits on, as the upload does unless it failed."""
+        failed = self._fail_if_full(upload, exc)
+        for waiter in self._waiting.get(upload, ()):
+            if failed or not waiter.missing.isdisjoint(places):
+                waiter.chunk_failed = True
+                waiter.wake()
 
     def chunk_landed(self, head: ChunkHead, peer: str, targets: list[ChunkTarget]) -> None:
         """In a channel worker: journal the staged chunk and count it; returns once its row
@@ -280,7 +299,8 @@ class InboundUploads:
 
     async def _until_staged(self, upload: str, manifest: Manifest, idle_s: float) -> None:
         """Until no chunk of the manifest is missing, no more of them landed for `idle_s`,
-        or COMMIT_WAIT_MAX_S passed (the sender's HTTP read timeout lies beyond it). The
+        one of the upload's chunks failed in storage (`_chunk_failed`), or COMMIT_WAIT_MAX_S
+        passed (the sender's HTTP read timeout lies beyond it). The
         journal is read once; the chunks of this upload booked meanwhile are struck off
         (the check under the commit lock reads it again). TransportError (503) when the
         daemon stops meanwhile."""
@@ -291,7 +311,7 @@ class InboundUploads:
         waiters.append(waiter)
         try:
             quiet_until = loop.time() + idle_s
-            while waiter.missing:
+            while waiter.missing and not waiter.chunk_failed:
                 if self._stopping:
                     exc = TransportError("the receiver is stopping; commit again later")
                     exc.http_status = 503
