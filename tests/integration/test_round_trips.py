@@ -370,25 +370,26 @@ async def test_a_copy_sent_again_failing_in_storage_does_not_answer_the_held_com
     waits on and commits when the other lands."""
     data = [b"\x51" * CHUNK, b"\x52" * CHUNK]
     async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
-        refs, _ = await _open(a, data)
-        assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.OK
-        ahead = asyncio.create_task(_commit(a, refs, 30.0))
-        await _until_waiting(b, 1)
-        real_write = b.receiver.verify_and_write
-
-        def failing_copy(upload: str, digest: str, body: Any, *args: Any) -> None:
-            if args[3][0].offset == 0:
-                raise StorageError(f"writing {upload} failed: {os.strerror(errno.EIO)}",
-                                   errno=errno.EIO)
-            real_write(upload, digest, body, *args)
-
-        monkeypatch.setattr(b.receiver, "verify_and_write", failing_copy)
+        ahead = await _first_chunk_landed_and_the_commit_held(a, b, data)
+        monkeypatch.setattr(b.receiver, "verify_and_write", _failing_write_at(b, 0))
         assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.STORAGE
         await asyncio.sleep(0.05)
         assert not ahead.done()  # still waiting for chunk 1, not answered by the failed copy
         assert (await send_chunk(a, UPLOAD, data[1], at=CHUNK)).status is ReceiptStatus.OK
         assert await ahead == CommitAnswer(committed=True)
         assert (tmp_path / "site-B" / "curated" / f"{UPLOAD}.bin").read_bytes() == b"".join(data)
+
+
+async def _first_chunk_landed_and_the_commit_held(
+    a: Daemon, b: Daemon, data: list[bytes]
+) -> asyncio.Task[CommitAnswer]:
+    """Open an upload of `data`, land its first chunk, and send its commit ahead (held up to
+    60 s at B for the others): the task answering that commit, once B holds it."""
+    refs, _ = await _open(a, data)
+    assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.OK
+    ahead = asyncio.create_task(_commit(a, refs, 60.0))
+    await _until_waiting(b, 1)
+    return ahead
 
 
 def _failing_write_at(b: Daemon, offset: int) -> Callable[..., None]:
@@ -482,10 +483,7 @@ async def test_a_failed_copy_does_not_answer_the_commit_while_another_copy_is_bo
     commit held for that chunk waits on, and commits when the first copy is booked."""
     data = [b"\x61" * CHUNK, b"\x62" * CHUNK]
     async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
-        refs, _ = await _open(a, data)
-        assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.OK
-        ahead = asyncio.create_task(_commit(a, refs, 60.0))
-        await _until_waiting(b, 1)
+        ahead = await _first_chunk_landed_and_the_commit_held(a, b, data)
         staged, go_on = threading.Event(), threading.Event()
         real_landed = b.inbound.chunk_landed
 
