@@ -24,6 +24,7 @@ from transferd.errors import (
     AuthError,
     ConfigError,
     PolicyViolation,
+    ProtocolError,
     TransferdError,
     TransportError,
 )
@@ -475,7 +476,13 @@ def _poll(
     def fetch(wait_ms: int = 0) -> list[JobOutcome]:
         path_qs = f"{LOCAL_JOBS_ROUTE}?ids={','.join(ids)}&wait_ms={wait_ms}"
         request = LocalRequest("GET", path_qs, parse)
-        return _first_call(lambda: client.call(request))
+        jobs = _first_call(lambda: client.call(request))
+        # A job the daemon queued and does not report is not one that succeeded.
+        lost = sorted(set(ids) - {j.id for j in jobs})
+        if lost:
+            raise ProtocolError(
+                f"the daemon's jobs answer lacks job(s) it queued: {', '.join(lost)}")
+        return jobs
 
     # Without a bar to draw, the first question already waits for a job to end (one request
     # fewer for a short job); with one, it answers at once so the bar appears at once.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -272,15 +273,19 @@ async def test_open_shapes_old_and_new_and_a_bad_wait_are_answered_clearly(
                             body=open_request(intent, [outside]))
 
 
-def _hold_last_chunk_until_the_commit_waits(b: Daemon, last_offset: int) -> Callable[[], None]:
-    """A function for B's chunk workers: for the chunk at `last_offset`, wait (in the worker)
-    until A's commit sent ahead is held at B, so the chunk's receipt meets that commit."""
+def _hold_last_chunk_until_the_commit_waits(
+    b: Daemon, waited: list[int]
+) -> Callable[[], None]:
+    """A function for B's chunk workers: wait (in the worker) until A's commit sent ahead is
+    held at B, so the chunk's receipt meets that commit. It notes in `waited` how many
+    commits were held then, for the test's thread to check (an assert in B's worker would
+    only fail the chunk)."""
 
     def hold() -> None:
         deadline = time.monotonic() + 10
         while b.inbound.commits_waiting < 1 and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert b.inbound.commits_waiting == 1, "the commit was not sent ahead"
+        waited.append(b.inbound.commits_waiting)
 
     return hold
 
@@ -298,7 +303,8 @@ async def test_a_storage_receipt_under_a_commit_sent_ahead_fails_the_job_at_once
     src = tmp_path / "site-A" / "curated" / "s.bin"
     write_random(src, 4 * CHUNK, seed=41)
     async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
-        hold = _hold_last_chunk_until_the_commit_waits(b, 3 * CHUNK)
+        waited: list[int] = []
+        hold = _hold_last_chunk_until_the_commit_waits(b, waited)
         real_write = b.receiver.verify_and_write
 
         def failing_write(upload: str, digest: str, body: Any, *args: Any) -> None:
@@ -313,6 +319,7 @@ async def test_a_storage_receipt_under_a_commit_sent_ahead_fails_the_job_at_once
         monkeypatch.setattr(b.receiver, "verify_and_write", failing_write)
         async with asyncio.timeout(20):  # the commit's idle wait is 60 s
             [job] = await wait_for_jobs(a, a.sender.submit("curated/s.bin", ["B"]), 30)
+        assert waited == [1], "the commit was not sent ahead of the last chunk"
         assert job.state is JobState.FAILED, job
         assert job.error_kind == "storage", job
         assert not (tmp_path / "site-B" / "curated" / "s.bin").exists()
@@ -336,7 +343,8 @@ async def test_a_storage_receipt_for_a_chunk_whose_commit_went_through_counts_de
     src = tmp_path / "site-A" / "curated" / "s.bin"
     digest = write_random(src, 4 * CHUNK, seed=42)
     async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
-        hold = _hold_last_chunk_until_the_commit_waits(b, 3 * CHUNK)
+        waited: list[int] = []
+        hold = _hold_last_chunk_until_the_commit_waits(b, waited)
         real_landed = b.inbound.chunk_landed
 
         def landed_then_storage(head: Any, peer: str, targets: Any) -> None:
@@ -348,6 +356,7 @@ async def test_a_storage_receipt_for_a_chunk_whose_commit_went_through_counts_de
 
         monkeypatch.setattr(b.inbound, "chunk_landed", landed_then_storage)
         [job] = await wait_for_jobs(a, a.sender.submit("curated/s.bin", ["B"]), 30)
+        assert waited == [1], "the commit was not sent ahead of the last chunk"
         assert job.state is JobState.COMMITTED, job
         assert job.bytes_done == 4 * CHUNK
         assert file_blake3(tmp_path / "site-B" / "curated" / "s.bin") == digest
@@ -361,22 +370,138 @@ async def test_a_copy_sent_again_failing_in_storage_does_not_answer_the_held_com
     waits on and commits when the other lands."""
     data = [b"\x51" * CHUNK, b"\x52" * CHUNK]
     async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
-        refs, _ = await _open(a, data)
-        assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.OK
-        ahead = asyncio.create_task(_commit(a, refs, 30.0))
-        await _until_waiting(b, 1)
-        real_write = b.receiver.verify_and_write
-
-        def failing_copy(upload: str, digest: str, body: Any, *args: Any) -> None:
-            if args[3][0].offset == 0:
-                raise StorageError(f"writing {upload} failed: {os.strerror(errno.EIO)}",
-                                   errno=errno.EIO)
-            real_write(upload, digest, body, *args)
-
-        monkeypatch.setattr(b.receiver, "verify_and_write", failing_copy)
+        ahead = await _first_chunk_landed_and_the_commit_held(a, b, data)
+        monkeypatch.setattr(b.receiver, "verify_and_write", _failing_write_at(b, 0))
         assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.STORAGE
         await asyncio.sleep(0.05)
         assert not ahead.done()  # still waiting for chunk 1, not answered by the failed copy
         assert (await send_chunk(a, UPLOAD, data[1], at=CHUNK)).status is ReceiptStatus.OK
+        assert await ahead == CommitAnswer(committed=True)
+        assert (tmp_path / "site-B" / "curated" / f"{UPLOAD}.bin").read_bytes() == b"".join(data)
+
+
+async def _first_chunk_landed_and_the_commit_held(
+    a: Daemon, b: Daemon, data: list[bytes]
+) -> asyncio.Task[CommitAnswer]:
+    """Open an upload of `data`, land its first chunk, and send its commit ahead (held up to
+    60 s at B for the others): the task answering that commit, once B holds it."""
+    refs, _ = await _open(a, data)
+    assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.OK
+    ahead = asyncio.create_task(_commit(a, refs, 60.0))
+    await _until_waiting(b, 1)
+    return ahead
+
+
+def _failing_write_at(b: Daemon, offset: int) -> Callable[..., None]:
+    """B's `verify_and_write`, failing (EIO) for the chunk at `offset`."""
+    real_write = b.receiver.verify_and_write
+
+    def write(upload: str, digest: str, body: Any, *args: Any) -> None:
+        if args[3][0].offset == offset:
+            raise StorageError(f"writing {upload} failed: {os.strerror(errno.EIO)}",
+                               errno=errno.EIO)
+        real_write(upload, digest, body, *args)
+
+    return write
+
+
+async def test_a_commit_coming_after_its_chunks_storage_failure_is_answered_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk fails in storage at B before the commit sent ahead reaches B (the commit
+    was on its way): the commit, held for up to 60 s here, is answered at once naming the
+    chunk, not after its idle wait. Once the chunk lands, the commit goes through."""
+    data = [b"\x51" * CHUNK, b"\x52" * CHUNK]
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        refs, _ = await _open(a, data)
+        assert (await send_chunk(a, UPLOAD, data[0], at=0)).status is ReceiptStatus.OK
+        with monkeypatch.context() as patch:
+            patch.setattr(b.receiver, "verify_and_write", _failing_write_at(b, CHUNK))
+            receipt = await send_chunk(a, UPLOAD, data[1], at=CHUNK)
+        assert receipt.status is ReceiptStatus.STORAGE
+        async with asyncio.timeout(20):  # the commit's wait is 60 s
+            answer = await _commit(a, refs, 60.0)
+        assert answer == CommitAnswer(committed=False, want=[(0, CHUNK)])
+        assert b.inbound.commits_waiting == 0
+        # the chunk sent again lands: nothing is remembered as failed any more
+        assert (await send_chunk(a, UPLOAD, data[1], at=CHUNK)).status is ReceiptStatus.OK
+        assert await _commit(a, refs, 60.0) == CommitAnswer(committed=True)
+        assert (tmp_path / "site-B" / "curated" / f"{UPLOAD}.bin").read_bytes() == b"".join(data)
+
+
+async def test_a_job_whose_chunk_failed_before_its_commit_reached_b_fails_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same order in a job: B's storage fails the last chunk, and only then does the
+    commit sent ahead reach B. The job fails (storage) without waiting for the commit's idle
+    time (60 s here), while A's chunk task waits for that commit's answer."""
+    monkeypatch.setattr(sender_mod, "COMMIT_AHEAD_IDLE_S", 60.0)
+    src = tmp_path / "site-A" / "curated" / "s.bin"
+    write_random(src, 4 * CHUNK, seed=43)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        loop = asyncio.get_running_loop()
+        failed_seen = asyncio.Event()
+        failing = _failing_write_at(b, 3 * CHUNK)
+        ahead_sent: list[bool] = []
+
+        def write(upload: str, digest: str, body: Any, *args: Any) -> None:
+            try:
+                failing(upload, digest, body, *args)
+            except StorageError:
+                # in B's worker: fail once A's commit is on its way (else the receipt, coming
+                # before the commit is sent, fails the job at once anyway)
+                deadline = time.monotonic() + 10
+                while not a.sender._ahead and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                ahead_sent.append(bool(a.sender._ahead))
+                # after `_chunk_failed`, queued on the loop just before it
+                loop.call_soon_threadsafe(lambda: loop.call_soon(failed_seen.set))
+                raise
+
+        monkeypatch.setattr(b.receiver, "verify_and_write", write)
+        real_commit = b.inbound.commit
+
+        async def late_commit(*args: Any, **kw: Any) -> CommitAnswer:
+            await failed_seen.wait()  # the commit is handled after the chunk's failure
+            return await real_commit(*args, **kw)
+
+        monkeypatch.setattr(b.inbound, "commit", late_commit)
+        async with asyncio.timeout(20):
+            [job] = await wait_for_jobs(a, a.sender.submit("curated/s.bin", ["B"]), 30)
+        assert ahead_sent == [True], "the commit was not sent ahead of the last chunk"
+        assert job.state is JobState.FAILED, job
+        assert job.error_kind == "storage", job
+        assert not (tmp_path / "site-B" / "curated" / "s.bin").exists()
+        assert b.inbound.commits_waiting == 0
+
+
+async def test_a_failed_copy_does_not_answer_the_commit_while_another_copy_is_booked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies of one chunk (sent again after a channel broke): the first is staged and
+    its booking not yet done when the second fails in storage. The first will land, so the
+    commit held for that chunk waits on, and commits when the first copy is booked."""
+    data = [b"\x61" * CHUNK, b"\x62" * CHUNK]
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        ahead = await _first_chunk_landed_and_the_commit_held(a, b, data)
+        staged, go_on = threading.Event(), threading.Event()
+        real_landed = b.inbound.chunk_landed
+
+        def held_landed(head: Any, peer: str, targets: Any) -> None:
+            if targets[0].offset == CHUNK and not go_on.is_set():
+                staged.set()
+                go_on.wait(10)  # in B's worker: the first copy, staged, not booked yet
+            real_landed(head, peer, targets)
+
+        monkeypatch.setattr(b.inbound, "chunk_landed", held_landed)
+        first = asyncio.create_task(send_chunk(a, UPLOAD, data[1], at=CHUNK))
+        assert await asyncio.to_thread(staged.wait, 10)
+        monkeypatch.setattr(b.receiver, "verify_and_write", _failing_write_at(b, CHUNK))
+        second = await send_chunk(a, UPLOAD, data[1], at=CHUNK)
+        assert second.status is ReceiptStatus.STORAGE
+        await asyncio.sleep(0.05)
+        assert not ahead.done()  # not answered by the failed copy
+        go_on.set()
+        assert (await first).status is ReceiptStatus.OK
         assert await ahead == CommitAnswer(committed=True)
         assert (tmp_path / "site-B" / "curated" / f"{UPLOAD}.bin").read_bytes() == b"".join(data)

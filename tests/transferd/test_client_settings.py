@@ -358,7 +358,7 @@ def test_send_seconds_time_the_job_not_the_clients_model_imports(
            "integrity_failures": 0}
 
     class Daemon:
-        def call(self, request: Any, on_sent: Any = None) -> Any:
+        def call(self, request: Any) -> Any:
             if request.method == "POST":
                 return request.answer_of(200, b'{"jobs": ["j1"]}', "fake")
             clock.now += 1.0  # the job, in the daemon
@@ -380,6 +380,49 @@ def test_send_seconds_time_the_job_not_the_clients_model_imports(
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert (out["state"], out["seconds"]) == ("committed", 1.0)
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+@pytest.mark.parametrize("answer", [{"jobs": []}, {"jobs": [{"id": "j2"}]}])
+def test_send_wait_refuses_a_jobs_answer_without_the_queued_job(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, as_json: bool,
+    answer: dict[str, Any],
+) -> None:
+    """The daemon queued j1 but its jobs answer does not report it (none, or another job):
+    not a success with no destinations but a protocol error naming the job, exit 1."""
+    from transferd import cli
+
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    (tmp_path / "site-a").mkdir()
+    (tmp_path / "site-a" / "f").write_bytes(b"x" * 5000)
+    job = {"id": "j2", "path": "f", "dest": "B", "state": "committed", "error": None,
+           "error_kind": None, "bytes_logical": 5000, "bytes_on_wire": 5100,
+           "bytes_done": 5000, "chunks": 1, "chunks_skipped": 0, "retries": 0}
+    jobs = [job for _ in answer["jobs"]]
+
+    class Daemon:
+        def call(self, request: Any) -> Any:
+            if request.method == "POST":
+                return request.answer_of(200, b'{"jobs": ["j1"]}', "fake")
+            return request.answer_of(200, json.dumps({"jobs": jobs}).encode(), "fake")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(cli, "_local_client", lambda config, as_json=False: Daemon())
+    args = ["send", "f", "--config", str(path), "--to", "B", "--wait"]
+    result = CliRunner().invoke(main, args + (["--json"] if as_json else []))
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "committed" not in result.output
+    said = "transferd: protocol error: the daemon's jobs answer lacks job(s) it queued: j1"
+    assert said in result.stderr
+    if as_json:
+        assert json.loads(result.stdout) == {
+            "error": said.removeprefix("transferd: protocol error: "), "kind": "protocol",
+            "exit_code": 1,
+        }
 
 
 def test_a_fifo_config_waits_for_a_writer_that_comes_later(tmp_path: Path, cache: Path) -> None:

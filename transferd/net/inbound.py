@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import errno
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple, TypeVar
 
@@ -82,10 +83,18 @@ class InboundUploads:
         self._commit_locks: dict[str, asyncio.Lock] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bookings: LoopBatches[_Landed] = LoopBatches(self._book)
+        # (upload, file, offset) -> copies of that chunk being staged or staged and not yet
+        # booked (a chunk is sent again after its channel broke): a failed copy is not the
+        # chunk's failure while another copy may still land (`_chunk_failed`).
+        self._copies: dict[tuple[str, int, int], int] = {}
+        self._copies_lock = threading.Lock()
         # The commits held for their last chunks (`_until_staged`), by upload: woken only by
         # the bookings of their own upload's chunks; counted by peer (capped).
         self._waiting: dict[str, list[_Waiting]] = {}
         self._waiting_by_peer: dict[str, int] = {}
+        # Per upload: the places whose chunk failed in storage and has not landed since. A
+        # commit that comes later missing one of them is answered at once (`_until_staged`).
+        self._failed_places: dict[str, set[tuple[int, int]]] = {}
         self._stopping = False
         self.commits_waiting = 0  # commits sent ahead, waiting for their last chunks now
 
@@ -121,12 +130,14 @@ class InboundUploads:
         True when it did."""
         if exc.fields.get("errno") not in (errno.ENOSPC, errno.EDQUOT):
             return False
+        self._failed_places.pop(upload, None)
         self.receiver.fail(upload, self.clock(), exc)
         log.warning("upload.failed", extra={"fields": {"upload": upload, "error": str(exc)}})
         return True
 
     async def abort(self, upload: str, peer: str) -> None:
         """The sender gave the upload up (its job failed): give back its staging."""
+        self._failed_places.pop(upload, None)
         if self.receiver.abort(upload, peer, self.clock()):
             log.info("upload.aborted", extra={"fields": {"upload": upload, "by": peer}})
 
@@ -193,29 +204,57 @@ class InboundUploads:
         body_blake3: str | None = None,
     ) -> None:
         """In a channel worker: verify and stage the body. Out of space, the upload fails at
-        once (on the loop, where the journal lives)."""
+        once (on the loop, where the journal lives). The copy counts as on its way from now
+        until it is booked (`_book`) or fails here."""
+        self._count_copies(head.upload, targets, 1)
         try:
             self.receiver.verify_and_write(
                 head.upload, head.address, body, head.body_blake3.hex(), head.encoding,
                 head.raw_length, targets, body_blake3,
             )  # fmt: skip
-        except StorageError as exc:
-            if self._loop is not None:
-                places = {(t.file, t.offset) for t in targets}
-                self._loop.call_soon_threadsafe(self._chunk_failed, head.upload, places, exc)
+        except BaseException as exc:
+            self._count_copies(head.upload, targets, -1)
+            if isinstance(exc, StorageError) and self._loop is not None:
+                places = frozenset((t.file, t.offset) for t in targets)
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    self._loop.call_soon_threadsafe(self._chunk_failed, head.upload, places, exc)
             raise
 
-    def _chunk_failed(self, upload: str, places: set[tuple[int, int]],
-                      exc: StorageError) -> None:
-        """On the loop: a chunk of `upload` could not be staged at `places` (its receipt says
-        STORAGE). A commit held for it is answered now (409 naming what is missing, or the
-        upload's failure): the chunk will not land, and the sender, which waits for that
-        answer before it reports the chunk, would otherwise wait the commit's whole idle
-        time. A commit that no longer misses those places (a copy sent again of a chunk that
-        landed) waits on, as the upload does unless it failed."""
-        failed = self._fail_if_full(upload, exc)
+    def _count_copies(self, upload: str, targets: list[ChunkTarget], step: int) -> None:
+        with self._copies_lock:
+            for t in targets:
+                key = (upload, t.file, t.offset)
+                n = self._copies.get(key, 0) + step
+                if n > 0:
+                    self._copies[key] = n
+                else:
+                    self._copies.pop(key, None)
+
+    def _chunk_failed(
+        self, upload: str, places: frozenset[tuple[int, int]], exc: StorageError
+    ) -> None:
+        """On the loop: a chunk of `upload` could not be staged at `places` (its
+        receipt says STORAGE). A commit held for it is answered now (409 naming what is
+        missing, or the upload's failure): the chunk will not land, and the sender, which
+        waits for that answer before it reports the chunk, would otherwise wait the commit's
+        whole idle time. The places are remembered until they land, for a commit that comes
+        after the failure (`_until_staged`). A place another copy of the chunk landed at (in
+        the journal), or another copy is on its way to (staged, its booking queued), is not
+        failed: a commit waiting for it waits on, as the upload does unless it failed."""
+        if self._fail_if_full(upload, exc):
+            for waiter in self._waiting.get(upload, ()):
+                waiter.chunk_failed = True
+                waiter.wake()
+            return
+        received = self.receiver.journal.received(upload)
+        with self._copies_lock:
+            failed = {p for p in places
+                      if p not in received and (upload, *p) not in self._copies}
+        if not failed:
+            return
+        self._failed_places.setdefault(upload, set()).update(failed)
         for waiter in self._waiting.get(upload, ()):
-            if failed or not waiter.missing.isdisjoint(places):
+            if not waiter.missing.isdisjoint(failed):
                 waiter.chunk_failed = True
                 waiter.wake()
 
@@ -229,10 +268,21 @@ class InboundUploads:
     def _book(self, batch: list[_Landed]) -> None:
         """On the loop: one journal transaction for the chunks that landed since it last
         woke."""
-        self.receiver.record_many([landed.row for landed in batch])
+        try:
+            self.receiver.record_many([landed.row for landed in batch])
+        finally:  # booked, or failed: no longer on their way
+            for landed in batch:
+                upload, targets, _digest = landed.row
+                self._count_copies(upload, targets, -1)
         for landed in batch:
             self.metrics.bytes_received.labels(landed.peer).inc(landed.body_length)
             self.metrics.chunks_received.labels(landed.peer).inc()
+            upload, targets, _digest = landed.row
+            failed = self._failed_places.get(upload)
+            if failed is not None:
+                failed.difference_update((t.file, t.offset) for t in targets)
+                if not failed:
+                    del self._failed_places[upload]
         if not self._waiting:
             return
         woken: list[_Waiting] = []
@@ -288,9 +338,11 @@ class InboundUploads:
             except TransferdError as exc:
                 if not exc.transient:
                     cause = exc if isinstance(exc, StorageError) else None
+                    self._failed_places.pop(upload, None)
                     self.receiver.fail(upload, self.clock(), cause)
                 raise
             self.receiver.after_commit(upload, manifest, self.clock())
+            self._failed_places.pop(upload, None)
         log.info(
             "upload.committed",
             extra={"fields": {"upload": upload, "root": manifest.root, "from": peer}},
@@ -299,14 +351,16 @@ class InboundUploads:
 
     async def _until_staged(self, upload: str, manifest: Manifest, idle_s: float) -> None:
         """Until no chunk of the manifest is missing, no more of them landed for `idle_s`,
-        one of the upload's chunks failed in storage (`_chunk_failed`), or COMMIT_WAIT_MAX_S
-        passed (the sender's HTTP read timeout lies beyond it). The
-        journal is read once; the chunks of this upload booked meanwhile are struck off
-        (the check under the commit lock reads it again). TransportError (503) when the
-        daemon stops meanwhile."""
+        a chunk it misses failed in storage (`_chunk_failed`: before the commit came, or
+        while it waits), or COMMIT_WAIT_MAX_S passed (the sender's HTTP read timeout lies
+        beyond it). The journal is read once; the chunks of this upload booked meanwhile
+        are struck off (the check under the commit lock reads it again). TransportError
+        (503) when the daemon stops meanwhile."""
         loop = asyncio.get_running_loop()
         end = loop.time() + COMMIT_WAIT_MAX_S
         waiter = _Waiting(self.receiver.missing(upload, manifest))
+        if not waiter.missing.isdisjoint(self._failed_places.get(upload, ())):
+            waiter.chunk_failed = True  # a chunk it misses failed before the commit came
         waiters = self._waiting.setdefault(upload, [])
         waiters.append(waiter)
         try:

@@ -67,11 +67,24 @@ class LocalRequest(Generic[A]):
         return cast(Callable[[bytes], A], self.answer)(reply)
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json(reply: bytes) -> Any:
+    """`reply` parsed as strict JSON: NaN and Infinity refused (ValueError), and a nesting
+    too deep to parse (RecursionError) as any bad JSON."""
+    try:
+        return json.loads(reply, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+
+
 def job_ids(reply: bytes) -> list[str]:
     """A SendAnswer's job ids, read with json (`transferd send` asks before it has built the
     models); a ProtocolError for anything else."""
     try:
-        ids = json.loads(reply)["jobs"]
+        ids = _json(reply)["jobs"]
     except (ValueError, TypeError, KeyError) as exc:
         raise ProtocolError("invalid SendAnswer: jobs: missing or not JSON") from exc
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -90,8 +103,11 @@ class JobOutcome:
     `protocol.local_api.Job` that the CLI prints, by the same names, read with json. The
     daemon answers with the JobsAnswer model's dump; `send --wait` reads it without building
     the models (pydantic and the wire models: ~90 ms of imports and CPU per command, longer
-    than a small job takes). A field missing or of the wrong type is a ProtocolError naming
-    it, as the model's would be."""
+    than a small job takes). The fields it does not read are ignored; of those it reads, one
+    missing (without a default in the model) or not of its JSON type is a ProtocolError
+    naming it. The types are strict, stricter than the model's parse: a count must be a JSON
+    integer (not a float, a string or a boolean), a text a string; only a time may be an
+    integer or a float."""
 
     id: str
     path: str
@@ -150,7 +166,7 @@ def jobs_of(reply: bytes) -> list[JobOutcome]:
     """A JobsAnswer's jobs, read with json (see JobOutcome); a ProtocolError for anything
     else."""
     try:
-        jobs = json.loads(reply)["jobs"]
+        jobs = _json(reply)["jobs"]
     except (ValueError, TypeError, KeyError) as exc:
         raise ProtocolError("invalid JobsAnswer: jobs: missing or not JSON") from exc
     if not isinstance(jobs, list):
