@@ -47,7 +47,7 @@ from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
 from transferd.site.storage import open_storage
 from transferd.site.telemetry import SAMPLE_S, LinkTelemetry
-from transferd.site.threads import bulk_executor
+from transferd.site.threads import ThreadSchedstat, bulk_executor
 from transferd.site.tls import client_ssl_context, server_ssl_context
 
 __all__ = ["Daemon"]
@@ -106,33 +106,6 @@ async def stop_closing_every_connection(runner: web.AppRunner) -> None:
     for _ in range(3):  # an accept under way: its transport, connection_made, the handler
         await asyncio.sleep(0)
     await runner.cleanup()
-
-
-class _ThreadSchedstat:
-    """The opening thread's time on a CPU and time waiting in the run queue for one, in ns
-    (Linux /proc/thread-self/schedstat), read again and again through one descriptor
-    (`pread` at 0 regenerates the file): the loop-lag probe reads it every tick, and an
-    open and close each time was a tenth of an idle loop's work. None elsewhere."""
-
-    def __init__(self) -> None:
-        try:
-            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
-        except OSError:
-            self._fd = None
-
-    def read(self) -> tuple[int, int] | None:
-        if self._fd is None:
-            return None
-        try:
-            ran, waited = os.pread(self._fd, 128, 0).split()[:2]
-        except (OSError, ValueError):
-            return None
-        return int(ran), int(waited)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def _last_activity(staged: Path, journal: Journal, upload: str) -> float:
@@ -512,7 +485,7 @@ class Daemon:
         """Time a short timer again and again: how late it fires is how long anything queued
         on the loop (a message, a control request) waited for it. Stalls are logged."""
         loop = asyncio.get_running_loop()
-        schedstat = _ThreadSchedstat()  # opened here: the loop's own thread
+        schedstat = ThreadSchedstat()  # opened here: the loop's own thread
         try:
             while True:
                 t0, sched0 = loop.time(), schedstat.read()

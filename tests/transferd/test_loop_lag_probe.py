@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from transferd.daemon import _ThreadSchedstat
+from transferd.site.threads import ThreadSchedstat
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 
@@ -20,7 +20,7 @@ def _burn(seconds: float) -> None:
 
 
 def test_the_same_descriptor_sees_the_threads_cpu_time_grow() -> None:
-    stat = _ThreadSchedstat()
+    stat = ThreadSchedstat()
     try:
         first = stat.read()
         assert first is not None
@@ -34,7 +34,7 @@ def test_the_same_descriptor_sees_the_threads_cpu_time_grow() -> None:
 
 
 def test_it_reads_the_thread_that_opened_it() -> None:
-    stat = _ThreadSchedstat()  # this thread's file; this thread now sleeps
+    stat = ThreadSchedstat()  # this thread's file; this thread now sleeps
     try:
         before = stat.read()
         assert before is not None
