@@ -5,6 +5,7 @@ the lab down before exiting.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -92,6 +93,40 @@ def run(scenarios: tuple[str, ...], quick: bool, output: Path, repeat: int,
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: lab torn down[/yellow]")
         sys.exit(130)
+
+
+# What must agree for runs of one scenario made in several invocations to share a table.
+SAME_LAB = ("scenario", "congestion_control", "backend", "quick", "kernel", "cpus")
+
+
+@cli.command()
+@click.argument("parts", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), default=DEFAULT_OUTPUT,
+              show_default=True, help="Where the merged results/<scenario>.json goes.")
+def merge(parts: tuple[Path, ...], output: Path) -> None:
+    """One results file from PARTS: runs of the same scenario, congestion control and backend
+    made in several invocations (a run set longer than one hold of the bench lock: lossy
+    cubic's rsync takes ~450 s a run). Each part's command, date and commit are kept under
+    `parts`; the median of a tool is over all its runs."""
+    docs = [json.loads(p.read_text()) for p in parts]
+    first = docs[0]
+    for path, doc in zip(parts, docs, strict=True):
+        for key in SAME_LAB:
+            if doc.get(key) != first.get(key):
+                raise click.ClickException(f"{path}: {key} is {doc.get(key)!r}, "
+                                           f"not {first.get(key)!r} as in {parts[0]}")
+    merged = {**first, "runs": [run for doc in docs for run in doc["runs"]],
+              "repeat": max(doc["repeat"] for doc in docs),
+              "command": " && ".join(doc["command"] for doc in docs),
+              "date_utc": max(doc["date_utc"] for doc in docs),
+              "parts": [{key: doc.get(key) for key in ("command", "date_utc", "git_commit",
+                                                        "measured_rtt_ms")} for doc in docs],
+              "error": "; ".join(doc["error"] for doc in docs if doc.get("error")) or None}
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    path = write_results(merged, output)
+    print_table(merged, console)
+    console.print(f"wrote {path}")
 
 
 @cli.command()

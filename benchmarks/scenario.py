@@ -23,6 +23,9 @@ SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 TOOLS = (
     "transferd",
     "transferd-1stream",
+    "transferd-warm",  # the timed send after an untimed one and 2 s idle (a daemon in service)
+    "transferd-4streams",  # the stream controller starting at 4 (adaptive from there)
+    "transferd-8streams",
     "transferd-shared-pool",
     "transferd-normal-loop",  # the event loop left at normal priority (traffic.loop_priority)
     "transferd-idle-bulk",  # bulk threads at SCHED_IDLE, not nice +10 (traffic.bulk_priority)

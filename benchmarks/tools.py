@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from benchmarks.backends import rejection
-from benchmarks.datasets import file_blake3
+from benchmarks.datasets import dataset, file_blake3
 from benchmarks.errors import LabError, ToolError
 from benchmarks.lab import REPO_ROOT, Lab, python_env
 from benchmarks.measure import (
@@ -297,6 +297,10 @@ def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
     if tool == "transferd-1stream":
         fixed = {"traffic": {"adaptive_streams": False}} if features["traffic"] else {}
         return {"streams": 1, **fixed}
+    if tool == "transferd-warm":  # the same daemon; only what runs before the timed send differs
+        return {}
+    if tool in ("transferd-4streams", "transferd-8streams"):  # the controller's start, adaptive
+        return {"streams": int(tool.removeprefix("transferd-").removesuffix("streams"))}
     if tool == "transferd-shared-pool":
         if not features["traffic"]:
             raise ToolError(tool, f"{NOT_YET_SUPPORTED}: no `traffic.shared_pool` setting "
@@ -428,6 +432,35 @@ def _profiles_written(lab: Lab, profilers: list[subprocess.Popen[bytes] | None])
             lab.stop(popen)
 
 
+# transferd-warm: an untimed job of this size (other bytes: nothing of it is in the timed file)
+# before the timed one, then this long idle, longer than the channels' retransmission timeout
+# (~250 ms at 40 ms RTT) and than bbr's 10-round bandwidth window at these RTTs.
+WARM_UP_MIB = 64
+WARM_IDLE_S = 2.0
+
+
+def _warm_up(ctx: RunContext, tool: str, config: Path, data_dir: Path) -> None:
+    """One job to the peer before the timed one, as a daemon in service has run before a job
+    arrives: the data channels' congestion state (window, bbr's bandwidth and RTT estimates)
+    is then what the previous job and the idle time left, not a fresh connection's. The row
+    says what a service's later jobs see; `transferd` (fresh channels) stays the goals' row."""
+    wire0, retrans0 = ctx.lab.link_bytes(), ctx.lab.tcp_retrans_segs(ctx.src)
+    size_mib = min(WARM_UP_MIB, max(1, ctx.size_bytes() // 2**20))
+    warm = _link_data(dataset(ctx.work.data, size_mib, seed=1),
+                      data_dir / "checkpoints" / "bench" / "warm-up")
+    done = subprocess.run(ctx.lab.in_site(ctx.src, _transferd_cmd(
+        "send", str(warm.relative_to(data_dir)), "--config", str(config), "--to", ctx.dst,
+        "--wait", "--json")), capture_output=True, text=True, env=python_env(), timeout=300,
+        check=False)
+    if done.returncode != 0:
+        raise ToolError(tool, f"warm-up send exit {done.returncode}: {done.stderr.strip()[-300:]}")
+    time.sleep(WARM_IDLE_S)
+    # The row's wire bytes and sustained rate are the timed send's alone (run_tool).
+    ctx.notes["warm_up_wire_bytes"] = ctx.lab.link_bytes() - wire0
+    ctx.notes["warm_up_retrans_segs"] = ctx.lab.tcp_retrans_segs(ctx.src) - retrans0
+    ctx.notes["timed_from"] = time.monotonic()
+
+
 def _percentile(values: list[float], pct: int) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
@@ -488,6 +521,8 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
                                     f"{sorted(variant)}: {log}") from exc
                 raise ToolError(tool, f"{exc.reason}: {log}") from exc
         _wait_channels_warm(lab, ctx.src, TRANSFERD_PORTS[0], ctx.dst)
+        if tool == "transferd-warm":
+            _warm_up(ctx, tool, configs[ctx.src], data_dirs[ctx.src])
         cpu0 = sum(server_cpu_s(p.pid) for p in daemons.values())
         cmd = _transferd_cmd("send", str(rel), "--config", str(configs[ctx.src]), "--to",
                              ctx.dst, "--wait", "--json")
@@ -590,6 +625,9 @@ ADAPTERS: dict[str, Callable[[RunContext], ToolRun]] = {
     "transferd": lambda ctx: _transferd(ctx, "transferd"),
     "transferd-1stream": lambda ctx: _transferd(ctx, "transferd-1stream"),
     "transferd-shared-pool": lambda ctx: _transferd(ctx, "transferd-shared-pool"),
+    "transferd-warm": lambda ctx: _transferd(ctx, "transferd-warm"),
+    "transferd-4streams": lambda ctx: _transferd(ctx, "transferd-4streams"),
+    "transferd-8streams": lambda ctx: _transferd(ctx, "transferd-8streams"),
     "transferd-normal-loop": lambda ctx: _transferd(ctx, "transferd-normal-loop"),
     "transferd-idle-bulk": lambda ctx: _transferd(ctx, "transferd-idle-bulk"),
     "transferd-http-messages": lambda ctx: _transferd(ctx, "transferd-http-messages"),
@@ -622,18 +660,26 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
     finally:
         samples = sampler.stop() if sampler is not None else []
         if samples and os.environ.get("NB_KEEP_LOGS"):  # the sending interface over time
-            t0 = samples[0][0]
+            assert sampler is not None
             (lab.workdir / f"{tool}-tx.log").write_text(
-                "\n".join(f"{t - t0:.2f} {b - samples[0][1]}" for t, b in samples) + "\n")
+                "\n".join(f"{t - sampler.t0:.3f} {b - samples[0][1]}" for t, b in samples) + "\n")
+        if sampler is not None and sampler.sockets:
+            (lab.workdir / f"{tool}-ss.log").write_text(
+                f"# t0_wall {sampler.t0_wall:.3f}\n"
+                + "".join(f"@ {t - sampler.t0:.3f}\n{text}" for t, text in sampler.sockets))
         if ctx.flapper is not None:
             ctx.flapper.stop()
         shutil.rmtree(ctx.scratch, ignore_errors=True)
         ctx.scratch.mkdir(parents=True, exist_ok=True)
     run.data = data
-    run.bytes_on_wire = lab.link_bytes() - bytes0
+    run.bytes_on_wire = lab.link_bytes() - bytes0 - ctx.notes.get("warm_up_wire_bytes", 0)
+    if "timed_from" in ctx.notes:  # from the last sample before the timed send on
+        before = [s for s in samples if s[0] < ctx.notes["timed_from"]]
+        samples = before[-1:] + [s for s in samples if s[0] >= ctx.notes["timed_from"]]
     emu1 = lab.emulator_sample()
     if retrans0 is not None:
-        run.tcp_retrans_segs = lab.tcp_retrans_segs(ctx.src) - retrans0
+        run.tcp_retrans_segs = (lab.tcp_retrans_segs(ctx.src) - retrans0
+                                - ctx.notes.get("warm_up_retrans_segs", 0))
         if flap:
             # TCP's re-sent segments, plus chunks an application sent again (transferd: those
             # a broken data channel had in flight).
@@ -657,26 +703,42 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
 
 
 class _TxSampler:
-    """The data direction's interface counter, sampled in a thread while a tool runs."""
+    """The data direction's interface counter, sampled in a thread while a tool runs. With
+    NB_TIMELINE=1 (and NB_KEEP_LOGS=DIR, where it lands as <tool>-ss.log) every 0.1 s, and each
+    sample also keeps `ss -tinm` of the sending site's TCP connections (cwnd, retransmits,
+    pacing and delivery rates, rwnd- and sndbuf-limited times, socket memory): a timeline of
+    where a run loses time against the link. The `ss` calls cost CPU on the 2-core machine:
+    for diagnosis, not for the committed numbers."""
 
     INTERVAL_S = 0.2
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.samples: list[tuple[float, int]] = []
+        self.sockets: list[tuple[float, str]] = []
+        self.timeline = bool(os.environ.get("NB_TIMELINE") and os.environ.get("NB_KEEP_LOGS"))
+        self.interval_s = 0.1 if self.timeline else self.INTERVAL_S
+        self.t0, self.t0_wall = time.monotonic(), time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tx-sampler", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        assert self.lab.ends is not None
+        ss = ["ip", "netns", "exec", self.lab.ends.ns_a, "ss", "-tinmH", "state", "established"]
         while True:
             try:
                 value = self.lab.data_tx_bytes()
             except LabError:
                 value = None
+            now = time.monotonic()
             if value is not None:
-                self.samples.append((time.monotonic(), value))
-            if self._stop.wait(self.INTERVAL_S):
+                self.samples.append((now, value))
+            if self.timeline:
+                done = subprocess.run(ss, capture_output=True, text=True, timeout=5,
+                                      check=False)
+                self.sockets.append((now, done.stdout))
+            if self._stop.wait(self.interval_s):
                 return
 
     def stop(self) -> list[tuple[float, int]]:

@@ -32,3 +32,9 @@ def test_percentiles_are_nearest_rank() -> None:
     assert _percentile(values, 50) == 50.0
     assert _percentile(values, 99) == 99.0
     assert _percentile([7.0], 99) == 7.0
+
+
+def test_start_count_variants_set_the_controllers_start_and_keep_it_adaptive() -> None:
+    assert _variant("transferd-4streams", CLASSES) == {"streams": 4}
+    assert _variant("transferd-8streams", CORE) == {"streams": 8}
+    assert _variant("transferd-warm", CLASSES) == {}  # only what runs before the timed send

@@ -1010,6 +1010,10 @@ class _ChunkPump:
         if self.opened is None:
             return await self._open(refs)
         await self.ready()
+        return await self._have(refs)
+
+    async def _have(self, refs: list[ChunkRef]) -> HaveAnswer:
+        """Ask the receiver, which has the upload open, which of `refs` it still wants."""
         return await self.sender._control(
             self.job, self.link, HAVE_ROUTE.format(upload=self.upload),
             HaveRequest(chunks=refs), HaveAnswer, budget_s=self.budget_s,
@@ -1041,10 +1045,7 @@ class _ChunkPump:
         self._opened(opened)
         if not refs:
             return HaveAnswer(want=[])
-        return await self.sender._control(
-            self.job, self.link, HAVE_ROUTE.format(upload=self.upload),
-            HaveRequest(chunks=refs), HaveAnswer, budget_s=self.budget_s,
-        )
+        return await self._have(refs)
 
     def _opened(self, answer: OpenAnswer) -> None:
         self.opened = self.loop.create_future()
