@@ -698,3 +698,66 @@ def test_a_window_buffer_is_reused_only_once_no_view_of_it_is_left() -> None:
     buffers.give(second)  # 16 more would pass the budget: freed, not kept
     budget.held = 0
     assert buffers.take(16) is not second
+
+
+def _read_member(s3: MotoS3Server, bucket: str, rel: str, member: str) -> bytes:
+    body: bytes = s3.client().get_object(Bucket=bucket, Key=f"data/{rel}/{member}")["Body"].read()
+    return body
+
+
+def test_two_uploads_of_one_folder_end_with_a_manifest_over_its_own_bytes(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Upload A streams straight into a new folder; upload B of the same folder commits while
+    A runs; A then commits. Whichever manifest is visible, every member holds its version's
+    bytes, and no stale manifest shows while A's commit runs."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    rel = "approved/ds"
+    big = random.Random(1).randbytes(objectstore._STREAM_MIN_BYTES + 1)
+    a = {"a.bin": big, "b.bin": b"A" * 20}
+    st_a = _staged(store, a)
+    store.member_staged(st_a, rel, 0)
+    assert store._streamed[st_a.dir.name].direct
+    store._streamed[st_a.dir.name].members[0].result()
+    b = {"a.bin": b"B" * 50, "b.bin": b"b" * 20}
+    store.commit(_staged(store, b), rel)
+    assert all(_read_member(moto_s3, s3_bucket, rel, m) == d for m, d in b.items())
+    seen: dict[str, object] = {}
+    prune = store._verify_and_prune
+
+    def spy(r: str, sizes: dict[str, int]) -> None:
+        seen["manifest"] = store.manifest(r)
+        prune(r, sizes)
+
+    store._verify_and_prune = spy  # type: ignore[method-assign]
+    store.commit(st_a, rel)
+    assert seen["manifest"] is None  # B's manifest went before A's objects did
+    doc = store.manifest(rel)
+    assert doc is not None
+    assert doc["upload"] == st_a.dir.name
+    assert all(_read_member(moto_s3, s3_bucket, rel, m) == d for m, d in a.items())
+    assert list(store.intents_dir.glob("*.json")) == []
+
+
+def test_a_folder_found_absent_then_committed_is_not_streamed_into_as_new(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """An upload that found the folder absent and committed it without streaming: the next
+    upload of that folder (within the freshness window) replaces it by multipart uploads, so the
+    committed version stays whole while it runs."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    rel = "approved/ds"
+    v1 = {"a.bin": b"A" * 100, "b.bin": b"B" * 100, "old.bin": b"O" * 10}
+    assert store.sizes([f"{rel}/{m}" for m in v1]) == [None, None, None]
+    store.commit(_staged(store, v1), rel)
+    v2 = {"a.bin": random.Random(1).randbytes(objectstore._STREAM_MIN_BYTES + 1), "b.bin": b"b2"}
+    assert store.sizes([f"{rel}/{m}" for m in v2]) == [100, 100]
+    st2 = _staged(store, v2)
+    store.member_staged(st2, rel, 0)
+    streamed = store._streamed[st2.dir.name]
+    assert not streamed.direct
+    streamed.members[0].result()
+    assert store.list_source(rel)[1] == [("a.bin", 100), ("b.bin", 100), ("old.bin", 10)]
+    assert _read_member(moto_s3, s3_bucket, rel, "a.bin") == v1["a.bin"]
+    store.commit(st2, rel)
+    assert store.list_source(rel)[1] == [("a.bin", len(v2["a.bin"])), ("b.bin", 2)]
