@@ -761,3 +761,41 @@ def test_a_folder_found_absent_then_committed_is_not_streamed_into_as_new(
     assert _read_member(moto_s3, s3_bucket, rel, "a.bin") == v1["a.bin"]
     store.commit(st2, rel)
     assert store.list_source(rel)[1] == [("a.bin", len(v2["a.bin"])), ("b.bin", 2)]
+
+
+def test_a_span_handed_to_a_reader_is_never_the_buffer_of_a_later_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The window is released (and its buffer taken by the next window) just as a reader asks
+    for a span: the reader gets the first window's bytes or none, never the next one's."""
+    fetcher = objectstore._Fetcher(None)
+    first = objectstore._Window(0, 8)
+    first.granted = True
+    first.feed(io.BytesIO(b"AAAAAAAA"), fetcher.buffers.take(8))
+    real = memoryview
+    got: dict[str, bytes | None] = {}
+
+    def release_meanwhile(obj: object) -> memoryview:
+        if threading.current_thread().name == "reader" and "done" not in got:
+            got["done"] = None
+
+            def reuse() -> None:
+                fetcher.release(first)  # the reader's window is given back...
+                later = objectstore._Window(8, 8)
+                later.feed(io.BytesIO(b"BBBBBBBB"), fetcher.buffers.take(8))  # ...and reused
+
+            other = threading.Thread(target=reuse)
+            other.start()
+            other.join(1)  # done at once unless the reader's hold on the window keeps it out
+        return real(obj)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(objectstore, "memoryview", release_meanwhile, raising=False)
+
+    def read() -> None:
+        view = first.span(0, 8)
+        got["view"] = None if view is None else bytes(view)
+
+    reader = threading.Thread(target=read, name="reader")
+    reader.start()
+    reader.join(10)
+    assert got["view"] in (b"AAAAAAAA", None)

@@ -284,9 +284,9 @@ class _Window:
                 self.cond.wait()
             if self.got < end or self.buf is None:
                 return None
-            buf = self.buf
-        # A view, no copy: these bytes are never written again.
-        return memoryview(buf).toreadonly()[offset - self.start : end]
+            # A view, no copy: these bytes are never written again. Made under `cond`: once
+            # it exists the buffer reads as in use (`_in_use`) and is not reused under it.
+            return memoryview(self.buf).toreadonly()[offset - self.start : end]
 
 
 class _Fetcher:
