@@ -693,7 +693,8 @@ def test_a_window_buffer_is_reused_only_once_no_view_of_it_is_left() -> None:
     second[:4] = b"next"
     assert bytes(view) == b"sent"
     view.release()
-    assert buffers.take(8) is first  # the smallest that fits and is free
+    assert buffers.take(8) is not first  # only a buffer of the size asked is reused
+    assert buffers.take(16) is first
     budget.held = 60
     buffers.give(second)  # 16 more would pass the budget: freed, not kept
     budget.held = 0
@@ -799,3 +800,34 @@ def test_a_span_handed_to_a_reader_is_never_the_buffer_of_a_later_window(
     reader.start()
     reader.join(10)
     assert got["view"] in (b"AAAAAAAA", None)
+
+
+def test_kept_window_buffers_and_windows_held_stay_within_the_byte_budget() -> None:
+    """A large object's windows are released (their buffers kept), then small windows and
+    another large object's are granted: every buffer mapped, held or kept, stays within the
+    budget (main reused a 64 MiB buffer for a 1 KiB window and mapped 448 MiB of 256)."""
+    mib = 1 << 20
+    budget = objectstore._Budget(256 * mib)
+    buffers = objectstore._WindowBuffers(budget)
+    mapped: list[object] = []
+
+    def window(size: int, timeout: float = 1) -> bool:
+        if not budget.acquire(budget.ticket(), size, timeout):
+            return False
+        mapped.append(buffers.take(size))
+        return True
+
+    for _ in range(4):
+        assert window(64 * mib)
+    for buf in list(mapped):
+        budget.release(64 * mib)
+        buffers.give(buf)  # type: ignore[arg-type]
+    mapped.clear()
+    assert sum(len(b) for b in buffers._free) == 256 * mib
+    for _ in range(4):
+        assert window(1024)
+    while window(64 * mib, timeout=0.1):
+        pass
+    held = sum(len(b) for b in mapped)  # type: ignore[arg-type]
+    assert held == budget.held
+    assert held + sum(len(b) for b in buffers._free) <= budget.limit

@@ -134,25 +134,36 @@ class _WindowBuffers:
 
     def __init__(self, budget: _Budget) -> None:
         self._budget = budget
+        budget.buffers = self
         self._free: list[mmap.mmap] = []
-        self._lock = threading.Lock()
+        self._lock = budget._cond  # one lock: the budget counts the kept buffers (`kept`)
         self._used_at = 0.0
         self._timer: threading.Timer | None = None
 
+    @property
+    def kept(self) -> int:
+        return sum(len(b) for b in self._free)
+
+    def make_room(self, needed: int) -> None:
+        """Under the budget's lock: drop kept buffers until `needed` more bytes fit beside the
+        windows held and the buffers kept, those of another size first."""
+        self._free.sort(key=lambda b: len(b) == needed)
+        while self._free and self._budget.held + needed + self.kept > self._budget.limit:
+            self._free.pop(0)
+
     def take(self, size: int) -> mmap.mmap:
+        """A buffer of exactly `size` bytes (the room `size` took counts it, no more)."""
         with self._lock:
             self._used_at = time.monotonic()
-            fits = [b for b in self._free if len(b) >= size and not _in_use(b)]
+            fits = [b for b in self._free if len(b) == size and not _in_use(b)]
             if fits:
-                buf = min(fits, key=len)
-                self._free.remove(buf)
-                return buf
+                self._free.remove(fits[0])
+                return fits[0]
         return _window_buffer(size)
 
     def give(self, buf: mmap.mmap) -> None:
         with self._lock:
-            kept = sum(len(b) for b in self._free)
-            if kept + len(buf) + self._budget.held > self._budget.limit:
+            if self.kept + len(buf) + self._budget.held > self._budget.limit:
                 return  # freed now: the bound holds
             self._free.append(buf)
             if self._timer is None:
@@ -181,6 +192,7 @@ class _Budget:
         self.limit = limit
         self.held = 0
         self.peak = 0  # the most ever held (tests check the bound)
+        self.buffers: _WindowBuffers | None = None  # kept free buffers count against `limit`
         self._next = 0
         self._waiting: set[int] = set()
         self._cond = threading.Condition()
@@ -201,6 +213,8 @@ class _Budget:
                 while ticket in self._waiting:
                     first = ticket == min(self._waiting)
                     if first and (not self.held or self.held + size <= self.limit):
+                        if self.buffers is not None:
+                            self.buffers.make_room(size)
                         self.held += size
                         self.peak = max(self.peak, self.held)
                         return True
