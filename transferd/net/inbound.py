@@ -267,13 +267,23 @@ class InboundUploads:
 
     def _book(self, batch: list[_Landed]) -> None:
         """On the loop: one journal transaction for the chunks that landed since it last
-        woke."""
+        woke. A booking that fails (the journal's disk full) fails its chunks as staging
+        would (`_chunk_failed`): held commits answer now, a full disk fails the upload."""
         try:
-            self.receiver.record_many([landed.row for landed in batch])
-        finally:  # booked, or failed: no longer on their way
+            try:
+                self.receiver.record_many([landed.row for landed in batch])
+            finally:  # booked, or failed: no longer on their way
+                for landed in batch:
+                    upload, targets, _digest = landed.row
+                    self._count_copies(upload, targets, -1)
+        except StorageError as exc:
+            places: dict[str, set[tuple[int, int]]] = {}
             for landed in batch:
                 upload, targets, _digest = landed.row
-                self._count_copies(upload, targets, -1)
+                places.setdefault(upload, set()).update((t.file, t.offset) for t in targets)
+            for upload, failed in places.items():
+                self._chunk_failed(upload, frozenset(failed), exc)
+            raise
         for landed in batch:
             self.metrics.bytes_received.labels(landed.peer).inc(landed.body_length)
             self.metrics.chunks_received.labels(landed.peer).inc()

@@ -1,0 +1,65 @@
+"""How B's inbound side answers commits held for chunks that failed in storage, with the
+receiver stubbed down to what those paths ask of it (the real daemons' runs are in
+tests/integration/test_round_trips.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from typing import Any
+
+import pytest
+
+from transferd.errors import StorageError
+from transferd.net.inbound import InboundUploads, _Landed
+from transferd.protocol.upload import ChunkTarget
+from transferd.site.metrics import Metrics
+
+
+class _Journal:
+    def received(self, upload: str) -> dict[tuple[int, int], str]:
+        return {}
+
+
+class _Receiver:
+    """Chunk (0, 0) is missing; the journal fails its writes with `record_error`."""
+
+    def __init__(self, record_error: StorageError | None = None) -> None:
+        self.journal = _Journal()
+        self.record_error = record_error
+        self.failed: list[tuple[str, StorageError | None]] = []
+
+    def missing(self, upload: str, manifest: Any) -> list[tuple[int, int]]:
+        return [(0, 0)]
+
+    def record_many(self, rows: list[Any]) -> None:
+        if self.record_error is not None:
+            raise self.record_error
+
+    def fail(self, upload: str, now: float, cause: StorageError | None = None) -> None:
+        self.failed.append((upload, cause))
+
+
+def _inbound(receiver: _Receiver) -> InboundUploads:
+    inbound = InboundUploads(receiver, Metrics(), time.monotonic, 1)  # type: ignore[arg-type]
+    inbound.bind(asyncio.get_running_loop())
+    return inbound
+
+
+async def test_a_booking_that_fails_for_a_full_disk_fails_the_upload_and_its_held_commit() -> None:
+    """The journal cannot book staged chunks (its disk is full): the upload fails at once and
+    a commit held for those chunks is answered now, not after its idle time."""
+    full = StorageError("journal: database or disk is full", errno=errno.ENOSPC)
+    receiver = _Receiver(record_error=full)
+    inbound = _inbound(receiver)
+    held = asyncio.create_task(inbound._until_staged("u", None, idle_s=30.0))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    targets = [ChunkTarget(0, 0, 10)]
+    inbound._count_copies("u", targets, 1)
+    with pytest.raises(StorageError):
+        inbound._book([_Landed(("u", targets, "digest"), "A", 10)])
+    assert receiver.failed == [("u", full)]
+    async with asyncio.timeout(5):
+        await held
+    assert inbound._copies == {}
