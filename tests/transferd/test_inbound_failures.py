@@ -47,6 +47,24 @@ def _inbound(receiver: _Receiver) -> InboundUploads:
     return inbound
 
 
+async def test_a_commit_after_a_failed_copy_waits_while_another_copy_is_being_staged() -> None:
+    """Copy 1 of a chunk failed in storage; copy 2 (sent again) is being staged when the
+    commit comes: the commit waits for copy 2 rather than being refused at once, and is
+    answered as soon as copy 2 fails too."""
+    inbound = _inbound(_Receiver())
+    eio = StorageError("writing u failed: EIO", errno=errno.EIO)
+    inbound._chunk_failed("u", frozenset({(0, 0)}), eio)
+    targets = [ChunkTarget(0, 0, 10)]
+    inbound._count_copies("u", targets, 1)  # copy 2 on its way
+    held = asyncio.create_task(inbound._until_staged("u", None, idle_s=30.0))  # type: ignore[arg-type]
+    await asyncio.sleep(0.2)
+    assert not held.done(), "refused at once with another copy on its way"
+    inbound._count_copies("u", targets, -1)
+    inbound._chunk_failed("u", frozenset({(0, 0)}), eio)  # copy 2 failed as well
+    async with asyncio.timeout(5):
+        await held
+
+
 async def test_a_booking_that_fails_for_a_full_disk_fails_the_upload_and_its_held_commit() -> None:
     """The journal cannot book staged chunks (its disk is full): the upload fails at once and
     a commit held for those chunks is answered now, not after its idle time."""

@@ -369,7 +369,10 @@ class InboundUploads:
         loop = asyncio.get_running_loop()
         end = loop.time() + COMMIT_WAIT_MAX_S
         waiter = _Waiting(self.receiver.missing(upload, manifest))
-        if not waiter.missing.isdisjoint(self._failed_places.get(upload, ())):
+        with self._copies_lock:  # a failed place another copy is on its way to: wait for it
+            failed = {p for p in self._failed_places.get(upload, ())
+                      if (upload, *p) not in self._copies}  # fmt: skip
+        if not waiter.missing.isdisjoint(failed):
             waiter.chunk_failed = True  # a chunk it misses failed before the commit came
         waiters = self._waiting.setdefault(upload, [])
         waiters.append(waiter)
