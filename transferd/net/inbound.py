@@ -281,8 +281,8 @@ class InboundUploads:
             for landed in batch:
                 upload, targets, _digest = landed.row
                 places.setdefault(upload, set()).update((t.file, t.offset) for t in targets)
-            for upload, failed in places.items():
-                self._chunk_failed(upload, frozenset(failed), exc)
+            for upload, at in places.items():
+                self._chunk_failed(upload, frozenset(at), exc)
             raise
         for landed in batch:
             self.metrics.bytes_received.labels(landed.peer).inc(landed.body_length)
