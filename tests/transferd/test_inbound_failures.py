@@ -14,10 +14,17 @@ import pytest
 from transferd.errors import StorageError
 from transferd.net.inbound import InboundUploads, _Landed
 from transferd.protocol.upload import ChunkTarget
+from transferd.site.journal import Upload, UploadState
 from transferd.site.metrics import Metrics
 
 
 class _Journal:
+    def __init__(self) -> None:
+        self.state = UploadState.OPEN
+
+    def upload(self, upload: str) -> Upload | None:
+        return Upload("A", "approved/x", self.state, None)  # type: ignore[arg-type]
+
     def received(self, upload: str) -> dict[tuple[int, int], str]:
         return {}
 
@@ -81,3 +88,13 @@ async def test_a_booking_that_fails_for_a_full_disk_fails_the_upload_and_its_hel
     async with asyncio.timeout(5):
         await held
     assert inbound._copies == {}
+
+
+async def test_a_chunk_failing_for_an_upload_no_longer_open_is_not_remembered() -> None:
+    """A copy failing after its upload failed (or was aborted, or committed): nothing would
+    ever forget its place, so none is remembered."""
+    receiver = _Receiver()
+    inbound = _inbound(receiver)
+    receiver.journal.state = UploadState.FAILED
+    inbound._chunk_failed("u", frozenset({(0, 0)}), StorageError("EIO", errno=errno.EIO))
+    assert inbound._failed_places == {}

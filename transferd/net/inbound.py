@@ -30,6 +30,7 @@ from transferd.protocol.manifest import (
     UploadIntent,
 )
 from transferd.protocol.upload import COMMIT_WAIT_MAX_S, ChunkTarget, refused, wanted
+from transferd.site.journal import UploadState
 from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
 from transferd.site.threads import bulk_executor
@@ -246,6 +247,9 @@ class InboundUploads:
                 waiter.chunk_failed = True
                 waiter.wake()
             return
+        known = self.receiver.journal.upload(upload)
+        if known is None or known.state is not UploadState.OPEN:
+            return  # failed, aborted or committed meanwhile: nothing would forget its places
         received = self.receiver.journal.received(upload)
         with self._copies_lock:
             failed = {p for p in places
