@@ -831,3 +831,21 @@ def test_kept_window_buffers_and_windows_held_stay_within_the_byte_budget() -> N
     held = sum(len(b) for b in mapped)  # type: ignore[arg-type]
     assert held == budget.held
     assert held + sum(len(b) for b in buffers._free) <= budget.limit
+
+
+def test_only_empty_folder_markers_are_left_out_of_a_listing_and_a_put_body_reads_0_as_empty(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """A zero-byte key ending in "/" is a console's folder marker; one holding bytes is an
+    object (a commit's verification must see it). `_PutBody.read(0)` asks for nothing."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    client = moto_s3.client()
+    client.put_object(Bucket=s3_bucket, Key="data/approved/m/", Body=b"")
+    client.put_object(Bucket=s3_bucket, Key="data/approved/m/odd/", Body=b"bytes")
+    found = store._find(store.path("approved/m"))
+    assert sorted(found) == [f"{s3_bucket}/data/approved/m/odd/"]
+    staged = tmp_path / "body.bin"
+    staged.write_bytes(b"x" * 10)
+    with objectstore._PutBody(staged) as body:
+        assert body.read(0) == b""
+        assert body.read(4) == b"x" * 10

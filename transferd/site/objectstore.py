@@ -768,7 +768,7 @@ class ObjectStorage(FsspecStorage):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/")
         for page in pages:
             for obj in page.get("Contents", []):
-                if obj["Key"].endswith("/"):
+                if obj["Key"].endswith("/") and not obj["Size"]:
                     continue  # a console's "folder" marker, no member (s3fs skips them too)
                 name = f"{bucket}/{obj['Key']}"
                 found[name] = {
@@ -1237,7 +1237,9 @@ class _PutBody(io.FileIO):
     comes; botocore seeks the body back to 0 before a retry."""
 
     def read(self, size: int | None = -1) -> bytes:
-        if size is not None and size >= 0:
+        if size == 0:
+            return b""  # read(0) asks for nothing
+        if size is not None and size > 0:
             size = max(size, _READ_PIECE_BYTES)
         return super().read(size)
 
