@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from transferd.errors import StorageError
-from transferd.net.inbound import InboundUploads, _Landed
+from transferd.net import inbound as inbound_module
+from transferd.net.inbound import InboundUploads
 from transferd.protocol.upload import ChunkTarget
 from transferd.site.journal import Upload, UploadState
 from transferd.site.metrics import Metrics
@@ -83,7 +84,7 @@ async def test_a_booking_that_fails_for_a_full_disk_fails_the_upload_and_its_hel
     targets = [ChunkTarget(0, 0, 10)]
     inbound._count_copies("u", targets, 1)
     with pytest.raises(StorageError):
-        inbound._book([_Landed(("u", targets, "digest"), "A", 10)])
+        inbound._book([inbound_module._Landed(("u", targets, "digest"), "A", 10)])
     assert receiver.failed == [("u", full)]
     async with asyncio.timeout(5):
         await held
