@@ -693,8 +693,159 @@ def test_a_window_buffer_is_reused_only_once_no_view_of_it_is_left() -> None:
     second[:4] = b"next"
     assert bytes(view) == b"sent"
     view.release()
-    assert buffers.take(8) is first  # the smallest that fits and is free
+    assert buffers.take(8) is not first  # only a buffer of the size asked is reused
+    assert buffers.take(16) is first
     budget.held = 60
     buffers.give(second)  # 16 more would pass the budget: freed, not kept
     budget.held = 0
     assert buffers.take(16) is not second
+
+
+def _read_member(s3: MotoS3Server, bucket: str, rel: str, member: str) -> bytes:
+    body: bytes = s3.client().get_object(Bucket=bucket, Key=f"data/{rel}/{member}")["Body"].read()
+    return body
+
+
+def test_two_uploads_of_one_folder_end_with_a_manifest_over_its_own_bytes(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Upload A streams straight into a new folder; upload B of the same folder commits while
+    A runs; A then commits. Whichever manifest is visible, every member holds its version's
+    bytes, and no stale manifest shows while A's commit runs."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    rel = "approved/ds"
+    big = random.Random(1).randbytes(objectstore._STREAM_MIN_BYTES + 1)
+    a = {"a.bin": big, "b.bin": b"A" * 20}
+    st_a = _staged(store, a)
+    store.member_staged(st_a, rel, 0)
+    assert store._streamed[st_a.dir.name].direct
+    store._streamed[st_a.dir.name].members[0].result()
+    b = {"a.bin": b"B" * 50, "b.bin": b"b" * 20}
+    store.commit(_staged(store, b), rel)
+    assert all(_read_member(moto_s3, s3_bucket, rel, m) == d for m, d in b.items())
+    seen: dict[str, object] = {}
+    prune = store._verify_and_prune
+
+    def spy(r: str, sizes: dict[str, int]) -> None:
+        seen["manifest"] = store.manifest(r)
+        prune(r, sizes)
+
+    store._verify_and_prune = spy  # type: ignore[method-assign]
+    store.commit(st_a, rel)
+    assert seen["manifest"] is None  # B's manifest went before A's objects did
+    doc = store.manifest(rel)
+    assert doc is not None
+    assert doc["upload"] == st_a.dir.name
+    assert all(_read_member(moto_s3, s3_bucket, rel, m) == d for m, d in a.items())
+    assert list(store.intents_dir.glob("*.json")) == []
+
+
+def test_a_folder_found_absent_then_committed_is_not_streamed_into_as_new(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """An upload that found the folder absent and committed it without streaming: the next
+    upload of that folder (within the freshness window) replaces it by multipart uploads, so the
+    committed version stays whole while it runs."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    rel = "approved/ds"
+    v1 = {"a.bin": b"A" * 100, "b.bin": b"B" * 100, "old.bin": b"O" * 10}
+    assert store.sizes([f"{rel}/{m}" for m in v1]) == [None, None, None]
+    store.commit(_staged(store, v1), rel)
+    v2 = {"a.bin": random.Random(1).randbytes(objectstore._STREAM_MIN_BYTES + 1), "b.bin": b"b2"}
+    assert store.sizes([f"{rel}/{m}" for m in v2]) == [100, 100]
+    st2 = _staged(store, v2)
+    store.member_staged(st2, rel, 0)
+    streamed = store._streamed[st2.dir.name]
+    assert not streamed.direct
+    streamed.members[0].result()
+    assert store.list_source(rel)[1] == [("a.bin", 100), ("b.bin", 100), ("old.bin", 10)]
+    assert _read_member(moto_s3, s3_bucket, rel, "a.bin") == v1["a.bin"]
+    store.commit(st2, rel)
+    assert store.list_source(rel)[1] == [("a.bin", len(v2["a.bin"])), ("b.bin", 2)]
+
+
+def test_a_span_handed_to_a_reader_is_never_the_buffer_of_a_later_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The window is released (and its buffer taken by the next window) just as a reader asks
+    for a span: the reader gets the first window's bytes or none, never the next one's."""
+    fetcher = objectstore._Fetcher(None)
+    first = objectstore._Window(0, 8)
+    first.granted = True
+    first.feed(io.BytesIO(b"AAAAAAAA"), fetcher.buffers.take(8))
+    real = memoryview
+    got: dict[str, bytes | None] = {}
+
+    def release_meanwhile(obj: object) -> memoryview:
+        if threading.current_thread().name == "reader" and "done" not in got:
+            got["done"] = None
+
+            def reuse() -> None:
+                fetcher.release(first)  # the reader's window is given back...
+                later = objectstore._Window(8, 8)
+                later.feed(io.BytesIO(b"BBBBBBBB"), fetcher.buffers.take(8))  # ...and reused
+
+            other = threading.Thread(target=reuse)
+            other.start()
+            other.join(1)  # done at once unless the reader's hold on the window keeps it out
+        return real(obj)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(objectstore, "memoryview", release_meanwhile, raising=False)
+
+    def read() -> None:
+        view = first.span(0, 8)
+        got["view"] = None if view is None else bytes(view)
+
+    reader = threading.Thread(target=read, name="reader")
+    reader.start()
+    reader.join(10)
+    assert got["view"] in (b"AAAAAAAA", None)
+
+
+def test_kept_window_buffers_and_windows_held_stay_within_the_byte_budget() -> None:
+    """A large object's windows are released (their buffers kept), then small windows and
+    another large object's are granted: every buffer mapped, held or kept, stays within the
+    budget (main reused a 64 MiB buffer for a 1 KiB window and mapped 448 MiB of 256)."""
+    mib = 1 << 20
+    budget = objectstore._Budget(256 * mib)
+    buffers = objectstore._WindowBuffers(budget)
+    mapped: list[object] = []
+
+    def window(size: int, timeout: float = 1) -> bool:
+        if not budget.acquire(budget.ticket(), size, timeout):
+            return False
+        mapped.append(buffers.take(size))
+        return True
+
+    for _ in range(4):
+        assert window(64 * mib)
+    for buf in list(mapped):
+        budget.release(64 * mib)
+        buffers.give(buf)  # type: ignore[arg-type]
+    mapped.clear()
+    assert sum(len(b) for b in buffers._free) == 256 * mib
+    for _ in range(4):
+        assert window(1024)
+    while window(64 * mib, timeout=0.1):
+        pass
+    held = sum(len(b) for b in mapped)  # type: ignore[arg-type]
+    assert held == budget.held
+    assert held + sum(len(b) for b in buffers._free) <= budget.limit
+
+
+def test_only_empty_folder_markers_are_left_out_of_a_listing_and_a_put_body_reads_0_as_empty(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """A zero-byte key ending in "/" is a console's folder marker; one holding bytes is an
+    object (a commit's verification must see it). `_PutBody.read(0)` asks for nothing."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    client = moto_s3.client()
+    client.put_object(Bucket=s3_bucket, Key="data/approved/m/", Body=b"")
+    client.put_object(Bucket=s3_bucket, Key="data/approved/m/odd/", Body=b"bytes")
+    found = store._find(store.path("approved/m"))
+    assert sorted(found) == [f"{s3_bucket}/data/approved/m/odd/"]
+    staged = tmp_path / "body.bin"
+    staged.write_bytes(b"x" * 10)
+    with objectstore._PutBody(staged) as body:
+        assert body.read(0) == b""
+        assert body.read(4) == b"x" * 10

@@ -30,6 +30,7 @@ from transferd.protocol.manifest import (
     UploadIntent,
 )
 from transferd.protocol.upload import COMMIT_WAIT_MAX_S, ChunkTarget, refused, wanted
+from transferd.site.journal import UploadState
 from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
 from transferd.site.threads import bulk_executor
@@ -246,6 +247,9 @@ class InboundUploads:
                 waiter.chunk_failed = True
                 waiter.wake()
             return
+        known = self.receiver.journal.upload(upload)
+        if known is None or known.state is not UploadState.OPEN:
+            return  # failed, aborted or committed meanwhile: nothing would forget its places
         received = self.receiver.journal.received(upload)
         with self._copies_lock:
             failed = {p for p in places
@@ -267,13 +271,23 @@ class InboundUploads:
 
     def _book(self, batch: list[_Landed]) -> None:
         """On the loop: one journal transaction for the chunks that landed since it last
-        woke."""
+        woke. A booking that fails (the journal's disk full) fails its chunks as staging
+        would (`_chunk_failed`): held commits answer now, a full disk fails the upload."""
         try:
-            self.receiver.record_many([landed.row for landed in batch])
-        finally:  # booked, or failed: no longer on their way
+            try:
+                self.receiver.record_many([landed.row for landed in batch])
+            finally:  # booked, or failed: no longer on their way
+                for landed in batch:
+                    upload, targets, _digest = landed.row
+                    self._count_copies(upload, targets, -1)
+        except StorageError as exc:
+            places: dict[str, set[tuple[int, int]]] = {}
             for landed in batch:
                 upload, targets, _digest = landed.row
-                self._count_copies(upload, targets, -1)
+                places.setdefault(upload, set()).update((t.file, t.offset) for t in targets)
+            for upload, at in places.items():
+                self._chunk_failed(upload, frozenset(at), exc)
+            raise
         for landed in batch:
             self.metrics.bytes_received.labels(landed.peer).inc(landed.body_length)
             self.metrics.chunks_received.labels(landed.peer).inc()
@@ -359,7 +373,10 @@ class InboundUploads:
         loop = asyncio.get_running_loop()
         end = loop.time() + COMMIT_WAIT_MAX_S
         waiter = _Waiting(self.receiver.missing(upload, manifest))
-        if not waiter.missing.isdisjoint(self._failed_places.get(upload, ())):
+        with self._copies_lock:  # a failed place another copy is on its way to: wait for it
+            failed = {p for p in self._failed_places.get(upload, ())
+                      if (upload, *p) not in self._copies}  # fmt: skip
+        if not waiter.missing.isdisjoint(failed):
             waiter.chunk_failed = True  # a chunk it misses failed before the commit came
         waiters = self._waiting.setdefault(upload, [])
         waiters.append(waiter)

@@ -134,25 +134,36 @@ class _WindowBuffers:
 
     def __init__(self, budget: _Budget) -> None:
         self._budget = budget
+        budget.buffers = self
         self._free: list[mmap.mmap] = []
-        self._lock = threading.Lock()
+        self._lock = budget._cond  # one lock: the budget counts the kept buffers (`kept`)
         self._used_at = 0.0
         self._timer: threading.Timer | None = None
 
+    @property
+    def kept(self) -> int:
+        return sum(len(b) for b in self._free)
+
+    def make_room(self, needed: int) -> None:
+        """Under the budget's lock: drop kept buffers until `needed` more bytes fit beside the
+        windows held and the buffers kept, those of another size first."""
+        self._free.sort(key=lambda b: len(b) == needed)
+        while self._free and self._budget.held + needed + self.kept > self._budget.limit:
+            self._free.pop(0)
+
     def take(self, size: int) -> mmap.mmap:
+        """A buffer of exactly `size` bytes (the room `size` took counts it, no more)."""
         with self._lock:
             self._used_at = time.monotonic()
-            fits = [b for b in self._free if len(b) >= size and not _in_use(b)]
+            fits = [b for b in self._free if len(b) == size and not _in_use(b)]
             if fits:
-                buf = min(fits, key=len)
-                self._free.remove(buf)
-                return buf
+                self._free.remove(fits[0])
+                return fits[0]
         return _window_buffer(size)
 
     def give(self, buf: mmap.mmap) -> None:
         with self._lock:
-            kept = sum(len(b) for b in self._free)
-            if kept + len(buf) + self._budget.held > self._budget.limit:
+            if self.kept + len(buf) + self._budget.held > self._budget.limit:
                 return  # freed now: the bound holds
             self._free.append(buf)
             if self._timer is None:
@@ -181,6 +192,7 @@ class _Budget:
         self.limit = limit
         self.held = 0
         self.peak = 0  # the most ever held (tests check the bound)
+        self.buffers: _WindowBuffers | None = None  # kept free buffers count against `limit`
         self._next = 0
         self._waiting: set[int] = set()
         self._cond = threading.Condition()
@@ -201,6 +213,8 @@ class _Budget:
                 while ticket in self._waiting:
                     first = ticket == min(self._waiting)
                     if first and (not self.held or self.held + size <= self.limit):
+                        if self.buffers is not None:
+                            self.buffers.make_room(size)
                         self.held += size
                         self.peak = max(self.peak, self.held)
                         return True
@@ -284,9 +298,9 @@ class _Window:
                 self.cond.wait()
             if self.got < end or self.buf is None:
                 return None
-            buf = self.buf
-        # A view, no copy: these bytes are never written again.
-        return memoryview(buf).toreadonly()[offset - self.start : end]
+            # A view, no copy: these bytes are never written again. Made under `cond`: once
+            # it exists the buffer reads as in use (`_in_use`) and is not reused under it.
+            return memoryview(self.buf).toreadonly()[offset - self.start : end]
 
 
 class _Fetcher:
@@ -481,6 +495,9 @@ class _Streamed:
     rel: str
     direct: bool
     members: dict[int, Future[_Multipart | None]] = field(default_factory=dict)
+    # Another commit of the folder began while this upload streamed straight in: what it PUT
+    # may have been overwritten, so its commit PUTs every member again (and streams no more).
+    spoiled: bool = False
 
 
 def is_object_store(fs: Any) -> bool:
@@ -502,7 +519,7 @@ class ObjectStorage(FsspecStorage):
             self.intents_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._committing: dict[str, int] = {}  # folder -> commits in progress
-        for rel, streaming in self._intents():
+        for rel, _upload, streaming in self._intents():
             if not streaming:
                 self._committing[rel] = self._committing.get(rel, 0) + 1
         self._fetcher = _Fetcher(self._client)
@@ -529,22 +546,24 @@ class ObjectStorage(FsspecStorage):
         )
 
     # -- intents (state dir) ----------------------------------------------------------------------
-    def _intent_path(self, rel: str) -> Path:
-        return self.intents_dir / (hashlib.sha256(rel.encode()).hexdigest()[:32] + ".json")
+    def _intent_path(self, rel: str, upload: str) -> Path:
+        """One file per folder and upload: two uploads of one folder keep their own."""
+        key = hashlib.sha256(f"{rel}\0{upload}".encode()).hexdigest()[:32]
+        return self.intents_dir / (key + ".json")
 
-    def _intents(self) -> list[tuple[str, bool]]:
-        """(folder, only streamed: no visible object written yet) of each intent file."""
+    def _intents(self) -> list[tuple[str, Path, bool]]:
+        """(folder, its file, only streamed: no visible object written yet) of each intent."""
         found = []
         for entry in sorted(self.intents_dir.glob("*.json")):
             try:
                 doc = json.loads(entry.read_text(encoding="utf-8"))
-                found.append((str(doc["rel"]), bool(doc.get("streaming", False))))
+                found.append((str(doc["rel"]), entry, bool(doc.get("streaming", False))))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 entry.unlink(missing_ok=True)  # a torn intent: its commit never wrote objects
         return found
 
     def _write_intent(self, rel: str, upload: str, *, streaming: bool) -> None:
-        path = self._intent_path(rel)
+        path = self._intent_path(rel, upload)
         doc = {"rel": rel, "upload": upload, "streaming": streaming}
         with os_errors(f"recording the commit of {rel}", rel):
             tmp = path.with_suffix(".tmp")
@@ -555,9 +574,10 @@ class ObjectStorage(FsspecStorage):
         self._write_intent(rel, upload, streaming=False)
         with self._lock:
             self._committing[rel] = self._committing.get(rel, 0) + 1
+            self._absent.pop(self.path(rel), None)  # stale from here on
 
-    def _end(self, rel: str) -> None:
-        self._intent_path(rel).unlink(missing_ok=True)
+    def _end(self, rel: str, upload: str) -> None:
+        self._intent_path(rel, upload).unlink(missing_ok=True)
         with self._lock:
             left = self._committing.get(rel, 0) - 1
             if left > 0:
@@ -723,11 +743,13 @@ class ObjectStorage(FsspecStorage):
         top = posixpath.commonpath(paths)
         with os_errors(f"listing {top}", top):
             found = self._find(top)
-        if not found:  # `_start_streaming` needs not ask again (a request in the first PUT's way)
-            now = time.monotonic()
-            with self._lock:
-                for stale in [p for p, at in self._absent.items() if now - at >= _ABSENT_FRESH_S]:
-                    del self._absent[stale]
+        now = time.monotonic()
+        with self._lock:
+            for stale in [p for p, at in self._absent.items() if now - at >= _ABSENT_FRESH_S]:
+                del self._absent[stale]
+            if found:
+                self._absent.pop(top, None)
+            else:  # `_start_streaming` needs not ask again (a request in the first PUT's way)
                 self._absent[top] = now
         return [
             int(found[p]["size"]) if found.get(p, {}).get("type") == "file" else None
@@ -746,13 +768,16 @@ class ObjectStorage(FsspecStorage):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/")
         for page in pages:
             for obj in page.get("Contents", []):
-                if obj["Key"].endswith("/"):
+                if obj["Key"].endswith("/") and not obj["Size"]:
                     continue  # a console's "folder" marker, no member (s3fs skips them too)
                 name = f"{bucket}/{obj['Key']}"
                 found[name] = {
                     "name": name, "type": "file", "size": int(obj["Size"]),
                     "ETag": obj.get("ETag"), "LastModified": obj.get("LastModified"),
                 }  # fmt: skip
+        if found:
+            with self._lock:
+                self._absent.pop(path, None)  # it exists now: `_start_streaming` must ask
         return found
 
     # -- writes ---------------------------------------------------------------------------------
@@ -829,8 +854,8 @@ class ObjectStorage(FsspecStorage):
                 streamed = self._start_streaming(staging, rel)
                 with self._lock:
                     self._streamed[upload] = streamed
-            elif index in streamed.members:
-                return
+            elif index in streamed.members or streamed.spoiled:
+                return  # a spoiled upload's commit PUTs the rest
             streamed.members[index] = self._member_pool.submit(
                 self._stream_member, staging, index, path, streamed.direct
             )
@@ -851,7 +876,7 @@ class ObjectStorage(FsspecStorage):
             )
         if direct:
             self._begin(rel, upload)  # absent from here on; a crash's objects all go
-        elif not self._intent_path(rel).exists():
+        elif not self._intent_path(rel, upload).exists():
             self._write_intent(rel, upload, streaming=True)
         return _Streamed(rel, direct)
 
@@ -920,8 +945,8 @@ class ObjectStorage(FsspecStorage):
     def _take_streamed(self, upload: str) -> tuple[bool, dict[int, _Multipart | None]]:
         """Whether `upload` began its folder's commit by streaming into it (`direct`), and the
         members it streamed, each PUT or with every part in (a member whose streaming failed
-        is left out: the commit PUTs it)."""
-        with self._lock:
+        is left out: the commit PUTs it; a spoiled upload's direct members are all left out)."""
+        with self._stream_lock, self._lock:
             streamed = self._streamed.pop(upload, None)
         done: dict[int, _Multipart | None] = {}
         for index, future in (streamed.members if streamed else {}).items():
@@ -932,12 +957,27 @@ class ObjectStorage(FsspecStorage):
                     "storage.stream_failed",
                     extra={"fields": {"upload": upload, "member": index, "error": str(exc)}},
                 )
+        if streamed is not None and streamed.spoiled:
+            done = {i: m for i, m in done.items() if m is not None}
         return streamed is not None and streamed.direct, done
+
+    def _spoil_direct(self, rel: str) -> None:
+        """A commit of `rel` begins: an upload streaming straight into it streams no more, its
+        commit PUTs every member again, and its PUTs in flight land before ours begin."""
+        with self._stream_lock, self._lock:
+            others = [s for s in self._streamed.values() if s.rel == rel and s.direct]
+            for other in others:
+                other.spoiled = True
+            pending = [f for s in others for f in s.members.values()]
+        for future in pending:
+            with suppress(Exception):
+                future.result()
 
     def discard_staged(self, staging: Staging) -> None:
         """The upload was given up: abort what it streamed (in the background)."""
+        upload_id = staging.dir.name
         with self._lock:
-            streamed = self._streamed.pop(staging.dir.name, None)
+            streamed = self._streamed.pop(upload_id, None)
         if streamed is None:
             return
 
@@ -949,9 +989,9 @@ class ObjectStorage(FsspecStorage):
                 if upload is not None:
                     self._abort_multipart(upload.path, upload.upload_id)
             if streamed.direct:
-                self._end_after_failure(streamed.rel)  # its objects go, and its intent
+                self._end_after_failure(streamed.rel, upload_id)  # its objects go, and its intent
             elif not self._in_commit(streamed.rel):
-                self._intent_path(streamed.rel).unlink(missing_ok=True)
+                self._intent_path(streamed.rel, upload_id).unlink(missing_ok=True)
 
         self._member_pool.submit(abort)
 
@@ -985,7 +1025,7 @@ class ObjectStorage(FsspecStorage):
                 multipart = streamed.get(0)
                 if multipart is not None:
                     self._complete(multipart)
-                    self._intent_path(rel).unlink(missing_ok=True)
+                    self._intent_path(rel, staging.dir.name).unlink(missing_ok=True)
                 else:
                     self._put_local(staging.payload_path, final, staging.member_crc32(0))
                 if int(self.fs.size(final)) != staging.sizes[0]:
@@ -1002,10 +1042,12 @@ class ObjectStorage(FsspecStorage):
         began, streamed = self._take_streamed(upload)
         t_streamed = time.time()
         if not began:
+            self._spoil_direct(rel)
             self._begin(rel, upload)
         try:
-            # Streamed straight in (`began`), the folder was absent and has been ours since.
-            if not began and self._has_manifest(rel):
+            # Even streamed straight in (`began`): another upload of the folder may have
+            # committed since.
+            if self._has_manifest(rel):
                 self.fs.rm_file(f"{final}/{MANIFEST}")  # the old version is gone from here on
             members = list(zip(staging.members, staging.sizes, strict=True))
             # Streamed members appear now (each completion is one request); the rest go up.
@@ -1037,14 +1079,14 @@ class ObjectStorage(FsspecStorage):
                                   "seconds": round(time.time() - t0, 4)}},
             )  # fmt: skip
         except OSError as exc:
-            self._end_after_failure(rel)
+            self._end_after_failure(rel, upload)
             raise storage_error(f"committing {rel}", exc, rel) from exc
         except BaseException:
-            self._end_after_failure(rel)
+            self._end_after_failure(rel, upload)
             raise
-        self._end(rel)
+        self._end(rel, upload)
 
-    def _end_after_failure(self, rel: str) -> None:
+    def _end_after_failure(self, rel: str, upload: str) -> None:
         """The folder stays absent; its objects go now if the store lets us, else at start-up
         (the intent file stays)."""
         try:
@@ -1055,7 +1097,7 @@ class ObjectStorage(FsspecStorage):
                 if not self._committing[rel]:
                     del self._committing[rel]
             return
-        self._end(rel)
+        self._end(rel, upload)
 
     def _verify_and_prune(self, rel: str, sizes: dict[str, int]) -> None:
         final = self.path(rel)
@@ -1092,7 +1134,7 @@ class ObjectStorage(FsspecStorage):
         """Clean up after commits a crash interrupted (named by intent files): returns the
         folders cleaned. A folder with a manifest keeps what it lists; one without loses all."""
         cleaned = []
-        for rel, streaming in self._intents():
+        for rel, entry, streaming in self._intents():
             try:
                 self._reclaim_folder(rel, objects=not streaming)
             except (OSError, StorageError) as exc:
@@ -1102,7 +1144,7 @@ class ObjectStorage(FsspecStorage):
                 continue
             cleaned.append(rel)
             log.info("storage.reclaimed", extra={"fields": {"path": rel}})
-            self._intent_path(rel).unlink(missing_ok=True)
+            entry.unlink(missing_ok=True)
             with self._lock:
                 self._committing.pop(rel, None)
         return cleaned
@@ -1195,7 +1237,9 @@ class _PutBody(io.FileIO):
     comes; botocore seeks the body back to 0 before a retry."""
 
     def read(self, size: int | None = -1) -> bytes:
-        if size is not None and size >= 0:
+        if size == 0:
+            return b""  # read(0) asks for nothing
+        if size is not None and size > 0:
             size = max(size, _READ_PIECE_BYTES)
         return super().read(size)
 
