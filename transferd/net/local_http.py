@@ -16,7 +16,7 @@ import http.client
 import json
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -131,7 +131,7 @@ class JobOutcome:
 
 
 # Per field of JobOutcome: the JSON types it takes (None: null allowed); a missing field with
-# a default in Job (note, next_attempt_at, attempts) takes that default.
+# a default (JobOutcome's, the same as Job's: note, next_attempt_at, attempts) takes it.
 _TEXT, _COUNT = (str,), (int,)
 _JOB_FIELDS: dict[str, tuple[type | None, ...]] = {
     "id": _TEXT, "path": _TEXT, "dest": _TEXT, "state": _TEXT,
@@ -140,7 +140,7 @@ _JOB_FIELDS: dict[str, tuple[type | None, ...]] = {
     "chunks_skipped": _COUNT, "retries": _COUNT,
     "note": (str, None), "next_attempt_at": (float, int, None), "attempts": _COUNT,
 }
-_JOB_DEFAULTS = {"note": None, "next_attempt_at": None, "attempts": 0}
+_JOB_DEFAULTS = {f.name: f.default for f in fields(JobOutcome) if f.default is not MISSING}
 
 
 def _job_outcome(i: int, raw: object) -> JobOutcome:
