@@ -849,3 +849,120 @@ def test_only_empty_folder_markers_are_left_out_of_a_listing_and_a_put_body_read
     with objectstore._PutBody(staged) as body:
         assert body.read(0) == b""
         assert body.read(4) == b"x" * 10
+
+
+def test_a_whole_object_is_read_from_the_socket_and_its_connection_serves_the_next_get(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole-object GET is read straight from the socket into its window (no copy through
+    urllib3), its CRC-32 checked, and its connection goes back to the pool: three objects
+    read one after the other take one connection."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    readers: list[str] = []
+    real = objectstore._body_reader
+
+    def spy(body: object, size: int) -> objectstore._BodyReader:
+        made = real(body, size)
+        readers.append(type(made).__name__)
+        return made
+
+    monkeypatch.setattr(objectstore, "_body_reader", spy)
+    objects = {f"curated/{i}.bin": random.Random(i).randbytes(20_000 + i) for i in range(3)}
+    for rel, data in objects.items():
+        store._client().put_object(Bucket=s3_bucket, Key=f"data/{rel}", Body=data)  # CRC-32
+    for rel, data in objects.items():
+        source = store.open_source(rel)
+        try:
+            assert bytes(source.read(0, len(data))) == data
+            assert not source.changed()
+        finally:
+            source.close()
+    assert readers == ["_SocketBody"] * 3
+    endpoint = store._client().meta.endpoint_url
+    pool = store._client()._endpoint.http_session._manager.connection_from_url(endpoint)
+    assert pool.num_connections == 1
+
+
+class _CutAfter:
+    """A socket file that ends (EOF) after `left` more bytes: a store closing mid-body."""
+
+    def __init__(self, fp: io.BufferedReader, left: int) -> None:
+        self.fp, self.left = fp, left
+
+    def readinto(self, b: memoryview) -> int:
+        if self.left <= 0:
+            return 0
+        n = self.fp.readinto(memoryview(b)[: self.left])
+        self.left -= n
+        return n
+
+    def close(self) -> None:
+        self.fp.close()
+
+
+@pytest.mark.parametrize("damage", ["crc mismatch", "body cut short"])
+def test_a_get_failing_after_handing_out_bytes_fails_the_read_for_a_retry_never_its_last_piece(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    damage: str,
+) -> None:  # fmt: skip
+    """A window's GET whose CRC-32 does not match, or whose body ends early, after some of its
+    pieces were handed to the reader: the window's last piece is never handed out (the reader
+    gets those bytes from a GET of its own), and `changed()` raises a transient IntegrityError
+    (the sender checks it after every batch, before any commit: the job is tried again). A
+    fresh read (the retry) gets the object whole and checked."""
+    from transferd.errors import IntegrityError
+
+    monkeypatch.setattr(objectstore, "_READ_PIECE_BYTES", 3_000)
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    data = random.Random(11).randbytes(20_000)
+    store._client().put_object(Bucket=s3_bucket, Key="data/curated/x.bin", Body=data)
+    damaged: list[bool] = []
+
+    def spoil(http_response: object, **_: object) -> None:
+        if damaged:
+            return  # the first GET only
+        damaged.append(True)
+        raw = http_response.raw  # type: ignore[attr-defined]
+        if damage == "crc mismatch":
+            wrong = (zlib.crc32(data) ^ 1).to_bytes(4, "big")
+            raw.headers["x-amz-checksum-crc32"] = base64.b64encode(wrong).decode()
+        else:
+            raw._fp.fp = _CutAfter(raw._fp.fp, 10_000)
+
+    store._client().meta.events.register("after-call.s3.GetObject", spoil)
+    source = store.open_source("curated/x.bin")
+    try:
+        read = b""
+        for offset in range(0, len(data), 1000):  # as the sender reads: in order
+            read += bytes(source.read(offset, 1000))
+        assert damaged
+        assert read == data  # the last piece came from the reader's own GET
+        with pytest.raises(IntegrityError, match="GET failed") as failed:
+            source.changed()
+        assert failed.value.transient
+    finally:
+        source.close()
+    again = store.open_source("curated/x.bin")
+    try:
+        assert bytes(again.read(0, len(data))) == data
+        assert not again.changed()
+    finally:
+        again.close()
+
+
+def test_a_windows_last_piece_waits_for_the_end_of_body_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bytes handed out before a body's CRC-32 is known are all but the window's last piece:
+    when the check fails, that piece never shows (a reader waiting for it gets None)."""
+    from botocore.httpchecksum import Crc32Checksum, StreamingChecksumBody
+
+    monkeypatch.setattr(objectstore, "_READ_PIECE_BYTES", 3_000)
+    data = random.Random(12).randbytes(7_000)
+    wrong = base64.b64encode((zlib.crc32(data) ^ 1).to_bytes(4, "big")).decode()
+    window = objectstore._Window(0, len(data))
+    with pytest.raises(Exception, match="checksum"):
+        window.feed(StreamingChecksumBody(io.BytesIO(data), len(data), Crc32Checksum(), wrong))
+    assert 0 < window.got < len(data)
+    window.fail()
+    assert window.span(0, len(data)) is None
