@@ -855,8 +855,12 @@ def test_a_whole_object_is_read_from_the_socket_and_its_connection_serves_the_ne
     moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A whole-object GET is read straight from the socket into its window (no copy through
-    urllib3), its CRC-32 checked, and its connection goes back to the pool: three objects
-    read one after the other take one connection."""
+    urllib3), its CRC-32 checked, and its connection goes back to urllib3's pool: three
+    objects read one after the other take one connection of the pool (moto answers
+    `Connection: close`, so the pool opens its socket again; a store that keeps connections
+    alive gets the same socket). The 3 MiB object's reads wait for 256 KiB at a time
+    (SO_RCVLOWAT) until near its end, where a read asking past the body would otherwise
+    wait for bytes that never come (60 s, then a failure)."""
     store = _store(moto_s3, s3_bucket, tmp_path / "state")
     readers: list[str] = []
     real = objectstore._body_reader
@@ -867,7 +871,8 @@ def test_a_whole_object_is_read_from_the_socket_and_its_connection_serves_the_ne
         return made
 
     monkeypatch.setattr(objectstore, "_body_reader", spy)
-    objects = {f"curated/{i}.bin": random.Random(i).randbytes(20_000 + i) for i in range(3)}
+    sizes = [20_000, 3 * 1024 * 1024 + 7, 300_001]  # the 3 MiB one: reads with a low mark
+    objects = {f"curated/{i}.bin": random.Random(i).randbytes(n) for i, n in enumerate(sizes)}
     for rel, data in objects.items():
         store._client().put_object(Bucket=s3_bucket, Key=f"data/{rel}", Body=data)  # CRC-32
     for rel, data in objects.items():

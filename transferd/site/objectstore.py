@@ -43,6 +43,7 @@ import logging
 import mmap
 import os
 import posixpath
+import socket
 import threading
 import time
 import uuid
@@ -360,12 +361,27 @@ class _SocketBody(_BodyReader):
         self._raw, self._fp = raw, fp
         self._expected = crc32
         self._crc = 0
+        self._left = fp.length or 0
+        self._sock = getattr(getattr(raw, "connection", None), "sock", None)
+        self._lowat = False
+        if self._sock is not None and self._left > _LOWAT_TAIL:
+            with suppress(OSError, AttributeError):
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _RCVLOWAT)
+                self._lowat = True
 
     def readinto(self, view: memoryview) -> int:
+        if self._lowat and self._left - len(view) < _LOWAT_TAIL:
+            self._low_off()  # near the end: a read may ask past the body's last byte
         n = self._fp.readinto(view)
+        self._left -= n
         if self._expected is not None and n:
             self._crc = zlib.crc32(view[:n], self._crc)
         return n
+
+    def _low_off(self) -> None:
+        self._lowat = False
+        with suppress(OSError, AttributeError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def finish(self) -> None:
         if self._expected is not None and self._crc != self._expected:
@@ -374,6 +390,8 @@ class _SocketBody(_BodyReader):
             )
         if not self._fp.isclosed():  # http.client closes it at its Content-Length
             raise OSError("the store sent more than the bytes asked for")
+        if self._lowat:
+            self._low_off()
         self._raw.release_conn()  # read whole: the connection serves the next GET
 
     def abort(self) -> None:
@@ -382,6 +400,14 @@ class _SocketBody(_BodyReader):
         with suppress(Exception):
             self._raw.release_conn()  # its slot in the pool (urllib3 reconnects it)
 
+
+# A GET body's socket returns from a read only once this many bytes are in (SO_RCVLOWAT), or
+# the read's own length if smaller: fewer, larger reads, each a GIL round trip and a wake-up
+# of its thread among 8 GET threads. Set back to 1 for the body's last `_LOWAT_TAIL` bytes
+# (http.client's buffered reader may ask for 8 KiB past a body's end there) and before the
+# connection goes back to the pool.
+_RCVLOWAT = 256 * 1024
+_LOWAT_TAIL = 64 * 1024
 
 # Checksums botocore checks on a whole-object GET (`x-amz-checksum-<name>`): a body with one
 # of these but no CRC-32 is read through botocore, which checks it.
