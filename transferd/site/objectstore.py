@@ -362,7 +362,7 @@ class _SocketBody(_BodyReader):
         self._expected = crc32
         self._crc = 0
         self._left = fp.length or 0
-        self._sock = getattr(getattr(raw, "connection", None), "sock", None)
+        self._sock: Any = getattr(getattr(raw, "connection", None), "sock", None)
         self._lowat = False
         if self._sock is not None and self._left > _LOWAT_TAIL:
             with suppress(OSError, AttributeError):
