@@ -19,7 +19,9 @@ GET with its start and duration, the commit), and the requests moto answered in 
 `--baseline TREE` adds the S3 cases run with the transferd of another checkout (say /work/main)
 to the same rounds: an A/B of a change measured side by side, the only kind this shared
 machine allows. `--profile DIR` records moto's and both daemons' stacks with py-spy during each
-run (collapsed stacks; the sampling slows the runs: profile, or time, not both). Each case's
+run (collapsed stacks, per thread; the sampling slows the runs: profile, or time, not both).
+`--threads` adds each daemon's CPU seconds by thread (the scheduler's run time of each thread
+over the send, named by `py-spy dump` after it: no sampling during the timed work). Each case's
 timed work starts `--settle` seconds (3) after the previous case ended, the same for every
 case: on this VM memory freed a moment ago is cheap to touch again and memory freed ~2 s ago
 is not (free page reporting), and without the pause the order of the cases decided which tool
@@ -28,7 +30,7 @@ A benchmark, not a test. Hold the lock while it runs (the machine is shared):
 
     flock /tmp/netplan-bench.lock python benchmarks/s3_replication.py [--size-mib 512]
         [--files 8] [--repeat 3] [--output benchmarks/results/s3-replication.json]
-        [--only 'S3 ->'] [--baseline /work/main] [--profile DIR] [--settle 3]
+        [--only 'S3 ->'] [--baseline /work/main] [--profile DIR] [--settle 3] [--threads]
 """
 
 from __future__ import annotations
