@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from transferd.errors import ConfigError, StorageError
+from transferd.errors import ConfigError, IntegrityError, StorageError
 from transferd.protocol.upload import upload_intent
 from transferd.site import objectstore
 from transferd.site.checkpoints import update_run
@@ -505,8 +505,9 @@ def test_a_large_object_is_read_in_windows_as_they_land_and_a_replaced_one_reads
         assert not source.changed()
         assert len(moto_s3.requests(s3_bucket)) == before  # no request: GETs were If-Match
         store.fs.pipe_file(store.path("curated/big.bin"), b"another version" * 100)
-        with pytest.raises(OSError, match="PreconditionFailed|412"):
+        with pytest.raises(IntegrityError, match="changed while being sent") as changed:
             source.read(0, 10)
+        assert not changed.value.transient
         assert source.changed()
     finally:
         source.close()
@@ -633,8 +634,10 @@ def test_a_window_reads_its_body_to_the_end_so_the_store_crc_is_checked() -> Non
     window = objectstore._Window(0, len(data))
     window.feed(body(data))
     assert bytes(window.span(0, len(data)) or b"") == data
-    with pytest.raises(FlexibleChecksumError):
+    with pytest.raises(objectstore._ChecksumMismatch) as mismatch:
         objectstore._Window(0, len(data)).feed(body(data[:-1] + b"x"))
+    assert isinstance(mismatch.value.__cause__, FlexibleChecksumError)
+    assert mismatch.value.got != mismatch.value.expected
     with pytest.raises(OSError, match="more than"):
         objectstore._Window(0, 6_000).feed(io.BytesIO(data))
 
@@ -669,8 +672,9 @@ def test_sending_a_folder_from_s3_costs_one_listing_and_a_get_per_object(
     store.list_source("approved/ds")
     client.put_object(Bucket=s3_bucket, Key="data/approved/ds/p-3.bin", Body=b"replaced")
     source = store.open_source("approved/ds/p-3.bin")
-    with pytest.raises(OSError, match="p-3.bin"):
+    with pytest.raises(IntegrityError, match="p-3.bin") as changed:
         source.read(0, source.size)
+    assert not changed.value.transient
     assert source.changed()
     source.close()
     assert store.list_source("approved/ds/p-0.bin") == ("file", [("", len(data["p-0.bin"]))])
@@ -911,12 +915,11 @@ def test_a_get_failing_after_handing_out_bytes_fails_the_read_for_a_retry_never_
     damage: str,
 ) -> None:  # fmt: skip
     """A window's GET whose CRC-32 does not match, or whose body ends early, after some of its
-    pieces were handed to the reader: the window's last piece is never handed out (the reader
-    gets those bytes from a GET of its own), and `changed()` raises a transient IntegrityError
-    (the sender checks it after every batch, before any commit: the job is tried again). A
-    fresh read (the retry) gets the object whole and checked."""
-    from transferd.errors import IntegrityError
-
+    pieces were handed to the reader: the window's last piece is never handed out, nor read
+    through a GET of its own (no checksum on a range): the read raises a transient
+    IntegrityError, as `changed()` does (the sender checks it after every batch, before any
+    commit: the job fails cleanly and is tried again). A fresh read (the retry) gets the
+    object whole and checked."""
     monkeypatch.setattr(objectstore, "_READ_PIECE_BYTES", 3_000)
     store = _store(moto_s3, s3_bucket, tmp_path / "state")
     data = random.Random(11).randbytes(20_000)
@@ -934,17 +937,26 @@ def test_a_get_failing_after_handing_out_bytes_fails_the_read_for_a_retry_never_
         else:
             raw._fp.fp = _CutAfter(raw._fp.fp, 10_000)
 
+    gets: list[str | None] = []
+    store._client().meta.events.register(
+        "before-call.s3.GetObject",
+        lambda params, **_: gets.append(params["headers"].get("Range")),  # type: ignore[misc]
+    )
     store._client().meta.events.register("after-call.s3.GetObject", spoil)
     source = store.open_source("curated/x.bin")
     try:
         read = b""
-        for offset in range(0, len(data), 1000):  # as the sender reads: in order
-            read += bytes(source.read(offset, 1000))
-        assert damaged
-        assert read == data  # the last piece came from the reader's own GET
         with pytest.raises(IntegrityError, match="GET failed") as failed:
-            source.changed()
+            for offset in range(0, len(data), 1000):  # as the sender reads: in order
+                read += bytes(source.read(offset, 1000))
         assert failed.value.transient
+        assert damaged
+        assert 0 < len(read) <= 18_000  # never the window's last piece (18,000-20,000)
+        assert read == data[: len(read)]
+        assert gets == [None]  # the window's GET (no Range), no ranged GET of its own
+        with pytest.raises(IntegrityError, match="GET failed") as again_failed:
+            source.changed()
+        assert again_failed.value.transient
     finally:
         source.close()
     again = store.open_source("curated/x.bin")

@@ -43,11 +43,13 @@ import logging
 import mmap
 import os
 import posixpath
+import re
 import socket
 import threading
 import time
 import uuid
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
@@ -56,7 +58,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferd.errors import ConfigError, IntegrityError, PolicyViolation, StorageError
+from transferd.errors import (
+    ConfigError,
+    IntegrityError,
+    PolicyViolation,
+    StorageError,
+    TransferdError,
+)
 from transferd.site.staging import Staging, os_errors, storage_error
 from transferd.site.storage import FsspecStorage, Source, info_mtime
 
@@ -97,6 +105,10 @@ _SLOT_WAIT_S = 60.0  # a window waiting longer for room gives up: its reader GET
 # into the window (`readinto`, no piece allocated) in pieces of this size, each handed over as
 # it lands.
 _READ_PIECE_BYTES = 1024 * 1024
+# A version of an object (its ETag) whose GET bodies failed their checksum this many times in a
+# row is not read again: the store keeps it damaged, or something on the way damages it every
+# time; its jobs fail, naming both checksums, rather than trying again for ever.
+_MISMATCHES_FATAL = 3
 # Window buffers no longer referenced are kept this long for the next windows (`_WindowBuffers`).
 _BUFFERS_IDLE_S = 5.0
 # A listing's sizes and ETags open its objects without a HEAD each for this long (`list_source`).
@@ -258,6 +270,7 @@ class _Window:
         self.buf: mmap.mmap | None = None
         self.got = 0
         self.taken = 0
+        self.verifies = False  # its body's end-of-body check covers every byte (`_BodyReader`)
         self.failed = False
         self.closed = False  # its source was closed: stop reading
         self.granted = False  # its bytes count in the budget
@@ -269,15 +282,18 @@ class _Window:
     def feed(self, body: Any, buf: mmap.mmap | None = None) -> None:
         """In the GET thread: read `body` into the window (`buf`, at least `size` bytes: a
         reused one, or a new one), waking readers piece by piece. The last piece is handed over
-        only once the body's end-of-body checks passed (`_BodyReader.finish`: the object's
-        CRC-32, no byte more than asked for): a reader that took every byte of a window took
-        bytes the store's checksum vouched for, and one whose GET failed after handing out
-        part of it learns so at `ObjectSource.changed`."""
+        only once the body's end-of-body checks passed (`_BodyReader.finish`: no byte more than
+        asked for, and the object's checksum where the body has one, `verifies`: a whole-object
+        window, not a range of one). A reader that took every byte of a verified window took
+        bytes the store's checksum vouched for; one whose verified GET failed after handing out
+        part of it learns so at its next read or at `ObjectSource.changed`. A ranged window's
+        bytes are vouched for by nothing but TCP, as every ranged read's."""
         if buf is None:
             buf = _window_buffer(self.size)
         with self.cond:
             self.buf = buf
         reader = _body_reader(body, self.size)
+        self.verifies = reader.verifies
         done = False
         try:
             with memoryview(buf) as view:  # released even on an error: the buffer is reused
@@ -318,25 +334,60 @@ class _Window:
             return memoryview(self.buf).toreadonly()[offset - self.start : end]
 
 
+class _ChecksumMismatch(OSError):
+    """A GET body whose checksum is not the one the store keeps for the object: its bytes are
+    not the object's (`got` and `expected` as the store writes them)."""
+
+    def __init__(self, got: str, expected: str) -> None:
+        super().__init__(f"the body's checksum is {got}, the store's {expected}")
+        self.got, self.expected = got, expected
+
+
+def _botocore_mismatch(exc: Exception) -> _ChecksumMismatch | None:
+    """botocore's FlexibleChecksumError (a whole-object body whose checksum did not match,
+    raised as it is read to its end) as a `_ChecksumMismatch`; None for any other error."""
+    if type(exc).__name__ != "FlexibleChecksumError":
+        return None
+    found = re.search(r"checksum (\S+) did not match calculated checksum: (\S+)", str(exc))
+    return _ChecksumMismatch(*(found.group(2, 1) if found else (str(exc), "?")))
+
+
 class _BodyReader:
     """A GET body as a window reads it: `readinto` pieces, `finish` once every byte asked for
     is in (the end-of-body checks), `abort` when the window gives up. This one goes through
     the body's own `readinto` (botocore's: urllib3 reads each piece into bytes of its own and
-    copies it over, and botocore checks the store's CRC when the body is read to its end)."""
+    copies it over, and botocore checks the store's checksum when the body is read to its
+    end, if the store sent one)."""
 
     def __init__(self, body: Any) -> None:
         self._body = body
 
+    @property
+    def verifies(self) -> bool:
+        """Whether `finish` checks every byte against the store's checksum (botocore's
+        `StreamingChecksumBody` with the store's value; never for a range)."""
+        return getattr(self._body, "_expected", None) is not None and hasattr(
+            self._body, "checksum"
+        )
+
     def readinto(self, view: memoryview) -> int:
-        readinto = getattr(self._body, "readinto", None)
-        if readinto is not None:
-            return int(readinto(view))
-        data = self._body.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        try:
+            return int(self._body.readinto(view))
+        except Exception as exc:
+            mismatch = _botocore_mismatch(exc)
+            if mismatch is None:
+                raise
+            raise mismatch from exc
 
     def finish(self) -> None:
-        if self._body.read(1):  # b"" at the end: botocore checks the CRC there
+        try:
+            more = self._body.read(1)  # b"" at the end: botocore checks the checksum there
+        except Exception as exc:
+            mismatch = _botocore_mismatch(exc)
+            if mismatch is None:
+                raise
+            raise mismatch from exc
+        if more:
             raise OSError("the store sent more than the bytes asked for")
 
     def abort(self) -> None:
@@ -358,6 +409,7 @@ class _SocketBody(_BodyReader):
     the end, as botocore would have."""
 
     def __init__(self, raw: Any, fp: http.client.HTTPResponse, crc32: int | None) -> None:
+        super().__init__(None)
         self._raw, self._fp = raw, fp
         self._expected = crc32
         self._crc = 0
@@ -368,6 +420,10 @@ class _SocketBody(_BodyReader):
             with suppress(OSError, AttributeError):
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _RCVLOWAT)
                 self._lowat = True
+
+    @property
+    def verifies(self) -> bool:
+        return self._expected is not None
 
     def readinto(self, view: memoryview) -> int:
         if self._lowat and self._left - len(view) < _LOWAT_TAIL:
@@ -385,9 +441,7 @@ class _SocketBody(_BodyReader):
 
     def finish(self) -> None:
         if self._expected is not None and self._crc != self._expected:
-            raise OSError(
-                f"the body's CRC-32 is {self._crc:08x}, the store's {self._expected:08x}"
-            )
+            raise _ChecksumMismatch(f"crc32 {self._crc:08x}", f"crc32 {self._expected:08x}")
         if not self._fp.isclosed():  # http.client closes it at its Content-Length
             raise OSError("the store sent more than the bytes asked for")
         if self._lowat:
@@ -435,9 +489,12 @@ def _body_reader(body: Any, size: int) -> _BodyReader:
     crc32: int | None = None
     if stored and "-" not in stored:  # "-N": of the parts' checksums, not of the bytes
         try:
-            crc32 = int.from_bytes(base64.b64decode(stored, validate=True), "big")
+            decoded = base64.b64decode(stored, validate=True)
         except ValueError:
             return _BodyReader(body)
+        if len(decoded) != 4:  # not a CRC-32: botocore's own check reports it
+            return _BodyReader(body)
+        crc32 = int.from_bytes(decoded, "big")
     elif raw.status == 200 and any(h in headers and "-" not in headers[h]
                                    for h in _CHECKSUM_HEADERS):  # fmt: skip
         return _BodyReader(body)
@@ -460,6 +517,23 @@ class _Fetcher:
         self.buffers = _WindowBuffers(self.budget)
         self._lock = threading.Lock()
         self._order = threading.Lock()
+        # (bucket/key, ETag) -> GET bodies in a row that failed their checksum (`mismatched`).
+        self._mismatches: OrderedDict[tuple[str, str | None], int] = OrderedDict()
+
+    def mismatched(self, path: str, etag: str | None) -> int:
+        """One more body of this version failed its checksum: how many in a row now."""
+        with self._lock:
+            seen = self._mismatches.pop((path, etag), 0) + 1
+            self._mismatches[(path, etag)] = seen
+            while len(self._mismatches) > 1024:
+                self._mismatches.popitem(last=False)
+            return seen
+
+    def verified(self, path: str, etag: str | None) -> None:
+        """A body of this version passed its checksum: the count starts again."""
+        if self._mismatches:
+            with self._lock:
+                self._mismatches.pop((path, etag), None)
 
     def fetch(self, source: ObjectSource, window: _Window) -> None:
         with self._order:  # tickets in the pool's order: the pool starts windows in that order
@@ -487,12 +561,19 @@ class _Fetcher:
                 if not whole:
                     extra["Range"] = f"bytes={w.start}-{w.start + w.size - 1}"
                 out = client.get_object(Bucket=bucket, Key=key, **extra)
+                if not whole:
+                    _check_range(out, w.start, w.size)
                 w.feed(out["Body"], self.buffers.take(w.size))
         except Exception as exc:  # noqa: BLE001 - the reader's own GET reports the error
-            source.note_failure(exc, unchecked=w.got > 0 and not w.closed)
+            # Bytes handed out that the body's checksum was to vouch for, and never did: what
+            # was read of the object is not to be trusted. A ranged window's (no checksum) are
+            # as good as any ranged read's: its reader GETs the rest of its spans.
+            source.note_failure(exc, unchecked=w.got > 0 and w.verifies and not w.closed)
             self.release(w)
             w.fail()
             return False
+        if w.verifies:
+            self.verified(source.path, source.etag)
         log.debug(
             "storage.get",
             extra={"fields": {"path": source.path, "bytes": w.size, "at": round(t0, 4),
@@ -543,6 +624,7 @@ class ObjectSource:
         self._fetcher = fetcher
         self._changed = False
         self._unchecked: str | None = None  # why bytes handed out went unchecked
+        self._corrupt = False  # this version failed its checksum `_MISMATCHES_FATAL` times
         self._lock = threading.Lock()
         self._windows: list[_Window] = []
         if fetcher is not None:
@@ -552,18 +634,46 @@ class ObjectSource:
                 fetcher.fetch(self, window)
 
     def note_failure(self, exc: BaseException, *, unchecked: bool = False) -> None:
-        """A GET failed: if the object is no longer the version opened, the source changed;
-        if it had handed out part of its window (`unchecked`: bytes its end-of-body checks
-        never vouched for, a CRC-32 that did not match, a body cut short), what was read of
-        this object is not to be trusted (`changed` raises)."""
+        """A GET failed: if the object is no longer the version opened, the source changed.
+        If its body failed its checksum, or it had handed out part of a window its checksum
+        was to vouch for (`unchecked`: a body cut short), what was read of this object is not
+        to be trusted: its next read and `changed` raise (a transient IntegrityError; after
+        `_MISMATCHES_FATAL` checksum failures of this version in a row, not transient)."""
         text = str(exc)
         if "PreconditionFailed" in text or "412" in text:
             self._changed = True
+        elif isinstance(exc, _ChecksumMismatch):
+            seen = self._fetcher.mismatched(self.path, self.etag) if self._fetcher else 1
+            log.warning(
+                "storage.checksum_mismatch",
+                extra={"fields": {"path": self.path, "etag": self.etag, "got": exc.got,
+                                  "store": exc.expected, "in_a_row": seen}},
+            )  # fmt: skip
+            with self._lock:
+                self._unchecked = self._unchecked or str(exc)
+                self._corrupt = self._corrupt or seen >= _MISMATCHES_FATAL
         elif unchecked:
             with self._lock:
                 self._unchecked = self._unchecked or str(exc) or type(exc).__name__
 
+    def _unchecked_error(self) -> IntegrityError:
+        if self._corrupt:
+            return IntegrityError(
+                f"{self.path}: the store's bytes of version {self.etag} failed their checksum "
+                f"{_MISMATCHES_FATAL} times in a row ({self._unchecked}); not read again",
+                transient=False, path=self.path, side="source",
+            )  # fmt: skip
+        return IntegrityError(
+            f"{self.path}: a GET failed after part of its bytes were read "
+            f"({self._unchecked}); reading the object again",
+            transient=True, path=self.path, side="source",
+        )  # fmt: skip
+
     def _take(self, offset: int, length: int) -> bytes | memoryview:
+        if self._unchecked is not None:
+            # Nothing more of a read already known bad: not even through a ranged GET of its
+            # own (no checksum), which would hand out bytes a checksum just refused.
+            raise self._unchecked_error()
         if length == 0:
             return b""
         first = offset // _WINDOW_BYTES
@@ -587,23 +697,52 @@ class ObjectSource:
             return pieces[0]
         if pieces:
             return b"".join(pieces)
+        if self._unchecked is not None:  # the window's GET failed, and said why
+            raise self._unchecked_error()
         return self._read(offset, length)
 
     def _read(self, offset: int, length: int) -> bytes:
-        """A span's own ranged GET (If-Match the version opened)."""
-        client = self._client() if self._client is not None else None
-        if client is None:
-            return bytes(self.fs.cat_file(self.path, start=offset, end=offset + length))
-        bucket, _, key = self.path.partition("/")
-        extra = {"IfMatch": self.etag} if self.etag else {}
+        """A span's own ranged GET (If-Match the version opened). Its failures are the job's
+        (`_read_error`), never a bare OSError."""
         try:
+            client = self._client() if self._client is not None else None
+            if client is None:
+                return bytes(self.fs.cat_file(self.path, start=offset, end=offset + length))
+            bucket, _, key = self.path.partition("/")
+            extra = {"IfMatch": self.etag} if self.etag else {}
             out = client.get_object(
                 Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}", **extra
             )
-            return bytes(out["Body"].read())
-        except Exception as exc:  # botocore's own kinds
+            _check_range(out, offset, length)
+            data = bytes(out["Body"].read())
+            if len(data) != length:
+                raise OSError(f"the store sent {len(data)} of {length} bytes")
+            return data
+        except Exception as exc:  # botocore's and urllib3's own kinds, OSError
             self.note_failure(exc)
-            raise _os_error(exc, self.path) from exc
+            raise self._read_error(exc) from exc
+
+    def _read_error(self, exc: Exception) -> TransferdError:
+        """A span's GET failure as the job's error: the object no longer the version opened
+        (412, or gone) is a changed source; the store's 5xx, 429 or the network failing
+        (no answer, a body cut short) is a transient StorageError (the job is tried again);
+        any other refusal (403, ...) is a StorageError that is not."""
+        response = getattr(exc, "response", None)
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(
+            response, dict) else None  # fmt: skip
+        if self._changed or status == 404 or isinstance(exc, FileNotFoundError):
+            return IntegrityError(
+                f"source file changed while being sent: {self.path} is no longer the version "
+                f"opened ({exc})", path=self.path, side="source",
+            )  # fmt: skip
+        if status is None:
+            transient = not isinstance(exc, PermissionError)
+        else:
+            transient = status == 429 or status >= 500
+        return StorageError(
+            f"reading {self.path} from the store failed: {exc}",
+            transient=transient, path=self.path, side="source",
+        )  # fmt: skip
 
     @contextmanager
     def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
@@ -613,16 +752,14 @@ class ObjectSource:
         return self._take(offset, length)
 
     def changed(self) -> bool:
-        """Whether the object is no longer the version opened. Raises a transient
-        IntegrityError when a GET failed after handing out bytes its checks had not yet vouched
-        for (`note_failure`): the sender checks this after each batch it hashed, so a job
-        whose chunks came from such a window fails before its commit, and is tried again."""
+        """Whether the object is no longer the version opened. Raises an IntegrityError when
+        a body failed its checksum or a GET failed after handing out bytes its checksum had
+        not yet vouched for (`note_failure`): the sender checks this after each batch it
+        hashed, so a job whose chunks came from such a window fails before its commit, and is
+        tried again (transient) unless this version failed its checksum
+        `_MISMATCHES_FATAL` times in a row."""
         if self._unchecked is not None:
-            raise IntegrityError(
-                f"{self.path}: a GET failed after part of its bytes were read "
-                f"({self._unchecked}); reading the object again",
-                transient=True, path=self.path,
-            )  # fmt: skip
+            raise self._unchecked_error()
         if self._client is not None and self._client() is not None:
             return self._changed  # every GET was If-Match the version opened
         return self._changed or int(self.fs.size(self.path)) != self.size
@@ -1410,6 +1547,20 @@ def _file_crc32(path: Path | str) -> int:
         while block := fh.read(8 * 1024 * 1024):
             crc = zlib.crc32(block, crc)
     return crc
+
+
+def _check_range(out: dict[str, Any], start: int, size: int) -> None:
+    """A ranged GET's answer is the range asked for (206, its Content-Range), not a store
+    ignoring the Range with the whole object (200)."""
+    status = out.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    want = f"bytes {start}-{start + size - 1}/"
+    if status != 206 or not str(out.get("ContentRange") or "").startswith(want):
+        with suppress(Exception):
+            out["Body"].close()
+        raise OSError(
+            f"the store answered a GET of {want[6:-1]} with {status} "
+            f"{out.get('ContentRange') or '(no Content-Range)'}"
+        )
 
 
 def _os_error(exc: Exception, path: str) -> OSError:
