@@ -946,9 +946,14 @@ def test_a_get_failing_after_handing_out_bytes_fails_the_read_for_a_retry_never_
     source = store.open_source("curated/x.bin")
     try:
         read = b""
-        with pytest.raises(IntegrityError, match="GET failed") as failed:
-            for offset in range(0, len(data), 1000):  # as the sender reads: in order
+
+        def read_in_order() -> None:  # as the sender reads
+            nonlocal read
+            for offset in range(0, len(data), 1000):
                 read += bytes(source.read(offset, 1000))
+
+        with pytest.raises(IntegrityError, match="GET failed") as failed:
+            read_in_order()
         assert failed.value.transient
         assert damaged
         assert 0 < len(read) <= 18_000  # never the window's last piece (18,000-20,000)
@@ -983,3 +988,159 @@ def test_a_windows_last_piece_waits_for_the_end_of_body_check(
     assert 0 < window.got < len(data)
     window.fail()
     assert window.span(0, len(data)) is None
+
+
+def _get_ranges(store: ObjectStorage, damage: object) -> list[str | None]:
+    """The Range of every GET `store`'s client makes (None: a whole object), in order;
+    `damage(count, range, http_response, parsed)` runs on each answer."""
+    ranges: list[str | None] = []
+
+    def sent(params: dict[str, object], context: dict[str, object], **_: object) -> None:
+        context["test_range"] = params["headers"].get("Range")  # type: ignore[attr-defined]
+        ranges.append(context["test_range"])  # type: ignore[arg-type]
+
+    def answered(
+        http_response: object, parsed: dict[str, object], context: dict[str, object], **_: object
+    ) -> None:
+        damage(len(ranges), context["test_range"], http_response, parsed)  # type: ignore[operator]
+
+    store._client().meta.events.register("before-call.s3.GetObject", sent)
+    store._client().meta.events.register("after-call.s3.GetObject", answered)
+    return ranges
+
+
+def test_a_ranged_window_cut_mid_body_reads_its_spans_again_and_the_source_is_unchanged(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window of a large object is a range (no checksum covers it): its GET cut short after
+    handing out bytes leaves those bytes as good as any ranged read's, and the reader GETs the
+    rest of its spans, as before windows were checked. The source does not read as changed:
+    one dropped connection does not fail a large job (on s3g it raised from `changed()`)."""
+    monkeypatch.setattr(objectstore, "_WINDOW_BYTES", 10_000)
+    monkeypatch.setattr(objectstore, "_READ_PIECE_BYTES", 3_000)
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    data = random.Random(13).randbytes(45_678)
+    store._client().put_object(Bucket=s3_bucket, Key="data/curated/big.bin", Body=data)
+
+    def cut_second_window(count: int, rng: str | None, http_response: object, _p: object) -> None:
+        if rng == "bytes=10000-19999" and count <= 5:
+            raw = http_response.raw  # type: ignore[attr-defined]
+            raw._fp.fp = _CutAfter(raw._fp.fp, 4_000)
+
+    ranges = _get_ranges(store, cut_second_window)
+    source = store.open_source("curated/big.bin")
+    try:
+        read = b""
+        for offset in range(0, len(data), 1000):
+            read += bytes(source.read(offset, min(1000, len(data) - offset)))
+        assert read == data
+        assert not source.changed()
+    finally:
+        source.close()
+    spans = [r for r in ranges if r and r.startswith("bytes=1") and r != "bytes=10000-19999"]
+    assert spans
+    assert all(r.startswith("bytes=1") for r in spans)
+    assert _slots_back(store)
+
+
+def test_a_one_piece_object_failing_its_checksum_is_never_read_unchecked_and_the_third_is_final(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A 200,000-byte object (one window of one piece: no byte handed out before the check)
+    whose GET body has one bit flipped every time: no read of it returns bytes, none goes
+    through a ranged GET of its own (no checksum there: on s3g it returned the damaged bytes),
+    each mismatch is logged with the path, the ETag and both checksums, and the third in a row
+    of that ETag is an IntegrityError that is not transient. A good body starts the count
+    again."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    data = random.Random(14).randbytes(200_000)
+    etag = store._client().put_object(Bucket=s3_bucket, Key="data/curated/x.bin", Body=data)[
+        "ETag"]  # fmt: skip
+    flipping = [True]
+
+    def flip(_count: int, _rng: str | None, http_response: object, _p: object) -> None:
+        if flipping[0]:
+            raw = http_response.raw  # type: ignore[attr-defined]
+            raw._fp.fp = _FlipAt(raw._fp.fp, 123_456)
+
+    ranges = _get_ranges(store, flip)
+    caplog.set_level("WARNING", logger="transferd.storage")
+
+    def attempt() -> IntegrityError:
+        source = store.open_source("curated/x.bin")
+        try:
+            with pytest.raises(IntegrityError, match="checksum") as failed:
+                source.read(0, len(data))
+            with pytest.raises(IntegrityError):
+                source.changed()
+            return failed.value
+        finally:
+            source.close()
+
+    assert [attempt().transient for _ in range(3)] == [True, True, False]
+    assert ranges == [None, None, None]  # whole-object GETs only
+    mismatches = [r for r in caplog.records if r.getMessage() == "storage.checksum_mismatch"]
+    assert len(mismatches) == 3
+    fields = mismatches[0].fields  # type: ignore[attr-defined]
+    assert fields["path"].endswith("data/curated/x.bin")
+    assert fields["etag"] == etag
+    assert fields["store"] == f"crc32 {zlib.crc32(data):08x}" != fields["got"]
+    flipping[0] = False
+    source = store.open_source("curated/x.bin")
+    try:
+        assert bytes(source.read(0, len(data))) == data
+        assert not source.changed()
+    finally:
+        source.close()
+    flipping[0] = True
+    assert attempt().transient  # counted from one again
+
+
+class _FlipAt:
+    """A socket file that flips one bit of the byte at `at`."""
+
+    def __init__(self, fp: io.BufferedReader, at: int) -> None:
+        self.fp, self.at, self.pos = fp, at, 0
+
+    def readinto(self, b: memoryview) -> int:
+        view = memoryview(b)
+        n = self.fp.readinto(view)
+        if self.pos <= self.at < self.pos + n:
+            view[self.at - self.pos] ^= 0x01
+        self.pos += n
+        return n
+
+    def read(self, amt: int | None = None) -> bytes:
+        data = bytearray(self.fp.read(amt) if amt is not None else self.fp.read())
+        if self.pos <= self.at < self.pos + len(data):
+            data[self.at - self.pos] ^= 0x01
+        self.pos += len(data)
+        return bytes(data)
+
+    def __getattr__(self, name: str) -> object:  # flush, fileno, ...: the socket file's
+        return getattr(self.fp, name)
+
+
+def test_a_store_ignoring_the_range_is_an_error_never_the_wrong_bytes(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ranged GET answered 200 with the whole object (a store ignoring Range): neither the
+    window nor the span's own GET publishes those bytes; the read fails as a transient
+    StorageError naming what the store answered."""
+    monkeypatch.setattr(objectstore, "_WINDOW_BYTES", 10_000)
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    data = random.Random(15).randbytes(25_000)
+    store._client().put_object(Bucket=s3_bucket, Key="data/curated/r.bin", Body=data)
+
+    def as_200(_count: int, _rng: str | None, _h: object, parsed: dict[str, object]) -> None:
+        parsed["ResponseMetadata"]["HTTPStatusCode"] = 200  # type: ignore[index]
+        parsed.pop("ContentRange", None)
+
+    _get_ranges(store, as_200)
+    source = store.open_source("curated/r.bin")
+    try:
+        with pytest.raises(StorageError, match="answered a GET of 10000-10099 with 200") as e:
+            source.read(10_000, 100)
+        assert e.value.transient
+    finally:
+        source.close()
