@@ -1144,3 +1144,21 @@ def test_a_store_ignoring_the_range_is_an_error_never_the_wrong_bytes(
         assert e.value.transient
     finally:
         source.close()
+
+
+def test_only_a_412_answer_reads_as_a_changed_source_not_412_in_an_error_text() -> None:
+    """A body cut at 4,120,000 bytes says "412" in its text: the source has not changed (on
+    s3g it read as changed, and the job failed for good); a 412 answer (If-Match refused)
+    has."""
+    from botocore.exceptions import ClientError
+
+    source = objectstore.ObjectSource(None, "b/k", listed=(10, '"e"'))
+    source.note_failure(OSError("the store sent 4120000 of 67108864 bytes"))
+    assert not source._changed
+    refused = ClientError(
+        {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}},
+        "GetObject",
+    )
+    source.note_failure(refused)
+    assert source._changed
+    assert objectstore._http_status(refused) == 412

@@ -639,8 +639,8 @@ class ObjectSource:
         was to vouch for (`unchecked`: a body cut short), what was read of this object is not
         to be trusted: its next read and `changed` raise (a transient IntegrityError; after
         `_MISMATCHES_FATAL` checksum failures of this version in a row, not transient)."""
-        text = str(exc)
-        if "PreconditionFailed" in text or "412" in text:
+        if _http_status(exc) == 412 or "PreconditionFailed" in str(exc):
+            # (Not "412" anywhere in the text: "the store sent 4120000 of ..." is no change.)
             self._changed = True
         elif isinstance(exc, _ChecksumMismatch):
             seen = self._fetcher.mismatched(self.path, self.etag) if self._fetcher else 1
@@ -719,7 +719,10 @@ class ObjectSource:
                 raise OSError(f"the store sent {len(data)} of {length} bytes")
             return data
         except Exception as exc:  # botocore's and urllib3's own kinds, OSError
-            self.note_failure(exc)
+            mismatch = _botocore_mismatch(exc)  # a range that is the whole object has one
+            self.note_failure(mismatch or exc)
+            if mismatch is not None:
+                raise self._unchecked_error() from exc
             raise self._read_error(exc) from exc
 
     def _read_error(self, exc: Exception) -> TransferdError:
@@ -727,9 +730,7 @@ class ObjectSource:
         (412, or gone) is a changed source; the store's 5xx, 429 or the network failing
         (no answer, a body cut short) is a transient StorageError (the job is tried again);
         any other refusal (403, ...) is a StorageError that is not."""
-        response = getattr(exc, "response", None)
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(
-            response, dict) else None  # fmt: skip
+        status = _http_status(exc)
         if self._changed or status == 404 or isinstance(exc, FileNotFoundError):
             return IntegrityError(
                 f"source file changed while being sent: {self.path} is no longer the version "
@@ -1547,6 +1548,15 @@ def _file_crc32(path: Path | str) -> int:
         while block := fh.read(8 * 1024 * 1024):
             crc = zlib.crc32(block, crc)
     return crc
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of botocore's ClientError; None for an error with no answer."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status if isinstance(status, int) else None
 
 
 def _check_range(out: dict[str, Any], start: int, size: int) -> None:
