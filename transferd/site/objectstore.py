@@ -442,8 +442,9 @@ class _SocketBody(_BodyReader):
     def finish(self) -> None:
         if self._expected is not None and self._crc != self._expected:
             raise _ChecksumMismatch(f"crc32 {self._crc:08x}", f"crc32 {self._expected:08x}")
-        if not self._fp.isclosed():  # http.client closes it at its Content-Length
-            raise OSError("the store sent more than the bytes asked for")
+        # Nothing more to check for bytes past the body: `_body_reader` took this reader only
+        # for a Content-Length of exactly the window's size, and http.client's reads stop
+        # there (it closes the response at its last byte).
         if self._lowat:
             self._low_off()
         self._raw.release_conn()  # read whole: the connection serves the next GET
@@ -664,8 +665,8 @@ class ObjectSource:
                 transient=False, path=self.path, side="source",
             )  # fmt: skip
         return IntegrityError(
-            f"{self.path}: a GET failed after part of its bytes were read "
-            f"({self._unchecked}); reading the object again",
+            f"{self.path}: a GET failed its checks after bytes of it were read, or its "
+            f"checksum ({self._unchecked}); reading the object again",
             transient=True, path=self.path, side="source",
         )  # fmt: skip
 
