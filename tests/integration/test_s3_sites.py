@@ -170,11 +170,12 @@ def _damage_gets(daemon: Any, damage: Any) -> list[str | None]:
     assert client is not None
     ranges: list[str | None] = []
 
-    def sent(params: dict[str, Any], **_: Any) -> None:
-        ranges.append(params["headers"].get("Range"))
+    def sent(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        context["test_range"] = params["headers"].get("Range")
+        ranges.append(context["test_range"])
 
-    def answered(http_response: Any, **_: Any) -> None:
-        damage(len(ranges), ranges[-1], http_response.raw)
+    def answered(http_response: Any, context: dict[str, Any], **_: Any) -> None:
+        damage(len(ranges), context["test_range"], http_response.raw)
 
     client.meta.events.register("before-call.s3.GetObject", sent)
     client.meta.events.register("after-call.s3.GetObject", answered)
