@@ -19,7 +19,9 @@ GET with its start and duration, the commit), and the requests moto answered in 
 `--baseline TREE` adds the S3 cases run with the transferd of another checkout (say /work/main)
 to the same rounds: an A/B of a change measured side by side, the only kind this shared
 machine allows. `--profile DIR` records moto's and both daemons' stacks with py-spy during each
-run (collapsed stacks; the sampling slows the runs: profile, or time, not both). Each case's
+run (collapsed stacks, per thread; the sampling slows the runs: profile, or time, not both).
+`--threads` adds each daemon's CPU seconds by thread (the scheduler's run time of each thread
+over the send, named by `py-spy dump` after it: no sampling during the timed work). Each case's
 timed work starts `--settle` seconds (3) after the previous case ended, the same for every
 case: on this VM memory freed a moment ago is cheap to touch again and memory freed ~2 s ago
 is not (free page reporting), and without the pause the order of the cases decided which tool
@@ -28,7 +30,7 @@ A benchmark, not a test. Hold the lock while it runs (the machine is shared):
 
     flock /tmp/netplan-bench.lock python benchmarks/s3_replication.py [--size-mib 512]
         [--files 8] [--repeat 3] [--output benchmarks/results/s3-replication.json]
-        [--only 'S3 ->'] [--baseline /work/main] [--profile DIR] [--settle 3]
+        [--only 'S3 ->'] [--baseline /work/main] [--profile DIR] [--settle 3] [--threads]
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ MIB = 1024 * 1024
 PROFILE_DIR: Path | None = None
 # --keep-logs DIR: both daemons' debug logs of every run are copied there (DIR/<run>-A.log, ...).
 LOGS_DIR: Path | None = None
+# --threads: each daemon's CPU seconds by thread (py-spy names them), printed per case.
+THREADS = False
 # Each case's timed work starts at least this long after the previous case ended (`--settle`).
 START_AT = 0.0
 
@@ -105,6 +109,54 @@ def _children_cpu_s() -> float:
     return used.ru_utime + used.ru_stime
 
 
+def _task_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds of each live thread of process `pid`, by thread id: the scheduler's run time
+    (schedstat, in ns). The per-thread utime + stime of /proc/<pid>/task/<tid>/stat are tick
+    samples scaled to it and held monotonic, and summed 0.1 CPU-s under the process's total
+    over a 0.5 s run (no thread ended in it: strace saw every exit at the daemon's stop)."""
+    out: dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as fh:
+                out[int(tid)] = int(fh.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended
+    return out
+
+
+def _thread_names(pid: int) -> dict[int, str]:
+    """Python's name of each thread of `pid` (`py-spy dump`: Python 3.11 leaves the kernel's
+    thread names at "python"), pool numbers dropped ("transferd-s3-get_3" -> "transferd-s3-get");
+    empty without py-spy."""
+    spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy_bin).exists():
+        return {}
+    dump = subprocess.run([spy_bin, "dump", "--pid", str(pid), "--json", "--nonblocking"],
+                          capture_output=True, text=True, check=False, timeout=60)  # fmt: skip
+    try:
+        threads = json.loads(dump.stdout)
+    except ValueError:
+        return {}
+    return {
+        int(t["os_thread_id"]): str(t.get("thread_name") or "?").rsplit("_", 1)[0]
+        for t in threads
+        if t.get("os_thread_id") is not None
+    }
+
+
+def _by_thread(pid: int, before: dict[int, float]) -> dict[str, float]:
+    """CPU seconds of each thread of `pid` since `before` (threads started since count from 0),
+    summed by Python thread name ("other" for threads py-spy did not name)."""
+    names = _thread_names(pid)
+    out: dict[str, float] = {}
+    for tid, cpu in _task_cpu_s(pid).items():
+        used = cpu - before.get(tid, 0.0)
+        if used > 0:
+            name = names.get(tid, "other")
+            out[name] = round(out.get(name, 0.0) + used, 3)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 @dataclass
 class Run:
     """One timed case: its seconds, the CPU seconds of each process over it, and (transferd)
@@ -114,6 +166,8 @@ class Run:
     cpu_s: dict[str, float]
     phases_s: dict[str, float] = field(default_factory=dict)
     requests: dict[str, int] = field(default_factory=dict)  # moto's, by kind, over the run
+    # Each daemon's CPU seconds by thread name (`--threads`): "sender: transferd-s3-get", ...
+    threads_cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 def _request_counts(lines: list[str]) -> dict[str, int]:
@@ -215,6 +269,7 @@ def _transferd(
                 "moto": s3.proc.pid}  # fmt: skip
         _wait_start()
         before = {name: _cpu_s(pid) for name, pid in pids.items()}
+        tasks_before = {site: _task_cpu_s(proc.pid) for site, proc in zip("AB", procs, strict=True)}
         moto_system_before = _moto_system_s(s3)
         cli_before = _children_cpu_s()
         with (
@@ -225,6 +280,11 @@ def _transferd(
         cpu = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
         cpu["moto in kernel"] = _moto_system_s(s3) - moto_system_before
         cpu["send CLI"] = _children_cpu_s() - cli_before
+        threads: dict[str, float] = {}
+        if THREADS:
+            for role, site, proc in (("sender", "A", procs[0]), ("receiver", "B", procs[1])):
+                for name, used in _by_thread(proc.pid, tasks_before[site]).items():
+                    threads[f"{role}: {name}"] = used
         if done.returncode != 0:
             raise RuntimeError(f"transferd send failed: {done.stderr.strip()}")
         seconds = float(json.loads(done.stdout)["seconds"])
@@ -237,7 +297,7 @@ def _transferd(
             LOGS_DIR.mkdir(parents=True, exist_ok=True)
             for site in ("A", "B"):
                 shutil.copy(work / f"{site}.log", LOGS_DIR / f"{work.name}-{site}.log")
-    return Run(seconds, cpu, _phases(work / "A.log", work / "B.log"))
+    return Run(seconds, cpu, _phases(work / "A.log", work / "B.log"), threads_cpu_s=threads)
 
 
 def _send(config: Path, env: dict[str, str], repo: Path) -> subprocess.CompletedProcess[str]:
@@ -340,13 +400,18 @@ def main() -> None:
         help="copy both daemons' debug logs of every run to DIR (DIR/<run>-A.log, -B.log)",
     )  # fmt: skip
     parser.add_argument(
+        "--threads", action="store_true",
+        help="also give each daemon's CPU seconds by thread (/proc/<pid>/task; py-spy names "
+        "the threads after the run, outside the timing)",
+    )  # fmt: skip
+    parser.add_argument(
         "--settle", type=float, default=3.0, metavar="SECONDS",
         help="start each case's timed work at least this long after the previous case ended, "
         "the same for every case (0: at once, as before)",
     )  # fmt: skip
     args = parser.parse_args()
-    global PROFILE_DIR, LOGS_DIR, START_AT
-    PROFILE_DIR, LOGS_DIR = args.profile, args.keep_logs
+    global PROFILE_DIR, LOGS_DIR, START_AT, THREADS
+    PROFILE_DIR, LOGS_DIR, THREADS = args.profile, args.keep_logs, args.threads
     if shutil.which("rclone") is None:
         sys.exit("rclone is not installed (apt-get install rclone)")
     size = args.size_mib * MIB // args.files * args.files
@@ -445,7 +510,7 @@ def _profiled(pid: int, out_dir: Path | None, name: str) -> Iterator[None]:
     if not Path(spy_bin).exists():
         sys.exit("--profile needs py-spy (pip install py-spy)")
     spy = subprocess.Popen(
-        [spy_bin, "record", "--pid", str(pid), "--format", "raw", "--rate", "500",
+        [spy_bin, "record", "--pid", str(pid), "--format", "raw", "--rate", "500", "--threads",
          "--nonblocking", "--output", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -508,6 +573,16 @@ def report(
             text = ", ".join(f"{p} {v:.2f}" for p, v in entry["phases_s_median"].items()
                              if v is not None)  # fmt: skip
             print(f"  {name}: {text}")
+    threaded = {n: e for n, e in summary.items() if any(r["threads_cpu_s"] for r in e["runs"])}
+    if threaded:
+        print("\ntransferd CPU seconds by thread (medians; threads of one name summed):")
+    for name, entry in threaded.items():
+        keys = list(dict.fromkeys(k for r in entry["runs"] for k in r["threads_cpu_s"]))
+        medians = {k: _median_of([r["threads_cpu_s"].get(k, 0.0) for r in entry["runs"]])
+                   for k in keys}  # fmt: skip
+        entry["threads_cpu_s_median"] = medians
+        text = ", ".join(f"{k} {v:.2f}" for k, v in medians.items() if v)
+        print(f"  {name}: {text}")
     print("\nmoto's requests in the first run of each case (the case's own clean-up included):")
     for name, case_runs in runs.items():
         text = ", ".join(f"{k} {n}" for k, n in case_runs[0].requests.items())

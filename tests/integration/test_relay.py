@@ -554,3 +554,38 @@ async def test_an_older_destination_behind_a_relay_is_opened_bare(
         assert refusals == ["R"]  # R passed the offer on; B refused it once
         assert [peer for peer, _path in a.sender.bare_opens] == ["R"]  # later jobs: bare
     assert file_blake3(tmp_path / "site-B" / "curated" / "old.bin") == digest
+
+
+async def test_a_source_side_error_retries_the_job_without_marking_its_relay_route_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient error of the job's source (as an object store's unchecked read raises from
+    `changed()`) says nothing about the route: the job is tried again on the same relayed
+    route, which is never marked down (it was, for 60 s, and the retry went direct)."""
+    from transferd.errors import IntegrityError
+    from transferd.site.source import SourceFile
+
+    src = tmp_path / "site-A" / "curated" / "s.bin"
+    digest = write_random(src, 3 * CHUNK, seed=41)
+    real = SourceFile.changed
+    raised: list[bool] = []
+
+    def changed_once(self: SourceFile) -> bool:
+        if not raised:
+            raised.append(True)
+            raise IntegrityError("a GET failed after part of its bytes were read",
+                                 transient=True, path=self.path, side="source")
+        return real(self)
+
+    monkeypatch.setattr(SourceFile, "changed", changed_once)
+    async with loopback_sites(tmp_path, chunk_size=CHUNK, compression="off", R=RELAY) as s:
+        a, b = s["A"], s["B"]
+        [job_id] = a.sender.submit("curated/s.bin", ["B"], via=["R"])
+        [job] = await wait_for_jobs(a, [job_id])
+        assert job.state == "committed", job.error
+        assert raised
+        assert job.attempts == 1
+        assert not a.sender.routes.is_down("B", ["R"])
+        assert [(rt.route, rt.state) for rt in a.sender.routes.status(job_id)] == [("R>B", "done")]
+        assert _relayed_bytes(b, "A") == 0  # nothing went direct
+    assert file_blake3(tmp_path / "site-B" / "curated" / "s.bin") == digest

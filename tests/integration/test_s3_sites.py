@@ -134,3 +134,99 @@ async def test_checkpoints_move_latest_after_whole_steps_keep_the_newest_and_sen
         ]
         for name, digest in shards.items():
             assert dst.blake3(f"checkpoints/r/step-300/{name}") == digest
+
+
+class _Damaged:
+    """A GET body's socket file that sends nothing more after `cut` bytes (a store dropping the
+    connection), or flips one bit of the byte at `flip` (damage the store's checksum catches)."""
+
+    def __init__(self, fp: Any, *, cut: int | None = None, flip: int | None = None) -> None:
+        self.fp, self.cut, self.flip, self.at = fp, cut, flip, 0
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b)
+        if self.cut is not None:
+            view = view[: max(0, self.cut - self.at)]
+            if not len(view):
+                return 0
+        n = int(self.fp.readinto(view))
+        if self.flip is not None and self.at <= self.flip < self.at + n:
+            view[self.flip - self.at] ^= 0x10
+        self.at += n
+        return n
+
+    def read(self, amt: int | None = None) -> bytes:
+        buf = bytearray(amt if amt is not None else 1 << 20)
+        return bytes(buf[: self.readinto(buf)])
+
+    def __getattr__(self, name: str) -> Any:  # close, flush, fileno, ...: the socket file's
+        return getattr(self.fp, name)
+
+
+def _damage_gets(daemon: Any, damage: Any) -> list[str | None]:
+    """Every GET of `daemon`'s store client goes through `damage(count, range, raw)`; the
+    GETs' Range headers (None: a whole object) in the order they were made."""
+    client = daemon.storage._client()
+    assert client is not None
+    ranges: list[str | None] = []
+
+    def sent(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        context["test_range"] = params["headers"].get("Range")
+        ranges.append(context["test_range"])
+
+    def answered(http_response: Any, context: dict[str, Any], **_: Any) -> None:
+        damage(len(ranges), context["test_range"], http_response.raw)
+
+    client.meta.events.register("before-call.s3.GetObject", sent)
+    client.meta.events.register("after-call.s3.GetObject", answered)
+    return ranges
+
+
+async def test_an_s3_source_whose_span_get_fails_fails_the_job_cleanly_and_it_retries(
+    tmp_path: Path, moto_s3: MotoS3Server, s3_bucket: str
+) -> None:
+    """The window's GET drops its connection before any byte, then the span's own (ranged) GET
+    the reader falls back to drops too: a transient StorageError fails the job's attempt (no
+    traceback: before the fix the bare OSError ended the sender's loop and the job never
+    ended), and the next attempt sends the object whole."""
+    with sites(tmp_path, moto_s3, s3_bucket, "A") as (overrides, src, dst):
+        digest = src.write("curated/x.bin", 300_000, seed=21)
+        async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
+
+            def cut_first_two(count: int, _range: str | None, raw: Any) -> None:
+                if count <= 2:
+                    raw._fp.fp = _Damaged(raw._fp.fp, cut=0)
+
+            ranges = _damage_gets(a, cut_first_two)
+            ids = a.sender.submit("curated/x.bin", ["B"])
+            [job] = await wait_for_jobs(a, ids, timeout_s=60)
+        assert job.state == "committed", job.error
+        assert job.attempts >= 1  # one attempt failed and was tried again
+        assert ranges[0] is None
+        assert ranges[1] is not None
+        assert dst.blake3("curated/x.bin") == digest
+
+
+async def test_an_s3_object_damaged_on_every_get_is_never_committed(
+    tmp_path: Path, moto_s3: MotoS3Server, s3_bucket: str
+) -> None:
+    """A 200,000-byte object (one window, one piece) with one bit flipped in every GET body:
+    its CRC-32 never matches, no span of it is read through an unchecked ranged GET, each
+    attempt fails before the commit, and the third mismatch of that ETag fails the job for
+    good, naming the checksums; nothing reaches the destination."""
+    with sites(tmp_path, moto_s3, s3_bucket, "A") as (overrides, src, dst):
+        src.write("curated/x.bin", 200_000, seed=22)
+        async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
+
+            def flip(_count: int, _range: str | None, raw: Any) -> None:
+                raw._fp.fp = _Damaged(raw._fp.fp, flip=123_456)
+
+            ranges = _damage_gets(a, flip)
+            ids = a.sender.submit("curated/x.bin", ["B"])
+            [job] = await wait_for_jobs(a, ids, timeout_s=60)
+        assert job.state == "failed"
+        assert job.error_kind == "integrity", job.error
+        assert "checksum" in (job.error or ""), job.error
+        assert job.attempts == 2  # tried three times
+        assert ranges == [None, None, None]  # whole-object GETs only, never a span's own
+        assert not (tmp_path / "site-B/curated/x.bin").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from transferd.errors import ConfigError, StorageError
+from transferd.errors import ConfigError, IntegrityError, StorageError
 from transferd.protocol.upload import upload_intent
 from transferd.site import objectstore
 from transferd.site.checkpoints import update_run
@@ -505,8 +505,9 @@ def test_a_large_object_is_read_in_windows_as_they_land_and_a_replaced_one_reads
         assert not source.changed()
         assert len(moto_s3.requests(s3_bucket)) == before  # no request: GETs were If-Match
         store.fs.pipe_file(store.path("curated/big.bin"), b"another version" * 100)
-        with pytest.raises(OSError, match="PreconditionFailed|412"):
+        with pytest.raises(IntegrityError, match="changed while being sent") as changed:
             source.read(0, 10)
+        assert not changed.value.transient
         assert source.changed()
     finally:
         source.close()
@@ -633,8 +634,10 @@ def test_a_window_reads_its_body_to_the_end_so_the_store_crc_is_checked() -> Non
     window = objectstore._Window(0, len(data))
     window.feed(body(data))
     assert bytes(window.span(0, len(data)) or b"") == data
-    with pytest.raises(FlexibleChecksumError):
+    with pytest.raises(objectstore._ChecksumMismatch) as mismatch:
         objectstore._Window(0, len(data)).feed(body(data[:-1] + b"x"))
+    assert isinstance(mismatch.value.__cause__, FlexibleChecksumError)
+    assert mismatch.value.got != mismatch.value.expected
     with pytest.raises(OSError, match="more than"):
         objectstore._Window(0, 6_000).feed(io.BytesIO(data))
 
@@ -669,8 +672,9 @@ def test_sending_a_folder_from_s3_costs_one_listing_and_a_get_per_object(
     store.list_source("approved/ds")
     client.put_object(Bucket=s3_bucket, Key="data/approved/ds/p-3.bin", Body=b"replaced")
     source = store.open_source("approved/ds/p-3.bin")
-    with pytest.raises(OSError, match="p-3.bin"):
+    with pytest.raises(IntegrityError, match="p-3.bin") as changed:
         source.read(0, source.size)
+    assert not changed.value.transient
     assert source.changed()
     source.close()
     assert store.list_source("approved/ds/p-0.bin") == ("file", [("", len(data["p-0.bin"]))])
@@ -849,3 +853,314 @@ def test_only_empty_folder_markers_are_left_out_of_a_listing_and_a_put_body_read
     with objectstore._PutBody(staged) as body:
         assert body.read(0) == b""
         assert body.read(4) == b"x" * 10
+
+
+def test_a_whole_object_is_read_from_the_socket_and_its_connection_serves_the_next_get(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole-object GET is read straight from the socket into its window (no copy through
+    urllib3), its CRC-32 checked, and its connection goes back to urllib3's pool: three
+    objects read one after the other take one connection of the pool (moto answers
+    `Connection: close`, so the pool opens its socket again; a store that keeps connections
+    alive gets the same socket). The 3 MiB object's reads wait for 256 KiB at a time
+    (SO_RCVLOWAT) until near its end, where a read asking past the body would otherwise
+    wait for bytes that never come (60 s, then a failure)."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    readers: list[str] = []
+    real = objectstore._body_reader
+
+    def spy(body: object, size: int) -> objectstore._BodyReader:
+        made = real(body, size)
+        readers.append(type(made).__name__)
+        return made
+
+    monkeypatch.setattr(objectstore, "_body_reader", spy)
+    sizes = [20_000, 3 * 1024 * 1024 + 7, 300_001]  # the 3 MiB one: reads with a low mark
+    objects = {f"curated/{i}.bin": random.Random(i).randbytes(n) for i, n in enumerate(sizes)}
+    for rel, data in objects.items():
+        store._client().put_object(Bucket=s3_bucket, Key=f"data/{rel}", Body=data)  # CRC-32
+    for rel, data in objects.items():
+        source = store.open_source(rel)
+        try:
+            assert bytes(source.read(0, len(data))) == data
+            assert not source.changed()
+        finally:
+            source.close()
+    assert readers == ["_SocketBody"] * 3
+    endpoint = store._client().meta.endpoint_url
+    pool = store._client()._endpoint.http_session._manager.connection_from_url(endpoint)
+    assert pool.num_connections == 1
+
+
+class _CutAfter:
+    """A socket file that ends (EOF) after `left` more bytes: a store closing mid-body."""
+
+    def __init__(self, fp: io.BufferedReader, left: int) -> None:
+        self.fp, self.left = fp, left
+
+    def readinto(self, b: memoryview) -> int:
+        if self.left <= 0:
+            return 0
+        n = self.fp.readinto(memoryview(b)[: self.left])
+        self.left -= n
+        return n
+
+    def close(self) -> None:
+        self.fp.close()
+
+
+@pytest.mark.parametrize("damage", ["crc mismatch", "body cut short"])
+def test_a_get_failing_after_handing_out_bytes_fails_the_read_for_a_retry_never_its_last_piece(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    damage: str,
+) -> None:  # fmt: skip
+    """A window's GET whose CRC-32 does not match, or whose body ends early, after some of its
+    pieces were handed to the reader: the window's last piece is never handed out, nor read
+    through a GET of its own (no checksum on a range): the read raises a transient
+    IntegrityError, as `changed()` does (the sender checks it after every batch, before any
+    commit: the job fails cleanly and is tried again). A fresh read (the retry) gets the
+    object whole and checked."""
+    monkeypatch.setattr(objectstore, "_READ_PIECE_BYTES", 3_000)
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    data = random.Random(11).randbytes(20_000)
+    store._client().put_object(Bucket=s3_bucket, Key="data/curated/x.bin", Body=data)
+    damaged: list[bool] = []
+
+    def spoil(http_response: object, **_: object) -> None:
+        if damaged:
+            return  # the first GET only
+        damaged.append(True)
+        raw = http_response.raw  # type: ignore[attr-defined]
+        if damage == "crc mismatch":
+            wrong = (zlib.crc32(data) ^ 1).to_bytes(4, "big")
+            raw.headers["x-amz-checksum-crc32"] = base64.b64encode(wrong).decode()
+        else:
+            raw._fp.fp = _CutAfter(raw._fp.fp, 10_000)
+
+    gets: list[str | None] = []
+    store._client().meta.events.register(
+        "before-call.s3.GetObject",
+        lambda params, **_: gets.append(params["headers"].get("Range")),  # type: ignore[misc]
+    )
+    store._client().meta.events.register("after-call.s3.GetObject", spoil)
+    source = store.open_source("curated/x.bin")
+    try:
+        read = b""
+
+        def read_in_order() -> None:  # as the sender reads
+            nonlocal read
+            for offset in range(0, len(data), 1000):
+                read += bytes(source.read(offset, 1000))
+
+        with pytest.raises(IntegrityError, match="GET failed") as failed:
+            read_in_order()
+        assert failed.value.transient
+        assert damaged
+        # Never the window's last piece (18,000-20,000); none at all if the GET failed
+        # before the reader's first read (the source is known bad by then).
+        assert len(read) <= 18_000
+        assert read == data[: len(read)]
+        assert gets == [None]  # the window's GET (no Range), no ranged GET of its own
+        with pytest.raises(IntegrityError, match="GET failed") as again_failed:
+            source.changed()
+        assert again_failed.value.transient
+    finally:
+        source.close()
+    again = store.open_source("curated/x.bin")
+    try:
+        assert bytes(again.read(0, len(data))) == data
+        assert not again.changed()
+    finally:
+        again.close()
+
+
+def test_a_windows_last_piece_waits_for_the_end_of_body_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bytes handed out before a body's CRC-32 is known are all but the window's last piece:
+    when the check fails, that piece never shows (a reader waiting for it gets None)."""
+    from botocore.httpchecksum import Crc32Checksum, StreamingChecksumBody
+
+    monkeypatch.setattr(objectstore, "_READ_PIECE_BYTES", 3_000)
+    data = random.Random(12).randbytes(7_000)
+    wrong = base64.b64encode((zlib.crc32(data) ^ 1).to_bytes(4, "big")).decode()
+    window = objectstore._Window(0, len(data))
+    with pytest.raises(Exception, match="checksum"):
+        window.feed(StreamingChecksumBody(io.BytesIO(data), len(data), Crc32Checksum(), wrong))
+    assert 0 < window.got < len(data)
+    window.fail()
+    assert window.span(0, len(data)) is None
+
+
+def _get_ranges(store: ObjectStorage, damage: object) -> list[str | None]:
+    """The Range of every GET `store`'s client makes (None: a whole object), in order;
+    `damage(count, range, http_response, parsed)` runs on each answer."""
+    ranges: list[str | None] = []
+
+    def sent(params: dict[str, object], context: dict[str, object], **_: object) -> None:
+        context["test_range"] = params["headers"].get("Range")  # type: ignore[attr-defined]
+        ranges.append(context["test_range"])  # type: ignore[arg-type]
+
+    def answered(
+        http_response: object, parsed: dict[str, object], context: dict[str, object], **_: object
+    ) -> None:
+        damage(len(ranges), context["test_range"], http_response, parsed)  # type: ignore[operator]
+
+    store._client().meta.events.register("before-call.s3.GetObject", sent)
+    store._client().meta.events.register("after-call.s3.GetObject", answered)
+    return ranges
+
+
+def test_a_ranged_window_cut_mid_body_reads_its_spans_again_and_the_source_is_unchanged(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window of a large object is a range (no checksum covers it): its GET cut short after
+    handing out bytes leaves those bytes as good as any ranged read's, and the reader GETs the
+    rest of its spans, as before windows were checked. The source does not read as changed:
+    one dropped connection does not fail a large job (on s3g it raised from `changed()`)."""
+    monkeypatch.setattr(objectstore, "_WINDOW_BYTES", 10_000)
+    monkeypatch.setattr(objectstore, "_READ_PIECE_BYTES", 3_000)
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    data = random.Random(13).randbytes(45_678)
+    store._client().put_object(Bucket=s3_bucket, Key="data/curated/big.bin", Body=data)
+
+    def cut_second_window(count: int, rng: str | None, http_response: object, _p: object) -> None:
+        if rng == "bytes=10000-19999" and count <= 5:
+            raw = http_response.raw  # type: ignore[attr-defined]
+            raw._fp.fp = _CutAfter(raw._fp.fp, 4_000)
+
+    ranges = _get_ranges(store, cut_second_window)
+    source = store.open_source("curated/big.bin")
+    try:
+        read = b""
+        for offset in range(0, len(data), 1000):
+            read += bytes(source.read(offset, min(1000, len(data) - offset)))
+        assert read == data
+        assert not source.changed()
+    finally:
+        source.close()
+    spans = [r for r in ranges if r and r.startswith("bytes=1") and r != "bytes=10000-19999"]
+    assert spans
+    assert all(r.startswith("bytes=1") for r in spans)
+    assert _slots_back(store)
+
+
+def test_a_one_piece_object_failing_its_checksum_is_never_read_unchecked_and_the_third_is_final(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A 200,000-byte object (one window of one piece: no byte handed out before the check)
+    whose GET body has one bit flipped every time: no read of it returns bytes, none goes
+    through a ranged GET of its own (no checksum there: on s3g it returned the damaged bytes),
+    each mismatch is logged with the path, the ETag and both checksums, and the third in a row
+    of that ETag is an IntegrityError that is not transient. A good body starts the count
+    again."""
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    data = random.Random(14).randbytes(200_000)
+    etag = store._client().put_object(Bucket=s3_bucket, Key="data/curated/x.bin", Body=data)[
+        "ETag"]  # fmt: skip
+    flipping = [True]
+
+    def flip(_count: int, _rng: str | None, http_response: object, _p: object) -> None:
+        if flipping[0]:
+            raw = http_response.raw  # type: ignore[attr-defined]
+            raw._fp.fp = _FlipAt(raw._fp.fp, 123_456)
+
+    ranges = _get_ranges(store, flip)
+    caplog.set_level("WARNING", logger="transferd.storage")
+
+    def attempt() -> IntegrityError:
+        source = store.open_source("curated/x.bin")
+        try:
+            with pytest.raises(IntegrityError, match="checksum") as failed:
+                source.read(0, len(data))
+            with pytest.raises(IntegrityError):
+                source.changed()
+            return failed.value
+        finally:
+            source.close()
+
+    assert [attempt().transient for _ in range(3)] == [True, True, False]
+    assert ranges == [None, None, None]  # whole-object GETs only
+    mismatches = [r for r in caplog.records if r.getMessage() == "storage.checksum_mismatch"]
+    assert len(mismatches) == 3
+    fields = mismatches[0].fields  # type: ignore[attr-defined]
+    assert fields["path"].endswith("data/curated/x.bin")
+    assert fields["etag"] == etag
+    assert fields["store"] == f"crc32 {zlib.crc32(data):08x}" != fields["got"]
+    flipping[0] = False
+    source = store.open_source("curated/x.bin")
+    try:
+        assert bytes(source.read(0, len(data))) == data
+        assert not source.changed()
+    finally:
+        source.close()
+    flipping[0] = True
+    assert attempt().transient  # counted from one again
+
+
+class _FlipAt:
+    """A socket file that flips one bit of the byte at `at`."""
+
+    def __init__(self, fp: io.BufferedReader, at: int) -> None:
+        self.fp, self.at, self.pos = fp, at, 0
+
+    def readinto(self, b: memoryview) -> int:
+        view = memoryview(b)
+        n = self.fp.readinto(view)
+        if self.pos <= self.at < self.pos + n:
+            view[self.at - self.pos] ^= 0x01
+        self.pos += n
+        return n
+
+    def read(self, amt: int | None = None) -> bytes:
+        data = bytearray(self.fp.read(amt) if amt is not None else self.fp.read())
+        if self.pos <= self.at < self.pos + len(data):
+            data[self.at - self.pos] ^= 0x01
+        self.pos += len(data)
+        return bytes(data)
+
+    def __getattr__(self, name: str) -> object:  # flush, fileno, ...: the socket file's
+        return getattr(self.fp, name)
+
+
+def test_a_store_ignoring_the_range_is_an_error_never_the_wrong_bytes(
+    moto_s3: MotoS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ranged GET answered 200 with the whole object (a store ignoring Range): neither the
+    window nor the span's own GET publishes those bytes; the read fails as a transient
+    StorageError naming what the store answered."""
+    monkeypatch.setattr(objectstore, "_WINDOW_BYTES", 10_000)
+    store = _store(moto_s3, s3_bucket, tmp_path / "state")
+    data = random.Random(15).randbytes(25_000)
+    store._client().put_object(Bucket=s3_bucket, Key="data/curated/r.bin", Body=data)
+
+    def as_200(_count: int, _rng: str | None, _h: object, parsed: dict[str, object]) -> None:
+        parsed["ResponseMetadata"]["HTTPStatusCode"] = 200  # type: ignore[index]
+        parsed.pop("ContentRange", None)
+
+    _get_ranges(store, as_200)
+    source = store.open_source("curated/r.bin")
+    try:
+        with pytest.raises(StorageError, match="answered a GET of 10000-10099 with 200") as e:
+            source.read(10_000, 100)
+        assert e.value.transient
+    finally:
+        source.close()
+
+
+def test_only_a_412_answer_reads_as_a_changed_source_not_412_in_an_error_text() -> None:
+    """A body cut at 4,120,000 bytes says "412" in its text: the source has not changed (on
+    s3g it read as changed, and the job failed for good); a 412 answer (If-Match refused)
+    has."""
+    from botocore.exceptions import ClientError
+
+    source = objectstore.ObjectSource(None, "b/k", listed=(10, '"e"'))
+    source.note_failure(OSError("the store sent 4120000 of 67108864 bytes"))
+    assert not source._changed
+    refused = ClientError(
+        {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}},
+        "GetObject",
+    )
+    source.note_failure(refused)
+    assert source._changed
+    assert objectstore._http_status(refused) == 412

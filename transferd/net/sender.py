@@ -448,7 +448,8 @@ class Sender:
                 return
             except (TransferdError, BaseExceptionGroup) as exc:
                 err = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
-                if self._stopping or not isinstance(err, TransferdError) or not err.transient:
+                if (self._stopping or not isinstance(err, TransferdError) or not err.transient
+                        or _source_side(err)):
                     raise
                 self.routes.failed(job.id, job.dest, live[0].via, str(err))
                 routes = self.routes.routes_for(job)
@@ -459,7 +460,8 @@ class Sender:
             except (TransferdError, BaseExceptionGroup) as exc:
                 err = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
                 if (i == len(routes) - 1 or not route.via or self._stopping
-                        or not isinstance(err, TransferdError) or not err.transient):
+                        or not isinstance(err, TransferdError) or not err.transient
+                        or _source_side(err)):
                     raise
                 self.routes.failed(job.id, job.dest, route.via, str(err))
                 continue
@@ -905,6 +907,12 @@ def _retrieved(future: asyncio.Future[Receipt]) -> None:
     """Done callback: the future's error is seen (its awaiter may have moved on)."""
     if not future.cancelled():
         future.exception()
+
+
+def _source_side(err: TransferdError) -> bool:
+    """An error of the job's source (an object store's read failed or went unchecked), not of
+    its route: the job is tried again later, on the same routes, none marked down."""
+    return err.fields.get("side") == "source"
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

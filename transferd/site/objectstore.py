@@ -36,16 +36,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import io
 import json
 import logging
 import mmap
 import os
 import posixpath
+import re
+import socket
 import threading
 import time
 import uuid
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
@@ -54,7 +58,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferd.errors import ConfigError, PolicyViolation, StorageError
+from transferd.errors import (
+    ConfigError,
+    IntegrityError,
+    PolicyViolation,
+    StorageError,
+    TransferdError,
+)
 from transferd.site.staging import Staging, os_errors, storage_error
 from transferd.site.storage import FsspecStorage, Source, info_mtime
 
@@ -95,12 +105,23 @@ _SLOT_WAIT_S = 60.0  # a window waiting longer for room gives up: its reader GET
 # into the window (`readinto`, no piece allocated) in pieces of this size, each handed over as
 # it lands.
 _READ_PIECE_BYTES = 1024 * 1024
+# A version of an object (its ETag) whose GET bodies failed their checksum this many times in a
+# row is not read again: the store keeps it damaged, or something on the way damages it every
+# time; its jobs fail, naming both checksums, rather than trying again for ever.
+_MISMATCHES_FATAL = 3
 # Window buffers no longer referenced are kept this long for the next windows (`_WindowBuffers`).
 _BUFFERS_IDLE_S = 5.0
 # A listing's sizes and ETags open its objects without a HEAD each for this long (`list_source`).
 _LISTED_FRESH_S = 60.0
 # A prefix found empty as an upload opened counts as absent this long for its streaming.
 _ABSENT_FRESH_S = 30.0
+
+
+# Fresh windows are mapped with their pages in place (MAP_POPULATE: the kernel faults the whole
+# range in one call, rather than one fault per 4 KiB page as the GET first writes it): on the
+# benchmark host 8 windows of 32 MiB filled 1 MiB at a time cost 0.11-0.12 CPU-s populated
+# against 0.15-0.18 faulted page by page. Linux only; elsewhere 0.
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _window_buffer(size: int) -> mmap.mmap:
@@ -111,7 +132,7 @@ def _window_buffer(size: int) -> mmap.mmap:
     bytearrays. Not asked for huge pages (MADV_HUGEPAGE): in a fresh 256 MiB filling loop they
     cut the faults' cost from 0.15 to 0.03 CPU-s, but in the daemon they doubled the sender's
     CPU (1.31-1.49 CPU-s, every huge page granted, no compaction stall), cause not found."""
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
 
 
 def _in_use(buf: mmap.mmap) -> bool:
@@ -249,6 +270,7 @@ class _Window:
         self.buf: mmap.mmap | None = None
         self.got = 0
         self.taken = 0
+        self.verifies = False  # its body's end-of-body check covers every byte (`_BodyReader`)
         self.failed = False
         self.closed = False  # its source was closed: stop reading
         self.granted = False  # its bytes count in the budget
@@ -259,31 +281,40 @@ class _Window:
 
     def feed(self, body: Any, buf: mmap.mmap | None = None) -> None:
         """In the GET thread: read `body` into the window (`buf`, at least `size` bytes: a
-        reused one, or a new one), waking readers piece by piece. The body is then read to its
-        end, which is when botocore checks the object's CRC."""
+        reused one, or a new one), waking readers piece by piece. The last piece is handed over
+        only once the body's end-of-body checks passed (`_BodyReader.finish`: no byte more than
+        asked for, and the object's checksum where the body has one, `verifies`: a whole-object
+        window, not a range of one). A reader that took every byte of a verified window took
+        bytes the store's checksum vouched for; one whose verified GET failed after handing out
+        part of it learns so at its next read or at `ObjectSource.changed`. A ranged window's
+        bytes are vouched for by nothing but TCP, as every ranged read's."""
         if buf is None:
             buf = _window_buffer(self.size)
         with self.cond:
             self.buf = buf
-        readinto = getattr(body, "readinto", None)
-        with memoryview(buf) as view:  # released even on an error: the buffer is reused
-            while self.got < self.size:
-                if self.closed:
-                    raise OSError("source closed")
-                end = min(self.got + _READ_PIECE_BYTES, self.size)
-                if readinto is not None:
-                    n = readinto(view[self.got : end])
-                else:
-                    data = body.read(end - self.got)
-                    n = len(data)
-                    view[self.got : self.got + n] = data
-                if not n:
-                    raise OSError(f"the store sent {self.got} of {self.size} bytes")
-                with self.cond:
-                    self.got += n
-                    self.cond.notify_all()
-        if body.read(1):
-            raise OSError(f"the store sent more than the {self.size} bytes asked for")
+        reader = _body_reader(body, self.size)
+        self.verifies = reader.verifies
+        done = False
+        try:
+            with memoryview(buf) as view:  # released even on an error: the buffer is reused
+                filled = 0
+                while filled < self.size:
+                    if self.closed:
+                        raise OSError("source closed")
+                    end = min(filled + _READ_PIECE_BYTES, self.size)
+                    n = reader.readinto(view[filled:end])
+                    if not n:
+                        raise OSError(f"the store sent {filled} of {self.size} bytes")
+                    filled += n
+                    if filled == self.size:
+                        reader.finish()
+                    with self.cond:
+                        self.got = filled
+                        self.cond.notify_all()
+            done = True
+        finally:
+            if not done:
+                reader.abort()
 
     def fail(self) -> None:
         with self.cond:
@@ -303,6 +334,174 @@ class _Window:
             return memoryview(self.buf).toreadonly()[offset - self.start : end]
 
 
+class _ChecksumMismatch(OSError):
+    """A GET body whose checksum is not the one the store keeps for the object: its bytes are
+    not the object's (`got` and `expected` as the store writes them)."""
+
+    def __init__(self, got: str, expected: str) -> None:
+        super().__init__(f"the body's checksum is {got}, the store's {expected}")
+        self.got, self.expected = got, expected
+
+
+def _botocore_mismatch(exc: Exception) -> _ChecksumMismatch | None:
+    """botocore's FlexibleChecksumError (a whole-object body whose checksum did not match,
+    raised as it is read to its end) as a `_ChecksumMismatch`; None for any other error."""
+    if type(exc).__name__ != "FlexibleChecksumError":
+        return None
+    found = re.search(r"checksum (\S+) did not match calculated checksum: (\S+)", str(exc))
+    return _ChecksumMismatch(*(found.group(2, 1) if found else (str(exc), "?")))
+
+
+class _BodyReader:
+    """A GET body as a window reads it: `readinto` pieces, `finish` once every byte asked for
+    is in (the end-of-body checks), `abort` when the window gives up. This one goes through
+    the body's own `readinto` (botocore's: urllib3 reads each piece into bytes of its own and
+    copies it over, and botocore checks the store's checksum when the body is read to its
+    end, if the store sent one)."""
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+
+    @property
+    def verifies(self) -> bool:
+        """Whether `finish` checks every byte against the store's checksum (botocore's
+        `StreamingChecksumBody` with the store's value; never for a range)."""
+        return getattr(self._body, "_expected", None) is not None and hasattr(
+            self._body, "checksum"
+        )
+
+    def readinto(self, view: memoryview) -> int:
+        try:
+            return int(self._body.readinto(view))
+        except Exception as exc:
+            mismatch = _botocore_mismatch(exc)
+            if mismatch is None:
+                raise
+            raise mismatch from exc
+
+    def finish(self) -> None:
+        try:
+            more = self._body.read(1)  # b"" at the end: botocore checks the checksum there
+        except Exception as exc:
+            mismatch = _botocore_mismatch(exc)
+            if mismatch is None:
+                raise
+            raise mismatch from exc
+        if more:
+            raise OSError("the store sent more than the bytes asked for")
+
+    def abort(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            with suppress(Exception):
+                close()  # the connection goes: what is left of the body is never read
+
+
+class _SocketBody(_BodyReader):
+    """A GET body read from the socket straight into the window: no copy but the kernel's.
+    Through botocore (urllib3) every piece was read into a bytes object and copied over, twice
+    the memory traffic of the body, a third of the S3 sender's CPU in the benchmark's profile.
+    The HTTP response is read through `http.client`'s own `readinto`, which stops at its
+    Content-Length; urllib3's and botocore's counters are never used again (this body is
+    not read through them), and the connection goes back to urllib3's pool once the body is
+    read whole and checked (`finish`), or is closed (`abort`). The CRC-32 the store keeps
+    (`x-amz-checksum-crc32`, on a whole object) is computed piece by piece and compared at
+    the end, as botocore would have."""
+
+    def __init__(self, raw: Any, fp: http.client.HTTPResponse, crc32: int | None) -> None:
+        super().__init__(None)
+        self._raw, self._fp = raw, fp
+        self._expected = crc32
+        self._crc = 0
+        self._left = fp.length or 0
+        self._sock: Any = getattr(getattr(raw, "connection", None), "sock", None)
+        self._lowat = False
+        if self._sock is not None and self._left > _LOWAT_TAIL:
+            with suppress(OSError, AttributeError):
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _RCVLOWAT)
+                self._lowat = True
+
+    @property
+    def verifies(self) -> bool:
+        return self._expected is not None
+
+    def readinto(self, view: memoryview) -> int:
+        if self._lowat and self._left - len(view) < _LOWAT_TAIL:
+            self._low_off()  # near the end: a read may ask past the body's last byte
+        n = self._fp.readinto(view)
+        self._left -= n
+        if self._expected is not None and n:
+            self._crc = zlib.crc32(view[:n], self._crc)
+        return n
+
+    def _low_off(self) -> None:
+        self._lowat = False
+        with suppress(OSError, AttributeError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    def finish(self) -> None:
+        if self._expected is not None and self._crc != self._expected:
+            raise _ChecksumMismatch(f"crc32 {self._crc:08x}", f"crc32 {self._expected:08x}")
+        # Nothing more to check for bytes past the body: `_body_reader` took this reader only
+        # for a Content-Length of exactly the window's size, and http.client's reads stop
+        # there (it closes the response at its last byte).
+        if self._lowat:
+            self._low_off()
+        self._raw.release_conn()  # read whole: the connection serves the next GET
+
+    def abort(self) -> None:
+        with suppress(Exception):
+            self._raw.close()
+        with suppress(Exception):
+            self._raw.release_conn()  # its slot in the pool (urllib3 reconnects it)
+
+
+# A GET body's socket returns from a read only once this many bytes are in (SO_RCVLOWAT), or
+# the read's own length if smaller: fewer, larger reads, each a GIL round trip and a wake-up
+# of its thread among 8 GET threads. Set back to 1 for the body's last `_LOWAT_TAIL` bytes
+# (http.client's buffered reader may ask for 8 KiB past a body's end there) and before the
+# connection goes back to the pool.
+_RCVLOWAT = 256 * 1024
+_LOWAT_TAIL = 64 * 1024
+
+# Checksums botocore checks on a whole-object GET (`x-amz-checksum-<name>`): a body with one
+# of these but no CRC-32 is read through botocore, which checks it.
+_CHECKSUM_HEADERS = ("x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme",
+                     "x-amz-checksum-sha1", "x-amz-checksum-sha256")  # fmt: skip
+
+
+def _body_reader(body: Any, size: int) -> _BodyReader:
+    """A `_SocketBody` where `body` is botocore's over urllib3 over `http.client`, with
+    nothing read yet, not chunked or encoded, of exactly `size` bytes; else the body's own."""
+    raw: Any = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    if (
+        not isinstance(fp, http.client.HTTPResponse)
+        or fp.chunked
+        or fp.length != size
+        or getattr(raw, "_fp_bytes_read", None) != 0
+    ):
+        return _BodyReader(body)
+    headers = raw.headers
+    if headers.get("content-encoding", "identity").lower() != "identity":
+        return _BodyReader(body)
+    # A whole object's (200, not a range's 206): the store's checksums are of the whole.
+    stored = (headers.get("x-amz-checksum-crc32") or "") if raw.status == 200 else ""
+    crc32: int | None = None
+    if stored and "-" not in stored:  # "-N": of the parts' checksums, not of the bytes
+        try:
+            decoded = base64.b64decode(stored, validate=True)
+        except ValueError:
+            return _BodyReader(body)
+        if len(decoded) != 4:  # not a CRC-32: botocore's own check reports it
+            return _BodyReader(body)
+        crc32 = int.from_bytes(decoded, "big")
+    elif raw.status == 200 and any(h in headers and "-" not in headers[h]
+                                   for h in _CHECKSUM_HEADERS):  # fmt: skip
+        return _BodyReader(body)
+    return _SocketBody(raw, fp, crc32)
+
+
 class _Fetcher:
     """GETs windows in the background, at most `_GETS_AT_ONCE` at once and `_HELD_BYTES` held:
     a window's bytes count from before its GET until a reader has taken every byte of it (or
@@ -319,6 +518,23 @@ class _Fetcher:
         self.buffers = _WindowBuffers(self.budget)
         self._lock = threading.Lock()
         self._order = threading.Lock()
+        # (bucket/key, ETag) -> GET bodies in a row that failed their checksum (`mismatched`).
+        self._mismatches: OrderedDict[tuple[str, str | None], int] = OrderedDict()
+
+    def mismatched(self, path: str, etag: str | None) -> int:
+        """One more body of this version failed its checksum: how many in a row now."""
+        with self._lock:
+            seen = self._mismatches.pop((path, etag), 0) + 1
+            self._mismatches[(path, etag)] = seen
+            while len(self._mismatches) > 1024:
+                self._mismatches.popitem(last=False)
+            return seen
+
+    def verified(self, path: str, etag: str | None) -> None:
+        """A body of this version passed its checksum: the count starts again."""
+        if self._mismatches:
+            with self._lock:
+                self._mismatches.pop((path, etag), None)
 
     def fetch(self, source: ObjectSource, window: _Window) -> None:
         with self._order:  # tickets in the pool's order: the pool starts windows in that order
@@ -346,12 +562,19 @@ class _Fetcher:
                 if not whole:
                     extra["Range"] = f"bytes={w.start}-{w.start + w.size - 1}"
                 out = client.get_object(Bucket=bucket, Key=key, **extra)
+                if not whole:
+                    _check_range(out, w.start, w.size)
                 w.feed(out["Body"], self.buffers.take(w.size))
         except Exception as exc:  # noqa: BLE001 - the reader's own GET reports the error
-            source.note_failure(exc)
+            # Bytes handed out that the body's checksum was to vouch for, and never did: what
+            # was read of the object is not to be trusted. A ranged window's (no checksum) are
+            # as good as any ranged read's: its reader GETs the rest of its spans.
+            source.note_failure(exc, unchecked=w.got > 0 and w.verifies and not w.closed)
             self.release(w)
             w.fail()
             return False
+        if w.verifies:
+            self.verified(source.path, source.etag)
         log.debug(
             "storage.get",
             extra={"fields": {"path": source.path, "bytes": w.size, "at": round(t0, 4),
@@ -401,6 +624,8 @@ class ObjectSource:
         self._client = fetcher._client if fetcher is not None else None
         self._fetcher = fetcher
         self._changed = False
+        self._unchecked: str | None = None  # why bytes handed out went unchecked
+        self._corrupt = False  # this version failed its checksum `_MISMATCHES_FATAL` times
         self._lock = threading.Lock()
         self._windows: list[_Window] = []
         if fetcher is not None:
@@ -409,13 +634,47 @@ class ObjectSource:
                 self._windows.append(window)
                 fetcher.fetch(self, window)
 
-    def note_failure(self, exc: BaseException) -> None:
-        """A GET failed: if the object is no longer the version opened, the source changed."""
-        text = str(exc)
-        if "PreconditionFailed" in text or "412" in text:
+    def note_failure(self, exc: BaseException, *, unchecked: bool = False) -> None:
+        """A GET failed: if the object is no longer the version opened, the source changed.
+        If its body failed its checksum, or it had handed out part of a window its checksum
+        was to vouch for (`unchecked`: a body cut short), what was read of this object is not
+        to be trusted: its next read and `changed` raise (a transient IntegrityError; after
+        `_MISMATCHES_FATAL` checksum failures of this version in a row, not transient)."""
+        if _http_status(exc) == 412 or "PreconditionFailed" in str(exc):
+            # (Not "412" anywhere in the text: "the store sent 4120000 of ..." is no change.)
             self._changed = True
+        elif isinstance(exc, _ChecksumMismatch):
+            seen = self._fetcher.mismatched(self.path, self.etag) if self._fetcher else 1
+            log.warning(
+                "storage.checksum_mismatch",
+                extra={"fields": {"path": self.path, "etag": self.etag, "got": exc.got,
+                                  "store": exc.expected, "in_a_row": seen}},
+            )  # fmt: skip
+            with self._lock:
+                self._unchecked = self._unchecked or str(exc)
+                self._corrupt = self._corrupt or seen >= _MISMATCHES_FATAL
+        elif unchecked:
+            with self._lock:
+                self._unchecked = self._unchecked or str(exc) or type(exc).__name__
+
+    def _unchecked_error(self) -> IntegrityError:
+        if self._corrupt:
+            return IntegrityError(
+                f"{self.path}: the store's bytes of version {self.etag} failed their checksum "
+                f"{_MISMATCHES_FATAL} times in a row ({self._unchecked}); not read again",
+                transient=False, path=self.path, side="source",
+            )  # fmt: skip
+        return IntegrityError(
+            f"{self.path}: a GET failed its checks after bytes of it were read, or its "
+            f"checksum ({self._unchecked}); reading the object again",
+            transient=True, path=self.path, side="source",
+        )  # fmt: skip
 
     def _take(self, offset: int, length: int) -> bytes | memoryview:
+        if self._unchecked is not None:
+            # Nothing more of a read already known bad: not even through a ranged GET of its
+            # own (no checksum), which would hand out bytes a checksum just refused.
+            raise self._unchecked_error()
         if length == 0:
             return b""
         first = offset // _WINDOW_BYTES
@@ -439,23 +698,53 @@ class ObjectSource:
             return pieces[0]
         if pieces:
             return b"".join(pieces)
+        if self._unchecked is not None:  # the window's GET failed, and said why
+            raise self._unchecked_error()
         return self._read(offset, length)
 
     def _read(self, offset: int, length: int) -> bytes:
-        """A span's own ranged GET (If-Match the version opened)."""
-        client = self._client() if self._client is not None else None
-        if client is None:
-            return bytes(self.fs.cat_file(self.path, start=offset, end=offset + length))
-        bucket, _, key = self.path.partition("/")
-        extra = {"IfMatch": self.etag} if self.etag else {}
+        """A span's own ranged GET (If-Match the version opened). Its failures are the job's
+        (`_read_error`), never a bare OSError."""
         try:
+            client = self._client() if self._client is not None else None
+            if client is None:
+                return bytes(self.fs.cat_file(self.path, start=offset, end=offset + length))
+            bucket, _, key = self.path.partition("/")
+            extra = {"IfMatch": self.etag} if self.etag else {}
             out = client.get_object(
                 Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}", **extra
             )
-            return bytes(out["Body"].read())
-        except Exception as exc:  # botocore's own kinds
-            self.note_failure(exc)
-            raise _os_error(exc, self.path) from exc
+            _check_range(out, offset, length)
+            data = bytes(out["Body"].read())
+            if len(data) != length:
+                raise OSError(f"the store sent {len(data)} of {length} bytes")
+            return data
+        except Exception as exc:  # botocore's and urllib3's own kinds, OSError
+            mismatch = _botocore_mismatch(exc)  # a range that is the whole object has one
+            self.note_failure(mismatch or exc)
+            if mismatch is not None:
+                raise self._unchecked_error() from exc
+            raise self._read_error(exc) from exc
+
+    def _read_error(self, exc: Exception) -> TransferdError:
+        """A span's GET failure as the job's error: the object no longer the version opened
+        (412, or gone) is a changed source; the store's 5xx, 429 or the network failing
+        (no answer, a body cut short) is a transient StorageError (the job is tried again);
+        any other refusal (403, ...) is a StorageError that is not."""
+        status = _http_status(exc)
+        if self._changed or status == 404 or isinstance(exc, FileNotFoundError):
+            return IntegrityError(
+                f"source file changed while being sent: {self.path} is no longer the version "
+                f"opened ({exc})", path=self.path, side="source",
+            )  # fmt: skip
+        if status is None:
+            transient = not isinstance(exc, PermissionError)
+        else:
+            transient = status == 429 or status >= 500
+        return StorageError(
+            f"reading {self.path} from the store failed: {exc}",
+            transient=transient, path=self.path, side="source",
+        )  # fmt: skip
 
     @contextmanager
     def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
@@ -465,6 +754,14 @@ class ObjectSource:
         return self._take(offset, length)
 
     def changed(self) -> bool:
+        """Whether the object is no longer the version opened. Raises an IntegrityError when
+        a body failed its checksum or a GET failed after handing out bytes its checksum had
+        not yet vouched for (`note_failure`): the sender checks this after each batch it
+        hashed, so a job whose chunks came from such a window fails before its commit, and is
+        tried again (transient) unless this version failed its checksum
+        `_MISMATCHES_FATAL` times in a row."""
+        if self._unchecked is not None:
+            raise self._unchecked_error()
         if self._client is not None and self._client() is not None:
             return self._changed  # every GET was If-Match the version opened
         return self._changed or int(self.fs.size(self.path)) != self.size
@@ -1252,6 +1549,29 @@ def _file_crc32(path: Path | str) -> int:
         while block := fh.read(8 * 1024 * 1024):
             crc = zlib.crc32(block, crc)
     return crc
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of botocore's ClientError; None for an error with no answer."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status if isinstance(status, int) else None
+
+
+def _check_range(out: dict[str, Any], start: int, size: int) -> None:
+    """A ranged GET's answer is the range asked for (206, its Content-Range), not a store
+    ignoring the Range with the whole object (200)."""
+    status = out.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    want = f"bytes {start}-{start + size - 1}/"
+    if status != 206 or not str(out.get("ContentRange") or "").startswith(want):
+        with suppress(Exception):
+            out["Body"].close()
+        raise OSError(
+            f"the store answered a GET of {want[6:-1]} with {status} "
+            f"{out.get('ContentRange') or '(no Content-Range)'}"
+        )
 
 
 def _os_error(exc: Exception, path: str) -> OSError:

@@ -58,10 +58,19 @@ class Source(Protocol):
     def mapped(self, offset: int, length: int) -> Any: ...
     def read(self, offset: int, length: int) -> bytes | memoryview:
         """The bytes at `offset`, the caller's to keep (nothing mapped or reused behind them:
-        a fetched object's bytes come as they are, without a copy)."""
+        a fetched object's bytes come as they are, without a copy). An object store's source
+        raises a TransferdError (`side="source"`) when they cannot be had, or not checked."""
         ...
 
-    def changed(self) -> bool: ...
+    def changed(self) -> bool:
+        """Whether the source is no longer what was opened (the sender checks it after each
+        batch it hashed, before any commit). May raise a TransferdError instead: an object
+        store's source whose reads went unchecked (`objectstore.ObjectSource.changed`: a
+        transient IntegrityError, or not transient once a version failed its checksum time
+        after time); such errors carry `side="source"`, and the job is tried again without
+        any route marked down."""
+        ...
+
     def close(self) -> None: ...
 
 
