@@ -1,0 +1,215 @@
+"""A source that fails or changes while it is being sent: real daemons (A sends from an fsspec
+`memory://` data_dir or a local one, B receives on local disk). The job fails cleanly (or is tried
+again), nothing is committed at B, and A's daemon goes on serving: the next job commits."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import blake3
+import fsspec
+import pytest
+
+from transferd.errors import StorageError
+from transferd.net.sender import _ChunkPump
+from transferd.site.source import SourceFile
+from transferd.testing import loopback_pair, wait_for_jobs
+
+CHUNK = 64 * 1024
+SIZE = 6 * CHUNK + 123
+
+
+def _memory_site(tmp_path: Path) -> tuple[dict[str, Any], Any, str]:
+    root = f"/src-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    overrides = {"A": {"data_dir": f"memory://{root}", "state_dir": str(tmp_path / "state-A")}}
+    (tmp_path / "site-B").mkdir()
+    return overrides, fs, root
+
+
+def _failing_reads(fs: Any, monkeypatch: pytest.MonkeyPatch, path: str,
+                   fail: Callable[[int], None]) -> None:
+    """fs.cat_file on `path` calls `fail(n)` before its n-th read (n from 1)."""
+    real = fs.cat_file
+    calls = 0
+
+    def cat_file(p: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        if p.lstrip("/") == path.lstrip("/"):
+            calls += 1
+            fail(calls)
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "cat_file", cat_file)
+
+
+async def _still_serving(a: Any, fs: Any, root: str, tmp_path: Path) -> None:
+    """A's sender still runs jobs: a fresh file commits at B, whole."""
+    data = os.urandom(2 * CHUNK + 5)
+    fs.pipe_file(f"{root}/curated/next.bin", data)
+    [job] = await wait_for_jobs(a, a.sender.submit("curated/next.bin", ["B"]), timeout_s=30)
+    assert job.state == "committed", job.error
+    assert (tmp_path / "site-B/curated/next.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("backend library blew up"), PermissionError(errno.EACCES, "denied")],
+    ids=["foreign-exception", "permission"],
+)
+async def test_fsspec_read_failing_mid_job_fails_the_job_and_the_daemon_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    overrides, fs, root = _memory_site(tmp_path)
+    fs.pipe_file(f"{root}/curated/big.bin", os.urandom(SIZE))
+
+    def fail(n: int) -> None:
+        if n >= 3:
+            raise error
+
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
+        _failing_reads(fs, monkeypatch, f"{root}/curated/big.bin", fail)
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]), timeout_s=30)
+        assert job.state == "failed"
+        assert job.error is not None
+        assert "curated/big.bin" in job.error
+        assert not (tmp_path / "site-B/curated/big.bin").exists()
+        await _still_serving(a, fs, root, tmp_path)
+
+
+async def test_fsspec_io_error_is_transient_and_the_job_commits_on_its_next_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides, fs, root = _memory_site(tmp_path)
+    data = os.urandom(SIZE)
+    fs.pipe_file(f"{root}/curated/big.bin", data)
+
+    def fail(n: int) -> None:
+        if n == 3:
+            raise OSError(errno.EIO, "Input/output error")
+
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
+        _failing_reads(fs, monkeypatch, f"{root}/curated/big.bin", fail)
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]), timeout_s=30)
+        assert job.state == "committed", job.error
+        assert job.retries >= 1  # waited, then tried again
+        assert (tmp_path / "site-B/curated/big.bin").read_bytes() == data
+        await _still_serving(a, fs, root, tmp_path)
+
+
+async def test_fsspec_file_deleted_mid_send_is_a_changed_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides, fs, root = _memory_site(tmp_path)
+    path = f"{root}/curated/big.bin"
+    fs.pipe_file(path, os.urandom(SIZE))
+
+    def delete(n: int) -> None:
+        if n == 2:
+            fs.rm(path)
+
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
+        _failing_reads(fs, monkeypatch, path, delete)
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]), timeout_s=30)
+        assert job.state == "failed"
+        assert job.error is not None
+        assert "changed while being sent" in job.error
+        assert not (tmp_path / "site-B/curated/big.bin").exists()
+        await _still_serving(a, fs, root, tmp_path)
+
+
+async def test_local_file_deleted_mid_send_is_a_changed_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read through its open descriptor, a deleted file still reads whole: the job must not
+    commit at B a file the site no longer holds."""
+    src = tmp_path / "site-A/curated/big.bin"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(os.urandom(64 * CHUNK))
+    (tmp_path / "site-B").mkdir()
+    real = SourceFile.hash_span
+
+    def hash_span(self: SourceFile, offset: int, length: int) -> str:
+        src.unlink(missing_ok=True)  # hashed in parallel threads
+        return real(self, offset, length)
+
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, _b):
+        monkeypatch.setattr(SourceFile, "hash_span", hash_span)
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]), timeout_s=30)
+        assert job.state == "failed"
+        assert job.error is not None
+        assert "changed while being sent" in job.error
+        assert not (tmp_path / "site-B/curated/big.bin").exists()
+        monkeypatch.undo()
+        data = os.urandom(CHUNK + 1)
+        src.write_bytes(data)
+        [again] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]), timeout_s=30)
+        assert again.state == "committed", again.error
+        digest = blake3.blake3((tmp_path / "site-B/curated/big.bin").read_bytes()).hexdigest()
+        assert digest == blake3.blake3(data).hexdigest()
+
+
+async def test_local_file_cut_short_before_a_chunk_is_compressed_is_a_changed_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk tried for compression is mapped from the file after it was hashed: a file cut
+    short in between made mmap refuse the span (ValueError), which escaped the job and took
+    A's sender down. Now it is the changed source it is."""
+    src = tmp_path / "site-A/curated/text.bin"
+    src.parent.mkdir(parents=True)
+    # Two chunks: one batch, hashed (and checked) before the first chunk is mapped.
+    text = b"".join(b"line %08d of a compressible file\n" % i for i in range(4000))
+    src.write_bytes(text[: 2 * CHUNK])
+    (tmp_path / "site-B").mkdir()
+    real = _ChunkPump._encode_local
+
+    def encode_local(self: _ChunkPump, location: tuple[int, int], length: int) -> Any:
+        os.truncate(src, 100)
+        return real(self, location, length)
+
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression=3) as (a, _b):
+        monkeypatch.setattr(_ChunkPump, "_encode_local", encode_local)
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/text.bin", ["B"]), timeout_s=30)
+        assert job.state == "failed"
+        assert job.error is not None
+        assert "changed while being sent" in job.error
+        assert not (tmp_path / "site-B/curated/text.bin").exists()
+        monkeypatch.undo()
+        data = os.urandom(CHUNK + 1)
+        src.write_bytes(data)
+        [again] = await wait_for_jobs(a, a.sender.submit("curated/text.bin", ["B"]), timeout_s=30)
+        assert again.state == "committed", again.error
+        assert (tmp_path / "site-B/curated/text.bin").read_bytes() == data
+
+
+def test_an_unexpected_error_from_a_source_is_the_jobs_storage_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The sender's backstop: whatever else escapes a source becomes a StorageError of the
+    source's side (the job fails, the daemon goes on), its traceback logged at debug level."""
+
+    from transferd.net.sender import _from_source  # noqa: PLC0415 (new with the backstop)
+
+    class Source:
+        path = "curated/x.bin"
+
+        def read(self, offset: int, length: int) -> bytes:
+            raise KeyError("a backend's bug")
+
+    source = Source()
+    with caplog.at_level(logging.DEBUG, logger="transferd.sender"), \
+            pytest.raises(StorageError) as raised:
+        _from_source(source, "reading", source.read, 0, 1)
+    assert raised.value.fields == {"path": "curated/x.bin", "side": "source"}
+    assert not raised.value.transient
+    assert "curated/x.bin" in raised.value.message
+    assert "KeyError" in raised.value.message
+    [record] = [r for r in caplog.records if r.message == "job.source_error"]
+    assert record.levelno == logging.DEBUG
+    assert record.exc_info is not None
