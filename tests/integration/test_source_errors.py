@@ -8,7 +8,8 @@ import errno
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,6 @@ import blake3
 import fsspec
 import pytest
 
-from transferd.errors import StorageError
-from transferd.net.sender import _ChunkPump
 from transferd.site.source import SourceFile
 from transferd.testing import loopback_pair, wait_for_jobs
 
@@ -167,14 +166,16 @@ async def test_local_file_cut_short_before_a_chunk_is_compressed_is_a_changed_so
     text = b"".join(b"line %08d of a compressible file\n" % i for i in range(4000))
     src.write_bytes(text[: 2 * CHUNK])
     (tmp_path / "site-B").mkdir()
-    real = _ChunkPump._encode_local
-
-    def encode_local(self: _ChunkPump, location: tuple[int, int], length: int) -> Any:
-        os.truncate(src, 100)
-        return real(self, location, length)
 
     async with loopback_pair(tmp_path, chunk_size=CHUNK, compression=3) as (a, _b):
-        monkeypatch.setattr(_ChunkPump, "_encode_local", encode_local)
+        policy = a.sender.compression["B"]
+        real = policy.should_try
+
+        def should_try() -> bool:  # asked right before the chunk is mapped
+            os.truncate(src, 100)
+            return real()
+
+        monkeypatch.setattr(policy, "should_try", should_try)
         [job] = await wait_for_jobs(a, a.sender.submit("curated/text.bin", ["B"]), timeout_s=30)
         assert job.state == "failed"
         assert job.error is not None
@@ -188,28 +189,47 @@ async def test_local_file_cut_short_before_a_chunk_is_compressed_is_a_changed_so
         assert (tmp_path / "site-B/curated/text.bin").read_bytes() == data
 
 
-def test_an_unexpected_error_from_a_source_is_the_jobs_storage_error(
-    caplog: pytest.LogCaptureFixture,
+class _Unmapped:
+    """A source whose reads fail with what no source maps (a backend's bug)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.size, self.path = inner, inner.size, inner.path
+
+    @contextmanager
+    def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
+        yield memoryview(self.read(offset, length))
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise KeyError("a backend's bug")
+
+    def changed(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+async def test_an_unexpected_error_from_a_source_fails_the_job_and_the_daemon_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The sender's backstop: whatever else escapes a source becomes a StorageError of the
     source's side (the job fails, the daemon goes on), its traceback logged at debug level."""
-
-    from transferd.net.sender import _from_source  # noqa: PLC0415 (new with the backstop)
-
-    class Source:
-        path = "curated/x.bin"
-
-        def read(self, offset: int, length: int) -> bytes:
-            raise KeyError("a backend's bug")
-
-    source = Source()
-    with caplog.at_level(logging.DEBUG, logger="transferd.sender"), \
-            pytest.raises(StorageError) as raised:
-        _from_source(source, "reading", source.read, 0, 1)
-    assert raised.value.fields == {"path": "curated/x.bin", "side": "source"}
-    assert not raised.value.transient
-    assert "curated/x.bin" in raised.value.message
-    assert "KeyError" in raised.value.message
-    [record] = [r for r in caplog.records if r.message == "job.source_error"]
-    assert record.levelno == logging.DEBUG
-    assert record.exc_info is not None
+    overrides, fs, root = _memory_site(tmp_path)
+    fs.pipe_file(f"{root}/curated/big.bin", os.urandom(SIZE))
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
+        storage = a.sender.storage
+        real = storage.open_source
+        monkeypatch.setattr(storage, "open_source", lambda rel: _Unmapped(real(rel)))
+        with caplog.at_level(logging.DEBUG, logger="transferd.sender"):
+            [job] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]),
+                                        timeout_s=30)
+        assert job.state == "failed"
+        assert job.error is not None
+        assert "KeyError" in job.error
+        assert "curated/big.bin" in job.error
+        [record] = [r for r in caplog.records if r.message == "job.source_error"]
+        assert record.levelno == logging.DEBUG
+        assert record.exc_info is not None
+        assert not (tmp_path / "site-B/curated/big.bin").exists()
+        monkeypatch.undo()
+        await _still_serving(a, fs, root, tmp_path)
