@@ -64,8 +64,10 @@ class Source(Protocol):
     def mapped(self, offset: int, length: int) -> Any: ...
     def read(self, offset: int, length: int) -> bytes | memoryview:
         """The bytes at `offset`, the caller's to keep (nothing mapped or reused behind them:
-        a fetched object's bytes come as they are, without a copy). An object store's source
-        raises a TransferdError (`side="source"`) when they cannot be had, or not checked."""
+        a fetched object's bytes come as they are, without a copy). Raises a TransferdError
+        (`side="source"`) when they cannot be had (`source_read_error`), or, from an object
+        store, not checked; never a bare OSError or a library's own kind (the sender maps
+        whatever else escapes to a StorageError: `sender._from_source`)."""
         ...
 
     def changed(self) -> bool:
@@ -128,10 +130,9 @@ class _LocalSource(SourceFile):
 
     def changed(self) -> bool:
         try:
-            st = os.fstat(self.fileno())
+            return super().changed() or os.fstat(self.fileno()).st_nlink == 0
         except OSError as exc:
             raise source_read_error("checking", self.path, exc) from exc
-        return st.st_size != self.size or st.st_mtime_ns != self.mtime_ns or st.st_nlink == 0
 
     def read(self, offset: int, length: int) -> bytes:
         try:
