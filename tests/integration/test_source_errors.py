@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import blake3
 import fsspec
 import pytest
 
@@ -57,28 +56,51 @@ async def _still_serving(a: Any, fs: Any, root: str, tmp_path: Path) -> None:
     assert (tmp_path / "site-B/curated/next.bin").read_bytes() == data
 
 
-@pytest.mark.parametrize(
-    "error",
-    [RuntimeError("backend library blew up"), PermissionError(errno.EACCES, "denied")],
-    ids=["foreign-exception", "permission"],
-)
-async def test_fsspec_read_failing_mid_job_fails_the_job_and_the_daemon_serves_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
-) -> None:
-    overrides, fs, root = _memory_site(tmp_path)
-    fs.pipe_file(f"{root}/curated/big.bin", os.urandom(SIZE))
+async def _fails_cleanly(a: Any, tmp_path: Path, rel: str, expect: str) -> None:
+    """A's job for `rel` fails, saying `expect`, and nothing of it is committed at B."""
+    [job] = await wait_for_jobs(a, a.sender.submit(rel, ["B"]), timeout_s=30)
+    assert job.state == "failed"
+    assert job.error is not None
+    assert expect in job.error
+    assert not (tmp_path / "site-B" / rel).exists()
 
+
+def _raise_from_third_read(error: Exception) -> Callable[[str, Any], Callable[[int], None]]:
     def fail(n: int) -> None:
         if n >= 3:
             raise error
 
+    return lambda _path, _fs: fail
+
+
+def _delete_at_second_read(path: str, fs: Any) -> Callable[[int], None]:
+    def delete(n: int) -> None:
+        if n == 2:
+            fs.rm(path)
+
+    return delete
+
+
+@pytest.mark.parametrize(
+    ("make_fail", "expect"),
+    [
+        (_raise_from_third_read(RuntimeError("backend library blew up")), "curated/big.bin"),
+        (_raise_from_third_read(PermissionError(errno.EACCES, "denied")), "curated/big.bin"),
+        (_delete_at_second_read, "changed while being sent"),
+    ],
+    ids=["foreign-exception", "permission", "deleted-mid-send"],
+)
+async def test_fsspec_read_failing_mid_job_fails_the_job_and_the_daemon_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    make_fail: Callable[[str, Any], Callable[[int], None]], expect: str,
+) -> None:
+    """A read that fails for good (or finds the file gone: the changed outcome) mid-job."""
+    overrides, fs, root = _memory_site(tmp_path)
+    path = f"{root}/curated/big.bin"
+    fs.pipe_file(path, os.urandom(SIZE))
     async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
-        _failing_reads(fs, monkeypatch, f"{root}/curated/big.bin", fail)
-        [job] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]), timeout_s=30)
-        assert job.state == "failed"
-        assert job.error is not None
-        assert "curated/big.bin" in job.error
-        assert not (tmp_path / "site-B/curated/big.bin").exists()
+        _failing_reads(fs, monkeypatch, path, make_fail(path, fs))
+        await _fails_cleanly(a, tmp_path, "curated/big.bin", expect)
         await _still_serving(a, fs, root, tmp_path)
 
 
@@ -102,25 +124,13 @@ async def test_fsspec_io_error_is_transient_and_the_job_commits_on_its_next_atte
         await _still_serving(a, fs, root, tmp_path)
 
 
-async def test_fsspec_file_deleted_mid_send_is_a_changed_source(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    overrides, fs, root = _memory_site(tmp_path)
-    path = f"{root}/curated/big.bin"
-    fs.pipe_file(path, os.urandom(SIZE))
-
-    def delete(n: int) -> None:
-        if n == 2:
-            fs.rm(path)
-
-    async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
-        _failing_reads(fs, monkeypatch, path, delete)
-        [job] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]), timeout_s=30)
-        assert job.state == "failed"
-        assert job.error is not None
-        assert "changed while being sent" in job.error
-        assert not (tmp_path / "site-B/curated/big.bin").exists()
-        await _still_serving(a, fs, root, tmp_path)
+async def _local_still_serving(a: Any, tmp_path: Path, rel: str) -> None:
+    """A's sender still runs jobs: `rel`, written afresh at A, commits at B, whole."""
+    data = os.urandom(CHUNK + 1)
+    (tmp_path / "site-A" / rel).write_bytes(data)
+    [job] = await wait_for_jobs(a, a.sender.submit(rel, ["B"]), timeout_s=30)
+    assert job.state == "committed", job.error
+    assert (tmp_path / "site-B" / rel).read_bytes() == data
 
 
 async def test_local_file_deleted_mid_send_is_a_changed_source(
@@ -140,18 +150,9 @@ async def test_local_file_deleted_mid_send_is_a_changed_source(
 
     async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, _b):
         monkeypatch.setattr(SourceFile, "hash_span", hash_span)
-        [job] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]), timeout_s=30)
-        assert job.state == "failed"
-        assert job.error is not None
-        assert "changed while being sent" in job.error
-        assert not (tmp_path / "site-B/curated/big.bin").exists()
+        await _fails_cleanly(a, tmp_path, "curated/big.bin", "changed while being sent")
         monkeypatch.undo()
-        data = os.urandom(CHUNK + 1)
-        src.write_bytes(data)
-        [again] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]), timeout_s=30)
-        assert again.state == "committed", again.error
-        digest = blake3.blake3((tmp_path / "site-B/curated/big.bin").read_bytes()).hexdigest()
-        assert digest == blake3.blake3(data).hexdigest()
+        await _local_still_serving(a, tmp_path, "curated/big.bin")
 
 
 async def test_local_file_cut_short_before_a_chunk_is_compressed_is_a_changed_source(
@@ -176,17 +177,9 @@ async def test_local_file_cut_short_before_a_chunk_is_compressed_is_a_changed_so
             return real()
 
         monkeypatch.setattr(policy, "should_try", should_try)
-        [job] = await wait_for_jobs(a, a.sender.submit("curated/text.bin", ["B"]), timeout_s=30)
-        assert job.state == "failed"
-        assert job.error is not None
-        assert "changed while being sent" in job.error
-        assert not (tmp_path / "site-B/curated/text.bin").exists()
+        await _fails_cleanly(a, tmp_path, "curated/text.bin", "changed while being sent")
         monkeypatch.undo()
-        data = os.urandom(CHUNK + 1)
-        src.write_bytes(data)
-        [again] = await wait_for_jobs(a, a.sender.submit("curated/text.bin", ["B"]), timeout_s=30)
-        assert again.state == "committed", again.error
-        assert (tmp_path / "site-B/curated/text.bin").read_bytes() == data
+        await _local_still_serving(a, tmp_path, "curated/text.bin")
 
 
 class _Unmapped:
@@ -221,15 +214,9 @@ async def test_an_unexpected_error_from_a_source_fails_the_job_and_the_daemon_se
         real = storage.open_source
         monkeypatch.setattr(storage, "open_source", lambda rel: _Unmapped(real(rel)))
         with caplog.at_level(logging.DEBUG, logger="transferd.sender"):
-            [job] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]),
-                                        timeout_s=30)
-        assert job.state == "failed"
-        assert job.error is not None
-        assert "KeyError" in job.error
-        assert "curated/big.bin" in job.error
+            await _fails_cleanly(a, tmp_path, "curated/big.bin", "KeyError: \"a backend's bug\"")
         [record] = [r for r in caplog.records if r.message == "job.source_error"]
         assert record.levelno == logging.DEBUG
         assert record.exc_info is not None
-        assert not (tmp_path / "site-B/curated/big.bin").exists()
         monkeypatch.undo()
         await _still_serving(a, fs, root, tmp_path)
