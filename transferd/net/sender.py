@@ -426,7 +426,8 @@ class Sender:
         check_may_leave_site(rel)
         if job.dest not in self.links:
             raise ProtocolError(f"destination {job.dest!r} is not a peer of this site")
-        kind, members = await asyncio.to_thread(self.storage.list_source, rel)
+        kind, members = await asyncio.to_thread(
+            _from_source, rel, "listing", self.storage.list_source, rel)
         intent = upload_intent(
             upload_id(self.site, job.id),
             self.site,
