@@ -92,6 +92,7 @@ from transferd.site.storage import SiteStorage, Source
 __all__ = ["Sender"]
 
 A = TypeVar("A", bound=WireModel)
+_S = TypeVar("_S")
 
 # How long a route that refused an open carrying an offer gets bare opens before it is tried
 # with the offer again (its peer may have been upgraded meanwhile).
@@ -425,7 +426,8 @@ class Sender:
         check_may_leave_site(rel)
         if job.dest not in self.links:
             raise ProtocolError(f"destination {job.dest!r} is not a peer of this site")
-        kind, members = await asyncio.to_thread(self.storage.list_source, rel)
+        kind, members = await asyncio.to_thread(
+            _from_source, rel, "listing", self.storage.list_source, rel)
         intent = upload_intent(
             upload_id(self.site, job.id),
             self.site,
@@ -590,9 +592,11 @@ class Sender:
         try:
             for member, _size in members:
                 member_rel = f"{rel}/{member}" if member else rel
-                source = await asyncio.to_thread(self.storage.open_source, member_rel)
+                source = await asyncio.to_thread(
+                    _from_source, member_rel, "opening", self.storage.open_source, member_rel)
                 files.append(_FileState(member, source))
-                files[-1].spans = await asyncio.to_thread(self._spans, source)
+                files[-1].spans = await asyncio.to_thread(
+                    _from_source, source, "reading", self._spans, source)
             self.journal.size_job(
                 job.id, sum(s for _, s in members), sum(len(f.spans) for f in files)
             )
@@ -684,7 +688,7 @@ class Sender:
                 return False
             batch = spans[start:stop]
             hashes, bodies = await _hash_spans(state.source, batch, self._hashing)
-            if state.source.changed():
+            if _from_source(state.source, "checking", state.source.changed):
                 raise IntegrityError(
                     f"source file changed while being sent: {state.member or '(file)'}"
                 )
@@ -881,12 +885,14 @@ async def _hash_spans(
             return await asyncio.to_thread(work)
 
     if isinstance(source, SourceFile):
-        hashes = await asyncio.gather(
-            *(bounded(functools.partial(source.hash_span, off, n)) for off, n in spans))
+        hashes = await asyncio.gather(*(
+            bounded(functools.partial(_from_source, source, "reading", source.hash_span, off, n))
+            for off, n in spans))
         return list(hashes), [None] * len(spans)
 
     def read() -> list[memoryview]:
-        return [memoryview(source.read(off, n)) for off, n in spans]
+        return [memoryview(_from_source(source, "reading", source.read, off, n))
+                for off, n in spans]
 
     # The fetch (an object store's GET: mostly waiting on the network) holds no hashing slot;
     # only the blake3 calls are bounded.
@@ -900,7 +906,27 @@ async def _held_body(source: Source, offset: int, length: int) -> memoryview | N
     fetched bytes otherwise."""
     if isinstance(source, SourceFile):
         return None
-    return memoryview(await asyncio.to_thread(source.read, offset, length))
+    return memoryview(await asyncio.to_thread(_from_source, source, "reading", source.read,
+                                              offset, length))
+
+
+def _from_source(source: object, action: str, work: Callable[..., _S], *args: object) -> _S:
+    """Thread or loop: `work(*args)` on a job's source, whose failures must be the job's. The
+    sources map the failures they know (`storage.source_read_error`, `objectstore`); anything
+    else that escapes one (a backend library's own kind, a bug) would otherwise leave the job's
+    task group as a foreign exception and take `Sender.run` down with it: it becomes a
+    StorageError that is not transient (the job fails, the daemon goes on), the traceback
+    logged at debug level."""
+    try:
+        return work(*args)
+    except TransferdError:
+        raise
+    except Exception as exc:
+        path = getattr(source, "path", source)
+        log.debug("job.source_error", exc_info=True,
+                  extra={"fields": {"path": str(path), "action": action}})
+        raise StorageError(f"{action} {path} failed: {type(exc).__name__}: {exc}",
+                           path=path, side="source") from exc
 
 
 def _retrieved(future: asyncio.Future[Receipt]) -> None:
@@ -1208,9 +1234,11 @@ class _ChunkPump:
             f, offset = locations[0]
             source = self.sources[f]
             if isinstance(source, SourceFile):
-                got = await asyncio.to_thread(source.hash_span, offset, length)
+                got = await asyncio.to_thread(
+                    _from_source, source, "reading", source.hash_span, offset, length)
             else:
-                body = memoryview(await asyncio.to_thread(source.read, offset, length))
+                body = memoryview(await asyncio.to_thread(
+                    _from_source, source, "reading", source.read, offset, length))
                 got = await asyncio.to_thread(blake3_hex, body)
             if got != digest:
                 raise IntegrityError("source file changed while being sent")
@@ -1219,7 +1247,9 @@ class _ChunkPump:
             if not s.compression[peer].should_try():
                 encoded = Encoded("identity", memoryview(b"") if body is None else body, length)
             elif body is None:
-                encoded = await asyncio.to_thread(self._encode_local, locations[0], length)
+                encoded = await asyncio.to_thread(
+                    _from_source, self.sources[locations[0][0]], "reading", self._encode_local,
+                    locations[0], length)
             else:
                 encoded = await asyncio.to_thread(s.encode, peer, body)
             body_hash = (

@@ -29,14 +29,20 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from transferd.errors import ConfigError, PolicyViolation, StorageError
+from transferd.errors import (
+    ConfigError,
+    IntegrityError,
+    PolicyViolation,
+    StorageError,
+    TransferdError,
+)
 from transferd.protocol.policy import (
     check_not_raw_inode,
     check_resolved,
     normalize_rel_path,
     top_folder,
 )
-from transferd.site.source import SourceFile
+from transferd.site.source import FileWindow, SourceFile
 from transferd.site.staging import Staging, os_errors, storage_error
 
 __all__ = [
@@ -58,8 +64,10 @@ class Source(Protocol):
     def mapped(self, offset: int, length: int) -> Any: ...
     def read(self, offset: int, length: int) -> bytes | memoryview:
         """The bytes at `offset`, the caller's to keep (nothing mapped or reused behind them:
-        a fetched object's bytes come as they are, without a copy). An object store's source
-        raises a TransferdError (`side="source"`) when they cannot be had, or not checked."""
+        a fetched object's bytes come as they are, without a copy). Raises a TransferdError
+        (`side="source"`) when they cannot be had (`source_read_error`), or, from an object
+        store, not checked; never a bare OSError or a library's own kind (the sender maps
+        whatever else escapes to a StorageError: `sender._from_source`)."""
         ...
 
     def changed(self) -> bool:
@@ -74,20 +82,107 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+def _changed_error(path: str, why: object) -> IntegrityError:
+    """A source removed, replaced or cut short while it was being sent: the job fails (the
+    sender's usual "changed" outcome), nothing is committed; a later job sends what is there."""
+    return IntegrityError(
+        f"source file changed while being sent: {path} {why}", path=path, side="source"
+    )
+
+
+# Kinds raised by the network libraries behind fsspec backends (http, sftp, webhdfs, ...):
+# the remote end or the path to it failed, so a later attempt may succeed.
+_NETWORK_MODULES = ("aiohttp", "botocore", "urllib3", "requests", "paramiko", "ssl", "socket")
+_PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EINVAL,
+                     errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def source_read_error(action: str, path: str, exc: BaseException) -> TransferdError:
+    """A source's read (or its check) failure as the job's error, never a bare OSError or a
+    library's own kind. Gone: the "changed" IntegrityError. A refusal that asking again will
+    not change (permission, a path that is not a file, an HTTP 4xx): a StorageError that is not
+    transient (the job fails). Anything else from the OS or the network (EIO, a timeout, a
+    reset, HTTP 5xx or 429): a transient StorageError (the job is tried again later). Every one
+    carries `side="source"`: no route is marked down for it."""
+    if isinstance(exc, TransferdError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return _changed_error(path, "is no longer there")
+    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    if isinstance(status, int) and 400 <= status < 600:
+        if status in (404, 410, 412):
+            return _changed_error(path, f"is no longer the version opened (HTTP {status})")
+        transient = status == 429 or status >= 500
+    elif isinstance(exc, OSError):
+        transient = exc.errno not in _PERMANENT_ERRNOS and not isinstance(exc, PermissionError)
+    else:
+        transient = type(exc).__module__.split(".")[0] in _NETWORK_MODULES
+    reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
+    return StorageError(
+        f"{action} {path} failed: {reason}", path=path, transient=transient, side="source"
+    )
+
+
+class _LocalSource(SourceFile):
+    """A local file to send. Read through the descriptor opened (a rename or a delete does not
+    change what is read), so `changed` also says when the file lost its last name: removed or
+    replaced while it was being sent, it is no longer what the site holds at that path."""
+
+    def changed(self) -> bool:
+        try:
+            return super().changed() or os.fstat(self.fileno()).st_nlink == 0
+        except OSError as exc:
+            raise source_read_error("checking", self.path, exc) from exc
+
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            return super().read(offset, length)
+        except OSError as exc:
+            raise source_read_error("reading", self.path, exc) from exc
+
+    def window(self, offset: int, length: int) -> FileWindow:
+        """The span mapped (a chunk tried for compression). mmap refuses a span past the end
+        (ValueError): the file shrank since it was hashed, a changed source."""
+        try:
+            return super().window(offset, length)
+        except (OSError, ValueError) as exc:
+            if self.changed():
+                raise _changed_error(self.path, "was cut short or rewritten") from exc
+            if isinstance(exc, OSError):
+                raise source_read_error("reading", self.path, exc) from exc
+            raise
+
+
 class _FsspecSource:
+    """A file behind an fsspec URL, read span by span (`cat_file` ranges). Its failures are the
+    job's TransferdErrors (`source_read_error`); a span that comes back short, or a file whose
+    size or modification time moved, is a changed source."""
+
     def __init__(self, fs: Any, path: str) -> None:
         self.fs, self.path = fs, path
-        self.size = int(fs.size(path))
+        info = fs.info(path)
+        self.size = int(info["size"])
+        self.mtime = info_mtime(info)
 
     @contextmanager
     def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
         yield memoryview(self.read(offset, length))
 
     def read(self, offset: int, length: int) -> bytes:
-        return bytes(self.fs.cat_file(self.path, start=offset, end=offset + length))
+        try:
+            data = bytes(self.fs.cat_file(self.path, start=offset, end=offset + length))
+        except Exception as exc:  # OSError, and the kinds of the backend's network library
+            raise source_read_error("reading", self.path, exc) from exc
+        if len(data) != length:
+            raise _changed_error(self.path, f"ends at {offset + len(data)}, inside a chunk")
+        return data
 
     def changed(self) -> bool:
-        return int(self.fs.size(self.path)) != self.size
+        try:
+            info = self.fs.info(self.path)
+        except Exception as exc:
+            raise source_read_error("checking", self.path, exc) from exc
+        return int(info["size"]) != self.size or info_mtime(info) != self.mtime
 
     def close(self) -> None:
         pass
@@ -268,7 +363,7 @@ class LocalStorage:
         whether its inode also has a name under raw/ (a hard link)."""
         path = self.path(rel)
         with os_errors(f"opening {rel}", rel):
-            source = SourceFile(str(path))
+            source = _LocalSource(str(path))
         try:
             real_root = os.path.realpath(self.root)
             check_resolved(rel, _relative(real_root, _fd_path(source.fileno(), path)))
@@ -537,8 +632,10 @@ class FsspecStorage:
         normalize_rel_path(rel)
 
     def open_source(self, rel: str) -> Source:
-        with os_errors(f"opening {rel}", rel):
+        try:
             return _FsspecSource(self.fs, self.path(rel))
+        except Exception as exc:
+            raise source_read_error("opening", rel, exc) from exc
 
     def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
         path = self.path(rel)

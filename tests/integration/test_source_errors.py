@@ -1,0 +1,222 @@
+"""A source that fails or changes while it is being sent: real daemons (A sends from an fsspec
+`memory://` data_dir or a local one, B receives on local disk). The job fails cleanly (or is tried
+again), nothing is committed at B, and A's daemon goes on serving: the next job commits."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+
+from transferd.site.source import SourceFile
+from transferd.testing import loopback_pair, wait_for_jobs
+
+CHUNK = 64 * 1024
+SIZE = 6 * CHUNK + 123
+
+
+def _memory_site(tmp_path: Path) -> tuple[dict[str, Any], Any, str]:
+    root = f"/src-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    overrides = {"A": {"data_dir": f"memory://{root}", "state_dir": str(tmp_path / "state-A")}}
+    (tmp_path / "site-B").mkdir()
+    return overrides, fs, root
+
+
+def _failing_reads(fs: Any, monkeypatch: pytest.MonkeyPatch, path: str,
+                   fail: Callable[[int], None]) -> None:
+    """fs.cat_file on `path` calls `fail(n)` before its n-th read (n from 1)."""
+    real = fs.cat_file
+    calls = 0
+
+    def cat_file(p: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        if p.lstrip("/") == path.lstrip("/"):
+            calls += 1
+            fail(calls)
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "cat_file", cat_file)
+
+
+async def _still_serving(a: Any, fs: Any, root: str, tmp_path: Path) -> None:
+    """A's sender still runs jobs: a fresh file commits at B, whole."""
+    data = os.urandom(2 * CHUNK + 5)
+    fs.pipe_file(f"{root}/curated/next.bin", data)
+    [job] = await wait_for_jobs(a, a.sender.submit("curated/next.bin", ["B"]), timeout_s=30)
+    assert job.state == "committed", job.error
+    assert (tmp_path / "site-B/curated/next.bin").read_bytes() == data
+
+
+async def _fails_cleanly(a: Any, tmp_path: Path, rel: str, expect: str) -> None:
+    """A's job for `rel` fails, saying `expect`, and nothing of it is committed at B."""
+    [job] = await wait_for_jobs(a, a.sender.submit(rel, ["B"]), timeout_s=30)
+    assert job.state == "failed"
+    assert job.error is not None
+    assert expect in job.error
+    assert not (tmp_path / "site-B" / rel).exists()
+
+
+def _raise_from_third_read(error: Exception) -> Callable[[str, Any], Callable[[int], None]]:
+    def fail(n: int) -> None:
+        if n >= 3:
+            raise error
+
+    return lambda _path, _fs: fail
+
+
+def _delete_at_second_read(path: str, fs: Any) -> Callable[[int], None]:
+    def delete(n: int) -> None:
+        if n == 2:
+            fs.rm(path)
+
+    return delete
+
+
+@pytest.mark.parametrize(
+    ("make_fail", "expect"),
+    [
+        (_raise_from_third_read(RuntimeError("backend library blew up")), "curated/big.bin"),
+        (_raise_from_third_read(PermissionError(errno.EACCES, "denied")), "curated/big.bin"),
+        (_delete_at_second_read, "changed while being sent"),
+    ],
+    ids=["foreign-exception", "permission", "deleted-mid-send"],
+)
+async def test_fsspec_read_failing_mid_job_fails_the_job_and_the_daemon_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    make_fail: Callable[[str, Any], Callable[[int], None]], expect: str,
+) -> None:
+    """A read that fails for good (or finds the file gone: the changed outcome) mid-job."""
+    overrides, fs, root = _memory_site(tmp_path)
+    path = f"{root}/curated/big.bin"
+    fs.pipe_file(path, os.urandom(SIZE))
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
+        _failing_reads(fs, monkeypatch, path, make_fail(path, fs))
+        await _fails_cleanly(a, tmp_path, "curated/big.bin", expect)
+        await _still_serving(a, fs, root, tmp_path)
+
+
+async def test_fsspec_io_error_is_transient_and_the_job_commits_on_its_next_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides, fs, root = _memory_site(tmp_path)
+    data = os.urandom(SIZE)
+    fs.pipe_file(f"{root}/curated/big.bin", data)
+
+    def fail(n: int) -> None:
+        if n == 3:
+            raise OSError(errno.EIO, "Input/output error")
+
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
+        _failing_reads(fs, monkeypatch, f"{root}/curated/big.bin", fail)
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]), timeout_s=30)
+        assert job.state == "committed", job.error
+        assert job.retries >= 1  # waited, then tried again
+        assert (tmp_path / "site-B/curated/big.bin").read_bytes() == data
+        await _still_serving(a, fs, root, tmp_path)
+
+
+async def _local_still_serving(a: Any, tmp_path: Path, rel: str) -> None:
+    """A's sender still runs jobs: `rel`, written afresh at A, commits at B, whole."""
+    data = os.urandom(CHUNK + 1)
+    (tmp_path / "site-A" / rel).write_bytes(data)
+    [job] = await wait_for_jobs(a, a.sender.submit(rel, ["B"]), timeout_s=30)
+    assert job.state == "committed", job.error
+    assert (tmp_path / "site-B" / rel).read_bytes() == data
+
+
+async def test_local_file_deleted_mid_send_is_a_changed_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read through its open descriptor, a deleted file still reads whole: the job must not
+    commit at B a file the site no longer holds."""
+    src = tmp_path / "site-A/curated/big.bin"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(os.urandom(64 * CHUNK))
+    (tmp_path / "site-B").mkdir()
+    real = SourceFile.hash_span
+
+    def hash_span(self: SourceFile, offset: int, length: int) -> str:
+        src.unlink(missing_ok=True)  # hashed in parallel threads
+        return real(self, offset, length)
+
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, _b):
+        monkeypatch.setattr(SourceFile, "hash_span", hash_span)
+        await _fails_cleanly(a, tmp_path, "curated/big.bin", "changed while being sent")
+        monkeypatch.undo()
+        await _local_still_serving(a, tmp_path, "curated/big.bin")
+
+
+async def test_local_file_cut_short_before_a_chunk_is_compressed_is_a_changed_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk tried for compression is mapped from the file after it was hashed: a file cut
+    short in between made mmap refuse the span (ValueError), which escaped the job and took
+    A's sender down. Now it is the changed source it is."""
+    src = tmp_path / "site-A/curated/text.bin"
+    src.parent.mkdir(parents=True)
+    # Two chunks: one batch, hashed (and checked) before the first chunk is mapped.
+    text = b"".join(b"line %08d of a compressible file\n" % i for i in range(4000))
+    src.write_bytes(text[: 2 * CHUNK])
+    (tmp_path / "site-B").mkdir()
+
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression=3) as (a, _b):
+        policy = a.sender.compression["B"]
+        real = policy.should_try
+
+        def should_try() -> bool:  # asked right before the chunk is mapped
+            os.truncate(src, 100)
+            return real()
+
+        monkeypatch.setattr(policy, "should_try", should_try)
+        await _fails_cleanly(a, tmp_path, "curated/text.bin", "changed while being sent")
+        monkeypatch.undo()
+        await _local_still_serving(a, tmp_path, "curated/text.bin")
+
+
+class _Unmapped:
+    """A source whose reads fail with what no source maps (a backend's bug)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.size, self.path = inner, inner.size, inner.path
+
+    @contextmanager
+    def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
+        yield memoryview(self.read(offset, length))
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise KeyError("a backend's bug")
+
+    def changed(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+async def test_an_unexpected_error_from_a_source_fails_the_job_and_the_daemon_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sender's backstop: whatever else escapes a source becomes a StorageError of the
+    source's side (the job fails, the daemon goes on), its traceback logged at debug level."""
+    overrides, fs, root = _memory_site(tmp_path)
+    fs.pipe_file(f"{root}/curated/big.bin", os.urandom(SIZE))
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
+        storage = a.sender.storage
+        real = storage.open_source
+        monkeypatch.setattr(storage, "open_source", lambda rel: _Unmapped(real(rel)))
+        with caplog.at_level(logging.DEBUG, logger="transferd.sender"):
+            await _fails_cleanly(a, tmp_path, "curated/big.bin", "KeyError: \"a backend's bug\"")
+        [record] = [r for r in caplog.records if r.message == "job.source_error"]
+        assert record.levelno == logging.DEBUG
+        assert record.exc_info is not None
+        monkeypatch.undo()
+        await _still_serving(a, fs, root, tmp_path)
