@@ -66,7 +66,7 @@ from transferd.errors import (
     TransferdError,
 )
 from transferd.site.staging import Staging, os_errors, storage_error
-from transferd.site.storage import FsspecStorage, Source, info_mtime
+from transferd.site.storage import FsspecStorage, Source, info_mtime, source_changed_error
 
 __all__ = ["MANIFEST", "OBJECT_STORE_PROTOCOLS", "ObjectStorage", "is_object_store"]
 
@@ -733,10 +733,7 @@ class ObjectSource:
         any other refusal (403, ...) is a StorageError that is not."""
         status = _http_status(exc)
         if self._changed or status == 404 or isinstance(exc, FileNotFoundError):
-            return IntegrityError(
-                f"source file changed while being sent: {self.path} is no longer the version "
-                f"opened ({exc})", path=self.path, side="source",
-            )  # fmt: skip
+            return source_changed_error(self.path, f"is no longer the version opened ({exc})")
         if status is None:
             transient = not isinstance(exc, PermissionError)
         else:

@@ -82,7 +82,7 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-def _changed_error(path: str, why: object) -> IntegrityError:
+def source_changed_error(path: str, why: object) -> IntegrityError:
     """A source removed, replaced or cut short while it was being sent: the job fails (the
     sender's usual "changed" outcome), nothing is committed; a later job sends what is there."""
     return IntegrityError(
@@ -107,11 +107,11 @@ def source_read_error(action: str, path: str, exc: BaseException) -> TransferdEr
     if isinstance(exc, TransferdError):
         return exc
     if isinstance(exc, FileNotFoundError):
-        return _changed_error(path, "is no longer there")
+        return source_changed_error(path, "is no longer there")
     status = getattr(exc, "status", None) or getattr(exc, "code", None)
     if isinstance(status, int) and 400 <= status < 600:
         if status in (404, 410, 412):
-            return _changed_error(path, f"is no longer the version opened (HTTP {status})")
+            return source_changed_error(path, f"is no longer the version opened (HTTP {status})")
         transient = status == 429 or status >= 500
     elif isinstance(exc, OSError):
         transient = exc.errno not in _PERMANENT_ERRNOS and not isinstance(exc, PermissionError)
@@ -147,7 +147,7 @@ class _LocalSource(SourceFile):
             return super().window(offset, length)
         except (OSError, ValueError) as exc:
             if self.changed():
-                raise _changed_error(self.path, "was cut short or rewritten") from exc
+                raise source_changed_error(self.path, "was cut short or rewritten") from exc
             if isinstance(exc, OSError):
                 raise source_read_error("reading", self.path, exc) from exc
             raise
@@ -174,7 +174,7 @@ class _FsspecSource:
         except Exception as exc:  # OSError, and the kinds of the backend's network library
             raise source_read_error("reading", self.path, exc) from exc
         if len(data) != length:
-            raise _changed_error(self.path, f"ends at {offset + len(data)}, inside a chunk")
+            raise source_changed_error(self.path, f"ends at {offset + len(data)}, inside a chunk")
         return data
 
     def changed(self) -> bool:
