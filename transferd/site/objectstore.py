@@ -1453,7 +1453,7 @@ class ObjectStorage(FsspecStorage):
         if not objects:
             return
         path = self.path(rel)
-        doc = self.manifest(rel)
+        doc = self.manifest(rel, "destination")
         if not self.fs.exists(path):
             return
         keep = {str(m["path"]) for m in doc["members"]} | {MANIFEST} if doc else set()

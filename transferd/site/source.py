@@ -24,7 +24,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import blake3
 
@@ -197,9 +197,11 @@ def chunk_spans(source: SourceFile, chunk_size: int) -> list[tuple[int, int]]:
         magic = source.read(0, 8)
         if magic.startswith(_COLUMNAR_MAGICS):
             layout = _layout_buffer(source.fileno(), source.size, magic)
-            with memoryview(layout) as whole:
-                spans = record_batch_spans(whole, chunk_size)
-            layout.close()
+            try:
+                spans = record_batch_spans(memoryview(layout), chunk_size)
+            finally:
+                with suppress(BufferError):  # a view still alive: unmapped when it goes
+                    layout.close()
             if spans:
                 return spans
     return fixed_spans(source.size, chunk_size)
