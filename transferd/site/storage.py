@@ -624,7 +624,10 @@ class FsspecStorage:
                     self.fs.rm(partial, recursive=True)
             except Exception:  # noqa: BLE001 - the original failure is the one to report
                 pass
-            raise storage_failure("committing", rel, exc, side="destination") from exc
+            err = storage_failure("committing", rel, exc, side="destination")
+            if err is exc:
+                raise
+            raise err from exc
 
     def member_staged(self, staging: Staging, rel: str, index: int) -> None:
         pass  # staged on local disk and put at commit (object stores stream: ObjectStorage)
