@@ -52,9 +52,9 @@ async def main():
         if where == "compression":
             real = a.sender.encode
 
-            def encode(peer, view):  # the chunk's bytes are in memory, about to be sampled
+            def encode(peer, view, *probed):  # the chunk is in memory, about to be compressed
                 truncate()
-                return real(peer, view)
+                return real(peer, view, *probed)
 
             a.sender.encode = encode
         elif where == "sendfile":

@@ -50,7 +50,7 @@ from transferd.protocol.auth import Keys
 from transferd.protocol.backoff import job_retry_delay
 from transferd.protocol.channel import DataChannelAnswer, Receipt, ReceiptStatus
 from transferd.protocol.chunks import blake3_hex, fixed_spans
-from transferd.protocol.codec import CompressionPolicy, Encoded, zstd_compress
+from transferd.protocol.codec import SAMPLE_BYTES, CompressionPolicy, Encoded, zstd_compress
 from transferd.protocol.local_api import Job, JobRoute, JobState
 from transferd.protocol.manifest import (
     ChunkRef,
@@ -851,12 +851,12 @@ class Sender:
             return chunk_spans(source, self.chunk_size)
         return fixed_spans(source.size, self.chunk_size)
 
-    def encode(self, peer: str, view: memoryview) -> Encoded:
+    def encode(self, peer: str, view: memoryview, ratio: float | None = None) -> Encoded:
         """Thread: the body to send for a chunk whose compression is worth trying (zstd when
-        a sample says it pays)."""
+        a sample says it pays; `ratio`: that sample's, probed already)."""
         policy = self.compression[peer]
         n = len(view)
-        if not policy.pays(policy.probe_ratio(view)):
+        if not policy.pays(policy.probe_ratio(view) if ratio is None else ratio):
             return Encoded("identity", view, n)
         level = policy.compress_level()
         assert level is not None
@@ -1345,13 +1345,22 @@ class _ChunkPump:
             self.gate.release(acked, errors)
 
     def _encode_local(self, location: tuple[int, int], length: int) -> Encoded:
-        """Thread: a local file's chunk as it is to be sent, mapped only while compression is
-        tried on it: compressed bytes, or raw (then sent from the file: no bytes held)."""
+        """Thread: a local file's chunk as it is to be sent, read into memory (pread, never
+        mapped) only while compression is tried on it: compressed bytes, or raw (then sent
+        from the file: no bytes held)."""
         f, offset = location
         source = self.sources[f]
         assert isinstance(source, SourceFile)
+        # The sample first (the span `probe_ratio` takes, read alone): most chunks tried stop
+        # there, and the chunk is read whole only to be compressed.
+        policy = self.sender.compression[self.link.peer]
+        start = max(0, length // 2 - SAMPLE_BYTES // 2)
+        with source.mapped(offset + start, min(SAMPLE_BYTES, length - start)) as sample:
+            ratio = policy.probe_ratio(sample)
+        if not policy.pays(ratio):
+            return Encoded("identity", memoryview(b""), length)
         with source.mapped(offset, length) as view:
-            encoded = self.sender.encode(self.link.peer, view)
+            encoded = self.sender.encode(self.link.peer, view, ratio)
             if encoded.encoding == "identity":
                 return Encoded("identity", memoryview(b""), length)
             return encoded
