@@ -8,7 +8,7 @@ Measured on this project's 2-vCPU benchmark host (benchmarks/README.md, issue 11
 which also fault in 2048 page-table entries per chunk and tear them down at munmap (a TLB
 shootdown across the daemon's threads). A chunk sent raw goes from the file itself
 (`sendfile`), so nothing of it stays buffered. A chunk tried for compression is read (pread)
-into this thread's reused buffer (`mapped`), one chunk at a time.
+into a reused span buffer (`mapped`): its sample first, the whole chunk only to compress it.
 
 No source file is ever mapped: a file cut short by someone else while a mapping of it is read
 kills the whole daemon with SIGBUS, which Python cannot catch. Read with pread, the same file
@@ -59,18 +59,40 @@ def _in_use(buf: mmap.mmap) -> bool:
     return False
 
 
-def _span_buffer(length: int) -> mmap.mmap:
-    """This thread's buffer for a span read whole (at least `length` bytes, whole MiB): reused
-    while nothing holds a view of it, so reading a chunk costs one copy and no page faults
-    (a fresh mapping per chunk costs 2048 faults of zeroed pages per 8 MiB, as the file
-    mappings it replaces did). Anonymous, page-aligned, populated at once."""
-    buf: mmap.mmap | None = getattr(_pieces, "span", None)
-    if buf is None or len(buf) < length or _in_use(buf):
-        size = -(-length // HASH_PIECE_BYTES) * HASH_PIECE_BYTES
-        buf = _pieces.span = mmap.mmap(
-            -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE
-        )
-    return buf
+# Span buffers kept idle for the next span read whole: a chunk tried for compression on any
+# worker thread takes one; more than this many idle ones are unmapped (RSS: in the loopback
+# A/B, one kept per worker thread held ~40 MiB more at the sender than main's mappings did).
+_SPARE_SPANS = 2
+_spare_spans: list[mmap.mmap] = []
+_spare_lock = threading.Lock()
+
+
+def _take_span(length: int) -> mmap.mmap:
+    """A buffer for a span read whole (at least `length` bytes): an idle one that fits, so
+    reading a chunk costs one copy and no page faults (a fresh mapping costs 2048 faults of
+    zeroed pages per 8 MiB, as the file mappings it replaces did), else a new one (whole MiB;
+    anonymous, page-aligned, populated at once)."""
+    with _spare_lock:
+        fits = sorted((b for b in _spare_spans if len(b) >= length), key=len)
+        if fits:
+            _spare_spans.remove(fits[0])
+            return fits[0]
+    size = -(-length // HASH_PIECE_BYTES) * HASH_PIECE_BYTES
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
+
+
+def _give_span(buf: mmap.mmap) -> None:
+    """Kept for the next span unless a view of it is still alive somewhere (then it goes
+    with the last of them) or enough are kept already (the smallest goes)."""
+    if _in_use(buf):
+        return
+    with _spare_lock:
+        _spare_spans.append(buf)
+        if len(_spare_spans) <= _SPARE_SPANS:
+            return
+        _spare_spans.sort(key=len)
+        dropped = _spare_spans.pop(0)
+    dropped.close()
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
@@ -138,25 +160,29 @@ class SourceFile:
     @contextmanager
     def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
         """Thread: [offset, offset+length) in memory, valid inside the block: read (pread) into
-        this thread's span buffer, not mapped from the file (the name is the `Source`
+        a span buffer (`_take_span`), not mapped from the file (the name is the `Source`
         protocol's). A file that ends inside the span was cut short while being sent: the
         changed source's IntegrityError; a read that fails: `failures.storage_failure`."""
         if length == 0:
             yield memoryview(b"")
             return
-        buf = _span_buffer(length)
-        with memoryview(buf) as whole:
-            view = whole[:length]
-            try:
-                got = _pread_into(self._fd, view, offset)
-            except OSError as exc:
-                raise storage_failure("reading", self.path, exc, side="source") from exc
-            if got < length:
-                raise source_changed_error(self.path, f"ends at {offset + got}, inside a chunk")
-            try:
-                yield view
-            finally:
-                view.release()
+        buf = _take_span(length)
+        try:
+            with memoryview(buf) as whole:
+                view = whole[:length]
+                try:
+                    got = _pread_into(self._fd, view, offset)
+                except OSError as exc:
+                    raise storage_failure("reading", self.path, exc, side="source") from exc
+                if got < length:
+                    raise source_changed_error(
+                        self.path, f"ends at {offset + got}, inside a chunk")
+                try:
+                    yield view
+                finally:
+                    view.release()
+        finally:
+            _give_span(buf)
 
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
