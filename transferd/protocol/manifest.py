@@ -24,7 +24,9 @@ import blake3
 from pydantic import (
     AfterValidator,
     Field,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -128,6 +130,17 @@ class OpenRequest(UploadIntent):
     field) opens as before and is answered by a plain `OpenAnswer`."""
 
     offer: Annotated[list[ChunkRef], Field(max_length=MAX_HAVE_CHUNKS)] = []
+    # The sender sends fresh files in one pass and asks which ones are (`OfferAnswer.one_pass`).
+    # Sent only when true: a receiver older than the field refuses it (400, the sender opens
+    # again without it, `protocol.upload.one_pass_refused`), and an older sender never sends it.
+    one_pass: bool = False
+
+    @model_serializer(mode="wrap")
+    def _without_unasked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if not self.one_pass:
+            out.pop("one_pass", None)
+        return out
 
     @property
     def offered(self) -> bool:
@@ -152,9 +165,22 @@ class OpenAnswer(WireModel):
 
 class OfferAnswer(OpenAnswer):
     """The answer to an `OpenRequest` with an offer: `want` as in `HaveAnswer` (empty when the
-    upload was committed already)."""
+    upload was committed already). `one_pass` (only when the request asked, and only when not
+    empty, so an older sender never sees the field): the files the receiver has no destination
+    file and nothing staged for, and wanted every offered chunk of; the sender may send their
+    chunks in one pass (`protocol.channel`, a trailer carries the address)."""
 
     want: Annotated[list[Annotated[int, Field(ge=0, lt=MAX_HAVE_CHUNKS)]], Field(max_length=4096)]
+    one_pass: Annotated[
+        list[Annotated[int, Field(ge=0, lt=MAX_FILES)]], Field(max_length=MAX_FILES)
+    ] = []
+
+    @model_serializer(mode="wrap")
+    def _without_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if not self.one_pass:
+            out.pop("one_pass", None)
+        return out
 
 
 class HaveAnswer(WireModel):
