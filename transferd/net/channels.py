@@ -13,11 +13,14 @@ so does one whose chunks in flight have not moved for `stall_s` (no receipt, not
 Each send of a chunk is reported as it starts (`OutgoingChunk.on_wire`: the job's
 bytes_on_wire, re-sends included). A chunk marked `alone` (sent through a relay) goes only on a
 channel with nothing else in flight and nothing follows it there before its receipt; a body
-still arriving (`ArrivingBody`, a relay's cut-through) is sent part by part as it comes.
+still arriving (`ArrivingBody`, a relay's cut-through) is sent part by part as it comes. A
+chunk marked `one_pass` (a fresh upload's) is read into the thread's 1 MiB buffer, hashed and
+sent piece by piece, its address in the trailer after the body (`protocol.channel`).
 
 Receiving: `DataListener` accepts, runs the opening (and TLS when configured), then one thread
-per channel reads each header, receives the body into a pooled aligned buffer, and hands it to
-a worker that verifies, stages and books it, and sends the receipt. A frame that fails its MAC
+per channel reads each header, receives the body into a pooled aligned buffer (and a one-pass
+chunk's trailer, whose MAC must chain to its header), and hands it to a worker that verifies,
+stages and books it, and sends the receipt. A frame that fails its MAC
 or its bounds closes the channel and is counted (auth failures, `channels_refused`); a body
 that does not hash to its header is never written (a DAMAGED receipt); nothing a peer sends
 can end the listener or the daemon. A sink that passes some chunks on as they arrive (a relay:

@@ -13,8 +13,11 @@ exponential delay (`protocol.backoff.job_retry_delay`), resuming from what the r
 A job fails on a permanent error, or when its deadline (`send --timeout`) passes. Every body
 the job puts on the wire, control or chunk, first send or again, is counted in its
 `bytes_on_wire` as it starts going out. Hashing of the next batch overlaps the sending of the
-previous one; each chunk is admitted by the peer's `BulkGate` for the job's class (the class
-scheduler's weights and rate caps, and the adaptive stream count). Policy is checked before a
+previous one; a fresh file (the receiver holds nothing of it) is sent in one pass after its first
+batch, its chunks hashed by the channel threads as they go, a probe hashed and offered every
+ONE_PASS_PROBE_EVERY chunks (`_hash_and_offer`); each chunk is admitted by the peer's
+`BulkGate` for the job's class (the class scheduler's weights and rate caps, and the adaptive
+stream count). Policy is checked before a
 byte is read. Jobs survive SIGKILL: the journal keeps them and a restarted daemon re-opens the
 same upload id, so the receiver's answer to have/want says exactly which chunks are still
 missing.
