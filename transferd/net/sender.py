@@ -723,66 +723,53 @@ class Sender:
         in ONE_PASS_PROBE_EVERY is still hashed and offered first; one the receiver holds turns
         the file back to hash-first."""
         spans = state.spans
+        offering = _Offering(pump, queue, ahead, index, state)
         one_pass = False  # decided by the first batch's answer
         for start, stop in offer_batches(len(spans), FIRST_BATCH, HAVE_BATCH):
             if self._stopping:
                 return False
             if one_pass:
-                await self._probe_and_pass(pump, queue, ahead, index, state, start)
+                await self._probe_and_pass(offering, start)
                 break
-            plan = await self._offer_spans(pump, queue, ahead, index, state,
-                                           spans[start:stop])
+            plan = await self._offer_spans(offering, spans[start:stop])
             one_pass = (start == 0 and isinstance(pump, _ChunkPump)
                         and _all_new(plan, stop - start)
                         and pump.may_one_pass(index, state.source))
         return not self._stopping
 
-    async def _probe_and_pass(
-        self,
-        pump: _ChunkPump | RouteDealer,
-        queue: asyncio.Queue[_Wanted | None],
-        ahead: asyncio.Semaphore,
-        index: int,
-        state: _FileState,
-        start: int,
-    ) -> None:
+    async def _probe_and_pass(self, offering: _Offering, start: int) -> None:
         """The rest of a one-pass file from chunk `start`: per ONE_PASS_PROBE_EVERY chunks, a
         probe hashed and offered, the others queued to go in one pass; from a probe the
         receiver holds on, hash-first batches as usual."""
+        state = offering.state
         spans = state.spans
         loop = asyncio.get_running_loop()
         i = start
         while i < len(spans):
             if self._stopping:
                 return
-            plan = await self._offer_spans(pump, queue, ahead, index, state, spans[i:i + 1])
+            plan = await self._offer_spans(offering, spans[i:i + 1])
             i += 1
             if not _all_new(plan, 1):
                 log.info("job.one_pass_ends", extra={"fields": {
-                    "job": pump.job.id, "file": index, "chunk": i - 1,
+                    "job": offering.pump.job.id, "file": offering.index, "chunk": i - 1,
                     "reason": "a probe is held by the receiver or repeats a chunk"}})
                 for at in range(i, len(spans), HAVE_BATCH):
                     if self._stopping:
                         return
-                    await self._offer_spans(pump, queue, ahead, index, state,
-                                            spans[at:at + HAVE_BATCH])
+                    await self._offer_spans(offering, spans[at:at + HAVE_BATCH])
                 return
             for off, n in spans[i:i + ONE_PASS_PROBE_EVERY - 1]:
                 settle = state.one_pass_chunk(loop, off, n)
-                await ahead.acquire()
-                queue.put_nowait(_Wanted("", [(index, off)], n, None, settle))
+                await offering.ahead.acquire()
+                offering.queue.put_nowait(_Wanted("", [(offering.index, off)], n, None, settle))
             i += ONE_PASS_PROBE_EVERY - 1
 
-    async def _offer_spans(
-        self,
-        pump: _ChunkPump | RouteDealer,
-        queue: asyncio.Queue[_Wanted | None],
-        ahead: asyncio.Semaphore,
-        index: int,
-        state: _FileState,
-        batch: list[tuple[int, int]],
-    ) -> OfferPlan:
-        """Hash `batch` (spans of file `index`), offer it, queue what the receiver wants."""
+    async def _offer_spans(self, offering: _Offering, batch: list[tuple[int, int]]
+                           ) -> OfferPlan:
+        """Hash `batch` (spans of the file), offer it, queue what the receiver wants."""
+        pump, queue, ahead, index, state = (offering.pump, offering.queue, offering.ahead,
+                                            offering.index, offering.state)
         hashes, bodies = await _hash_spans(state.source, batch, self._hashing)
         if _from_source(state.source, "checking", state.source.changed):
             raise IntegrityError(
@@ -1084,6 +1071,18 @@ class _Wanted:
     length: int
     body: memoryview | None
     settle: Callable[[str], None] | None = None
+
+
+@dataclass
+class _Offering:
+    """One file being hashed and offered: where its wanted chunks are queued, at most
+    HAVE_BATCH (`ahead`) before the uploads take them."""
+
+    pump: _ChunkPump | RouteDealer
+    queue: asyncio.Queue[_Wanted | None]
+    ahead: asyncio.Semaphore
+    index: int
+    state: _FileState
 
 
 class _Interrupted(Exception):

@@ -78,6 +78,14 @@ def _check_member(value: str) -> str:
     return value
 
 
+def _without_empty(body: dict[str, Any], name: str) -> dict[str, Any]:
+    """`body` without the field `name` when it is false or empty: a field a peer older than
+    it would refuse is sent only when it says something."""
+    if not body.get(name):
+        body.pop(name, None)
+    return body
+
+
 class FileSpec(WireModel):
     path: str  # relative to the upload root; "" when the root is a single file
     size: Size
@@ -137,10 +145,7 @@ class OpenRequest(UploadIntent):
 
     @model_serializer(mode="wrap")
     def _without_unasked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        if not self.one_pass:
-            out.pop("one_pass", None)
-        return out
+        return _without_empty(handler(self), "one_pass")
 
     @property
     def offered(self) -> bool:
@@ -176,11 +181,8 @@ class OfferAnswer(OpenAnswer):
     ] = []
 
     @model_serializer(mode="wrap")
-    def _without_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        if not self.one_pass:
-            out.pop("one_pass", None)
-        return out
+    def _without_unlisted(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_empty(handler(self), "one_pass")
 
 
 class HaveAnswer(WireModel):
