@@ -1381,8 +1381,8 @@ class _ChunkPump:
         `digest` "" (a local file's chunk going in one pass): its channel reads, hashes and
         sends it in one pass and `settle` hears its digest as its body has gone; a send again
         after that is an ordinary chunk with that address, so a source that changed meanwhile
-        is caught (DAMAGED, then the re-read differs: the job fails). A chunk whose compression
-        is tried is hashed first instead."""
+        is caught (DAMAGED, then the re-read differs: the job fails). One that compression
+        pays for is hashed first instead (the header of a compressed chunk names both)."""
         s = self.sender
         peer = self.link.peer
         acked, errors = 0, 0  # for the stream controller: retries and integrity failures
@@ -1411,16 +1411,7 @@ class _ChunkPump:
 
         async def attempt() -> tuple[Encoded, int]:
             nonlocal digest
-            try_compression = s.compression[peer].should_try()
-            if not digest and try_compression:
-                f, offset = locations[0]
-                source = self.sources[f]
-                assert isinstance(source, SourceFile)  # one pass: local files only
-                digest = await asyncio.to_thread(
-                    _from_source, source, "reading", source.hash_span, offset, length)
-                assert settle is not None
-                settle(digest)
-            if not try_compression:
+            if not s.compression[peer].should_try():
                 encoded = Encoded("identity", memoryview(b"") if body is None else body, length)
             elif body is None:
                 encoded = await asyncio.to_thread(
@@ -1428,6 +1419,15 @@ class _ChunkPump:
                     locations[0], length)
             else:
                 encoded = await asyncio.to_thread(s.encode, peer, body)
+            if not digest and encoded.encoding != "identity":
+                # Compressed: its header names both hashes, so this one is hashed first.
+                f, offset = locations[0]
+                source = self.sources[f]
+                assert isinstance(source, SourceFile)  # one pass: local files only
+                digest = await asyncio.to_thread(
+                    _from_source, source, "reading", source.hash_span, offset, length)
+                assert settle is not None
+                settle(digest)
             body_hash = (
                 digest
                 if encoded.encoding == "identity"
