@@ -13,11 +13,14 @@ so does one whose chunks in flight have not moved for `stall_s` (no receipt, not
 Each send of a chunk is reported as it starts (`OutgoingChunk.on_wire`: the job's
 bytes_on_wire, re-sends included). A chunk marked `alone` (sent through a relay) goes only on a
 channel with nothing else in flight and nothing follows it there before its receipt; a body
-still arriving (`ArrivingBody`, a relay's cut-through) is sent part by part as it comes.
+still arriving (`ArrivingBody`, a relay's cut-through) is sent part by part as it comes. A
+chunk marked `one_pass` (a fresh upload's) is read into the thread's 1 MiB buffer, hashed and
+sent piece by piece, its address in the trailer after the body (`protocol.channel`).
 
 Receiving: `DataListener` accepts, runs the opening (and TLS when configured), then one thread
-per channel reads each header, receives the body into a pooled aligned buffer, and hands it to
-a worker that verifies, stages and books it, and sends the receipt. A frame that fails its MAC
+per channel reads each header, receives the body into a pooled aligned buffer (and a one-pass
+chunk's trailer, whose MAC must chain to its header), and hands it to a worker that verifies,
+stages and books it, and sends the receipt. A frame that fails its MAC
 or its bounds closes the channel and is counted (auth failures, `channels_refused`); a body
 that does not hash to its header is never written (a DAMAGED receipt); nothing a peer sends
 can end the listener or the daemon. A sink that passes some chunks on as they arrive (a relay:
@@ -95,6 +98,9 @@ TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 NOTSENT_LOWAT_BYTES = 1 << 20
 MSG_MORE = getattr(socket, "MSG_MORE", 0)
 ARRIVING_WAKE_S = 1.0  # a sender waiting on a relayed body looks at its channel this often
+# A one-pass chunk is read, hashed and sent this much at a time: as RECEIVE_PIECE_BYTES, half
+# the benchmark host's L2, so the send copies bytes the hash just left in cache.
+ONE_PASS_PIECE_BYTES = 1 << 20
 
 
 def set_congestion(sock: socket.socket, wanted: CongestionControl) -> str:
@@ -404,6 +410,12 @@ class OutgoingChunk:
     # Given up on (`PeerChannels.give_up`, `expire`): a channel that breaks under it does not
     # put it back in the queue nor count it as sent again; it is finished with the error.
     ended: bool = False
+    # One pass (a fresh upload's local chunk): `digest` is "" until the sender thread has read
+    # and hashed the body as it sent it (`_Channel._write_one_pass`), then set there and told
+    # to `on_digest`; a send again after that goes as an ordinary chunk with that address
+    # (the receiver's check then catches a source that changed: DAMAGED).
+    one_pass: bool = False
+    on_digest: Callable[[str], None] | None = None
 
     @property
     def wire_length(self) -> int:
@@ -440,6 +452,7 @@ class _Channel:
         # then: a channel with chunks in flight where neither moves for `stall_s` is broken.
         self.moved_at = time.monotonic()
         self.acked = 0
+        self._piece: memoryview | None = None  # the sender thread's buffer for one pass
         self.threads = [
             threading.Thread(target=self._send_loop, name=f"channel-send-{owner.peer}",
                              daemon=True),
@@ -493,6 +506,9 @@ class _Channel:
             i.alone for i in self.window)
 
     def _write(self, seq: int, item: OutgoingChunk) -> None:
+        if item.one_pass and not item.digest:
+            self._write_one_pass(seq, item)
+            return
         head = ch.ChunkHead(
             seq=seq, upload=item.upload, digest=bytes.fromhex(item.digest),
             body_blake3=bytes.fromhex(item.body_blake3), encoding=item.encoding,
@@ -524,6 +540,38 @@ class _Channel:
                 if n == 0:
                     raise SourceEnded("source file ended before the chunk did")
                 sent += n
+
+    def _write_one_pass(self, seq: int, item: OutgoingChunk) -> None:
+        """Header, then the chunk read piece by piece into this thread's buffer, each piece
+        hashed and sent while it is in cache (one pass over the bytes instead of a hashing
+        pass and a `sendfile`), then the trailer with the address."""
+        assert item.fd is not None
+        head = ch.ChunkHead(
+            seq=seq, upload=item.upload, digest=bytes(32), body_blake3=bytes(32),
+            encoding="identity", raw_length=item.raw_length, body_length=item.raw_length,
+            locations=item.locations, trailed=True,
+        )
+        frame = ch.encode_chunk_head(self.session, head)
+        more = 0 if self.tls else MSG_MORE
+        self.sock.sendall(frame, more)
+        if self._piece is None:
+            self._piece = memoryview(mmap.mmap(-1, ONE_PASS_PIECE_BYTES))
+        buf = self._piece
+        hasher = blake3.blake3()
+        done = 0
+        while done < item.raw_length:
+            n = os.preadv(item.fd, [buf[: min(len(buf), item.raw_length - done)]],
+                          item.offset + done)
+            if n <= 0:
+                raise OSError("source file ended before the chunk did")
+            hasher.update(buf[:n])
+            self.sock.sendall(buf[:n], more)
+            done += n
+        digest = hasher.digest()
+        item.digest = item.body_blake3 = digest.hex()
+        if item.on_digest is not None:
+            item.on_digest(item.digest)
+        self.sock.sendall(ch.encode_trailer(self.session, frame, digest))
 
     # receipt thread
     def _receipt_loop(self) -> None:
@@ -1079,7 +1127,9 @@ class DataListener:
             partial, rest_len = ch.decode_chunk_head(bytes(fixed))
             head = ch.finish_chunk_head(session, partial, _read(sock, rest_len))
             seqs.check(head.seq)
-            passing = self._cut_through(head, peer) if self._cut_through is not None else None
+            # A one-pass chunk is never cut through: its address is known only at its end.
+            passing = (self._cut_through(head, peer)
+                       if self._cut_through is not None and not head.trailed else None)
             if passing is not None:
                 # A relayed chunk: its bytes go on to the next hop as they arrive (`net.relay`).
                 passing.receive(sock)
@@ -1093,6 +1143,10 @@ class DataListener:
                 body_blake3 = _recv_hashed(sock, view)
                 if body_blake3 is None:
                     raise ConnectionError("data channel closed before a chunk body")
+                if head.trailed:
+                    # Its address, bound to this header: then `_land` checks the body
+                    # against it as for any chunk (DAMAGED, nothing written, if it differs).
+                    head = ch.check_trailer(session, head, _read(sock, ch.TRAILER_BYTES))
             except BaseException:
                 view.release()
                 self._give_back(buf, pooled)

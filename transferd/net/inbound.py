@@ -29,7 +29,13 @@ from transferd.protocol.manifest import (
     SignedManifest,
     UploadIntent,
 )
-from transferd.protocol.upload import COMMIT_WAIT_MAX_S, ChunkTarget, refused, wanted
+from transferd.protocol.upload import (
+    COMMIT_WAIT_MAX_S,
+    ChunkTarget,
+    one_pass_files,
+    refused,
+    wanted,
+)
 from transferd.site.journal import UploadState
 from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
@@ -151,9 +157,15 @@ class InboundUploads:
         if not offered:
             return OpenAnswer(upload=intent.upload, committed=committed)
         assert isinstance(request, OpenRequest)
+        fresh: list[int] = []
+        if request.one_pass and not committed:
+            # Before have/want: what it copies or keeps in place is staged by then.
+            unstaged = self.receiver.unstaged_destinations(intent.upload, peer)
+            fresh = await asyncio.to_thread(self.receiver.fresh_files, unstaged)
         want = [] if committed or not request.offer else (
             await self.have(intent.upload, peer, request.have())).want
-        return OfferAnswer(upload=intent.upload, committed=committed, want=want)
+        return OfferAnswer(upload=intent.upload, committed=committed, want=want,
+                           one_pass=one_pass_files(fresh, request.offer, want))
 
     async def have(self, upload: str, peer: str, request: HaveRequest) -> HaveAnswer:
         try:

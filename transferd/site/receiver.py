@@ -259,6 +259,20 @@ class Receiver:
             in_place=self.journal.committed_at,
         )
 
+    def unstaged_destinations(self, upload: str, peer: str) -> dict[int, str]:
+        """On the loop (the journal): the upload's files with nothing staged yet (not a
+        resumed upload's), by index, with where each lands."""
+        intent = self._open_upload(upload, peer).intent
+        staged = {f for f, _off in self.journal.received(upload)}
+        return {i: destination(intent, i) for i in range(len(intent.files)) if i not in staged}
+
+    def fresh_files(self, unstaged: dict[int, str]) -> list[int]:
+        """Thread (it asks the storage): of `unstaged_destinations`, the files with no
+        destination file either (not an update of a file held here): candidates to go in one
+        pass."""
+        sizes = self.storage.sizes(list(unstaged.values()))
+        return [i for i, size in zip(unstaged, sizes, strict=True) if size is None]
+
     def fill_local(self, upload: str, digest: str, targets: Sequence[ChunkTarget]) -> bool:
         """Copy a chunk this site already holds into the upload's staging (verifying its hash:
         a committed file may have been changed locally since it was indexed). The caller

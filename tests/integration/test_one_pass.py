@@ -1,0 +1,221 @@
+"""One pass for fresh uploads (issue 11): a file the receiver has nothing of is read, hashed and
+sent in one pass (its address in a MAC'd trailer), with one chunk in ONE_PASS_PROBE_EVERY still
+hashed and offered first. Every chunk is still checked against its address before it is
+written; a body damaged in flight is refused and sent again; a resumed upload, an older
+receiver and a file whose probe the receiver holds go hash-first; a source that changed
+between a send and its send again fails the job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from tests.integration._data import file_blake3, write_random
+from tests.integration._procs import poll_until
+from transferd.net import inbound as inbound_mod
+from transferd.net import server as server_mod
+from transferd.protocol import manifest
+from transferd.protocol.manifest import ChunkRef, UploadIntent
+from transferd.protocol.upload import ONE_PASS_PROBE_EVERY
+from transferd.site.source import SourceFile
+from transferd.site.staging import Staging
+from transferd.testing import LinkProxy, loopback_pair, wait_for_jobs
+
+CHUNK = 256 * 1024
+
+
+def chunk_names(proxy: LinkProxy, since: int = 0) -> list[str]:
+    """What each chunk frame on the data channels carried: "one-pass", or its address."""
+    return [m.path for m in proxy.captured[since:] if m.kind == "chunk"]
+
+
+def hash_first_expected(n: int, first: int = 2) -> int:
+    """Chunks of a fresh n-chunk file that are hashed and offered first: the first batch,
+    then one probe every ONE_PASS_PROBE_EVERY."""
+    return first + len(range(first, n, ONE_PASS_PROBE_EVERY))
+
+
+async def test_a_fresh_file_goes_in_one_pass_but_for_its_first_batch_and_probes(
+    tmp_path: Path,
+) -> None:
+    n = 20
+    digest = write_random(tmp_path / "site-A" / "curated" / "f.bin", n * CHUNK, seed=1)
+    proxy = LinkProxy(capture=True)
+    async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, compression="off") as (
+        a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+    assert job.state == "committed", job.error
+    assert file_blake3(tmp_path / "site-B" / "curated" / "f.bin") == digest
+    names = chunk_names(proxy)
+    assert len(names) == n == job.chunks_sent
+    assert names.count("one-pass") == n - hash_first_expected(n) == 15
+    assert n * CHUNK <= job.bytes_on_wire < n * CHUNK + 64 * 1024
+
+
+async def test_a_body_damaged_in_a_one_pass_chunk_is_refused_unwritten_and_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-pass twin of `test_byte_flipped_in_flight_is_detected_refetched_and_counted`:
+    the trailer's address is checked against the body hashed as it arrived, the chunk is
+    answered DAMAGED and nothing of it is written; sent again, it lands, counted once."""
+    src = tmp_path / "site-A" / "approved" / "model.bin"
+    digest = write_random(src, 12 * CHUNK, seed=7)
+    data = src.read_bytes()
+    written: list[tuple[int, bool]] = []
+    write = Staging.write
+
+    def checked_write(self: Staging, index: int, offset: int, body: Any) -> None:
+        written.append((offset, bytes(body) == data[offset : offset + len(body)]))
+        write(self, index, offset, body)
+
+    monkeypatch.setattr(Staging, "write", checked_write)
+    proxy = LinkProxy(corrupt_first={"one-pass": 1})
+    async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, compression="off") as (
+        a, b):
+        [job_id] = a.sender.submit("approved/model.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+    [damaged] = proxy.corrupted
+    assert (damaged.path, damaged.status) == ("one-pass", 422)  # a one-pass chunk, DAMAGED
+    assert job.state == "committed", job.error
+    assert file_blake3(tmp_path / "site-B" / "approved" / "model.bin") == digest
+    assert job.integrity_failures == 1
+    assert job.chunks_sent == 12
+    assert b.metrics.value("transferd_integrity_failures_total", peer="A", side="receiver") == 1
+    # Every write carried the source's bytes, each span once: the damaged body never was.
+    assert all(ok for _off, ok in written)
+    assert sorted(off for off, _ok in written) == [i * CHUNK for i in range(12)]
+
+
+async def test_a_source_changed_before_a_send_again_fails_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-pass chunk damaged in flight is sent again from its file; the file was rewritten
+    meanwhile: the re-read does not hash to the first send's address, so the job fails with
+    "source file changed" and nothing is committed."""
+    src = tmp_path / "site-A" / "approved" / "m.bin"
+    write_random(src, 10 * CHUNK, seed=3)  # first batch 2, probe, then 7 in one pass
+    proxy = LinkProxy(corrupt_first={"one-pass": 1})
+    hash_span = SourceFile.hash_span
+    rewritten: list[bool] = []
+
+    def rewrite_once_damaged(self: SourceFile, offset: int, length: int) -> str:
+        if proxy.corrupted and not rewritten:
+            rewritten.append(True)
+            with open(src, "r+b") as f:  # the same file, other bytes (as an editor saving)
+                f.write(bytes(10 * CHUNK))
+        return hash_span(self, offset, length)
+
+    monkeypatch.setattr(SourceFile, "hash_span", rewrite_once_damaged)
+    async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, compression="off") as (
+        a, _b):
+        [job_id] = a.sender.submit("approved/m.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+    assert rewritten
+    assert proxy.corrupted[0].path == "one-pass"
+    assert job.state == "failed"
+    assert job.error is not None
+    assert "source file changed" in job.error
+    assert not (tmp_path / "site-B" / "approved" / "m.bin").exists()
+
+
+async def test_a_probe_the_receiver_holds_turns_the_file_back_to_hash_first(
+    tmp_path: Path,
+) -> None:
+    """b.bin: ten new chunks, then the ten last chunks of a.bin (committed at B already). Its
+    first batch and first probe are new (one pass from chunk 3); the probe at chunk 10 is held
+    at B, so chunks 11-19 are hashed and offered: all ten are copied at B, none sent."""
+    a_path = tmp_path / "site-A" / "curated" / "a.bin"
+    write_random(a_path, 20 * CHUNK, seed=5)
+    fresh = write_random(tmp_path / "scratch.bin", 10 * CHUNK, seed=6)
+    assert fresh
+    b_bytes = (tmp_path / "scratch.bin").read_bytes() + a_path.read_bytes()[10 * CHUNK :]
+    (tmp_path / "site-A" / "curated" / "b.bin").write_bytes(b_bytes)
+    proxy = LinkProxy(capture=True)
+    async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, compression="off") as (
+        a, _b):
+        [first_id] = a.sender.submit("curated/a.bin", ["B"])
+        [first] = await wait_for_jobs(a, [first_id])
+        seen = len(proxy.captured)
+        [second_id] = a.sender.submit("curated/b.bin", ["B"])
+        [second] = await wait_for_jobs(a, [second_id])
+    assert (first.state, second.state) == ("committed", "committed"), second.error
+    assert (tmp_path / "site-B" / "curated" / "b.bin").read_bytes() == b_bytes
+    names = chunk_names(proxy, seen)
+    assert len(names) == second.chunks_sent == 10
+    assert names.count("one-pass") == ONE_PASS_PROBE_EVERY - 1  # chunks 3-9
+    assert second.chunks_skipped == 10
+    assert second.bytes_on_wire < 10 * CHUNK + 64 * 1024
+
+
+class _OpenRequestBeforeOnePass(UploadIntent):
+    """`OpenRequest` as the release before `one_pass` parses it (unknown fields refused)."""
+
+    offer: list[ChunkRef] = []
+    one_pass: ClassVar[bool] = False  # (not a field: what the new `inbound.open` reads)
+    offered = manifest.OpenRequest.offered
+    intent = manifest.OpenRequest.intent
+    have = manifest.OpenRequest.have
+
+
+_OpenRequestBeforeOnePass.__name__ = "OpenRequest"  # as its refusals name it
+
+
+async def test_an_older_receiver_gets_every_file_hash_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B refuses the open's `one_pass` (400, as a release before it does): A opens again
+    without it, sends every chunk hash-first, and remembers: its next job asks no more."""
+    monkeypatch.setattr(server_mod, "OpenRequest", _OpenRequestBeforeOnePass)
+    monkeypatch.setattr(inbound_mod, "OpenRequest", _OpenRequestBeforeOnePass)
+    digests = [write_random(tmp_path / "site-A" / "curated" / f"{n}.bin", 12 * CHUNK, seed=n)
+               for n in range(2)]
+    link = LinkProxy(capture=True)
+    async with loopback_pair(tmp_path, link=link, chunk_size=CHUNK, compression="off") as (
+        a, _b):
+        for n in range(2):
+            [job_id] = a.sender.submit(f"curated/{n}.bin", ["B"])
+            [job] = await wait_for_jobs(a, [job_id])
+            assert job.state == "committed", job.error
+    for n, digest in enumerate(digests):
+        assert file_blake3(tmp_path / "site-B" / "curated" / f"{n}.bin") == digest
+    opens = [m.status for m in link.captured
+             if m.kind == "control" and m.path == "/v1/uploads"]
+    assert opens == [400, 200, 200]  # refused once, then without asking: the second job at once
+    names = chunk_names(link)
+    assert len(names) == 24
+    assert "one-pass" not in names
+
+
+async def test_a_resumed_fresh_upload_goes_hash_first_and_sends_no_staged_chunk_again(
+    tmp_path: Path,
+) -> None:
+    """The sender stops mid-way through a fresh file sent in one pass; restarted, it re-opens
+    the same upload: B has staged spans now, so the file is not listed for one pass, every
+    chunk is offered hash-first and only those B lacks are sent."""
+    n = 48
+    digest = write_random(tmp_path / "site-A" / "approved" / "m.bin", n * CHUNK, seed=21)
+    first = LinkProxy(capture=True, rate_bytes_per_s=4e6)  # ~3 s for the file: stopped mid-way
+    async with loopback_pair(tmp_path, proxy=first, chunk_size=CHUNK, compression="off") as (
+        a, b):
+        [job_id] = a.sender.submit("approved/m.bin", ["B"])
+        upload = f"A-{job_id}"
+        await poll_until(lambda: _staged(b, upload), lambda k: k >= n // 3, 30, 0.02)
+    landed = [m for m in first.captured if m.kind == "chunk" and m.status == 204]
+    assert n // 3 <= len(landed) < n
+    assert any(m.path == "one-pass" for m in landed)  # the first run went in one pass
+    second = LinkProxy(capture=True)
+    async with loopback_pair(tmp_path, proxy=second, chunk_size=CHUNK, compression="off") as (
+        a, _b):
+        [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
+    assert job.state == "committed", job.error
+    assert file_blake3(tmp_path / "site-B" / "approved" / "m.bin") == digest
+    names = chunk_names(second)
+    assert "one-pass" not in names  # resumed: hash-first throughout
+    assert len(names) <= n - len(landed)  # nothing staged before crossed the wire again
+
+
+async def _staged(daemon: Any, upload: str) -> int:
+    return len(daemon.journal.received(upload))
