@@ -7,6 +7,9 @@ between a send and its send again fails the job."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,8 +17,11 @@ import pytest
 
 from tests.integration._data import file_blake3, write_random
 from tests.integration._procs import poll_until
+from transferd.errors import IntegrityError, TransportError
 from transferd.net import inbound as inbound_mod
+from transferd.net import sender as sender_mod
 from transferd.net import server as server_mod
+from transferd.net.channels import OutgoingChunk
 from transferd.protocol import manifest
 from transferd.protocol.manifest import ChunkRef, UploadIntent
 from transferd.protocol.upload import ONE_PASS_PROBE_EVERY
@@ -219,3 +225,81 @@ async def test_a_resumed_fresh_upload_goes_hash_first_and_sends_no_staged_chunk_
 
 async def _staged(daemon: Any, upload: str) -> int:
     return len(daemon.journal.received(upload))
+
+
+async def test_a_one_pass_chunk_whose_send_failed_after_its_body_goes_again_by_its_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk 9's body goes in one pass (hashed as it went), then the peer becomes unreachable
+    before its receipt (`_send` raises TransportError) and the file is rewritten keeping its
+    size and mtime (which `SourceFile.changed` cannot see). The send again is hash-first under
+    the first send's address: B answers DAMAGED, the re-read differs, the job fails "changed"
+    and B commits nothing (not a file mixing the two versions)."""
+    src = tmp_path / "site-A" / "curated" / "f.bin"
+    write_random(src, 10 * CHUNK, seed=1)  # 0-1 first batch, 2 probe, 3-9 one pass
+    real = sender_mod._ChunkPump._send
+    sends: list[tuple[bool, str]] = []
+
+    async def send(self: Any, item: OutgoingChunk) -> Any:
+        if item.offset != 9 * CHUNK or sends or not item.one_pass:
+            receipt = await real(self, item)
+            if item.offset == 9 * CHUNK:
+                sends.append((item.one_pass, item.digest))
+            return receipt
+        release = threading.Event()
+        hashed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        told = item.on_digest
+        assert told is not None
+
+        def hold(digest: str) -> None:
+            told(digest)
+            loop.call_soon_threadsafe(hashed.set)
+            release.wait(5)  # the channel's sender thread, before the trailer
+
+        item.on_digest = hold
+        self.channels.submit(item)
+        await hashed.wait()
+        sends.append((item.one_pass, item.digest))
+        self.channels.expire(item, TransportError("B: link lost", peer="B"))
+        release.set()
+        _rewrite_keeping_size_and_mtime(src, [0, 9 * CHUNK])
+        raise TransportError("B: link lost while the receipt was awaited", peer="B")
+
+    monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
+    assert len(sends) == 2
+    assert sends[0][0]  # one pass,
+    assert not sends[1][0]  # then hash-first
+    assert sends[1][1] == sends[0][1]  # under the first send's address
+    assert job.state == "failed"
+    assert "source file changed" in (job.error or "")
+    assert not (tmp_path / "site-B" / "curated" / "f.bin").exists()
+
+
+def _rewrite_keeping_size_and_mtime(path: Path, offsets: list[int]) -> None:
+    """Other bytes (zeros) in the chunks at `offsets`, the size and mtime kept (a restore, or
+    two writes inside one timestamp tick)."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        for off in offsets:
+            f.seek(off)
+            f.write(bytes(CHUNK))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+async def test_a_one_pass_chunk_told_a_second_digest_keeps_the_first_and_fails_the_job(
+    tmp_path: Path,
+) -> None:
+    """`settle` hearing another digest for a chunk it already knows (two one-pass reads of a
+    file that changed between them) keeps the first and the job fails before its manifest."""
+    state = sender_mod._FileState("f.bin", SourceFile.__new__(SourceFile))
+    settle = state.one_pass_chunk(asyncio.get_running_loop(), 0, CHUNK)
+    assert settle("aa" * 32)
+    assert not settle("bb" * 32)
+    assert settle("aa" * 32)  # the same again (its receipt) is no conflict
+    assert state.chunks == [("aa" * 32, 0, CHUNK)]
+    with pytest.raises(IntegrityError, match="source file changed"):
+        await sender_mod._one_pass_digests([state])

@@ -125,20 +125,35 @@ class _FileState:
     chunks: list[tuple[str, int, int]] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)
     pending: list[asyncio.Future[str]] = field(default_factory=list)
+    # A one-pass chunk told two different digests (sent again in one pass after its first
+    # send had hashed it: the file changed between the two reads): the job fails with it.
+    conflict: IntegrityError | None = None
 
     def one_pass_chunk(self, loop: asyncio.AbstractEventLoop, offset: int, length: int
-                       ) -> Callable[[str], None]:
+                       ) -> Callable[[str], bool]:
         """A chunk of this file that goes in one pass: its place in `chunks`, and the
-        callback (on the loop) that fills it in once its digest is known."""
+        callback (on the loop) that fills it in once its digest is known. The first digest
+        told stays: another one after it is not the chunk sent first (its bytes changed) and
+        the callback returns False, leaving `conflict` for the job to raise
+        (`_one_pass_digests`)."""
         at = len(self.chunks)
         self.chunks.append(("", offset, length))
         known: asyncio.Future[str] = loop.create_future()
         self.pending.append(known)
 
-        def settle(digest: str) -> None:
+        def settle(digest: str) -> bool:
+            first = self.chunks[at][0]
+            if first and first != digest:
+                if self.conflict is None:
+                    self.conflict = IntegrityError(
+                        f"source file changed while being sent: {self.member or '(file)'} "
+                        f"(chunk at offset {offset} read as {first[:16]}, then as {digest[:16]})",
+                        path=self.member, side="source")
+                return False
             self.chunks[at] = (digest, offset, length)
             if not known.done():
                 known.set_result(digest)
+            return True
 
         return settle
 
@@ -865,6 +880,9 @@ class Sender:
         path = COMMIT_ROUTE.format(upload=pump.upload)
         peer = pump.link.peer
         for _round in range(COMMIT_ROUNDS):
+            for f in files:  # a one-pass chunk told a second digest after the manifest was made
+                if f.conflict is not None:
+                    raise f.conflict
             answer = await self._control(
                 pump.job, pump.link, path, signed, CommitAnswer, accept=(200, 409),
                 budget_s=pump.budget_s,
@@ -1061,6 +1079,8 @@ async def _one_pass_digests(files: list[_FileState]) -> None:
         if not state.pending:
             continue
         await asyncio.gather(*state.pending)
+        if state.conflict is not None:
+            raise state.conflict
         if _from_source(state.source, "checking", state.source.changed):
             raise IntegrityError(
                 f"source file changed while being sent: {state.member or '(file)'}"
@@ -1100,7 +1120,7 @@ class _Wanted:
     locations: list[tuple[int, int]]
     length: int
     body: memoryview | None
-    settle: Callable[[str], None] | None = None
+    settle: Callable[[str], bool] | None = None
 
 
 @dataclass
@@ -1274,7 +1294,7 @@ class _ChunkPump:
         locations: list[tuple[int, int]],
         length: int,
         body: memoryview | None,
-        settle: Callable[[str], None] | None = None,
+        settle: Callable[[str], bool] | None = None,
     ) -> None:
         """Run `put` in `tg` with the gate slot just acquired; a task cancelled before it ever
         ran (a sibling failed) hands its slot back, since `put`'s own cleanup never ran."""
@@ -1384,7 +1404,7 @@ class _ChunkPump:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
             self.loop.call_soon_threadsafe(self._booked, digest, n, again)
 
-    def _digest_known(self, settle: Callable[[str], None], digest: str) -> None:
+    def _digest_known(self, settle: Callable[[str], bool], digest: str) -> None:
         """Channel thread: a chunk sent in one pass was hashed as it went (before its trailer
         and receipt); its digest goes to its file's chunk list, on the loop."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
@@ -1400,7 +1420,7 @@ class _ChunkPump:
         locations: list[tuple[int, int]],
         length: int,
         body: memoryview | None,
-        settle: Callable[[str], None] | None = None,
+        settle: Callable[[str], bool] | None = None,
     ) -> None:
         """Send one chunk until its receipt says it is staged. Each attempt is one send; a
         body the receiver found damaged (after checking our source did not change) and a peer
@@ -1457,7 +1477,8 @@ class _ChunkPump:
                 digest = await asyncio.to_thread(
                     _from_source, source, "reading", source.hash_span, offset, length)
                 assert settle is not None
-                settle(digest)
+                if not settle(digest):
+                    raise IntegrityError("source file changed while being sent")
             body_hash = (
                 digest
                 if encoded.encoding == "identity"
@@ -1472,9 +1493,14 @@ class _ChunkPump:
             wire = item.wire_length
             in_flight = self.gate.in_flight
             t0 = time.perf_counter()
-            receipt = await self._send(item)
-            if not digest and item.digest:
-                digest = item.digest  # hashed by its channel as it went
+            try:
+                receipt = await self._send(item)
+            finally:
+                if not digest and item.digest:
+                    # Hashed by its channel as it went; also when the send then failed (its
+                    # body went, the peer became unreachable): a send again is an ordinary
+                    # chunk with this address, never one pass under a new one.
+                    digest = item.digest
             if receipt.status is ReceiptStatus.DAMAGED:
                 s.metrics.integrity_failures.labels(peer, "sender").inc()
                 s.journal.add_job_counters(self.job.id, JobCounters(integrity_failures=1))
@@ -1505,8 +1531,8 @@ class _ChunkPump:
             except _RouteDown as down:  # not retried: the job takes its next route now
                 raise down.error from None
             s.clear_note(self.job.id)
-            if settle is not None:
-                settle(digest)
+            if settle is not None and not settle(digest):
+                raise IntegrityError("source file changed while being sent")
             s.routes.acked(self.job.id, self.job.dest, self.via, encoded.raw_length, key)
             acked = wire
             s.metrics.chunks_sent.labels(peer).inc()
