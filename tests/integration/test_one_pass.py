@@ -8,6 +8,7 @@ between a send and its send again fails the job."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from tests.integration._data import file_blake3, write_random
 from tests.integration._procs import poll_until
 from transferd.errors import IntegrityError, TransportError
+from transferd.net import channels as channels_mod
 from transferd.net import inbound as inbound_mod
 from transferd.net import sender as sender_mod
 from transferd.net import server as server_mod
@@ -303,3 +305,111 @@ async def test_a_one_pass_chunk_told_a_second_digest_keeps_the_first_and_fails_t
     assert state.chunks == [("aa" * 32, 0, CHUNK)]
     with pytest.raises(IntegrityError, match="source file changed"):
         await sender_mod._one_pass_digests([state])
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+async def test_a_file_cut_short_inside_its_last_chunk_fails_the_job_and_the_next_one_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_pass: bool
+) -> None:
+    """The file is truncated inside chunk 9 just before that chunk's send (in one pass, or
+    hash-first by `sendfile`): the chunk fails with the changed-source error naming the file
+    (it is not put back in the queue to break channel after channel), the job fails, and the
+    daemon sends the next job as usual."""
+    src = tmp_path / "site-A" / "curated" / "f.bin"
+    write_random(src, 10 * CHUNK, seed=1)  # 0-1 first batch, 2 probe, 3-9 one pass
+    other = write_random(tmp_path / "site-A" / "curated" / "g.bin", 4 * CHUNK, seed=2)
+    real = sender_mod._ChunkPump._send
+    cut: list[OutgoingChunk] = []
+
+    async def send(self: Any, item: OutgoingChunk) -> Any:
+        if not cut and item.offset == 9 * CHUNK:
+            cut.append(item)
+            os.truncate(src, 9 * CHUNK + 1000)
+        return await real(self, item)
+
+    monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
+    if not one_pass:
+        monkeypatch.setattr(sender_mod._ChunkPump, "may_one_pass", lambda *a: False)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
+        [next_id] = a.sender.submit("curated/g.bin", ["B"])
+        [next_job] = await wait_for_jobs(a, [next_id], timeout_s=30)
+    assert [item.one_pass for item in cut] == [one_pass]
+    assert cut[0].sends == 1  # the chunk failed; it did not go round the channels
+    assert job.state == "failed"
+    assert job.error is not None
+    assert "source file changed" in job.error
+    assert str(src) in job.error  # the file named, not an empty chunk address
+    assert not (tmp_path / "site-B" / "curated" / "f.bin").exists()
+    assert next_job.state == "committed", next_job.error
+    assert file_blake3(tmp_path / "site-B" / "curated" / "g.bin") == other
+
+
+async def test_a_read_error_in_a_one_pass_chunk_fails_that_send_not_its_channels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO reading chunk 9 on its channel's thread (one pass): the chunk's send fails with
+    the source's transient StorageError, which the chunk's own retry takes (read again, it
+    lands); it is not put back in the queue for channel after channel to fail on."""
+    src = tmp_path / "site-A" / "curated" / "f.bin"
+    digest = write_random(src, 10 * CHUNK, seed=4)
+    preadv = os.preadv
+    failed: list[int] = []
+    real = sender_mod._ChunkPump._send
+    sent: list[OutgoingChunk] = []
+
+    async def send(self: Any, item: OutgoingChunk) -> Any:
+        if item.offset == 9 * CHUNK:
+            sent.append(item)
+        return await real(self, item)
+
+    def flaky(fd: int, buffers: Any, offset: int, *args: Any) -> int:
+        if (offset == 9 * CHUNK and not failed
+                and threading.current_thread().name.startswith("channel-send")):
+            failed.append(offset)
+            raise OSError(errno.EIO, "Input/output error")
+        return preadv(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "preadv", flaky)
+    monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
+    assert failed == [9 * CHUNK]
+    assert job.state == "committed", job.error
+    assert file_blake3(tmp_path / "site-B" / "curated" / "f.bin") == digest
+    # The failed send ended with the read (not queued again); the chunk's retry, a new send
+    # after the source's transient error, landed.
+    assert [item.sends for item in sent] == [1, 1]
+    assert sent[0].one_pass
+
+
+async def test_a_one_pass_chunk_that_breaks_its_channels_goes_hash_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver that refuses the one-pass frame mid-job closes the channel at its header:
+    here chunk 9's one-pass send breaks its channel every time. After ONE_PASS_SENDS such
+    sends the chunk is hashed first on its channel and goes as an ordinary chunk: the job
+    commits instead of breaking channel after channel."""
+    src = tmp_path / "site-A" / "curated" / "f.bin"
+    digest = write_random(src, 10 * CHUNK, seed=5)
+    write_one_pass = channels_mod._Channel._write_one_pass
+    refused: list[int] = []
+
+    def refuse(self: Any, seq: int, item: OutgoingChunk) -> None:
+        if item.offset == 9 * CHUNK:
+            refused.append(item.sends)
+            raise ConnectionResetError("B closed the channel: unknown frame kind 3")
+        write_one_pass(self, seq, item)
+
+    monkeypatch.setattr(channels_mod._Channel, "_write_one_pass", refuse)
+    proxy = LinkProxy(capture=True)
+    async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, compression="off") as (
+        a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
+    assert refused == list(range(1, channels_mod.ONE_PASS_SENDS + 1))
+    assert job.state == "committed", job.error
+    assert file_blake3(tmp_path / "site-B" / "curated" / "f.bin") == digest
+    assert chunk_names(proxy).count("one-pass") == 6  # chunks 3-8; 9 went by its address

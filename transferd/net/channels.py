@@ -15,7 +15,11 @@ bytes_on_wire, re-sends included). A chunk marked `alone` (sent through a relay)
 channel with nothing else in flight and nothing follows it there before its receipt; a body
 still arriving (`ArrivingBody`, a relay's cut-through) is sent part by part as it comes. A
 chunk marked `one_pass` (a fresh upload's) is read into the thread's 1 MiB buffer, hashed and
-sent piece by piece, its address in the trailer after the body (`protocol.channel`).
+sent piece by piece, its address in the trailer after the body (`protocol.channel`); one whose
+channels broke under it ONE_PASS_SENDS times (a receiver that refuses the one-pass frame closes
+the channel at its header) is hashed first on its next send and goes as an ordinary chunk. A
+source that ends inside a chunk or fails a read fails the chunk (`SourceEnded`, `_SourceFailed`):
+it is not put back in the queue.
 
 Receiving: `DataListener` accepts, runs the opening (and TLS when configured), then one thread
 per channel reads each header, receives the body into a pooled aligned buffer (and a one-pass
@@ -66,7 +70,7 @@ from transferd.protocol.auth import Keys
 from transferd.protocol.chunks import Encoding
 from transferd.protocol.streams import PathSample
 from transferd.site.buffers import AlignedBuffers
-from transferd.site.failures import source_changed_error
+from transferd.site.failures import source_changed_error, storage_failure
 from transferd.site.metrics import Metrics
 from transferd.site.source import SourceEnded, file_pieces
 from transferd.site.threads import lower_thread_priority, restore_base_priority
@@ -101,6 +105,20 @@ ARRIVING_WAKE_S = 1.0  # a sender waiting on a relayed body looks at its channel
 # A one-pass chunk is read, hashed and sent this much at a time: as RECEIVE_PIECE_BYTES, half
 # the benchmark host's L2, so the send copies bytes the hash just left in cache.
 ONE_PASS_PIECE_BYTES = 1 << 20
+# Sends of a one-pass chunk that broke its channel before its body had gone (no digest yet)
+# after which it is hashed first and sent as an ordinary chunk: a receiver refusing the
+# one-pass frame would otherwise break channel after channel with it.
+ONE_PASS_SENDS = 2
+
+
+class _SourceFailed(Exception):
+    """A read of a chunk's source file (not its socket) failed on the channel thread: the
+    chunk's own failure (`error`, as `failures.storage_failure` classifies it), not its
+    channel's; sent again, it would fail again on every channel."""
+
+    def __init__(self, error: TransferdError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def set_congestion(sock: socket.socket, wanted: CongestionControl) -> str:
@@ -416,6 +434,7 @@ class OutgoingChunk:
     # (the receiver's check then catches a source that changed: DAMAGED).
     one_pass: bool = False
     on_digest: Callable[[str], None] | None = None
+    path: str = ""  # the source file's, for a chunk sent from one (its errors name it)
 
     @property
     def wire_length(self) -> int:
@@ -432,6 +451,14 @@ class OutgoingChunk:
         else:
             assert receipt is not None
             self.done.set_result(receipt)
+
+
+def _source_name(item: OutgoingChunk) -> str:
+    """The source a chunk is read from, for its errors: its file's path, else its place."""
+    if item.path:
+        return item.path
+    f, offset = item.locations[0] if item.locations else (0, item.offset)
+    return f"(file {f} of upload {item.upload}, chunk at offset {offset})"
 
 
 class _Channel:
@@ -491,10 +518,13 @@ class _Channel:
             try:
                 self._write(seq, item)
             except Exception as exc:  # OSError, mostly; anything else costs only this channel
-                if isinstance(exc, SourceEnded):  # the chunk fails (sent again, it would end
-                    # again on every channel); the channel, cut mid-body, is broken as well
+                # A source that ended or failed a read fails the chunk (sent again, it would do
+                # so again on every channel); the channel, cut mid-body, is broken as well.
+                if isinstance(exc, SourceEnded):
                     item.finish(error=source_changed_error(
-                        f"(chunk {item.digest[:16]})", "ended before the chunk did"))
+                        _source_name(item), f"ended inside its chunk at offset {item.offset}"))
+                elif isinstance(exc, _SourceFailed):
+                    item.finish(error=exc.error)
                 self._break(exc)
                 return
             owner.metrics.bytes_sent.labels(owner.peer).inc(item.wire_length)
@@ -507,8 +537,10 @@ class _Channel:
 
     def _write(self, seq: int, item: OutgoingChunk) -> None:
         if item.one_pass and not item.digest:
-            self._write_one_pass(seq, item)
-            return
+            if item.sends <= ONE_PASS_SENDS:
+                self._write_one_pass(seq, item)
+                return
+            self._hash_first(item)
         head = ch.ChunkHead(
             seq=seq, upload=item.upload, digest=bytes.fromhex(item.digest),
             body_blake3=bytes.fromhex(item.body_blake3), encoding=item.encoding,
@@ -541,6 +573,27 @@ class _Channel:
                     raise SourceEnded("source file ended before the chunk did")
                 sent += n
 
+    def _hash_first(self, item: OutgoingChunk) -> None:
+        """A one-pass chunk whose sends broke ONE_PASS_SENDS channels before its body had
+        gone: hashed here (its file read once more) and sent as an ordinary chunk, its digest
+        told to `on_digest` as a one-pass send's would be."""
+        assert item.fd is not None
+        hasher = blake3.blake3()
+        try:
+            for piece in file_pieces(item.fd, item.offset, item.raw_length):
+                hasher.update(piece)
+        except SourceEnded:
+            raise
+        except OSError as exc:
+            raise _SourceFailed(storage_failure("reading", _source_name(item), exc,
+                                                side="source")) from exc
+        item.digest = item.body_blake3 = hasher.hexdigest()
+        log.info("chunk.one_pass_given_up", extra={"fields": {
+            "peer": self.owner.peer, "path": item.path, "offset": item.offset,
+            "sends": item.sends - 1}})
+        if item.on_digest is not None:
+            item.on_digest(item.digest)
+
     def _write_one_pass(self, seq: int, item: OutgoingChunk) -> None:
         """Header, then the chunk read piece by piece into this thread's buffer, each piece
         hashed and sent while it is in cache (one pass over the bytes instead of a hashing
@@ -560,10 +613,15 @@ class _Channel:
         hasher = blake3.blake3()
         done = 0
         while done < item.raw_length:
-            n = os.preadv(item.fd, [buf[: min(len(buf), item.raw_length - done)]],
-                          item.offset + done)
+            try:
+                n = os.preadv(item.fd, [buf[: min(len(buf), item.raw_length - done)]],
+                              item.offset + done)
+            except OSError as exc:
+                raise _SourceFailed(storage_failure("reading", _source_name(item), exc,
+                                                    side="source")) from exc
             if n <= 0:
-                raise OSError("source file ended before the chunk did")
+                raise SourceEnded(f"{_source_name(item)} ends at {item.offset + done}, "
+                                  "inside a chunk")
             hasher.update(buf[:n])
             self.sock.sendall(buf[:n], more)
             done += n

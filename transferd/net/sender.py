@@ -1326,7 +1326,8 @@ class _ChunkPump:
         # Through a relay, a chunk goes alone on its channel (`OutgoingChunk.alone`).
         common["alone"] = bool(self.via)
         if encoded.encoding == "identity" and isinstance(source, SourceFile):
-            return OutgoingChunk(**common, fd=os.dup(source.fileno()), offset=offset)  # type: ignore[arg-type]
+            return OutgoingChunk(**common, fd=os.dup(source.fileno()), offset=offset,  # type: ignore[arg-type]
+                                 path=source.path)
         return OutgoingChunk(**common, body=encoded.body)  # type: ignore[arg-type]
 
     async def _send(self, item: OutgoingChunk) -> Receipt:
