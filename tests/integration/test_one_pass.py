@@ -29,6 +29,7 @@ from transferd.protocol.manifest import ChunkRef, UploadIntent
 from transferd.protocol.upload import ONE_PASS_PROBE_EVERY
 from transferd.site.source import SourceFile
 from transferd.site.staging import Staging
+from transferd.site.storage import LocalStorage
 from transferd.testing import LinkProxy, loopback_pair, wait_for_jobs
 
 CHUNK = 256 * 1024
@@ -413,3 +414,28 @@ async def test_a_one_pass_chunk_that_breaks_its_channels_goes_hash_first(
     assert job.state == "committed", job.error
     assert file_blake3(tmp_path / "site-B" / "curated" / "f.bin") == digest
     assert chunk_names(proxy).count("one-pass") == 6  # chunks 3-8; 9 went by its address
+
+
+async def test_the_open_lists_the_destinations_once_for_its_space_check_and_one_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which files may go in one pass (no destination file) comes from the listing the open's
+    space check made, not a second listing of the same paths in the same open."""
+    digest = write_random(tmp_path / "site-A" / "curated" / "f.bin", 12 * CHUNK, seed=8)
+    sizes = LocalStorage.sizes
+    listings: list[list[str]] = []
+
+    def counted(self: LocalStorage, rels: Any) -> list[int | None]:
+        listings.append(list(rels))
+        return sizes(self, rels)
+
+    monkeypatch.setattr(LocalStorage, "sizes", counted)
+    proxy = LinkProxy(capture=True)
+    async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, compression="off") as (
+        a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+    assert job.state == "committed", job.error
+    assert file_blake3(tmp_path / "site-B" / "curated" / "f.bin") == digest
+    assert "one-pass" in chunk_names(proxy)
+    assert listings == [["curated/f.bin"]]

@@ -153,7 +153,9 @@ class InboundUploads:
         chunks to send (have/want in the same round trip)."""
         offered = isinstance(request, OpenRequest) and request.offered
         intent = request.intent() if isinstance(request, OpenRequest) else request
-        committed = self.receiver.open(intent, peer, self.clock())
+        # The destinations' sizes the open's space check lists: which files are fresh.
+        listed: dict[int, int | None] = {}
+        committed = self.receiver.open(intent, peer, self.clock(), listed)
         if not offered:
             return OpenAnswer(upload=intent.upload, committed=committed)
         assert isinstance(request, OpenRequest)
@@ -161,7 +163,7 @@ class InboundUploads:
         if request.one_pass and not committed:
             # Before have/want: what it copies or keeps in place is staged by then.
             unstaged = self.receiver.unstaged_destinations(intent.upload, peer)
-            fresh = await asyncio.to_thread(self.receiver.fresh_files, unstaged)
+            fresh = self.receiver.fresh_files(unstaged, listed)
         want = [] if committed or not request.offer else (
             await self.have(intent.upload, peer, request.have())).want
         return OfferAnswer(upload=intent.upload, committed=committed, want=want,
