@@ -439,3 +439,21 @@ async def test_the_open_lists_the_destinations_once_for_its_space_check_and_one_
     assert file_blake3(tmp_path / "site-B" / "curated" / "f.bin") == digest
     assert "one-pass" in chunk_names(proxy)
     assert listings == [["curated/f.bin"]]
+
+
+async def test_a_channels_one_pass_buffer_is_unmapped_when_it_closes(tmp_path: Path) -> None:
+    """Each channel that sent a chunk in one pass mapped a 1 MiB buffer for it; closed (here
+    as the daemon stops), the channel's sender thread unmaps it."""
+    write_random(tmp_path / "site-A" / "curated" / "f.bin", 12 * CHUNK, seed=9)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+        chans = list(a.channels["B"].channels)
+        pieces = [c._piece for c in chans if c._piece is not None]
+    assert job.state == "committed", job.error
+    assert pieces  # one pass went through them
+    assert all(not t.is_alive() for c in chans for t in c.threads)
+    assert all(c._piece is None for c in chans)
+    for piece in pieces:
+        with pytest.raises(ValueError, match="released"):
+            bytes(piece[:1])

@@ -438,6 +438,9 @@ class OutgoingChunk:
 
     @property
     def wire_length(self) -> int:
+        """The body's bytes: what `bytes_sent` and a job's `bytes_on_wire` count (bodies).
+        The framing around it (the header; a one-pass chunk's 48-byte trailer, its address
+        and MAC) is not counted, as no request's headers are."""
         return len(self.body) if self.body is not None else self.raw_length
 
     def finish(self, receipt: ch.Receipt | None = None, error: BaseException | None = None) -> None:
@@ -479,7 +482,9 @@ class _Channel:
         # then: a channel with chunks in flight where neither moves for `stall_s` is broken.
         self.moved_at = time.monotonic()
         self.acked = 0
-        self._piece: memoryview | None = None  # the sender thread's buffer for one pass
+        # The sender thread's buffer for one pass (mapped on its first one-pass chunk, unmapped
+        # as the thread ends).
+        self._piece: memoryview | None = None
         self.threads = [
             threading.Thread(target=self._send_loop, name=f"channel-send-{owner.peer}",
                              daemon=True),
@@ -491,6 +496,21 @@ class _Channel:
 
     # sender thread
     def _send_loop(self) -> None:
+        try:
+            self._send_chunks()
+        finally:
+            self._drop_piece()
+
+    def _drop_piece(self) -> None:
+        """The sender thread ends: its one-pass buffer is unmapped (1 MiB per channel)."""
+        piece, self._piece = self._piece, None
+        if piece is not None:
+            region = piece.obj
+            piece.release()
+            assert isinstance(region, mmap.mmap)
+            region.close()
+
+    def _send_chunks(self) -> None:
         lower_thread_priority()
         owner = self.owner
         while True:
