@@ -386,21 +386,23 @@ async def test_a_read_error_in_a_one_pass_chunk_fails_that_send_not_its_channels
     assert sent[0].one_pass
 
 
-async def test_a_one_pass_chunk_that_breaks_its_channels_goes_hash_first(
+async def test_one_pass_chunks_that_break_their_channels_go_hash_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A receiver that refuses the one-pass frame mid-job closes the channel at its header:
-    here chunk 9's one-pass send breaks its channel every time. After ONE_PASS_SENDS such
-    sends the chunk is hashed first on its channel and goes as an ordinary chunk: the job
-    commits instead of breaking channel after channel."""
+    """A receiver that refuses the one-pass frame mid-job (downgraded) closes the channel at
+    its header: here every one-pass send from chunk 4 on breaks its channel. A chunk whose
+    sends broke ONE_PASS_SENDS channels is hashed first on its channel and goes as an
+    ordinary chunk, and one pass to the peer is off from then: the job commits, and the
+    channels broken are bounded by the chunks in flight, not by the file's length."""
+    n = 40
     src = tmp_path / "site-A" / "curated" / "f.bin"
-    digest = write_random(src, 10 * CHUNK, seed=5)
+    digest = write_random(src, n * CHUNK, seed=5)
     write_one_pass = channels_mod._Channel._write_one_pass
-    refused: list[int] = []
+    refused: list[tuple[int, int]] = []
 
     def refuse(self: Any, seq: int, item: OutgoingChunk) -> None:
-        if item.offset == 9 * CHUNK:
-            refused.append(item.sends)
+        if item.offset >= 4 * CHUNK:
+            refused.append((item.offset, item.sends))
             raise ConnectionResetError("B closed the channel: unknown frame kind 3")
         write_one_pass(self, seq, item)
 
@@ -410,10 +412,14 @@ async def test_a_one_pass_chunk_that_breaks_its_channels_goes_hash_first(
         a, _b):
         [job_id] = a.sender.submit("curated/f.bin", ["B"])
         [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
-    assert refused == list(range(1, channels_mod.ONE_PASS_SENDS + 1))
+        off = a.channels["B"].one_pass_off_until
     assert job.state == "committed", job.error
     assert file_blake3(tmp_path / "site-B" / "curated" / "f.bin") == digest
-    assert chunk_names(proxy).count("one-pass") == 6  # chunks 3-8; 9 went by its address
+    assert chunk_names(proxy).count("one-pass") == 1  # chunk 3 only
+    assert all(sends <= channels_mod.ONE_PASS_SENDS for _off, sends in refused)
+    one_pass_after = n - hash_first_expected(n) - 1
+    assert len(refused) < one_pass_after  # 2 per chunk without the switch-off: 64
+    assert off > 0
 
 
 async def test_the_open_lists_the_destinations_once_for_its_space_check_and_one_pass(

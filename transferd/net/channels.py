@@ -17,7 +17,8 @@ still arriving (`ArrivingBody`, a relay's cut-through) is sent part by part as i
 chunk marked `one_pass` (a fresh upload's) is read into the thread's 1 MiB buffer, hashed and
 sent piece by piece, its address in the trailer after the body (`protocol.channel`); one whose
 channels broke under it ONE_PASS_SENDS times (a receiver that refuses the one-pass frame closes
-the channel at its header) is hashed first on its next send and goes as an ordinary chunk. A
+the channel at its header) is hashed first on its next send and goes as an ordinary chunk, and so
+do the peer's other one-pass chunks for ONE_PASS_OFF_S. A
 source that ends inside a chunk or fails a read fails the chunk (`SourceEnded`, `_SourceFailed`):
 it is not put back in the queue.
 
@@ -109,6 +110,9 @@ ONE_PASS_PIECE_BYTES = 1 << 20
 # after which it is hashed first and sent as an ordinary chunk: a receiver refusing the
 # one-pass frame would otherwise break channel after channel with it.
 ONE_PASS_SENDS = 2
+# Then, for this long, every one-pass chunk to that peer is hashed first on its channel (the
+# receiver likely refuses the frame: each chunk would break ONE_PASS_SENDS channels first).
+ONE_PASS_OFF_S = 600.0
 
 
 class _SourceFailed(Exception):
@@ -557,7 +561,7 @@ class _Channel:
 
     def _write(self, seq: int, item: OutgoingChunk) -> None:
         if item.one_pass and not item.digest:
-            if item.sends <= ONE_PASS_SENDS:
+            if item.sends <= ONE_PASS_SENDS and time.monotonic() >= self.owner.one_pass_off_until:
                 self._write_one_pass(seq, item)
                 return
             self._hash_first(item)
@@ -595,8 +599,9 @@ class _Channel:
 
     def _hash_first(self, item: OutgoingChunk) -> None:
         """A one-pass chunk whose sends broke ONE_PASS_SENDS channels before its body had
-        gone: hashed here (its file read once more) and sent as an ordinary chunk, its digest
-        told to `on_digest` as a one-pass send's would be."""
+        gone (then one pass to the peer is off for ONE_PASS_OFF_S), or one sent meanwhile:
+        hashed here (its file read once more) and sent as an ordinary chunk, its digest told
+        to `on_digest` as a one-pass send's would be."""
         assert item.fd is not None
         hasher = blake3.blake3()
         try:
@@ -608,9 +613,11 @@ class _Channel:
             raise _SourceFailed(storage_failure("reading", _source_name(item), exc,
                                                 side="source")) from exc
         item.digest = item.body_blake3 = hasher.hexdigest()
-        log.info("chunk.one_pass_given_up", extra={"fields": {
-            "peer": self.owner.peer, "path": item.path, "offset": item.offset,
-            "sends": item.sends - 1}})
+        if item.sends > ONE_PASS_SENDS:
+            self.owner.one_pass_off_until = time.monotonic() + ONE_PASS_OFF_S
+            log.warning("channel.one_pass_off", extra={"fields": {
+                "peer": self.owner.peer, "path": item.path, "offset": item.offset,
+                "sends": item.sends - 1, "for_s": ONE_PASS_OFF_S}})
         if item.on_digest is not None:
             item.on_digest(item.digest)
 
@@ -739,6 +746,8 @@ class PeerChannels:
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self.stall_s = STALL_S
+        # Monotonic: until when one-pass chunks go hashed first (`ONE_PASS_OFF_S`).
+        self.one_pass_off_until = 0.0
         self._stall_check_at = 0.0  # monotonic: when `ensure` looks for stalled channels next
 
     # -- called from the event loop ----------------------------------------------------------
