@@ -880,9 +880,9 @@ class Sender:
         path = COMMIT_ROUTE.format(upload=pump.upload)
         peer = pump.link.peer
         for _round in range(COMMIT_ROUNDS):
-            for f in files:  # a one-pass chunk told a second digest after the manifest was made
-                if f.conflict is not None:
-                    raise f.conflict
+            for state in files:  # a one-pass chunk told a second digest after the manifest
+                if state.conflict is not None:
+                    raise state.conflict
             answer = await self._control(
                 pump.job, pump.link, path, signed, CommitAnswer, accept=(200, 409),
                 budget_s=pump.budget_s,
