@@ -47,10 +47,20 @@ def hash_first_expected(n: int, first: int = 2) -> int:
 
 
 async def test_a_fresh_file_goes_in_one_pass_but_for_its_first_batch_and_probes(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Which files may go in one pass (no destination file) comes from the listing the open's
+    space check made: the destinations are listed once, not again in the same open."""
     n = 20
     digest = write_random(tmp_path / "site-A" / "curated" / "f.bin", n * CHUNK, seed=1)
+    sizes = LocalStorage.sizes
+    listings: list[list[str]] = []
+
+    def counted(self: LocalStorage, rels: Any) -> list[int | None]:
+        listings.append(list(rels))
+        return sizes(self, rels)
+
+    monkeypatch.setattr(LocalStorage, "sizes", counted)
     proxy = LinkProxy(capture=True)
     async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, compression="off") as (
         a, _b):
@@ -62,6 +72,7 @@ async def test_a_fresh_file_goes_in_one_pass_but_for_its_first_batch_and_probes(
     assert len(names) == n == job.chunks_sent
     assert names.count("one-pass") == n - hash_first_expected(n) == 15
     assert n * CHUNK <= job.bytes_on_wire < n * CHUNK + 64 * 1024
+    assert listings == [["curated/f.bin"]]
 
 
 async def test_a_body_damaged_in_a_one_pass_chunk_is_refused_unwritten_and_sent_again(
@@ -420,31 +431,6 @@ async def test_one_pass_chunks_that_break_their_channels_go_hash_first(
     one_pass_after = n - hash_first_expected(n) - 1
     assert len(refused) < one_pass_after  # 2 per chunk without the switch-off: 64
     assert off > 0
-
-
-async def test_the_open_lists_the_destinations_once_for_its_space_check_and_one_pass(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Which files may go in one pass (no destination file) comes from the listing the open's
-    space check made, not a second listing of the same paths in the same open."""
-    digest = write_random(tmp_path / "site-A" / "curated" / "f.bin", 12 * CHUNK, seed=8)
-    sizes = LocalStorage.sizes
-    listings: list[list[str]] = []
-
-    def counted(self: LocalStorage, rels: Any) -> list[int | None]:
-        listings.append(list(rels))
-        return sizes(self, rels)
-
-    monkeypatch.setattr(LocalStorage, "sizes", counted)
-    proxy = LinkProxy(capture=True)
-    async with loopback_pair(tmp_path, proxy=proxy, chunk_size=CHUNK, compression="off") as (
-        a, _b):
-        [job_id] = a.sender.submit("curated/f.bin", ["B"])
-        [job] = await wait_for_jobs(a, [job_id])
-    assert job.state == "committed", job.error
-    assert file_blake3(tmp_path / "site-B" / "curated" / "f.bin") == digest
-    assert "one-pass" in chunk_names(proxy)
-    assert listings == [["curated/f.bin"]]
 
 
 async def test_a_channels_one_pass_buffer_is_unmapped_when_it_closes(tmp_path: Path) -> None:
