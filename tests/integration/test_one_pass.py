@@ -293,6 +293,72 @@ async def test_a_one_pass_chunk_whose_send_failed_after_its_body_goes_again_by_i
     assert not (tmp_path / "site-B" / "curated" / "f.bin").exists()
 
 
+async def test_a_one_pass_chunk_hashed_after_its_send_failed_goes_again_by_that_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but `_send` gives up on chunk 9 before its channel has hashed it; the channel
+    sends it all the same and hashes it during the retry's backoff, then the file is
+    rewritten (size and mtime kept). The retry takes the address its channel found and goes
+    hash-first under it, not in one pass under a new one: B ends with the file as A held it
+    when the job began (the first send landed and the commit sent ahead sealed it; the retry
+    finds it committed), or the job fails "changed" - never a mix of the two versions."""
+    src = tmp_path / "site-A" / "curated" / "f.bin"
+    write_random(src, 10 * CHUNK, seed=1)
+    original = src.read_bytes()
+    real_send = sender_mod._ChunkPump._send
+    real_write = channels_mod._Channel._write_one_pass
+    real_retrying = sender_mod.retrying
+    gate = threading.Event()
+    sends: list[tuple[bool, str]] = []
+    first: list[OutgoingChunk] = []
+    behind: list[asyncio.Task[None]] = []
+
+    def gated(self: Any, seq: int, item: OutgoingChunk) -> None:
+        if item.offset == 9 * CHUNK:
+            gate.wait(5)  # the channel thread, before it reads and hashes the chunk
+        real_write(self, seq, item)
+
+    async def hash_then_rewrite(item: OutgoingChunk) -> None:
+        gate.set()
+        while not item.digest:  # noqa: ASYNC110 (the channel thread hashes it now)
+            await asyncio.sleep(0.001)
+        await asyncio.to_thread(_rewrite_keeping_size_and_mtime, src, [0, 9 * CHUNK])
+
+    async def send(self: Any, item: OutgoingChunk) -> Any:
+        if item.offset != 9 * CHUNK:
+            return await real_send(self, item)
+        sends.append((item.one_pass, item.digest))
+        if len(sends) > 1:
+            return await real_send(self, item)
+        first.append(item)
+        self.channels.submit(item)  # its send goes on after this attempt gave up
+        behind.append(asyncio.create_task(hash_then_rewrite(item)))
+        raise TransportError("B: no receipt, link lost", peer="B")
+
+    def retrying(call: Any, **kw: Any) -> Any:
+        async def after_behind() -> Any:
+            for task in behind:
+                await task  # the channel's late hash and the rewrite, before the retry
+            return await call()
+        return real_retrying(after_behind, **kw)
+
+    monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
+    monkeypatch.setattr(channels_mod._Channel, "_write_one_pass", gated)
+    monkeypatch.setattr(sender_mod, "retrying", retrying)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
+    assert first[0].digest  # hashed by its channel, after its attempt gave up
+    assert sends == [(True, ""), (False, first[0].digest)]
+    got = tmp_path / "site-B" / "curated" / "f.bin"
+    if job.state == "committed":
+        assert got.read_bytes() == original
+    else:
+        assert job.state == "failed"
+        assert "source file changed" in (job.error or "")
+        assert not got.exists()
+
+
 def _rewrite_keeping_size_and_mtime(path: Path, offsets: list[int]) -> None:
     """Other bytes (zeros) in the chunks at `offsets`, the size and mtime kept (a restore, or
     two writes inside one timestamp tick)."""

@@ -1439,6 +1439,7 @@ class _ChunkPump:
         acked, errors = 0, 0  # for the stream controller: retries and integrity failures
         # What the route book knows the chunk by while it has no digest yet.
         key = digest or f"{locations[0][0]}:{locations[0][1]}"
+        sent_before: OutgoingChunk | None = None  # the previous attempt's chunk
 
         def count_retry(exc: TransferdError, delay_s: float) -> None:
             nonlocal errors
@@ -1461,7 +1462,11 @@ class _ChunkPump:
                 raise IntegrityError("source file changed while being sent")
 
         async def attempt() -> tuple[Encoded, int]:
-            nonlocal digest
+            nonlocal digest, sent_before
+            if not digest and sent_before is not None and sent_before.digest:
+                # Its channel hashed it after that attempt had failed (the send went on): this
+                # attempt goes by that address too.
+                digest = sent_before.digest
             if not s.compression[peer].should_try():
                 encoded = Encoded("identity", memoryview(b"") if body is None else body, length)
             elif body is None:
@@ -1494,6 +1499,7 @@ class _ChunkPump:
             wire = item.wire_length
             in_flight = self.gate.in_flight
             t0 = time.perf_counter()
+            sent_before = item
             try:
                 receipt = await self._send(item)
             finally:
