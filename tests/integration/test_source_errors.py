@@ -56,13 +56,14 @@ async def _still_serving(a: Any, fs: Any, root: str, tmp_path: Path) -> None:
     assert (tmp_path / "site-B/curated/next.bin").read_bytes() == data
 
 
-async def _fails_cleanly(a: Any, tmp_path: Path, rel: str, expect: str) -> None:
+async def _fails_cleanly(a: Any, tmp_path: Path, rel: str, expect: str) -> Any:
     """A's job for `rel` fails, saying `expect`, and nothing of it is committed at B."""
     [job] = await wait_for_jobs(a, a.sender.submit(rel, ["B"]), timeout_s=30)
     assert job.state == "failed"
     assert job.error is not None
     assert expect in job.error
     assert not (tmp_path / "site-B" / rel).exists()
+    return job
 
 
 def _raise_from_third_read(error: Exception) -> Callable[[str, Any], Callable[[int], None]]:
@@ -202,21 +203,47 @@ class _Unmapped:
         self.inner.close()
 
 
-async def test_an_unexpected_error_from_a_source_fails_the_job_and_the_daemon_serves_on(
+async def test_an_unexpected_error_from_a_source_fails_the_job_on_its_second_attempt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The sender's backstop: whatever else escapes a source becomes a StorageError of the
-    source's side (the job fails, the daemon goes on), its traceback logged at debug level."""
+    source's side, tried again once after the job's backoff; the same kind again fails the
+    job (the daemon goes on), each logged as a warning with its type and traceback."""
     overrides, fs, root = _memory_site(tmp_path)
     fs.pipe_file(f"{root}/curated/big.bin", os.urandom(SIZE))
     async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
         storage = a.sender.storage
         real = storage.open_source
         monkeypatch.setattr(storage, "open_source", lambda rel: _Unmapped(real(rel)))
-        with caplog.at_level(logging.DEBUG, logger="transferd.sender"):
-            await _fails_cleanly(a, tmp_path, "curated/big.bin", "KeyError: \"a backend's bug\"")
-        [record] = [r for r in caplog.records if r.message == "job.source_error"]
-        assert record.levelno == logging.DEBUG
-        assert record.exc_info is not None
+        with caplog.at_level(logging.WARNING, logger="transferd.sender"):
+            job = await _fails_cleanly(a, tmp_path, "curated/big.bin",
+                                       "KeyError: \"a backend's bug\"")
+        records = [r for r in caplog.records if r.message == "job.source_error"]
+        fields = [getattr(r, "fields", {}) for r in records]
+        assert [f["outcome"] for f in fields] == ["tried again", "failed"]
+        assert {f["type"] for f in fields} == {"builtins.KeyError"}
+        assert all(r.levelno == logging.WARNING and r.exc_info for r in records)
+        assert job.retries >= 1
         monkeypatch.undo()
         await _still_serving(a, fs, root, tmp_path)
+
+
+async def test_an_unexpected_error_from_a_source_once_is_tried_again_and_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend's own kind that nothing classifies, raised once: the job waits its backoff,
+    is tried again, and commits (it used to fail for good at once)."""
+    overrides, fs, root = _memory_site(tmp_path)
+    data = os.urandom(SIZE)
+    fs.pipe_file(f"{root}/curated/big.bin", data)
+
+    def fail(n: int) -> None:
+        if n == 3:
+            raise RuntimeError("backend library blew up once")
+
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, **overrides) as (a, _b):
+        _failing_reads(fs, monkeypatch, f"{root}/curated/big.bin", fail)
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/big.bin", ["B"]), timeout_s=30)
+        assert job.state == "committed", job.error
+        assert job.retries >= 1
+        assert (tmp_path / "site-B/curated/big.bin").read_bytes() == data

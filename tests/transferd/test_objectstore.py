@@ -21,6 +21,7 @@ from transferd.errors import ConfigError, IntegrityError, StorageError
 from transferd.protocol.upload import upload_intent
 from transferd.site import objectstore
 from transferd.site.checkpoints import update_run
+from transferd.site.failures import http_status
 from transferd.site.journal import Journal
 from transferd.site.keys import Keyring, keygen
 from transferd.site.metrics import Metrics
@@ -1163,4 +1164,4 @@ def test_only_a_412_answer_reads_as_a_changed_source_not_412_in_an_error_text() 
     )
     source.note_failure(refused)
     assert source._changed
-    assert objectstore._http_status(refused) == 412
+    assert http_status(refused) == 412

@@ -63,7 +63,9 @@ from transferd.protocol.auth import Keys
 from transferd.protocol.chunks import Encoding
 from transferd.protocol.streams import PathSample
 from transferd.site.buffers import AlignedBuffers
+from transferd.site.failures import source_changed_error
 from transferd.site.metrics import Metrics
+from transferd.site.source import SourceEnded, file_pieces
 from transferd.site.threads import lower_thread_priority, restore_base_priority
 
 __all__ = [
@@ -476,6 +478,10 @@ class _Channel:
             try:
                 self._write(seq, item)
             except Exception as exc:  # OSError, mostly; anything else costs only this channel
+                if isinstance(exc, SourceEnded):  # the chunk fails (sent again, it would end
+                    # again on every channel); the channel, cut mid-body, is broken as well
+                    item.finish(error=source_changed_error(
+                        f"(chunk {item.digest[:16]})", "ended before the chunk did"))
                 self._break(exc)
                 return
             owner.metrics.bytes_sent.labels(owner.peer).inc(item.wire_length)
@@ -504,12 +510,11 @@ class _Channel:
         elif item.body is not None:
             self.sock.sendall(item.body)
         elif self.tls:
-            # TLS encrypts in user space anyway: send from a mapping of the file.
+            # TLS encrypts in user space anyway: send the file read piece by piece (never a
+            # mapping of it: a file cut short under one is a SIGBUS, the daemon's death).
             assert item.fd is not None
-            base = item.offset - item.offset % mmap.ALLOCATIONGRANULARITY
-            with mmap.mmap(item.fd, item.raw_length + item.offset - base, prot=mmap.PROT_READ,
-                           offset=base) as m, memoryview(m) as view:
-                self.sock.sendall(view[item.offset - base:])
+            for piece in file_pieces(item.fd, item.offset, item.raw_length):
+                self.sock.sendall(piece)
         else:
             assert item.fd is not None
             sent = 0
@@ -517,7 +522,7 @@ class _Channel:
                 n = os.sendfile(self.sock.fileno(), item.fd, item.offset + sent,
                                 item.raw_length - sent)
                 if n == 0:
-                    raise OSError("source file ended before the chunk did")
+                    raise SourceEnded("source file ended before the chunk did")
                 sent += n
 
     # receipt thread

@@ -50,7 +50,7 @@ from transferd.protocol.auth import Keys
 from transferd.protocol.backoff import job_retry_delay
 from transferd.protocol.channel import DataChannelAnswer, Receipt, ReceiptStatus
 from transferd.protocol.chunks import blake3_hex, fixed_spans
-from transferd.protocol.codec import CompressionPolicy, Encoded, zstd_compress
+from transferd.protocol.codec import SAMPLE_BYTES, CompressionPolicy, Encoded, zstd_compress
 from transferd.protocol.local_api import Job, JobRoute, JobState
 from transferd.protocol.manifest import (
     ChunkRef,
@@ -851,12 +851,12 @@ class Sender:
             return chunk_spans(source, self.chunk_size)
         return fixed_spans(source.size, self.chunk_size)
 
-    def encode(self, peer: str, view: memoryview) -> Encoded:
+    def encode(self, peer: str, view: memoryview, ratio: float | None = None) -> Encoded:
         """Thread: the body to send for a chunk whose compression is worth trying (zstd when
-        a sample says it pays)."""
+        a sample says it pays; `ratio`: that sample's, probed already)."""
         policy = self.compression[peer]
         n = len(view)
-        if not policy.pays(policy.probe_ratio(view)):
+        if not policy.pays(policy.probe_ratio(view) if ratio is None else ratio):
             return Encoded("identity", view, n)
         level = policy.compress_level()
         assert level is not None
@@ -912,21 +912,51 @@ async def _held_body(source: Source, offset: int, length: int) -> memoryview | N
 
 def _from_source(source: object, action: str, work: Callable[..., _S], *args: object) -> _S:
     """Thread or loop: `work(*args)` on a job's source, whose failures must be the job's. The
-    sources map the failures they know (`storage.source_read_error`, `objectstore`); anything
-    else that escapes one (a backend library's own kind, a bug) would otherwise leave the job's
-    task group as a foreign exception and take `Sender.run` down with it: it becomes a
-    StorageError that is not transient (the job fails, the daemon goes on), the traceback
-    logged at debug level."""
+    sources classify the failures they know (`site.failures.storage_failure`); anything else
+    that escapes one (a backend library's own kind, a bug) would otherwise leave the job's
+    task group as a foreign exception and take `Sender.run` down with it. Such a failure, and
+    one a source marked `unclassified`, becomes a StorageError of the source's side: transient
+    the first time its kind fails at its path (the job waits its backoff and is tried again,
+    `Sender._retry_later`), not transient when it does again (the job fails); the daemon goes
+    on either way. Logged with the exception's type and traceback."""
     try:
         return work(*args)
-    except TransferdError:
-        raise
+    except TransferdError as exc:
+        kind = exc.fields.get("unclassified")
+        if kind is None:
+            raise
+        raise _unclassified(source, action, exc, str(kind)) from exc
     except Exception as exc:
-        path = getattr(source, "path", source)
-        log.debug("job.source_error", exc_info=True,
-                  extra={"fields": {"path": str(path), "action": action}})
-        raise StorageError(f"{action} {path} failed: {type(exc).__name__}: {exc}",
-                           path=path, side="source") from exc
+        kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        raise _unclassified(source, action, exc, kind) from exc
+
+
+# A source's unclassified failure is remembered (path, kind) this long: the same again within
+# it fails the job; a repeat after it counts as a first. At most this many are remembered.
+_UNCLASSIFIED_AGAIN_S = 3600.0
+_UNCLASSIFIED_KEPT = 1024
+_unclassified_seen: dict[tuple[str, str], float] = {}
+
+
+def _unclassified(source: object, action: str, exc: Exception, kind: str) -> StorageError:
+    """The job's error for a source failure of a kind nobody classifies: transient the first
+    time (`_from_source`). Plain dict operations (atomic under the GIL): hashing threads and
+    the loop share the record."""
+    path = str(getattr(source, "path", source))
+    now = time.monotonic()
+    seen = _unclassified_seen.pop((path, kind), None)
+    again = seen is not None and now - seen < _UNCLASSIFIED_AGAIN_S
+    if not again:
+        if len(_unclassified_seen) >= _UNCLASSIFIED_KEPT:
+            _unclassified_seen.clear()
+        _unclassified_seen[(path, kind)] = now
+    log.warning("job.source_error", exc_info=exc, extra={"fields": {
+        "path": path, "action": action, "type": kind, "error": str(exc)[:200],
+        "outcome": "failed" if again else "tried again"}})
+    reason = exc.message if isinstance(exc, TransferdError) else (
+        f"{action} {path} failed: {type(exc).__name__}: {exc}")
+    return StorageError(reason, path=path, side="source", transient=not again,
+                        unclassified=kind)
 
 
 def _retrieved(future: asyncio.Future[Receipt]) -> None:
@@ -1315,13 +1345,22 @@ class _ChunkPump:
             self.gate.release(acked, errors)
 
     def _encode_local(self, location: tuple[int, int], length: int) -> Encoded:
-        """Thread: a local file's chunk as it is to be sent, mapped only while compression is
-        tried on it: compressed bytes, or raw (then sent from the file: no bytes held)."""
+        """Thread: a local file's chunk as it is to be sent, read into memory (pread, never
+        mapped) only while compression is tried on it: compressed bytes, or raw (then sent
+        from the file: no bytes held)."""
         f, offset = location
         source = self.sources[f]
         assert isinstance(source, SourceFile)
+        # The sample first (the span `probe_ratio` takes, read alone): most chunks tried stop
+        # there, and the chunk is read whole only to be compressed.
+        policy = self.sender.compression[self.link.peer]
+        start = max(0, length // 2 - SAMPLE_BYTES // 2)
+        with source.mapped(offset + start, min(SAMPLE_BYTES, length - start)) as sample:
+            ratio = policy.probe_ratio(sample)
+        if not policy.pays(ratio):
+            return Encoded("identity", memoryview(b""), length)
         with source.mapped(offset, length) as view:
-            encoded = self.sender.encode(self.link.peer, view)
+            encoded = self.sender.encode(self.link.peer, view, ratio)
             if encoded.encoding == "identity":
                 return Encoded("identity", memoryview(b""), length)
             return encoded

@@ -2,8 +2,10 @@
 event loop; nothing here imports asyncio or aiohttp (tests/transferd/test_layers.py).
 
 - `storage`: data_dir behind one `SiteStorage` protocol (local paths, any fsspec URL);
-  `objectstore`: object stores without rename (S3, GCS, Azure): commits by a manifest object
-- `staging`, `source`: incoming files written by offset; outgoing files read through mmap windows
+  `objectstore`: object stores without rename (S3, GCS, Azure): commits by a manifest object;
+  `failures`: one classifier of every backend's failures (gone, refused, transient; the side)
+- `staging`, `source`: incoming files written by offset; outgoing files read by pread (never
+  mapped: a file cut short under a mapping is a SIGBUS)
 - `receiver`: the receiving end of uploads (staging, verification, atomic commit)
 - `journal`: the SQLite state that survives SIGKILL (jobs, uploads, chunk index)
 - `keys`, `tls`: key material in keys_dir, TLS contexts

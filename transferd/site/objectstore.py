@@ -65,8 +65,15 @@ from transferd.errors import (
     StorageError,
     TransferdError,
 )
-from transferd.site.staging import Staging, os_errors, storage_error
-from transferd.site.storage import FsspecStorage, Source, info_mtime, source_changed_error
+from transferd.site.failures import (
+    Side,
+    http_status,
+    source_changed_error,
+    storage_failure,
+    storage_failures,
+)
+from transferd.site.staging import Staging, os_errors
+from transferd.site.storage import FsspecStorage, Source, info_mtime
 
 __all__ = ["MANIFEST", "OBJECT_STORE_PROTOCOLS", "ObjectStorage", "is_object_store"]
 
@@ -640,7 +647,7 @@ class ObjectSource:
         was to vouch for (`unchecked`: a body cut short), what was read of this object is not
         to be trusted: its next read and `changed` raise (a transient IntegrityError; after
         `_MISMATCHES_FATAL` checksum failures of this version in a row, not transient)."""
-        if _http_status(exc) == 412 or "PreconditionFailed" in str(exc):
+        if http_status(exc) == 412 or "PreconditionFailed" in str(exc):
             # (Not "412" anywhere in the text: "the store sent 4120000 of ..." is no change.)
             self._changed = True
         elif isinstance(exc, _ChecksumMismatch):
@@ -727,21 +734,13 @@ class ObjectSource:
             raise self._read_error(exc) from exc
 
     def _read_error(self, exc: Exception) -> TransferdError:
-        """A span's GET failure as the job's error: the object no longer the version opened
-        (412, or gone) is a changed source; the store's 5xx, 429 or the network failing
-        (no answer, a body cut short) is a transient StorageError (the job is tried again);
-        any other refusal (403, ...) is a StorageError that is not."""
-        status = _http_status(exc)
-        if self._changed or status == 404 or isinstance(exc, FileNotFoundError):
+        """A span's GET failure as the job's error (`failures.storage_failure`: the object
+        gone or no longer the version opened is a changed source, the store's 5xx or 429 or
+        the network failing is transient, a refusal is not), or a changed source whenever an
+        earlier GET found the version opened replaced."""
+        if self._changed:
             return source_changed_error(self.path, f"is no longer the version opened ({exc})")
-        if status is None:
-            transient = not isinstance(exc, PermissionError)
-        else:
-            transient = status == 429 or status >= 500
-        return StorageError(
-            f"reading {self.path} from the store failed: {exc}",
-            transient=transient, path=self.path, side="source",
-        )  # fmt: skip
+        return storage_failure("reading", self.path, exc, side="source")
 
     @contextmanager
     def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
@@ -884,15 +883,15 @@ class ObjectStorage(FsspecStorage):
             return rel in self._committing
 
     # -- manifests ------------------------------------------------------------------------------
-    def manifest(self, rel: str) -> dict[str, Any] | None:
+    def manifest(self, rel: str, side: Side = "source") -> dict[str, Any] | None:
         """The committed folder's manifest, or None (no folder, or one whose commit is not
         finished)."""
         try:
             raw = self.fs.cat_file(f"{self.path(rel)}/{MANIFEST}")
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            raise storage_error(f"reading the manifest of {rel}", exc, rel) from exc
+        except Exception as exc:  # OSError, botocore's own kinds
+            raise storage_failure("reading the manifest of", rel, exc, side=side) from exc
         try:
             doc = json.loads(raw)
             if doc.get("format") != MANIFEST_FORMAT:
@@ -910,7 +909,7 @@ class ObjectStorage(FsspecStorage):
         with self._lock:
             known = self._listed.pop(path, None)
         listed = known[:2] if known and time.monotonic() - known[2] < _LISTED_FRESH_S else None
-        with os_errors(f"opening {rel}", rel):
+        with storage_failures("opening", rel, side="source"):
             return ObjectSource(self.fs, path, self._fetcher, listed)
 
     def _remember(self, found: dict[str, dict[str, Any]], paths: list[str]) -> None:
@@ -927,17 +926,19 @@ class ObjectStorage(FsspecStorage):
 
     def exists(self, rel: str) -> bool:
         self.check_path(rel)
-        if self._has_manifest(rel):
-            return True
-        if self._in_commit(rel):
-            return False
-        return bool(self.fs.exists(self.path(rel)))
+        with storage_failures("checking", rel, side="source"):
+            if self._has_manifest(rel):
+                return True
+            if self._in_commit(rel):
+                return False
+            return bool(self.fs.exists(self.path(rel)))
 
     def is_dir(self, rel: str) -> bool:
         self.check_path(rel)
-        if self._has_manifest(rel):
-            return True
-        return not self._in_commit(rel) and bool(self.fs.isdir(self.path(rel)))
+        with storage_failures("checking", rel, side="destination"):
+            if self._has_manifest(rel):
+                return True
+            return not self._in_commit(rel) and bool(self.fs.isdir(self.path(rel)))
 
     def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
         """One listing of the prefix (a request per 1,000 objects; a file: its HEAD too, a
@@ -945,7 +946,7 @@ class ObjectStorage(FsspecStorage):
         members without a request each."""
         self.check_path(rel)
         path = self.path(rel)
-        with os_errors(f"listing {rel}", rel):
+        with storage_failures("listing", rel, side="source"):
             found = self._find(path)
             if not found:  # a file (its HEAD), or nothing
                 with suppress(FileNotFoundError):
@@ -983,7 +984,7 @@ class ObjectStorage(FsspecStorage):
     def newest_mtime(self, rel: str) -> float:
         if self._in_commit(rel):
             return time.time()  # being written now
-        doc = self.manifest(rel)
+        doc = self.manifest(rel)  # its failures: `manifest`; the listing's: FsspecStorage's
         if doc is not None:
             return float(doc["committed_at"])  # S3's LastModified has whole seconds only
         return super().newest_mtime(rel)
@@ -994,7 +995,7 @@ class ObjectStorage(FsspecStorage):
         listing (members, sizes and LastModified together; a request per 1,000 objects)."""
         self.check_path(rel)
         path = self.path(rel)
-        with os_errors(f"polling {rel}", rel):
+        with storage_failures("polling", rel, side="source"):
             known = self._polled.get(rel)
             if known is not None:
                 try:
@@ -1035,7 +1036,7 @@ class ObjectStorage(FsspecStorage):
             self.check_path(rel)
         paths = [self.path(rel) for rel in rels]
         top = posixpath.commonpath(paths)
-        with os_errors(f"listing {top}", top):
+        with storage_failures("listing", top, side="destination"):
             found = self._find(top)
         now = time.monotonic()
         with self._lock:
@@ -1162,7 +1163,7 @@ class ObjectStorage(FsspecStorage):
             listed_at = self._absent.pop(path, None)
         # Found absent when the upload opened (`sizes`), moments ago: no second request.
         absent = listed_at is not None and time.monotonic() - listed_at < _ABSENT_FRESH_S
-        with os_errors(f"checking {rel}", rel):
+        with storage_failures("checking", rel, side="destination"):
             direct = (
                 staging.kind == "folder"
                 and not self._in_commit(rel)
@@ -1325,8 +1326,10 @@ class ObjectStorage(FsspecStorage):
                 if int(self.fs.size(final)) != staging.sizes[0]:
                     raise StorageError(f"{rel}: the store holds a different size", path=rel)
                 return
-        except OSError as exc:
-            raise storage_error(f"committing {rel}", exc, rel) from exc
+        except TransferdError:
+            raise
+        except Exception as exc:  # OSError (botocore's error its cause), s3fs's own kinds
+            raise storage_failure("committing", rel, exc, side="destination") from exc
         self._commit_folder(staging, rel)
 
     def _commit_folder(self, staging: Staging, rel: str) -> None:
@@ -1372,11 +1375,10 @@ class ObjectStorage(FsspecStorage):
                                   "uploads_wait_s": round(t_streamed - t0, 4),
                                   "seconds": round(time.time() - t0, 4)}},
             )  # fmt: skip
-        except OSError as exc:
+        except BaseException as exc:
             self._end_after_failure(rel, upload)
-            raise storage_error(f"committing {rel}", exc, rel) from exc
-        except BaseException:
-            self._end_after_failure(rel, upload)
+            if isinstance(exc, Exception) and not isinstance(exc, TransferdError):
+                raise storage_failure("committing", rel, exc, side="destination") from exc
             raise
         self._end(rel, upload)
 
@@ -1411,13 +1413,13 @@ class ObjectStorage(FsspecStorage):
             self.fs.rm(extra)
 
     def write_text_atomic(self, rel: str, text: str) -> None:
-        with os_errors(f"writing {rel}", rel):
+        with storage_failures("writing", rel, side="destination"):
             self.fs.pipe_file(self.path(rel), text.encode())  # one PUT: old or new, whole
 
     def remove_tree(self, rel: str) -> None:
         self.check_path(rel)
         path = self.path(rel)
-        with os_errors(f"removing {rel}", rel):
+        with storage_failures("removing", rel, side="destination"):
             if self._has_manifest(rel):
                 self.fs.rm_file(f"{path}/{MANIFEST}")  # absent first, then its objects go
             if self.fs.exists(path):
@@ -1431,9 +1433,10 @@ class ObjectStorage(FsspecStorage):
         for rel, entry, streaming in self._intents():
             try:
                 self._reclaim_folder(rel, objects=not streaming)
-            except (OSError, StorageError) as exc:
+            except Exception as exc:  # OSError, StorageError, botocore's own kinds
+                err = storage_failure("reclaiming", rel, exc, side="destination")
                 log.warning(
-                    "storage.reclaim_failed", extra={"fields": {"path": rel, "error": str(exc)}}
+                    "storage.reclaim_failed", extra={"fields": {"path": rel, "error": str(err)}}
                 )
                 continue
             cleaned.append(rel)
@@ -1450,7 +1453,7 @@ class ObjectStorage(FsspecStorage):
         if not objects:
             return
         path = self.path(rel)
-        doc = self.manifest(rel)
+        doc = self.manifest(rel, "destination")
         if not self.fs.exists(path):
             return
         keep = {str(m["path"]) for m in doc["members"]} | {MANIFEST} if doc else set()
@@ -1548,15 +1551,6 @@ def _file_crc32(path: Path | str) -> int:
     return crc
 
 
-def _http_status(exc: BaseException) -> int | None:
-    """The HTTP status of botocore's ClientError; None for an error with no answer."""
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return None
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return status if isinstance(status, int) else None
-
-
 def _check_range(out: dict[str, Any], start: int, size: int) -> None:
     """A ranged GET's answer is the range asked for (206, its Content-Range), not a store
     ignoring the Range with the whole object (200)."""
@@ -1572,7 +1566,8 @@ def _check_range(out: dict[str, Any], start: int, size: int) -> None:
 
 
 def _os_error(exc: Exception, path: str) -> OSError:
-    """botocore's error as the OSError the commit path reports (`storage_error`)."""
+    """botocore's error as the OSError the commit path reports; raised `from` it, so its HTTP
+    status still classifies it (`failures.http_status`)."""
     if isinstance(exc, OSError):
         return exc
     return OSError(f"{path}: {exc}")

@@ -1,11 +1,13 @@
 """Site storage: reading sources, staging incoming files, and committing them atomically.
 
-Backends behind one small interface, chosen by data_dir: `LocalStorage` (a path: mmap reads,
+Backends behind one small interface, chosen by data_dir: `LocalStorage` (a path: pread reads,
 pwrite staging on the same filesystem, fsync + rename commit), `FsspecStorage` (any fsspec URL:
 staging on local disk in state_dir, then put to a partial name and move into place) and, for
 object stores without rename (S3, GCS, Azure), `site.objectstore.ObjectStorage` (a manifest
 object written last makes a folder visible). Staging and
-commit never expose a partial file at the final path; OSError becomes StorageError here.
+commit never expose a partial file at the final path. A backend's failures (OSError, an HTTP
+status, its network library's own kinds) become the job's errors through one classifier
+(`site.failures.storage_failure`: gone, refused or transient, with the side they happened on).
 
 On a local data_dir every path goes through `confine`, which applies the policy on where it
 resolves (`protocol.policy.check_resolved`: symlinks are followed, and a path outside raw/ that
@@ -29,21 +31,16 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from transferd.errors import (
-    ConfigError,
-    IntegrityError,
-    PolicyViolation,
-    StorageError,
-    TransferdError,
-)
+from transferd.errors import ConfigError, PolicyViolation, StorageError
 from transferd.protocol.policy import (
     check_not_raw_inode,
     check_resolved,
     normalize_rel_path,
     top_folder,
 )
-from transferd.site.source import FileWindow, SourceFile
-from transferd.site.staging import Staging, os_errors, storage_error
+from transferd.site.failures import source_changed_error, storage_failure, storage_failures
+from transferd.site.source import SourceFile
+from transferd.site.staging import Staging, os_errors
 
 __all__ = [
     "FsspecStorage",
@@ -65,7 +62,7 @@ class Source(Protocol):
     def read(self, offset: int, length: int) -> bytes | memoryview:
         """The bytes at `offset`, the caller's to keep (nothing mapped or reused behind them:
         a fetched object's bytes come as they are, without a copy). Raises a TransferdError
-        (`side="source"`) when they cannot be had (`source_read_error`), or, from an object
+        (`side="source"`) when they cannot be had (`failures.storage_failure`), or, from an object
         store, not checked; never a bare OSError or a library's own kind (the sender maps
         whatever else escapes to a StorageError: `sender._from_source`)."""
         ...
@@ -82,47 +79,6 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-def source_changed_error(path: str, why: object) -> IntegrityError:
-    """A source removed, replaced or cut short while it was being sent: the job fails (the
-    sender's usual "changed" outcome), nothing is committed; a later job sends what is there."""
-    return IntegrityError(
-        f"source file changed while being sent: {path} {why}", path=path, side="source"
-    )
-
-
-# Kinds raised by the network libraries behind fsspec backends (http, sftp, webhdfs, ...):
-# the remote end or the path to it failed, so a later attempt may succeed.
-_NETWORK_MODULES = ("aiohttp", "botocore", "urllib3", "requests", "paramiko", "ssl", "socket")
-_PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EINVAL,
-                     errno.ENAMETOOLONG, errno.ELOOP}
-
-
-def source_read_error(action: str, path: str, exc: BaseException) -> TransferdError:
-    """A source's read (or its check) failure as the job's error, never a bare OSError or a
-    library's own kind. Gone: the "changed" IntegrityError. A refusal that asking again will
-    not change (permission, a path that is not a file, an HTTP 4xx): a StorageError that is not
-    transient (the job fails). Anything else from the OS or the network (EIO, a timeout, a
-    reset, HTTP 5xx or 429): a transient StorageError (the job is tried again later). Every one
-    carries `side="source"`: no route is marked down for it."""
-    if isinstance(exc, TransferdError):
-        return exc
-    if isinstance(exc, FileNotFoundError):
-        return source_changed_error(path, "is no longer there")
-    status = getattr(exc, "status", None) or getattr(exc, "code", None)
-    if isinstance(status, int) and 400 <= status < 600:
-        if status in (404, 410, 412):
-            return source_changed_error(path, f"is no longer the version opened (HTTP {status})")
-        transient = status == 429 or status >= 500
-    elif isinstance(exc, OSError):
-        transient = exc.errno not in _PERMANENT_ERRNOS and not isinstance(exc, PermissionError)
-    else:
-        transient = type(exc).__module__.split(".")[0] in _NETWORK_MODULES
-    reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
-    return StorageError(
-        f"{action} {path} failed: {reason}", path=path, transient=transient, side="source"
-    )
-
-
 class _LocalSource(SourceFile):
     """A local file to send. Read through the descriptor opened (a rename or a delete does not
     change what is read), so `changed` also says when the file lost its last name: removed or
@@ -132,31 +88,19 @@ class _LocalSource(SourceFile):
         try:
             return super().changed() or os.fstat(self.fileno()).st_nlink == 0
         except OSError as exc:
-            raise source_read_error("checking", self.path, exc) from exc
+            raise storage_failure("checking", self.path, exc, side="source") from exc
 
     def read(self, offset: int, length: int) -> bytes:
         try:
             return super().read(offset, length)
         except OSError as exc:
-            raise source_read_error("reading", self.path, exc) from exc
-
-    def window(self, offset: int, length: int) -> FileWindow:
-        """The span mapped (a chunk tried for compression). mmap refuses a span past the end
-        (ValueError): the file shrank since it was hashed, a changed source."""
-        try:
-            return super().window(offset, length)
-        except (OSError, ValueError) as exc:
-            if self.changed():
-                raise source_changed_error(self.path, "was cut short or rewritten") from exc
-            if isinstance(exc, OSError):
-                raise source_read_error("reading", self.path, exc) from exc
-            raise
+            raise storage_failure("reading", self.path, exc, side="source") from exc
 
 
 class _FsspecSource:
     """A file behind an fsspec URL, read span by span (`cat_file` ranges). Its failures are the
-    job's TransferdErrors (`source_read_error`); a span that comes back short, or a file whose
-    size or modification time moved, is a changed source."""
+    job's TransferdErrors (`failures.storage_failure`); a span that comes back short, or a file
+    whose size or modification time moved, is a changed source."""
 
     def __init__(self, fs: Any, path: str) -> None:
         self.fs, self.path = fs, path
@@ -172,7 +116,7 @@ class _FsspecSource:
         try:
             data = bytes(self.fs.cat_file(self.path, start=offset, end=offset + length))
         except Exception as exc:  # OSError, and the kinds of the backend's network library
-            raise source_read_error("reading", self.path, exc) from exc
+            raise storage_failure("reading", self.path, exc, side="source") from exc
         if len(data) != length:
             raise source_changed_error(self.path, f"ends at {offset + len(data)}, inside a chunk")
         return data
@@ -181,7 +125,7 @@ class _FsspecSource:
         try:
             info = self.fs.info(self.path)
         except Exception as exc:
-            raise source_read_error("checking", self.path, exc) from exc
+            raise storage_failure("checking", self.path, exc, side="source") from exc
         return int(info["size"]) != self.size or info_mtime(info) != self.mtime
 
     def close(self) -> None:
@@ -362,7 +306,7 @@ class LocalStorage:
         """A file to send, checked through its open descriptor: where it really is, and
         whether its inode also has a name under raw/ (a hard link)."""
         path = self.path(rel)
-        with os_errors(f"opening {rel}", rel):
+        with storage_failures("opening", rel, side="source"):
             source = _LocalSource(str(path))
         try:
             real_root = os.path.realpath(self.root)
@@ -405,7 +349,7 @@ class LocalStorage:
     def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
         """('file', [('', size)]) or ('folder', [(member, size), ...]) in sorted order."""
         path = self.path(rel)
-        with os_errors(f"listing {rel}", rel):
+        with storage_failures("listing", rel, side="source"):
             if path.is_file():
                 st = path.stat()
                 if st.st_nlink > 1:
@@ -514,13 +458,14 @@ class LocalStorage:
         pass
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
-        with os_errors(f"reading {rel}", rel), open(self.path(rel), "rb") as fh:
+        with (storage_failures("reading", rel, side="destination"),
+              open(self.path(rel), "rb") as fh):
             fh.seek(offset)
             return fh.read(length)
 
     def size(self, rel: str) -> int | None:
         path = self.path(rel)
-        with os_errors(f"reading {rel}", rel):
+        with storage_failures("checking", rel, side="destination"):
             try:
                 st = path.stat()
             except FileNotFoundError:
@@ -635,11 +580,11 @@ class FsspecStorage:
         try:
             return _FsspecSource(self.fs, self.path(rel))
         except Exception as exc:
-            raise source_read_error("opening", rel, exc) from exc
+            raise storage_failure("opening", rel, exc, side="source") from exc
 
     def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
         path = self.path(rel)
-        with os_errors(f"listing {rel}", rel):
+        with storage_failures("listing", rel, side="source"):
             if self.fs.isfile(path):
                 return "file", [("", int(self.fs.size(path)))]
             found = self.fs.find(path, detail=True)
@@ -654,7 +599,8 @@ class FsspecStorage:
         return "folder", members
 
     def exists(self, rel: str) -> bool:
-        return bool(self.fs.exists(self.path(rel)))
+        with storage_failures("checking", rel, side="source"):
+            return bool(self.fs.exists(self.path(rel)))
 
     def commit(self, staging: Staging, rel: str) -> None:
         final = self.path(rel)
@@ -672,13 +618,16 @@ class FsspecStorage:
                 if self.fs.exists(final):
                     self.fs.rm(final, recursive=True)
                 self.fs.mv(partial, final, recursive=True)
-        except OSError as exc:
+        except Exception as exc:  # OSError, and the kinds of the backend's network library
             try:
                 if self.fs.exists(partial):
                     self.fs.rm(partial, recursive=True)
-            except OSError:
-                pass  # the original failure is the one to report
-            raise storage_error(f"committing {rel}", exc, rel) from exc
+            except Exception:  # noqa: BLE001 - the original failure is the one to report
+                pass
+            err = storage_failure("committing", rel, exc, side="destination")
+            if err is exc:
+                raise
+            raise err from exc
 
     def member_staged(self, staging: Staging, rel: str, index: int) -> None:
         pass  # staged on local disk and put at commit (object stores stream: ObjectStorage)
@@ -687,19 +636,19 @@ class FsspecStorage:
         pass
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
-        with os_errors(f"reading {rel}", rel):
+        with storage_failures("reading", rel, side="destination"):
             return bytes(self.fs.cat_file(self.path(rel), start=offset, end=offset + length))
 
     def size(self, rel: str) -> int | None:
-        with os_errors(f"reading {rel}", rel):
-            path = self.path(rel)
+        path = self.path(rel)
+        with storage_failures("checking", rel, side="destination"):
             return int(self.fs.size(path)) if self.fs.isfile(path) else None
 
     def sizes(self, rels: Sequence[str]) -> list[int | None]:
         return [self.size(rel) for rel in rels]
 
     def link_into(self, rel: str, staged: Path) -> None:
-        with os_errors(f"keeping {rel}", rel):
+        with storage_failures("keeping", rel, side="destination"):
             staged.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(self.path(rel), str(staged))
 
@@ -708,28 +657,29 @@ class FsspecStorage:
             return shutil.disk_usage(self.staging_root).free
 
     def list_dir(self, rel: str) -> list[str]:
-        with os_errors(f"listing {rel}", rel), suppress(FileNotFoundError):
+        with storage_failures("listing", rel, side="destination"), suppress(FileNotFoundError):
             listed = self.fs.ls(self.path(rel), detail=False)
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed)
         return []
 
     def is_dir(self, rel: str) -> bool:
-        return bool(self.fs.isdir(self.path(rel)))
+        with storage_failures("checking", rel, side="destination"):
+            return bool(self.fs.isdir(self.path(rel)))
 
     def write_text_atomic(self, rel: str, text: str) -> None:
         final = self.path(rel)
         tmp = f"{final}.transferd-tmp"
-        with os_errors(f"writing {rel}", rel):
+        with storage_failures("writing", rel, side="destination"):
             self.fs.pipe_file(tmp, text.encode())
             self.fs.mv(tmp, final)
 
     def read_text(self, rel: str) -> str | None:
-        with os_errors(f"reading {rel}", rel), suppress(FileNotFoundError):
+        with storage_failures("reading", rel, side="destination"), suppress(FileNotFoundError):
             return bytes(self.fs.cat_file(self.path(rel))).decode()
         return None
 
     def remove_tree(self, rel: str) -> None:
-        with os_errors(f"removing {rel}", rel):
+        with storage_failures("removing", rel, side="destination"):
             if self.fs.exists(self.path(rel)):
                 self.fs.rm(self.path(rel), recursive=True)
 
@@ -737,7 +687,8 @@ class FsspecStorage:
         return folder_state(self, rel)
 
     def newest_mtime(self, rel: str) -> float:
-        infos = self.fs.find(self.path(rel), detail=True).values()
+        with storage_failures("listing", rel, side="source"):
+            infos = self.fs.find(self.path(rel), detail=True).values()
         return max((info_mtime(info) for info in infos), default=0.0)
 
 
