@@ -309,8 +309,8 @@ def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
         return {"traffic": {"shared_pool": True}}
     if tool == "transferd-normal-loop":
         return {"traffic": {"loop_priority": "normal"}}
-    if tool == "transferd-idle-bulk":
-        return {"traffic": {"bulk_priority": "idle"}}
+    if tool in ("transferd-idle-bulk", "transferd-nice-bulk"):
+        return {"traffic": {"bulk_priority": tool.removeprefix("transferd-").removesuffix("-bulk")}}
     raise ToolError(tool, "unknown transferd variant")
 
 
@@ -638,6 +638,7 @@ ADAPTERS: dict[str, Callable[[RunContext], ToolRun]] = {
     "transferd-8streams": lambda ctx: _transferd(ctx, "transferd-8streams"),
     "transferd-normal-loop": lambda ctx: _transferd(ctx, "transferd-normal-loop"),
     "transferd-idle-bulk": lambda ctx: _transferd(ctx, "transferd-idle-bulk"),
+    "transferd-nice-bulk": lambda ctx: _transferd(ctx, "transferd-nice-bulk"),
     "transferd-http-messages": lambda ctx: _transferd(ctx, "transferd-http-messages"),
     "iperf3-1stream": lambda ctx: _iperf3(ctx, 1),
     "iperf3-8streams": lambda ctx: _iperf3(ctx, 8),

@@ -47,7 +47,7 @@ from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
 from transferd.site.storage import open_storage
 from transferd.site.telemetry import SAMPLE_S, LinkTelemetry
-from transferd.site.threads import ThreadSchedstat, bulk_executor
+from transferd.site.threads import ThreadSchedstat, bulk_executor, loop_waited_for_the_gil
 from transferd.site.tls import client_ssl_context, server_ssl_context
 
 __all__ = ["Daemon"]
@@ -501,6 +501,9 @@ class Daemon:
                         fields["ran_ms"] = round((sched1[0] - sched0[0]) / 1e6, 1)
                         fields["cpu_wait_ms"] = round((sched1[1] - sched0[1]) / 1e6, 1)
                     log.info("loop.stall", extra={"fields": fields})
+                    if "ran_ms" in fields:  # at least this much of the stall was a GIL wait
+                        loop_waited_for_the_gil(
+                            (fields["ms"] - fields["ran_ms"] - fields["cpu_wait_ms"]) / 1e3)
         finally:
             schedstat.close()
 

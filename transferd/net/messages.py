@@ -59,6 +59,7 @@ from transferd.protocol.messages import (
 from transferd.protocol.sched import BudgetMiss, ClassScheduler
 from transferd.protocol.wire import PEER_MESSAGES_ROUTE, parse_body, to_body
 from transferd.site.metrics import Metrics
+from transferd.site.threads import interactive_seen, interactive_traffic
 
 __all__ = ["Inbox", "MessageService", "MessageSocketServer", "message_socket_path"]
 
@@ -228,6 +229,7 @@ class MessageService:
             deadline=now + budget_s,
         )
         message = _Outgoing(envelope, peer, body, asyncio.get_running_loop().create_future())
+        interactive_seen()  # from here, not from its worker: a busy pump may hold it a while
         self.metrics.messages_sent.labels(peer, query.traffic_class.value).inc()
         pump = self.pump(peer)
         await pump.put(query.traffic_class, len(body), message, deadline=pump.now() + budget_s)
@@ -279,7 +281,8 @@ class MessageService:
                 raise ProtocolError(f"{traffic_class.value} queue holds a non-message item")
             self._busy[peer] += 1
             try:
-                receipt = await self._deliver(message)
+                with interactive_traffic():  # the bulk gives way while messages move
+                    receipt = await self._deliver(message)
             except TransferdError as exc:
                 self._record_miss(message, "delivery_failed", f"not delivered: {exc}")
                 if not message.done.done():
@@ -339,6 +342,7 @@ class MessageService:
 
     async def receive(self, source: str, envelope: MessageEnvelope, body: bytes) -> MessageAck:
         """Accept a message from an authenticated peer; idempotent on (source, message id)."""
+        interactive_seen()  # the bulk gives way to this message's answer and its followers
         ack, message = self.ledger.accept(source, envelope, body, self.clock())
         if message is None:
             return ack  # a retry of a message already delivered

@@ -5,20 +5,44 @@ serves control and interactive messages waits for one, and so do the host's othe
 (an application sending interactive messages through the daemon, among them). Linux keeps a
 scheduling policy per thread, so these threads yield the CPU to the loop and to whatever else
 the host must keep responsive (`traffic.bulk_priority`).
+
+Theory of operation of `adaptive` (the default): SCHED_IDLE keeps a waking application ahead
+of the bulk across sessions, where nice +10 does not (autogroup scheduling weighs each session
+alike), but on a host whose cores are busy all the time it starves the bulk, and a starved
+bulk thread holding the GIL holds up the loop. So the bulk threads run at SCHED_IDLE only while
+interactive traffic is live (`InteractiveWindow`: a message sent, received or in flight within
+the last `INTERACTIVE_HOLD_S`) and at nice +10 otherwise; with no message there is nothing for
+SCHED_IDLE to protect. The loop switches every registered bulk thread (`BulkThreads`) at the
+change, one `sched_setscheduler` per thread and none in between: no check in the bulk code and
+no wait for a piece boundary (an 8 MiB piece is ~70 ms at 1 Gbit/s). A loop stall that was a
+GIL wait while the bulk ran idle suspends idle for `GIL_BACKOFF_S` (the loop reports it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import math
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 __all__ = [
     "BULK_THREAD_NICENESS",
+    "GIL_BACKOFF_S",
+    "INTERACTIVE_HOLD_S",
     "LOOP_RT_PRIORITY",
     "BulkPriority",
+    "BulkThreads",
+    "InteractiveWindow",
+    "bulk_threads",
+    "interactive_seen",
+    "interactive_traffic",
+    "loop_waited_for_the_gil",
     "bulk_executor",
     "base_nice",
     "lower_thread_priority",
@@ -27,10 +51,20 @@ __all__ = [
     "set_bulk_priority",
 ]
 
-BulkPriority = Literal["idle", "nice"]
+BulkPriority = Literal["adaptive", "idle", "nice"]
+
+log = logging.getLogger("transferd.daemon")
 
 BULK_THREAD_NICENESS = 10
 LOOP_RT_PRIORITY = 1  # the lowest real-time priority: above every normal thread, below the rest
+# How long after the last message the bulk stays at SCHED_IDLE: messages come in bursts (a
+# request and its answers, an inference client's stream), and every first message of a burst
+# waits behind the bulk until it switches; switching itself costs microseconds.
+INTERACTIVE_HOLD_S = 1.0
+# After a loop stall that was a wait for the GIL while the bulk ran idle (a starved idle thread
+# held it), the bulk stays at nice for this long, messages or not.
+GIL_BACKOFF_S = 10.0
+GIL_STALL_S = 0.01  # a GIL wait this long, with the bulk at SCHED_IDLE, counts as one
 
 # The policy of bulk threads started from now on in this process: `transferd serve` sets it from
 # `traffic.bulk_priority` before the daemon starts; a daemon run inside another program (tests,
@@ -59,25 +93,39 @@ def set_bulk_priority(policy: BulkPriority) -> str:
     _bulk_priority = policy
     if not sys.platform.startswith("linux"):
         return f"normal ({policy} not applied: per-thread priority is Linux-only here)"
+    if policy == "nice":
+        return f"nice (+{BULK_THREAD_NICENESS})"
+    refused = _idle_refused(leave=policy == "adaptive")
+    if refused is not None:
+        _bulk_priority = "nice"
+        return (f"nice (+{BULK_THREAD_NICENESS}: bulk_priority {policy} asked, but {refused})")
     if policy == "idle":
-        refused = _idle_refused()
-        if refused is None:
-            return "idle (SCHED_IDLE: bulk threads run when nothing else on the host wants a CPU)"
-        return (f"nice (+{BULK_THREAD_NICENESS}: bulk_priority idle asked, but SCHED_IDLE is "
-                f"refused here: {refused})")
-    return f"nice (+{BULK_THREAD_NICENESS})"
+        return "idle (SCHED_IDLE: bulk threads run when nothing else on the host wants a CPU)"
+    return (f"adaptive (SCHED_IDLE while a message was sent or received in the last "
+            f"{INTERACTIVE_HOLD_S:g} s, nice +{BULK_THREAD_NICENESS} otherwise)")
 
 
-def _idle_refused() -> str | None:
-    """Why this host refuses SCHED_IDLE (tried on a throwaway thread), or None."""
+def _idle_refused(leave: bool = False) -> str | None:
+    """Why this host refuses SCHED_IDLE (tried on a throwaway thread at the bulk's nice), or,
+    with `leave`, refuses a bulk thread's way back from it (that needs CAP_SYS_NICE or an
+    RLIMIT_NICE that allows the thread's nice value), or None."""
     out: list[str | None] = []
 
     def probe() -> None:
+        _set_nice(min(19, base_nice() + BULK_THREAD_NICENESS))
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            out.append(None)
         except OSError as exc:  # a seccomp sandbox, a container without the syscall
-            out.append(exc.strerror or str(exc))
+            out.append(f"SCHED_IDLE is refused here: {exc.strerror or exc}")
+            return
+        if leave:
+            try:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            except OSError as exc:
+                out.append(f"leaving SCHED_IDLE is refused here: {exc.strerror or exc} (needs "
+                           "CAP_SYS_NICE or RLIMIT_NICE)")
+                return
+        out.append(None)
 
     thread = threading.Thread(target=probe, name="probe-sched-idle", daemon=True)
     thread.start()
@@ -127,17 +175,19 @@ def lower_thread_priority(policy: BulkPriority | None = None,
     that any normal thread waking on its CPU preempts at once and that the kernel counts as an
     idle CPU when it places a waking thread, across sessions and cgroups: an application's
     request, the TCP stack's softirq work, the loop, all run the moment they are runnable.
-    Where SCHED_IDLE is refused, the thread falls back to `niceness`."""
+    Where SCHED_IDLE is refused, the thread falls back to `niceness`. "adaptive": "nice", and
+    the thread joins `bulk_threads()`, which the loop switches to SCHED_IDLE and back as
+    interactive traffic comes and goes."""
     if not sys.platform.startswith("linux"):
         return
     _name_native_thread(threading.current_thread().name)
-    if (policy or _bulk_priority) == "idle":
-        try:
+    wanted = policy or _bulk_priority
+    _set_nice(min(19, base_nice() + niceness))  # kept through SCHED_IDLE, for the way back
+    if wanted == "adaptive":
+        _bulk_threads.register()
+    elif wanted == "idle":
+        with contextlib.suppress(OSError):  # a sandbox that forbids it: the nice above holds
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            return
-        except OSError:
-            pass  # a sandbox that forbids it: nice below still lowers the thread
-    _set_nice(min(19, base_nice() + niceness))
 
 
 def restore_base_priority() -> None:
@@ -171,6 +221,174 @@ def bulk_executor(max_workers: int, name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(
         max_workers=max_workers, thread_name_prefix=name, initializer=lower_thread_priority
     )
+
+
+class InteractiveWindow:
+    """Whether the bulk should give way now (sans-IO: every call takes `now`, a monotonic
+    time): interactive traffic is live while a message is in flight or one was sent or
+    received less than `hold_s` ago, unless a GIL stall suspended that (`backoff`)."""
+
+    def __init__(self, hold_s: float = INTERACTIVE_HOLD_S,
+                 backoff_s: float = GIL_BACKOFF_S) -> None:
+        self.hold_s = hold_s
+        self.backoff_s = backoff_s
+        self.in_flight = 0
+        self._last = -math.inf
+        self._suspended_until = -math.inf
+
+    def seen(self, now: float) -> None:
+        self._last = max(self._last, now)
+
+    def started(self, now: float) -> None:
+        self.in_flight += 1
+        self.seen(now)
+
+    def finished(self, now: float) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        self.seen(now)
+
+    def backoff(self, now: float) -> None:
+        self._suspended_until = now + self.backoff_s
+
+    def yield_to_interactive(self, now: float) -> bool:
+        if now < self._suspended_until:
+            return False
+        return self.in_flight > 0 or now < self._last + self.hold_s
+
+    def next_deadline(self, now: float) -> float | None:
+        """When `yield_to_interactive` may next change by time alone (None: not by time)."""
+        if now < self._suspended_until:
+            return self._suspended_until
+        if self.in_flight == 0 and now < self._last + self.hold_s:
+            return self._last + self.hold_s
+        return None
+
+
+class BulkThreads:
+    """The process's bulk threads under `adaptive`, and the policy they run at: the loop
+    switches them all at once (`set_idle`), a thread that joins later starts at the current
+    one (`register`). One lock orders the two; a syscall per thread only on a change."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: dict[int, threading.Thread] = {}
+        self._prune_at = 64
+        self.idle = False
+        self.switches = 0
+        self._logged: set[bool] = set()
+
+    def register(self) -> None:
+        """Called by the bulk thread itself, already at the bulk's nice."""
+        with self._lock:
+            if len(self._threads) >= self._prune_at:  # threads that came and went (channel-in)
+                self._threads = {t: th for t, th in self._threads.items() if th.is_alive()}
+                self._prune_at = 2 * len(self._threads) + 64
+            self._threads[threading.get_native_id()] = threading.current_thread()
+            if self.idle:
+                _apply(0, idle=True)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(t.is_alive() for t in self._threads.values())
+
+    def set_idle(self, idle: bool, why: str) -> None:
+        with self._lock:
+            if idle == self.idle:
+                return
+            self.idle = idle
+            self.switches += 1
+            for tid, thread in list(self._threads.items()):
+                # A thread that ended leaves the set before its id can name another thread.
+                if not thread.is_alive() or not _apply(tid, idle=idle):
+                    del self._threads[tid]
+            count = len(self._threads)
+        if idle not in self._logged:  # each policy once, with the number of threads it moved
+            self._logged.add(idle)
+            log.info("bulk.priority_in_use", extra={"fields": {
+                "policy": "idle" if idle else "nice", "threads": count, "why": why}})
+
+
+def _apply(tid: int, *, idle: bool) -> bool:
+    """Thread `tid` (0: the caller) to SCHED_IDLE or back to the normal policy; its nice value
+    stays as set (the kernel keeps it across SCHED_IDLE). False if the thread is gone."""
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # refused: the probe at start-up makes this rare; the thread keeps its nice
+    return True
+
+
+_bulk_threads = BulkThreads()
+
+
+def bulk_threads() -> BulkThreads:
+    return _bulk_threads
+
+
+class _AdaptiveSwitch:
+    """The loop's side of `adaptive`: feeds the window, switches `BulkThreads` when its answer
+    changes and re-arms one timer at the window's next deadline (the aioquic pattern)."""
+
+    def __init__(self, threads: BulkThreads, window: InteractiveWindow) -> None:
+        self.threads = threads
+        self.window = window
+        self._timer: asyncio.TimerHandle | None = None
+
+    def update(self, loop: asyncio.AbstractEventLoop, why: str) -> None:
+        now = loop.time()
+        self.threads.set_idle(self.window.yield_to_interactive(now), why)
+        # One timer at a time: one that fires early re-arms itself at the deadline then due.
+        deadline = self.window.next_deadline(now)
+        if deadline is not None and self._timer is None:
+            self._timer = loop.call_at(deadline, self._expired, loop)
+
+    def _expired(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        self.update(loop, "no message for the hold time")
+
+
+_switch = _AdaptiveSwitch(_bulk_threads, InteractiveWindow())
+
+
+@contextlib.contextmanager
+def interactive_traffic() -> Iterator[None]:
+    """Around a message's handling on the event loop (a send until its receipt, a receive):
+    under `adaptive`, the bulk threads run at SCHED_IDLE from its start until `INTERACTIVE_HOLD_S`
+    after its end. Nothing under the other policies."""
+    if _bulk_priority != "adaptive":
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    _switch.window.started(loop.time())
+    _switch.update(loop, "message")
+    try:
+        yield
+    finally:
+        _switch.window.finished(loop.time())
+        _switch.update(loop, "message")
+
+
+def interactive_seen() -> None:
+    """A message arrived or was queued (on the event loop): under `adaptive`, the bulk threads
+    run at SCHED_IDLE until `INTERACTIVE_HOLD_S` from now."""
+    if _bulk_priority == "adaptive":
+        loop = asyncio.get_running_loop()
+        _switch.window.seen(loop.time())
+        _switch.update(loop, "message")
+
+
+def loop_waited_for_the_gil(gil_wait_s: float) -> None:
+    """The loop-lag probe's report of a stall's GIL wait (on the loop): under `adaptive`, one of
+    `GIL_STALL_S` or more while the bulk ran idle puts the bulk at nice for `GIL_BACKOFF_S`."""
+    if _bulk_priority != "adaptive" or not _bulk_threads.idle or gil_wait_s < GIL_STALL_S:
+        return
+    loop = asyncio.get_running_loop()
+    _switch.window.backoff(loop.time())
+    log.warning("bulk.priority_backoff", extra={"fields": {
+        "gil_wait_ms": round(gil_wait_s * 1e3, 1), "nice_for_s": GIL_BACKOFF_S}})
+    _switch.update(loop, "the loop waited for the GIL behind an idle bulk thread")
 
 
 class ThreadSchedstat:
