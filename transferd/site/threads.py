@@ -15,7 +15,8 @@ the last `INTERACTIVE_HOLD_S`) and at nice +10 otherwise; with no message there 
 SCHED_IDLE to protect. The loop switches every registered bulk thread (`BulkThreads`) at the
 change, one `sched_setscheduler` per thread and none in between: no check in the bulk code and
 no wait for a piece boundary (an 8 MiB piece is ~70 ms at 1 Gbit/s). A loop stall that was a
-GIL wait while the bulk ran idle suspends idle for `GIL_BACKOFF_S` (the loop reports it).
+GIL wait while the bulk ran idle counts against a budget (`GIL_WAIT_BUDGET_S`, refilled at
+`GIL_WAIT_REFILL`): spent, it suspends idle for `GIL_BACKOFF_S` (the loop reports each wait).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Literal
 __all__ = [
     "BULK_THREAD_NICENESS",
     "GIL_BACKOFF_S",
+    "GIL_WAIT_BUDGET_S",
     "INTERACTIVE_HOLD_S",
     "LOOP_RT_PRIORITY",
     "BulkPriority",
@@ -64,7 +66,13 @@ INTERACTIVE_HOLD_S = 1.0
 # After a loop stall that was a wait for the GIL while the bulk ran idle (a starved idle thread
 # held it), the bulk stays at nice for this long, messages or not.
 GIL_BACKOFF_S = 10.0
-GIL_STALL_S = 0.01  # a GIL wait this long, with the bulk at SCHED_IDLE, counts as one
+# The loop's GIL waits behind idle bulk threads that trigger it: a leaky bucket of 100 ms that
+# drains at 5 % of the loop's time. One 20-30 ms wait happens on a loaded 2-core host now and
+# then (measured: benchmarks/README.md, round 11) and a 10 s backoff for it cost the messages
+# the idle policy for the rest of their burst; the starved case (round 6's spoiled runs) waited
+# 200-390 ms per run and spends it within a second or two.
+GIL_WAIT_BUDGET_S = 0.1
+GIL_WAIT_REFILL = 0.05
 
 # The policy of bulk threads started from now on in this process: `transferd serve` sets it from
 # `traffic.bulk_priority` before the daemon starts; a daemon run inside another program (tests,
@@ -235,6 +243,8 @@ class InteractiveWindow:
         self.in_flight = 0
         self._last = -math.inf
         self._suspended_until = -math.inf
+        self._gil_waited = 0.0  # the bucket's level, at `_gil_at`
+        self._gil_at = -math.inf
 
     def seen(self, now: float) -> None:
         self._last = max(self._last, now)
@@ -249,6 +259,18 @@ class InteractiveWindow:
 
     def backoff(self, now: float) -> None:
         self._suspended_until = now + self.backoff_s
+        self._gil_waited = 0.0
+
+    def gil_waited(self, now: float, wait_s: float) -> bool:
+        """The loop waited `wait_s` for the GIL while the bulk ran idle: True (and backed off)
+        once those waits spent the budget."""
+        drained = (now - self._gil_at) * GIL_WAIT_REFILL if self._gil_at > -math.inf else 0.0
+        self._gil_waited = max(0.0, self._gil_waited - drained) + wait_s
+        self._gil_at = now
+        if self._gil_waited < GIL_WAIT_BUDGET_S:
+            return False
+        self.backoff(now)
+        return True
 
     def yield_to_interactive(self, now: float) -> bool:
         if now < self._suspended_until:
@@ -380,15 +402,16 @@ def interactive_seen() -> None:
 
 
 def loop_waited_for_the_gil(gil_wait_s: float) -> None:
-    """The loop-lag probe's report of a stall's GIL wait (on the loop): under `adaptive`, one of
-    `GIL_STALL_S` or more while the bulk ran idle puts the bulk at nice for `GIL_BACKOFF_S`."""
-    if _bulk_priority != "adaptive" or not _bulk_threads.idle or gil_wait_s < GIL_STALL_S:
+    """The loop-lag probe's report of a stall's GIL wait (on the loop): under `adaptive`, while
+    the bulk runs idle, it counts against the GIL-wait budget; once that is spent the bulk runs
+    at nice for `GIL_BACKOFF_S`, logged."""
+    if _bulk_priority != "adaptive" or not _bulk_threads.idle or gil_wait_s <= 0:
         return
     loop = asyncio.get_running_loop()
-    _switch.window.backoff(loop.time())
-    log.warning("bulk.priority_backoff", extra={"fields": {
-        "gil_wait_ms": round(gil_wait_s * 1e3, 1), "nice_for_s": GIL_BACKOFF_S}})
-    _switch.update(loop, "the loop waited for the GIL behind an idle bulk thread")
+    if _switch.window.gil_waited(loop.time(), gil_wait_s):
+        log.warning("bulk.priority_backoff", extra={"fields": {
+            "gil_wait_ms": round(gil_wait_s * 1e3, 1), "nice_for_s": GIL_BACKOFF_S}})
+        _switch.update(loop, "the loop waited for the GIL behind idle bulk threads")
 
 
 class ThreadSchedstat:
