@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,22 +30,12 @@ from typing import Any
 
 import yaml
 
+from benchmarks.message_client import wait_local_port
+
 __all__ = ["main"]
 
 POLICIES = ("nice", "idle", "adaptive")
 TIMEOUT_S = 180.0
-
-
-def _wait_listening(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def _one(policy: str, size_mib: int, hogs: int, own_sessions: bool) -> dict[str, Any]:
@@ -73,7 +62,7 @@ def _one(policy: str, size_mib: int, hogs: int, own_sessions: bool) -> dict[str,
                     [sys.executable, "-m", "transferd", "serve", "--config", str(paths[site])],
                     stdout=subprocess.DEVNULL, stderr=log, start_new_session=own_sessions))
             for port in ports.values():
-                _wait_listening(port)
+                wait_local_port(port)
             procs += [subprocess.Popen([sys.executable, "-c", "while True: pass"],
                                        start_new_session=own_sessions) for _ in range(hogs)]
             time.sleep(1.0)  # the hogs at full speed before the bulk starts

@@ -163,20 +163,25 @@ def test_a_bulk_thread_started_by_a_bulk_thread_is_lowered_once() -> None:
     assert _in_thread(nested) == min(base + BULK_THREAD_NICENESS, 19)
 
 
+def _refuse_policy(monkeypatch: pytest.MonkeyPatch, refused: int) -> None:
+    """sched_setscheduler refuses `refused` from now on, as a sandbox or a missing capability."""
+    real = os.sched_setscheduler
+
+    def refuse(pid: int, policy: int, param: os.sched_param) -> None:
+        if policy == refused:
+            raise PermissionError(1, "Operation not permitted")
+        real(pid, policy, param)
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
 def test_the_bulk_priority_log_line_says_what_is_in_effect(monkeypatch: pytest.MonkeyPatch) -> None:
     """`bulk.priority` says idle only where SCHED_IDLE is allowed; where a sandbox refuses it,
     the nice fallback the bulk threads really run at, and why."""
     try:
         assert set_bulk_priority("idle").startswith("idle (SCHED_IDLE")
-        real = os.sched_setscheduler
-
-        def refuse(pid: int, policy: int, param: os.sched_param) -> None:
-            if policy == os.SCHED_IDLE:
-                raise PermissionError(1, "Operation not permitted")
-            real(pid, policy, param)
-
-        monkeypatch.setattr(os, "sched_setscheduler", refuse)
+        _refuse_policy(monkeypatch, os.SCHED_IDLE)
         said = set_bulk_priority("idle")
     finally:
         set_bulk_priority("nice")
@@ -280,14 +285,7 @@ def test_adaptive_is_nice_when_the_host_refuses_the_way_back(
 ) -> None:
     """Without CAP_SYS_NICE (or an RLIMIT_NICE that allows it) a thread cannot leave
     SCHED_IDLE: adaptive would leave the bulk idle for good, so it is nice, and says why."""
-    real = os.sched_setscheduler
-
-    def refuse(pid: int, policy: int, param: os.sched_param) -> None:
-        if policy == os.SCHED_OTHER:
-            raise PermissionError(1, "Operation not permitted")
-        real(pid, policy, param)
-
-    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    _refuse_policy(monkeypatch, os.SCHED_OTHER)
     try:
         said = set_bulk_priority("adaptive")
         in_effect = threads._bulk_priority
