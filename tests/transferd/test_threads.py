@@ -348,3 +348,34 @@ async def test_a_message_turns_the_bulk_idle_until_the_hold_after_it(
         stop.set()
         thread.join()
         set_bulk_priority("nice")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
+def test_a_daemon_run_again_in_process_still_ends_its_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop that ended with the hold's timer pending (a daemon stopped mid-burst) does not
+    keep the next loop from arming its own: the bulk still returns to nice."""
+    if set_bulk_priority("adaptive").startswith("nice"):
+        set_bulk_priority("nice")
+        pytest.skip("this host refuses leaving SCHED_IDLE (no CAP_SYS_NICE or RLIMIT_NICE)")
+    bulk = threads.BulkThreads()
+    monkeypatch.setattr(threads, "_bulk_threads", bulk)
+    monkeypatch.setattr(threads, "_switch", threads._AdaptiveSwitch(
+        bulk, threads.InteractiveWindow(hold_s=0.05)))
+
+    async def message() -> None:
+        threads.interactive_seen()
+
+    async def message_then_hold() -> bool:
+        threads.interactive_seen()
+        for _ in range(500):
+            if not bulk.idle:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    try:
+        asyncio.run(message())  # ends with its timer pending
+        assert bulk.idle
+        assert asyncio.run(message_then_hold())
+    finally:
+        set_bulk_priority("nice")

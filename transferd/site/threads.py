@@ -357,14 +357,18 @@ class _AdaptiveSwitch:
         self.threads = threads
         self.window = window
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def update(self, loop: asyncio.AbstractEventLoop, why: str) -> None:
         now = loop.time()
         self.threads.set_idle(self.window.yield_to_interactive(now), why)
         # One timer at a time: one that fires early re-arms itself at the deadline then due.
         deadline = self.window.next_deadline(now)
+        if self._timer is not None and self._timer_loop is not loop:
+            self._timer = None  # armed on a loop that has ended (a daemon run again in-process)
         if deadline is not None and self._timer is None:
             self._timer = loop.call_at(deadline, self._expired, loop)
+            self._timer_loop = loop
 
     def _expired(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
