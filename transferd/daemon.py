@@ -26,6 +26,7 @@ from netplan.plan import TrafficClass
 from netplan.telemetry import TelemetryReport
 from transferd.config import SiteConfig
 from transferd.errors import ConfigError, StorageError, TransferdError
+from transferd.net.bulk_priority import loop_waited_for_the_gil
 from transferd.net.channels import DataListener, PeerChannels
 from transferd.net.inbound import InboundUploads
 from transferd.net.messages import MessageService, MessageSocketServer, message_socket_path
@@ -47,7 +48,7 @@ from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
 from transferd.site.storage import open_storage
 from transferd.site.telemetry import SAMPLE_S, LinkTelemetry
-from transferd.site.threads import ThreadSchedstat, bulk_executor, loop_waited_for_the_gil
+from transferd.site.threads import ThreadSchedstat, bulk_executor
 from transferd.site.tls import client_ssl_context, server_ssl_context
 
 __all__ = ["Daemon"]

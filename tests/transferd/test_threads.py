@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import pytest
 
+from transferd.net import bulk_priority
 from transferd.site import threads
 from transferd.site.threads import (
     BULK_THREAD_NICENESS,
@@ -308,7 +309,7 @@ async def test_a_message_turns_the_bulk_idle_until_the_hold_after_it(
         pytest.skip("this host refuses leaving SCHED_IDLE (no CAP_SYS_NICE or RLIMIT_NICE)")
     bulk = threads.BulkThreads()
     monkeypatch.setattr(threads, "_bulk_threads", bulk)
-    monkeypatch.setattr(threads, "_switch", threads._AdaptiveSwitch(
+    monkeypatch.setattr(bulk_priority, "_switch", bulk_priority.AdaptiveSwitch(
         bulk, threads.InteractiveWindow(hold_s=0.05, backoff_s=60.0)))
     stop, ready = threading.Event(), threading.Event()
     tids: list[int] = []
@@ -325,7 +326,7 @@ async def test_a_message_turns_the_bulk_idle_until_the_hold_after_it(
         assert ready.wait(10)
         [tid] = tids
         assert os.sched_getscheduler(tid) == os.SCHED_OTHER
-        with threads.interactive_traffic():
+        with bulk_priority.interactive_traffic():
             assert os.sched_getscheduler(tid) == os.SCHED_IDLE
         assert os.sched_getscheduler(tid) == os.SCHED_IDLE  # for the hold after it
         for _ in range(1000):  # the hold's timer, on this loop
@@ -333,14 +334,14 @@ async def test_a_message_turns_the_bulk_idle_until_the_hold_after_it(
                 break
             await asyncio.sleep(0.01)
         assert os.sched_getscheduler(tid) == os.SCHED_OTHER
-        threads.loop_waited_for_the_gil(0.5)  # bulk at nice: nothing to back off from
+        bulk_priority.loop_waited_for_the_gil(0.5)  # bulk at nice: nothing to back off from
         assert "bulk.priority_backoff" not in caplog.text
-        threads.interactive_seen()
+        bulk_priority.interactive_seen()
         assert os.sched_getscheduler(tid) == os.SCHED_IDLE
-        threads.loop_waited_for_the_gil(0.5)
+        bulk_priority.loop_waited_for_the_gil(0.5)
         assert os.sched_getscheduler(tid) == os.SCHED_OTHER
         assert "bulk.priority_backoff" in caplog.text
-        threads.interactive_seen()  # within the backoff: stays nice
+        bulk_priority.interactive_seen()  # within the backoff: stays nice
         assert os.sched_getscheduler(tid) == os.SCHED_OTHER
         assert os.getpriority(os.PRIO_PROCESS, tid) == min(
             threads.base_nice() + BULK_THREAD_NICENESS, 19)
@@ -359,14 +360,14 @@ def test_a_daemon_run_again_in_process_still_ends_its_hold(monkeypatch: pytest.M
         pytest.skip("this host refuses leaving SCHED_IDLE (no CAP_SYS_NICE or RLIMIT_NICE)")
     bulk = threads.BulkThreads()
     monkeypatch.setattr(threads, "_bulk_threads", bulk)
-    monkeypatch.setattr(threads, "_switch", threads._AdaptiveSwitch(
+    monkeypatch.setattr(bulk_priority, "_switch", bulk_priority.AdaptiveSwitch(
         bulk, threads.InteractiveWindow(hold_s=0.05)))
 
     async def message() -> None:
-        threads.interactive_seen()
+        bulk_priority.interactive_seen()
 
     async def message_then_hold() -> bool:
-        threads.interactive_seen()
+        bulk_priority.interactive_seen()
         for _ in range(500):
             if not bulk.idle:
                 return True

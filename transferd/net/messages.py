@@ -41,6 +41,7 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
+from transferd.net.bulk_priority import interactive_seen, interactive_traffic
 from transferd.net.peer_client import INTERACTIVE_POOL, PeerLink, retrying
 from transferd.net.pump import SchedulerPump
 from transferd.protocol import message_socket as ms
@@ -59,7 +60,6 @@ from transferd.protocol.messages import (
 from transferd.protocol.sched import BudgetMiss, ClassScheduler
 from transferd.protocol.wire import PEER_MESSAGES_ROUTE, parse_body, to_body
 from transferd.site.metrics import Metrics
-from transferd.site.threads import interactive_seen, interactive_traffic
 
 __all__ = ["Inbox", "MessageService", "MessageSocketServer", "message_socket_path"]
 

@@ -12,23 +12,21 @@ alike), but on a host whose cores are busy all the time it starves the bulk, and
 bulk thread holding the GIL holds up the loop. So the bulk threads run at SCHED_IDLE only while
 interactive traffic is live (`InteractiveWindow`: a message sent, received or in flight within
 the last `INTERACTIVE_HOLD_S`) and at nice +10 otherwise; with no message there is nothing for
-SCHED_IDLE to protect. The loop switches every registered bulk thread (`BulkThreads`) at the
-change, one `sched_setscheduler` per thread and none in between: no check in the bulk code and
-no wait for a piece boundary (an 8 MiB piece is ~70 ms at 1 Gbit/s). A loop stall that was a
-GIL wait while the bulk ran idle counts against a budget (`GIL_WAIT_BUDGET_S`, refilled at
-`GIL_WAIT_REFILL`): spent, it suspends idle for `GIL_BACKOFF_S` (the loop reports each wait).
+SCHED_IDLE to protect. The loop (`net.bulk_priority`) switches every registered bulk thread
+(`BulkThreads`) at the change, one `sched_setscheduler` per thread and none in between: no
+check in the bulk code and no wait for a piece boundary (8 MiB is ~70 ms at 1 Gbit/s). A loop
+stall that was a GIL wait while the bulk ran idle counts against a budget (`GIL_WAIT_BUDGET_S`,
+refilled at `GIL_WAIT_REFILL`): spent, it suspends idle for `GIL_BACKOFF_S`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 import os
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -42,9 +40,7 @@ __all__ = [
     "BulkThreads",
     "InteractiveWindow",
     "bulk_threads",
-    "interactive_seen",
-    "interactive_traffic",
-    "loop_waited_for_the_gil",
+    "bulk_priority_in_effect",
     "bulk_executor",
     "base_nice",
     "lower_thread_priority",
@@ -349,73 +345,9 @@ def bulk_threads() -> BulkThreads:
     return _bulk_threads
 
 
-class _AdaptiveSwitch:
-    """The loop's side of `adaptive`: feeds the window, switches `BulkThreads` when its answer
-    changes and re-arms one timer at the window's next deadline (the aioquic pattern)."""
-
-    def __init__(self, threads: BulkThreads, window: InteractiveWindow) -> None:
-        self.threads = threads
-        self.window = window
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None
-
-    def update(self, loop: asyncio.AbstractEventLoop, why: str) -> None:
-        now = loop.time()
-        self.threads.set_idle(self.window.yield_to_interactive(now), why)
-        # One timer at a time: one that fires early re-arms itself at the deadline then due.
-        deadline = self.window.next_deadline(now)
-        if self._timer is not None and self._timer_loop is not loop:
-            self._timer = None  # armed on a loop that has ended (a daemon run again in-process)
-        if deadline is not None and self._timer is None:
-            self._timer = loop.call_at(deadline, self._expired, loop)
-            self._timer_loop = loop
-
-    def _expired(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
-        self.update(loop, "no message for the hold time")
-
-
-_switch = _AdaptiveSwitch(_bulk_threads, InteractiveWindow())
-
-
-@contextlib.contextmanager
-def interactive_traffic() -> Iterator[None]:
-    """Around a message's handling on the event loop (a send until its receipt, a receive):
-    under `adaptive`, the bulk threads run at SCHED_IDLE from its start until `INTERACTIVE_HOLD_S`
-    after its end. Nothing under the other policies."""
-    if _bulk_priority != "adaptive":
-        yield
-        return
-    loop = asyncio.get_running_loop()
-    _switch.window.started(loop.time())
-    _switch.update(loop, "message")
-    try:
-        yield
-    finally:
-        _switch.window.finished(loop.time())
-        _switch.update(loop, "message")
-
-
-def interactive_seen() -> None:
-    """A message arrived or was queued (on the event loop): under `adaptive`, the bulk threads
-    run at SCHED_IDLE until `INTERACTIVE_HOLD_S` from now."""
-    if _bulk_priority == "adaptive":
-        loop = asyncio.get_running_loop()
-        _switch.window.seen(loop.time())
-        _switch.update(loop, "message")
-
-
-def loop_waited_for_the_gil(gil_wait_s: float) -> None:
-    """The loop-lag probe's report of a stall's GIL wait (on the loop): under `adaptive`, while
-    the bulk runs idle, it counts against the GIL-wait budget; once that is spent the bulk runs
-    at nice for `GIL_BACKOFF_S`, logged."""
-    if _bulk_priority != "adaptive" or not _bulk_threads.idle or gil_wait_s <= 0:
-        return
-    loop = asyncio.get_running_loop()
-    if _switch.window.gil_waited(loop.time(), gil_wait_s):
-        log.warning("bulk.priority_backoff", extra={"fields": {
-            "gil_wait_ms": round(gil_wait_s * 1e3, 1), "nice_for_s": GIL_BACKOFF_S}})
-        _switch.update(loop, "the loop waited for the GIL behind idle bulk threads")
+def bulk_priority_in_effect() -> BulkPriority:
+    """The policy `set_bulk_priority` put in effect ("nice" where the one asked is refused)."""
+    return _bulk_priority
 
 
 class ThreadSchedstat:
