@@ -297,6 +297,19 @@ def test_adaptive_is_nice_when_the_host_refuses_the_way_back(
     assert in_effect == "nice"
 
 
+def _adaptive(monkeypatch: pytest.MonkeyPatch, window: threads.InteractiveWindow,
+              ) -> threads.BulkThreads:
+    """`adaptive` in effect (the caller sets it back to nice), with a fresh thread registry and
+    a loop switch on `window`; skips where the host refuses leaving SCHED_IDLE."""
+    if set_bulk_priority("adaptive").startswith("nice"):
+        set_bulk_priority("nice")
+        pytest.skip("this host refuses leaving SCHED_IDLE (no CAP_SYS_NICE or RLIMIT_NICE)")
+    bulk = threads.BulkThreads()
+    monkeypatch.setattr(threads, "_bulk_threads", bulk)
+    monkeypatch.setattr(bulk_priority, "_switch", bulk_priority.AdaptiveSwitch(bulk, window))
+    return bulk
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
 async def test_a_message_turns_the_bulk_idle_until_the_hold_after_it(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -304,13 +317,7 @@ async def test_a_message_turns_the_bulk_idle_until_the_hold_after_it(
     """The loop's side: `interactive_traffic` around a message switches a running bulk thread
     to SCHED_IDLE, the hold's timer brings it back to nice, and a GIL stall behind an idle
     bulk thread brings it back at once (logged)."""
-    if set_bulk_priority("adaptive").startswith("nice"):
-        set_bulk_priority("nice")
-        pytest.skip("this host refuses leaving SCHED_IDLE (no CAP_SYS_NICE or RLIMIT_NICE)")
-    bulk = threads.BulkThreads()
-    monkeypatch.setattr(threads, "_bulk_threads", bulk)
-    monkeypatch.setattr(bulk_priority, "_switch", bulk_priority.AdaptiveSwitch(
-        bulk, threads.InteractiveWindow(hold_s=0.05, backoff_s=60.0)))
+    _adaptive(monkeypatch, threads.InteractiveWindow(hold_s=0.05, backoff_s=60.0))
     stop, ready = threading.Event(), threading.Event()
     tids: list[int] = []
 
@@ -355,13 +362,7 @@ async def test_a_message_turns_the_bulk_idle_until_the_hold_after_it(
 def test_a_daemon_run_again_in_process_still_ends_its_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     """A loop that ended with the hold's timer pending (a daemon stopped mid-burst) does not
     keep the next loop from arming its own: the bulk still returns to nice."""
-    if set_bulk_priority("adaptive").startswith("nice"):
-        set_bulk_priority("nice")
-        pytest.skip("this host refuses leaving SCHED_IDLE (no CAP_SYS_NICE or RLIMIT_NICE)")
-    bulk = threads.BulkThreads()
-    monkeypatch.setattr(threads, "_bulk_threads", bulk)
-    monkeypatch.setattr(bulk_priority, "_switch", bulk_priority.AdaptiveSwitch(
-        bulk, threads.InteractiveWindow(hold_s=0.05)))
+    bulk = _adaptive(monkeypatch, threads.InteractiveWindow(hold_s=0.05))
 
     async def message() -> None:
         bulk_priority.interactive_seen()
