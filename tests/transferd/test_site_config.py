@@ -29,7 +29,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert config.state_path == tmp_path / "site-a" / ".transferd"
     assert config.peers["B"].url == "http://127.0.0.1:7702"
     assert config.traffic.loop_priority == "realtime"
-    assert config.traffic.bulk_priority == "adaptive"
+    assert config.traffic.bulk_priority == "nice"
     assert config.local_url == "http://127.0.0.1:7701"
     assert config.peers["B"].congestion_control == "bbr"  # per data socket
     assert config.data_listen_host_port == ("127.0.0.1", 0)  # listen's host, any free port

@@ -381,3 +381,59 @@ def test_a_daemon_run_again_in_process_still_ends_its_hold(monkeypatch: pytest.M
         assert asyncio.run(message_then_hold())
     finally:
         set_bulk_priority("nice")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
+def test_a_bulk_thread_born_idle_registers_after_the_switch_back_at_nice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bulk thread started by a bulk thread while the bulk is idle (a data channel opened from
+    a pool worker) is born at SCHED_IDLE; if the loop switched back to nice before the child
+    registered (an idle thread on a busy host waits long for its first turn), the child still
+    ends at nice, not idle for good."""
+    if set_bulk_priority("adaptive").startswith("nice"):
+        set_bulk_priority("nice")
+        pytest.skip("this host refuses leaving SCHED_IDLE (no CAP_SYS_NICE or RLIMIT_NICE)")
+    bulk = threads.BulkThreads()
+    monkeypatch.setattr(threads, "_bulk_threads", bulk)
+    parent_ready, switched, go, stop = (threading.Event() for _ in range(4))
+    started: list[threading.Thread] = []
+    child_tid: list[int] = []
+    child_registered = threading.Event()
+
+    def child() -> None:
+        go.wait(10)
+        lower_thread_priority()
+        child_tid.append(threading.get_native_id())
+        child_registered.set()
+        stop.wait(30)
+
+    def parent() -> None:
+        lower_thread_priority()
+        parent_ready.set()
+        switched.wait(10)
+        kid = threading.Thread(target=child)
+        started.append(kid)
+        kid.start()
+        stop.wait(30)
+
+    p = threading.Thread(target=parent)
+    p.start()
+    try:
+        assert parent_ready.wait(10)
+        bulk.set_idle(True, "message")
+        switched.set()
+        for _ in range(10000):
+            if started:
+                break
+            stop.wait(0.001)
+        bulk.set_idle(False, "no message for the hold time")
+        go.set()
+        assert child_registered.wait(10)
+        assert os.sched_getscheduler(child_tid[0]) == os.SCHED_OTHER
+    finally:
+        stop.set()
+        go.set()
+        for t in [p, *started]:
+            t.join()
+        set_bulk_priority("nice")

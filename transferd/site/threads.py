@@ -302,8 +302,9 @@ class BulkThreads:
                 self._threads = {t: th for t, th in self._threads.items() if th.is_alive()}
                 self._prune_at = 2 * len(self._threads) + 64
             self._threads[threading.get_native_id()] = threading.current_thread()
-            if self.idle:
-                _apply(0, idle=True)
+            # Always: a thread started by a bulk thread while the bulk was idle was born at
+            # SCHED_IDLE, and a switch back made before it got here passed it by.
+            _apply(0, idle=self.idle)
 
     def __len__(self) -> int:
         with self._lock:
@@ -333,9 +334,16 @@ def _apply(tid: int, *, idle: bool) -> bool:
         os.sched_setscheduler(tid, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
     except ProcessLookupError:
         return False
-    except OSError:
-        pass  # refused: the probe at start-up makes this rare; the thread keeps its nice
+    except OSError as exc:  # the probe at start-up makes this rare (a limit changed since)
+        global _refusal_logged
+        if not _refusal_logged:
+            _refusal_logged = True
+            log.warning("bulk.priority_refused", extra={"fields": {
+                "to": "idle" if idle else "nice", "error": exc.strerror or str(exc)}})
     return True
+
+
+_refusal_logged = False
 
 
 _bulk_threads = BulkThreads()
