@@ -98,7 +98,7 @@ def _run(count: int, rounds: int) -> list[dict[str, Any]]:
                                             stdout=subprocess.DEVNULL, stderr=log))
         try:
             for port in ports.values():
-                _wait_listening(port)
+                wait_local_port(port)
             return asyncio.run(_rounds(f"http://127.0.0.1:{ports['A']}", root / "keys", count,
                                        rounds))
         finally:
@@ -108,7 +108,8 @@ def _run(count: int, rounds: int) -> list[dict[str, Any]]:
                 proc.wait(20)
 
 
-def _wait_listening(port: int, timeout_s: float = 30.0) -> None:
+def wait_local_port(port: int, timeout_s: float = 30.0) -> None:
+    """Until something listens on 127.0.0.1:`port` (a daemon just started)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:

@@ -28,7 +28,9 @@ TOOLS = (
     "transferd-8streams",
     "transferd-shared-pool",
     "transferd-normal-loop",  # the event loop left at normal priority (traffic.loop_priority)
-    "transferd-idle-bulk",  # bulk threads at SCHED_IDLE, not nice +10 (traffic.bulk_priority)
+    "transferd-idle-bulk",  # bulk threads always at SCHED_IDLE (traffic.bulk_priority)
+    "transferd-nice-bulk",  # bulk threads always at nice +10, messages or not (the default)
+    "transferd-adaptive-bulk",  # bulk threads at SCHED_IDLE only while messages move
     "transferd-http-messages",  # messages through the local HTTP API, not the message socket
     "iperf3-1stream",
     "iperf3-8streams",

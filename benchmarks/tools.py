@@ -309,9 +309,14 @@ def _variant(tool: str, features: dict[str, bool]) -> dict[str, Any]:
         return {"traffic": {"shared_pool": True}}
     if tool == "transferd-normal-loop":
         return {"traffic": {"loop_priority": "normal"}}
-    if tool == "transferd-idle-bulk":
-        return {"traffic": {"bulk_priority": "idle"}}
+    if tool in _BULK_PRIORITY_ROWS:
+        return {"traffic": {"bulk_priority": _BULK_PRIORITY_ROWS[tool]}}
     raise ToolError(tool, "unknown transferd variant")
+
+
+# Rows that differ only in `traffic.bulk_priority` (the default is "nice").
+_BULK_PRIORITY_ROWS = {"transferd-idle-bulk": "idle", "transferd-nice-bulk": "nice",
+                       "transferd-adaptive-bulk": "adaptive"}
 
 
 _COUNTERS_PROBE = """
@@ -638,6 +643,8 @@ ADAPTERS: dict[str, Callable[[RunContext], ToolRun]] = {
     "transferd-8streams": lambda ctx: _transferd(ctx, "transferd-8streams"),
     "transferd-normal-loop": lambda ctx: _transferd(ctx, "transferd-normal-loop"),
     "transferd-idle-bulk": lambda ctx: _transferd(ctx, "transferd-idle-bulk"),
+    "transferd-nice-bulk": lambda ctx: _transferd(ctx, "transferd-nice-bulk"),
+    "transferd-adaptive-bulk": lambda ctx: _transferd(ctx, "transferd-adaptive-bulk"),
     "transferd-http-messages": lambda ctx: _transferd(ctx, "transferd-http-messages"),
     "iperf3-1stream": lambda ctx: _iperf3(ctx, 1),
     "iperf3-8streams": lambda ctx: _iperf3(ctx, 8),

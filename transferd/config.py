@@ -185,8 +185,9 @@ class TrafficSettings(FrozenModel):
     # (nice +10); "idle" runs them at SCHED_IDLE, so the host's other processes (an
     # application's requests to this daemon) preempt them the moment they wake, at the risk of
     # starving the bulk, and the loop behind a starved thread that holds the GIL, on a host
-    # whose cores are busy with other work (`site.threads`).
-    bulk_priority: Literal["idle", "nice"] = "nice"
+    # whose cores are busy with other work; "adaptive" is "idle" while messages are live (one
+    # in flight, or sent or received in the last second) and "nice" otherwise (`site.threads`).
+    bulk_priority: Literal["adaptive", "idle", "nice"] = "nice"
 
     @model_validator(mode="after")
     def _bounds(self) -> TrafficSettings:

@@ -26,6 +26,7 @@ from netplan.plan import TrafficClass
 from netplan.telemetry import TelemetryReport
 from transferd.config import SiteConfig
 from transferd.errors import ConfigError, StorageError, TransferdError
+from transferd.net.bulk_priority import loop_waited_for_the_gil
 from transferd.net.channels import DataListener, PeerChannels
 from transferd.net.inbound import InboundUploads
 from transferd.net.messages import MessageService, MessageSocketServer, message_socket_path
@@ -501,6 +502,9 @@ class Daemon:
                         fields["ran_ms"] = round((sched1[0] - sched0[0]) / 1e6, 1)
                         fields["cpu_wait_ms"] = round((sched1[1] - sched0[1]) / 1e6, 1)
                     log.info("loop.stall", extra={"fields": fields})
+                    if "ran_ms" in fields:  # at least this much of the stall was a GIL wait
+                        loop_waited_for_the_gil(
+                            (fields["ms"] - fields["ran_ms"] - fields["cpu_wait_ms"]) / 1e3)
         finally:
             schedstat.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
@@ -10,6 +11,7 @@ from typing import TypeVar
 
 import pytest
 
+from transferd.net import bulk_priority
 from transferd.site import threads
 from transferd.site.threads import (
     BULK_THREAD_NICENESS,
@@ -162,22 +164,276 @@ def test_a_bulk_thread_started_by_a_bulk_thread_is_lowered_once() -> None:
     assert _in_thread(nested) == min(base + BULK_THREAD_NICENESS, 19)
 
 
+def _refuse_policy(monkeypatch: pytest.MonkeyPatch, refused: int) -> None:
+    """sched_setscheduler refuses `refused` from now on, as a sandbox or a missing capability."""
+    real = os.sched_setscheduler
+
+    def refuse(pid: int, policy: int, param: os.sched_param) -> None:
+        if policy == refused:
+            raise PermissionError(1, "Operation not permitted")
+        real(pid, policy, param)
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
 def test_the_bulk_priority_log_line_says_what_is_in_effect(monkeypatch: pytest.MonkeyPatch) -> None:
     """`bulk.priority` says idle only where SCHED_IDLE is allowed; where a sandbox refuses it,
     the nice fallback the bulk threads really run at, and why."""
     try:
         assert set_bulk_priority("idle").startswith("idle (SCHED_IDLE")
-        real = os.sched_setscheduler
-
-        def refuse(pid: int, policy: int, param: os.sched_param) -> None:
-            if policy == os.SCHED_IDLE:
-                raise PermissionError(1, "Operation not permitted")
-            real(pid, policy, param)
-
-        monkeypatch.setattr(os, "sched_setscheduler", refuse)
+        _refuse_policy(monkeypatch, os.SCHED_IDLE)
         said = set_bulk_priority("idle")
     finally:
         set_bulk_priority("nice")
     assert said == (f"nice (+{BULK_THREAD_NICENESS}: bulk_priority idle asked, but SCHED_IDLE "
                     "is refused here: Operation not permitted)")
+
+
+# -- adaptive: SCHED_IDLE while interactive traffic is live, nice otherwise ----------------------
+
+
+def test_the_window_is_live_from_a_message_until_the_hold_after_it() -> None:
+    window = threads.InteractiveWindow(hold_s=1.0, backoff_s=10.0)
+    assert not window.yield_to_interactive(100.0)  # no message yet: the bulk runs at nice
+    assert window.next_deadline(100.0) is None
+    window.seen(100.0)
+    assert window.yield_to_interactive(100.5)
+    assert window.next_deadline(100.5) == 101.0
+    assert not window.yield_to_interactive(101.0)
+    assert window.next_deadline(101.0) is None
+
+
+def test_a_message_in_flight_keeps_the_window_live_past_the_hold() -> None:
+    window = threads.InteractiveWindow(hold_s=1.0, backoff_s=10.0)
+    window.started(100.0)
+    assert window.yield_to_interactive(105.0)  # a slow peer: still waiting for its answer
+    assert window.next_deadline(105.0) is None  # only its end changes that
+    window.finished(105.0)
+    assert window.yield_to_interactive(105.9)
+    assert not window.yield_to_interactive(106.0)
+
+
+def test_gil_waits_back_off_once_they_spend_the_budget_then_for_the_backoff_messages_or_not(
+) -> None:
+    window = threads.InteractiveWindow(hold_s=1.0, backoff_s=10.0)
+    window.started(90.0)
+    # One 30 ms wait now and then (a loaded host) never spends it: it drains in between.
+    assert not any(window.gil_waited(90.0 + i, 0.03) for i in range(10))
+    # Waits of a starved idle bulk thread holding the GIL spend it within the second.
+    assert not window.gil_waited(100.0, 0.05)
+    assert not window.gil_waited(100.3, 0.05)
+    assert window.gil_waited(100.6, 0.05)
+    assert not window.yield_to_interactive(105.0)
+    assert window.next_deadline(105.0) == 110.6
+    assert window.yield_to_interactive(110.6)  # the message is still in flight
+
+
+def _policy_and_nice(tid: int) -> tuple[int, int]:
+    return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
+def test_adaptive_switches_running_bulk_threads_and_back_to_their_nice() -> None:
+    """Registered bulk threads move to SCHED_IDLE and back from the loop's thread, keep the
+    bulk's nice across, and a thread that starts while idle starts idle."""
+    if set_bulk_priority("adaptive").startswith("nice"):
+        set_bulk_priority("nice")
+        pytest.skip("this host refuses leaving SCHED_IDLE (no CAP_SYS_NICE or RLIMIT_NICE)")
+    bulk = threads.BulkThreads()
+    nice = min(threads.base_nice() + BULK_THREAD_NICENESS, 19)
+    real = threads._bulk_threads
+    threads._bulk_threads = bulk
+    stop = threading.Event()
+    tids: list[int] = []
+
+    def worker() -> None:
+        lower_thread_priority()
+        tids.append(threading.get_native_id())
+        stop.wait(30)
+
+    started = [threading.Thread(target=worker) for _ in range(2)]
+    try:
+        for t in started:
+            t.start()
+        while len(tids) < 2:
+            stop.wait(0.001)
+        assert {_policy_and_nice(tid) for tid in tids} == {(os.SCHED_OTHER, nice)}
+        bulk.set_idle(True, "test")
+        late = threading.Thread(target=worker)
+        late.start()
+        started.append(late)
+        while len(tids) < 3:
+            stop.wait(0.001)
+        assert {_policy_and_nice(tid) for tid in tids} == {(os.SCHED_IDLE, nice)}
+        bulk.set_idle(False, "test")
+        assert {_policy_and_nice(tid) for tid in tids} == {(os.SCHED_OTHER, nice)}
+        assert bulk.switches == 2
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the switching thread is left alone
+    finally:
+        stop.set()
+        for t in started:
+            t.join()
+        threads._bulk_threads = real
+        set_bulk_priority("nice")
+    bulk.set_idle(True, "test")  # the ended threads are dropped, not switched
+    assert len(bulk) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
+def test_adaptive_is_nice_when_the_host_refuses_the_way_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without CAP_SYS_NICE (or an RLIMIT_NICE that allows it) a thread cannot leave
+    SCHED_IDLE: adaptive would leave the bulk idle for good, so it is nice, and says why."""
+    _refuse_policy(monkeypatch, os.SCHED_OTHER)
+    try:
+        said = set_bulk_priority("adaptive")
+        in_effect = threads._bulk_priority
+    finally:
+        set_bulk_priority("nice")
+    assert said.startswith(f"nice (+{BULK_THREAD_NICENESS}: bulk_priority adaptive asked, but "
+                           "leaving SCHED_IDLE is refused here: Operation not permitted")
+    assert in_effect == "nice"
+
+
+def _adaptive(monkeypatch: pytest.MonkeyPatch, window: threads.InteractiveWindow,
+              ) -> threads.BulkThreads:
+    """`adaptive` in effect (the caller sets it back to nice), with a fresh thread registry and
+    a loop switch on `window`; skips where the host refuses leaving SCHED_IDLE."""
+    if set_bulk_priority("adaptive").startswith("nice"):
+        set_bulk_priority("nice")
+        pytest.skip("this host refuses leaving SCHED_IDLE (no CAP_SYS_NICE or RLIMIT_NICE)")
+    bulk = threads.BulkThreads()
+    monkeypatch.setattr(threads, "_bulk_threads", bulk)
+    monkeypatch.setattr(bulk_priority, "_switch", bulk_priority.AdaptiveSwitch(bulk, window))
+    return bulk
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
+async def test_a_message_turns_the_bulk_idle_until_the_hold_after_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop's side: `interactive_traffic` around a message switches a running bulk thread
+    to SCHED_IDLE, the hold's timer brings it back to nice, and a GIL stall behind an idle
+    bulk thread brings it back at once (logged)."""
+    _adaptive(monkeypatch, threads.InteractiveWindow(hold_s=0.05, backoff_s=60.0))
+    stop, ready = threading.Event(), threading.Event()
+    tids: list[int] = []
+
+    def worker() -> None:
+        lower_thread_priority()
+        tids.append(threading.get_native_id())
+        ready.set()
+        stop.wait(30)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        [tid] = tids
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+        with bulk_priority.interactive_traffic():
+            assert os.sched_getscheduler(tid) == os.SCHED_IDLE
+        assert os.sched_getscheduler(tid) == os.SCHED_IDLE  # for the hold after it
+        for _ in range(1000):  # the hold's timer, on this loop
+            if os.sched_getscheduler(tid) == os.SCHED_OTHER:
+                break
+            await asyncio.sleep(0.01)
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+        bulk_priority.loop_waited_for_the_gil(0.5)  # bulk at nice: nothing to back off from
+        assert "bulk.priority_backoff" not in caplog.text
+        bulk_priority.interactive_seen()
+        assert os.sched_getscheduler(tid) == os.SCHED_IDLE
+        bulk_priority.loop_waited_for_the_gil(0.5)
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+        assert "bulk.priority_backoff" in caplog.text
+        bulk_priority.interactive_seen()  # within the backoff: stays nice
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, tid) == min(
+            threads.base_nice() + BULK_THREAD_NICENESS, 19)
+    finally:
+        stop.set()
+        thread.join()
+        set_bulk_priority("nice")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
+def test_a_daemon_run_again_in_process_still_ends_its_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop that ended with the hold's timer pending (a daemon stopped mid-burst) does not
+    keep the next loop from arming its own: the bulk still returns to nice."""
+    bulk = _adaptive(monkeypatch, threads.InteractiveWindow(hold_s=0.05))
+
+    async def message() -> None:
+        bulk_priority.interactive_seen()
+
+    async def message_then_hold() -> bool:
+        bulk_priority.interactive_seen()
+        for _ in range(500):
+            if not bulk.idle:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    try:
+        asyncio.run(message())  # ends with its timer pending
+        assert bulk.idle
+        assert asyncio.run(message_then_hold())
+    finally:
+        set_bulk_priority("nice")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE per thread is Linux's")
+def test_a_bulk_thread_born_idle_registers_after_the_switch_back_at_nice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bulk thread started by a bulk thread while the bulk is idle (a data channel opened from
+    a pool worker) is born at SCHED_IDLE; if the loop switched back to nice before the child
+    registered (an idle thread on a busy host waits long for its first turn), the child still
+    ends at nice, not idle for good."""
+    if set_bulk_priority("adaptive").startswith("nice"):
+        set_bulk_priority("nice")
+        pytest.skip("this host refuses leaving SCHED_IDLE (no CAP_SYS_NICE or RLIMIT_NICE)")
+    bulk = threads.BulkThreads()
+    monkeypatch.setattr(threads, "_bulk_threads", bulk)
+    parent_ready, switched, go, stop = (threading.Event() for _ in range(4))
+    started: list[threading.Thread] = []
+    child_tid: list[int] = []
+    child_registered = threading.Event()
+
+    def child() -> None:
+        go.wait(10)
+        lower_thread_priority()
+        child_tid.append(threading.get_native_id())
+        child_registered.set()
+        stop.wait(30)
+
+    def parent() -> None:
+        lower_thread_priority()
+        parent_ready.set()
+        switched.wait(10)
+        kid = threading.Thread(target=child)
+        started.append(kid)
+        kid.start()
+        stop.wait(30)
+
+    p = threading.Thread(target=parent)
+    p.start()
+    try:
+        assert parent_ready.wait(10)
+        bulk.set_idle(True, "message")
+        switched.set()
+        for _ in range(10000):
+            if started:
+                break
+            stop.wait(0.001)
+        bulk.set_idle(False, "no message for the hold time")
+        go.set()
+        assert child_registered.wait(10)
+        assert os.sched_getscheduler(child_tid[0]) == os.SCHED_OTHER
+    finally:
+        stop.set()
+        go.set()
+        for t in [p, *started]:
+            t.join()
+        set_bulk_priority("nice")

@@ -41,6 +41,7 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
+from transferd.net.bulk_priority import interactive_seen, interactive_traffic
 from transferd.net.peer_client import INTERACTIVE_POOL, PeerLink, retrying
 from transferd.net.pump import SchedulerPump
 from transferd.protocol import message_socket as ms
@@ -228,6 +229,7 @@ class MessageService:
             deadline=now + budget_s,
         )
         message = _Outgoing(envelope, peer, body, asyncio.get_running_loop().create_future())
+        interactive_seen()  # from here, not from its worker: a busy pump may hold it a while
         self.metrics.messages_sent.labels(peer, query.traffic_class.value).inc()
         pump = self.pump(peer)
         await pump.put(query.traffic_class, len(body), message, deadline=pump.now() + budget_s)
@@ -279,7 +281,8 @@ class MessageService:
                 raise ProtocolError(f"{traffic_class.value} queue holds a non-message item")
             self._busy[peer] += 1
             try:
-                receipt = await self._deliver(message)
+                with interactive_traffic():  # the bulk gives way while messages move
+                    receipt = await self._deliver(message)
             except TransferdError as exc:
                 self._record_miss(message, "delivery_failed", f"not delivered: {exc}")
                 if not message.done.done():
@@ -339,6 +342,7 @@ class MessageService:
 
     async def receive(self, source: str, envelope: MessageEnvelope, body: bytes) -> MessageAck:
         """Accept a message from an authenticated peer; idempotent on (source, message id)."""
+        interactive_seen()  # the bulk gives way to this message's answer and its followers
         ack, message = self.ledger.accept(source, envelope, body, self.clock())
         if message is None:
             return ack  # a retry of a message already delivered
