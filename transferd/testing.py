@@ -358,7 +358,8 @@ class _ChannelFlow:
         self._buf = bytearray()
         self._state = "hello" if requests else "challenge"
         self._need = ch.HELLO_FIXED.size if requests else ch.CHALLENGE_BYTES + ch.ACCEPT_BYTES
-        self._head: tuple[int, int, bytes] | None = None  # seq, body length, address
+        # seq, body length, address, one pass (a trailer follows the body)
+        self._head: tuple[int, int, bytes, bool] | None = None
         self.current: HttpMessage | None = None
         self._pos = 0
 
@@ -392,14 +393,20 @@ class _ChannelFlow:
             self._next_frame()
         elif state == "head":
             partial, rest = ch.decode_chunk_head(frame)
-            self._head = (partial.seq, partial.body_length, partial.digest)
+            self._head = (partial.seq, partial.body_length, partial.digest, partial.trailed)
             self._state, self._need = "rest", rest
         elif state == "rest":
             assert self._head is not None
-            seq, length, digest = self._head
-            message = HttpMessage(f"CHUNK {digest.hex()[:16]}", "chunk", length, seq=seq)
+            seq, length, digest, trailed = self._head
+            name = "one-pass" if trailed else digest.hex()[:16]
+            message = HttpMessage(f"CHUNK {name}", "chunk", length, seq=seq)
             self.on_message(message)
             self.current, self._pos = message, 0
+            if trailed:
+                self._state, self._need = "trailer", ch.TRAILER_BYTES
+            else:
+                self._next_frame()
+        elif state == "trailer":
             self._next_frame()
         elif state == "receipt":
             status, rest = ch.decode_receipt_fixed(frame)

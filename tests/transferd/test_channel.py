@@ -135,3 +135,56 @@ def test_arbitrary_header_bytes_raise_only_protocol_or_auth_errors(data: bytes) 
         ch.decode_receipt(session, data[: ch.RECEIPT_FIXED.size], data[ch.RECEIPT_FIXED.size :])
     except (ProtocolError, AuthError):
         pass
+
+
+def _one_pass_frame(session: ch.Session, seq: int, upload: str = "A-job-1",
+                    at: tuple[int, int] = (0, 0)) -> bytes:
+    head = ch.ChunkHead(seq=seq, upload=upload, digest=bytes(32), body_blake3=bytes(32),
+                        encoding="identity", raw_length=10, body_length=10, locations=(at,),
+                        trailed=True)
+    return ch.encode_chunk_head(session, head)
+
+
+def test_a_one_pass_trailer_completes_its_own_header_and_no_other() -> None:
+    """The address after a one-pass body is bound to that chunk's header (seq, upload,
+    locations) and session: a trailer moved to another chunk, or replayed, fails its MAC."""
+    session = ch.Session(b"k" * 32)
+    digest = b"\x07" * 32
+    frame = _one_pass_frame(session, 3)
+    head = ch.finish_chunk_head(session, *_split(frame))  # type: ignore[arg-type]
+    assert head.trailed
+    assert head.digest == bytes(32)
+    done = ch.check_trailer(session, head, ch.encode_trailer(session, frame, digest))
+    assert (done.digest, done.body_blake3, done.seq, done.locations) == (
+        digest, digest, 3, ((0, 0),))
+    for other in (_one_pass_frame(session, 4), _one_pass_frame(session, 3, at=(0, 10)),
+                  _one_pass_frame(session, 3, upload="A-job-2")):
+        trailer = ch.encode_trailer(session, other, digest)  # another chunk's (or seq's)
+        with pytest.raises(AuthError, match="trailer"):
+            ch.check_trailer(session, head, trailer)
+    forged = bytearray(ch.encode_trailer(session, frame, digest))
+    forged[0] ^= 1  # another address under the same MAC
+    with pytest.raises(AuthError):
+        ch.check_trailer(session, head, bytes(forged))
+    with pytest.raises(AuthError):  # the same trailer on another channel
+        ch.check_trailer(ch.Session(b"o" * 32), head, ch.encode_trailer(session, frame, digest))
+
+
+def test_only_a_one_pass_chunk_takes_a_trailer_and_it_names_no_address() -> None:
+    session = ch.Session(b"k" * 32)
+    plain = ch.ChunkHead(seq=0, upload="u", digest=b"\x01" * 32, body_blake3=b"\x01" * 32,
+                         encoding="identity", raw_length=10, body_length=10, locations=((0, 0),))
+    frame = ch.encode_chunk_head(session, plain)
+    head = ch.finish_chunk_head(session, *_split(frame))  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="trailer"):
+        ch.check_trailer(session, head, ch.encode_trailer(session, frame, b"\x01" * 32))
+    with pytest.raises(ProtocolError, match="one-pass"):
+        ch.encode_chunk_head(session, ch.ChunkHead(
+            seq=0, upload="u", digest=b"\x01" * 32, body_blake3=b"\x01" * 32,
+            encoding="identity", raw_length=10, body_length=10, locations=((0, 0),),
+            trailed=True))
+    # A one-pass header whose address field is not zero (bytes edited, MAC aside) is refused.
+    raw = bytearray(_one_pass_frame(session, 0))
+    raw[ch.CHUNK_FIXED.size - 64] = raw[ch.CHUNK_FIXED.size - 32] = 1
+    with pytest.raises(ProtocolError, match="one-pass"):
+        ch.decode_chunk_head(bytes(raw[: ch.CHUNK_FIXED.size]))

@@ -7,7 +7,16 @@ import pytest
 
 from transferd.errors import PolicyViolation, ProtocolError
 from transferd.protocol.chunks import blake3_hex
-from transferd.protocol.manifest import ChunkRef, CommitAnswer, HaveAnswer, HaveRequest
+from transferd.protocol.manifest import (
+    ChunkRef,
+    CommitAnswer,
+    HaveAnswer,
+    HaveRequest,
+    OfferAnswer,
+    OpenAnswer,
+    OpenRequest,
+    UploadIntent,
+)
 from transferd.protocol.upload import (
     ChunkTarget,
     Staged,
@@ -17,12 +26,15 @@ from transferd.protocol.upload import (
     chunk_targets,
     commit_wait_s,
     missing,
+    one_pass_files,
+    open_request,
     plan_offer,
     refused,
     resend,
     upload_intent,
     upload_manifest,
 )
+from transferd.protocol.wire import parse_body, to_body
 
 A, B, Z = (blake3_hex(x) for x in (b"a", b"b", b"z"))
 INTENT = upload_intent("A-job-0001", "A", "B", "curated/d", "folder", [("x", 30), ("y", 10)])
@@ -109,3 +121,27 @@ def test_a_commit_wait_is_read_in_milliseconds_and_capped() -> None:
     assert commit_wait_s(None) == 0.0
     assert commit_wait_s("2500") == 2.5
     assert commit_wait_s("999999999") == 60.0
+
+
+def test_one_pass_fields_go_on_the_wire_only_when_they_say_something() -> None:
+    """An open that does not ask, and an answer that lists no file, carry no `one_pass`: a
+    peer older than the field (which refuses unknown fields) reads them as before; the
+    receiver lists a fresh file only if none of its offered chunks is held."""
+    class OfferAnswerBeforeOnePass(OpenAnswer):
+        want: list[int]
+
+    intent = upload_intent("A-job-0001", "A", "B", "curated/d", "folder", [("x", 30), ("y", 30)])
+    assert b"one_pass" not in to_body(open_request(intent, []))
+    asked = parse_body(OpenRequest, to_body(open_request(intent, [], one_pass=True)))
+    assert asked.one_pass
+    with pytest.raises(ProtocolError, match="one_pass"):
+        parse_body(UploadIntent, to_body(open_request(intent, [], one_pass=True)).replace(
+            b'"offer":[],', b""))
+    silent = to_body(OfferAnswer(upload="A-job-0001", committed=False, want=[0], one_pass=[]))
+    assert parse_body(OfferAnswerBeforeOnePass, silent).want == [0]
+    listed = OfferAnswer(upload="A-job-0001", committed=False, want=[0], one_pass=[0, 1])
+    assert parse_body(OfferAnswer, to_body(listed)).one_pass == [0, 1]
+    offer = [ChunkRef(file=0, offset=0, length=10, hash="a" * 64),
+             ChunkRef(file=1, offset=0, length=10, hash="b" * 64)]
+    assert one_pass_files([0, 1], offer, want=[0]) == [0]  # file 1's chunk is held
+    assert one_pass_files([1], offer, want=[0, 1]) == [1]  # file 0 has a destination file

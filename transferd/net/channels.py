@@ -13,11 +13,19 @@ so does one whose chunks in flight have not moved for `stall_s` (no receipt, not
 Each send of a chunk is reported as it starts (`OutgoingChunk.on_wire`: the job's
 bytes_on_wire, re-sends included). A chunk marked `alone` (sent through a relay) goes only on a
 channel with nothing else in flight and nothing follows it there before its receipt; a body
-still arriving (`ArrivingBody`, a relay's cut-through) is sent part by part as it comes.
+still arriving (`ArrivingBody`, a relay's cut-through) is sent part by part as it comes. A
+chunk marked `one_pass` (a fresh upload's) is read into the thread's 1 MiB buffer, hashed and
+sent piece by piece, its address in the trailer after the body (`protocol.channel`); one whose
+channels broke under it ONE_PASS_SENDS times (a receiver that refuses the one-pass frame closes
+the channel at its header) is hashed first on its next send and goes as an ordinary chunk, and so
+do the peer's other one-pass chunks for ONE_PASS_OFF_S. A
+source that ends inside a chunk or fails a read fails the chunk (`SourceEnded`, `_SourceFailed`):
+it is not put back in the queue.
 
 Receiving: `DataListener` accepts, runs the opening (and TLS when configured), then one thread
-per channel reads each header, receives the body into a pooled aligned buffer, and hands it to
-a worker that verifies, stages and books it, and sends the receipt. A frame that fails its MAC
+per channel reads each header, receives the body into a pooled aligned buffer (and a one-pass
+chunk's trailer, whose MAC must chain to its header), and hands it to a worker that verifies,
+stages and books it, and sends the receipt. A frame that fails its MAC
 or its bounds closes the channel and is counted (auth failures, `channels_refused`); a body
 that does not hash to its header is never written (a DAMAGED receipt); nothing a peer sends
 can end the listener or the daemon. A sink that passes some chunks on as they arrive (a relay:
@@ -63,7 +71,7 @@ from transferd.protocol.auth import Keys
 from transferd.protocol.chunks import Encoding
 from transferd.protocol.streams import PathSample
 from transferd.site.buffers import AlignedBuffers
-from transferd.site.failures import source_changed_error
+from transferd.site.failures import source_changed_error, storage_failure
 from transferd.site.metrics import Metrics
 from transferd.site.source import SourceEnded, file_pieces
 from transferd.site.threads import lower_thread_priority, restore_base_priority
@@ -95,6 +103,26 @@ TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 NOTSENT_LOWAT_BYTES = 1 << 20
 MSG_MORE = getattr(socket, "MSG_MORE", 0)
 ARRIVING_WAKE_S = 1.0  # a sender waiting on a relayed body looks at its channel this often
+# A one-pass chunk is read, hashed and sent this much at a time: as RECEIVE_PIECE_BYTES, half
+# the benchmark host's L2, so the send copies bytes the hash just left in cache.
+ONE_PASS_PIECE_BYTES = 1 << 20
+# Sends of a one-pass chunk that broke its channel before its body had gone (no digest yet)
+# after which it is hashed first and sent as an ordinary chunk: a receiver refusing the
+# one-pass frame would otherwise break channel after channel with it.
+ONE_PASS_SENDS = 2
+# Then, for this long, every one-pass chunk to that peer is hashed first on its channel (the
+# receiver likely refuses the frame: each chunk would break ONE_PASS_SENDS channels first).
+ONE_PASS_OFF_S = 600.0
+
+
+class _SourceFailed(Exception):
+    """A read of a chunk's source file (not its socket) failed on the channel thread: the
+    chunk's own failure (`error`, as `failures.storage_failure` classifies it), not its
+    channel's; sent again, it would fail again on every channel."""
+
+    def __init__(self, error: TransferdError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def set_congestion(sock: socket.socket, wanted: CongestionControl) -> str:
@@ -404,9 +432,19 @@ class OutgoingChunk:
     # Given up on (`PeerChannels.give_up`, `expire`): a channel that breaks under it does not
     # put it back in the queue nor count it as sent again; it is finished with the error.
     ended: bool = False
+    # One pass (a fresh upload's local chunk): `digest` is "" until the sender thread has read
+    # and hashed the body as it sent it (`_Channel._write_one_pass`), then set there and told
+    # to `on_digest`; a send again after that goes as an ordinary chunk with that address
+    # (the receiver's check then catches a source that changed: DAMAGED).
+    one_pass: bool = False
+    on_digest: Callable[[str], None] | None = None
+    path: str = ""  # the source file's, for a chunk sent from one (its errors name it)
 
     @property
     def wire_length(self) -> int:
+        """The body's bytes: what `bytes_sent` and a job's `bytes_on_wire` count (bodies).
+        The framing around it (the header; a one-pass chunk's 48-byte trailer, its address
+        and MAC) is not counted, as no request's headers are."""
         return len(self.body) if self.body is not None else self.raw_length
 
     def finish(self, receipt: ch.Receipt | None = None, error: BaseException | None = None) -> None:
@@ -420,6 +458,14 @@ class OutgoingChunk:
         else:
             assert receipt is not None
             self.done.set_result(receipt)
+
+
+def _source_name(item: OutgoingChunk) -> str:
+    """The source a chunk is read from, for its errors: its file's path, else its place."""
+    if item.path:
+        return item.path
+    f, offset = item.locations[0] if item.locations else (0, item.offset)
+    return f"(file {f} of upload {item.upload}, chunk at offset {offset})"
 
 
 class _Channel:
@@ -440,6 +486,9 @@ class _Channel:
         # then: a channel with chunks in flight where neither moves for `stall_s` is broken.
         self.moved_at = time.monotonic()
         self.acked = 0
+        # The sender thread's buffer for one pass (mapped on its first one-pass chunk, unmapped
+        # as the thread ends).
+        self._piece: memoryview | None = None
         self.threads = [
             threading.Thread(target=self._send_loop, name=f"channel-send-{owner.peer}",
                              daemon=True),
@@ -451,6 +500,21 @@ class _Channel:
 
     # sender thread
     def _send_loop(self) -> None:
+        try:
+            self._send_chunks()
+        finally:
+            self._drop_piece()
+
+    def _drop_piece(self) -> None:
+        """The sender thread ends: its one-pass buffer is unmapped (1 MiB per channel)."""
+        piece, self._piece = self._piece, None
+        if piece is not None:
+            region = piece.obj
+            piece.release()
+            assert isinstance(region, mmap.mmap)
+            region.close()
+
+    def _send_chunks(self) -> None:
         lower_thread_priority()
         owner = self.owner
         while True:
@@ -478,10 +542,13 @@ class _Channel:
             try:
                 self._write(seq, item)
             except Exception as exc:  # OSError, mostly; anything else costs only this channel
-                if isinstance(exc, SourceEnded):  # the chunk fails (sent again, it would end
-                    # again on every channel); the channel, cut mid-body, is broken as well
+                # A source that ended or failed a read fails the chunk (sent again, it would do
+                # so again on every channel); the channel, cut mid-body, is broken as well.
+                if isinstance(exc, SourceEnded):
                     item.finish(error=source_changed_error(
-                        f"(chunk {item.digest[:16]})", "ended before the chunk did"))
+                        _source_name(item), f"ended inside its chunk at offset {item.offset}"))
+                elif isinstance(exc, _SourceFailed):
+                    item.finish(error=exc.error)
                 self._break(exc)
                 return
             owner.metrics.bytes_sent.labels(owner.peer).inc(item.wire_length)
@@ -493,6 +560,11 @@ class _Channel:
             i.alone for i in self.window)
 
     def _write(self, seq: int, item: OutgoingChunk) -> None:
+        if item.one_pass and not item.digest:
+            if item.sends <= ONE_PASS_SENDS and time.monotonic() >= self.owner.one_pass_off_until:
+                self._write_one_pass(seq, item)
+                return
+            self._hash_first(item)
         head = ch.ChunkHead(
             seq=seq, upload=item.upload, digest=bytes.fromhex(item.digest),
             body_blake3=bytes.fromhex(item.body_blake3), encoding=item.encoding,
@@ -524,6 +596,67 @@ class _Channel:
                 if n == 0:
                     raise SourceEnded("source file ended before the chunk did")
                 sent += n
+
+    def _hash_first(self, item: OutgoingChunk) -> None:
+        """A one-pass chunk whose sends broke ONE_PASS_SENDS channels before its body had
+        gone (then one pass to the peer is off for ONE_PASS_OFF_S), or one sent meanwhile:
+        hashed here (its file read once more) and sent as an ordinary chunk, its digest told
+        to `on_digest` as a one-pass send's would be."""
+        assert item.fd is not None
+        hasher = blake3.blake3()
+        try:
+            for piece in file_pieces(item.fd, item.offset, item.raw_length):
+                hasher.update(piece)
+        except SourceEnded:
+            raise
+        except OSError as exc:
+            raise _SourceFailed(storage_failure("reading", _source_name(item), exc,
+                                                side="source")) from exc
+        item.digest = item.body_blake3 = hasher.hexdigest()
+        if item.sends > ONE_PASS_SENDS:
+            self.owner.one_pass_off_until = time.monotonic() + ONE_PASS_OFF_S
+            log.warning("channel.one_pass_off", extra={"fields": {
+                "peer": self.owner.peer, "path": item.path, "offset": item.offset,
+                "sends": item.sends - 1, "for_s": ONE_PASS_OFF_S}})
+        if item.on_digest is not None:
+            item.on_digest(item.digest)
+
+    def _write_one_pass(self, seq: int, item: OutgoingChunk) -> None:
+        """Header, then the chunk read piece by piece into this thread's buffer, each piece
+        hashed and sent while it is in cache (one pass over the bytes instead of a hashing
+        pass and a `sendfile`), then the trailer with the address."""
+        assert item.fd is not None
+        head = ch.ChunkHead(
+            seq=seq, upload=item.upload, digest=bytes(32), body_blake3=bytes(32),
+            encoding="identity", raw_length=item.raw_length, body_length=item.raw_length,
+            locations=item.locations, trailed=True,
+        )
+        frame = ch.encode_chunk_head(self.session, head)
+        more = 0 if self.tls else MSG_MORE
+        self.sock.sendall(frame, more)
+        if self._piece is None:
+            self._piece = memoryview(mmap.mmap(-1, ONE_PASS_PIECE_BYTES))
+        buf = self._piece
+        hasher = blake3.blake3()
+        done = 0
+        while done < item.raw_length:
+            try:
+                n = os.preadv(item.fd, [buf[: min(len(buf), item.raw_length - done)]],
+                              item.offset + done)
+            except OSError as exc:
+                raise _SourceFailed(storage_failure("reading", _source_name(item), exc,
+                                                    side="source")) from exc
+            if n <= 0:
+                raise SourceEnded(f"{_source_name(item)} ends at {item.offset + done}, "
+                                  "inside a chunk")
+            hasher.update(buf[:n])
+            self.sock.sendall(buf[:n], more)
+            done += n
+        digest = hasher.digest()
+        item.digest = item.body_blake3 = digest.hex()
+        if item.on_digest is not None:
+            item.on_digest(item.digest)
+        self.sock.sendall(ch.encode_trailer(self.session, frame, digest))
 
     # receipt thread
     def _receipt_loop(self) -> None:
@@ -613,6 +746,8 @@ class PeerChannels:
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self.stall_s = STALL_S
+        # Monotonic: until when one-pass chunks go hashed first (`ONE_PASS_OFF_S`).
+        self.one_pass_off_until = 0.0
         self._stall_check_at = 0.0  # monotonic: when `ensure` looks for stalled channels next
 
     # -- called from the event loop ----------------------------------------------------------
@@ -1079,7 +1214,9 @@ class DataListener:
             partial, rest_len = ch.decode_chunk_head(bytes(fixed))
             head = ch.finish_chunk_head(session, partial, _read(sock, rest_len))
             seqs.check(head.seq)
-            passing = self._cut_through(head, peer) if self._cut_through is not None else None
+            # A one-pass chunk is never cut through: its address is known only at its end.
+            passing = (self._cut_through(head, peer)
+                       if self._cut_through is not None and not head.trailed else None)
             if passing is not None:
                 # A relayed chunk: its bytes go on to the next hop as they arrive (`net.relay`).
                 passing.receive(sock)
@@ -1093,6 +1230,10 @@ class DataListener:
                 body_blake3 = _recv_hashed(sock, view)
                 if body_blake3 is None:
                     raise ConnectionError("data channel closed before a chunk body")
+                if head.trailed:
+                    # Its address, bound to this header: then `_land` checks the body
+                    # against it as for any chunk (DAMAGED, nothing written, if it differs).
+                    head = ch.check_trailer(session, head, _read(sock, ch.TRAILER_BYTES))
             except BaseException:
                 view.release()
                 self._give_back(buf, pooled)

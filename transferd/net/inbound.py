@@ -29,7 +29,13 @@ from transferd.protocol.manifest import (
     SignedManifest,
     UploadIntent,
 )
-from transferd.protocol.upload import COMMIT_WAIT_MAX_S, ChunkTarget, refused, wanted
+from transferd.protocol.upload import (
+    COMMIT_WAIT_MAX_S,
+    ChunkTarget,
+    one_pass_files,
+    refused,
+    wanted,
+)
 from transferd.site.journal import UploadState
 from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
@@ -147,13 +153,21 @@ class InboundUploads:
         chunks to send (have/want in the same round trip)."""
         offered = isinstance(request, OpenRequest) and request.offered
         intent = request.intent() if isinstance(request, OpenRequest) else request
-        committed = self.receiver.open(intent, peer, self.clock())
+        # The destinations' sizes the open's space check lists: which files are fresh.
+        listed: dict[int, int | None] = {}
+        committed = self.receiver.open(intent, peer, self.clock(), listed)
         if not offered:
             return OpenAnswer(upload=intent.upload, committed=committed)
         assert isinstance(request, OpenRequest)
+        fresh: list[int] = []
+        if request.one_pass and not committed:
+            # Before have/want: what it copies or keeps in place is staged by then.
+            unstaged = self.receiver.unstaged_destinations(intent.upload, peer)
+            fresh = self.receiver.fresh_files(unstaged, listed)
         want = [] if committed or not request.offer else (
             await self.have(intent.upload, peer, request.have())).want
-        return OfferAnswer(upload=intent.upload, committed=committed, want=want)
+        return OfferAnswer(upload=intent.upload, committed=committed, want=want,
+                           one_pass=one_pass_files(fresh, request.offer, want))
 
     async def have(self, upload: str, peer: str, request: HaveRequest) -> HaveAnswer:
         try:

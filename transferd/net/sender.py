@@ -13,8 +13,11 @@ exponential delay (`protocol.backoff.job_retry_delay`), resuming from what the r
 A job fails on a permanent error, or when its deadline (`send --timeout`) passes. Every body
 the job puts on the wire, control or chunk, first send or again, is counted in its
 `bytes_on_wire` as it starts going out. Hashing of the next batch overlaps the sending of the
-previous one; each chunk is admitted by the peer's `BulkGate` for the job's class (the class
-scheduler's weights and rate caps, and the adaptive stream count). Policy is checked before a
+previous one; a fresh file (the receiver holds nothing of it) is sent in one pass after its first
+batch, its chunks hashed by the channel threads as they go, a probe hashed and offered every
+ONE_PASS_PROBE_EVERY chunks (`_hash_and_offer`); each chunk is admitted by the peer's
+`BulkGate` for the job's class (the class scheduler's weights and rate caps, and the adaptive
+stream count). Policy is checked before a
 byte is read. Jobs survive SIGKILL: the journal keeps them and a restarted daemon re-opens the
 same upload id, so the receiver's answer to have/want says exactly which chunks are still
 missing.
@@ -65,9 +68,12 @@ from transferd.protocol.manifest import (
 from transferd.protocol.policy import check_may_leave_site, normalize_rel_path, traffic_class_for
 from transferd.protocol.routes import Route, open_query
 from transferd.protocol.upload import (
+    ONE_PASS_PROBE_EVERY,
+    OfferPlan,
     commit_path,
     offer_batches,
     offer_refused,
+    one_pass_refused,
     open_request,
     plan_offer,
     resend,
@@ -114,8 +120,42 @@ ABORT_TIMEOUT_S = 5.0
 class _FileState:
     member: str
     source: Source
+    # (blake3, offset, length) per chunk in file order; a chunk going in one pass has "" until
+    # its channel's sender thread hashed it (`pending` then has its digest).
     chunks: list[tuple[str, int, int]] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)
+    pending: list[asyncio.Future[str]] = field(default_factory=list)
+    # A one-pass chunk told two different digests (sent again in one pass after its first
+    # send had hashed it: the file changed between the two reads): the job fails with it.
+    conflict: IntegrityError | None = None
+
+    def one_pass_chunk(self, loop: asyncio.AbstractEventLoop, offset: int, length: int
+                       ) -> Callable[[str], bool]:
+        """A chunk of this file that goes in one pass: its place in `chunks`, and the
+        callback (on the loop) that fills it in once its digest is known. The first digest
+        told stays: another one after it is not the chunk sent first (its bytes changed) and
+        the callback returns False, leaving `conflict` for the job to raise
+        (`_one_pass_digests`)."""
+        at = len(self.chunks)
+        self.chunks.append(("", offset, length))
+        known: asyncio.Future[str] = loop.create_future()
+        self.pending.append(known)
+
+        def settle(digest: str) -> bool:
+            first = self.chunks[at][0]
+            if first and first != digest:
+                if self.conflict is None:
+                    self.conflict = IntegrityError(
+                        f"source file changed while being sent: {self.member or '(file)'} "
+                        f"(chunk at offset {offset} read as {first[:16]}, then as {digest[:16]})",
+                        path=self.member, side="source")
+                return False
+            self.chunks[at] = (digest, offset, length)
+            if not known.done():
+                known.set_result(digest)
+            return True
+
+        return settle
 
 
 class Sender:
@@ -176,6 +216,9 @@ class Sender:
         # offer (a release before `OpenRequest`), and when: their opens go bare, the offer
         # asked on its own, until BARE_OPEN_S passed (the peer may have been upgraded).
         self.bare_opens: dict[tuple[str, str], float] = {}
+        # Routes whose receiver refused an open asking which files go in one pass (a release
+        # before `OpenRequest.one_pass`), and when: asked again after BARE_OPEN_S.
+        self.hash_first_opens: dict[tuple[str, str], float] = {}
         # Spans hashed at once, all jobs together (`_hash_spans`): one per core.
         self._hashing = asyncio.Semaphore(os.cpu_count() or 1)
 
@@ -619,6 +662,7 @@ class Sender:
                 return
             if pump.deferred:
                 await self._offer_again(pump, files)
+            await _one_pass_digests(files)
             manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
             await pump.ready()  # a file of no chunks asked nothing yet
             await self._commit(pump, manifest, files)
@@ -667,7 +711,12 @@ class Sender:
                         # batch, sees the stop and ends.
                         continue
                     await pump.gate.acquire(item.length)
-                    pump.spawn(tg, item.digest, item.locations, item.length, item.body)
+                    if item.settle is not None:
+                        assert isinstance(pump, _ChunkPump)
+                        pump.spawn(tg, item.digest, item.locations, item.length, item.body,
+                                   item.settle)
+                    else:
+                        pump.spawn(tg, item.digest, item.locations, item.length, item.body)
         finally:
             while not queue.empty():
                 queue.get_nowait()
@@ -681,32 +730,81 @@ class Sender:
         state: _FileState,
     ) -> bool:
         """Hash the file batch by batch, offer each batch, queue the wanted chunks (at most
-        HAVE_BATCH ahead of the uploads). Returns False when the daemon began stopping."""
+        HAVE_BATCH ahead of the uploads). Returns False when the daemon began stopping.
+
+        A file the receiver listed in `one_pass` (nothing of it there) whose first batch was
+        wanted whole goes in one pass from there: its chunks are queued unhashed (the channel
+        reads, hashes and sends each in one pass; `protocol.channel`'s trailer), but one chunk
+        in ONE_PASS_PROBE_EVERY is still hashed and offered first; one the receiver holds turns
+        the file back to hash-first."""
         spans = state.spans
+        offering = _Offering(pump, queue, ahead, index, state)
+        one_pass = False  # decided by the first batch's answer
         for start, stop in offer_batches(len(spans), FIRST_BATCH, HAVE_BATCH):
             if self._stopping:
                 return False
-            batch = spans[start:stop]
-            hashes, bodies = await _hash_spans(state.source, batch, self._hashing)
-            if _from_source(state.source, "checking", state.source.changed):
-                raise IntegrityError(
-                    f"source file changed while being sent: {state.member or '(file)'}"
-                )
-            refs = [
-                ChunkRef(file=index, offset=off, length=n, hash=h)
-                for (off, n), h in zip(batch, hashes, strict=True)
-            ]
-            state.chunks.extend((h, off, n) for (off, n), h in zip(batch, hashes, strict=True))
-            # Same bytes already on their way (e.g. zero-filled chunks) are deferred: once that
-            # PUT lands, the receiver copies them locally (offered again after the uploads).
-            plan = plan_offer(refs, await self._offer(pump, refs), pump.started)
-            pump.deferred += plan.deferred
-            for up in plan.uploads:
-                await ahead.acquire()
-                queue.put_nowait(
-                    _Wanted(up.digest, up.locations, refs[up.first].length, bodies[up.first])
-                )
-        return True
+            if one_pass:
+                await self._probe_and_pass(offering, start)
+                break
+            plan = await self._offer_spans(offering, spans[start:stop])
+            one_pass = (start == 0 and isinstance(pump, _ChunkPump)
+                        and _all_new(plan, stop - start)
+                        and pump.may_one_pass(index, state.source))
+        return not self._stopping
+
+    async def _probe_and_pass(self, offering: _Offering, start: int) -> None:
+        """The rest of a one-pass file from chunk `start`: per ONE_PASS_PROBE_EVERY chunks, a
+        probe hashed and offered, the others queued to go in one pass; from a probe the
+        receiver holds on, hash-first batches as usual."""
+        state = offering.state
+        spans = state.spans
+        loop = asyncio.get_running_loop()
+        i = start
+        while i < len(spans):
+            if self._stopping:
+                return
+            plan = await self._offer_spans(offering, spans[i:i + 1])
+            i += 1
+            if not _all_new(plan, 1):
+                log.info("job.one_pass_ends", extra={"fields": {
+                    "job": offering.pump.job.id, "file": offering.index, "chunk": i - 1,
+                    "reason": "a probe is held by the receiver or repeats a chunk"}})
+                for at in range(i, len(spans), HAVE_BATCH):
+                    if self._stopping:
+                        return
+                    await self._offer_spans(offering, spans[at:at + HAVE_BATCH])
+                return
+            for off, n in spans[i:i + ONE_PASS_PROBE_EVERY - 1]:
+                settle = state.one_pass_chunk(loop, off, n)
+                await offering.ahead.acquire()
+                offering.queue.put_nowait(_Wanted("", [(offering.index, off)], n, None, settle))
+            i += ONE_PASS_PROBE_EVERY - 1
+
+    async def _offer_spans(self, offering: _Offering, batch: list[tuple[int, int]]
+                           ) -> OfferPlan:
+        """Hash `batch` (spans of the file), offer it, queue what the receiver wants."""
+        pump, queue, ahead, index, state = (offering.pump, offering.queue, offering.ahead,
+                                            offering.index, offering.state)
+        hashes, bodies = await _hash_spans(state.source, batch, self._hashing)
+        if _from_source(state.source, "checking", state.source.changed):
+            raise IntegrityError(
+                f"source file changed while being sent: {state.member or '(file)'}"
+            )
+        refs = [
+            ChunkRef(file=index, offset=off, length=n, hash=h)
+            for (off, n), h in zip(batch, hashes, strict=True)
+        ]
+        state.chunks.extend((h, off, n) for (off, n), h in zip(batch, hashes, strict=True))
+        # Same bytes already on their way (e.g. zero-filled chunks) are deferred: once that
+        # PUT lands, the receiver copies them locally (offered again after the uploads).
+        plan = plan_offer(refs, await self._offer(pump, refs), pump.started)
+        pump.deferred += plan.deferred
+        for up in plan.uploads:
+            await ahead.acquire()
+            queue.put_nowait(
+                _Wanted(up.digest, up.locations, refs[up.first].length, bodies[up.first])
+            )
+        return plan
 
     async def _offer(self, pump: _ChunkPump | RouteDealer, refs: list[ChunkRef]) -> HaveAnswer:
         """Ask the receiver which of `refs` it still wants (have/want); the others are counted
@@ -745,7 +843,9 @@ class Sender:
         when the receiver committed. False on a refusal naming missing chunks or a transient
         error: the receipts then settle what is missing and `_commit` goes on as usual. A
         permanent error (the receiver's storage failed the commit, the manifest refused) is
-        the job's."""
+        the job's. Waits for the digests of the chunks sent in one pass (known as each one's
+        body has gone out, before its receipt)."""
+        await _one_pass_digests(files)
         manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
         try:
             answer = await self._control(
@@ -780,6 +880,9 @@ class Sender:
         path = COMMIT_ROUTE.format(upload=pump.upload)
         peer = pump.link.peer
         for _round in range(COMMIT_ROUNDS):
+            for state in files:  # a one-pass chunk told a second digest after the manifest
+                if state.conflict is not None:
+                    raise state.conflict
             answer = await self._control(
                 pump.job, pump.link, path, signed, CommitAnswer, accept=(200, 409),
                 budget_s=pump.budget_s,
@@ -959,6 +1062,31 @@ def _unclassified(source: object, action: str, exc: Exception, kind: str) -> Sto
                         unclassified=kind)
 
 
+def _all_new(plan: OfferPlan, offered: int) -> bool:
+    """Every one of `offered` chunks is wanted and none repeats another of the upload: what a
+    file must show (its first batch, then each probe) to go on in one pass. A chunk the
+    receiver holds means shared bytes (delta), a repeat means repeating content (zero-filled
+    regions): both are cheaper hash-first, where the receiver copies them."""
+    return (not plan.skipped and not plan.deferred and len(plan.uploads) == offered
+            and all(len(up.locations) == 1 for up in plan.uploads))
+
+
+async def _one_pass_digests(files: list[_FileState]) -> None:
+    """Until every chunk sent in one pass has its digest in its file's `chunks`; then the files
+    sent so must be as they were opened: a chunk read while its file was written to was hashed
+    and sent as read, consistently, but is not the file the job was asked to send."""
+    for state in files:
+        if not state.pending:
+            continue
+        await asyncio.gather(*state.pending)
+        if state.conflict is not None:
+            raise state.conflict
+        if _from_source(state.source, "checking", state.source.changed):
+            raise IntegrityError(
+                f"source file changed while being sent: {state.member or '(file)'}"
+            )
+
+
 def _retrieved(future: asyncio.Future[Receipt]) -> None:
     """Done callback: the future's error is seen (its awaiter may have moved on)."""
     if not future.cancelled():
@@ -985,12 +1113,26 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
 @dataclass
 class _Wanted:
     """A chunk the receiver asked for, hashed, waiting for a free stream; `body` holds its
-    bytes when they were fetched (None: a local file's span, read when it is sent)."""
+    bytes when they were fetched (None: a local file's span, read when it is sent). A chunk
+    going in one pass has no digest yet (""): `settle` takes it once its channel hashed it."""
 
     digest: str
     locations: list[tuple[int, int]]
     length: int
     body: memoryview | None
+    settle: Callable[[str], bool] | None = None
+
+
+@dataclass
+class _Offering:
+    """One file being hashed and offered: where its wanted chunks are queued, at most
+    HAVE_BATCH (`ahead`) before the uploads take them."""
+
+    pump: _ChunkPump | RouteDealer
+    queue: asyncio.Queue[_Wanted | None]
+    ahead: asyncio.Semaphore
+    index: int
+    state: _FileState
 
 
 class _Interrupted(Exception):
@@ -1057,7 +1199,17 @@ class _ChunkPump:
         self.channels = sender.channels[link.peer]
         self.started: set[str] = set()  # chunk hashes sent (or being sent) in this job
         self.deferred: list[ChunkRef] = []  # duplicates of those, to offer once they landed
+        # Files the receiver said may go in one pass (`OfferAnswer.one_pass`); asked only on a
+        # direct route whose upload this pump opens (not through relays, not multipath: their
+        # chunks are passed on cut-through, dealt by hash).
+        self.one_pass: frozenset[int] = frozenset()
+        self.ask_one_pass = not via and opened is None
         self.loop = asyncio.get_running_loop()
+
+    def may_one_pass(self, index: int, source: Source) -> bool:
+        """File `index` may go in one pass: the receiver listed it, and it is a local file
+        (a fetched source's bytes are held whole anyway: hashing them costs no read)."""
+        return index in self.one_pass and isinstance(source, SourceFile)
 
     async def ready(self) -> None:
         """Until the receiver has opened the upload (opening it, with no chunk offered, if
@@ -1087,11 +1239,28 @@ class _ChunkPump:
         route = (self.link.peer, self.open_path)
         bare_since = self.sender.bare_opens.get(route)
         if bare_since is None or time.monotonic() - bare_since > BARE_OPEN_S:
+            hash_first_since = self.sender.hash_first_opens.get(route)
+            ask = self.ask_one_pass and (hash_first_since is None
+                                         or time.monotonic() - hash_first_since > BARE_OPEN_S)
             try:
-                offered = await self.sender._control(
-                    self.job, self.link, self.open_path, open_request(self.intent, refs),
-                    OfferAnswer, budget_s=self.budget_s,
-                )
+                try:
+                    offered = await self.sender._control(
+                        self.job, self.link, self.open_path,
+                        open_request(self.intent, refs, one_pass=ask), OfferAnswer,
+                        budget_s=self.budget_s,
+                    )
+                except ProtocolError as exc:
+                    if not (ask and one_pass_refused(exc)):
+                        raise
+                    # A receiver before `one_pass`: every file goes hash-first.
+                    self.sender.hash_first_opens[route] = time.monotonic()
+                    offered = await self.sender._control(
+                        self.job, self.link, self.open_path, open_request(self.intent, refs),
+                        OfferAnswer, budget_s=self.budget_s,
+                    )
+                else:
+                    if ask:
+                        self.sender.hash_first_opens.pop(route, None)
             except ProtocolError as exc:
                 if not offer_refused(exc):
                     raise
@@ -1101,6 +1270,7 @@ class _ChunkPump:
             else:
                 self.sender.bare_opens.pop(route, None)
                 self._opened(offered)
+                self.one_pass = frozenset(offered.one_pass)
                 return HaveAnswer(want=offered.want)
         # An older receiver (or relay): the bare intent, then have/want for the offer.
         opened = await self.sender._control(
@@ -1124,6 +1294,7 @@ class _ChunkPump:
         locations: list[tuple[int, int]],
         length: int,
         body: memoryview | None,
+        settle: Callable[[str], bool] | None = None,
     ) -> None:
         """Run `put` in `tg` with the gate slot just acquired; a task cancelled before it ever
         ran (a sibling failed) hands its slot back, since `put`'s own cleanup never ran."""
@@ -1132,13 +1303,13 @@ class _ChunkPump:
         async def run() -> None:
             nonlocal began
             began = True
-            await self.put(digest, locations, length, body)
+            await self.put(digest, locations, length, body, settle)
 
-        def settle(_task: asyncio.Task[None]) -> None:
+        def settled(_task: asyncio.Task[None]) -> None:
             if not began:
                 self.gate.release(0, 0)
 
-        tg.create_task(run()).add_done_callback(settle)
+        tg.create_task(run()).add_done_callback(settled)
 
     def _chunk(
         self, digest: str, locations: list[tuple[int, int]], encoded: Encoded, body_hash: str,
@@ -1155,7 +1326,8 @@ class _ChunkPump:
         # Through a relay, a chunk goes alone on its channel (`OutgoingChunk.alone`).
         common["alone"] = bool(self.via)
         if encoded.encoding == "identity" and isinstance(source, SourceFile):
-            return OutgoingChunk(**common, fd=os.dup(source.fileno()), offset=offset)  # type: ignore[arg-type]
+            return OutgoingChunk(**common, fd=os.dup(source.fileno()), offset=offset,  # type: ignore[arg-type]
+                                 path=source.path)
         return OutgoingChunk(**common, body=encoded.body)  # type: ignore[arg-type]
 
     async def _send(self, item: OutgoingChunk) -> Receipt:
@@ -1233,6 +1405,12 @@ class _ChunkPump:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
             self.loop.call_soon_threadsafe(self._booked, digest, n, again)
 
+    def _digest_known(self, settle: Callable[[str], bool], digest: str) -> None:
+        """Channel thread: a chunk sent in one pass was hashed as it went (before its trailer
+        and receipt); its digest goes to its file's chunk list, on the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
+            self.loop.call_soon_threadsafe(settle, digest)
+
     def _booked(self, digest: str, n: int, again: bool) -> None:
         self.sender.count_wire(self.job.id, self.link.peer, n, again, False)
         self.sender.routes.on_wire(self.job.id, self.job.dest, self.via, digest)
@@ -1243,15 +1421,25 @@ class _ChunkPump:
         locations: list[tuple[int, int]],
         length: int,
         body: memoryview | None,
+        settle: Callable[[str], bool] | None = None,
     ) -> None:
         """Send one chunk until its receipt says it is staged. Each attempt is one send; a
         body the receiver found damaged (after checking our source did not change) and a peer
         that cannot be reached are retried by `retrying` while the budget lasts. `body`: the
         chunk's bytes when they were fetched; None for a local file's span, which goes by
-        `sendfile` (or is mapped in a worker only while it is compressed)."""
+        `sendfile` (or is mapped in a worker only while it is compressed).
+
+        `digest` "" (a local file's chunk going in one pass): its channel reads, hashes and
+        sends it in one pass and `settle` hears its digest as its body has gone; a send again
+        after that is an ordinary chunk with that address, so a source that changed meanwhile
+        is caught (DAMAGED, then the re-read differs: the job fails). One that compression
+        pays for is hashed first instead (the header of a compressed chunk names both)."""
         s = self.sender
         peer = self.link.peer
         acked, errors = 0, 0  # for the stream controller: retries and integrity failures
+        # What the route book knows the chunk by while it has no digest yet.
+        key = digest or f"{locations[0][0]}:{locations[0][1]}"
+        sent_before: OutgoingChunk | None = None  # the previous attempt's chunk
 
         def count_retry(exc: TransferdError, delay_s: float) -> None:
             nonlocal errors
@@ -1274,6 +1462,11 @@ class _ChunkPump:
                 raise IntegrityError("source file changed while being sent")
 
         async def attempt() -> tuple[Encoded, int]:
+            nonlocal digest, sent_before
+            if not digest and sent_before is not None and sent_before.digest:
+                # Its channel hashed it after that attempt had failed (the send went on): this
+                # attempt goes by that address too.
+                digest = sent_before.digest
             if not s.compression[peer].should_try():
                 encoded = Encoded("identity", memoryview(b"") if body is None else body, length)
             elif body is None:
@@ -1282,17 +1475,39 @@ class _ChunkPump:
                     locations[0], length)
             else:
                 encoded = await asyncio.to_thread(s.encode, peer, body)
+            if not digest and encoded.encoding != "identity":
+                # Compressed: its header names both hashes, so this one is hashed first.
+                f, offset = locations[0]
+                source = self.sources[f]
+                assert isinstance(source, SourceFile)  # one pass: local files only
+                digest = await asyncio.to_thread(
+                    _from_source, source, "reading", source.hash_span, offset, length)
+                assert settle is not None
+                if not settle(digest):
+                    raise IntegrityError("source file changed while being sent")
             body_hash = (
                 digest
                 if encoded.encoding == "identity"
                 else await asyncio.to_thread(blake3_hex, encoded.body)
             )
             item = self._chunk(digest, locations, encoded, body_hash)
-            item.on_wire = functools.partial(self._on_wire, digest)
+            if not digest:
+                assert settle is not None
+                item.one_pass = True
+                item.on_digest = functools.partial(self._digest_known, settle)
+            item.on_wire = functools.partial(self._on_wire, key)
             wire = item.wire_length
             in_flight = self.gate.in_flight
             t0 = time.perf_counter()
-            receipt = await self._send(item)
+            sent_before = item
+            try:
+                receipt = await self._send(item)
+            finally:
+                if not digest and item.digest:
+                    # Hashed by its channel as it went; also when the send then failed (its
+                    # body went, the peer became unreachable): a send again is an ordinary
+                    # chunk with this address, never one pass under a new one.
+                    digest = item.digest
             if receipt.status is ReceiptStatus.DAMAGED:
                 s.metrics.integrity_failures.labels(peer, "sender").inc()
                 s.journal.add_job_counters(self.job.id, JobCounters(integrity_failures=1))
@@ -1323,7 +1538,9 @@ class _ChunkPump:
             except _RouteDown as down:  # not retried: the job takes its next route now
                 raise down.error from None
             s.clear_note(self.job.id)
-            s.routes.acked(self.job.id, self.job.dest, self.via, encoded.raw_length, digest)
+            if settle is not None and not settle(digest):
+                raise IntegrityError("source file changed while being sent")
+            s.routes.acked(self.job.id, self.job.dest, self.via, encoded.raw_length, key)
             acked = wire
             s.metrics.chunks_sent.labels(peer).inc()
             s.metrics.count_compression(peer, encoded.raw_length, wire)

@@ -25,6 +25,13 @@ address, and the signed manifest checks every chunk again at commit.
 
 Frames (big-endian): CHUNK header + upload id + locations + MAC, then `body_length` bytes of
 body; RECEIPT seq + status (+ reason) + MAC, receiver -> sender.
+
+A one-pass chunk (kind TRAILED, identity only) is a fresh upload's chunk read, hashed and sent in
+one pass over its bytes: its header carries zeros where the address goes, and TRAILER = address
+(32) + MAC follows the body, the MAC taken over "trailer" | the header's MAC | address. Chaining
+the header's MAC ties the trailer to that chunk's seq, upload and locations: a trailer moved to
+another chunk or replayed fails it (AuthError). The receiver hashes the body as it arrives and
+checks it against the trailer's address before a byte is written, as for any chunk.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import hmac
 import secrets
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Generic, TypeVar
 
@@ -57,11 +64,13 @@ __all__ = [
     "Receipt",
     "ReceiptStatus",
     "SeqGuard",
+    "TRAILER_BYTES",
     "Session",
     "accept_frame",
     "challenge",
     "check_accept",
     "check_proof",
+    "check_trailer",
     "chunk_head_rest",
     "decode_chunk_head",
     "decode_hello",
@@ -69,6 +78,7 @@ __all__ = [
     "decode_receipt_fixed",
     "encode_chunk_head",
     "encode_receipt",
+    "encode_trailer",
     "finish_chunk_head",
     "hello",
     "hello_sites",
@@ -94,6 +104,9 @@ _LOCATION = struct.Struct("!IQ")  # file index, offset
 RECEIPT_FIXED = struct.Struct("!BBHQ")  # kind, status, len(reason), seq
 _KIND_CHUNK = 1
 _KIND_RECEIPT = 2
+_KIND_TRAILED = 3  # a CHUNK whose address comes after the body (one pass)
+TRAILER_BYTES = 32 + MAC_BYTES
+_NO_DIGEST = bytes(32)
 _ENCODINGS: tuple[Encoding, ...] = ("identity", "zstd")
 
 
@@ -235,6 +248,10 @@ class ChunkHead:
     raw_length: int
     body_length: int
     locations: tuple[tuple[int, int], ...]
+    # One pass: the address follows the body (`digest` and `body_blake3` are zeros until the
+    # trailer is checked); `mac` is the header's, which the trailer's MAC chains.
+    trailed: bool = False
+    mac: bytes = field(default=b"", compare=False)
 
     @property
     def address(self) -> str:
@@ -247,8 +264,12 @@ def encode_chunk_head(session: Session, head: ChunkHead) -> bytes:
         raise ProtocolError("upload ids on a data channel are 1-256 ASCII bytes")
     if not 0 < len(head.locations) <= MAX_LOCATIONS:
         raise ProtocolError(f"a chunk names 1-{MAX_LOCATIONS} locations")
+    if head.trailed and (head.encoding != "identity" or head.digest != _NO_DIGEST
+                         or head.body_blake3 != _NO_DIGEST):
+        raise ProtocolError("a one-pass chunk is identity-framed, its address in the trailer")
     frame = b"".join([
-        CHUNK_FIXED.pack(_KIND_CHUNK, _ENCODINGS.index(head.encoding), len(head.locations),
+        CHUNK_FIXED.pack(_KIND_TRAILED if head.trailed else _KIND_CHUNK,
+                         _ENCODINGS.index(head.encoding), len(head.locations),
                          len(upload), head.seq, head.raw_length, head.body_length, head.digest,
                          head.body_blake3),
         upload,
@@ -268,6 +289,7 @@ class _PartialHead:
     body_length: int
     digest: bytes
     body_blake3: bytes
+    trailed: bool
 
 
 def decode_chunk_head(fixed: bytes) -> tuple[_PartialHead, int]:
@@ -277,7 +299,7 @@ def decode_chunk_head(fixed: bytes) -> tuple[_PartialHead, int]:
         raise ProtocolError("short chunk header")
     kind, enc, n_loc, n_up, seq, raw_length, body_length, digest, body_hash = CHUNK_FIXED.unpack(
         fixed)
-    if kind != _KIND_CHUNK:
+    if kind not in (_KIND_CHUNK, _KIND_TRAILED):
         raise ProtocolError(f"expected a chunk frame, got kind {kind}")
     if enc >= len(_ENCODINGS):
         raise ProtocolError(f"unknown chunk encoding {enc}")
@@ -289,8 +311,11 @@ def decode_chunk_head(fixed: bytes) -> tuple[_PartialHead, int]:
     encoding = _ENCODINGS[enc]
     if encoding == "identity" and (body_length != raw_length or body_hash != digest):
         raise ProtocolError("an identity chunk's body is the chunk itself")
+    trailed = kind == _KIND_TRAILED
+    if trailed and (encoding != "identity" or digest != _NO_DIGEST):
+        raise ProtocolError("a one-pass chunk is identity-framed, its address in the trailer")
     partial = _PartialHead(fixed, encoding, n_loc, n_up, seq, raw_length, body_length, digest,
-                           body_hash)
+                           body_hash, trailed)
     return partial, chunk_head_rest(partial)
 
 
@@ -312,7 +337,31 @@ def finish_chunk_head(session: Session, partial: _PartialHead, rest: bytes) -> C
         _LOCATION.unpack_from(rest, at + i * _LOCATION.size) for i in range(partial.n_locations)
     )
     return ChunkHead(partial.seq, upload, partial.digest, partial.body_blake3, partial.encoding,
-                     partial.raw_length, partial.body_length, locations)
+                     partial.raw_length, partial.body_length, locations, partial.trailed,
+                     rest[-MAC_BYTES:])
+
+
+def _trailer_mac(session: Session, head_mac: bytes, digest: bytes) -> bytes:
+    return session.mac(b"trailer" + head_mac + digest)
+
+
+def encode_trailer(session: Session, head_frame: bytes, digest: bytes) -> bytes:
+    """What follows a one-pass chunk's body: its address, MAC'd with its header's MAC
+    (`head_frame`: the header as `encode_chunk_head` made it)."""
+    if len(digest) != 32:
+        raise ProtocolError("a chunk address is 32 bytes")
+    return digest + _trailer_mac(session, head_frame[-MAC_BYTES:], digest)
+
+
+def check_trailer(session: Session, head: ChunkHead, trailer: bytes) -> ChunkHead:
+    """The header of a one-pass chunk completed by its trailer (AuthError if the trailer's MAC
+    does not chain to this header: taken from another chunk, or forged)."""
+    if not head.trailed or len(trailer) != TRAILER_BYTES:
+        raise ProtocolError("a trailer follows only a one-pass chunk's body")
+    digest, mac = trailer[:32], trailer[32:]
+    if not hmac.compare_digest(_trailer_mac(session, head.mac, digest), mac):
+        raise AuthError("data channel trailer fails its MAC (moved, injected or damaged)")
+    return replace(head, digest=digest, body_blake3=digest)
 
 
 class SeqGuard:

@@ -24,7 +24,9 @@ import blake3
 from pydantic import (
     AfterValidator,
     Field,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -74,6 +76,14 @@ def _check_member(value: str) -> str:
     if len(value) > 4096:
         raise ValueError("member path longer than 4096 characters")
     return value
+
+
+def _without_empty(body: dict[str, Any], name: str) -> dict[str, Any]:
+    """`body` without the field `name` when it is false or empty: a field a peer older than
+    it would refuse is sent only when it says something."""
+    if not body.get(name):
+        body.pop(name, None)
+    return body
 
 
 class FileSpec(WireModel):
@@ -128,6 +138,14 @@ class OpenRequest(UploadIntent):
     field) opens as before and is answered by a plain `OpenAnswer`."""
 
     offer: Annotated[list[ChunkRef], Field(max_length=MAX_HAVE_CHUNKS)] = []
+    # The sender sends fresh files in one pass and asks which ones are (`OfferAnswer.one_pass`).
+    # Sent only when true: a receiver older than the field refuses it (400, the sender opens
+    # again without it, `protocol.upload.one_pass_refused`), and an older sender never sends it.
+    one_pass: bool = False
+
+    @model_serializer(mode="wrap")
+    def _without_unasked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_empty(handler(self), "one_pass")
 
     @property
     def offered(self) -> bool:
@@ -152,9 +170,19 @@ class OpenAnswer(WireModel):
 
 class OfferAnswer(OpenAnswer):
     """The answer to an `OpenRequest` with an offer: `want` as in `HaveAnswer` (empty when the
-    upload was committed already)."""
+    upload was committed already). `one_pass` (only when the request asked, and only when not
+    empty, so an older sender never sees the field): the files the receiver has no destination
+    file and nothing staged for, and wanted every offered chunk of; the sender may send their
+    chunks in one pass (`protocol.channel`, a trailer carries the address)."""
 
     want: Annotated[list[Annotated[int, Field(ge=0, lt=MAX_HAVE_CHUNKS)]], Field(max_length=4096)]
+    one_pass: Annotated[
+        list[Annotated[int, Field(ge=0, lt=MAX_FILES)]], Field(max_length=MAX_FILES)
+    ] = []
+
+    @model_serializer(mode="wrap")
+    def _without_unlisted(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_empty(handler(self), "one_pass")
 
 
 class HaveAnswer(WireModel):

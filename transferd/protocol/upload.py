@@ -49,6 +49,7 @@ from transferd.protocol.policy import normalize_rel_path, tier_of, top_folder
 
 __all__ = [
     "COMMIT_WAIT_MAX_S",
+    "ONE_PASS_PROBE_EVERY",
     "ChunkTarget",
     "ChunkUpload",
     "HaveDecision",
@@ -65,6 +66,8 @@ __all__ = [
     "missing",
     "offer_batches",
     "offer_refused",
+    "one_pass_files",
+    "one_pass_refused",
     "open_request",
     "plan_offer",
     "refused",
@@ -262,9 +265,14 @@ def upload_intent(
     )
 
 
-def open_request(intent: UploadIntent, offer: Sequence[ChunkRef]) -> OpenRequest:
-    """The upload's open carrying have/want for its first chunks (`offer`, possibly none)."""
-    return OpenRequest.model_validate({**intent.model_dump(), "offer": list(offer)})
+def open_request(intent: UploadIntent, offer: Sequence[ChunkRef],
+                 one_pass: bool = False) -> OpenRequest:
+    """The upload's open carrying have/want for its first chunks (`offer`, possibly none);
+    `one_pass`: asking which files may go in one pass (`OfferAnswer.one_pass`)."""
+    fields: dict[str, object] = {**intent.model_dump(), "offer": list(offer)}
+    if one_pass:
+        fields["one_pass"] = True
+    return OpenRequest.model_validate(fields)
 
 
 # How a receiver or relay older than `OpenRequest` (its open parsed as `UploadIntent`, unknown
@@ -276,6 +284,36 @@ def offer_refused(exc: TransferdError) -> bool:
     """`exc` is an older peer's refusal of the open's `offer` (open again with the bare
     intent, and ask have/want for the offer on its own)."""
     return isinstance(exc, ProtocolError) and _OFFER_REFUSED in exc.message
+
+
+# How a receiver that knows `OpenRequest` but not its `one_pass` field refuses an open asking.
+_ONE_PASS_REFUSED = "invalid OpenRequest: one_pass: Extra inputs are not permitted"
+
+
+def one_pass_refused(exc: TransferdError) -> bool:
+    """`exc` is an older receiver's refusal of the open's `one_pass` (open again without it:
+    every file goes hash-first)."""
+    return isinstance(exc, ProtocolError) and _ONE_PASS_REFUSED in exc.message
+
+
+# A file sent in one pass still has one chunk in this many hashed first and offered (a probe,
+# 64 MiB apart at 8 MiB chunks): a probe the receiver holds (in place, or bytes it can copy)
+# turns the file back to hash-first from there, so a long shared region still costs no bytes
+# on the wire. Regions shorter than this between probes are sent (benchmarks/README.md, issue
+# 11 round 9: the trade-off).
+ONE_PASS_PROBE_EVERY = 8
+
+
+def one_pass_files(
+    fresh: Sequence[int], offer: Sequence[ChunkRef], want: Sequence[int]
+) -> list[int]:
+    """Receiver: the files that may go in one pass: `fresh` ones (no destination file, nothing
+    staged) none of whose offered chunks this site holds (every one was wanted). A file
+    offered nothing yet is listed on freshness alone; its sender still hashes and offers its
+    first batch, and keeps it hash-first unless all of that batch is wanted."""
+    wanted_idx = set(want)
+    held = {ref.file for i, ref in enumerate(offer) if i not in wanted_idx}
+    return [f for f in fresh if f not in held]
 
 
 def upload_manifest(

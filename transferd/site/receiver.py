@@ -119,8 +119,11 @@ class Receiver:
         self._open_rows: dict[str, tuple[Staging, Upload]] = {}
 
     # -- open --------------------------------------------------------------------------------
-    def open(self, intent: UploadIntent, peer: str, now: float) -> bool:
-        """Stage the upload (idempotent). Returns True when it was already committed."""
+    def open(self, intent: UploadIntent, peer: str, now: float,
+             listed: dict[int, int | None] | None = None) -> bool:
+        """Stage the upload (idempotent). Returns True when it was already committed.
+        `listed`, when given, gets the sizes its space check found at the destinations of
+        the files not staged yet (None: no file there), by file index (`fresh_files`)."""
         relayed = peer != intent.source_site
         try:
             if relayed and not self._may_relay(intent.source_site, peer):
@@ -146,7 +149,7 @@ class Receiver:
                 return True
         staging = self._staging_for(intent)
         try:
-            self._check_space(intent, staging)
+            self._check_space(intent, staging, listed)
             staging.create()
         except StorageError:
             # E.g. no space for the files: give back what was staged, record nothing new.
@@ -166,12 +169,16 @@ class Receiver:
             log.info("upload.reopened", extra={"fields": {"upload": intent.upload}})
         return False
 
-    def _check_space(self, intent: UploadIntent, staging: Staging) -> None:
+    def _check_space(self, intent: UploadIntent, staging: Staging,
+                     listed: dict[int, int | None] | None = None) -> None:
         """Refuse at once an upload whose changing files cannot fit: a lower bound, counting
         only files that are not staged yet and whose destination differs in size (a file of
-        the same size may be unchanged: `have` finds out, and it then needs nothing)."""
+        the same size may be unchanged: `have` finds out, and it then needs nothing). The
+        sizes found go to `listed` (when given)."""
         todo = [i for i in range(len(intent.files)) if not staging.exists(i)]
         found = self.storage.sizes([destination(intent, i) for i in todo])
+        if listed is not None:
+            listed.update(zip(todo, found, strict=True))
         need = sum(
             intent.files[i].size for i, size in zip(todo, found, strict=True)
             if size != intent.files[i].size
@@ -258,6 +265,21 @@ class Receiver:
             held_here,
             in_place=self.journal.committed_at,
         )
+
+    def unstaged_destinations(self, upload: str, peer: str) -> dict[int, str]:
+        """On the loop (the journal): the upload's files with nothing staged yet (not a
+        resumed upload's), by index, with where each lands."""
+        intent = self._open_upload(upload, peer).intent
+        staged = {f for f, _off in self.journal.received(upload)}
+        return {i: destination(intent, i) for i in range(len(intent.files)) if i not in staged}
+
+    @staticmethod
+    def fresh_files(unstaged: dict[int, str], listed: dict[int, int | None]) -> list[int]:
+        """Of `unstaged_destinations`, the files with no destination file either (not an
+        update of a file held here) as the open's space check listed them (`open`'s
+        `listed`; no second listing): candidates to go in one pass. A file the listing did
+        not cover is not one (hash-first: one pass is only ever a hint)."""
+        return [i for i in unstaged if i in listed and listed[i] is None]
 
     def fill_local(self, upload: str, digest: str, targets: Sequence[ChunkTarget]) -> bool:
         """Copy a chunk this site already holds into the upload's staging (verifying its hash:
