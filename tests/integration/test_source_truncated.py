@@ -69,9 +69,9 @@ async def main():
             import transferd.net.channels as channels
             real_pieces = channels.file_pieces
 
-            def pieces(fd, offset, length):  # the chunk is about to be read for TLS
-                truncate()
-                return real_pieces(fd, offset, length)
+            def pieces(fd, offset, length, *buf):  # the chunk is about to be read for TLS
+                truncate()  # (or for a one-pass send, into the channel's buffer)
+                return real_pieces(fd, offset, length, *buf)
 
             channels.file_pieces = pieces
         [job] = await wait_for_jobs(a, a.sender.submit("curated/text.bin", ["B"]), timeout_s=60)

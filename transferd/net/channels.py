@@ -49,7 +49,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -597,21 +597,34 @@ class _Channel:
                     raise SourceEnded("source file ended before the chunk did")
                 sent += n
 
+    def _source_pieces(self, item: OutgoingChunk) -> Iterator[memoryview]:
+        """A one-pass chunk's bytes, read from its file piece by piece into this thread's
+        buffer (`file_pieces`; each piece valid until the next). A file that ends first is the
+        chunk's SourceEnded; a read that fails is its `_SourceFailed`, never the channel's."""
+        assert item.fd is not None
+        if self._piece is None:
+            self._piece = memoryview(mmap.mmap(-1, ONE_PASS_PIECE_BYTES))
+        pieces = file_pieces(item.fd, item.offset, item.raw_length, self._piece)
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration:
+                return
+            except SourceEnded:
+                raise
+            except OSError as exc:
+                raise _SourceFailed(storage_failure("reading", _source_name(item), exc,
+                                                    side="source")) from exc
+            yield piece
+
     def _hash_first(self, item: OutgoingChunk) -> None:
         """A one-pass chunk whose sends broke ONE_PASS_SENDS channels before its body had
         gone (then one pass to the peer is off for ONE_PASS_OFF_S), or one sent meanwhile:
         hashed here (its file read once more) and sent as an ordinary chunk, its digest told
         to `on_digest` as a one-pass send's would be."""
-        assert item.fd is not None
         hasher = blake3.blake3()
-        try:
-            for piece in file_pieces(item.fd, item.offset, item.raw_length):
-                hasher.update(piece)
-        except SourceEnded:
-            raise
-        except OSError as exc:
-            raise _SourceFailed(storage_failure("reading", _source_name(item), exc,
-                                                side="source")) from exc
+        for piece in self._source_pieces(item):
+            hasher.update(piece)
         item.digest = item.body_blake3 = hasher.hexdigest()
         if item.sends > ONE_PASS_SENDS:
             self.owner.one_pass_off_until = time.monotonic() + ONE_PASS_OFF_S
@@ -625,7 +638,6 @@ class _Channel:
         """Header, then the chunk read piece by piece into this thread's buffer, each piece
         hashed and sent while it is in cache (one pass over the bytes instead of a hashing
         pass and a `sendfile`), then the trailer with the address."""
-        assert item.fd is not None
         head = ch.ChunkHead(
             seq=seq, upload=item.upload, digest=bytes(32), body_blake3=bytes(32),
             encoding="identity", raw_length=item.raw_length, body_length=item.raw_length,
@@ -634,24 +646,10 @@ class _Channel:
         frame = ch.encode_chunk_head(self.session, head)
         more = 0 if self.tls else MSG_MORE
         self.sock.sendall(frame, more)
-        if self._piece is None:
-            self._piece = memoryview(mmap.mmap(-1, ONE_PASS_PIECE_BYTES))
-        buf = self._piece
         hasher = blake3.blake3()
-        done = 0
-        while done < item.raw_length:
-            try:
-                n = os.preadv(item.fd, [buf[: min(len(buf), item.raw_length - done)]],
-                              item.offset + done)
-            except OSError as exc:
-                raise _SourceFailed(storage_failure("reading", _source_name(item), exc,
-                                                    side="source")) from exc
-            if n <= 0:
-                raise SourceEnded(f"{_source_name(item)} ends at {item.offset + done}, "
-                                  "inside a chunk")
-            hasher.update(buf[:n])
-            self.sock.sendall(buf[:n], more)
-            done += n
+        for piece in self._source_pieces(item):
+            hasher.update(piece)
+            self.sock.sendall(piece, more)
         digest = hasher.digest()
         item.digest = item.body_blake3 = digest.hex()
         if item.on_digest is not None:

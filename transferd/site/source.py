@@ -111,12 +111,14 @@ class SourceEnded(OSError):
     The chunk's own failure (a changed source), not its data channel's."""
 
 
-def file_pieces(fd: int, offset: int, length: int) -> Iterator[memoryview]:
+def file_pieces(fd: int, offset: int, length: int,
+                buf: memoryview | None = None) -> Iterator[memoryview]:
     """Thread: [offset, offset+length) of `fd` in HASH_PIECE_BYTES pieces read into this
-    thread's buffer (each valid until the next is asked for): for a TLS socket, which
-    encrypts in user space anyway, instead of a mapping of a file someone may cut short.
-    SourceEnded when the file ends first, as `sendfile` finding no more bytes does."""
-    buf = _piece_buffer()
+    thread's buffer, or into `buf` (each valid until the next is asked for): for a TLS socket,
+    which encrypts in user space anyway, instead of a mapping of a file someone may cut short,
+    and for a one-pass send. SourceEnded when the file ends first, as `sendfile` finding no
+    more bytes does."""
+    buf = _piece_buffer() if buf is None else buf
     done = 0
     while done < length:
         n = os.preadv(fd, [buf[: min(len(buf), length - done)]], offset + done)
