@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,8 +17,12 @@ from typing import Any
 import fsspec
 import pytest
 
+from tests.integration._procs import poll_until
+from transferd.errors import StorageError
+from transferd.net import sender as sender_mod
+from transferd.net.channels import OutgoingChunk
 from transferd.site.source import SourceFile
-from transferd.testing import loopback_pair, wait_for_jobs
+from transferd.testing import loopback_pair, loopback_tls, wait_for_jobs
 
 CHUNK = 64 * 1024
 SIZE = 6 * CHUNK + 123
@@ -247,3 +252,67 @@ async def test_an_unexpected_error_from_a_source_once_is_tried_again_and_commits
         assert job.state == "committed", job.error
         assert job.retries >= 1
         assert (tmp_path / "site-B/curated/big.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("always", [False, True], ids=["eio-once", "eio-always"])
+async def test_a_read_error_under_tls_fails_the_chunks_send_not_channel_after_channel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, always: bool
+) -> None:
+    """Under TLS a raw chunk is read from its file piece by piece on its channel's thread
+    (no `sendfile`): EIO there fails that send with the source's StorageError naming the
+    file, which the chunk's own retry takes; the chunk is not put back in the queue to break
+    channel after channel. Once, the retry reads again and the job commits; for good, the job
+    waits for its next attempt saying what failed (retries within a short budget, each a new
+    send that went out once)."""
+    chunk = 256 * 1024
+    src = tmp_path / "site-A" / "curated" / "f.bin"
+    src.parent.mkdir(parents=True)
+    data = os.urandom(10 * chunk)
+    src.write_bytes(data)
+    preadv = os.preadv
+    failed: list[int] = []
+    real_send = sender_mod._ChunkPump._send
+    sent: list[OutgoingChunk] = []
+
+    async def send(self: Any, item: OutgoingChunk) -> Any:
+        if item.offset == 9 * chunk:
+            sent.append(item)
+        return await real_send(self, item)
+
+    def flaky(fd: int, buffers: Any, offset: int, *args: Any) -> int:
+        if (offset == 9 * chunk and (always or not failed)
+                and threading.current_thread().name.startswith("channel-send")):
+            failed.append(offset)
+            raise OSError(errno.EIO, "Input/output error")
+        return preadv(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "preadv", flaky)
+    monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
+    monkeypatch.setattr(sender_mod._ChunkPump, "may_one_pass", lambda *a: False)
+    tls = loopback_tls(tmp_path / "tls")
+    async with loopback_pair(tmp_path, chunk_size=chunk, compression="off", tls=tls) as (a, _b):
+        a.sender.retry_budget_s = 0.5
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        if always:
+            job = await poll_until(lambda: _job(a, job_id),
+                                   lambda j: j.state == "waiting", timeout_s=30)
+            problem = job.note
+        else:
+            [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
+            assert job.state == "committed", job.error
+            assert (tmp_path / "site-B/curated/f.bin").read_bytes() == data
+            problem = str(sent[0].done.exception())
+    assert failed
+    assert problem is not None
+    assert "Input/output error" in problem
+    assert str(src) in problem  # the source named: not a channel's or the peer's error
+    error = sent[0].done.exception()
+    assert isinstance(error, StorageError)
+    assert error.fields.get("side") == "source"
+    # Each send that failed ended there: none went round the channels again.
+    assert len(sent) >= 2
+    assert all(item.sends == 1 for item in sent)
+
+
+async def _job(a: Any, job_id: str) -> Any:
+    return a.journal.job(job_id)

@@ -583,9 +583,10 @@ class _Channel:
             self.sock.sendall(item.body)
         elif self.tls:
             # TLS encrypts in user space anyway: send the file read piece by piece (never a
-            # mapping of it: a file cut short under one is a SIGBUS, the daemon's death).
-            assert item.fd is not None
-            for piece in file_pieces(item.fd, item.offset, item.raw_length):
+            # mapping of it: a file cut short under one is a SIGBUS, the daemon's death),
+            # through the one-pass readers' mapping: a file that ends or a read that fails
+            # (EIO) fails the chunk, instead of breaking channel after channel with it.
+            for piece in self._source_pieces(item):
                 self.sock.sendall(piece)
         else:
             assert item.fd is not None
