@@ -45,7 +45,7 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
-from transferd.net.channels import OutgoingChunk, PeerChannels
+from transferd.net.channels import STALL_S, OutgoingChunk, PeerChannels
 from transferd.net.peer_client import PeerLink, retrying
 from transferd.net.pump import PeerTraffic
 from transferd.net.routes import RELAY_RETRY_BUDGET_S, RouteBook, RouteDealer
@@ -114,6 +114,10 @@ COMMIT_ROUNDS = 4
 # rounds then follow the receipts.
 COMMIT_AHEAD_IDLE_S = 10.0
 ABORT_TIMEOUT_S = 5.0
+# How long a committed job waits for the one-pass sends its chunks' attempts gave up on while
+# a channel still held them unread (each may yet tell a second digest): the channels' stall
+# bound, after which a channel whose chunks have not moved is broken anyway.
+STRAY_WAIT_S = STALL_S
 
 
 @dataclass
@@ -658,14 +662,15 @@ class Sender:
                     self._ahead[job.id] = ahead
             if self._stopping:
                 raise _Interrupted
-            if ahead is not None and await ahead:
-                return
-            if pump.deferred:
-                await self._offer_again(pump, files)
-            await _one_pass_digests(files)
-            manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
-            await pump.ready()  # a file of no chunks asked nothing yet
-            await self._commit(pump, manifest, files)
+            if ahead is None or not await ahead:
+                if pump.deferred:
+                    await self._offer_again(pump, files)
+                await _one_pass_digests(files)
+                manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
+                await pump.ready()  # a file of no chunks asked nothing yet
+                await self._commit(pump, manifest, files)
+            if isinstance(pump, _ChunkPump):
+                await _late_digests(pump, files)
         finally:
             if self._ahead.get(job.id) is ahead:
                 self._ahead.pop(job.id, None)
@@ -1087,6 +1092,31 @@ async def _one_pass_digests(files: list[_FileState]) -> None:
             )
 
 
+async def _late_digests(pump: _ChunkPump, files: list[_FileState]) -> None:
+    """The upload is committed; a one-pass send that an attempt gave up on while its channel
+    held it unread (`_ChunkPump.strays`: the retry went in one pass as well) may still read
+    and hash its chunk. Until each has ended (bounded by STRAY_WAIT_S; then it is expired), a
+    second digest it tells is a source that changed while being sent: the job fails with it,
+    as with one told before the manifest, though the receiver holds the bytes read first."""
+    strays = [item for item in pump.strays if not item.done.done()]
+    pump.strays.clear()
+    if strays:
+        ends = [asyncio.wrap_future(item.done) for item in strays]
+        for end in ends:
+            end.add_done_callback(_retrieved)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STRAY_WAIT_S):
+                await asyncio.wait(ends)
+        for item in strays:
+            if not item.done.done():
+                pump.channels.expire(item, TransportError(
+                    f"{pump.link.peer}: a chunk's send given up on", peer=pump.link.peer))
+        await asyncio.sleep(0)  # a digest its channel told just before it ended settles
+    for state in files:
+        if state.conflict is not None:
+            raise state.conflict
+
+
 def _retrieved(future: asyncio.Future[Receipt]) -> None:
     """Done callback: the future's error is seen (its awaiter may have moved on)."""
     if not future.cancelled():
@@ -1204,6 +1234,9 @@ class _ChunkPump:
         # chunks are passed on cut-through, dealt by hash).
         self.one_pass: frozenset[int] = frozenset()
         self.ask_one_pass = not via and opened is None
+        # One-pass sends whose attempt gave up while they were still unhashed on a channel
+        # (which sends them on): the job hears their digests before it ends (`_late_digests`).
+        self.strays: list[OutgoingChunk] = []
         self.loop = asyncio.get_running_loop()
 
     def may_one_pass(self, index: int, source: Source) -> bool:
@@ -1508,6 +1541,8 @@ class _ChunkPump:
                     # body went, the peer became unreachable): a send again is an ordinary
                     # chunk with this address, never one pass under a new one.
                     digest = item.digest
+                elif item.one_pass and not item.digest and not item.done.done():
+                    self.strays.append(item)  # given up on unhashed; its channel goes on
             if receipt.status is ReceiptStatus.DAMAGED:
                 s.metrics.integrity_failures.labels(peer, "sender").inc()
                 s.journal.add_job_counters(self.job.id, JobCounters(integrity_failures=1))
@@ -1519,7 +1554,12 @@ class _ChunkPump:
             if receipt.status in (ReceiptStatus.STORAGE, ReceiptStatus.REFUSED) and (
                 await s.committed_ahead(self.job.id)
             ):
-                return encoded, wire  # sent again, it found its upload committed (sealed)
+                # Sent again, it found its upload committed (sealed) with an earlier send's
+                # bytes: delivered, if the source still holds them. Else (a retry under a
+                # one-pass send's address, the file rewritten since) the job fails "changed",
+                # as it does when the receiver answers DAMAGED before the seal.
+                await reread()
+                return encoded, wire
             if receipt.status is ReceiptStatus.STORAGE:
                 raise StorageError(f"{peer}: {receipt.reason}")
             if receipt.status is ReceiptStatus.REFUSED:
