@@ -1,15 +1,20 @@
 """An Arrow IPC file replicates on record-batch boundaries; at the receiver every record-batch
-chunk opens without a copy: the batches' buffers point into the committed file's mapping."""
+chunk opens without a copy of its own: the batches' buffers point into one read of the committed
+file (never a mapping of it: a file cut short under one is a SIGBUS)."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pytest
 
+from transferd.errors import IntegrityError
 from transferd.testing import loopback_pair, wait_for_jobs
 
 CHUNK = 256 * 1024
@@ -54,8 +59,8 @@ async def test_arrow_record_batch_chunks_open_at_the_receiver_without_a_copy(
     dst = tmp_path / "site-B" / "curated" / "events.arrow"
     assert dst.read_bytes() == src.read_bytes()
     assert pa.Table.from_batches(batches).equals(pa.Table.from_batches(expected))
-    # Zero copy: every buffer of every batch lies inside one mapping of the committed file
-    # (one contiguous address range the size of the file), not in freshly allocated memory.
+    # Zero copy: every buffer of every batch lies inside one read of the committed file (one
+    # contiguous address range the size of the file), not in memory of its own.
     size = dst.stat().st_size
     addresses = [
         buf.address for batch in batches for col in batch.columns for buf in col.buffers() if buf
@@ -66,7 +71,7 @@ async def test_arrow_record_batch_chunks_open_at_the_receiver_without_a_copy(
     base = base_candidates.pop()
     assert base <= lo
     assert max(addresses) < base + size
-    # The mapped memory at `base` is the file itself.
+    # The memory at `base` is the file itself.
     assert ctypes.string_at(base, 8) == dst.read_bytes()[:8]
 
 
@@ -81,3 +86,39 @@ def _offsets_in_file(batches: list[pa.RecordBatch], path: Path) -> list[tuple[in
         assert off >= 0
         out.append((buf.address, off))
     return out
+
+
+@pytest.mark.parametrize("left", [0, 100_000], ids=["emptied", "cut-mid-batch"])
+async def test_a_committed_file_cut_short_before_it_is_read_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left: int
+) -> None:
+    """The committed file is truncated after its chunks were listed, before it is read (as
+    a user's tool might): an IntegrityError naming the file and both sizes, not a crash
+    (a mapping read past the new end is a SIGBUS) nor a pyarrow error; the daemon reads
+    the next file as usual."""
+    src = tmp_path / "site-A" / "curated" / "events.arrow"
+    write_arrow_file(src, batches=6, rows=10_000)
+    other = tmp_path / "site-A" / "curated" / "other.arrow"
+    expected = write_arrow_file(other, batches=3, rows=1_000)
+    dst = tmp_path / "site-B" / "curated" / "events.arrow"
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        jobs = await wait_for_jobs(a, a.sender.submit("curated/events.arrow", ["B"])
+                                   + a.sender.submit("curated/other.arrow", ["B"]))
+        assert [job.state for job in jobs] == ["committed", "committed"]
+        listed = b.journal.chunks_of
+
+        def chunks_then_cut(path: str) -> Any:
+            spans = listed(path)
+            if path == "curated/events.arrow":
+                os.truncate(dst, left)
+            return spans
+
+        monkeypatch.setattr(b.journal, "chunks_of", chunks_then_cut)
+        size = src.stat().st_size
+        with pytest.raises(IntegrityError) as caught:
+            b.receiver.record_batches("curated/events.arrow")
+        batches = b.receiver.record_batches("curated/other.arrow")
+    message = str(caught.value)
+    assert "curated/events.arrow" in message
+    assert f"{left} bytes on disk where {size} were committed" in message
+    assert pa.Table.from_batches(batches).equals(pa.Table.from_batches(expected))

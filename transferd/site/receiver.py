@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import shutil
 import threading
 from collections.abc import Collection, Mapping, Sequence
@@ -509,25 +508,35 @@ class Receiver:
             )
 
     def record_batches(self, rel: str) -> list[pa.RecordBatch]:
-        """Open a committed Arrow IPC file chunk by chunk, zero-copy: the returned batches'
-        buffers live in a read-only mapping of the committed file (kept alive by the batches).
-        The first chunk carries the schema; the last may be the footer."""
+        """Open a committed Arrow IPC file chunk by chunk: the file is read once (pread, into
+        one buffer from Arrow's memory pool) and the returned batches' buffers are views of
+        that buffer (kept alive by the batches), with no copy of their own. Never mapped: a
+        file cut short by someone else under a mapping kills the daemon with SIGBUS, which no
+        Python code can catch; read, a file that no longer holds what was committed (cut
+        short, grown, replaced) is an IntegrityError naming it. The first chunk carries the
+        schema; the last may be the footer."""
         if not isinstance(self.storage, LocalStorage):
             raise StorageError("record batches open zero-copy only from a local data_dir")
         spans = self.journal.chunks_of(rel)
         if not spans:
             raise StorageError(f"{rel} was not replicated to this site", path=rel)
+        committed = spans[-1].offset + spans[-1].length
         try:
-            with open(self.storage.path(rel), "rb") as fh:
-                mapping = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+            with pa.OSFile(str(self.storage.path(rel)), "r") as fh:
+                on_disk = fh.size()
+                whole = fh.read_buffer(committed)
         except OSError as exc:
-            raise StorageError(f"opening {rel}: {exc.strerror}", path=rel) from exc
-        whole = memoryview(mapping)
+            raise StorageError(f"reading {rel}: {exc.strerror or exc}", path=rel) from exc
+        if whole.size != committed or on_disk != committed:
+            held = whole.size if whole.size < committed else on_disk  # cut short while read
+            raise IntegrityError(
+                f"{rel}: {held} bytes on disk where {committed} were committed: the file "
+                "changed after its commit", path=rel)
         try:
-            schema = read_chunk_schema(whole[: spans[0].length])
+            schema = read_chunk_schema(whole.slice(0, spans[0].length))
             batches: list[pa.RecordBatch] = []
             for i, span in enumerate(spans[1:], start=1):
-                chunk = whole[span.offset : span.offset + span.length]
+                chunk = whole.slice(span.offset, span.length)
                 try:
                     batches += open_record_batch_chunk(chunk, schema)
                 except ArrowChunkError:
