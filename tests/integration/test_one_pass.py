@@ -8,7 +8,6 @@ between a send and its send again fails the job."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import threading
 from pathlib import Path
@@ -16,7 +15,12 @@ from typing import Any, ClassVar
 
 import pytest
 
-from tests.integration._data import file_blake3, write_random
+from tests.integration._data import (
+    eio_on_channel_reads,
+    file_blake3,
+    two_jobs_through,
+    write_random,
+)
 from tests.integration._procs import poll_until
 from transferd.errors import IntegrityError, TransportError
 from transferd.net import channels as channels_mod
@@ -190,19 +194,9 @@ async def test_an_older_receiver_gets_every_file_hash_first(
     without it, sends every chunk hash-first, and remembers: its next job asks no more."""
     monkeypatch.setattr(server_mod, "OpenRequest", _OpenRequestBeforeOnePass)
     monkeypatch.setattr(inbound_mod, "OpenRequest", _OpenRequestBeforeOnePass)
-    digests = [write_random(tmp_path / "site-A" / "curated" / f"{n}.bin", 12 * CHUNK, seed=n)
-               for n in range(2)]
     link = LinkProxy(capture=True)
-    async with loopback_pair(tmp_path, link=link, chunk_size=CHUNK, compression="off") as (
-        a, _b):
-        for n in range(2):
-            [job_id] = a.sender.submit(f"curated/{n}.bin", ["B"])
-            [job] = await wait_for_jobs(a, [job_id])
-            assert job.state == "committed", job.error
-    for n, digest in enumerate(digests):
-        assert file_blake3(tmp_path / "site-B" / "curated" / f"{n}.bin") == digest
-    opens = [m.status for m in link.captured
-             if m.kind == "control" and m.path == "/v1/uploads"]
+    opens = await two_jobs_through(tmp_path, link, 12 * CHUNK, chunk_size=CHUNK,
+                                   compression="off")
     assert opens == [400, 200, 200]  # refused once, then without asking: the second job at once
     names = chunk_names(link)
     assert len(names) == 24
@@ -494,25 +488,7 @@ async def test_a_read_error_in_a_one_pass_chunk_fails_that_send_not_its_channels
     lands); it is not put back in the queue for channel after channel to fail on."""
     src = tmp_path / "site-A" / "curated" / "f.bin"
     digest = write_random(src, 10 * CHUNK, seed=4)
-    preadv = os.preadv
-    failed: list[int] = []
-    real = sender_mod._ChunkPump._send
-    sent: list[OutgoingChunk] = []
-
-    async def send(self: Any, item: OutgoingChunk) -> Any:
-        if item.offset == 9 * CHUNK:
-            sent.append(item)
-        return await real(self, item)
-
-    def flaky(fd: int, buffers: Any, offset: int, *args: Any) -> int:
-        if (offset == 9 * CHUNK and not failed
-                and threading.current_thread().name.startswith("channel-send")):
-            failed.append(offset)
-            raise OSError(errno.EIO, "Input/output error")
-        return preadv(fd, buffers, offset, *args)
-
-    monkeypatch.setattr(os, "preadv", flaky)
-    monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
+    failed, sent = eio_on_channel_reads(monkeypatch, 9 * CHUNK)
     async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
         [job_id] = a.sender.submit("curated/f.bin", ["B"])
         [job] = await wait_for_jobs(a, [job_id], timeout_s=30)

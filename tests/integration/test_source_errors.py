@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,10 +16,10 @@ from typing import Any
 import fsspec
 import pytest
 
+from tests.integration._data import eio_on_channel_reads
 from tests.integration._procs import poll_until
 from transferd.errors import StorageError
 from transferd.net import sender as sender_mod
-from transferd.net.channels import OutgoingChunk
 from transferd.site.source import SourceFile
 from transferd.testing import loopback_pair, loopback_tls, wait_for_jobs
 
@@ -269,25 +268,7 @@ async def test_a_read_error_under_tls_fails_the_chunks_send_not_channel_after_ch
     src.parent.mkdir(parents=True)
     data = os.urandom(10 * chunk)
     src.write_bytes(data)
-    preadv = os.preadv
-    failed: list[int] = []
-    real_send = sender_mod._ChunkPump._send
-    sent: list[OutgoingChunk] = []
-
-    async def send(self: Any, item: OutgoingChunk) -> Any:
-        if item.offset == 9 * chunk:
-            sent.append(item)
-        return await real_send(self, item)
-
-    def flaky(fd: int, buffers: Any, offset: int, *args: Any) -> int:
-        if (offset == 9 * chunk and (always or not failed)
-                and threading.current_thread().name.startswith("channel-send")):
-            failed.append(offset)
-            raise OSError(errno.EIO, "Input/output error")
-        return preadv(fd, buffers, offset, *args)
-
-    monkeypatch.setattr(os, "preadv", flaky)
-    monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
+    failed, sent = eio_on_channel_reads(monkeypatch, 9 * chunk, always=always)
     monkeypatch.setattr(sender_mod._ChunkPump, "may_one_pass", lambda *a: False)
     tls = loopback_tls(tmp_path / "tls")
     async with loopback_pair(tmp_path, chunk_size=chunk, compression="off", tls=tls) as (a, _b):
