@@ -63,10 +63,12 @@ async def two_jobs_through(root: Path, link: LinkProxy, size: int, **overrides: 
 
 def eio_on_channel_reads(monkeypatch: pytest.MonkeyPatch, offset: int, *, always: bool = False
                          ) -> tuple[list[int], list[OutgoingChunk]]:
-    """os.preadv fails with EIO at `offset` on a data channel's sender thread (once, or
-    `always`); a hashing worker's read there goes through. Returns the offsets failed and
-    every send of the chunk at `offset` (each attempt's OutgoingChunk), as they happen."""
-    preadv = os.preadv
+    """A read of the source at `offset` on a data channel's sender thread fails with EIO
+    (os.preadv, os.pread, and os.sendfile from there, as a disk's bad sector would), during
+    the chunk's first send (its first attempt) or `always`; a hashing worker's read there
+    goes through. Returns the offsets failed and every send of the chunk at `offset` (each
+    attempt's OutgoingChunk), as they happen."""
+    preadv, pread, sendfile = os.preadv, os.pread, os.sendfile
     failed: list[int] = []
     real_send = sender_mod._ChunkPump._send
     sent: list[OutgoingChunk] = []
@@ -76,13 +78,30 @@ def eio_on_channel_reads(monkeypatch: pytest.MonkeyPatch, offset: int, *, always
             sent.append(item)
         return await real_send(self, item)
 
-    def flaky(fd: int, buffers: Any, at: int, *args: Any) -> int:
-        if (at == offset and (always or not failed)
+    def fails(at: int) -> bool:
+        if (at == offset and (always or len(sent) < 2)
                 and threading.current_thread().name.startswith("channel-send")):
             failed.append(at)
+            return True
+        return False
+
+    def flaky_preadv(fd: int, buffers: Any, at: int, *args: Any) -> int:
+        if fails(at):
             raise OSError(errno.EIO, "Input/output error")
         return preadv(fd, buffers, at, *args)
 
-    monkeypatch.setattr(os, "preadv", flaky)
+    def flaky_pread(fd: int, n: int, at: int) -> bytes:
+        if fails(at):
+            raise OSError(errno.EIO, "Input/output error")
+        return pread(fd, n, at)
+
+    def flaky_sendfile(out: int, fd: int, at: int | None, count: int) -> int:
+        if at is not None and fails(at):
+            raise OSError(errno.EIO, "Input/output error")
+        return sendfile(out, fd, at, count)
+
+    monkeypatch.setattr(os, "preadv", flaky_preadv)
+    monkeypatch.setattr(os, "pread", flaky_pread)
+    monkeypatch.setattr(os, "sendfile", flaky_sendfile)
     monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
     return failed, sent

@@ -460,6 +460,22 @@ class OutgoingChunk:
             self.done.set_result(receipt)
 
 
+def _sendfile_failed(item: OutgoingChunk, at: int, exc: OSError) -> None:
+    """`os.sendfile` of `item` failed at file offset `at`: the socket's failure or the
+    source's (EIO reading the file comes back the same way)? A one-byte read there tells: if
+    it fails, or finds the file ended, the chunk's source failed (`_SourceFailed`,
+    `SourceEnded`: the chunk fails, as `_Channel._source_pieces` makes it); if it reads, the
+    error was the socket's and this returns (the caller re-raises it: the channel breaks)."""
+    assert item.fd is not None
+    try:
+        probe = os.pread(item.fd, 1, at)
+    except OSError as failed:
+        raise _SourceFailed(storage_failure("reading", _source_name(item), failed,
+                                            side="source")) from exc
+    if not probe:
+        raise SourceEnded("source file ended before the chunk did") from exc
+
+
 def _source_name(item: OutgoingChunk) -> str:
     """The source a chunk is read from, for its errors: its file's path, else its place."""
     if item.path:
@@ -592,8 +608,12 @@ class _Channel:
             assert item.fd is not None
             sent = 0
             while sent < item.raw_length:
-                n = os.sendfile(self.sock.fileno(), item.fd, item.offset + sent,
-                                item.raw_length - sent)
+                try:
+                    n = os.sendfile(self.sock.fileno(), item.fd, item.offset + sent,
+                                    item.raw_length - sent)
+                except OSError as exc:
+                    _sendfile_failed(item, item.offset + sent, exc)
+                    raise
                 if n == 0:
                     raise SourceEnded("source file ended before the chunk did")
                 sent += n
