@@ -485,7 +485,16 @@ def _source_name(item: OutgoingChunk) -> str:
 
 
 class _Channel:
-    """One open channel to a peer: a sender thread and a receipt thread around one socket."""
+    """One open channel to a peer: a sender thread and a receipt thread around one socket.
+
+    The socket is closed by the last of the two threads to end (`_thread_ended`), never by a
+    thread breaking the channel (`_close` only shuts it down, which ends the other thread's
+    call on it: EOF, EPIPE): a thread may be inside a call with the descriptor's number in
+    hand (`os.sendfile` of `sock.fileno()`, OpenSSL's read or write loop on the number it was
+    given), and a number closed under it is soon a new channel's socket, which it would then
+    read from or write into (a TLS peer sees a bad record MAC on that channel's handshake)."""
+
+    _running = 0  # of the two threads, those not yet ended (under the owner's cond)
 
     def __init__(self, owner: PeerChannels, sock: socket.socket, session: ch.Session,
                  tls: bool, window: int) -> None:
@@ -511,6 +520,7 @@ class _Channel:
             threading.Thread(target=self._receipt_loop, name=f"channel-recv-{owner.peer}",
                              daemon=True),
         ]
+        self._running = len(self.threads)
         for t in self.threads:
             t.start()
 
@@ -520,6 +530,7 @@ class _Channel:
             self._send_chunks()
         finally:
             self._drop_piece()
+            self._thread_ended()
 
     def _drop_piece(self) -> None:
         """The sender thread ends: its one-pass buffer is unmapped (1 MiB per channel)."""
@@ -592,7 +603,9 @@ class _Channel:
         if isinstance(item.body, ArrivingBody):
             sent = 0
             while sent < len(item.body):
-                filled = item.body.wait(sent, lambda: self.broken)
+                # Not parked for good once the channels close: the thread must end to close
+                # the socket (`_thread_ended`).
+                filled = item.body.wait(sent, lambda: self.broken or self.owner.closing)
                 self.sock.sendall(item.body.view[sent:filled])
                 sent = filled
         elif item.body is not None:
@@ -695,6 +708,8 @@ class _Channel:
                 item.finish(receipt)
         except Exception as exc:  # OSError, a bad receipt; anything else costs this channel
             self._break(exc)
+        finally:
+            self._thread_ended()
 
     def _break(self, exc: BaseException) -> None:
         owner = self.owner
@@ -719,10 +734,28 @@ class _Channel:
         self._close()
 
     def _close(self) -> None:
+        """Shut the socket down: both threads' calls on it end (and they then end). Closed
+        here only if both have ended already; else the last to end closes it."""
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        with self.owner.cond:
+            idle = not self._running
+        if idle:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+    def _thread_ended(self) -> None:
+        """One of the channel's threads ends; the last closes the socket (neither uses its
+        descriptor any more; both end only once the channel is broken, retired or closing,
+        with its socket shut down)."""
+        with self.owner.cond:
+            self._running -= 1
+            last = not self._running
+        if last:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                self.sock.close()
 
     @property
     def alive(self) -> bool:
