@@ -29,6 +29,7 @@ from transferd.net import sender as sender_mod
 from transferd.net import server as server_mod
 from transferd.net.channels import OutgoingChunk
 from transferd.protocol import manifest
+from transferd.protocol.chunks import blake3_hex
 from transferd.protocol.manifest import ChunkRef, UploadIntent
 from transferd.protocol.upload import ONE_PASS_PROBE_EVERY
 from transferd.site.source import SourceFile
@@ -413,6 +414,46 @@ async def test_a_one_pass_digest_told_after_the_commit_sealed_the_upload_fails_t
     assert got.read_bytes() == original  # B: what the job read first
     assert job.state == "failed"
     assert "source file changed" in (job.error or "")
+
+
+async def test_a_hash_first_chunk_sent_again_after_the_seal_is_delivered_without_a_reread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hash-first chunk's receipt is lost (its send goes on and lands), the commit sent
+    ahead seals the upload, then the file is rewritten in place (size and mtime kept) before
+    the retry: the retry finds the upload committed with the bytes its digest names (hashed
+    from the source before they went, as the manifest says), so the chunk is delivered and
+    the job commits; the source is not read again (a rewrite since is another job's)."""
+    src = tmp_path / "site-A" / "curated" / "f.bin"
+    write_random(src, 10 * CHUNK, seed=1)
+    original = src.read_bytes()
+    got = tmp_path / "site-B" / "curated" / "f.bin"
+    real_send = sender_mod._ChunkPump._send
+    sends: list[tuple[bool, str]] = []
+
+    async def send(self: Any, item: OutgoingChunk) -> Any:
+        if item.offset != 9 * CHUNK:
+            return await real_send(self, item)
+        sends.append((item.one_pass, item.digest))
+        if len(sends) > 1:
+            await poll_until(committed_at_b, bool, 30)  # sealed by the commit sent ahead
+            await asyncio.to_thread(_rewrite_keeping_size_and_mtime, src, [9 * CHUNK])
+            return await real_send(self, item)
+        self.channels.submit(item)  # its send goes on after this attempt gave up
+        raise TransportError("B: no receipt, link lost", peer="B")
+
+    async def committed_at_b() -> bool:
+        return got.exists()
+
+    monkeypatch.setattr(sender_mod._ChunkPump, "may_one_pass", lambda *a: False)
+    monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
+    digest = blake3_hex(original[9 * CHUNK :])
+    assert sends == [(False, digest), (False, digest)]
+    assert job.state == "committed", job.error
+    assert got.read_bytes() == original
 
 
 def _rewrite_keeping_size_and_mtime(path: Path, offsets: list[int]) -> None:

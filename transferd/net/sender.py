@@ -1473,6 +1473,10 @@ class _ChunkPump:
         # What the route book knows the chunk by while it has no digest yet.
         key = digest or f"{locations[0][0]}:{locations[0][1]}"
         sent_before: OutgoingChunk | None = None  # the previous attempt's chunk
+        # The digest is one a channel told as it read the chunk in one pass (the bytes B holds
+        # under it may not be what the source holds now); else it was hashed from the source
+        # before any of its bytes went, or is the address the job was given.
+        one_passed = False
 
         def count_retry(exc: TransferdError, delay_s: float) -> None:
             nonlocal errors
@@ -1495,11 +1499,12 @@ class _ChunkPump:
                 raise IntegrityError("source file changed while being sent")
 
         async def attempt() -> tuple[Encoded, int]:
-            nonlocal digest, sent_before
+            nonlocal digest, sent_before, one_passed
             if not digest and sent_before is not None and sent_before.digest:
                 # Its channel hashed it after that attempt had failed (the send went on): this
                 # attempt goes by that address too.
                 digest = sent_before.digest
+                one_passed = True
             if not s.compression[peer].should_try():
                 encoded = Encoded("identity", memoryview(b"") if body is None else body, length)
             elif body is None:
@@ -1541,6 +1546,7 @@ class _ChunkPump:
                     # body went, the peer became unreachable): a send again is an ordinary
                     # chunk with this address, never one pass under a new one.
                     digest = item.digest
+                    one_passed = True
                 elif item.one_pass and not item.digest and not item.done.done():
                     self.strays.append(item)  # given up on unhashed; its channel goes on
             if receipt.status is ReceiptStatus.DAMAGED:
@@ -1555,10 +1561,13 @@ class _ChunkPump:
                 await s.committed_ahead(self.job.id)
             ):
                 # Sent again, it found its upload committed (sealed) with an earlier send's
-                # bytes: delivered, if the source still holds them. Else (a retry under a
-                # one-pass send's address, the file rewritten since) the job fails "changed",
-                # as it does when the receiver answers DAMAGED before the seal.
-                await reread()
+                # bytes: delivered. Under an address a one-pass send told, only if the
+                # source still holds those bytes; else (the file rewritten since) the job
+                # fails "changed", as it does when the receiver answers DAMAGED before the
+                # seal. A digest hashed before the chunk went (hash-first, fetched) is the
+                # manifest's: B's copy matches it whatever the source holds now.
+                if one_passed:
+                    await reread()
                 return encoded, wire
             if receipt.status is ReceiptStatus.STORAGE:
                 raise StorageError(f"{peer}: {receipt.reason}")
