@@ -45,7 +45,7 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
-from transferd.net.channels import STALL_S, OutgoingChunk, PeerChannels
+from transferd.net.channels import OutgoingChunk, PeerChannels
 from transferd.net.peer_client import PeerLink, retrying
 from transferd.net.pump import PeerTraffic
 from transferd.net.routes import RELAY_RETRY_BUDGET_S, RouteBook, RouteDealer
@@ -114,10 +114,6 @@ COMMIT_ROUNDS = 4
 # rounds then follow the receipts.
 COMMIT_AHEAD_IDLE_S = 10.0
 ABORT_TIMEOUT_S = 5.0
-# How long a committed job waits for the one-pass sends its chunks' attempts gave up on while
-# a channel still held them unread (each may yet tell a second digest): the channels' stall
-# bound, after which a channel whose chunks have not moved is broken anyway.
-STRAY_WAIT_S = STALL_S
 
 
 @dataclass
@@ -1095,23 +1091,32 @@ async def _one_pass_digests(files: list[_FileState]) -> None:
 async def _late_digests(pump: _ChunkPump, files: list[_FileState]) -> None:
     """The upload is committed; a one-pass send that an attempt gave up on while its channel
     held it unread (`_ChunkPump.strays`: the retry went in one pass as well) may still read
-    and hash its chunk. Until each has ended (bounded by STRAY_WAIT_S; then it is expired), a
-    second digest it tells is a source that changed while being sent: the job fails with it,
-    as with one told before the manifest, though the receiver holds the bytes read first."""
-    strays = [item for item in pump.strays if not item.done.done()]
+    and hash its chunk. One that told its digest already has nothing more to tell; one still
+    queued has read nothing and is withdrawn. Until each other has ended (bounded by its
+    channels' `stall_s`, after which a channel whose chunks have not moved is broken anyway;
+    then it is expired), a second digest it tells is a source that changed while being
+    sent: the job fails with it, as with one told before the manifest, though the receiver
+    holds the bytes read first."""
+    told = bool(pump.strays)
+    strays = [item for item in pump.strays if not item.done.done() and not item.digest]
     pump.strays.clear()
+    for item in strays:
+        pump.channels.withdraw(item.upload, only=item,
+                               reason="withdrawn: its upload is committed")
+    strays = [item for item in strays if not item.done.done()]
     if strays:
         ends = [asyncio.wrap_future(item.done) for item in strays]
         for end in ends:
             end.add_done_callback(_retrieved)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(STRAY_WAIT_S):
+            async with asyncio.timeout(pump.channels.stall_s):
                 await asyncio.wait(ends)
         for item in strays:
             if not item.done.done():
                 pump.channels.expire(item, TransportError(
                     f"{pump.link.peer}: a chunk's send given up on", peer=pump.link.peer))
-        await asyncio.sleep(0)  # a digest its channel told just before it ended settles
+    if told:
+        await asyncio.sleep(0)  # a digest a channel told just before settles
     for state in files:
         if state.conflict is not None:
             raise state.conflict
