@@ -632,9 +632,11 @@ class _Channel:
                 sent += n
 
     def _source_pieces(self, item: OutgoingChunk) -> Iterator[memoryview]:
-        """A one-pass chunk's bytes, read from its file piece by piece into this thread's
-        buffer (`file_pieces`; each piece valid until the next). A file that ends first is the
-        chunk's SourceEnded; a read that fails is its `_SourceFailed`, never the channel's."""
+        """A local chunk's bytes, read from its file piece by piece into this thread's buffer
+        (`file_pieces`; each piece valid until the next): a one-pass chunk's (both one-pass
+        readers) and, under TLS, a raw hash-first chunk's (no `sendfile` there). A file that
+        ends first is the chunk's SourceEnded; a read that fails is its `_SourceFailed`, never
+        the channel's."""
         assert item.fd is not None
         if self._piece is None:
             self._piece = memoryview(mmap.mmap(-1, ONE_PASS_PIECE_BYTES))
