@@ -1,15 +1,21 @@
-"""An Arrow IPC file replicates on record-batch boundaries; at the receiver every record-batch
-chunk opens without a copy: the batches' buffers point into the committed file's mapping."""
+"""An Arrow IPC file replicates on record-batch boundaries; at the receiver its record-batch
+chunks open one read per chunk, the batches' buffers views of that chunk's buffer (no copy of
+their own; never a mapping of the file: a file cut short under one is a SIGBUS), each chunk
+checked against its committed digest, memory bounded by the chunks the caller holds."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pytest
 
+from transferd.errors import IntegrityError
 from transferd.testing import loopback_pair, wait_for_jobs
 
 CHUNK = 256 * 1024
@@ -38,7 +44,7 @@ def write_arrow_file(path: Path, batches: int, rows: int) -> list[pa.RecordBatch
     return out
 
 
-async def test_arrow_record_batch_chunks_open_at_the_receiver_without_a_copy(
+async def test_arrow_record_batch_chunks_open_at_the_receiver_as_views_of_one_read_per_chunk(
     tmp_path: Path,
 ) -> None:
     src = tmp_path / "site-A" / "curated" / "events.arrow"
@@ -50,24 +56,88 @@ async def test_arrow_record_batch_chunks_open_at_the_receiver_without_a_copy(
         spans = b.journal.chunks_of("curated/events.arrow")
         # Cut on message boundaries, not every CHUNK bytes.
         assert any(span.length != CHUNK for span in spans[:-1])
-        batches = b.receiver.record_batches("curated/events.arrow")
+        batches = list(b.receiver.record_batches("curated/events.arrow"))
     dst = tmp_path / "site-B" / "curated" / "events.arrow"
-    assert dst.read_bytes() == src.read_bytes()
+    data = dst.read_bytes()
+    assert data == src.read_bytes()
     assert pa.Table.from_batches(batches).equals(pa.Table.from_batches(expected))
-    # Zero copy: every buffer of every batch lies inside one mapping of the committed file
-    # (one contiguous address range the size of the file), not in freshly allocated memory.
-    size = dst.stat().st_size
-    addresses = [
-        buf.address for batch in batches for col in batch.columns for buf in col.buffers() if buf
-    ]
-    lo = min(addresses)
-    base_candidates = {addr - off for addr, off in _offsets_in_file(batches, dst)}
-    assert len(base_candidates) == 1, "buffers are not at their file offsets in one mapping"
-    base = base_candidates.pop()
-    assert base <= lo
-    assert max(addresses) < base + size
-    # The mapped memory at `base` is the file itself.
-    assert ctypes.string_at(base, 8) == dst.read_bytes()[:8]
+    # No copy of their own: every buffer of a batch lies inside the one read of the chunk
+    # that holds the batch (a buffer where the file's bytes at that chunk's offset are).
+    bases = set()
+    for batch, (address, off) in zip(batches, _offsets_in_file(batches, dst), strict=True):
+        [span] = [s for s in spans if s.offset <= off < s.offset + s.length]
+        base = address - off  # where the file's offset 0 would be, read like this chunk
+        bases.add(base)
+        for col in batch.columns:
+            for buf in col.buffers():
+                if buf:
+                    assert base + span.offset <= buf.address
+                    assert buf.address + buf.size <= base + span.offset + span.length
+        assert ctypes.string_at(base + span.offset, 8) == data[span.offset : span.offset + 8]
+    assert len(bases) > 1  # a read per chunk, not one of the whole file
+
+
+async def test_record_batches_hold_one_chunk_in_memory_at_a_time(tmp_path: Path) -> None:
+    """Taken one after another, the batches of a file many chunks long need the memory of
+    about a chunk or two (the one read and the one whose last batch the caller still holds),
+    not of the file (a 50 GB file read whole would need 50 GB of heap)."""
+    src = tmp_path / "site-A" / "curated" / "events.arrow"
+    expected = write_arrow_file(src, batches=12, rows=10_000)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/events.arrow", ["B"]))
+        assert job.state == "committed", job.error
+        largest = max(span.length for span in b.journal.chunks_of("curated/events.arrow"))
+        pool = pa.proxy_memory_pool(pa.default_memory_pool())
+        default = pa.default_memory_pool()
+        pa.set_memory_pool(pool)
+        try:
+            rows = 0
+            for batch in b.receiver.record_batches("curated/events.arrow"):
+                rows += batch.num_rows
+            del batch
+        finally:
+            pa.set_memory_pool(default)
+    size = src.stat().st_size
+    assert rows == sum(batch.num_rows for batch in expected)
+    assert size > 4 * largest
+    assert 0 < pool.max_memory() <= 2 * largest + 4096, (pool.max_memory(), size)
+
+
+async def test_a_committed_file_rewritten_in_place_is_an_integrity_error(
+    tmp_path: Path,
+) -> None:
+    """One byte of a committed Arrow file changed in place (same size, still a valid Arrow
+    file: a value in a batch's body): the chunk holding it does not match its committed
+    digest, an IntegrityError naming the file and the chunk, not batches of other bytes."""
+    src = tmp_path / "site-A" / "curated" / "events.arrow"
+    write_arrow_file(src, batches=6, rows=10_000)
+    dst = tmp_path / "site-B" / "curated" / "events.arrow"
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/events.arrow", ["B"]))
+        assert job.state == "committed", job.error
+        spans = b.journal.chunks_of("curated/events.arrow")
+        target = spans[2]
+        first = list(b.receiver.record_batches("curated/events.arrow"))
+        # A float in the middle of the x column of the chunk's batch.
+        x = first[1].column(1).buffers()[1]
+        at = dst.read_bytes().find(x.to_pybytes())
+        assert at >= 0
+        at += x.size // 2
+        assert target.offset <= at < target.offset + target.length
+        _flip_byte(dst, at)
+        with pytest.raises(IntegrityError) as caught:
+            list(b.receiver.record_batches("curated/events.arrow"))
+    message = str(caught.value)
+    assert "curated/events.arrow" in message
+    assert f"the chunk at offset {target.offset} ({target.length} bytes)" in message
+
+
+def _flip_byte(path: Path, at: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0xFF]), at)
+    finally:
+        os.close(fd)
 
 
 def _offsets_in_file(batches: list[pa.RecordBatch], path: Path) -> list[tuple[int, int]]:
@@ -81,3 +151,39 @@ def _offsets_in_file(batches: list[pa.RecordBatch], path: Path) -> list[tuple[in
         assert off >= 0
         out.append((buf.address, off))
     return out
+
+
+@pytest.mark.parametrize("left", [0, 100_000], ids=["emptied", "cut-mid-batch"])
+async def test_a_committed_file_cut_short_before_it_is_read_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left: int
+) -> None:
+    """The committed file is truncated after its chunks were listed, before it is read (as
+    a user's tool might): an IntegrityError naming the file and both sizes, not a crash
+    (a mapping read past the new end is a SIGBUS) nor a pyarrow error; the daemon reads
+    the next file as usual."""
+    src = tmp_path / "site-A" / "curated" / "events.arrow"
+    write_arrow_file(src, batches=6, rows=10_000)
+    other = tmp_path / "site-A" / "curated" / "other.arrow"
+    expected = write_arrow_file(other, batches=3, rows=1_000)
+    dst = tmp_path / "site-B" / "curated" / "events.arrow"
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        jobs = await wait_for_jobs(a, a.sender.submit("curated/events.arrow", ["B"])
+                                   + a.sender.submit("curated/other.arrow", ["B"]))
+        assert [job.state for job in jobs] == ["committed", "committed"]
+        listed = b.journal.chunks_of
+
+        def chunks_then_cut(path: str) -> Any:
+            spans = listed(path)
+            if path == "curated/events.arrow":
+                os.truncate(dst, left)
+            return spans
+
+        monkeypatch.setattr(b.journal, "chunks_of", chunks_then_cut)
+        size = src.stat().st_size
+        with pytest.raises(IntegrityError) as caught:
+            list(b.receiver.record_batches("curated/events.arrow"))
+        batches = list(b.receiver.record_batches("curated/other.arrow"))
+    message = str(caught.value)
+    assert "curated/events.arrow" in message
+    assert f"{left} bytes on disk where {size} were committed" in message
+    assert pa.Table.from_batches(batches).equals(pa.Table.from_batches(expected))

@@ -1,6 +1,7 @@
 """deploy/: the Grafana dashboard loads and every query in it names a series a live daemon
 exports (its /metrics); the systemd unit is Type=notify with ExecReload as SIGHUP around
-`transferd serve`; the container definition copies what exists and runs `transferd serve`."""
+`transferd serve`, and its limits let the loop run real-time and the bulk threads switch; the
+container definition copies what exists and runs `transferd serve`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from netplan.telemetry import SERIES
+from transferd.site.threads import BULK_THREAD_NICENESS, LOOP_RT_PRIORITY
 from transferd.testing import loopback_pair
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -66,6 +68,29 @@ def test_systemd_unit_is_type_notify_and_reloads_with_sighup() -> None:
     assert start[1:4] == ["serve", "--config", "/etc/transferd/site.yaml"]
     assert service["KillSignal"] == "SIGTERM"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def _nice_floor(limit: str) -> int:
+    """The lowest nice value systemd's LimitNICE= lets a thread take: "+N"/"-N" is a nice
+    value, a bare number the raw RLIMIT_NICE (20 - nice; 0 counts as 1)."""
+    if limit[0] in "+-":
+        return int(limit)
+    return 20 - max(1, int(limit))
+
+
+def test_systemd_unit_lets_the_loop_run_real_time_and_bulk_threads_leave_sched_idle() -> None:
+    """Under the unit (no capabilities, NoNewPrivileges), the loop's SCHED_RR needs an
+    RLIMIT_RTPRIO of at least its priority, and a bulk thread at nice +10 (over the unit's
+    Nice=, 0 unless set) leaving SCHED_IDLE (bulk_priority adaptive) an RLIMIT_NICE that
+    allows that nice value; RestrictRealtime= would refuse the loop outright."""
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(DEPLOY / "transferd.service")
+    service = unit["Service"]
+    assert int(service["LimitRTPRIO"]) >= LOOP_RT_PRIORITY
+    bulk_nice = min(19, int(service.get("Nice", "0")) + BULK_THREAD_NICENESS)
+    assert _nice_floor(service["LimitNICE"]) <= bulk_nice
+    assert service.get("RestrictRealtime", "no") == "no"
 
 
 def test_container_copies_what_exists_and_runs_transferd_serve() -> None:

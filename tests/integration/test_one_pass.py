@@ -8,7 +8,6 @@ between a send and its send again fails the job."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import threading
 from pathlib import Path
@@ -16,7 +15,12 @@ from typing import Any, ClassVar
 
 import pytest
 
-from tests.integration._data import file_blake3, write_random
+from tests.integration._data import (
+    eio_on_channel_reads,
+    file_blake3,
+    two_jobs_through,
+    write_random,
+)
 from tests.integration._procs import poll_until
 from transferd.errors import IntegrityError, TransportError
 from transferd.net import channels as channels_mod
@@ -25,6 +29,7 @@ from transferd.net import sender as sender_mod
 from transferd.net import server as server_mod
 from transferd.net.channels import OutgoingChunk
 from transferd.protocol import manifest
+from transferd.protocol.chunks import blake3_hex
 from transferd.protocol.manifest import ChunkRef, UploadIntent
 from transferd.protocol.upload import ONE_PASS_PROBE_EVERY
 from transferd.site.source import SourceFile
@@ -190,19 +195,9 @@ async def test_an_older_receiver_gets_every_file_hash_first(
     without it, sends every chunk hash-first, and remembers: its next job asks no more."""
     monkeypatch.setattr(server_mod, "OpenRequest", _OpenRequestBeforeOnePass)
     monkeypatch.setattr(inbound_mod, "OpenRequest", _OpenRequestBeforeOnePass)
-    digests = [write_random(tmp_path / "site-A" / "curated" / f"{n}.bin", 12 * CHUNK, seed=n)
-               for n in range(2)]
     link = LinkProxy(capture=True)
-    async with loopback_pair(tmp_path, link=link, chunk_size=CHUNK, compression="off") as (
-        a, _b):
-        for n in range(2):
-            [job_id] = a.sender.submit(f"curated/{n}.bin", ["B"])
-            [job] = await wait_for_jobs(a, [job_id])
-            assert job.state == "committed", job.error
-    for n, digest in enumerate(digests):
-        assert file_blake3(tmp_path / "site-B" / "curated" / f"{n}.bin") == digest
-    opens = [m.status for m in link.captured
-             if m.kind == "control" and m.path == "/v1/uploads"]
+    opens = await two_jobs_through(tmp_path, link, 12 * CHUNK, chunk_size=CHUNK,
+                                   compression="off")
     assert opens == [400, 200, 200]  # refused once, then without asking: the second job at once
     names = chunk_names(link)
     assert len(names) == 24
@@ -293,15 +288,17 @@ async def test_a_one_pass_chunk_whose_send_failed_after_its_body_goes_again_by_i
     assert not (tmp_path / "site-B" / "curated" / "f.bin").exists()
 
 
+@pytest.mark.parametrize("sealed", [False, True], ids=["retry-any-time", "retry-after-seal"])
 async def test_a_one_pass_chunk_hashed_after_its_send_failed_goes_again_by_that_address(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sealed: bool
 ) -> None:
     """As above, but `_send` gives up on chunk 9 before its channel has hashed it; the channel
     sends it all the same and hashes it during the retry's backoff, then the file is
     rewritten (size and mtime kept). The retry takes the address its channel found and goes
-    hash-first under it, not in one pass under a new one: B ends with the file as A held it
-    when the job began (the first send landed and the commit sent ahead sealed it; the retry
-    finds it committed), or the job fails "changed" - never a mix of the two versions."""
+    hash-first under it, not in one pass under a new one: B answers DAMAGED, or (`sealed`:
+    the retry waits for it) the first send landed and the commit sent ahead sealed the upload
+    with the file as A held it when the job began - never a mix of the two versions. Either
+    way the job fails "source file changed" (the source no longer holds what was sent)."""
     src = tmp_path / "site-A" / "curated" / "f.bin"
     write_random(src, 10 * CHUNK, seed=1)
     original = src.read_bytes()
@@ -312,6 +309,7 @@ async def test_a_one_pass_chunk_hashed_after_its_send_failed_goes_again_by_that_
     sends: list[tuple[bool, str]] = []
     first: list[OutgoingChunk] = []
     behind: list[asyncio.Task[None]] = []
+    got = tmp_path / "site-B" / "curated" / "f.bin"
 
     def gated(self: Any, seq: int, item: OutgoingChunk) -> None:
         if item.offset == 9 * CHUNK:
@@ -329,11 +327,16 @@ async def test_a_one_pass_chunk_hashed_after_its_send_failed_goes_again_by_that_
             return await real_send(self, item)
         sends.append((item.one_pass, item.digest))
         if len(sends) > 1:
+            if sealed:  # the first send landed: the commit sent ahead seals the upload
+                await poll_until(committed_at_b, bool, 30)
             return await real_send(self, item)
         first.append(item)
         self.channels.submit(item)  # its send goes on after this attempt gave up
         behind.append(asyncio.create_task(hash_then_rewrite(item)))
         raise TransportError("B: no receipt, link lost", peer="B")
+
+    async def committed_at_b() -> bool:
+        return got.exists()
 
     def retrying(call: Any, **kw: Any) -> Any:
         async def after_behind() -> Any:
@@ -350,13 +353,107 @@ async def test_a_one_pass_chunk_hashed_after_its_send_failed_goes_again_by_that_
         [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
     assert first[0].digest  # hashed by its channel, after its attempt gave up
     assert sends == [(True, ""), (False, first[0].digest)]
-    got = tmp_path / "site-B" / "curated" / "f.bin"
-    if job.state == "committed":
+    assert job.state == "failed"
+    assert "source file changed" in (job.error or "")
+    if sealed:
         assert got.read_bytes() == original
-    else:
-        assert job.state == "failed"
-        assert "source file changed" in (job.error or "")
-        assert not got.exists()
+    elif got.exists():
+        assert got.read_bytes() == original
+
+
+async def test_a_one_pass_digest_told_after_the_commit_sealed_the_upload_fails_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_send` gives up on chunk 9 while its channel holds it unread (the send goes on); the
+    retry goes in one pass too (no digest yet), lands, and the commit sent ahead seals the
+    upload. Then the file is rewritten (size and mtime kept) and the first send reads and
+    hashes it: a second digest for the chunk, after the commit. B holds the bytes the job
+    read first (never a mix), but the job fails "source file changed" as it does when the
+    second digest comes before its manifest."""
+    src = tmp_path / "site-A" / "curated" / "f.bin"
+    write_random(src, 10 * CHUNK, seed=1)  # 0-1 first batch, 2 probe, 3-9 one pass
+    original = src.read_bytes()
+    got = tmp_path / "site-B" / "curated" / "f.bin"
+    real_send = sender_mod._ChunkPump._send
+    real_write = channels_mod._Channel._write_one_pass
+    gate = threading.Event()
+    first: list[OutgoingChunk] = []
+    sends: list[tuple[bool, str]] = []
+
+    def gated(self: Any, seq: int, item: OutgoingChunk) -> None:
+        if first and item is first[0]:
+            gate.wait(30)  # the channel thread, before it reads and hashes the chunk
+        real_write(self, seq, item)
+
+    async def send(self: Any, item: OutgoingChunk) -> Any:
+        if item.offset != 9 * CHUNK:
+            return await real_send(self, item)
+        sends.append((item.one_pass, item.digest))
+        if first:
+            return await real_send(self, item)
+        first.append(item)
+        self.channels.submit(item)  # its send goes on after this attempt gave up
+        raise TransportError("B: no receipt, link lost", peer="B")
+
+    async def committed_at_b() -> bool:
+        return got.exists()
+
+    monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
+    monkeypatch.setattr(channels_mod._Channel, "_write_one_pass", gated)
+    try:
+        async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+            [job_id] = a.sender.submit("curated/f.bin", ["B"])
+            await poll_until(committed_at_b, bool, 30)
+            await asyncio.to_thread(_rewrite_keeping_size_and_mtime, src, [9 * CHUNK])
+            gate.set()
+            [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
+    finally:
+        gate.set()
+    assert sends == [(True, ""), (True, "")]  # the retry went in one pass as well
+    assert first[0].digest  # the first send's digest, told after the commit
+    assert got.read_bytes() == original  # B: what the job read first
+    assert job.state == "failed"
+    assert "source file changed" in (job.error or "")
+
+
+async def test_a_hash_first_chunk_sent_again_after_the_seal_is_delivered_without_a_reread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hash-first chunk's receipt is lost (its send goes on and lands), the commit sent
+    ahead seals the upload, then the file is rewritten in place (size and mtime kept) before
+    the retry: the retry finds the upload committed with the bytes its digest names (hashed
+    from the source before they went, as the manifest says), so the chunk is delivered and
+    the job commits; the source is not read again (a rewrite since is another job's)."""
+    src = tmp_path / "site-A" / "curated" / "f.bin"
+    write_random(src, 10 * CHUNK, seed=1)
+    original = src.read_bytes()
+    got = tmp_path / "site-B" / "curated" / "f.bin"
+    real_send = sender_mod._ChunkPump._send
+    sends: list[tuple[bool, str]] = []
+
+    async def send(self: Any, item: OutgoingChunk) -> Any:
+        if item.offset != 9 * CHUNK:
+            return await real_send(self, item)
+        sends.append((item.one_pass, item.digest))
+        if len(sends) > 1:
+            await poll_until(committed_at_b, bool, 30)  # sealed by the commit sent ahead
+            await asyncio.to_thread(_rewrite_keeping_size_and_mtime, src, [9 * CHUNK])
+            return await real_send(self, item)
+        self.channels.submit(item)  # its send goes on after this attempt gave up
+        raise TransportError("B: no receipt, link lost", peer="B")
+
+    async def committed_at_b() -> bool:
+        return got.exists()
+
+    monkeypatch.setattr(sender_mod._ChunkPump, "may_one_pass", lambda *a: False)
+    monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
+    digest = blake3_hex(original[9 * CHUNK :])
+    assert sends == [(False, digest), (False, digest)]
+    assert job.state == "committed", job.error
+    assert got.read_bytes() == original
 
 
 def _rewrite_keeping_size_and_mtime(path: Path, offsets: list[int]) -> None:
@@ -432,25 +529,7 @@ async def test_a_read_error_in_a_one_pass_chunk_fails_that_send_not_its_channels
     lands); it is not put back in the queue for channel after channel to fail on."""
     src = tmp_path / "site-A" / "curated" / "f.bin"
     digest = write_random(src, 10 * CHUNK, seed=4)
-    preadv = os.preadv
-    failed: list[int] = []
-    real = sender_mod._ChunkPump._send
-    sent: list[OutgoingChunk] = []
-
-    async def send(self: Any, item: OutgoingChunk) -> Any:
-        if item.offset == 9 * CHUNK:
-            sent.append(item)
-        return await real(self, item)
-
-    def flaky(fd: int, buffers: Any, offset: int, *args: Any) -> int:
-        if (offset == 9 * CHUNK and not failed
-                and threading.current_thread().name.startswith("channel-send")):
-            failed.append(offset)
-            raise OSError(errno.EIO, "Input/output error")
-        return preadv(fd, buffers, offset, *args)
-
-    monkeypatch.setattr(os, "preadv", flaky)
-    monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
+    failed, sent = eio_on_channel_reads(monkeypatch, 9 * CHUNK)
     async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
         [job_id] = a.sender.submit("curated/f.bin", ["B"])
         [job] = await wait_for_jobs(a, [job_id], timeout_s=30)

@@ -16,7 +16,7 @@ from typing import Any
 import blake3
 import pytest
 
-from tests.integration._data import file_blake3, write_random
+from tests.integration._data import file_blake3, two_jobs_through, write_random
 from tests.integration._procs import poll_until
 from tests.integration.test_auth_policy import send_chunk
 from transferd import TrafficClass
@@ -96,18 +96,8 @@ async def test_an_older_receiver_is_opened_bare_and_remembered(
     offer is refused (400), opened again bare with have/want on its own, and later jobs to B
     open bare at once. Both land."""
     monkeypatch.setattr(server_mod, "OpenRequest", UploadIntent)
-    digests = [write_random(tmp_path / "site-A" / "curated" / f"{n}.bin", 3 * CHUNK, seed=n)
-               for n in range(2)]
     link = LinkProxy(capture=True)
-    async with loopback_pair(tmp_path, link=link, chunk_size=CHUNK) as (a, _b):
-        for n in range(2):
-            [job_id] = a.sender.submit(f"curated/{n}.bin", ["B"])
-            [job] = await wait_for_jobs(a, [job_id])
-            assert job.state == "committed", job.error
-    for n, digest in enumerate(digests):
-        assert file_blake3(tmp_path / "site-B" / "curated" / f"{n}.bin") == digest
-    opens = [m.status for m in link.captured
-             if m.kind == "control" and m.path == "/v1/uploads"]
+    opens = await two_jobs_through(tmp_path, link, 3 * CHUNK, chunk_size=CHUNK)
     assert opens == [400, 200, 200]  # refused once, then bare: the second job at once
     assert len([m for m in link.captured
                 if m.kind == "control" and m.path.endswith("/have")]) >= 2

@@ -16,8 +16,12 @@ from typing import Any
 import fsspec
 import pytest
 
+from tests.integration._data import eio_on_channel_reads
+from tests.integration._procs import poll_until
+from transferd.errors import StorageError
+from transferd.net import sender as sender_mod
 from transferd.site.source import SourceFile
-from transferd.testing import loopback_pair, wait_for_jobs
+from transferd.testing import loopback_pair, loopback_tls, wait_for_jobs
 
 CHUNK = 64 * 1024
 SIZE = 6 * CHUNK + 123
@@ -247,3 +251,54 @@ async def test_an_unexpected_error_from_a_source_once_is_tried_again_and_commits
         assert job.state == "committed", job.error
         assert job.retries >= 1
         assert (tmp_path / "site-B/curated/big.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["sendfile", "tls"])
+@pytest.mark.parametrize("always", [False, True], ids=["eio-once", "eio-always"])
+async def test_a_read_error_on_a_channel_fails_the_chunks_send_not_channel_after_channel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, always: bool, tls: bool
+) -> None:
+    """A hash-first raw chunk is read from its file on its channel's thread: by `sendfile`
+    on a plain channel, piece by piece under TLS. EIO there (sendfile's EIO told from the
+    socket's by a read of the file where it stopped) fails that send with the source's
+    StorageError naming the file, which the chunk's own retry takes; the chunk is not put
+    back in the queue to break channel after channel. Once, the retry reads again and the
+    job commits; for good, the job waits for its next attempt with the source's error
+    (retries within a short budget, each a new send that went out once)."""
+    chunk = 256 * 1024
+    src = tmp_path / "site-A" / "curated" / "f.bin"
+    src.parent.mkdir(parents=True)
+    data = os.urandom(10 * chunk)
+    src.write_bytes(data)
+    failed, sent = eio_on_channel_reads(monkeypatch, 9 * chunk, always=always)
+    monkeypatch.setattr(sender_mod._ChunkPump, "may_one_pass", lambda *a: False)
+    overrides: dict[str, Any] = {"tls": loopback_tls(tmp_path / "tls")} if tls else {}
+    async with loopback_pair(tmp_path, chunk_size=chunk, compression="off",
+                             **overrides) as (a, _b):
+        a.sender.retry_budget_s = 0.5
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        if always:
+            await poll_until(lambda: _job(a, job_id), lambda j: j.state == "waiting",
+                             timeout_s=30)
+        else:
+            [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
+            assert job.state == "committed", job.error
+            assert (tmp_path / "site-B/curated/f.bin").read_bytes() == data
+        # The sends' own errors (the job's note keeps only its last error, which may be
+        # another chunk's or channel's), before the daemons' shutdown ends any still queued.
+        errors = [item.done.exception() for item in sent
+                  if item.done.done() and item.done.exception() is not None]
+    assert failed
+    assert errors
+    for error in errors:
+        assert isinstance(error, StorageError), repr(error)
+        assert error.fields.get("side") == "source"
+        assert "Input/output error" in str(error)
+        assert str(src) in str(error)  # the source named: not a channel's or the peer's error
+    # Each send that failed ended there: none went round the channels again.
+    assert len(sent) >= 2
+    assert all(item.sends == 1 for item in sent)
+
+
+async def _job(a: Any, job_id: str) -> Any:
+    return a.journal.job(job_id)

@@ -460,6 +460,22 @@ class OutgoingChunk:
             self.done.set_result(receipt)
 
 
+def _sendfile_failed(item: OutgoingChunk, at: int, exc: OSError) -> None:
+    """`os.sendfile` of `item` failed at file offset `at`: the socket's failure or the
+    source's (EIO reading the file comes back the same way)? A one-byte read there tells: if
+    it fails, or finds the file ended, the chunk's source failed (`_SourceFailed`,
+    `SourceEnded`: the chunk fails, as `_Channel._source_pieces` makes it); if it reads, the
+    error was the socket's and this returns (the caller re-raises it: the channel breaks)."""
+    assert item.fd is not None
+    try:
+        probe = os.pread(item.fd, 1, at)
+    except OSError as failed:
+        raise _SourceFailed(storage_failure("reading", _source_name(item), failed,
+                                            side="source")) from exc
+    if not probe:
+        raise SourceEnded("source file ended before the chunk did") from exc
+
+
 def _source_name(item: OutgoingChunk) -> str:
     """The source a chunk is read from, for its errors: its file's path, else its place."""
     if item.path:
@@ -469,7 +485,16 @@ def _source_name(item: OutgoingChunk) -> str:
 
 
 class _Channel:
-    """One open channel to a peer: a sender thread and a receipt thread around one socket."""
+    """One open channel to a peer: a sender thread and a receipt thread around one socket.
+
+    The socket is closed by the last of the two threads to end (`_thread_ended`), never by a
+    thread breaking the channel (`_close` only shuts it down, which ends the other thread's
+    call on it: EOF, EPIPE): a thread may be inside a call with the descriptor's number in
+    hand (`os.sendfile` of `sock.fileno()`, OpenSSL's read or write loop on the number it was
+    given), and a number closed under it is soon a new channel's socket, which it would then
+    read from or write into (a TLS peer sees a bad record MAC on that channel's handshake)."""
+
+    _running = 0  # of the two threads, those not yet ended (under the owner's cond)
 
     def __init__(self, owner: PeerChannels, sock: socket.socket, session: ch.Session,
                  tls: bool, window: int) -> None:
@@ -495,6 +520,7 @@ class _Channel:
             threading.Thread(target=self._receipt_loop, name=f"channel-recv-{owner.peer}",
                              daemon=True),
         ]
+        self._running = len(self.threads)
         for t in self.threads:
             t.start()
 
@@ -504,6 +530,7 @@ class _Channel:
             self._send_chunks()
         finally:
             self._drop_piece()
+            self._thread_ended()
 
     def _drop_piece(self) -> None:
         """The sender thread ends: its one-pass buffer is unmapped (1 MiB per channel)."""
@@ -576,31 +603,40 @@ class _Channel:
         if isinstance(item.body, ArrivingBody):
             sent = 0
             while sent < len(item.body):
-                filled = item.body.wait(sent, lambda: self.broken)
+                # Not parked for good once the channels close: the thread must end to close
+                # the socket (`_thread_ended`).
+                filled = item.body.wait(sent, lambda: self.broken or self.owner.closing)
                 self.sock.sendall(item.body.view[sent:filled])
                 sent = filled
         elif item.body is not None:
             self.sock.sendall(item.body)
         elif self.tls:
             # TLS encrypts in user space anyway: send the file read piece by piece (never a
-            # mapping of it: a file cut short under one is a SIGBUS, the daemon's death).
-            assert item.fd is not None
-            for piece in file_pieces(item.fd, item.offset, item.raw_length):
+            # mapping of it: a file cut short under one is a SIGBUS, the daemon's death),
+            # through the one-pass readers' mapping: a file that ends or a read that fails
+            # (EIO) fails the chunk, instead of breaking channel after channel with it.
+            for piece in self._source_pieces(item):
                 self.sock.sendall(piece)
         else:
             assert item.fd is not None
             sent = 0
             while sent < item.raw_length:
-                n = os.sendfile(self.sock.fileno(), item.fd, item.offset + sent,
-                                item.raw_length - sent)
+                try:
+                    n = os.sendfile(self.sock.fileno(), item.fd, item.offset + sent,
+                                    item.raw_length - sent)
+                except OSError as exc:
+                    _sendfile_failed(item, item.offset + sent, exc)
+                    raise
                 if n == 0:
                     raise SourceEnded("source file ended before the chunk did")
                 sent += n
 
     def _source_pieces(self, item: OutgoingChunk) -> Iterator[memoryview]:
-        """A one-pass chunk's bytes, read from its file piece by piece into this thread's
-        buffer (`file_pieces`; each piece valid until the next). A file that ends first is the
-        chunk's SourceEnded; a read that fails is its `_SourceFailed`, never the channel's."""
+        """A local chunk's bytes, read from its file piece by piece into this thread's buffer
+        (`file_pieces`; each piece valid until the next): a one-pass chunk's (both one-pass
+        readers) and, under TLS, a raw hash-first chunk's (no `sendfile` there). A file that
+        ends first is the chunk's SourceEnded; a read that fails is its `_SourceFailed`, never
+        the channel's."""
         assert item.fd is not None
         if self._piece is None:
             self._piece = memoryview(mmap.mmap(-1, ONE_PASS_PIECE_BYTES))
@@ -674,6 +710,8 @@ class _Channel:
                 item.finish(receipt)
         except Exception as exc:  # OSError, a bad receipt; anything else costs this channel
             self._break(exc)
+        finally:
+            self._thread_ended()
 
     def _break(self, exc: BaseException) -> None:
         owner = self.owner
@@ -698,10 +736,28 @@ class _Channel:
         self._close()
 
     def _close(self) -> None:
+        """Shut the socket down: both threads' calls on it end (and they then end). Closed
+        here only if both have ended already; else the last to end closes it."""
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        with self.owner.cond:
+            idle = not self._running
+        if idle:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+    def _thread_ended(self) -> None:
+        """One of the channel's threads ends; the last closes the socket (neither uses its
+        descriptor any more; both end only once the channel is broken, retired or closing,
+        with its socket shut down)."""
+        with self.owner.cond:
+            self._running -= 1
+            last = not self._running
+        if last:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                self.sock.close()
 
     @property
     def alive(self) -> bool:

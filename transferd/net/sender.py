@@ -658,14 +658,15 @@ class Sender:
                     self._ahead[job.id] = ahead
             if self._stopping:
                 raise _Interrupted
-            if ahead is not None and await ahead:
-                return
-            if pump.deferred:
-                await self._offer_again(pump, files)
-            await _one_pass_digests(files)
-            manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
-            await pump.ready()  # a file of no chunks asked nothing yet
-            await self._commit(pump, manifest, files)
+            if ahead is None or not await ahead:
+                if pump.deferred:
+                    await self._offer_again(pump, files)
+                await _one_pass_digests(files)
+                manifest = upload_manifest(intent, self.clock(), [f.chunks for f in files])
+                await pump.ready()  # a file of no chunks asked nothing yet
+                await self._commit(pump, manifest, files)
+            if isinstance(pump, _ChunkPump):
+                await _late_digests(pump, files)
         finally:
             if self._ahead.get(job.id) is ahead:
                 self._ahead.pop(job.id, None)
@@ -1087,6 +1088,40 @@ async def _one_pass_digests(files: list[_FileState]) -> None:
             )
 
 
+async def _late_digests(pump: _ChunkPump, files: list[_FileState]) -> None:
+    """The upload is committed; a one-pass send that an attempt gave up on while its channel
+    held it unread (`_ChunkPump.strays`: the retry went in one pass as well) may still read
+    and hash its chunk. One that told its digest already has nothing more to tell; one still
+    queued has read nothing and is withdrawn. Until each other has ended (bounded by its
+    channels' `stall_s`, after which a channel whose chunks have not moved is broken anyway;
+    then it is expired), a second digest it tells is a source that changed while being
+    sent: the job fails with it, as with one told before the manifest, though the receiver
+    holds the bytes read first."""
+    told = bool(pump.strays)
+    strays = [item for item in pump.strays if not item.done.done() and not item.digest]
+    pump.strays.clear()
+    for item in strays:
+        pump.channels.withdraw(item.upload, only=item,
+                               reason="withdrawn: its upload is committed")
+    strays = [item for item in strays if not item.done.done()]
+    if strays:
+        ends = [asyncio.wrap_future(item.done) for item in strays]
+        for end in ends:
+            end.add_done_callback(_retrieved)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(pump.channels.stall_s):
+                await asyncio.wait(ends)
+        for item in strays:
+            if not item.done.done():
+                pump.channels.expire(item, TransportError(
+                    f"{pump.link.peer}: a chunk's send given up on", peer=pump.link.peer))
+    if told:
+        await asyncio.sleep(0)  # a digest a channel told just before settles
+    for state in files:
+        if state.conflict is not None:
+            raise state.conflict
+
+
 def _retrieved(future: asyncio.Future[Receipt]) -> None:
     """Done callback: the future's error is seen (its awaiter may have moved on)."""
     if not future.cancelled():
@@ -1204,6 +1239,9 @@ class _ChunkPump:
         # chunks are passed on cut-through, dealt by hash).
         self.one_pass: frozenset[int] = frozenset()
         self.ask_one_pass = not via and opened is None
+        # One-pass sends whose attempt gave up while they were still unhashed on a channel
+        # (which sends them on): the job hears their digests before it ends (`_late_digests`).
+        self.strays: list[OutgoingChunk] = []
         self.loop = asyncio.get_running_loop()
 
     def may_one_pass(self, index: int, source: Source) -> bool:
@@ -1440,6 +1478,10 @@ class _ChunkPump:
         # What the route book knows the chunk by while it has no digest yet.
         key = digest or f"{locations[0][0]}:{locations[0][1]}"
         sent_before: OutgoingChunk | None = None  # the previous attempt's chunk
+        # The digest is one a channel told as it read the chunk in one pass (the bytes B holds
+        # under it may not be what the source holds now); else it was hashed from the source
+        # before any of its bytes went, or is the address the job was given.
+        one_passed = False
 
         def count_retry(exc: TransferdError, delay_s: float) -> None:
             nonlocal errors
@@ -1462,11 +1504,12 @@ class _ChunkPump:
                 raise IntegrityError("source file changed while being sent")
 
         async def attempt() -> tuple[Encoded, int]:
-            nonlocal digest, sent_before
+            nonlocal digest, sent_before, one_passed
             if not digest and sent_before is not None and sent_before.digest:
                 # Its channel hashed it after that attempt had failed (the send went on): this
                 # attempt goes by that address too.
                 digest = sent_before.digest
+                one_passed = True
             if not s.compression[peer].should_try():
                 encoded = Encoded("identity", memoryview(b"") if body is None else body, length)
             elif body is None:
@@ -1508,6 +1551,9 @@ class _ChunkPump:
                     # body went, the peer became unreachable): a send again is an ordinary
                     # chunk with this address, never one pass under a new one.
                     digest = item.digest
+                    one_passed = True
+                elif item.one_pass and not item.digest and not item.done.done():
+                    self.strays.append(item)  # given up on unhashed; its channel goes on
             if receipt.status is ReceiptStatus.DAMAGED:
                 s.metrics.integrity_failures.labels(peer, "sender").inc()
                 s.journal.add_job_counters(self.job.id, JobCounters(integrity_failures=1))
@@ -1519,7 +1565,15 @@ class _ChunkPump:
             if receipt.status in (ReceiptStatus.STORAGE, ReceiptStatus.REFUSED) and (
                 await s.committed_ahead(self.job.id)
             ):
-                return encoded, wire  # sent again, it found its upload committed (sealed)
+                # Sent again, it found its upload committed (sealed) with an earlier send's
+                # bytes: delivered. Under an address a one-pass send told, only if the
+                # source still holds those bytes; else (the file rewritten since) the job
+                # fails "changed", as it does when the receiver answers DAMAGED before the
+                # seal. A digest hashed before the chunk went (hash-first, fetched) is the
+                # manifest's: B's copy matches it whatever the source holds now.
+                if one_passed:
+                    await reread()
+                return encoded, wire
             if receipt.status is ReceiptStatus.STORAGE:
                 raise StorageError(f"{peer}: {receipt.reason}")
             if receipt.status is ReceiptStatus.REFUSED:

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import shutil
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
 import pyarrow as pa
@@ -53,7 +52,7 @@ from transferd.protocol.upload import (
     missing,
 )
 from transferd.site.checkpoints import is_step_root, update_run
-from transferd.site.journal import Journal, Upload, UploadState
+from transferd.site.journal import ChunkLocation, Journal, Upload, UploadState
 from transferd.site.metrics import Metrics
 from transferd.site.source import SourceFile
 from transferd.site.staging import Staging
@@ -66,6 +65,10 @@ log = logging.getLogger("transferd.receiver")
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
+
+
+def _changed(rel: str, what: str) -> IntegrityError:
+    return IntegrityError(f"{rel}: {what}: the file changed after its commit", path=rel)
 
 
 class Receiver:
@@ -508,35 +511,76 @@ class Receiver:
                 self.journal.unindex_prefix,
             )
 
-    def record_batches(self, rel: str) -> list[pa.RecordBatch]:
-        """Open a committed Arrow IPC file chunk by chunk, zero-copy: the returned batches'
-        buffers live in a read-only mapping of the committed file (kept alive by the batches).
-        The first chunk carries the schema; the last may be the footer."""
+    def record_batches(self, rel: str) -> Iterator[pa.RecordBatch]:
+        """A committed Arrow IPC file's record batches, chunk by chunk as the caller takes
+        them: each chunk is one read (pread, into a buffer of its own from Arrow's memory
+        pool) and its batches' buffers are views of that buffer (kept alive by the batches,
+        no copy of their own), so memory is bounded by the batches the caller holds, not by
+        the file. Never mapped: a file cut short by someone else under a mapping kills the
+        daemon with SIGBUS, which no Python code can catch. Each chunk's blake3 is checked
+        against the digest the index holds for it, so a file that no longer holds what was
+        committed (cut short, grown, rewritten in place, replaced) is an IntegrityError
+        naming it, raised at the first chunk that differs (batches before it were already
+        yielded). The first chunk carries the schema; the last may be the footer. Raises the
+        package's errors only: StorageError (a failed read, no memory for a chunk),
+        IntegrityError."""
         if not isinstance(self.storage, LocalStorage):
-            raise StorageError("record batches open zero-copy only from a local data_dir")
+            raise StorageError("record batches open chunk by chunk only from a local data_dir")
         spans = self.journal.chunks_of(rel)
         if not spans:
             raise StorageError(f"{rel} was not replicated to this site", path=rel)
+        return self._record_batches(rel, str(self.storage.path(rel)), spans)
+
+    def _record_batches(
+        self, rel: str, path: str, spans: list[ChunkLocation]
+    ) -> Iterator[pa.RecordBatch]:
+        committed = spans[-1].offset + spans[-1].length
         try:
-            with open(self.storage.path(rel), "rb") as fh:
-                mapping = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+            fh = pa.OSFile(path, "r")
         except OSError as exc:
-            raise StorageError(f"opening {rel}: {exc.strerror}", path=rel) from exc
-        whole = memoryview(mapping)
+            raise StorageError(f"reading {rel}: {exc.strerror or exc}", path=rel) from exc
+        with fh:
+            try:
+                on_disk = fh.size()
+            except OSError as exc:
+                raise StorageError(f"reading {rel}: {exc.strerror or exc}", path=rel) from exc
+            if on_disk != committed:
+                raise _changed(rel, f"{on_disk} bytes on disk where {committed} were committed")
+            try:
+                schema = read_chunk_schema(self._committed_chunk(rel, fh, spans[0], committed))
+                for i, span in enumerate(spans[1:], start=1):
+                    chunk = self._committed_chunk(rel, fh, span, committed)
+                    try:
+                        batches = open_record_batch_chunk(chunk, schema)
+                    except ArrowChunkError:
+                        if i == len(spans) - 1:
+                            return  # the trailer: end-of-stream marker and footer
+                        raise
+                    del chunk  # held by the batches alone: gone with the last of them
+                    yield from batches
+            except ArrowChunkError as exc:
+                raise IntegrityError(f"{rel}: not record-batch chunks: {exc}", path=rel) from exc
+
+    def _committed_chunk(self, rel: str, fh: pa.OSFile, span: ChunkLocation,
+                         committed: int) -> pa.Buffer:
+        """One chunk of a committed file, read into a buffer of its own and checked against
+        the index's digest for it."""
         try:
-            schema = read_chunk_schema(whole[: spans[0].length])
-            batches: list[pa.RecordBatch] = []
-            for i, span in enumerate(spans[1:], start=1):
-                chunk = whole[span.offset : span.offset + span.length]
-                try:
-                    batches += open_record_batch_chunk(chunk, schema)
-                except ArrowChunkError:
-                    if i == len(spans) - 1:
-                        break  # the trailer: end-of-stream marker and footer
-                    raise
-        except ArrowChunkError as exc:
-            raise IntegrityError(f"{rel}: not record-batch chunks: {exc}", path=rel) from exc
-        return batches
+            fh.seek(span.offset)
+            buf = fh.read_buffer(span.length)  # (read_at returns bytes: a copy)
+        except MemoryError as exc:  # pyarrow's ArrowMemoryError is one
+            raise StorageError(
+                f"reading {rel}: no memory for its {span.length}-byte chunk at offset "
+                f"{span.offset}", path=rel, errno=errno.ENOMEM) from exc
+        except OSError as exc:  # pyarrow's IO errors are
+            raise StorageError(f"reading {rel}: {exc.strerror or exc}", path=rel) from exc
+        if buf.size != span.length:
+            held = span.offset + buf.size
+            raise _changed(rel, f"{held} bytes on disk where {committed} were committed")
+        if not self.journal.committed_at(rel, span.offset, span.length, blake3_hex(buf)):
+            raise _changed(rel, f"the chunk at offset {span.offset} ({span.length} bytes) is "
+                                "not the one committed there")
+        return buf
 
     def fail(self, upload: str, now: float, cause: StorageError | None = None) -> None:
         """The upload failed (or was given up; `cause`: the storage error that failed it):
