@@ -37,6 +37,7 @@ from benchmarks.measure import (
     server_cpu_s,
     settle,
     sustained_rate,
+    thread_cpu_s,
     wait_listening,
 )
 from benchmarks.scenario import Scenario, Work, WorkKind
@@ -104,7 +105,7 @@ def _copied(ctx: RunContext, tool: str, got: Measured, dest: Path, cpu_s: float)
     ctx.verify(tool, dest / ctx.data_path.name)
     size = ctx.size_bytes()
     return ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
-                   seconds=got.seconds, cpu_s=cpu_s, bytes_logical=size)
+                   seconds=got.seconds, cpu_s=cpu_s, bytes_logical=size, host=got.host)
 
 
 def _client_run(ctx: RunContext, tool: str, server: subprocess.Popen[bytes], site: str,
@@ -529,7 +530,8 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
         _wait_channels_warm(lab, ctx.src, TRANSFERD_PORTS[0], ctx.dst)
         if tool == "transferd-warm":
             _warm_up(ctx, tool, configs[ctx.src], data_dirs[ctx.src])
-        cpu0 = sum(server_cpu_s(p.pid) for p in daemons.values())
+        cpu0 = {site: server_cpu_s(p.pid) for site, p in daemons.items()}
+        threads0 = {site: thread_cpu_s(p.pid) for site, p in daemons.items()}
         cmd = _transferd_cmd("send", str(rel), "--config", str(configs[ctx.src]), "--to",
                              ctx.dst, "--wait", "--json")
         driver, driver_out = None, lab.workdir / f"{tool}-messages.json"
@@ -566,7 +568,18 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
         # The floor counts the round trips that started while the bulk ran: one after another
         # (~45 ms each, 5 ms apart), most of the 500 start after a 1 GiB bulk has finished.
         echo_rtts = started_by(echo_all, bulk_done_at)
-        cpu = got.cpu_s + sum(server_cpu_s(p.pid) for p in daemons.values()) - cpu0
+        cpu_by_process = {
+            **{f"{'sender' if site == ctx.src else 'receiver'}_daemon":
+               round(server_cpu_s(p.pid) - cpu0[site], 3) for site, p in daemons.items()},
+            "send_cli": round(got.cpu_s, 3)}
+        cpu = sum(cpu_by_process.values())
+        cpu_by_thread = {}
+        for site, p in daemons.items():
+            before = threads0[site]
+            cpu_by_thread[f"{'sender' if site == ctx.src else 'receiver'}_daemon"] = {
+                name: round(s - before.get(name, 0.0), 3)
+                for name, s in sorted(thread_cpu_s(p.pid).items())
+                if s - before.get(name, 0.0) > 0}
         rss = ({site: round(peak_rss_mib(p.pid), 1) for site, p in daemons.items()}
                if ctx.scenario.peak_rss else None)
     finally:
@@ -587,7 +600,8 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
     run = ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
                   seconds=got.seconds, cpu_s=cpu, bytes_logical=int(report["bytes_logical"]),
                   peak_rss_mib=rss, streams=channels.get("opened"),
-                  app_resent_bytes=channels.get("resent_bytes"))
+                  app_resent_bytes=channels.get("resent_bytes"), cpu_by_process=cpu_by_process,
+                  cpu_by_thread=cpu_by_thread, host=got.host)
     if interactive:
         result = json.loads(driver_out.read_text())
         latencies = [round(v, 3) for v in result["latencies_ms"]]
