@@ -18,7 +18,7 @@ from typing import Any
 from benchmarks.errors import ToolError
 
 __all__ = ["HostSample", "LinkFlapper", "Measured", "ToolRun", "peak_rss_mib", "run_measured",
-           "server_cpu_s", "settle", "thread_cpu_s", "wait_listening"]
+           "quiet", "server_cpu_s", "settle", "settle_host", "thread_cpu_s", "wait_listening"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -171,6 +171,37 @@ def server_cpu_s(pid: int, _depth: int = 0) -> float:
                 continue
             total += sum(server_cpu_s(int(child), _depth + 1) for child in children)
     return total
+
+
+# Before each timed run (`settle_host`): the machine counts as quiet once a window this long
+# saw no block written and the hypervisor took under this share of one CPU (steal).
+QUIET_WINDOW_S = 0.5
+QUIET_STEAL_SHARE = 0.05
+SETTLE_MAX_S = 10.0
+
+
+def quiet(before: HostSample, after: HostSample, window_s: float) -> bool:
+    """Nothing was written to a disk between the samples and steal stayed under
+    QUIET_STEAL_SHARE of one CPU."""
+    steal_share = (after.steal - before.steal) / CLK_TCK / window_s
+    return after.written_sectors == before.written_sectors and steal_share < QUIET_STEAL_SHARE
+
+
+def settle_host(max_s: float = SETTLE_MAX_S, window_s: float = QUIET_WINDOW_S) -> float:
+    """Start each repeat from the same machine state: write back the page cache's dirty pages
+    (`sync`: a peer's buffered copy, the data set just made) and wait until a `window_s`
+    window is `quiet` (the disk idle, no writeback of an earlier run's bytes competing with
+    this run's), at most `max_s`. Returns the seconds waited."""
+    started = time.monotonic()
+    os.sync()
+    before = HostSample.now()
+    while before is not None and time.monotonic() - started < max_s:
+        time.sleep(window_s)
+        after = HostSample.now()
+        if after is None or quiet(before, after, window_s):
+            break
+        before = after
+    return round(time.monotonic() - started, 2)
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:

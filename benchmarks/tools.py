@@ -36,6 +36,7 @@ from benchmarks.measure import (
     run_measured,
     server_cpu_s,
     settle,
+    settle_host,
     sustained_rate,
     thread_cpu_s,
     wait_listening,
@@ -675,6 +676,7 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
     (the reason lands in `error`)."""
     lab = ctx.lab
     data = None if tool.startswith("iperf3") else ctx.work.data.value
+    settled_s = settle_host()
     bytes0 = lab.link_bytes()
     emu0 = lab.emulator_sample()
     retrans0 = lab.tcp_retrans_segs(ctx.src) if lab.ends else None
@@ -701,6 +703,8 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
         shutil.rmtree(ctx.scratch, ignore_errors=True)
         ctx.scratch.mkdir(parents=True, exist_ok=True)
     run.data = data
+    if run.host is not None:
+        run.host["settled_s"] = settled_s  # waited for a quiet machine before the run
     run.bytes_on_wire = lab.link_bytes() - bytes0 - ctx.notes.get("warm_up_wire_bytes", 0)
     if "timed_from" in ctx.notes:  # from the last sample before the timed send on
         before = [s for s in samples if s[0] < ctx.notes["timed_from"]]
