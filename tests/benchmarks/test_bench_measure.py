@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from benchmarks.measure import CLK_TCK, SECTOR_BYTES, HostSample, quiet, thread_cpu_s
 
 
@@ -41,3 +43,13 @@ def test_this_machine_gives_a_sample_and_this_process_its_threads() -> None:
     threads = thread_cpu_s(os.getpid())
     assert threads
     assert all(v >= 0 for v in threads.values())
+
+
+def test_loopback_floor_refuses_a_size_it_cannot_cut_into_chunks(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.loopback_floor import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--mib", "7"])
+    assert exc.value.code == 2
+    assert "--mib: a multiple of 8" in capsys.readouterr().err
