@@ -17,8 +17,8 @@ from typing import Any
 
 from benchmarks.errors import ToolError
 
-__all__ = ["LinkFlapper", "Measured", "ToolRun", "peak_rss_mib", "run_measured", "server_cpu_s",
-           "settle", "wait_listening"]
+__all__ = ["HostSample", "LinkFlapper", "Measured", "ToolRun", "peak_rss_mib", "run_measured",
+           "quiet", "server_cpu_s", "settle", "settle_host", "thread_cpu_s", "wait_listening"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -52,6 +52,13 @@ class ToolRun:
     emulator_cpu_pct: float | None = None
     latencies_ms: list[float] | None = None  # interactive messages, for the latency CDF
     messages: dict[str, Any] | None = None  # interactive: sent, failed, late, budget misses
+    # transferd: `cpu_s` split by process (sending daemon, receiving daemon, the send CLI),
+    # and each daemon's by thread name (`thread_cpu_s`, over the timed send).
+    cpu_by_process: dict[str, float] | None = None
+    cpu_by_thread: dict[str, dict[str, float]] | None = None
+    # The whole machine over the timed part (`HostSample.since`): what else ran beside the
+    # tool (busy CPU-s of every process), CPU the hypervisor took (steal), and the disk's work.
+    host: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +71,53 @@ class Measured:
     stderr: str
     cpu_s: float  # user + system of the process and the children it waited for
     seconds: float
+    host: dict[str, float] | None = None  # HostSample.since over the run
+
+
+SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the device's block size
+
+
+@dataclass(frozen=True)
+class HostSample:
+    """Machine-wide counters at one moment: CPU jiffies from /proc/stat (busy = user + nice +
+    system + irq + softirq; steal: time the hypervisor ran something else on our vCPUs) and
+    the block devices' sectors written and discarded (/proc/diskstats, whole disks only)."""
+
+    busy: int
+    iowait: int
+    steal: int
+    written_sectors: int
+    discarded_sectors: int
+
+    @classmethod
+    def now(cls) -> HostSample | None:
+        try:
+            cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            disks = Path("/proc/diskstats").read_text().splitlines()
+        except (OSError, IndexError):
+            return None
+        user, nice, system, _idle, iowait, irq, softirq, steal = (int(v) for v in cpu[:8])
+        written = discarded = 0
+        for line in disks:
+            fields = line.split()
+            name = fields[2]
+            if not Path(f"/sys/block/{name}").exists() or name.startswith(("loop", "ram")):
+                continue  # partitions are counted in their disk
+            written += int(fields[9])
+            discarded += int(fields[16]) if len(fields) > 16 else 0
+        return cls(busy=user + nice + system + irq + softirq, iowait=iowait, steal=steal,
+                   written_sectors=written, discarded_sectors=discarded)
+
+    def since(self, before: HostSample) -> dict[str, float]:
+        return {
+            "busy_cpu_s": round((self.busy - before.busy) / CLK_TCK, 2),
+            "iowait_s": round((self.iowait - before.iowait) / CLK_TCK, 2),
+            "steal_s": round((self.steal - before.steal) / CLK_TCK, 2),
+            "disk_written_mib": round((self.written_sectors - before.written_sectors)
+                                      * SECTOR_BYTES / 2**20, 1),
+            "disk_discarded_mib": round((self.discarded_sectors - before.discarded_sectors)
+                                        * SECTOR_BYTES / 2**20, 1),
+        }
 
 
 def run_measured(cmd: Sequence[str], *, timeout_s: float, env: dict[str, str] | None = None,
@@ -71,6 +125,7 @@ def run_measured(cmd: Sequence[str], *, timeout_s: float, env: dict[str, str] | 
     """Run a client to completion; CPU from wait4's rusage. Killed (group) after `timeout_s`."""
     out_path, err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
     with out_path.open("wb") as out, err_path.open("wb") as err:
+        host0 = HostSample.now()
         started = time.monotonic()
         popen = subprocess.Popen(list(cmd), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                  env=env, cwd=cwd, start_new_session=True)
@@ -88,6 +143,7 @@ def run_measured(cmd: Sequence[str], *, timeout_s: float, env: dict[str, str] | 
                 raise ToolError(name, f"timed out after {timeout_s:.0f} s")
             time.sleep(0.02)
         seconds = time.monotonic() - started
+        host1 = HostSample.now()
         popen.returncode = os.waitstatus_to_exitcode(status)
     return Measured(
         returncode=popen.returncode,
@@ -95,6 +151,7 @@ def run_measured(cmd: Sequence[str], *, timeout_s: float, env: dict[str, str] | 
         stderr=err_path.read_text(errors="replace"),
         cpu_s=usage.ru_utime + usage.ru_stime,
         seconds=seconds,
+        host=host1.since(host0) if host0 is not None and host1 is not None else None,
     )
 
 
@@ -114,6 +171,53 @@ def server_cpu_s(pid: int, _depth: int = 0) -> float:
                 continue
             total += sum(server_cpu_s(int(child), _depth + 1) for child in children)
     return total
+
+
+# Before each timed run (`settle_host`): the machine counts as quiet once a window this long
+# saw no block written and the hypervisor took under this share of one CPU (steal).
+QUIET_WINDOW_S = 0.5
+QUIET_STEAL_SHARE = 0.05
+SETTLE_MAX_S = 10.0
+
+
+def quiet(before: HostSample, after: HostSample, window_s: float) -> bool:
+    """Nothing was written to a disk between the samples and steal stayed under
+    QUIET_STEAL_SHARE of one CPU."""
+    steal_share = (after.steal - before.steal) / CLK_TCK / window_s
+    return after.written_sectors == before.written_sectors and steal_share < QUIET_STEAL_SHARE
+
+
+def settle_host(max_s: float = SETTLE_MAX_S, window_s: float = QUIET_WINDOW_S) -> float:
+    """Start each repeat from the same machine state: write back the page cache's dirty pages
+    (`sync`: a peer's buffered copy, the data set just made) and wait until a `window_s`
+    window is `quiet` (the disk idle, no writeback of an earlier run's bytes competing with
+    this run's), at most `max_s`. Returns the seconds waited."""
+    started = time.monotonic()
+    os.sync()
+    before = HostSample.now()
+    while before is not None and time.monotonic() - started < max_s:
+        time.sleep(window_s)
+        after = HostSample.now()
+        if after is None or quiet(before, after, window_s):
+            break
+        before = after
+    return round(time.monotonic() - started, 2)
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of a running process's live threads, summed by thread name (`comm`: the
+    name a thread set, e.g. `channel-in`, else its process's): where a daemon's CPU goes. A
+    thread that ended is not counted (the process total, `server_cpu_s`, keeps it)."""
+    out: dict[str, float] = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
 
 
 def settle() -> None:

@@ -82,7 +82,11 @@ def main(argv: list[str]) -> int:
         print("usage: python -m benchmarks.profile PYSPY_RAW_FILE...", file=sys.stderr)
         return 2
     for name in argv:
-        print(summarize(Path(name)))
+        try:
+            print(summarize(Path(name)))
+        except OSError as exc:
+            print(f"error: cannot read the profile {name}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
 
 

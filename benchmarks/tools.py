@@ -36,7 +36,9 @@ from benchmarks.measure import (
     run_measured,
     server_cpu_s,
     settle,
+    settle_host,
     sustained_rate,
+    thread_cpu_s,
     wait_listening,
 )
 from benchmarks.scenario import Scenario, Work, WorkKind
@@ -104,7 +106,7 @@ def _copied(ctx: RunContext, tool: str, got: Measured, dest: Path, cpu_s: float)
     ctx.verify(tool, dest / ctx.data_path.name)
     size = ctx.size_bytes()
     return ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
-                   seconds=got.seconds, cpu_s=cpu_s, bytes_logical=size)
+                   seconds=got.seconds, cpu_s=cpu_s, bytes_logical=size, host=got.host)
 
 
 def _client_run(ctx: RunContext, tool: str, server: subprocess.Popen[bytes], site: str,
@@ -529,7 +531,8 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
         _wait_channels_warm(lab, ctx.src, TRANSFERD_PORTS[0], ctx.dst)
         if tool == "transferd-warm":
             _warm_up(ctx, tool, configs[ctx.src], data_dirs[ctx.src])
-        cpu0 = sum(server_cpu_s(p.pid) for p in daemons.values())
+        cpu0 = {site: server_cpu_s(p.pid) for site, p in daemons.items()}
+        threads0 = {site: thread_cpu_s(p.pid) for site, p in daemons.items()}
         cmd = _transferd_cmd("send", str(rel), "--config", str(configs[ctx.src]), "--to",
                              ctx.dst, "--wait", "--json")
         driver, driver_out = None, lab.workdir / f"{tool}-messages.json"
@@ -566,7 +569,18 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
         # The floor counts the round trips that started while the bulk ran: one after another
         # (~45 ms each, 5 ms apart), most of the 500 start after a 1 GiB bulk has finished.
         echo_rtts = started_by(echo_all, bulk_done_at)
-        cpu = got.cpu_s + sum(server_cpu_s(p.pid) for p in daemons.values()) - cpu0
+        cpu_by_process = {
+            **{f"{'sender' if site == ctx.src else 'receiver'}_daemon":
+               round(server_cpu_s(p.pid) - cpu0[site], 3) for site, p in daemons.items()},
+            "send_cli": round(got.cpu_s, 3)}
+        cpu = sum(cpu_by_process.values())
+        cpu_by_thread = {}
+        for site, p in daemons.items():
+            before = threads0[site]
+            cpu_by_thread[f"{'sender' if site == ctx.src else 'receiver'}_daemon"] = {
+                name: round(s - before.get(name, 0.0), 3)
+                for name, s in sorted(thread_cpu_s(p.pid).items())
+                if s - before.get(name, 0.0) > 0}
         rss = ({site: round(peak_rss_mib(p.pid), 1) for site, p in daemons.items()}
                if ctx.scenario.peak_rss else None)
     finally:
@@ -587,7 +601,8 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
     run = ToolRun(tool=tool, ok=True, goodput_mbit=_goodput(size, got.seconds),
                   seconds=got.seconds, cpu_s=cpu, bytes_logical=int(report["bytes_logical"]),
                   peak_rss_mib=rss, streams=channels.get("opened"),
-                  app_resent_bytes=channels.get("resent_bytes"))
+                  app_resent_bytes=channels.get("resent_bytes"), cpu_by_process=cpu_by_process,
+                  cpu_by_thread=cpu_by_thread, host=got.host)
     if interactive:
         result = json.loads(driver_out.read_text())
         latencies = [round(v, 3) for v in result["latencies_ms"]]
@@ -661,6 +676,7 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
     (the reason lands in `error`)."""
     lab = ctx.lab
     data = None if tool.startswith("iperf3") else ctx.work.data.value
+    settled_s = settle_host()
     bytes0 = lab.link_bytes()
     emu0 = lab.emulator_sample()
     retrans0 = lab.tcp_retrans_segs(ctx.src) if lab.ends else None
@@ -687,6 +703,8 @@ def run_tool(tool: str, ctx: RunContext) -> ToolRun:
         shutil.rmtree(ctx.scratch, ignore_errors=True)
         ctx.scratch.mkdir(parents=True, exist_ok=True)
     run.data = data
+    if run.host is not None:
+        run.host["settled_s"] = settled_s  # waited for a quiet machine before the run
     run.bytes_on_wire = lab.link_bytes() - bytes0 - ctx.notes.get("warm_up_wire_bytes", 0)
     if "timed_from" in ctx.notes:  # from the last sample before the timed send on
         before = [s for s in samples if s[0] < ctx.notes["timed_from"]]
