@@ -38,7 +38,6 @@ __all__ = ["HASH_PIECE_BYTES", "SourceEnded", "SourceFile", "chunk_spans", "file
 # cache. 256 KiB pieces cost ~10 % more (a system call per piece), 2 MiB no less.
 HASH_PIECE_BYTES = 1 << 20
 _pieces = threading.local()
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _piece_buffer() -> memoryview:
@@ -71,14 +70,17 @@ def _take_span(length: int) -> mmap.mmap:
     """A buffer for a span read whole (at least `length` bytes): an idle one that fits, so
     reading a chunk costs one copy and no page faults (a fresh mapping costs 2048 faults of
     zeroed pages per 8 MiB, as the file mappings it replaces did), else a new one (whole MiB;
-    anonymous, page-aligned, populated at once)."""
+    anonymous, page-aligned). A new one is not populated by mmap(): CPython holds the GIL
+    through that call, ~2.6 ms per 8 MiB here and 20-40 ms when a SCHED_IDLE bulk thread is
+    preempted inside it, all of it the event loop's wait (benchmarks/README.md, issue 11
+    round 12); its pages fault in during the pread that fills it, with the GIL released."""
     with _spare_lock:
         fits = sorted((b for b in _spare_spans if len(b) >= length), key=len)
         if fits:
             _spare_spans.remove(fits[0])
             return fits[0]
     size = -(-length // HASH_PIECE_BYTES) * HASH_PIECE_BYTES
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def _give_span(buf: mmap.mmap) -> None:
