@@ -229,6 +229,24 @@ def test_gil_waits_back_off_once_they_spend_the_budget_then_for_the_backoff_mess
     assert window.yield_to_interactive(110.6)  # the message is still in flight
 
 
+def test_backoffs_that_follow_each_other_double_then_a_quiet_stretch_starts_again() -> None:
+    """On a host busy all the time the GIL budget is spent again right after each suspension
+    ends: each such backoff lasts twice the last, up to the cap; one that comes after a quiet
+    stretch as long as the last suspension is back to the first length."""
+    window = threads.InteractiveWindow(hold_s=1.0, backoff_s=10.0, backoff_max_s=40.0)
+    now, lengths = 0.0, []
+    for _ in range(5):
+        window.backoff(now)
+        lengths.append(window.suspended_for_s)
+        assert window.next_deadline(now) == now + lengths[-1]
+        now += lengths[-1] + 0.4  # idle again, and 0.4 s later the next spent budget
+    assert lengths == [10.0, 20.0, 40.0, 40.0, 40.0]
+    now += 40.0  # a quiet stretch past the last suspension's length after its end
+    window.backoff(now)
+    assert window.suspended_for_s == 10.0
+    assert not window.yield_to_interactive(now + 9.9)
+
+
 def _policy_and_nice(tid: int) -> tuple[int, int]:
     return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
 

@@ -6,17 +6,19 @@ serves control and interactive messages waits for one, and so do the host's othe
 scheduling policy per thread, so these threads yield the CPU to the loop and to whatever else
 the host must keep responsive (`traffic.bulk_priority`).
 
-Theory of operation of `adaptive` (the default): SCHED_IDLE keeps a waking application ahead
-of the bulk across sessions, where nice +10 does not (autogroup scheduling weighs each session
-alike), but on a host whose cores are busy all the time it starves the bulk, and a starved
-bulk thread holding the GIL holds up the loop. So the bulk threads run at SCHED_IDLE only while
-interactive traffic is live (`InteractiveWindow`: a message sent, received or in flight within
-the last `INTERACTIVE_HOLD_S`) and at nice +10 otherwise; with no message there is nothing for
-SCHED_IDLE to protect. The loop (`net.bulk_priority`) switches every registered bulk thread
-(`BulkThreads`) at the change, one `sched_setscheduler` per thread and none in between: no
-check in the bulk code and no wait for a piece boundary (8 MiB is ~70 ms at 1 Gbit/s). A loop
-stall that was a GIL wait while the bulk ran idle counts against a budget (`GIL_WAIT_BUDGET_S`,
-refilled at `GIL_WAIT_REFILL`): spent, it suspends idle for `GIL_BACKOFF_S`.
+Theory of operation of `adaptive` (opt-in; `nice` is the default): SCHED_IDLE keeps a waking
+application ahead of the bulk across sessions, where nice +10 does not (autogroup scheduling
+weighs each session alike), but on a host whose cores are busy all the time it starves the bulk,
+and a starved bulk thread holding the GIL holds up the loop. So the bulk threads run at
+SCHED_IDLE only while interactive traffic is live (`InteractiveWindow`: a message sent, received
+or in flight within the last `INTERACTIVE_HOLD_S`) and at nice +10 otherwise; with no message
+there is nothing for SCHED_IDLE to protect. The loop (`net.bulk_priority`) switches every
+registered bulk thread (`BulkThreads`) at the change, one `sched_setscheduler` per thread and
+none in between: no check in the bulk code and no wait for a piece boundary (8 MiB is ~70 ms at
+1 Gbit/s). A loop stall that was a GIL wait while the bulk ran idle counts against a budget
+(`GIL_WAIT_BUDGET_S`, refilled at `GIL_WAIT_REFILL`): spent, it suspends idle for
+`GIL_BACKOFF_S`, doubled for each backoff that follows soon after the last (`GIL_BACKOFF_MAX_S`
+at most).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Literal
 
 __all__ = [
     "BULK_THREAD_NICENESS",
+    "GIL_BACKOFF_MAX_S",
     "GIL_BACKOFF_S",
     "GIL_WAIT_BUDGET_S",
     "INTERACTIVE_HOLD_S",
@@ -60,8 +63,14 @@ LOOP_RT_PRIORITY = 1  # the lowest real-time priority: above every normal thread
 # waits behind the bulk until it switches; switching itself costs microseconds.
 INTERACTIVE_HOLD_S = 1.0
 # After a loop stall that was a wait for the GIL while the bulk ran idle (a starved idle thread
-# held it), the bulk stays at nice for this long, messages or not.
+# held it), the bulk stays at nice for this long, messages or not ...
 GIL_BACKOFF_S = 10.0
+# ... and twice as long each time it backs off again within one backoff's length of the last
+# suspension's end, up to this: on a host busy all the time, a fixed 10 s put a stall of over
+# 100 ms on the messages every ~10.4 s, each right after the suspension ended (the round-11
+# review, benchmarks/README.md); doubling makes that 6 stalls in 10 minutes instead of ~58. A
+# quiet stretch as long as the current backoff after a suspension ends starts again at 10 s.
+GIL_BACKOFF_MAX_S = 320.0
 # The loop's GIL waits behind idle bulk threads that trigger it: a leaky bucket of 100 ms that
 # drains at 5 % of the loop's time. One 20-30 ms wait happens on a loaded 2-core host now and
 # then (measured: benchmarks/README.md, round 11) and a 10 s backoff for it cost the messages
@@ -233,9 +242,12 @@ class InteractiveWindow:
     received less than `hold_s` ago, unless a GIL stall suspended that (`backoff`)."""
 
     def __init__(self, hold_s: float = INTERACTIVE_HOLD_S,
-                 backoff_s: float = GIL_BACKOFF_S) -> None:
+                 backoff_s: float = GIL_BACKOFF_S,
+                 backoff_max_s: float = GIL_BACKOFF_MAX_S) -> None:
         self.hold_s = hold_s
         self.backoff_s = backoff_s
+        self.backoff_max_s = max(backoff_s, backoff_max_s)
+        self.suspended_for_s = 0.0  # the last suspension's length (0: none yet)
         self.in_flight = 0
         self._last = -math.inf
         self._suspended_until = -math.inf
@@ -254,7 +266,12 @@ class InteractiveWindow:
         self.seen(now)
 
     def backoff(self, now: float) -> None:
-        self._suspended_until = now + self.backoff_s
+        """Suspend idle from `now`: for `backoff_s`, or twice the last suspension when this
+        one comes within that suspension's length of its end (at most `backoff_max_s`)."""
+        again = now < self._suspended_until + self.suspended_for_s
+        self.suspended_for_s = (min(2 * self.suspended_for_s, self.backoff_max_s) if again
+                                else self.backoff_s)
+        self._suspended_until = now + self.suspended_for_s
         self._gil_waited = 0.0
 
     def gil_waited(self, now: float, wait_s: float) -> bool:
