@@ -71,9 +71,10 @@ def _take_span(length: int) -> mmap.mmap:
     reading a chunk costs one copy and no page faults (a fresh mapping costs 2048 faults of
     zeroed pages per 8 MiB, as the file mappings it replaces did), else a new one (whole MiB;
     anonymous, page-aligned). A new one is not populated by mmap(): CPython holds the GIL
-    through that call, ~2.6 ms per 8 MiB here and 20-40 ms when a SCHED_IDLE bulk thread is
-    preempted inside it, all of it the event loop's wait (benchmarks/README.md, issue 11
-    round 12); its pages fault in during the pread that fills it, with the GIL released."""
+    through that call, ~2.6 ms per 8 MiB here and longer when the thread is preempted inside
+    it (a SCHED_IDLE one on a busy host), all of it the event loop's wait if it wants the GIL
+    (benchmarks/README.md, issue 11 round 12); its pages fault in during the pread that fills
+    it, with the GIL released."""
     with _spare_lock:
         fits = sorted((b for b in _spare_spans if len(b) >= length), key=len)
         if fits:
