@@ -12,34 +12,62 @@ import pytest
 
 from transferd.site import source
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="reads /proc/self/smaps")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses mincore(2)")
 
 
-def _resident_kib(buf: mmap.mmap) -> int:
-    """The mapping's resident set (Rss, KiB) from /proc/self/smaps, found by its address."""
+def _resident_pages(buf: mmap.mmap) -> int:
+    """How many of the mapping's own pages are resident: mincore(2) over exactly its range.
+    (/proc/self/smaps does not do: the kernel merges adjacent anonymous rw mappings into one
+    entry, which may start below the mapping or count a neighbour's resident pages.)"""
     anchor = ctypes.c_char.from_buffer(buf)
     start = ctypes.addressof(anchor)
     del anchor  # the export would keep the mapping from closing
-    lines = Path("/proc/self/smaps").read_text().splitlines()
-    for i, line in enumerate(lines):
-        lo, _, rest = line.partition("-")
-        if rest and int(lo, 16) == start:
-            for field in lines[i + 1:]:
-                if field.startswith("Rss:"):
-                    return int(field.split()[1])
-    raise AssertionError(f"no mapping at {start:#x} in /proc/self/smaps")
+    page = mmap.PAGESIZE
+    assert start % page == 0
+    pages = -(-len(buf) // page)
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(len(buf)), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return sum(v & 1 for v in vec)
 
 
-def test_a_fresh_span_is_not_faulted_in_by_the_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(source, "_spare_spans", [])  # no idle span to reuse: a fresh one
-    length = 8 << 20
-    buf = source._take_span(length)
+def test_resident_pages_counts_the_mapping_s_own_pages() -> None:
+    buf = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
-        assert len(buf) >= length
-        assert _resident_kib(buf) == 0  # with MAP_POPULATE: 8192 KiB, under the GIL
+        assert _resident_pages(buf) == 0
+        buf[: 3 * mmap.PAGESIZE] = b"x" * (3 * mmap.PAGESIZE)
+        assert _resident_pages(buf) == 3
     finally:
         buf.close()
+
+
+def _touched_anonymous_mapping() -> mmap.mmap:
+    """An ordinary anonymous private rw mapping, all resident (as obmalloc arenas and glibc's
+    large allocations are): the kernel merges an adjacent fresh span's mapping with it."""
+    other = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    other.write(b"x" * len(other))
+    return other
+
+
+@pytest.mark.parametrize("neighbours", [0, 8], ids=["alone", "after-touched-neighbours"])
+def test_a_fresh_span_is_not_faulted_in_by_the_mapping(monkeypatch: pytest.MonkeyPatch,
+                                                       neighbours: int) -> None:
+    monkeypatch.setattr(source, "_spare_spans", [])  # no idle span to reuse: a fresh one
+    length = 8 << 20
+    kept: list[mmap.mmap] = []
+    try:
+        for _ in range(max(1, neighbours)):
+            if neighbours:
+                kept.append(_touched_anonymous_mapping())
+            buf = source._take_span(length)
+            kept.append(buf)
+            assert len(buf) >= length
+            assert _resident_pages(buf) == 0  # with MAP_POPULATE: all 2048, under the GIL
+    finally:
+        for m in kept:
+            m.close()
 
 
 def test_a_span_read_through_the_source_holds_the_file(tmp_path: Path,
