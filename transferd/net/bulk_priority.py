@@ -82,7 +82,8 @@ def interactive_seen() -> None:
 def loop_waited_for_the_gil(gil_wait_s: float) -> None:
     """The loop-lag probe's report of a stall's GIL wait (on the loop): under `adaptive`, while
     the bulk runs idle, it counts against the GIL-wait budget; once that is spent the bulk runs
-    at nice for `GIL_BACKOFF_S` (longer each time it repeats soon after), logged."""
+    at nice for `GIL_BACKOFF_S` (twice the last one after that, half after a clean stretch at
+    idle as long as it), logged."""
     if bulk_priority_in_effect() != "adaptive" or not _switch.threads.idle or gil_wait_s <= 0:
         return
     loop = asyncio.get_running_loop()
