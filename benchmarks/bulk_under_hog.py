@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from benchmarks.message_client import wait_local_port
+from benchmarks.message_trace import percentile
 
 __all__ = ["main"]
 
@@ -74,6 +75,11 @@ def _log_counts(text: str) -> tuple[int, list[float]]:
         elif '"bulk.priority_backoff"' in line:
             backoffs.append(json.loads(line).get("nice_for_s"))
     return stalls, backoffs
+
+
+def _latencies_ms(text: str) -> list[float]:
+    """The message application's latencies (ms, one a line; anything else skipped)."""
+    return [float(v) for v in text.split() if v.replace(".", "", 1).isdigit()]
 
 
 def _one(policy: str, size_mib: int, hogs: int, own_sessions: bool,
@@ -141,12 +147,9 @@ def _one(policy: str, size_mib: int, hogs: int, own_sessions: bool,
             counts = [_log_counts((root / f"{site}.log").read_text()) for site in ("A", "B")]
             row["stalls_100ms"] = sum(c[0] for c in counts)
             row["backoffs_s"] = [b for c in counts for b in c[1]]
-            latencies = sorted(float(v) for v in (root / "messages.out").read_text().split()
-                               if v.replace(".", "", 1).isdigit())
+            latencies = _latencies_ms((root / "messages.out").read_text())
             row["messages"] = len(latencies)
-            row["message_p99_ms"] = (latencies[min(len(latencies) - 1,
-                                                   round(0.99 * len(latencies)))]
-                                     if latencies else None)
+            row["message_p99_ms"] = percentile(latencies, 99) if latencies else None
         return row
 
 

@@ -8,7 +8,8 @@ the receiving daemon's (`<tool>-B.log`: received). Both daemons and the driver r
 host, so one clock serves. Stages (ms):
 
   c_in   the client's send -> the sending daemon has parsed the SEND frame
-  queue  parsed -> a pool worker takes it (the scheduler's queue; `queued` is at the parse)
+  to_q   parsed -> queued for the peer (the socket handler on A's loop up to the scheduler)
+  queue  queued -> a pool worker takes it (the scheduler's queue)
   out_b  taken -> the receiving daemon takes it (A's request, the link one way, B's HTTP stack)
   back   B took it -> A has the signed answer (B's reply, the link back, A's HTTP stack)
   reply  A has the answer -> the receipt written to the socket
@@ -30,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STAGES", "MessageTimes", "main", "split_runs"]
+__all__ = ["STAGES", "MessageTimes", "main", "percentile", "split_runs"]
 
-STAGES = ("c_in", "queue", "out_b", "back", "reply", "c_out")
+STAGES = ("c_in", "to_q", "queue", "out_b", "back", "reply", "c_out")
 SLOW_FRACTION = 0.02
 
 
@@ -44,14 +45,15 @@ class MessageTimes:
     sent: float
     done: float
     arrived: float | None = None
+    queued: float | None = None
     taken: float | None = None
     peer_rx: float | None = None
     acked: float | None = None
     out: float | None = None
 
     def stages_ms(self) -> dict[str, float] | None:
-        points = (self.sent, self.arrived, self.taken, self.peer_rx, self.acked, self.out,
-                  self.done)
+        points = (self.sent, self.arrived, self.queued, self.taken, self.peer_rx, self.acked,
+                  self.out, self.done)
         if any(p is None for p in points):
             return None
         values = [float(p) for p in points if p is not None]
@@ -119,14 +121,17 @@ def split_runs(run_dir: Path, tool: str) -> list[list[MessageTimes]]:
         for mid, sent, done in json.loads(line)["trace"]:
             pa, pb = a.points.get(mid, {}), b.points.get(mid, {})
             messages.append(MessageTimes(
-                mid, sent, done, arrived=pa.get("message.socket"), taken=pa.get("message.taken"),
+                mid, sent, done, arrived=pa.get("message.socket"),
+                queued=pa.get("message.queued"), taken=pa.get("message.taken"),
                 peer_rx=pb.get("message.received", pa.get("peer_rx")),
                 acked=pa.get("message.acked"), out=pa.get("out")))
         runs.append(messages)
     return runs
 
 
-def _pct(values: list[float], pct: float) -> float:
+def percentile(values: list[float], pct: float) -> float:
+    """The nearest-rank percentile (p99 of 100 values: the 99th smallest); `values` not empty.
+    The one definition for the benchmarks' message tables (`bulk_under_hog` too)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
 
@@ -137,11 +142,11 @@ def summarize(messages: list[MessageTimes], stalls: list[Stall]) -> dict[str, An
         return {"messages": len(messages), "joined": 0}
     totals = [(m.done - m.sent) * 1e3 for m, _ in rows]
     out: dict[str, Any] = {"messages": len(messages), "joined": len(rows),
-                           "total_p50": _pct(totals, 50), "total_p99": _pct(totals, 99)}
+                           "total_p50": percentile(totals, 50), "total_p99": percentile(totals, 99)}
     medians = {st: statistics.median(s[st] for _, s in rows) for st in STAGES}
     for st in STAGES:
         out[f"{st}_p50"] = medians[st]
-        out[f"{st}_p99"] = _pct([s[st] for _, s in rows], 99)
+        out[f"{st}_p99"] = percentile([s[st] for _, s in rows], 99)
     n_slow = max(1, round(SLOW_FRACTION * len(rows)))
     slow = sorted(rows, key=lambda r: r[0].done - r[0].sent)[-n_slow:]
     out["slow_n"] = n_slow
