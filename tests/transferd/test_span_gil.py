@@ -70,6 +70,39 @@ def test_a_fresh_span_is_not_faulted_in_by_the_mapping(monkeypatch: pytest.Monke
             m.close()
 
 
+def _vm_flags(start: int) -> list[str]:
+    """VmFlags of the /proc/self/smaps entry that holds `start` (a merged entry's flags are
+    its every part's: the kernel merges only mappings whose flags agree)."""
+    entry_holds = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        lo, dash, rest = line.partition("-")
+        if dash and " " in rest and all(c in "0123456789abcdef" for c in lo):
+            hi = rest.split(" ", 1)[0]
+            entry_holds = int(lo, 16) <= start < int(hi, 16)
+        elif entry_holds and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {start:#x} in /proc/self/smaps")
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE")
+                    or not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+                    reason="no transparent huge pages")
+def test_a_fresh_span_asks_for_huge_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 MiB faults in the pread that fills it instead of 4 KiB ones (benchmarks/span_fault.py
+    also checks that unmapping it gives the memory back)."""
+    monkeypatch.setattr(source, "_spare_spans", [])
+    buf = source._take_span(8 << 20)
+    anchor = ctypes.c_char.from_buffer(buf)
+    start = ctypes.addressof(anchor)
+    del anchor
+    try:
+        assert "hg" in _vm_flags(start)  # MADV_HUGEPAGE
+        buf.write(b"x" * len(buf))
+        assert _resident_pages(buf) == len(buf) // mmap.PAGESIZE
+    finally:
+        buf.close()
+
+
 def test_a_span_read_through_the_source_holds_the_file(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(source, "_spare_spans", [])
