@@ -39,6 +39,9 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
     sent_at: list[float] = []  # Unix time of each request, to tell which overlapped the bulk
     misses: list[str] = []
     errors: list[str] = []
+    # Per message: its id, the Unix times this process sent it and had its receipt, for
+    # `benchmarks.message_trace` (joined with the daemons' debug lines by id).
+    trace: list[tuple[str, float, float]] = []
     n_late = 0
 
     socket_client: Any = None
@@ -59,12 +62,14 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
         nonlocal n_late
         started = time.perf_counter()
         sent_at.append(time.time())
+        sent = sent_at[-1]
         try:
             receipt = await send(session)
         except Exception as exc:  # a failed message is data here: counted with its reason
             errors.append(repr(exc)[:200])
             return
         latencies.append((time.perf_counter() - started) * 1e3)
+        trace.append((receipt.id, sent, sent + latencies[-1] / 1e3))
         if receipt.latency_ms is not None:
             daemon_latencies.append(receipt.latency_ms)
             # This message's time outside the sending daemon's queued -> answered: the local
@@ -111,7 +116,7 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
                             "late_max_ms": round(max(late, default=0.0) * 1e3, 1)},
             "sent_at": sent_at, "late": n_late, "transport": args.transport,
             "budget_misses": len(misses), "miss_reasons": sorted(set(misses))[:5],
-            "errors": errors[:5], "n_errors": len(errors)}
+            "errors": errors[:5], "n_errors": len(errors), "trace": trace}
 
 
 def _schedstat() -> tuple[int, ...] | None:
@@ -139,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = asyncio.run(_drive(args))
     args.out.write_text(json.dumps(result))
+    # Also into this process's log, which NB_KEEP_LOGS keeps (the --out file is the run's).
+    print(json.dumps({"trace": result["trace"]}), flush=True)
     return 0
 
 

@@ -424,8 +424,10 @@ def _profile(ctx: RunContext, name: str, pid: int) -> subprocess.Popen[bytes] | 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     stem = f"{ctx.scenario.scenario}.{ctx.lab.congestion_control}-{name}"
     n = len(list(Path(out_dir).glob(f"{stem}-*.txt"))) + 1
+    # NB_PROFILE_GIL=1: only the thread holding the GIL is sampled (whose turns the loop waits)
+    gil = ["--gil"] if os.environ.get("NB_PROFILE_GIL") else []
     return ctx.lab.spawn(None, [spy, "record", "--format", "raw", "--threads", "--nonblocking",
-                                "--rate", "100", "-o", str(Path(out_dir) / f"{stem}-{n}.txt"),
+                                *gil, "--rate", "100", "-o", str(Path(out_dir) / f"{stem}-{n}.txt"),
                                 "--pid", str(pid)], name=f"py-spy-{name}")
 
 

@@ -229,6 +229,58 @@ def test_gil_waits_back_off_once_they_spend_the_budget_then_for_the_backoff_mess
     assert window.yield_to_interactive(110.6)  # the message is still in flight
 
 
+def _busy_host(window: threads.InteractiveWindow, period_s: float, until: float,
+               start: float = 0.0) -> list[float]:
+    """A host whose cores are busy all the time, on the window's fake clock: a message every
+    `period_s`; each time it puts the bulk at SCHED_IDLE, the loop's GIL waits spend the
+    budget 0.4 s later. The lengths of the backoffs that follow."""
+    lengths = []
+    now = start
+    while now < until:
+        window.seen(now)
+        if window.yield_to_interactive(now) and window.gil_waited(now + 0.4, 0.15):
+            lengths.append(window.suspended_for_s)
+            assert window.next_deadline(now + 0.4) == now + 0.4 + lengths[-1]
+        now += period_s
+    return lengths
+
+
+@pytest.mark.parametrize("period_s", [0.5, 25.0, 60.0])
+def test_backoffs_on_a_busy_host_double_whether_messages_are_dense_or_sparse(
+        period_s: float) -> None:
+    """Each backoff lasts twice the last (up to the cap) however far apart the messages are:
+    the time between them, the bulk at nice, says nothing about the host. (Reset after a
+    quiet stretch, a message every 25 s paid a 10 s backoff, and its stall, every time.)"""
+    window = threads.InteractiveWindow(hold_s=1.0, backoff_s=10.0, backoff_max_s=80.0)
+    lengths = _busy_host(window, period_s, until=1000.0)
+    assert lengths[:5] == [10.0, 20.0, 40.0, 80.0, 80.0]
+    assert len(lengths) <= 5 + 1000 // 80
+
+
+def test_a_clean_stretch_at_idle_halves_the_backoff_and_a_quiet_one_does_not() -> None:
+    window = threads.InteractiveWindow(hold_s=1.0, backoff_s=10.0, backoff_max_s=80.0)
+    assert _busy_host(window, 0.5, until=60.0) == [10.0, 20.0, 40.0]  # the last ends 71.4
+    # 230 s with no message: the bulk at nice, nothing learnt about the host.
+    assert _busy_host(window, 0.5, start=300.0, until=300.5) == [80.0]  # ends 380.4
+    # Then messages every 0.5 s for 100 s with the budget never spent: clean at idle.
+    for k in range(200):
+        window.seen(390.0 + k * 0.5)
+        assert window.yield_to_interactive(390.0 + k * 0.5)
+    assert window.clean_idle_s == pytest.approx(99.5)
+    # The host busy again: half of 80 s (the clean stretch covered it), not back to 10 s.
+    assert _busy_host(window, 0.5, start=540.0, until=540.5) == [40.0]  # ends 580.4
+    # A message in flight is live too: 40 s of it, clean, then the budget spent.
+    window.started(581.0)
+    window.finished(621.0)
+    assert window.gil_waited(621.0, 0.15)
+    assert window.suspended_for_s == 20.0
+    # Clean for 20 + 10 s and more: halved down to the first length, never below it.
+    for k in range(100):
+        window.seen(642.0 + k * 0.5)
+    assert window.gil_waited(692.0, 0.15)
+    assert window.suspended_for_s == 10.0
+
+
 def _policy_and_nice(tid: int) -> tuple[int, int]:
     return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
 

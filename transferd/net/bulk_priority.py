@@ -12,7 +12,6 @@ import logging
 from collections.abc import Iterator
 
 from transferd.site.threads import (
-    GIL_BACKOFF_S,
     BulkThreads,
     InteractiveWindow,
     bulk_priority_in_effect,
@@ -83,11 +82,13 @@ def interactive_seen() -> None:
 def loop_waited_for_the_gil(gil_wait_s: float) -> None:
     """The loop-lag probe's report of a stall's GIL wait (on the loop): under `adaptive`, while
     the bulk runs idle, it counts against the GIL-wait budget; once that is spent the bulk runs
-    at nice for `GIL_BACKOFF_S`, logged."""
+    at nice for `GIL_BACKOFF_S` (twice the last one after that, half after a clean stretch at
+    idle as long as it), logged."""
     if bulk_priority_in_effect() != "adaptive" or not _switch.threads.idle or gil_wait_s <= 0:
         return
     loop = asyncio.get_running_loop()
     if _switch.window.gil_waited(loop.time(), gil_wait_s):
         log.warning("bulk.priority_backoff", extra={"fields": {
-            "gil_wait_ms": round(gil_wait_s * 1e3, 1), "nice_for_s": GIL_BACKOFF_S}})
+            "gil_wait_ms": round(gil_wait_s * 1e3, 1),
+            "nice_for_s": _switch.window.suspended_for_s}})
         _switch.update(loop, "the loop waited for the GIL behind idle bulk threads")

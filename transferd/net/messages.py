@@ -66,6 +66,14 @@ __all__ = ["Inbox", "MessageService", "MessageSocketServer", "message_socket_pat
 log = logging.getLogger("transferd.messages")
 
 
+def _trace(event: str, message_id: str, at: float, **fields: float) -> None:
+    """A message's time at one stage (Unix time, us), at debug level only: the benchmark's
+    `benchmarks.message_trace` joins both daemons' lines and the client's by message id."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(event, extra={"fields": {"id": message_id, "t": round(at, 6), **{
+            k: round(v, 6) for k, v in fields.items()}}})
+
+
 class Inbox:
     """Received messages waiting for a local consumer; bounded so a silent consumer cannot
     exhaust memory (a full inbox refuses new messages, and the sender reports the miss)."""
@@ -229,6 +237,7 @@ class MessageService:
             deadline=now + budget_s,
         )
         message = _Outgoing(envelope, peer, body, asyncio.get_running_loop().create_future())
+        _trace("message.queued", envelope.id, now)
         interactive_seen()  # from here, not from its worker: a busy pump may hold it a while
         self.metrics.messages_sent.labels(peer, query.traffic_class.value).inc()
         pump = self.pump(peer)
@@ -280,6 +289,7 @@ class MessageService:
             if not isinstance(message, _Outgoing):
                 raise ProtocolError(f"{traffic_class.value} queue holds a non-message item")
             self._busy[peer] += 1
+            _trace("message.taken", message.envelope.id, self.clock())
             try:
                 with interactive_traffic():  # the bulk gives way while messages move
                     receipt = await self._deliver(message)
@@ -320,6 +330,7 @@ class MessageService:
             first_delay_s=0.02,
         )
         done_at = self.clock()
+        _trace("message.acked", message.envelope.id, done_at, peer_rx=ack.received_at)
         reason = late_reason(message.peer, ack, message.envelope.deadline)
         if reason is not None and message.miss_reason is None:
             message.miss_reason = reason
@@ -344,6 +355,7 @@ class MessageService:
         """Accept a message from an authenticated peer; idempotent on (source, message id)."""
         interactive_seen()  # the bulk gives way to this message's answer and its followers
         ack, message = self.ledger.accept(source, envelope, body, self.clock())
+        _trace("message.received", envelope.id, ack.received_at)
         if message is None:
             return ack  # a retry of a message already delivered
         if self.hook_command:
@@ -678,18 +690,21 @@ class _SocketConnection(asyncio.Protocol):
                 self.server.refused(exc)
                 self.transport.write(_error_frame(request_id, exc))
                 return
-            self.server.spawn(self.send(request_id, send, body))
+            self.server.spawn(self.send(request_id, send, body, time.time()))
             self.outstanding += len(body)
             self.update_reading()
 
-    async def send(self, request_id: int, send: MessageSocketSend, body: bytes) -> None:
+    async def send(self, request_id: int, send: MessageSocketSend, body: bytes,
+                   arrived: float) -> None:
         try:
-            await self.deliver(request_id, send, body)
+            await self.deliver(request_id, send, body, arrived)
         finally:
             self.outstanding -= len(body)
             self.update_reading()
 
-    async def deliver(self, request_id: int, send: MessageSocketSend, body: bytes) -> None:
+    async def deliver(self, request_id: int, send: MessageSocketSend, body: bytes,
+                      arrived: float) -> None:
+        receipt: MessageReceipt | None = None
         try:
             try:
                 receipt = await self.server.service.send(send.peer, body, send)
@@ -708,3 +723,5 @@ class _SocketConnection(asyncio.Protocol):
                                     to_body(receipt))
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(reply)
+            if receipt is not None:
+                _trace("message.socket", receipt.id, arrived, out=time.time())

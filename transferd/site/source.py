@@ -38,7 +38,6 @@ __all__ = ["HASH_PIECE_BYTES", "SourceEnded", "SourceFile", "chunk_spans", "file
 # cache. 256 KiB pieces cost ~10 % more (a system call per piece), 2 MiB no less.
 HASH_PIECE_BYTES = 1 << 20
 _pieces = threading.local()
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _piece_buffer() -> memoryview:
@@ -71,14 +70,25 @@ def _take_span(length: int) -> mmap.mmap:
     """A buffer for a span read whole (at least `length` bytes): an idle one that fits, so
     reading a chunk costs one copy and no page faults (a fresh mapping costs 2048 faults of
     zeroed pages per 8 MiB, as the file mappings it replaces did), else a new one (whole MiB;
-    anonymous, page-aligned, populated at once)."""
+    anonymous, page-aligned). A new one is not populated by mmap(): CPython holds the GIL
+    through that call, ~2.6 ms per 8 MiB here and longer when the thread is preempted inside
+    it (a SCHED_IDLE one on a busy host), all of it the event loop's wait if it wants the GIL
+    (benchmarks/README.md, issue 11 round 12); its pages fault in during the pread that fills
+    it, with the GIL released. Transparent huge pages where the kernel offers them
+    (MADV_HUGEPAGE; THP is often in `madvise` mode): 2 MiB faults instead of 4 KiB ones make
+    that pread ~4x faster and cost ~0.01 ms more under the GIL than the mmap alone
+    (`benchmarks/span_fault.py`, issue 11 round 12); the kernel frees them with the unmap."""
     with _spare_lock:
         fits = sorted((b for b in _spare_spans if len(b) >= length), key=len)
         if fits:
             _spare_spans.remove(fits[0])
             return fits[0]
     size = -(-length // HASH_PIECE_BYTES) * HASH_PIECE_BYTES
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only
+        with suppress(OSError):  # a kernel built without THP: EINVAL, the 4 KiB pages do
+            buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
 
 
 def _give_span(buf: mmap.mmap) -> None:

@@ -6,17 +6,20 @@ serves control and interactive messages waits for one, and so do the host's othe
 scheduling policy per thread, so these threads yield the CPU to the loop and to whatever else
 the host must keep responsive (`traffic.bulk_priority`).
 
-Theory of operation of `adaptive` (the default): SCHED_IDLE keeps a waking application ahead
-of the bulk across sessions, where nice +10 does not (autogroup scheduling weighs each session
-alike), but on a host whose cores are busy all the time it starves the bulk, and a starved
-bulk thread holding the GIL holds up the loop. So the bulk threads run at SCHED_IDLE only while
-interactive traffic is live (`InteractiveWindow`: a message sent, received or in flight within
-the last `INTERACTIVE_HOLD_S`) and at nice +10 otherwise; with no message there is nothing for
-SCHED_IDLE to protect. The loop (`net.bulk_priority`) switches every registered bulk thread
-(`BulkThreads`) at the change, one `sched_setscheduler` per thread and none in between: no
-check in the bulk code and no wait for a piece boundary (8 MiB is ~70 ms at 1 Gbit/s). A loop
-stall that was a GIL wait while the bulk ran idle counts against a budget (`GIL_WAIT_BUDGET_S`,
-refilled at `GIL_WAIT_REFILL`): spent, it suspends idle for `GIL_BACKOFF_S`.
+Theory of operation of `adaptive` (opt-in; `nice` is the default): SCHED_IDLE keeps a waking
+application ahead of the bulk across sessions, where nice +10 does not (autogroup scheduling
+weighs each session alike), but on a host whose cores are busy all the time it starves the bulk,
+and a starved bulk thread holding the GIL holds up the loop. So the bulk threads run at
+SCHED_IDLE only while interactive traffic is live (`InteractiveWindow`: a message sent, received
+or in flight within the last `INTERACTIVE_HOLD_S`) and at nice +10 otherwise; with no message
+there is nothing for SCHED_IDLE to protect. The loop (`net.bulk_priority`) switches every
+registered bulk thread (`BulkThreads`) at the change, one `sched_setscheduler` per thread and
+none in between: no check in the bulk code and no wait for a piece boundary (8 MiB is ~70 ms at
+1 Gbit/s). A loop stall that was a GIL wait while the bulk ran idle counts against a budget
+(`GIL_WAIT_BUDGET_S`, refilled at `GIL_WAIT_REFILL`): spent, it suspends idle for
+`GIL_BACKOFF_S` the first time, and after that twice the last suspension (`GIL_BACKOFF_MAX_S`
+at most) unless the bulk has since run at SCHED_IDLE, messages moving, for at least the last
+suspension's length without spending the budget: each such clean stretch halves it instead.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Literal
 
 __all__ = [
     "BULK_THREAD_NICENESS",
+    "GIL_BACKOFF_MAX_S",
     "GIL_BACKOFF_S",
     "GIL_WAIT_BUDGET_S",
     "INTERACTIVE_HOLD_S",
@@ -60,8 +64,17 @@ LOOP_RT_PRIORITY = 1  # the lowest real-time priority: above every normal thread
 # waits behind the bulk until it switches; switching itself costs microseconds.
 INTERACTIVE_HOLD_S = 1.0
 # After a loop stall that was a wait for the GIL while the bulk ran idle (a starved idle thread
-# held it), the bulk stays at nice for this long, messages or not.
+# held it), the bulk stays at nice for this long, messages or not ...
 GIL_BACKOFF_S = 10.0
+# ... and twice as long each time it backs off again, up to this, unless the bulk has run
+# clean at SCHED_IDLE (messages moving, budget not spent) for the last suspension's length
+# since it ended (then half as long): on a host busy all the time, a fixed 10 s put a stall of
+# over 100 ms on the messages every ~10.4 s, each right after the suspension ended (the
+# round-11 review, benchmarks/README.md); doubling makes that 6 stalls in 10 minutes instead of
+# ~58. Time without messages does not count as clean: the bulk was not idle then, so it says
+# nothing about the host (with a message every 25 s, resetting after a quiet stretch paid a
+# 10 s backoff and its stall on every message; round-12 review).
+GIL_BACKOFF_MAX_S = 320.0
 # The loop's GIL waits behind idle bulk threads that trigger it: a leaky bucket of 100 ms that
 # drains at 5 % of the loop's time. One 20-30 ms wait happens on a loaded 2-core host now and
 # then (measured: benchmarks/README.md, round 11) and a 10 s backoff for it cost the messages
@@ -233,29 +246,69 @@ class InteractiveWindow:
     received less than `hold_s` ago, unless a GIL stall suspended that (`backoff`)."""
 
     def __init__(self, hold_s: float = INTERACTIVE_HOLD_S,
-                 backoff_s: float = GIL_BACKOFF_S) -> None:
+                 backoff_s: float = GIL_BACKOFF_S,
+                 backoff_max_s: float = GIL_BACKOFF_MAX_S) -> None:
         self.hold_s = hold_s
         self.backoff_s = backoff_s
+        self.backoff_max_s = max(backoff_s, backoff_max_s)
+        self.suspended_for_s = 0.0  # the last suspension's length (0: none yet)
         self.in_flight = 0
         self._last = -math.inf
         self._suspended_until = -math.inf
         self._gil_waited = 0.0  # the bucket's level, at `_gil_at`
         self._gil_at = -math.inf
+        # Time the window has been live (the bulk at SCHED_IDLE) since the last suspension
+        # ended, every second of it without the budget spent (a spent one backs off and
+        # starts it again), counted up to `_clean_at`.
+        self.clean_idle_s = 0.0
+        self._clean_at = -math.inf
+
+    def _count_clean(self, now: float) -> None:
+        """Add the time the window was live from `_clean_at` to `now` (its state unchanged
+        in between: called before every change)."""
+        if self._clean_at == -math.inf:  # the first call: nothing live before it
+            self._clean_at = now
+            return
+        since = max(self._clean_at, self._suspended_until)
+        if now > since:
+            until = now if self.in_flight > 0 else min(now, self._last + self.hold_s)
+            self.clean_idle_s += max(0.0, until - since)
+        self._clean_at = max(self._clean_at, now)
 
     def seen(self, now: float) -> None:
+        self._count_clean(now)
         self._last = max(self._last, now)
 
     def started(self, now: float) -> None:
+        self._count_clean(now)
         self.in_flight += 1
         self.seen(now)
 
     def finished(self, now: float) -> None:
+        self._count_clean(now)
         self.in_flight = max(0, self.in_flight - 1)
         self.seen(now)
 
     def backoff(self, now: float) -> None:
-        self._suspended_until = now + self.backoff_s
+        """Suspend idle from `now`: for `backoff_s` the first time; after that for twice the
+        last suspension (at most `backoff_max_s`), unless the window has been live since that
+        one ended for at least its length without the budget spent: then half of it (at
+        least `backoff_s`), and half again for each further such length."""
+        self._count_clean(now)
+        length = self.suspended_for_s
+        if length == 0.0:
+            length = self.backoff_s
+        elif self.clean_idle_s < length:
+            length = min(2 * length, self.backoff_max_s)
+        else:
+            clean = self.clean_idle_s
+            while clean >= length and length > self.backoff_s:
+                clean -= length
+                length = max(self.backoff_s, length / 2)
+        self.suspended_for_s = length
+        self._suspended_until = now + length
         self._gil_waited = 0.0
+        self.clean_idle_s = 0.0
 
     def gil_waited(self, now: float, wait_s: float) -> bool:
         """The loop waited `wait_s` for the GIL while the bulk ran idle: True (and backed off)
