@@ -470,10 +470,14 @@ def _sendfile_failed(item: OutgoingChunk, at: int, exc: OSError) -> None:
     try:
         probe = os.pread(item.fd, 1, at)
     except OSError as failed:
-        raise _SourceFailed(storage_failure("reading", _source_name(item), failed,
-                                            side="source")) from exc
+        raise _source_failed(item, failed) from exc
     if not probe:
         raise SourceEnded("source file ended before the chunk did") from exc
+
+
+def _source_failed(item: OutgoingChunk, exc: OSError) -> _SourceFailed:
+    """A failed read of `item`'s source file, as the chunk's own failure."""
+    return _SourceFailed(storage_failure("reading", _source_name(item), exc, side="source"))
 
 
 def _source_name(item: OutgoingChunk) -> str:
@@ -649,8 +653,7 @@ class _Channel:
             except SourceEnded:
                 raise
             except OSError as exc:
-                raise _SourceFailed(storage_failure("reading", _source_name(item), exc,
-                                                    side="source")) from exc
+                raise _source_failed(item, exc) from exc
             yield piece
 
     def _hash_first(self, item: OutgoingChunk) -> None:
@@ -754,10 +757,7 @@ class _Channel:
             self._running -= 1
             last = not self._running
         if last:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                self.sock.close()
+            self._close()
 
     @property
     def alive(self) -> bool:

@@ -280,14 +280,12 @@ class InteractiveWindow:
         self._last = max(self._last, now)
 
     def started(self, now: float) -> None:
-        self._count_clean(now)
+        self.seen(now)  # counts the clean time up to now, before the change
         self.in_flight += 1
-        self.seen(now)
 
     def finished(self, now: float) -> None:
-        self._count_clean(now)
-        self.in_flight = max(0, self.in_flight - 1)
         self.seen(now)
+        self.in_flight = max(0, self.in_flight - 1)
 
     def backoff(self, now: float) -> None:
         """Suspend idle from `now`: for `backoff_s` the first time; after that for twice the
