@@ -131,7 +131,7 @@ def split_runs(run_dir: Path, tool: str) -> list[list[MessageTimes]]:
 
 def percentile(values: list[float], pct: float) -> float:
     """The nearest-rank percentile (p99 of 100 values: the 99th smallest); `values` not empty.
-    The one definition for the benchmarks' message tables (`bulk_under_hog` too)."""
+    The one definition for the benchmarks' latency tables (`tools`, `bulk_under_hog` too)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
 

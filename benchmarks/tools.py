@@ -41,6 +41,7 @@ from benchmarks.measure import (
     thread_cpu_s,
     wait_listening,
 )
+from benchmarks.message_trace import percentile
 from benchmarks.scenario import Scenario, Work, WorkKind
 
 __all__ = ["ADAPTERS", "RunContext", "run_tool", "NOT_YET_SUPPORTED"]
@@ -471,11 +472,6 @@ def _warm_up(ctx: RunContext, tool: str, config: Path, data_dir: Path) -> None:
     ctx.notes["timed_from"] = time.monotonic()
 
 
-def _percentile(values: list[float], pct: int) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
-
-
 def _transferd(ctx: RunContext, tool: str) -> ToolRun:
     lab = ctx.lab
     byte_compiled()
@@ -626,24 +622,24 @@ def _transferd(ctx: RunContext, tool: str) -> ToolRun:
             "client_sched": result.get("client_sched"),
             # Per message, the client's latency minus the sending daemon's own (the local API
             # hop and the client process).
-            **{f"outside_daemon_p{pct}_ms": _percentile(outside, pct) if outside else None
+            **{f"outside_daemon_p{pct}_ms": percentile(outside, pct) if outside else None
                for pct in (50, 99)},
             # The same messages timed inside the sending daemon (queued -> the peer's answer):
             # the rest of p50_ms/p99_ms is the local API hop and the client process.
-            **{f"daemon_p{pct}_ms": _percentile(daemon, pct) if daemon else None
+            **{f"daemon_p{pct}_ms": percentile(daemon, pct) if daemon else None
                for pct in (50, 99)},
             # A bare TCP echo of the same size over the same link during the same bulk: the
             # floor the network (queue and emulator) sets for any small message in this run.
-            **{f"echo_p{pct}_ms": _percentile(echo_rtts, pct) if echo_rtts else None
+            **{f"echo_p{pct}_ms": percentile(echo_rtts, pct) if echo_rtts else None
                for pct in (50, 99)},
             "echo_during_bulk": len(echo_rtts),
             # ... and over all its round trips, those after the bulk too (rounds 1-9's floor).
-            **{f"echo_all_p{pct}_ms": _percentile([ms for _, ms in echo_all], pct)
+            **{f"echo_all_p{pct}_ms": percentile([ms for _, ms in echo_all], pct)
                if echo_all else None for pct in (50, 99)},
         }
         if latencies:
-            run.p50_ms = _percentile(latencies, 50)
-            run.p99_ms = _percentile(latencies, 99)
+            run.p50_ms = percentile(latencies, 50)
+            run.p99_ms = percentile(latencies, 99)
         if result["n_errors"]:
             run.ok = False
             run.error = (f"{result['n_errors']} of {ctx.work.messages} messages failed: "

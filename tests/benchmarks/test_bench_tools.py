@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.errors import ToolError
-from benchmarks.tools import NOT_YET_SUPPORTED, _percentile, _variant
+from benchmarks.message_trace import percentile
+from benchmarks.tools import NOT_YET_SUPPORTED, _variant
 
 CORE = {"traffic": False, "messages": False}
 CLASSES = {"traffic": True, "messages": True}
@@ -29,9 +30,9 @@ def test_shared_pool_baseline_needs_traffic_classes() -> None:
 
 def test_percentiles_are_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
-    assert _percentile(values, 50) == 50.0
-    assert _percentile(values, 99) == 99.0
-    assert _percentile([7.0], 99) == 7.0
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([7.0], 99) == 7.0
 
 
 def test_start_count_variants_set_the_controllers_start_and_keep_it_adaptive() -> None:
