@@ -2,8 +2,10 @@
 inbox of received ones (the wire format and its rules are `protocol.messages`).
 
 Sends go through the peer's `SchedulerPump` (control strict, interactive earliest-deadline-first;
-the pump the daemon's bulk path shares) and out over the peer client (`PeerLink`: the pair's
-signatures, one connection pool per class, the one retry with backoff). A message that cannot
+the pump the daemon's bulk path shares) and out over the framed peer hop (`net.message_hop`:
+one long-lived connection per peer, interactive messages up to `HOP_MAX_BODY_BYTES`) when it
+is open, else over the peer client (`PeerLink`: the pair's signatures, one connection pool per
+class); either way with the one retry with backoff. A message that cannot
 meet its deadline is counted and logged as a budget miss with the reason and still delivered;
 one that reaches the peer after its deadline comes back flagged `late`. `run()` holds every
 worker, the pool warmer and the inbox hook in one TaskGroup, which the daemon owns.
@@ -41,11 +43,14 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
+from transferd.net import message_hop
 from transferd.net.bulk_priority import interactive_seen, interactive_traffic
+from transferd.net.message_hop import HopLink
 from transferd.net.peer_client import INTERACTIVE_POOL, PeerLink, retrying
 from transferd.net.pump import SchedulerPump
 from transferd.protocol import message_socket as ms
 from transferd.protocol.local_api import SiteName
+from transferd.protocol.message_hop import HOP_MAX_BODY_BYTES
 from transferd.protocol.messages import (
     MAX_MESSAGE_BYTES,
     MESSAGE_CLASSES,
@@ -147,6 +152,7 @@ class MessageService:
         retry_budget_s: float = 2.0,
         clock: Callable[[], float] = time.time,
         warm_interval_s: float | None = 30.0,
+        framed_hop: bool = True,
     ) -> None:
         self.site = site
         self.links = dict(links)
@@ -171,6 +177,10 @@ class MessageService:
         self._hook_queue: asyncio.Queue[InboxMessage] = asyncio.Queue()
         self._ids = itertools.count()
         self._busy: dict[str, int] = dict.fromkeys(self.links, 0)
+        # The framed hop per peer (interactive messages), kept open by `run()`.
+        self.hops: dict[str, HopLink] = (
+            {peer: HopLink(link, clock=clock) for peer, link in self.links.items()}
+            if framed_hop else {})
 
     def pump(self, peer: str) -> SchedulerPump[object]:
         """The peer's scheduler (shared with the daemon's bulk path when it passed `pumps`)."""
@@ -191,6 +201,8 @@ class MessageService:
                         tg.create_task(self._send_worker(peer, cls))
                 if self.warm_interval_s is not None:
                     tg.create_task(self._keep_warm(peer, self.warm_interval_s))
+                if peer in self.hops:
+                    tg.create_task(self.hops[peer].keep())
             if self.hook_command:
                 for _ in range(2):
                     tg.create_task(self._hook_worker())
@@ -303,12 +315,27 @@ class MessageService:
             finally:
                 self._busy[peer] -= 1
 
+    def _hop_for(self, message: _Outgoing) -> message_hop.HopConnection | None:
+        """The open hop this message goes on, or None (the HTTP path): the interactive class
+        only, and bodies small enough not to hold the others behind them."""
+        hop = self.hops.get(message.peer)
+        if (hop is None or message.traffic_class is not TrafficClass.INTERACTIVE
+                or len(message.body) > HOP_MAX_BODY_BYTES):
+            return None
+        return hop.connection()
+
     async def _deliver(self, message: _Outgoing) -> MessageReceipt:
         link = self.links[message.peer]
+        path = "http"
 
         async def attempt() -> MessageAck:
+            nonlocal path
+            conn = self._hop_for(message)
+            path = "http" if conn is None else "hop"
             try:
                 async with asyncio.timeout(self.request_timeout_s):
+                    if conn is not None:
+                        return await message_hop.deliver(conn, message.envelope, message.body)
                     reply = await link.call(
                         message.traffic_class,
                         "POST",
@@ -317,10 +344,13 @@ class MessageService:
                         headers=message.envelope.headers(),
                     )
             except TimeoutError as exc:
-                raise TransportError(
+                error = TransportError(
                     f"{message.peer}: no answer within {self.request_timeout_s:g} s",
                     peer=message.peer,
-                ) from exc
+                )
+                if conn is not None:  # a hop that does not answer is likely dead: reopen it
+                    conn.close(error)
+                raise error from exc
             return parse_body(MessageAck, reply.body)
 
         ack = await retrying(
@@ -330,6 +360,7 @@ class MessageService:
             first_delay_s=0.02,
         )
         done_at = self.clock()
+        self.metrics.message_paths.labels(message.peer, path).inc()
         _trace("message.acked", message.envelope.id, done_at, peer_rx=ack.received_at)
         reason = late_reason(message.peer, ack, message.envelope.deadline)
         if reason is not None and message.miss_reason is None:

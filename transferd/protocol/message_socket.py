@@ -78,8 +78,9 @@ class FrameReader:
     """Whole frames out of a byte stream; ProtocolError for an unknown kind or a frame past
     `max_bytes` (the connection is then closed: its framing can no longer be trusted)."""
 
-    def __init__(self, max_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(self, max_bytes: int = MAX_FRAME_BYTES, name: str = "message socket") -> None:
         self.max_bytes = max_bytes
+        self.name = name  # in its errors: the message socket, or the peer hop that reuses it
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[Frame, bytes]]:
@@ -89,9 +90,9 @@ class FrameReader:
         while len(self._buf) - at >= _HEADER.size:
             size, kind = _HEADER.unpack_from(self._buf, at)
             if kind not in _KINDS:
-                raise ProtocolError(f"message socket: unknown frame kind {kind}")
+                raise ProtocolError(f"{self.name}: unknown frame kind {kind}")
             if size > self.max_bytes:
-                raise ProtocolError(f"message socket: frame of {size} bytes exceeds "
+                raise ProtocolError(f"{self.name}: frame of {size} bytes exceeds "
                                     f"{self.max_bytes}")
             end = at + _HEADER.size + size
             if len(self._buf) < end:
