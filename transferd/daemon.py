@@ -283,7 +283,7 @@ class Daemon:
             clock=clock,
         )
         self.hop_server = HopServer(config.site, self.keyring, self.messages.receive,
-                                    self.metrics)
+                                    self.metrics, on_peer=self._peer_seen)
         self.message_socket = MessageSocketServer(
             self.messages, self.keyring.secret_for(config.site), self.metrics)
         self.link_telemetry = LinkTelemetry(config.site, config.peers)
@@ -611,9 +611,13 @@ class Daemon:
                         await up.wait()
 
     def _peer_seen(self, peer: str) -> None:
+        """`peer` opened a data channel or its message hop here: it is up."""
         event = self._peer_up.get(peer)
         if event is not None:
             event.set()
+        hop = self.messages.hops.get(peer)
+        if hop is not None:
+            hop.poke()
 
     def _job_sources(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
         """Watch mode (configured, or implied by a plan's checkpoint entries) and a plan's

@@ -176,7 +176,23 @@ class HopLink:
         self.recheck_s = recheck_s
         self.conn: HopConnection | None = None
         self.up = asyncio.Event()
+        self.settled = asyncio.Event()  # the first opening ended (up, down or unsupported)
+        self._poked = asyncio.Event()
         self.state = "opening"  # up | down | unsupported: what the log said last
+
+    def poke(self) -> None:
+        """The peer is up (it opened its own hop or a data channel here): a hop that is down
+        is opened again now, not after its backoff (daemons rarely start together)."""
+        if self.connection() is None:
+            self._poked.set()
+
+    async def _pause(self, delay_s: float) -> None:
+        """Wait `delay_s`, or until poked (since the last pause: a poke during an opening
+        that failed counts)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay_s):
+                await self._poked.wait()
+        self._poked.clear()
 
     def connection(self) -> HopConnection | None:
         conn = self.conn
@@ -185,6 +201,7 @@ class HopLink:
         return conn
 
     def _say(self, state: str, **fields: object) -> None:
+        self.settled.set()
         if state == self.state:
             return
         self.state = state
@@ -209,11 +226,11 @@ class HopLink:
                     continue
                 except TimeoutError:
                     self._say("down", error=f"not open within {self.open_timeout_s:g} s")
-                    await asyncio.sleep(next(delays, REOPEN_MAX_S))
+                    await self._pause(next(delays, REOPEN_MAX_S))
                     continue
                 except TransferdError as exc:
                     self._say("down", error=exc.message[:200])
-                    await asyncio.sleep(next(delays, REOPEN_MAX_S))
+                    await self._pause(next(delays, REOPEN_MAX_S))
                     continue
                 self.conn = conn
                 self.up.set()
@@ -223,7 +240,7 @@ class HopLink:
                 self.up.clear()
                 self.conn = None
                 self._say("down", error=str(reason)[:200])
-                await asyncio.sleep(next(delays, REOPEN_MAX_S))
+                await self._pause(next(delays, REOPEN_MAX_S))
         finally:
             self.up.clear()
             if self.conn is not None:
@@ -295,8 +312,10 @@ class HopServer:
     the Upgrade request's signature was checked (`source`: the peer it names)."""
 
     def __init__(self, site: str, keys: Keys, receive: Receive, metrics: Metrics, *,
-                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                 on_peer: Callable[[str], None] | None = None) -> None:
         self.site = site
+        self.on_peer = on_peer  # a peer opened its hop here: it is up
         self.keys = keys
         self.receive = receive
         self.metrics = metrics
@@ -330,6 +349,8 @@ class HopServer:
             async with asyncio.TaskGroup() as tg:
                 serving.tg = tg
                 serving.start()
+                if self.on_peer is not None:
+                    self.on_peer(source)
                 await serving.closed
                 for task in list(serving.tasks):
                     task.cancel()

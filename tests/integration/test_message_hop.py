@@ -1,0 +1,261 @@
+"""The framed peer hop between two real daemons on 127.0.0.1: interactive messages go over it
+(not over B's HTTP message route), its opening refuses the unsigned, the forged and the
+replayed, and A falls back to HTTP when B is older or the hop breaks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import transferd.daemon
+import transferd.net.server
+from transferd import TrafficClass, local_signer, read_inbox, send_message
+from transferd.daemon import Daemon
+from transferd.errors import ProtocolError
+from transferd.protocol import channel as ch
+from transferd.protocol import message_hop as mh
+from transferd.protocol import message_socket as ms
+from transferd.protocol.auth import EMPTY_BODY_BLAKE3, sign_headers
+from transferd.protocol.messages import MessageEnvelope, MessageQuery
+from transferd.protocol.wire import MESSAGE_HOP_ROUTE
+from transferd.testing import loopback_pair
+
+
+def _paths(daemon: Daemon, path: str) -> float:
+    return daemon.metrics.value("transferd_message_paths_total", peer="B", path=path)
+
+
+async def _send(a: Daemon, body: bytes, **kw: Any) -> Any:
+    return await send_message(a.url, "B", body, deadline_ms=5000, sign=local_signer(a.keyring),
+                              **kw)
+
+
+async def test_a_message_arrives_over_the_hop_while_b_http_message_route_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parse_query = transferd.net.server.parse_query
+
+    def broken(model: type[Any], query: Any) -> Any:
+        if model is MessageEnvelope:
+            raise ProtocolError("the HTTP message route is broken in this test")
+        return parse_query(model, query)
+
+    # B's HTTP route parses the envelope from the headers with this; the hop does not use it.
+    monkeypatch.setattr(transferd.net.server, "parse_query", broken)
+    async with loopback_pair(tmp_path) as (a, b):
+        assert a.messages.hops["B"].connection() is not None
+        bodies = [bytes([i]) * 4096 for i in range(20)]
+        receipts = await asyncio.gather(*(_send(a, body) for body in bodies))
+        assert all(r.delivered and not r.late for r in receipts)
+        got = await read_inbox(b.url, wait_ms=0, max_messages=100,
+                               sign=local_signer(b.keyring))
+        assert sorted(m.body for m in got) == sorted(bodies)
+        assert {m.source for m in got} == {"A"}
+        assert _paths(a, "hop") == 20
+        assert _paths(a, "http") == 0
+
+
+async def test_control_messages_and_large_ones_keep_the_http_path(tmp_path: Path) -> None:
+    async with loopback_pair(tmp_path) as (a, b):
+        await _send(a, b"ctl", traffic_class=TrafficClass.CONTROL)
+        # (through the service: the local HTTP client warns on a raw body this large)
+        await a.messages.send("B", b"x" * (mh.HOP_MAX_BODY_BYTES + 1), MessageQuery())
+        await _send(a, b"small")
+        assert (_paths(a, "http"), _paths(a, "hop")) == (2, 1)
+        got = await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring))
+        assert len(got) == 3
+
+
+async def test_late_messages_are_flagged_on_the_hop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="transferd.messages")
+    async with loopback_pair(tmp_path) as (a, b):
+        # B's clock runs 10 s ahead: every message reaches it after its 5 s deadline.
+        b.messages.clock = lambda: b.clock() + 10.0
+        receipt = await _send(a, b"late")
+        assert receipt.delivered
+        assert receipt.late
+        assert receipt.budget_miss is not None
+        assert "after its deadline" in receipt.budget_miss
+        assert _paths(a, "hop") == 1
+        [got] = await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring))
+        assert got.late
+        assert any(r.getMessage() == "message.late" for r in caplog.records)
+
+
+async def test_an_older_peer_without_the_hop_gets_messages_over_http(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="transferd.messages")
+    build_app = transferd.daemon.build_app
+
+    def older_b(**kwargs: Any) -> Any:
+        if kwargs["messages"].site == "B":
+            kwargs["hop_server"] = None  # B's app as before the hop: no such route (404)
+        return build_app(**kwargs)
+
+    monkeypatch.setattr(transferd.daemon, "build_app", older_b)
+    async with loopback_pair(tmp_path) as (a, b):
+        assert a.messages.hops["B"].state == "unsupported"
+        receipt = await _send(a, b"to an older daemon")
+        assert receipt.delivered
+        assert (_paths(a, "http"), _paths(a, "hop")) == (1, 0)
+        [got] = await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring))
+        assert got.body == b"to an older daemon"
+    [line] = [r for r in caplog.records if r.getMessage() == "message.hop_unsupported"]
+    assert "HTTP 404" in line.fields["error"]  # type: ignore[attr-defined]
+
+
+async def test_a_broken_hop_falls_back_then_is_opened_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="transferd.messages")
+    async with loopback_pair(tmp_path) as (a, b):
+        hop = a.messages.hops["B"]
+        assert hop.connection() is not None
+        for serving in list(b.hop_server.connections):
+            serving.transport.close()
+        receipt = await _send(a, b"while it is down")
+        assert receipt.delivered
+        async with asyncio.timeout(10):
+            while hop.connection() is None:
+                await hop.up.wait()
+                await asyncio.sleep(0)
+        await _send(a, b"once it is back")
+        got = await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring))
+        assert [m.body for m in got] == [b"while it is down", b"once it is back"]
+        assert _paths(a, "hop") >= 1
+        events = [r.getMessage() for r in caplog.records]
+        assert "message.hop_down" in events
+        assert events.count("message.hop_up") >= 2  # A's hop twice (and B's own to A)
+
+
+# -- the opening, by hand ---------------------------------------------------------------------
+
+
+async def _open(b: Daemon, request: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                                     mh.Upgraded]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+    writer.write(request)
+    buf = b""
+    while (answer := mh.parse_response_head(buf)) is None:
+        chunk = await reader.read(4096)
+        assert chunk, "closed before an answer"
+        buf += chunk
+    return reader, writer, answer
+
+
+def _signed_request(a: Daemon, b: Daemon, nonce: bytes) -> bytes:
+    path_qs = f"{MESSAGE_HOP_ROUTE}?nonce={nonce.hex()}"
+    signed = sign_headers(a.keyring.secret_for("B"), method="GET", path_qs=path_qs,
+                          body_blake3=EMPTY_BODY_BLAKE3, src="A", dst="B", now=a.clock())
+    return mh.upgrade_request(f"127.0.0.1:{b.port}", path_qs, signed)
+
+
+async def _refused_frame(reader: asyncio.StreamReader, after_head: bytes) -> tuple[int, bytes]:
+    """The ERROR frame (request 0) the receiver sends before it closes, and its status."""
+    data = after_head + await reader.read()  # until the receiver closes
+    [(kind, payload)] = ms.FrameReader().feed(data)
+    assert kind is ms.Frame.ERROR
+    _seq, request_seq, status = mh._REPLY.unpack_from(payload)
+    assert request_seq == 0
+    return status, payload
+
+
+async def test_the_hop_opening_refuses_unsigned_forged_and_replayed(tmp_path: Path) -> None:
+    async with loopback_pair(tmp_path) as (a, b):
+        before = b.metrics.value("transferd_auth_failures_total", reason="message hop")
+        # Unsigned: refused before the switch, like any unsigned peer request.
+        nonce = ch.challenge()
+        path_qs = f"{MESSAGE_HOP_ROUTE}?nonce={nonce.hex()}"
+        _r, w, answer = await _open(b, mh.upgrade_request("x", path_qs, {}))
+        assert answer.status == 401
+        w.close()
+
+        # Signed, then a wrong proof: the receiver answers an error and closes.
+        said = ch.Hello("A", "B", ch.challenge())
+        request = _signed_request(a, b, said.client_nonce)
+        reader, w, answer = await _open(b, request)
+        assert answer.status == 101
+        server_nonce = bytes.fromhex(answer.headers[mh.H_CHALLENGE.lower()])
+        secret = a.keyring.secret_for("B")
+        ch.check_accept(secret, said, server_nonce,
+                        bytes.fromhex(answer.headers[mh.H_ACCEPT.lower()]))
+        w.write(ms.encode_frame(ms.Frame.AUTH, bytes(ch.PROOF_BYTES)))
+        status, _ = await _refused_frame(reader, answer.body_start)
+        assert status == 401
+        w.close()
+        assert b.metrics.value("transferd_auth_failures_total",
+                               reason="message hop") == before + 1
+
+        # The same signed request again: its nonce was used (replay refused).
+        _r, w, answer = await _open(b, request)
+        assert answer.status == 401
+        w.close()
+
+        # A genuine opening recorded, then its proof replayed on a fresh opening (a new
+        # challenge): refused; and a SEND before AUTH is refused too.
+        said = ch.Hello("A", "B", ch.challenge())
+        reader, w, answer = await _open(b, _signed_request(a, b, said.client_nonce))
+        old_nonce = bytes.fromhex(answer.headers[mh.H_CHALLENGE.lower()])
+        recorded = ch.proof(secret, said, old_nonce)
+        w.write(ms.encode_frame(ms.Frame.AUTH, recorded))
+        await w.drain()
+        w.close()
+        reader, w, answer = await _open(b, _signed_request(a, b, said.client_nonce))
+        assert answer.status == 101
+        assert bytes.fromhex(answer.headers[mh.H_CHALLENGE.lower()]) != old_nonce
+        w.write(ms.encode_frame(ms.Frame.AUTH, recorded))
+        status, _ = await _refused_frame(reader, answer.body_start)
+        assert status == 401
+        w.close()
+        assert b.metrics.value("transferd_auth_failures_total",
+                               reason="message hop") == before + 2
+        # Nothing reached B's inbox, and B still serves A's own hop.
+        assert await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring)) == []
+        assert (await _send(a, b"still fine")).delivered
+
+
+async def test_a_frame_injected_into_the_hop_closes_it_and_stores_nothing(
+    tmp_path: Path
+) -> None:
+    async with loopback_pair(tmp_path) as (a, b):
+        said = ch.Hello("A", "B", ch.challenge())
+        secret = a.keyring.secret_for("B")
+        reader, w, answer = await _open(b, _signed_request(a, b, said.client_nonce))
+        server_nonce = bytes.fromhex(answer.headers[mh.H_CHALLENGE.lower()])
+        w.write(ms.encode_frame(ms.Frame.AUTH, ch.proof(secret, said, server_nonce)))
+        envelope = mh.envelope_json(_envelope())
+        # A SEND under another session's key (an attacker's guess), then one replayed.
+        wrong = ch.Session(bytes(32))
+        w.write(mh.encode_send(wrong, 1, envelope, b"injected"))
+        status, _ = await _refused_frame(reader, answer.body_start)
+        assert status == 401
+        w.close()
+        # A genuine SEND sequence with its seq replayed: the first lands, the replay closes.
+        said = ch.Hello("A", "B", ch.challenge())
+        reader, w, answer = await _open(b, _signed_request(a, b, said.client_nonce))
+        server_nonce = bytes.fromhex(answer.headers[mh.H_CHALLENGE.lower()])
+        session = ch.Session.derive(secret, said, server_nonce)
+        w.write(ms.encode_frame(ms.Frame.AUTH, ch.proof(secret, said, server_nonce)))
+        frame = mh.encode_send(session, 1, envelope, b"once")
+        w.write(frame + frame)
+        data = answer.body_start + await reader.read()
+        w.close()
+        kinds = [kind for kind, _ in ms.FrameReader().feed(data)]
+        assert kinds == [ms.Frame.RECEIPT, ms.Frame.ERROR] or kinds == [ms.Frame.ERROR]
+        got = await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring))
+        assert [m.body for m in got] in ([b"once"], [])
+        assert all(m.body != b"injected" for m in got)
+
+
+def _envelope() -> MessageEnvelope:
+    now = time.time()
+    return MessageEnvelope(id="injected-1", traffic_class=TrafficClass.INTERACTIVE,
+                           sent_at=now, deadline=now + 5)
