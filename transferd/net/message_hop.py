@@ -351,9 +351,9 @@ class HopServer:
                 serving.start()
                 if self.on_peer is not None:
                     self.on_peer(source)
+                # Messages already read finish their `receive` (into the inbox) even when
+                # the connection closes under them, as an HTTP handler does.
                 await serving.closed
-                for task in list(serving.tasks):
-                    task.cancel()
         finally:
             self.connections.discard(serving)
             serving.transport.close()
@@ -394,7 +394,6 @@ class _HopServing(asyncio.Protocol):
         self.reply_seq = 0
         self.closed = asyncio.get_running_loop().create_future()
         self.tg: asyncio.TaskGroup | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
         self.early: list[tuple[int, MessageEnvelope, bytes]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.outstanding = 0
@@ -470,9 +469,7 @@ class _HopServing(asyncio.Protocol):
 
     def _spawn(self, seq: int, envelope: MessageEnvelope, body: bytes) -> None:
         assert self.tg is not None
-        task = self.tg.create_task(self._answer(seq, envelope, body))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tg.create_task(self._answer(seq, envelope, body))
         self.outstanding += len(body)
         self._update_reading()
 
