@@ -49,6 +49,7 @@ OPEN_TIMEOUT_S = 10.0  # TCP (+TLS), the Upgrade and its answer
 RECHECK_S = 300.0  # an older peer is asked again this often (it may have been upgraded)
 REOPEN_BUDGET_S = 3600.0 * 24 * 365  # a broken hop is opened again for as long as we run
 REOPEN_MAX_S = 2.0  # ... at most this far apart
+AUTH_RETRY_S = 10.0  # after the peer refused the opening's authentication
 HANDSHAKE_TIMEOUT_S = 10.0  # the receiver's wait for AUTH after its 101
 MAX_OUTSTANDING_BYTES = 64 << 20  # bodies in progress per connection before reading pauses
 
@@ -223,6 +224,12 @@ class HopLink:
                 except HopUnsupported as exc:
                     self._say("unsupported", error=exc.message[:200])
                     await asyncio.sleep(self.recheck_s)
+                    continue
+                except AuthError as exc:
+                    # A pair secret that differs (or B's restart refusal): asked again more
+                    # slowly than a network failure, each try being an auth failure at B.
+                    self._say("down", error=exc.message[:200])
+                    await self._pause(AUTH_RETRY_S)
                     continue
                 except TimeoutError:
                     self._say("down", error=f"not open within {self.open_timeout_s:g} s")
