@@ -259,3 +259,29 @@ def _envelope() -> MessageEnvelope:
     now = time.time()
     return MessageEnvelope(id="injected-1", traffic_class=TrafficClass.INTERACTIVE,
                            sent_at=now, deadline=now + 5)
+
+
+async def test_auth_and_a_send_in_one_write_are_both_taken(tmp_path: Path) -> None:
+    """A sender pipelines its first SENDs right behind AUTH: when they arrive in the same read,
+    the SEND is held to the authenticated frame limit, not the handshake's 256 bytes."""
+    async with loopback_pair(tmp_path) as (a, b):
+        said = ch.Hello("A", "B", ch.challenge())
+        secret = a.keyring.secret_for("B")
+        reader, w, answer = await _open(b, _signed_request(a, b, said.client_nonce))
+        server_nonce = bytes.fromhex(answer.headers[mh.H_CHALLENGE.lower()])
+        session = ch.Session.derive(secret, said, server_nonce)
+        body = b"s" * 4096
+        w.write(ms.encode_frame(ms.Frame.AUTH, ch.proof(secret, said, server_nonce))
+                + mh.encode_send(session, 1, mh.envelope_json(_envelope()), body))
+        replies = ms.FrameReader()
+        frames = replies.feed(answer.body_start)
+        async with asyncio.timeout(10):
+            while not frames:
+                chunk = await reader.read(4096)
+                assert chunk, "the hop closed"
+                frames += replies.feed(chunk)
+        w.close()
+        [(kind, payload)] = frames
+        assert kind is ms.Frame.RECEIPT, payload
+        [got] = await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring))
+        assert got.body == body

@@ -442,6 +442,14 @@ class _HopServing(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
+            # AUTH alone first: the SENDs pipelined behind it in the same read are checked
+            # against the frame limit AUTH raises, not the handshake's.
+            while not self.authenticated:
+                first = self.reader.feed(data, max_frames=1)
+                data = b""
+                if not first:
+                    return
+                self._frame(*first[0])
             for kind, payload in self.reader.feed(data):
                 self._frame(kind, payload)
         except TransferdError as exc:

@@ -83,11 +83,15 @@ class FrameReader:
         self.name = name  # in its errors: the message socket, or the peer hop that reuses it
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[tuple[Frame, bytes]]:
+    def feed(self, data: bytes, max_frames: int | None = None) -> list[tuple[Frame, bytes]]:
+        """The whole frames in the buffer, at most `max_frames` of them: the rest stays
+        buffered, unchecked, for the next call (a handshake takes one frame, then raises
+        `max_bytes` for the frames a client may pipeline behind it)."""
         self._buf += data
         frames: list[tuple[Frame, bytes]] = []
         at = 0
-        while len(self._buf) - at >= _HEADER.size:
+        while len(self._buf) - at >= _HEADER.size and (
+                max_frames is None or len(frames) < max_frames):
             size, kind = _HEADER.unpack_from(self._buf, at)
             if kind not in _KINDS:
                 raise ProtocolError(f"{self.name}: unknown frame kind {kind}")
