@@ -16,7 +16,7 @@ import transferd.daemon
 import transferd.net.server
 from transferd import TrafficClass, local_signer, read_inbox, send_message
 from transferd.daemon import Daemon
-from transferd.errors import ProtocolError
+from transferd.errors import ProtocolError, TransportError
 from transferd.protocol import channel as ch
 from transferd.protocol import message_hop as mh
 from transferd.protocol import message_socket as ms
@@ -285,3 +285,44 @@ async def test_auth_and_a_send_in_one_write_are_both_taken(tmp_path: Path) -> No
         assert kind is ms.Frame.RECEIPT, payload
         [got] = await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring))
         assert got.body == body
+
+
+async def test_messages_in_flight_on_a_hop_refused_mid_way_go_again_over_http(
+    tmp_path: Path
+) -> None:
+    """B refuses the hop (ERROR(0), a protocol error) while it holds five messages: each is
+    sent again over HTTP and lands once, the hop's copies finding B's ledger entry."""
+    async with loopback_pair(tmp_path) as (a, b):
+        receive = b.hop_server.receive
+        gate = asyncio.Event()
+        held: list[str] = []
+        all_held = asyncio.Event()
+
+        async def held_receive(source: str, envelope: MessageEnvelope, body: bytes) -> Any:
+            held.append(envelope.id)
+            if len(held) == 5:
+                all_held.set()
+            await gate.wait()
+            return await receive(source, envelope, body)
+
+        b.hop_server.receive = held_receive
+        bodies = [b"in flight %d" % i for i in range(5)]
+        sends = [asyncio.create_task(_send(a, body)) for body in bodies]
+        async with asyncio.timeout(10):
+            await all_held.wait()
+        hop = a.messages.hops["B"]
+
+        async def cannot_open() -> Any:
+            raise TransportError("not opened again in this test", peer="B")
+
+        hop.open = cannot_open  # type: ignore[method-assign]  # the retries: HTTP only
+        [serving] = [s for s in b.hop_server.connections if s.source == "A"]
+        serving.fail(ProtocolError("refused in this test"))
+        async with asyncio.timeout(20):
+            receipts = await asyncio.gather(*sends)
+        gate.set()  # the hop's copies reach the ledger now: already stored
+        assert all(r.delivered for r in receipts)
+        assert (_paths(a, "http"), _paths(a, "hop")) == (5, 0)
+        got = await read_inbox(b.url, wait_ms=0, max_messages=100,
+                               sign=local_signer(b.keyring))
+        assert sorted(m.body for m in got) == sorted(bodies)

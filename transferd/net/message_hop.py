@@ -103,10 +103,17 @@ class HopConnection(asyncio.Protocol):
             self.closed.set_result(reason)
 
     def _fail_all(self, exc: TransferdError) -> None:
+        """Fail the messages in flight as the network failing, whatever closed the hop (a
+        refused frame, the peer's ERROR(0), a timeout): transient, so `retrying` sends each
+        again on the HTTP path; the peer's ledger answers a message it already stored."""
         pending, self.pending = self.pending, {}
+        if not pending:
+            return
+        closed = exc if isinstance(exc, TransportError) and exc.transient else TransportError(
+            f"{self.peer}: message hop closed: {exc.message}", peer=self.peer)
         for future in pending.values():
             if not future.done():
-                future.set_exception(exc)
+                future.set_exception(closed)
 
     def close(self, exc: TransferdError) -> None:
         self._fail_all(exc)
