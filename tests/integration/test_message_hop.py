@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import transferd.daemon
+import transferd.net.message_hop
 import transferd.net.server
 from transferd import TrafficClass, local_signer, read_inbox, send_message
 from transferd.daemon import Daemon
@@ -326,3 +327,52 @@ async def test_messages_in_flight_on_a_hop_refused_mid_way_go_again_over_http(
         got = await read_inbox(b.url, wait_ms=0, max_messages=100,
                                sign=local_signer(b.keyring))
         assert sorted(m.body for m in got) == sorted(bodies)
+
+
+def _no_reopening(a: Daemon) -> None:
+    """A's hop to B is not opened again (the rest of the test: HTTP only)."""
+
+    async def cannot_open() -> Any:
+        raise TransportError("not opened again in this test", peer="B")
+
+    a.messages.hops["B"].open = cannot_open  # type: ignore[method-assign]
+
+
+def _b_stops_reading(b: Daemon) -> None:
+    """B's end of A's hop reads nothing more, as a peer gone without a FIN (or a NAT that
+    dropped the flow): A's frames are not answered and no FIN or RST comes back."""
+    [serving] = [s for s in b.hop_server.connections if s.source == "A"]
+    serving.transport.pause_reading()
+
+
+async def test_a_message_on_a_hop_whose_peer_went_silent_goes_over_http(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="transferd.messages")
+    async with loopback_pair(tmp_path) as (a, b):
+        assert a.messages.hops["B"].connection() is not None
+        _no_reopening(a)
+        _b_stops_reading(b)
+        async with asyncio.timeout(20):  # a hang guard: A's request timeout is 30 s
+            receipt = await _send(a, b"to a silent hop")
+        assert receipt.delivered
+        assert (_paths(a, "http"), _paths(a, "hop")) == (1, 0)
+        got = await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring))
+        assert [m.body for m in got] == [b"to a silent hop"]
+        assert "message.hop_silent" in [r.getMessage() for r in caplog.records]
+
+
+async def test_an_idle_hop_whose_peer_went_silent_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transferd.net.message_hop, "IDLE_PING_S", 0.1)
+    async with loopback_pair(tmp_path) as (a, b):
+        hop = a.messages.hops["B"]
+        conn = hop.connection()
+        assert conn is not None
+        _no_reopening(a)
+        _b_stops_reading(b)
+        async with asyncio.timeout(20):
+            reason = await conn.closed
+        assert "silent" in reason
+        assert hop.connection() is None

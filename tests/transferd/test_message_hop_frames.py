@@ -114,3 +114,14 @@ def test_decoders_only_raise_the_packages_errors(data: bytes, kind: ms.Frame) ->
             decode()
         except TransferdError:
             pass
+
+
+def test_a_ping_round_trips_and_its_mac_binds_its_seq() -> None:
+    [(kind, payload)] = _frames(mh.encode_ping(SESSION, 9))
+    assert kind is ms.Frame.PING
+    assert mh.decode_ping(SESSION, payload) == 9
+    forged = payload[:7] + bytes([payload[7] ^ 1]) + payload[8:]
+    with pytest.raises(AuthError):
+        mh.decode_ping(SESSION, forged)
+    with pytest.raises(ProtocolError):
+        mh.decode_ping(SESSION, payload[:-1])

@@ -52,6 +52,14 @@ REOPEN_MAX_S = 2.0  # ... at most this far apart
 AUTH_RETRY_S = 10.0  # after the peer refused the opening's authentication
 HANDSHAKE_TIMEOUT_S = 10.0  # the receiver's wait for AUTH after its 101
 MAX_OUTSTANDING_BYTES = 64 << 20  # bodies in progress per connection before reading pauses
+# A hop with messages in flight that hears nothing for this long (a PING went out half-way) is
+# taken for dead: at least 1 s, so its messages still go again on HTTP inside the 2 s retry
+# budget (MessageService.retry_budget_s), and a few round trips on a long path.
+WATCHDOG_MIN_S = 1.0
+WATCHDOG_RTTS = 4
+IDLE_PING_S = 15.0  # an idle hop is pinged this often (a NAT drops idle flows after minutes)
+# Unacknowledged bytes older than this end the connection in the kernel (Linux).
+TCP_USER_TIMEOUT_MS = 10_000
 
 
 class HopUnsupported(TransferdError):
@@ -74,11 +82,17 @@ def _nonce_of(query: str) -> bytes:
 class HopConnection(asyncio.Protocol):
     """One open hop to a peer: `request` writes a SEND and returns the future of its reply."""
 
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: str, watchdog_s: float = WATCHDOG_MIN_S) -> None:
         self.peer = peer
         self.transport: asyncio.Transport | None = None
-        self.head = asyncio.get_running_loop().create_future()  # the Upgrade's answer
-        self.closed = asyncio.get_running_loop().create_future()  # why it closed (str)
+        self.loop = asyncio.get_running_loop()
+        self.head = self.loop.create_future()  # the Upgrade's answer
+        self.closed = self.loop.create_future()  # why it closed (str)
+        self.watchdog_s = watchdog_s
+        self.quiet_since = self.loop.time()  # the last byte from the peer, or the first wait
+        self.pings: set[int] = set()  # PINGs not answered yet
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_due = 0.0
         self.session: ch.Session | None = None
         self._buf = b""
         self.reader = ms.FrameReader(name="message hop")
@@ -92,8 +106,13 @@ class HopConnection(asyncio.Protocol):
         if sock is not None:  # a peer that vanished without a FIN is noticed
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_USER_TIMEOUT"):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                    TCP_USER_TIMEOUT_MS)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
         reason = f"closed: {exc}" if exc is not None else "closed by the peer"
         self._fail_all(TransportError(f"{self.peer}: message hop {reason}", peer=self.peer))
         if not self.head.done():
@@ -116,6 +135,7 @@ class HopConnection(asyncio.Protocol):
                 future.set_exception(closed)
 
     def close(self, exc: TransferdError) -> None:
+        self._disarm()
         self._fail_all(exc)
         if not self.closed.done():
             self.closed.set_result(exc.message)
@@ -123,6 +143,7 @@ class HopConnection(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self.quiet_since = self.loop.time()
         try:
             if self.session is None:
                 if self.head.done():
@@ -148,6 +169,9 @@ class HopConnection(asyncio.Protocol):
         self.seqs.check(reply.seq)
         if reply.request_seq == 0:  # about the connection: the peer closes it
             check_reply(reply.status, reply.body, (), self.peer)
+        if reply.request_seq in self.pings:
+            self.pings.discard(reply.request_seq)
+            return
         future = self.pending.pop(reply.request_seq, None)
         if future is None:
             raise ProtocolError(f"message hop: reply to {reply.request_seq}, not in flight")
@@ -165,10 +189,63 @@ class HopConnection(asyncio.Protocol):
         if self.session is None or self.transport is None or self.transport.is_closing():
             raise TransportError(f"{self.peer}: message hop closed", peer=self.peer)
         seq, self.next_seq = self.next_seq, self.next_seq + 1
-        future: asyncio.Future[mh.HopReply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[mh.HopReply] = self.loop.create_future()
+        self._awaiting()
         self.pending[seq] = future
         self.transport.write(mh.encode_send(self.session, seq, mh.envelope_json(envelope), body))
         return future
+
+    def ping(self) -> None:
+        """Ask the peer to answer (at most one PING in flight); the watchdog closes the hop
+        when nothing comes back."""
+        if (self.pings or self.session is None or self.transport is None
+                or self.transport.is_closing()):
+            return
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        self._awaiting()
+        self.pings.add(seq)
+        self.transport.write(mh.encode_ping(self.session, seq))
+
+    # The watchdog: while anything is awaited from the peer, a timer every quarter of
+    # `watchdog_s` looks at how long the peer has been silent: a PING at half, closed at whole.
+
+    def _awaiting(self) -> None:
+        if not self.pending and not self.pings:  # silence counts from now, not from idle
+            self.quiet_since = self.loop.time()
+        if self._watch is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        step = self.watchdog_s / 4
+        self._watch_due = self.loop.time() + step
+        self._watch = self.loop.call_at(self._watch_due, self._check)
+
+    def _disarm(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _check(self) -> None:
+        self._watch = None
+        if self.closed.done() or (not self.pending and not self.pings):
+            return
+        now = self.loop.time()
+        if now - self._watch_due > self.watchdog_s / 4:
+            # This loop itself stalled: the peer's answer may be unread in the socket. Let
+            # the loop read first, and judge on the next turn.
+            self._arm()
+            return
+        silent_s = now - self.quiet_since
+        if silent_s >= self.watchdog_s:
+            log.warning("message.hop_silent", extra={"fields": {
+                "peer": self.peer, "silent_s": round(silent_s, 3),
+                "in_flight": len(self.pending)}})
+            self.close(TransportError(f"{self.peer}: message hop silent for {silent_s:.1f} s "
+                                      "with requests in flight", peer=self.peer))
+            return
+        if silent_s >= self.watchdog_s / 2:
+            self.ping()
+        self._arm()
 
 
 class HopLink:
@@ -182,6 +259,7 @@ class HopLink:
         self.clock = clock
         self.open_timeout_s = open_timeout_s
         self.recheck_s = recheck_s
+        self.idle_ping_s = IDLE_PING_S
         self.conn: HopConnection | None = None
         self.up = asyncio.Event()
         self.settled = asyncio.Event()  # the first opening ended (up, down or unsupported)
@@ -250,7 +328,7 @@ class HopLink:
                 self.up.set()
                 self._say("up")
                 delays = backoff_delays(REOPEN_BUDGET_S, first_s=0.1, cap_s=REOPEN_MAX_S)
-                reason = await conn.closed
+                reason = await self._watch_idle(conn)
                 self.up.clear()
                 self.conn = None
                 self._say("down", error=str(reason)[:200])
@@ -260,6 +338,15 @@ class HopLink:
             if self.conn is not None:
                 self.conn.close(TransportError("the daemon is stopping"))
                 self.conn = None
+
+    async def _watch_idle(self, conn: HopConnection) -> str:
+        """Until the hop closes (its reason): pinged every `idle_ping_s`, so a hop whose peer
+        went away while it was idle is found dead before a message waits on it."""
+        while True:
+            done, _ = await asyncio.wait({conn.closed}, timeout=self.idle_ping_s)
+            if done:
+                return str(conn.closed.result())
+            conn.ping()
 
     async def open(self) -> HopConnection:
         """Connect, Upgrade (signed), check the peer's proof, send ours: an open hop.
@@ -292,8 +379,10 @@ class HopLink:
         signed = sign_headers(secret, method="GET", path_qs=path_qs,
                               body_blake3=EMPTY_BODY_BLAKE3, src=link.site, dst=self.peer,
                               now=self.clock())
+        sent_at = conn.loop.time()
         conn.transport.write(mh.upgrade_request(netloc, path_qs, signed))
         answer = await conn.head
+        conn.watchdog_s = max(WATCHDOG_MIN_S, WATCHDOG_RTTS * (conn.loop.time() - sent_at))
         if answer.status != 101:
             if answer.status in (401, 403):
                 raise AuthError(f"{self.peer} refused the message hop (HTTP {answer.status})",
@@ -472,6 +561,11 @@ class _HopServing(asyncio.Protocol):
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
+            return
+        if kind is ms.Frame.PING:
+            seq = mh.decode_ping(self.session, payload)
+            self.seqs.check(seq)
+            self._write_reply(seq, 204, b"", False)
             return
         if kind is not ms.Frame.SEND:
             raise ProtocolError(f"message hop: {kind.name} frame where a SEND was expected")

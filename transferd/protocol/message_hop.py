@@ -25,6 +25,11 @@ Frames: `protocol.message_socket`'s framing (u32 length, u8 kind, payload). Afte
     SEND     seq u64, len(envelope) u16, MessageEnvelope JSON, body, MAC
     RECEIPT  seq u64, request seq u64, status u16, MessageAck JSON, MAC
     ERROR    seq u64, request seq u64, status u16, error JSON (ErrorBody), MAC
+    PING     seq u64, MAC (answered by a RECEIPT, status 204, empty body)
+A sender with messages in flight that hears nothing from the peer for a while sends a PING,
+and closes the hop when that stays unanswered too (a peer gone without a FIN, a NAT that
+dropped the flow): its messages then go on the HTTP path within their retry budget. An idle
+hop is pinged now and then for the same reason.
 Each side numbers its own frames from 1 and the other refuses a number that does not grow
 (`channel.SeqGuard`): a frame replayed or reordered on the connection is refused. The MAC is
 the session key's over the kind, the frame's fixed part and JSON, and the body's blake3: a
@@ -57,10 +62,12 @@ __all__ = [
     "HopReply",
     "HopSend",
     "Upgraded",
+    "decode_ping",
     "decode_reply",
     "decode_send",
     "envelope_json",
     "parse_envelope",
+    "encode_ping",
     "encode_reply",
     "encode_send",
     "parse_response_head",
@@ -77,6 +84,7 @@ HEAD_MAX_BYTES = 16 << 10  # the 101 answer's head (a few hundred bytes)
 
 _SEND = struct.Struct("!QH")  # seq, length of the envelope JSON
 _REPLY = struct.Struct("!QQH")  # seq, the SEND's seq, HTTP-like status
+_PING = struct.Struct("!Q")  # seq
 
 
 def _mac(session: ch.Session, kind: ms.Frame, fixed_and_json: bytes, body: bytes) -> bytes:
@@ -118,6 +126,21 @@ def decode_send(session: ch.Session, payload: bytes) -> HopSend:
     head, body, mac = payload[:end], payload[end:-ch.MAC_BYTES], payload[-ch.MAC_BYTES:]
     _check(_mac(session, ms.Frame.SEND, head, body), mac)
     return HopSend(seq, head[_SEND.size:], body)
+
+
+def encode_ping(session: ch.Session, seq: int) -> bytes:
+    head = _PING.pack(seq)
+    return ms.encode_frame(ms.Frame.PING, head, _mac(session, ms.Frame.PING, head, b""))
+
+
+def decode_ping(session: ch.Session, payload: bytes) -> int:
+    """A PING's seq, its MAC checked."""
+    if len(payload) != _PING.size + ch.MAC_BYTES:
+        raise ProtocolError("message hop: PING frame of the wrong size")
+    head, mac = payload[:_PING.size], payload[_PING.size:]
+    _check(_mac(session, ms.Frame.PING, head, b""), mac)
+    (seq,) = _PING.unpack(head)
+    return int(seq)
 
 
 def encode_reply(session: ch.Session, seq: int, request_seq: int, status: int, body: bytes,

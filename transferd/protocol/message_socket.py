@@ -64,6 +64,7 @@ class Frame(IntEnum):
     SEND = 16  # client: request id, JSON header (peer, class, deadline_ms, wait), body
     RECEIPT = 17  # daemon: request id, status, MessageReceipt JSON
     ERROR = 18  # daemon: request id (0: the connection), status, error JSON (ErrorBody)
+    PING = 19  # the peer hop only (protocol.message_hop): "are you there", answered by RECEIPT
 
 
 _KINDS = frozenset(Frame)
