@@ -17,7 +17,9 @@ import transferd.net.message_hop
 import transferd.net.server
 from transferd import TrafficClass, local_signer, read_inbox, send_message
 from transferd.daemon import Daemon
-from transferd.errors import ProtocolError, TransportError
+from transferd.errors import ProtocolError, TransferdError, TransportError
+from transferd.net.message_hop import HopLink
+from transferd.net.peer_client import PeerLink
 from transferd.protocol import channel as ch
 from transferd.protocol import message_hop as mh
 from transferd.protocol import message_socket as ms
@@ -376,3 +378,39 @@ async def test_an_idle_hop_whose_peer_went_silent_is_closed(
             reason = await conn.closed
         assert "silent" in reason
         assert hop.connection() is None
+
+
+async def test_the_hop_runs_over_mutual_tls(tmp_path: Path) -> None:
+    from transferd.testing import loopback_tls
+
+    async with loopback_pair(tmp_path, tls=loopback_tls(tmp_path / "tls")) as (a, b):
+        assert a.links["B"].url.startswith("https://")
+        assert a.messages.hops["B"].connection() is not None
+        # (through the services: the local API is on https too, with the site's certificate)
+        receipt = await a.messages.send("B", b"over tls", MessageQuery(deadline_ms=5000))
+        assert receipt.delivered
+        assert (_paths(a, "hop"), _paths(a, "http")) == (1, 0)
+        [got] = await b.messages.inbox.get(0, 10)
+        assert got.body == b"over tls"
+
+
+async def test_an_https_peer_without_a_tls_section_gets_tls_not_plaintext(
+    tmp_path: Path
+) -> None:
+    """A site without `tls` that names a peer by https:// verifies it against the system's
+    trust store, as its HTTP path does: the hop's first bytes are a TLS ClientHello."""
+    first: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first.append(await reader.read(4))
+        writer.close()
+
+    server = await asyncio.start_server(record, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, loopback_pair(tmp_path) as (a, _b):
+        link = PeerLink(site="A", peer="B", url=f"https://127.0.0.1:{port}", keys=a.keyring,
+                        streams=1, clock=time.time)
+        with pytest.raises(TransferdError):
+            async with asyncio.timeout(10):
+                await HopLink(link).open()
+    assert first[0][:1] == b"\x16"  # a TLS handshake record, not "GET "

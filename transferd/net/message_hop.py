@@ -359,7 +359,7 @@ class HopLink:
         try:
             _transport, conn = await loop.create_connection(
                 lambda: HopConnection(self.peer), host, port,
-                ssl=link.ssl_context if split.scheme == "https" else None,
+                ssl=link.tls if split.scheme == "https" else None,
                 server_hostname=host if split.scheme == "https" else None)
         except OSError as exc:
             raise TransportError(f"{self.peer}: message hop to {host}:{port}: "
