@@ -414,3 +414,32 @@ async def test_an_https_peer_without_a_tls_section_gets_tls_not_plaintext(
             async with asyncio.timeout(10):
                 await HopLink(link).open()
     assert first[0][:1] == b"\x16"  # a TLS handshake record, not "GET "
+
+
+async def test_a_bug_in_an_opening_leaves_the_hop_down_and_the_daemon_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="transferd.messages")
+    async with loopback_pair(tmp_path) as (a, b):
+        hop = a.messages.hops["B"]
+        tries = 0
+        tried_twice = asyncio.Event()
+
+        async def buggy_open() -> Any:
+            nonlocal tries
+            tries += 1
+            if tries == 2:
+                tried_twice.set()
+            raise UnicodeEncodeError("ascii", "b\u00fccher", 1, 2, "in this test")
+
+        hop.open = buggy_open  # type: ignore[method-assign]
+        conn = hop.connection()
+        assert conn is not None
+        conn.close(TransportError("closed in this test"))
+        async with asyncio.timeout(20):
+            await tried_twice.wait()  # keep() lived through the first and tried again
+        assert hop.connection() is None
+        receipt = await _send(a, b"over http meanwhile")
+        assert receipt.delivered
+        assert (_paths(a, "http"), _paths(a, "hop")) == (1, 0)
+        assert "message.hop_open_failed" in [r.getMessage() for r in caplog.records]

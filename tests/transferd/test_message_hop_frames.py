@@ -125,3 +125,11 @@ def test_a_ping_round_trips_and_its_mac_binds_its_seq() -> None:
         mh.decode_ping(SESSION, forged)
     with pytest.raises(ProtocolError):
         mh.decode_ping(SESSION, payload[:-1])
+
+
+def test_the_upgrade_names_an_internationalised_host_by_its_idna_labels() -> None:
+    request = mh.upgrade_request("bücher.example:8443", "/v1/peer/message-hop?nonce=00", {})
+    assert b"\r\nHost: xn--bcher-kva.example:8443\r\n" in request
+    assert b"\r\nHost: 127.0.0.1:80\r\n" in mh.upgrade_request("127.0.0.1:80", "/", {})
+    with pytest.raises(ProtocolError):
+        mh.upgrade_request("a..b\u00fc", "/", {})

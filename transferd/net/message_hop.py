@@ -324,6 +324,14 @@ class HopLink:
                     self._say("down", error=exc.message[:200])
                     await self._pause(next(delays, REOPEN_MAX_S))
                     continue
+                except Exception as exc:
+                    # A bug in an opening must not end the daemon's TaskGroup: the hop is
+                    # down (messages go over HTTP) and is tried again.
+                    log.exception("message.hop_open_failed",
+                                  extra={"fields": {"peer": self.peer}})
+                    self._say("down", error=f"internal error: {type(exc).__name__}: {exc}"[:200])
+                    await self._pause(next(delays, REOPEN_MAX_S))
+                    continue
                 self.conn = conn
                 self.up.set()
                 self._say("up")

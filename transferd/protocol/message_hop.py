@@ -185,9 +185,23 @@ def parse_envelope(raw: bytes) -> MessageEnvelope:
 # ---- opening ---------------------------------------------------------------------------------
 
 
+def _ascii_host(netloc: str) -> str:
+    """The Host header of `netloc` (host[:port]): an internationalised name as its IDNA
+    A-labels (`bücher.example` -> `xn--bcher-kva.example`), as aiohttp sends it."""
+    if netloc.isascii():
+        return netloc
+    name, sep, port = netloc.rpartition(":")
+    if not sep or not port.isdigit():
+        name, sep, port = netloc, "", ""
+    try:
+        return name.encode("idna").decode("ascii") + sep + port
+    except UnicodeError:
+        raise ProtocolError(f"message hop: host {netloc!r} is not a valid name") from None
+
+
 def upgrade_request(host: str, path_qs: str, signed: dict[str, str]) -> bytes:
     """The sender's HTTP/1.1 Upgrade request, its signature headers in `signed`."""
-    lines = [f"GET {path_qs} HTTP/1.1", f"Host: {host}", "Connection: Upgrade",
+    lines = [f"GET {path_qs} HTTP/1.1", f"Host: {_ascii_host(host)}", "Connection: Upgrade",
              f"Upgrade: {UPGRADE}", "Content-Length: 0",
              *(f"{k}: {v}" for k, v in signed.items()), "", ""]
     return "\r\n".join(lines).encode("ascii")
