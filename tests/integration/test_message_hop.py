@@ -70,8 +70,11 @@ async def test_control_messages_and_large_ones_keep_the_http_path(tmp_path: Path
         await a.messages.send("B", b"x" * (mh.HOP_MAX_BODY_BYTES + 1), MessageQuery())
         await _send(a, b"small")
         assert (_paths(a, "http"), _paths(a, "hop")) == (2, 1)
+        # 100 KiB would hold a 50 ms-deadline message behind it on the one FIFO connection.
+        await a.messages.send("B", b"y" * (100 << 10), MessageQuery())
+        assert (_paths(a, "http"), _paths(a, "hop")) == (3, 1)
         got = await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring))
-        assert len(got) == 3
+        assert len(got) == 4
 
 
 async def test_late_messages_are_flagged_on_the_hop(

@@ -77,9 +77,12 @@ __all__ = [
 UPGRADE = "transferd-messages/1"
 H_CHALLENGE = "X-Transferd-Hop-Challenge"  # the receiver's nonce (hex)
 H_ACCEPT = "X-Transferd-Hop-Accept"  # the receiver's proof (hex of channel.accept_frame)
-# A message larger than this goes on the HTTP path: on the one hop connection its bytes would
-# hold the interactive messages behind it (the HTTP pool has a connection per message).
-HOP_MAX_BODY_BYTES = 1 << 20
+# A message larger than this goes on the HTTP path. The hop is one FIFO connection: a frame
+# being written holds every frame behind it, whatever their deadlines, so the scheduler's
+# earliest-deadline-first order would end at the socket. 64 KiB is ~5 ms at 100 Mbit/s (one
+# 50 ms-deadline message can wait behind it); 1 MiB was ~84 ms, past such a deadline by
+# itself. Larger bodies take the HTTP pool, a connection per message, beside the hop.
+HOP_MAX_BODY_BYTES = 64 << 10
 HEAD_MAX_BYTES = 16 << 10  # the 101 answer's head (a few hundred bytes)
 
 _SEND = struct.Struct("!QH")  # seq, length of the envelope JSON
