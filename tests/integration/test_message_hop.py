@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import transferd.daemon
 import transferd.net.message_hop
 import transferd.net.server
+from tests.integration._procs import poll_until
 from transferd import TrafficClass, local_signer, read_inbox, send_message
 from transferd.daemon import Daemon
 from transferd.errors import ProtocolError, TransferdError, TransportError
@@ -446,3 +448,77 @@ async def test_a_bug_in_an_opening_leaves_the_hop_down_and_the_daemon_running(
         assert receipt.delivered
         assert (_paths(a, "http"), _paths(a, "hop")) == (1, 0)
         assert "message.hop_open_failed" in [r.getMessage() for r in caplog.records]
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async def probe() -> bool:
+        return condition()
+
+    await poll_until(probe, bool, timeout_s=20.0, every_s=0.01)
+
+
+async def _hand_hop(a: Daemon, b: Daemon) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                                   ch.Session, bytes]:
+    """A hop from "A" opened by hand and authenticated (AUTH sent): reader, writer, session,
+    the bytes already read after the 101."""
+    said = ch.Hello("A", "B", ch.challenge())
+    secret = a.keyring.secret_for("B")
+    reader, w, answer = await _open(b, _signed_request(a, b, said.client_nonce))
+    server_nonce = bytes.fromhex(answer.headers[mh.H_CHALLENGE.lower()])
+    w.write(ms.encode_frame(ms.Frame.AUTH, ch.proof(secret, said, server_nonce)))
+    return reader, w, ch.Session.derive(secret, said, server_nonce), answer.body_start
+
+
+def _from_a(b: Daemon) -> list[Any]:
+    return [s for s in b.hop_server.connections if s.source == "A"]
+
+
+async def test_b_keeps_one_hop_per_peer_the_newest(tmp_path: Path) -> None:
+    async with loopback_pair(tmp_path) as (a, b):
+        _no_reopening(a)
+        first_reader, first_w, session, _ = await _hand_hop(a, b)
+        first_w.write(mh.encode_ping(session, 1))
+        await _until(lambda: len(_from_a(b)) == 1)  # A's own hop was replaced by this one
+        _reader, w, _session, _ = await _hand_hop(a, b)
+        async with asyncio.timeout(20):
+            rest = await first_reader.read()  # until B drops the older hop
+        assert [kind for kind, _ in ms.FrameReader().feed(rest)] == [ms.Frame.RECEIPT]
+        await _until(lambda: len(_from_a(b)) == 1)
+        first_w.close()
+        w.close()
+
+
+async def _fill_b_replies(serving: Any, w: asyncio.StreamWriter, session: ch.Session) -> None:
+    """Pings, their answers never read: once the kernel's buffers are full B's replies wait
+    in its transport, which then stops reading this peer instead of buffering more."""
+    seq = 1
+    async with asyncio.timeout(60):  # a hang guard
+        while serving.reading:
+            w.write(b"".join(mh.encode_ping(session, seq + i) for i in range(2000)))
+            seq += 2000
+            await asyncio.sleep(0)
+
+
+async def test_b_stops_reading_a_peer_that_does_not_read_its_replies(tmp_path: Path) -> None:
+    async with loopback_pair(tmp_path) as (a, b):
+        _no_reopening(a)
+        _reader, w, session, _ = await _hand_hop(a, b)
+        await _until(lambda: len(_from_a(b)) == 1 and _from_a(b)[0].authenticated)
+        [serving] = _from_a(b)
+        await _fill_b_replies(serving, w, session)
+        assert serving.write_blocked
+        w.close()
+
+
+async def test_stopping_b_does_not_wait_for_a_hop_that_reads_nothing(tmp_path: Path) -> None:
+    async with loopback_pair(tmp_path) as (a, b):
+        _no_reopening(a)
+        _reader, w, session, _ = await _hand_hop(a, b)
+        await _until(lambda: len(_from_a(b)) == 1 and _from_a(b)[0].authenticated)
+        [serving] = _from_a(b)
+        await _fill_b_replies(serving, w, session)
+        assert serving.transport.get_write_buffer_size() > 0
+        b.hop_server.close()
+        async with asyncio.timeout(20):
+            await serving.closed  # aborted: its unread replies are dropped
+        w.close()

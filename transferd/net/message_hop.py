@@ -20,8 +20,8 @@ import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 
@@ -31,6 +31,7 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
+from transferd.net.framed import FramedConnection
 from transferd.net.peer_client import PeerLink
 from transferd.protocol import channel as ch
 from transferd.protocol import message_hop as mh
@@ -415,7 +416,7 @@ class HopLink:
 # ---- the receiving end -------------------------------------------------------------------------
 
 
-Receive = Callable[[str, MessageEnvelope, bytes], Any]  # MessageService.receive
+Receive = Callable[[str, MessageEnvelope, bytes], Awaitable[MessageAck]]  # MessageService.receive
 
 
 class HopServer:
@@ -471,10 +472,19 @@ class HopServer:
         return response
 
     def close(self) -> None:
-        """Drop every hop (the daemon is stopping; the peers fall back to HTTP)."""
+        """Drop every hop (the daemon is stopping; the peers fall back to HTTP): aborted, as
+        replies a peer does not read must not hold the daemon's stop."""
         self._closed = True
         for serving in list(self.connections):
-            serving.transport.close()
+            serving.abort()
+
+    def authenticated(self, serving: _HopServing) -> None:
+        """One hop per peer: an older one from the same peer is dropped (the peer opened this
+        one because it gave that up, or that one's path is dead)."""
+        for other in list(self.connections):
+            if other is not serving and other.source == serving.source:
+                log.info("message.hop_replaced", extra={"fields": {"from": serving.source}})
+                other.abort()
 
     def refused(self, exc: TransferdError, source: str) -> None:
         if isinstance(exc, AuthError):
@@ -484,12 +494,19 @@ class HopServer:
                                       "error": exc.message[:200]}})
 
 
-class _HopServing(asyncio.Protocol):
-    """One peer's hop here: AUTH first, then SENDs, each answered when received."""
+class _HopServing(FramedConnection):
+    """One peer's hop here: AUTH first, then SENDs (and PINGs), each answered when received.
+    The handshake deadline, flow control (reading paused while the messages in progress hold
+    MAX_OUTSTANDING_BYTES or the peer does not read its replies) and refusing are the
+    message socket's (`net.framed`)."""
+
+    what = "message hop"
 
     def __init__(self, server: HopServer, source: str, transport: asyncio.Transport,
                  said: ch.Hello, secret: bytes, server_nonce: bytes,
                  http_protocol: asyncio.BaseProtocol) -> None:
+        super().__init__(handshake_timeout_s=server.handshake_timeout_s,
+                         max_outstanding_bytes=MAX_OUTSTANDING_BYTES)
         self.server = server
         # aiohttp's protocol for this connection: told when it closes (its server's books).
         self.http_protocol = http_protocol
@@ -506,43 +523,35 @@ class _HopServing(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
         self.tg: asyncio.TaskGroup | None = None
         self.early: list[tuple[int, MessageEnvelope, bytes]] = []
-        self.timer: asyncio.TimerHandle | None = None
-        self.outstanding = 0
-        self.reading = True
 
     def start(self) -> None:
-        self.timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout_s, self._expired)
+        if not self.authenticated:
+            self.arm_handshake()
         early, self.early = self.early, []
         for seq, envelope, body in early:
             self._spawn(seq, envelope, body)
 
-    def _expired(self) -> None:
-        self.timer = None
-        if not self.authenticated:
-            self.fail(ProtocolError(f"message hop: not authenticated within "
-                                    f"{self.server.handshake_timeout_s:g} s"))
-
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        super().connection_lost(exc)
         if not self.closed.done():
             self.closed.set_result(None)
         self.http_protocol.connection_lost(exc)
 
-    def _write_reply(self, request_seq: int, status: int, body: bytes, error: bool) -> None:
-        if self.transport.is_closing():
-            return
-        self.reply_seq += 1
-        self.transport.write(mh.encode_reply(self.session, self.reply_seq, request_seq, status,
-                                             body, error=error))
+    def error_frame(self, request_id: int, exc: TransferdError) -> bytes:
+        return self._reply_frame(request_id, exc.http_status,
+                                 json.dumps(exc.to_json()).encode(), True)
 
-    def fail(self, exc: TransferdError) -> None:
-        """Refuse the connection: the error (request 0), then close."""
+    def refused(self, exc: TransferdError) -> None:
         self.server.refused(exc, self.source)
-        self._write_reply(0, exc.http_status, json.dumps(exc.to_json()).encode(), True)
-        self.transport.close()
+
+    def _reply_frame(self, request_seq: int, status: int, body: bytes, error: bool) -> bytes:
+        self.reply_seq += 1
+        return mh.encode_reply(self.session, self.reply_seq, request_seq, status, body,
+                               error=error)
+
+    def _write_reply(self, request_seq: int, status: int, body: bytes, error: bool) -> None:
+        if not self.transport.is_closing():
+            self.write(self._reply_frame(request_seq, status, body, error))
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -566,9 +575,8 @@ class _HopServing(asyncio.Protocol):
             ch.check_proof(self.secret, self.said, self.server_nonce, payload)
             self.authenticated = True
             self.reader.max_bytes = ms.MAX_FRAME_BYTES
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            self.handshake_done()
+            self.server.authenticated(self)
             return
         if kind is ms.Frame.PING:
             seq = mh.decode_ping(self.session, payload)
@@ -594,19 +602,7 @@ class _HopServing(asyncio.Protocol):
     def _spawn(self, seq: int, envelope: MessageEnvelope, body: bytes) -> None:
         assert self.tg is not None
         self.tg.create_task(self._answer(seq, envelope, body))
-        self.outstanding += len(body)
-        self._update_reading()
-
-    def _update_reading(self) -> None:
-        if self.transport.is_closing():
-            return
-        want = self.outstanding <= MAX_OUTSTANDING_BYTES
-        if want != self.reading:
-            self.reading = want
-            if want:
-                self.transport.resume_reading()
-            else:
-                self.transport.pause_reading()
+        self.took(len(body))
 
     async def _answer(self, seq: int, envelope: MessageEnvelope, body: bytes) -> None:
         try:
@@ -621,11 +617,9 @@ class _HopServing(asyncio.Protocol):
             self.server.refused(exc, self.source)
             self._write_reply(seq, exc.http_status, json.dumps(exc.to_json()).encode(), True)
         else:
-            assert isinstance(ack, MessageAck)
             self._write_reply(seq, 200, to_body(ack), False)
         finally:
-            self.outstanding -= len(body)
-            self._update_reading()
+            self.finished(len(body))
 
 
 async def deliver(conn: HopConnection, envelope: MessageEnvelope, body: bytes) -> MessageAck:

@@ -45,6 +45,7 @@ from transferd.errors import (
 )
 from transferd.net import message_hop
 from transferd.net.bulk_priority import interactive_seen, interactive_traffic
+from transferd.net.framed import FramedConnection
 from transferd.net.message_hop import HopLink
 from transferd.net.peer_client import INTERACTIVE_POOL, PeerLink, retrying
 from transferd.net.pump import SchedulerPump
@@ -571,8 +572,7 @@ class MessageSocketServer:
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
         if self.path is not None:
@@ -608,20 +608,19 @@ def _error_frame(request_id: int, exc: TransferdError) -> bytes:
                            json.dumps(exc.to_json()).encode())
 
 
-class _SocketConnection(asyncio.Protocol):
+class _SocketConnection(FramedConnection):
     """One client of the message socket: HELLO -> CHALLENGE -> AUTH -> READY, then SENDs."""
 
+    what = "message socket"
+
     def __init__(self, server: MessageSocketServer) -> None:
+        super().__init__(handshake_timeout_s=server.handshake_timeout_s,
+                         max_outstanding_bytes=server.max_outstanding_bytes)
         self.server = server
         self.reader = ms.FrameReader(ms.HANDSHAKE_FRAME_BYTES)  # raised once authenticated
-        self.transport: asyncio.Transport | None = None
         self.state = ms.Frame.HELLO  # the frame expected next
         self.client_nonce = b""
         self.server_nonce = b""
-        self.handshake_timer: asyncio.TimerHandle | None = None
-        self.outstanding = 0  # bytes of the bodies of this client's requests in progress
-        self.write_blocked = False  # the client does not read its replies fast enough
-        self.reading = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream socket's (uvloop's transports are not asyncio.Transport subclasses).
@@ -639,48 +638,17 @@ class _SocketConnection(asyncio.Protocol):
             if uid not in (os.geteuid(), 0):
                 self.fail(AuthError(f"message socket: uid {uid} is not the daemon's"))
                 return
-        self.handshake_timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout_s, self.handshake_expired)
-
-    def handshake_expired(self) -> None:
-        self.handshake_timer = None
-        self.fail(ProtocolError(f"message socket: not authenticated within "
-                                f"{self.server.handshake_timeout_s:g} s"))
+        self.arm_handshake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        if self.handshake_timer is not None:
-            self.handshake_timer.cancel()
-            self.handshake_timer = None
+        super().connection_lost(exc)
 
-    # Flow control: stop reading while the requests in progress hold too many bytes or the
-    # replies are not read, so a fast client cannot make the daemon buffer without bound.
+    def error_frame(self, request_id: int, exc: TransferdError) -> bytes:
+        return _error_frame(request_id, exc)
 
-    def pause_writing(self) -> None:
-        self.write_blocked = True
-        self.update_reading()
-
-    def resume_writing(self) -> None:
-        self.write_blocked = False
-        self.update_reading()
-
-    def update_reading(self) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        want = not self.write_blocked and self.outstanding <= self.server.max_outstanding_bytes
-        if want != self.reading:
-            self.reading = want
-            if want:
-                self.transport.resume_reading()
-            else:
-                self.transport.pause_reading()
-
-    def fail(self, exc: TransferdError, request_id: int = 0) -> None:
-        """Refuse the connection: the error, then close."""
+    def refused(self, exc: TransferdError) -> None:
         self.server.refused(exc)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_error_frame(request_id, exc))
-            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -691,7 +659,6 @@ class _SocketConnection(asyncio.Protocol):
             self.fail(exc)
 
     def frame(self, kind: ms.Frame, payload: bytes) -> None:
-        assert self.transport is not None
         if kind is not self.state:
             raise ProtocolError(f"message socket: {kind.name} frame where {self.state.name} "
                                 "was expected")
@@ -710,9 +677,7 @@ class _SocketConnection(asyncio.Protocol):
             self.transport.write(ms.encode_frame(ms.Frame.READY))
             self.state = ms.Frame.SEND
             self.reader.max_bytes = ms.MAX_FRAME_BYTES
-            if self.handshake_timer is not None:
-                self.handshake_timer.cancel()
-                self.handshake_timer = None
+            self.handshake_done()
         else:
             request_id, header, body = ms.decode_send(payload)
             try:
@@ -722,16 +687,14 @@ class _SocketConnection(asyncio.Protocol):
                 self.transport.write(_error_frame(request_id, exc))
                 return
             self.server.spawn(self.send(request_id, send, body, time.time()))
-            self.outstanding += len(body)
-            self.update_reading()
+            self.took(len(body))
 
     async def send(self, request_id: int, send: MessageSocketSend, body: bytes,
                    arrived: float) -> None:
         try:
             await self.deliver(request_id, send, body, arrived)
         finally:
-            self.outstanding -= len(body)
-            self.update_reading()
+            self.finished(len(body))
 
     async def deliver(self, request_id: int, send: MessageSocketSend, body: bytes,
                       arrived: float) -> None:
@@ -752,7 +715,7 @@ class _SocketConnection(asyncio.Protocol):
         else:
             reply = ms.encode_reply(ms.Frame.RECEIPT, request_id, 200 if send.wait else 202,
                                     to_body(receipt))
-        if self.transport is not None and not self.transport.is_closing():
+        if not self.transport.is_closing():
             self.transport.write(reply)
             if receipt is not None:
                 _trace("message.socket", receipt.id, arrived, out=time.time())
