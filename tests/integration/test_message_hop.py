@@ -20,7 +20,7 @@ from tests.integration._procs import poll_until
 from transferd import TrafficClass, local_signer, read_inbox, send_message
 from transferd.daemon import Daemon
 from transferd.errors import ProtocolError, TransferdError, TransportError
-from transferd.net.message_hop import HopLink
+from transferd.net.message_hop import HopLink, HopUnsupported
 from transferd.net.peer_client import PeerLink
 from transferd.protocol import channel as ch
 from transferd.protocol import message_hop as mh
@@ -545,3 +545,46 @@ async def test_stopping_b_does_not_wait_for_a_hop_that_reads_nothing(tmp_path: P
         async with asyncio.timeout(20):
             await serving.closed  # aborted: its unread replies are dropped
         w.close()
+
+
+async def test_a_peer_answering_the_upgrade_with_503_is_down_not_older(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiohttp import web
+
+    async def unavailable(self: Any, request: Any, source: str) -> Any:
+        raise web.HTTPServiceUnavailable()
+
+    async with loopback_pair(tmp_path) as (a, b):
+        monkeypatch.setattr(type(b.hop_server), "serve", unavailable)
+        with pytest.raises(TransportError, match="HTTP 503") as refused:
+            async with asyncio.timeout(20):
+                await HopLink(a.links["B"]).open()
+        assert not isinstance(refused.value, HopUnsupported)  # asked again in seconds
+
+
+async def test_a_poke_ends_the_wait_before_asking_an_older_peer_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_app = transferd.daemon.build_app
+
+    def older_b(**kwargs: Any) -> Any:
+        if kwargs["messages"].site == "B":
+            kwargs["hop_server"] = None
+        return build_app(**kwargs)
+
+    monkeypatch.setattr(transferd.daemon, "build_app", older_b)
+    async with loopback_pair(tmp_path) as (a, _b):
+        hop = a.messages.hops["B"]
+        assert hop.state == "unsupported"
+        tried = asyncio.Event()
+        open_hop = hop.open
+
+        async def noted_open() -> Any:
+            tried.set()
+            return await open_hop()
+
+        hop.open = noted_open  # type: ignore[method-assign]
+        hop.poke()  # B upgraded and restarted: it opened its own hop here
+        async with asyncio.timeout(20):  # RECHECK_S is 300 s
+            await tried.wait()

@@ -309,7 +309,7 @@ class HopLink:
                         conn = await self.open()
                 except HopUnsupported as exc:
                     self._say("unsupported", error=exc.message[:200])
-                    await asyncio.sleep(self.recheck_s)
+                    await self._pause(self.recheck_s)  # a poke (the peer restarted) ends it
                     continue
                 except AuthError as exc:
                     # A pair secret that differs (or B's restart refusal): asked again more
@@ -396,8 +396,12 @@ class HopLink:
             if answer.status in (401, 403):
                 raise AuthError(f"{self.peer} refused the message hop (HTTP {answer.status})",
                                 status=answer.status)
-            raise HopUnsupported(f"{self.peer} answered the message hop's Upgrade with HTTP "
-                                 f"{answer.status} (an older daemon?)", peer=self.peer)
+            if answer.status in (404, 405):  # no such route: a daemon from before the hop
+                raise HopUnsupported(f"{self.peer} answered the message hop's Upgrade with "
+                                     f"HTTP {answer.status} (an older daemon?)", peer=self.peer)
+            # 5xx (stopping, overloaded, a proxy's 502) and the rest: down, tried again soon.
+            raise TransportError(f"{self.peer} answered the message hop's Upgrade with HTTP "
+                                 f"{answer.status}", peer=self.peer)
         if answer.headers.get("upgrade", "").lower() != mh.UPGRADE:
             raise HopUnsupported(f"{self.peer} switched to another protocol", peer=self.peer)
         try:
