@@ -133,3 +133,8 @@ def test_the_upgrade_names_an_internationalised_host_by_its_idna_labels() -> Non
     assert b"\r\nHost: 127.0.0.1:80\r\n" in mh.upgrade_request("127.0.0.1:80", "/", {})
     with pytest.raises(ProtocolError):
         mh.upgrade_request("a..b\u00fc", "/", {})
+
+
+def test_an_envelope_nested_past_the_parsers_recursion_limit_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="not JSON"):
+        mh.parse_envelope(b"[" * 60_000 + b"]" * 60_000)

@@ -178,7 +178,7 @@ def parse_envelope(raw: bytes) -> MessageEnvelope:
     """The envelope of a SEND, validated as the HTTP path validates its headers."""
     try:
         fields = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (nested past the C stack)
         raise ProtocolError("message hop: envelope is not JSON") from None
     if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
         raise ProtocolError("message hop: envelope is not an object of strings")
