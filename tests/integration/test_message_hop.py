@@ -588,3 +588,30 @@ async def test_a_poke_ends_the_wait_before_asking_an_older_peer_again(
         hop.poke()  # B upgraded and restarted: it opened its own hop here
         async with asyncio.timeout(20):  # RECHECK_S is 300 s
             await tried.wait()
+
+
+async def test_a_hop_the_peer_drops_at_once_is_reopened_with_a_growing_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with loopback_pair(tmp_path) as (a, b):
+        hop = a.messages.hops["B"]
+        conn = hop.connection()
+        assert conn is not None
+        # B drops every hop as soon as it authenticates (say, a bug on B's side).
+        monkeypatch.setattr(type(b.hop_server), "authenticated",
+                            lambda self, serving: serving.abort())
+        pauses: list[float] = []
+        four = asyncio.Event()
+
+        async def noted_pause(delay_s: float) -> None:
+            pauses.append(delay_s)
+            if len(pauses) == 4:
+                four.set()
+            await asyncio.sleep(0.01 if len(pauses) < 4 else 3600)
+
+        hop._pause = noted_pause  # type: ignore[method-assign]
+        conn.close(TransportError("closed in this test"))
+        async with asyncio.timeout(20):
+            await four.wait()
+        assert pauses == sorted(pauses), pauses
+        assert pauses[3] > pauses[0], pauses  # (0.1, 0.1, 0.1, 0.1 before: reset at each up)

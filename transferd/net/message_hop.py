@@ -51,6 +51,9 @@ RECHECK_S = 300.0  # an older peer is asked again this often (it may have been u
 REOPEN_BUDGET_S = 3600.0 * 24 * 365  # a broken hop is opened again for as long as we run
 REOPEN_MAX_S = 2.0  # ... at most this far apart
 AUTH_RETRY_S = 10.0  # after the peer refused the opening's authentication
+# A hop that stayed up this long (or answered a message) was healthy: its next reopening
+# starts the backoff afresh. One that the peer drops at once keeps backing off.
+STABLE_S = 5.0
 HANDSHAKE_TIMEOUT_S = 10.0  # the receiver's wait for AUTH after its 101
 MAX_OUTSTANDING_BYTES = 64 << 20  # bodies in progress per connection before reading pauses
 # A hop with messages in flight that hears nothing for this long (a PING went out half-way) is
@@ -100,6 +103,7 @@ class HopConnection(asyncio.Protocol):
         self.seqs = ch.SeqGuard()
         self.next_seq = 1
         self.pending: dict[int, asyncio.Future[mh.HopReply]] = {}
+        self.answered = False  # the peer answered a message here
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -176,6 +180,7 @@ class HopConnection(asyncio.Protocol):
         future = self.pending.pop(reply.request_seq, None)
         if future is None:
             raise ProtocolError(f"message hop: reply to {reply.request_seq}, not in flight")
+        self.answered = True
         if not future.done():
             future.set_result(reply)
 
@@ -336,8 +341,10 @@ class HopLink:
                 self.conn = conn
                 self.up.set()
                 self._say("up")
-                delays = backoff_delays(REOPEN_BUDGET_S, first_s=0.1, cap_s=REOPEN_MAX_S)
+                up_at = conn.loop.time()
                 reason = await self._watch_idle(conn)
+                if conn.answered or conn.loop.time() - up_at >= STABLE_S:
+                    delays = backoff_delays(REOPEN_BUDGET_S, first_s=0.1, cap_s=REOPEN_MAX_S)
                 self.up.clear()
                 self.conn = None
                 self._say("down", error=str(reason)[:200])
