@@ -615,3 +615,20 @@ async def test_a_hop_the_peer_drops_at_once_is_reopened_with_a_growing_backoff(
             await four.wait()
         assert pauses == sorted(pauses), pauses
         assert pauses[3] > pauses[0], pauses  # (0.1, 0.1, 0.1, 0.1 before: reset at each up)
+
+
+async def test_closing_an_opening_cancels_its_answer_and_a_send_that_cannot_be_encoded_leaves_nothing_pending(  # noqa: E501
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opening = transferd.net.message_hop.HopConnection("B")
+    opening.close(TransportError("given up in this test"))
+    assert opening.head.cancelled()
+
+    async with loopback_pair(tmp_path) as (a, _b):
+        conn = a.messages.hops["B"].connection()
+        assert conn is not None
+        monkeypatch.setattr(mh, "envelope_json", lambda _envelope: b"{" + b" " * 70_000)
+        with pytest.raises(ProtocolError, match="envelope of"):
+            conn.request(_envelope(), b"x")
+        assert conn.pending == {}
+        assert conn._watch is None  # nothing awaited: no watchdog armed

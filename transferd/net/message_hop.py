@@ -142,6 +142,8 @@ class HopConnection(asyncio.Protocol):
     def close(self, exc: TransferdError) -> None:
         self._disarm()
         self._fail_all(exc)
+        if not self.head.done():  # an opening given up: nobody will read its answer
+            self.head.cancel()
         if not self.closed.done():
             self.closed.set_result(exc.message)
         if self.transport is not None:
@@ -194,11 +196,14 @@ class HopConnection(asyncio.Protocol):
     def request(self, envelope: MessageEnvelope, body: bytes) -> asyncio.Future[mh.HopReply]:
         if self.session is None or self.transport is None or self.transport.is_closing():
             raise TransportError(f"{self.peer}: message hop closed", peer=self.peer)
-        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        seq = self.next_seq
+        # Encoded first: a SEND that cannot be encoded leaves nothing awaited behind it.
+        frame = mh.encode_send(self.session, seq, mh.envelope_json(envelope), body)
+        self.next_seq += 1
         future: asyncio.Future[mh.HopReply] = self.loop.create_future()
         self._awaiting()
         self.pending[seq] = future
-        self.transport.write(mh.encode_send(self.session, seq, mh.envelope_json(envelope), body))
+        self.transport.write(frame)
         return future
 
     def ping(self) -> None:
