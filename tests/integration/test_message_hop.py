@@ -26,7 +26,7 @@ from transferd.protocol import channel as ch
 from transferd.protocol import message_hop as mh
 from transferd.protocol import message_socket as ms
 from transferd.protocol.auth import EMPTY_BODY_BLAKE3, sign_headers
-from transferd.protocol.messages import MessageEnvelope, MessageQuery
+from transferd.protocol.messages import MAX_MESSAGE_BYTES, MessageEnvelope, MessageQuery
 from transferd.protocol.wire import MESSAGE_HOP_ROUTE
 from transferd.testing import loopback_pair
 
@@ -632,3 +632,32 @@ async def test_closing_an_opening_cancels_its_answer_and_a_send_that_cannot_be_e
             conn.request(_envelope(), b"x")
         assert conn.pending == {}
         assert conn._watch is None  # nothing awaited: no watchdog armed
+
+
+async def test_the_hop_refuses_a_body_past_its_limit_and_receive_past_the_message_limit(
+    tmp_path: Path
+) -> None:
+    async with loopback_pair(tmp_path) as (a, b):
+        _no_reopening(a)
+        reader, w, session, after_head = await _hand_hop(a, b)
+        envelope = mh.envelope_json(_envelope())
+        w.write(mh.encode_send(session, 1, envelope, b"m" * (mh.HOP_MAX_BODY_BYTES + 1)))
+        replies = ms.FrameReader()
+        frames = replies.feed(after_head)
+        async with asyncio.timeout(10):  # a hang guard
+            while not frames:
+                chunk = await reader.read(4096)
+                assert chunk, "closed before the answer"
+                frames += replies.feed(chunk)
+            # The head of a frame past the hop's frame limit (its length alone refuses it).
+            w.write(mh.encode_send(session, 2, envelope,
+                                   b"b" * (mh.HOP_MAX_FRAME_BYTES + 1))[:64])
+            frames += replies.feed(await reader.read())  # until B closes
+        w.close()
+        [(k1, p1), (k2, p2)] = frames
+        assert (k1, mh._REPLY.unpack_from(p1)[1:]) == (ms.Frame.ERROR, (1, 400))
+        assert b"larger messages go over HTTP" in p1
+        assert (k2, mh._REPLY.unpack_from(p2)[1:]) == (ms.Frame.ERROR, (0, 400))
+        assert await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring)) == []
+        with pytest.raises(ProtocolError, match="exceeds"):
+            await b.messages.receive("A", _envelope(), b"x" * (MAX_MESSAGE_BYTES + 1))

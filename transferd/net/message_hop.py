@@ -590,7 +590,7 @@ class _HopServing(FramedConnection):
                 raise ProtocolError(f"message hop: {kind.name} frame before AUTH")
             ch.check_proof(self.secret, self.said, self.server_nonce, payload)
             self.authenticated = True
-            self.reader.max_bytes = ms.MAX_FRAME_BYTES
+            self.reader.max_bytes = mh.HOP_MAX_FRAME_BYTES  # larger bodies go over HTTP
             self.handshake_done()
             self.server.authenticated(self)
             return
@@ -604,6 +604,9 @@ class _HopServing(FramedConnection):
         send = mh.decode_send(self.session, payload)
         self.seqs.check(send.seq)
         try:
+            if len(send.body) > mh.HOP_MAX_BODY_BYTES:
+                raise ProtocolError(f"message hop: body of {len(send.body)} bytes exceeds "
+                                    f"{mh.HOP_MAX_BODY_BYTES} (larger messages go over HTTP)")
             envelope = mh.parse_envelope(send.envelope_json)
         except ProtocolError as exc:
             self.server.refused(exc, self.source)

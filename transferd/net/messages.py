@@ -385,6 +385,9 @@ class MessageService:
 
     async def receive(self, source: str, envelope: MessageEnvelope, body: bytes) -> MessageAck:
         """Accept a message from an authenticated peer; idempotent on (source, message id)."""
+        if len(body) > MAX_MESSAGE_BYTES:  # whichever path it came by (HTTP, the hop)
+            raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}",
+                                source=source)
         interactive_seen()  # the bulk gives way to this message's answer and its followers
         ack, message = self.ledger.accept(source, envelope, body, self.clock())
         _trace("message.received", envelope.id, ack.received_at)

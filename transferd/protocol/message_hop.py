@@ -58,6 +58,7 @@ __all__ = [
     "H_ACCEPT",
     "H_CHALLENGE",
     "HOP_MAX_BODY_BYTES",
+    "HOP_MAX_FRAME_BYTES",
     "UPGRADE",
     "HopReply",
     "HopSend",
@@ -86,6 +87,8 @@ HOP_MAX_BODY_BYTES = 64 << 10
 HEAD_MAX_BYTES = 16 << 10  # the 101 answer's head (a few hundred bytes)
 
 _SEND = struct.Struct("!QH")  # seq, length of the envelope JSON
+# The largest frame a receiver reads after AUTH: a SEND of the largest envelope and body.
+HOP_MAX_FRAME_BYTES = _SEND.size + 0xFFFF + HOP_MAX_BODY_BYTES + ch.MAC_BYTES
 _REPLY = struct.Struct("!QQH")  # seq, the SEND's seq, HTTP-like status
 _PING = struct.Struct("!Q")  # seq
 
