@@ -194,6 +194,7 @@ async def _refused_frame(reader: asyncio.StreamReader, after_head: bytes) -> tup
 
 async def test_the_hop_opening_refuses_unsigned_forged_and_replayed(tmp_path: Path) -> None:
     async with loopback_pair(tmp_path) as (a, b):
+        _no_reopening(a)  # B keeps one hop per peer: A's would replace ours
         before = b.metrics.value("transferd_auth_failures_total", reason="message hop")
         # Unsigned: refused before the switch, like any unsigned peer request.
         nonce = ch.challenge()
@@ -241,7 +242,7 @@ async def test_the_hop_opening_refuses_unsigned_forged_and_replayed(tmp_path: Pa
         w.close()
         assert b.metrics.value("transferd_auth_failures_total",
                                reason="message hop") == before + 2
-        # Nothing reached B's inbox, and B still serves A's own hop.
+        # Nothing reached B's inbox, and A still reaches B.
         assert await read_inbox(b.url, wait_ms=0, sign=local_signer(b.keyring)) == []
         assert (await _send(a, b"still fine")).delivered
 
@@ -250,6 +251,7 @@ async def test_a_frame_injected_into_the_hop_closes_it_and_stores_nothing(
     tmp_path: Path
 ) -> None:
     async with loopback_pair(tmp_path) as (a, b):
+        _no_reopening(a)  # B keeps one hop per peer: A's would replace ours
         said = ch.Hello("A", "B", ch.challenge())
         secret = a.keyring.secret_for("B")
         reader, w, answer = await _open(b, _signed_request(a, b, said.client_nonce))
@@ -296,6 +298,7 @@ async def test_auth_and_a_send_in_one_write_are_both_taken(tmp_path: Path) -> No
     """A sender pipelines its first SENDs right behind AUTH: when they arrive in the same read,
     the SEND is held to the authenticated frame limit, not the handshake's 256 bytes."""
     async with loopback_pair(tmp_path) as (a, b):
+        _no_reopening(a)  # B keeps one hop per peer: A's would replace ours
         said = ch.Hello("A", "B", ch.challenge())
         secret = a.keyring.secret_for("B")
         reader, w, answer = await _open(b, _signed_request(a, b, said.client_nonce))
