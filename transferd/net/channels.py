@@ -20,7 +20,8 @@ channels broke under it ONE_PASS_SENDS times (a receiver that refuses the one-pa
 the channel at its header) is hashed first on its next send and goes as an ordinary chunk, and so
 do the peer's other one-pass chunks for ONE_PASS_OFF_S. A
 source that ends inside a chunk or fails a read fails the chunk (`SourceEnded`, `_SourceFailed`):
-it is not put back in the queue.
+it is not put back in the queue. A source whose filesystem refuses `sendfile` (EINVAL, ENOSYS,
+EOPNOTSUPP) is read and sent instead, and read from then on (`SendfileRefusals`).
 
 Receiving: `DataListener` accepts, runs the opening (and TLS when configured), then one thread
 per channel reads each header, receives the body into a pooled aligned buffer (and a one-pass
@@ -84,6 +85,7 @@ __all__ = [
     "OutgoingChunk",
     "PassingChunk",
     "PeerChannels",
+    "SendfileRefusals",
     "set_congestion",
 ]
 
@@ -123,6 +125,39 @@ class _SourceFailed(Exception):
     def __init__(self, error: TransferdError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+# `sendfile` errors that are the source filesystem's refusal of it (a FUSE or network filesystem
+# without splice, a /proc-like file), not a failure of the file or of the socket: the chunk is
+# read and sent instead, and that filesystem is read from then on (`SendfileRefusals`).
+SENDFILE_REFUSED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+class SendfileRefusals:
+    """The filesystems (st_dev) this daemon found refusing `sendfile`: chunks from them are
+    read into the sender thread's buffer and sent (as under TLS) instead of trying `sendfile`
+    again on every chunk; the first refusal of each is logged once. One per daemon, shared by
+    its peers' channels; nothing is remembered across restarts (a remount may bring splice)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._devices: frozenset[int] = frozenset()
+
+    def refuses(self, fd: int) -> bool:
+        """Whether `fd`'s filesystem refused `sendfile` before (no fstat until one has)."""
+        devices = self._devices
+        return bool(devices) and os.fstat(fd).st_dev in devices
+
+    def remember(self, fd: int, path: str, exc: OSError) -> None:
+        """`sendfile` from `fd` (the file at `path`) was refused with `exc`."""
+        dev = os.fstat(fd).st_dev
+        with self._lock:
+            if dev in self._devices:
+                return
+            self._devices = self._devices | {dev}
+        log.warning("channel.sendfile_refused", extra={"fields": {
+            "path": path, "device": dev, "errno": errno.errorcode.get(exc.errno or 0, ""),
+            "error": str(exc)[:200]}})
 
 
 def set_congestion(sock: socket.socket, wanted: CongestionControl) -> str:
@@ -622,29 +657,46 @@ class _Channel:
             for piece in self._source_pieces(item):
                 self.sock.sendall(piece)
         else:
-            assert item.fd is not None
-            sent = 0
+            self._send_file(item)
+
+    def _send_file(self, item: OutgoingChunk) -> None:
+        """A raw local chunk by `sendfile` from its file; from a filesystem that refuses
+        `sendfile` (`SENDFILE_REFUSED`, now or before: `SendfileRefusals`), read into this
+        thread's buffer and sent from there, from where `sendfile` stopped. Any other error
+        is the source's (`_sendfile_failed`) or the socket's (re-raised: the channel breaks)."""
+        assert item.fd is not None
+        refusals = self.owner.sendfile_refusals
+        sent = 0
+        if not refusals.refuses(item.fd):
             while sent < item.raw_length:
                 try:
                     n = os.sendfile(self.sock.fileno(), item.fd, item.offset + sent,
                                     item.raw_length - sent)
                 except OSError as exc:
-                    _sendfile_failed(item, item.offset + sent, exc)
-                    raise
+                    if exc.errno not in SENDFILE_REFUSED:
+                        _sendfile_failed(item, item.offset + sent, exc)
+                        raise
+                    refusals.remember(item.fd, _source_name(item), exc)
+                    break
                 if n == 0:
                     raise SourceEnded("source file ended before the chunk did")
                 sent += n
+            else:
+                return
+        # The reads tell a source that fails (`_SourceFailed`) from a socket that does (sendall).
+        for piece in self._source_pieces(item, sent):
+            self.sock.sendall(piece)
 
-    def _source_pieces(self, item: OutgoingChunk) -> Iterator[memoryview]:
-        """A local chunk's bytes, read from its file piece by piece into this thread's buffer
-        (`file_pieces`; each piece valid until the next): a one-pass chunk's (both one-pass
-        readers) and, under TLS, a raw hash-first chunk's (no `sendfile` there). A file that
-        ends first is the chunk's SourceEnded; a read that fails is its `_SourceFailed`, never
-        the channel's."""
+    def _source_pieces(self, item: OutgoingChunk, skip: int = 0) -> Iterator[memoryview]:
+        """A local chunk's bytes (past its first `skip`), read from its file piece by piece
+        into this thread's buffer (`file_pieces`; each piece valid until the next): a one-pass
+        chunk's (both one-pass readers) and a raw hash-first chunk's under TLS (no `sendfile`
+        there) or from a filesystem that refuses `sendfile`. A file that ends first is the
+        chunk's SourceEnded; a read that fails is its `_SourceFailed`, never the channel's."""
         assert item.fd is not None
         if self._piece is None:
             self._piece = memoryview(mmap.mmap(-1, ONE_PASS_PIECE_BYTES))
-        pieces = file_pieces(item.fd, item.offset, item.raw_length, self._piece)
+        pieces = file_pieces(item.fd, item.offset + skip, item.raw_length - skip, self._piece)
         while True:
             try:
                 piece = next(pieces)
@@ -780,6 +832,7 @@ class PeerChannels:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         window: int = 2,
+        sendfile_refusals: SendfileRefusals | None = None,
     ) -> None:
         self.site = site
         self.peer = peer
@@ -789,6 +842,8 @@ class PeerChannels:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.window = window
+        # The daemon's, shared by its peers (a filesystem refusing `sendfile` is logged once).
+        self.sendfile_refusals = sendfile_refusals or SendfileRefusals()
         self.cond = threading.Condition()
         self.queue: deque[OutgoingChunk] = deque()
         self.channels: list[_Channel] = []
