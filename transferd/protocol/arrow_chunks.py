@@ -58,6 +58,7 @@ __all__ = [
     "DEFAULT_MAX_CHUNK_FACTOR",
     "IPC_ALIGNMENT",
     "ArrowChunkError",
+    "ArrowChunkMemoryError",
     "ChunkLayout",
     "LayoutFormat",
     "Span",
@@ -104,6 +105,12 @@ class ArrowChunkError(ValueError):
         self.offset = offset
         where = f" (at chunk offset {offset})" if offset is not None else ""
         super().__init__(f"arrow chunk: {reason}{where}")
+
+
+class ArrowChunkMemoryError(ArrowChunkError):
+    """No memory to open a chunk (pyarrow's ArrowMemoryError, or Python's MemoryError, while
+    decoding it): the chunk may be intact; the caller maps it to its out-of-memory error,
+    never to damaged data."""
 
 
 class LayoutFormat(StrEnum):
@@ -623,6 +630,9 @@ def read_chunk_schema(chunk: memoryview | bytes | bytearray | pa.Buffer) -> pa.S
         ) from None
     except ArrowChunkError:
         raise
+    except MemoryError as exc:  # pyarrow's ArrowMemoryError too (before its ArrowException)
+        raise ArrowChunkMemoryError(f"no memory for the schema message: {exc}",
+                                    offset=start) from exc
     except _PYARROW_ERRORS as exc:
         raise ArrowChunkError(f"unreadable schema message: {exc}", offset=start) from exc
 
@@ -673,6 +683,9 @@ def open_record_batch_chunk(
             position = stream.tell()
     except ArrowChunkError:
         raise
+    except MemoryError as exc:  # pyarrow's ArrowMemoryError too (before its ArrowException)
+        raise ArrowChunkMemoryError(f"no memory for a record batch: {exc}",
+                                    offset=position) from exc
     except _PYARROW_ERRORS as exc:
         raise ArrowChunkError(f"unreadable record batch: {exc}", offset=position) from exc
     if not batches:
