@@ -194,8 +194,9 @@ async def test_sync_rate_cap_from_the_site_config_holds_over_ten_seconds(tmp_pat
     cap = cap_mbps * 1e6 / 8
     # The bucket starts full: RateCap.from_rate's floor of 16 MiB goes at loopback speed.
     burst = 16 * MiB
-    # Enough for the measured window plus the start-up burst and a margin.
-    size = 128 * MiB
+    # Enough for the measured window plus the start-up burst and a margin: on a loaded machine
+    # the burst goes slowly and B catches up with the bucket's line at loopback speed after it.
+    size = 192 * MiB
     write_random(tmp_path / "site-A" / "curated" / "big.bin", size, seed=3)
     socks = {"A": bound_socket(), "B": bound_socket()}
     ports = {site: sock.getsockname()[1] for site, sock in socks.items()}
@@ -211,7 +212,7 @@ async def test_sync_rate_cap_from_the_site_config_holds_over_ten_seconds(tmp_pat
         start: tuple[float, float] | None = None
         end: tuple[float, float] | None = None
         [job_id] = a.sender.submit("curated/big.bin", ["B"])
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(150):  # a hang guard: about 12 s here, over 60 at load 13-15
             while end is None:
                 got = registry.get_sample_value(
                     "transferd_bytes_received_total", {"peer": "A"}) or 0.0
