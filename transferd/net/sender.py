@@ -964,12 +964,9 @@ class Sender:
             return Encoded("identity", view, n)
         level = policy.compress_level()
         assert level is not None
-        # The compressor's speed is its CPU time's (this thread's: zstd runs in it): on a loaded
-        # host wall-clock time adds the waits for a core, which would rate it slow and switch
-        # compression off, or its level down, for the host's load rather than its speed.
-        t0 = time.thread_time()
+        t0 = time.perf_counter()
         compressed = zstd_compress(view, level)
-        policy.observe_compression(n, time.thread_time() - t0, level)
+        policy.observe_compression(n, time.perf_counter() - t0, level)
         if len(compressed) > n * 0.95:
             return Encoded("identity", view, n)
         return Encoded("zstd", compressed, n)

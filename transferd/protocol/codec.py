@@ -1,13 +1,12 @@
 """zstd framing of chunk bodies, and the rule that decides when compression pays.
 
 Theory of operation (`auto`): sending n bytes raw costs n / L (L: link goodput, bytes/s);
-compressing costs n / (C * workers) (C: zstd input bytes/s per worker, measured over the CPU
-time of the thread that compresses: a loaded host's wall-clock adds its waits for a core),
-overlapped with sending n * ratio bytes. So compression pays when the pipeline's bottleneck
-gets faster: min(C * workers, L / ratio) > L. The ratio is probed on a small sample of each
-chunk (cheap); a chunk whose sample does not shrink by >= 5 % is sent raw. Compressor speed,
-ratio and link goodput are running averages fed by measurements; time is a parameter, so the
-rule is tested without sockets or sleeps.
+compressing costs n / (C * workers) of CPU time (C: zstd input bytes/s per worker), overlapped
+with sending n * ratio bytes. So compression pays when the pipeline's bottleneck gets faster:
+min(C * workers, L / ratio) > L. The ratio is probed on a small sample of each chunk (cheap); a
+chunk whose sample does not shrink by >= 5 % is sent raw. Compressor speed, ratio and link
+goodput are running averages fed by measurements; time is a parameter, so the rule is tested
+without sockets or sleeps.
 
 The level (`auto`): a higher zstd level packs tighter and runs slower. On a link far slower than
 the compressor the spare CPU buys bytes off the wire: `auto` compresses each chunk at the
@@ -103,9 +102,7 @@ class CompressionPolicy:
 
     def observe_compression(self, input_bytes: int, seconds: float,
                             level: int | None = None) -> None:
-        """One chunk compressed at `level` (default: the configured one) took `seconds` of
-        its thread's CPU time (not wall-clock: a loaded host's waits for a core are not the
-        compressor's speed)."""
+        """One chunk compressed at `level` (default: the configured one) took `seconds`."""
         if seconds > 0 and input_bytes > 0:
             speed = input_bytes / seconds
             if self.auto and level is not None:
