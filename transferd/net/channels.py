@@ -137,20 +137,23 @@ class SendfileRefusals:
     """The filesystems (st_dev) this daemon found refusing `sendfile`: chunks from them are
     read into the sender thread's buffer and sent (as under TLS) instead of trying `sendfile`
     again on every chunk; the first refusal of each is logged once. One per daemon, shared by
-    its peers' channels; nothing is remembered across restarts (a remount may bring splice)."""
+    its peers' channels; nothing is remembered across restarts (a remount may bring splice).
+    Keyed by the device the source was opened on (`OutgoingChunk.dev`, from its open-time
+    stat): no fstat in the channel thread, where an NFS or FUSE fstat failing (ESTALE,
+    ENOTCONN) would be taken for the socket's error and break the channel."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._devices: frozenset[int] = frozenset()
 
-    def refuses(self, fd: int) -> bool:
-        """Whether `fd`'s filesystem refused `sendfile` before (no fstat until one has)."""
-        devices = self._devices
-        return bool(devices) and os.fstat(fd).st_dev in devices
+    def refuses(self, dev: int | None) -> bool:
+        """Whether the filesystem `dev` refused `sendfile` before (None: not known)."""
+        return dev is not None and dev in self._devices
 
-    def remember(self, fd: int, path: str, exc: OSError) -> None:
-        """`sendfile` from `fd` (the file at `path`) was refused with `exc`."""
-        dev = os.fstat(fd).st_dev
+    def remember(self, dev: int | None, path: str, exc: OSError) -> None:
+        """`sendfile` from the file at `path` on `dev` was refused with `exc`."""
+        if dev is None:
+            return
         with self._lock:
             if dev in self._devices:
                 return
@@ -474,6 +477,9 @@ class OutgoingChunk:
     one_pass: bool = False
     on_digest: Callable[[str], None] | None = None
     path: str = ""  # the source file's, for a chunk sent from one (its errors name it)
+    # The source file's device (its open-time st_dev): a filesystem refusing `sendfile` is
+    # remembered by it (`SendfileRefusals`) without an fstat in the channel thread.
+    dev: int | None = None
 
     @property
     def wire_length(self) -> int:
@@ -654,8 +660,7 @@ class _Channel:
             # mapping of it: a file cut short under one is a SIGBUS, the daemon's death),
             # through the one-pass readers' mapping: a file that ends or a read that fails
             # (EIO) fails the chunk, instead of breaking channel after channel with it.
-            for piece in self._source_pieces(item):
-                self.sock.sendall(piece)
+            self._read_and_send(item)
         else:
             self._send_file(item)
 
@@ -667,25 +672,40 @@ class _Channel:
         assert item.fd is not None
         refusals = self.owner.sendfile_refusals
         sent = 0
-        if not refusals.refuses(item.fd):
-            while sent < item.raw_length:
-                try:
-                    n = os.sendfile(self.sock.fileno(), item.fd, item.offset + sent,
-                                    item.raw_length - sent)
-                except OSError as exc:
-                    if exc.errno not in SENDFILE_REFUSED:
-                        _sendfile_failed(item, item.offset + sent, exc)
-                        raise
-                    refusals.remember(item.fd, _source_name(item), exc)
-                    break
-                if n == 0:
-                    raise SourceEnded("source file ended before the chunk did")
-                sent += n
-            else:
-                return
-        # The reads tell a source that fails (`_SourceFailed`) from a socket that does (sendall).
-        for piece in self._source_pieces(item, sent):
+        if refusals.refuses(item.dev):
+            self._read_and_send(item)
+            return
+        while sent < item.raw_length:
+            try:
+                n = os.sendfile(self.sock.fileno(), item.fd, item.offset + sent,
+                                item.raw_length - sent)
+            except OSError as exc:
+                if exc.errno not in SENDFILE_REFUSED:
+                    _sendfile_failed(item, item.offset + sent, exc)
+                    raise
+                refused = exc
+                break
+            if n == 0:
+                raise SourceEnded("source file ended before the chunk did")
+            sent += n
+        else:
+            return
+        # Remembered once the read bytes went out: a socket failing meanwhile (its error
+        # raised from sendall, the channel breaks) says nothing of the filesystem.
+        self._read_and_send(item, sent, lambda: refusals.remember(
+            item.dev, _source_name(item), refused))
+
+    def _read_and_send(self, item: OutgoingChunk, skip: int = 0,
+                       first_sent: Callable[[], None] | None = None) -> None:
+        """A local chunk (past its first `skip` bytes) read into this thread's buffer and sent
+        piece by piece (under TLS, or from a filesystem refusing `sendfile`); `first_sent` is
+        called once the first piece is out. The reads tell a source that fails
+        (`_SourceFailed`) from a socket that does (sendall's error: the channel breaks)."""
+        for piece in self._source_pieces(item, skip):
             self.sock.sendall(piece)
+            if first_sent is not None:
+                first_sent()
+                first_sent = None
 
     def _source_pieces(self, item: OutgoingChunk, skip: int = 0) -> Iterator[memoryview]:
         """A local chunk's bytes (past its first `skip`), read from its file piece by piece
@@ -843,7 +863,8 @@ class PeerChannels:
         self.server_hostname = server_hostname
         self.window = window
         # The daemon's, shared by its peers (a filesystem refusing `sendfile` is logged once).
-        self.sendfile_refusals = sendfile_refusals or SendfileRefusals()
+        self.sendfile_refusals = (
+            sendfile_refusals if sendfile_refusals is not None else SendfileRefusals())
         self.cond = threading.Condition()
         self.queue: deque[OutgoingChunk] = deque()
         self.channels: list[_Channel] = []
