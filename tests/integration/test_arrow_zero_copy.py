@@ -278,3 +278,34 @@ async def test_no_memory_while_reading_record_batches_is_a_storage_error_naming_
         failed = spans[0]
     assert f"its {failed.length}-byte chunk at offset {failed.offset}" in message
     assert pa.Table.from_batches(again).equals(expected)
+
+
+async def test_an_allocation_past_the_hosts_memory_while_decoding_is_damage_not_enomem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decoding a committed batch asks pyarrow for more memory than the host has (as a
+    damaged compressed-IPC length prefix does: "malloc of size 1125899906842624 failed"):
+    an IntegrityError naming the file, not a StorageError ENOMEM that a caller would retry
+    forever on bytes that will never decode."""
+    src = tmp_path / "site-A" / "curated" / "events.arrow"
+    write_arrow_file(src, batches=12, rows=10_000)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/events.arrow", ["B"]))
+        assert job.state == "committed", job.error
+        real = ipc.read_record_batch
+        calls = 0
+
+        def damaged(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise pa.ArrowMemoryError("malloc of size 1125899906842624 failed")
+            return real(*args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ipc, "read_record_batch", damaged)
+            with pytest.raises(IntegrityError) as caught:
+                list(b.receiver.record_batches("curated/events.arrow"))
+    message = str(caught.value)
+    assert "curated/events.arrow" in message
+    assert "1125899906842624-byte allocation" in message

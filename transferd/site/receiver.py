@@ -560,8 +560,6 @@ class Receiver:
                     chunk = self._committed_chunk(rel, fh, span, committed)
                     try:
                         batches = open_record_batch_chunk(chunk, schema)
-                    except ArrowChunkMemoryError:
-                        raise
                     except ArrowChunkError:
                         if i == len(spans) - 1:
                             return  # the trailer: end-of-stream marker and footer
@@ -570,7 +568,8 @@ class Receiver:
                     yield from batches
             except ArrowChunkMemoryError as exc:
                 # Decoding allocates too (IPC body decompression): the chunk matched its
-                # committed digest, so this is memory, not damage.
+                # committed digest and asked for memory the host could give, so this is
+                # memory, not damage (more than the host has is an ArrowChunkError).
                 raise _no_memory(rel, span) from exc
             except ArrowChunkError as exc:
                 raise IntegrityError(f"{rel}: not record-batch chunks: {exc}", path=rel) from exc
