@@ -17,9 +17,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration._data import eio_on_channel_reads, file_blake3, write_random
+from tests.integration._data import (
+    assert_the_sources_eio,
+    eio_on_channel_reads,
+    failed_sends,
+    file_blake3,
+    write_random,
+)
 from tests.integration._procs import poll_until
-from transferd.errors import StorageError
 from transferd.net import channels as channels_mod
 from transferd.net import sender as sender_mod
 from transferd.net.channels import OutgoingChunk
@@ -161,15 +166,9 @@ async def test_a_read_error_in_the_fallback_fails_the_chunk_as_the_sources(
         a.sender.retry_budget_s = 0.5
         [job_id] = a.sender.submit("curated/f.bin", ["B"])
         await poll_until(lambda: _job(a, job_id), lambda j: j.state == "waiting", timeout_s=30)
-        errors = [item.done.exception() for item in sent
-                  if item.done.done() and item.done.exception() is not None]
+        errors = failed_sends(sent)
     assert failed
-    assert errors
-    for error in errors:
-        assert isinstance(error, StorageError), repr(error)
-        assert error.fields.get("side") == "source"
-        assert "Input/output error" in str(error)
-        assert str(src) in str(error)
+    assert_the_sources_eio(errors, src)
     # Each failed send ended there (its channel, cut mid-body, breaks too, as on any read
     # error): none went round the channels again.
     assert all(item.sends == 1 for item in sent)
