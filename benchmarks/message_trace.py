@@ -10,8 +10,9 @@ host, so one clock serves. Stages (ms):
   c_in   the client's send -> the sending daemon has parsed the SEND frame
   to_q   parsed -> queued for the peer (the socket handler on A's loop up to the scheduler)
   queue  queued -> a pool worker takes it (the scheduler's queue)
-  out_b  taken -> the receiving daemon takes it (A's request, the link one way, B's HTTP stack)
-  back   B took it -> A has the signed answer (B's reply, the link back, A's HTTP stack)
+  out_b  taken -> the receiving daemon takes it (A's request, the link one way, B's HTTP stack;
+         since round 13 the message hop's frame for an interactive message when it is up)
+  back   B took it -> A has the signed answer (B's reply, the link back, A's HTTP stack or hop)
   reply  A has the answer -> the receipt written to the socket
   c_out  the receipt written -> the client resumed with it
 

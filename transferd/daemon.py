@@ -29,6 +29,7 @@ from transferd.errors import ConfigError, StorageError, TransferdError
 from transferd.net.bulk_priority import loop_waited_for_the_gil
 from transferd.net.channels import DataListener, PeerChannels, SendfileRefusals
 from transferd.net.inbound import InboundUploads
+from transferd.net.message_hop import HopServer
 from transferd.net.messages import MessageService, MessageSocketServer, message_socket_path
 from transferd.net.peer_client import PeerLink
 from transferd.net.pump import PeerTraffic
@@ -283,6 +284,8 @@ class Daemon:
             default_deadline_ms=traffic.message_deadline_ms,
             clock=clock,
         )
+        self.hop_server = HopServer(config.site, self.keyring, self.messages.receive,
+                                    self.metrics, on_peer=self._peer_seen)
         self.message_socket = MessageSocketServer(
             self.messages, self.keyring.secret_for(config.site), self.metrics)
         self.link_telemetry = LinkTelemetry(config.site, config.peers)
@@ -407,6 +410,7 @@ class Daemon:
             messages=self.messages,
             metrics=self.metrics,
             data_port=lambda: self.data_port or 0,
+            hop_server=self.hop_server,
         )
         runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
@@ -439,6 +443,7 @@ class Daemon:
         finally:
             self.inbound.stopping()  # commits held for their last chunks answer now (503)
             await self.message_socket.close()  # before the HTTP cleanup: its TaskGroup has ended
+            self.hop_server.close()  # its handlers end with their connections, not at a timeout
             await stop_closing_every_connection(runner)
             # Channel threads may wait for this loop (a chunk's booking): close them off it.
             await asyncio.to_thread(self.listener.close)
@@ -608,9 +613,13 @@ class Daemon:
                         await up.wait()
 
     def _peer_seen(self, peer: str) -> None:
+        """`peer` opened a data channel or its message hop here: it is up."""
         event = self._peer_up.get(peer)
         if event is not None:
             event.set()
+        hop = self.messages.hops.get(peer)
+        if hop is not None:
+            hop.poke()
 
     def _job_sources(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
         """Watch mode (configured, or implied by a plan's checkpoint entries) and a plan's

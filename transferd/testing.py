@@ -209,6 +209,13 @@ async def loopback_pair(
         # B first, so A (the usual sender) stops first: its chunks in flight land on a live B.
         b = await stack.enter_async_context(running_daemon(load_config(paths["B"]), socks["B"]))
         a = await stack.enter_async_context(running_daemon(load_config(paths["A"]), socks["A"]))
+        # A's first opening of its message hop to B has ended (open, or down: messages then
+        # go over HTTP), so a test's first message does not race it.
+        hop = a.messages.hops.get("B")
+        if hop is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10.0):
+                    await hop.settled.wait()
         yield a, b
 
 

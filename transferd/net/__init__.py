@@ -9,6 +9,7 @@ and do their I/O through `transferd.site`; every task they start belongs to a Ta
 - `pump`: SchedulerPump, BulkGate and PeerTraffic around the scheduler and stream controller
 - `sender`: replication jobs from the journal to peers
 - `messages`: the message service and inbox
+- `message_hop`: the framed peer hop for interactive messages (both ends)
 - `runners`: a plan's sync runner and checkpoint watch mode
 - `buffers`: pooled receive buffers for chunk bodies
 """

@@ -2,8 +2,10 @@
 inbox of received ones (the wire format and its rules are `protocol.messages`).
 
 Sends go through the peer's `SchedulerPump` (control strict, interactive earliest-deadline-first;
-the pump the daemon's bulk path shares) and out over the peer client (`PeerLink`: the pair's
-signatures, one connection pool per class, the one retry with backoff). A message that cannot
+the pump the daemon's bulk path shares) and out over the framed peer hop (`net.message_hop`:
+one long-lived connection per peer, interactive messages up to `HOP_MAX_BODY_BYTES`) when it
+is open, else over the peer client (`PeerLink`: the pair's signatures, one connection pool per
+class); either way with the one retry with backoff. A message that cannot
 meet its deadline is counted and logged as a budget miss with the reason and still delivered;
 one that reaches the peer after its deadline comes back flagged `late`. `run()` holds every
 worker, the pool warmer and the inbox hook in one TaskGroup, which the daemon owns.
@@ -41,11 +43,15 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
+from transferd.net import message_hop
 from transferd.net.bulk_priority import interactive_seen, interactive_traffic
+from transferd.net.framed import FramedConnection
+from transferd.net.message_hop import HopLink
 from transferd.net.peer_client import INTERACTIVE_POOL, PeerLink, retrying
 from transferd.net.pump import SchedulerPump
 from transferd.protocol import message_socket as ms
 from transferd.protocol.local_api import SiteName
+from transferd.protocol.message_hop import HOP_MAX_BODY_BYTES
 from transferd.protocol.messages import (
     MAX_MESSAGE_BYTES,
     MESSAGE_CLASSES,
@@ -147,6 +153,7 @@ class MessageService:
         retry_budget_s: float = 2.0,
         clock: Callable[[], float] = time.time,
         warm_interval_s: float | None = 30.0,
+        framed_hop: bool = True,
     ) -> None:
         self.site = site
         self.links = dict(links)
@@ -171,6 +178,10 @@ class MessageService:
         self._hook_queue: asyncio.Queue[InboxMessage] = asyncio.Queue()
         self._ids = itertools.count()
         self._busy: dict[str, int] = dict.fromkeys(self.links, 0)
+        # The framed hop per peer (interactive messages), kept open by `run()`.
+        self.hops: dict[str, HopLink] = (
+            {peer: HopLink(link, clock=clock) for peer, link in self.links.items()}
+            if framed_hop else {})
 
     def pump(self, peer: str) -> SchedulerPump[object]:
         """The peer's scheduler (shared with the daemon's bulk path when it passed `pumps`)."""
@@ -191,6 +202,8 @@ class MessageService:
                         tg.create_task(self._send_worker(peer, cls))
                 if self.warm_interval_s is not None:
                     tg.create_task(self._keep_warm(peer, self.warm_interval_s))
+                if peer in self.hops:
+                    tg.create_task(self.hops[peer].keep())
             if self.hook_command:
                 for _ in range(2):
                     tg.create_task(self._hook_worker())
@@ -303,12 +316,27 @@ class MessageService:
             finally:
                 self._busy[peer] -= 1
 
+    def _hop_for(self, message: _Outgoing) -> message_hop.HopConnection | None:
+        """The open hop this message goes on, or None (the HTTP path): the interactive class
+        only, and bodies small enough not to hold the others behind them."""
+        hop = self.hops.get(message.peer)
+        if (hop is None or message.traffic_class is not TrafficClass.INTERACTIVE
+                or len(message.body) > HOP_MAX_BODY_BYTES):
+            return None
+        return hop.connection()
+
     async def _deliver(self, message: _Outgoing) -> MessageReceipt:
         link = self.links[message.peer]
+        path = "http"
 
         async def attempt() -> MessageAck:
+            nonlocal path
+            conn = self._hop_for(message)
+            path = "http" if conn is None else "hop"
             try:
                 async with asyncio.timeout(self.request_timeout_s):
+                    if conn is not None:
+                        return await message_hop.deliver(conn, message.envelope, message.body)
                     reply = await link.call(
                         message.traffic_class,
                         "POST",
@@ -317,10 +345,13 @@ class MessageService:
                         headers=message.envelope.headers(),
                     )
             except TimeoutError as exc:
-                raise TransportError(
+                error = TransportError(
                     f"{message.peer}: no answer within {self.request_timeout_s:g} s",
                     peer=message.peer,
-                ) from exc
+                )
+                if conn is not None:  # a hop that does not answer is likely dead: reopen it
+                    conn.close(error)
+                raise error from exc
             return parse_body(MessageAck, reply.body)
 
         ack = await retrying(
@@ -330,6 +361,7 @@ class MessageService:
             first_delay_s=0.02,
         )
         done_at = self.clock()
+        self.metrics.message_paths.labels(message.peer, path).inc()
         _trace("message.acked", message.envelope.id, done_at, peer_rx=ack.received_at)
         reason = late_reason(message.peer, ack, message.envelope.deadline)
         if reason is not None and message.miss_reason is None:
@@ -353,6 +385,9 @@ class MessageService:
 
     async def receive(self, source: str, envelope: MessageEnvelope, body: bytes) -> MessageAck:
         """Accept a message from an authenticated peer; idempotent on (source, message id)."""
+        if len(body) > MAX_MESSAGE_BYTES:  # whichever path it came by (HTTP, the hop)
+            raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}",
+                                source=source)
         interactive_seen()  # the bulk gives way to this message's answer and its followers
         ack, message = self.ledger.accept(source, envelope, body, self.clock())
         _trace("message.received", envelope.id, ack.received_at)
@@ -540,8 +575,7 @@ class MessageSocketServer:
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
         if self.path is not None:
@@ -577,20 +611,19 @@ def _error_frame(request_id: int, exc: TransferdError) -> bytes:
                            json.dumps(exc.to_json()).encode())
 
 
-class _SocketConnection(asyncio.Protocol):
+class _SocketConnection(FramedConnection):
     """One client of the message socket: HELLO -> CHALLENGE -> AUTH -> READY, then SENDs."""
 
+    what = "message socket"
+
     def __init__(self, server: MessageSocketServer) -> None:
+        super().__init__(handshake_timeout_s=server.handshake_timeout_s,
+                         max_outstanding_bytes=server.max_outstanding_bytes)
         self.server = server
         self.reader = ms.FrameReader(ms.HANDSHAKE_FRAME_BYTES)  # raised once authenticated
-        self.transport: asyncio.Transport | None = None
         self.state = ms.Frame.HELLO  # the frame expected next
         self.client_nonce = b""
         self.server_nonce = b""
-        self.handshake_timer: asyncio.TimerHandle | None = None
-        self.outstanding = 0  # bytes of the bodies of this client's requests in progress
-        self.write_blocked = False  # the client does not read its replies fast enough
-        self.reading = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream socket's (uvloop's transports are not asyncio.Transport subclasses).
@@ -608,48 +641,17 @@ class _SocketConnection(asyncio.Protocol):
             if uid not in (os.geteuid(), 0):
                 self.fail(AuthError(f"message socket: uid {uid} is not the daemon's"))
                 return
-        self.handshake_timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout_s, self.handshake_expired)
-
-    def handshake_expired(self) -> None:
-        self.handshake_timer = None
-        self.fail(ProtocolError(f"message socket: not authenticated within "
-                                f"{self.server.handshake_timeout_s:g} s"))
+        self.arm_handshake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        if self.handshake_timer is not None:
-            self.handshake_timer.cancel()
-            self.handshake_timer = None
+        super().connection_lost(exc)
 
-    # Flow control: stop reading while the requests in progress hold too many bytes or the
-    # replies are not read, so a fast client cannot make the daemon buffer without bound.
+    def error_frame(self, request_id: int, exc: TransferdError) -> bytes:
+        return _error_frame(request_id, exc)
 
-    def pause_writing(self) -> None:
-        self.write_blocked = True
-        self.update_reading()
-
-    def resume_writing(self) -> None:
-        self.write_blocked = False
-        self.update_reading()
-
-    def update_reading(self) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        want = not self.write_blocked and self.outstanding <= self.server.max_outstanding_bytes
-        if want != self.reading:
-            self.reading = want
-            if want:
-                self.transport.resume_reading()
-            else:
-                self.transport.pause_reading()
-
-    def fail(self, exc: TransferdError, request_id: int = 0) -> None:
-        """Refuse the connection: the error, then close."""
+    def refused(self, exc: TransferdError) -> None:
         self.server.refused(exc)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_error_frame(request_id, exc))
-            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -660,7 +662,6 @@ class _SocketConnection(asyncio.Protocol):
             self.fail(exc)
 
     def frame(self, kind: ms.Frame, payload: bytes) -> None:
-        assert self.transport is not None
         if kind is not self.state:
             raise ProtocolError(f"message socket: {kind.name} frame where {self.state.name} "
                                 "was expected")
@@ -679,9 +680,7 @@ class _SocketConnection(asyncio.Protocol):
             self.transport.write(ms.encode_frame(ms.Frame.READY))
             self.state = ms.Frame.SEND
             self.reader.max_bytes = ms.MAX_FRAME_BYTES
-            if self.handshake_timer is not None:
-                self.handshake_timer.cancel()
-                self.handshake_timer = None
+            self.handshake_done()
         else:
             request_id, header, body = ms.decode_send(payload)
             try:
@@ -691,16 +690,14 @@ class _SocketConnection(asyncio.Protocol):
                 self.transport.write(_error_frame(request_id, exc))
                 return
             self.server.spawn(self.send(request_id, send, body, time.time()))
-            self.outstanding += len(body)
-            self.update_reading()
+            self.took(len(body))
 
     async def send(self, request_id: int, send: MessageSocketSend, body: bytes,
                    arrived: float) -> None:
         try:
             await self.deliver(request_id, send, body, arrived)
         finally:
-            self.outstanding -= len(body)
-            self.update_reading()
+            self.finished(len(body))
 
     async def deliver(self, request_id: int, send: MessageSocketSend, body: bytes,
                       arrived: float) -> None:
@@ -721,7 +718,7 @@ class _SocketConnection(asyncio.Protocol):
         else:
             reply = ms.encode_reply(ms.Frame.RECEIPT, request_id, 200 if send.wait else 202,
                                     to_body(receipt))
-        if self.transport is not None and not self.transport.is_closing():
+        if not self.transport.is_closing():
             self.transport.write(reply)
             if receipt is not None:
                 _trace("message.socket", receipt.id, arrived, out=time.time())

@@ -118,6 +118,13 @@ class PeerLink:
         self.ssl_context = ssl_context
         self._sessions: dict[TrafficClass, aiohttp.ClientSession] = {}
 
+    @property
+    def tls(self) -> ssl.SSLContext | bool:
+        """The `ssl` argument of a connection to this peer's https URL: the site's `tls`
+        context, or True (the system's trust store and hostname check) without one; a
+        connection of ours to an https peer never goes out in plaintext."""
+        return self.ssl_context if self.ssl_context is not None else True
+
     def session(self, traffic_class: TrafficClass) -> aiohttp.ClientSession:
         if self.shared_pool:
             traffic_class = TrafficClass.CHECKPOINT
@@ -129,7 +136,7 @@ class PeerLink:
             limit = 2 * self.streams if bulk else INTERACTIVE_POOL if interactive else _CONTROL_POOL
             connector = aiohttp.TCPConnector(
                 limit=limit,
-                ssl=self.ssl_context if self.ssl_context is not None else True,
+                ssl=self.tls,
                 enable_cleanup_closed=False,
                 # Idle interactive connections stay open (the message service keeps them warm)
                 # for less than aiohttp servers' 75 s keep-alive, so the peer never closes first.

@@ -30,6 +30,7 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
+from transferd.net.message_hop import HopServer
 from transferd.net.messages import MessageService
 from transferd.net.relay import RoutingInbound
 from transferd.protocol.auth import AuthHeaders, RequestVerifier, sign_reply
@@ -63,6 +64,7 @@ from transferd.protocol.wire import (
     LOCAL_JOBS_ROUTE,
     LOCAL_SEND_ROUTE,
     LOCAL_STATUS_ROUTE,
+    MESSAGE_HOP_ROUTE,
     MESSAGES_ROUTE,
     PEER_MESSAGES_ROUTE,
     TELEMETRY_ROUTE,
@@ -109,6 +111,7 @@ def build_app(
     messages: MessageService,
     metrics: Metrics,
     data_port: Callable[[], int],
+    hop_server: HopServer | None = None,
 ) -> web.Application:
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -207,6 +210,11 @@ def build_app(
         body = await body_of(request, auth, MAX_MESSAGE_BYTES)
         return _answer(await messages.receive(auth.site, envelope, body))
 
+    async def message_hop(request: web.Request) -> web.StreamResponse:
+        auth = peer(request)  # the Upgrade request is signed like any other
+        assert hop_server is not None  # the route exists only with one
+        return await hop_server.serve(request, auth.site)
+
     async def warm_up(request: web.Request) -> web.Response:
         peer(request)
         return web.Response(status=204)  # a peer opening its interactive pool; says nothing
@@ -276,6 +284,8 @@ def build_app(
     app.router.add_post(ABORT_ROUTE, abort)
     app.router.add_post(PEER_MESSAGES_ROUTE, receive_message)
     app.router.add_get(PEER_MESSAGES_ROUTE, warm_up)
+    if hop_server is not None:
+        app.router.add_get(MESSAGE_HOP_ROUTE, message_hop)
     app.router.add_post(LOCAL_SEND_ROUTE, local_send)
     app.router.add_get(LOCAL_JOBS_ROUTE, local_jobs)
     app.router.add_get(LOCAL_STATUS_ROUTE, local_status)

@@ -5,6 +5,8 @@ imports of every module and refuses asyncio, aiohttp, and transferd.site / trans
 - `wire`: the HTTP API's routes, the one frozen model base, parsing bodies at the edge
 - `manifest`, `local_api`, `messages`: the bodies - upload documents and the signed manifest;
   jobs, send and status; interactive messages (envelope, ack, receipt, inbox, ledger)
+- `message_socket`, `message_hop`: the framed message paths (the local client's unix socket;
+  the peer hop between daemons, opened by an HTTP Upgrade)
 - `upload`: the upload state machines of sender and receiver (what to offer, what is missing,
   when to commit)
 - `auth`: request signatures (HMAC per site pair), replay guard, who may call what

@@ -14,6 +14,7 @@ __all__ = [
     "LOCAL_SEND_ROUTE",
     "LOCAL_STATUS_ROUTE",
     "MESSAGES_ROUTE",
+    "MESSAGE_HOP_ROUTE",
     "MESSAGE_SOCKET_ROUTE",
     "PEER_MESSAGES_ROUTE",
     "TELEMETRY_ROUTE",
@@ -26,6 +27,7 @@ DATA_CHANNEL_ROUTE = "/v1/data-channel"
 COMMIT_ROUTE = "/v1/uploads/{upload}/commit"
 ABORT_ROUTE = "/v1/uploads/{upload}/abort"
 PEER_MESSAGES_ROUTE = "/v1/peer/messages"
+MESSAGE_HOP_ROUTE = "/v1/peer/message-hop"  # peer API: the framed hop (protocol.message_hop)
 LOCAL_SEND_ROUTE = "/v1/local/send"
 LOCAL_JOBS_ROUTE = "/v1/local/jobs"
 LOCAL_STATUS_ROUTE = "/v1/local/status"

@@ -64,6 +64,7 @@ class Frame(IntEnum):
     SEND = 16  # client: request id, JSON header (peer, class, deadline_ms, wait), body
     RECEIPT = 17  # daemon: request id, status, MessageReceipt JSON
     ERROR = 18  # daemon: request id (0: the connection), status, error JSON (ErrorBody)
+    PING = 19  # the peer hop only (protocol.message_hop): "are you there", answered by RECEIPT
 
 
 _KINDS = frozenset(Frame)
@@ -78,20 +79,25 @@ class FrameReader:
     """Whole frames out of a byte stream; ProtocolError for an unknown kind or a frame past
     `max_bytes` (the connection is then closed: its framing can no longer be trusted)."""
 
-    def __init__(self, max_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(self, max_bytes: int = MAX_FRAME_BYTES, name: str = "message socket") -> None:
         self.max_bytes = max_bytes
+        self.name = name  # in its errors: the message socket, or the peer hop that reuses it
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[tuple[Frame, bytes]]:
+    def feed(self, data: bytes, max_frames: int | None = None) -> list[tuple[Frame, bytes]]:
+        """The whole frames in the buffer, at most `max_frames` of them: the rest stays
+        buffered, unchecked, for the next call (a handshake takes one frame, then raises
+        `max_bytes` for the frames a client may pipeline behind it)."""
         self._buf += data
         frames: list[tuple[Frame, bytes]] = []
         at = 0
-        while len(self._buf) - at >= _HEADER.size:
+        while len(self._buf) - at >= _HEADER.size and (
+                max_frames is None or len(frames) < max_frames):
             size, kind = _HEADER.unpack_from(self._buf, at)
             if kind not in _KINDS:
-                raise ProtocolError(f"message socket: unknown frame kind {kind}")
+                raise ProtocolError(f"{self.name}: unknown frame kind {kind}")
             if size > self.max_bytes:
-                raise ProtocolError(f"message socket: frame of {size} bytes exceeds "
+                raise ProtocolError(f"{self.name}: frame of {size} bytes exceeds "
                                     f"{self.max_bytes}")
             end = at + _HEADER.size + size
             if len(self._buf) < end:

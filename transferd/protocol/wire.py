@@ -17,6 +17,8 @@ Peer API (signed with the pair secret):
     POST /v1/uploads/{upload}/abort       (no body) -> 204: the sender gave the upload up
     POST /v1/peer/messages                message body (MessageEnvelope headers) -> MessageAck
     GET  /v1/peer/messages                204: a peer opening its interactive pool
+    GET  /v1/peer/message-hop?nonce=...   Upgrade -> 101: the framed hop for interactive
+                                          messages (`protocol.message_hop`)
 Local API (signed with the site's own secret, used by the CLI and `transferd.send_message`):
     POST /v1/local/send                   SendRequest -> SendAnswer
     GET  /v1/local/jobs?ids=...           JobsAnswer

@@ -99,6 +99,9 @@ class Metrics:
         self.messages_delivered = counter(
             "messages_delivered", "Messages a peer acknowledged", *message
         )
+        self.message_paths = counter(
+            "message_paths", "Messages a peer acknowledged, by the path they took (hop: the "
+            "framed peer hop; http: one request each)", "peer", "path")
         self.messages_received = counter(
             "messages_received", "Messages received from a peer", *message
         )
