@@ -29,6 +29,7 @@ from transferd.errors import ConfigError, StorageError, TransferdError
 from transferd.net.bulk_priority import loop_waited_for_the_gil
 from transferd.net.channels import DataListener, PeerChannels
 from transferd.net.inbound import InboundUploads
+from transferd.net.loop_lag import watch_lag
 from transferd.net.messages import MessageService, MessageSocketServer, message_socket_path
 from transferd.net.peer_client import PeerLink
 from transferd.net.pump import PeerTraffic
@@ -55,8 +56,7 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("transferd.daemon")
 SHUTDOWN_GRACE_S = 10.0
-LAG_TICK_S = 0.01  # the loop-lag probe's timer
-LAG_LOG_S = 0.02  # a timer this late is logged as a stall
+LAG_LOG_S = 0.02  # a loop-lag probe's timer this late is logged as a stall (`net.loop_lag`)
 # Chunks each data channel keeps in flight beyond the one being written: enough to cover the
 # receipt's round trip (the socket buffers hold the rest of the pipe), few enough that a broken
 # channel has little to send again.
@@ -483,30 +483,40 @@ class Daemon:
         return []
 
     async def _watch_lag(self) -> None:
-        """Time a short timer again and again: how late it fires is how long anything queued
-        on the loop (a message, a control request) waited for it. Stalls are logged."""
-        loop = asyncio.get_running_loop()
+        """The loop-lag probe (`net.loop_lag`: 10 ms ticks while work moves, slower when
+        idle): each lag into `loop_lag`, stalls logged with which wait they were. Each tick
+        also books the channel threads' calls left waiting (`Sender.flush_inbox`): a wake the
+        loop makes anyway."""
         schedstat = ThreadSchedstat()  # opened here: the loop's own thread
+        sched0 = schedstat.read()
+
+        def on_tick(lag: float | None) -> None:
+            nonlocal sched0
+            self.sender.flush_inbox()
+            if lag is not None:
+                self._observe_lag(lag, sched0, schedstat.read() if lag >= LAG_LOG_S else None)
+            sched0 = schedstat.read()
+
         try:
-            while True:
-                t0, sched0 = loop.time(), schedstat.read()
-                await asyncio.sleep(LAG_TICK_S)
-                lag = max(0.0, loop.time() - t0 - LAG_TICK_S)
-                self.metrics.loop_lag.observe(lag)
-                if lag >= LAG_LOG_S:
-                    fields: dict[str, float] = {"ms": round(lag * 1e3, 1)}
-                    sched1 = schedstat.read()
-                    if sched0 is not None and sched1 is not None:
-                        # Which wait it was: the loop thread running (busy), waiting in the
-                        # run queue for a CPU, or neither (asleep: waiting for the GIL).
-                        fields["ran_ms"] = round((sched1[0] - sched0[0]) / 1e6, 1)
-                        fields["cpu_wait_ms"] = round((sched1[1] - sched0[1]) / 1e6, 1)
-                    log.info("loop.stall", extra={"fields": fields})
-                    if "ran_ms" in fields:  # at least this much of the stall was a GIL wait
-                        loop_waited_for_the_gil(
-                            (fields["ms"] - fields["ran_ms"] - fields["cpu_wait_ms"]) / 1e3)
+            await watch_lag(on_tick, working=self.sender.busy, stall_s=LAG_LOG_S)
         finally:
             schedstat.close()
+
+    def _observe_lag(self, lag: float, sched0: tuple[int, int] | None,
+                     sched1: tuple[int, int] | None) -> None:
+        self.metrics.loop_lag.observe(lag)
+        if lag < LAG_LOG_S:
+            return
+        fields: dict[str, float] = {"ms": round(lag * 1e3, 1)}
+        if sched0 is not None and sched1 is not None:
+            # Which wait it was: the loop thread running (busy), waiting in the run queue for
+            # a CPU, or neither (asleep: waiting for the GIL).
+            fields["ran_ms"] = round((sched1[0] - sched0[0]) / 1e6, 1)
+            fields["cpu_wait_ms"] = round((sched1[1] - sched0[1]) / 1e6, 1)
+        log.info("loop.stall", extra={"fields": fields})
+        if "ran_ms" in fields:  # at least this much of the stall was a GIL wait
+            loop_waited_for_the_gil(
+                (fields["ms"] - fields["ran_ms"] - fields["cpu_wait_ms"]) / 1e3)
 
     async def _sample_links(self) -> None:
         """Every SAMPLE_S: the data channels' tcp_info into each link's window, and the

@@ -11,4 +11,5 @@ and do their I/O through `transferd.site`; every task they start belongs to a Ta
 - `messages`: the message service and inbox
 - `runners`: a plan's sync runner and checkpoint watch mode
 - `buffers`: pooled receive buffers for chunk bodies
+- `loop_lag`: the event loop's lag probe (10 ms ticks while work moves, slower when idle)
 """

@@ -1,0 +1,114 @@
+"""`LoopInbox`: the sending channel threads' calls into the event loop (a send starts, a
+one-pass digest, a receipt) run in the order posted, one wake-up of the loop for all that is
+pending; a send's start (`post_later`) wakes nothing and rides with the next call."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from transferd.net.channels import LoopBatches, LoopInbox
+from transferd.net.loop_lag import LagPace, watch_lag
+
+
+async def test_calls_posted_while_the_loop_is_busy_run_in_order_in_one_wake() -> None:
+    loop = asyncio.get_running_loop()
+    inbox = LoopInbox(loop)
+    ran: list[tuple[str, int]] = []
+    posted = threading.Event()
+
+    def channel_thread() -> None:
+        for i in range(4):
+            inbox.post_later(ran.append, ("on_wire", i))
+            inbox.post(ran.append, ("digest", i))
+            inbox.post(ran.append, ("receipt", i))
+        posted.set()
+
+    def busy_loop() -> None:  # the loop runs a callback meanwhile: nothing of it runs yet
+        assert posted.wait(10)
+
+    loop.call_soon(busy_loop)
+    await asyncio.to_thread(channel_thread)
+    await asyncio.sleep(0)
+    assert ran == [(kind, i) for i in range(4) for kind in ("on_wire", "digest", "receipt")]
+    assert inbox.wakes == 1  # a call_soon_threadsafe each: 8 wakes (12 with the sends' starts)
+
+
+async def test_a_send_start_wakes_nothing_and_rides_with_the_next_call_or_flush() -> None:
+    loop = asyncio.get_running_loop()
+    inbox = LoopInbox(loop)
+    ran: list[str] = []
+    await asyncio.to_thread(inbox.post_later, ran.append, "on_wire 1")
+    await asyncio.sleep(0.05)
+    assert ran == []
+    assert inbox.wakes == 0
+    inbox.flush()  # the loop-lag probe's tick
+    assert ran == ["on_wire 1"]
+    await asyncio.to_thread(inbox.post_later, ran.append, "on_wire 2")
+    await asyncio.to_thread(inbox.post, ran.append, "receipt 2")
+    await asyncio.sleep(0)
+    assert ran == ["on_wire 1", "on_wire 2", "receipt 2"]
+    assert inbox.wakes == 1
+
+
+async def test_a_failing_call_is_reported_and_the_rest_of_its_batch_runs() -> None:
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    try:
+        inbox = LoopInbox(loop)
+        ran: list[int] = []
+
+        def broken() -> None:
+            raise ValueError("bad booking")
+
+        inbox.post_later(broken)
+        await asyncio.to_thread(inbox.post, ran.append, 1)
+        await asyncio.sleep(0)
+        assert ran == [1]
+        assert isinstance(seen[0]["exception"], ValueError)
+    finally:
+        loop.set_exception_handler(None)
+
+
+def test_a_closed_loop_drops_the_calls_without_raising_in_the_channel_thread() -> None:
+    loop = asyncio.new_event_loop()
+    loop.close()
+    inbox = LoopInbox(loop)
+    inbox.post(time.sleep, 0)  # the daemon is gone: nothing to book, nothing raised
+    with pytest.raises(RuntimeError):
+        loop.call_soon_threadsafe(time.sleep, 0)
+
+
+async def test_a_batch_reports_its_wait_for_the_loop_to_the_lag_probe() -> None:
+    """The wake a batch makes anyway is a lag sample (`loop_waited`): the calls' wait from
+    asking for the wake to running, for `LoopInbox` (sender) and `LoopBatches` (receiver)."""
+    loop = asyncio.get_running_loop()
+    samples: list[float | None] = []
+    # An idle pace with a long tick: every sample seen here is a batch's, not the timer's.
+    probe = asyncio.create_task(watch_lag(samples.append, pace=LagPace(idle_tick_s=3600.0)))
+    await asyncio.sleep(0)
+    try:
+        inbox = LoopInbox(loop)
+        ran: list[int] = []
+
+        def busy_loop() -> None:  # the loop runs a callback 30 ms long meanwhile
+            time.sleep(0.03)
+
+        loop.call_soon(busy_loop)
+        await asyncio.to_thread(inbox.post, ran.append, 1)
+        await asyncio.sleep(0.01)
+        assert ran == [1]
+        assert len(samples) == 1
+        assert samples[0] is not None
+        assert samples[0] > 0.0
+        batches: LoopBatches[int] = LoopBatches(lambda items: None)
+        await asyncio.to_thread(batches.run, loop, 1)
+        assert len(samples) == 2
+    finally:
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe

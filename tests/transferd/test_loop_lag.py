@@ -1,0 +1,170 @@
+"""The loop-lag probe (`net.loop_lag`) on a loop whose clock is virtual (time passes only when
+the loop would sleep): 10 ms ticks while work moves, a few a second when the daemon is idle,
+fast again at once on a sign of work or after a stall. Ticks are counted, not timed."""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from transferd.net.loop_lag import (
+    LAG_HOLD_S,
+    LAG_IDLE_TICK_S,
+    LAG_TICK_S,
+    LagPace,
+    loop_waited,
+    watch_lag,
+    work_seen,
+)
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """A loop whose clock moves only where it would block: a wait of t seconds costs none."""
+
+    def __init__(self) -> None:
+        super().__init__(selectors.DefaultSelector())
+        self.now = 1000.0
+        self.wakes = 0  # times the loop slept and woke (time passed)
+        real_select = self._selector.select  # type: ignore[attr-defined]
+
+        def select(timeout: float | None = None) -> Any:
+            events = real_select(0)
+            if not events and timeout:
+                self.now += timeout
+                self.wakes += 1
+            return events
+
+        self._selector.select = select  # type: ignore[attr-defined]
+
+    def time(self) -> float:
+        return self.now
+
+
+Ticks = list[tuple[float, float | None]]
+
+
+def run_probe(seconds: float, *, working: Callable[[], bool] = lambda: False,
+              cpu_s: Callable[[], float] = lambda: 0.0, pace: LagPace | None = None,
+              meanwhile: Callable[[VirtualTimeLoop], Coroutine[Any, Any, None]] | None = None,
+              wakes: list[int] | None = None) -> tuple[Ticks, float]:
+    """The probe's ticks (when, lag) over `seconds` of virtual time, and when it started;
+    the loop's wake-ups appended to `wakes`."""
+    loop = VirtualTimeLoop()
+    ticks: Ticks = []
+
+    async def main() -> float:
+        start = loop.time()
+        probe = asyncio.create_task(watch_lag(
+            lambda lag: ticks.append((loop.time(), lag)), working=working, pace=pace,
+            stall_s=0.02, cpu_s=cpu_s))
+        if meanwhile is not None:
+            await meanwhile(loop)
+        await asyncio.sleep(start + seconds - loop.time())
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        return start
+
+    try:
+        start = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    if wakes is not None:
+        wakes.append(loop.wakes)
+    return ticks, start
+
+
+def test_an_idle_probe_wakes_the_loop_a_few_times_a_second_not_a_hundred() -> None:
+    ticks, _ = run_probe(30.0)
+    # A fixed 10 ms tick: 3000 wake-ups in 30 s (22-32 ms of CPU a second on the bench VM).
+    assert 30 / LAG_IDLE_TICK_S - 2 <= len(ticks) <= 30 / LAG_IDLE_TICK_S + 1
+    assert len(ticks) <= 5 * 30
+    assert all(lag == 0.0 for _, lag in ticks)
+
+
+def test_the_probe_ticks_every_10_ms_while_work_moves() -> None:
+    ticks, _ = run_probe(2.0, working=lambda: True)
+    assert 2 / LAG_TICK_S - 2 <= len(ticks) <= 2 / LAG_TICK_S + 1
+    gaps = [b - a for (a, _), (b, _) in zip(ticks, ticks[1:], strict=False)]
+    assert max(gaps) == pytest.approx(LAG_TICK_S)
+
+
+def test_work_seen_wakes_an_idle_probe_at_once_and_holds_it_fast() -> None:
+    async def message_at_10_1(loop: VirtualTimeLoop) -> None:
+        await asyncio.sleep(10.1)
+        work_seen()
+
+    ticks, start = run_probe(20.0, meanwhile=message_at_10_1)
+    seen = start + 10.1
+    after = [(t, lag) for t, lag in ticks if t >= seen]
+    # The idle wait it was in is cut short (it measured nothing), then 10 ms ticks at once.
+    assert after[0] == (pytest.approx(seen), None)
+    fast = [t for t, _ in after if t <= seen + LAG_HOLD_S]
+    assert len(fast) >= LAG_HOLD_S / LAG_TICK_S - 2
+    # Once the hold is over with nothing moving: idle ticks again.
+    late = [t for t, _ in after if t > seen + LAG_HOLD_S + LAG_IDLE_TICK_S]
+    assert len(late) <= (20.0 - 10.1 - LAG_HOLD_S) / LAG_IDLE_TICK_S + 1
+
+
+def test_a_stall_is_measured_and_the_ticks_after_it_are_fast() -> None:
+    async def stall_at_3(loop: VirtualTimeLoop) -> None:
+        await asyncio.sleep(3.0 - 0.001)
+        loop.now += 0.3  # a callback that held the loop 300 ms
+
+    ticks, start = run_probe(6.0, meanwhile=stall_at_3)
+    lags = [lag for _, lag in ticks if lag]
+    # A stall over an idle tick's due time is measured whole (one between two ticks is not).
+    assert lags
+    assert max(lags) >= 0.05
+    after = [t for t, _ in ticks if start + 3.3 < t < start + 6.0]
+    assert len(after) >= (6.0 - 3.3) / LAG_TICK_S - 2
+
+
+def test_a_process_busy_on_its_threads_counts_as_work() -> None:
+    # A receiver: its channel threads take 40 % of a core, nothing on the loop says so.
+    def cpu_s() -> float:
+        return 0.4 * (asyncio.get_running_loop().time() - 1000.0)
+
+    ticks, start = run_probe(3.0, cpu_s=cpu_s)
+    # One idle window to notice it, then 10 ms ticks.
+    fast = [t for t, _ in ticks if t > start + 2 * LAG_IDLE_TICK_S]
+    assert len(fast) >= (3.0 - 2 * LAG_IDLE_TICK_S) / LAG_TICK_S - 2
+
+
+def test_pace_alone() -> None:
+    pace = LagPace()
+    assert pace.next_tick_s(0.0, 0.0) == LAG_IDLE_TICK_S
+    assert pace.next_tick_s(0.25, 0.001) == LAG_IDLE_TICK_S  # 0.4 % of a core: idle
+    assert pace.next_tick_s(0.5, 0.1) == LAG_TICK_S  # 40 %: busy
+    assert pace.next_tick_s(0.5 + LAG_HOLD_S + 0.3, 0.1) == LAG_IDLE_TICK_S
+    assert pace.next_tick_s(10.0, 0.1, working=True) == LAG_TICK_S
+
+
+@pytest.mark.parametrize("batches", [True, False])
+def test_batches_the_loop_runs_anyway_are_samples_and_keep_the_timer_quiet(
+    batches: bool,
+) -> None:
+    """A sender's channel threads wake the loop every 5 ms (a batch of receipts): each batch
+    reports its wait (`loop_waited`) and the probe's timer, re-armed a tick later, never has
+    to wake the loop itself. Without the batches' samples it would, 100 times a second."""
+    async def batches_every_5_ms(loop: VirtualTimeLoop) -> None:
+        async def run() -> None:
+            await asyncio.sleep(0.003)  # out of step with the probe's own ticks
+            for _ in range(400):
+                if batches:
+                    loop_waited(0.0002)
+                await asyncio.sleep(0.005)
+
+        asyncio.get_running_loop().create_task(run())
+
+    wakes: list[int] = []
+    ticks, _ = run_probe(2.0, working=lambda: True, meanwhile=batches_every_5_ms, wakes=wakes)
+    if batches:
+        assert wakes[0] <= 400 + 5  # the batches' own wake-ups, hardly one of the probe's
+        assert sum(1 for _, lag in ticks if lag == pytest.approx(0.0002)) == 400
+    else:
+        assert wakes[0] >= 400 + 190  # the probe's timer: 100 more a second

@@ -1,0 +1,184 @@
+"""The event loop's lag probe: a timer armed again and again; how late it fires is how long
+anything queued on the loop (a message, a control request, a chunk's receipt) waited for it.
+
+Theory of operation. Each tick costs a wake-up of the loop (110-230 us of CPU on the benchmark
+VM, round 12): at a fixed 10 ms tick an idle daemon burnt 22-32 ms of CPU a second on it. The
+lag matters while something waits on the loop, so the tick is `LAG_TICK_S` while work moves
+and `LAG_IDLE_TICK_S` when the daemon is idle (`LagPace`, sans-IO: time and the process's CPU
+are parameters). Work moves while the caller says so (jobs running), for `LAG_HOLD_S` after a
+sign of it (`work_seen`: a message, a job starting, an upload opened here; a stall the probe
+saw itself), and while the process spends `LAG_BUSY_CPU_SHARE` of a core or more (a
+receiver's channel threads), measured over windows of at least `LAG_IDLE_TICK_S`. A sign of
+work wakes an idle probe at once: the fast ticks start with the work, not an idle tick later.
+
+While work moves, the wakes the loop makes anyway carry the samples: a batch of calls from
+the channel threads (`loop_waited`) reports how long it waited for the loop, and re-arms the
+probe's timer a tick later, so the timer wakes the loop only in gaps of more than a tick.
+
+What the metric means, then: `transferd_event_loop_lag_seconds` has one sample per tick (the
+timer's lateness) and one per batch of thread calls (the batch's wait for the loop, from the
+call that asked for the wake to the batch starting): at least one per 10 ms while work moves,
+one per `LAG_IDLE_TICK_S` otherwise, so its counts are mostly the busy times' (a share of late
+samples is a share of those). An idle daemon's stall is seen only when it covers a tick's due
+time: one that starts and ends between two idle ticks is missed. A stall seen by a batch is
+logged with the loop thread's run and run-queue times since the sample before it, a window
+that may be longer than the stall (its GIL wait then reads low, never high).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import weakref
+from collections.abc import Callable
+
+__all__ = [
+    "LAG_BUSY_CPU_SHARE",
+    "LAG_HOLD_S",
+    "LAG_IDLE_TICK_S",
+    "LAG_TICK_S",
+    "LagPace",
+    "loop_waited",
+    "watch_lag",
+    "work_seen",
+]
+
+LAG_TICK_S = 0.01  # the probe's timer while work moves (the stall resolution kept)
+LAG_IDLE_TICK_S = 0.25  # and while the daemon is idle: 4 wake-ups a second instead of 100
+# Fast ticks go on this long after the last sign of work: a job's gaps (between chunks, a
+# commit's round trip) and the stalls that follow one another stay at full resolution.
+LAG_HOLD_S = 5.0
+# Process CPU, as a share of one core, above which the daemon counts as working (an idle daemon
+# spends under 1 % on its probes and samplers at the idle tick; a receiving one, tens of %).
+LAG_BUSY_CPU_SHARE = 0.05
+
+
+class LagPace:
+    """When the lag probe fires next (sans-IO). `next_tick_s(now, cpu_s, working)` after each
+    tick: the interval to the next one; `work_seen(now)` on a sign of work."""
+
+    def __init__(self, tick_s: float = LAG_TICK_S, idle_tick_s: float = LAG_IDLE_TICK_S,
+                 hold_s: float = LAG_HOLD_S, busy_cpu_share: float = LAG_BUSY_CPU_SHARE) -> None:
+        self.tick_s = tick_s
+        self.idle_tick_s = idle_tick_s
+        self.hold_s = hold_s
+        self.busy_cpu_share = busy_cpu_share
+        self._busy_until = -math.inf
+        self._window: tuple[float, float] | None = None  # (start, process CPU-s then)
+
+    def work_seen(self, now: float) -> None:
+        self._busy_until = max(self._busy_until, now + self.hold_s)
+
+    def fast(self, now: float) -> bool:
+        return now < self._busy_until
+
+    def next_tick_s(self, now: float, cpu_s: float, working: bool = False) -> float:
+        if working:
+            self.work_seen(now)
+        if self._window is None:
+            self._window = (now, cpu_s)
+        else:
+            start, cpu0 = self._window
+            if now - start >= self.idle_tick_s:
+                if (cpu_s - cpu0) / (now - start) >= self.busy_cpu_share:
+                    self.work_seen(now)
+                self._window = (now, cpu_s)
+        return self.tick_s if self.fast(now) else self.idle_tick_s
+
+
+# The probes running in this process (a test may run two daemons in one), for `work_seen` and
+# `loop_waited`.
+_probes: weakref.WeakSet[_Probe] = weakref.WeakSet()
+
+
+class _Probe:
+    """One loop's probe: its timer (re-armed by `loop_waited`), the wait it cuts short."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pace: LagPace,
+                 on_tick: Callable[[float | None], None], working: Callable[[], bool],
+                 cpu_s: Callable[[], float], stall_s: float) -> None:
+        self.loop = loop
+        self.pace = pace
+        self.on_tick = on_tick
+        self.working = working
+        self.cpu_s = cpu_s
+        self.stall_s = stall_s
+        self.interval = 0.0
+        self.due = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        # The coroutine's wait: the timer's lag when it fires, None when cut short by work.
+        self.wait: asyncio.Future[float | None] | None = None
+        self.ticks = 0  # the probe's own wake-ups (its timer fired)
+
+    def arm(self) -> None:
+        now = self.loop.time()
+        self.interval = self.pace.next_tick_s(now, self.cpu_s(), self.working())
+        self.due = now + self.interval
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(self.due, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        self.ticks += 1
+        if self.wait is not None and not self.wait.done():
+            self.wait.set_result(max(0.0, self.loop.time() - self.due))
+
+    def tick(self, lag: float | None) -> None:
+        if lag is not None and lag >= self.stall_s:
+            self.pace.work_seen(self.loop.time())
+        self.on_tick(lag)
+        self.arm()
+
+    def poke(self) -> None:
+        self.pace.work_seen(self.loop.time())
+        if self.interval > self.pace.tick_s and self.wait is not None and not self.wait.done():
+            self.wait.set_result(None)
+
+
+def work_seen() -> None:
+    """On a loop: work starts (a message, a job): every probe on this loop ticks fast from now
+    for `LAG_HOLD_S`, an idle one woken at once."""
+    loop = asyncio.get_running_loop()
+    for probe in list(_probes):
+        if probe.loop is loop:
+            probe.poke()
+
+
+def loop_waited(lag_s: float) -> None:
+    """On a loop, from a wake-up it made anyway (a batch of calls from threads, `LoopInbox`,
+    `LoopBatches`): the calls waited `lag_s` between asking for the wake and running. That
+    is a sample of the same lag the probe's timer measures: it is reported as a tick, and the
+    probe's timer is re-armed a tick from now, so while such wakes come at least every tick
+    the probe's timer never has to wake the loop itself."""
+    loop = asyncio.get_running_loop()
+    for probe in list(_probes):
+        if probe.loop is loop:
+            probe.tick(lag_s)
+
+
+async def watch_lag(
+    on_tick: Callable[[float | None], None],
+    working: Callable[[], bool] = lambda: False,
+    pace: LagPace | None = None,
+    stall_s: float = math.inf,
+    cpu_s: Callable[[], float] = time.process_time,
+) -> None:
+    """Run the probe on the running loop until cancelled: `on_tick(lag_s)` after every tick,
+    its timer's or a `loop_waited` sample (None for an idle wait cut short by `work_seen`:
+    it measured nothing); `working()` asked after each: work is moving (fast ticks); a lag
+    of `stall_s` or more counts as work seen (stalls tend to follow one another)."""
+    loop = asyncio.get_running_loop()
+    probe = _Probe(loop, pace or LagPace(), on_tick, working, cpu_s, stall_s)
+    _probes.add(probe)
+    try:
+        probe.arm()
+        while True:
+            probe.wait = loop.create_future()
+            lag = await probe.wait
+            probe.tick(lag)
+    finally:
+        _probes.discard(probe)
+        if probe.timer is not None:
+            probe.timer.cancel()
