@@ -490,23 +490,29 @@ class Daemon:
         schedstat = ThreadSchedstat()  # opened here: the loop's own thread
         sched0 = schedstat.read()
 
-        def on_tick(lag: float | None) -> None:
+        def on_tick(lag: float | None) -> bool:
             nonlocal sched0
             self.sender.flush_inbox()
+            held = False
             if lag is not None:
-                self._observe_lag(lag, sched0, schedstat.read() if lag >= LAG_LOG_S else None)
+                held = self._observe_lag(
+                    lag, sched0, schedstat.read() if lag >= LAG_LOG_S else None)
             sched0 = schedstat.read()
+            return held
 
         try:
-            await watch_lag(on_tick, working=self.sender.busy, stall_s=LAG_LOG_S)
+            await watch_lag(on_tick, working=self.sender.busy)
         finally:
             schedstat.close()
 
     def _observe_lag(self, lag: float, sched0: tuple[int, int] | None,
-                     sched1: tuple[int, int] | None) -> None:
+                     sched1: tuple[int, int] | None) -> bool:
+        """Into the metric; a stall logged. True: a stall of the loop's own (it ran, or
+        waited for the GIL) rather than mostly a wait in the host's run queue: the probe
+        ticks fast for a while after it."""
         self.metrics.loop_lag.observe(lag)
         if lag < LAG_LOG_S:
-            return
+            return False
         fields: dict[str, float] = {"ms": round(lag * 1e3, 1)}
         if sched0 is not None and sched1 is not None:
             # Which wait it was: the loop thread running (busy), waiting in the run queue for
@@ -514,9 +520,11 @@ class Daemon:
             fields["ran_ms"] = round((sched1[0] - sched0[0]) / 1e6, 1)
             fields["cpu_wait_ms"] = round((sched1[1] - sched0[1]) / 1e6, 1)
         log.info("loop.stall", extra={"fields": fields})
-        if "ran_ms" in fields:  # at least this much of the stall was a GIL wait
-            loop_waited_for_the_gil(
-                (fields["ms"] - fields["ran_ms"] - fields["cpu_wait_ms"]) / 1e3)
+        if "ran_ms" not in fields:
+            return True
+        # At least this much of the stall was a GIL wait.
+        loop_waited_for_the_gil((fields["ms"] - fields["ran_ms"] - fields["cpu_wait_ms"]) / 1e3)
+        return fields["cpu_wait_ms"] < fields["ms"] / 2
 
     async def _sample_links(self) -> None:
         """Every SAMPLE_S: the data channels' tcp_info into each link's window, and the

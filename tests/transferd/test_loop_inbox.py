@@ -88,8 +88,14 @@ async def test_a_batch_reports_its_wait_for_the_loop_to_the_lag_probe() -> None:
     asking for the wake to running, for `LoopInbox` (sender) and `LoopBatches` (receiver)."""
     loop = asyncio.get_running_loop()
     samples: list[float | None] = []
-    # An idle pace with a long tick: every sample seen here is a batch's, not the timer's.
-    probe = asyncio.create_task(watch_lag(samples.append, pace=LagPace(idle_tick_s=3600.0)))
+
+    def on_tick(lag: float | None) -> bool:
+        samples.append(lag)
+        return False
+
+    # Ticks an hour long: every sample seen here is a batch's, not the timer's.
+    probe = asyncio.create_task(watch_lag(
+        on_tick, pace=LagPace(tick_s=3600.0, idle_tick_s=3600.0)))
     await asyncio.sleep(0)
     try:
         inbox = LoopInbox(loop)

@@ -58,9 +58,11 @@ def run_probe(seconds: float, *, working: Callable[[], bool] = lambda: False,
 
     async def main() -> float:
         start = loop.time()
-        probe = asyncio.create_task(watch_lag(
-            lambda lag: ticks.append((loop.time(), lag)), working=working, pace=pace,
-            stall_s=0.02, cpu_s=cpu_s))
+        def on_tick(lag: float | None) -> bool:
+            ticks.append((loop.time(), lag))
+            return lag is not None and lag >= 0.02  # a stall (the daemon: the loop's own)
+
+        probe = asyncio.create_task(watch_lag(on_tick, working=working, pace=pace, cpu_s=cpu_s))
         if meanwhile is not None:
             await meanwhile(loop)
         await asyncio.sleep(start + seconds - loop.time())

@@ -4,12 +4,14 @@ anything queued on the loop (a message, a control request, a chunk's receipt) wa
 Theory of operation. Each tick costs a wake-up of the loop (110-230 us of CPU on the benchmark
 VM, round 12): at a fixed 10 ms tick an idle daemon burnt 22-32 ms of CPU a second on it. The
 lag matters while something waits on the loop, so the tick is `LAG_TICK_S` while work moves
-and `LAG_IDLE_TICK_S` when the daemon is idle (`LagPace`, sans-IO: time and the process's CPU
-are parameters). Work moves while the caller says so (jobs running), for `LAG_HOLD_S` after a
-sign of it (`work_seen`: a message, a job starting, an upload opened here; a stall the probe
-saw itself), and while the process spends `LAG_BUSY_CPU_SHARE` of a core or more (a
-receiver's channel threads), measured over windows of at least `LAG_IDLE_TICK_S`. A sign of
-work wakes an idle probe at once: the fast ticks start with the work, not an idle tick later.
+and `LAG_IDLE_TICK_S` when the daemon is idle (`LagPace`, sans-IO: time and CPU are
+parameters). Work moves while the caller says so (jobs running); for `LAG_HOLD_S` after a sign
+of it (`work_seen`: a message, a job starting, an upload opened here; a batch of calls from
+the channel threads; a stall the caller counts as the loop's own, not the host's run queue:
+on a loaded host an idle loop is often late by a CPU wait alone); and while the process's
+threads other than the loop's spend `LAG_BUSY_CPU_SHARE` of a core or more, over windows of
+at least `LAG_IDLE_TICK_S` (the loop's own CPU is left out: the fast ticks' cost must not keep
+them fast). A sign of work wakes an idle probe at once: fast ticks start with the work.
 
 While work moves, the wakes the loop makes anyway carry the samples: a batch of calls from
 the channel threads (`loop_waited`) reports how long it waited for the loop, and re-arms the
@@ -49,8 +51,8 @@ LAG_IDLE_TICK_S = 0.25  # and while the daemon is idle: 4 wake-ups a second inst
 # Fast ticks go on this long after the last sign of work: a job's gaps (between chunks, a
 # commit's round trip) and the stalls that follow one another stay at full resolution.
 LAG_HOLD_S = 5.0
-# Process CPU, as a share of one core, above which the daemon counts as working (an idle daemon
-# spends under 1 % on its probes and samplers at the idle tick; a receiving one, tens of %).
+# CPU of the process's threads other than the loop's, as a share of one core, above which the
+# daemon counts as working (an idle daemon's: ~0; a receiving one's channel threads: tens of %).
 LAG_BUSY_CPU_SHARE = 0.05
 
 
@@ -96,14 +98,13 @@ class _Probe:
     """One loop's probe: its timer (re-armed by `loop_waited`), the wait it cuts short."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pace: LagPace,
-                 on_tick: Callable[[float | None], None], working: Callable[[], bool],
-                 cpu_s: Callable[[], float], stall_s: float) -> None:
+                 on_tick: Callable[[float | None], bool], working: Callable[[], bool],
+                 cpu_s: Callable[[], float]) -> None:
         self.loop = loop
         self.pace = pace
         self.on_tick = on_tick
         self.working = working
         self.cpu_s = cpu_s
-        self.stall_s = stall_s
         self.interval = 0.0
         self.due = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -126,9 +127,8 @@ class _Probe:
             self.wait.set_result(max(0.0, self.loop.time() - self.due))
 
     def tick(self, lag: float | None) -> None:
-        if lag is not None and lag >= self.stall_s:
+        if self.on_tick(lag):
             self.pace.work_seen(self.loop.time())
-        self.on_tick(lag)
         self.arm()
 
     def poke(self) -> None:
@@ -155,22 +155,22 @@ def loop_waited(lag_s: float) -> None:
     loop = asyncio.get_running_loop()
     for probe in list(_probes):
         if probe.loop is loop:
+            probe.pace.work_seen(loop.time())  # chunks move
             probe.tick(lag_s)
 
 
 async def watch_lag(
-    on_tick: Callable[[float | None], None],
+    on_tick: Callable[[float | None], bool],
     working: Callable[[], bool] = lambda: False,
     pace: LagPace | None = None,
-    stall_s: float = math.inf,
-    cpu_s: Callable[[], float] = time.process_time,
+    cpu_s: Callable[[], float] | None = None,
 ) -> None:
     """Run the probe on the running loop until cancelled: `on_tick(lag_s)` after every tick,
     its timer's or a `loop_waited` sample (None for an idle wait cut short by `work_seen`:
-    it measured nothing); `working()` asked after each: work is moving (fast ticks); a lag
-    of `stall_s` or more counts as work seen (stalls tend to follow one another)."""
+    it measured nothing), True when that lag counts as work seen (a stall of the loop's own:
+    stalls tend to follow one another); `working()` asked after each: work is moving."""
     loop = asyncio.get_running_loop()
-    probe = _Probe(loop, pace or LagPace(), on_tick, working, cpu_s, stall_s)
+    probe = _Probe(loop, pace or LagPace(), on_tick, working, cpu_s or _other_threads_cpu_s)
     _probes.add(probe)
     try:
         probe.arm()
@@ -182,3 +182,8 @@ async def watch_lag(
         _probes.discard(probe)
         if probe.timer is not None:
             probe.timer.cancel()
+
+
+def _other_threads_cpu_s() -> float:
+    """On the loop's thread: the process's CPU-s but this thread's."""
+    return time.process_time() - time.thread_time()
