@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import selectors
 from collections.abc import Callable, Coroutine
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from transferd.daemon import Daemon
 from transferd.net.loop_lag import (
     LAG_HOLD_S,
     LAG_IDLE_TICK_S,
@@ -170,3 +172,23 @@ def test_batches_the_loop_runs_anyway_are_samples_and_keep_the_timer_quiet(
         assert sum(1 for _, lag in ticks if lag == pytest.approx(0.0002)) == 400
     else:
         assert wakes[0] >= 400 + 190  # the probe's timer: 100 more a second
+
+
+@pytest.mark.parametrize(
+    ("ran_ms", "cpu_wait_ms", "held"),
+    [(40.0, 1.0, True), (1.0, 1.0, True), (1.0, 45.0, False)],
+    ids=["the-loop-ran", "gil-wait", "host-run-queue"],
+)
+def test_a_stall_holds_fast_ticks_unless_it_was_the_hosts_run_queue(
+    ran_ms: float, cpu_wait_ms: float, held: bool
+) -> None:
+    """A 50 ms stall of an idle daemon: the loop's own (it ran, or waited for the GIL) keeps
+    the probe at 10 ms for a while; one spent waiting for a CPU (a loaded host, where idle
+    loops are late every second) does not, or the fast ticks would never end there."""
+    observed: list[float] = []
+    stub = SimpleNamespace(metrics=SimpleNamespace(loop_lag=SimpleNamespace(
+        observe=observed.append)))
+    sched0, sched1 = (0, 0), (int(ran_ms * 1e6), int(cpu_wait_ms * 1e6))
+    assert Daemon._observe_lag(stub, 0.05, sched0, sched1) is held  # type: ignore[arg-type]
+    assert Daemon._observe_lag(stub, 0.001, sched0, None) is False  # type: ignore[arg-type]
+    assert observed == [0.05, 0.001]
