@@ -108,8 +108,10 @@ def _run(count: int, rounds: int) -> list[dict[str, Any]]:
                 proc.wait(20)
 
 
-def wait_local_port(port: int, timeout_s: float = 30.0) -> None:
-    """Until something listens on 127.0.0.1:`port` (a daemon just started)."""
+def wait_local_port(port: int, timeout_s: float = 60.0) -> None:
+    """Until something listens on 127.0.0.1:`port` (a daemon just started). A hang guard: a
+    daemon's start costs about 2 CPU-s of imports, tens of seconds of wall time on a loaded
+    core with the other daemon starting beside it."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:

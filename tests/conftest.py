@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.browser import Chromium, find_chromium
 from transferd.testing import MotoS3Server
@@ -25,6 +26,14 @@ if TYPE_CHECKING:
     from benchmarks.backends import BackendChoice
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Hypothesis's per-example deadline (200 ms) and its too_slow health check are timed
+# assertions: an example that a slow or loaded machine stalls past them fails the test
+# (`test_all_three_agree_on_any_string`: "took 299.25ms, which exceeds the deadline" with the
+# suite on one loaded core). Speed is the benchmarks' business, so every @given runs without
+# them; a test's own @settings still sets its examples (and a suppress list of its own).
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 
 @pytest.fixture(scope="session", autouse=True)

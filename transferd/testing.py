@@ -231,8 +231,9 @@ async def loopback_sites(
         yield {site: daemons[site] for site in sites}
 
 
-async def wait_for_jobs(daemon: Daemon, ids: list[str], timeout_s: float = 20.0) -> list[Job]:
-    """Until every job is committed or failed (bounded by timeout_s)."""
+async def wait_for_jobs(daemon: Daemon, ids: list[str], timeout_s: float = 60.0) -> list[Job]:
+    """Until every job is committed or failed (bounded by timeout_s: a hang guard, not a
+    measure, so generous for a slow or loaded machine)."""
     async with asyncio.timeout(timeout_s):
         while True:
             found = [daemon.journal.job(i) for i in ids]

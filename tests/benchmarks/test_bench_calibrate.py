@@ -1,18 +1,23 @@
 """The telemetry loop closed over a real emulated link (issue 16's done-when): two namespaces
-joined by 200 Mbit/s, 30 ms RTT, 1 % loss each way (the harness's userspace emulator where the
+joined by 50 Mbit/s, 30 ms RTT, 1 % loss each way (the harness's userspace emulator where the
 kernel has no netem). In one lab: a TCP echo and iperf3 (8 streams) measure the link, transferd
-replicates 256 MiB over it, `netplan calibrate` reads the sender's telemetry, and its bandwidth
-must be within 15 % of iperf3's, its RTT within 10 % of the echo's, its loss above zero. The
-topology declared the link as 10 Gbit/s, 5 ms, lossless, so moving the dataset to the cheaper
-GPUs at B looked right; on the measured values it misses the deadline and the workload stays
-at A: `analyze --measured` must say so, and name the values it used."""
+replicates 128 MiB over it, `netplan calibrate` reads the sender's telemetry, and its bandwidth
+must be within 15 % of iperf3's, its RTT within 10 % of the echo's fastest round trip (both are
+minima), its loss above zero. The topology declared the link as 10 Gbit/s, 5 ms, lossless, so
+moving the dataset to the cheaper GPUs at B looked right; on the measured values it misses the
+deadline and the workload stays at A: `analyze --measured` must say so, and name the values it
+used.
+
+The link is slow enough to be the bottleneck on a machine twice as slow as a developer's,
+under a loaded test run: at 200 Mbit/s a slow CI machine's userspace emulator and tools got
+half the link (iperf3 103 Mbit/s, transferd's best 5 s 70), so the comparison measured the
+machine, not calibrate."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -34,21 +39,21 @@ pytestmark = [
 
 SCENARIO = textwrap.dedent("""\
     scenario: calibrate-200mbit
-    description: 200 Mbit/s, 30 ms RTT, 1 % loss each way
+    description: 50 Mbit/s, 30 ms RTT, 1 % loss each way
     sites: [A, B]
     links:
       - between: [A, B]
-        rate_mbit: 200
+        rate_mbit: 50
         delay_ms: 15
         loss_pct: 1
         queue_limit_pkts: 1000
     work:
-      - {kind: replicate, data: incompressible, size_mib: 256, quick_size_mib: 256}
+      - {kind: replicate, data: incompressible, size_mib: 128, quick_size_mib: 128}
     tools: [transferd, iperf3-8streams]
     quick_iperf3_seconds: 8
 """)
 
-# The link as the topology (wrongly) declares it: 50x the bandwidth, a sixth of the RTT.
+# The link as the topology (wrongly) declares it: 200x the bandwidth, a sixth of the RTT.
 TOPOLOGY = textwrap.dedent("""\
     name: calibrate-two-sites
     sites:
@@ -88,7 +93,7 @@ def test_calibrate_matches_iperf3_and_the_echo_and_changes_the_decision(
     topology.write_text(TOPOLOGY)
     lab = Lab(scenario.sites, scenario.link, lab_backend, congestion_control="bbr")
     with lab:
-        echo_ms = statistics.median(lab.echo_rtts_ms(count=20))
+        echo_ms = min(lab.echo_rtts_ms(count=20))
         runs = {}
         for tool in ("iperf3-8streams", "transferd"):
             ctx = RunContext(lab, scenario, True, scenario.work[0], data, file_blake3(data),

@@ -10,6 +10,7 @@ the daemon keeps serving: a real job commits afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import blake3
 from netplan.plan import TrafficClass
 from tests.faults.conftest import Tally
 from tests.integration._data import tree_digests, write_random
+from tests.integration._procs import poll_until
 from transferd.daemon import Daemon
 from transferd.protocol import channel as ch
 from transferd.protocol.chunks import MAX_CHUNK_BYTES
@@ -262,7 +264,13 @@ async def test_hostile_channel_input_is_refused_counted_and_never_written(
                 for c in RawChannel.opened:
                     c.close()
                 RawChannel.opened.clear()
-            await asyncio.sleep(0.05)  # the listener's thread counts as it closes
+            if kind != "receipt":
+                # The listener's thread counts as it closes: wait for the counter the attack
+                # must move (bounded), not for a fixed time that a loaded machine overruns.
+                with contextlib.suppress(TimeoutError):
+                    await poll_until(lambda: asyncio.sleep(0, counters(b)),
+                                     lambda now, k=kind, was=before: now[k] > was[k],
+                                     timeout_s=30, every_s=0.01)
             after = counters(b)
             if kind == "receipt":
                 ok = receipt is not None and receipt.status is ch.ReceiptStatus.REFUSED

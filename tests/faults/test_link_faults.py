@@ -49,7 +49,9 @@ def partial_files(root: Path) -> list[str]:
     return out
 
 
-async def send_all(a: Daemon, timeout_s: float = 60.0) -> list[Job]:
+async def send_all(a: Daemon, timeout_s: float = 120.0) -> list[Job]:
+    """Both sends, until they end: a hang guard, generous for the retries' wall-clock backoff
+    on a loaded machine (the corrupted-bodies case took over 60 s at load 15-18)."""
     ids = a.sender.submit("approved/model.bin", ["B"]) + a.sender.submit("curated/ds", ["B"])
     return await wait_for_jobs(a, ids, timeout_s=timeout_s)
 

@@ -8,13 +8,14 @@ import asyncio
 import json
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from tests.faults.conftest import Tally
 from tests.integration._data import file_blake3, write_random
-from tests.integration._procs import cli, start_daemon, wait_until_serving
+from tests.integration._procs import cli, env, start_daemon, wait_until_serving
 from transferd.testing import free_port, write_site_configs
 
 FLAPS = "link flap, stall and drop cases"
@@ -80,13 +81,30 @@ async def test_send_wait_finishes_by_itself_when_the_peer_comes_back(
 ) -> None:
     digest = write_random(tmp_path / "site-A" / "curated" / "x.bin", 300_000, seed=2)
     async with two_sites(tmp_path, start_b=False) as s:
-        sending = asyncio.create_task(
-            cli("send", "curated/x.bin", "--config", str(s["configs"]["A"]), "--to", "B",
-                "--wait", "--json", timeout_s=60)
-        )
-        await asyncio.sleep(1.0)
-        s["procs"]["B"] = start_daemon(s["configs"]["B"], s["logs"]["B"])
-        code, out, err = await sending
+        sending = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "transferd", "send", "curated/x.bin",
+            "--config", str(s["configs"]["A"]), "--to", "B", "--wait", "--json",
+            env=env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert sending.stderr is not None
+        try:
+            # B starts once the CLI has said that A is retrying (found B down), not after a
+            # fixed time: a CLI slower to start than B's daemon would find B up and never retry.
+            said: list[str] = []
+            async with asyncio.timeout(60):
+                while not any("retrying" in line for line in said):
+                    line = await sending.stderr.readline()
+                    if not line:
+                        break  # the CLI ended without saying it: the asserts below tell
+                    said.append(line.decode())
+            s["procs"]["B"] = start_daemon(s["configs"]["B"], s["logs"]["B"])
+            async with asyncio.timeout(60):
+                out_b, rest = await sending.communicate()
+        finally:
+            if sending.returncode is None:
+                sending.kill()
+                await sending.wait()
+        code, out, err = sending.returncode, out_b.decode(), "".join(said) + rest.decode()
         result = json.loads(out)
     exact = file_blake3(tmp_path / "site-B" / "curated" / "x.bin") == digest
     tally(FLAPS, code == 0 and exact)

@@ -36,7 +36,8 @@ async def test_telemetry_reports_the_paced_links_goodput_rtt_and_control_rtt(
         a.link_telemetry.sustain_s = 1.0
         await asyncio.sleep(1.2)  # the sampler's first (1 s) tick is its baseline
         [job_id] = a.sender.submit("curated/big.bin", ["B"])
-        [job] = await wait_for_jobs(a, [job_id], timeout_s=60)
+        # A hang guard: 36 MiB through the in-process proxy took over 60 s at load 17-20.
+        [job] = await wait_for_jobs(a, [job_id], timeout_s=180)
         assert job.state == "committed", job.error
         await asyncio.sleep(0.5)  # one more sample after the last receipt
         config = load_config(tmp_path / "site-A.yaml")

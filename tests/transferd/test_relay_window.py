@@ -145,7 +145,9 @@ def test_a_spill_failure_answers_storage_and_gives_the_gate_slot_back(
     svc._ready = ready  # type: ignore[method-assign]
     head = SimpleNamespace(body_length=1 << 20, upload="u1")
     fwd = svc.begin(head, "A")  # type: ignore[arg-type]
-    time.sleep(0.1)  # the release runs on the loop
+    # The release runs on the loop (another thread): wait for the loop to have run what was
+    # handed to it by now, not for a fixed time.
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(60)
     assert gate.in_flight == 0
     assert fwd.item is None
     assert fwd.status is ch.ReceiptStatus.STORAGE
@@ -191,7 +193,9 @@ def test_a_channel_broken_under_a_paused_relayed_body_frees_its_sender_thread(
     time.sleep(0.2)
     chan._break(TimeoutError("nothing moved for 30 s"))
     sender = chan.threads[0]
-    sender.join(2 * chm.ARRIVING_WAKE_S)
+    # It looks at its channel every ARRIVING_WAKE_S: far more than that is a bound for a
+    # loaded machine, and a thread parked for good stays alive however long it is.
+    sender.join(30 * chm.ARRIVING_WAKE_S)
     alive = sender.is_alive()
     body.fail(ConnectionError("test over"))  # frees it if the fix is missing
     sender.join(2)

@@ -23,7 +23,8 @@ from transferd.site.receiver import Receiver
 from transferd.testing import receiver_at
 
 FUZZ = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 segments = st.sampled_from(
