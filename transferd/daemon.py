@@ -29,7 +29,7 @@ from transferd.errors import ConfigError, StorageError, TransferdError
 from transferd.net.bulk_priority import loop_waited_for_the_gil
 from transferd.net.channels import DataListener, PeerChannels
 from transferd.net.inbound import InboundUploads
-from transferd.net.loop_lag import watch_lag
+from transferd.net.loop_lag import Stall, stall_of, watch_lag
 from transferd.net.messages import MessageService, MessageSocketServer, message_socket_path
 from transferd.net.peer_client import PeerLink
 from transferd.net.pump import PeerTraffic
@@ -488,16 +488,23 @@ class Daemon:
         also books the channel threads' calls left waiting (`Sender.flush_inbox`): a wake the
         loop makes anyway."""
         schedstat = ThreadSchedstat()  # opened here: the loop's own thread
-        sched0 = schedstat.read()
+        # The schedstat window a stall is split over: from the sample before it to now.
+        sched0_at, sched0 = time.monotonic(), schedstat.read()
 
         def on_tick(lag: float | None) -> bool:
-            nonlocal sched0
+            nonlocal sched0_at, sched0
             self.sender.flush_inbox()
             held = False
             if lag is not None:
-                held = self._observe_lag(
-                    lag, sched0, schedstat.read() if lag >= LAG_LOG_S else None)
-            sched0 = schedstat.read()
+                self.metrics.loop_lag.observe(lag)
+                if lag >= LAG_LOG_S:
+                    now, sched1 = time.monotonic(), schedstat.read()
+                    ran_s = cpu_wait_s = None
+                    if sched0 is not None and sched1 is not None:
+                        ran_s = (sched1[0] - sched0[0]) / 1e9
+                        cpu_wait_s = (sched1[1] - sched0[1]) / 1e9
+                    held = self._stalled(stall_of(lag, now - sched0_at, ran_s, cpu_wait_s))
+            sched0_at, sched0 = time.monotonic(), schedstat.read()
             return held
 
         try:
@@ -505,26 +512,20 @@ class Daemon:
         finally:
             schedstat.close()
 
-    def _observe_lag(self, lag: float, sched0: tuple[int, int] | None,
-                     sched1: tuple[int, int] | None) -> bool:
-        """Into the metric; a stall logged. True: a stall of the loop's own (it ran, or
-        waited for the GIL) rather than mostly a wait in the host's run queue: the probe
-        ticks fast for a while after it."""
-        self.metrics.loop_lag.observe(lag)
-        if lag < LAG_LOG_S:
-            return False
-        fields: dict[str, float] = {"ms": round(lag * 1e3, 1)}
-        if sched0 is not None and sched1 is not None:
+    @staticmethod
+    def _stalled(stall: Stall) -> bool:
+        """A stall logged with which wait it was, its GIL wait charged (`adaptive`). True: the
+        loop's own (the probe ticks fast for a while after it)."""
+        fields: dict[str, float] = {"ms": round(stall.lag_s * 1e3, 1)}
+        if stall.ran_s is not None and stall.cpu_wait_s is not None:
             # Which wait it was: the loop thread running (busy), waiting in the run queue for
             # a CPU, or neither (asleep: waiting for the GIL).
-            fields["ran_ms"] = round((sched1[0] - sched0[0]) / 1e6, 1)
-            fields["cpu_wait_ms"] = round((sched1[1] - sched0[1]) / 1e6, 1)
+            fields["ran_ms"] = round(stall.ran_s * 1e3, 1)
+            fields["cpu_wait_ms"] = round(stall.cpu_wait_s * 1e3, 1)
+            fields["gil_wait_ms"] = round(stall.gil_wait_s * 1e3, 1)
         log.info("loop.stall", extra={"fields": fields})
-        if "ran_ms" not in fields:
-            return True
-        # At least this much of the stall was a GIL wait.
-        loop_waited_for_the_gil((fields["ms"] - fields["ran_ms"] - fields["cpu_wait_ms"]) / 1e3)
-        return fields["cpu_wait_ms"] < fields["ms"] / 2
+        loop_waited_for_the_gil(stall.gil_wait_s)
+        return stall.loops_own
 
     async def _sample_links(self) -> None:
         """Every SAMPLE_S: the data channels' tcp_info into each link's window, and the

@@ -7,18 +7,18 @@ from __future__ import annotations
 import asyncio
 import selectors
 from collections.abc import Callable, Coroutine
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from transferd.daemon import Daemon
 from transferd.net.loop_lag import (
     LAG_HOLD_S,
     LAG_IDLE_TICK_S,
     LAG_TICK_S,
     LagPace,
+    Stall,
     loop_waited,
+    stall_of,
     watch_lag,
     work_seen,
 )
@@ -174,21 +174,56 @@ def test_batches_the_loop_runs_anyway_are_samples_and_keep_the_timer_quiet(
         assert wakes[0] >= 400 + 190  # the probe's timer: 100 more a second
 
 
+@pytest.mark.parametrize("timer_first", [True, False], ids=["uvloop-order", "asyncio-order"])
+def test_a_stall_a_batch_sat_behind_too_is_one_sample_of_its_whole_length(
+    timer_first: bool,
+) -> None:
+    """A 100 ms stall while work moves; a batch of thread calls posted 42 ms before it ends
+    runs right after it. uvloop runs the due timer first, then the batch; stdlib asyncio the
+    batch first, the timer due. Either way one sample, the stall's length: not two (a stall
+    logged twice, the second split over an empty window and charged as a GIL wait) and not
+    the batch's 42 ms (the overdue timer cancelled unseen)."""
+    async def stall_at_1(loop: VirtualTimeLoop) -> None:
+        await asyncio.sleep(1.0 - 0.001)
+
+        def stall() -> None:
+            loop.now += 0.1
+            if timer_first:  # after the probe's timer, due earlier, in the same iteration
+                loop.call_at(loop.now, loop_waited, 0.042)
+            else:
+                loop.call_soon(loop_waited, 0.042)
+
+        loop.call_soon(stall)
+
+    ticks, start = run_probe(2.0, working=lambda: True, meanwhile=stall_at_1)
+    during = [lag for t, lag in ticks if start + 1.0 <= t <= start + 1.1 + LAG_TICK_S / 2]
+    assert len(during) == 1, during
+    assert during[0] is not None
+    assert during[0] >= 0.09
+
+
 @pytest.mark.parametrize(
-    ("ran_ms", "cpu_wait_ms", "held"),
-    [(40.0, 1.0, True), (1.0, 1.0, True), (1.0, 45.0, False)],
+    ("ran_ms", "cpu_wait_ms", "gil_wait_ms", "loops_own"),
+    [(40.0, 1.0, 9.0, True), (1.0, 1.0, 48.0, True), (1.0, 45.0, 4.0, False)],
     ids=["the-loop-ran", "gil-wait", "host-run-queue"],
 )
 def test_a_stall_holds_fast_ticks_unless_it_was_the_hosts_run_queue(
-    ran_ms: float, cpu_wait_ms: float, held: bool
+    ran_ms: float, cpu_wait_ms: float, gil_wait_ms: float, loops_own: bool
 ) -> None:
     """A 50 ms stall of an idle daemon: the loop's own (it ran, or waited for the GIL) keeps
     the probe at 10 ms for a while; one spent waiting for a CPU (a loaded host, where idle
     loops are late every second) does not, or the fast ticks would never end there."""
-    observed: list[float] = []
-    stub = SimpleNamespace(metrics=SimpleNamespace(loop_lag=SimpleNamespace(
-        observe=observed.append)))
-    sched0, sched1 = (0, 0), (int(ran_ms * 1e6), int(cpu_wait_ms * 1e6))
-    assert Daemon._observe_lag(stub, 0.05, sched0, sched1) is held  # type: ignore[arg-type]
-    assert Daemon._observe_lag(stub, 0.001, sched0, None) is False  # type: ignore[arg-type]
-    assert observed == [0.05, 0.001]
+    stall = stall_of(0.05, 0.06, ran_ms / 1e3, cpu_wait_ms / 1e3)
+    assert stall.loops_own is loops_own
+    assert stall.gil_wait_s == pytest.approx(gil_wait_ms / 1e3)
+    assert stall_of(0.05, 0.06, None, None) == Stall(0.05, None, None, 0.0, True)
+
+
+def test_no_gil_wait_is_charged_from_a_window_shorter_than_the_stall() -> None:
+    """The sample before was taken inside this stall (its schedstat window starts there): what
+    the loop did before the window is unknown, not a GIL wait. A 91 ms lag over a window of
+    0.1 ms read 91 ms of GIL wait, spending `adaptive`'s budget with no GIL wait at all."""
+    stall = stall_of(0.091, 0.0001, 0.0001, 0.0)
+    assert stall.gil_wait_s == 0.0
+    assert stall.loops_own
+    assert not stall_of(0.091, 0.01, 0.001, 0.008).loops_own  # the window: the host's

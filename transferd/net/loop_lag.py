@@ -34,6 +34,7 @@ import math
 import time
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 __all__ = [
     "LAG_BUSY_CPU_SHARE",
@@ -41,7 +42,9 @@ __all__ = [
     "LAG_IDLE_TICK_S",
     "LAG_TICK_S",
     "LagPace",
+    "Stall",
     "loop_waited",
+    "stall_of",
     "watch_lag",
     "work_seen",
 ]
@@ -89,13 +92,45 @@ class LagPace:
         return self.tick_s if self.fast(now) else self.idle_tick_s
 
 
+class Stall(NamedTuple):
+    """What a late sample's wait was (`stall_of`), in seconds."""
+
+    lag_s: float
+    ran_s: float | None  # the loop thread on a CPU, over the window (None: no schedstat)
+    cpu_wait_s: float | None  # in the host's run queue for one
+    gil_wait_s: float  # neither, inside the stall: asleep, waiting for the GIL (0: unknown)
+    loops_own: bool  # ran or waited for the GIL, not mostly the host's: fast ticks after it
+
+
+def stall_of(lag_s: float, window_s: float, ran_s: float | None,
+             cpu_wait_s: float | None) -> Stall:
+    """A stall of `lag_s` split by the loop thread's run and run-queue times (schedstat) over a
+    window of `window_s` ending now, since the sample before. The window may be longer than
+    the stall (the GIL wait then reads low, never high); when it is shorter (the sample
+    before was taken inside this one's wait), the part before it is unknown: no GIL wait is
+    charged from it, and whose stall it was is judged on the window alone."""
+    if ran_s is None or cpu_wait_s is None:
+        return Stall(lag_s, None, None, 0.0, True)
+    if window_s >= lag_s:
+        gil_wait_s = max(0.0, lag_s - ran_s - cpu_wait_s)
+        return Stall(lag_s, ran_s, cpu_wait_s, gil_wait_s, cpu_wait_s < lag_s / 2)
+    return Stall(lag_s, ran_s, cpu_wait_s, 0.0, cpu_wait_s < window_s / 2)
+
+
 # The probes running in this process (a test may run two daemons in one), for `work_seen` and
 # `loop_waited`.
 _probes: weakref.WeakSet[_Probe] = weakref.WeakSet()
 
 
 class _Probe:
-    """One loop's probe: its timer (re-armed by `loop_waited`), the wait it cuts short."""
+    """One loop's probe: its timer (re-armed by `loop_waited`), the coroutine's wait it wakes.
+
+    One stall gives one sample. A timer that fired leaves its lag in `fired` for the coroutine
+    (woken through `wait`); a `loop_waited` that runs first (uvloop runs due timers before the
+    ready queue, so the batch queued during the stall runs after the timer, before the
+    coroutine) takes it instead: one sample, the larger lag. A timer due but not yet run
+    (stdlib asyncio runs the ready queue first) is cancelled the same way, its lateness
+    counted."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pace: LagPace,
                  on_tick: Callable[[float | None], bool], working: Callable[[], bool],
@@ -108,8 +143,9 @@ class _Probe:
         self.interval = 0.0
         self.due = 0.0
         self.timer: asyncio.TimerHandle | None = None
-        # The coroutine's wait: the timer's lag when it fires, None when cut short by work.
-        self.wait: asyncio.Future[float | None] | None = None
+        self.fired: float | None = None  # the timer's lag, not yet reported
+        self.cut = False  # an idle wait cut short by `work_seen`, not yet reported
+        self.wait: asyncio.Future[None] | None = None  # the coroutine's
         self.ticks = 0  # the probe's own wake-ups (its timer fired)
 
     def arm(self) -> None:
@@ -123,8 +159,36 @@ class _Probe:
     def _fire(self) -> None:
         self.timer = None
         self.ticks += 1
+        self.fired = max(0.0, self.loop.time() - self.due)
+        self._wake()
+
+    def _wake(self) -> None:
         if self.wait is not None and not self.wait.done():
-            self.wait.set_result(max(0.0, self.loop.time() - self.due))
+            self.wait.set_result(None)
+
+    def pending(self) -> bool:
+        return self.fired is not None or self.cut
+
+    def report_pending(self) -> None:
+        """In the coroutine: the timer's sample, or an idle wait cut short (None)."""
+        if self.fired is not None:
+            lag, self.fired, self.cut = self.fired, None, False
+            self.tick(lag)
+        elif self.cut:
+            self.cut = False
+            self.tick(None)
+
+    def sample(self, lag_s: float) -> None:
+        """A sample from a wake the loop made anyway; a timer fired or due now measured the
+        same wait (a stall both sat behind): one sample of the two, the larger."""
+        now = self.loop.time()
+        if self.fired is not None:
+            lag_s = max(lag_s, self.fired)
+        elif self.timer is not None and now >= self.due:
+            lag_s = max(lag_s, now - self.due)  # `arm` cancels it
+        self.fired, self.cut = None, False
+        self.pace.work_seen(now)  # chunks move
+        self.tick(lag_s)
 
     def tick(self, lag: float | None) -> None:
         if self.on_tick(lag):
@@ -133,8 +197,9 @@ class _Probe:
 
     def poke(self) -> None:
         self.pace.work_seen(self.loop.time())
-        if self.interval > self.pace.tick_s and self.wait is not None and not self.wait.done():
-            self.wait.set_result(None)
+        if self.interval > self.pace.tick_s and self.timer is not None and not self.pending():
+            self.cut = True
+            self._wake()
 
 
 def work_seen() -> None:
@@ -149,14 +214,14 @@ def work_seen() -> None:
 def loop_waited(lag_s: float) -> None:
     """On a loop, from a wake-up it made anyway (a batch of calls from threads, `LoopInbox`,
     `LoopBatches`): the calls waited `lag_s` between asking for the wake and running. That
-    is a sample of the same lag the probe's timer measures: it is reported as a tick, and the
-    probe's timer is re-armed a tick from now, so while such wakes come at least every tick
-    the probe's timer never has to wake the loop itself."""
+    is a sample of the same lag the probe's timer measures: it is reported as a tick (one
+    with the timer's, when that fired or is due too: the same stall), and the probe's timer
+    is re-armed a tick from now, so while such wakes come at least every tick the probe's
+    timer never has to wake the loop itself."""
     loop = asyncio.get_running_loop()
     for probe in list(_probes):
         if probe.loop is loop:
-            probe.pace.work_seen(loop.time())  # chunks move
-            probe.tick(lag_s)
+            probe.sample(lag_s)
 
 
 async def watch_lag(
@@ -175,9 +240,11 @@ async def watch_lag(
     try:
         probe.arm()
         while True:
-            probe.wait = loop.create_future()
-            lag = await probe.wait
-            probe.tick(lag)
+            if not probe.pending():
+                probe.wait = loop.create_future()
+                await probe.wait
+                probe.wait = None
+            probe.report_pending()  # nothing when a `loop_waited` took it first
     finally:
         _probes.discard(probe)
         if probe.timer is not None:
