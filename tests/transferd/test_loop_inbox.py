@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from transferd.net import channels
 from transferd.net.channels import LoopBatches, LoopInbox
 from transferd.net.loop_lag import LagPace, watch_lag
 
@@ -114,6 +115,55 @@ async def test_a_batch_reports_its_wait_for_the_loop_to_the_lag_probe() -> None:
         batches: LoopBatches[int] = LoopBatches(lambda items: None)
         await asyncio.to_thread(batches.run, loop, 1)
         assert len(samples) == 2
+    finally:
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+
+
+class _Clock:
+    """`time` for `net.channels` with a monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+async def test_a_batch_s_wait_ends_when_it_is_taken_not_after_it_ran(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wait a batch reports is from its wake's request to the batch being taken: not its
+    own calls' run (a second here), and not from the wake a call posted meanwhile asks for."""
+    clock = _Clock()
+    monkeypatch.setattr(channels, "time", clock)
+    samples: list[float | None] = []
+
+    def on_tick(lag: float | None) -> bool:
+        samples.append(lag)
+        return False
+
+    probe = asyncio.create_task(watch_lag(
+        on_tick, pace=LagPace(tick_s=3600.0, idle_tick_s=3600.0)))
+    await asyncio.sleep(0)
+    try:
+        inbox = LoopInbox(asyncio.get_running_loop())
+        ran: list[int] = []
+
+        def slow_call() -> None:  # a second on the loop, a post half way through
+            clock.now += 0.5
+            inbox.post(ran.append, 2)
+            clock.now += 0.5
+
+        await asyncio.to_thread(inbox.post, slow_call)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert ran == [2]
+        assert samples == [0.0, 0.5]
     finally:
         probe.cancel()
         with pytest.raises(asyncio.CancelledError):

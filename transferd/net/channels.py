@@ -401,17 +401,21 @@ class LoopInbox:
             self._run(batch)
 
     def _drain(self) -> None:
-        batch, scheduled = self._take()
+        batch, waited_s = self._take()
         if batch:
             self._run(batch)
-        if scheduled:  # a sample for the loop-lag probe, from a wake made anyway
-            loop_waited(time.monotonic() - self._woke_at)
+        if waited_s is not None:  # a sample for the loop-lag probe, from a wake made anyway
+            loop_waited(waited_s)
 
-    def _take(self) -> tuple[list[tuple[Callable[..., object], tuple[object, ...]]], bool]:
+    def _take(self) -> tuple[list[tuple[Callable[..., object], tuple[object, ...]]], float | None]:
+        """The batch, and how long its wake waited for the loop (None: no wake was asked
+        for), measured here, at the swap: not the batch's own run, and not from a wake a call
+        posted while it runs asks for."""
         with self._lock:
             batch, self._pending = self._pending, []
-            scheduled, self._scheduled = self._scheduled, False
-        return batch, scheduled
+            waited_s = time.monotonic() - self._woke_at if self._scheduled else None
+            self._scheduled = False
+        return batch, waited_s
 
     def _run(self, batch: list[tuple[Callable[..., object], tuple[object, ...]]]) -> None:
         for call, args in batch:
