@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
+from typing import cast
 
 import pytest
 
@@ -168,3 +170,51 @@ async def test_a_batch_s_wait_ends_when_it_is_taken_not_after_it_ran(
         probe.cancel()
         with pytest.raises(asyncio.CancelledError):
             await probe
+
+
+class _SlowWake:
+    """A loop whose first `call_soon_threadsafe` is held until `go`: the thread that asked for
+    the wake paused between its post and the wake reaching the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: object) -> object:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.go.wait(10)
+        return self.loop.call_soon_threadsafe(callback, *args)
+
+
+async def test_a_call_that_joins_a_batch_runs_before_what_its_thread_hands_the_loop_next() -> None:
+    """Channel thread 1 posts and asks for the wake; channel thread 2 posts a one-pass digest
+    into the same batch, then its chunk's end reaches the loop another way (a stray's
+    `asyncio.wrap_future`, which `_late_digests` awaits, then checks the digests). The digest
+    must run first, or a second digest (a source that changed) is missed. Before, thread 2
+    returned at once and its end overtook the wake thread 1 had not made yet."""
+    loop = asyncio.get_running_loop()
+    slow = _SlowWake(loop)
+    inbox = LoopInbox(cast(asyncio.AbstractEventLoop, slow))
+    ran: list[str] = []
+    second_done = threading.Event()
+
+    def first() -> None:
+        inbox.post(ran.append, "receipt 1")
+
+    def second() -> None:
+        assert slow.entered.wait(10)
+        inbox.post(ran.append, "digest 2")
+        loop.call_soon_threadsafe(ran.append, "end 2")
+        second_done.set()
+
+    def release() -> None:  # thread 1 goes on once thread 2 is done or held
+        second_done.wait(0.5)
+        slow.go.set()
+
+    await asyncio.gather(asyncio.to_thread(first), asyncio.to_thread(second),
+                         asyncio.to_thread(release))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert ran == ["receipt 1", "digest 2", "end 2"]

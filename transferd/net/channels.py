@@ -386,8 +386,11 @@ class LoopInbox:
             self._scheduled = True
             self._woke_at = time.monotonic()
             self.wakes += 1
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
-            self.loop.call_soon_threadsafe(self._drain)
+            # Queued under the lock: a call that joins this batch returns only once its drain
+            # is on the loop's queue, so what its thread hands the loop next by another way
+            # (a future's outcome through `asyncio.wrap_future`) runs after it, never before.
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
+                self.loop.call_soon_threadsafe(self._drain)
 
     def post_later(self, call: Callable[..., object], *args: object) -> None:
         with self._lock:
