@@ -103,17 +103,23 @@ async def test_a_batch_reports_its_wait_for_the_loop_to_the_lag_probe() -> None:
     try:
         inbox = LoopInbox(loop)
         ran: list[int] = []
+        posted = threading.Event()
 
-        def busy_loop() -> None:  # the loop runs a callback 30 ms long meanwhile
+        def channel_thread() -> None:
+            inbox.post(ran.append, 1)
+            posted.set()
+
+        def busy_loop() -> None:  # the loop runs a callback 30 ms long after the post
+            assert posted.wait(10)
             time.sleep(0.03)
 
         loop.call_soon(busy_loop)
-        await asyncio.to_thread(inbox.post, ran.append, 1)
-        await asyncio.sleep(0.01)
+        await asyncio.to_thread(channel_thread)
+        await asyncio.sleep(0)
         assert ran == [1]
         assert len(samples) == 1
         assert samples[0] is not None
-        assert samples[0] > 0.0
+        assert samples[0] >= 0.03  # at least the busy callback it waited behind
         batches: LoopBatches[int] = LoopBatches(lambda items: None)
         await asyncio.to_thread(batches.run, loop, 1)
         assert len(samples) == 2
