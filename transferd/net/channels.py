@@ -309,6 +309,67 @@ def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
         raise StorageError("receiver stopping") from exc
 
 
+E = TypeVar("E")
+
+
+class _LoopQueue(Generic[E]):
+    """What `LoopBatches` and `LoopInbox` share: entries handed from threads to one event loop
+    in batches. `put(entry, loop)` queues one and asks `loop` for a wake unless one is queued
+    already (`put(entry, None)`: no wake; it rides with the next); the wake runs `run_batch`
+    over everything pending then, in the order put, and reports how long it waited for the
+    loop (`loop_waited`: measured when the batch is taken, not after it ran). The wake is
+    asked for under the lock, so an entry that joins a batch is on the loop's queue before
+    its thread hands the loop anything else. `put` is False when the loop has closed (the
+    entry stays pending; `take` has it)."""
+
+    def __init__(self, run_batch: Callable[[list[E]], None]) -> None:
+        self._run_batch = run_batch
+        self._lock = threading.Lock()
+        self._pending: list[E] = []
+        self._scheduled = False  # a `_drain` is queued on the loop
+        self._woke_at = 0.0  # when it was queued (monotonic)
+        self.wakes = 0  # `call_soon_threadsafe`s made (one per batch)
+
+    def put(self, entry: E, loop: asyncio.AbstractEventLoop | None) -> bool:
+        with self._lock:
+            self._pending.append(entry)
+            if loop is None or self._scheduled:
+                return True
+            try:
+                loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed
+                return False
+            self._scheduled = True
+            self._woke_at = time.monotonic()
+            self.wakes += 1
+            return True
+
+    def take(self) -> tuple[list[E], float | None]:
+        """Everything pending, and how long its wake waited for the loop (None: none asked)."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+            waited_s = time.monotonic() - self._woke_at if self._scheduled else None
+            self._scheduled = False
+        return batch, waited_s
+
+    def flush(self) -> None:
+        """On the loop: run what is pending now; a drain already queued stays so (it reports
+        its wait)."""
+        if self._pending:
+            with self._lock:
+                batch, self._pending = self._pending, []
+            self._run_batch(batch)
+
+    def _drain(self) -> None:
+        batch, waited_s = self.take()
+        try:
+            if batch:
+                self._run_batch(batch)
+        finally:
+            if waited_s is not None:  # a sample for the loop-lag probe, from a wake made anyway
+                loop_waited(waited_s)
+
+
 class LoopBatches(Generic[T]):
     """Items handed from worker threads to the event loop in batches: `run(loop, item)`
     queues the item and blocks until `handle` (on the loop) has taken the batch holding it,
@@ -318,37 +379,21 @@ class LoopBatches(Generic[T]):
 
     def __init__(self, handle: Callable[[list[T]], None]) -> None:
         self.handle = handle
-        self._lock = threading.Lock()
-        self._pending: list[tuple[T, concurrent.futures.Future[None]]] = []
-        self._woke_at = 0.0  # when the batch pending asked for its wake-up (monotonic)
+        self._queue: _LoopQueue[tuple[T, concurrent.futures.Future[None]]] = _LoopQueue(
+            self._handle_batch)
 
     def run(self, loop: asyncio.AbstractEventLoop, item: T) -> None:
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        with self._lock:
-            self._pending.append((item, done))
-            first = len(self._pending) == 1
-            if first:
-                self._woke_at = time.monotonic()
-        if first:
-            try:
-                loop.call_soon_threadsafe(self._drain)
-            except RuntimeError as exc:  # the loop is closed
-                self._drain_failed(StorageError(f"receiver stopping: {exc}"))
+        if not self._queue.put((item, done), loop):  # the loop is closed
+            batch, _waited_s = self._queue.take()
+            for _item, pending in batch:
+                pending.set_exception(StorageError("receiver stopping: event loop closed"))
         try:
             done.result(LOOP_CALL_TIMEOUT_S)
         except concurrent.futures.TimeoutError as exc:
             raise StorageError("receiver stopping") from exc
 
-    def _drain_failed(self, error: BaseException) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, []
-        for _item, done in batch:
-            done.set_exception(error)
-
-    def _drain(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, []
-            waited_s = time.monotonic() - self._woke_at
+    def _handle_batch(self, batch: list[tuple[T, concurrent.futures.Future[None]]]) -> None:
         try:
             self.handle([item for item, _done in batch])
         except Exception as exc:  # each waiting worker answers its chunk with it
@@ -357,7 +402,6 @@ class LoopBatches(Generic[T]):
         else:
             for _item, done in batch:
                 done.set_result(None)
-        loop_waited(waited_s)  # a sample for the loop-lag probe, from a wake made anyway
 
 
 class LoopInbox:
@@ -367,58 +411,28 @@ class LoopInbox:
     per wake of an idle uvloop on the benchmark VM: round 12). `post_later` queues a call
     without waking the loop: bookkeeping nobody waits on, run with the next batch (the next
     `post` from any thread, or `flush` on the loop: the loop-lag probe's tick). A call posted
-    before another always runs before it; a loop that has closed drops what it had not run
-    (the daemon is gone)."""
+    before another always runs before it, and before anything its thread hands the loop
+    after the post; a loop that has closed drops what it had not run (the daemon is gone)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._lock = threading.Lock()
-        self._pending: list[tuple[Callable[..., object], tuple[object, ...]]] = []
-        self._scheduled = False  # a `_drain` is queued on the loop
-        self._woke_at = 0.0  # when it was queued (monotonic)
-        self.wakes = 0  # `call_soon_threadsafe`s made (one per batch)
+        self._queue: _LoopQueue[tuple[Callable[..., object], tuple[object, ...]]] = _LoopQueue(
+            self._run)
+
+    @property
+    def wakes(self) -> int:
+        """`call_soon_threadsafe`s made (one per batch)."""
+        return self._queue.wakes
 
     def post(self, call: Callable[..., object], *args: object) -> None:
-        with self._lock:
-            self._pending.append((call, args))
-            if self._scheduled:
-                return
-            self._scheduled = True
-            self._woke_at = time.monotonic()
-            self.wakes += 1
-            # Queued under the lock: a call that joins this batch returns only once its drain
-            # is on the loop's queue, so what its thread hands the loop next by another way
-            # (a future's outcome through `asyncio.wrap_future`) runs after it, never before.
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
-                self.loop.call_soon_threadsafe(self._drain)
+        self._queue.put((call, args), self.loop)  # False: the loop is closed, the daemon gone
 
     def post_later(self, call: Callable[..., object], *args: object) -> None:
-        with self._lock:
-            self._pending.append((call, args))
+        self._queue.put((call, args), None)
 
     def flush(self) -> None:
         """On the loop: run what is pending now (the calls `post_later` left waiting)."""
-        if self._pending:  # a drain already queued stays so (it reports its wait)
-            with self._lock:
-                batch, self._pending = self._pending, []
-            self._run(batch)
-
-    def _drain(self) -> None:
-        batch, waited_s = self._take()
-        if batch:
-            self._run(batch)
-        if waited_s is not None:  # a sample for the loop-lag probe, from a wake made anyway
-            loop_waited(waited_s)
-
-    def _take(self) -> tuple[list[tuple[Callable[..., object], tuple[object, ...]]], float | None]:
-        """The batch, and how long its wake waited for the loop (None: no wake was asked
-        for), measured here, at the swap: not the batch's own run, and not from a wake a call
-        posted while it runs asks for."""
-        with self._lock:
-            batch, self._pending = self._pending, []
-            waited_s = time.monotonic() - self._woke_at if self._scheduled else None
-            self._scheduled = False
-        return batch, waited_s
+        self._queue.flush()
 
     def _run(self, batch: list[tuple[Callable[..., object], tuple[object, ...]]]) -> None:
         for call, args in batch:
