@@ -224,3 +224,29 @@ async def test_a_call_that_joins_a_batch_runs_before_what_its_thread_hands_the_l
     for _ in range(3):
         await asyncio.sleep(0)
     assert ran == ["receipt 1", "digest 2", "end 2"]
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+def test_a_call_that_raises_a_base_exception_lets_the_rest_of_its_batch_run() -> None:
+    """A KeyboardInterrupt-like exception out of one call is raised after the calls taken with
+    it ran: each was a loop callback of its own before, and a booking lost here is a send
+    bytes_on_wire never counts."""
+    loop = asyncio.new_event_loop()
+    try:
+        inbox = LoopInbox(loop)
+        ran: list[int] = []
+
+        def interrupted() -> None:
+            raise _Interrupt
+
+        inbox.post_later(ran.append, 1)
+        inbox.post_later(interrupted)
+        inbox.post_later(ran.append, 2)
+        with pytest.raises(_Interrupt):
+            inbox.flush()
+        assert ran == [1, 2]
+    finally:
+        loop.close()

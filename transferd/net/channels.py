@@ -435,6 +435,7 @@ class LoopInbox:
         self._queue.flush()
 
     def _run(self, batch: list[tuple[Callable[..., object], tuple[object, ...]]]) -> None:
+        stop: BaseException | None = None
         for call, args in batch:
             try:
                 call(*args)
@@ -442,6 +443,10 @@ class LoopInbox:
                 self.loop.call_exception_handler({
                     "message": f"LoopInbox: {getattr(call, '__qualname__', call)!r} failed",
                     "exception": exc})
+            except BaseException as exc:  # KeyboardInterrupt, SystemExit: after the rest ran
+                stop = stop or exc
+        if stop is not None:
+            raise stop  # the calls taken with it are not lost (each its own callback before)
 
 
 # ---- sending ------------------------------------------------------------------------------------
