@@ -442,6 +442,9 @@ class Daemon:
             await asyncio.to_thread(self.listener.close)
             for channels in self.channels.values():
                 await asyncio.to_thread(channels.close)
+            # Sends started that nothing has booked yet (`LoopInbox.post_later`: they ride with
+            # the next batch or probe tick, and neither comes now): into the journal.
+            self.sender.flush_inbox()
             for link in self.links.values():
                 await link.close()
             await self.inbound.aclose()
