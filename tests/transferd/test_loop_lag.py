@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import selectors
 from collections.abc import Callable, Coroutine
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from transferd.net.loop_lag import (
     watch_lag,
     work_seen,
 )
+from transferd.net.relay import RelayService
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
@@ -227,3 +229,24 @@ def test_no_gil_wait_is_charged_from_a_window_shorter_than_the_stall() -> None:
     assert stall.gil_wait_s == 0.0
     assert stall.loops_own
     assert not stall_of(0.091, 0.01, 0.001, 0.008).loops_own  # the window: the host's
+
+
+def test_a_chunk_passing_a_relay_wakes_its_idle_probe() -> None:
+    """A relay's loop gets no receipts or digests of its own: a chunk it forwards (`_ready`,
+    on the loop, at each chunk's header) is the sign of work that makes its probe tick fast."""
+    relayed = SimpleNamespace(next_hop="B")
+
+    async def ensure(peer: str) -> None:
+        return None
+
+    relay = SimpleNamespace(_relayed=lambda upload, peer: relayed, _ensure=ensure)
+
+    async def chunk_at_10_1(loop: VirtualTimeLoop) -> None:
+        await asyncio.sleep(10.1)
+        head = SimpleNamespace(upload="u1")
+        assert await RelayService._ready(relay, head, "A") is relayed  # type: ignore[arg-type]
+
+    ticks, start = run_probe(12.0, meanwhile=chunk_at_10_1)
+    after = [(t, lag) for t, lag in ticks if t >= start + 10.1]
+    assert after[0] == (pytest.approx(start + 10.1), None)  # the idle wait cut short
+    assert len(after) >= (12.0 - 10.1) / LAG_TICK_S - 2
