@@ -24,6 +24,7 @@ from transferd.net.loop_lag import (
     work_seen,
 )
 from transferd.net.relay import RelayService
+from transferd.net.sender import Sender
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
@@ -250,3 +251,14 @@ def test_a_chunk_passing_a_relay_wakes_its_idle_probe() -> None:
     after = [(t, lag) for t, lag in ticks if t >= start + 10.1]
     assert after[0] == (pytest.approx(start + 10.1), None)  # the idle wait cut short
     assert len(after) >= (12.0 - 10.1) / LAG_TICK_S - 2
+
+
+def test_a_job_waiting_out_a_retry_is_not_work_moving() -> None:
+    """`Sender.busy` (the probe's `working`): a job in a retry's backoff (noted, nothing gone
+    through since) moves nothing; fast ticks for it were a daemon's idle cost for as long
+    as a peer stays down."""
+    assert Sender.busy(SimpleNamespace(_running={"j1"}, _noted=set()))  # type: ignore[arg-type]
+    retrying = SimpleNamespace(_running={"j1"}, _noted={"j1"})
+    assert not Sender.busy(retrying)  # type: ignore[arg-type]
+    both = SimpleNamespace(_running={"j1", "j2"}, _noted={"j1"})
+    assert Sender.busy(both)  # type: ignore[arg-type]

@@ -465,8 +465,9 @@ class Sender:
         return self._inbox
 
     def busy(self) -> bool:
-        """Jobs are running (the loop-lag probe ticks fast)."""
-        return bool(self._running)
+        """Jobs are running, not all of them waiting out a retry's backoff (`note_retry` until
+        a request goes through): the loop-lag probe ticks fast while something moves."""
+        return any(job_id not in self._noted for job_id in self._running)
 
     def flush_inbox(self) -> None:
         """On the loop: book what the channel threads left waiting (`LoopInbox.post_later`:
