@@ -19,12 +19,14 @@ probe's timer a tick later, so the timer wakes the loop only in gaps of more tha
 
 What the metric means, then: `transferd_event_loop_lag_seconds` has one sample per tick (the
 timer's lateness) and one per batch of thread calls (the batch's wait for the loop, from the
-call that asked for the wake to the batch starting): at least one per 10 ms while work moves,
-one per `LAG_IDLE_TICK_S` otherwise, so its counts are mostly the busy times' (a share of late
-samples is a share of those). An idle daemon's stall is seen only when it covers a tick's due
-time: one that starts and ends between two idle ticks is missed. A stall seen by a batch is
-logged with the loop thread's run and run-queue times since the sample before it, a window
-that may be longer than the stall (its GIL wait then reads low, never high).
+call that asked for the wake to the batch being taken): at least one per 10 ms while work
+moves, one per `LAG_IDLE_TICK_S` otherwise, so its counts are mostly the busy times' (a share
+of late samples is a share of those). A stall that both the timer and a batch sat behind is
+one sample, the larger of the two lags. An idle daemon's stall is seen only when it covers a
+tick's due time: one that starts and ends between two idle ticks is missed. A stall is split
+(`stall_of`) by the loop thread's run and run-queue times since the sample before it: a
+window that may be longer than the stall (its GIL wait then reads low, never high), or
+shorter (no GIL wait is then charged).
 """
 
 from __future__ import annotations
