@@ -27,7 +27,7 @@ from netplan.telemetry import TelemetryReport
 from transferd.config import SiteConfig
 from transferd.errors import ConfigError, StorageError, TransferdError
 from transferd.net.bulk_priority import loop_waited_for_the_gil
-from transferd.net.channels import DataListener, PeerChannels
+from transferd.net.channels import DataListener, PeerChannels, SendfileRefusals
 from transferd.net.inbound import InboundUploads
 from transferd.net.loop_lag import Stall, stall_of, watch_lag
 from transferd.net.messages import MessageService, MessageSocketServer, message_socket_path
@@ -210,6 +210,7 @@ class Daemon:
             )
             for peer, pc in config.peers.items()
         }
+        sendfile_refusals = SendfileRefusals()
         self.channels = {
             peer: PeerChannels(
                 site=config.site,
@@ -220,6 +221,7 @@ class Daemon:
                 ssl_context=ssl_ctx,
                 server_hostname=self.links[peer].host,
                 window=CHANNEL_WINDOW,
+                sendfile_refusals=sendfile_refusals,
             )
             for peer, pc in config.peers.items()
         }

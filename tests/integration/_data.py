@@ -13,6 +13,7 @@ from typing import Any
 import blake3
 import pytest
 
+from transferd.errors import StorageError
 from transferd.net import sender as sender_mod
 from transferd.net.channels import OutgoingChunk
 from transferd.testing import LinkProxy, loopback_pair, wait_for_jobs
@@ -105,3 +106,21 @@ def eio_on_channel_reads(monkeypatch: pytest.MonkeyPatch, offset: int, *, always
     monkeypatch.setattr(os, "sendfile", flaky_sendfile)
     monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
     return failed, sent
+
+
+def failed_sends(sent: list[OutgoingChunk]) -> list[BaseException]:
+    """The errors the sends in `sent` ended with so far (read before the daemons' shutdown
+    ends any still queued)."""
+    return [exc for item in sent
+            if item.done.done() and (exc := item.done.exception()) is not None]
+
+
+def assert_the_sources_eio(errors: list[BaseException], src: Path) -> None:
+    """Each error is the source's StorageError for `eio_on_channel_reads`'s EIO, naming the
+    source file (not a channel's or the peer's error)."""
+    assert errors
+    for error in errors:
+        assert isinstance(error, StorageError), repr(error)
+        assert error.fields.get("side") == "source"
+        assert "Input/output error" in str(error)
+        assert str(src) in str(error)

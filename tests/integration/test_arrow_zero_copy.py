@@ -6,6 +6,7 @@ checked against its committed digest, memory bounded by the chunks the caller ho
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from transferd.errors import IntegrityError
+from transferd.errors import IntegrityError, StorageError
 from transferd.testing import loopback_pair, wait_for_jobs
 
 CHUNK = 256 * 1024
@@ -187,3 +188,124 @@ async def test_a_committed_file_cut_short_before_it_is_read_is_a_clear_error(
     assert "curated/events.arrow" in message
     assert f"{left} bytes on disk where {size} were committed" in message
     assert pa.Table.from_batches(batches).equals(pa.Table.from_batches(expected))
+
+
+
+class _NoMemoryOSFile:
+    """pa.OSFile whose `read_buffer` finds memory exhausted (`error`): a chunk's buffer cannot
+    be allocated from Arrow's pool."""
+
+    error: type[BaseException] = MemoryError
+
+    def __init__(self, path: str, mode: str) -> None:
+        self._file = _REAL_OS_FILE(path, mode)
+
+    def __enter__(self) -> _NoMemoryOSFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def size(self) -> int:
+        return int(self._file.size())
+
+    def seek(self, offset: int) -> int:
+        return int(self._file.seek(offset))
+
+    def read_buffer(self, n: int) -> pa.Buffer:
+        raise self.error(f"malloc of size {n} failed")
+
+
+_REAL_OS_FILE = pa.OSFile
+
+
+def _take(batches: Any, into: list[pa.RecordBatch]) -> None:
+    """Each batch into `into` as it comes (those before an error stay there)."""
+    for batch in batches:
+        into.append(batch)
+
+
+@pytest.mark.parametrize("error", [pa.ArrowMemoryError, MemoryError],
+                         ids=["ArrowMemoryError", "MemoryError"])
+@pytest.mark.parametrize("where", ["read", "schema", "batch"])
+async def test_no_memory_while_reading_record_batches_is_a_storage_error_naming_the_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, error: type[BaseException],
+) -> None:
+    """Memory exhausted while record batches are read (allocating a chunk's buffer, decoding
+    the schema, or decoding a batch, as IPC body decompression allocates): a StorageError
+    with ENOMEM naming the file and the chunk, as `record_batches` promises; neither a
+    pyarrow or Python traceback nor an IntegrityError calling intact bytes damaged. The
+    batches before it were whole, and the file reads whole once memory is back."""
+    src = tmp_path / "site-A" / "curated" / "events.arrow"
+    expected = pa.Table.from_batches(write_arrow_file(src, batches=12, rows=10_000))
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/events.arrow", ["B"]))
+        assert job.state == "committed", job.error
+        spans = b.journal.chunks_of("curated/events.arrow")
+        calls = 0
+
+        def exhausted(real: Any, fail_at: int) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == fail_at:
+                    raise error("malloc failed")
+                return real(*args, **kwargs)
+            return call
+
+        taken: list[pa.RecordBatch] = []
+        with monkeypatch.context() as patch:
+            if where == "read":
+                patch.setattr(_NoMemoryOSFile, "error", error)
+                patch.setattr(pa, "OSFile", _NoMemoryOSFile)
+            elif where == "schema":
+                patch.setattr(ipc, "read_schema", exhausted(ipc.read_schema, 1))
+            else:  # the fourth batch: some came before it
+                patch.setattr(ipc, "read_record_batch", exhausted(ipc.read_record_batch, 4))
+            with pytest.raises(StorageError) as caught:
+                _take(b.receiver.record_batches("curated/events.arrow"), taken)
+        again = list(b.receiver.record_batches("curated/events.arrow"))
+    assert caught.value.fields.get("errno") == errno.ENOMEM
+    message = str(caught.value)
+    assert "curated/events.arrow" in message
+    assert "no memory" in message
+    if where == "batch":
+        assert taken
+        assert pa.Table.from_batches(taken).equals(expected.slice(0, sum(map(len, taken))))
+        [failed] = [s for s in spans[1:] if message.endswith(f"chunk at offset {s.offset}")]
+    else:
+        assert not taken
+        failed = spans[0]
+    assert f"its {failed.length}-byte chunk at offset {failed.offset}" in message
+    assert pa.Table.from_batches(again).equals(expected)
+
+
+async def test_an_allocation_past_the_hosts_memory_while_decoding_is_damage_not_enomem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decoding a committed batch asks pyarrow for more memory than the host has (as a
+    damaged compressed-IPC length prefix does: "malloc of size 1125899906842624 failed"):
+    an IntegrityError naming the file, not a StorageError ENOMEM that a caller would retry
+    forever on bytes that will never decode."""
+    src = tmp_path / "site-A" / "curated" / "events.arrow"
+    write_arrow_file(src, batches=12, rows=10_000)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, b):
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/events.arrow", ["B"]))
+        assert job.state == "committed", job.error
+        real = ipc.read_record_batch
+        calls = 0
+
+        def damaged(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise pa.ArrowMemoryError("malloc of size 1125899906842624 failed")
+            return real(*args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ipc, "read_record_batch", damaged)
+            with pytest.raises(IntegrityError) as caught:
+                list(b.receiver.record_batches("curated/events.arrow"))
+    message = str(caught.value)
+    assert "curated/events.arrow" in message
+    assert "1125899906842624-byte allocation" in message

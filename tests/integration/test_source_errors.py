@@ -16,9 +16,8 @@ from typing import Any
 import fsspec
 import pytest
 
-from tests.integration._data import eio_on_channel_reads
+from tests.integration._data import assert_the_sources_eio, eio_on_channel_reads, failed_sends
 from tests.integration._procs import poll_until
-from transferd.errors import StorageError
 from transferd.net import sender as sender_mod
 from transferd.site.source import SourceFile
 from transferd.testing import loopback_pair, loopback_tls, wait_for_jobs
@@ -286,15 +285,9 @@ async def test_a_read_error_on_a_channel_fails_the_chunks_send_not_channel_after
             assert (tmp_path / "site-B/curated/f.bin").read_bytes() == data
         # The sends' own errors (the job's note keeps only its last error, which may be
         # another chunk's or channel's), before the daemons' shutdown ends any still queued.
-        errors = [item.done.exception() for item in sent
-                  if item.done.done() and item.done.exception() is not None]
+        errors = failed_sends(sent)
     assert failed
-    assert errors
-    for error in errors:
-        assert isinstance(error, StorageError), repr(error)
-        assert error.fields.get("side") == "source"
-        assert "Input/output error" in str(error)
-        assert str(src) in str(error)  # the source named: not a channel's or the peer's error
+    assert_the_sources_eio(errors, src)
     # Each send that failed ended there: none went round the channels again.
     assert len(sent) >= 2
     assert all(item.sends == 1 for item in sent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import mmap
 import random
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from transferd.protocol.arrow_chunks import (
     ArrowChunkError,
+    ArrowChunkMemoryError,
     ChunkLayout,
     LayoutFormat,
     Span,
@@ -553,3 +555,68 @@ def test_fuzz_damaged_chunks_open_or_raise_only_arrow_chunk_error(data: bytes) -
         read_chunk_schema(data)
     except ArrowChunkError:
         pass
+
+
+def _compressed_batch_message() -> tuple[pa.RecordBatch, bytearray, int]:
+    """One record batch written with IPC body compression (zstd) as a RECORD_BATCHES chunk,
+    and where its body starts (each compressed buffer opens with its int64 raw length)."""
+    batch = pa.record_batch({"x": pa.array(range(10_000), pa.int64())})
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, batch.schema,
+                        options=ipc.IpcWriteOptions(compression="zstd")) as writer:
+        writer.write_batch(batch)
+    reader = ipc.MessageReader.open_stream(pa.BufferReader(sink.getvalue()))
+    reader.read_next_message()  # the schema
+    message = bytearray(reader.read_next_message().serialize().to_pybytes())
+    body = 8 + struct.unpack_from("<i", message, 4)[0]
+    return batch, message, body
+
+
+def test_a_damaged_compressed_length_asking_for_more_than_the_host_has_is_damage() -> None:
+    """A compressed IPC buffer's raw-length prefix changed to 2**50 (damaged before it was
+    hashed, so its digest holds): pyarrow's pool fails "malloc of size 1125899906842624";
+    that is an ArrowChunkError (damage, which no retry mends), not the memory error a caller
+    maps to a transient ENOMEM."""
+    batch, message, body = _compressed_batch_message()
+    assert open_record_batch_chunk(bytes(message), batch.schema)[0].equals(batch)
+    [at] = [off for off in range(body, len(message) - 8, 8)
+            if struct.unpack_from("<q", message, off)[0] == batch.nbytes]
+    struct.pack_into("<q", message, at, 1 << 50)
+    with pytest.raises(ArrowChunkError) as caught:
+        open_record_batch_chunk(bytes(message), batch.schema)
+    assert not isinstance(caught.value, MemoryError)
+    assert "1125899906842624-byte allocation" in str(caught.value)
+
+
+@pytest.mark.parametrize("where", ["schema", "batch"])
+@pytest.mark.parametrize("message", ["malloc of size 4096 failed", "out of memory"],
+                         ids=["sized", "unsized"])
+def test_no_memory_for_an_allocation_the_host_could_make_is_not_an_arrow_chunk_error(
+    monkeypatch: pytest.MonkeyPatch, where: str, message: str,
+) -> None:
+    """pyarrow out of memory for a size the host has (or one it does not name), decoding
+    the schema or a batch: ArrowChunkMemoryError, which a caller's `except ArrowChunkError`
+    (damage) cannot absorb."""
+    batch, chunk, _body = _compressed_batch_message()
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, batch.schema):
+        pass
+
+    def exhausted(*args: object, **kwargs: object) -> object:
+        raise pa.ArrowMemoryError(message)
+
+    monkeypatch.setattr(ipc, "read_schema" if where == "schema" else "read_record_batch",
+                        exhausted)
+    def decode() -> None:
+        try:
+            if where == "schema":
+                read_chunk_schema(sink.getvalue())
+            else:
+                open_record_batch_chunk(bytes(chunk), batch.schema)
+        except ArrowChunkError:
+            pytest.fail("a memory error was caught as an ArrowChunkError")
+
+    with pytest.raises(ArrowChunkMemoryError) as caught:
+        decode()
+    assert caught.value.size == (4096 if "4096" in message else None)
+    assert isinstance(caught.value.__cause__, pa.ArrowMemoryError)

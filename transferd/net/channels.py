@@ -20,7 +20,8 @@ channels broke under it ONE_PASS_SENDS times (a receiver that refuses the one-pa
 the channel at its header) is hashed first on its next send and goes as an ordinary chunk, and so
 do the peer's other one-pass chunks for ONE_PASS_OFF_S. A
 source that ends inside a chunk or fails a read fails the chunk (`SourceEnded`, `_SourceFailed`):
-it is not put back in the queue.
+it is not put back in the queue. A source whose filesystem refuses `sendfile` (EINVAL, ENOSYS,
+EOPNOTSUPP) is read and sent instead, and read from then on (`SendfileRefusals`).
 
 Receiving: `DataListener` accepts, runs the opening (and TLS when configured), then one thread
 per channel reads each header, receives the body into a pooled aligned buffer (and a one-pass
@@ -86,6 +87,7 @@ __all__ = [
     "OutgoingChunk",
     "PassingChunk",
     "PeerChannels",
+    "SendfileRefusals",
     "set_congestion",
 ]
 
@@ -125,6 +127,42 @@ class _SourceFailed(Exception):
     def __init__(self, error: TransferdError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+# `sendfile` errors that are the source filesystem's refusal of it (a FUSE or network filesystem
+# without splice, a /proc-like file), not a failure of the file or of the socket: the chunk is
+# read and sent instead, and that filesystem is read from then on (`SendfileRefusals`).
+SENDFILE_REFUSED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+class SendfileRefusals:
+    """The filesystems (st_dev) this daemon found refusing `sendfile`: chunks from them are
+    read into the sender thread's buffer and sent (as under TLS) instead of trying `sendfile`
+    again on every chunk; the first refusal of each is logged once. One per daemon, shared by
+    its peers' channels; nothing is remembered across restarts (a remount may bring splice).
+    Keyed by the device the source was opened on (`OutgoingChunk.dev`, from its open-time
+    stat): no fstat in the channel thread, where an NFS or FUSE fstat failing (ESTALE,
+    ENOTCONN) would be taken for the socket's error and break the channel."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._devices: frozenset[int] = frozenset()
+
+    def refuses(self, dev: int | None) -> bool:
+        """Whether the filesystem `dev` refused `sendfile` before (None: not known)."""
+        return dev is not None and dev in self._devices
+
+    def remember(self, dev: int | None, path: str, exc: OSError) -> None:
+        """`sendfile` from the file at `path` on `dev` was refused with `exc`."""
+        if dev is None:
+            return
+        with self._lock:
+            if dev in self._devices:
+                return
+            self._devices = self._devices | {dev}
+        log.warning("channel.sendfile_refused", extra={"fields": {
+            "path": path, "device": dev, "errno": errno.errorcode.get(exc.errno or 0, ""),
+            "error": str(exc)[:200]}})
 
 
 def set_congestion(sock: socket.socket, wanted: CongestionControl) -> str:
@@ -535,6 +573,9 @@ class OutgoingChunk:
     one_pass: bool = False
     on_digest: Callable[[str], None] | None = None
     path: str = ""  # the source file's, for a chunk sent from one (its errors name it)
+    # The source file's device (its open-time st_dev): a filesystem refusing `sendfile` is
+    # remembered by it (`SendfileRefusals`) without an fstat in the channel thread.
+    dev: int | None = None
 
     @property
     def wire_length(self) -> int:
@@ -715,32 +756,63 @@ class _Channel:
             # mapping of it: a file cut short under one is a SIGBUS, the daemon's death),
             # through the one-pass readers' mapping: a file that ends or a read that fails
             # (EIO) fails the chunk, instead of breaking channel after channel with it.
-            for piece in self._source_pieces(item):
-                self.sock.sendall(piece)
+            self._read_and_send(item)
         else:
-            assert item.fd is not None
-            sent = 0
-            while sent < item.raw_length:
-                try:
-                    n = os.sendfile(self.sock.fileno(), item.fd, item.offset + sent,
-                                    item.raw_length - sent)
-                except OSError as exc:
+            self._send_file(item)
+
+    def _send_file(self, item: OutgoingChunk) -> None:
+        """A raw local chunk by `sendfile` from its file; from a filesystem that refuses
+        `sendfile` (`SENDFILE_REFUSED`, now or before: `SendfileRefusals`), read into this
+        thread's buffer and sent from there, from where `sendfile` stopped. Any other error
+        is the source's (`_sendfile_failed`) or the socket's (re-raised: the channel breaks)."""
+        assert item.fd is not None
+        refusals = self.owner.sendfile_refusals
+        sent = 0
+        if refusals.refuses(item.dev):
+            self._read_and_send(item)
+            return
+        while sent < item.raw_length:
+            try:
+                n = os.sendfile(self.sock.fileno(), item.fd, item.offset + sent,
+                                item.raw_length - sent)
+            except OSError as exc:
+                if exc.errno not in SENDFILE_REFUSED:
                     _sendfile_failed(item, item.offset + sent, exc)
                     raise
-                if n == 0:
-                    raise SourceEnded("source file ended before the chunk did")
-                sent += n
+                refused = exc
+                break
+            if n == 0:
+                raise SourceEnded("source file ended before the chunk did")
+            sent += n
+        else:
+            return
+        # Remembered once the read bytes went out: a socket failing meanwhile (its error
+        # raised from sendall, the channel breaks) says nothing of the filesystem.
+        self._read_and_send(item, sent, lambda: refusals.remember(
+            item.dev, _source_name(item), refused))
 
-    def _source_pieces(self, item: OutgoingChunk) -> Iterator[memoryview]:
-        """A local chunk's bytes, read from its file piece by piece into this thread's buffer
-        (`file_pieces`; each piece valid until the next): a one-pass chunk's (both one-pass
-        readers) and, under TLS, a raw hash-first chunk's (no `sendfile` there). A file that
-        ends first is the chunk's SourceEnded; a read that fails is its `_SourceFailed`, never
-        the channel's."""
+    def _read_and_send(self, item: OutgoingChunk, skip: int = 0,
+                       first_sent: Callable[[], None] | None = None) -> None:
+        """A local chunk (past its first `skip` bytes) read into this thread's buffer and sent
+        piece by piece (under TLS, or from a filesystem refusing `sendfile`); `first_sent` is
+        called once the first piece is out. The reads tell a source that fails
+        (`_SourceFailed`) from a socket that does (sendall's error: the channel breaks)."""
+        for piece in self._source_pieces(item, skip):
+            self.sock.sendall(piece)
+            if first_sent is not None:
+                first_sent()
+                first_sent = None
+
+    def _source_pieces(self, item: OutgoingChunk, skip: int = 0) -> Iterator[memoryview]:
+        """A local chunk's bytes (past its first `skip`), read from its file piece by piece
+        into this thread's buffer (`file_pieces`; each piece valid until the next): a one-pass
+        chunk's (both one-pass readers) and a raw hash-first chunk's under TLS (no `sendfile`
+        there) or from a filesystem that refuses `sendfile`. A file that ends first is the
+        chunk's SourceEnded; a read that fails is its `_SourceFailed`, never the channel's."""
         assert item.fd is not None
         if self._piece is None:
             self._piece = memoryview(mmap.mmap(-1, ONE_PASS_PIECE_BYTES))
-        pieces = file_pieces(item.fd, item.offset, item.raw_length, self._piece)
+        pieces = file_pieces(item.fd, item.offset + skip, item.raw_length - skip, self._piece)
         while True:
             try:
                 piece = next(pieces)
@@ -876,6 +948,7 @@ class PeerChannels:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         window: int = 2,
+        sendfile_refusals: SendfileRefusals | None = None,
     ) -> None:
         self.site = site
         self.peer = peer
@@ -885,6 +958,9 @@ class PeerChannels:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.window = window
+        # The daemon's, shared by its peers (a filesystem refusing `sendfile` is logged once).
+        self.sendfile_refusals = (
+            sendfile_refusals if sendfile_refusals is not None else SendfileRefusals())
         self.cond = threading.Condition()
         self.queue: deque[OutgoingChunk] = deque()
         self.channels: list[_Channel] = []

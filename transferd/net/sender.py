@@ -1406,7 +1406,7 @@ class _ChunkPump:
         common["alone"] = bool(self.via)
         if encoded.encoding == "identity" and isinstance(source, SourceFile):
             return OutgoingChunk(**common, fd=os.dup(source.fileno()), offset=offset,  # type: ignore[arg-type]
-                                 path=source.path)
+                                 path=source.path, dev=source.dev)
         return OutgoingChunk(**common, body=encoded.body)  # type: ignore[arg-type]
 
     async def _send(self, item: OutgoingChunk) -> Receipt:

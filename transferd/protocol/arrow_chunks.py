@@ -9,7 +9,8 @@ the caller falls back to fixed-size chunks.
 Use: the sender's chunker calls ``chunk_layout(memoryview(mapped_file), chunk_size)`` (None: fixed
 chunks) and may record each span's kind in the manifest; the receiver reads the schema from the
 HEADER chunk with `read_chunk_schema`, opens RECORD_BATCHES chunks with `open_record_batch_chunk`,
-and wraps ArrowChunkError into its own IntegrityError / ProtocolError.
+and wraps ArrowChunkError into its own IntegrityError / ProtocolError, and ArrowChunkMemoryError
+(a MemoryError, not an ArrowChunkError: no memory is not damage) into its out-of-memory error.
 
 Theory of operation
 -------------------
@@ -45,6 +46,8 @@ TRAILER. Parquet chunks are decoded, never mapped, so their spans carry no align
 
 from __future__ import annotations
 
+import os
+import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +61,7 @@ __all__ = [
     "DEFAULT_MAX_CHUNK_FACTOR",
     "IPC_ALIGNMENT",
     "ArrowChunkError",
+    "ArrowChunkMemoryError",
     "ChunkLayout",
     "LayoutFormat",
     "Span",
@@ -104,6 +108,55 @@ class ArrowChunkError(ValueError):
         self.offset = offset
         where = f" (at chunk offset {offset})" if offset is not None else ""
         super().__init__(f"arrow chunk: {reason}{where}")
+
+
+class ArrowChunkMemoryError(MemoryError):
+    """No memory to open a chunk (pyarrow's ArrowMemoryError, or Python's MemoryError, while
+    decoding it) for an allocation this host could make: the chunk may be intact; the caller
+    maps it to its out-of-memory error, never to damaged data. Not an ArrowChunkError, so a
+    caller catching those (damage) cannot take it for one. An allocation larger than the
+    host's memory (a damaged length prefix, e.g. a compressed IPC body's, asking for a
+    petabyte) is damage instead: ArrowChunkError (`_memory_error`).
+
+    ``offset`` is the byte offset inside the chunk where reading failed; ``size`` the
+    allocation asked for, when pyarrow's message says it (None otherwise)."""
+
+    def __init__(self, reason: str, *, offset: int | None = None,
+                 size: int | None = None) -> None:
+        self.reason = reason
+        self.offset = offset
+        self.size = size
+        where = f" (at chunk offset {offset})" if offset is not None else ""
+        super().__init__(f"arrow chunk: {reason}{where}")
+
+
+# pyarrow's pool names the size it failed to get: "malloc of size 1125899906842624 failed"
+# (also realloc / "of size N" from its other allocators).
+_ALLOCATION_SIZE = re.compile(r"of size (\d+)")
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _memory_error(
+    exc: MemoryError, what: str, offset: int,
+) -> ArrowChunkError | ArrowChunkMemoryError:
+    """A memory error while decoding `what` at chunk `offset`: ArrowChunkMemoryError when the
+    allocation could have succeeded on this host (its size is unknown, or at most the host's
+    physical memory), else ArrowChunkError: a length read from the chunk asked for more
+    memory than the host has, which no retry will find; the bytes are damaged."""
+    found = _ALLOCATION_SIZE.search(str(exc))
+    size = int(found.group(1)) if found else None
+    physical = _physical_memory_bytes()
+    if size is not None and physical is not None and size > physical:
+        return ArrowChunkError(
+            f"damaged {what}: it asks for a {size}-byte allocation, more than this host's "
+            f"{physical} bytes of memory ({exc})", offset=offset)
+    return ArrowChunkMemoryError(f"no memory for {what}: {exc}", offset=offset, size=size)
 
 
 class LayoutFormat(StrEnum):
@@ -623,6 +676,8 @@ def read_chunk_schema(chunk: memoryview | bytes | bytearray | pa.Buffer) -> pa.S
         ) from None
     except ArrowChunkError:
         raise
+    except MemoryError as exc:  # pyarrow's ArrowMemoryError too (before its ArrowException)
+        raise _memory_error(exc, "the schema message", start) from exc
     except _PYARROW_ERRORS as exc:
         raise ArrowChunkError(f"unreadable schema message: {exc}", offset=start) from exc
 
@@ -641,7 +696,9 @@ def open_record_batch_chunk(
     memory. ``validate_full`` checks offsets and UTF-8 too, which makes malformed input safe to
     touch; a caller that has already verified the chunk's blake3 against a signed manifest may
     pass False and keep only the cheap structural check.
-    Raises ArrowChunkError for anything but whole record-batch messages of ``schema``.
+    Raises ArrowChunkError for anything but whole record-batch messages of ``schema`` (an
+    allocation past the host's memory, from a damaged length, included), ArrowChunkMemoryError
+    when an allocation this host could make failed.
     """
     dictionary_field = _first_dictionary_field(schema)
     if dictionary_field is not None:
@@ -673,6 +730,8 @@ def open_record_batch_chunk(
             position = stream.tell()
     except ArrowChunkError:
         raise
+    except MemoryError as exc:  # pyarrow's ArrowMemoryError too (before its ArrowException)
+        raise _memory_error(exc, "a record batch", position) from exc
     except _PYARROW_ERRORS as exc:
         raise ArrowChunkError(f"unreadable record batch: {exc}", offset=position) from exc
     if not batches:

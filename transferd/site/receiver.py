@@ -32,6 +32,7 @@ import pyarrow as pa
 from transferd.errors import IntegrityError, PolicyViolation, ProtocolError, StorageError
 from transferd.protocol.arrow_chunks import (
     ArrowChunkError,
+    ArrowChunkMemoryError,
     open_record_batch_chunk,
     read_chunk_schema,
 )
@@ -69,6 +70,12 @@ def _mib(n: int) -> str:
 
 def _changed(rel: str, what: str) -> IntegrityError:
     return IntegrityError(f"{rel}: {what}: the file changed after its commit", path=rel)
+
+
+def _no_memory(rel: str, span: ChunkLocation) -> StorageError:
+    """No memory to read or open the chunk at `span` of the committed file `rel`."""
+    return StorageError(f"reading {rel}: no memory for its {span.length}-byte chunk at offset "
+                        f"{span.offset}", path=rel, errno=errno.ENOMEM)
 
 
 class Receiver:
@@ -546,8 +553,9 @@ class Receiver:
                 raise StorageError(f"reading {rel}: {exc.strerror or exc}", path=rel) from exc
             if on_disk != committed:
                 raise _changed(rel, f"{on_disk} bytes on disk where {committed} were committed")
+            span = spans[0]
             try:
-                schema = read_chunk_schema(self._committed_chunk(rel, fh, spans[0], committed))
+                schema = read_chunk_schema(self._committed_chunk(rel, fh, span, committed))
                 for i, span in enumerate(spans[1:], start=1):
                     chunk = self._committed_chunk(rel, fh, span, committed)
                     try:
@@ -558,6 +566,11 @@ class Receiver:
                         raise
                     del chunk  # held by the batches alone: gone with the last of them
                     yield from batches
+            except ArrowChunkMemoryError as exc:
+                # Decoding allocates too (IPC body decompression): the chunk matched its
+                # committed digest and asked for memory the host could give, so this is
+                # memory, not damage (more than the host has is an ArrowChunkError).
+                raise _no_memory(rel, span) from exc
             except ArrowChunkError as exc:
                 raise IntegrityError(f"{rel}: not record-batch chunks: {exc}", path=rel) from exc
 
@@ -569,9 +582,7 @@ class Receiver:
             fh.seek(span.offset)
             buf = fh.read_buffer(span.length)  # (read_at returns bytes: a copy)
         except MemoryError as exc:  # pyarrow's ArrowMemoryError is one
-            raise StorageError(
-                f"reading {rel}: no memory for its {span.length}-byte chunk at offset "
-                f"{span.offset}", path=rel, errno=errno.ENOMEM) from exc
+            raise _no_memory(rel, span) from exc
         except OSError as exc:  # pyarrow's IO errors are
             raise StorageError(f"reading {rel}: {exc.strerror or exc}", path=rel) from exc
         if buf.size != span.length:
