@@ -344,9 +344,11 @@ LAG_MARKS_S = ("0.02", "0.05", "0.1")
 
 
 def _loop_late(lab: Lab, site: str, port: int) -> dict[str, int] | None:
-    """From a daemon's /metrics: how many 10 ms timer ticks of its event loop ran 20, 50 and
-    100 ms or more late over the daemon's life (transferd_event_loop_lag_seconds), and the
-    ticks in all; None for a transferd without the metric."""
+    """From a daemon's /metrics: how many of its event loop's lag samples were 20, 50 and
+    100 ms or more over the daemon's life (transferd_event_loop_lag_seconds), and the samples
+    in all; None for a transferd without the metric. A sample is a probe tick (10 ms apart
+    while work moves, 0.25 s when idle, since round 13; 10 ms always before) or a batch of
+    data-channel calls (`net.loop_lag`): counts compare between trees of the same kind."""
     done = subprocess.run(lab.in_site(site, [sys.executable, "-c", _LAG_PROBE,
                                              f"http://{lab.addr(site)}:{port}/metrics"]),
                           capture_output=True, text=True, timeout=30, check=False)

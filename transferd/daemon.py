@@ -29,6 +29,7 @@ from transferd.errors import ConfigError, StorageError, TransferdError
 from transferd.net.bulk_priority import loop_waited_for_the_gil
 from transferd.net.channels import DataListener, PeerChannels, SendfileRefusals
 from transferd.net.inbound import InboundUploads
+from transferd.net.loop_lag import Stall, stall_of, watch_lag
 from transferd.net.message_hop import HopServer
 from transferd.net.messages import MessageService, MessageSocketServer, message_socket_path
 from transferd.net.peer_client import PeerLink
@@ -56,8 +57,7 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("transferd.daemon")
 SHUTDOWN_GRACE_S = 10.0
-LAG_TICK_S = 0.01  # the loop-lag probe's timer
-LAG_LOG_S = 0.02  # a timer this late is logged as a stall
+LAG_LOG_S = 0.02  # a loop-lag probe's timer this late is logged as a stall (`net.loop_lag`)
 # Chunks each data channel keeps in flight beyond the one being written: enough to cover the
 # receipt's round trip (the socket buffers hold the rest of the pipe), few enough that a broken
 # channel has little to send again.
@@ -449,6 +449,9 @@ class Daemon:
             await asyncio.to_thread(self.listener.close)
             for channels in self.channels.values():
                 await asyncio.to_thread(channels.close)
+            # Sends started that nothing has booked yet (`LoopInbox.post_later`: they ride with
+            # the next batch or probe tick, and neither comes now): into the journal.
+            self.sender.flush_inbox()
             for link in self.links.values():
                 await link.close()
             await self.inbound.aclose()
@@ -490,30 +493,49 @@ class Daemon:
         return []
 
     async def _watch_lag(self) -> None:
-        """Time a short timer again and again: how late it fires is how long anything queued
-        on the loop (a message, a control request) waited for it. Stalls are logged."""
-        loop = asyncio.get_running_loop()
+        """The loop-lag probe (`net.loop_lag`: 10 ms ticks while work moves, slower when
+        idle): each lag into `loop_lag`, stalls logged with which wait they were. Each tick
+        also books the channel threads' calls left waiting (`Sender.flush_inbox`): a wake the
+        loop makes anyway."""
         schedstat = ThreadSchedstat()  # opened here: the loop's own thread
-        try:
-            while True:
-                t0, sched0 = loop.time(), schedstat.read()
-                await asyncio.sleep(LAG_TICK_S)
-                lag = max(0.0, loop.time() - t0 - LAG_TICK_S)
+        # The schedstat window a stall is split over: from the sample before it to now.
+        sched0_at, sched0 = time.monotonic(), schedstat.read()
+
+        def on_tick(lag: float | None) -> bool:
+            nonlocal sched0_at, sched0
+            self.sender.flush_inbox()
+            held = False
+            if lag is not None:
                 self.metrics.loop_lag.observe(lag)
                 if lag >= LAG_LOG_S:
-                    fields: dict[str, float] = {"ms": round(lag * 1e3, 1)}
-                    sched1 = schedstat.read()
+                    now, sched1 = time.monotonic(), schedstat.read()
+                    ran_s = cpu_wait_s = None
                     if sched0 is not None and sched1 is not None:
-                        # Which wait it was: the loop thread running (busy), waiting in the
-                        # run queue for a CPU, or neither (asleep: waiting for the GIL).
-                        fields["ran_ms"] = round((sched1[0] - sched0[0]) / 1e6, 1)
-                        fields["cpu_wait_ms"] = round((sched1[1] - sched0[1]) / 1e6, 1)
-                    log.info("loop.stall", extra={"fields": fields})
-                    if "ran_ms" in fields:  # at least this much of the stall was a GIL wait
-                        loop_waited_for_the_gil(
-                            (fields["ms"] - fields["ran_ms"] - fields["cpu_wait_ms"]) / 1e3)
+                        ran_s = (sched1[0] - sched0[0]) / 1e9
+                        cpu_wait_s = (sched1[1] - sched0[1]) / 1e9
+                    held = self._stalled(stall_of(lag, now - sched0_at, ran_s, cpu_wait_s))
+            sched0_at, sched0 = time.monotonic(), schedstat.read()
+            return held
+
+        try:
+            await watch_lag(on_tick, working=self.sender.busy)
         finally:
             schedstat.close()
+
+    @staticmethod
+    def _stalled(stall: Stall) -> bool:
+        """A stall logged with which wait it was, its GIL wait charged (`adaptive`). True: the
+        loop's own (the probe ticks fast for a while after it)."""
+        fields: dict[str, float] = {"ms": round(stall.lag_s * 1e3, 1)}
+        if stall.ran_s is not None and stall.cpu_wait_s is not None:
+            # Which wait it was: the loop thread running (busy), waiting in the run queue for
+            # a CPU, or neither (asleep: waiting for the GIL).
+            fields["ran_ms"] = round(stall.ran_s * 1e3, 1)
+            fields["cpu_wait_ms"] = round(stall.cpu_wait_s * 1e3, 1)
+            fields["gil_wait_ms"] = round(stall.gil_wait_s * 1e3, 1)
+        log.info("loop.stall", extra={"fields": fields})
+        loop_waited_for_the_gil(stall.gil_wait_s)
+        return stall.loops_own
 
     async def _sample_links(self) -> None:
         """Every SAMPLE_S: the data channels' tcp_info into each link's window, and the

@@ -22,12 +22,14 @@ from tests.integration._data import (
     write_random,
 )
 from tests.integration._procs import poll_until
+from transferd import daemon as daemon_mod
 from transferd.errors import IntegrityError, TransportError
 from transferd.net import channels as channels_mod
 from transferd.net import inbound as inbound_mod
 from transferd.net import sender as sender_mod
 from transferd.net import server as server_mod
 from transferd.net.channels import OutgoingChunk
+from transferd.net.loop_lag import LagPace
 from transferd.protocol import manifest
 from transferd.protocol.chunks import blake3_hex
 from transferd.protocol.manifest import ChunkRef, UploadIntent
@@ -78,6 +80,61 @@ async def test_a_fresh_file_goes_in_one_pass_but_for_its_first_batch_and_probes(
     assert names.count("one-pass") == n - hash_first_expected(n) == 15
     assert n * CHUNK <= job.bytes_on_wire < n * CHUNK + 64 * 1024
     assert listings == [["curated/f.bin"]]
+
+
+async def test_each_chunk_wakes_the_sending_loop_at_most_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk's send start, its one-pass digest and its receipt reach A's loop through one
+    inbox (`LoopInbox`): the start wakes nothing (it rides with the next call), so at most
+    the digest and the receipt wake the loop, and both together once when they come close;
+    a crossing each was three wake-ups per chunk (one-pass chunks: 3n less the hashed-first
+    ones' digests, over 2n). Counted where the wakes are asked for: `call_soon_threadsafe`
+    from A's sending channel threads. Every send's start is still booked before its job
+    ends (bytes_on_wire counts every chunk's body)."""
+    n = 24
+    digest = write_random(tmp_path / "site-A" / "curated" / "f.bin", n * CHUNK, seed=9)
+    loop = asyncio.get_running_loop()
+    wakes: list[str] = []
+    real_call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        name = threading.current_thread().name
+        if name.startswith(("channel-send-", "channel-recv-", "channel-watch-")):
+            wakes.append(name)
+        return real_call_soon_threadsafe(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+        [job_id] = a.sender.submit("curated/f.bin", ["B"])
+        [job] = await wait_for_jobs(a, [job_id])
+    assert job.state == "committed", job.error
+    assert file_blake3(tmp_path / "site-B" / "curated" / "f.bin") == digest
+    assert job.chunks_sent == n
+    assert n * CHUNK <= job.bytes_on_wire < n * CHUNK + 64 * 1024
+    assert 0 < len(wakes) <= 2 * n
+
+
+async def test_a_send_start_left_unbooked_at_shutdown_is_booked_before_the_journal_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send's start rides with the next batch or the probe's tick (`post_later`); at a
+    daemon's stop neither comes, so the stop books it (bytes_on_wire would miss the send).
+    The probe here never ticks, so only the stop can."""
+    real_watch_lag = daemon_mod.watch_lag
+
+    async def quiet_probe(on_tick: Any, working: Any) -> None:
+        await real_watch_lag(on_tick, working=working,
+                             pace=LagPace(tick_s=3600.0, idle_tick_s=3600.0))
+
+    monkeypatch.setattr(daemon_mod, "watch_lag", quiet_probe)
+    booked: list[str] = []
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+        inbox = a.sender.inbox(asyncio.get_running_loop())
+        await asyncio.to_thread(inbox.post_later, booked.append, "on_wire")
+        await asyncio.sleep(0.05)
+        assert booked == []
+    assert booked == ["on_wire"]
 
 
 async def test_a_body_damaged_in_a_one_pass_chunk_is_refused_unwritten_and_sent_again(

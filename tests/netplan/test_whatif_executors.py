@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,18 +34,43 @@ def _children() -> set[int]:
             if "resource_tracker" not in " ".join(p.cmdline())}
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    """Two worker processes, one thread each, no dashboard; closed (workers and nannies
-    stopped) when the module's tests are done."""
+@contextlib.contextmanager
+def _local_cluster() -> Iterator[Any]:
+    """Two worker processes, one thread each, no dashboard. The scheduler still serves its
+    HTTP routes (health, metrics) without one, on the dashboard's default port 8787 unless
+    told otherwise: an ephemeral port on 127.0.0.1, so two suites on one host (or anything
+    else on 8787) do not collide ("Port 8787 is already in use" is a warning, an error here)."""
     distributed = pytest.importorskip("distributed", reason="dask.distributed is the [whatif] "
                                       "extra")
-    before = _children()
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None,
+                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                                   silence_logs=logging.ERROR) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """`_local_cluster`, closed (workers and nannies stopped) when the module's tests are
+    done."""
+    before = _children()
+    with _local_cluster() as running:
+        yield running
     assert _children() == before  # every worker process has exited
+
+
+def test_a_cluster_starts_while_another_process_holds_port_8787() -> None:
+    """Another suite's cluster (or any server) on 8787 made the fixture fail at setup."""
+    with socket.socket() as holder:
+        try:
+            holder.bind(("127.0.0.1", 8787))
+            holder.listen()
+        except OSError:
+            pass  # something else holds it already: the same case
+        before = _children()
+        with _local_cluster() as running:
+            assert running.scheduler_address.startswith("tcp://")
+        assert _children() == before
 
 
 def test_local_processes_and_a_dask_cluster_answer_exactly_like_this_process(

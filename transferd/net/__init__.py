@@ -12,4 +12,5 @@ and do their I/O through `transferd.site`; every task they start belongs to a Ta
 - `message_hop`: the framed peer hop for interactive messages (both ends)
 - `runners`: a plan's sync runner and checkpoint watch mode
 - `buffers`: pooled receive buffers for chunk bodies
+- `loop_lag`: the event loop's lag probe (10 ms ticks while work moves, slower when idle)
 """

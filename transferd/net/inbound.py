@@ -17,6 +17,7 @@ from typing import NamedTuple, TypeVar
 
 from transferd.errors import StorageError, TransferdError, TransportError
 from transferd.net.channels import LoopBatches, on_loop
+from transferd.net.loop_lag import work_seen
 from transferd.protocol.channel import ChunkHead
 from transferd.protocol.manifest import (
     CommitAnswer,
@@ -151,6 +152,7 @@ class InboundUploads:
     async def open(self, request: UploadIntent, peer: str) -> OpenAnswer:
         """Stage the upload; an `OpenRequest` with an offer is also answered which of its
         chunks to send (have/want in the same round trip)."""
+        work_seen()  # the loop-lag probe ticks fast while an upload comes in
         offered = isinstance(request, OpenRequest) and request.offered
         intent = request.intent() if isinstance(request, OpenRequest) else request
         # The destinations' sizes the open's space check lists: which files are fresh.

@@ -46,6 +46,7 @@ from transferd.errors import (
 from transferd.net import message_hop
 from transferd.net.bulk_priority import interactive_seen, interactive_traffic
 from transferd.net.framed import FramedConnection
+from transferd.net.loop_lag import work_seen
 from transferd.net.message_hop import HopLink
 from transferd.net.peer_client import INTERACTIVE_POOL, PeerLink, retrying
 from transferd.net.pump import SchedulerPump
@@ -252,6 +253,7 @@ class MessageService:
         message = _Outgoing(envelope, peer, body, asyncio.get_running_loop().create_future())
         _trace("message.queued", envelope.id, now)
         interactive_seen()  # from here, not from its worker: a busy pump may hold it a while
+        work_seen()  # the loop-lag probe ticks fast while messages move
         self.metrics.messages_sent.labels(peer, query.traffic_class.value).inc()
         pump = self.pump(peer)
         await pump.put(query.traffic_class, len(body), message, deadline=pump.now() + budget_s)
@@ -389,6 +391,7 @@ class MessageService:
             raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}",
                                 source=source)
         interactive_seen()  # the bulk gives way to this message's answer and its followers
+        work_seen()  # the loop-lag probe ticks fast while messages move
         ack, message = self.ledger.accept(source, envelope, body, self.clock())
         _trace("message.received", envelope.id, ack.received_at)
         if message is None:

@@ -48,6 +48,7 @@ from transferd.config import BulkWeights, RelaySettings
 from transferd.errors import PolicyViolation, ProtocolError, TransferdError, TransportError
 from transferd.net.channels import ArrivingBody, OutgoingChunk, PeerChannels, on_loop
 from transferd.net.inbound import InboundUploads
+from transferd.net.loop_lag import work_seen
 from transferd.net.peer_client import PeerLink
 from transferd.net.pump import BulkGate, PeerTraffic
 from transferd.protocol import channel as ch
@@ -402,6 +403,7 @@ class RelayService:
         """Check, then open at the next hop in the same shape: an `OpenRequest`'s offer (the
         first chunks' have/want) goes on with it and its `OfferAnswer` comes back."""
         self.loop = asyncio.get_running_loop()
+        work_seen()  # the loop-lag probe ticks fast while relayed uploads move
         offered = isinstance(request, OpenRequest) and request.offered
         intent = request.intent() if isinstance(request, OpenRequest) else request
         next_hop = self.check(intent, peer, via)
@@ -524,7 +526,9 @@ class RelayService:
         return fwd
 
     async def _ready(self, head: ch.ChunkHead, peer: str) -> _Relayed:
-        """On the loop: the relayed upload, its next hop's channels open."""
+        """On the loop: the relayed upload, its next hop's channels open. A chunk passing is
+        work for the loop-lag probe (a relay's loop gets no receipts or digests of its own)."""
+        work_seen()
         r = self._relayed(head.upload, peer)
         await self._ensure(r.next_hop)
         return r

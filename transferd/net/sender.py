@@ -26,6 +26,7 @@ missing.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -45,7 +46,8 @@ from transferd.errors import (
     TransferdError,
     TransportError,
 )
-from transferd.net.channels import OutgoingChunk, PeerChannels
+from transferd.net.channels import LoopInbox, OutgoingChunk, PeerChannels
+from transferd.net.loop_lag import work_seen
 from transferd.net.peer_client import PeerLink, retrying
 from transferd.net.pump import PeerTraffic
 from transferd.net.routes import RELAY_RETRY_BUDGET_S, RouteBook, RouteDealer
@@ -205,6 +207,9 @@ class Sender:
             for peer in links
         }
         self._wake = asyncio.Event()
+        # The channel threads' calls into the loop (`_ChunkPump._on_wire`, `_digest_known`,
+        # receipts), every job's through one inbox: one wake-up carries all that is pending.
+        self._inbox: LoopInbox | None = None
         self._running: set[str] = set()
         self._noted: set[str] = set()  # jobs whose note says what they are retrying
         self._stopping = False
@@ -293,6 +298,7 @@ class Sender:
                         slots.release()
                         break
                     self._running.add(job.id)
+                    work_seen()  # the loop-lag probe ticks fast while jobs run
                     tg.create_task(self._run_job(job, slots))
                 try:
                     async with asyncio.timeout(max(0.01, sleep_s)):
@@ -451,6 +457,25 @@ class Sender:
         self.metrics.job_seconds.labels(outcome).observe(time.monotonic() - started)
 
     # -- one replication ------------------------------------------------------------------------
+    def inbox(self, loop: asyncio.AbstractEventLoop) -> LoopInbox:
+        """The channel threads' way into `loop` (a daemon run again in-process, on a new loop,
+        gets a new one)."""
+        if self._inbox is None or self._inbox.loop is not loop:
+            self._inbox = LoopInbox(loop)
+        return self._inbox
+
+    def busy(self) -> bool:
+        """Jobs are running, not all of them waiting out a retry's backoff (`note_retry` until
+        a request goes through): the loop-lag probe ticks fast while something moves."""
+        return any(job_id not in self._noted for job_id in self._running)
+
+    def flush_inbox(self) -> None:
+        """On the loop: book what the channel threads left waiting (`LoopInbox.post_later`:
+        sends that started). The loop-lag probe calls it on every tick, so a booking waits at
+        most one tick when no receipt or digest comes first."""
+        if self._inbox is not None:
+            self._inbox.flush()
+
     def set_residency(self, residency: Mapping[str, Sequence[str]]) -> None:
         """Regions the data under each path prefix may be held in (site config and plan)."""
         self.residency = {p.rstrip("/"): sorted(r) for p, r in residency.items()}
@@ -1122,6 +1147,21 @@ async def _late_digests(pump: _ChunkPump, files: list[_FileState]) -> None:
             raise state.conflict
 
 
+def _copy_outcome(
+    receipt: asyncio.Future[Receipt], done: concurrent.futures.Future[Receipt]
+) -> None:
+    """On the loop (through the inbox): a chunk's receipt or error, from its channel's future
+    into the future its `_send` awaits (as `asyncio.wrap_future` would copy it)."""
+    if receipt.done():
+        return
+    if done.cancelled():
+        receipt.cancel()
+    elif (exc := done.exception()) is not None:
+        receipt.set_exception(exc)
+    else:
+        receipt.set_result(done.result())
+
+
 def _retrieved(future: asyncio.Future[Receipt]) -> None:
     """Done callback: the future's error is seen (its awaiter may have moved on)."""
     if not future.cancelled():
@@ -1243,6 +1283,7 @@ class _ChunkPump:
         # (which sends them on): the job hears their digests before it ends (`_late_digests`).
         self.strays: list[OutgoingChunk] = []
         self.loop = asyncio.get_running_loop()
+        self.inbox = sender.inbox(self.loop)
 
     def may_one_pass(self, index: int, source: Source) -> bool:
         """File `index` may go in one pass: the receiver listed it, and it is a local file
@@ -1377,9 +1418,12 @@ class _ChunkPump:
         future = self.channels.submit(item)
         # One wrapper for every wait: a wait cut by its ENSURE_EVERY_S timeout leaves no wrapper
         # of its own behind, and the error of a chunk nobody awaits any more (withdrawn, its
-        # send given up) counts as retrieved (no "Future exception was never retrieved").
-        receipt = asyncio.wrap_future(future)
+        # send given up) counts as retrieved (no "Future exception was never retrieved"). The
+        # receipt reaches the loop through the inbox, after this chunk's and any other chunk's
+        # calls posted before it (`_on_wire`, `_digest_known`), in the same wake-up as theirs.
+        receipt: asyncio.Future[Receipt] = self.loop.create_future()
         receipt.add_done_callback(_retrieved)
+        future.add_done_callback(functools.partial(self.inbox.post, _copy_outcome, receipt))
         queued_at = time.monotonic()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("chunk.submitted", extra={"fields": {
@@ -1439,15 +1483,16 @@ class _ChunkPump:
 
     def _on_wire(self, digest: str, n: int, again: bool) -> None:
         """Channel thread: a send of one of this job's chunks starts (`again`: its channel
-        broke under an earlier send). Booked on the loop, where the journal lives."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
-            self.loop.call_soon_threadsafe(self._booked, digest, n, again)
+        broke under an earlier send). Booked on the loop, where the journal lives, without a
+        wake-up of its own: it rides with the next digest or receipt (its own send's come
+        after it, in order), or the loop-lag probe's next tick (`Sender.flush_inbox`)."""
+        self.inbox.post_later(self._booked, digest, n, again)
 
     def _digest_known(self, settle: Callable[[str], bool], digest: str) -> None:
         """Channel thread: a chunk sent in one pass was hashed as it went (before its trailer
-        and receipt); its digest goes to its file's chunk list, on the loop."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
-            self.loop.call_soon_threadsafe(settle, digest)
+        and receipt); its digest goes to its file's chunk list, on the loop, at once (the
+        commit sent ahead waits for the last one)."""
+        self.inbox.post(settle, digest)
 
     def _booked(self, digest: str, n: int, again: bool) -> None:
         self.sender.count_wire(self.job.id, self.link.peer, n, again, False)

@@ -80,8 +80,10 @@ class Metrics:
         )
         self.loop_lag = Histogram(
             "transferd_event_loop_lag_seconds",
-            "How late the event loop (control, messages, chunk bookings) ran a timer: what a "
-            "message waits for before the daemon even looks at it",
+            "How long work queued on the event loop (control, messages, chunk bookings) "
+            "waited for it: the lag probe's timer (every 10 ms while work moves, 0.25 s when "
+            "idle) and each batch of data-channel calls; what a message waits for before the "
+            "daemon even looks at it",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2),
             registry=self.registry,
         )
