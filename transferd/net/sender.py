@@ -90,6 +90,7 @@ from transferd.protocol.wire import (
     WireModel,
     parse_body,
 )
+from transferd.site.failures import source_changed_error
 from transferd.site.journal import JobCounters, Journal
 from transferd.site.metrics import Metrics
 from transferd.site.source import SourceFile, chunk_spans
@@ -118,7 +119,7 @@ ABORT_TIMEOUT_S = 5.0
 
 @dataclass
 class _FileState:
-    member: str
+    path: str  # relative to data_dir: the job's path, or its path/member for a folder's file
     source: Source
     # (blake3, offset, length) per chunk in file order; a chunk going in one pass has "" until
     # its channel's sender thread hashed it (`pending` then has its digest).
@@ -145,10 +146,9 @@ class _FileState:
             first = self.chunks[at][0]
             if first and first != digest:
                 if self.conflict is None:
-                    self.conflict = IntegrityError(
-                        f"source file changed while being sent: {self.member or '(file)'} "
-                        f"(chunk at offset {offset} read as {first[:16]}, then as {digest[:16]})",
-                        path=self.member, side="source")
+                    self.conflict = source_changed_error(
+                        self.path,
+                        f"(chunk at offset {offset} read as {first[:16]}, then as {digest[:16]})")
                 return False
             self.chunks[at] = (digest, offset, length)
             if not known.done():
@@ -637,7 +637,7 @@ class Sender:
                 member_rel = f"{rel}/{member}" if member else rel
                 source = await asyncio.to_thread(
                     _from_source, member_rel, "opening", self.storage.open_source, member_rel)
-                files.append(_FileState(member, source))
+                files.append(_FileState(member_rel, source))
                 files[-1].spans = await asyncio.to_thread(
                     _from_source, source, "reading", self._spans, source)
             self.journal.size_job(
@@ -788,9 +788,7 @@ class Sender:
                                             offering.index, offering.state)
         hashes, bodies = await _hash_spans(state.source, batch, self._hashing)
         if _from_source(state.source, "checking", state.source.changed):
-            raise IntegrityError(
-                f"source file changed while being sent: {state.member or '(file)'}"
-            )
+            raise source_changed_error(state.path, "since it was opened")
         refs = [
             ChunkRef(file=index, offset=off, length=n, hash=h)
             for (off, n), h in zip(batch, hashes, strict=True)
@@ -900,7 +898,8 @@ class Sender:
                     [got], [body] = await _hash_spans(files[f].source, [(off, n)],
                                                       self._hashing)
                     if got != digest:
-                        raise IntegrityError("source file changed while being sent")
+                        raise source_changed_error(
+                            files[f].path, f"(chunk at offset {off} reads differently now)")
                     await pump.gate.acquire(n)
                     pump.spawn(tg, digest, [(f, off)], n, body)
         raise IntegrityError(f"{peer} still rejects the upload after {COMMIT_ROUNDS} rounds")
@@ -1083,9 +1082,7 @@ async def _one_pass_digests(files: list[_FileState]) -> None:
         if state.conflict is not None:
             raise state.conflict
         if _from_source(state.source, "checking", state.source.changed):
-            raise IntegrityError(
-                f"source file changed while being sent: {state.member or '(file)'}"
-            )
+            raise source_changed_error(state.path, "since it was opened")
 
 
 async def _late_digests(pump: _ChunkPump, files: list[_FileState]) -> None:
@@ -1501,7 +1498,8 @@ class _ChunkPump:
                     _from_source, source, "reading", source.read, offset, length))
                 got = await asyncio.to_thread(blake3_hex, body)
             if got != digest:
-                raise IntegrityError("source file changed while being sent")
+                raise source_changed_error(
+                    self.job.path, f"(chunk at offset {offset} reads differently now)")
 
         async def attempt() -> tuple[Encoded, int]:
             nonlocal digest, sent_before, one_passed
@@ -1527,7 +1525,7 @@ class _ChunkPump:
                     _from_source, source, "reading", source.hash_span, offset, length)
                 assert settle is not None
                 if not settle(digest):
-                    raise IntegrityError("source file changed while being sent")
+                    raise source_changed_error(self.job.path, "(a chunk read differently twice)")
             body_hash = (
                 digest
                 if encoded.encoding == "identity"
@@ -1593,7 +1591,7 @@ class _ChunkPump:
                 raise down.error from None
             s.clear_note(self.job.id)
             if settle is not None and not settle(digest):
-                raise IntegrityError("source file changed while being sent")
+                raise source_changed_error(self.job.path, "(a chunk read differently twice)")
             s.routes.acked(self.job.id, self.job.dest, self.via, encoded.raw_length, key)
             acked = wire
             s.metrics.chunks_sent.labels(peer).inc()
