@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import socket
 import stat
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from transferd.errors import IntegrityError, PolicyViolation, StorageError
-from transferd.site.storage import LocalStorage
+from transferd.site.storage import FsspecStorage, LocalStorage, SiteStorage
 
 _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
 
@@ -179,3 +180,26 @@ def test_opening_a_fifo_to_send_it_refuses_at_once_instead_of_waiting_for_a_writ
     assert isinstance(result, StorageError), result
     assert str(result) == (
         "curated/later is a FIFO (named pipe): only regular files and folders are sent")
+
+
+@pytest.mark.parametrize("backend", ["local", "fsspec-file"])
+def test_a_member_whose_name_is_not_utf8_is_refused_naming_it_escaped(
+    tmp_path: Path, backend: str
+) -> None:
+    """Names travel as JSON (manifests, requests, logs): one that is not UTF-8 text used to
+    reach the open request's encoder, whose error ended the daemon (and, the job being
+    journaled, ended it again at each start)."""
+    ds = tmp_path / "data" / "curated" / "ds"
+    (ds / "sub").mkdir(parents=True)
+    (ds / "ok.bin").write_bytes(b"ok")
+    with open(os.fsencode(ds / "sub") + b"/bad\xffname", "wb") as bad:
+        bad.write(b"bytes")
+    storage: SiteStorage = (
+        LocalStorage(tmp_path / "data") if backend == "local"
+        else FsspecStorage(f"file://{tmp_path / 'data'}", {}, tmp_path / "state"))
+    with pytest.raises(StorageError) as refused:
+        storage.list_source("curated/ds")
+    assert str(refused.value) == (
+        "curated/ds/sub/bad\\xffname: the name is not UTF-8, which transferd cannot carry: "
+        "rename it")
+    json.dumps(refused.value.to_json())  # the error itself can be carried

@@ -301,6 +301,20 @@ def _not_sendable(rel: str, mode: int) -> StorageError:
     )
 
 
+def check_utf8_name(rel: str, member: str) -> None:
+    """A member's name must be UTF-8 text to be carried (manifests, requests and logs are
+    JSON): one that is not (read with surrogate escapes) is refused, shown escaped. It used
+    to reach the open request's JSON encoder, whose error ended the daemon."""
+    try:
+        member.encode()
+    except UnicodeEncodeError:
+        shown = f"{rel}/{os.fsencode(member).decode('utf-8', 'backslashreplace')}"
+        raise StorageError(
+            f"{shown}: the name is not UTF-8, which transferd cannot carry: rename it",
+            path=shown, side="source",
+        ) from None
+
+
 def _source_stat(path: Path, rel: str, *, top: bool) -> os.stat_result:
     """The stat of what `path` leads to (links followed). A link to nothing, or a loop of
     links, is refused as such; a path that is not there is not at this site (`top`: the path
@@ -427,6 +441,7 @@ class LocalStorage:
                     names = sorted(entry.name for entry in found)
             for name in names:
                 member = f"{sub}/{name}" if sub else name
+                check_utf8_name(rel, member)
                 member_rel = f"{rel}/{member}"
                 self.path(member_rel)  # links into raw/ or out are refused here
                 member_st = _source_stat(path / member, member_rel, top=False)
@@ -658,6 +673,7 @@ class FsspecStorage:
             member = name[len(path) :].lstrip("/")
             if ".." in member.split("/"):
                 raise PolicyViolation(f"member escapes {rel}: {member!r}", path=rel)
+            check_utf8_name(rel, member)
             members.append((member, int(info["size"])))
         if not members:
             raise StorageError(f"{rel} does not exist at this site", path=rel)
