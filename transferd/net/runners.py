@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from netplan.plan import TrafficClass
-from transferd.errors import PolicyViolation, TransferdError
+from transferd.errors import PolicyViolation, StorageError, TransferdError
 from transferd.plan import SyncRoute
 from transferd.protocol.local_api import JobState
 from transferd.site.checkpoints import ready_steps
@@ -155,11 +155,13 @@ class CheckpointWatcher:
     on_policy_refusal: Callable[[], None] = lambda: None  # counts a refused run or step
     _refused: set[str] = field(default_factory=set)
 
-    def _refused_step(self, rel: str, exc: PolicyViolation) -> None:
-        """Runs on the scan thread: logged and counted once per path, then skipped."""
+    def _refused_step(self, rel: str, exc: PolicyViolation | StorageError) -> None:
+        """Runs on the scan thread: logged once per path (a policy refusal also counted),
+        then skipped."""
         if rel not in self._refused:
             self._refused.add(rel)
-            self.on_policy_refusal()
+            if isinstance(exc, PolicyViolation):
+                self.on_policy_refusal()
             _log_error("watch.refused", rel, exc)
 
     def submit_ready(self, steps: list[str]) -> None:
