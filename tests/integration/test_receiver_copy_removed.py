@@ -25,6 +25,10 @@ async def test_a_file_removed_at_the_receiver_is_sent_again(tmp_path: Path) -> N
         [again] = await wait_for_jobs(a, a.sender.submit("curated/model.bin", ["B"]))
         assert again.state == "committed", again.error
         assert file_blake3(copy) == digest
+        # Each chunk, first said to be held there, counted once: as sent (progress went to
+        # twice the file's size, the bar full while every byte was still to go).
+        assert (again.bytes_done, again.chunks_sent, again.chunks_skipped) == (
+            5 * CHUNK + 7, 6, 0)
         copy.write_bytes(b"short")  # cut short here: its chunks are no longer where indexed
         [third] = await wait_for_jobs(a, a.sender.submit("curated/model.bin", ["B"]))
         assert third.state == "committed", third.error
@@ -47,3 +51,4 @@ async def test_a_folder_removed_at_the_receiver_is_sent_again_whole(tmp_path: Pa
         [third] = await wait_for_jobs(a, a.sender.submit("approved/ds", ["B"]))
         assert third.state == "committed", third.error
         assert {name: file_blake3(copy / name) for name in digests} == digests
+        assert (third.bytes_done, third.chunks_skipped) == (third.bytes_logical, 0)

@@ -129,6 +129,9 @@ class _FileState:
     # A one-pass chunk told two different digests (sent again in one pass after its first
     # send had hashed it: the file changed between the two reads): the job fails with it.
     conflict: IntegrityError | None = None
+    # Offsets of the chunks the receiver said it holds (counted as skipped and done): one
+    # its commit asks for after all is counted as sent instead (`Sender._commit`).
+    skipped: set[int] = field(default_factory=set)
 
     def one_pass_chunk(self, loop: asyncio.AbstractEventLoop, offset: int, length: int
                        ) -> Callable[[str], bool]:
@@ -796,7 +799,10 @@ class Sender:
         state.chunks.extend((h, off, n) for (off, n), h in zip(batch, hashes, strict=True))
         # Same bytes already on their way (e.g. zero-filled chunks) are deferred: once that
         # PUT lands, the receiver copies them locally (offered again after the uploads).
-        plan = plan_offer(refs, await self._offer(pump, refs), pump.started)
+        answer = await self._offer(pump, refs)
+        want = set(answer.want)
+        state.skipped.update(r.offset for i, r in enumerate(refs) if i not in want)
+        plan = plan_offer(refs, answer, pump.started)
         pump.deferred += plan.deferred
         for up in plan.uploads:
             await ahead.acquire()
@@ -828,6 +834,10 @@ class Sender:
         for start in range(0, len(refs), 4096):
             batch = refs[start : start + 4096]
             answer = await self._offer(pump, batch)
+            want = set(answer.want)
+            for i, ref in enumerate(batch):
+                if i not in want:
+                    files[ref.file].skipped.add(ref.offset)
             async with asyncio.TaskGroup() as tg:
                 for i in sorted(set(answer.want)):
                     ref = batch[i]
@@ -890,8 +900,17 @@ class Sender:
                 return
             again = resend(answer, [f.chunks for f in files])
             self.metrics.integrity_failures.labels(peer, "receiver").inc(len(again))
+            # Each was counted done once already (skipped, or sent and found bad): it is
+            # counted again as it goes, so the job's progress never passes its size.
+            skipped_before = [(f, off) for f, (_h, off, _n) in again if off in files[f].skipped]
+            for f, off in skipped_before:
+                files[f].skipped.discard(off)
             self.journal.add_job_counters(
-                pump.job.id, JobCounters(integrity_failures=len(again))
+                pump.job.id, JobCounters(
+                    integrity_failures=len(again),
+                    bytes_done=-sum(n for _f, (_h, _off, n) in again),
+                    chunks_skipped=-len(skipped_before),
+                ),
             )
             async with asyncio.TaskGroup() as tg:
                 for f, (digest, off, n) in again:
