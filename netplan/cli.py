@@ -46,7 +46,8 @@ from netplan.report import Report, analyze
 from netplan.safeyaml import DocumentError, read_text_bounded
 from netplan.telemetry import LinkMeasurement
 from netplan.topology import Topology, TransferSettings
-from netplan.yamlpos import FieldIssue, load_data
+from netplan.yamlpos import FieldIssue
+from netplan.yamlpos import parse as parse_yaml
 
 __all__ = ["SECTIONS", "main"]
 
@@ -495,7 +496,7 @@ def _load_overlay(measured_file: str) -> MeasuredOverlay:
     """A measured.yaml (`netplan calibrate -o`), or exit 2 naming what is wrong with it."""
     try:
         text = read_text_bounded(measured_file)
-        return parse_overlay(load_data(text), measured_file)
+        return parse_overlay(parse_yaml(text), measured_file)
     except DocumentError as exc:
         _fail(TopologyError([FieldIssue(path=(), message=exc.summary, line=exc.line)],
                             measured_file), 2)
