@@ -46,6 +46,7 @@ from transferd.site.journal import Journal, UploadState
 from transferd.site.keys import Keyring
 from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
+from transferd.site.state_lock import StateDirLock
 from transferd.site.storage import open_storage
 from transferd.site.telemetry import SAMPLE_S, LinkTelemetry
 from transferd.site.threads import ThreadSchedstat, bulk_executor
@@ -129,6 +130,9 @@ class Daemon:
         sock: socket.socket | None = None,
         plan: PlanRun | None = None,
     ) -> None:
+        # Before anything here touches the state (staging reclaimed below, the message
+        # socket, the journal's jobs): one daemon per state_dir.
+        self._state_lock = StateDirLock(config.state_path)
         self.config = config
         self.plan = plan
         self.clock = clock
@@ -449,6 +453,7 @@ class Daemon:
             await self.inbound.aclose()
             self.receive_buffers.close()
             self.journal.close()
+            self._state_lock.release()
             log.info("daemon.stopped", extra={"fields": {"site": self.config.site}})
 
     def reload(self, config: SiteConfig, plan: PlanRun | None) -> list[str]:

@@ -1,0 +1,84 @@
+"""One daemon per state_dir. A second `transferd serve` on a data_dir a daemon already serves
+(its config with another listen port, or a copy started by hand beside systemd's) is refused
+naming the one running, before it touches anything: it used to start, reclaim at once the
+staging the first held, take over its message socket and resume its jobs. The lock goes with
+its holder, also killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration._data import file_blake3, write_random
+from tests.integration._procs import start_daemon, wait_until_serving
+from transferd.config import load_config
+from transferd.daemon import Daemon
+from transferd.errors import ConfigError
+from transferd.testing import free_port, loopback_pair, running_daemon, wait_for_jobs
+
+
+def _second_config(tmp_path: Path) -> Path:
+    """Site A's config, listening elsewhere: the same data_dir, so the same state_dir."""
+    doc = yaml.safe_load((tmp_path / "site-A.yaml").read_text())
+    doc["listen"] = f"127.0.0.1:{free_port()}"
+    second = tmp_path / "site-A-again.yaml"
+    second.write_text(yaml.safe_dump(doc))
+    return second
+
+
+async def test_a_second_daemon_on_a_served_state_dir_is_refused_and_touches_nothing(
+    tmp_path: Path,
+) -> None:
+    digest = write_random(tmp_path / "site-A/curated/f.bin", 300_000, seed=3)
+    async with loopback_pair(tmp_path, chunk_size=64 * 1024) as (a, _b):
+        held = a.storage.staging_root / "being-received"  # staging the running daemon holds
+        held.mkdir()
+        with pytest.raises(ConfigError) as refused:
+            Daemon(load_config(_second_config(tmp_path)))
+        assert str(refused.value) == (
+            f"state_dir: another transferd daemon (pid {os.getpid()}) is running on "
+            f"{a.config.state_path}; stop it first, or give this one its own data_dir (or "
+            "state_dir)")
+        assert held.is_dir()  # a second start reclaimed it as an orphan
+        held.rmdir()
+        [job] = await wait_for_jobs(a, a.sender.submit("curated/f.bin", ["B"]))
+        assert job.state == "committed", job.error
+    assert file_blake3(tmp_path / "site-B/curated/f.bin") == digest
+    # Stopped, it let go: the next daemon on that state_dir starts.
+    async with running_daemon(load_config(_second_config(tmp_path))) as again:
+        assert again.port is not None
+
+
+async def test_the_lock_goes_with_a_daemon_killed_by_sigkill(tmp_path: Path) -> None:
+    async with loopback_pair(tmp_path):
+        pass  # writes the configs and keys, then stops
+    config = _second_config(tmp_path)
+    url = f"http://{yaml.safe_load(config.read_text())['listen']}"
+    first = start_daemon(config, tmp_path / "first.log")
+    try:
+        await wait_until_serving(url)
+        refused = start_daemon(tmp_path / "site-A.yaml", tmp_path / "refused.log")
+        try:
+            assert refused.wait(timeout=120) == 2  # a hang guard: it exits at once, or serves
+        finally:
+            if refused.poll() is None:
+                refused.kill()
+                refused.wait(timeout=60)
+        err = (tmp_path / "refused.log").read_text()
+        assert f"another transferd daemon (pid {first.pid}) is running on" in err
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+        second = start_daemon(config, tmp_path / "second.log")
+        try:
+            await wait_until_serving(url)
+        finally:
+            second.terminate()
+            assert second.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=60)
