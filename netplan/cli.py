@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -643,15 +644,30 @@ def _version() -> str:
 
 def _write_atomically(path: str, text: str) -> None:
     """`text` at `path` via a temporary file beside it and a rename: a reader (or a crash)
-    never sees half a file; exit 2 naming the path when it cannot be written."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    never sees half a file; exit 2 naming the path when it cannot be written.
+
+    A link is written through: the file it names is replaced, the link stays. A device, FIFO
+    or socket (/dev/null, /dev/stdout, a pipe) is written to as it is: the rename replaced it
+    with a regular file (`-o /dev/null` as root left /dev/null a file for every program)."""
+    tmp: str | None = None
     try:
+        try:
+            special = not stat.S_ISREG(os.stat(path).st_mode)
+        except FileNotFoundError:
+            special = False  # nothing there yet (or a link to nothing: made where it points)
+        if special:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            return
+        real = os.path.realpath(path)
+        tmp = f"{real}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+        os.replace(tmp, real)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         click.echo(f"cannot write {path}: {exc.strerror or exc}", err=True)
         sys.exit(2)
 
