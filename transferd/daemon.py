@@ -130,9 +130,6 @@ class Daemon:
         sock: socket.socket | None = None,
         plan: PlanRun | None = None,
     ) -> None:
-        # Before anything here touches the state (staging reclaimed below, the message
-        # socket, the journal's jobs): one daemon per state_dir.
-        self._state_lock = StateDirLock(config.state_path)
         self.config = config
         self.plan = plan
         self.clock = clock
@@ -151,7 +148,10 @@ class Daemon:
             config.data_dir,
             config.storage_options,
             state,
-        )
+        )  # (a data_dir that is a file, or an unknown protocol, is refused here first)
+        # Before anything touches the state (the journal's jobs, staging reclaimed below, the
+        # message socket): one daemon per state_dir.
+        self._state_lock = StateDirLock(state)
         try:
             self.journal = Journal(state / "journal.sqlite")
         except StorageError as exc:
