@@ -79,3 +79,35 @@ async def test_a_run_named_in_bytes_that_are_not_utf8_is_skipped_and_reported(
     assert refused == [{"path": "checkpoints/caf\\xe9", "kind": "storage", "error":
                         "checkpoints/caf\\xe9: the name is not UTF-8, which transferd cannot "
                         "carry: rename it"}]
+
+
+async def test_a_step_that_cannot_be_sent_does_not_hold_up_the_steps_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO in a step is refused when it is submitted (it used to hang its job); the watch
+    scan went on to the next poll at that step, so no later step of any run ever went."""
+    run = tmp_path / "site-A" / "checkpoints" / "llm"
+    (run / "step-1").mkdir(parents=True)
+    os.mkfifo(run / "step-1" / "pipe")
+    (run / "step-1" / "COMMITTED").write_text("")
+    watch = {
+        "watch": {"enabled": True, "poll_interval_s": 0.05, "quiet_period_s": 3600},
+        "checkpoints": {"targets": ["B"]},
+    }
+    with caplog.at_level(logging.ERROR, logger="transferd.plan"):
+        async with loopback_pair(tmp_path, chunk_size=CHUNK, A=watch) as (a, _b):
+            digest = write_random(run / "step-2" / "shard.bin", CHUNK, seed=2)
+            (run / "step-2" / "COMMITTED").write_text("")
+            latest = tmp_path / "site-B" / "checkpoints" / "llm" / "LATEST"
+            async with asyncio.timeout(60):  # a hang guard
+                for _ in range(6000):
+                    if latest.exists():
+                        break
+                    await asyncio.sleep(0.01)
+            assert latest.read_text() == "step-2\n"
+            assert [j.path for j in a.journal.jobs()] == ["checkpoints/llm/step-2"]
+    assert file_blake3(latest.parent / "step-2" / "shard.bin") == digest
+    errors = [getattr(r, "fields", {}) for r in caplog.records if r.message == "watch.error"]
+    assert errors == [{"path": "checkpoints/llm/step-1", "kind": "storage", "error":
+                       "checkpoints/llm/step-1/pipe is a FIFO (named pipe): only regular "
+                       "files and folders are sent"}]

@@ -169,7 +169,16 @@ class CheckpointWatcher:
             dests = [d for d in self.targets(step) if not self.journal.watch_seen(step, d)]
             if not dests:
                 continue
-            for dest, job in zip(dests, self.submit(step, dests, None), strict=True):
+            try:
+                jobs = self.submit(step, dests, None)
+            except TransferdError as exc:
+                # A step that cannot be sent (a FIFO in it, a policy refusal, which the sender
+                # counts) is logged once and tried again each poll; the steps after it go on.
+                if step not in self._refused:
+                    self._refused.add(step)
+                    _log_error("watch.error", step, exc)
+                continue
+            for dest, job in zip(dests, jobs, strict=True):
                 self.journal.mark_watch_seen(step, dest, job)
             log.info("watch.step", extra={"fields": {"path": step, "to": ",".join(dests)}})
 
