@@ -142,16 +142,21 @@ class Daemon:
         # them (O_DIRECT); their number bounds the bodies in memory.
         self.receive_buffers = AlignedBuffers(config.chunk_size, RECEIVE_BUFFERS)
         state = config.state_path
+        data_path = config.data_path
+        if config.data_dir_is_local and data_path.exists() and not data_path.is_dir():
+            # Named as such here: the lock below would fail first on <file>/.transferd.
+            raise ConfigError(f"data_dir: {data_path} is a file, not a folder", field="data_dir")
+        # Before anything touches the state (an object store's reclaim of interrupted commits in
+        # open_storage, the journal's jobs, staging reclaimed below, the message socket): one
+        # daemon per state_dir.
+        self._state_lock = StateDirLock(state)
         self.storage = open_storage(
             config.data_dir_is_local,
             config.data_path,
             config.data_dir,
             config.storage_options,
             state,
-        )  # (a data_dir that is a file, or an unknown protocol, is refused here first)
-        # Before anything touches the state (the journal's jobs, staging reclaimed below, the
-        # message socket): one daemon per state_dir.
-        self._state_lock = StateDirLock(state)
+        )
         try:
             self.journal = Journal(state / "journal.sqlite")
         except StorageError as exc:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+import transferd.daemon as daemon_module
 from tests.integration._data import file_blake3, write_random
 from tests.integration._procs import start_daemon, wait_until_serving
 from transferd.config import load_config
 from transferd.daemon import Daemon
 from transferd.errors import ConfigError
+from transferd.site.storage import SiteStorage
 from transferd.testing import free_port, loopback_pair, running_daemon, wait_for_jobs
 
 
@@ -51,6 +54,27 @@ async def test_a_second_daemon_on_a_served_state_dir_is_refused_and_touches_noth
     # Stopped, it let go: the next daemon on that state_dir starts.
     async with running_daemon(load_config(_second_config(tmp_path))) as again:
         assert again.port is not None
+
+
+async def test_a_second_daemon_is_refused_before_it_opens_the_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Opening an object store reclaims the commits its intent files name (aborts their
+    # multipart uploads, deletes their unlisted objects): in a second daemon that would undo
+    # the running one's commits. So the storage is opened only under the lock.
+    opened: list[Path] = []
+    real_open_storage = daemon_module.open_storage
+
+    def recording_open_storage(*args: Any) -> SiteStorage:
+        opened.append(args[-1])
+        return real_open_storage(*args)
+
+    async with loopback_pair(tmp_path):
+        monkeypatch.setattr(daemon_module, "open_storage", recording_open_storage)
+        with pytest.raises(ConfigError, match="another transferd daemon"):
+            Daemon(load_config(_second_config(tmp_path)))
+        assert opened == []
+        monkeypatch.undo()
 
 
 async def test_the_lock_goes_with_a_daemon_killed_by_sigkill(tmp_path: Path) -> None:
