@@ -77,6 +77,22 @@ async def test_a_second_daemon_is_refused_before_it_opens_the_storage(
         monkeypatch.undo()
 
 
+async def test_a_daemon_refused_at_start_lets_go_of_the_lock_at_once(tmp_path: Path) -> None:
+    # The refusal is kept (pytest.raises holds its traceback, so the refused Daemon too): the
+    # lock must not wait for that object to be collected.
+    async with loopback_pair(tmp_path):
+        pass  # writes the configs and keys, then stops
+    config = load_config(_second_config(tmp_path))
+    key = config.keys_path / "A.ed25519"
+    key.rename(tmp_path / "A.ed25519.away")
+    with pytest.raises(ConfigError, match="keys_dir: cannot load A.ed25519") as refused:
+        Daemon(config)
+    (tmp_path / "A.ed25519.away").rename(key)
+    async with running_daemon(config) as again:
+        assert again.port is not None
+    assert refused.value.__traceback__ is not None  # still held while the second one ran
+
+
 async def test_the_lock_goes_with_a_daemon_killed_by_sigkill(tmp_path: Path) -> None:
     async with loopback_pair(tmp_path):
         pass  # writes the configs and keys, then stops
