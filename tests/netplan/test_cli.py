@@ -274,3 +274,42 @@ def test_output_to_a_device_writes_to_it_and_leaves_it_a_device(tmp_path: Path) 
     assert done.exit_code == 2
     assert f"cannot write {full}: No space left on device" in done.output
     assert stat.S_ISCHR(full.lstat().st_mode)
+
+
+def test_output_through_another_users_link_replaces_the_link_not_the_file_it_names(
+    tmp_path: Path,
+) -> None:
+    """A link planted by another user (plan.json -> /etc/shadow in a sticky /tmp) was
+    followed, so a root run overwrote the file it named. The kernel refuses to follow such a
+    link there (fs.protected_symlinks); the CLI must not follow it by hand either."""
+    if os.geteuid() != 0:
+        pytest.skip("a link owned by another user needs root to make (lchown)")
+    victim = tmp_path / "victim"
+    victim.write_text("not yours")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    link = shared / "plan.json"
+    link.symlink_to(victim)
+    os.lchown(link, 65534, 65534)  # nobody's
+    done = _run("plan", str(EXAMPLES[0]), "-o", str(link))
+    assert done.exit_code == 0, done.output
+    assert victim.read_text() == "not yours"
+    assert not link.is_symlink()
+    assert json.loads(link.read_text())["schema_version"]
+    assert sorted(p.name for p in shared.iterdir()) == ["plan.json"]  # no temporary file left
+
+
+def test_output_to_a_descriptor_name_appends_where_the_descriptor_points(
+    tmp_path: Path,
+) -> None:
+    """`netplan plan ... -o /dev/stdout >> out.json` replaced out.json (through /proc/self/fd/1)
+    instead of appending to it."""
+    out = tmp_path / "out.json"
+    out.write_text("before\n")
+    with out.open("a") as fh:
+        done = _run("plan", str(EXAMPLES[0]), "-o", f"/proc/self/fd/{fh.fileno()}")
+    assert done.exit_code == 0, done.output
+    text = out.read_text()
+    assert text.startswith("before\n{")
+    assert json.loads(text.removeprefix("before\n"))["schema_version"]
