@@ -126,6 +126,31 @@ def test_a_link_to_a_subfolder_is_listed_through_and_a_link_up_is_a_loop(
         "curated/ds/lib/up/ds is a link to a folder it is in (a loop of links)")
 
 
+def test_a_folder_reached_twice_through_links_is_refused_naming_both(
+    site: LocalStorage,
+) -> None:
+    # Each level doubled the listing: 12 levels of two links each to the next level listed
+    # one 3-byte file as 4096 members (16 levels: 65,536, a minute of the event loop).
+    base = site.root / "curated/ds"
+    for level in range(12):
+        (base / f"n{level}").mkdir()
+        (base / f"n{level}" / "a").symlink_to(f"../n{level + 1}")
+        (base / f"n{level}" / "b").symlink_to(f"../n{level + 1}")
+    (base / "n12").mkdir()
+    (base / "n12/f.bin").write_bytes(b"abc")
+    assert _refused(site, "curated/ds/n0") == (
+        "curated/ds/n0/a and curated/ds/n0/b are one folder (reached twice through links): "
+        "send one of them, or replace a link by a copy")
+    # The common `current -> v3` beside v3: listed twice, the receiver got two copies.
+    (site.root / "curated/rel/v3").mkdir(parents=True)
+    (site.root / "curated/rel/v3/model.bin").write_bytes(b"weights")
+    (site.root / "curated/rel/current").symlink_to("v3")
+    assert _refused(site, "curated/rel") == (
+        "curated/rel/current and curated/rel/v3 are one folder (reached twice through links): "
+        "send one of them, or replace a link by a copy")
+    assert site.list_source("curated/rel/current") == ("folder", [("model.bin", 7)])
+
+
 def test_a_link_to_a_subfolder_in_raw_is_refused(site: LocalStorage) -> None:
     (site.root / "raw/secrets").mkdir(parents=True)
     (site.root / "raw/secrets/key.bin").write_bytes(b"secret")

@@ -431,9 +431,13 @@ class LocalStorage:
                       ) -> Iterator[tuple[str, os.stat_result]]:
         """Each regular file under the folder `path` (`rel`): its member path and its stat,
         links followed. A folder reached again below itself (a link to a folder it is in) is
-        a loop, refused; one reached by two links is listed under both, as two copies."""
-        stack: list[tuple[str, frozenset[tuple[int, int]]]] = [
-            ("", frozenset({(st.st_dev, st.st_ino)}))]
+        a loop, refused. A folder reached a second time anywhere else (two links to it, or
+        `current -> v3` beside v3) is refused too, naming both: listed twice it became two
+        copies at the receiver (and 16 levels of two links each, 65,536 copies of one file),
+        listed once the receiver's copy would lack one of the two names."""
+        top = (st.st_dev, st.st_ino)
+        seen: dict[tuple[int, int], str] = {top: rel}  # every folder listed: its member path
+        stack: list[tuple[str, frozenset[tuple[int, int]]]] = [("", frozenset({top}))]
         while stack:
             sub, above = stack.pop()
             with storage_failures("listing", f"{rel}/{sub}" if sub else rel, side="source"):
@@ -451,6 +455,12 @@ class LocalStorage:
                         raise StorageError(
                             f"{member_rel} is a link to a folder it is in (a loop of links)",
                             path=member_rel, side="source")
+                    if key in seen:
+                        raise StorageError(
+                            f"{seen[key]} and {member_rel} are one folder (reached twice through "
+                            "links): send one of them, or replace a link by a copy",
+                            path=member_rel, side="source")
+                    seen[key] = member_rel
                     stack.append((member, above | {key}))
                 elif stat.S_ISREG(member_st.st_mode):
                     yield member, member_st
