@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_STORAGE_USD_PER_GB_MONTH",
+    "MAX_QUANTITY",
     "CheckpointReplication",
     "LatencyComponents",
     "PathPolicy",
@@ -34,11 +35,17 @@ __all__ = [
 DEFAULT_STORAGE_USD_PER_GB_MONTH = 0.08
 
 Id = Name  # ids become folder names and metric labels: netplan.plan's one rule
-NonNegative = Annotated[float, Field(ge=0)]
+# The largest number a topology may state (GB, USD, hours, ms, GPUs, bytes): far past any real
+# estate (1e15 GB is a million exabytes), and small enough that the planner's products of a few
+# of them stay finite. A dataset of 1.7e308 GB, finite and so accepted, made a move's bytes inf
+# and its cost NaN, and `netplan analyze` raised from inside the planner.
+MAX_QUANTITY = 1e15
+NonNegative = Annotated[float, Field(ge=0, le=MAX_QUANTITY)]
 
 
 class Frozen(BaseModel):
-    """Base of every topology model: immutable, unknown keys refused, no inf/NaN."""
+    """Base of every topology model: immutable, unknown keys refused, no inf/NaN (and every
+    number at most MAX_QUANTITY, field by field)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -80,15 +87,18 @@ class VectorIndex(Frozen):
     tier: Literal[Tier.CURATED, Tier.APPROVED] = Field(
         default=Tier.APPROVED, description="tier folder the shard replicas live under "
         "(<tier>/<index id>/shard-NNNN/ at every site that holds one)")
-    shards: int | None = Field(default=None, ge=1, description="shard count (with shard_gb)")
+    shards: int | None = Field(default=None, ge=1, le=MAX_QUANTITY,
+                               description="shard count (with shard_gb)")
     shard_gb: NonNegative | tuple[NonNegative, ...] | None = Field(
         default=None, description="size of every shard, or one size per shard")
     update_gb_per_day: NonNegative = 0.0
     queries: dict[str, NonNegative] = Field(default_factory=dict,
                                             description="querying site -> queries per second")
-    latency_budget_ms: float = Field(gt=0, description="p99 of a query including the network")
+    latency_budget_ms: float = Field(gt=0, le=MAX_QUANTITY,
+                                     description="p99 of a query including the network")
     search_ms: NonNegative = Field(description="search time per shard")
-    replicas_min: int = Field(default=1, ge=1, description="copies in distinct failure domains")
+    replicas_min: int = Field(default=1, ge=1, le=MAX_QUANTITY,
+                              description="copies in distinct failure domains")
     fanout: Literal["all"] | tuple[Annotated[int, Field(ge=0)], ...] = Field(
         default="all", description="shards a query touches: all, or a list of shard numbers")
     response_kb_per_query: NonNegative = Field(
@@ -130,7 +140,8 @@ class SyncRule(Frozen):
         description="consumers: every site running a workload that uses the dataset; "
         "residency_gpu_sites: sites with GPUs in the dataset's residency regions (its own "
         "region when unrestricted); or a list of site ids")
-    copies_min: int = Field(default=1, ge=1, description="copies in distinct failure domains, "
+    copies_min: int = Field(default=1, ge=1, le=MAX_QUANTITY,
+                            description="copies in distinct failure domains, "
                             "the source included")
     # A nightly sync moves what changed; 1.0 (a full copy every day) is the safe upper bound
     # until the change rate is known.
@@ -146,14 +157,18 @@ class SyncRule(Frozen):
 class CheckpointReplication(Frozen):
     workload: Id
     size_gb: NonNegative | None = Field(default=None, description="default: the model's size")
-    every_hours: float = Field(default=1.0, gt=0, description="one checkpoint per this many hours")
+    every_hours: float = Field(default=1.0, gt=0, le=MAX_QUANTITY,
+                               description="one checkpoint per this many hours")
     to: tuple[SiteId, ...] = Field(default=(), description="target sites; default: chosen to reach "
                                "copies_min failure domains at the least egress")
-    copies_min: int = Field(default=2, ge=1, description="copies in distinct failure domains, "
+    copies_min: int = Field(default=2, ge=1, le=MAX_QUANTITY,
+                            description="copies in distinct failure domains, "
                             "the training site included")
-    retain: int = Field(default=3, ge=1, description="checkpoints kept at each target")
+    retain: int = Field(default=3, ge=1, le=MAX_QUANTITY,
+                        description="checkpoints kept at each target")
     rpo_hours: float | None = Field(
-        default=None, gt=0, description="the most training progress (hours) a failure of "
+        default=None, gt=0, le=MAX_QUANTITY,
+        description="the most training progress (hours) a failure of "
         "the training site may lose; `netplan whatif` recommends a cadence and a target "
         "when the replication cannot meet it (default: whatever the deadline allows)")
 

@@ -19,14 +19,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from netplan._sections import Frozen
 from netplan.decisions import Decision
 from netplan.errors import TopologyError
 from netplan.report import Report
 from netplan.telemetry import LinkMeasurement
-from netplan.topology import Link, Topology
-from netplan.yamlpos import FieldIssue
+from netplan.topology import MAX_QUANTITY, MIN_BANDWIDTH_GBPS, Link, Topology
+from netplan.yamlpos import FieldIssue, YamlDocument, field_issues
 
 __all__ = [
     "MIN_SAMPLES",
@@ -43,8 +44,9 @@ __all__ = [
 MIN_SAMPLES = 5  # TCP_INFO samples (one a second) a direction needs before it counts
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class _Model(Frozen):
+    """A measured.yaml model: held to the topology's rules on numbers (finite, and within
+    the same bounds), since its values replace the declared ones."""
 
 
 class MeasuredLink(_Model):
@@ -52,9 +54,9 @@ class MeasuredLink(_Model):
 
     between: tuple[str, str]
     from_site: str = Field(alias="from")
-    bandwidth_gbps: float | None = Field(default=None, gt=0)
-    rtt_ms: float | None = Field(default=None, ge=0)
-    jitter_ms: float | None = Field(default=None, ge=0)
+    bandwidth_gbps: float | None = Field(default=None, ge=MIN_BANDWIDTH_GBPS, le=MAX_QUANTITY)
+    rtt_ms: float | None = Field(default=None, ge=0, le=MAX_QUANTITY)
+    jitter_ms: float | None = Field(default=None, ge=0, le=MAX_QUANTITY)
     loss_pct: float | None = Field(default=None, ge=0, le=100)
     samples: int = Field(ge=0)
     control_samples: int = Field(default=0, ge=0)
@@ -138,21 +140,24 @@ def overlay_of(measurements: Iterable[tuple[str, LinkMeasurement]], topology: To
         goodput = m.best_goodput_bytes_per_s
         links.append(MeasuredLink.model_validate({
             "between": (link.between[0], link.between[1]), "from": site,
-            "bandwidth_gbps": goodput * 8 / 1e9 if goodput else None,
+            # A trickle below what a topology can state (1 kbit/s) is stated as that.
+            "bandwidth_gbps": max(goodput * 8 / 1e9, MIN_BANDWIDTH_GBPS) if goodput else None,
             "rtt_ms": m.rtt_ms, "jitter_ms": m.jitter_ms if m.control_samples >= 2 else None,
             "loss_pct": m.loss_pct, "samples": m.samples, "control_samples": m.control_samples,
             "first_at": _iso(m.first_at), "last_at": _iso(m.last_at), "source": source}))
     return MeasuredOverlay(measured_links=links, skipped=skipped)
 
 
-def parse_overlay(data: Any, source: str) -> MeasuredOverlay:
-    """A measured.yaml document, or a TopologyError naming the field."""
+def parse_overlay(doc: YamlDocument, source: str) -> MeasuredOverlay:
+    """A measured.yaml document, or a TopologyError naming the field and its line."""
+    if not isinstance(doc.data, dict):
+        raise TopologyError([FieldIssue(
+            path=(), message="expected a mapping with a `measured_links:` list "
+            "(what `netplan calibrate -o` writes)", line=doc.line_of(()))], source)
     try:
-        return MeasuredOverlay.model_validate(data)
+        return MeasuredOverlay.model_validate(doc.data)
     except ValidationError as exc:
-        issues = [FieldIssue(path=tuple(e["loc"]), message=e["msg"], line=None)
-                  for e in exc.errors()]
-        raise TopologyError(issues, source) from exc
+        raise TopologyError(field_issues(exc, doc), source) from exc
 
 
 def _directional(value: Any, ends: tuple[str, str], measured: dict[str, float],
@@ -210,7 +215,13 @@ def apply_measured(topology: Topology, overlay: MeasuredOverlay
                 applied.append(Applied(ends, None, name, float(getattr(link, name)), value,
                                        sum(m.samples for m in found)))
                 data[name] = value
-        links.append(Link.model_validate(data))
+        try:
+            links.append(Link.model_validate(data))
+        except ValidationError as exc:  # a measured value the topology's rules refuse
+            raise TopologyError([FieldIssue(
+                path=("measured_links", link.between[0] + "-" + link.between[1],
+                      *e["loc"]), message=e["msg"], line=None) for e in exc.errors()],
+                "measured") from exc
     calibrated = topology.model_copy(update={"links": tuple(links)})
     return Topology.model_validate(calibrated.model_dump()), tuple(applied)
 

@@ -10,10 +10,13 @@ The report is rendered section by section (`SECTIONS`): a new section is one mor
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import os
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +49,8 @@ from netplan.report import Report, analyze
 from netplan.safeyaml import DocumentError, read_text_bounded
 from netplan.telemetry import LinkMeasurement
 from netplan.topology import Topology, TransferSettings
-from netplan.yamlpos import FieldIssue, load_data
+from netplan.yamlpos import FieldIssue
+from netplan.yamlpos import parse as parse_yaml
 
 __all__ = ["SECTIONS", "main"]
 
@@ -495,7 +499,7 @@ def _load_overlay(measured_file: str) -> MeasuredOverlay:
     """A measured.yaml (`netplan calibrate -o`), or exit 2 naming what is wrong with it."""
     try:
         text = read_text_bounded(measured_file)
-        return parse_overlay(load_data(text), measured_file)
+        return parse_overlay(parse_yaml(text), measured_file)
     except DocumentError as exc:
         _fail(TopologyError([FieldIssue(path=(), message=exc.summary, line=exc.line)],
                             measured_file), 2)
@@ -640,19 +644,70 @@ def _version() -> str:
         return "(not installed)"
 
 
+# Names of a descriptor this process already holds (`-o /dev/stdout >> out.json`): written
+# where the descriptor points and as it was opened (appended to), never replaced.
+_DESCRIPTOR_PATHS = ("/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/self/fd/")
+_MAX_LINKS = 40  # the kernel's own limit on links followed in one path (ELOOP)
+
+
 def _write_atomically(path: str, text: str) -> None:
     """`text` at `path` via a temporary file beside it and a rename: a reader (or a crash)
-    never sees half a file; exit 2 naming the path when it cannot be written."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    never sees half a file; exit 2 naming the path when it cannot be written.
+
+    A link of this user's is written through: the file it names is replaced, the link stays.
+    A link of another user's is replaced itself, as a rename does: following it (a link
+    planted in /tmp by someone else) would let a root run overwrite any file, which the
+    kernel's fs.protected_symlinks refuses when the kernel is the one to follow it. A device,
+    FIFO or socket (/dev/null, a pipe) and a descriptor's name (/dev/stdout) are written to
+    as they are: the rename replaced them with a regular file."""
+    tmp: str | None = None
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        if path.startswith(_DESCRIPTOR_PATHS) and os.path.exists(path):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            return
+        target = _own_link_target(path)
+        try:
+            mode = os.lstat(target).st_mode
+        except FileNotFoundError:
+            mode = stat.S_IFREG  # nothing there yet: made here
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            return
+        # mkstemp: a name nobody can guess and create first (<path>.tmp-PID could be).
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".",
+                                   prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would have made it; mkstemp makes it 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         click.echo(f"cannot write {path}: {exc.strerror or exc}", err=True)
         sys.exit(2)
+
+
+def _own_link_target(path: str) -> str:
+    """`path`, with the links this user owns at its end followed one by one (a link's target
+    is read relative to the link's folder; the folders on the way are the kernel's to
+    resolve). It stops at the first name that is not such a link: another user's link is
+    returned as it is, to be replaced rather than followed."""
+    for _ in range(_MAX_LINKS):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return path
+        if not stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+            return path
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
 
 
 @cli.command("plan")

@@ -59,8 +59,10 @@ _NAME = re.compile(NAME_PATTERN)
 
 
 def check_site_id(value: str) -> str:
-    """`value` if it is a valid site id, else ValueError saying what the rule is."""
-    if not _SITE_ID.match(value):
+    """`value` if it is a valid site id, else ValueError saying what the rule is. (fullmatch:
+    the pattern's `$` also matches before a final newline, which let "A\n" through, a site
+    whose key files were named with the newline.)"""
+    if not _SITE_ID.fullmatch(value):
         raise ValueError(f"{value!r} is not a site id: 1-64 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit (it names a transferd daemon, its key "
                          "files and its metric labels)")
@@ -69,7 +71,7 @@ def check_site_id(value: str) -> str:
 
 def check_name(value: str) -> str:
     """`value` if it is a valid dataset, workload, index or region name, else ValueError."""
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid id: 1-128 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit (ids become folder names in the plan)")
     return value

@@ -32,7 +32,16 @@ from typing import Any, Literal, TypeVar
 
 from netplan.errors import NetplanError
 from netplan.safeyaml import DocumentError, Limits, read_text_bounded
-from netplan.topology import Dataset, Link, Model, Site, Topology, Workload
+from netplan.topology import (
+    MAX_QUANTITY,
+    MIN_BANDWIDTH_GBPS,
+    Dataset,
+    Link,
+    Model,
+    Site,
+    Topology,
+    Workload,
+)
 from netplan.yamlpos import format_path, parse
 
 __all__ = [
@@ -182,8 +191,9 @@ def parse_change(kind: str, text: str, where: str | None = None) -> Change:
         low = value.lower()
         if low.endswith("gbps"):
             gbps = _number(low[:-4].strip(), where, text, "bandwidth")
-            if gbps <= 0:
-                raise ScenarioError(where, text, f"bandwidth {value} must be > 0 Gbit/s")
+            if not MIN_BANDWIDTH_GBPS <= gbps <= MAX_QUANTITY:
+                raise ScenarioError(where, text, f"bandwidth {value} must be between "
+                                    f"{MIN_BANDWIDTH_GBPS:g} and {MAX_QUANTITY:g} Gbit/s")
             return Change("degrade", ends, gbps, "absolute", text)
         share = _percent(value, where, text, "bandwidth")
         if value.startswith(("-", "+")):
@@ -214,8 +224,9 @@ def parse_change(kind: str, text: str, where: str | None = None) -> Change:
                 raise ScenarioError(where, text, f"multiplier {value} must be >= 0")
             return Change("price", target, factor, "factor", text)
         price = _number(value.lstrip("$"), where, text, "price")
-        if price < 0:
-            raise ScenarioError(where, text, f"price {value} must be >= 0")
+        if not 0 <= price <= MAX_QUANTITY:
+            raise ScenarioError(where, text, f"price {value} must be >= 0 and <= "
+                                f"{MAX_QUANTITY:g}")
         return Change("price", target, price, "absolute", text)
     # gpus
     target = ()
@@ -240,8 +251,9 @@ def parse_change(kind: str, text: str, where: str | None = None) -> Change:
         raise ScenarioError(where, text, "an exact GPU count needs one type at one site: "
                             "gpu:TYPE@SITE=N")
     count = _number(value, where, text, "GPU count")
-    if count < 0 or count != int(count):
-        raise ScenarioError(where, text, f"GPU count {value} must be a whole number >= 0")
+    if not 0 <= count <= MAX_QUANTITY or count != int(count):
+        raise ScenarioError(where, text, f"GPU count {value} must be a whole number >= 0 and "
+                            f"<= {MAX_QUANTITY:g}")
     return Change("gpus", target, count, "absolute", text)
 
 
@@ -524,8 +536,12 @@ def _best_copy(index: ElementIndex, holders: Sequence[str], reach: Touch) -> str
     return max(alive, key=lambda s: (capacity(s), -order[s]))
 
 
-def _new_value(old: float, change: Change) -> float:
-    return old * change.value if change.mode == "factor" else change.value
+def _new_value(old: float, change: Change, least: float = 0.0) -> float:
+    """The changed value, kept within what a topology may state (`least` to MAX_QUANTITY): a
+    factor such as x1e300 or -99.9999999999999 % stops there, where past it the planner's
+    sums turned inf and its costs NaN."""
+    new = old * change.value if change.mode == "factor" else change.value
+    return min(max(new, least), MAX_QUANTITY)
 
 
 def _changed_link(link: Link, changes: Sequence[Change]) -> Link:
@@ -534,8 +550,9 @@ def _changed_link(link: Link, changes: Sequence[Change]) -> Link:
     for c in changes:
         if c.target[0] == "link" and frozenset(c.target[1:]) == pair:
             if c.kind == "degrade":
-                update["bandwidth_gbps"] = {e: _new_value(link.bandwidth_from(e), c)
-                                            for e in link.between}
+                update["bandwidth_gbps"] = {
+                    e: _new_value(link.bandwidth_from(e), c, MIN_BANDWIDTH_GBPS)
+                    for e in link.between}
             elif c.kind == "loss":
                 update["loss_pct"] = c.value
         elif c.kind == "price" and c.target[0] == "egress":
@@ -557,8 +574,7 @@ def _changed_site(site: Site, changes: Sequence[Change], notes: list[str]) -> Si
         if c.kind == "gpus":
             for g in ([gpu] if gpu else list(gpus)):
                 old = gpus.get(g, 0)
-                gpus[g] = (math.floor(old * c.value + 1e-9) if c.mode == "factor"
-                           else int(c.value))
+                gpus[g] = math.floor(_new_value(old, c) + 1e-9)
                 if g not in prices:
                     notes.append(f"{site.id} gets {gpus[g]} {g} GPUs without a price: "
                                  "priced at $0")

@@ -18,6 +18,7 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from netplan._sections import (
     DEFAULT_STORAGE_USD_PER_GB_MONTH,
+    MAX_QUANTITY,
     CheckpointReplication,
     Frozen,
     LatencyComponents,
@@ -36,6 +37,8 @@ __all__ = [
     "DEFAULT_MSS_BYTES",
     "DEFAULT_STREAMS",
     "DEFAULT_WINDOW_BYTES",
+    "MAX_QUANTITY",
+    "MIN_BANDWIDTH_GBPS",
     "Dataset",
     "Link",
     "Model",
@@ -56,7 +59,7 @@ WorkloadKind = Literal[
 
 # Ids appear in paths, tables and error messages: one printable token (netplan.plan's rule).
 Id = Name
-NonNegative = Annotated[float, Field(ge=0)]
+NonNegative = Annotated[float, Field(ge=0, le=MAX_QUANTITY)]
 
 # Defaults for the TCP model, each from somewhere a reader can check:
 # 16 streams = rclone's defaults (--transfers 4 x --multi-thread-streams 4); aws-cli uses 10.
@@ -77,7 +80,8 @@ class TransferSettings(Frozen):
         default=DEFAULT_STREAMS, ge=1, le=4096, description="parallel TCP streams (N)"
     )
     window_bytes: int = Field(
-        default=DEFAULT_WINDOW_BYTES, ge=1024, description="per-stream receive window in bytes"
+        default=DEFAULT_WINDOW_BYTES, ge=1024, le=MAX_QUANTITY,
+        description="per-stream receive window in bytes"
     )
     mss_bytes: int = Field(
         default=DEFAULT_MSS_BYTES, ge=64, le=65495, description="TCP maximum segment"
@@ -99,7 +103,7 @@ class Site(Frozen):
     kind: SiteKind
     region: Id
     failure_domain: Id | None = Field(default=None, description="default: the site id")
-    gpus: dict[str, Annotated[int, Field(ge=0)]] = Field(
+    gpus: dict[str, Annotated[int, Field(ge=0, le=MAX_QUANTITY)]] = Field(
         default_factory=_gpu_table_default, description="GPU type -> count available"
     )
     gpu_hour_usd: dict[str, NonNegative] = Field(
@@ -144,14 +148,16 @@ def _check_egress(value: Any) -> Any:
 
     def ok(x: Any) -> bool:
         return (
-            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+            and 0 <= x <= MAX_QUANTITY
         )
 
     if ok(value):
         return value
     if isinstance(value, dict) and all(isinstance(k, str) and ok(v) for k, v in value.items()):
         return value
-    raise ValueError("must be a number >= 0 or a map of site id -> number >= 0")
+    raise ValueError(f"must be a number >= 0 or a map of site id -> number >= 0 (each at most "
+                     f"{MAX_QUANTITY:g})")
 
 
 EgressPrice = Annotated[float | dict[str, float], BeforeValidator(_check_egress)]
@@ -180,8 +186,13 @@ def _per_direction(name: str, ok: Any, rule: str) -> Any:
     return check
 
 
+# The least bandwidth a link may have, 1 kbit/s: with sizes up to MAX_QUANTITY GB, a move's
+# seconds stay finite (a link of 1e-300 Gbit/s made them inf, and the planner's costs NaN).
+MIN_BANDWIDTH_GBPS = 1e-6
 Bandwidth = Annotated[float | dict[str, float],
-                      BeforeValidator(_per_direction("bandwidth", lambda x: x > 0, "> 0"))]
+                      BeforeValidator(_per_direction(
+                          "bandwidth", lambda x: MIN_BANDWIDTH_GBPS <= x <= MAX_QUANTITY,
+                          f">= {MIN_BANDWIDTH_GBPS:g} and <= {MAX_QUANTITY:g}"))]
 LossPct = Annotated[float | dict[str, float],
                     BeforeValidator(_per_direction("loss", lambda x: 0 <= x < 100,
                                                    ">= 0 and < 100"))]
@@ -258,25 +269,29 @@ class Workload(Frozen):
     model: Id | None = Field(default=None, description="required for inference")
     datasets: tuple[Id, ...] = ()
     gpu: Id = Field(description="GPU type")
-    gpus: int | None = Field(default=None, ge=1, description="GPU count (per replica for "
-                             "inference); with hours. Or give gpu_hours for an elastic count")
-    hours: float | None = Field(default=None, gt=0,
+    gpus: int | None = Field(default=None, ge=1, le=MAX_QUANTITY,
+                             description="GPU count (per replica for inference); with hours. "
+                             "Or give gpu_hours for an elastic count")
+    hours: float | None = Field(default=None, gt=0, le=MAX_QUANTITY,
                                 description="wall-clock hours at that GPU count")
     gpu_hours: float | None = Field(
-        default=None, gt=0, description="elastic count: the work in GPU-hours (on gpus_min "
+        default=None, gt=0, le=MAX_QUANTITY,
+        description="elastic count: the work in GPU-hours (on gpus_min "
         "GPUs); the planner picks the count per site between gpus_min and gpus_max")
-    gpus_min: int | None = Field(default=None, ge=1, description="elastic: fewest GPUs "
-                                 "(default 1)")
-    gpus_max: int | None = Field(default=None, ge=1, description="elastic: most GPUs "
+    gpus_min: int | None = Field(default=None, ge=1, le=MAX_QUANTITY,
+                                 description="elastic: fewest GPUs (default 1)")
+    gpus_max: int | None = Field(default=None, ge=1, le=MAX_QUANTITY,
+                                 description="elastic: most GPUs "
                                  "(default: all the site has)")
     scaling_efficiency: float = Field(
         default=1.0, gt=0, le=1, description="elastic: speed-up per doubling of GPUs as a "
         "fraction of 2x (1: linear, the GPU-hours stay the same at any count)")
-    deadline_hours: float | None = Field(default=None, gt=0)
+    deadline_hours: float | None = Field(default=None, gt=0, le=MAX_QUANTITY)
     clients: tuple[SiteId, ...] = Field(
         default=(), description="inference: sites where requests originate"
     )
-    latency_budget_ms: float | None = Field(default=None, gt=0, description="inference: p99 budget")
+    latency_budget_ms: float | None = Field(default=None, gt=0, le=MAX_QUANTITY,
+                                            description="inference: p99 budget")
     latency_components: LatencyComponents | None = Field(
         default=None, description="inference: overrides the topology's latency_components"
     )

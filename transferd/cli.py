@@ -25,6 +25,7 @@ from transferd.errors import (
     ConfigError,
     PolicyViolation,
     ProtocolError,
+    StorageError,
     TransferdError,
     TransportError,
 )
@@ -355,6 +356,12 @@ def send(
         _fail(ConfigError("--multipath: needs a relayed path (--via) beside the direct one"),
               as_json)
     rel = _relative_to_data_dir(config, path)
+    try:
+        rel.encode()
+    except UnicodeEncodeError:  # a name given in bytes that are not UTF-8 (surrogate escapes)
+        shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+        _fail(StorageError(f"{shown}: the name is not UTF-8, which transferd cannot carry: "
+                           "rename it", path=shown), as_json)
 
     started = time.monotonic()
     # A SendRequest as JSON, built without the models (the daemon validates it: a field it

@@ -48,6 +48,7 @@ from transferd.site.journal import Journal, UploadState
 from transferd.site.keys import Keyring
 from transferd.site.metrics import Metrics
 from transferd.site.receiver import Receiver
+from transferd.site.state_lock import StateDirLock
 from transferd.site.storage import open_storage
 from transferd.site.telemetry import SAMPLE_S, LinkTelemetry
 from transferd.site.threads import ThreadSchedstat, bulk_executor
@@ -142,6 +143,30 @@ class Daemon:
         # them (O_DIRECT); their number bounds the bodies in memory.
         self.receive_buffers = AlignedBuffers(config.chunk_size, RECEIVE_BUFFERS)
         state = config.state_path
+        data_path = config.data_path
+        if config.data_dir_is_local and data_path.exists() and not data_path.is_dir():
+            # Named as such here: the lock below would fail first on <file>/.transferd.
+            raise ConfigError(f"data_dir: {data_path} is a file, not a folder", field="data_dir")
+        # Before anything touches the state (an object store's reclaim of interrupted commits in
+        # open_storage, the journal's jobs, staging reclaimed below, the message socket): one
+        # daemon per state_dir.
+        self._state_lock = StateDirLock(state)
+        try:
+            self._set_up(config, plan, clock, state)
+        except BaseException:
+            # Not left to the finalizer: a refused start (a key missing, a spill_dir not
+            # writable) kept by a traceback would hold the state_dir from the next daemon.
+            self._state_lock.release()
+            raise
+
+    def _set_up(
+        self,
+        config: SiteConfig,
+        plan: PlanRun | None,
+        clock: Callable[[], float],
+        state: Path,
+    ) -> None:
+        """The rest of __init__, run under the state_dir lock."""
         self.storage = open_storage(
             config.data_dir_is_local,
             config.data_path,
@@ -403,60 +428,70 @@ class Daemon:
         asyncio.get_running_loop().set_default_executor(
             bulk_executor(min(32, (os.cpu_count() or 1) + 4), "transferd-bulk")
         )
-        app = build_app(
-            verifier=self.verifier,
-            inbound=self.routing,
-            local=self,
-            messages=self.messages,
-            metrics=self.metrics,
-            data_port=lambda: self.data_port or 0,
-            hop_server=self.hop_server,
-        )
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
-        )
-        await runner.setup()
         try:
-            await self._listen(runner)
-            async with asyncio.TaskGroup() as tg:
-                sender_task = tg.create_task(self.sender.run())
-                others = [tg.create_task(self.messages.run()), tg.create_task(self._watch_lag())]
-                others.append(tg.create_task(self.message_socket.run()))
-                others.append(tg.create_task(self.relay.run()))
-                others += [tg.create_task(self._warm_channels(peer)) for peer in self.channels]
-                others.append(tg.create_task(self._sample_links()))
-                others += [tg.create_task(self._probe_control(peer)) for peer in self.links]
-                self._tg = tg
-                self._source_tasks = [tg.create_task(run()) for run in self._job_sources()]
-                if ready is not None:
-                    ready(self)
-                await stop.wait()
-                log.info("daemon.stopping", extra={"fields": {"site": self.config.site}})
-                self.sender.stop()
-                # In-flight chunk uploads get a grace period; what is left resumes from the journal.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(SHUTDOWN_GRACE_S):
-                        await self.sender.drained()
-                sender_task.cancel()
-                for task in [*others, *self._source_tasks]:
-                    task.cancel()
+            app = build_app(
+                verifier=self.verifier,
+                inbound=self.routing,
+                local=self,
+                messages=self.messages,
+                metrics=self.metrics,
+                data_port=lambda: self.data_port or 0,
+                hop_server=self.hop_server,
+            )
+            runner = web.AppRunner(
+                app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+            )
+            await runner.setup()
+            try:
+                await self._listen(runner)
+                async with asyncio.TaskGroup() as tg:
+                    sender_task = tg.create_task(self.sender.run())
+                    others = [tg.create_task(self.messages.run())]
+                    others.append(tg.create_task(self._watch_lag()))
+                    others.append(tg.create_task(self.message_socket.run()))
+                    others.append(tg.create_task(self.relay.run()))
+                    others += [tg.create_task(self._warm_channels(peer)) for peer in self.channels]
+                    others.append(tg.create_task(self._sample_links()))
+                    others += [tg.create_task(self._probe_control(peer)) for peer in self.links]
+                    self._tg = tg
+                    self._source_tasks = [tg.create_task(run()) for run in self._job_sources()]
+                    if ready is not None:
+                        ready(self)
+                    await stop.wait()
+                    log.info("daemon.stopping", extra={"fields": {"site": self.config.site}})
+                    self.sender.stop()
+                    # In-flight chunk uploads get a grace period; what is left resumes from the
+                    # journal.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                            await self.sender.drained()
+                    sender_task.cancel()
+                    for task in [*others, *self._source_tasks]:
+                        task.cancel()
+            finally:
+                self.inbound.stopping()  # commits held for their last chunks answer now (503)
+                # Before the HTTP cleanup: its TaskGroup has ended.
+                await self.message_socket.close()
+                self.hop_server.close()  # its handlers end with their connections, not at a timeout
+                await stop_closing_every_connection(runner)
+                # Channel threads may wait for this loop (a chunk's booking): close them off it.
+                await asyncio.to_thread(self.listener.close)
+                for channels in self.channels.values():
+                    await asyncio.to_thread(channels.close)
+                # Sends started that nothing has booked yet (`LoopInbox.post_later`: they ride
+                # with the next batch or probe tick, and neither comes now): into the journal.
+                self.sender.flush_inbox()
+                for link in self.links.values():
+                    await link.close()
+                await self.inbound.aclose()
+                self.receive_buffers.close()
         finally:
-            self.inbound.stopping()  # commits held for their last chunks answer now (503)
-            await self.message_socket.close()  # before the HTTP cleanup: its TaskGroup has ended
-            self.hop_server.close()  # its handlers end with their connections, not at a timeout
-            await stop_closing_every_connection(runner)
-            # Channel threads may wait for this loop (a chunk's booking): close them off it.
-            await asyncio.to_thread(self.listener.close)
-            for channels in self.channels.values():
-                await asyncio.to_thread(channels.close)
-            # Sends started that nothing has booked yet (`LoopInbox.post_later`: they ride with
-            # the next batch or probe tick, and neither comes now): into the journal.
-            self.sender.flush_inbox()
-            for link in self.links.values():
-                await link.close()
-            await self.inbound.aclose()
-            self.receive_buffers.close()
-            self.journal.close()
+            # Whatever failed above (runner.setup, a close that raised), the next daemon may
+            # start on this state_dir now rather than when this object is collected.
+            try:
+                self.journal.close()
+            finally:
+                self._state_lock.release()
             log.info("daemon.stopped", extra={"fields": {"site": self.config.site}})
 
     def reload(self, config: SiteConfig, plan: PlanRun | None) -> list[str]:

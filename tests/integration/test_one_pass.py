@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +35,8 @@ from transferd.protocol import manifest
 from transferd.protocol.chunks import blake3_hex
 from transferd.protocol.manifest import ChunkRef, UploadIntent
 from transferd.protocol.upload import ONE_PASS_PROBE_EVERY
+from transferd.site.journal import UploadState
+from transferd.site.receiver import Receiver
 from transferd.site.source import SourceFile
 from transferd.site.staging import Staging
 from transferd.site.storage import LocalStorage
@@ -480,7 +483,12 @@ async def test_a_hash_first_chunk_sent_again_after_the_seal_is_delivered_without
     ahead seals the upload, then the file is rewritten in place (size and mtime kept) before
     the retry: the retry finds the upload committed with the bytes its digest names (hashed
     from the source before they went, as the manifest says), so the chunk is delivered and
-    the job commits; the source is not read again (a rewrite since is another job's)."""
+    the job commits; the source is not read again (a rewrite since is another job's).
+
+    Sealed means B's journal says COMMITTED, which comes after the files are renamed into
+    place: the test waited for the file to exist and, once in a full run, sent the retry in
+    between (answered DAMAGED, the job failed "changed"). The gap is widened here so the
+    test shows it waits for the seal itself."""
     src = tmp_path / "site-A" / "curated" / "f.bin"
     write_random(src, 10 * CHUNK, seed=1)
     original = src.read_bytes()
@@ -499,12 +507,22 @@ async def test_a_hash_first_chunk_sent_again_after_the_seal_is_delivered_without
         self.channels.submit(item)  # its send goes on after this attempt gave up
         raise TransportError("B: no receipt, link lost", peer="B")
 
-    async def committed_at_b() -> bool:
-        return got.exists()
+    sites: list[Any] = []
 
+    async def committed_at_b() -> bool:
+        return bool(sites[1].journal.uploads(UploadState.COMMITTED))
+
+    real_commit_files = Receiver.commit_files
+
+    def commit_files_then_pause(self: Receiver, *args: Any, **kwargs: Any) -> None:
+        real_commit_files(self, *args, **kwargs)
+        time.sleep(0.5)  # (a thread) renamed into place, not yet COMMITTED in the journal
+
+    monkeypatch.setattr(Receiver, "commit_files", commit_files_then_pause)
     monkeypatch.setattr(sender_mod._ChunkPump, "may_one_pass", lambda *a: False)
     monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
-    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, b):
+        sites += [a, b]
         [job_id] = a.sender.submit("curated/f.bin", ["B"])
         [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
     digest = blake3_hex(original[9 * CHUNK :])

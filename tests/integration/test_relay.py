@@ -27,6 +27,7 @@ from transferd.daemon import Daemon
 from transferd.net import channels
 from transferd.net import routes as routes_module
 from transferd.net import sender as sender_module
+from transferd.site.state_lock import LOCK_NAME
 from transferd.testing import (
     bound_socket,
     free_port,
@@ -41,10 +42,11 @@ RELAY = {"relay": {"for_peers": ["A"], "destinations": ["B"]}}
 
 
 def _held_at(site: Path) -> list[Path]:
-    """Files a site holds outside its journal: data, staging, relay spill."""
+    """Files a site holds outside its journal (and its daemon's lock): data, staging, relay
+    spill."""
     return [
         p for p in site.rglob("*")
-        if p.is_file() and not p.name.startswith("journal.sqlite")
+        if p.is_file() and not p.name.startswith("journal.sqlite") and p.name != LOCK_NAME
     ]
 
 

@@ -159,6 +159,32 @@ async def test_local_file_deleted_mid_send_is_a_changed_source(
         await _local_still_serving(a, tmp_path, "curated/big.bin")
 
 
+@pytest.mark.parametrize("rel", ["curated/grow.bin", "curated/ds/sub/grow.bin"],
+                         ids=["file", "folder-member"])
+async def test_a_file_written_to_while_it_is_sent_is_named_in_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rel: str
+) -> None:
+    """The job's error names the file that changed (it said "(file)" for a single file and
+    the bare member name for a folder's, which left the user to guess which)."""
+    src = tmp_path / "site-A" / rel
+    src.parent.mkdir(parents=True)
+    src.write_bytes(os.urandom(8 * CHUNK))
+    (tmp_path / "site-B").mkdir()
+    real = SourceFile.hash_span
+
+    def hash_span(self: SourceFile, offset: int, length: int) -> str:
+        if os.path.getsize(src) == 8 * CHUNK:
+            with open(src, "ab") as grow:  # someone still writing it
+                grow.write(b"more")
+        return real(self, offset, length)
+
+    async with loopback_pair(tmp_path, chunk_size=CHUNK) as (a, _b):
+        monkeypatch.setattr(SourceFile, "hash_span", hash_span)
+        sent = "curated/ds" if "/ds/" in rel else rel
+        job = await _fails_cleanly(a, tmp_path, sent, "changed while being sent")
+        assert f"changed while being sent: {rel} " in job.error
+
+
 async def test_local_file_cut_short_before_a_chunk_is_compressed_is_a_changed_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +221,95 @@ def test_a_thousand_problems_are_listed_twenty_then_counted() -> None:
     assert lines[1] == "  - workload w0 is infeasible: no GPUs"
     assert len(lines) == 22
     assert lines[-1].startswith("  and 5 more")
+
+
+def _targets(tmp_path: Path) -> tuple[Path, Path]:
+    """A plan file reached through a link, as a deployment keeps it."""
+    real = tmp_path / "deploy" / "plan.json"
+    real.parent.mkdir()
+    real.write_text("{}")
+    link = tmp_path / "plan.json"
+    link.symlink_to(real)
+    return link, real
+
+
+@pytest.mark.parametrize("command", ["plan", "html", "calibrate"])
+def test_output_through_a_link_replaces_the_file_it_names_and_keeps_the_link(
+    tmp_path: Path, command: str
+) -> None:
+    topology = str(EXAMPLES[0])
+    link, real = _targets(tmp_path)
+    args = {"plan": ["plan", topology, "-o", str(link)],
+            "html": ["analyze", topology, "--html", str(link)],
+            "calibrate": ["calibrate", topology, "--from", str(_telemetry(tmp_path)),
+                          "-o", str(link)]}[command]
+    done = _run(*args)
+    assert done.exit_code == 0, done.output
+    assert link.is_symlink()  # the rename used to put a regular file in the link's place
+    assert real.read_text() != "{}"
+    assert sorted(p.name for p in real.parent.iterdir()) == ["plan.json"]
+
+
+def _telemetry(tmp_path: Path) -> Path:
+    """A `transferd telemetry --json` file with nothing measured (calibrate writes no values)."""
+    path = tmp_path / "telemetry.json"
+    path.write_text(json.dumps({"site": "x", "at": 0.0, "window_s": 60.0, "links": []}))
+    return path
+
+
+def test_output_to_a_device_writes_to_it_and_leaves_it_a_device(tmp_path: Path) -> None:
+    """`-o /dev/null` (to check a plan's feasibility) as root replaced /dev/null with a regular
+    file. A private node of the same device stands in for it here."""
+    if os.geteuid() != 0:
+        pytest.skip("mknod of a device needs root")
+    null = tmp_path / "null"
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    done = _run("plan", str(EXAMPLES[0]), "-o", str(null))
+    assert done.exit_code == 0, done.output
+    assert stat.S_ISCHR(null.lstat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null"]
+    full = tmp_path / "full"
+    os.mknod(full, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    done = _run("plan", str(EXAMPLES[0]), "-o", str(full))
+    assert done.exit_code == 2
+    assert f"cannot write {full}: No space left on device" in done.output
+    assert stat.S_ISCHR(full.lstat().st_mode)
+
+
+def test_output_through_another_users_link_replaces_the_link_not_the_file_it_names(
+    tmp_path: Path,
+) -> None:
+    """A link planted by another user (plan.json -> /etc/shadow in a sticky /tmp) was
+    followed, so a root run overwrote the file it named. The kernel refuses to follow such a
+    link there (fs.protected_symlinks); the CLI must not follow it by hand either."""
+    if os.geteuid() != 0:
+        pytest.skip("a link owned by another user needs root to make (lchown)")
+    victim = tmp_path / "victim"
+    victim.write_text("not yours")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    link = shared / "plan.json"
+    link.symlink_to(victim)
+    os.lchown(link, 65534, 65534)  # nobody's
+    done = _run("plan", str(EXAMPLES[0]), "-o", str(link))
+    assert done.exit_code == 0, done.output
+    assert victim.read_text() == "not yours"
+    assert not link.is_symlink()
+    assert json.loads(link.read_text())["schema_version"]
+    assert sorted(p.name for p in shared.iterdir()) == ["plan.json"]  # no temporary file left
+
+
+def test_output_to_a_descriptor_name_appends_where_the_descriptor_points(
+    tmp_path: Path,
+) -> None:
+    """`netplan plan ... -o /dev/stdout >> out.json` replaced out.json (through /proc/self/fd/1)
+    instead of appending to it."""
+    out = tmp_path / "out.json"
+    out.write_text("before\n")
+    with out.open("a") as fh:
+        done = _run("plan", str(EXAMPLES[0]), "-o", f"/proc/self/fd/{fh.fileno()}")
+    assert done.exit_code == 0, done.output
+    text = out.read_text()
+    assert text.startswith("before\n{")
+    assert json.loads(text.removeprefix("before\n"))["schema_version"]

@@ -97,7 +97,8 @@ def test_wrong_type() -> None:
     text = VALID.replace("bandwidth_gbps: 10", "bandwidth_gbps: fast")
     message = _error(text)
     assert "links[0].bandwidth_gbps: " in message
-    assert "must be a number > 0 or a map of site id -> number > 0" in message
+    assert ("must be a number >= 1e-06 and <= 1e+15 or a map of site id -> number >= 1e-06 "
+            "and <= 1e+15") in message
     assert f"(line {_line(text, 'bandwidth_gbps')})" in message
 
 

@@ -48,7 +48,8 @@ def test_good_ids_pass_everywhere(site: str) -> None:
     assert _accepted(site) == (True, True, True)
 
 
-@pytest.mark.parametrize("site", ["dc:east", "dc/east", "x" * 65, "-lead", ".hidden", "a b", ""])
+@pytest.mark.parametrize("site", ["dc:east", "dc/east", "x" * 65, "-lead", ".hidden", "a b", "",
+                                  "dc\n"])  # a final newline: the pattern's `$` matched it
 def test_bad_ids_are_refused_everywhere_with_the_reason(site: str) -> None:
     assert _accepted(site) == (False, False, False)
     with pytest.raises(TopologyError) as err:

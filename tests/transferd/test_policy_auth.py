@@ -192,6 +192,19 @@ def test_keygen_into_a_path_that_is_a_file_is_a_config_error(tmp_path: Path) -> 
     assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.parametrize("bad", ["../x", "b c", "A\n", "é"])
+def test_keygen_refuses_a_site_id_that_is_not_one_before_writing_anything(
+    tmp_path: Path, bad: str
+) -> None:
+    """`--sites A,../x` wrote x.ed25519, x.pub and x--A.hmac beside --out, then failed
+    halfway ('cannot write keys ...: No such file or directory'); 'b c' and 'é' made keys no
+    site config can use (the site-id rule refuses them there)."""
+    out = tmp_path / "deploy" / "keys"
+    with pytest.raises(ConfigError, match=r"keygen: --sites: .* is not a site id: 1-64 letters"):
+        keygen(["A", bad], out)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == []
+
+
 class _Memory:
     """A ReplayMemory in a dict, as the journal keeps it."""
 

@@ -597,8 +597,9 @@ class MessageSocketServer:
 
 
 def _remove_stale_socket(path: Path) -> None:
-    """Remove the socket a killed daemon left at `path` (the state_dir lock says no other
-    daemon runs here); ConfigError for anything at `path` that is not a socket."""
+    """Remove the socket a killed daemon left at `path` (the state_dir lock,
+    `site.state_lock`, says no other daemon runs here); ConfigError for anything at `path`
+    that is not a socket."""
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from netplan.plan import TrafficClass
-from transferd.errors import PolicyViolation, TransferdError
+from transferd.errors import PolicyViolation, StorageError, TransferdError
 from transferd.plan import SyncRoute
 from transferd.protocol.local_api import JobState
 from transferd.site.checkpoints import ready_steps
@@ -155,11 +155,13 @@ class CheckpointWatcher:
     on_policy_refusal: Callable[[], None] = lambda: None  # counts a refused run or step
     _refused: set[str] = field(default_factory=set)
 
-    def _refused_step(self, rel: str, exc: PolicyViolation) -> None:
-        """Runs on the scan thread: logged and counted once per path, then skipped."""
+    def _refused_step(self, rel: str, exc: PolicyViolation | StorageError) -> None:
+        """Runs on the scan thread: logged once per path (a policy refusal also counted),
+        then skipped."""
         if rel not in self._refused:
             self._refused.add(rel)
-            self.on_policy_refusal()
+            if isinstance(exc, PolicyViolation):
+                self.on_policy_refusal()
             _log_error("watch.refused", rel, exc)
 
     def submit_ready(self, steps: list[str]) -> None:
@@ -167,7 +169,16 @@ class CheckpointWatcher:
             dests = [d for d in self.targets(step) if not self.journal.watch_seen(step, d)]
             if not dests:
                 continue
-            for dest, job in zip(dests, self.submit(step, dests, None), strict=True):
+            try:
+                jobs = self.submit(step, dests, None)
+            except TransferdError as exc:
+                # A step that cannot be sent (a FIFO in it, a policy refusal, which the sender
+                # counts) is logged once and tried again each poll; the steps after it go on.
+                if step not in self._refused:
+                    self._refused.add(step)
+                    _log_error("watch.error", step, exc)
+                continue
+            for dest, job in zip(dests, jobs, strict=True):
                 self.journal.mark_watch_seen(step, dest, job)
             log.info("watch.step", extra={"fields": {"path": step, "to": ",".join(dests)}})
 

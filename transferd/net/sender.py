@@ -92,6 +92,7 @@ from transferd.protocol.wire import (
     WireModel,
     parse_body,
 )
+from transferd.site.failures import source_changed_error
 from transferd.site.journal import JobCounters, Journal
 from transferd.site.metrics import Metrics
 from transferd.site.source import SourceFile, chunk_spans
@@ -120,7 +121,7 @@ ABORT_TIMEOUT_S = 5.0
 
 @dataclass
 class _FileState:
-    member: str
+    path: str  # relative to data_dir: the job's path, or its path/member for a folder's file
     source: Source
     # (blake3, offset, length) per chunk in file order; a chunk going in one pass has "" until
     # its channel's sender thread hashed it (`pending` then has its digest).
@@ -130,6 +131,9 @@ class _FileState:
     # A one-pass chunk told two different digests (sent again in one pass after its first
     # send had hashed it: the file changed between the two reads): the job fails with it.
     conflict: IntegrityError | None = None
+    # Offsets of the chunks the receiver said it holds (counted as skipped and done): one
+    # its commit asks for after all is counted as sent instead (`Sender._commit`).
+    skipped: set[int] = field(default_factory=set)
 
     def one_pass_chunk(self, loop: asyncio.AbstractEventLoop, offset: int, length: int
                        ) -> Callable[[str], bool]:
@@ -147,10 +151,9 @@ class _FileState:
             first = self.chunks[at][0]
             if first and first != digest:
                 if self.conflict is None:
-                    self.conflict = IntegrityError(
-                        f"source file changed while being sent: {self.member or '(file)'} "
-                        f"(chunk at offset {offset} read as {first[:16]}, then as {digest[:16]})",
-                        path=self.member, side="source")
+                    self.conflict = source_changed_error(
+                        self.path,
+                        f"(chunk at offset {offset} read as {first[:16]}, then as {digest[:16]})")
                 return False
             self.chunks[at] = (digest, offset, length)
             if not known.done():
@@ -662,7 +665,7 @@ class Sender:
                 member_rel = f"{rel}/{member}" if member else rel
                 source = await asyncio.to_thread(
                     _from_source, member_rel, "opening", self.storage.open_source, member_rel)
-                files.append(_FileState(member, source))
+                files.append(_FileState(member_rel, source))
                 files[-1].spans = await asyncio.to_thread(
                     _from_source, source, "reading", self._spans, source)
             self.journal.size_job(
@@ -813,9 +816,7 @@ class Sender:
                                             offering.index, offering.state)
         hashes, bodies = await _hash_spans(state.source, batch, self._hashing)
         if _from_source(state.source, "checking", state.source.changed):
-            raise IntegrityError(
-                f"source file changed while being sent: {state.member or '(file)'}"
-            )
+            raise source_changed_error(state.path, "since it was opened")
         refs = [
             ChunkRef(file=index, offset=off, length=n, hash=h)
             for (off, n), h in zip(batch, hashes, strict=True)
@@ -823,7 +824,10 @@ class Sender:
         state.chunks.extend((h, off, n) for (off, n), h in zip(batch, hashes, strict=True))
         # Same bytes already on their way (e.g. zero-filled chunks) are deferred: once that
         # PUT lands, the receiver copies them locally (offered again after the uploads).
-        plan = plan_offer(refs, await self._offer(pump, refs), pump.started)
+        answer = await self._offer(pump, refs)
+        want = set(answer.want)
+        state.skipped.update(r.offset for i, r in enumerate(refs) if i not in want)
+        plan = plan_offer(refs, answer, pump.started)
         pump.deferred += plan.deferred
         for up in plan.uploads:
             await ahead.acquire()
@@ -855,6 +859,10 @@ class Sender:
         for start in range(0, len(refs), 4096):
             batch = refs[start : start + 4096]
             answer = await self._offer(pump, batch)
+            want = set(answer.want)
+            for i, ref in enumerate(batch):
+                if i not in want:
+                    files[ref.file].skipped.add(ref.offset)
             async with asyncio.TaskGroup() as tg:
                 for i in sorted(set(answer.want)):
                     ref = batch[i]
@@ -917,15 +925,25 @@ class Sender:
                 return
             again = resend(answer, [f.chunks for f in files])
             self.metrics.integrity_failures.labels(peer, "receiver").inc(len(again))
+            # Each was counted done once already (skipped, or sent and found bad): it is
+            # counted again as it goes, so the job's progress never passes its size.
+            skipped_before = [(f, off) for f, (_h, off, _n) in again if off in files[f].skipped]
+            for f, off in skipped_before:
+                files[f].skipped.discard(off)
             self.journal.add_job_counters(
-                pump.job.id, JobCounters(integrity_failures=len(again))
+                pump.job.id, JobCounters(
+                    integrity_failures=len(again),
+                    bytes_done=-sum(n for _f, (_h, _off, n) in again),
+                    chunks_skipped=-len(skipped_before),
+                ),
             )
             async with asyncio.TaskGroup() as tg:
                 for f, (digest, off, n) in again:
                     [got], [body] = await _hash_spans(files[f].source, [(off, n)],
                                                       self._hashing)
                     if got != digest:
-                        raise IntegrityError("source file changed while being sent")
+                        raise source_changed_error(
+                            files[f].path, f"(chunk at offset {off} reads differently now)")
                     await pump.gate.acquire(n)
                     pump.spawn(tg, digest, [(f, off)], n, body)
         raise IntegrityError(f"{peer} still rejects the upload after {COMMIT_ROUNDS} rounds")
@@ -1108,9 +1126,7 @@ async def _one_pass_digests(files: list[_FileState]) -> None:
         if state.conflict is not None:
             raise state.conflict
         if _from_source(state.source, "checking", state.source.changed):
-            raise IntegrityError(
-                f"source file changed while being sent: {state.member or '(file)'}"
-            )
+            raise source_changed_error(state.path, "since it was opened")
 
 
 async def _late_digests(pump: _ChunkPump, files: list[_FileState]) -> None:
@@ -1546,7 +1562,8 @@ class _ChunkPump:
                     _from_source, source, "reading", source.read, offset, length))
                 got = await asyncio.to_thread(blake3_hex, body)
             if got != digest:
-                raise IntegrityError("source file changed while being sent")
+                raise source_changed_error(
+                    self.job.path, f"(chunk at offset {offset} reads differently now)")
 
         async def attempt() -> tuple[Encoded, int]:
             nonlocal digest, sent_before, one_passed
@@ -1572,7 +1589,7 @@ class _ChunkPump:
                     _from_source, source, "reading", source.hash_span, offset, length)
                 assert settle is not None
                 if not settle(digest):
-                    raise IntegrityError("source file changed while being sent")
+                    raise source_changed_error(self.job.path, "(a chunk read differently twice)")
             body_hash = (
                 digest
                 if encoded.encoding == "identity"
@@ -1638,7 +1655,7 @@ class _ChunkPump:
                 raise down.error from None
             s.clear_note(self.job.id)
             if settle is not None and not settle(digest):
-                raise IntegrityError("source file changed while being sent")
+                raise source_changed_error(self.job.path, "(a chunk read differently twice)")
             s.routes.acked(self.job.id, self.job.dest, self.via, encoded.raw_length, key)
             acked = wire
             s.metrics.chunks_sent.labels(peer).inc()

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from transferd.errors import PolicyViolation
+from transferd.errors import PolicyViolation, StorageError
 from transferd.protocol.policy import CHECKPOINTS
-from transferd.site.storage import SiteStorage
+from transferd.site.storage import SiteStorage, check_utf8_name
 
 __all__ = ["LATEST", "is_step_root", "ready_steps", "step_order", "update_run"]
 
@@ -31,7 +31,19 @@ def is_step_root(rel: str) -> bool:
     return len(parts) == 3 and parts[0] == CHECKPOINTS
 
 
-Refused = Callable[[str, PolicyViolation], None]
+Refused = Callable[[str, PolicyViolation | StorageError], None]
+
+
+def _named(parent: str, name: str, on_refused: Refused | None) -> bool:
+    """A name that can be carried (UTF-8 text: it goes into jobs, the journal and JSON); one
+    that cannot is reported under its escaped form, then skipped."""
+    try:
+        check_utf8_name(parent, name)
+    except StorageError as exc:
+        if on_refused is not None:
+            on_refused(str(exc.fields["path"]), exc)
+        return False
+    return True
 
 
 def _is_dir(storage: SiteStorage, rel: str, on_refused: Refused | None) -> bool:
@@ -51,6 +63,7 @@ def _steps(storage: SiteStorage, run: str, on_refused: Refused | None = None) ->
         if n != LATEST
         and not n.startswith(".")
         and ".transferd-" not in n
+        and _named(run, n, on_refused)
         and _is_dir(storage, f"{run}/{n}", on_refused)
     ]
     return sorted(names, key=step_order)
@@ -80,11 +93,13 @@ def ready_steps(
     on_refused: Refused | None = None,
 ) -> list[str]:
     """Step folders under checkpoints/ that are complete at this (source) site. A run or step
-    that leads into raw/ (or out of data_dir) through a link goes to `on_refused` instead."""
+    that leads into raw/ (or out of data_dir) through a link, or whose name is not UTF-8,
+    goes to `on_refused` instead."""
     ready: list[str] = []
     for run in storage.list_dir(CHECKPOINTS):
         run_rel = f"{CHECKPOINTS}/{run}"
-        if run.startswith(".") or not _is_dir(storage, run_rel, on_refused):
+        if (run.startswith(".") or not _named(CHECKPOINTS, run, on_refused)
+                or not _is_dir(storage, run_rel, on_refused)):
             continue
         for step in _steps(storage, run_rel, on_refused):
             rel = f"{run_rel}/{step}"

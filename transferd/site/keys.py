@@ -45,6 +45,13 @@ def keygen(sites: list[str], out: Path, *, overwrite: bool = False) -> list[Path
     """
     if len(set(sites)) != len(sites) or not sites:
         raise ConfigError("keygen: --sites must list distinct site ids")
+    from netplan.ids import check_site_id  # (pydantic: not on the clients' light path)
+
+    for site in sites:  # before anything is written: an id names files ('../x' led out of out)
+        try:
+            check_site_id(site)
+        except ValueError as exc:
+            raise ConfigError(f"keygen: --sites: {exc}") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
         return _write_keys(sites, out, overwrite)

@@ -441,7 +441,7 @@ class Receiver:
             kept = [(h, off, n) for h, off, n in f.chunks if (i, off) in in_place]
             dest = f"{manifest.root}/{f.path}" if f.path else manifest.root
             for digest, off, n in kept:
-                if blake3_hex(self.storage.read_range(dest, off, n)) != digest:
+                if blake3_hex(self._held(dest, off, n)) != digest:
                     bad.append((i, off))
             todo = [
                 (h, off, n)
@@ -463,6 +463,16 @@ class Receiver:
             with self._verified_lock:
                 self._verified.get(upload, set()).difference_update(bad)
         return bad
+
+    def _held(self, dest: str, offset: int, length: int) -> bytes:
+        """Thread: the bytes a committed file holds where the index says a chunk is; none when
+        it cannot be read there (removed, moved or made unreadable here since it was indexed:
+        the chunk is sent again, as one changed here is, instead of failing every upload that
+        offers it)."""
+        try:
+            return self.storage.read_range(dest, offset, length)
+        except StorageError:
+            return b""
 
     def forget(self, upload: str, chunks: Sequence[tuple[int, int]]) -> None:
         self.journal.forget_received(upload, chunks)
@@ -490,7 +500,7 @@ class Receiver:
                 continue
             staging.reserve(i)  # also an empty file, or one whose destination is gone
             for digest, off, n in kept:
-                data = self.storage.read_range(dest, off, n)
+                data = self._held(dest, off, n)
                 if blake3_hex(data) != digest:
                     raise IntegrityError(
                         f"{dest} changed during its commit", path=dest, transient=True

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -143,12 +144,19 @@ class SourceFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # Non-blocking: opening a FIFO to read otherwise waits for a writer, for ever, in the
+        # thread that opened it (and a daemon waiting for that thread never stops). The open
+        # file is blocking again once it is known to be a regular file; anything else is left
+        # to the caller to refuse (`mode`: storage.LocalStorage.open_source).
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         try:
             st = os.fstat(self._fd)
+            if stat.S_ISREG(st.st_mode):
+                os.set_blocking(self._fd, True)
         except OSError:
             os.close(self._fd)
             raise
+        self.mode = st.st_mode
         self.size = st.st_size
         self.mtime_ns = st.st_mtime_ns
         # Identity, for the hard-link policy (storage.LocalStorage.open_source).

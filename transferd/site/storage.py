@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -284,6 +285,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_SPECIAL_FILES = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _not_sendable(rel: str, mode: int) -> StorageError:
+    """`rel` is neither a regular file nor a folder: what it is, refused by name."""
+    kind = _SPECIAL_FILES.get(stat.S_IFMT(mode), "not a regular file")
+    return StorageError(
+        f"{rel} is {kind}: only regular files and folders are sent", path=rel, side="source"
+    )
+
+
+def check_utf8_name(rel: str, member: str) -> None:
+    """A member's name must be UTF-8 text to be carried (manifests, requests and logs are
+    JSON): one that is not (read with surrogate escapes) is refused, shown escaped. It used
+    to reach the open request's JSON encoder, whose error ended the daemon."""
+    try:
+        member.encode()
+    except UnicodeEncodeError:
+        shown = f"{rel}/{os.fsencode(member).decode('utf-8', 'backslashreplace')}"
+        raise StorageError(
+            f"{shown}: the name is not UTF-8, which transferd cannot carry: rename it",
+            path=shown, side="source",
+        ) from None
+
+
+def _source_stat(path: Path, rel: str, *, top: bool) -> os.stat_result:
+    """The stat of what `path` leads to (links followed). A link to nothing, or a loop of
+    links, is refused as such; a path that is not there is not at this site (`top`: the path
+    a job was asked for) or was removed while it was listed (a member: the changed source)."""
+    try:
+        return path.stat()
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP) and path.is_symlink():
+            what = "a loop of links"
+            if exc.errno == errno.ENOENT:
+                with suppress(OSError):
+                    what = f"a link to nothing (it points to {os.readlink(path)!r})"
+            raise StorageError(f"{rel} is {what}", path=rel, side="source") from exc
+        if top and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise StorageError(f"{rel} does not exist at this site", path=rel) from exc
+        raise storage_failure("listing", rel, exc, side="source") from exc
+
+
 class LocalStorage:
     """data_dir on a local filesystem; staging lives inside it, so commit is one rename."""
 
@@ -309,6 +358,8 @@ class LocalStorage:
         with storage_failures("opening", rel, side="source"):
             source = _LocalSource(str(path))
         try:
+            if not stat.S_ISREG(source.mode):  # replaced since it was listed
+                raise _not_sendable(rel, source.mode)
             real_root = os.path.realpath(self.root)
             check_resolved(rel, _relative(real_root, _fd_path(source.fileno(), path)))
             if source.nlink > 1:
@@ -347,35 +398,74 @@ class LocalStorage:
         return found
 
     def list_source(self, rel: str) -> tuple[str, list[tuple[str, int]]]:
-        """('file', [('', size)]) or ('folder', [(member, size), ...]) in sorted order."""
+        """('file', [('', size)]) or ('folder', [(member, size), ...]) in sorted order.
+
+        A folder is listed whole or not at all: a subfolder that cannot be read is the
+        listing's error, not a folder sent without it (the receiver's copy would lose it at
+        the commit). Links are followed, into subfolders too, each checked by the policy
+        (`confine`); a link to nothing, a loop of links, a FIFO, a socket or a device is
+        refused by name, before anything is opened (a FIFO's open would wait for a writer)."""
         path = self.path(rel)
-        with storage_failures("listing", rel, side="source"):
-            if path.is_file():
-                st = path.stat()
-                if st.st_nlink > 1:
-                    key = (st.st_dev, st.st_ino)
-                    check_not_raw_inode(rel, self._raw_names({key}).get(key))
-                return "file", [("", st.st_size)]
-            if not path.is_dir():
-                raise StorageError(f"{rel} does not exist at this site", path=rel)
-            members: list[tuple[str, int]] = []
-            linked: dict[tuple[int, int], str] = {}  # hard-linked members: checked for raw/
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    full = Path(dirpath) / name
-                    member = full.relative_to(path).as_posix()
-                    self.path(f"{rel}/{member}")  # links into raw/ or out are refused here
-                    st = full.stat()
-                    members.append((member, st.st_size))
-                    if st.st_nlink > 1:
-                        linked[(st.st_dev, st.st_ino)] = f"{rel}/{member}"
-            if not members:
-                raise StorageError(f"{rel} is an empty folder", path=rel)
+        st = _source_stat(path, rel, top=True)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                check_not_raw_inode(rel, self._raw_names({key}).get(key))
+            return "file", [("", st.st_size)]
+        if not stat.S_ISDIR(st.st_mode):
+            raise _not_sendable(rel, st.st_mode)
+        members: list[tuple[str, int]] = []
+        linked: dict[tuple[int, int], str] = {}  # hard-linked members: checked for raw/
+        for member, member_st in self._folder_files(path, rel, st):
+            members.append((member, member_st.st_size))
+            if member_st.st_nlink > 1:
+                linked[(member_st.st_dev, member_st.st_ino)] = f"{rel}/{member}"
+        if not members:
+            raise StorageError(f"{rel} is an empty folder", path=rel)
         if linked and top_folder(rel) != "raw":
             for key, raw_name in self._raw_names(set(linked)).items():
                 check_not_raw_inode(linked[key], raw_name)
         return "folder", sorted(members)  # by member path, as every backend lists them
+
+    def _folder_files(self, path: Path, rel: str, st: os.stat_result
+                      ) -> Iterator[tuple[str, os.stat_result]]:
+        """Each regular file under the folder `path` (`rel`): its member path and its stat,
+        links followed. A folder reached again below itself (a link to a folder it is in) is
+        a loop, refused. A folder reached a second time anywhere else (two links to it, or
+        `current -> v3` beside v3) is refused too, naming both: listed twice it became two
+        copies at the receiver (and 16 levels of two links each, 65,536 copies of one file),
+        listed once the receiver's copy would lack one of the two names."""
+        top = (st.st_dev, st.st_ino)
+        seen: dict[tuple[int, int], str] = {top: rel}  # every folder listed: its member path
+        stack: list[tuple[str, frozenset[tuple[int, int]]]] = [("", frozenset({top}))]
+        while stack:
+            sub, above = stack.pop()
+            with storage_failures("listing", f"{rel}/{sub}" if sub else rel, side="source"):
+                with os.scandir(path / sub if sub else path) as found:
+                    names = sorted(entry.name for entry in found)
+            for name in names:
+                member = f"{sub}/{name}" if sub else name
+                check_utf8_name(rel, member)
+                member_rel = f"{rel}/{member}"
+                self.path(member_rel)  # links into raw/ or out are refused here
+                member_st = _source_stat(path / member, member_rel, top=False)
+                if stat.S_ISDIR(member_st.st_mode):
+                    key = (member_st.st_dev, member_st.st_ino)
+                    if key in above:
+                        raise StorageError(
+                            f"{member_rel} is a link to a folder it is in (a loop of links)",
+                            path=member_rel, side="source")
+                    if key in seen:
+                        raise StorageError(
+                            f"{seen[key]} and {member_rel} are one folder (reached twice through "
+                            "links): send one of them, or replace a link by a copy",
+                            path=member_rel, side="source")
+                    seen[key] = member_rel
+                    stack.append((member, above | {key}))
+                elif stat.S_ISREG(member_st.st_mode):
+                    yield member, member_st
+                else:
+                    raise _not_sendable(member_rel, member_st.st_mode)
 
     def exists(self, rel: str) -> bool:
         return self.path(rel).exists()
@@ -593,6 +683,7 @@ class FsspecStorage:
             member = name[len(path) :].lstrip("/")
             if ".." in member.split("/"):
                 raise PolicyViolation(f"member escapes {rel}: {member!r}", path=rel)
+            check_utf8_name(rel, member)
             members.append((member, int(info["size"])))
         if not members:
             raise StorageError(f"{rel} does not exist at this site", path=rel)
