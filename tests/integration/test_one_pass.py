@@ -395,8 +395,10 @@ async def test_a_one_pass_chunk_hashed_after_its_send_failed_goes_again_by_that_
         behind.append(asyncio.create_task(hash_then_rewrite(item)))
         raise TransportError("B: no receipt, link lost", peer="B")
 
-    async def committed_at_b() -> bool:
-        return got.exists()
+    sites: list[Any] = []
+
+    async def committed_at_b() -> bool:  # sealed: B's journal, not the file renamed before it
+        return bool(sites[1].journal.uploads(UploadState.COMMITTED))
 
     def retrying(call: Any, **kw: Any) -> Any:
         async def after_behind() -> Any:
@@ -408,7 +410,8 @@ async def test_a_one_pass_chunk_hashed_after_its_send_failed_goes_again_by_that_
     monkeypatch.setattr(sender_mod._ChunkPump, "_send", send)
     monkeypatch.setattr(channels_mod._Channel, "_write_one_pass", gated)
     monkeypatch.setattr(sender_mod, "retrying", retrying)
-    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, _b):
+    async with loopback_pair(tmp_path, chunk_size=CHUNK, compression="off") as (a, b):
+        sites += [a, b]
         [job_id] = a.sender.submit("curated/f.bin", ["B"])
         [job] = await wait_for_jobs(a, [job_id], timeout_s=30)
     assert first[0].digest  # hashed by its channel, after its attempt gave up
