@@ -514,6 +514,18 @@ async def test_b_keeps_one_hop_per_peer_the_newest(tmp_path: Path) -> None:
         w.close()
 
 
+async def _a_hop_b_cannot_answer(a: Any, b: Any) -> tuple[Any, asyncio.StreamWriter]:
+    """A hop opened from A by hand (A's own kept from reopening), authenticated at B, whose
+    replies A never reads, filled until B's transport holds them: B's serving end and the
+    hand-opened writer."""
+    _no_reopening(a)
+    _reader, w, session, _ = await _hand_hop(a, b)
+    await _until(lambda: len(_from_a(b)) == 1 and _from_a(b)[0].authenticated)
+    [serving] = _from_a(b)
+    await _fill_b_replies(serving, w, session)
+    return serving, w
+
+
 async def _fill_b_replies(serving: Any, w: asyncio.StreamWriter, session: ch.Session) -> None:
     """Pings, their answers never read: once the kernel's buffers are full B's replies wait
     in its transport, which then stops reading this peer instead of buffering more."""
@@ -527,22 +539,14 @@ async def _fill_b_replies(serving: Any, w: asyncio.StreamWriter, session: ch.Ses
 
 async def test_b_stops_reading_a_peer_that_does_not_read_its_replies(tmp_path: Path) -> None:
     async with loopback_pair(tmp_path) as (a, b):
-        _no_reopening(a)
-        _reader, w, session, _ = await _hand_hop(a, b)
-        await _until(lambda: len(_from_a(b)) == 1 and _from_a(b)[0].authenticated)
-        [serving] = _from_a(b)
-        await _fill_b_replies(serving, w, session)
+        serving, w = await _a_hop_b_cannot_answer(a, b)
         assert serving.write_blocked
         w.close()
 
 
 async def test_stopping_b_does_not_wait_for_a_hop_that_reads_nothing(tmp_path: Path) -> None:
     async with loopback_pair(tmp_path) as (a, b):
-        _no_reopening(a)
-        _reader, w, session, _ = await _hand_hop(a, b)
-        await _until(lambda: len(_from_a(b)) == 1 and _from_a(b)[0].authenticated)
-        [serving] = _from_a(b)
-        await _fill_b_replies(serving, w, session)
+        serving, w = await _a_hop_b_cannot_answer(a, b)
         assert serving.transport.get_write_buffer_size() > 0
         b.hop_server.close()
         async with asyncio.timeout(20):

@@ -51,6 +51,16 @@ def _step_named_in_latin1(checkpoints: Path) -> None:
     (step / "COMMITTED").write_text("")
 
 
+async def _until_exists(path: Path) -> None:
+    """Until `path` exists (at most 60 s: a hang guard; the assertions after it say what
+    is wrong if it never came)."""
+    async with asyncio.timeout(60):
+        for _ in range(6000):
+            if path.exists():  # noqa: ASYNC240 (a stat per 10 ms, in a test)
+                return
+            await asyncio.sleep(0.01)
+
+
 async def test_a_run_named_in_bytes_that_are_not_utf8_is_skipped_and_reported(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -68,11 +78,7 @@ async def test_a_run_named_in_bytes_that_are_not_utf8_is_skipped_and_reported(
             digest = write_random(checkpoints / "llm" / "step-1" / "shard.bin", CHUNK, seed=1)
             (checkpoints / "llm" / "step-1" / "COMMITTED").write_text("")
             latest = tmp_path / "site-B" / "checkpoints" / "llm" / "LATEST"
-            async with asyncio.timeout(60):  # a hang guard
-                for _ in range(6000):
-                    if latest.exists():
-                        break
-                    await asyncio.sleep(0.01)
+            await _until_exists(latest)
             assert [j.path for j in a.journal.jobs()] == ["checkpoints/llm/step-1"]
     assert file_blake3(latest.parent / "step-1" / "shard.bin") == digest
     refused = [getattr(r, "fields", {}) for r in caplog.records if r.message == "watch.refused"]
@@ -99,11 +105,7 @@ async def test_a_step_that_cannot_be_sent_does_not_hold_up_the_steps_after_it(
             digest = write_random(run / "step-2" / "shard.bin", CHUNK, seed=2)
             (run / "step-2" / "COMMITTED").write_text("")
             latest = tmp_path / "site-B" / "checkpoints" / "llm" / "LATEST"
-            async with asyncio.timeout(60):  # a hang guard
-                for _ in range(6000):
-                    if latest.exists():
-                        break
-                    await asyncio.sleep(0.01)
+            await _until_exists(latest)
             assert latest.read_text() == "step-2\n"
             assert [j.path for j in a.journal.jobs()] == ["checkpoints/llm/step-2"]
     assert file_blake3(latest.parent / "step-2" / "shard.bin") == digest

@@ -5,9 +5,10 @@ pending; a send's start (`post_later`) wakes nothing and rides with the next cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 import pytest
@@ -86,21 +87,32 @@ def test_a_closed_loop_drops_the_calls_without_raising_in_the_channel_thread() -
         loop.call_soon_threadsafe(time.sleep, 0)
 
 
-async def test_a_batch_reports_its_wait_for_the_loop_to_the_lag_probe() -> None:
-    """The wake a batch makes anyway is a lag sample (`loop_waited`): the calls' wait from
-    asking for the wake to running, for `LoopInbox` (sender) and `LoopBatches` (receiver)."""
-    loop = asyncio.get_running_loop()
+@contextlib.asynccontextmanager
+async def _batch_probe() -> AsyncIterator[list[float | None]]:
+    """The lag probe with ticks an hour long, so every sample it takes while the test runs is
+    a batch's (`loop_waited`), not the timer's: the samples, in order."""
     samples: list[float | None] = []
 
     def on_tick(lag: float | None) -> bool:
         samples.append(lag)
         return False
 
-    # Ticks an hour long: every sample seen here is a batch's, not the timer's.
     probe = asyncio.create_task(watch_lag(
         on_tick, pace=LagPace(tick_s=3600.0, idle_tick_s=3600.0)))
     await asyncio.sleep(0)
     try:
+        yield samples
+    finally:
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+
+
+async def test_a_batch_reports_its_wait_for_the_loop_to_the_lag_probe() -> None:
+    """The wake a batch makes anyway is a lag sample (`loop_waited`): the calls' wait from
+    asking for the wake to running, for `LoopInbox` (sender) and `LoopBatches` (receiver)."""
+    loop = asyncio.get_running_loop()
+    async with _batch_probe() as samples:
         inbox = LoopInbox(loop)
         ran: list[int] = []
         posted = threading.Event()
@@ -123,10 +135,6 @@ async def test_a_batch_reports_its_wait_for_the_loop_to_the_lag_probe() -> None:
         batches: LoopBatches[int] = LoopBatches(lambda items: None)
         await asyncio.to_thread(batches.run, loop, 1)
         assert len(samples) == 2
-    finally:
-        probe.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await probe
 
 
 class _Clock:
@@ -149,16 +157,7 @@ async def test_a_batch_s_wait_ends_when_it_is_taken_not_after_it_ran(
     own calls' run (a second here), and not from the wake a call posted meanwhile asks for."""
     clock = _Clock()
     monkeypatch.setattr(channels, "time", clock)
-    samples: list[float | None] = []
-
-    def on_tick(lag: float | None) -> bool:
-        samples.append(lag)
-        return False
-
-    probe = asyncio.create_task(watch_lag(
-        on_tick, pace=LagPace(tick_s=3600.0, idle_tick_s=3600.0)))
-    await asyncio.sleep(0)
-    try:
+    async with _batch_probe() as samples:
         inbox = LoopInbox(asyncio.get_running_loop())
         ran: list[int] = []
 
@@ -172,10 +171,6 @@ async def test_a_batch_s_wait_ends_when_it_is_taken_not_after_it_ran(
             await asyncio.sleep(0)
         assert ran == [2]
         assert samples == [0.0, 0.5]
-    finally:
-        probe.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await probe
 
 
 class _SlowWake:
